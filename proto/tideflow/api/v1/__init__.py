@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the tideflow wire API (see proto/generate.py)."""
