@@ -1,1 +1,10 @@
-"""placeholder"""
+"""The tideflow server: frontend, history engine, matching and timer queue.
+
+Start one in-process with ``async with TideflowServer(url, port=0) as server`` or from
+the command line with ``tideflow server start-dev``.
+"""
+
+from ._config import Clock, ServerConfig, SystemClock
+from ._server import TideflowServer
+
+__all__ = ["Clock", "ServerConfig", "SystemClock", "TideflowServer"]

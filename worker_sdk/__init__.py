@@ -1,1 +1,37 @@
-"""placeholder"""
+"""The tideflow worker SDK: what users import.
+
+```python
+from tideflow.worker_sdk import workflow, activity, Client, Worker, RetryPolicy
+```
+"""
+
+from . import activity, exceptions, workflow
+from .client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowHistory,
+)
+from .common import RetryPolicy
+from .converter import DataConverter, JSONPayloadConverter, PayloadConverter
+from .replayer import Replayer, ReplayResult
+from .worker import Worker
+
+__all__ = [
+    "Client",
+    "DataConverter",
+    "JSONPayloadConverter",
+    "PayloadConverter",
+    "ReplayResult",
+    "Replayer",
+    "RetryPolicy",
+    "Worker",
+    "WorkflowExecutionDescription",
+    "WorkflowExecutionStatus",
+    "WorkflowHandle",
+    "WorkflowHistory",
+    "activity",
+    "exceptions",
+    "workflow",
+]

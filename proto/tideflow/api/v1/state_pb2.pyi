@@ -32,7 +32,7 @@ class TaskToken(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., is_activity: _Optional[bool] = ...) -> None: ...
 
 class WorkflowTaskInfo(_message.Message):
-    __slots__ = ("scheduled_event_id", "started_event_id", "attempt", "scheduled_time", "started_time", "request_id", "identity", "transient", "task_queue")
+    __slots__ = ("scheduled_event_id", "started_event_id", "attempt", "scheduled_time", "started_time", "request_id", "identity", "transient", "task_queue", "timer_keys")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class WorkflowTaskInfo(_message.Message):
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TRANSIENT_FIELD_NUMBER: _ClassVar[int]
     TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    TIMER_KEYS_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     started_event_id: int
     attempt: int
@@ -51,10 +52,11 @@ class WorkflowTaskInfo(_message.Message):
     identity: str
     transient: bool
     task_queue: _common_pb2.TaskQueue
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., identity: _Optional[str] = ..., transient: _Optional[bool] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ...) -> None: ...
+    timer_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., identity: _Optional[str] = ..., transient: _Optional[bool] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., timer_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActivityInfo(_message.Message):
-    __slots__ = ("scheduled_event_id", "activity_id", "activity_type", "task_queue", "attempt", "first_scheduled_time", "scheduled_time", "started_time", "started_identity", "request_id", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "retry_policy", "last_heartbeat_time", "heartbeat_details", "last_failure", "cancel_requested", "backing_off")
+    __slots__ = ("scheduled_event_id", "activity_id", "activity_type", "task_queue", "attempt", "first_scheduled_time", "scheduled_time", "started_time", "started_identity", "request_id", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "retry_policy", "last_heartbeat_time", "heartbeat_details", "last_failure", "cancel_requested", "backing_off", "timer_keys", "task_key")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,8 @@ class ActivityInfo(_message.Message):
     LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     BACKING_OFF_FIELD_NUMBER: _ClassVar[int]
+    TIMER_KEYS_FIELD_NUMBER: _ClassVar[int]
+    TASK_KEY_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     activity_id: str
     activity_type: _common_pb2.ActivityType
@@ -95,20 +99,24 @@ class ActivityInfo(_message.Message):
     last_failure: _common_pb2.Failure
     cancel_requested: bool
     backing_off: bool
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., attempt: _Optional[int] = ..., first_scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_identity: _Optional[str] = ..., request_id: _Optional[str] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., backing_off: _Optional[bool] = ...) -> None: ...
+    timer_keys: _containers.RepeatedScalarFieldContainer[str]
+    task_key: str
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., attempt: _Optional[int] = ..., first_scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_identity: _Optional[str] = ..., request_id: _Optional[str] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., backing_off: _Optional[bool] = ..., timer_keys: _Optional[_Iterable[str]] = ..., task_key: _Optional[str] = ...) -> None: ...
 
 class TimerInfo(_message.Message):
-    __slots__ = ("timer_id", "started_event_id", "expiry_time")
+    __slots__ = ("timer_id", "started_event_id", "expiry_time", "timer_key")
     TIMER_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRY_TIME_FIELD_NUMBER: _ClassVar[int]
+    TIMER_KEY_FIELD_NUMBER: _ClassVar[int]
     timer_id: str
     started_event_id: int
     expiry_time: _timestamp_pb2.Timestamp
-    def __init__(self, timer_id: _Optional[str] = ..., started_event_id: _Optional[int] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    timer_key: str
+    def __init__(self, timer_id: _Optional[str] = ..., started_event_id: _Optional[int] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timer_key: _Optional[str] = ...) -> None: ...
 
 class MutableState(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id")
+    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout")
     class PendingActivitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +153,8 @@ class MutableState(_message.Message):
     NEW_EXECUTION_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_WORKFLOW_TASK_STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMER_KEYS_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -167,4 +177,6 @@ class MutableState(_message.Message):
     new_execution_run_id: str
     version: int
     last_workflow_task_started_event_id: int
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ...) -> None: ...
+    timer_keys: _containers.RepeatedScalarFieldContainer[str]
+    workflow_execution_timeout: _duration_pb2.Duration
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,130 @@
+"""Plain values that cross the store boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from tideflow.api.v1.history_pb2 import HistoryEvent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunKey:
+    namespace: str
+    workflow_id: str
+    run_id: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.workflow_id}/{self.run_id}"
+
+
+class TaskKind(IntEnum):
+    WORKFLOW = 0
+    ACTIVITY = 1
+
+
+class TimerKind(IntEnum):
+    USER_TIMER = 0
+    WORKFLOW_TASK_TIMEOUT = 1
+    WORKFLOW_TASK_RETRY = 2
+    ACTIVITY_SCHEDULE_TO_START = 3
+    ACTIVITY_START_TO_CLOSE = 4
+    ACTIVITY_SCHEDULE_TO_CLOSE = 5
+    ACTIVITY_HEARTBEAT = 6
+    ACTIVITY_RETRY = 7
+    WORKFLOW_RUN_TIMEOUT = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRow:
+    """A dispatchable task: ``ref_id`` is the scheduled event id (0 for a transient
+    workflow task attempt), ``attempt`` the attempt it dispatches."""
+
+    key: RunKey
+    task_queue: str
+    kind: TaskKind
+    ref_id: int
+    attempt: int
+    created_at: int = 0
+
+    @property
+    def task_key(self) -> str:
+        k = self.key
+        return f"{k.namespace}|{k.workflow_id}|{k.run_id}|{int(self.kind)}|{self.ref_id}|{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerRow:
+    key: RunKey
+    kind: TimerKind
+    ref_id: int
+    attempt: int
+    fire_at: int  # microseconds since the epoch
+
+    @property
+    def timer_key(self) -> str:
+        k = self.key
+        return (
+            f"{k.namespace}|{k.workflow_id}|{k.run_id}|{int(self.kind)}|{self.ref_id}"
+            f"|{self.attempt}|{self.fire_at}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionSummary:
+    """The columns of ``executions`` that visibility reads without decoding state."""
+
+    workflow_type: str
+    task_queue: str
+    status: int
+    start_time: int
+    close_time: int | None
+    history_length: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionRecord:
+    key: RunKey
+    state: bytes
+    db_version: int
+    summary: ExecutionSummary
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CurrentRecord:
+    namespace: str
+    workflow_id: str
+    run_id: str
+    status: int
+    start_request_id: str
+
+
+class CurrentWrite(IntEnum):
+    NONE = 0
+    INSERT = 1  # first run of this workflow id
+    REPLACE = 2  # new run replaces a closed one (`replaces_run_id`)
+    UPDATE_STATUS = 3  # the current run changed status (closed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition:
+    """Everything one state transition of one run writes, committed atomically.
+
+    ``expected_version`` 0 creates the run; otherwise the executions row must still
+    have that version. ``events`` carry their final event ids (gap-free).
+    """
+
+    key: RunKey
+    expected_version: int
+    new_version: int
+    state: bytes
+    summary: ExecutionSummary
+    events: Sequence[HistoryEvent] = ()
+    new_tasks: Sequence[TaskRow] = ()
+    done_task_keys: Sequence[str] = ()
+    new_timers: Sequence[TimerRow] = ()
+    done_timer_keys: Sequence[str] = ()
+    current: CurrentWrite = CurrentWrite.NONE
+    replaces_run_id: str = ""
+    start_request_id: str = ""

@@ -1,0 +1,116 @@
+"""The SQL schema shared by SQLite, PostgreSQL and CockroachDB.
+
+Times are integer microseconds since the epoch so that every dialect compares them
+the same way. Keys are natural keys computed by the engine, which lets a transition
+delete exactly the task and timer rows it consumed without reading them first.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+namespaces = Table(
+    "namespaces",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("retention_seconds", BigInteger, nullable=False, default=0),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# One row per run. `db_version` is the optimistic-concurrency guard: a transition
+# updates the row only WHERE db_version = the version it read.
+executions = Table(
+    "executions",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("workflow_type", String(1000), nullable=False),
+    Column("task_queue", String(1000), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("start_time", BigInteger, nullable=False),
+    Column("close_time", BigInteger, nullable=True),
+    Column("history_length", BigInteger, nullable=False),
+    Column("db_version", BigInteger, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+)
+Index("executions_by_status", executions.c.namespace, executions.c.status, executions.c.start_time)
+
+# workflow id -> its newest run. At most one run per workflow id is open: a new run
+# replaces the row only if the run it names is closed (conditional UPDATE).
+current_executions = Table(
+    "current_executions",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("start_request_id", String(255), nullable=False),
+)
+
+# Append-only. A duplicate (namespace, workflow_id, run_id, event_id) means another
+# writer already appended that event: the insert fails and the transaction aborts.
+history_events = Table(
+    "history_events",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("event_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_type", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+# Outbox and backlog of matching: one row per dispatchable workflow or activity task.
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("task_key", String(1200), primary_key=True),
+    Column("namespace", String(255), nullable=False),
+    Column("task_queue", String(1000), nullable=False),
+    Column("kind", Integer, nullable=False),
+    Column("workflow_id", String(1000), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("ref_id", BigInteger, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+Index("tasks_by_queue", tasks.c.namespace, tasks.c.task_queue, tasks.c.created_at)
+
+# Durable timers: user timers, timeouts and retry backoffs, by due time.
+timers = Table(
+    "timers",
+    metadata,
+    Column("timer_key", String(1200), primary_key=True),
+    Column("fire_at", BigInteger, nullable=False),
+    Column("namespace", String(255), nullable=False),
+    Column("workflow_id", String(1000), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("kind", Integer, nullable=False),
+    Column("ref_id", BigInteger, nullable=False),
+    Column("attempt", Integer, nullable=False),
+)
+Index("timers_by_due_time", timers.c.fire_at)
+
+# Shard ownership with a fencing token (range_id); see ARCHITECTURE.md "Several nodes".
+shards = Table(
+    "shards",
+    metadata,
+    Column("shard_id", Integer, primary_key=True, autoincrement=False),
+    Column("owner", String(255), nullable=False),
+    Column("range_id", BigInteger, nullable=False),
+    Column("lease_expires_at", BigInteger, nullable=False),
+)

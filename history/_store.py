@@ -1,0 +1,502 @@
+"""The durable history store: one schema and one code path for every dialect.
+
+Each state transition of a run is one database transaction (events + mutable state +
+outbox rows + timers), guarded by optimistic concurrency on the run's ``db_version``.
+Throughput comes from group commit: transitions submitted concurrently are written by
+a writer lane in one transaction, so one fsync covers many of them. If any
+transition of a batch is rejected, the batch is rolled back and each transition is
+committed on its own, so a conflict of one run never fails another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tideflow.api.v1.history_pb2 import HistoryEvent
+
+from . import _schema as s
+from ._dialects import Dialect, create_engine, is_retryable
+from ._errors import ConditionFailedError, CurrentExecutionConflictError, RetryableStoreError
+from ._records import (
+    CurrentRecord,
+    CurrentWrite,
+    ExecutionRecord,
+    ExecutionSummary,
+    RunKey,
+    TaskKind,
+    TaskRow,
+    TimerKind,
+    TimerRow,
+    Transition,
+)
+
+log = logging.getLogger("tideflow.history")
+
+_MAX_BATCH = 64
+_MAX_TXN_RETRIES = 8
+_RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+class _Rejected(Exception):
+    """Raised inside a transaction to roll it back with a store error to report."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class HistoryStore:
+    """Async store of runs, histories, task backlog and timers.
+
+    Use ``await HistoryStore.open(url)``; ``close()`` is safe to call twice.
+    """
+
+    def __init__(self, engine: AsyncEngine, dialect: Dialect) -> None:
+        self._engine = engine
+        self.dialect = dialect
+        self._lanes: list[asyncio.Queue[tuple[Transition, asyncio.Future[None]]]] = []
+        self._writers: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str, *, sqlite_synchronous: str = "NORMAL") -> HistoryStore:
+        engine, dialect = create_engine(url, sqlite_synchronous=sqlite_synchronous)
+        store = cls(engine, dialect)
+        await store._create_schema()
+        await store.ensure_namespace("default", description="created by tideflow")
+        store._start_writers()
+        return store
+
+    async def _create_schema(self) -> None:
+        async with self._engine.begin() as conn:
+            await conn.run_sync(s.metadata.create_all)
+
+    def _start_writers(self) -> None:
+        for lane in range(self.dialect.writer_lanes):
+            queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]]] = asyncio.Queue()
+            self._lanes.append(queue)
+            self._writers.append(
+                asyncio.create_task(self._writer(queue), name=f"tideflow-store-writer-{lane}")
+            )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._writers:
+            task.cancel()
+        for task in self._writers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for queue in self._lanes:
+            while not queue.empty():
+                _, fut = queue.get_nowait()
+                if not fut.done():
+                    fut.set_exception(RetryableStoreError("store closed"))
+        await self._engine.dispose()
+
+    # ------------------------------------------------------------------ writes
+
+    async def apply(self, transition: Transition) -> None:
+        """Commit one transition atomically; raises ConditionFailedError or
+        CurrentExecutionConflictError if it lost a race, and changes nothing then."""
+        if self._closed:
+            raise RetryableStoreError("store closed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A run always maps to the same lane, so its transitions commit in order.
+        lane = hash((transition.key.namespace, transition.key.workflow_id)) % len(self._lanes)
+        self._lanes[lane].put_nowait((transition, fut))
+        await fut
+
+    async def _writer(self, queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]]]) -> None:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < _MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            live = [(t, f) for t, f in batch if not f.done()]
+            try:
+                await self._commit_batch(live)
+            except asyncio.CancelledError:
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(RetryableStoreError("store closed"))
+                raise
+
+    async def _commit_batch(self, batch: list[tuple[Transition, asyncio.Future[None]]]) -> None:
+        if not batch:
+            return
+        if len(batch) > 1:
+            try:
+                await self._run_txn([t for t, _ in batch])
+            except _Rejected:
+                pass  # fall back to one transaction each, to pin the error on its owner
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+                return
+        for transition, fut in batch:
+            try:
+                await self._run_txn([transition])
+            except _Rejected as rejected:
+                if not fut.done():
+                    fut.set_exception(rejected.error)
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _run_txn(self, transitions: Sequence[Transition]) -> None:
+        """Run the transitions in one transaction, retrying transient failures."""
+        for attempt in range(_MAX_TXN_RETRIES):
+            try:
+                async with self._engine.begin() as conn:
+                    for transition in transitions:
+                        await self._apply_txn(conn, transition)
+                return
+            except _Rejected:
+                raise
+            except Exception as exc:
+                if not is_retryable(exc) or attempt == _MAX_TXN_RETRIES - 1:
+                    if is_retryable(exc):
+                        raise RetryableStoreError(str(exc)) from exc
+                    raise
+                delay = min(0.5, 0.005 * 2**attempt) * (0.5 + random.random())
+                log.debug("retrying transaction after %s (attempt %d)", exc, attempt + 1)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _apply_txn(self, conn: AsyncConnection, t: Transition) -> None:
+        k = t.key
+        summary = t.summary
+        row = {
+            "workflow_type": summary.workflow_type,
+            "task_queue": summary.task_queue,
+            "status": summary.status,
+            "start_time": summary.start_time,
+            "close_time": summary.close_time,
+            "history_length": summary.history_length,
+            "db_version": t.new_version,
+            "state": t.state,
+        }
+        if t.expected_version == 0:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(s.executions).values(
+                            namespace=k.namespace, workflow_id=k.workflow_id, run_id=k.run_id, **row
+                        )
+                    )
+            except IntegrityError as exc:
+                raise _Rejected(ConditionFailedError(f"run {k} already exists")) from exc
+        else:
+            result = await conn.execute(
+                update(s.executions)
+                .where(
+                    s.executions.c.namespace == k.namespace,
+                    s.executions.c.workflow_id == k.workflow_id,
+                    s.executions.c.run_id == k.run_id,
+                    s.executions.c.db_version == t.expected_version,
+                )
+                .values(**row)
+            )
+            if result.rowcount != 1:
+                raise _Rejected(
+                    ConditionFailedError(
+                        f"run {k} changed since version {t.expected_version} was read"
+                    )
+                )
+        await self._write_current_txn(conn, t)
+        if t.events:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(s.history_events),
+                        [
+                            {
+                                "namespace": k.namespace,
+                                "workflow_id": k.workflow_id,
+                                "run_id": k.run_id,
+                                "event_id": e.event_id,
+                                "event_type": e.event_type,
+                                "data": e.SerializeToString(),
+                            }
+                            for e in t.events
+                        ],
+                    )
+            except IntegrityError as exc:
+                raise _Rejected(
+                    ConditionFailedError(f"run {k}: event {t.events[0].event_id} already written")
+                ) from exc
+        for task_key in t.done_task_keys:
+            await conn.execute(delete(s.tasks).where(s.tasks.c.task_key == task_key))
+        if t.new_tasks:
+            created = now_micros()
+            await conn.execute(
+                insert(s.tasks),
+                [
+                    {
+                        "task_key": task.task_key,
+                        "namespace": task.key.namespace,
+                        "task_queue": task.task_queue,
+                        "kind": int(task.kind),
+                        "workflow_id": task.key.workflow_id,
+                        "run_id": task.key.run_id,
+                        "ref_id": task.ref_id,
+                        "attempt": task.attempt,
+                        "created_at": task.created_at or created,
+                    }
+                    for task in t.new_tasks
+                ],
+            )
+        for timer_key in t.done_timer_keys:
+            await conn.execute(delete(s.timers).where(s.timers.c.timer_key == timer_key))
+        if t.new_timers:
+            await conn.execute(
+                insert(s.timers),
+                [
+                    {
+                        "timer_key": timer.timer_key,
+                        "fire_at": timer.fire_at,
+                        "namespace": timer.key.namespace,
+                        "workflow_id": timer.key.workflow_id,
+                        "run_id": timer.key.run_id,
+                        "kind": int(timer.kind),
+                        "ref_id": timer.ref_id,
+                        "attempt": timer.attempt,
+                    }
+                    for timer in t.new_timers
+                ],
+            )
+
+    async def _write_current_txn(self, conn: AsyncConnection, t: Transition) -> None:
+        k = t.key
+        c = s.current_executions
+        if t.current == CurrentWrite.INSERT:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(c).values(
+                            namespace=k.namespace,
+                            workflow_id=k.workflow_id,
+                            run_id=k.run_id,
+                            status=t.summary.status,
+                            start_request_id=t.start_request_id,
+                        )
+                    )
+            except IntegrityError as exc:
+                raise _Rejected(
+                    CurrentExecutionConflictError(
+                        f"workflow id {k.workflow_id!r} already has a run"
+                    )
+                ) from exc
+        elif t.current == CurrentWrite.REPLACE:
+            result = await conn.execute(
+                update(c)
+                .where(
+                    c.c.namespace == k.namespace,
+                    c.c.workflow_id == k.workflow_id,
+                    c.c.run_id == t.replaces_run_id,
+                    c.c.status != _RUNNING,
+                )
+                .values(
+                    run_id=k.run_id, status=t.summary.status, start_request_id=t.start_request_id
+                )
+            )
+            if result.rowcount != 1:
+                raise _Rejected(
+                    CurrentExecutionConflictError(
+                        f"workflow id {k.workflow_id!r}: run {t.replaces_run_id} is no longer "
+                        "the closed current run"
+                    )
+                )
+        elif t.current == CurrentWrite.UPDATE_STATUS:
+            await conn.execute(
+                update(c)
+                .where(
+                    c.c.namespace == k.namespace,
+                    c.c.workflow_id == k.workflow_id,
+                    c.c.run_id == k.run_id,
+                )
+                .values(status=t.summary.status)
+            )
+
+    async def delete_timer(self, timer_key: str) -> None:
+        """Drop a timer that fired for a transition that no longer applies."""
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(s.timers).where(s.timers.c.timer_key == timer_key))
+
+    async def delete_task(self, task_key: str) -> None:
+        """Drop a backlog row whose task is no longer outstanding."""
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(s.tasks).where(s.tasks.c.task_key == task_key))
+
+    # ------------------------------------------------------------- namespaces
+
+    async def ensure_namespace(
+        self, name: str, *, description: str = "", retention_seconds: int = 0
+    ) -> bool:
+        """Create the namespace if missing; returns True if this call created it."""
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    insert(s.namespaces).values(
+                        name=name,
+                        description=description,
+                        retention_seconds=retention_seconds,
+                        created_at=now_micros(),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def namespace_exists(self, name: str) -> bool:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(s.namespaces.c.name).where(s.namespaces.c.name == name))
+            ).first()
+        return row is not None
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_execution(self, key: RunKey) -> ExecutionRecord | None:
+        e = s.executions
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(e).where(
+                        e.c.namespace == key.namespace,
+                        e.c.workflow_id == key.workflow_id,
+                        e.c.run_id == key.run_id,
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return _execution_record(row._mapping)
+
+    async def get_current(self, namespace: str, workflow_id: str) -> CurrentRecord | None:
+        c = s.current_executions
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(c).where(c.c.namespace == namespace, c.c.workflow_id == workflow_id)
+                )
+            ).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return CurrentRecord(
+            namespace=m["namespace"],
+            workflow_id=m["workflow_id"],
+            run_id=m["run_id"],
+            status=m["status"],
+            start_request_id=m["start_request_id"],
+        )
+
+    async def read_events(
+        self, key: RunKey, *, first_event_id: int = 1, max_events: int | None = None
+    ) -> list[HistoryEvent]:
+        h = s.history_events
+        query = (
+            select(h.c.data)
+            .where(
+                h.c.namespace == key.namespace,
+                h.c.workflow_id == key.workflow_id,
+                h.c.run_id == key.run_id,
+                h.c.event_id >= first_event_id,
+            )
+            .order_by(h.c.event_id)
+        )
+        if max_events is not None:
+            query = query.limit(max_events)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [HistoryEvent.FromString(r[0]) for r in rows]
+
+    async def list_tasks(self, *, limit: int = 10_000, after_key: str = "") -> list[TaskRow]:
+        """Backlog rows in key order (recovery pages through them)."""
+        t = s.tasks
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t).where(t.c.task_key > after_key).order_by(t.c.task_key).limit(limit)
+                )
+            ).all()
+        return [
+            TaskRow(
+                key=RunKey(namespace=r.namespace, workflow_id=r.workflow_id, run_id=r.run_id),
+                task_queue=r.task_queue,
+                kind=TaskKind(r.kind),
+                ref_id=r.ref_id,
+                attempt=r.attempt,
+                created_at=r.created_at,
+            )
+            for r in rows
+        ]
+
+    async def timers_due_before(self, fire_before: int, *, limit: int = 10_000) -> list[TimerRow]:
+        t = s.timers
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t).where(t.c.fire_at < fire_before).order_by(t.c.fire_at).limit(limit)
+                )
+            ).all()
+        return [
+            TimerRow(
+                key=RunKey(namespace=r.namespace, workflow_id=r.workflow_id, run_id=r.run_id),
+                kind=TimerKind(r.kind),
+                ref_id=r.ref_id,
+                attempt=r.attempt,
+                fire_at=r.fire_at,
+            )
+            for r in rows
+        ]
+
+    async def count_rows(self, table: str, **where: Any) -> int:
+        """Row count of one table (tests and diagnostics)."""
+        tbl = s.metadata.tables[table]
+        query = select(tbl)
+        if where:
+            query = query.where(and_(*(tbl.c[name] == value for name, value in where.items())))
+        async with self._engine.connect() as conn:
+            return len((await conn.execute(query)).all())
+
+
+def _execution_record(m: Any) -> ExecutionRecord:
+    return ExecutionRecord(
+        key=RunKey(namespace=m["namespace"], workflow_id=m["workflow_id"], run_id=m["run_id"]),
+        state=m["state"],
+        db_version=m["db_version"],
+        summary=ExecutionSummary(
+            workflow_type=m["workflow_type"],
+            task_queue=m["task_queue"],
+            status=m["status"],
+            start_time=m["start_time"],
+            close_time=m["close_time"],
+            history_length=m["history_length"],
+        ),
+    )

@@ -1,0 +1,1177 @@
+"""The history engine: every change to a run is a transition computed here and
+committed as one store transaction.
+
+A transition runs under the run's lock on this node, on a copy of the cached mutable
+state; the store's optimistic version check catches writers on other nodes, and a
+lost race reloads the run and recomputes the transition. After a commit the engine
+hands new tasks to matching and new timers to the timer queue; both are recovered
+from the store on restart, so nothing depends on memory a crash loses.
+
+TLA+ actions implemented here (tla/History.tla, tla/WorkflowDag.tla): StartRun,
+RecordTaskStarted, CompleteWorkflowTask (commands -> events), FailWorkflowTask,
+CompleteActivity, FailActivity (retry or record), FireTimer, TimeoutTask, Terminate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from google.protobuf.duration_pb2 import Duration
+
+from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, state_pb2
+from tideflow.api.v1.command_pb2 import CommandType
+from tideflow.api.v1.common_pb2 import Failure, RetryState, TimeoutType
+from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
+from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskFailedCause
+from tideflow.history import (
+    ConditionFailedError,
+    CurrentExecutionConflictError,
+    CurrentWrite,
+    HistoryStore,
+    RunKey,
+    StoreError,
+    TaskKind,
+    TaskRow,
+    TimerKind,
+    TimerRow,
+    make_event,
+)
+
+from . import _retry
+from ._config import Clock, ServerConfig
+from ._errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    WorkflowAlreadyStartedError,
+)
+from ._mutation import Mutation, run_key_of
+
+log = logging.getLogger("tideflow.server.engine")
+
+ET = EventType
+T = TypeVar("T")
+_MAX_CONFLICT_RETRIES = 20
+_US = 1_000_000
+
+
+class Dispatcher:
+    """What the engine needs from matching and the timer queue after a commit."""
+
+    def add_tasks(self, tasks: list[TaskRow]) -> None:
+        raise NotImplementedError
+
+    def add_timers(self, timers: list[TimerRow]) -> None:
+        raise NotImplementedError
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    state: state_pb2.MutableState
+    db_version: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    scheduled_activities: dict[int, history_pb2.ActivityTaskScheduledEventAttributes] = field(
+        default_factory=dict
+    )
+
+
+class BadCommandError(Exception):
+    """A command the engine refuses; the workflow task fails with this message."""
+
+
+def _dur_us(d: Duration) -> int:
+    return d.ToMicroseconds()
+
+
+def _token(
+    ms: state_pb2.MutableState, scheduled: int, started: int, attempt: int, *, activity: bool
+) -> bytes:
+    return state_pb2.TaskToken(
+        namespace=ms.namespace,
+        workflow_id=ms.workflow_id,
+        run_id=ms.run_id,
+        scheduled_event_id=scheduled,
+        started_event_id=started,
+        attempt=attempt,
+        is_activity=activity,
+    ).SerializeToString()
+
+
+def decode_token(raw: bytes, *, activity: bool) -> state_pb2.TaskToken:
+    kind = "activity" if activity else "workflow"
+    if not raw:
+        raise InvalidArgumentError(f"{kind} task token is empty")
+    try:
+        token = state_pb2.TaskToken.FromString(raw)
+    except Exception as exc:
+        raise InvalidArgumentError(f"{kind} task token is malformed") from exc
+    if not token.workflow_id or not token.run_id or token.is_activity != activity:
+        raise InvalidArgumentError(f"{kind} task token is malformed")
+    return token
+
+
+class HistoryEngine:
+    def __init__(
+        self, store: HistoryStore, dispatcher: Dispatcher, clock: Clock, config: ServerConfig
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._config = config
+        self._cache: OrderedDict[RunKey, _Run] = OrderedDict()
+
+    # ------------------------------------------------------------- machinery
+
+    async def _load(self, key: RunKey) -> _Run:
+        run = self._cache.get(key)
+        if run is not None:
+            self._cache.move_to_end(key)
+            return run
+        record = await self._store.get_execution(key)
+        if record is None:
+            raise NotFoundError(
+                f"workflow run not found: workflow_id={key.workflow_id!r} run_id={key.run_id!r}"
+            )
+        run = self._cache.get(key)  # another coroutine may have loaded it meanwhile
+        if run is None:
+            run = _Run(
+                state=state_pb2.MutableState.FromString(record.state), db_version=record.db_version
+            )
+            self._cache[key] = run
+            self._evict_overflow()
+        return run
+
+    def _evict_overflow(self) -> None:
+        while len(self._cache) > self._config.state_cache_size:
+            key, run = next(iter(self._cache.items()))
+            if run.lock.locked():
+                self._cache.move_to_end(key)
+                return
+            del self._cache[key]
+
+    def _forget(self, key: RunKey, run: _Run) -> None:
+        if self._cache.get(key) is run:
+            del self._cache[key]
+        run.changed.set()
+
+    async def _update(self, key: RunKey, fn: Callable[[Mutation], T]) -> T:
+        """Run ``fn`` on a fresh copy of the run's state and commit what it built."""
+        for _ in range(_MAX_CONFLICT_RETRIES):
+            run = await self._load(key)
+            async with run.lock:
+                if self._cache.get(key) is not run:
+                    continue  # evicted or reloaded while we waited
+                ms = state_pb2.MutableState()
+                ms.CopyFrom(run.state)
+                m = Mutation(ms, self._clock.now_micros())
+                result = fn(m)
+                if not m.dirty:
+                    return result
+                try:
+                    await self._store.apply(m.to_transition(run.db_version))
+                except ConditionFailedError:
+                    log.debug("run %s changed under us; reloading", key)
+                    self._forget(key, run)
+                    continue
+                except BaseException:
+                    # The outcome of the commit is unknown: never trust the cache again.
+                    self._forget(key, run)
+                    raise
+                run.state = m.ms
+                run.db_version += 1
+                run.scheduled_activities.update(m.scheduled_activities)
+                self._after_commit(run, m)
+                return result
+        raise UnavailableError(f"run {key} is changing too fast; try again")
+
+    def _after_commit(self, run: _Run, m: Mutation) -> None:
+        old = run.changed
+        run.changed = asyncio.Event()
+        old.set()
+        if m.new_tasks:
+            self._dispatcher.add_tasks(m.new_tasks)
+        if m.new_timers:
+            self._dispatcher.add_timers(m.new_timers)
+
+    async def state_of(self, key: RunKey) -> state_pb2.MutableState:
+        return (await self._load(key)).state
+
+    async def wait_for_change(self, key: RunKey, next_event_id: int, timeout: float) -> None:
+        """Return once the run has an event >= next_event_id, is closed, or timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    run = await self._load(key)
+                    ms = run.state
+                    if (
+                        ms.next_event_id > next_event_id
+                        or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+                    ):
+                        return
+                    await run.changed.wait()
+        except TimeoutError:
+            return
+
+    # ---------------------------------------------------------------- start
+
+    async def start_workflow(self, req: service_pb2.StartWorkflowRequest) -> tuple[str, bool]:
+        """Start a run; returns (run_id, started). A retried request finds its run."""
+        request_id = req.request_id or str(uuid.uuid4())
+        for _ in range(_MAX_CONFLICT_RETRIES):
+            current = await self._store.get_current(req.namespace, req.workflow_id)
+            if current is not None:
+                if current.start_request_id == request_id:
+                    return current.run_id, False
+                if current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                    raise WorkflowAlreadyStartedError(
+                        f"workflow id {req.workflow_id!r} is already running as run {current.run_id}",
+                        run_id=current.run_id,
+                    )
+            run_id = str(uuid.uuid4())
+            now = self._clock.now_micros()
+            ms = self._initial_state(req, run_id, now)
+            m = Mutation(ms, now)
+            m.append(
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+                workflow_type=req.workflow_type,
+                task_queue=ms.task_queue,
+                input=req.input if req.HasField("input") else None,
+                workflow_execution_timeout=req.workflow_execution_timeout
+                if req.HasField("workflow_execution_timeout")
+                else None,
+                workflow_run_timeout=req.workflow_run_timeout
+                if req.HasField("workflow_run_timeout")
+                else None,
+                workflow_task_timeout=ms.workflow_task_timeout,
+                identity=req.identity,
+                attempt=1,
+                original_execution_run_id=run_id,
+                first_execution_run_id=run_id,
+                retry_policy=req.retry_policy if req.HasField("retry_policy") else None,
+                memo=req.memo if req.HasField("memo") else None,
+                search_attributes=req.search_attributes
+                if req.HasField("search_attributes")
+                else None,
+                header=req.header if req.HasField("header") else None,
+                random_seed=uuid.UUID(run_id).int & 0x7FFF_FFFF_FFFF_FFFF,
+                request_id=request_id,
+            )
+            run_timeout_us = _dur_us(req.workflow_run_timeout) or _dur_us(
+                req.workflow_execution_timeout
+            )
+            if run_timeout_us:
+                ms.timer_keys.append(
+                    m.add_timer(TimerKind.WORKFLOW_RUN_TIMEOUT, 0, 1, now + run_timeout_us)
+                )
+            m.schedule_workflow_task()
+            if current is None:
+                m.current = CurrentWrite.INSERT
+            else:
+                m.current = CurrentWrite.REPLACE
+                m.replaces_run_id = current.run_id
+            try:
+                await self._store.apply(m.to_transition(0, start_request_id=request_id))
+            except CurrentExecutionConflictError:
+                continue  # someone else started or replaced meanwhile: decide again
+            key = run_key_of(ms)
+            run = _Run(state=m.ms, db_version=1)
+            self._cache[key] = run
+            self._evict_overflow()
+            self._after_commit(run, m)
+            return run_id, True
+        raise UnavailableError(f"workflow id {req.workflow_id!r} is contended; try again")
+
+    def _initial_state(
+        self, req: service_pb2.StartWorkflowRequest, run_id: str, now: int
+    ) -> state_pb2.MutableState:
+        ms = state_pb2.MutableState(
+            namespace=req.namespace,
+            workflow_id=req.workflow_id,
+            run_id=run_id,
+            status=WS.WORKFLOW_EXECUTION_STATUS_RUNNING,
+            next_event_id=1,
+            start_request_id=req.request_id,
+        )
+        ms.workflow_type.CopyFrom(req.workflow_type)
+        ms.task_queue.name = req.task_queue.name
+        ms.task_queue.kind = common_pb2.TASK_QUEUE_KIND_NORMAL
+        ms.start_time.FromMicroseconds(now)
+        wft_timeout = _dur_us(req.workflow_task_timeout) or int(
+            self._config.default_workflow_task_timeout_s * _US
+        )
+        ms.workflow_task_timeout.FromMicroseconds(
+            min(wft_timeout, int(self._config.max_workflow_task_timeout_s * _US))
+        )
+        if req.HasField("workflow_run_timeout"):
+            ms.workflow_run_timeout.CopyFrom(req.workflow_run_timeout)
+        if req.HasField("workflow_execution_timeout"):
+            ms.workflow_execution_timeout.CopyFrom(req.workflow_execution_timeout)
+        return ms
+
+    # -------------------------------------------------------- workflow tasks
+
+    async def record_workflow_task_started(
+        self, task: TaskRow, identity: str
+    ) -> service_pb2.PollWorkflowTaskResponse | None:
+        """Mark a dispatched workflow task started; None if the task is stale."""
+        request_id = str(uuid.uuid4())
+
+        def fn(m: Mutation) -> state_pb2.WorkflowTaskInfo | None:
+            ms = m.ms
+            wft = ms.workflow_task
+            if (
+                ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+                or not ms.HasField("workflow_task")
+                or wft.started_event_id != 0
+                or wft.attempt != task.attempt
+                or (0 if wft.transient else wft.scheduled_event_id) != task.ref_id
+            ):
+                return None
+            m.done_task_keys.append(task.task_key)
+            if wft.transient:
+                # Ids a completion will give the scheduled/started events; nothing can
+                # be appended before then because new events are buffered meanwhile.
+                wft.scheduled_event_id = ms.next_event_id
+                wft.started_event_id = ms.next_event_id + 1
+                m.dirty = True
+            else:
+                event = m.append(
+                    ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+                    scheduled_event_id=wft.scheduled_event_id,
+                    identity=identity,
+                    request_id=request_id,
+                )
+                wft.started_event_id = event.event_id
+            wft.started_time.FromMicroseconds(m.now)
+            wft.identity = identity
+            wft.request_id = request_id
+            wft.timer_keys.append(
+                m.add_timer(
+                    TimerKind.WORKFLOW_TASK_TIMEOUT,
+                    wft.scheduled_event_id,
+                    wft.attempt,
+                    m.now + _dur_us(ms.workflow_task_timeout),
+                )
+            )
+            info = state_pb2.WorkflowTaskInfo()
+            info.CopyFrom(wft)
+            return info
+
+        try:
+            wft = await self._update(task.key, fn)
+        except NotFoundError:
+            wft = None
+        if wft is None:
+            await self._store.delete_task(task.task_key)
+            return None
+        ms = await self.state_of(task.key)
+        # Up to the started event: anything later belongs to the next task.
+        last = wft.scheduled_event_id - 1 if wft.transient else wft.started_event_id
+        events = await self._store.read_events(task.key, max_events=last)
+        if wft.transient:
+            for event_type, event_id, attrs in (
+                (
+                    ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+                    wft.scheduled_event_id,
+                    {
+                        "task_queue": ms.task_queue,
+                        "start_to_close_timeout": ms.workflow_task_timeout,
+                        "attempt": wft.attempt,
+                    },
+                ),
+                (
+                    ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+                    wft.started_event_id,
+                    {
+                        "scheduled_event_id": wft.scheduled_event_id,
+                        "identity": identity,
+                        "request_id": wft.request_id,
+                    },
+                ),
+            ):
+                event = make_event(event_type, wft.started_time.ToMicroseconds(), **attrs)
+                event.event_id = event_id
+                events.append(event)
+        response = service_pb2.PollWorkflowTaskResponse(
+            task_token=_token(
+                ms, wft.scheduled_event_id, wft.started_event_id, wft.attempt, activity=False
+            ),
+            previous_started_event_id=ms.last_workflow_task_started_event_id,
+            started_event_id=wft.started_event_id,
+            attempt=wft.attempt,
+        )
+        response.workflow_execution.workflow_id = ms.workflow_id
+        response.workflow_execution.run_id = ms.run_id
+        response.workflow_type.CopyFrom(ms.workflow_type)
+        response.history.events.extend(events)
+        response.scheduled_time.CopyFrom(wft.scheduled_time)
+        response.started_time.CopyFrom(wft.started_time)
+        return response
+
+    def _check_workflow_task(self, m: Mutation, token: state_pb2.TaskToken) -> None:
+        ms = m.ms
+        wft = ms.workflow_task
+        if (
+            ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+            or not ms.HasField("workflow_task")
+            or wft.started_event_id == 0
+            or wft.scheduled_event_id != token.scheduled_event_id
+            or wft.started_event_id != token.started_event_id
+            or wft.attempt != token.attempt
+        ):
+            raise NotFoundError(
+                "workflow task not found: it already completed, timed out, or the run closed "
+                f"(workflow_id={token.workflow_id!r}, scheduled_event_id={token.scheduled_event_id}, "
+                f"attempt={token.attempt})"
+            )
+
+    def _materialize_transient(self, m: Mutation) -> None:
+        """A transient attempt that completes gets its scheduled/started events now."""
+        ms = m.ms
+        wft = ms.workflow_task
+        if not wft.transient:
+            return
+        scheduled = m.append(
+            ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+            task_queue=wft.task_queue,
+            start_to_close_timeout=ms.workflow_task_timeout,
+            attempt=wft.attempt,
+        )
+        started = m.append(
+            ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+            scheduled_event_id=scheduled.event_id,
+            identity=wft.identity,
+            request_id=wft.request_id,
+        )
+        assert scheduled.event_id == wft.scheduled_event_id
+        assert started.event_id == wft.started_event_id
+
+    async def complete_workflow_task(
+        self, token: state_pb2.TaskToken, commands: list[command_pb2.Command], identity: str
+    ) -> None:
+        key = RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+
+        def fn(m: Mutation) -> str | None:
+            self._check_workflow_task(m, token)
+            try:
+                self._validate_commands(m.ms, commands)
+            except BadCommandError as exc:
+                self._fail_workflow_task(
+                    m,
+                    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_BAD_COMMAND_ATTRIBUTES,
+                    Failure(message=str(exc), source="server"),
+                    identity,
+                )
+                return str(exc)
+            ms = m.ms
+            wft = ms.workflow_task
+            self._materialize_transient(m)
+            completed = m.append(
+                ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+                scheduled_event_id=wft.scheduled_event_id,
+                started_event_id=wft.started_event_id,
+                identity=identity,
+            )
+            ms.last_workflow_task_completed_event_id = completed.event_id
+            ms.last_workflow_task_started_event_id = wft.started_event_id
+            m.clear_workflow_task()
+            for command in commands:
+                if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                    break  # commands after the one that closed the run are ignored
+                self._apply_command(m, command, completed.event_id)
+            if ms.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING and m.flush_buffered():
+                m.schedule_workflow_task()
+            return None
+
+        error = await self._update(key, fn)
+        if error is not None:
+            raise InvalidArgumentError(f"workflow task failed: {error}")
+
+    def _validate_commands(
+        self, ms: state_pb2.MutableState, commands: list[command_pb2.Command]
+    ) -> None:
+        activity_ids = {info.activity_id for info in ms.pending_activities.values()}
+        timer_ids = set(ms.pending_timers)
+        has_signal = any(
+            e.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in ms.buffered_events
+        )
+        for index, command in enumerate(commands):
+            which = command.WhichOneof("attributes")
+            ctype = command.command_type
+            where = f"command {index} ({CommandType.Name(ctype)})"
+            if which is None:
+                raise BadCommandError(f"{where} has no attributes")
+            if ctype == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+                a = command.schedule_activity_task_command_attributes
+                if not a.activity_id:
+                    raise BadCommandError(f"{where}: activity_id is empty")
+                if a.activity_id in activity_ids:
+                    raise BadCommandError(
+                        f"{where}: activity_id {a.activity_id!r} is already pending"
+                    )
+                activity_ids.add(a.activity_id)
+                if not a.activity_type.name:
+                    raise BadCommandError(f"{where}: activity_type is empty")
+                if (
+                    _dur_us(a.start_to_close_timeout) <= 0
+                    and _dur_us(a.schedule_to_close_timeout) <= 0
+                ):
+                    raise BadCommandError(
+                        f"{where}: start_to_close_timeout or schedule_to_close_timeout must be set"
+                    )
+                for name in (
+                    "schedule_to_close_timeout",
+                    "schedule_to_start_timeout",
+                    "start_to_close_timeout",
+                    "heartbeat_timeout",
+                ):
+                    if _dur_us(getattr(a, name)) < 0:
+                        raise BadCommandError(f"{where}: {name} must not be negative")
+                problem = _retry.validate(a.retry_policy)
+                if problem:
+                    raise BadCommandError(f"{where}: {problem}")
+            elif ctype == CommandType.COMMAND_TYPE_START_TIMER:
+                a2 = command.start_timer_command_attributes
+                if not a2.timer_id:
+                    raise BadCommandError(f"{where}: timer_id is empty")
+                if a2.timer_id in timer_ids:
+                    raise BadCommandError(f"{where}: timer_id {a2.timer_id!r} is already pending")
+                timer_ids.add(a2.timer_id)
+                if _dur_us(a2.start_to_fire_timeout) <= 0:
+                    raise BadCommandError(f"{where}: start_to_fire_timeout must be positive")
+            elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
+                timer_id = command.cancel_timer_command_attributes.timer_id
+                if timer_id not in timer_ids:
+                    raise BadCommandError(f"{where}: no pending timer {timer_id!r}")
+                timer_ids.discard(timer_id)
+            elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK:
+                sid = command.request_cancel_activity_task_command_attributes.scheduled_event_id
+                if sid not in ms.pending_activities:
+                    raise BadCommandError(f"{where}: no pending activity scheduled by event {sid}")
+            elif ctype in (
+                CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION,
+                CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION,
+            ):
+                if has_signal:
+                    raise BadCommandError(
+                        f"{where}: unhandled signal arrived during the workflow task; "
+                        "the workflow must see it before closing"
+                    )
+            elif ctype == CommandType.COMMAND_TYPE_RECORD_MARKER:
+                if not command.record_marker_command_attributes.marker_name:
+                    raise BadCommandError(f"{where}: marker_name is empty")
+            else:
+                raise BadCommandError(f"{where} is not supported by this server yet")
+
+    def _apply_command(self, m: Mutation, command: command_pb2.Command, completed_id: int) -> None:
+        ms = m.ms
+        ctype = command.command_type
+        if ctype == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+            self._schedule_activity(
+                m, command.schedule_activity_task_command_attributes, completed_id
+            )
+        elif ctype == CommandType.COMMAND_TYPE_START_TIMER:
+            a = command.start_timer_command_attributes
+            event = m.append(
+                ET.EVENT_TYPE_TIMER_STARTED,
+                timer_id=a.timer_id,
+                start_to_fire_timeout=a.start_to_fire_timeout,
+                workflow_task_completed_event_id=completed_id,
+            )
+            fire_at = m.now + _dur_us(a.start_to_fire_timeout)
+            info = ms.pending_timers[a.timer_id]
+            info.timer_id = a.timer_id
+            info.started_event_id = event.event_id
+            info.expiry_time.FromMicroseconds(fire_at)
+            info.timer_key = m.add_timer(TimerKind.USER_TIMER, event.event_id, 0, fire_at)
+        elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
+            timer_id = command.cancel_timer_command_attributes.timer_id
+            info = ms.pending_timers[timer_id]
+            m.append(
+                ET.EVENT_TYPE_TIMER_CANCELED,
+                timer_id=timer_id,
+                started_event_id=info.started_event_id,
+                workflow_task_completed_event_id=completed_id,
+            )
+            m.drop_timers([info.timer_key])
+            del ms.pending_timers[timer_id]
+        elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK:
+            sid = command.request_cancel_activity_task_command_attributes.scheduled_event_id
+            act = ms.pending_activities[sid]
+            requested = m.append(
+                ET.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED,
+                scheduled_event_id=sid,
+                workflow_task_completed_event_id=completed_id,
+            )
+            if act.started_time.ToMicroseconds() == 0:
+                # Not running anywhere: cancel at once.
+                m.append(
+                    ET.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
+                    scheduled_event_id=sid,
+                    latest_cancel_requested_event_id=requested.event_id,
+                )
+                m.drop_timers(act.timer_keys)
+                if act.task_key:
+                    m.done_task_keys.append(act.task_key)
+                del ms.pending_activities[sid]
+                m.schedule_workflow_task()
+            else:
+                act.cancel_requested = True  # the worker learns it from its next heartbeat
+        elif ctype == CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION:
+            a3 = command.complete_workflow_execution_command_attributes
+            m.close(
+                WS.WORKFLOW_EXECUTION_STATUS_COMPLETED,
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+                result=a3.result if a3.HasField("result") else None,
+                workflow_task_completed_event_id=completed_id,
+            )
+        elif ctype == CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION:
+            m.close(
+                WS.WORKFLOW_EXECUTION_STATUS_FAILED,
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+                failure=command.fail_workflow_execution_command_attributes.failure,
+                retry_state=RetryState.RETRY_STATE_RETRY_POLICY_NOT_SET,
+                workflow_task_completed_event_id=completed_id,
+            )
+        elif ctype == CommandType.COMMAND_TYPE_RECORD_MARKER:
+            a4 = command.record_marker_command_attributes
+            event = m.append(
+                ET.EVENT_TYPE_MARKER_RECORDED,
+                marker_name=a4.marker_name,
+                workflow_task_completed_event_id=completed_id,
+                header=a4.header if a4.HasField("header") else None,
+                failure=a4.failure if a4.HasField("failure") else None,
+            )
+            for name, payloads in a4.details.items():
+                event.marker_recorded_event_attributes.details[name].CopyFrom(payloads)
+
+    def _schedule_activity(
+        self,
+        m: Mutation,
+        a: command_pb2.ScheduleActivityTaskCommandAttributes,
+        completed_id: int,
+    ) -> None:
+        ms = m.ms
+        attrs = history_pb2.ActivityTaskScheduledEventAttributes()
+        attrs.activity_id = a.activity_id
+        attrs.activity_type.CopyFrom(a.activity_type)
+        attrs.task_queue.name = a.task_queue.name or ms.task_queue.name
+        attrs.task_queue.kind = common_pb2.TASK_QUEUE_KIND_NORMAL
+        if a.HasField("header"):
+            attrs.header.CopyFrom(a.header)
+        if a.HasField("input"):
+            attrs.input.CopyFrom(a.input)
+        # Timeout defaults follow Temporal: start-to-close inherits schedule-to-close and
+        # vice versa; schedule-to-start defaults to "until schedule-to-close".
+        s2c = _dur_us(a.schedule_to_close_timeout)
+        st2c = _dur_us(a.start_to_close_timeout) or s2c
+        s2s = _dur_us(a.schedule_to_start_timeout)
+        if s2c:
+            attrs.schedule_to_close_timeout.FromMicroseconds(s2c)
+            if s2s == 0 or s2s > s2c:
+                s2s = s2c
+            st2c = min(st2c, s2c)
+        attrs.start_to_close_timeout.FromMicroseconds(st2c)
+        if s2s:
+            attrs.schedule_to_start_timeout.FromMicroseconds(s2s)
+        if _dur_us(a.heartbeat_timeout):
+            attrs.heartbeat_timeout.FromMicroseconds(min(_dur_us(a.heartbeat_timeout), st2c))
+        attrs.retry_policy.CopyFrom(_retry.with_defaults(a.retry_policy))
+        attrs.retry_policy.non_retryable_error_types[:] = a.retry_policy.non_retryable_error_types
+        attrs.workflow_task_completed_event_id = completed_id
+        attrs.placement = a.placement
+        event = m.append(ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+        event.activity_task_scheduled_event_attributes.CopyFrom(attrs)
+        sid = event.event_id
+        m.scheduled_activities[sid] = attrs
+        info = ms.pending_activities[sid]
+        info.scheduled_event_id = sid
+        info.activity_id = a.activity_id
+        info.activity_type.CopyFrom(a.activity_type)
+        info.task_queue.CopyFrom(attrs.task_queue)
+        info.attempt = 1
+        info.first_scheduled_time.FromMicroseconds(m.now)
+        info.scheduled_time.FromMicroseconds(m.now)
+        info.schedule_to_close_timeout.CopyFrom(attrs.schedule_to_close_timeout)
+        info.schedule_to_start_timeout.CopyFrom(attrs.schedule_to_start_timeout)
+        info.start_to_close_timeout.CopyFrom(attrs.start_to_close_timeout)
+        info.heartbeat_timeout.CopyFrom(attrs.heartbeat_timeout)
+        info.retry_policy.CopyFrom(attrs.retry_policy)
+        if s2c:
+            info.timer_keys.append(
+                m.add_timer(TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE, sid, 0, m.now + s2c)
+            )
+        self._dispatch_activity_attempt(m, info)
+
+    def _dispatch_activity_attempt(self, m: Mutation, info: state_pb2.ActivityInfo) -> None:
+        info.backing_off = False
+        info.scheduled_time.FromMicroseconds(m.now)
+        info.task_key = m.add_task(
+            TaskKind.ACTIVITY, info.task_queue.name, info.scheduled_event_id, info.attempt
+        )
+        s2s = _dur_us(info.schedule_to_start_timeout)
+        if s2s and s2s != _dur_us(info.schedule_to_close_timeout):
+            info.timer_keys.append(
+                m.add_timer(
+                    TimerKind.ACTIVITY_SCHEDULE_TO_START,
+                    info.scheduled_event_id,
+                    info.attempt,
+                    m.now + s2s,
+                )
+            )
+
+    def _fail_workflow_task(
+        self, m: Mutation, cause: int, failure: Failure, identity: str, *, timed_out: bool = False
+    ) -> None:
+        ms = m.ms
+        wft = ms.workflow_task
+        attempt = wft.attempt
+        if not wft.transient:
+            if timed_out:
+                m.append(
+                    ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+                    scheduled_event_id=wft.scheduled_event_id,
+                    started_event_id=wft.started_event_id,
+                    timeout_type=TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE,
+                )
+            else:
+                m.append(
+                    ET.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+                    scheduled_event_id=wft.scheduled_event_id,
+                    started_event_id=wft.started_event_id,
+                    cause=cause,
+                    failure=failure,
+                    identity=identity,
+                )
+        m.clear_workflow_task()
+        if m.flush_buffered():
+            m.schedule_workflow_task()  # new events: a fresh, recorded attempt
+            return
+        next_attempt = attempt + 1
+        delay = 0
+        if next_attempt > 2:
+            delay = int(
+                min(
+                    self._config.workflow_task_retry_initial_s * 2 ** (next_attempt - 3),
+                    self._config.workflow_task_retry_max_s,
+                )
+                * _US
+            )
+        m.schedule_workflow_task(attempt=next_attempt, delay_until=m.now + delay if delay else 0)
+
+    async def fail_workflow_task(
+        self, token: state_pb2.TaskToken, cause: int, failure: Failure, identity: str
+    ) -> None:
+        key = RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+
+        def fn(m: Mutation) -> None:
+            self._check_workflow_task(m, token)
+            self._fail_workflow_task(m, cause, failure, identity)
+
+        await self._update(key, fn)
+
+    # ------------------------------------------------------------ activities
+
+    async def record_activity_started(
+        self, task: TaskRow, identity: str
+    ) -> service_pb2.PollActivityTaskResponse | None:
+        request_id = str(uuid.uuid4())
+
+        def fn(m: Mutation) -> state_pb2.ActivityInfo | None:
+            ms = m.ms
+            info = ms.pending_activities.get(task.ref_id)
+            if (
+                ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+                or info is None
+                or info.attempt != task.attempt
+                or info.started_time.ToMicroseconds() != 0
+                or info.backing_off
+            ):
+                return None
+            m.done_task_keys.append(task.task_key)
+            info.task_key = ""
+            info.started_time.FromMicroseconds(m.now)
+            info.started_identity = identity
+            info.request_id = request_id
+            info.ClearField("last_heartbeat_time")
+            st2c = _dur_us(info.start_to_close_timeout)
+            keep = []
+            for key in info.timer_keys:
+                if f"|{int(TimerKind.ACTIVITY_SCHEDULE_TO_START)}|" in key:
+                    m.done_timer_keys.append(key)
+                else:
+                    keep.append(key)
+            info.timer_keys[:] = keep
+            info.timer_keys.append(
+                m.add_timer(
+                    TimerKind.ACTIVITY_START_TO_CLOSE,
+                    info.scheduled_event_id,
+                    info.attempt,
+                    m.now + st2c,
+                )
+            )
+            hb = _dur_us(info.heartbeat_timeout)
+            if hb:
+                info.timer_keys.append(
+                    m.add_timer(
+                        TimerKind.ACTIVITY_HEARTBEAT,
+                        info.scheduled_event_id,
+                        info.attempt,
+                        m.now + hb,
+                    )
+                )
+            m.dirty = True
+            out = state_pb2.ActivityInfo()
+            out.CopyFrom(info)
+            return out
+
+        try:
+            info = await self._update(task.key, fn)
+        except NotFoundError:
+            info = None
+        if info is None:
+            await self._store.delete_task(task.task_key)
+            return None
+        run = await self._load(task.key)
+        ms = run.state
+        attrs = run.scheduled_activities.get(info.scheduled_event_id)
+        if attrs is None:
+            events = await self._store.read_events(
+                task.key, first_event_id=info.scheduled_event_id, max_events=1
+            )
+            attrs = events[0].activity_task_scheduled_event_attributes
+            run.scheduled_activities[info.scheduled_event_id] = attrs
+        resp = service_pb2.PollActivityTaskResponse(
+            task_token=_token(ms, info.scheduled_event_id, 0, info.attempt, activity=True),
+            workflow_namespace=ms.namespace,
+            activity_id=info.activity_id,
+            attempt=info.attempt,
+        )
+        resp.workflow_type.CopyFrom(ms.workflow_type)
+        resp.workflow_execution.workflow_id = ms.workflow_id
+        resp.workflow_execution.run_id = ms.run_id
+        resp.activity_type.CopyFrom(info.activity_type)
+        if attrs.HasField("header"):
+            resp.header.CopyFrom(attrs.header)
+        if attrs.HasField("input"):
+            resp.input.CopyFrom(attrs.input)
+        if info.HasField("heartbeat_details"):
+            resp.heartbeat_details.CopyFrom(info.heartbeat_details)
+        resp.scheduled_time.CopyFrom(info.first_scheduled_time)
+        resp.current_attempt_scheduled_time.CopyFrom(info.scheduled_time)
+        resp.started_time.CopyFrom(info.started_time)
+        resp.schedule_to_close_timeout.CopyFrom(info.schedule_to_close_timeout)
+        resp.start_to_close_timeout.CopyFrom(info.start_to_close_timeout)
+        resp.heartbeat_timeout.CopyFrom(info.heartbeat_timeout)
+        resp.retry_policy.CopyFrom(info.retry_policy)
+        return resp
+
+    def _check_activity(self, m: Mutation, token: state_pb2.TaskToken) -> state_pb2.ActivityInfo:
+        ms = m.ms
+        info = ms.pending_activities.get(token.scheduled_event_id)
+        if (
+            ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+            or info is None
+            or info.attempt != token.attempt
+            or info.started_time.ToMicroseconds() == 0
+        ):
+            raise NotFoundError(
+                "activity task not found: it already completed, timed out, was retried, or the "
+                f"run closed (workflow_id={token.workflow_id!r}, "
+                f"scheduled_event_id={token.scheduled_event_id}, attempt={token.attempt})"
+            )
+        return info
+
+    def _finish_activity(self, m: Mutation, info: state_pb2.ActivityInfo) -> None:
+        m.drop_timers(info.timer_keys)
+        if info.task_key:
+            m.done_task_keys.append(info.task_key)
+        del m.ms.pending_activities[info.scheduled_event_id]
+        m.schedule_workflow_task()
+
+    async def complete_activity(
+        self, token: state_pb2.TaskToken, result: common_pb2.Payloads | None, identity: str
+    ) -> None:
+        def fn(m: Mutation) -> None:
+            info = self._check_activity(m, token)
+            m.append_activity_outcome(
+                info,
+                ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
+                result=result,
+                identity=identity,
+            )
+            self._finish_activity(m, info)
+
+        await self._update(_key(token), fn)
+
+    async def fail_activity(
+        self,
+        token: state_pb2.TaskToken,
+        failure: Failure,
+        identity: str,
+        details: common_pb2.Payloads | None,
+    ) -> None:
+        def fn(m: Mutation) -> None:
+            info = self._check_activity(m, token)
+            if details is not None:
+                info.heartbeat_details.CopyFrom(details)
+            self._attempt_failed(m, info, failure, timeout_type=None)
+
+        await self._update(_key(token), fn)
+
+    def _attempt_failed(
+        self,
+        m: Mutation,
+        info: state_pb2.ActivityInfo,
+        failure: Failure,
+        *,
+        timeout_type: int | None,
+    ) -> None:
+        """An attempt failed or timed out: retry after a backoff, or record the outcome."""
+        s2c = _dur_us(info.schedule_to_close_timeout)
+        deadline = info.first_scheduled_time.ToMicroseconds() + s2c if s2c else 0
+        if timeout_type in (
+            TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_CLOSE,
+            TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START,
+        ):
+            decision = _retry.RetryDecision(-1, RetryState.RETRY_STATE_TIMEOUT)
+        else:
+            decision = _retry.next_retry(
+                info.retry_policy,
+                attempt=info.attempt,
+                failure=None if timeout_type is not None else failure,
+                now_us=m.now,
+                deadline_us=deadline,
+            )
+        if decision.delay_us >= 0:
+            # Retries are the server's job and write no history: only state changes.
+            keep = [
+                k for k in info.timer_keys if f"|{int(TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE)}|" in k
+            ]
+            m.drop_timers([k for k in info.timer_keys if k not in keep])
+            info.timer_keys[:] = keep
+            info.last_failure.CopyFrom(failure)
+            info.attempt += 1
+            info.ClearField("started_time")
+            info.started_identity = ""
+            info.backing_off = True
+            info.timer_keys.append(
+                m.add_timer(
+                    TimerKind.ACTIVITY_RETRY,
+                    info.scheduled_event_id,
+                    info.attempt,
+                    m.now + decision.delay_us,
+                )
+            )
+            return
+        if timeout_type is not None:
+            m.append_activity_outcome(
+                info,
+                ET.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
+                failure=failure,
+                retry_state=decision.state,
+            )
+        else:
+            m.append_activity_outcome(
+                info,
+                ET.EVENT_TYPE_ACTIVITY_TASK_FAILED,
+                failure=failure,
+                identity=info.started_identity,
+                retry_state=decision.state,
+            )
+        self._finish_activity(m, info)
+
+    async def record_heartbeat(
+        self, token: state_pb2.TaskToken, details: common_pb2.Payloads | None
+    ) -> bool:
+        """Record a heartbeat; returns whether cancellation was requested."""
+
+        def fn(m: Mutation) -> bool:
+            info = self._check_activity(m, token)
+            info.last_heartbeat_time.FromMicroseconds(m.now)
+            if details is not None:
+                info.heartbeat_details.CopyFrom(details)
+            m.dirty = True
+            return info.cancel_requested
+
+        return await self._update(_key(token), fn)
+
+    # ---------------------------------------------------------------- timers
+
+    async def fire_timer(self, timer: TimerRow) -> None:
+        """A durable timer is due. Stale timers (their task moved on) are dropped."""
+
+        def fn(m: Mutation) -> bool:
+            ms = m.ms
+            if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                return False
+            handled = self._on_timer(m, timer)
+            if handled:
+                m.done_timer_keys.append(timer.timer_key)
+                _forget_key(ms, timer.timer_key)
+            return handled
+
+        try:
+            handled = await self._update(timer.key, fn)
+        except NotFoundError:
+            handled = False
+        if not handled:
+            await self._store.delete_timer(timer.timer_key)
+
+    def _on_timer(self, m: Mutation, timer: TimerRow) -> bool:
+        ms = m.ms
+        kind = timer.kind
+        if kind == TimerKind.USER_TIMER:
+            for timer_id, info in ms.pending_timers.items():
+                if info.started_event_id == timer.ref_id:
+                    m.append_or_buffer(
+                        ET.EVENT_TYPE_TIMER_FIRED,
+                        timer_id=timer_id,
+                        started_event_id=info.started_event_id,
+                    )
+                    del ms.pending_timers[timer_id]
+                    m.schedule_workflow_task()
+                    return True
+            return False
+        if kind == TimerKind.WORKFLOW_RUN_TIMEOUT:
+            m.close(
+                WS.WORKFLOW_EXECUTION_STATUS_TIMED_OUT,
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+                retry_state=RetryState.RETRY_STATE_TIMEOUT,
+            )
+            return True
+        if kind in (TimerKind.WORKFLOW_TASK_TIMEOUT, TimerKind.WORKFLOW_TASK_RETRY):
+            if not ms.HasField("workflow_task") or ms.workflow_task.attempt != timer.attempt:
+                return False
+            wft = ms.workflow_task
+            if not _forget_key(wft, timer.timer_key):
+                return False  # fired before (a refill raced the delete)
+            if kind == TimerKind.WORKFLOW_TASK_RETRY:
+                if wft.started_event_id != 0:
+                    return False
+                m.add_task(
+                    TaskKind.WORKFLOW,
+                    wft.task_queue.name,
+                    0 if wft.transient else wft.scheduled_event_id,
+                    wft.attempt,
+                )
+                return True
+            if wft.started_event_id == 0 or wft.scheduled_event_id != timer.ref_id:
+                return False
+            self._fail_workflow_task(
+                m,
+                0,
+                Failure(message="workflow task timed out", source="server"),
+                "",
+                timed_out=True,
+            )
+            return True
+        info = ms.pending_activities.get(timer.ref_id)
+        if info is None:
+            return False
+        if not _forget_key(info, timer.timer_key):
+            return False  # fired before (a refill raced the delete)
+        if kind == TimerKind.ACTIVITY_RETRY:
+            if not info.backing_off or info.attempt != timer.attempt:
+                return False
+            self._dispatch_activity_attempt(m, info)
+            return True
+        if kind == TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE:
+            timeout = TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_CLOSE
+        elif info.attempt != timer.attempt:
+            return False
+        elif kind == TimerKind.ACTIVITY_SCHEDULE_TO_START:
+            if info.started_time.ToMicroseconds() != 0 or info.backing_off:
+                return False
+            timeout = TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START
+        elif kind == TimerKind.ACTIVITY_START_TO_CLOSE:
+            if info.started_time.ToMicroseconds() == 0:
+                return False
+            timeout = TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE
+        elif kind == TimerKind.ACTIVITY_HEARTBEAT:
+            if info.started_time.ToMicroseconds() == 0:
+                return False
+            last = info.last_heartbeat_time.ToMicroseconds() or info.started_time.ToMicroseconds()
+            due = last + _dur_us(info.heartbeat_timeout)
+            if due > m.now:
+                # Heartbeats arrived meanwhile: re-arm at the new deadline.
+                info.timer_keys.append(
+                    m.add_timer(
+                        TimerKind.ACTIVITY_HEARTBEAT, info.scheduled_event_id, info.attempt, due
+                    )
+                )
+                return True
+            timeout = TimeoutType.TIMEOUT_TYPE_HEARTBEAT
+        else:
+            return False
+        failure = Failure(
+            message=f"activity {TimeoutType.Name(timeout).removeprefix('TIMEOUT_TYPE_')} timeout",
+            source="server",
+        )
+        failure.timeout_failure_info.timeout_type = timeout
+        if info.HasField("heartbeat_details"):
+            failure.timeout_failure_info.last_heartbeat_details.CopyFrom(info.heartbeat_details)
+        if info.HasField("last_failure") and timeout == TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_CLOSE:
+            failure.cause.CopyFrom(info.last_failure)
+        self._attempt_failed(m, info, failure, timeout_type=timeout)
+        return True
+
+    # ------------------------------------------------------------- terminate
+
+    async def terminate(
+        self, key: RunKey, reason: str, details: common_pb2.Payloads | None, identity: str
+    ) -> None:
+        def fn(m: Mutation) -> None:
+            if m.ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                raise FailedPreconditionError(
+                    f"workflow run {key.run_id} of {key.workflow_id!r} is already closed"
+                )
+            m.close(
+                WS.WORKFLOW_EXECUTION_STATUS_TERMINATED,
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+                reason=reason,
+                details=details,
+                identity=identity,
+            )
+
+        await self._update(key, fn)
+
+    async def resolve_run_id(self, namespace: str, workflow_id: str, run_id: str) -> RunKey:
+        if run_id:
+            return RunKey(namespace=namespace, workflow_id=workflow_id, run_id=run_id)
+        current = await self._store.get_current(namespace, workflow_id)
+        if current is None:
+            raise NotFoundError(f"workflow not found: workflow_id={workflow_id!r}")
+        return RunKey(namespace=namespace, workflow_id=workflow_id, run_id=current.run_id)
+
+    async def read_events(
+        self, key: RunKey, first_event_id: int, max_events: int | None
+    ) -> list[Any]:
+        try:
+            return await self._store.read_events(
+                key, first_event_id=first_event_id, max_events=max_events
+            )
+        except StoreError as exc:
+            raise UnavailableError(f"history store: {exc}") from exc
+
+
+def _key(token: state_pb2.TaskToken) -> RunKey:
+    return RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+
+
+def _forget_key(holder: Any, timer_key: str) -> bool:
+    """Remove a fired timer's key from the list that tracks it (its row is deleted in
+    this transition); False if the key was not tracked, i.e. the timer is stale."""
+    keys = holder.timer_keys
+    if timer_key in keys:
+        keys.remove(timer_key)
+        return True
+    return False

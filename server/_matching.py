@@ -1,0 +1,118 @@
+"""Matching: task queues with long polls.
+
+A committed transition's new task rows arrive here. A task goes straight to a poller
+that is already waiting ("sync match", no extra store round trip) or waits in the
+queue's in-memory backlog. The rows stay in the store until the engine records the
+task started, so a crash loses nothing: ``recover`` reloads them on start.
+
+TLA+ (tla/History.tla): ``Dispatch`` hands a scheduled task to a worker; a task that
+turns out stale when the engine records it started is dropped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from tideflow.history import HistoryStore, TaskKind, TaskRow
+
+log = logging.getLogger("tideflow.server.matching")
+
+_QueueId = tuple[str, str, TaskKind]
+
+
+@dataclass(slots=True, eq=False)
+class _TaskQueue:
+    backlog: deque[TaskRow] = field(default_factory=deque)
+    pollers: deque[asyncio.Future[TaskRow]] = field(default_factory=deque)
+    queued_keys: set[str] = field(default_factory=set)
+
+
+class Matching:
+    def __init__(self) -> None:
+        self._queues: dict[_QueueId, _TaskQueue] = {}
+
+    def _queue(self, qid: _QueueId) -> _TaskQueue:
+        queue = self._queues.get(qid)
+        if queue is None:
+            queue = self._queues[qid] = _TaskQueue()
+        return queue
+
+    def add(self, task: TaskRow) -> None:
+        queue = self._queue((task.key.namespace, task.task_queue, task.kind))
+        if task.task_key in queue.queued_keys:
+            return  # already queued (recovery racing a commit)
+        while queue.pollers:
+            poller = queue.pollers.popleft()
+            if not poller.done():
+                poller.set_result(task)
+                return
+        queue.queued_keys.add(task.task_key)
+        queue.backlog.append(task)
+
+    def add_many(self, tasks: list[TaskRow]) -> None:
+        for task in tasks:
+            self.add(task)
+
+    async def poll(
+        self, namespace: str, task_queue: str, kind: TaskKind, timeout: float
+    ) -> TaskRow | None:
+        """Next task of the queue, or None once ``timeout`` seconds pass without one."""
+        queue = self._queue((namespace, task_queue, kind))
+        if queue.backlog:
+            task = queue.backlog.popleft()
+            queue.queued_keys.discard(task.task_key)
+            return task
+        poller: asyncio.Future[TaskRow] = asyncio.get_running_loop().create_future()
+        queue.pollers.append(poller)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(poller)
+        except TimeoutError:
+            # A task may have been handed over in the same instant the deadline hit.
+            return poller.result() if poller.done() and not poller.cancelled() else None
+        except asyncio.CancelledError:
+            # The poller went away after a task was handed to it: keep the task.
+            if poller.done() and not poller.cancelled():
+                self._requeue_front(queue, poller.result())
+            raise
+        finally:
+            if not poller.done():
+                poller.cancel()
+                with contextlib.suppress(ValueError):
+                    queue.pollers.remove(poller)
+
+    def give_back(self, task: TaskRow) -> None:
+        """A polled task could not be delivered (store hiccup): dispatch it again."""
+        queue = self._queue((task.key.namespace, task.task_queue, task.kind))
+        self._requeue_front(queue, task)
+
+    def _requeue_front(self, queue: _TaskQueue, task: TaskRow) -> None:
+        while queue.pollers:
+            poller = queue.pollers.popleft()
+            if not poller.done():
+                poller.set_result(task)
+                return
+        if task.task_key not in queue.queued_keys:
+            queue.queued_keys.add(task.task_key)
+            queue.backlog.appendleft(task)
+
+    async def recover(self, store: HistoryStore) -> int:
+        """Load every persisted task row into the backlogs (server start)."""
+        count = 0
+        after = ""
+        while True:
+            rows = await store.list_tasks(after_key=after, limit=5000)
+            if not rows:
+                return count
+            for row in sorted(rows, key=lambda r: r.created_at):
+                self.add(row)
+            count += len(rows)
+            after = rows[-1].task_key
+
+    def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
+        queue = self._queues.get((namespace, task_queue, kind))
+        return len(queue.backlog) if queue else 0

@@ -1,0 +1,602 @@
+"""The deterministic runtime of one workflow run.
+
+Each run lives in its own event loop (``WorkflowInstance``, an asyncio loop that
+only advances when the worker applies an activation): no wall clock, no real I/O, no
+threads. ``call_later`` — and so ``asyncio.sleep`` and ``asyncio.timeout`` — becomes a
+durable timer.
+
+Processing a history: events up to each completed workflow task are applied as one
+activation (resolutions of activities, timers, ...), the code runs until every
+coroutine is blocked, and the commands it emitted must match, in order and kind, the
+command events that history recorded after that task. The last, still open
+workflow task produces the commands sent back to the server. A mismatch raises
+``NonDeterminismError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from tideflow.api.v1 import command_pb2, common_pb2
+from tideflow.api.v1.command_pb2 import Command, CommandType
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.history import COMMAND_EVENTS, event_type_name
+
+from . import activity as activity_mod
+from . import exceptions as exc
+from .common import RetryPolicy
+from .converter import DataConverter
+from .workflow import Info, WorkflowDefinition
+
+log = logging.getLogger("tideflow.worker")
+ET = EventType
+
+_current: WorkflowInstance | None = None
+
+
+def current_instance() -> WorkflowInstance:
+    loop = asyncio.events._get_running_loop()
+    if isinstance(loop, WorkflowInstance):
+        return loop
+    raise RuntimeError("not in a workflow: this works only inside @workflow.defn code")
+
+
+def current_instance_or_none() -> WorkflowInstance | None:
+    loop = asyncio.events._get_running_loop()
+    return loop if isinstance(loop, WorkflowInstance) else None
+
+
+@dataclass(slots=True, eq=False)
+class _PendingCommand:
+    command: Command
+    # Called with the matching history event when history records the command.
+    on_recorded: Callable[[HistoryEvent], None] | None = None
+    dropped: bool = False
+
+
+class _ActivityHandle(asyncio.Future[Any]):
+    """Future of one activity; cancelling it asks the server to cancel the activity."""
+
+    def __init__(self, instance: WorkflowInstance, seq_id: str) -> None:
+        super().__init__(loop=instance)
+        self._instance = instance
+        self.activity_id = seq_id
+        self.scheduled_event_id = 0
+        self.result_type: Any = None
+        self._pending: _PendingCommand | None = None
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if self.done():
+            return False
+        self._instance._cancel_activity(self)
+        return super().cancel(msg)
+
+
+class _DurableTimerHandle(asyncio.TimerHandle):
+    def __init__(
+        self,
+        instance: WorkflowInstance,
+        when: float,
+        callback: Callable[..., Any],
+        args: Sequence[Any],
+        context: contextvars.Context | None,
+        timer_id: str,
+    ) -> None:
+        super().__init__(when, callback, args, instance, context)
+        self._instance = instance
+        self.timer_id = timer_id
+        self.started_event_id = 0
+        self._pending: _PendingCommand | None = None
+
+    def cancel(self) -> None:
+        if not self.cancelled():
+            self._instance._cancel_timer(self)
+        super().cancel()
+
+
+class WorkflowInstance(asyncio.AbstractEventLoop):
+    """One workflow run's deterministic event loop and the state replay builds."""
+
+    def __init__(
+        self,
+        definition: WorkflowDefinition,
+        *,
+        namespace: str,
+        workflow_id: str,
+        run_id: str,
+        task_queue: str,
+        converter: DataConverter,
+    ) -> None:
+        self._definition = definition
+        self._converter = converter
+        self._namespace = namespace
+        self._workflow_id = workflow_id
+        self._run_id = run_id
+        self._task_queue = task_queue
+        self._ready: collections.deque[asyncio.Handle] = collections.deque()
+        self._time_us = 0
+        self.random = random.Random(0)
+        self.info: Info = None  # type: ignore[assignment]  # set by WorkflowExecutionStarted
+        self._seq = 0
+        self._commands: list[_PendingCommand] = []  # emitted in the current activation
+        self._unmatched: collections.deque[_PendingCommand] = collections.deque()
+        self._resolutions: list[HistoryEvent] = []
+        self._activities: dict[str, _ActivityHandle] = {}
+        self._activities_by_event: dict[int, _ActivityHandle] = {}
+        self._timers: dict[str, _DurableTimerHandle] = {}
+        self._timers_by_event: dict[int, _DurableTimerHandle] = {}
+        self._start_args: list[Any] | None = None
+        self._main: asyncio.Task[Any] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._completed = False
+        self.next_event_id = 1  # next history event this instance expects
+        self.last_started_event_id = 0  # started id of the last activation it ran
+        self._replaying = False
+
+    # ------------------------------------------------------------------ loop
+
+    def time(self) -> float:
+        return self._time_us / 1_000_000
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._time_us / 1_000_000, tz=timezone.utc)
+
+    def is_replaying(self) -> bool:
+        return self._replaying
+
+    def call_soon(
+        self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> asyncio.Handle:
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_later(
+        self,
+        delay: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        if delay <= 0:
+            # Nothing durable to wait for: run it on the next turn of the loop.
+            handle = _DurableTimerHandle(self, self.time(), callback, args, context, "")
+            self._ready.append(handle)
+            return handle
+        timer_id = self._next_seq()
+        handle = _DurableTimerHandle(self, self.time() + delay, callback, args, context, timer_id)
+        command = Command(command_type=CommandType.COMMAND_TYPE_START_TIMER)
+        attrs = command.start_timer_command_attributes
+        attrs.timer_id = timer_id
+        attrs.start_to_fire_timeout.FromMicroseconds(max(1000, int(delay * 1_000_000)))
+
+        def recorded(event: HistoryEvent) -> None:
+            handle.started_event_id = event.event_id
+            self._timers_by_event[event.event_id] = handle
+
+        handle._pending = self._emit(command, recorded)
+        self._timers[timer_id] = handle
+        return handle
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        return self.call_later(when - self.time(), callback, *args, context=context)
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.Future(loop=self)
+
+    def create_task(self, coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.Task(coro, loop=self, name=name, context=context)
+        self._tasks.append(task)
+        return task
+
+    def get_debug(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return True
+
+    def is_closed(self) -> bool:
+        return False
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        log.error("workflow %s: %s", self._workflow_id, context.get("message"), exc_info=context.get("exception"))
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.call_exception_handler(context)
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        pass
+
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:
+        raise RuntimeError("workflow code cannot use threads or executors; use an activity")
+
+    # ------------------------------------------------------------- commands
+
+    def _next_seq(self) -> str:
+        self._seq += 1
+        return str(self._seq)
+
+    def _emit(
+        self, command: Command, on_recorded: Callable[[HistoryEvent], None] | None = None
+    ) -> _PendingCommand:
+        pending = _PendingCommand(command, on_recorded)
+        self._commands.append(pending)
+        return pending
+
+    def sleep(self, seconds: float) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self.create_future()
+        if seconds <= 0:
+            fut.set_result(None)
+            return fut
+        handle = self.call_later(seconds, _set_result_unless_done, fut)
+        fut.add_done_callback(lambda f: handle.cancel() if f.cancelled() else None)
+        return fut
+
+    def start_activity(
+        self,
+        activity: Callable[..., Any] | str,
+        args: list[Any],
+        *,
+        activity_id: str | None,
+        task_queue: str | None,
+        schedule_to_close_timeout: timedelta | None,
+        schedule_to_start_timeout: timedelta | None,
+        start_to_close_timeout: timedelta | None,
+        heartbeat_timeout: timedelta | None,
+        retry_policy: RetryPolicy | None,
+        result_type: Any,
+    ) -> _ActivityHandle:
+        if isinstance(activity, str):
+            name = activity
+        else:
+            definition = activity_mod.definition_of(activity)
+            name = definition.name
+            if result_type is None:
+                result_type = definition.return_type
+        if start_to_close_timeout is None and schedule_to_close_timeout is None:
+            raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
+        seq = self._next_seq()
+        handle = _ActivityHandle(self, activity_id or seq)
+        handle.result_type = result_type
+        command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
+        a = command.schedule_activity_task_command_attributes
+        a.activity_id = handle.activity_id
+        a.activity_type.name = name
+        a.task_queue.name = task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(args))
+        for field, value in (
+            ("schedule_to_close_timeout", schedule_to_close_timeout),
+            ("schedule_to_start_timeout", schedule_to_start_timeout),
+            ("start_to_close_timeout", start_to_close_timeout),
+            ("heartbeat_timeout", heartbeat_timeout),
+        ):
+            if value is not None:
+                getattr(a, field).FromTimedelta(value)
+        if retry_policy is not None:
+            a.retry_policy.CopyFrom(retry_policy.to_proto())
+
+        def recorded(event: HistoryEvent) -> None:
+            handle.scheduled_event_id = event.event_id
+            self._activities_by_event[event.event_id] = handle
+
+        handle._pending = self._emit(command, recorded)
+        self._activities[handle.activity_id] = handle
+        return handle
+
+    def _cancel_activity(self, handle: _ActivityHandle) -> None:
+        if handle.scheduled_event_id == 0 and handle._pending is not None and not handle._pending.dropped:
+            if handle._pending in self._commands:
+                # Never sent to the server: just drop the command.
+                handle._pending.dropped = True
+                self._commands.remove(handle._pending)
+                return
+        if handle.scheduled_event_id:
+            command = Command(command_type=CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK)
+            command.request_cancel_activity_task_command_attributes.scheduled_event_id = handle.scheduled_event_id
+            self._emit(command)
+
+    def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
+        if not handle.timer_id or handle.timer_id not in self._timers:
+            return
+        del self._timers[handle.timer_id]
+        pending = handle._pending
+        if pending is not None and pending in self._commands:
+            pending.dropped = True
+            self._commands.remove(pending)
+            return
+        command = Command(command_type=CommandType.COMMAND_TYPE_CANCEL_TIMER)
+        command.cancel_timer_command_attributes.timer_id = handle.timer_id
+        if handle.started_event_id:
+            self._timers_by_event.pop(handle.started_event_id, None)
+        self._emit(command)
+
+    # -------------------------------------------------------------- history
+
+    def process(self, events: Sequence[HistoryEvent], *, replay_only: bool = False) -> list[Command] | None:
+        """Apply history events (continuing at ``next_event_id``).
+
+        Returns the commands of the open workflow task at the end of ``events``, or
+        None if ``events`` ends without one (a closed or fully replayed history).
+        """
+        events = [e for e in events if e.event_id >= self.next_event_id]
+        for index, event in enumerate(events):
+            self.next_event_id = event.event_id + 1
+            et = event.event_type
+            if et == ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                self._on_started(event)
+            elif et == ET.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+                following = events[index + 1] if index + 1 < len(events) else None
+                if following is None:
+                    if replay_only:
+                        self._check_all_matched(event)
+                        return None
+                    self._replaying = False
+                    self._activate(event)
+                    return self._take_commands()
+                if following.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                    self._replaying = True
+                    self._activate(event)
+                    self._unmatched.extend(self._take_pending())
+                # A task that failed or timed out produced nothing: its events are
+                # applied by the next task that completes.
+            elif et in COMMAND_EVENTS:
+                self._match(event)
+            elif et in (
+                ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+                ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+                ET.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+                ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+                ET.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+            ):
+                continue
+            else:
+                self._resolutions.append(event)
+        if replay_only and self._completed:
+            self._check_all_matched(None)
+        return None
+
+    def _check_all_matched(self, at: HistoryEvent | None) -> None:
+        leftover = [p for p in self._unmatched if not p.dropped]
+        if leftover:
+            where = f"before event {at.event_id}" if at is not None else "at the end of history"
+            raise exc.NonDeterminismError(
+                f"workflow code emitted {CommandType.Name(leftover[0].command.command_type)} "
+                f"that history does not have {where}"
+            )
+
+    def _on_started(self, event: HistoryEvent) -> None:
+        a = event.workflow_execution_started_event_attributes
+        self.random = random.Random(a.random_seed)
+        self._time_us = event.event_time.ToMicroseconds()
+        self.info = Info(
+            namespace=self._namespace,
+            workflow_id=self._workflow_id,
+            run_id=self._run_id,
+            workflow_type=a.workflow_type.name,
+            task_queue=a.task_queue.name,
+            attempt=a.attempt or 1,
+            start_time=event.event_time.ToDatetime(tzinfo=timezone.utc),
+        )
+        self._start_args = self._converter.from_payloads(
+            a.input if a.HasField("input") else None, self._definition.arg_types
+        )
+
+    def _take_pending(self) -> list[_PendingCommand]:
+        pending = [p for p in self._commands if not p.dropped]
+        self._commands = []
+        return pending
+
+    def _take_commands(self) -> list[Command]:
+        pending = self._take_pending()
+        # Once the server records them they come back as events to match.
+        self._unmatched.extend(pending)
+        return [p.command for p in pending]
+
+    def _match(self, event: HistoryEvent) -> None:
+        while self._unmatched and self._unmatched[0].dropped:
+            self._unmatched.popleft()
+        if not self._unmatched:
+            raise exc.NonDeterminismError(
+                f"history has {event_type_name(event.event_type)} (event {event.event_id}) "
+                "but the workflow code emitted no command for it"
+            )
+        pending = self._unmatched.popleft()
+        command = pending.command
+        problem = _mismatch(command, event)
+        if problem:
+            raise exc.NonDeterminismError(
+                f"event {event.event_id} is {event_type_name(event.event_type)} but the workflow "
+                f"code emitted {CommandType.Name(command.command_type)}: {problem}"
+            )
+        if pending.on_recorded is not None:
+            pending.on_recorded(event)
+
+    # ------------------------------------------------------------ activation
+
+    def _activate(self, started: HistoryEvent) -> None:
+        self.last_started_event_id = started.event_id
+        self._time_us = max(self._time_us, started.event_time.ToMicroseconds())
+        # Any command still unmatched here was never recorded: the code changed.
+        self._check_all_matched(started)
+        self._unmatched.clear()
+        for event in self._resolutions:
+            self._resolve(event)
+        self._resolutions = []
+        if self._main is None:
+            instance = self._definition.cls()
+            coro = self._definition.run_fn(instance, *(self._start_args or []))
+            self._main = self.create_task(coro, name=f"workflow {self._workflow_id}")
+        self._run_until_blocked()
+        if self._main.done() and not self._completed:
+            self._complete(self._main)
+
+    def _run_until_blocked(self) -> None:
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            while self._ready:
+                handle = self._ready.popleft()
+                if not handle.cancelled():
+                    handle._run()
+        finally:
+            asyncio.events._set_running_loop(previous)
+
+    def _complete(self, main: asyncio.Task[Any]) -> None:
+        if main.cancelled():
+            raise RuntimeError("workflow main coroutine was cancelled")
+        error = main.exception()
+        if error is None:
+            command = Command(command_type=CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION)
+            command.complete_workflow_execution_command_attributes.result.CopyFrom(
+                self._converter.to_payloads([main.result()])
+            )
+        elif isinstance(error, exc.FailureError):
+            command = Command(command_type=CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION)
+            command.fail_workflow_execution_command_attributes.failure.CopyFrom(
+                self._converter.to_failure(error)
+            )
+        else:
+            # Not a FailureError: a bug. Fail the workflow task (it is retried) and keep
+            # the run open so fixed code can resume it.
+            raise error
+        self._completed = True
+        self._emit(command)
+
+    def _resolve(self, event: HistoryEvent) -> None:
+        et = event.event_type
+        if et == ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            a = event.activity_task_completed_event_attributes
+            handle = self._activities_by_event.pop(a.scheduled_event_id, None)
+            if handle is not None and not handle.done():
+                values = self._converter.from_payloads(
+                    a.result if a.HasField("result") else None, [handle.result_type]
+                )
+                handle.set_result(values[0] if values else None)
+        elif et in (
+            ET.EVENT_TYPE_ACTIVITY_TASK_FAILED,
+            ET.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
+            ET.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
+        ):
+            self._fail_activity(event)
+        elif et == ET.EVENT_TYPE_TIMER_FIRED:
+            a2 = event.timer_fired_event_attributes
+            timer = self._timers_by_event.pop(a2.started_event_id, None)
+            if timer is not None:
+                self._timers.pop(timer.timer_id, None)
+                if not timer.cancelled():
+                    self._ready.append(timer)
+        else:
+            log.debug("workflow %s: ignoring %s", self._workflow_id, event_type_name(et))
+
+    def _fail_activity(self, event: HistoryEvent) -> None:
+        et = event.event_type
+        if et == ET.EVENT_TYPE_ACTIVITY_TASK_FAILED:
+            a = event.activity_task_failed_event_attributes
+            cause: BaseException = self._converter.from_failure(a.failure)
+            retry_state = a.retry_state
+            started_id = a.started_event_id
+            message = "activity failed"
+        elif et == ET.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
+            a3 = event.activity_task_timed_out_event_attributes
+            cause = self._converter.from_failure(a3.failure)
+            retry_state = a3.retry_state
+            started_id = a3.started_event_id
+            message = "activity timed out"
+        else:
+            a4 = event.activity_task_canceled_event_attributes
+            cause = exc.CancelledError("activity cancelled")
+            retry_state = common_pb2.RETRY_STATE_CANCEL_REQUESTED
+            started_id = a4.started_event_id
+            message = "activity cancelled"
+        scheduled_id = event.activity_task_failed_event_attributes.scheduled_event_id
+        if et == ET.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
+            scheduled_id = event.activity_task_timed_out_event_attributes.scheduled_event_id
+        elif et == ET.EVENT_TYPE_ACTIVITY_TASK_CANCELED:
+            scheduled_id = event.activity_task_canceled_event_attributes.scheduled_event_id
+        handle = self._activities_by_event.pop(scheduled_id, None)
+        if handle is None or handle.done():
+            return
+        error = exc.ActivityError(
+            message,
+            scheduled_event_id=scheduled_id,
+            started_event_id=started_id,
+            identity="",
+            activity_type="",
+            activity_id=handle.activity_id,
+            retry_state=exc.RetryState(retry_state),
+        )
+        error.__cause__ = cause
+        handle.set_exception(error)
+
+    # -------------------------------------------------------------- teardown
+
+    def dispose(self) -> None:
+        """Tear the instance down (eviction): cancel its coroutines, drop commands."""
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        try:
+            self._run_until_blocked()
+        except BaseException:  # noqa: BLE001 - teardown must not raise
+            log.debug("workflow %s: error while disposing", self._workflow_id, exc_info=True)
+        for task in self._tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # mark retrieved: the instance is going away
+        self._tasks.clear()
+        self._commands.clear()
+
+
+def _set_result_unless_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _mismatch(command: Command, event: HistoryEvent) -> str | None:
+    """Why ``command`` does not produce ``event``, or None if it does."""
+    ct = command.command_type
+    et = event.event_type
+    expected = {
+        CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+        CommandType.COMMAND_TYPE_START_TIMER: ET.EVENT_TYPE_TIMER_STARTED,
+        CommandType.COMMAND_TYPE_CANCEL_TIMER: ET.EVENT_TYPE_TIMER_CANCELED,
+        CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED,
+        CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+        CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+        CommandType.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
+    }.get(ct)
+    if expected != et:
+        return "different kinds"
+    if ct == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+        c = command.schedule_activity_task_command_attributes
+        e = event.activity_task_scheduled_event_attributes
+        if c.activity_type.name != e.activity_type.name:
+            return f"activity type {c.activity_type.name!r} != recorded {e.activity_type.name!r}"
+        if c.activity_id != e.activity_id:
+            return f"activity id {c.activity_id!r} != recorded {e.activity_id!r}"
+    elif ct == CommandType.COMMAND_TYPE_START_TIMER:
+        if command.start_timer_command_attributes.timer_id != event.timer_started_event_attributes.timer_id:
+            return "timer id differs"
+    elif ct == CommandType.COMMAND_TYPE_CANCEL_TIMER:
+        if command.cancel_timer_command_attributes.timer_id != event.timer_canceled_event_attributes.timer_id:
+            return "timer id differs"
+    elif ct == CommandType.COMMAND_TYPE_RECORD_MARKER:
+        if command.record_marker_command_attributes.marker_name != event.marker_recorded_event_attributes.marker_name:
+            return "marker name differs"
+    return None
+
+
+_ = command_pb2

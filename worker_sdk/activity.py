@@ -1,0 +1,130 @@
+"""Defining activities and what an activity can ask about itself while it runs.
+
+An activity is an ordinary function, async or sync (sync ones run in the worker's
+thread pool), decorated with ``@activity.defn``. It may run more than once (retries,
+a worker crash), so it should be idempotent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, overload
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityDefinition:
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    arg_types: list[Any]
+    return_type: Any
+
+
+@overload
+def defn(fn: F) -> F: ...
+
+
+@overload
+def defn(*, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def defn(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Mark a function as an activity; its type name defaults to the function name."""
+
+    def decorate(f: F) -> F:
+        hints = _type_hints(f)
+        params = [p for p in inspect.signature(f).parameters.values()]
+        definition = ActivityDefinition(
+            name=name or f.__name__,
+            fn=f,
+            is_async=inspect.iscoroutinefunction(f),
+            arg_types=[hints.get(p.name) for p in params],
+            return_type=hints.get("return"),
+        )
+        f.__tideflow_activity_definition__ = definition  # type: ignore[attr-defined]
+        return f
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def _type_hints(f: Callable[..., Any]) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(f)
+    except Exception:  # noqa: BLE001 - unresolvable hints simply mean "no conversion"
+        return {}
+
+
+def definition_of(fn: Any) -> ActivityDefinition:
+    definition = getattr(fn, "__tideflow_activity_definition__", None)
+    if definition is None:
+        raise TypeError(f"{fn!r} is not an activity: decorate it with @activity.defn")
+    assert isinstance(definition, ActivityDefinition)
+    return definition
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Info:
+    """What an activity knows about the current attempt."""
+
+    activity_id: str
+    activity_type: str
+    attempt: int
+    task_queue: str
+    workflow_id: str
+    workflow_run_id: str
+    workflow_type: str
+    workflow_namespace: str
+    scheduled_time: datetime
+    current_attempt_scheduled_time: datetime
+    started_time: datetime
+    start_to_close_timeout: timedelta | None
+    schedule_to_close_timeout: timedelta | None
+    heartbeat_timeout: timedelta | None
+    heartbeat_details: list[Any]
+    task_token: bytes
+
+
+@dataclass(slots=True, kw_only=True)
+class _Context:
+    info: Info
+    heartbeat: Callable[[tuple[Any, ...]], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+_current: contextvars.ContextVar[_Context] = contextvars.ContextVar("tideflow_activity")
+
+
+def _context() -> _Context:
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("not in an activity: this works only inside @activity.defn code") from None
+
+
+def info() -> Info:
+    """Information about the running activity attempt."""
+    return _context().info
+
+
+def heartbeat(*details: Any) -> None:
+    """Report progress. The worker batches heartbeats to the server; the details of the
+    last one are given to the next attempt as ``info().heartbeat_details``."""
+    _context().heartbeat(details)
+
+
+def is_cancelled() -> bool:
+    """True once the server asked this attempt to stop (seen through heartbeats)."""
+    return _context().cancelled.is_set()
+
+
+def in_activity() -> bool:
+    return _current.get(None) is not None

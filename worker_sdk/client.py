@@ -1,0 +1,362 @@
+"""The client: start workflows, wait for their results, inspect and terminate them.
+
+``Client`` is also the connection workers poll through. gRPC errors are translated
+here, at one boundary, into the exceptions of ``tideflow.worker_sdk.exceptions``;
+calls that are safe to repeat (all of them carry request ids or task tokens) are
+retried while the server is unreachable, so a server restart is invisible to users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+
+from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+
+from . import exceptions as exc
+from .converter import DataConverter, default_converter
+from .workflow import definition_of
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# How long calls keep retrying while the server is unreachable (a restart).
+_RECONNECT_BUDGET_S = 120.0
+
+
+def default_identity() -> str:
+    import os
+
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def translate_rpc_error(error: grpc.aio.AioRpcError) -> exc.RPCError:
+    code = error.code()
+    message = error.details() or code.name
+    if code == grpc.StatusCode.NOT_FOUND:
+        return exc.NotFoundError(message, status=code.name)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return exc.InvalidArgumentError(message, status=code.name)
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return exc.WorkflowAlreadyStartedError(message, status=code.name)
+    return exc.RPCError(message, status=code.name)
+
+
+class WorkflowExecutionStatus(IntEnum):
+    RUNNING = 1
+    COMPLETED = 2
+    FAILED = 3
+    CANCELED = 4
+    TERMINATED = 5
+    CONTINUED_AS_NEW = 6
+    TIMED_OUT = 7
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowExecutionDescription:
+    id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    status: WorkflowExecutionStatus
+    start_time: datetime
+    close_time: datetime | None
+    history_length: int
+    raw: service_pb2.DescribeWorkflowResponse
+
+
+class WorkflowHistory:
+    """A run's history: ``events`` are the protobuf ``HistoryEvent`` messages."""
+
+    def __init__(self, workflow_id: str, events: Sequence[HistoryEvent]) -> None:
+        self.workflow_id = workflow_id
+        self.events: list[HistoryEvent] = list(events)
+
+    @property
+    def run_id(self) -> str:
+        return self._started_attr("original_execution_run_id")
+
+    def _started_attr(self, name: str) -> str:
+        for event in self.events:
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                return str(getattr(event.workflow_execution_started_event_attributes, name))
+        return ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "workflow_id": self.workflow_id,
+                "events": [json_format.MessageToDict(e) for e in self.events],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes, workflow_id: str | None = None) -> WorkflowHistory:
+        data = json.loads(text)
+        if isinstance(data, list):
+            raw_events, wid = data, workflow_id or ""
+        else:
+            raw_events, wid = data["events"], workflow_id or data.get("workflow_id", "")
+        events = [json_format.ParseDict(e, HistoryEvent()) for e in raw_events]
+        return cls(wid, events)
+
+
+class Client:
+    """A connection to a tideflow server in one namespace."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        namespace: str,
+        data_converter: DataConverter,
+        identity: str,
+    ) -> None:
+        self._channel = channel
+        self.service = service_pb2_grpc.WorkflowServiceStub(channel)
+        self.namespace = namespace
+        self.data_converter = data_converter
+        self.identity = identity
+
+    @staticmethod
+    async def connect(
+        target: str,
+        *,
+        namespace: str = "default",
+        data_converter: DataConverter = default_converter,
+        identity: str | None = None,
+    ) -> Client:
+        """Connect to ``host:port`` and check the server answers."""
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30_000),
+            ],
+        )
+        client = Client(
+            channel,
+            namespace=namespace,
+            data_converter=data_converter,
+            identity=identity or default_identity(),
+        )
+        await client.call(client.service.GetSystemInfo, service_pb2.GetSystemInfoRequest(), timeout=10)
+        return client
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def call(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: Any,
+        *,
+        timeout: float = 30.0,
+        retry: bool = True,
+    ) -> Resp:
+        """One RPC with status translation; retries while the server is unreachable."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _RECONNECT_BUDGET_S
+        delay = 0.05
+        while True:
+            try:
+                return await method(request, timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                if retry and error.code() in _RETRYABLE and loop.time() < give_up:
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise translate_rpc_error(error) from None
+
+    # ------------------------------------------------------------- workflows
+
+    async def start_workflow(
+        self,
+        workflow: Any,
+        arg: Any = None,
+        *,
+        args: Sequence[Any] = (),
+        id: str,
+        task_queue: str,
+        execution_timeout: timedelta | None = None,
+        run_timeout: timedelta | None = None,
+        task_timeout: timedelta | None = None,
+        request_id: str | None = None,
+        result_type: Any = None,
+    ) -> WorkflowHandle:
+        """Start a workflow run; ``workflow`` is the class, its run method, or a type name.
+
+        Raises ``WorkflowAlreadyStartedError`` if the id is running. Retrying with the
+        same ``request_id`` returns the run the first call started.
+        """
+        if isinstance(workflow, str):
+            type_name = workflow
+        else:
+            definition = definition_of(workflow)
+            type_name = definition.name
+            if result_type is None:
+                result_type = definition.return_type
+        all_args = list(args) if args else ([] if arg is None else [arg])
+        request = service_pb2.StartWorkflowRequest(
+            namespace=self.namespace,
+            workflow_id=id,
+            identity=self.identity,
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        request.workflow_type.name = type_name
+        request.task_queue.name = task_queue
+        request.input.CopyFrom(self.data_converter.to_payloads(all_args))
+        if execution_timeout is not None:
+            request.workflow_execution_timeout.FromTimedelta(execution_timeout)
+        if run_timeout is not None:
+            request.workflow_run_timeout.FromTimedelta(run_timeout)
+        if task_timeout is not None:
+            request.workflow_task_timeout.FromTimedelta(task_timeout)
+        response = await self.call(self.service.StartWorkflow, request)
+        return WorkflowHandle(self, id, run_id=response.run_id, result_type=result_type)
+
+    async def execute_workflow(
+        self,
+        workflow: Any,
+        arg: Any = None,
+        *,
+        args: Sequence[Any] = (),
+        id: str,
+        task_queue: str,
+        execution_timeout: timedelta | None = None,
+        run_timeout: timedelta | None = None,
+        task_timeout: timedelta | None = None,
+        request_id: str | None = None,
+        result_type: Any = None,
+    ) -> Any:
+        """Start a workflow and wait for its result."""
+        handle = await self.start_workflow(
+            workflow,
+            arg,
+            args=args,
+            id=id,
+            task_queue=task_queue,
+            execution_timeout=execution_timeout,
+            run_timeout=run_timeout,
+            task_timeout=task_timeout,
+            request_id=request_id,
+            result_type=result_type,
+        )
+        return await handle.result()
+
+    def get_workflow_handle(
+        self, workflow_id: str, *, run_id: str | None = None, result_type: Any = None
+    ) -> WorkflowHandle:
+        """A handle to an existing workflow (its newest run unless run_id is given)."""
+        return WorkflowHandle(self, workflow_id, run_id=run_id, result_type=result_type)
+
+
+class WorkflowHandle:
+    def __init__(
+        self, client: Client, workflow_id: str, *, run_id: str | None, result_type: Any = None
+    ) -> None:
+        self._client = client
+        self.id = workflow_id
+        self.run_id = run_id
+        self._result_type = result_type
+
+    def _execution(self) -> common_pb2.WorkflowExecution:
+        return common_pb2.WorkflowExecution(workflow_id=self.id, run_id=self.run_id or "")
+
+    async def result(self) -> Any:
+        """Wait for the run to close; its result, or ``WorkflowFailureError``."""
+        client = self._client
+        while True:
+            request = service_pb2.GetHistoryRequest(
+                namespace=client.namespace,
+                wait_new_event=True,
+                history_event_filter_type=service_pb2.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT,
+            )
+            request.execution.CopyFrom(self._execution())
+            response = await client.call(client.service.GetHistory, request, timeout=70)
+            if response.history.events:
+                return self._outcome(response.history.events[-1])
+
+    def _outcome(self, event: HistoryEvent) -> Any:
+        converter = self._client.data_converter
+        et = event.event_type
+        if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+            a = event.workflow_execution_completed_event_attributes
+            values = converter.from_payloads(a.result if a.HasField("result") else None, [self._result_type])
+            return values[0] if values else None
+        if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
+            cause: BaseException = converter.from_failure(event.workflow_execution_failed_event_attributes.failure)
+        elif et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
+            reason = event.workflow_execution_terminated_event_attributes.reason
+            cause = exc.TerminatedError(f"workflow terminated: {reason}" if reason else "workflow terminated")
+        elif et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT:
+            cause = exc.TimeoutError("workflow timed out", type=None)
+        elif et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED:
+            cause = exc.CancelledError("workflow cancelled")
+        else:
+            cause = exc.ApplicationError(f"workflow closed with {EventType.Name(et)}")
+        raise exc.WorkflowFailureError(cause=cause)
+
+    async def describe(self) -> WorkflowExecutionDescription:
+        client = self._client
+        request = service_pb2.DescribeWorkflowRequest(namespace=client.namespace)
+        request.execution.CopyFrom(self._execution())
+        response = await client.call(client.service.DescribeWorkflow, request)
+        info = response.workflow_execution_info
+        return WorkflowExecutionDescription(
+            id=info.execution.workflow_id,
+            run_id=info.execution.run_id,
+            workflow_type=info.type.name,
+            task_queue=info.task_queue,
+            status=WorkflowExecutionStatus(info.status),
+            start_time=info.start_time.ToDatetime(tzinfo=timezone.utc),
+            close_time=info.close_time.ToDatetime(tzinfo=timezone.utc) if info.HasField("close_time") else None,
+            history_length=info.history_length,
+            raw=response,
+        )
+
+    async def terminate(self, reason: str | None = None) -> None:
+        client = self._client
+        request = service_pb2.TerminateWorkflowRequest(
+            namespace=client.namespace, reason=reason or "", identity=client.identity
+        )
+        request.workflow_execution.CopyFrom(self._execution())
+        await client.call(client.service.TerminateWorkflow, request)
+
+    async def fetch_history(self) -> WorkflowHistory:
+        """The run's whole history so far."""
+        client = self._client
+        events: list[HistoryEvent] = []
+        token = b""
+        while True:
+            request = service_pb2.GetHistoryRequest(namespace=client.namespace, next_page_token=token)
+            request.execution.CopyFrom(self._execution())
+            response = await client.call(client.service.GetHistory, request)
+            events.extend(response.history.events)
+            token = response.next_page_token
+            if not token:
+                return WorkflowHistory(self.id, events)
+
+
+_ = history_pb2

@@ -1,0 +1,218 @@
+"""Defining workflows and the API workflow code calls.
+
+Workflow code is replayed from history, so it must be deterministic: use
+``workflow.now()``, ``workflow.random()``, ``workflow.uuid4()`` and
+``workflow.sleep()`` (``asyncio.sleep`` works too and is durable), never the wall
+clock, real I/O or threads. Everything with side effects belongs in activities.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random as _random_module
+import typing
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, overload
+
+from .common import RetryPolicy
+
+C = TypeVar("C", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
+
+logger = logging.getLogger("tideflow.workflow")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowDefinition:
+    name: str
+    cls: type
+    run_fn: Callable[..., Awaitable[Any]]
+    arg_types: list[Any]
+    return_type: Any
+
+
+@overload
+def defn(cls: C) -> C: ...
+
+
+@overload
+def defn(*, name: str | None = None) -> Callable[[C], C]: ...
+
+
+def defn(cls: C | None = None, *, name: str | None = None) -> C | Callable[[C], C]:
+    """Mark a class as a workflow; exactly one method must carry ``@workflow.run``."""
+
+    def decorate(c: C) -> C:
+        runs = [
+            member
+            for _, member in inspect.getmembers(c, inspect.isfunction)
+            if getattr(member, "__tideflow_workflow_run__", False)
+        ]
+        if len(runs) != 1:
+            raise TypeError(f"workflow {c.__name__} needs exactly one @workflow.run method, has {len(runs)}")
+        run_fn = runs[0]
+        if not inspect.iscoroutinefunction(run_fn):
+            raise TypeError(f"{c.__name__}.{run_fn.__name__} must be async")
+        try:
+            hints = typing.get_type_hints(run_fn)
+        except Exception:  # noqa: BLE001 - unresolvable hints mean "no conversion"
+            hints = {}
+        params = list(inspect.signature(run_fn).parameters.values())[1:]
+        definition = WorkflowDefinition(
+            name=name or c.__name__,
+            cls=c,
+            run_fn=run_fn,
+            arg_types=[hints.get(p.name) for p in params],
+            return_type=hints.get("return"),
+        )
+        c.__tideflow_workflow_definition__ = definition  # type: ignore[attr-defined]
+        run_fn.__tideflow_workflow_definition__ = definition  # type: ignore[attr-defined]
+        return c
+
+    return decorate(cls) if cls is not None else decorate
+
+
+def run(fn: F) -> F:
+    """Mark the async method that is the workflow's body."""
+    fn.__tideflow_workflow_run__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def definition_of(workflow: Any) -> WorkflowDefinition:
+    """The definition behind a workflow class or its run method."""
+    definition = getattr(workflow, "__tideflow_workflow_definition__", None)
+    if not isinstance(definition, WorkflowDefinition):
+        raise TypeError(f"{workflow!r} is not a workflow: decorate the class with @workflow.defn")
+    return definition
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Info:
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    attempt: int
+    start_time: datetime
+
+
+class ActivityHandle(typing.Protocol):
+    """An activity started with ``start_activity``: await it for the result."""
+
+    def __await__(self) -> typing.Generator[Any, None, Any]: ...
+
+    def cancel(self, msg: Any | None = None) -> bool: ...
+
+    def done(self) -> bool: ...
+
+
+def _runtime() -> Any:
+    from ._workflow_instance import current_instance
+
+    return current_instance()
+
+
+def info() -> Info:
+    """Information about the running workflow."""
+    info: Info = _runtime().info
+    return info
+
+
+def now() -> datetime:
+    """Deterministic current time: the time of the workflow task being processed."""
+    moment: datetime = _runtime().now()
+    return moment
+
+
+def random() -> _random_module.Random:
+    """A random generator seeded from the run: the same numbers on every replay."""
+    rng: _random_module.Random = _runtime().random
+    return rng
+
+
+def uuid4() -> uuid.UUID:
+    """A deterministic UUID4 drawn from ``workflow.random()``."""
+    return uuid.UUID(int=random().getrandbits(128), version=4)
+
+
+async def sleep(duration: timedelta | float) -> None:
+    """Durable timer: the workflow resumes after ``duration`` even across restarts."""
+    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    await _runtime().sleep(seconds)
+
+
+def start_activity(
+    activity: Callable[..., Any] | str,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    activity_id: str | None = None,
+    task_queue: str | None = None,
+    schedule_to_close_timeout: timedelta | None = None,
+    schedule_to_start_timeout: timedelta | None = None,
+    start_to_close_timeout: timedelta | None = None,
+    heartbeat_timeout: timedelta | None = None,
+    retry_policy: RetryPolicy | None = None,
+    result_type: Any = None,
+) -> ActivityHandle:
+    """Schedule an activity and return a handle to await its result.
+
+    Pass one argument positionally or several with ``args=[...]``. At least one of
+    ``start_to_close_timeout`` and ``schedule_to_close_timeout`` is required.
+    """
+    all_args = list(args) if args else ([] if arg is None else [arg])
+    handle: ActivityHandle = _runtime().start_activity(
+        activity,
+        all_args,
+        activity_id=activity_id,
+        task_queue=task_queue,
+        schedule_to_close_timeout=schedule_to_close_timeout,
+        schedule_to_start_timeout=schedule_to_start_timeout,
+        start_to_close_timeout=start_to_close_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        retry_policy=retry_policy,
+        result_type=result_type,
+    )
+    return handle
+
+
+async def execute_activity(
+    activity: Callable[..., Any] | str,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    activity_id: str | None = None,
+    task_queue: str | None = None,
+    schedule_to_close_timeout: timedelta | None = None,
+    schedule_to_start_timeout: timedelta | None = None,
+    start_to_close_timeout: timedelta | None = None,
+    heartbeat_timeout: timedelta | None = None,
+    retry_policy: RetryPolicy | None = None,
+    result_type: Any = None,
+) -> Any:
+    """Run an activity and return its result; raises ``ActivityError`` if it failed
+    for good (the cause says why)."""
+    return await start_activity(
+        activity,
+        arg,
+        args=args,
+        activity_id=activity_id,
+        task_queue=task_queue,
+        schedule_to_close_timeout=schedule_to_close_timeout,
+        schedule_to_start_timeout=schedule_to_start_timeout,
+        start_to_close_timeout=start_to_close_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        retry_policy=retry_policy,
+        result_type=result_type,
+    )
+
+
+def in_workflow() -> bool:
+    from ._workflow_instance import current_instance_or_none
+
+    return current_instance_or_none() is not None
