@@ -18,14 +18,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tideflow.api.v1.history_pb2 import HistoryEvent
 
 from . import _schema as s
-from ._dialects import Dialect, create_engine, is_retryable
+from ._dialects import Runner, is_retryable, open_runner
 from ._errors import ConditionFailedError, CurrentExecutionConflictError, RetryableStoreError
 from ._records import (
     CurrentRecord,
@@ -65,25 +64,25 @@ class HistoryStore:
     Use ``await HistoryStore.open(url)``; ``close()`` is safe to call twice.
     """
 
-    def __init__(self, engine: AsyncEngine, dialect: Dialect) -> None:
-        self._engine = engine
-        self.dialect = dialect
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        self.dialect = runner
         self._lanes: list[asyncio.Queue[tuple[Transition, asyncio.Future[None]]]] = []
         self._writers: list[asyncio.Task[None]] = []
         self._closed = False
+        # Commit counters: transitions / transactions is the group-commit batch size.
+        self.stats = {"transactions": 0, "transitions": 0}
 
     @classmethod
     async def open(cls, url: str, *, sqlite_synchronous: str = "NORMAL") -> HistoryStore:
-        engine, dialect = create_engine(url, sqlite_synchronous=sqlite_synchronous)
-        store = cls(engine, dialect)
+        store = cls(open_runner(url, sqlite_synchronous=sqlite_synchronous))
         await store._create_schema()
         await store.ensure_namespace("default", description="created by tideflow")
         store._start_writers()
         return store
 
     async def _create_schema(self) -> None:
-        async with self._engine.begin() as conn:
-            await conn.run_sync(s.metadata.create_all)
+        await self._runner.write(lambda conn: s.metadata.create_all(conn))
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
@@ -107,7 +106,7 @@ class HistoryStore:
                 _, fut = queue.get_nowait()
                 if not fut.done():
                     fut.set_exception(RetryableStoreError("store closed"))
-        await self._engine.dispose()
+        await self._runner.close()
 
     # ------------------------------------------------------------------ writes
 
@@ -171,12 +170,14 @@ class HistoryStore:
         """Run the transitions in one transaction, retrying transient failures."""
         for attempt in range(_MAX_TXN_RETRIES):
             try:
-                async with self._engine.begin() as conn:
-                    for transition in transitions:
-                        await self._apply_txn(conn, transition)
+                await self._runner.write(lambda conn: _apply_batch(conn, transitions))
+                self.stats["transactions"] += 1
+                self.stats["transitions"] += len(transitions)
                 return
             except _Rejected:
                 raise
+            except IntegrityError as exc:
+                raise _Rejected(_integrity_error(exc, transitions)) from exc
             except Exception as exc:
                 if not is_retryable(exc) or attempt == _MAX_TXN_RETRIES - 1:
                     if is_retryable(exc):
@@ -187,170 +188,15 @@ class HistoryStore:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _apply_txn(self, conn: AsyncConnection, t: Transition) -> None:
-        k = t.key
-        summary = t.summary
-        row = {
-            "workflow_type": summary.workflow_type,
-            "task_queue": summary.task_queue,
-            "status": summary.status,
-            "start_time": summary.start_time,
-            "close_time": summary.close_time,
-            "history_length": summary.history_length,
-            "db_version": t.new_version,
-            "state": t.state,
-        }
-        if t.expected_version == 0:
-            try:
-                async with conn.begin_nested():
-                    await conn.execute(
-                        insert(s.executions).values(
-                            namespace=k.namespace, workflow_id=k.workflow_id, run_id=k.run_id, **row
-                        )
-                    )
-            except IntegrityError as exc:
-                raise _Rejected(ConditionFailedError(f"run {k} already exists")) from exc
-        else:
-            result = await conn.execute(
-                update(s.executions)
-                .where(
-                    s.executions.c.namespace == k.namespace,
-                    s.executions.c.workflow_id == k.workflow_id,
-                    s.executions.c.run_id == k.run_id,
-                    s.executions.c.db_version == t.expected_version,
-                )
-                .values(**row)
-            )
-            if result.rowcount != 1:
-                raise _Rejected(
-                    ConditionFailedError(
-                        f"run {k} changed since version {t.expected_version} was read"
-                    )
-                )
-        await self._write_current_txn(conn, t)
-        if t.events:
-            try:
-                async with conn.begin_nested():
-                    await conn.execute(
-                        insert(s.history_events),
-                        [
-                            {
-                                "namespace": k.namespace,
-                                "workflow_id": k.workflow_id,
-                                "run_id": k.run_id,
-                                "event_id": e.event_id,
-                                "event_type": e.event_type,
-                                "data": e.SerializeToString(),
-                            }
-                            for e in t.events
-                        ],
-                    )
-            except IntegrityError as exc:
-                raise _Rejected(
-                    ConditionFailedError(f"run {k}: event {t.events[0].event_id} already written")
-                ) from exc
-        for task_key in t.done_task_keys:
-            await conn.execute(delete(s.tasks).where(s.tasks.c.task_key == task_key))
-        if t.new_tasks:
-            created = now_micros()
-            await conn.execute(
-                insert(s.tasks),
-                [
-                    {
-                        "task_key": task.task_key,
-                        "namespace": task.key.namespace,
-                        "task_queue": task.task_queue,
-                        "kind": int(task.kind),
-                        "workflow_id": task.key.workflow_id,
-                        "run_id": task.key.run_id,
-                        "ref_id": task.ref_id,
-                        "attempt": task.attempt,
-                        "created_at": task.created_at or created,
-                    }
-                    for task in t.new_tasks
-                ],
-            )
-        for timer_key in t.done_timer_keys:
-            await conn.execute(delete(s.timers).where(s.timers.c.timer_key == timer_key))
-        if t.new_timers:
-            await conn.execute(
-                insert(s.timers),
-                [
-                    {
-                        "timer_key": timer.timer_key,
-                        "fire_at": timer.fire_at,
-                        "namespace": timer.key.namespace,
-                        "workflow_id": timer.key.workflow_id,
-                        "run_id": timer.key.run_id,
-                        "kind": int(timer.kind),
-                        "ref_id": timer.ref_id,
-                        "attempt": timer.attempt,
-                    }
-                    for timer in t.new_timers
-                ],
-            )
-
-    async def _write_current_txn(self, conn: AsyncConnection, t: Transition) -> None:
-        k = t.key
-        c = s.current_executions
-        if t.current == CurrentWrite.INSERT:
-            try:
-                async with conn.begin_nested():
-                    await conn.execute(
-                        insert(c).values(
-                            namespace=k.namespace,
-                            workflow_id=k.workflow_id,
-                            run_id=k.run_id,
-                            status=t.summary.status,
-                            start_request_id=t.start_request_id,
-                        )
-                    )
-            except IntegrityError as exc:
-                raise _Rejected(
-                    CurrentExecutionConflictError(
-                        f"workflow id {k.workflow_id!r} already has a run"
-                    )
-                ) from exc
-        elif t.current == CurrentWrite.REPLACE:
-            result = await conn.execute(
-                update(c)
-                .where(
-                    c.c.namespace == k.namespace,
-                    c.c.workflow_id == k.workflow_id,
-                    c.c.run_id == t.replaces_run_id,
-                    c.c.status != _RUNNING,
-                )
-                .values(
-                    run_id=k.run_id, status=t.summary.status, start_request_id=t.start_request_id
-                )
-            )
-            if result.rowcount != 1:
-                raise _Rejected(
-                    CurrentExecutionConflictError(
-                        f"workflow id {k.workflow_id!r}: run {t.replaces_run_id} is no longer "
-                        "the closed current run"
-                    )
-                )
-        elif t.current == CurrentWrite.UPDATE_STATUS:
-            await conn.execute(
-                update(c)
-                .where(
-                    c.c.namespace == k.namespace,
-                    c.c.workflow_id == k.workflow_id,
-                    c.c.run_id == k.run_id,
-                )
-                .values(status=t.summary.status)
-            )
-
     async def delete_timer(self, timer_key: str) -> None:
         """Drop a timer that fired for a transition that no longer applies."""
-        async with self._engine.begin() as conn:
-            await conn.execute(delete(s.timers).where(s.timers.c.timer_key == timer_key))
+        query = delete(s.timers).where(s.timers.c.timer_key == timer_key)
+        await self._runner.write(lambda conn: conn.execute(query))
 
     async def delete_task(self, task_key: str) -> None:
         """Drop a backlog row whose task is no longer outstanding."""
-        async with self._engine.begin() as conn:
-            await conn.execute(delete(s.tasks).where(s.tasks.c.task_key == task_key))
+        query = delete(s.tasks).where(s.tasks.c.task_key == task_key)
+        await self._runner.write(lambda conn: conn.execute(query))
 
     # ------------------------------------------------------------- namespaces
 
@@ -358,53 +204,38 @@ class HistoryStore:
         self, name: str, *, description: str = "", retention_seconds: int = 0
     ) -> bool:
         """Create the namespace if missing; returns True if this call created it."""
+        query = insert(s.namespaces).values(
+            name=name,
+            description=description,
+            retention_seconds=retention_seconds,
+            created_at=now_micros(),
+        )
         try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    insert(s.namespaces).values(
-                        name=name,
-                        description=description,
-                        retention_seconds=retention_seconds,
-                        created_at=now_micros(),
-                    )
-                )
+            await self._runner.write(lambda conn: conn.execute(query))
         except IntegrityError:
             return False
         return True
 
     async def namespace_exists(self, name: str) -> bool:
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(select(s.namespaces.c.name).where(s.namespaces.c.name == name))
-            ).first()
-        return row is not None
+        query = select(s.namespaces.c.name).where(s.namespaces.c.name == name)
+        return (await self._runner.read(lambda conn: conn.execute(query).first())) is not None
 
     # ------------------------------------------------------------------ reads
 
     async def get_execution(self, key: RunKey) -> ExecutionRecord | None:
         e = s.executions
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(e).where(
-                        e.c.namespace == key.namespace,
-                        e.c.workflow_id == key.workflow_id,
-                        e.c.run_id == key.run_id,
-                    )
-                )
-            ).first()
-        if row is None:
-            return None
-        return _execution_record(row._mapping)
+        query = select(e).where(
+            e.c.namespace == key.namespace,
+            e.c.workflow_id == key.workflow_id,
+            e.c.run_id == key.run_id,
+        )
+        row = await self._runner.read(lambda conn: conn.execute(query).first())
+        return None if row is None else _execution_record(row._mapping)
 
     async def get_current(self, namespace: str, workflow_id: str) -> CurrentRecord | None:
         c = s.current_executions
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(c).where(c.c.namespace == namespace, c.c.workflow_id == workflow_id)
-                )
-            ).first()
+        query = select(c).where(c.c.namespace == namespace, c.c.workflow_id == workflow_id)
+        row = await self._runner.read(lambda conn: conn.execute(query).first())
         if row is None:
             return None
         m = row._mapping
@@ -432,19 +263,17 @@ class HistoryStore:
         )
         if max_events is not None:
             query = query.limit(max_events)
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [HistoryEvent.FromString(r[0]) for r in rows]
+
+        def fetch(conn: Connection) -> list[HistoryEvent]:
+            return [HistoryEvent.FromString(r[0]) for r in conn.execute(query)]
+
+        return await self._runner.read(fetch)
 
     async def list_tasks(self, *, limit: int = 10_000, after_key: str = "") -> list[TaskRow]:
         """Backlog rows in key order (recovery pages through them)."""
         t = s.tasks
-        async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(t).where(t.c.task_key > after_key).order_by(t.c.task_key).limit(limit)
-                )
-            ).all()
+        query = select(t).where(t.c.task_key > after_key).order_by(t.c.task_key).limit(limit)
+        rows = await self._runner.read(lambda conn: conn.execute(query).all())
         return [
             TaskRow(
                 key=RunKey(namespace=r.namespace, workflow_id=r.workflow_id, run_id=r.run_id),
@@ -459,12 +288,8 @@ class HistoryStore:
 
     async def timers_due_before(self, fire_before: int, *, limit: int = 10_000) -> list[TimerRow]:
         t = s.timers
-        async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(t).where(t.c.fire_at < fire_before).order_by(t.c.fire_at).limit(limit)
-                )
-            ).all()
+        query = select(t).where(t.c.fire_at < fire_before).order_by(t.c.fire_at).limit(limit)
+        rows = await self._runner.read(lambda conn: conn.execute(query).all())
         return [
             TimerRow(
                 key=RunKey(namespace=r.namespace, workflow_id=r.workflow_id, run_id=r.run_id),
@@ -482,8 +307,204 @@ class HistoryStore:
         query = select(tbl)
         if where:
             query = query.where(and_(*(tbl.c[name] == value for name, value in where.items())))
-        async with self._engine.connect() as conn:
-            return len((await conn.execute(query)).all())
+        return len(await self._runner.read(lambda conn: conn.execute(query).all()))
+
+
+_UPDATE_EXECUTION = (
+    update(s.executions)
+    .where(
+        s.executions.c.namespace == bindparam("b_namespace"),
+        s.executions.c.workflow_id == bindparam("b_workflow_id"),
+        s.executions.c.run_id == bindparam("b_run_id"),
+        s.executions.c.db_version == bindparam("b_expected"),
+    )
+    .values(
+        {
+            name: bindparam(name)
+            for name in (
+                "workflow_type",
+                "task_queue",
+                "status",
+                "start_time",
+                "close_time",
+                "history_length",
+                "db_version",
+                "state",
+            )
+        }
+    )
+)
+
+
+def _execution_row(t: Transition) -> dict[str, Any]:
+    summary = t.summary
+    return {
+        "workflow_type": summary.workflow_type,
+        "task_queue": summary.task_queue,
+        "status": summary.status,
+        "start_time": summary.start_time,
+        "close_time": summary.close_time,
+        "history_length": summary.history_length,
+        "db_version": t.new_version,
+        "state": t.state,
+    }
+
+
+def _integrity_error(exc: IntegrityError, batch: Sequence[Transition]) -> Exception:
+    """Name the race a unique violation means (the message names the table)."""
+    text = str(exc.orig).lower()
+    where = str(batch[0].key) if len(batch) == 1 else "a run of the batch"
+    if "current_executions" in text:
+        return CurrentExecutionConflictError(f"workflow id of {where} already has a run")
+    if "history_events" in text:
+        return ConditionFailedError(f"{where}: an event id was already written by another writer")
+    if "executions" in text:
+        return ConditionFailedError(f"{where} already exists")
+    return ConditionFailedError(f"{where}: conflicting write ({exc.orig})")
+
+
+def _apply_batch(conn: Connection, batch: Sequence[Transition]) -> None:
+    """Write a batch with one statement per kind of row, not one per transition.
+
+    A unique violation anywhere (an event id or run that another writer already
+    wrote) aborts the whole transaction; ``_run_txn`` maps it to the store error.
+    """
+    creates = [t for t in batch if t.expected_version == 0]
+    updates = [t for t in batch if t.expected_version != 0]
+    if creates:
+        conn.execute(
+            insert(s.executions),
+            [
+                {
+                    "namespace": t.key.namespace,
+                    "workflow_id": t.key.workflow_id,
+                    "run_id": t.key.run_id,
+                    **_execution_row(t),
+                }
+                for t in creates
+            ],
+        )
+    if updates:
+        params = [
+            {
+                "b_namespace": t.key.namespace,
+                "b_workflow_id": t.key.workflow_id,
+                "b_run_id": t.key.run_id,
+                "b_expected": t.expected_version,
+                **_execution_row(t),
+            }
+            for t in updates
+        ]
+        if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
+            result = conn.execute(_UPDATE_EXECUTION, params)
+            changed = result.rowcount
+        else:
+            changed = 0
+            for row in params:
+                changed += (conn.execute(_UPDATE_EXECUTION, row)).rowcount
+        if changed != len(params):
+            stale = updates[0].key if len(updates) == 1 else "one of the batch"
+            raise _Rejected(ConditionFailedError(f"run {stale} changed since it was read"))
+    for t in batch:
+        if t.current != CurrentWrite.NONE:
+            _write_current_txn(conn, t)
+    events = [
+        {
+            "namespace": t.key.namespace,
+            "workflow_id": t.key.workflow_id,
+            "run_id": t.key.run_id,
+            "event_id": e.event_id,
+            "event_type": e.event_type,
+            "data": e.SerializeToString(),
+        }
+        for t in batch
+        for e in t.events
+    ]
+    if events:
+        conn.execute(insert(s.history_events), events)
+    done_tasks = [key for t in batch for key in t.done_task_keys]
+    if done_tasks:
+        conn.execute(delete(s.tasks).where(s.tasks.c.task_key.in_(done_tasks)))
+    created = now_micros()
+    new_tasks = [
+        {
+            "task_key": task.task_key,
+            "namespace": task.key.namespace,
+            "task_queue": task.task_queue,
+            "kind": int(task.kind),
+            "workflow_id": task.key.workflow_id,
+            "run_id": task.key.run_id,
+            "ref_id": task.ref_id,
+            "attempt": task.attempt,
+            "created_at": task.created_at or created,
+        }
+        for t in batch
+        for task in t.new_tasks
+    ]
+    if new_tasks:
+        conn.execute(insert(s.tasks), new_tasks)
+    done_timers = [key for t in batch for key in t.done_timer_keys]
+    if done_timers:
+        conn.execute(delete(s.timers).where(s.timers.c.timer_key.in_(done_timers)))
+    new_timers = [
+        {
+            "timer_key": timer.timer_key,
+            "fire_at": timer.fire_at,
+            "namespace": timer.key.namespace,
+            "workflow_id": timer.key.workflow_id,
+            "run_id": timer.key.run_id,
+            "kind": int(timer.kind),
+            "ref_id": timer.ref_id,
+            "attempt": timer.attempt,
+        }
+        for t in batch
+        for timer in t.new_timers
+    ]
+    if new_timers:
+        conn.execute(insert(s.timers), new_timers)
+
+
+def _write_current_txn(conn: Connection, t: Transition) -> None:
+    k = t.key
+    c = s.current_executions
+    if t.current == CurrentWrite.INSERT:
+        conn.execute(
+            insert(c).values(
+                namespace=k.namespace,
+                workflow_id=k.workflow_id,
+                run_id=k.run_id,
+                status=t.summary.status,
+                start_request_id=t.start_request_id,
+            )
+        )
+    elif t.current == CurrentWrite.REPLACE:
+        result = conn.execute(
+            update(c)
+            .where(
+                c.c.namespace == k.namespace,
+                c.c.workflow_id == k.workflow_id,
+                c.c.run_id == t.replaces_run_id,
+                c.c.status != _RUNNING,
+            )
+            .values(run_id=k.run_id, status=t.summary.status, start_request_id=t.start_request_id)
+        )
+        if result.rowcount != 1:
+            raise _Rejected(
+                CurrentExecutionConflictError(
+                    f"workflow id {k.workflow_id!r}: run {t.replaces_run_id} is no longer "
+                    "the closed current run"
+                )
+            )
+    elif t.current == CurrentWrite.UPDATE_STATUS:
+        conn.execute(
+            update(c)
+            .where(
+                c.c.namespace == k.namespace,
+                c.c.workflow_id == k.workflow_id,
+                c.c.run_id == k.run_id,
+            )
+            .values(status=t.summary.status)
+        )
 
 
 def _execution_record(m: Any) -> ExecutionRecord:

@@ -125,6 +125,7 @@ class TideflowServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
         if self._store is not None:
+            log.info("store commits: %s", self._store.stats)
             await self._store.close()
         log.info("tideflow server stopped")
 
