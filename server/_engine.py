@@ -59,6 +59,10 @@ log = logging.getLogger("tideflow.server.engine")
 ET = EventType
 T = TypeVar("T")
 _MAX_CONFLICT_RETRIES = 20
+# Longest history kept in memory per cached run.
+_MAX_CACHED_EVENTS = 2_000
+# Activities one workflow task may start eagerly (the rest go through matching).
+_MAX_EAGER_ACTIVITIES = 3
 _US = 1_000_000
 
 
@@ -81,6 +85,8 @@ class _Run:
     scheduled_activities: dict[int, history_pb2.ActivityTaskScheduledEventAttributes] = field(
         default_factory=dict
     )
+    # The run's history while it is short enough to keep (None: read from the store).
+    events: list[history_pb2.HistoryEvent] | None = None
 
 
 class BadCommandError(Exception):
@@ -188,6 +194,10 @@ class HistoryEngine:
                 run.state = m.ms
                 run.db_version += 1
                 run.scheduled_activities.update(m.scheduled_activities)
+                if run.events is not None:
+                    run.events.extend(m.events)
+                    if len(run.events) > _MAX_CACHED_EVENTS:
+                        run.events = None
                 self._after_commit(run, m)
                 return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
@@ -200,6 +210,18 @@ class HistoryEngine:
             self._dispatcher.add_tasks(m.new_tasks)
         if m.new_timers:
             self._dispatcher.add_timers(m.new_timers)
+
+    async def _history_prefix(self, key: RunKey, last_event_id: int) -> list[history_pb2.HistoryEvent]:
+        """Events 1..last_event_id, from memory when the run's history is cached."""
+        run = await self._load(key)
+        if run.events is None and run.state.next_event_id - 1 <= _MAX_CACHED_EVENTS:
+            loaded = await self._store.read_events(key)
+            if self._cache.get(key) is run and len(loaded) == run.state.next_event_id - 1:
+                run.events = loaded
+            return loaded[:last_event_id]
+        if run.events is not None:
+            return run.events[:last_event_id]
+        return await self._store.read_events(key, max_events=last_event_id)
 
     async def state_of(self, key: RunKey) -> state_pb2.MutableState:
         return (await self._load(key)).state
@@ -282,7 +304,7 @@ class HistoryEngine:
             except CurrentExecutionConflictError:
                 continue  # someone else started or replaced meanwhile: decide again
             key = run_key_of(ms)
-            run = _Run(state=m.ms, db_version=1)
+            run = _Run(state=m.ms, db_version=1, events=list(m.events))
             self._cache[key] = run
             self._evict_overflow()
             self._after_commit(run, m)
@@ -375,7 +397,7 @@ class HistoryEngine:
         ms = await self.state_of(task.key)
         # Up to the started event: anything later belongs to the next task.
         last = wft.scheduled_event_id - 1 if wft.transient else wft.started_event_id
-        events = await self._store.read_events(task.key, max_events=last)
+        events = await self._history_prefix(task.key, last)
         if wft.transient:
             for event_type, event_id, attrs in (
                 (
@@ -456,10 +478,14 @@ class HistoryEngine:
 
     async def complete_workflow_task(
         self, token: state_pb2.TaskToken, commands: list[command_pb2.Command], identity: str
-    ) -> None:
+    ) -> list[service_pb2.PollActivityTaskResponse]:
+        """Apply a workflow task's commands; returns the activities started eagerly
+        for the completing worker."""
         key = RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+        eager: list[int] = []
 
         def fn(m: Mutation) -> str | None:
+            eager.clear()  # a conflict retry recomputes the transition from scratch
             self._check_workflow_task(m, token)
             try:
                 self._validate_commands(m.ms, commands)
@@ -486,7 +512,7 @@ class HistoryEngine:
             for command in commands:
                 if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
                     break  # commands after the one that closed the run are ignored
-                self._apply_command(m, command, completed.event_id)
+                self._apply_command(m, command, completed.event_id, identity, eager)
             if ms.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING and m.flush_buffered():
                 m.schedule_workflow_task()
             return None
@@ -494,6 +520,8 @@ class HistoryEngine:
         error = await self._update(key, fn)
         if error is not None:
             raise InvalidArgumentError(f"workflow task failed: {error}")
+        ms = await self.state_of(key)
+        return [await self._activity_task(key, sid) for sid in eager if sid in ms.pending_activities]
 
     def _validate_commands(
         self, ms: state_pb2.MutableState, commands: list[command_pb2.Command]
@@ -571,12 +599,19 @@ class HistoryEngine:
             else:
                 raise BadCommandError(f"{where} is not supported by this server yet")
 
-    def _apply_command(self, m: Mutation, command: command_pb2.Command, completed_id: int) -> None:
+    def _apply_command(
+        self,
+        m: Mutation,
+        command: command_pb2.Command,
+        completed_id: int,
+        identity: str,
+        eager: list[int],
+    ) -> None:
         ms = m.ms
         ctype = command.command_type
         if ctype == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
             self._schedule_activity(
-                m, command.schedule_activity_task_command_attributes, completed_id
+                m, command.schedule_activity_task_command_attributes, completed_id, identity, eager
             )
         elif ctype == CommandType.COMMAND_TYPE_START_TIMER:
             a = command.start_timer_command_attributes
@@ -658,6 +693,8 @@ class HistoryEngine:
         m: Mutation,
         a: command_pb2.ScheduleActivityTaskCommandAttributes,
         completed_id: int,
+        eager_identity: str,
+        eager: list[int],
     ) -> None:
         ms = m.ms
         attrs = history_pb2.ActivityTaskScheduledEventAttributes()
@@ -709,7 +746,12 @@ class HistoryEngine:
             info.timer_keys.append(
                 m.add_timer(TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE, sid, 0, m.now + s2c)
             )
-        self._dispatch_activity_attempt(m, info)
+        if eager_identity and a.request_eager_execution and len(eager) < _MAX_EAGER_ACTIVITIES:
+            # The completing worker runs it: no dispatch row, no poll, no extra commit.
+            self._start_activity_attempt(m, info, eager_identity)
+            eager.append(sid)
+        else:
+            self._dispatch_activity_attempt(m, info)
 
     def _dispatch_activity_attempt(self, m: Mutation, info: state_pb2.ActivityInfo) -> None:
         info.backing_off = False
@@ -780,12 +822,38 @@ class HistoryEngine:
 
     # ------------------------------------------------------------ activities
 
+    def _start_activity_attempt(self, m: Mutation, info: state_pb2.ActivityInfo, identity: str) -> None:
+        """The current attempt is handed to a worker: arm its start-to-close and
+        heartbeat timeouts. (No event: ActivityTaskStarted is written with the outcome.)"""
+        info.task_key = ""
+        info.started_time.FromMicroseconds(m.now)
+        info.started_identity = identity
+        info.request_id = str(uuid.uuid4())
+        info.ClearField("last_heartbeat_time")
+        schedule_to_start = f"|{int(TimerKind.ACTIVITY_SCHEDULE_TO_START)}|"
+        m.drop_timers([k for k in info.timer_keys if schedule_to_start in k])
+        info.timer_keys[:] = [k for k in info.timer_keys if schedule_to_start not in k]
+        info.timer_keys.append(
+            m.add_timer(
+                TimerKind.ACTIVITY_START_TO_CLOSE,
+                info.scheduled_event_id,
+                info.attempt,
+                m.now + _dur_us(info.start_to_close_timeout),
+            )
+        )
+        hb = _dur_us(info.heartbeat_timeout)
+        if hb:
+            info.timer_keys.append(
+                m.add_timer(
+                    TimerKind.ACTIVITY_HEARTBEAT, info.scheduled_event_id, info.attempt, m.now + hb
+                )
+            )
+        m.dirty = True
+
     async def record_activity_started(
         self, task: TaskRow, identity: str
     ) -> service_pb2.PollActivityTaskResponse | None:
-        request_id = str(uuid.uuid4())
-
-        def fn(m: Mutation) -> state_pb2.ActivityInfo | None:
+        def fn(m: Mutation) -> bool:
             ms = m.ms
             info = ms.pending_activities.get(task.ref_id)
             if (
@@ -795,60 +863,30 @@ class HistoryEngine:
                 or info.started_time.ToMicroseconds() != 0
                 or info.backing_off
             ):
-                return None
+                return False
             m.done_task_keys.append(task.task_key)
-            info.task_key = ""
-            info.started_time.FromMicroseconds(m.now)
-            info.started_identity = identity
-            info.request_id = request_id
-            info.ClearField("last_heartbeat_time")
-            st2c = _dur_us(info.start_to_close_timeout)
-            keep = []
-            for key in info.timer_keys:
-                if f"|{int(TimerKind.ACTIVITY_SCHEDULE_TO_START)}|" in key:
-                    m.done_timer_keys.append(key)
-                else:
-                    keep.append(key)
-            info.timer_keys[:] = keep
-            info.timer_keys.append(
-                m.add_timer(
-                    TimerKind.ACTIVITY_START_TO_CLOSE,
-                    info.scheduled_event_id,
-                    info.attempt,
-                    m.now + st2c,
-                )
-            )
-            hb = _dur_us(info.heartbeat_timeout)
-            if hb:
-                info.timer_keys.append(
-                    m.add_timer(
-                        TimerKind.ACTIVITY_HEARTBEAT,
-                        info.scheduled_event_id,
-                        info.attempt,
-                        m.now + hb,
-                    )
-                )
-            m.dirty = True
-            out = state_pb2.ActivityInfo()
-            out.CopyFrom(info)
-            return out
+            self._start_activity_attempt(m, info, identity)
+            return True
 
         try:
-            info = await self._update(task.key, fn)
+            started = await self._update(task.key, fn)
         except NotFoundError:
-            info = None
-        if info is None:
+            started = False
+        if not started:
             await self._store.delete_task(task.task_key)
             return None
-        run = await self._load(task.key)
+        return await self._activity_task(task.key, task.ref_id)
+
+    async def _activity_task(self, key: RunKey, scheduled_event_id: int) -> service_pb2.PollActivityTaskResponse:
+        """What a worker needs to run the started attempt of an activity."""
+        run = await self._load(key)
         ms = run.state
-        attrs = run.scheduled_activities.get(info.scheduled_event_id)
+        info = ms.pending_activities[scheduled_event_id]
+        attrs = run.scheduled_activities.get(scheduled_event_id)
         if attrs is None:
-            events = await self._store.read_events(
-                task.key, first_event_id=info.scheduled_event_id, max_events=1
-            )
+            events = await self._store.read_events(key, first_event_id=scheduled_event_id, max_events=1)
             attrs = events[0].activity_task_scheduled_event_attributes
-            run.scheduled_activities[info.scheduled_event_id] = attrs
+            run.scheduled_activities[scheduled_event_id] = attrs
         resp = service_pb2.PollActivityTaskResponse(
             task_token=_token(ms, info.scheduled_event_id, 0, info.attempt, activity=True),
             workflow_namespace=ms.namespace,

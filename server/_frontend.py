@@ -325,8 +325,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 for inner, inner_value in value.ListFields():
                     if inner.message_type is common_pb2.Payloads.DESCRIPTOR:
                         self._check_payloads(f"command {index} {inner.name}", inner_value)
-        await self._engine.complete_workflow_task(token, list(request.commands), request.identity)
-        return service_pb2.RespondWorkflowTaskCompletedResponse()
+        eager = await self._engine.complete_workflow_task(
+            token, list(request.commands), request.identity
+        )
+        return service_pb2.RespondWorkflowTaskCompletedResponse(activity_tasks=eager)
 
     @_rpc
     async def RespondWorkflowTaskFailed(

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from tideflow.api.v1 import service_pb2
+from tideflow.api.v1.command_pb2 import CommandType
 from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 
 from . import activity as activity_mod
@@ -33,6 +34,7 @@ from .workflow import WorkflowDefinition, definition_of
 log = logging.getLogger("tideflow.worker")
 
 _POLL_RPC_TIMEOUT_S = 70.0
+_MAX_EAGER_ACTIVITIES = 3
 
 
 class Worker:
@@ -242,16 +244,45 @@ class Worker:
                 task, WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_WORKFLOW_WORKER_UNHANDLED_FAILURE, error
             )
             return
+        reserved = await self._reserve_eager_activities(commands)
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token, commands=commands, identity=self.identity
         )
         try:
-            await client.call(client.service.RespondWorkflowTaskCompleted, request)
-        except exc.RPCError:
+            response = await client.call(client.service.RespondWorkflowTaskCompleted, request)
+        except BaseException:
+            for _ in range(reserved):
+                self._activity_slots.release()
             self._evict(run_id)  # our view may be ahead of what the server recorded
             raise
+        for _ in range(reserved - len(response.activity_tasks)):
+            self._activity_slots.release()
+        for activity_task in response.activity_tasks:
+            self._spawn_activity(activity_task)
         if instance._completed:
             self._evict(run_id)
+
+    async def _reserve_eager_activities(self, commands: list[Any]) -> int:
+        """Ask the server to start activities this worker can run right away; each
+        one takes an activity slot now, so the worker never over-commits."""
+        if not self._activity_pollers or self._shutdown_started:
+            return 0
+        reserved = 0
+        for command in commands:
+            if command.command_type != CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+                continue
+            attrs = command.schedule_activity_task_command_attributes
+            if (
+                reserved >= _MAX_EAGER_ACTIVITIES
+                or attrs.task_queue.name != self.task_queue
+                or attrs.activity_type.name not in self._activities
+                or self._activity_slots.locked()
+            ):
+                continue
+            await self._activity_slots.acquire()  # free slot: returns at once
+            attrs.request_eager_execution = True
+            reserved += 1
+        return reserved
 
     async def _fail_workflow_task(
         self, task: service_pb2.PollWorkflowTaskResponse, cause: int, error: BaseException
@@ -288,9 +319,13 @@ class Worker:
             if not response.task_token:
                 self._activity_slots.release()
                 continue
-            task = asyncio.create_task(self._run_activity(response))
-            self._running_activities.add(task)
-            task.add_done_callback(self._running_activities.discard)
+            self._spawn_activity(response)
+
+    def _spawn_activity(self, response: service_pb2.PollActivityTaskResponse) -> None:
+        """Run an activity task whose slot is already taken (released when it ends)."""
+        task = asyncio.create_task(self._run_activity(response))
+        self._running_activities.add(task)
+        task.add_done_callback(self._running_activities.discard)
 
     async def _run_activity(self, task: service_pb2.PollActivityTaskResponse) -> None:
         try:
