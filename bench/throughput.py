@@ -123,8 +123,19 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     server = subprocess.Popen(
-        [sys.executable, "-m", "tideflow.server._cli", "server", "start-dev", "--db-url", db_url,
-         "--port", str(port), "--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")],
+        [
+            sys.executable,
+            "-m",
+            "tideflow.server._cli",
+            "server",
+            "start-dev",
+            "--db-url",
+            db_url,
+            "--port",
+            str(port),
+            "--log-level",
+            os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING"),
+        ],
         stdout=subprocess.PIPE,
         env=env,
     )

@@ -18,7 +18,7 @@ from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 
 def _attribute_field(event_type: int) -> str:
-    name = EventType.Name(event_type)  # type: ignore[arg-type]
+    name = EventType.Name(event_type)
     return name.removeprefix("EVENT_TYPE_").lower() + "_event_attributes"
 
 
@@ -98,4 +98,4 @@ def attributes_of(event: HistoryEvent) -> Any:
 
 
 def event_type_name(event_type: int) -> str:
-    return history_pb2.EventType.Name(event_type)  # type: ignore[arg-type]
+    return history_pb2.EventType.Name(event_type)

@@ -22,7 +22,7 @@ class AsyncEngineRunner:
         options: dict[str, object] = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
         if isolation:
             options["isolation_level"] = str(isolation).upper().replace("_", " ")
-        self._engine = create_async_engine(url, **options)  # type: ignore[arg-type]
+        self._engine = create_async_engine(url, **options)
         # Several lanes: the server runs transactions of different runs in parallel.
         self.writer_lanes = 4
 

@@ -51,7 +51,10 @@ class TaskRow:
     @property
     def task_key(self) -> str:
         k = self.key
-        return f"{k.namespace}|{k.workflow_id}|{k.run_id}|{int(self.kind)}|{self.ref_id}|{self.attempt}"
+        return (
+            f"{k.namespace}|{k.workflow_id}|{k.run_id}|{int(self.kind)}|{self.ref_id}"
+            f"|{self.attempt}"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -128,7 +128,8 @@ class HistoryStore:
                 batch.append(queue.get_nowait())
             live = [(t, f) for t, f in batch if not f.done()]
             try:
-                await self._commit_batch(live)
+                for group in _one_transition_per_run(live):
+                    await self._commit_batch(group)
             except asyncio.CancelledError:
                 for _, fut in live:
                     if not fut.done():
@@ -308,6 +309,26 @@ class HistoryStore:
         if where:
             query = query.where(and_(*(tbl.c[name] == value for name, value in where.items())))
         return len(await self._runner.read(lambda conn: conn.execute(query).all()))
+
+
+def _one_transition_per_run(
+    batch: list[tuple[Transition, asyncio.Future[None]]],
+) -> list[list[tuple[Transition, asyncio.Future[None]]]]:
+    """Split a batch so no group holds two transitions of one run.
+
+    ``_apply_batch`` writes each kind of row with one statement, so within a group a
+    run's later transition could not see rows an earlier one inserted (a task it
+    consumes, say). Groups commit one after the other, in submission order.
+    """
+    groups: list[list[tuple[Transition, asyncio.Future[None]]]] = [[]]
+    seen: set[RunKey] = set()
+    for item in batch:
+        if item[0].key in seen:
+            groups.append([])
+            seen = set()
+        groups[-1].append(item)
+        seen.add(item[0].key)
+    return [g for g in groups if g]
 
 
 _UPDATE_EXECUTION = (

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from pathlib import Path
 
 from ._config import ServerConfig
 from ._server import TideflowServer
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    url = args.db_url or f"sqlite:///{Path(args.db).resolve()}"
+    url = args.db_url or f"sqlite:///{os.path.abspath(args.db)}"
     server = TideflowServer(
         url,
         host=args.ip,

@@ -211,7 +211,9 @@ class HistoryEngine:
         if m.new_timers:
             self._dispatcher.add_timers(m.new_timers)
 
-    async def _history_prefix(self, key: RunKey, last_event_id: int) -> list[history_pb2.HistoryEvent]:
+    async def _history_prefix(
+        self, key: RunKey, last_event_id: int
+    ) -> list[history_pb2.HistoryEvent]:
         """Events 1..last_event_id, from memory when the run's history is cached."""
         run = await self._load(key)
         if run.events is None and run.state.next_event_id - 1 <= _MAX_CACHED_EVENTS:
@@ -254,7 +256,8 @@ class HistoryEngine:
                     return current.run_id, False
                 if current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
                     raise WorkflowAlreadyStartedError(
-                        f"workflow id {req.workflow_id!r} is already running as run {current.run_id}",
+                        f"workflow id {req.workflow_id!r} is already running "
+                        f"as run {current.run_id}",
                         run_id=current.run_id,
                     )
             run_id = str(uuid.uuid4())
@@ -451,7 +454,8 @@ class HistoryEngine:
         ):
             raise NotFoundError(
                 "workflow task not found: it already completed, timed out, or the run closed "
-                f"(workflow_id={token.workflow_id!r}, scheduled_event_id={token.scheduled_event_id}, "
+                f"(workflow_id={token.workflow_id!r}, "
+                f"scheduled_event_id={token.scheduled_event_id}, "
                 f"attempt={token.attempt})"
             )
 
@@ -521,7 +525,9 @@ class HistoryEngine:
         if error is not None:
             raise InvalidArgumentError(f"workflow task failed: {error}")
         ms = await self.state_of(key)
-        return [await self._activity_task(key, sid) for sid in eager if sid in ms.pending_activities]
+        return [
+            await self._activity_task(key, sid) for sid in eager if sid in ms.pending_activities
+        ]
 
     def _validate_commands(
         self, ms: state_pb2.MutableState, commands: list[command_pb2.Command]
@@ -822,7 +828,9 @@ class HistoryEngine:
 
     # ------------------------------------------------------------ activities
 
-    def _start_activity_attempt(self, m: Mutation, info: state_pb2.ActivityInfo, identity: str) -> None:
+    def _start_activity_attempt(
+        self, m: Mutation, info: state_pb2.ActivityInfo, identity: str
+    ) -> None:
         """The current attempt is handed to a worker: arm its start-to-close and
         heartbeat timeouts. (No event: ActivityTaskStarted is written with the outcome.)"""
         info.task_key = ""
@@ -877,14 +885,18 @@ class HistoryEngine:
             return None
         return await self._activity_task(task.key, task.ref_id)
 
-    async def _activity_task(self, key: RunKey, scheduled_event_id: int) -> service_pb2.PollActivityTaskResponse:
+    async def _activity_task(
+        self, key: RunKey, scheduled_event_id: int
+    ) -> service_pb2.PollActivityTaskResponse:
         """What a worker needs to run the started attempt of an activity."""
         run = await self._load(key)
         ms = run.state
         info = ms.pending_activities[scheduled_event_id]
         attrs = run.scheduled_activities.get(scheduled_event_id)
         if attrs is None:
-            events = await self._store.read_events(key, first_event_id=scheduled_event_id, max_events=1)
+            events = await self._store.read_events(
+                key, first_event_id=scheduled_event_id, max_events=1
+            )
             attrs = events[0].activity_task_scheduled_event_attributes
             run.scheduled_activities[scheduled_event_id] = attrs
         resp = service_pb2.PollActivityTaskResponse(
@@ -1068,12 +1080,12 @@ class HistoryEngine:
         ms = m.ms
         kind = timer.kind
         if kind == TimerKind.USER_TIMER:
-            for timer_id, info in ms.pending_timers.items():
-                if info.started_event_id == timer.ref_id:
+            for timer_id, timer_info in ms.pending_timers.items():
+                if timer_info.started_event_id == timer.ref_id:
                     m.append_or_buffer(
                         ET.EVENT_TYPE_TIMER_FIRED,
                         timer_id=timer_id,
-                        started_event_id=info.started_event_id,
+                        started_event_id=timer_info.started_event_id,
                     )
                     del ms.pending_timers[timer_id]
                     m.schedule_workflow_task()

@@ -32,6 +32,8 @@ from ._matching import Matching
 
 log = logging.getLogger("tideflow.server.frontend")
 
+_Context = grpc.aio.ServicerContext[Any, Any]
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 _MAX_ID_LENGTH = 1000
@@ -39,12 +41,12 @@ _DEFAULT_PAGE_SIZE = 1000
 
 
 def _rpc(
-    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    method: Callable[[Any, Req, _Context], Awaitable[Resp]],
+) -> Callable[[Any, Req, _Context], Awaitable[Resp]]:
     """Translate errors into statuses at this one boundary."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
         try:
             return await method(self, request, context)
         except ServiceError as exc:
@@ -116,7 +118,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def GetSystemInfo(
-        self, request: service_pb2.GetSystemInfoRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.GetSystemInfoRequest, context: _Context
     ) -> service_pb2.GetSystemInfoResponse:
         return service_pb2.GetSystemInfoResponse(
             server_version=tideflow.__version__,
@@ -131,7 +133,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def RegisterNamespace(
-        self, request: service_pb2.RegisterNamespaceRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.RegisterNamespaceRequest, context: _Context
     ) -> service_pb2.RegisterNamespaceResponse:
         self._check_id("namespace", request.namespace)
         retention = request.workflow_execution_retention_period.ToSeconds()
@@ -145,7 +147,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def StartWorkflow(
-        self, request: service_pb2.StartWorkflowRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.StartWorkflowRequest, context: _Context
     ) -> service_pb2.StartWorkflowResponse:
         await self._check_namespace(request.namespace)
         self._check_id("workflow_id", request.workflow_id)
@@ -162,7 +164,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def GetHistory(
-        self, request: service_pb2.GetHistoryRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.GetHistoryRequest, context: _Context
     ) -> service_pb2.GetHistoryResponse:
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
@@ -214,7 +216,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def DescribeWorkflow(
-        self, request: service_pb2.DescribeWorkflowRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.DescribeWorkflowRequest, context: _Context
     ) -> service_pb2.DescribeWorkflowResponse:
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
@@ -256,7 +258,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def TerminateWorkflow(
-        self, request: service_pb2.TerminateWorkflowRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.TerminateWorkflowRequest, context: _Context
     ) -> service_pb2.TerminateWorkflowResponse:
         await self._check_namespace(request.namespace)
         self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
@@ -277,7 +279,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     # -------------------------------------------------------- workflow tasks
 
-    def _poll_timeout(self, context: grpc.aio.ServicerContext) -> float:
+    def _poll_timeout(self, context: _Context) -> float:
         remaining = context.time_remaining()
         timeout = self._config.long_poll_timeout_s
         if remaining is not None:
@@ -287,7 +289,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def PollWorkflowTask(
-        self, request: service_pb2.PollWorkflowTaskRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.PollWorkflowTaskRequest, context: _Context
     ) -> service_pb2.PollWorkflowTaskResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
@@ -314,7 +316,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondWorkflowTaskCompleted(
         self,
         request: service_pb2.RespondWorkflowTaskCompletedRequest,
-        context: grpc.aio.ServicerContext,
+        context: _Context,
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         token = decode_token(request.task_token, activity=False)
         await self._check_namespace(token.namespace)
@@ -334,7 +336,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondWorkflowTaskFailed(
         self,
         request: service_pb2.RespondWorkflowTaskFailedRequest,
-        context: grpc.aio.ServicerContext,
+        context: _Context,
     ) -> service_pb2.RespondWorkflowTaskFailedResponse:
         token = decode_token(request.task_token, activity=False)
         await self._check_namespace(token.namespace)
@@ -348,7 +350,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def PollActivityTask(
-        self, request: service_pb2.PollActivityTaskRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.PollActivityTaskRequest, context: _Context
     ) -> service_pb2.PollActivityTaskResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
@@ -375,7 +377,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondActivityTaskCompleted(
         self,
         request: service_pb2.RespondActivityTaskCompletedRequest,
-        context: grpc.aio.ServicerContext,
+        context: _Context,
     ) -> service_pb2.RespondActivityTaskCompletedResponse:
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
@@ -390,7 +392,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondActivityTaskFailed(
         self,
         request: service_pb2.RespondActivityTaskFailedRequest,
-        context: grpc.aio.ServicerContext,
+        context: _Context,
     ) -> service_pb2.RespondActivityTaskFailedResponse:
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
@@ -409,7 +411,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     @_rpc
     async def RecordActivityHeartbeat(
-        self, request: service_pb2.RecordActivityHeartbeatRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.RecordActivityHeartbeatRequest, context: _Context
     ) -> service_pb2.RecordActivityHeartbeatResponse:
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)

@@ -45,7 +45,7 @@ def validate(policy: RetryPolicy) -> str | None:
 @dataclass(frozen=True, slots=True)
 class RetryDecision:
     delay_us: int  # -1: do not retry
-    state: RetryState.ValueType
+    state: int
 
 
 def next_retry(

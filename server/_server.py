@@ -95,7 +95,7 @@ class TideflowServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        service_pb2_grpc.add_WorkflowServiceServicer_to_server(
+        service_pb2_grpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
             WorkflowService(store, engine, matching, self.config), server
         )
         bound = server.add_insecure_port(f"{self.host}:{self.port}")

@@ -22,7 +22,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tideflow.api.v1 import command_pb2, common_pb2
@@ -103,7 +103,13 @@ class _DurableTimerHandle(asyncio.TimerHandle):
 
 
 class WorkflowInstance(asyncio.AbstractEventLoop):
-    """One workflow run's deterministic event loop and the state replay builds."""
+    """One workflow run's deterministic event loop and the state replay builds.
+
+    Only the loop methods that tasks, futures, sleeps and timeouts use are provided;
+    the I/O half of the loop API is deliberately absent (workflow code does no I/O),
+    hence the ``abstract`` type-ignores where instances are created. Overridden
+    scheduling methods keep asyncio's runtime signatures.
+    """
 
     def __init__(
         self,
@@ -147,19 +153,19 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         return self._time_us / 1_000_000
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self._time_us / 1_000_000, tz=timezone.utc)
+        return datetime.fromtimestamp(self._time_us / 1_000_000, tz=UTC)
 
     def is_replaying(self) -> bool:
         return self._replaying
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
     ) -> asyncio.Handle:
         handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
 
-    def call_later(
+    def call_later(  # type: ignore[override]
         self,
         delay: float,
         callback: Callable[..., Any],
@@ -186,7 +192,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._timers[timer_id] = handle
         return handle
 
-    def call_at(
+    def call_at(  # type: ignore[override]
         self,
         when: float,
         callback: Callable[..., Any],
@@ -198,7 +204,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)
 
-    def create_task(self, coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
+    def create_task(
+        self, coro: Any, *, name: str | None = None, context: Any = None
+    ) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.Task(coro, loop=self, name=name, context=context)
         self._tasks.append(task)
         return task
@@ -213,7 +221,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         return False
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
-        log.error("workflow %s: %s", self._workflow_id, context.get("message"), exc_info=context.get("exception"))
+        log.error(
+            "workflow %s: %s",
+            self._workflow_id,
+            context.get("message"),
+            exc_info=context.get("exception"),
+        )
 
     def default_exception_handler(self, context: dict[str, Any]) -> None:
         self.call_exception_handler(context)
@@ -221,7 +234,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
         pass
 
-    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Any, *args: Any
+    ) -> Any:
         raise RuntimeError("workflow code cannot use threads or executors; use an activity")
 
     # ------------------------------------------------------------- commands
@@ -298,15 +313,22 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         return handle
 
     def _cancel_activity(self, handle: _ActivityHandle) -> None:
-        if handle.scheduled_event_id == 0 and handle._pending is not None and not handle._pending.dropped:
-            if handle._pending in self._commands:
-                # Never sent to the server: just drop the command.
-                handle._pending.dropped = True
-                self._commands.remove(handle._pending)
-                return
+        pending = handle._pending
+        if (
+            handle.scheduled_event_id == 0
+            and pending is not None
+            and not pending.dropped
+            and pending in self._commands
+        ):
+            # Never sent to the server: just drop the command.
+            pending.dropped = True
+            self._commands.remove(pending)
+            return
         if handle.scheduled_event_id:
             command = Command(command_type=CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK)
-            command.request_cancel_activity_task_command_attributes.scheduled_event_id = handle.scheduled_event_id
+            command.request_cancel_activity_task_command_attributes.scheduled_event_id = (
+                handle.scheduled_event_id
+            )
             self._emit(command)
 
     def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
@@ -326,7 +348,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     # -------------------------------------------------------------- history
 
-    def process(self, events: Sequence[HistoryEvent], *, replay_only: bool = False) -> list[Command] | None:
+    def process(
+        self, events: Sequence[HistoryEvent], *, replay_only: bool = False
+    ) -> list[Command] | None:
         """Apply history events (continuing at ``next_event_id``).
 
         Returns the commands of the open workflow task at the end of ``events``, or
@@ -389,7 +413,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             workflow_type=a.workflow_type.name,
             task_queue=a.task_queue.name,
             attempt=a.attempt or 1,
-            start_time=event.event_time.ToDatetime(tzinfo=timezone.utc),
+            start_time=event.event_time.ToDatetime(tzinfo=UTC),
         )
         self._start_args = self._converter.from_payloads(
             a.input if a.HasField("input") else None, self._definition.arg_types
@@ -551,7 +575,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 task.cancel()
         try:
             self._run_until_blocked()
-        except BaseException:  # noqa: BLE001 - teardown must not raise
+        except BaseException:
             log.debug("workflow %s: error while disposing", self._workflow_id, exc_info=True)
         for task in self._tasks:
             if task.done() and not task.cancelled():
@@ -565,20 +589,23 @@ def _set_result_unless_done(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+CT = CommandType
+_EVENT_OF_COMMAND = {
+    CT.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+    CT.COMMAND_TYPE_START_TIMER: ET.EVENT_TYPE_TIMER_STARTED,
+    CT.COMMAND_TYPE_CANCEL_TIMER: ET.EVENT_TYPE_TIMER_CANCELED,
+    CT.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED,
+    CT.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+    CT.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
+}
+
+
 def _mismatch(command: Command, event: HistoryEvent) -> str | None:
     """Why ``command`` does not produce ``event``, or None if it does."""
     ct = command.command_type
     et = event.event_type
-    expected = {
-        CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
-        CommandType.COMMAND_TYPE_START_TIMER: ET.EVENT_TYPE_TIMER_STARTED,
-        CommandType.COMMAND_TYPE_CANCEL_TIMER: ET.EVENT_TYPE_TIMER_CANCELED,
-        CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED,
-        CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-        CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
-        CommandType.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
-    }.get(ct)
-    if expected != et:
+    if _EVENT_OF_COMMAND.get(ct) != et:
         return "different kinds"
     if ct == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
         c = command.schedule_activity_task_command_attributes
@@ -588,14 +615,17 @@ def _mismatch(command: Command, event: HistoryEvent) -> str | None:
         if c.activity_id != e.activity_id:
             return f"activity id {c.activity_id!r} != recorded {e.activity_id!r}"
     elif ct == CommandType.COMMAND_TYPE_START_TIMER:
-        if command.start_timer_command_attributes.timer_id != event.timer_started_event_attributes.timer_id:
-            return "timer id differs"
+        timer_id = command.start_timer_command_attributes.timer_id
+        if timer_id != event.timer_started_event_attributes.timer_id:
+            return f"timer id {timer_id!r} differs"
     elif ct == CommandType.COMMAND_TYPE_CANCEL_TIMER:
-        if command.cancel_timer_command_attributes.timer_id != event.timer_canceled_event_attributes.timer_id:
-            return "timer id differs"
+        timer_id = command.cancel_timer_command_attributes.timer_id
+        if timer_id != event.timer_canceled_event_attributes.timer_id:
+            return f"timer id {timer_id!r} differs"
     elif ct == CommandType.COMMAND_TYPE_RECORD_MARKER:
-        if command.record_marker_command_attributes.marker_name != event.marker_recorded_event_attributes.marker_name:
-            return "marker name differs"
+        name = command.record_marker_command_attributes.marker_name
+        if name != event.marker_recorded_event_attributes.marker_name:
+            return f"marker name {name!r} differs"
     return None
 
 

@@ -59,7 +59,7 @@ def _type_hints(f: Callable[..., Any]) -> dict[str, Any]:
 
     try:
         return typing.get_type_hints(f)
-    except Exception:  # noqa: BLE001 - unresolvable hints simply mean "no conversion"
+    except Exception:
         return {}
 
 
@@ -107,7 +107,9 @@ def _context() -> _Context:
     try:
         return _current.get()
     except LookupError:
-        raise RuntimeError("not in an activity: this works only inside @activity.defn code") from None
+        raise RuntimeError(
+            "not in an activity: this works only inside @activity.defn code"
+        ) from None
 
 
 def info() -> Info:

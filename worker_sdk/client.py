@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any, TypeVar
 
@@ -127,7 +127,7 @@ class Client:
         identity: str,
     ) -> None:
         self._channel = channel
-        self.service = service_pb2_grpc.WorkflowServiceStub(channel)
+        self.service = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
         self.namespace = namespace
         self.data_converter = data_converter
         self.identity = identity
@@ -155,7 +155,9 @@ class Client:
             data_converter=data_converter,
             identity=identity or default_identity(),
         )
-        await client.call(client.service.GetSystemInfo, service_pb2.GetSystemInfoRequest(), timeout=10)
+        await client.call(
+            client.service.GetSystemInfo, service_pb2.GetSystemInfoRequest(), timeout=10
+        )
         return client
 
     async def close(self) -> None:
@@ -303,13 +305,19 @@ class WorkflowHandle:
         et = event.event_type
         if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             a = event.workflow_execution_completed_event_attributes
-            values = converter.from_payloads(a.result if a.HasField("result") else None, [self._result_type])
+            values = converter.from_payloads(
+                a.result if a.HasField("result") else None, [self._result_type]
+            )
             return values[0] if values else None
         if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
-            cause: BaseException = converter.from_failure(event.workflow_execution_failed_event_attributes.failure)
+            cause: BaseException = converter.from_failure(
+                event.workflow_execution_failed_event_attributes.failure
+            )
         elif et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
             reason = event.workflow_execution_terminated_event_attributes.reason
-            cause = exc.TerminatedError(f"workflow terminated: {reason}" if reason else "workflow terminated")
+            cause = exc.TerminatedError(
+                f"workflow terminated: {reason}" if reason else "workflow terminated"
+            )
         elif et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT:
             cause = exc.TimeoutError("workflow timed out", type=None)
         elif et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED:
@@ -330,8 +338,10 @@ class WorkflowHandle:
             workflow_type=info.type.name,
             task_queue=info.task_queue,
             status=WorkflowExecutionStatus(info.status),
-            start_time=info.start_time.ToDatetime(tzinfo=timezone.utc),
-            close_time=info.close_time.ToDatetime(tzinfo=timezone.utc) if info.HasField("close_time") else None,
+            start_time=info.start_time.ToDatetime(tzinfo=UTC),
+            close_time=info.close_time.ToDatetime(tzinfo=UTC)
+            if info.HasField("close_time")
+            else None,
             history_length=info.history_length,
             raw=response,
         )
@@ -350,7 +360,9 @@ class WorkflowHandle:
         events: list[HistoryEvent] = []
         token = b""
         while True:
-            request = service_pb2.GetHistoryRequest(namespace=client.namespace, next_page_token=token)
+            request = service_pb2.GetHistoryRequest(
+                namespace=client.namespace, next_page_token=token
+            )
             request.execution.CopyFrom(self._execution())
             response = await client.call(client.service.GetHistory, request)
             events.extend(response.history.events)

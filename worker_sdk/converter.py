@@ -54,7 +54,9 @@ def _from_jsonable(value: Any, hint: Any) -> Any:
         return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin is typing.Union or (
+        origin is not None and str(origin) == "<class 'types.UnionType'>"
+    ):
         for arg in args:
             if arg is type(None):
                 continue
@@ -125,7 +127,9 @@ class DataConverter:
     def to_payloads(self, values: Sequence[Any]) -> Payloads:
         return Payloads(payloads=[self.payload_converter.to_payload(v) for v in values])
 
-    def from_payloads(self, payloads: Payloads | None, type_hints: Sequence[Any] | None = None) -> list[Any]:
+    def from_payloads(
+        self, payloads: Payloads | None, type_hints: Sequence[Any] | None = None
+    ) -> list[Any]:
         if payloads is None:
             return []
         hints = list(type_hints or [])
@@ -138,7 +142,9 @@ class DataConverter:
 
     def to_failure(self, error: BaseException) -> Failure:
         failure = Failure(message=str(error) or type(error).__name__, source="tideflow-python")
-        failure.stack_trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))[-8000:]
+        failure.stack_trace = "".join(
+            traceback.format_exception(type(error), error, error.__traceback__)
+        )[-8000:]
         if isinstance(error, exc.ApplicationError):
             failure.message = error.message
             info = failure.application_failure_info
@@ -195,7 +201,11 @@ class DataConverter:
             )
         elif which == "timeout_failure_info":
             ti = failure.timeout_failure_info
-            details = self.from_payloads(ti.last_heartbeat_details) if ti.HasField("last_heartbeat_details") else []
+            details = (
+                self.from_payloads(ti.last_heartbeat_details)
+                if ti.HasField("last_heartbeat_details")
+                else []
+            )
             error = exc.TimeoutError(
                 failure.message,
                 type=exc.TimeoutType(ti.timeout_type) if ti.timeout_type else None,
@@ -206,7 +216,9 @@ class DataConverter:
         elif which == "terminated_failure_info":
             error = exc.TerminatedError(failure.message)
         elif which == "server_failure_info":
-            error = exc.ServerError(failure.message, non_retryable=failure.server_failure_info.non_retryable)
+            error = exc.ServerError(
+                failure.message, non_retryable=failure.server_failure_info.non_retryable
+            )
         else:
             error = exc.ApplicationError(failure.message)
         if failure.HasField("cause"):

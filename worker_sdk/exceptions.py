@@ -77,7 +77,7 @@ class TimeoutType(IntEnum):
     HEARTBEAT = 4
 
 
-class TimeoutError(FailureError):  # noqa: A001 - mirrors the server's failure kind
+class TimeoutError(FailureError):
     def __init__(
         self, message: str, *, type: TimeoutType | None, last_heartbeat_details: Sequence[Any] = ()
     ) -> None:

@@ -34,7 +34,9 @@ class ReplayResult:
 
 
 class Replayer:
-    def __init__(self, *, workflows: Sequence[type], data_converter: DataConverter = default_converter) -> None:
+    def __init__(
+        self, *, workflows: Sequence[type], data_converter: DataConverter = default_converter
+    ) -> None:
         self._workflows: dict[str, WorkflowDefinition] = {}
         for wf in workflows:
             d = definition_of(wf)
@@ -51,8 +53,11 @@ class Replayer:
         started = events[0].workflow_execution_started_event_attributes
         definition = self._workflows.get(started.workflow_type.name)
         if definition is None:
-            raise ValueError(f"workflow type {started.workflow_type.name!r} is not among the replayer's workflows")
-        instance = WorkflowInstance(
+            raise ValueError(
+                f"workflow type {started.workflow_type.name!r} is not among "
+                "the replayer's workflows"
+            )
+        instance = WorkflowInstance(  # type: ignore[abstract]
             definition,
             namespace="default",
             workflow_id=history.workflow_id,

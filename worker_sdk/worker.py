@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -105,13 +105,23 @@ class Worker:
         if self._started:
             return
         self._started = True
-        if self._activities and self._executor is None and any(not a.is_async for a in self._activities.values()):
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="tideflow-activity")
+        if (
+            self._activities
+            and self._executor is None
+            and any(not a.is_async for a in self._activities.values())
+        ):
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=32, thread_name_prefix="tideflow-activity"
+            )
             self._own_executor = True
         for i in range(self._workflow_pollers):
-            self._pollers.append(asyncio.create_task(self._poll_workflow_tasks(), name=f"wf-poller-{i}"))
+            self._pollers.append(
+                asyncio.create_task(self._poll_workflow_tasks(), name=f"wf-poller-{i}")
+            )
         for i in range(self._activity_pollers):
-            self._pollers.append(asyncio.create_task(self._poll_activity_tasks(), name=f"act-poller-{i}"))
+            self._pollers.append(
+                asyncio.create_task(self._poll_activity_tasks(), name=f"act-poller-{i}")
+            )
 
     async def run(self) -> None:
         """Run until ``shutdown()`` is called (from another task) or this is cancelled."""
@@ -132,7 +142,11 @@ class Worker:
         if self._running_workflow_tasks:
             await asyncio.gather(*self._running_workflow_tasks, return_exceptions=True)
         if self._running_activities:
-            _, pending = await asyncio.wait(self._running_activities, timeout=self._graceful or None) if self._graceful else (set(), set(self._running_activities))
+            _, pending = (
+                await asyncio.wait(self._running_activities, timeout=self._graceful or None)
+                if self._graceful
+                else (set(), set(self._running_activities))
+            )
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._running_activities, return_exceptions=True)
@@ -147,12 +161,16 @@ class Worker:
 
     async def _poll_workflow_tasks(self) -> None:
         client = self._client
-        request = service_pb2.PollWorkflowTaskRequest(namespace=client.namespace, identity=self.identity)
+        request = service_pb2.PollWorkflowTaskRequest(
+            namespace=client.namespace, identity=self.identity
+        )
         request.task_queue.name = self.task_queue
         while True:
             await self._workflow_slots.acquire()
             try:
-                response = await client.call(client.service.PollWorkflowTask, request, timeout=_POLL_RPC_TIMEOUT_S)
+                response = await client.call(
+                    client.service.PollWorkflowTask, request, timeout=_POLL_RPC_TIMEOUT_S
+                )
             except asyncio.CancelledError:
                 self._workflow_slots.release()
                 raise
@@ -178,19 +196,26 @@ class Worker:
         except exc.RPCError as error:
             log.warning("workflow task of %s: %s", task.workflow_execution.workflow_id, error)
         except Exception:
-            log.exception("workflow task of %s crashed the handler", task.workflow_execution.workflow_id)
+            log.exception(
+                "workflow task of %s crashed the handler", task.workflow_execution.workflow_id
+            )
         finally:
             self._workflow_slots.release()
 
-    def _instance_for(self, task: service_pb2.PollWorkflowTaskResponse, definition: WorkflowDefinition) -> WorkflowInstance:
+    def _instance_for(
+        self, task: service_pb2.PollWorkflowTaskResponse, definition: WorkflowDefinition
+    ) -> WorkflowInstance:
         run_id = task.workflow_execution.run_id
         instance = self._cache.pop(run_id, None)
-        if instance is not None and instance.last_started_event_id == task.previous_started_event_id != 0:
+        if (
+            instance is not None
+            and instance.last_started_event_id == task.previous_started_event_id != 0
+        ):
             self._cache[run_id] = instance
             return instance
         if instance is not None:
             instance.dispose()
-        instance = WorkflowInstance(
+        instance = WorkflowInstance(  # type: ignore[abstract]
             definition,
             namespace=self._client.namespace,
             workflow_id=task.workflow_execution.workflow_id,
@@ -232,16 +257,23 @@ class Worker:
             self._evict(run_id)
             log.warning("workflow %s: %s", task.workflow_execution.workflow_id, error)
             await self._fail_workflow_task(
-                task, WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR, error
+                task,
+                WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR,
+                error,
             )
             return
         except Exception as error:
             self._evict(run_id)
             log.warning(
-                "workflow %s: workflow task failed: %r", task.workflow_execution.workflow_id, error, exc_info=True
+                "workflow %s: workflow task failed: %r",
+                task.workflow_execution.workflow_id,
+                error,
+                exc_info=True,
             )
             await self._fail_workflow_task(
-                task, WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_WORKFLOW_WORKER_UNHANDLED_FAILURE, error
+                task,
+                WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_WORKFLOW_WORKER_UNHANDLED_FAILURE,
+                error,
             )
             return
         reserved = await self._reserve_eager_activities(commands)
@@ -300,12 +332,16 @@ class Worker:
 
     async def _poll_activity_tasks(self) -> None:
         client = self._client
-        request = service_pb2.PollActivityTaskRequest(namespace=client.namespace, identity=self.identity)
+        request = service_pb2.PollActivityTaskRequest(
+            namespace=client.namespace, identity=self.identity
+        )
         request.task_queue.name = self.task_queue
         while True:
             await self._activity_slots.acquire()
             try:
-                response = await client.call(client.service.PollActivityTask, request, timeout=_POLL_RPC_TIMEOUT_S)
+                response = await client.call(
+                    client.service.PollActivityTask, request, timeout=_POLL_RPC_TIMEOUT_S
+                )
             except asyncio.CancelledError:
                 self._activity_slots.release()
                 raise
@@ -351,7 +387,9 @@ class Worker:
                     f"(registered: {sorted(self._activities)})",
                     type="NotFoundError",
                 )
-            args = converter.from_payloads(task.input if task.HasField("input") else None, definition.arg_types)
+            args = converter.from_payloads(
+                task.input if task.HasField("input") else None, definition.arg_types
+            )
             info = _activity_info(task, converter, self.task_queue)
             ctx = activity_mod._Context(info=info, heartbeat=heartbeater.record)
             heartbeater.context = ctx
@@ -362,7 +400,9 @@ class Worker:
                 else:
                     loop = asyncio.get_running_loop()
                     context = __import__("contextvars").copy_context()
-                    result = await loop.run_in_executor(self._executor, lambda: context.run(definition.fn, *args))
+                    result = await loop.run_in_executor(
+                        self._executor, lambda: context.run(definition.fn, *args)
+                    )
             finally:
                 activity_mod._current.reset(token)
         except asyncio.CancelledError:
@@ -370,19 +410,27 @@ class Worker:
             raise
         except Exception as error:
             await heartbeater.stop()
-            request = service_pb2.RespondActivityTaskFailedRequest(task_token=task.task_token, identity=self.identity)
+            request = service_pb2.RespondActivityTaskFailedRequest(
+                task_token=task.task_token, identity=self.identity
+            )
             request.failure.CopyFrom(converter.to_failure(error))
             if heartbeater.last_details is not None:
-                request.last_heartbeat_details.CopyFrom(converter.to_payloads(list(heartbeater.last_details)))
+                request.last_heartbeat_details.CopyFrom(
+                    converter.to_payloads(list(heartbeater.last_details))
+                )
             await client.call(client.service.RespondActivityTaskFailed, request)
             return
         await heartbeater.stop()
-        completed = service_pb2.RespondActivityTaskCompletedRequest(task_token=task.task_token, identity=self.identity)
+        completed = service_pb2.RespondActivityTaskCompletedRequest(
+            task_token=task.task_token, identity=self.identity
+        )
         completed.result.CopyFrom(converter.to_payloads([result]))
         await client.call(client.service.RespondActivityTaskCompleted, completed)
 
 
-def _activity_info(task: service_pb2.PollActivityTaskResponse, converter: Any, task_queue: str) -> activity_mod.Info:
+def _activity_info(
+    task: service_pb2.PollActivityTaskResponse, converter: Any, task_queue: str
+) -> activity_mod.Info:
     def optional(d: Any, field: str) -> timedelta | None:
         return d.ToTimedelta() if task.HasField(field) and d.ToMicroseconds() > 0 else None
 
@@ -395,13 +443,17 @@ def _activity_info(task: service_pb2.PollActivityTaskResponse, converter: Any, t
         workflow_run_id=task.workflow_execution.run_id,
         workflow_type=task.workflow_type.name,
         workflow_namespace=task.workflow_namespace,
-        scheduled_time=task.scheduled_time.ToDatetime(tzinfo=timezone.utc),
-        current_attempt_scheduled_time=task.current_attempt_scheduled_time.ToDatetime(tzinfo=timezone.utc),
-        started_time=task.started_time.ToDatetime(tzinfo=timezone.utc),
+        scheduled_time=task.scheduled_time.ToDatetime(tzinfo=UTC),
+        current_attempt_scheduled_time=task.current_attempt_scheduled_time.ToDatetime(tzinfo=UTC),
+        started_time=task.started_time.ToDatetime(tzinfo=UTC),
         start_to_close_timeout=optional(task.start_to_close_timeout, "start_to_close_timeout"),
-        schedule_to_close_timeout=optional(task.schedule_to_close_timeout, "schedule_to_close_timeout"),
+        schedule_to_close_timeout=optional(
+            task.schedule_to_close_timeout, "schedule_to_close_timeout"
+        ),
         heartbeat_timeout=optional(task.heartbeat_timeout, "heartbeat_timeout"),
-        heartbeat_details=converter.from_payloads(task.heartbeat_details) if task.HasField("heartbeat_details") else [],
+        heartbeat_details=converter.from_payloads(task.heartbeat_details)
+        if task.HasField("heartbeat_details")
+        else [],
         task_token=task.task_token,
     )
 
@@ -410,12 +462,18 @@ class _Heartbeater:
     """Sends an activity's heartbeats, at most one per throttle interval; the newest
     details always reach the server. Thread-safe: sync activities call ``record``."""
 
-    def __init__(self, client: Client, task: service_pb2.PollActivityTaskResponse, identity: str) -> None:
+    def __init__(
+        self, client: Client, task: service_pb2.PollActivityTaskResponse, identity: str
+    ) -> None:
         self._client = client
         self._task = task
         self._identity = identity
         self._loop = asyncio.get_running_loop()
-        hb = task.heartbeat_timeout.ToMicroseconds() / 1_000_000 if task.HasField("heartbeat_timeout") else 0
+        hb = (
+            task.heartbeat_timeout.ToMicroseconds() / 1_000_000
+            if task.HasField("heartbeat_timeout")
+            else 0
+        )
         self._interval = min(max(hb * 0.8, 0.05), 30.0) if hb else 30.0
         self.last_details: tuple[Any, ...] | None = None
         self._pending = False
@@ -442,11 +500,15 @@ class _Heartbeater:
         client = self._client
         while self._pending:
             self._pending = False
-            request = service_pb2.RecordActivityHeartbeatRequest(task_token=self._task.task_token, identity=self._identity)
+            request = service_pb2.RecordActivityHeartbeatRequest(
+                task_token=self._task.task_token, identity=self._identity
+            )
             if self.last_details:
                 request.details.CopyFrom(client.data_converter.to_payloads(list(self.last_details)))
             try:
-                response = await client.call(client.service.RecordActivityHeartbeat, request, retry=False)
+                response = await client.call(
+                    client.service.RecordActivityHeartbeat, request, retry=False
+                )
             except exc.RPCError as error:
                 log.debug("heartbeat of activity %s failed: %s", self._task.activity_id, error)
             else:

@@ -53,13 +53,15 @@ def defn(cls: C | None = None, *, name: str | None = None) -> C | Callable[[C], 
             if getattr(member, "__tideflow_workflow_run__", False)
         ]
         if len(runs) != 1:
-            raise TypeError(f"workflow {c.__name__} needs exactly one @workflow.run method, has {len(runs)}")
+            raise TypeError(
+                f"workflow {c.__name__} needs exactly one @workflow.run method, has {len(runs)}"
+            )
         run_fn = runs[0]
         if not inspect.iscoroutinefunction(run_fn):
             raise TypeError(f"{c.__name__}.{run_fn.__name__} must be async")
         try:
             hints = typing.get_type_hints(run_fn)
-        except Exception:  # noqa: BLE001 - unresolvable hints mean "no conversion"
+        except Exception:
             hints = {}
         params = list(inspect.signature(run_fn).parameters.values())[1:]
         definition = WorkflowDefinition(

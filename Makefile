@@ -1,0 +1,52 @@
+# One task runner for developers and CI. `make demo` runs the main job, `make test` the
+# whole suite (lint, types, generated-code check, tests); .ci/run calls `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TYPECHECK_ROOT := build/typecheck
+
+.PHONY: venv demo test lint typecheck pytest gen-protos check-generated bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/hello/run.py
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy cannot follow the editable install's import hook, so it checks a tree of
+# symlinks laid out as the installed `tideflow` package.
+typecheck: $(STAMP)
+	rm -rf $(TYPECHECK_ROOT) && mkdir -p $(TYPECHECK_ROOT)/tideflow
+	ln -s $(CURDIR)/proto/tideflow/__init__.py $(CURDIR)/proto/tideflow/py.typed $(TYPECHECK_ROOT)/tideflow/
+	ln -s $(CURDIR)/proto/tideflow/api $(TYPECHECK_ROOT)/tideflow/api
+	ln -s $(CURDIR)/server $(TYPECHECK_ROOT)/tideflow/server
+	ln -s $(CURDIR)/history $(TYPECHECK_ROOT)/tideflow/history
+	ln -s $(CURDIR)/worker_sdk $(TYPECHECK_ROOT)/tideflow/worker_sdk
+	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p tideflow
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest
+
+gen-protos: $(STAMP)
+	$(PY) proto/generate.py
+
+check-generated: $(STAMP)
+	$(VENV)/bin/pytest tests/test_generated_code.py
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,132 @@
+"""Shared fixtures: one history store per test, on every database under test.
+
+``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
+(the default) for both. Tests that take ``store_url`` (or ``store``) run once per
+selected database; the PostgreSQL runs carry the ``postgres`` marker, so
+``-m "not postgres"`` deselects them.
+
+SQLite: a fresh database file under the test's ``tmp_path``.
+
+PostgreSQL (127.0.0.1:5432, user ``postgres``, trust auth): each test gets its own
+database, so tests never see each other's rows and need no cleanup. The session
+creates one empty database ``tideflow_test_<hex8>`` that serves as the template;
+each test clones it (``CREATE DATABASE ... TEMPLATE``, tens of milliseconds) and
+drops its clone at teardown. The template is dropped when the session ends. Every
+drop uses ``WITH (FORCE)``, so a leaked connection cannot make cleanup fail.
+
+If PostgreSQL is unreachable, its tests are skipped, except with ``CI=true``,
+where they fail: CI must never pass by silently skipping a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tideflow.history import HistoryStore
+
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+_DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
+
+
+def _selected_databases() -> list[str]:
+    choice = os.environ.get("TIDEFLOW_TEST_DB", "").strip().lower() or "all"
+    if choice not in _DATABASES:
+        raise pytest.UsageError(f"TIDEFLOW_TEST_DB={choice!r}: expected sqlite, postgres or all")
+    return _DATABASES[choice]
+
+
+def _run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run admin SQL on its own loop in a worker thread: fixtures that outlive one
+    test must not touch the event loop that pytest-asyncio gives each test."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _admin(*statements: str) -> None:
+    conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=5)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+class _PgTemplate:
+    """The session's template database, created on first use."""
+
+    def __init__(self) -> None:
+        self.name = f"tideflow_test_{uuid.uuid4().hex[:8]}"
+        self.error: str | None = None
+        self.created = False
+        self._clones = itertools.count(1)
+
+    def create(self) -> None:
+        if self.created or self.error is not None:
+            return
+        try:
+            _run_sync(_admin(f"CREATE DATABASE {self.name}"))
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            self.error = f"PostgreSQL at {PG_SERVER} is unreachable: {exc!r}"
+        else:
+            self.created = True
+
+    def next_clone(self) -> str:
+        return f"{self.name}_{next(self._clones)}"
+
+
+@pytest.fixture(scope="session")
+def _pg_template() -> Iterator[_PgTemplate]:
+    template = _PgTemplate()
+    yield template
+    if template.created:
+        _run_sync(_admin(f"DROP DATABASE IF EXISTS {template.name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database for this test only."""
+    if "postgres" not in _selected_databases():
+        pytest.skip("PostgreSQL not selected (TIDEFLOW_TEST_DB)")
+    _pg_template.create()
+    if _pg_template.error is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{_pg_template.error} (CI=true: PostgreSQL tests must run)")
+        pytest.skip(_pg_template.error)
+    name = _pg_template.next_clone()
+    _run_sync(_admin(f"CREATE DATABASE {name} TEMPLATE {_pg_template.name}"))
+    yield f"{PG_SERVER}/{name}"
+    _run_sync(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def _store_url_params() -> list[Any]:
+    return [
+        pytest.param(db, id=db, marks=[pytest.mark.postgres] if db == "postgres" else [])
+        for db in _selected_databases()
+    ]
+
+
+@pytest.fixture(params=_store_url_params())
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh database URL, once per selected database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'history.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[HistoryStore]:
+    """An open store on ``store_url``; closed after the test."""
+    opened = await HistoryStore.open(store_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
