@@ -53,6 +53,7 @@ from ._errors import (
     WorkflowAlreadyStartedError,
 )
 from ._mutation import Mutation, run_key_of
+from ._trace import Tracer
 
 log = logging.getLogger("tideflow.server.engine")
 
@@ -133,6 +134,7 @@ class HistoryEngine:
         self._clock = clock
         self._config = config
         self._cache: OrderedDict[RunKey, _Run] = OrderedDict()
+        self._tracer = Tracer.from_environment()
 
     # ------------------------------------------------------------- machinery
 
@@ -168,7 +170,7 @@ class HistoryEngine:
             del self._cache[key]
         run.changed.set()
 
-    async def _update(self, key: RunKey, fn: Callable[[Mutation], T]) -> T:
+    async def _update(self, key: RunKey, action: str, fn: Callable[[Mutation], T]) -> T:
         """Run ``fn`` on a fresh copy of the run's state and commit what it built."""
         for _ in range(_MAX_CONFLICT_RETRIES):
             run = await self._load(key)
@@ -198,11 +200,12 @@ class HistoryEngine:
                     run.events.extend(m.events)
                     if len(run.events) > _MAX_CACHED_EVENTS:
                         run.events = None
-                self._after_commit(run, m)
+                self._after_commit(run, m, action)
                 return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
 
-    def _after_commit(self, run: _Run, m: Mutation) -> None:
+    def _after_commit(self, run: _Run, m: Mutation, action: str) -> None:
+        self._tracer.record(action, m.ms, m.events, m.now)
         old = run.changed
         run.changed = asyncio.Event()
         old.set()
@@ -310,7 +313,7 @@ class HistoryEngine:
             run = _Run(state=m.ms, db_version=1, events=list(m.events))
             self._cache[key] = run
             self._evict_overflow()
-            self._after_commit(run, m)
+            self._after_commit(run, m, "StartRun")
             return run_id, True
         raise UnavailableError(f"workflow id {req.workflow_id!r} is contended; try again")
 
@@ -391,7 +394,7 @@ class HistoryEngine:
             return info
 
         try:
-            wft = await self._update(task.key, fn)
+            wft = await self._update(task.key, "RecordWorkflowTaskStarted", fn)
         except NotFoundError:
             wft = None
         if wft is None:
@@ -521,7 +524,7 @@ class HistoryEngine:
                 m.schedule_workflow_task()
             return None
 
-        error = await self._update(key, fn)
+        error = await self._update(key, "CompleteWorkflowTask", fn)
         if error is not None:
             raise InvalidArgumentError(f"workflow task failed: {error}")
         ms = await self.state_of(key)
@@ -824,7 +827,7 @@ class HistoryEngine:
             self._check_workflow_task(m, token)
             self._fail_workflow_task(m, cause, failure, identity)
 
-        await self._update(key, fn)
+        await self._update(key, "FailWorkflowTask", fn)
 
     # ------------------------------------------------------------ activities
 
@@ -877,7 +880,7 @@ class HistoryEngine:
             return True
 
         try:
-            started = await self._update(task.key, fn)
+            started = await self._update(task.key, "RecordActivityStarted", fn)
         except NotFoundError:
             started = False
         if not started:
@@ -960,7 +963,7 @@ class HistoryEngine:
             )
             self._finish_activity(m, info)
 
-        await self._update(_key(token), fn)
+        await self._update(_key(token), "CompleteActivity", fn)
 
     async def fail_activity(
         self,
@@ -975,7 +978,7 @@ class HistoryEngine:
                 info.heartbeat_details.CopyFrom(details)
             self._attempt_failed(m, info, failure, timeout_type=None)
 
-        await self._update(_key(token), fn)
+        await self._update(_key(token), "FailActivity", fn)
 
     def _attempt_failed(
         self,
@@ -1052,7 +1055,7 @@ class HistoryEngine:
             m.dirty = True
             return info.cancel_requested
 
-        return await self._update(_key(token), fn)
+        return await self._update(_key(token), "RecordHeartbeat", fn)
 
     # ---------------------------------------------------------------- timers
 
@@ -1070,7 +1073,7 @@ class HistoryEngine:
             return handled
 
         try:
-            handled = await self._update(timer.key, fn)
+            handled = await self._update(timer.key, f"FireTimer:{timer.kind.name}", fn)
         except NotFoundError:
             handled = False
         if not handled:
@@ -1192,7 +1195,7 @@ class HistoryEngine:
                 identity=identity,
             )
 
-        await self._update(key, fn)
+        await self._update(key, "Terminate", fn)
 
     async def resolve_run_id(self, namespace: str, workflow_id: str, run_id: str) -> RunKey:
         if run_id:
