@@ -153,6 +153,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         client = await Client.connect(address)
         # Warm up: workers connected and code paths loaded.
         await _measure(client, OneActivity, 5, 5)
+        # One at a time: the latency of a single workflow on an idle system.
+        serial = await _measure(client, OneActivity, min(args.workflows, 50), 1)
         one = await _measure(client, OneActivity, args.workflows, args.concurrency)
         ten = await _measure(client, TenActivities, args.workflows, args.concurrency)
         await client.close()
@@ -160,6 +162,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "store": "sqlite" if db_url.startswith("sqlite") else db_url.split(":")[0],
             "workers": args.workers,
             "concurrency": args.concurrency,
+            "one_activity_serial": serial,
             "one_activity": one,
             "ten_activities": ten,
         }

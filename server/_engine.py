@@ -346,11 +346,44 @@ class HistoryEngine:
 
     # -------------------------------------------------------- workflow tasks
 
+    def _start_workflow_task(self, m: Mutation, identity: str) -> state_pb2.WorkflowTaskInfo:
+        """Hand the scheduled workflow task to a worker; returns a copy of its info."""
+        ms = m.ms
+        wft = ms.workflow_task
+        request_id = str(uuid.uuid4())
+        if wft.transient:
+            # Ids a completion will give the scheduled/started events; nothing can be
+            # appended before then because new events are buffered meanwhile.
+            wft.scheduled_event_id = ms.next_event_id
+            wft.started_event_id = ms.next_event_id + 1
+            m.dirty = True
+        else:
+            event = m.append(
+                ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+                scheduled_event_id=wft.scheduled_event_id,
+                identity=identity,
+                request_id=request_id,
+            )
+            wft.started_event_id = event.event_id
+        wft.started_time.FromMicroseconds(m.now)
+        wft.identity = identity
+        wft.request_id = request_id
+        wft.timer_keys.append(
+            m.add_timer(
+                TimerKind.WORKFLOW_TASK_TIMEOUT,
+                wft.scheduled_event_id,
+                wft.attempt,
+                m.now + _dur_us(ms.workflow_task_timeout),
+            )
+        )
+        info = state_pb2.WorkflowTaskInfo()
+        info.CopyFrom(wft)
+        return info
+
     async def record_workflow_task_started(
         self, task: TaskRow, identity: str
     ) -> service_pb2.PollWorkflowTaskResponse | None:
         """Mark a dispatched workflow task started; None if the task is stale."""
-        request_id = str(uuid.uuid4())
 
         def fn(m: Mutation) -> state_pb2.WorkflowTaskInfo | None:
             ms = m.ms
@@ -364,34 +397,7 @@ class HistoryEngine:
             ):
                 return None
             m.done_task_keys.append(task.task_key)
-            if wft.transient:
-                # Ids a completion will give the scheduled/started events; nothing can
-                # be appended before then because new events are buffered meanwhile.
-                wft.scheduled_event_id = ms.next_event_id
-                wft.started_event_id = ms.next_event_id + 1
-                m.dirty = True
-            else:
-                event = m.append(
-                    ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
-                    scheduled_event_id=wft.scheduled_event_id,
-                    identity=identity,
-                    request_id=request_id,
-                )
-                wft.started_event_id = event.event_id
-            wft.started_time.FromMicroseconds(m.now)
-            wft.identity = identity
-            wft.request_id = request_id
-            wft.timer_keys.append(
-                m.add_timer(
-                    TimerKind.WORKFLOW_TASK_TIMEOUT,
-                    wft.scheduled_event_id,
-                    wft.attempt,
-                    m.now + _dur_us(ms.workflow_task_timeout),
-                )
-            )
-            info = state_pb2.WorkflowTaskInfo()
-            info.CopyFrom(wft)
-            return info
+            return self._start_workflow_task(m, identity)
 
         try:
             wft = await self._update(task.key, "RecordWorkflowTaskStarted", fn)
@@ -400,10 +406,16 @@ class HistoryEngine:
         if wft is None:
             await self._store.delete_task(task.task_key)
             return None
-        ms = await self.state_of(task.key)
+        return await self._workflow_task(task.key, wft)
+
+    async def _workflow_task(
+        self, key: RunKey, wft: state_pb2.WorkflowTaskInfo
+    ) -> service_pb2.PollWorkflowTaskResponse:
+        """What a worker needs to run a started workflow task: the history up to it."""
+        ms = await self.state_of(key)
         # Up to the started event: anything later belongs to the next task.
         last = wft.scheduled_event_id - 1 if wft.transient else wft.started_event_id
-        events = await self._history_prefix(task.key, last)
+        events = await self._history_prefix(key, last)
         if wft.transient:
             for event_type, event_id, attrs in (
                 (
@@ -420,7 +432,7 @@ class HistoryEngine:
                     wft.started_event_id,
                     {
                         "scheduled_event_id": wft.scheduled_event_id,
-                        "identity": identity,
+                        "identity": wft.identity,
                         "request_id": wft.request_id,
                     },
                 ),
@@ -951,9 +963,17 @@ class HistoryEngine:
         m.schedule_workflow_task()
 
     async def complete_activity(
-        self, token: state_pb2.TaskToken, result: common_pb2.Payloads | None, identity: str
-    ) -> None:
-        def fn(m: Mutation) -> None:
+        self,
+        token: state_pb2.TaskToken,
+        result: common_pb2.Payloads | None,
+        identity: str,
+        eager_workflow_task_queue: str = "",
+    ) -> service_pb2.PollWorkflowTaskResponse | None:
+        """Record an activity's result. If the completing worker offers to run the
+        workflow task this schedules (same task queue), it is started in the same
+        transaction and returned: no dispatch row, no poll, no extra commit."""
+
+        def fn(m: Mutation) -> state_pb2.WorkflowTaskInfo | None:
             info = self._check_activity(m, token)
             m.append_activity_outcome(
                 info,
@@ -961,9 +981,28 @@ class HistoryEngine:
                 result=result,
                 identity=identity,
             )
+            had_workflow_task = m.ms.HasField("workflow_task")
             self._finish_activity(m, info)
+            return self._start_eagerly(m, had_workflow_task, eager_workflow_task_queue, identity)
 
-        await self._update(_key(token), "CompleteActivity", fn)
+        wft = await self._update(_key(token), "CompleteActivity", fn)
+        return None if wft is None else await self._workflow_task(_key(token), wft)
+
+    def _start_eagerly(
+        self, m: Mutation, had_workflow_task: bool, queue: str, identity: str
+    ) -> state_pb2.WorkflowTaskInfo | None:
+        ms = m.ms
+        if (
+            not queue
+            or had_workflow_task
+            or not ms.HasField("workflow_task")
+            or ms.workflow_task.transient
+            or ms.task_queue.name != queue
+        ):
+            return None
+        row = m.workflow_task_row_key()
+        m.new_tasks = [t for t in m.new_tasks if t.task_key != row]
+        return self._start_workflow_task(m, identity)
 
     async def fail_activity(
         self,

@@ -383,10 +383,13 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await self._check_namespace(token.namespace)
         if request.HasField("result"):
             self._check_payloads("result", request.result)
-        await self._engine.complete_activity(
-            token, request.result if request.HasField("result") else None, request.identity
+        workflow_task = await self._engine.complete_activity(
+            token,
+            request.result if request.HasField("result") else None,
+            request.identity,
+            request.eager_workflow_task_queue,
         )
-        return service_pb2.RespondActivityTaskCompletedResponse()
+        return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
     @_rpc
     async def RespondActivityTaskFailed(

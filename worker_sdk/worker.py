@@ -184,9 +184,13 @@ class Worker:
             if not response.task_token:
                 self._workflow_slots.release()
                 continue
-            task = asyncio.create_task(self._run_workflow_task(response))
-            self._running_workflow_tasks.add(task)
-            task.add_done_callback(self._running_workflow_tasks.discard)
+            self._spawn_workflow_task(response)
+
+    def _spawn_workflow_task(self, response: service_pb2.PollWorkflowTaskResponse) -> None:
+        """Run a workflow task whose slot is already taken (released when it ends)."""
+        task = asyncio.create_task(self._run_workflow_task(response))
+        self._running_workflow_tasks.add(task)
+        task.add_done_callback(self._running_workflow_tasks.discard)
 
     async def _run_workflow_task(self, task: service_pb2.PollWorkflowTaskResponse) -> None:
         try:
@@ -425,7 +429,26 @@ class Worker:
             task_token=task.task_token, identity=self.identity
         )
         completed.result.CopyFrom(converter.to_payloads([result]))
-        await client.call(client.service.RespondActivityTaskCompleted, completed)
+        # Offer to run the workflow task this completion schedules (one slot reserved).
+        eager = (
+            self._workflow_pollers > 0
+            and not self._shutdown_started
+            and task.workflow_type.name in self._workflows
+            and not self._workflow_slots.locked()
+        )
+        if eager:
+            await self._workflow_slots.acquire()  # free slot: returns at once
+            completed.eager_workflow_task_queue = self.task_queue
+        try:
+            response = await client.call(client.service.RespondActivityTaskCompleted, completed)
+        except BaseException:
+            if eager:
+                self._workflow_slots.release()
+            raise
+        if response.workflow_task.task_token:
+            self._spawn_workflow_task(response.workflow_task)
+        elif eager:
+            self._workflow_slots.release()
 
 
 def _activity_info(

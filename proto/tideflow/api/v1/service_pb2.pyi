@@ -319,18 +319,22 @@ class PollActivityTaskResponse(_message.Message):
     def __init__(self, task_token: _Optional[bytes] = ..., workflow_namespace: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., activity_id: _Optional[str] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_attempt_scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ...) -> None: ...
 
 class RespondActivityTaskCompletedRequest(_message.Message):
-    __slots__ = ("task_token", "result", "identity")
+    __slots__ = ("task_token", "result", "identity", "eager_workflow_task_queue")
     TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    EAGER_WORKFLOW_TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
     task_token: bytes
     result: _common_pb2.Payloads
     identity: str
-    def __init__(self, task_token: _Optional[bytes] = ..., result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+    eager_workflow_task_queue: str
+    def __init__(self, task_token: _Optional[bytes] = ..., result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ..., eager_workflow_task_queue: _Optional[str] = ...) -> None: ...
 
 class RespondActivityTaskCompletedResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("workflow_task",)
+    WORKFLOW_TASK_FIELD_NUMBER: _ClassVar[int]
+    workflow_task: PollWorkflowTaskResponse
+    def __init__(self, workflow_task: _Optional[_Union[PollWorkflowTaskResponse, _Mapping]] = ...) -> None: ...
 
 class RespondActivityTaskFailedRequest(_message.Message):
     __slots__ = ("task_token", "failure", "identity", "last_heartbeat_details")
