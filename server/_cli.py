@@ -39,8 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    url = args.db_url or f"sqlite:///{os.path.abspath(args.db)}"
+async def _serve(args: argparse.Namespace, url: str) -> None:
     server = TideflowServer(
         url,
         host=args.ip,
@@ -68,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.group == "server" and args.command == "start-dev":
-        asyncio.run(_serve(args))
+        try:
+            url = args.db_url or f"sqlite:///{os.path.abspath(args.db)}"
+            asyncio.run(_serve(args, url))
+        except (ValueError, OSError) as exc:
+            # Bad flags or an unusable address/database: a message, not a traceback.
+            print(f"tideflow: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
