@@ -60,6 +60,8 @@ log = logging.getLogger("tideflow.server.engine")
 ET = EventType
 T = TypeVar("T")
 _MAX_CONFLICT_RETRIES = 20
+# Signal request ids remembered per run for de-duplication of retried signals.
+_MAX_REMEMBERED_SIGNAL_IDS = 10_000
 # Longest history kept in memory per cached run.
 _MAX_CACHED_EVENTS = 2_000
 # Activities one workflow task may start eagerly (the rest go through matching).
@@ -192,6 +194,16 @@ class HistoryEngine:
                 except BaseException:
                     # The outcome of the commit is unknown: never trust the cache again.
                     self._forget(key, run)
+                    # It may well have committed (a caller cancelled mid-commit, e.g. a
+                    # poller or worker that went away, does not stop the store's writer).
+                    # Its task and timer rows would then reach matching and the timer
+                    # queue only after a restart or a refill, so hand them over anyway:
+                    # both are validated against the run's state when started or fired,
+                    # and ones that did not commit are dropped as stale there.
+                    if m.new_tasks:
+                        self._dispatcher.add_tasks(m.new_tasks)
+                    if m.new_timers:
+                        self._dispatcher.add_timers(m.new_timers)
                     raise
                 run.state = m.ms
                 run.db_version += 1
@@ -257,6 +269,23 @@ class HistoryEngine:
             if current is not None:
                 if current.start_request_id == request_id:
                     return current.run_id, False
+                if current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING and req.signal_name:
+                    # Signal-with-start on a running id: just the signal.
+                    key = RunKey(
+                        namespace=req.namespace, workflow_id=req.workflow_id, run_id=current.run_id
+                    )
+                    try:
+                        await self.signal(
+                            key,
+                            req.signal_name,
+                            req.signal_input if req.HasField("signal_input") else None,
+                            req.identity,
+                            request_id,
+                            None,
+                        )
+                    except FailedPreconditionError:
+                        continue  # it closed meanwhile: start a new run
+                    return current.run_id, False
                 if current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
                     raise WorkflowAlreadyStartedError(
                         f"workflow id {req.workflow_id!r} is already running "
@@ -299,6 +328,15 @@ class HistoryEngine:
                 ms.timer_keys.append(
                     m.add_timer(TimerKind.WORKFLOW_RUN_TIMEOUT, 0, 1, now + run_timeout_us)
                 )
+            if req.signal_name:
+                m.append(
+                    ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+                    signal_name=req.signal_name,
+                    input=req.signal_input if req.HasField("signal_input") else None,
+                    identity=req.identity,
+                    request_id=request_id,
+                )
+                ms.signal_request_ids.append(request_id)
             m.schedule_workflow_task()
             if current is None:
                 m.current = CurrentWrite.INSERT
@@ -456,6 +494,27 @@ class HistoryEngine:
         response.started_time.CopyFrom(wft.started_time)
         return response
 
+    async def query_task(
+        self, key: RunKey, query_id: str, query: service_pb2.WorkflowQuery
+    ) -> service_pb2.PollWorkflowTaskResponse:
+        """A query task: the run's whole history, for the worker to replay and answer."""
+        ms = await self.state_of(key)
+        response = service_pb2.PollWorkflowTaskResponse(
+            task_token=state_pb2.TaskToken(
+                namespace=ms.namespace,
+                workflow_id=ms.workflow_id,
+                run_id=ms.run_id,
+                query_id=query_id,
+            ).SerializeToString(),
+            previous_started_event_id=ms.last_workflow_task_started_event_id,
+        )
+        response.workflow_execution.workflow_id = ms.workflow_id
+        response.workflow_execution.run_id = ms.run_id
+        response.workflow_type.CopyFrom(ms.workflow_type)
+        response.history.events.extend(await self._history_prefix(key, ms.next_event_id - 1))
+        response.query.CopyFrom(query)
+        return response
+
     def _check_workflow_task(self, m: Mutation, token: state_pb2.TaskToken) -> None:
         ms = m.ms
         wft = ms.workflow_task
@@ -608,6 +667,7 @@ class HistoryEngine:
             elif ctype in (
                 CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION,
                 CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION,
+                CommandType.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION,
             ):
                 if has_signal:
                     raise BadCommandError(
@@ -695,6 +755,14 @@ class HistoryEngine:
                 ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
                 failure=command.fail_workflow_execution_command_attributes.failure,
                 retry_state=RetryState.RETRY_STATE_RETRY_POLICY_NOT_SET,
+                workflow_task_completed_event_id=completed_id,
+            )
+        elif ctype == CommandType.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION:
+            a5 = command.cancel_workflow_execution_command_attributes
+            m.close(
+                WS.WORKFLOW_EXECUTION_STATUS_CANCELED,
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+                details=a5.details if a5.HasField("details") else None,
                 workflow_task_completed_event_id=completed_id,
             )
         elif ctype == CommandType.COMMAND_TYPE_RECORD_MARKER:
@@ -1215,6 +1283,87 @@ class HistoryEngine:
             failure.cause.CopyFrom(info.last_failure)
         self._attempt_failed(m, info, failure, timeout_type=timeout)
         return True
+
+    # -------------------------------------------------- signals, cancellation
+
+    async def signal(
+        self,
+        key: RunKey,
+        name: str,
+        payloads: common_pb2.Payloads | None,
+        identity: str,
+        request_id: str,
+        header: common_pb2.Header | None,
+    ) -> None:
+        """Deliver a signal: an event in history (buffered while a workflow task runs)
+        and a workflow task. A retried request (same request id) is applied once."""
+
+        def fn(m: Mutation) -> None:
+            ms = m.ms
+            if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                raise FailedPreconditionError(
+                    f"workflow run {key.run_id} of {key.workflow_id!r} is already closed"
+                )
+            if request_id and request_id in ms.signal_request_ids:
+                return  # a retry of a signal already delivered
+            m.append_or_buffer(
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+                signal_name=name,
+                input=payloads,
+                identity=identity,
+                header=header,
+                request_id=request_id,
+            )
+            if request_id:
+                ms.signal_request_ids.append(request_id)
+                if len(ms.signal_request_ids) > _MAX_REMEMBERED_SIGNAL_IDS:
+                    del ms.signal_request_ids[0]
+            m.schedule_workflow_task()
+
+        await self._update(key, "Signal", fn)
+
+    async def request_cancel(
+        self, key: RunKey, identity: str, request_id: str, reason: str
+    ) -> None:
+        """Ask the workflow to cancel itself: its code sees CancelledError and decides."""
+
+        def fn(m: Mutation) -> None:
+            ms = m.ms
+            if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                raise FailedPreconditionError(
+                    f"workflow run {key.run_id} of {key.workflow_id!r} is already closed"
+                )
+            if ms.cancel_requested:
+                return  # requested before: cancellation is idempotent
+            ms.cancel_requested = True
+            m.append_or_buffer(
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+                cause=reason,
+                identity=identity,
+                request_id=request_id,
+            )
+            m.schedule_workflow_task()
+
+        await self._update(key, "RequestCancel", fn)
+
+    async def activity_canceled(
+        self, token: state_pb2.TaskToken, details: common_pb2.Payloads | None, identity: str
+    ) -> None:
+        """The worker stopped an activity whose cancellation was requested."""
+
+        def fn(m: Mutation) -> None:
+            info = self._check_activity(m, token)
+            if not info.cancel_requested:
+                raise FailedPreconditionError(
+                    f"activity {info.activity_id!r} was not asked to cancel; report its "
+                    "outcome with RespondActivityTaskCompleted or RespondActivityTaskFailed"
+                )
+            m.append_activity_outcome(
+                info, ET.EVENT_TYPE_ACTIVITY_TASK_CANCELED, details=details, identity=identity
+            )
+            self._finish_activity(m, info)
+
+        await self._update(_key(token), "ActivityCanceled", fn)
 
     # ------------------------------------------------------------- terminate
 

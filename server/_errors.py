@@ -46,3 +46,13 @@ class FailedPreconditionError(ServiceError):
 
 class UnavailableError(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class QueryFailedError(ServiceError):
+    """The workflow's query handler raised (or there is no such query)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

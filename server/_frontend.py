@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -24,11 +25,14 @@ from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
 from ._errors import (
     AlreadyExistsError,
+    DeadlineExceededError,
     InvalidArgumentError,
     NamespaceNotFoundError,
+    NotFoundError,
+    QueryFailedError,
     ServiceError,
 )
-from ._matching import Matching
+from ._matching import Matching, QueryTask
 
 log = logging.getLogger("tideflow.server.frontend")
 
@@ -83,6 +87,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._matching = matching
         self._config = config
         self._namespaces: set[str] = set()
+        self._queries: dict[str, QueryTask] = {}
 
     # ------------------------------------------------------------ validation
 
@@ -155,6 +160,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._check_id("task_queue.name", request.task_queue.name)
         if request.HasField("input"):
             self._check_payloads("input", request.input)
+        if request.HasField("signal_input"):
+            self._check_payloads("signal_input", request.signal_input)
         for name in ("workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout"):
             self._check_duration(name, getattr(request, name))
         if len(request.request_id) > 255:
@@ -277,6 +284,99 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         )
         return service_pb2.TerminateWorkflowResponse()
 
+    @_rpc
+    async def SignalWorkflow(
+        self, request: service_pb2.SignalWorkflowRequest, context: _Context
+    ) -> service_pb2.SignalWorkflowResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
+        self._check_id("signal_name", request.signal_name)
+        if request.HasField("input"):
+            self._check_payloads("input", request.input)
+        key = await self._engine.resolve_run_id(
+            request.namespace,
+            request.workflow_execution.workflow_id,
+            request.workflow_execution.run_id,
+        )
+        await self._engine.signal(
+            key,
+            request.signal_name,
+            request.input if request.HasField("input") else None,
+            request.identity,
+            request.request_id,
+            request.header if request.HasField("header") else None,
+        )
+        return service_pb2.SignalWorkflowResponse()
+
+    @_rpc
+    async def RequestCancelWorkflow(
+        self, request: service_pb2.RequestCancelWorkflowRequest, context: _Context
+    ) -> service_pb2.RequestCancelWorkflowResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
+        key = await self._engine.resolve_run_id(
+            request.namespace,
+            request.workflow_execution.workflow_id,
+            request.workflow_execution.run_id,
+        )
+        await self._engine.request_cancel(key, request.identity, request.request_id, request.reason)
+        return service_pb2.RequestCancelWorkflowResponse()
+
+    @_rpc
+    async def QueryWorkflow(
+        self, request: service_pb2.QueryWorkflowRequest, context: _Context
+    ) -> service_pb2.QueryWorkflowResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("execution.workflow_id", request.execution.workflow_id)
+        self._check_id("query.query_type", request.query.query_type)
+        if request.query.HasField("query_args"):
+            self._check_payloads("query.query_args", request.query.query_args)
+        key = await self._engine.resolve_run_id(
+            request.namespace, request.execution.workflow_id, request.execution.run_id
+        )
+        ms = await self._engine.state_of(key)
+        query = QueryTask(
+            query_id=str(uuid.uuid4()),
+            key=key,
+            query=request.query,
+            result=asyncio.get_running_loop().create_future(),
+        )
+        self._queries[query.query_id] = query
+        try:
+            self._matching.add_query(request.namespace, ms.task_queue.name, query)
+            timeout = self._poll_timeout(context)
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await query.result
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"no worker answered query {request.query.query_type!r} within "
+                    f"{timeout:.0f} s: is a worker polling task queue {ms.task_queue.name!r}?"
+                ) from None
+        finally:
+            del self._queries[query.query_id]
+            if not query.result.done():
+                query.result.cancel()
+        return service_pb2.QueryWorkflowResponse(query_result=result)
+
+    @_rpc
+    async def RespondQueryTaskCompleted(
+        self, request: service_pb2.RespondQueryTaskCompletedRequest, context: _Context
+    ) -> service_pb2.RespondQueryTaskCompletedResponse:
+        token = decode_token(request.task_token, activity=False)
+        query = self._queries.get(token.query_id) if token.query_id else None
+        if query is None:
+            raise NotFoundError("query not found: it was answered already or its caller gave up")
+        if not query.result.done():
+            if request.completed_type == service_pb2.QUERY_RESULT_TYPE_ANSWERED:
+                self._check_payloads("query_result", request.query_result)
+                query.result.set_result(request.query_result)
+            else:
+                query.result.set_exception(
+                    QueryFailedError(f"query failed: {request.error_message or 'no message'}")
+                )
+        return service_pb2.RespondQueryTaskCompletedResponse()
+
     # -------------------------------------------------------- workflow tasks
 
     def _poll_timeout(self, context: _Context) -> float:
@@ -304,9 +404,20 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             )
             if task is None:
                 return service_pb2.PollWorkflowTaskResponse()
+            if isinstance(task, QueryTask):
+                try:
+                    return await self._engine.query_task(task.key, task.query_id, task.query)
+                except ServiceError as exc:
+                    if not task.result.done():
+                        task.result.set_exception(exc)
+                    continue
             try:
                 response = await self._engine.record_workflow_task_started(task, request.identity)
-            except (StoreError, ServiceError):
+            except (StoreError, ServiceError, asyncio.CancelledError):
+                # Not delivered. A poller that goes away (worker shutdown) cancels this
+                # handler; the task must not vanish with it, or nothing would dispatch it
+                # again until a server restart. If the start did commit before the
+                # cancellation, the engine finds the given-back task stale and drops it.
                 self._matching.give_back(task)
                 raise
             if response is not None:
@@ -365,9 +476,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             )
             if task is None:
                 return service_pb2.PollActivityTaskResponse()
+            assert not isinstance(task, QueryTask)  # queries only go to workflow queues
             try:
                 response = await self._engine.record_activity_started(task, request.identity)
-            except (StoreError, ServiceError):
+            except (StoreError, ServiceError, asyncio.CancelledError):
+                # Not delivered: dispatch it again (see PollWorkflowTask).
                 self._matching.give_back(task)
                 raise
             if response is not None:
@@ -423,3 +536,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             self._check_payloads("details", details)
         cancel = await self._engine.record_heartbeat(token, details)
         return service_pb2.RecordActivityHeartbeatResponse(cancel_requested=cancel)
+
+    @_rpc
+    async def RespondActivityTaskCanceled(
+        self, request: service_pb2.RespondActivityTaskCanceledRequest, context: _Context
+    ) -> service_pb2.RespondActivityTaskCanceledResponse:
+        token = decode_token(request.task_token, activity=True)
+        await self._check_namespace(token.namespace)
+        details = request.details if request.HasField("details") else None
+        if details is not None:
+            self._check_payloads("details", details)
+        await self._engine.activity_canceled(token, details, request.identity)
+        return service_pb2.RespondActivityTaskCanceledResponse()

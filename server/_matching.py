@@ -17,7 +17,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from tideflow.history import HistoryStore, TaskKind, TaskRow
+from tideflow.api.v1 import common_pb2, service_pb2
+from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
 
 log = logging.getLogger("tideflow.server.matching")
 
@@ -25,9 +26,24 @@ _QueueId = tuple[str, str, TaskKind]
 
 
 @dataclass(slots=True, eq=False)
+class QueryTask:
+    """A query for a run, handed to a workflow worker; never persisted (a query whose
+    caller is gone is worthless). ``result`` gets the answer or an exception."""
+
+    query_id: str
+    key: RunKey
+    query: service_pb2.WorkflowQuery
+    result: asyncio.Future[common_pb2.Payloads]
+
+
+Dispatchable = TaskRow | QueryTask
+
+
+@dataclass(slots=True, eq=False)
 class _TaskQueue:
     backlog: deque[TaskRow] = field(default_factory=deque)
-    pollers: deque[asyncio.Future[TaskRow]] = field(default_factory=deque)
+    queries: deque[QueryTask] = field(default_factory=deque)
+    pollers: deque[asyncio.Future[Dispatchable]] = field(default_factory=deque)
     queued_keys: set[str] = field(default_factory=set)
 
 
@@ -53,20 +69,34 @@ class Matching:
         queue.queued_keys.add(task.task_key)
         queue.backlog.append(task)
 
+    def add_query(self, namespace: str, task_queue: str, query: QueryTask) -> None:
+        """Queries go ahead of workflow tasks: a caller is waiting on each."""
+        queue = self._queue((namespace, task_queue, TaskKind.WORKFLOW))
+        while queue.pollers:
+            poller = queue.pollers.popleft()
+            if not poller.done():
+                poller.set_result(query)
+                return
+        queue.queries.append(query)
+
     def add_many(self, tasks: list[TaskRow]) -> None:
         for task in tasks:
             self.add(task)
 
     async def poll(
         self, namespace: str, task_queue: str, kind: TaskKind, timeout: float
-    ) -> TaskRow | None:
+    ) -> Dispatchable | None:
         """Next task of the queue, or None once ``timeout`` seconds pass without one."""
         queue = self._queue((namespace, task_queue, kind))
+        while queue.queries:
+            query = queue.queries.popleft()
+            if not query.result.done():  # its caller may have given up
+                return query
         if queue.backlog:
             task = queue.backlog.popleft()
             queue.queued_keys.discard(task.task_key)
             return task
-        poller: asyncio.Future[TaskRow] = asyncio.get_running_loop().create_future()
+        poller: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
         queue.pollers.append(poller)
         try:
             async with asyncio.timeout(timeout):
@@ -90,13 +120,15 @@ class Matching:
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
         self._requeue_front(queue, task)
 
-    def _requeue_front(self, queue: _TaskQueue, task: TaskRow) -> None:
+    def _requeue_front(self, queue: _TaskQueue, task: Dispatchable) -> None:
         while queue.pollers:
             poller = queue.pollers.popleft()
             if not poller.done():
                 poller.set_result(task)
                 return
-        if task.task_key not in queue.queued_keys:
+        if isinstance(task, QueryTask):
+            queue.queries.appendleft(task)
+        elif task.task_key not in queue.queued_keys:
             queue.queued_keys.add(task.task_key)
             queue.backlog.appendleft(task)
 

@@ -34,12 +34,14 @@ from . import activity as activity_mod
 from . import exceptions as exc
 from .common import RetryPolicy
 from .converter import DataConverter
-from .workflow import Info, WorkflowDefinition
+from .workflow import ActivityCancellationType, Info, WorkflowDefinition
 
 log = logging.getLogger("tideflow.worker")
 ET = EventType
 
 _current: WorkflowInstance | None = None
+# Marker recorded by workflow.patched / deprecate_patch.
+PATCH_MARKER = "tideflow_patch"
 
 
 def current_instance() -> WorkflowInstance:
@@ -65,18 +67,31 @@ class _PendingCommand:
 class _ActivityHandle(asyncio.Future[Any]):
     """Future of one activity; cancelling it asks the server to cancel the activity."""
 
-    def __init__(self, instance: WorkflowInstance, seq_id: str) -> None:
+    def __init__(
+        self, instance: WorkflowInstance, seq_id: str, cancellation_type: ActivityCancellationType
+    ) -> None:
         super().__init__(loop=instance)
         self._instance = instance
         self.activity_id = seq_id
         self.scheduled_event_id = 0
         self.result_type: Any = None
+        self.cancellation_type = cancellation_type
+        self.cancel_requested = False
         self._pending: _PendingCommand | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if self.done():
             return False
-        self._instance._cancel_activity(self)
+        if not self.cancel_requested:
+            self.cancel_requested = True
+            self._instance._cancel_activity(self)
+        if (
+            self.cancellation_type == ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+            and self.scheduled_event_id
+        ):
+            # Stay pending until history says how the activity ended; the awaiting
+            # task keeps its cancellation request and is cancelled then.
+            return True
         return super().cancel(msg)
 
 
@@ -143,6 +158,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._main: asyncio.Task[Any] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._completed = False
+        self._object: Any = None  # the workflow class instance
+        self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._cancel_requested = False
+        self._handler_tasks: list[asyncio.Task[Any]] = []
+        self._handler_error: BaseException | None = None
+        # Patch ids with a marker in history (seen so far, or in the task replayed next).
+        self._patches_in_history: set[str] = set()
+        self._patch_results: dict[str, bool] = {}
         self.next_event_id = 1  # next history event this instance expects
         self.last_started_event_id = 0  # started id of the last activation it ran
         self._replaying = False
@@ -274,6 +297,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         heartbeat_timeout: timedelta | None,
         retry_policy: RetryPolicy | None,
         result_type: Any,
+        cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
     ) -> _ActivityHandle:
         if isinstance(activity, str):
             name = activity
@@ -285,7 +309,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         if start_to_close_timeout is None and schedule_to_close_timeout is None:
             raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
         seq = self._next_seq()
-        handle = _ActivityHandle(self, activity_id or seq)
+        handle = _ActivityHandle(self, activity_id or seq, cancellation_type)
         handle.result_type = result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
         a = command.schedule_activity_task_command_attributes
@@ -313,6 +337,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         return handle
 
     def _cancel_activity(self, handle: _ActivityHandle) -> None:
+        if handle.cancellation_type == ActivityCancellationType.ABANDON:
+            return
         pending = handle._pending
         if (
             handle.scheduled_event_id == 0
@@ -330,6 +356,57 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 handle.scheduled_event_id
             )
             self._emit(command)
+
+    def wait_condition(self, fn: Callable[[], bool], timeout: float | None) -> Any:
+        fut: asyncio.Future[None] = self.create_future()
+        self._conditions.append((fn, fut))
+        if timeout is None:
+            return fut
+        return asyncio.wait_for(fut, timeout)
+
+    def _check_conditions(self) -> bool:
+        """Resolve the waits whose condition holds now; True if any was resolved."""
+        resolved = False
+        for fn, fut in list(self._conditions):
+            if fut.done():
+                self._conditions.remove((fn, fut))
+            elif fn():
+                fut.set_result(None)
+                self._conditions.remove((fn, fut))
+                resolved = True
+        return resolved
+
+    def patched(self, patch_id: str, *, deprecated: bool) -> bool:
+        result = self._patch_results.get(patch_id)
+        if result is None:
+            # Replaying a task recorded before the patch existed: the old path, unless
+            # history has the patch's marker. Live code always takes the new path.
+            result = (not self._replaying) or patch_id in self._patches_in_history
+            self._patch_results[patch_id] = result
+            if result:
+                command = Command(command_type=CommandType.COMMAND_TYPE_RECORD_MARKER)
+                marker = command.record_marker_command_attributes
+                marker.marker_name = PATCH_MARKER
+                marker.details["patch_id"].CopyFrom(self._converter.to_payloads([patch_id]))
+                marker.details["deprecated"].CopyFrom(self._converter.to_payloads([deprecated]))
+                self._emit(command)
+        return result
+
+    def query(self, name: str, args: common_pb2.Payloads | None) -> Any:
+        """Answer a query from the current (replayed) state."""
+        handler = self._definition.queries.get(name)
+        if handler is None:
+            known = sorted(self._definition.queries)
+            raise KeyError(f"workflow has no query {name!r} (known queries: {known})")
+        if self._object is None:
+            self._object = self._definition.cls()
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            values = self._converter.from_payloads(args, handler.arg_types)
+            return handler.fn(self._object, *values)
+        finally:
+            asyncio.events._set_running_loop(previous)
 
     def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
         if not handle.timer_id or handle.timer_id not in self._timers:
@@ -373,6 +450,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                     return self._take_commands()
                 if following.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                     self._replaying = True
+                    self._note_patches(events, index + 2)
                     self._activate(event)
                     self._unmatched.extend(self._take_pending())
                 # A task that failed or timed out produced nothing: its events are
@@ -392,6 +470,23 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         if replay_only and self._completed:
             self._check_all_matched(None)
         return None
+
+    def _note_patches(self, events: Sequence[HistoryEvent], start: int) -> None:
+        """Patch markers the task being replayed recorded (so ``patched`` agrees)."""
+        for event in events[start:]:
+            if event.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+                return
+            if event.event_type == ET.EVENT_TYPE_MARKER_RECORDED:
+                patch_id = self._patch_id(event)
+                if patch_id is not None:
+                    self._patches_in_history.add(patch_id)
+
+    def _patch_id(self, event: HistoryEvent) -> str | None:
+        attrs = event.marker_recorded_event_attributes
+        if attrs.marker_name != PATCH_MARKER or "patch_id" not in attrs.details:
+            return None
+        values = self._converter.from_payloads(attrs.details["patch_id"])
+        return str(values[0]) if values else None
 
     def _check_all_matched(self, at: HistoryEvent | None) -> None:
         leftover = [p for p in self._unmatched if not p.dropped]
@@ -418,6 +513,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._start_args = self._converter.from_payloads(
             a.input if a.HasField("input") else None, self._definition.arg_types
         )
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            self._object = self._definition.cls()
+        finally:
+            asyncio.events._set_running_loop(previous)
 
     def _take_pending(self) -> list[_PendingCommand]:
         pending = [p for p in self._commands if not p.dropped]
@@ -433,6 +534,15 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def _match(self, event: HistoryEvent) -> None:
         while self._unmatched and self._unmatched[0].dropped:
             self._unmatched.popleft()
+        if event.event_type == ET.EVENT_TYPE_MARKER_RECORDED:
+            patch_id = self._patch_id(event)
+            if patch_id is not None:
+                self._patches_in_history.add(patch_id)
+                head = self._unmatched[0].command if self._unmatched else None
+                if head is None or _mismatch(head, event) is not None:
+                    # Code that no longer asks about this patch (deprecated and then
+                    # removed) replays fine: the marker is not a command it owes.
+                    return
         if not self._unmatched:
             raise exc.NonDeterminismError(
                 f"history has {event_type_name(event.event_type)} (event {event.event_id}) "
@@ -457,16 +567,51 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         # Any command still unmatched here was never recorded: the code changed.
         self._check_all_matched(started)
         self._unmatched.clear()
-        for event in self._resolutions:
-            self._resolve(event)
-        self._resolutions = []
-        if self._main is None:
-            instance = self._definition.cls()
-            coro = self._definition.run_fn(instance, *(self._start_args or []))
-            self._main = self.create_task(coro, name=f"workflow {self._workflow_id}")
-        self._run_until_blocked()
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            # History order: signals, results and cancellation land before the code
+            # runs; on the first task, signal handlers run before the body starts.
+            for event in self._resolutions:
+                self._resolve(event)
+            self._resolutions = []
+            if self._main is None:
+                coro = self._definition.run_fn(self._object, *(self._start_args or []))
+                self._main = self.create_task(coro, name=f"workflow {self._workflow_id}")
+                if self._cancel_requested:
+                    self._main.cancel()
+            self._run_until_blocked()
+            while self._check_conditions():
+                self._run_until_blocked()
+        finally:
+            asyncio.events._set_running_loop(previous)
+        self._raise_handler_errors()
         if self._main.done() and not self._completed:
             self._complete(self._main)
+
+    def _raise_handler_errors(self) -> None:
+        """A signal handler that raised: a FailureError fails the workflow like the
+        body would; anything else fails the workflow task (retried after a fix)."""
+        for task in self._handler_tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self._handler_error = self._handler_error or task.exception()
+        self._handler_tasks = [t for t in self._handler_tasks if not t.done()]
+        error = self._handler_error
+        if error is None or self._completed:
+            return
+        if isinstance(error, exc.FailureError):
+            self._handler_error = None
+            self._fail_with(error)
+            return
+        raise error
+
+    def _fail_with(self, error: exc.FailureError) -> None:
+        command = Command(command_type=CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION)
+        command.fail_workflow_execution_command_attributes.failure.CopyFrom(
+            self._converter.to_failure(error)
+        )
+        self._completed = True
+        self._emit(command)
 
     def _run_until_blocked(self) -> None:
         previous = asyncio.events._get_running_loop()
@@ -481,7 +626,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     def _complete(self, main: asyncio.Task[Any]) -> None:
         if main.cancelled():
-            raise RuntimeError("workflow main coroutine was cancelled")
+            if not self._cancel_requested:
+                raise RuntimeError("workflow body was cancelled without a cancellation request")
+            # The workflow let the cancellation through: it closes as CANCELED.
+            self._completed = True
+            command = Command(command_type=CommandType.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION)
+            command.cancel_workflow_execution_command_attributes.SetInParent()
+            self._emit(command)
+            return
         error = main.exception()
         if error is None:
             command = Command(command_type=CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION)
@@ -516,6 +668,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             ET.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
         ):
             self._fail_activity(event)
+        elif et == ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            self._deliver_signal(event)
+        elif et == ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+            self._cancel_requested = True
+            if self._main is not None and not self._main.done():
+                self._main.cancel()
         elif et == ET.EVENT_TYPE_TIMER_FIRED:
             a2 = event.timer_fired_event_attributes
             timer = self._timers_by_event.pop(a2.started_event_id, None)
@@ -525,6 +683,28 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                     self._ready.append(timer)
         else:
             log.debug("workflow %s: ignoring %s", self._workflow_id, event_type_name(et))
+
+    def _deliver_signal(self, event: HistoryEvent) -> None:
+        attrs = event.workflow_execution_signaled_event_attributes
+        handler = self._definition.signals.get(attrs.signal_name)
+        if handler is None:
+            log.warning(
+                "workflow %s (%s) has no handler for signal %r; dropped",
+                self._workflow_id,
+                self._definition.name,
+                attrs.signal_name,
+            )
+            return
+        args = self._converter.from_payloads(
+            attrs.input if attrs.HasField("input") else None, handler.arg_types
+        )
+        if handler.is_async:
+            self._handler_tasks.append(self.create_task(handler.fn(self._object, *args)))
+            return
+        try:
+            handler.fn(self._object, *args)
+        except Exception as error:
+            self._handler_error = self._handler_error or error
 
     def _fail_activity(self, event: HistoryEvent) -> None:
         et = event.event_type
@@ -553,6 +733,10 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             scheduled_id = event.activity_task_canceled_event_attributes.scheduled_event_id
         handle = self._activities_by_event.pop(scheduled_id, None)
         if handle is None or handle.done():
+            return
+        if et == ET.EVENT_TYPE_ACTIVITY_TASK_CANCELED and handle.cancel_requested:
+            # Cancellation we asked for: the awaiting code sees asyncio.CancelledError.
+            asyncio.Future.cancel(handle)
             return
         error = exc.ActivityError(
             message,
@@ -598,6 +782,7 @@ _EVENT_OF_COMMAND = {
     CT.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
     CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
     CT.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
+    CT.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
 }
 
 

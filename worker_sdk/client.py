@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import socket
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
 from .converter import DataConverter, default_converter
-from .workflow import definition_of
+from .workflow import definition_of, handler_name
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -52,6 +53,8 @@ def translate_rpc_error(error: grpc.aio.AioRpcError) -> exc.RPCError:
         return exc.InvalidArgumentError(message, status=code.name)
     if code == grpc.StatusCode.ALREADY_EXISTS:
         return exc.WorkflowAlreadyStartedError(message, status=code.name)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("query failed"):
+        return exc.WorkflowQueryFailedError(message, status=code.name)
     return exc.RPCError(message, status=code.name)
 
 
@@ -206,11 +209,15 @@ class Client:
         task_timeout: timedelta | None = None,
         request_id: str | None = None,
         result_type: Any = None,
+        start_signal: Any = None,
+        start_signal_args: Sequence[Any] = (),
     ) -> WorkflowHandle:
         """Start a workflow run; ``workflow`` is the class, its run method, or a type name.
 
         Raises ``WorkflowAlreadyStartedError`` if the id is running. Retrying with the
-        same ``request_id`` returns the run the first call started.
+        same ``request_id`` returns the run the first call started. With
+        ``start_signal`` (a signal method or name) this is signal-with-start: a running
+        run with this id gets the signal; otherwise a new run starts with it.
         """
         if isinstance(workflow, str):
             type_name = workflow
@@ -235,6 +242,9 @@ class Client:
             request.workflow_run_timeout.FromTimedelta(run_timeout)
         if task_timeout is not None:
             request.workflow_task_timeout.FromTimedelta(task_timeout)
+        if start_signal is not None:
+            request.signal_name = handler_name(start_signal, "__tideflow_signal__")
+            request.signal_input.CopyFrom(self.data_converter.to_payloads(list(start_signal_args)))
         response = await self.call(self.service.StartWorkflow, request)
         return WorkflowHandle(self, id, run_id=response.run_id, result_type=result_type)
 
@@ -345,6 +355,59 @@ class WorkflowHandle:
             history_length=info.history_length,
             raw=response,
         )
+
+    async def signal(
+        self,
+        signal: Any,
+        arg: Any = None,
+        *,
+        args: Sequence[Any] = (),
+        request_id: str | None = None,
+    ) -> None:
+        """Send a signal (a ``@workflow.signal`` method or its name). Retried calls with
+        the same ``request_id`` (one is made up per call) are delivered once."""
+        client = self._client
+        all_args = list(args) if args else ([] if arg is None else [arg])
+        request = service_pb2.SignalWorkflowRequest(
+            namespace=client.namespace,
+            signal_name=handler_name(signal, "__tideflow_signal__"),
+            identity=client.identity,
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        request.workflow_execution.CopyFrom(self._execution())
+        request.input.CopyFrom(client.data_converter.to_payloads(all_args))
+        await client.call(client.service.SignalWorkflow, request)
+
+    async def query(
+        self, query: Any, arg: Any = None, *, args: Sequence[Any] = (), result_type: Any = None
+    ) -> Any:
+        """Ask a ``@workflow.query`` method (or a query name) of the run; works on closed
+        runs too. Raises ``WorkflowQueryFailedError`` if the handler raised."""
+        client = self._client
+        all_args = list(args) if args else ([] if arg is None else [arg])
+        name = handler_name(query, "__tideflow_query__")
+        if result_type is None and not isinstance(query, str):
+            result_type = typing.get_type_hints(query).get("return")
+        request = service_pb2.QueryWorkflowRequest(namespace=client.namespace)
+        request.execution.CopyFrom(self._execution())
+        request.query.query_type = name
+        request.query.query_args.CopyFrom(client.data_converter.to_payloads(all_args))
+        response = await client.call(client.service.QueryWorkflow, request, timeout=70)
+        values = client.data_converter.from_payloads(response.query_result, [result_type])
+        return values[0] if values else None
+
+    async def cancel(self, reason: str | None = None) -> None:
+        """Request cancellation: the workflow sees ``asyncio.CancelledError`` where it
+        waits, may clean up, and then decides how it closes (CANCELED by default)."""
+        client = self._client
+        request = service_pb2.RequestCancelWorkflowRequest(
+            namespace=client.namespace,
+            identity=client.identity,
+            request_id=str(uuid.uuid4()),
+            reason=reason or "",
+        )
+        request.workflow_execution.CopyFrom(self._execution())
+        await client.call(client.service.RequestCancelWorkflow, request)
 
     async def terminate(self, reason: str | None = None) -> None:
         client = self._client

@@ -38,6 +38,10 @@ class WorkflowAlreadyStartedError(RPCError):
     pass
 
 
+class WorkflowQueryFailedError(RPCError):
+    """The query handler raised, or the workflow has no such query."""
+
+
 class FailureError(TideflowError):
     """An error that is recorded in history as a ``Failure``."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -252,6 +253,9 @@ class Worker:
                 ),
             )
             return
+        if task.HasField("query"):
+            await self._answer_query(task, definition)
+            return
         instance = self._instance_for(task, definition)
         try:
             commands = instance.process(task.history.events)
@@ -297,6 +301,39 @@ class Worker:
             self._spawn_activity(activity_task)
         if instance._completed:
             self._evict(run_id)
+
+    async def _answer_query(
+        self, task: service_pb2.PollWorkflowTaskResponse, definition: WorkflowDefinition
+    ) -> None:
+        """Replay the run into a fresh instance (the cached one may be mid-task) and ask
+        its query handler; nothing is written to history."""
+        client = self._client
+        request = service_pb2.RespondQueryTaskCompletedRequest(
+            task_token=task.task_token, namespace=client.namespace
+        )
+        instance = WorkflowInstance(  # type: ignore[abstract]
+            definition,
+            namespace=client.namespace,
+            workflow_id=task.workflow_execution.workflow_id,
+            run_id=task.workflow_execution.run_id,
+            task_queue=self.task_queue,
+            converter=client.data_converter,
+        )
+        try:
+            instance.process(task.history.events, replay_only=True)
+            query = task.query
+            answer = instance.query(
+                query.query_type, query.query_args if query.HasField("query_args") else None
+            )
+            request.completed_type = service_pb2.QUERY_RESULT_TYPE_ANSWERED
+            request.query_result.CopyFrom(client.data_converter.to_payloads([answer]))
+        except Exception as error:
+            request.completed_type = service_pb2.QUERY_RESULT_TYPE_FAILED
+            request.error_message = f"{type(error).__name__}: {error}"
+            request.failure.CopyFrom(client.data_converter.to_failure(error))
+        finally:
+            instance.dispose()
+        await client.call(client.service.RespondQueryTaskCompleted, request)
 
     async def _reserve_eager_activities(self, commands: list[Any]) -> int:
         """Ask the server to start activities this worker can run right away; each
@@ -379,6 +416,19 @@ class Worker:
         finally:
             self._activity_slots.release()
 
+    async def _report_cancelled(
+        self, task: service_pb2.PollActivityTaskResponse, heartbeater: _Heartbeater
+    ) -> None:
+        client = self._client
+        request = service_pb2.RespondActivityTaskCanceledRequest(
+            task_token=task.task_token, identity=self.identity
+        )
+        if heartbeater.last_details is not None:
+            request.details.CopyFrom(
+                client.data_converter.to_payloads(list(heartbeater.last_details))
+            )
+        await client.call(client.service.RespondActivityTaskCanceled, request)
+
     async def _execute_activity(self, task: service_pb2.PollActivityTaskResponse) -> None:
         client = self._client
         converter = client.data_converter
@@ -397,13 +447,16 @@ class Worker:
             info = _activity_info(task, converter, self.task_queue)
             ctx = activity_mod._Context(info=info, heartbeat=heartbeater.record)
             heartbeater.context = ctx
+            if definition.is_async:
+                # The server's cancellation (seen through a heartbeat) cancels this task.
+                heartbeater.activity_task = asyncio.current_task()
             token = activity_mod._current.set(ctx)
             try:
                 if definition.is_async:
                     result = await definition.fn(*args)
                 else:
                     loop = asyncio.get_running_loop()
-                    context = __import__("contextvars").copy_context()
+                    context = contextvars.copy_context()
                     result = await loop.run_in_executor(
                         self._executor, lambda: context.run(definition.fn, *args)
                     )
@@ -411,9 +464,19 @@ class Worker:
                 activity_mod._current.reset(token)
         except asyncio.CancelledError:
             await heartbeater.stop()
-            raise
+            current = asyncio.current_task()
+            if not heartbeater.cancelled_by_server or current is None:
+                raise
+            current.uncancel()  # our own cancellation, requested by the server: report it
+            await self._report_cancelled(task, heartbeater)
+            return
         except Exception as error:
             await heartbeater.stop()
+            if heartbeater.cancelled_by_server and isinstance(
+                error, (exc.CancelledError, asyncio.CancelledError)
+            ):
+                await self._report_cancelled(task, heartbeater)
+                return
             request = service_pb2.RespondActivityTaskFailedRequest(
                 task_token=task.task_token, identity=self.identity
             )
@@ -502,6 +565,8 @@ class _Heartbeater:
         self._pending = False
         self._sender: asyncio.Task[None] | None = None
         self.context: activity_mod._Context | None = None
+        self.activity_task: asyncio.Task[Any] | None = None
+        self.cancelled_by_server = False
 
     def record(self, details: tuple[Any, ...]) -> None:
         try:
@@ -535,8 +600,12 @@ class _Heartbeater:
             except exc.RPCError as error:
                 log.debug("heartbeat of activity %s failed: %s", self._task.activity_id, error)
             else:
-                if response.cancel_requested and self.context is not None:
-                    self.context.cancelled.set()
+                if response.cancel_requested and not self.cancelled_by_server:
+                    self.cancelled_by_server = True
+                    if self.context is not None:
+                        self.context.cancelled.set()
+                    if self.activity_task is not None and not self.activity_task.done():
+                        self.activity_task.cancel()
             await asyncio.sleep(self._interval)
 
     async def stop(self) -> None:

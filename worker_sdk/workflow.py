@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import IntEnum
 from typing import Any, TypeVar, overload
 
 from .common import RetryPolicy
@@ -27,12 +28,44 @@ logger = logging.getLogger("tideflow.workflow")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HandlerDefinition:
+    """A signal or query method of a workflow class."""
+
+    name: str
+    fn: Callable[..., Any]
+    arg_types: list[Any]
+    return_type: Any
+    is_async: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WorkflowDefinition:
     name: str
     cls: type
     run_fn: Callable[..., Awaitable[Any]]
     arg_types: list[Any]
     return_type: Any
+    signals: dict[str, HandlerDefinition]
+    queries: dict[str, HandlerDefinition]
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _handler(fn: Callable[..., Any], name: str) -> HandlerDefinition:
+    hints = _hints(fn)
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return HandlerDefinition(
+        name=name,
+        fn=fn,
+        arg_types=[hints.get(p.name) for p in params],
+        return_type=hints.get("return"),
+        is_async=inspect.iscoroutinefunction(fn),
+    )
 
 
 @overload
@@ -59,17 +92,34 @@ def defn(cls: C | None = None, *, name: str | None = None) -> C | Callable[[C], 
         run_fn = runs[0]
         if not inspect.iscoroutinefunction(run_fn):
             raise TypeError(f"{c.__name__}.{run_fn.__name__} must be async")
-        try:
-            hints = typing.get_type_hints(run_fn)
-        except Exception:
-            hints = {}
+        hints = _hints(run_fn)
         params = list(inspect.signature(run_fn).parameters.values())[1:]
+        signals: dict[str, HandlerDefinition] = {}
+        queries: dict[str, HandlerDefinition] = {}
+        for _, member in inspect.getmembers(c, inspect.isfunction):
+            signal_name = getattr(member, "__tideflow_signal__", None)
+            query_name = getattr(member, "__tideflow_query__", None)
+            if signal_name is not None:
+                if signal_name in signals:
+                    raise TypeError(f"workflow {c.__name__} has two signals named {signal_name!r}")
+                signals[signal_name] = _handler(member, signal_name)
+            if query_name is not None:
+                if query_name in queries:
+                    raise TypeError(f"workflow {c.__name__} has two queries named {query_name!r}")
+                if inspect.iscoroutinefunction(member):
+                    raise TypeError(
+                        f"query {c.__name__}.{member.__name__} must not be async: queries "
+                        "only read state"
+                    )
+                queries[query_name] = _handler(member, query_name)
         definition = WorkflowDefinition(
             name=name or c.__name__,
             cls=c,
             run_fn=run_fn,
             arg_types=[hints.get(p.name) for p in params],
             return_type=hints.get("return"),
+            signals=signals,
+            queries=queries,
         )
         c.__tideflow_workflow_definition__ = definition  # type: ignore[attr-defined]
         run_fn.__tideflow_workflow_definition__ = definition  # type: ignore[attr-defined]
@@ -82,6 +132,56 @@ def run(fn: F) -> F:
     """Mark the async method that is the workflow's body."""
     fn.__tideflow_workflow_run__ = True  # type: ignore[attr-defined]
     return fn
+
+
+@overload
+def signal(fn: F) -> F: ...
+
+
+@overload
+def signal(*, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def signal(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Mark a method (async or sync) as a signal handler; the signal name defaults to
+    the method name. Signals are delivered in the order history recorded them."""
+
+    def decorate(f: F) -> F:
+        f.__tideflow_signal__ = name or f.__name__  # type: ignore[attr-defined]
+        return f
+
+    return decorate(fn) if fn is not None else decorate
+
+
+@overload
+def query(fn: F) -> F: ...
+
+
+@overload
+def query(*, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def query(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Mark a (sync) method as a query handler. Queries are answered from a replay of
+    the run and write nothing; they must not change state or call workflow APIs that
+    emit commands."""
+
+    def decorate(f: F) -> F:
+        f.__tideflow_query__ = name or f.__name__  # type: ignore[attr-defined]
+        return f
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def handler_name(method: Any, attribute: str) -> str:
+    """The signal/query name of a decorated method (or a plain string name)."""
+    if isinstance(method, str):
+        return method
+    name = getattr(method, attribute, None)
+    if not isinstance(name, str):
+        kind = "signal" if attribute == "__tideflow_signal__" else "query"
+        raise TypeError(f"{method!r} is not a workflow {kind}: decorate it with @workflow.{kind}")
+    return name
 
 
 def definition_of(workflow: Any) -> WorkflowDefinition:
@@ -101,6 +201,14 @@ class Info:
     task_queue: str
     attempt: int
     start_time: datetime
+
+
+class ActivityCancellationType(IntEnum):
+    """What cancelling an activity (or the workflow awaiting it) waits for."""
+
+    TRY_CANCEL = 0  # ask the server to cancel it; the workflow moves on at once
+    WAIT_CANCELLATION_COMPLETED = 1  # move on once the activity confirmed cancellation
+    ABANDON = 2  # do not even ask: the activity runs on, its outcome is ignored
 
 
 class ActivityHandle(typing.Protocol):
@@ -161,6 +269,7 @@ def start_activity(
     heartbeat_timeout: timedelta | None = None,
     retry_policy: RetryPolicy | None = None,
     result_type: Any = None,
+    cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
 ) -> ActivityHandle:
     """Schedule an activity and return a handle to await its result.
 
@@ -179,6 +288,7 @@ def start_activity(
         heartbeat_timeout=heartbeat_timeout,
         retry_policy=retry_policy,
         result_type=result_type,
+        cancellation_type=cancellation_type,
     )
     return handle
 
@@ -196,6 +306,7 @@ async def execute_activity(
     heartbeat_timeout: timedelta | None = None,
     retry_policy: RetryPolicy | None = None,
     result_type: Any = None,
+    cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
 ) -> Any:
     """Run an activity and return its result; raises ``ActivityError`` if it failed
     for good (the cause says why)."""
@@ -211,7 +322,34 @@ async def execute_activity(
         heartbeat_timeout=heartbeat_timeout,
         retry_policy=retry_policy,
         result_type=result_type,
+        cancellation_type=cancellation_type,
     )
+
+
+async def wait_condition(
+    fn: Callable[[], bool], *, timeout: timedelta | float | None = None
+) -> None:
+    """Wait until ``fn()`` is true; it is checked whenever the workflow's state may have
+    changed (after each signal, activity result, timer...). With ``timeout``, raises
+    ``asyncio.TimeoutError`` once that much workflow time passed (a durable timer)."""
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    await _runtime().wait_condition(fn, seconds)
+
+
+def patched(patch_id: str) -> bool:
+    """Whether the run takes the new code path of a change named ``patch_id``.
+
+    New runs (and runs whose history reached this point with the patch) return True
+    and record a marker; runs replaying history written before the change return
+    False, so old histories keep replaying deterministically."""
+    result: bool = _runtime().patched(patch_id, deprecated=False)
+    return result
+
+
+def deprecate_patch(patch_id: str) -> None:
+    """The old code path of ``patch_id`` is gone: runs from before the patch are all
+    closed. Keeps recording the marker so histories with it still replay."""
+    _runtime().patched(patch_id, deprecated=True)
 
 
 def in_workflow() -> bool:

@@ -20,9 +20,18 @@ class HistoryEventFilterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HISTORY_EVENT_FILTER_TYPE_UNSPECIFIED: _ClassVar[HistoryEventFilterType]
     HISTORY_EVENT_FILTER_TYPE_ALL_EVENT: _ClassVar[HistoryEventFilterType]
     HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT: _ClassVar[HistoryEventFilterType]
+
+class QueryResultType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUERY_RESULT_TYPE_UNSPECIFIED: _ClassVar[QueryResultType]
+    QUERY_RESULT_TYPE_ANSWERED: _ClassVar[QueryResultType]
+    QUERY_RESULT_TYPE_FAILED: _ClassVar[QueryResultType]
 HISTORY_EVENT_FILTER_TYPE_UNSPECIFIED: HistoryEventFilterType
 HISTORY_EVENT_FILTER_TYPE_ALL_EVENT: HistoryEventFilterType
 HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT: HistoryEventFilterType
+QUERY_RESULT_TYPE_UNSPECIFIED: QueryResultType
+QUERY_RESULT_TYPE_ANSWERED: QueryResultType
+QUERY_RESULT_TYPE_FAILED: QueryResultType
 
 class GetSystemInfoRequest(_message.Message):
     __slots__ = ()
@@ -55,7 +64,7 @@ class RegisterNamespaceResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StartWorkflowRequest(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "workflow_type", "task_queue", "input", "workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout", "identity", "request_id", "retry_policy", "cron_schedule", "memo", "search_attributes", "header")
+    __slots__ = ("namespace", "workflow_id", "workflow_type", "task_queue", "input", "workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout", "identity", "request_id", "retry_policy", "cron_schedule", "memo", "search_attributes", "header", "signal_name", "signal_input")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +80,8 @@ class StartWorkflowRequest(_message.Message):
     MEMO_FIELD_NUMBER: _ClassVar[int]
     SEARCH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_INPUT_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     workflow_type: _common_pb2.WorkflowType
@@ -86,7 +97,9 @@ class StartWorkflowRequest(_message.Message):
     memo: _common_pb2.Memo
     search_attributes: _common_pb2.SearchAttributes
     header: _common_pb2.Header
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., cron_schedule: _Optional[str] = ..., memo: _Optional[_Union[_common_pb2.Memo, _Mapping]] = ..., search_attributes: _Optional[_Union[_common_pb2.SearchAttributes, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ...) -> None: ...
+    signal_name: str
+    signal_input: _common_pb2.Payloads
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., cron_schedule: _Optional[str] = ..., memo: _Optional[_Union[_common_pb2.Memo, _Mapping]] = ..., search_attributes: _Optional[_Union[_common_pb2.SearchAttributes, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., signal_name: _Optional[str] = ..., signal_input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ...) -> None: ...
 
 class StartWorkflowResponse(_message.Message):
     __slots__ = ("run_id", "started")
@@ -202,6 +215,106 @@ class TerminateWorkflowResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SignalWorkflowRequest(_message.Message):
+    __slots__ = ("namespace", "workflow_execution", "signal_name", "input", "identity", "request_id", "header")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    workflow_execution: _common_pb2.WorkflowExecution
+    signal_name: str
+    input: _common_pb2.Payloads
+    identity: str
+    request_id: str
+    header: _common_pb2.Header
+    def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., signal_name: _Optional[str] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ...) -> None: ...
+
+class SignalWorkflowResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RequestCancelWorkflowRequest(_message.Message):
+    __slots__ = ("namespace", "workflow_execution", "identity", "request_id", "reason")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    workflow_execution: _common_pb2.WorkflowExecution
+    identity: str
+    request_id: str
+    reason: str
+    def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RequestCancelWorkflowResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkflowQuery(_message.Message):
+    __slots__ = ("query_type", "query_args", "header")
+    QUERY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ARGS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    query_type: str
+    query_args: _common_pb2.Payloads
+    header: _common_pb2.Header
+    def __init__(self, query_type: _Optional[str] = ..., query_args: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ...) -> None: ...
+
+class QueryWorkflowRequest(_message.Message):
+    __slots__ = ("namespace", "execution", "query")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    execution: _common_pb2.WorkflowExecution
+    query: WorkflowQuery
+    def __init__(self, namespace: _Optional[str] = ..., execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., query: _Optional[_Union[WorkflowQuery, _Mapping]] = ...) -> None: ...
+
+class QueryWorkflowResponse(_message.Message):
+    __slots__ = ("query_result",)
+    QUERY_RESULT_FIELD_NUMBER: _ClassVar[int]
+    query_result: _common_pb2.Payloads
+    def __init__(self, query_result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ...) -> None: ...
+
+class RespondQueryTaskCompletedRequest(_message.Message):
+    __slots__ = ("task_token", "completed_type", "query_result", "error_message", "namespace", "failure")
+    TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_TYPE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    task_token: bytes
+    completed_type: QueryResultType
+    query_result: _common_pb2.Payloads
+    error_message: str
+    namespace: str
+    failure: _common_pb2.Failure
+    def __init__(self, task_token: _Optional[bytes] = ..., completed_type: _Optional[_Union[QueryResultType, str]] = ..., query_result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., error_message: _Optional[str] = ..., namespace: _Optional[str] = ..., failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ...) -> None: ...
+
+class RespondQueryTaskCompletedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RespondActivityTaskCanceledRequest(_message.Message):
+    __slots__ = ("task_token", "details", "identity")
+    TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    task_token: bytes
+    details: _common_pb2.Payloads
+    identity: str
+    def __init__(self, task_token: _Optional[bytes] = ..., details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+
+class RespondActivityTaskCanceledResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class PollWorkflowTaskRequest(_message.Message):
     __slots__ = ("namespace", "task_queue", "identity")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -213,7 +326,7 @@ class PollWorkflowTaskRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class PollWorkflowTaskResponse(_message.Message):
-    __slots__ = ("task_token", "workflow_execution", "workflow_type", "previous_started_event_id", "started_event_id", "attempt", "history", "next_page_token", "scheduled_time", "started_time")
+    __slots__ = ("task_token", "workflow_execution", "workflow_type", "previous_started_event_id", "started_event_id", "attempt", "history", "next_page_token", "scheduled_time", "started_time", "query")
     TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_EXECUTION_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +337,7 @@ class PollWorkflowTaskResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_TIME_FIELD_NUMBER: _ClassVar[int]
     STARTED_TIME_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
     task_token: bytes
     workflow_execution: _common_pb2.WorkflowExecution
     workflow_type: _common_pb2.WorkflowType
@@ -234,7 +348,8 @@ class PollWorkflowTaskResponse(_message.Message):
     next_page_token: bytes
     scheduled_time: _timestamp_pb2.Timestamp
     started_time: _timestamp_pb2.Timestamp
-    def __init__(self, task_token: _Optional[bytes] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., previous_started_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., history: _Optional[_Union[_history_pb2.History, _Mapping]] = ..., next_page_token: _Optional[bytes] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    query: WorkflowQuery
+    def __init__(self, task_token: _Optional[bytes] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., previous_started_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., history: _Optional[_Union[_history_pb2.History, _Mapping]] = ..., next_page_token: _Optional[bytes] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., query: _Optional[_Union[WorkflowQuery, _Mapping]] = ...) -> None: ...
 
 class RespondWorkflowTaskCompletedRequest(_message.Message):
     __slots__ = ("task_token", "commands", "identity", "binary_checksum")

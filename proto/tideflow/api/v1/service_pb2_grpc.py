@@ -65,6 +65,31 @@ class WorkflowServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.TerminateWorkflowRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.TerminateWorkflowResponse.FromString,
                 _registered_method=True)
+        self.SignalWorkflow = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/SignalWorkflow',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.SignalWorkflowRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.SignalWorkflowResponse.FromString,
+                _registered_method=True)
+        self.RequestCancelWorkflow = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/RequestCancelWorkflow',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RequestCancelWorkflowRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RequestCancelWorkflowResponse.FromString,
+                _registered_method=True)
+        self.QueryWorkflow = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/QueryWorkflow',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.QueryWorkflowRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.QueryWorkflowResponse.FromString,
+                _registered_method=True)
+        self.RespondQueryTaskCompleted = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/RespondQueryTaskCompleted',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondQueryTaskCompletedRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondQueryTaskCompletedResponse.FromString,
+                _registered_method=True)
+        self.RespondActivityTaskCanceled = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/RespondActivityTaskCanceled',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledResponse.FromString,
+                _registered_method=True)
         self.PollWorkflowTask = channel.unary_unary(
                 '/tideflow.api.v1.WorkflowService/PollWorkflowTask',
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.PollWorkflowTaskRequest.SerializeToString,
@@ -138,6 +163,37 @@ class WorkflowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TerminateWorkflow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalWorkflow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestCancelWorkflow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryWorkflow(self, request, context):
+        """Answered by a worker from the replayed run; writes no history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RespondQueryTaskCompleted(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RespondActivityTaskCanceled(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,6 +273,31 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.TerminateWorkflow,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.TerminateWorkflowRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.TerminateWorkflowResponse.SerializeToString,
+            ),
+            'SignalWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalWorkflow,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.SignalWorkflowRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.SignalWorkflowResponse.SerializeToString,
+            ),
+            'RequestCancelWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCancelWorkflow,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RequestCancelWorkflowRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RequestCancelWorkflowResponse.SerializeToString,
+            ),
+            'QueryWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryWorkflow,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.QueryWorkflowRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.QueryWorkflowResponse.SerializeToString,
+            ),
+            'RespondQueryTaskCompleted': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondQueryTaskCompleted,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondQueryTaskCompletedRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondQueryTaskCompletedResponse.SerializeToString,
+            ),
+            'RespondActivityTaskCanceled': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondActivityTaskCanceled,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledResponse.SerializeToString,
             ),
             'PollWorkflowTask': grpc.unary_unary_rpc_method_handler(
                     servicer.PollWorkflowTask,
@@ -416,6 +497,141 @@ class WorkflowService:
             '/tideflow.api.v1.WorkflowService/TerminateWorkflow',
             tideflow_dot_api_dot_v1_dot_service__pb2.TerminateWorkflowRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_service__pb2.TerminateWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/SignalWorkflow',
+            tideflow_dot_api_dot_v1_dot_service__pb2.SignalWorkflowRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.SignalWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCancelWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/RequestCancelWorkflow',
+            tideflow_dot_api_dot_v1_dot_service__pb2.RequestCancelWorkflowRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.RequestCancelWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/QueryWorkflow',
+            tideflow_dot_api_dot_v1_dot_service__pb2.QueryWorkflowRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.QueryWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondQueryTaskCompleted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/RespondQueryTaskCompleted',
+            tideflow_dot_api_dot_v1_dot_service__pb2.RespondQueryTaskCompletedRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.RespondQueryTaskCompletedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondActivityTaskCanceled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/RespondActivityTaskCanceled',
+            tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledResponse.FromString,
             options,
             channel_credentials,
             insecure,

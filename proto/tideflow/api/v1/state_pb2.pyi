@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskToken(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "scheduled_event_id", "started_event_id", "attempt", "is_activity")
+    __slots__ = ("namespace", "workflow_id", "run_id", "scheduled_event_id", "started_event_id", "attempt", "is_activity", "query_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TaskToken(_message.Message):
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     IS_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -29,7 +30,8 @@ class TaskToken(_message.Message):
     started_event_id: int
     attempt: int
     is_activity: bool
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., is_activity: _Optional[bool] = ...) -> None: ...
+    query_id: str
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., is_activity: _Optional[bool] = ..., query_id: _Optional[str] = ...) -> None: ...
 
 class WorkflowTaskInfo(_message.Message):
     __slots__ = ("scheduled_event_id", "started_event_id", "attempt", "scheduled_time", "started_time", "request_id", "identity", "transient", "task_queue", "timer_keys")
@@ -116,7 +118,7 @@ class TimerInfo(_message.Message):
     def __init__(self, timer_id: _Optional[str] = ..., started_event_id: _Optional[int] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timer_key: _Optional[str] = ...) -> None: ...
 
 class MutableState(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout")
+    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested")
     class PendingActivitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,8 @@ class MutableState(_message.Message):
     LAST_WORKFLOW_TASK_STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIMER_KEYS_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -179,4 +183,6 @@ class MutableState(_message.Message):
     last_workflow_task_started_event_id: int
     timer_keys: _containers.RepeatedScalarFieldContainer[str]
     workflow_execution_timeout: _duration_pb2.Duration
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    signal_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    cancel_requested: bool
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
