@@ -185,9 +185,12 @@ class HistoryEngine:
                 result = fn(m)
                 if not m.dirty:
                     return result
+                together = [
+                    x.to_transition(0, start_request_id=x.ms.start_request_id) for x in m.side_runs
+                ]
                 try:
-                    await self._store.apply(m.to_transition(run.db_version))
-                except ConditionFailedError:
+                    await self._store.apply(m.to_transition(run.db_version), *together)
+                except (ConditionFailedError, CurrentExecutionConflictError):
                     log.debug("run %s changed under us; reloading", key)
                     self._forget(key, run)
                     continue
@@ -205,6 +208,10 @@ class HistoryEngine:
                     if m.new_timers:
                         self._dispatcher.add_timers(m.new_timers)
                     raise
+                for side in m.side_runs:
+                    side_run = _Run(state=side.ms, db_version=1, events=list(side.events))
+                    self._cache[side.key] = side_run
+                    self._after_commit(side_run, side, "StartRun")
                 run.state = m.ms
                 run.db_version += 1
                 run.scheduled_activities.update(m.scheduled_activities)
@@ -293,51 +300,8 @@ class HistoryEngine:
                         run_id=current.run_id,
                     )
             run_id = str(uuid.uuid4())
-            now = self._clock.now_micros()
-            ms = self._initial_state(req, run_id, now)
-            m = Mutation(ms, now)
-            m.append(
-                ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
-                workflow_type=req.workflow_type,
-                task_queue=ms.task_queue,
-                input=req.input if req.HasField("input") else None,
-                workflow_execution_timeout=req.workflow_execution_timeout
-                if req.HasField("workflow_execution_timeout")
-                else None,
-                workflow_run_timeout=req.workflow_run_timeout
-                if req.HasField("workflow_run_timeout")
-                else None,
-                workflow_task_timeout=ms.workflow_task_timeout,
-                identity=req.identity,
-                attempt=1,
-                original_execution_run_id=run_id,
-                first_execution_run_id=run_id,
-                retry_policy=req.retry_policy if req.HasField("retry_policy") else None,
-                memo=req.memo if req.HasField("memo") else None,
-                search_attributes=req.search_attributes
-                if req.HasField("search_attributes")
-                else None,
-                header=req.header if req.HasField("header") else None,
-                random_seed=uuid.UUID(run_id).int & 0x7FFF_FFFF_FFFF_FFFF,
-                request_id=request_id,
-            )
-            run_timeout_us = _dur_us(req.workflow_run_timeout) or _dur_us(
-                req.workflow_execution_timeout
-            )
-            if run_timeout_us:
-                ms.timer_keys.append(
-                    m.add_timer(TimerKind.WORKFLOW_RUN_TIMEOUT, 0, 1, now + run_timeout_us)
-                )
-            if req.signal_name:
-                m.append(
-                    ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
-                    signal_name=req.signal_name,
-                    input=req.signal_input if req.HasField("signal_input") else None,
-                    identity=req.identity,
-                    request_id=request_id,
-                )
-                ms.signal_request_ids.append(request_id)
-            m.schedule_workflow_task()
+            m = self._new_run(req, run_id, request_id, self._clock.now_micros())
+            ms = m.ms
             if current is None:
                 m.current = CurrentWrite.INSERT
             else:
@@ -354,6 +318,79 @@ class HistoryEngine:
             self._after_commit(run, m, "StartRun")
             return run_id, True
         raise UnavailableError(f"workflow id {req.workflow_id!r} is contended; try again")
+
+    def _new_run(
+        self,
+        req: service_pb2.StartWorkflowRequest,
+        run_id: str,
+        request_id: str,
+        now: int,
+        *,
+        first_execution_run_id: str = "",
+        continued_execution_run_id: str = "",
+        parent: state_pb2.MutableState | None = None,
+        parent_initiated_event_id: int = 0,
+    ) -> Mutation:
+        """The first transition of a new run: WorkflowExecutionStarted (+ the start
+        signal) and its first workflow task."""
+        ms = self._initial_state(req, run_id, now)
+        ms.first_execution_run_id = first_execution_run_id or run_id
+        ms.start_request_id = request_id
+        m = Mutation(ms, now)
+        parent_execution = None
+        if parent is not None:
+            ms.parent_namespace = parent.namespace
+            ms.parent_workflow_id = parent.workflow_id
+            ms.parent_run_id = parent.run_id
+            ms.parent_initiated_event_id = parent_initiated_event_id
+            parent_execution = common_pb2.WorkflowExecution(
+                workflow_id=parent.workflow_id, run_id=parent.run_id
+            )
+        m.append(
+            ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+            workflow_type=req.workflow_type,
+            task_queue=ms.task_queue,
+            input=req.input if req.HasField("input") else None,
+            workflow_execution_timeout=req.workflow_execution_timeout
+            if req.HasField("workflow_execution_timeout")
+            else None,
+            workflow_run_timeout=req.workflow_run_timeout
+            if req.HasField("workflow_run_timeout")
+            else None,
+            workflow_task_timeout=ms.workflow_task_timeout,
+            identity=req.identity,
+            attempt=1,
+            original_execution_run_id=run_id,
+            first_execution_run_id=ms.first_execution_run_id,
+            continued_execution_run_id=continued_execution_run_id,
+            retry_policy=req.retry_policy if req.HasField("retry_policy") else None,
+            memo=req.memo if req.HasField("memo") else None,
+            search_attributes=req.search_attributes if req.HasField("search_attributes") else None,
+            header=req.header if req.HasField("header") else None,
+            parent_workflow_namespace=parent.namespace if parent is not None else "",
+            parent_workflow_execution=parent_execution,
+            parent_initiated_event_id=parent_initiated_event_id,
+            random_seed=uuid.UUID(run_id).int & 0x7FFF_FFFF_FFFF_FFFF,
+            request_id=request_id,
+        )
+        run_timeout_us = _dur_us(req.workflow_run_timeout) or _dur_us(
+            req.workflow_execution_timeout
+        )
+        if run_timeout_us:
+            ms.timer_keys.append(
+                m.add_timer(TimerKind.WORKFLOW_RUN_TIMEOUT, 0, 1, now + run_timeout_us)
+            )
+        if req.signal_name:
+            m.append(
+                ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+                signal_name=req.signal_name,
+                input=req.signal_input if req.HasField("signal_input") else None,
+                identity=req.identity,
+                request_id=request_id,
+            )
+            ms.signal_request_ids.append(request_id)
+        m.schedule_workflow_task()
+        return m
 
     def _initial_state(
         self, req: service_pb2.StartWorkflowRequest, run_id: str, now: int
@@ -668,6 +705,7 @@ class HistoryEngine:
                 CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION,
                 CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION,
                 CommandType.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION,
+                CommandType.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION,
             ):
                 if has_signal:
                     raise BadCommandError(
@@ -757,6 +795,10 @@ class HistoryEngine:
                 retry_state=RetryState.RETRY_STATE_RETRY_POLICY_NOT_SET,
                 workflow_task_completed_event_id=completed_id,
             )
+        elif ctype == CommandType.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION:
+            self._continue_as_new(
+                m, command.continue_as_new_workflow_execution_command_attributes, completed_id
+            )
         elif ctype == CommandType.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION:
             a5 = command.cancel_workflow_execution_command_attributes
             m.close(
@@ -776,6 +818,71 @@ class HistoryEngine:
             )
             for name, payloads in a4.details.items():
                 event.marker_recorded_event_attributes.details[name].CopyFrom(payloads)
+
+    def _continue_as_new(
+        self,
+        m: Mutation,
+        a: command_pb2.ContinueAsNewWorkflowExecutionCommandAttributes,
+        completed_id: int,
+    ) -> None:
+        """Close this run and start its successor (same workflow id, empty history) in
+        the same transaction, so there is never a moment with neither or both open."""
+        ms = m.ms
+        req = service_pb2.StartWorkflowRequest(
+            namespace=ms.namespace, workflow_id=ms.workflow_id, identity="continue-as-new"
+        )
+        req.workflow_type.name = a.workflow_type.name or ms.workflow_type.name
+        req.task_queue.name = a.task_queue.name or ms.task_queue.name
+        if a.HasField("input"):
+            req.input.CopyFrom(a.input)
+        if _dur_us(a.workflow_run_timeout):
+            req.workflow_run_timeout.CopyFrom(a.workflow_run_timeout)
+        elif ms.HasField("workflow_run_timeout"):
+            req.workflow_run_timeout.CopyFrom(ms.workflow_run_timeout)
+        req.workflow_task_timeout.CopyFrom(
+            a.workflow_task_timeout
+            if _dur_us(a.workflow_task_timeout)
+            else ms.workflow_task_timeout
+        )
+        for name in ("header", "memo", "search_attributes", "retry_policy"):
+            if a.HasField(name):
+                getattr(req, name).CopyFrom(getattr(a, name))
+        new_run_id = str(uuid.uuid4())
+        parent = None
+        if ms.parent_workflow_id:
+            # The chain stays the parent's child: the parent hears from the last run.
+            parent = state_pb2.MutableState(
+                namespace=ms.parent_namespace,
+                workflow_id=ms.parent_workflow_id,
+                run_id=ms.parent_run_id,
+            )
+        successor = self._new_run(
+            req,
+            new_run_id,
+            f"{ms.run_id}:continue-as-new",
+            m.now,
+            first_execution_run_id=ms.first_execution_run_id or ms.run_id,
+            continued_execution_run_id=ms.run_id,
+            parent=parent,
+            parent_initiated_event_id=ms.parent_initiated_event_id,
+        )
+        successor.current = CurrentWrite.REPLACE
+        successor.replaces_run_id = ms.run_id
+        m.close(
+            WS.WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW,
+            ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+            new_execution_run_id=new_run_id,
+            workflow_type=req.workflow_type,
+            task_queue=req.task_queue,
+            input=req.input if req.HasField("input") else None,
+            workflow_run_timeout=req.workflow_run_timeout
+            if req.HasField("workflow_run_timeout")
+            else None,
+            workflow_task_timeout=req.workflow_task_timeout,
+            workflow_task_completed_event_id=completed_id,
+        )
+        ms.new_execution_run_id = new_run_id
+        m.side_runs.append(successor)
 
     def _schedule_activity(
         self,

@@ -57,6 +57,8 @@ class Mutation:
         self.current = CurrentWrite.NONE
         self.replaces_run_id = ""
         self.dirty = False
+        # New runs created in the same commit (continue-as-new).
+        self.side_runs: list[Mutation] = []
         # ActivityTaskScheduled attributes written by this transition, by event id.
         self.scheduled_activities: dict[int, history_pb2.ActivityTaskScheduledEventAttributes] = {}
 

@@ -589,6 +589,18 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         if self._main.done() and not self._completed:
             self._complete(self._main)
 
+    def _continue_as_new_command(self, request: exc.ContinueAsNewError) -> Command:
+        command = Command(command_type=CommandType.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION)
+        a = command.continue_as_new_workflow_execution_command_attributes
+        a.workflow_type.name = request.workflow or self._definition.name
+        a.task_queue.name = request.task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(request.input_args))
+        if request.run_timeout is not None:
+            a.workflow_run_timeout.FromTimedelta(request.run_timeout)
+        if request.task_timeout is not None:
+            a.workflow_task_timeout.FromTimedelta(request.task_timeout)
+        return command
+
     def _raise_handler_errors(self) -> None:
         """A signal handler that raised: a FailureError fails the workflow like the
         body would; anything else fails the workflow task (retried after a fix)."""
@@ -635,6 +647,10 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             self._emit(command)
             return
         error = main.exception()
+        if isinstance(error, exc.ContinueAsNewError):
+            self._completed = True
+            self._emit(self._continue_as_new_command(error))
+            return
         if error is None:
             command = Command(command_type=CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION)
             command.complete_workflow_execution_command_attributes.result.CopyFrom(
@@ -783,6 +799,9 @@ _EVENT_OF_COMMAND = {
     CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
     CT.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
     CT.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+    CT.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION: (
+        ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    ),
 }
 
 

@@ -161,6 +161,29 @@ class WorkflowNotFoundError(TideflowError):
     pass
 
 
+class ContinueAsNewError(BaseException):
+    """Raised by ``workflow.continue_as_new``: ends this run and starts its successor.
+
+    A BaseException so that ``except Exception`` in workflow code cannot swallow it.
+    """
+
+    def __init__(
+        self,
+        args: list[Any],
+        *,
+        workflow: str | None,
+        task_queue: str | None,
+        run_timeout: Any,
+        task_timeout: Any,
+    ) -> None:
+        super().__init__("continue as new")
+        self.input_args = args
+        self.workflow = workflow
+        self.task_queue = task_queue
+        self.run_timeout = run_timeout
+        self.task_timeout = task_timeout
+
+
 class _EvictionSignal(BaseException):
     """Raised into a workflow's coroutines to tear it down; user code cannot catch it
     with ``except Exception``."""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 from .common import RetryPolicy
 
@@ -350,6 +350,32 @@ def deprecate_patch(patch_id: str) -> None:
     """The old code path of ``patch_id`` is gone: runs from before the patch are all
     closed. Keeps recording the marker so histories with it still replay."""
     _runtime().patched(patch_id, deprecated=True)
+
+
+def continue_as_new(
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    workflow: Any = None,
+    task_queue: str | None = None,
+    run_timeout: timedelta | None = None,
+    task_timeout: timedelta | None = None,
+) -> NoReturn:
+    """End this run and start a fresh one of the same workflow id with an empty history
+    (``workflow`` may name another workflow type). Never returns."""
+    from .exceptions import ContinueAsNewError
+
+    _runtime()  # only inside a workflow
+    name = None
+    if workflow is not None:
+        name = workflow if isinstance(workflow, str) else definition_of(workflow).name
+    raise ContinueAsNewError(
+        list(args) if args else ([] if arg is None else [arg]),
+        workflow=name,
+        task_queue=task_queue,
+        run_timeout=run_timeout,
+        task_timeout=task_timeout,
+    )
 
 
 def in_workflow() -> bool:

@@ -118,7 +118,7 @@ class TimerInfo(_message.Message):
     def __init__(self, timer_id: _Optional[str] = ..., started_event_id: _Optional[int] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timer_key: _Optional[str] = ...) -> None: ...
 
 class MutableState(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested")
+    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested", "parent_namespace", "parent_workflow_id", "parent_run_id", "parent_initiated_event_id", "pending_children", "pending_external", "first_execution_run_id")
     class PendingActivitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,20 @@ class MutableState(_message.Message):
         key: str
         value: TimerInfo
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TimerInfo, _Mapping]] = ...) -> None: ...
+    class PendingChildrenEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ChildInfo
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ChildInfo, _Mapping]] = ...) -> None: ...
+    class PendingExternalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ExternalRequest
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ExternalRequest, _Mapping]] = ...) -> None: ...
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +173,13 @@ class MutableState(_message.Message):
     WORKFLOW_EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    PARENT_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_INITIATED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PENDING_CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_EXTERNAL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_EXECUTION_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -185,4 +206,45 @@ class MutableState(_message.Message):
     workflow_execution_timeout: _duration_pb2.Duration
     signal_request_ids: _containers.RepeatedScalarFieldContainer[str]
     cancel_requested: bool
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+    parent_namespace: str
+    parent_workflow_id: str
+    parent_run_id: str
+    parent_initiated_event_id: int
+    pending_children: _containers.MessageMap[int, ChildInfo]
+    pending_external: _containers.MessageMap[int, ExternalRequest]
+    first_execution_run_id: str
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ..., parent_namespace: _Optional[str] = ..., parent_workflow_id: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., parent_initiated_event_id: _Optional[int] = ..., pending_children: _Optional[_Mapping[int, ChildInfo]] = ..., pending_external: _Optional[_Mapping[int, ExternalRequest]] = ..., first_execution_run_id: _Optional[str] = ...) -> None: ...
+
+class ChildInfo(_message.Message):
+    __slots__ = ("initiated_event_id", "namespace", "workflow_id", "run_id", "workflow_type", "parent_close_policy", "started_event_id", "parent_closed")
+    INITIATED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_CLOSE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    initiated_event_id: int
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: _common_pb2.WorkflowType
+    parent_close_policy: _history_pb2.ParentClosePolicy
+    started_event_id: int
+    parent_closed: bool
+    def __init__(self, initiated_event_id: _Optional[int] = ..., namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., parent_close_policy: _Optional[_Union[_history_pb2.ParentClosePolicy, str]] = ..., started_event_id: _Optional[int] = ..., parent_closed: _Optional[bool] = ...) -> None: ...
+
+class ExternalRequest(_message.Message):
+    __slots__ = ("initiated_event_id", "namespace", "workflow_id", "run_id", "cancel")
+    INITIATED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    initiated_event_id: int
+    namespace: str
+    workflow_id: str
+    run_id: str
+    cancel: bool
+    def __init__(self, initiated_event_id: _Optional[int] = ..., namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., cancel: _Optional[bool] = ...) -> None: ...
