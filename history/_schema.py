@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
+    Double,
     Index,
     Integer,
     LargeBinary,
@@ -113,4 +115,102 @@ shards = Table(
     Column("owner", String(255), nullable=False),
     Column("range_id", BigInteger, nullable=False),
     Column("lease_expires_at", BigInteger, nullable=False),
+)
+
+# ------------------------------------------------------------------ visibility
+# (history/_visibility_store.py) Custom search attributes, one row per run and name,
+# typed: keywords in str_value; ints, bools (0/1) and datetimes (epoch microseconds)
+# in int_value; doubles in float_value. Written in the transition that sets them.
+search_attributes = Table(
+    "search_attributes",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("name", String(255), primary_key=True),
+    Column("value_type", Integer, nullable=False),
+    Column("str_value", Text, nullable=True),
+    Column("int_value", BigInteger, nullable=True),
+    Column("float_value", Double, nullable=True),
+)
+Index(
+    "search_attributes_by_keyword",
+    search_attributes.c.namespace,
+    search_attributes.c.name,
+    search_attributes.c.str_value,
+)
+Index(
+    "search_attributes_by_int",
+    search_attributes.c.namespace,
+    search_attributes.c.name,
+    search_attributes.c.int_value,
+)
+Index(
+    "search_attributes_by_float",
+    search_attributes.c.namespace,
+    search_attributes.c.name,
+    search_attributes.c.float_value,
+)
+Index("search_attributes_by_run", search_attributes.c.namespace, search_attributes.c.run_id)
+
+# The memo a run was started with (a serialized Memo), returned by list.
+run_memos = Table(
+    "run_memos",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+Index("executions_by_start_time", executions.c.namespace, executions.c.start_time)
+
+# ------------------------------------------------------------------- schedules
+# (history/_schedule_store.py) One row per schedule. `last_slot` is the latest slot
+# whose fate was decided (fired, buffered or skipped); the next slot is computed from
+# it, so each slot is decided exactly once. `version` guards every update.
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("schedule_id", String(1000), primary_key=True),
+    Column("definition", LargeBinary, nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("notes", Text, nullable=False),
+    Column("last_slot", BigInteger, nullable=False),
+    Column("next_fire_at", BigInteger, nullable=True),
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("create_request_id", String(255), nullable=False),
+    Column("action_count", BigInteger, nullable=False),
+    Column("missed_catchup_count", BigInteger, nullable=False),
+    Column("overlap_skipped_count", BigInteger, nullable=False),
+)
+Index("schedules_by_next_fire", schedules.c.next_fire_at)
+
+# The ledger of a schedule: one row per decided slot or trigger, keyed so that a slot
+# (`s:<micros>`) or a trigger request (`t:<request id>`) can be recorded only once.
+schedule_actions = Table(
+    "schedule_actions",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("schedule_id", String(1000), primary_key=True),
+    Column("action_key", String(300), primary_key=True),
+    Column("kind", Integer, nullable=False),
+    Column("slot_time", BigInteger, nullable=False),
+    Column("state", Integer, nullable=False),
+    Column("overlap", Integer, nullable=False),
+    Column("workflow_id", String(1000), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("running", Boolean, nullable=False),
+    Column("decided_at", BigInteger, nullable=False),
+    Column("started_at", BigInteger, nullable=True),
+    Column("error", Text, nullable=False),
+)
+Index("schedule_actions_by_state", schedule_actions.c.state)
+Index(
+    "schedule_actions_by_slot",
+    schedule_actions.c.namespace,
+    schedule_actions.c.schedule_id,
+    schedule_actions.c.slot_time,
 )

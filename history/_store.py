@@ -38,12 +38,27 @@ from ._records import (
     TimerRow,
     Transition,
 )
+from ._schedule_store import ScheduleStore
+from ._visibility_store import Cursor as VisibilityCursor
+from ._visibility_store import (
+    SearchAttributeValue,
+    VisibilityQuery,
+    VisibilityRecord,
+    count_executions,
+    list_executions,
+    run_search_attributes,
+    write_visibility,
+)
 
 log = logging.getLogger("tideflow.history")
 
 _MAX_BATCH = 64
 _MAX_TXN_RETRIES = 8
 _RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+
+
+# What a writer lane queues: transitions that commit together, and who waits on them.
+_Item = tuple[tuple[Transition, ...], "asyncio.Future[None]"]
 
 
 def now_micros() -> int:
@@ -67,7 +82,7 @@ class HistoryStore:
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self.dialect = runner
-        self._lanes: list[asyncio.Queue[tuple[Transition, asyncio.Future[None]]]] = []
+        self._lanes: list[asyncio.Queue[_Item]] = []
         self._writers: list[asyncio.Task[None]] = []
         self._closed = False
         # Commit counters: transitions / transactions is the group-commit batch size.
@@ -86,7 +101,7 @@ class HistoryStore:
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
-            queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]]] = asyncio.Queue()
+            queue: asyncio.Queue[_Item] = asyncio.Queue()
             self._lanes.append(queue)
             self._writers.append(
                 asyncio.create_task(self._writer(queue), name=f"tideflow-store-writer-{lane}")
@@ -110,38 +125,42 @@ class HistoryStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def apply(self, transition: Transition) -> None:
-        """Commit one transition atomically; raises ConditionFailedError or
-        CurrentExecutionConflictError if it lost a race, and changes nothing then."""
+    async def apply(self, transition: Transition, *together: Transition) -> None:
+        """Commit a transition atomically; raises ConditionFailedError or
+        CurrentExecutionConflictError if it lost a race, and changes nothing then.
+
+        Transitions passed in ``together`` (other runs: the new run of a
+        continue-as-new, say) commit in the same transaction, all or nothing.
+        """
         if self._closed:
             raise RetryableStoreError("store closed")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A run always maps to the same lane, so its transitions commit in order.
         lane = hash((transition.key.namespace, transition.key.workflow_id)) % len(self._lanes)
-        self._lanes[lane].put_nowait((transition, fut))
+        self._lanes[lane].put_nowait(((transition, *together), fut))
         await fut
 
-    async def _writer(self, queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]]]) -> None:
+    async def _writer(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
             batch = [await queue.get()]
             while len(batch) < _MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
-            live = [(t, f) for t, f in batch if not f.done()]
+            live = [(group, f) for group, f in batch if not f.done()]
             try:
-                for group in _one_transition_per_run(live):
-                    await self._commit_batch(group)
+                for items in _one_transition_per_run(live):
+                    await self._commit_batch(items)
             except asyncio.CancelledError:
                 for _, fut in live:
                     if not fut.done():
                         fut.set_exception(RetryableStoreError("store closed"))
                 raise
 
-    async def _commit_batch(self, batch: list[tuple[Transition, asyncio.Future[None]]]) -> None:
+    async def _commit_batch(self, batch: list[_Item]) -> None:
         if not batch:
             return
         if len(batch) > 1:
             try:
-                await self._run_txn([t for t, _ in batch])
+                await self._run_txn([t for group, _ in batch for t in group])
             except _Rejected:
                 pass  # fall back to one transaction each, to pin the error on its owner
             except Exception as exc:
@@ -154,9 +173,9 @@ class HistoryStore:
                     if not fut.done():
                         fut.set_result(None)
                 return
-        for transition, fut in batch:
+        for group, fut in batch:
             try:
-                await self._run_txn([transition])
+                await self._run_txn(group)
             except _Rejected as rejected:
                 if not fut.done():
                     fut.set_exception(rejected.error)
@@ -310,24 +329,51 @@ class HistoryStore:
             query = query.where(and_(*(tbl.c[name] == value for name, value in where.items())))
         return len(await self._runner.read(lambda conn: conn.execute(query).all()))
 
+    # ------------------------------------------------- visibility and schedules
 
-def _one_transition_per_run(
-    batch: list[tuple[Transition, asyncio.Future[None]]],
-) -> list[list[tuple[Transition, asyncio.Future[None]]]]:
+    async def list_executions(
+        self,
+        namespace: str,
+        query: VisibilityQuery,
+        *,
+        page_size: int,
+        cursor: VisibilityCursor | None = None,
+    ) -> tuple[list[VisibilityRecord], VisibilityCursor | None]:
+        """A page of runs matching ``query`` and the cursor of the next page (None
+        on the last); see ``_visibility_store``."""
+        return await self._runner.read(
+            lambda conn: list_executions(conn, namespace, query, page_size, cursor)
+        )
+
+    async def count_executions(self, namespace: str, query: VisibilityQuery) -> int:
+        return await self._runner.read(lambda conn: count_executions(conn, namespace, query))
+
+    async def search_attributes_of(self, key: RunKey) -> dict[str, SearchAttributeValue]:
+        """The current search attributes of a run."""
+        return await self._runner.read(lambda conn: run_search_attributes(conn, key))
+
+    @property
+    def schedules(self) -> ScheduleStore:
+        """Schedule rows and ledgers (``_schedule_store``), on this store's database."""
+        return ScheduleStore(self._runner)
+
+
+def _one_transition_per_run(batch: list[_Item]) -> list[list[_Item]]:
     """Split a batch so no group holds two transitions of one run.
 
     ``_apply_batch`` writes each kind of row with one statement, so within a group a
     run's later transition could not see rows an earlier one inserted (a task it
     consumes, say). Groups commit one after the other, in submission order.
     """
-    groups: list[list[tuple[Transition, asyncio.Future[None]]]] = [[]]
+    groups: list[list[_Item]] = [[]]
     seen: set[RunKey] = set()
     for item in batch:
-        if item[0].key in seen:
+        keys = {t.key for t in item[0]}
+        if keys & seen:
             groups.append([])
             seen = set()
         groups[-1].append(item)
-        seen.add(item[0].key)
+        seen |= keys
     return [g for g in groups if g]
 
 
@@ -483,6 +529,8 @@ def _apply_batch(conn: Connection, batch: Sequence[Transition]) -> None:
     ]
     if new_timers:
         conn.execute(insert(s.timers), new_timers)
+    # Memos and search attributes the events set: same transaction as the events.
+    write_visibility(conn, batch)
 
 
 def _write_current_txn(conn: Connection, t: Transition) -> None:

@@ -14,7 +14,7 @@ import random
 import socket
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
@@ -25,6 +25,7 @@ from google.protobuf import json_format
 
 from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.history import SearchAttributeValue, encode_search_attributes
 
 from . import exceptions as exc
 from .converter import DataConverter, default_converter
@@ -211,6 +212,8 @@ class Client:
         result_type: Any = None,
         start_signal: Any = None,
         start_signal_args: Sequence[Any] = (),
+        memo: Mapping[str, Any] | None = None,
+        search_attributes: Mapping[str, SearchAttributeValue] | None = None,
     ) -> WorkflowHandle:
         """Start a workflow run; ``workflow`` is the class, its run method, or a type name.
 
@@ -245,6 +248,13 @@ class Client:
         if start_signal is not None:
             request.signal_name = handler_name(start_signal, "__tideflow_signal__")
             request.signal_input.CopyFrom(self.data_converter.to_payloads(list(start_signal_args)))
+        # Visibility: ``memo`` values are any data the converter encodes, returned by
+        # list_workflows; ``search_attributes`` (str/int/float/bool/datetime) are
+        # indexed for list_workflows / count_workflows queries.
+        if memo:
+            request.memo.CopyFrom(_encode_memo(self.data_converter, memo))
+        if search_attributes:
+            request.search_attributes.CopyFrom(encode_search_attributes(search_attributes))
         response = await self.call(self.service.StartWorkflow, request)
         return WorkflowHandle(self, id, run_id=response.run_id, result_type=result_type)
 
@@ -261,6 +271,8 @@ class Client:
         task_timeout: timedelta | None = None,
         request_id: str | None = None,
         result_type: Any = None,
+        memo: Mapping[str, Any] | None = None,
+        search_attributes: Mapping[str, SearchAttributeValue] | None = None,
     ) -> Any:
         """Start a workflow and wait for its result."""
         handle = await self.start_workflow(
@@ -274,6 +286,8 @@ class Client:
             task_timeout=task_timeout,
             request_id=request_id,
             result_type=result_type,
+            memo=memo,
+            search_attributes=search_attributes,
         )
         return await handle.result()
 
@@ -299,16 +313,26 @@ class WorkflowHandle:
     async def result(self) -> Any:
         """Wait for the run to close; its result, or ``WorkflowFailureError``."""
         client = self._client
+        execution = self._execution()
         while True:
             request = service_pb2.GetHistoryRequest(
                 namespace=client.namespace,
                 wait_new_event=True,
                 history_event_filter_type=service_pb2.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT,
             )
-            request.execution.CopyFrom(self._execution())
+            request.execution.CopyFrom(execution)
             response = await client.call(client.service.GetHistory, request, timeout=70)
-            if response.history.events:
-                return self._outcome(response.history.events[-1])
+            if not response.history.events:
+                continue
+            close = response.history.events[-1]
+            if close.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+                # Follow the chain to the run that finally closes for good.
+                execution = common_pb2.WorkflowExecution(
+                    workflow_id=self.id,
+                    run_id=close.workflow_execution_continued_as_new_event_attributes.new_execution_run_id,
+                )
+                continue
+            return self._outcome(close)
 
     def _outcome(self, event: HistoryEvent) -> Any:
         converter = self._client.data_converter

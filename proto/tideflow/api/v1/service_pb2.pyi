@@ -26,12 +26,29 @@ class QueryResultType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUERY_RESULT_TYPE_UNSPECIFIED: _ClassVar[QueryResultType]
     QUERY_RESULT_TYPE_ANSWERED: _ClassVar[QueryResultType]
     QUERY_RESULT_TYPE_FAILED: _ClassVar[QueryResultType]
+
+class ScheduleOverlapPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCHEDULE_OVERLAP_POLICY_UNSPECIFIED: _ClassVar[ScheduleOverlapPolicy]
+    SCHEDULE_OVERLAP_POLICY_SKIP: _ClassVar[ScheduleOverlapPolicy]
+    SCHEDULE_OVERLAP_POLICY_BUFFER_ONE: _ClassVar[ScheduleOverlapPolicy]
+    SCHEDULE_OVERLAP_POLICY_BUFFER_ALL: _ClassVar[ScheduleOverlapPolicy]
+    SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER: _ClassVar[ScheduleOverlapPolicy]
+    SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER: _ClassVar[ScheduleOverlapPolicy]
+    SCHEDULE_OVERLAP_POLICY_ALLOW_ALL: _ClassVar[ScheduleOverlapPolicy]
 HISTORY_EVENT_FILTER_TYPE_UNSPECIFIED: HistoryEventFilterType
 HISTORY_EVENT_FILTER_TYPE_ALL_EVENT: HistoryEventFilterType
 HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT: HistoryEventFilterType
 QUERY_RESULT_TYPE_UNSPECIFIED: QueryResultType
 QUERY_RESULT_TYPE_ANSWERED: QueryResultType
 QUERY_RESULT_TYPE_FAILED: QueryResultType
+SCHEDULE_OVERLAP_POLICY_UNSPECIFIED: ScheduleOverlapPolicy
+SCHEDULE_OVERLAP_POLICY_SKIP: ScheduleOverlapPolicy
+SCHEDULE_OVERLAP_POLICY_BUFFER_ONE: ScheduleOverlapPolicy
+SCHEDULE_OVERLAP_POLICY_BUFFER_ALL: ScheduleOverlapPolicy
+SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER: ScheduleOverlapPolicy
+SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER: ScheduleOverlapPolicy
+SCHEDULE_OVERLAP_POLICY_ALLOW_ALL: ScheduleOverlapPolicy
 
 class GetSystemInfoRequest(_message.Message):
     __slots__ = ()
@@ -482,3 +499,275 @@ class RecordActivityHeartbeatResponse(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     cancel_requested: bool
     def __init__(self, cancel_requested: _Optional[bool] = ...) -> None: ...
+
+class ListWorkflowExecutionsRequest(_message.Message):
+    __slots__ = ("namespace", "page_size", "next_page_token", "query")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    page_size: int
+    next_page_token: bytes
+    query: str
+    def __init__(self, namespace: _Optional[str] = ..., page_size: _Optional[int] = ..., next_page_token: _Optional[bytes] = ..., query: _Optional[str] = ...) -> None: ...
+
+class ListWorkflowExecutionsResponse(_message.Message):
+    __slots__ = ("executions", "next_page_token")
+    EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    executions: _containers.RepeatedCompositeFieldContainer[WorkflowExecutionInfo]
+    next_page_token: bytes
+    def __init__(self, executions: _Optional[_Iterable[_Union[WorkflowExecutionInfo, _Mapping]]] = ..., next_page_token: _Optional[bytes] = ...) -> None: ...
+
+class CountWorkflowExecutionsRequest(_message.Message):
+    __slots__ = ("namespace", "query")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    query: str
+    def __init__(self, namespace: _Optional[str] = ..., query: _Optional[str] = ...) -> None: ...
+
+class CountWorkflowExecutionsResponse(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class ScheduleIntervalSpec(_message.Message):
+    __slots__ = ("interval", "phase")
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    interval: _duration_pb2.Duration
+    phase: _duration_pb2.Duration
+    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., phase: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ScheduleSpec(_message.Message):
+    __slots__ = ("cron_expressions", "intervals", "start_time", "end_time")
+    CRON_EXPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    INTERVALS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    cron_expressions: _containers.RepeatedScalarFieldContainer[str]
+    intervals: _containers.RepeatedCompositeFieldContainer[ScheduleIntervalSpec]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, cron_expressions: _Optional[_Iterable[str]] = ..., intervals: _Optional[_Iterable[_Union[ScheduleIntervalSpec, _Mapping]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class NewWorkflowExecutionInfo(_message.Message):
+    __slots__ = ("workflow_id", "workflow_type", "task_queue", "input", "workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout", "retry_policy", "memo", "search_attributes", "header")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_EXECUTION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_RUN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_TASK_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MEMO_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    workflow_type: _common_pb2.WorkflowType
+    task_queue: _common_pb2.TaskQueue
+    input: _common_pb2.Payloads
+    workflow_execution_timeout: _duration_pb2.Duration
+    workflow_run_timeout: _duration_pb2.Duration
+    workflow_task_timeout: _duration_pb2.Duration
+    retry_policy: _common_pb2.RetryPolicy
+    memo: _common_pb2.Memo
+    search_attributes: _common_pb2.SearchAttributes
+    header: _common_pb2.Header
+    def __init__(self, workflow_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., memo: _Optional[_Union[_common_pb2.Memo, _Mapping]] = ..., search_attributes: _Optional[_Union[_common_pb2.SearchAttributes, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ...) -> None: ...
+
+class ScheduleAction(_message.Message):
+    __slots__ = ("start_workflow",)
+    START_WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    start_workflow: NewWorkflowExecutionInfo
+    def __init__(self, start_workflow: _Optional[_Union[NewWorkflowExecutionInfo, _Mapping]] = ...) -> None: ...
+
+class SchedulePolicies(_message.Message):
+    __slots__ = ("overlap_policy", "catchup_window")
+    OVERLAP_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    overlap_policy: ScheduleOverlapPolicy
+    catchup_window: _duration_pb2.Duration
+    def __init__(self, overlap_policy: _Optional[_Union[ScheduleOverlapPolicy, str]] = ..., catchup_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ScheduleState(_message.Message):
+    __slots__ = ("notes", "paused")
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    notes: str
+    paused: bool
+    def __init__(self, notes: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("spec", "action", "policies", "state")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    spec: ScheduleSpec
+    action: ScheduleAction
+    policies: SchedulePolicies
+    state: ScheduleState
+    def __init__(self, spec: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., action: _Optional[_Union[ScheduleAction, _Mapping]] = ..., policies: _Optional[_Union[SchedulePolicies, _Mapping]] = ..., state: _Optional[_Union[ScheduleState, _Mapping]] = ...) -> None: ...
+
+class ScheduleActionResult(_message.Message):
+    __slots__ = ("schedule_time", "actual_time", "start_workflow_result", "triggered")
+    SCHEDULE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_WORKFLOW_RESULT_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERED_FIELD_NUMBER: _ClassVar[int]
+    schedule_time: _timestamp_pb2.Timestamp
+    actual_time: _timestamp_pb2.Timestamp
+    start_workflow_result: _common_pb2.WorkflowExecution
+    triggered: bool
+    def __init__(self, schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actual_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_workflow_result: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., triggered: _Optional[bool] = ...) -> None: ...
+
+class ScheduleSkippedAction(_message.Message):
+    __slots__ = ("schedule_time", "reason", "message")
+    SCHEDULE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    schedule_time: _timestamp_pb2.Timestamp
+    reason: str
+    message: str
+    def __init__(self, schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ScheduleInfo(_message.Message):
+    __slots__ = ("action_count", "missed_catchup_window", "overlap_skipped", "running_workflows", "recent_actions", "future_action_times", "create_time", "update_time", "buffered_actions", "recent_skipped")
+    ACTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MISSED_CATCHUP_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_WORKFLOWS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    FUTURE_ACTION_TIMES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    BUFFERED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    action_count: int
+    missed_catchup_window: int
+    overlap_skipped: int
+    running_workflows: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkflowExecution]
+    recent_actions: _containers.RepeatedCompositeFieldContainer[ScheduleActionResult]
+    future_action_times: _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    buffered_actions: int
+    recent_skipped: _containers.RepeatedCompositeFieldContainer[ScheduleSkippedAction]
+    def __init__(self, action_count: _Optional[int] = ..., missed_catchup_window: _Optional[int] = ..., overlap_skipped: _Optional[int] = ..., running_workflows: _Optional[_Iterable[_Union[_common_pb2.WorkflowExecution, _Mapping]]] = ..., recent_actions: _Optional[_Iterable[_Union[ScheduleActionResult, _Mapping]]] = ..., future_action_times: _Optional[_Iterable[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., buffered_actions: _Optional[int] = ..., recent_skipped: _Optional[_Iterable[_Union[ScheduleSkippedAction, _Mapping]]] = ...) -> None: ...
+
+class CreateScheduleRequest(_message.Message):
+    __slots__ = ("namespace", "schedule_id", "schedule", "identity", "request_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    schedule_id: str
+    schedule: Schedule
+    identity: str
+    request_id: str
+    def __init__(self, namespace: _Optional[str] = ..., schedule_id: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateScheduleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeScheduleRequest(_message.Message):
+    __slots__ = ("namespace", "schedule_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    schedule_id: str
+    def __init__(self, namespace: _Optional[str] = ..., schedule_id: _Optional[str] = ...) -> None: ...
+
+class DescribeScheduleResponse(_message.Message):
+    __slots__ = ("schedule", "info")
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    schedule: Schedule
+    info: ScheduleInfo
+    def __init__(self, schedule: _Optional[_Union[Schedule, _Mapping]] = ..., info: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...
+
+class TriggerImmediatelyRequest(_message.Message):
+    __slots__ = ("overlap_policy",)
+    OVERLAP_POLICY_FIELD_NUMBER: _ClassVar[int]
+    overlap_policy: ScheduleOverlapPolicy
+    def __init__(self, overlap_policy: _Optional[_Union[ScheduleOverlapPolicy, str]] = ...) -> None: ...
+
+class SchedulePatch(_message.Message):
+    __slots__ = ("trigger_immediately", "pause", "unpause", "note")
+    TRIGGER_IMMEDIATELY_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    UNPAUSE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    trigger_immediately: TriggerImmediatelyRequest
+    pause: bool
+    unpause: bool
+    note: str
+    def __init__(self, trigger_immediately: _Optional[_Union[TriggerImmediatelyRequest, _Mapping]] = ..., pause: _Optional[bool] = ..., unpause: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+
+class PatchScheduleRequest(_message.Message):
+    __slots__ = ("namespace", "schedule_id", "patch", "identity", "request_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    schedule_id: str
+    patch: SchedulePatch
+    identity: str
+    request_id: str
+    def __init__(self, namespace: _Optional[str] = ..., schedule_id: _Optional[str] = ..., patch: _Optional[_Union[SchedulePatch, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PatchScheduleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeleteScheduleRequest(_message.Message):
+    __slots__ = ("namespace", "schedule_id", "identity")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    schedule_id: str
+    identity: str
+    def __init__(self, namespace: _Optional[str] = ..., schedule_id: _Optional[str] = ..., identity: _Optional[str] = ...) -> None: ...
+
+class DeleteScheduleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSchedulesRequest(_message.Message):
+    __slots__ = ("namespace", "maximum_page_size", "next_page_token")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    maximum_page_size: int
+    next_page_token: bytes
+    def __init__(self, namespace: _Optional[str] = ..., maximum_page_size: _Optional[int] = ..., next_page_token: _Optional[bytes] = ...) -> None: ...
+
+class ScheduleListEntry(_message.Message):
+    __slots__ = ("schedule_id", "schedule", "info")
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    schedule_id: str
+    schedule: Schedule
+    info: ScheduleInfo
+    def __init__(self, schedule_id: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., info: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...
+
+class ListSchedulesResponse(_message.Message):
+    __slots__ = ("schedules", "next_page_token")
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleListEntry]
+    next_page_token: bytes
+    def __init__(self, schedules: _Optional[_Iterable[_Union[ScheduleListEntry, _Mapping]]] = ..., next_page_token: _Optional[bytes] = ...) -> None: ...

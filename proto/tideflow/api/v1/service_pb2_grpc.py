@@ -125,6 +125,41 @@ class WorkflowServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ListWorkflowExecutions = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/ListWorkflowExecutions',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsResponse.FromString,
+                _registered_method=True)
+        self.CountWorkflowExecutions = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/CountWorkflowExecutions',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.CountWorkflowExecutionsRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.CountWorkflowExecutionsResponse.FromString,
+                _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/CreateSchedule',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.DescribeSchedule = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/DescribeSchedule',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeScheduleRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeScheduleResponse.FromString,
+                _registered_method=True)
+        self.PatchSchedule = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/PatchSchedule',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.PatchScheduleRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.PatchScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/DeleteSchedule',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/ListSchedules',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -241,6 +276,51 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkflowExecutions(self, request, context):
+        """Visibility: list and count runs with a query (the language: server/_visibility.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountWorkflowExecutions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSchedule(self, request, context):
+        """Schedules: durable, server-side starts of workflows on a cron or interval spec.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PatchSchedule(self, request, context):
+        """Pause, unpause, trigger now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +413,41 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RecordActivityHeartbeat,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatResponse.SerializeToString,
+            ),
+            'ListWorkflowExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflowExecutions,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsResponse.SerializeToString,
+            ),
+            'CountWorkflowExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountWorkflowExecutions,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.CountWorkflowExecutionsRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.CountWorkflowExecutionsResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'DescribeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeSchedule,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeScheduleRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeScheduleResponse.SerializeToString,
+            ),
+            'PatchSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PatchSchedule,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.PatchScheduleRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.PatchScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -821,6 +936,195 @@ class WorkflowService:
             '/tideflow.api.v1.WorkflowService/RecordActivityHeartbeat',
             tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkflowExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/ListWorkflowExecutions',
+            tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountWorkflowExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/CountWorkflowExecutions',
+            tideflow_dot_api_dot_v1_dot_service__pb2.CountWorkflowExecutionsRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.CountWorkflowExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/CreateSchedule',
+            tideflow_dot_api_dot_v1_dot_service__pb2.CreateScheduleRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/DescribeSchedule',
+            tideflow_dot_api_dot_v1_dot_service__pb2.DescribeScheduleRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.DescribeScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PatchSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/PatchSchedule',
+            tideflow_dot_api_dot_v1_dot_service__pb2.PatchScheduleRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.PatchScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/DeleteSchedule',
+            tideflow_dot_api_dot_v1_dot_service__pb2.DeleteScheduleRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/ListSchedules',
+            tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesResponse.FromString,
             options,
             channel_credentials,
             insecure,
