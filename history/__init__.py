@@ -28,6 +28,7 @@ from ._records import (
     TaskRow,
     TimerKind,
     TimerRow,
+    TransferAction,
     Transition,
 )
 from ._schedule_store import (
@@ -98,6 +99,7 @@ __all__ = [
     "TaskRow",
     "TimerKind",
     "TimerRow",
+    "TransferAction",
     "Transition",
     "VisibilityCursor",
     "VisibilityQuery",

@@ -22,6 +22,17 @@ class RunKey:
 class TaskKind(IntEnum):
     WORKFLOW = 0
     ACTIVITY = 1
+    # Cross-run effects (start a child, tell a parent, signal another run...), done by
+    # the server itself; ``task_queue`` names the action (see TransferAction).
+    TRANSFER = 2
+
+
+class TransferAction:
+    START_CHILD = "transfer:start-child"
+    CHILD_CLOSED = "transfer:child-closed"
+    PARENT_CLOSE_POLICY = "transfer:parent-close-policy"
+    SIGNAL_EXTERNAL = "transfer:signal-external"
+    CANCEL_EXTERNAL = "transfer:cancel-external"
 
 
 class TimerKind(IntEnum):

@@ -359,3 +359,40 @@ class ScheduleStore:
             return True
 
         return await self._runner.write(txn)
+
+    async def prune(self, namespace: str, schedule_id: str, *, keep: int) -> int:
+        """Delete finished ledger rows beyond the newest ``keep`` (rows of open runs
+        and of actions not yet started stay); returns how many were deleted."""
+        a = s.schedule_actions
+        finished = [
+            int(x)
+            for x in (
+                ScheduleActionState.STARTED,
+                ScheduleActionState.SKIPPED_CATCHUP,
+                ScheduleActionState.SKIPPED_OVERLAP,
+                ScheduleActionState.FAILED,
+            )
+        ]
+
+        def txn(conn: Connection) -> int:
+            mine = (a.c.namespace == namespace, a.c.schedule_id == schedule_id)
+            cutoff = conn.execute(
+                select(a.c.slot_time)
+                .where(*mine)
+                .order_by(a.c.slot_time.desc())
+                .offset(keep)
+                .limit(1)
+            ).scalar()
+            if cutoff is None:
+                return 0
+            result = conn.execute(
+                delete(a).where(
+                    *mine,
+                    a.c.slot_time <= cutoff,
+                    a.c.state.in_(finished),
+                    a.c.running.is_(False),
+                )
+            )
+            return int(result.rowcount)
+
+        return await self._runner.write(txn)

@@ -28,7 +28,7 @@ from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, s
 from tideflow.api.v1.command_pb2 import CommandType
 from tideflow.api.v1.common_pb2 import Failure, RetryState, TimeoutType
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
-from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskFailedCause
+from tideflow.api.v1.history_pb2 import EventType, ParentClosePolicy, WorkflowTaskFailedCause
 from tideflow.history import (
     ConditionFailedError,
     CurrentExecutionConflictError,
@@ -40,6 +40,7 @@ from tideflow.history import (
     TaskRow,
     TimerKind,
     TimerRow,
+    TransferAction,
     make_event,
 )
 
@@ -268,7 +269,13 @@ class HistoryEngine:
 
     # ---------------------------------------------------------------- start
 
-    async def start_workflow(self, req: service_pb2.StartWorkflowRequest) -> tuple[str, bool]:
+    async def start_workflow(
+        self,
+        req: service_pb2.StartWorkflowRequest,
+        *,
+        parent: state_pb2.MutableState | None = None,
+        parent_initiated_event_id: int = 0,
+    ) -> tuple[str, bool]:
         """Start a run; returns (run_id, started). A retried request finds its run."""
         request_id = req.request_id or str(uuid.uuid4())
         for _ in range(_MAX_CONFLICT_RETRIES):
@@ -300,7 +307,14 @@ class HistoryEngine:
                         run_id=current.run_id,
                     )
             run_id = str(uuid.uuid4())
-            m = self._new_run(req, run_id, request_id, self._clock.now_micros())
+            m = self._new_run(
+                req,
+                run_id,
+                request_id,
+                self._clock.now_micros(),
+                parent=parent,
+                parent_initiated_event_id=parent_initiated_event_id,
+            )
             ms = m.ms
             if current is None:
                 m.current = CurrentWrite.INSERT
@@ -715,6 +729,24 @@ class HistoryEngine:
             elif ctype == CommandType.COMMAND_TYPE_RECORD_MARKER:
                 if not command.record_marker_command_attributes.marker_name:
                     raise BadCommandError(f"{where}: marker_name is empty")
+            elif ctype == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
+                c = command.start_child_workflow_execution_command_attributes
+                if not c.workflow_id:
+                    raise BadCommandError(f"{where}: workflow_id is empty")
+                if not c.workflow_type.name:
+                    raise BadCommandError(f"{where}: workflow_type is empty")
+                if c.namespace and c.namespace != ms.namespace:
+                    raise BadCommandError(f"{where}: children must be in the parent's namespace")
+            elif ctype == CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
+                e = command.signal_external_workflow_execution_command_attributes
+                if not e.execution.workflow_id or not e.signal_name:
+                    raise BadCommandError(
+                        f"{where}: execution.workflow_id and signal_name are required"
+                    )
+            elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
+                cancel = command.request_cancel_external_workflow_execution_command_attributes
+                if not cancel.workflow_id:
+                    raise BadCommandError(f"{where}: workflow_id is empty")
             else:
                 raise BadCommandError(f"{where} is not supported by this server yet")
 
@@ -795,6 +827,70 @@ class HistoryEngine:
                 retry_state=RetryState.RETRY_STATE_RETRY_POLICY_NOT_SET,
                 workflow_task_completed_event_id=completed_id,
             )
+        elif ctype == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
+            c = command.start_child_workflow_execution_command_attributes
+            event = m.append(ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
+            attrs = event.start_child_workflow_execution_initiated_event_attributes
+            for field, value in c.ListFields():
+                if field.name in attrs.DESCRIPTOR.fields_by_name:
+                    if field.message_type is not None:
+                        getattr(attrs, field.name).CopyFrom(value)
+                    else:
+                        setattr(attrs, field.name, value)
+            attrs.namespace = ms.namespace
+            attrs.task_queue.name = c.task_queue.name or ms.task_queue.name
+            attrs.workflow_task_completed_event_id = completed_id
+            child = ms.pending_children[event.event_id]
+            child.initiated_event_id = event.event_id
+            child.namespace = ms.namespace
+            child.workflow_id = c.workflow_id
+            child.workflow_type.CopyFrom(c.workflow_type)
+            child.parent_close_policy = c.parent_close_policy
+            m.add_transfer(TransferAction.START_CHILD, event.event_id)
+        elif ctype == CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
+            e = command.signal_external_workflow_execution_command_attributes
+            event = m.append(
+                ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED,
+                workflow_task_completed_event_id=completed_id,
+                namespace=ms.namespace,
+                workflow_execution=e.execution,
+                signal_name=e.signal_name,
+                input=e.input if e.HasField("input") else None,
+                control=e.control,
+                child_workflow_only=e.child_workflow_only,
+                header=e.header if e.HasField("header") else None,
+            )
+            ms.pending_external[event.event_id].CopyFrom(
+                state_pb2.ExternalRequest(
+                    initiated_event_id=event.event_id,
+                    namespace=ms.namespace,
+                    workflow_id=e.execution.workflow_id,
+                    run_id=e.execution.run_id,
+                )
+            )
+            m.add_transfer(TransferAction.SIGNAL_EXTERNAL, event.event_id)
+        elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
+            r = command.request_cancel_external_workflow_execution_command_attributes
+            target = common_pb2.WorkflowExecution(workflow_id=r.workflow_id, run_id=r.run_id)
+            event = m.append(
+                ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED,
+                workflow_task_completed_event_id=completed_id,
+                namespace=ms.namespace,
+                workflow_execution=target,
+                control=r.control,
+                child_workflow_only=r.child_workflow_only,
+                reason=r.reason,
+            )
+            ms.pending_external[event.event_id].CopyFrom(
+                state_pb2.ExternalRequest(
+                    initiated_event_id=event.event_id,
+                    namespace=ms.namespace,
+                    workflow_id=r.workflow_id,
+                    run_id=r.run_id,
+                    cancel=True,
+                )
+            )
+            m.add_transfer(TransferAction.CANCEL_EXTERNAL, event.event_id)
         elif ctype == CommandType.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION:
             self._continue_as_new(
                 m, command.continue_as_new_workflow_execution_command_attributes, completed_id
@@ -1472,6 +1568,251 @@ class HistoryEngine:
 
         await self._update(_key(token), "ActivityCanceled", fn)
 
+    # --------------------------------------------------- cross-run (transfer)
+
+    async def _event(self, key: RunKey, event_id: int) -> history_pb2.HistoryEvent:
+        run = await self._load(key)
+        if run.events is not None and event_id <= len(run.events):
+            return run.events[event_id - 1]
+        events = await self._store.read_events(key, first_event_id=event_id, max_events=1)
+        if not events or events[0].event_id != event_id:
+            raise NotFoundError(f"event {event_id} of run {key} not found")
+        return events[0]
+
+    async def process_transfer(self, task: TaskRow) -> None:
+        """Carry out one outbox row; the row is deleted when its effect is recorded."""
+        try:
+            action = task.task_queue
+            if action == TransferAction.START_CHILD:
+                await self._start_child(task)
+            elif action == TransferAction.CHILD_CLOSED:
+                await self._report_child_closed(task)
+            elif action == TransferAction.PARENT_CLOSE_POLICY:
+                await self._apply_parent_close_policy(task)
+            elif action in (TransferAction.SIGNAL_EXTERNAL, TransferAction.CANCEL_EXTERNAL):
+                await self._external_request(task)
+            else:
+                log.error("unknown transfer action %r; dropping %s", action, task.task_key)
+                await self._store.delete_task(task.task_key)
+        except NotFoundError:
+            # The run it is about is gone (or never was): nothing left to do.
+            await self._store.delete_task(task.task_key)
+
+    async def _start_child(self, task: TaskRow) -> None:
+        parent = await self.state_of(task.key)
+        child = parent.pending_children.get(task.ref_id)
+        if child is None or child.run_id or parent.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+            await self._store.delete_task(task.task_key)
+            return
+        initiated = (
+            await self._event(task.key, task.ref_id)
+        ).start_child_workflow_execution_initiated_event_attributes
+        req = service_pb2.StartWorkflowRequest(
+            namespace=parent.namespace,
+            workflow_id=initiated.workflow_id,
+            identity=f"parent:{parent.workflow_id}",
+            # The same request id on every retry: a child is started at most once.
+            request_id=f"{parent.run_id}:child:{task.ref_id}",
+        )
+        req.workflow_type.CopyFrom(initiated.workflow_type)
+        req.task_queue.name = initiated.task_queue.name
+        for name in (
+            "input",
+            "workflow_execution_timeout",
+            "workflow_run_timeout",
+            "workflow_task_timeout",
+            "retry_policy",
+            "memo",
+            "search_attributes",
+            "header",
+        ):
+            if initiated.HasField(name):
+                getattr(req, name).CopyFrom(getattr(initiated, name))
+        try:
+            run_id, _ = await self.start_workflow(
+                req, parent=parent, parent_initiated_event_id=task.ref_id
+            )
+        except WorkflowAlreadyStartedError as exc:
+            failure_cause: str | None = str(exc)
+            run_id = ""
+        else:
+            failure_cause = None
+
+        def fn(m: Mutation) -> None:
+            ms = m.ms
+            info = ms.pending_children.get(task.ref_id)
+            m.done_task_keys.append(task.task_key)
+            m.dirty = True
+            if info is None or info.run_id or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                return
+            if failure_cause is not None:
+                m.append_or_buffer(
+                    ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
+                    namespace=ms.namespace,
+                    workflow_id=info.workflow_id,
+                    workflow_type=info.workflow_type,
+                    cause=failure_cause,
+                    initiated_event_id=task.ref_id,
+                )
+                del ms.pending_children[task.ref_id]
+            else:
+                info.run_id = run_id
+                m.append_or_buffer(
+                    ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
+                    namespace=ms.namespace,
+                    initiated_event_id=task.ref_id,
+                    workflow_execution=common_pb2.WorkflowExecution(
+                        workflow_id=info.workflow_id, run_id=run_id
+                    ),
+                    workflow_type=info.workflow_type,
+                )
+            m.schedule_workflow_task()
+
+        await self._update(task.key, "RecordChildStarted", fn)
+
+    async def _report_child_closed(self, task: TaskRow) -> None:
+        child = await self.state_of(task.key)
+        close = await self._event(task.key, task.ref_id)
+        parent_key = RunKey(
+            namespace=child.parent_namespace,
+            workflow_id=child.parent_workflow_id,
+            run_id=child.parent_run_id,
+        )
+        event_type = _CHILD_OUTCOME_EVENT.get(close.event_type)
+        execution = common_pb2.WorkflowExecution(workflow_id=child.workflow_id, run_id=child.run_id)
+
+        def fn(m: Mutation) -> None:
+            ms = m.ms
+            m.done_task_keys.append(task.task_key)
+            m.dirty = True
+            info = ms.pending_children.get(child.parent_initiated_event_id)
+            if (
+                event_type is None
+                or info is None
+                or info.parent_closed
+                or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+            ):
+                return
+            attrs: dict[str, Any] = {
+                "namespace": ms.namespace,
+                "workflow_execution": execution,
+                "workflow_type": info.workflow_type,
+                "initiated_event_id": info.initiated_event_id,
+            }
+            if event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED:
+                done = close.workflow_execution_completed_event_attributes
+                if done.HasField("result"):
+                    attrs["result"] = done.result
+            elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED:
+                attrs["failure"] = close.workflow_execution_failed_event_attributes.failure
+                attrs["retry_state"] = close.workflow_execution_failed_event_attributes.retry_state
+            elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED:
+                canceled = close.workflow_execution_canceled_event_attributes
+                if canceled.HasField("details"):
+                    attrs["details"] = canceled.details
+            elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT:
+                attrs["retry_state"] = (
+                    close.workflow_execution_timed_out_event_attributes.retry_state
+                )
+            m.append_or_buffer(event_type, **attrs)
+            del ms.pending_children[info.initiated_event_id]
+            m.schedule_workflow_task()
+
+        await self._update(parent_key, "RecordChildClosed", fn)
+
+    async def _apply_parent_close_policy(self, task: TaskRow) -> None:
+        parent = await self.state_of(task.key)
+        child = parent.pending_children.get(task.ref_id)
+        if child is not None and child.run_id:
+            key = RunKey(
+                namespace=child.namespace, workflow_id=child.workflow_id, run_id=child.run_id
+            )
+            try:
+                if (
+                    child.parent_close_policy
+                    == ParentClosePolicy.PARENT_CLOSE_POLICY_REQUEST_CANCEL
+                ):
+                    await self.request_cancel(
+                        key,
+                        f"parent:{parent.workflow_id}",
+                        f"{parent.run_id}:close:{task.ref_id}",
+                        "parent closed",
+                    )
+                else:  # TERMINATE, also the default
+                    await self.terminate(key, "parent closed", None, f"parent:{parent.workflow_id}")
+            except FailedPreconditionError:
+                pass  # the child closed already
+        await self._store.delete_task(task.task_key)
+
+    async def _external_request(self, task: TaskRow) -> None:
+        source = await self.state_of(task.key)
+        request = source.pending_external.get(task.ref_id)
+        if request is None:
+            await self._store.delete_task(task.task_key)
+            return
+        initiated = await self._event(task.key, task.ref_id)
+        failure_cause = None
+        try:
+            target = await self.resolve_run_id(
+                request.namespace, request.workflow_id, request.run_id
+            )
+            request_id = f"{source.run_id}:external:{task.ref_id}"
+            if request.cancel:
+                await self.request_cancel(target, f"workflow:{source.workflow_id}", request_id, "")
+            else:
+                a = initiated.signal_external_workflow_execution_initiated_event_attributes
+                await self.signal(
+                    target,
+                    a.signal_name,
+                    a.input if a.HasField("input") else None,
+                    f"workflow:{source.workflow_id}",
+                    request_id,
+                    a.header if a.HasField("header") else None,
+                )
+        except (NotFoundError, FailedPreconditionError) as exc:
+            failure_cause = str(exc)
+        execution = common_pb2.WorkflowExecution(
+            workflow_id=request.workflow_id, run_id=request.run_id
+        )
+
+        def fn(m: Mutation) -> None:
+            ms = m.ms
+            m.done_task_keys.append(task.task_key)
+            m.dirty = True
+            if (
+                task.ref_id not in ms.pending_external
+                or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+            ):
+                return
+            del ms.pending_external[task.ref_id]
+            common = {
+                "namespace": ms.namespace,
+                "workflow_execution": execution,
+                "initiated_event_id": task.ref_id,
+            }
+            if request.cancel:
+                if failure_cause is None:
+                    m.append_or_buffer(
+                        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED, **common
+                    )
+                else:
+                    m.append_or_buffer(
+                        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+                        cause=failure_cause,
+                        **common,
+                    )
+            elif failure_cause is None:
+                m.append_or_buffer(ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED, **common)
+            else:
+                m.append_or_buffer(
+                    ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+                    cause=failure_cause,
+                    **common,
+                )
+            m.schedule_workflow_task()
+
+        await self._update(task.key, "RecordExternalOutcome", fn)
+
     # ------------------------------------------------------------- terminate
 
     async def terminate(
@@ -1509,6 +1850,16 @@ class HistoryEngine:
             )
         except StoreError as exc:
             raise UnavailableError(f"history store: {exc}") from exc
+
+
+# How a child's close event is reported in its parent's history.
+_CHILD_OUTCOME_EVENT = {
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED,
+}
 
 
 def _key(token: state_pb2.TaskToken) -> RunKey:

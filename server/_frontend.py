@@ -33,6 +33,14 @@ from ._errors import (
     ServiceError,
 )
 from ._matching import Matching, QueryTask
+from ._schedules import Scheduler, require_scheduler
+from ._visibility import (
+    check_search_attributes,
+    decode_page_token,
+    encode_page_token,
+    execution_info,
+    parse_query,
+)
 
 log = logging.getLogger("tideflow.server.frontend")
 
@@ -166,6 +174,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             self._check_duration(name, getattr(request, name))
         if len(request.request_id) > 255:
             raise InvalidArgumentError("request_id is longer than 255 characters")
+        if request.HasField("search_attributes"):
+            check_search_attributes(request.search_attributes)
         run_id, started = await self._engine.start_workflow(request)
         return service_pb2.StartWorkflowResponse(run_id=run_id, started=started)
 
@@ -548,3 +558,108 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             self._check_payloads("details", details)
         await self._engine.activity_canceled(token, details, request.identity)
         return service_pb2.RespondActivityTaskCanceledResponse()
+
+    # ------------------------------------------------- visibility and schedules
+    # List/count runs (query language: server/_visibility.py) and schedules
+    # (server/_schedules.py). TideflowServer sets ``scheduler`` when it starts one.
+
+    scheduler: Scheduler | None = None
+
+    @_rpc
+    async def ListWorkflowExecutions(
+        self, request: service_pb2.ListWorkflowExecutionsRequest, context: _Context
+    ) -> service_pb2.ListWorkflowExecutionsResponse:
+        await self._check_namespace(request.namespace)
+        if request.page_size < 0:
+            raise InvalidArgumentError("page_size must not be negative")
+        page_size = min(request.page_size or _MAX_LIST_PAGE_SIZE, _MAX_LIST_PAGE_SIZE)
+        query = parse_query(request.query)
+        cursor = None
+        if request.next_page_token:
+            cursor = decode_page_token(request.namespace, request.query, request.next_page_token)
+        records, next_cursor = await self._store.list_executions(
+            request.namespace, query, page_size=page_size, cursor=cursor
+        )
+        response = service_pb2.ListWorkflowExecutionsResponse(
+            executions=[execution_info(record) for record in records]
+        )
+        if next_cursor is not None:
+            response.next_page_token = encode_page_token(
+                request.namespace, request.query, next_cursor
+            )
+        return response
+
+    @_rpc
+    async def CountWorkflowExecutions(
+        self, request: service_pb2.CountWorkflowExecutionsRequest, context: _Context
+    ) -> service_pb2.CountWorkflowExecutionsResponse:
+        await self._check_namespace(request.namespace)
+        query = parse_query(request.query)
+        if query.order_by:
+            raise InvalidArgumentError("invalid query: a count takes no ORDER BY")
+        count = await self._store.count_executions(request.namespace, query)
+        return service_pb2.CountWorkflowExecutionsResponse(count=count)
+
+    @_rpc
+    async def CreateSchedule(
+        self, request: service_pb2.CreateScheduleRequest, context: _Context
+    ) -> service_pb2.CreateScheduleResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("schedule_id", request.schedule_id)
+        if len(request.request_id) > 255:
+            raise InvalidArgumentError("request_id is longer than 255 characters")
+        action = request.schedule.action.start_workflow
+        if action.HasField("input"):
+            self._check_payloads("schedule action input", action.input)
+        await require_scheduler(self.scheduler).create(
+            request.namespace, request.schedule_id, request.schedule, request.request_id
+        )
+        return service_pb2.CreateScheduleResponse()
+
+    @_rpc
+    async def DescribeSchedule(
+        self, request: service_pb2.DescribeScheduleRequest, context: _Context
+    ) -> service_pb2.DescribeScheduleResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("schedule_id", request.schedule_id)
+        return await require_scheduler(self.scheduler).describe(
+            request.namespace, request.schedule_id
+        )
+
+    @_rpc
+    async def PatchSchedule(
+        self, request: service_pb2.PatchScheduleRequest, context: _Context
+    ) -> service_pb2.PatchScheduleResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("schedule_id", request.schedule_id)
+        if len(request.request_id) > 255:
+            raise InvalidArgumentError("request_id is longer than 255 characters")
+        await require_scheduler(self.scheduler).patch(
+            request.namespace, request.schedule_id, request.patch, request.request_id
+        )
+        return service_pb2.PatchScheduleResponse()
+
+    @_rpc
+    async def DeleteSchedule(
+        self, request: service_pb2.DeleteScheduleRequest, context: _Context
+    ) -> service_pb2.DeleteScheduleResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("schedule_id", request.schedule_id)
+        await require_scheduler(self.scheduler).delete(request.namespace, request.schedule_id)
+        return service_pb2.DeleteScheduleResponse()
+
+    @_rpc
+    async def ListSchedules(
+        self, request: service_pb2.ListSchedulesRequest, context: _Context
+    ) -> service_pb2.ListSchedulesResponse:
+        await self._check_namespace(request.namespace)
+        if request.maximum_page_size < 0:
+            raise InvalidArgumentError("maximum_page_size must not be negative")
+        page_size = min(request.maximum_page_size or _MAX_LIST_PAGE_SIZE, _MAX_LIST_PAGE_SIZE)
+        return await require_scheduler(self.scheduler).list(
+            request.namespace, page_size, request.next_page_token
+        )
+
+
+# Largest page of ListWorkflowExecutions / ListSchedules.
+_MAX_LIST_PAGE_SIZE = 1000

@@ -141,7 +141,8 @@ class Matching:
             if not rows:
                 return count
             for row in sorted(rows, key=lambda r: r.created_at):
-                self.add(row)
+                if row.kind != TaskKind.TRANSFER:  # the transfer processor's own rows
+                    self.add(row)
             count += len(rows)
             after = rows[-1].task_key
 

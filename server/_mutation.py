@@ -15,7 +15,8 @@ from typing import Any
 
 from tideflow.api.v1 import history_pb2, state_pb2
 from tideflow.api.v1.common_pb2 import TaskQueue, WorkflowExecutionStatus
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, ParentClosePolicy
 from tideflow.history import (
     CurrentWrite,
     ExecutionSummary,
@@ -24,6 +25,7 @@ from tideflow.history import (
     TaskRow,
     TimerKind,
     TimerRow,
+    TransferAction,
     Transition,
     attributes_of,
     make_event,
@@ -261,6 +263,19 @@ class Mutation:
         ms.close_time.FromMicroseconds(self.now)
         ms.completion_event_id = event.event_id
         self.current = CurrentWrite.UPDATE_STATUS
+        # Children stay listed (the close policy needs them); each gets its policy.
+        for child in ms.pending_children.values():
+            child.parent_closed = True
+            if child.parent_close_policy != ParentClosePolicy.PARENT_CLOSE_POLICY_ABANDON:
+                self.add_transfer(TransferAction.PARENT_CLOSE_POLICY, child.initiated_event_id)
+        ms.pending_external.clear()
+        if ms.parent_workflow_id and status != WS.WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW:
+            # The last run of a child's chain reports to the parent.
+            self.add_transfer(TransferAction.CHILD_CLOSED, event.event_id)
+
+    def add_transfer(self, action: str, ref_id: int) -> str:
+        """An outbox row the server's transfer processor acts on after the commit."""
+        return self.add_task(TaskKind.TRANSFER, action, ref_id, 0)
 
     # ---------------------------------------------------------------- commit
 

@@ -11,13 +11,15 @@ from types import TracebackType
 import grpc
 
 from tideflow.api.v1 import service_pb2_grpc
-from tideflow.history import HistoryStore, TaskRow, TimerRow
+from tideflow.history import HistoryStore, TaskKind, TaskRow, TimerRow
 
 from ._config import Clock, ServerConfig, SystemClock
 from ._engine import Dispatcher, HistoryEngine
 from ._frontend import WorkflowService
 from ._matching import Matching
+from ._schedules import Scheduler
 from ._timers import TimerQueue
+from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
 
@@ -30,9 +32,13 @@ class _Dispatch(Dispatcher):
     def __init__(self, matching: Matching) -> None:
         self._matching = matching
         self.timers: TimerQueue | None = None
+        self.transfers: TransferProcessor | None = None
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
-        self._matching.add_many(tasks)
+        transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
+        if transfers and self.transfers is not None:
+            self.transfers.add(transfers)
+        self._matching.add_many([t for t in tasks if t.kind != TaskKind.TRANSFER])
 
     def add_timers(self, timers: list[TimerRow]) -> None:
         if self.timers is not None:
@@ -63,6 +69,8 @@ class TideflowServer:
         self._store: HistoryStore | None = None
         self._grpc: grpc.aio.Server | None = None
         self._timer_task: asyncio.Task[None] | None = None
+        self._scheduler_task: asyncio.Task[None] | None = None
+        self._transfer_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -87,7 +95,14 @@ class TideflowServer:
             store, engine.fire_timer, self._clock, window_s=self.config.timer_window_s
         )
         dispatch.timers = timers
+        transfers = TransferProcessor(store, engine.process_transfer)
+        dispatch.transfers = transfers
         recovered = await matching.recover(store)
+        recovered += await transfers.recover()
+        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
+        scheduler = Scheduler(store, engine, self._clock)
+        service = WorkflowService(store, engine, matching, self.config)
+        service.scheduler = scheduler
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
@@ -96,7 +111,7 @@ class TideflowServer:
             ]
         )
         service_pb2_grpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            WorkflowService(store, engine, matching, self.config), server
+            service, server
         )
         bound = server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
@@ -106,6 +121,8 @@ class TideflowServer:
         await server.start()
         self._grpc = server
         self._timer_task = asyncio.create_task(timers.run(), name="tideflow-timer-queue")
+        self._scheduler_task = asyncio.create_task(scheduler.run(), name="tideflow-scheduler")
+        self._transfer_task = asyncio.create_task(transfers.run(), name="tideflow-transfers")
         log.info(
             "tideflow server listening on %s (store: %s, %d tasks recovered)",
             self.address,
@@ -120,10 +137,15 @@ class TideflowServer:
         self._stopped = True
         if self._grpc is not None:
             await self._grpc.stop(grace)
-        if self._timer_task is not None:
-            self._timer_task.cancel()
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._timer_task
+                await self._scheduler_task
+        for task in (self._timer_task, self._transfer_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._store is not None:
             log.info("store commits: %s", self._store.stats)
             await self._store.close()

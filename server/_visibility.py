@@ -59,7 +59,7 @@ Errors
     value of the wrong type, or orders by a custom attribute is refused with
     INVALID_ARGUMENT; the message names the offending token and its position
     (1-based character offset), e.g. ``invalid query: unexpected 'AND' at position
-    17: expected a field name``.
+    17; expected a field name``.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tideflow.api.v1.common_pb2 import SearchAttributes
+from tideflow.api.v1.service_pb2 import WorkflowExecutionInfo
 from tideflow.history import (
     BUILTIN_FIELDS,
     Compare,
@@ -80,7 +82,10 @@ from tideflow.history import (
     QueryValue,
     VisibilityCursor,
     VisibilityQuery,
+    VisibilityRecord,
+    encode_search_attribute,
     parse_rfc3339,
+    search_attributes_problem,
 )
 
 from ._errors import InvalidArgumentError
@@ -270,7 +275,7 @@ class _Parser:
             order = self._order_by()
         if self._peek.kind != "EOF":
             expected = "AND, OR, ORDER BY or the end" if order == () else "',' or the end"
-            raise _unexpected(self._peek, f"{expected}")
+            raise _unexpected(self._peek, expected)
         return VisibilityQuery(where=where, order_by=order)
 
     def _or(self, depth: int) -> QueryExpr:
@@ -456,3 +461,33 @@ def decode_page_token(namespace: str, query: str, token: bytes) -> VisibilityCur
     if fingerprint != _fingerprint(namespace, query):
         raise InvalidArgumentError("next_page_token belongs to a different query")
     return tuple(cursor)
+
+
+# ------------------------------------------------------------- frontend helpers
+
+
+def check_search_attributes(proto: SearchAttributes, *, allow_removal: bool = False) -> None:
+    """Refuse search attributes the store cannot index (INVALID_ARGUMENT)."""
+    problem = search_attributes_problem(proto, allow_removal=allow_removal)
+    if problem:
+        raise InvalidArgumentError(problem)
+
+
+def execution_info(record: VisibilityRecord) -> WorkflowExecutionInfo:
+    """The wire form of one listed run."""
+    info = WorkflowExecutionInfo(
+        status=record.summary.status,  # type: ignore[arg-type]
+        history_length=record.summary.history_length,
+        task_queue=record.summary.task_queue,
+    )
+    info.execution.workflow_id = record.key.workflow_id
+    info.execution.run_id = record.key.run_id
+    info.type.name = record.summary.workflow_type
+    info.start_time.FromMicroseconds(record.summary.start_time)
+    if record.summary.close_time is not None:
+        info.close_time.FromMicroseconds(record.summary.close_time)
+    if record.memo is not None:
+        info.memo.CopyFrom(record.memo)
+    for name, value in sorted(record.search_attributes.items()):
+        info.search_attributes.indexed_fields[name].CopyFrom(encode_search_attribute(value))
+    return info

@@ -20,7 +20,7 @@ import collections
 import contextvars
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,13 +28,19 @@ from typing import Any
 from tideflow.api.v1 import command_pb2, common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import COMMAND_EVENTS, event_type_name
+from tideflow.history import COMMAND_EVENTS, attributes_of, event_type_name
 
 from . import activity as activity_mod
 from . import exceptions as exc
 from .common import RetryPolicy
 from .converter import DataConverter
-from .workflow import ActivityCancellationType, Info, WorkflowDefinition
+from .workflow import (
+    ActivityCancellationType,
+    Info,
+    WorkflowDefinition,
+    definition_of,
+    handler_name,
+)
 
 log = logging.getLogger("tideflow.worker")
 ET = EventType
@@ -117,6 +123,46 @@ class _DurableTimerHandle(asyncio.TimerHandle):
         super().cancel()
 
 
+class _ChildHandle:
+    """A child workflow as the parent sees it; awaiting it gives the child's result."""
+
+    def __init__(self, instance: WorkflowInstance, workflow_id: str, workflow_type: str) -> None:
+        self._instance = instance
+        self.id = workflow_id
+        self.workflow_type = workflow_type
+        self.first_execution_run_id = ""
+        self.initiated_event_id = 0
+        self.result_type: Any = None
+        self.started: asyncio.Future[_ChildHandle] = instance.create_future()
+        self.result: asyncio.Future[Any] = instance.create_future()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.result.__await__()
+
+    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None:
+        values = list(args) if args else ([] if arg is None else [arg])
+        await self._instance.signal_external(
+            self.id, self.first_execution_run_id, signal, values, child_only=True
+        )
+
+    async def cancel(self) -> None:
+        await self._instance.cancel_external(self.id, self.first_execution_run_id, child_only=True)
+
+
+class _ExternalHandle:
+    def __init__(self, instance: WorkflowInstance, workflow_id: str, run_id: str | None) -> None:
+        self._instance = instance
+        self.id = workflow_id
+        self.run_id = run_id
+
+    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None:
+        values = list(args) if args else ([] if arg is None else [arg])
+        await self._instance.signal_external(self.id, self.run_id or "", signal, values)
+
+    async def cancel(self) -> None:
+        await self._instance.cancel_external(self.id, self.run_id or "")
+
+
 class WorkflowInstance(asyncio.AbstractEventLoop):
     """One workflow run's deterministic event loop and the state replay builds.
 
@@ -166,6 +212,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         # Patch ids with a marker in history (seen so far, or in the task replayed next).
         self._patches_in_history: set[str] = set()
         self._patch_results: dict[str, bool] = {}
+        self._children: dict[int, _ChildHandle] = {}  # by initiated event id
+        self._external: dict[int, asyncio.Future[None]] = {}  # by initiated event id
         self.next_event_id = 1  # next history event this instance expects
         self.last_started_event_id = 0  # started id of the last activation it ran
         self._replaying = False
@@ -357,6 +405,90 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             )
             self._emit(command)
 
+    def start_child_workflow(
+        self,
+        workflow: Any,
+        args: list[Any],
+        *,
+        workflow_id: str,
+        task_queue: str | None,
+        parent_close_policy: int,
+        execution_timeout: timedelta | None,
+        run_timeout: timedelta | None,
+        task_timeout: timedelta | None,
+        result_type: Any,
+    ) -> asyncio.Future[_ChildHandle]:
+        if isinstance(workflow, str):
+            type_name = workflow
+        else:
+            definition = definition_of(workflow)
+            type_name = definition.name
+            if result_type is None:
+                result_type = definition.return_type
+        handle = _ChildHandle(self, workflow_id, type_name)
+        handle.result_type = result_type
+        command = Command(command_type=CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION)
+        a = command.start_child_workflow_execution_command_attributes
+        a.namespace = self._namespace
+        a.workflow_id = workflow_id
+        a.workflow_type.name = type_name
+        a.task_queue.name = task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(args))
+        a.parent_close_policy = parent_close_policy  # type: ignore[assignment]
+        for field, value in (
+            ("workflow_execution_timeout", execution_timeout),
+            ("workflow_run_timeout", run_timeout),
+            ("workflow_task_timeout", task_timeout),
+        ):
+            if value is not None:
+                getattr(a, field).FromTimedelta(value)
+
+        def recorded(event: HistoryEvent) -> None:
+            handle.initiated_event_id = event.event_id
+            self._children[event.event_id] = handle
+
+        self._emit(command, recorded)
+        return handle.started
+
+    def external_handle(self, workflow_id: str, run_id: str | None) -> _ExternalHandle:
+        return _ExternalHandle(self, workflow_id, run_id)
+
+    def signal_external(
+        self,
+        workflow_id: str,
+        run_id: str,
+        signal: Any,
+        args: list[Any],
+        *,
+        child_only: bool = False,
+    ) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = self.create_future()
+        command = Command(command_type=CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION)
+        a = command.signal_external_workflow_execution_command_attributes
+        a.namespace = self._namespace
+        a.execution.workflow_id = workflow_id
+        a.execution.run_id = run_id
+        a.signal_name = handler_name(signal, "__tideflow_signal__")
+        a.input.CopyFrom(self._converter.to_payloads(args))
+        a.child_workflow_only = child_only
+        self._emit(command, lambda event: self._external.__setitem__(event.event_id, done))
+        return done
+
+    def cancel_external(
+        self, workflow_id: str, run_id: str, *, child_only: bool = False
+    ) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = self.create_future()
+        command = Command(
+            command_type=CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION
+        )
+        a = command.request_cancel_external_workflow_execution_command_attributes
+        a.namespace = self._namespace
+        a.workflow_id = workflow_id
+        a.run_id = run_id
+        a.child_workflow_only = child_only
+        self._emit(command, lambda event: self._external.__setitem__(event.event_id, done))
+        return done
+
     def wait_condition(self, fn: Callable[[], bool], timeout: float | None) -> Any:
         fut: asyncio.Future[None] = self.create_future()
         self._conditions.append((fn, fut))
@@ -407,6 +539,30 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             return handler.fn(self._object, *values)
         finally:
             asyncio.events._set_running_loop(previous)
+
+    def catch_up_for_query(self) -> None:
+        """Before answering a query: apply what history recorded after the last
+        completed workflow task (signals, activity results, a cancellation request) and
+        run the code until it blocks, as the next workflow task will; the commands it
+        emits are dropped. Without this, a query answered while that task is pending
+        (queries are dispatched ahead of workflow tasks) would not see a signal whose
+        SignalWorkflow call had already returned. A task that would fail does not fail
+        the query: it is answered from the state the code reached."""
+        if self.info is None or self._completed:
+            return
+        if not self._resolutions and self._main is not None:
+            return  # nothing recorded since the last completed task
+        started = HistoryEvent(event_id=self.next_event_id)
+        started.event_time.FromMicroseconds(
+            max([self._time_us, *(e.event_time.ToMicroseconds() for e in self._resolutions)])
+        )
+        self._replaying = False  # the code runs as the next (live) workflow task would
+        try:
+            self._activate(started)
+        except Exception:
+            log.debug("workflow %s: query catch-up stopped", self._workflow_id, exc_info=True)
+        finally:
+            self._commands.clear()
 
     def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
         if not handle.timer_id or handle.timer_id not in self._timers:
@@ -690,6 +846,21 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             self._cancel_requested = True
             if self._main is not None and not self._main.done():
                 self._main.cancel()
+        elif et in _CHILD_EVENTS:
+            self._resolve_child(event)
+        elif et in _EXTERNAL_OUTCOMES:
+            attrs = attributes_of(event)
+            done = self._external.pop(attrs.initiated_event_id, None)
+            if done is not None and not done.done():
+                if et in (
+                    ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
+                    ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+                ):
+                    done.set_result(None)
+                else:
+                    done.set_exception(
+                        exc.ApplicationError(attrs.cause, type="ExternalWorkflowExecutionNotFound")
+                    )
         elif et == ET.EVENT_TYPE_TIMER_FIRED:
             a2 = event.timer_fired_event_attributes
             timer = self._timers_by_event.pop(a2.started_event_id, None)
@@ -699,6 +870,57 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                     self._ready.append(timer)
         else:
             log.debug("workflow %s: ignoring %s", self._workflow_id, event_type_name(et))
+
+    def _resolve_child(self, event: HistoryEvent) -> None:
+        et = event.event_type
+        attrs = attributes_of(event)
+        handle = self._children.get(attrs.initiated_event_id)
+        if handle is None:
+            return
+        if et == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED:
+            handle.first_execution_run_id = attrs.workflow_execution.run_id
+            if not handle.started.done():
+                handle.started.set_result(handle)
+            return
+        del self._children[attrs.initiated_event_id]
+        if et == ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED:
+            error = self._child_error(handle, "child workflow could not start")
+            error.__cause__ = exc.ApplicationError(attrs.cause, type="WorkflowAlreadyStartedError")
+            if not handle.started.done():
+                handle.started.set_exception(error)
+            return
+        if handle.result.done():
+            return
+        if et == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED:
+            values = self._converter.from_payloads(
+                attrs.result if attrs.HasField("result") else None, [handle.result_type]
+            )
+            handle.result.set_result(values[0] if values else None)
+            return
+        cause: BaseException
+        if et == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED:
+            cause = self._converter.from_failure(attrs.failure)
+        elif et == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED:
+            cause = exc.CancelledError("child workflow cancelled")
+        elif et == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT:
+            cause = exc.TimeoutError("child workflow timed out", type=None)
+        else:
+            cause = exc.TerminatedError("child workflow terminated")
+        error = self._child_error(handle, "child workflow did not complete")
+        error.__cause__ = cause
+        handle.result.set_exception(error)
+
+    def _child_error(self, handle: _ChildHandle, message: str) -> exc.ChildWorkflowError:
+        return exc.ChildWorkflowError(
+            message,
+            namespace=self._namespace,
+            workflow_id=handle.id,
+            run_id=handle.first_execution_run_id,
+            workflow_type=handle.workflow_type,
+            initiated_event_id=handle.initiated_event_id,
+            started_event_id=0,
+            retry_state=None,
+        )
 
     def _deliver_signal(self, event: HistoryEvent) -> None:
         attrs = event.workflow_execution_signaled_event_attributes
@@ -802,7 +1024,35 @@ _EVENT_OF_COMMAND = {
     CT.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION: (
         ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
     ),
+    CT.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION: (
+        ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    ),
+    CT.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION: (
+        ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+    ),
+    CT.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION: (
+        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+    ),
 }
+_CHILD_EVENTS = frozenset(
+    {
+        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
+        ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
+        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED,
+        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED,
+        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED,
+        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED,
+    }
+)
+_EXTERNAL_OUTCOMES = frozenset(
+    {
+        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
+        ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+    }
+)
 
 
 def _mismatch(command: Command, event: HistoryEvent) -> str | None:
@@ -826,6 +1076,27 @@ def _mismatch(command: Command, event: HistoryEvent) -> str | None:
         timer_id = command.cancel_timer_command_attributes.timer_id
         if timer_id != event.timer_canceled_event_attributes.timer_id:
             return f"timer id {timer_id!r} differs"
+    elif ct == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
+        child = command.start_child_workflow_execution_command_attributes
+        recorded = event.start_child_workflow_execution_initiated_event_attributes
+        if (child.workflow_id, child.workflow_type.name) != (
+            recorded.workflow_id,
+            recorded.workflow_type.name,
+        ):
+            return f"child {child.workflow_type.name}/{child.workflow_id!r} differs"
+    elif ct == CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
+        sig = command.signal_external_workflow_execution_command_attributes
+        rec = event.signal_external_workflow_execution_initiated_event_attributes
+        if (sig.execution.workflow_id, sig.signal_name) != (
+            rec.workflow_execution.workflow_id,
+            rec.signal_name,
+        ):
+            return f"signal {sig.signal_name!r} to {sig.execution.workflow_id!r} differs"
+    elif ct == CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
+        target = command.request_cancel_external_workflow_execution_command_attributes.workflow_id
+        rec_cancel = event.request_cancel_external_workflow_execution_initiated_event_attributes
+        if target != rec_cancel.workflow_execution.workflow_id:
+            return f"cancellation of {target!r} differs"
     elif ct == CommandType.COMMAND_TYPE_RECORD_MARKER:
         name = command.record_marker_command_attributes.marker_name
         if name != event.marker_recorded_event_attributes.marker_name:

@@ -161,6 +161,16 @@ class DataConverter:
             ai.activity_type.name = error.activity_type
             ai.activity_id = error.activity_id
             ai.retry_state = int(error.retry_state or 0)  # type: ignore[assignment]
+        elif isinstance(error, exc.ChildWorkflowError):
+            failure.message = error.message
+            ci = failure.child_workflow_execution_failure_info
+            ci.namespace = error.namespace
+            ci.workflow_execution.workflow_id = error.workflow_id
+            ci.workflow_execution.run_id = error.run_id
+            ci.workflow_type.name = error.workflow_type
+            ci.initiated_event_id = error.initiated_event_id
+            ci.started_event_id = error.started_event_id
+            ci.retry_state = int(error.retry_state or 0)  # type: ignore[assignment]
         elif isinstance(error, exc.TimeoutError):
             failure.message = error.message
             failure.timeout_failure_info.timeout_type = int(error.type or 0)  # type: ignore[assignment]
@@ -198,6 +208,18 @@ class DataConverter:
                 activity_type=ai.activity_type.name,
                 activity_id=ai.activity_id,
                 retry_state=exc.RetryState(ai.retry_state),
+            )
+        elif which == "child_workflow_execution_failure_info":
+            ci = failure.child_workflow_execution_failure_info
+            error = exc.ChildWorkflowError(
+                failure.message or "child workflow failed",
+                namespace=ci.namespace,
+                workflow_id=ci.workflow_execution.workflow_id,
+                run_id=ci.workflow_execution.run_id,
+                workflow_type=ci.workflow_type.name,
+                initiated_event_id=ci.initiated_event_id,
+                started_event_id=ci.started_event_id,
+                retry_state=exc.RetryState(ci.retry_state),
             )
         elif which == "timeout_failure_info":
             ti = failure.timeout_failure_info

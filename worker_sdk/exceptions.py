@@ -140,6 +140,32 @@ class ActivityError(FailureError):
         self.retry_state = retry_state
 
 
+class ChildWorkflowError(FailureError):
+    """A child workflow failed, was cancelled, terminated or timed out (or could not
+    start); ``cause`` says why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        namespace: str,
+        workflow_id: str,
+        run_id: str,
+        workflow_type: str,
+        initiated_event_id: int,
+        started_event_id: int,
+        retry_state: RetryState | None,
+    ) -> None:
+        super().__init__(message)
+        self.namespace = namespace
+        self.workflow_id = workflow_id
+        self.run_id = run_id
+        self.workflow_type = workflow_type
+        self.initiated_event_id = initiated_event_id
+        self.started_event_id = started_event_id
+        self.retry_state = retry_state
+
+
 class WorkflowFailureError(TideflowError):
     """``handle.result()`` of a workflow that failed; ``cause`` is the failure."""
 

@@ -321,6 +321,9 @@ class Worker:
         )
         try:
             instance.process(task.history.events, replay_only=True)
+            # Signals etc. recorded after the last completed task count too (a query
+            # must see a signal that was accepted before it).
+            instance.catch_up_for_query()
             query = task.query
             answer = instance.query(
                 query.query_type, query.query_args if query.HasField("query_args") else None

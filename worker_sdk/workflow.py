@@ -378,6 +378,106 @@ def continue_as_new(
     )
 
 
+class ParentClosePolicy(IntEnum):
+    """What happens to a running child when its parent closes."""
+
+    TERMINATE = 1
+    ABANDON = 2
+    REQUEST_CANCEL = 3
+
+
+class ChildWorkflowHandle(typing.Protocol):
+    """A started child workflow: await it for its result."""
+
+    id: str
+    first_execution_run_id: str
+
+    def __await__(self) -> typing.Generator[Any, None, Any]: ...
+
+    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+
+class ExternalWorkflowHandle(typing.Protocol):
+    """Another workflow run, addressed from workflow code (signal it, cancel it)."""
+
+    id: str
+    run_id: str | None
+
+    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+
+async def start_child_workflow(
+    workflow: Any,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    id: str,
+    task_queue: str | None = None,
+    parent_close_policy: ParentClosePolicy = ParentClosePolicy.TERMINATE,
+    execution_timeout: timedelta | None = None,
+    run_timeout: timedelta | None = None,
+    task_timeout: timedelta | None = None,
+    result_type: Any = None,
+) -> ChildWorkflowHandle:
+    """Start a child workflow (a run of its own, with its own history) and return its
+    handle once it started. Raises ``ChildWorkflowError`` if it could not start (its id
+    is in use)."""
+    handle: ChildWorkflowHandle = await _runtime().start_child_workflow(
+        workflow,
+        list(args) if args else ([] if arg is None else [arg]),
+        workflow_id=id,
+        task_queue=task_queue,
+        parent_close_policy=parent_close_policy,
+        execution_timeout=execution_timeout,
+        run_timeout=run_timeout,
+        task_timeout=task_timeout,
+        result_type=result_type,
+    )
+    return handle
+
+
+async def execute_child_workflow(
+    workflow: Any,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    id: str,
+    task_queue: str | None = None,
+    parent_close_policy: ParentClosePolicy = ParentClosePolicy.TERMINATE,
+    execution_timeout: timedelta | None = None,
+    run_timeout: timedelta | None = None,
+    task_timeout: timedelta | None = None,
+    result_type: Any = None,
+) -> Any:
+    """Start a child workflow and wait for its result; raises ``ChildWorkflowError``
+    (cause: what the child failed with) if it did not complete."""
+    handle = await start_child_workflow(
+        workflow,
+        arg,
+        args=args,
+        id=id,
+        task_queue=task_queue,
+        parent_close_policy=parent_close_policy,
+        execution_timeout=execution_timeout,
+        run_timeout=run_timeout,
+        task_timeout=task_timeout,
+        result_type=result_type,
+    )
+    return await handle
+
+
+def get_external_workflow_handle(
+    workflow_id: str, *, run_id: str | None = None
+) -> ExternalWorkflowHandle:
+    """A handle to signal or cancel another workflow from workflow code."""
+    handle: ExternalWorkflowHandle = _runtime().external_handle(workflow_id, run_id)
+    return handle
+
+
 def in_workflow() -> bool:
     from ._workflow_instance import current_instance_or_none
 

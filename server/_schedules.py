@@ -1,0 +1,832 @@
+"""Schedules: durable, server-side starts of a workflow on a cron or interval spec.
+
+A schedule is a row in the store (``history/_schedule_store.py``) plus a ledger of
+what happened to each of its slots. One asyncio task per server node, the
+``Scheduler``, drives all schedules:
+
+1. **Decide.** For each schedule whose next slot is due, every slot between the last
+   decided one and now gets its fate: PENDING (start it), BUFFERED (overlap policy
+   BUFFER_ONE / BUFFER_ALL, a run is still open), SKIPPED_OVERLAP (SKIP, or a full
+   buffer) or SKIPPED_CATCHUP (the server was down and the slot is older than the
+   catch-up window). The ledger rows and the advance of ``last_slot`` commit in one
+   compare-and-set transaction, so each slot is decided exactly once, even across a
+   crash (the next slot is always computed from the persisted ``last_slot``).
+2. **Act.** A PENDING row is started with workflow id ``<action id>-<slot RFC 3339>``
+   and a request id derived from the schedule and the slot, then marked STARTED. A
+   crash between the two is harmless: after a restart the row is still PENDING, and
+   starting it again returns the run the first attempt created (the engine
+   de-duplicates starts by request id). BUFFERED rows become PENDING when the runs
+   the schedule started have closed; CANCEL_OTHER / TERMINATE_OTHER first cancel or
+   terminate those runs.
+
+Triggers ("run now") are ledger rows keyed by their request id, so a retried trigger
+fires once. Pausing stops decisions; unpausing resumes from now (slots that passed
+while paused are not caught up). Scheduled runs carry the search attributes
+``TemporalScheduledById`` and ``TemporalScheduledStartTime`` (Temporal's names), so
+``list_workflows("TemporalScheduledById = 'my-schedule'")`` finds them.
+
+Cron expressions have the standard five fields, in UTC: minute (0-59), hour (0-23),
+day of month (1-31), month (1-12 or JAN-DEC), day of week (0-7, 0 and 7 are Sunday,
+or SUN-SAT); each field is ``*``, a value, a range ``a-b``, a step ``*/n``,
+``a-b/n`` or ``a/n``, or a comma-separated list of these. As in Vixie cron, when
+both day fields are restricted a day matching either one matches. The macros
+``@yearly`` (``@annually``), ``@monthly``, ``@weekly``, ``@daily`` (``@midnight``)
+and ``@hourly`` are accepted. Intervals fire at every multiple of the interval since
+the Unix epoch, shifted by the phase (offset); the smallest interval is one second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tideflow.api.v1 import service_pb2
+from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
+from tideflow.api.v1.service_pb2 import ScheduleOverlapPolicy as OP
+from tideflow.history import (
+    HistoryStore,
+    ScheduleActionKind,
+    ScheduleActionRecord,
+    ScheduleActionState,
+    ScheduleRecord,
+    StoreError,
+    datetime_of,
+    encode_search_attribute,
+    format_rfc3339,
+    micros_of,
+    search_attributes_problem,
+    slot_action_key,
+    trigger_action_key,
+)
+
+from ._config import Clock
+from ._engine import HistoryEngine
+from ._errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ServiceError,
+    UnavailableError,
+)
+
+log = logging.getLogger("tideflow.server.schedules")
+
+St = ScheduleActionState
+_US = 1_000_000
+_MINUTE_US = 60 * _US
+DEFAULT_CATCHUP_WINDOW_US = 365 * 86_400 * _US
+MIN_INTERVAL_US = _US
+# Slots decided per schedule and pass; a long outage is worked off over several passes.
+_MAX_SLOTS_PER_PASS = 1_000
+# Finished ledger rows kept per schedule (older ones are pruned).
+_LEDGER_KEEP = 200
+_RECENT = 10
+_FUTURE = 10
+# How often runs are checked for having closed while actions wait on them.
+_WAIT_POLL_S = 0.25
+# Longest sleep between passes (a safety net; wake-ups make new work immediate).
+_MAX_IDLE_S = 30.0
+_MAX_ACTION_WORKFLOW_ID = 960
+_IDENTITY = "tideflow-scheduler"
+SCHEDULED_BY_ID = "TemporalScheduledById"
+SCHEDULED_START_TIME = "TemporalScheduledStartTime"
+
+
+# ------------------------------------------------------------------------- cron
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"),
+        start=1,
+    )
+}
+_DAYS = {"SUN": 0, "MON": 1, "TUE": 2, "WED": 3, "THU": 4, "FRI": 5, "SAT": 6}
+_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_FIELDS = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day-of-month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 0, 7, _DAYS),
+)
+
+
+class CronError(ValueError):
+    pass
+
+
+def _cron_value(text: str, field: str, low: int, high: int, names: dict[str, int]) -> int:
+    value = names.get(text.upper())
+    if value is None:
+        if not text.isdigit():
+            raise CronError(f"{field} value {text!r} is not a number")
+        value = int(text)
+    if not low <= value <= high:
+        raise CronError(f"{field} value {value} is outside {low}-{high}")
+    return value
+
+
+def _cron_field(text: str, field: str, low: int, high: int, names: dict[str, int]) -> set[int]:
+    values: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise CronError(f"{field} has an empty list item")
+        body, _, step_text = item.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise CronError(f"{field} step {step_text!r} must be a positive number")
+            step = int(step_text)
+        if body == "*":
+            start, end = low, high
+        elif "-" in body:
+            first, _, last = body.partition("-")
+            start = _cron_value(first, field, low, high, names)
+            end = _cron_value(last, field, low, high, names)
+            if end < start:
+                raise CronError(f"{field} range {body!r} is backwards")
+        else:
+            start = _cron_value(body, field, low, high, names)
+            end = high if step_text else start
+        values.update(range(start, end + 1, step))
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class CronExpression:
+    """A parsed five-field cron expression, evaluated in UTC."""
+
+    text: str
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 = Sunday
+    any_day: bool  # day-of-month is *
+    any_weekday: bool  # day-of-week is *
+
+    @staticmethod
+    def parse(text: str) -> CronExpression:
+        expanded = _MACROS.get(text.strip().lower(), text)
+        parts = expanded.split()
+        if len(parts) != 5:
+            raise CronError(
+                f"cron expression {text!r} has {len(parts)} fields; expected 5 "
+                "(minute hour day-of-month month day-of-week)"
+            )
+        sets = [
+            _cron_field(part, name, low, high, names)
+            for part, (name, low, high, names) in zip(parts, _FIELDS, strict=True)
+        ]
+        weekdays = frozenset(d % 7 for d in sets[4])
+        return CronExpression(
+            text=text,
+            minutes=tuple(sorted(sets[0])),
+            hours=tuple(sorted(sets[1])),
+            days=frozenset(sets[2]),
+            months=frozenset(sets[3]),
+            weekdays=weekdays,
+            any_day=parts[2].startswith("*"),
+            any_weekday=parts[4].startswith("*"),
+        )
+
+    def _day_matches(self, moment: datetime) -> bool:
+        in_month = moment.day in self.days
+        in_week = (moment.isoweekday() % 7) in self.weekdays
+        if self.any_day and self.any_weekday:
+            return True
+        if self.any_day:
+            return in_week
+        if self.any_weekday:
+            return in_month
+        return in_month or in_week
+
+    def next_after(self, micros: int) -> int | None:
+        """The first matching minute strictly after ``micros``; None if there is none
+        within five years (e.g. ``0 0 30 2 *``)."""
+        moment = datetime_of(micros - micros % _MINUTE_US) + timedelta(minutes=1)
+        limit = moment + timedelta(days=5 * 366)
+        while moment < limit:
+            if moment.month not in self.months:
+                year, month = (
+                    (moment.year + 1, 1)
+                    if moment.month == 12
+                    else (
+                        moment.year,
+                        moment.month + 1,
+                    )
+                )
+                moment = datetime(year, month, 1, tzinfo=UTC)
+                continue
+            if not self._day_matches(moment):
+                moment = datetime(moment.year, moment.month, moment.day, tzinfo=UTC) + timedelta(
+                    days=1
+                )
+                continue
+            if moment.hour not in self.hours:
+                moment = moment.replace(minute=0) + timedelta(hours=1)
+                continue
+            i = bisect.bisect_left(self.minutes, moment.minute)
+            if i == len(self.minutes):
+                moment = moment.replace(minute=0) + timedelta(hours=1)
+                continue
+            return micros_of(moment.replace(minute=self.minutes[i]))
+        return None
+
+
+# ------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSpec:
+    """The slots of a ``ScheduleSpec``: the union of its crons and intervals."""
+
+    crons: tuple[CronExpression, ...]
+    intervals: tuple[tuple[int, int], ...]  # (interval, phase) in microseconds
+    start: int | None
+    end: int | None
+
+    @staticmethod
+    def compile(spec: service_pb2.ScheduleSpec) -> CompiledSpec:
+        """Raises InvalidArgumentError naming what is wrong."""
+        crons = []
+        for text in spec.cron_expressions:
+            try:
+                crons.append(CronExpression.parse(text))
+            except CronError as exc:
+                raise InvalidArgumentError(f"schedule spec: {exc}") from None
+        intervals = []
+        for item in spec.intervals:
+            every = item.interval.ToMicroseconds()
+            phase = item.phase.ToMicroseconds()
+            if every < MIN_INTERVAL_US:
+                raise InvalidArgumentError("schedule spec: an interval must be at least 1 second")
+            if not 0 <= phase < every:
+                raise InvalidArgumentError(
+                    "schedule spec: an interval's offset must be at least 0 and less than "
+                    "the interval"
+                )
+            intervals.append((every, phase))
+        if not crons and not intervals:
+            raise InvalidArgumentError("schedule spec needs a cron expression or an interval")
+        start = spec.start_time.ToMicroseconds() if spec.HasField("start_time") else None
+        end = spec.end_time.ToMicroseconds() if spec.HasField("end_time") else None
+        if start is not None and end is not None and end < start:
+            raise InvalidArgumentError("schedule spec: end_time is before start_time")
+        return CompiledSpec(tuple(crons), tuple(intervals), start, end)
+
+    def next_after(self, micros: int) -> int | None:
+        """The first slot strictly after ``micros``, or None when the spec has ended."""
+        if self.start is not None:
+            micros = max(micros, self.start - 1)
+        candidates = [c for c in (cron.next_after(micros) for cron in self.crons) if c is not None]
+        for every, phase in self.intervals:
+            candidates.append(((micros - phase) // every + 1) * every + phase)
+        if not candidates:
+            return None
+        slot = min(candidates)
+        if self.end is not None and slot > self.end:
+            return None
+        return slot
+
+    def upcoming(self, after: int, count: int) -> list[int]:
+        slots: list[int] = []
+        moment: int | None = after
+        while len(slots) < count:
+            moment = self.next_after(moment) if moment is not None else None
+            if moment is None:
+                break
+            slots.append(moment)
+        return slots
+
+
+# -------------------------------------------------------------------- scheduler
+
+
+def _overlap(policy: int) -> int:
+    return policy or OP.SCHEDULE_OVERLAP_POLICY_SKIP
+
+
+@dataclass(slots=True)
+class _Occupancy:
+    """What the overlap policy looks at: runs still open, actions not yet started."""
+
+    running: int
+    pending: int
+    buffered: int
+
+    def fate(self, overlap: int) -> ScheduleActionState:
+        """The fate of a new action under ``overlap``; updates the counts."""
+        busy = self.running > 0 or self.pending > 0
+        if overlap == OP.SCHEDULE_OVERLAP_POLICY_SKIP and busy:
+            return St.SKIPPED_OVERLAP
+        if overlap == OP.SCHEDULE_OVERLAP_POLICY_BUFFER_ONE and busy:
+            if self.buffered:
+                return St.SKIPPED_OVERLAP
+            self.buffered += 1
+            return St.BUFFERED
+        if overlap == OP.SCHEDULE_OVERLAP_POLICY_BUFFER_ALL and (busy or self.buffered):
+            self.buffered += 1
+            return St.BUFFERED
+        self.pending += 1
+        return St.PENDING
+
+
+def _timestamp(micros: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(micros)
+    return ts
+
+
+def _request_id(namespace: str, schedule_id: str, action_key: str) -> str:
+    digest = hashlib.sha256(f"{namespace}\0{schedule_id}\0{action_key}".encode()).hexdigest()
+    return f"schedule-{digest[:48]}"
+
+
+def validate_schedule(schedule: service_pb2.Schedule) -> CompiledSpec:
+    """Check a schedule before it is stored; raises InvalidArgumentError."""
+    spec = CompiledSpec.compile(schedule.spec)
+    if not schedule.action.HasField("start_workflow"):
+        raise InvalidArgumentError("schedule action must start a workflow")
+    info = schedule.action.start_workflow
+    if not info.workflow_id:
+        raise InvalidArgumentError("schedule action: workflow_id is empty")
+    if len(info.workflow_id) > _MAX_ACTION_WORKFLOW_ID:
+        raise InvalidArgumentError(
+            f"schedule action: workflow_id is longer than {_MAX_ACTION_WORKFLOW_ID} characters"
+        )
+    if not info.workflow_type.name:
+        raise InvalidArgumentError("schedule action: workflow_type is empty")
+    if not info.task_queue.name:
+        raise InvalidArgumentError("schedule action: task_queue is empty")
+    for name in ("workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout"):
+        if getattr(info, name).ToMicroseconds() < 0:
+            raise InvalidArgumentError(f"schedule action: {name} must not be negative")
+    if info.HasField("search_attributes"):
+        problem = search_attributes_problem(info.search_attributes, allow_removal=False)
+        if problem:
+            raise InvalidArgumentError(f"schedule action: {problem}")
+    policies = schedule.policies
+    if policies.overlap_policy not in OP.values():
+        raise InvalidArgumentError(f"unknown overlap policy {policies.overlap_policy}")
+    if policies.catchup_window.ToMicroseconds() < 0:
+        raise InvalidArgumentError("catchup_window must not be negative")
+    return spec
+
+
+def require_scheduler(scheduler: Scheduler | None) -> Scheduler:
+    """The node's scheduler, or UNAVAILABLE if this server runs none."""
+    if scheduler is None:
+        raise UnavailableError("schedules are not running on this server")
+    return scheduler
+
+
+class Scheduler:
+    """Fires every schedule of the store; also serves the schedule RPCs."""
+
+    def __init__(self, store: HistoryStore, engine: HistoryEngine, clock: Clock) -> None:
+        self._store = store
+        self._db = store.schedules
+        self._engine = engine
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """New work (a schedule created, unpaused or triggered): run a pass now."""
+        self._wakeup.set()
+
+    # ----------------------------------------------------------------- loop
+
+    async def run(self) -> None:
+        """Fire schedules until cancelled."""
+        while True:
+            self._wakeup.clear()
+            try:
+                delay = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler pass failed; retrying")
+                delay = 1.0
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wakeup.wait()
+
+    async def run_once(self) -> float:
+        """One pass over due schedules and waiting actions; returns how long the loop
+        may sleep before the next pass."""
+        now = self._clock.now_micros()
+        due = await self._db.due(now)
+        more = False
+        for record in due:
+            more |= await self._decide(record, now)
+        waiting = False
+        for namespace, schedule_id in await self._db.schedules_with_actions(
+            (St.PENDING, St.BUFFERED)
+        ):
+            waiting |= await self._act(namespace, schedule_id)
+        if more:
+            return 0.0
+        next_due = await self._db.next_due()
+        delay = _MAX_IDLE_S
+        if next_due is not None:
+            delay = min(delay, max(0.0, (next_due - self._clock.now_micros()) / _US))
+        if waiting:
+            delay = min(delay, _WAIT_POLL_S)
+        return delay
+
+    async def _running(self, namespace: str, schedule_id: str) -> list[ScheduleActionRecord]:
+        """Started actions whose workflow (following continue-as-new) is still open."""
+        still: list[ScheduleActionRecord] = []
+        for action in await self._db.actions(
+            namespace, schedule_id, states=(St.STARTED,), running_only=True
+        ):
+            current = await self._store.get_current(namespace, action.workflow_id)
+            if current is not None and current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                still.append(action)
+            else:
+                await self._db.set_action(action, running=False)
+        return still
+
+    async def _occupancy(self, namespace: str, schedule_id: str) -> _Occupancy:
+        running = await self._running(namespace, schedule_id)
+        pending = await self._db.count_actions(namespace, schedule_id, (St.PENDING,))
+        buffered = await self._db.count_actions(namespace, schedule_id, (St.BUFFERED,))
+        return _Occupancy(len(running), pending, buffered)
+
+    async def _decide(self, record: ScheduleRecord, now: int) -> bool:
+        """Decide the fate of the due slots of one schedule; True if more are due."""
+        schedule = service_pb2.Schedule.FromString(record.definition)
+        try:
+            spec = CompiledSpec.compile(schedule.spec)
+        except InvalidArgumentError as exc:
+            log.error("schedule %s has an invalid spec (%s); not firing", record.schedule_id, exc)
+            return False
+        overlap = _overlap(schedule.policies.overlap_policy)
+        catchup = schedule.policies.catchup_window.ToMicroseconds() or DEFAULT_CATCHUP_WINDOW_US
+        occupancy = await self._occupancy(record.namespace, record.schedule_id)
+        actions: list[ScheduleActionRecord] = []
+        missed = skipped = 0
+        last = record.last_slot
+        more = False
+        while True:
+            slot = spec.next_after(last)
+            if slot is None or slot > now:
+                break
+            if len(actions) >= _MAX_SLOTS_PER_PASS:
+                more = True
+                break
+            last = slot
+            if now - slot > catchup:
+                state = St.SKIPPED_CATCHUP
+                missed += 1
+            else:
+                state = occupancy.fate(overlap)
+                skipped += state == St.SKIPPED_OVERLAP
+            actions.append(
+                ScheduleActionRecord(
+                    namespace=record.namespace,
+                    schedule_id=record.schedule_id,
+                    action_key=slot_action_key(slot),
+                    kind=ScheduleActionKind.SCHEDULED,
+                    slot_time=slot,
+                    state=state,
+                    overlap=overlap,
+                    decided_at=now,
+                )
+            )
+        committed = await self._db.decide(
+            record,
+            actions,
+            last_slot=last,
+            next_fire_at=spec.next_after(last),
+            missed_catchup=missed,
+            overlap_skipped=skipped,
+            now=now,
+        )
+        if not committed:
+            return True  # changed meanwhile (paused, deleted, another node): look again
+        for action in actions:
+            if action.state == St.SKIPPED_CATCHUP:
+                log.info(
+                    "schedule %s: slot %s missed the catch-up window; skipped",
+                    record.schedule_id,
+                    format_rfc3339(action.slot_time),
+                )
+        await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP)
+        return more
+
+    async def _act(self, namespace: str, schedule_id: str) -> bool:
+        """Start the schedule's PENDING actions and release BUFFERED ones whose turn
+        has come; True if some action still waits (for a run to close, or a retry)."""
+        record = await self._db.get(namespace, schedule_id)
+        if record is None:
+            return False
+        schedule = service_pb2.Schedule.FromString(record.definition)
+        open_actions = await self._db.actions(
+            namespace, schedule_id, states=(St.PENDING, St.BUFFERED)
+        )
+        running = await self._running(namespace, schedule_id)
+        for action in open_actions:
+            if action.state == St.BUFFERED:
+                if running or any(a.state == St.PENDING for a in open_actions):
+                    return True  # waits for the open run to close
+                if not await self._db.set_action(
+                    action, expected_state=St.BUFFERED, state=St.PENDING
+                ):
+                    return True
+            if (
+                action.overlap
+                in (
+                    OP.SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER,
+                    OP.SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER,
+                )
+                and running
+            ):
+                await self._stop_others(record, running, action)
+                running = await self._running(namespace, schedule_id)
+                if running:
+                    return True  # cancellation requested; start once they have closed
+            started = await self._start(record, schedule, action)
+            if started is None:
+                return True  # transient failure: retry shortly
+            if started:
+                running = await self._running(namespace, schedule_id)
+            open_actions = [a for a in open_actions if a.action_key != action.action_key]
+        return False
+
+    async def _stop_others(
+        self,
+        record: ScheduleRecord,
+        running: Sequence[ScheduleActionRecord],
+        action: ScheduleActionRecord,
+    ) -> None:
+        reason = f"schedule {record.schedule_id!r} (overlap policy {OP.Name(action.overlap)})"
+        for other in running:
+            try:
+                key = await self._engine.resolve_run_id(record.namespace, other.workflow_id, "")
+                if action.overlap == OP.SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER:
+                    await self._engine.terminate(key, f"terminated by {reason}", None, _IDENTITY)
+                else:
+                    await self._engine.request_cancel(
+                        key,
+                        _IDENTITY,
+                        _request_id(record.namespace, record.schedule_id, action.action_key),
+                        f"cancelled by {reason}",
+                    )
+            except (ServiceError, StoreError) as exc:
+                log.debug(
+                    "schedule %s: stopping %s: %s", record.schedule_id, other.workflow_id, exc
+                )
+
+    async def _start(
+        self,
+        record: ScheduleRecord,
+        schedule: service_pb2.Schedule,
+        action: ScheduleActionRecord,
+    ) -> bool | None:
+        """Start the workflow of a PENDING action. True: started; False: refused for
+        good (recorded FAILED); None: a transient error, try again later."""
+        info = schedule.action.start_workflow
+        workflow_id = f"{info.workflow_id}-{format_rfc3339(action.slot_time)}"
+        request = service_pb2.StartWorkflowRequest(
+            namespace=record.namespace,
+            workflow_id=workflow_id,
+            identity=_IDENTITY,
+            request_id=_request_id(record.namespace, record.schedule_id, action.action_key),
+        )
+        request.workflow_type.CopyFrom(info.workflow_type)
+        request.task_queue.name = info.task_queue.name
+        for name in (
+            "input",
+            "workflow_execution_timeout",
+            "workflow_run_timeout",
+            "workflow_task_timeout",
+            "retry_policy",
+            "memo",
+            "search_attributes",
+            "header",
+        ):
+            if info.HasField(name):
+                getattr(request, name).CopyFrom(getattr(info, name))
+        attributes = request.search_attributes.indexed_fields
+        attributes[SCHEDULED_BY_ID].CopyFrom(encode_search_attribute(record.schedule_id))
+        attributes[SCHEDULED_START_TIME].CopyFrom(
+            encode_search_attribute(datetime_of(action.slot_time))
+        )
+        try:
+            run_id, _ = await self._engine.start_workflow(request)
+        except (UnavailableError, StoreError) as exc:
+            log.warning("schedule %s: start of %s failed: %s", record.schedule_id, workflow_id, exc)
+            return None
+        except ServiceError as exc:
+            log.warning(
+                "schedule %s: start of %s refused: %s", record.schedule_id, workflow_id, exc
+            )
+            await self._db.set_action(
+                action,
+                expected_state=St.PENDING,
+                state=St.FAILED,
+                workflow_id=workflow_id,
+                error=exc.message,
+            )
+            return False
+        await self._db.set_action(
+            action,
+            expected_state=St.PENDING,
+            count_action=True,
+            state=St.STARTED,
+            workflow_id=workflow_id,
+            run_id=run_id,
+            running=True,
+            started_at=self._clock.now_micros(),
+        )
+        return True
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def create(
+        self, namespace: str, schedule_id: str, schedule: service_pb2.Schedule, request_id: str
+    ) -> None:
+        spec = validate_schedule(schedule)
+        now = self._clock.now_micros()
+        stored = service_pb2.Schedule()
+        stored.CopyFrom(schedule)
+        stored.ClearField("state")  # paused / notes live in their own columns
+        record = ScheduleRecord(
+            namespace=namespace,
+            schedule_id=schedule_id,
+            definition=stored.SerializeToString(),
+            paused=schedule.state.paused,
+            notes=schedule.state.notes,
+            last_slot=now,
+            next_fire_at=spec.next_after(now),
+            version=1,
+            created_at=now,
+            updated_at=now,
+            create_request_id=request_id,
+            action_count=0,
+            missed_catchup_count=0,
+            overlap_skipped_count=0,
+        )
+        if await self._db.create(record) is None:
+            existing = await self._db.get(namespace, schedule_id)
+            if existing is not None and request_id and existing.create_request_id == request_id:
+                return  # a retry of the create that made it
+            raise AlreadyExistsError(f"schedule {schedule_id!r} already exists")
+        self.wake()
+
+    async def _get(self, namespace: str, schedule_id: str) -> ScheduleRecord:
+        record = await self._db.get(namespace, schedule_id)
+        if record is None:
+            raise NotFoundError(f"schedule not found: {schedule_id!r}")
+        return record
+
+    async def describe(
+        self, namespace: str, schedule_id: str
+    ) -> service_pb2.DescribeScheduleResponse:
+        record = await self._get(namespace, schedule_id)
+        response = service_pb2.DescribeScheduleResponse()
+        response.schedule.CopyFrom(self._schedule_of(record))
+        await self._fill_info(record, response.info, full=True)
+        return response
+
+    def _schedule_of(self, record: ScheduleRecord) -> service_pb2.Schedule:
+        schedule = service_pb2.Schedule.FromString(record.definition)
+        schedule.state.paused = record.paused
+        schedule.state.notes = record.notes
+        return schedule
+
+    async def _fill_info(
+        self, record: ScheduleRecord, info: service_pb2.ScheduleInfo, *, full: bool
+    ) -> None:
+        ns, sid = record.namespace, record.schedule_id
+        info.action_count = record.action_count
+        info.missed_catchup_window = record.missed_catchup_count
+        info.overlap_skipped = record.overlap_skipped_count
+        info.create_time.CopyFrom(_timestamp(record.created_at))
+        info.update_time.CopyFrom(_timestamp(record.updated_at))
+        schedule = service_pb2.Schedule.FromString(record.definition)
+        try:
+            spec = CompiledSpec.compile(schedule.spec)
+        except InvalidArgumentError:
+            spec = None
+        if spec is not None:
+            base = record.last_slot
+            if record.paused:
+                base = max(base, self._clock.now_micros())
+            info.future_action_times.extend(_timestamp(t) for t in spec.upcoming(base, _FUTURE))
+        if not full:
+            return
+        for action in await self._running(ns, sid):
+            info.running_workflows.add(workflow_id=action.workflow_id, run_id=action.run_id)
+        info.buffered_actions = await self._db.count_actions(ns, sid, (St.BUFFERED,))
+        for action in await self._db.actions(
+            ns, sid, states=(St.STARTED,), newest_first=True, limit=_RECENT
+        ):
+            result = info.recent_actions.add(triggered=action.kind == ScheduleActionKind.TRIGGERED)
+            result.schedule_time.CopyFrom(_timestamp(action.slot_time))
+            result.actual_time.CopyFrom(_timestamp(action.started_at or action.decided_at))
+            result.start_workflow_result.workflow_id = action.workflow_id
+            result.start_workflow_result.run_id = action.run_id
+        reasons = {
+            St.SKIPPED_CATCHUP: "catchup_window",
+            St.SKIPPED_OVERLAP: "overlap",
+            St.FAILED: "failed",
+        }
+        for action in await self._db.actions(
+            ns, sid, states=tuple(reasons), newest_first=True, limit=_RECENT
+        ):
+            skipped = info.recent_skipped.add(reason=reasons[action.state], message=action.error)
+            skipped.schedule_time.CopyFrom(_timestamp(action.slot_time))
+
+    async def patch(
+        self, namespace: str, schedule_id: str, patch: service_pb2.SchedulePatch, request_id: str
+    ) -> None:
+        if patch.pause and patch.unpause:
+            raise InvalidArgumentError("a patch cannot both pause and unpause")
+        if patch.trigger_immediately.overlap_policy not in OP.values():
+            raise InvalidArgumentError(
+                f"unknown overlap policy {patch.trigger_immediately.overlap_policy}"
+            )
+        record = await self._get(namespace, schedule_id)
+        if patch.pause or patch.unpause:
+            await self._set_paused(record, paused=patch.pause, note=patch.note)
+        if patch.HasField("trigger_immediately"):
+            await self._trigger(
+                record, patch.trigger_immediately.overlap_policy, request_id or str(uuid.uuid4())
+            )
+        self.wake()
+
+    async def _set_paused(self, record: ScheduleRecord, *, paused: bool, note: str) -> None:
+        for _ in range(20):
+            now = self._clock.now_micros()
+            values: dict[str, object] = {"paused": paused, "notes": note, "updated_at": now}
+            if not paused and record.paused:
+                # Slots that passed while paused are not caught up: resume from now.
+                schedule = service_pb2.Schedule.FromString(record.definition)
+                last = max(record.last_slot, now)
+                values["last_slot"] = last
+                values["next_fire_at"] = CompiledSpec.compile(schedule.spec).next_after(last)
+            if await self._db.update(
+                record.namespace, record.schedule_id, record.version, **values
+            ):
+                return
+            record = await self._get(record.namespace, record.schedule_id)
+        raise UnavailableError(f"schedule {record.schedule_id!r} is changing too fast; try again")
+
+    async def _trigger(self, record: ScheduleRecord, overlap: int, request_id: str) -> None:
+        schedule = service_pb2.Schedule.FromString(record.definition)
+        overlap = _overlap(overlap or schedule.policies.overlap_policy)
+        now = self._clock.now_micros()
+        occupancy = await self._occupancy(record.namespace, record.schedule_id)
+        state = occupancy.fate(overlap)
+        action = ScheduleActionRecord(
+            namespace=record.namespace,
+            schedule_id=record.schedule_id,
+            action_key=trigger_action_key(request_id),
+            kind=ScheduleActionKind.TRIGGERED,
+            slot_time=now,
+            state=state,
+            overlap=overlap,
+            decided_at=now,
+        )
+        # False: this request was recorded before (a retried trigger fires once).
+        await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
+
+    async def delete(self, namespace: str, schedule_id: str) -> None:
+        if not await self._db.delete(namespace, schedule_id):
+            raise NotFoundError(f"schedule not found: {schedule_id!r}")
+
+    async def list(
+        self, namespace: str, page_size: int, token: bytes
+    ) -> service_pb2.ListSchedulesResponse:
+        after = token.decode(errors="replace") if token else ""
+        records = await self._db.list(namespace, after_id=after, limit=page_size + 1)
+        response = service_pb2.ListSchedulesResponse()
+        for record in records[:page_size]:
+            entry = response.schedules.add(schedule_id=record.schedule_id)
+            entry.schedule.CopyFrom(self._schedule_of(record))
+            await self._fill_info(record, entry.info, full=False)
+        if len(records) > page_size:
+            response.next_page_token = records[page_size - 1].schedule_id.encode()
+        return response
