@@ -15,6 +15,7 @@ CompleteActivity, FailActivity (retry or record), FireTimer, TimeoutTask, Termin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -26,7 +27,13 @@ from google.protobuf.duration_pb2 import Duration
 
 from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, state_pb2
 from tideflow.api.v1.command_pb2 import CommandType
-from tideflow.api.v1.common_pb2 import Failure, RetryState, TimeoutType
+from tideflow.api.v1.common_pb2 import (
+    Failure,
+    RetryState,
+    TimeoutType,
+    WorkflowIdConflictPolicy,
+    WorkflowIdReusePolicy,
+)
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType, ParentClosePolicy, WorkflowTaskFailedCause
 from tideflow.history import (
@@ -301,9 +308,38 @@ class HistoryEngine:
                         continue  # it closed meanwhile: start a new run
                     return current.run_id, False
                 if current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                    conflict = req.workflow_id_conflict_policy
+                    if (
+                        conflict
+                        == WorkflowIdConflictPolicy.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING
+                    ):
+                        return current.run_id, False
+                    if (
+                        conflict
+                        == WorkflowIdConflictPolicy.WORKFLOW_ID_CONFLICT_POLICY_TERMINATE_EXISTING
+                        or req.workflow_id_reuse_policy
+                        == WorkflowIdReusePolicy.WORKFLOW_ID_REUSE_POLICY_TERMINATE_IF_RUNNING
+                    ):
+                        running = RunKey(
+                            namespace=req.namespace,
+                            workflow_id=req.workflow_id,
+                            run_id=current.run_id,
+                        )
+                        with contextlib.suppress(FailedPreconditionError):
+                            await self.terminate(
+                                running, "replaced by a new start", None, req.identity
+                            )
+                        continue  # decide again on the now closed run
                     raise WorkflowAlreadyStartedError(
                         f"workflow id {req.workflow_id!r} is already running "
                         f"as run {current.run_id}",
+                        run_id=current.run_id,
+                    )
+                problem = _reuse_refused(req.workflow_id_reuse_policy, current.status)
+                if problem:
+                    raise WorkflowAlreadyStartedError(
+                        f"workflow id {req.workflow_id!r} was used by run {current.run_id} "
+                        f"and {problem}",
                         run_id=current.run_id,
                     )
             run_id = str(uuid.uuid4())
@@ -1850,6 +1886,19 @@ class HistoryEngine:
             )
         except StoreError as exc:
             raise UnavailableError(f"history store: {exc}") from exc
+
+
+def _reuse_refused(policy: int, closed_status: int) -> str | None:
+    """Why the id reuse policy refuses a new run after one that closed so, or None."""
+    if policy == WorkflowIdReusePolicy.WORKFLOW_ID_REUSE_POLICY_REJECT_DUPLICATE:
+        return "the id reuse policy REJECT_DUPLICATE refuses a new run"
+    if (
+        policy == WorkflowIdReusePolicy.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE_FAILED_ONLY
+        and closed_status
+        in (WS.WORKFLOW_EXECUTION_STATUS_COMPLETED, WS.WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW)
+    ):
+        return "completed; the id reuse policy ALLOW_DUPLICATE_FAILED_ONLY refuses a new run"
+    return None
 
 
 # How a child's close event is reported in its parent's history.

@@ -62,6 +62,8 @@ def test_public_api_is_pinned() -> None:
         "WorkflowExecutionStatus",
         "WorkflowHandle",
         "WorkflowHistory",
+        "WorkflowIDConflictPolicy",
+        "WorkflowIDReusePolicy",
         "activity",
         "exceptions",
         "workflow",

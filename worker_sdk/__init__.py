@@ -13,7 +13,7 @@ from .client import (
     WorkflowHandle,
     WorkflowHistory,
 )
-from .common import RetryPolicy
+from .common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, JSONPayloadConverter, PayloadConverter
 from .replayer import Replayer, ReplayResult
 from .worker import Worker
@@ -31,6 +31,8 @@ __all__ = [
     "WorkflowExecutionStatus",
     "WorkflowHandle",
     "WorkflowHistory",
+    "WorkflowIDConflictPolicy",
+    "WorkflowIDReusePolicy",
     "activity",
     "exceptions",
     "workflow",

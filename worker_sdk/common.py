@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import IntEnum
 
 from tideflow.api.v1 import common_pb2
 
@@ -47,3 +48,20 @@ class RetryPolicy:
             maximum_attempts=proto.maximum_attempts,
             non_retryable_error_types=tuple(proto.non_retryable_error_types),
         )
+
+
+class WorkflowIDReusePolicy(IntEnum):
+    """Whether a start may reuse the id of a closed run."""
+
+    ALLOW_DUPLICATE = 1
+    ALLOW_DUPLICATE_FAILED_ONLY = 2
+    REJECT_DUPLICATE = 3
+    TERMINATE_IF_RUNNING = 4
+
+
+class WorkflowIDConflictPolicy(IntEnum):
+    """What a start does when a run with the id is still running."""
+
+    FAIL = 1
+    USE_EXISTING = 2
+    TERMINATE_EXISTING = 3
