@@ -45,6 +45,7 @@ class TimerKind(IntEnum):
     ACTIVITY_HEARTBEAT = 6
     ACTIVITY_RETRY = 7
     WORKFLOW_RUN_TIMEOUT = 8
+    STICKY_SCHEDULE_TO_START = 9
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

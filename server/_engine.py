@@ -30,6 +30,7 @@ from tideflow.api.v1.command_pb2 import CommandType
 from tideflow.api.v1.common_pb2 import (
     Failure,
     RetryState,
+    TaskQueueKind,
     TimeoutType,
     WorkflowIdConflictPolicy,
     WorkflowIdReusePolicy,
@@ -49,6 +50,7 @@ from tideflow.history import (
     TimerRow,
     TransferAction,
     make_event,
+    search_attributes_problem,
 )
 
 from . import _retry
@@ -241,19 +243,24 @@ class HistoryEngine:
         if m.new_timers:
             self._dispatcher.add_timers(m.new_timers)
 
-    async def _history_prefix(
-        self, key: RunKey, last_event_id: int
+    async def _history_range(
+        self, key: RunKey, first_event_id: int, last_event_id: int
     ) -> list[history_pb2.HistoryEvent]:
-        """Events 1..last_event_id, from memory when the run's history is cached."""
+        """Events first..last, from memory when the run's history is cached, else only
+        that range from the store (a sticky task of a long history reads a few rows)."""
         run = await self._load(key)
         if run.events is None and run.state.next_event_id - 1 <= _MAX_CACHED_EVENTS:
             loaded = await self._store.read_events(key)
             if self._cache.get(key) is run and len(loaded) == run.state.next_event_id - 1:
                 run.events = loaded
-            return loaded[:last_event_id]
+            return loaded[first_event_id - 1 : last_event_id]
         if run.events is not None:
-            return run.events[:last_event_id]
-        return await self._store.read_events(key, max_events=last_event_id)
+            return run.events[first_event_id - 1 : last_event_id]
+        return await self._store.read_events(
+            key,
+            first_event_id=first_event_id,
+            max_events=max(0, last_event_id - first_event_id + 1),
+        )
 
     async def state_of(self, key: RunKey) -> state_pb2.MutableState:
         return (await self._load(key)).state
@@ -531,16 +538,19 @@ class HistoryEngine:
         if wft is None:
             await self._store.delete_task(task.task_key)
             return None
-        return await self._workflow_task(task.key, wft)
+        sticky = wft.task_queue.kind == TaskQueueKind.TASK_QUEUE_KIND_STICKY
+        return await self._workflow_task(task.key, wft, only_new_events=sticky)
 
     async def _workflow_task(
-        self, key: RunKey, wft: state_pb2.WorkflowTaskInfo
+        self, key: RunKey, wft: state_pb2.WorkflowTaskInfo, *, only_new_events: bool = False
     ) -> service_pb2.PollWorkflowTaskResponse:
-        """What a worker needs to run a started workflow task: the history up to it."""
+        """What a worker needs to run a started workflow task: the history up to it
+        (for the sticky worker, only what came after the task it completed last)."""
         ms = await self.state_of(key)
         # Up to the started event: anything later belongs to the next task.
         last = wft.scheduled_event_id - 1 if wft.transient else wft.started_event_id
-        events = await self._history_prefix(key, last)
+        first = ms.last_workflow_task_started_event_id + 1 if only_new_events else 1
+        events = await self._history_range(key, first, last)
         if wft.transient:
             for event_type, event_id, attrs in (
                 (
@@ -598,7 +608,15 @@ class HistoryEngine:
         response.workflow_execution.workflow_id = ms.workflow_id
         response.workflow_execution.run_id = ms.run_id
         response.workflow_type.CopyFrom(ms.workflow_type)
-        response.history.events.extend(await self._history_prefix(key, ms.next_event_id - 1))
+        response.history.events.extend(await self._history_range(key, 1, ms.next_event_id - 1))
+        # Events buffered while a workflow task runs (signals, activity results...) were
+        # accepted already: a query must see them too (read-your-writes). Their ids are
+        # provisional (the task's completion is recorded before them); the worker only
+        # applies them to answer the query, it matches nothing against them.
+        for offset, buffered in enumerate(ms.buffered_events):
+            event = response.history.events.add()
+            event.CopyFrom(buffered)
+            event.event_id = ms.next_event_id + offset
         response.query.CopyFrom(query)
         return response
 
@@ -642,7 +660,11 @@ class HistoryEngine:
         assert started.event_id == wft.started_event_id
 
     async def complete_workflow_task(
-        self, token: state_pb2.TaskToken, commands: list[command_pb2.Command], identity: str
+        self,
+        token: state_pb2.TaskToken,
+        commands: list[command_pb2.Command],
+        identity: str,
+        sticky: service_pb2.StickyExecutionAttributes | None = None,
     ) -> list[service_pb2.PollActivityTaskResponse]:
         """Apply a workflow task's commands; returns the activities started eagerly
         for the completing worker."""
@@ -673,6 +695,11 @@ class HistoryEngine:
             )
             ms.last_workflow_task_completed_event_id = completed.event_id
             ms.last_workflow_task_started_event_id = wft.started_event_id
+            if sticky is not None and sticky.worker_task_queue.name:
+                ms.sticky_task_queue = sticky.worker_task_queue.name
+                ms.sticky_schedule_to_start_timeout.CopyFrom(sticky.schedule_to_start_timeout)
+            elif ms.sticky_task_queue:
+                m.unstick()
             m.clear_workflow_task()
             for command in commands:
                 if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
@@ -783,6 +810,13 @@ class HistoryEngine:
                 cancel = command.request_cancel_external_workflow_execution_command_attributes
                 if not cancel.workflow_id:
                     raise BadCommandError(f"{where}: workflow_id is empty")
+            elif ctype == CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+                problem = search_attributes_problem(
+                    command.upsert_workflow_search_attributes_command_attributes.search_attributes,
+                    allow_removal=True,
+                )
+                if problem:
+                    raise BadCommandError(f"{where}: {problem}")
             else:
                 raise BadCommandError(f"{where} is not supported by this server yet")
 
@@ -950,6 +984,15 @@ class HistoryEngine:
             )
             for name, payloads in a4.details.items():
                 event.marker_recorded_event_attributes.details[name].CopyFrom(payloads)
+        elif ctype == CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            # The store indexes the attributes from this event, in this transaction
+            # (history/_visibility_store.py).
+            upsert = command.upsert_workflow_search_attributes_command_attributes
+            m.append(
+                ET.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES,
+                workflow_task_completed_event_id=completed_id,
+                search_attributes=upsert.search_attributes,
+            )
 
     def _continue_as_new(
         self,
@@ -1104,6 +1147,8 @@ class HistoryEngine:
         ms = m.ms
         wft = ms.workflow_task
         attempt = wft.attempt
+        # A failed or lost task may mean the sticky worker is gone: use the normal queue.
+        m.unstick()
         if not wft.transient:
             if timed_out:
                 m.append(
@@ -1122,8 +1167,13 @@ class HistoryEngine:
                     identity=identity,
                 )
         m.clear_workflow_task()
-        if m.flush_buffered():
-            m.schedule_workflow_task()  # new events: a fresh, recorded attempt
+        reset_sticky = (
+            cause == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE
+        )
+        if m.flush_buffered() or reset_sticky:
+            # New events, or a sticky worker that lost the run: a fresh, recorded
+            # attempt (full history through the normal queue), not a retry.
+            m.schedule_workflow_task()
             return
         next_attempt = attempt + 1
         delay = 0
@@ -1275,6 +1325,7 @@ class HistoryEngine:
         result: common_pb2.Payloads | None,
         identity: str,
         eager_workflow_task_queue: str = "",
+        sticky_task_queue: str = "",
     ) -> service_pb2.PollWorkflowTaskResponse | None:
         """Record an activity's result. If the completing worker offers to run the
         workflow task this schedules (same task queue), it is started in the same
@@ -1293,7 +1344,11 @@ class HistoryEngine:
             return self._start_eagerly(m, had_workflow_task, eager_workflow_task_queue, identity)
 
         wft = await self._update(_key(token), "CompleteActivity", fn)
-        return None if wft is None else await self._workflow_task(_key(token), wft)
+        if wft is None:
+            return None
+        ms = await self.state_of(_key(token))
+        partial = bool(sticky_task_queue) and ms.sticky_task_queue == sticky_task_queue
+        return await self._workflow_task(_key(token), wft, only_new_events=partial)
 
     def _start_eagerly(
         self, m: Mutation, had_workflow_task: bool, queue: str, identity: str
@@ -1447,12 +1502,24 @@ class HistoryEngine:
                 retry_state=RetryState.RETRY_STATE_TIMEOUT,
             )
             return True
-        if kind in (TimerKind.WORKFLOW_TASK_TIMEOUT, TimerKind.WORKFLOW_TASK_RETRY):
+        if kind in (
+            TimerKind.WORKFLOW_TASK_TIMEOUT,
+            TimerKind.WORKFLOW_TASK_RETRY,
+            TimerKind.STICKY_SCHEDULE_TO_START,
+        ):
             if not ms.HasField("workflow_task") or ms.workflow_task.attempt != timer.attempt:
                 return False
             wft = ms.workflow_task
             if not _forget_key(wft, timer.timer_key):
                 return False  # fired before (a refill raced the delete)
+            if kind == TimerKind.STICKY_SCHEDULE_TO_START:
+                if (
+                    wft.started_event_id != 0
+                    or wft.task_queue.kind != TaskQueueKind.TASK_QUEUE_KIND_STICKY
+                ):
+                    return False
+                m.unstick()  # the sticky worker did not pick it up in time
+                return True
             if kind == TimerKind.WORKFLOW_TASK_RETRY:
                 if wft.started_event_id != 0:
                     return False

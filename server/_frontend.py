@@ -50,6 +50,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 _MAX_ID_LENGTH = 1000
 _DEFAULT_PAGE_SIZE = 1000
+_DEFAULT_STICKY_TIMEOUT_S = 5
 
 
 def _rpc(
@@ -448,8 +449,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 for inner, inner_value in value.ListFields():
                     if inner.message_type is common_pb2.Payloads.DESCRIPTOR:
                         self._check_payloads(f"command {index} {inner.name}", inner_value)
+        sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
+        if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
+            sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
         eager = await self._engine.complete_workflow_task(
-            token, list(request.commands), request.identity
+            token, list(request.commands), request.identity, sticky
         )
         return service_pb2.RespondWorkflowTaskCompletedResponse(activity_tasks=eager)
 
@@ -511,6 +515,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.result if request.HasField("result") else None,
             request.identity,
             request.eager_workflow_task_queue,
+            request.sticky_task_queue,
         )
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
@@ -656,7 +661,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if request.maximum_page_size < 0:
             raise InvalidArgumentError("maximum_page_size must not be negative")
         page_size = min(request.maximum_page_size or _MAX_LIST_PAGE_SIZE, _MAX_LIST_PAGE_SIZE)
-        return await require_scheduler(self.scheduler).list(
+        return await require_scheduler(self.scheduler).list_schedules(
             request.namespace, page_size, request.next_page_token
         )
 

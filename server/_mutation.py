@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from tideflow.api.v1 import history_pb2, state_pb2
-from tideflow.api.v1.common_pb2 import TaskQueue, WorkflowExecutionStatus
+from tideflow.api.v1.common_pb2 import TaskQueue, TaskQueueKind, WorkflowExecutionStatus
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, ParentClosePolicy
 from tideflow.history import (
@@ -197,6 +197,11 @@ class Mutation:
         wft = ms.workflow_task
         wft.attempt = attempt
         wft.task_queue.CopyFrom(ms.task_queue)
+        if attempt == 1 and ms.sticky_task_queue:
+            # The worker that caches the run gets it on its own queue, new events only.
+            wft.task_queue.name = ms.sticky_task_queue
+            wft.task_queue.kind = TaskQueueKind.TASK_QUEUE_KIND_STICKY
+            wft.task_queue.normal_name = ms.task_queue.name
         wft.scheduled_time.FromMicroseconds(self.now)
         if attempt == 1:
             event = self.append(
@@ -215,9 +220,41 @@ class Mutation:
         else:
             self.add_task(
                 TaskKind.WORKFLOW,
-                ms.task_queue.name,
+                wft.task_queue.name,
                 0 if wft.transient else wft.scheduled_event_id,
                 attempt,
+            )
+            if wft.task_queue.kind == TaskQueueKind.TASK_QUEUE_KIND_STICKY:
+                timeout = ms.sticky_schedule_to_start_timeout.ToMicroseconds()
+                wft.timer_keys.append(
+                    self.add_timer(
+                        TimerKind.STICKY_SCHEDULE_TO_START,
+                        wft.scheduled_event_id,
+                        attempt,
+                        self.now + timeout,
+                    )
+                )
+        self.dirty = True
+
+    def unstick(self) -> None:
+        """Forget the sticky worker; a sticky task not yet started moves to the normal
+        queue (same task, same attempt: only where it waits changes)."""
+        ms = self.ms
+        ms.sticky_task_queue = ""
+        ms.ClearField("sticky_schedule_to_start_timeout")
+        wft = ms.workflow_task
+        if (
+            ms.HasField("workflow_task")
+            and wft.started_event_id == 0
+            and wft.task_queue.kind == TaskQueueKind.TASK_QUEUE_KIND_STICKY
+        ):
+            self.done_task_keys.append(self.workflow_task_row_key())
+            wft.task_queue.CopyFrom(ms.task_queue)
+            self.add_task(
+                TaskKind.WORKFLOW,
+                ms.task_queue.name,
+                0 if wft.transient else wft.scheduled_event_id,
+                wft.attempt,
             )
         self.dirty = True
 

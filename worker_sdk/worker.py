@@ -16,13 +16,14 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, timedelta
 from types import TracebackType
 from typing import Any
 
-from tideflow.api.v1 import service_pb2
+from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.command_pb2 import CommandType
 from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 
@@ -53,6 +54,7 @@ class Worker:
         activity_pollers: int = 2,
         activity_executor: concurrent.futures.Executor | None = None,
         graceful_shutdown_timeout: timedelta = timedelta(0),
+        sticky_queue_schedule_to_start_timeout: timedelta = timedelta(seconds=5),
         identity: str | None = None,
     ) -> None:
         if not workflows and not activities:
@@ -74,6 +76,12 @@ class Worker:
         self._activity_slots = asyncio.Semaphore(max_concurrent_activities)
         self._workflow_slots = asyncio.Semaphore(max_concurrent_workflow_tasks)
         self._max_cached = max_cached_workflows
+        # Sticky execution: while this worker caches a run, the server sends its next
+        # workflow tasks here with only the new events (0 cached workflows: off).
+        self._sticky_queue = (
+            f"{task_queue}-sticky-{uuid.uuid4().hex}" if workflows and max_cached_workflows else ""
+        )
+        self._sticky_timeout = sticky_queue_schedule_to_start_timeout
         self._cache: OrderedDict[str, WorkflowInstance] = OrderedDict()
         self._workflow_pollers = workflow_pollers if workflows else 0
         self._activity_pollers = activity_pollers if activities else 0
@@ -117,8 +125,16 @@ class Worker:
             self._own_executor = True
         for i in range(self._workflow_pollers):
             self._pollers.append(
-                asyncio.create_task(self._poll_workflow_tasks(), name=f"wf-poller-{i}")
+                asyncio.create_task(
+                    self._poll_workflow_tasks(self.task_queue), name=f"wf-poller-{i}"
+                )
             )
+            if self._sticky_queue:
+                self._pollers.append(
+                    asyncio.create_task(
+                        self._poll_workflow_tasks(self._sticky_queue), name=f"sticky-poller-{i}"
+                    )
+                )
         for i in range(self._activity_pollers):
             self._pollers.append(
                 asyncio.create_task(self._poll_activity_tasks(), name=f"act-poller-{i}")
@@ -160,12 +176,12 @@ class Worker:
 
     # -------------------------------------------------------- workflow tasks
 
-    async def _poll_workflow_tasks(self) -> None:
+    async def _poll_workflow_tasks(self, queue: str) -> None:
         client = self._client
         request = service_pb2.PollWorkflowTaskRequest(
             namespace=client.namespace, identity=self.identity
         )
-        request.task_queue.name = self.task_queue
+        request.task_queue.name = queue
         while True:
             await self._workflow_slots.acquire()
             try:
@@ -228,10 +244,11 @@ class Worker:
             task_queue=self.task_queue,
             converter=self._client.data_converter,
         )
-        self._cache[run_id] = instance
-        while len(self._cache) > self._max_cached:
+        # Make room first, so the run being worked on is never the one evicted.
+        while self._cache and len(self._cache) >= self._max_cached:
             _, evicted = self._cache.popitem(last=False)
             evicted.dispose()
+        self._cache[run_id] = instance
         return instance
 
     def _evict(self, run_id: str) -> None:
@@ -256,9 +273,21 @@ class Worker:
         if task.HasField("query"):
             await self._answer_query(task, definition)
             return
+        events = task.history.events
+        cached = self._cache.get(run_id)
+        if events and events[0].event_id != 1 and (
+            cached is None or cached.last_started_event_id != task.previous_started_event_id
+        ):
+            # A sticky task (new events only) for a run this worker no longer caches.
+            await self._fail_workflow_task(
+                task,
+                WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE,
+                exc.ApplicationError("run not in this worker's cache; resend the full history"),
+            )
+            return
         instance = self._instance_for(task, definition)
         try:
-            commands = instance.process(task.history.events)
+            commands = instance.process(events)
             if commands is None:
                 raise RuntimeError("history ended without an open workflow task")
         except exc.NonDeterminismError as error:
@@ -288,6 +317,12 @@ class Worker:
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token, commands=commands, identity=self.identity
         )
+        if self._sticky_queue and not instance._completed:
+            sticky = request.sticky_attributes
+            sticky.worker_task_queue.name = self._sticky_queue
+            sticky.worker_task_queue.kind = common_pb2.TASK_QUEUE_KIND_STICKY
+            sticky.worker_task_queue.normal_name = self.task_queue
+            sticky.schedule_to_start_timeout.FromTimedelta(self._sticky_timeout)
         try:
             response = await client.call(client.service.RespondWorkflowTaskCompleted, request)
         except BaseException:
@@ -299,7 +334,7 @@ class Worker:
             self._activity_slots.release()
         for activity_task in response.activity_tasks:
             self._spawn_activity(activity_task)
-        if instance._completed:
+        if instance._completed or not self._max_cached:
             self._evict(run_id)
 
     async def _answer_query(
@@ -505,6 +540,7 @@ class Worker:
         if eager:
             await self._workflow_slots.acquire()  # free slot: returns at once
             completed.eager_workflow_task_queue = self.task_queue
+            completed.sticky_task_queue = self._sticky_queue
         try:
             response = await client.call(client.service.RespondActivityTaskCompleted, completed)
         except BaseException:
