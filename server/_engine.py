@@ -1746,7 +1746,14 @@ class HistoryEngine:
             info = ms.pending_children.get(task.ref_id)
             m.done_task_keys.append(task.task_key)
             m.dirty = True
-            if info is None or info.run_id or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+            if info is None or info.run_id:
+                return
+            if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                if info.parent_closed and run_id:
+                    # The parent closed while its child was being started: the close
+                    # policy could not see the child then, so apply it now.
+                    info.run_id = run_id
+                    m.add_transfer(TransferAction.PARENT_CLOSE_POLICY, task.ref_id)
                 return
             if failure_cause is not None:
                 m.append_or_buffer(
@@ -1816,6 +1823,19 @@ class HistoryEngine:
             elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT:
                 attrs["retry_state"] = (
                     close.workflow_execution_timed_out_event_attributes.retry_state
+                )
+            if not info.run_id:
+                # The child finished before its start was recorded: record it first, so
+                # the parent always sees started before closed.
+                m.append_or_buffer(
+                    ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
+                    namespace=ms.namespace,
+                    initiated_event_id=info.initiated_event_id,
+                    workflow_execution=common_pb2.WorkflowExecution(
+                        workflow_id=child.workflow_id,
+                        run_id=child.first_execution_run_id or child.run_id,
+                    ),
+                    workflow_type=info.workflow_type,
                 )
             m.append_or_buffer(event_type, **attrs)
             del ms.pending_children[info.initiated_event_id]
@@ -1919,13 +1939,21 @@ class HistoryEngine:
     # ------------------------------------------------------------- terminate
 
     async def terminate(
-        self, key: RunKey, reason: str, details: common_pb2.Payloads | None, identity: str
+        self,
+        key: RunKey,
+        reason: str,
+        details: common_pb2.Payloads | None,
+        identity: str,
+        request_id: str = "",
     ) -> None:
         def fn(m: Mutation) -> None:
+            if request_id and m.ms.terminate_request_id == request_id:
+                return  # a retry of the terminate that closed the run
             if m.ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 raise FailedPreconditionError(
                     f"workflow run {key.run_id} of {key.workflow_id!r} is already closed"
                 )
+            m.ms.terminate_request_id = request_id
             m.close(
                 WS.WORKFLOW_EXECUTION_STATUS_TERMINATED,
                 ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,

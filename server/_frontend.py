@@ -292,6 +292,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.reason,
             request.details if request.HasField("details") else None,
             request.identity,
+            request.request_id,
         )
         return service_pb2.TerminateWorkflowResponse()
 

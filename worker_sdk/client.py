@@ -14,7 +14,7 @@ import random
 import socket
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
@@ -25,10 +25,26 @@ from google.protobuf import json_format
 
 from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import SearchAttributeValue, encode_search_attributes
+from tideflow.history import (
+    SearchAttributeValue,
+    decode_search_attributes,
+    encode_search_attributes,
+)
 
 from . import exceptions as exc
+from .common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, default_converter
+from .schedules import (
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleHandle,
+    ScheduleInfo,
+    ScheduleListDescription,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleState,
+)
 from .workflow import definition_of, handler_name
 
 Req = TypeVar("Req")
@@ -214,6 +230,8 @@ class Client:
         start_signal_args: Sequence[Any] = (),
         memo: Mapping[str, Any] | None = None,
         search_attributes: Mapping[str, SearchAttributeValue] | None = None,
+        id_reuse_policy: WorkflowIDReusePolicy = WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        id_conflict_policy: WorkflowIDConflictPolicy = WorkflowIDConflictPolicy.FAIL,
     ) -> WorkflowHandle:
         """Start a workflow run; ``workflow`` is the class, its run method, or a type name.
 
@@ -221,6 +239,8 @@ class Client:
         same ``request_id`` returns the run the first call started. With
         ``start_signal`` (a signal method or name) this is signal-with-start: a running
         run with this id gets the signal; otherwise a new run starts with it.
+        ``id_reuse_policy`` decides whether the id of a closed run may be reused and
+        ``id_conflict_policy`` what happens when a run with the id is running.
         """
         if isinstance(workflow, str):
             type_name = workflow
@@ -245,6 +265,8 @@ class Client:
             request.workflow_run_timeout.FromTimedelta(run_timeout)
         if task_timeout is not None:
             request.workflow_task_timeout.FromTimedelta(task_timeout)
+        request.workflow_id_reuse_policy = int(id_reuse_policy)  # type: ignore[assignment]
+        request.workflow_id_conflict_policy = int(id_conflict_policy)  # type: ignore[assignment]
         if start_signal is not None:
             request.signal_name = handler_name(start_signal, "__tideflow_signal__")
             request.signal_input.CopyFrom(self.data_converter.to_payloads(list(start_signal_args)))
@@ -296,6 +318,101 @@ class Client:
     ) -> WorkflowHandle:
         """A handle to an existing workflow (its newest run unless run_id is given)."""
         return WorkflowHandle(self, workflow_id, run_id=run_id, result_type=result_type)
+
+    # ---------------------------------------------------------- visibility
+
+    async def list_workflows(
+        self, query: str = "", *, page_size: int = 1000
+    ) -> AsyncIterator[WorkflowExecution]:
+        """Runs matching ``query``, fetched page by page (``page_size`` runs a call)::
+
+            async for wf in client.list_workflows("WorkflowType = 'Billing' AND "
+                                                  "ExecutionStatus = 'Running'"):
+                print(wf.id, wf.status, wf.search_attributes)
+
+        The query language (fields, operators, ORDER BY) is described in the README
+        and ``tideflow.server._visibility``; an invalid query raises
+        ``InvalidArgumentError`` naming the offending token.
+        """
+        token = b""
+        while True:
+            request = service_pb2.ListWorkflowExecutionsRequest(
+                namespace=self.namespace, page_size=page_size, next_page_token=token, query=query
+            )
+            response = await self.call(self.service.ListWorkflowExecutions, request)
+            for info in response.executions:
+                yield WorkflowExecution.from_info(info, self.data_converter)
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def count_workflows(self, query: str = "") -> int:
+        """How many runs match ``query`` (no ORDER BY)."""
+        request = service_pb2.CountWorkflowExecutionsRequest(namespace=self.namespace, query=query)
+        response = await self.call(self.service.CountWorkflowExecutions, request)
+        return int(response.count)
+
+    # ----------------------------------------------------------- schedules
+
+    async def create_schedule(
+        self,
+        id: str,
+        schedule: Schedule | None = None,
+        *,
+        action: ScheduleActionStartWorkflow | None = None,
+        spec: ScheduleSpec | None = None,
+        policy: SchedulePolicy | None = None,
+        state: ScheduleState | None = None,
+        request_id: str | None = None,
+    ) -> ScheduleHandle:
+        """Create a schedule (see ``tideflow.worker_sdk.schedules``): pass a
+        ``Schedule`` or its parts. Raises ``ScheduleAlreadyRunningError`` if the id is
+        taken (unless this is a retry with the same ``request_id``)."""
+        if schedule is None:
+            if action is None or spec is None:
+                raise TypeError("create_schedule needs a Schedule, or action= and spec=")
+            schedule = Schedule(
+                action=action,
+                spec=spec,
+                policy=policy or SchedulePolicy(),
+                state=state or ScheduleState(),
+            )
+        request = service_pb2.CreateScheduleRequest(
+            namespace=self.namespace,
+            schedule_id=id,
+            identity=self.identity,
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        request.schedule.CopyFrom(schedule.to_proto(self.data_converter))
+        try:
+            await self.call(self.service.CreateSchedule, request)
+        except exc.WorkflowAlreadyStartedError as error:
+            raise ScheduleAlreadyRunningError(error.message, status=error.status) from None
+        return ScheduleHandle(self, id)
+
+    def get_schedule_handle(self, id: str) -> ScheduleHandle:
+        """A handle to an existing schedule."""
+        return ScheduleHandle(self, id)
+
+    async def list_schedules(
+        self, *, page_size: int = 1000
+    ) -> AsyncIterator[ScheduleListDescription]:
+        """Every schedule of the namespace, in id order."""
+        token = b""
+        while True:
+            request = service_pb2.ListSchedulesRequest(
+                namespace=self.namespace, maximum_page_size=page_size, next_page_token=token
+            )
+            response = await self.call(self.service.ListSchedules, request)
+            for entry in response.schedules:
+                yield ScheduleListDescription(
+                    id=entry.schedule_id,
+                    schedule=Schedule.from_proto(entry.schedule, self.data_converter),
+                    info=ScheduleInfo.from_proto(entry.info),
+                )
+            token = response.next_page_token
+            if not token:
+                return
 
 
 class WorkflowHandle:
@@ -436,7 +553,10 @@ class WorkflowHandle:
     async def terminate(self, reason: str | None = None) -> None:
         client = self._client
         request = service_pb2.TerminateWorkflowRequest(
-            namespace=client.namespace, reason=reason or "", identity=client.identity
+            namespace=client.namespace,
+            reason=reason or "",
+            identity=client.identity,
+            request_id=str(uuid.uuid4()),
         )
         request.workflow_execution.CopyFrom(self._execution())
         await client.call(client.service.TerminateWorkflow, request)
@@ -459,3 +579,57 @@ class WorkflowHandle:
 
 
 _ = history_pb2
+
+
+# ------------------------------------------------------------------ visibility
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowExecution:
+    """One run as ``Client.list_workflows`` returns it."""
+
+    id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    status: WorkflowExecutionStatus
+    start_time: datetime
+    close_time: datetime | None
+    history_length: int
+    memo: dict[str, Any]
+    search_attributes: dict[str, SearchAttributeValue]
+    raw_info: service_pb2.WorkflowExecutionInfo
+
+    @staticmethod
+    def from_info(
+        info: service_pb2.WorkflowExecutionInfo, converter: DataConverter
+    ) -> WorkflowExecution:
+        return WorkflowExecution(
+            id=info.execution.workflow_id,
+            run_id=info.execution.run_id,
+            workflow_type=info.type.name,
+            task_queue=info.task_queue,
+            status=WorkflowExecutionStatus(info.status),
+            start_time=info.start_time.ToDatetime(tzinfo=UTC),
+            close_time=info.close_time.ToDatetime(tzinfo=UTC)
+            if info.HasField("close_time")
+            else None,
+            history_length=info.history_length,
+            memo={
+                key: converter.payload_converter.from_payload(payload)
+                for key, payload in info.memo.fields.items()
+            },
+            search_attributes={
+                key: value
+                for key, value in decode_search_attributes(info.search_attributes).items()
+                if value is not None
+            },
+            raw_info=info,
+        )
+
+
+def _encode_memo(converter: DataConverter, memo: Mapping[str, Any]) -> common_pb2.Memo:
+    proto = common_pb2.Memo()
+    for key, value in memo.items():
+        proto.fields[key].CopyFrom(converter.payload_converter.to_payload(value))
+    return proto

@@ -219,18 +219,20 @@ class DescribeWorkflowResponse(_message.Message):
     def __init__(self, workflow_execution_info: _Optional[_Union[WorkflowExecutionInfo, _Mapping]] = ..., pending_activities: _Optional[_Iterable[_Union[PendingActivityInfo, _Mapping]]] = ..., pending_workflow_task_attempt: _Optional[int] = ...) -> None: ...
 
 class TerminateWorkflowRequest(_message.Message):
-    __slots__ = ("namespace", "workflow_execution", "reason", "details", "identity")
+    __slots__ = ("namespace", "workflow_execution", "reason", "details", "identity", "request_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_EXECUTION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_execution: _common_pb2.WorkflowExecution
     reason: str
     details: _common_pb2.Payloads
     identity: str
-    def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., reason: _Optional[str] = ..., details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., reason: _Optional[str] = ..., details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TerminateWorkflowResponse(_message.Message):
     __slots__ = ()
@@ -653,7 +655,7 @@ class ScheduleSkippedAction(_message.Message):
     def __init__(self, schedule_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ScheduleInfo(_message.Message):
-    __slots__ = ("action_count", "missed_catchup_window", "overlap_skipped", "running_workflows", "recent_actions", "future_action_times", "create_time", "update_time", "buffered_actions", "recent_skipped")
+    __slots__ = ("action_count", "missed_catchup_window", "overlap_skipped", "running_workflows", "recent_actions", "future_action_times", "create_time", "update_time", "buffered_actions", "recent_skipped", "pending_actions")
     ACTION_COUNT_FIELD_NUMBER: _ClassVar[int]
     MISSED_CATCHUP_WINDOW_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_SKIPPED_FIELD_NUMBER: _ClassVar[int]
@@ -664,6 +666,7 @@ class ScheduleInfo(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     BUFFERED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     RECENT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     action_count: int
     missed_catchup_window: int
     overlap_skipped: int
@@ -674,7 +677,8 @@ class ScheduleInfo(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     buffered_actions: int
     recent_skipped: _containers.RepeatedCompositeFieldContainer[ScheduleSkippedAction]
-    def __init__(self, action_count: _Optional[int] = ..., missed_catchup_window: _Optional[int] = ..., overlap_skipped: _Optional[int] = ..., running_workflows: _Optional[_Iterable[_Union[_common_pb2.WorkflowExecution, _Mapping]]] = ..., recent_actions: _Optional[_Iterable[_Union[ScheduleActionResult, _Mapping]]] = ..., future_action_times: _Optional[_Iterable[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., buffered_actions: _Optional[int] = ..., recent_skipped: _Optional[_Iterable[_Union[ScheduleSkippedAction, _Mapping]]] = ...) -> None: ...
+    pending_actions: int
+    def __init__(self, action_count: _Optional[int] = ..., missed_catchup_window: _Optional[int] = ..., overlap_skipped: _Optional[int] = ..., running_workflows: _Optional[_Iterable[_Union[_common_pb2.WorkflowExecution, _Mapping]]] = ..., recent_actions: _Optional[_Iterable[_Union[ScheduleActionResult, _Mapping]]] = ..., future_action_times: _Optional[_Iterable[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., buffered_actions: _Optional[int] = ..., recent_skipped: _Optional[_Iterable[_Union[ScheduleSkippedAction, _Mapping]]] = ..., pending_actions: _Optional[int] = ...) -> None: ...
 
 class CreateScheduleRequest(_message.Message):
     __slots__ = ("namespace", "schedule_id", "schedule", "identity", "request_id")
