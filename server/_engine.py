@@ -1590,6 +1590,16 @@ class HistoryEngine:
         self._attempt_failed(m, info, failure, timeout_type=timeout)
         return True
 
+    async def unstick(self, key: RunKey, sticky_queue: str) -> None:
+        """The worker of ``sticky_queue`` left: the run's tasks go to the normal queue."""
+
+        def fn(m: Mutation) -> None:
+            if m.ms.sticky_task_queue == sticky_queue:
+                m.unstick()
+
+        with contextlib.suppress(NotFoundError):
+            await self._update(key, "Unstick", fn)
+
     # -------------------------------------------------- signals, cancellation
 
     async def signal(

@@ -389,6 +389,16 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 )
         return service_pb2.RespondQueryTaskCompletedResponse()
 
+    @_rpc
+    async def ShutdownWorker(
+        self, request: service_pb2.ShutdownWorkerRequest, context: _Context
+    ) -> service_pb2.ShutdownWorkerResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("sticky_task_queue", request.sticky_task_queue)
+        for task in self._matching.retire(request.namespace, request.sticky_task_queue):
+            await self._engine.unstick(task.key, request.sticky_task_queue)
+        return service_pb2.ShutdownWorkerResponse()
+
     # -------------------------------------------------------- workflow tasks
 
     def _poll_timeout(self, context: _Context) -> float:

@@ -50,6 +50,8 @@ class _TaskQueue:
 class Matching:
     def __init__(self) -> None:
         self._queues: dict[_QueueId, _TaskQueue] = {}
+        # Sticky queues whose worker shut down (bounded: names are per worker).
+        self._retired: set[tuple[str, str]] = set()
 
     def _queue(self, qid: _QueueId) -> _TaskQueue:
         queue = self._queues.get(qid)
@@ -145,6 +147,20 @@ class Matching:
                     self.add(row)
             count += len(rows)
             after = rows[-1].task_key
+
+    def retire(self, namespace: str, task_queue: str) -> list[TaskRow]:
+        """A sticky queue whose worker left: returns its waiting tasks; tasks added to
+        it later are reported by ``is_retired`` so the caller can move them."""
+        self._retired.add((namespace, task_queue))
+        queue = self._queues.pop((namespace, task_queue, TaskKind.WORKFLOW), None)
+        if queue is None:
+            return []
+        for poller in queue.pollers:
+            poller.cancel()
+        return list(queue.backlog)
+
+    def is_retired(self, namespace: str, task_queue: str) -> bool:
+        return (namespace, task_queue) in self._retired
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))

@@ -33,12 +33,25 @@ class _Dispatch(Dispatcher):
         self._matching = matching
         self.timers: TimerQueue | None = None
         self.transfers: TransferProcessor | None = None
+        self.engine: HistoryEngine | None = None
+        self._moving: set[asyncio.Task[None]] = set()
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
         transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
         if transfers and self.transfers is not None:
             self.transfers.add(transfers)
-        self._matching.add_many([t for t in tasks if t.kind != TaskKind.TRANSFER])
+        for task in tasks:
+            if task.kind == TaskKind.TRANSFER:
+                continue
+            if self.engine is not None and self._matching.is_retired(
+                task.key.namespace, task.task_queue
+            ):
+                # Its sticky worker is gone: move it to the normal queue now.
+                job = asyncio.create_task(self.engine.unstick(task.key, task.task_queue))
+                self._moving.add(job)
+                job.add_done_callback(self._moving.discard)
+            else:
+                self._matching.add(task)
 
     def add_timers(self, timers: list[TimerRow]) -> None:
         if self.timers is not None:
@@ -95,6 +108,7 @@ class TideflowServer:
             store, engine.fire_timer, self._clock, window_s=self.config.timer_window_s
         )
         dispatch.timers = timers
+        dispatch.engine = engine
         transfers = TransferProcessor(store, engine.process_transfer)
         dispatch.transfers = transfers
         recovered = await matching.recover(store)

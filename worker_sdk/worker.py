@@ -156,6 +156,20 @@ class Worker:
         for task in self._pollers:
             task.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
+        if self._sticky_queue:
+            # Give back the sticky queue so cached runs move on without waiting out
+            # the sticky timeout; best effort (the timeout covers a failure).
+            request = service_pb2.ShutdownWorkerRequest(
+                namespace=self._client.namespace,
+                sticky_task_queue=self._sticky_queue,
+                identity=self.identity,
+            )
+            try:
+                await self._client.call(
+                    self._client.service.ShutdownWorker, request, timeout=5, retry=False
+                )
+            except exc.RPCError as error:
+                log.debug("could not give back sticky queue: %s", error)
         if self._running_workflow_tasks:
             await asyncio.gather(*self._running_workflow_tasks, return_exceptions=True)
         if self._running_activities:
@@ -636,16 +650,25 @@ class _Heartbeater:
                 response = await client.call(
                     client.service.RecordActivityHeartbeat, request, retry=False
                 )
+            except exc.NotFoundError:
+                # The attempt is over for the server (run closed, timed out, retried
+                # elsewhere): stop working on it, as a cancellation.
+                self._cancel_activity()
             except exc.RPCError as error:
                 log.debug("heartbeat of activity %s failed: %s", self._task.activity_id, error)
             else:
-                if response.cancel_requested and not self.cancelled_by_server:
-                    self.cancelled_by_server = True
-                    if self.context is not None:
-                        self.context.cancelled.set()
-                    if self.activity_task is not None and not self.activity_task.done():
-                        self.activity_task.cancel()
+                if response.cancel_requested:
+                    self._cancel_activity()
             await asyncio.sleep(self._interval)
+
+    def _cancel_activity(self) -> None:
+        if self.cancelled_by_server:
+            return
+        self.cancelled_by_server = True
+        if self.context is not None:
+            self.context.cancelled.set()
+        if self.activity_task is not None and not self.activity_task.done():
+            self.activity_task.cancel()
 
     async def stop(self) -> None:
         if self._sender is not None and not self._sender.done():

@@ -338,6 +338,20 @@ class RespondActivityTaskCanceledResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ShutdownWorkerRequest(_message.Message):
+    __slots__ = ("namespace", "sticky_task_queue", "identity")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    STICKY_TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    sticky_task_queue: str
+    identity: str
+    def __init__(self, namespace: _Optional[str] = ..., sticky_task_queue: _Optional[str] = ..., identity: _Optional[str] = ...) -> None: ...
+
+class ShutdownWorkerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class PollWorkflowTaskRequest(_message.Message):
     __slots__ = ("namespace", "task_queue", "identity")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -90,6 +90,11 @@ class WorkflowServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledResponse.FromString,
                 _registered_method=True)
+        self.ShutdownWorker = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/ShutdownWorker',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ShutdownWorkerRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ShutdownWorkerResponse.FromString,
+                _registered_method=True)
         self.PollWorkflowTask = channel.unary_unary(
                 '/tideflow.api.v1.WorkflowService/PollWorkflowTask',
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.PollWorkflowTaskRequest.SerializeToString,
@@ -230,6 +235,14 @@ class WorkflowServiceServicer:
 
     def RespondActivityTaskCanceled(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShutdownWorker(self, request, context):
+        """A worker going away gives back its sticky queue: runs cached there move to the
+        normal queue at once instead of after the sticky schedule-to-start timeout.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -378,6 +391,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RespondActivityTaskCanceled,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledResponse.SerializeToString,
+            ),
+            'ShutdownWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShutdownWorker,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ShutdownWorkerRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ShutdownWorkerResponse.SerializeToString,
             ),
             'PollWorkflowTask': grpc.unary_unary_rpc_method_handler(
                     servicer.PollWorkflowTask,
@@ -747,6 +765,33 @@ class WorkflowService:
             '/tideflow.api.v1.WorkflowService/RespondActivityTaskCanceled',
             tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_service__pb2.RespondActivityTaskCanceledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShutdownWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/ShutdownWorker',
+            tideflow_dot_api_dot_v1_dot_service__pb2.ShutdownWorkerRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.ShutdownWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
