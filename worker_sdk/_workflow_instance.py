@@ -28,7 +28,12 @@ from typing import Any
 from tideflow.api.v1 import command_pb2, common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import COMMAND_EVENTS, attributes_of, event_type_name
+from tideflow.history import (
+    COMMAND_EVENTS,
+    attributes_of,
+    encode_search_attributes,
+    event_type_name,
+)
 
 from . import activity as activity_mod
 from . import exceptions as exc
@@ -196,7 +201,6 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._commands: list[_PendingCommand] = []  # emitted in the current activation
         self._unmatched: collections.deque[_PendingCommand] = collections.deque()
         self._resolutions: list[HistoryEvent] = []
-        self._activities: dict[str, _ActivityHandle] = {}
         self._activities_by_event: dict[int, _ActivityHandle] = {}
         self._timers: dict[str, _DurableTimerHandle] = {}
         self._timers_by_event: dict[int, _DurableTimerHandle] = {}
@@ -381,7 +385,6 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             self._activities_by_event[event.event_id] = handle
 
         handle._pending = self._emit(command, recorded)
-        self._activities[handle.activity_id] = handle
         return handle
 
     def _cancel_activity(self, handle: _ActivityHandle) -> None:
@@ -741,6 +744,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 self._run_until_blocked()
         finally:
             asyncio.events._set_running_loop(previous)
+        # Long-running workflows create many short tasks (gather, handlers): keep only
+        # the live ones, which teardown must cancel.
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._raise_handler_errors()
         if self._main.done() and not self._completed:
             self._complete(self._main)
@@ -988,6 +994,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         error.__cause__ = cause
         handle.set_exception(error)
 
+    def upsert_search_attributes(self, values: dict[str, Any]) -> None:
+        """Emit UpsertWorkflowSearchAttributes (visibility; None removes a name)."""
+        command = Command(command_type=CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES)
+        command.upsert_workflow_search_attributes_command_attributes.search_attributes.CopyFrom(
+            encode_search_attributes(values)
+        )
+        self._emit(command)
+
     # -------------------------------------------------------------- teardown
 
     def dispose(self) -> None:
@@ -1032,6 +1046,9 @@ _EVENT_OF_COMMAND = {
     ),
     CT.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION: (
         ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+    ),
+    CT.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: (
+        ET.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
     ),
 }
 _CHILD_EVENTS = frozenset(
@@ -1101,6 +1118,15 @@ def _mismatch(command: Command, event: HistoryEvent) -> str | None:
         name = command.record_marker_command_attributes.marker_name
         if name != event.marker_recorded_event_attributes.marker_name:
             return f"marker name {name!r} differs"
+    elif ct == CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+        names = sorted(
+            command.upsert_workflow_search_attributes_command_attributes.search_attributes.indexed_fields
+        )
+        recorded_names = sorted(
+            event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+        )
+        if names != recorded_names:
+            return f"upserted search attributes {names} differ from recorded {recorded_names}"
     return None
 
 
