@@ -11,7 +11,9 @@ COMMITTED = ROOT / "proto" / "tideflow" / "api" / "v1"
 
 
 def _load_generator() -> object:
-    spec = importlib.util.spec_from_file_location("tideflow_proto_generate", ROOT / "proto" / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "tideflow_proto_generate", ROOT / "proto" / "generate.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

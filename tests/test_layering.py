@@ -31,7 +31,9 @@ def _imports(folder: str) -> set[str]:
 
 
 def test_history_imports_neither_server_nor_sdk() -> None:
-    bad = {m for m in _imports("history") if m.startswith(("tideflow.server", "tideflow.worker_sdk"))}
+    bad = {
+        m for m in _imports("history") if m.startswith(("tideflow.server", "tideflow.worker_sdk"))
+    }
     assert not bad, f"history must not import {bad}"
 
 

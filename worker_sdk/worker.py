@@ -289,8 +289,10 @@ class Worker:
             return
         events = task.history.events
         cached = self._cache.get(run_id)
-        if events and events[0].event_id != 1 and (
-            cached is None or cached.last_started_event_id != task.previous_started_event_id
+        if (
+            events
+            and events[0].event_id != 1
+            and (cached is None or cached.last_started_event_id != task.previous_started_event_id)
         ):
             # A sticky task (new events only) for a run this worker no longer caches.
             await self._fail_workflow_task(
