@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -124,7 +125,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
-    steps = [(b[0], (b[1] - a[1]) / 1e6) for a, b in zip(scheduled, scheduled[1:], strict=False)]
+    steps = [(b[0], (b[1] - a[1]) / 1e6) for a, b in itertools.pairwise(scheduled)]
     return {
         "sticky": not args.no_sticky,
         "steps": args.steps,
