@@ -387,10 +387,22 @@ class HistoryEngine:
         continued_execution_run_id: str = "",
         parent: state_pb2.MutableState | None = None,
         parent_initiated_event_id: int = 0,
+        execution_expiration_us: int = 0,
     ) -> Mutation:
         """The first transition of a new run: WorkflowExecutionStarted (+ the start
-        signal) and its first workflow task."""
+        signal) and its first workflow task. ``execution_expiration_us``: the deadline
+        a continue-as-new successor inherits (the execution timeout spans the chain)."""
         ms = self._initial_state(req, run_id, now)
+        # The workflow execution timeout bounds the whole chain of runs (Temporal's
+        # semantics): a successor keeps its predecessor's expiration time rather than
+        # starting the clock again, so continuing as new cannot escape the timeout.
+        execution_timeout_us = _dur_us(req.workflow_execution_timeout)
+        if not execution_expiration_us and execution_timeout_us:
+            execution_expiration_us = now + execution_timeout_us
+        expiration = None
+        if execution_expiration_us:
+            ms.execution_expiration_time.FromMicroseconds(execution_expiration_us)
+            expiration = ms.execution_expiration_time
         ms.first_execution_run_id = first_execution_run_id or run_id
         ms.start_request_id = request_id
         m = Mutation(ms, now)
@@ -427,16 +439,18 @@ class HistoryEngine:
             parent_workflow_namespace=parent.namespace if parent is not None else "",
             parent_workflow_execution=parent_execution,
             parent_initiated_event_id=parent_initiated_event_id,
+            workflow_execution_expiration_time=expiration,
             random_seed=uuid.UUID(run_id).int & 0x7FFF_FFFF_FFFF_FFFF,
             request_id=request_id,
         )
-        run_timeout_us = _dur_us(req.workflow_run_timeout) or _dur_us(
-            req.workflow_execution_timeout
-        )
-        if run_timeout_us:
-            ms.timer_keys.append(
-                m.add_timer(TimerKind.WORKFLOW_RUN_TIMEOUT, 0, 1, now + run_timeout_us)
-            )
+        # The run closes TIMED_OUT at its run timeout or the chain's expiration,
+        # whichever comes first.
+        run_timeout_us = _dur_us(req.workflow_run_timeout)
+        deadlines = [now + run_timeout_us] if run_timeout_us else []
+        if execution_expiration_us:
+            deadlines.append(execution_expiration_us)
+        if deadlines:
+            ms.timer_keys.append(m.add_timer(TimerKind.WORKFLOW_RUN_TIMEOUT, 0, 1, min(deadlines)))
         if req.signal_name:
             m.append(
                 ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
@@ -1019,6 +1033,9 @@ class HistoryEngine:
             if _dur_us(a.workflow_task_timeout)
             else ms.workflow_task_timeout
         )
+        # The execution timeout (and its deadline, passed to _new_run) carry over.
+        if ms.HasField("workflow_execution_timeout"):
+            req.workflow_execution_timeout.CopyFrom(ms.workflow_execution_timeout)
         for name in ("header", "memo", "search_attributes", "retry_policy"):
             if a.HasField(name):
                 getattr(req, name).CopyFrom(getattr(a, name))
@@ -1040,6 +1057,7 @@ class HistoryEngine:
             continued_execution_run_id=ms.run_id,
             parent=parent,
             parent_initiated_event_id=ms.parent_initiated_event_id,
+            execution_expiration_us=ms.execution_expiration_time.ToMicroseconds(),
         )
         successor.current = CurrentWrite.REPLACE
         successor.replaces_run_id = ms.run_id
@@ -1763,7 +1781,12 @@ class HistoryEngine:
                     # The parent closed while its child was being started: the close
                     # policy could not see the child then, so apply it now.
                     info.run_id = run_id
-                    m.add_transfer(TransferAction.PARENT_CLOSE_POLICY, task.ref_id)
+                    # Slot 2: the close's own row for this child (slot 1) may still
+                    # be outstanding (see Mutation.add_transfer). An ABANDON child is
+                    # left alone, as close() does (the policy row would terminate it).
+                    abandon = ParentClosePolicy.PARENT_CLOSE_POLICY_ABANDON
+                    if info.parent_close_policy != abandon:
+                        m.add_transfer(TransferAction.PARENT_CLOSE_POLICY, task.ref_id, slot=2)
                 return
             if failure_cause is not None:
                 m.append_or_buffer(

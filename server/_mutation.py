@@ -304,15 +304,25 @@ class Mutation:
         for child in ms.pending_children.values():
             child.parent_closed = True
             if child.parent_close_policy != ParentClosePolicy.PARENT_CLOSE_POLICY_ABANDON:
-                self.add_transfer(TransferAction.PARENT_CLOSE_POLICY, child.initiated_event_id)
+                self.add_transfer(
+                    TransferAction.PARENT_CLOSE_POLICY, child.initiated_event_id, slot=1
+                )
         ms.pending_external.clear()
         if ms.parent_workflow_id and status != WS.WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW:
             # The last run of a child's chain reports to the parent.
             self.add_transfer(TransferAction.CHILD_CLOSED, event.event_id)
 
-    def add_transfer(self, action: str, ref_id: int) -> str:
-        """An outbox row the server's transfer processor acts on after the commit."""
-        return self.add_task(TaskKind.TRANSFER, action, ref_id, 0)
+    def add_transfer(self, action: str, ref_id: int, *, slot: int = 0) -> str:
+        """An outbox row the server's transfer processor acts on after the commit.
+
+        A row's task key does not include its action (that rides in ``task_queue``),
+        and two actions can name the same event: START_CHILD and PARENT_CLOSE_POLICY
+        both use the child's initiated event id, and both rows exist when the parent
+        closes before its child's start is recorded (or in the very transition that
+        initiated the child). ``slot`` (stored as the row's attempt, which transfers
+        do not otherwise use) keeps such rows apart; without it the second insert hit
+        a unique key and the parent's close failed on every retry."""
+        return self.add_task(TaskKind.TRANSFER, action, ref_id, slot)
 
     # ---------------------------------------------------------------- commit
 

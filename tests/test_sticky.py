@@ -1,0 +1,500 @@
+"""Sticky execution end to end.
+
+A worker caches the runs it works on (``max_cached_workflows``) and asks the server
+for sticky execution: the run's next workflow tasks go to the worker's own sticky
+queue with only the events it has not seen. On a cache miss the worker answers
+RESET_STICKY and the task comes back through the normal queue with the full history;
+if the sticky worker does not pick a task up within the sticky schedule-to-start
+timeout (it died), the task moves to the normal queue; a worker shutting down gives
+its sticky queue back at once.
+
+Real server on an ephemeral port with its own SQLite file; uuid task queues and ids.
+What a worker receives is observed by wrapping its ``_handle_workflow_task``. No
+sleeps synchronize: tests await results or poll a condition against a deadline. The
+killed worker is a real process (tests/procs/sticky_worker_proc.py), always reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
+from tideflow.server import TideflowServer
+from tideflow.worker_sdk import (
+    Client,
+    Replayer,
+    Worker,
+    WorkflowHandle,
+    activity,
+    workflow,
+)
+
+ET = EventType
+Cause = WorkflowTaskFailedCause
+
+STICKY_PROC = Path(__file__).parent / "procs" / "sticky_worker_proc.py"
+_spec = importlib.util.spec_from_file_location("sticky_worker_proc", STICKY_PROC)
+assert _spec is not None and _spec.loader is not None
+_proc_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_proc_module)
+Tally = _proc_module.Tally  # the workflow the worker process runs, for in-test workers
+
+
+# --------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
+    async with TideflowServer(f"sqlite:///{tmp_path}/sticky.db", port=0) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(server: TideflowServer) -> AsyncIterator[Client]:
+    c = await Client.connect(server.address)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"q-{uuid.uuid4()}"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+async def bounded(awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 30.0, what: str = "a condition"
+) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def events_of(handle: WorkflowHandle) -> list[HistoryEvent]:
+    return (await handle.fetch_history()).events
+
+
+def of_type(events: Sequence[HistoryEvent], event_type: int) -> list[HistoryEvent]:
+    return [e for e in events if e.event_type == event_type]
+
+
+def failure_causes(events: Sequence[HistoryEvent]) -> list[int]:
+    return [
+        e.workflow_task_failed_event_attributes.cause
+        for e in of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    ]
+
+
+def completed_by(events: Sequence[HistoryEvent]) -> list[str]:
+    return [
+        e.workflow_task_completed_event_attributes.identity
+        for e in of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+    ]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One workflow task as a worker received it."""
+
+    run_id: str
+    first_event_id: int
+    last_event_id: int
+    events: int
+    previous_started_event_id: int
+
+
+def record_tasks(worker: Worker) -> list[Seen]:
+    """Wrap the worker's workflow task handler to record what each task carried."""
+    seen: list[Seen] = []
+    original = worker._handle_workflow_task
+
+    async def recording(task: Any) -> None:
+        events = task.history.events
+        # Queries carry history too: record only real workflow tasks.
+        if events and not task.HasField("query"):
+            seen.append(
+                Seen(
+                    run_id=task.workflow_execution.run_id,
+                    first_event_id=events[0].event_id,
+                    last_event_id=events[-1].event_id,
+                    events=len(events),
+                    previous_started_event_id=task.previous_started_event_id,
+                )
+            )
+        await original(task)
+
+    worker._handle_workflow_task = recording  # type: ignore[method-assign]
+    return seen
+
+
+async def wait_idle(handle: WorkflowHandle, activities_done: int = -1) -> list[HistoryEvent]:
+    """Until the run's last workflow task completed with nothing pending after it, or
+    the run completed (and, if given, that many activities completed)."""
+
+    async def idle() -> list[HistoryEvent] | None:
+        events = await events_of(handle)
+        if events[-1].event_type not in (
+            ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+            ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+        ):
+            return None
+        done = len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED))
+        if activities_done >= 0 and done != activities_done:
+            return None
+        return events
+
+    result: list[HistoryEvent] = await eventually(idle, what=f"{handle.id} to be idle")
+    return result
+
+
+# ------------------------------------- (a) cache eviction resumes by full replay
+
+
+@activity.defn
+async def double(value: int) -> int:
+    return value * 2
+
+
+@workflow.defn
+class Rounds:
+    """Each round waits for a ``put`` signal, doubles it in an activity and draws a
+    deterministic random number: a replay that went wrong changes the trace."""
+
+    def __init__(self) -> None:
+        self.inbox: list[int] = []
+
+    @workflow.run
+    async def run(self, rounds: int) -> dict[str, Any]:
+        total = 0
+        trace: list[str] = []
+        for i in range(rounds):
+            await workflow.wait_condition(lambda i=i: len(self.inbox) > i)
+            doubled: int = await workflow.execute_activity(
+                double, self.inbox[i], start_to_close_timeout=timedelta(seconds=30)
+            )
+            total += doubled
+            trace.append(f"{i}:{doubled}:{workflow.random().randint(0, 999)}")
+        return {"total": total, "trace": trace}
+
+    @workflow.signal
+    def put(self, value: int) -> None:
+        self.inbox.append(value)
+
+
+ROUNDS = 6
+
+
+async def test_cache_eviction_mid_workflow_resumes_by_full_replay(
+    client: Client, queue: str
+) -> None:
+    """One cached workflow at most, two long workflows driven in turn: every task of
+    one evicts the other, so each new round arrives on the sticky queue for a run the
+    worker no longer has. It answers RESET_STICKY, gets the full history through the
+    normal queue, replays it and carries on; both complete with the right results."""
+    worker = Worker(
+        client,
+        task_queue=queue,
+        workflows=[Rounds],
+        activities=[double],
+        max_cached_workflows=1,
+    )
+    seen = record_tasks(worker)
+    async with worker:
+        a = await client.start_workflow(Rounds.run, ROUNDS, id=new_id("a"), task_queue=queue)
+        await wait_idle(a)
+        b = await client.start_workflow(Rounds.run, ROUNDS, id=new_id("b"), task_queue=queue)
+        await wait_idle(b)
+        for i in range(ROUNDS):
+            for handle, base in ((a, 100), (b, 200)):
+                await handle.signal(Rounds.put, base + i)
+                await wait_idle(handle, activities_done=i + 1)
+        result_a = await bounded(a.result())
+        result_b = await bounded(b.result())
+
+    for handle, base, result in ((a, 100, result_a), (b, 200, result_b)):
+        events = await events_of(handle)
+        assert [e.event_id for e in events] == list(range(1, len(events) + 1))
+        seed = events[0].workflow_execution_started_event_attributes.random_seed
+        rng = random.Random(seed)
+        expected_trace = [f"{i}:{2 * (base + i)}:{rng.randint(0, 999)}" for i in range(ROUNDS)]
+        assert result == {
+            "total": sum(2 * (base + i) for i in range(ROUNDS)),
+            "trace": expected_trace,
+        }
+        causes = failure_causes(events)
+        # Each round after the first found the run evicted by the other workflow.
+        assert causes.count(Cause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE) >= ROUNDS - 1
+        assert set(causes) == {Cause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE}, causes
+        # Every one of those misses was followed by a full replay on this worker.
+        assert handle.run_id is not None
+        full = [s for s in seen if s.run_id == handle.run_id and s.first_event_id == 1]
+        assert len(full) >= ROUNDS, full
+        # The recorded history replays deterministically against the same code.
+        Replayer(workflows=[Rounds]).replay(await handle.fetch_history())
+
+
+# ------------------------------------------ (c) sticky tasks carry new events only
+
+
+@activity.defn
+async def step(n: int) -> int:
+    return n + 1
+
+
+@workflow.defn
+class Steps:
+    @workflow.run
+    async def run(self, steps: int) -> int:
+        n = 0
+        for _ in range(steps):
+            n = await workflow.execute_activity(
+                step, n, start_to_close_timeout=timedelta(seconds=30)
+            )
+        return n
+
+
+STEPS = 12
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["sticky", "no-cache"])
+async def test_sticky_tasks_carry_only_new_events(client: Client, queue: str, cached: bool) -> None:
+    """With a cache, every task after the first carries only the events since the
+    previous task the worker completed (a handful, however long the history grows);
+    with ``max_cached_workflows=0`` there is no sticky queue and every task carries
+    the whole history."""
+    worker = Worker(
+        client,
+        task_queue=queue,
+        workflows=[Steps],
+        activities=[step],
+        max_cached_workflows=100 if cached else 0,
+    )
+    seen = record_tasks(worker)
+    async with worker:
+        handle = await client.start_workflow(Steps.run, STEPS, id=new_id("steps"), task_queue=queue)
+        assert await bounded(handle.result()) == STEPS
+
+    events = await events_of(handle)
+    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    tasks = [s for s in seen if s.run_id == handle.run_id]
+    assert len(tasks) == STEPS + 1, tasks  # one per activity result, plus the first
+    assert tasks[0].first_event_id == 1
+    if cached:
+        for previous, task in itertools.pairwise(tasks):
+            # Exactly the events after the task this worker completed last.
+            assert task.previous_started_event_id == previous.last_event_id
+            assert task.first_event_id == previous.last_event_id + 1
+            assert task.events <= 6, task
+        # The last task came late in a long history, yet carried a handful of events.
+        assert tasks[-1].first_event_id > 5 * STEPS
+    else:
+        assert all(t.first_event_id == 1 for t in tasks), tasks
+        assert [t.events for t in tasks] == sorted(t.events for t in tasks)
+        assert tasks[-1].events > 5 * STEPS
+
+
+# --------------------------------- (b) the sticky worker dies or shuts down
+
+
+@dataclass(eq=False)
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.err.read_text(errors="replace")[-chars:] if self.err.exists() else ""
+
+
+class _Processes:
+    """Starts child processes and guarantees they are killed and reaped."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._procs: list[_Proc] = []
+
+    def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
+        out, err = self._dir / f"{name}.out", self._dir / f"{name}.err"
+        with out.open("wb") as out_f, err.open("wb") as err_f:
+            popen = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir
+            )
+        proc = _Proc(name, popen, out, err)
+        self._procs.append(proc)
+        return proc
+
+    async def wait_ready(self, proc: _Proc) -> None:
+        def ready() -> bool:
+            if "worker ready" in proc.out.read_text(errors="replace"):
+                return True
+            if proc.popen.poll() is not None:
+                raise AssertionError(
+                    f"{proc.name} exited with {proc.popen.returncode}; stderr:\n{proc.tail()}"
+                )
+            return False
+
+        await eventually(ready, 30.0, f"{proc.name} to be ready")
+
+    async def sigkill(self, proc: _Proc) -> None:
+        os.kill(proc.popen.pid, signal.SIGKILL)
+        await eventually(lambda: proc.popen.poll() is not None, 10.0, f"{proc.name} to die")
+        assert proc.popen.returncode == -signal.SIGKILL
+
+    def cleanup(self) -> None:
+        for proc in self._procs:
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+            proc.popen.wait(timeout=10)
+            print(f"----- {proc.name} (exit {proc.popen.returncode}) stderr tail -----")
+            print(proc.tail())
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[_Processes]:
+    processes = _Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.cleanup()
+
+
+def _assert_moved_without_failures(events: Sequence[HistoryEvent]) -> None:
+    """Moving a task off a sticky queue is not a failure: no failed or timed-out
+    workflow task in history, and no workflow task was retried."""
+    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
+    scheduled = of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED)
+    assert all(e.workflow_task_scheduled_event_attributes.attempt == 1 for e in scheduled)
+
+
+@pytest.mark.slow
+async def test_killed_sticky_worker_task_moves_to_another_worker_after_timeout(
+    server: TideflowServer, client: Client, queue: str, procs: _Processes
+) -> None:
+    """Worker process #1 completes the first workflow task (the run is now sticky to
+    it) and is SIGKILLed. The next task (a signal) waits on #1's sticky queue until
+    the sticky schedule-to-start timeout moves it to the normal queue, where the
+    in-test worker #2 takes it with the full history, replays and completes."""
+    worker1 = procs.spawn(
+        "worker-1",
+        [sys.executable, str(STICKY_PROC), server.address, queue, "worker-1", "300"],
+    )
+    await procs.wait_ready(worker1)
+    handle = await client.start_workflow(Tally.run, 2, id=new_id("tally"), task_queue=queue)
+    await handle.signal(Tally.add, 5)
+    events = await wait_idle(handle)
+    assert completed_by(events) == ["worker-1"] * len(completed_by(events))
+    await procs.sigkill(worker1)
+
+    await handle.signal(Tally.add, 7)
+    worker2 = Worker(client, task_queue=queue, workflows=[Tally], identity="worker-2")
+    seen = record_tasks(worker2)
+    async with worker2:
+        result = await bounded(handle.result())
+    assert result["values"] == [5, 7]
+    assert result["sum"] == 12
+
+    events = await events_of(handle)
+    _assert_moved_without_failures(events)
+    identities = completed_by(events)
+    assert identities[0] == "worker-1" and identities[-1] == "worker-2", identities
+    # Worker #2 had never seen the run: it got the whole history, not a sticky slice.
+    assert seen and seen[0].first_event_id == 1
+    seed = events[0].workflow_execution_started_event_attributes.random_seed
+    assert result["draw"] == random.Random(seed).randint(0, 10**9)
+
+
+async def test_sticky_worker_shutdown_gives_back_its_queue(client: Client, queue: str) -> None:
+    """A worker that shuts down gives its sticky queue back: with a sticky timeout far
+    longer than the test's bound, only that can move the run's next task to the
+    normal queue, where another worker completes it."""
+    worker1 = Worker(
+        client,
+        task_queue=queue,
+        workflows=[Tally],
+        identity="worker-1",
+        sticky_queue_schedule_to_start_timeout=timedelta(minutes=10),
+    )
+    async with worker1:
+        handle = await client.start_workflow(Tally.run, 2, id=new_id("tally"), task_queue=queue)
+        await handle.signal(Tally.add, 1)
+        await wait_idle(handle)
+    await handle.signal(Tally.add, 2)  # scheduled after worker #1 left
+    worker2 = Worker(client, task_queue=queue, workflows=[Tally], identity="worker-2")
+    seen = record_tasks(worker2)
+    async with worker2:
+        result = await bounded(handle.result(), 20)
+    assert (result["values"], result["sum"]) == ([1, 2], 3)
+    events = await events_of(handle)
+    _assert_moved_without_failures(events)
+    assert completed_by(events)[-1] == "worker-2"
+    assert seen and seen[0].first_event_id == 1
+
+
+async def test_sticky_task_for_a_run_in_flight_on_shutdown_moves_too(
+    client: Client, queue: str
+) -> None:
+    """A task already waiting on the sticky queue when its worker shuts down (the
+    worker stopped polling first) moves to the normal queue as well."""
+    worker1 = Worker(
+        client,
+        task_queue=queue,
+        workflows=[Tally],
+        identity="worker-1",
+        sticky_queue_schedule_to_start_timeout=timedelta(minutes=10),
+    )
+    worker1.start()
+    try:
+        handle = await client.start_workflow(Tally.run, 2, id=new_id("tally"), task_queue=queue)
+        await handle.signal(Tally.add, 10)
+        await wait_idle(handle)
+        # Stop worker #1's pollers only (as a hung worker would), then signal: the task
+        # waits on its sticky queue.
+        for poller in worker1._pollers:
+            poller.cancel()
+        await asyncio.gather(*worker1._pollers, return_exceptions=True)
+        await handle.signal(Tally.add, 20)
+    finally:
+        await worker1.shutdown()  # gives the sticky queue, with the task on it, back
+    worker2 = Worker(client, task_queue=queue, workflows=[Tally], identity="worker-2")
+    async with worker2:
+        result = await bounded(handle.result(), 20)
+    assert (result["values"], result["sum"]) == ([10, 20], 30)
+    events = await events_of(handle)
+    _assert_moved_without_failures(events)
+    assert completed_by(events)[-1] == "worker-2"
