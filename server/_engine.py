@@ -105,6 +105,14 @@ class _Run:
 class BadCommandError(Exception):
     """A command the engine refuses; the workflow task fails with this message."""
 
+    def __init__(
+        self,
+        message: str,
+        cause: int = WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_BAD_COMMAND_ATTRIBUTES,
+    ) -> None:
+        super().__init__(message)
+        self.cause = cause
+
 
 def _dur_us(d: Duration) -> int:
     return d.ToMicroseconds()
@@ -693,7 +701,7 @@ class HistoryEngine:
             except BadCommandError as exc:
                 self._fail_workflow_task(
                     m,
-                    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_BAD_COMMAND_ATTRIBUTES,
+                    exc.cause,
                     Failure(message=str(exc), source="server"),
                     identity,
                 )
@@ -801,7 +809,8 @@ class HistoryEngine:
                 if has_signal:
                     raise BadCommandError(
                         f"{where}: unhandled signal arrived during the workflow task; "
-                        "the workflow must see it before closing"
+                        "the workflow must see it before closing",
+                        WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND,
                     )
             elif ctype == CommandType.COMMAND_TYPE_RECORD_MARKER:
                 if not command.record_marker_command_attributes.marker_name:
