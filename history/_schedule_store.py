@@ -126,12 +126,13 @@ class ScheduleStore:
         return record
 
     async def get(self, namespace: str, schedule_id: str) -> ScheduleRecord | None:
+        """The schedule's row, or None."""
         t = s.schedules
         query = select(t).where(t.c.namespace == namespace, t.c.schedule_id == schedule_id)
         row = await self._runner.read(lambda conn: conn.execute(query).first())
         return None if row is None else _schedule(row)
 
-    async def list(
+    async def list_schedules(
         self, namespace: str, *, after_id: str = "", limit: int = 1000
     ) -> list[ScheduleRecord]:
         """Schedules in id order, starting after ``after_id``."""
@@ -268,6 +269,7 @@ class ScheduleStore:
         newest_first: bool = False,
         limit: int | None = None,
     ) -> list[ScheduleActionRecord]:
+        """Ledger rows of a schedule, by slot time (oldest first unless told)."""
         a = s.schedule_actions
         query = select(a).where(a.c.namespace == namespace, a.c.schedule_id == schedule_id)
         if states:
@@ -291,6 +293,7 @@ class ScheduleStore:
     async def count_actions(
         self, namespace: str, schedule_id: str, states: Sequence[ScheduleActionState]
     ) -> int:
+        """How many ledger rows of a schedule are in these states."""
         a = s.schedule_actions
         query = (
             select(func.count())

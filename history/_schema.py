@@ -162,6 +162,7 @@ run_memos = Table(
     Column("run_id", String(64), primary_key=True),
     Column("data", LargeBinary, nullable=False),
 )
+Index("run_memos_by_run", run_memos.c.namespace, run_memos.c.run_id)
 Index("executions_by_start_time", executions.c.namespace, executions.c.start_time)
 
 # ------------------------------------------------------------------- schedules

@@ -346,6 +346,7 @@ class HistoryStore:
         )
 
     async def count_executions(self, namespace: str, query: VisibilityQuery) -> int:
+        """How many runs match ``query`` (its ORDER BY is ignored)."""
         return await self._runner.read(lambda conn: count_executions(conn, namespace, query))
 
     async def search_attributes_of(self, key: RunKey) -> dict[str, SearchAttributeValue]:

@@ -448,7 +448,7 @@ def _int_compare(column: Any, op: str, value: float) -> ColumnElement[bool]:
     elif op == "=":
         return false()
     elif op == "!=":
-        return column.is_not(None)
+        return column.is_not(None)  # type: ignore[no-any-return]
     elif op in ("<", ">="):
         bound = math.ceil(value)
     else:  # "<=", ">"
@@ -524,7 +524,7 @@ def _custom_compare(c: Compare) -> ColumnElement[bool]:
     """A custom attribute comparison: true if the run has the attribute and its value
     satisfies the comparison (so ``!=`` and ``NOT IN`` never match runs without it)."""
     e = s.executions
-    sa = s.search_attributes.alias("sa")
+    sa = s.search_attributes.alias()
     if c.op == "IN":
         value_condition = or_(*(_value_condition(sa, "=", v) for v in c.values))
     elif c.op == "NOT IN":
@@ -651,6 +651,7 @@ def list_executions(
 
 
 def count_executions(conn: Connection, namespace: str, query: VisibilityQuery) -> int:
+    """How many runs of the namespace match the query's filter."""
     e = s.executions
     statement = (
         select(func.count())

@@ -90,6 +90,7 @@ _MAX_SLOTS_PER_PASS = 1_000
 # Finished ledger rows kept per schedule (older ones are pruned).
 _LEDGER_KEEP = 200
 _RECENT = 10
+_RECENT_SKIPPED = 20
 _FUTURE = 10
 # How often runs are checked for having closed while actions wait on them.
 _WAIT_POLL_S = 0.25
@@ -120,10 +121,11 @@ _MACROS = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-_FIELDS = (
-    ("minute", 0, 59, {}),
-    ("hour", 0, 23, {}),
-    ("day-of-month", 1, 31, {}),
+_NO_NAMES: dict[str, int] = {}
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, _NO_NAMES),
+    ("hour", 0, 23, _NO_NAMES),
+    ("day-of-month", 1, 31, _NO_NAMES),
     ("month", 1, 12, _MONTHS),
     ("day-of-week", 0, 7, _DAYS),
 )
@@ -454,8 +456,12 @@ class Scheduler:
             delay = min(delay, _WAIT_POLL_S)
         return delay
 
-    async def _running(self, namespace: str, schedule_id: str) -> list[ScheduleActionRecord]:
-        """Started actions whose workflow (following continue-as-new) is still open."""
+    async def _running(
+        self, namespace: str, schedule_id: str, *, first_only: bool = False
+    ) -> list[ScheduleActionRecord]:
+        """Started actions whose workflow (following continue-as-new) is still open,
+        oldest first; ``first_only`` stops at the first one. Actions found closed are
+        marked so, which keeps the next check short."""
         still: list[ScheduleActionRecord] = []
         for action in await self._db.actions(
             namespace, schedule_id, states=(St.STARTED,), running_only=True
@@ -463,12 +469,16 @@ class Scheduler:
             current = await self._store.get_current(namespace, action.workflow_id)
             if current is not None and current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 still.append(action)
+                if first_only:
+                    break
             else:
                 await self._db.set_action(action, running=False)
         return still
 
-    async def _occupancy(self, namespace: str, schedule_id: str) -> _Occupancy:
-        running = await self._running(namespace, schedule_id)
+    async def _occupancy(self, namespace: str, schedule_id: str, overlap: int) -> _Occupancy:
+        if overlap == OP.SCHEDULE_OVERLAP_POLICY_ALLOW_ALL:
+            return _Occupancy(0, 0, 0)  # nothing to look at: every action starts
+        running = await self._running(namespace, schedule_id, first_only=True)
         pending = await self._db.count_actions(namespace, schedule_id, (St.PENDING,))
         buffered = await self._db.count_actions(namespace, schedule_id, (St.BUFFERED,))
         return _Occupancy(len(running), pending, buffered)
@@ -483,7 +493,7 @@ class Scheduler:
             return False
         overlap = _overlap(schedule.policies.overlap_policy)
         catchup = schedule.policies.catchup_window.ToMicroseconds() or DEFAULT_CATCHUP_WINDOW_US
-        occupancy = await self._occupancy(record.namespace, record.schedule_id)
+        occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
         actions: list[ScheduleActionRecord] = []
         missed = skipped = 0
         last = record.last_slot
@@ -525,13 +535,13 @@ class Scheduler:
         )
         if not committed:
             return True  # changed meanwhile (paused, deleted, another node): look again
-        for action in actions:
-            if action.state == St.SKIPPED_CATCHUP:
-                log.info(
-                    "schedule %s: slot %s missed the catch-up window; skipped",
-                    record.schedule_id,
-                    format_rfc3339(action.slot_time),
-                )
+        if missed:
+            log.info(
+                "schedule %s: %d slot(s) up to %s missed the catch-up window; skipped",
+                record.schedule_id,
+                missed,
+                format_rfc3339(max(a.slot_time for a in actions if a.state == St.SKIPPED_CATCHUP)),
+            )
         await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP)
         return more
 
@@ -545,33 +555,27 @@ class Scheduler:
         open_actions = await self._db.actions(
             namespace, schedule_id, states=(St.PENDING, St.BUFFERED)
         )
-        running = await self._running(namespace, schedule_id)
+        pending = {a.action_key for a in open_actions if a.state == St.PENDING}
         for action in open_actions:
             if action.state == St.BUFFERED:
-                if running or any(a.state == St.PENDING for a in open_actions):
+                if pending or await self._running(namespace, schedule_id, first_only=True):
                     return True  # waits for the open run to close
                 if not await self._db.set_action(
                     action, expected_state=St.BUFFERED, state=St.PENDING
                 ):
                     return True
-            if (
-                action.overlap
-                in (
-                    OP.SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER,
-                    OP.SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER,
-                )
-                and running
+            if action.overlap in (
+                OP.SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER,
+                OP.SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER,
             ):
-                await self._stop_others(record, running, action)
                 running = await self._running(namespace, schedule_id)
                 if running:
-                    return True  # cancellation requested; start once they have closed
-            started = await self._start(record, schedule, action)
-            if started is None:
+                    await self._stop_others(record, running, action)
+                    if await self._running(namespace, schedule_id, first_only=True):
+                        return True  # cancellation requested: start once they have closed
+            if await self._start(record, schedule, action) is None:
                 return True  # transient failure: retry shortly
-            if started:
-                running = await self._running(namespace, schedule_id)
-            open_actions = [a for a in open_actions if a.action_key != action.action_key]
+            pending.discard(action.action_key)
         return False
 
     async def _stop_others(
@@ -740,6 +744,7 @@ class Scheduler:
         for action in await self._running(ns, sid):
             info.running_workflows.add(workflow_id=action.workflow_id, run_id=action.run_id)
         info.buffered_actions = await self._db.count_actions(ns, sid, (St.BUFFERED,))
+        info.pending_actions = await self._db.count_actions(ns, sid, (St.PENDING,))
         for action in await self._db.actions(
             ns, sid, states=(St.STARTED,), newest_first=True, limit=_RECENT
         ):
@@ -754,7 +759,7 @@ class Scheduler:
             St.FAILED: "failed",
         }
         for action in await self._db.actions(
-            ns, sid, states=tuple(reasons), newest_first=True, limit=_RECENT
+            ns, sid, states=tuple(reasons), newest_first=True, limit=_RECENT_SKIPPED
         ):
             skipped = info.recent_skipped.add(reason=reasons[action.state], message=action.error)
             skipped.schedule_time.CopyFrom(_timestamp(action.slot_time))
@@ -798,7 +803,7 @@ class Scheduler:
         schedule = service_pb2.Schedule.FromString(record.definition)
         overlap = _overlap(overlap or schedule.policies.overlap_policy)
         now = self._clock.now_micros()
-        occupancy = await self._occupancy(record.namespace, record.schedule_id)
+        occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
         state = occupancy.fate(overlap)
         action = ScheduleActionRecord(
             namespace=record.namespace,
@@ -817,11 +822,11 @@ class Scheduler:
         if not await self._db.delete(namespace, schedule_id):
             raise NotFoundError(f"schedule not found: {schedule_id!r}")
 
-    async def list(
+    async def list_schedules(
         self, namespace: str, page_size: int, token: bytes
     ) -> service_pb2.ListSchedulesResponse:
         after = token.decode(errors="replace") if token else ""
-        records = await self._db.list(namespace, after_id=after, limit=page_size + 1)
+        records = await self._db.list_schedules(namespace, after_id=after, limit=page_size + 1)
         response = service_pb2.ListSchedulesResponse()
         for record in records[:page_size]:
             entry = response.schedules.add(schedule_id=record.schedule_id)

@@ -29,12 +29,14 @@ Fields
     ================  =======================================================
 
     Any other name is a custom search attribute (set with ``search_attributes=`` at
-    start or ``workflow.upsert_search_attributes``): letters, digits and ``_``; write
-    ```odd name``` in backticks to quote it. Its values are typed: a string literal
-    matches Keyword values (and Datetime values when it is an RFC 3339 time), a number
-    matches Int and Double values, ``true``/``false`` match Bool values. A comparison
-    on a custom attribute is true only for runs that have the attribute, so
-    ``Region != 'eu'`` does not match runs without a ``Region``.
+    start or ``workflow.upsert_search_attributes``): letters, digits and ``_``. Quote
+    a name in backticks when it is a keyword of the language (AND, OR, IN, NOT, ORDER,
+    BY, ASC, DESC, STARTS_WITH, TRUE, FALSE), e.g. ```Order` = 'o-1'``. Values are
+    typed: a string literal matches Keyword values (and Datetime values when it is an
+    RFC 3339 time), a number matches Int and Double values, ``true``/``false`` match
+    Bool values. A comparison on a custom attribute is true only for runs that have
+    the attribute, so ``Region != 'eu'`` does not match runs without a ``Region``.
+    Attribute names need no registration: a name no run has simply matches nothing.
 
 Literals
     Strings in single or double quotes (a quote inside is doubled, ``'it''s'``, or
@@ -388,7 +390,7 @@ def _literal(token: _Token) -> QueryValue:
         value: QueryValue = token.value
         return value
     if token.kind == "KEYWORD" and token.value in ("TRUE", "FALSE"):
-        return token.value == "TRUE"
+        return bool(token.value == "TRUE")
     raise _unexpected(token, "a value (a string, number, true or false)")
 
 

@@ -621,7 +621,7 @@ class WorkflowExecution:
             },
             search_attributes={
                 key: value
-                for key, value in decode_search_attributes(info.search_attributes).items()
+                for key, value in sorted(decode_search_attributes(info.search_attributes).items())
                 if value is not None
             },
             raw_info=info,

@@ -482,3 +482,15 @@ def in_workflow() -> bool:
     from ._workflow_instance import current_instance_or_none
 
     return current_instance_or_none() is not None
+
+
+def upsert_search_attributes(
+    attributes: typing.Mapping[str, str | int | float | bool | datetime | None],
+) -> None:
+    """Set (or, with None, remove) search attributes of this run, for
+    ``client.list_workflows`` queries. Recorded in history as an
+    UpsertWorkflowSearchAttributes event; the server indexes the values in the same
+    transaction. Values are str, int, float, bool or datetime (naive means UTC)."""
+    if not attributes:
+        return
+    _runtime().upsert_search_attributes(dict(attributes))
