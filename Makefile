@@ -18,6 +18,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/hello/run.py
+	$(PY) examples/etl/run.py
 
 test: lint typecheck pytest
 

@@ -2,6 +2,9 @@
 
 ``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]``
 runs a complete single-node server until SIGINT or SIGTERM.
+
+``tideflow dag validate|graph|run|status|list|pause|resume|cancel ...`` works with
+declarative DAG workflows (``tideflow.worker_sdk._dag_cli``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import logging
 import os
 import signal
 import sys
+
+from tideflow.worker_sdk import _dag_cli
 
 from ._config import ServerConfig
 from ._server import TideflowServer
@@ -36,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["NORMAL", "FULL"],
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
+    _dag_cli.add_parser(sub)
     return parser
 
 
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.group == "dag":
+        return _dag_cli.main(args)
     if args.group == "server" and args.command == "start-dev":
         try:
             url = args.db_url or f"sqlite:///{os.path.abspath(args.db)}"

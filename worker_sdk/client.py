@@ -414,6 +414,50 @@ class Client:
             if not token:
                 return
 
+    # ------------------------------------------------------------------ DAGs
+
+    async def start_dag(
+        self,
+        definition: Any,
+        input: Mapping[str, Any] | None = None,
+        *,
+        id: str | None = None,
+        task_queue: str = "tideflow-dag",
+        executors: Mapping[str, Any] | None = None,
+        known_executors: Any = None,
+        execution_timeout: timedelta | None = None,
+        request_id: str | None = None,
+    ) -> DagHandle:
+        """Start a DAG run (``tideflow.worker_sdk.dag``): ``definition`` is a
+        ``dag.Workflow`` or its dict form, ``input`` a JSON object. A worker on
+        ``task_queue`` must run ``dag.DagWorkflow`` and the executors. ``executors``
+        maps executor names to activity types (str) or ``dag.Executor``;
+        ``known_executors`` (names) makes unknown executors a validation error.
+
+        Nothing starts if the definition is invalid (``DagValidationError``) or the
+        input violates the input schema (``InvalidArgumentError``, INVALID_ARGUMENT).
+        Returns a ``DagHandle``: ``status()``, ``pause()``, ``resume()``, ``cancel()``,
+        ``result()``."""
+        from .dag import start_dag
+
+        return await start_dag(
+            self,
+            definition,
+            input,
+            id=id,
+            task_queue=task_queue,
+            executors=executors,
+            known_executors=known_executors,
+            execution_timeout=execution_timeout,
+            request_id=request_id,
+        )
+
+    def get_dag_handle(self, id: str, *, run_id: str | None = None) -> DagHandle:
+        """A handle to an existing DAG run."""
+        from .dag import DagHandle
+
+        return DagHandle(self, id, run_id=run_id)
+
 
 class WorkflowHandle:
     def __init__(
@@ -633,3 +677,7 @@ def _encode_memo(converter: DataConverter, memo: Mapping[str, Any]) -> common_pb
     for key, value in memo.items():
         proto.fields[key].CopyFrom(converter.payload_converter.to_payload(value))
     return proto
+
+
+if typing.TYPE_CHECKING:
+    from .dag import DagHandle
