@@ -1,12 +1,13 @@
 # One task runner for developers and CI. `make demo` runs the main job, `make test` the
-# whole suite (lint, types, generated-code check, tests); .ci/run calls `make test`.
+# whole suite (lint, types, generated-code check, tests, TLC model checking and trace
+# validation); .ci/run calls `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TYPECHECK_ROOT := build/typecheck
 
-.PHONY: venv demo test lint typecheck pytest gen-protos check-generated bench clean
+.PHONY: venv demo test lint typecheck pytest tlc gen-protos check-generated bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +21,7 @@ demo: $(STAMP)
 	$(PY) examples/hello/run.py
 	$(PY) examples/etl/run.py
 
-test: lint typecheck pytest
+test: lint typecheck pytest tlc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -36,9 +37,16 @@ typecheck: $(STAMP)
 	ln -s $(CURDIR)/history $(TYPECHECK_ROOT)/tideflow/history
 	ln -s $(CURDIR)/worker_sdk $(TYPECHECK_ROOT)/tideflow/worker_sdk
 	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p tideflow
+	$(VENV)/bin/mypy --config-file pyproject.toml tla/*.py
 
+# Tests marked `tla` run TLC on traces of real runs; `make tlc` runs them.
 pytest: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not tla"
+
+# The TLA+ stage: every model and mutant of tla/manifest.csv, then trace validation.
+tlc: $(STAMP)
+	$(PY) tla/run_tlc.py
+	$(VENV)/bin/pytest -m tla
 
 gen-protos: $(STAMP)
 	$(PY) proto/generate.py

@@ -1,0 +1,507 @@
+----------------------------- MODULE EngineCore -----------------------------
+(***************************************************************************)
+(* The transitions of one run, as server/_engine.py and server/_mutation.py *)
+(* compute them.  Nothing here is a TLA+ action: every operator maps a      *)
+(* Mutation (server/_mutation.py: Mutation) to a Mutation, exactly as the   *)
+(* engine's `fn(m)` callbacks do before `HistoryEngine._update` commits     *)
+(* them as one store transaction.  History.tla and WorkflowDag.tla EXTEND   *)
+(* this module and add the store, the nodes, the workers and the network.   *)
+(*                                                                           *)
+(* Names follow the code: ms = MutableState, wft = ms.workflow_task,        *)
+(* activities = ms.pending_activities (key: scheduled event id "sid"),      *)
+(* timers = ms.pending_timers (timer id -> started event id), buffered =    *)
+(* ms.buffered_events, signal_ids = ms.signal_request_ids.                   *)
+(*                                                                           *)
+(* Abstractions (see README.md): time is not modelled (any armed timer may *)
+(* fire at any moment; the engine validates every timer against the state, *)
+(* which is what safety depends on); payloads, identities, request ids of   *)
+(* tasks and the schedule-to-start / schedule-to-close / heartbeat / run    *)
+(* timeouts and activity cancellation are left out.                        *)
+(*                                                                           *)
+(* Every operator Op(m, ...) that builds a Mutation is a function        *)
+(* OpF[m \in Any, ...] behind a one-line wrapper: a function application   *)
+(* evaluates its arguments once, whereas TLC 2.15 re-evaluates operator    *)
+(* arguments at every use when it computes ENABLED for fairness, which is  *)
+(* exponential in the depth of these compositions.                         *)
+(*                                                                           *)
+(* `Mutant` switches deliberately broken variants on (tla/manifest.csv);    *)
+(* "none" is the engine as built.                                          *)
+(***************************************************************************)
+EXTENDS Integers, Sequences, FiniteSets, TLC
+
+CONSTANTS
+    Mutant,     \* "none" or the name of a deliberately broken variant
+    MaxEager    \* _MAX_EAGER_ACTIVITIES (3 in the code)
+
+RUNNING == "RUNNING"
+COMPLETED == "COMPLETED"
+FAILED == "FAILED"
+TERMINATED == "TERMINATED"
+TIMED_OUT == "TIMED_OUT"
+Closed == {COMPLETED, FAILED, TERMINATED, TIMED_OUT}
+
+(* history_pb2.EventType names without the EVENT_TYPE_ prefix, as in traces *)
+ActivityOutcomes == {"ACTIVITY_TASK_COMPLETED", "ACTIVITY_TASK_FAILED",
+                     "ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_CANCELED"}
+WftOutcomes == {"WORKFLOW_TASK_COMPLETED", "WORKFLOW_TASK_FAILED",
+                "WORKFLOW_TASK_TIMED_OUT"}
+CloseEvents == {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED",
+                "WORKFLOW_EXECUTION_TERMINATED", "WORKFLOW_EXECUTION_TIMED_OUT"}
+(* Events that come from outside workflow code: append_or_buffer          *)
+ExternalTypes == ActivityOutcomes \cup {"ACTIVITY_TASK_STARTED", "TIMER_FIRED",
+                                        "WORKFLOW_EXECUTION_SIGNALED"}
+
+(* One history event: the fields tideflow.server._trace exports.  `ref` is *)
+(* the activity id (ACTIVITY_TASK_SCHEDULED), the timer id (TIMER_ events) or *)
+(* the signal request id (WORKFLOW_EXECUTION_SIGNALED).                    *)
+Ev(type) == [id |-> 0, type |-> type, scheduled |-> 0, started |-> 0,
+             attempt |-> 0, ref |-> ""]
+
+(* Store rows (history/_records.py TaskRow / TimerRow, without fire_at).   *)
+TaskRow(kind, ref, attempt) == [kind |-> kind, ref |-> ref, attempt |-> attempt]
+TimerRow(kind, ref, attempt) == [kind |-> kind, ref |-> ref, attempt |-> attempt]
+NoKey == TaskRow("NONE", 0, 0)
+
+EmptyFn == [x \in {} |-> 0]
+NoWft == [scheduled |-> 0, started |-> 0, attempt |-> 0, transient |-> FALSE,
+          timer_keys |-> {}]
+
+HasWft(ms) == ms.wft.attempt > 0                     \* HasField("workflow_task")
+WftStarted(ms) == HasWft(ms) /\ ms.wft.started # 0   \* Mutation.workflow_task_started
+
+(* The workflow task row key of the scheduled task: Mutation.workflow_task_row_key *)
+WftRow(wft) == TaskRow("WORKFLOW", IF wft.transient THEN 0 ELSE wft.scheduled, wft.attempt)
+
+NewMutation(ms) == [ms |-> ms, events |-> <<>>, new_tasks |-> {}, done_tasks |-> {},
+                    new_timers |-> {}, done_timers |-> {}, eager |-> <<>>]
+
+RECURSIVE SetToSeq(_)
+SetToSeq(S) == IF S = {} THEN <<>>
+               ELSE LET x == CHOOSE x \in S : TRUE IN <<x>> \o SetToSeq(S \ {x})
+
+Put(f, k, v) == [x \in DOMAIN f \cup {k} |-> IF x = k THEN v ELSE f[x]]
+Del(f, k) == [x \in DOMAIN f \ {k} |-> f[x]]
+
+-----------------------------------------------------------------------------
+(* Mutation.append / append_or_buffer / append_activity_outcome / flush    *)
+
+AppendEventF[m \in Any, e \in Any] ==
+    [m EXCEPT !.ms.next_event_id = @ + 1,
+              !.events = Append(@, [e EXCEPT !.id = m.ms.next_event_id])]
+AppendEvent(m, e) == AppendEventF[m, e]
+
+LastId(m) == m.ms.next_event_id - 1
+
+AppendOrBufferF[m \in Any, e \in Any] ==
+    IF WftStarted(m.ms)
+    THEN IF Mutant = "buffer_assigns_ids"
+         \* BUG: give the buffered event its id now (flush keeps it).
+         THEN [m EXCEPT !.ms.buffered = Append(@, [e EXCEPT !.id = m.ms.next_event_id]),
+                        !.ms.next_event_id = @ + 1]
+         ELSE [m EXCEPT !.ms.buffered = Append(@, e)]
+    ELSE AppendEvent(m, e)
+AppendOrBuffer(m, e) == AppendOrBufferF[m, e]
+
+AppendActivityOutcomeF[m \in Any, sid \in Any, type \in Any] ==
+    LET info == m.ms.activities[sid]
+        st == [Ev("ACTIVITY_TASK_STARTED") EXCEPT !.scheduled = sid, !.attempt = info.attempt]
+        oc == [Ev(type) EXCEPT !.scheduled = sid]
+    IN IF WftStarted(m.ms)
+       THEN AppendOrBuffer(AppendOrBuffer(m, st), oc)
+       ELSE LET m1 == AppendEvent(m, st)
+            IN AppendEvent(m1, [oc EXCEPT !.started = LastId(m1)])
+AppendActivityOutcome(m, sid, type) == AppendActivityOutcomeF[m, sid, type]
+
+StartedIdOf(pairs, sid) ==
+    IF \E p \in pairs : p[1] = sid THEN (CHOOSE p \in pairs : p[1] = sid)[2] ELSE 0
+
+FlushEventsF[m \in Any, buf \in Any, pairs \in Any] ==
+    IF buf = <<>> THEN m
+    ELSE LET e == Head(buf)
+             id == IF Mutant = "buffer_assigns_ids" THEN e.id ELSE m.ms.next_event_id
+             e1 == IF e.type \in ActivityOutcomes
+                   THEN [e EXCEPT !.started = StartedIdOf(pairs, e.scheduled)] ELSE e
+             m1 == [m EXCEPT !.ms.next_event_id =
+                                IF Mutant = "buffer_assigns_ids" THEN @ ELSE @ + 1,
+                             !.events = Append(@, [e1 EXCEPT !.id = id])]
+         IN FlushEventsF[m1, Tail(buf),
+                        IF e.type = "ACTIVITY_TASK_STARTED"
+                        THEN pairs \cup {<<e.scheduled, id>>} ELSE pairs]
+FlushEvents(m, buf, pairs) == FlushEventsF[m, buf, pairs]
+
+(* Mutation.flush_buffered (the caller asks `m.ms.buffered # <<>>` first)  *)
+FlushBufferedF[m \in Any] ==
+    LET m1 == FlushEvents(m, m.ms.buffered, {}) IN [m1 EXCEPT !.ms.buffered = <<>>]
+FlushBuffered(m) == FlushBufferedF[m]
+
+-----------------------------------------------------------------------------
+(* Mutation.schedule_workflow_task / clear_workflow_task / close           *)
+
+(* Attempts after the first are transient (no events until one completes);*)
+(* from attempt 3 on a WORKFLOW_TASK_RETRY backoff timer comes first       *)
+(* (HistoryEngine._fail_workflow_task: delay only when next_attempt > 2).  *)
+ScheduleWorkflowTaskF[m \in Any, attempt \in Any] ==
+    IF HasWft(m.ms) \/ m.ms.status # RUNNING THEN m
+    ELSE LET m1 == IF attempt = 1
+                   THEN AppendEvent(m, [Ev("WORKFLOW_TASK_SCHEDULED") EXCEPT !.attempt = 1])
+                   ELSE m
+             sched == IF attempt = 1 THEN LastId(m1) ELSE 0
+             delayed == attempt > 2
+             retry == TimerRow("WORKFLOW_TASK_RETRY", 0, attempt)
+             wft == [scheduled |-> sched, started |-> 0, attempt |-> attempt,
+                     transient |-> attempt # 1,
+                     timer_keys |-> IF delayed THEN {retry} ELSE {}]
+         IN [m1 EXCEPT !.ms.wft = wft,
+                       !.new_timers = IF delayed THEN @ \cup {retry} ELSE @,
+                       !.new_tasks = IF delayed THEN @ ELSE @ \cup {WftRow(wft)}]
+ScheduleWorkflowTask(m, attempt) == ScheduleWorkflowTaskF[m, attempt]
+
+ClearWorkflowTaskF[m \in Any] ==
+    IF HasWft(m.ms)
+    THEN [m EXCEPT !.done_timers = @ \cup m.ms.wft.timer_keys, !.ms.wft = NoWft]
+    ELSE m
+ClearWorkflowTask(m) == ClearWorkflowTaskF[m]
+
+UserTimerRow(startedId) == TimerRow("USER_TIMER", startedId, 0)
+
+CloseF[m \in Any, status \in Any, closeType \in Any] ==
+    LET wft == m.ms.wft
+        m1 == IF WftStarted(m.ms) /\ ~wft.transient
+              THEN AppendEvent(m, [Ev("WORKFLOW_TASK_FAILED") EXCEPT
+                                      !.scheduled = wft.scheduled, !.started = wft.started])
+              ELSE m
+        m2 == IF HasWft(m.ms) /\ wft.started = 0
+              THEN [m1 EXCEPT !.done_tasks = @ \cup {WftRow(wft)}] ELSE m1
+        m3a == ClearWorkflowTask(m2)
+        m3 == IF Mutant = "close_without_flush" THEN m3a ELSE FlushBuffered(m3a)
+        acts == m3.ms.activities
+        tms == m3.ms.timers
+        m4 == [m3 EXCEPT
+                 !.done_timers = @ \cup UNION {acts[s].timer_keys : s \in DOMAIN acts}
+                                   \cup {UserTimerRow(tms[t]) : t \in DOMAIN tms},
+                 !.done_tasks = @ \cup {acts[s].task_key :
+                                          s \in {x \in DOMAIN acts : acts[x].task_key # NoKey}},
+                 !.ms.activities = EmptyFn,
+                 !.ms.timers = EmptyFn]
+        m5 == AppendEvent(m4, Ev(closeType))
+    IN [m5 EXCEPT !.ms.status = status]
+Close(m, status, closeType) == CloseF[m, status, closeType]
+
+-----------------------------------------------------------------------------
+(* Activities: HistoryEngine._dispatch_activity_attempt,                   *)
+(* _start_activity_attempt, _finish_activity, _attempt_failed              *)
+
+DispatchActivityAttemptF[m \in Any, sid \in Any] ==
+    LET row == TaskRow("ACTIVITY", sid, m.ms.activities[sid].attempt)
+    IN [m EXCEPT !.ms.activities[sid].backing_off = FALSE,
+                 !.ms.activities[sid].task_key = row,
+                 !.new_tasks = @ \cup {row}]
+DispatchActivityAttempt(m, sid) == DispatchActivityAttemptF[m, sid]
+
+StartActivityAttemptF[m \in Any, sid \in Any] ==
+    LET row == TimerRow("ACTIVITY_START_TO_CLOSE", sid, m.ms.activities[sid].attempt)
+    IN IF Mutant = "no_start_to_close_timer"
+       \* BUG: the attempt is handed to a worker with nothing durable that
+       \* would ever retry it if the worker dies.
+       THEN [m EXCEPT !.ms.activities[sid].task_key = NoKey,
+                      !.ms.activities[sid].started = TRUE]
+       ELSE [m EXCEPT !.ms.activities[sid].task_key = NoKey,
+                      !.ms.activities[sid].started = TRUE,
+                      !.ms.activities[sid].timer_keys = @ \cup {row},
+                      !.new_timers = @ \cup {row}]
+StartActivityAttempt(m, sid) == StartActivityAttemptF[m, sid]
+
+FinishActivityF[m \in Any, sid \in Any] ==
+    LET info == m.ms.activities[sid]
+        m1 == [m EXCEPT !.done_timers = @ \cup info.timer_keys,
+                        !.done_tasks = IF info.task_key # NoKey THEN @ \cup {info.task_key}
+                                       ELSE @,
+                        !.ms.activities = IF Mutant = "keep_finished_activity"
+                                          THEN @   \* BUG: the finished activity stays pending
+                                          ELSE Del(@, sid)]
+    IN ScheduleWorkflowTask(m1, 1)
+FinishActivity(m, sid) == FinishActivityF[m, sid]
+
+(* `retry` is _retry.next_retry's decision, made by the caller.            *)
+AttemptFailedF[m \in Any, sid \in Any, retry \in Any, timedOut \in Any] ==
+    IF retry
+    THEN LET info == m.ms.activities[sid]
+             row == TimerRow("ACTIVITY_RETRY", sid, info.attempt + 1)
+         IN [m EXCEPT !.done_timers = @ \cup info.timer_keys,
+                      !.ms.activities[sid].attempt = @ + 1,
+                      !.ms.activities[sid].started = FALSE,
+                      !.ms.activities[sid].backing_off = TRUE,
+                      !.ms.activities[sid].timer_keys = {row},
+                      !.new_timers = @ \cup {row}]
+    ELSE FinishActivity(AppendActivityOutcome(m, sid, IF timedOut THEN "ACTIVITY_TASK_TIMED_OUT"
+                                                      ELSE "ACTIVITY_TASK_FAILED"), sid)
+AttemptFailed(m, sid, retry, timedOut) == AttemptFailedF[m, sid, retry, timedOut]
+
+-----------------------------------------------------------------------------
+(* Workflow tasks                                                          *)
+
+(* HistoryEngine._start_workflow_task                                      *)
+StartWorkflowTaskF[m \in Any] ==
+    LET wft == m.ms.wft
+        m1 == IF wft.transient
+              THEN [m EXCEPT !.ms.wft.scheduled = m.ms.next_event_id,
+                             !.ms.wft.started = m.ms.next_event_id + 1]
+              ELSE LET m0 == AppendEvent(m, [Ev("WORKFLOW_TASK_STARTED") EXCEPT
+                                                !.scheduled = wft.scheduled])
+                   IN [m0 EXCEPT !.ms.wft.started = LastId(m0)]
+        row == TimerRow("WORKFLOW_TASK_TIMEOUT", m1.ms.wft.scheduled, wft.attempt)
+    IN [m1 EXCEPT !.ms.wft.timer_keys = @ \cup {row}, !.new_timers = @ \cup {row}]
+StartWorkflowTask(m) == StartWorkflowTaskF[m]
+
+(* record_workflow_task_started: the guard, then the transition            *)
+WftTaskValid(ms, task) ==
+    /\ task.kind = "WORKFLOW"
+    /\ ms.status = RUNNING
+    /\ HasWft(ms)
+    /\ ms.wft.started = 0
+    /\ ms.wft.attempt = task.attempt
+    /\ (IF ms.wft.transient THEN 0 ELSE ms.wft.scheduled) = task.ref
+
+RecordWorkflowTaskStartedF[ms \in Any, task \in Any] ==
+    StartWorkflowTask([NewMutation(ms) EXCEPT !.done_tasks = {task}])
+RecordWorkflowTaskStarted(ms, task) == RecordWorkflowTaskStartedF[ms, task]
+
+(* The task token of the started workflow task (HistoryEngine._token),     *)
+(* plus `seen`: how many events of history the worker is sent.             *)
+WftToken(ms) ==
+    [scheduled |-> ms.wft.scheduled, started |-> ms.wft.started, attempt |-> ms.wft.attempt,
+     seen |-> IF ms.wft.transient THEN ms.wft.scheduled - 1 ELSE ms.wft.started]
+
+(* _check_workflow_task                                                    *)
+WftTokenValid(ms, tok) ==
+    /\ ms.status = RUNNING
+    /\ WftStarted(ms)
+    /\ ms.wft.scheduled = tok.scheduled
+    /\ ms.wft.started = tok.started
+    /\ (Mutant = "wft_no_attempt_fence" \/ ms.wft.attempt = tok.attempt)
+
+(* _fail_workflow_task                                                     *)
+FailWftF[m \in Any, timedOut \in Any] ==
+    LET wft == m.ms.wft
+        m1 == IF ~wft.transient
+              THEN AppendEvent(m, [Ev(IF timedOut THEN "WORKFLOW_TASK_TIMED_OUT"
+                                      ELSE "WORKFLOW_TASK_FAILED") EXCEPT
+                                      !.scheduled = wft.scheduled, !.started = wft.started])
+              ELSE m
+        m2 == ClearWorkflowTask(m1)
+    IN IF m2.ms.buffered # <<>>
+       THEN ScheduleWorkflowTask(FlushBuffered(m2), 1)
+       ELSE ScheduleWorkflowTask(m2, wft.attempt + 1)
+FailWft(m, timedOut) == FailWftF[m, timedOut]
+
+FailWorkflowTaskF[ms \in Any] == FailWft(NewMutation(ms), FALSE)
+FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
+
+(* Commands (command_pb2.CommandType) as the model sees them:              *)
+(*   [type |-> "ScheduleActivity", id |-> activity id, eager |-> BOOLEAN]   *)
+(*   [type |-> "StartTimer", id |-> timer id]                              *)
+(*   [type |-> "CancelTimer", id |-> timer id]                             *)
+(*   [type |-> "RecordMarker", id |-> ""]                                  *)
+(*   [type |-> "Complete", id |-> ""]   [type |-> "Fail", id |-> ""]       *)
+(*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
+Cmd(type, id, eager) == [type |-> type, id |-> id, eager |-> eager]
+
+HasBufferedSignal(ms) ==
+    \E i \in 1..Len(ms.buffered) : ms.buffered[i].type = "WORKFLOW_EXECUTION_SIGNALED"
+
+PendingActivityIds(ms) == {ms.activities[s].activity_id : s \in DOMAIN ms.activities}
+
+(* _validate_commands (the parts the model can violate)                    *)
+CommandsValid(ms, cmds) ==
+    /\ \A i \in 1..Len(cmds) : cmds[i].type # "Invalid"
+    /\ \A i \in 1..Len(cmds) : cmds[i].type = "ScheduleActivity" =>
+          /\ cmds[i].id \notin PendingActivityIds(ms)
+          /\ \A j \in 1..(i - 1) : ~(cmds[j].type = "ScheduleActivity" /\ cmds[j].id = cmds[i].id)
+    /\ \A i \in 1..Len(cmds) : cmds[i].type = "StartTimer" =>
+          /\ cmds[i].id \notin DOMAIN ms.timers
+          /\ \A j \in 1..(i - 1) : ~(cmds[j].type = "StartTimer" /\ cmds[j].id = cmds[i].id)
+    /\ \A i \in 1..Len(cmds) : cmds[i].type = "CancelTimer" =>
+          /\ cmds[i].id \in DOMAIN ms.timers \cup {cmds[j].id : j \in {k \in 1..(i - 1) :
+                                                       cmds[k].type = "StartTimer"}}
+          /\ \A j \in 1..(i - 1) : ~(cmds[j].type = "CancelTimer" /\ cmds[j].id = cmds[i].id)
+    /\ (Mutant # "close_ignores_signals" /\ HasBufferedSignal(ms)) =>
+          \A i \in 1..Len(cmds) : cmds[i].type \notin {"Complete", "Fail"}
+
+(* _schedule_activity                                                      *)
+ScheduleActivityF[m \in Any, c \in Any] ==
+    LET m1 == AppendEvent(m, [Ev("ACTIVITY_TASK_SCHEDULED") EXCEPT !.ref = c.id])
+        sid == LastId(m1)
+        info == [activity_id |-> c.id, attempt |-> 1, started |-> FALSE,
+                 backing_off |-> FALSE, task_key |-> NoKey, timer_keys |-> {}]
+        m2 == [m1 EXCEPT !.ms.activities = Put(@, sid, info)]
+    IN IF c.eager /\ Len(m2.eager) < MaxEager
+       THEN [StartActivityAttempt(m2, sid) EXCEPT !.eager = Append(@, sid)]
+       ELSE DispatchActivityAttempt(m2, sid)
+ScheduleActivity(m, c) == ScheduleActivityF[m, c]
+
+(* _apply_command                                                          *)
+ApplyCommandF[m \in Any, c \in Any] ==
+    CASE c.type = "ScheduleActivity" -> ScheduleActivity(m, c)
+      [] c.type = "StartTimer" ->
+            LET m1 == AppendEvent(m, [Ev("TIMER_STARTED") EXCEPT !.ref = c.id])
+            IN [m1 EXCEPT !.ms.timers = Put(@, c.id, LastId(m1)),
+                          !.new_timers = @ \cup {UserTimerRow(LastId(m1))}]
+      [] c.type = "CancelTimer" ->
+            LET sid == m.ms.timers[c.id]
+                m1 == AppendEvent(m, [Ev("TIMER_CANCELED") EXCEPT !.ref = c.id,
+                                                                  !.started = sid])
+            IN [m1 EXCEPT !.ms.timers = Del(@, c.id),
+                          !.done_timers = @ \cup {UserTimerRow(sid)}]
+      [] c.type = "RecordMarker" -> AppendEvent(m, Ev("MARKER_RECORDED"))
+      [] c.type = "Complete" -> Close(m, COMPLETED, "WORKFLOW_EXECUTION_COMPLETED")
+      [] c.type = "Fail" -> Close(m, FAILED, "WORKFLOW_EXECUTION_FAILED")
+ApplyCommand(m, c) == ApplyCommandF[m, c]
+
+ApplyCommandsF[m \in Any, cmds \in Any] ==
+    IF cmds = <<>> \/ m.ms.status # RUNNING THEN m   \* commands after a close are ignored
+    ELSE ApplyCommandsF[ApplyCommand(m, Head(cmds)), Tail(cmds)]
+ApplyCommands(m, cmds) == ApplyCommandsF[m, cmds]
+
+(* _materialize_transient                                                  *)
+MaterializeTransientF[m \in Any] ==
+    LET wft == m.ms.wft
+    IN IF ~wft.transient THEN m
+       ELSE LET m1 == AppendEvent(m, [Ev("WORKFLOW_TASK_SCHEDULED") EXCEPT
+                                         !.attempt = wft.attempt])
+            IN AppendEvent(m1, [Ev("WORKFLOW_TASK_STARTED") EXCEPT !.scheduled = LastId(m1)])
+MaterializeTransient(m) == MaterializeTransientF[m]
+
+(* complete_workflow_task (after _check_workflow_task passed)             *)
+CompleteWorkflowTaskF[ms \in Any, cmds \in Any] ==
+    LET m0 == NewMutation(ms)
+    IN IF ~CommandsValid(ms, cmds) THEN FailWft(m0, FALSE)
+       ELSE LET m1 == MaterializeTransient(m0)
+                wft == m1.ms.wft
+                m2 == AppendEvent(m1, [Ev("WORKFLOW_TASK_COMPLETED") EXCEPT
+                                          !.scheduled = wft.scheduled, !.started = wft.started])
+                m3 == ApplyCommands(ClearWorkflowTask(m2), cmds)
+            IN IF Mutant = "no_flush_after_completion" THEN m3
+               ELSE IF m3.ms.status = RUNNING /\ m3.ms.buffered # <<>>
+               THEN IF Mutant = "no_new_task_after_flush" THEN FlushBuffered(m3)
+                    ELSE ScheduleWorkflowTask(FlushBuffered(m3), 1)
+               ELSE m3
+CompleteWorkflowTask(ms, cmds) == CompleteWorkflowTaskF[ms, cmds]
+
+(* _check_activity                                                         *)
+ActivityTokenValid(ms, tok) ==
+    /\ ms.status = RUNNING
+    /\ tok.sid \in DOMAIN ms.activities
+    /\ (Mutant = "activity_no_attempt_fence" \/ ms.activities[tok.sid].attempt = tok.attempt)
+    /\ ms.activities[tok.sid].started
+
+(* record_activity_started                                                 *)
+ActivityTaskValid(ms, task) ==
+    /\ task.kind = "ACTIVITY"
+    /\ ms.status = RUNNING
+    /\ task.ref \in DOMAIN ms.activities
+    /\ ms.activities[task.ref].attempt = task.attempt
+    /\ ~ms.activities[task.ref].started
+    /\ ~ms.activities[task.ref].backing_off
+
+RecordActivityStarted(ms, task) ==
+    StartActivityAttempt([NewMutation(ms) EXCEPT !.done_tasks = {task}], task.ref)
+
+(* complete_activity + _start_eagerly (the completing worker offers to run *)
+(* the workflow task this schedules: `eagerWft`)                           *)
+StartEagerlyF[m \in Any, hadWft \in Any, eagerWft \in Any] ==
+    IF ~eagerWft \/ hadWft \/ ~HasWft(m.ms) \/ m.ms.wft.transient THEN m
+    ELSE StartWorkflowTask([m EXCEPT !.new_tasks = @ \ {WftRow(m.ms.wft)}])
+StartEagerly(m, hadWft, eagerWft) == StartEagerlyF[m, hadWft, eagerWft]
+
+CompleteActivityF[ms \in Any, tok \in Any, eagerWft \in Any] ==
+    LET m1 == AppendActivityOutcome(NewMutation(ms), tok.sid, "ACTIVITY_TASK_COMPLETED")
+    IN StartEagerly(FinishActivity(m1, tok.sid), HasWft(m1.ms), eagerWft)
+CompleteActivity(ms, tok, eagerWft) == CompleteActivityF[ms, tok, eagerWft]
+
+FailActivityF[ms \in Any, tok \in Any, retry \in Any] == AttemptFailed(NewMutation(ms), tok.sid, retry, FALSE)
+FailActivity(ms, tok, retry) == FailActivityF[ms, tok, retry]
+
+(* signal: a retried request (same request id) changes nothing, so nothing *)
+(* is committed; SignalIsNew is that check.                                *)
+SignalIsNew(ms, rid) == Mutant = "no_signal_dedup" \/ rid \notin ms.signal_ids
+
+SignalF[ms \in Any, rid \in Any] ==
+    LET m1 == AppendOrBuffer(NewMutation(ms),
+                             [Ev("WORKFLOW_EXECUTION_SIGNALED") EXCEPT !.ref = rid])
+    IN ScheduleWorkflowTask([m1 EXCEPT !.ms.signal_ids = @ \cup {rid}], 1)
+Signal(ms, rid) == SignalF[ms, rid]
+
+(* terminate                                                               *)
+TerminateF[ms \in Any] == Close(NewMutation(ms), TERMINATED, "WORKFLOW_EXECUTION_TERMINATED")
+Terminate(ms) == TerminateF[ms]
+
+-----------------------------------------------------------------------------
+(* fire_timer / _on_timer: the guard (a timer that no longer applies is    *)
+(* dropped) and the transition.  `retry` as in AttemptFailed.              *)
+
+FireTimerValid(ms, row) ==
+    /\ ms.status = RUNNING
+    /\ CASE row.kind = "USER_TIMER" ->
+              \E t \in DOMAIN ms.timers : ms.timers[t] = row.ref
+         [] row.kind = "WORKFLOW_TASK_TIMEOUT" ->
+              /\ HasWft(ms) /\ ms.wft.attempt = row.attempt
+              /\ row \in ms.wft.timer_keys
+              /\ ms.wft.started # 0 /\ ms.wft.scheduled = row.ref
+         [] row.kind = "WORKFLOW_TASK_RETRY" ->
+              /\ HasWft(ms) /\ ms.wft.attempt = row.attempt
+              /\ row \in ms.wft.timer_keys
+              /\ ms.wft.started = 0
+         [] row.kind = "ACTIVITY_RETRY" ->
+              /\ row.ref \in DOMAIN ms.activities
+              /\ row \in ms.activities[row.ref].timer_keys
+              /\ ms.activities[row.ref].backing_off
+              /\ ms.activities[row.ref].attempt = row.attempt
+         [] row.kind = "ACTIVITY_START_TO_CLOSE" ->
+              /\ row.ref \in DOMAIN ms.activities
+              /\ row \in ms.activities[row.ref].timer_keys
+              /\ ms.activities[row.ref].attempt = row.attempt
+              /\ ms.activities[row.ref].started
+         [] OTHER -> FALSE
+
+FireTimerF[ms \in Any, row \in Any, retry \in Any] ==
+    LET m == [NewMutation(ms) EXCEPT !.done_timers = {row}]
+    IN CASE row.kind = "USER_TIMER" ->
+              LET tid == CHOOSE t \in DOMAIN ms.timers : ms.timers[t] = row.ref
+                  m1 == AppendOrBuffer(m, [Ev("TIMER_FIRED") EXCEPT !.ref = tid,
+                                                                   !.started = row.ref])
+              IN ScheduleWorkflowTask([m1 EXCEPT !.ms.timers = Del(@, tid)], 1)
+         [] row.kind = "WORKFLOW_TASK_TIMEOUT" ->
+              FailWft([m EXCEPT !.ms.wft.timer_keys = @ \ {row}], TRUE)
+         [] row.kind = "WORKFLOW_TASK_RETRY" ->
+              LET wft == ms.wft
+              IN [m EXCEPT !.ms.wft.timer_keys = @ \ {row},
+                           !.new_tasks = @ \cup {WftRow(wft)}]
+         [] row.kind = "ACTIVITY_RETRY" ->
+              DispatchActivityAttempt([m EXCEPT !.ms.activities[row.ref].timer_keys = @ \ {row}],
+                                      row.ref)
+         [] row.kind = "ACTIVITY_START_TO_CLOSE" ->
+              AttemptFailed([m EXCEPT !.ms.activities[row.ref].timer_keys = @ \ {row}],
+                            row.ref, retry, TRUE)
+FireTimer(ms, row, retry) == FireTimerF[ms, row, retry]
+
+-----------------------------------------------------------------------------
+(* start_workflow: WORKFLOW_EXECUTION_STARTED, then the first workflow task *)
+InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
+           activities |-> EmptyFn, timers |-> EmptyFn, buffered |-> <<>>,
+           signal_ids |-> {}]
+
+StartRun ==
+    LET m1 == AppendEvent(NewMutation(InitMs),
+                          [Ev("WORKFLOW_EXECUTION_STARTED") EXCEPT !.attempt = 1])
+    IN ScheduleWorkflowTask(m1, 1)
+
+-----------------------------------------------------------------------------
+(* Reading a history                                                       *)
+
+Range(s) == {s[i] : i \in DOMAIN s}
+EventsOf(h, type) == {e \in Range(h) : e.type = type}
+ScheduledIds(h) == {e.id : e \in EventsOf(h, "ACTIVITY_TASK_SCHEDULED")}
+OutcomeOf(h, sid) == {e \in Range(h) : e.type \in ActivityOutcomes /\ e.scheduled = sid}
+(* An external event's identity, for "never lost" checks                   *)
+EventKey(e) == <<e.type, e.scheduled, e.ref>>
+=============================================================================
