@@ -264,7 +264,7 @@ ZombieCommit ==
 (* not), and completes (or fails, if an activity failed) once everything it *)
 (* started is resolved in the history it was sent.                         *)
 
-Program(p) ==
+ProgramF[p \in Any] ==
     LET schedAids == {e.ref : e \in EventsOf(p, "ACTIVITY_TASK_SCHEDULED")}
         sids == ScheduledIds(p)
         open == {s \in sids : OutcomeOf(p, s) = {}}
@@ -278,6 +278,8 @@ Program(p) ==
               \o [i \in 1..Len(newT) |-> Cmd("StartTimer", newT[i], FALSE)] : e \in EagerModes}
        ELSE IF open # {} \/ tids \ fired # {} THEN {<<>>}
        ELSE {<<Cmd(IF failed # {} THEN "Fail" ELSE "Complete", "", FALSE)>>}
+(* A function, not an operator: see EngineCore's header (ENABLED and TLC).  *)
+Program(p) == ProgramF[p]
 
 Seen(tok) == SubSeq(hist, 1, tok.seen)
 
