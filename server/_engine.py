@@ -215,6 +215,10 @@ class HistoryEngine:
                 except BaseException:
                     # The outcome of the commit is unknown: never trust the cache again.
                     self._forget(key, run)
+                    # Trace mode: the line says the commit may or may not have happened
+                    # (a failure to write it must not hide the exception being raised).
+                    with contextlib.suppress(Exception):
+                        self._tracer.record(action, m, outcome="unknown")
                     # It may well have committed (a caller cancelled mid-commit, e.g. a
                     # poller or worker that went away, does not stop the store's writer).
                     # Its task and timer rows would then reach matching and the timer
@@ -242,7 +246,7 @@ class HistoryEngine:
         raise UnavailableError(f"run {key} is changing too fast; try again")
 
     def _after_commit(self, run: _Run, m: Mutation, action: str) -> None:
-        self._tracer.record(action, m.ms, m.events, m.now)
+        self._tracer.record(action, m)
         old = run.changed
         run.changed = asyncio.Event()
         old.set()
@@ -550,6 +554,7 @@ class HistoryEngine:
                 or (0 if wft.transient else wft.scheduled_event_id) != task.ref_id
             ):
                 return None
+            m.trace["task"] = task
             m.done_task_keys.append(task.task_key)
             return self._start_workflow_task(m, identity)
 
@@ -696,9 +701,16 @@ class HistoryEngine:
         def fn(m: Mutation) -> str | None:
             eager.clear()  # a conflict retry recomputes the transition from scratch
             self._check_workflow_task(m, token)
+            m.trace.update(
+                token=token,
+                commands=commands,
+                sticky=sticky is not None and bool(sticky.worker_task_queue.name),
+                eager_identity=bool(identity),
+            )
             try:
                 self._validate_commands(m.ms, commands)
             except BadCommandError as exc:
+                m.trace["rejected"] = exc
                 self._fail_workflow_task(
                     m,
                     exc.cause,
@@ -1221,6 +1233,7 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> None:
             self._check_workflow_task(m, token)
+            m.trace.update(token=token, cause=cause)
             self._fail_workflow_task(m, cause, failure, identity)
 
         await self._update(key, "FailWorkflowTask", fn)
@@ -1271,6 +1284,7 @@ class HistoryEngine:
                 or info.backing_off
             ):
                 return False
+            m.trace["task"] = task
             m.done_task_keys.append(task.task_key)
             self._start_activity_attempt(m, info, identity)
             return True
@@ -1360,6 +1374,11 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> state_pb2.WorkflowTaskInfo | None:
             info = self._check_activity(m, token)
+            m.trace.update(
+                token=token,
+                eager_wft=bool(eager_workflow_task_queue)
+                and eager_workflow_task_queue == m.ms.task_queue.name,
+            )
             m.append_activity_outcome(
                 info,
                 ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
@@ -1402,6 +1421,7 @@ class HistoryEngine:
     ) -> None:
         def fn(m: Mutation) -> None:
             info = self._check_activity(m, token)
+            m.trace["token"] = token
             if details is not None:
                 info.heartbeat_details.CopyFrom(details)
             self._attempt_failed(m, info, failure, timeout_type=None)
@@ -1432,6 +1452,7 @@ class HistoryEngine:
                 now_us=m.now,
                 deadline_us=deadline,
             )
+        m.trace["retry"] = decision.delay_us >= 0
         if decision.delay_us >= 0:
             # Retries are the server's job and write no history: only state changes.
             keep = [
@@ -1477,6 +1498,7 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> bool:
             info = self._check_activity(m, token)
+            m.trace["token"] = token
             info.last_heartbeat_time.FromMicroseconds(m.now)
             if details is not None:
                 info.heartbeat_details.CopyFrom(details)
@@ -1494,6 +1516,7 @@ class HistoryEngine:
             ms = m.ms
             if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 return False
+            m.trace["timer"] = timer
             handled = self._on_timer(m, timer)
             if handled:
                 m.done_timer_keys.append(timer.timer_key)
@@ -1649,6 +1672,7 @@ class HistoryEngine:
                 )
             if request_id and request_id in ms.signal_request_ids:
                 return  # a retry of a signal already delivered
+            m.trace["request_id"] = request_id
             m.append_or_buffer(
                 ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
                 signal_name=name,

@@ -63,6 +63,9 @@ class Mutation:
         self.side_runs: list[Mutation] = []
         # ActivityTaskScheduled attributes written by this transition, by event id.
         self.scheduled_activities: dict[int, history_pb2.ActivityTaskScheduledEventAttributes] = {}
+        # What the transition was given or decided (the task row, token, commands, retry
+        # decision...), as references: formatted by server/_trace.py in trace mode only.
+        self.trace: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- events
 

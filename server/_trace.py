@@ -2,10 +2,18 @@
 
 Enabled by the environment variable ``TIDEFLOW_TRACE_DIR`` (read when the server
 starts). Each run gets ``<dir>/<workflow id>__<run id>.ndjson``; each line records the
-engine action (named as in the TLA+ specs), the history events it appended, and a
+engine action (named as in the TLA+ specs), what the transition was given or decided
+(``args``: the task row a poll took, the token a report carried, the commands of a
+workflow task, the timer row that fired, the retry decision, the eager flags), the
+history events it appended, the task and timer rows it wrote and consumed, and a
 compact snapshot of the run's state afterwards, including what writes no history
-event (activity retries, timer re-arms). ``tla/`` turns these logs into TLA+ traces
-and lets TLC decide whether the real run is a behaviour of the spec.
+event (activity retries, timer re-arms, sticky queues). ``tla/trace_to_tla.py`` turns
+these logs into TLA+ traces and TLC decides whether the real run is a behaviour of
+``tla/EngineCore.tla`` (see tla/README-traces.md).
+
+Off (one attribute test per commit) unless the variable is set. The engine only
+stores references to its inputs in ``Mutation.trace``; they are formatted here, after
+the commit, and only in trace mode.
 """
 
 from __future__ import annotations
@@ -14,13 +22,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tideflow.api.v1 import state_pb2
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import attributes_of
+from tideflow.api.v1 import common_pb2, state_pb2
+from tideflow.api.v1.command_pb2 import Command, CommandType
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
+from tideflow.history import TaskKind, TaskRow, TimerKind, TimerRow, attributes_of
+
+if TYPE_CHECKING:
+    from ._mutation import Mutation
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Version of the line format below; tla/trace_to_tla.py refuses other versions.
+FORMAT = 2
 
 
 def _event(event: HistoryEvent) -> dict[str, Any]:
@@ -36,6 +50,8 @@ def _event(event: HistoryEvent) -> dict[str, Any]:
                 out[name] = value
     if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
         out["activity_type"] = attrs.activity_type.name
+    elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+        out["request_id"] = attrs.request_id
     return out
 
 
@@ -44,6 +60,7 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
     return {
         "status": ms.status,
         "next_event_id": ms.next_event_id,
+        "sticky": bool(ms.sticky_task_queue),
         "workflow_task": None
         if wft is None
         else {
@@ -51,6 +68,7 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
             "started": wft.started_event_id,
             "attempt": wft.attempt,
             "transient": wft.transient,
+            "sticky": wft.task_queue.kind == common_pb2.TASK_QUEUE_KIND_STICKY,
         },
         "activities": {
             str(sid): {
@@ -61,9 +79,78 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
             }
             for sid, a in sorted(ms.pending_activities.items())
         },
-        "timers": sorted(ms.pending_timers),
+        # timer id -> its TIMER_STARTED event id
+        "timers": {tid: t.started_event_id for tid, t in sorted(ms.pending_timers.items())},
         "buffered": len(ms.buffered_events),
+        "buffered_events": [_event(e) for e in ms.buffered_events],
     }
+
+
+def _task_row(kind: int, ref: int, attempt: int) -> dict[str, Any]:
+    return {"kind": TaskKind(kind).name, "ref": ref, "attempt": attempt}
+
+
+def _timer_row(kind: int, ref: int, attempt: int) -> dict[str, Any]:
+    return {"kind": TimerKind(kind).name, "ref": ref, "attempt": attempt}
+
+
+def _task_key_row(key: str) -> dict[str, Any]:
+    # TaskRow.task_key: "<namespace>|<workflow id>|<run id>|<kind>|<ref>|<attempt>"; the
+    # workflow id may itself contain "|", so split from the right.
+    _, kind, ref, attempt = key.rsplit("|", 3)
+    return _task_row(int(kind), int(ref), int(attempt))
+
+
+def _timer_key_row(key: str) -> dict[str, Any]:
+    # TimerRow.timer_key: "...|<kind>|<ref>|<attempt>|<fire_at>"
+    _, kind, ref, attempt, _fire_at = key.rsplit("|", 4)
+    return _timer_row(int(kind), int(ref), int(attempt))
+
+
+def _command(command: Command) -> dict[str, Any]:
+    ctype = command.command_type
+    out: dict[str, Any] = {"type": CommandType.Name(ctype).removeprefix("COMMAND_TYPE_")}
+    if ctype == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+        a = command.schedule_activity_task_command_attributes
+        out["id"] = a.activity_id
+        out["eager"] = a.request_eager_execution
+    elif ctype == CommandType.COMMAND_TYPE_START_TIMER:
+        out["id"] = command.start_timer_command_attributes.timer_id
+    elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
+        out["id"] = command.cancel_timer_command_attributes.timer_id
+    return out
+
+
+def _args(m: Mutation) -> dict[str, Any]:
+    """The inputs and decisions the engine noted in ``m.trace``, as JSON."""
+    out: dict[str, Any] = {}
+    for name, value in m.trace.items():
+        if isinstance(value, TaskRow):
+            out[name] = _task_row(value.kind, value.ref_id, value.attempt)
+        elif isinstance(value, TimerRow):
+            out[name] = _timer_row(value.kind, value.ref_id, value.attempt)
+        elif isinstance(value, state_pb2.TaskToken):
+            out[name] = {
+                "scheduled": value.scheduled_event_id,
+                "started": value.started_event_id,
+                "attempt": value.attempt,
+            }
+        elif name == "commands":
+            out[name] = [_command(c) for c in value]
+        elif name == "cause":
+            out[name] = WorkflowTaskFailedCause.Name(value).removeprefix(
+                "WORKFLOW_TASK_FAILED_CAUSE_"
+            )
+        elif name == "rejected":
+            out[name] = {
+                "cause": WorkflowTaskFailedCause.Name(value.cause).removeprefix(
+                    "WORKFLOW_TASK_FAILED_CAUSE_"
+                ),
+                "message": str(value),
+            }
+        else:
+            out[name] = value
+    return out
 
 
 class Tracer:
@@ -80,18 +167,29 @@ class Tracer:
     def enabled(self) -> bool:
         return self._dir is not None
 
-    def record(
-        self, action: str, ms: state_pb2.MutableState, events: list[HistoryEvent], now: int
-    ) -> None:
+    def record(self, action: str, m: Mutation, *, outcome: str = "committed") -> None:
+        """Append the line of a transition; ``outcome`` "unknown": its commit raised and
+        may or may not have happened (the trace cannot be validated past it)."""
         if self._dir is None:
             return
+        ms = m.ms
         name = f"{_UNSAFE.sub('_', ms.workflow_id)}__{ms.run_id}.ndjson"
-        line = {
+        line: dict[str, Any] = {
+            "format": FORMAT,
             "action": action,
-            "time_us": now,
-            "events": [_event(e) for e in events],
+            "time_us": m.now,
+            "args": _args(m),
+            "events": [_event(e) for e in m.events],
+            "rows": {
+                "new_tasks": [_task_row(t.kind, t.ref_id, t.attempt) for t in m.new_tasks],
+                "done_tasks": [_task_key_row(k) for k in m.done_task_keys],
+                "new_timers": [_timer_row(t.kind, t.ref_id, t.attempt) for t in m.new_timers],
+                "done_timers": [_timer_key_row(k) for k in m.done_timer_keys],
+            },
             "state": _state(ms),
         }
+        if outcome != "committed":
+            line["outcome"] = outcome
         # Appends are small and synchronous on purpose: the line must be on disk in
         # commit order, before the next transition of the run can commit.
         with (self._dir / name).open("a") as fh:

@@ -10,7 +10,8 @@
 (* Names follow the code: ms = MutableState, wft = ms.workflow_task,        *)
 (* activities = ms.pending_activities (key: scheduled event id "sid"),      *)
 (* timers = ms.pending_timers (timer id -> started event id), buffered =    *)
-(* ms.buffered_events, signal_ids = ms.signal_request_ids.                   *)
+(* ms.buffered_events, signal_ids = ms.signal_request_ids, sticky =         *)
+(* (ms.sticky_task_queue # ""), wft.sticky = (wft.task_queue.kind = STICKY).*)
 (*                                                                           *)
 (* Abstractions (see README.md): time is not modelled (any armed timer may *)
 (* fire at any moment; the engine validates every timer against the state, *)
@@ -64,7 +65,7 @@ NoKey == TaskRow("NONE", 0, 0)
 
 EmptyFn == [x \in {} |-> 0]
 NoWft == [scheduled |-> 0, started |-> 0, attempt |-> 0, transient |-> FALSE,
-          timer_keys |-> {}]
+          sticky |-> FALSE, timer_keys |-> {}]
 
 HasWft(ms) == ms.wft.attempt > 0                     \* HasField("workflow_task")
 WftStarted(ms) == HasWft(ms) /\ ms.wft.started # 0   \* Mutation.workflow_task_started
@@ -140,6 +141,8 @@ FlushBuffered(m) == FlushBufferedF[m]
 (* Attempts after the first are transient (no events until one completes);*)
 (* from attempt 3 on a WORKFLOW_TASK_RETRY backoff timer comes first       *)
 (* (HistoryEngine._fail_workflow_task: delay only when next_attempt > 2).  *)
+(* A first attempt of a run with a sticky worker waits on that worker's    *)
+(* queue, with a STICKY_SCHEDULE_TO_START timer (the row key has no queue).*)
 ScheduleWorkflowTaskF[m \in Any, attempt \in Any] ==
     IF HasWft(m.ms) \/ m.ms.status # RUNNING THEN m
     ELSE LET m1 == IF attempt = 1
@@ -147,14 +150,29 @@ ScheduleWorkflowTaskF[m \in Any, attempt \in Any] ==
                    ELSE m
              sched == IF attempt = 1 THEN LastId(m1) ELSE 0
              delayed == attempt > 2
+             sticky == attempt = 1 /\ m.ms.sticky
              retry == TimerRow("WORKFLOW_TASK_RETRY", 0, attempt)
+             stickyRow == TimerRow("STICKY_SCHEDULE_TO_START", sched, attempt)
              wft == [scheduled |-> sched, started |-> 0, attempt |-> attempt,
-                     transient |-> attempt # 1,
-                     timer_keys |-> IF delayed THEN {retry} ELSE {}]
+                     transient |-> attempt # 1, sticky |-> sticky,
+                     timer_keys |-> IF delayed THEN {retry}
+                                    ELSE IF sticky THEN {stickyRow} ELSE {}]
          IN [m1 EXCEPT !.ms.wft = wft,
-                       !.new_timers = IF delayed THEN @ \cup {retry} ELSE @,
+                       !.new_timers = IF delayed THEN @ \cup {retry}
+                                      ELSE IF sticky THEN @ \cup {stickyRow} ELSE @,
                        !.new_tasks = IF delayed THEN @ ELSE @ \cup {WftRow(wft)}]
 ScheduleWorkflowTask(m, attempt) == ScheduleWorkflowTaskF[m, attempt]
+
+(* Mutation.unstick: forget the sticky worker; a task still waiting on its  *)
+(* queue moves to the normal queue (same row key: deleted and re-inserted). *)
+UnstickMutF[m \in Any] ==
+    LET m1 == [m EXCEPT !.ms.sticky = FALSE]
+    IN IF HasWft(m.ms) /\ m.ms.wft.started = 0 /\ m.ms.wft.sticky
+       THEN [m1 EXCEPT !.ms.wft.sticky = FALSE,
+                       !.done_tasks = @ \cup {WftRow(m.ms.wft)},
+                       !.new_tasks = @ \cup {WftRow(m.ms.wft)}]
+       ELSE m1
+UnstickMut(m) == UnstickMutF[m]
 
 ClearWorkflowTaskF[m \in Any] ==
     IF HasWft(m.ms)
@@ -280,21 +298,27 @@ WftTokenValid(ms, tok) ==
     /\ ms.wft.started = tok.started
     /\ (Mutant = "wft_no_attempt_fence" \/ ms.wft.attempt = tok.attempt)
 
-(* _fail_workflow_task                                                     *)
-FailWftF[m \in Any, timedOut \in Any] ==
+(* _fail_workflow_task.  `reset`: the cause is RESET_STICKY_TASK_QUEUE (a   *)
+(* sticky worker that no longer caches the run): a fresh first attempt.     *)
+FailWftResetF[m \in Any, timedOut \in Any, reset \in Any] ==
     LET wft == m.ms.wft
+        m0 == UnstickMut(m)
         m1 == IF ~wft.transient
-              THEN AppendEvent(m, [Ev(IF timedOut THEN "WORKFLOW_TASK_TIMED_OUT"
-                                      ELSE "WORKFLOW_TASK_FAILED") EXCEPT
-                                      !.scheduled = wft.scheduled, !.started = wft.started])
-              ELSE m
+              THEN AppendEvent(m0, [Ev(IF timedOut THEN "WORKFLOW_TASK_TIMED_OUT"
+                                       ELSE "WORKFLOW_TASK_FAILED") EXCEPT
+                                       !.scheduled = wft.scheduled, !.started = wft.started])
+              ELSE m0
         m2 == ClearWorkflowTask(m1)
     IN IF m2.ms.buffered # <<>>
        THEN ScheduleWorkflowTask(FlushBuffered(m2), 1)
+       ELSE IF reset THEN ScheduleWorkflowTask(m2, 1)
        ELSE ScheduleWorkflowTask(m2, wft.attempt + 1)
+FailWftF[m \in Any, timedOut \in Any] == FailWftResetF[m, timedOut, FALSE]
 FailWft(m, timedOut) == FailWftF[m, timedOut]
 
-FailWorkflowTaskF[ms \in Any] == FailWft(NewMutation(ms), FALSE)
+FailWorkflowTaskWithF[ms \in Any, reset \in Any] == FailWftResetF[NewMutation(ms), FALSE, reset]
+FailWorkflowTaskWith(ms, reset) == FailWorkflowTaskWithF[ms, reset]
+FailWorkflowTaskF[ms \in Any] == FailWorkflowTaskWith(ms, FALSE)
 FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 
 (* Commands (command_pb2.CommandType) as the model sees them:              *)
@@ -302,6 +326,7 @@ FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 (*   [type |-> "StartTimer", id |-> timer id]                              *)
 (*   [type |-> "CancelTimer", id |-> timer id]                             *)
 (*   [type |-> "RecordMarker", id |-> ""]                                  *)
+(*   [type |-> "UpsertSearchAttributes", id |-> ""]                        *)
 (*   [type |-> "Complete", id |-> ""]   [type |-> "Fail", id |-> ""]       *)
 (*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
 Cmd(type, id, eager) == [type |-> type, id |-> id, eager |-> eager]
@@ -353,6 +378,8 @@ ApplyCommandF[m \in Any, c \in Any] ==
             IN [m1 EXCEPT !.ms.timers = Del(@, c.id),
                           !.done_timers = @ \cup {UserTimerRow(sid)}]
       [] c.type = "RecordMarker" -> AppendEvent(m, Ev("MARKER_RECORDED"))
+      [] c.type = "UpsertSearchAttributes" ->
+            AppendEvent(m, Ev("UPSERT_WORKFLOW_SEARCH_ATTRIBUTES"))
       [] c.type = "Complete" -> Close(m, COMPLETED, "WORKFLOW_EXECUTION_COMPLETED")
       [] c.type = "Fail" -> Close(m, FAILED, "WORKFLOW_EXECUTION_FAILED")
 ApplyCommand(m, c) == ApplyCommandF[m, c]
@@ -371,20 +398,26 @@ MaterializeTransientF[m \in Any] ==
             IN AppendEvent(m1, [Ev("WORKFLOW_TASK_STARTED") EXCEPT !.scheduled = LastId(m1)])
 MaterializeTransient(m) == MaterializeTransientF[m]
 
-(* complete_workflow_task (after _check_workflow_task passed)             *)
-CompleteWorkflowTaskF[ms \in Any, cmds \in Any] ==
+(* complete_workflow_task (after _check_workflow_task passed).  `sticky`:  *)
+(* the worker sent sticky_attributes (it caches the run); without them a   *)
+(* sticky run is unstuck.                                                  *)
+CompleteWorkflowTaskWithF[ms \in Any, cmds \in Any, sticky \in Any] ==
     LET m0 == NewMutation(ms)
     IN IF ~CommandsValid(ms, cmds) THEN FailWft(m0, FALSE)
        ELSE LET m1 == MaterializeTransient(m0)
                 wft == m1.ms.wft
-                m2 == AppendEvent(m1, [Ev("WORKFLOW_TASK_COMPLETED") EXCEPT
+                m2a == AppendEvent(m1, [Ev("WORKFLOW_TASK_COMPLETED") EXCEPT
                                           !.scheduled = wft.scheduled, !.started = wft.started])
+                m2 == IF sticky THEN [m2a EXCEPT !.ms.sticky = TRUE]
+                      ELSE IF m2a.ms.sticky THEN UnstickMut(m2a) ELSE m2a
                 m3 == ApplyCommands(ClearWorkflowTask(m2), cmds)
             IN IF Mutant = "no_flush_after_completion" THEN m3
                ELSE IF m3.ms.status = RUNNING /\ m3.ms.buffered # <<>>
                THEN IF Mutant = "no_new_task_after_flush" THEN FlushBuffered(m3)
                     ELSE ScheduleWorkflowTask(FlushBuffered(m3), 1)
                ELSE m3
+CompleteWorkflowTaskWith(ms, cmds, sticky) == CompleteWorkflowTaskWithF[ms, cmds, sticky]
+CompleteWorkflowTaskF[ms \in Any, cmds \in Any] == CompleteWorkflowTaskWith(ms, cmds, FALSE)
 CompleteWorkflowTask(ms, cmds) == CompleteWorkflowTaskF[ms, cmds]
 
 (* _check_activity                                                         *)
@@ -421,6 +454,16 @@ CompleteActivity(ms, tok, eagerWft) == CompleteActivityF[ms, tok, eagerWft]
 FailActivityF[ms \in Any, tok \in Any, retry \in Any] == AttemptFailed(NewMutation(ms), tok.sid, retry, FALSE)
 FailActivity(ms, tok, retry) == FailActivityF[ms, tok, retry]
 
+(* record_heartbeat (after _check_activity): only the time of the last    *)
+(* heartbeat and its details change, neither of which the model has.      *)
+RecordHeartbeat(ms, tok) == NewMutation(ms)
+
+(* HistoryEngine.unstick: the sticky worker left (ShutdownWorker).  The    *)
+(* engine commits it whenever the run is still sticky to that worker,      *)
+(* closed or not.                                                          *)
+UnstickValid(ms) == ms.sticky
+Unstick(ms) == UnstickMut(NewMutation(ms))
+
 (* signal: a retried request (same request id) changes nothing, so nothing *)
 (* is committed; SignalIsNew is that check.                                *)
 SignalIsNew(ms, rid) == Mutant = "no_signal_dedup" \/ rid \notin ms.signal_ids
@@ -451,6 +494,10 @@ FireTimerValid(ms, row) ==
               /\ HasWft(ms) /\ ms.wft.attempt = row.attempt
               /\ row \in ms.wft.timer_keys
               /\ ms.wft.started = 0
+         [] row.kind = "STICKY_SCHEDULE_TO_START" ->
+              /\ HasWft(ms) /\ ms.wft.attempt = row.attempt
+              /\ row \in ms.wft.timer_keys
+              /\ ms.wft.started = 0 /\ ms.wft.sticky
          [] row.kind = "ACTIVITY_RETRY" ->
               /\ row.ref \in DOMAIN ms.activities
               /\ row \in ms.activities[row.ref].timer_keys
@@ -476,6 +523,8 @@ FireTimerF[ms \in Any, row \in Any, retry \in Any] ==
               LET wft == ms.wft
               IN [m EXCEPT !.ms.wft.timer_keys = @ \ {row},
                            !.new_tasks = @ \cup {WftRow(wft)}]
+         [] row.kind = "STICKY_SCHEDULE_TO_START" ->
+              UnstickMut([m EXCEPT !.ms.wft.timer_keys = @ \ {row}])
          [] row.kind = "ACTIVITY_RETRY" ->
               DispatchActivityAttempt([m EXCEPT !.ms.activities[row.ref].timer_keys = @ \ {row}],
                                       row.ref)
@@ -488,7 +537,7 @@ FireTimer(ms, row, retry) == FireTimerF[ms, row, retry]
 (* start_workflow: WORKFLOW_EXECUTION_STARTED, then the first workflow task *)
 InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
            activities |-> EmptyFn, timers |-> EmptyFn, buffered |-> <<>>,
-           signal_ids |-> {}]
+           signal_ids |-> {}, sticky |-> FALSE]
 
 StartRun ==
     LET m1 == AppendEvent(NewMutation(InitMs),

@@ -1,0 +1,661 @@
+"""Trace validation: TLC decides whether real runs are behaviours of tla/EngineCore.tla.
+
+Each test runs a real end-to-end scenario against a real server with
+``TIDEFLOW_TRACE_DIR`` set (server/_trace.py writes one NDJSON line per committed
+transition of each run), converts the run's trace with tla/trace_to_tla.py and runs
+TLC on tla/TraceEngine.tla. A trace is accepted when TLC reports the invariant
+``TraceConsumed`` violated (exit 12): every line was a step of the spec, with the
+logged events, rows and state. Scenarios:
+
+- activity retries: an activity failing twice then succeeding, one timing out
+  (start-to-close) and retried, and a workflow task failing twice (transient attempts,
+  then a backoff timer) before it succeeds;
+- crash recovery: the server process is SIGKILLed while an activity runs and a new
+  one on the same SQLite file takes over (the trace file survives: it is appended per
+  commit);
+- a DAG a -> {b, c} -> d through the DAG API, checked for TaskDependencyCorrectness;
+- signals, a cancelled and a fired timer, a sticky queue given back (the task moves
+  to the normal queue), terminate.
+
+Real traces corrupted on purpose must be rejected (TLC exit 0, the line and reason
+printed): a dependency violated, a duplicated activity completion, a flipped retry
+decision, a skipped event id, a line lost.
+
+Without ``java`` these tests skip, except with ``CI=true``, where they fail. Waiting
+polls conditions (no fixed sleeps synchronize anything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
+from tideflow.api.v1.history_pb2 import EventType
+from tideflow.server import TideflowServer
+from tideflow.worker_sdk import (
+    Client,
+    RetryPolicy,
+    Worker,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    activity,
+    dag,
+    workflow,
+)
+from tideflow.worker_sdk.dag import DagWorkflow, Task
+
+pytestmark = pytest.mark.tla
+
+ROOT = Path(__file__).resolve().parent.parent
+ET = EventType
+WAIT_S = 30.0
+
+
+def _load_converter() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("trace_to_tla", ROOT / "tla" / "trace_to_tla.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+t2t = _load_converter()
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def jar() -> Path:
+    """The TLC jar; needs java (CI=true: a missing java fails, elsewhere it skips)."""
+    if shutil.which("java") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("java is not installed: TLC cannot validate traces (CI=true)")
+        pytest.skip("java is not installed: TLC cannot validate traces (install a JRE 11+)")
+    path: Path = t2t.tla2tools_jar()
+    return path
+
+
+@pytest.fixture
+def trace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Trace mode on for servers started by this test (in this process or children)."""
+    directory = tmp_path / "traces"
+    monkeypatch.setenv("TIDEFLOW_TRACE_DIR", str(directory))
+    return directory
+
+
+@pytest.fixture
+async def client(trace_dir: Path, tmp_path: Path) -> AsyncIterator[Client]:
+    async with TideflowServer(f"sqlite:///{tmp_path / 'history.db'}", port=0) as server:
+        connected = await Client.connect(server.address)
+        try:
+            yield connected
+        finally:
+            await connected.close()
+
+
+# ------------------------------------------------------------------- helpers
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy, and return it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def trace_of(directory: Path, workflow_id: str) -> Path:
+    found = sorted(directory.glob(f"{workflow_id}__*.ndjson"))
+    assert len(found) == 1, f"traces of {workflow_id!r}: {found}"
+    return found[0]
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(text) for text in path.read_text().splitlines()]
+
+
+def write_lines(path: Path, lines: Sequence[Mapping[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def actions(path: Path) -> Counter[str]:
+    return Counter(line["action"] for line in read_lines(path))
+
+
+Job = tuple[Path, Mapping[str, set[str]] | None]
+
+
+def validate(jar: Path, workdir: Path, jobs: Sequence[Job]) -> list[Any]:
+    """Convert each trace and run TLC on it, two JVMs at a time; returns the verdicts."""
+
+    def one(index: int) -> Any:
+        trace, deps = jobs[index]
+        model = t2t.write_model(trace, workdir / f"model-{index}-{trace.stem[:40]}", deps=deps)
+        return t2t.check(model, jar=jar)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(one, range(len(jobs))))
+
+
+def assert_accepted(verdict: Any, trace: Path, *, one_path: bool = True) -> None:
+    lines = len(read_lines(trace))
+    assert verdict.status == "accepted", (
+        f"{trace.name}: {verdict.status} at line {verdict.line} ({verdict.action}):\n"
+        f"{verdict.reason or verdict.output[-4000:]}"
+    )
+    assert verdict.exit_code == 12 and "TraceConsumed" in verdict.output
+    if one_path:
+        # One state per line plus the initial one: TLC walked the whole trace.
+        assert verdict.states == lines + 1, (verdict.states, lines)
+
+
+def assert_rejected(verdict: Any, line: int, *reason: str) -> None:
+    assert verdict.status == "rejected", f"{verdict.status}: {verdict.output[-3000:]}"
+    assert verdict.exit_code == 0 and "TraceConsumed" not in verdict.output
+    assert verdict.line == line, (verdict.line, verdict.reason)
+    for part in reason:
+        assert part in verdict.reason, verdict.reason
+
+
+def first_index(
+    lines: Sequence[Mapping[str, Any]], test: Callable[[Mapping[str, Any]], bool]
+) -> int:
+    for index, line in enumerate(lines):
+        if test(line):
+            return index
+    raise AssertionError("no such line in the trace")
+
+
+# ------------------------------------------- (a) activity and workflow task retries
+
+FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=5)
+_wft_failures: Counter[str] = Counter()
+
+
+class _Gates:
+    """Events the activities wait on, made anew by each test (an asyncio.Event must
+    not outlive the event loop of the test that used it)."""
+
+    stalled = asyncio.Event()
+    running = asyncio.Event()
+    release = asyncio.Event()
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.stalled, cls.running, cls.release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+
+@activity.defn
+async def fails_twice(key: str) -> str:
+    attempt = activity.info().attempt
+    if attempt < 3:
+        raise RuntimeError(f"transient failure {attempt}")
+    return f"ok on attempt {attempt}"
+
+
+@activity.defn
+async def stalls_on_first_attempt(key: str) -> str:
+    attempt = activity.info().attempt
+    if attempt == 1:
+        activity.heartbeat("alive")  # sent at once (later ones would be throttled)
+        # Held past its start-to-close timeout; released (and reported late) at the end.
+        await _Gates.stalled.wait()
+    return f"ok on attempt {attempt}"
+
+
+@workflow.defn
+class Retries:
+    @workflow.run
+    async def run(self, key: str) -> list[str]:
+        if _wft_failures[key] < 2:
+            # A bug in the first two workflow task attempts: the task fails and the
+            # server retries it (transient attempt 2 at once, attempt 3 after a backoff).
+            _wft_failures[key] += 1
+            raise RuntimeError("workflow task bug, fixed by attempt 3")
+        results: list[str] = await asyncio.gather(
+            workflow.execute_activity(
+                fails_twice, key, start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=FAST_RETRY,
+            ),
+            workflow.execute_activity(
+                stalls_on_first_attempt, key, start_to_close_timeout=timedelta(seconds=1),
+                retry_policy=FAST_RETRY,
+            ),
+        )  # fmt: skip
+        return results
+
+
+async def test_activity_and_workflow_task_retries(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    _Gates.reset()
+    _wft_failures.clear()
+    worker = Worker(
+        client,
+        task_queue="tla-retries",
+        workflows=[Retries],
+        activities=[fails_twice, stalls_on_first_attempt],
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+    async with worker:
+        handle = await client.start_workflow(
+            Retries.run, "retries-1", id="retries-1", task_queue="tla-retries"
+        )
+        assert await handle.result() == ["ok on attempt 3", "ok on attempt 2"]
+        # The stalled attempt 1 now reports, long after it timed out: the engine must
+        # refuse it (stale attempt), so it adds nothing to the trace. The graceful
+        # shutdown waits for that report.
+        _Gates.stalled.set()
+    trace = trace_of(trace_dir, "retries-1")
+    lines = read_lines(trace)
+    seen = actions(trace)
+    assert seen["FailWorkflowTask"] == 2 and seen["FireTimer:WORKFLOW_TASK_RETRY"] == 1
+    assert seen["RecordHeartbeat"] == 1
+    assert [ln["args"]["retry"] for ln in lines if ln["action"] == "FailActivity"] == [True] * 2
+    assert seen["FireTimer:ACTIVITY_RETRY"] == 3
+    [timeout] = [ln for ln in lines if ln["action"] == "FireTimer:ACTIVITY_START_TO_CLOSE"]
+    assert timeout["args"]["retry"] is True and timeout["events"] == []
+
+    # Corruptions of this real trace: the engine's retry decision flipped (it would
+    # have recorded the failure), and an event id skipped.
+    flipped = [dict(ln) for ln in lines]
+    at = first_index(flipped, lambda ln: ln["action"] == "FailActivity")
+    flipped[at] = {**flipped[at], "args": {**flipped[at]["args"], "retry": False}}
+    skipped = json.loads(json.dumps(lines))
+    gap = first_index(skipped, lambda ln: ln["action"] == "CompleteActivity")
+    for line in skipped[gap:]:
+        for event in line["events"]:
+            event["id"] += 1
+    verdicts = validate(
+        jar,
+        tmp_path,
+        [
+            (trace, None),
+            (write_lines(tmp_path / "flipped-retry.ndjson", flipped), None),
+            (write_lines(tmp_path / "skipped-id.ndjson", skipped), None),
+        ],
+    )
+    assert_accepted(verdicts[0], trace)
+    assert_rejected(verdicts[1], at + 1, "the appended events differ")
+    assert_rejected(verdicts[2], gap + 1, "the appended events differ")
+
+
+@activity.defn
+async def fails_once(key: str) -> str:
+    attempt = activity.info().attempt
+    if attempt == 1:
+        raise RuntimeError("transient failure")
+    return f"ok on attempt {attempt}"
+
+
+@workflow.defn
+class FirstActivityRetried:
+    @workflow.run
+    async def run(self, key: str) -> str:
+        result: str = await workflow.execute_activity(
+            fails_once, key, start_to_close_timeout=timedelta(seconds=10), retry_policy=FAST_RETRY
+        )
+        return result
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "engine bug found by trace validation: HistoryEngine._attempt_failed keeps the "
+        "timer keys that contain the substring '|5|' (meant: kind ACTIVITY_SCHEDULE_TO_CLOSE), "
+        "which also matches a key whose scheduled event id or attempt is 5, so the failed "
+        "attempt's ACTIVITY_START_TO_CLOSE row is not dropped (_start_activity_attempt has "
+        "the same flaw with '|3|'); remove this mark once fixed"
+    ),
+)
+async def test_retry_of_the_first_activity_drops_the_failed_attempts_timer(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    async with Worker(
+        client, task_queue="tla-first", workflows=[FirstActivityRetried], activities=[fails_once]
+    ):
+        handle = await client.start_workflow(
+            FirstActivityRetried.run, "first", id="first-1", task_queue="tla-first"
+        )
+        assert await handle.result() == "ok on attempt 2"
+    trace = trace_of(trace_dir, "first-1")
+    lines = read_lines(trace)
+    [failed] = [ln for ln in lines if ln["action"] == "FailActivity"]
+    assert failed["args"]["token"]["scheduled"] == 5 and failed["args"]["retry"] is True
+    [verdict] = validate(jar, tmp_path, [(trace, None)])
+    assert_accepted(verdict, trace)
+
+
+# ----------------------------------------------------------- (b) crash recovery
+
+
+@activity.defn
+async def held_across_crash(n: int) -> int:
+    _Gates.running.set()
+    await _Gates.release.wait()
+    return n * 10
+
+
+@activity.defn
+async def after_crash(n: int) -> str:
+    return f"done-{n}"
+
+
+@workflow.defn
+class SpansCrash:
+    @workflow.run
+    async def run(self, n: int) -> str:
+        held: int = await workflow.execute_activity(
+            held_across_crash, n, start_to_close_timeout=timedelta(seconds=60)
+        )
+        await workflow.sleep(timedelta(milliseconds=100))
+        result: str = await workflow.execute_activity(
+            after_crash, held + 1, start_to_close_timeout=timedelta(seconds=10)
+        )
+        return result
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class _Servers:
+    """Server processes (the CLI's start-dev), always killed and reaped."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, db: Path, port: int) -> subprocess.Popen[bytes]:
+        out = self._dir / f"{name}.out"
+        with out.open("wb") as out_f, (self._dir / f"{name}.err").open("wb") as err_f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tideflow.server._cli", "server", "start-dev",
+                 "--db", str(db), "--port", str(port), "--ip", "127.0.0.1"],
+                stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir,
+                env=dict(os.environ),  # carries TIDEFLOW_TRACE_DIR
+            )  # fmt: skip
+        self._procs.append(proc)
+        return proc
+
+    async def start(self, name: str, db: Path, port: int) -> subprocess.Popen[bytes]:
+        proc = self._spawn(name, db, port)
+        out = self._dir / f"{name}.out"
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}")
+            return "tideflow server listening on " in out.read_text(errors="replace")
+
+        await wait_until(listening, f"{name} to listen")
+        return proc
+
+    async def sigkill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.kill(proc.pid, signal.SIGKILL)
+        await wait_until(lambda: proc.poll() is not None, "the server to die of SIGKILL")
+        assert proc.returncode == -signal.SIGKILL
+
+    def cleanup(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[_Servers]:
+    started = _Servers(tmp_path)
+    try:
+        yield started
+    finally:
+        started.cleanup()
+
+
+async def test_server_crash_mid_run(
+    jar: Path, trace_dir: Path, servers: _Servers, tmp_path: Path
+) -> None:
+    _Gates.reset()
+    db, port = tmp_path / "crash.db", _free_port()
+    first = await servers.start("server-1", db, port)
+    client = await Client.connect(f"127.0.0.1:{port}")
+    worker = Worker(
+        client,
+        task_queue="tla-crash",
+        workflows=[SpansCrash],
+        activities=[held_across_crash, after_crash],
+    )
+    try:
+        worker.start()
+        handle = await client.start_workflow(
+            SpansCrash.run, 4, id="crash-1", task_queue="tla-crash"
+        )
+        # The run is quiescent now (its activity is running, nothing else is due), so
+        # no commit is in flight when the process dies.
+        await asyncio.wait_for(_Gates.running.wait(), WAIT_S)
+        trace = trace_of(trace_dir, "crash-1")
+        before = len(read_lines(trace))
+        await servers.sigkill(first)
+        await servers.start("server-2", db, port)
+        # The attempt started by the first server completes against the second.
+        _Gates.release.set()
+        async with asyncio.timeout(WAIT_S):
+            assert await handle.result() == "done-41"
+        await worker.shutdown()
+    finally:
+        _Gates.release.set()
+        await client.close()
+        await worker.shutdown()
+    lines = read_lines(trace)
+    assert [ln["action"] for ln in lines[:before]][-1] == "CompleteWorkflowTask"
+    assert lines[before]["action"] == "CompleteActivity", lines[before]
+    assert lines[-1]["state"]["status"] == WS.WORKFLOW_EXECUTION_STATUS_COMPLETED
+
+    # A transition lost in the crash (the line of the second server's first commit
+    # missing) must be noticed.
+    lost = write_lines(tmp_path / "lost-line.ndjson", lines[:before] + lines[before + 1 :])
+    verdicts = validate(jar, tmp_path, [(trace, None), (lost, None)])
+    assert_accepted(verdicts[0], trace)
+    assert_rejected(verdicts[1], before + 1)
+
+
+# ------------------------------------------------------- (c) DAG a -> {b, c} -> d
+
+
+@dag.executor("tla-step")
+async def tla_step(params: dict[str, Any]) -> dict[str, Any]:
+    return {"task": params["name"]}
+
+
+def _diamond() -> dag.Workflow:
+    wf = dag.new_workflow("tla-diamond", "1.0.0")
+    a = Task("a", executor="tla-step", parameters={"name": "a"})
+    b = Task("b", executor="tla-step", parameters={"name": "b"}, depends_on=[a])
+    c = Task("c", executor="tla-step", parameters={"name": "c"}, depends_on=[a])
+    d = Task("d", executor="tla-step", parameters={"name": "d"}, depends_on=[b, c])
+    for task in (a, b, c, d):
+        wf.add_task(task)
+    return wf
+
+
+def _swap_ids(lines: list[dict[str, Any]], one: str, other: str) -> list[dict[str, Any]]:
+    """The trace with two activity ids exchanged everywhere (commands, events, state)."""
+    text = json.dumps(lines)
+    text = text.replace(f'"{one}"', '"<swap>"').replace(f'"{other}"', f'"{one}"')
+    swapped: list[dict[str, Any]] = json.loads(text.replace('"<swap>"', f'"{other}"'))
+    return swapped
+
+
+async def test_dag_with_parallel_branches(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    wf = _diamond()
+    async with Worker(client, task_queue="tla-dag", workflows=[DagWorkflow], activities=[tla_step]):
+        handle = await client.start_dag(wf, {}, id="dag-1", task_queue="tla-dag")
+        output = await handle.result()
+    assert output == {"d": {"task": "d"}}
+    deps = {task.id: set(task.dependencies) for task in wf.tasks}
+    assert deps == {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b", "c"}}
+    trace = trace_of(trace_dir, "dag-1")
+    lines = read_lines(trace)
+    scheduled = [
+        sorted(c["id"] for c in ln["args"]["commands"] if c["type"] == "SCHEDULE_ACTIVITY_TASK")
+        for ln in lines
+        if ln["action"] == "CompleteWorkflowTask"
+    ]
+    # The branches ran in parallel: b and c were scheduled by one workflow task.
+    assert [ids for ids in scheduled if ids] == [["a#1"], ["b#1", "c#1"], ["d#1"]]
+
+    # Corruptions: d scheduled where c was (right after a completed: its dependencies
+    # b and c had not), and an activity completion delivered twice.
+    violated = _swap_ids(lines, "c#1", "d#1")
+    at = first_index(
+        violated,
+        lambda ln: any(e.get("activity_id") == "d#1" for e in ln["events"]),
+    )
+    twice = first_index(lines, lambda ln: ln["action"] == "CompleteActivity")
+    duplicated = [*lines[: twice + 1], lines[twice], *lines[twice + 1 :]]
+    verdicts = validate(
+        jar,
+        tmp_path,
+        [
+            (trace, deps),
+            (write_lines(tmp_path / "dependency-violated.ndjson", violated), deps),
+            (write_lines(tmp_path / "duplicated-completion.ndjson", duplicated), deps),
+        ],
+    )
+    assert_accepted(verdicts[0], trace)
+    assert_rejected(verdicts[1], at + 1, "TaskDependencyCorrectness violated", '"d#1"')
+    assert_rejected(verdicts[2], twice + 2, "guard for this action does not hold")
+
+
+# ------------------------------------------- signals, timers, sticky, terminate
+
+
+@workflow.defn
+class Waiter:
+    def __init__(self) -> None:
+        self.signals = 0
+
+    @workflow.signal
+    def poke(self) -> None:
+        self.signals += 1
+
+    @workflow.run
+    async def run(self) -> None:
+        # A durable timer that the first signal cancels, one that fires, a wait for a
+        # second signal, then a wait that only terminate ends.
+        await workflow.wait_condition(lambda: self.signals >= 1, timeout=timedelta(seconds=60))
+        await workflow.sleep(timedelta(milliseconds=100))
+        await workflow.wait_condition(lambda: self.signals >= 2)
+        await workflow.wait_condition(lambda: False)
+
+
+async def test_signals_timers_sticky_queues_and_terminate(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    queue = "tla-waiter"
+    first = await client.start_workflow(Waiter.run, id="waiter-1", task_queue=queue)
+
+    async def completed_tasks(handle: WorkflowHandle, count: int) -> bool:
+        events = (await handle.fetch_history()).events
+        done = [e for e in events if e.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
+        return len(done) >= count
+
+    async with Worker(client, task_queue=queue, workflows=[Waiter]):
+        # The first task completes with this worker's sticky queue.
+        await wait_until(lambda: completed_tasks(first, 1), "the first workflow task")
+    # The worker gave its sticky queue back on shutdown: the task the signal schedules
+    # there is moved to the normal queue (Unstick), where the next worker finds it.
+    await first.signal(Waiter.poke)
+    async with Worker(client, task_queue=queue, workflows=[Waiter], max_cached_workflows=1):
+        await wait_until(lambda: completed_tasks(first, 3), "the task after the timer")
+        # A second run takes the worker's only cache slot: the next sticky task of the
+        # first run reaches a worker that no longer has it, which fails it with
+        # RESET_STICKY_TASK_QUEUE; the server reschedules it on the normal queue.
+        second = await client.start_workflow(Waiter.run, id="waiter-2", task_queue=queue)
+        await wait_until(lambda: completed_tasks(second, 1), "the second run's first task")
+        await first.signal(Waiter.poke)
+        await wait_until(lambda: completed_tasks(first, 4), "the task of the second signal")
+        for handle in (first, second):
+            await handle.terminate("end of test")
+            assert (await handle.describe()).status == WorkflowExecutionStatus.TERMINATED
+    traces = [trace_of(trace_dir, "waiter-1"), trace_of(trace_dir, "waiter-2")]
+    lines = read_lines(traces[0])
+    names = [ln["action"] for ln in lines]
+    assert names[names.index("Signal") + 1] == "Unstick"
+    seen = Counter(names)
+    assert seen["Signal"] == 2 and seen["Unstick"] == 1
+    assert seen["FireTimer:USER_TIMER"] == 1 and seen["Terminate"] == 1
+    causes = [ln["args"]["cause"] for ln in lines if ln["action"] == "FailWorkflowTask"]
+    assert causes == ["RESET_STICKY_TASK_QUEUE"]
+    kinds = Counter(e["type"] for ln in lines for e in ln["events"])
+    assert kinds["TIMER_STARTED"] == 2 and kinds["TIMER_CANCELED"] == 1
+
+    # A commit whose caller was cancelled mid-commit is logged with outcome "unknown"
+    # (server/_engine.py _update): the spec must accept it whether it happened or not.
+    # Here a start of a workflow task that did not commit (the poller went away; the
+    # task was given back and started by the next poll), and a completion that did.
+    at = names.index("RecordWorkflowTaskStarted", names.index("Unstick"))
+    unsure = json.loads(json.dumps(lines))
+    unsure.insert(at, {**lines[at], "outcome": "unknown"})
+    unsure[at + 2]["outcome"] = "unknown"
+    assert unsure[at + 2]["action"] == "CompleteWorkflowTask"
+    unknown = write_lines(tmp_path / "unknown-outcomes.ndjson", unsure)
+    verdicts = validate(jar, tmp_path, [(t, None) for t in [*traces, unknown]])
+    for verdict, trace in zip(verdicts, traces, strict=False):
+        assert_accepted(verdict, trace)
+    assert_accepted(verdicts[2], unknown, one_path=False)
+
+    # What EngineCore does not model is refused with the line and the reason, never
+    # skipped: a cancellation request, a heartbeat timeout, a child workflow command.
+    last = len(lines) - 1
+    for change, message in [
+        ({"action": "RequestCancel"}, "RequestCancel: workflow cancellation requests"),
+        (
+            {"action": "FireTimer:ACTIVITY_HEARTBEAT"},
+            "FireTimer:ACTIVITY_HEARTBEAT: timers of kind ACTIVITY_HEARTBEAT are not modelled",
+        ),
+    ]:
+        refused = write_lines(
+            tmp_path / "refused.ndjson", [*lines[:last], {**lines[last], **change}]
+        )
+        with pytest.raises(t2t.TraceError, match=f"line {last + 1}: {message}"):
+            t2t.write_model(refused, tmp_path / "refused")
+    completion = names.index("CompleteWorkflowTask")
+    child = json.loads(json.dumps(lines))
+    child[completion]["args"]["commands"].append({"type": "START_CHILD_WORKFLOW_EXECUTION"})
+    refused = write_lines(tmp_path / "refused.ndjson", child)
+    with pytest.raises(t2t.TraceError, match="START_CHILD_WORKFLOW_EXECUTION is not modelled"):
+        t2t.write_model(refused, tmp_path / "refused")
