@@ -95,6 +95,9 @@ def tlc_command(jar: Path, module: str, cfg: str, metadir: str) -> list[str]:
         "java",
         "-XX:+UseParallelGC",
         "-Xss16m",
+        # TLC unpacks its standard modules into java.io.tmpdir: one per run, so that
+        # the parallel runs do not write over each other's files.
+        f"-Djava.io.tmpdir={metadir}",
         "-cp",
         str(jar),
         "tlc2.TLC",
