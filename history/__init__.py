@@ -30,6 +30,7 @@ from ._records import (
     TimerRow,
     TransferAction,
     Transition,
+    timer_key_kind,
 )
 from ._schedule_store import (
     ScheduleActionKind,
@@ -118,5 +119,6 @@ __all__ = [
     "parse_rfc3339",
     "search_attributes_problem",
     "slot_action_key",
+    "timer_key_kind",
     "trigger_action_key",
 ]

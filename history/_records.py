@@ -86,6 +86,15 @@ class TimerRow:
         )
 
 
+def timer_key_kind(timer_key: str) -> TimerKind:
+    """The kind field of a ``TimerRow.timer_key``.
+
+    Parsed from the right because the workflow id may itself contain "|"; a substring
+    test such as ``"|5|" in key`` would also match a ref id or attempt of 5.
+    """
+    return TimerKind(int(timer_key.rsplit("|", 4)[1]))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExecutionSummary:
     """The columns of ``executions`` that visibility reads without decoding state."""

@@ -51,6 +51,7 @@ from tideflow.history import (
     TransferAction,
     make_event,
     search_attributes_problem,
+    timer_key_kind,
 )
 
 from . import _retry
@@ -1250,9 +1251,11 @@ class HistoryEngine:
         info.started_identity = identity
         info.request_id = str(uuid.uuid4())
         info.ClearField("last_heartbeat_time")
-        schedule_to_start = f"|{int(TimerKind.ACTIVITY_SCHEDULE_TO_START)}|"
-        m.drop_timers([k for k in info.timer_keys if schedule_to_start in k])
-        info.timer_keys[:] = [k for k in info.timer_keys if schedule_to_start not in k]
+        schedule_to_start = [
+            k for k in info.timer_keys if timer_key_kind(k) == TimerKind.ACTIVITY_SCHEDULE_TO_START
+        ]
+        m.drop_timers(schedule_to_start)
+        info.timer_keys[:] = [k for k in info.timer_keys if k not in schedule_to_start]
         info.timer_keys.append(
             m.add_timer(
                 TimerKind.ACTIVITY_START_TO_CLOSE,
@@ -1456,7 +1459,9 @@ class HistoryEngine:
         if decision.delay_us >= 0:
             # Retries are the server's job and write no history: only state changes.
             keep = [
-                k for k in info.timer_keys if f"|{int(TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE)}|" in k
+                k
+                for k in info.timer_keys
+                if timer_key_kind(k) == TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE
             ]
             m.drop_timers([k for k in info.timer_keys if k not in keep])
             info.timer_keys[:] = keep

@@ -31,6 +31,7 @@ from tideflow.history import (
     TimerRow,
     Transition,
     make_event,
+    timer_key_kind,
 )
 from tideflow.history._dialects import is_retryable
 
@@ -476,3 +477,12 @@ async def test_serialization_failure_is_retryable(pg_url: str) -> None:
         await engine.dispose()
     assert getattr(caught.value.orig, "sqlstate", None) == "40001"
     assert is_retryable(caught.value)
+
+
+def test_timer_key_kind_reads_the_kind_field_not_a_substring() -> None:
+    """Workflow ids may contain "|", and ref ids or attempts may equal a kind's number:
+    only the kind field decides (the engine keeps or drops an activity's timers by it)."""
+    key = RunKey(namespace="default", workflow_id="order|5|3|", run_id="run-1")
+    for kind in TimerKind:
+        row = TimerRow(key=key, kind=kind, ref_id=5, attempt=3, fire_at=T0)
+        assert timer_key_kind(row.timer_key) is kind

@@ -326,17 +326,6 @@ class FirstActivityRetried:
         return result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "engine bug found by trace validation: HistoryEngine._attempt_failed keeps the "
-        "timer keys that contain the substring '|5|' (meant: kind ACTIVITY_SCHEDULE_TO_CLOSE), "
-        "which also matches a key whose scheduled event id or attempt is 5, so the failed "
-        "attempt's ACTIVITY_START_TO_CLOSE row is not dropped (_start_activity_attempt has "
-        "the same flaw with '|3|'); remove this mark once fixed"
-    ),
-)
 async def test_retry_of_the_first_activity_drops_the_failed_attempts_timer(
     jar: Path, trace_dir: Path, client: Client, tmp_path: Path
 ) -> None:
