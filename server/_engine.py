@@ -757,6 +757,13 @@ class HistoryEngine:
     ) -> None:
         activity_ids = {info.activity_id for info in ms.pending_activities.values()}
         timer_ids = set(ms.pending_timers)
+        # Timers that fired while this task ran: the workflow has not seen the fire
+        # yet and may still cancel them (the buffered TIMER_FIRED is then dropped).
+        fired_unseen = {
+            e.timer_fired_event_attributes.timer_id
+            for e in ms.buffered_events
+            if e.event_type == ET.EVENT_TYPE_TIMER_FIRED
+        }
         has_signal = any(
             e.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in ms.buffered_events
         )
@@ -806,9 +813,12 @@ class HistoryEngine:
                     raise BadCommandError(f"{where}: start_to_fire_timeout must be positive")
             elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
                 timer_id = command.cancel_timer_command_attributes.timer_id
-                if timer_id not in timer_ids:
+                if timer_id in timer_ids:
+                    timer_ids.discard(timer_id)
+                elif timer_id in fired_unseen:
+                    fired_unseen.discard(timer_id)
+                else:
                     raise BadCommandError(f"{where}: no pending timer {timer_id!r}")
-                timer_ids.discard(timer_id)
             elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK:
                 sid = command.request_cancel_activity_task_command_attributes.scheduled_event_id
                 if sid not in ms.pending_activities:
@@ -886,15 +896,22 @@ class HistoryEngine:
             info.timer_key = m.add_timer(TimerKind.USER_TIMER, event.event_id, 0, fire_at)
         elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
             timer_id = command.cancel_timer_command_attributes.timer_id
-            info = ms.pending_timers[timer_id]
+            if timer_id in ms.pending_timers:
+                info = ms.pending_timers[timer_id]
+                started_event_id = info.started_event_id
+                m.drop_timers([info.timer_key])
+                del ms.pending_timers[timer_id]
+            else:
+                # It fired while this task ran. As in Temporal, the cancel wins: the
+                # workflow never saw the fire, so history records the cancel and the
+                # buffered TIMER_FIRED is dropped (its row is already gone).
+                started_event_id = m.drop_buffered_timer_fired(timer_id)
             m.append(
                 ET.EVENT_TYPE_TIMER_CANCELED,
                 timer_id=timer_id,
-                started_event_id=info.started_event_id,
+                started_event_id=started_event_id,
                 workflow_task_completed_event_id=completed_id,
             )
-            m.drop_timers([info.timer_key])
-            del ms.pending_timers[timer_id]
         elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK:
             sid = command.request_cancel_activity_task_command_attributes.scheduled_event_id
             act = ms.pending_activities[sid]

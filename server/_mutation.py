@@ -127,6 +127,19 @@ class Mutation:
                 **attributes,
             )
 
+    def drop_buffered_timer_fired(self, timer_id: str) -> int:
+        """Remove the buffered TIMER_FIRED of ``timer_id``; its started event id."""
+        for index, event in enumerate(self.ms.buffered_events):
+            if (
+                event.event_type == ET.EVENT_TYPE_TIMER_FIRED
+                and event.timer_fired_event_attributes.timer_id == timer_id
+            ):
+                started_event_id = event.timer_fired_event_attributes.started_event_id
+                del self.ms.buffered_events[index]
+                self.dirty = True
+                return started_event_id
+        raise KeyError(f"no buffered TIMER_FIRED for timer {timer_id!r}")
+
     def flush_buffered(self) -> bool:
         """Append buffered events with real ids; True if there were any."""
         if not self.ms.buffered_events:
@@ -136,6 +149,10 @@ class Mutation:
             event = HistoryEvent()
             event.CopyFrom(buffered)
             event.event_id = self.ms.next_event_id
+            # The event is written now, so it carries the version (ownership epoch) of
+            # now, not of when it was buffered: a handoff in between must not leave an
+            # older epoch after newer ones in history.
+            event.version = self.ms.version
             self.ms.next_event_id += 1
             attrs = attributes_of(event)
             if event.event_type == ET.EVENT_TYPE_ACTIVITY_TASK_STARTED:

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from raw_workflow import RawWorkflows, cancel_timer
 
 from tideflow.api.v1 import service_pb2, state_pb2
 from tideflow.api.v1.common_pb2 import TimeoutType as PbTimeoutType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
+from tideflow.history import RunKey
 from tideflow.server import ServerConfig, TideflowServer
 from tideflow.worker_sdk import (
     Client,
@@ -1051,3 +1053,56 @@ async def test_poll_cancelled_while_recording_start_keeps_the_task(
     else:
         assert not doomed_starts
         assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
+
+
+async def test_cancel_of_a_timer_that_fired_during_the_task_wins(
+    server: TideflowServer, client: Client
+) -> None:
+    """A timer fires while a workflow task runs, and that task's commands cancel it (the
+    workflow has not seen the fire). As in Temporal the cancel is accepted: history gets
+    TIMER_CANCELED and the buffered TIMER_FIRED is dropped, instead of failing the task.
+    Driven over raw gRPC so the fire lands inside the task deterministically."""
+    raw = RawWorkflows(client, new_id("tq"))
+    wid = new_id("fired-cancel")
+
+    async def state(run_id: str) -> state_pb2.MutableState:
+        record = await server.store.get_execution(
+            RunKey(namespace=client.namespace, workflow_id=wid, run_id=run_id)
+        )
+        assert record is not None
+        return state_pb2.MutableState.FromString(record.state)
+
+    async def fire_buffered(run_id: str) -> None:
+        async def check() -> bool:
+            ms = await state(run_id)
+            assert ms.workflow_task.started_event_id, "the second task is not running"
+            return "t1" not in ms.pending_timers and any(
+                e.event_type == ET.EVENT_TYPE_TIMER_FIRED for e in ms.buffered_events
+            )
+
+        await eventually(check)
+
+    run_id = await raw.cancel_timer_that_fired_during_the_task(wid, fire_buffered)
+    events = await events_of(client.get_workflow_handle(wid, run_id=run_id))
+    assert_gap_free(events)
+    assert [e.event_type for e in events[-3:]] == [
+        ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+        ET.EVENT_TYPE_TIMER_CANCELED,
+        ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    ]
+    (timer_started,) = of_type(events, ET.EVENT_TYPE_TIMER_STARTED)
+    canceled = events[-2].timer_canceled_event_attributes
+    assert canceled.timer_id == "t1"
+    assert canceled.started_event_id == timer_started.event_id
+    assert not of_type(events, ET.EVENT_TYPE_TIMER_FIRED)
+    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    assert not (await state(run_id)).buffered_events
+
+    # Cancelling a timer that is neither pending nor fired unseen still fails the task.
+    wid2 = new_id("bad-cancel")
+    await raw.start(wid2)
+    with pytest.raises(InvalidArgumentError, match="no pending timer 't1'"):
+        await raw.complete((await raw.poll()).task_token, cancel_timer("t1"))
+    events2 = await events_of(client.get_workflow_handle(wid2))
+    (failed,) = of_type(events2, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    assert "no pending timer 't1'" in failed.workflow_task_failed_event_attributes.failure.message

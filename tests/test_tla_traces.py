@@ -15,11 +15,13 @@ logged events, rows and state. Scenarios:
   commit);
 - a DAG a -> {b, c} -> d through the DAG API, checked for TaskDependencyCorrectness;
 - signals, a cancelled and a fired timer, a sticky queue given back (the task moves
-  to the normal queue), terminate.
+  to the normal queue), terminate;
+- a timer that fires while the workflow task that cancels it runs (raw gRPC, so the
+  race is deterministic): the cancel wins and the buffered fire is dropped.
 
 Real traces corrupted on purpose must be rejected (TLC exit 0, the line and reason
 printed): a dependency violated, a duplicated activity completion, a flipped retry
-decision, a skipped event id, a line lost.
+decision, a skipped event id, a line lost, a cancelled timer's fire kept.
 
 Without ``java`` these tests skip, except with ``CI=true``, where they fail. Waiting
 polls conditions (no fixed sleeps synchronize anything).
@@ -46,6 +48,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from raw_workflow import RawWorkflows
 
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType
@@ -648,3 +651,53 @@ async def test_signals_timers_sticky_queues_and_terminate(
     refused = write_lines(tmp_path / "refused.ndjson", child)
     with pytest.raises(t2t.TraceError, match="START_CHILD_WORKFLOW_EXECUTION is not modelled"):
         t2t.write_model(refused, tmp_path / "refused")
+
+
+async def test_cancel_of_a_timer_that_fired_during_the_task(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    """The timer fires while the task that cancels it runs: the engine records the
+    cancel and drops the buffered fire, and EngineCore (CancelTimer of FiredUnseen)
+    accepts that trace. The same trace with the fire kept next to the cancel (what the
+    mutant cancel_keeps_fired does) is rejected."""
+    raw = RawWorkflows(client, "tla-raw")
+    wid = "cancel-fired-1"
+
+    def fire_buffered() -> bool:
+        if not list(trace_dir.glob(f"{wid}__*.ndjson")):
+            return False
+        last = read_lines(trace_of(trace_dir, wid))[-1]
+        return bool(last["action"] == "FireTimer:USER_TIMER" and last["state"]["buffered"] == 1)
+
+    async def fired(run_id: str) -> None:
+        await wait_until(fire_buffered, "the timer's fire, buffered")
+
+    await raw.cancel_timer_that_fired_during_the_task(wid, fired)
+    trace = trace_of(trace_dir, wid)
+    lines = read_lines(trace)
+    at = first_index(
+        lines,
+        lambda ln: (
+            ln["action"] == "CompleteWorkflowTask"
+            and [c["type"] for c in ln["args"]["commands"]]
+            == ["CANCEL_TIMER", "COMPLETE_WORKFLOW_EXECUTION"]
+        ),
+    )
+    assert [e["type"] for e in lines[at]["events"]] == [
+        "WORKFLOW_TASK_COMPLETED",
+        "TIMER_CANCELED",
+        "WORKFLOW_EXECUTION_COMPLETED",
+    ]
+    assert lines[at]["state"]["buffered"] == 0
+
+    # Corrupted: the completion keeps the buffered fire and writes it after the cancel.
+    kept = json.loads(json.dumps(lines))
+    assert lines[at - 1]["action"] == "FireTimer:USER_TIMER"
+    [fire] = lines[at - 1]["state"]["buffered_events"]
+    close = kept[at]["events"].pop()
+    kept[at]["events"] += [{**fire, "id": close["id"]}, {**close, "id": close["id"] + 1}]
+    kept[at]["state"]["next_event_id"] += 1
+    corrupted = write_lines(tmp_path / "cancel-keeps-fired.ndjson", kept)
+    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
+    assert_accepted(accepted, trace)
+    assert_rejected(rejected, at + 1)

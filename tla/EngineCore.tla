@@ -336,6 +336,12 @@ HasBufferedSignal(ms) ==
 
 PendingActivityIds(ms) == {ms.activities[s].activity_id : s \in DOMAIN ms.activities}
 
+(* Timers that fired while the workflow task ran (TIMER_FIRED buffered):   *)
+(* the workflow has not seen the fire and may still cancel them.           *)
+FiredUnseen(ms) ==
+    {ms.buffered[i].ref : i \in {j \in 1..Len(ms.buffered) :
+                                     ms.buffered[j].type = "TIMER_FIRED"}}
+
 (* _validate_commands (the parts the model can violate)                    *)
 CommandsValid(ms, cmds) ==
     /\ \A i \in 1..Len(cmds) : cmds[i].type # "Invalid"
@@ -346,8 +352,9 @@ CommandsValid(ms, cmds) ==
           /\ cmds[i].id \notin DOMAIN ms.timers
           /\ \A j \in 1..(i - 1) : ~(cmds[j].type = "StartTimer" /\ cmds[j].id = cmds[i].id)
     /\ \A i \in 1..Len(cmds) : cmds[i].type = "CancelTimer" =>
-          /\ cmds[i].id \in DOMAIN ms.timers \cup {cmds[j].id : j \in {k \in 1..(i - 1) :
-                                                       cmds[k].type = "StartTimer"}}
+          /\ cmds[i].id \in DOMAIN ms.timers \cup FiredUnseen(ms)
+                            \cup {cmds[j].id : j \in {k \in 1..(i - 1) :
+                                                   cmds[k].type = "StartTimer"}}
           /\ \A j \in 1..(i - 1) : ~(cmds[j].type = "CancelTimer" /\ cmds[j].id = cmds[i].id)
     /\ (Mutant # "close_ignores_signals" /\ HasBufferedSignal(ms)) =>
           \A i \in 1..Len(cmds) : cmds[i].type \notin {"Complete", "Fail"}
@@ -371,12 +378,21 @@ ApplyCommandF[m \in Any, c \in Any] ==
             LET m1 == AppendEvent(m, [Ev("TIMER_STARTED") EXCEPT !.ref = c.id])
             IN [m1 EXCEPT !.ms.timers = Put(@, c.id, LastId(m1)),
                           !.new_timers = @ \cup {UserTimerRow(LastId(m1))}]
-      [] c.type = "CancelTimer" ->
+      [] c.type = "CancelTimer" /\ c.id \in DOMAIN m.ms.timers ->
             LET sid == m.ms.timers[c.id]
                 m1 == AppendEvent(m, [Ev("TIMER_CANCELED") EXCEPT !.ref = c.id,
                                                                   !.started = sid])
             IN [m1 EXCEPT !.ms.timers = Del(@, c.id),
                           !.done_timers = @ \cup {UserTimerRow(sid)}]
+      [] c.type = "CancelTimer" ->
+            \* It fired while the task ran: the cancel wins, the buffered
+            \* TIMER_FIRED is dropped (Mutation.drop_buffered_timer_fired).
+            LET b == m.ms.buffered
+                i == CHOOSE j \in 1..Len(b) : b[j].type = "TIMER_FIRED" /\ b[j].ref = c.id
+                m1 == IF Mutant = "cancel_keeps_fired" THEN m
+                      ELSE [m EXCEPT !.ms.buffered = SubSeq(b, 1, i - 1) \o SubSeq(b, i + 1, Len(b))]
+            IN AppendEvent(m1, [Ev("TIMER_CANCELED") EXCEPT !.ref = c.id,
+                                                            !.started = b[i].started])
       [] c.type = "RecordMarker" -> AppendEvent(m, Ev("MARKER_RECORDED"))
       [] c.type = "UpsertSearchAttributes" ->
             AppendEvent(m, Ev("UPSERT_WORKFLOW_SEARCH_ATTRIBUTES"))

@@ -19,6 +19,7 @@ EXTENDS EngineCore
 CONSTANTS
     Activities,           \* activity ids the workflow program schedules
     TimerIds,             \* timer ids the workflow program starts
+    CancelTimerIds,       \* of those, the ones it cancels in a later workflow task
     SignalIds,            \* request ids of signals clients send (and retry)
     EagerModes,           \* subset of BOOLEAN: request_eager_execution choices
     EagerWftModes,        \* subset of BOOLEAN: eager_workflow_task_queue offered
@@ -261,8 +262,11 @@ ZombieCommit ==
 -----------------------------------------------------------------------------
 (* The workflow program of the model: it schedules every activity and      *)
 (* starts every timer in its first workflow task (activities eagerly or    *)
-(* not), and completes (or fails, if an activity failed) once everything it *)
-(* started is resolved in the history it was sent.                         *)
+(* not); in its next task it cancels the timers of CancelTimerIds whose    *)
+(* fire it has not seen (which may have fired meanwhile: the race the      *)
+(* engine resolves for the cancel); and it completes (or fails, if an      *)
+(* activity failed) once everything it started is resolved in the history  *)
+(* it was sent.                                                            *)
 
 ProgramF[p \in Any] ==
     LET schedAids == {e.ref : e \in EventsOf(p, "ACTIVITY_TASK_SCHEDULED")}
@@ -270,14 +274,16 @@ ProgramF[p \in Any] ==
         open == {s \in sids : OutcomeOf(p, s) = {}}
         failed == {s \in sids : \E e \in OutcomeOf(p, s) : e.type # "ACTIVITY_TASK_COMPLETED"}
         tids == {e.ref : e \in EventsOf(p, "TIMER_STARTED")}
-        fired == {e.ref : e \in EventsOf(p, "TIMER_FIRED")}
+        resolved == {e.ref : e \in EventsOf(p, "TIMER_FIRED") \cup EventsOf(p, "TIMER_CANCELED")}
+        cancel == (tids \cap CancelTimerIds) \ resolved
+        cancels == [i \in 1..Cardinality(cancel) |-> Cmd("CancelTimer", SetToSeq(cancel)[i], FALSE)]
         newA == SetToSeq(Activities \ schedAids)
         newT == SetToSeq(TimerIds \ tids)
     IN IF Len(newA) + Len(newT) > 0
        THEN {[i \in 1..Len(newA) |-> Cmd("ScheduleActivity", newA[i], e)]
               \o [i \in 1..Len(newT) |-> Cmd("StartTimer", newT[i], FALSE)] : e \in EagerModes}
-       ELSE IF open # {} \/ tids \ fired # {} THEN {<<>>}
-       ELSE {<<Cmd(IF failed # {} THEN "Fail" ELSE "Complete", "", FALSE)>>}
+       ELSE IF open # {} \/ tids \ (resolved \cup cancel) # {} THEN {cancels}
+       ELSE {cancels \o <<Cmd(IF failed # {} THEN "Fail" ELSE "Complete", "", FALSE)>>}
 (* A function, not an operator: see EngineCore's header (ENABLED and TLC).  *)
 Program(p) == ProgramF[p]
 
@@ -392,10 +398,21 @@ SignalsDeliveredOnce ==
 
 (* Workflow tasks never lose buffered events (signals, activity outcomes,  *)
 (* timers): every one accepted is in history or still buffered, and a      *)
-(* closed run has nothing buffered.                                        *)
+(* closed run has nothing buffered.  The one exception is decided by the   *)
+(* workflow: a timer fire it had not seen when it cancelled the timer gives *)
+(* way to the TIMER_CANCELED in history.                                   *)
 BufferedEventsNeverLost ==
     /\ accepted \subseteq {EventKey(e) : e \in Range(hist) \cup Range(ms.buffered)}
+                         \cup {EventKey([e EXCEPT !.type = "TIMER_FIRED"]) :
+                                 e \in EventsOf(hist, "TIMER_CANCELED")}
     /\ ms.status # RUNNING => ms.buffered = <<>>
+
+(* A started timer is resolved at most once: fired or cancelled.           *)
+TimerResolvedOnce ==
+    \A t \in {e.ref : e \in EventsOf(hist, "TIMER_STARTED")} :
+       Cardinality({i \in 1..(Len(hist) + Len(ms.buffered)) :
+                      LET e == (hist \o ms.buffered)[i]
+                      IN e.type \in {"TIMER_FIRED", "TIMER_CANCELED"} /\ e.ref = t}) <= 1
 
 (* A workflow closes itself only after seeing every signal in its history: *)
 (* signals that arrive while its last task runs fail the completion.       *)

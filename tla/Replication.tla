@@ -154,8 +154,8 @@ WriterEpoch(c) ==
 (* replica instead of keeping it for the home.  Mutant                     *)
 (* "flush_after_handoff": the old home flushes signals it buffered during  *)
 (* a workflow task after writing HANDOFF, with the version of their        *)
-(* buffering (server/_mutation.py: append_or_buffer stamps event.version   *)
-(* when it buffers, and flush_buffered copies it).                         *)
+(* buffering (server/_mutation.py flush_buffered stamps the version of the *)
+(* flush, which is what the correct spec needs from the home's side).      *)
 ApplySignal(c, s) ==
     /\ MayApplySignals(c)
     /\ s \in inbox[c]

@@ -1,0 +1,120 @@
+"""Workflow tasks driven over raw gRPC, without the SDK's workflow runtime: the test
+chooses every command and the moment it is sent, which is how races between a workflow
+task and events arriving meanwhile are made deterministic.
+
+Not a test module (no ``test_`` prefix): test modules import it by name, since pytest
+puts ``tests/`` on ``sys.path`` for them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf.duration_pb2 import Duration
+
+from tideflow.api.v1 import command_pb2, common_pb2, service_pb2
+from tideflow.worker_sdk import Client
+
+CommandType = command_pb2.CommandType
+
+
+def start_timer(timer_id: str, *, ms: int) -> command_pb2.Command:
+    return command_pb2.Command(
+        command_type=CommandType.COMMAND_TYPE_START_TIMER,
+        start_timer_command_attributes=command_pb2.StartTimerCommandAttributes(
+            timer_id=timer_id, start_to_fire_timeout=Duration(nanos=ms * 1_000_000)
+        ),
+    )
+
+
+def cancel_timer(timer_id: str) -> command_pb2.Command:
+    return command_pb2.Command(
+        command_type=CommandType.COMMAND_TYPE_CANCEL_TIMER,
+        cancel_timer_command_attributes=command_pb2.CancelTimerCommandAttributes(timer_id=timer_id),
+    )
+
+
+def complete_workflow() -> command_pb2.Command:
+    return command_pb2.Command(
+        command_type=CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION,
+        complete_workflow_execution_command_attributes=(
+            command_pb2.CompleteWorkflowExecutionCommandAttributes()
+        ),
+    )
+
+
+@dataclass
+class RawWorkflows:
+    """Start runs of a workflow type nobody implements and answer their tasks by hand."""
+
+    client: Client
+    task_queue: str
+    workflow_type: str = "Raw"
+
+    @property
+    def _queue(self) -> common_pb2.TaskQueue:
+        return common_pb2.TaskQueue(name=self.task_queue)
+
+    async def start(self, workflow_id: str) -> str:
+        """Start a run; its run id."""
+        response: service_pb2.StartWorkflowResponse = await self.client.call(
+            self.client.service.StartWorkflow,
+            service_pb2.StartWorkflowRequest(
+                namespace=self.client.namespace,
+                workflow_id=workflow_id,
+                workflow_type=common_pb2.WorkflowType(name=self.workflow_type),
+                task_queue=self._queue,
+                request_id=str(uuid.uuid4()),
+            ),
+        )
+        return response.run_id
+
+    async def poll(self) -> service_pb2.PollWorkflowTaskResponse:
+        """The next workflow task of the queue (long polls until there is one)."""
+        request = service_pb2.PollWorkflowTaskRequest(
+            namespace=self.client.namespace, task_queue=self._queue, identity="raw"
+        )
+        while True:
+            task: service_pb2.PollWorkflowTaskResponse = await self.client.call(
+                self.client.service.PollWorkflowTask, request
+            )
+            if task.task_token:
+                return task
+
+    async def complete(self, token: bytes, *commands: command_pb2.Command) -> None:
+        await self.client.call(
+            self.client.service.RespondWorkflowTaskCompleted,
+            service_pb2.RespondWorkflowTaskCompletedRequest(
+                task_token=token, commands=commands, identity="raw"
+            ),
+        )
+
+    async def signal(self, workflow_id: str, run_id: str, name: str) -> None:
+        await self.client.call(
+            self.client.service.SignalWorkflow,
+            service_pb2.SignalWorkflowRequest(
+                namespace=self.client.namespace,
+                workflow_execution=common_pb2.WorkflowExecution(
+                    workflow_id=workflow_id, run_id=run_id
+                ),
+                signal_name=name,
+                request_id=str(uuid.uuid4()),
+            ),
+        )
+
+    async def cancel_timer_that_fired_during_the_task(
+        self, workflow_id: str, fired: Callable[[str], Awaitable[object]]
+    ) -> str:
+        """The race a workflow cancelling a timer can lose: the first task starts timer
+        ``t1`` (50 ms); a signal brings a second task, started before the fire; once
+        ``fired(run_id)`` reports the fire buffered, that task cancels ``t1`` and
+        completes the run. Returns the run id."""
+        run_id = await self.start(workflow_id)
+        await self.complete((await self.poll()).task_token, start_timer("t1", ms=50))
+        await self.signal(workflow_id, run_id, "go")
+        second = await self.poll()
+        await fired(run_id)
+        await self.complete(second.task_token, cancel_timer("t1"), complete_workflow())
+        return run_id
