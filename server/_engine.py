@@ -1641,6 +1641,7 @@ class HistoryEngine:
             due = last + _dur_us(info.heartbeat_timeout)
             if due > m.now:
                 # Heartbeats arrived meanwhile: re-arm at the new deadline.
+                m.trace["rearm"] = True
                 info.timer_keys.append(
                     m.add_timer(
                         TimerKind.ACTIVITY_HEARTBEAT, info.scheduled_event_id, info.attempt, due

@@ -4,12 +4,13 @@ Enabled by the environment variable ``TIDEFLOW_TRACE_DIR`` (read when the server
 starts). Each run gets ``<dir>/<workflow id>__<run id>.ndjson``; each line records the
 engine action (named as in the TLA+ specs), what the transition was given or decided
 (``args``: the task row a poll took, the token a report carried, the commands of a
-workflow task, the timer row that fired, the retry decision, the eager flags), the
-history events it appended, the task and timer rows it wrote and consumed, and a
-compact snapshot of the run's state afterwards, including what writes no history
-event (activity retries, timer re-arms, sticky queues). ``tla/trace_to_tla.py`` turns
+workflow task, the timer row that fired, the retry and heartbeat re-arm decisions, the
+eager flags), the history events it appended (an activity's with its normalized
+timeouts), the task and timer rows it wrote and consumed, and a compact snapshot of the
+run's state afterwards, including what writes no history event (activity retries,
+timer re-arms, sticky queues). ``tla/trace_to_tla.py`` turns
 these logs into TLA+ traces and TLC decides whether the real run is a behaviour of
-``tla/EngineCore.tla`` (see tla/README-traces.md).
+``tla/EngineCore.tla`` (see the trace validation section of tla/README.md).
 
 Off (one attribute test per commit) unless the variable is set. The engine only
 stores references to its inputs in ``Mutation.trace``; they are formatted here, after
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # Version of the line format below; tla/trace_to_tla.py refuses other versions.
-FORMAT = 2
+FORMAT = 3
 
 
 def _event(event: HistoryEvent) -> dict[str, Any]:
@@ -50,6 +51,9 @@ def _event(event: HistoryEvent) -> dict[str, Any]:
                 out[name] = value
     if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
         out["activity_type"] = attrs.activity_type.name
+        # The timeouts as the engine normalized them: they decide which timers it arms.
+        for name in ("schedule_to_close", "schedule_to_start", "start_to_close", "heartbeat"):
+            out[f"{name}_us"] = getattr(attrs, f"{name}_timeout").ToMicroseconds()
     elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
         out["request_id"] = attrs.request_id
     return out

@@ -64,6 +64,7 @@ from tideflow.worker_sdk import (
     workflow,
 )
 from tideflow.worker_sdk.dag import DagWorkflow, Task
+from tideflow.worker_sdk.exceptions import ActivityError, TimeoutError, TimeoutType
 
 pytestmark = pytest.mark.tla
 
@@ -345,6 +346,117 @@ async def test_retry_of_the_first_activity_drops_the_failed_attempts_timer(
     assert failed["args"]["token"]["scheduled"] == 5 and failed["args"]["retry"] is True
     [verdict] = validate(jar, tmp_path, [(trace, None)])
     assert_accepted(verdict, trace)
+
+
+@activity.defn
+async def hangs(key: str) -> str:
+    """Every attempt outlives its timeouts; released when the test ends."""
+    await _Gates.release.wait()
+    return "too late"
+
+
+@activity.defn
+async def heartbeats_once_then_hangs(key: str) -> str:
+    attempt = activity.info().attempt
+    if attempt == 1:
+        activity.heartbeat("alive")  # the first heartbeat is sent at once
+        await _Gates.release.wait()
+    return f"ok on attempt {attempt}"
+
+
+def _timeout_of(error: ActivityError) -> str:
+    cause = error.cause
+    assert isinstance(cause, TimeoutError)
+    return TimeoutType(cause.type or 0).name
+
+
+@workflow.defn
+class ActivityTimeouts:
+    @workflow.run
+    async def run(self, key: str) -> list[str]:
+        outcomes: list[str] = []
+        try:  # nobody polls this queue: the attempt never starts
+            await workflow.execute_activity(
+                hangs,
+                key,
+                task_queue="tla-nobody",
+                schedule_to_start_timeout=timedelta(milliseconds=200),
+                start_to_close_timeout=timedelta(seconds=10),
+            )
+        except ActivityError as error:
+            outcomes.append(_timeout_of(error))
+        try:  # attempts time out and are retried until the overall deadline
+            await workflow.execute_activity(
+                hangs,
+                key,
+                start_to_close_timeout=timedelta(milliseconds=150),
+                schedule_to_close_timeout=timedelta(milliseconds=700),
+                retry_policy=FAST_RETRY,
+            )
+        except ActivityError as error:
+            outcomes.append(_timeout_of(error))
+        # the heartbeat timer re-arms once, then the silent attempt 1 times out
+        outcomes.append(
+            await workflow.execute_activity(
+                heartbeats_once_then_hangs,
+                key,
+                start_to_close_timeout=timedelta(seconds=30),
+                heartbeat_timeout=timedelta(seconds=1),
+                retry_policy=FAST_RETRY,
+            )
+        )
+        return outcomes  # fmt: skip
+
+
+async def test_activity_timeouts(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    """Schedule-to-start, schedule-to-close across retried attempts, and heartbeat
+    timeouts (with the heartbeat timer re-arming itself) are steps of EngineCore."""
+    _Gates.reset()
+    async with Worker(
+        client,
+        task_queue="tla-timeouts",
+        workflows=[ActivityTimeouts],
+        activities=[hangs, heartbeats_once_then_hangs],
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    ):
+        handle = await client.start_workflow(
+            ActivityTimeouts.run, "t", id="timeouts-1", task_queue="tla-timeouts"
+        )
+        first, second, third = await handle.result()
+        _Gates.release.set()
+    assert first == "SCHEDULE_TO_START"
+    # The attempt in flight at the deadline ends by whichever of its timers fires
+    # first (both are due then): the activity times out either way.
+    assert second in ("SCHEDULE_TO_CLOSE", "START_TO_CLOSE")
+    assert third == "ok on attempt 2"
+    trace = trace_of(trace_dir, "timeouts-1")
+    lines = read_lines(trace)
+    seen = actions(trace)
+    assert seen["FireTimer:ACTIVITY_SCHEDULE_TO_START"] == 1
+    assert seen["FireTimer:ACTIVITY_START_TO_CLOSE"] >= 2  # retried at least once
+    heartbeats = [ln for ln in lines if ln["action"] == "FireTimer:ACTIVITY_HEARTBEAT"]
+    assert [bool(ln["args"].get("rearm")) for ln in heartbeats] == [True, False]
+
+    # Corrupted: a retry drops the schedule-to-close timer as well (the deadline spans
+    # all attempts, so the engine must keep it), as the '|5|' substring bug could.
+    dropped = json.loads(json.dumps(lines))
+    at = first_index(
+        dropped,
+        lambda ln: ln["action"] == "FireTimer:ACTIVITY_START_TO_CLOSE" and ln["args"]["retry"],
+    )
+    [s2c] = [
+        row
+        for ln in dropped[:at]
+        for row in ln["rows"]["new_timers"]
+        if row["kind"] == "ACTIVITY_SCHEDULE_TO_CLOSE"
+    ]
+    dropped[at]["rows"]["done_timers"].append(s2c)
+    corrupted = write_lines(tmp_path / "s2c-dropped.ndjson", dropped)
+    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
+    assert_accepted(accepted, trace)
+    assert_rejected(rejected, at + 1, "the timer rows differ")
 
 
 # ----------------------------------------------------------- (b) crash recovery
@@ -631,13 +743,13 @@ async def test_signals_timers_sticky_queues_and_terminate(
     assert_accepted(verdicts[2], unknown, one_path=False)
 
     # What EngineCore does not model is refused with the line and the reason, never
-    # skipped: a cancellation request, a heartbeat timeout, a child workflow command.
+    # skipped: a cancellation request, a run timeout, a child workflow command.
     last = len(lines) - 1
     for change, message in [
         ({"action": "RequestCancel"}, "RequestCancel: workflow cancellation requests"),
         (
-            {"action": "FireTimer:ACTIVITY_HEARTBEAT"},
-            "FireTimer:ACTIVITY_HEARTBEAT: timers of kind ACTIVITY_HEARTBEAT are not modelled",
+            {"action": "FireTimer:WORKFLOW_RUN_TIMEOUT"},
+            "FireTimer:WORKFLOW_RUN_TIMEOUT: timers of kind WORKFLOW_RUN_TIMEOUT are not modelled",
         ),
     ]:
         refused = write_lines(

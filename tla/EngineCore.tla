@@ -15,9 +15,10 @@
 (*                                                                           *)
 (* Abstractions (see README.md): time is not modelled (any armed timer may *)
 (* fire at any moment; the engine validates every timer against the state, *)
-(* which is what safety depends on); payloads, identities, request ids of   *)
-(* tasks and the schedule-to-start / schedule-to-close / heartbeat / run    *)
-(* timeouts and activity cancellation are left out.                        *)
+(* which is what safety depends on; the activity timeouts are flags of     *)
+(* the command that say which timers the engine arms); payloads,           *)
+(* identities, request ids of tasks, the run timeout and activity          *)
+(* cancellation are left out.                                              *)
 (*                                                                           *)
 (* Every operator Op(m, ...) that builds a Mutation is a function        *)
 (* OpF[m \in Any, ...] behind a one-line wrapper: a function application   *)
@@ -210,14 +211,22 @@ Close(m, status, closeType) == CloseF[m, status, closeType]
 (* _start_activity_attempt, _finish_activity, _attempt_failed              *)
 
 DispatchActivityAttemptF[m \in Any, sid \in Any] ==
-    LET row == TaskRow("ACTIVITY", sid, m.ms.activities[sid].attempt)
+    LET info == m.ms.activities[sid]
+        row == TaskRow("ACTIVITY", sid, info.attempt)
+        s2s == IF info.s2s THEN {TimerRow("ACTIVITY_SCHEDULE_TO_START", sid, info.attempt)}
+               ELSE {}
     IN [m EXCEPT !.ms.activities[sid].backing_off = FALSE,
                  !.ms.activities[sid].task_key = row,
-                 !.new_tasks = @ \cup {row}]
+                 !.ms.activities[sid].timer_keys = @ \cup s2s,
+                 !.new_tasks = @ \cup {row},
+                 !.new_timers = @ \cup s2s]
 DispatchActivityAttempt(m, sid) == DispatchActivityAttemptF[m, sid]
 
 StartActivityAttemptF[m \in Any, sid \in Any] ==
-    LET row == TimerRow("ACTIVITY_START_TO_CLOSE", sid, m.ms.activities[sid].attempt)
+    LET info == m.ms.activities[sid]
+        s2s == {k \in info.timer_keys : k.kind = "ACTIVITY_SCHEDULE_TO_START"}
+        row == TimerRow("ACTIVITY_START_TO_CLOSE", sid, info.attempt)
+        hb == IF info.hb THEN {TimerRow("ACTIVITY_HEARTBEAT", sid, info.attempt)} ELSE {}
     IN IF Mutant = "no_start_to_close_timer"
        \* BUG: the attempt is handed to a worker with nothing durable that
        \* would ever retry it if the worker dies.
@@ -225,8 +234,9 @@ StartActivityAttemptF[m \in Any, sid \in Any] ==
                       !.ms.activities[sid].started = TRUE]
        ELSE [m EXCEPT !.ms.activities[sid].task_key = NoKey,
                       !.ms.activities[sid].started = TRUE,
-                      !.ms.activities[sid].timer_keys = @ \cup {row},
-                      !.new_timers = @ \cup {row}]
+                      !.ms.activities[sid].timer_keys = (@ \ s2s) \cup {row} \cup hb,
+                      !.done_timers = @ \cup s2s,
+                      !.new_timers = @ \cup {row} \cup hb]
 StartActivityAttempt(m, sid) == StartActivityAttemptF[m, sid]
 
 FinishActivityF[m \in Any, sid \in Any] ==
@@ -245,11 +255,13 @@ AttemptFailedF[m \in Any, sid \in Any, retry \in Any, timedOut \in Any] ==
     IF retry
     THEN LET info == m.ms.activities[sid]
              row == TimerRow("ACTIVITY_RETRY", sid, info.attempt + 1)
-         IN [m EXCEPT !.done_timers = @ \cup info.timer_keys,
+             \* the schedule-to-close deadline spans all attempts
+             keep == {k \in info.timer_keys : k.kind = "ACTIVITY_SCHEDULE_TO_CLOSE"}
+         IN [m EXCEPT !.done_timers = @ \cup (info.timer_keys \ keep),
                       !.ms.activities[sid].attempt = @ + 1,
                       !.ms.activities[sid].started = FALSE,
                       !.ms.activities[sid].backing_off = TRUE,
-                      !.ms.activities[sid].timer_keys = {row},
+                      !.ms.activities[sid].timer_keys = keep \cup {row},
                       !.new_timers = @ \cup {row}]
     ELSE FinishActivity(AppendActivityOutcome(m, sid, IF timedOut THEN "ACTIVITY_TASK_TIMED_OUT"
                                                       ELSE "ACTIVITY_TASK_FAILED"), sid)
@@ -322,14 +334,22 @@ FailWorkflowTaskF[ms \in Any] == FailWorkflowTaskWith(ms, FALSE)
 FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 
 (* Commands (command_pb2.CommandType) as the model sees them:              *)
-(*   [type |-> "ScheduleActivity", id |-> activity id, eager |-> BOOLEAN]   *)
+(*   [type |-> "ScheduleActivity", id |-> activity id, eager |-> BOOLEAN,  *)
+(*    s2c, s2s, hb |-> BOOLEAN (ActCmd)]                                   *)
 (*   [type |-> "StartTimer", id |-> timer id]                              *)
 (*   [type |-> "CancelTimer", id |-> timer id]                             *)
 (*   [type |-> "RecordMarker", id |-> ""]                                  *)
 (*   [type |-> "UpsertSearchAttributes", id |-> ""]                        *)
 (*   [type |-> "Complete", id |-> ""]   [type |-> "Fail", id |-> ""]       *)
 (*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
-Cmd(type, id, eager) == [type |-> type, id |-> id, eager |-> eager]
+Cmd(type, id, eager) ==
+    [type |-> type, id |-> id, eager |-> eager, s2c |-> FALSE, s2s |-> FALSE, hb |-> FALSE]
+(* ScheduleActivity with its timeouts, as _schedule_activity normalizes    *)
+(* them: `s2c` a schedule-to-close timeout is set; `s2s` a schedule-to-    *)
+(* start timeout shorter than it (each dispatch then arms one); `hb` a     *)
+(* heartbeat timeout (each start arms one).                                *)
+ActCmd(id, eager, s2c, s2s, hb) ==
+    [type |-> "ScheduleActivity", id |-> id, eager |-> eager, s2c |-> s2c, s2s |-> s2s, hb |-> hb]
 
 HasBufferedSignal(ms) ==
     \E i \in 1..Len(ms.buffered) : ms.buffered[i].type = "WORKFLOW_EXECUTION_SIGNALED"
@@ -363,9 +383,11 @@ CommandsValid(ms, cmds) ==
 ScheduleActivityF[m \in Any, c \in Any] ==
     LET m1 == AppendEvent(m, [Ev("ACTIVITY_TASK_SCHEDULED") EXCEPT !.ref = c.id])
         sid == LastId(m1)
+        s2c == IF c.s2c THEN {TimerRow("ACTIVITY_SCHEDULE_TO_CLOSE", sid, 0)} ELSE {}
         info == [activity_id |-> c.id, attempt |-> 1, started |-> FALSE,
-                 backing_off |-> FALSE, task_key |-> NoKey, timer_keys |-> {}]
-        m2 == [m1 EXCEPT !.ms.activities = Put(@, sid, info)]
+                 backing_off |-> FALSE, task_key |-> NoKey, timer_keys |-> s2c,
+                 s2s |-> c.s2s, hb |-> c.hb]
+        m2 == [m1 EXCEPT !.ms.activities = Put(@, sid, info), !.new_timers = @ \cup s2c]
     IN IF c.eager /\ Len(m2.eager) < MaxEager
        THEN [StartActivityAttempt(m2, sid) EXCEPT !.eager = Append(@, sid)]
        ELSE DispatchActivityAttempt(m2, sid)
@@ -519,14 +541,26 @@ FireTimerValid(ms, row) ==
               /\ row \in ms.activities[row.ref].timer_keys
               /\ ms.activities[row.ref].backing_off
               /\ ms.activities[row.ref].attempt = row.attempt
-         [] row.kind = "ACTIVITY_START_TO_CLOSE" ->
+         [] row.kind \in {"ACTIVITY_START_TO_CLOSE", "ACTIVITY_HEARTBEAT"} ->
               /\ row.ref \in DOMAIN ms.activities
               /\ row \in ms.activities[row.ref].timer_keys
               /\ ms.activities[row.ref].attempt = row.attempt
               /\ ms.activities[row.ref].started
+         [] row.kind = "ACTIVITY_SCHEDULE_TO_START" ->
+              /\ row.ref \in DOMAIN ms.activities
+              /\ row \in ms.activities[row.ref].timer_keys
+              /\ ms.activities[row.ref].attempt = row.attempt
+              /\ ~ms.activities[row.ref].started
+              /\ ~ms.activities[row.ref].backing_off
+         [] row.kind = "ACTIVITY_SCHEDULE_TO_CLOSE" ->
+              /\ row.ref \in DOMAIN ms.activities
+              /\ row \in ms.activities[row.ref].timer_keys
          [] OTHER -> FALSE
 
-FireTimerF[ms \in Any, row \in Any, retry \in Any] ==
+(* `retry`: _retry.next_retry's decision for a timed-out attempt; `rearm`: *)
+(* an ACTIVITY_HEARTBEAT timer found heartbeats newer than its deadline    *)
+(* and re-armed itself (the same row: fire_at is not modelled).            *)
+FireTimerWithF[ms \in Any, row \in Any, retry \in Any, rearm \in Any] ==
     LET m == [NewMutation(ms) EXCEPT !.done_timers = {row}]
     IN CASE row.kind = "USER_TIMER" ->
               LET tid == CHOOSE t \in DOMAIN ms.timers : ms.timers[t] = row.ref
@@ -544,10 +578,18 @@ FireTimerF[ms \in Any, row \in Any, retry \in Any] ==
          [] row.kind = "ACTIVITY_RETRY" ->
               DispatchActivityAttempt([m EXCEPT !.ms.activities[row.ref].timer_keys = @ \ {row}],
                                       row.ref)
-         [] row.kind = "ACTIVITY_START_TO_CLOSE" ->
+         [] row.kind = "ACTIVITY_HEARTBEAT" /\ rearm ->
+              [m EXCEPT !.new_timers = @ \cup {row}]
+         [] row.kind = "ACTIVITY_START_TO_CLOSE" \/ (row.kind = "ACTIVITY_HEARTBEAT" /\ ~rearm) ->
               AttemptFailed([m EXCEPT !.ms.activities[row.ref].timer_keys = @ \ {row}],
                             row.ref, retry, TRUE)
-FireTimer(ms, row, retry) == FireTimerF[ms, row, retry]
+         [] row.kind \in {"ACTIVITY_SCHEDULE_TO_START", "ACTIVITY_SCHEDULE_TO_CLOSE"} ->
+              \* never retried: the attempt could not start in time, or the
+              \* activity's whole deadline passed
+              AttemptFailed([m EXCEPT !.ms.activities[row.ref].timer_keys = @ \ {row}],
+                            row.ref, FALSE, TRUE)
+FireTimerWith(ms, row, retry, rearm) == FireTimerWithF[ms, row, retry, rearm]
+FireTimer(ms, row, retry) == FireTimerWith(ms, row, retry, FALSE)
 
 -----------------------------------------------------------------------------
 (* start_workflow: WORKFLOW_EXECUTION_STARTED, then the first workflow task *)

@@ -41,10 +41,10 @@ TLA_DIR = Path(__file__).resolve().parent
 SPEC_MODULE = "TraceEngine"
 SPEC_FILES = ("TraceEngine.tla", "EngineCore.tla")
 DATA_MODULE = "TraceData"  # generated; TraceEngine EXTENDS it
-TRACE_FORMAT = 2  # server/_trace.py FORMAT
+TRACE_FORMAT = 3  # server/_trace.py FORMAT
 
-# The kinds of rows EngineCore models; the others (transfers, schedule-to-start,
-# schedule-to-close, heartbeat and run timeouts) are abstracted away.
+# The kinds of rows EngineCore models; the others (transfers, the run timeout) are
+# abstracted away.
 MODEL_TASK_KINDS = frozenset({"WORKFLOW", "ACTIVITY"})
 MODEL_TIMER_KINDS = frozenset(
     {
@@ -52,6 +52,9 @@ MODEL_TIMER_KINDS = frozenset(
         "WORKFLOW_TASK_TIMEOUT",
         "WORKFLOW_TASK_RETRY",
         "ACTIVITY_START_TO_CLOSE",
+        "ACTIVITY_SCHEDULE_TO_START",
+        "ACTIVITY_SCHEDULE_TO_CLOSE",
+        "ACTIVITY_HEARTBEAT",
         "ACTIVITY_RETRY",
         "STICKY_SCHEDULE_TO_START",
     }
@@ -286,7 +289,22 @@ def _state(state: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------ lines
 
 
-def _commands(args: Mapping[str, Any]) -> tuple[list[str], int]:
+def _activity_timeouts(events: Sequence[Mapping[str, Any]], activity_id: str) -> list[bool]:
+    """ActCmd's flags s2c, s2s, hb from the ACTIVITY_TASK_SCHEDULED event the command
+    appended, whose timeouts the engine normalized (``_schedule_activity``): a
+    schedule-to-start timer is armed per dispatch only when it is shorter than the
+    schedule-to-close deadline (``_dispatch_activity_attempt``). A refused completion
+    appends nothing, and then the flags do not matter: no activity is scheduled."""
+    for e in events:
+        if e["type"] == "ACTIVITY_TASK_SCHEDULED" and e.get("activity_id") == activity_id:
+            s2c, s2s = int(e["schedule_to_close_us"]), int(e["schedule_to_start_us"])
+            return [s2c > 0, s2s > 0 and s2s != s2c, int(e["heartbeat_us"]) > 0]
+    return [False, False, False]
+
+
+def _commands(
+    args: Mapping[str, Any], events: Sequence[Mapping[str, Any]]
+) -> tuple[list[str], int]:
     """EngineCore commands of a CompleteWorkflowTask, and the 1-based index of the one
     the engine refused for a reason the model abstracts (0: none)."""
     rejected = args.get("rejected")
@@ -315,8 +333,12 @@ def _commands(args: Mapping[str, Any]) -> tuple[list[str], int]:
             continue
         named = model in ("ScheduleActivity", "StartTimer", "CancelTimer")
         ident = str(command.get("id", "")) if named else ""
-        eager = model == "ScheduleActivity" and eager_identity and bool(command.get("eager"))
-        out.append(f"Cmd({tla_str(model)}, {tla_str(ident)}, {tla_bool(eager)})")
+        if model == "ScheduleActivity":
+            eager = eager_identity and bool(command.get("eager"))
+            flags = [eager, *_activity_timeouts(events, ident)]
+            out.append(f"ActCmd({tla_str(ident)}, {', '.join(tla_bool(f) for f in flags)})")
+        else:
+            out.append(f"Cmd({tla_str(model)}, {tla_str(ident)}, FALSE)")
     if rejected_at > len(out):
         raise TraceError(f"the refused command {rejected_at - 1} is not in the completion")
     return out, rejected_at
@@ -349,6 +371,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         "reset": "FALSE",
         "eagerWft": "FALSE",
         "retry": "FALSE",
+        "rearm": "FALSE",
         "row": 'TimerRow("NONE", 0, 0)',
         "rid": '""',
     }
@@ -362,6 +385,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         fields["action"] = tla_str("FireTimer")
         fields["row"] = _timer_row(timer)
         fields["retry"] = tla_bool(bool(args.get("retry", False)))
+        fields["rearm"] = tla_bool(bool(args.get("rearm", False)))
     elif action in NOT_MODELLED:
         raise TraceError(f"{action}: {NOT_MODELLED[action]} are not modelled", number)
     elif action not in SIMPLE_ACTIONS:
@@ -382,7 +406,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
             [(k, tla_int(token[k])) for k in ("scheduled", "started", "attempt")]
         )
         if action == "CompleteWorkflowTask":
-            cmds, rejected_at = _commands(args)
+            cmds, rejected_at = _commands(args, raw["events"])
             fields["cmds"] = tla_seq(cmds)
             fields["rejectedAt"] = str(rejected_at)
             fields["sticky"] = tla_bool(bool(args["sticky"]))
