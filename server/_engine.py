@@ -1743,6 +1743,7 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> None:
             info = self._check_activity(m, token)
+            m.trace["token"] = token
             if not info.cancel_requested:
                 raise FailedPreconditionError(
                     f"activity {info.activity_id!r} was not asked to cancel; report its "

@@ -65,6 +65,7 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
         "status": ms.status,
         "next_event_id": ms.next_event_id,
         "sticky": bool(ms.sticky_task_queue),
+        "cancel_requested": ms.cancel_requested,
         "workflow_task": None
         if wft is None
         else {
@@ -80,6 +81,7 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
                 "attempt": a.attempt,
                 "started": a.started_time.ToMicroseconds() != 0,
                 "backing_off": a.backing_off,
+                "cancel_requested": a.cancel_requested,
             }
             for sid, a in sorted(ms.pending_activities.items())
         },
@@ -122,6 +124,10 @@ def _command(command: Command) -> dict[str, Any]:
         out["id"] = command.start_timer_command_attributes.timer_id
     elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
         out["id"] = command.cancel_timer_command_attributes.timer_id
+    elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK:
+        out["scheduled"] = (
+            command.request_cancel_activity_task_command_attributes.scheduled_event_id
+        )
     return out
 
 

@@ -64,7 +64,13 @@ from tideflow.worker_sdk import (
     workflow,
 )
 from tideflow.worker_sdk.dag import DagWorkflow, Task
-from tideflow.worker_sdk.exceptions import ActivityError, TimeoutError, TimeoutType
+from tideflow.worker_sdk.exceptions import (
+    ActivityError,
+    TimeoutError,
+    TimeoutType,
+    WorkflowFailureError,
+)
+from tideflow.worker_sdk.workflow import ActivityCancellationType
 
 pytestmark = pytest.mark.tla
 
@@ -459,6 +465,84 @@ async def test_activity_timeouts(
     assert_rejected(rejected, at + 1, "the timer rows differ")
 
 
+@activity.defn
+async def beats_until_cancelled(key: str) -> str:
+    """Heartbeats until the server answers a heartbeat with the cancellation, which
+    the worker delivers as asyncio.CancelledError (reported as ActivityCanceled)."""
+    beats = 0
+    while True:
+        activity.heartbeat(beats)
+        beats += 1
+        await asyncio.sleep(0.05)
+
+
+@workflow.defn
+class Cancellable:
+    @workflow.run
+    async def run(self, key: str) -> str:
+        # nobody polls this queue: never started, so cancelled at once
+        waiting = workflow.start_activity(
+            hangs, key, task_queue="tla-nobody", start_to_close_timeout=timedelta(seconds=60)
+        )
+        try:
+            # running: learns of the cancellation from a heartbeat, and the workflow
+            # waits for the worker to confirm it
+            await workflow.execute_activity(
+                beats_until_cancelled,
+                key,
+                start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=timedelta(seconds=10),
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            waiting.cancel()
+            raise
+        return "not cancelled"
+
+
+async def test_workflow_and_activity_cancellation(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    """RequestCancel, the RequestCancelActivity commands (an activity not started is
+    cancelled at once, a running one through its heartbeat, then ActivityCanceled)
+    and CancelWorkflow are steps of EngineCore. A duplicated ActivityCanceled report is
+    rejected."""
+    async with Worker(
+        client,
+        task_queue="tla-cancel",
+        workflows=[Cancellable],
+        activities=[beats_until_cancelled],
+    ):
+        handle = await client.start_workflow(
+            Cancellable.run, "c", id="cancel-1", task_queue="tla-cancel"
+        )
+
+        def heartbeat_recorded() -> bool:
+            lines = read_lines(trace_of(trace_dir, "cancel-1"))
+            return any(ln["action"] == "RecordHeartbeat" for ln in lines)
+
+        await wait_until(heartbeat_recorded, "a heartbeat of the running activity")
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    trace = trace_of(trace_dir, "cancel-1")
+    lines = read_lines(trace)
+    seen = actions(trace)
+    assert seen["RequestCancel"] == 1 and seen["ActivityCanceled"] == 1, seen
+    kinds = Counter(e["type"] for ln in lines for e in ln["events"])
+    assert kinds["ACTIVITY_TASK_CANCEL_REQUESTED"] == 2 and kinds["ACTIVITY_TASK_CANCELED"] == 2
+    assert lines[-1]["events"][-1]["type"] == "WORKFLOW_EXECUTION_CANCELED"
+
+    duplicated = json.loads(json.dumps(lines))
+    at = first_index(duplicated, lambda ln: ln["action"] == "ActivityCanceled")
+    duplicated.insert(at + 1, duplicated[at])
+    corrupted = write_lines(tmp_path / "canceled-twice.ndjson", duplicated)
+    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
+    assert_accepted(accepted, trace)
+    assert_rejected(rejected, at + 2, "guard")
+
+
 # ----------------------------------------------------------- (b) crash recovery
 
 
@@ -743,10 +827,10 @@ async def test_signals_timers_sticky_queues_and_terminate(
     assert_accepted(verdicts[2], unknown, one_path=False)
 
     # What EngineCore does not model is refused with the line and the reason, never
-    # skipped: a cancellation request, a run timeout, a child workflow command.
+    # skipped: a child workflow started, a run timeout, a child workflow command.
     last = len(lines) - 1
     for change, message in [
-        ({"action": "RequestCancel"}, "RequestCancel: workflow cancellation requests"),
+        ({"action": "RecordChildStarted"}, "RecordChildStarted: child workflows are not modelled"),
         (
             {"action": "FireTimer:WORKFLOW_RUN_TIMEOUT"},
             "FireTimer:WORKFLOW_RUN_TIMEOUT: timers of kind WORKFLOW_RUN_TIMEOUT are not modelled",

@@ -40,7 +40,8 @@ COMPLETED == "COMPLETED"
 FAILED == "FAILED"
 TERMINATED == "TERMINATED"
 TIMED_OUT == "TIMED_OUT"
-Closed == {COMPLETED, FAILED, TERMINATED, TIMED_OUT}
+CANCELED == "CANCELED"
+Closed == {COMPLETED, FAILED, TERMINATED, TIMED_OUT, CANCELED}
 
 (* history_pb2.EventType names without the EVENT_TYPE_ prefix, as in traces *)
 ActivityOutcomes == {"ACTIVITY_TASK_COMPLETED", "ACTIVITY_TASK_FAILED",
@@ -48,10 +49,15 @@ ActivityOutcomes == {"ACTIVITY_TASK_COMPLETED", "ACTIVITY_TASK_FAILED",
 WftOutcomes == {"WORKFLOW_TASK_COMPLETED", "WORKFLOW_TASK_FAILED",
                 "WORKFLOW_TASK_TIMED_OUT"}
 CloseEvents == {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED",
-                "WORKFLOW_EXECUTION_TERMINATED", "WORKFLOW_EXECUTION_TIMED_OUT"}
+                "WORKFLOW_EXECUTION_TERMINATED", "WORKFLOW_EXECUTION_TIMED_OUT",
+                "WORKFLOW_EXECUTION_CANCELED"}
+(* The close events a workflow's own command writes                        *)
+CommandCloseEvents == {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED",
+                       "WORKFLOW_EXECUTION_CANCELED"}
 (* Events that come from outside workflow code: append_or_buffer          *)
 ExternalTypes == ActivityOutcomes \cup {"ACTIVITY_TASK_STARTED", "TIMER_FIRED",
-                                        "WORKFLOW_EXECUTION_SIGNALED"}
+                                        "WORKFLOW_EXECUTION_SIGNALED",
+                                        "WORKFLOW_EXECUTION_CANCEL_REQUESTED"}
 
 (* One history event: the fields tideflow.server._trace exports.  `ref` is *)
 (* the activity id (ACTIVITY_TASK_SCHEDULED), the timer id (TIMER_ events) or *)
@@ -340,10 +346,15 @@ FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 (*   [type |-> "CancelTimer", id |-> timer id]                             *)
 (*   [type |-> "RecordMarker", id |-> ""]                                  *)
 (*   [type |-> "UpsertSearchAttributes", id |-> ""]                        *)
+(*   [type |-> "RequestCancelActivity", sid |-> scheduled event id]        *)
 (*   [type |-> "Complete", id |-> ""]   [type |-> "Fail", id |-> ""]       *)
+(*   [type |-> "CancelWorkflow", id |-> ""]                                *)
 (*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
 Cmd(type, id, eager) ==
-    [type |-> type, id |-> id, eager |-> eager, s2c |-> FALSE, s2s |-> FALSE, hb |-> FALSE]
+    [type |-> type, id |-> id, eager |-> eager, s2c |-> FALSE, s2s |-> FALSE, hb |-> FALSE,
+     sid |-> 0]
+(* RequestCancelActivity names the activity by its scheduled event id.     *)
+CancelActivityCmd(sid) == [Cmd("RequestCancelActivity", "", FALSE) EXCEPT !.sid = sid]
 (* ScheduleActivity with its timeouts, as _schedule_activity normalizes    *)
 (* them: `s2c` a schedule-to-close timeout is set; `s2s` a schedule-to-    *)
 (* start timeout shorter than it (each dispatch then arms one); `hb` a     *)
@@ -376,8 +387,10 @@ CommandsValid(ms, cmds) ==
                             \cup {cmds[j].id : j \in {k \in 1..(i - 1) :
                                                    cmds[k].type = "StartTimer"}}
           /\ \A j \in 1..(i - 1) : ~(cmds[j].type = "CancelTimer" /\ cmds[j].id = cmds[i].id)
+    /\ \A i \in 1..Len(cmds) : cmds[i].type = "RequestCancelActivity" =>
+          cmds[i].sid \in DOMAIN ms.activities
     /\ (Mutant # "close_ignores_signals" /\ HasBufferedSignal(ms)) =>
-          \A i \in 1..Len(cmds) : cmds[i].type \notin {"Complete", "Fail"}
+          \A i \in 1..Len(cmds) : cmds[i].type \notin {"Complete", "Fail", "CancelWorkflow"}
 
 (* _schedule_activity                                                      *)
 ScheduleActivityF[m \in Any, c \in Any] ==
@@ -386,7 +399,7 @@ ScheduleActivityF[m \in Any, c \in Any] ==
         s2c == IF c.s2c THEN {TimerRow("ACTIVITY_SCHEDULE_TO_CLOSE", sid, 0)} ELSE {}
         info == [activity_id |-> c.id, attempt |-> 1, started |-> FALSE,
                  backing_off |-> FALSE, task_key |-> NoKey, timer_keys |-> s2c,
-                 s2s |-> c.s2s, hb |-> c.hb]
+                 s2s |-> c.s2s, hb |-> c.hb, cancel_requested |-> FALSE]
         m2 == [m1 EXCEPT !.ms.activities = Put(@, sid, info), !.new_timers = @ \cup s2c]
     IN IF c.eager /\ Len(m2.eager) < MaxEager
        THEN [StartActivityAttempt(m2, sid) EXCEPT !.eager = Append(@, sid)]
@@ -418,6 +431,16 @@ ApplyCommandF[m \in Any, c \in Any] ==
       [] c.type = "RecordMarker" -> AppendEvent(m, Ev("MARKER_RECORDED"))
       [] c.type = "UpsertSearchAttributes" ->
             AppendEvent(m, Ev("UPSERT_WORKFLOW_SEARCH_ATTRIBUTES"))
+      [] c.type = "RequestCancelActivity" ->
+            LET m1 == AppendEvent(m, [Ev("ACTIVITY_TASK_CANCEL_REQUESTED") EXCEPT
+                                         !.scheduled = c.sid])
+            IN IF m1.ms.activities[c.sid].started
+               \* the worker learns it from its next heartbeat
+               THEN [m1 EXCEPT !.ms.activities[c.sid].cancel_requested = TRUE]
+               \* not running anywhere: cancelled at once
+               ELSE FinishActivity(AppendEvent(m1, [Ev("ACTIVITY_TASK_CANCELED") EXCEPT
+                                                      !.scheduled = c.sid]), c.sid)
+      [] c.type = "CancelWorkflow" -> Close(m, CANCELED, "WORKFLOW_EXECUTION_CANCELED")
       [] c.type = "Complete" -> Close(m, COMPLETED, "WORKFLOW_EXECUTION_COMPLETED")
       [] c.type = "Fail" -> Close(m, FAILED, "WORKFLOW_EXECUTION_FAILED")
 ApplyCommand(m, c) == ApplyCommandF[m, c]
@@ -492,6 +515,14 @@ CompleteActivity(ms, tok, eagerWft) == CompleteActivityF[ms, tok, eagerWft]
 FailActivityF[ms \in Any, tok \in Any, retry \in Any] == AttemptFailed(NewMutation(ms), tok.sid, retry, FALSE)
 FailActivity(ms, tok, retry) == FailActivityF[ms, tok, retry]
 
+(* activity_canceled: the worker stopped an activity asked to cancel.     *)
+ActivityCanceledValid(ms, tok) ==
+    ActivityTokenValid(ms, tok) /\ ms.activities[tok.sid].cancel_requested
+ActivityCanceledF[ms \in Any, tok \in Any] ==
+    FinishActivity(AppendActivityOutcome(NewMutation(ms), tok.sid, "ACTIVITY_TASK_CANCELED"),
+                   tok.sid)
+ActivityCanceled(ms, tok) == ActivityCanceledF[ms, tok]
+
 (* record_heartbeat (after _check_activity): only the time of the last    *)
 (* heartbeat and its details change, neither of which the model has.      *)
 RecordHeartbeat(ms, tok) == NewMutation(ms)
@@ -511,6 +542,16 @@ SignalF[ms \in Any, rid \in Any] ==
                              [Ev("WORKFLOW_EXECUTION_SIGNALED") EXCEPT !.ref = rid])
     IN ScheduleWorkflowTask([m1 EXCEPT !.ms.signal_ids = @ \cup {rid}], 1)
 Signal(ms, rid) == SignalF[ms, rid]
+
+(* request_cancel: the workflow is asked to cancel itself (its code sees   *)
+(* CancelledError and decides).  A second request changes nothing and      *)
+(* commits nothing.                                                        *)
+RequestCancelValid(ms) == ms.status = RUNNING /\ ~ms.cancel_requested
+RequestCancelF[ms \in Any] ==
+    LET m1 == AppendOrBuffer([NewMutation(ms) EXCEPT !.ms.cancel_requested = TRUE],
+                             Ev("WORKFLOW_EXECUTION_CANCEL_REQUESTED"))
+    IN ScheduleWorkflowTask(m1, 1)
+RequestCancel(ms) == RequestCancelF[ms]
 
 (* terminate                                                               *)
 TerminateF[ms \in Any] == Close(NewMutation(ms), TERMINATED, "WORKFLOW_EXECUTION_TERMINATED")
@@ -595,7 +636,7 @@ FireTimer(ms, row, retry) == FireTimerWith(ms, row, retry, FALSE)
 (* start_workflow: WORKFLOW_EXECUTION_STARTED, then the first workflow task *)
 InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
            activities |-> EmptyFn, timers |-> EmptyFn, buffered |-> <<>>,
-           signal_ids |-> {}, sticky |-> FALSE]
+           signal_ids |-> {}, sticky |-> FALSE, cancel_requested |-> FALSE]
 
 StartRun ==
     LET m1 == AppendEvent(NewMutation(InitMs),

@@ -418,7 +418,7 @@ TimerResolvedOnce ==
 (* signals that arrive while its last task runs fail the completion.       *)
 SignalsSeenBeforeClose ==
     \A i \in 1..Len(hist) :
-       hist[i].type \in {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED"} =>
+       hist[i].type \in CommandCloseEvents =>
           LET k == CHOOSE k \in 1..i : hist[k].type = "WORKFLOW_TASK_COMPLETED"
                                        /\ \A j \in (k + 1)..i :
                                              hist[j].type # "WORKFLOW_TASK_COMPLETED"

@@ -69,6 +69,7 @@ Project(s) ==
     [status |-> s.status,
      next_event_id |-> s.next_event_id,
      sticky |-> s.sticky,
+     cancel_requested |-> s.cancel_requested,
      wft |-> [scheduled |-> s.wft.scheduled, started |-> s.wft.started,
               attempt |-> s.wft.attempt, transient |-> s.wft.transient,
               sticky |-> s.wft.sticky],
@@ -76,7 +77,8 @@ Project(s) ==
                        [activity_id |-> s.activities[x].activity_id,
                         attempt |-> s.activities[x].attempt,
                         started |-> s.activities[x].started,
-                        backing_off |-> s.activities[x].backing_off]],
+                        backing_off |-> s.activities[x].backing_off,
+                        cancel_requested |-> s.activities[x].cancel_requested]],
      timers |-> s.timers,
      buffered |-> s.buffered]
 
@@ -102,6 +104,8 @@ Guard(t) ==
                WftTokenValid(ms, t.wtok)
          [] t.action \in {"CompleteActivity", "FailActivity", "RecordHeartbeat"} ->
                ActivityTokenValid(ms, t.atok)
+         [] t.action = "ActivityCanceled" -> ActivityCanceledValid(ms, t.atok)
+         [] t.action = "RequestCancel" -> RequestCancelValid(ms)
          [] t.action = "FireTimer" -> t.row \in timers /\ FireTimerValid(ms, t.row)
          [] t.action = "Signal" -> ms.status = RUNNING /\ SignalIsNew(ms, t.rid)
          [] t.action = "Terminate" -> ms.status = RUNNING
@@ -118,6 +122,8 @@ Mut(t) ==
       [] t.action = "CompleteActivity" -> CompleteActivity(ms, t.atok, t.eagerWft)
       [] t.action = "FailActivity" -> FailActivity(ms, t.atok, t.retry)
       [] t.action = "RecordHeartbeat" -> RecordHeartbeat(ms, t.atok)
+      [] t.action = "ActivityCanceled" -> ActivityCanceled(ms, t.atok)
+      [] t.action = "RequestCancel" -> RequestCancel(ms)
       [] t.action = "FireTimer" -> FireTimerWith(ms, t.row, t.retry, t.rearm)
       [] t.action = "Signal" -> Signal(ms, t.rid)
       [] t.action = "Terminate" -> Terminate(ms)
@@ -143,7 +149,7 @@ EventProblem(s, e) ==
     THEN <<"ExactlyOnceOutcomes violated: a second outcome of activity", e.scheduled, e>>
     ELSE IF e.type \in WftOutcomes /\ e.started \in s.answered
     THEN <<"ExactlyOnceOutcomes violated: a second outcome of workflow task", e.started, e>>
-    ELSE IF e.type \in {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED"}
+    ELSE IF e.type \in CommandCloseEvents
             /\ s.lastSignal >= s.lastCompleted
     THEN <<"SignalsSeenBeforeClose violated: signal", s.lastSignal,
            "is not in the history of the workflow task that closed the run">>

@@ -68,6 +68,8 @@ MODEL_COMMANDS = {
     "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES": "UpsertSearchAttributes",
     "COMPLETE_WORKFLOW_EXECUTION": "Complete",
     "FAIL_WORKFLOW_EXECUTION": "Fail",
+    "CANCEL_WORKFLOW_EXECUTION": "CancelWorkflow",
+    "REQUEST_CANCEL_ACTIVITY_TASK": "RequestCancelActivity",
 }
 # server/_engine.py action names that map one to one onto a TraceEngine step
 SIMPLE_ACTIONS = frozenset(
@@ -80,20 +82,20 @@ SIMPLE_ACTIONS = frozenset(
         "CompleteActivity",
         "FailActivity",
         "RecordHeartbeat",
+        "ActivityCanceled",
+        "RequestCancel",
         "Signal",
         "Terminate",
         "Unstick",
     }
 )
 NOT_MODELLED = {
-    "RequestCancel": "workflow cancellation requests",
-    "ActivityCanceled": "activity cancellation",
     "RecordChildStarted": "child workflows",
     "RecordChildClosed": "child workflows",
     "RecordExternalOutcome": "signals and cancellations of other runs",
 }
 # Refusals by _validate_commands that the model's CommandsValid decides itself.
-_MODEL_VISIBLE_REFUSALS = ("is already pending", "no pending timer")
+_MODEL_VISIBLE_REFUSALS = ("is already pending", "no pending timer", "no pending activity")
 _COMMAND_INDEX = re.compile(r"^command (\d+) \(")
 _DAG_ATTEMPT = re.compile(r"^(?P<task>.+)#(?P<n>[1-9][0-9]*)$")
 # PrintT's output, which TLC may spread over several lines
@@ -256,6 +258,7 @@ def _state(state: Mapping[str, Any]) -> str:
                     ("attempt", tla_int(a["attempt"])),
                     ("started", tla_bool(a["started"])),
                     ("backing_off", tla_bool(a["backing_off"])),
+                    ("cancel_requested", tla_bool(a["cancel_requested"])),
                 ]
             ),
         )
@@ -267,6 +270,7 @@ def _state(state: Mapping[str, Any]) -> str:
             ("status", tla_str(_status_name(state["status"]))),
             ("next_event_id", tla_int(state["next_event_id"])),
             ("sticky", tla_bool(state["sticky"])),
+            ("cancel_requested", tla_bool(state["cancel_requested"])),
             (
                 "wft",
                 tla_record(
@@ -333,7 +337,9 @@ def _commands(
             continue
         named = model in ("ScheduleActivity", "StartTimer", "CancelTimer")
         ident = str(command.get("id", "")) if named else ""
-        if model == "ScheduleActivity":
+        if model == "RequestCancelActivity":
+            out.append(f"CancelActivityCmd({tla_int(command['scheduled'])})")
+        elif model == "ScheduleActivity":
             eager = eager_identity and bool(command.get("eager"))
             flags = [eager, *_activity_timeouts(events, ident)]
             out.append(f"ActCmd({tla_str(ident)}, {', '.join(tla_bool(f) for f in flags)})")
@@ -412,7 +418,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
             fields["sticky"] = tla_bool(bool(args["sticky"]))
         else:
             fields["reset"] = tla_bool(args["cause"] == "RESET_STICKY_TASK_QUEUE")
-    elif action in ("CompleteActivity", "FailActivity", "RecordHeartbeat"):
+    elif action in ("CompleteActivity", "FailActivity", "RecordHeartbeat", "ActivityCanceled"):
         token = args["token"]
         fields["atok"] = tla_record(
             [("sid", tla_int(token["scheduled"])), ("attempt", tla_int(token["attempt"]))]
