@@ -207,19 +207,22 @@ class HistoryEngine:
                 together = [
                     x.to_transition(0, start_request_id=x.ms.start_request_id) for x in m.side_runs
                 ]
+                # Trace mode logs ahead of the commit, then its outcome: a crash between
+                # the two leaves a transition marked "may have happened", never one
+                # missing from the log.
+                self._tracer.write_ahead(action, m)
                 try:
                     await self._store.apply(m.to_transition(run.db_version), *together)
                 except (ConditionFailedError, CurrentExecutionConflictError):
                     log.debug("run %s changed under us; reloading", key)
+                    self._tracer.outcome(m, committed=False)
                     self._forget(key, run)
                     continue
                 except BaseException:
                     # The outcome of the commit is unknown: never trust the cache again.
+                    # (Trace mode: the line written ahead stays unconfirmed, which says
+                    # exactly that.)
                     self._forget(key, run)
-                    # Trace mode: the line says the commit may or may not have happened
-                    # (a failure to write it must not hide the exception being raised).
-                    with contextlib.suppress(Exception):
-                        self._tracer.record(action, m, outcome="unknown")
                     # It may well have committed (a caller cancelled mid-commit, e.g. a
                     # poller or worker that went away, does not stop the store's writer).
                     # Its task and timer rows would then reach matching and the timer
@@ -231,6 +234,7 @@ class HistoryEngine:
                     if m.new_timers:
                         self._dispatcher.add_timers(m.new_timers)
                     raise
+                self._tracer.outcome(m, committed=True)
                 for side in m.side_runs:
                     side_run = _Run(state=side.ms, db_version=1, events=list(side.events))
                     self._cache[side.key] = side_run
@@ -247,7 +251,6 @@ class HistoryEngine:
         raise UnavailableError(f"run {key} is changing too fast; try again")
 
     def _after_commit(self, run: _Run, m: Mutation, action: str) -> None:
-        self._tracer.record(action, m)
         old = run.changed
         run.changed = asyncio.Event()
         old.set()
@@ -377,10 +380,13 @@ class HistoryEngine:
             else:
                 m.current = CurrentWrite.REPLACE
                 m.replaces_run_id = current.run_id
+            self._tracer.write_ahead("StartRun", m)
             try:
                 await self._store.apply(m.to_transition(0, start_request_id=request_id))
             except CurrentExecutionConflictError:
+                self._tracer.outcome(m, committed=False)
                 continue  # someone else started or replaced meanwhile: decide again
+            self._tracer.outcome(m, committed=True)
             key = run_key_of(ms)
             run = _Run(state=m.ms, db_version=1, events=list(m.events))
             self._cache[key] = run

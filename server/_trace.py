@@ -1,20 +1,26 @@
-"""Trace mode: every committed transition of a run as one NDJSON line.
+"""Trace mode: every transition of a run as one NDJSON line, written ahead of its commit.
 
 Enabled by the environment variable ``TIDEFLOW_TRACE_DIR`` (read when the server
-starts). Each run gets ``<dir>/<workflow id>__<run id>.ndjson``; each line records the
-engine action (named as in the TLA+ specs), what the transition was given or decided
-(``args``: the task row a poll took, the token a report carried, the commands of a
-workflow task, the timer row that fired, the retry and heartbeat re-arm decisions, the
-eager flags), the history events it appended (an activity's with its normalized
-timeouts), the task and timer rows it wrote and consumed, and a compact snapshot of the
-run's state afterwards, including what writes no history event (activity retries,
-timer re-arms, sticky queues). ``tla/trace_to_tla.py`` turns
-these logs into TLA+ traces and TLC decides whether the real run is a behaviour of
+starts). Each run gets ``<dir>/<workflow id>__<run id>.ndjson``; each transition line
+records the engine action (named as in the TLA+ specs), what the transition was given
+or decided (``args``: the task row a poll took, the token a report carried, the
+commands of a workflow task, the timer row that fired, the retry and heartbeat re-arm
+decisions, the eager flags), the history events it appended (an activity's with its
+normalized timeouts), the task and timer rows it wrote and consumed, and a compact
+snapshot of the run's state afterwards, including what writes no history event
+(activity retries, timer re-arms, sticky queues).
+
+The line is written before the store commit ("outcome": "pending") and followed by
+``{"commit": "ok"}`` or ``{"commit": "aborted"}`` (the store refused it; the engine
+retries). A pending line with neither after it may or may not have committed: the
+process died, or the commit raised. So a SIGKILL can leave an uncertain line but never
+a missing one. ``tla/trace_to_tla.py`` folds these into one line per transition, turns
+the log into a TLA+ trace, and TLC decides whether the real run is a behaviour of
 ``tla/EngineCore.tla`` (see the trace validation section of tla/README.md).
 
-Off (one attribute test per commit) unless the variable is set. The engine only
-stores references to its inputs in ``Mutation.trace``; they are formatted here, after
-the commit, and only in trace mode.
+Off (one attribute test per transition) unless the variable is set. The engine only
+stores references to its inputs in ``Mutation.trace``; they are formatted here, and
+only in trace mode.
 """
 
 from __future__ import annotations
@@ -177,16 +183,43 @@ class Tracer:
     def enabled(self) -> bool:
         return self._dir is not None
 
-    def record(self, action: str, m: Mutation, *, outcome: str = "committed") -> None:
-        """Append the line of a transition; ``outcome`` "unknown": its commit raised and
-        may or may not have happened (the trace cannot be validated past it)."""
+    def _path(self, m: Mutation) -> Path:
+        assert self._dir is not None
+        ms = m.ms
+        return self._dir / f"{_UNSAFE.sub('_', ms.workflow_id)}__{ms.run_id}.ndjson"
+
+    def _append(self, path: Path, line: dict[str, Any]) -> None:
+        # Appends are small and synchronous on purpose: a line must be on disk in commit
+        # order, before the next transition of the run can commit (the engine holds the
+        # run's lock across both writes and the commit).
+        with path.open("a") as fh:
+            fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def write_ahead(self, action: str, m: Mutation) -> None:
+        """Log a transition before its commit (outcome "pending"), and the start of
+        each run created in the same commit (a continue-as-new successor). A pending
+        line that no ``outcome`` line follows may or may not have committed (the process
+        died, or the commit raised): the trace converter treats it as exactly that."""
         if self._dir is None:
             return
-        ms = m.ms
-        name = f"{_UNSAFE.sub('_', ms.workflow_id)}__{ms.run_id}.ndjson"
-        line: dict[str, Any] = {
+        self._append(self._path(m), self._line(action, m))
+        for side in m.side_runs:
+            self._append(self._path(side), self._line("StartRun", side))
+
+    def outcome(self, m: Mutation, *, committed: bool) -> None:
+        """After the commit: it happened (``committed``), or the store refused it (a
+        concurrent change; the engine retries from a fresh copy of the run)."""
+        if self._dir is None:
+            return
+        line = {"commit": "ok" if committed else "aborted"}
+        for mutation in (m, *m.side_runs):
+            self._append(self._path(mutation), line)
+
+    def _line(self, action: str, m: Mutation) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "action": action,
+            "outcome": "pending",
             "time_us": m.now,
             "args": _args(m),
             "events": [_event(e) for e in m.events],
@@ -196,11 +229,5 @@ class Tracer:
                 "new_timers": [_timer_row(t.kind, t.ref_id, t.attempt) for t in m.new_timers],
                 "done_timers": [_timer_key_row(k) for k in m.done_timer_keys],
             },
-            "state": _state(ms),
+            "state": _state(m.ms),
         }
-        if outcome != "committed":
-            line["outcome"] = outcome
-        # Appends are small and synchronous on purpose: the line must be on disk in
-        # commit order, before the next transition of the run can commit.
-        with (self._dir / name).open("a") as fh:
-            fh.write(json.dumps(line, separators=(",", ":")) + "\n")

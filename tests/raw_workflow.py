@@ -45,6 +45,18 @@ def complete_workflow() -> command_pb2.Command:
     )
 
 
+def continue_as_new(workflow_type: str, task_queue: str) -> command_pb2.Command:
+    return command_pb2.Command(
+        command_type=CommandType.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION,
+        continue_as_new_workflow_execution_command_attributes=(
+            command_pb2.ContinueAsNewWorkflowExecutionCommandAttributes(
+                workflow_type=common_pb2.WorkflowType(name=workflow_type),
+                task_queue=common_pb2.TaskQueue(name=task_queue),
+            )
+        ),
+    )
+
+
 @dataclass
 class RawWorkflows:
     """Start runs of a workflow type nobody implements and answer their tasks by hand."""

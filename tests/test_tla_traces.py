@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from raw_workflow import RawWorkflows
+from raw_workflow import RawWorkflows, complete_workflow, continue_as_new
 
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType
@@ -66,6 +66,7 @@ from tideflow.worker_sdk import (
 from tideflow.worker_sdk.dag import DagWorkflow, Task
 from tideflow.worker_sdk.exceptions import (
     ActivityError,
+    InvalidArgumentError,
     TimeoutError,
     TimeoutType,
     WorkflowFailureError,
@@ -141,14 +142,22 @@ async def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT_
         await asyncio.sleep(0.02)
 
 
+def traces_of(directory: Path, workflow_id: str) -> list[Path]:
+    """The traces of every run of ``workflow_id`` (one file per run)."""
+    return sorted(directory.glob(f"{workflow_id}__*.ndjson"))
+
+
 def trace_of(directory: Path, workflow_id: str) -> Path:
-    found = sorted(directory.glob(f"{workflow_id}__*.ndjson"))
+    found = traces_of(directory, workflow_id)
     assert len(found) == 1, f"traces of {workflow_id!r}: {found}"
     return found[0]
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(text) for text in path.read_text().splitlines()]
+    """The transitions of a trace, one per line (written ahead of their commit, with
+    the commit's outcome on a line of its own, folded here as the converter does)."""
+    lines: list[dict[str, Any]] = t2t.load_trace(path)
+    return lines
 
 
 def write_lines(path: Path, lines: Sequence[Mapping[str, Any]]) -> Path:
@@ -543,6 +552,66 @@ async def test_workflow_and_activity_cancellation(
     assert_rejected(rejected, at + 2, "guard")
 
 
+@activity.defn
+async def add_one(n: int) -> int:
+    return n + 1
+
+
+@workflow.defn
+class Chain:
+    @workflow.run
+    async def run(self, n: int, left: int) -> int:
+        n = await workflow.execute_activity(
+            add_one, n, start_to_close_timeout=timedelta(seconds=10)
+        )
+        if left > 0:
+            workflow.continue_as_new(args=[n, left - 1])
+        return n
+
+
+async def test_continue_as_new(jar: Path, trace_dir: Path, client: Client, tmp_path: Path) -> None:
+    """Each run of a continue-as-new chain is a behaviour of EngineCore (the old run
+    closes CONTINUED_AS_NEW, its successor starts like any run); a signal that arrives
+    while the continue-as-new task runs makes the engine refuse it, as CommandsValid
+    does (raw gRPC, so the race is deterministic). A completion written after the run
+    closed is rejected."""
+    async with Worker(client, task_queue="tla-chain", workflows=[Chain], activities=[add_one]):
+        handle = await client.start_workflow(
+            Chain.run, args=[0, 2], id="chain-1", task_queue="tla-chain"
+        )
+        assert await handle.result() == 3
+    chain = traces_of(trace_dir, "chain-1")
+    closes = Counter(read_lines(t)[-1]["events"][-1]["type"] for t in chain)
+    assert closes == {"WORKFLOW_EXECUTION_CONTINUED_AS_NEW": 2, "WORKFLOW_EXECUTION_COMPLETED": 1}
+
+    raw = RawWorkflows(client, "tla-raw-can")
+    run_id = await raw.start("can-raw-1")
+    first = await raw.poll()
+    await raw.signal("can-raw-1", run_id, "late")  # buffered: the task is running
+    with pytest.raises(InvalidArgumentError, match="unhandled signal"):
+        await raw.complete(first.task_token, continue_as_new("Raw", "tla-raw-can"))
+    await raw.complete((await raw.poll()).task_token, continue_as_new("Raw", "tla-raw-can"))
+    await raw.complete((await raw.poll()).task_token, complete_workflow())
+    raw_runs = traces_of(trace_dir, "can-raw-1")
+    assert len(raw_runs) == 2
+    refused = [
+        ln
+        for t in raw_runs
+        for ln in read_lines(t)
+        if ln["action"] == "CompleteWorkflowTask" and "rejected" in ln["args"]
+    ]
+    assert [ln["args"]["rejected"]["cause"] for ln in refused] == ["UNHANDLED_COMMAND"]
+
+    closed = next(t for t in chain if "CONTINUED_AS_NEW" in json.dumps(read_lines(t)[-1]))
+    lines = read_lines(closed)
+    after_close = write_lines(tmp_path / "after-close.ndjson", [*lines, lines[-1]])
+    traces = [*chain, *raw_runs]
+    verdicts = validate(jar, tmp_path, [(t, None) for t in [*traces, after_close]])
+    for verdict, trace in zip(verdicts, traces, strict=False):
+        assert_accepted(verdict, trace)
+    assert_rejected(verdicts[-1], len(lines) + 1, "guard")
+
+
 # ----------------------------------------------------------- (b) crash recovery
 
 
@@ -860,7 +929,7 @@ async def test_cancel_of_a_timer_that_fired_during_the_task(
     wid = "cancel-fired-1"
 
     def fire_buffered() -> bool:
-        if not list(trace_dir.glob(f"{wid}__*.ndjson")):
+        if not traces_of(trace_dir, wid):
             return False
         last = read_lines(trace_of(trace_dir, wid))[-1]
         return bool(last["action"] == "FireTimer:USER_TIMER" and last["state"]["buffered"] == 1)

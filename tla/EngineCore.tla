@@ -41,7 +41,8 @@ FAILED == "FAILED"
 TERMINATED == "TERMINATED"
 TIMED_OUT == "TIMED_OUT"
 CANCELED == "CANCELED"
-Closed == {COMPLETED, FAILED, TERMINATED, TIMED_OUT, CANCELED}
+CONTINUED_AS_NEW == "CONTINUED_AS_NEW"
+Closed == {COMPLETED, FAILED, TERMINATED, TIMED_OUT, CANCELED, CONTINUED_AS_NEW}
 
 (* history_pb2.EventType names without the EVENT_TYPE_ prefix, as in traces *)
 ActivityOutcomes == {"ACTIVITY_TASK_COMPLETED", "ACTIVITY_TASK_FAILED",
@@ -50,10 +51,11 @@ WftOutcomes == {"WORKFLOW_TASK_COMPLETED", "WORKFLOW_TASK_FAILED",
                 "WORKFLOW_TASK_TIMED_OUT"}
 CloseEvents == {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED",
                 "WORKFLOW_EXECUTION_TERMINATED", "WORKFLOW_EXECUTION_TIMED_OUT",
-                "WORKFLOW_EXECUTION_CANCELED"}
+                "WORKFLOW_EXECUTION_CANCELED", "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"}
 (* The close events a workflow's own command writes                        *)
 CommandCloseEvents == {"WORKFLOW_EXECUTION_COMPLETED", "WORKFLOW_EXECUTION_FAILED",
-                       "WORKFLOW_EXECUTION_CANCELED"}
+                       "WORKFLOW_EXECUTION_CANCELED", "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"}
+CloseCommands == {"Complete", "Fail", "CancelWorkflow", "ContinueAsNew"}
 (* Events that come from outside workflow code: append_or_buffer          *)
 ExternalTypes == ActivityOutcomes \cup {"ACTIVITY_TASK_STARTED", "TIMER_FIRED",
                                         "WORKFLOW_EXECUTION_SIGNALED",
@@ -349,6 +351,8 @@ FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 (*   [type |-> "RequestCancelActivity", sid |-> scheduled event id]        *)
 (*   [type |-> "Complete", id |-> ""]   [type |-> "Fail", id |-> ""]       *)
 (*   [type |-> "CancelWorkflow", id |-> ""]                                *)
+(*   [type |-> "ContinueAsNew", id |-> ""]: this run closes; its successor  *)
+(*   is a new run (_continue_as_new), with a trace of its own              *)
 (*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
 Cmd(type, id, eager) ==
     [type |-> type, id |-> id, eager |-> eager, s2c |-> FALSE, s2s |-> FALSE, hb |-> FALSE,
@@ -390,7 +394,7 @@ CommandsValid(ms, cmds) ==
     /\ \A i \in 1..Len(cmds) : cmds[i].type = "RequestCancelActivity" =>
           cmds[i].sid \in DOMAIN ms.activities
     /\ (Mutant # "close_ignores_signals" /\ HasBufferedSignal(ms)) =>
-          \A i \in 1..Len(cmds) : cmds[i].type \notin {"Complete", "Fail", "CancelWorkflow"}
+          \A i \in 1..Len(cmds) : cmds[i].type \notin CloseCommands
 
 (* _schedule_activity                                                      *)
 ScheduleActivityF[m \in Any, c \in Any] ==
@@ -441,6 +445,8 @@ ApplyCommandF[m \in Any, c \in Any] ==
                ELSE FinishActivity(AppendEvent(m1, [Ev("ACTIVITY_TASK_CANCELED") EXCEPT
                                                       !.scheduled = c.sid]), c.sid)
       [] c.type = "CancelWorkflow" -> Close(m, CANCELED, "WORKFLOW_EXECUTION_CANCELED")
+      [] c.type = "ContinueAsNew" ->
+            Close(m, CONTINUED_AS_NEW, "WORKFLOW_EXECUTION_CONTINUED_AS_NEW")
       [] c.type = "Complete" -> Close(m, COMPLETED, "WORKFLOW_EXECUTION_COMPLETED")
       [] c.type = "Fail" -> Close(m, FAILED, "WORKFLOW_EXECUTION_FAILED")
 ApplyCommand(m, c) == ApplyCommandF[m, c]
@@ -638,10 +644,13 @@ InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
            activities |-> EmptyFn, timers |-> EmptyFn, buffered |-> <<>>,
            signal_ids |-> {}, sticky |-> FALSE, cancel_requested |-> FALSE]
 
-StartRun ==
+(* `attempt`: the workflow's retry attempt (a run that a failed run's retry *)
+(* policy started is attempt n + 1; a continue-as-new successor is 1).     *)
+StartRunWith(attempt) ==
     LET m1 == AppendEvent(NewMutation(InitMs),
-                          [Ev("WORKFLOW_EXECUTION_STARTED") EXCEPT !.attempt = 1])
+                          [Ev("WORKFLOW_EXECUTION_STARTED") EXCEPT !.attempt = attempt])
     IN ScheduleWorkflowTask(m1, 1)
+StartRun == StartRunWith(1)
 
 -----------------------------------------------------------------------------
 (* Reading a history                                                       *)

@@ -11,6 +11,7 @@ on it:
     python tla/trace_to_tla.py TRACE.ndjson                  # convert and check
     python tla/trace_to_tla.py TRACE.ndjson --dag etl.yaml   # + TaskDependencyCorrectness
     python tla/trace_to_tla.py TRACE.ndjson --out DIR --no-check
+    python tla/trace_to_tla.py --survey DIR                  # every trace of a directory
 
 Exit status: 0 the trace is a behaviour of the spec (TLC: TraceConsumed violated, exit
 12), 1 TLC rejected it (the line and the reason are printed), 2 the converter refused
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +71,7 @@ MODEL_COMMANDS = {
     "COMPLETE_WORKFLOW_EXECUTION": "Complete",
     "FAIL_WORKFLOW_EXECUTION": "Fail",
     "CANCEL_WORKFLOW_EXECUTION": "CancelWorkflow",
+    "CONTINUE_AS_NEW_WORKFLOW_EXECUTION": "ContinueAsNew",
     "REQUEST_CANCEL_ACTIVITY_TASK": "RequestCancelActivity",
 }
 # server/_engine.py action names that map one to one onto a TraceEngine step
@@ -111,6 +114,11 @@ class TraceError(ValueError):
         self.line = line
 
 
+class VoidTraceError(TraceError):
+    """Every transition of the trace was aborted: a run that never existed (a start
+    that lost a race for its workflow id). Nothing to check."""
+
+
 @dataclass(frozen=True)
 class Model:
     directory: Path
@@ -139,20 +147,57 @@ class Verdict:
 
 
 def load_trace(path: Path) -> list[dict[str, Any]]:
+    """The transitions of a trace file, one dict per transition, with "outcome"
+    "committed" or "unknown" (see ``fold_outcomes``)."""
     lines: list[dict[str, Any]] = []
     for number, text in enumerate(path.read_text().splitlines(), start=1):
         if not text.strip():
-            raise TraceError("empty line", number)
+            raise TraceError(f"empty line {number} in {path}")
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise TraceError(f"not JSON: {exc}", number) from exc
+            raise TraceError(f"line {number} of {path} is not JSON: {exc}") from exc
         if not isinstance(value, dict):
-            raise TraceError("not a JSON object", number)
+            raise TraceError(f"line {number} of {path} is not a JSON object")
         lines.append(value)
     if not lines:
         raise TraceError(f"{path} is empty")
-    return lines
+    transitions = fold_outcomes(lines)
+    if not transitions:
+        raise VoidTraceError(f"{path}: no transition committed (every one was aborted)")
+    return transitions
+
+
+def fold_outcomes(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """server/_trace.py writes each transition ahead of its commit ("outcome":
+    "pending"), then ``{"commit": "ok"}`` or ``{"commit": "aborted"}``. Fold them: ok ->
+    "committed", aborted -> dropped (the store refused it and the engine retried),
+    neither (the process died or the commit raised) -> "unknown", which the spec may
+    take or skip. Lines already folded (tests write such traces) pass unchanged."""
+    out: list[dict[str, Any]] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if "commit" in line:
+            raise TraceError(
+                f"physical line {index + 1}: a commit outcome with no transition before it"
+            )
+        following = lines[index + 1] if index + 1 < len(lines) else None
+        if line.get("outcome") != "pending":
+            out.append(dict(line))
+        elif following is None or "commit" not in following:
+            out.append({**line, "outcome": "unknown"})
+        elif following["commit"] == "ok":
+            out.append({**line, "outcome": "committed"})
+            index += 1
+        elif following["commit"] == "aborted":
+            index += 1
+        else:
+            raise TraceError(
+                f"physical line {index + 2}: unknown commit outcome {following['commit']!r}"
+            )
+        index += 1
+    return out
 
 
 def dag_dependencies(definition: Path) -> dict[str, set[str]]:
@@ -380,6 +425,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         "rearm": "FALSE",
         "row": 'TimerRow("NONE", 0, 0)',
         "rid": '""',
+        "attempt": "1",
     }
     if action.startswith("FireTimer:"):
         kind = action.removeprefix("FireTimer:")
@@ -401,9 +447,11 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         if types != ["WORKFLOW_EXECUTION_STARTED", "WORKFLOW_TASK_SCHEDULED"]:
             raise TraceError(
                 f"StartRun appended {types}: only a plain start is modelled "
-                "(not signal-with-start)",
+                "(not signal-with-start, nor a delayed first workflow task)",
                 number,
             )
+        # a retry of a failed run starts with its attempt number
+        fields["attempt"] = tla_int(raw["events"][0].get("attempt", 1))
     elif action in ("RecordWorkflowTaskStarted", "RecordActivityStarted"):
         fields["task"] = _task_row(args["task"])
     elif action in ("CompleteWorkflowTask", "FailWorkflowTask"):
@@ -643,14 +691,72 @@ def validate(
         return check(write_model(trace, Path(tmp), deps=deps), jar=jar)
 
 
+def _refusal_kind(message: str) -> str:
+    """What a refusal is about, without its line number and ids (for a survey)."""
+    text = re.sub(r"^line \d+: ", "", message)
+    return re.sub(r"\[.*\]|'[^']*'", "…", text)
+
+
+def survey(directory: Path, *, jobs: int = 2) -> int:
+    """Validate every trace in ``directory`` (e.g. a whole test run's with
+    TIDEFLOW_TRACE_DIR set): one line per trace, then the counts and the kinds of
+    refusal. Exit status 1 if any trace was rejected (a real disagreement between the
+    engine and the spec), else 0."""
+    traces = sorted(directory.glob("*.ndjson"))
+    if not traces:
+        print(f"no .ndjson traces in {directory}")
+        return 2
+    jar = tla2tools_jar()
+
+    def one(trace: Path) -> tuple[Path, Verdict | TraceError]:
+        try:
+            return trace, validate(trace, jar=jar)
+        except TraceError as exc:
+            return trace, exc
+
+    accepted = void = 0
+    refused: dict[str, int] = {}
+    rejected: list[str] = []
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for trace, result in pool.map(one, traces):
+            if isinstance(result, VoidTraceError):
+                void += 1
+                print(f"VOID     {trace.name}: every transition was aborted")
+            elif isinstance(result, TraceError):
+                kind = _refusal_kind(str(result))
+                refused[kind] = refused.get(kind, 0) + 1
+                print(f"REFUSED  {trace.name}: {result}")
+            elif result.accepted:
+                accepted += 1
+                print(f"ACCEPTED {trace.name}")
+            else:
+                where = f"line {result.line} ({result.action}): {result.reason}"
+                rejected.append(f"{trace.name} {where}")
+                print(f"REJECTED {trace.name} {where}")
+    print(
+        f"{len(traces)} traces in {time.monotonic() - started:.0f}s: {accepted} accepted, "
+        f"{sum(refused.values())} refused, {len(rejected)} rejected, {void} void (a start "
+        "that lost a race for its workflow id: every transition aborted)"
+    )
+    for kind, count in sorted(refused.items(), key=lambda kv: -kv[1]):
+        print(f"  refused {count:4d}  {kind}")
+    return 1 if rejected else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("trace", type=Path, help="a run's .ndjson trace")
+    parser.add_argument("trace", type=Path, nargs="?", help="a run's .ndjson trace")
+    parser.add_argument("--survey", type=Path, metavar="DIR", help="validate every trace in DIR")
     parser.add_argument("--dag", type=Path, help="the run's DAG definition (YAML or JSON)")
     parser.add_argument("--out", type=Path, help="write the model here (default: a temp dir)")
     parser.add_argument("--no-check", action="store_true", help="only write the model")
     parser.add_argument("-v", dest="verbose", action="store_true", help="print TLC's output")
     args = parser.parse_args(argv)
+    if args.survey is not None:
+        return survey(args.survey)
+    if args.trace is None:
+        parser.error("give a trace, or --survey DIR")
     try:
         deps = dag_dependencies(args.dag) if args.dag else None
         if args.no_check:
