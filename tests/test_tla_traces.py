@@ -612,6 +612,56 @@ async def test_continue_as_new(jar: Path, trace_dir: Path, client: Client, tmp_p
     assert_rejected(verdicts[-1], len(lines) + 1, "guard")
 
 
+@workflow.defn
+class WaitsForTwoSignals:
+    def __init__(self) -> None:
+        self.signals = 0
+
+    @workflow.signal
+    def poke(self) -> None:
+        self.signals += 1
+
+    @workflow.run
+    async def run(self) -> int:
+        await workflow.wait_condition(lambda: self.signals >= 2)
+        return self.signals
+
+
+async def test_signal_with_start_and_run_timeout(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    """A run started by signal-with-start (the signal is its second event) whose run
+    timeout closes it TIMED_OUT: both are EngineCore steps. Without the run timeout's
+    timer row at the start, its firing is rejected."""
+    async with Worker(client, task_queue="tla-sws", workflows=[WaitsForTwoSignals]):
+        handle = await client.start_workflow(
+            WaitsForTwoSignals.run,
+            id="sws-1",
+            task_queue="tla-sws",
+            start_signal=WaitsForTwoSignals.poke,
+            run_timeout=timedelta(milliseconds=500),
+        )
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        assert (await handle.describe()).status == WorkflowExecutionStatus.TIMED_OUT
+    trace = trace_of(trace_dir, "sws-1")
+    lines = read_lines(trace)
+    assert [e["type"] for e in lines[0]["events"]] == [
+        "WORKFLOW_EXECUTION_STARTED",
+        "WORKFLOW_EXECUTION_SIGNALED",
+        "WORKFLOW_TASK_SCHEDULED",
+    ]
+    assert lines[-1]["action"] == "FireTimer:WORKFLOW_RUN_TIMEOUT"
+    assert lines[-1]["events"][-1]["type"] == "WORKFLOW_EXECUTION_TIMED_OUT"
+
+    unarmed = json.loads(json.dumps(lines))
+    unarmed[0]["rows"]["new_timers"] = []
+    corrupted = write_lines(tmp_path / "run-timeout-unarmed.ndjson", unarmed)
+    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
+    assert_accepted(accepted, trace)
+    assert_rejected(rejected, len(lines), "guard")
+
+
 # ----------------------------------------------------------- (b) crash recovery
 
 
@@ -896,13 +946,13 @@ async def test_signals_timers_sticky_queues_and_terminate(
     assert_accepted(verdicts[2], unknown, one_path=False)
 
     # What EngineCore does not model is refused with the line and the reason, never
-    # skipped: a child workflow started, a run timeout, a child workflow command.
+    # skipped: a child workflow started, another run's answer, a child workflow command.
     last = len(lines) - 1
     for change, message in [
         ({"action": "RecordChildStarted"}, "RecordChildStarted: child workflows are not modelled"),
         (
-            {"action": "FireTimer:WORKFLOW_RUN_TIMEOUT"},
-            "FireTimer:WORKFLOW_RUN_TIMEOUT: timers of kind WORKFLOW_RUN_TIMEOUT are not modelled",
+            {"action": "RecordExternalOutcome"},
+            "RecordExternalOutcome: signals and cancellations of other runs are not modelled",
         ),
     ]:
         refused = write_lines(

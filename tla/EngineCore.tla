@@ -190,6 +190,9 @@ ClearWorkflowTaskF[m \in Any] ==
 ClearWorkflowTask(m) == ClearWorkflowTaskF[m]
 
 UserTimerRow(startedId) == TimerRow("USER_TIMER", startedId, 0)
+(* The run's own timer (ms.timer_keys): its run timeout, or the execution   *)
+(* deadline of a continue-as-new chain, whichever comes first.             *)
+RunTimeoutRow == TimerRow("WORKFLOW_RUN_TIMEOUT", 0, 1)
 
 CloseF[m \in Any, status \in Any, closeType \in Any] ==
     LET wft == m.ms.wft
@@ -205,7 +208,9 @@ CloseF[m \in Any, status \in Any, closeType \in Any] ==
         tms == m3.ms.timers
         m4 == [m3 EXCEPT
                  !.done_timers = @ \cup UNION {acts[s].timer_keys : s \in DOMAIN acts}
-                                   \cup {UserTimerRow(tms[t]) : t \in DOMAIN tms},
+                                   \cup {UserTimerRow(tms[t]) : t \in DOMAIN tms}
+                                   \cup m3.ms.timer_keys,
+                 !.ms.timer_keys = {},
                  !.done_tasks = @ \cup {acts[s].task_key :
                                           s \in {x \in DOMAIN acts : acts[x].task_key # NoKey}},
                  !.ms.activities = EmptyFn,
@@ -571,6 +576,7 @@ FireTimerValid(ms, row) ==
     /\ ms.status = RUNNING
     /\ CASE row.kind = "USER_TIMER" ->
               \E t \in DOMAIN ms.timers : ms.timers[t] = row.ref
+         [] row.kind = "WORKFLOW_RUN_TIMEOUT" -> TRUE
          [] row.kind = "WORKFLOW_TASK_TIMEOUT" ->
               /\ HasWft(ms) /\ ms.wft.attempt = row.attempt
               /\ row \in ms.wft.timer_keys
@@ -614,6 +620,8 @@ FireTimerWithF[ms \in Any, row \in Any, retry \in Any, rearm \in Any] ==
                   m1 == AppendOrBuffer(m, [Ev("TIMER_FIRED") EXCEPT !.ref = tid,
                                                                    !.started = row.ref])
               IN ScheduleWorkflowTask([m1 EXCEPT !.ms.timers = Del(@, tid)], 1)
+         [] row.kind = "WORKFLOW_RUN_TIMEOUT" ->
+              Close(m, TIMED_OUT, "WORKFLOW_EXECUTION_TIMED_OUT")
          [] row.kind = "WORKFLOW_TASK_TIMEOUT" ->
               FailWft([m EXCEPT !.ms.wft.timer_keys = @ \ {row}], TRUE)
          [] row.kind = "WORKFLOW_TASK_RETRY" ->
@@ -642,15 +650,27 @@ FireTimer(ms, row, retry) == FireTimerWith(ms, row, retry, FALSE)
 (* start_workflow: WORKFLOW_EXECUTION_STARTED, then the first workflow task *)
 InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
            activities |-> EmptyFn, timers |-> EmptyFn, buffered |-> <<>>,
-           signal_ids |-> {}, sticky |-> FALSE, cancel_requested |-> FALSE]
+           signal_ids |-> {}, sticky |-> FALSE, cancel_requested |-> FALSE,
+           timer_keys |-> {}]
 
-(* `attempt`: the workflow's retry attempt (a run that a failed run's retry *)
-(* policy started is attempt n + 1; a continue-as-new successor is 1).     *)
-StartRunWith(attempt) ==
+(* _new_run.  `attempt`: the workflow's retry attempt (a run that a failed  *)
+(* run's retry policy started is attempt n + 1; a continue-as-new          *)
+(* successor is 1); `runTimeout`: a run timeout or execution deadline arms *)
+(* the run's timer; `signalRid` # "": signal-with-start, the signal (with  *)
+(* the start's request id) is the run's second event.                      *)
+StartRunWith(attempt, runTimeout, signalRid) ==
     LET m1 == AppendEvent(NewMutation(InitMs),
                           [Ev("WORKFLOW_EXECUTION_STARTED") EXCEPT !.attempt = attempt])
-    IN ScheduleWorkflowTask(m1, 1)
-StartRun == StartRunWith(1)
+        m2 == IF runTimeout
+              THEN [m1 EXCEPT !.ms.timer_keys = {RunTimeoutRow},
+                              !.new_timers = @ \cup {RunTimeoutRow}]
+              ELSE m1
+        m3 == IF signalRid # ""
+              THEN [AppendEvent(m2, [Ev("WORKFLOW_EXECUTION_SIGNALED") EXCEPT !.ref = signalRid])
+                    EXCEPT !.ms.signal_ids = @ \cup {signalRid}]
+              ELSE m2
+    IN ScheduleWorkflowTask(m3, 1)
+StartRun == StartRunWith(1, FALSE, "")
 
 -----------------------------------------------------------------------------
 (* Reading a history                                                       *)

@@ -114,7 +114,7 @@ Guard(t) ==
 
 (* Only evaluated when Guard(t) holds.                                     *)
 Mut(t) ==
-    CASE t.action = "StartRun" -> StartRunWith(t.attempt)
+    CASE t.action = "StartRun" -> StartRunWith(t.attempt, t.runTimeout, t.rid)
       [] t.action = "RecordWorkflowTaskStarted" -> RecordWorkflowTaskStarted(ms, t.task)
       [] t.action = "RecordActivityStarted" -> RecordActivityStarted(ms, t.task)
       [] t.action = "CompleteWorkflowTask" -> CompleteWorkflowTaskWith(ms, CmdsOf(t), t.sticky)

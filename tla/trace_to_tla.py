@@ -45,12 +45,13 @@ SPEC_FILES = ("TraceEngine.tla", "EngineCore.tla")
 DATA_MODULE = "TraceData"  # generated; TraceEngine EXTENDS it
 TRACE_FORMAT = 3  # server/_trace.py FORMAT
 
-# The kinds of rows EngineCore models; the others (transfers, the run timeout) are
-# abstracted away.
+# The kinds of rows EngineCore models; the others (transfers of child workflows and
+# external requests) are abstracted away.
 MODEL_TASK_KINDS = frozenset({"WORKFLOW", "ACTIVITY"})
 MODEL_TIMER_KINDS = frozenset(
     {
         "USER_TIMER",
+        "WORKFLOW_RUN_TIMEOUT",
         "WORKFLOW_TASK_TIMEOUT",
         "WORKFLOW_TASK_RETRY",
         "ACTIVITY_START_TO_CLOSE",
@@ -426,6 +427,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         "row": 'TimerRow("NONE", 0, 0)',
         "rid": '""',
         "attempt": "1",
+        "runTimeout": "FALSE",
     }
     if action.startswith("FireTimer:"):
         kind = action.removeprefix("FireTimer:")
@@ -443,15 +445,28 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
     elif action not in SIMPLE_ACTIONS:
         raise TraceError(f"unknown action {action!r}", number)
     elif action == "StartRun":
-        types = [e["type"] for e in raw["events"]]
-        if types != ["WORKFLOW_EXECUTION_STARTED", "WORKFLOW_TASK_SCHEDULED"]:
+        events = raw["events"]
+        types = [e["type"] for e in events]
+        if types == [
+            "WORKFLOW_EXECUTION_STARTED",
+            "WORKFLOW_EXECUTION_SIGNALED",
+            "WORKFLOW_TASK_SCHEDULED",
+        ]:  # signal-with-start
+            rid = str(events[1].get("request_id", ""))
+            if not rid:
+                raise TraceError("signal-with-start without a request id", number)
+            fields["rid"] = tla_str(rid)
+        elif types != ["WORKFLOW_EXECUTION_STARTED", "WORKFLOW_TASK_SCHEDULED"]:
             raise TraceError(
-                f"StartRun appended {types}: only a plain start is modelled "
-                "(not signal-with-start, nor a delayed first workflow task)",
+                f"StartRun appended {types}: a start that delays its first workflow task "
+                "(cron, a retry's backoff) is not modelled",
                 number,
             )
         # a retry of a failed run starts with its attempt number
-        fields["attempt"] = tla_int(raw["events"][0].get("attempt", 1))
+        fields["attempt"] = tla_int(events[0].get("attempt", 1))
+        fields["runTimeout"] = tla_bool(
+            any(r["kind"] == "WORKFLOW_RUN_TIMEOUT" for r in raw["rows"]["new_timers"])
+        )
     elif action in ("RecordWorkflowTaskStarted", "RecordActivityStarted"):
         fields["task"] = _task_row(args["task"])
     elif action in ("CompleteWorkflowTask", "FailWorkflowTask"):
