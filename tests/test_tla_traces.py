@@ -612,33 +612,18 @@ async def test_continue_as_new(jar: Path, trace_dir: Path, client: Client, tmp_p
     assert_rejected(verdicts[-1], len(lines) + 1, "guard")
 
 
-@workflow.defn
-class WaitsForTwoSignals:
-    def __init__(self) -> None:
-        self.signals = 0
-
-    @workflow.signal
-    def poke(self) -> None:
-        self.signals += 1
-
-    @workflow.run
-    async def run(self) -> int:
-        await workflow.wait_condition(lambda: self.signals >= 2)
-        return self.signals
-
-
 async def test_signal_with_start_and_run_timeout(
     jar: Path, trace_dir: Path, client: Client, tmp_path: Path
 ) -> None:
     """A run started by signal-with-start (the signal is its second event) whose run
     timeout closes it TIMED_OUT: both are EngineCore steps. Without the run timeout's
-    timer row at the start, its firing is rejected."""
-    async with Worker(client, task_queue="tla-sws", workflows=[WaitsForTwoSignals]):
+    timer row at the start, its firing is rejected. (Waiter is defined below.)"""
+    async with Worker(client, task_queue="tla-sws", workflows=[Waiter]):
         handle = await client.start_workflow(
-            WaitsForTwoSignals.run,
+            Waiter.run,
             id="sws-1",
             task_queue="tla-sws",
-            start_signal=WaitsForTwoSignals.poke,
+            start_signal=Waiter.poke,
             run_timeout=timedelta(milliseconds=500),
         )
         with pytest.raises(WorkflowFailureError):
