@@ -1834,6 +1834,8 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> None:
             ms = m.ms
+            m.trace["task"] = task
+            m.trace["failed"] = failure_cause is not None
             info = ms.pending_children.get(task.ref_id)
             m.done_task_keys.append(task.task_key)
             m.dirty = True
@@ -1889,6 +1891,12 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> None:
             ms = m.ms
+            # The row is the child's (its run's outbox): the parent's commit deletes it.
+            m.trace["task"] = task
+            m.trace["initiated"] = child.parent_initiated_event_id
+            m.trace["child_close"] = (
+                "" if event_type is None else EventType.Name(event_type).removeprefix("EVENT_TYPE_")
+            )
             m.done_task_keys.append(task.task_key)
             m.dirty = True
             info = ms.pending_children.get(child.parent_initiated_event_id)
@@ -1996,6 +2004,9 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> None:
             ms = m.ms
+            m.trace["task"] = task
+            m.trace["failed"] = failure_cause is not None
+            m.trace["cancel"] = request.cancel
             m.done_task_keys.append(task.task_key)
             m.dirty = True
             if (

@@ -33,7 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from tideflow.api.v1 import common_pb2, state_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
+from tideflow.api.v1.history_pb2 import (
+    EventType,
+    HistoryEvent,
+    ParentClosePolicy,
+    WorkflowTaskFailedCause,
+)
 from tideflow.history import TaskKind, TaskRow, TimerKind, TimerRow, attributes_of
 
 if TYPE_CHECKING:
@@ -50,7 +55,14 @@ def _event(event: HistoryEvent) -> dict[str, Any]:
         "id": event.event_id,
         "type": EventType.Name(event.event_type).removeprefix("EVENT_TYPE_"),
     }
-    for name in ("scheduled_event_id", "started_event_id", "attempt", "activity_id", "timer_id"):
+    for name in (
+        "scheduled_event_id",
+        "started_event_id",
+        "initiated_event_id",
+        "attempt",
+        "activity_id",
+        "timer_id",
+    ):
         if attrs.DESCRIPTOR.fields_by_name.get(name) is not None:
             value = getattr(attrs, name)
             if value:
@@ -72,6 +84,7 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
         "next_event_id": ms.next_event_id,
         "sticky": bool(ms.sticky_task_queue),
         "cancel_requested": ms.cancel_requested,
+        "has_parent": bool(ms.parent_workflow_id),
         "workflow_task": None
         if wft is None
         else {
@@ -93,6 +106,12 @@ def _state(ms: state_pb2.MutableState) -> dict[str, Any]:
         },
         # timer id -> its TIMER_STARTED event id
         "timers": {tid: t.started_event_id for tid, t in sorted(ms.pending_timers.items())},
+        # initiated event id -> whether its start was recorded / the parent closed
+        "children": {
+            str(i): {"started": bool(c.run_id), "parent_closed": c.parent_closed}
+            for i, c in sorted(ms.pending_children.items())
+        },
+        "external": sorted(ms.pending_external),
         "buffered": len(ms.buffered_events),
         "buffered_events": [_event(e) for e in ms.buffered_events],
     }
@@ -130,6 +149,9 @@ def _command(command: Command) -> dict[str, Any]:
         out["id"] = command.start_timer_command_attributes.timer_id
     elif ctype == CommandType.COMMAND_TYPE_CANCEL_TIMER:
         out["id"] = command.cancel_timer_command_attributes.timer_id
+    elif ctype == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
+        policy = command.start_child_workflow_execution_command_attributes.parent_close_policy
+        out["abandon"] = policy == ParentClosePolicy.PARENT_CLOSE_POLICY_ABANDON
     elif ctype == CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK:
         out["scheduled"] = (
             command.request_cancel_activity_task_command_attributes.scheduled_event_id

@@ -1,18 +1,23 @@
 """Trace validation: TLC decides whether real runs are behaviours of tla/EngineCore.tla.
 
 Each test runs a real end-to-end scenario against a real server with
-``TIDEFLOW_TRACE_DIR`` set (server/_trace.py writes one NDJSON line per committed
-transition of each run), converts the run's trace with tla/trace_to_tla.py and runs
-TLC on tla/TraceEngine.tla. A trace is accepted when TLC reports the invariant
-``TraceConsumed`` violated (exit 12): every line was a step of the spec, with the
-logged events, rows and state. Scenarios:
+``TIDEFLOW_TRACE_DIR`` set (server/_trace.py writes every transition of each run ahead
+of its commit, then the commit's outcome), converts the run's trace with
+tla/trace_to_tla.py and runs TLC on tla/TraceEngine.tla. A trace is accepted when TLC
+reports the invariant ``TraceConsumed`` violated (exit 12): every line was a step of
+the spec, with the logged events, rows and state. Scenarios:
 
 - activity retries: an activity failing twice then succeeding, one timing out
   (start-to-close) and retried, and a workflow task failing twice (transient attempts,
-  then a backoff timer) before it succeeds;
+  then a backoff timer) before it succeeds; the first activity of a run retried;
+- activity timeouts: schedule-to-start, schedule-to-close across retried attempts,
+  heartbeat (with the timer re-arming itself);
+- workflow and activity cancellation; continue-as-new (with a signal racing the
+  continue-as-new task); signal-with-start and the run timeout; child workflows and
+  requests to other runs, with the parent-close policy;
 - crash recovery: the server process is SIGKILLed while an activity runs and a new
   one on the same SQLite file takes over (the trace file survives: it is appended per
-  commit);
+  transition, ahead of the commit);
 - a DAG a -> {b, c} -> d through the DAG API, checked for TaskDependencyCorrectness;
 - signals, a cancelled and a fired timer, a sticky queue given back (the task moves
   to the normal queue), terminate;
@@ -21,7 +26,10 @@ logged events, rows and state. Scenarios:
 
 Real traces corrupted on purpose must be rejected (TLC exit 0, the line and reason
 printed): a dependency violated, a duplicated activity completion, a flipped retry
-decision, a skipped event id, a line lost, a cancelled timer's fire kept.
+decision, a skipped event id, a line lost, a cancelled timer's fire kept, a retry that
+drops the schedule-to-close timer, a duplicated cancellation report, a completion
+after the close, a run timeout never armed, a child's close recorded against the
+wrong event.
 
 Without ``java`` these tests skip, except with ``CI=true``, where they fail. Waiting
 polls conditions (no fixed sleeps synchronize anything).
@@ -66,6 +74,8 @@ from tideflow.worker_sdk import (
 from tideflow.worker_sdk.dag import DagWorkflow, Task
 from tideflow.worker_sdk.exceptions import (
     ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
     InvalidArgumentError,
     TimeoutError,
     TimeoutType,
@@ -647,6 +657,93 @@ async def test_signal_with_start_and_run_timeout(
     assert_rejected(rejected, len(lines), "guard")
 
 
+@workflow.defn
+class Kid:
+    def __init__(self) -> None:
+        self.letters: list[str] = []
+
+    @workflow.signal
+    def post(self, letter: str) -> None:
+        self.letters.append(letter)
+
+    @workflow.run
+    async def run(self, wait: bool) -> list[str]:
+        if wait:
+            await workflow.wait_condition(lambda: bool(self.letters))
+        return self.letters
+
+
+@workflow.defn
+class Family:
+    @workflow.run
+    async def run(self, key: str) -> list[str]:
+        out = [repr(await workflow.execute_child_workflow(Kid.run, False, id=f"{key}-quick"))]
+        waits = await workflow.start_child_workflow(Kid.run, True, id=f"{key}-waits")
+        try:  # the same workflow id again: the start fails
+            await workflow.start_child_workflow(Kid.run, True, id=f"{key}-waits")
+        except ChildWorkflowError:
+            out.append("already started")
+        await workflow.get_external_workflow_handle(f"{key}-waits").signal(Kid.post, "hi")
+        out.append(repr(await waits))
+        nowhere = workflow.get_external_workflow_handle(f"{key}-missing")
+        for request in (nowhere.signal(Kid.post, "lost"), nowhere.cancel()):
+            try:
+                await request
+            except ApplicationError as error:
+                out.append(str(error.type))
+        # left running: the parent's close terminates it (parent-close policy)
+        await workflow.start_child_workflow(Kid.run, True, id=f"{key}-orphan")
+        return out
+
+
+async def test_child_workflows_and_external_requests(
+    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+) -> None:
+    """Every run of a family is a behaviour of EngineCore: the parent's child starts
+    (one failing: the id is taken), child closes reported back, a signal to another
+    run and a signal and a cancel to a missing one, and the parent-close policy that
+    terminates the child still running; the children's own traces too. A child's
+    close recorded against the wrong initiated event is rejected."""
+    async with Worker(client, task_queue="tla-family", workflows=[Family, Kid]):
+        parent = await client.start_workflow(Family.run, "fam", id="fam", task_queue="tla-family")
+        assert await parent.result() == [
+            "[]",
+            "already started",
+            "['hi']",
+            "ExternalWorkflowExecutionNotFound",
+            "ExternalWorkflowExecutionNotFound",
+        ]
+        orphan = client.get_workflow_handle("fam-orphan")
+
+        async def terminated() -> bool:
+            status = (await orphan.describe()).status
+            return bool(status == WorkflowExecutionStatus.TERMINATED)
+
+        await wait_until(terminated, "the orphan terminated by the parent-close policy")
+        [trace] = traces_of(trace_dir, "fam")
+        # ... whose close still reaches the (closed) parent, which records nothing
+        await wait_until(
+            lambda: actions(trace)["RecordChildClosed"] == 3, "the orphan's close reported"
+        )
+    lines = read_lines(trace)
+    seen = actions(trace)
+    assert seen["RecordChildStarted"] == 4
+    assert seen["RecordExternalOutcome"] == 3
+    kids = [t for k in ("quick", "waits", "orphan") for t in traces_of(trace_dir, f"fam-{k}")]
+    assert len(kids) == 3
+
+    # Corrupted: the first child's close applied to an event that initiated no child
+    # (a second report of a close, by contrast, is legal: the engine records nothing).
+    misrouted = json.loads(json.dumps(lines))
+    at = first_index(misrouted, lambda ln: ln["action"] == "RecordChildClosed")
+    misrouted[at]["args"]["initiated"] = 999
+    corrupted = write_lines(tmp_path / "child-closed-misrouted.ndjson", misrouted)
+    verdicts = validate(jar, tmp_path, [(t, None) for t in [trace, *kids, corrupted]])
+    for verdict, accepted in zip(verdicts, [trace, *kids], strict=False):
+        assert_accepted(verdict, accepted)
+    assert_rejected(verdicts[-1], at + 1)
+
+
 # ----------------------------------------------------------- (b) crash recovery
 
 
@@ -931,25 +1028,23 @@ async def test_signals_timers_sticky_queues_and_terminate(
     assert_accepted(verdicts[2], unknown, one_path=False)
 
     # What EngineCore does not model is refused with the line and the reason, never
-    # skipped: a child workflow started, another run's answer, a child workflow command.
+    # skipped: an action it does not know, a signal without a request id (the model
+    # keys signals by it), a command it does not know.
     last = len(lines) - 1
-    for change, message in [
-        ({"action": "RecordChildStarted"}, "RecordChildStarted: child workflows are not modelled"),
-        (
-            {"action": "RecordExternalOutcome"},
-            "RecordExternalOutcome: signals and cancellations of other runs are not modelled",
-        ),
+    signal = names.index("Signal")
+    no_rid = {**lines[signal], "args": {**lines[signal]["args"], "request_id": ""}}
+    for at, line, message in [
+        (last, {**lines[last], "action": "Teleport"}, "unknown action 'Teleport'"),
+        (signal, no_rid, "Signal without a request id is not modelled"),
     ]:
-        refused = write_lines(
-            tmp_path / "refused.ndjson", [*lines[:last], {**lines[last], **change}]
-        )
-        with pytest.raises(t2t.TraceError, match=f"line {last + 1}: {message}"):
+        refused = write_lines(tmp_path / "refused.ndjson", [*lines[:at], line, *lines[at + 1 :]])
+        with pytest.raises(t2t.TraceError, match=f"line {at + 1}: {message}"):
             t2t.write_model(refused, tmp_path / "refused")
     completion = names.index("CompleteWorkflowTask")
-    child = json.loads(json.dumps(lines))
-    child[completion]["args"]["commands"].append({"type": "START_CHILD_WORKFLOW_EXECUTION"})
-    refused = write_lines(tmp_path / "refused.ndjson", child)
-    with pytest.raises(t2t.TraceError, match="START_CHILD_WORKFLOW_EXECUTION is not modelled"):
+    unknown_command = json.loads(json.dumps(lines))
+    unknown_command[completion]["args"]["commands"].append({"type": "MODIFY_WORKFLOW_PROPERTIES"})
+    refused = write_lines(tmp_path / "refused.ndjson", unknown_command)
+    with pytest.raises(t2t.TraceError, match="MODIFY_WORKFLOW_PROPERTIES is not modelled"):
         t2t.write_model(refused, tmp_path / "refused")
 
 

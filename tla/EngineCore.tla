@@ -71,6 +71,10 @@ Ev(type) == [id |-> 0, type |-> type, scheduled |-> 0, started |-> 0,
 TaskRow(kind, ref, attempt) == [kind |-> kind, ref |-> ref, attempt |-> attempt]
 TimerRow(kind, ref, attempt) == [kind |-> kind, ref |-> ref, attempt |-> attempt]
 NoKey == TaskRow("NONE", 0, 0)
+(* An outbox row of the transfer processor (Mutation.add_transfer): `ref` *)
+(* the event it is about, `attempt` the slot (0, or 1 / 2 for the          *)
+(* parent-close policy of a child).                                        *)
+TransferRow(ref, slot) == TaskRow("TRANSFER", ref, slot)
 
 EmptyFn == [x \in {} |-> 0]
 NoWft == [scheduled |-> 0, started |-> 0, attempt |-> 0, transient |-> FALSE,
@@ -216,7 +220,18 @@ CloseF[m \in Any, status \in Any, closeType \in Any] ==
                  !.ms.activities = EmptyFn,
                  !.ms.timers = EmptyFn]
         m5 == AppendEvent(m4, Ev(closeType))
-    IN [m5 EXCEPT !.ms.status = status]
+        kids == m5.ms.children
+        \* children stay listed, each gets its parent-close policy (transfer
+        \* slot 1) unless ABANDON; the last run of a child's chain reports its
+        \* close to the parent (a CHILD_CLOSED transfer)
+        m6 == [m5 EXCEPT
+                 !.ms.children = [x \in DOMAIN kids |-> [kids[x] EXCEPT !.parent_closed = TRUE]],
+                 !.ms.external = {},
+                 !.new_tasks = @ \cup {TransferRow(x, 1) : x \in {y \in DOMAIN kids :
+                                                                     ~kids[y].abandon}}
+                               \cup (IF m5.ms.has_parent /\ status # CONTINUED_AS_NEW
+                                     THEN {TransferRow(LastId(m5), 0)} ELSE {})]
+    IN [m6 EXCEPT !.ms.status = status]
 Close(m, status, closeType) == CloseF[m, status, closeType]
 
 -----------------------------------------------------------------------------
@@ -356,12 +371,17 @@ FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 (*   [type |-> "RequestCancelActivity", sid |-> scheduled event id]        *)
 (*   [type |-> "Complete", id |-> ""]   [type |-> "Fail", id |-> ""]       *)
 (*   [type |-> "CancelWorkflow", id |-> ""]                                *)
+(*   [type |-> "StartChild", abandon |-> BOOLEAN] (ChildCmd),               *)
+(*   [type |-> "SignalExternal"], [type |-> "CancelExternal"]: a request to  *)
+(*   another run, carried out by the transfer processor                     *)
 (*   [type |-> "ContinueAsNew", id |-> ""]: this run closes; its successor  *)
 (*   is a new run (_continue_as_new), with a trace of its own              *)
 (*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
 Cmd(type, id, eager) ==
     [type |-> type, id |-> id, eager |-> eager, s2c |-> FALSE, s2s |-> FALSE, hb |-> FALSE,
-     sid |-> 0]
+     sid |-> 0, abandon |-> FALSE]
+(* StartChild: `abandon` = parent_close_policy ABANDON.                     *)
+ChildCmd(abandon) == [Cmd("StartChild", "", FALSE) EXCEPT !.abandon = abandon]
 (* RequestCancelActivity names the activity by its scheduled event id.     *)
 CancelActivityCmd(sid) == [Cmd("RequestCancelActivity", "", FALSE) EXCEPT !.sid = sid]
 (* ScheduleActivity with its timeouts, as _schedule_activity normalizes    *)
@@ -449,6 +469,19 @@ ApplyCommandF[m \in Any, c \in Any] ==
                \* not running anywhere: cancelled at once
                ELSE FinishActivity(AppendEvent(m1, [Ev("ACTIVITY_TASK_CANCELED") EXCEPT
                                                       !.scheduled = c.sid]), c.sid)
+      [] c.type = "StartChild" ->
+            LET m1 == AppendEvent(m, Ev("START_CHILD_WORKFLOW_EXECUTION_INITIATED"))
+                id == LastId(m1)
+            IN [m1 EXCEPT !.ms.children = Put(@, id, [started |-> FALSE,
+                                                      parent_closed |-> FALSE,
+                                                      abandon |-> c.abandon]),
+                          !.new_tasks = @ \cup {TransferRow(id, 0)}]
+      [] c.type \in {"SignalExternal", "CancelExternal"} ->
+            LET m1 == AppendEvent(m, Ev(IF c.type = "SignalExternal"
+                                        THEN "SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED"
+                                        ELSE "REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED"))
+                id == LastId(m1)
+            IN [m1 EXCEPT !.ms.external = @ \cup {id}, !.new_tasks = @ \cup {TransferRow(id, 0)}]
       [] c.type = "CancelWorkflow" -> Close(m, CANCELED, "WORKFLOW_EXECUTION_CANCELED")
       [] c.type = "ContinueAsNew" ->
             Close(m, CONTINUED_AS_NEW, "WORKFLOW_EXECUTION_CONTINUED_AS_NEW")
@@ -554,6 +587,61 @@ SignalF[ms \in Any, rid \in Any] ==
     IN ScheduleWorkflowTask([m1 EXCEPT !.ms.signal_ids = @ \cup {rid}], 1)
 Signal(ms, rid) == SignalF[ms, rid]
 
+(* Transfers (HistoryEngine.process_transfer) as they reach this run.  The *)
+(* transition always consumes the row it was given; it records something  *)
+(* only while the run and the request are still open.                     *)
+
+(* _start_child, after the child's start was attempted (`failed`: a run    *)
+(* with that workflow id exists).                                          *)
+RecordChildStartedF[ms \in Any, row \in Any, failed \in Any] ==
+    LET m == [NewMutation(ms) EXCEPT !.done_tasks = {row}]
+        id == row.ref
+        kid == ms.children[id]
+    IN IF id \notin DOMAIN ms.children THEN m
+       ELSE IF kid.started THEN m
+       ELSE IF ms.status # RUNNING
+       THEN \* the parent closed meanwhile: its policy now applies to the child
+            IF kid.parent_closed /\ ~failed
+            THEN [m EXCEPT !.ms.children[id].started = TRUE,
+                           !.new_tasks = IF kid.abandon THEN @ ELSE @ \cup {TransferRow(id, 2)}]
+            ELSE m
+       ELSE IF failed
+       THEN LET m1 == AppendOrBuffer(m, [Ev("START_CHILD_WORKFLOW_EXECUTION_FAILED") EXCEPT
+                                            !.scheduled = id])
+            IN ScheduleWorkflowTask([m1 EXCEPT !.ms.children = Del(@, id)], 1)
+       ELSE LET m1 == AppendOrBuffer(m, [Ev("CHILD_WORKFLOW_EXECUTION_STARTED") EXCEPT
+                                            !.scheduled = id])
+            IN ScheduleWorkflowTask([m1 EXCEPT !.ms.children[id].started = TRUE], 1)
+RecordChildStarted(ms, row, failed) == RecordChildStartedF[ms, row, failed]
+
+(* _report_child_closed: `row` is the child's CHILD_CLOSED row (its run's   *)
+(* outbox), `id` the initiated event id in this run, `outcome` the parent's *)
+(* event for the child's close ("" for a close with none).                 *)
+RecordChildClosedF[ms \in Any, row \in Any, id \in Any, outcome \in Any] ==
+    LET m == [NewMutation(ms) EXCEPT !.done_tasks = {row}]
+    IN IF outcome = "" \/ id \notin DOMAIN ms.children \/ ms.status # RUNNING THEN m
+       ELSE IF ms.children[id].parent_closed THEN m
+       ELSE LET m1 == IF ms.children[id].started THEN m
+                      \* closed before its start was recorded: started first
+                      ELSE AppendOrBuffer(m, [Ev("CHILD_WORKFLOW_EXECUTION_STARTED") EXCEPT
+                                                 !.scheduled = id])
+                m2 == AppendOrBuffer(m1, [Ev(outcome) EXCEPT !.scheduled = id])
+            IN ScheduleWorkflowTask([m2 EXCEPT !.ms.children = Del(@, id)], 1)
+RecordChildClosed(ms, row, id, outcome) == RecordChildClosedF[ms, row, id, outcome]
+
+(* _external_request, after signalling or cancelling the other run.        *)
+RecordExternalOutcomeF[ms \in Any, row \in Any, failed \in Any, cancel \in Any] ==
+    LET m == [NewMutation(ms) EXCEPT !.done_tasks = {row}]
+        type == CASE cancel /\ ~failed -> "EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED"
+                  [] cancel /\ failed -> "REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_FAILED"
+                  [] ~cancel /\ ~failed -> "EXTERNAL_WORKFLOW_EXECUTION_SIGNALED"
+                  [] ~cancel /\ failed -> "SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED"
+    IN IF row.ref \notin ms.external \/ ms.status # RUNNING THEN m
+       ELSE LET m1 == AppendOrBuffer(m, [Ev(type) EXCEPT !.scheduled = row.ref])
+            IN ScheduleWorkflowTask([m1 EXCEPT !.ms.external = @ \ {row.ref}], 1)
+RecordExternalOutcome(ms, row, failed, cancel) ==
+    RecordExternalOutcomeF[ms, row, failed, cancel]
+
 (* request_cancel: the workflow is asked to cancel itself (its code sees   *)
 (* CancelledError and decides).  A second request changes nothing and      *)
 (* commits nothing.                                                        *)
@@ -651,15 +739,16 @@ FireTimer(ms, row, retry) == FireTimerWith(ms, row, retry, FALSE)
 InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
            activities |-> EmptyFn, timers |-> EmptyFn, buffered |-> <<>>,
            signal_ids |-> {}, sticky |-> FALSE, cancel_requested |-> FALSE,
-           timer_keys |-> {}]
+           timer_keys |-> {}, children |-> EmptyFn, external |-> {}, has_parent |-> FALSE]
 
 (* _new_run.  `attempt`: the workflow's retry attempt (a run that a failed  *)
 (* run's retry policy started is attempt n + 1; a continue-as-new          *)
 (* successor is 1); `runTimeout`: a run timeout or execution deadline arms *)
 (* the run's timer; `signalRid` # "": signal-with-start, the signal (with  *)
-(* the start's request id) is the run's second event.                      *)
-StartRunWith(attempt, runTimeout, signalRid) ==
-    LET m1 == AppendEvent(NewMutation(InitMs),
+(* the start's request id) is the run's second event; `hasParent`: a      *)
+(* child's run, which reports its close to the parent.                     *)
+StartRunWith(attempt, runTimeout, signalRid, hasParent) ==
+    LET m1 == AppendEvent(NewMutation([InitMs EXCEPT !.has_parent = hasParent]),
                           [Ev("WORKFLOW_EXECUTION_STARTED") EXCEPT !.attempt = attempt])
         m2 == IF runTimeout
               THEN [m1 EXCEPT !.ms.timer_keys = {RunTimeoutRow},
@@ -670,7 +759,7 @@ StartRunWith(attempt, runTimeout, signalRid) ==
                     EXCEPT !.ms.signal_ids = @ \cup {signalRid}]
               ELSE m2
     IN ScheduleWorkflowTask(m3, 1)
-StartRun == StartRunWith(1, FALSE, "")
+StartRun == StartRunWith(1, FALSE, "", FALSE)
 
 -----------------------------------------------------------------------------
 (* Reading a history                                                       *)

@@ -70,6 +70,11 @@ Project(s) ==
      next_event_id |-> s.next_event_id,
      sticky |-> s.sticky,
      cancel_requested |-> s.cancel_requested,
+     has_parent |-> s.has_parent,
+     children |-> [x \in DOMAIN s.children |->
+                     [started |-> s.children[x].started,
+                      parent_closed |-> s.children[x].parent_closed]],
+     external |-> s.external,
      wft |-> [scheduled |-> s.wft.scheduled, started |-> s.wft.started,
               attempt |-> s.wft.attempt, transient |-> s.wft.transient,
               sticky |-> s.wft.sticky],
@@ -106,6 +111,9 @@ Guard(t) ==
                ActivityTokenValid(ms, t.atok)
          [] t.action = "ActivityCanceled" -> ActivityCanceledValid(ms, t.atok)
          [] t.action = "RequestCancel" -> RequestCancelValid(ms)
+         [] t.action \in {"RecordChildStarted", "RecordExternalOutcome"} -> t.task \in tasks
+         \* the row is the child run's; the parent's transition always commits
+         [] t.action = "RecordChildClosed" -> TRUE
          [] t.action = "FireTimer" -> t.row \in timers /\ FireTimerValid(ms, t.row)
          [] t.action = "Signal" -> ms.status = RUNNING /\ SignalIsNew(ms, t.rid)
          [] t.action = "Terminate" -> ms.status = RUNNING
@@ -114,7 +122,7 @@ Guard(t) ==
 
 (* Only evaluated when Guard(t) holds.                                     *)
 Mut(t) ==
-    CASE t.action = "StartRun" -> StartRunWith(t.attempt, t.runTimeout, t.rid)
+    CASE t.action = "StartRun" -> StartRunWith(t.attempt, t.runTimeout, t.rid, t.hasParent)
       [] t.action = "RecordWorkflowTaskStarted" -> RecordWorkflowTaskStarted(ms, t.task)
       [] t.action = "RecordActivityStarted" -> RecordActivityStarted(ms, t.task)
       [] t.action = "CompleteWorkflowTask" -> CompleteWorkflowTaskWith(ms, CmdsOf(t), t.sticky)
@@ -124,6 +132,11 @@ Mut(t) ==
       [] t.action = "RecordHeartbeat" -> RecordHeartbeat(ms, t.atok)
       [] t.action = "ActivityCanceled" -> ActivityCanceled(ms, t.atok)
       [] t.action = "RequestCancel" -> RequestCancel(ms)
+      [] t.action = "RecordChildStarted" -> RecordChildStarted(ms, t.task, t.failed)
+      [] t.action = "RecordChildClosed" ->
+            RecordChildClosed(ms, t.task, t.initiated, t.childClose)
+      [] t.action = "RecordExternalOutcome" ->
+            RecordExternalOutcome(ms, t.task, t.failed, t.cancel)
       [] t.action = "FireTimer" -> FireTimerWith(ms, t.row, t.retry, t.rearm)
       [] t.action = "Signal" -> Signal(ms, t.rid)
       [] t.action = "Terminate" -> Terminate(ms)

@@ -47,7 +47,7 @@ TRACE_FORMAT = 3  # server/_trace.py FORMAT
 
 # The kinds of rows EngineCore models; the others (transfers of child workflows and
 # external requests) are abstracted away.
-MODEL_TASK_KINDS = frozenset({"WORKFLOW", "ACTIVITY"})
+MODEL_TASK_KINDS = frozenset({"WORKFLOW", "ACTIVITY", "TRANSFER"})
 MODEL_TIMER_KINDS = frozenset(
     {
         "USER_TIMER",
@@ -73,6 +73,9 @@ MODEL_COMMANDS = {
     "FAIL_WORKFLOW_EXECUTION": "Fail",
     "CANCEL_WORKFLOW_EXECUTION": "CancelWorkflow",
     "CONTINUE_AS_NEW_WORKFLOW_EXECUTION": "ContinueAsNew",
+    "START_CHILD_WORKFLOW_EXECUTION": "StartChild",
+    "SIGNAL_EXTERNAL_WORKFLOW_EXECUTION": "SignalExternal",
+    "REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION": "CancelExternal",
     "REQUEST_CANCEL_ACTIVITY_TASK": "RequestCancelActivity",
 }
 # server/_engine.py action names that map one to one onto a TraceEngine step
@@ -88,16 +91,14 @@ SIMPLE_ACTIONS = frozenset(
         "RecordHeartbeat",
         "ActivityCanceled",
         "RequestCancel",
+        "RecordChildStarted",
+        "RecordChildClosed",
+        "RecordExternalOutcome",
         "Signal",
         "Terminate",
         "Unstick",
     }
 )
-NOT_MODELLED = {
-    "RecordChildStarted": "child workflows",
-    "RecordChildClosed": "child workflows",
-    "RecordExternalOutcome": "signals and cancellations of other runs",
-}
 # Refusals by _validate_commands that the model's CommandsValid decides itself.
 _MODEL_VISIBLE_REFUSALS = ("is already pending", "no pending timer", "no pending activity")
 _COMMAND_INDEX = re.compile(r"^command (\d+) \(")
@@ -269,9 +270,12 @@ def _event(e: Mapping[str, Any]) -> str:
         ref = str(e.get("request_id", ""))
     else:
         ref = ""
+    # `scheduled`: the scheduled event id, or for child and external-request events
+    # the initiated event id (no event has both)
+    scheduled = e.get("scheduled_event_id", 0) or e.get("initiated_event_id", 0)
     return (
         f"E({tla_int(e.get('id', 0))}, {tla_str(etype)}, "
-        f"{tla_int(e.get('scheduled_event_id', 0))}, {tla_int(e.get('started_event_id', 0))}, "
+        f"{tla_int(scheduled)}, {tla_int(e.get('started_event_id', 0))}, "
         f"{tla_int(e.get('attempt', 0))}, {tla_str(ref)})"
     )
 
@@ -317,6 +321,25 @@ def _state(state: Mapping[str, Any]) -> str:
             ("next_event_id", tla_int(state["next_event_id"])),
             ("sticky", tla_bool(state["sticky"])),
             ("cancel_requested", tla_bool(state["cancel_requested"])),
+            ("has_parent", tla_bool(state["has_parent"])),
+            (
+                "children",
+                tla_fn(
+                    [
+                        (
+                            tla_int(int(i)),
+                            tla_record(
+                                [
+                                    ("started", tla_bool(c["started"])),
+                                    ("parent_closed", tla_bool(c["parent_closed"])),
+                                ]
+                            ),
+                        )
+                        for i, c in sorted(state["children"].items(), key=lambda kv: int(kv[0]))
+                    ]
+                ),
+            ),
+            ("external", tla_set(tla_int(i) for i in state["external"])),
             (
                 "wft",
                 tla_record(
@@ -383,7 +406,9 @@ def _commands(
             continue
         named = model in ("ScheduleActivity", "StartTimer", "CancelTimer")
         ident = str(command.get("id", "")) if named else ""
-        if model == "RequestCancelActivity":
+        if model == "StartChild":
+            out.append(f"ChildCmd({tla_bool(bool(command.get('abandon')))})")
+        elif model == "RequestCancelActivity":
             out.append(f"CancelActivityCmd({tla_int(command['scheduled'])})")
         elif model == "ScheduleActivity":
             eager = eager_identity and bool(command.get("eager"))
@@ -428,6 +453,11 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         "rid": '""',
         "attempt": "1",
         "runTimeout": "FALSE",
+        "hasParent": "FALSE",
+        "failed": "FALSE",
+        "cancel": "FALSE",
+        "initiated": "0",
+        "childClose": '""',
     }
     if action.startswith("FireTimer:"):
         kind = action.removeprefix("FireTimer:")
@@ -440,8 +470,6 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         fields["row"] = _timer_row(timer)
         fields["retry"] = tla_bool(bool(args.get("retry", False)))
         fields["rearm"] = tla_bool(bool(args.get("rearm", False)))
-    elif action in NOT_MODELLED:
-        raise TraceError(f"{action}: {NOT_MODELLED[action]} are not modelled", number)
     elif action not in SIMPLE_ACTIONS:
         raise TraceError(f"unknown action {action!r}", number)
     elif action == "StartRun":
@@ -467,6 +495,7 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         fields["runTimeout"] = tla_bool(
             any(r["kind"] == "WORKFLOW_RUN_TIMEOUT" for r in raw["rows"]["new_timers"])
         )
+        fields["hasParent"] = tla_bool(bool(raw["state"]["has_parent"]))
     elif action in ("RecordWorkflowTaskStarted", "RecordActivityStarted"):
         fields["task"] = _task_row(args["task"])
     elif action in ("CompleteWorkflowTask", "FailWorkflowTask"):
@@ -490,6 +519,14 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
             fields["eagerWft"] = tla_bool(bool(args["eager_wft"]))
         elif action == "FailActivity":
             fields["retry"] = tla_bool(bool(args["retry"]))
+    elif action in ("RecordChildStarted", "RecordChildClosed", "RecordExternalOutcome"):
+        fields["task"] = _task_row(args["task"])
+        if action == "RecordChildClosed":
+            fields["initiated"] = tla_int(args["initiated"])
+            fields["childClose"] = tla_str(str(args["child_close"]))
+        else:
+            fields["failed"] = tla_bool(bool(args["failed"]))
+            fields["cancel"] = tla_bool(bool(args.get("cancel", False)))
     elif action == "Signal":
         rid = str(args.get("request_id", ""))
         if not rid:
