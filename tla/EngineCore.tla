@@ -389,7 +389,7 @@ CancelActivityCmd(sid) == [Cmd("RequestCancelActivity", "", FALSE) EXCEPT !.sid 
 (* start timeout shorter than it (each dispatch then arms one); `hb` a     *)
 (* heartbeat timeout (each start arms one).                                *)
 ActCmd(id, eager, s2c, s2s, hb) ==
-    [type |-> "ScheduleActivity", id |-> id, eager |-> eager, s2c |-> s2c, s2s |-> s2s, hb |-> hb]
+    [Cmd("ScheduleActivity", id, eager) EXCEPT !.s2c = s2c, !.s2s = s2s, !.hb = hb]
 
 HasBufferedSignal(ms) ==
     \E i \in 1..Len(ms.buffered) : ms.buffered[i].type = "WORKFLOW_EXECUTION_SIGNALED"
