@@ -204,7 +204,15 @@ class Info:
 
 
 class ActivityCancellationType(IntEnum):
-    """What cancelling an activity (or the workflow awaiting it) waits for."""
+    """What cancelling an activity (or the workflow awaiting it) waits for.
+
+    WAIT_CANCELLATION_COMPLETED holds the code that awaits the activity. Inside
+    ``asyncio.gather`` that is the gather's child task only: gather raises
+    ``CancelledError`` as soon as any one child ends cancelled (a TRY_CANCEL sibling,
+    a timer), without waiting for the others (standard asyncio), so a workflow that
+    re-raises it may close while the activity is still stopping. Await such an activity
+    directly, or its handle after the gather, to wait for it.
+    """
 
     TRY_CANCEL = 0  # ask the server to cancel it; the workflow moves on at once
     WAIT_CANCELLATION_COMPLETED = 1  # move on once the activity confirmed cancellation
