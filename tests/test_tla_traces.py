@@ -214,6 +214,23 @@ def assert_rejected(verdict: Any, line: int, *reason: str) -> None:
         assert part in verdict.reason, verdict.reason
 
 
+def real_accepted_corrupted_rejected(
+    jar: Path,
+    workdir: Path,
+    trace: Path,
+    corrupted: Sequence[Mapping[str, Any]],
+    name: str,
+    line: int,
+    *reason: str,
+) -> None:
+    """The real trace is accepted and the corrupted copy of it (written as ``name``)
+    is rejected at ``line`` for ``reason``; both checked in one ``validate`` call."""
+    copy = write_lines(workdir / f"{name}.ndjson", corrupted)
+    accepted, rejected = validate(jar, workdir, [(trace, None), (copy, None)])
+    assert_accepted(accepted, trace)
+    assert_rejected(rejected, line, *reason)
+
+
 def first_index(
     lines: Sequence[Mapping[str, Any]], test: Callable[[Mapping[str, Any]], bool]
 ) -> int:
@@ -478,10 +495,9 @@ async def test_activity_timeouts(
         if row["kind"] == "ACTIVITY_SCHEDULE_TO_CLOSE"
     ]
     dropped[at]["rows"]["done_timers"].append(s2c)
-    corrupted = write_lines(tmp_path / "s2c-dropped.ndjson", dropped)
-    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
-    assert_accepted(accepted, trace)
-    assert_rejected(rejected, at + 1, "the timer rows differ")
+    real_accepted_corrupted_rejected(
+        jar, tmp_path, trace, dropped, "s2c-dropped", at + 1, "the timer rows differ"
+    )
 
 
 @activity.defn
@@ -556,10 +572,9 @@ async def test_workflow_and_activity_cancellation(
     duplicated = json.loads(json.dumps(lines))
     at = first_index(duplicated, lambda ln: ln["action"] == "ActivityCanceled")
     duplicated.insert(at + 1, duplicated[at])
-    corrupted = write_lines(tmp_path / "canceled-twice.ndjson", duplicated)
-    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
-    assert_accepted(accepted, trace)
-    assert_rejected(rejected, at + 2, "guard")
+    real_accepted_corrupted_rejected(
+        jar, tmp_path, trace, duplicated, "canceled-twice", at + 2, "guard"
+    )
 
 
 @activity.defn
@@ -651,10 +666,9 @@ async def test_signal_with_start_and_run_timeout(
 
     unarmed = json.loads(json.dumps(lines))
     unarmed[0]["rows"]["new_timers"] = []
-    corrupted = write_lines(tmp_path / "run-timeout-unarmed.ndjson", unarmed)
-    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
-    assert_accepted(accepted, trace)
-    assert_rejected(rejected, len(lines), "guard")
+    real_accepted_corrupted_rejected(
+        jar, tmp_path, trace, unarmed, "run-timeout-unarmed", len(lines), "guard"
+    )
 
 
 @workflow.defn
@@ -1092,7 +1106,4 @@ async def test_cancel_of_a_timer_that_fired_during_the_task(
     close = kept[at]["events"].pop()
     kept[at]["events"] += [{**fire, "id": close["id"]}, {**close, "id": close["id"] + 1}]
     kept[at]["state"]["next_event_id"] += 1
-    corrupted = write_lines(tmp_path / "cancel-keeps-fired.ndjson", kept)
-    accepted, rejected = validate(jar, tmp_path, [(trace, None), (corrupted, None)])
-    assert_accepted(accepted, trace)
-    assert_rejected(rejected, at + 1)
+    real_accepted_corrupted_rejected(jar, tmp_path, trace, kept, "cancel-keeps-fired", at + 1)
