@@ -107,7 +107,7 @@ timers = Table(
 )
 Index("timers_by_due_time", timers.c.fire_at)
 
-# Shard ownership with a fencing token (range_id); see ARCHITECTURE.md "Several nodes".
+# Shard ownership with a fencing token (range_id); specified by tla/ShardLease.tla.
 shards = Table(
     "shards",
     metadata,

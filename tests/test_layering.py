@@ -1,4 +1,4 @@
-"""Architecture rules that the folder layout promises (ARCHITECTURE.md):
+"""Architecture rules that the folder layout promises (README "Folder map", CONTRIBUTING.md):
 
 - ``tideflow.history`` imports neither ``tideflow.server`` nor ``tideflow.worker_sdk``;
 - the worker SDK never imports the server;
