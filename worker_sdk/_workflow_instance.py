@@ -25,15 +25,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
+from tideflow.api.search_attributes import encode_search_attributes
 from tideflow.api.v1 import command_pb2, common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import (
-    COMMAND_EVENTS,
-    attributes_of,
-    encode_search_attributes,
-    event_type_name,
-)
 
 from . import activity as activity_mod
 from . import exceptions as exc
