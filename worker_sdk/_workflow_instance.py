@@ -1,6 +1,6 @@
 """The deterministic runtime of one workflow run.
 
-Each run lives in its own event loop (``WorkflowInstance``, an asyncio loop that
+Each run lives in its own event loop (``WorkflowInstanceImpl``, an asyncio loop that
 only advances when the worker applies an activation): no wall clock, no real I/O, no
 threads. ``call_later`` — and so ``asyncio.sleep`` and ``asyncio.timeout`` — becomes a
 durable timer.
@@ -20,47 +20,47 @@ import collections
 import contextvars
 import logging
 import random
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
-from tideflow.api.search_attributes import encode_search_attributes
+from tideflow.api.search_attributes import SearchAttributeValue, encode_search_attributes
 from tideflow.api.v1 import command_pb2, common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
-from . import activity as activity_mod
 from . import exceptions as exc
-from .common import RetryPolicy
 from .converter import DataConverter
 from .workflow import (
     ActivityCancellationType,
+    HandlerRef,
     Info,
+    StartActivityInput,
+    StartChildWorkflowInput,
     WorkflowDefinition,
-    definition_of,
+    _Runtime,
     handler_name,
 )
 
 log = logging.getLogger("tideflow.worker")
 ET = EventType
 
-_current: WorkflowInstance | None = None
 # Marker recorded by workflow.patched / deprecate_patch.
 PATCH_MARKER = "tideflow_patch"
 
 
-def current_instance() -> WorkflowInstance:
+def current_instance() -> WorkflowInstanceImpl:
     loop = asyncio.events._get_running_loop()
-    if isinstance(loop, WorkflowInstance):
+    if isinstance(loop, WorkflowInstanceImpl):
         return loop
     raise RuntimeError("not in a workflow: this works only inside @workflow.defn code")
 
 
-def current_instance_or_none() -> WorkflowInstance | None:
+def current_instance_or_none() -> WorkflowInstanceImpl | None:
     loop = asyncio.events._get_running_loop()
-    return loop if isinstance(loop, WorkflowInstance) else None
+    return loop if isinstance(loop, WorkflowInstanceImpl) else None
 
 
 @dataclass(slots=True, eq=False)
@@ -75,7 +75,10 @@ class _ActivityHandle(asyncio.Future[Any]):
     """Future of one activity; cancelling it asks the server to cancel the activity."""
 
     def __init__(
-        self, instance: WorkflowInstance, seq_id: str, cancellation_type: ActivityCancellationType
+        self,
+        instance: WorkflowInstanceImpl,
+        seq_id: str,
+        cancellation_type: ActivityCancellationType,
     ) -> None:
         super().__init__(loop=instance)
         self._instance = instance
@@ -105,7 +108,7 @@ class _ActivityHandle(asyncio.Future[Any]):
 class _DurableTimerHandle(asyncio.TimerHandle):
     def __init__(
         self,
-        instance: WorkflowInstance,
+        instance: WorkflowInstanceImpl,
         when: float,
         callback: Callable[..., Any],
         args: Sequence[Any],
@@ -127,7 +130,9 @@ class _DurableTimerHandle(asyncio.TimerHandle):
 class _ChildHandle:
     """A child workflow as the parent sees it; awaiting it gives the child's result."""
 
-    def __init__(self, instance: WorkflowInstance, workflow_id: str, workflow_type: str) -> None:
+    def __init__(
+        self, instance: WorkflowInstanceImpl, workflow_id: str, workflow_type: str
+    ) -> None:
         self._instance = instance
         self.id = workflow_id
         self.workflow_type = workflow_type
@@ -140,7 +145,9 @@ class _ChildHandle:
     def __await__(self) -> Generator[Any, None, Any]:
         return self.result.__await__()
 
-    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None:
+    async def signal(
+        self, signal: HandlerRef, arg: Any = None, *, args: Sequence[Any] = ()
+    ) -> None:
         values = list(args) if args else ([] if arg is None else [arg])
         await self._instance.signal_external(
             self.id, self.first_execution_run_id, signal, values, child_only=True
@@ -151,12 +158,16 @@ class _ChildHandle:
 
 
 class _ExternalHandle:
-    def __init__(self, instance: WorkflowInstance, workflow_id: str, run_id: str | None) -> None:
+    def __init__(
+        self, instance: WorkflowInstanceImpl, workflow_id: str, run_id: str | None
+    ) -> None:
         self._instance = instance
         self.id = workflow_id
         self.run_id = run_id
 
-    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None:
+    async def signal(
+        self, signal: HandlerRef, arg: Any = None, *, args: Sequence[Any] = ()
+    ) -> None:
         values = list(args) if args else ([] if arg is None else [arg])
         await self._instance.signal_external(self.id, self.run_id or "", signal, values)
 
@@ -164,8 +175,12 @@ class _ExternalHandle:
         await self._instance.cancel_external(self.id, self.run_id or "")
 
 
-class WorkflowInstance(asyncio.AbstractEventLoop):
+class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
     """One workflow run's deterministic event loop and the state replay builds.
+
+    It implements ``workflow._Runtime``, the contract the ``workflow`` module's
+    functions call (the ``workflow_*`` methods): being the running loop of workflow
+    code is how they find it.
 
     Only the loop methods that tasks, futures, sleeps and timeouts use are provided;
     the I/O half of the loop API is deliberately absent (workflow code does no I/O),
@@ -191,8 +206,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._task_queue = task_queue
         self._ready: collections.deque[asyncio.Handle] = collections.deque()
         self._time_us = 0
-        self.random = random.Random(0)
-        self.info: Info = None  # type: ignore[assignment]  # set by WorkflowExecutionStarted
+        self._random = random.Random(0)
+        self.info: Info | None = None  # set by WorkflowExecutionStarted
         self._seq = 0
         self._commands: list[_PendingCommand] = []  # emitted in the current activation
         self._unmatched: collections.deque[_PendingCommand] = collections.deque()
@@ -223,10 +238,20 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def time(self) -> float:
         return self._time_us / 1_000_000
 
-    def now(self) -> datetime:
+    # -------------------------------------------------------- the runtime contract
+
+    def workflow_info(self) -> Info:
+        if self.info is None:
+            raise RuntimeError("the run has not started: no WorkflowExecutionStarted yet")
+        return self.info
+
+    def workflow_now(self) -> datetime:
         return datetime.fromtimestamp(self._time_us / 1_000_000, tz=UTC)
 
-    def is_replaying(self) -> bool:
+    def workflow_random(self) -> random.Random:
+        return self._random
+
+    def workflow_is_replaying(self) -> bool:
         return self._replaying
 
     def call_soon(  # type: ignore[override]
@@ -323,7 +348,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._commands.append(pending)
         return pending
 
-    def sleep(self, seconds: float) -> asyncio.Future[None]:
+    def workflow_sleep(self, seconds: float) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.create_future()
         if seconds <= 0:
             fut.set_result(None)
@@ -332,49 +357,26 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         fut.add_done_callback(lambda f: handle.cancel() if f.cancelled() else None)
         return fut
 
-    def start_activity(
-        self,
-        activity: Callable[..., Any] | str,
-        args: list[Any],
-        *,
-        activity_id: str | None,
-        task_queue: str | None,
-        schedule_to_close_timeout: timedelta | None,
-        schedule_to_start_timeout: timedelta | None,
-        start_to_close_timeout: timedelta | None,
-        heartbeat_timeout: timedelta | None,
-        retry_policy: RetryPolicy | None,
-        result_type: Any,
-        cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
-    ) -> _ActivityHandle:
-        if isinstance(activity, str):
-            name = activity
-        else:
-            definition = activity_mod.definition_of(activity)
-            name = definition.name
-            if result_type is None:
-                result_type = definition.return_type
-        if start_to_close_timeout is None and schedule_to_close_timeout is None:
-            raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
+    def workflow_start_activity(self, request: StartActivityInput) -> _ActivityHandle:
         seq = self._next_seq()
-        handle = _ActivityHandle(self, activity_id or seq, cancellation_type)
-        handle.result_type = result_type
+        handle = _ActivityHandle(self, request.activity_id or seq, request.cancellation_type)
+        handle.result_type = request.result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
         a = command.schedule_activity_task_command_attributes
         a.activity_id = handle.activity_id
-        a.activity_type.name = name
-        a.task_queue.name = task_queue or self._task_queue
-        a.input.CopyFrom(self._converter.to_payloads(args))
+        a.activity_type.name = request.activity_type
+        a.task_queue.name = request.task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(request.args))
         for field, value in (
-            ("schedule_to_close_timeout", schedule_to_close_timeout),
-            ("schedule_to_start_timeout", schedule_to_start_timeout),
-            ("start_to_close_timeout", start_to_close_timeout),
-            ("heartbeat_timeout", heartbeat_timeout),
+            ("schedule_to_close_timeout", request.schedule_to_close_timeout),
+            ("schedule_to_start_timeout", request.schedule_to_start_timeout),
+            ("start_to_close_timeout", request.start_to_close_timeout),
+            ("heartbeat_timeout", request.heartbeat_timeout),
         ):
             if value is not None:
                 getattr(a, field).FromTimedelta(value)
-        if retry_policy is not None:
-            a.retry_policy.CopyFrom(retry_policy.to_proto())
+        if request.retry_policy is not None:
+            a.retry_policy.CopyFrom(request.retry_policy.to_proto())
 
         def recorded(event: HistoryEvent) -> None:
             handle.scheduled_event_id = event.event_id
@@ -404,40 +406,23 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             )
             self._emit(command)
 
-    def start_child_workflow(
-        self,
-        workflow: Any,
-        args: list[Any],
-        *,
-        workflow_id: str,
-        task_queue: str | None,
-        parent_close_policy: int,
-        execution_timeout: timedelta | None,
-        run_timeout: timedelta | None,
-        task_timeout: timedelta | None,
-        result_type: Any,
+    def workflow_start_child_workflow(
+        self, request: StartChildWorkflowInput
     ) -> asyncio.Future[_ChildHandle]:
-        if isinstance(workflow, str):
-            type_name = workflow
-        else:
-            definition = definition_of(workflow)
-            type_name = definition.name
-            if result_type is None:
-                result_type = definition.return_type
-        handle = _ChildHandle(self, workflow_id, type_name)
-        handle.result_type = result_type
+        handle = _ChildHandle(self, request.workflow_id, request.workflow_type)
+        handle.result_type = request.result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION)
         a = command.start_child_workflow_execution_command_attributes
         a.namespace = self._namespace
-        a.workflow_id = workflow_id
-        a.workflow_type.name = type_name
-        a.task_queue.name = task_queue or self._task_queue
-        a.input.CopyFrom(self._converter.to_payloads(args))
-        a.parent_close_policy = parent_close_policy  # type: ignore[assignment]
+        a.workflow_id = request.workflow_id
+        a.workflow_type.name = request.workflow_type
+        a.task_queue.name = request.task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(request.args))
+        a.parent_close_policy = int(request.parent_close_policy)  # type: ignore[assignment]
         for field, value in (
-            ("workflow_execution_timeout", execution_timeout),
-            ("workflow_run_timeout", run_timeout),
-            ("workflow_task_timeout", task_timeout),
+            ("workflow_execution_timeout", request.execution_timeout),
+            ("workflow_run_timeout", request.run_timeout),
+            ("workflow_task_timeout", request.task_timeout),
         ):
             if value is not None:
                 getattr(a, field).FromTimedelta(value)
@@ -449,14 +434,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._emit(command, recorded)
         return handle.started
 
-    def external_handle(self, workflow_id: str, run_id: str | None) -> _ExternalHandle:
+    def workflow_external_handle(self, workflow_id: str, run_id: str | None) -> _ExternalHandle:
         return _ExternalHandle(self, workflow_id, run_id)
 
     def signal_external(
         self,
         workflow_id: str,
         run_id: str,
-        signal: Any,
+        signal: HandlerRef,
         args: list[Any],
         *,
         child_only: bool = False,
@@ -488,7 +473,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._emit(command, lambda event: self._external.__setitem__(event.event_id, done))
         return done
 
-    def wait_condition(self, fn: Callable[[], bool], timeout: float | None) -> Any:
+    def workflow_wait_condition(
+        self, fn: Callable[[], bool], timeout: float | None
+    ) -> Awaitable[None]:
         fut: asyncio.Future[None] = self.create_future()
         self._conditions.append((fn, fut))
         if timeout is None:
@@ -507,7 +494,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 resolved = True
         return resolved
 
-    def patched(self, patch_id: str, *, deprecated: bool) -> bool:
+    def workflow_patched(self, patch_id: str, *, deprecated: bool) -> bool:
         result = self._patch_results.get(patch_id)
         if result is None:
             # Replaying a task recorded before the patch existed: the old path, unless
@@ -654,7 +641,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     def _on_started(self, event: HistoryEvent) -> None:
         a = event.workflow_execution_started_event_attributes
-        self.random = random.Random(a.random_seed)
+        self._random = random.Random(a.random_seed)
         self._time_us = event.event_time.ToMicroseconds()
         self.info = Info(
             namespace=self._namespace,
@@ -990,7 +977,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         error.__cause__ = cause
         handle.set_exception(error)
 
-    def upsert_search_attributes(self, values: dict[str, Any]) -> None:
+    def workflow_upsert_search_attributes(
+        self, values: Mapping[str, SearchAttributeValue | None]
+    ) -> None:
         """Emit UpsertWorkflowSearchAttributes (visibility; None removes a name)."""
         command = Command(command_type=CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES)
         command.upsert_workflow_search_attributes_command_attributes.search_attributes.CopyFrom(
@@ -1014,6 +1003,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 task.exception()  # mark retrieved: the instance is going away
         self._tasks.clear()
         self._commands.clear()
+
+
+# The old name, for the DAG replay helper (``dag._query_from_history``) until it imports
+# ``WorkflowInstanceImpl``; the design document's ``dag.WorkflowInstance`` is the only
+# class of that name.
+WorkflowInstance = WorkflowInstanceImpl
 
 
 def _set_result_unless_done(fut: asyncio.Future[None]) -> None:
