@@ -232,6 +232,10 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         self.next_event_id = 1  # next history event this instance expects
         self.last_started_event_id = 0  # started id of the last activation it ran
         self._replaying = False
+        # Code re-runs what already happened outside of history replay too: the
+        # throwaway catch-up before a query, and teardown. Its log lines are not new.
+        self._rerunning = False
+        self._answering_query = False
 
     # ------------------------------------------------------------------ loop
 
@@ -252,7 +256,8 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         return self._random
 
     def workflow_is_replaying(self) -> bool:
-        return self._replaying
+        # A query handler runs once per query: its lines are new, even mid-replay.
+        return not self._answering_query and (self._replaying or self._rerunning)
 
     def call_soon(  # type: ignore[override]
         self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
@@ -520,10 +525,12 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
             self._object = self._definition.cls()
         previous = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
+        self._answering_query = True
         try:
             values = self._converter.from_payloads(args, handler.arg_types)
             return handler.fn(self._object, *values)
         finally:
+            self._answering_query = False
             asyncio.events._set_running_loop(previous)
 
     def catch_up_for_query(self) -> None:
@@ -543,12 +550,15 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
             max([self._time_us, *(e.event_time.ToMicroseconds() for e in self._resolutions)])
         )
         self._replaying = False  # the code runs as the next (live) workflow task would
+        # ... but that task will run it again for real: what it logs here is not new.
+        self._rerunning = True
         try:
             self._activate(started)
         except Exception:
             log.debug("workflow %s: query catch-up stopped", self._workflow_id, exc_info=True)
         finally:
             self._commands.clear()
+            self._rerunning = False
 
     def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
         if not handle.timer_id or handle.timer_id not in self._timers:
@@ -991,6 +1001,9 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
 
     def dispose(self) -> None:
         """Tear the instance down (eviction): cancel its coroutines, drop commands."""
+        # The cancelled code runs its cleanup here, and again in whichever instance
+        # replays the run next: only that one is real.
+        self._rerunning = True
         for task in self._tasks:
             if not task.done():
                 task.cancel()

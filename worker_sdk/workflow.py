@@ -15,7 +15,7 @@ import random as _random_module
 import typing
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum
@@ -365,7 +365,9 @@ class _Runtime(ABC):
 
     @abstractmethod
     def workflow_is_replaying(self) -> bool:
-        """Whether the code now re-runs history that was recorded before."""
+        """Whether the code now re-runs what already happened (history being replayed,
+        a query's catch-up, teardown), so its side effects such as log lines must not
+        repeat."""
 
     @abstractmethod
     def workflow_sleep(self, seconds: float) -> Awaitable[None]: ...
@@ -630,4 +632,67 @@ def upsert_search_attributes(
     _Runtime.current().workflow_upsert_search_attributes(dict(attributes))
 
 
-logger = logging.getLogger("tideflow.workflow")
+class LoggerAdapter(logging.LoggerAdapter[logging.Logger]):
+    """``workflow.logger``: a logger that is quiet while the run replays and tags what
+    it writes with the run.
+
+    Workflow code runs again on every replay (a worker that lost its cache, another
+    worker taking over, a query), so a plain logger would repeat each line. Inside a
+    workflow this adapter drops records while the code re-runs history, and adds the
+    run's identity both to the record (``extra``: ``workflow_id``, ``run_id``,
+    ``workflow_type`` and a ``tideflow_workflow`` dict with namespace, task queue and
+    attempt too) and, readable, to the message. Outside a workflow it logs as is.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, None)
+
+    def isEnabledFor(self, level: int) -> bool:
+        runtime = _Runtime.maybe_current()
+        if runtime is not None and runtime.workflow_is_replaying():
+            return False
+        return super().isEnabledFor(level)
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        runtime = _Runtime.maybe_current()
+        if runtime is None:
+            return msg, kwargs
+        fields = _run_fields(runtime.workflow_info())
+        # What the caller passed in ``extra`` wins over the run's fields.
+        kwargs["extra"] = {
+            "tideflow_workflow": fields,
+            "workflow_id": fields["workflow_id"],
+            "run_id": fields["run_id"],
+            "workflow_type": fields["workflow_type"],
+            **(kwargs.get("extra") or {}),
+        }
+        return msg, kwargs
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        msg, options = self.process(msg, kwargs)
+        fields = (options.get("extra") or {}).get("tideflow_workflow")
+        if isinstance(fields, dict):
+            tag = ", ".join(f"{key}={value}" for key, value in fields.items())
+            # With arguments the message is %-formatted: a '%' in an id must not count.
+            msg = f"{msg} ({tag.replace('%', '%%') if args else tag})"
+        # Report the caller's line, not this method's.
+        options["stacklevel"] = options.get("stacklevel", 1) + 1
+        self.logger.log(level, msg, *args, **options)
+
+
+def _run_fields(info: Info) -> dict[str, str | int]:
+    return {
+        "namespace": info.namespace,
+        "workflow_id": info.workflow_id,
+        "run_id": info.run_id,
+        "workflow_type": info.workflow_type,
+        "task_queue": info.task_queue,
+        "attempt": info.attempt,
+    }
+
+
+logger = LoggerAdapter(logging.getLogger("tideflow.workflow"))
