@@ -20,18 +20,29 @@ import collections
 import contextvars
 import logging
 import random
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
 from tideflow.api.search_attributes import SearchAttributeValue, encode_search_attributes
-from tideflow.api.v1 import command_pb2, common_pb2
+from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
+from ._workflow_commands import (
+    CHILD_EVENTS,
+    EXTERNAL_OUTCOMES,
+    PATCH_MARKER,
+    ActivityHandle,
+    ChildHandle,
+    DurableTimerHandle,
+    ExternalHandle,
+    PendingCommand,
+    mismatch,
+    set_result_unless_done,
+)
 from .converter import DataConverter
 from .workflow import (
     ActivityCancellationType,
@@ -47,9 +58,6 @@ from .workflow import (
 log = logging.getLogger("tideflow.worker")
 ET = EventType
 
-# Marker recorded by workflow.patched / deprecate_patch.
-PATCH_MARKER = "tideflow_patch"
-
 
 def current_instance() -> WorkflowInstanceImpl:
     loop = asyncio.events._get_running_loop()
@@ -61,118 +69,6 @@ def current_instance() -> WorkflowInstanceImpl:
 def current_instance_or_none() -> WorkflowInstanceImpl | None:
     loop = asyncio.events._get_running_loop()
     return loop if isinstance(loop, WorkflowInstanceImpl) else None
-
-
-@dataclass(slots=True, eq=False)
-class _PendingCommand:
-    command: Command
-    # Called with the matching history event when history records the command.
-    on_recorded: Callable[[HistoryEvent], None] | None = None
-    dropped: bool = False
-
-
-class _ActivityHandle(asyncio.Future[Any]):
-    """Future of one activity; cancelling it asks the server to cancel the activity."""
-
-    def __init__(
-        self,
-        instance: WorkflowInstanceImpl,
-        seq_id: str,
-        cancellation_type: ActivityCancellationType,
-    ) -> None:
-        super().__init__(loop=instance)
-        self._instance = instance
-        self.activity_id = seq_id
-        self.scheduled_event_id = 0
-        self.result_type: Any = None
-        self.cancellation_type = cancellation_type
-        self.cancel_requested = False
-        self._pending: _PendingCommand | None = None
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        if self.done():
-            return False
-        if not self.cancel_requested:
-            self.cancel_requested = True
-            self._instance._cancel_activity(self)
-        if (
-            self.cancellation_type == ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
-            and self.scheduled_event_id
-        ):
-            # Stay pending until history says how the activity ended; the awaiting
-            # task keeps its cancellation request and is cancelled then.
-            return True
-        return super().cancel(msg)
-
-
-class _DurableTimerHandle(asyncio.TimerHandle):
-    def __init__(
-        self,
-        instance: WorkflowInstanceImpl,
-        when: float,
-        callback: Callable[..., Any],
-        args: Sequence[Any],
-        context: contextvars.Context | None,
-        timer_id: str,
-    ) -> None:
-        super().__init__(when, callback, args, instance, context)
-        self._instance = instance
-        self.timer_id = timer_id
-        self.started_event_id = 0
-        self._pending: _PendingCommand | None = None
-
-    def cancel(self) -> None:
-        if not self.cancelled():
-            self._instance._cancel_timer(self)
-        super().cancel()
-
-
-class _ChildHandle:
-    """A child workflow as the parent sees it; awaiting it gives the child's result."""
-
-    def __init__(
-        self, instance: WorkflowInstanceImpl, workflow_id: str, workflow_type: str
-    ) -> None:
-        self._instance = instance
-        self.id = workflow_id
-        self.workflow_type = workflow_type
-        self.first_execution_run_id = ""
-        self.initiated_event_id = 0
-        self.result_type: Any = None
-        self.started: asyncio.Future[_ChildHandle] = instance.create_future()
-        self.result: asyncio.Future[Any] = instance.create_future()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self.result.__await__()
-
-    async def signal(
-        self, signal: HandlerRef, arg: Any = None, *, args: Sequence[Any] = ()
-    ) -> None:
-        values = list(args) if args else ([] if arg is None else [arg])
-        await self._instance.signal_external(
-            self.id, self.first_execution_run_id, signal, values, child_only=True
-        )
-
-    async def cancel(self) -> None:
-        await self._instance.cancel_external(self.id, self.first_execution_run_id, child_only=True)
-
-
-class _ExternalHandle:
-    def __init__(
-        self, instance: WorkflowInstanceImpl, workflow_id: str, run_id: str | None
-    ) -> None:
-        self._instance = instance
-        self.id = workflow_id
-        self.run_id = run_id
-
-    async def signal(
-        self, signal: HandlerRef, arg: Any = None, *, args: Sequence[Any] = ()
-    ) -> None:
-        values = list(args) if args else ([] if arg is None else [arg])
-        await self._instance.signal_external(self.id, self.run_id or "", signal, values)
-
-    async def cancel(self) -> None:
-        await self._instance.cancel_external(self.id, self.run_id or "")
 
 
 class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
@@ -209,12 +105,12 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         self._random = random.Random(0)
         self.info: Info | None = None  # set by WorkflowExecutionStarted
         self._seq = 0
-        self._commands: list[_PendingCommand] = []  # emitted in the current activation
-        self._unmatched: collections.deque[_PendingCommand] = collections.deque()
+        self._commands: list[PendingCommand] = []  # emitted in the current activation
+        self._unmatched: collections.deque[PendingCommand] = collections.deque()
         self._resolutions: list[HistoryEvent] = []
-        self._activities_by_event: dict[int, _ActivityHandle] = {}
-        self._timers: dict[str, _DurableTimerHandle] = {}
-        self._timers_by_event: dict[int, _DurableTimerHandle] = {}
+        self._activities_by_event: dict[int, ActivityHandle] = {}
+        self._timers: dict[str, DurableTimerHandle] = {}
+        self._timers_by_event: dict[int, DurableTimerHandle] = {}
         self._start_args: list[Any] | None = None
         self._main: asyncio.Task[Any] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -227,7 +123,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         # Patch ids with a marker in history (seen so far, or in the task replayed next).
         self._patches_in_history: set[str] = set()
         self._patch_results: dict[str, bool] = {}
-        self._children: dict[int, _ChildHandle] = {}  # by initiated event id
+        self._children: dict[int, ChildHandle] = {}  # by initiated event id
         self._external: dict[int, asyncio.Future[None]] = {}  # by initiated event id
         self.next_event_id = 1  # next history event this instance expects
         self.last_started_event_id = 0  # started id of the last activation it ran
@@ -275,11 +171,15 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
     ) -> asyncio.TimerHandle:
         if delay <= 0:
             # Nothing durable to wait for: run it on the next turn of the loop.
-            handle = _DurableTimerHandle(self, self.time(), callback, args, context, "")
+            handle = DurableTimerHandle(
+                self, self.time(), callback, args, context, "", self._cancel_timer
+            )
             self._ready.append(handle)
             return handle
         timer_id = self._next_seq()
-        handle = _DurableTimerHandle(self, self.time() + delay, callback, args, context, timer_id)
+        handle = DurableTimerHandle(
+            self, self.time() + delay, callback, args, context, timer_id, self._cancel_timer
+        )
         command = Command(command_type=CommandType.COMMAND_TYPE_START_TIMER)
         attrs = command.start_timer_command_attributes
         attrs.timer_id = timer_id
@@ -348,8 +248,8 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
 
     def _emit(
         self, command: Command, on_recorded: Callable[[HistoryEvent], None] | None = None
-    ) -> _PendingCommand:
-        pending = _PendingCommand(command, on_recorded)
+    ) -> PendingCommand:
+        pending = PendingCommand(command, on_recorded)
         self._commands.append(pending)
         return pending
 
@@ -358,13 +258,15 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         if seconds <= 0:
             fut.set_result(None)
             return fut
-        handle = self.call_later(seconds, _set_result_unless_done, fut)
+        handle = self.call_later(seconds, set_result_unless_done, fut)
         fut.add_done_callback(lambda f: handle.cancel() if f.cancelled() else None)
         return fut
 
-    def workflow_start_activity(self, request: StartActivityInput) -> _ActivityHandle:
+    def workflow_start_activity(self, request: StartActivityInput) -> ActivityHandle:
         seq = self._next_seq()
-        handle = _ActivityHandle(self, request.activity_id or seq, request.cancellation_type)
+        handle = ActivityHandle(
+            self, request.activity_id or seq, request.cancellation_type, self._cancel_activity
+        )
         handle.result_type = request.result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
         a = command.schedule_activity_task_command_attributes
@@ -390,7 +292,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         handle._pending = self._emit(command, recorded)
         return handle
 
-    def _cancel_activity(self, handle: _ActivityHandle) -> None:
+    def _cancel_activity(self, handle: ActivityHandle) -> None:
         if handle.cancellation_type == ActivityCancellationType.ABANDON:
             return
         pending = handle._pending
@@ -413,8 +315,8 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
 
     def workflow_start_child_workflow(
         self, request: StartChildWorkflowInput
-    ) -> asyncio.Future[_ChildHandle]:
-        handle = _ChildHandle(self, request.workflow_id, request.workflow_type)
+    ) -> asyncio.Future[ChildHandle]:
+        handle = ChildHandle(self, request.workflow_id, request.workflow_type)
         handle.result_type = request.result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION)
         a = command.start_child_workflow_execution_command_attributes
@@ -439,8 +341,8 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         self._emit(command, recorded)
         return handle.started
 
-    def workflow_external_handle(self, workflow_id: str, run_id: str | None) -> _ExternalHandle:
-        return _ExternalHandle(self, workflow_id, run_id)
+    def workflow_external_handle(self, workflow_id: str, run_id: str | None) -> ExternalHandle:
+        return ExternalHandle(self, workflow_id, run_id)
 
     def signal_external(
         self,
@@ -560,7 +462,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
             self._commands.clear()
             self._rerunning = False
 
-    def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
+    def _cancel_timer(self, handle: DurableTimerHandle) -> None:
         if not handle.timer_id or handle.timer_id not in self._timers:
             return
         del self._timers[handle.timer_id]
@@ -672,7 +574,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         finally:
             asyncio.events._set_running_loop(previous)
 
-    def _take_pending(self) -> list[_PendingCommand]:
+    def _take_pending(self) -> list[PendingCommand]:
         pending = [p for p in self._commands if not p.dropped]
         self._commands = []
         return pending
@@ -691,7 +593,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
             if patch_id is not None:
                 self._patches_in_history.add(patch_id)
                 head = self._unmatched[0].command if self._unmatched else None
-                if head is None or _mismatch(head, event) is not None:
+                if head is None or mismatch(head, event) is not None:
                     # Code that no longer asks about this patch (deprecated and then
                     # removed) replays fine: the marker is not a command it owes.
                     return
@@ -702,7 +604,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
             )
         pending = self._unmatched.popleft()
         command = pending.command
-        problem = _mismatch(command, event)
+        problem = mismatch(command, event)
         if problem:
             raise exc.NonDeterminismError(
                 f"event {event.event_id} is {event_type_name(event.event_type)} but the workflow "
@@ -845,9 +747,9 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
             self._cancel_requested = True
             if self._main is not None and not self._main.done():
                 self._main.cancel()
-        elif et in _CHILD_EVENTS:
+        elif et in CHILD_EVENTS:
             self._resolve_child(event)
-        elif et in _EXTERNAL_OUTCOMES:
+        elif et in EXTERNAL_OUTCOMES:
             attrs = attributes_of(event)
             done = self._external.pop(attrs.initiated_event_id, None)
             if done is not None and not done.done():
@@ -909,7 +811,7 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         error.__cause__ = cause
         handle.result.set_exception(error)
 
-    def _child_error(self, handle: _ChildHandle, message: str) -> exc.ChildWorkflowError:
+    def _child_error(self, handle: ChildHandle, message: str) -> exc.ChildWorkflowError:
         return exc.ChildWorkflowError(
             message,
             namespace=self._namespace,
@@ -1022,116 +924,3 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
 # ``WorkflowInstanceImpl``; the design document's ``dag.WorkflowInstance`` is the only
 # class of that name.
 WorkflowInstance = WorkflowInstanceImpl
-
-
-def _set_result_unless_done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-CT = CommandType
-_EVENT_OF_COMMAND = {
-    CT.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
-    CT.COMMAND_TYPE_START_TIMER: ET.EVENT_TYPE_TIMER_STARTED,
-    CT.COMMAND_TYPE_CANCEL_TIMER: ET.EVENT_TYPE_TIMER_CANCELED,
-    CT.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED,
-    CT.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-    CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
-    CT.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
-    CT.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
-    CT.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
-    ),
-    CT.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
-    ),
-    CT.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
-    ),
-    CT.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
-    ),
-    CT.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: (
-        ET.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
-    ),
-}
-_CHILD_EVENTS = frozenset(
-    {
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
-        ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED,
-    }
-)
-_EXTERNAL_OUTCOMES = frozenset(
-    {
-        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
-        ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
-        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
-        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
-    }
-)
-
-
-def _mismatch(command: Command, event: HistoryEvent) -> str | None:
-    """Why ``command`` does not produce ``event``, or None if it does."""
-    ct = command.command_type
-    et = event.event_type
-    if _EVENT_OF_COMMAND.get(ct) != et:
-        return "different kinds"
-    if ct == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
-        c = command.schedule_activity_task_command_attributes
-        e = event.activity_task_scheduled_event_attributes
-        if c.activity_type.name != e.activity_type.name:
-            return f"activity type {c.activity_type.name!r} != recorded {e.activity_type.name!r}"
-        if c.activity_id != e.activity_id:
-            return f"activity id {c.activity_id!r} != recorded {e.activity_id!r}"
-    elif ct == CommandType.COMMAND_TYPE_START_TIMER:
-        timer_id = command.start_timer_command_attributes.timer_id
-        if timer_id != event.timer_started_event_attributes.timer_id:
-            return f"timer id {timer_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_CANCEL_TIMER:
-        timer_id = command.cancel_timer_command_attributes.timer_id
-        if timer_id != event.timer_canceled_event_attributes.timer_id:
-            return f"timer id {timer_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
-        child = command.start_child_workflow_execution_command_attributes
-        recorded = event.start_child_workflow_execution_initiated_event_attributes
-        if (child.workflow_id, child.workflow_type.name) != (
-            recorded.workflow_id,
-            recorded.workflow_type.name,
-        ):
-            return f"child {child.workflow_type.name}/{child.workflow_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
-        sig = command.signal_external_workflow_execution_command_attributes
-        rec = event.signal_external_workflow_execution_initiated_event_attributes
-        if (sig.execution.workflow_id, sig.signal_name) != (
-            rec.workflow_execution.workflow_id,
-            rec.signal_name,
-        ):
-            return f"signal {sig.signal_name!r} to {sig.execution.workflow_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
-        target = command.request_cancel_external_workflow_execution_command_attributes.workflow_id
-        rec_cancel = event.request_cancel_external_workflow_execution_initiated_event_attributes
-        if target != rec_cancel.workflow_execution.workflow_id:
-            return f"cancellation of {target!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_RECORD_MARKER:
-        name = command.record_marker_command_attributes.marker_name
-        if name != event.marker_recorded_event_attributes.marker_name:
-            return f"marker name {name!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
-        names = sorted(
-            command.upsert_workflow_search_attributes_command_attributes.search_attributes.indexed_fields
-        )
-        recorded_names = sorted(
-            event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
-        )
-        if names != recorded_names:
-            return f"upserted search attributes {names} differ from recorded {recorded_names}"
-    return None
-
-
-_ = command_pb2
