@@ -350,7 +350,7 @@ class _Runtime(ABC):
 
     @staticmethod
     def maybe_current() -> _Runtime | None:
-        # The private getter returns None outside a loop where get_running_loop raises.
+        # get_running_loop raises where no loop runs; this getter answers None there.
         loop = asyncio.events._get_running_loop()
         return loop if isinstance(loop, _Runtime) else None
 
