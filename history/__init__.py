@@ -2,21 +2,37 @@
 
 This package imports neither ``tideflow.server`` nor ``tideflow.worker_sdk``: both
 depend on it, never the other way round (``tests/test_layering.py`` enforces it).
+The event helpers and the search-attribute codec live in ``tideflow.api`` (no SQL
+there, so the SDK imports them without SQLAlchemy); they are re-exported here for the
+server.
 """
 
-from ._errors import (
-    ConditionFailedError,
-    CurrentExecutionConflictError,
-    RetryableStoreError,
-    StoreError,
-)
-from ._events import (
+from tideflow.api.events import (
     ATTRIBUTE_FIELD,
     CLOSE_EVENTS,
     COMMAND_EVENTS,
     attributes_of,
     event_type_name,
     make_event,
+)
+from tideflow.api.search_attributes import (
+    SearchAttributeType,
+    SearchAttributeValue,
+    datetime_of,
+    decode_search_attribute,
+    decode_search_attributes,
+    encode_search_attribute,
+    encode_search_attributes,
+    format_rfc3339,
+    micros_of,
+    parse_rfc3339,
+)
+
+from ._errors import (
+    ConditionFailedError,
+    CurrentExecutionConflictError,
+    RetryableStoreError,
+    StoreError,
 )
 from ._records import (
     CurrentRecord,
@@ -51,18 +67,8 @@ from ._visibility_store import (
     OrderBy,
     QueryExpr,
     QueryValue,
-    SearchAttributeType,
-    SearchAttributeValue,
     VisibilityQuery,
     VisibilityRecord,
-    datetime_of,
-    decode_search_attribute,
-    decode_search_attributes,
-    encode_search_attribute,
-    encode_search_attributes,
-    format_rfc3339,
-    micros_of,
-    parse_rfc3339,
     search_attributes_problem,
 )
 from ._visibility_store import Cursor as VisibilityCursor

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from tideflow.api.search_attributes import SearchAttributeValue
 from tideflow.api.v1.history_pb2 import HistoryEvent
 
 from . import _schema as s
@@ -41,7 +42,6 @@ from ._records import (
 from ._schedule_store import ScheduleStore
 from ._visibility_store import Cursor as VisibilityCursor
 from ._visibility_store import (
-    SearchAttributeValue,
     VisibilityQuery,
     VisibilityRecord,
     count_executions,

@@ -1,6 +1,6 @@
 """The deterministic runtime of one workflow run.
 
-Each run lives in its own event loop (``WorkflowInstance``, an asyncio loop that
+Each run lives in its own event loop (``WorkflowInstanceImpl``, an asyncio loop that
 only advances when the worker applies an activation): no wall clock, no real I/O, no
 threads. ``call_later`` — and so ``asyncio.sleep`` and ``asyncio.timeout`` — becomes a
 durable timer.
@@ -20,156 +20,63 @@ import collections
 import contextvars
 import logging
 import random
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from tideflow.api.v1 import command_pb2, common_pb2
+from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
+from tideflow.api.search_attributes import SearchAttributeValue, encode_search_attributes
+from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import (
-    COMMAND_EVENTS,
-    attributes_of,
-    encode_search_attributes,
-    event_type_name,
-)
 
-from . import activity as activity_mod
 from . import exceptions as exc
-from .common import RetryPolicy
+from ._workflow_commands import (
+    CHILD_EVENTS,
+    EXTERNAL_OUTCOMES,
+    PATCH_MARKER,
+    ActivityHandle,
+    ChildHandle,
+    DurableTimerHandle,
+    ExternalHandle,
+    PendingCommand,
+    mismatch,
+    set_result_unless_done,
+)
 from .converter import DataConverter
 from .workflow import (
     ActivityCancellationType,
+    HandlerRef,
     Info,
+    StartActivityInput,
+    StartChildWorkflowInput,
     WorkflowDefinition,
-    definition_of,
+    _Runtime,
     handler_name,
 )
 
 log = logging.getLogger("tideflow.worker")
 ET = EventType
 
-_current: WorkflowInstance | None = None
-# Marker recorded by workflow.patched / deprecate_patch.
-PATCH_MARKER = "tideflow_patch"
 
-
-def current_instance() -> WorkflowInstance:
+def current_instance() -> WorkflowInstanceImpl:
     loop = asyncio.events._get_running_loop()
-    if isinstance(loop, WorkflowInstance):
+    if isinstance(loop, WorkflowInstanceImpl):
         return loop
     raise RuntimeError("not in a workflow: this works only inside @workflow.defn code")
 
 
-def current_instance_or_none() -> WorkflowInstance | None:
+def current_instance_or_none() -> WorkflowInstanceImpl | None:
     loop = asyncio.events._get_running_loop()
-    return loop if isinstance(loop, WorkflowInstance) else None
+    return loop if isinstance(loop, WorkflowInstanceImpl) else None
 
 
-@dataclass(slots=True, eq=False)
-class _PendingCommand:
-    command: Command
-    # Called with the matching history event when history records the command.
-    on_recorded: Callable[[HistoryEvent], None] | None = None
-    dropped: bool = False
-
-
-class _ActivityHandle(asyncio.Future[Any]):
-    """Future of one activity; cancelling it asks the server to cancel the activity."""
-
-    def __init__(
-        self, instance: WorkflowInstance, seq_id: str, cancellation_type: ActivityCancellationType
-    ) -> None:
-        super().__init__(loop=instance)
-        self._instance = instance
-        self.activity_id = seq_id
-        self.scheduled_event_id = 0
-        self.result_type: Any = None
-        self.cancellation_type = cancellation_type
-        self.cancel_requested = False
-        self._pending: _PendingCommand | None = None
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        if self.done():
-            return False
-        if not self.cancel_requested:
-            self.cancel_requested = True
-            self._instance._cancel_activity(self)
-        if (
-            self.cancellation_type == ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
-            and self.scheduled_event_id
-        ):
-            # Stay pending until history says how the activity ended; the awaiting
-            # task keeps its cancellation request and is cancelled then.
-            return True
-        return super().cancel(msg)
-
-
-class _DurableTimerHandle(asyncio.TimerHandle):
-    def __init__(
-        self,
-        instance: WorkflowInstance,
-        when: float,
-        callback: Callable[..., Any],
-        args: Sequence[Any],
-        context: contextvars.Context | None,
-        timer_id: str,
-    ) -> None:
-        super().__init__(when, callback, args, instance, context)
-        self._instance = instance
-        self.timer_id = timer_id
-        self.started_event_id = 0
-        self._pending: _PendingCommand | None = None
-
-    def cancel(self) -> None:
-        if not self.cancelled():
-            self._instance._cancel_timer(self)
-        super().cancel()
-
-
-class _ChildHandle:
-    """A child workflow as the parent sees it; awaiting it gives the child's result."""
-
-    def __init__(self, instance: WorkflowInstance, workflow_id: str, workflow_type: str) -> None:
-        self._instance = instance
-        self.id = workflow_id
-        self.workflow_type = workflow_type
-        self.first_execution_run_id = ""
-        self.initiated_event_id = 0
-        self.result_type: Any = None
-        self.started: asyncio.Future[_ChildHandle] = instance.create_future()
-        self.result: asyncio.Future[Any] = instance.create_future()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self.result.__await__()
-
-    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None:
-        values = list(args) if args else ([] if arg is None else [arg])
-        await self._instance.signal_external(
-            self.id, self.first_execution_run_id, signal, values, child_only=True
-        )
-
-    async def cancel(self) -> None:
-        await self._instance.cancel_external(self.id, self.first_execution_run_id, child_only=True)
-
-
-class _ExternalHandle:
-    def __init__(self, instance: WorkflowInstance, workflow_id: str, run_id: str | None) -> None:
-        self._instance = instance
-        self.id = workflow_id
-        self.run_id = run_id
-
-    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None:
-        values = list(args) if args else ([] if arg is None else [arg])
-        await self._instance.signal_external(self.id, self.run_id or "", signal, values)
-
-    async def cancel(self) -> None:
-        await self._instance.cancel_external(self.id, self.run_id or "")
-
-
-class WorkflowInstance(asyncio.AbstractEventLoop):
+class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
     """One workflow run's deterministic event loop and the state replay builds.
+
+    It implements ``workflow._Runtime``, the contract the ``workflow`` module's
+    functions call (the ``workflow_*`` methods): being the running loop of workflow
+    code is how they find it.
 
     Only the loop methods that tasks, futures, sleeps and timeouts use are provided;
     the I/O half of the loop API is deliberately absent (workflow code does no I/O),
@@ -195,15 +102,15 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._task_queue = task_queue
         self._ready: collections.deque[asyncio.Handle] = collections.deque()
         self._time_us = 0
-        self.random = random.Random(0)
-        self.info: Info = None  # type: ignore[assignment]  # set by WorkflowExecutionStarted
+        self._random = random.Random(0)
+        self.info: Info | None = None  # set by WorkflowExecutionStarted
         self._seq = 0
-        self._commands: list[_PendingCommand] = []  # emitted in the current activation
-        self._unmatched: collections.deque[_PendingCommand] = collections.deque()
+        self._commands: list[PendingCommand] = []  # emitted in the current activation
+        self._unmatched: collections.deque[PendingCommand] = collections.deque()
         self._resolutions: list[HistoryEvent] = []
-        self._activities_by_event: dict[int, _ActivityHandle] = {}
-        self._timers: dict[str, _DurableTimerHandle] = {}
-        self._timers_by_event: dict[int, _DurableTimerHandle] = {}
+        self._activities_by_event: dict[int, ActivityHandle] = {}
+        self._timers: dict[str, DurableTimerHandle] = {}
+        self._timers_by_event: dict[int, DurableTimerHandle] = {}
         self._start_args: list[Any] | None = None
         self._main: asyncio.Task[Any] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -216,22 +123,37 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         # Patch ids with a marker in history (seen so far, or in the task replayed next).
         self._patches_in_history: set[str] = set()
         self._patch_results: dict[str, bool] = {}
-        self._children: dict[int, _ChildHandle] = {}  # by initiated event id
+        self._children: dict[int, ChildHandle] = {}  # by initiated event id
         self._external: dict[int, asyncio.Future[None]] = {}  # by initiated event id
         self.next_event_id = 1  # next history event this instance expects
         self.last_started_event_id = 0  # started id of the last activation it ran
         self._replaying = False
+        # Code re-runs what already happened outside of history replay too: the
+        # throwaway catch-up before a query, and teardown. Its log lines are not new.
+        self._rerunning = False
+        self._answering_query = False
 
     # ------------------------------------------------------------------ loop
 
     def time(self) -> float:
         return self._time_us / 1_000_000
 
-    def now(self) -> datetime:
+    # -------------------------------------------------------- the runtime contract
+
+    def workflow_info(self) -> Info:
+        if self.info is None:
+            raise RuntimeError("the run has not started: no WorkflowExecutionStarted yet")
+        return self.info
+
+    def workflow_now(self) -> datetime:
         return datetime.fromtimestamp(self._time_us / 1_000_000, tz=UTC)
 
-    def is_replaying(self) -> bool:
-        return self._replaying
+    def workflow_random(self) -> random.Random:
+        return self._random
+
+    def workflow_is_replaying(self) -> bool:
+        # A query handler runs once per query: its lines are new, even mid-replay.
+        return not self._answering_query and (self._replaying or self._rerunning)
 
     def call_soon(  # type: ignore[override]
         self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
@@ -249,11 +171,15 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     ) -> asyncio.TimerHandle:
         if delay <= 0:
             # Nothing durable to wait for: run it on the next turn of the loop.
-            handle = _DurableTimerHandle(self, self.time(), callback, args, context, "")
+            handle = DurableTimerHandle(
+                self, self.time(), callback, args, context, "", self._cancel_timer
+            )
             self._ready.append(handle)
             return handle
         timer_id = self._next_seq()
-        handle = _DurableTimerHandle(self, self.time() + delay, callback, args, context, timer_id)
+        handle = DurableTimerHandle(
+            self, self.time() + delay, callback, args, context, timer_id, self._cancel_timer
+        )
         command = Command(command_type=CommandType.COMMAND_TYPE_START_TIMER)
         attrs = command.start_timer_command_attributes
         attrs.timer_id = timer_id
@@ -322,63 +248,42 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     def _emit(
         self, command: Command, on_recorded: Callable[[HistoryEvent], None] | None = None
-    ) -> _PendingCommand:
-        pending = _PendingCommand(command, on_recorded)
+    ) -> PendingCommand:
+        pending = PendingCommand(command, on_recorded)
         self._commands.append(pending)
         return pending
 
-    def sleep(self, seconds: float) -> asyncio.Future[None]:
+    def workflow_sleep(self, seconds: float) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.create_future()
         if seconds <= 0:
             fut.set_result(None)
             return fut
-        handle = self.call_later(seconds, _set_result_unless_done, fut)
+        handle = self.call_later(seconds, set_result_unless_done, fut)
         fut.add_done_callback(lambda f: handle.cancel() if f.cancelled() else None)
         return fut
 
-    def start_activity(
-        self,
-        activity: Callable[..., Any] | str,
-        args: list[Any],
-        *,
-        activity_id: str | None,
-        task_queue: str | None,
-        schedule_to_close_timeout: timedelta | None,
-        schedule_to_start_timeout: timedelta | None,
-        start_to_close_timeout: timedelta | None,
-        heartbeat_timeout: timedelta | None,
-        retry_policy: RetryPolicy | None,
-        result_type: Any,
-        cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
-    ) -> _ActivityHandle:
-        if isinstance(activity, str):
-            name = activity
-        else:
-            definition = activity_mod.definition_of(activity)
-            name = definition.name
-            if result_type is None:
-                result_type = definition.return_type
-        if start_to_close_timeout is None and schedule_to_close_timeout is None:
-            raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
+    def workflow_start_activity(self, request: StartActivityInput) -> ActivityHandle:
         seq = self._next_seq()
-        handle = _ActivityHandle(self, activity_id or seq, cancellation_type)
-        handle.result_type = result_type
+        handle = ActivityHandle(
+            self, request.activity_id or seq, request.cancellation_type, self._cancel_activity
+        )
+        handle.result_type = request.result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
         a = command.schedule_activity_task_command_attributes
         a.activity_id = handle.activity_id
-        a.activity_type.name = name
-        a.task_queue.name = task_queue or self._task_queue
-        a.input.CopyFrom(self._converter.to_payloads(args))
+        a.activity_type.name = request.activity_type
+        a.task_queue.name = request.task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(request.args))
         for field, value in (
-            ("schedule_to_close_timeout", schedule_to_close_timeout),
-            ("schedule_to_start_timeout", schedule_to_start_timeout),
-            ("start_to_close_timeout", start_to_close_timeout),
-            ("heartbeat_timeout", heartbeat_timeout),
+            ("schedule_to_close_timeout", request.schedule_to_close_timeout),
+            ("schedule_to_start_timeout", request.schedule_to_start_timeout),
+            ("start_to_close_timeout", request.start_to_close_timeout),
+            ("heartbeat_timeout", request.heartbeat_timeout),
         ):
             if value is not None:
                 getattr(a, field).FromTimedelta(value)
-        if retry_policy is not None:
-            a.retry_policy.CopyFrom(retry_policy.to_proto())
+        if request.retry_policy is not None:
+            a.retry_policy.CopyFrom(request.retry_policy.to_proto())
 
         def recorded(event: HistoryEvent) -> None:
             handle.scheduled_event_id = event.event_id
@@ -387,7 +292,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         handle._pending = self._emit(command, recorded)
         return handle
 
-    def _cancel_activity(self, handle: _ActivityHandle) -> None:
+    def _cancel_activity(self, handle: ActivityHandle) -> None:
         if handle.cancellation_type == ActivityCancellationType.ABANDON:
             return
         pending = handle._pending
@@ -408,40 +313,23 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             )
             self._emit(command)
 
-    def start_child_workflow(
-        self,
-        workflow: Any,
-        args: list[Any],
-        *,
-        workflow_id: str,
-        task_queue: str | None,
-        parent_close_policy: int,
-        execution_timeout: timedelta | None,
-        run_timeout: timedelta | None,
-        task_timeout: timedelta | None,
-        result_type: Any,
-    ) -> asyncio.Future[_ChildHandle]:
-        if isinstance(workflow, str):
-            type_name = workflow
-        else:
-            definition = definition_of(workflow)
-            type_name = definition.name
-            if result_type is None:
-                result_type = definition.return_type
-        handle = _ChildHandle(self, workflow_id, type_name)
-        handle.result_type = result_type
+    def workflow_start_child_workflow(
+        self, request: StartChildWorkflowInput
+    ) -> asyncio.Future[ChildHandle]:
+        handle = ChildHandle(self, request.workflow_id, request.workflow_type)
+        handle.result_type = request.result_type
         command = Command(command_type=CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION)
         a = command.start_child_workflow_execution_command_attributes
         a.namespace = self._namespace
-        a.workflow_id = workflow_id
-        a.workflow_type.name = type_name
-        a.task_queue.name = task_queue or self._task_queue
-        a.input.CopyFrom(self._converter.to_payloads(args))
-        a.parent_close_policy = parent_close_policy  # type: ignore[assignment]
+        a.workflow_id = request.workflow_id
+        a.workflow_type.name = request.workflow_type
+        a.task_queue.name = request.task_queue or self._task_queue
+        a.input.CopyFrom(self._converter.to_payloads(request.args))
+        a.parent_close_policy = int(request.parent_close_policy)  # type: ignore[assignment]
         for field, value in (
-            ("workflow_execution_timeout", execution_timeout),
-            ("workflow_run_timeout", run_timeout),
-            ("workflow_task_timeout", task_timeout),
+            ("workflow_execution_timeout", request.execution_timeout),
+            ("workflow_run_timeout", request.run_timeout),
+            ("workflow_task_timeout", request.task_timeout),
         ):
             if value is not None:
                 getattr(a, field).FromTimedelta(value)
@@ -453,14 +341,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._emit(command, recorded)
         return handle.started
 
-    def external_handle(self, workflow_id: str, run_id: str | None) -> _ExternalHandle:
-        return _ExternalHandle(self, workflow_id, run_id)
+    def workflow_external_handle(self, workflow_id: str, run_id: str | None) -> ExternalHandle:
+        return ExternalHandle(self, workflow_id, run_id)
 
     def signal_external(
         self,
         workflow_id: str,
         run_id: str,
-        signal: Any,
+        signal: HandlerRef,
         args: list[Any],
         *,
         child_only: bool = False,
@@ -492,7 +380,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._emit(command, lambda event: self._external.__setitem__(event.event_id, done))
         return done
 
-    def wait_condition(self, fn: Callable[[], bool], timeout: float | None) -> Any:
+    def workflow_wait_condition(
+        self, fn: Callable[[], bool], timeout: float | None
+    ) -> Awaitable[None]:
         fut: asyncio.Future[None] = self.create_future()
         self._conditions.append((fn, fut))
         if timeout is None:
@@ -511,7 +401,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 resolved = True
         return resolved
 
-    def patched(self, patch_id: str, *, deprecated: bool) -> bool:
+    def workflow_patched(self, patch_id: str, *, deprecated: bool) -> bool:
         result = self._patch_results.get(patch_id)
         if result is None:
             # Replaying a task recorded before the patch existed: the old path, unless
@@ -537,10 +427,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             self._object = self._definition.cls()
         previous = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
+        self._answering_query = True
         try:
             values = self._converter.from_payloads(args, handler.arg_types)
             return handler.fn(self._object, *values)
         finally:
+            self._answering_query = False
             asyncio.events._set_running_loop(previous)
 
     def catch_up_for_query(self) -> None:
@@ -560,14 +452,17 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             max([self._time_us, *(e.event_time.ToMicroseconds() for e in self._resolutions)])
         )
         self._replaying = False  # the code runs as the next (live) workflow task would
+        # ... but that task will run it again for real: what it logs here is not new.
+        self._rerunning = True
         try:
             self._activate(started)
         except Exception:
             log.debug("workflow %s: query catch-up stopped", self._workflow_id, exc_info=True)
         finally:
             self._commands.clear()
+            self._rerunning = False
 
-    def _cancel_timer(self, handle: _DurableTimerHandle) -> None:
+    def _cancel_timer(self, handle: DurableTimerHandle) -> None:
         if not handle.timer_id or handle.timer_id not in self._timers:
             return
         del self._timers[handle.timer_id]
@@ -658,7 +553,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     def _on_started(self, event: HistoryEvent) -> None:
         a = event.workflow_execution_started_event_attributes
-        self.random = random.Random(a.random_seed)
+        self._random = random.Random(a.random_seed)
         self._time_us = event.event_time.ToMicroseconds()
         self.info = Info(
             namespace=self._namespace,
@@ -679,7 +574,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         finally:
             asyncio.events._set_running_loop(previous)
 
-    def _take_pending(self) -> list[_PendingCommand]:
+    def _take_pending(self) -> list[PendingCommand]:
         pending = [p for p in self._commands if not p.dropped]
         self._commands = []
         return pending
@@ -698,7 +593,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             if patch_id is not None:
                 self._patches_in_history.add(patch_id)
                 head = self._unmatched[0].command if self._unmatched else None
-                if head is None or _mismatch(head, event) is not None:
+                if head is None or mismatch(head, event) is not None:
                     # Code that no longer asks about this patch (deprecated and then
                     # removed) replays fine: the marker is not a command it owes.
                     return
@@ -709,7 +604,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             )
         pending = self._unmatched.popleft()
         command = pending.command
-        problem = _mismatch(command, event)
+        problem = mismatch(command, event)
         if problem:
             raise exc.NonDeterminismError(
                 f"event {event.event_id} is {event_type_name(event.event_type)} but the workflow "
@@ -852,9 +747,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             self._cancel_requested = True
             if self._main is not None and not self._main.done():
                 self._main.cancel()
-        elif et in _CHILD_EVENTS:
+        elif et in CHILD_EVENTS:
             self._resolve_child(event)
-        elif et in _EXTERNAL_OUTCOMES:
+        elif et in EXTERNAL_OUTCOMES:
             attrs = attributes_of(event)
             done = self._external.pop(attrs.initiated_event_id, None)
             if done is not None and not done.done():
@@ -916,7 +811,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         error.__cause__ = cause
         handle.result.set_exception(error)
 
-    def _child_error(self, handle: _ChildHandle, message: str) -> exc.ChildWorkflowError:
+    def _child_error(self, handle: ChildHandle, message: str) -> exc.ChildWorkflowError:
         return exc.ChildWorkflowError(
             message,
             namespace=self._namespace,
@@ -994,7 +889,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         error.__cause__ = cause
         handle.set_exception(error)
 
-    def upsert_search_attributes(self, values: dict[str, Any]) -> None:
+    def workflow_upsert_search_attributes(
+        self, values: Mapping[str, SearchAttributeValue | None]
+    ) -> None:
         """Emit UpsertWorkflowSearchAttributes (visibility; None removes a name)."""
         command = Command(command_type=CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES)
         command.upsert_workflow_search_attributes_command_attributes.search_attributes.CopyFrom(
@@ -1006,6 +903,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     def dispose(self) -> None:
         """Tear the instance down (eviction): cancel its coroutines, drop commands."""
+        # The cancelled code runs its cleanup here, and again in whichever instance
+        # replays the run next: only that one is real.
+        self._rerunning = True
         for task in self._tasks:
             if not task.done():
                 task.cancel()
@@ -1020,114 +920,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._commands.clear()
 
 
-def _set_result_unless_done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-CT = CommandType
-_EVENT_OF_COMMAND = {
-    CT.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
-    CT.COMMAND_TYPE_START_TIMER: ET.EVENT_TYPE_TIMER_STARTED,
-    CT.COMMAND_TYPE_CANCEL_TIMER: ET.EVENT_TYPE_TIMER_CANCELED,
-    CT.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED,
-    CT.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-    CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
-    CT.COMMAND_TYPE_RECORD_MARKER: ET.EVENT_TYPE_MARKER_RECORDED,
-    CT.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION: ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
-    CT.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
-    ),
-    CT.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
-    ),
-    CT.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
-    ),
-    CT.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION: (
-        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
-    ),
-    CT.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: (
-        ET.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
-    ),
-}
-_CHILD_EVENTS = frozenset(
-    {
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
-        ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
-        ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED,
-    }
-)
-_EXTERNAL_OUTCOMES = frozenset(
-    {
-        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
-        ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
-        ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
-        ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
-    }
-)
-
-
-def _mismatch(command: Command, event: HistoryEvent) -> str | None:
-    """Why ``command`` does not produce ``event``, or None if it does."""
-    ct = command.command_type
-    et = event.event_type
-    if _EVENT_OF_COMMAND.get(ct) != et:
-        return "different kinds"
-    if ct == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
-        c = command.schedule_activity_task_command_attributes
-        e = event.activity_task_scheduled_event_attributes
-        if c.activity_type.name != e.activity_type.name:
-            return f"activity type {c.activity_type.name!r} != recorded {e.activity_type.name!r}"
-        if c.activity_id != e.activity_id:
-            return f"activity id {c.activity_id!r} != recorded {e.activity_id!r}"
-    elif ct == CommandType.COMMAND_TYPE_START_TIMER:
-        timer_id = command.start_timer_command_attributes.timer_id
-        if timer_id != event.timer_started_event_attributes.timer_id:
-            return f"timer id {timer_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_CANCEL_TIMER:
-        timer_id = command.cancel_timer_command_attributes.timer_id
-        if timer_id != event.timer_canceled_event_attributes.timer_id:
-            return f"timer id {timer_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
-        child = command.start_child_workflow_execution_command_attributes
-        recorded = event.start_child_workflow_execution_initiated_event_attributes
-        if (child.workflow_id, child.workflow_type.name) != (
-            recorded.workflow_id,
-            recorded.workflow_type.name,
-        ):
-            return f"child {child.workflow_type.name}/{child.workflow_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
-        sig = command.signal_external_workflow_execution_command_attributes
-        rec = event.signal_external_workflow_execution_initiated_event_attributes
-        if (sig.execution.workflow_id, sig.signal_name) != (
-            rec.workflow_execution.workflow_id,
-            rec.signal_name,
-        ):
-            return f"signal {sig.signal_name!r} to {sig.execution.workflow_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
-        target = command.request_cancel_external_workflow_execution_command_attributes.workflow_id
-        rec_cancel = event.request_cancel_external_workflow_execution_initiated_event_attributes
-        if target != rec_cancel.workflow_execution.workflow_id:
-            return f"cancellation of {target!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_RECORD_MARKER:
-        name = command.record_marker_command_attributes.marker_name
-        if name != event.marker_recorded_event_attributes.marker_name:
-            return f"marker name {name!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
-        names = sorted(
-            command.upsert_workflow_search_attributes_command_attributes.search_attributes.indexed_fields
-        )
-        recorded_names = sorted(
-            event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
-        )
-        if names != recorded_names:
-            return f"upserted search attributes {names} differ from recorded {recorded_names}"
-    return None
-
-
-_ = command_pb2
+# The old name, for the DAG replay helper (``dag._query_from_history``) until it imports
+# ``WorkflowInstanceImpl``; the design document's ``dag.WorkflowInstance`` is the only
+# class of that name.
+WorkflowInstance = WorkflowInstanceImpl

@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import (
+from tideflow.api.search_attributes import (
     SearchAttributeValue,
     decode_search_attributes,
     encode_search_attributes,
 )
+from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
 from .common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy

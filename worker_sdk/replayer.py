@@ -14,7 +14,7 @@ from typing import Any
 from tideflow.api.v1.history_pb2 import EventType
 
 from . import exceptions as exc
-from ._workflow_instance import WorkflowInstance
+from ._workflow_instance import WorkflowInstanceImpl
 from .client import WorkflowHistory
 from .converter import DataConverter, default_converter
 from .workflow import WorkflowDefinition, definition_of
@@ -57,7 +57,7 @@ class Replayer:
                 f"workflow type {started.workflow_type.name!r} is not among "
                 "the replayer's workflows"
             )
-        instance = WorkflowInstance(  # type: ignore[abstract]
+        instance = WorkflowInstanceImpl(  # type: ignore[abstract]
             definition,
             namespace="default",
             workflow_id=history.workflow_id,

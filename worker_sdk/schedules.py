@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tideflow.api.v1 import service_pb2
-from tideflow.history import (
+from tideflow.api.search_attributes import (
     SearchAttributeValue,
     decode_search_attributes,
     encode_search_attributes,
 )
+from tideflow.api.v1 import service_pb2
 
 from . import exceptions as exc
 from .common import RetryPolicy

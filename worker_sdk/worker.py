@@ -1,6 +1,6 @@
 """The worker: long-polls a task queue and runs workflow tasks and activities.
 
-Workflow tasks run in the worker's event loop on cached ``WorkflowInstance`` objects
+Workflow tasks run in the worker's event loop on cached ``WorkflowInstanceImpl`` objects
 (a bounded LRU; an instance continues from the events it has already seen when the
 server's ``previous_started_event_id`` shows nothing happened elsewhere meanwhile,
 otherwise the run is replayed from scratch). Activities run as asyncio tasks, sync
@@ -29,7 +29,7 @@ from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 
 from . import activity as activity_mod
 from . import exceptions as exc
-from ._workflow_instance import WorkflowInstance
+from ._workflow_instance import WorkflowInstanceImpl
 from .client import Client
 from .workflow import WorkflowDefinition, definition_of
 
@@ -82,7 +82,7 @@ class Worker:
             f"{task_queue}-sticky-{uuid.uuid4().hex}" if workflows and max_cached_workflows else ""
         )
         self._sticky_timeout = sticky_queue_schedule_to_start_timeout
-        self._cache: OrderedDict[str, WorkflowInstance] = OrderedDict()
+        self._cache: OrderedDict[str, WorkflowInstanceImpl] = OrderedDict()
         self._workflow_pollers = workflow_pollers if workflows else 0
         self._activity_pollers = activity_pollers if activities else 0
         self._executor = activity_executor
@@ -239,7 +239,7 @@ class Worker:
 
     def _instance_for(
         self, task: service_pb2.PollWorkflowTaskResponse, definition: WorkflowDefinition
-    ) -> WorkflowInstance:
+    ) -> WorkflowInstanceImpl:
         run_id = task.workflow_execution.run_id
         instance = self._cache.pop(run_id, None)
         if (
@@ -250,7 +250,7 @@ class Worker:
             return instance
         if instance is not None:
             instance.dispose()
-        instance = WorkflowInstance(  # type: ignore[abstract]
+        instance = WorkflowInstanceImpl(  # type: ignore[abstract]
             definition,
             namespace=self._client.namespace,
             workflow_id=task.workflow_execution.workflow_id,
@@ -362,7 +362,7 @@ class Worker:
         request = service_pb2.RespondQueryTaskCompletedRequest(
             task_token=task.task_token, namespace=client.namespace
         )
-        instance = WorkflowInstance(  # type: ignore[abstract]
+        instance = WorkflowInstanceImpl(  # type: ignore[abstract]
             definition,
             namespace=client.namespace,
             workflow_id=task.workflow_execution.workflow_id,

@@ -8,23 +8,33 @@ clock, real I/O or threads. Everything with side effects belongs in activities.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import random as _random_module
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum
 from typing import Any, NoReturn, TypeVar, overload
 
+from tideflow.api.search_attributes import SearchAttributeValue
+
+from .activity import definition_of as activity_definition_of
 from .common import RetryPolicy
+from .exceptions import ContinueAsNewError
 
 C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
 
-logger = logging.getLogger("tideflow.workflow")
+# What names a workflow for a child or continue-as-new: its class, its run method, or
+# its type name.
+WorkflowRef = type | Callable[..., Awaitable[Any]] | str
+# A signal or query: its decorated method or its name.
+HandlerRef = Callable[..., Any] | str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +183,7 @@ def query(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], 
     return decorate(fn) if fn is not None else decorate
 
 
-def handler_name(method: Any, attribute: str) -> str:
+def handler_name(method: HandlerRef, attribute: str) -> str:
     """The signal/query name of a decorated method (or a plain string name)."""
     if isinstance(method, str):
         return method
@@ -184,12 +194,35 @@ def handler_name(method: Any, attribute: str) -> str:
     return name
 
 
-def definition_of(workflow: Any) -> WorkflowDefinition:
+def definition_of(workflow: object) -> WorkflowDefinition:
     """The definition behind a workflow class or its run method."""
     definition = getattr(workflow, "__tideflow_workflow_definition__", None)
     if not isinstance(definition, WorkflowDefinition):
         raise TypeError(f"{workflow!r} is not a workflow: decorate the class with @workflow.defn")
     return definition
+
+
+class _Defined(typing.Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def return_type(self) -> Any: ...
+
+
+def _name_and_result(
+    ref: object, lookup: Callable[[object], _Defined], result_type: Any
+) -> tuple[str, Any]:
+    if isinstance(ref, str):
+        return ref, result_type
+    definition = lookup(ref)
+    return definition.name, definition.return_type if result_type is None else result_type
+
+
+def type_and_result(workflow: WorkflowRef, result_type: Any = None) -> tuple[str, Any]:
+    """The type name of a workflow, and the type its result decodes to: ``result_type``
+    if given, else the run method's annotation (a bare name has none)."""
+    return _name_and_result(workflow, definition_of, result_type)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,28 +262,156 @@ class ActivityHandle(typing.Protocol):
     def done(self) -> bool: ...
 
 
-def _runtime() -> Any:
-    from ._workflow_instance import current_instance
+class ParentClosePolicy(IntEnum):
+    """What happens to a running child when its parent closes."""
 
-    return current_instance()
+    TERMINATE = 1
+    ABANDON = 2
+    REQUEST_CANCEL = 3
+
+
+class ChildWorkflowHandle(typing.Protocol):
+    """A started child workflow: await it for its result."""
+
+    id: str
+    first_execution_run_id: str
+
+    def __await__(self) -> typing.Generator[Any, None, Any]: ...
+
+    async def signal(
+        self, signal: HandlerRef, arg: Any = None, *, args: Sequence[Any] = ()
+    ) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+
+class ExternalWorkflowHandle(typing.Protocol):
+    """Another workflow run, addressed from workflow code (signal it, cancel it)."""
+
+    id: str
+    run_id: str | None
+
+    async def signal(
+        self, signal: HandlerRef, arg: Any = None, *, args: Sequence[Any] = ()
+    ) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartActivityInput:
+    """An activity to schedule, as ``start_activity`` hands it to the runtime: the type
+    name and result type are resolved, the timeouts checked."""
+
+    activity_type: str
+    args: list[Any]
+    activity_id: str | None
+    task_queue: str | None
+    schedule_to_close_timeout: timedelta | None
+    schedule_to_start_timeout: timedelta | None
+    start_to_close_timeout: timedelta | None
+    heartbeat_timeout: timedelta | None
+    retry_policy: RetryPolicy | None
+    result_type: Any
+    cancellation_type: ActivityCancellationType
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartChildWorkflowInput:
+    """A child workflow to start, as ``start_child_workflow`` hands it to the runtime."""
+
+    workflow_type: str
+    args: list[Any]
+    workflow_id: str
+    task_queue: str | None
+    parent_close_policy: ParentClosePolicy
+    execution_timeout: timedelta | None
+    run_timeout: timedelta | None
+    task_timeout: timedelta | None
+    result_type: Any
+
+
+class _Runtime(ABC):
+    """What the functions of this module need from the run they are called in.
+
+    The SDK's deterministic event loop (``_workflow_instance.WorkflowInstanceImpl``)
+    implements this contract, and workflow code runs with that loop as the running
+    loop, so ``current()`` finds it there (as the Temporal SDK's ``_Runtime`` does).
+    This module therefore imports nothing from the implementation: the dependency
+    points one way, from the runtime to the API.
+    """
+
+    @staticmethod
+    def current() -> _Runtime:
+        runtime = _Runtime.maybe_current()
+        if runtime is None:
+            raise RuntimeError("not in a workflow: this works only inside @workflow.defn code")
+        return runtime
+
+    @staticmethod
+    def maybe_current() -> _Runtime | None:
+        # get_running_loop raises where no loop runs; this getter answers None there.
+        loop = asyncio.events._get_running_loop()
+        return loop if isinstance(loop, _Runtime) else None
+
+    @abstractmethod
+    def workflow_info(self) -> Info: ...
+
+    @abstractmethod
+    def workflow_now(self) -> datetime: ...
+
+    @abstractmethod
+    def workflow_random(self) -> _random_module.Random: ...
+
+    @abstractmethod
+    def workflow_is_replaying(self) -> bool:
+        """Whether the code now re-runs what already happened (history being replayed,
+        a query's catch-up, teardown), so its side effects such as log lines must not
+        repeat."""
+
+    @abstractmethod
+    def workflow_sleep(self, seconds: float) -> Awaitable[None]: ...
+
+    @abstractmethod
+    def workflow_start_activity(self, request: StartActivityInput) -> ActivityHandle: ...
+
+    @abstractmethod
+    def workflow_wait_condition(
+        self, fn: Callable[[], bool], timeout: float | None
+    ) -> Awaitable[None]: ...
+
+    @abstractmethod
+    def workflow_patched(self, patch_id: str, *, deprecated: bool) -> bool: ...
+
+    @abstractmethod
+    def workflow_start_child_workflow(
+        self, request: StartChildWorkflowInput
+    ) -> Awaitable[ChildWorkflowHandle]: ...
+
+    @abstractmethod
+    def workflow_external_handle(
+        self, workflow_id: str, run_id: str | None
+    ) -> ExternalWorkflowHandle: ...
+
+    @abstractmethod
+    def workflow_upsert_search_attributes(
+        self, values: Mapping[str, SearchAttributeValue | None]
+    ) -> None: ...
 
 
 def info() -> Info:
     """Information about the running workflow."""
-    info: Info = _runtime().info
-    return info
+    return _Runtime.current().workflow_info()
 
 
 def now() -> datetime:
     """Deterministic current time: the time of the workflow task being processed."""
-    moment: datetime = _runtime().now()
-    return moment
+    return _Runtime.current().workflow_now()
 
 
 def random() -> _random_module.Random:
     """A random generator seeded from the run: the same numbers on every replay."""
-    rng: _random_module.Random = _runtime().random
-    return rng
+    return _Runtime.current().workflow_random()
 
 
 def uuid4() -> uuid.UUID:
@@ -261,7 +422,7 @@ def uuid4() -> uuid.UUID:
 async def sleep(duration: timedelta | float) -> None:
     """Durable timer: the workflow resumes after ``duration`` even across restarts."""
     seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-    await _runtime().sleep(seconds)
+    await _Runtime.current().workflow_sleep(seconds)
 
 
 def start_activity(
@@ -284,21 +445,25 @@ def start_activity(
     Pass one argument positionally or several with ``args=[...]``. At least one of
     ``start_to_close_timeout`` and ``schedule_to_close_timeout`` is required.
     """
-    all_args = list(args) if args else ([] if arg is None else [arg])
-    handle: ActivityHandle = _runtime().start_activity(
-        activity,
-        all_args,
-        activity_id=activity_id,
-        task_queue=task_queue,
-        schedule_to_close_timeout=schedule_to_close_timeout,
-        schedule_to_start_timeout=schedule_to_start_timeout,
-        start_to_close_timeout=start_to_close_timeout,
-        heartbeat_timeout=heartbeat_timeout,
-        retry_policy=retry_policy,
-        result_type=result_type,
-        cancellation_type=cancellation_type,
+    runtime = _Runtime.current()
+    name, result_type = _name_and_result(activity, activity_definition_of, result_type)
+    if start_to_close_timeout is None and schedule_to_close_timeout is None:
+        raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
+    return runtime.workflow_start_activity(
+        StartActivityInput(
+            activity_type=name,
+            args=list(args) if args else ([] if arg is None else [arg]),
+            activity_id=activity_id,
+            task_queue=task_queue,
+            schedule_to_close_timeout=schedule_to_close_timeout,
+            schedule_to_start_timeout=schedule_to_start_timeout,
+            start_to_close_timeout=start_to_close_timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            retry_policy=retry_policy,
+            result_type=result_type,
+            cancellation_type=cancellation_type,
+        )
     )
-    return handle
 
 
 async def execute_activity(
@@ -341,7 +506,7 @@ async def wait_condition(
     changed (after each signal, activity result, timer...). With ``timeout``, raises
     ``asyncio.TimeoutError`` once that much workflow time passed (a durable timer)."""
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-    await _runtime().wait_condition(fn, seconds)
+    await _Runtime.current().workflow_wait_condition(fn, seconds)
 
 
 def patched(patch_id: str) -> bool:
@@ -350,33 +515,28 @@ def patched(patch_id: str) -> bool:
     New runs (and runs whose history reached this point with the patch) return True
     and record a marker; runs replaying history written before the change return
     False, so old histories keep replaying deterministically."""
-    result: bool = _runtime().patched(patch_id, deprecated=False)
-    return result
+    return _Runtime.current().workflow_patched(patch_id, deprecated=False)
 
 
 def deprecate_patch(patch_id: str) -> None:
     """The old code path of ``patch_id`` is gone: runs from before the patch are all
     closed. Keeps recording the marker so histories with it still replay."""
-    _runtime().patched(patch_id, deprecated=True)
+    _Runtime.current().workflow_patched(patch_id, deprecated=True)
 
 
 def continue_as_new(
     arg: Any = None,
     *,
     args: Sequence[Any] = (),
-    workflow: Any = None,
+    workflow: WorkflowRef | None = None,
     task_queue: str | None = None,
     run_timeout: timedelta | None = None,
     task_timeout: timedelta | None = None,
 ) -> NoReturn:
     """End this run and start a fresh one of the same workflow id with an empty history
     (``workflow`` may name another workflow type). Never returns."""
-    from .exceptions import ContinueAsNewError
-
-    _runtime()  # only inside a workflow
-    name = None
-    if workflow is not None:
-        name = workflow if isinstance(workflow, str) else definition_of(workflow).name
+    _Runtime.current()  # only inside a workflow
+    name = None if workflow is None else type_and_result(workflow)[0]
     raise ContinueAsNewError(
         list(args) if args else ([] if arg is None else [arg]),
         workflow=name,
@@ -386,40 +546,8 @@ def continue_as_new(
     )
 
 
-class ParentClosePolicy(IntEnum):
-    """What happens to a running child when its parent closes."""
-
-    TERMINATE = 1
-    ABANDON = 2
-    REQUEST_CANCEL = 3
-
-
-class ChildWorkflowHandle(typing.Protocol):
-    """A started child workflow: await it for its result."""
-
-    id: str
-    first_execution_run_id: str
-
-    def __await__(self) -> typing.Generator[Any, None, Any]: ...
-
-    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None: ...
-
-    async def cancel(self) -> None: ...
-
-
-class ExternalWorkflowHandle(typing.Protocol):
-    """Another workflow run, addressed from workflow code (signal it, cancel it)."""
-
-    id: str
-    run_id: str | None
-
-    async def signal(self, signal: Any, arg: Any = None, *, args: Sequence[Any] = ()) -> None: ...
-
-    async def cancel(self) -> None: ...
-
-
 async def start_child_workflow(
-    workflow: Any,
+    workflow: WorkflowRef,
     arg: Any = None,
     *,
     args: Sequence[Any] = (),
@@ -434,22 +562,25 @@ async def start_child_workflow(
     """Start a child workflow (a run of its own, with its own history) and return its
     handle once it started. Raises ``ChildWorkflowError`` if it could not start (its id
     is in use)."""
-    handle: ChildWorkflowHandle = await _runtime().start_child_workflow(
-        workflow,
-        list(args) if args else ([] if arg is None else [arg]),
-        workflow_id=id,
-        task_queue=task_queue,
-        parent_close_policy=parent_close_policy,
-        execution_timeout=execution_timeout,
-        run_timeout=run_timeout,
-        task_timeout=task_timeout,
-        result_type=result_type,
+    runtime = _Runtime.current()
+    type_name, result_type = type_and_result(workflow, result_type)
+    return await runtime.workflow_start_child_workflow(
+        StartChildWorkflowInput(
+            workflow_type=type_name,
+            args=list(args) if args else ([] if arg is None else [arg]),
+            workflow_id=id,
+            task_queue=task_queue,
+            parent_close_policy=parent_close_policy,
+            execution_timeout=execution_timeout,
+            run_timeout=run_timeout,
+            task_timeout=task_timeout,
+            result_type=result_type,
+        )
     )
-    return handle
 
 
 async def execute_child_workflow(
-    workflow: Any,
+    workflow: WorkflowRef,
     arg: Any = None,
     *,
     args: Sequence[Any] = (),
@@ -482,18 +613,15 @@ def get_external_workflow_handle(
     workflow_id: str, *, run_id: str | None = None
 ) -> ExternalWorkflowHandle:
     """A handle to signal or cancel another workflow from workflow code."""
-    handle: ExternalWorkflowHandle = _runtime().external_handle(workflow_id, run_id)
-    return handle
+    return _Runtime.current().workflow_external_handle(workflow_id, run_id)
 
 
 def in_workflow() -> bool:
-    from ._workflow_instance import current_instance_or_none
-
-    return current_instance_or_none() is not None
+    return _Runtime.maybe_current() is not None
 
 
 def upsert_search_attributes(
-    attributes: typing.Mapping[str, str | int | float | bool | datetime | None],
+    attributes: Mapping[str, SearchAttributeValue | None],
 ) -> None:
     """Set (or, with None, remove) search attributes of this run, for
     ``client.list_workflows`` queries. Recorded in history as an
@@ -501,4 +629,70 @@ def upsert_search_attributes(
     transaction. Values are str, int, float, bool or datetime (naive means UTC)."""
     if not attributes:
         return
-    _runtime().upsert_search_attributes(dict(attributes))
+    _Runtime.current().workflow_upsert_search_attributes(dict(attributes))
+
+
+class LoggerAdapter(logging.LoggerAdapter[logging.Logger]):
+    """``workflow.logger``: a logger that is quiet while the run replays and tags what
+    it writes with the run.
+
+    Workflow code runs again on every replay (a worker that lost its cache, another
+    worker taking over, a query), so a plain logger would repeat each line. Inside a
+    workflow this adapter drops records while the code re-runs history, and adds the
+    run's identity both to the record (``extra``: ``workflow_id``, ``run_id``,
+    ``workflow_type`` and a ``tideflow_workflow`` dict with namespace, task queue and
+    attempt too) and, readable, to the message. Outside a workflow it logs as is.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, None)
+
+    def isEnabledFor(self, level: int) -> bool:
+        runtime = _Runtime.maybe_current()
+        if runtime is not None and runtime.workflow_is_replaying():
+            return False
+        return super().isEnabledFor(level)
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        runtime = _Runtime.maybe_current()
+        if runtime is None:
+            return msg, kwargs
+        fields = _run_fields(runtime.workflow_info())
+        # What the caller passed in ``extra`` wins over the run's fields.
+        kwargs["extra"] = {
+            "tideflow_workflow": fields,
+            "workflow_id": fields["workflow_id"],
+            "run_id": fields["run_id"],
+            "workflow_type": fields["workflow_type"],
+            **(kwargs.get("extra") or {}),
+        }
+        return msg, kwargs
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        msg, options = self.process(msg, kwargs)
+        fields = (options.get("extra") or {}).get("tideflow_workflow")
+        if isinstance(fields, dict):
+            tag = ", ".join(f"{key}={value}" for key, value in fields.items())
+            # With arguments the message is %-formatted: a '%' in an id must not count.
+            msg = f"{msg} ({tag.replace('%', '%%') if args else tag})"
+        # Report the caller's line, not this method's.
+        options["stacklevel"] = options.get("stacklevel", 1) + 1
+        self.logger.log(level, msg, *args, **options)
+
+
+def _run_fields(info: Info) -> dict[str, str | int]:
+    return {
+        "namespace": info.namespace,
+        "workflow_id": info.workflow_id,
+        "run_id": info.run_id,
+        "workflow_type": info.workflow_type,
+        "task_queue": info.task_queue,
+        "attempt": info.attempt,
+    }
+
+
+logger = LoggerAdapter(logging.getLogger("tideflow.workflow"))

@@ -3,6 +3,8 @@
 An event's attributes live in a oneof whose field name is derived from the event type
 (``EVENT_TYPE_TIMER_FIRED`` -> ``timer_fired_event_attributes``). Keeping that mapping
 in one place lets the engine, the SDK and the replication code treat events uniformly.
+Hand-written, next to the generated API: it imports only protobuf, so the SDK uses it
+without the server's SQL stack (``tideflow.history`` re-exports it for the server).
 """
 
 from __future__ import annotations
