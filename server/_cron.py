@@ -22,7 +22,9 @@ nor hour starts with ``*``) whose time is skipped when the clocks go forward fir
 once, at the first minute after the gap, and a fixed time that occurs twice when the
 clocks go back fires once, at its first occurrence; jobs whose minute or hour starts
 with ``*`` follow the wall clock (skipped minutes do not fire, repeated ones do).
-Intervals fire at every multiple of the interval since the Unix epoch, shifted by
+(One known deviation, in cronsim: on the half-hour change of Australia/Lord_Howe a
+job whose hour starts with ``*`` may miss up to half an hour of slots right after the
+clocks go back.) Intervals fire at every multiple of the interval since the Unix epoch, shifted by
 the phase (offset), whatever the zone; the smallest interval is one second.
 """
 
@@ -163,7 +165,7 @@ class CompiledSpec:
     @staticmethod
     def compile(spec: service_pb2.ScheduleSpec) -> CompiledSpec:
         """Raises InvalidArgumentError naming what is wrong."""
-        zone = UTC
+        zone = _zone(spec.timezone_name)
         crons = []
         for text in spec.cron_expressions:
             try:

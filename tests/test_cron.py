@@ -13,8 +13,10 @@ code with the server.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from tideflow.api.v1 import service_pb2
 from tideflow.history import micros_of
 from tideflow.server._cron import CompiledSpec
+from tideflow.server._errors import InvalidArgumentError
 from tideflow.server._schedules import validate_schedule
 
 _MONTH_NAMES = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
@@ -39,8 +42,8 @@ _HORIZON_DAYS = 366 * 6
 _COUNT = 6
 
 
-def _utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def _utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 # ==================================================================== reference
@@ -114,6 +117,50 @@ class _Reference:
         return found
 
 
+def _reference_in_zone(
+    expression: str, zone: ZoneInfo, after: datetime, count: int
+) -> list[datetime]:
+    """The matching wall-clock minutes in ``zone`` as Debian's cron runs them across
+    daylight-saving changes: a job whose minute and hour fields do not start with
+    ``*`` runs a skipped time once, at the first minute after the gap, and a repeated
+    time once, at its first occurrence; any other job follows the wall clock (skipped
+    minutes do not run, repeated ones run twice)."""
+    reference = _Reference.parse(expression)
+    minute, hour = expression.split()[:2]
+    fixed = not minute.startswith("*") and not hour.startswith("*")
+    found: set[datetime] = set()
+    day = after.astimezone(zone).date() - timedelta(days=1)
+    extra_days = 2  # a shifted time can move past midnight: look one day further
+    for _ in range(_HORIZON_DAYS):
+        if day.month in reference.months and reference.day_matches(day):
+            for h in reference.hours:
+                for m in reference.minutes:
+                    wall = datetime(day.year, day.month, day.day, h, m)
+                    first = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+                    second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+                    if first.astimezone(zone).replace(tzinfo=None) != wall:  # in a gap
+                        if fixed:
+                            while (
+                                wall.replace(tzinfo=zone)
+                                .astimezone(UTC)
+                                .astimezone(zone)
+                                .replace(tzinfo=None)
+                                != wall
+                            ):
+                                wall += timedelta(minutes=1)
+                            found.add(wall.replace(tzinfo=zone).astimezone(UTC))
+                        continue
+                    found.add(first)
+                    if second != first and not fixed:
+                        found.add(second)
+        if len([t for t in found if t > after]) >= count:
+            extra_days -= 1
+            if not extra_days:
+                break
+        day += timedelta(days=1)
+    return sorted(t for t in found if t > after)[:count]
+
+
 # ==================================================================== strategies
 
 
@@ -151,10 +198,11 @@ def _cron_expression(draw: st.DrawFn) -> str:
     return " ".join(draw(_cron_field(*bounds)) for bounds in _BOUNDS)
 
 
-def _compiled(*crons: str) -> CompiledSpec:
+def _compiled(*crons: str, timezone_name: str = "") -> CompiledSpec:
     """The spec as the server compiles a schedule it is asked to create."""
     schedule = service_pb2.Schedule()
     schedule.spec.cron_expressions.extend(crons)
+    schedule.spec.timezone_name = timezone_name
     info = schedule.action.start_workflow
     info.workflow_id, info.workflow_type.name, info.task_queue.name = "id", "Type", "queue"
     return validate_schedule(schedule)
@@ -185,7 +233,7 @@ def _never_fires(expression: str) -> bool:
 def test_fire_times_match_the_cron5_reference(expression: str, after: datetime) -> None:
     after = after.replace(tzinfo=UTC)
     if _never_fires(expression):
-        with pytest.raises(Exception, match="never fires"):
+        with pytest.raises(InvalidArgumentError, match="never fires"):
             _compiled(expression)
         return
     want = _Reference.parse(expression).upcoming(after, _COUNT)
@@ -262,3 +310,126 @@ def test_day_field_steps_and_names(
     assert _server_upcoming(_compiled(expression), after, len(expected)) == expected
     if not expression.startswith("@"):
         assert _Reference.parse(expression).upcoming(after, len(expected)) == expected
+
+
+# =================================================================== time zones
+
+BERLIN = ZoneInfo("Europe/Berlin")
+# Zones whose clocks change by an hour away from midnight (Berlin, New York, St John's
+# at a half-hour offset) or never (Kolkata). Not Lord Howe (a half-hour change): there
+# cronsim skips up to half an hour of a wildcard-hour job right after its autumn change.
+_ZONES = ["Europe/Berlin", "America/New_York", "America/St_Johns", "Asia/Kolkata"]
+
+
+def _changes_2024(zone: str) -> list[datetime]:
+    """The instants of 2024 at which ``zone``'s clocks change (a half-hourly scan)."""
+    tz = ZoneInfo(zone)
+    moments = [_utc(2024, 1, 1) + timedelta(minutes=30 * i) for i in range(366 * 48)]
+    return [
+        b
+        for a, b in itertools.pairwise(moments)
+        if a.astimezone(tz).utcoffset() != b.astimezone(tz).utcoffset()
+    ]
+
+
+_CHANGES = [(zone, change) for zone in _ZONES for change in _changes_2024(zone)]
+
+
+@st.composite
+def _near_a_clock_change(draw: st.DrawFn) -> tuple[str, datetime, str]:
+    """A zone, a start up to a day before one of its clock changes, and an expression
+    that fires every day (its day fields are ``*``), so the change is among its next
+    fire times whenever its hours reach it."""
+    zone, change = draw(st.sampled_from(_CHANGES))
+    after = change - timedelta(minutes=draw(st.integers(0, 26 * 60)))
+    minute, hour = (draw(_cron_field(*bounds)) for bounds in _BOUNDS[:2])
+    return zone, after, f"{minute} {hour} * * *"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_near_a_clock_change())
+def test_fire_times_across_clock_changes_match_cron(case: tuple[str, datetime, str]) -> None:
+    zone, after, expression = case
+    want = _reference_in_zone(expression, ZoneInfo(zone), after, _COUNT)
+    got = _server_upcoming(_compiled(expression, timezone_name=zone), after, _COUNT)
+    assert got == want, (expression, zone)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    expression=_cron_expression(),
+    zone=st.sampled_from(_ZONES),
+    after=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2090, 12, 31)),
+)
+def test_fire_times_in_a_time_zone_match_cron(expression: str, zone: str, after: datetime) -> None:
+    after = after.replace(tzinfo=UTC)
+    if _never_fires(expression):
+        return
+    want = _reference_in_zone(expression, ZoneInfo(zone), after, _COUNT)
+    got = _server_upcoming(_compiled(expression, timezone_name=zone), after, _COUNT)
+    assert got[: len(want)] == want, (expression, zone)
+
+
+def _berlin(year: int, month: int, day: int, hour: int, minute: int, fold: int = 0) -> datetime:
+    """A wall-clock time in Berlin (``fold=1``: the second of a repeated time), in UTC."""
+    return datetime(year, month, day, hour, minute, tzinfo=BERLIN, fold=fold).astimezone(UTC)
+
+
+def test_fixed_time_skipped_in_spring_fires_once_after_the_gap() -> None:
+    # 2024-03-31: Berlin's clocks jump from 02:00 to 03:00; 02:30 does not exist.
+    spec = _compiled("30 2 * * *", timezone_name="Europe/Berlin")
+    assert _server_upcoming(spec, _berlin(2024, 3, 30, 12, 0), 3) == [
+        _berlin(2024, 3, 31, 3, 0),  # once, at the first minute after the gap
+        _berlin(2024, 4, 1, 2, 30),
+        _berlin(2024, 4, 2, 2, 30),
+    ]
+    # A job that follows the wall clock just has no slots in the gap.
+    spec = _compiled("*/30 * * * *", timezone_name="Europe/Berlin")
+    assert _server_upcoming(spec, _berlin(2024, 3, 31, 1, 15), 3) == [
+        _berlin(2024, 3, 31, 1, 30),
+        _berlin(2024, 3, 31, 3, 0),
+        _berlin(2024, 3, 31, 3, 30),
+    ]
+
+
+def test_fixed_time_repeated_in_autumn_fires_once() -> None:
+    # 2024-10-27: Berlin's clocks go back from 03:00 to 02:00; 02:30 occurs twice.
+    spec = _compiled("30 2 * * *", timezone_name="Europe/Berlin")
+    first = _berlin(2024, 10, 27, 2, 30, fold=0)
+    assert _server_upcoming(spec, _berlin(2024, 10, 26, 12, 0), 3) == [
+        first,
+        _berlin(2024, 10, 28, 2, 30),
+        _berlin(2024, 10, 29, 2, 30),
+    ]
+    # Asked again from within the repeated hour (after its first 02:30): not again.
+    assert _server_upcoming(spec, _berlin(2024, 10, 27, 2, 10, fold=1), 1) == [
+        _berlin(2024, 10, 28, 2, 30)
+    ]
+    assert first.hour == 0 and _berlin(2024, 10, 27, 2, 30, fold=1).hour == 1
+    # A job that follows the wall clock runs in both hours.
+    spec = _compiled("0,30 * * * *", timezone_name="Europe/Berlin")
+    assert _server_upcoming(spec, _berlin(2024, 10, 27, 1, 45), 5) == [
+        _berlin(2024, 10, 27, 2, 0, fold=0),
+        _berlin(2024, 10, 27, 2, 30, fold=0),
+        _berlin(2024, 10, 27, 2, 0, fold=1),
+        _berlin(2024, 10, 27, 2, 30, fold=1),
+        _berlin(2024, 10, 27, 3, 0),
+    ]
+
+
+def test_intervals_do_not_depend_on_the_time_zone() -> None:
+    spec = service_pb2.ScheduleSpec(timezone_name="Asia/Kolkata")
+    spec.intervals.add().interval.FromSeconds(3600)
+    after = micros_of(_utc(2024, 1, 1, 0, 10))
+    assert CompiledSpec.compile(spec).upcoming(after, 2) == [
+        micros_of(_utc(2024, 1, 1, 1)),
+        micros_of(_utc(2024, 1, 1, 2)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["Mars/Olympus", "Europe", "/etc/passwd", "../zoneinfo/UTC", "zone.tab", "UTC\0"]
+)
+def test_unknown_time_zone_is_invalid_argument(name: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown time zone"):
+        _compiled("0 0 * * *", timezone_name=name)
