@@ -1,6 +1,7 @@
 """Cron over the wire, on a real server (port 0) on every store under test: a
 schedule's time zone is stored and described and moves its fire times; bad specs and
-zones are refused with INVALID_ARGUMENT."""
+zones are refused with INVALID_ARGUMENT; so is a start with ``cron_schedule`` (cron
+workflows are not built: schedules replace them)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tideflow.api.v1 import service_pb2
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client
-from tideflow.worker_sdk.exceptions import InvalidArgumentError
+from tideflow.worker_sdk.exceptions import InvalidArgumentError, NotFoundError
 from tideflow.worker_sdk.schedules import (
     ScheduleActionStartWorkflow,
     ScheduleHandle,
@@ -85,3 +87,25 @@ async def test_bad_specs_are_invalid_argument(
 ) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         await _create(client, spec)
+
+
+@pytest.mark.parametrize("cron_schedule", ["bogus", "*/5 * * * *", "@daily"])
+async def test_start_with_cron_schedule_is_refused(client: Client, cron_schedule: str) -> None:
+    workflow_id = f"cron-start-{uuid.uuid4()}"
+    request = service_pb2.StartWorkflowRequest(
+        namespace=client.namespace,
+        workflow_id=workflow_id,
+        request_id=str(uuid.uuid4()),
+        cron_schedule=cron_schedule,
+    )
+    request.workflow_type.name = "Report"
+    request.task_queue.name = "reports"
+    with pytest.raises(InvalidArgumentError, match="cron_schedule is not supported: create a"):
+        await client.call(client.service.StartWorkflow, request)
+    # Nothing was started under that id.
+    with pytest.raises(NotFoundError):
+        await client.get_workflow_handle(workflow_id).describe()
+    # The same start without the field goes through.
+    request.ClearField("cron_schedule")
+    response = await client.call(client.service.StartWorkflow, request)
+    assert response.run_id
