@@ -1,8 +1,9 @@
 """Schedules: durable, server-side starts of a workflow on a cron or interval spec.
 
 A schedule is a row in the store (``history/_schedule_store.py``) plus a ledger of
-what happened to each of its slots. One asyncio task per server node, the
-``Scheduler``, drives all schedules:
+what happened to each of its slots. On each server node the ``Scheduler`` drives all
+schedules with two loops in one TaskGroup, one per step below; a lock per schedule
+keeps its decisions, starts and triggers from reading its occupancy at the same time:
 
 1. **Decide.** For each schedule whose next slot is due, every slot between the last
    decided one and now gets its fate: PENDING (start it), BUFFERED (overlap policy
@@ -36,7 +37,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -88,6 +89,8 @@ _FUTURE = 10
 _WAIT_POLL_S = 0.25
 # Longest sleep between passes (a safety net; wake-ups make new work immediate).
 _MAX_IDLE_S = 30.0
+# Pause after a pass failed with an unexpected error.
+_RETRY_S = 1.0
 _MAX_ACTION_WORKFLOW_ID = 960
 _IDENTITY = "tideflow-scheduler"
 SCHEDULED_BY_ID = "TemporalScheduledById"
@@ -175,6 +178,32 @@ def require_scheduler(scheduler: Scheduler | None) -> Scheduler:
     return scheduler
 
 
+class _ScheduleLocks:
+    """One lock per schedule, held while its slots are decided, its actions started
+    or a trigger recorded: each of these reads the schedule's occupancy (open runs,
+    pending and buffered actions) and then writes the ledger, so two of them at once
+    could both see a schedule free. Different schedules do not wait for each other.
+    A lock is dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, namespace: str, schedule_id: str) -> AsyncIterator[None]:
+        key = (namespace, schedule_id)
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class Scheduler:
     """Fires every schedule of the store; also serves the schedule RPCs."""
 
@@ -183,52 +212,81 @@ class Scheduler:
         self._db = store.schedules
         self._engine = engine
         self._clock = clock
-        self._wakeup = asyncio.Event()
+        self._locks = _ScheduleLocks()
+        self._decide_wakeup = asyncio.Event()
+        self._act_wakeup = asyncio.Event()
 
     def wake(self) -> None:
-        """New work (a schedule created, unpaused or triggered): run a pass now."""
-        self._wakeup.set()
+        """New work (a schedule created, unpaused or triggered): run both passes now."""
+        self._decide_wakeup.set()
+        self._act_wakeup.set()
 
-    # ----------------------------------------------------------------- loop
+    # ----------------------------------------------------------------- loops
 
     async def run(self) -> None:
-        """Fire schedules until cancelled."""
+        """Fire schedules until cancelled.
+
+        Two loops, owned by this call's TaskGroup: one decides the slots that came
+        due, the other starts the actions decided (and waits for runs to close where
+        the overlap policy says so), so a slow start never delays a decision. Cancelling
+        ``run`` cancels both and returns once they have stopped; the cancellation
+        propagates, it is never swallowed.
+        """
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(
+                self._loop("decide", self._decide_due, self._decide_wakeup),
+                name="tideflow-scheduler-decide",
+            )
+            tasks.create_task(
+                self._loop("act", self._act_on_decided, self._act_wakeup),
+                name="tideflow-scheduler-act",
+            )
+
+    async def _loop(
+        self, name: str, one_pass: Callable[[], Awaitable[float]], wakeup: asyncio.Event
+    ) -> None:
         while True:
-            self._wakeup.clear()
+            wakeup.clear()
             try:
-                delay = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scheduler pass failed; retrying")
-                delay = 1.0
+                delay = await one_pass()
+            except Exception:  # a store hiccup must not stop the schedules for good
+                log.exception("scheduler %s pass failed; retrying", name)
+                delay = _RETRY_S
             if delay > 0:
+                # The timeout only ends the wait: a cancellation of this task still
+                # raises CancelledError out of asyncio.timeout.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await self._wakeup.wait()
+                        await wakeup.wait()
 
-    async def run_once(self) -> float:
-        """One pass over due schedules and waiting actions; returns how long the loop
-        may sleep before the next pass."""
+    async def _decide_due(self) -> float:
+        """Decide the slots of every due schedule; returns how long the decide loop
+        may sleep (until the next slot is due, or at once if more are)."""
         now = self._clock.now_micros()
-        due = await self._db.due(now)
-        more = False
-        for record in due:
-            more |= await self._decide(record, now)
+        more = decided = False
+        for record in await self._db.due(now):
+            async with self._locks.hold(record.namespace, record.schedule_id):
+                more |= await self._decide(record, now)
+            decided = True
+        if decided:
+            self._act_wakeup.set()
+        if more:
+            return 0.0
+        next_due = await self._db.next_due()
+        if next_due is None:
+            return _MAX_IDLE_S
+        return min(_MAX_IDLE_S, max(0.0, (next_due - self._clock.now_micros()) / _US))
+
+    async def _act_on_decided(self) -> float:
+        """Start or release the open actions of every schedule; returns how long the
+        act loop may sleep (briefly while an action waits for a run to close)."""
         waiting = False
         for namespace, schedule_id in await self._db.schedules_with_actions(
             (St.PENDING, St.BUFFERED)
         ):
-            waiting |= await self._act(namespace, schedule_id)
-        if more:
-            return 0.0
-        next_due = await self._db.next_due()
-        delay = _MAX_IDLE_S
-        if next_due is not None:
-            delay = min(delay, max(0.0, (next_due - self._clock.now_micros()) / _US))
-        if waiting:
-            delay = min(delay, _WAIT_POLL_S)
-        return delay
+            async with self._locks.hold(namespace, schedule_id):
+                waiting |= await self._act(namespace, schedule_id)
+        return _WAIT_POLL_S if waiting else _MAX_IDLE_S
 
     async def _running(
         self, namespace: str, schedule_id: str, *, first_only: bool = False
@@ -577,20 +635,21 @@ class Scheduler:
         schedule = service_pb2.Schedule.FromString(record.definition)
         overlap = _overlap(overlap or schedule.policies.overlap_policy)
         now = self._clock.now_micros()
-        occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
-        state = occupancy.fate(overlap)
-        action = ScheduleActionRecord(
-            namespace=record.namespace,
-            schedule_id=record.schedule_id,
-            action_key=trigger_action_key(request_id),
-            kind=ScheduleActionKind.TRIGGERED,
-            slot_time=now,
-            state=state,
-            overlap=overlap,
-            decided_at=now,
-        )
-        # False: this request was recorded before (a retried trigger fires once).
-        await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
+        async with self._locks.hold(record.namespace, record.schedule_id):
+            occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
+            state = occupancy.fate(overlap)
+            action = ScheduleActionRecord(
+                namespace=record.namespace,
+                schedule_id=record.schedule_id,
+                action_key=trigger_action_key(request_id),
+                kind=ScheduleActionKind.TRIGGERED,
+                slot_time=now,
+                state=state,
+                overlap=overlap,
+                decided_at=now,
+            )
+            # False: this request was recorded before (a retried trigger fires once).
+            await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
 
     async def delete(self, namespace: str, schedule_id: str) -> None:
         if not await self._db.delete(namespace, schedule_id):
