@@ -167,6 +167,13 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._check_id("workflow_id", request.workflow_id)
         self._check_id("workflow_type.name", request.workflow_type.name)
         self._check_id("task_queue.name", request.task_queue.name)
+        if request.cron_schedule:
+            # Cron workflows (a chain of runs under one id) are not built; accepting the
+            # field would start one plain run and silently never repeat it.
+            raise InvalidArgumentError(
+                "cron_schedule is not supported: create a Schedule (CreateSchedule, "
+                "client.create_schedule) to start the workflow on a cron spec"
+            )
         if request.HasField("input"):
             self._check_payloads("input", request.input)
         if request.HasField("signal_input"):

@@ -1,8 +1,9 @@
 """Schedules: durable, server-side starts of a workflow on a cron or interval spec.
 
 A schedule is a row in the store (``history/_schedule_store.py``) plus a ledger of
-what happened to each of its slots. One asyncio task per server node, the
-``Scheduler``, drives all schedules:
+what happened to each of its slots. On each server node the ``Scheduler`` drives all
+schedules with two loops in one TaskGroup, one per step below; a lock per schedule
+keeps its decisions, starts and triggers from reading its occupancy at the same time:
 
 1. **Decide.** For each schedule whose next slot is due, every slot between the last
    decided one and now gets its fate: PENDING (start it), BUFFERED (overlap policy
@@ -25,27 +26,19 @@ while paused are not caught up). Scheduled runs carry the search attributes
 ``TemporalScheduledById`` and ``TemporalScheduledStartTime`` (Temporal's names), so
 ``list_workflows("TemporalScheduledById = 'my-schedule'")`` finds them.
 
-Cron expressions have the standard five fields, in UTC: minute (0-59), hour (0-23),
-day of month (1-31), month (1-12 or JAN-DEC), day of week (0-7, 0 and 7 are Sunday,
-or SUN-SAT); each field is ``*``, a value, a range ``a-b``, a step ``*/n``,
-``a-b/n`` or ``a/n``, or a comma-separated list of these. As in Vixie cron, when
-both day fields are restricted a day matching either one matches. The macros
-``@yearly`` (``@annually``), ``@monthly``, ``@weekly``, ``@daily`` (``@midnight``)
-and ``@hourly`` are accepted. Intervals fire at every multiple of the interval since
-the Unix epoch, shifted by the phase (offset); the smallest interval is one second.
+Which slots a spec has (cron expressions via cronsim, time zones, intervals) is
+``server/_cron.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -62,13 +55,15 @@ from tideflow.history import (
     datetime_of,
     encode_search_attribute,
     format_rfc3339,
-    micros_of,
     search_attributes_problem,
     slot_action_key,
     trigger_action_key,
 )
 
 from ._config import Clock
+from ._cron import CompiledSpec
+from ._cron import CronError as CronError  # re-exported: tests and tools import it from here
+from ._cron import CronExpression as CronExpression
 from ._engine import HistoryEngine
 from ._errors import (
     AlreadyExistsError,
@@ -82,9 +77,7 @@ log = logging.getLogger("tideflow.server.schedules")
 
 St = ScheduleActionState
 _US = 1_000_000
-_MINUTE_US = 60 * _US
 DEFAULT_CATCHUP_WINDOW_US = 365 * 86_400 * _US
-MIN_INTERVAL_US = _US
 # Slots decided per schedule and pass; a long outage is worked off over several passes.
 _MAX_SLOTS_PER_PASS = 1_000
 # Finished ledger rows kept per schedule (older ones are pruned).
@@ -96,228 +89,12 @@ _FUTURE = 10
 _WAIT_POLL_S = 0.25
 # Longest sleep between passes (a safety net; wake-ups make new work immediate).
 _MAX_IDLE_S = 30.0
+# Pause after a pass failed with an unexpected error.
+_RETRY_S = 1.0
 _MAX_ACTION_WORKFLOW_ID = 960
 _IDENTITY = "tideflow-scheduler"
 SCHEDULED_BY_ID = "TemporalScheduledById"
 SCHEDULED_START_TIME = "TemporalScheduledStartTime"
-
-
-# ------------------------------------------------------------------------- cron
-
-_MONTHS = {
-    name: number
-    for number, name in enumerate(
-        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"),
-        start=1,
-    )
-}
-_DAYS = {"SUN": 0, "MON": 1, "TUE": 2, "WED": 3, "THU": 4, "FRI": 5, "SAT": 6}
-_MACROS = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-_NO_NAMES: dict[str, int] = {}
-_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
-    ("minute", 0, 59, _NO_NAMES),
-    ("hour", 0, 23, _NO_NAMES),
-    ("day-of-month", 1, 31, _NO_NAMES),
-    ("month", 1, 12, _MONTHS),
-    ("day-of-week", 0, 7, _DAYS),
-)
-
-
-class CronError(ValueError):
-    pass
-
-
-def _cron_value(text: str, field: str, low: int, high: int, names: dict[str, int]) -> int:
-    value = names.get(text.upper())
-    if value is None:
-        if not text.isdigit():
-            raise CronError(f"{field} value {text!r} is not a number")
-        value = int(text)
-    if not low <= value <= high:
-        raise CronError(f"{field} value {value} is outside {low}-{high}")
-    return value
-
-
-def _cron_field(text: str, field: str, low: int, high: int, names: dict[str, int]) -> set[int]:
-    values: set[int] = set()
-    for item in text.split(","):
-        if not item:
-            raise CronError(f"{field} has an empty list item")
-        body, _, step_text = item.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise CronError(f"{field} step {step_text!r} must be a positive number")
-            step = int(step_text)
-        if body == "*":
-            start, end = low, high
-        elif "-" in body:
-            first, _, last = body.partition("-")
-            start = _cron_value(first, field, low, high, names)
-            end = _cron_value(last, field, low, high, names)
-            if end < start:
-                raise CronError(f"{field} range {body!r} is backwards")
-        else:
-            start = _cron_value(body, field, low, high, names)
-            end = high if step_text else start
-        values.update(range(start, end + 1, step))
-    return values
-
-
-@dataclass(frozen=True, slots=True)
-class CronExpression:
-    """A parsed five-field cron expression, evaluated in UTC."""
-
-    text: str
-    minutes: tuple[int, ...]
-    hours: tuple[int, ...]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday
-    any_day: bool  # day-of-month is *
-    any_weekday: bool  # day-of-week is *
-
-    @staticmethod
-    def parse(text: str) -> CronExpression:
-        expanded = _MACROS.get(text.strip().lower(), text)
-        parts = expanded.split()
-        if len(parts) != 5:
-            raise CronError(
-                f"cron expression {text!r} has {len(parts)} fields; expected 5 "
-                "(minute hour day-of-month month day-of-week)"
-            )
-        sets = [
-            _cron_field(part, name, low, high, names)
-            for part, (name, low, high, names) in zip(parts, _FIELDS, strict=True)
-        ]
-        weekdays = frozenset(d % 7 for d in sets[4])
-        return CronExpression(
-            text=text,
-            minutes=tuple(sorted(sets[0])),
-            hours=tuple(sorted(sets[1])),
-            days=frozenset(sets[2]),
-            months=frozenset(sets[3]),
-            weekdays=weekdays,
-            any_day=parts[2].startswith("*"),
-            any_weekday=parts[4].startswith("*"),
-        )
-
-    def _day_matches(self, moment: datetime) -> bool:
-        in_month = moment.day in self.days
-        in_week = (moment.isoweekday() % 7) in self.weekdays
-        if self.any_day and self.any_weekday:
-            return True
-        if self.any_day:
-            return in_week
-        if self.any_weekday:
-            return in_month
-        return in_month or in_week
-
-    def next_after(self, micros: int) -> int | None:
-        """The first matching minute strictly after ``micros``; None if there is none
-        within five years (e.g. ``0 0 30 2 *``)."""
-        moment = datetime_of(micros - micros % _MINUTE_US) + timedelta(minutes=1)
-        limit = moment + timedelta(days=5 * 366)
-        while moment < limit:
-            if moment.month not in self.months:
-                year, month = (
-                    (moment.year + 1, 1)
-                    if moment.month == 12
-                    else (
-                        moment.year,
-                        moment.month + 1,
-                    )
-                )
-                moment = datetime(year, month, 1, tzinfo=UTC)
-                continue
-            if not self._day_matches(moment):
-                moment = datetime(moment.year, moment.month, moment.day, tzinfo=UTC) + timedelta(
-                    days=1
-                )
-                continue
-            if moment.hour not in self.hours:
-                moment = moment.replace(minute=0) + timedelta(hours=1)
-                continue
-            i = bisect.bisect_left(self.minutes, moment.minute)
-            if i == len(self.minutes):
-                moment = moment.replace(minute=0) + timedelta(hours=1)
-                continue
-            return micros_of(moment.replace(minute=self.minutes[i]))
-        return None
-
-
-# ------------------------------------------------------------------------- spec
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledSpec:
-    """The slots of a ``ScheduleSpec``: the union of its crons and intervals."""
-
-    crons: tuple[CronExpression, ...]
-    intervals: tuple[tuple[int, int], ...]  # (interval, phase) in microseconds
-    start: int | None
-    end: int | None
-
-    @staticmethod
-    def compile(spec: service_pb2.ScheduleSpec) -> CompiledSpec:
-        """Raises InvalidArgumentError naming what is wrong."""
-        crons = []
-        for text in spec.cron_expressions:
-            try:
-                crons.append(CronExpression.parse(text))
-            except CronError as exc:
-                raise InvalidArgumentError(f"schedule spec: {exc}") from None
-        intervals = []
-        for item in spec.intervals:
-            every = item.interval.ToMicroseconds()
-            phase = item.phase.ToMicroseconds()
-            if every < MIN_INTERVAL_US:
-                raise InvalidArgumentError("schedule spec: an interval must be at least 1 second")
-            if not 0 <= phase < every:
-                raise InvalidArgumentError(
-                    "schedule spec: an interval's offset must be at least 0 and less than "
-                    "the interval"
-                )
-            intervals.append((every, phase))
-        if not crons and not intervals:
-            raise InvalidArgumentError("schedule spec needs a cron expression or an interval")
-        start = spec.start_time.ToMicroseconds() if spec.HasField("start_time") else None
-        end = spec.end_time.ToMicroseconds() if spec.HasField("end_time") else None
-        if start is not None and end is not None and end < start:
-            raise InvalidArgumentError("schedule spec: end_time is before start_time")
-        return CompiledSpec(tuple(crons), tuple(intervals), start, end)
-
-    def next_after(self, micros: int) -> int | None:
-        """The first slot strictly after ``micros``, or None when the spec has ended."""
-        if self.start is not None:
-            micros = max(micros, self.start - 1)
-        candidates = [c for c in (cron.next_after(micros) for cron in self.crons) if c is not None]
-        for every, phase in self.intervals:
-            candidates.append(((micros - phase) // every + 1) * every + phase)
-        if not candidates:
-            return None
-        slot = min(candidates)
-        if self.end is not None and slot > self.end:
-            return None
-        return slot
-
-    def upcoming(self, after: int, count: int) -> list[int]:
-        slots: list[int] = []
-        moment: int | None = after
-        while len(slots) < count:
-            moment = self.next_after(moment) if moment is not None else None
-            if moment is None:
-                break
-            slots.append(moment)
-        return slots
 
 
 # -------------------------------------------------------------------- scheduler
@@ -401,6 +178,32 @@ def require_scheduler(scheduler: Scheduler | None) -> Scheduler:
     return scheduler
 
 
+class _ScheduleLocks:
+    """One lock per schedule, held while its slots are decided, its actions started
+    or a trigger recorded: each of these reads the schedule's occupancy (open runs,
+    pending and buffered actions) and then writes the ledger, so two of them at once
+    could both see a schedule free. Different schedules do not wait for each other.
+    A lock is dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, namespace: str, schedule_id: str) -> AsyncIterator[None]:
+        key = (namespace, schedule_id)
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class Scheduler:
     """Fires every schedule of the store; also serves the schedule RPCs."""
 
@@ -409,52 +212,81 @@ class Scheduler:
         self._db = store.schedules
         self._engine = engine
         self._clock = clock
-        self._wakeup = asyncio.Event()
+        self._locks = _ScheduleLocks()
+        self._decide_wakeup = asyncio.Event()
+        self._act_wakeup = asyncio.Event()
 
     def wake(self) -> None:
-        """New work (a schedule created, unpaused or triggered): run a pass now."""
-        self._wakeup.set()
+        """New work (a schedule created, unpaused or triggered): run both passes now."""
+        self._decide_wakeup.set()
+        self._act_wakeup.set()
 
-    # ----------------------------------------------------------------- loop
+    # ----------------------------------------------------------------- loops
 
     async def run(self) -> None:
-        """Fire schedules until cancelled."""
+        """Fire schedules until cancelled.
+
+        Two loops, owned by this call's TaskGroup: one decides the slots that came
+        due, the other starts the actions decided (and waits for runs to close where
+        the overlap policy says so), so a slow start never delays a decision. Cancelling
+        ``run`` cancels both and returns once they have stopped; the cancellation
+        propagates, it is never swallowed.
+        """
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(
+                self._loop("decide", self._decide_due, self._decide_wakeup),
+                name="tideflow-scheduler-decide",
+            )
+            tasks.create_task(
+                self._loop("act", self._act_on_decided, self._act_wakeup),
+                name="tideflow-scheduler-act",
+            )
+
+    async def _loop(
+        self, name: str, one_pass: Callable[[], Awaitable[float]], wakeup: asyncio.Event
+    ) -> None:
         while True:
-            self._wakeup.clear()
+            wakeup.clear()
             try:
-                delay = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scheduler pass failed; retrying")
-                delay = 1.0
+                delay = await one_pass()
+            except Exception:  # a store hiccup must not stop the schedules for good
+                log.exception("scheduler %s pass failed; retrying", name)
+                delay = _RETRY_S
             if delay > 0:
+                # The timeout only ends the wait: a cancellation of this task still
+                # raises CancelledError out of asyncio.timeout.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await self._wakeup.wait()
+                        await wakeup.wait()
 
-    async def run_once(self) -> float:
-        """One pass over due schedules and waiting actions; returns how long the loop
-        may sleep before the next pass."""
+    async def _decide_due(self) -> float:
+        """Decide the slots of every due schedule; returns how long the decide loop
+        may sleep (until the next slot is due, or at once if more are)."""
         now = self._clock.now_micros()
-        due = await self._db.due(now)
-        more = False
-        for record in due:
-            more |= await self._decide(record, now)
+        more = decided = False
+        for record in await self._db.due(now):
+            async with self._locks.hold(record.namespace, record.schedule_id):
+                more |= await self._decide(record, now)
+            decided = True
+        if decided:
+            self._act_wakeup.set()
+        if more:
+            return 0.0
+        next_due = await self._db.next_due()
+        if next_due is None:
+            return _MAX_IDLE_S
+        return min(_MAX_IDLE_S, max(0.0, (next_due - self._clock.now_micros()) / _US))
+
+    async def _act_on_decided(self) -> float:
+        """Start or release the open actions of every schedule; returns how long the
+        act loop may sleep (briefly while an action waits for a run to close)."""
         waiting = False
         for namespace, schedule_id in await self._db.schedules_with_actions(
             (St.PENDING, St.BUFFERED)
         ):
-            waiting |= await self._act(namespace, schedule_id)
-        if more:
-            return 0.0
-        next_due = await self._db.next_due()
-        delay = _MAX_IDLE_S
-        if next_due is not None:
-            delay = min(delay, max(0.0, (next_due - self._clock.now_micros()) / _US))
-        if waiting:
-            delay = min(delay, _WAIT_POLL_S)
-        return delay
+            async with self._locks.hold(namespace, schedule_id):
+                waiting |= await self._act(namespace, schedule_id)
+        return _WAIT_POLL_S if waiting else _MAX_IDLE_S
 
     async def _running(
         self, namespace: str, schedule_id: str, *, first_only: bool = False
@@ -803,20 +635,21 @@ class Scheduler:
         schedule = service_pb2.Schedule.FromString(record.definition)
         overlap = _overlap(overlap or schedule.policies.overlap_policy)
         now = self._clock.now_micros()
-        occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
-        state = occupancy.fate(overlap)
-        action = ScheduleActionRecord(
-            namespace=record.namespace,
-            schedule_id=record.schedule_id,
-            action_key=trigger_action_key(request_id),
-            kind=ScheduleActionKind.TRIGGERED,
-            slot_time=now,
-            state=state,
-            overlap=overlap,
-            decided_at=now,
-        )
-        # False: this request was recorded before (a retried trigger fires once).
-        await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
+        async with self._locks.hold(record.namespace, record.schedule_id):
+            occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
+            state = occupancy.fate(overlap)
+            action = ScheduleActionRecord(
+                namespace=record.namespace,
+                schedule_id=record.schedule_id,
+                action_key=trigger_action_key(request_id),
+                kind=ScheduleActionKind.TRIGGERED,
+                slot_time=now,
+                state=state,
+                overlap=overlap,
+                decided_at=now,
+            )
+            # False: this request was recorded before (a retried trigger fires once).
+            await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
 
     async def delete(self, namespace: str, schedule_id: str) -> None:
         if not await self._db.delete(namespace, schedule_id):

@@ -9,7 +9,7 @@ from tideflow.worker_sdk.schedules import (
 handle = await client.create_schedule(
     "nightly-report",
     action=ScheduleActionStartWorkflow(Report.run, "eu", id="report", task_queue="reports"),
-    spec=ScheduleSpec(cron="0 2 * * *"),            # or interval=timedelta(minutes=5)
+    spec=ScheduleSpec(cron="0 2 * * *", time_zone="Europe/Berlin"),  # or interval=...
     policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP,
                           catchup_window=timedelta(hours=1)),
 )
@@ -81,10 +81,17 @@ class ScheduleIntervalSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScheduleSpec:
-    """When a schedule fires: ``cron`` (five fields, UTC, e.g. ``"*/5 * * * *"``) and/or
+    """When a schedule fires: ``cron`` (five fields, e.g. ``"*/5 * * * *"``) and/or
     ``interval`` (at least one second; ``offset`` shifts it), plus any further
     ``cron_expressions`` / ``intervals``. Slots fire only within ``start_at`` ..
-    ``end_at`` when those are set."""
+    ``end_at`` when those are set.
+
+    ``time_zone`` is the IANA zone the cron expressions are read in (e.g.
+    ``"Europe/Berlin"``; None is UTC); an unknown zone is refused with
+    ``InvalidArgumentError``. Across daylight-saving changes a job at a fixed time
+    fires as cron runs it: once, at the first minute after the gap, when its time is
+    skipped in spring; once, at the first occurrence, when its time repeats in autumn.
+    Intervals count from the Unix epoch whatever the zone."""
 
     cron: str | None = None
     interval: timedelta | None = None
@@ -93,9 +100,10 @@ class ScheduleSpec:
     intervals: Sequence[ScheduleIntervalSpec] = ()
     start_at: datetime | None = None
     end_at: datetime | None = None
+    time_zone: str | None = None
 
     def to_proto(self) -> service_pb2.ScheduleSpec:
-        proto = service_pb2.ScheduleSpec()
+        proto = service_pb2.ScheduleSpec(timezone_name=self.time_zone or "")
         crons = ([self.cron] if self.cron is not None else []) + list(self.cron_expressions)
         proto.cron_expressions.extend(crons)
         intervals = list(self.intervals)
@@ -127,6 +135,7 @@ class ScheduleSpec:
             intervals=tuple(intervals),
             start_at=_datetime(proto.start_time) if proto.HasField("start_time") else None,
             end_at=_datetime(proto.end_time) if proto.HasField("end_time") else None,
+            time_zone=proto.timezone_name or None,
         )
 
 
