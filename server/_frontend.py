@@ -3,7 +3,9 @@
 It validates requests (namespace, ids, payload sizes, task tokens) before anything
 reaches the engine, and it is the one place where errors become gRPC statuses: a
 ``ServiceError`` keeps its code and message, a store error becomes UNAVAILABLE, and
-anything unexpected is logged and reported as INTERNAL without details leaking.
+anything unexpected is logged and reported as INTERNAL without details leaking. Each
+status carries a typed ``ErrorDetail`` (``errors.proto``) in the standard
+``grpc-status-details-bin`` trailer, which the client maps to its exception classes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 import tideflow
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, errors_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import CLOSE_EVENTS, HistoryStore, RetryableStoreError, StoreError, TaskKind
 
 from ._config import ServerConfig
@@ -30,7 +32,9 @@ from ._errors import (
     NamespaceNotFoundError,
     NotFoundError,
     QueryFailedError,
+    Resource,
     ServiceError,
+    status_trailer,
 )
 from ._matching import Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
@@ -63,20 +67,36 @@ def _rpc(
         try:
             return await method(self, request, context)
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await _abort(context, exc.code, exc.message, exc.detail())
         except (RetryableStoreError, StoreError) as exc:
             log.warning("%s: store unavailable: %s", method.__name__, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"history store unavailable: {exc}")
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"history store unavailable: {exc}",
+                errors_pb2.ErrorDetail(kind=errors_pb2.ERROR_KIND_UNAVAILABLE),
+            )
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+            await _abort(
+                context,
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {method.__name__}",
+                errors_pb2.ErrorDetail(kind=errors_pb2.ERROR_KIND_INTERNAL),
+            )
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
+
+
+async def _abort(
+    context: _Context, code: grpc.StatusCode, message: str, detail: errors_pb2.ErrorDetail
+) -> None:
+    await context.abort(code, message, trailing_metadata=status_trailer(code, message, detail))
 
 
 def _payloads_size(p: common_pb2.Payloads) -> int:
@@ -106,7 +126,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if namespace in self._namespaces:
             return
         if not await self._store.namespace_exists(namespace):
-            raise NamespaceNotFoundError(f"namespace not found: {namespace!r}")
+            raise NamespaceNotFoundError(f"namespace not found: {namespace!r}", namespace=namespace)
         self._namespaces.add(namespace)
 
     def _check_payloads(self, what: str, payloads: common_pb2.Payloads) -> None:
@@ -142,6 +162,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 "transient-workflow-tasks",
                 "activity-retries-without-events",
                 "group-commit",
+                "typed-error-details",
             ],
         )
 
@@ -154,7 +175,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if not await self._store.ensure_namespace(
             request.namespace, description=request.description, retention_seconds=retention
         ):
-            raise AlreadyExistsError(f"namespace already exists: {request.namespace!r}")
+            raise AlreadyExistsError(
+                f"namespace already exists: {request.namespace!r}",
+                resource=Resource.RESOURCE_TYPE_NAMESPACE,
+                id=request.namespace,
+            )
         return service_pb2.RegisterNamespaceResponse()
 
     # ------------------------------------------------------------- workflows
@@ -378,14 +403,21 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = decode_token(request.task_token, activity=False)
         query = self._queries.get(token.query_id) if token.query_id else None
         if query is None:
-            raise NotFoundError("query not found: it was answered already or its caller gave up")
+            raise NotFoundError(
+                "query not found: it was answered already or its caller gave up",
+                resource=Resource.RESOURCE_TYPE_QUERY,
+            )
         if not query.result.done():
             if request.completed_type == service_pb2.QUERY_RESULT_TYPE_ANSWERED:
                 self._check_payloads("query_result", request.query_result)
                 query.result.set_result(request.query_result)
             else:
                 query.result.set_exception(
-                    QueryFailedError(f"query failed: {request.error_message or 'no message'}")
+                    QueryFailedError(
+                        f"query failed: {request.error_message or 'no message'}",
+                        query_type=query.query.query_type,
+                        failure=request.failure if request.HasField("failure") else None,
+                    )
                 )
         return service_pb2.RespondQueryTaskCompletedResponse()
 

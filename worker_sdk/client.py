@@ -22,8 +22,10 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 
-from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, errors_pb2, history_pb2, service_pb2, service_pb2_grpc
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import (
     SearchAttributeValue,
@@ -51,6 +53,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # How long calls keep retrying while the server is unreachable (a restart).
 _RECONNECT_BUDGET_S = 120.0
 
@@ -61,18 +64,36 @@ def default_identity() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def translate_rpc_error(error: grpc.aio.AioRpcError) -> exc.RPCError:
+def error_detail(error: grpc.aio.AioRpcError) -> errors_pb2.ErrorDetail | None:
+    """The typed ``ErrorDetail`` the server attached to a failed call, if any: it
+    travels in the standard ``grpc-status-details-bin`` trailer as a ``google.rpc.Status``
+    whose ``details`` hold it packed in an ``Any``."""
+    for key, value in error.trailing_metadata() or ():
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None  # not from a tideflow server: fall back to the status code
+        for packed in status.details:
+            detail = errors_pb2.ErrorDetail()
+            if packed.Unpack(detail):
+                return detail
+    return None
+
+
+def translate_rpc_error(
+    error: grpc.aio.AioRpcError, converter: DataConverter = default_converter
+) -> exc.RPCError:
+    """The SDK exception for a failed call (``exceptions.rpc_error_from_status``);
+    ``converter`` turns a failed query's reported failure into the error's cause."""
     code = error.code()
-    message = error.details() or code.name
-    if code == grpc.StatusCode.NOT_FOUND:
-        return exc.NotFoundError(message, status=code.name)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return exc.InvalidArgumentError(message, status=code.name)
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return exc.WorkflowAlreadyStartedError(message, status=code.name)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("query failed"):
-        return exc.WorkflowQueryFailedError(message, status=code.name)
-    return exc.RPCError(message, status=code.name)
+    translated = exc.rpc_error_from_status(
+        error.details() or code.name, status=code.name, detail=error_detail(error)
+    )
+    if isinstance(translated, exc.WorkflowQueryFailedError) and translated.failure is not None:
+        translated.__cause__ = converter.from_failure(translated.failure)
+    return translated
 
 
 class WorkflowExecutionStatus(IntEnum):
@@ -209,7 +230,9 @@ class Client:
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
-                raise translate_rpc_error(error) from None
+                translated = translate_rpc_error(error, self.data_converter)
+                # Hide the grpc error (its text is in ours), keep a failed query's cause.
+                raise translated from translated.__cause__
 
     # ------------------------------------------------------------- workflows
 
@@ -386,7 +409,7 @@ class Client:
         request.schedule.CopyFrom(schedule.to_proto(self.data_converter))
         try:
             await self.call(self.service.CreateSchedule, request)
-        except exc.WorkflowAlreadyStartedError as error:
+        except exc.AlreadyExistsError as error:
             raise ScheduleAlreadyRunningError(error.message, status=error.status) from None
         return ScheduleHandle(self, id)
 
