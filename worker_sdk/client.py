@@ -54,8 +54,14 @@ Resp = TypeVar("Resp")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-# How long calls keep retrying while the server is unreachable (a restart).
+# Status codes of a connection that never reached a server.
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.DEADLINE_EXCEEDED.name}
+# How long calls keep retrying while the server is unreachable (a restart): workers and
+# clients that once connected ride out a server restart of up to this long.
 _RECONNECT_BUDGET_S = 120.0
+# How long ``Client.connect`` waits for a first answer: an address where no server
+# listens is a mistake to report at once, not an outage to wait out.
+DEFAULT_CONNECT_TIMEOUT = timedelta(seconds=5)
 
 
 def default_identity() -> str:
@@ -180,8 +186,22 @@ class Client:
         namespace: str = "default",
         data_converter: DataConverter = default_converter,
         identity: str | None = None,
+        connect_timeout: timedelta | float = DEFAULT_CONNECT_TIMEOUT,
     ) -> Client:
-        """Connect to ``host:port`` and check the server answers."""
+        """Connect to ``host:port`` and check the server answers.
+
+        Raises ``ConnectError`` if no server answers within ``connect_timeout`` (a
+        timedelta or seconds; 5 s by default). Once connected, calls retry while the
+        server is unreachable for up to two minutes, so a server restart does not
+        disturb the client or the workers that poll through it.
+        """
+        seconds = (
+            connect_timeout.total_seconds()
+            if isinstance(connect_timeout, timedelta)
+            else float(connect_timeout)
+        )
+        if seconds <= 0:
+            raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
         channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -196,9 +216,28 @@ class Client:
             data_converter=data_converter,
             identity=identity or default_identity(),
         )
-        await client.call(
-            client.service.GetSystemInfo, service_pb2.GetSystemInfoRequest(), timeout=10
-        )
+        try:
+            # Retrying within the timeout covers a server that is still starting;
+            # asyncio.timeout bounds an attempt begun just before the end.
+            async with asyncio.timeout(seconds):
+                await client.call(
+                    client.service.GetSystemInfo,
+                    service_pb2.GetSystemInfoRequest(),
+                    timeout=seconds,
+                    retry_for=seconds,
+                )
+        except (exc.RPCError, TimeoutError) as error:
+            await channel.close()
+            if isinstance(error, exc.RPCError) and error.status not in _UNREACHABLE:
+                raise  # a server answered, with an error
+            why = error.message if isinstance(error, exc.RPCError) else "no answer"
+            raise exc.ConnectError(
+                f"cannot reach a tideflow server at {target} within {seconds:g} s: {why}",
+                status=grpc.StatusCode.UNAVAILABLE.name,
+            ) from None
+        except BaseException:
+            await channel.close()
+            raise
         return client
 
     async def close(self) -> None:
@@ -217,10 +256,12 @@ class Client:
         *,
         timeout: float = 30.0,
         retry: bool = True,
+        retry_for: float = _RECONNECT_BUDGET_S,
     ) -> Resp:
-        """One RPC with status translation; retries while the server is unreachable."""
+        """One RPC with status translation; retries while the server is unreachable,
+        for up to ``retry_for`` seconds (two minutes: a server restart)."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + _RECONNECT_BUDGET_S
+        give_up = loop.time() + retry_for
         delay = 0.05
         while True:
             try:
