@@ -1,8 +1,12 @@
-"""Typed error details across the wire (``tideflow/api/v1/errors.proto``).
+"""The client's API against a live server.
 
-The server attaches an ``ErrorDetail`` to every error status in the standard
+Typed error details across the wire (``tideflow/api/v1/errors.proto``): the server
+attaches an ``ErrorDetail`` to every error status in the standard
 ``grpc-status-details-bin`` trailer; the client picks the exception class from its
 kind and fills the exception's fields from it, never from the message text.
+
+One set of start options: ``execute_workflow`` takes every option ``start_workflow``
+takes (id policies, signal-with-start), and both refuse unknown or missing ones.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from google.rpc import status_pb2
 from tideflow.api.v1 import errors_pb2, service_pb2, service_pb2_grpc
 from tideflow.server import TideflowServer
 from tideflow.server import _errors as server_errors
-from tideflow.worker_sdk import Client, Worker, WorkflowIDReusePolicy, workflow
+from tideflow.worker_sdk import (
+    Client,
+    Worker,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+    workflow,
+)
+from tideflow.worker_sdk.client import WorkflowStartOptions
 from tideflow.worker_sdk.exceptions import (
     AlreadyExistsError,
     ApplicationError,
@@ -253,3 +264,64 @@ def test_a_status_without_detail_maps_by_code_alone() -> None:
     assert rpc_error_from_status("x", status="UNKNOWN", detail=None).kind == (
         errors_pb2.ERROR_KIND_UNSPECIFIED
     )
+
+
+# ------------------------------------------------------------- start options
+
+
+@workflow.defn
+class Mailbox:
+    """Collects signalled words until told to close, then returns them."""
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
+    @workflow.run
+    async def run(self, first: str) -> list[str]:
+        await workflow.wait_condition(lambda: "close" in self.words)
+        return [first, *self.words]
+
+    @workflow.signal
+    def post(self, word: str) -> None:
+        self.words.append(word)
+
+
+async def test_execute_workflow_takes_signal_with_start_and_id_policies(client: Client) -> None:
+    wid, queue = new_id("mailbox"), new_id("q")
+    async with Worker(client, task_queue=queue, workflows=[Mailbox]):
+        first = await client.start_workflow(
+            Mailbox.run,
+            "a",
+            id=wid,
+            task_queue=queue,
+            start_signal=Mailbox.post,
+            start_signal_args=["b"],
+        )
+        # Signal-with-start through execute_workflow, with the options of a start:
+        # it joins the running run and returns its result once the signal it carries
+        # closes it.
+        options: WorkflowStartOptions = {
+            "id": wid,
+            "task_queue": queue,
+            "start_signal": Mailbox.post,
+            "start_signal_args": ["close"],
+            "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+        }
+        joined = await bounded(
+            client.execute_workflow(Mailbox.run, "ignored: the run exists", **options)
+        )
+        assert joined == ["a", "b", "close"]
+        assert await first.result() == joined
+
+
+async def test_unknown_and_missing_start_options_are_refused(client: Client) -> None:
+    with pytest.raises(TypeError, match="unknown workflow start options: colour"):
+        await client.start_workflow(
+            Mailbox.run,
+            "a",
+            id="x",
+            task_queue="q",
+            colour="red",  # type: ignore[call-overload]
+        )
+    with pytest.raises(TypeError, match="needs task_queue"):
+        await client.execute_workflow(Mailbox.run, "a", id="x")  # type: ignore[call-overload]
