@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, assert_type
 
-from tideflow.worker_sdk import Client, WorkflowHandle, WorkflowIDReusePolicy, workflow
+from tideflow.worker_sdk import Client, WorkflowHandle, WorkflowIDReusePolicy, activity, workflow
 from tideflow.worker_sdk.client import WorkflowStartOptions
 
 
@@ -45,6 +45,38 @@ class Adder:
     @workflow.run
     async def run(self, a: int, b: int) -> float:
         return a + b
+
+
+@activity.defn
+async def fetch(url: str) -> bytes:
+    return b""
+
+
+@activity.defn
+def count_rows() -> int:
+    return 0
+
+
+@activity.defn
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+@workflow.defn
+class Crawler:
+    @workflow.run
+    async def run(self, url: str) -> int:
+        timeout = timedelta(seconds=10)
+        page = await workflow.execute_activity(fetch, url, start_to_close_timeout=timeout)
+        assert_type(page, bytes)
+        rows = await workflow.execute_activity(count_rows, start_to_close_timeout=timeout)
+        assert_type(rows, int)
+        total = await workflow.execute_activity(add, args=[1, 2], start_to_close_timeout=timeout)
+        assert_type(total, int)
+        assert_type(await workflow.execute_activity("fetch", url, result_type=bytes), Any)
+        await workflow.execute_activity(fetch, 42, start_to_close_timeout=timeout)  # type: ignore[arg-type]
+        await workflow.execute_activity(fetch, url, start_to_close_timeout=10)  # type: ignore[call-overload]
+        return rows
 
 
 async def inferred(client: Client) -> None:
