@@ -26,7 +26,8 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from typing_extensions import TypeVar
 
-from tideflow.api.v1 import common_pb2, errors_pb2, history_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1.errors_pb2 import ErrorDetail
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import (
     SearchAttributeValue,
@@ -84,7 +85,7 @@ def default_identity() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def error_detail(error: grpc.aio.AioRpcError) -> errors_pb2.ErrorDetail | None:
+def error_detail(error: grpc.aio.AioRpcError) -> ErrorDetail | None:
     """The typed ``ErrorDetail`` the server attached to a failed call, if any: it
     travels in the standard ``grpc-status-details-bin`` trailer as a ``google.rpc.Status``
     whose ``details`` hold it packed in an ``Any``."""
@@ -96,7 +97,7 @@ def error_detail(error: grpc.aio.AioRpcError) -> errors_pb2.ErrorDetail | None:
         except DecodeError:
             return None  # not from a tideflow server: fall back to the status code
         for packed in status.details:
-            detail = errors_pb2.ErrorDetail()
+            detail = ErrorDetail()
             if packed.Unpack(detail):
                 return detail
     return None
