@@ -22,12 +22,9 @@ from typing import Any, Concatenate, Generic, Required, TypedDict, Unpack, cast,
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
-from google.rpc import status_pb2
 from typing_extensions import TypeVar
 
 from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_grpc
-from tideflow.api.v1.errors_pb2 import ErrorDetail
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import (
     SearchAttributeValue,
@@ -68,7 +65,6 @@ Result = TypeVar("Result", default=Any)
 T = TypeVar("T")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Status codes of a connection that never reached a server.
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.DEADLINE_EXCEEDED.name}
 # How long calls keep retrying while the server is unreachable (a restart): workers and
@@ -85,24 +81,6 @@ def default_identity() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def error_detail(error: grpc.aio.AioRpcError) -> ErrorDetail | None:
-    """The typed ``ErrorDetail`` the server attached to a failed call, if any: it
-    travels in the standard ``grpc-status-details-bin`` trailer as a ``google.rpc.Status``
-    whose ``details`` hold it packed in an ``Any``."""
-    for key, value in error.trailing_metadata() or ():
-        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except DecodeError:
-            return None  # not from a tideflow server: fall back to the status code
-        for packed in status.details:
-            detail = ErrorDetail()
-            if packed.Unpack(detail):
-                return detail
-    return None
-
-
 def translate_rpc_error(
     error: grpc.aio.AioRpcError, converter: DataConverter = default_converter
 ) -> exc.RPCError:
@@ -110,7 +88,9 @@ def translate_rpc_error(
     ``converter`` turns a failed query's reported failure into the error's cause."""
     code = error.code()
     translated = exc.rpc_error_from_status(
-        error.details() or code.name, status=code.name, detail=error_detail(error)
+        error.details() or code.name,
+        status=code.name,
+        detail=exc.error_detail(error.trailing_metadata() or ()),
     )
     if isinstance(translated, exc.WorkflowQueryFailedError) and translated.failure is not None:
         translated.__cause__ = converter.from_failure(translated.failure)

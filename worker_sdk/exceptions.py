@@ -8,9 +8,12 @@ a failed workflow as ``WorkflowFailureError`` whose cause is what the workflow r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
 from typing import Any
+
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 
 from tideflow.api.v1 import common_pb2, errors_pb2
 
@@ -222,6 +225,30 @@ _KIND_OF_STATUS: dict[str, errors_pb2.ErrorKind] = {
     "RESOURCE_EXHAUSTED": errors_pb2.ERROR_KIND_RESOURCE_EXHAUSTED,
     "INTERNAL": errors_pb2.ERROR_KIND_INTERNAL,
 }
+
+
+# The trailer gRPC defines for rich error details: a serialized ``google.rpc.Status``.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def error_detail(
+    trailing_metadata: Iterable[tuple[str, str | bytes]],
+) -> errors_pb2.ErrorDetail | None:
+    """The typed ``ErrorDetail`` a tideflow server attached to a failed call, if any: it
+    travels in the standard ``grpc-status-details-bin`` trailer as a ``google.rpc.Status``
+    whose ``details`` hold it packed in an ``Any``."""
+    for key, value in trailing_metadata:
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None  # not from a tideflow server: the status code alone decides
+        for packed in status.details:
+            detail = errors_pb2.ErrorDetail()
+            if packed.Unpack(detail):
+                return detail
+    return None
 
 
 def rpc_error_from_status(
