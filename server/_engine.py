@@ -36,7 +36,6 @@ from tideflow.api.v1.common_pb2 import (
     WorkflowIdReusePolicy,
 )
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
-from tideflow.api.v1.errors_pb2 import ResourceType
 from tideflow.api.v1.history_pb2 import EventType, ParentClosePolicy, WorkflowTaskFailedCause
 from tideflow.history import (
     ConditionFailedError,
@@ -63,6 +62,7 @@ from ._errors import (
     NotFoundError,
     UnavailableError,
     WorkflowAlreadyStartedError,
+    WorkflowNotFoundError,
 )
 from ._mutation import Mutation, run_key_of
 from ._trace import Tracer
@@ -167,9 +167,8 @@ class HistoryEngine:
             return run
         record = await self._store.get_execution(key)
         if record is None:
-            raise NotFoundError(
+            raise WorkflowNotFoundError(
                 f"workflow run not found: workflow_id={key.workflow_id!r} run_id={key.run_id!r}",
-                resource=ResourceType.RESOURCE_TYPE_WORKFLOW,
                 workflow_id=key.workflow_id,
                 run_id=key.run_id,
             )
@@ -2082,10 +2081,8 @@ class HistoryEngine:
             return RunKey(namespace=namespace, workflow_id=workflow_id, run_id=run_id)
         current = await self._store.get_current(namespace, workflow_id)
         if current is None:
-            raise NotFoundError(
-                f"workflow not found: workflow_id={workflow_id!r}",
-                resource=ResourceType.RESOURCE_TYPE_WORKFLOW,
-                workflow_id=workflow_id,
+            raise WorkflowNotFoundError(
+                f"workflow not found: workflow_id={workflow_id!r}", workflow_id=workflow_id
             )
         return RunKey(namespace=namespace, workflow_id=workflow_id, run_id=current.run_id)
 

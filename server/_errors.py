@@ -81,6 +81,18 @@ class NotFoundError(ServiceError):
         return detail
 
 
+class WorkflowNotFoundError(NotFoundError):
+    """No run ``run_id`` of ``workflow_id`` (or no run at all, if ``run_id`` is empty)."""
+
+    def __init__(self, message: str, *, workflow_id: str, run_id: str = "") -> None:
+        super().__init__(
+            message,
+            resource=Resource.RESOURCE_TYPE_WORKFLOW,
+            workflow_id=workflow_id,
+            run_id=run_id,
+        )
+
+
 class NamespaceNotFoundError(NotFoundError):
     kind = Kind.ERROR_KIND_NAMESPACE_NOT_FOUND
 
@@ -100,7 +112,7 @@ class WorkflowAlreadyStartedError(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
     kind = Kind.ERROR_KIND_WORKFLOW_ALREADY_STARTED
 
-    def __init__(self, message: str, *, run_id: str, workflow_id: str = "") -> None:
+    def __init__(self, message: str, *, workflow_id: str, run_id: str) -> None:
         super().__init__(message)
         self.run_id = run_id
         self.workflow_id = workflow_id

@@ -223,9 +223,10 @@ async def test_raw_grpc_caller_reads_the_standard_status_details(client: Client)
     [
         (server_errors.InvalidArgumentError("bad"), InvalidArgumentError),
         (server_errors.NotFoundError("gone"), NotFoundError),
+        (server_errors.WorkflowNotFoundError("gone", workflow_id="w"), NotFoundError),
         (server_errors.NamespaceNotFoundError("gone", namespace="n"), NamespaceNotFoundError),
         (
-            server_errors.WorkflowAlreadyStartedError("taken", run_id="r"),
+            server_errors.WorkflowAlreadyStartedError("taken", workflow_id="w", run_id="r"),
             WorkflowAlreadyStartedError,
         ),
         (server_errors.AlreadyExistsError("taken"), AlreadyExistsError),
