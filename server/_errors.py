@@ -22,12 +22,10 @@ Resource = errors_pb2.ResourceType
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def status_trailer(
-    code: grpc.StatusCode, message: str, detail: errors_pb2.ErrorDetail
-) -> tuple[tuple[str, bytes], ...]:
-    """The trailing metadata that carries ``detail`` with a status."""
-    status = status_pb2.Status(code=code.value[0], message=message)
-    status.details.add().Pack(detail)
+def status_trailer(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata that carries the error's typed detail with its status."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    status.details.add().Pack(error.detail())
     return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 

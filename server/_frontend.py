@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 import tideflow
-from tideflow.api.v1 import common_pb2, errors_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import CLOSE_EVENTS, HistoryStore, RetryableStoreError, StoreError, TaskKind
 
 from ._config import ServerConfig
@@ -34,6 +34,7 @@ from ._errors import (
     QueryFailedError,
     Resource,
     ServiceError,
+    UnavailableError,
     status_trailer,
 )
 from ._matching import Matching, QueryTask
@@ -67,36 +68,25 @@ def _rpc(
         try:
             return await method(self, request, context)
         except ServiceError as exc:
-            await _abort(context, exc.code, exc.message, exc.detail())
+            await _abort(context, exc)
         except (RetryableStoreError, StoreError) as exc:
             log.warning("%s: store unavailable: %s", method.__name__, exc)
-            await _abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"history store unavailable: {exc}",
-                errors_pb2.ErrorDetail(kind=errors_pb2.ERROR_KIND_UNAVAILABLE),
-            )
+            await _abort(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("%s failed", method.__name__)
-            await _abort(
-                context,
-                grpc.StatusCode.INTERNAL,
-                f"internal error in {method.__name__}",
-                errors_pb2.ErrorDetail(kind=errors_pb2.ERROR_KIND_INTERNAL),
-            )
+            await _abort(context, ServiceError(f"internal error in {method.__name__}"))
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
 
 
-async def _abort(
-    context: _Context, code: grpc.StatusCode, message: str, detail: errors_pb2.ErrorDetail
-) -> None:
-    await context.abort(code, message, trailing_metadata=status_trailer(code, message, detail))
+async def _abort(context: _Context, error: ServiceError) -> None:
+    """End the call with the error's status and its typed detail in the trailer."""
+    await context.abort(error.code, error.message, trailing_metadata=status_trailer(error))
 
 
 def _payloads_size(p: common_pb2.Payloads) -> int:
