@@ -91,6 +91,11 @@ class WorkflowNotFoundError(NotFoundError):
         )
 
 
+class ScheduleNotFoundError(NotFoundError):
+    def __init__(self, message: str, *, schedule_id: str) -> None:
+        super().__init__(message, resource=Resource.RESOURCE_TYPE_SCHEDULE, id=schedule_id)
+
+
 class NamespaceNotFoundError(NotFoundError):
     kind = Kind.ERROR_KIND_NAMESPACE_NOT_FOUND
 
@@ -144,6 +149,11 @@ class AlreadyExistsError(ServiceError):
         detail.already_exists.resource = self.resource
         detail.already_exists.id = self.id
         return detail
+
+
+class ScheduleAlreadyExistsError(AlreadyExistsError):
+    def __init__(self, message: str, *, schedule_id: str) -> None:
+        super().__init__(message, resource=Resource.RESOURCE_TYPE_SCHEDULE, id=schedule_id)
 
 
 class FailedPreconditionError(ServiceError):

@@ -326,3 +326,10 @@ async def test_unknown_and_missing_start_options_are_refused(client: Client) -> 
         )
     with pytest.raises(TypeError, match="needs task_queue"):
         await client.execute_workflow(Mailbox.run, "a", id="x")  # type: ignore[call-overload]
+
+
+async def test_schedule_errors_name_the_schedule(client: Client) -> None:
+    schedule_id = new_id("nightly")
+    with pytest.raises(NotFoundError) as missing:
+        await client.get_schedule_handle(schedule_id).describe()
+    assert (missing.value.resource, missing.value.id) == ("schedule", schedule_id)
