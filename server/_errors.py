@@ -9,6 +9,8 @@ message.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import status_pb2
 
@@ -22,6 +24,19 @@ Resource = errors_pb2.ResourceType
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
+# The kind of a subclass that names only its status code.
+_KIND_OF_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: Kind.ERROR_KIND_INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: Kind.ERROR_KIND_NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: Kind.ERROR_KIND_ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION: Kind.ERROR_KIND_FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE: Kind.ERROR_KIND_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Kind.ERROR_KIND_DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Kind.ERROR_KIND_RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL: Kind.ERROR_KIND_INTERNAL,
+}
+
+
 def status_trailer(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
     """The trailing metadata that carries the error's typed detail with its status."""
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
@@ -29,11 +44,25 @@ def status_trailer(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
     return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
+async def abort_with_detail(
+    context: grpc.aio.ServicerContext[Any, Any], error: ServiceError
+) -> None:
+    """End the call with the error's status and its typed detail in the trailer."""
+    await context.abort(error.code, error.message, trailing_metadata=status_trailer(error))
+
+
 class ServiceError(Exception):
     """An error with the gRPC status code the frontend reports for it."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     kind: errors_pb2.ErrorKind = Kind.ERROR_KIND_INTERNAL
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that sets only ``code`` (say, a limit refused with
+        # RESOURCE_EXHAUSTED) gets that code's generic kind, not its parent's.
+        if "code" in cls.__dict__ and "kind" not in cls.__dict__:
+            cls.kind = _KIND_OF_CODE.get(cls.code, Kind.ERROR_KIND_UNSPECIFIED)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

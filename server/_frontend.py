@@ -35,7 +35,7 @@ from ._errors import (
     Resource,
     ServiceError,
     UnavailableError,
-    status_trailer,
+    abort_with_detail,
 )
 from ._matching import Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
@@ -68,25 +68,20 @@ def _rpc(
         try:
             return await method(self, request, context)
         except ServiceError as exc:
-            await _abort(context, exc)
+            await abort_with_detail(context, exc)
         except (RetryableStoreError, StoreError) as exc:
             log.warning("%s: store unavailable: %s", method.__name__, exc)
-            await _abort(context, UnavailableError(f"history store unavailable: {exc}"))
+            await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("%s failed", method.__name__)
-            await _abort(context, ServiceError(f"internal error in {method.__name__}"))
+            await abort_with_detail(context, ServiceError(f"internal error in {method.__name__}"))
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
-
-
-async def _abort(context: _Context, error: ServiceError) -> None:
-    """End the call with the error's status and its typed detail in the trailer."""
-    await context.abort(error.code, error.message, trailing_metadata=status_trailer(error))
 
 
 def _payloads_size(p: common_pb2.Payloads) -> int:

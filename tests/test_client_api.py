@@ -250,6 +250,15 @@ def test_every_server_error_maps_to_its_client_class(
     )
 
 
+def test_an_error_class_that_names_only_its_code_gets_that_codes_kind() -> None:
+    class TooManyPolls(server_errors.ServiceError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    error = TooManyPolls("too many polls")
+    assert error.detail().kind == errors_pb2.ERROR_KIND_RESOURCE_EXHAUSTED
+    assert server_errors.ServiceError("bug").detail().kind == errors_pb2.ERROR_KIND_INTERNAL
+
+
 def test_a_status_without_detail_maps_by_code_alone() -> None:
     """Statuses the channel makes (no server detail) never guess from the text."""
     error = rpc_error_from_status(
