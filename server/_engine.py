@@ -62,6 +62,7 @@ from ._errors import (
     NotFoundError,
     UnavailableError,
     WorkflowAlreadyStartedError,
+    WorkflowNotFoundError,
 )
 from ._mutation import Mutation, run_key_of
 from ._trace import Tracer
@@ -166,8 +167,10 @@ class HistoryEngine:
             return run
         record = await self._store.get_execution(key)
         if record is None:
-            raise NotFoundError(
-                f"workflow run not found: workflow_id={key.workflow_id!r} run_id={key.run_id!r}"
+            raise WorkflowNotFoundError(
+                f"workflow run not found: workflow_id={key.workflow_id!r} run_id={key.run_id!r}",
+                workflow_id=key.workflow_id,
+                run_id=key.run_id,
             )
         run = self._cache.get(key)  # another coroutine may have loaded it meanwhile
         if run is None:
@@ -357,6 +360,7 @@ class HistoryEngine:
                         f"workflow id {req.workflow_id!r} is already running "
                         f"as run {current.run_id}",
                         run_id=current.run_id,
+                        workflow_id=req.workflow_id,
                     )
                 problem = _reuse_refused(req.workflow_id_reuse_policy, current.status)
                 if problem:
@@ -364,6 +368,7 @@ class HistoryEngine:
                         f"workflow id {req.workflow_id!r} was used by run {current.run_id} "
                         f"and {problem}",
                         run_id=current.run_id,
+                        workflow_id=req.workflow_id,
                     )
             run_id = str(uuid.uuid4())
             m = self._new_run(
@@ -2076,7 +2081,9 @@ class HistoryEngine:
             return RunKey(namespace=namespace, workflow_id=workflow_id, run_id=run_id)
         current = await self._store.get_current(namespace, workflow_id)
         if current is None:
-            raise NotFoundError(f"workflow not found: workflow_id={workflow_id!r}")
+            raise WorkflowNotFoundError(
+                f"workflow not found: workflow_id={workflow_id!r}", workflow_id=workflow_id
+            )
         return RunKey(namespace=namespace, workflow_id=workflow_id, run_id=current.run_id)
 
     async def read_events(

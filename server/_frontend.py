@@ -3,7 +3,9 @@
 It validates requests (namespace, ids, payload sizes, task tokens) before anything
 reaches the engine, and it is the one place where errors become gRPC statuses: a
 ``ServiceError`` keeps its code and message, a store error becomes UNAVAILABLE, and
-anything unexpected is logged and reported as INTERNAL without details leaking.
+anything unexpected is logged and reported as INTERNAL without details leaking. Each
+status carries a typed ``ErrorDetail`` (``errors.proto``) in the standard
+``grpc-status-details-bin`` trailer, which the client maps to its exception classes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from ._errors import (
     NamespaceNotFoundError,
     NotFoundError,
     QueryFailedError,
+    Resource,
     ServiceError,
+    UnavailableError,
+    abort_with_detail,
 )
 from ._matching import Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
@@ -63,17 +68,17 @@ def _rpc(
         try:
             return await method(self, request, context)
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await abort_with_detail(context, exc)
         except (RetryableStoreError, StoreError) as exc:
             log.warning("%s: store unavailable: %s", method.__name__, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"history store unavailable: {exc}")
+            await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+            await abort_with_detail(context, ServiceError(f"internal error in {method.__name__}"))
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
@@ -106,7 +111,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if namespace in self._namespaces:
             return
         if not await self._store.namespace_exists(namespace):
-            raise NamespaceNotFoundError(f"namespace not found: {namespace!r}")
+            raise NamespaceNotFoundError(f"namespace not found: {namespace!r}", namespace=namespace)
         self._namespaces.add(namespace)
 
     def _check_payloads(self, what: str, payloads: common_pb2.Payloads) -> None:
@@ -142,6 +147,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 "transient-workflow-tasks",
                 "activity-retries-without-events",
                 "group-commit",
+                "typed-error-details",
             ],
         )
 
@@ -154,7 +160,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if not await self._store.ensure_namespace(
             request.namespace, description=request.description, retention_seconds=retention
         ):
-            raise AlreadyExistsError(f"namespace already exists: {request.namespace!r}")
+            raise AlreadyExistsError(
+                f"namespace already exists: {request.namespace!r}",
+                resource=Resource.RESOURCE_TYPE_NAMESPACE,
+                id=request.namespace,
+            )
         return service_pb2.RegisterNamespaceResponse()
 
     # ------------------------------------------------------------- workflows
@@ -385,14 +395,21 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = decode_token(request.task_token, activity=False)
         query = self._queries.get(token.query_id) if token.query_id else None
         if query is None:
-            raise NotFoundError("query not found: it was answered already or its caller gave up")
+            raise NotFoundError(
+                "query not found: it was answered already or its caller gave up",
+                resource=Resource.RESOURCE_TYPE_QUERY,
+            )
         if not query.result.done():
             if request.completed_type == service_pb2.QUERY_RESULT_TYPE_ANSWERED:
                 self._check_payloads("query_result", request.query_result)
                 query.result.set_result(request.query_result)
             else:
                 query.result.set_exception(
-                    QueryFailedError(f"query failed: {request.error_message or 'no message'}")
+                    QueryFailedError(
+                        f"query failed: {request.error_message or 'no message'}",
+                        query_type=query.query.query_type,
+                        failure=request.failure if request.HasField("failure") else None,
+                    )
                 )
         return service_pb2.RespondQueryTaskCompletedResponse()
 

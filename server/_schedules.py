@@ -66,9 +66,9 @@ from ._cron import CronError as CronError  # re-exported: tests and tools import
 from ._cron import CronExpression as CronExpression
 from ._engine import HistoryEngine
 from ._errors import (
-    AlreadyExistsError,
     InvalidArgumentError,
-    NotFoundError,
+    ScheduleAlreadyExistsError,
+    ScheduleNotFoundError,
     ServiceError,
     UnavailableError,
 )
@@ -528,13 +528,17 @@ class Scheduler:
             existing = await self._db.get(namespace, schedule_id)
             if existing is not None and request_id and existing.create_request_id == request_id:
                 return  # a retry of the create that made it
-            raise AlreadyExistsError(f"schedule {schedule_id!r} already exists")
+            raise ScheduleAlreadyExistsError(
+                f"schedule {schedule_id!r} already exists", schedule_id=schedule_id
+            )
         self.wake()
 
     async def _get(self, namespace: str, schedule_id: str) -> ScheduleRecord:
         record = await self._db.get(namespace, schedule_id)
         if record is None:
-            raise NotFoundError(f"schedule not found: {schedule_id!r}")
+            raise ScheduleNotFoundError(
+                f"schedule not found: {schedule_id!r}", schedule_id=schedule_id
+            )
         return record
 
     async def describe(
@@ -653,7 +657,9 @@ class Scheduler:
 
     async def delete(self, namespace: str, schedule_id: str) -> None:
         if not await self._db.delete(namespace, schedule_id):
-            raise NotFoundError(f"schedule not found: {schedule_id!r}")
+            raise ScheduleNotFoundError(
+                f"schedule not found: {schedule_id!r}", schedule_id=schedule_id
+            )
 
     async def list_schedules(
         self, namespace: str, page_size: int, token: bytes

@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, Required, TypedDict, Unpack, cast, overload
 
 import grpc
 from google.protobuf import json_format
+from typing_extensions import TypeVar
 
 from tideflow.api.search_attributes import (
     SearchAttributeValue,
@@ -32,6 +33,16 @@ from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_gr
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
+from ._types import (
+    MethodAsyncNoParam,
+    MethodAsyncSingleParam,
+    MethodSyncNoParam,
+    MethodSyncSingleParam,
+    MultiParamSpec,
+    ParamType,
+    ReturnType,
+    SelfType,
+)
 from .common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, default_converter
 from .schedules import (
@@ -49,10 +60,19 @@ from .workflow import definition_of, handler_name
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+# A handle's result type; a bare ``WorkflowHandle`` annotation means ``WorkflowHandle[Any]``.
+Result = TypeVar("Result", default=Any)
+T = TypeVar("T")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-# How long calls keep retrying while the server is unreachable (a restart).
+# Status codes of a connection that never reached a server.
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.DEADLINE_EXCEEDED.name}
+# How long calls keep retrying while the server is unreachable (a restart): workers and
+# clients that once connected ride out a server restart of up to this long.
 _RECONNECT_BUDGET_S = 120.0
+# How long ``Client.connect`` waits for a first answer: an address where no server
+# listens is a mistake to report at once, not an outage to wait out.
+DEFAULT_CONNECT_TIMEOUT = timedelta(seconds=5)
 
 
 def default_identity() -> str:
@@ -61,18 +81,20 @@ def default_identity() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def translate_rpc_error(error: grpc.aio.AioRpcError) -> exc.RPCError:
+def translate_rpc_error(
+    error: grpc.aio.AioRpcError, converter: DataConverter = default_converter
+) -> exc.RPCError:
+    """The SDK exception for a failed call (``exceptions.rpc_error_from_status``);
+    ``converter`` turns a failed query's reported failure into the error's cause."""
     code = error.code()
-    message = error.details() or code.name
-    if code == grpc.StatusCode.NOT_FOUND:
-        return exc.NotFoundError(message, status=code.name)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return exc.InvalidArgumentError(message, status=code.name)
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return exc.WorkflowAlreadyStartedError(message, status=code.name)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("query failed"):
-        return exc.WorkflowQueryFailedError(message, status=code.name)
-    return exc.RPCError(message, status=code.name)
+    translated = exc.rpc_error_from_status(
+        error.details() or code.name,
+        status=code.name,
+        detail=exc.error_detail(error.trailing_metadata() or ()),
+    )
+    if isinstance(translated, exc.WorkflowQueryFailedError) and translated.failure is not None:
+        translated.__cause__ = converter.from_failure(translated.failure)
+    return translated
 
 
 class WorkflowExecutionStatus(IntEnum):
@@ -135,6 +157,52 @@ class WorkflowHistory:
         return cls(wid, events)
 
 
+class WorkflowStartOptions(TypedDict, total=False):
+    """The options of a workflow start, shared by ``Client.start_workflow`` and
+    ``Client.execute_workflow`` (keyword arguments; ``id`` and ``task_queue`` are
+    required).
+
+    Attributes:
+        id: The workflow id.
+        task_queue: The task queue whose workers run the workflow.
+        execution_timeout: Bound of the whole execution, continue-as-new included.
+        run_timeout: Bound of one run.
+        task_timeout: Bound of one workflow task.
+        request_id: Makes a retried start idempotent (one is made up per call).
+        result_type: Type the result is decoded to (the run method's return type by
+            default).
+        start_signal: A signal method or name: signal-with-start. A running run with
+            this id gets the signal; otherwise a new run starts with it.
+        start_signal_args: The signal's arguments.
+        memo: Data returned by ``list_workflows``, any value the converter encodes.
+        search_attributes: Indexed values (str, int, float, bool, datetime) for
+            ``list_workflows`` / ``count_workflows`` queries.
+        id_reuse_policy: Whether the id of a closed run may be reused
+            (``ALLOW_DUPLICATE`` by default).
+        id_conflict_policy: What happens when a run with the id is running (``FAIL``
+            by default: ``WorkflowAlreadyStartedError``).
+    """
+
+    id: Required[str]
+    task_queue: Required[str]
+    execution_timeout: timedelta | None
+    run_timeout: timedelta | None
+    task_timeout: timedelta | None
+    request_id: str | None
+    result_type: Any
+    start_signal: Any
+    start_signal_args: Sequence[Any]
+    memo: Mapping[str, Any] | None
+    search_attributes: Mapping[str, SearchAttributeValue] | None
+    id_reuse_policy: WorkflowIDReusePolicy
+    id_conflict_policy: WorkflowIDConflictPolicy
+
+
+_START_OPTION_NAMES = (
+    WorkflowStartOptions.__required_keys__ | WorkflowStartOptions.__optional_keys__
+)
+
+
 class Client:
     """A connection to a tideflow server in one namespace."""
 
@@ -159,8 +227,22 @@ class Client:
         namespace: str = "default",
         data_converter: DataConverter = default_converter,
         identity: str | None = None,
+        connect_timeout: timedelta | float = DEFAULT_CONNECT_TIMEOUT,
     ) -> Client:
-        """Connect to ``host:port`` and check the server answers."""
+        """Connect to ``host:port`` and check the server answers.
+
+        Raises ``ConnectError`` if no server answers within ``connect_timeout`` (a
+        timedelta or seconds; 5 s by default). Once connected, calls retry while the
+        server is unreachable for up to two minutes, so a server restart does not
+        disturb the client or the workers that poll through it.
+        """
+        seconds = (
+            connect_timeout.total_seconds()
+            if isinstance(connect_timeout, timedelta)
+            else float(connect_timeout)
+        )
+        if seconds <= 0:
+            raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
         channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -175,9 +257,28 @@ class Client:
             data_converter=data_converter,
             identity=identity or default_identity(),
         )
-        await client.call(
-            client.service.GetSystemInfo, service_pb2.GetSystemInfoRequest(), timeout=10
-        )
+        try:
+            # Retrying within the timeout covers a server that is still starting;
+            # asyncio.timeout bounds an attempt begun just before the end.
+            async with asyncio.timeout(seconds):
+                await client.call(
+                    client.service.GetSystemInfo,
+                    service_pb2.GetSystemInfoRequest(),
+                    timeout=seconds,
+                    retry_for=seconds,
+                )
+        except (exc.RPCError, TimeoutError) as error:
+            await channel.close()
+            if isinstance(error, exc.RPCError) and error.status not in _UNREACHABLE:
+                raise  # a server answered, with an error
+            why = error.message if isinstance(error, exc.RPCError) else "no answer"
+            raise exc.ConnectError(
+                f"cannot reach a tideflow server at {target} within {seconds:g} s: {why}",
+                status=grpc.StatusCode.UNAVAILABLE.name,
+            ) from None
+        except BaseException:
+            await channel.close()
+            raise
         return client
 
     async def close(self) -> None:
@@ -196,10 +297,12 @@ class Client:
         *,
         timeout: float = 30.0,
         retry: bool = True,
+        retry_for: float = _RECONNECT_BUDGET_S,
     ) -> Resp:
-        """One RPC with status translation; retries while the server is unreachable."""
+        """One RPC with status translation; retries while the server is unreachable,
+        for up to ``retry_for`` seconds (two minutes: a server restart)."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + _RECONNECT_BUDGET_S
+        give_up = loop.time() + retry_for
         delay = 0.05
         while True:
             try:
@@ -209,9 +312,45 @@ class Client:
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
-                raise translate_rpc_error(error) from None
+                translated = translate_rpc_error(error, self.data_converter)
+                # Hide the grpc error (its text is in ours), keep a failed query's cause.
+                raise translated from translated.__cause__
 
     # ------------------------------------------------------------- workflows
+
+    @overload
+    async def start_workflow(
+        self,
+        workflow: MethodAsyncNoParam[SelfType, ReturnType],
+        **options: Unpack[WorkflowStartOptions],
+    ) -> WorkflowHandle[ReturnType]: ...
+
+    @overload
+    async def start_workflow(
+        self,
+        workflow: MethodAsyncSingleParam[SelfType, ParamType, ReturnType],
+        arg: ParamType,
+        **options: Unpack[WorkflowStartOptions],
+    ) -> WorkflowHandle[ReturnType]: ...
+
+    @overload
+    async def start_workflow(
+        self,
+        workflow: Callable[Concatenate[SelfType, MultiParamSpec], Awaitable[ReturnType]],
+        *,
+        args: Sequence[Any],
+        **options: Unpack[WorkflowStartOptions],
+    ) -> WorkflowHandle[ReturnType]: ...
+
+    @overload
+    async def start_workflow(
+        self,
+        workflow: str | type,
+        arg: Any = None,
+        *,
+        args: Sequence[Any] = (),
+        **options: Unpack[WorkflowStartOptions],
+    ) -> WorkflowHandle[Any]: ...
 
     async def start_workflow(
         self,
@@ -219,29 +358,89 @@ class Client:
         arg: Any = None,
         *,
         args: Sequence[Any] = (),
-        id: str,
-        task_queue: str,
-        execution_timeout: timedelta | None = None,
-        run_timeout: timedelta | None = None,
-        task_timeout: timedelta | None = None,
-        request_id: str | None = None,
-        result_type: Any = None,
-        start_signal: Any = None,
-        start_signal_args: Sequence[Any] = (),
-        memo: Mapping[str, Any] | None = None,
-        search_attributes: Mapping[str, SearchAttributeValue] | None = None,
-        id_reuse_policy: WorkflowIDReusePolicy = WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        id_conflict_policy: WorkflowIDConflictPolicy = WorkflowIDConflictPolicy.FAIL,
-    ) -> WorkflowHandle:
-        """Start a workflow run; ``workflow`` is the class, its run method, or a type name.
+        **options: Unpack[WorkflowStartOptions],
+    ) -> WorkflowHandle[Any]:
+        """Start a workflow run; ``workflow`` is its run method (``MyWorkflow.run``,
+        which lets type checkers check the argument and infer the handle's result
+        type), its class, or its type name.
 
-        Raises ``WorkflowAlreadyStartedError`` if the id is running. Retrying with the
-        same ``request_id`` returns the run the first call started. With
-        ``start_signal`` (a signal method or name) this is signal-with-start: a running
-        run with this id gets the signal; otherwise a new run starts with it.
-        ``id_reuse_policy`` decides whether the id of a closed run may be reused and
-        ``id_conflict_policy`` what happens when a run with the id is running.
+        Pass one argument positionally or several with ``args=[...]``; the options
+        (``id`` and ``task_queue`` are required) are those of ``WorkflowStartOptions``.
+        Raises ``WorkflowAlreadyStartedError`` (with the ``run_id`` holding the id) if
+        the start is refused. Retrying with the same ``request_id`` returns the run
+        the first call started.
         """
+        request, result_type = self._start_request(workflow, arg, args, options)
+        response = await self.call(self.service.StartWorkflow, request)
+        return WorkflowHandle(
+            self, request.workflow_id, run_id=response.run_id, result_type=result_type
+        )
+
+    @overload
+    async def execute_workflow(
+        self,
+        workflow: MethodAsyncNoParam[SelfType, ReturnType],
+        **options: Unpack[WorkflowStartOptions],
+    ) -> ReturnType: ...
+
+    @overload
+    async def execute_workflow(
+        self,
+        workflow: MethodAsyncSingleParam[SelfType, ParamType, ReturnType],
+        arg: ParamType,
+        **options: Unpack[WorkflowStartOptions],
+    ) -> ReturnType: ...
+
+    @overload
+    async def execute_workflow(
+        self,
+        workflow: Callable[Concatenate[SelfType, MultiParamSpec], Awaitable[ReturnType]],
+        *,
+        args: Sequence[Any],
+        **options: Unpack[WorkflowStartOptions],
+    ) -> ReturnType: ...
+
+    @overload
+    async def execute_workflow(
+        self,
+        workflow: str | type,
+        arg: Any = None,
+        *,
+        args: Sequence[Any] = (),
+        **options: Unpack[WorkflowStartOptions],
+    ) -> Any: ...
+
+    async def execute_workflow(
+        self,
+        workflow: Any,
+        arg: Any = None,
+        *,
+        args: Sequence[Any] = (),
+        **options: Unpack[WorkflowStartOptions],
+    ) -> Any:
+        """Start a workflow (as ``start_workflow``, same options) and wait for its
+        result; raises ``WorkflowFailureError`` if the run did not complete."""
+        handle = await self.start_workflow(workflow, arg, args=args, **options)
+        return await handle.result()
+
+    def _start_request(
+        self,
+        workflow: Any,
+        arg: Any,
+        args: Sequence[Any],
+        options: WorkflowStartOptions,
+    ) -> tuple[service_pb2.StartWorkflowRequest, Any]:
+        """The StartWorkflow request for these options, and the result type to decode
+        the run's result with."""
+        unknown = sorted(options.keys() - _START_OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"unknown workflow start options: {', '.join(unknown)}")
+        # Only absence is a TypeError: an empty id is the server's to refuse
+        # (INVALID_ARGUMENT), like any other bad value.
+        missing = [name for name in ("id", "task_queue") if name not in options]
+        if missing:
+            raise TypeError(f"starting a workflow needs {' and '.join(missing)}")
+        result_type = options.get("result_type")
         if isinstance(workflow, str):
             type_name = workflow
         else:
@@ -252,72 +451,73 @@ class Client:
         all_args = list(args) if args else ([] if arg is None else [arg])
         request = service_pb2.StartWorkflowRequest(
             namespace=self.namespace,
-            workflow_id=id,
+            workflow_id=options["id"],
             identity=self.identity,
-            request_id=request_id or str(uuid.uuid4()),
+            request_id=options.get("request_id") or str(uuid.uuid4()),
         )
         request.workflow_type.name = type_name
-        request.task_queue.name = task_queue
+        request.task_queue.name = options["task_queue"]
         request.input.CopyFrom(self.data_converter.to_payloads(all_args))
-        if execution_timeout is not None:
-            request.workflow_execution_timeout.FromTimedelta(execution_timeout)
-        if run_timeout is not None:
-            request.workflow_run_timeout.FromTimedelta(run_timeout)
-        if task_timeout is not None:
-            request.workflow_task_timeout.FromTimedelta(task_timeout)
-        request.workflow_id_reuse_policy = int(id_reuse_policy)  # type: ignore[assignment]
-        request.workflow_id_conflict_policy = int(id_conflict_policy)  # type: ignore[assignment]
+        for field, option in (
+            ("workflow_execution_timeout", "execution_timeout"),
+            ("workflow_run_timeout", "run_timeout"),
+            ("workflow_task_timeout", "task_timeout"),
+        ):
+            value = options.get(option)
+            if value is not None:
+                getattr(request, field).FromTimedelta(value)
+        request.workflow_id_reuse_policy = int(  # type: ignore[assignment]
+            options.get("id_reuse_policy", WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+        )
+        request.workflow_id_conflict_policy = int(  # type: ignore[assignment]
+            options.get("id_conflict_policy", WorkflowIDConflictPolicy.FAIL)
+        )
+        start_signal = options.get("start_signal")
         if start_signal is not None:
             request.signal_name = handler_name(start_signal, "__tideflow_signal__")
-            request.signal_input.CopyFrom(self.data_converter.to_payloads(list(start_signal_args)))
+            request.signal_input.CopyFrom(
+                self.data_converter.to_payloads(list(options.get("start_signal_args", ())))
+            )
         # Visibility: ``memo`` values are any data the converter encodes, returned by
         # list_workflows; ``search_attributes`` (str/int/float/bool/datetime) are
         # indexed for list_workflows / count_workflows queries.
+        memo = options.get("memo")
         if memo:
             request.memo.CopyFrom(_encode_memo(self.data_converter, memo))
+        search_attributes = options.get("search_attributes")
         if search_attributes:
             request.search_attributes.CopyFrom(encode_search_attributes(search_attributes))
-        response = await self.call(self.service.StartWorkflow, request)
-        return WorkflowHandle(self, id, run_id=response.run_id, result_type=result_type)
+        return request, result_type
 
-    async def execute_workflow(
-        self,
-        workflow: Any,
-        arg: Any = None,
-        *,
-        args: Sequence[Any] = (),
-        id: str,
-        task_queue: str,
-        execution_timeout: timedelta | None = None,
-        run_timeout: timedelta | None = None,
-        task_timeout: timedelta | None = None,
-        request_id: str | None = None,
-        result_type: Any = None,
-        memo: Mapping[str, Any] | None = None,
-        search_attributes: Mapping[str, SearchAttributeValue] | None = None,
-    ) -> Any:
-        """Start a workflow and wait for its result."""
-        handle = await self.start_workflow(
-            workflow,
-            arg,
-            args=args,
-            id=id,
-            task_queue=task_queue,
-            execution_timeout=execution_timeout,
-            run_timeout=run_timeout,
-            task_timeout=task_timeout,
-            request_id=request_id,
-            result_type=result_type,
-            memo=memo,
-            search_attributes=search_attributes,
-        )
-        return await handle.result()
+    @overload
+    def get_workflow_handle(
+        self, workflow_id: str, *, run_id: str | None = None, result_type: None = None
+    ) -> WorkflowHandle[Any]: ...
+
+    @overload
+    def get_workflow_handle(
+        self, workflow_id: str, *, run_id: str | None = None, result_type: type[T]
+    ) -> WorkflowHandle[T]: ...
 
     def get_workflow_handle(
         self, workflow_id: str, *, run_id: str | None = None, result_type: Any = None
-    ) -> WorkflowHandle:
-        """A handle to an existing workflow (its newest run unless run_id is given)."""
+    ) -> WorkflowHandle[Any]:
+        """A handle to an existing workflow (its newest run unless run_id is given);
+        ``result_type`` types and decodes its result."""
         return WorkflowHandle(self, workflow_id, run_id=run_id, result_type=result_type)
+
+    def get_workflow_handle_for(
+        self,
+        workflow: Callable[Concatenate[SelfType, MultiParamSpec], Awaitable[ReturnType]],
+        workflow_id: str,
+        *,
+        run_id: str | None = None,
+    ) -> WorkflowHandle[ReturnType]:
+        """A handle to an existing run of ``workflow`` (its run method), typed and
+        decoded by that method's return type."""
+        return WorkflowHandle(
+            self, workflow_id, run_id=run_id, result_type=definition_of(workflow).return_type
+        )
 
     # ---------------------------------------------------------- visibility
 
@@ -386,7 +586,7 @@ class Client:
         request.schedule.CopyFrom(schedule.to_proto(self.data_converter))
         try:
             await self.call(self.service.CreateSchedule, request)
-        except exc.WorkflowAlreadyStartedError as error:
+        except exc.AlreadyExistsError as error:
             raise ScheduleAlreadyRunningError(error.message, status=error.status) from None
         return ScheduleHandle(self, id)
 
@@ -459,7 +659,11 @@ class Client:
         return DagHandle(self, id, run_id=run_id)
 
 
-class WorkflowHandle:
+class WorkflowHandle(Generic[Result]):
+    """A workflow (its newest run, or the run ``run_id``); ``result()`` returns
+    ``Result``, the run method's return type when the handle came from
+    ``start_workflow(MyWorkflow.run, ...)``."""
+
     def __init__(
         self, client: Client, workflow_id: str, *, run_id: str | None, result_type: Any = None
     ) -> None:
@@ -471,7 +675,7 @@ class WorkflowHandle:
     def _execution(self) -> common_pb2.WorkflowExecution:
         return common_pb2.WorkflowExecution(workflow_id=self.id, run_id=self.run_id or "")
 
-    async def result(self) -> Any:
+    async def result(self) -> Result:
         """Wait for the run to close; its result, or ``WorkflowFailureError``."""
         client = self._client
         execution = self._execution()
@@ -493,7 +697,7 @@ class WorkflowHandle:
                     run_id=close.workflow_execution_continued_as_new_event_attributes.new_execution_run_id,
                 )
                 continue
-            return self._outcome(close)
+            return cast(Result, self._outcome(close))
 
     def _outcome(self, event: HistoryEvent) -> Any:
         converter = self._client.data_converter
@@ -562,6 +766,25 @@ class WorkflowHandle:
         request.workflow_execution.CopyFrom(self._execution())
         request.input.CopyFrom(client.data_converter.to_payloads(all_args))
         await client.call(client.service.SignalWorkflow, request)
+
+    @overload
+    async def query(self, query: MethodSyncNoParam[Any, T]) -> T: ...
+
+    @overload
+    async def query(self, query: MethodSyncSingleParam[Any, ParamType, T], arg: ParamType) -> T: ...
+
+    @overload
+    async def query(
+        self,
+        query: Callable[Concatenate[Any, MultiParamSpec], T],
+        *,
+        args: Sequence[Any],
+    ) -> T: ...
+
+    @overload
+    async def query(
+        self, query: str, arg: Any = None, *, args: Sequence[Any] = (), result_type: Any = None
+    ) -> Any: ...
 
     async def query(
         self, query: Any, arg: Any = None, *, args: Sequence[Any] = (), result_type: Any = None

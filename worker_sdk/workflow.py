@@ -466,6 +466,84 @@ def start_activity(
     )
 
 
+_ActivityResult = TypeVar("_ActivityResult")
+_ActivityParam = TypeVar("_ActivityParam")
+
+
+class ActivityOptions(typing.TypedDict, total=False):
+    """The keyword options of ``execute_activity`` (as ``start_activity`` takes them),
+    named in its typed overloads."""
+
+    activity_id: str | None
+    task_queue: str | None
+    schedule_to_close_timeout: timedelta | None
+    schedule_to_start_timeout: timedelta | None
+    start_to_close_timeout: timedelta | None
+    heartbeat_timeout: timedelta | None
+    retry_policy: RetryPolicy | None
+    result_type: Any
+    cancellation_type: ActivityCancellationType
+
+
+# Typed by the activity function (async or sync, by arity, as the Temporal SDK does):
+# mypy checks the argument and infers the result; by type name the result is Any.
+@overload
+async def execute_activity(
+    activity: Callable[[], Awaitable[_ActivityResult]],
+    **options: typing.Unpack[ActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_activity(
+    activity: Callable[[], _ActivityResult], **options: typing.Unpack[ActivityOptions]
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_activity(
+    activity: Callable[[_ActivityParam], Awaitable[_ActivityResult]],
+    arg: _ActivityParam,
+    **options: typing.Unpack[ActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_activity(
+    activity: Callable[[_ActivityParam], _ActivityResult],
+    arg: _ActivityParam,
+    **options: typing.Unpack[ActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_activity(
+    activity: Callable[..., Awaitable[_ActivityResult]],
+    *,
+    args: Sequence[Any],
+    **options: typing.Unpack[ActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_activity(
+    activity: Callable[..., _ActivityResult],
+    *,
+    args: Sequence[Any],
+    **options: typing.Unpack[ActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_activity(
+    activity: str,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    **options: typing.Unpack[ActivityOptions],
+) -> Any: ...
+
+
 async def execute_activity(
     activity: Callable[..., Any] | str,
     arg: Any = None,
