@@ -29,8 +29,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import dag
-from . import exceptions as exc
+from .. import exceptions as exc
+from ._errors import DagValidationError
+from ._format import load
+from ._handle import DagHandle, start_dag
+from ._interpreter import DagWorkflow
+from ._model import DAG_WORKFLOW_TYPE, DEFAULT_TASK_QUEUE, WorkflowStatus
+from ._render import ProgressPrinter, render_dot, render_graph, render_table
+from ._workflow import Workflow
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 CONNECT_TIMEOUT_S = 5.0
@@ -59,7 +65,7 @@ def add_parser(groups: Any) -> None:
     run.add_argument("file")
     run.add_argument("--input", default="{}", help="JSON object, or @FILE holding one")
     run.add_argument("--wait", action="store_true", help="show progress until the run ends")
-    run.add_argument("--task-queue", default=dag.DEFAULT_TASK_QUEUE)
+    run.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
     run.add_argument("--id", default=None, help="run id (default: dag-<id>-<random>)")
     run.add_argument(
         "--executors", help="module or .py file: run a worker for its activities (implies --wait)"
@@ -91,11 +97,11 @@ def main(args: argparse.Namespace) -> int:
         if args.command == "validate":
             return _validate(args)
         if args.command == "graph":
-            wf = dag.load(args.file)
-            print(dag.render_dot(wf) if args.dot else dag.render_graph(wf.validate()))
+            wf = load(args.file)
+            print(render_dot(wf) if args.dot else render_graph(wf.validate()))
             return 0
         return asyncio.run(_remote(args))
-    except dag.DagValidationError as error:
+    except DagValidationError as error:
         print(f"{args.file if hasattr(args, 'file') else 'dag'}: {error}", file=sys.stderr)
         return 1
     except (exc.RPCError, OSError, ValueError, ImportError) as error:
@@ -106,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    wf = dag.load(args.file)
+    wf = load(args.file)
     known = None
     if args.executors:
         known = _known_executors(wf, _activities(load_module(args.executors)), None)
@@ -145,12 +151,12 @@ def _activities(module: ModuleType) -> list[Any]:
 
 
 def _activity_names(activities: list[Any]) -> set[str]:
-    from . import activity
+    from .. import activity
 
     return {activity.definition_of(a).name for a in activities}
 
 
-def _known_executors(wf: dag.Workflow, activities: list[Any], queue: str | None) -> set[str]:
+def _known_executors(wf: Workflow, activities: list[Any], queue: str | None) -> set[str]:
     """Executor names of ``wf`` that the activities provide (executors mapped to
     another task queue are assumed to be served elsewhere)."""
     names = _activity_names(activities)
@@ -175,11 +181,11 @@ def _parse_input(text: str) -> Any:
 
 
 async def _remote(args: argparse.Namespace) -> int:
-    from .client import Client
+    from ..client import Client
 
     if args.command == "run":
         # Everything local first: a bad file or input needs no server.
-        args.definition = dag.load(args.file)
+        args.definition = load(args.file)
         args.payload = _parse_input(args.input)
     try:
         client = await asyncio.wait_for(
@@ -191,16 +197,16 @@ async def _remote(args: argparse.Namespace) -> int:
         if args.command == "run":
             return await _run(client, args)
         if args.command == "status":
-            handle = client.get_dag_handle(args.id)
+            handle = DagHandle(client, args.id)
             instance = await handle.status(from_history=args.from_history)
             if args.json:
                 print(json.dumps(instance.to_dict(), indent=2))
             else:
-                print(dag.render_table(instance))
+                print(render_table(instance))
             return 0
         if args.command == "list":
             return await _list(client, args)
-        handle = client.get_dag_handle(args.id)
+        handle = DagHandle(client, args.id)
         if args.command == "pause":
             await handle.pause("tideflow dag pause")
         elif args.command == "resume":
@@ -214,9 +220,9 @@ async def _remote(args: argparse.Namespace) -> int:
 
 
 async def _run(client: Any, args: argparse.Namespace) -> int:
-    from .worker import Worker
+    from ..worker import Worker
 
-    wf: dag.Workflow = args.definition
+    wf: Workflow = args.definition
     payload = args.payload
     worker = None
     known = None
@@ -226,12 +232,12 @@ async def _run(client: Any, args: argparse.Namespace) -> int:
         worker = Worker(
             client,
             task_queue=args.task_queue,
-            workflows=[dag.DagWorkflow],
+            workflows=[DagWorkflow],
             activities=activities,
         )
     try:
-        handle = await client.start_dag(
-            wf, payload, id=args.id, task_queue=args.task_queue, known_executors=known
+        handle = await start_dag(
+            client, wf, payload, id=args.id, task_queue=args.task_queue, known_executors=known
         )
     except exc.InvalidArgumentError as error:
         print(f"tideflow dag run: {error.message} ({error.status})", file=sys.stderr)
@@ -242,22 +248,22 @@ async def _run(client: Any, args: argparse.Namespace) -> int:
     if worker is not None:
         worker.start()
     try:
-        printer = dag.ProgressPrinter()
+        printer = ProgressPrinter()
         last = None
         async for instance in handle.watch():
             last = instance
             for line in printer.update(instance):
                 print(line, flush=True)
         assert last is not None
-        print(dag.render_table(last), flush=True)
-        return 0 if last.status is dag.WorkflowStatus.COMPLETED else 1
+        print(render_table(last), flush=True)
+        return 0 if last.status is WorkflowStatus.COMPLETED else 1
     finally:
         if worker is not None:
             await worker.shutdown()
 
 
 async def _list(client: Any, args: argparse.Namespace) -> int:
-    query = f"WorkflowType = '{dag.DAG_WORKFLOW_TYPE}'"
+    query = f"WorkflowType = '{DAG_WORKFLOW_TYPE}'"
     if args.status:
         query += f" AND DagStatus = '{args.status.upper()}'"
     rows = [("RUN ID", "DAG", "VERSION", "STATUS", "STARTED")]
