@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -45,6 +46,12 @@ class _TaskQueue:
     queries: deque[QueryTask] = field(default_factory=deque)
     pollers: deque[asyncio.Future[Dispatchable]] = field(default_factory=deque)
     queued_keys: set[str] = field(default_factory=set)
+    # Worker identity -> wall-clock time of its last poll (DescribeTaskQueue).
+    seen: dict[str, float] = field(default_factory=dict)
+
+
+#: How long a poller stays listed after its last poll (Temporal keeps five minutes).
+POLLER_TTL_S = 300.0
 
 
 class Matching:
@@ -161,6 +168,23 @@ class Matching:
 
     def is_retired(self, namespace: str, task_queue: str) -> bool:
         return (namespace, task_queue) in self._retired
+
+    def record_poller(self, namespace: str, task_queue: str, kind: TaskKind, identity: str) -> None:
+        """A worker polls the queue now (what DescribeTaskQueue reports)."""
+        queue = self._queue((namespace, task_queue, kind))
+        queue.seen.pop(identity, None)  # re-insert: the dict stays in poll order
+        queue.seen[identity] = time.time()
+
+    def pollers(self, namespace: str, task_queue: str, kind: TaskKind) -> list[tuple[str, float]]:
+        """``(identity, last poll time)`` of the workers that polled the queue in the
+        last ``POLLER_TTL_S`` seconds, most recent first."""
+        queue = self._queues.get((namespace, task_queue, kind))
+        if queue is None:
+            return []
+        horizon = time.time() - POLLER_TTL_S
+        for identity in [i for i, at in queue.seen.items() if at < horizon]:
+            del queue.seen[identity]
+        return sorted(queue.seen.items(), key=lambda item: item[1], reverse=True)
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))

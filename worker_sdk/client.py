@@ -649,4 +649,3 @@ def _encode_memo(converter: DataConverter, memo: Mapping[str, Any]) -> common_pb
     for key, value in memo.items():
         proto.fields[key].CopyFrom(converter.payload_converter.to_payload(value))
     return proto
-

@@ -89,13 +89,15 @@ class DagHandle:
         except exc.WorkflowFailureError as error:
             raise _failure_error(self.id, error) from None
 
-    async def watch(self, interval: float = 0.2) -> AsyncIterator[WorkflowInstance]:
+    async def watch(
+        self, interval: float = 0.2, *, from_history: bool = False
+    ) -> AsyncIterator[WorkflowInstance]:
         """Yield the instance whenever it changed, until the run ended (polling
-        ``status()`` every ``interval`` seconds)."""
+        ``status(from_history=...)`` every ``interval`` seconds)."""
         last: dict[str, Any] | None = None
         while True:
             try:
-                instance = await self.status()
+                instance = await self.status(from_history=from_history)
             except exc.WorkflowQueryFailedError:
                 await asyncio.sleep(interval)
                 continue

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _graph
 from ._durations import format_duration
-from ._model import TaskStatus, WorkflowStatus
+from ._model import Task, TaskStatus, WorkflowStatus
 from ._state import StepState, Transition, WorkflowInstance
 from ._workflow import Workflow
 
@@ -89,11 +89,12 @@ def render_graph(wf: Workflow) -> str:
     lines = [
         f"{wf.id} v{wf.version}: {len(wf.tasks)} tasks, failure policy {wf.failure_policy.value}"
     ]
-    for depth in range(max(level.values(), default=-1) + 1):
+    stages: dict[int, list[Task]] = {}
+    for task in wf.tasks:  # one pass: a deep chain has as many stages as tasks
+        stages.setdefault(level[task.id], []).append(task)
+    for depth in sorted(stages):
         lines.append(f"stage {depth}:")
-        for task in wf.tasks:
-            if level[task.id] != depth:
-                continue
+        for task in stages[depth]:
             extras = []
             if task.timeout is not None:
                 extras.append(f"timeout {format_duration(task.timeout)}")

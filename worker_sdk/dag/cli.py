@@ -30,6 +30,8 @@ from types import ModuleType
 from typing import Any
 
 from .. import exceptions as exc
+from ..client import Client
+from ..task_queues import describe_task_queue
 from ._errors import DagValidationError
 from ._format import load
 from ._handle import DagHandle, start_dag
@@ -181,8 +183,6 @@ def _parse_input(text: str) -> Any:
 
 
 async def _remote(args: argparse.Namespace) -> int:
-    from ..client import Client
-
     if args.command == "run":
         # Everything local first: a bad file or input needs no server.
         args.definition = load(args.file)
@@ -197,13 +197,7 @@ async def _remote(args: argparse.Namespace) -> int:
         if args.command == "run":
             return await _run(client, args)
         if args.command == "status":
-            handle = DagHandle(client, args.id)
-            instance = await handle.status(from_history=args.from_history)
-            if args.json:
-                print(json.dumps(instance.to_dict(), indent=2))
-            else:
-                print(render_table(instance))
-            return 0
+            return await _status(client, args)
         if args.command == "list":
             return await _list(client, args)
         handle = DagHandle(client, args.id)
@@ -219,7 +213,32 @@ async def _remote(args: argparse.Namespace) -> int:
         await client.close()
 
 
-async def _run(client: Any, args: argparse.Namespace) -> int:
+async def _status(client: Client, args: argparse.Namespace) -> int:
+    handle = DagHandle(client, args.id)
+    from_history = args.from_history
+    if not from_history:
+        queue = (await handle.describe()).task_queue
+        # The status query needs a worker; without one it would wait for a minute.
+        if not await _has_workers(client, queue):
+            print(
+                f"note: no worker polls task queue {queue!r}: "
+                "the state is replayed from the run's history",
+                file=sys.stderr,
+            )
+            from_history = True
+    instance = await handle.status(from_history=from_history)
+    if args.json:
+        print(json.dumps(instance.to_dict(), indent=2))
+    else:
+        print(render_table(instance))
+    return 0
+
+
+async def _has_workers(client: Client, task_queue: str) -> bool:
+    return bool((await describe_task_queue(client, task_queue)).pollers)
+
+
+async def _run(client: Client, args: argparse.Namespace) -> int:
     from ..worker import Worker
 
     wf: Workflow = args.definition
@@ -245,12 +264,22 @@ async def _run(client: Any, args: argparse.Namespace) -> int:
     print(f"started DAG {wf.id!r} v{wf.version} as run {handle.id}", flush=True)
     if worker is None and not args.wait:
         return 0
+    from_history = False
     if worker is not None:
         worker.start()
+    elif not await _has_workers(client, args.task_queue):
+        print(
+            f"note: no worker polls task queue {args.task_queue!r}, so the run waits until "
+            "one runs the DAG interpreter (dag.DagWorkflow) there (or pass --executors "
+            "MODULE to run one here); progress is read from the run's history meanwhile",
+            file=sys.stderr,
+            flush=True,
+        )
+        from_history = True
     try:
         printer = ProgressPrinter()
         last = None
-        async for instance in handle.watch():
+        async for instance in handle.watch(from_history=from_history):
             last = instance
             for line in printer.update(instance):
                 print(line, flush=True)
