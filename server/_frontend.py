@@ -415,9 +415,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.PollWorkflowTaskResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
-        self._matching.record_poller(
-            request.namespace, request.task_queue.name, TaskKind.WORKFLOW, request.identity
-        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._poll_timeout(context)
         while True:
@@ -425,7 +422,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             if remaining <= 0:
                 return service_pb2.PollWorkflowTaskResponse()
             task = await self._matching.poll(
-                request.namespace, request.task_queue.name, TaskKind.WORKFLOW, remaining
+                request.namespace,
+                request.task_queue.name,
+                TaskKind.WORKFLOW,
+                remaining,
+                identity=request.identity,
             )
             if task is None:
                 return service_pb2.PollWorkflowTaskResponse()
@@ -493,9 +494,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.PollActivityTaskResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
-        self._matching.record_poller(
-            request.namespace, request.task_queue.name, TaskKind.ACTIVITY, request.identity
-        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._poll_timeout(context)
         while True:
@@ -503,7 +501,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             if remaining <= 0:
                 return service_pb2.PollActivityTaskResponse()
             task = await self._matching.poll(
-                request.namespace, request.task_queue.name, TaskKind.ACTIVITY, remaining
+                request.namespace,
+                request.task_queue.name,
+                TaskKind.ACTIVITY,
+                remaining,
+                identity=request.identity,
             )
             if task is None:
                 return service_pb2.PollActivityTaskResponse()
@@ -702,8 +704,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         response = service_pb2.DescribeTaskQueueResponse(
             backlog_count_hint=self._matching.backlog_size(request.namespace, name, kind)
         )
-        for identity, seen_at in self._matching.pollers(request.namespace, name, kind):
-            poller = response.pollers.add(identity=identity)
+        for identity, seen_at, polling in self._matching.pollers(request.namespace, name, kind):
+            poller = response.pollers.add(identity=identity, polling=polling)
             poller.last_access_time.FromNanoseconds(int(seen_at * 1e9))
         return response
 

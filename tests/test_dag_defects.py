@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -25,7 +27,7 @@ from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client, Worker, activity, dag
 from tideflow.worker_sdk.dag import _graph
 from tideflow.worker_sdk.exceptions import InvalidArgumentError
-from tideflow.worker_sdk.task_queues import describe_task_queue
+from tideflow.worker_sdk.task_queues import TaskQueueDescription, describe_task_queue
 
 CLI_TIMEOUT_S = 120
 
@@ -215,6 +217,19 @@ async def step(parameters: dict[str, object]) -> str:
     return "done"
 
 
+async def until_polling(
+    client: Client, queue: str, polling: bool, *, activity: bool = False
+) -> TaskQueueDescription:
+    """DescribeTaskQueue once a poll of the queue's one worker is (or is no longer)
+    parked on the server; 30 s at most."""
+    for _ in range(1500):
+        described = await describe_task_queue(client, queue, activity=activity)
+        if described.pollers and described.pollers[0].polling is polling:
+            return described
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no poller of {queue} with polling={polling}")
+
+
 async def test_describe_task_queue_lists_recent_pollers(server: TideflowServer) -> None:
     queue = f"q-{uuid.uuid4().hex}"
     async with await Client.connect(server.address) as client:
@@ -224,13 +239,11 @@ async def test_describe_task_queue_lists_recent_pollers(server: TideflowServer) 
             client, task_queue=queue, workflows=[dag.DagWorkflow], activities=[step]
         ) as worker:
             for side in (False, True):
-                for _ in range(1500):
-                    described = await describe_task_queue(client, queue, activity=side)
-                    if described.pollers:
-                        break
-                    await asyncio.sleep(0.02)
+                described = await until_polling(client, queue, True, activity=side)
                 assert [p.identity for p in described.pollers] == [worker.identity]
                 assert described.pollers[0].last_access_time.tzinfo is not None
+        described = await until_polling(client, queue, False)
+        assert [p.identity for p in described.pollers] == [worker.identity]
         # Another queue's pollers are not this queue's.
         other = await describe_task_queue(client, f"other-{queue}")
         assert other.pollers == []
@@ -249,3 +262,89 @@ async def test_describe_task_queue_refuses_bad_input(server: TideflowServer) -> 
             await client.service.DescribeTaskQueue(request)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "task_queue_type" in (caught.value.details() or "")
+
+
+async def test_status_after_the_worker_stopped_reads_the_history(
+    server: TideflowServer, tmp_path: Path
+) -> None:
+    queue = f"q-{uuid.uuid4().hex}"
+    async with await Client.connect(server.address) as client:
+        async with Worker(client, task_queue=queue, workflows=[dag.DagWorkflow], activities=[step]):
+            handle = await dag.start_dag(
+                client, dag.load(_definition(tmp_path)), {}, task_queue=queue
+            )
+            assert await handle.result() == {"only": "done"}
+        # The server still lists the stopped worker (for five minutes), but once its
+        # last poll is gone no query waits for it.
+        await until_polling(client, queue, False)
+        described = await describe_task_queue(client, queue)
+        assert len(described.pollers) == 1 and not described.pollers[0].polling
+    code, out, err = await asyncio.to_thread(
+        tideflow_dag, "status", handle.id, "--address", server.address
+    )
+    assert code == 0, err
+    assert f"no worker polls task queue {queue!r}" in err
+    assert "status COMPLETED" in out.splitlines()[0]
+
+
+# ------------------------------------------------------ documented commands
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_the_commands_in_the_etl_yaml_comment_work(
+    server: TideflowServer, tmp_path: Path
+) -> None:
+    """The comment at the top of examples/etl/etl.yaml, run as shown (against the
+    test's server instead of one on port 7233), from a scratch directory that links
+    to the examples like the repository root."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    commands: list[str] = []
+    for line in (ROOT / "examples" / "etl" / "etl.yaml").read_text().splitlines():
+        if line.startswith("#   "):  # the indented command lines of the comment
+            text = line[1:].strip()
+            if commands and commands[-1].endswith("\\"):
+                commands[-1] = commands[-1][:-1] + text
+            else:
+                commands.append(text)
+    assert [c.split()[:2] for c in commands] == [
+        ["tideflow", "server"],
+        ["python", "examples/etl/executors.py"],
+        ["tideflow", "dag"],
+    ]
+
+    def shell(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+
+    seeded = await asyncio.to_thread(shell, *shlex.split(commands[1])[1:])
+    assert seeded.returncode == 0, seeded.stderr
+    run = shlex.split(commands[2])[1:]
+    ran = await asyncio.to_thread(shell, "-m", "tideflow.cli", *run, "--address", server.address)
+    assert ran.returncode == 0, ran.stderr
+    assert '"rows_loaded": 6' in ran.stdout
+    with sqlite3.connect(tmp_path / "dst.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events_processed").fetchone() == (6,)
+
+
+async def test_a_missing_source_database_fails_at_once_with_the_fix(
+    server: TideflowServer, tmp_path: Path
+) -> None:
+    code, out, _ = await asyncio.to_thread(
+        tideflow_dag,
+        "run",
+        str(ROOT / "examples" / "etl" / "etl.yaml"),
+        "--executors",
+        str(ROOT / "examples" / "etl" / "executors.py"),
+        "--input",
+        json.dumps(
+            {"source_db": str(tmp_path / "nope.db"), "target_db": "x.db", "target_table": "t"}
+        ),
+        "--address",
+        server.address,
+    )
+    assert code == 1
+    assert "extract-data             FAILED    attempt 1/3  FileNotFoundError: source" in out
+    assert "attempt 2/3" not in out  # not retried: retrying cannot create the file
+    assert "python examples/etl/executors.py seed" in out

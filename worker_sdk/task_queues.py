@@ -20,10 +20,13 @@ from .client import Client
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PollerInfo:
-    """One worker that polled the queue."""
+    """One worker that polled the queue; ``polling``: a poll of it waits on the
+    queue right now (a running worker keeps one there, except for the moments it
+    handles what it got)."""
 
     identity: str
     last_access_time: datetime
+    polling: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +57,7 @@ async def describe_task_queue(
             PollerInfo(
                 identity=poller.identity,
                 last_access_time=poller.last_access_time.ToDatetime(tzinfo=UTC),
+                polling=poller.polling,
             )
             for poller in response.pollers
         ],

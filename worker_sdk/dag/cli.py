@@ -42,6 +42,8 @@ from ._workflow import Workflow
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 CONNECT_TIMEOUT_S = 5.0
+#: How long ``dag status`` waits for a worker to answer before it replays the history.
+QUERY_TIMEOUT_S = 10.0
 
 
 def add_parser(groups: Any) -> None:
@@ -215,18 +217,20 @@ async def _remote(args: argparse.Namespace) -> int:
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
     handle = DagHandle(client, args.id)
-    from_history = args.from_history
-    if not from_history:
+    instance = None
+    if not args.from_history:
         queue = (await handle.describe()).task_queue
         # The status query needs a worker; without one it would wait for a minute.
-        if not await _has_workers(client, queue):
-            print(
-                f"note: no worker polls task queue {queue!r}: "
-                "the state is replayed from the run's history",
-                file=sys.stderr,
-            )
-            from_history = True
-    instance = await handle.status(from_history=from_history)
+        if await _has_workers(client, queue):
+            try:
+                async with asyncio.timeout(QUERY_TIMEOUT_S):
+                    instance = await handle.status()
+            except TimeoutError:
+                _note(f"no worker answered within {QUERY_TIMEOUT_S:g} s")
+        else:
+            _note(f"no worker polls task queue {queue!r}")
+    if instance is None:
+        instance = await handle.status(from_history=True)
     if args.json:
         print(json.dumps(instance.to_dict(), indent=2))
     else:
@@ -234,8 +238,15 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(why: str) -> None:
+    print(f"note: {why}: the state is replayed from the run's history", file=sys.stderr)
+
+
 async def _has_workers(client: Client, task_queue: str) -> bool:
-    return bool((await describe_task_queue(client, task_queue)).pollers)
+    """Whether a worker polls ``task_queue`` now. A worker caught between two polls
+    counts as none: the history then gives the same answer."""
+    pollers = (await describe_task_queue(client, task_queue)).pollers
+    return any(p.polling for p in pollers)
 
 
 async def _run(client: Client, args: argparse.Namespace) -> int:

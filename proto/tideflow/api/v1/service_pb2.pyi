@@ -826,12 +826,14 @@ class DescribeTaskQueueRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., task_queue_type: _Optional[_Union[TaskQueueType, str]] = ...) -> None: ...
 
 class PollerInfo(_message.Message):
-    __slots__ = ("last_access_time", "identity")
+    __slots__ = ("last_access_time", "identity", "polling")
     LAST_ACCESS_TIME_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    POLLING_FIELD_NUMBER: _ClassVar[int]
     last_access_time: _timestamp_pb2.Timestamp
     identity: str
-    def __init__(self, last_access_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+    polling: bool
+    def __init__(self, last_access_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ..., polling: _Optional[bool] = ...) -> None: ...
 
 class DescribeTaskQueueResponse(_message.Message):
     __slots__ = ("pollers", "backlog_count_hint")
