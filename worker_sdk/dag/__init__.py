@@ -36,7 +36,7 @@ Running it::
     Worker(client, task_queue="etl", workflows=[dag.DagWorkflow],
            activities=[data_connector, data_transformer, data_writer])
 
-    handle = await client.start_dag(wf, {"source_db": "src.db"}, task_queue="etl")
+    handle = await dag.start_dag(client, wf, {"source_db": "src.db"}, task_queue="etl")
     instance = await handle.status()    # WorkflowInstance with every TaskState
     await handle.pause(); await handle.resume()
     output = await handle.result()      # or DagFailureError

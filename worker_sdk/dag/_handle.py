@@ -28,8 +28,8 @@ from ._workflow import Workflow, check_input
 
 
 class DagHandle:
-    """A running (or finished) DAG run; get one from ``client.start_dag(...)`` or
-    ``client.get_dag_handle(id)``."""
+    """A running (or finished) DAG run; get one from ``dag.start_dag(client, ...)``
+    or as ``DagHandle(client, id)``."""
 
     def __init__(self, client: Client, id: str, *, run_id: str | None = None) -> None:
         self.client = client
@@ -197,10 +197,16 @@ async def start_dag(
     execution_timeout: timedelta | None = None,
     request_id: str | None = None,
 ) -> DagHandle:
-    """Validate ``definition`` and ``input`` and start a DAG run (see
-    ``Client.start_dag``). Nothing is started if validation fails:
-    ``DagValidationError`` for the definition, ``InvalidArgumentError``
-    (INVALID_ARGUMENT) for input that violates the input schema."""
+    """Validate ``definition`` and ``input`` and start a DAG run.
+
+    ``definition`` is a ``Workflow`` or its dict form, ``input`` a JSON object. A worker
+    on ``task_queue`` must run ``DagWorkflow`` and the executors. ``executors`` maps
+    executor names to activity types (str) or ``Executor``; ``known_executors``
+    (names) makes unknown executors a validation error. Nothing is started if
+    validation fails: ``DagValidationError`` for the definition,
+    ``InvalidArgumentError`` (INVALID_ARGUMENT) for input that violates the input
+    schema. Returns a ``DagHandle``: ``status()``, ``pause()``, ``resume()``,
+    ``cancel()``, ``result()``."""
     wf = definition if isinstance(definition, Workflow) else Workflow.from_dict(definition)
     # Work on a copy: the caller's object stays as it was.
     try:

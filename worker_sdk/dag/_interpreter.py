@@ -2,7 +2,7 @@
 
 Import it as ``tideflow.worker_sdk.dag.DagWorkflow`` and register it on a worker with
 the executor activities. Its start input is ``{"definition": <Workflow.to_dict()>,
-"input": {...}}`` (what ``client.start_dag`` sends), so every run carries the
+"input": {...}}`` (what ``dag.start_dag`` sends), so every run carries the
 definition it started with.
 
 It is ordinary workflow code, replayed deterministically: tasks are visited in
