@@ -48,6 +48,7 @@ from ._model import (
     TERMINAL_WORKFLOW_STATES,
     FailurePolicy,
     RetryPolicy,
+    Task,
     TaskStatus,
     WorkflowStatus,
 )
@@ -90,6 +91,7 @@ class DagWorkflow:
         self._definition: Workflow | None = None
         self._order: list[str] = []
         self._dependents: dict[str, list[str]] = {}  # reverse edges, for compensation
+        self._specs: dict[str, Task] = {}  # the definition's tasks by id
         self._tasks: dict[str, TaskState] = {}
         self._input: Any = None
         self._output: Any = None
@@ -175,6 +177,7 @@ class DagWorkflow:
         except DagValidationError as error:
             return ErrorInfo("DagValidationError", str(error), time=now, non_retryable=True)
         self._definition = wf
+        self._specs = {task.id: task for task in wf.tasks}
         self._input = request.get("input") or {}
         for task in wf.tasks:
             state = TaskState(
@@ -247,7 +250,7 @@ class DagWorkflow:
 
     async def _run_task(self, tid: str) -> None:
         assert self._definition is not None
-        task = self._definition.task(tid)
+        task = self._specs[tid]
         state = self._tasks[tid]
         try:
             ok = await self._attempts(
@@ -438,19 +441,17 @@ class DagWorkflow:
     # --------------------------------------------------------- compensation
 
     async def _compensate(self) -> None:
-        assert self._definition is not None
-        wf = self._definition
         targets = [
             tid
             for tid in self._order
             if self._tasks[tid].status is TaskStatus.COMPLETED
-            and wf.task(tid).compensation is not None
+            and self._specs[tid].compensation is not None
         ]
         if not targets:
             return
         self._phase = "compensating"
         for tid in targets:
-            comp = wf.task(tid).compensation
+            comp = self._specs[tid].compensation
             assert comp is not None
             state = CompensationState(executor=comp.executor)
             state.transitions.append(
@@ -509,7 +510,7 @@ class DagWorkflow:
 
     async def _run_compensation(self, tid: str, running: dict[str, asyncio.Task[None]]) -> None:
         assert self._definition is not None
-        comp = self._definition.task(tid).compensation
+        comp = self._specs[tid].compensation
         assert comp is not None
         task_state = self._tasks[tid]
         defaults = {
