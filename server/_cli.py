@@ -69,12 +69,17 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bare(ip: str) -> str:
+    """``ip`` without the brackets an IPv6 address takes in ``HOST:PORT``."""
+    return ip[1:-1] if ip.startswith("[") and ip.endswith("]") else ip
+
+
 def _check_ip(ip: str) -> None:
     # gRPC reports an unusable address only as "could not bind", so name the cause.
-    if ip in ("localhost", "::", "0.0.0.0"):
+    if ip == "localhost":
         return
     try:
-        ipaddress.ip_address(ip)
+        ipaddress.ip_address(_bare(ip))
     except ValueError:
         raise StartError(f"--ip {ip!r} is not an IP address") from None
 
@@ -86,11 +91,12 @@ def _check_listen(ip: str, port: int) -> None:
         return
     if not 0 < port < 65536:
         raise StartError(f"--port {port}: not a port number (1-65535, or 0 for any free port)")
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    host = _bare(ip)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((ip, port))
+            probe.bind((host, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise StartError(f"cannot listen on {ip}:{port}: the port is in use") from None
