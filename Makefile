@@ -36,6 +36,7 @@ typecheck: $(STAMP)
 	ln -s $(CURDIR)/server $(TYPECHECK_ROOT)/tideflow/server
 	ln -s $(CURDIR)/history $(TYPECHECK_ROOT)/tideflow/history
 	ln -s $(CURDIR)/worker_sdk $(TYPECHECK_ROOT)/tideflow/worker_sdk
+	ln -s $(CURDIR)/cli $(TYPECHECK_ROOT)/tideflow/cli
 	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p tideflow
 	$(VENV)/bin/mypy --config-file pyproject.toml tla/*.py
 

@@ -1,33 +1,43 @@
-"""The ``tideflow`` command.
+"""The ``tideflow server`` command group.
 
 ``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]``
 runs a complete single-node server until SIGINT or SIGTERM.
 
-``tideflow dag validate|graph|run|status|list|pause|resume|cancel ...`` works with
-declarative DAG workflows (``tideflow.worker_sdk._dag_cli``).
+The ``tideflow`` entry point (``tideflow.cli``) composes this group with the SDK's;
+the server package knows nothing of the SDK. ``python -m tideflow.server._cli server
+start-dev ...`` runs the group on its own (what tests and benchmarks start).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
+import re
 import signal
+import socket
 import sys
-
-from tideflow.worker_sdk import _dag_cli
+from typing import Any
 
 from ._config import ServerConfig
 from ._server import TideflowServer
 
+log = logging.getLogger(__name__)
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tideflow", description="tideflow durable execution engine"
-    )
-    sub = parser.add_subparsers(dest="group", required=True)
-    server = sub.add_parser("server", help="run a tideflow server")
+#: Exit code of a usage error (argparse uses the same).
+EXIT_USAGE = 2
+
+
+class StartError(Exception):
+    """The server cannot start; the message says why, in one line."""
+
+
+def add_parser(groups: Any) -> None:
+    """Register the ``server`` command group on the ``tideflow`` parser's subparsers."""
+    server = groups.add_parser("server", help="run a tideflow server")
     server_sub = server.add_subparsers(dest="command", required=True)
     dev = server_sub.add_parser("start-dev", help="start a single-node server (SQLite by default)")
     dev.add_argument("--db", default="tideflow.db", help="SQLite file (default: ./tideflow.db)")
@@ -41,8 +51,85 @@ def _parser() -> argparse.ArgumentParser:
         choices=["NORMAL", "FULL"],
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
-    _dag_cli.add_parser(sub)
-    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run a parsed ``tideflow server ...`` command; returns the exit code."""
+    if args.command != "start-dev":
+        raise ValueError(f"unknown server command {args.command!r}")
+    try:
+        _check_ip(args.ip)
+        _check_listen(args.ip, args.port)
+        url = args.db_url or _sqlite_url(args.db)
+        asyncio.run(_serve(args, url))
+    except (StartError, ValueError, OSError) as error:
+        # Bad flags or an unusable address/database: one line, not a traceback.
+        print(f"tideflow server start-dev: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _bare(ip: str) -> str:
+    """``ip`` without the brackets an IPv6 address takes in ``HOST:PORT``."""
+    return ip[1:-1] if ip.startswith("[") and ip.endswith("]") else ip
+
+
+def _check_ip(ip: str) -> None:
+    # gRPC reports an unusable address only as "could not bind", so name the cause.
+    if ip == "localhost":
+        return
+    try:
+        ipaddress.ip_address(_bare(ip))
+    except ValueError:
+        raise StartError(f"--ip {ip!r} is not an IP address") from None
+
+
+def _check_listen(ip: str, port: int) -> None:
+    """Fail before opening the store if ``ip:port`` cannot be bound (gRPC would say
+    only that binding failed, after the store was opened)."""
+    if port == 0:
+        return
+    if not 0 < port < 65536:
+        raise StartError(f"--port {port}: not a port number (1-65535, or 0 for any free port)")
+    host = _bare(ip)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise StartError(f"cannot listen on {ip}:{port}: the port is in use") from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise StartError(
+                    f"cannot listen on {ip}:{port}: {ip} is not an address of this machine"
+                ) from None
+            raise StartError(f"cannot listen on {ip}:{port}: {error.strerror}") from None
+
+
+def _sqlite_url(db: str) -> str:
+    """The URL of the SQLite file ``db``, after checking that it can be written (SQLite
+    itself says only "unable to open database file", deep in a traceback)."""
+    path = os.path.abspath(db)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise StartError(f"--db {db}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise StartError(f"--db {db}: is a folder, not a file")
+    writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(folder, os.W_OK)
+    # SQLite also writes a journal next to the file, so the folder must be writable too.
+    if not writable or not os.access(folder, os.W_OK):
+        raise StartError(f"--db {db}: cannot write {path} (permission denied)")
+    return f"sqlite:///{path}"
+
+
+def _mask_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
 
 
 async def _serve(args: argparse.Namespace, url: str) -> None:
@@ -56,7 +143,20 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except Exception as error:
+        # Start-up fails on the listen address (checked above, but another process may
+        # have taken the port since) or on the database; the traceback is for --log-level
+        # DEBUG, the user gets one line.
+        log.debug("start failed", exc_info=True)
+        if isinstance(error, OSError) and "could not listen" in str(error):
+            raise StartError(f"cannot listen on {args.ip}:{args.port}: {error}") from None
+        if args.db_url:
+            where = f"--db-url {_mask_password(args.db_url)}: cannot open the database"
+        else:
+            where = f"--db {args.db}: cannot open the SQLite database"
+        raise StartError(f"{where}: {_one_line(error)}") from None
     # Tests and scripts wait for this exact line on stdout to know the port.
     print(f"tideflow server listening on {server.address}", flush=True)
     try:
@@ -65,25 +165,17 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         await server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _standalone(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="tideflow", description="tideflow server")
+    add_parser(parser.add_subparsers(dest="group", required=True))
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.group == "dag":
-        return _dag_cli.main(args)
-    if args.group == "server" and args.command == "start-dev":
-        try:
-            url = args.db_url or f"sqlite:///{os.path.abspath(args.db)}"
-            asyncio.run(_serve(args, url))
-        except (ValueError, OSError) as exc:
-            # Bad flags or an unusable address/database: a message, not a traceback.
-            print(f"tideflow: {exc}", file=sys.stderr)
-            return 2
-    return 0
+    return main(args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_standalone(sys.argv[1:]))

@@ -446,7 +446,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             if remaining <= 0:
                 return service_pb2.PollWorkflowTaskResponse()
             task = await self._matching.poll(
-                request.namespace, request.task_queue.name, TaskKind.WORKFLOW, remaining
+                request.namespace,
+                request.task_queue.name,
+                TaskKind.WORKFLOW,
+                remaining,
+                identity=request.identity,
             )
             if task is None:
                 return service_pb2.PollWorkflowTaskResponse()
@@ -521,7 +525,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             if remaining <= 0:
                 return service_pb2.PollActivityTaskResponse()
             task = await self._matching.poll(
-                request.namespace, request.task_queue.name, TaskKind.ACTIVITY, remaining
+                request.namespace,
+                request.task_queue.name,
+                TaskKind.ACTIVITY,
+                remaining,
+                identity=request.identity,
             )
             if task is None:
                 return service_pb2.PollActivityTaskResponse()
@@ -699,6 +707,31 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         return await require_scheduler(self.scheduler).list_schedules(
             request.namespace, page_size, request.next_page_token
         )
+
+    # ----------------------------------------------------------- task queues
+
+    @_rpc
+    async def DescribeTaskQueue(
+        self, request: service_pb2.DescribeTaskQueueRequest, context: _Context
+    ) -> service_pb2.DescribeTaskQueueResponse:
+        await self._check_namespace(request.namespace)
+        self._check_id("task_queue.name", request.task_queue.name)
+        kinds = {
+            service_pb2.TASK_QUEUE_TYPE_UNSPECIFIED: TaskKind.WORKFLOW,
+            service_pb2.TASK_QUEUE_TYPE_WORKFLOW: TaskKind.WORKFLOW,
+            service_pb2.TASK_QUEUE_TYPE_ACTIVITY: TaskKind.ACTIVITY,
+        }
+        kind = kinds.get(request.task_queue_type)
+        if kind is None:
+            raise InvalidArgumentError(f"unknown task_queue_type {request.task_queue_type}")
+        name = request.task_queue.name
+        response = service_pb2.DescribeTaskQueueResponse(
+            backlog_count_hint=self._matching.backlog_size(request.namespace, name, kind)
+        )
+        for identity, seen_at, polling in self._matching.pollers(request.namespace, name, kind):
+            poller = response.pollers.add(identity=identity, polling=polling)
+            poller.last_access_time.FromNanoseconds(int(seen_at * 1e9))
+        return response
 
 
 # Largest page of ListWorkflowExecutions / ListSchedules.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -45,6 +46,14 @@ class _TaskQueue:
     queries: deque[QueryTask] = field(default_factory=deque)
     pollers: deque[asyncio.Future[Dispatchable]] = field(default_factory=deque)
     queued_keys: set[str] = field(default_factory=set)
+    # For DescribeTaskQueue: worker identity -> wall-clock time its last poll began or
+    # ended, and how many of its polls are parked here now.
+    seen: dict[str, float] = field(default_factory=dict)
+    polling: dict[str, int] = field(default_factory=dict)
+
+
+#: How long a poller stays listed after its last poll (Temporal keeps five minutes).
+POLLER_TTL_S = 300.0
 
 
 class Matching:
@@ -86,10 +95,26 @@ class Matching:
             self.add(task)
 
     async def poll(
-        self, namespace: str, task_queue: str, kind: TaskKind, timeout: float
+        self,
+        namespace: str,
+        task_queue: str,
+        kind: TaskKind,
+        timeout: float,
+        *,
+        identity: str | None = None,
     ) -> Dispatchable | None:
-        """Next task of the queue, or None once ``timeout`` seconds pass without one."""
+        """Next task of the queue, or None once ``timeout`` seconds pass without one.
+        ``identity`` (the worker's) is remembered for DescribeTaskQueue."""
         queue = self._queue((namespace, task_queue, kind))
+        if identity is None:
+            return await self._poll(queue, timeout)
+        self._access(queue, identity, +1)
+        try:
+            return await self._poll(queue, timeout)
+        finally:
+            self._access(queue, identity, -1)
+
+    async def _poll(self, queue: _TaskQueue, timeout: float) -> Dispatchable | None:
         while queue.queries:
             query = queue.queries.popleft()
             if not query.result.done():  # its caller may have given up
@@ -161,6 +186,29 @@ class Matching:
 
     def is_retired(self, namespace: str, task_queue: str) -> bool:
         return (namespace, task_queue) in self._retired
+
+    def pollers(
+        self, namespace: str, task_queue: str, kind: TaskKind
+    ) -> list[tuple[str, float, bool]]:
+        """``(identity, last access time, polling now)`` of the workers that polled the
+        queue in the last ``POLLER_TTL_S`` seconds, most recent first."""
+        queue = self._queues.get((namespace, task_queue, kind))
+        if queue is None:
+            return []
+        horizon = time.time() - POLLER_TTL_S
+        for identity in [i for i, at in queue.seen.items() if at < horizon]:
+            if not queue.polling.get(identity):
+                del queue.seen[identity]
+        found = [(i, at, bool(queue.polling.get(i))) for i, at in queue.seen.items()]
+        return sorted(found, key=lambda item: item[1], reverse=True)
+
+    def _access(self, queue: _TaskQueue, identity: str, polls: int) -> None:
+        queue.seen[identity] = time.time()
+        count = queue.polling.get(identity, 0) + polls
+        if count > 0:
+            queue.polling[identity] = count
+        else:
+            queue.polling.pop(identity, None)
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))

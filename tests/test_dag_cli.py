@@ -1,7 +1,7 @@
 """``tideflow dag ...`` as a user runs it: a subprocess against a real server.
 
 The server (port 0) and, where a test needs one, a worker run in the test's event
-loop; the CLI runs as ``python -m tideflow.server._cli dag ...`` through
+loop; the CLI runs as ``python -m tideflow.cli dag ...`` through
 ``asyncio.create_subprocess_exec`` so the loop keeps serving while it works.
 """
 
@@ -31,7 +31,7 @@ async def cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tideflow.server._cli",
+        "tideflow.cli",
         "dag",
         *args,
         stdout=asyncio.subprocess.PIPE,

@@ -1,7 +1,7 @@
 ---------------------------- MODULE WorkflowDag ----------------------------
 (***************************************************************************)
 (* A DAG workflow as tideflow runs it: the DAG interpreter                 *)
-(* (worker_sdk/_dag_interpreter.py, DagWorkflow) is ordinary workflow code *)
+(* (worker_sdk/dag/_interpreter.py, DagWorkflow) is ordinary workflow code *)
 (* on the engine (EngineCore = server/_engine.py).  As the interpreter     *)
 (* does, every attempt n of task t is its own activity, id "t#n", with     *)
 (* maximum_attempts = 1 (the engine never retries it); a failed or timed   *)

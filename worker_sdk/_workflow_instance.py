@@ -151,6 +151,9 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
     def workflow_random(self) -> random.Random:
         return self._random
 
+    def workflow_is_cancel_requested(self) -> bool:
+        return self._cancel_requested
+
     def workflow_is_replaying(self) -> bool:
         # A query handler runs once per query: its lines are new, even mid-replay.
         return not self._answering_query and (self._replaying or self._rerunning)
@@ -918,9 +921,3 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
                 task.exception()  # mark retrieved: the instance is going away
         self._tasks.clear()
         self._commands.clear()
-
-
-# The old name, for the DAG replay helper (``dag._query_from_history``) until it imports
-# ``WorkflowInstanceImpl``; the design document's ``dag.WorkflowInstance`` is the only
-# class of that name.
-WorkflowInstance = WorkflowInstanceImpl

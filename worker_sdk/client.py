@@ -616,44 +616,16 @@ class Client:
 
     # ------------------------------------------------------------------ DAGs
 
-    async def start_dag(
-        self,
-        definition: Any,
-        input: Mapping[str, Any] | None = None,
-        *,
-        id: str | None = None,
-        task_queue: str = "tideflow-dag",
-        executors: Mapping[str, Any] | None = None,
-        known_executors: Any = None,
-        execution_timeout: timedelta | None = None,
-        request_id: str | None = None,
-    ) -> DagHandle:
-        """Start a DAG run (``tideflow.worker_sdk.dag``): ``definition`` is a
-        ``dag.Workflow`` or its dict form, ``input`` a JSON object. A worker on
-        ``task_queue`` must run ``dag.DagWorkflow`` and the executors. ``executors``
-        maps executor names to activity types (str) or ``dag.Executor``;
-        ``known_executors`` (names) makes unknown executors a validation error.
-
-        Nothing starts if the definition is invalid (``DagValidationError``) or the
-        input violates the input schema (``InvalidArgumentError``, INVALID_ARGUMENT).
-        Returns a ``DagHandle``: ``status()``, ``pause()``, ``resume()``, ``cancel()``,
-        ``result()``."""
+    async def start_dag(self, definition: Any, input: Any = None, **options: Any) -> Any:
+        """Alias of ``dag.start_dag(client, definition, input, ...)``, which is typed
+        and documents the options; returns a ``dag.DagHandle``. The DAG layer sits on
+        top of the client, so it is imported only when called."""
         from .dag import start_dag
 
-        return await start_dag(
-            self,
-            definition,
-            input,
-            id=id,
-            task_queue=task_queue,
-            executors=executors,
-            known_executors=known_executors,
-            execution_timeout=execution_timeout,
-            request_id=request_id,
-        )
+        return await start_dag(self, definition, input, **options)
 
-    def get_dag_handle(self, id: str, *, run_id: str | None = None) -> DagHandle:
-        """A handle to an existing DAG run."""
+    def get_dag_handle(self, id: str, *, run_id: str | None = None) -> Any:
+        """Alias of ``dag.DagHandle(client, id)``: a handle to an existing DAG run."""
         from .dag import DagHandle
 
         return DagHandle(self, id, run_id=run_id)
@@ -900,7 +872,3 @@ def _encode_memo(converter: DataConverter, memo: Mapping[str, Any]) -> common_pb
     for key, value in memo.items():
         proto.fields[key].CopyFrom(converter.payload_converter.to_payload(value))
     return proto
-
-
-if typing.TYPE_CHECKING:
-    from .dag import DagHandle

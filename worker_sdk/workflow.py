@@ -370,6 +370,11 @@ class _Runtime(ABC):
         repeat."""
 
     @abstractmethod
+    def workflow_is_cancel_requested(self) -> bool:
+        """Whether the run got a cancellation request (a CancelledError without one
+        is the worker tearing the run's instance down)."""
+
+    @abstractmethod
     def workflow_sleep(self, seconds: float) -> Awaitable[None]: ...
 
     @abstractmethod
@@ -402,6 +407,14 @@ class _Runtime(ABC):
 def info() -> Info:
     """Information about the running workflow."""
     return _Runtime.current().workflow_info()
+
+
+def is_cancel_requested() -> bool:
+    """Whether someone asked this run to cancel (``handle.cancel()``, a parent's
+    close policy, an external cancel). Code that catches ``asyncio.CancelledError``
+    can tell a real request from the worker evicting the run's cached instance, which
+    it must never swallow."""
+    return _Runtime.current().workflow_is_cancel_requested()
 
 
 def now() -> datetime:

@@ -11,7 +11,8 @@
 - ``data-writer`` creates the target table if needed and upserts the rows by id in
   one transaction, so a retried or repeated load writes each row once.
 
-``seed_source`` fills a source database with messy sample events.
+``seed_source`` fills a source database with messy sample events; from a shell:
+``python examples/etl/executors.py seed FILE``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ def data_connector(params: dict[str, Any]) -> dict[str, Any]:
     query = str(params["query"])
     if not query.lstrip().upper().startswith("SELECT"):
         raise ApplicationError("only SELECT queries", type="ValueError", non_retryable=True)
-    with sqlite3.connect(f"file:{params['database']}?mode=ro", uri=True) as conn:
+    database = Path(str(params["database"]))
+    if not database.is_file():
+        # Retrying cannot make the file appear: fail the task at once, with the fix.
+        raise ApplicationError(
+            f"source database {database} does not exist (create a sample one with "
+            f"`python examples/etl/executors.py seed {database}`)",
+            type="FileNotFoundError",
+            non_retryable=True,
+        )
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
         conn.row_factory = sqlite3.Row
         rows = [dict(row) for row in conn.execute(query)]
     columns = list(rows[0].keys()) if rows else []
@@ -156,3 +166,14 @@ def seed_source(path: Path) -> int:
         )
         conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
     return len(rows)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="ETL executors: sample data")
+    commands = parser.add_subparsers(dest="command", required=True)
+    seed = commands.add_parser("seed", help="create FILE with the messy sample events")
+    seed.add_argument("file", type=Path)
+    args = parser.parse_args()
+    print(f"{args.file}: {seed_source(args.file)} events")

@@ -36,6 +36,12 @@ class ScheduleOverlapPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER: _ClassVar[ScheduleOverlapPolicy]
     SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER: _ClassVar[ScheduleOverlapPolicy]
     SCHEDULE_OVERLAP_POLICY_ALLOW_ALL: _ClassVar[ScheduleOverlapPolicy]
+
+class TaskQueueType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_QUEUE_TYPE_UNSPECIFIED: _ClassVar[TaskQueueType]
+    TASK_QUEUE_TYPE_WORKFLOW: _ClassVar[TaskQueueType]
+    TASK_QUEUE_TYPE_ACTIVITY: _ClassVar[TaskQueueType]
 HISTORY_EVENT_FILTER_TYPE_UNSPECIFIED: HistoryEventFilterType
 HISTORY_EVENT_FILTER_TYPE_ALL_EVENT: HistoryEventFilterType
 HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT: HistoryEventFilterType
@@ -49,6 +55,9 @@ SCHEDULE_OVERLAP_POLICY_BUFFER_ALL: ScheduleOverlapPolicy
 SCHEDULE_OVERLAP_POLICY_CANCEL_OTHER: ScheduleOverlapPolicy
 SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER: ScheduleOverlapPolicy
 SCHEDULE_OVERLAP_POLICY_ALLOW_ALL: ScheduleOverlapPolicy
+TASK_QUEUE_TYPE_UNSPECIFIED: TaskQueueType
+TASK_QUEUE_TYPE_WORKFLOW: TaskQueueType
+TASK_QUEUE_TYPE_ACTIVITY: TaskQueueType
 
 class GetSystemInfoRequest(_message.Message):
     __slots__ = ()
@@ -807,3 +816,31 @@ class ListSchedulesResponse(_message.Message):
     schedules: _containers.RepeatedCompositeFieldContainer[ScheduleListEntry]
     next_page_token: bytes
     def __init__(self, schedules: _Optional[_Iterable[_Union[ScheduleListEntry, _Mapping]]] = ..., next_page_token: _Optional[bytes] = ...) -> None: ...
+
+class DescribeTaskQueueRequest(_message.Message):
+    __slots__ = ("namespace", "task_queue", "task_queue_type")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    TASK_QUEUE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    task_queue: _common_pb2.TaskQueue
+    task_queue_type: TaskQueueType
+    def __init__(self, namespace: _Optional[str] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., task_queue_type: _Optional[_Union[TaskQueueType, str]] = ...) -> None: ...
+
+class PollerInfo(_message.Message):
+    __slots__ = ("last_access_time", "identity", "polling")
+    LAST_ACCESS_TIME_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    POLLING_FIELD_NUMBER: _ClassVar[int]
+    last_access_time: _timestamp_pb2.Timestamp
+    identity: str
+    polling: bool
+    def __init__(self, last_access_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identity: _Optional[str] = ..., polling: _Optional[bool] = ...) -> None: ...
+
+class DescribeTaskQueueResponse(_message.Message):
+    __slots__ = ("pollers", "backlog_count_hint")
+    POLLERS_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_COUNT_HINT_FIELD_NUMBER: _ClassVar[int]
+    pollers: _containers.RepeatedCompositeFieldContainer[PollerInfo]
+    backlog_count_hint: int
+    def __init__(self, pollers: _Optional[_Iterable[_Union[PollerInfo, _Mapping]]] = ..., backlog_count_hint: _Optional[int] = ...) -> None: ...

@@ -165,6 +165,11 @@ class WorkflowServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesResponse.FromString,
                 _registered_method=True)
+        self.DescribeTaskQueue = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/DescribeTaskQueue',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -334,6 +339,13 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeTaskQueue(self, request, context):
+        """Task queues (Temporal's name): who polled the queue recently, and its backlog.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -466,6 +478,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.ListSchedules,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'DescribeTaskQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeTaskQueue,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1170,6 +1187,33 @@ class WorkflowService:
             '/tideflow.api.v1.WorkflowService/ListSchedules',
             tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_service__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeTaskQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/DescribeTaskQueue',
+            tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,7 +2,7 @@
 
 Import it as ``tideflow.worker_sdk.dag.DagWorkflow`` and register it on a worker with
 the executor activities. Its start input is ``{"definition": <Workflow.to_dict()>,
-"input": {...}}`` (what ``client.start_dag`` sends), so every run carries the
+"input": {...}}`` (what ``dag.start_dag`` sends), so every run carries the
 definition it started with.
 
 It is ordinary workflow code, replayed deterministically: tasks are visited in
@@ -33,34 +33,35 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import exceptions as exc
-from . import workflow
-from .common import RetryPolicy as ActivityRetryPolicy
-from .dag import (
+from .. import exceptions as exc
+from .. import workflow
+from ..common import RetryPolicy as ActivityRetryPolicy
+from . import _graph
+from ._durations import format_duration
+from ._errors import DagValidationError, ExpressionError
+from ._executors import unwrap_result
+from ._expressions import resolve, schema_problem
+from ._model import (
     DAG_WORKFLOW_TYPE,
     DEFAULT_TASK_TIMEOUT,
     TERMINAL_TASK_STATES,
     TERMINAL_WORKFLOW_STATES,
-    CompensationState,
-    DagValidationError,
-    ErrorInfo,
-    ExpressionError,
     FailurePolicy,
     RetryPolicy,
-    TaskState,
+    Task,
     TaskStatus,
-    Transition,
-    Workflow,
-    WorkflowInstance,
     WorkflowStatus,
-    _StepState,
-    descendants,
-    failure_summary,
-    format_duration,
-    resolve,
-    schema_problem,
-    unwrap_result,
 )
+from ._state import (
+    CompensationState,
+    ErrorInfo,
+    StepState,
+    TaskState,
+    Transition,
+    WorkflowInstance,
+    failure_summary,
+)
+from ._workflow import Workflow
 
 # One activity call is one attempt: the interpreter does the retrying.
 _ONE_ATTEMPT = ActivityRetryPolicy(maximum_attempts=1)
@@ -70,9 +71,7 @@ _UNREGISTERED = "is not registered on this worker"
 def _cancel_requested() -> bool:
     """Whether the run got a cancellation request. A CancelledError without one is
     the worker tearing the instance down (eviction), which must not be swallowed."""
-    from ._workflow_instance import current_instance
-
-    return bool(getattr(current_instance(), "_cancel_requested", False))
+    return workflow.is_cancel_requested()
 
 
 class _StopAttempts(Exception):
@@ -89,6 +88,8 @@ class DagWorkflow:
         self._paused = False
         self._definition: Workflow | None = None
         self._order: list[str] = []
+        self._dependents: dict[str, list[str]] = {}  # reverse edges, for compensation
+        self._specs: dict[str, Task] = {}  # the definition's tasks by id
         self._tasks: dict[str, TaskState] = {}
         self._input: Any = None
         self._output: Any = None
@@ -170,9 +171,11 @@ class DagWorkflow:
             wf = Workflow.from_dict(request["definition"])
             wf.validate()
             self._order = wf.topological_order()
+            self._dependents = _graph.dependents({t.id: t.dependencies for t in wf.tasks})
         except DagValidationError as error:
             return ErrorInfo("DagValidationError", str(error), time=now, non_retryable=True)
         self._definition = wf
+        self._specs = {task.id: task for task in wf.tasks}
         self._input = request.get("input") or {}
         for task in wf.tasks:
             state = TaskState(
@@ -245,7 +248,7 @@ class DagWorkflow:
 
     async def _run_task(self, tid: str) -> None:
         assert self._definition is not None
-        task = self._definition.task(tid)
+        task = self._specs[tid]
         state = self._tasks[tid]
         try:
             ok = await self._attempts(
@@ -273,7 +276,7 @@ class DagWorkflow:
 
     async def _attempts(
         self,
-        step: _StepState,
+        step: StepState,
         *,
         activity_prefix: str,
         executor: str,
@@ -329,37 +332,15 @@ class DagWorkflow:
                     raw = await handle
                 except exc.ActivityError as error:
                     failure = self._error_info(error, step, policy, attempt, timeout)
-                    step.error = failure
-                    step.errors.append(failure)
-                    self._enter(step, TaskStatus.RUNNING, attempt)
-                    last = failure.non_retryable or attempt >= policy.max_attempts
-                    if last or stop():
-                        self._finish_step(step, TaskStatus.FAILED, attempt, note=str(failure))
+                    delay = self._record_failure(step, failure, attempt, policy, stop())
+                    if delay is None:
                         return False
-                    self._enter(step, TaskStatus.FAILED, attempt, note=str(failure))
-                    delay = policy.delay(attempt)
-                    step.next_retry_time = workflow.now() + delay
-                    self._enter(
-                        step, TaskStatus.RETRY, attempt, note=f"backoff {format_duration(delay)}"
-                    )
                     if delay > timedelta(0):
                         # A durable timer, cut short if the run stops meanwhile.
                         with contextlib.suppress(TimeoutError):
                             await workflow.wait_condition(stop, timeout=delay)
                     continue
-                result, meta = unwrap_result(raw)
-                started = meta.get("started_at")
-                self._enter(
-                    step,
-                    TaskStatus.RUNNING,
-                    attempt,
-                    at=datetime.fromisoformat(started) if started else None,
-                )
-                step.executed_at = meta.get("executed_at") or step.executed_at
-                step.worker = meta.get("worker") or step.worker
-                step.result = result
-                step.error = None
-                self._finish_step(step, TaskStatus.COMPLETED, attempt)
+                self._record_completion(step, raw, attempt)
                 return True
         except _StopAttempts:
             self._finish_step(
@@ -370,10 +351,43 @@ class DagWorkflow:
             self._finish_step(step, TaskStatus.CANCELLED, attempt or None, note="cancelled")
             raise
 
+    def _record_failure(
+        self, step: StepState, failure: ErrorInfo, attempt: int, policy: RetryPolicy, stop: bool
+    ) -> timedelta | None:
+        """Record a failed attempt; the backoff before the next one, or None if the
+        step failed for good."""
+        step.error = failure
+        step.errors.append(failure)
+        self._enter(step, TaskStatus.RUNNING, attempt)
+        last = failure.non_retryable or attempt >= policy.max_attempts
+        if last or stop:
+            self._finish_step(step, TaskStatus.FAILED, attempt, note=str(failure))
+            return None
+        self._enter(step, TaskStatus.FAILED, attempt, note=str(failure))
+        delay = policy.delay(attempt)
+        step.next_retry_time = workflow.now() + delay
+        self._enter(step, TaskStatus.RETRY, attempt, note=f"backoff {format_duration(delay)}")
+        return delay
+
+    def _record_completion(self, step: StepState, raw: Any, attempt: int) -> None:
+        result, meta = unwrap_result(raw)
+        started = meta.get("started_at")
+        self._enter(
+            step,
+            TaskStatus.RUNNING,
+            attempt,
+            at=datetime.fromisoformat(started) if started else None,
+        )
+        step.executed_at = meta.get("executed_at") or step.executed_at
+        step.worker = meta.get("worker") or step.worker
+        step.result = result
+        step.error = None
+        self._finish_step(step, TaskStatus.COMPLETED, attempt)
+
     def _error_info(
         self,
         error: exc.ActivityError,
-        step: _StepState,
+        step: StepState,
         policy: RetryPolicy,
         attempt: int,
         timeout: timedelta,
@@ -425,20 +439,17 @@ class DagWorkflow:
     # --------------------------------------------------------- compensation
 
     async def _compensate(self) -> None:
-        assert self._definition is not None
-        wf = self._definition
         targets = [
             tid
             for tid in self._order
             if self._tasks[tid].status is TaskStatus.COMPLETED
-            and wf.task(tid).compensation is not None
+            and self._specs[tid].compensation is not None
         ]
         if not targets:
             return
         self._phase = "compensating"
-        below = descendants(wf)
         for tid in targets:
-            comp = wf.task(tid).compensation
+            comp = self._specs[tid].compensation
             assert comp is not None
             state = CompensationState(executor=comp.executor)
             state.transitions.append(
@@ -446,54 +457,15 @@ class DagWorkflow:
             )
             self._tasks[tid].compensation = state
         running: dict[str, asyncio.Task[None]] = {}
-
-        def compensation(tid: str) -> CompensationState:
-            state = self._tasks[tid].compensation
-            assert state is not None
-            return state
-
-        async def run_one(tid: str) -> None:
-            comp = wf.task(tid).compensation
-            assert comp is not None
-            task_state = self._tasks[tid]
-            defaults = {
-                "task_id": tid,
-                "parameters": task_state.parameters,
-                "result": task_state.result,
-            }
-            try:
-                await self._attempts(
-                    compensation(tid),
-                    activity_prefix=f"{tid}#compensation",
-                    executor=comp.executor,
-                    parameters=lambda: (
-                        defaults
-                        if comp.parameters is None
-                        else resolve(comp.parameters, self._context())
-                    ),
-                    policy=comp.retry_policy,
-                    timeout=comp.timeout,
-                    stoppable=False,
-                )
-            except Exception as error:
-                self._internal_error = self._internal_error or error
-            finally:
-                running.pop(tid, None)
-                self._dirty = True
-
         while True:
             self._dirty = False
             self._raise_internal_error()
+            ready = self._compensations_ready(set(targets))
             for tid in reversed(self._order):
-                if tid not in targets or compensation(tid).status is not TaskStatus.PENDING:
-                    continue
-                if self._paused:
-                    continue
-                after = [d for d in below[tid] if d in targets]
-                if all(compensation(d).status in TERMINAL_TASK_STATES for d in after):
-                    running[tid] = asyncio.create_task(run_one(tid))
+                if tid in ready and not self._paused:
+                    running[tid] = asyncio.create_task(self._run_compensation(tid, running))
             if not running and all(
-                compensation(tid).status in TERMINAL_TASK_STATES for tid in targets
+                self._compensation(tid).status in TERMINAL_TASK_STATES for tid in targets
             ):
                 return
             try:
@@ -504,6 +476,65 @@ class DagWorkflow:
                 # Compensation is the cleanup: it runs to the end even if cancelled.
                 self._cancelled = True
                 self._paused = False
+
+    def _compensations_ready(self, targets: set[str]) -> set[str]:
+        """The PENDING compensations whose dependents' compensations (direct or not)
+        have all ended: reverse dependency order.
+
+        One pass against the dependency order: ``clear`` holds the tasks below which
+        (the task itself included) every compensation has ended, so a task is ready
+        when all its direct dependents are clear. Linear in the graph, where
+        comparing each task with all its descendants would be quadratic."""
+        below = self._dependents
+        clear: set[str] = set()
+        ready: set[str] = set()
+        for tid in reversed(self._order):
+            dependents_clear = all(d in clear for d in below[tid])
+            if tid not in targets:
+                if dependents_clear:
+                    clear.add(tid)
+                continue
+            status = self._compensation(tid).status
+            if status is TaskStatus.PENDING and dependents_clear:
+                ready.add(tid)
+            if status in TERMINAL_TASK_STATES and dependents_clear:
+                clear.add(tid)
+        return ready
+
+    def _compensation(self, tid: str) -> CompensationState:
+        state = self._tasks[tid].compensation
+        assert state is not None
+        return state
+
+    async def _run_compensation(self, tid: str, running: dict[str, asyncio.Task[None]]) -> None:
+        assert self._definition is not None
+        comp = self._specs[tid].compensation
+        assert comp is not None
+        task_state = self._tasks[tid]
+        defaults = {
+            "task_id": tid,
+            "parameters": task_state.parameters,
+            "result": task_state.result,
+        }
+        try:
+            await self._attempts(
+                self._compensation(tid),
+                activity_prefix=f"{tid}#compensation",
+                executor=comp.executor,
+                parameters=lambda: (
+                    defaults
+                    if comp.parameters is None
+                    else resolve(comp.parameters, self._context())
+                ),
+                policy=comp.retry_policy,
+                timeout=comp.timeout,
+                stoppable=False,
+            )
+        except Exception as error:
+            self._internal_error = self._internal_error or error
+        finally:
+            running.pop(tid, None)
+            self._dirty = True
 
     # ------------------------------------------------------------- finishing
 
@@ -602,7 +633,7 @@ class DagWorkflow:
 
     def _enter(
         self,
-        step: _StepState,
+        step: StepState,
         status: TaskStatus,
         attempt: int | None = None,
         *,
@@ -615,7 +646,7 @@ class DagWorkflow:
 
     def _finish_step(
         self,
-        step: _StepState,
+        step: StepState,
         status: TaskStatus,
         attempt: int | None = None,
         *,

@@ -29,11 +29,21 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import dag
-from . import exceptions as exc
+from .. import exceptions as exc
+from ..client import Client
+from ..task_queues import describe_task_queue
+from ._errors import DagValidationError
+from ._format import load
+from ._handle import DagHandle, start_dag
+from ._interpreter import DagWorkflow
+from ._model import DAG_WORKFLOW_TYPE, DEFAULT_TASK_QUEUE, WorkflowStatus
+from ._render import ProgressPrinter, render_dot, render_graph, render_table
+from ._workflow import Workflow
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 CONNECT_TIMEOUT_S = 5.0
+#: How long ``dag status`` waits for a worker to answer before it replays the history.
+QUERY_TIMEOUT_S = 10.0
 
 
 def add_parser(groups: Any) -> None:
@@ -59,7 +69,7 @@ def add_parser(groups: Any) -> None:
     run.add_argument("file")
     run.add_argument("--input", default="{}", help="JSON object, or @FILE holding one")
     run.add_argument("--wait", action="store_true", help="show progress until the run ends")
-    run.add_argument("--task-queue", default=dag.DEFAULT_TASK_QUEUE)
+    run.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
     run.add_argument("--id", default=None, help="run id (default: dag-<id>-<random>)")
     run.add_argument(
         "--executors", help="module or .py file: run a worker for its activities (implies --wait)"
@@ -91,11 +101,11 @@ def main(args: argparse.Namespace) -> int:
         if args.command == "validate":
             return _validate(args)
         if args.command == "graph":
-            wf = dag.load(args.file)
-            print(dag.render_dot(wf) if args.dot else dag.render_graph(wf.validate()))
+            wf = load(args.file)
+            print(render_dot(wf) if args.dot else render_graph(wf.validate()))
             return 0
         return asyncio.run(_remote(args))
-    except dag.DagValidationError as error:
+    except DagValidationError as error:
         print(f"{args.file if hasattr(args, 'file') else 'dag'}: {error}", file=sys.stderr)
         return 1
     except (exc.RPCError, OSError, ValueError, ImportError) as error:
@@ -106,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    wf = dag.load(args.file)
+    wf = load(args.file)
     known = None
     if args.executors:
         known = _known_executors(wf, _activities(load_module(args.executors)), None)
@@ -145,12 +155,12 @@ def _activities(module: ModuleType) -> list[Any]:
 
 
 def _activity_names(activities: list[Any]) -> set[str]:
-    from . import activity
+    from .. import activity
 
     return {activity.definition_of(a).name for a in activities}
 
 
-def _known_executors(wf: dag.Workflow, activities: list[Any], queue: str | None) -> set[str]:
+def _known_executors(wf: Workflow, activities: list[Any], queue: str | None) -> set[str]:
     """Executor names of ``wf`` that the activities provide (executors mapped to
     another task queue are assumed to be served elsewhere)."""
     names = _activity_names(activities)
@@ -175,11 +185,9 @@ def _parse_input(text: str) -> Any:
 
 
 async def _remote(args: argparse.Namespace) -> int:
-    from .client import Client
-
     if args.command == "run":
         # Everything local first: a bad file or input needs no server.
-        args.definition = dag.load(args.file)
+        args.definition = load(args.file)
         args.payload = _parse_input(args.input)
     try:
         client = await asyncio.wait_for(
@@ -191,16 +199,10 @@ async def _remote(args: argparse.Namespace) -> int:
         if args.command == "run":
             return await _run(client, args)
         if args.command == "status":
-            handle = client.get_dag_handle(args.id)
-            instance = await handle.status(from_history=args.from_history)
-            if args.json:
-                print(json.dumps(instance.to_dict(), indent=2))
-            else:
-                print(dag.render_table(instance))
-            return 0
+            return await _status(client, args)
         if args.command == "list":
             return await _list(client, args)
-        handle = client.get_dag_handle(args.id)
+        handle = DagHandle(client, args.id)
         if args.command == "pause":
             await handle.pause("tideflow dag pause")
         elif args.command == "resume":
@@ -213,10 +215,44 @@ async def _remote(args: argparse.Namespace) -> int:
         await client.close()
 
 
-async def _run(client: Any, args: argparse.Namespace) -> int:
-    from .worker import Worker
+async def _status(client: Client, args: argparse.Namespace) -> int:
+    handle = DagHandle(client, args.id)
+    instance = None
+    if not args.from_history:
+        queue = (await handle.describe()).task_queue
+        # The status query needs a worker; without one it would wait for a minute.
+        if await _has_workers(client, queue):
+            try:
+                async with asyncio.timeout(QUERY_TIMEOUT_S):
+                    instance = await handle.status()
+            except TimeoutError:
+                _note(f"no worker answered within {QUERY_TIMEOUT_S:g} s")
+        else:
+            _note(f"no worker polls task queue {queue!r}")
+    if instance is None:
+        instance = await handle.status(from_history=True)
+    if args.json:
+        print(json.dumps(instance.to_dict(), indent=2))
+    else:
+        print(render_table(instance))
+    return 0
 
-    wf: dag.Workflow = args.definition
+
+def _note(why: str) -> None:
+    print(f"note: {why}: the state is replayed from the run's history", file=sys.stderr)
+
+
+async def _has_workers(client: Client, task_queue: str) -> bool:
+    """Whether a worker polls ``task_queue`` now. A worker caught between two polls
+    counts as none: the history then gives the same answer."""
+    pollers = (await describe_task_queue(client, task_queue)).pollers
+    return any(p.polling for p in pollers)
+
+
+async def _run(client: Client, args: argparse.Namespace) -> int:
+    from ..worker import Worker
+
+    wf: Workflow = args.definition
     payload = args.payload
     worker = None
     known = None
@@ -226,12 +262,12 @@ async def _run(client: Any, args: argparse.Namespace) -> int:
         worker = Worker(
             client,
             task_queue=args.task_queue,
-            workflows=[dag.DagWorkflow],
+            workflows=[DagWorkflow],
             activities=activities,
         )
     try:
-        handle = await client.start_dag(
-            wf, payload, id=args.id, task_queue=args.task_queue, known_executors=known
+        handle = await start_dag(
+            client, wf, payload, id=args.id, task_queue=args.task_queue, known_executors=known
         )
     except exc.InvalidArgumentError as error:
         print(f"tideflow dag run: {error.message} ({error.status})", file=sys.stderr)
@@ -239,25 +275,35 @@ async def _run(client: Any, args: argparse.Namespace) -> int:
     print(f"started DAG {wf.id!r} v{wf.version} as run {handle.id}", flush=True)
     if worker is None and not args.wait:
         return 0
+    from_history = False
     if worker is not None:
         worker.start()
+    elif not await _has_workers(client, args.task_queue):
+        print(
+            f"note: no worker polls task queue {args.task_queue!r}, so the run waits until "
+            "one runs the DAG interpreter (dag.DagWorkflow) there (or pass --executors "
+            "MODULE to run one here); progress is read from the run's history meanwhile",
+            file=sys.stderr,
+            flush=True,
+        )
+        from_history = True
     try:
-        printer = dag.ProgressPrinter()
+        printer = ProgressPrinter()
         last = None
-        async for instance in handle.watch():
+        async for instance in handle.watch(from_history=from_history):
             last = instance
             for line in printer.update(instance):
                 print(line, flush=True)
         assert last is not None
-        print(dag.render_table(last), flush=True)
-        return 0 if last.status is dag.WorkflowStatus.COMPLETED else 1
+        print(render_table(last), flush=True)
+        return 0 if last.status is WorkflowStatus.COMPLETED else 1
     finally:
         if worker is not None:
             await worker.shutdown()
 
 
 async def _list(client: Any, args: argparse.Namespace) -> int:
-    query = f"WorkflowType = '{dag.DAG_WORKFLOW_TYPE}'"
+    query = f"WorkflowType = '{DAG_WORKFLOW_TYPE}'"
     if args.status:
         query += f" AND DagStatus = '{args.status.upper()}'"
     rows = [("RUN ID", "DAG", "VERSION", "STATUS", "STARTED")]

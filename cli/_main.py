@@ -1,0 +1,53 @@
+"""Composes the command groups into the ``tideflow`` parser and dispatches to them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from tideflow.server import _cli as server_cli
+from tideflow.worker_sdk.dag import cli as dag_cli
+
+
+class CommandGroup(Protocol):
+    """What a command group module provides (see the package docstring)."""
+
+    def add_parser(self, groups: Any) -> None: ...
+
+    def main(self, args: argparse.Namespace) -> int: ...
+
+
+#: Group name -> module, in the order ``tideflow --help`` lists them.
+GROUPS: Mapping[str, CommandGroup] = MappingProxyType(
+    {
+        "server": server_cli,
+        "dag": dag_cli,
+    }
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tideflow", description="tideflow durable execution engine"
+    )
+    sub = parser.add_subparsers(dest="group", required=True)
+    for name, group in GROUPS.items():
+        group.add_parser(sub)
+        sub.choices[name].set_defaults(group_main=group.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``tideflow`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    run: Callable[[argparse.Namespace], int] = args.group_main
+    return run(args)
