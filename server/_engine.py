@@ -11,7 +11,8 @@ from the store on restart, so nothing depends on memory a crash loses.
 public entry points. What a transition does lives in one module per role:
 server/_run_start.py (a run's first transition), _workflow_tasks.py, _commands.py
 (a completed task's commands), _activities.py (activity attempts), _timeouts.py (timers
-firing) and _cross_run.py (transfers to and from other runs).
+firing) and _cross_run.py (transfers to and from other runs); _task_responses.py shapes
+what a poll hands a worker.
 
 TLA+ actions implemented here (tla/EngineCore.tla): the commit and the decision to
 start of ``StartRun`` (id reuse and conflict policies), ``RecordWorkflowTaskStarted``,
@@ -54,10 +55,9 @@ from tideflow.history import (
     StoreError,
     TaskRow,
     TimerRow,
-    make_event,
 )
 
-from . import _activities, _cross_run, _run_start, _timeouts, _workflow_tasks
+from . import _activities, _cross_run, _run_start, _task_responses, _timeouts, _workflow_tasks
 from ._config import Clock, ServerConfig
 from ._errors import (
     FailedPreconditionError,
@@ -67,6 +67,7 @@ from ._errors import (
     WorkflowAlreadyStartedError,
 )
 from ._mutation import Mutation, run_key_of
+from ._task_responses import decode_token as decode_token  # the frontend's import
 from ._trace import Tracer
 
 log = logging.getLogger("tideflow.server.engine")
@@ -107,33 +108,6 @@ class _Decide(enum.Enum):
     """A start found the workflow id's current run in a state that changed meanwhile."""
 
     AGAIN = enum.auto()
-
-
-def _token(
-    ms: state_pb2.MutableState, scheduled: int, started: int, attempt: int, *, activity: bool
-) -> bytes:
-    return state_pb2.TaskToken(
-        namespace=ms.namespace,
-        workflow_id=ms.workflow_id,
-        run_id=ms.run_id,
-        scheduled_event_id=scheduled,
-        started_event_id=started,
-        attempt=attempt,
-        is_activity=activity,
-    ).SerializeToString()
-
-
-def decode_token(raw: bytes, *, activity: bool) -> state_pb2.TaskToken:
-    kind = "activity" if activity else "workflow"
-    if not raw:
-        raise InvalidArgumentError(f"{kind} task token is empty")
-    try:
-        token = state_pb2.TaskToken.FromString(raw)
-    except Exception as exc:
-        raise InvalidArgumentError(f"{kind} task token is malformed") from exc
-    if not token.workflow_id or not token.run_id or token.is_activity != activity:
-        raise InvalidArgumentError(f"{kind} task token is malformed")
-    return token
 
 
 class HistoryEngine:
@@ -435,81 +409,19 @@ class HistoryEngine:
     async def _workflow_task(
         self, key: RunKey, wft: state_pb2.WorkflowTaskInfo, *, only_new_events: bool = False
     ) -> service_pb2.PollWorkflowTaskResponse:
-        """What a worker needs to run a started workflow task: the history up to it
-        (for the sticky worker, only what came after the task it completed last)."""
+        """What a worker needs to run a started workflow task."""
         ms = await self.state_of(key)
-        # Up to the started event: anything later belongs to the next task.
-        last = wft.scheduled_event_id - 1 if wft.transient else wft.started_event_id
-        first = ms.last_workflow_task_started_event_id + 1 if only_new_events else 1
+        first, last = _task_responses.history_range_of(wft, ms, only_new_events=only_new_events)
         events = await self._history_range(key, first, last)
-        if wft.transient:
-            for event_type, event_id, attrs in (
-                (
-                    ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-                    wft.scheduled_event_id,
-                    {
-                        "task_queue": ms.task_queue,
-                        "start_to_close_timeout": ms.workflow_task_timeout,
-                        "attempt": wft.attempt,
-                    },
-                ),
-                (
-                    ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
-                    wft.started_event_id,
-                    {
-                        "scheduled_event_id": wft.scheduled_event_id,
-                        "identity": wft.identity,
-                        "request_id": wft.request_id,
-                    },
-                ),
-            ):
-                event = make_event(event_type, wft.started_time.ToMicroseconds(), **attrs)
-                event.event_id = event_id
-                events.append(event)
-        response = service_pb2.PollWorkflowTaskResponse(
-            task_token=_token(
-                ms, wft.scheduled_event_id, wft.started_event_id, wft.attempt, activity=False
-            ),
-            previous_started_event_id=ms.last_workflow_task_started_event_id,
-            started_event_id=wft.started_event_id,
-            attempt=wft.attempt,
-        )
-        response.workflow_execution.workflow_id = ms.workflow_id
-        response.workflow_execution.run_id = ms.run_id
-        response.workflow_type.CopyFrom(ms.workflow_type)
-        response.history.events.extend(events)
-        response.scheduled_time.CopyFrom(wft.scheduled_time)
-        response.started_time.CopyFrom(wft.started_time)
-        return response
+        return _task_responses.workflow_task(ms, wft, events)
 
     async def query_task(
         self, key: RunKey, query_id: str, query: service_pb2.WorkflowQuery
     ) -> service_pb2.PollWorkflowTaskResponse:
         """A query task: the run's whole history, for the worker to replay and answer."""
         ms = await self.state_of(key)
-        response = service_pb2.PollWorkflowTaskResponse(
-            task_token=state_pb2.TaskToken(
-                namespace=ms.namespace,
-                workflow_id=ms.workflow_id,
-                run_id=ms.run_id,
-                query_id=query_id,
-            ).SerializeToString(),
-            previous_started_event_id=ms.last_workflow_task_started_event_id,
-        )
-        response.workflow_execution.workflow_id = ms.workflow_id
-        response.workflow_execution.run_id = ms.run_id
-        response.workflow_type.CopyFrom(ms.workflow_type)
-        response.history.events.extend(await self._history_range(key, 1, ms.next_event_id - 1))
-        # Events buffered while a workflow task runs (signals, activity results...) were
-        # accepted already: a query must see them too (read-your-writes). Their ids are
-        # provisional (the task's completion is recorded before them); the worker only
-        # applies them to answer the query, it matches nothing against them.
-        for offset, buffered in enumerate(ms.buffered_events):
-            event = response.history.events.add()
-            event.CopyFrom(buffered)
-            event.event_id = ms.next_event_id + offset
-        response.query.CopyFrom(query)
-        return response
+        events = await self._history_range(key, 1, ms.next_event_id - 1)
+        return _task_responses.query_task(ms, query_id, query, events)
 
     async def complete_workflow_task(
         self,
@@ -570,7 +482,6 @@ class HistoryEngine:
         """What a worker needs to run the started attempt of an activity."""
         run = await self._load(key)
         ms = run.state
-        info = ms.pending_activities[scheduled_event_id]
         attrs = run.scheduled_activities.get(scheduled_event_id)
         if attrs is None:
             events = await self._store.read_events(
@@ -578,30 +489,7 @@ class HistoryEngine:
             )
             attrs = events[0].activity_task_scheduled_event_attributes
             run.scheduled_activities[scheduled_event_id] = attrs
-        resp = service_pb2.PollActivityTaskResponse(
-            task_token=_token(ms, info.scheduled_event_id, 0, info.attempt, activity=True),
-            workflow_namespace=ms.namespace,
-            activity_id=info.activity_id,
-            attempt=info.attempt,
-        )
-        resp.workflow_type.CopyFrom(ms.workflow_type)
-        resp.workflow_execution.workflow_id = ms.workflow_id
-        resp.workflow_execution.run_id = ms.run_id
-        resp.activity_type.CopyFrom(info.activity_type)
-        if attrs.HasField("header"):
-            resp.header.CopyFrom(attrs.header)
-        if attrs.HasField("input"):
-            resp.input.CopyFrom(attrs.input)
-        if info.HasField("heartbeat_details"):
-            resp.heartbeat_details.CopyFrom(info.heartbeat_details)
-        resp.scheduled_time.CopyFrom(info.first_scheduled_time)
-        resp.current_attempt_scheduled_time.CopyFrom(info.scheduled_time)
-        resp.started_time.CopyFrom(info.started_time)
-        resp.schedule_to_close_timeout.CopyFrom(info.schedule_to_close_timeout)
-        resp.start_to_close_timeout.CopyFrom(info.start_to_close_timeout)
-        resp.heartbeat_timeout.CopyFrom(info.heartbeat_timeout)
-        resp.retry_policy.CopyFrom(info.retry_policy)
-        return resp
+        return _task_responses.activity_task(ms, ms.pending_activities[scheduled_event_id], attrs)
 
     async def complete_activity(
         self,

@@ -325,7 +325,7 @@ RecordWorkflowTaskStartedF[ms \in Any, task \in Any] ==
     StartWorkflowTask([NewMutation(ms) EXCEPT !.done_tasks = {task}])
 RecordWorkflowTaskStarted(ms, task) == RecordWorkflowTaskStartedF[ms, task]
 
-(* The task token of the started workflow task (_engine._token),           *)
+(* The task token of the started workflow task (_task_responses.token),    *)
 (* plus `seen`: how many events of history the worker is sent.             *)
 WftToken(ms) ==
     [scheduled |-> ms.wft.scheduled, started |-> ms.wft.started, attempt |-> ms.wft.attempt,
