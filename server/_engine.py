@@ -105,7 +105,8 @@ class _Run:
 
 
 class _Decide(enum.Enum):
-    """A start found the workflow id's current run in a state that changed meanwhile."""
+    """A start's verdict on the workflow id's current run besides "answer with it" or
+    "start a new run": it changed meanwhile (closed, or replaced), so look again."""
 
     AGAIN = enum.auto()
 
