@@ -95,11 +95,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         engine: HistoryEngine,
         matching: Matching,
         config: ServerConfig,
+        *,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
         self._matching = matching
         self._config = config
+        # Serves the schedule RPCs (server/_schedules.py); None: UNAVAILABLE.
+        self.scheduler = scheduler
         self._namespaces: set[str] = set()
         self._queries: dict[str, QueryTask] = {}
 
@@ -609,9 +613,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
     # ------------------------------------------------- visibility and schedules
     # List/count runs (query language: server/_visibility.py) and schedules
-    # (server/_schedules.py). TideflowServer sets ``scheduler`` when it starts one.
-
-    scheduler: Scheduler | None = None
+    # (server/_schedules.py), served by the ``scheduler`` given to the constructor.
 
     @_rpc
     async def ListWorkflowExecutions(

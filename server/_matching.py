@@ -5,8 +5,10 @@ that is already waiting ("sync match", no extra store round trip) or waits in th
 queue's in-memory backlog. The rows stay in the store until the engine records the
 task started, so a crash loses nothing: ``recover`` reloads them on start.
 
-TLA+ (tla/History.tla): ``Dispatch`` hands a scheduled task to a worker; a task that
-turns out stale when the engine records it started is dropped here.
+TLA+ (tla/History.tla): ``DispatchWorkflowTask`` / ``DispatchActivityTask`` hand a
+backlog row to a poller (``RecordWorkflowTaskStartedA`` / ``RecordActivityStartedA``;
+a row that turns out stale when the engine records it started is dropped), and
+``Restart`` rebuilds the backlogs from the store (``recover``).
 """
 
 from __future__ import annotations

@@ -4,14 +4,16 @@ owned by one object with a clear start and stop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from tideflow.api.v1 import service_pb2_grpc
-from tideflow.history import HistoryStore, TaskKind, TaskRow, TimerRow
+from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, TimerRow
 
 from ._config import Clock, ServerConfig, SystemClock
 from ._engine import Dispatcher, HistoryEngine
@@ -29,33 +31,48 @@ _GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class _Dispatch(Dispatcher):
-    def __init__(self, matching: Matching) -> None:
+    """Where a commit's new rows go: transfers to the transfer processor, timers to
+    the timer queue, tasks to matching, except tasks for a sticky queue whose worker
+    left, which ``run`` moves to the run's normal queue."""
+
+    def __init__(
+        self, matching: Matching, timers: TimerQueue, transfers: TransferProcessor
+    ) -> None:
         self._matching = matching
-        self.timers: TimerQueue | None = None
-        self.transfers: TransferProcessor | None = None
-        self.engine: HistoryEngine | None = None
-        self._moving: set[asyncio.Task[None]] = set()
+        self._timers = timers
+        self._transfers = transfers
+        self._to_unstick: asyncio.Queue[TaskRow] = asyncio.Queue()
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
         transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
-        if transfers and self.transfers is not None:
-            self.transfers.add(transfers)
+        if transfers:
+            self._transfers.add(transfers)
         for task in tasks:
             if task.kind == TaskKind.TRANSFER:
                 continue
-            if self.engine is not None and self._matching.is_retired(
-                task.key.namespace, task.task_queue
-            ):
+            if self._matching.is_retired(task.key.namespace, task.task_queue):
                 # Its sticky worker is gone: move it to the normal queue now.
-                job = asyncio.create_task(self.engine.unstick(task.key, task.task_queue))
-                self._moving.add(job)
-                job.add_done_callback(self._moving.discard)
+                self._to_unstick.put_nowait(task)
             else:
                 self._matching.add(task)
 
     def add_timers(self, timers: list[TimerRow]) -> None:
-        if self.timers is not None:
-            self.timers.add(timers)
+        self._timers.add(timers)
+
+    async def run(self, unstick: Callable[[RunKey, str], Awaitable[None]]) -> None:
+        """Move tasks of retired sticky queues through ``unstick`` until cancelled,
+        each in a task of this call's task group."""
+        async with asyncio.TaskGroup() as moves:
+            while True:
+                task = await self._to_unstick.get()
+                moves.create_task(self._move(unstick, task))
+
+    async def _move(self, unstick: Callable[[RunKey, str], Awaitable[None]], task: TaskRow) -> None:
+        try:
+            await unstick(task.key, task.task_queue)
+        except Exception:
+            # The task's sticky schedule-to-start timeout moves it later.
+            log.exception("moving %s off its retired sticky queue failed", task.task_key)
 
 
 class TideflowServer:
@@ -81,9 +98,8 @@ class TideflowServer:
         self._clock = clock or SystemClock()
         self._store: HistoryStore | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._timer_task: asyncio.Task[None] | None = None
-        self._scheduler_task: asyncio.Task[None] | None = None
-        self._transfer_task: asyncio.Task[None] | None = None
+        # Owns the node's background loops (see _run_background).
+        self._background: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -102,21 +118,15 @@ class TideflowServer:
         )
         self._store = store
         matching = Matching()
-        dispatch = _Dispatch(matching)
+        timers = TimerQueue(store, self._clock, window_s=self.config.timer_window_s)
+        transfers = TransferProcessor(store)
+        dispatch = _Dispatch(matching, timers, transfers)
         engine = HistoryEngine(store, dispatch, self._clock, self.config)
-        timers = TimerQueue(
-            store, engine.fire_timer, self._clock, window_s=self.config.timer_window_s
-        )
-        dispatch.timers = timers
-        dispatch.engine = engine
-        transfers = TransferProcessor(store, engine.process_transfer)
-        dispatch.transfers = transfers
         recovered = await matching.recover(store)
         recovered += await transfers.recover()
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
-        service = WorkflowService(store, engine, matching, self.config)
-        service.scheduler = scheduler
+        service = WorkflowService(store, engine, matching, self.config, scheduler=scheduler)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
@@ -134,9 +144,18 @@ class TideflowServer:
         self.port = bound
         await server.start()
         self._grpc = server
-        self._timer_task = asyncio.create_task(timers.run(), name="tideflow-timer-queue")
-        self._scheduler_task = asyncio.create_task(scheduler.run(), name="tideflow-scheduler")
-        self._transfer_task = asyncio.create_task(transfers.run(), name="tideflow-transfers")
+        self._background = asyncio.create_task(
+            _run_background(
+                {
+                    "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
+                    "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
+                    "tideflow-sticky-mover": functools.partial(dispatch.run, engine.unstick),
+                    "tideflow-scheduler": scheduler.run,
+                }
+            ),
+            name="tideflow-background",
+        )
+        self._background.add_done_callback(_report_failure)
         log.info(
             "tideflow server listening on %s (store: %s, %d tasks recovered)",
             self.address,
@@ -146,24 +165,28 @@ class TideflowServer:
         return bound
 
     async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving, cancel the background loops and wait for them, close the
+        store. Safe to call twice; re-raises a failure of a background loop."""
         if self._stopped:
             return
         self._stopped = True
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
-        if self._scheduler_task is not None:
-            self._scheduler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler_task
-        for task in (self._timer_task, self._transfer_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._store is not None:
-            log.info("store commits: %s", self._store.stats)
-            await self._store.close()
-        log.info("tideflow server stopped")
+        try:
+            if self._grpc is not None:
+                await self._grpc.stop(grace)
+            background = self._background
+            if background is not None:
+                background.cancel()
+                # Waits without raising the task's CancelledError here; a cancel of
+                # stop() itself still propagates.
+                await asyncio.wait([background])
+                failure = None if background.cancelled() else background.exception()
+                if failure is not None:
+                    raise failure
+        finally:
+            if self._store is not None:
+                log.info("store commits: %s", self._store.stats)
+                await self._store.close()
+            log.info("tideflow server stopped")
 
     async def wait_closed(self) -> None:
         if self._grpc is not None:
@@ -180,3 +203,23 @@ class TideflowServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def _run_background(loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -> None:
+    """The node's background loops (timer queue, transfer processor, sticky mover,
+    scheduler), each owning its own tasks, in one task group: they run until
+    ``stop()`` cancels this task, and if one fails the others are cancelled too (a node
+    that no longer fires timers must not look healthy)."""
+    async with asyncio.TaskGroup() as group:
+        for name, loop in loops.items():
+            group.create_task(loop(), name=name)
+
+
+def _report_failure(background: asyncio.Task[None]) -> None:
+    # Say so when it happens, not only at stop(): the node no longer fires timers.
+    failure = None if background.cancelled() else background.exception()
+    if failure is not None:
+        log.critical(
+            "a background loop of the server failed; timers, transfers and schedules are stopped",
+            exc_info=failure,
+        )

@@ -7,12 +7,15 @@ store periodically, and fires each due timer through the engine, which validates
 against the run's state and deletes the row in the same transaction. Timers survive
 restarts because the window is refilled from the store on start.
 
-TLA+ (tla/History.tla): ``FireTimer``.
+TLA+ (tla/History.tla): ``FireSomeTimer`` / ``FireTimerA`` (a heap row handed to the
+engine, whose transition is EngineCore's ``FireTimer``: server/_timeouts.py) and the
+heap rebuilt from the store by ``Restart``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,19 +28,15 @@ log = logging.getLogger("tideflow.server.timers")
 
 _US = 1_000_000
 _MAX_CONCURRENT_FIRES = 64
+# Pause before firing a timer again whose transition failed (not a stale timer: an
+# error, e.g. the store unavailable), and before reading the window again.
+_FIRE_RETRY_S = 1.0
+_REFILL_RETRY_S = 1.0
 
 
 class TimerQueue:
-    def __init__(
-        self,
-        store: HistoryStore,
-        fire: Callable[[TimerRow], Awaitable[None]],
-        clock: Clock,
-        *,
-        window_s: float,
-    ) -> None:
+    def __init__(self, store: HistoryStore, clock: Clock, *, window_s: float) -> None:
         self._store = store
-        self._fire = fire
         self._clock = clock
         self._window_us = int(window_s * _US)
         self._heap: list[tuple[int, str, TimerRow]] = []
@@ -45,7 +44,6 @@ class TimerQueue:
         self._loaded_until = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(_MAX_CONCURRENT_FIRES)
-        self._inflight: set[asyncio.Task[None]] = set()
 
     def add(self, timers: list[TimerRow]) -> None:
         """Timers just committed. Those beyond the window are picked up by a refill."""
@@ -74,42 +72,44 @@ class TimerQueue:
         for row in rows:
             self._push(row)
 
-    async def run(self) -> None:
-        """Fire timers until cancelled."""
-        next_refill = 0
-        try:
+    async def run(self, fire: Callable[[TimerRow], Awaitable[None]]) -> None:
+        """Fire due timers through ``fire`` until cancelled. Each firing is a task of
+        this call's task group: cancelling the call cancels and awaits them all."""
+        async with asyncio.TaskGroup() as fires:
+            next_refill = 0
             while True:
                 now = self._clock.now_micros()
                 if now >= next_refill:
-                    await self._refill()
-                    next_refill = now + self._window_us // 2
+                    next_refill = await self._refill_or_retry(now)
                     continue
                 while self._heap and self._heap[0][0] <= now:
                     _, key, timer = heapq.heappop(self._heap)
                     await self._slots.acquire()
-                    task = asyncio.create_task(self._fire_one(key, timer))
-                    self._inflight.add(task)
-                    task.add_done_callback(self._inflight.discard)
+                    fires.create_task(self._fire_one(fire, key, timer))
                 wait_until = next_refill
                 if self._heap:
                     wait_until = min(wait_until, self._heap[0][0])
                 self._wakeup.clear()
                 delay = max(0.0, (wait_until - self._clock.now_micros()) / _US)
-                try:
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._wakeup.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            for task in list(self._inflight):
-                task.cancel()
-            await asyncio.gather(*self._inflight, return_exceptions=True)
 
-    async def _fire_one(self, key: str, timer: TimerRow) -> None:
+    async def _refill_or_retry(self, now: int) -> int:
+        """Refill the window; returns when to refill next. A store that fails (an
+        outage) is tried again shortly: timers already in the heap keep firing."""
         try:
-            await self._fire(timer)
-        except asyncio.CancelledError:
-            raise
+            await self._refill()
+        except Exception:
+            log.exception("reading due timers failed; retrying in %.0f s", _REFILL_RETRY_S)
+            return now + int(_REFILL_RETRY_S * _US)
+        return now + self._window_us // 2
+
+    async def _fire_one(
+        self, fire: Callable[[TimerRow], Awaitable[None]], key: str, timer: TimerRow
+    ) -> None:
+        try:
+            await fire(timer)
         except Exception:
             # Leave the row in the store; push it back for another try shortly.
             log.exception("firing timer %s failed; will retry", key)
@@ -121,7 +121,7 @@ class TimerQueue:
                 fire_at=timer.fire_at,
             )
             self._known.discard(key)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(_FIRE_RETRY_S)
             self._push(retry)
             self._wakeup.set()
             return

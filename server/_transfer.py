@@ -8,14 +8,14 @@ transaction, and every action is idempotent (request ids derived from the source
 and event), so a crash at any point replays the row safely. Rows are reloaded from
 the store when the server starts.
 
-TLA+ (tla/History.tla): the cross-run steps of ``StartChild``, ``ReportChild``,
-``SignalExternal``.
+TLA+ (tla/EngineCore.tla): the ``TransferRow`` outbox rows that the transitions
+``RecordChildStarted``, ``RecordChildClosed`` and ``RecordExternalOutcome`` consume
+(server/_cross_run.py), and the parent-close policy rows ``Close`` writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -28,13 +28,11 @@ _RETRY_DELAY_S = 1.0
 
 
 class TransferProcessor:
-    def __init__(self, store: HistoryStore, process: Callable[[TaskRow], Awaitable[None]]) -> None:
+    def __init__(self, store: HistoryStore) -> None:
         self._store = store
-        self._process = process
         self._queue: asyncio.Queue[TaskRow] = asyncio.Queue()
         self._queued: set[str] = set()
         self._slots = asyncio.Semaphore(_CONCURRENCY)
-        self._inflight: set[asyncio.Task[None]] = set()
 
     def add(self, tasks: list[TaskRow]) -> None:
         for task in tasks:
@@ -55,28 +53,23 @@ class TransferProcessor:
             count += len(transfers)
             after = rows[-1].task_key
 
-    async def run(self) -> None:
-        try:
+    async def run(self, process: Callable[[TaskRow], Awaitable[None]]) -> None:
+        """Carry out queued rows through ``process`` until cancelled, up to
+        ``_CONCURRENCY`` at a time. Each row is a task of this call's task group:
+        cancelling the call cancels and awaits them all (a row cut short stays in the
+        store and is recovered by the next start)."""
+        async with asyncio.TaskGroup() as jobs:
             while True:
                 task = await self._queue.get()
                 await self._slots.acquire()
-                job = asyncio.create_task(self._one(task))
-                self._inflight.add(job)
-                job.add_done_callback(self._inflight.discard)
-        finally:
-            for job in list(self._inflight):
-                job.cancel()
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+                jobs.create_task(self._one(process, task))
 
-    async def _one(self, task: TaskRow) -> None:
+    async def _one(self, process: Callable[[TaskRow], Awaitable[None]], task: TaskRow) -> None:
         try:
-            await self._process(task)
-        except asyncio.CancelledError:
-            raise
+            await process(task)
         except Exception:
             log.exception("transfer %s failed; retrying", task.task_key)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(_RETRY_DELAY_S)
+            await asyncio.sleep(_RETRY_DELAY_S)
             self._queue.put_nowait(task)
             return
         finally:

@@ -165,81 +165,98 @@ def _tokenize(query: str) -> list[_Token]:
             continue
         start = i
         if c in "'\"":
-            quote, i, chars = c, i + 1, []
-            while True:
-                if i >= n:
-                    raise QueryError(
-                        f"invalid query: unterminated string starting at position {start + 1}"
-                    )
-                ch = query[i]
-                if ch == "\\" and i + 1 < n:
-                    chars.append(query[i + 1])
-                    i += 2
-                elif ch == quote:
-                    if i + 1 < n and query[i + 1] == quote:
-                        chars.append(quote)
-                        i += 2
-                    else:
-                        i += 1
-                        break
-                else:
-                    chars.append(ch)
-                    i += 1
-            tokens.append(_Token("STRING", query[start:i], "".join(chars), start))
+            token, i = _read_string(query, start)
         elif c == "`":
-            end = query.find("`", i + 1)
-            if end < 0:
-                raise QueryError(
-                    f"invalid query: unterminated `name` starting at position {start + 1}"
-                )
-            i = end + 1
-            tokens.append(_Token("IDENT", query[start:i], query[start + 1 : end], start))
+            token, i = _read_quoted_name(query, start)
         elif c.isdigit() or (c in "-+." and i + 1 < n and (query[i + 1].isdigit())):
-            i += 1
-            while i < n and (query[i].isalnum() or query[i] in "._+-"):
-                # 1e-5 and 1E+5 keep their sign; "-" elsewhere ends the number.
-                if query[i] in "+-" and query[i - 1] not in "eE":
-                    break
-                i += 1
-            text = query[start:i]
-            try:
-                number: int | float = int(text)
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    raise QueryError(
-                        f"invalid query: malformed number {text!r} at position {start + 1}"
-                    ) from None
-            tokens.append(_Token("NUMBER", text, number, start))
+            token, i = _read_number(query, start)
         elif c.isalpha() or c == "_":
-            while i < n and (query[i].isalnum() or query[i] == "_"):
-                i += 1
-            word = query[start:i]
-            if word.upper() in _KEYWORDS:
-                tokens.append(_Token("KEYWORD", word, word.upper(), start))
-            else:
-                tokens.append(_Token("IDENT", word, word, start))
+            token, i = _read_word(query, start)
         elif query.startswith(("!=", "<>", "<=", ">="), i):
             op = query[i : i + 2]
             i += 2
-            tokens.append(_Token("OP", op, "!=" if op == "<>" else op, start))
-        elif c in "=<>":
+            token = _Token("OP", op, "!=" if op == "<>" else op, start)
+        elif c in _SINGLE_CHAR_TOKENS:
             i += 1
-            tokens.append(_Token("OP", c, c, start))
-        elif c == "(":
-            i += 1
-            tokens.append(_Token("LPAREN", c, c, start))
-        elif c == ")":
-            i += 1
-            tokens.append(_Token("RPAREN", c, c, start))
-        elif c == ",":
-            i += 1
-            tokens.append(_Token("COMMA", c, c, start))
+            token = _Token(_SINGLE_CHAR_TOKENS[c], c, c, start)
         else:
             raise QueryError(f"invalid query: unexpected character {c!r} at position {start + 1}")
+        tokens.append(token)
     tokens.append(_Token("EOF", "", None, n))
     return tokens
+
+
+_SINGLE_CHAR_TOKENS = {
+    "=": "OP",
+    "<": "OP",
+    ">": "OP",
+    "(": "LPAREN",
+    ")": "RPAREN",
+    ",": "COMMA",
+}
+
+
+def _read_string(query: str, start: int) -> tuple[_Token, int]:
+    """A quoted string from ``start``: backslash escapes, a doubled quote is one."""
+    n = len(query)
+    quote, i, chars = query[start], start + 1, []
+    while True:
+        if i >= n:
+            raise QueryError(f"invalid query: unterminated string starting at position {start + 1}")
+        ch = query[i]
+        if ch == "\\" and i + 1 < n:
+            chars.append(query[i + 1])
+            i += 2
+        elif ch == quote:
+            if i + 1 < n and query[i + 1] == quote:
+                chars.append(quote)
+                i += 2
+            else:
+                i += 1
+                break
+        else:
+            chars.append(ch)
+            i += 1
+    return _Token("STRING", query[start:i], "".join(chars), start), i
+
+
+def _read_quoted_name(query: str, start: int) -> tuple[_Token, int]:
+    end = query.find("`", start + 1)
+    if end < 0:
+        raise QueryError(f"invalid query: unterminated `name` starting at position {start + 1}")
+    return _Token("IDENT", query[start : end + 1], query[start + 1 : end], start), end + 1
+
+
+def _read_number(query: str, start: int) -> tuple[_Token, int]:
+    n = len(query)
+    i = start + 1
+    while i < n and (query[i].isalnum() or query[i] in "._+-"):
+        # 1e-5 and 1E+5 keep their sign; "-" elsewhere ends the number.
+        if query[i] in "+-" and query[i - 1] not in "eE":
+            break
+        i += 1
+    text = query[start:i]
+    try:
+        number: int | float = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            raise QueryError(
+                f"invalid query: malformed number {text!r} at position {start + 1}"
+            ) from None
+    return _Token("NUMBER", text, number, start), i
+
+
+def _read_word(query: str, start: int) -> tuple[_Token, int]:
+    n = len(query)
+    i = start
+    while i < n and (query[i].isalnum() or query[i] == "_"):
+        i += 1
+    word = query[start:i]
+    if word.upper() in _KEYWORDS:
+        return _Token("KEYWORD", word, word.upper(), start), i
+    return _Token("IDENT", word, word, start), i
 
 
 class _Parser:

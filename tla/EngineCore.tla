@@ -1,9 +1,10 @@
 ----------------------------- MODULE EngineCore -----------------------------
 (***************************************************************************)
-(* The transitions of one run, as server/_engine.py and server/_mutation.py *)
-(* compute them.  Nothing here is a TLA+ action: every operator maps a      *)
+(* The transitions of one run, as the engine (server/_engine.py and its    *)
+(* transition modules) and server/_mutation.py compute them.  Nothing here *)
+(* is a TLA+ action: every operator maps a                                 *)
 (* Mutation (server/_mutation.py: Mutation) to a Mutation, exactly as the   *)
-(* engine's `fn(m)` callbacks do before `HistoryEngine._update` commits     *)
+(* engine's `fn(m)` callbacks do before `HistoryEngine.update` commits      *)
 (* them as one store transaction.  History.tla and WorkflowDag.tla EXTEND   *)
 (* this module and add the store, the nodes, the workers and the network.   *)
 (*                                                                           *)
@@ -153,7 +154,7 @@ FlushBuffered(m) == FlushBufferedF[m]
 
 (* Attempts after the first are transient (no events until one completes);*)
 (* from attempt 3 on a WORKFLOW_TASK_RETRY backoff timer comes first       *)
-(* (HistoryEngine._fail_workflow_task: delay only when next_attempt > 2).  *)
+(* (_workflow_tasks.fail: delay only when next_attempt > 2).               *)
 (* A first attempt of a run with a sticky worker waits on that worker's    *)
 (* queue, with a STICKY_SCHEDULE_TO_START timer (the row key has no queue).*)
 ScheduleWorkflowTaskF[m \in Any, attempt \in Any] ==
@@ -235,8 +236,8 @@ CloseF[m \in Any, status \in Any, closeType \in Any] ==
 Close(m, status, closeType) == CloseF[m, status, closeType]
 
 -----------------------------------------------------------------------------
-(* Activities: HistoryEngine._dispatch_activity_attempt,                   *)
-(* _start_activity_attempt, _finish_activity, _attempt_failed              *)
+(* Activities (server/_activities.py): dispatch_attempt,                   *)
+(* start_attempt, finish, attempt_failed                                   *)
 
 DispatchActivityAttemptF[m \in Any, sid \in Any] ==
     LET info == m.ms.activities[sid]
@@ -298,7 +299,7 @@ AttemptFailed(m, sid, retry, timedOut) == AttemptFailedF[m, sid, retry, timedOut
 -----------------------------------------------------------------------------
 (* Workflow tasks                                                          *)
 
-(* HistoryEngine._start_workflow_task                                      *)
+(* _workflow_tasks.start                                                   *)
 StartWorkflowTaskF[m \in Any] ==
     LET wft == m.ms.wft
         m1 == IF wft.transient
@@ -324,13 +325,13 @@ RecordWorkflowTaskStartedF[ms \in Any, task \in Any] ==
     StartWorkflowTask([NewMutation(ms) EXCEPT !.done_tasks = {task}])
 RecordWorkflowTaskStarted(ms, task) == RecordWorkflowTaskStartedF[ms, task]
 
-(* The task token of the started workflow task (HistoryEngine._token),     *)
+(* The task token of the started workflow task (_task_responses.token),    *)
 (* plus `seen`: how many events of history the worker is sent.             *)
 WftToken(ms) ==
     [scheduled |-> ms.wft.scheduled, started |-> ms.wft.started, attempt |-> ms.wft.attempt,
      seen |-> IF ms.wft.transient THEN ms.wft.scheduled - 1 ELSE ms.wft.started]
 
-(* _check_workflow_task                                                    *)
+(* _workflow_tasks.check_token                                             *)
 WftTokenValid(ms, tok) ==
     /\ ms.status = RUNNING
     /\ WftStarted(ms)
@@ -338,7 +339,7 @@ WftTokenValid(ms, tok) ==
     /\ ms.wft.started = tok.started
     /\ (Mutant = "wft_no_attempt_fence" \/ ms.wft.attempt = tok.attempt)
 
-(* _fail_workflow_task.  `reset`: the cause is RESET_STICKY_TASK_QUEUE (a   *)
+(* _workflow_tasks.fail.  `reset`: the cause is RESET_STICKY_TASK_QUEUE (a  *)
 (* sticky worker that no longer caches the run): a fresh first attempt.     *)
 FailWftResetF[m \in Any, timedOut \in Any, reset \in Any] ==
     LET wft == m.ms.wft
@@ -375,8 +376,10 @@ FailWorkflowTask(ms) == FailWorkflowTaskF[ms]
 (*   [type |-> "SignalExternal"], [type |-> "CancelExternal"]: a request to  *)
 (*   another run, carried out by the transfer processor                     *)
 (*   [type |-> "ContinueAsNew", id |-> ""]: this run closes; its successor  *)
-(*   is a new run (_continue_as_new), with a trace of its own              *)
-(*   [type |-> "Invalid", id |-> ""]: any command _validate_commands refuses*)
+(*   is a new run (_commands._apply_continue_as_new), with a trace of its  *)
+(*   own                                                                   *)
+(*   [type |-> "Invalid", id |-> ""]: any command _commands.validate       *)
+(*   refuses                                                               *)
 Cmd(type, id, eager) ==
     [type |-> type, id |-> id, eager |-> eager, s2c |-> FALSE, s2s |-> FALSE, hb |-> FALSE,
      sid |-> 0, abandon |-> FALSE]
@@ -384,10 +387,10 @@ Cmd(type, id, eager) ==
 ChildCmd(abandon) == [Cmd("StartChild", "", FALSE) EXCEPT !.abandon = abandon]
 (* RequestCancelActivity names the activity by its scheduled event id.     *)
 CancelActivityCmd(sid) == [Cmd("RequestCancelActivity", "", FALSE) EXCEPT !.sid = sid]
-(* ScheduleActivity with its timeouts, as _schedule_activity normalizes    *)
-(* them: `s2c` a schedule-to-close timeout is set; `s2s` a schedule-to-    *)
-(* start timeout shorter than it (each dispatch then arms one); `hb` a     *)
-(* heartbeat timeout (each start arms one).                                *)
+(* ScheduleActivity with its timeouts, as _commands._scheduled_attributes  *)
+(* normalizes them: `s2c` a schedule-to-close timeout is set; `s2s` a      *)
+(* schedule-to-start timeout shorter than it (each dispatch then arms one);*)
+(* `hb` a heartbeat timeout (each start arms one).                         *)
 ActCmd(id, eager, s2c, s2s, hb) ==
     [Cmd("ScheduleActivity", id, eager) EXCEPT !.s2c = s2c, !.s2s = s2s, !.hb = hb]
 
@@ -402,7 +405,7 @@ FiredUnseen(ms) ==
     {ms.buffered[i].ref : i \in {j \in 1..Len(ms.buffered) :
                                      ms.buffered[j].type = "TIMER_FIRED"}}
 
-(* _validate_commands (the parts the model can violate)                    *)
+(* _commands.validate (the parts the model can violate)                    *)
 CommandsValid(ms, cmds) ==
     /\ \A i \in 1..Len(cmds) : cmds[i].type # "Invalid"
     /\ \A i \in 1..Len(cmds) : cmds[i].type = "ScheduleActivity" =>
@@ -421,7 +424,7 @@ CommandsValid(ms, cmds) ==
     /\ (Mutant # "close_ignores_signals" /\ HasBufferedSignal(ms)) =>
           \A i \in 1..Len(cmds) : cmds[i].type \notin CloseCommands
 
-(* _schedule_activity                                                      *)
+(* _commands._apply_schedule_activity                                      *)
 ScheduleActivityF[m \in Any, c \in Any] ==
     LET m1 == AppendEvent(m, [Ev("ACTIVITY_TASK_SCHEDULED") EXCEPT !.ref = c.id])
         sid == LastId(m1)
@@ -435,7 +438,7 @@ ScheduleActivityF[m \in Any, c \in Any] ==
        ELSE DispatchActivityAttempt(m2, sid)
 ScheduleActivity(m, c) == ScheduleActivityF[m, c]
 
-(* _apply_command                                                          *)
+(* _commands.apply                                                         *)
 ApplyCommandF[m \in Any, c \in Any] ==
     CASE c.type = "ScheduleActivity" -> ScheduleActivity(m, c)
       [] c.type = "StartTimer" ->
@@ -494,7 +497,7 @@ ApplyCommandsF[m \in Any, cmds \in Any] ==
     ELSE ApplyCommandsF[ApplyCommand(m, Head(cmds)), Tail(cmds)]
 ApplyCommands(m, cmds) == ApplyCommandsF[m, cmds]
 
-(* _materialize_transient                                                  *)
+(* _workflow_tasks.materialize_transient                                   *)
 MaterializeTransientF[m \in Any] ==
     LET wft == m.ms.wft
     IN IF ~wft.transient THEN m
@@ -503,8 +506,9 @@ MaterializeTransientF[m \in Any] ==
             IN AppendEvent(m1, [Ev("WORKFLOW_TASK_STARTED") EXCEPT !.scheduled = LastId(m1)])
 MaterializeTransient(m) == MaterializeTransientF[m]
 
-(* complete_workflow_task (after _check_workflow_task passed).  `sticky`:  *)
-(* the worker sent sticky_attributes (it caches the run); without them a   *)
+(* complete_workflow_task (after _workflow_tasks.check_token passed).      *)
+(* `sticky`: the worker sent sticky_attributes (it caches the run); without*)
+(* them a                                                                  *)
 (* sticky run is unstuck.                                                  *)
 CompleteWorkflowTaskWithF[ms \in Any, cmds \in Any, sticky \in Any] ==
     LET m0 == NewMutation(ms)
@@ -525,7 +529,7 @@ CompleteWorkflowTaskWith(ms, cmds, sticky) == CompleteWorkflowTaskWithF[ms, cmds
 CompleteWorkflowTaskF[ms \in Any, cmds \in Any] == CompleteWorkflowTaskWith(ms, cmds, FALSE)
 CompleteWorkflowTask(ms, cmds) == CompleteWorkflowTaskF[ms, cmds]
 
-(* _check_activity                                                         *)
+(* _activities.check_token                                                 *)
 ActivityTokenValid(ms, tok) ==
     /\ ms.status = RUNNING
     /\ tok.sid \in DOMAIN ms.activities
@@ -544,8 +548,8 @@ ActivityTaskValid(ms, task) ==
 RecordActivityStarted(ms, task) ==
     StartActivityAttempt([NewMutation(ms) EXCEPT !.done_tasks = {task}], task.ref)
 
-(* complete_activity + _start_eagerly (the completing worker offers to run *)
-(* the workflow task this schedules: `eagerWft`)                           *)
+(* complete_activity + _workflow_tasks.start_eagerly (the completing       *)
+(* worker offers to run the workflow task this schedules: `eagerWft`)      *)
 StartEagerlyF[m \in Any, hadWft \in Any, eagerWft \in Any] ==
     IF ~eagerWft \/ hadWft \/ ~HasWft(m.ms) \/ m.ms.wft.transient THEN m
     ELSE StartWorkflowTask([m EXCEPT !.new_tasks = @ \ {WftRow(m.ms.wft)}])
@@ -567,8 +571,8 @@ ActivityCanceledF[ms \in Any, tok \in Any] ==
                    tok.sid)
 ActivityCanceled(ms, tok) == ActivityCanceledF[ms, tok]
 
-(* record_heartbeat (after _check_activity): only the time of the last    *)
-(* heartbeat and its details change, neither of which the model has.      *)
+(* record_heartbeat (after _activities.check_token): only the time of the  *)
+(* last heartbeat and its details change, neither of which the model has.  *)
 RecordHeartbeat(ms, tok) == NewMutation(ms)
 
 (* HistoryEngine.unstick: the sticky worker left (ShutdownWorker).  The    *)
@@ -591,8 +595,8 @@ Signal(ms, rid) == SignalF[ms, rid]
 (* transition always consumes the row it was given; it records something  *)
 (* only while the run and the request are still open.                     *)
 
-(* _start_child, after the child's start was attempted (`failed`: a run    *)
-(* with that workflow id exists).                                          *)
+(* _cross_run.record_child_started, after the child's start was attempted  *)
+(* (`failed`: a run with that workflow id exists).                         *)
 RecordChildStartedF[ms \in Any, row \in Any, failed \in Any] ==
     LET m == [NewMutation(ms) EXCEPT !.done_tasks = {row}]
         id == row.ref
@@ -614,9 +618,9 @@ RecordChildStartedF[ms \in Any, row \in Any, failed \in Any] ==
             IN ScheduleWorkflowTask([m1 EXCEPT !.ms.children[id].started = TRUE], 1)
 RecordChildStarted(ms, row, failed) == RecordChildStartedF[ms, row, failed]
 
-(* _report_child_closed: `row` is the child's CHILD_CLOSED row (its run's   *)
-(* outbox), `id` the initiated event id in this run, `outcome` the parent's *)
-(* event for the child's close ("" for a close with none).                 *)
+(* _cross_run.record_child_closed: `row` is the child's CHILD_CLOSED row   *)
+(* (its run's outbox), `id` the initiated event id in this run, `outcome`  *)
+(* the parent's event for the child's close ("" for a close with none).    *)
 RecordChildClosedF[ms \in Any, row \in Any, id \in Any, outcome \in Any] ==
     LET m == [NewMutation(ms) EXCEPT !.done_tasks = {row}]
     IN IF outcome = "" \/ id \notin DOMAIN ms.children \/ ms.status # RUNNING THEN m
@@ -629,7 +633,8 @@ RecordChildClosedF[ms \in Any, row \in Any, id \in Any, outcome \in Any] ==
             IN ScheduleWorkflowTask([m2 EXCEPT !.ms.children = Del(@, id)], 1)
 RecordChildClosed(ms, row, id, outcome) == RecordChildClosedF[ms, row, id, outcome]
 
-(* _external_request, after signalling or cancelling the other run.        *)
+(* _cross_run.record_external_outcome, after signalling or cancelling the  *)
+(* other run.                                                              *)
 RecordExternalOutcomeF[ms \in Any, row \in Any, failed \in Any, cancel \in Any] ==
     LET m == [NewMutation(ms) EXCEPT !.done_tasks = {row}]
         type == CASE cancel /\ ~failed -> "EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED"
@@ -657,8 +662,8 @@ TerminateF[ms \in Any] == Close(NewMutation(ms), TERMINATED, "WORKFLOW_EXECUTION
 Terminate(ms) == TerminateF[ms]
 
 -----------------------------------------------------------------------------
-(* fire_timer / _on_timer: the guard (a timer that no longer applies is    *)
-(* dropped) and the transition.  `retry` as in AttemptFailed.              *)
+(* fire_timer / _timeouts.fire: the guard (a timer that no longer applies  *)
+(* is dropped) and the transition.  `retry` as in AttemptFailed.           *)
 
 FireTimerValid(ms, row) ==
     /\ ms.status = RUNNING
@@ -741,8 +746,8 @@ InitMs == [status |-> RUNNING, next_event_id |-> 1, wft |-> NoWft,
            signal_ids |-> {}, sticky |-> FALSE, cancel_requested |-> FALSE,
            timer_keys |-> {}, children |-> EmptyFn, external |-> {}, has_parent |-> FALSE]
 
-(* _new_run.  `attempt`: the workflow's retry attempt (a run that a failed  *)
-(* run's retry policy started is attempt n + 1; a continue-as-new          *)
+(* _run_start.new_run.  `attempt`: the workflow's retry attempt (a run that*)
+(* a failed run's retry policy started is attempt n + 1; a continue-as-new *)
 (* successor is 1); `runTimeout`: a run timeout or execution deadline arms *)
 (* the run's timer; `signalRid` # "": signal-with-start, the signal (with  *)
 (* the start's request id) is the run's second event; `hasParent`: a      *)

@@ -208,7 +208,7 @@ Restart ==
 
 -----------------------------------------------------------------------------
 (* A stale writer: it loaded the run at some point and later commits a     *)
-(* transition computed from that copy.  HistoryEngine._update's commit      *)
+(* transition computed from that copy.  HistoryEngine.update's commit       *)
 (* carries the version it read; the store rejects it unless nothing was     *)
 (* committed since (ConditionFailedError: forget the cache and reload).     *)
 

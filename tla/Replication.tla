@@ -132,7 +132,7 @@ Init ==
 
 -----------------------------------------------------------------------------
 (* The home's engine: server/_engine.py HistoryEngine (exists), with the   *)
-(* ownership check of the design (HistoryEngine._update refuses a run      *)
+(* ownership check of the design (HistoryEngine.update refuses a run       *)
 (* whose MutableState names another home: to be built).                    *)
 
 (* Who may apply signals, and with which epoch: the home, with the epoch   *)

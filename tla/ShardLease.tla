@@ -174,7 +174,7 @@ RenewLease(n) ==
             /\ UNCHANGED leaseExpired
     /\ UNCHANGED <<owner, rangeId, history, nodeState, readRange, faults, lateRenewals>>
 
-(* One transition of the run: server/_engine.py HistoryEngine._update      *)
+(* One transition of the run: server/_engine.py HistoryEngine.update       *)
 (* (exists) -> history/_store.py HistoryStore.apply / _apply_batch         *)
 (* (exist), extended with the range check of StoreAccepts in the same      *)
 (* transaction (_check_shard_range_txn, to be built).  A rejected append   *)

@@ -237,7 +237,7 @@ Mismatch(t, m, a) ==
     ELSE <<>>
 
 (* A line whose commit raised in the engine (t.unknown: the caller was     *)
-(* cancelled mid-commit, server/_engine.py _update) may or may not have    *)
+(* cancelled mid-commit, server/_engine.py update) may or may not have     *)
 (* committed: the spec tries both, and the trace is accepted if either     *)
 (* way consumes it.                                                         *)
 Next ==

@@ -210,10 +210,10 @@ def dag_dependencies(definition: Path) -> dict[str, set[str]]:
 
 
 def _max_eager() -> int:
-    engine = importlib.import_module("tideflow.server._engine")
+    engine = importlib.import_module("tideflow.server._commands")
     value = engine._MAX_EAGER_ACTIVITIES
     if not isinstance(value, int):
-        raise TypeError("tideflow.server._engine._MAX_EAGER_ACTIVITIES is not an int")
+        raise TypeError("tideflow.server._commands._MAX_EAGER_ACTIVITIES is not an int")
     return value
 
 

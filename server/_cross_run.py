@@ -1,0 +1,382 @@
+"""Transfers: what one run's transition does to other runs, and the outcome recorded.
+
+A transition that starts a child, closes a child, signals or cancels another run, or
+closes a parent with children writes an outbox row (``TaskKind.TRANSFER``); the
+transfer processor (server/_transfer.py) hands each committed row to
+``process_transfer``. Each action first acts on the other run through the engine's
+public entry points (start, signal, cancel, terminate), with a request id derived from
+the source run and event so a replayed row acts once, then records the outcome on the
+run that owns the row and deletes the row in that same transaction.
+
+TLA+ actions (tla/EngineCore.tla): ``RecordChildStarted``, ``RecordChildClosed``,
+``RecordExternalOutcome`` (the transitions after the other run was acted on) and the
+parent-close policy that ``Close`` arms (``TransferRow(ref, slot)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, state_pb2
+from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
+from tideflow.api.v1.history_pb2 import EventType, ParentClosePolicy
+from tideflow.history import HistoryStore, RunKey, TaskRow, TransferAction
+
+from ._errors import FailedPreconditionError, NotFoundError, WorkflowAlreadyStartedError
+from ._mutation import Mutation
+
+if TYPE_CHECKING:
+    from ._engine import HistoryEngine
+
+log = logging.getLogger("tideflow.server.engine")
+
+ET = EventType
+
+# How a child's close event is reported in its parent's history.
+_CHILD_OUTCOME_EVENT = {
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+    ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED: ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED,
+}
+# Fields of a child's initiated event that its start request takes over.
+_CHILD_START_FIELDS = (
+    "input",
+    "workflow_execution_timeout",
+    "workflow_run_timeout",
+    "workflow_task_timeout",
+    "retry_policy",
+    "memo",
+    "search_attributes",
+    "header",
+)
+
+
+async def process_transfer(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
+    """Carry out one outbox row; the row is deleted when its effect is recorded."""
+    action = _ACTIONS.get(task.task_queue)
+    try:
+        if action is None:
+            log.error("unknown transfer action %r; dropping %s", task.task_queue, task.task_key)
+            await store.delete_task(task.task_key)
+        else:
+            await action(engine, store, task)
+    except NotFoundError:
+        # The run it is about is gone (or never was): nothing left to do.
+        await store.delete_task(task.task_key)
+
+
+# ------------------------------------------------------------------- start child
+
+
+async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
+    parent = await engine.state_of(task.key)
+    child = parent.pending_children.get(task.ref_id)
+    if child is None or child.run_id or parent.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+        await store.delete_task(task.task_key)
+        return
+    initiated = (
+        await engine.event(task.key, task.ref_id)
+    ).start_child_workflow_execution_initiated_event_attributes
+    req = _child_start_request(parent, initiated, task.ref_id)
+    failure_cause: str | None
+    try:
+        run_id, _ = await engine.start_workflow(
+            req, parent=parent, parent_initiated_event_id=task.ref_id
+        )
+    except WorkflowAlreadyStartedError as exc:
+        failure_cause = str(exc)
+        run_id = ""
+    else:
+        failure_cause = None
+    await engine.update(
+        task.key,
+        "RecordChildStarted",
+        lambda m: record_child_started(m, task, run_id, failure_cause),
+    )
+
+
+def _child_start_request(
+    parent: state_pb2.MutableState,
+    initiated: history_pb2.StartChildWorkflowExecutionInitiatedEventAttributes,
+    initiated_event_id: int,
+) -> service_pb2.StartWorkflowRequest:
+    req = service_pb2.StartWorkflowRequest(
+        namespace=parent.namespace,
+        workflow_id=initiated.workflow_id,
+        identity=f"parent:{parent.workflow_id}",
+        # The same request id on every retry: a child is started at most once.
+        request_id=f"{parent.run_id}:child:{initiated_event_id}",
+    )
+    req.workflow_type.CopyFrom(initiated.workflow_type)
+    req.task_queue.name = initiated.task_queue.name
+    for name in _CHILD_START_FIELDS:
+        if initiated.HasField(name):
+            getattr(req, name).CopyFrom(getattr(initiated, name))
+    return req
+
+
+def record_child_started(
+    m: Mutation, task: TaskRow, run_id: str, failure_cause: str | None
+) -> None:
+    """The parent's side of a child's start (or of its failure to start)."""
+    ms = m.ms
+    m.trace["task"] = task
+    m.trace["failed"] = failure_cause is not None
+    info = ms.pending_children.get(task.ref_id)
+    m.done_task_keys.append(task.task_key)
+    m.dirty = True
+    if info is None or info.run_id:
+        return
+    if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+        if info.parent_closed and run_id:
+            _late_child_started(m, info, task.ref_id, run_id)
+        return
+    if failure_cause is not None:
+        m.append_or_buffer(
+            ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
+            namespace=ms.namespace,
+            workflow_id=info.workflow_id,
+            workflow_type=info.workflow_type,
+            cause=failure_cause,
+            initiated_event_id=task.ref_id,
+        )
+        del ms.pending_children[task.ref_id]
+    else:
+        info.run_id = run_id
+        m.append_or_buffer(
+            ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
+            namespace=ms.namespace,
+            initiated_event_id=task.ref_id,
+            workflow_execution=common_pb2.WorkflowExecution(
+                workflow_id=info.workflow_id, run_id=run_id
+            ),
+            workflow_type=info.workflow_type,
+        )
+    m.schedule_workflow_task()
+
+
+def _late_child_started(
+    m: Mutation, info: state_pb2.ChildInfo, initiated_event_id: int, run_id: str
+) -> None:
+    # The parent closed while its child was being started: the close policy could
+    # not see the child then, so apply it now.
+    info.run_id = run_id
+    # Slot 2: the close's own row for this child (slot 1) may still be outstanding
+    # (see Mutation.add_transfer). An ABANDON child is left alone, as close() does
+    # (the policy row would terminate it).
+    if info.parent_close_policy != ParentClosePolicy.PARENT_CLOSE_POLICY_ABANDON:
+        m.add_transfer(TransferAction.PARENT_CLOSE_POLICY, initiated_event_id, slot=2)
+
+
+# ------------------------------------------------------------------ child closed
+
+
+async def _report_child_closed(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
+    # The row is the child's (its run's outbox): the parent's commit deletes it.
+    child = await engine.state_of(task.key)
+    close = await engine.event(task.key, task.ref_id)
+    parent_key = RunKey(
+        namespace=child.parent_namespace,
+        workflow_id=child.parent_workflow_id,
+        run_id=child.parent_run_id,
+    )
+    await engine.update(
+        parent_key, "RecordChildClosed", lambda m: record_child_closed(m, task, child, close)
+    )
+
+
+def record_child_closed(
+    m: Mutation,
+    task: TaskRow,
+    child: state_pb2.MutableState,
+    close: history_pb2.HistoryEvent,
+) -> None:
+    """The parent's side of its child's close: the child's outcome event."""
+    ms = m.ms
+    event_type = _CHILD_OUTCOME_EVENT.get(close.event_type)
+    m.trace["task"] = task
+    m.trace["initiated"] = child.parent_initiated_event_id
+    m.trace["child_close"] = (
+        "" if event_type is None else EventType.Name(event_type).removeprefix("EVENT_TYPE_")
+    )
+    m.done_task_keys.append(task.task_key)
+    m.dirty = True
+    info = ms.pending_children.get(child.parent_initiated_event_id)
+    if (
+        event_type is None
+        or info is None
+        or info.parent_closed
+        or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+    ):
+        return
+    attrs: dict[str, Any] = {
+        "namespace": ms.namespace,
+        "workflow_execution": common_pb2.WorkflowExecution(
+            workflow_id=child.workflow_id, run_id=child.run_id
+        ),
+        "workflow_type": info.workflow_type,
+        "initiated_event_id": info.initiated_event_id,
+    }
+    attrs.update(_child_outcome_attributes(close, event_type))
+    if not info.run_id:
+        # The child finished before its start was recorded: record it first, so
+        # the parent always sees started before closed.
+        m.append_or_buffer(
+            ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
+            namespace=ms.namespace,
+            initiated_event_id=info.initiated_event_id,
+            workflow_execution=common_pb2.WorkflowExecution(
+                workflow_id=child.workflow_id,
+                run_id=child.first_execution_run_id or child.run_id,
+            ),
+            workflow_type=info.workflow_type,
+        )
+    m.append_or_buffer(event_type, **attrs)
+    del ms.pending_children[info.initiated_event_id]
+    m.schedule_workflow_task()
+
+
+def _child_outcome_attributes(
+    close: history_pb2.HistoryEvent, event_type: EventType
+) -> dict[str, Any]:
+    """What the parent's event repeats from the child's close event."""
+    attrs: dict[str, Any] = {}
+    if event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED:
+        done = close.workflow_execution_completed_event_attributes
+        if done.HasField("result"):
+            attrs["result"] = done.result
+    elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED:
+        attrs["failure"] = close.workflow_execution_failed_event_attributes.failure
+        attrs["retry_state"] = close.workflow_execution_failed_event_attributes.retry_state
+    elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED:
+        canceled = close.workflow_execution_canceled_event_attributes
+        if canceled.HasField("details"):
+            attrs["details"] = canceled.details
+    elif event_type == ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT:
+        attrs["retry_state"] = close.workflow_execution_timed_out_event_attributes.retry_state
+    return attrs
+
+
+# ------------------------------------------------------------- parent-close policy
+
+
+async def _apply_parent_close_policy(
+    engine: HistoryEngine, store: HistoryStore, task: TaskRow
+) -> None:
+    parent = await engine.state_of(task.key)
+    child = parent.pending_children.get(task.ref_id)
+    if child is not None and child.run_id:
+        key = RunKey(namespace=child.namespace, workflow_id=child.workflow_id, run_id=child.run_id)
+        try:
+            if child.parent_close_policy == ParentClosePolicy.PARENT_CLOSE_POLICY_REQUEST_CANCEL:
+                await engine.request_cancel(
+                    key,
+                    f"parent:{parent.workflow_id}",
+                    f"{parent.run_id}:close:{task.ref_id}",
+                    "parent closed",
+                )
+            else:  # TERMINATE, also the default
+                await engine.terminate(key, "parent closed", None, f"parent:{parent.workflow_id}")
+        except FailedPreconditionError:
+            pass  # the child closed already
+    await store.delete_task(task.task_key)
+
+
+# --------------------------------------------------- signal / cancel another run
+
+
+async def _external_request(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
+    source = await engine.state_of(task.key)
+    request = source.pending_external.get(task.ref_id)
+    if request is None:
+        await store.delete_task(task.task_key)
+        return
+    initiated = await engine.event(task.key, task.ref_id)
+    failure_cause = None
+    try:
+        await _deliver_external(engine, source, request, initiated, task.ref_id)
+    except (NotFoundError, FailedPreconditionError) as exc:
+        failure_cause = str(exc)
+    await engine.update(
+        task.key,
+        "RecordExternalOutcome",
+        lambda m: record_external_outcome(m, task, request, failure_cause),
+    )
+
+
+async def _deliver_external(
+    engine: HistoryEngine,
+    source: state_pb2.MutableState,
+    request: state_pb2.ExternalRequest,
+    initiated: history_pb2.HistoryEvent,
+    initiated_event_id: int,
+) -> None:
+    """Signal or cancel the other run, once however often the row is replayed."""
+    target = await engine.resolve_run_id(request.namespace, request.workflow_id, request.run_id)
+    request_id = f"{source.run_id}:external:{initiated_event_id}"
+    if request.cancel:
+        await engine.request_cancel(target, f"workflow:{source.workflow_id}", request_id, "")
+        return
+    a = initiated.signal_external_workflow_execution_initiated_event_attributes
+    await engine.signal(
+        target,
+        a.signal_name,
+        a.input if a.HasField("input") else None,
+        f"workflow:{source.workflow_id}",
+        request_id,
+        a.header if a.HasField("header") else None,
+    )
+
+
+def record_external_outcome(
+    m: Mutation, task: TaskRow, request: state_pb2.ExternalRequest, failure_cause: str | None
+) -> None:
+    """The requesting run's side of a signal or cancel it sent another run."""
+    ms = m.ms
+    m.trace["task"] = task
+    m.trace["failed"] = failure_cause is not None
+    m.trace["cancel"] = request.cancel
+    m.done_task_keys.append(task.task_key)
+    m.dirty = True
+    if task.ref_id not in ms.pending_external or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+        return
+    del ms.pending_external[task.ref_id]
+    common = {
+        "namespace": ms.namespace,
+        "workflow_execution": common_pb2.WorkflowExecution(
+            workflow_id=request.workflow_id, run_id=request.run_id
+        ),
+        "initiated_event_id": task.ref_id,
+    }
+    if request.cancel:
+        if failure_cause is None:
+            m.append_or_buffer(ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED, **common)
+        else:
+            m.append_or_buffer(
+                ET.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+                cause=failure_cause,
+                **common,
+            )
+    elif failure_cause is None:
+        m.append_or_buffer(ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED, **common)
+    else:
+        m.append_or_buffer(
+            ET.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+            cause=failure_cause,
+            **common,
+        )
+    m.schedule_workflow_task()
+
+
+_Action = Callable[["HistoryEngine", HistoryStore, TaskRow], Awaitable[None]]
+_ACTIONS: dict[str, _Action] = {
+    TransferAction.START_CHILD: _start_child,
+    TransferAction.CHILD_CLOSED: _report_child_closed,
+    TransferAction.PARENT_CLOSE_POLICY: _apply_parent_close_policy,
+    TransferAction.SIGNAL_EXTERNAL: _external_request,
+    TransferAction.CANCEL_EXTERNAL: _external_request,
+}

@@ -1,0 +1,110 @@
+"""The code keeps a shape a reader can hold: no module past ~900 lines (one that long
+usually holds two concerns), no function past ~80. What outgrows a limit is split by
+meaning, not mechanically; generated code is exempt.
+
+To cover another package, add it to the lists below.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 900
+MAX_FUNCTION_LINES = 80
+# Packages whose modules must stay under MAX_MODULE_LINES.
+MODULE_LIMIT_PACKAGES = ("server", "history")
+# Packages whose functions and methods must stay under MAX_FUNCTION_LINES.
+FUNCTION_LIMIT_PACKAGES = ("server",)
+# Generated files (protoc and its gRPC plugin) say so in their first lines.
+_GENERATED_MARKER = "DO NOT EDIT"
+
+
+def _sources(packages: tuple[str, ...]) -> list[Path]:
+    files = sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+    return [p for p in files if not _generated(p)]
+
+
+def _generated(path: Path) -> bool:
+    return _GENERATED_MARKER in path.read_text(encoding="utf-8")[:300]
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def _long_functions(path: Path, limit: int) -> list[str]:
+    """``file:line name (n lines)`` for every function or method longer than
+    ``limit`` lines, decorators and docstring included; nested ones count on their own
+    (and inside the function that holds them)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            assert node.end_lineno is not None
+            length = node.end_lineno - first + 1
+            if length > limit:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_the_checked_packages_exist() -> None:
+    # A renamed package must not turn the checks below into checks of nothing.
+    for package in {*MODULE_LIMIT_PACKAGES, *FUNCTION_LIMIT_PACKAGES}:
+        assert _sources((package,)), f"no Python files under {package}/"
+
+
+def test_no_module_exceeds_the_line_limit() -> None:
+    too_long = [
+        f"{p.relative_to(ROOT)} ({n} lines)"
+        for p in _sources(MODULE_LIMIT_PACKAGES)
+        if (n := _line_count(p)) > MAX_MODULE_LINES
+    ]
+    assert not too_long, (
+        f"modules over {MAX_MODULE_LINES} lines (split them by concern): {too_long}"
+    )
+
+
+def test_no_function_exceeds_the_line_limit() -> None:
+    too_long = [
+        entry
+        for p in _sources(FUNCTION_LIMIT_PACKAGES)
+        for entry in _long_functions(p, MAX_FUNCTION_LINES)
+    ]
+    assert not too_long, (
+        f"functions over {MAX_FUNCTION_LINES} lines (split them by meaning): {too_long}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def f():\n" + "    x = 1\n" * 80, ["f (81 lines)"]),
+        ("def f():\n" + "    x = 1\n" * 79, []),
+        (
+            "class C:\n    @property\n    async def m(self):\n" + "        x = 1\n" * 80,
+            ["m (82 lines)"],
+        ),
+    ],
+)
+def test_the_function_check_counts_what_it_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, expected: list[str]
+) -> None:
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    path = tmp_path / "m.py"
+    path.write_text(source, encoding="utf-8")
+    found = [entry.split(" ", 1)[1] for entry in _long_functions(path, MAX_FUNCTION_LINES)]
+    assert found == expected
+
+
+def test_generated_code_is_exempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    (tmp_path / "pkg").mkdir()
+    body = "def f():\n" + "    x = 1\n" * 100
+    (tmp_path / "pkg" / "gen_pb2.py").write_text("# Generated. DO NOT EDIT!\n" + body)
+    (tmp_path / "pkg" / "mine.py").write_text(body)
+    assert [p.name for p in _sources(("pkg",))] == ["mine.py"]
