@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 import tideflow
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import CLOSE_EVENTS, HistoryStore, RetryableStoreError, StoreError, TaskKind
 
 from ._config import ServerConfig
@@ -26,14 +29,17 @@ from ._engine import HistoryEngine, decode_token
 from ._errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NamespaceNotFoundError,
     NotFoundError,
     QueryFailedError,
     ServiceError,
 )
-from ._matching import Matching, QueryTask
+from ._history_pages import HistoryPager, decode_run_id, is_task_token
+from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
+from ._validation import RequestValidator
 from ._visibility import (
     check_search_attributes,
     decode_page_token,
@@ -48,9 +54,36 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-_MAX_ID_LENGTH = 1000
 _DEFAULT_PAGE_SIZE = 1000
+# Events per GetHistory page at most (pages are bounded in bytes as well).
+_MAX_HISTORY_PAGE_SIZE = 10_000
+_QUERY_TASK_BUILD_ATTEMPTS = 3
 _DEFAULT_STICKY_TIMEOUT_S = 5
+# A command carries at most this many payload-bearing fields' worth of bytes (a child
+# start: input, memo, header, search attributes).
+_PAYLOAD_FIELDS_PER_COMMAND = 4
+# "-" + an RFC 3339 time with microseconds, as schedules suffix their runs' ids.
+_SCHEDULE_SUFFIX_LENGTH = 32
+
+
+def _check_command_attributes(index: int, command: command_pb2.Command) -> None:
+    """The attributes set must be the command type's own (the validator has already
+    refused types the API does not define)."""
+    if command.command_type == command_pb2.COMMAND_TYPE_UNSPECIFIED:
+        raise InvalidArgumentError(f"commands[{index}].command_type is unspecified")
+    type_name = command_pb2.CommandType.Name(command.command_type)
+    expected = type_name.removeprefix("COMMAND_TYPE_").lower() + "_command_attributes"
+    which = command.WhichOneof("attributes")
+    if which is not None and which != expected:
+        raise InvalidArgumentError(
+            f"commands[{index}] is a {type_name} but carries {which}, not {expected}"
+        )
+
+
+class PollLimitError(ServiceError):
+    """Too many long polls are parked on this server (``max_concurrent_polls``)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _rpc(
@@ -79,10 +112,6 @@ def _rpc(
     return wrapper
 
 
-def _payloads_size(p: common_pb2.Payloads) -> int:
-    return p.ByteSize()
-
-
 class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     def __init__(
         self,
@@ -97,6 +126,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._config = config
         self._namespaces: set[str] = set()
         self._queries: dict[str, QueryTask] = {}
+        self._validator = RequestValidator(config)
+        self._parked_polls = 0
+        self._pager = HistoryPager(engine.read_events, engine.state_of, config.history_page_bytes)
 
     # ------------------------------------------------------------ validation
 
@@ -109,24 +141,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             raise NamespaceNotFoundError(f"namespace not found: {namespace!r}")
         self._namespaces.add(namespace)
 
-    def _check_payloads(self, what: str, payloads: common_pb2.Payloads) -> None:
-        size = _payloads_size(payloads)
-        if size > self._config.max_payload_bytes:
-            raise InvalidArgumentError(
-                f"{what} is {size} bytes, over the limit of {self._config.max_payload_bytes} bytes"
-            )
-
     @staticmethod
     def _check_id(what: str, value: str) -> None:
+        # Lengths and characters: RequestValidator, which every RPC runs first.
         if not value:
             raise InvalidArgumentError(f"{what} is empty")
-        if len(value) > _MAX_ID_LENGTH:
-            raise InvalidArgumentError(f"{what} is longer than {_MAX_ID_LENGTH} characters")
-
-    @staticmethod
-    def _check_duration(what: str, value: Any) -> None:
-        if value.ToMicroseconds() < 0:
-            raise InvalidArgumentError(f"{what} must not be negative")
 
     # ------------------------------------------------------------------ misc
 
@@ -134,6 +153,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def GetSystemInfo(
         self, request: service_pb2.GetSystemInfoRequest, context: _Context
     ) -> service_pb2.GetSystemInfoResponse:
+        self._validator.check(request)
         return service_pb2.GetSystemInfoResponse(
             server_version=tideflow.__version__,
             store=self._store.dialect.name,
@@ -149,6 +169,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RegisterNamespace(
         self, request: service_pb2.RegisterNamespaceRequest, context: _Context
     ) -> service_pb2.RegisterNamespaceResponse:
+        self._validator.check(request)
         self._check_id("namespace", request.namespace)
         retention = request.workflow_execution_retention_period.ToSeconds()
         if not await self._store.ensure_namespace(
@@ -163,18 +184,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def StartWorkflow(
         self, request: service_pb2.StartWorkflowRequest, context: _Context
     ) -> service_pb2.StartWorkflowResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("workflow_id", request.workflow_id)
         self._check_id("workflow_type.name", request.workflow_type.name)
         self._check_id("task_queue.name", request.task_queue.name)
-        if request.HasField("input"):
-            self._check_payloads("input", request.input)
-        if request.HasField("signal_input"):
-            self._check_payloads("signal_input", request.signal_input)
-        for name in ("workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout"):
-            self._check_duration(name, getattr(request, name))
-        if len(request.request_id) > 255:
-            raise InvalidArgumentError("request_id is longer than 255 characters")
         if request.HasField("search_attributes"):
             check_search_attributes(request.search_attributes)
         run_id, started = await self._engine.start_workflow(request)
@@ -184,25 +198,38 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def GetHistory(
         self, request: service_pb2.GetHistoryRequest, context: _Context
     ) -> service_pb2.GetHistoryResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
+        token = request.next_page_token
+        run_id = request.execution.run_id
+        if not run_id and is_task_token(token):
+            run_id = decode_run_id(token)  # the rest of a task's history: that run's
         key = await self._engine.resolve_run_id(
-            request.namespace, request.execution.workflow_id, request.execution.run_id
+            request.namespace, request.execution.workflow_id, run_id
         )
+        if request.maximum_page_size < 0:
+            raise InvalidArgumentError("maximum_page_size must not be negative")
+        page_size = min(request.maximum_page_size or _DEFAULT_PAGE_SIZE, _MAX_HISTORY_PAGE_SIZE)
+        response = service_pb2.GetHistoryResponse()
+        if is_task_token(token):
+            events, response.next_page_token = await self._pager.continue_task(
+                key, token, page_size
+            )
+            response.history.events.extend(events)
+            return response
+        first = 1
+        if token:
+            try:
+                first = int(token.decode())
+            except ValueError as exc:
+                raise InvalidArgumentError("next_page_token is malformed") from exc
         close_only = (
             request.history_event_filter_type == service_pb2.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT
         )
-        first = 1
-        if request.next_page_token:
-            try:
-                first = int(request.next_page_token.decode())
-            except ValueError as exc:
-                raise InvalidArgumentError("next_page_token is malformed") from exc
-        page_size = request.maximum_page_size or _DEFAULT_PAGE_SIZE
         deadline = context.time_remaining()
         wait_s = min(self._config.long_poll_timeout_s, deadline - 1.0 if deadline else 1e9)
         ms = await self._engine.state_of(key)
-        response = service_pb2.GetHistoryResponse()
         if close_only:
             if request.wait_new_event and ms.status == common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 await self._engine.wait_for_change(key, 1 << 62, max(0.0, wait_s))
@@ -217,13 +244,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             and ms.status == common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING
         ):
             await self._engine.wait_for_change(key, first, max(0.0, wait_s))
-        events = await self._engine.read_events(key, first, page_size)
+        events, at_end = await self._pager.read_page(key, first, page_size)
         response.history.events.extend(events)
         if events:
             last = events[-1]
-            more = len(events) == page_size or (
-                request.wait_new_event and last.event_type not in CLOSE_EVENTS
-            )
+            more = not at_end or (request.wait_new_event and last.event_type not in CLOSE_EVENTS)
             if more:
                 response.next_page_token = str(last.event_id + 1).encode()
         elif request.wait_new_event:
@@ -236,6 +261,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def DescribeWorkflow(
         self, request: service_pb2.DescribeWorkflowRequest, context: _Context
     ) -> service_pb2.DescribeWorkflowResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
         key = await self._engine.resolve_run_id(
@@ -278,10 +304,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def TerminateWorkflow(
         self, request: service_pb2.TerminateWorkflowRequest, context: _Context
     ) -> service_pb2.TerminateWorkflowResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
-        if request.HasField("details"):
-            self._check_payloads("details", request.details)
         key = await self._engine.resolve_run_id(
             request.namespace,
             request.workflow_execution.workflow_id,
@@ -300,11 +325,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def SignalWorkflow(
         self, request: service_pb2.SignalWorkflowRequest, context: _Context
     ) -> service_pb2.SignalWorkflowResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
         self._check_id("signal_name", request.signal_name)
-        if request.HasField("input"):
-            self._check_payloads("input", request.input)
         key = await self._engine.resolve_run_id(
             request.namespace,
             request.workflow_execution.workflow_id,
@@ -324,6 +348,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RequestCancelWorkflow(
         self, request: service_pb2.RequestCancelWorkflowRequest, context: _Context
     ) -> service_pb2.RequestCancelWorkflowResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
         key = await self._engine.resolve_run_id(
@@ -338,11 +363,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def QueryWorkflow(
         self, request: service_pb2.QueryWorkflowRequest, context: _Context
     ) -> service_pb2.QueryWorkflowResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
         self._check_id("query.query_type", request.query.query_type)
-        if request.query.HasField("query_args"):
-            self._check_payloads("query.query_args", request.query.query_args)
         key = await self._engine.resolve_run_id(
             request.namespace, request.execution.workflow_id, request.execution.run_id
         )
@@ -375,13 +399,13 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondQueryTaskCompleted(
         self, request: service_pb2.RespondQueryTaskCompletedRequest, context: _Context
     ) -> service_pb2.RespondQueryTaskCompletedResponse:
+        self._validator.check(request)
         token = decode_token(request.task_token, activity=False)
         query = self._queries.get(token.query_id) if token.query_id else None
         if query is None:
             raise NotFoundError("query not found: it was answered already or its caller gave up")
         if not query.result.done():
             if request.completed_type == service_pb2.QUERY_RESULT_TYPE_ANSWERED:
-                self._check_payloads("query_result", request.query_result)
                 query.result.set_result(request.query_result)
             else:
                 query.result.set_exception(
@@ -393,6 +417,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def ShutdownWorker(
         self, request: service_pb2.ShutdownWorkerRequest, context: _Context
     ) -> service_pb2.ShutdownWorkerResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("sticky_task_queue", request.sticky_task_queue)
         for task in self._matching.retire(request.namespace, request.sticky_task_queue):
@@ -409,10 +434,27 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             timeout = min(timeout, max(0.0, remaining - 0.5))
         return timeout
 
+    async def _parked_poll(
+        self, namespace: str, task_queue: str, kind: TaskKind, timeout: float
+    ) -> Dispatchable | None:
+        """``Matching.poll`` within ``max_concurrent_polls``: past it, a clear
+        RESOURCE_EXHAUSTED (clients retry it with backoff) rather than an unbounded pile."""
+        if self._parked_polls >= self._config.max_concurrent_polls:
+            raise PollLimitError(
+                f"{self._parked_polls} long polls are waiting on this server, its limit "
+                f"(max_concurrent_polls); retry with backoff"
+            )
+        self._parked_polls += 1
+        try:
+            return await self._matching.poll(namespace, task_queue, kind, timeout)
+        finally:
+            self._parked_polls -= 1
+
     @_rpc
     async def PollWorkflowTask(
         self, request: service_pb2.PollWorkflowTaskRequest, context: _Context
     ) -> service_pb2.PollWorkflowTaskResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
         loop = asyncio.get_running_loop()
@@ -421,14 +463,14 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return service_pb2.PollWorkflowTaskResponse()
-            task = await self._matching.poll(
+            task = await self._parked_poll(
                 request.namespace, request.task_queue.name, TaskKind.WORKFLOW, remaining
             )
             if task is None:
                 return service_pb2.PollWorkflowTaskResponse()
             if isinstance(task, QueryTask):
                 try:
-                    return await self._engine.query_task(task.key, task.query_id, task.query)
+                    return await self._query_task(task)
                 except ServiceError as exc:
                     if not task.result.done():
                         task.result.set_exception(exc)
@@ -443,7 +485,23 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 self._matching.give_back(task)
                 raise
             if response is not None:
+                self._pager.first_page(response)
                 return response
+
+    async def _query_task(self, task: QueryTask) -> service_pb2.PollWorkflowTaskResponse:
+        """A query task whose history is cut to a first page when it does not fit. The
+        page token must know where the run's buffered events begin: a run that changed
+        while the task was built is read again."""
+        for _ in range(_QUERY_TASK_BUILD_ATTEMPTS):
+            response = await self._engine.query_task(task.key, task.query_id, task.query)
+            if self._pager.fits(response):
+                return response
+            ms = await self._engine.state_of(task.key)
+            last = response.history.events[-1].event_id
+            if last == ms.next_event_id - 1 + len(ms.buffered_events):
+                self._pager.first_page(response, ms.next_event_id)
+                return response
+        raise FailedPreconditionError("the run kept changing while its query task was built")
 
     @_rpc
     async def RespondWorkflowTaskCompleted(
@@ -451,15 +509,18 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondWorkflowTaskCompletedRequest,
         context: _Context,
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
+        self._validator.check(request)
         token = decode_token(request.task_token, activity=False)
         await self._check_namespace(token.namespace)
+        # Each command becomes one event, which must fit one history page message.
+        command_limit = _PAYLOAD_FIELDS_PER_COMMAND * self._config.max_payload_bytes
         for index, command in enumerate(request.commands):
-            for field, value in command.ListFields():
-                if field.message_type is None:
-                    continue
-                for inner, inner_value in value.ListFields():
-                    if inner.message_type is common_pb2.Payloads.DESCRIPTOR:
-                        self._check_payloads(f"command {index} {inner.name}", inner_value)
+            if command.ByteSize() > command_limit:
+                raise InvalidArgumentError(
+                    f"commands[{index}] is {command.ByteSize()} bytes, over the limit of "
+                    f"{command_limit} bytes"
+                )
+            _check_command_attributes(index, command)
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
         if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
             sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
@@ -474,11 +535,14 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondWorkflowTaskFailedRequest,
         context: _Context,
     ) -> service_pb2.RespondWorkflowTaskFailedResponse:
-        token = decode_token(request.task_token, activity=False)
-        await self._check_namespace(token.namespace)
+        # An oversized failure is cut down rather than refused: the task must fail.
         failure = request.failure
         if failure.ByteSize() > self._config.max_payload_bytes:
             failure = common_pb2.Failure(message=failure.message[:4096], source=failure.source)
+            request.failure.CopyFrom(failure)
+        self._validator.check(request)
+        token = decode_token(request.task_token, activity=False)
+        await self._check_namespace(token.namespace)
         await self._engine.fail_workflow_task(token, request.cause, failure, request.identity)
         return service_pb2.RespondWorkflowTaskFailedResponse()
 
@@ -488,6 +552,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def PollActivityTask(
         self, request: service_pb2.PollActivityTaskRequest, context: _Context
     ) -> service_pb2.PollActivityTaskResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
         loop = asyncio.get_running_loop()
@@ -496,7 +561,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return service_pb2.PollActivityTaskResponse()
-            task = await self._matching.poll(
+            task = await self._parked_poll(
                 request.namespace, request.task_queue.name, TaskKind.ACTIVITY, remaining
             )
             if task is None:
@@ -517,10 +582,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondActivityTaskCompletedRequest,
         context: _Context,
     ) -> service_pb2.RespondActivityTaskCompletedResponse:
+        self._validator.check(request)
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
-        if request.HasField("result"):
-            self._check_payloads("result", request.result)
         workflow_task = await self._engine.complete_activity(
             token,
             request.result if request.HasField("result") else None,
@@ -528,6 +592,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
+        if workflow_task is not None:
+            self._pager.first_page(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
     @_rpc
@@ -536,18 +602,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondActivityTaskFailedRequest,
         context: _Context,
     ) -> service_pb2.RespondActivityTaskFailedResponse:
+        self._validator.check(request)
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
-        if request.failure.ByteSize() > self._config.max_payload_bytes:
-            raise InvalidArgumentError(
-                f"failure is {request.failure.ByteSize()} bytes, over the limit of "
-                f"{self._config.max_payload_bytes} bytes"
-            )
         details = (
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
         )
-        if details is not None:
-            self._check_payloads("last_heartbeat_details", details)
         await self._engine.fail_activity(token, request.failure, request.identity, details)
         return service_pb2.RespondActivityTaskFailedResponse()
 
@@ -555,11 +615,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RecordActivityHeartbeat(
         self, request: service_pb2.RecordActivityHeartbeatRequest, context: _Context
     ) -> service_pb2.RecordActivityHeartbeatResponse:
+        self._validator.check(request)
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
-        if details is not None:
-            self._check_payloads("details", details)
         cancel = await self._engine.record_heartbeat(token, details)
         return service_pb2.RecordActivityHeartbeatResponse(cancel_requested=cancel)
 
@@ -567,11 +626,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondActivityTaskCanceled(
         self, request: service_pb2.RespondActivityTaskCanceledRequest, context: _Context
     ) -> service_pb2.RespondActivityTaskCanceledResponse:
+        self._validator.check(request)
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
-        if details is not None:
-            self._check_payloads("details", details)
         await self._engine.activity_canceled(token, details, request.identity)
         return service_pb2.RespondActivityTaskCanceledResponse()
 
@@ -585,6 +643,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def ListWorkflowExecutions(
         self, request: service_pb2.ListWorkflowExecutionsRequest, context: _Context
     ) -> service_pb2.ListWorkflowExecutionsResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         if request.page_size < 0:
             raise InvalidArgumentError("page_size must not be negative")
@@ -609,6 +668,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def CountWorkflowExecutions(
         self, request: service_pb2.CountWorkflowExecutionsRequest, context: _Context
     ) -> service_pb2.CountWorkflowExecutionsResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         query = parse_query(request.query)
         if query.order_by:
@@ -620,13 +680,16 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def CreateSchedule(
         self, request: service_pb2.CreateScheduleRequest, context: _Context
     ) -> service_pb2.CreateScheduleResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
-        if len(request.request_id) > 255:
-            raise InvalidArgumentError("request_id is longer than 255 characters")
-        action = request.schedule.action.start_workflow
-        if action.HasField("input"):
-            self._check_payloads("schedule action input", action.input)
+        # Each run's id is `<workflow_id>-<slot time>`: the suffix must fit too.
+        limit = self._config.max_id_length - _SCHEDULE_SUFFIX_LENGTH
+        if len(request.schedule.action.start_workflow.workflow_id) > limit:
+            raise InvalidArgumentError(
+                f"schedule.action.start_workflow.workflow_id is longer than {limit} characters "
+                "(each run's id appends the slot time)"
+            )
         await require_scheduler(self.scheduler).create(
             request.namespace, request.schedule_id, request.schedule, request.request_id
         )
@@ -636,6 +699,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def DescribeSchedule(
         self, request: service_pb2.DescribeScheduleRequest, context: _Context
     ) -> service_pb2.DescribeScheduleResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
         return await require_scheduler(self.scheduler).describe(
@@ -646,10 +710,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def PatchSchedule(
         self, request: service_pb2.PatchScheduleRequest, context: _Context
     ) -> service_pb2.PatchScheduleResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
-        if len(request.request_id) > 255:
-            raise InvalidArgumentError("request_id is longer than 255 characters")
         await require_scheduler(self.scheduler).patch(
             request.namespace, request.schedule_id, request.patch, request.request_id
         )
@@ -659,6 +722,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def DeleteSchedule(
         self, request: service_pb2.DeleteScheduleRequest, context: _Context
     ) -> service_pb2.DeleteScheduleResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
         await require_scheduler(self.scheduler).delete(request.namespace, request.schedule_id)
@@ -668,6 +732,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def ListSchedules(
         self, request: service_pb2.ListSchedulesRequest, context: _Context
     ) -> service_pb2.ListSchedulesResponse:
+        self._validator.check(request)
         await self._check_namespace(request.namespace)
         if request.maximum_page_size < 0:
             raise InvalidArgumentError("maximum_page_size must not be negative")
@@ -679,3 +744,85 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
 # Largest page of ListWorkflowExecutions / ListSchedules.
 _MAX_LIST_PAGE_SIZE = 1000
+
+
+# ------------------------------------------------------------ registration
+
+
+class _Undecodable:
+    """What the deserializer hands on for a body that is not the method's message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class _RateLimitedLog:
+    """At most one line per ``interval_s``, saying how many were left out meanwhile: an
+    undecodable body costs its sender nothing, so it must not cost a traceback each."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._suppressed += 1
+            return
+        self._next_at = now + self._interval_s
+        suppressed, self._suppressed = self._suppressed, 0
+        log.warning(message + " (%d more left out before this one)", *args, suppressed)
+
+
+_UNDECODABLE_LOG_INTERVAL_S = 10.0
+
+
+def _lenient_deserializer(message_class: type[Message]) -> Callable[[bytes], object]:
+    # gRPC logs a full traceback for a deserializer that raises, then answers INTERNAL;
+    # handing on a marker lets the handler answer INVALID_ARGUMENT after one log line.
+    def deserialize(raw: bytes) -> object:
+        try:
+            return message_class.FromString(raw)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
+def _guarded(
+    method: Callable[[Any, _Context], Awaitable[Any]], input_type: str, undecodable: _RateLimitedLog
+) -> Callable[[Any, _Context], Awaitable[Any]]:
+    async def handle(request: Any, context: _Context) -> Any:
+        if isinstance(request, _Undecodable):
+            undecodable.warning(
+                "undecodable %s from %s: %s", input_type, context.peer(), request.error
+            )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request body is not a valid {input_type} message",
+            )
+        return await method(request, context)
+
+    return handle
+
+
+def add_to_server(service: WorkflowService, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_WorkflowServiceServicer_to_server``,
+    with deserializers that turn an undecodable body into INVALID_ARGUMENT."""
+    descriptor = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    # One limit per server: a flood on one node says nothing about another.
+    undecodable = _RateLimitedLog(_UNDECODABLE_LOG_INTERVAL_S)
+    for method in descriptor.methods:
+        request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(getattr(service, method.name), method.input_type.full_name, undecodable),
+            request_deserializer=_lenient_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
