@@ -394,6 +394,51 @@ async def test_inputs_that_crashed_the_engine_are_refused(store_url: str) -> Non
         assert {e.execution.workflow_id for e in listed.executions} == {"w-ok", "w-after"}
 
 
+async def test_huge_backoff_coefficient_is_capped_not_a_crash(store_url: str) -> None:
+    """A client-chosen backoff coefficient of 1e300 made the third retry's delay
+    overflow a float (OverflowError: INTERNAL on every failure of that activity); the
+    delay is capped at maximum_interval instead."""
+    async with serve(store_url) as server, raw_stub(server.address) as stub:
+        tq = f"tq-{uuid.uuid4()}"
+        await stub.StartWorkflow(start_request("w-retry", tq), timeout=30)
+        task = await poll_task(stub, tq)
+        millisecond = Duration(nanos=1_000_000)
+        schedule = command_pb2.Command(
+            command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK,
+            schedule_activity_task_command_attributes=(
+                command_pb2.ScheduleActivityTaskCommandAttributes(
+                    activity_id="a",
+                    activity_type=common_pb2.ActivityType(name="A"),
+                    task_queue=common_pb2.TaskQueue(name=tq),
+                    start_to_close_timeout=Duration(seconds=60),
+                    retry_policy=common_pb2.RetryPolicy(
+                        initial_interval=millisecond,
+                        maximum_interval=millisecond,
+                        backoff_coefficient=1e300,
+                    ),
+                )
+            ),
+        )
+        await stub.RespondWorkflowTaskCompleted(
+            service_pb2.RespondWorkflowTaskCompletedRequest(
+                task_token=task.task_token, commands=[schedule], identity="raw-test"
+            ),
+            timeout=30,
+        )
+        poll = service_pb2.PollActivityTaskRequest(namespace=NS, identity="raw-test")
+        poll.task_queue.name = tq
+        for attempt in range(1, 5):
+            activity = await stub.PollActivityTask(poll, timeout=30)
+            assert activity.attempt == attempt
+            await stub.RespondActivityTaskFailed(
+                service_pb2.RespondActivityTaskFailedRequest(
+                    task_token=activity.task_token,
+                    failure=common_pb2.Failure(message=f"attempt {attempt}"),
+                ),
+                timeout=30,
+            )
+
+
 # ------------------------------------------------------- 3: undecodable bodies
 
 
