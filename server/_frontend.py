@@ -39,7 +39,7 @@ from ._errors import (
 from ._history_pages import HistoryPager, decode_run_id, is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
-from ._validation import RequestValidator
+from ._validation import RequestValidator, check_retry_policy
 from ._visibility import (
     check_search_attributes,
     decode_page_token,
@@ -58,6 +58,8 @@ _DEFAULT_PAGE_SIZE = 1000
 # Events per GetHistory page at most (pages are bounded in bytes as well).
 _MAX_HISTORY_PAGE_SIZE = 10_000
 _QUERY_TASK_BUILD_ATTEMPTS = 3
+# Event ids are int64 in the store.
+_MAX_EVENT_ID = 2**63
 _DEFAULT_STICKY_TIMEOUT_S = 5
 # A command carries at most this many payload-bearing fields' worth of bytes (a child
 # start: input, memo, header, search attributes).
@@ -191,6 +193,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._check_id("task_queue.name", request.task_queue.name)
         if request.HasField("search_attributes"):
             check_search_attributes(request.search_attributes)
+        if request.HasField("retry_policy"):
+            check_retry_policy("retry_policy", request.retry_policy)
         run_id, started = await self._engine.start_workflow(request)
         return service_pb2.StartWorkflowResponse(run_id=run_id, started=started)
 
@@ -224,6 +228,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 first = int(token.decode())
             except ValueError as exc:
                 raise InvalidArgumentError("next_page_token is malformed") from exc
+            if not 1 <= first < _MAX_EVENT_ID:
+                raise InvalidArgumentError("next_page_token is malformed")
         close_only = (
             request.history_event_filter_type == service_pb2.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT
         )
@@ -690,6 +696,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 f"schedule.action.start_workflow.workflow_id is longer than {limit} characters "
                 "(each run's id appends the slot time)"
             )
+        action = request.schedule.action.start_workflow
+        if action.HasField("retry_policy"):
+            check_retry_policy("schedule.action.start_workflow.retry_policy", action.retry_policy)
         await require_scheduler(self.scheduler).create(
             request.namespace, request.schedule_id, request.schedule, request.request_id
         )

@@ -12,7 +12,7 @@ the day it is added) refuses, with INVALID_ARGUMENT naming the field:
   ``max_payload_bytes``, each on its own: together with the string bounds, this keeps
   every history event well under the gRPC message limit, so history pages always fit;
 - durations that are negative or over ``max_duration_s`` (``now + timeout`` must stay a
-  valid int64 microsecond timestamp), timestamps outside years 1-9999;
+  valid int64 microsecond timestamp), timestamps before 1970 or after 9000;
 - enum values the API does not define (``Command(command_type=999)``), non-finite
   numbers, failure cause chains deeper than ``max_nesting_depth``, search attribute
   values that are JSON arrays or objects (values are scalars; a 100,000-deep array
@@ -32,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tideflow.api.v1 import common_pb2
 
+from . import _retry
 from ._config import ServerConfig
 from ._errors import InvalidArgumentError
 
@@ -88,9 +89,11 @@ _SEARCH_ATTRIBUTES = common_pb2.SearchAttributes.DESCRIPTOR.full_name
 _FAILURE = common_pb2.Failure.DESCRIPTOR.full_name
 _DURATION = Duration.DESCRIPTOR.full_name
 _TIMESTAMP = Timestamp.DESCRIPTOR.full_name
-# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
-_MIN_TIMESTAMP_S = -62_135_596_800
-_MAX_TIMESTAMP_S = 253_402_300_799
+# Times a client may give (schedule start and end): from the epoch to 9000-01-01, so that
+# the next slot after one, or a window around it, is still a valid datetime (a start in
+# year 9999 overflowed the scheduler's date arithmetic).
+_MIN_TIMESTAMP_S = 0
+_MAX_TIMESTAMP_S = 221_845_392_000
 
 
 class RequestValidator:
@@ -177,7 +180,7 @@ class RequestValidator:
                 _MIN_TIMESTAMP_S <= value.seconds <= _MAX_TIMESTAMP_S
                 and 0 <= value.nanos < 1_000_000_000
             ):
-                raise InvalidArgumentError(f"{name} is not a time between years 1 and 9999")
+                raise InvalidArgumentError(f"{name} is not a time between 1970 and 9000")
         else:
             self._message(value, name, depth + 1)
 
@@ -241,6 +244,15 @@ class RequestValidator:
                     f"{name} has a cause chain deeper than {self._config.max_nesting_depth}"
                 )
             failure = failure.cause
+
+
+def check_retry_policy(name: str, policy: common_pb2.RetryPolicy) -> None:
+    """A workflow's retry policy (start, schedule action) must be one ``_retry`` accepts;
+    an activity's is checked by the engine, which fails the workflow task instead."""
+    problem = _retry.validate(policy)
+    if problem:
+        # The problem names the field from "retry_policy" on: prefix whose policy it is.
+        raise InvalidArgumentError(name + problem.removeprefix("retry_policy"))
 
 
 def _is_map(field: FieldDescriptor) -> bool:

@@ -357,6 +357,17 @@ async def test_inputs_that_crashed_the_engine_are_refused(store_url: str) -> Non
             namespace=NS, schedule_id="s\x00", request_id=str(uuid.uuid4())
         )
         await refused(stub.CreateSchedule(schedule), "schedule_id", "NUL")
+        # Year 9999 overflowed the scheduler's date arithmetic.
+        schedule.schedule_id = "s-9999"
+        schedule.schedule.spec.cron_expressions.append("* * * * *")
+        schedule.schedule.spec.start_time.FromSeconds(253_402_300_000)
+        action = schedule.schedule.action.start_workflow
+        action.workflow_id, action.workflow_type.name, action.task_queue.name = "x", "T", tq
+        await refused(stub.CreateSchedule(schedule), "schedule.spec.start_time")
+        negative = common_pb2.RetryPolicy(maximum_attempts=-1)
+        await refused(
+            start(start_request("w7", tq, retry_policy=negative)), "retry_policy.maximum_attempts"
+        )
 
         # Commands of a real workflow task.
         run = await start(start_request("w-ok", tq), timeout=30)
@@ -386,6 +397,10 @@ async def test_inputs_that_crashed_the_engine_are_refused(store_url: str) -> Non
         events = await whole_history(stub, "w-ok")
         assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
         assert len(events) == 5
+        # A page token past int64 overflowed the store's integer.
+        request = service_pb2.GetHistoryRequest(namespace=NS, next_page_token=b"9" * 30)
+        request.execution.workflow_id = "w-ok"
+        await refused(stub.GetHistory(request), "next_page_token")
         again = await start(start_request("w-after", tq), timeout=30)
         assert again.run_id and again.run_id != run.run_id
         listed = await stub.ListWorkflowExecutions(
