@@ -658,17 +658,28 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         cursor = None
         if request.next_page_token:
             cursor = decode_page_token(request.namespace, request.query, request.next_page_token)
-        records, next_cursor = await self._store.list_executions(
-            request.namespace, query, page_size=page_size, cursor=cursor
-        )
-        response = service_pb2.ListWorkflowExecutionsResponse(
-            executions=[execution_info(record) for record in records]
-        )
-        if next_cursor is not None:
-            response.next_page_token = encode_page_token(
-                request.namespace, request.query, next_cursor
+        while True:
+            records, next_cursor = await self._store.list_executions(
+                request.namespace, query, page_size=page_size, cursor=cursor
             )
-        return response
+            response = service_pb2.ListWorkflowExecutionsResponse(
+                executions=[execution_info(record) for record in records]
+            )
+            if next_cursor is not None:
+                response.next_page_token = encode_page_token(
+                    request.namespace, request.query, next_cursor
+                )
+            page_size = self._smaller_page(response, len(records))
+            if not page_size:
+                return response
+
+    def _smaller_page(self, response: Message, items: int) -> int:
+        """0 if a list response fits the message limit, else a page size to try instead.
+        Each run or schedule is bounded (memo, search attributes, action...), but a page
+        of them is not: without this, listing failed for ever past the limit."""
+        if response.ByteSize() <= self._config.grpc_max_message_bytes // 2 or items <= 1:
+            return 0
+        return items // 2
 
     @_rpc
     async def CountWorkflowExecutions(
@@ -746,9 +757,13 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if request.maximum_page_size < 0:
             raise InvalidArgumentError("maximum_page_size must not be negative")
         page_size = min(request.maximum_page_size or _MAX_LIST_PAGE_SIZE, _MAX_LIST_PAGE_SIZE)
-        return await require_scheduler(self.scheduler).list_schedules(
-            request.namespace, page_size, request.next_page_token
-        )
+        while True:
+            response = await require_scheduler(self.scheduler).list_schedules(
+                request.namespace, page_size, request.next_page_token
+            )
+            page_size = self._smaller_page(response, len(response.schedules))
+            if not page_size:
+                return response
 
 
 # Largest page of ListWorkflowExecutions / ListSchedules.

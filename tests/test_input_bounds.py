@@ -198,6 +198,52 @@ async def test_every_client_field_is_bounded(store_url: str) -> None:
         assert started.run_id
 
 
+async def test_list_pages_fit_the_message_limit(store_url: str) -> None:
+    """Each run's memo and each schedule's action are bounded, a page of a thousand of
+    them was not: listing failed for ever once a page passed the message limit. Pages
+    now shrink to fit, and paging still returns every item once."""
+    async with serve(store_url, **SMALL) as server, raw_stub(server.address) as stub:
+        tq = f"tq-{uuid.uuid4()}"
+        memo = common_pb2.Memo(fields={"m": blob(90 * 1024)})
+        for index in range(16):
+            await stub.StartWorkflow(start_request(f"memo-{index}", tq, memo=memo), timeout=30)
+            create = service_pb2.CreateScheduleRequest(
+                namespace=NS, schedule_id=f"sched-{index}", request_id=str(uuid.uuid4())
+            )
+            create.schedule.spec.cron_expressions.append("0 0 1 1 *")
+            create.schedule.state.paused = True
+            action = create.schedule.action.start_workflow
+            action.workflow_id, action.workflow_type.name, action.task_queue.name = "x", "T", tq
+            action.memo.CopyFrom(memo)
+            await stub.CreateSchedule(create, timeout=30)
+        limit = SMALL["grpc_max_message_bytes"]
+        runs: list[str] = []
+        token = b""
+        while True:
+            listed = await stub.ListWorkflowExecutions(
+                service_pb2.ListWorkflowExecutionsRequest(namespace=NS, next_page_token=token),
+                timeout=30,
+            )
+            assert listed.ByteSize() <= limit
+            runs += [e.execution.workflow_id for e in listed.executions]
+            token = listed.next_page_token
+            if not token:
+                break
+        assert sorted(runs) == sorted(f"memo-{index}" for index in range(16))
+        schedules: list[str] = []
+        token = b""
+        while True:
+            page = await stub.ListSchedules(
+                service_pb2.ListSchedulesRequest(namespace=NS, next_page_token=token), timeout=30
+            )
+            assert page.ByteSize() <= limit
+            schedules += [entry.schedule_id for entry in page.schedules]
+            token = page.next_page_token
+            if not token:
+                break
+        assert sorted(schedules) == sorted(f"sched-{index}" for index in range(16))
+
+
 # ------------------------------------------------ 1: history beyond the limit
 
 SIGNALS = 16
