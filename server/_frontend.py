@@ -285,6 +285,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         info.status = ms.status
         info.history_length = ms.next_event_id - 1
         info.task_queue = ms.task_queue.name
+        # Each activity's details and failure are bounded, their number is not: past half
+        # the message limit the remaining entries come without them (still all listed).
+        detail_budget = self._config.grpc_max_message_bytes // 2
         for act in sorted(ms.pending_activities.values(), key=lambda a: a.scheduled_event_id):
             pending = response.pending_activities.add(
                 activity_id=act.activity_id,
@@ -298,6 +301,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 pending.last_started_time.CopyFrom(act.started_time)
             if act.HasField("last_heartbeat_time"):
                 pending.last_heartbeat_time.CopyFrom(act.last_heartbeat_time)
+            details = act.heartbeat_details.ByteSize() + act.last_failure.ByteSize()
+            if details > detail_budget:
+                continue
+            detail_budget -= details
             if act.HasField("heartbeat_details"):
                 pending.heartbeat_details.CopyFrom(act.heartbeat_details)
             if act.HasField("last_failure"):

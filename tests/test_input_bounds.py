@@ -244,6 +244,53 @@ async def test_list_pages_fit_the_message_limit(store_url: str) -> None:
         assert sorted(schedules) == sorted(f"sched-{index}" for index in range(16))
 
 
+async def test_describe_fits_with_many_heartbeating_activities(store_url: str) -> None:
+    """Heartbeat details are bounded per activity, pending activities per run are not:
+    DescribeWorkflow fits the message limit and still lists every activity."""
+    async with serve(store_url, **SMALL) as server, raw_stub(server.address) as stub:
+        tq = f"tq-{uuid.uuid4()}"
+        await stub.StartWorkflow(start_request("w-busy", tq), timeout=30)
+        task = await poll_task(stub, tq)
+        commands = [
+            command_pb2.Command(
+                command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK,
+                schedule_activity_task_command_attributes=(
+                    command_pb2.ScheduleActivityTaskCommandAttributes(
+                        activity_id=f"a{index}",
+                        activity_type=common_pb2.ActivityType(name="A"),
+                        task_queue=common_pb2.TaskQueue(name=tq),
+                        start_to_close_timeout=Duration(seconds=600),
+                    )
+                ),
+            )
+            for index in range(16)
+        ]
+        await stub.RespondWorkflowTaskCompleted(
+            service_pb2.RespondWorkflowTaskCompletedRequest(
+                task_token=task.task_token, commands=commands, identity="raw-test"
+            ),
+            timeout=30,
+        )
+        poll = service_pb2.PollActivityTaskRequest(namespace=NS, identity="raw-test")
+        poll.task_queue.name = tq
+        details = common_pb2.Payloads(payloads=[blob(90 * 1024)])
+        for _ in range(16):
+            activity = await stub.PollActivityTask(poll, timeout=30)
+            assert activity.task_token
+            await stub.RecordActivityHeartbeat(
+                service_pb2.RecordActivityHeartbeatRequest(
+                    task_token=activity.task_token, details=details
+                ),
+                timeout=30,
+            )
+        request = service_pb2.DescribeWorkflowRequest(namespace=NS)
+        request.execution.workflow_id = "w-busy"
+        described = await stub.DescribeWorkflow(request, timeout=30)
+        assert described.ByteSize() <= SMALL["grpc_max_message_bytes"]
+        assert len(described.pending_activities) == 16
+        assert described.pending_activities[0].heartbeat_details == details
+
+
 # ------------------------------------------------ 1: history beyond the limit
 
 SIGNALS = 16
