@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.message_factory import GetMessageClass
+from google.protobuf.message import Message
 
 import tideflow
-from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import CLOSE_EVENTS, HistoryStore, RetryableStoreError, StoreError, TaskKind
 
 from ._config import ServerConfig
@@ -39,7 +37,7 @@ from ._errors import (
 from ._history_pages import HistoryPager, decode_run_id, is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
-from ._validation import RequestValidator, check_retry_policy
+from ._validation import RequestValidator, check_command_attributes, check_retry_policy
 from ._visibility import (
     check_search_attributes,
     decode_page_token,
@@ -66,26 +64,6 @@ _DEFAULT_STICKY_TIMEOUT_S = 5
 _PAYLOAD_FIELDS_PER_COMMAND = 4
 # "-" + an RFC 3339 time with microseconds, as schedules suffix their runs' ids.
 _SCHEDULE_SUFFIX_LENGTH = 32
-
-
-def _check_command_attributes(index: int, command: command_pb2.Command) -> None:
-    """The attributes set must be the command type's own (the validator has already
-    refused types the API does not define)."""
-    if command.command_type == command_pb2.COMMAND_TYPE_UNSPECIFIED:
-        raise InvalidArgumentError(f"commands[{index}].command_type is unspecified")
-    type_name = command_pb2.CommandType.Name(command.command_type)
-    expected = type_name.removeprefix("COMMAND_TYPE_").lower() + "_command_attributes"
-    which = command.WhichOneof("attributes")
-    if which is not None and which != expected:
-        raise InvalidArgumentError(
-            f"commands[{index}] is a {type_name} but carries {which}, not {expected}"
-        )
-
-
-class PollLimitError(ServiceError):
-    """Too many long polls are parked on this server (``max_concurrent_polls``)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _rpc(
@@ -533,7 +511,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                     f"commands[{index}] is {command.ByteSize()} bytes, over the limit of "
                     f"{command_limit} bytes"
                 )
-            _check_command_attributes(index, command)
+            check_command_attributes(index, command)
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
         if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
             sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
@@ -777,83 +755,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 _MAX_LIST_PAGE_SIZE = 1000
 
 
-# ------------------------------------------------------------ registration
+# ------------------------------------------------------------------ errors
 
 
-class _Undecodable:
-    """What the deserializer hands on for a body that is not the method's message."""
+class PollLimitError(ServiceError):
+    """Too many long polls are parked on this server (``max_concurrent_polls``)."""
 
-    __slots__ = ("error",)
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-class _RateLimitedLog:
-    """At most one line per ``interval_s``, saying how many were left out meanwhile: an
-    undecodable body costs its sender nothing, so it must not cost a traceback each."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._next_at = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next_at:
-            self._suppressed += 1
-            return
-        self._next_at = now + self._interval_s
-        suppressed, self._suppressed = self._suppressed, 0
-        log.warning(message + " (%d more left out before this one)", *args, suppressed)
-
-
-_UNDECODABLE_LOG_INTERVAL_S = 10.0
-
-
-def _lenient_deserializer(message_class: type[Message]) -> Callable[[bytes], object]:
-    # gRPC logs a full traceback for a deserializer that raises, then answers INTERNAL;
-    # handing on a marker lets the handler answer INVALID_ARGUMENT after one log line.
-    def deserialize(raw: bytes) -> object:
-        try:
-            return message_class.FromString(raw)
-        except DecodeError as exc:
-            return _Undecodable(str(exc))
-
-    return deserialize
-
-
-def _guarded(
-    method: Callable[[Any, _Context], Awaitable[Any]], input_type: str, undecodable: _RateLimitedLog
-) -> Callable[[Any, _Context], Awaitable[Any]]:
-    async def handle(request: Any, context: _Context) -> Any:
-        if isinstance(request, _Undecodable):
-            undecodable.warning(
-                "undecodable %s from %s: %s", input_type, context.peer(), request.error
-            )
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request body is not a valid {input_type} message",
-            )
-        return await method(request, context)
-
-    return handle
-
-
-def add_to_server(service: WorkflowService, server: grpc.aio.Server) -> None:
-    """Register the service like the generated ``add_WorkflowServiceServicer_to_server``,
-    with deserializers that turn an undecodable body into INVALID_ARGUMENT."""
-    descriptor = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"]
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    # One limit per server: a flood on one node says nothing about another.
-    undecodable = _RateLimitedLog(_UNDECODABLE_LOG_INTERVAL_S)
-    for method in descriptor.methods:
-        request_class = GetMessageClass(method.input_type)
-        response_class = GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(getattr(service, method.name), method.input_type.full_name, undecodable),
-            request_deserializer=_lenient_deserializer(request_class),
-            response_serializer=response_class.SerializeToString,
-        )
-    generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
-    server.add_generic_rpc_handlers((generic,))
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -14,8 +14,9 @@ from tideflow.history import HistoryStore, TaskKind, TaskRow, TimerRow
 
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
-from ._frontend import WorkflowService, add_to_server
+from ._frontend import WorkflowService
 from ._matching import Matching
+from ._registration import add_to_server
 from ._schedules import Scheduler
 from ._timers import TimerQueue
 from ._transfer import TransferProcessor

@@ -30,7 +30,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tideflow.api.v1 import common_pb2
+from tideflow.api.v1 import command_pb2, common_pb2
 
 from . import _retry
 from ._config import ServerConfig
@@ -263,3 +263,17 @@ def _is_map(field: FieldDescriptor) -> bool:
 def _check_enum(enum: EnumDescriptor, value: int, name: str) -> None:
     if value not in enum.values_by_number:
         raise InvalidArgumentError(f"{name} has unknown value {value} (not a {enum.name})")
+
+
+def check_command_attributes(index: int, command: command_pb2.Command) -> None:
+    """The attributes set must be the command type's own (the validator has already
+    refused types the API does not define)."""
+    if command.command_type == command_pb2.COMMAND_TYPE_UNSPECIFIED:
+        raise InvalidArgumentError(f"commands[{index}].command_type is unspecified")
+    type_name = command_pb2.CommandType.Name(command.command_type)
+    expected = type_name.removeprefix("COMMAND_TYPE_").lower() + "_command_attributes"
+    which = command.WhichOneof("attributes")
+    if which is not None and which != expected:
+        raise InvalidArgumentError(
+            f"commands[{index}] is a {type_name} but carries {which}, not {expected}"
+        )
