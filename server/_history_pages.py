@@ -158,8 +158,9 @@ class HistoryPager:
                 last_stored_id=tail[0].event_id - 1 if tail else events[-1].event_id,
                 tail=tail,
             )
-        del events[keep:]
+        # Encoded before the cut: the tail events are elements of the field being cut.
         response.next_page_token = cont.encode()
+        del events[keep:]
 
     async def continue_task(
         self, key: RunKey, token: bytes, max_events: int
