@@ -16,12 +16,44 @@ class SystemClock:
         return time.time_ns() // 1000
 
 
+# 100 years (365-day years): far beyond any real timeout, far below the int64 microsecond
+# timestamps the store keeps (about 292,000 years past 1970), so `now + timeout` never
+# overflows. Temporal has no documented maximum; this one is ours.
+_HUNDRED_YEARS_S = 100 * 365 * 24 * 3600
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
-    """Tunables of one server node. Defaults match what users of Temporal expect."""
+    """Tunables of one server node. Defaults match what users of Temporal expect.
 
-    # Largest single payload set (input, result, details) accepted, in bytes.
+    Every client-supplied field is bounded (server/_validation.py): the limits below are
+    the configurable ones; lengths the database schema fixes (run id 64, request id 255,
+    namespace 100 characters) are not.
+    """
+
+    # Largest payload-bearing field accepted, in bytes: each input, result, details,
+    # memo, header, search attributes, failure and query argument separately.
     max_payload_bytes: int = 2 * 1024 * 1024
+    # Longest id or name, in characters: workflow and activity ids, type names, task
+    # queues, signal/query/timer/marker names, schedule ids, worker identities.
+    max_id_length: int = 1000
+    # Longest free text, in characters: reasons, notes, descriptions, visibility
+    # queries, cron expressions, control strings, query error messages.
+    max_text_length: int = 32 * 1024
+    # Longest duration accepted (timeouts, timers, retry intervals, schedule intervals).
+    max_duration_s: int = _HUNDRED_YEARS_S
+    # Deepest nesting of a failure's cause chain and of a search attribute's JSON value.
+    max_nesting_depth: int = 32
+    # Largest gRPC message the server sends or receives. History is served in pages of
+    # at most `history_page_bytes`, so a run's history may grow far beyond it.
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
+    # Target size of one history page (GetHistory, and the first page of a workflow
+    # task); a page always holds at least one event, and one event always fits the
+    # message limit because every field it is built from is bounded.
+    history_page_bytes: int = 4 * 1024 * 1024
+    # Long polls (workflow and activity tasks) parked at once on this node; one more is
+    # answered RESOURCE_EXHAUSTED, which clients retry with backoff.
+    max_concurrent_polls: int = 50_000
     # How long a poll waits for a task before returning an empty response.
     long_poll_timeout_s: float = 60.0
     default_workflow_task_timeout_s: float = 10.0
@@ -35,3 +67,33 @@ class ServerConfig:
     workflow_task_retry_max_s: float = 10.0
     # SQLite PRAGMA synchronous: NORMAL survives process crashes, FULL power loss too.
     sqlite_synchronous: str = "NORMAL"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.history_page_bytes < self.grpc_max_message_bytes:
+            raise ValueError("history_page_bytes must be positive and below the message limit")
+        # One event holds a few bounded fields (a start: input, memo, header, search
+        # attributes, signal input); it must fit one message on its own.
+        if 8 * self.max_payload_bytes > self.grpc_max_message_bytes:
+            raise ValueError("max_payload_bytes must be at most 1/8 of grpc_max_message_bytes")
+        if self.max_concurrent_polls < 1:
+            raise ValueError("max_concurrent_polls must be at least 1")
+
+
+def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC server.
+
+    gRPC core cancels calls that arrive faster than the application accepts them once
+    more than ``grpc.server.max_pending_requests`` (default 1,000; hard limit 3,000) are
+    waiting: a burst of 10,000 long polls had about 60% answered CANCELLED within a
+    second, before any handler ran. Long polls are cheap while parked, so the limit that
+    counts is ours (``max_concurrent_polls``, answered RESOURCE_EXHAUSTED); the pending
+    queue only has to absorb a burst of that size.
+    """
+    pending = max(config.max_concurrent_polls * 2, 10_000)
+    return [
+        ("grpc.max_receive_message_length", config.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", config.grpc_max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
+    ]

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 import tideflow
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
@@ -28,6 +29,7 @@ from ._engine import HistoryEngine, decode_token
 from ._errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NamespaceNotFoundError,
     NotFoundError,
@@ -37,8 +39,10 @@ from ._errors import (
     UnavailableError,
     abort_with_detail,
 )
-from ._matching import Matching, QueryTask
+from ._history_pages import HistoryPager, decode_run_id, is_task_token
+from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
+from ._validation import RequestValidator, check_command_attributes, check_retry_policy
 from ._visibility import (
     check_search_attributes,
     decode_page_token,
@@ -53,19 +57,31 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-_MAX_ID_LENGTH = 1000
 _DEFAULT_PAGE_SIZE = 1000
+# Events per GetHistory page at most (pages are bounded in bytes as well).
+_MAX_HISTORY_PAGE_SIZE = 10_000
+_QUERY_TASK_BUILD_ATTEMPTS = 3
+# Event ids are int64 in the store.
+_MAX_EVENT_ID = 2**63
 _DEFAULT_STICKY_TIMEOUT_S = 5
+# A command carries at most this many payload-bearing fields' worth of bytes (a child
+# start: input, memo, header, search attributes).
+_PAYLOAD_FIELDS_PER_COMMAND = 4
+# "-" + an RFC 3339 time with microseconds, as schedules suffix their runs' ids.
+_SCHEDULE_SUFFIX_LENGTH = 32
 
 
 def _rpc(
     method: Callable[[Any, Req, _Context], Awaitable[Resp]],
 ) -> Callable[[Any, Req, _Context], Awaitable[Resp]]:
-    """Translate errors into statuses at this one boundary."""
+    """Check the request's bounds (RequestValidator) before anything else reads it, and
+    translate errors into statuses at this one boundary. Every RPC goes through here,
+    so no handler can forget the bounds."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
         try:
+            self._validator.check(request)
             return await method(self, request, context)
         except ServiceError as exc:
             await abort_with_detail(context, exc)
@@ -82,10 +98,6 @@ def _rpc(
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
-
-
-def _payloads_size(p: common_pb2.Payloads) -> int:
-    return p.ByteSize()
 
 
 class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
@@ -106,6 +118,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self.scheduler = scheduler
         self._namespaces: set[str] = set()
         self._queries: dict[str, QueryTask] = {}
+        self._validator = RequestValidator(config)
+        self._parked_polls = 0
+        self._pager = HistoryPager(engine.read_events, engine.state_of, config.history_page_bytes)
 
     # ------------------------------------------------------------ validation
 
@@ -118,24 +133,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             raise NamespaceNotFoundError(f"namespace not found: {namespace!r}", namespace=namespace)
         self._namespaces.add(namespace)
 
-    def _check_payloads(self, what: str, payloads: common_pb2.Payloads) -> None:
-        size = _payloads_size(payloads)
-        if size > self._config.max_payload_bytes:
-            raise InvalidArgumentError(
-                f"{what} is {size} bytes, over the limit of {self._config.max_payload_bytes} bytes"
-            )
-
     @staticmethod
     def _check_id(what: str, value: str) -> None:
+        # Lengths and characters: RequestValidator, which every RPC runs first.
         if not value:
             raise InvalidArgumentError(f"{what} is empty")
-        if len(value) > _MAX_ID_LENGTH:
-            raise InvalidArgumentError(f"{what} is longer than {_MAX_ID_LENGTH} characters")
-
-    @staticmethod
-    def _check_duration(what: str, value: Any) -> None:
-        if value.ToMicroseconds() < 0:
-            raise InvalidArgumentError(f"{what} must not be negative")
 
     # ------------------------------------------------------------------ misc
 
@@ -188,16 +190,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 "cron_schedule is not supported: create a Schedule (CreateSchedule, "
                 "client.create_schedule) to start the workflow on a cron spec"
             )
-        if request.HasField("input"):
-            self._check_payloads("input", request.input)
-        if request.HasField("signal_input"):
-            self._check_payloads("signal_input", request.signal_input)
-        for name in ("workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout"):
-            self._check_duration(name, getattr(request, name))
-        if len(request.request_id) > 255:
-            raise InvalidArgumentError("request_id is longer than 255 characters")
         if request.HasField("search_attributes"):
             check_search_attributes(request.search_attributes)
+        if request.HasField("retry_policy"):
+            check_retry_policy("retry_policy", request.retry_policy)
         run_id, started = await self._engine.start_workflow(request)
         return service_pb2.StartWorkflowResponse(run_id=run_id, started=started)
 
@@ -207,23 +203,37 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.GetHistoryResponse:
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
+        token = request.next_page_token
+        run_id = request.execution.run_id
+        if not run_id and is_task_token(token):
+            run_id = decode_run_id(token)  # the rest of a task's history: that run's
         key = await self._engine.resolve_run_id(
-            request.namespace, request.execution.workflow_id, request.execution.run_id
+            request.namespace, request.execution.workflow_id, run_id
         )
+        if request.maximum_page_size < 0:
+            raise InvalidArgumentError("maximum_page_size must not be negative")
+        page_size = min(request.maximum_page_size or _DEFAULT_PAGE_SIZE, _MAX_HISTORY_PAGE_SIZE)
+        response = service_pb2.GetHistoryResponse()
+        if is_task_token(token):
+            events, response.next_page_token = await self._pager.continue_task(
+                key, token, page_size
+            )
+            response.history.events.extend(events)
+            return response
+        first = 1
+        if token:
+            try:
+                first = int(token.decode())
+            except ValueError as exc:
+                raise InvalidArgumentError("next_page_token is malformed") from exc
+            if not 1 <= first < _MAX_EVENT_ID:
+                raise InvalidArgumentError("next_page_token is malformed")
         close_only = (
             request.history_event_filter_type == service_pb2.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT
         )
-        first = 1
-        if request.next_page_token:
-            try:
-                first = int(request.next_page_token.decode())
-            except ValueError as exc:
-                raise InvalidArgumentError("next_page_token is malformed") from exc
-        page_size = request.maximum_page_size or _DEFAULT_PAGE_SIZE
         deadline = context.time_remaining()
         wait_s = min(self._config.long_poll_timeout_s, deadline - 1.0 if deadline else 1e9)
         ms = await self._engine.state_of(key)
-        response = service_pb2.GetHistoryResponse()
         if close_only:
             if request.wait_new_event and ms.status == common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 await self._engine.wait_for_change(key, 1 << 62, max(0.0, wait_s))
@@ -238,13 +248,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             and ms.status == common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING
         ):
             await self._engine.wait_for_change(key, first, max(0.0, wait_s))
-        events = await self._engine.read_events(key, first, page_size)
+        events, at_end = await self._pager.read_page(key, first, page_size)
         response.history.events.extend(events)
         if events:
             last = events[-1]
-            more = len(events) == page_size or (
-                request.wait_new_event and last.event_type not in CLOSE_EVENTS
-            )
+            more = not at_end or (request.wait_new_event and last.event_type not in CLOSE_EVENTS)
             if more:
                 response.next_page_token = str(last.event_id + 1).encode()
         elif request.wait_new_event:
@@ -274,6 +282,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         info.status = ms.status
         info.history_length = ms.next_event_id - 1
         info.task_queue = ms.task_queue.name
+        # Each activity's details and failure are bounded, their number is not: past half
+        # the message limit the remaining entries come without them (still all listed).
+        detail_budget = self._config.grpc_max_message_bytes // 2
         for act in sorted(ms.pending_activities.values(), key=lambda a: a.scheduled_event_id):
             pending = response.pending_activities.add(
                 activity_id=act.activity_id,
@@ -287,6 +298,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 pending.last_started_time.CopyFrom(act.started_time)
             if act.HasField("last_heartbeat_time"):
                 pending.last_heartbeat_time.CopyFrom(act.last_heartbeat_time)
+            details = act.heartbeat_details.ByteSize() + act.last_failure.ByteSize()
+            if details > detail_budget:
+                continue
+            detail_budget -= details
             if act.HasField("heartbeat_details"):
                 pending.heartbeat_details.CopyFrom(act.heartbeat_details)
             if act.HasField("last_failure"):
@@ -301,8 +316,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.TerminateWorkflowResponse:
         await self._check_namespace(request.namespace)
         self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
-        if request.HasField("details"):
-            self._check_payloads("details", request.details)
         key = await self._engine.resolve_run_id(
             request.namespace,
             request.workflow_execution.workflow_id,
@@ -324,8 +337,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await self._check_namespace(request.namespace)
         self._check_id("workflow_execution.workflow_id", request.workflow_execution.workflow_id)
         self._check_id("signal_name", request.signal_name)
-        if request.HasField("input"):
-            self._check_payloads("input", request.input)
         key = await self._engine.resolve_run_id(
             request.namespace,
             request.workflow_execution.workflow_id,
@@ -362,8 +373,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await self._check_namespace(request.namespace)
         self._check_id("execution.workflow_id", request.execution.workflow_id)
         self._check_id("query.query_type", request.query.query_type)
-        if request.query.HasField("query_args"):
-            self._check_payloads("query.query_args", request.query.query_args)
         key = await self._engine.resolve_run_id(
             request.namespace, request.execution.workflow_id, request.execution.run_id
         )
@@ -405,7 +414,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             )
         if not query.result.done():
             if request.completed_type == service_pb2.QUERY_RESULT_TYPE_ANSWERED:
-                self._check_payloads("query_result", request.query_result)
                 query.result.set_result(request.query_result)
             else:
                 query.result.set_exception(
@@ -437,6 +445,24 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             timeout = min(timeout, max(0.0, remaining - 0.5))
         return timeout
 
+    async def _parked_poll(
+        self, namespace: str, task_queue: str, kind: TaskKind, timeout: float, *, identity: str
+    ) -> Dispatchable | None:
+        """``Matching.poll`` within ``max_concurrent_polls``: past it, a clear
+        RESOURCE_EXHAUSTED (clients retry it with backoff) rather than an unbounded pile."""
+        if self._parked_polls >= self._config.max_concurrent_polls:
+            raise PollLimitError(
+                f"{self._parked_polls} long polls are waiting on this server, its limit "
+                f"(max_concurrent_polls); retry with backoff"
+            )
+        self._parked_polls += 1
+        try:
+            return await self._matching.poll(
+                namespace, task_queue, kind, timeout, identity=identity
+            )
+        finally:
+            self._parked_polls -= 1
+
     @_rpc
     async def PollWorkflowTask(
         self, request: service_pb2.PollWorkflowTaskRequest, context: _Context
@@ -449,7 +475,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return service_pb2.PollWorkflowTaskResponse()
-            task = await self._matching.poll(
+            task = await self._parked_poll(
                 request.namespace,
                 request.task_queue.name,
                 TaskKind.WORKFLOW,
@@ -460,7 +486,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 return service_pb2.PollWorkflowTaskResponse()
             if isinstance(task, QueryTask):
                 try:
-                    return await self._engine.query_task(task.key, task.query_id, task.query)
+                    return await self._query_task(task)
                 except ServiceError as exc:
                     if not task.result.done():
                         task.result.set_exception(exc)
@@ -475,7 +501,23 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 self._matching.give_back(task)
                 raise
             if response is not None:
+                self._pager.first_page(response)
                 return response
+
+    async def _query_task(self, task: QueryTask) -> service_pb2.PollWorkflowTaskResponse:
+        """A query task whose history is cut to a first page when it does not fit. The
+        page token must know where the run's buffered events begin: a run that changed
+        while the task was built is read again."""
+        for _ in range(_QUERY_TASK_BUILD_ATTEMPTS):
+            response = await self._engine.query_task(task.key, task.query_id, task.query)
+            if self._pager.fits(response):
+                return response
+            ms = await self._engine.state_of(task.key)
+            last = response.history.events[-1].event_id
+            if last == ms.next_event_id - 1 + len(ms.buffered_events):
+                self._pager.first_page(response, ms.next_event_id)
+                return response
+        raise FailedPreconditionError("the run kept changing while its query task was built")
 
     @_rpc
     async def RespondWorkflowTaskCompleted(
@@ -485,13 +527,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         token = decode_token(request.task_token, activity=False)
         await self._check_namespace(token.namespace)
+        # Each command becomes one event, which must fit one history page message.
+        command_limit = _PAYLOAD_FIELDS_PER_COMMAND * self._config.max_payload_bytes
         for index, command in enumerate(request.commands):
-            for field, value in command.ListFields():
-                if field.message_type is None:
-                    continue
-                for inner, inner_value in value.ListFields():
-                    if inner.message_type is common_pb2.Payloads.DESCRIPTOR:
-                        self._check_payloads(f"command {index} {inner.name}", inner_value)
+            if command.ByteSize() > command_limit:
+                raise InvalidArgumentError(
+                    f"commands[{index}] is {command.ByteSize()} bytes, over the limit of "
+                    f"{command_limit} bytes"
+                )
+            check_command_attributes(index, command)
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
         if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
             sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
@@ -506,11 +550,13 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondWorkflowTaskFailedRequest,
         context: _Context,
     ) -> service_pb2.RespondWorkflowTaskFailedResponse:
-        token = decode_token(request.task_token, activity=False)
-        await self._check_namespace(token.namespace)
+        # An oversized failure is cut down rather than refused: the task must fail.
         failure = request.failure
         if failure.ByteSize() > self._config.max_payload_bytes:
             failure = common_pb2.Failure(message=failure.message[:4096], source=failure.source)
+            request.failure.CopyFrom(failure)
+        token = decode_token(request.task_token, activity=False)
+        await self._check_namespace(token.namespace)
         await self._engine.fail_workflow_task(token, request.cause, failure, request.identity)
         return service_pb2.RespondWorkflowTaskFailedResponse()
 
@@ -528,7 +574,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return service_pb2.PollActivityTaskResponse()
-            task = await self._matching.poll(
+            task = await self._parked_poll(
                 request.namespace,
                 request.task_queue.name,
                 TaskKind.ACTIVITY,
@@ -555,8 +601,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondActivityTaskCompletedResponse:
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
-        if request.HasField("result"):
-            self._check_payloads("result", request.result)
         workflow_task = await self._engine.complete_activity(
             token,
             request.result if request.HasField("result") else None,
@@ -564,6 +608,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
+        if workflow_task is not None:
+            self._pager.first_page(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
     @_rpc
@@ -574,16 +620,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondActivityTaskFailedResponse:
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
-        if request.failure.ByteSize() > self._config.max_payload_bytes:
-            raise InvalidArgumentError(
-                f"failure is {request.failure.ByteSize()} bytes, over the limit of "
-                f"{self._config.max_payload_bytes} bytes"
-            )
         details = (
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
         )
-        if details is not None:
-            self._check_payloads("last_heartbeat_details", details)
         await self._engine.fail_activity(token, request.failure, request.identity, details)
         return service_pb2.RespondActivityTaskFailedResponse()
 
@@ -594,8 +633,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
-        if details is not None:
-            self._check_payloads("details", details)
         cancel = await self._engine.record_heartbeat(token, details)
         return service_pb2.RecordActivityHeartbeatResponse(cancel_requested=cancel)
 
@@ -606,8 +643,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = decode_token(request.task_token, activity=True)
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
-        if details is not None:
-            self._check_payloads("details", details)
         await self._engine.activity_canceled(token, details, request.identity)
         return service_pb2.RespondActivityTaskCanceledResponse()
 
@@ -627,17 +662,28 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         cursor = None
         if request.next_page_token:
             cursor = decode_page_token(request.namespace, request.query, request.next_page_token)
-        records, next_cursor = await self._store.list_executions(
-            request.namespace, query, page_size=page_size, cursor=cursor
-        )
-        response = service_pb2.ListWorkflowExecutionsResponse(
-            executions=[execution_info(record) for record in records]
-        )
-        if next_cursor is not None:
-            response.next_page_token = encode_page_token(
-                request.namespace, request.query, next_cursor
+        while True:
+            records, next_cursor = await self._store.list_executions(
+                request.namespace, query, page_size=page_size, cursor=cursor
             )
-        return response
+            response = service_pb2.ListWorkflowExecutionsResponse(
+                executions=[execution_info(record) for record in records]
+            )
+            if next_cursor is not None:
+                response.next_page_token = encode_page_token(
+                    request.namespace, request.query, next_cursor
+                )
+            page_size = self._smaller_page(response, len(records))
+            if not page_size:
+                return response
+
+    def _smaller_page(self, response: Message, items: int) -> int:
+        """0 if a list response fits the message limit, else a page size to try instead.
+        Each run or schedule is bounded (memo, search attributes, action...), but a page
+        of them is not: without this, listing failed for ever past the limit."""
+        if response.ByteSize() <= self._config.grpc_max_message_bytes // 2 or items <= 1:
+            return 0
+        return items // 2
 
     @_rpc
     async def CountWorkflowExecutions(
@@ -656,11 +702,16 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.CreateScheduleResponse:
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
-        if len(request.request_id) > 255:
-            raise InvalidArgumentError("request_id is longer than 255 characters")
+        # Each run's id is `<workflow_id>-<slot time>`: the suffix must fit too.
+        limit = self._config.max_id_length - _SCHEDULE_SUFFIX_LENGTH
+        if len(request.schedule.action.start_workflow.workflow_id) > limit:
+            raise InvalidArgumentError(
+                f"schedule.action.start_workflow.workflow_id is longer than {limit} characters "
+                "(each run's id appends the slot time)"
+            )
         action = request.schedule.action.start_workflow
-        if action.HasField("input"):
-            self._check_payloads("schedule action input", action.input)
+        if action.HasField("retry_policy"):
+            check_retry_policy("schedule.action.start_workflow.retry_policy", action.retry_policy)
         await require_scheduler(self.scheduler).create(
             request.namespace, request.schedule_id, request.schedule, request.request_id
         )
@@ -682,8 +733,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.PatchScheduleResponse:
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
-        if len(request.request_id) > 255:
-            raise InvalidArgumentError("request_id is longer than 255 characters")
         await require_scheduler(self.scheduler).patch(
             request.namespace, request.schedule_id, request.patch, request.request_id
         )
@@ -706,9 +755,13 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if request.maximum_page_size < 0:
             raise InvalidArgumentError("maximum_page_size must not be negative")
         page_size = min(request.maximum_page_size or _MAX_LIST_PAGE_SIZE, _MAX_LIST_PAGE_SIZE)
-        return await require_scheduler(self.scheduler).list_schedules(
-            request.namespace, page_size, request.next_page_token
-        )
+        while True:
+            response = await require_scheduler(self.scheduler).list_schedules(
+                request.namespace, page_size, request.next_page_token
+            )
+            page_size = self._smaller_page(response, len(response.schedules))
+            if not page_size:
+                return response
 
     # ----------------------------------------------------------- task queues
 
@@ -738,3 +791,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
 # Largest page of ListWorkflowExecutions / ListSchedules.
 _MAX_LIST_PAGE_SIZE = 1000
+
+
+# ------------------------------------------------------------------ errors
+
+
+class PollLimitError(ServiceError):
+    """Too many long polls are parked on this server (``max_concurrent_polls``)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

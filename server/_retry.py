@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tideflow.api.v1.common_pb2 import Failure, RetryPolicy, RetryState
@@ -72,7 +73,12 @@ def next_retry(
             return RetryDecision(-1, RetryState.RETRY_STATE_NON_RETRYABLE_FAILURE)
     if p.maximum_attempts and attempt >= p.maximum_attempts:
         return RetryDecision(-1, RetryState.RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED)
-    delay = p.initial_interval.ToMicroseconds() * (p.backoff_coefficient ** (attempt - 1))
+    try:
+        delay = p.initial_interval.ToMicroseconds() * (p.backoff_coefficient ** (attempt - 1))
+    except OverflowError:
+        # 2.0 ** 1024 and beyond overflow a float (unlimited attempts get there, a large
+        # coefficient much sooner); the delay is capped at maximum_interval anyway.
+        delay = math.inf
     delay_us = int(min(delay, p.maximum_interval.ToMicroseconds()))
     if deadline_us and now_us + delay_us >= deadline_us:
         return RetryDecision(-1, RetryState.RETRY_STATE_TIMEOUT)

@@ -12,22 +12,18 @@ from typing import Any
 
 import grpc
 
-from tideflow.api.v1 import service_pb2_grpc
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, TimerRow
 
-from ._config import Clock, ServerConfig, SystemClock
+from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
 from ._frontend import WorkflowService
 from ._matching import Matching
+from ._registration import add_to_server
 from ._schedules import Scheduler
 from ._timers import TimerQueue
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
-
-# Requests up to this size reach the frontend, which then answers oversized payloads
-# with a clear INVALID_ARGUMENT naming the limit instead of a transport error.
-_GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class _Dispatch(Dispatcher):
@@ -127,16 +123,8 @@ class TideflowServer:
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
         service = WorkflowService(store, engine, matching, self.config, scheduler=scheduler)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        service_pb2_grpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            service, server
-        )
+        server = grpc.aio.server(options=grpc_server_options(self.config))
+        add_to_server(service, server)
         bound = server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
             await store.close()

@@ -287,6 +287,7 @@ class Worker:
         if task.HasField("query"):
             await self._answer_query(task, definition)
             return
+        await self._fetch_history_pages(task)
         events = task.history.events
         cached = self._cache.get(run_id)
         if (
@@ -371,6 +372,7 @@ class Worker:
             converter=client.data_converter,
         )
         try:
+            await self._fetch_history_pages(task)
             instance.process(task.history.events, replay_only=True)
             # Signals etc. recorded after the last completed task count too (a query
             # must see a signal that was accepted before it).
@@ -388,6 +390,21 @@ class Worker:
         finally:
             instance.dispose()
         await client.call(client.service.RespondQueryTaskCompleted, request)
+
+    async def _fetch_history_pages(self, task: service_pb2.PollWorkflowTaskResponse) -> None:
+        """A long history comes in pages: the task carries the first (it must fit one
+        gRPC message), and its ``next_page_token`` fetches the rest, appended in place."""
+        client = self._client
+        token = task.next_page_token
+        while token:
+            request = service_pb2.GetHistoryRequest(
+                namespace=client.namespace, next_page_token=token
+            )
+            request.execution.CopyFrom(task.workflow_execution)
+            response = await client.call(client.service.GetHistory, request)
+            task.history.events.extend(response.history.events)
+            token = response.next_page_token
+        task.next_page_token = b""
 
     async def _reserve_eager_activities(self, commands: list[Any]) -> int:
         """Ask the server to start activities this worker can run right away; each

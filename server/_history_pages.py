@@ -1,0 +1,240 @@
+"""History in pages that fit the gRPC message limit, however long the run's history is.
+
+A history grows without bound (every event is bounded, their number is not), while one
+gRPC message is at most ``grpc_max_message_bytes``. So, as Temporal does:
+
+- ``GetHistory`` returns pages of at most ``history_page_bytes`` (and at most
+  ``maximum_page_size`` events), with a ``next_page_token`` while more follow;
+- a workflow task (``PollWorkflowTask``, or an eager one returned to an activity
+  completion) carries a first page that fits plus a ``next_page_token``; the worker
+  fetches the rest with ``GetHistory`` before it runs the task.
+
+A workflow task's continuation token names the run, the next event id and the last
+stored event id of the task, and carries the task's last two events itself
+(WorkflowTaskScheduled and WorkflowTaskStarted): for a transient task (a retried
+attempt) those two are not in the store. A query task's token names where the run's
+buffered events start (they are not in the store either); see ``_continue_query``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+
+from tideflow.api.v1 import history_pb2, service_pb2, state_pb2
+from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.history import RunKey
+
+from ._errors import FailedPreconditionError, InvalidArgumentError
+
+# Continuation tokens of workflow and query tasks start with this; GetHistory's own
+# page tokens are the decimal next event id.
+_TASK_TOKEN_PREFIX = b"tfh1:"
+# Events read per store round trip before the sizes seen so far refine the guess.
+_FIRST_BATCH = 64
+_MAX_BATCH = 1000
+
+ReadEvents = Callable[[RunKey, int, int], Awaitable[list[HistoryEvent]]]
+StateOf = Callable[[RunKey], Awaitable[state_pb2.MutableState]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Continuation:
+    run_id: str
+    next_event_id: int
+    # The last event id to read from the store; later ones come from `tail` or, for a
+    # query, from the run's buffered events.
+    last_stored_id: int
+    tail: tuple[HistoryEvent, ...] = ()
+    # Query tasks: the provisional id of the first buffered event (0: not a query).
+    buffered_from: int = 0
+
+    def encode(self) -> bytes:
+        head = {
+            "r": self.run_id,
+            "n": self.next_event_id,
+            "l": self.last_stored_id,
+            "b": self.buffered_from,
+        }
+        tail = history_pb2.History(events=self.tail).SerializeToString()
+        return _TASK_TOKEN_PREFIX + json.dumps(head).encode() + b"\n" + tail
+
+
+def _decode(token: bytes) -> _Continuation:
+    try:
+        head, tail = token[len(_TASK_TOKEN_PREFIX) :].split(b"\n", 1)
+        fields = json.loads(head)
+        events = history_pb2.History.FromString(tail).events
+        return _Continuation(
+            run_id=str(fields["r"]),
+            next_event_id=int(fields["n"]),
+            last_stored_id=int(fields["l"]),
+            buffered_from=int(fields["b"]),
+            tail=tuple(events),
+        )
+    except (ValueError, KeyError, TypeError) as exc:  # DecodeError is a ValueError
+        raise InvalidArgumentError("next_page_token is malformed") from exc
+
+
+def _fitting(events: Sequence[HistoryEvent], budget: int) -> int:
+    """How many of ``events`` (at least one) fit in ``budget`` bytes."""
+    used = 0
+    for count, event in enumerate(events):
+        # A repeated message field costs its size plus a tag and a length varint.
+        used += event.ByteSize() + 6
+        if used > budget and count:
+            return count
+    return len(events)
+
+
+class HistoryPager:
+    def __init__(self, read_events: ReadEvents, state_of: StateOf, page_bytes: int) -> None:
+        self._read_events = read_events
+        self._state_of = state_of
+        self._page_bytes = page_bytes
+
+    async def read_page(
+        self, key: RunKey, first: int, max_events: int, last: int | None = None
+    ) -> tuple[list[HistoryEvent], bool]:
+        """Stored events from ``first`` (up to ``last``): at most ``max_events`` of them
+        and, past the first, at most ``page_bytes`` in all; and whether they reach the
+        end of the history (or ``last``)."""
+        events: list[HistoryEvent] = []
+        used = 0
+        batch = min(_FIRST_BATCH, max_events)
+        next_id = first
+        while len(events) < max_events:
+            if last is not None and next_id > last:
+                return events, True
+            want = min(batch, max_events - len(events))
+            if last is not None:
+                want = min(want, last - next_id + 1)
+            read = await self._read_events(key, next_id, want)
+            for event in read:
+                size = event.ByteSize() + 6
+                if events and used + size > self._page_bytes:
+                    return events, False
+                events.append(event)
+                used += size
+            if len(read) < want:
+                return events, True
+            next_id = events[-1].event_id + 1
+            # Read about as many as the budget left holds at the mean size seen.
+            mean = max(1, used // len(events))
+            batch = max(1, min(_MAX_BATCH, (self._page_bytes - used) // mean + 1))
+        return events, last is not None and next_id > last
+
+    def fits(self, response: service_pb2.PollWorkflowTaskResponse) -> bool:
+        events = response.history.events
+        return _fitting(events, self._page_bytes) == len(events)
+
+    def first_page(self, response: service_pb2.PollWorkflowTaskResponse, ms_next: int = 0) -> None:
+        """Cut a workflow or query task's history to a first page that fits, in place,
+        and set ``next_page_token`` to what the worker fetches for the rest.
+
+        ``ms_next`` is the run's next event id as the query task was built (ignored for
+        workflow tasks): query events from it on are the run's buffered events.
+        """
+        events = response.history.events
+        keep = _fitting(events, self._page_bytes)
+        if keep == len(events):
+            return
+        rest = events[keep:]
+        is_query = response.HasField("query")
+        if is_query:
+            cont = _Continuation(
+                run_id=response.workflow_execution.run_id,
+                next_event_id=rest[0].event_id,
+                last_stored_id=ms_next - 1,
+                buffered_from=ms_next,
+            )
+        else:
+            tail = _task_events(events)
+            cont = _Continuation(
+                run_id=response.workflow_execution.run_id,
+                next_event_id=rest[0].event_id,
+                last_stored_id=tail[0].event_id - 1 if tail else events[-1].event_id,
+                tail=tail,
+            )
+        # Encoded before the cut: the tail events are elements of the field being cut.
+        response.next_page_token = cont.encode()
+        del events[keep:]
+
+    async def continue_task(
+        self, key: RunKey, token: bytes, max_events: int
+    ) -> tuple[list[HistoryEvent], bytes]:
+        """The next page of a workflow or query task's history, and the token after it."""
+        cont = _decode(token)
+        if cont.run_id != key.run_id:
+            raise InvalidArgumentError("next_page_token belongs to another run")
+        if cont.buffered_from:
+            return await self._continue_query(key, cont, max_events)
+        first = cont.next_event_id
+        if first <= cont.last_stored_id:
+            events, _ = await self.read_page(key, first, max_events, cont.last_stored_id)
+            if not events:
+                raise FailedPreconditionError("the events of next_page_token are gone")
+        else:
+            rest = [e for e in cont.tail if e.event_id >= first]
+            events = rest[: min(max_events, _fitting(rest, self._page_bytes))]
+        if not events:
+            return [], b""
+        following = events[-1].event_id + 1
+        if following > cont.last_stored_id and all(e.event_id < following for e in cont.tail):
+            return events, b""
+        return events, _replace(cont, next_event_id=following).encode()
+
+    async def _continue_query(
+        self, key: RunKey, cont: _Continuation, max_events: int
+    ) -> tuple[list[HistoryEvent], bytes]:
+        """A query sees the run as it is when each page is read: stored events, then the
+        buffered ones with provisional ids from the run's next event id. Only once some
+        of those were served must the run stay put (a completed task stores them under
+        other ids); if it moved on then, the query fails and its caller retries it."""
+        first = cont.next_event_id
+        ms = await self._state_of(key)
+        if first > cont.buffered_from and ms.next_event_id != cont.buffered_from:
+            raise FailedPreconditionError(
+                "the run moved on while its query task's history was read; retry the query"
+            )
+        buffered = []
+        for offset, event in enumerate(ms.buffered_events):
+            copy = HistoryEvent()
+            copy.CopyFrom(event)
+            copy.event_id = ms.next_event_id + offset
+            buffered.append(copy)
+        if first < ms.next_event_id:
+            events, _ = await self.read_page(key, first, max_events, ms.next_event_id - 1)
+        else:
+            rest = [e for e in buffered if e.event_id >= first]
+            events = rest[: min(max_events, _fitting(rest, self._page_bytes))]
+        if not events:
+            return [], b""
+        following = events[-1].event_id + 1
+        if following >= ms.next_event_id + len(buffered):
+            return events, b""
+        nxt = _replace(cont, next_event_id=following, buffered_from=ms.next_event_id)
+        return events, nxt.encode()
+
+
+def is_task_token(token: bytes) -> bool:
+    return token.startswith(_TASK_TOKEN_PREFIX)
+
+
+def _task_events(events: Sequence[HistoryEvent]) -> tuple[HistoryEvent, ...]:
+    """A workflow task's history ends with its WorkflowTaskScheduled and -Started events
+    (not stored yet for a transient attempt): they travel in the token."""
+    if (
+        len(events) >= 2
+        and events[-2].event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
+        and events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED
+    ):
+        return (events[-2], events[-1])
+    return ()
+
+
+def decode_run_id(token: bytes) -> str:
+    """The run a task's continuation token belongs to."""
+    return _decode(token).run_id
