@@ -7,8 +7,10 @@ depend on it, never the other way round (``tests/test_layering.py`` enforces it)
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
+    InvalidValueError,
     RetryableStoreError,
     StoreError,
+    StoreUnavailableError,
 )
 from ._events import (
     ATTRIBUTE_FIELD,
@@ -82,6 +84,7 @@ __all__ = [
     "ExecutionSummary",
     "FieldKind",
     "HistoryStore",
+    "InvalidValueError",
     "LogicalOp",
     "OrderBy",
     "QueryExpr",
@@ -96,6 +99,7 @@ __all__ = [
     "SearchAttributeType",
     "SearchAttributeValue",
     "StoreError",
+    "StoreUnavailableError",
     "TaskKind",
     "TaskRow",
     "TimerKind",

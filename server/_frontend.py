@@ -19,7 +19,14 @@ import grpc
 
 import tideflow
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
-from tideflow.history import CLOSE_EVENTS, HistoryStore, RetryableStoreError, StoreError, TaskKind
+from tideflow.history import (
+    CLOSE_EVENTS,
+    HistoryStore,
+    InvalidValueError,
+    RetryableStoreError,
+    StoreError,
+    TaskKind,
+)
 
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
@@ -64,6 +71,9 @@ def _rpc(
             return await method(self, request, context)
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
+        except InvalidValueError as exc:
+            # The database refused a value of this request (and of no other).
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (RetryableStoreError, StoreError) as exc:
             log.warning("%s: store unavailable: %s", method.__name__, exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"history store unavailable: {exc}")
