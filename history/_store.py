@@ -97,10 +97,22 @@ class HistoryStore:
         self._closed = False
         # Commit counters: transitions / transactions is the group-commit batch size.
         self.stats = {"transactions": 0, "transitions": 0}
+        # Set when a write failed so that it may or may not have committed (the
+        # connection went away around the commit). Its task and timer rows may then be
+        # in the store while nobody was told, and a retry may even have found its own
+        # commit as a conflict. The server re-reads the backlog once the store answers
+        # again (server/_resync.py) and clears the flag.
+        self.writes_in_doubt = asyncio.Event()
 
     @classmethod
     async def open(cls, url: str, *, sqlite_synchronous: str = "NORMAL") -> HistoryStore:
-        store = cls(open_runner(url, sqlite_synchronous=sqlite_synchronous))
+        return await cls.open_on(open_runner(url, sqlite_synchronous=sqlite_synchronous))
+
+    @classmethod
+    async def open_on(cls, runner: Runner) -> HistoryStore:
+        """A store on a given runner (``open`` makes one from a URL; tests wrap one to
+        inject database faults)."""
+        store = cls(runner)
         await store._create_schema()
         await store.ensure_namespace("default", description="created by tideflow")
         store._start_writers()
@@ -219,6 +231,9 @@ class HistoryStore:
                 await self._runner.write(lambda conn: _apply_batch(conn, transitions))
             except IntegrityError as exc:
                 raise _Rejected(_integrity_error(exc, transitions)) from exc
+            except StoreUnavailableError:
+                self.writes_in_doubt.set()
+                raise
 
         await retrying(attempt, _MAX_TXN_RETRIES, "transaction")
         self.stats["transactions"] += 1

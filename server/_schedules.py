@@ -425,6 +425,9 @@ class Scheduler:
                 delay = await self.run_once()
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # the database is away: one line, not a traceback
+                log.warning("scheduler pass failed (%s); retrying", exc)
+                delay = 1.0
             except Exception:
                 log.exception("scheduler pass failed; retrying")
                 delay = 1.0

@@ -11,12 +11,14 @@ from types import TracebackType
 import grpc
 
 from tideflow.api.v1 import service_pb2_grpc
-from tideflow.history import HistoryStore, TaskKind, TaskRow, TimerRow
+from tideflow.history import HistoryStore, StoreError, TaskKind, TaskRow, TimerRow
 
 from ._config import Clock, ServerConfig, SystemClock
 from ._engine import Dispatcher, HistoryEngine
+from ._errors import UnavailableError
 from ._frontend import WorkflowService
 from ._matching import Matching
+from ._resync import resync_after_outages
 from ._schedules import Scheduler
 from ._timers import TimerQueue
 from ._transfer import TransferProcessor
@@ -26,6 +28,8 @@ log = logging.getLogger("tideflow.server")
 # Requests up to this size reach the frontend, which then answers oversized payloads
 # with a clear INVALID_ARGUMENT naming the limit instead of a transport error.
 _GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Pause before a background step that failed on the store is tried again.
+_RETRY_DELAY_S = 1.0
 
 
 class _Dispatch(Dispatcher):
@@ -47,7 +51,7 @@ class _Dispatch(Dispatcher):
                 task.key.namespace, task.task_queue
             ):
                 # Its sticky worker is gone: move it to the normal queue now.
-                job = asyncio.create_task(self.engine.unstick(task.key, task.task_queue))
+                job = asyncio.create_task(_unstick(self.engine, task))
                 self._moving.add(job)
                 job.add_done_callback(self._moving.discard)
             else:
@@ -56,6 +60,19 @@ class _Dispatch(Dispatcher):
     def add_timers(self, timers: list[TimerRow]) -> None:
         if self.timers is not None:
             self.timers.add(timers)
+
+
+async def _unstick(engine: HistoryEngine, task: TaskRow) -> None:
+    """Move a task off a retired sticky queue, retrying through a store outage: its
+    row stays in the store, but nothing else would dispatch it before a restart."""
+    while True:
+        try:
+            await engine.unstick(task.key, task.task_queue)
+        except (StoreError, UnavailableError) as exc:
+            log.warning("moving task %s off its sticky queue failed (%s); retrying", task, exc)
+            await asyncio.sleep(_RETRY_DELAY_S)
+        else:
+            return
 
 
 class TideflowServer:
@@ -84,6 +101,7 @@ class TideflowServer:
         self._timer_task: asyncio.Task[None] | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
         self._transfer_task: asyncio.Task[None] | None = None
+        self._resync_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -137,6 +155,9 @@ class TideflowServer:
         self._timer_task = asyncio.create_task(timers.run(), name="tideflow-timer-queue")
         self._scheduler_task = asyncio.create_task(scheduler.run(), name="tideflow-scheduler")
         self._transfer_task = asyncio.create_task(transfers.run(), name="tideflow-transfers")
+        self._resync_task = asyncio.create_task(
+            resync_after_outages(store, matching, transfers), name="tideflow-resync"
+        )
         log.info(
             "tideflow server listening on %s (store: %s, %d tasks recovered)",
             self.address,
@@ -155,7 +176,7 @@ class TideflowServer:
             self._scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler_task
-        for task in (self._timer_task, self._transfer_task):
+        for task in (self._timer_task, self._transfer_task, self._resync_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

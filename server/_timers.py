@@ -17,7 +17,7 @@ import heapq
 import logging
 from collections.abc import Awaitable, Callable
 
-from tideflow.history import HistoryStore, TimerRow
+from tideflow.history import HistoryStore, StoreError, TimerRow
 
 from ._config import Clock
 
@@ -25,6 +25,7 @@ log = logging.getLogger("tideflow.server.timers")
 
 _US = 1_000_000
 _MAX_CONCURRENT_FIRES = 64
+_REFILL_RETRY_US = _US
 
 
 class TimerQueue:
@@ -81,9 +82,16 @@ class TimerQueue:
             while True:
                 now = self._clock.now_micros()
                 if now >= next_refill:
-                    await self._refill()
-                    next_refill = now + self._window_us // 2
-                    continue
+                    try:
+                        await self._refill()
+                    except StoreError as exc:
+                        # The database is away: keep firing what the heap holds and
+                        # try the refill again shortly; never let the loop die.
+                        log.warning("timer refill failed (%s); retrying in 1 s", exc)
+                        next_refill = now + _REFILL_RETRY_US
+                    else:
+                        next_refill = now + self._window_us // 2
+                        continue
                 while self._heap and self._heap[0][0] <= now:
                     _, key, timer = heapq.heappop(self._heap)
                     await self._slots.acquire()
@@ -110,9 +118,13 @@ class TimerQueue:
             await self._fire(timer)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            # Leave the row in the store; push it back for another try shortly.
-            log.exception("firing timer %s failed; will retry", key)
+        except Exception as exc:
+            # Leave the row in the store; push it back for another try shortly. A store
+            # outage fails every timer alike: one line each, not a traceback.
+            if isinstance(exc, StoreError):
+                log.warning("firing timer %s failed (%s); will retry", key, exc)
+            else:
+                log.exception("firing timer %s failed; will retry", key)
             retry = TimerRow(
                 key=timer.key,
                 kind=timer.kind,

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from tideflow.history import HistoryStore, TaskKind, TaskRow
+from tideflow.history import HistoryStore, StoreError, TaskKind, TaskRow
 
 log = logging.getLogger("tideflow.server.transfer")
 
@@ -73,8 +73,11 @@ class TransferProcessor:
             await self._process(task)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("transfer %s failed; retrying", task.task_key)
+        except Exception as exc:
+            if isinstance(exc, StoreError):  # an outage: one line, not a traceback
+                log.warning("transfer %s failed (%s); retrying", task.task_key, exc)
+            else:
+                log.exception("transfer %s failed; retrying", task.task_key)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(_RETRY_DELAY_S)
             self._queue.put_nowait(task)

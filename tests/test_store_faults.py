@@ -5,6 +5,10 @@
 - Errors of the database layer never escape the store raw: they are classified
   (``history._dialects``) into the store's errors, which the frontend maps to statuses.
 
+- A commit whose answer was lost (the connection broke after the database committed)
+  marks the store's writes in doubt, and the server then re-reads the backlog, so the
+  task rows of that commit are dispatched although its caller saw an error.
+
 The outage tests (the database going away under load) are in ``test_store_outage.py``.
 """
 
@@ -13,16 +17,20 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import grpc
 import pytest
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from tideflow.api.v1 import service_pb2, service_pb2_grpc
 from tideflow.api.v1.history_pb2 import EventType
 from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import (
+    ConditionFailedError,
+    CurrentExecutionConflictError,
     CurrentWrite,
     ExecutionSummary,
     HistoryStore,
@@ -30,19 +38,32 @@ from tideflow.history import (
     RetryableStoreError,
     RunKey,
     StoreUnavailableError,
+    TaskKind,
+    TaskRow,
     TimerKind,
     TimerRow,
     Transition,
     make_event,
 )
-from tideflow.history._dialects import is_retryable, store_error_of
+from tideflow.history._dialects import Runner, is_retryable, open_runner, store_error_of
 from tideflow.server import TideflowServer
+from tideflow.server._matching import Matching
+from tideflow.server._resync import resync_after_outages
+from tideflow.server._transfer import TransferProcessor
+
+T = TypeVar("T")
 
 T0 = 1_700_000_000_000_000
 _GOOD, _BAD = 120, 12
 
 
-def _create(workflow_id: str, *, fire_at: int = T0, workflow_type: str = "Wf") -> Transition:
+def _create(
+    workflow_id: str,
+    *,
+    fire_at: int = T0,
+    workflow_type: str = "Wf",
+    task_kinds: tuple[TaskKind, ...] = (),
+) -> Transition:
     """A new run with one event and one timer (the timer's time is the value a test
     can push out of the database's integer range)."""
     key = RunKey(namespace="default", workflow_id=workflow_id, run_id=str(uuid.uuid4()))
@@ -64,6 +85,10 @@ def _create(workflow_id: str, *, fire_at: int = T0, workflow_type: str = "Wf") -
         events=[started],
         new_timers=[
             TimerRow(key=key, kind=TimerKind.USER_TIMER, ref_id=1, attempt=1, fire_at=fire_at)
+        ],
+        new_tasks=[
+            TaskRow(key=key, task_queue="q", kind=kind, ref_id=2, attempt=1, created_at=T0)
+            for kind in task_kinds
         ],
         current=CurrentWrite.INSERT,
         start_request_id=f"req-{workflow_id}",
@@ -217,3 +242,79 @@ async def test_bad_starts_among_good_ones_fail_alone(server: TideflowServer) -> 
         assert error.details()
         assert "internal error" not in (error.details() or "")
     assert await server.store.count_rows("executions") == len(good)
+
+
+# ------------------------------------------------------- commits in doubt
+
+
+class _LosesAnAnswer:
+    """A runner that, once armed, commits the next write and then fails it as a
+    connection lost before the database's answer arrived."""
+
+    def __init__(self, inner: Runner) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.writer_lanes = inner.writer_lanes
+        self.armed = False
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        result = await self._inner.write(fn)
+        if self.armed:
+            self.armed = False
+            raise ConnectionResetError(104, "connection reset before the commit was answered")
+        return result
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await self._inner.read(fn)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+async def test_a_commit_whose_answer_was_lost_is_in_doubt(store_url: str) -> None:
+    """The store retries the transaction, which then meets its own commit: its caller
+    hears of a conflict (the frontend answers UNAVAILABLE, the client retries with the
+    same request id and finds its run), but the run is there, and the store says
+    writes are in doubt."""
+    runner = _LosesAnAnswer(open_runner(store_url))
+    store = await HistoryStore.open_on(runner)
+    try:
+        lost = _create("lost-answer")
+        runner.armed = True
+        with pytest.raises((ConditionFailedError, CurrentExecutionConflictError)):
+            await store.apply(lost)
+        assert store.writes_in_doubt.is_set()
+        assert await store.get_execution(lost.key) is not None
+    finally:
+        await store.close()
+
+
+async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStore) -> None:
+    """Rows committed without anyone dispatching them (the commit's caller saw an
+    error) reach matching and the transfer processor once writes are in doubt."""
+    doubtful = _create("doubtful", task_kinds=(TaskKind.WORKFLOW, TaskKind.TRANSFER))
+    await store.apply(doubtful)  # nothing dispatches it: there is no engine here
+    matching = Matching()
+    transferred: asyncio.Queue[TaskRow] = asyncio.Queue()
+
+    async def process(row: TaskRow) -> None:
+        await transferred.put(row)
+
+    transfers = TransferProcessor(store, process)
+    background = [
+        asyncio.ensure_future(transfers.run()),
+        asyncio.ensure_future(resync_after_outages(store, matching, transfers)),
+    ]
+    try:
+        assert await matching.poll("default", "q", TaskKind.WORKFLOW, 0) is None
+        store.writes_in_doubt.set()
+        polled = await matching.poll("default", "q", TaskKind.WORKFLOW, 30)
+        assert isinstance(polled, TaskRow)
+        assert polled.task_key == doubtful.new_tasks[0].task_key
+        row = await asyncio.wait_for(transferred.get(), 30)
+        assert row.task_key == doubtful.new_tasks[1].task_key
+        assert not store.writes_in_doubt.is_set()
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
