@@ -107,6 +107,8 @@ class PrivatePostgres:
 
 def private_postgres() -> PrivatePostgres:
     """A new, started cluster (skip, or fail with CI=true, without the binaries)."""
+    if os.environ.get("TIDEFLOW_TEST_DB", "").strip().lower() == "sqlite":
+        pytest.skip("PostgreSQL not selected (TIDEFLOW_TEST_DB)")
     bin_dir = _bin_dir()
     if bin_dir is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
         message = "PostgreSQL server binaries (initdb, pg_ctl) not found for a private cluster"

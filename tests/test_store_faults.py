@@ -5,6 +5,8 @@
 - Errors of the database layer never escape the store raw: they are classified
   (``history._dialects``) into the store's errors, which the frontend maps to statuses.
 
+- The SDK retries UNAVAILABLE with the same request id, so the server de-duplicates a
+  start or signal whose first attempt did commit.
 - A commit whose answer was lost (the connection broke after the database committed)
   marks the store's writes in doubt, and the server then re-reads the backlog, so the
   task rows of that commit are dispatched although its caller saw an error.
@@ -18,7 +20,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -50,6 +52,7 @@ from tideflow.server import TideflowServer
 from tideflow.server._matching import Matching
 from tideflow.server._resync import resync_after_outages
 from tideflow.server._transfer import TransferProcessor
+from tideflow.worker_sdk import Client
 
 T = TypeVar("T")
 
@@ -318,3 +321,58 @@ async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStor
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+
+
+# ------------------------------------------------------------- SDK retries
+
+
+class _UnavailableOnce(service_pb2_grpc.WorkflowServiceServicer):
+    """Answers each start and signal UNAVAILABLE once, then OK; records request ids."""
+
+    def __init__(self) -> None:
+        self.request_ids: dict[str, list[str]] = {"start": [], "signal": []}
+
+    async def GetSystemInfo(
+        self, request: service_pb2.GetSystemInfoRequest, context: Any
+    ) -> service_pb2.GetSystemInfoResponse:
+        return service_pb2.GetSystemInfoResponse(server_version="test")
+
+    async def _once(self, kind: str, request_id: str, context: Any) -> None:
+        self.request_ids[kind].append(request_id)
+        if len(self.request_ids[kind]) == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "history store unavailable")
+
+    async def StartWorkflow(
+        self, request: service_pb2.StartWorkflowRequest, context: Any
+    ) -> service_pb2.StartWorkflowResponse:
+        await self._once("start", request.request_id, context)
+        return service_pb2.StartWorkflowResponse(run_id="run-1", started=True)
+
+    async def SignalWorkflow(
+        self, request: service_pb2.SignalWorkflowRequest, context: Any
+    ) -> service_pb2.SignalWorkflowResponse:
+        await self._once("signal", request.request_id, context)
+        return service_pb2.SignalWorkflowResponse()
+
+
+async def test_sdk_retries_unavailable_with_the_same_request_id() -> None:
+    servicer = _UnavailableOnce()
+    grpc_server = grpc.aio.server()
+    service_pb2_grpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        servicer, grpc_server
+    )
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        client = await Client.connect(f"127.0.0.1:{port}")
+        try:
+            handle = await client.start_workflow("Wf", id="wf", task_queue="q")
+            await handle.signal("go")
+        finally:
+            await client.close()
+    finally:
+        await grpc_server.stop(None)
+    assert handle.run_id == "run-1"
+    for kind in ("start", "signal"):
+        first, retry = servicer.request_ids[kind]
+        assert first and retry == first, kind
