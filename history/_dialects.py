@@ -128,8 +128,16 @@ def is_unavailable(exc: BaseException) -> bool:
     for code in _sqlstates(chain):
         if code.startswith(_UNAVAILABLE_CLASSES) or code in _UNAVAILABLE_SQLSTATES:
             return True
-    text = " ".join(str(error).lower() for error in chain)
-    return any(marker in text for marker in _UNAVAILABLE_TEXT)
+    return any(marker in _driver_text(chain) for marker in _UNAVAILABLE_TEXT)
+
+
+def _driver_text(chain: list[BaseException]) -> str:
+    """The drivers' own messages, lowercased. SQLAlchemy's wrappers are left out: their
+    text holds the statement's parameters, and a request's values must never be able
+    to make its failure look like an outage (which fails its whole batch)."""
+    return " ".join(
+        str(error).lower() for error in chain if not isinstance(error, sa_exc.SQLAlchemyError)
+    )
 
 
 def is_invalid_value(exc: BaseException) -> bool:
@@ -145,8 +153,7 @@ def is_invalid_value(exc: BaseException) -> bool:
             return True
     if any(code.startswith(_INVALID_VALUE_CLASSES) for code in _sqlstates(chain)):
         return True
-    text = " ".join(str(error).lower() for error in chain)
-    return "string or blob too big" in text
+    return "string or blob too big" in _driver_text(chain)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -184,10 +191,11 @@ def store_error_of(exc: BaseException) -> StoreError | None:
     or an unknown failure, which stays as it is (a defect, reported as such)."""
     if isinstance(exc, (StoreError, IntegrityError)) or not _from_database(exc):
         return None
-    if is_unavailable(exc):
-        return StoreUnavailableError(f"database unavailable: {_reason(exc)}")
+    # A refused value first: the request's own fault is never mistaken for an outage.
     if is_invalid_value(exc):
         return InvalidValueError(f"the database refused a value: {_reason(exc)}")
+    if is_unavailable(exc):
+        return StoreUnavailableError(f"database unavailable: {_reason(exc)}")
     if is_retryable(exc):
         return RetryableStoreError(f"transient database failure: {_reason(exc)}")
     return None

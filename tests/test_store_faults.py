@@ -174,6 +174,11 @@ def test_database_errors_are_classified() -> None:
     assert store_error_of(IntegrityError("INSERT", {}, _PgError("dup", "23505"))) is None
     assert store_error_of(wrapped("syntax error", "42601")) is None
     assert store_error_of(ValueError("connection is closed")) is None  # not a database error
+    # A request's values (in the statement's parameters) never make its failure an outage.
+    sly = {"workflow_id": "terminating connection: the database system is shutting down"}
+    too_long = DBAPIError("INSERT", sly, _PgError("value too long", "22001"))
+    assert isinstance(store_error_of(too_long), InvalidValueError)
+    assert store_error_of(DBAPIError("INSERT", sly, _PgError("syntax error", "42601"))) is None
 
 
 # ----------------------------------------------------- through the public API
