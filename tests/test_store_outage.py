@@ -168,11 +168,13 @@ async def test_unreachable_database_is_unavailable_not_internal(
     assert await _raw_start_code(server.address, "after") == grpc.StatusCode.OK
 
 
+@pytest.mark.parametrize("stop_mode", ["fast", "immediate"])
 async def test_store_rides_out_a_restart_and_a_stop(
-    cluster: PrivatePostgres, server: TideflowServer, unavailable_lines: _Counter
+    cluster: PrivatePostgres, server: TideflowServer, unavailable_lines: _Counter, stop_mode: str
 ) -> None:
     """The probe's scenario: load, a restart (SQLSTATE 57P01 for every session), more
-    load, the database stopped until requests met the outage, then started again."""
+    load, the database stopped (cleanly, or crashed: ``immediate``) until requests met
+    the outage, then started again."""
     client = await Client.connect(server.address)
     tq = f"outage-{uuid.uuid4()}"
     ids = [f"busy-{i}-{uuid.uuid4()}" for i in range(_WORKFLOWS)]
@@ -218,7 +220,7 @@ async def test_store_rides_out_a_restart_and_a_stop(
             )
             await signal_all(_SIGNALS[0], second)
             # Stop; signals sent meanwhile must get through once it is back.
-            await under_load(cluster.stop)
+            await under_load(lambda: cluster.stop(stop_mode))
             seen = unavailable_lines.unavailable
             pending = asyncio.ensure_future(signal_all(_SIGNALS[1], ids))
             await _until(
