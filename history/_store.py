@@ -398,7 +398,12 @@ def _fail(batch: Sequence[_Item], error: StoreUnavailableError) -> None:
 
 
 def _workflow_ids(group: Sequence[Transition]) -> str:
-    return ", ".join(repr(t.key.workflow_id) for t in group)
+    """The group's workflow ids for an error message (an id may be 1,000 characters)."""
+    return ", ".join(repr(_shortened(t.key.workflow_id)) for t in group)
+
+
+def _shortened(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _one_transition_per_run(batch: list[_Item]) -> list[list[_Item]]:

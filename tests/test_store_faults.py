@@ -211,6 +211,11 @@ def _bad_start_requests(store: str) -> list[service_pb2.StartWorkflowRequest]:
             nul = _start_request(f"bad-nul-{i}")
             nul.workflow_type.name = "Wf\x00"  # PostgreSQL text cannot hold NUL
             bad.append(nul)
+            # 1,000 characters (the id limit) of 4 bytes each: a key too large for the
+            # primary key's index (SQLSTATE 54000).
+            rnd = random.Random(i)
+            wide = "".join(chr(rnd.randrange(0x10000, 0x10FFFF)) for _ in range(1000))
+            bad.append(_start_request(wide))
     return bad
 
 
