@@ -150,6 +150,10 @@ class HistoryStore:
     async def apply(self, transition: Transition, *together: Transition) -> None:
         """Commit a transition atomically; raises ConditionFailedError or
         CurrentExecutionConflictError if it lost a race, and changes nothing then.
+        InvalidValueError means the database refused one of its values (nothing is
+        written); StoreUnavailableError that the database could not be reached, after
+        retries (it may have committed if the connection broke around the commit:
+        ``writes_in_doubt`` is then set, and a retry finds its own commit as a race).
 
         Transitions passed in ``together`` (other runs: the new run of a
         continue-as-new, say) commit in the same transaction, all or nothing.
