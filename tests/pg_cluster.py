@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 
-_BIN_DIRS = [Path(os.environ.get("TIDEFLOW_PG_BIN", "/usr/lib/postgresql/15/bin"))]
-
 
 def _bin_dir() -> Path | None:
-    for directory in _BIN_DIRS:
-        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
-            return directory
+    """Where initdb and pg_ctl are: ``TIDEFLOW_PG_BIN``, Debian's place, or PATH."""
+    directory = Path(os.environ.get("TIDEFLOW_PG_BIN", "/usr/lib/postgresql/15/bin"))
+    if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
+        return directory
     found = shutil.which("pg_ctl")
     return Path(found).parent if found and shutil.which("initdb") else None
 

@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,8 +30,6 @@ from tideflow.api.v1.history_pb2 import EventType
 from tideflow.history import HistoryStore, RunKey, StoreUnavailableError
 from tideflow.server import ServerConfig, TideflowServer
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, WorkflowHandle, activity, workflow
-
-pytestmark = pytest.mark.postgres
 
 _WORKFLOWS = 16
 _SIGNALS = ("s0", "s1", "s2")
@@ -80,6 +79,20 @@ class Busy:
         await workflow.sleep(timedelta(milliseconds=100))
         # A signal applied twice would show here (and in the history check).
         return {"shout": shouted, "child": child, "signals": sorted(self.signals)}
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_postgres_binaries_fail_under_ci(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ci: str
+) -> None:
+    """Without initdb/pg_ctl these tests are skipped, but never under CI=true."""
+    monkeypatch.setenv("TIDEFLOW_PG_BIN", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.delenv("TIDEFLOW_TEST_DB", raising=False)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match="binaries"):
+        private_postgres()
 
 
 @pytest.fixture
@@ -156,6 +169,7 @@ async def _raw_start_code(address: str, workflow_id: str) -> grpc.StatusCode:
         await channel.close()
 
 
+@pytest.mark.postgres
 async def test_unreachable_database_is_unavailable_not_internal(
     cluster: PrivatePostgres, server: TideflowServer, unavailable_lines: _Counter
 ) -> None:
@@ -168,6 +182,7 @@ async def test_unreachable_database_is_unavailable_not_internal(
     assert await _raw_start_code(server.address, "after") == grpc.StatusCode.OK
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("stop_mode", ["fast", "immediate"])
 async def test_store_rides_out_a_restart_and_a_stop(
     cluster: PrivatePostgres, server: TideflowServer, unavailable_lines: _Counter, stop_mode: str
