@@ -31,8 +31,10 @@ from tideflow.api.search_attributes import (
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
+    InvalidValueError,
     RetryableStoreError,
     StoreError,
+    StoreUnavailableError,
 )
 from ._records import (
     CurrentRecord,
@@ -88,6 +90,7 @@ __all__ = [
     "ExecutionSummary",
     "FieldKind",
     "HistoryStore",
+    "InvalidValueError",
     "LogicalOp",
     "OrderBy",
     "QueryExpr",
@@ -102,6 +105,7 @@ __all__ = [
     "SearchAttributeType",
     "SearchAttributeValue",
     "StoreError",
+    "StoreUnavailableError",
     "TaskKind",
     "TaskRow",
     "TimerKind",

@@ -14,17 +14,51 @@ a plain connection (``read``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from ._errors import InvalidValueError, RetryableStoreError, StoreError, StoreUnavailableError
 
 T = TypeVar("T")
 
-# SQLSTATEs worth retrying: serialization failure, deadlock, and lost connections.
-_RETRYABLE_SQLSTATES = {"40001", "40P01", "08000", "08003", "08006", "57P01"}
+log = logging.getLogger("tideflow.history")
+
+# Reads are idempotent, so a read that lost its connection (a pooled connection the
+# database closed while restarting, say) is simply run again a few times.
+_READ_ATTEMPTS = 4
+
+# SQLSTATEs after which the same transaction may simply run again: serialization
+# failure and deadlock (a concurrent writer won).
+_CONFLICT_SQLSTATES = {"40001", "40P01"}
+# SQLSTATE classes and codes that mean the database cannot be reached or is going away:
+# connection exceptions (08xxx), insufficient resources (53xxx: too many connections,
+# out of memory, disk full), and an administrator's or a crash's shutdown and a server
+# still starting (57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now).
+_UNAVAILABLE_CLASSES = ("08", "53")
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "57P05"}
+# Classes that mean a value of the statement is at fault: data exception (22xxx: out of
+# range, too long for its column, a NUL byte in text) and program limit exceeded
+# (54xxx: an index row too large for its key, say). Retrying the same values cannot help.
+_INVALID_VALUE_CLASSES = ("22", "54")
+_UNAVAILABLE_TEXT = (
+    "cannot connect now",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "terminating connection",
+    "connection was closed",
+    "connection is closed",
+    "server closed the connection",
+    "could not connect to server",
+)
 
 
 class Runner(Protocol):
@@ -54,17 +88,166 @@ def open_runner(url: str, *, sqlite_synchronous: str = "NORMAL") -> Runner:
     raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}")
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes: drivers wrap the server's error (SQLAlchemy wraps
+    the asyncpg adapter's error, which wraps asyncpg's, which may wrap an OSError)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(seen) < 16 and all(current is not s for s in seen):
+        seen.append(current)
+        current = _cause(current)
+    return seen
+
+
+def _cause(error: BaseException) -> BaseException | None:
+    if isinstance(error, DBAPIError) and isinstance(error.orig, BaseException):
+        return error.orig
+    return error.__cause__ or error.__context__
+
+
+def _sqlstates(chain: list[BaseException]) -> list[str]:
+    codes = []
+    for error in chain:
+        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(code, str):
+            codes.append(code)
+    return codes
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True if the database cannot be reached now: refused or lost connection, a server
+    shutting down, restarting or out of connections. Waiting and retrying helps."""
+    chain = _chain(exc)
+    for error in chain:
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return True
+        # Refused or reset connections, connect timeouts (asyncpg raises the OS errors
+        # unwrapped while connecting), and a pool with no connection to give.
+        if isinstance(error, (OSError, TimeoutError, sa_exc.TimeoutError)):
+            return True
+    for code in _sqlstates(chain):
+        if code.startswith(_UNAVAILABLE_CLASSES) or code in _UNAVAILABLE_SQLSTATES:
+            return True
+    return any(marker in _driver_text(chain) for marker in _UNAVAILABLE_TEXT)
+
+
+def _driver_text(chain: list[BaseException]) -> str:
+    """The drivers' own messages, lowercased. SQLAlchemy's wrappers are left out: their
+    text holds the statement's parameters, and a request's values must never be able
+    to make its failure look like an outage (which fails its whole batch)."""
+    return " ".join(
+        str(error).lower() for error in chain if not isinstance(error, sa_exc.SQLAlchemyError)
+    )
+
+
+def is_invalid_value(exc: BaseException) -> bool:
+    """True if the database refused a value of the statement (out of range, too long,
+    a character it cannot store): the input is at fault, not the database."""
+    chain = _chain(exc)
+    for error in chain:
+        # SQLite raises OverflowError for an integer beyond 64 bits, asyncpg raises its
+        # client-side DataError ("invalid input for query argument") before sending.
+        if isinstance(error, (OverflowError, sa_exc.DataError)):
+            return True
+        if type(error).__name__ == "DataError" and type(error).__module__.startswith("asyncpg"):
+            return True
+    if any(code.startswith(_INVALID_VALUE_CLASSES) for code in _sqlstates(chain)):
+        return True
+    return "string or blob too big" in _driver_text(chain)
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """True for errors after which the same transaction may simply run again."""
+    """True for errors after which the same transaction may simply run again: a
+    concurrent writer won, or the connection was lost or refused."""
+    if is_unavailable(exc):
+        return True
     if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
+        if any(code in _CONFLICT_SQLSTATES for code in _sqlstates(_chain(exc))):
             return True
-        orig = exc.orig
-        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        if code is None and orig is not None:
-            code = getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        if code in _RETRYABLE_SQLSTATES:
-            return True
-        text = str(orig).lower()
+        text = str(exc.orig).lower()
         return "database is locked" in text or "could not serialize" in text
     return False
+
+
+def _from_database(exc: BaseException) -> bool:
+    """True if ``exc`` comes from the database layers (SQLAlchemy, a driver, the
+    network) rather than from the store's own code, which is never reclassified."""
+    if isinstance(exc, (sa_exc.SQLAlchemyError, OSError, TimeoutError, OverflowError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("asyncpg", "sqlite3")
+
+
+def _reason(exc: BaseException) -> str:
+    """The database's own message, first line (SQLAlchemy appends the SQL statement and
+    its parameters, which would leak other requests' values into an error message)."""
+    inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(inner).strip().splitlines()
+    return lines[0] if lines else type(inner).__name__
+
+
+def store_error_of(exc: BaseException) -> StoreError | None:
+    """The store error a database exception means, or None when there is none to give:
+    a unique violation (``IntegrityError``, which the caller maps to the race it means)
+    or an unknown failure, which stays as it is (a defect, reported as such)."""
+    if isinstance(exc, (StoreError, IntegrityError)) or not _from_database(exc):
+        return None
+    # A refused value first: the request's own fault is never mistaken for an outage.
+    if is_invalid_value(exc):
+        return InvalidValueError(f"the database refused a value: {_reason(exc)}")
+    if is_unavailable(exc):
+        return StoreUnavailableError(f"database unavailable: {_reason(exc)}")
+    if is_retryable(exc):
+        return RetryableStoreError(f"transient database failure: {_reason(exc)}")
+    return None
+
+
+def _backoff_delay(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): exponential, capped, jittered."""
+    return float(min(0.5, 0.005 * 2**attempt) * (0.5 + random.random()))
+
+
+async def retrying(operation: Callable[[], Awaitable[T]], attempts: int, what: str) -> T:
+    """Run ``operation`` and run it again after a ``RetryableStoreError``, up to
+    ``attempts`` times in all, backing off in between; the last failure is raised."""
+    for attempt in range(attempts):
+        try:
+            return await operation()
+        except RetryableStoreError as error:
+            if attempt == attempts - 1:
+                raise
+            log.debug("retrying %s after %s (attempt %d)", what, error, attempt + 1)
+        await asyncio.sleep(_backoff_delay(attempt))
+    raise AssertionError("unreachable")
+
+
+async def _guarded(operation: Awaitable[T]) -> T:
+    """Await a runner's operation, raising its failure as the store error it means."""
+    try:
+        return await operation
+    except Exception as exc:
+        error = store_error_of(exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+class GuardedRunner:
+    """A ``Runner`` whose failures are store errors (``store_error_of``): whatever the
+    dialect, a lost database surfaces as ``StoreUnavailableError`` and a refused value
+    as ``InvalidValueError``, never as a driver's exception. Reads that fail
+    transiently are retried here; writes are retried by the caller, which knows
+    whether running the transaction again is safe."""
+
+    def __init__(self, inner: Runner) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.writer_lanes = inner.writer_lanes
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        return await _guarded(self._inner.write(fn))
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await retrying(lambda: _guarded(self._inner.read(fn)), _READ_ATTEMPTS, "read")
+
+    async def close(self) -> None:
+        await self._inner.close()

@@ -24,4 +24,19 @@ class CurrentExecutionConflictError(StoreError):
 
 
 class RetryableStoreError(StoreError):
-    """A transient failure (serialization conflict, lost connection) after all retries."""
+    """A transient failure (serialization conflict, lost connection) after all retries.
+
+    Nothing is known to be wrong with the request: the same request, sent again (with
+    the same request id, so a write that did commit is not applied twice), may succeed.
+    """
+
+
+class StoreUnavailableError(RetryableStoreError):
+    """The database cannot be reached: connection refused or lost, the server shutting
+    down, restarting or out of connections. Every request fails alike until it is back."""
+
+
+class InvalidValueError(StoreError):
+    """The database refused a value of the request (an integer out of its range, text
+    too long for its column, a NUL character PostgreSQL cannot store). The input is at
+    fault: the same request can never succeed."""

@@ -11,6 +11,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 T = TypeVar("T")
 
+_CONNECT_TIMEOUT_S = 10.0
+
 
 class AsyncEngineRunner:
     def __init__(self, url: URL, *, isolation_level: str | None = None) -> None:
@@ -19,7 +21,15 @@ class AsyncEngineRunner:
         driver = "cockroachdb+asyncpg" if self.name == "cockroachdb" else "postgresql+asyncpg"
         isolation = url.query.get("isolation_level") or isolation_level
         url = url.set(drivername=driver).difference_update_query(["isolation_level"])
-        options: dict[str, object] = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
+        # pool_pre_ping replaces pooled connections a database restart closed; the connect
+        # timeout bounds how long a request waits on a database that does not answer at
+        # all (asyncpg's default is a minute), so the caller gets UNAVAILABLE and retries.
+        options: dict[str, object] = {
+            "pool_size": 10,
+            "max_overflow": 10,
+            "pool_pre_ping": True,
+            "connect_args": {"timeout": _CONNECT_TIMEOUT_S},
+        }
         if isolation:
             options["isolation_level"] = str(isolation).upper().replace("_", " ")
         self._engine = create_async_engine(url, **options)

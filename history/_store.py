@@ -4,8 +4,14 @@ Each state transition of a run is one database transaction (events + mutable sta
 outbox rows + timers), guarded by optimistic concurrency on the run's ``db_version``.
 Throughput comes from group commit: transitions submitted concurrently are written by
 a writer lane in one transaction, so one fsync covers many of them. If any
-transition of a batch is rejected, the batch is rolled back and each transition is
-committed on its own, so a conflict of one run never fails another.
+transition of a batch is rejected or fails (a conflict, or a value the database
+refuses), the batch is rolled back and each transition is committed on its own, so
+one request never fails another; only a database that cannot be reached fails the
+whole batch, since each transition alone would fail the same way.
+
+Database exceptions never escape raw (``_dialects.GuardedRunner``): a lost or
+refused connection is ``StoreUnavailableError`` (retryable: the frontend answers
+UNAVAILABLE), a refused value ``InvalidValueError`` (the input is at fault).
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +30,13 @@ from tideflow.api.search_attributes import SearchAttributeValue
 from tideflow.api.v1.history_pb2 import HistoryEvent
 
 from . import _schema as s
-from ._dialects import Runner, is_retryable, open_runner
-from ._errors import ConditionFailedError, CurrentExecutionConflictError, RetryableStoreError
+from ._dialects import GuardedRunner, Runner, open_runner, retrying
+from ._errors import (
+    ConditionFailedError,
+    CurrentExecutionConflictError,
+    InvalidValueError,
+    StoreUnavailableError,
+)
 from ._records import (
     CurrentRecord,
     CurrentWrite,
@@ -80,17 +90,29 @@ class HistoryStore:
     """
 
     def __init__(self, runner: Runner) -> None:
-        self._runner = runner
+        self._runner = GuardedRunner(runner)
         self.dialect = runner
         self._lanes: list[asyncio.Queue[_Item]] = []
         self._writers: list[asyncio.Task[None]] = []
         self._closed = False
         # Commit counters: transitions / transactions is the group-commit batch size.
         self.stats = {"transactions": 0, "transitions": 0}
+        # Set when a write failed so that it may or may not have committed (the
+        # connection went away around the commit). Its task and timer rows may then be
+        # in the store while nobody was told, and a retry may even have found its own
+        # commit as a conflict. The server re-reads the backlog once the store answers
+        # again (server/_resync.py) and clears the flag.
+        self.writes_in_doubt = asyncio.Event()
 
     @classmethod
     async def open(cls, url: str, *, sqlite_synchronous: str = "NORMAL") -> HistoryStore:
-        store = cls(open_runner(url, sqlite_synchronous=sqlite_synchronous))
+        return await cls.open_on(open_runner(url, sqlite_synchronous=sqlite_synchronous))
+
+    @classmethod
+    async def open_on(cls, runner: Runner) -> HistoryStore:
+        """A store on a given runner (``open`` makes one from a URL; tests wrap one to
+        inject database faults)."""
+        store = cls(runner)
         await store._create_schema()
         await store.ensure_namespace("default", description="created by tideflow")
         store._start_writers()
@@ -120,7 +142,7 @@ class HistoryStore:
             while not queue.empty():
                 _, fut = queue.get_nowait()
                 if not fut.done():
-                    fut.set_exception(RetryableStoreError("store closed"))
+                    fut.set_exception(StoreUnavailableError("store closed"))
         await self._runner.close()
 
     # ------------------------------------------------------------------ writes
@@ -128,12 +150,16 @@ class HistoryStore:
     async def apply(self, transition: Transition, *together: Transition) -> None:
         """Commit a transition atomically; raises ConditionFailedError or
         CurrentExecutionConflictError if it lost a race, and changes nothing then.
+        InvalidValueError means the database refused one of its values (nothing is
+        written); StoreUnavailableError that the database could not be reached, after
+        retries (it may have committed if the connection broke around the commit:
+        ``writes_in_doubt`` is then set, and a retry finds its own commit as a race).
 
         Transitions passed in ``together`` (other runs: the new run of a
         continue-as-new, say) commit in the same transaction, all or nothing.
         """
         if self._closed:
-            raise RetryableStoreError("store closed")
+            raise StoreUnavailableError("store closed")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A run always maps to the same lane, so its transitions commit in order.
         lane = hash((transition.key.namespace, transition.key.workflow_id)) % len(self._lanes)
@@ -152,7 +178,7 @@ class HistoryStore:
             except asyncio.CancelledError:
                 for _, fut in live:
                     if not fut.done():
-                        fut.set_exception(RetryableStoreError("store closed"))
+                        fut.set_exception(StoreUnavailableError("store closed"))
                 raise
 
     async def _commit_batch(self, batch: list[_Item]) -> None:
@@ -161,24 +187,34 @@ class HistoryStore:
         if len(batch) > 1:
             try:
                 await self._run_txn([t for group, _ in batch for t in group])
-            except _Rejected:
-                pass  # fall back to one transaction each, to pin the error on its owner
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except StoreUnavailableError as exc:
+                # The database is gone: each transition alone would fail the same way
+                # (after its own retries). Every caller gets the retryable error.
+                _fail(batch, exc)
                 return
+            except Exception as exc:
+                # A conflict, a value the database refuses, or a defect: which transition
+                # caused it is unknown, and the others must not fail with it. Commit
+                # each on its own, so the error lands on its owner only.
+                if not isinstance(exc, _Rejected):
+                    log.debug("batch of %d failed (%s); committing each alone", len(batch), exc)
             else:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
                 return
-        for group, fut in batch:
+        for index, (group, fut) in enumerate(batch):
             try:
                 await self._run_txn(group)
             except _Rejected as rejected:
                 if not fut.done():
                     fut.set_exception(rejected.error)
+            except StoreUnavailableError as exc:
+                _fail(batch[index:], exc)  # it went away meanwhile: no use trying the rest
+                return
+            except InvalidValueError as exc:
+                if not fut.done():
+                    fut.set_exception(InvalidValueError(f"workflow {_workflow_ids(group)}: {exc}"))
             except Exception as exc:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -187,26 +223,25 @@ class HistoryStore:
                     fut.set_result(None)
 
     async def _run_txn(self, transitions: Sequence[Transition]) -> None:
-        """Run the transitions in one transaction, retrying transient failures."""
-        for attempt in range(_MAX_TXN_RETRIES):
+        """Run the transitions in one transaction, retrying transient failures.
+
+        Running it again after a lost connection is safe even if the first attempt did
+        commit: the version guard and the unique keys then reject the copy, and the
+        caller reloads the run and finds its change there.
+        """
+
+        async def attempt() -> None:
             try:
                 await self._runner.write(lambda conn: _apply_batch(conn, transitions))
-                self.stats["transactions"] += 1
-                self.stats["transitions"] += len(transitions)
-                return
-            except _Rejected:
-                raise
             except IntegrityError as exc:
                 raise _Rejected(_integrity_error(exc, transitions)) from exc
-            except Exception as exc:
-                if not is_retryable(exc) or attempt == _MAX_TXN_RETRIES - 1:
-                    if is_retryable(exc):
-                        raise RetryableStoreError(str(exc)) from exc
-                    raise
-                delay = min(0.5, 0.005 * 2**attempt) * (0.5 + random.random())
-                log.debug("retrying transaction after %s (attempt %d)", exc, attempt + 1)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+            except StoreUnavailableError:
+                self.writes_in_doubt.set()
+                raise
+
+        await retrying(attempt, _MAX_TXN_RETRIES, "transaction")
+        self.stats["transactions"] += 1
+        self.stats["transitions"] += len(transitions)
 
     async def delete_timer(self, timer_key: str) -> None:
         """Drop a timer that fired for a transition that no longer applies."""
@@ -357,6 +392,22 @@ class HistoryStore:
     def schedules(self) -> ScheduleStore:
         """Schedule rows and ledgers (``_schedule_store``), on this store's database."""
         return ScheduleStore(self._runner)
+
+
+def _fail(batch: Sequence[_Item], error: StoreUnavailableError) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            # One exception object per waiter: raising it fills in its traceback.
+            fut.set_exception(StoreUnavailableError(str(error)))
+
+
+def _workflow_ids(group: Sequence[Transition]) -> str:
+    """The group's workflow ids for an error message (an id may be 1,000 characters)."""
+    return ", ".join(repr(_shortened(t.key.workflow_id)) for t in group)
+
+
+def _shortened(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _one_transition_per_run(batch: list[_Item]) -> list[list[_Item]]:

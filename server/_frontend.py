@@ -22,7 +22,14 @@ from google.protobuf.message import Message
 
 import tideflow
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
-from tideflow.history import CLOSE_EVENTS, HistoryStore, RetryableStoreError, StoreError, TaskKind
+from tideflow.history import (
+    CLOSE_EVENTS,
+    HistoryStore,
+    InvalidValueError,
+    RetryableStoreError,
+    StoreError,
+    TaskKind,
+)
 
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
@@ -85,6 +92,9 @@ def _rpc(
             return await method(self, request, context)
         except ServiceError as exc:
             await abort_with_detail(context, exc)
+        except InvalidValueError as exc:
+            # The database refused a value of this request (and of no other).
+            await abort_with_detail(context, InvalidArgumentError(str(exc)))
         except (RetryableStoreError, StoreError) as exc:
             log.warning("%s: store unavailable: %s", method.__name__, exc)
             await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))

@@ -72,6 +72,7 @@ from ._errors import (
     ServiceError,
     UnavailableError,
 )
+from ._failures import log_retry
 
 log = logging.getLogger("tideflow.server.schedules")
 
@@ -249,8 +250,8 @@ class Scheduler:
             wakeup.clear()
             try:
                 delay = await one_pass()
-            except Exception:  # a store hiccup must not stop the schedules for good
-                log.exception("scheduler %s pass failed; retrying", name)
+            except Exception as exc:  # a store hiccup must not stop the schedules for good
+                log_retry(log, f"scheduler {name} pass", exc)
                 delay = _RETRY_S
             if delay > 0:
                 # The timeout only ends the wait: a cancellation of this task still

@@ -12,18 +12,24 @@ from typing import Any
 
 import grpc
 
-from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, TimerRow
+from tideflow.history import HistoryStore, RunKey, StoreError, TaskKind, TaskRow, TimerRow
 
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
+from ._errors import UnavailableError
+from ._failures import log_retry
 from ._frontend import WorkflowService
 from ._matching import Matching
 from ._registration import add_to_server
+from ._resync import resync_after_outages
 from ._schedules import Scheduler
 from ._timers import TimerQueue
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
+
+# Pause before a background step that failed on the store is tried again.
+_RETRY_DELAY_S = 1.0
 
 
 class _Dispatch(Dispatcher):
@@ -64,11 +70,20 @@ class _Dispatch(Dispatcher):
                 moves.create_task(self._move(unstick, task))
 
     async def _move(self, unstick: Callable[[RunKey, str], Awaitable[None]], task: TaskRow) -> None:
-        try:
-            await unstick(task.key, task.task_queue)
-        except Exception:
-            # The task's sticky schedule-to-start timeout moves it later.
-            log.exception("moving %s off its retired sticky queue failed", task.task_key)
+        # Retried through a store outage: the row stays in the store, but nothing else
+        # would dispatch it before a restart.
+        while True:
+            try:
+                await unstick(task.key, task.task_queue)
+            except (StoreError, UnavailableError) as exc:
+                log_retry(log, f"moving {task.task_key} off its retired sticky queue", exc)
+                await asyncio.sleep(_RETRY_DELAY_S)
+            except Exception:
+                # The task's sticky schedule-to-start timeout moves it later.
+                log.exception("moving %s off its retired sticky queue failed", task.task_key)
+                return
+            else:
+                return
 
 
 class TideflowServer:
@@ -139,6 +154,9 @@ class TideflowServer:
                     "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
                     "tideflow-sticky-mover": functools.partial(dispatch.run, engine.unstick),
                     "tideflow-scheduler": scheduler.run,
+                    "tideflow-resync": functools.partial(
+                        resync_after_outages, store, matching, transfers
+                    ),
                 }
             ),
             name="tideflow-background",

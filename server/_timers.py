@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from tideflow.history import HistoryStore, TimerRow
 
 from ._config import Clock
+from ._failures import log_retry
 
 log = logging.getLogger("tideflow.server.timers")
 
@@ -100,8 +101,8 @@ class TimerQueue:
         outage) is tried again shortly: timers already in the heap keep firing."""
         try:
             await self._refill()
-        except Exception:
-            log.exception("reading due timers failed; retrying in %.0f s", _REFILL_RETRY_S)
+        except Exception as exc:
+            log_retry(log, "reading due timers", exc)
             return now + int(_REFILL_RETRY_S * _US)
         return now + self._window_us // 2
 
@@ -110,9 +111,9 @@ class TimerQueue:
     ) -> None:
         try:
             await fire(timer)
-        except Exception:
+        except Exception as exc:
             # Leave the row in the store; push it back for another try shortly.
-            log.exception("firing timer %s failed; will retry", key)
+            log_retry(log, f"firing timer {key}", exc)
             retry = TimerRow(
                 key=timer.key,
                 kind=timer.kind,

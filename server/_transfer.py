@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 
 from tideflow.history import HistoryStore, TaskKind, TaskRow
 
+from ._failures import log_retry
+
 log = logging.getLogger("tideflow.server.transfer")
 
 _CONCURRENCY = 16
@@ -67,8 +69,8 @@ class TransferProcessor:
     async def _one(self, process: Callable[[TaskRow], Awaitable[None]], task: TaskRow) -> None:
         try:
             await process(task)
-        except Exception:
-            log.exception("transfer %s failed; retrying", task.task_key)
+        except Exception as exc:
+            log_retry(log, f"transfer {task.task_key}", exc)
             await asyncio.sleep(_RETRY_DELAY_S)
             self._queue.put_nowait(task)
             return

@@ -1,0 +1,45 @@
+"""Re-reading the backlog after a store outage.
+
+A transition whose connection went away around its commit may have committed without
+its caller knowing (``HistoryStore.writes_in_doubt``): the caller got an error, or a
+retry of the same transaction found its own commit as a conflict, and the task and
+transfer rows it wrote reached neither matching nor the transfer processor. Nothing
+would dispatch them before a restart, and the run would wait for ever. So once such a
+write happened, this loop re-reads every task row as soon as the store answers again,
+exactly as a server start does; matching and the transfer processor skip the ones they
+hold, and the engine drops any that turn out stale. Timer rows need no help: the timer
+queue re-reads its window from the store periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tideflow.history import HistoryStore, StoreError
+
+from ._matching import Matching
+from ._transfer import TransferProcessor
+
+log = logging.getLogger("tideflow.server.resync")
+
+_RETRY_DELAY_S = 1.0
+
+
+async def resync_after_outages(
+    store: HistoryStore, matching: Matching, transfers: TransferProcessor
+) -> None:
+    """Run until cancelled: after each write in doubt, re-dispatch the stored backlog."""
+    while True:
+        await store.writes_in_doubt.wait()
+        store.writes_in_doubt.clear()
+        while True:
+            try:
+                tasks = await matching.recover(store)
+                moved = await transfers.recover()
+            except StoreError as exc:
+                log.warning("re-reading the backlog failed (%s); retrying", exc)
+                await asyncio.sleep(_RETRY_DELAY_S)
+                continue
+            log.info("store answers again: re-read %d task rows (%d transfers)", tasks, moved)
+            break
