@@ -497,9 +497,8 @@ async def test_sticky_task_for_a_run_in_flight_on_shutdown_moves_too(
         await wait_idle(handle)
         # Stop worker #1's pollers only (as a hung worker would), then signal: the task
         # waits on its sticky queue.
-        for poller in worker1._pollers:
-            poller.cancel()
-        await asyncio.gather(*worker1._pollers, return_exceptions=True)
+        assert worker1._workflows is not None
+        await worker1._workflows._loop.stop_polling()
         await handle.signal(Tally.add, 20)
     finally:
         await worker1.shutdown()  # gives the sticky queue, with the task on it, back
