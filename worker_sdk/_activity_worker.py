@@ -298,8 +298,20 @@ class _Heartbeater:
             request = service_pb2.RecordActivityHeartbeatRequest(
                 task_token=self._task.task_token, identity=self._identity
             )
-            if self.last_details:
-                request.details.CopyFrom(client.data_converter.to_payloads(list(self.last_details)))
+            try:
+                if self.last_details:
+                    details = client.data_converter.to_payloads(list(self.last_details))
+                    request.details.CopyFrom(details)
+            except Exception:
+                # The activity's bad details must not take its TaskGroup down; its
+                # outcome report, which carries them too, fails the same way.
+                log.warning(
+                    "heartbeat details of activity %s cannot be encoded",
+                    self._task.activity_id,
+                    exc_info=True,
+                )
+                await asyncio.sleep(self._interval)
+                continue
             try:
                 response = await client.call(
                     client.service.RecordActivityHeartbeat, request, retry=False
