@@ -184,8 +184,8 @@ class Worker:
             self._own_executor.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self) -> None:
-        """Stop polling and let in-flight tasks end, workflow tasks first (an activity
-        cancelled now would only be retried)."""
+        """Stop polling, give back the sticky queue, let in-flight workflow tasks
+        finish, then give in-flight activities the grace period and cancel the rest."""
         workflows, activities = self._workflows, self._activities
         # No eager reservations from here on.
         self._workflow_slots.close()
