@@ -86,8 +86,10 @@ class Worker:
             max_concurrent_activities
         )
         context = WorkerContext(client=client, task_queue=task_queue, identity=self.identity)
-        self._workflows = (
-            WorkflowWorker(
+        self._workflows: WorkflowWorker | None = None
+        self._activities: ActivityWorker | None = None
+        if workflows:
+            self._workflows = WorkflowWorker(
                 context,
                 workflows=workflow_defs,
                 slots=self._workflow_slots,
@@ -102,11 +104,8 @@ class Worker:
                 else None,
                 interceptors=interceptors,
             )
-            if workflows
-            else None
-        )
-        self._activities = (
-            ActivityWorker(
+        if activities:
+            self._activities = ActivityWorker(
                 context,
                 activities=activity_defs,
                 slots=self._activity_slots,
@@ -120,9 +119,6 @@ class Worker:
                 if workflows and workflow_pollers
                 else None,
             )
-            if activities
-            else None
-        )
         self._supervisor: asyncio.Task[None] | None = None
         self._shutdown_requested = asyncio.Event()
         self._stopped = asyncio.Event()
