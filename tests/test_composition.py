@@ -29,10 +29,12 @@ from typing import Any
 import pytest
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.service_pb2 import PollWorkflowTaskResponse
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import (
     Client,
     Worker,
+    WorkerInterceptor,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowIDConflictPolicy,
@@ -49,6 +51,7 @@ from tideflow.worker_sdk.exceptions import (
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
 )
+from tideflow.worker_sdk.interceptor import WorkflowTaskHandler
 
 ET = EventType
 Status = WorkflowExecutionStatus
@@ -294,19 +297,27 @@ async def test_signal_arriving_during_continue_as_new_task_is_not_lost(
     wid = new_id("collector")
     handle = await client.start_workflow(Collector.run, args=[[], 1], id=wid, task_queue=queue)
     await handle.signal(Collector.add, "a")
-    worker = Worker(client, task_queue=queue, workflows=[Collector], max_cached_workflows=0)
-    original = worker._handle_workflow_task
     injected: list[int] = []
 
-    async def signal_while_task_runs(task: Any) -> None:
-        # The first task of the first run sees "a" and continues as new: "b" arrives
-        # after that task started and before it completes.
-        if task.workflow_execution.run_id == handle.run_id and not injected:
-            injected.append(len(task.history.events))
-            await handle.signal(Collector.add, "b")
-        await original(task)
+    class SignalWhileTaskRuns(WorkerInterceptor):
+        def intercept_workflow_task(self, next: WorkflowTaskHandler) -> WorkflowTaskHandler:
+            async def signal_first(task: PollWorkflowTaskResponse) -> None:
+                # The first task of the first run sees "a" and continues as new: "b"
+                # arrives after that task started and before it completes.
+                if task.workflow_execution.run_id == handle.run_id and not injected:
+                    injected.append(len(task.history.events))
+                    await handle.signal(Collector.add, "b")
+                await next(task)
 
-    worker._handle_workflow_task = signal_while_task_runs  # type: ignore[method-assign]
+            return signal_first
+
+    worker = Worker(
+        client,
+        task_queue=queue,
+        workflows=[Collector],
+        max_cached_workflows=0,
+        interceptors=[SignalWhileTaskRuns()],
+    )
     async with worker:
         assert await bounded(handle.result()) == ["a", "b"]
     assert injected

@@ -9,7 +9,7 @@ timeout (it died), the task moves to the normal queue; a worker shutting down gi
 its sticky queue back at once.
 
 Real server on an ephemeral port with its own SQLite file; uuid task queues and ids.
-What a worker receives is observed by wrapping its ``_handle_workflow_task``. No
+What a worker receives is observed by a ``WorkerInterceptor``. No
 sleeps synchronize: tests await results or poll a condition against a deadline. The
 killed worker is a real process (tests/procs/sticky_worker_proc.py), always reaped.
 """
@@ -35,15 +35,18 @@ from typing import Any
 import pytest
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
+from tideflow.api.v1.service_pb2 import PollWorkflowTaskResponse
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import (
     Client,
     Replayer,
     Worker,
+    WorkerInterceptor,
     WorkflowHandle,
     activity,
     workflow,
 )
+from tideflow.worker_sdk.interceptor import WorkflowTaskHandler
 
 ET = EventType
 Cause = WorkflowTaskFailedCause
@@ -137,28 +140,29 @@ class Seen:
     previous_started_event_id: int
 
 
-def record_tasks(worker: Worker) -> list[Seen]:
-    """Wrap the worker's workflow task handler to record what each task carried."""
-    seen: list[Seen] = []
-    original = worker._handle_workflow_task
+class TaskRecorder(WorkerInterceptor):
+    """Records what each workflow task the worker handles carried."""
 
-    async def recording(task: Any) -> None:
-        events = task.history.events
-        # Queries carry history too: record only real workflow tasks.
-        if events and not task.HasField("query"):
-            seen.append(
-                Seen(
-                    run_id=task.workflow_execution.run_id,
-                    first_event_id=events[0].event_id,
-                    last_event_id=events[-1].event_id,
-                    events=len(events),
-                    previous_started_event_id=task.previous_started_event_id,
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+
+    def intercept_workflow_task(self, next: WorkflowTaskHandler) -> WorkflowTaskHandler:
+        async def recording(task: PollWorkflowTaskResponse) -> None:
+            events = task.history.events
+            # Queries carry history too: record only real workflow tasks.
+            if events and not task.HasField("query"):
+                self.seen.append(
+                    Seen(
+                        run_id=task.workflow_execution.run_id,
+                        first_event_id=events[0].event_id,
+                        last_event_id=events[-1].event_id,
+                        events=len(events),
+                        previous_started_event_id=task.previous_started_event_id,
+                    )
                 )
-            )
-        await original(task)
+            await next(task)
 
-    worker._handle_workflow_task = recording  # type: ignore[method-assign]
-    return seen
+        return recording
 
 
 async def wait_idle(handle: WorkflowHandle, activities_done: int = -1) -> list[HistoryEvent]:
@@ -231,8 +235,9 @@ async def test_cache_eviction_mid_workflow_resumes_by_full_replay(
         workflows=[Rounds],
         activities=[double],
         max_cached_workflows=1,
+        interceptors=[recorder := TaskRecorder()],
     )
-    seen = record_tasks(worker)
+    seen = recorder.seen
     async with worker:
         a = await client.start_workflow(Rounds.run, ROUNDS, id=new_id("a"), task_queue=queue)
         await wait_idle(a)
@@ -302,8 +307,9 @@ async def test_sticky_tasks_carry_only_new_events(client: Client, queue: str, ca
         workflows=[Steps],
         activities=[step],
         max_cached_workflows=100 if cached else 0,
+        interceptors=[recorder := TaskRecorder()],
     )
-    seen = record_tasks(worker)
+    seen = recorder.seen
     async with worker:
         handle = await client.start_workflow(Steps.run, STEPS, id=new_id("steps"), task_queue=queue)
         assert await bounded(handle.result()) == STEPS
@@ -422,8 +428,11 @@ async def test_killed_sticky_worker_task_moves_to_another_worker_after_timeout(
     await procs.sigkill(worker1)
 
     await handle.signal(Tally.add, 7)
-    worker2 = Worker(client, task_queue=queue, workflows=[Tally], identity="worker-2")
-    seen = record_tasks(worker2)
+    recorder = TaskRecorder()
+    worker2 = Worker(
+        client, task_queue=queue, workflows=[Tally], identity="worker-2", interceptors=[recorder]
+    )
+    seen = recorder.seen
     async with worker2:
         result = await bounded(handle.result())
     assert result["values"] == [5, 7]
@@ -455,8 +464,11 @@ async def test_sticky_worker_shutdown_gives_back_its_queue(client: Client, queue
         await handle.signal(Tally.add, 1)
         await wait_idle(handle)
     await handle.signal(Tally.add, 2)  # scheduled after worker #1 left
-    worker2 = Worker(client, task_queue=queue, workflows=[Tally], identity="worker-2")
-    seen = record_tasks(worker2)
+    recorder = TaskRecorder()
+    worker2 = Worker(
+        client, task_queue=queue, workflows=[Tally], identity="worker-2", interceptors=[recorder]
+    )
+    seen = recorder.seen
     async with worker2:
         result = await bounded(handle.result(), 20)
     assert (result["values"], result["sum"]) == ([1, 2], 3)
@@ -485,9 +497,8 @@ async def test_sticky_task_for_a_run_in_flight_on_shutdown_moves_too(
         await wait_idle(handle)
         # Stop worker #1's pollers only (as a hung worker would), then signal: the task
         # waits on its sticky queue.
-        for poller in worker1._pollers:
-            poller.cancel()
-        await asyncio.gather(*worker1._pollers, return_exceptions=True)
+        assert worker1._workflows is not None
+        await worker1._workflows._loop.stop_polling()
         await handle.signal(Tally.add, 20)
     finally:
         await worker1.shutdown()  # gives the sticky queue, with the task on it, back

@@ -15,6 +15,7 @@ from .client import (
 )
 from .common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, JSONPayloadConverter, PayloadConverter
+from .interceptor import WorkerInterceptor
 from .replayer import Replayer, ReplayResult
 from .worker import Worker
 
@@ -27,6 +28,7 @@ __all__ = [
     "Replayer",
     "RetryPolicy",
     "Worker",
+    "WorkerInterceptor",
     "WorkflowExecutionDescription",
     "WorkflowExecutionStatus",
     "WorkflowHandle",
