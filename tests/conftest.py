@@ -1,4 +1,16 @@
-"""Shared fixtures: one history store per test, on every database under test.
+"""Shared fixtures: one history store or server per test, on every database under test.
+
+Fixtures (helpers.py documents the functions every suite shares):
+
+- ``store_url``: a fresh database URL, once per selected database (below);
+  ``store``: a ``HistoryStore`` open on it; ``pg_url``: a fresh PostgreSQL database.
+- ``server``: a ``TideflowServer`` on an ephemeral port over ``store_url``, so every
+  test that takes it (or ``client``) runs on SQLite and on PostgreSQL.
+  ``helpers.running_server(store_url, config)`` is the same with a ``ServerConfig``.
+- ``client``: a ``Client`` connected to ``server``; ``queue``: a fresh task queue name.
+- ``procs``: ``helpers.Processes`` for tests that run servers or workers as real
+  processes (always killed and reaped at teardown); give a server process the test's
+  ``store_url`` so it runs on the same database as the rest of the test.
 
 ``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
 (the default) for both. Tests that take ``store_url`` (or ``store``) run once per
@@ -26,12 +38,16 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from helpers import Processes, connected, new_id, running_server
 
 from tideflow.history import HistoryStore
+from tideflow.server import TideflowServer
+from tideflow.worker_sdk import Client
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 _DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
@@ -130,3 +146,33 @@ async def store(store_url: str) -> AsyncIterator[HistoryStore]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def server(store_url: str) -> AsyncIterator[TideflowServer]:
+    """A server on an ephemeral port over this test's database."""
+    async with running_server(store_url) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: TideflowServer) -> AsyncIterator[Client]:
+    """A client of ``server``, closed after the test."""
+    async with connected(server.address) as opened:
+        yield opened
+
+
+@pytest.fixture
+def queue() -> str:
+    """A task queue no other test uses."""
+    return new_id("q")
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Child processes of this test; killed and reaped at teardown, even on failure."""
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.cleanup()

@@ -60,6 +60,7 @@ def test_public_api_is_pinned() -> None:
         "Replayer",
         "RetryPolicy",
         "Worker",
+        "WorkerInterceptor",
         "WorkflowExecutionDescription",
         "WorkflowExecutionStatus",
         "WorkflowHandle",

@@ -16,6 +16,7 @@ from .client import (
 from .common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, JSONPayloadConverter, PayloadConverter
 from .replayer import Replayer, ReplayResult
+from .interceptor import WorkerInterceptor
 from .worker import Worker
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Replayer",
     "RetryPolicy",
     "Worker",
+    "WorkerInterceptor",
     "WorkflowExecutionDescription",
     "WorkflowExecutionStatus",
     "WorkflowHandle",

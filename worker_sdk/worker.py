@@ -7,6 +7,8 @@ otherwise the run is replayed from scratch). Activities run as asyncio tasks, sy
 ones in a thread pool. Concurrency is bounded by ``max_concurrent_activities`` and
 ``max_concurrent_workflow_tasks``; ``shutdown()`` stops polling, lets in-flight
 activities finish within ``graceful_shutdown_timeout`` and is safe to call twice.
+``interceptors`` (``WorkerInterceptor``, interceptor.py) wrap the handling of each
+workflow task, a supported hook for tests and instrumentation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from . import activity as activity_mod
 from . import exceptions as exc
 from ._workflow_instance import WorkflowInstance
 from .client import Client
+from .interceptor import WorkerInterceptor, WorkflowTaskHandler
 from .workflow import WorkflowDefinition, definition_of
 
 log = logging.getLogger("tideflow.worker")
@@ -56,6 +59,7 @@ class Worker:
         graceful_shutdown_timeout: timedelta = timedelta(0),
         sticky_queue_schedule_to_start_timeout: timedelta = timedelta(seconds=5),
         identity: str | None = None,
+        interceptors: Sequence[WorkerInterceptor] = (),
     ) -> None:
         if not workflows and not activities:
             raise ValueError("a worker needs at least one workflow or activity")
@@ -95,6 +99,11 @@ class Worker:
         self._started = False
         self._shutdown_started = False
         self._stopped = asyncio.Event()
+        # The first interceptor is outermost: wrap from the innermost out.
+        handler: WorkflowTaskHandler = self._handle_workflow_task
+        for interceptor in reversed(interceptors):
+            handler = interceptor.intercept_workflow_task(handler)
+        self._workflow_task_handler = handler
 
     # ------------------------------------------------------------ lifecycle
 
@@ -225,7 +234,7 @@ class Worker:
 
     async def _run_workflow_task(self, task: service_pb2.PollWorkflowTaskResponse) -> None:
         try:
-            await self._handle_workflow_task(task)
+            await self._workflow_task_handler(task)
         except asyncio.CancelledError:
             raise
         except exc.RPCError as error:
