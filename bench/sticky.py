@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from tideflow.api.v1.history_pb2 import EventType
-from tideflow.worker_sdk import Client, Worker, activity, workflow
-from tideflow.worker_sdk import worker as worker_module
+from tideflow.api.v1.service_pb2 import PollWorkflowTaskResponse
+from tideflow.worker_sdk import Client, Worker, WorkerInterceptor, activity, workflow
+from tideflow.worker_sdk.interceptor import WorkflowTaskHandler
 
 
 @activity.defn
@@ -58,6 +59,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class TaskTimer(WorkerInterceptor):
+    """(last event id, seconds) of every workflow task the worker handles."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[int, float]] = []
+
+    def intercept_workflow_task(self, next: WorkflowTaskHandler) -> WorkflowTaskHandler:
+        async def timed(task: PollWorkflowTaskResponse) -> None:
+            started = time.perf_counter()
+            await next(task)
+            last = task.history.events[-1].event_id if task.history.events else 0
+            self.samples.append((last, time.perf_counter() - started))
+
+        return timed
 
 
 def _window(samples: list[tuple[int, float]], around: int, width: int = 300) -> float | None:
@@ -85,16 +102,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         stdout=subprocess.PIPE,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
-    samples: list[tuple[int, float]] = []
-    original = worker_module.Worker._handle_workflow_task
-
-    async def timed(self: Worker, task: Any) -> None:
-        started = time.perf_counter()
-        await original(self, task)
-        last = task.history.events[-1].event_id if task.history.events else 0
-        samples.append((last, time.perf_counter() - started))
-
-    worker_module.Worker._handle_workflow_task = timed  # type: ignore[method-assign]
+    timer = TaskTimer()
     try:
         assert server.stdout is not None
         if "listening" not in server.stdout.readline().decode():
@@ -106,6 +114,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             workflows=[LongSequence],
             activities=[step],
             max_cached_workflows=0 if args.no_sticky else 100,
+            interceptors=[timer],
         ):
             began = time.perf_counter()
             handle = await client.start_workflow(
@@ -116,7 +125,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         history = await handle.fetch_history()
         await client.close()
     finally:
-        worker_module.Worker._handle_workflow_task = original  # type: ignore[method-assign]
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     assert result == args.steps, result
@@ -131,8 +139,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "events": len(history.events),
         "seconds": round(elapsed, 2),
-        "task_ms_at_event_100": _window(samples, 100, 60),
-        "task_ms_at_event_4000": _window(samples, 4000),
+        "task_ms_at_event_100": _window(timer.samples, 100, 60),
+        "task_ms_at_event_4000": _window(timer.samples, 4000),
         "step_ms_at_event_100": _window(steps, 100, 60),
         "step_ms_at_event_4000": _window(steps, 4000),
     }

@@ -177,12 +177,13 @@ class HelloWorkflow:
     @workflow.run
     async def run(self, name: str) -> str:
         await workflow.sleep(timedelta(milliseconds=100))
-        return await workflow.execute_activity(
+        greeting: str = await workflow.execute_activity(
             compose_greeting,
             name,
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(maximum_attempts=3),
         )
+        return greeting
 
 
 @workflow.defn
@@ -212,7 +213,7 @@ class ParallelWorkflow:
 class RetryWorkflow:
     @workflow.run
     async def run(self, key: str) -> str:
-        return await workflow.execute_activity(
+        result: str = await workflow.execute_activity(
             flaky,
             key,
             start_to_close_timeout=_TIMEOUT,
@@ -222,6 +223,7 @@ class RetryWorkflow:
                 maximum_attempts=5,
             ),
         )
+        return result
 
 
 _FAILING_POLICIES = {
@@ -432,10 +434,10 @@ async def test_activity_retries_with_backoff_write_no_events(client: Client) -> 
     # the next one was scheduled at least the backoff after that failure.
     times = _ATTEMPT_TIMES.pop(key)
     assert [attempt for attempt, _, _ in times] == [1, 2, 3]
-    for (_, _, started), (_, scheduled, _), backoff_ms in zip(
+    for (_, _, failed_started), (_, scheduled, _), backoff_ms in zip(
         times, times[1:], (200, 400), strict=False
     ):
-        assert scheduled - started >= timedelta(milliseconds=backoff_ms), times
+        assert scheduled - failed_started >= timedelta(milliseconds=backoff_ms), times
 
     events = await events_of(handle)
     assert_gap_free(events)
@@ -762,6 +764,7 @@ async def test_bad_inputs_leave_store_intact(store_url: str) -> None:
             with pytest.raises(WorkflowAlreadyStartedError) as already:
                 await client.start_workflow(HelloWorkflow.run, "dup", id=dup_id, task_queue=tq)
             assert already.value.status == "ALREADY_EXISTS"
+            assert dup.run_id is not None
             assert dup.run_id in already.value.message
 
             # Task tokens: garbage, a token of the wrong kind, and one for no such run.

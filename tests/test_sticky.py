@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -155,13 +155,16 @@ class Rounds:
         total = 0
         trace: list[str] = []
         for i in range(rounds):
-            await workflow.wait_condition(lambda i=i: len(self.inbox) > i)
+            await workflow.wait_condition(self._has_more_than(i))
             doubled: int = await workflow.execute_activity(
                 double, self.inbox[i], start_to_close_timeout=timedelta(seconds=30)
             )
             total += doubled
             trace.append(f"{i}:{doubled}:{workflow.random().randint(0, 999)}")
         return {"total": total, "trace": trace}
+
+    def _has_more_than(self, count: int) -> Callable[[], bool]:
+        return lambda: len(self.inbox) > count
 
     @workflow.signal
     def put(self, value: int) -> None:

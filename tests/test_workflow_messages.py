@@ -399,7 +399,7 @@ async def test_signals_reach_sync_and_async_handlers_in_order(client: Client) ->
 
         # The async handler's activity must finish before "c", or the order would race.
         async def shouted() -> bool:
-            return await handle.query(Inbox.item_at, -1) == "B"
+            return bool(await handle.query(Inbox.item_at, -1) == "B")
 
         await eventually(shouted, what="B appended")
         assert await handle.query(Inbox.snapshot) == {"phase": "waiting", "items": ["a", "B"]}
