@@ -9,8 +9,8 @@ Fixtures (helpers.py documents the functions every suite shares):
   ``helpers.running_server(store_url, config)`` is the same with a ``ServerConfig``.
 - ``client``: a ``Client`` connected to ``server``; ``queue``: a fresh task queue name.
 - ``procs``: ``helpers.Processes`` for tests that run servers or workers as real
-  processes (always killed and reaped at teardown); give a server process the test's
-  ``store_url`` so it runs on the same database as the rest of the test.
+  processes (always killed and reaped at teardown); ``server_process``: a
+  ``helpers.ServerProcess`` on ``store_url``, started, to kill and start again.
 
 ``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
 (the default) for both. Tests that take ``store_url`` (or ``store``) run once per
@@ -43,7 +43,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from helpers import Processes, connected, new_id, running_server
+from helpers import Processes, ServerProcess, new_id, running_server
 
 from tideflow.history import HistoryStore
 from tideflow.server import TideflowServer
@@ -158,8 +158,8 @@ async def server(store_url: str) -> AsyncIterator[TideflowServer]:
 @pytest.fixture
 async def client(server: TideflowServer) -> AsyncIterator[Client]:
     """A client of ``server``, closed after the test."""
-    async with connected(server.address) as opened:
-        yield opened
+    async with await Client.connect(server.address) as connected:
+        yield connected
 
 
 @pytest.fixture
@@ -176,3 +176,12 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         yield processes
     finally:
         processes.cleanup()
+
+
+@pytest.fixture
+async def server_process(procs: Processes, store_url: str) -> ServerProcess:
+    """The server as a real process on this test's database, listening; SIGKILL it
+    with ``kill()`` and start a new one on the same database and port with ``start()``."""
+    started = ServerProcess(procs, store_url)
+    await started.start()
+    return started

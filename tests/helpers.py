@@ -22,14 +22,17 @@ Servers
     ``running_server(store_url, config)``: an in-process server on an ephemeral port
     for a test that needs its own ``ServerConfig``; the ``server`` fixture is this
     with the default config, once per database under test (``store_url``).
-    ``connected(address)``: a client closed on exit.
+    ``ServerProcess`` (the ``server_process`` fixture, started): the server as a real
+    process, to SIGKILL (``kill()``) and start again (``start()``) on the same
+    database and port. A ``Client`` is an async context manager that closes itself.
 
 Processes (the ``procs`` fixture)
     ``Processes`` starts child processes with stdout/stderr in files, waits for a
     line they print, SIGKILLs them and, at teardown, kills and reaps what is left
     and prints each one's stderr tail (pytest shows it when the test failed).
     ``start_server(name, store_url, port)`` runs ``tideflow server start-dev`` on any
-    store (SQLite file or PostgreSQL database) and waits until it listens;
+    store (SQLite file or PostgreSQL database) and waits until it listens (what
+    ``ServerProcess`` uses);
     ``start_worker(name, address, queue, flavour, ...)`` runs ``procs/worker_proc.py``
     and waits until its pollers run; ``read_marker(marker, attempt)`` is what an
     activity attempt in such a worker wrote. ``free_port()`` is a port to restart a
@@ -55,7 +58,7 @@ from typing import Any, TypeVar
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.server import ServerConfig, TideflowServer
-from tideflow.worker_sdk import Client, WorkflowHandle
+from tideflow.worker_sdk import WorkflowHandle
 
 ET = EventType
 T = TypeVar("T")
@@ -158,15 +161,6 @@ async def running_server(
         yield server
 
 
-@contextlib.asynccontextmanager
-async def connected(address: str) -> AsyncIterator[Client]:
-    client = await Client.connect(address)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 def free_port() -> int:
     """A port that is free now, for a server process restarted on the same address
     (clients and workers reconnect only to the address they know)."""
@@ -261,6 +255,35 @@ class Processes:
             # Shown by pytest only when the test failed.
             print(f"----- {proc.name} (exit {proc.popen.returncode}) stderr tail -----")
             print(proc.tail())
+
+
+class ServerProcess:
+    """``tideflow server start-dev`` as a real process on one port and database. After
+    ``kill()`` (SIGKILL), ``start()`` runs a new process on the same database and port,
+    so clients and workers reconnect by themselves."""
+
+    def __init__(self, procs: Processes, store_url: str) -> None:
+        self._procs = procs
+        self._store_url = store_url
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._running: Proc | None = None
+        self._starts = 0
+
+    async def start(self) -> Proc:
+        """Start the next process (``server-1``, ``server-2``, ...) and wait until it
+        listens."""
+        assert self._running is None, "the previous server process still runs"
+        self._starts += 1
+        name = f"server-{self._starts}"
+        self._running = await self._procs.start_server(name, self._store_url, self.port)
+        return self._running
+
+    async def kill(self) -> None:
+        """SIGKILL the running process and wait until it is gone."""
+        assert self._running is not None, "no server process runs"
+        await self._procs.sigkill(self._running)
+        self._running = None
 
 
 def read_marker(marker: Path, attempt: int) -> dict[str, Any] | None:

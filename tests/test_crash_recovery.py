@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import Processes, eventually, free_port, of_type, read_marker
+from helpers import Processes, ServerProcess, eventually, of_type, read_marker
 
 from tideflow.api.v1.common_pb2 import TimeoutType
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
@@ -130,11 +130,9 @@ def _expected_a(n: int) -> str:
 
 
 async def test_server_sigkill_mid_flight_recovers_every_workflow(
-    store_url: str, procs: Processes
+    server_process: ServerProcess,
 ) -> None:
-    port = free_port()
-    first = await procs.start_server("server-1", store_url, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
+    client = await Client.connect(server_process.address)
     worker = Worker(
         client,
         task_queue=QUEUE_A,
@@ -181,10 +179,10 @@ async def test_server_sigkill_mid_flight_recovers_every_workflow(
 
         starter = asyncio.create_task(start_late())
         await eventually(lambda: late, "a late workflow to start")
-        await procs.sigkill(first)
+        await server_process.kill()
         killed_at_us = time.time_ns() // 1000
 
-        await procs.start_server("server-2", store_url, port)
+        await server_process.start()
         async with asyncio.timeout(COMPLETION_TIMEOUT_S):
             await starter
             handles += late

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Processes, eventually, free_port, new_id
+from helpers import ServerProcess, eventually, new_id
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -1353,15 +1353,13 @@ async def test_cancel_while_paused_ends_the_run_and_compensates(client: Client) 
 
 @pytest.mark.slow
 async def test_server_sigkill_mid_dag_resumes_without_rerunning_completed_tasks(
-    store_url: str, procs: Processes
+    server_process: ServerProcess,
 ) -> None:
     """20 tasks in 4 layers of 5 (each on two tasks of the layer before). The server
     process is SIGKILLed while layer 2 runs; a new server on the same file and port
     takes over. Every task whose completion history had recorded before the kill ran
     exactly once, the run completes with the right values, and history is intact."""
-    port = free_port()
-    first = await procs.start_server("server-1", store_url, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
+    client = await Client.connect(server_process.address)
     queue = new_id("dag")
     calls: Counter[str] = Counter()
     entered: set[str] = set()
@@ -1421,8 +1419,8 @@ async def test_server_sigkill_mid_dag_resumes_without_rerunning_completed_tasks(
         }
         assert recorded == {task_id(layer, j) for layer in (0, 1) for j in range(5)}
 
-        await procs.sigkill(first)
-        await procs.start_server("server-2", store_url, port)
+        await server_process.kill()
+        await server_process.start()
         gate.set()
 
         output = await asyncio.wait_for(handle.result(), 90)
@@ -1438,12 +1436,12 @@ async def test_server_sigkill_mid_dag_resumes_without_rerunning_completed_tasks(
     assert {tid: s.result for tid, s in instance.task_states.items()} == {
         tid: {"v": v} for tid, v in values.items()
     }
-    events = (await _history_after(port, handle.id)).events
+    events = (await _history_after(server_process.address, handle.id)).events
     assert [e.event_id for e in events] == list(range(1, len(events) + 1))
     completed = [e for e in events if e.event_type == ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED]
     assert len(completed) == 20
 
 
-async def _history_after(port: int, workflow_id: str) -> Any:
-    async with await Client.connect(f"127.0.0.1:{port}") as fresh:
+async def _history_after(address: str, workflow_id: str) -> Any:
+    async with await Client.connect(address) as fresh:
         return await fresh.get_workflow_handle(workflow_id).fetch_history()

@@ -24,11 +24,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import Proc, Processes, eventually, free_port
+from helpers import ServerProcess, eventually
 
 from tideflow.api.v1 import service_pb2
 from tideflow.history import (
@@ -618,38 +619,40 @@ async def test_invalid_schedule_actions_are_refused(client: Client) -> None:
 # ======================================================= across a server restart
 
 
-async def _kill_and_restart(
-    procs: Processes, server: Proc, store_url: str, port: int, downtime_s: float
-) -> tuple[datetime, datetime]:
-    """SIGKILL ``server``, keep it down ``downtime_s`` (slots come due meanwhile) and
-    start a new server process on the same database and port; returns (killed at,
-    listening again at)."""
-    await procs.sigkill(server)
-    killed_at = datetime.now(UTC)
-    await _wait_for_clock(time.time() + downtime_s)
-    await procs.start_server("server-2", store_url, port)
-    return killed_at, datetime.now(UTC)
+@dataclass(frozen=True)
+class _AcrossRestart:
+    """What an every-second schedule did across a server restart."""
+
+    runs: list[WorkflowExecution]
+    description: ScheduleDescription  # paused, settled
+    killed_at: datetime
+    restarted_at: datetime
 
 
-@pytest.mark.slow
-async def test_schedule_across_server_restart_fires_missed_slots_once(
-    store_url: str, procs: Processes
-) -> None:
-    port = free_port()
-    first = await procs.start_server("server-1", store_url, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
-    try:
-        schedule_id, prefix = "restart-catch-up", "tick"
+async def _across_restart(
+    server: ServerProcess, prefix: str, catchup_window: timedelta, downtime_s: float
+) -> _AcrossRestart:
+    """An every-second schedule (ALLOW_ALL; runs nobody works on) takes two actions;
+    the server is SIGKILLed and kept down ``downtime_s`` (slots come due meanwhile),
+    then a new server process starts on the same database and port. Once slots after
+    the restart fired, the schedule is paused and, when the ledger and the runs agree,
+    described."""
+    schedule_id = f"restart-{prefix}"
+    async with await Client.connect(server.address) as client:
         handle = await client.create_schedule(
             schedule_id,
             action=ScheduleActionStartWorkflow("Nothing", id=prefix, task_queue="nobody"),
             spec=ScheduleSpec(interval=SECOND),
             policy=SchedulePolicy(
-                overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window=timedelta(minutes=10)
+                overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window=catchup_window
             ),
         )
         await _describe_when(handle, lambda d: d.info.num_actions >= 2, "two actions")
-        killed_at, restarted_at = await _kill_and_restart(procs, first, store_url, port, 3.5)
+        await server.kill()
+        killed_at = datetime.now(UTC)
+        await _wait_for_clock(time.time() + downtime_s)
+        await server.start()
+        restarted_at = datetime.now(UTC)
         # The client reconnects by itself; wait until slots after the restart fired.
         await _describe_when(
             handle,
@@ -665,67 +668,48 @@ async def test_schedule_across_server_restart_fires_missed_slots_once(
             lambda: _settled(client, handle, schedule_id), "the ledger and the runs to agree"
         )
         runs = await _runs(client, schedule_id)
-        ids = Counter(run.id for run in runs)
-        assert all(n == 1 for n in ids.values()), f"a slot started twice: {ids}"
-        slots = [_slot_of(run.id, prefix) for run in runs]
-        _assert_consecutive(slots)  # every slot, including those while down, exactly once
-        down = [s for s in slots if killed_at < s < restarted_at]
-        assert len(down) >= 3, (killed_at, restarted_at, sorted(slots))
-        for run, slot in zip(runs, slots, strict=True):
-            assert run.search_attributes["TemporalScheduledStartTime"] == slot
-        assert description.info.num_actions == len(runs)
-        assert description.info.num_actions_missed_catchup_window == 0
-    finally:
-        await client.close()
+    return _AcrossRestart(runs, description, killed_at, restarted_at)
+
+
+@pytest.mark.slow
+async def test_schedule_across_server_restart_fires_missed_slots_once(
+    server_process: ServerProcess,
+) -> None:
+    prefix = "tick"
+    seen = await _across_restart(server_process, prefix, timedelta(minutes=10), 3.5)
+    ids = Counter(run.id for run in seen.runs)
+    assert all(n == 1 for n in ids.values()), f"a slot started twice: {ids}"
+    slots = [_slot_of(run.id, prefix) for run in seen.runs]
+    _assert_consecutive(slots)  # every slot, including those while down, exactly once
+    down = [s for s in slots if seen.killed_at < s < seen.restarted_at]
+    assert len(down) >= 3, (seen.killed_at, seen.restarted_at, sorted(slots))
+    for run, slot in zip(seen.runs, slots, strict=True):
+        assert run.search_attributes["TemporalScheduledStartTime"] == slot
+    assert seen.description.info.num_actions == len(seen.runs)
+    assert seen.description.info.num_actions_missed_catchup_window == 0
 
 
 @pytest.mark.slow
 async def test_schedule_across_server_restart_skips_slots_beyond_catchup_window(
-    store_url: str, procs: Processes
+    server_process: ServerProcess,
 ) -> None:
-    port = free_port()
-    first = await procs.start_server("server-1", store_url, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
-    try:
-        schedule_id, prefix = "restart-window", "win"
-        handle = await client.create_schedule(
-            schedule_id,
-            action=ScheduleActionStartWorkflow("Nothing", id=prefix, task_queue="nobody"),
-            spec=ScheduleSpec(interval=SECOND),
-            policy=SchedulePolicy(
-                overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window=timedelta(seconds=2)
-            ),
-        )
-        await _describe_when(handle, lambda d: d.info.num_actions >= 2, "two actions")
-        killed_at, restarted_at = await _kill_and_restart(procs, first, store_url, port, 6.0)
-        await _describe_when(
-            handle,
-            lambda d: (
-                bool(d.info.recent_actions)
-                and d.info.recent_actions[-1].scheduled_at > restarted_at + SECOND
-            ),
-            "slots after the restart",
-        )
-        await handle.pause()
-        description = await eventually(
-            lambda: _settled(client, handle, schedule_id), "the ledger and the runs to agree"
-        )
-        runs = await _runs(client, schedule_id)
-        started = [_slot_of(run.id, prefix) for run in runs]
-        skipped = [s.scheduled_at for s in description.info.recent_skipped]
-        assert {s.reason for s in description.info.recent_skipped} == {"catchup_window"}
-        assert len(skipped) == description.info.num_actions_missed_catchup_window >= 2
-        # Every slot has exactly one fate: started once, or recorded as skipped.
-        assert not set(started) & set(skipped)
-        _assert_consecutive(started + skipped)
-        # Skipped slots are all older than the slots taken while the server was down.
-        fired_while_down = [s for s in started if killed_at < s < restarted_at]
-        assert fired_while_down, (killed_at, restarted_at, sorted(started), sorted(skipped))
-        assert max(skipped) < min(fired_while_down)
-        # (A slot that came due just before the kill may not have been decided yet.)
-        assert all(killed_at - SECOND < s < restarted_at for s in skipped)
-    finally:
-        await client.close()
+    prefix = "win"
+    seen = await _across_restart(server_process, prefix, timedelta(seconds=2), 6.0)
+    info = seen.description.info
+    killed_at, restarted_at = seen.killed_at, seen.restarted_at
+    started = [_slot_of(run.id, prefix) for run in seen.runs]
+    skipped = [s.scheduled_at for s in info.recent_skipped]
+    assert {s.reason for s in info.recent_skipped} == {"catchup_window"}
+    assert len(skipped) == info.num_actions_missed_catchup_window >= 2
+    # Every slot has exactly one fate: started once, or recorded as skipped.
+    assert not set(started) & set(skipped)
+    _assert_consecutive(started + skipped)
+    # Skipped slots are all older than the slots taken while the server was down.
+    fired_while_down = [s for s in started if killed_at < s < restarted_at]
+    assert fired_while_down, (killed_at, restarted_at, sorted(started), sorted(skipped))
+    assert max(skipped) < min(fired_while_down)
+    # (A slot that came due just before the kill may not have been decided yet.)
+    assert all(killed_at - SECOND < s < restarted_at for s in skipped)
 
 
 async def _settled(

@@ -53,7 +53,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import WAIT_S, Processes, eventually, free_port
+from helpers import WAIT_S, ServerProcess, eventually
 from raw_workflow import RawWorkflows, complete_workflow, continue_as_new
 
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
@@ -760,12 +760,10 @@ class SpansCrash:
 
 
 async def test_server_crash_mid_run(
-    jar: Path, trace_dir: Path, procs: Processes, store_url: str, tmp_path: Path
+    jar: Path, trace_dir: Path, server_process: ServerProcess, tmp_path: Path
 ) -> None:
     _Gates.reset()
-    port = free_port()
-    first = await procs.start_server("server-1", store_url, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
+    client = await Client.connect(server_process.address)
     worker = Worker(
         client,
         task_queue="tla-crash",
@@ -782,8 +780,8 @@ async def test_server_crash_mid_run(
         await asyncio.wait_for(_Gates.running.wait(), WAIT_S)
         trace = trace_of(trace_dir, "crash-1")
         before = len(read_lines(trace))
-        await procs.sigkill(first)
-        await procs.start_server("server-2", store_url, port)
+        await server_process.kill()
+        await server_process.start()
         # The attempt started by the first server completes against the second.
         _Gates.release.set()
         async with asyncio.timeout(WAIT_S):
