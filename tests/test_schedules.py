@@ -624,6 +624,7 @@ class _AcrossRestart:
     """What an every-second schedule did across a server restart."""
 
     runs: list[WorkflowExecution]
+    slots: list[datetime]  # of the runs, in their order
     description: ScheduleDescription  # paused, settled
     killed_at: datetime
     restarted_at: datetime
@@ -668,18 +669,18 @@ async def _across_restart(
             lambda: _settled(client, handle, schedule_id), "the ledger and the runs to agree"
         )
         runs = await _runs(client, schedule_id)
-    return _AcrossRestart(runs, description, killed_at, restarted_at)
+    slots = [_slot_of(run.id, prefix) for run in runs]
+    return _AcrossRestart(runs, slots, description, killed_at, restarted_at)
 
 
 @pytest.mark.slow
 async def test_schedule_across_server_restart_fires_missed_slots_once(
     server_process: ServerProcess,
 ) -> None:
-    prefix = "tick"
-    seen = await _across_restart(server_process, prefix, timedelta(minutes=10), 3.5)
+    seen = await _across_restart(server_process, "tick", timedelta(minutes=10), 3.5)
     ids = Counter(run.id for run in seen.runs)
     assert all(n == 1 for n in ids.values()), f"a slot started twice: {ids}"
-    slots = [_slot_of(run.id, prefix) for run in seen.runs]
+    slots = seen.slots
     _assert_consecutive(slots)  # every slot, including those while down, exactly once
     down = [s for s in slots if seen.killed_at < s < seen.restarted_at]
     assert len(down) >= 3, (seen.killed_at, seen.restarted_at, sorted(slots))
@@ -693,11 +694,9 @@ async def test_schedule_across_server_restart_fires_missed_slots_once(
 async def test_schedule_across_server_restart_skips_slots_beyond_catchup_window(
     server_process: ServerProcess,
 ) -> None:
-    prefix = "win"
-    seen = await _across_restart(server_process, prefix, timedelta(seconds=2), 6.0)
+    seen = await _across_restart(server_process, "win", timedelta(seconds=2), 6.0)
     info = seen.description.info
-    killed_at, restarted_at = seen.killed_at, seen.restarted_at
-    started = [_slot_of(run.id, prefix) for run in seen.runs]
+    killed_at, restarted_at, started = seen.killed_at, seen.restarted_at, seen.slots
     skipped = [s.scheduled_at for s in info.recent_skipped]
     assert {s.reason for s in info.recent_skipped} == {"catchup_window"}
     assert len(skipped) == info.num_actions_missed_catchup_window >= 2
