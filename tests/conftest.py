@@ -23,11 +23,15 @@ PostgreSQL (127.0.0.1:5432, user ``postgres``, trust auth): each test gets its o
 database, so tests never see each other's rows and need no cleanup. The session
 creates one empty database ``tideflow_test_<hex8>`` that serves as the template;
 each test clones it (``CREATE DATABASE ... TEMPLATE``, tens of milliseconds) and
-drops its clone at teardown. The template is dropped when the session ends. Every
-drop uses ``WITH (FORCE)``, so a leaked connection cannot make cleanup fail.
+its clone is dropped in the background after the test (the session waits for every
+drop at its end, when the template is dropped too). Every drop uses ``WITH (FORCE)``,
+so a leaked connection cannot make cleanup fail.
 
 If PostgreSQL is unreachable, its tests are skipped, except with ``CI=true``,
-where they fail: CI must never pass by silently skipping a database.
+where they fail: CI must never pass by silently skipping a database (for the same
+reason, CI=true refuses a ``TIDEFLOW_TEST_DB`` other than ``all``). A test of
+SQL-free logic that would gain nothing from a second database starts its own
+server with ``helpers.running_server(tmp_path)`` (SQLite) instead of ``server``.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +57,17 @@ PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 _DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
 
 
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
 def _selected_databases() -> list[str]:
     choice = os.environ.get("TIDEFLOW_TEST_DB", "").strip().lower() or "all"
     if choice not in _DATABASES:
         raise pytest.UsageError(f"TIDEFLOW_TEST_DB={choice!r}: expected sqlite, postgres or all")
+    if _ci() and choice != "all":
+        raise pytest.UsageError(f"TIDEFLOW_TEST_DB={choice!r}: CI=true runs every database")
     return _DATABASES[choice]
-
-
-def _run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run admin SQL on its own loop in a worker thread: fixtures that outlive one
-    test must not touch the event loop that pytest-asyncio gives each test."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 async def _admin(*statements: str) -> None:
@@ -76,11 +79,39 @@ async def _admin(*statements: str) -> None:
         await conn.close()
 
 
+class _PgAdmin:
+    """Admin SQL on the ``postgres`` database, each call on its own loop in a worker
+    thread: fixtures that outlive one test must not touch the event loop that
+    pytest-asyncio gives each test.
+
+    Dropping a finished test's database runs in the background: DROP DATABASE
+    forces a checkpoint, which takes up to seconds on a busy server, and no test
+    waits for another's cleanup. ``close()`` waits for every drop."""
+
+    def __init__(self) -> None:
+        self._now = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-admin")
+        self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-drop")
+        self._drops: list[Future[None]] = []
+
+    def run(self, *statements: str) -> None:
+        self._now.submit(asyncio.run, _admin(*statements)).result()
+
+    def run_later(self, statement: str) -> None:
+        self._drops.append(self._later.submit(asyncio.run, _admin(statement)))
+
+    def close(self) -> list[BaseException]:
+        """Wait for the background drops; the errors of those that failed."""
+        self._later.shutdown(wait=True)
+        self._now.shutdown(wait=True)
+        return [error for drop in self._drops if (error := drop.exception()) is not None]
+
+
 class _PgTemplate:
     """The session's template database, created on first use."""
 
     def __init__(self) -> None:
         self.name = f"tideflow_test_{uuid.uuid4().hex[:8]}"
+        self.admin = _PgAdmin()
         self.error: str | None = None
         self.created = False
         self._clones = itertools.count(1)
@@ -89,7 +120,7 @@ class _PgTemplate:
         if self.created or self.error is not None:
             return
         try:
-            _run_sync(_admin(f"CREATE DATABASE {self.name}"))
+            self.admin.run(f"CREATE DATABASE {self.name}")
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             self.error = f"PostgreSQL at {PG_SERVER} is unreachable: {exc!r}"
         else:
@@ -104,7 +135,10 @@ def _pg_template() -> Iterator[_PgTemplate]:
     template = _PgTemplate()
     yield template
     if template.created:
-        _run_sync(_admin(f"DROP DATABASE IF EXISTS {template.name} WITH (FORCE)"))
+        template.admin.run_later(f"DROP DATABASE IF EXISTS {template.name} WITH (FORCE)")
+    failed = template.admin.close()
+    if failed:
+        pytest.fail(f"could not drop {len(failed)} test database(s): {failed[0]!r}")
 
 
 @pytest.fixture
@@ -114,13 +148,13 @@ def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
         pytest.skip("PostgreSQL not selected (TIDEFLOW_TEST_DB)")
     _pg_template.create()
     if _pg_template.error is not None:
-        if os.environ.get("CI", "").lower() == "true":
+        if _ci():
             pytest.fail(f"{_pg_template.error} (CI=true: PostgreSQL tests must run)")
         pytest.skip(_pg_template.error)
     name = _pg_template.next_clone()
-    _run_sync(_admin(f"CREATE DATABASE {name} TEMPLATE {_pg_template.name}"))
+    _pg_template.admin.run(f"CREATE DATABASE {name} TEMPLATE {_pg_template.name}")
     yield f"{PG_SERVER}/{name}"
-    _run_sync(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    _pg_template.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _store_url_params() -> list[Any]:
