@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ServerProcess, eventually, new_id
+from helpers import ServerProcess, eventually, new_id, running_server
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -480,7 +480,7 @@ class OrderProbe:
 @example(case=([[]] * 30, [0] * 30, list(range(29, -1, -1))))
 @example(case=([[]] + [[i] for i in range(29)], [1] * 30, list(range(30))))
 async def test_random_dags_respect_every_edge_and_run_siblings_concurrently(
-    client: Client, random_worker: str, case: tuple[list[list[int]], list[int], list[int]]
+    random_worker: tuple[Client, str], case: tuple[list[list[int]], list[int], list[int]]
 ) -> None:
     deps, latencies, order = case
     probe = OrderProbe(deps)
@@ -503,7 +503,8 @@ async def test_random_dags_respect_every_edge_and_run_siblings_concurrently(
     expected: dict[int, int] = {}
     for i in range(len(deps)):
         expected[i] = i + sum(expected[d] for d in deps[i])
-    handle = await client.start_dag(wf, {}, task_queue=random_worker)
+    client, queue = random_worker
+    handle = await client.start_dag(wf, {}, task_queue=queue)
     output = await handle.result()
     sinks = {i for i in range(len(deps))} - {d for ds in deps for d in ds}
     assert output == {f"t{i:02d}": {"v": expected[i]} for i in sorted(sinks)}
@@ -543,11 +544,17 @@ async def step_executor(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def random_worker(client: Client) -> AsyncIterator[str]:
-    """One worker (and server) for all examples of the hypothesis test."""
+async def random_worker(tmp_path: Path) -> AsyncIterator[tuple[Client, str]]:
+    """One server, client and worker for all examples of the hypothesis test. SQLite
+    only: what it checks (the interpreter's ordering and concurrency) involves no SQL,
+    and every other execution test here runs on both stores."""
     queue = new_id("dag")
-    async with dag_worker(client, queue, [step_executor]):
-        yield queue
+    async with (
+        running_server(tmp_path) as server,
+        await Client.connect(server.address) as client,
+        dag_worker(client, queue, [step_executor]),
+    ):
+        yield client, queue
 
 
 # ----------------------------------------------- execution: attempts, timeouts
