@@ -22,9 +22,9 @@ SQLite: a fresh database file under the test's ``tmp_path``.
 PostgreSQL (127.0.0.1:5432, user ``postgres``, trust auth): each test gets its own
 database, so tests never see each other's rows and need no cleanup. The session
 creates one empty database ``tideflow_test_<hex8>`` that serves as the template;
-each test clones it (``CREATE DATABASE ... TEMPLATE``, tens of milliseconds) and
-its clone is dropped in the background after the test (the session waits for every
-drop at its end, when the template is dropped too). Every drop uses ``WITH (FORCE)``,
+each test gets a clone (``CREATE DATABASE ... TEMPLATE``), made in the background a
+few tests ahead and dropped in the background after the test (the session waits for
+all of it at its end, when the template is dropped too). Every drop uses ``WITH (FORCE)``,
 so a leaked connection cannot make cleanup fail.
 
 If PostgreSQL is unreachable, its tests are skipped, except with ``CI=true``,
@@ -37,6 +37,7 @@ server with ``helpers.running_server(tmp_path)`` (SQLite) instead of ``server``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import uuid
@@ -55,6 +56,8 @@ from tideflow.worker_sdk import Client
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 _DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
+# Clones of the template kept ready for the next PostgreSQL tests.
+_CLONES_AHEAD = 2
 
 
 def _ci() -> bool:
@@ -84,26 +87,30 @@ class _PgAdmin:
     thread: fixtures that outlive one test must not touch the event loop that
     pytest-asyncio gives each test.
 
-    Dropping a finished test's database runs in the background: DROP DATABASE
-    forces a checkpoint, which takes up to seconds on a busy server, and no test
-    waits for another's cleanup. ``close()`` waits for every drop."""
+    Creating the next tests' databases and dropping finished ones runs in the
+    background (CREATE DATABASE copies the template through the WAL, DROP DATABASE
+    forces a checkpoint: up to seconds each on a busy server), so no test waits for
+    them. ``close()`` waits for all of it."""
 
     def __init__(self) -> None:
         self._now = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-admin")
-        self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-drop")
-        self._drops: list[Future[None]] = []
+        self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-background")
+        self._background: list[Future[None]] = []
 
     def run(self, *statements: str) -> None:
         self._now.submit(asyncio.run, _admin(*statements)).result()
 
-    def run_later(self, statement: str) -> None:
-        self._drops.append(self._later.submit(asyncio.run, _admin(statement)))
+    def run_later(self, statement: str) -> Future[None]:
+        """Run ``statement`` in the background, after those submitted before it."""
+        done = self._later.submit(asyncio.run, _admin(statement))
+        self._background.append(done)
+        return done
 
     def close(self) -> list[BaseException]:
-        """Wait for the background drops; the errors of those that failed."""
+        """Wait for the background statements; the errors of those that failed."""
         self._later.shutdown(wait=True)
         self._now.shutdown(wait=True)
-        return [error for drop in self._drops if (error := drop.exception()) is not None]
+        return [error for job in self._background if (error := job.exception()) is not None]
 
 
 class _PgTemplate:
@@ -115,6 +122,7 @@ class _PgTemplate:
         self.error: str | None = None
         self.created = False
         self._clones = itertools.count(1)
+        self._ahead: collections.deque[tuple[str, Future[None]]] = collections.deque()
 
     def create(self) -> None:
         if self.created or self.error is not None:
@@ -126,8 +134,22 @@ class _PgTemplate:
         else:
             self.created = True
 
-    def next_clone(self) -> str:
-        return f"{self.name}_{next(self._clones)}"
+    def take_clone(self) -> str:
+        """The name of a fresh clone for one test. Clones are created a few tests
+        ahead in the background, so a test rarely waits for its CREATE DATABASE."""
+        while len(self._ahead) <= _CLONES_AHEAD:
+            name = f"{self.name}_{next(self._clones)}"
+            created = self.admin.run_later(f"CREATE DATABASE {name} TEMPLATE {self.name}")
+            self._ahead.append((name, created))
+        name, created = self._ahead.popleft()
+        created.result()
+        return name
+
+    def drop_all(self) -> None:
+        """At the session's end: drop the clones made ahead and the template."""
+        for name, _ in self._ahead:
+            self.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.admin.run_later(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="session")
@@ -135,10 +157,10 @@ def _pg_template() -> Iterator[_PgTemplate]:
     template = _PgTemplate()
     yield template
     if template.created:
-        template.admin.run_later(f"DROP DATABASE IF EXISTS {template.name} WITH (FORCE)")
+        template.drop_all()
     failed = template.admin.close()
     if failed:
-        pytest.fail(f"could not drop {len(failed)} test database(s): {failed[0]!r}")
+        pytest.fail(f"{len(failed)} test database statement(s) failed: {failed[0]!r}")
 
 
 @pytest.fixture
@@ -151,8 +173,7 @@ def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
         if _ci():
             pytest.fail(f"{_pg_template.error} (CI=true: PostgreSQL tests must run)")
         pytest.skip(_pg_template.error)
-    name = _pg_template.next_clone()
-    _pg_template.admin.run(f"CREATE DATABASE {name} TEMPLATE {_pg_template.name}")
+    name = _pg_template.take_clone()
     yield f"{PG_SERVER}/{name}"
     _pg_template.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
