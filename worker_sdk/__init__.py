@@ -15,8 +15,8 @@ from .client import (
 )
 from .common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, JSONPayloadConverter, PayloadConverter
-from .replayer import Replayer, ReplayResult
 from .interceptor import WorkerInterceptor
+from .replayer import Replayer, ReplayResult
 from .worker import Worker
 
 __all__ = [
