@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # mypy cannot follow the editable install's import hook, so it checks a tree of
-# symlinks laid out as the installed `tideflow` package.
+# symlinks laid out as the installed `tideflow` package; tests/ and bench/ are checked
+# against the same tree.
 typecheck: $(STAMP)
 	rm -rf $(TYPECHECK_ROOT) && mkdir -p $(TYPECHECK_ROOT)/tideflow
 	ln -s $(CURDIR)/proto/tideflow/__init__.py $(CURDIR)/proto/tideflow/py.typed $(TYPECHECK_ROOT)/tideflow/
@@ -39,6 +40,8 @@ typecheck: $(STAMP)
 	ln -s $(CURDIR)/cli $(TYPECHECK_ROOT)/tideflow/cli
 	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p tideflow
 	$(VENV)/bin/mypy --config-file pyproject.toml tla/*.py
+	MYPYPATH=$(TYPECHECK_ROOT) $(VENV)/bin/mypy --config-file pyproject.toml \
+		tests/*.py tests/procs/*.py bench/*.py
 
 # Tests marked `tla` run TLC on traces of real runs; `make tlc` runs them.
 pytest: $(STAMP)

@@ -89,7 +89,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         [
             sys.executable,
             "-m",
-            "tideflow.server._cli",
+            "tideflow.cli",
             "server",
             "start-dev",
             "--db",

@@ -126,7 +126,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         [
             sys.executable,
             "-m",
-            "tideflow.server._cli",
+            "tideflow.cli",
             "server",
             "start-dev",
             "--db-url",

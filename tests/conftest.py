@@ -1,4 +1,16 @@
-"""Shared fixtures: one history store per test, on every database under test.
+"""Shared fixtures: one history store or server per test, on every database under test.
+
+Fixtures (helpers.py documents the functions every suite shares):
+
+- ``store_url``: a fresh database URL, once per selected database (below);
+  ``store``: a ``HistoryStore`` open on it; ``pg_url``: a fresh PostgreSQL database.
+- ``server``: a ``TideflowServer`` on an ephemeral port over ``store_url``, so every
+  test that takes it (or ``client``) runs on SQLite and on PostgreSQL.
+  ``helpers.running_server(store_url, config)`` is the same with a ``ServerConfig``.
+- ``client``: a ``Client`` connected to ``server``; ``queue``: a fresh task queue name.
+- ``procs``: ``helpers.Processes`` for tests that run servers or workers as real
+  processes (always killed and reaped at teardown); ``server_process``: a
+  ``helpers.ServerProcess`` on ``store_url``, started, to kill and start again.
 
 ``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
 (the default) for both. Tests that take ``store_url`` (or ``store``) run once per
@@ -10,45 +22,55 @@ SQLite: a fresh database file under the test's ``tmp_path``.
 PostgreSQL (127.0.0.1:5432, user ``postgres``, trust auth): each test gets its own
 database, so tests never see each other's rows and need no cleanup. The session
 creates one empty database ``tideflow_test_<hex8>`` that serves as the template;
-each test clones it (``CREATE DATABASE ... TEMPLATE``, tens of milliseconds) and
-drops its clone at teardown. The template is dropped when the session ends. Every
-drop uses ``WITH (FORCE)``, so a leaked connection cannot make cleanup fail.
+each test gets a clone (``CREATE DATABASE ... TEMPLATE``), made in the background a
+few tests ahead and dropped in the background after the test (the session waits for
+all of it at its end, when the template is dropped too). Every drop uses ``WITH (FORCE)``,
+so a leaked connection cannot make cleanup fail.
 
 If PostgreSQL is unreachable, its tests are skipped, except with ``CI=true``,
-where they fail: CI must never pass by silently skipping a database.
+where they fail: CI must never pass by silently skipping a database (for the same
+reason, CI=true refuses a ``TIDEFLOW_TEST_DB`` other than ``all``). A test of
+SQL-free logic that would gain nothing from a second database starts its own
+server with ``helpers.running_server(tmp_path)`` (SQLite) instead of ``server``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
+from helpers import Processes, ServerProcess, new_id, running_server
 
 from tideflow.history import HistoryStore
+from tideflow.server import TideflowServer
+from tideflow.worker_sdk import Client
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 _DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
+# Clones of the template kept ready for the next PostgreSQL tests.
+_CLONES_AHEAD = 2
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
 
 
 def _selected_databases() -> list[str]:
     choice = os.environ.get("TIDEFLOW_TEST_DB", "").strip().lower() or "all"
     if choice not in _DATABASES:
         raise pytest.UsageError(f"TIDEFLOW_TEST_DB={choice!r}: expected sqlite, postgres or all")
+    if _ci() and choice != "all":
+        raise pytest.UsageError(f"TIDEFLOW_TEST_DB={choice!r}: CI=true runs every database")
     return _DATABASES[choice]
-
-
-def _run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run admin SQL on its own loop in a worker thread: fixtures that outlive one
-    test must not touch the event loop that pytest-asyncio gives each test."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 async def _admin(*statements: str) -> None:
@@ -60,27 +82,74 @@ async def _admin(*statements: str) -> None:
         await conn.close()
 
 
+class _PgAdmin:
+    """Admin SQL on the ``postgres`` database, each call on its own loop in a worker
+    thread: fixtures that outlive one test must not touch the event loop that
+    pytest-asyncio gives each test.
+
+    Creating the next tests' databases and dropping finished ones runs in the
+    background (CREATE DATABASE copies the template through the WAL, DROP DATABASE
+    forces a checkpoint: up to seconds each on a busy server), so no test waits for
+    them. ``close()`` waits for all of it."""
+
+    def __init__(self) -> None:
+        self._now = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-admin")
+        self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-background")
+        self._background: list[Future[None]] = []
+
+    def run(self, *statements: str) -> None:
+        self._now.submit(asyncio.run, _admin(*statements)).result()
+
+    def run_later(self, statement: str) -> Future[None]:
+        """Run ``statement`` in the background, after those submitted before it."""
+        done = self._later.submit(asyncio.run, _admin(statement))
+        self._background.append(done)
+        return done
+
+    def close(self) -> list[BaseException]:
+        """Wait for the background statements; the errors of those that failed."""
+        self._later.shutdown(wait=True)
+        self._now.shutdown(wait=True)
+        return [error for job in self._background if (error := job.exception()) is not None]
+
+
 class _PgTemplate:
     """The session's template database, created on first use."""
 
     def __init__(self) -> None:
         self.name = f"tideflow_test_{uuid.uuid4().hex[:8]}"
+        self.admin = _PgAdmin()
         self.error: str | None = None
         self.created = False
         self._clones = itertools.count(1)
+        self._ahead: collections.deque[tuple[str, Future[None]]] = collections.deque()
 
     def create(self) -> None:
         if self.created or self.error is not None:
             return
         try:
-            _run_sync(_admin(f"CREATE DATABASE {self.name}"))
+            self.admin.run(f"CREATE DATABASE {self.name}")
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             self.error = f"PostgreSQL at {PG_SERVER} is unreachable: {exc!r}"
         else:
             self.created = True
 
-    def next_clone(self) -> str:
-        return f"{self.name}_{next(self._clones)}"
+    def take_clone(self) -> str:
+        """The name of a fresh clone for one test. Clones are created a few tests
+        ahead in the background, so a test rarely waits for its CREATE DATABASE."""
+        while len(self._ahead) <= _CLONES_AHEAD:
+            name = f"{self.name}_{next(self._clones)}"
+            created = self.admin.run_later(f"CREATE DATABASE {name} TEMPLATE {self.name}")
+            self._ahead.append((name, created))
+        name, created = self._ahead.popleft()
+        created.result()
+        return name
+
+    def drop_all(self) -> None:
+        """At the session's end: drop the clones made ahead and the template."""
+        for name, _ in self._ahead:
+            self.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.admin.run_later(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +157,10 @@ def _pg_template() -> Iterator[_PgTemplate]:
     template = _PgTemplate()
     yield template
     if template.created:
-        _run_sync(_admin(f"DROP DATABASE IF EXISTS {template.name} WITH (FORCE)"))
+        template.drop_all()
+    failed = template.admin.close()
+    if failed:
+        pytest.fail(f"{len(failed)} test database statement(s) failed: {failed[0]!r}")
 
 
 @pytest.fixture
@@ -98,13 +170,12 @@ def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
         pytest.skip("PostgreSQL not selected (TIDEFLOW_TEST_DB)")
     _pg_template.create()
     if _pg_template.error is not None:
-        if os.environ.get("CI", "").lower() == "true":
+        if _ci():
             pytest.fail(f"{_pg_template.error} (CI=true: PostgreSQL tests must run)")
         pytest.skip(_pg_template.error)
-    name = _pg_template.next_clone()
-    _run_sync(_admin(f"CREATE DATABASE {name} TEMPLATE {_pg_template.name}"))
+    name = _pg_template.take_clone()
     yield f"{PG_SERVER}/{name}"
-    _run_sync(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    _pg_template.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _store_url_params() -> list[Any]:
@@ -130,3 +201,42 @@ async def store(store_url: str) -> AsyncIterator[HistoryStore]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def server(store_url: str) -> AsyncIterator[TideflowServer]:
+    """A server on an ephemeral port over this test's database."""
+    async with running_server(store_url) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: TideflowServer) -> AsyncIterator[Client]:
+    """A client of ``server``, closed after the test."""
+    async with await Client.connect(server.address) as connected:
+        yield connected
+
+
+@pytest.fixture
+def queue() -> str:
+    """A task queue no other test uses."""
+    return new_id("q")
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Child processes of this test; killed and reaped at teardown, even on failure."""
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.cleanup()
+
+
+@pytest.fixture
+async def server_process(procs: Processes, store_url: str) -> ServerProcess:
+    """The server as a real process on this test's database, listening; SIGKILL it
+    with ``kill()`` and start a new one on the same database and port with ``start()``."""
+    started = ServerProcess(procs, store_url)
+    await started.start()
+    return started

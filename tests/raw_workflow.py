@@ -69,17 +69,19 @@ class RawWorkflows:
     def _queue(self) -> common_pb2.TaskQueue:
         return common_pb2.TaskQueue(name=self.task_queue)
 
-    async def start(self, workflow_id: str) -> str:
-        """Start a run; its run id."""
+    async def start(self, workflow_id: str, *args: object) -> str:
+        """Start a run with ``args`` as its input; its run id."""
+        request = service_pb2.StartWorkflowRequest(
+            namespace=self.client.namespace,
+            workflow_id=workflow_id,
+            workflow_type=common_pb2.WorkflowType(name=self.workflow_type),
+            task_queue=self._queue,
+            request_id=str(uuid.uuid4()),
+        )
+        if args:
+            request.input.CopyFrom(self.client.data_converter.to_payloads(args))
         response: service_pb2.StartWorkflowResponse = await self.client.call(
-            self.client.service.StartWorkflow,
-            service_pb2.StartWorkflowRequest(
-                namespace=self.client.namespace,
-                workflow_id=workflow_id,
-                workflow_type=common_pb2.WorkflowType(name=self.workflow_type),
-                task_queue=self._queue,
-                request_id=str(uuid.uuid4()),
-            ),
+            self.client.service.StartWorkflow, request
         )
         return response.run_id
 
@@ -95,11 +97,28 @@ class RawWorkflows:
             if task.task_token:
                 return task
 
-    async def complete(self, token: bytes, *commands: command_pb2.Command) -> None:
+    async def complete(
+        self, token: bytes, *commands: command_pb2.Command, sticky_queue: str = ""
+    ) -> None:
+        """Complete a workflow task; with ``sticky_queue``, ask for the run's next
+        tasks there (as a caching worker does; a long sticky timeout)."""
+        request = service_pb2.RespondWorkflowTaskCompletedRequest(
+            task_token=token, commands=commands, identity="raw"
+        )
+        if sticky_queue:
+            sticky = request.sticky_attributes
+            sticky.worker_task_queue.name = sticky_queue
+            sticky.worker_task_queue.kind = common_pb2.TASK_QUEUE_KIND_STICKY
+            sticky.worker_task_queue.normal_name = self.task_queue
+            sticky.schedule_to_start_timeout.FromSeconds(600)
+        await self.client.call(self.client.service.RespondWorkflowTaskCompleted, request)
+
+    async def give_back(self, sticky_queue: str) -> None:
+        """What a worker shutting down sends: its sticky queue's tasks move on."""
         await self.client.call(
-            self.client.service.RespondWorkflowTaskCompleted,
-            service_pb2.RespondWorkflowTaskCompletedRequest(
-                task_token=token, commands=commands, identity="raw"
+            self.client.service.ShutdownWorker,
+            service_pb2.ShutdownWorkerRequest(
+                namespace=self.client.namespace, sticky_task_queue=sticky_queue, identity="raw"
             ),
         )
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import TIDEFLOW_CLI
 
 from tideflow.api.v1 import service_pb2
 from tideflow.worker_sdk import Client
@@ -15,7 +15,7 @@ from tideflow.worker_sdk import Client
 
 def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tideflow.server._cli", "server", "start-dev", "--port", "0", *args],
+        [*TIDEFLOW_CLI, "server", "start-dev", "--port", "0", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,32 +1,36 @@
 """Composition end to end: continue-as-new, child workflows, external handles, and the
 workflow id reuse / conflict policies of a start.
 
-Every test runs a real server on an ephemeral port with its own SQLite file, real
-workers and a real client; task queues and workflow ids are uuids. Nothing waits with
-a sleep for synchronization: tests await results, or poll a condition against a
-bounded deadline (``eventually``). One test (``test_child_workflow_survives_sigkill_of_
-its_workers_process``) runs its workers as real processes (tests/procs/
-child_worker_proc.py) and SIGKILLs the first one while the child is mid-activity;
-processes are always killed and reaped in fixture teardown.
+Every test runs a real server on an ephemeral port over SQLite and over PostgreSQL
+(conftest's ``server``), real workers and a real client; task queues and workflow ids
+are uuids. Nothing waits with a sleep for synchronization: tests await results, or
+poll a condition against a bounded deadline (``eventually``). One test
+(``test_child_workflow_survives_sigkill_of_its_workers_process``) runs its workers as
+real processes (tests/procs/worker_proc.py, flavour ``child``) and SIGKILLs the first
+one while the child is mid-activity; processes are always killed and reaped in fixture
+teardown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
-import os
-import signal
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    Processes,
+    assert_well_formed,
+    bounded,
+    events_of,
+    eventually,
+    new_id,
+    of_type,
+    read_marker,
+)
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.api.v1.service_pb2 import PollWorkflowTaskResponse
@@ -58,81 +62,6 @@ Status = WorkflowExecutionStatus
 _ACTIVITY_TIMEOUT = timedelta(seconds=30)
 
 # --------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(f"sqlite:///{tmp_path}/composition.db", port=0) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: TideflowServer) -> AsyncIterator[Client]:
-    c = await Client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"q-{uuid.uuid4()}"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4()}"
-
-
-async def bounded(awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
-    """Await with a bound: a workflow that never finishes fails its test, not the run."""
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def eventually(
-    check: Callable[[], Any], timeout: float = 30.0, what: str = "a condition"
-) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def events_of(handle: WorkflowHandle) -> list[HistoryEvent]:
-    return (await handle.fetch_history()).events
-
-
-def of_type(events: Sequence[HistoryEvent], event_type: int) -> list[HistoryEvent]:
-    return [e for e in events if e.event_type == event_type]
-
-
-def assert_well_formed(events: Sequence[HistoryEvent]) -> None:
-    """Gap-free ids, one WorkflowExecutionStarted first, at most one close event last."""
-    assert [e.event_id for e in events] == list(range(1, len(events) + 1))
-    assert events[0].event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
-    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED)) == 1
-    closes = [e for e in events if e.event_type in _CLOSE_EVENTS]
-    assert len(closes) <= 1
-    if closes:
-        assert closes[0] is events[-1]
-
-
-_CLOSE_EVENTS = {
-    ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-    ET.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
-    ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
-    ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
-    ET.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
-    ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
-}
 
 
 async def status_of(client: Client, workflow_id: str, run_id: str | None = None) -> Status:
@@ -1069,85 +998,6 @@ async def test_start_with_the_same_request_id_returns_the_same_run(
 
 # ---------------------------------------- child workflow when its worker is killed
 
-CHILD_WORKER_PROC = Path(__file__).parent / "procs" / "child_worker_proc.py"
-PROCESS_START_TIMEOUT_S = 30.0
-
-
-@dataclass(eq=False)
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    out: Path
-    err: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, chars: int = 3000) -> str:
-        text = self.err.read_text(errors="replace") if self.err.exists() else ""
-        return text[-chars:]
-
-
-class _Processes:
-    """Starts child processes and guarantees they are killed and reaped."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self._procs: list[_Proc] = []
-
-    def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
-        out, err = self._dir / f"{name}.out", self._dir / f"{name}.err"
-        with out.open("wb") as out_f, err.open("wb") as err_f:
-            popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir
-            )
-        proc = _Proc(name, popen, out, err)
-        self._procs.append(proc)
-        return proc
-
-    async def wait_ready(self, proc: _Proc) -> None:
-        def ready() -> bool:
-            if "worker ready" in proc.out.read_text(errors="replace"):
-                return True
-            if proc.popen.poll() is not None:
-                raise AssertionError(
-                    f"{proc.name} exited with {proc.popen.returncode}; stderr:\n{proc.tail()}"
-                )
-            return False
-
-        await eventually(ready, PROCESS_START_TIMEOUT_S, f"{proc.name} to be ready")
-
-    async def sigkill(self, proc: _Proc) -> None:
-        os.kill(proc.pid, signal.SIGKILL)
-        await eventually(lambda: proc.popen.poll() is not None, 10.0, f"{proc.name} to die")
-        assert proc.popen.returncode == -signal.SIGKILL, proc.popen.returncode
-
-    def cleanup(self) -> None:
-        for proc in self._procs:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-            proc.popen.wait(timeout=10)
-            print(f"----- {proc.name} (exit {proc.popen.returncode}) stderr tail -----")
-            print(proc.tail())
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[_Processes]:
-    processes = _Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.cleanup()
-
-
-def _marker(marker: Path, attempt: int) -> dict[str, Any] | None:
-    path = Path(f"{marker}.attempt{attempt}")
-    if not path.exists():
-        return None
-    written: dict[str, Any] = json.loads(path.read_text())
-    return written
-
 
 def _identities(events: Sequence[HistoryEvent]) -> list[str]:
     return [
@@ -1158,7 +1008,7 @@ def _identities(events: Sequence[HistoryEvent]) -> list[str]:
 
 @pytest.mark.slow
 async def test_child_workflow_survives_sigkill_of_its_workers_process(
-    tmp_path: Path, server: TideflowServer, client: Client, queue: str, procs: _Processes
+    tmp_path: Path, server: TideflowServer, client: Client, queue: str, procs: Processes
 ) -> None:
     """Worker process #1 serves the parent and the child (one task queue). It is
     SIGKILLed while the child runs its activity and the parent waits for the child;
@@ -1166,11 +1016,7 @@ async def test_child_workflow_survives_sigkill_of_its_workers_process(
     parent's next workflow tasks leave #1's sticky queue for the normal one, and both
     complete. The child was started exactly once."""
 
-    def argv(identity: str) -> list[str]:
-        return [sys.executable, str(CHILD_WORKER_PROC), server.address, queue, identity]
-
-    worker1 = procs.spawn("worker-1", argv("worker-1"))
-    await procs.wait_ready(worker1)
+    worker1 = await procs.start_worker("worker-1", server.address, queue, "child")
     parent_id, child_id = new_id("crash-parent"), new_id("crash-child")
     marker = tmp_path / "child-step"
     parent = await client.start_workflow(
@@ -1181,7 +1027,9 @@ async def test_child_workflow_survives_sigkill_of_its_workers_process(
         task_timeout=timedelta(seconds=5),
     )
 
-    attempt1 = await eventually(lambda: _marker(marker, 1), what="the child's activity, attempt 1")
+    attempt1 = await eventually(
+        lambda: read_marker(marker, 1), what="the child's activity, attempt 1"
+    )
     assert attempt1 == {"pid": worker1.pid, "attempt": 1, "workflow": child_id}
 
     async def parent_waits_for_child() -> bool:
@@ -1193,11 +1041,11 @@ async def test_child_workflow_survives_sigkill_of_its_workers_process(
     await eventually(parent_waits_for_child, what="the parent to wait for its child")
     await procs.sigkill(worker1)
 
-    worker2 = procs.spawn("worker-2", argv("worker-2"))
+    worker2 = await procs.start_worker("worker-2", server.address, queue, "child")
     result = await bounded(parent.result(), 45)
     assert result == "child(job-7:step-on-attempt-2):parent-step"
-    assert _marker(marker, 2) == {"pid": worker2.pid, "attempt": 2, "workflow": child_id}
-    assert _marker(marker, 3) is None
+    assert read_marker(marker, 2) == {"pid": worker2.pid, "attempt": 2, "workflow": child_id}
+    assert read_marker(marker, 3) is None
 
     parent_events = await events_of(parent)
     assert_well_formed(parent_events)

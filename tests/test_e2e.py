@@ -1,5 +1,6 @@
-"""End-to-end tests: a real server on an ephemeral port with a real SQLite file, real
-workers and a real client, all in the test's event loop.
+"""End-to-end tests: a real server on an ephemeral port over SQLite and over PostgreSQL
+(conftest's ``server`` fixture), real workers and a real client, all in the test's
+event loop.
 
 Every test uses its own server and database (function-scoped fixture), task queue and
 workflow ids (uuids). Nothing waits with a sleep for synchronization: tests await
@@ -12,21 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    assert_gap_free,
+    bounded,
+    events_of,
+    eventually,
+    has_event,
+    new_id,
+    of_type,
+    running_server,
+)
 from raw_workflow import RawWorkflows, cancel_timer
 
 from tideflow.api.v1 import service_pb2, state_pb2
 from tideflow.api.v1.common_pb2 import TimeoutType as PbTimeoutType
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
+from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskFailedCause
 from tideflow.history import RunKey
 from tideflow.server import ServerConfig, TideflowServer
 from tideflow.worker_sdk import (
@@ -59,81 +66,11 @@ ET = EventType
 
 # --------------------------------------------------------------------------- helpers
 
-
-@contextlib.asynccontextmanager
-async def running_server(
-    tmp_path: Path, config: ServerConfig | None = None
-) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(
-        f"sqlite:///{tmp_path}/t.db", port=0, config=config or ServerConfig()
-    ) as server:
-        yield server
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with running_server(tmp_path) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: TideflowServer) -> AsyncIterator[Client]:
-    c = await Client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-async def bounded(awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
-    """Await with a bound, so a workflow that never finishes fails its test (with the
-    line that waited) instead of hanging the run."""
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4()}"
-
-
-async def eventually(
-    cond: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """Poll ``cond`` (sync or async) until it returns something truthy; return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {cond}")
-        await asyncio.sleep(interval)
-
-
-async def events_of(handle: WorkflowHandle) -> list[HistoryEvent]:
-    return (await handle.fetch_history()).events
-
-
-def of_type(events: Sequence[HistoryEvent], event_type: int) -> list[HistoryEvent]:
-    return [e for e in events if e.event_type == event_type]
-
-
-def assert_gap_free(events: Sequence[HistoryEvent]) -> None:
-    assert [e.event_id for e in events] == list(range(1, len(events) + 1))
-
-
-def has_event(handle: WorkflowHandle, event_type: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return bool(of_type(await events_of(handle), event_type))
-
-    return check
-
-
 # What activities saw, keyed by the test's uuid.
-_ATTEMPTS: dict[str, list[tuple[int, float]]] = defaultdict(list)
-_SPANS: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+_ATTEMPTS: dict[str, list[int]] = defaultdict(list)
+# Per test: (attempt, server time the attempt was scheduled at, server time it started).
+_ATTEMPT_TIMES: dict[str, list[tuple[int, datetime, datetime]]] = defaultdict(list)
+_BARRIERS: dict[str, tuple[set[int], asyncio.Event]] = {}
 _HEARTBEAT_DETAILS: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
 _TOKENS: dict[str, bytes] = {}
 _GATES: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
@@ -151,10 +88,14 @@ async def compose_greeting(name: str) -> str:
 
 
 @activity.defn
-async def slow_step(key: str, index: int) -> int:
-    start = time.monotonic()
-    await asyncio.sleep(1.0)  # the work being parallelised, not synchronization
-    _SPANS[key].append((index, start, time.monotonic()))
+async def meet(key: str, index: int) -> int:
+    """Returns only once all three ``meet`` activities of ``key`` are running: if the
+    workflow ran them one after another, the first would never return."""
+    arrived, everyone = _BARRIERS.setdefault(key, (set(), asyncio.Event()))
+    arrived.add(index)
+    if len(arrived) == 3:
+        everyone.set()
+    await everyone.wait()
     return index * 10
 
 
@@ -165,8 +106,10 @@ async def double(value: int) -> int:
 
 @activity.defn
 async def flaky(key: str) -> str:
-    attempt = activity.info().attempt
-    _ATTEMPTS[key].append((attempt, time.monotonic()))
+    info = activity.info()
+    attempt = info.attempt
+    _ATTEMPTS[key].append(attempt)
+    _ATTEMPT_TIMES[key].append((attempt, info.current_attempt_scheduled_time, info.started_time))
     if attempt < 3:
         raise RuntimeError(f"flaky failure on attempt {attempt}")
     return f"ok on attempt {attempt}"
@@ -175,7 +118,7 @@ async def flaky(key: str) -> str:
 @activity.defn
 async def failing(key: str, mode: str) -> str:
     attempt = activity.info().attempt
-    _ATTEMPTS[key].append((attempt, time.monotonic()))
+    _ATTEMPTS[key].append(attempt)
     if mode == "non_retryable":
         raise ApplicationError("bad", non_retryable=True)
     if mode == "value_error":
@@ -186,7 +129,7 @@ async def failing(key: str, mode: str) -> str:
 @activity.defn
 async def hangs_on_first_attempt(key: str) -> str:
     attempt = activity.info().attempt
-    _ATTEMPTS[key].append((attempt, time.monotonic()))
+    _ATTEMPTS[key].append(attempt)
     if attempt == 1:
         await asyncio.Event().wait()  # never set: only the start-to-close timeout ends this
     return f"done on attempt {attempt}"
@@ -234,12 +177,13 @@ class HelloWorkflow:
     @workflow.run
     async def run(self, name: str) -> str:
         await workflow.sleep(timedelta(milliseconds=100))
-        return await workflow.execute_activity(
+        greeting: str = await workflow.execute_activity(
             compose_greeting,
             name,
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(maximum_attempts=3),
         )
+        return greeting
 
 
 @workflow.defn
@@ -248,7 +192,7 @@ class ParallelWorkflow:
     async def run(self, key: str) -> dict[str, Any]:
         gathered = await asyncio.gather(
             *(
-                workflow.execute_activity(slow_step, args=[key, i], start_to_close_timeout=_TIMEOUT)
+                workflow.execute_activity(meet, args=[key, i], start_to_close_timeout=_TIMEOUT)
                 for i in range(3)
             )
         )
@@ -269,7 +213,7 @@ class ParallelWorkflow:
 class RetryWorkflow:
     @workflow.run
     async def run(self, key: str) -> str:
-        return await workflow.execute_activity(
+        result: str = await workflow.execute_activity(
             flaky,
             key,
             start_to_close_timeout=_TIMEOUT,
@@ -279,6 +223,7 @@ class RetryWorkflow:
                 maximum_attempts=5,
             ),
         )
+        return result
 
 
 _FAILING_POLICIES = {
@@ -458,13 +403,12 @@ async def test_parallel_activities_and_start_activity_handles(client: Client) ->
     tq = new_id("tq")
     key = new_id("parallel")
     async with Worker(
-        client, task_queue=tq, workflows=[ParallelWorkflow], activities=[slow_step, double]
+        client, task_queue=tq, workflows=[ParallelWorkflow], activities=[meet, double]
     ):
-        began = time.monotonic()
+        # Completing at all proves the three ``meet`` activities ran at the same time.
         result = await bounded(
             client.execute_workflow(ParallelWorkflow.run, key, id=new_id("parallel"), task_queue=tq)
         )
-        total = time.monotonic() - began
 
     assert result == {
         "gathered": [0, 10, 20],
@@ -472,14 +416,7 @@ async def test_parallel_activities_and_start_activity_handles(client: Client) ->
         "done_before": False,
         "done_after": True,
     }
-    spans = _SPANS.pop(key)
-    assert sorted(index for index, _, _ in spans) == [0, 1, 2]
-    durations = [end - start for _, start, end in spans]
-    # All three ran at the same time: each started before any of them finished ...
-    assert max(start for _, start, _ in spans) < min(end for _, _, end in spans)
-    # ... so the whole workflow took about as long as the slowest, well below the sum
-    # (~1 s against ~3 s; the bound leaves > 1 s of slack for scheduling overhead).
-    assert total < 0.75 * sum(durations), (total, durations)
+    assert _BARRIERS.pop(key)[0] == {0, 1, 2}
 
 
 async def test_activity_retries_with_backoff_write_no_events(client: Client) -> None:
@@ -491,14 +428,16 @@ async def test_activity_retries_with_backoff_write_no_events(client: Client) -> 
         )
         assert await bounded(handle.result()) == "ok on attempt 3"
 
-    attempts = _ATTEMPTS.pop(key)
-    assert [a for a, _ in attempts] == [1, 2, 3]
-    gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(attempts)]
+    assert _ATTEMPTS.pop(key) == [1, 2, 3]
     # Backoff: 200 ms before attempt 2, 400 ms before attempt 3 (initial 200 ms x 2^n).
-    # The server times its timers on the wall clock and we measure on the monotonic
-    # one, so allow a few milliseconds of disagreement between the two clocks.
-    assert gaps[0] >= 0.2 - 0.005, gaps
-    assert gaps[1] >= 0.4 - 0.005, gaps
+    # Both times come from the server's clock: an attempt failed after it started, and
+    # the next one was scheduled at least the backoff after that failure.
+    times = _ATTEMPT_TIMES.pop(key)
+    assert [attempt for attempt, _, _ in times] == [1, 2, 3]
+    for (_, _, failed_started), (_, scheduled, _), backoff_ms in zip(
+        times, times[1:], (200, 400), strict=False
+    ):
+        assert scheduled - failed_started >= timedelta(milliseconds=backoff_ms), times
 
     events = await events_of(handle)
     assert_gap_free(events)
@@ -530,7 +469,7 @@ async def test_non_retryable_failures_and_exhausted_attempts(client: Client) -> 
                 outcome: Any = await bounded(handle.result())
             except WorkflowFailureError as error:
                 outcome = error
-            return outcome, [a for a, _ in _ATTEMPTS.pop(key)]
+            return outcome, _ATTEMPTS.pop(key)
 
         outcome, attempts = await run("non_retryable")
         assert attempts == [1]
@@ -645,7 +584,7 @@ async def test_activity_timeouts(client: Client) -> None:
             TimeoutWorkflow.run, args=[key, "start_to_close"], id=new_id("s2c"), task_queue=tq
         )
         assert await bounded(s2c.result()) == {"result": "done on attempt 2"}
-        assert [a for a, _ in _ATTEMPTS.pop(key)] == [1, 2]
+        assert _ATTEMPTS.pop(key) == [1, 2]
         (started,) = of_type(await events_of(s2c), ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
         attrs = started.activity_task_started_event_attributes
         assert attrs.attempt == 2
@@ -786,8 +725,8 @@ async def test_replayer(client: Client) -> None:
         await changed.replay(text)
 
 
-async def test_bad_inputs_leave_store_intact(tmp_path: Path) -> None:
-    async with running_server(tmp_path, ServerConfig(max_payload_bytes=1024)) as srv:
+async def test_bad_inputs_leave_store_intact(store_url: str) -> None:
+    async with running_server(store_url, ServerConfig(max_payload_bytes=1024)) as srv:
         client = await Client.connect(srv.address)
         try:
             tq = new_id("tq")
@@ -825,6 +764,7 @@ async def test_bad_inputs_leave_store_intact(tmp_path: Path) -> None:
             with pytest.raises(WorkflowAlreadyStartedError) as already:
                 await client.start_workflow(HelloWorkflow.run, "dup", id=dup_id, task_queue=tq)
             assert already.value.status == "ALREADY_EXISTS"
+            assert dup.run_id is not None
             assert dup.run_id in already.value.message
 
             # Task tokens: garbage, a token of the wrong kind, and one for no such run.

@@ -4,12 +4,13 @@
   / day-of-week rule) and interval specs with offsets and bounds.
 - Store level, on SQLite and PostgreSQL: deciding slots is compare-and-set, a trigger
   request is recorded once, old ledger rows are pruned.
-- End to end, on a real server (port 0): an interval schedule fires each slot once
-  (also on PostgreSQL); pause / unpause / trigger / describe / delete; overlap
+- End to end, on a real server (port 0) over SQLite and PostgreSQL: an interval
+  schedule fires each slot once; pause / unpause / trigger / describe / delete; overlap
   policies SKIP vs ALLOW_ALL, BUFFER_ONE and TERMINATE_OTHER; invalid schedules.
 - Across a real server restart (a server process SIGKILLed and started again on the
-  same database and port): no slot fires twice, slots missed while the server was
-  down fire once if within the catch-up window and are recorded as skipped if not.
+  same database, SQLite or PostgreSQL, and port): no slot fires twice, slots missed
+  while the server was down fire once if within the catch-up window and are recorded
+  as skipped if not.
 
 Schedules use one-second intervals so tests are quick. Nothing sleeps to synchronize:
 tests poll conditions against a deadline; where a test needs wall-clock time to pass
@@ -18,24 +19,17 @@ tests poll conditions against a deadline; where a test needs wall-clock time to 
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import itertools
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ServerProcess, eventually
 
 from tideflow.api.v1 import service_pb2
 from tideflow.history import (
@@ -48,8 +42,7 @@ from tideflow.history import (
     slot_action_key,
     trigger_action_key,
 )
-from tideflow.server import TideflowServer
-from tideflow.server._schedules import CompiledSpec, CronError, CronExpression
+from tideflow.server._cron import CompiledSpec, CronError, CronExpression
 from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus, workflow
 from tideflow.worker_sdk.client import WorkflowExecution
 from tideflow.worker_sdk.exceptions import InvalidArgumentError, NotFoundError
@@ -69,8 +62,8 @@ SECOND = timedelta(seconds=1)
 CONDITION_TIMEOUT_S = 30.0
 
 
-def _utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def _utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, sec: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, sec, tzinfo=UTC)
 
 
 # ========================================================================== cron
@@ -302,41 +295,9 @@ class Quick:
         return n + 1
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(f"sqlite:///{tmp_path}/t.db", port=0) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: TideflowServer) -> AsyncIterator[Client]:
-    c = await Client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-async def _wait_until(
-    check: Callable[[], Any], what: str, timeout: float = CONDITION_TIMEOUT_S
-) -> Any:
-    """Poll ``check`` (sync or async) until truthy, and return that value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def _wait_for_clock(moment: float) -> None:
     """Wait until the wall clock reaches ``moment`` (time.time()): slots come due."""
-    await _wait_until(lambda: time.time() >= moment, "the clock", timeout=moment - time.time() + 5)
+    await eventually(lambda: time.time() >= moment, "the clock", timeout=moment - time.time() + 5)
 
 
 async def _describe_when(
@@ -346,7 +307,7 @@ async def _describe_when(
         description = await handle.describe()
         return description if check(description) else None
 
-    found: ScheduleDescription = await _wait_until(probe, what)
+    found: ScheduleDescription = await eventually(probe, what)
     return found
 
 
@@ -367,25 +328,7 @@ def _assert_consecutive(slots: Sequence[datetime], step: timedelta = SECOND) -> 
     assert not gaps, f"slots missing between {gaps}"
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def test_interval_schedule_fires_each_slot_once(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if backend == "postgres":
-        url = str(request.getfixturevalue("pg_url"))
-    else:
-        url = f"sqlite:///{tmp_path}/t.db"
-    async with TideflowServer(url, port=0) as server:
-        client = await Client.connect(server.address)
-        try:
-            await _check_interval_schedule(client)
-        finally:
-            await client.close()
-
-
-async def _check_interval_schedule(client: Client) -> None:
+async def test_interval_schedule_fires_each_slot_once(client: Client) -> None:
     queue = f"sched-{uuid.uuid4()}"
     schedule_id = f"every-second-{uuid.uuid4()}"
     prefix = f"tick-{uuid.uuid4()}"
@@ -677,124 +620,41 @@ async def test_invalid_schedule_actions_are_refused(client: Client) -> None:
 # ======================================================= across a server restart
 
 
-@dataclass(eq=False)
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    out: Path
-    err: Path
+@dataclass(frozen=True)
+class _AcrossRestart:
+    """What an every-second schedule did across a server restart."""
 
-    def tail(self, chars: int = 3000) -> str:
-        return self.err.read_text(errors="replace")[-chars:] if self.err.exists() else ""
-
-
-class _Processes:
-    """Starts server processes and guarantees they are killed and reaped."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self._procs: list[_Proc] = []
-
-    def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
-        out, err = self._dir / f"{name}.out", self._dir / f"{name}.err"
-        with out.open("wb") as out_f, err.open("wb") as err_f:
-            popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir
-            )
-        proc = _Proc(name, popen, out, err)
-        self._procs.append(proc)
-        return proc
-
-    def cleanup(self) -> None:
-        for proc in self._procs:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-            proc.popen.wait(timeout=10)
-            print(f"----- {proc.name} (exit {proc.popen.returncode}) stderr tail -----")
-            print(proc.tail())
+    runs: list[WorkflowExecution]
+    slots: list[datetime]  # of the runs, in their order
+    description: ScheduleDescription  # paused, settled
+    killed_at: datetime
+    restarted_at: datetime
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[_Processes]:
-    processes = _Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def _start_server(procs: _Processes, name: str, db: Path, port: int) -> _Proc:
-    proc = procs.spawn(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "tideflow.server._cli",
-            "server",
-            "start-dev",
-            "--db",
-            str(db),
-            "--port",
-            str(port),
-            "--ip",
-            "127.0.0.1",
-        ],
-    )
-
-    def listening() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"{name} exited early; stderr:\n{proc.tail()}")
-        return "tideflow server listening on" in proc.out.read_text(errors="replace")
-
-    await _wait_until(listening, f"{name} to listen")
-    return proc
-
-
-async def _sigkill(proc: _Proc) -> None:
-    os.kill(proc.popen.pid, signal.SIGKILL)
-    await _wait_until(lambda: proc.popen.poll() is not None, f"{proc.name} to die")
-    assert proc.popen.returncode == -signal.SIGKILL
-
-
-async def _kill_and_restart(
-    procs: _Processes, server: _Proc, db: Path, port: int, downtime_s: float
-) -> tuple[datetime, datetime]:
-    """SIGKILL ``server``, keep it down ``downtime_s`` (slots come due meanwhile) and
-    start a new server process on the same database and port; returns (killed at,
-    listening again at)."""
-    await _sigkill(server)
-    killed_at = datetime.now(UTC)
-    await _wait_for_clock(time.time() + downtime_s)
-    await _start_server(procs, "server-2", db, port)
-    return killed_at, datetime.now(UTC)
-
-
-@pytest.mark.slow
-async def test_schedule_across_server_restart_fires_missed_slots_once(
-    tmp_path: Path, procs: _Processes
-) -> None:
-    db, port = tmp_path / "tideflow.db", _free_port()
-    first = await _start_server(procs, "server-1", db, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
-    try:
-        schedule_id, prefix = "restart-catch-up", "tick"
+async def _across_restart(
+    server: ServerProcess, prefix: str, catchup_window: timedelta, downtime_s: float
+) -> _AcrossRestart:
+    """An every-second schedule (ALLOW_ALL; runs nobody works on) takes two actions;
+    the server is SIGKILLed and kept down ``downtime_s`` (slots come due meanwhile),
+    then a new server process starts on the same database and port. Once slots after
+    the restart fired, the schedule is paused and, when the ledger and the runs agree,
+    described."""
+    schedule_id = f"restart-{prefix}"
+    async with await Client.connect(server.address) as client:
         handle = await client.create_schedule(
             schedule_id,
             action=ScheduleActionStartWorkflow("Nothing", id=prefix, task_queue="nobody"),
             spec=ScheduleSpec(interval=SECOND),
             policy=SchedulePolicy(
-                overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window=timedelta(minutes=10)
+                overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window=catchup_window
             ),
         )
         await _describe_when(handle, lambda d: d.info.num_actions >= 2, "two actions")
-        killed_at, restarted_at = await _kill_and_restart(procs, first, db, port, 3.5)
+        await server.kill()
+        killed_at = datetime.now(UTC)
+        await _wait_for_clock(time.time() + downtime_s)
+        await server.start()
+        restarted_at = datetime.now(UTC)
         # The client reconnects by itself; wait until slots after the restart fired.
         await _describe_when(
             handle,
@@ -806,71 +666,50 @@ async def test_schedule_across_server_restart_fires_missed_slots_once(
         )
         await handle.pause()
         # Let any slot decided before the pause finish starting, then compare.
-        description = await _wait_until(
+        description = await eventually(
             lambda: _settled(client, handle, schedule_id), "the ledger and the runs to agree"
         )
         runs = await _runs(client, schedule_id)
-        ids = Counter(run.id for run in runs)
-        assert all(n == 1 for n in ids.values()), f"a slot started twice: {ids}"
-        slots = [_slot_of(run.id, prefix) for run in runs]
-        _assert_consecutive(slots)  # every slot, including those while down, exactly once
-        down = [s for s in slots if killed_at < s < restarted_at]
-        assert len(down) >= 3, (killed_at, restarted_at, sorted(slots))
-        for run, slot in zip(runs, slots, strict=True):
-            assert run.search_attributes["TemporalScheduledStartTime"] == slot
-        assert description.info.num_actions == len(runs)
-        assert description.info.num_actions_missed_catchup_window == 0
-    finally:
-        await client.close()
+    slots = [_slot_of(run.id, prefix) for run in runs]
+    return _AcrossRestart(runs, slots, description, killed_at, restarted_at)
+
+
+@pytest.mark.slow
+async def test_schedule_across_server_restart_fires_missed_slots_once(
+    server_process: ServerProcess,
+) -> None:
+    seen = await _across_restart(server_process, "tick", timedelta(minutes=10), 3.5)
+    ids = Counter(run.id for run in seen.runs)
+    assert all(n == 1 for n in ids.values()), f"a slot started twice: {ids}"
+    slots = seen.slots
+    _assert_consecutive(slots)  # every slot, including those while down, exactly once
+    down = [s for s in slots if seen.killed_at < s < seen.restarted_at]
+    assert len(down) >= 3, (seen.killed_at, seen.restarted_at, sorted(slots))
+    for run, slot in zip(seen.runs, slots, strict=True):
+        assert run.search_attributes["TemporalScheduledStartTime"] == slot
+    assert seen.description.info.num_actions == len(seen.runs)
+    assert seen.description.info.num_actions_missed_catchup_window == 0
 
 
 @pytest.mark.slow
 async def test_schedule_across_server_restart_skips_slots_beyond_catchup_window(
-    tmp_path: Path, procs: _Processes
+    server_process: ServerProcess,
 ) -> None:
-    db, port = tmp_path / "tideflow.db", _free_port()
-    first = await _start_server(procs, "server-1", db, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
-    try:
-        schedule_id, prefix = "restart-window", "win"
-        handle = await client.create_schedule(
-            schedule_id,
-            action=ScheduleActionStartWorkflow("Nothing", id=prefix, task_queue="nobody"),
-            spec=ScheduleSpec(interval=SECOND),
-            policy=SchedulePolicy(
-                overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window=timedelta(seconds=2)
-            ),
-        )
-        await _describe_when(handle, lambda d: d.info.num_actions >= 2, "two actions")
-        killed_at, restarted_at = await _kill_and_restart(procs, first, db, port, 6.0)
-        await _describe_when(
-            handle,
-            lambda d: (
-                bool(d.info.recent_actions)
-                and d.info.recent_actions[-1].scheduled_at > restarted_at + SECOND
-            ),
-            "slots after the restart",
-        )
-        await handle.pause()
-        description = await _wait_until(
-            lambda: _settled(client, handle, schedule_id), "the ledger and the runs to agree"
-        )
-        runs = await _runs(client, schedule_id)
-        started = [_slot_of(run.id, prefix) for run in runs]
-        skipped = [s.scheduled_at for s in description.info.recent_skipped]
-        assert {s.reason for s in description.info.recent_skipped} == {"catchup_window"}
-        assert len(skipped) == description.info.num_actions_missed_catchup_window >= 2
-        # Every slot has exactly one fate: started once, or recorded as skipped.
-        assert not set(started) & set(skipped)
-        _assert_consecutive(started + skipped)
-        # Skipped slots are all older than the slots taken while the server was down.
-        fired_while_down = [s for s in started if killed_at < s < restarted_at]
-        assert fired_while_down, (killed_at, restarted_at, sorted(started), sorted(skipped))
-        assert max(skipped) < min(fired_while_down)
-        # (A slot that came due just before the kill may not have been decided yet.)
-        assert all(killed_at - SECOND < s < restarted_at for s in skipped)
-    finally:
-        await client.close()
+    seen = await _across_restart(server_process, "win", timedelta(seconds=2), 6.0)
+    info = seen.description.info
+    killed_at, restarted_at, started = seen.killed_at, seen.restarted_at, seen.slots
+    skipped = [s.scheduled_at for s in info.recent_skipped]
+    assert {s.reason for s in info.recent_skipped} == {"catchup_window"}
+    assert len(skipped) == info.num_actions_missed_catchup_window >= 2
+    # Every slot has exactly one fate: started once, or recorded as skipped.
+    assert not set(started) & set(skipped)
+    _assert_consecutive(started + skipped)
+    # Skipped slots are all older than the slots taken while the server was down.
+    fired_while_down = [s for s in started if killed_at < s < restarted_at]
+    assert fired_while_down, (killed_at, restarted_at, sorted(started), sorted(skipped))
+    assert max(skipped) < min(fired_while_down)
+    # (A slot that came due just before the kill may not have been decided yet.)
+    assert all(killed_at - SECOND < s < restarted_at for s in skipped)
 
 
 async def _settled(

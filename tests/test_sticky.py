@@ -8,31 +8,34 @@ if the sticky worker does not pick a task up within the sticky schedule-to-start
 timeout (it died), the task moves to the normal queue; a worker shutting down gives
 its sticky queue back at once.
 
-Real server on an ephemeral port with its own SQLite file; uuid task queues and ids.
-What a worker receives is observed by a ``WorkerInterceptor``. No
-sleeps synchronize: tests await results or poll a condition against a deadline. The
-killed worker is a real process (tests/procs/sticky_worker_proc.py), always reaped.
+Real server on an ephemeral port over SQLite and over PostgreSQL (conftest's
+``server``); uuid task queues and ids. What a worker receives is observed by a
+``WorkerInterceptor``. No sleeps synchronize: tests await results or poll a condition
+against a deadline. The killed worker is a real process (tests/procs/worker_proc.py,
+flavour ``sticky``), always reaped.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
-import inspect
 import itertools
-import os
 import random
-import signal
-import subprocess
-import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    WORKER_PROC,
+    Processes,
+    bounded,
+    events_of,
+    eventually,
+    new_id,
+    of_type,
+)
+from raw_workflow import RawWorkflows
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
 from tideflow.api.v1.service_pb2 import PollWorkflowTaskResponse
@@ -51,8 +54,7 @@ from tideflow.worker_sdk.interceptor import WorkflowTaskHandler
 ET = EventType
 Cause = WorkflowTaskFailedCause
 
-STICKY_PROC = Path(__file__).parent / "procs" / "sticky_worker_proc.py"
-_spec = importlib.util.spec_from_file_location("sticky_worker_proc", STICKY_PROC)
+_spec = importlib.util.spec_from_file_location("worker_proc", WORKER_PROC)
 assert _spec is not None and _spec.loader is not None
 _proc_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_proc_module)
@@ -60,59 +62,6 @@ Tally = _proc_module.Tally  # the workflow the worker process runs, for in-test 
 
 
 # --------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(f"sqlite:///{tmp_path}/sticky.db", port=0) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: TideflowServer) -> AsyncIterator[Client]:
-    c = await Client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"q-{uuid.uuid4()}"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4()}"
-
-
-async def bounded(awaitable: Awaitable[Any], timeout: float = 30.0) -> Any:
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def eventually(
-    check: Callable[[], Any], timeout: float = 30.0, what: str = "a condition"
-) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def events_of(handle: WorkflowHandle) -> list[HistoryEvent]:
-    return (await handle.fetch_history()).events
-
-
-def of_type(events: Sequence[HistoryEvent], event_type: int) -> list[HistoryEvent]:
-    return [e for e in events if e.event_type == event_type]
 
 
 def failure_causes(events: Sequence[HistoryEvent]) -> list[int]:
@@ -141,13 +90,13 @@ class Seen:
 
 
 class TaskRecorder(WorkerInterceptor):
-    """Records what each workflow task the worker handles carried."""
+    """Records what each workflow task the worker received carried."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
 
     def intercept_workflow_task(self, next: WorkflowTaskHandler) -> WorkflowTaskHandler:
-        async def recording(task: PollWorkflowTaskResponse) -> None:
+        async def record(task: PollWorkflowTaskResponse) -> None:
             events = task.history.events
             # Queries carry history too: record only real workflow tasks.
             if events and not task.HasField("query"):
@@ -162,7 +111,7 @@ class TaskRecorder(WorkerInterceptor):
                 )
             await next(task)
 
-        return recording
+        return record
 
 
 async def wait_idle(handle: WorkflowHandle, activities_done: int = -1) -> list[HistoryEvent]:
@@ -206,13 +155,16 @@ class Rounds:
         total = 0
         trace: list[str] = []
         for i in range(rounds):
-            await workflow.wait_condition(lambda i=i: len(self.inbox) > i)
+            await workflow.wait_condition(self._has_more_than(i))
             doubled: int = await workflow.execute_activity(
                 double, self.inbox[i], start_to_close_timeout=timedelta(seconds=30)
             )
             total += doubled
             trace.append(f"{i}:{doubled}:{workflow.random().randint(0, 999)}")
         return {"total": total, "trace": trace}
+
+    def _has_more_than(self, count: int) -> Callable[[], bool]:
+        return lambda: len(self.inbox) > count
 
     @workflow.signal
     def put(self, value: int) -> None:
@@ -229,15 +181,15 @@ async def test_cache_eviction_mid_workflow_resumes_by_full_replay(
     one evicts the other, so each new round arrives on the sticky queue for a run the
     worker no longer has. It answers RESET_STICKY, gets the full history through the
     normal queue, replays it and carries on; both complete with the right results."""
+    recorder = TaskRecorder()
     worker = Worker(
         client,
         task_queue=queue,
         workflows=[Rounds],
         activities=[double],
         max_cached_workflows=1,
-        interceptors=[recorder := TaskRecorder()],
+        interceptors=[recorder],
     )
-    seen = recorder.seen
     async with worker:
         a = await client.start_workflow(Rounds.run, ROUNDS, id=new_id("a"), task_queue=queue)
         await wait_idle(a)
@@ -266,7 +218,7 @@ async def test_cache_eviction_mid_workflow_resumes_by_full_replay(
         assert set(causes) == {Cause.WORKFLOW_TASK_FAILED_CAUSE_RESET_STICKY_TASK_QUEUE}, causes
         # Every one of those misses was followed by a full replay on this worker.
         assert handle.run_id is not None
-        full = [s for s in seen if s.run_id == handle.run_id and s.first_event_id == 1]
+        full = [s for s in recorder.seen if s.run_id == handle.run_id and s.first_event_id == 1]
         assert len(full) >= ROUNDS, full
         # The recorded history replays deterministically against the same code.
         Replayer(workflows=[Rounds]).replay(await handle.fetch_history())
@@ -301,22 +253,22 @@ async def test_sticky_tasks_carry_only_new_events(client: Client, queue: str, ca
     previous task the worker completed (a handful, however long the history grows);
     with ``max_cached_workflows=0`` there is no sticky queue and every task carries
     the whole history."""
+    recorder = TaskRecorder()
     worker = Worker(
         client,
         task_queue=queue,
         workflows=[Steps],
         activities=[step],
         max_cached_workflows=100 if cached else 0,
-        interceptors=[recorder := TaskRecorder()],
+        interceptors=[recorder],
     )
-    seen = recorder.seen
     async with worker:
         handle = await client.start_workflow(Steps.run, STEPS, id=new_id("steps"), task_queue=queue)
         assert await bounded(handle.result()) == STEPS
 
     events = await events_of(handle)
     assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
-    tasks = [s for s in seen if s.run_id == handle.run_id]
+    tasks = [s for s in recorder.seen if s.run_id == handle.run_id]
     assert len(tasks) == STEPS + 1, tasks  # one per activity result, plus the first
     assert tasks[0].first_event_id == 1
     if cached:
@@ -336,69 +288,6 @@ async def test_sticky_tasks_carry_only_new_events(client: Client, queue: str, ca
 # --------------------------------- (b) the sticky worker dies or shuts down
 
 
-@dataclass(eq=False)
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    out: Path
-    err: Path
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.err.read_text(errors="replace")[-chars:] if self.err.exists() else ""
-
-
-class _Processes:
-    """Starts child processes and guarantees they are killed and reaped."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self._procs: list[_Proc] = []
-
-    def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
-        out, err = self._dir / f"{name}.out", self._dir / f"{name}.err"
-        with out.open("wb") as out_f, err.open("wb") as err_f:
-            popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir
-            )
-        proc = _Proc(name, popen, out, err)
-        self._procs.append(proc)
-        return proc
-
-    async def wait_ready(self, proc: _Proc) -> None:
-        def ready() -> bool:
-            if "worker ready" in proc.out.read_text(errors="replace"):
-                return True
-            if proc.popen.poll() is not None:
-                raise AssertionError(
-                    f"{proc.name} exited with {proc.popen.returncode}; stderr:\n{proc.tail()}"
-                )
-            return False
-
-        await eventually(ready, 30.0, f"{proc.name} to be ready")
-
-    async def sigkill(self, proc: _Proc) -> None:
-        os.kill(proc.popen.pid, signal.SIGKILL)
-        await eventually(lambda: proc.popen.poll() is not None, 10.0, f"{proc.name} to die")
-        assert proc.popen.returncode == -signal.SIGKILL
-
-    def cleanup(self) -> None:
-        for proc in self._procs:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-            proc.popen.wait(timeout=10)
-            print(f"----- {proc.name} (exit {proc.popen.returncode}) stderr tail -----")
-            print(proc.tail())
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[_Processes]:
-    processes = _Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.cleanup()
-
-
 def _assert_moved_without_failures(events: Sequence[HistoryEvent]) -> None:
     """Moving a task off a sticky queue is not a failure: no failed or timed-out
     workflow task in history, and no workflow task was retried."""
@@ -408,19 +297,35 @@ def _assert_moved_without_failures(events: Sequence[HistoryEvent]) -> None:
     assert all(e.workflow_task_scheduled_event_attributes.attempt == 1 for e in scheduled)
 
 
+async def _finish_on_worker_2(
+    client: Client, queue: str, handle: WorkflowHandle
+) -> tuple[dict[str, Any], list[HistoryEvent], list[Seen]]:
+    """Run an in-test worker ``worker-2`` until the run completes; check that the
+    task moved off the sticky queue without failures. Returns the run's result, its
+    history and what worker #2 received."""
+    recorder = TaskRecorder()
+    worker2 = Worker(
+        client, task_queue=queue, workflows=[Tally], identity="worker-2", interceptors=[recorder]
+    )
+    async with worker2:
+        result: dict[str, Any] = await bounded(handle.result())
+    events = await events_of(handle)
+    _assert_moved_without_failures(events)
+    assert completed_by(events)[-1] == "worker-2"
+    return result, events, recorder.seen
+
+
 @pytest.mark.slow
 async def test_killed_sticky_worker_task_moves_to_another_worker_after_timeout(
-    server: TideflowServer, client: Client, queue: str, procs: _Processes
+    server: TideflowServer, client: Client, queue: str, procs: Processes
 ) -> None:
     """Worker process #1 completes the first workflow task (the run is now sticky to
     it) and is SIGKILLed. The next task (a signal) waits on #1's sticky queue until
     the sticky schedule-to-start timeout moves it to the normal queue, where the
     in-test worker #2 takes it with the full history, replays and completes."""
-    worker1 = procs.spawn(
-        "worker-1",
-        [sys.executable, str(STICKY_PROC), server.address, queue, "worker-1", "300"],
+    worker1 = await procs.start_worker(
+        "worker-1", server.address, queue, "sticky", "--sticky-timeout-ms", "300"
     )
-    await procs.wait_ready(worker1)
     handle = await client.start_workflow(Tally.run, 2, id=new_id("tally"), task_queue=queue)
     await handle.signal(Tally.add, 5)
     events = await wait_idle(handle)
@@ -428,20 +333,10 @@ async def test_killed_sticky_worker_task_moves_to_another_worker_after_timeout(
     await procs.sigkill(worker1)
 
     await handle.signal(Tally.add, 7)
-    recorder = TaskRecorder()
-    worker2 = Worker(
-        client, task_queue=queue, workflows=[Tally], identity="worker-2", interceptors=[recorder]
-    )
-    seen = recorder.seen
-    async with worker2:
-        result = await bounded(handle.result())
+    result, events, seen = await _finish_on_worker_2(client, queue, handle)
     assert result["values"] == [5, 7]
     assert result["sum"] == 12
-
-    events = await events_of(handle)
-    _assert_moved_without_failures(events)
-    identities = completed_by(events)
-    assert identities[0] == "worker-1" and identities[-1] == "worker-2", identities
+    assert completed_by(events)[0] == "worker-1"
     # Worker #2 had never seen the run: it got the whole history, not a sticky slice.
     assert seen and seen[0].first_event_id == 1
     seed = events[0].workflow_execution_started_event_attributes.random_seed
@@ -464,48 +359,30 @@ async def test_sticky_worker_shutdown_gives_back_its_queue(client: Client, queue
         await handle.signal(Tally.add, 1)
         await wait_idle(handle)
     await handle.signal(Tally.add, 2)  # scheduled after worker #1 left
-    recorder = TaskRecorder()
-    worker2 = Worker(
-        client, task_queue=queue, workflows=[Tally], identity="worker-2", interceptors=[recorder]
-    )
-    seen = recorder.seen
-    async with worker2:
-        result = await bounded(handle.result(), 20)
+    result, _, seen = await _finish_on_worker_2(client, queue, handle)
     assert (result["values"], result["sum"]) == ([1, 2], 3)
-    events = await events_of(handle)
-    _assert_moved_without_failures(events)
-    assert completed_by(events)[-1] == "worker-2"
     assert seen and seen[0].first_event_id == 1
 
 
-async def test_sticky_task_for_a_run_in_flight_on_shutdown_moves_too(
+async def test_sticky_task_waiting_when_its_queue_is_given_back_moves_too(
     client: Client, queue: str
 ) -> None:
-    """A task already waiting on the sticky queue when its worker shuts down (the
-    worker stopped polling first) moves to the normal queue as well."""
-    worker1 = Worker(
-        client,
-        task_queue=queue,
-        workflows=[Tally],
-        identity="worker-1",
-        sticky_queue_schedule_to_start_timeout=timedelta(minutes=10),
-    )
-    worker1.start()
-    try:
-        handle = await client.start_workflow(Tally.run, 2, id=new_id("tally"), task_queue=queue)
-        await handle.signal(Tally.add, 10)
-        await wait_idle(handle)
-        # Stop worker #1's pollers only (as a hung worker would), then signal: the task
-        # waits on its sticky queue.
-        assert worker1._workflows is not None
-        await worker1._workflows._loop.stop_polling()
-        await handle.signal(Tally.add, 20)
-    finally:
-        await worker1.shutdown()  # gives the sticky queue, with the task on it, back
-    worker2 = Worker(client, task_queue=queue, workflows=[Tally], identity="worker-2")
-    async with worker2:
-        result = await bounded(handle.result(), 20)
+    """A task already waiting on a sticky queue when its worker gives the queue back
+    moves to the normal queue as well. Worker #1 is played over raw gRPC: it completes
+    the first task asking for sticky execution and never polls its sticky queue, so
+    the signal's task waits there (the sticky timeout is 10 minutes) until the queue
+    is given back; worker #2 then completes the run with the full history."""
+    raw = RawWorkflows(client, queue, workflow_type="Tally")
+    sticky = new_id("raw-sticky")
+    workflow_id = new_id("tally")
+    run_id = await raw.start(workflow_id, 2)
+    # Tally's first task only waits for signals: no commands.
+    await raw.complete((await raw.poll()).task_token, sticky_queue=sticky)
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+    await handle.signal(Tally.add, 10)  # scheduled on the sticky queue
+    await handle.signal(Tally.add, 20)
+    await raw.give_back(sticky)
+    result, events, seen = await _finish_on_worker_2(client, queue, handle)
     assert (result["values"], result["sum"]) == ([10, 20], 30)
-    events = await events_of(handle)
-    _assert_moved_without_failures(events)
-    assert completed_by(events)[-1] == "worker-2"
+    assert completed_by(events) == ["raw", "worker-2"]
+    assert [s.first_event_id for s in seen] == [1]

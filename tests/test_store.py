@@ -8,6 +8,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -100,7 +101,7 @@ def transition(
     )
 
 
-def create(key: RunKey, n_events: int = 1, **kwargs: object) -> Transition:
+def create(key: RunKey, n_events: int = 1, **kwargs: Any) -> Transition:
     kwargs.setdefault("current", CurrentWrite.INSERT)
     return transition(key, version=0, first_event_id=1, n_events=n_events, **kwargs)
 
@@ -271,7 +272,7 @@ async def test_duplicate_event_id_is_a_condition_failure(store: HistoryStore) ->
 
 async def test_rejected_run_creation_writes_nothing(store: HistoryStore) -> None:
     await store.apply(create(run_key(run_id="run-1")))
-    attempts = {  # run-1 is open: neither may become current
+    attempts: dict[str, dict[str, Any]] = {  # run-1 is open: neither may become current
         "run-2": {"current": CurrentWrite.INSERT},
         "run-3": {"current": CurrentWrite.REPLACE, "replaces_run_id": "run-1"},
     }

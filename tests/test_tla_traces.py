@@ -1,11 +1,12 @@
 """Trace validation: TLC decides whether real runs are behaviours of tla/EngineCore.tla.
 
-Each test runs a real end-to-end scenario against a real server with
-``TIDEFLOW_TRACE_DIR`` set (server/_trace.py writes every transition of each run ahead
-of its commit, then the commit's outcome), converts the run's trace with
-tla/trace_to_tla.py and runs TLC on tla/TraceEngine.tla. A trace is accepted when TLC
-reports the invariant ``TraceConsumed`` violated (exit 12): every line was a step of
-the spec, with the logged events, rows and state. Scenarios:
+Each test runs a real end-to-end scenario against a real server (over SQLite and
+over PostgreSQL: conftest's ``server`` / ``store_url``) with ``TIDEFLOW_TRACE_DIR``
+set (server/_trace.py writes every transition of each run ahead of its commit, then
+the commit's outcome), converts the run's trace with tla/trace_to_tla.py and runs
+TLC on tla/TraceEngine.tla. A trace is accepted when TLC reports the invariant
+``TraceConsumed`` violated (exit 12): every line was a step of the spec, with the
+logged events, rows and state. Scenarios:
 
 - activity retries: an activity failing twice then succeeding, one timing out
   (start-to-close) and retried, and a workflow task failing twice (transient attempts,
@@ -16,7 +17,7 @@ the spec, with the logged events, rows and state. Scenarios:
   continue-as-new task); signal-with-start and the run timeout; child workflows and
   requests to other runs, with the parent-close policy;
 - crash recovery: the server process is SIGKILLed while an activity runs and a new
-  one on the same SQLite file takes over (the trace file survives: it is appended per
+  one on the same database takes over (the trace file survives: it is appended per
   transition, ahead of the commit);
 - a DAG a -> {b, c} -> d through the DAG API, checked for TaskDependencyCorrectness;
 - signals, a cancelled and a fired timer, a sticky queue given back (the task moves
@@ -39,16 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import inspect
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -56,11 +53,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import WAIT_S, ServerProcess, eventually
 from raw_workflow import RawWorkflows, complete_workflow, continue_as_new
 
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType
-from tideflow.server import TideflowServer
 from tideflow.worker_sdk import (
     Client,
     RetryPolicy,
@@ -87,7 +84,6 @@ pytestmark = pytest.mark.tla
 
 ROOT = Path(__file__).resolve().parent.parent
 ET = EventType
-WAIT_S = 30.0
 
 
 def _load_converter() -> ModuleType:
@@ -116,40 +112,16 @@ def jar() -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def trace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Trace mode on for servers started by this test (in this process or children)."""
+    """Trace mode on for servers started by this test (in this process or children);
+    autouse, so it is on before conftest's ``server`` starts."""
     directory = tmp_path / "traces"
     monkeypatch.setenv("TIDEFLOW_TRACE_DIR", str(directory))
     return directory
 
 
-@pytest.fixture
-async def client(trace_dir: Path, tmp_path: Path) -> AsyncIterator[Client]:
-    async with TideflowServer(f"sqlite:///{tmp_path / 'history.db'}", port=0) as server:
-        connected = await Client.connect(server.address)
-        try:
-            yield connected
-        finally:
-            await connected.close()
-
-
 # ------------------------------------------------------------------- helpers
-
-
-async def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy, and return it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def traces_of(directory: Path, workflow_id: str) -> list[Path]:
@@ -286,7 +258,7 @@ class Retries:
             # server retries it (transient attempt 2 at once, attempt 3 after a backoff).
             _wft_failures[key] += 1
             raise RuntimeError("workflow task bug, fixed by attempt 3")
-        results: list[str] = await asyncio.gather(
+        results = await asyncio.gather(
             workflow.execute_activity(
                 fails_twice, key, start_to_close_timeout=timedelta(seconds=10),
                 retry_policy=FAST_RETRY,
@@ -296,7 +268,7 @@ class Retries:
                 retry_policy=FAST_RETRY,
             ),
         )  # fmt: skip
-        return results
+        return list(results)
 
 
 async def test_activity_and_workflow_task_retries(
@@ -556,7 +528,7 @@ async def test_workflow_and_activity_cancellation(
             lines = read_lines(trace_of(trace_dir, "cancel-1"))
             return any(ln["action"] == "RecordHeartbeat" for ln in lines)
 
-        await wait_until(heartbeat_recorded, "a heartbeat of the running activity")
+        await eventually(heartbeat_recorded, "a heartbeat of the running activity")
         await handle.cancel()
         with pytest.raises(WorkflowFailureError):
             await handle.result()
@@ -733,10 +705,10 @@ async def test_child_workflows_and_external_requests(
             status = (await orphan.describe()).status
             return bool(status == WorkflowExecutionStatus.TERMINATED)
 
-        await wait_until(terminated, "the orphan terminated by the parent-close policy")
+        await eventually(terminated, "the orphan terminated by the parent-close policy")
         [trace] = traces_of(trace_dir, "fam")
         # ... whose close still reaches the (closed) parent, which records nothing
-        await wait_until(
+        await eventually(
             lambda: actions(trace)["RecordChildClosed"] == 3, "the orphan's close reported"
         )
     lines = read_lines(trace)
@@ -787,72 +759,11 @@ class SpansCrash:
         return result
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class _Servers:
-    """Server processes (the CLI's start-dev), always killed and reaped."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self._procs: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(self, name: str, db: Path, port: int) -> subprocess.Popen[bytes]:
-        out = self._dir / f"{name}.out"
-        with out.open("wb") as out_f, (self._dir / f"{name}.err").open("wb") as err_f:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tideflow.server._cli", "server", "start-dev",
-                 "--db", str(db), "--port", str(port), "--ip", "127.0.0.1"],
-                stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir,
-                env=dict(os.environ),  # carries TIDEFLOW_TRACE_DIR
-            )  # fmt: skip
-        self._procs.append(proc)
-        return proc
-
-    async def start(self, name: str, db: Path, port: int) -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, db, port)
-        out = self._dir / f"{name}.out"
-
-        def listening() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}")
-            return "tideflow server listening on " in out.read_text(errors="replace")
-
-        await wait_until(listening, f"{name} to listen")
-        return proc
-
-    async def sigkill(self, proc: subprocess.Popen[bytes]) -> None:
-        os.kill(proc.pid, signal.SIGKILL)
-        await wait_until(lambda: proc.poll() is not None, "the server to die of SIGKILL")
-        assert proc.returncode == -signal.SIGKILL
-
-    def cleanup(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[_Servers]:
-    started = _Servers(tmp_path)
-    try:
-        yield started
-    finally:
-        started.cleanup()
-
-
 async def test_server_crash_mid_run(
-    jar: Path, trace_dir: Path, servers: _Servers, tmp_path: Path
+    jar: Path, trace_dir: Path, server_process: ServerProcess, tmp_path: Path
 ) -> None:
     _Gates.reset()
-    db, port = tmp_path / "crash.db", _free_port()
-    first = await servers.start("server-1", db, port)
-    client = await Client.connect(f"127.0.0.1:{port}")
+    client = await Client.connect(server_process.address)
     worker = Worker(
         client,
         task_queue="tla-crash",
@@ -869,8 +780,8 @@ async def test_server_crash_mid_run(
         await asyncio.wait_for(_Gates.running.wait(), WAIT_S)
         trace = trace_of(trace_dir, "crash-1")
         before = len(read_lines(trace))
-        await servers.sigkill(first)
-        await servers.start("server-2", db, port)
+        await server_process.kill()
+        await server_process.start()
         # The attempt started by the first server completes against the second.
         _Gates.release.set()
         async with asyncio.timeout(WAIT_S):
@@ -998,19 +909,19 @@ async def test_signals_timers_sticky_queues_and_terminate(
 
     async with Worker(client, task_queue=queue, workflows=[Waiter]):
         # The first task completes with this worker's sticky queue.
-        await wait_until(lambda: completed_tasks(first, 1), "the first workflow task")
+        await eventually(lambda: completed_tasks(first, 1), "the first workflow task")
     # The worker gave its sticky queue back on shutdown: the task the signal schedules
     # there is moved to the normal queue (Unstick), where the next worker finds it.
     await first.signal(Waiter.poke)
     async with Worker(client, task_queue=queue, workflows=[Waiter], max_cached_workflows=1):
-        await wait_until(lambda: completed_tasks(first, 3), "the task after the timer")
+        await eventually(lambda: completed_tasks(first, 3), "the task after the timer")
         # A second run takes the worker's only cache slot: the next sticky task of the
         # first run reaches a worker that no longer has it, which fails it with
         # RESET_STICKY_TASK_QUEUE; the server reschedules it on the normal queue.
         second = await client.start_workflow(Waiter.run, id="waiter-2", task_queue=queue)
-        await wait_until(lambda: completed_tasks(second, 1), "the second run's first task")
+        await eventually(lambda: completed_tasks(second, 1), "the second run's first task")
         await first.signal(Waiter.poke)
-        await wait_until(lambda: completed_tasks(first, 4), "the task of the second signal")
+        await eventually(lambda: completed_tasks(first, 4), "the task of the second signal")
         for handle in (first, second):
             await handle.terminate("end of test")
             assert (await handle.describe()).status == WorkflowExecutionStatus.TERMINATED
@@ -1079,7 +990,7 @@ async def test_cancel_of_a_timer_that_fired_during_the_task(
         return bool(last["action"] == "FireTimer:USER_TIMER" and last["state"]["buffered"] == 1)
 
     async def fired(run_id: str) -> None:
-        await wait_until(fire_buffered, "the timer's fire, buffered")
+        await eventually(fire_buffered, "the timer's fire, buffered")
 
     await raw.cancel_timer_that_fired_during_the_task(wid, fired)
     trace = trace_of(trace_dir, wid)

@@ -6,11 +6,11 @@ Two layers:
   PostgreSQL): runs are written as transitions whose events carry search attributes,
   then every operator, typed comparison, ORDER BY and keyset pagination is checked
   against the expected set of workflow ids, so the SQL is exercised on each dialect.
-- End to end, on a real server (port 0): search attributes and memo at start,
-  ``workflow.upsert_search_attributes`` (recorded in history, applied in the same
-  transaction, replayable), ``client.list_workflows`` pagination and
-  ``client.count_workflows``, and INVALID_ARGUMENT answers that name the offending
-  token and its position.
+- End to end, on a real server (port 0) over SQLite and PostgreSQL: search
+  attributes and memo at start, ``workflow.upsert_search_attributes`` (recorded in
+  history, applied in the same transaction, replayable), ``client.list_workflows``
+  pagination and ``client.count_workflows``, and INVALID_ARGUMENT answers that name
+  the offending token and its position.
 
 No test sleeps for synchronization: results are awaited, conditions polled with a
 bounded deadline.
@@ -18,15 +18,14 @@ bounded deadline.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import EventType
@@ -41,7 +40,6 @@ from tideflow.history import (
     make_event,
     micros_of,
 )
-from tideflow.server import TideflowServer
 from tideflow.server._visibility import QueryError, parse_query
 from tideflow.worker_sdk import (
     Client,
@@ -441,35 +439,6 @@ class BadUpsert:
         workflow.upsert_search_attributes({"WorkflowId": "mine"})
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(f"sqlite:///{tmp_path}/t.db", port=0) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: TideflowServer) -> AsyncIterator[Client]:
-    c = await Client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-async def _eventually(
-    cond: Callable[[], Awaitable[Any]], timeout: float = 15.0, what: str = "condition"
-) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await cond()
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
 async def _list(client: Client, query: str = "", page_size: int = 1000) -> list[WorkflowExecution]:
     return [wf async for wf in client.list_workflows(query, page_size=page_size)]
 
@@ -547,26 +516,8 @@ async def test_search_attributes_at_start_and_upserted_from_workflow(client: Cli
     assert await client.count_workflows(f"{mine} AND ExecutionStatus = 'Completed'") == 3
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def test_list_pagination_ordering_and_status_filters(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    """The client pages through the server's list; the same on SQLite and PostgreSQL."""
-    if backend == "postgres":
-        url = str(request.getfixturevalue("pg_url"))
-    else:
-        url = f"sqlite:///{tmp_path}/t.db"
-    async with TideflowServer(url, port=0) as server:
-        client = await Client.connect(server.address)
-        try:
-            await _check_pagination(client)
-        finally:
-            await client.close()
-
-
-async def _check_pagination(client: Client) -> None:
+async def test_list_pagination_ordering_and_status_filters(client: Client) -> None:
+    """The client pages through the server's list."""
     queue = f"idle-{uuid.uuid4()}"  # no worker: the runs stay open
     prefix = f"page-{uuid.uuid4()}"
     ids = [f"{prefix}-{i:02d}" for i in range(7)]
@@ -702,7 +653,7 @@ async def test_invalid_upsert_fails_the_workflow_task(client: Client) -> None:
                 if e.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_FAILED
             ]
 
-        (failed, *_) = await _eventually(failed_task, what="a failed workflow task")
+        (failed, *_) = await eventually(failed_task, what="a failed workflow task")
         assert "reserved for a built-in field" in failed.failure.message
         history = await handle.fetch_history()
         assert not [

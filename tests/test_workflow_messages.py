@@ -3,12 +3,12 @@ signal-with-start and de-duplication), queries, ``workflow.wait_condition``,
 cancellation (of workflows and of their activities, with every cancellation type),
 termination, run timeouts, and ``workflow.patched`` / ``workflow.deprecate_patch``.
 
-Every test runs a real server on an ephemeral port with its own SQLite file, real
-workers and real clients in the test's event loop, and uses its own task queue and
-workflow ids (uuids). Nothing synchronizes with a sleep: tests await results or poll
-a condition with ``eventually`` (bounded). Activities run in the worker, not in the
-test's frame, so they record what happened to them in module-level dicts keyed by a
-per-test uuid.
+Every test runs a real server on an ephemeral port over SQLite and over PostgreSQL
+(conftest's ``server``), real workers and real clients in the test's event loop, and
+uses its own task queue and workflow ids (uuids). Nothing synchronizes with a sleep:
+tests await results or poll a condition with ``eventually`` (bounded). Activities
+run in the worker, not in the test's frame, so they record what happened to them in
+module-level dicts keyed by a per-test uuid.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import assert_gap_free, events_of, eventually, has_event, new_id, of_type
 
 from tideflow.api.v1.common_pb2 import RetryState as PbRetryState
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
@@ -58,53 +58,9 @@ _HEARTBEAT_TIMEOUT = timedelta(seconds=2)
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(f"sqlite:///{tmp_path / 'messages.db'}", port=0) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def client(server: TideflowServer) -> AsyncIterator[Client]:
-    c = await Client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4()}"
-
-
-async def eventually(
-    cond: Callable[[], Any | Awaitable[Any]], timeout: float = 20.0, what: str = ""
-) -> Any:
-    """Poll ``cond`` (sync or async) until it returns something truthy; return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {what or cond}")
-        await asyncio.sleep(0.02)
-
-
-async def events_of(handle: WorkflowHandle) -> list[HistoryEvent]:
-    return (await handle.fetch_history()).events
-
-
 def names(events: Sequence[HistoryEvent]) -> list[str]:
     """Event types without the EVENT_TYPE_ prefix, for readable assertion messages."""
     return [ET.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events]
-
-
-def of_type(events: Sequence[HistoryEvent], event_type: int) -> list[HistoryEvent]:
-    return [e for e in events if e.event_type == event_type]
 
 
 def index_of(events: Sequence[HistoryEvent], event_type: int, nth: int = 0) -> int:
@@ -112,17 +68,6 @@ def index_of(events: Sequence[HistoryEvent], event_type: int, nth: int = 0) -> i
     positions = [i for i, e in enumerate(events) if e.event_type == event_type]
     assert len(positions) > nth, f"no {ET.Name(event_type)} #{nth} in {names(events)}"
     return positions[nth]
-
-
-def assert_gap_free(events: Sequence[HistoryEvent]) -> None:
-    assert [e.event_id for e in events] == list(range(1, len(events) + 1))
-
-
-def has_event(handle: WorkflowHandle, event_type: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return any(e.event_type == event_type for e in await events_of(handle))
-
-    return check
 
 
 def is_idle(handle: WorkflowHandle) -> Callable[[], Awaitable[bool]]:
@@ -454,7 +399,7 @@ async def test_signals_reach_sync_and_async_handlers_in_order(client: Client) ->
 
         # The async handler's activity must finish before "c", or the order would race.
         async def shouted() -> bool:
-            return await handle.query(Inbox.item_at, -1) == "B"
+            return bool(await handle.query(Inbox.item_at, -1) == "B")
 
         await eventually(shouted, what="B appended")
         assert await handle.query(Inbox.snapshot) == {"phase": "waiting", "items": ["a", "B"]}

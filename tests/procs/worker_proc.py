@@ -1,19 +1,31 @@
-"""A worker in its own process, for crash tests (tests/test_crash_recovery.py).
+"""A worker in its own process, for the tests that SIGKILL workers.
 
-    python tests/procs/worker_proc.py HOST:PORT TASK_QUEUE IDENTITY
+    python tests/procs/worker_proc.py HOST:PORT TASK_QUEUE IDENTITY FLAVOUR
+        [--sticky-timeout-ms N]
 
-Registers ``CrashyWorkflow`` and its activity ``stall_on_first_attempt`` and runs a
-Worker until SIGTERM/SIGINT (or, as the tests do, SIGKILL). Prints ``worker ready``
-on stdout once its pollers are running.
+Runs a Worker with the workflows and activities of ``FLAVOUR`` until SIGTERM/SIGINT
+(or SIGKILL, as the tests do) and prints ``worker ready`` on stdout once its pollers
+run. ``helpers.Processes.start_worker`` starts it. Flavours:
 
-The activity writes a marker file (path from its input) on every attempt, so a test
-can see which attempt is running where, and then, on attempt 1 only, blocks for 300 s:
-long enough that only a crash of this process and the server's start-to-close timeout
-can end it. Later attempts return at once.
+- ``crashy`` (tests/test_crash_recovery.py): ``CrashyWorkflow`` runs the activity
+  ``stall_on_first_attempt`` once.
+- ``child`` (tests/test_composition.py): ``CrashParent`` starts ``CrashChild`` (same
+  task queue, id from its input), waits for its result, then runs ``parent_step``;
+  the child runs ``child_step``.
+- ``sticky`` (tests/test_sticky.py): ``Tally`` adds up signals. The test imports
+  ``Tally`` from this file too, so an in-test worker runs the very same code.
+
+``stall_on_first_attempt`` and ``child_step`` write a marker file (path from their
+input, ``.attemptN`` appended) on every attempt, so a test sees which attempt runs in
+which process, and on attempt 1 only block for 300 s: only a crash of this process
+and the server's start-to-close timeout end that attempt. Later attempts return at
+once. The sticky schedule-to-start timeout is short by default, so tasks bound to a
+killed worker's sticky queue move to the normal queue soon after it died.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -26,23 +38,33 @@ from typing import Any
 
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
 
-# Kept short so the test is quick: attempt 1 is abandoned (its worker is killed) and
-# the server retries it after this timeout.
+# Short, so the attempt abandoned by the killed worker is retried quickly.
 START_TO_CLOSE = timedelta(seconds=2)
 RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=5)
 
 
-@activity.defn
-async def stall_on_first_attempt(job: dict[str, Any]) -> str:
+async def _mark_attempt_then_stall_once(job: dict[str, Any]) -> int:
+    """Write this attempt's marker (write-then-rename: the test never reads half a
+    file); on attempt 1 block until the process dies. Returns the attempt."""
     info = activity.info()
     marker = Path(f"{job['marker']}.attempt{info.attempt}")
-    # Write-then-rename: the test never sees a half-written marker.
     tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "attempt": info.attempt}))
+    tmp.write_text(
+        json.dumps({"pid": os.getpid(), "attempt": info.attempt, "workflow": info.workflow_id})
+    )
     tmp.replace(marker)
     if info.attempt == 1:
         await asyncio.sleep(300)
-    return f"{job['value']}:done-on-attempt-{info.attempt}"
+    return info.attempt
+
+
+# ------------------------------------------------------------------ crashy
+
+
+@activity.defn
+async def stall_on_first_attempt(job: dict[str, Any]) -> str:
+    attempt = await _mark_attempt_then_stall_once(job)
+    return f"{job['value']}:done-on-attempt-{attempt}"
 
 
 @workflow.defn
@@ -50,22 +72,87 @@ class CrashyWorkflow:
     @workflow.run
     async def run(self, job: dict[str, Any]) -> str:
         result: str = await workflow.execute_activity(
-            stall_on_first_attempt,
-            job,
-            start_to_close_timeout=START_TO_CLOSE,
-            retry_policy=RETRY,
+            stall_on_first_attempt, job, start_to_close_timeout=START_TO_CLOSE, retry_policy=RETRY
         )
         return result
 
 
-async def _main(address: str, task_queue: str, identity: str) -> None:
-    client = await Client.connect(address, identity=identity)
+# ------------------------------------------------------------------- child
+
+
+@activity.defn
+async def child_step(job: dict[str, Any]) -> str:
+    attempt = await _mark_attempt_then_stall_once(job)
+    return f"{job['value']}:step-on-attempt-{attempt}"
+
+
+@activity.defn
+async def parent_step(text: str) -> str:
+    return f"{text}:parent-step"
+
+
+@workflow.defn
+class CrashChild:
+    @workflow.run
+    async def run(self, job: dict[str, Any]) -> str:
+        result: str = await workflow.execute_activity(
+            child_step, job, start_to_close_timeout=START_TO_CLOSE, retry_policy=RETRY
+        )
+        return f"child({result})"
+
+
+@workflow.defn
+class CrashParent:
+    @workflow.run
+    async def run(self, job: dict[str, Any]) -> str:
+        child_result: str = await workflow.execute_child_workflow(
+            CrashChild.run, job, id=job["child_id"], task_timeout=timedelta(seconds=2)
+        )
+        result: str = await workflow.execute_activity(
+            parent_step, child_result, start_to_close_timeout=START_TO_CLOSE, retry_policy=RETRY
+        )
+        return result
+
+
+# ------------------------------------------------------------------ sticky
+
+
+@workflow.defn
+class Tally:
+    """Adds up ``add`` signals until it has ``count`` of them; returns the values and
+    a deterministic random draw (so a replay that went wrong would show)."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    @workflow.run
+    async def run(self, count: int) -> dict[str, object]:
+        draw = workflow.random().randint(0, 10**9)
+        await workflow.wait_condition(lambda: len(self.values) >= count)
+        return {"values": self.values, "sum": sum(self.values), "draw": draw}
+
+    @workflow.signal
+    def add(self, value: int) -> None:
+        self.values.append(value)
+
+
+FLAVOURS: dict[str, tuple[list[type], list[Any]]] = {
+    "crashy": ([CrashyWorkflow], [stall_on_first_attempt]),
+    "child": ([CrashParent, CrashChild], [child_step, parent_step]),
+    "sticky": ([Tally], []),
+}
+
+
+async def _run(args: argparse.Namespace) -> None:
+    workflows, activities = FLAVOURS[args.flavour]
+    client = await Client.connect(args.address, identity=args.identity)
     worker = Worker(
         client,
-        task_queue=task_queue,
-        workflows=[CrashyWorkflow],
-        activities=[stall_on_first_attempt],
-        identity=identity,
+        task_queue=args.task_queue,
+        workflows=workflows,
+        activities=activities,
+        identity=args.identity,
+        sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=args.sticky_timeout_ms),
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -77,8 +164,16 @@ async def _main(address: str, task_queue: str, identity: str) -> None:
     await client.close()
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("address", help="HOST:PORT of the server")
+    parser.add_argument("task_queue")
+    parser.add_argument("identity")
+    parser.add_argument("flavour", choices=sorted(FLAVOURS))
+    parser.add_argument("--sticky-timeout-ms", type=int, default=300)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if len(sys.argv) != 4:
-        sys.exit(f"usage: {sys.argv[0]} HOST:PORT TASK_QUEUE IDENTITY")
-    asyncio.run(_main(*sys.argv[1:4]))
+    asyncio.run(_run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
