@@ -171,7 +171,7 @@ async def test_decode_history_copies_and_passes_unencoded_payloads_through() -> 
     attrs.input.CopyFrom(converter.to_payloads(["arg-SECRET", "clear"]))
     await converter.encode_messages([attrs.input.payloads[0]])  # one encoded, one not
     history = WorkflowHistory("wf", [started])
-    decoded = await decode_history(history.to_json(), converter)
+    decoded = await decode_history(WorkflowHistory.from_json(history.to_json()), converter)
     got = decoded.events[0].workflow_execution_started_event_attributes.input
     assert converter.from_payloads(got) == ["arg-SECRET", "clear"]
     assert history.events[0].workflow_execution_started_event_attributes.input.payloads[0].metadata[

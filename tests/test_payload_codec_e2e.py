@@ -33,6 +33,7 @@ from tideflow.worker_sdk import (
     Replayer,
     Worker,
     WorkflowHandle,
+    WorkflowHistory,
     ZlibCodec,
     activity,
     dag,
@@ -343,7 +344,7 @@ async def test_replay_and_cache_eviction_with_chained_codec(store_url: str) -> N
         assert outer == {ENCODING_AES_GCM}
         with pytest.raises(Exception, match="payload_codec"):
             replayer.replay(raw)
-        decoded = await decode_history(raw.to_json(), converter)
+        decoded = await decode_history(WorkflowHistory.from_json(raw.to_json()), converter)
         assert replayer.replay(decoded).events_replayed == len(raw.events)
     stored = await stored_bytes(store_url)
     leaked = [m for m in markers(u) if m.encode() in stored]

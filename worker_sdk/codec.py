@@ -377,31 +377,27 @@ def _replace(targets: list[Payload], results: Sequence[Payload], codec: PayloadC
         target.CopyFrom(copy)
 
 
-async def decode_history(
-    history: WorkflowHistory | str | bytes, converter: DataConverter
-) -> WorkflowHistory:
-    """``history`` (or its JSON, as ``WorkflowHistory.to_json`` writes it) with every payload
-    decoded by ``converter``'s codec, as a new ``WorkflowHistory``; the input is not
-    changed. For tools that hold an encoded history: a JSON export taken with another
-    client, a history read from the server with the raw gRPC API. Histories from
-    ``fetch_history`` are already decoded; decoding them again changes nothing.
+async def decode_history(history: WorkflowHistory, converter: DataConverter) -> WorkflowHistory:
+    """``history`` with every payload decoded by ``converter``'s codec, as a new
+    ``WorkflowHistory`` (the input is not changed). For tools that hold an encoded
+    history: a JSON export taken by a client without the codec, a history read with the
+    raw gRPC API. Histories from ``fetch_history`` are already decoded; decoding them
+    again changes nothing, since codecs pass through payloads they did not encode.
 
     ```python
-    history = await decode_history(Path("run.json").read_text(), converter)
+    raw = WorkflowHistory.from_json(Path("run.json").read_text())
+    history = await decode_history(raw, converter)
     Replayer(workflows=[MyWorkflow], data_converter=converter).replay(history)
     ```
     """
-    from .client import WorkflowHistory
-
-    if isinstance(history, (str, bytes)):
-        history = WorkflowHistory.from_json(history)
     events = []
     for event in history.events:
         copy = type(event)()
         copy.CopyFrom(event)
         events.append(copy)
     await converter.decode_messages(events)
-    return WorkflowHistory(history.workflow_id, events)
+    # type(history): WorkflowHistory lives in the client module, which imports this one.
+    return type(history)(history.workflow_id, events)
 
 
 __all__ = [

@@ -124,7 +124,9 @@ class JSONPayloadConverter:
         if encoding == b"json/plain":
             return _from_jsonable(json.loads(payload.data), type_hint)
         hint = (
-            " (an encoded payload: give the DataConverter the payload_codec that encoded it)"
+            " (an encoded payload: decode it with the codec that encoded it,"
+            " DataConverter(payload_codec=...) on the client or decode_history() for a"
+            " history read elsewhere)"
             if encoding.startswith(b"binary/")
             else ""
         )
