@@ -14,6 +14,7 @@ and schedules through the same boundary.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -451,3 +452,36 @@ async def test_dag_and_schedule_through_the_codec(store_url: str) -> None:
         m for m in (f"DAGIN{u}", f"DAGOUT{u}", f"CHIN{u}", f"CHRES{u}") if m.encode() in stored
     ]
     assert leaked == [], f"payload values stored in plain text: {leaked}"
+
+
+async def test_worker_without_the_key_leaves_the_task_to_one_that_has_it(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    u = uuid.uuid4().hex
+    queue = f"codec-{u}"
+    old, rotated = aes("a", a=KEY_A), aes("b", a=KEY_A, b=KEY_B)
+    caplog.set_level(logging.ERROR, logger="tideflow.worker")
+    async with TideflowServer(store_url, port=0) as server, connected(server, rotated) as client:
+        handle = await client.start_workflow(
+            CodecWaits.run,
+            f"first{u}",
+            id=f"lacks-{u}",
+            task_queue=queue,
+            task_timeout=timedelta(seconds=1),  # the server retries the task soon
+        )
+        # A worker that only has key A gets the task, cannot decode it, logs why and
+        # keeps running (it shuts down cleanly).
+        async with (
+            connected(server, old) as lacking,
+            Worker(lacking, task_queue=queue, workflows=[CodecWaits]),
+        ):
+
+            async def logged() -> bool:
+                return any("undecodable task" in r.getMessage() for r in caplog.records)
+
+            await eventually(logged, "the undecodable task logged")
+        assert any("key id 'b'" in r.getMessage() for r in caplog.records)
+        async with Worker(client, task_queue=queue, workflows=[CodecWaits]):
+            await handle.signal(CodecWaits.add, "x")
+            await handle.signal(CodecWaits.add, "y")
+            assert await bounded(handle.result()) == [f"first{u}", "x", "y"]
