@@ -32,6 +32,7 @@ from tideflow.worker_sdk import (
     DataConverter,
     PayloadCodecError,
     Replayer,
+    RetryPolicy,
     Worker,
     WorkflowHandle,
     WorkflowHistory,
@@ -65,7 +66,15 @@ def aes(active: str = "a", **keys: bytes) -> DataConverter:
 
 @activity.defn
 async def seal(text: str) -> str:
-    activity.heartbeat(text.replace("ACTIN", "HEARTBEAT"))
+    """The first attempt heartbeats and fails; the second gets the heartbeat details
+    back from the server (so they were stored there, encoded) and succeeds."""
+    beat = text.replace("ACTIN", "HEARTBEAT")
+    info = activity.info()
+    if info.attempt == 1:
+        activity.heartbeat(beat)
+        raise RuntimeError("first attempt fails after a heartbeat")
+    if info.heartbeat_details != [beat]:
+        return f"wrong heartbeat details: {info.heartbeat_details!r}"
     return text.replace("ACTIN", "ACTRES")
 
 
@@ -83,7 +92,7 @@ class CodecChild:
         return text.replace("CHIN", "CHRES")
 
 
-_NO_RETRY = {"start_to_close_timeout": timedelta(seconds=30)}
+_TIMEOUT = {"start_to_close_timeout": timedelta(seconds=30)}
 
 
 @workflow.defn
@@ -100,9 +109,14 @@ class CodecParent:
         u = job["u"]
         if job["lap"] == 0:
             patched = workflow.patched("codec-patch")
-            sealed = await workflow.execute_activity(seal, f"ACTIN{u}", **_NO_RETRY)
+            sealed = await workflow.execute_activity(
+                seal,
+                f"ACTIN{u}",
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=50)),
+            )
             try:
-                await workflow.execute_activity(refuse, f"ACTIN{u}", **_NO_RETRY)
+                await workflow.execute_activity(refuse, f"ACTIN{u}", **_TIMEOUT)
                 refused: list[Any] = []
             except ActivityError as error:
                 assert isinstance(error.cause, ApplicationError)
@@ -172,7 +186,8 @@ ACTIVITIES = [seal, refuse]
 def markers(u: str) -> list[str]:
     """Every value the scenario sends or receives, each unique to the test. Without a
     codec all of them are stored in plain text except the query ones (queries are not
-    recorded) and the heartbeat's (dropped when the activity completes)."""
+    recorded) and the heartbeat's (kept by the server only while the activity is pending;
+    the second attempt proves they went through it)."""
     kinds = ["WFIN", "ACTIN", "ACTRES", "ACTFAIL", "HEARTBEAT", "SIG", "CHIN", "CHRES", "CAN"]
     return [f"{k}{u}" for k in [*kinds, "QARG", "QRES", "RES", "MEMO", "WFFAIL"]]
 
