@@ -47,6 +47,7 @@ from tideflow.worker_sdk.dag import DagWorkflow, Task
 from tideflow.worker_sdk.exceptions import (
     ActivityError,
     ApplicationError,
+    NonDeterminismError,
     WorkflowFailureError,
     WorkflowQueryFailedError,
 )
@@ -358,7 +359,7 @@ async def test_replay_and_cache_eviction_with_chained_codec(store_url: str) -> N
             raw = await blind.get_workflow_handle(handle.id, run_id=first_run).fetch_history()
         outer = {p.metadata["encoding"] for e in raw.events for p in collect_payloads(e)}
         assert outer == {ENCODING_AES_GCM}
-        with pytest.raises(Exception, match="payload_codec"):
+        with pytest.raises(NonDeterminismError, match="decode_history"):
             replayer.replay(raw)
         decoded = await decode_history(WorkflowHistory.from_json(raw.to_json()), converter)
         assert replayer.replay(decoded).events_replayed == len(raw.events)
