@@ -272,9 +272,13 @@ def test_the_workflow_api_imports_nothing_from_its_implementation() -> None:
 
 def test_public_api_is_pinned() -> None:
     assert tideflow.worker_sdk.__all__ == [
+        "AESGCMCodec",
         "Client",
         "DataConverter",
         "JSONPayloadConverter",
+        "PayloadCodec",
+        "PayloadCodecChain",
+        "PayloadCodecError",
         "PayloadConverter",
         "ReplayResult",
         "Replayer",
@@ -287,7 +291,10 @@ def test_public_api_is_pinned() -> None:
         "WorkflowHistory",
         "WorkflowIDConflictPolicy",
         "WorkflowIDReusePolicy",
+        "ZlibCodec",
+        "ZstdCodec",
         "activity",
+        "decode_history",
         "exceptions",
         "workflow",
     ]

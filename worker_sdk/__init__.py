@@ -13,6 +13,15 @@ from .client import (
     WorkflowHandle,
     WorkflowHistory,
 )
+from .codec import (
+    AESGCMCodec,
+    PayloadCodec,
+    PayloadCodecChain,
+    PayloadCodecError,
+    ZlibCodec,
+    ZstdCodec,
+    decode_history,
+)
 from .common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, JSONPayloadConverter, PayloadConverter
 from .interceptor import WorkerInterceptor
@@ -20,9 +29,13 @@ from .replayer import Replayer, ReplayResult
 from .worker import Worker
 
 __all__ = [
+    "AESGCMCodec",
     "Client",
     "DataConverter",
     "JSONPayloadConverter",
+    "PayloadCodec",
+    "PayloadCodecChain",
+    "PayloadCodecError",
     "PayloadConverter",
     "ReplayResult",
     "Replayer",
@@ -35,7 +48,10 @@ __all__ = [
     "WorkflowHistory",
     "WorkflowIDConflictPolicy",
     "WorkflowIDReusePolicy",
+    "ZlibCodec",
+    "ZstdCodec",
     "activity",
+    "decode_history",
     "exceptions",
     "workflow",
 ]

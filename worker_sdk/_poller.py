@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from . import exceptions as exc
 from .client import Client
+from .codec import PayloadCodecError
 
 log = logging.getLogger("tideflow.worker")
 
@@ -198,6 +199,14 @@ class PollLoop(Generic[T]):
                 if error.status != "DEADLINE_EXCEEDED":  # an empty long poll: poll again
                     log.warning("%s poll on %s failed: %s", self._role, queue, error)
                     await asyncio.sleep(POLL_ERROR_BACKOFF_S)
+                continue
+            except PayloadCodecError as error:
+                # A task this worker's codec cannot decode (a key it lacks): acting on it
+                # without its payloads is impossible, so leave it to the server's retry
+                # after the task timeout (a worker given the key then runs it).
+                self._slots.release()
+                log.error("%s poll on %s: undecodable task: %s", self._role, queue, error)
+                await asyncio.sleep(POLL_ERROR_BACKOFF_S)
                 continue
             except BaseException:
                 self._slots.release()  # cancelled by stop_polling (or a bug): no task came

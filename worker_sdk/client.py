@@ -22,6 +22,7 @@ from typing import Any, Concatenate, Generic, Required, TypedDict, Unpack, cast,
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from typing_extensions import TypeVar
 
 from tideflow.api.search_attributes import (
@@ -81,11 +82,12 @@ def default_identity() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def translate_rpc_error(
+async def translate_rpc_error(
     error: grpc.aio.AioRpcError, converter: DataConverter = default_converter
 ) -> exc.RPCError:
     """The SDK exception for a failed call (``exceptions.rpc_error_from_status``);
-    ``converter`` turns a failed query's reported failure into the error's cause."""
+    ``converter`` decodes a failed query's reported failure (its payload codec) and
+    turns it into the error's cause."""
     code = error.code()
     translated = exc.rpc_error_from_status(
         error.details() or code.name,
@@ -93,6 +95,8 @@ def translate_rpc_error(
         detail=exc.error_detail(error.trailing_metadata() or ()),
     )
     if isinstance(translated, exc.WorkflowQueryFailedError) and translated.failure is not None:
+        # The failure arrives in the status details, encoded like any payload received.
+        await converter.decode_messages([translated.failure])
         translated.__cause__ = converter.from_failure(translated.failure)
     return translated
 
@@ -304,15 +308,28 @@ class Client:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + retry_for
         delay = 0.05
+        codec = self.data_converter.codec
+        if codec is not None:
+            # The payload codec's wire boundary: every payload sent is encoded here, once
+            # (retries resend the same bytes), on a copy so the caller's message keeps
+            # its decoded values.
+            encoded = type(request)()
+            encoded.CopyFrom(request)
+            await self.data_converter.encode_messages([encoded])
+            request = encoded
         while True:
             try:
-                return await method(request, timeout=timeout)
+                response = await method(request, timeout=timeout)
+                if codec is not None:
+                    # ...and every payload received is decoded before anything reads it.
+                    await self.data_converter.decode_messages([cast(Message, response)])
+                return response
             except grpc.aio.AioRpcError as error:
                 if retry and error.code() in _RETRYABLE and loop.time() < give_up:
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
-                translated = translate_rpc_error(error, self.data_converter)
+                translated = await translate_rpc_error(error, self.data_converter)
                 # Hide the grpc error (its text is in ours), keep a failed query's cause.
                 raise translated from translated.__cause__
 

@@ -3,7 +3,8 @@
 The default converter writes JSON (``json/plain``), ``None`` as ``binary/null`` and
 ``bytes`` as ``binary/plain``. Dataclasses are written as JSON objects and rebuilt
 from type hints on the way in. Plug in another ``PayloadConverter`` through
-``Client.connect(..., data_converter=DataConverter(payload_converter=...))``.
+``Client.connect(..., data_converter=DataConverter(payload_converter=...))``, and encrypt
+or compress payloads on the wire with ``DataConverter(payload_codec=...)`` (see ``codec``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from enum import Enum
 from typing import Any, Protocol
 from uuid import UUID
 
+from google.protobuf.message import Message
+
 from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.common_pb2 import Failure, Payload, Payloads
 
 from . import exceptions as exc
+from .codec import PayloadCodec, as_codec
+from .codec import decode_messages as _decode_messages
+from .codec import encode_messages as _encode_messages
 
 ENCODING = "encoding"
 
@@ -117,12 +123,51 @@ class JSONPayloadConverter:
             return payload.data
         if encoding == b"json/plain":
             return _from_jsonable(json.loads(payload.data), type_hint)
-        raise ValueError(f"unknown payload encoding {encoding.decode(errors='replace')!r}")
+        hint = (
+            " (an encoded payload: decode it with the codec that encoded it,"
+            " DataConverter(payload_codec=...) on the client or decode_history() for a"
+            " history read elsewhere)"
+            if encoding.startswith(b"binary/")
+            else ""
+        )
+        raise ValueError(f"unknown payload encoding {encoding.decode(errors='replace')!r}{hint}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DataConverter:
+    """Values to payloads (``payload_converter``) and payloads to wire form
+    (``payload_codec``: one ``PayloadCodec`` or a list of them, applied in order on
+    encode and in reverse on decode; None sends payloads as the converter makes them).
+
+    The client applies the codec to every request and response (``encode_messages`` /
+    ``decode_messages``), so the conversion methods below always see decoded payloads.
+    """
+
     payload_converter: PayloadConverter = dataclasses.field(default_factory=JSONPayloadConverter)
+    payload_codec: PayloadCodec | Sequence[PayloadCodec] | None = None
+
+    def __post_init__(self) -> None:
+        # A list of codecs is accepted as a chain; stored as one codec so the boundary
+        # has a single thing to call.
+        object.__setattr__(self, "payload_codec", as_codec(self.payload_codec))
+
+    @property
+    def codec(self) -> PayloadCodec | None:
+        """``payload_codec`` as one codec (a list given to the constructor is a chain)."""
+        codec = self.payload_codec
+        return codec if isinstance(codec, PayloadCodec) else None
+
+    async def encode_messages(self, messages: Sequence[Message]) -> None:
+        """Encode every payload of ``messages`` in place, for sending (no-op without a
+        codec). Search attribute values stay as they are: the server indexes them."""
+        if self.codec is not None:
+            await _encode_messages(messages, self.codec)
+
+    async def decode_messages(self, messages: Sequence[Message]) -> None:
+        """Decode every payload of ``messages`` in place, as received (no-op without a
+        codec); payloads the codec did not encode pass through."""
+        if self.codec is not None:
+            await _decode_messages(messages, self.codec)
 
     def to_payloads(self, values: Sequence[Any]) -> Payloads:
         return Payloads(payloads=[self.payload_converter.to_payload(v) for v in values])

@@ -3,6 +3,10 @@
 Users run this in their own CI with histories fetched from production
 (``handle.fetch_history()`` / ``WorkflowHistory.to_json()``) to prove that a code change
 is still deterministic.
+
+Histories must hold decoded payloads: ``fetch_history`` decodes with the client's payload
+codec; a history exported without it (encrypted payloads) is decoded first with
+``await codec.decode_history(history, converter)``.
 """
 
 from __future__ import annotations
