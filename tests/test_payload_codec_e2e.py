@@ -13,17 +13,17 @@ and schedules through the same boundary.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
+from helpers import bounded, eventually
 
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import (
@@ -55,7 +55,6 @@ from tideflow.worker_sdk.schedules import ScheduleActionStartWorkflow, ScheduleS
 
 KEY_A = bytes.fromhex("11" * 32)
 KEY_B = bytes.fromhex("22" * 32)
-WAIT_S = 60.0
 
 
 def aes(active: str = "a", **keys: bytes) -> DataConverter:
@@ -93,7 +92,7 @@ class CodecChild:
         return text.replace("CHIN", "CHRES")
 
 
-_TIMEOUT = {"start_to_close_timeout": timedelta(seconds=30)}
+_TIMEOUT = timedelta(seconds=30)
 
 
 @workflow.defn
@@ -117,7 +116,9 @@ class CodecParent:
                 retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=50)),
             )
             try:
-                await workflow.execute_activity(refuse, f"ACTIN{u}", **_TIMEOUT)
+                await workflow.execute_activity(
+                    refuse, f"ACTIN{u}", start_to_close_timeout=_TIMEOUT
+                )
                 refused: list[Any] = []
             except ActivityError as error:
                 assert isinstance(error.cause, ApplicationError)
@@ -205,22 +206,6 @@ async def connected(server: TideflowServer, converter: DataConverter) -> AsyncIt
         await client.close()
 
 
-async def bounded(awaitable: Awaitable[Any]) -> Any:
-    return await asyncio.wait_for(awaitable, WAIT_S)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while True:
-        value = await check()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def run_scenario(client: Client, queue: str, u: str) -> tuple[WorkflowHandle[Any], str]:
     """Runs CodecParent through both laps; returns its handle and the first run's id."""
     wid = f"codec-{u}"
@@ -233,6 +218,7 @@ async def run_scenario(client: Client, queue: str, u: str) -> tuple[WorkflowHand
         search_attributes={"Customer": f"SEARCHABLE{u}"},
     )
     first_run = handle.run_id
+    assert first_run is not None
     await handle.signal(CodecParent.add, f"SIG{u}")
 
     async def answered() -> str | None:
