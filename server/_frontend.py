@@ -21,7 +21,8 @@ import grpc
 from google.protobuf.message import Message
 
 import tideflow
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc, state_pb2
+from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 from tideflow.history import (
     CLOSE_EVENTS,
     HistoryStore,
@@ -49,7 +50,7 @@ from ._errors import (
 from ._history_pages import HistoryPager, decode_run_id, is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
-from ._validation import RequestValidator, check_command_attributes, check_retry_policy
+from ._validation import RequestValidator, TooLargeError, check_retry_policy
 from ._visibility import (
     check_search_attributes,
     decode_page_token,
@@ -71,9 +72,10 @@ _QUERY_TASK_BUILD_ATTEMPTS = 3
 # Event ids are int64 in the store.
 _MAX_EVENT_ID = 2**63
 _DEFAULT_STICKY_TIMEOUT_S = 5
-# A command carries at most this many payload-bearing fields' worth of bytes (a child
-# start: input, memo, header, search attributes).
-_PAYLOAD_FIELDS_PER_COMMAND = 4
+_NONE: frozenset[str] = frozenset()
+# Request fields an RPC checks itself: a workflow task's commands out of bounds fail the
+# task (recorded in history) instead of the request.
+_CHECKED_BY_HANDLER = {"RespondWorkflowTaskCompleted": frozenset({"commands"})}
 # "-" + an RFC 3339 time with microseconds, as schedules suffix their runs' ids.
 _SCHEDULE_SUFFIX_LENGTH = 32
 
@@ -88,7 +90,7 @@ def _rpc(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
         try:
-            self._validator.check(request)
+            self._validator.check(request, skip=_CHECKED_BY_HANDLER.get(method.__name__, _NONE))
             return await method(self, request, context)
         except ServiceError as exc:
             await abort_with_detail(context, exc)
@@ -537,15 +539,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         token = decode_token(request.task_token, activity=False)
         await self._check_namespace(token.namespace)
-        # Each command becomes one event, which must fit one history page message.
-        command_limit = _PAYLOAD_FIELDS_PER_COMMAND * self._config.max_payload_bytes
-        for index, command in enumerate(request.commands):
-            if command.ByteSize() > command_limit:
-                raise InvalidArgumentError(
-                    f"commands[{index}] is {command.ByteSize()} bytes, over the limit of "
-                    f"{command_limit} bytes"
-                )
-            check_command_attributes(index, command)
+        await self._refuse_bad_commands(token, request)
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
         if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
             sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
@@ -553,6 +547,26 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             token, list(request.commands), request.identity, sticky
         )
         return service_pb2.RespondWorkflowTaskCompletedResponse(activity_tasks=eager)
+
+    async def _refuse_bad_commands(
+        self, token: state_pb2.TaskToken, request: service_pb2.RespondWorkflowTaskCompletedRequest
+    ) -> None:
+        """A command out of bounds fails the workflow task, as the engine's own
+        command validation does: a WorkflowTaskFailed event with the cause (retried
+        like any failed task), then INVALID_ARGUMENT to the worker, which drops its
+        cached run (it ran ahead of what history now holds)."""
+        for index, command in enumerate(request.commands):
+            try:
+                self._validator.check_command(index, command)
+            except InvalidArgumentError as exc:
+                cause = (
+                    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_PAYLOAD_TOO_LARGE
+                    if isinstance(exc, TooLargeError)
+                    else WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_BAD_COMMAND_ATTRIBUTES
+                )
+                failure = common_pb2.Failure(message=exc.message, source="server")
+                await self._engine.fail_workflow_task(token, cause, failure, request.identity)
+                raise InvalidArgumentError(f"workflow task failed: {exc.message}") from exc
 
     @_rpc
     async def RespondWorkflowTaskFailed(
