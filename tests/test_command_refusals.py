@@ -27,6 +27,12 @@ from tideflow.worker_sdk import Client
 from tideflow.worker_sdk.exceptions import InvalidArgumentError
 
 Cause = WorkflowTaskFailedCause
+# A run's history up to its first workflow task, started.
+_FIRST_TASK_STARTED = [
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+]
 _MAX_PAYLOAD = 64 * 1024
 
 
@@ -108,9 +114,7 @@ async def test_a_bad_command_fails_the_task_in_history(
 
         events = await _history(raw, workflow_id)
         assert [e.event_type for e in events] == [
-            EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
-            EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-            EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+            *_FIRST_TASK_STARTED,
             EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
         ]
         failed = events[-1].workflow_task_failed_event_attributes
@@ -148,15 +152,12 @@ async def test_a_bad_request_around_good_commands_fails_nothing(store_url: str) 
         with pytest.raises(InvalidArgumentError, match="sticky_attributes"):
             await raw.client.call(stub.RespondWorkflowTaskCompleted, sticky)
 
-        assert [e.event_type for e in await _history(raw, workflow_id)][-1] == (
-            EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED
-        )
+        events = await _history(raw, workflow_id)
+        assert [e.event_type for e in events] == _FIRST_TASK_STARTED
         await raw.complete(task.task_token, complete_workflow())  # the same task completes
         events = await _history(raw, workflow_id)
         assert [e.event_type for e in events] == [
-            EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
-            EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-            EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+            *_FIRST_TASK_STARTED,
             EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
             EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
         ]
