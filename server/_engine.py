@@ -272,8 +272,6 @@ class HistoryEngine:
 
     # ---------------------------------------------------------------- start
 
-    # ---------------------------------------------------------------- start
-
     async def start_workflow(
         self,
         req: service_pb2.StartWorkflowRequest,
@@ -363,7 +361,8 @@ class HistoryEngine:
         parent_initiated_event_id: int,
     ) -> str | None:
         """Commit a new run as the workflow id's current one; its run id, or None if
-        another start or close changed the current run meanwhile."""
+        another start or close changed the current run meanwhile, or the commit is in
+        doubt (the caller decides again in both cases)."""
         run_id = str(uuid.uuid4())
         m = _run_start.new_run(
             req,
@@ -384,6 +383,15 @@ class HistoryEngine:
             await self._store.apply(m.to_transition(0, start_request_id=request_id))
         except CurrentExecutionConflictError:
             self._tracer.outcome(m, committed=False)
+            return None
+        except ConditionFailedError:
+            # The run id is new, so no other writer can have written its rows: the
+            # store retried a commit whose answer was lost and met the rows of its
+            # own first attempt. Deciding again finds this request's run as the
+            # current one. (Trace mode: the line written ahead stays unconfirmed, as
+            # for any commit in doubt.) Its first task is handed over as in _commit.
+            self._dispatcher.add_tasks(m.new_tasks)
+            self._dispatcher.add_timers(m.new_timers)
             return None
         self._tracer.outcome(m, committed=True)
         run = _Run(state=m.ms, db_version=1, events=list(m.events))
