@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -47,6 +48,7 @@ from ._errors import (
     UnavailableError,
     abort_with_detail,
 )
+from ._failures import RateLimitedLog
 from ._history_pages import HistoryPager, decode_run_id, is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
@@ -72,6 +74,7 @@ _QUERY_TASK_BUILD_ATTEMPTS = 3
 # Event ids are int64 in the store.
 _MAX_EVENT_ID = 2**63
 _DEFAULT_STICKY_TIMEOUT_S = 5
+_OUTAGE_LOG_INTERVAL_S = 10.0
 _NONE: frozenset[str] = frozenset()
 # Request fields an RPC checks itself: a workflow task's commands out of bounds fail the
 # task (recorded in history) instead of the request.
@@ -98,7 +101,7 @@ def _rpc(
             # The database refused a value of this request (and of no other).
             await abort_with_detail(context, InvalidArgumentError(str(exc)))
         except (RetryableStoreError, StoreError) as exc:
-            log.warning("%s: store unavailable: %s", method.__name__, exc)
+            self._outage_log.warning("%s: store unavailable: %s", method.__name__, exc)
             await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
             raise
@@ -121,7 +124,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         config: ServerConfig,
         *,
         scheduler: Scheduler | None = None,
+        log_clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``log_clock`` paces the log of store failures (monotonic seconds)."""
         self._store = store
         self._engine = engine
         self._matching = matching
@@ -131,6 +136,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._namespaces: set[str] = set()
         self._queries: dict[str, QueryTask] = {}
         self._validator = RequestValidator(config)
+        # During an outage every request fails alike: one line per interval, not each.
+        self._outage_log = RateLimitedLog(log, _OUTAGE_LOG_INTERVAL_S, now_s=log_clock)
         self._parked_polls = 0
         self._pager = HistoryPager(engine.read_events, engine.state_of, config.history_page_bytes)
 
