@@ -38,7 +38,6 @@ from ._engine import HistoryEngine, decode_token
 from ._errors import (
     AlreadyExistsError,
     DeadlineExceededError,
-    FailedPreconditionError,
     InvalidArgumentError,
     NamespaceNotFoundError,
     NotFoundError,
@@ -70,7 +69,6 @@ Resp = TypeVar("Resp")
 _DEFAULT_PAGE_SIZE = 1000
 # Events per GetHistory page at most (pages are bounded in bytes as well).
 _MAX_HISTORY_PAGE_SIZE = 10_000
-_QUERY_TASK_BUILD_ATTEMPTS = 3
 # Event ids are int64 in the store.
 _MAX_EVENT_ID = 2**63
 _DEFAULT_STICKY_TIMEOUT_S = 5
@@ -505,7 +503,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 return service_pb2.PollWorkflowTaskResponse()
             if isinstance(task, QueryTask):
                 try:
-                    return await self._query_task(task)
+                    return await self._engine.query_task(task.key, task.query_id, task.query)
                 except ServiceError as exc:
                     if not task.result.done():
                         task.result.set_exception(exc)
@@ -520,23 +518,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 self._matching.give_back(task)
                 raise
             if response is not None:
-                self._pager.first_page(response)
                 return response
-
-    async def _query_task(self, task: QueryTask) -> service_pb2.PollWorkflowTaskResponse:
-        """A query task whose history is cut to a first page when it does not fit. The
-        page token must know where the run's buffered events begin: a run that changed
-        while the task was built is read again."""
-        for _ in range(_QUERY_TASK_BUILD_ATTEMPTS):
-            response = await self._engine.query_task(task.key, task.query_id, task.query)
-            if self._pager.fits(response):
-                return response
-            ms = await self._engine.state_of(task.key)
-            last = response.history.events[-1].event_id
-            if last == ms.next_event_id - 1 + len(ms.buffered_events):
-                self._pager.first_page(response, ms.next_event_id)
-                return response
-        raise FailedPreconditionError("the run kept changing while its query task was built")
 
     @_rpc
     async def RespondWorkflowTaskCompleted(
@@ -639,8 +621,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
-        if workflow_task is not None:
-            self._pager.first_page(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
     @_rpc
