@@ -10,13 +10,12 @@ engine decides again at once and answers with the run, on every store under test
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
+from raw_workflow import start_request
 from sqlalchemy import Connection
 
-from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, TimerRow
 from tideflow.history._dialects import Runner, open_runner
 from tideflow.server import ServerConfig, SystemClock
@@ -65,13 +64,7 @@ async def test_a_start_whose_commit_answer_was_lost_answers_with_its_run(store_u
     try:
         dispatched = _Recorded()
         engine = HistoryEngine(store, dispatched, SystemClock(), ServerConfig())
-        request = service_pb2.StartWorkflowRequest(
-            namespace="default",
-            workflow_id=f"w-{uuid.uuid4()}",
-            workflow_type=common_pb2.WorkflowType(name="Wf"),
-            task_queue=common_pb2.TaskQueue(name="q"),
-            request_id=str(uuid.uuid4()),
-        )
+        request = start_request()
         runner.answers_to_lose = 1
         run_id, _ = await engine.start_workflow(request)
 

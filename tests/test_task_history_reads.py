@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import uuid
 
+from raw_workflow import start_request
+
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2
 from tideflow.api.v1.common_pb2 import Failure
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent, WorkflowTaskFailedCause
@@ -82,13 +84,7 @@ async def test_a_task_of_a_long_history_reads_one_page(store_url: str) -> None:
         config = ServerConfig(history_page_bytes=_PAGE_BYTES)
         engine = HistoryEngine(store, tasks, SystemClock(), config)
         pager = HistoryPager(engine.read_events, engine.state_of, _PAGE_BYTES)
-        request = service_pb2.StartWorkflowRequest(
-            namespace="default",
-            workflow_id=f"w-{uuid.uuid4()}",
-            workflow_type=common_pb2.WorkflowType(name="Wf"),
-            task_queue=common_pb2.TaskQueue(name="q"),
-            request_id=str(uuid.uuid4()),
-        )
+        request = start_request()
         run_id, _ = await engine.start_workflow(request)
         key = RunKey(namespace="default", workflow_id=request.workflow_id, run_id=run_id)
 
