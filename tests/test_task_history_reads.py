@@ -79,6 +79,7 @@ async def _rest(
 
 async def test_a_task_of_a_long_history_reads_one_page(store_url: str) -> None:
     store = await _CountingStore.open_on(open_runner(store_url))
+    assert isinstance(store, _CountingStore)
     try:
         tasks = _Tasks()
         config = ServerConfig(history_page_bytes=_PAGE_BYTES)
