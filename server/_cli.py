@@ -186,15 +186,19 @@ async def _start_unless_stopped(server: TideflowServer, stop: asyncio.Event) -> 
     be waiting for the database, and Ctrl-C must not wait with it."""
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if starting.done():
-        starting.result()  # raises what the start raised
-        return True
-    starting.cancel()
-    await asyncio.wait({starting})
-    await server.stop()
-    return False
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Neither task outlives this call, whatever ends it.
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+        await asyncio.wait({starting, stopping})
+    if starting.cancelled():
+        await server.stop()
+        return False
+    starting.result()  # raises what the start raised
+    return True
 
 
 def _standalone(argv: list[str] | None) -> int:
