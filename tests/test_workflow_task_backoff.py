@@ -1,13 +1,14 @@
-"""Workflow task retry backoff stays bounded however many attempts have failed."""
+"""Retry arithmetic stays bounded however many attempts have failed: the workflow task
+backoff (an int power of two overflowed a float) and the attempt counters (int32)."""
 
 from __future__ import annotations
 
 from tideflow.api.v1 import state_pb2
-from tideflow.api.v1.common_pb2 import Failure
+from tideflow.api.v1.common_pb2 import Failure, RetryPolicy, RetryState
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 from tideflow.history import TimerKind
-from tideflow.server import ServerConfig, _workflow_tasks
+from tideflow.server import ServerConfig, _retry, _workflow_tasks
 from tideflow.server._mutation import Mutation
 
 _NOW_US = 1_700_000_000 * 1_000_000
@@ -60,3 +61,14 @@ def test_the_backoff_doubles_up_to_the_cap() -> None:
     # A zero initial delay (retry at once for ever) must not overflow either.
     at_once = ServerConfig(workflow_task_retry_initial_s=0.0, workflow_task_retry_max_s=0.0)
     assert _workflow_tasks._retry_delay_us(at_once, 10**9) == 0
+
+
+def test_unlimited_activity_retries_end_at_the_attempt_counters_limit() -> None:
+    # An attempt past int32 would not fit ActivityInfo.attempt: the retry's transition
+    # would raise for ever instead of closing the activity.
+    policy = RetryPolicy(maximum_attempts=0)  # unlimited
+    now = _NOW_US
+    retried = _retry.next_retry(policy, attempt=2**31 - 2, failure=None, now_us=now, deadline_us=0)
+    assert retried.state == RetryState.RETRY_STATE_IN_PROGRESS
+    last = _retry.next_retry(policy, attempt=2**31 - 1, failure=None, now_us=now, deadline_us=0)
+    assert (last.delay_us, last.state) == (-1, RetryState.RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED)
