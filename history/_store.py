@@ -113,8 +113,14 @@ class HistoryStore:
         """A store on a given runner (``open`` makes one from a URL; tests wrap one to
         inject database faults)."""
         store = cls(runner)
-        await store._create_schema()
-        await store.ensure_namespace("default", description="created by tideflow")
+        try:
+            await store._create_schema()
+            await store.ensure_namespace("default", description="created by tideflow")
+        except BaseException:
+            # An open that failed (the database unreachable, say) must not leave the
+            # runner's connections or writer thread behind: a server start tries again.
+            await runner.close()
+            raise
         store._start_writers()
         return store
 

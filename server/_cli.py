@@ -1,7 +1,9 @@
 """The ``tideflow server`` command group.
 
-``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]``
-runs a complete single-node server until SIGINT or SIGTERM.
+``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]
+[--db-wait SECONDS]`` runs a complete single-node server until SIGINT or SIGTERM. A
+database that is not reachable yet is waited for (``--db-wait``, one log line per
+attempt); after that, like any other start-up problem, it is one line and exit code 2.
 
 The ``tideflow`` entry point (``tideflow.cli``) composes this group with the SDK's;
 the server package knows nothing of the SDK. ``python -m tideflow.server._cli server
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 #: Exit code of a usage error (argparse uses the same).
 EXIT_USAGE = 2
+_DEFAULT_DB_WAIT_S = ServerConfig().store_start_timeout_s
 
 
 class StartError(Exception):
@@ -44,6 +47,14 @@ def add_parser(groups: Any) -> None:
     dev.add_argument("--db-url", default=None, help="any SQLAlchemy URL, e.g. postgresql://host/db")
     dev.add_argument("--port", type=int, default=7233)
     dev.add_argument("--ip", default="127.0.0.1")
+    dev.add_argument(
+        "--db-wait",
+        type=float,
+        default=_DEFAULT_DB_WAIT_S,
+        metavar="SECONDS",
+        help="how long to keep trying to reach an unavailable database at start "
+        f"(default: {_DEFAULT_DB_WAIT_S:g})",
+    )
     dev.add_argument("--log-level", default="INFO")
     dev.add_argument(
         "--sqlite-synchronous",
@@ -133,18 +144,23 @@ def _one_line(error: BaseException) -> str:
 
 
 async def _serve(args: argparse.Namespace, url: str) -> None:
+    if not args.db_wait >= 0:  # also refuses NaN
+        raise StartError(f"--db-wait {args.db_wait}: must be a number of seconds, 0 or more")
     server = TideflowServer(
         url,
         host=args.ip,
         port=args.port,
-        config=ServerConfig(sqlite_synchronous=args.sqlite_synchronous),
+        config=ServerConfig(
+            sqlite_synchronous=args.sqlite_synchronous, store_start_timeout_s=args.db_wait
+        ),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
+        if not await _start_unless_stopped(server, stop):
+            return  # SIGINT or SIGTERM while waiting for the database
     except Exception as error:
         # Start-up fails on the listen address (checked above, but another process may
         # have taken the port since) or on the database; the traceback is for --log-level
@@ -163,6 +179,26 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         await stop.wait()
     finally:
         await server.stop()
+
+
+async def _start_unless_stopped(server: TideflowServer, stop: asyncio.Event) -> bool:
+    """``server.start()``, given up (False) if a signal arrives first: the start may
+    be waiting for the database, and Ctrl-C must not wait with it."""
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Neither task outlives this call, whatever ends it.
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+        await asyncio.wait({starting, stopping})
+    if starting.cancelled():
+        await server.stop()
+        return False
+    starting.result()  # raises what the start raised
+    return True
 
 
 def _standalone(argv: list[str] | None) -> int:

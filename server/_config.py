@@ -67,6 +67,10 @@ class ServerConfig:
     workflow_task_retry_max_s: float = 10.0
     # SQLite PRAGMA synchronous: NORMAL survives process crashes, FULL power loss too.
     sqlite_synchronous: str = "NORMAL"
+    # How long a starting server keeps trying to reach an unavailable database (opening
+    # the store, the first reads), one log line per attempt, before start() fails: a
+    # server started with (or just before) its database waits for it. 0: one attempt.
+    store_start_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.history_page_bytes < self.grpc_max_message_bytes:
@@ -77,6 +81,8 @@ class ServerConfig:
             raise ValueError("max_payload_bytes must be at most 1/8 of grpc_max_message_bytes")
         if self.max_concurrent_polls < 1:
             raise ValueError("max_concurrent_polls must be at least 1")
+        if not self.store_start_timeout_s >= 0:  # also refuses NaN
+            raise ValueError("store_start_timeout_s must not be negative")
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -67,6 +67,7 @@ from ._errors import (
     WorkflowAlreadyStartedError,
     WorkflowNotFoundError,
 )
+from ._history_pages import HistoryPager
 from ._mutation import Mutation, run_key_of
 from ._task_responses import decode_token as decode_token  # the frontend's import
 from ._trace import Tracer
@@ -122,6 +123,8 @@ class HistoryEngine:
         self._config = config
         self._cache: OrderedDict[RunKey, _Run] = OrderedDict()
         self._tracer = Tracer.from_environment()
+        # Cuts task histories to a first page (the frontend pages GetHistory alike).
+        self._pager = HistoryPager(self.read_events, self.state_of, config.history_page_bytes)
 
     # ------------------------------------------------------------- machinery
 
@@ -232,24 +235,31 @@ class HistoryEngine:
         if m.new_timers:
             self._dispatcher.add_timers(m.new_timers)
 
-    async def _history_range(
-        self, key: RunKey, first_event_id: int, last_event_id: int
-    ) -> list[history_pb2.HistoryEvent]:
-        """Events first..last, from memory when the run's history is cached, else only
-        that range from the store (a sticky task of a long history reads a few rows)."""
+    async def _first_page(
+        self,
+        key: RunKey,
+        first: int,
+        last: int,
+        unstored: list[history_pb2.HistoryEvent],
+        *,
+        buffered_from: int = 0,
+    ) -> tuple[list[history_pb2.HistoryEvent], bytes]:
+        """The first page of a task's history: stored events first..last, then
+        ``unstored`` (``HistoryPager.first_task_page``); and the token for the rest.
+        A short history is read whole once and kept in memory; a longer one is read
+        from the store only as far as the page goes (a sticky task of a long history
+        reads a few rows, a full task one page)."""
         run = await self._load(key)
         if run.events is None and run.state.next_event_id - 1 <= _MAX_CACHED_EVENTS:
             loaded = await self._store.read_events(key)
             if self._cache.get(key) is run and len(loaded) == run.state.next_event_id - 1:
                 run.events = loaded
-            return loaded[first_event_id - 1 : last_event_id]
-        if run.events is not None:
-            return run.events[first_event_id - 1 : last_event_id]
-        return await self._store.read_events(
-            key,
-            first_event_id=first_event_id,
-            max_events=max(0, last_event_id - first_event_id + 1),
-        )
+            stored: tuple[int, int] | list[history_pb2.HistoryEvent] = loaded[first - 1 : last]
+        elif run.events is not None:
+            stored = run.events[first - 1 : last]
+        else:
+            stored = (first, last)
+        return await self._pager.first_task_page(key, stored, unstored, buffered_from=buffered_from)
 
     async def state_of(self, key: RunKey) -> state_pb2.MutableState:
         return (await self._load(key)).state
@@ -269,8 +279,6 @@ class HistoryEngine:
                     await run.changed.wait()
         except TimeoutError:
             return
-
-    # ---------------------------------------------------------------- start
 
     # ---------------------------------------------------------------- start
 
@@ -363,7 +371,8 @@ class HistoryEngine:
         parent_initiated_event_id: int,
     ) -> str | None:
         """Commit a new run as the workflow id's current one; its run id, or None if
-        another start or close changed the current run meanwhile."""
+        another start or close changed the current run meanwhile, or the commit is in
+        doubt (the caller decides again in both cases)."""
         run_id = str(uuid.uuid4())
         m = _run_start.new_run(
             req,
@@ -384,6 +393,15 @@ class HistoryEngine:
             await self._store.apply(m.to_transition(0, start_request_id=request_id))
         except CurrentExecutionConflictError:
             self._tracer.outcome(m, committed=False)
+            return None
+        except ConditionFailedError:
+            # The run id is new, so no other writer can have written its rows: the
+            # store retried a commit whose answer was lost and met the rows of its
+            # own first attempt. Deciding again finds this request's run as the
+            # current one. (Trace mode: the line written ahead stays unconfirmed, as
+            # for any commit in doubt.) Its first task is handed over as in _commit.
+            self._dispatcher.add_tasks(m.new_tasks)
+            self._dispatcher.add_timers(m.new_timers)
             return None
         self._tracer.outcome(m, committed=True)
         run = _Run(state=m.ms, db_version=1, events=list(m.events))
@@ -415,19 +433,29 @@ class HistoryEngine:
     async def _workflow_task(
         self, key: RunKey, wft: state_pb2.WorkflowTaskInfo, *, only_new_events: bool = False
     ) -> service_pb2.PollWorkflowTaskResponse:
-        """What a worker needs to run a started workflow task."""
+        """What a worker needs to run a started workflow task: the first page of its
+        history and the token for the rest."""
         ms = await self.state_of(key)
         first, last = _task_responses.history_range_of(wft, ms, only_new_events=only_new_events)
-        events = await self._history_range(key, first, last)
-        return _task_responses.workflow_task(ms, wft, events)
+        unstored = _task_responses.unstored_events(ms, wft)
+        events, token = await self._first_page(key, first, last, unstored)
+        return _task_responses.workflow_task(ms, wft, events, token)
 
     async def query_task(
         self, key: RunKey, query_id: str, query: service_pb2.WorkflowQuery
     ) -> service_pb2.PollWorkflowTaskResponse:
-        """A query task: the run's whole history, for the worker to replay and answer."""
+        """A query task: the first page of the run's whole history (its buffered
+        events included), for the worker to replay and answer. The state, and so where
+        the buffered events start, is the one snapshot the page is built from."""
         ms = await self.state_of(key)
-        events = await self._history_range(key, 1, ms.next_event_id - 1)
-        return _task_responses.query_task(ms, query_id, query, events)
+        events, token = await self._first_page(
+            key,
+            1,
+            ms.next_event_id - 1,
+            _task_responses.buffered_events(ms),
+            buffered_from=ms.next_event_id,
+        )
+        return _task_responses.query_task(ms, query_id, query, events, token)
 
     async def complete_workflow_task(
         self,

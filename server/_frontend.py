@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,7 +22,8 @@ import grpc
 from google.protobuf.message import Message
 
 import tideflow
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc, state_pb2
+from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 from tideflow.history import (
     CLOSE_EVENTS,
     HistoryStore,
@@ -36,7 +38,6 @@ from ._engine import HistoryEngine, decode_token
 from ._errors import (
     AlreadyExistsError,
     DeadlineExceededError,
-    FailedPreconditionError,
     InvalidArgumentError,
     NamespaceNotFoundError,
     NotFoundError,
@@ -46,10 +47,11 @@ from ._errors import (
     UnavailableError,
     abort_with_detail,
 )
+from ._failures import RateLimitedLog
 from ._history_pages import HistoryPager, decode_run_id, is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
-from ._validation import RequestValidator, check_command_attributes, check_retry_policy
+from ._validation import RequestValidator, TooLargeError, check_retry_policy
 from ._visibility import (
     check_search_attributes,
     decode_page_token,
@@ -67,13 +69,14 @@ Resp = TypeVar("Resp")
 _DEFAULT_PAGE_SIZE = 1000
 # Events per GetHistory page at most (pages are bounded in bytes as well).
 _MAX_HISTORY_PAGE_SIZE = 10_000
-_QUERY_TASK_BUILD_ATTEMPTS = 3
 # Event ids are int64 in the store.
 _MAX_EVENT_ID = 2**63
 _DEFAULT_STICKY_TIMEOUT_S = 5
-# A command carries at most this many payload-bearing fields' worth of bytes (a child
-# start: input, memo, header, search attributes).
-_PAYLOAD_FIELDS_PER_COMMAND = 4
+_OUTAGE_LOG_INTERVAL_S = 10.0
+_NONE: frozenset[str] = frozenset()
+# Request fields an RPC checks itself: a workflow task's commands out of bounds fail the
+# task (recorded in history) instead of the request.
+_CHECKED_BY_HANDLER = {"RespondWorkflowTaskCompleted": frozenset({"commands"})}
 # "-" + an RFC 3339 time with microseconds, as schedules suffix their runs' ids.
 _SCHEDULE_SUFFIX_LENGTH = 32
 
@@ -88,7 +91,7 @@ def _rpc(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
         try:
-            self._validator.check(request)
+            self._validator.check(request, skip=_CHECKED_BY_HANDLER.get(method.__name__, _NONE))
             return await method(self, request, context)
         except ServiceError as exc:
             await abort_with_detail(context, exc)
@@ -96,7 +99,7 @@ def _rpc(
             # The database refused a value of this request (and of no other).
             await abort_with_detail(context, InvalidArgumentError(str(exc)))
         except (RetryableStoreError, StoreError) as exc:
-            log.warning("%s: store unavailable: %s", method.__name__, exc)
+            self._outage_log.warning("%s: store unavailable: %s", method.__name__, exc)
             await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
             raise
@@ -119,7 +122,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         config: ServerConfig,
         *,
         scheduler: Scheduler | None = None,
+        log_clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``log_clock`` paces the log of store failures (monotonic seconds)."""
         self._store = store
         self._engine = engine
         self._matching = matching
@@ -129,6 +134,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._namespaces: set[str] = set()
         self._queries: dict[str, QueryTask] = {}
         self._validator = RequestValidator(config)
+        # During an outage every request fails alike: one line per interval, not each.
+        self._outage_log = RateLimitedLog(log, _OUTAGE_LOG_INTERVAL_S, now_s=log_clock)
         self._parked_polls = 0
         self._pager = HistoryPager(engine.read_events, engine.state_of, config.history_page_bytes)
 
@@ -496,7 +503,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 return service_pb2.PollWorkflowTaskResponse()
             if isinstance(task, QueryTask):
                 try:
-                    return await self._query_task(task)
+                    return await self._engine.query_task(task.key, task.query_id, task.query)
                 except ServiceError as exc:
                     if not task.result.done():
                         task.result.set_exception(exc)
@@ -511,23 +518,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 self._matching.give_back(task)
                 raise
             if response is not None:
-                self._pager.first_page(response)
                 return response
-
-    async def _query_task(self, task: QueryTask) -> service_pb2.PollWorkflowTaskResponse:
-        """A query task whose history is cut to a first page when it does not fit. The
-        page token must know where the run's buffered events begin: a run that changed
-        while the task was built is read again."""
-        for _ in range(_QUERY_TASK_BUILD_ATTEMPTS):
-            response = await self._engine.query_task(task.key, task.query_id, task.query)
-            if self._pager.fits(response):
-                return response
-            ms = await self._engine.state_of(task.key)
-            last = response.history.events[-1].event_id
-            if last == ms.next_event_id - 1 + len(ms.buffered_events):
-                self._pager.first_page(response, ms.next_event_id)
-                return response
-        raise FailedPreconditionError("the run kept changing while its query task was built")
 
     @_rpc
     async def RespondWorkflowTaskCompleted(
@@ -537,15 +528,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         token = decode_token(request.task_token, activity=False)
         await self._check_namespace(token.namespace)
-        # Each command becomes one event, which must fit one history page message.
-        command_limit = _PAYLOAD_FIELDS_PER_COMMAND * self._config.max_payload_bytes
-        for index, command in enumerate(request.commands):
-            if command.ByteSize() > command_limit:
-                raise InvalidArgumentError(
-                    f"commands[{index}] is {command.ByteSize()} bytes, over the limit of "
-                    f"{command_limit} bytes"
-                )
-            check_command_attributes(index, command)
+        await self._refuse_bad_commands(token, request)
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
         if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
             sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
@@ -553,6 +536,26 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             token, list(request.commands), request.identity, sticky
         )
         return service_pb2.RespondWorkflowTaskCompletedResponse(activity_tasks=eager)
+
+    async def _refuse_bad_commands(
+        self, token: state_pb2.TaskToken, request: service_pb2.RespondWorkflowTaskCompletedRequest
+    ) -> None:
+        """A command out of bounds fails the workflow task, as the engine's own
+        command validation does: a WorkflowTaskFailed event with the cause (retried
+        like any failed task), then INVALID_ARGUMENT to the worker, which drops its
+        cached run (it ran ahead of what history now holds)."""
+        for index, command in enumerate(request.commands):
+            try:
+                self._validator.check_command(index, command)
+            except InvalidArgumentError as exc:
+                cause = (
+                    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_PAYLOAD_TOO_LARGE
+                    if isinstance(exc, TooLargeError)
+                    else WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_BAD_COMMAND_ATTRIBUTES
+                )
+                failure = common_pb2.Failure(message=exc.message, source="server")
+                await self._engine.fail_workflow_task(token, cause, failure, request.identity)
+                raise InvalidArgumentError(f"workflow task failed: {exc.message}") from exc
 
     @_rpc
     async def RespondWorkflowTaskFailed(
@@ -618,8 +621,6 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
-        if workflow_task is not None:
-            self._pager.first_page(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
     @_rpc

@@ -7,7 +7,9 @@ gRPC message is at most ``grpc_max_message_bytes``. So, as Temporal does:
   ``maximum_page_size`` events), with a ``next_page_token`` while more follow;
 - a workflow task (``PollWorkflowTask``, or an eager one returned to an activity
   completion) carries a first page that fits plus a ``next_page_token``; the worker
-  fetches the rest with ``GetHistory`` before it runs the task.
+  fetches the rest with ``GetHistory`` before it runs the task. The engine reads only
+  that first page from the store (``first_task_page``), so a task of a long history
+  costs one page, not the whole history.
 
 A workflow task's continuation token names the run, the next event id and the last
 stored event id of the task, and carries the task's last two events itself
@@ -23,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 
-from tideflow.api.v1 import history_pb2, service_pb2, state_pb2
+from tideflow.api.v1 import history_pb2, state_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import RunKey
 
@@ -126,41 +128,61 @@ class HistoryPager:
             batch = max(1, min(_MAX_BATCH, (self._page_bytes - used) // mean + 1))
         return events, last is not None and next_id > last
 
-    def fits(self, response: service_pb2.PollWorkflowTaskResponse) -> bool:
-        events = response.history.events
-        return _fitting(events, self._page_bytes) == len(events)
+    async def first_task_page(
+        self,
+        key: RunKey,
+        stored: tuple[int, int] | Sequence[HistoryEvent],
+        unstored: Sequence[HistoryEvent],
+        *,
+        buffered_from: int = 0,
+    ) -> tuple[list[HistoryEvent], bytes]:
+        """The first page of a workflow or query task's history that fits, and the
+        ``next_page_token`` the worker fetches the rest with (empty if none).
 
-    def first_page(self, response: service_pb2.PollWorkflowTaskResponse, ms_next: int = 0) -> None:
-        """Cut a workflow or query task's history to a first page that fits, in place,
-        and set ``next_page_token`` to what the worker fetches for the rest.
-
-        ``ms_next`` is the run's next event id as the query task was built (ignored for
-        workflow tasks): query events from it on are the run's buffered events.
+        The history is the stored events ``stored`` (the events themselves when a
+        cache holds them, else the (first, last) ids: then no more is read from the
+        store than the page needs, so a long history costs one page per task, not a
+        full read), then ``unstored``: a transient task's scheduled/started events, or
+        a query's buffered events, whose provisional ids start at ``buffered_from``
+        (the run's next event id; 0 for a workflow task).
         """
-        events = response.history.events
+        if isinstance(stored, tuple):
+            first, last = stored
+            events, complete = await self.read_page(key, first, max(0, last - first + 1), last)
+            if not complete:
+                # The page is full before the stored events end: the unstored ones
+                # travel in the token (a query reads its buffered events again then).
+                cont = _Continuation(
+                    run_id=key.run_id,
+                    next_event_id=events[-1].event_id + 1,
+                    last_stored_id=buffered_from - 1 if buffered_from else last,
+                    tail=() if buffered_from else tuple(unstored),
+                    buffered_from=buffered_from,
+                )
+                return events, cont.encode()
+        else:
+            events = list(stored)
+        events.extend(unstored)
         keep = _fitting(events, self._page_bytes)
         if keep == len(events):
-            return
+            return events, b""
         rest = events[keep:]
-        is_query = response.HasField("query")
-        if is_query:
+        if buffered_from:
             cont = _Continuation(
-                run_id=response.workflow_execution.run_id,
+                run_id=key.run_id,
                 next_event_id=rest[0].event_id,
-                last_stored_id=ms_next - 1,
-                buffered_from=ms_next,
+                last_stored_id=buffered_from - 1,
+                buffered_from=buffered_from,
             )
         else:
             tail = _task_events(events)
             cont = _Continuation(
-                run_id=response.workflow_execution.run_id,
+                run_id=key.run_id,
                 next_event_id=rest[0].event_id,
                 last_stored_id=tail[0].event_id - 1 if tail else events[-1].event_id,
                 tail=tail,
             )
-        # Encoded before the cut: the tail events are elements of the field being cut.
-        response.next_page_token = cont.encode()
-        del events[keep:]
+        return events[:keep], cont.encode()
 
     async def continue_task(
         self, key: RunKey, token: bytes, max_events: int

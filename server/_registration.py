@@ -9,7 +9,6 @@ answers INTERNAL: a sender could fill the log at no cost to itself.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +17,8 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from tideflow.api.v1 import service_pb2, service_pb2_grpc
+
+from ._failures import RateLimitedLog
 
 log = logging.getLogger("tideflow.server.frontend")
 
@@ -31,25 +32,6 @@ class _Undecodable:
 
     def __init__(self, error: str) -> None:
         self.error = error
-
-
-class _RateLimitedLog:
-    """At most one line per ``interval_s``, saying how many were left out meanwhile: an
-    undecodable body costs its sender nothing, so it must not cost a traceback each."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._next_at = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next_at:
-            self._suppressed += 1
-            return
-        self._next_at = now + self._interval_s
-        suppressed, self._suppressed = self._suppressed, 0
-        log.warning(message + " (%d more left out before this one)", *args, suppressed)
 
 
 _UNDECODABLE_LOG_INTERVAL_S = 10.0
@@ -68,7 +50,7 @@ def _lenient_deserializer(message_class: type[Message]) -> Callable[[bytes], obj
 
 
 def _guarded(
-    method: Callable[[Any, _Context], Awaitable[Any]], input_type: str, undecodable: _RateLimitedLog
+    method: Callable[[Any, _Context], Awaitable[Any]], input_type: str, undecodable: RateLimitedLog
 ) -> Callable[[Any, _Context], Awaitable[Any]]:
     async def handle(request: Any, context: _Context) -> Any:
         if isinstance(request, _Undecodable):
@@ -91,8 +73,9 @@ def add_to_server(
     with deserializers that turn an undecodable body into INVALID_ARGUMENT."""
     descriptor = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    # One limit per server: a flood on one node says nothing about another.
-    undecodable = _RateLimitedLog(_UNDECODABLE_LOG_INTERVAL_S)
+    # One limit per server: a flood on one node says nothing about another. An
+    # undecodable body costs its sender nothing, so it must not cost a traceback each.
+    undecodable = RateLimitedLog(log, _UNDECODABLE_LOG_INTERVAL_S)
     for method in descriptor.methods:
         request_class = GetMessageClass(method.input_type)
         response_class = GetMessageClass(method.output_type)

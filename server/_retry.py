@@ -10,6 +10,8 @@ from tideflow.api.v1.common_pb2 import Failure, RetryPolicy, RetryState
 DEFAULT_INITIAL_INTERVAL_S = 1.0
 DEFAULT_BACKOFF_COEFFICIENT = 2.0
 DEFAULT_MAXIMUM_INTERVAL_FACTOR = 100
+# Attempt numbers are int32 fields of the run's state and events.
+MAX_ATTEMPT = 2**31 - 1
 
 
 def with_defaults(policy: RetryPolicy) -> RetryPolicy:
@@ -71,7 +73,10 @@ def next_retry(
         )
         if info is not None and (info.non_retryable or info.type in p.non_retryable_error_types):
             return RetryDecision(-1, RetryState.RETRY_STATE_NON_RETRYABLE_FAILURE)
-    if p.maximum_attempts and attempt >= p.maximum_attempts:
+    if (p.maximum_attempts and attempt >= p.maximum_attempts) or attempt >= MAX_ATTEMPT:
+        # "Unlimited" ends where the attempt counter (int32, as in Temporal) does: one
+        # more would not fit the activity's state, and its transition would fail for
+        # ever (about 25 days of retries every millisecond).
         return RetryDecision(-1, RetryState.RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED)
     try:
         delay = p.initial_interval.ToMicroseconds() * (p.backoff_coefficient ** (attempt - 1))

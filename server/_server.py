@@ -8,11 +8,19 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from tideflow.history import HistoryStore, RunKey, StoreError, TaskKind, TaskRow, TimerRow
+from tideflow.history import (
+    HistoryStore,
+    RunKey,
+    StoreError,
+    StoreUnavailableError,
+    TaskKind,
+    TaskRow,
+    TimerRow,
+)
 
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
@@ -30,6 +38,9 @@ log = logging.getLogger("tideflow.server")
 
 # Pause before a background step that failed on the store is tried again.
 _RETRY_DELAY_S = 1.0
+# Pause between attempts to reach the database while the server starts.
+_START_RETRY_DELAY_S = 1.0
+T = TypeVar("T")
 
 
 class _Dispatch(Dispatcher):
@@ -123,9 +134,18 @@ class TideflowServer:
         return self._store
 
     async def start(self) -> int:
-        """Open the store, recover in-flight work, listen; returns the bound port."""
-        store = await HistoryStore.open(
-            self.db_url, sqlite_synchronous=self.config.sqlite_synchronous
+        """Open the store, recover in-flight work, listen; returns the bound port.
+
+        A database that cannot be reached is tried again, one log line per attempt,
+        until ``config.store_start_timeout_s`` has passed since the start began; then
+        the last ``StoreUnavailableError`` is raised."""
+        deadline = asyncio.get_running_loop().time() + self.config.store_start_timeout_s
+        store = await _until_reachable(
+            deadline,
+            "opening the store",
+            lambda: HistoryStore.open(
+                self.db_url, sqlite_synchronous=self.config.sqlite_synchronous
+            ),
         )
         self._store = store
         matching = Matching()
@@ -133,8 +153,18 @@ class TideflowServer:
         transfers = TransferProcessor(store)
         dispatch = _Dispatch(matching, timers, transfers)
         engine = HistoryEngine(store, dispatch, self._clock, self.config)
-        recovered = await matching.recover(store)
-        recovered += await transfers.recover()
+
+        async def recover() -> int:
+            # Both de-duplicate by row key, so an attempt that failed halfway is
+            # simply read again.
+            return await matching.recover(store) + await transfers.recover()
+
+        try:
+            recovered = await _until_reachable(deadline, "reading the task backlog", recover)
+        except BaseException:
+            self._store = None
+            await store.close()
+            raise
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
         service = WorkflowService(store, engine, matching, self.config, scheduler=scheduler)
@@ -209,6 +239,25 @@ class TideflowServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def _until_reachable(deadline: float, what: str, step: Callable[[], Awaitable[T]]) -> T:
+    """``step()``, tried again while the database is unavailable and the loop's clock
+    is before ``deadline``; one warning line per failed attempt."""
+    loop = asyncio.get_running_loop()
+    attempt = 1
+    while True:
+        try:
+            return await step()
+        except StoreUnavailableError as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise StoreUnavailableError(
+                    f"{exc} (still unavailable after {attempt} attempt(s))"
+                ) from exc
+            log_retry(log, f"{what} (attempt {attempt}, {remaining:.0f} s left)", exc)
+            await asyncio.sleep(min(_START_RETRY_DELAY_S, remaining))
+            attempt += 1
 
 
 async def _run_background(loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -> None:

@@ -61,12 +61,12 @@ def workflow_task(
     ms: state_pb2.MutableState,
     wft: state_pb2.WorkflowTaskInfo,
     events: list[history_pb2.HistoryEvent],
+    next_page_token: bytes,
 ) -> service_pb2.PollWorkflowTaskResponse:
-    """A started workflow task with ``events`` (see ``history_range_of``); a transient
-    attempt's scheduled/started events, not stored yet, are added here."""
-    if wft.transient:
-        events.extend(_transient_events(ms, wft))
+    """A started workflow task with the first page of its history: ``events`` (see
+    ``history_range_of``, then ``unstored_events``) and the token for the rest."""
     response = service_pb2.PollWorkflowTaskResponse(
+        next_page_token=next_page_token,
         task_token=token(
             ms, wft.scheduled_event_id, wft.started_event_id, wft.attempt, activity=False
         ),
@@ -83,9 +83,13 @@ def workflow_task(
     return response
 
 
-def _transient_events(
+def unstored_events(
     ms: state_pb2.MutableState, wft: state_pb2.WorkflowTaskInfo
 ) -> list[history_pb2.HistoryEvent]:
+    """The events that end a workflow task's history without being stored: a
+    transient attempt's scheduled/started events (stored only if it completes)."""
+    if not wft.transient:
+        return []
     out = []
     for event_type, event_id, attrs in (
         (
@@ -113,15 +117,32 @@ def _transient_events(
     return out
 
 
+def buffered_events(ms: state_pb2.MutableState) -> list[history_pb2.HistoryEvent]:
+    """Events buffered while a workflow task runs (signals, activity results...), with
+    provisional ids from the run's next event id. They were accepted already: a query
+    must see them too (read-your-writes). Their ids are provisional (the task's
+    completion is recorded before them); the worker only applies them to answer the
+    query, it matches nothing against them."""
+    out = []
+    for offset, buffered in enumerate(ms.buffered_events):
+        event = history_pb2.HistoryEvent()
+        event.CopyFrom(buffered)
+        event.event_id = ms.next_event_id + offset
+        out.append(event)
+    return out
+
+
 def query_task(
     ms: state_pb2.MutableState,
     query_id: str,
     query: service_pb2.WorkflowQuery,
     events: list[history_pb2.HistoryEvent],
+    next_page_token: bytes,
 ) -> service_pb2.PollWorkflowTaskResponse:
-    """A query task: the run's whole history (``events``), for the worker to replay
-    and answer."""
+    """A query task: the first page of the run's whole history (stored events, then
+    ``buffered_events``), for the worker to replay and answer."""
     response = service_pb2.PollWorkflowTaskResponse(
+        next_page_token=next_page_token,
         task_token=state_pb2.TaskToken(
             namespace=ms.namespace,
             workflow_id=ms.workflow_id,
@@ -134,14 +155,6 @@ def query_task(
     response.workflow_execution.run_id = ms.run_id
     response.workflow_type.CopyFrom(ms.workflow_type)
     response.history.events.extend(events)
-    # Events buffered while a workflow task runs (signals, activity results...) were
-    # accepted already: a query must see them too (read-your-writes). Their ids are
-    # provisional (the task's completion is recorded before them); the worker only
-    # applies them to answer the query, it matches nothing against them.
-    for offset, buffered in enumerate(ms.buffered_events):
-        event = response.history.events.add()
-        event.CopyFrom(buffered)
-        event.event_id = ms.next_event_id + offset
     response.query.CopyFrom(query)
     return response
 

@@ -18,6 +18,11 @@ the day it is added) refuses, with INVALID_ARGUMENT naming the field:
   values that are JSON arrays or objects (values are scalars; a 100,000-deep array
   crashed the JSON decoder with RecursionError);
 - opaque tokens over ``_MAX_TOKEN_BYTES``.
+
+The commands of a workflow task's completion are the exception: they are the workflow's
+output, not the caller's request, so a command out of bounds (``check_command``) fails
+the workflow task with a WorkflowTaskFailed event that says why, as Temporal does,
+instead of refusing the request and leaving no trace in history.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ _MAX_REQUEST_ID_LENGTH = 255
 _MAX_TOKEN_BYTES = 64 * 1024
 # Messages nest this deep at most in the API (a failure's cause chain is counted apart).
 _MAX_MESSAGE_DEPTH = 16
+# A command carries at most this many payload-bearing fields' worth of bytes (a child
+# start: input, memo, header, search attributes); it becomes one history event, which
+# must fit one history page message.
+_PAYLOAD_FIELDS_PER_COMMAND = 4
 # Items of repeated fields that the server iterates on every evaluation.
 _MAX_REPEATED = {"cron_expressions": 100, "intervals": 100, "non_retryable_error_types": 100}
 
@@ -96,22 +105,43 @@ _MIN_TIMESTAMP_S = 0
 _MAX_TIMESTAMP_S = 221_845_392_000
 
 
+class TooLargeError(InvalidArgumentError):
+    """A field over its size limit (a workflow task's command: cause PAYLOAD_TOO_LARGE)."""
+
+
 class RequestValidator:
     """Checks one request against the bounds of a server's configuration."""
 
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
 
-    def check(self, request: Message) -> None:
-        """Raise ``InvalidArgumentError`` naming the first field out of bounds."""
-        self._message(request, "", 0)
+    def check(self, request: Message, *, skip: frozenset[str] = frozenset()) -> None:
+        """Raise ``InvalidArgumentError`` naming the first field out of bounds (a
+        ``TooLargeError`` for sizes). Top-level fields named in ``skip`` are left to
+        their handler."""
+        self._message(request, "", 0, skip)
+
+    def check_command(self, index: int, command: command_pb2.Command) -> None:
+        """The bounds of one command of a workflow task's completion, its attributes
+        and its size as one future history event (``check_command_attributes``)."""
+        name = f"commands[{index}]"
+        limit = _PAYLOAD_FIELDS_PER_COMMAND * self._config.max_payload_bytes
+        size = command.ByteSize()
+        if size > limit:
+            raise TooLargeError(f"{name} is {size} bytes, over the limit of {limit} bytes")
+        self._message(command, name, 1)
+        check_command_attributes(index, command)
 
     # ------------------------------------------------------------------ walk
 
-    def _message(self, message: Message, path: str, depth: int) -> None:
+    def _message(
+        self, message: Message, path: str, depth: int, skip: frozenset[str] = frozenset()
+    ) -> None:
         if depth > _MAX_MESSAGE_DEPTH:
             raise InvalidArgumentError(f"{path} nests deeper than {_MAX_MESSAGE_DEPTH} messages")
         for field, value in message.ListFields():
+            if field.name in skip:
+                continue
             name = f"{path}.{field.name}" if path else field.name
             if _is_map(field):
                 self._map(field, value, name, depth)
@@ -160,7 +190,7 @@ class RequestValidator:
         if full_name in _PAYLOAD_TYPES:
             size = value.ByteSize()
             if size > self._config.max_payload_bytes:
-                raise InvalidArgumentError(
+                raise TooLargeError(
                     f"{name} is {size} bytes, over the limit of "
                     f"{self._config.max_payload_bytes} bytes"
                 )

@@ -30,6 +30,8 @@ from ._mutation import Mutation
 
 ET = EventType
 _US = 1_000_000
+# Largest exponent 2.0 ** n takes without OverflowError.
+_MAX_BACKOFF_EXPONENT = 1023
 
 
 def start(m: Mutation, identity: str) -> state_pb2.WorkflowTaskInfo:
@@ -252,12 +254,13 @@ def _retry_delay_us(config: ServerConfig, attempt: int) -> int:
     then exponential from the configured initial delay up to its cap."""
     if attempt <= 2:
         return 0
+    # A float power of two, its exponent held below the float range: an int power
+    # times a float raised OverflowError from about attempt 1,030 on (a workflow that
+    # fails every task for a few hours), failing the failure's own transition. Past
+    # the cap the product may be inf, which min() turns into the cap.
+    growth = 2.0 ** min(attempt - 3, _MAX_BACKOFF_EXPONENT)
     return int(
-        min(
-            config.workflow_task_retry_initial_s * 2 ** (attempt - 3),
-            config.workflow_task_retry_max_s,
-        )
-        * _US
+        min(config.workflow_task_retry_initial_s * growth, config.workflow_task_retry_max_s) * _US
     )
 
 

@@ -57,6 +57,20 @@ def continue_as_new(workflow_type: str, task_queue: str) -> command_pb2.Command:
     )
 
 
+def start_request(
+    workflow_type: str = "Wf", task_queue: str = "q"
+) -> service_pb2.StartWorkflowRequest:
+    """A start of a new workflow id in the default namespace, for tests that drive the
+    engine directly."""
+    return service_pb2.StartWorkflowRequest(
+        namespace="default",
+        workflow_id=f"w-{uuid.uuid4()}",
+        workflow_type=common_pb2.WorkflowType(name=workflow_type),
+        task_queue=common_pb2.TaskQueue(name=task_queue),
+        request_id=str(uuid.uuid4()),
+    )
+
+
 @dataclass
 class RawWorkflows:
     """Start runs of a workflow type nobody implements and answer their tasks by hand."""

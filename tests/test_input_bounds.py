@@ -181,7 +181,9 @@ async def test_every_client_field_is_bounded(store_url: str) -> None:
         )
         await refused(stub.RespondWorkflowTaskCompleted(respond), "commands[0]", "failure")
 
-        # Nothing above changed the run: it completes normally, its history is intact.
+        # Nothing above reached the run but the bad command, which failed its workflow
+        # task (tests/test_command_refusals.py): the retry completes it normally.
+        task = await poll_task(stub, tq)
         respond = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token, commands=[complete()], identity="raw-test"
         )
@@ -189,6 +191,9 @@ async def test_every_client_field_is_bounded(store_url: str) -> None:
         events = await whole_history(stub, "w-ok")
         assert [e.event_type for e in events] == [
             EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+            EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+            EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+            EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
             EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
             EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
             EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
@@ -472,24 +477,29 @@ async def test_inputs_that_crashed_the_engine_are_refused(store_url: str) -> Non
             )
             return await stub.RespondWorkflowTaskCompleted(request, timeout=30)
 
-        await refused(
-            respond(huge_timer()), "commands[0].start_timer_command_attributes.start_to_fire"
-        )
-        await refused(respond(command_pb2.Command(command_type=999)), "commands[0].command_type")  # type: ignore[arg-type]
+        # Each bad command fails the workflow task (tests/test_command_refusals.py):
+        # the next one goes to the task's retry.
         mismatched = complete()
         mismatched.command_type = CommandType.COMMAND_TYPE_START_TIMER
-        await refused(respond(mismatched), "commands[0]", "start_timer_command_attributes")
-        await refused(respond(upsert(deep)), "commands[0]", "search_attributes")
-        await refused(respond(upsert(nul_keyword)), "commands[0]", "NUL")
+        for bad, words in [
+            (huge_timer(), ["commands[0].start_timer_command_attributes.start_to_fire"]),
+            (command_pb2.Command(command_type=999), ["commands[0].command_type"]),  # type: ignore[arg-type]
+            (mismatched, ["commands[0]", "start_timer_command_attributes"]),
+            (upsert(deep), ["commands[0]", "search_attributes"]),
+            (upsert(nul_keyword), ["commands[0]", "NUL"]),
+        ]:
+            await refused(respond(bad), *words)
+            task = await poll_task(stub, tq)
         sticky = service_pb2.StickyExecutionAttributes()
         sticky.worker_task_queue.name = "sticky\x00"
         await refused(respond(complete(), sticky_attributes=sticky), "sticky_attributes", "NUL")
 
-        # The run is intact and the server keeps working.
+        # The run is intact (one failed task recorded, later attempts transient) and
+        # the server keeps working.
         await respond(complete())
         events = await whole_history(stub, "w-ok")
         assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
-        assert len(events) == 5
+        assert len(events) == 8
         # A page token past int64 overflowed the store's integer.
         request = service_pb2.GetHistoryRequest(namespace=NS, next_page_token=b"9" * 30)
         request.execution.workflow_id = "w-ok"

@@ -106,10 +106,11 @@ def cluster() -> Iterator[PrivatePostgres]:
 
 class _Counter(logging.Handler):
     """Counts the frontend's "store unavailable" lines: evidence that requests met
-    the outage (a condition to wait on, instead of a sleep)."""
+    the outage (a condition to wait on, instead of a sleep). Warnings are rate-limited,
+    so the DEBUG copies of the ones left out count too."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.DEBUG)
         self.unavailable = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -121,11 +122,14 @@ class _Counter(logging.Handler):
 def unavailable_lines() -> Iterator[_Counter]:
     counter = _Counter()
     logger = logging.getLogger("tideflow.server.frontend")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     logger.addHandler(counter)
     try:
         yield counter
     finally:
         logger.removeHandler(counter)
+        logger.setLevel(level)
 
 
 async def _until(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
