@@ -1,7 +1,10 @@
 """The ``tideflow server`` command group.
 
 ``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]``
-runs a complete single-node server until SIGINT or SIGTERM.
+runs a complete single-node server until SIGINT or SIGTERM; ``--tls-cert``,
+``--tls-key`` and ``--tls-client-ca`` turn on TLS and mTLS (server/_tls.py).
+``tideflow server rotate-token-key --db-url URL`` and ``retire-token-key`` administer
+the keys that sign task tokens (server/_token_cli.py).
 
 The ``tideflow`` entry point (``tideflow.cli``) composes this group with the SDK's;
 the server package knows nothing of the SDK. ``python -m tideflow.server._cli server
@@ -22,8 +25,10 @@ import socket
 import sys
 from typing import Any
 
+from . import _token_cli
 from ._config import ServerConfig
 from ._server import TideflowServer
+from ._tls import add_tls_arguments, tls_from_args
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,19 @@ def add_parser(groups: Any) -> None:
         choices=["NORMAL", "FULL"],
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
+    add_tls_arguments(dev)
+    _token_cli.add_parsers(server_sub)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a parsed ``tideflow server ...`` command; returns the exit code."""
+    if args.command in _token_cli.COMMANDS:
+        try:
+            print(_token_cli.main(args))
+        except (ValueError, OSError) as error:
+            print(f"tideflow server {args.command}: {_one_line(error)}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
     if args.command != "start-dev":
         raise ValueError(f"unknown server command {args.command!r}")
     try:
@@ -138,6 +152,7 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         host=args.ip,
         port=args.port,
         config=ServerConfig(sqlite_synchronous=args.sqlite_synchronous),
+        tls=tls_from_args(args),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
