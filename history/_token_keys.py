@@ -70,9 +70,15 @@ class TokenKeyStore:
         self._created = False
 
     async def _ensure_table(self) -> None:
-        if not self._created:
+        if self._created:
+            return
+        try:
             await self._runner.write(lambda conn: metadata.create_all(conn))
-            self._created = True
+        except IntegrityError:
+            # Two nodes created the table at once (PostgreSQL's catalog refuses the
+            # second CREATE TABLE IF NOT EXISTS with a unique violation): it exists now.
+            await self._runner.write(lambda conn: metadata.create_all(conn))
+        self._created = True
 
     async def keys(self) -> list[TokenKey]:
         """Every live key, oldest first; creates the first key when there is none (a

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 import subprocess
 import sys
 import uuid
@@ -203,7 +204,7 @@ async def test_tls_end_to_end_and_plaintext_refused(
 
 
 async def test_mtls_requires_a_client_certificate_of_its_ca(
-    mtls_server: TideflowServer, pki: Pki
+    mtls_server: TideflowServer, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ConnectError):
         await Client.connect(
@@ -226,8 +227,14 @@ async def test_mtls_requires_a_client_certificate_of_its_ca(
         client_cert=pki.client.cert,
         client_private_key=pki.client.key,
     )
+    caplog.set_level(logging.INFO, logger="tideflow.audit")
     async with await Client.connect(mtls_server.address, tls=tls) as client:
         assert await run_workflow(client) == "OVER TLS"
+    # The audit log names the certificate the connection proved, not only the identity
+    # the client claims.
+    starts = [r for r in caplog.records if r.name == "tideflow.audit" and "StartWorkflow" in r.msg]
+    assert len(starts) == 1
+    assert "client_cert=worker-1" in starts[0].getMessage()
 
 
 def test_tls_config_checks_its_inputs(tmp_path: Path, pki: Pki) -> None:

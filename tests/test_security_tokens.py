@@ -20,6 +20,7 @@ from raw_workflow import RawWorkflows, complete_workflow
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, state_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.history import HistoryStore
 from tideflow.server import TideflowServer
 from tideflow.server._task_tokens import TaskTokenSigner
 from tideflow.worker_sdk import Client
@@ -260,3 +261,16 @@ async def test_rotation_keeps_tasks_in_flight_completing(
         if e.event_type == ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
     ]
     assert results == [b"one", b"two"]
+
+
+async def test_keys_are_shared_and_rotations_never_collide(store: HistoryStore) -> None:
+    # Two nodes starting on a new database agree on one first key...
+    first, second = await asyncio.gather(store.token_keys.keys(), store.token_keys.keys())
+    assert first == second
+    assert [key.key_id for key in first] == [1]
+    assert first[0].secret.hex() not in repr(first[0])
+    # ...and two rotations at once take distinct ids (the key id is the primary key).
+    rotated = await asyncio.gather(store.token_keys.rotate(), store.token_keys.rotate())
+    assert sorted(key.key_id for key in rotated) == [2, 3]
+    assert [key.key_id for key in await store.token_keys.keys()] == [1, 2, 3]
+    assert not await store.token_keys.retire(7)
