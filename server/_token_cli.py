@@ -14,6 +14,8 @@ import argparse
 import asyncio
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from tideflow.history import TokenKeyStore
 from tideflow.history._dialects import open_runner
 
@@ -36,8 +38,13 @@ def add_parsers(server_sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> str:
-    """Run a token key command; returns the line to print (ValueError: a usage error)."""
-    return asyncio.run(_run(args))
+    """Run a token key command; returns the line to print (ValueError: a usage error or
+    a database that cannot be used, said in one line)."""
+    try:
+        return asyncio.run(_run(args))
+    except SQLAlchemyError as error:
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(f"--db-url: cannot use the database: {first}") from None
 
 
 async def _run(args: argparse.Namespace) -> str:
