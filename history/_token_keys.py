@@ -31,7 +31,7 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ._dialects import Runner
 
@@ -74,9 +74,10 @@ class TokenKeyStore:
             return
         try:
             await self._runner.write(lambda conn: metadata.create_all(conn))
-        except IntegrityError:
-            # Two nodes created the table at once (PostgreSQL's catalog refuses the
-            # second CREATE TABLE IF NOT EXISTS with a unique violation): it exists now.
+        except DBAPIError:
+            # Two nodes created the table at once: PostgreSQL refuses the second CREATE
+            # TABLE (a duplicate table, or a unique violation in its catalog) although
+            # the check before it found none. It exists now; any other error recurs.
             await self._runner.write(lambda conn: metadata.create_all(conn))
         self._created = True
 
