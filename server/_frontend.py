@@ -95,34 +95,38 @@ def _rpc(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
         audit = begin_audit(method.__name__, request, context)
-        outcome, response = grpc.StatusCode.INTERNAL.name, None
+
+        def audited(outcome: grpc.StatusCode, response: Any = None) -> None:
+            # Written before the status is sent: once a caller sees the outcome, the
+            # line is in the log.
+            if audit is not None:
+                audit.done(outcome.name, response)
+
         try:
             self._validator.check(request)
             response = await method(self, request, context)
-            outcome = "OK"
+            audited(grpc.StatusCode.OK, response)
             return response
         except ServiceError as exc:
-            outcome = exc.code.name
+            audited(exc.code)
             await abort_with_detail(context, exc)
         except InvalidValueError as exc:
             # The database refused a value of this request (and of no other).
-            outcome = grpc.StatusCode.INVALID_ARGUMENT.name
+            audited(grpc.StatusCode.INVALID_ARGUMENT)
             await abort_with_detail(context, InvalidArgumentError(str(exc)))
         except (RetryableStoreError, StoreError) as exc:
-            outcome = grpc.StatusCode.UNAVAILABLE.name
+            audited(grpc.StatusCode.UNAVAILABLE)
             log.warning("%s: store unavailable: %s", method.__name__, exc)
             await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
-            outcome = grpc.StatusCode.CANCELLED.name
+            audited(grpc.StatusCode.CANCELLED)
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
+            audited(grpc.StatusCode.INTERNAL)
             log.exception("%s failed", method.__name__)
             await abort_with_detail(context, ServiceError(f"internal error in {method.__name__}"))
-        finally:
-            if audit is not None:
-                audit.done(outcome, response)
         raise AssertionError("unreachable")  # abort() always raises
 
     return wrapper
