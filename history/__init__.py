@@ -60,6 +60,7 @@ from ._schedule_store import (
     trigger_action_key,
 )
 from ._store import HistoryStore, now_micros
+from ._token_keys import TokenKey, TokenKeyStore
 from ._visibility_store import (
     BUILTIN_FIELDS,
     COMPARE_OPS,
@@ -110,6 +111,8 @@ __all__ = [
     "TaskRow",
     "TimerKind",
     "TimerRow",
+    "TokenKey",
+    "TokenKeyStore",
     "TransferAction",
     "Transition",
     "VisibilityCursor",

@@ -50,6 +50,7 @@ from ._records import (
     Transition,
 )
 from ._schedule_store import ScheduleStore
+from ._token_keys import TokenKeyStore
 from ._visibility_store import Cursor as VisibilityCursor
 from ._visibility_store import (
     VisibilityQuery,
@@ -398,6 +399,11 @@ class HistoryStore:
     def schedules(self) -> ScheduleStore:
         """Schedule rows and ledgers (``_schedule_store``), on this store's database."""
         return ScheduleStore(self._runner)
+
+    @property
+    def token_keys(self) -> TokenKeyStore:
+        """The keys that sign task tokens (``_token_keys``), on this store's database."""
+        return TokenKeyStore(self._runner)
 
 
 def _fail(batch: Sequence[_Item], error: StoreUnavailableError) -> None:

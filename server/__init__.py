@@ -6,5 +6,6 @@ the command line with ``tideflow server start-dev``.
 
 from ._config import Clock, ServerConfig, SystemClock
 from ._server import TideflowServer
+from ._tls import ServerTLSConfig
 
-__all__ = ["Clock", "ServerConfig", "SystemClock", "TideflowServer"]
+__all__ = ["Clock", "ServerConfig", "ServerTLSConfig", "SystemClock", "TideflowServer"]

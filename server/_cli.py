@@ -4,6 +4,9 @@
 [--db-wait SECONDS]`` runs a complete single-node server until SIGINT or SIGTERM. A
 database that is not reachable yet is waited for (``--db-wait``, one log line per
 attempt); after that, like any other start-up problem, it is one line and exit code 2.
+``--tls-cert``, ``--tls-key`` and ``--tls-client-ca`` turn on TLS and mTLS
+(server/_tls.py). ``tideflow server rotate-token-key --db-url URL`` and
+``retire-token-key`` administer the keys that sign task tokens (server/_token_cli.py).
 
 The ``tideflow`` entry point (``tideflow.cli``) composes this group with the SDK's;
 the server package knows nothing of the SDK. ``python -m tideflow.server._cli server
@@ -24,8 +27,10 @@ import socket
 import sys
 from typing import Any
 
+from . import _token_cli
 from ._config import ServerConfig
 from ._server import TideflowServer
+from ._tls import add_tls_arguments, tls_from_args
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +67,19 @@ def add_parser(groups: Any) -> None:
         choices=["NORMAL", "FULL"],
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
+    add_tls_arguments(dev)
+    _token_cli.add_parsers(server_sub)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a parsed ``tideflow server ...`` command; returns the exit code."""
+    if args.command in _token_cli.COMMANDS:
+        try:
+            print(_token_cli.main(args))
+        except (ValueError, OSError) as error:
+            print(f"tideflow server {args.command}: {_one_line(error)}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
     if args.command != "start-dev":
         raise ValueError(f"unknown server command {args.command!r}")
     try:
@@ -153,6 +167,7 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         config=ServerConfig(
             sqlite_synchronous=args.sqlite_synchronous, store_start_timeout_s=args.db_wait
         ),
+        tls=tls_from_args(args),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

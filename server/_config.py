@@ -65,6 +65,9 @@ class ServerConfig:
     # Backoff of workflow task retries after the second failed attempt.
     workflow_task_retry_initial_s: float = 0.1
     workflow_task_retry_max_s: float = 10.0
+    # How often a node re-reads the task token keys from the store: a key rotated
+    # elsewhere (`tideflow server rotate-token-key`) signs on this node within this time.
+    token_key_refresh_s: float = 60.0
     # SQLite PRAGMA synchronous: NORMAL survives process crashes, FULL power loss too.
     sqlite_synchronous: str = "NORMAL"
     # How long a starting server keeps trying to reach an unavailable database (opening

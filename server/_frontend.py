@@ -33,6 +33,8 @@ from tideflow.history import (
     TaskKind,
 )
 
+from ._audit import begin as begin_audit
+from ._audit import note_token
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
 from ._errors import (
@@ -51,6 +53,7 @@ from ._failures import RateLimitedLog
 from ._history_pages import HistoryPager, decode_run_id, is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
+from ._task_tokens import TaskTokenSigner
 from ._validation import RequestValidator, TooLargeError, check_retry_policy
 from ._visibility import (
     check_search_attributes,
@@ -66,6 +69,9 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+ResponseWithToken = TypeVar(
+    "ResponseWithToken", service_pb2.PollWorkflowTaskResponse, service_pb2.PollActivityTaskResponse
+)
 _DEFAULT_PAGE_SIZE = 1000
 # Events per GetHistory page at most (pages are bounded in bytes as well).
 _MAX_HISTORY_PAGE_SIZE = 10_000
@@ -86,26 +92,42 @@ def _rpc(
 ) -> Callable[[Any, Req, _Context], Awaitable[Resp]]:
     """Check the request's bounds (RequestValidator) before anything else reads it, and
     translate errors into statuses at this one boundary. Every RPC goes through here,
-    so no handler can forget the bounds."""
+    so no handler can forget the bounds, and every mutating one writes its audit line
+    (server/_audit.py) whatever its outcome."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
+        audit = begin_audit(method.__name__, request, context)
+
+        def audited(outcome: grpc.StatusCode, response: Any = None) -> None:
+            # Written before the status is sent: once a caller sees the outcome, the
+            # line is in the log.
+            if audit is not None:
+                audit.done(outcome.name, response)
+
         try:
             self._validator.check(request, skip=_CHECKED_BY_HANDLER.get(method.__name__, _NONE))
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            audited(grpc.StatusCode.OK, response)
+            return response
         except ServiceError as exc:
+            audited(exc.code)
             await abort_with_detail(context, exc)
         except InvalidValueError as exc:
             # The database refused a value of this request (and of no other).
+            audited(grpc.StatusCode.INVALID_ARGUMENT)
             await abort_with_detail(context, InvalidArgumentError(str(exc)))
         except (RetryableStoreError, StoreError) as exc:
+            audited(grpc.StatusCode.UNAVAILABLE)
             self._outage_log.warning("%s: store unavailable: %s", method.__name__, exc)
             await abort_with_detail(context, UnavailableError(f"history store unavailable: {exc}"))
         except asyncio.CancelledError:
+            audited(grpc.StatusCode.CANCELLED)
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
+            audited(grpc.StatusCode.INTERNAL)
             log.exception("%s failed", method.__name__)
             await abort_with_detail(context, ServiceError(f"internal error in {method.__name__}"))
         raise AssertionError("unreachable")  # abort() always raises
@@ -123,9 +145,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         *,
         scheduler: Scheduler | None = None,
         log_clock: Callable[[], float] = time.monotonic,
+        tokens: TaskTokenSigner | None = None,
     ) -> None:
         """``log_clock`` paces the log of store failures (monotonic seconds)."""
         self._store = store
+        # Seals every task token handed out and opens every one received
+        # (server/_task_tokens.py): clients cannot forge them.
+        self._tokens = tokens or TaskTokenSigner(
+            store.token_keys, refresh_s=config.token_key_refresh_s
+        )
         self._engine = engine
         self._matching = matching
         self._config = config
@@ -149,6 +177,26 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if not await self._store.namespace_exists(namespace):
             raise NamespaceNotFoundError(f"namespace not found: {namespace!r}", namespace=namespace)
         self._namespaces.add(namespace)
+
+    async def _open_token(self, request: Any, *, activity: bool) -> state_pb2.TaskToken:
+        """The task token of ``request``, after its signature is checked: nothing reads
+        a token's fields before that. A request that names a namespace must name the
+        token's."""
+        body = await self._tokens.open(request.task_token)
+        token = decode_token(body, activity=activity)
+        note_token(token)
+        namespace = getattr(request, "namespace", "")
+        if namespace and namespace != token.namespace:
+            raise InvalidArgumentError(
+                f"task token belongs to namespace {token.namespace!r}, not {namespace!r}"
+            )
+        return token
+
+    async def _sealed(self, response: ResponseWithToken) -> ResponseWithToken:
+        """``response`` with its task token signed (in place), if it carries a task."""
+        if response.task_token:
+            response.task_token = await self._tokens.seal(response.task_token)
+        return response
 
     @staticmethod
     def _check_id(what: str, value: str) -> None:
@@ -422,7 +470,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondQueryTaskCompleted(
         self, request: service_pb2.RespondQueryTaskCompletedRequest, context: _Context
     ) -> service_pb2.RespondQueryTaskCompletedResponse:
-        token = decode_token(request.task_token, activity=False)
+        token = await self._open_token(request, activity=False)
         query = self._queries.get(token.query_id) if token.query_id else None
         if query is None:
             raise NotFoundError(
@@ -503,7 +551,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 return service_pb2.PollWorkflowTaskResponse()
             if isinstance(task, QueryTask):
                 try:
-                    return await self._engine.query_task(task.key, task.query_id, task.query)
+                    return await self._sealed(
+                        await self._engine.query_task(task.key, task.query_id, task.query)
+                    )
                 except ServiceError as exc:
                     if not task.result.done():
                         task.result.set_exception(exc)
@@ -518,7 +568,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 self._matching.give_back(task)
                 raise
             if response is not None:
-                return response
+                return await self._sealed(response)
 
     @_rpc
     async def RespondWorkflowTaskCompleted(
@@ -526,7 +576,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondWorkflowTaskCompletedRequest,
         context: _Context,
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
-        token = decode_token(request.task_token, activity=False)
+        token = await self._open_token(request, activity=False)
         await self._check_namespace(token.namespace)
         await self._refuse_bad_commands(token, request)
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
@@ -535,6 +585,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         eager = await self._engine.complete_workflow_task(
             token, list(request.commands), request.identity, sticky
         )
+        for activity_task in eager:
+            await self._sealed(activity_task)
         return service_pb2.RespondWorkflowTaskCompletedResponse(activity_tasks=eager)
 
     async def _refuse_bad_commands(
@@ -568,7 +620,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if failure.ByteSize() > self._config.max_payload_bytes:
             failure = common_pb2.Failure(message=failure.message[:4096], source=failure.source)
             request.failure.CopyFrom(failure)
-        token = decode_token(request.task_token, activity=False)
+        token = await self._open_token(request, activity=False)
         await self._check_namespace(token.namespace)
         await self._engine.fail_workflow_task(token, request.cause, failure, request.identity)
         return service_pb2.RespondWorkflowTaskFailedResponse()
@@ -604,7 +656,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 self._matching.give_back(task)
                 raise
             if response is not None:
-                return response
+                return await self._sealed(response)
 
     @_rpc
     async def RespondActivityTaskCompleted(
@@ -612,7 +664,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondActivityTaskCompletedRequest,
         context: _Context,
     ) -> service_pb2.RespondActivityTaskCompletedResponse:
-        token = decode_token(request.task_token, activity=True)
+        token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
         workflow_task = await self._engine.complete_activity(
             token,
@@ -621,6 +673,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
+        if workflow_task is not None:
+            await self._sealed(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
     @_rpc
@@ -629,7 +683,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         request: service_pb2.RespondActivityTaskFailedRequest,
         context: _Context,
     ) -> service_pb2.RespondActivityTaskFailedResponse:
-        token = decode_token(request.task_token, activity=True)
+        token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
         details = (
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
@@ -641,7 +695,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RecordActivityHeartbeat(
         self, request: service_pb2.RecordActivityHeartbeatRequest, context: _Context
     ) -> service_pb2.RecordActivityHeartbeatResponse:
-        token = decode_token(request.task_token, activity=True)
+        token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
         cancel = await self._engine.record_heartbeat(token, details)
@@ -651,7 +705,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def RespondActivityTaskCanceled(
         self, request: service_pb2.RespondActivityTaskCanceledRequest, context: _Context
     ) -> service_pb2.RespondActivityTaskCanceledResponse:
-        token = decode_token(request.task_token, activity=True)
+        token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
         await self._engine.activity_canceled(token, details, request.identity)

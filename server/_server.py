@@ -31,7 +31,9 @@ from ._matching import Matching
 from ._registration import add_to_server
 from ._resync import resync_after_outages
 from ._schedules import Scheduler
+from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
+from ._tls import ServerTLSConfig
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
@@ -112,8 +114,11 @@ class TideflowServer:
         port: int = 7233,
         config: ServerConfig | None = None,
         clock: Clock | None = None,
+        tls: ServerTLSConfig | None = None,
     ) -> None:
         self.db_url = db_url
+        # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
+        self.tls = tls
         self.host = host
         self.port = port
         self.config = config or ServerConfig()
@@ -123,6 +128,7 @@ class TideflowServer:
         # Owns the node's background loops (see _run_background).
         self._background: asyncio.Task[None] | None = None
         self._stopped = False
+        self._tokens: TaskTokenSigner | None = None
 
     @property
     def address(self) -> str:
@@ -167,10 +173,19 @@ class TideflowServer:
             raise
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
-        service = WorkflowService(store, engine, matching, self.config, scheduler=scheduler)
+        # Task token keys are read now: a store that cannot give them fails the start.
+        tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
+        await tokens.load()
+        self._tokens = tokens
+        service = WorkflowService(
+            store, engine, matching, self.config, scheduler=scheduler, tokens=tokens
+        )
         server = grpc.aio.server(options=grpc_server_options(self.config))
         add_to_server(service, server)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.tls is None:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        else:
+            bound = server.add_secure_port(f"{self.host}:{self.port}", self.tls.credentials())
         if bound == 0:
             await store.close()
             raise OSError(f"could not listen on {self.host}:{self.port}")
@@ -193,12 +208,20 @@ class TideflowServer:
         )
         self._background.add_done_callback(_report_failure)
         log.info(
-            "tideflow server listening on %s (store: %s, %d tasks recovered)",
+            "tideflow server listening on %s%s (store: %s, %d tasks recovered)",
             self.address,
+            "" if self.tls is None else (" with mTLS" if self.tls.client_ca else " with TLS"),
             store.dialect.name,
             recovered,
         )
         return bound
+
+    async def reload_token_keys(self) -> int:
+        """Re-read the task token keys now (nodes also do every
+        ``ServerConfig.token_key_refresh_s``); returns the id of the key that signs."""
+        assert self._tokens is not None, "server not started"
+        await self._tokens.load()
+        return self._tokens.signing_key_id
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving, cancel the background loops and wait for them, close the

@@ -283,6 +283,7 @@ def test_public_api_is_pinned() -> None:
         "ReplayResult",
         "Replayer",
         "RetryPolicy",
+        "TLSConfig",
         "Worker",
         "WorkerInterceptor",
         "WorkflowExecutionDescription",
@@ -298,7 +299,13 @@ def test_public_api_is_pinned() -> None:
         "exceptions",
         "workflow",
     ]
-    assert tideflow.server.__all__ == ["Clock", "ServerConfig", "SystemClock", "TideflowServer"]
+    assert tideflow.server.__all__ == [
+        "Clock",
+        "ServerConfig",
+        "ServerTLSConfig",
+        "SystemClock",
+        "TideflowServer",
+    ]
     assert sorted(tideflow.worker_sdk.__all__) == tideflow.worker_sdk.__all__
     assert sorted(tideflow.history.__all__) == tideflow.history.__all__
     for package in (tideflow.worker_sdk, tideflow.server, tideflow.history):

@@ -6,6 +6,7 @@ from tideflow.worker_sdk import workflow, activity, Client, Worker, RetryPolicy
 """
 
 from . import activity, exceptions, workflow
+from ._tls import TLSConfig
 from .client import (
     Client,
     WorkflowExecutionDescription,
@@ -40,6 +41,7 @@ __all__ = [
     "ReplayResult",
     "Replayer",
     "RetryPolicy",
+    "TLSConfig",
     "Worker",
     "WorkerInterceptor",
     "WorkflowExecutionDescription",

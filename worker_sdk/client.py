@@ -34,6 +34,7 @@ from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, service_pb2_gr
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
+from ._tls import TLSConfig
 from ._types import (
     MethodAsyncNoParam,
     MethodAsyncSingleParam,
@@ -232,6 +233,7 @@ class Client:
         data_converter: DataConverter = default_converter,
         identity: str | None = None,
         connect_timeout: timedelta | float = DEFAULT_CONNECT_TIMEOUT,
+        tls: TLSConfig | bool = False,
     ) -> Client:
         """Connect to ``host:port`` and check the server answers.
 
@@ -239,6 +241,12 @@ class Client:
         timedelta or seconds; 5 s by default). Once connected, calls retry while the
         server is unreachable for up to two minutes, so a server restart does not
         disturb the client or the workers that poll through it.
+
+        ``tls``: a ``TLSConfig`` (the CA to trust, a client certificate for mTLS, the
+        name to check the server's certificate against), or True for TLS with the
+        system's root CAs; False (the default) connects in plaintext. A TLS handshake
+        that fails (no or wrong client certificate, an untrusted server) is a
+        ``ConnectError``.
         """
         seconds = (
             connect_timeout.total_seconds()
@@ -247,14 +255,18 @@ class Client:
         )
         if seconds <= 0:
             raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
-        channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 30_000),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if tls is False:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            config = TLSConfig() if tls is True else tls
+            channel = grpc.aio.secure_channel(
+                target, config.credentials(), options=options + config.channel_options()
+            )
         client = Client(
             channel,
             namespace=namespace,
