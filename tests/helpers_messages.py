@@ -24,7 +24,7 @@ from tideflow.worker_sdk import (
 ET = EventType
 
 
-_TIMEOUT = timedelta(seconds=30)
+TIMEOUT = timedelta(seconds=30)
 
 
 def names(events: Sequence[HistoryEvent]) -> list[str]:
@@ -101,7 +101,7 @@ class Inbox:
         self.in_flight += 1
         try:
             shouted: str = await workflow.execute_activity(
-                shout, item, start_to_close_timeout=_TIMEOUT
+                shout, item, start_to_close_timeout=TIMEOUT
             )
             self.items.append(shouted)
         finally:

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import pytest
 from helpers import events_of, eventually, has_event, new_id, of_type
-from helpers_messages import _TIMEOUT, ET, Inbox, expect_closed, index_of, is_idle, names, shout
+from helpers_messages import ET, TIMEOUT, Inbox, expect_closed, index_of, is_idle, names, shout
 
 from tideflow.api.v1.common_pb2 import RetryState as PbRetryState
 from tideflow.api.v1.history_pb2 import HistoryEvent
@@ -109,7 +109,7 @@ class Sleeper:
             await workflow.sleep(timedelta(hours=1))
         except asyncio.CancelledError:
             done: str = await workflow.execute_activity(
-                clean_up, key, start_to_close_timeout=_TIMEOUT
+                clean_up, key, start_to_close_timeout=TIMEOUT
             )
             if give_up_quietly:
                 return f"cancelled, {done}"
@@ -140,7 +140,7 @@ class CancellableWork:
             return result
         except asyncio.CancelledError:
             self.phase = "cleaning up"
-            await workflow.execute_activity(clean_up, key, start_to_close_timeout=_TIMEOUT)
+            await workflow.execute_activity(clean_up, key, start_to_close_timeout=TIMEOUT)
             if hold:
                 self.phase = "holding"
                 await workflow.wait_condition(lambda: self.may_close)
@@ -164,7 +164,7 @@ class Stubborn:
         try:
             await workflow.wait_condition(lambda: False)
         except asyncio.CancelledError:
-            await workflow.execute_activity(clean_up, key, start_to_close_timeout=_TIMEOUT)
+            await workflow.execute_activity(clean_up, key, start_to_close_timeout=TIMEOUT)
             raise
         return "unreachable"
 

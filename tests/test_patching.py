@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 from helpers import events_of, eventually, has_event, new_id, of_type
-from helpers_messages import _TIMEOUT, ET, index_of, is_idle, names
+from helpers_messages import ET, TIMEOUT, index_of, is_idle, names
 
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import (
@@ -49,7 +49,7 @@ class PricingV1:
 
     @workflow.run
     async def run(self, x: str) -> str:
-        price: str = await workflow.execute_activity(old_step, x, start_to_close_timeout=_TIMEOUT)
+        price: str = await workflow.execute_activity(old_step, x, start_to_close_timeout=TIMEOUT)
         await workflow.wait_condition(lambda: self.confirmed)
         return price
 
@@ -66,7 +66,7 @@ class PricingV2:
     @workflow.run
     async def run(self, x: str) -> str:
         step = new_step if workflow.patched(PATCH_ID) else old_step
-        price: str = await workflow.execute_activity(step, x, start_to_close_timeout=_TIMEOUT)
+        price: str = await workflow.execute_activity(step, x, start_to_close_timeout=TIMEOUT)
         await workflow.wait_condition(lambda: self.confirmed)
         return price
 
@@ -83,7 +83,7 @@ class PricingV3:
     @workflow.run
     async def run(self, x: str) -> str:
         workflow.deprecate_patch(PATCH_ID)
-        price: str = await workflow.execute_activity(new_step, x, start_to_close_timeout=_TIMEOUT)
+        price: str = await workflow.execute_activity(new_step, x, start_to_close_timeout=TIMEOUT)
         await workflow.wait_condition(lambda: self.confirmed)
         return price
 
