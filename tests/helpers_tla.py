@@ -10,9 +10,10 @@ TLC on tla/TraceEngine.tla. A trace is accepted when TLC reports the invariant
 logged events, rows and state. Real traces corrupted on purpose must be rejected
 (TLC exit 0, the line and reason printed).
 
-A test module imports the fixtures ``jar`` (the TLC jar; without ``java`` the tests
-skip, except with ``CI=true``, where they fail) and ``trace_dir`` (autouse: trace
-mode on for every server the test starts) from here. Waiting polls conditions (no
+Their fixtures live in conftest.py: ``jar`` (the TLC jar; without ``java`` the tests
+skip, except with ``CI=true``, where they fail) and ``trace_dir`` (trace mode on for
+every server the test starts: each module marks ``usefixtures("trace_dir")``, so it is
+on before conftest's ``server`` starts). Waiting polls conditions (no
 fixed sleeps synchronize anything).
 """
 
@@ -21,17 +22,14 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import pytest
 
 from tideflow.api.v1.history_pb2 import EventType
 from tideflow.worker_sdk import (
@@ -54,26 +52,6 @@ def _load_converter() -> ModuleType:
 
 
 t2t = _load_converter()
-
-
-@pytest.fixture(scope="session")
-def jar() -> Path:
-    """The TLC jar; needs java (CI=true: a missing java fails, elsewhere it skips)."""
-    if shutil.which("java") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("java is not installed: TLC cannot validate traces (CI=true)")
-        pytest.skip("java is not installed: TLC cannot validate traces (install a JRE 11+)")
-    path: Path = t2t.tla2tools_jar()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def trace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Trace mode on for servers started by this test (in this process or children);
-    autouse, so it is on before conftest's ``server`` starts."""
-    directory = tmp_path / "traces"
-    monkeypatch.setenv("TIDEFLOW_TRACE_DIR", str(directory))
-    return directory
 
 
 def traces_of(directory: Path, workflow_id: str) -> list[Path]:
@@ -138,6 +116,33 @@ def assert_rejected(verdict: Any, line: int, *reason: str) -> None:
         assert part in verdict.reason, verdict.reason
 
 
+@dataclass(frozen=True, slots=True)
+class Corrupted:
+    """A corrupted copy of a real trace (written as ``name``.ndjson) and where TLC must
+    reject it: at ``line``, for a reason containing each of ``reason``."""
+
+    name: str
+    lines: Sequence[Mapping[str, Any]]
+    line: int
+    reason: tuple[str, ...] = ()
+
+
+def real_accepted_all_corrupted_rejected(
+    jar: Path,
+    workdir: Path,
+    trace: Path,
+    corrupted: Sequence[Corrupted],
+    deps: Mapping[str, set[str]] | None = None,
+) -> None:
+    """The real trace is accepted and each corrupted copy of it is rejected where it
+    says; all checked in one ``validate`` call (``deps``: the DAG's dependencies)."""
+    copies = [(write_lines(workdir / f"{c.name}.ndjson", c.lines), deps) for c in corrupted]
+    verdicts = validate(jar, workdir, [(trace, deps), *copies])
+    assert_accepted(verdicts[0], trace)
+    for verdict, copy in zip(verdicts[1:], corrupted, strict=True):
+        assert_rejected(verdict, copy.line, *copy.reason)
+
+
 def real_accepted_corrupted_rejected(
     jar: Path,
     workdir: Path,
@@ -149,10 +154,8 @@ def real_accepted_corrupted_rejected(
 ) -> None:
     """The real trace is accepted and the corrupted copy of it (written as ``name``)
     is rejected at ``line`` for ``reason``; both checked in one ``validate`` call."""
-    copy = write_lines(workdir / f"{name}.ndjson", corrupted)
-    accepted, rejected = validate(jar, workdir, [(trace, None), (copy, None)])
-    assert_accepted(accepted, trace)
-    assert_rejected(rejected, line, *reason)
+    copy = Corrupted(name, corrupted, line, reason)
+    real_accepted_all_corrupted_rejected(jar, workdir, trace, [copy])
 
 
 def first_index(

@@ -32,6 +32,7 @@ from tideflow.worker_sdk import (
     RetryPolicy,
     Worker,
     WorkflowExecutionStatus,
+    WorkflowHandle,
     activity,
     workflow,
 )
@@ -378,6 +379,15 @@ async def test_non_retryable_failures_and_exhausted_attempts(client: Client) -> 
         assert activity_error.cause.type == "Boom"
 
 
+async def assert_second_attempt_after(handle: WorkflowHandle, timeout_type: int) -> None:
+    """The run's one ActivityTaskStarted is attempt 2, whose last failure is a timeout
+    of ``timeout_type`` (attempt 1's)."""
+    (started,) = of_type(await events_of(handle), ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
+    attrs = started.activity_task_started_event_attributes
+    assert attrs.attempt == 2
+    assert attrs.last_failure.timeout_failure_info.timeout_type == timeout_type
+
+
 async def test_activity_timeouts(client: Client) -> None:
     tq = new_id("tq")
     async with Worker(
@@ -393,13 +403,7 @@ async def test_activity_timeouts(client: Client) -> None:
         )
         assert await bounded(s2c.result()) == {"result": "done on attempt 2"}
         assert _ATTEMPTS.pop(key) == [1, 2]
-        (started,) = of_type(await events_of(s2c), ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-        attrs = started.activity_task_started_event_attributes
-        assert attrs.attempt == 2
-        assert (
-            attrs.last_failure.timeout_failure_info.timeout_type
-            == PbTimeoutType.TIMEOUT_TYPE_START_TO_CLOSE
-        )
+        await assert_second_attempt_after(s2c, PbTimeoutType.TIMEOUT_TYPE_START_TO_CLOSE)
 
         # Heartbeat: attempt 1 heartbeats once, then hangs; attempt 2 gets its details.
         key = new_id("hb")
@@ -409,13 +413,7 @@ async def test_activity_timeouts(client: Client) -> None:
         result = await bounded(hb.result())
         assert result == {"result": f"resumed from ['progress-{key}'] on attempt 2"}
         assert _HEARTBEAT_DETAILS.pop(key) == [(1, []), (2, [f"progress-{key}"])]
-        (started,) = of_type(await events_of(hb), ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-        attrs = started.activity_task_started_event_attributes
-        assert attrs.attempt == 2
-        assert (
-            attrs.last_failure.timeout_failure_info.timeout_type
-            == PbTimeoutType.TIMEOUT_TYPE_HEARTBEAT
-        )
+        await assert_second_attempt_after(hb, PbTimeoutType.TIMEOUT_TYPE_HEARTBEAT)
 
         # Heartbeat timeout with no retries left: the workflow sees it.
         key = new_id("hb1")

@@ -278,8 +278,10 @@ async def test_compensations_run_in_reverse_dependency_order(client: Client) -> 
     assert instance.phase == "done"
 
 
-async def test_cancel_stops_running_tasks_and_compensates(client: Client) -> None:
-    queue = new_id("dag")
+def blocking_step_and_undo() -> tuple[asyncio.Event, list[str], list[Any]]:
+    """Executors for the cancellation tests: ``step`` blocks until cancelled (the worker
+    shuts down) where its ``block`` parameter says so, after setting the returned event;
+    ``undo`` (a compensation) records the task it undoes in the returned list."""
     running = asyncio.Event()
     undone: list[str] = []
 
@@ -287,19 +289,25 @@ async def test_cancel_stops_running_tasks_and_compensates(client: Client) -> Non
     async def step(params: dict[str, Any]) -> str:
         if params["block"]:
             running.set()
-            await asyncio.Event().wait()  # until cancelled (the worker shuts down)
+            await asyncio.Event().wait()
         return "done"
 
     @dag.executor("undo")
     async def undo(params: dict[str, Any]) -> None:
         undone.append(params["task_id"])
 
+    return running, undone, [step, undo]
+
+
+async def test_cancel_stops_running_tasks_and_compensates(client: Client) -> None:
+    queue = new_id("dag")
+    running, undone, executors = blocking_step_and_undo()
     wf = _wf(
         Task("a", executor="step", parameters={"block": False}).with_compensation("undo"),
         Task("b", executor="step", parameters={"block": True}, depends_on=["a"]),
         Task("c", executor="step", parameters={"block": False}, depends_on=["b"]),
     )
-    async with dag_worker(client, queue, [step, undo]):
+    async with dag_worker(client, queue, executors):
         handle = await client.start_dag(wf, {}, task_queue=queue)
         await asyncio.wait_for(running.wait(), WAIT_S)
         await handle.cancel("no longer needed")
@@ -321,25 +329,12 @@ async def test_cancel_stops_running_tasks_and_compensates(client: Client) -> Non
 
 async def test_cancel_while_paused_ends_the_run_and_compensates(client: Client) -> None:
     queue = new_id("dag")
-    running = asyncio.Event()
-    undone: list[str] = []
-
-    @dag.executor("step")
-    async def step(params: dict[str, Any]) -> str:
-        if params["block"]:
-            running.set()
-            await asyncio.Event().wait()  # until cancelled (the worker shuts down)
-        return "ok"
-
-    @dag.executor("undo")
-    async def undo(params: dict[str, Any]) -> None:
-        undone.append(params["task_id"])
-
+    running, undone, executors = blocking_step_and_undo()
     wf = _wf(
         Task("a", executor="step", parameters={"block": False}).with_compensation("undo"),
         Task("b", executor="step", parameters={"block": True}, depends_on=["a"]),
     )
-    async with dag_worker(client, queue, [step, undo]):
+    async with dag_worker(client, queue, executors):
         handle = await client.start_dag(wf, {}, task_queue=queue)
         await asyncio.wait_for(running.wait(), WAIT_S)
         await handle.pause()

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import pytest
 from helpers_tla import (
+    Corrupted,
     Gates,
     actions,
     assert_accepted,
-    assert_rejected,
     first_index,
     hangs,
     read_lines,
+    real_accepted_all_corrupted_rejected,
     real_accepted_corrupted_rejected,
     trace_of,
     validate,
-    write_lines,
 )
 
 from tideflow.worker_sdk import (
@@ -47,7 +47,8 @@ from tideflow.worker_sdk.exceptions import (
     TimeoutType,
 )
 
-pytestmark = pytest.mark.tla
+# Trace mode on before any server of the test starts (conftest: trace_dir).
+pytestmark = [pytest.mark.tla, pytest.mark.usefixtures("trace_dir")]
 
 
 FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=5)
@@ -137,18 +138,16 @@ async def test_activity_and_workflow_task_retries(
     for line in skipped[gap:]:
         for event in line["events"]:
             event["id"] += 1
-    verdicts = validate(
+    differ = ("the appended events differ",)
+    real_accepted_all_corrupted_rejected(
         jar,
         tmp_path,
+        trace,
         [
-            (trace, None),
-            (write_lines(tmp_path / "flipped-retry.ndjson", flipped), None),
-            (write_lines(tmp_path / "skipped-id.ndjson", skipped), None),
+            Corrupted("flipped-retry", flipped, at + 1, differ),
+            Corrupted("skipped-id", skipped, gap + 1, differ),
         ],
     )
-    assert_accepted(verdicts[0], trace)
-    assert_rejected(verdicts[1], at + 1, "the appended events differ")
-    assert_rejected(verdicts[2], gap + 1, "the appended events differ")
 
 
 @activity.defn

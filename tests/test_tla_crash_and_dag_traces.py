@@ -21,11 +21,13 @@ from typing import Any
 import pytest
 from helpers import WAIT_S, ServerProcess
 from helpers_tla import (
+    Corrupted,
     Gates,
     assert_accepted,
     assert_rejected,
     first_index,
     read_lines,
+    real_accepted_all_corrupted_rejected,
     trace_of,
     validate,
     write_lines,
@@ -41,7 +43,8 @@ from tideflow.worker_sdk import (
 )
 from tideflow.worker_sdk.dag import DagWorkflow, Task
 
-pytestmark = pytest.mark.tla
+# Trace mode on before any server of the test starts (conftest: trace_dir).
+pytestmark = [pytest.mark.tla, pytest.mark.usefixtures("trace_dir")]
 
 
 @activity.defn
@@ -168,15 +171,23 @@ async def test_dag_with_parallel_branches(
     )
     twice = first_index(lines, lambda ln: ln["action"] == "CompleteActivity")
     duplicated = [*lines[: twice + 1], lines[twice], *lines[twice + 1 :]]
-    verdicts = validate(
+    real_accepted_all_corrupted_rejected(
         jar,
         tmp_path,
+        trace,
         [
-            (trace, deps),
-            (write_lines(tmp_path / "dependency-violated.ndjson", violated), deps),
-            (write_lines(tmp_path / "duplicated-completion.ndjson", duplicated), deps),
+            Corrupted(
+                "dependency-violated",
+                violated,
+                at + 1,
+                ("TaskDependencyCorrectness violated", '"d#1"'),
+            ),
+            Corrupted(
+                "duplicated-completion",
+                duplicated,
+                twice + 2,
+                ("guard for this action does not hold",),
+            ),
         ],
+        deps,
     )
-    assert_accepted(verdicts[0], trace)
-    assert_rejected(verdicts[1], at + 1, "TaskDependencyCorrectness violated", '"d#1"')
-    assert_rejected(verdicts[2], twice + 2, "guard for this action does not hold")

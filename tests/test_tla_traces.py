@@ -57,7 +57,8 @@ from tideflow.worker_sdk.exceptions import (
 )
 from tideflow.worker_sdk.workflow import ActivityCancellationType
 
-pytestmark = pytest.mark.tla
+# Trace mode on before any server of the test starts (conftest: trace_dir).
+pytestmark = [pytest.mark.tla, pytest.mark.usefixtures("trace_dir")]
 
 
 @activity.defn
