@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from tideflow.api.v1.history_pb2 import EventType
 from tideflow.worker_sdk import Client, Worker, dag
 from tideflow.worker_sdk.dag import (
     DagWorkflow,
@@ -20,12 +19,6 @@ from tideflow.worker_sdk.dag import (
     Workflow,
     WorkflowStatus,
 )
-
-ET = EventType
-
-
-WAIT_S = 30.0
-
 
 FAST = ExponentialBackoff(timedelta(milliseconds=50), timedelta(milliseconds=200))
 
@@ -90,7 +83,7 @@ def etl_definition() -> Workflow:
     return wf
 
 
-def _wf(*tasks: Task, **kwargs: Any) -> Workflow:
+def workflow_of(*tasks: Task, **kwargs: Any) -> Workflow:
     return Workflow("w", "1", tasks=tasks, **kwargs)
 
 

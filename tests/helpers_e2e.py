@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tideflow.api.v1.history_pb2 import EventType
 from tideflow.worker_sdk import (
     RetryPolicy,
     activity,
     workflow,
 )
-
-ET = EventType
-
 
 TIMEOUT = timedelta(seconds=30)
 

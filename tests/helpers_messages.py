@@ -11,18 +11,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from helpers import assert_gap_free, events_of
+from helpers import ET, assert_gap_free, events_of
 
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import (
     WorkflowExecutionStatus,
     WorkflowHandle,
     activity,
     workflow,
 )
-
-ET = EventType
-
 
 TIMEOUT = timedelta(seconds=30)
 

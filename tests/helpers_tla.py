@@ -31,15 +31,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tideflow.api.v1.history_pb2 import EventType
 from tideflow.worker_sdk import (
     activity,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-ET = EventType
 
 
 def _load_converter() -> ModuleType:

@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 from helpers import (
+    ET,
     assert_gap_free,
     bounded,
     events_of,
     new_id,
     of_type,
 )
-from helpers_e2e import ET, TIMEOUT
+from helpers_e2e import TIMEOUT
 
 from tideflow.api.v1 import service_pb2
 from tideflow.api.v1.common_pb2 import TimeoutType as PbTimeoutType

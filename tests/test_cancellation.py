@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 import pytest
-from helpers import events_of, eventually, has_event, new_id, of_type
-from helpers_messages import ET, TIMEOUT, Inbox, expect_closed, index_of, is_idle, names, shout
+from helpers import ET, events_of, eventually, has_event, new_id, of_type
+from helpers_messages import TIMEOUT, Inbox, expect_closed, index_of, is_idle, names, shout
 
 from tideflow.api.v1.common_pb2 import RetryState as PbRetryState
 from tideflow.api.v1.history_pb2 import HistoryEvent

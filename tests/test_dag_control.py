@@ -13,8 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import ServerProcess, eventually, new_id
-from helpers_dag import ET, FAST, WAIT_S, Clock, _wf, dag_worker, history_types, paused_status
+from helpers import ET, WAIT_S, ServerProcess, eventually, new_id
+from helpers_dag import FAST, Clock, dag_worker, history_types, paused_status, workflow_of
 
 from tideflow.worker_sdk import Client, Worker, dag
 from tideflow.worker_sdk.dag import (
@@ -48,7 +48,7 @@ async def test_pause_stops_scheduling_running_tasks_finish_resume_continues(
             await release.wait()
         return str(params["name"])
 
-    wf = _wf(
+    wf = workflow_of(
         Task("a", executor="work", parameters={"name": "a"}),
         Task("b", executor="work", parameters={"name": "b"}, depends_on=["a"]),
     )
@@ -126,7 +126,7 @@ async def test_fail_workflow_policy_lets_running_tasks_finish_and_stops_the_rest
     long_backoff = RetryPolicy(
         max_attempts=5, backoff=ExponentialBackoff(timedelta(hours=1), timedelta(hours=1))
     )
-    wf = _wf(
+    wf = workflow_of(
         Task("slow", executor="job", parameters={"kind": "slow"}),
         Task("after-slow", executor="job", parameters={"kind": "ok"}, depends_on=["slow"]),
         Task("flaky", executor="job", parameters={"kind": "flaky"}, retry_policy=long_backoff),
@@ -170,7 +170,7 @@ async def test_continue_policy_runs_independent_branches(client: Client) -> None
     def t(name: str, *deps: str, fail: bool = False) -> Task:
         return Task(name, executor="node", parameters={"name": name, "fail": fail}, depends_on=deps)
 
-    wf = _wf(
+    wf = workflow_of(
         t("a"),
         t("b", "a"),
         t("c", "a", fail=True),
@@ -232,7 +232,7 @@ async def test_compensations_run_in_reverse_dependency_order(client: Client) -> 
         return task
 
     #   a -> b -> d(no compensation) -> e ; a -> c ; x (independent) ; b, c -> boom (fails)
-    wf = _wf(
+    wf = workflow_of(
         t("a"),
         t("b", "a"),
         t("c", "a"),
@@ -302,7 +302,7 @@ def blocking_step_and_undo() -> tuple[asyncio.Event, list[str], list[Any]]:
 async def test_cancel_stops_running_tasks_and_compensates(client: Client) -> None:
     queue = new_id("dag")
     running, undone, executors = blocking_step_and_undo()
-    wf = _wf(
+    wf = workflow_of(
         Task("a", executor="step", parameters={"block": False}).with_compensation("undo"),
         Task("b", executor="step", parameters={"block": True}, depends_on=["a"]),
         Task("c", executor="step", parameters={"block": False}, depends_on=["b"]),
@@ -330,7 +330,7 @@ async def test_cancel_stops_running_tasks_and_compensates(client: Client) -> Non
 async def test_cancel_while_paused_ends_the_run_and_compensates(client: Client) -> None:
     queue = new_id("dag")
     running, undone, executors = blocking_step_and_undo()
-    wf = _wf(
+    wf = workflow_of(
         Task("a", executor="step", parameters={"block": False}).with_compensation("undo"),
         Task("b", executor="step", parameters={"block": True}, depends_on=["a"]),
     )

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers_dag import _wf, etl_definition
+from helpers_dag import etl_definition, workflow_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -144,7 +144,7 @@ def test_duration_syntax() -> None:
 VALIDATION_CASES: list[tuple[str, Callable[[], Workflow], list[str]]] = [
     (
         "cycle",
-        lambda: _wf(
+        lambda: workflow_of(
             Task("a", executor="x", depends_on=["c"]),
             Task("b", executor="x", depends_on=["a"]),
             Task("c", executor="x", depends_on=["b"]),
@@ -154,52 +154,54 @@ VALIDATION_CASES: list[tuple[str, Callable[[], Workflow], list[str]]] = [
     ),
     (
         "self-cycle",
-        lambda: _wf(Task("a", executor="x", depends_on=["a"])),
+        lambda: workflow_of(Task("a", executor="x", depends_on=["a"])),
         ["task 'a': cycle: a -> a"],
     ),
     (
         "unknown dependency",
-        lambda: _wf(Task("a", executor="x"), Task("b", executor="x", depends_on=["nope"])),
+        lambda: workflow_of(Task("a", executor="x"), Task("b", executor="x", depends_on=["nope"])),
         ["task 'b': depends on unknown task 'nope'"],
     ),
     (
         "duplicate id",
-        lambda: _wf(Task("a", executor="x"), Task("b", executor="x"), Task("a", executor="y")),
+        lambda: workflow_of(
+            Task("a", executor="x"), Task("b", executor="x"), Task("a", executor="y")
+        ),
         ["task 'a': duplicate task id (tasks[0] and tasks[2])"],
     ),
     (
         "zero timeout",
-        lambda: _wf(Task("slow", executor="x", timeout=timedelta(0))),
+        lambda: workflow_of(Task("slow", executor="x", timeout=timedelta(0))),
         ["task 'slow': bad timeout 0s: must be positive"],
     ),
     (
         "negative timeout",
-        lambda: _wf(Task("slow", executor="x", timeout="-5s")),
+        lambda: workflow_of(Task("slow", executor="x", timeout="-5s")),
         ["task 'slow': bad timeout -5s"],
     ),
     (
         "bad compensation timeout",
-        lambda: _wf(Task("a", executor="x").with_compensation("u", timeout="-1s")),
+        lambda: workflow_of(Task("a", executor="x").with_compensation("u", timeout="-1s")),
         ["task 'a' compensation: bad timeout -1s"],
     ),
     (
         "no executor",
-        lambda: _wf(Task("a")),
+        lambda: workflow_of(Task("a")),
         ["task 'a': no executor"],
     ),
     (
         "bad id",
-        lambda: _wf(Task("a.b", executor="x")),
+        lambda: workflow_of(Task("a.b", executor="x")),
         ["task 'a.b': id must match"],
     ),
     (
         "bad retry policy",
-        lambda: _wf(Task("a", executor="x", retry_policy=RetryPolicy(max_attempts=0))),
+        lambda: workflow_of(Task("a", executor="x", retry_policy=RetryPolicy(max_attempts=0))),
         ["task 'a' retry_policy: max_attempts must be >= 1"],
     ),
     (
         "bad backoff",
-        lambda: _wf(
+        lambda: workflow_of(
             Task(
                 "a",
                 executor="x",
@@ -212,7 +214,7 @@ VALIDATION_CASES: list[tuple[str, Callable[[], Workflow], list[str]]] = [
     ),
     (
         "reference to a task that is not upstream",
-        lambda: _wf(
+        lambda: workflow_of(
             Task("a", executor="x"),
             Task("b", executor="x", parameters={"v": "${tasks.a.result}"}),
         ),
@@ -220,22 +222,22 @@ VALIDATION_CASES: list[tuple[str, Callable[[], Workflow], list[str]]] = [
     ),
     (
         "reference to an unknown task",
-        lambda: _wf(Task("a", executor="x", parameters={"v": ["${tasks.zz.result.n}"]})),
+        lambda: workflow_of(Task("a", executor="x", parameters={"v": ["${tasks.zz.result.n}"]})),
         ["task 'a' parameters: ${tasks.zz.result.n} refers to unknown task 'zz'"],
     ),
     (
         "malformed expression",
-        lambda: _wf(Task("a", executor="x", parameters={"v": "${env.HOME}"})),
+        lambda: workflow_of(Task("a", executor="x", parameters={"v": "${env.HOME}"})),
         ["task 'a' parameters: unknown expression root in ${env.HOME}"],
     ),
     (
         "invalid input schema",
-        lambda: _wf(Task("a", executor="x"), input_schema={"type": "bogus"}),
+        lambda: workflow_of(Task("a", executor="x"), input_schema={"type": "bogus"}),
         ["workflow: input_schema is not a valid JSON Schema"],
     ),
     (
         "no tasks",
-        lambda: _wf(),
+        lambda: workflow_of(),
         ["workflow: has no tasks"],
     ),
 ]
@@ -257,7 +259,9 @@ def test_each_validation_error_names_the_task(
 
 
 def test_unknown_executor_is_a_validation_error_given_the_known_ones() -> None:
-    wf = _wf(Task("a", executor="known"), Task("b", executor="typo").with_compensation("undo"))
+    wf = workflow_of(
+        Task("a", executor="known"), Task("b", executor="typo").with_compensation("undo")
+    )
     with pytest.raises(DagValidationError) as caught:
         wf.validate(executors=["known"])
     message = str(caught.value)

@@ -20,17 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, new_id, running_server
+from helpers import ET, WAIT_S, eventually, new_id, running_server
 from helpers_dag import (
-    ET,
     FAST,
-    WAIT_S,
     Clock,
-    _wf,
     dag_worker,
     etl_definition,
     history_types,
     paused_status,
+    workflow_of,
 )
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -196,7 +194,7 @@ async def test_retries_with_backoff_show_every_state_and_attempt(client: Client)
         max_attempts=4,
         backoff=ExponentialBackoff(timedelta(milliseconds=100), timedelta(milliseconds=150)),
     )
-    wf = _wf(Task("t", executor="flaky", retry_policy=policy))
+    wf = workflow_of(Task("t", executor="flaky", retry_policy=policy))
     async with dag_worker(client, queue, [flaky]):
         handle = await client.start_dag(wf, {}, task_queue=queue)
         assert await handle.result() == {"t": {"ok": 3}}
@@ -248,7 +246,7 @@ async def test_last_attempt_and_non_retryable_errors_fail_the_task(client: Clien
         raise RuntimeError("always")
 
     policy = RetryPolicy(max_attempts=3, backoff=FAST, non_retryable_errors=("KeyError",))
-    wf = _wf(
+    wf = workflow_of(
         Task("always", executor="broken", parameters={"kind": "always"}, retry_policy=policy),
         Task("fatal", executor="broken", parameters={"kind": "fatal"}, retry_policy=policy),
         Task("listed", executor="broken", parameters={"kind": "listed"}, retry_policy=policy),
@@ -278,7 +276,7 @@ async def test_timeout_fails_the_attempt_and_is_retried(client: Client) -> None:
     async def hang(params: dict[str, Any]) -> None:
         await release.wait()
 
-    wf = _wf(
+    wf = workflow_of(
         Task(
             "stuck",
             executor="hang",
@@ -312,7 +310,7 @@ async def test_unknown_executor_at_run_time_fails_the_task_clearly(client: Clien
     async def known(params: dict[str, Any]) -> int:
         return 1
 
-    wf = _wf(
+    wf = workflow_of(
         Task("a", executor="known"),
         Task(
             "b",
@@ -350,7 +348,7 @@ SCHEMA_WF = dict(
 
 async def test_input_schema_violation_at_start_starts_nothing(client: Client) -> None:
     queue = new_id("dag")
-    wf = _wf(Task("double", executor="double", parameters={"n": "${input.n}"}), **SCHEMA_WF)
+    wf = workflow_of(Task("double", executor="double", parameters={"n": "${input.n}"}), **SCHEMA_WF)
     for bad, fragment in (
         ({"n": -1}, "-1 is less than the minimum of 0"),
         ({}, "'n' is a required property"),
@@ -364,7 +362,7 @@ async def test_input_schema_violation_at_start_starts_nothing(client: Client) ->
     with pytest.raises(InvalidArgumentError, match="input must be a JSON object"):
         await client.start_dag(wf, [1, 2], task_queue=queue)
     # An invalid definition is refused the same way, before anything starts.
-    cyclic = _wf(
+    cyclic = workflow_of(
         Task("a", executor="x", depends_on=["b"]), Task("b", executor="x", depends_on=["a"])
     )
     with pytest.raises(DagValidationError, match="cycle"):
@@ -387,7 +385,7 @@ async def test_output_schema_violation_fails_the_run_and_compensates(client: Cli
     async def forget(params: dict[str, Any]) -> None:
         undone.append(params["task_id"])
 
-    wf = _wf(
+    wf = workflow_of(
         Task("double", executor="double", parameters={"n": "${input.n}"}).with_compensation(
             "forget"
         ),
@@ -413,7 +411,7 @@ async def test_interpreter_rechecks_what_it_is_started_with(client: Client) -> N
     """Started without ``start_dag`` (a raw start of ``tideflow.dag``), the
     interpreter itself refuses an invalid definition or input: the run fails."""
     queue = new_id("dag")
-    wf = _wf(Task("double", executor="double", parameters={"n": "${input.n}"}), **SCHEMA_WF)
+    wf = workflow_of(Task("double", executor="double", parameters={"n": "${input.n}"}), **SCHEMA_WF)
     cyclic = {
         "id": "c",
         "version": "1",
@@ -499,7 +497,7 @@ async def test_executor_mapping_to_activity_types_and_queues(client: Client) -> 
     def sense(params: dict[str, Any]) -> int:  # a sync executor, in the thread pool
         return int(params["n"]) * 10
 
-    wf = _wf(
+    wf = workflow_of(
         Task("fetch", executor="fetch", parameters={"n": "${input.n}"}),
         Task(
             "sense", executor="sensor", parameters={"n": "${tasks.fetch.result}"},
@@ -547,7 +545,7 @@ async def test_unresolvable_parameters_fail_the_task_without_running_it(client: 
         calls.append(params)
         return params
 
-    wf = _wf(
+    wf = workflow_of(
         Task("ok", executor="echo", parameters={"v": "${input.present}"}),
         Task(
             "bad",
@@ -599,7 +597,7 @@ async def test_interpreter_replays_deterministically_without_a_worker_cache(
         undone.append(params["task_id"])
 
     retry = RetryPolicy(max_attempts=2, backoff=FAST)
-    wf = _wf(
+    wf = workflow_of(
         Task("a", executor="work", parameters={"name": "a", "n": 1}, retry_policy=retry)
         .with_compensation("undo", retry_policy=retry),
         Task("b", executor="work", parameters={"name": "b", "n": "${tasks.a.result}"},

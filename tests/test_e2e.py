@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from helpers import (
+    ET,
     assert_gap_free,
     bounded,
     events_of,
@@ -26,7 +27,7 @@ from helpers import (
     of_type,
     running_server,
 )
-from helpers_e2e import ET, TIMEOUT, HelloWorkflow, compose_greeting
+from helpers_e2e import TIMEOUT, HelloWorkflow, compose_greeting
 
 from tideflow.api.v1 import service_pb2, state_pb2
 from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from helpers import events_of, eventually, has_event, new_id, of_type
-from helpers_messages import ET, TIMEOUT, index_of, is_idle, names
+from helpers import ET, events_of, eventually, has_event, new_id, of_type
+from helpers_messages import TIMEOUT, index_of, is_idle, names
 
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import (

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers import events_of, eventually, has_event, new_id, of_type
-from helpers_messages import ET, OPEN_GATES, Inbox, expect_closed, is_idle, names, shout
+from helpers import ET, events_of, eventually, has_event, new_id, of_type
+from helpers_messages import OPEN_GATES, Inbox, expect_closed, is_idle, names, shout
 
 from tideflow.worker_sdk import (
     Client,

@@ -16,8 +16,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import assert_gap_free, events_of, eventually, has_event, new_id, of_type
-from helpers_messages import ET, Inbox, expect_closed, index_of, is_idle, names, shout
+from helpers import ET, assert_gap_free, events_of, eventually, has_event, new_id, of_type
+from helpers_messages import Inbox, expect_closed, index_of, is_idle, names, shout
 
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.server import TideflowServer

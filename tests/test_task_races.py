@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    ET,
     assert_gap_free,
     bounded,
     events_of,
@@ -23,7 +24,7 @@ from helpers import (
     new_id,
     of_type,
 )
-from helpers_e2e import ET, HelloWorkflow, compose_greeting
+from helpers_e2e import HelloWorkflow, compose_greeting
 from raw_workflow import RawWorkflows, cancel_timer
 
 from tideflow.api.v1 import service_pb2, state_pb2

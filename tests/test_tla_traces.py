@@ -23,9 +23,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import eventually
+from helpers import ET, eventually
 from helpers_tla import (
-    ET,
     actions,
     assert_accepted,
     assert_rejected,
