@@ -8,6 +8,8 @@ Fixtures (helpers.py documents the functions every suite shares):
   test that takes it (or ``client``) runs on SQLite and on PostgreSQL.
   ``helpers.running_server(store_url, config)`` is the same with a ``ServerConfig``.
 - ``client``: a ``Client`` connected to ``server``; ``queue``: a fresh task queue name.
+- ``jar`` and ``trace_dir``, for the ``tla`` trace suites (helpers_tla.py): the TLC
+  jar (needs java), and ``TIDEFLOW_TRACE_DIR`` set for the test (trace mode on).
 - ``procs``: ``helpers.Processes`` for tests that run servers or workers as real
   processes (always killed and reaped at teardown); ``server_process``: a
   ``helpers.ServerProcess`` on ``store_url``, started, to kill and start again.
@@ -40,6 +42,7 @@ import asyncio
 import collections
 import itertools
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -240,3 +243,27 @@ async def server_process(procs: Processes, store_url: str) -> ServerProcess:
     started = ServerProcess(procs, store_url)
     await started.start()
     return started
+
+
+@pytest.fixture(scope="session")
+def jar() -> Path:
+    """The TLC jar; needs java (CI=true: a missing java fails, elsewhere it skips)."""
+    if shutil.which("java") is None:
+        if _ci():
+            pytest.fail("java is not installed: TLC cannot validate traces (CI=true)")
+        pytest.skip("java is not installed: TLC cannot validate traces (install a JRE 11+)")
+    # Imported here: only the tla suites load the trace converter.
+    from helpers_tla import t2t
+
+    path: Path = t2t.tla2tools_jar()
+    return path
+
+
+@pytest.fixture
+def trace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Trace mode on for servers started by this test (in this process or children);
+    a trace suite marks ``usefixtures("trace_dir")`` so that it is on before
+    ``server`` starts."""
+    directory = tmp_path / "traces"
+    monkeypatch.setenv("TIDEFLOW_TRACE_DIR", str(directory))
+    return directory

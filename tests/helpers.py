@@ -15,8 +15,9 @@ Ids
 
 Histories
     ``events_of(handle)``, ``of_type(events, type)``, ``has_event(handle, type)``
-    (a check for ``eventually``), ``assert_gap_free(events)`` (event ids 1..n) and
-    ``assert_well_formed(events)`` (gap-free, started first, at most one close last).
+    (a check for ``eventually``), ``status_of(client, id, run_id)`` (a run's status),
+    ``assert_gap_free(events)`` (event ids 1..n) and ``assert_well_formed(events)``
+    (gap-free, started first, at most one close last).
 
 Servers
     ``running_server(store_url, config)``: an in-process server on an ephemeral port
@@ -58,7 +59,7 @@ from typing import Any, TypeVar
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.server import ServerConfig, TideflowServer
-from tideflow.worker_sdk import WorkflowHandle
+from tideflow.worker_sdk import Client, WorkflowExecutionStatus, WorkflowHandle
 
 ET = EventType
 T = TypeVar("T")
@@ -130,6 +131,13 @@ def has_event(handle: WorkflowHandle, event_type: int) -> Callable[[], Awaitable
         return bool(of_type(await events_of(handle), event_type))
 
     return check
+
+
+async def status_of(
+    client: Client, workflow_id: str, run_id: str | None = None
+) -> WorkflowExecutionStatus:
+    """The status of a run (the latest one of ``workflow_id`` without ``run_id``)."""
+    return (await client.get_workflow_handle(workflow_id, run_id=run_id).describe()).status
 
 
 def assert_gap_free(events: Sequence[HistoryEvent]) -> None:

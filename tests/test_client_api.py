@@ -11,17 +11,12 @@ takes (id policies, signal-with-start), and both refuse unknown or missing ones.
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
-
 import grpc
 import pytest
 from google.rpc import status_pb2
+from helpers import bounded, new_id
 
 from tideflow.api.v1 import errors_pb2, service_pb2, service_pb2_grpc
-from tideflow.server import TideflowServer
 from tideflow.server import _errors as server_errors
 from tideflow.worker_sdk import (
     Client,
@@ -44,18 +39,6 @@ from tideflow.worker_sdk.exceptions import (
 )
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4()}"
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = 30.0) -> T:
-    """A hung run fails its test at the line that waited instead of hanging the run."""
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-T = TypeVar("T")
-
-
 @workflow.defn
 class Parked:
     """Runs until told to finish; its query fails on demand."""
@@ -75,16 +58,6 @@ class Parked:
     @workflow.query
     def explode(self, why: str) -> str:
         raise ApplicationError(why, type="Exploded")
-
-
-@pytest.fixture
-async def client(store_url: str) -> AsyncIterator[Client]:
-    async with TideflowServer(store_url, port=0) as server:
-        connected = await Client.connect(server.address)
-        try:
-            yield connected
-        finally:
-            await connected.close()
 
 
 async def test_second_start_names_the_run_that_holds_the_id(client: Client) -> None:

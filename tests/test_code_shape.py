@@ -2,7 +2,8 @@
 usually holds two concerns), no function past ~80. What outgrows a limit is split by
 meaning, not mechanically; generated code is exempt.
 
-To cover another package, add it to the lists below.
+To cover another package, add it to the lists below. A function that genuinely reads
+best long goes into ``LONG_FUNCTIONS`` with the reason; keep that list very short.
 """
 
 from __future__ import annotations
@@ -15,17 +16,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 900
 MAX_FUNCTION_LINES = 80
-# Packages whose modules must stay under MAX_MODULE_LINES.
-MODULE_LIMIT_PACKAGES = ("server", "history")
+# Where modules must stay under MAX_MODULE_LINES: packages (every module below them)
+# and, for the hand-written modules among generated ones, single files by pattern.
+MODULE_LIMIT_PACKAGES = ("server", "history", "worker_sdk", "cli", "tests", "bench", "examples")
+MODULE_LIMIT_GLOBS = ("proto/tideflow/api/*.py",)
 # Packages whose functions and methods must stay under MAX_FUNCTION_LINES.
-FUNCTION_LIMIT_PACKAGES = ("server",)
+FUNCTION_LIMIT_PACKAGES = ("server", "history", "worker_sdk", "cli")
+# ``path:name`` of functions allowed past MAX_FUNCTION_LINES, each with its reason.
+LONG_FUNCTIONS = {
+    "history/_store.py:_apply_batch": (
+        "one transaction that writes each kind of row a batch carries (executions, "
+        "current, events, tasks, timers, visibility) in the order the constraints need; "
+        "history/ is being changed on other branches, so splitting it per table waits "
+        "for their merge"
+    ),
+}
 # Generated files (protoc and its gRPC plugin) say so in their first lines.
 _GENERATED_MARKER = "DO NOT EDIT"
 
 
-def _sources(packages: tuple[str, ...]) -> list[Path]:
-    files = sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
-    return [p for p in files if not _generated(p)]
+def _sources(packages: tuple[str, ...], globs: tuple[str, ...] = ()) -> list[Path]:
+    found = {p for package in packages for p in (ROOT / package).rglob("*.py")}
+    found |= {p for pattern in globs for p in ROOT.glob(pattern)}
+    return [p for p in sorted(found) if not _generated(p)]
 
 
 def _generated(path: Path) -> bool:
@@ -47,7 +60,8 @@ def _long_functions(path: Path, limit: int) -> list[str]:
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
             assert node.end_lineno is not None
             length = node.end_lineno - first + 1
-            if length > limit:
+            allowed = f"{path.relative_to(ROOT)}:{node.name}" in LONG_FUNCTIONS
+            if length > limit and not allowed:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     return found
 
@@ -56,12 +70,30 @@ def test_the_checked_packages_exist() -> None:
     # A renamed package must not turn the checks below into checks of nothing.
     for package in {*MODULE_LIMIT_PACKAGES, *FUNCTION_LIMIT_PACKAGES}:
         assert _sources((package,)), f"no Python files under {package}/"
+    for pattern in MODULE_LIMIT_GLOBS:
+        assert _sources((), (pattern,)), f"no hand-written Python files match {pattern}"
+
+
+def test_every_allowed_long_function_exists_and_is_long() -> None:
+    # An entry outlives its reason once the function is split, renamed or gone.
+    for entry in LONG_FUNCTIONS:
+        path, name = entry.split(":")
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        lengths = [
+            node.end_lineno - node.lineno + 1
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name == name
+            and node.end_lineno is not None
+        ]
+        assert lengths, f"{entry} is allowed to be long but does not exist"
+        assert max(lengths) > MAX_FUNCTION_LINES, f"{entry} is short now: drop its entry"
 
 
 def test_no_module_exceeds_the_line_limit() -> None:
     too_long = [
         f"{p.relative_to(ROOT)} ({n} lines)"
-        for p in _sources(MODULE_LIMIT_PACKAGES)
+        for p in _sources(MODULE_LIMIT_PACKAGES, MODULE_LIMIT_GLOBS)
         if (n := _line_count(p)) > MAX_MODULE_LINES
     ]
     assert not too_long, (

@@ -6,14 +6,12 @@ workflows are not built: schedules replace them)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from tideflow.api.v1 import service_pb2
-from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client
 from tideflow.worker_sdk.exceptions import InvalidArgumentError, NotFoundError
 from tideflow.worker_sdk.schedules import (
@@ -24,16 +22,6 @@ from tideflow.worker_sdk.schedules import (
 )
 
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-@pytest.fixture
-async def client(store_url: str) -> AsyncIterator[Client]:
-    async with TideflowServer(store_url, port=0) as server:
-        connected = await Client.connect(server.address)
-        try:
-            yield connected
-        finally:
-            await connected.close()
 
 
 async def _create(client: Client, spec: ScheduleSpec) -> ScheduleHandle:

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -50,12 +49,6 @@ def chain(n: int, *, reverse: bool) -> dag.Workflow:
         dag.Task(f"t{i}", executor="step", depends_on=[f"t{i - 1}"] if i else []) for i in range(n)
     ]
     return dag.Workflow("chain", "1", tasks=reversed(tasks) if reverse else tasks)
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(f"sqlite:///{tmp_path}/x.db", port=0) as running:
-        yield running
 
 
 # ------------------------------------------------------------- graph walks

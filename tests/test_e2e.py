@@ -1,25 +1,23 @@
-"""End-to-end tests: a real server on an ephemeral port over SQLite and over PostgreSQL
-(conftest's ``server`` fixture), real workers and a real client, all in the test's
-event loop.
+"""End-to-end tests of a workflow's life: hello world, workflow failures and workflow
+task failures, non-determinism that blocks a run until fixed code arrives, the
+``Replayer``, and bad inputs that leave the store intact.
 
-Every test uses its own server and database (function-scoped fixture), task queue and
-workflow ids (uuids). Nothing waits with a sleep for synchronization: tests await
-results or poll a condition with ``eventually`` (bounded). Activities record what
-happened to them in module-level dicts keyed by a per-test uuid, because they run in
-the worker, not in the test's frame.
+A real server on an ephemeral port over SQLite and over PostgreSQL (conftest's
+``server`` / ``client``), real workers and a real client, all in the test's event
+loop; every test has its own database, task queue and workflow ids (uuids). Nothing
+waits with a sleep for synchronization: tests await results or poll a condition with
+``eventually`` (bounded). (Activities: test_activities.py; races between a task and
+the server: test_task_races.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from helpers import (
+    ET,
     assert_gap_free,
     bounded,
     events_of,
@@ -29,17 +27,14 @@ from helpers import (
     of_type,
     running_server,
 )
-from raw_workflow import RawWorkflows, cancel_timer
+from helpers_e2e import TIMEOUT, HelloWorkflow, compose_greeting
 
 from tideflow.api.v1 import service_pb2, state_pb2
-from tideflow.api.v1.common_pb2 import TimeoutType as PbTimeoutType
-from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskFailedCause
-from tideflow.history import RunKey
-from tideflow.server import ServerConfig, TideflowServer
+from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
+from tideflow.server import ServerConfig
 from tideflow.worker_sdk import (
     Client,
     Replayer,
-    RetryPolicy,
     Worker,
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -48,115 +43,15 @@ from tideflow.worker_sdk import (
     workflow,
 )
 from tideflow.worker_sdk.exceptions import (
-    ActivityError,
     ApplicationError,
     InvalidArgumentError,
     NonDeterminismError,
     NotFoundError,
-    RetryState,
     RPCError,
     TerminatedError,
-    TimeoutError,
-    TimeoutType,
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
 )
-
-ET = EventType
-
-# --------------------------------------------------------------------------- helpers
-
-# What activities saw, keyed by the test's uuid.
-_ATTEMPTS: dict[str, list[int]] = defaultdict(list)
-# Per test: (attempt, server time the attempt was scheduled at, server time it started).
-_ATTEMPT_TIMES: dict[str, list[tuple[int, datetime, datetime]]] = defaultdict(list)
-_BARRIERS: dict[str, tuple[set[int], asyncio.Event]] = {}
-_HEARTBEAT_DETAILS: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
-_TOKENS: dict[str, bytes] = {}
-_GATES: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
-
-_TIMEOUT = timedelta(seconds=30)
-_FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=5)
-
-
-# -------------------------------------------------------------------- activities
-
-
-@activity.defn
-async def compose_greeting(name: str) -> str:
-    return f"Hello, {name} (attempt {activity.info().attempt})"
-
-
-@activity.defn
-async def meet(key: str, index: int) -> int:
-    """Returns only once all three ``meet`` activities of ``key`` are running: if the
-    workflow ran them one after another, the first would never return."""
-    arrived, everyone = _BARRIERS.setdefault(key, (set(), asyncio.Event()))
-    arrived.add(index)
-    if len(arrived) == 3:
-        everyone.set()
-    await everyone.wait()
-    return index * 10
-
-
-@activity.defn
-async def double(value: int) -> int:
-    return value * 2
-
-
-@activity.defn
-async def flaky(key: str) -> str:
-    info = activity.info()
-    attempt = info.attempt
-    _ATTEMPTS[key].append(attempt)
-    _ATTEMPT_TIMES[key].append((attempt, info.current_attempt_scheduled_time, info.started_time))
-    if attempt < 3:
-        raise RuntimeError(f"flaky failure on attempt {attempt}")
-    return f"ok on attempt {attempt}"
-
-
-@activity.defn
-async def failing(key: str, mode: str) -> str:
-    attempt = activity.info().attempt
-    _ATTEMPTS[key].append(attempt)
-    if mode == "non_retryable":
-        raise ApplicationError("bad", non_retryable=True)
-    if mode == "value_error":
-        raise ValueError("bad value")
-    raise ApplicationError(f"always fails (attempt {attempt})", type="Boom")
-
-
-@activity.defn
-async def hangs_on_first_attempt(key: str) -> str:
-    attempt = activity.info().attempt
-    _ATTEMPTS[key].append(attempt)
-    if attempt == 1:
-        await asyncio.Event().wait()  # never set: only the start-to-close timeout ends this
-    return f"done on attempt {attempt}"
-
-
-@activity.defn
-async def heartbeats_then_hangs(key: str) -> str:
-    info = activity.info()
-    _HEARTBEAT_DETAILS[key].append((info.attempt, list(info.heartbeat_details)))
-    if info.attempt == 1:
-        activity.heartbeat(f"progress-{key}")
-        await asyncio.Event().wait()  # never set: only the heartbeat timeout ends this
-    return f"resumed from {info.heartbeat_details} on attempt {info.attempt}"
-
-
-@activity.defn
-async def record_token(key: str) -> str:
-    _TOKENS[key] = activity.info().task_token
-    return "first done"
-
-
-@activity.defn
-async def wait_for_release(key: str) -> str:
-    started, release = _GATES[key]
-    started.set()
-    await release.wait()
-    return "second done"
 
 
 @activity.defn(name="nd_a")
@@ -169,102 +64,6 @@ async def step_b(x: str) -> str:
     return f"b({x})"
 
 
-# --------------------------------------------------------------------- workflows
-
-
-@workflow.defn
-class HelloWorkflow:
-    @workflow.run
-    async def run(self, name: str) -> str:
-        await workflow.sleep(timedelta(milliseconds=100))
-        greeting: str = await workflow.execute_activity(
-            compose_greeting,
-            name,
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-        )
-        return greeting
-
-
-@workflow.defn
-class ParallelWorkflow:
-    @workflow.run
-    async def run(self, key: str) -> dict[str, Any]:
-        gathered = await asyncio.gather(
-            *(
-                workflow.execute_activity(meet, args=[key, i], start_to_close_timeout=_TIMEOUT)
-                for i in range(3)
-            )
-        )
-        first = workflow.start_activity(double, 21, start_to_close_timeout=_TIMEOUT)
-        second = workflow.start_activity(double, 50, start_to_close_timeout=_TIMEOUT)
-        done_before = first.done()
-        later = await second
-        earlier = await first
-        return {
-            "gathered": list(gathered),
-            "handles": [earlier, later],
-            "done_before": done_before,
-            "done_after": first.done(),
-        }
-
-
-@workflow.defn
-class RetryWorkflow:
-    @workflow.run
-    async def run(self, key: str) -> str:
-        result: str = await workflow.execute_activity(
-            flaky,
-            key,
-            start_to_close_timeout=_TIMEOUT,
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(milliseconds=200),
-                backoff_coefficient=2,
-                maximum_attempts=5,
-            ),
-        )
-        return result
-
-
-_FAILING_POLICIES = {
-    "non_retryable": _FAST_RETRY,
-    "value_error": RetryPolicy(
-        initial_interval=timedelta(milliseconds=50),
-        maximum_attempts=5,
-        non_retryable_error_types=["ValueError"],
-    ),
-    "max": RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=2),
-}
-
-
-@workflow.defn
-class FailingActivityWorkflow:
-    """Catches the activity's final failure and reports what it saw; ``reraise``
-    lets it fail the workflow instead."""
-
-    @workflow.run
-    async def run(self, key: str, mode: str, reraise: bool) -> dict[str, Any]:
-        try:
-            await workflow.execute_activity(
-                failing,
-                args=[key, mode],
-                start_to_close_timeout=_TIMEOUT,
-                retry_policy=_FAILING_POLICIES[mode],
-            )
-        except ActivityError as error:
-            if reraise:
-                raise
-            cause = error.cause
-            return {
-                "retry_state": RetryState(error.retry_state or 0).name,
-                "cause_class": type(cause).__name__,
-                "cause_message": getattr(cause, "message", None),
-                "cause_type": getattr(cause, "type", None),
-                "non_retryable": getattr(cause, "non_retryable", None),
-            }
-        return {"retry_state": "NONE"}
-
-
 @workflow.defn
 class FailingWorkflow:
     @workflow.run
@@ -275,58 +74,13 @@ class FailingWorkflow:
         raise RuntimeError("bug in workflow code")
 
 
-@workflow.defn
-class TimeoutWorkflow:
-    @workflow.run
-    async def run(self, key: str, mode: str) -> dict[str, Any]:
-        try:
-            if mode == "start_to_close":
-                result = await workflow.execute_activity(
-                    hangs_on_first_attempt,
-                    key,
-                    start_to_close_timeout=timedelta(milliseconds=500),
-                    retry_policy=_FAST_RETRY,
-                )
-            else:
-                result = await workflow.execute_activity(
-                    heartbeats_then_hangs,
-                    key,
-                    start_to_close_timeout=_TIMEOUT,
-                    heartbeat_timeout=timedelta(milliseconds=500),
-                    retry_policy=_FAST_RETRY
-                    if mode == "heartbeat"
-                    else RetryPolicy(maximum_attempts=1),
-                )
-        except ActivityError as error:
-            cause = error.cause
-            assert isinstance(cause, TimeoutError)
-            return {
-                "error": "ActivityError",
-                "retry_state": RetryState(error.retry_state or 0).name,
-                "timeout_type": TimeoutType(cause.type or 0).name,
-                "last_heartbeat_details": list(cause.last_heartbeat_details),
-            }
-        return {"result": result}
-
-
-@workflow.defn
-class TwoActivitiesWorkflow:
-    @workflow.run
-    async def run(self, key: str) -> list[str]:
-        first = await workflow.execute_activity(record_token, key, start_to_close_timeout=_TIMEOUT)
-        second = await workflow.execute_activity(
-            wait_for_release, key, start_to_close_timeout=_TIMEOUT
-        )
-        return [first, second]
-
-
 @workflow.defn(name="NdWorkflow")
 class NdOriginal:
     @workflow.run
     async def run(self, x: str, pause_s: float) -> str:
-        a = await workflow.execute_activity(step_a, x, start_to_close_timeout=_TIMEOUT)
+        a = await workflow.execute_activity(step_a, x, start_to_close_timeout=TIMEOUT)
         await workflow.sleep(pause_s)
-        b = await workflow.execute_activity(step_b, x, start_to_close_timeout=_TIMEOUT)
+        b = await workflow.execute_activity(step_b, x, start_to_close_timeout=TIMEOUT)
         return f"{a}+{b}"
 
 
@@ -336,13 +90,10 @@ class NdChanged:
 
     @workflow.run
     async def run(self, x: str, pause_s: float) -> str:
-        b = await workflow.execute_activity(step_b, x, start_to_close_timeout=_TIMEOUT)
+        b = await workflow.execute_activity(step_b, x, start_to_close_timeout=TIMEOUT)
         await workflow.sleep(pause_s)
-        a = await workflow.execute_activity(step_a, x, start_to_close_timeout=_TIMEOUT)
+        a = await workflow.execute_activity(step_a, x, start_to_close_timeout=TIMEOUT)
         return f"{b}+{a}"
-
-
-# ------------------------------------------------------------------------- tests
 
 
 async def test_hello_workflow_end_to_end(client: Client) -> None:
@@ -397,120 +148,6 @@ async def test_hello_workflow_end_to_end(client: Client) -> None:
     assert types.index(ET.EVENT_TYPE_TIMER_FIRED) < types.index(
         ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     )
-
-
-async def test_parallel_activities_and_start_activity_handles(client: Client) -> None:
-    tq = new_id("tq")
-    key = new_id("parallel")
-    async with Worker(
-        client, task_queue=tq, workflows=[ParallelWorkflow], activities=[meet, double]
-    ):
-        # Completing at all proves the three ``meet`` activities ran at the same time.
-        result = await bounded(
-            client.execute_workflow(ParallelWorkflow.run, key, id=new_id("parallel"), task_queue=tq)
-        )
-
-    assert result == {
-        "gathered": [0, 10, 20],
-        "handles": [42, 100],
-        "done_before": False,
-        "done_after": True,
-    }
-    assert _BARRIERS.pop(key)[0] == {0, 1, 2}
-
-
-async def test_activity_retries_with_backoff_write_no_events(client: Client) -> None:
-    tq = new_id("tq")
-    key = new_id("retry")
-    async with Worker(client, task_queue=tq, workflows=[RetryWorkflow], activities=[flaky]):
-        handle = await client.start_workflow(
-            RetryWorkflow.run, key, id=new_id("retry"), task_queue=tq
-        )
-        assert await bounded(handle.result()) == "ok on attempt 3"
-
-    assert _ATTEMPTS.pop(key) == [1, 2, 3]
-    # Backoff: 200 ms before attempt 2, 400 ms before attempt 3 (initial 200 ms x 2^n).
-    # Both times come from the server's clock: an attempt failed after it started, and
-    # the next one was scheduled at least the backoff after that failure.
-    times = _ATTEMPT_TIMES.pop(key)
-    assert [attempt for attempt, _, _ in times] == [1, 2, 3]
-    for (_, _, failed_started), (_, scheduled, _), backoff_ms in zip(
-        times, times[1:], (200, 400), strict=False
-    ):
-        assert scheduled - failed_started >= timedelta(milliseconds=backoff_ms), times
-
-    events = await events_of(handle)
-    assert_gap_free(events)
-    assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)) == 1
-    (started,) = of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-    assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)) == 1
-    assert not of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_FAILED)
-    assert started.activity_task_started_event_attributes.attempt == 3
-    # The failure of the previous attempt travels with the started event.
-    last_failure = started.activity_task_started_event_attributes.last_failure
-    assert "flaky failure on attempt 2" in last_failure.message
-
-
-async def test_non_retryable_failures_and_exhausted_attempts(client: Client) -> None:
-    tq = new_id("tq")
-    async with Worker(
-        client, task_queue=tq, workflows=[FailingActivityWorkflow], activities=[failing]
-    ):
-
-        async def run(mode: str, reraise: bool = False) -> tuple[Any, list[int]]:
-            key = new_id(mode)
-            handle = await client.start_workflow(
-                FailingActivityWorkflow.run,
-                args=[key, mode, reraise],
-                id=new_id("failing"),
-                task_queue=tq,
-            )
-            try:
-                outcome: Any = await bounded(handle.result())
-            except WorkflowFailureError as error:
-                outcome = error
-            return outcome, _ATTEMPTS.pop(key)
-
-        outcome, attempts = await run("non_retryable")
-        assert attempts == [1]
-        assert outcome == {
-            "retry_state": "NON_RETRYABLE_FAILURE",
-            "cause_class": "ApplicationError",
-            "cause_message": "bad",
-            "cause_type": "ApplicationError",
-            "non_retryable": True,
-        }
-
-        outcome, attempts = await run("value_error")
-        assert attempts == [1]
-        assert outcome == {
-            "retry_state": "NON_RETRYABLE_FAILURE",
-            "cause_class": "ApplicationError",
-            "cause_message": "bad value",
-            "cause_type": "ValueError",
-            "non_retryable": False,
-        }
-
-        outcome, attempts = await run("max")
-        assert attempts == [1, 2]
-        assert outcome == {
-            "retry_state": "MAXIMUM_ATTEMPTS_REACHED",
-            "cause_class": "ApplicationError",
-            "cause_message": "always fails (attempt 2)",
-            "cause_type": "Boom",
-            "non_retryable": False,
-        }
-
-        # Not caught: the whole chain reaches the client.
-        outcome, attempts = await run("max", reraise=True)
-        assert attempts == [1, 2]
-        assert isinstance(outcome, WorkflowFailureError)
-        activity_error = outcome.cause
-        assert isinstance(activity_error, ActivityError)
-        assert activity_error.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
-        assert isinstance(activity_error.cause, ApplicationError)
-        assert activity_error.cause.message == "always fails (attempt 2)"
-        assert activity_error.cause.type == "Boom"
 
 
 async def test_workflow_failure_and_workflow_task_failure(client: Client) -> None:
@@ -568,64 +205,6 @@ async def test_workflow_failure_and_workflow_task_failure(client: Client) -> Non
             await buggy.terminate("again")
         assert rpc.value.status == "FAILED_PRECONDITION"
         assert len(await events_of(buggy)) == len(events)
-
-
-async def test_activity_timeouts(client: Client) -> None:
-    tq = new_id("tq")
-    async with Worker(
-        client,
-        task_queue=tq,
-        workflows=[TimeoutWorkflow],
-        activities=[hangs_on_first_attempt, heartbeats_then_hangs],
-    ):
-        # Start-to-close: attempt 1 hangs, times out after 0.5 s, attempt 2 completes.
-        key = new_id("s2c")
-        s2c = await client.start_workflow(
-            TimeoutWorkflow.run, args=[key, "start_to_close"], id=new_id("s2c"), task_queue=tq
-        )
-        assert await bounded(s2c.result()) == {"result": "done on attempt 2"}
-        assert _ATTEMPTS.pop(key) == [1, 2]
-        (started,) = of_type(await events_of(s2c), ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-        attrs = started.activity_task_started_event_attributes
-        assert attrs.attempt == 2
-        assert (
-            attrs.last_failure.timeout_failure_info.timeout_type
-            == PbTimeoutType.TIMEOUT_TYPE_START_TO_CLOSE
-        )
-
-        # Heartbeat: attempt 1 heartbeats once, then hangs; attempt 2 gets its details.
-        key = new_id("hb")
-        hb = await client.start_workflow(
-            TimeoutWorkflow.run, args=[key, "heartbeat"], id=new_id("hb"), task_queue=tq
-        )
-        result = await bounded(hb.result())
-        assert result == {"result": f"resumed from ['progress-{key}'] on attempt 2"}
-        assert _HEARTBEAT_DETAILS.pop(key) == [(1, []), (2, [f"progress-{key}"])]
-        (started,) = of_type(await events_of(hb), ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-        attrs = started.activity_task_started_event_attributes
-        assert attrs.attempt == 2
-        assert (
-            attrs.last_failure.timeout_failure_info.timeout_type
-            == PbTimeoutType.TIMEOUT_TYPE_HEARTBEAT
-        )
-
-        # Heartbeat timeout with no retries left: the workflow sees it.
-        key = new_id("hb1")
-        hb1 = await client.start_workflow(
-            TimeoutWorkflow.run, args=[key, "heartbeat_once"], id=new_id("hb1"), task_queue=tq
-        )
-        assert await bounded(hb1.result()) == {
-            "error": "ActivityError",
-            "retry_state": "MAXIMUM_ATTEMPTS_REACHED",
-            "timeout_type": "HEARTBEAT",
-            "last_heartbeat_details": [f"progress-{key}"],
-        }
-        assert _HEARTBEAT_DETAILS.pop(key) == [(1, [])]
-        events = await events_of(hb1)
-        assert_gap_free(events)
-        (timed_out,) = of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT)
-        failure = timed_out.activity_task_timed_out_event_attributes.failure
-        assert failure.timeout_failure_info.timeout_type == PbTimeoutType.TIMEOUT_TYPE_HEARTBEAT
 
 
 async def test_non_determinism_blocks_run_until_fixed_code(client: Client) -> None:
@@ -839,213 +418,3 @@ async def test_bad_inputs_leave_store_intact(store_url: str) -> None:
             await third.terminate("done testing")
         finally:
             await client.close()
-
-
-async def test_stale_activity_response_is_rejected(client: Client) -> None:
-    tq = new_id("tq")
-    key = new_id("stale")
-    started, release = asyncio.Event(), asyncio.Event()
-    _GATES[key] = (started, release)
-    try:
-        async with Worker(
-            client,
-            task_queue=tq,
-            workflows=[TwoActivitiesWorkflow],
-            activities=[record_token, wait_for_release],
-        ):
-            handle = await client.start_workflow(
-                TwoActivitiesWorkflow.run, key, id=new_id("stale"), task_queue=tq
-            )
-            # The first activity completed, the second is running: history is quiet.
-            await asyncio.wait_for(started.wait(), timeout=10)
-            before = await events_of(handle)
-            assert len(of_type(before, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)) == 1
-            token = _TOKENS.pop(key)
-
-            with pytest.raises(NotFoundError) as not_found:
-                await client.call(
-                    client.service.RespondActivityTaskCompleted,
-                    service_pb2.RespondActivityTaskCompletedRequest(
-                        task_token=token, identity="duplicate"
-                    ),
-                )
-            assert not_found.value.status == "NOT_FOUND"
-            failed = service_pb2.RespondActivityTaskFailedRequest(
-                task_token=token, identity="duplicate"
-            )
-            failed.failure.message = "late failure"
-            with pytest.raises(NotFoundError):
-                await client.call(client.service.RespondActivityTaskFailed, failed)
-            with pytest.raises(NotFoundError):
-                await client.call(
-                    client.service.RecordActivityHeartbeat,
-                    service_pb2.RecordActivityHeartbeatRequest(task_token=token),
-                )
-            assert await events_of(handle) == before
-            desc = await handle.describe()
-            assert desc.status == WorkflowExecutionStatus.RUNNING
-            assert desc.history_length == len(before)
-
-            release.set()
-            assert await bounded(handle.result()) == ["first done", "second done"]
-    finally:
-        _GATES.pop(key, None)
-    events = await events_of(handle)
-    assert_gap_free(events)
-    completed = of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
-    assert len(completed) == 2
-    # Nothing the duplicate responses carried made it into history.
-    assert all(
-        e.activity_task_completed_event_attributes.identity != "duplicate" for e in completed
-    )
-    assert not of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_FAILED)
-
-
-@pytest.mark.parametrize("kind", ["workflow", "activity", "workflow-after-commit"])
-async def test_poll_cancelled_while_recording_start_keeps_the_task(
-    server: TideflowServer, client: Client, monkeypatch: pytest.MonkeyPatch, kind: str
-) -> None:
-    """A worker shutting down cancels its long polls. If a poll is cancelled while the
-    server records its task as started, the task must be dispatched again, not lost
-    (regression: it stayed in the store but nothing dispatched it until a restart).
-
-    The store's ``apply`` is gated so the cancellation lands inside that window, before
-    the commit, or (``workflow-after-commit``) after it: then the task did start, the
-    given-back copy is stale and dropped, and the workflow task timeout recovers."""
-    identity = new_id("doomed-poller")
-    after_commit = kind == "workflow-after-commit"
-    entered, cancelled, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    original_apply = server.store.apply
-
-    async def gated_apply(transition: Any) -> None:
-        doomed = identity.encode() in transition.state and not release.is_set()
-        if after_commit:
-            await original_apply(transition)
-        if doomed:
-            entered.set()
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-        if not after_commit:
-            await original_apply(transition)
-
-    monkeypatch.setattr(server.store, "apply", gated_apply)
-    tq = new_id("tq")
-    workflow_worker: Worker | None = None
-    poll: asyncio.Future[Any]
-    try:
-        if kind == "activity":
-            # Only workflows here, so the activity goes through matching (not eager).
-            workflow_worker = Worker(client, task_queue=tq, workflows=[HelloWorkflow])
-            workflow_worker.start()
-        handle = await client.start_workflow(
-            HelloWorkflow.run,
-            "again",
-            id=new_id("doomed"),
-            task_queue=tq,
-            task_timeout=timedelta(seconds=1),
-        )
-        if kind == "activity":
-            await eventually(has_event(handle, ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED))
-            activity_poll = service_pb2.PollActivityTaskRequest(
-                namespace="default", identity=identity
-            )
-            activity_poll.task_queue.name = tq
-            poll = asyncio.ensure_future(client.service.PollActivityTask(activity_poll, timeout=30))
-        else:
-            workflow_poll = service_pb2.PollWorkflowTaskRequest(
-                namespace="default", identity=identity
-            )
-            workflow_poll.task_queue.name = tq
-            poll = asyncio.ensure_future(client.service.PollWorkflowTask(workflow_poll, timeout=30))
-        await asyncio.wait_for(entered.wait(), timeout=10)
-        poll.cancel()  # the poller goes away while its task is being recorded
-        await asyncio.wait_for(cancelled.wait(), timeout=10)
-        release.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poll
-
-        async with Worker(
-            client,
-            task_queue=tq,
-            workflows=[] if kind == "activity" else [HelloWorkflow],
-            activities=[compose_greeting],
-        ):
-            # Bounded: a lost task never completes. After a commit, the 1 s workflow
-            # task timeout recovers it (not a timer-queue refill, 15 s later).
-            assert await bounded(handle.result(), timeout=10) == ("Hello, again (attempt 1)")
-    finally:
-        if workflow_worker is not None:
-            await workflow_worker.shutdown()
-
-    events = await events_of(handle)
-    assert_gap_free(events)
-    wft_started = of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_STARTED)
-    doomed_starts = [
-        e for e in wft_started if e.workflow_task_started_event_attributes.identity == identity
-    ]
-    (activity_started,) = of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-    assert activity_started.activity_task_started_event_attributes.identity != identity
-    assert activity_started.activity_task_started_event_attributes.attempt == 1
-    if after_commit:
-        # It did start (once: the given-back copy was dropped) and then timed out.
-        assert len(doomed_starts) == 1
-        assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)) == 1
-    else:
-        assert not doomed_starts
-        assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
-
-
-async def test_cancel_of_a_timer_that_fired_during_the_task_wins(
-    server: TideflowServer, client: Client
-) -> None:
-    """A timer fires while a workflow task runs, and that task's commands cancel it (the
-    workflow has not seen the fire). As in Temporal the cancel is accepted: history gets
-    TIMER_CANCELED and the buffered TIMER_FIRED is dropped, instead of failing the task.
-    Driven over raw gRPC so the fire lands inside the task deterministically."""
-    raw = RawWorkflows(client, new_id("tq"))
-    wid = new_id("fired-cancel")
-
-    async def state(run_id: str) -> state_pb2.MutableState:
-        record = await server.store.get_execution(
-            RunKey(namespace=client.namespace, workflow_id=wid, run_id=run_id)
-        )
-        assert record is not None
-        return state_pb2.MutableState.FromString(record.state)
-
-    async def fire_buffered(run_id: str) -> None:
-        async def check() -> bool:
-            ms = await state(run_id)
-            assert ms.workflow_task.started_event_id, "the second task is not running"
-            return "t1" not in ms.pending_timers and any(
-                e.event_type == ET.EVENT_TYPE_TIMER_FIRED for e in ms.buffered_events
-            )
-
-        await eventually(check)
-
-    run_id = await raw.cancel_timer_that_fired_during_the_task(wid, fire_buffered)
-    events = await events_of(client.get_workflow_handle(wid, run_id=run_id))
-    assert_gap_free(events)
-    assert [e.event_type for e in events[-3:]] == [
-        ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
-        ET.EVENT_TYPE_TIMER_CANCELED,
-        ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-    ]
-    (timer_started,) = of_type(events, ET.EVENT_TYPE_TIMER_STARTED)
-    canceled = events[-2].timer_canceled_event_attributes
-    assert canceled.timer_id == "t1"
-    assert canceled.started_event_id == timer_started.event_id
-    assert not of_type(events, ET.EVENT_TYPE_TIMER_FIRED)
-    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
-    assert not (await state(run_id)).buffered_events
-
-    # Cancelling a timer that is neither pending nor fired unseen still fails the task.
-    wid2 = new_id("bad-cancel")
-    await raw.start(wid2)
-    with pytest.raises(InvalidArgumentError, match="no pending timer 't1'"):
-        await raw.complete((await raw.poll()).task_token, cancel_timer("t1"))
-    events2 = await events_of(client.get_workflow_handle(wid2))
-    (failed,) = of_type(events2, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
-    assert "no pending timer 't1'" in failed.workflow_task_failed_event_attributes.failure.message

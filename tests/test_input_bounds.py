@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from helpers import running_server
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, service_pb2_grpc
 from tideflow.api.v1.history_pb2 import EventType
@@ -45,7 +46,7 @@ SMALL = {
 
 @asynccontextmanager
 async def serve(store_url: str, **config: Any) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(store_url, port=0, config=ServerConfig(**config)) as server:
+    async with running_server(store_url, ServerConfig(**config)) as server:
         yield server
 
 

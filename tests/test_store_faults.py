@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -182,12 +182,6 @@ def test_database_errors_are_classified() -> None:
 
 
 # ----------------------------------------------------- through the public API
-
-
-@pytest.fixture
-async def server(store_url: str) -> AsyncIterator[TideflowServer]:
-    async with TideflowServer(store_url, port=0) as srv:
-        yield srv
 
 
 def _start_request(workflow_id: str) -> service_pb2.StartWorkflowRequest:

@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers import running_server
 from pg_cluster import PrivatePostgres, private_postgres
 
 from tideflow.api.v1 import service_pb2, service_pb2_grpc
@@ -150,7 +151,7 @@ async def _until(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
 async def server(cluster: PrivatePostgres) -> AsyncIterator[TideflowServer]:
     # A short timer window: the queue re-reads its window from the store often, so the
     # outage hits its refills too.
-    async with TideflowServer(cluster.url, port=0, config=ServerConfig(timer_window_s=1.0)) as srv:
+    async with running_server(cluster.url, ServerConfig(timer_window_s=1.0)) as srv:
         yield srv
 
 

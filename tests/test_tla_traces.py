@@ -1,475 +1,63 @@
-"""Trace validation: TLC decides whether real runs are behaviours of tla/EngineCore.tla.
+"""Trace validation of workflow-level scenarios: TLC decides whether real runs are
+behaviours of tla/EngineCore.tla (how: helpers_tla.py). Scenarios:
 
-Each test runs a real end-to-end scenario against a real server (over SQLite and
-over PostgreSQL: conftest's ``server`` / ``store_url``) with ``TIDEFLOW_TRACE_DIR``
-set (server/_trace.py writes every transition of each run ahead of its commit, then
-the commit's outcome), converts the run's trace with tla/trace_to_tla.py and runs
-TLC on tla/TraceEngine.tla. A trace is accepted when TLC reports the invariant
-``TraceConsumed`` violated (exit 12): every line was a step of the spec, with the
-logged events, rows and state. Scenarios:
-
-- activity retries: an activity failing twice then succeeding, one timing out
-  (start-to-close) and retried, and a workflow task failing twice (transient attempts,
-  then a backoff timer) before it succeeds; the first activity of a run retried;
-- activity timeouts: schedule-to-start, schedule-to-close across retried attempts,
-  heartbeat (with the timer re-arming itself);
 - workflow and activity cancellation; continue-as-new (with a signal racing the
   continue-as-new task); signal-with-start and the run timeout; child workflows and
   requests to other runs, with the parent-close policy;
-- crash recovery: the server process is SIGKILLed while an activity runs and a new
-  one on the same database takes over (the trace file survives: it is appended per
-  transition, ahead of the commit);
-- a DAG a -> {b, c} -> d through the DAG API, checked for TaskDependencyCorrectness;
 - signals, a cancelled and a fired timer, a sticky queue given back (the task moves
   to the normal queue), terminate;
 - a timer that fires while the workflow task that cancels it runs (raw gRPC, so the
   race is deterministic): the cancel wins and the buffered fire is dropped.
 
 Real traces corrupted on purpose must be rejected (TLC exit 0, the line and reason
-printed): a dependency violated, a duplicated activity completion, a flipped retry
-decision, a skipped event id, a line lost, a cancelled timer's fire kept, a retry that
-drops the schedule-to-close timer, a duplicated cancellation report, a completion
-after the close, a run timeout never armed, a child's close recorded against the
-wrong event.
-
-Without ``java`` these tests skip, except with ``CI=true``, where they fail. Waiting
-polls conditions (no fixed sleeps synchronize anything).
+printed). (Activity retries and timeouts: test_tla_activity_traces.py; crash
+recovery and a DAG: test_tla_crash_and_dag_traces.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
-import shutil
-import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
-from helpers import WAIT_S, ServerProcess, eventually
+from helpers import ET, eventually
+from helpers_tla import (
+    actions,
+    assert_accepted,
+    assert_rejected,
+    first_index,
+    hangs,
+    read_lines,
+    real_accepted_corrupted_rejected,
+    t2t,
+    trace_of,
+    traces_of,
+    validate,
+    write_lines,
+)
 from raw_workflow import RawWorkflows, complete_workflow, continue_as_new
 
-from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
-from tideflow.api.v1.history_pb2 import EventType
 from tideflow.worker_sdk import (
     Client,
-    RetryPolicy,
     Worker,
     WorkflowExecutionStatus,
     WorkflowHandle,
     activity,
-    dag,
     workflow,
 )
-from tideflow.worker_sdk.dag import DagWorkflow, Task
 from tideflow.worker_sdk.exceptions import (
-    ActivityError,
     ApplicationError,
     ChildWorkflowError,
     InvalidArgumentError,
-    TimeoutError,
-    TimeoutType,
     WorkflowFailureError,
 )
 from tideflow.worker_sdk.workflow import ActivityCancellationType
 
-pytestmark = pytest.mark.tla
-
-ROOT = Path(__file__).resolve().parent.parent
-ET = EventType
-
-
-def _load_converter() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("trace_to_tla", ROOT / "tla" / "trace_to_tla.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-t2t = _load_converter()
-
-
-# ------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="session")
-def jar() -> Path:
-    """The TLC jar; needs java (CI=true: a missing java fails, elsewhere it skips)."""
-    if shutil.which("java") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("java is not installed: TLC cannot validate traces (CI=true)")
-        pytest.skip("java is not installed: TLC cannot validate traces (install a JRE 11+)")
-    path: Path = t2t.tla2tools_jar()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def trace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Trace mode on for servers started by this test (in this process or children);
-    autouse, so it is on before conftest's ``server`` starts."""
-    directory = tmp_path / "traces"
-    monkeypatch.setenv("TIDEFLOW_TRACE_DIR", str(directory))
-    return directory
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def traces_of(directory: Path, workflow_id: str) -> list[Path]:
-    """The traces of every run of ``workflow_id`` (one file per run)."""
-    return sorted(directory.glob(f"{workflow_id}__*.ndjson"))
-
-
-def trace_of(directory: Path, workflow_id: str) -> Path:
-    found = traces_of(directory, workflow_id)
-    assert len(found) == 1, f"traces of {workflow_id!r}: {found}"
-    return found[0]
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The transitions of a trace, one per line (written ahead of their commit, with
-    the commit's outcome on a line of its own, folded here as the converter does)."""
-    lines: list[dict[str, Any]] = t2t.load_trace(path)
-    return lines
-
-
-def write_lines(path: Path, lines: Sequence[Mapping[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-def actions(path: Path) -> Counter[str]:
-    return Counter(line["action"] for line in read_lines(path))
-
-
-Job = tuple[Path, Mapping[str, set[str]] | None]
-
-
-def validate(jar: Path, workdir: Path, jobs: Sequence[Job]) -> list[Any]:
-    """Convert each trace and run TLC on it, two JVMs at a time; returns the verdicts."""
-
-    def one(index: int) -> Any:
-        trace, deps = jobs[index]
-        model = t2t.write_model(trace, workdir / f"model-{index}-{trace.stem[:40]}", deps=deps)
-        return t2t.check(model, jar=jar)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(one, range(len(jobs))))
-
-
-def assert_accepted(verdict: Any, trace: Path, *, one_path: bool = True) -> None:
-    lines = len(read_lines(trace))
-    assert verdict.status == "accepted", (
-        f"{trace.name}: {verdict.status} at line {verdict.line} ({verdict.action}):\n"
-        f"{verdict.reason or verdict.output[-4000:]}"
-    )
-    assert verdict.exit_code == 12 and "TraceConsumed" in verdict.output
-    if one_path:
-        # One state per line plus the initial one: TLC walked the whole trace.
-        assert verdict.states == lines + 1, (verdict.states, lines)
-
-
-def assert_rejected(verdict: Any, line: int, *reason: str) -> None:
-    assert verdict.status == "rejected", f"{verdict.status}: {verdict.output[-3000:]}"
-    assert verdict.exit_code == 0 and "TraceConsumed" not in verdict.output
-    assert verdict.line == line, (verdict.line, verdict.reason)
-    for part in reason:
-        assert part in verdict.reason, verdict.reason
-
-
-def real_accepted_corrupted_rejected(
-    jar: Path,
-    workdir: Path,
-    trace: Path,
-    corrupted: Sequence[Mapping[str, Any]],
-    name: str,
-    line: int,
-    *reason: str,
-) -> None:
-    """The real trace is accepted and the corrupted copy of it (written as ``name``)
-    is rejected at ``line`` for ``reason``; both checked in one ``validate`` call."""
-    copy = write_lines(workdir / f"{name}.ndjson", corrupted)
-    accepted, rejected = validate(jar, workdir, [(trace, None), (copy, None)])
-    assert_accepted(accepted, trace)
-    assert_rejected(rejected, line, *reason)
-
-
-def first_index(
-    lines: Sequence[Mapping[str, Any]], test: Callable[[Mapping[str, Any]], bool]
-) -> int:
-    for index, line in enumerate(lines):
-        if test(line):
-            return index
-    raise AssertionError("no such line in the trace")
-
-
-# ------------------------------------------- (a) activity and workflow task retries
-
-FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=5)
-_wft_failures: Counter[str] = Counter()
-
-
-class _Gates:
-    """Events the activities wait on, made anew by each test (an asyncio.Event must
-    not outlive the event loop of the test that used it)."""
-
-    stalled = asyncio.Event()
-    running = asyncio.Event()
-    release = asyncio.Event()
-
-    @classmethod
-    def reset(cls) -> None:
-        cls.stalled, cls.running, cls.release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-
-@activity.defn
-async def fails_twice(key: str) -> str:
-    attempt = activity.info().attempt
-    if attempt < 3:
-        raise RuntimeError(f"transient failure {attempt}")
-    return f"ok on attempt {attempt}"
-
-
-@activity.defn
-async def stalls_on_first_attempt(key: str) -> str:
-    attempt = activity.info().attempt
-    if attempt == 1:
-        activity.heartbeat("alive")  # sent at once (later ones would be throttled)
-        # Held past its start-to-close timeout; released (and reported late) at the end.
-        await _Gates.stalled.wait()
-    return f"ok on attempt {attempt}"
-
-
-@workflow.defn
-class Retries:
-    @workflow.run
-    async def run(self, key: str) -> list[str]:
-        if _wft_failures[key] < 2:
-            # A bug in the first two workflow task attempts: the task fails and the
-            # server retries it (transient attempt 2 at once, attempt 3 after a backoff).
-            _wft_failures[key] += 1
-            raise RuntimeError("workflow task bug, fixed by attempt 3")
-        results = await asyncio.gather(
-            workflow.execute_activity(
-                fails_twice, key, start_to_close_timeout=timedelta(seconds=10),
-                retry_policy=FAST_RETRY,
-            ),
-            workflow.execute_activity(
-                stalls_on_first_attempt, key, start_to_close_timeout=timedelta(seconds=1),
-                retry_policy=FAST_RETRY,
-            ),
-        )  # fmt: skip
-        return list(results)
-
-
-async def test_activity_and_workflow_task_retries(
-    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
-) -> None:
-    _Gates.reset()
-    _wft_failures.clear()
-    worker = Worker(
-        client,
-        task_queue="tla-retries",
-        workflows=[Retries],
-        activities=[fails_twice, stalls_on_first_attempt],
-        graceful_shutdown_timeout=timedelta(seconds=10),
-    )
-    async with worker:
-        handle = await client.start_workflow(
-            Retries.run, "retries-1", id="retries-1", task_queue="tla-retries"
-        )
-        assert await handle.result() == ["ok on attempt 3", "ok on attempt 2"]
-        # The stalled attempt 1 now reports, long after it timed out: the engine must
-        # refuse it (stale attempt), so it adds nothing to the trace. The graceful
-        # shutdown waits for that report.
-        _Gates.stalled.set()
-    trace = trace_of(trace_dir, "retries-1")
-    lines = read_lines(trace)
-    seen = actions(trace)
-    assert seen["FailWorkflowTask"] == 2 and seen["FireTimer:WORKFLOW_TASK_RETRY"] == 1
-    assert seen["RecordHeartbeat"] == 1
-    assert [ln["args"]["retry"] for ln in lines if ln["action"] == "FailActivity"] == [True] * 2
-    assert seen["FireTimer:ACTIVITY_RETRY"] == 3
-    [timeout] = [ln for ln in lines if ln["action"] == "FireTimer:ACTIVITY_START_TO_CLOSE"]
-    assert timeout["args"]["retry"] is True and timeout["events"] == []
-
-    # Corruptions of this real trace: the engine's retry decision flipped (it would
-    # have recorded the failure), and an event id skipped.
-    flipped = [dict(ln) for ln in lines]
-    at = first_index(flipped, lambda ln: ln["action"] == "FailActivity")
-    flipped[at] = {**flipped[at], "args": {**flipped[at]["args"], "retry": False}}
-    skipped = json.loads(json.dumps(lines))
-    gap = first_index(skipped, lambda ln: ln["action"] == "CompleteActivity")
-    for line in skipped[gap:]:
-        for event in line["events"]:
-            event["id"] += 1
-    verdicts = validate(
-        jar,
-        tmp_path,
-        [
-            (trace, None),
-            (write_lines(tmp_path / "flipped-retry.ndjson", flipped), None),
-            (write_lines(tmp_path / "skipped-id.ndjson", skipped), None),
-        ],
-    )
-    assert_accepted(verdicts[0], trace)
-    assert_rejected(verdicts[1], at + 1, "the appended events differ")
-    assert_rejected(verdicts[2], gap + 1, "the appended events differ")
-
-
-@activity.defn
-async def fails_once(key: str) -> str:
-    attempt = activity.info().attempt
-    if attempt == 1:
-        raise RuntimeError("transient failure")
-    return f"ok on attempt {attempt}"
-
-
-@workflow.defn
-class FirstActivityRetried:
-    @workflow.run
-    async def run(self, key: str) -> str:
-        result: str = await workflow.execute_activity(
-            fails_once, key, start_to_close_timeout=timedelta(seconds=10), retry_policy=FAST_RETRY
-        )
-        return result
-
-
-async def test_retry_of_the_first_activity_drops_the_failed_attempts_timer(
-    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
-) -> None:
-    async with Worker(
-        client, task_queue="tla-first", workflows=[FirstActivityRetried], activities=[fails_once]
-    ):
-        handle = await client.start_workflow(
-            FirstActivityRetried.run, "first", id="first-1", task_queue="tla-first"
-        )
-        assert await handle.result() == "ok on attempt 2"
-    trace = trace_of(trace_dir, "first-1")
-    lines = read_lines(trace)
-    [failed] = [ln for ln in lines if ln["action"] == "FailActivity"]
-    assert failed["args"]["token"]["scheduled"] == 5 and failed["args"]["retry"] is True
-    [verdict] = validate(jar, tmp_path, [(trace, None)])
-    assert_accepted(verdict, trace)
-
-
-@activity.defn
-async def hangs(key: str) -> str:
-    """Every attempt outlives its timeouts; released when the test ends."""
-    await _Gates.release.wait()
-    return "too late"
-
-
-@activity.defn
-async def heartbeats_once_then_hangs(key: str) -> str:
-    attempt = activity.info().attempt
-    if attempt == 1:
-        activity.heartbeat("alive")  # the first heartbeat is sent at once
-        await _Gates.release.wait()
-    return f"ok on attempt {attempt}"
-
-
-def _timeout_of(error: ActivityError) -> str:
-    cause = error.cause
-    assert isinstance(cause, TimeoutError)
-    return TimeoutType(cause.type or 0).name
-
-
-@workflow.defn
-class ActivityTimeouts:
-    @workflow.run
-    async def run(self, key: str) -> list[str]:
-        outcomes: list[str] = []
-        try:  # nobody polls this queue: the attempt never starts
-            await workflow.execute_activity(
-                hangs,
-                key,
-                task_queue="tla-nobody",
-                schedule_to_start_timeout=timedelta(milliseconds=200),
-                start_to_close_timeout=timedelta(seconds=10),
-            )
-        except ActivityError as error:
-            outcomes.append(_timeout_of(error))
-        try:  # attempts time out and are retried until the overall deadline
-            await workflow.execute_activity(
-                hangs,
-                key,
-                start_to_close_timeout=timedelta(milliseconds=150),
-                schedule_to_close_timeout=timedelta(milliseconds=700),
-                retry_policy=FAST_RETRY,
-            )
-        except ActivityError as error:
-            outcomes.append(_timeout_of(error))
-        # the heartbeat timer re-arms once, then the silent attempt 1 times out
-        outcomes.append(
-            await workflow.execute_activity(
-                heartbeats_once_then_hangs,
-                key,
-                start_to_close_timeout=timedelta(seconds=30),
-                heartbeat_timeout=timedelta(seconds=1),
-                retry_policy=FAST_RETRY,
-            )
-        )
-        return outcomes  # fmt: skip
-
-
-async def test_activity_timeouts(
-    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
-) -> None:
-    """Schedule-to-start, schedule-to-close across retried attempts, and heartbeat
-    timeouts (with the heartbeat timer re-arming itself) are steps of EngineCore."""
-    _Gates.reset()
-    async with Worker(
-        client,
-        task_queue="tla-timeouts",
-        workflows=[ActivityTimeouts],
-        activities=[hangs, heartbeats_once_then_hangs],
-        graceful_shutdown_timeout=timedelta(seconds=10),
-    ):
-        handle = await client.start_workflow(
-            ActivityTimeouts.run, "t", id="timeouts-1", task_queue="tla-timeouts"
-        )
-        first, second, third = await handle.result()
-        _Gates.release.set()
-    assert first == "SCHEDULE_TO_START"
-    # The attempt in flight at the deadline ends by whichever of its timers fires
-    # first (both are due then): the activity times out either way.
-    assert second in ("SCHEDULE_TO_CLOSE", "START_TO_CLOSE")
-    assert third == "ok on attempt 2"
-    trace = trace_of(trace_dir, "timeouts-1")
-    lines = read_lines(trace)
-    seen = actions(trace)
-    assert seen["FireTimer:ACTIVITY_SCHEDULE_TO_START"] == 1
-    assert seen["FireTimer:ACTIVITY_START_TO_CLOSE"] >= 2  # retried at least once
-    heartbeats = [ln for ln in lines if ln["action"] == "FireTimer:ACTIVITY_HEARTBEAT"]
-    assert [bool(ln["args"].get("rearm")) for ln in heartbeats] == [True, False]
-
-    # Corrupted: a retry drops the schedule-to-close timer as well (the deadline spans
-    # all attempts, so the engine must keep it), as the '|5|' substring bug could.
-    dropped = json.loads(json.dumps(lines))
-    at = first_index(
-        dropped,
-        lambda ln: ln["action"] == "FireTimer:ACTIVITY_START_TO_CLOSE" and ln["args"]["retry"],
-    )
-    [s2c] = [
-        row
-        for ln in dropped[:at]
-        for row in ln["rows"]["new_timers"]
-        if row["kind"] == "ACTIVITY_SCHEDULE_TO_CLOSE"
-    ]
-    dropped[at]["rows"]["done_timers"].append(s2c)
-    real_accepted_corrupted_rejected(
-        jar, tmp_path, trace, dropped, "s2c-dropped", at + 1, "the timer rows differ"
-    )
+# Trace mode on before any server of the test starts (conftest: trace_dir).
+pytestmark = [pytest.mark.tla, pytest.mark.usefixtures("trace_dir")]
 
 
 @activity.defn
@@ -728,153 +316,6 @@ async def test_child_workflows_and_external_requests(
     for verdict, accepted in zip(verdicts, [trace, *kids], strict=False):
         assert_accepted(verdict, accepted)
     assert_rejected(verdicts[-1], at + 1)
-
-
-# ----------------------------------------------------------- (b) crash recovery
-
-
-@activity.defn
-async def held_across_crash(n: int) -> int:
-    _Gates.running.set()
-    await _Gates.release.wait()
-    return n * 10
-
-
-@activity.defn
-async def after_crash(n: int) -> str:
-    return f"done-{n}"
-
-
-@workflow.defn
-class SpansCrash:
-    @workflow.run
-    async def run(self, n: int) -> str:
-        held: int = await workflow.execute_activity(
-            held_across_crash, n, start_to_close_timeout=timedelta(seconds=60)
-        )
-        await workflow.sleep(timedelta(milliseconds=100))
-        result: str = await workflow.execute_activity(
-            after_crash, held + 1, start_to_close_timeout=timedelta(seconds=10)
-        )
-        return result
-
-
-async def test_server_crash_mid_run(
-    jar: Path, trace_dir: Path, server_process: ServerProcess, tmp_path: Path
-) -> None:
-    _Gates.reset()
-    client = await Client.connect(server_process.address)
-    worker = Worker(
-        client,
-        task_queue="tla-crash",
-        workflows=[SpansCrash],
-        activities=[held_across_crash, after_crash],
-    )
-    try:
-        worker.start()
-        handle = await client.start_workflow(
-            SpansCrash.run, 4, id="crash-1", task_queue="tla-crash"
-        )
-        # The run is quiescent now (its activity is running, nothing else is due), so
-        # no commit is in flight when the process dies.
-        await asyncio.wait_for(_Gates.running.wait(), WAIT_S)
-        trace = trace_of(trace_dir, "crash-1")
-        before = len(read_lines(trace))
-        await server_process.kill()
-        await server_process.start()
-        # The attempt started by the first server completes against the second.
-        _Gates.release.set()
-        async with asyncio.timeout(WAIT_S):
-            assert await handle.result() == "done-41"
-        await worker.shutdown()
-    finally:
-        _Gates.release.set()
-        await client.close()
-        await worker.shutdown()
-    lines = read_lines(trace)
-    assert [ln["action"] for ln in lines[:before]][-1] == "CompleteWorkflowTask"
-    assert lines[before]["action"] == "CompleteActivity", lines[before]
-    assert lines[-1]["state"]["status"] == WS.WORKFLOW_EXECUTION_STATUS_COMPLETED
-
-    # A transition lost in the crash (the line of the second server's first commit
-    # missing) must be noticed.
-    lost = write_lines(tmp_path / "lost-line.ndjson", lines[:before] + lines[before + 1 :])
-    verdicts = validate(jar, tmp_path, [(trace, None), (lost, None)])
-    assert_accepted(verdicts[0], trace)
-    assert_rejected(verdicts[1], before + 1)
-
-
-# ------------------------------------------------------- (c) DAG a -> {b, c} -> d
-
-
-@dag.executor("tla-step")
-async def tla_step(params: dict[str, Any]) -> dict[str, Any]:
-    return {"task": params["name"]}
-
-
-def _diamond() -> dag.Workflow:
-    wf = dag.new_workflow("tla-diamond", "1.0.0")
-    a = Task("a", executor="tla-step", parameters={"name": "a"})
-    b = Task("b", executor="tla-step", parameters={"name": "b"}, depends_on=[a])
-    c = Task("c", executor="tla-step", parameters={"name": "c"}, depends_on=[a])
-    d = Task("d", executor="tla-step", parameters={"name": "d"}, depends_on=[b, c])
-    for task in (a, b, c, d):
-        wf.add_task(task)
-    return wf
-
-
-def _swap_ids(lines: list[dict[str, Any]], one: str, other: str) -> list[dict[str, Any]]:
-    """The trace with two activity ids exchanged everywhere (commands, events, state)."""
-    text = json.dumps(lines)
-    text = text.replace(f'"{one}"', '"<swap>"').replace(f'"{other}"', f'"{one}"')
-    swapped: list[dict[str, Any]] = json.loads(text.replace('"<swap>"', f'"{other}"'))
-    return swapped
-
-
-async def test_dag_with_parallel_branches(
-    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
-) -> None:
-    wf = _diamond()
-    async with Worker(client, task_queue="tla-dag", workflows=[DagWorkflow], activities=[tla_step]):
-        handle = await client.start_dag(wf, {}, id="dag-1", task_queue="tla-dag")
-        output = await handle.result()
-    assert output == {"d": {"task": "d"}}
-    deps = {task.id: set(task.dependencies) for task in wf.tasks}
-    assert deps == {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b", "c"}}
-    trace = trace_of(trace_dir, "dag-1")
-    lines = read_lines(trace)
-    scheduled = [
-        sorted(c["id"] for c in ln["args"]["commands"] if c["type"] == "SCHEDULE_ACTIVITY_TASK")
-        for ln in lines
-        if ln["action"] == "CompleteWorkflowTask"
-    ]
-    # The branches ran in parallel: b and c were scheduled by one workflow task.
-    assert [ids for ids in scheduled if ids] == [["a#1"], ["b#1", "c#1"], ["d#1"]]
-
-    # Corruptions: d scheduled where c was (right after a completed: its dependencies
-    # b and c had not), and an activity completion delivered twice.
-    violated = _swap_ids(lines, "c#1", "d#1")
-    at = first_index(
-        violated,
-        lambda ln: any(e.get("activity_id") == "d#1" for e in ln["events"]),
-    )
-    twice = first_index(lines, lambda ln: ln["action"] == "CompleteActivity")
-    duplicated = [*lines[: twice + 1], lines[twice], *lines[twice + 1 :]]
-    verdicts = validate(
-        jar,
-        tmp_path,
-        [
-            (trace, deps),
-            (write_lines(tmp_path / "dependency-violated.ndjson", violated), deps),
-            (write_lines(tmp_path / "duplicated-completion.ndjson", duplicated), deps),
-        ],
-    )
-    assert_accepted(verdicts[0], trace)
-    assert_rejected(verdicts[1], at + 1, "TaskDependencyCorrectness violated", '"d#1"')
-    assert_rejected(verdicts[2], twice + 2, "guard for this action does not hold")
-
-
-# ------------------------------------------- signals, timers, sticky, terminate
 
 
 @workflow.defn

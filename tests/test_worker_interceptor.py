@@ -2,7 +2,7 @@
 interceptor outermost, and an interceptor may act before and after the task.
 
 The hook is store-agnostic, so one SQLite server (``running_server(tmp_path)``) is
-enough; the engine suites use it on both stores (test_sticky.py, test_composition.py).
+enough; the engine suites use it on both stores (test_sticky.py, test_child_workflows.py).
 """
 
 from __future__ import annotations

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-import pytest
+from helpers import events_of
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, WorkflowHandle, activity, workflow
 
 ET = EventType
@@ -65,21 +63,6 @@ class OneActivity:
         return result
 
 
-@pytest.fixture
-async def client(store_url: str) -> AsyncIterator[Client]:
-    async with TideflowServer(store_url, port=0) as server:
-        c = await Client.connect(server.address)
-        try:
-            yield c
-        finally:
-            await c.close()
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"tq-{uuid.uuid4()}"
-
-
 def _gate() -> tuple[str, asyncio.Event, asyncio.Event]:
     key = f"gate-{uuid.uuid4()}"
     started, release = asyncio.Event(), asyncio.Event()
@@ -93,10 +76,6 @@ def _worker_tasks() -> set[asyncio.Task[Any]]:
         for t in asyncio.all_tasks()
         if not t.done() and t.get_name().startswith(_WORKER_TASK_PREFIXES)
     }
-
-
-async def _events(handle: WorkflowHandle) -> list[HistoryEvent]:
-    return list((await handle.fetch_history()).events)
 
 
 def _types(events: list[HistoryEvent]) -> list[int]:
@@ -147,7 +126,7 @@ async def test_graceful_shutdown_lets_a_running_activity_finish(client: Client, 
     release.set()
     await asyncio.wait_for(stopping, 30)
     assert key not in _CANCELLED
-    assert ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED in _types(await _events(handle))
+    assert ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED in _types(await events_of(handle))
     assert not _worker_tasks()
 
     # The completion's workflow task waits on the task queue for the next worker.
@@ -168,7 +147,7 @@ async def test_shutdown_without_grace_cancels_a_running_activity(
     assert not _worker_tasks()
     # The worker's cancellation is not the server's: nothing is reported (the server
     # retries the attempt after its timeout).
-    types = _types(await _events(handle))
+    types = _types(await events_of(handle))
     for reported in (
         ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
         ET.EVENT_TYPE_ACTIVITY_TASK_FAILED,

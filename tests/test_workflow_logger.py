@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 
 import pytest
 
 from tideflow.api.v1.history_pb2 import EventType as ET
-from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client, Replayer, Worker, WorkflowHistory, activity, workflow
 from tideflow.worker_sdk._workflow_instance import WorkflowInstanceImpl
 from tideflow.worker_sdk.workflow import definition_of
@@ -100,16 +99,6 @@ def records() -> Iterator[_Records]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-@pytest.fixture
-async def client(store_url: str) -> AsyncIterator[Client]:
-    async with TideflowServer(store_url, port=0) as server:
-        c = await Client.connect(server.address)
-        try:
-            yield c
-        finally:
-            await c.close()
 
 
 def _worker(client: Client, queue: str, *, cached: int) -> Worker:

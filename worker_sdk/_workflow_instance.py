@@ -43,6 +43,7 @@ from ._workflow_commands import (
     mismatch,
     set_result_unless_done,
 )
+from ._workflow_loop import DeterministicLoop
 from .converter import DataConverter
 from .workflow import (
     ActivityCancellationType,
@@ -71,17 +72,15 @@ def current_instance_or_none() -> WorkflowInstanceImpl | None:
     return loop if isinstance(loop, WorkflowInstanceImpl) else None
 
 
-class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
+class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
     """One workflow run's deterministic event loop and the state replay builds.
 
     It implements ``workflow._Runtime``, the contract the ``workflow`` module's
     functions call (the ``workflow_*`` methods): being the running loop of workflow
     code is how they find it.
 
-    Only the loop methods that tasks, futures, sleeps and timeouts use are provided;
-    the I/O half of the loop API is deliberately absent (workflow code does no I/O),
-    hence the ``abstract`` type-ignores where instances are created. Overridden
-    scheduling methods keep asyncio's runtime signatures.
+    The loop itself (ready queue, history time, tasks) is ``DeterministicLoop``; this
+    class decides what its ``call_later`` is: a durable timer (``_timer``).
     """
 
     def __init__(
@@ -94,14 +93,12 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         task_queue: str,
         converter: DataConverter,
     ) -> None:
+        super().__init__(workflow_id)
         self._definition = definition
         self._converter = converter
         self._namespace = namespace
-        self._workflow_id = workflow_id
         self._run_id = run_id
         self._task_queue = task_queue
-        self._ready: collections.deque[asyncio.Handle] = collections.deque()
-        self._time_us = 0
         self._random = random.Random(0)
         self.info: Info | None = None  # set by WorkflowExecutionStarted
         self._seq = 0
@@ -113,7 +110,6 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         self._timers_by_event: dict[int, DurableTimerHandle] = {}
         self._start_args: list[Any] | None = None
         self._main: asyncio.Task[Any] | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
         self._completed = False
         self._object: Any = None  # the workflow class instance
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -132,11 +128,6 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         # throwaway catch-up before a query, and teardown. Its log lines are not new.
         self._rerunning = False
         self._answering_query = False
-
-    # ------------------------------------------------------------------ loop
-
-    def time(self) -> float:
-        return self._time_us / 1_000_000
 
     # -------------------------------------------------------- the runtime contract
 
@@ -158,20 +149,16 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         # A query handler runs once per query: its lines are new, even mid-replay.
         return not self._answering_query and (self._replaying or self._rerunning)
 
-    def call_soon(  # type: ignore[override]
-        self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
-    ) -> asyncio.Handle:
-        handle = asyncio.Handle(callback, args, self, context)
-        self._ready.append(handle)
-        return handle
+    # ------------------------------------------------------------- commands
 
-    def call_later(  # type: ignore[override]
+    def _timer(
         self,
         delay: float,
         callback: Callable[..., Any],
-        *args: Any,
-        context: contextvars.Context | None = None,
+        args: Sequence[Any],
+        context: contextvars.Context | None,
     ) -> asyncio.TimerHandle:
+        """``call_later`` of workflow code: a durable timer (a StartTimer command)."""
         if delay <= 0:
             # Nothing durable to wait for: run it on the next turn of the loop.
             handle = DurableTimerHandle(
@@ -195,55 +182,6 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         handle._pending = self._emit(command, recorded)
         self._timers[timer_id] = handle
         return handle
-
-    def call_at(  # type: ignore[override]
-        self,
-        when: float,
-        callback: Callable[..., Any],
-        *args: Any,
-        context: contextvars.Context | None = None,
-    ) -> asyncio.TimerHandle:
-        return self.call_later(when - self.time(), callback, *args, context=context)
-
-    def create_future(self) -> asyncio.Future[Any]:
-        return asyncio.Future(loop=self)
-
-    def create_task(
-        self, coro: Any, *, name: str | None = None, context: Any = None
-    ) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.Task(coro, loop=self, name=name, context=context)
-        self._tasks.append(task)
-        return task
-
-    def get_debug(self) -> bool:
-        return False
-
-    def is_running(self) -> bool:
-        return True
-
-    def is_closed(self) -> bool:
-        return False
-
-    def call_exception_handler(self, context: dict[str, Any]) -> None:
-        log.error(
-            "workflow %s: %s",
-            self._workflow_id,
-            context.get("message"),
-            exc_info=context.get("exception"),
-        )
-
-    def default_exception_handler(self, context: dict[str, Any]) -> None:
-        self.call_exception_handler(context)
-
-    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
-        pass
-
-    def run_in_executor(  # type: ignore[override]
-        self, executor: Any, func: Any, *args: Any
-    ) -> Any:
-        raise RuntimeError("workflow code cannot use threads or executors; use an activity")
-
-    # ------------------------------------------------------------- commands
 
     def _next_seq(self) -> str:
         self._seq += 1
@@ -684,17 +622,6 @@ class WorkflowInstanceImpl(asyncio.AbstractEventLoop, _Runtime):
         )
         self._completed = True
         self._emit(command)
-
-    def _run_until_blocked(self) -> None:
-        previous = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(self)
-        try:
-            while self._ready:
-                handle = self._ready.popleft()
-                if not handle.cancelled():
-                    handle._run()
-        finally:
-            asyncio.events._set_running_loop(previous)
 
     def _complete(self, main: asyncio.Task[Any]) -> None:
         if main.cancelled():

@@ -9,7 +9,7 @@ run. ``helpers.Processes.start_worker`` starts it. Flavours:
 
 - ``crashy`` (tests/test_crash_recovery.py): ``CrashyWorkflow`` runs the activity
   ``stall_on_first_attempt`` once.
-- ``child`` (tests/test_composition.py): ``CrashParent`` starts ``CrashChild`` (same
+- ``child`` (tests/test_child_workflows.py): ``CrashParent`` starts ``CrashChild`` (same
   task queue, id from its input), waits for its result, then runs ``parent_step``;
   the child runs ``child_step``.
 - ``sticky`` (tests/test_sticky.py): ``Tally`` adds up signals. The test imports

@@ -1,27 +1,28 @@
-"""Composition end to end: continue-as-new, child workflows, external handles, and the
-workflow id reuse / conflict policies of a start.
+"""Child and external workflows end to end: child results, failures, signals and
+cancellation, a child id already running, parent close policies (also when the parent
+closes while its child starts, or in the task that initiates it), a child that
+continues as new, external handles that signal and cancel another workflow, and a
+child that survives a SIGKILL of its workers' process.
 
 Every test runs a real server on an ephemeral port over SQLite and over PostgreSQL
-(conftest's ``server``), real workers and a real client; task queues and workflow ids
+(conftest's ``client``), real workers and a real client; task queues and workflow ids
 are uuids. Nothing waits with a sleep for synchronization: tests await results, or
-poll a condition against a bounded deadline (``eventually``). One test
-(``test_child_workflow_survives_sigkill_of_its_workers_process``) runs its workers as
-real processes (tests/procs/worker_proc.py, flavour ``child``) and SIGKILLs the first
-one while the child is mid-activity; processes are always killed and reaped in fixture
-teardown.
+poll a condition against a bounded deadline (``eventually``). The SIGKILL test runs
+its workers as real processes (tests/procs/worker_proc.py, flavour ``child``);
+processes are always killed and reaped in fixture teardown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import (
+    ET,
     Processes,
     assert_well_formed,
     bounded,
@@ -30,285 +31,24 @@ from helpers import (
     new_id,
     of_type,
     read_marker,
+    status_of,
 )
 
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.api.v1.service_pb2 import PollWorkflowTaskResponse
+from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import (
     Client,
     Worker,
-    WorkerInterceptor,
-    WorkflowExecutionStatus,
-    WorkflowHandle,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-    activity,
     workflow,
 )
+from tideflow.worker_sdk import WorkflowExecutionStatus as Status
 from tideflow.worker_sdk.exceptions import (
     ApplicationError,
     CancelledError,
     ChildWorkflowError,
     TerminatedError,
-    TimeoutError,
-    WorkflowAlreadyStartedError,
     WorkflowFailureError,
 )
-from tideflow.worker_sdk.interceptor import WorkflowTaskHandler
-
-ET = EventType
-Status = WorkflowExecutionStatus
-_ACTIVITY_TIMEOUT = timedelta(seconds=30)
-
-# --------------------------------------------------------------------- helpers
-
-
-async def status_of(client: Client, workflow_id: str, run_id: str | None = None) -> Status:
-    return (await client.get_workflow_handle(workflow_id, run_id=run_id).describe()).status
-
-
-# -------------------------------------------------------------- continue-as-new
-
-
-@activity.defn
-async def increment(n: int) -> int:
-    return n + 1
-
-
-@workflow.defn
-class CountingChain:
-    """Adds one per run (in an activity) and continues as new until ``left`` is 0."""
-
-    @workflow.run
-    async def run(self, n: int, left: int) -> int:
-        n = await workflow.execute_activity(increment, n, start_to_close_timeout=_ACTIVITY_TIMEOUT)
-        if left > 0:
-            workflow.continue_as_new(args=[n, left - 1])
-        return n
-
-
-CHAIN_RUNS = 50
-
-
-async def test_continue_as_new_chain_of_50_runs(client: Client, queue: str) -> None:
-    wid = new_id("chain")
-    async with Worker(client, task_queue=queue, workflows=[CountingChain], activities=[increment]):
-        handle = await client.start_workflow(
-            CountingChain.run, args=[0, CHAIN_RUNS - 1], id=wid, task_queue=queue
-        )
-        first_run = handle.run_id
-        assert first_run is not None
-        # result() of the first run follows the chain to the run that completes.
-        assert await bounded(handle.result(), 60) == CHAIN_RUNS
-
-    # Walk the chain run by run: each run's history is its own, short and alike.
-    run_ids = [first_run]
-    lengths = []
-    for index in range(CHAIN_RUNS):
-        run_id = run_ids[-1]
-        events = await events_of(client.get_workflow_handle(wid, run_id=run_id))
-        assert_well_formed(events)
-        lengths.append(len(events))
-        started = events[0].workflow_execution_started_event_attributes
-        assert started.original_execution_run_id == run_id
-        assert started.first_execution_run_id == first_run
-        assert started.continued_execution_run_id == (run_ids[-2] if index else "")
-        assert client.data_converter.from_payloads(started.input) == [index, CHAIN_RUNS - 1 - index]
-        assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)) == 1
-        close = events[-1]
-        if index < CHAIN_RUNS - 1:
-            assert close.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
-            attrs = close.workflow_execution_continued_as_new_event_attributes
-            assert attrs.workflow_type.name == "CountingChain"
-            assert client.data_converter.from_payloads(attrs.input) == [
-                index + 1,
-                CHAIN_RUNS - 2 - index,
-            ]
-            assert attrs.new_execution_run_id not in run_ids
-            run_ids.append(attrs.new_execution_run_id)
-        else:
-            assert close.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
-    assert len(run_ids) == CHAIN_RUNS
-    # Independent of the chain's length: the 50th run's history is as short as the 1st.
-    assert max(lengths) <= 11, lengths
-    assert lengths[-1] <= lengths[0], lengths
-
-    assert await status_of(client, wid, first_run) == Status.CONTINUED_AS_NEW
-    assert await status_of(client, wid, run_ids[25]) == Status.CONTINUED_AS_NEW
-    assert await status_of(client, wid, run_ids[-1]) == Status.COMPLETED
-    newest = await client.get_workflow_handle(wid).describe()
-    assert (newest.run_id, newest.status) == (run_ids[-1], Status.COMPLETED)
-    # A handle on a run in the middle of the chain follows it too.
-    assert await client.get_workflow_handle(wid, run_id=run_ids[30]).result() == CHAIN_RUNS
-
-
-@workflow.defn
-class Hopper:
-    @workflow.run
-    async def run(self, job: dict[str, Any]) -> str:
-        workflow.continue_as_new(
-            {**job, "path": [*job["path"], f"{workflow.info().workflow_type}@{job['q1']}"]},
-            workflow=Landing,
-            task_queue=job["q2"],
-            run_timeout=timedelta(minutes=5),
-            task_timeout=timedelta(seconds=7),
-        )
-
-
-@workflow.defn
-class Landing:
-    @workflow.run
-    async def run(self, job: dict[str, Any]) -> str:
-        info = workflow.info()
-        return " > ".join([*job["path"], f"{info.workflow_type}@{info.task_queue}"])
-
-
-async def test_continue_as_new_to_another_type_and_task_queue(client: Client, queue: str) -> None:
-    queue2 = f"{queue}-landing"
-    wid = new_id("hop")
-    async with (
-        Worker(client, task_queue=queue, workflows=[Hopper]),
-        Worker(client, task_queue=queue2, workflows=[Landing]),
-    ):
-        handle = await client.start_workflow(
-            Hopper.run, {"q1": queue, "q2": queue2, "path": []}, id=wid, task_queue=queue
-        )
-        assert await bounded(handle.result()) == f"Hopper@{queue} > Landing@{queue2}"
-
-    first = await events_of(handle)
-    can = first[-1].workflow_execution_continued_as_new_event_attributes
-    assert first[-1].event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
-    assert (can.workflow_type.name, can.task_queue.name) == ("Landing", queue2)
-
-    newest = await client.get_workflow_handle(wid).describe()
-    assert newest.run_id == can.new_execution_run_id
-    assert (newest.workflow_type, newest.task_queue, newest.status) == (
-        "Landing",
-        queue2,
-        Status.COMPLETED,
-    )
-    second = await events_of(client.get_workflow_handle(wid, run_id=newest.run_id))
-    assert_well_formed(second)
-    started = second[0].workflow_execution_started_event_attributes
-    assert started.continued_execution_run_id == handle.run_id
-    assert started.workflow_type.name == "Landing"
-    assert started.task_queue.name == queue2
-    assert started.workflow_run_timeout.ToTimedelta() == timedelta(minutes=5)
-    assert started.workflow_task_timeout.ToTimedelta() == timedelta(seconds=7)
-
-
-@workflow.defn
-class Collector:
-    """Collects ``add`` signals; each run continues as new once it has any."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    @workflow.run
-    async def run(self, total: list[str], runs_left: int) -> list[str]:
-        if runs_left == 0:
-            return total
-        await workflow.wait_condition(lambda: bool(self.items))
-        workflow.continue_as_new(args=[total + self.items, runs_left - 1])
-
-    @workflow.signal
-    def add(self, item: str) -> None:
-        self.items.append(item)
-
-
-async def test_signal_arriving_during_continue_as_new_task_is_not_lost(
-    client: Client, queue: str
-) -> None:
-    """A signal recorded while the workflow task that continues as new is running must
-    reach workflow code (the server refuses to close the run over it), not vanish with
-    the closed run."""
-    wid = new_id("collector")
-    handle = await client.start_workflow(Collector.run, args=[[], 1], id=wid, task_queue=queue)
-    await handle.signal(Collector.add, "a")
-    injected: list[int] = []
-
-    class SignalWhileTaskRuns(WorkerInterceptor):
-        def intercept_workflow_task(self, next: WorkflowTaskHandler) -> WorkflowTaskHandler:
-            async def signal_first(task: PollWorkflowTaskResponse) -> None:
-                # The first task of the first run sees "a" and continues as new: "b"
-                # arrives after that task started and before it completes.
-                if task.workflow_execution.run_id == handle.run_id and not injected:
-                    injected.append(len(task.history.events))
-                    await handle.signal(Collector.add, "b")
-                await next(task)
-
-            return signal_first
-
-    worker = Worker(
-        client,
-        task_queue=queue,
-        workflows=[Collector],
-        max_cached_workflows=0,
-        interceptors=[SignalWhileTaskRuns()],
-    )
-    async with worker:
-        assert await bounded(handle.result()) == ["a", "b"]
-    assert injected
-
-    events = await events_of(handle)
-    assert_well_formed(events)
-    signals = of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
-    inputs = [s.workflow_execution_signaled_event_attributes.input for s in signals]
-    assert [client.data_converter.from_payloads(i) for i in inputs] == [["a"], ["b"]]
-    # The closing attempt was refused, so "b" was recorded before the run closed...
-    assert of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
-    assert signals[-1].event_id < events[-1].event_id
-    # ...and the successor started with both.
-    can = events[-1].workflow_execution_continued_as_new_event_attributes
-    assert client.data_converter.from_payloads(can.input) == [["a", "b"], 0]
-
-
-@workflow.defn
-class Treadmill:
-    """Continues as new three times at once, then sleeps for an hour."""
-
-    @workflow.run
-    async def run(self, laps: int) -> int:
-        if laps < 3:
-            workflow.continue_as_new(laps + 1)
-        await workflow.sleep(timedelta(hours=1))
-        return laps
-
-
-async def test_execution_timeout_spans_the_continue_as_new_chain(
-    client: Client, queue: str
-) -> None:
-    """The execution timeout bounds the whole chain (as in Temporal), not only the
-    first run: a workflow cannot escape it by continuing as new."""
-    wid = new_id("treadmill")
-    timeout = timedelta(seconds=2)
-    async with Worker(client, task_queue=queue, workflows=[Treadmill]):
-        handle = await client.start_workflow(
-            Treadmill.run, 0, id=wid, task_queue=queue, execution_timeout=timeout
-        )
-        with pytest.raises(WorkflowFailureError) as failure:
-            await bounded(handle.result(), 20)
-    assert isinstance(failure.value.cause, TimeoutError)
-    newest = await client.get_workflow_handle(wid).describe()
-    assert newest.status == Status.TIMED_OUT
-    assert newest.run_id != handle.run_id
-    assert await status_of(client, wid, handle.run_id) == Status.CONTINUED_AS_NEW
-
-    first = (await events_of(handle))[0].workflow_execution_started_event_attributes
-    last_events = await events_of(client.get_workflow_handle(wid))
-    assert last_events[-1].event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT
-    last = last_events[0].workflow_execution_started_event_attributes
-    assert client.data_converter.from_payloads(last.input) == [3]  # the fourth run
-    # Every run of the chain shares the first run's deadline.
-    assert first.workflow_execution_timeout.ToTimedelta() == timeout
-    assert last.workflow_execution_timeout.ToTimedelta() == timeout
-    expires = first.workflow_execution_expiration_time.ToMicroseconds()
-    assert expires > 0
-    assert last.workflow_execution_expiration_time.ToMicroseconds() == expires
-
-
-# ---------------------------------------------------------------- child workflows
 
 
 @workflow.defn
@@ -747,9 +487,6 @@ async def test_child_that_continues_as_new_reports_its_last_run(client: Client, 
     assert last_started.parent_workflow_execution.run_id == parent.run_id
 
 
-# ---------------------------------------------------------- external workflows
-
-
 @workflow.defn
 class Mailbox:
     def __init__(self) -> None:
@@ -827,176 +564,6 @@ async def test_external_handles_signal_and_cancel_another_workflow(
     # Nothing was created under the missing id.
     with pytest.raises(Exception, match="not found"):
         await client.get_workflow_handle(missing).describe()
-
-
-# ------------------------------------------------------ id reuse and conflicts
-
-
-@workflow.defn
-class Gate:
-    """Waits for ``open``: "complete" returns x, "fail" fails the workflow."""
-
-    def __init__(self) -> None:
-        self.outcome: str | None = None
-
-    @workflow.run
-    async def run(self, x: int) -> int:
-        await workflow.wait_condition(lambda: self.outcome is not None)
-        if self.outcome == "fail":
-            raise ApplicationError("asked to fail", non_retryable=True)
-        return x
-
-    @workflow.signal
-    def open(self, outcome: str) -> None:
-        self.outcome = outcome
-
-
-async def _refused(start: Awaitable[WorkflowHandle]) -> WorkflowAlreadyStartedError:
-    with pytest.raises(WorkflowAlreadyStartedError) as refused:
-        await start
-    assert refused.value.status == "ALREADY_EXISTS"
-    return refused.value
-
-
-async def test_id_conflict_policies_on_a_running_id(client: Client, queue: str) -> None:
-    wid = new_id("conflict")
-    R, C = WorkflowIDReusePolicy, WorkflowIDConflictPolicy
-
-    def start(x: int, **policies: Any) -> Awaitable[WorkflowHandle]:
-        return client.start_workflow(Gate.run, x, id=wid, task_queue=queue, **policies)
-
-    async with Worker(client, task_queue=queue, workflows=[Gate]):
-        h1 = await start(1)
-        # FAIL, the default: ALREADY_EXISTS, whatever the reuse policy for closed runs.
-        await _refused(start(2))
-        await _refused(start(2, id_conflict_policy=C.FAIL, id_reuse_policy=R.ALLOW_DUPLICATE))
-        # USE_EXISTING: the running run, not a new one.
-        h2 = await start(2, id_conflict_policy=C.USE_EXISTING)
-        assert h2.run_id == h1.run_id
-        assert await status_of(client, wid) == Status.RUNNING
-        # TERMINATE_EXISTING: the running run is terminated and a new one starts.
-        h3 = await start(3, id_conflict_policy=C.TERMINATE_EXISTING)
-        assert h3.run_id != h1.run_id
-        with pytest.raises(WorkflowFailureError) as failure:
-            await bounded(h1.result())
-        assert isinstance(failure.value.cause, TerminatedError)
-        # The reuse policy TERMINATE_IF_RUNNING does the same.
-        h4 = await start(4, id_reuse_policy=R.TERMINATE_IF_RUNNING)
-        assert h4.run_id not in (h1.run_id, h3.run_id)
-        assert await status_of(client, wid, h3.run_id) == Status.TERMINATED
-        assert (await client.get_workflow_handle(wid).describe()).run_id == h4.run_id
-        await h4.signal(Gate.open, "complete")
-        assert await bounded(h4.result()) == 4
-
-    for handle in (h1, h3, h4):
-        events = await events_of(handle)
-        assert_well_formed(events)
-        # Every run got its own input: USE_EXISTING did not restart h1 with 2.
-        started = events[0].workflow_execution_started_event_attributes
-        assert client.data_converter.from_payloads(started.input) == [
-            {h1.run_id: 1, h3.run_id: 3, h4.run_id: 4}[handle.run_id]
-        ]
-
-
-async def _close(handle: WorkflowHandle, how: str) -> None:
-    if how == "completed":
-        await handle.signal(Gate.open, "complete")
-        assert await bounded(handle.result()) == 1
-        return
-    if how == "failed":
-        await handle.signal(Gate.open, "fail")
-    elif how == "terminated":
-        await handle.terminate("test")
-    else:
-        await handle.cancel()
-    with pytest.raises(WorkflowFailureError):
-        await bounded(handle.result())
-
-
-_CLOSED_AS = {
-    "completed": Status.COMPLETED,
-    "failed": Status.FAILED,
-    "terminated": Status.TERMINATED,
-    "cancelled": Status.CANCELED,
-}
-
-
-@pytest.mark.parametrize("closed", list(_CLOSED_AS))
-async def test_id_reuse_policies_after_the_run_closed(
-    client: Client, queue: str, closed: str
-) -> None:
-    wid = new_id(f"reuse-{closed}")
-    R = WorkflowIDReusePolicy
-
-    def start(x: int, policy: WorkflowIDReusePolicy) -> Awaitable[WorkflowHandle]:
-        return client.start_workflow(Gate.run, x, id=wid, task_queue=queue, id_reuse_policy=policy)
-
-    async with Worker(client, task_queue=queue, workflows=[Gate]):
-        first = await start(1, R.ALLOW_DUPLICATE)
-        await _close(first, closed)
-        assert await status_of(client, wid) == _CLOSED_AS[closed]
-
-        # REJECT_DUPLICATE never reuses an id; ALLOW_DUPLICATE_FAILED_ONLY only after
-        # a run that did not complete successfully.
-        await _refused(start(2, R.REJECT_DUPLICATE))
-        if closed == "completed":
-            await _refused(start(2, R.ALLOW_DUPLICATE_FAILED_ONLY))
-            second = await start(3, R.ALLOW_DUPLICATE)
-        else:
-            second = await start(3, R.ALLOW_DUPLICATE_FAILED_ONLY)
-        assert second.run_id != first.run_id
-        newest = await client.get_workflow_handle(wid).describe()
-        assert (newest.run_id, newest.status) == (second.run_id, Status.RUNNING)
-        # The refused starts left the closed run as it was.
-        assert await status_of(client, wid, first.run_id) == _CLOSED_AS[closed]
-
-        # TERMINATE_IF_RUNNING on a closed id behaves like ALLOW_DUPLICATE.
-        await second.signal(Gate.open, "complete")
-        assert await bounded(second.result()) == 3
-        third = await start(4, R.TERMINATE_IF_RUNNING)
-        assert third.run_id not in (first.run_id, second.run_id)
-        await third.signal(Gate.open, "complete")
-        assert await bounded(third.result()) == 4
-        assert await status_of(client, wid, second.run_id) == Status.COMPLETED
-
-
-async def test_start_with_the_same_request_id_returns_the_same_run(
-    client: Client, queue: str
-) -> None:
-    wid = new_id("idempotent")
-    request_id = str(uuid.uuid4())
-
-    def start(x: int, rid: str | None = None, **kw: Any) -> Awaitable[WorkflowHandle]:
-        return client.start_workflow(Gate.run, x, id=wid, task_queue=queue, request_id=rid, **kw)
-
-    async with Worker(client, task_queue=queue, workflows=[Gate]):
-        # Concurrent retries of one start (same request id) on a fresh id: one run.
-        handles = await asyncio.gather(*(start(1, request_id) for _ in range(8)))
-        run_ids = {h.run_id for h in handles}
-        assert len(run_ids) == 1, run_ids
-        # A later retry, even with another conflict policy, returns that run too.
-        again = await start(
-            1, request_id, id_conflict_policy=WorkflowIDConflictPolicy.TERMINATE_EXISTING
-        )
-        assert again.run_id in run_ids
-        assert await status_of(client, wid) == Status.RUNNING
-        # Another request id is another start: ALREADY_EXISTS while the run runs.
-        await _refused(start(1, str(uuid.uuid4())))
-        await _refused(start(1))
-        await handles[0].signal(Gate.open, "complete")
-        assert await bounded(handles[0].result()) == 1
-        # Retried after the run closed: still that run, no second one.
-        late = await start(1, request_id)
-        assert late.run_id in run_ids
-
-    description = await client.get_workflow_handle(wid).describe()
-    assert (description.run_id, description.status) == (handles[0].run_id, Status.COMPLETED)
-    events = await events_of(handles[0])
-    assert_well_formed(events)
-    assert events[0].workflow_execution_started_event_attributes.request_id == request_id
-
-
-# ---------------------------------------- child workflow when its worker is killed
 
 
 def _identities(events: Sequence[HistoryEvent]) -> list[str]:
