@@ -28,11 +28,21 @@ from tideflow.api.search_attributes import (
     parse_rfc3339,
 )
 
+from ._cluster import (
+    DEFAULT_SHARD_COUNT,
+    MAX_SHARD_COUNT,
+    NO_OWNER,
+    MemberRecord,
+    ShardRecord,
+    shard_of,
+)
 from ._errors import (
+    ClusterConfigError,
     ConditionFailedError,
     CurrentExecutionConflictError,
     InvalidValueError,
     RetryableStoreError,
+    ShardOwnershipLostError,
     StoreError,
     StoreUnavailableError,
 )
@@ -81,6 +91,10 @@ __all__ = [
     "CLOSE_EVENTS",
     "COMMAND_EVENTS",
     "COMPARE_OPS",
+    "DEFAULT_SHARD_COUNT",
+    "MAX_SHARD_COUNT",
+    "NO_OWNER",
+    "ClusterConfigError",
     "Compare",
     "ConditionFailedError",
     "CurrentExecutionConflictError",
@@ -92,6 +106,7 @@ __all__ = [
     "HistoryStore",
     "InvalidValueError",
     "LogicalOp",
+    "MemberRecord",
     "OrderBy",
     "QueryExpr",
     "QueryValue",
@@ -104,6 +119,8 @@ __all__ = [
     "ScheduleStore",
     "SearchAttributeType",
     "SearchAttributeValue",
+    "ShardOwnershipLostError",
+    "ShardRecord",
     "StoreError",
     "StoreUnavailableError",
     "TaskKind",
@@ -128,6 +145,7 @@ __all__ = [
     "now_micros",
     "parse_rfc3339",
     "search_attributes_problem",
+    "shard_of",
     "slot_action_key",
     "timer_key_kind",
     "trigger_action_key",

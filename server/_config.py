@@ -67,6 +67,12 @@ class ServerConfig:
     workflow_task_retry_max_s: float = 10.0
     # SQLite PRAGMA synchronous: NORMAL survives process crashes, FULL power loss too.
     sqlite_synchronous: str = "NORMAL"
+    # Shards of a database this node initialises (None: 16); a database initialised
+    # already keeps its own count and refuses another (history/_cluster.py).
+    shard_count: int | None = None
+    # Shard lease (server/_shards.py): renewed every third of it; a dead node's shards
+    # are taken over once it lapses. Safety never depends on it (the range-id fence).
+    lease_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.history_page_bytes < self.grpc_max_message_bytes:
@@ -77,6 +83,8 @@ class ServerConfig:
             raise ValueError("max_payload_bytes must be at most 1/8 of grpc_max_message_bytes")
         if self.max_concurrent_polls < 1:
             raise ValueError("max_concurrent_polls must be at least 1")
+        if not self.lease_s > 0:
+            raise ValueError("lease_s must be positive")
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:

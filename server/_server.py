@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,9 @@ from ._matching import Matching
 from ._registration import add_to_server
 from ._resync import resync_after_outages
 from ._schedules import Scheduler
+from ._shards import ShardController
 from ._timers import TimerQueue
+from ._trace import LeaseTracer
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
@@ -87,10 +90,16 @@ class _Dispatch(Dispatcher):
 
 
 class TideflowServer:
-    """A complete single-node server.
+    """One server node: a whole cluster on its own, or one of several on one database.
 
     ``async with TideflowServer(db_url) as server:`` starts it; ``server.port`` is the
     bound port (pass ``port=0`` for an ephemeral one). ``stop()`` is safe twice.
+
+    The node serves the runs of the shards it holds a lease on (server/_shards.py);
+    alone on its database it holds them all. ``node_id`` names it in the shard rows
+    (default ``dev@<hostname>``: a restart on the same machine takes its shards back
+    at once); two live nodes must never share one. ``advertise`` is the address other
+    nodes and clients reach it at (default: the bound ``host:port``).
     """
 
     def __init__(
@@ -101,8 +110,12 @@ class TideflowServer:
         port: int = 7233,
         config: ServerConfig | None = None,
         clock: Clock | None = None,
+        node_id: str | None = None,
+        advertise: str | None = None,
     ) -> None:
         self.db_url = db_url
+        self.node_id = node_id or f"dev@{socket.gethostname()}"
+        self._advertise = advertise
         self.host = host
         self.port = port
         self.config = config or ServerConfig()
@@ -111,11 +124,17 @@ class TideflowServer:
         self._grpc: grpc.aio.Server | None = None
         # Owns the node's background loops (see _run_background).
         self._background: asyncio.Task[None] | None = None
+        self._shards: ShardController | None = None
         self._stopped = False
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def shards(self) -> ShardController:
+        assert self._shards is not None, "server not started"
+        return self._shards
 
     @property
     def store(self) -> HistoryStore:
@@ -125,26 +144,62 @@ class TideflowServer:
     async def start(self) -> int:
         """Open the store, recover in-flight work, listen; returns the bound port."""
         store = await HistoryStore.open(
-            self.db_url, sqlite_synchronous=self.config.sqlite_synchronous
+            self.db_url,
+            sqlite_synchronous=self.config.sqlite_synchronous,
+            shards=self.config.shard_count,
         )
         self._store = store
-        matching = Matching()
-        timers = TimerQueue(store, self._clock, window_s=self.config.timer_window_s)
-        transfers = TransferProcessor(store)
+        owns = self._owns
+        matching = Matching(owns)
+        timers = TimerQueue(
+            store,
+            self._clock,
+            window_s=self.config.timer_window_s,
+            owns=owns,
+            owned=lambda: store.held_shards.keys(),
+        )
+        transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers)
-        engine = HistoryEngine(store, dispatch, self._clock, self.config)
-        recovered = await matching.recover(store)
-        recovered += await transfers.recover()
-        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
-        scheduler = Scheduler(store, engine, self._clock)
-        service = WorkflowService(store, engine, matching, self.config, scheduler=scheduler)
+        recovered = 0
+
+        async def acquired(shard: int) -> None:
+            # A shard taken: its backlog, transfers and timers, from the store.
+            nonlocal recovered
+            recovered += await matching.recover(store, [shard])
+            recovered += await transfers.recover([shard])
+            await timers.recover_shard(shard)
+
+        def lost(shard: int) -> None:
+            engine.evict_shard(shard)
+            matching.drop_unowned()
+            timers.drop_unowned()
+
         server = grpc.aio.server(options=grpc_server_options(self.config))
-        add_to_server(service, server)
         bound = server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
             await store.close()
             raise OSError(f"could not listen on {self.host}:{self.port}")
         self.port = bound
+        shards = ShardController(
+            store,
+            self.node_id,
+            self._advertise or self.address,
+            lease_s=self.config.lease_s,
+            on_acquired=acquired,
+            on_lost=lost,
+            tracer=LeaseTracer.from_environment(self.node_id),
+        )
+        self._shards = shards
+        engine = HistoryEngine(store, dispatch, self._clock, self.config, shards=shards)
+        try:
+            await shards.start()
+        except BaseException:
+            await store.close()
+            raise
+        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
+        scheduler = Scheduler(store, engine, self._clock)
+        service = WorkflowService(store, engine, matching, self.config, scheduler=scheduler)
+        add_to_server(service, server)
         await server.start()
         self._grpc = server
         self._background = asyncio.create_task(
@@ -154,6 +209,7 @@ class TideflowServer:
                     "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
                     "tideflow-sticky-mover": functools.partial(dispatch.run, engine.unstick),
                     "tideflow-scheduler": scheduler.run,
+                    "tideflow-shards": shards.run,
                     "tideflow-resync": functools.partial(
                         resync_after_outages, store, matching, transfers
                     ),
@@ -163,9 +219,13 @@ class TideflowServer:
         )
         self._background.add_done_callback(_report_failure)
         log.info(
-            "tideflow server listening on %s (store: %s, %d tasks recovered)",
+            "tideflow server listening on %s (node %s, store: %s, %d of %d shards, "
+            "%d tasks recovered)",
             self.address,
+            self.node_id,
             store.dialect.name,
+            len(store.held_shards),
+            store.shard_count,
             recovered,
         )
         return bound
@@ -176,6 +236,7 @@ class TideflowServer:
         if self._stopped:
             return
         self._stopped = True
+        failure: BaseException | None = None
         try:
             if self._grpc is not None:
                 await self._grpc.stop(grace)
@@ -186,8 +247,11 @@ class TideflowServer:
                 # stop() itself still propagates.
                 await asyncio.wait([background])
                 failure = None if background.cancelled() else background.exception()
-                if failure is not None:
-                    raise failure
+            if self._shards is not None:
+                # Nothing writes any more: hand the shards over at once.
+                await self._shards.stop()
+            if failure is not None:
+                raise failure
         finally:
             if self._store is not None:
                 log.info("store commits: %s", self._store.stats)
@@ -209,6 +273,9 @@ class TideflowServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def _owns(self, key: RunKey) -> bool:
+        return self._shards is None or self._shards.owns(key)
 
 
 async def _run_background(loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -> None:
