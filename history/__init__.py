@@ -28,14 +28,7 @@ from tideflow.api.search_attributes import (
     parse_rfc3339,
 )
 
-from ._cluster import (
-    DEFAULT_SHARD_COUNT,
-    MAX_SHARD_COUNT,
-    NO_OWNER,
-    MemberRecord,
-    ShardRecord,
-    shard_of,
-)
+from ._cluster import MemberRecord, ShardRecord, shard_of
 from ._errors import (
     ClusterConfigError,
     ConditionFailedError,
@@ -91,9 +84,6 @@ __all__ = [
     "CLOSE_EVENTS",
     "COMMAND_EVENTS",
     "COMPARE_OPS",
-    "DEFAULT_SHARD_COUNT",
-    "MAX_SHARD_COUNT",
-    "NO_OWNER",
     "ClusterConfigError",
     "Compare",
     "ConditionFailedError",

@@ -68,6 +68,11 @@ class ShardRecord:
     lease_expires_at: int
     exists: bool = True
 
+    @property
+    def unowned(self) -> bool:
+        """Released, or never acquired."""
+        return self.owner == NO_OWNER
+
     def free_at(self, now: int) -> bool:
         """Released, never acquired, or its lease has lapsed."""
         return self.owner == NO_OWNER or self.lease_expires_at < now

@@ -93,6 +93,9 @@ class HistoryStore:
     Use ``await HistoryStore.open(url)``; ``close()`` is safe to call twice.
     """
 
+    #: Shards of a database initialised without a shard count.
+    DEFAULT_SHARD_COUNT = cluster.DEFAULT_SHARD_COUNT
+
     def __init__(self, runner: Runner) -> None:
         self._runner = GuardedRunner(runner)
         self.dialect = runner

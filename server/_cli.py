@@ -28,7 +28,7 @@ import socket
 import sys
 from typing import Any
 
-from tideflow.history import DEFAULT_SHARD_COUNT, ClusterConfigError
+from tideflow.history import ClusterConfigError, HistoryStore
 
 from ._config import ServerConfig
 from ._server import TideflowServer
@@ -80,7 +80,7 @@ def add_parser(groups: Any) -> None:
         "--shards",
         type=int,
         default=None,
-        help=f"shard count of a new database (default {DEFAULT_SHARD_COUNT}); "
+        help=f"shard count of a new database (default {HistoryStore.DEFAULT_SHARD_COUNT}); "
         "an initialised database keeps its own",
     )
     node.add_argument(

@@ -89,6 +89,37 @@ class _Dispatch(Dispatcher):
                 return
 
 
+class _ShardHooks:
+    """What acquiring or losing a shard does to the node's memory: an acquired
+    shard's backlog, transfers and timers are read from the store; a lost shard's
+    cached runs, backlog and timers are dropped (its new owner reads them)."""
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        matching: Matching,
+        transfers: TransferProcessor,
+        timers: TimerQueue,
+    ) -> None:
+        self._store = store
+        self._matching = matching
+        self._transfers = transfers
+        self._timers = timers
+        self.engine: HistoryEngine | None = None
+        self.recovered = 0  # task rows read back, for the start-up log line
+
+    async def acquired(self, shard: int) -> None:
+        self.recovered += await self._matching.recover(self._store, [shard])
+        self.recovered += await self._transfers.recover([shard])
+        await self._timers.recover_shard(shard)
+
+    def lost(self, shard: int) -> None:
+        if self.engine is not None:
+            self.engine.evict_shard(shard)
+        self._matching.drop_unowned()
+        self._timers.drop_unowned()
+
+
 class TideflowServer:
     """One server node: a whole cluster on its own, or one of several on one database.
 
@@ -160,20 +191,7 @@ class TideflowServer:
         )
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers)
-        recovered = 0
-
-        async def acquired(shard: int) -> None:
-            # A shard taken: its backlog, transfers and timers, from the store.
-            nonlocal recovered
-            recovered += await matching.recover(store, [shard])
-            recovered += await transfers.recover([shard])
-            await timers.recover_shard(shard)
-
-        def lost(shard: int) -> None:
-            engine.evict_shard(shard)
-            matching.drop_unowned()
-            timers.drop_unowned()
-
+        hooks = _ShardHooks(store, matching, transfers, timers)
         server = grpc.aio.server(options=grpc_server_options(self.config))
         bound = server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
@@ -185,12 +203,13 @@ class TideflowServer:
             self.node_id,
             self._advertise or self.address,
             lease_s=self.config.lease_s,
-            on_acquired=acquired,
-            on_lost=lost,
+            on_acquired=hooks.acquired,
+            on_lost=hooks.lost,
             tracer=LeaseTracer.from_environment(self.node_id),
         )
         self._shards = shards
         engine = HistoryEngine(store, dispatch, self._clock, self.config, shards=shards)
+        hooks.engine = engine
         try:
             await shards.start()
         except BaseException:
@@ -226,7 +245,7 @@ class TideflowServer:
             store.dialect.name,
             len(store.held_shards),
             store.shard_count,
-            recovered,
+            hooks.recovered,
         )
         return bound
 

@@ -32,7 +32,6 @@ import math
 from collections.abc import Awaitable, Callable, Collection
 
 from tideflow.history import (
-    NO_OWNER,
     HistoryStore,
     MemberRecord,
     RunKey,
@@ -119,7 +118,7 @@ class ShardController:
     def _owner_of(self, shard: int) -> str:
         row = self._view[shard] if shard < len(self._view) else None
         now = now_micros()
-        if row is None or row.owner in (NO_OWNER, self.node_id) or row.free_at(now):
+        if row is None or row.unowned or row.owner == self.node_id or row.free_at(now):
             return "it is being moved between nodes (no owner yet)"
         member = self._members.get(row.owner)
         where = member.address if member is not None else "address unknown"
@@ -222,7 +221,7 @@ class ShardController:
                 wanted -= 1
 
     async def _acquire(self, row: ShardRecord, now: int) -> bool:
-        stolen = row.owner not in (NO_OWNER, self.node_id) and row.lease_expires_at < now
+        stolen = not row.unowned and row.owner != self.node_id and row.lease_expires_at < now
         new_range = await self._store.acquire_shard(row, self.node_id, self._lease_us)
         self._tracer.acquire(
             row.shard_id, row.range_id, new_range, previous_owner=row.owner, stolen=stolen

@@ -17,7 +17,6 @@ import pytest
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import (
-    DEFAULT_SHARD_COUNT,
     ClusterConfigError,
     CurrentWrite,
     ExecutionSummary,
@@ -108,7 +107,7 @@ async def test_shard_count_is_fixed_once_and_a_conflict_is_refused(store_url: st
 
 
 async def test_default_shard_count_and_stable_hash(store: HistoryStore) -> None:
-    assert store.shard_count == DEFAULT_SHARD_COUNT
+    assert store.shard_count == HistoryStore.DEFAULT_SHARD_COUNT == 16
     # The documented hash: first 8 bytes of BLAKE2b("default\0order-1"), modulo 16.
     assert shard_of("default", "order-1", 16) == shard_of("default", "order-1", 16)
     spread = {shard_of("default", f"order-{i}", 16) for i in range(200)}
