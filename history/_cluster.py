@@ -25,7 +25,7 @@ import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from . import _schema as s
 from ._errors import ClusterConfigError, ShardOwnershipLostError
@@ -197,6 +197,15 @@ def release_shard_txn(conn: Connection, shard: int, range_id: int) -> bool:
     return bool(result.rowcount == 1)
 
 
+# Built once: the fence runs in every write transaction, and building a statement
+# costs more than running this one (measured on SQLite: ~0.2 ms per transaction).
+_FENCE_QUERY = (
+    select(s.shards.c.shard_id, s.shards.c.range_id)
+    .where(s.shards.c.shard_id.in_(bindparam("shards", expanding=True)))
+    .with_for_update(read=True)
+)
+
+
 def check_fence_txn(conn: Connection, tokens: Mapping[int, Collection[int]]) -> None:
     """The fence (ShardLease.tla ``StoreAccepts``): every shard written must still have
     the range id its writer holds. Each shard's row is read once, ``FOR SHARE``, so an
@@ -206,13 +215,8 @@ def check_fence_txn(conn: Connection, tokens: Mapping[int, Collection[int]]) -> 
     (two when the shard changed hands between their submissions: one is stale)."""
     if not tokens:
         return
-    t = s.shards
-    query = (
-        select(t.c.shard_id, t.c.range_id)
-        .where(t.c.shard_id.in_(sorted(tokens)))
-        .with_for_update(read=True)
-    )
-    current = {row.shard_id: row.range_id for row in conn.execute(query)}
+    rows = conn.execute(_FENCE_QUERY, {"shards": sorted(tokens)})
+    current = {row.shard_id: row.range_id for row in rows}
     for shard, held in sorted(tokens.items()):
         actual = current.get(shard, INITIAL_RANGE_ID)
         for token in held:
