@@ -199,7 +199,9 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
     # Port 0 ("any free port") gets its id once the port is bound.
     advertise = args.advertise
     if advertise is None and args.port != 0:
-        advertise = f"{args.ip}:{args.port}"
+        # A wildcard address reaches nobody: advertise the machine's name instead.
+        wildcard = _bare(args.ip) in ("0.0.0.0", "::")
+        advertise = f"{socket.gethostname() if wildcard else args.ip}:{args.port}"
     return TideflowServer(
         url,
         host=args.ip,

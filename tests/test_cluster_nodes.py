@@ -454,3 +454,36 @@ async def test_a_conflicting_shard_count_is_refused(tmp_path: Path) -> None:
         "tideflow server start: the database was initialised with 16 shards; --shards 8 "
         "conflicts with it (the shard count never changes: drop --shards, or pass --shards 16)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shards", "0"], "--shards 0: must be at least 1"),
+        (["--lease-seconds", "0"], "--lease-seconds 0.0: must be positive"),
+        (["--advertise", "nohost"], "--advertise 'nohost': expected HOST:PORT"),
+        (["--advertise", "h:99999"], "--advertise 'h:99999': expected HOST:PORT"),
+    ],
+)
+def test_bad_node_flags_are_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
+    url = f"sqlite:///{tmp_path / 'cluster.db'}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tideflow.server._cli",
+            "server",
+            "start",
+            "--db-url",
+            url,
+            "--port",
+            "0",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"tideflow server start: {message}"]
+    assert not (tmp_path / "cluster.db").exists()  # refused before the database opens
