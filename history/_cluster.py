@@ -25,7 +25,7 @@ import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, inspect, select, text, update
 
 from . import _schema as s
 from ._errors import ClusterConfigError, ShardOwnershipLostError
@@ -108,6 +108,35 @@ def check_shard_count(count: int, *, stored: int | None = None) -> None:
             "conflicts with it (the shard count never changes: drop --shards, or "
             f"pass --shards {stored})"
         )
+
+
+def missing_shard_columns_txn(conn: Connection) -> list[str]:
+    """Tables of a database created before shards whose rows lack ``shard_id``."""
+    inspector = inspect(conn)
+    return [
+        table.name
+        for table in (s.tasks, s.timers)
+        if "shard_id" not in {c["name"] for c in inspector.get_columns(table.name)}
+    ]
+
+
+def add_shard_column_txn(conn: Connection, name: str, shard_count: int) -> int:
+    """Upgrade ``tasks`` or ``timers`` of a database created before shards: add
+    ``shard_id``, fill it in from each row's run, add its index. Returns the rows
+    filled in."""
+    table = s.tasks if name == "tasks" else s.timers
+    key = table.c.task_key if name == "tasks" else table.c.timer_key
+    conn.execute(text(f"ALTER TABLE {name} ADD COLUMN shard_id INTEGER NOT NULL DEFAULT 0"))
+    rows = conn.execute(select(key, table.c.namespace, table.c.workflow_id)).all()
+    if rows:
+        conn.execute(
+            update(table).where(key == bindparam("k")).values(shard_id=bindparam("sid")),
+            [{"k": r[0], "sid": shard_of(r[1], r[2], shard_count)} for r in rows],
+        )
+    for index in table.indexes:
+        if "shard_id" in {c.name for c in index.columns}:
+            index.create(conn)
+    return len(rows)
 
 
 def read_shards_txn(conn: Connection, shard_count: int) -> list[ShardRecord]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -137,6 +138,7 @@ class HistoryStore:
         try:
             await store._create_schema()
             await store._init_cluster(shards)
+            await store._add_shard_columns()
             await store.ensure_namespace("default", description="created by tideflow")
         except BaseException:
             await store._runner.close()
@@ -161,6 +163,21 @@ class HistoryStore:
 
     async def _create_schema(self) -> None:
         await self._runner.write(lambda conn: s.metadata.create_all(conn))
+
+    async def _add_shard_columns(self) -> None:
+        """Upgrade a database created before shards (tasks and timers without a
+        ``shard_id``). Two nodes upgrading at once: the second one's ALTER fails, and
+        finds the column there."""
+        count = self.shard_count
+        for name in await self._runner.read(cluster.missing_shard_columns_txn):
+            upgrade = functools.partial(cluster.add_shard_column_txn, name=name, shard_count=count)
+            try:
+                rows = await self._runner.write(upgrade)
+            except Exception:
+                if name in await self._runner.read(cluster.missing_shard_columns_txn):
+                    raise
+                continue
+            log.info("upgraded %s: shard_id added to %d rows", name, rows)
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):

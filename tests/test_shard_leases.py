@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import Connection, MetaData, Table, insert
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.api.v1.state_pb2 import MutableState
@@ -26,10 +27,14 @@ from tideflow.history import (
     ShardOwnershipLostError,
     TaskKind,
     TaskRow,
+    TimerKind,
+    TimerRow,
     Transition,
     make_event,
     shard_of,
 )
+from tideflow.history import _schema as schema
+from tideflow.history._dialects import open_runner
 
 T0 = 1_700_000_000_000_000
 LEASE_US = 60_000_000  # a live lease: nobody may take it
@@ -234,3 +239,41 @@ async def test_membership_rows(nodes: tuple[HistoryStore, HistoryStore]) -> None
     ]
     await a.leave("node-a")
     assert [m.node_id for m in await a.list_members()] == ["node-b"]
+
+
+async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None:
+    # tasks and timers as they were before shards: no shard_id column.
+    old = MetaData()
+    for table in (schema.tasks, schema.timers):
+        Table(table.name, old, *[c._copy() for c in table.columns if c.name != "shard_id"])
+    runner = open_runner(store_url)
+    key = RunKey(namespace="default", workflow_id="old-order", run_id="r1")
+    task = TaskRow(key=key, task_queue="q", kind=TaskKind.ACTIVITY, ref_id=5, attempt=1)
+    timer = TimerRow(key=key, kind=TimerKind.USER_TIMER, ref_id=6, attempt=1, fire_at=T0)
+    row = {"namespace": "default", "workflow_id": "old-order", "run_id": "r1", "attempt": 1}
+
+    def legacy(conn: Connection) -> None:
+        old.create_all(conn)
+        conn.execute(
+            insert(old.tables["tasks"]).values(
+                task_key=task.task_key, task_queue="q", kind=1, ref_id=5, created_at=T0, **row
+            )
+        )
+        conn.execute(
+            insert(old.tables["timers"]).values(
+                timer_key=timer.timer_key, fire_at=T0, kind=0, ref_id=6, **row
+            )
+        )
+
+    await runner.write(legacy)
+    await runner.close()
+    store = await HistoryStore.open(store_url)
+    try:
+        shard = store.shard_of(key)
+        assert [t.task_key for t in await store.list_tasks(shards=[shard])] == [task.task_key]
+        assert await store.list_tasks(shards=[(shard + 1) % 16]) == []
+        assert await store.timers_due_before(T0 + 1, shards=[shard]) == [timer]
+    finally:
+        await store.close()
+    again = await HistoryStore.open(store_url)  # nothing left to upgrade
+    await again.close()
