@@ -119,6 +119,9 @@ class HistoryStore:
         self._fence: dict[int, int] | None = None
         # Told of every write the fence refused (the node drops the shard at once).
         self.on_fenced: Callable[[ShardOwnershipLostError], None] | None = None
+        # Told of every fenced transition committed: shard -> the token it carried
+        # (trace mode: the appends a ShardLease trace validator checks).
+        self.on_committed: Callable[[dict[int, int]], None] | None = None
 
     @classmethod
     async def open(
@@ -313,7 +316,8 @@ class HistoryStore:
                 if not isinstance(exc, _Rejected):
                     log.debug("batch of %d failed (%s); committing each alone", len(batch), exc)
             else:
-                for _, fut, _ in batch:
+                for _, fut, tokens in batch:
+                    self._report_commit(tokens)
                     if not fut.done():
                         fut.set_result(None)
                 return
@@ -333,8 +337,13 @@ class HistoryStore:
                 if not fut.done():
                     fut.set_exception(exc)
             else:
+                self._report_commit(tokens)
                 if not fut.done():
                     fut.set_result(None)
+
+    def _report_commit(self, tokens: dict[int, int]) -> None:
+        if self.on_committed is not None and tokens:
+            self.on_committed(tokens)
 
     async def _run_txn(
         self, transitions: Sequence[Transition], tokens: dict[int, set[int]]

@@ -131,6 +131,8 @@ class ShardController:
         acquire pass runs before the node serves anything)."""
         self._store.enable_fencing()
         self._store.on_fenced = self._fenced
+        if self._tracer.enabled:
+            self._store.on_committed = self._tracer.appended
         await self._heartbeat()
         await self._balance()
         log.info(

@@ -267,7 +267,9 @@ class LeaseTracer:
     another node), ``RenewLease`` (``range``, ``ok``: false means the range id moved
     and the node dropped the shard), ``ReleaseShard`` (``range``, ``ok``) and
     ``FencedWrite`` (a write the store refused: ``held``, the writer's token, and
-    ``current``, the range id the store had, null if the node held no token at all).
+    ``current``, the range id the store had, null if the node held no token at all)
+    and ``AppendEvent`` (a transition of the shard committed with token ``range``:
+    ShardLease.tla's accepted append).
     """
 
     FORMAT = 1
@@ -283,6 +285,10 @@ class LeaseTracer:
     @classmethod
     def from_environment(cls, node_id: str) -> LeaseTracer:
         return cls(os.environ.get("TIDEFLOW_TRACE_DIR") or None, node_id)
+
+    @property
+    def enabled(self) -> bool:
+        return self._path is not None
 
     def _write(self, action: str, shard: int, **fields: Any) -> None:
         if self._path is None:
@@ -324,3 +330,7 @@ class LeaseTracer:
 
     def fenced(self, shard: int, held: int, current: int | None) -> None:
         self._write("FencedWrite", shard, held=held, current=current)
+
+    def appended(self, tokens: dict[int, int]) -> None:
+        for shard, range_id in sorted(tokens.items()):
+            self._write("AppendEvent", shard, range=range_id)

@@ -328,6 +328,7 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
         "AcquireShard",
         "RenewLease",
         "ReleaseShard",
+        "AppendEvent",
     }
 
 
