@@ -257,6 +257,10 @@ class HistoryStore:
         """Whether writes are fenced (a node's ShardController enabled it)."""
         return self._fence is not None
 
+    def holds(self, shard: int) -> bool:
+        """Whether this node holds ``shard`` (no copy: asked on every request)."""
+        return self._fence is not None and shard in self._fence
+
     @property
     def held_shards(self) -> dict[int, int]:
         """shard -> token of the shards this node holds (a copy)."""

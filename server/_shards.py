@@ -98,7 +98,7 @@ class ShardController:
 
     def owns(self, key: RunKey) -> bool:
         """Whether this node holds the shard of ``key``'s run now."""
-        return self._store.shard_of(key) in self._store.held_shards
+        return self._store.holds(self._store.shard_of(key))
 
     def owned(self) -> Collection[int]:
         """The shards this node holds now."""
@@ -108,7 +108,7 @@ class ShardController:
         """Raise ShardNotOwnedError unless this node serves ``workflow_id``'s runs."""
         key = RunKey(namespace=namespace, workflow_id=workflow_id, run_id="")
         shard = self._store.shard_of(key)
-        if shard in self._store.held_shards:
+        if self._store.holds(shard):
             return
         raise ShardNotOwnedError(
             f"workflow {workflow_id!r} lives on shard {shard}, which node {self.node_id} "
