@@ -43,14 +43,15 @@ typecheck: $(STAMP)
 	MYPYPATH=$(TYPECHECK_ROOT) $(VENV)/bin/mypy --config-file pyproject.toml \
 		tests/*.py tests/procs/*.py bench/*.py
 
-# Tests marked `tla` run TLC on traces of real runs; `make tlc` runs them.
+# Tests marked `tla` run TLC on traces of real runs; `make tlc` runs them. Two xdist
+# workers use both cores; every test owns its server, port and database.
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -m "not tla"
+	$(VENV)/bin/pytest -m "not tla" -n 2
 
 # The TLA+ stage: every model and mutant of tla/manifest.csv, then trace validation.
 tlc: $(STAMP)
 	$(PY) tla/run_tlc.py
-	$(VENV)/bin/pytest -m tla
+	$(VENV)/bin/pytest -m tla -n 2
 
 gen-protos: $(STAMP)
 	$(PY) proto/generate.py

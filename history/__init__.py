@@ -28,11 +28,14 @@ from tideflow.api.search_attributes import (
     parse_rfc3339,
 )
 
+from ._cluster import MemberRecord, ShardRecord, shard_of
 from ._errors import (
+    ClusterConfigError,
     ConditionFailedError,
     CurrentExecutionConflictError,
     InvalidValueError,
     RetryableStoreError,
+    ShardOwnershipLostError,
     StoreError,
     StoreUnavailableError,
 )
@@ -82,6 +85,7 @@ __all__ = [
     "CLOSE_EVENTS",
     "COMMAND_EVENTS",
     "COMPARE_OPS",
+    "ClusterConfigError",
     "Compare",
     "ConditionFailedError",
     "CurrentExecutionConflictError",
@@ -93,6 +97,7 @@ __all__ = [
     "HistoryStore",
     "InvalidValueError",
     "LogicalOp",
+    "MemberRecord",
     "OrderBy",
     "QueryExpr",
     "QueryValue",
@@ -105,6 +110,8 @@ __all__ = [
     "ScheduleStore",
     "SearchAttributeType",
     "SearchAttributeValue",
+    "ShardOwnershipLostError",
+    "ShardRecord",
     "StoreError",
     "StoreUnavailableError",
     "TaskKind",
@@ -131,6 +138,7 @@ __all__ = [
     "now_micros",
     "parse_rfc3339",
     "search_attributes_problem",
+    "shard_of",
     "slot_action_key",
     "timer_key_kind",
     "trigger_action_key",

@@ -40,3 +40,23 @@ class InvalidValueError(StoreError):
     """The database refused a value of the request (an integer out of its range, text
     too long for its column, a NUL character PostgreSQL cannot store). The input is at
     fault: the same request can never succeed."""
+
+
+class ShardOwnershipLostError(StoreError):
+    """A write or lease renewal of a shard whose range id moved on: another node
+    acquired the shard (or this node never held it). Nothing was written; the node
+    must drop the shard at once (tla/ShardLease.tla: the fence)."""
+
+    def __init__(self, shard_id: int, held: int, current: int | None, how: str) -> None:
+        where = (
+            "" if current is None else f": range id {current} in the store, this node held {held}"
+        )
+        super().__init__(f"shard {shard_id} is not owned by this node ({how}{where})")
+        self.shard_id = shard_id
+        self.held = held
+        self.current = current
+
+
+class ClusterConfigError(StoreError):
+    """The node's cluster settings conflict with the database's (the shard count
+    fixed when it was first initialised)."""

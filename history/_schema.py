@@ -81,6 +81,9 @@ tasks = Table(
     "tasks",
     metadata,
     Column("task_key", String(1200), primary_key=True),
+    # The run's shard (history/_cluster.py shard_of): a node recovers the rows of the
+    # shards it acquires, and only those.
+    Column("shard_id", Integer, nullable=False),
     Column("namespace", String(255), nullable=False),
     Column("task_queue", String(1000), nullable=False),
     Column("kind", Integer, nullable=False),
@@ -91,6 +94,7 @@ tasks = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 Index("tasks_by_queue", tasks.c.namespace, tasks.c.task_queue, tasks.c.created_at)
+Index("tasks_by_shard", tasks.c.shard_id, tasks.c.task_key)
 
 # Durable timers: user timers, timeouts and retry backoffs, by due time.
 timers = Table(
@@ -98,6 +102,7 @@ timers = Table(
     metadata,
     Column("timer_key", String(1200), primary_key=True),
     Column("fire_at", BigInteger, nullable=False),
+    Column("shard_id", Integer, nullable=False),
     Column("namespace", String(255), nullable=False),
     Column("workflow_id", String(1000), nullable=False),
     Column("run_id", String(64), nullable=False),
@@ -106,8 +111,24 @@ timers = Table(
     Column("attempt", Integer, nullable=False),
 )
 Index("timers_by_due_time", timers.c.fire_at)
+Index("timers_by_shard", timers.c.shard_id, timers.c.fire_at)
 
-# Shard ownership with a fencing token (range_id); specified by tla/ShardLease.tla.
+# ------------------------------------------------------------------- cluster
+# (history/_cluster.py; specified by tla/ShardLease.tla) Every key below is chosen by
+# the nodes (a shard number, a node id, a setting name), never a sequence: no hot
+# sequential primary keys, no advisory locks, so the same schema suits CockroachDB.
+
+# Settings fixed when the database is first initialised ("shard_count").
+cluster_metadata = Table(
+    "cluster_metadata",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("value", String(255), nullable=False),
+)
+
+# Shard ownership with a fencing token. `range_id` grows by one on every change of
+# owner (compare-and-set); every write of the shard's data checks it in its own
+# transaction. `owner` is "" once released; a row is created by its first acquisition.
 shards = Table(
     "shards",
     metadata,
@@ -115,6 +136,18 @@ shards = Table(
     Column("owner", String(255), nullable=False),
     Column("range_id", BigInteger, nullable=False),
     Column("lease_expires_at", BigInteger, nullable=False),
+)
+
+# The nodes of the cluster: a node is live while its heartbeat is recent. The acquire
+# loop balances shards over the live nodes; the advertised address tells a client
+# that reached the wrong node where a shard is served.
+cluster_members = Table(
+    "cluster_members",
+    metadata,
+    Column("node_id", String(255), primary_key=True),
+    Column("address", String(300), nullable=False),
+    Column("heartbeat_at", BigInteger, nullable=False),
+    Column("started_at", BigInteger, nullable=False),
 )
 
 # ------------------------------------------------------------------ visibility

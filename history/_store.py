@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
@@ -29,12 +30,15 @@ from sqlalchemy.exc import IntegrityError
 from tideflow.api.search_attributes import SearchAttributeValue
 from tideflow.api.v1.history_pb2 import HistoryEvent
 
+from . import _cluster as cluster
 from . import _schema as s
+from ._cluster import MemberRecord, ShardRecord
 from ._dialects import GuardedRunner, Runner, open_runner, retrying
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
     InvalidValueError,
+    ShardOwnershipLostError,
     StoreUnavailableError,
 )
 from ._records import (
@@ -68,8 +72,9 @@ _MAX_TXN_RETRIES = 8
 _RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
 
 
-# What a writer lane queues: transitions that commit together, and who waits on them.
-_Item = tuple[tuple[Transition, ...], "asyncio.Future[None]"]
+# What a writer lane queues: transitions that commit together, who waits on them, and
+# the fencing tokens (shard -> range id) they were submitted with (empty: unfenced).
+_Item = tuple[tuple[Transition, ...], "asyncio.Future[None]", dict[int, int]]
 
 
 def now_micros() -> int:
@@ -90,6 +95,9 @@ class HistoryStore:
     Use ``await HistoryStore.open(url)``; ``close()`` is safe to call twice.
     """
 
+    #: Shards of a database initialised without a shard count.
+    DEFAULT_SHARD_COUNT = cluster.DEFAULT_SHARD_COUNT
+
     def __init__(self, runner: Runner) -> None:
         self._runner = GuardedRunner(runner)
         self.dialect = runner
@@ -104,18 +112,37 @@ class HistoryStore:
         # commit as a conflict. The server re-reads the backlog once the store answers
         # again (server/_resync.py) and clears the flag.
         self.writes_in_doubt = asyncio.Event()
+        # The cluster's shard count (history/_cluster.py), read or fixed by open().
+        self.shard_count = cluster.DEFAULT_SHARD_COUNT
+        # The fence (tla/ShardLease.tla): shard -> range id this node holds it with.
+        # None until a node's ShardController enables it: a store opened by a tool or a
+        # test writes unfenced. Once enabled, a write of a shard not in it is refused.
+        self._fence: dict[int, int] | None = None
+        # Told of every write the fence refused (the node drops the shard at once).
+        self.on_fenced: Callable[[ShardOwnershipLostError], None] | None = None
+        # Told of every fenced transition committed: shard -> the token it carried
+        # (trace mode: the appends a ShardLease trace validator checks).
+        self.on_committed: Callable[[dict[int, int]], None] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, sqlite_synchronous: str = "NORMAL") -> HistoryStore:
-        return await cls.open_on(open_runner(url, sqlite_synchronous=sqlite_synchronous))
+    async def open(
+        cls, url: str, *, sqlite_synchronous: str = "NORMAL", shards: int | None = None
+    ) -> HistoryStore:
+        """Open (and initialise, the first time) the database at ``url``. ``shards``
+        fixes the shard count of a new database; on one initialised already it must
+        match (``ClusterConfigError``)."""
+        runner = open_runner(url, sqlite_synchronous=sqlite_synchronous)
+        return await cls.open_on(runner, shards=shards)
 
     @classmethod
-    async def open_on(cls, runner: Runner) -> HistoryStore:
+    async def open_on(cls, runner: Runner, *, shards: int | None = None) -> HistoryStore:
         """A store on a given runner (``open`` makes one from a URL; tests wrap one to
         inject database faults)."""
         store = cls(runner)
         try:
             await store._create_schema()
+            await store._init_cluster(shards)
+            await store._add_shard_columns()
             await store.ensure_namespace("default", description="created by tideflow")
         except BaseException:
             # An open that failed (the database unreachable, say) must not leave the
@@ -125,8 +152,38 @@ class HistoryStore:
         store._start_writers()
         return store
 
+    async def _init_cluster(self, requested: int | None) -> None:
+        if requested is not None:
+            cluster.check_shard_count(requested)
+        stored = await self._runner.read(cluster.read_shard_count_txn)
+        if stored is None:
+            count = cluster.DEFAULT_SHARD_COUNT if requested is None else requested
+            # IntegrityError: another node initialised the database at the same moment.
+            with contextlib.suppress(IntegrityError):
+                await self._runner.write(lambda conn: cluster.insert_shard_count_txn(conn, count))
+            stored = await self._runner.read(cluster.read_shard_count_txn)
+            assert stored is not None
+        if requested is not None:
+            cluster.check_shard_count(requested, stored=stored)
+        self.shard_count = stored
+
     async def _create_schema(self) -> None:
         await self._runner.write(lambda conn: s.metadata.create_all(conn))
+
+    async def _add_shard_columns(self) -> None:
+        """Upgrade a database created before shards (tasks and timers without a
+        ``shard_id``). Two nodes upgrading at once: the second one's ALTER fails, and
+        finds the column there."""
+        count = self.shard_count
+        for name in await self._runner.read(cluster.missing_shard_columns_txn):
+            upgrade = functools.partial(cluster.add_shard_column_txn, name=name, shard_count=count)
+            try:
+                rows = await self._runner.write(upgrade)
+            except Exception:
+                if name in await self._runner.read(cluster.missing_shard_columns_txn):
+                    raise
+                continue
+            log.info("upgraded %s: shard_id added to %d rows", name, rows)
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
@@ -147,7 +204,7 @@ class HistoryStore:
                 await task
         for queue in self._lanes:
             while not queue.empty():
-                _, fut = queue.get_nowait()
+                _, fut, _ = queue.get_nowait()
                 if not fut.done():
                     fut.set_exception(StoreUnavailableError("store closed"))
         await self._runner.close()
@@ -167,23 +224,81 @@ class HistoryStore:
         """
         if self._closed:
             raise StoreUnavailableError("store closed")
+        group = (transition, *together)
+        tokens = self._tokens(t.key for t in group)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A run always maps to the same lane, so its transitions commit in order.
         lane = hash((transition.key.namespace, transition.key.workflow_id)) % len(self._lanes)
-        self._lanes[lane].put_nowait(((transition, *together), fut))
+        self._lanes[lane].put_nowait((group, fut, tokens))
         await fut
+
+    # ------------------------------------------------------------------ the fence
+
+    def shard_of(self, key: RunKey) -> int:
+        """The shard of ``key``'s run (``_cluster.shard_of``)."""
+        return cluster.shard_of(key.namespace, key.workflow_id, self.shard_count)
+
+    def enable_fencing(self) -> None:
+        """From now on every write of a shard's data must carry this node's token."""
+        if self._fence is None:
+            self._fence = {}
+
+    def hold_shard(self, shard: int, range_id: int) -> None:
+        """This node acquired ``shard`` with token ``range_id``: its writes carry it."""
+        self.enable_fencing()
+        assert self._fence is not None
+        self._fence[shard] = range_id
+
+    def drop_shard(self, shard: int) -> None:
+        """This node no longer owns ``shard``: its writes are refused before any
+        transaction from now on."""
+        if self._fence is not None:
+            self._fence.pop(shard, None)
+
+    @property
+    def fencing(self) -> bool:
+        """Whether writes are fenced (a node's ShardController enabled it)."""
+        return self._fence is not None
+
+    def holds(self, shard: int) -> bool:
+        """Whether this node holds ``shard`` (no copy: asked on every request)."""
+        return self._fence is not None and shard in self._fence
+
+    @property
+    def held_shards(self) -> dict[int, int]:
+        """shard -> token of the shards this node holds (a copy)."""
+        return dict(self._fence or {})
+
+    def _tokens(self, keys: Any) -> dict[int, int]:
+        """The tokens the writes of runs ``keys`` carry; refuses a shard not held."""
+        if self._fence is None:
+            return {}
+        tokens = {}
+        for key in keys:
+            shard = self.shard_of(key)
+            token = self._fence.get(shard)
+            if token is None:
+                raise ShardOwnershipLostError(
+                    shard, 0, None, f"run {key}: this node does not hold it"
+                )
+            tokens[shard] = token
+        return tokens
+
+    def _refused(self, error: ShardOwnershipLostError) -> None:
+        if self.on_fenced is not None:
+            self.on_fenced(error)
 
     async def _writer(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
             batch = [await queue.get()]
             while len(batch) < _MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
-            live = [(group, f) for group, f in batch if not f.done()]
+            live = [item for item in batch if not item[1].done()]
             try:
                 for items in _one_transition_per_run(live):
                     await self._commit_batch(items)
             except asyncio.CancelledError:
-                for _, fut in live:
+                for _, fut, _ in live:
                     if not fut.done():
                         fut.set_exception(StoreUnavailableError("store closed"))
                 raise
@@ -193,7 +308,9 @@ class HistoryStore:
             return
         if len(batch) > 1:
             try:
-                await self._run_txn([t for group, _ in batch for t in group])
+                await self._run_txn(
+                    [t for group, _, _ in batch for t in group], _merged([f for _, _, f in batch])
+                )
             except StoreUnavailableError as exc:
                 # The database is gone: each transition alone would fail the same way
                 # (after its own retries). Every caller gets the retryable error.
@@ -206,13 +323,14 @@ class HistoryStore:
                 if not isinstance(exc, _Rejected):
                     log.debug("batch of %d failed (%s); committing each alone", len(batch), exc)
             else:
-                for _, fut in batch:
+                for _, fut, tokens in batch:
+                    self._report_commit(tokens)
                     if not fut.done():
                         fut.set_result(None)
                 return
-        for index, (group, fut) in enumerate(batch):
+        for index, (group, fut, tokens) in enumerate(batch):
             try:
-                await self._run_txn(group)
+                await self._run_txn(group, _merged([tokens]))
             except _Rejected as rejected:
                 if not fut.done():
                     fut.set_exception(rejected.error)
@@ -226,22 +344,36 @@ class HistoryStore:
                 if not fut.done():
                     fut.set_exception(exc)
             else:
+                self._report_commit(tokens)
                 if not fut.done():
                     fut.set_result(None)
 
-    async def _run_txn(self, transitions: Sequence[Transition]) -> None:
+    def _report_commit(self, tokens: dict[int, int]) -> None:
+        if self.on_committed is not None and tokens:
+            self.on_committed(tokens)
+
+    async def _run_txn(
+        self, transitions: Sequence[Transition], tokens: dict[int, set[int]]
+    ) -> None:
         """Run the transitions in one transaction, retrying transient failures.
 
         Running it again after a lost connection is safe even if the first attempt did
         commit: the version guard and the unique keys then reject the copy, and the
-        caller reloads the run and finds its change there.
+        caller reloads the run and finds its change there. ``tokens`` (shard -> the
+        tokens the transitions carry) are checked by the fence in the same transaction.
         """
+        count = self.shard_count
 
         async def attempt() -> None:
             try:
-                await self._runner.write(lambda conn: _apply_batch(conn, transitions))
+                await self._runner.write(
+                    lambda conn: _apply_batch(conn, transitions, tokens, count)
+                )
             except IntegrityError as exc:
                 raise _Rejected(_integrity_error(exc, transitions)) from exc
+            except ShardOwnershipLostError as exc:
+                self._refused(exc)
+                raise _Rejected(exc) from exc
             except StoreUnavailableError:
                 self.writes_in_doubt.set()
                 raise
@@ -250,15 +382,87 @@ class HistoryStore:
         self.stats["transactions"] += 1
         self.stats["transitions"] += len(transitions)
 
-    async def delete_timer(self, timer_key: str) -> None:
-        """Drop a timer that fired for a transition that no longer applies."""
+    async def delete_timer(self, timer_key: str, *, run: RunKey | None = None) -> None:
+        """Drop a timer that fired for a transition that no longer applies. ``run``
+        (the timer's run) is required once fencing is on: the fence checks it."""
         query = delete(s.timers).where(s.timers.c.timer_key == timer_key)
-        await self._runner.write(lambda conn: conn.execute(query))
+        await self._fenced_write(run, lambda conn: conn.execute(query))
 
-    async def delete_task(self, task_key: str) -> None:
-        """Drop a backlog row whose task is no longer outstanding."""
+    async def delete_task(self, task_key: str, *, run: RunKey | None = None) -> None:
+        """Drop a backlog row whose task is no longer outstanding (``run`` as for
+        ``delete_timer``)."""
         query = delete(s.tasks).where(s.tasks.c.task_key == task_key)
-        await self._runner.write(lambda conn: conn.execute(query))
+        await self._fenced_write(run, lambda conn: conn.execute(query))
+
+    async def _fenced_write(self, run: RunKey | None, fn: Callable[[Connection], Any]) -> None:
+        """One write of a run's shard data outside a transition, fenced like one."""
+        if run is None:
+            if self._fence is not None:
+                raise ValueError("a fenced store needs the run of every write")
+            await self._runner.write(fn)
+            return
+        tokens = _merged([self._tokens([run])])
+
+        def txn(conn: Connection) -> None:
+            cluster.check_fence_txn(conn, tokens)
+            fn(conn)
+
+        try:
+            await self._runner.write(txn)
+        except ShardOwnershipLostError as exc:
+            self._refused(exc)
+            raise
+
+    # ------------------------------------------------------- leases, membership
+
+    async def read_shard(self, shard: int) -> ShardRecord:
+        """One shard's lease row (ShardLease.tla ``ReadShard``)."""
+        return await self._runner.read(lambda conn: cluster.read_shard_txn(conn, shard))
+
+    async def read_shards(self) -> list[ShardRecord]:
+        """Every shard's lease row, in shard order."""
+        count = self.shard_count
+        return await self._runner.read(lambda conn: cluster.read_shards_txn(conn, count))
+
+    async def acquire_shard(self, read: ShardRecord, node_id: str, lease_us: int) -> int | None:
+        """Compare-and-set the shard to ``node_id`` if it is still as ``read`` and
+        free (ShardLease.tla ``AcquireShard``); the new range id, or None."""
+        now = now_micros()
+        try:
+            return await self._runner.write(
+                lambda conn: cluster.acquire_shard_txn(conn, read, node_id, now, now + lease_us)
+            )
+        except IntegrityError:
+            return None  # another node created the row first
+
+    async def renew_shard(self, shard: int, range_id: int, lease_us: int) -> None:
+        """Extend the lease (ShardLease.tla ``RenewLease``); ShardOwnershipLostError
+        if the range id moved (another node owns the shard)."""
+        expires = now_micros() + lease_us
+        await self._runner.write(
+            lambda conn: cluster.renew_shard_txn(conn, shard, range_id, expires)
+        )
+
+    async def release_shard(self, shard: int, range_id: int) -> bool:
+        """Give the shard up for any node to take at once; False if it was not ours."""
+        return await self._runner.write(
+            lambda conn: cluster.release_shard_txn(conn, shard, range_id)
+        )
+
+    async def heartbeat(self, member: MemberRecord) -> None:
+        """Insert or refresh this node's membership row."""
+        if await self._runner.write(lambda conn: cluster.heartbeat_txn(conn, member)):
+            return
+        # IntegrityError: a concurrent heartbeat of this node inserted it.
+        with contextlib.suppress(IntegrityError):
+            await self._runner.write(lambda conn: cluster.join_txn(conn, member))
+
+    async def list_members(self) -> list[MemberRecord]:
+        return await self._runner.read(cluster.list_members_txn)
+
+    async def leave(self, node_id: str) -> None:
+        """Remove this node's membership row (a graceful stop)."""
+        await self._runner.write(lambda conn: cluster.leave_txn(conn, node_id))
 
     # ------------------------------------------------------------- namespaces
 
@@ -331,10 +535,15 @@ class HistoryStore:
 
         return await self._runner.read(fetch)
 
-    async def list_tasks(self, *, limit: int = 10_000, after_key: str = "") -> list[TaskRow]:
-        """Backlog rows in key order (recovery pages through them)."""
+    async def list_tasks(
+        self, *, limit: int = 10_000, after_key: str = "", shards: Collection[int] | None = None
+    ) -> list[TaskRow]:
+        """Backlog rows in key order (recovery pages through them), of ``shards`` only
+        if given."""
         t = s.tasks
         query = select(t).where(t.c.task_key > after_key).order_by(t.c.task_key).limit(limit)
+        if shards is not None:
+            query = query.where(t.c.shard_id.in_(sorted(shards)))
         rows = await self._runner.read(lambda conn: conn.execute(query).all())
         return [
             TaskRow(
@@ -348,9 +557,14 @@ class HistoryStore:
             for r in rows
         ]
 
-    async def timers_due_before(self, fire_before: int, *, limit: int = 10_000) -> list[TimerRow]:
+    async def timers_due_before(
+        self, fire_before: int, *, limit: int = 10_000, shards: Collection[int] | None = None
+    ) -> list[TimerRow]:
+        """Timers due before ``fire_before``, earliest first, of ``shards`` only if given."""
         t = s.timers
         query = select(t).where(t.c.fire_at < fire_before).order_by(t.c.fire_at).limit(limit)
+        if shards is not None:
+            query = query.where(t.c.shard_id.in_(sorted(shards)))
         rows = await self._runner.read(lambda conn: conn.execute(query).all())
         return [
             TimerRow(
@@ -406,8 +620,18 @@ class HistoryStore:
         return TokenKeyStore(self._runner)
 
 
+def _merged(token_maps: Sequence[dict[int, int]]) -> dict[int, set[int]]:
+    """shard -> every token the transitions of a batch carry for it (one per shard,
+    unless the shard changed hands between their submissions)."""
+    merged: dict[int, set[int]] = {}
+    for tokens in token_maps:
+        for shard, token in tokens.items():
+            merged.setdefault(shard, set()).add(token)
+    return merged
+
+
 def _fail(batch: Sequence[_Item], error: StoreUnavailableError) -> None:
-    for _, fut in batch:
+    for _, fut, _ in batch:
         if not fut.done():
             # One exception object per waiter: raising it fills in its traceback.
             fut.set_exception(StoreUnavailableError(str(error)))
@@ -494,12 +718,20 @@ def _integrity_error(exc: IntegrityError, batch: Sequence[Transition]) -> Except
     return ConditionFailedError(f"{where}: conflicting write ({exc.orig})")
 
 
-def _apply_batch(conn: Connection, batch: Sequence[Transition]) -> None:
+def _apply_batch(
+    conn: Connection,
+    batch: Sequence[Transition],
+    tokens: dict[int, set[int]],
+    shard_count: int,
+) -> None:
     """Write a batch with one statement per kind of row, not one per transition.
 
-    A unique violation anywhere (an event id or run that another writer already
-    wrote) aborts the whole transaction; ``_run_txn`` maps it to the store error.
+    First the fence: each shard the batch writes is checked once against the tokens
+    its transitions carry (ShardOwnershipLostError: nothing is written). A unique
+    violation anywhere (an event id or run that another writer already wrote) aborts
+    the whole transaction; ``_run_txn`` maps it to the store error.
     """
+    cluster.check_fence_txn(conn, tokens)
     creates = [t for t in batch if t.expected_version == 0]
     updates = [t for t in batch if t.expected_version != 0]
     if creates:
@@ -560,6 +792,7 @@ def _apply_batch(conn: Connection, batch: Sequence[Transition]) -> None:
     new_tasks = [
         {
             "task_key": task.task_key,
+            "shard_id": cluster.shard_of(task.key.namespace, task.key.workflow_id, shard_count),
             "namespace": task.key.namespace,
             "task_queue": task.task_queue,
             "kind": int(task.kind),
@@ -581,6 +814,7 @@ def _apply_batch(conn: Connection, batch: Sequence[Transition]) -> None:
         {
             "timer_key": timer.timer_key,
             "fire_at": timer.fire_at,
+            "shard_id": cluster.shard_of(timer.key.namespace, timer.key.workflow_id, shard_count),
             "namespace": timer.key.namespace,
             "workflow_id": timer.key.workflow_id,
             "run_id": timer.key.run_id,

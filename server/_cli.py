@@ -8,6 +8,11 @@ attempt); after that, like any other start-up problem, it is one line and exit c
 (server/_tls.py). ``tideflow server rotate-token-key --db-url URL`` and
 ``retire-token-key`` administer the keys that sign task tokens (server/_token_cli.py).
 
+``tideflow server start --db-url URL [--ip IP] [--port PORT] [--node-id ID]
+[--advertise HOST:PORT] [--shards N] [--lease-seconds S]`` runs one node of a cluster:
+every node started on the same database joins it, and the shards are spread over the
+live nodes (server/_shards.py). SIGINT or SIGTERM hands its shards over at once.
+
 The ``tideflow`` entry point (``tideflow.cli``) composes this group with the SDK's;
 the server package knows nothing of the SDK. ``python -m tideflow.server._cli server
 start-dev ...`` runs the group on its own (what tests and benchmarks start).
@@ -27,9 +32,12 @@ import socket
 import sys
 from typing import Any
 
+from tideflow.history import ClusterConfigError, HistoryStore
+
 from . import _token_cli
 from ._config import ServerConfig
 from ._server import TideflowServer
+from ._shards import DEFAULT_LEASE_S
 from ._tls import add_tls_arguments, tls_from_args
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,43 @@ def add_parser(groups: Any) -> None:
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
     add_tls_arguments(dev)
+    node = server_sub.add_parser(
+        "start", help="start one node of a cluster on a shared PostgreSQL database"
+    )
+    node.add_argument(
+        "--db-url", required=True, help="the cluster's database, e.g. postgresql://host/db"
+    )
+    node.add_argument("--port", type=int, default=7233)
+    node.add_argument("--ip", default="127.0.0.1")
+    node.add_argument(
+        "--node-id", default=None, help="this node's name in the cluster (default: --advertise)"
+    )
+    node.add_argument(
+        "--advertise",
+        default=None,
+        help="HOST:PORT other nodes and clients reach this node at (default: IP:PORT)",
+    )
+    node.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help=f"shard count of a new database (default {HistoryStore.DEFAULT_SHARD_COUNT}); "
+        "an initialised database keeps its own",
+    )
+    node.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help=f"shard lease; a dead node's shards move after it (default {DEFAULT_LEASE_S})",
+    )
+    node.add_argument(
+        "--db-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for an unreachable database at start (default 60)",
+    )
+    node.add_argument("--log-level", default="INFO")
+    add_tls_arguments(node)
     _token_cli.add_parsers(server_sub)
 
 
@@ -80,18 +125,33 @@ def main(args: argparse.Namespace) -> int:
             print(f"tideflow server {args.command}: {_one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
         return 0
-    if args.command != "start-dev":
+    if args.command not in ("start-dev", "start"):
         raise ValueError(f"unknown server command {args.command!r}")
     try:
         _check_ip(args.ip)
+        if args.command == "start":
+            _check_node_flags(args)
         _check_listen(args.ip, args.port)
         url = args.db_url or _sqlite_url(args.db)
         asyncio.run(_serve(args, url))
     except (StartError, ValueError, OSError) as error:
         # Bad flags or an unusable address/database: one line, not a traceback.
-        print(f"tideflow server start-dev: {_one_line(error)}", file=sys.stderr)
+        print(f"tideflow server {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _check_node_flags(args: argparse.Namespace) -> None:
+    if args.shards is not None and args.shards < 1:
+        raise StartError(f"--shards {args.shards}: must be at least 1")
+    if not args.lease_seconds > 0:
+        raise StartError(f"--lease-seconds {args.lease_seconds}: must be positive")
+    if args.advertise is not None:
+        host, sep, port = args.advertise.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StartError(f"--advertise {args.advertise!r}: expected HOST:PORT")
+    if args.node_id is not None and not 0 < len(args.node_id) <= 255:
+        raise StartError("--node-id: 1 to 255 characters")
 
 
 def _bare(ip: str) -> str:
@@ -157,18 +217,42 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-async def _serve(args: argparse.Namespace, url: str) -> None:
+def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
     if not args.db_wait >= 0:  # also refuses NaN
         raise StartError(f"--db-wait {args.db_wait}: must be a number of seconds, 0 or more")
-    server = TideflowServer(
+    if args.command == "start-dev":
+        return TideflowServer(
+            url,
+            host=args.ip,
+            port=args.port,
+            config=ServerConfig(
+                sqlite_synchronous=args.sqlite_synchronous, store_start_timeout_s=args.db_wait
+            ),
+            tls=tls_from_args(args),
+        )
+    # A node's default id is the address it is reached at: unique in the cluster, and
+    # the same across its restarts, so a restarted node takes its shards back at once.
+    # Port 0 ("any free port") gets its id once the port is bound.
+    advertise = args.advertise
+    if advertise is None and args.port != 0:
+        # A wildcard address reaches nobody: advertise the machine's name instead.
+        wildcard = _bare(args.ip) in ("0.0.0.0", "::")
+        advertise = f"{socket.gethostname() if wildcard else args.ip}:{args.port}"
+    return TideflowServer(
         url,
         host=args.ip,
         port=args.port,
         config=ServerConfig(
-            sqlite_synchronous=args.sqlite_synchronous, store_start_timeout_s=args.db_wait
+            shard_count=args.shards, lease_s=args.lease_seconds, store_start_timeout_s=args.db_wait
         ),
+        node_id=args.node_id or advertise or f"{socket.gethostname()}:{os.getpid()}",
+        advertise=advertise,
         tls=tls_from_args(args),
     )
+
+
+async def _serve(args: argparse.Namespace, url: str) -> None:
+    server = _server_of(args, url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -181,6 +265,8 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         # have taken the port since) or on the database; the traceback is for --log-level
         # DEBUG, the user gets one line.
         log.debug("start failed", exc_info=True)
+        if isinstance(error, ClusterConfigError):
+            raise StartError(str(error)) from None
         if isinstance(error, OSError) and "could not listen" in str(error):
             raise StartError(f"cannot listen on {args.ip}:{args.port}: {error}") from None
         if args.db_url:

@@ -74,6 +74,12 @@ class ServerConfig:
     # the store, the first reads), one log line per attempt, before start() fails: a
     # server started with (or just before) its database waits for it. 0: one attempt.
     store_start_timeout_s: float = 60.0
+    # Shards of a database this node initialises (None: 16); a database initialised
+    # already keeps its own count and refuses another (history/_cluster.py).
+    shard_count: int | None = None
+    # Shard lease (server/_shards.py): renewed every third of it; a dead node's shards
+    # are taken over once it lapses. Safety never depends on it (the range-id fence).
+    lease_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.history_page_bytes < self.grpc_max_message_bytes:
@@ -86,6 +92,8 @@ class ServerConfig:
             raise ValueError("max_concurrent_polls must be at least 1")
         if not self.store_start_timeout_s >= 0:  # also refuses NaN
             raise ValueError("store_start_timeout_s must not be negative")
+        if not self.lease_s > 0:
+            raise ValueError("lease_s must be positive")
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:

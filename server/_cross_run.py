@@ -61,12 +61,12 @@ async def process_transfer(engine: HistoryEngine, store: HistoryStore, task: Tas
     try:
         if action is None:
             log.error("unknown transfer action %r; dropping %s", task.task_queue, task.task_key)
-            await store.delete_task(task.task_key)
+            await store.delete_task(task.task_key, run=task.key)
         else:
             await action(engine, store, task)
     except NotFoundError:
         # The run it is about is gone (or never was): nothing left to do.
-        await store.delete_task(task.task_key)
+        await store.delete_task(task.task_key, run=task.key)
 
 
 # ------------------------------------------------------------------- start child
@@ -76,7 +76,7 @@ async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow
     parent = await engine.state_of(task.key)
     child = parent.pending_children.get(task.ref_id)
     if child is None or child.run_id or parent.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
-        await store.delete_task(task.task_key)
+        await store.delete_task(task.task_key, run=task.key)
         return
     initiated = (
         await engine.event(task.key, task.ref_id)
@@ -283,7 +283,7 @@ async def _apply_parent_close_policy(
                 await engine.terminate(key, "parent closed", None, f"parent:{parent.workflow_id}")
         except FailedPreconditionError:
             pass  # the child closed already
-    await store.delete_task(task.task_key)
+    await store.delete_task(task.task_key, run=task.key)
 
 
 # --------------------------------------------------- signal / cancel another run
@@ -293,7 +293,7 @@ async def _external_request(engine: HistoryEngine, store: HistoryStore, task: Ta
     source = await engine.state_of(task.key)
     request = source.pending_external.get(task.ref_id)
     if request is None:
-        await store.delete_task(task.task_key)
+        await store.delete_task(task.task_key, run=task.key)
         return
     initiated = await engine.event(task.key, task.ref_id)
     failure_cause = None

@@ -69,6 +69,7 @@ from ._errors import (
 )
 from ._history_pages import HistoryPager
 from ._mutation import Mutation, run_key_of
+from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
 from ._trace import Tracer
 
@@ -115,9 +116,18 @@ class _Decide(enum.Enum):
 
 class HistoryEngine:
     def __init__(
-        self, store: HistoryStore, dispatcher: Dispatcher, clock: Clock, config: ServerConfig
+        self,
+        store: HistoryStore,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        config: ServerConfig,
+        *,
+        shards: ShardController | None = None,
     ) -> None:
         self._store = store
+        # The node's shard ownership: runs of shards it does not hold are refused
+        # (UNAVAILABLE naming the owner). None: every run is served (tests, tools).
+        self._shards = shards
         self._dispatcher = dispatcher
         self._clock = clock
         self._config = config
@@ -129,6 +139,8 @@ class HistoryEngine:
     # ------------------------------------------------------------- machinery
 
     async def _load(self, key: RunKey) -> _Run:
+        if self._shards is not None:
+            self._shards.check(key.namespace, key.workflow_id)
         run = self._cache.get(key)
         if run is not None:
             self._cache.move_to_end(key)
@@ -156,6 +168,13 @@ class HistoryEngine:
                 self._cache.move_to_end(key)
                 return
             del self._cache[key]
+
+    def evict_shard(self, shard: int) -> None:
+        """The node lost ``shard``: forget its cached runs (their state may be stale
+        from now on) and wake whoever waits on them (they find the shard gone)."""
+        for key in [k for k in self._cache if self._store.shard_of(k) == shard]:
+            run = self._cache.pop(key)
+            run.changed.set()
 
     def _forget(self, key: RunKey, run: _Run) -> None:
         if self._cache.get(key) is run:
@@ -290,6 +309,8 @@ class HistoryEngine:
         parent_initiated_event_id: int = 0,
     ) -> tuple[str, bool]:
         """Start a run; returns (run_id, started). A retried request finds its run."""
+        if self._shards is not None:
+            self._shards.check(req.namespace, req.workflow_id)
         request_id = req.request_id or str(uuid.uuid4())
         for _ in range(_MAX_CONFLICT_RETRIES):
             current = await self._store.get_current(req.namespace, req.workflow_id)
@@ -425,7 +446,7 @@ class HistoryEngine:
         except NotFoundError:
             wft = None
         if wft is None:
-            await self._store.delete_task(task.task_key)
+            await self._store.delete_task(task.task_key, run=task.key)
             return None
         sticky = wft.task_queue.kind == TaskQueueKind.TASK_QUEUE_KIND_STICKY
         return await self._workflow_task(task.key, wft, only_new_events=sticky)
@@ -506,7 +527,7 @@ class HistoryEngine:
         except NotFoundError:
             started = False
         if not started:
-            await self._store.delete_task(task.task_key)
+            await self._store.delete_task(task.task_key, run=task.key)
             return None
         return await self._activity_task(task.key, task.ref_id)
 
@@ -628,7 +649,7 @@ class HistoryEngine:
         except NotFoundError:
             handled = False
         if not handled:
-            await self._store.delete_timer(timer.timer_key)
+            await self._store.delete_timer(timer.timer_key, run=timer.key)
 
     async def unstick(self, key: RunKey, sticky_queue: str) -> None:
         """The worker of ``sticky_queue`` left: the run's tasks go to the normal queue."""

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from tideflow.api.v1 import common_pb2, service_pb2
@@ -59,8 +60,11 @@ POLLER_TTL_S = 300.0
 
 
 class Matching:
-    def __init__(self) -> None:
+    def __init__(self, owns: Callable[[RunKey], bool] | None = None) -> None:
         self._queues: dict[_QueueId, _TaskQueue] = {}
+        # Whether this node serves a run's shard now (server/_shards.py): tasks of
+        # other shards are neither queued nor handed out. None: every run.
+        self._owns = owns
         # Sticky queues whose worker shut down (bounded: names are per worker).
         self._retired: set[tuple[str, str]] = set()
 
@@ -71,6 +75,8 @@ class Matching:
         return queue
 
     def add(self, task: TaskRow) -> None:
+        if self._owns is not None and not self._owns(task.key):
+            return  # its shard's owner recovers it from the store
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
         if task.task_key in queue.queued_keys:
             return  # already queued (recovery racing a commit)
@@ -121,10 +127,11 @@ class Matching:
             query = queue.queries.popleft()
             if not query.result.done():  # its caller may have given up
                 return query
-        if queue.backlog:
+        while queue.backlog:
             task = queue.backlog.popleft()
             queue.queued_keys.discard(task.task_key)
-            return task
+            if self._owns is None or self._owns(task.key):
+                return task
         poller: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
         queue.pollers.append(poller)
         try:
@@ -146,6 +153,8 @@ class Matching:
 
     def give_back(self, task: TaskRow) -> None:
         """A polled task could not be delivered (store hiccup): dispatch it again."""
+        if self._owns is not None and not self._owns(task.key):
+            return  # its shard moved to another node, which recovers it
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
         self._requeue_front(queue, task)
 
@@ -161,12 +170,28 @@ class Matching:
             queue.queued_keys.add(task.task_key)
             queue.backlog.appendleft(task)
 
-    async def recover(self, store: HistoryStore) -> int:
-        """Load every persisted task row into the backlogs (server start)."""
+    def drop_unowned(self) -> int:
+        """Forget the queued tasks of shards this node no longer serves (it lost
+        them); returns how many. Parked pollers stay: they wait for owned tasks."""
+        if self._owns is None:
+            return 0
+        owns = self._owns
+        dropped = 0
+        for queue in self._queues.values():
+            kept = deque(t for t in queue.backlog if owns(t.key))
+            dropped += len(queue.backlog) - len(kept)
+            queue.backlog = kept
+            queue.queued_keys = {t.task_key for t in kept}
+            queue.queries = deque(q for q in queue.queries if owns(q.key))
+        return dropped
+
+    async def recover(self, store: HistoryStore, shards: Collection[int] | None = None) -> int:
+        """Load the persisted task rows (of ``shards`` only, if given) into the
+        backlogs: a server start, a shard acquired, the store back after an outage."""
         count = 0
         after = ""
         while True:
-            rows = await store.list_tasks(after_key=after, limit=5000)
+            rows = await store.list_tasks(after_key=after, limit=5000, shards=shards)
             if not rows:
                 return count
             for row in sorted(rows, key=lambda r: r.created_at):

@@ -35,8 +35,11 @@ async def resync_after_outages(
         store.writes_in_doubt.clear()
         while True:
             try:
-                tasks = await matching.recover(store)
-                moved = await transfers.recover()
+                # Only the shards this node holds (all of them for a store without
+                # fencing, a tool's or a test's).
+                shards = list(store.held_shards) if store.fencing else None
+                tasks = await matching.recover(store, shards)
+                moved = await transfers.recover(shards)
             except StoreError as exc:
                 log.warning("re-reading the backlog failed (%s); retrying", exc)
                 await asyncio.sleep(_RETRY_DELAY_S)

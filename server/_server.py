@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
@@ -31,9 +32,11 @@ from ._matching import Matching
 from ._registration import add_to_server
 from ._resync import resync_after_outages
 from ._schedules import Scheduler
+from ._shards import ShardController
 from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
+from ._trace import LeaseTracer
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
@@ -99,11 +102,48 @@ class _Dispatch(Dispatcher):
                 return
 
 
+class _ShardHooks:
+    """What acquiring or losing a shard does to the node's memory: an acquired
+    shard's backlog, transfers and timers are read from the store; a lost shard's
+    cached runs, backlog and timers are dropped (its new owner reads them)."""
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        matching: Matching,
+        transfers: TransferProcessor,
+        timers: TimerQueue,
+    ) -> None:
+        self._store = store
+        self._matching = matching
+        self._transfers = transfers
+        self._timers = timers
+        self.engine: HistoryEngine | None = None
+        self.recovered = 0  # task rows read back, for the start-up log line
+
+    async def acquired(self, shard: int) -> None:
+        self.recovered += await self._matching.recover(self._store, [shard])
+        self.recovered += await self._transfers.recover([shard])
+        await self._timers.recover_shard(shard)
+
+    def lost(self, shard: int) -> None:
+        if self.engine is not None:
+            self.engine.evict_shard(shard)
+        self._matching.drop_unowned()
+        self._timers.drop_unowned()
+
+
 class TideflowServer:
-    """A complete single-node server.
+    """One server node: a whole cluster on its own, or one of several on one database.
 
     ``async with TideflowServer(db_url) as server:`` starts it; ``server.port`` is the
     bound port (pass ``port=0`` for an ephemeral one). ``stop()`` is safe twice.
+
+    The node serves the runs of the shards it holds a lease on (server/_shards.py);
+    alone on its database it holds them all. ``node_id`` names it in the shard rows
+    (default ``dev@<hostname>``: a restart on the same machine takes its shards back
+    at once); two live nodes must never share one. ``advertise`` is the address other
+    nodes and clients reach it at (default: the bound ``host:port``).
     """
 
     def __init__(
@@ -115,10 +155,14 @@ class TideflowServer:
         config: ServerConfig | None = None,
         clock: Clock | None = None,
         tls: ServerTLSConfig | None = None,
+        node_id: str | None = None,
+        advertise: str | None = None,
     ) -> None:
         self.db_url = db_url
         # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
         self.tls = tls
+        self.node_id = node_id or f"dev@{socket.gethostname()}"
+        self._advertise = advertise
         self.host = host
         self.port = port
         self.config = config or ServerConfig()
@@ -127,6 +171,7 @@ class TideflowServer:
         self._grpc: grpc.aio.Server | None = None
         # Owns the node's background loops (see _run_background).
         self._background: asyncio.Task[None] | None = None
+        self._shards: ShardController | None = None
         self._stopped = False
         self._tokens: TaskTokenSigner | None = None
 
@@ -135,12 +180,18 @@ class TideflowServer:
         return f"{self.host}:{self.port}"
 
     @property
+    def shards(self) -> ShardController:
+        assert self._shards is not None, "server not started"
+        return self._shards
+
+    @property
     def store(self) -> HistoryStore:
         assert self._store is not None, "server not started"
         return self._store
 
     async def start(self) -> int:
-        """Open the store, recover in-flight work, listen; returns the bound port.
+        """Open the store, take this node's shards (recovering their in-flight work),
+        listen; returns the bound port.
 
         A database that cannot be reached is tried again, one log line per attempt,
         until ``config.store_start_timeout_s`` has passed since the start began; then
@@ -150,46 +201,66 @@ class TideflowServer:
             deadline,
             "opening the store",
             lambda: HistoryStore.open(
-                self.db_url, sqlite_synchronous=self.config.sqlite_synchronous
+                self.db_url,
+                sqlite_synchronous=self.config.sqlite_synchronous,
+                shards=self.config.shard_count,
             ),
         )
         self._store = store
-        matching = Matching()
-        timers = TimerQueue(store, self._clock, window_s=self.config.timer_window_s)
-        transfers = TransferProcessor(store)
-        dispatch = _Dispatch(matching, timers, transfers)
-        engine = HistoryEngine(store, dispatch, self._clock, self.config)
-
-        async def recover() -> int:
-            # Both de-duplicate by row key, so an attempt that failed halfway is
-            # simply read again.
-            return await matching.recover(store) + await transfers.recover()
-
-        try:
-            recovered = await _until_reachable(deadline, "reading the task backlog", recover)
-        except BaseException:
-            self._store = None
-            await store.close()
-            raise
-        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
-        scheduler = Scheduler(store, engine, self._clock)
-        # Task token keys are read now: a store that cannot give them fails the start.
-        tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
-        await tokens.load()
-        self._tokens = tokens
-        service = WorkflowService(
-            store, engine, matching, self.config, scheduler=scheduler, tokens=tokens
+        owns = self._owns
+        matching = Matching(owns)
+        timers = TimerQueue(
+            store,
+            self._clock,
+            window_s=self.config.timer_window_s,
+            owns=owns,
+            owned=lambda: store.held_shards.keys(),
         )
+        transfers = TransferProcessor(store, owns)
+        dispatch = _Dispatch(matching, timers, transfers)
+        hooks = _ShardHooks(store, matching, transfers, timers)
         server = grpc.aio.server(options=grpc_server_options(self.config))
-        add_to_server(service, server)
         if self.tls is None:
             bound = server.add_insecure_port(f"{self.host}:{self.port}")
         else:
             bound = server.add_secure_port(f"{self.host}:{self.port}", self.tls.credentials())
         if bound == 0:
+            self._store = None
             await store.close()
             raise OSError(f"could not listen on {self.host}:{self.port}")
         self.port = bound
+        shards = ShardController(
+            store,
+            self.node_id,
+            self._advertise or self.address,
+            lease_s=self.config.lease_s,
+            on_acquired=hooks.acquired,
+            on_lost=hooks.lost,
+            tracer=LeaseTracer.from_environment(self.node_id),
+        )
+        self._shards = shards
+        engine = HistoryEngine(store, dispatch, self._clock, self.config, shards=shards)
+        hooks.engine = engine
+        try:
+            # Recovery of each shard's backlog de-duplicates by row key, so an attempt
+            # that failed halfway is simply made again.
+            await _until_reachable(
+                deadline, "taking shards and reading their backlog", shards.start
+            )
+            # Task token keys are read now: a store that cannot give them fails the start.
+            tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
+            await tokens.load()
+        except BaseException:
+            self._store = None
+            await store.close()
+            raise
+        self._tokens = tokens
+        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
+        scheduler = Scheduler(store, engine, self._clock)
+        service = WorkflowService(
+            store, engine, matching, self.config, scheduler=scheduler, tokens=tokens
+        )
+        add_to_server(service, server)
         await server.start()
         self._grpc = server
         self._background = asyncio.create_task(
@@ -199,6 +270,7 @@ class TideflowServer:
                     "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
                     "tideflow-sticky-mover": functools.partial(dispatch.run, engine.unstick),
                     "tideflow-scheduler": scheduler.run,
+                    "tideflow-shards": shards.run,
                     "tideflow-resync": functools.partial(
                         resync_after_outages, store, matching, transfers
                     ),
@@ -208,11 +280,15 @@ class TideflowServer:
         )
         self._background.add_done_callback(_report_failure)
         log.info(
-            "tideflow server listening on %s%s (store: %s, %d tasks recovered)",
+            "tideflow server listening on %s%s (node %s, store: %s, %d of %d shards, "
+            "%d tasks recovered)",
             self.address,
             "" if self.tls is None else (" with mTLS" if self.tls.client_ca else " with TLS"),
+            self.node_id,
             store.dialect.name,
-            recovered,
+            len(store.held_shards),
+            store.shard_count,
+            hooks.recovered,
         )
         return bound
 
@@ -229,6 +305,7 @@ class TideflowServer:
         if self._stopped:
             return
         self._stopped = True
+        failure: BaseException | None = None
         try:
             if self._grpc is not None:
                 await self._grpc.stop(grace)
@@ -239,8 +316,11 @@ class TideflowServer:
                 # stop() itself still propagates.
                 await asyncio.wait([background])
                 failure = None if background.cancelled() else background.exception()
-                if failure is not None:
-                    raise failure
+            if self._shards is not None:
+                # Nothing writes any more: hand the shards over at once.
+                await self._shards.stop()
+            if failure is not None:
+                raise failure
         finally:
             if self._store is not None:
                 log.info("store commits: %s", self._store.stats)
@@ -262,6 +342,9 @@ class TideflowServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def _owns(self, key: RunKey) -> bool:
+        return self._shards is None or self._shards.owns(key)
 
 
 async def _until_reachable(deadline: float, what: str, step: Callable[[], Awaitable[T]]) -> T:

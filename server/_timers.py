@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
-from tideflow.history import HistoryStore, TimerRow
+from tideflow.history import HistoryStore, RunKey, TimerRow
 
 from ._config import Clock
 from ._failures import log_retry
@@ -36,8 +36,20 @@ _REFILL_RETRY_S = 1.0
 
 
 class TimerQueue:
-    def __init__(self, store: HistoryStore, clock: Clock, *, window_s: float) -> None:
+    def __init__(
+        self,
+        store: HistoryStore,
+        clock: Clock,
+        *,
+        window_s: float,
+        owns: Callable[[RunKey], bool] | None = None,
+        owned: Callable[[], Collection[int]] | None = None,
+    ) -> None:
         self._store = store
+        # The shards this node serves (server/_shards.py): refills read only theirs,
+        # and timers of a shard it lost are dropped. None: every run.
+        self._owns = owns
+        self._owned = owned
         self._clock = clock
         self._window_us = int(window_s * _US)
         self._heap: list[tuple[int, str, TimerRow]] = []
@@ -66,12 +78,35 @@ class TimerQueue:
 
     async def _refill(self) -> None:
         until = self._clock.now_micros() + self._window_us
-        rows = await self._store.timers_due_before(until)
+        if self._owned is None:
+            rows = await self._store.timers_due_before(until)
+        else:
+            rows = await self._store.timers_due_before(until, shards=list(self._owned()))
         # Set the horizon first: timers committed while we were reading and due
         # before it are added by add(); _known de-duplicates the overlap.
         self._loaded_until = max(self._loaded_until, until)
         for row in rows:
             self._push(row)
+
+    async def recover_shard(self, shard: int) -> None:
+        """A shard acquired: its timers due within the window already read."""
+        if self._loaded_until == 0:
+            return  # the first refill reads them
+        rows = await self._store.timers_due_before(self._loaded_until, shards=[shard])
+        if any([self._push(row) for row in rows]):
+            self._wakeup.set()
+
+    def drop_unowned(self) -> None:
+        """Forget the timers of shards this node no longer serves."""
+        owns = self._owns
+        if owns is None:
+            return
+        kept = [entry for entry in self._heap if owns(entry[2].key)]
+        for _, key, timer in self._heap:
+            if not owns(timer.key):
+                self._known.discard(key)
+        heapq.heapify(kept)
+        self._heap = kept
 
     async def run(self, fire: Callable[[TimerRow], Awaitable[None]]) -> None:
         """Fire due timers through ``fire`` until cancelled. Each firing is a task of
@@ -110,8 +145,12 @@ class TimerQueue:
         self, fire: Callable[[TimerRow], Awaitable[None]], key: str, timer: TimerRow
     ) -> None:
         try:
-            await fire(timer)
+            if self._owns is None or self._owns(timer.key):
+                await fire(timer)
         except Exception as exc:
+            if self._owns is not None and not self._owns(timer.key):
+                self._known.discard(key)
+                return  # its shard moved: the new owner fires it
             # Leave the row in the store; push it back for another try shortly.
             log_retry(log, f"firing timer {key}", exc)
             retry = TimerRow(

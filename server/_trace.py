@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -253,3 +254,83 @@ class Tracer:
             },
             "state": _state(m.ms),
         }
+
+
+class LeaseTracer:
+    """Trace mode of the shard leases (tla/ShardLease.tla): one NDJSON line per lease
+    step of this node in ``<TIDEFLOW_TRACE_DIR>/shards/<node id>.ndjson``, a folder of
+    its own so that the run traces' converter never mistakes it for a run.
+
+    Lines (all with ``format``, ``node``, ``time_us``, ``action``, ``shard``):
+    ``AcquireShard`` (``read_range``: the range id read; ``range``: the new one, null
+    if the compare-and-set lost; ``previous_owner``; ``stolen``: an expired lease of
+    another node), ``RenewLease`` (``range``, ``ok``: false means the range id moved
+    and the node dropped the shard), ``ReleaseShard`` (``range``, ``ok``) and
+    ``FencedWrite`` (a write the store refused: ``held``, the writer's token, and
+    ``current``, the range id the store had, null if the node held no token at all)
+    and ``AppendEvent`` (a transition of the shard committed with token ``range``:
+    ShardLease.tla's accepted append).
+    """
+
+    FORMAT = 1
+
+    def __init__(self, directory: str | None, node_id: str) -> None:
+        self._node = node_id
+        self._path: Path | None = None
+        if directory:
+            folder = Path(directory) / "shards"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._path = folder / f"{_UNSAFE.sub('_', node_id)}.ndjson"
+
+    @classmethod
+    def from_environment(cls, node_id: str) -> LeaseTracer:
+        return cls(os.environ.get("TIDEFLOW_TRACE_DIR") or None, node_id)
+
+    @property
+    def enabled(self) -> bool:
+        return self._path is not None
+
+    def _write(self, action: str, shard: int, **fields: Any) -> None:
+        if self._path is None:
+            return
+        line = {
+            "format": self.FORMAT,
+            "node": self._node,
+            "time_us": time.time_ns() // 1000,
+            "action": action,
+            "shard": shard,
+            **fields,
+        }
+        with self._path.open("a") as fh:
+            fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def acquire(
+        self,
+        shard: int,
+        read_range: int,
+        new_range: int | None,
+        *,
+        previous_owner: str,
+        stolen: bool,
+    ) -> None:
+        self._write(
+            "AcquireShard",
+            shard,
+            read_range=read_range,
+            range=new_range,
+            previous_owner=previous_owner,
+            stolen=stolen,
+        )
+
+    def renew(self, shard: int, range_id: int, *, ok: bool) -> None:
+        self._write("RenewLease", shard, range=range_id, ok=ok)
+
+    def release(self, shard: int, range_id: int, *, ok: bool) -> None:
+        self._write("ReleaseShard", shard, range=range_id, ok=ok)
+
+    def fenced(self, shard: int, held: int, current: int | None) -> None:
+        self._write("FencedWrite", shard, held=held, current=current)
+
+    def appended(self, tokens: dict[int, int]) -> None:
+        for shard, range_id in sorted(tokens.items()):
+            self._write("AppendEvent", shard, range=range_id)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
-from tideflow.history import HistoryStore, TaskKind, TaskRow
+from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
 
 from ._failures import log_retry
 
@@ -30,8 +30,12 @@ _RETRY_DELAY_S = 1.0
 
 
 class TransferProcessor:
-    def __init__(self, store: HistoryStore) -> None:
+    def __init__(self, store: HistoryStore, owns: Callable[[RunKey], bool] | None = None) -> None:
         self._store = store
+        # Whether this node serves a run's shard now (server/_shards.py): the rows of
+        # a shard it lost are dropped when their turn comes (the new owner recovered
+        # them). None: every run.
+        self._owns = owns
         self._queue: asyncio.Queue[TaskRow] = asyncio.Queue()
         self._queued: set[str] = set()
         self._slots = asyncio.Semaphore(_CONCURRENCY)
@@ -42,12 +46,13 @@ class TransferProcessor:
                 self._queued.add(task.task_key)
                 self._queue.put_nowait(task)
 
-    async def recover(self) -> int:
-        """Queue every transfer row left in the store (server start)."""
+    async def recover(self, shards: Collection[int] | None = None) -> int:
+        """Queue the transfer rows left in the store (of ``shards`` only, if given):
+        a server start, a shard acquired, the store back after an outage."""
         count = 0
         after = ""
         while True:
-            rows = await self._store.list_tasks(after_key=after, limit=5000)
+            rows = await self._store.list_tasks(after_key=after, limit=5000, shards=shards)
             if not rows:
                 return count
             transfers = [r for r in rows if r.kind == TaskKind.TRANSFER]
@@ -66,10 +71,17 @@ class TransferProcessor:
                 await self._slots.acquire()
                 jobs.create_task(self._one(process, task))
 
+    def _served(self, task: TaskRow) -> bool:
+        return self._owns is None or self._owns(task.key)
+
     async def _one(self, process: Callable[[TaskRow], Awaitable[None]], task: TaskRow) -> None:
         try:
-            await process(task)
+            if self._served(task):
+                await process(task)
         except Exception as exc:
+            if not self._served(task):
+                self._queued.discard(task.task_key)
+                return  # its shard moved: the new owner carries it out
             log_retry(log, f"transfer {task.task_key}", exc)
             await asyncio.sleep(_RETRY_DELAY_S)
             self._queue.put_nowait(task)

@@ -1,12 +1,10 @@
 ----------------------------- MODULE ShardLease -----------------------------
 (***************************************************************************)
-(* Shard ownership with leases and range-id fencing: the DESIGN TO BE      *)
-(* BUILT for several server nodes (ARCHITECTURE.md "Several nodes"; issue  *)
-(* 5 item 3).  Today the engine runs on one node: history/_schema.py       *)
-(* already declares the `shards` table (shard_id, owner, range_id,         *)
-(* lease_expires_at) but nothing reads or writes it, and nothing checks a  *)
-(* range id.  Each action below names the function that will implement it  *)
-(* ("to be built") or the existing one it extends.                         *)
+(* Shard ownership with leases and range-id fencing for several server    *)
+(* nodes (ARCHITECTURE.md "Several nodes"; issue 5 item 3, issue 11).      *)
+(* Built: history/_cluster.py (the statements), history/_store.py (the     *)
+(* fence in every write transaction), server/_shards.py (the node's        *)
+(* loops).  Each action below names the function that implements it.       *)
 (*                                                                         *)
 (* The model: one shard, one run on it, several nodes.  The store holds    *)
 (* the shard row and the run's history.  A node acquires the shard by a    *)
@@ -114,11 +112,10 @@ Writer(n) == token[n] # NoRange /\ StoreAccepts(n)
 OwnerRenewing == owner # NoNode /\ Running(owner) /\ token[owner] = rangeId
 
 -----------------------------------------------------------------------------
-(* Node actions: server/_shards.py ShardController (to be built; the       *)
-(* module name is the one STYLE.md reserves).                              *)
+(* Node actions: server/_shards.py ShardController.                        *)
 
-(* The acquire loop reads the row: history/_store.py                       *)
-(* HistoryStore.read_shard (to be built): SELECT owner, range_id,          *)
+(* The acquire loop (ShardController._balance) reads the row:             *)
+(* history/_store.py HistoryStore.read_shards: SELECT owner, range_id,     *)
 (* lease_expires_at.  It goes on only if the lease has lapsed.             *)
 ReadShard(n) ==
     /\ Running(n)
@@ -130,7 +127,8 @@ ReadShard(n) ==
     /\ readRange' = [readRange EXCEPT ![n] = rangeId]
     /\ UNCHANGED <<store, nodeState, token, faults, lateRenewals>>
 
-(* history/_store.py HistoryStore.acquire_shard (to be built):             *)
+(* history/_store.py HistoryStore.acquire_shard                           *)
+(* (history/_cluster.py acquire_shard_txn):                                *)
 (*   UPDATE shards SET owner = :n, range_id = :read + 1,                   *)
 (*                     lease_expires_at = now + ttl                        *)
 (*   WHERE shard_id = :s AND range_id = :read AND lease_expires_at < now   *)
@@ -158,12 +156,12 @@ AcquireShard(n) ==
     /\ readRange' = [readRange EXCEPT ![n] = NotRead]
     /\ UNCHANGED <<history, nodeState, faults, lateRenewals>>
 
-(* The renew loop: history/_store.py HistoryStore.renew_shard (to be       *)
-(* built): UPDATE shards SET lease_expires_at = now + ttl WHERE shard_id = *)
+(* The renew loop: history/_store.py HistoryStore.renew_shard:             *)
+(* UPDATE shards SET lease_expires_at = now + ttl WHERE shard_id =         *)
 (* :s AND range_id = :token.  No row: the shard was taken over, the node   *)
-(* drops it (ShardOwnershipLostError, history/_errors.py, to be built). A  *)
-(* lease that lapsed but that nobody took over (range_id unchanged) is     *)
-(* renewed: the node never stopped being the only one the store accepts.   *)
+(* drops it (ShardOwnershipLostError, history/_errors.py).  A lease that   *)
+(* lapsed but that nobody took over (range_id unchanged) is renewed: the   *)
+(* node never stopped being the only one the store accepts.                *)
 RenewLease(n) ==
     /\ Running(n)
     /\ token[n] # NoRange
@@ -175,10 +173,11 @@ RenewLease(n) ==
     /\ UNCHANGED <<owner, rangeId, history, nodeState, readRange, faults, lateRenewals>>
 
 (* One transition of the run: server/_engine.py HistoryEngine.update       *)
-(* (exists) -> history/_store.py HistoryStore.apply / _apply_batch         *)
-(* (exist), extended with the range check of StoreAccepts in the same      *)
-(* transaction (_check_shard_range_txn, to be built).  A rejected append   *)
-(* changes nothing in the store and makes the node drop the shard.         *)
+(* -> history/_store.py HistoryStore.apply / _apply_batch, whose first     *)
+(* statement is the range check of StoreAccepts in the same transaction    *)
+(* (history/_cluster.py check_fence_txn, SELECT ... FOR SHARE).  A         *)
+(* rejected append changes nothing in the store and makes the node drop    *)
+(* the shard (ShardController._fenced).                                    *)
 AppendEvent(n) ==
     /\ Running(n)
     /\ token[n] # NoRange

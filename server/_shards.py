@@ -1,0 +1,274 @@
+"""Shard ownership of one node: the ShardController (tla/ShardLease.tla).
+
+Runs are spread over the cluster's shards (``history/_cluster.py``); a node serves the
+runs of the shards it holds a lease on, and only those. The controller
+
+- acquires free and expired shards (``ReadShard`` + ``AcquireShard``: a read, then a
+  compare-and-set that bumps the range id) until the node holds its share, about
+  ceil(shards / live nodes) by the membership rows; a node holding more than its
+  share releases the surplus so that a node that joined takes it at once;
+- renews its leases every third of the lease (``RenewLease``); a renewal that finds
+  the range id moved means another node took the shard over: it is dropped at once;
+- drops a shard whose write the store's fence refused (the store calls back);
+- on a graceful stop releases every lease, so other nodes take over without waiting
+  for the leases to lapse.
+
+It never steals a live lease, and never consults its own lease deadline before a
+write: a paused node that comes back still believing it owns a shard is stopped by
+the fence alone. Acquiring a shard recovers its tasks, timers and transfers from the
+store (``on_acquired``); losing one evicts its cached runs and drops its in-memory
+backlog, timers and transfers (``on_lost``).
+
+A request for a run of a shard held elsewhere is answered UNAVAILABLE naming the
+shard and its owner's advertised address (``check``); clients retry UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Collection
+
+from tideflow.history import (
+    HistoryStore,
+    MemberRecord,
+    RunKey,
+    ShardOwnershipLostError,
+    ShardRecord,
+    StoreError,
+    now_micros,
+)
+
+from ._errors import UnavailableError
+from ._failures import log_retry
+from ._trace import LeaseTracer
+
+log = logging.getLogger("tideflow.server.shards")
+
+_US = 1_000_000
+#: Default lease: a SIGKILLed node's shards are served again within 10 s (the lease
+#: lapses after at most 5 s, the next acquire pass comes within a third of it, and
+#: acquiring a shard reloads its backlog).
+DEFAULT_LEASE_S = 5.0
+
+
+class ShardNotOwnedError(UnavailableError):
+    """The request's run lives on a shard this node does not hold."""
+
+
+class ShardController:
+    """Acquires, renews, balances and releases this node's shard leases."""
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        node_id: str,
+        address: str,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        on_acquired: Callable[[int], Awaitable[None]],
+        on_lost: Callable[[int], None],
+        tracer: LeaseTracer | None = None,
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError("the lease must last a positive number of seconds")
+        self.node_id = node_id
+        self.address = address
+        self._store = store
+        self._lease_us = int(lease_s * _US)
+        self._interval_s = lease_s / 3
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self._tracer = tracer or LeaseTracer(None, node_id)
+        self._started_at = now_micros()
+        # Shards acquired whose recovery failed (the store went away): tried again.
+        self._unrecovered: set[int] = set()
+        # The last read of every shard row and membership row (for the owner's address
+        # in a refusal, and for balancing).
+        self._view: list[ShardRecord] = []
+        self._members: dict[str, MemberRecord] = {}
+        self._wakeup = asyncio.Event()
+
+    # ------------------------------------------------------------------ queries
+
+    def shard_of(self, key: RunKey) -> int:
+        return self._store.shard_of(key)
+
+    def owns(self, key: RunKey) -> bool:
+        """Whether this node holds the shard of ``key``'s run now."""
+        return self._store.holds(self._store.shard_of(key))
+
+    def owned(self) -> Collection[int]:
+        """The shards this node holds now."""
+        return self._store.held_shards.keys()
+
+    def check(self, namespace: str, workflow_id: str) -> None:
+        """Raise ShardNotOwnedError unless this node serves ``workflow_id``'s runs."""
+        key = RunKey(namespace=namespace, workflow_id=workflow_id, run_id="")
+        shard = self._store.shard_of(key)
+        if self._store.holds(shard):
+            return
+        raise ShardNotOwnedError(
+            f"workflow {workflow_id!r} lives on shard {shard}, which node {self.node_id} "
+            f"({self.address}) does not own: {self._owner_of(shard)}; retry there"
+        )
+
+    def _owner_of(self, shard: int) -> str:
+        row = self._view[shard] if shard < len(self._view) else None
+        now = now_micros()
+        if row is None or row.unowned or row.owner == self.node_id or row.free_at(now):
+            return "it is being moved between nodes (no owner yet)"
+        member = self._members.get(row.owner)
+        where = member.address if member is not None else "address unknown"
+        return f"node {row.owner} at {where} owns it"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Join the cluster and take this node's share of the shards (the first
+        acquire pass runs before the node serves anything)."""
+        self._store.enable_fencing()
+        self._store.on_fenced = self._fenced
+        if self._tracer.enabled:
+            self._store.on_committed = self._tracer.appended
+        await self._heartbeat()
+        await self._balance()
+        log.info(
+            "node %s (%s) holds %d of %d shards",
+            self.node_id,
+            self.address,
+            len(self.owned()),
+            self._store.shard_count,
+        )
+
+    async def run(self) -> None:
+        """Renew, heartbeat and balance every third of the lease, until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                await self._renew_all()
+                await self._heartbeat()
+                await self._balance()
+            except StoreError as exc:
+                # The store is away: leases are renewed once it answers, or lapse; the
+                # fence keeps a node that lost one from writing meanwhile.
+                log_retry(log, "the shard lease pass", exc)
+
+    async def stop(self) -> None:
+        """Release every lease (others take over at once) and leave the cluster. The
+        node must have stopped writing: nothing serves requests any more."""
+        for shard, token in sorted(self._store.held_shards.items()):
+            self._store.drop_shard(shard)
+            try:
+                released = await self._store.release_shard(shard, token)
+            except StoreError as exc:
+                log.warning("releasing shard %d failed (%s): its lease will lapse", shard, exc)
+                continue
+            self._tracer.release(shard, token, ok=released)
+        with contextlib.suppress(StoreError):
+            await self._store.leave(self.node_id)
+
+    # -------------------------------------------------------------------- steps
+
+    async def _heartbeat(self) -> None:
+        await self._store.heartbeat(
+            MemberRecord(self.node_id, self.address, now_micros(), self._started_at)
+        )
+
+    async def _renew_all(self) -> None:
+        for shard, token in sorted(self._store.held_shards.items()):
+            try:
+                await self._store.renew_shard(shard, token, self._lease_us)
+            except ShardOwnershipLostError as exc:
+                self._tracer.renew(shard, token, ok=False)
+                if self._store.held_shards.get(shard) == token:
+                    self._lose(shard, str(exc))
+                continue
+            self._tracer.renew(shard, token, ok=True)
+
+    async def _balance(self) -> None:
+        """One acquire pass: take free or expired shards up to this node's share,
+        release the surplus above it."""
+        now = now_micros()
+        members = await self._store.list_members()
+        self._members = {m.node_id: m for m in members}
+        live = {m.node_id for m in members if m.heartbeat_at >= now - self._lease_us}
+        live.add(self.node_id)
+        count = self._store.shard_count
+        target = math.ceil(count / len(live))
+        self._view = await self._store.read_shards()
+        held = self._store.held_shards
+        for shard in sorted(self._unrecovered & held.keys()):
+            await self._recover(shard)
+        if len(held) > target:
+            await self._shed(len(held) - target)
+            return
+        # Start the scan at a place of the node's own, so that nodes starting together
+        # do not all race for shard 0 first.
+        start = sum(self.node_id.encode()) % count
+        order = [self._view[(start + i) % count] for i in range(count)]
+        wanted = target - len(held)
+        for row in order:
+            if wanted <= 0:
+                break
+            if row.shard_id in held:
+                continue
+            free = row.free_at(now) or row.owner == self.node_id
+            if free and await self._acquire(row, now):
+                wanted -= 1
+
+    async def _acquire(self, row: ShardRecord, now: int) -> bool:
+        stolen = not row.unowned and row.owner != self.node_id and row.lease_expires_at < now
+        new_range = await self._store.acquire_shard(row, self.node_id, self._lease_us)
+        self._tracer.acquire(
+            row.shard_id, row.range_id, new_range, previous_owner=row.owner, stolen=stolen
+        )
+        if new_range is None:
+            return False
+        self._store.hold_shard(row.shard_id, new_range)
+        log.info(
+            "acquired shard %d (range id %d%s)",
+            row.shard_id,
+            new_range,
+            f", taken over from {row.owner}" if stolen else "",
+        )
+        await self._recover(row.shard_id)
+        return True
+
+    async def _recover(self, shard: int) -> None:
+        try:
+            await self._on_acquired(shard)
+        except StoreError as exc:
+            log_retry(log, f"recovering shard {shard}", exc)
+            self._unrecovered.add(shard)
+        else:
+            self._unrecovered.discard(shard)
+
+    async def _shed(self, surplus: int) -> None:
+        """Release ``surplus`` shards for a node below its share to take."""
+        for shard, token in sorted(self._store.held_shards.items(), reverse=True)[:surplus]:
+            self._lose(shard, "released for balance")
+            released = await self._store.release_shard(shard, token)
+            self._tracer.release(shard, token, ok=released)
+
+    def _lose(self, shard: int, why: str) -> None:
+        """Stop serving ``shard`` at once: no write of it is sent any more."""
+        if shard not in self._store.held_shards:
+            return
+        self._store.drop_shard(shard)
+        self._unrecovered.discard(shard)
+        log.warning("dropped shard %d: %s", shard, why)
+        self._on_lost(shard)
+
+    def _fenced(self, error: ShardOwnershipLostError) -> None:
+        """The store's fence refused a write of ours (ShardLease.tla ``AppendEvent``
+        rejected): another node owns the shard now."""
+        self._tracer.fenced(error.shard_id, error.held, error.current)
+        if self._store.held_shards.get(error.shard_id) == error.held:
+            self._lose(error.shard_id, str(error))
+            self._wakeup.set()
