@@ -207,6 +207,22 @@ class TideflowServer:
             ),
         )
         self._store = store
+        try:
+            await self._start_on(store, deadline)
+        except BaseException:
+            # A start that failed leaves nothing open: the caller may try again.
+            self._store = None
+            if self._grpc is not None:
+                await self._grpc.stop(None)
+                self._grpc = None
+            if self._shards is not None:
+                await self._shards.stop()  # others need not wait for the leases to lapse
+                self._shards = None
+            await store.close()
+            raise
+        return self.port
+
+    async def _start_on(self, store: HistoryStore, deadline: float) -> None:
         owns = self._owns
         matching = Matching(owns)
         timers = TimerQueue(
@@ -219,16 +235,7 @@ class TideflowServer:
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers)
         hooks = _ShardHooks(store, matching, transfers, timers)
-        server = grpc.aio.server(options=grpc_server_options(self.config))
-        if self.tls is None:
-            bound = server.add_insecure_port(f"{self.host}:{self.port}")
-        else:
-            bound = server.add_secure_port(f"{self.host}:{self.port}", self.tls.credentials())
-        if bound == 0:
-            self._store = None
-            await store.close()
-            raise OSError(f"could not listen on {self.host}:{self.port}")
-        self.port = bound
+        server = self._listen()
         shards = ShardController(
             store,
             self.node_id,
@@ -241,19 +248,12 @@ class TideflowServer:
         self._shards = shards
         engine = HistoryEngine(store, dispatch, self._clock, self.config, shards=shards)
         hooks.engine = engine
-        try:
-            # Recovery of each shard's backlog de-duplicates by row key, so an attempt
-            # that failed halfway is simply made again.
-            await _until_reachable(
-                deadline, "taking shards and reading their backlog", shards.start
-            )
-            # Task token keys are read now: a store that cannot give them fails the start.
-            tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
-            await tokens.load()
-        except BaseException:
-            self._store = None
-            await store.close()
-            raise
+        # Recovery of each shard's backlog de-duplicates by row key, so an attempt that
+        # failed halfway is simply made again.
+        await _until_reachable(deadline, "taking shards and reading their backlog", shards.start)
+        # Task token keys are read now: a store that cannot give them fails the start.
+        tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
+        await tokens.load()
         self._tokens = tokens
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
@@ -290,7 +290,19 @@ class TideflowServer:
             store.shard_count,
             hooks.recovered,
         )
-        return bound
+
+    def _listen(self) -> grpc.aio.Server:
+        """A gRPC server bound to ``host:port`` (TLS if configured), not started yet;
+        ``self.port`` becomes the bound port (port 0 picks a free one)."""
+        server = grpc.aio.server(options=grpc_server_options(self.config))
+        if self.tls is None:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        else:
+            bound = server.add_secure_port(f"{self.host}:{self.port}", self.tls.credentials())
+        if bound == 0:
+            raise OSError(f"could not listen on {self.host}:{self.port}")
+        self.port = bound
+        return server
 
     async def reload_token_keys(self) -> int:
         """Re-read the task token keys now (nodes also do every

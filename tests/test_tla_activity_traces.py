@@ -216,23 +216,28 @@ class ActivityTimeouts:
             )
         except ActivityError as error:
             outcomes.append(_timeout_of(error))
+        # These timeouts race the machine, not each other's order: what the test
+        # asserts holds unless an RPC is delayed by seconds (CI's 2 cores under xdist).
         try:  # attempts time out and are retried until the overall deadline
             await workflow.execute_activity(
                 hangs,
                 key,
                 start_to_close_timeout=timedelta(milliseconds=150),
-                schedule_to_close_timeout=timedelta(milliseconds=700),
+                # ten start-to-close windows: at least two attempts time out first
+                schedule_to_close_timeout=timedelta(milliseconds=1500),
                 retry_policy=FAST_RETRY,
             )
         except ActivityError as error:
             outcomes.append(_timeout_of(error))
-        # the heartbeat timer re-arms once, then the silent attempt 1 times out
+        # the heartbeat timer re-arms once, then the silent attempt 1 times out (the
+        # one heartbeat, sent at once, must reach the server before the first firing:
+        # three seconds of margin for a call that takes milliseconds)
         outcomes.append(
             await workflow.execute_activity(
                 heartbeats_once_then_hangs,
                 key,
                 start_to_close_timeout=timedelta(seconds=30),
-                heartbeat_timeout=timedelta(seconds=1),
+                heartbeat_timeout=timedelta(seconds=3),
                 retry_policy=FAST_RETRY,
             )
         )
