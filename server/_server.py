@@ -22,6 +22,7 @@ from tideflow.history import (
     TimerRow,
 )
 
+from ._auth import AuthConfig, gate_for
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
@@ -115,8 +116,11 @@ class TideflowServer:
         config: ServerConfig | None = None,
         clock: Clock | None = None,
         tls: ServerTLSConfig | None = None,
+        auth: AuthConfig | None = None,
     ) -> None:
         self.db_url = db_url
+        # Authentication and per-namespace authorization (server/_auth.py); None: off.
+        self.auth = auth or AuthConfig()
         # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
         self.tls = tls
         self.host = host
@@ -178,7 +182,13 @@ class TideflowServer:
         await tokens.load()
         self._tokens = tokens
         service = WorkflowService(
-            store, engine, matching, self.config, scheduler=scheduler, tokens=tokens
+            store,
+            engine,
+            matching,
+            self.config,
+            scheduler=scheduler,
+            tokens=tokens,
+            auth=gate_for(self.auth, store.api_keys),
         )
         server = grpc.aio.server(options=grpc_server_options(self.config))
         add_to_server(service, server)
@@ -208,9 +218,10 @@ class TideflowServer:
         )
         self._background.add_done_callback(_report_failure)
         log.info(
-            "tideflow server listening on %s%s (store: %s, %d tasks recovered)",
+            "tideflow server listening on %s%s, auth %s (store: %s, %d tasks recovered)",
             self.address,
             "" if self.tls is None else (" with mTLS" if self.tls.client_ca else " with TLS"),
+            self.auth.mode.value,
             store.dialect.name,
             recovered,
         )
