@@ -28,7 +28,6 @@ from tideflow.api.search_attributes import (
     parse_rfc3339,
 )
 
-from ._api_keys import ApiKeyRecord, ApiKeyStore
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
@@ -83,8 +82,6 @@ __all__ = [
     "CLOSE_EVENTS",
     "COMMAND_EVENTS",
     "COMPARE_OPS",
-    "ApiKeyRecord",
-    "ApiKeyStore",
     "Compare",
     "ConditionFailedError",
     "CurrentExecutionConflictError",

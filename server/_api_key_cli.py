@@ -13,7 +13,7 @@ import argparse
 import datetime
 from typing import Any
 
-from tideflow.history import ApiKeyRecord, ApiKeyStore
+from tideflow.history._api_keys import ApiKeyRecord, ApiKeyStore
 from tideflow.history._dialects import open_runner
 
 from ._auth import parse_grant

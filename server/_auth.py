@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import grpc
 import jwt
 
-from tideflow.history import ApiKeyStore
+from tideflow.history._api_keys import ApiKeyStore
 
 from ._errors import ServiceError
 
