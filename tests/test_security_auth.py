@@ -374,6 +374,16 @@ async def test_api_key_commands_and_start_dev_with_auth(tmp_path: Path, procs: P
     with pytest.raises(RPCError) as anonymous:
         await Client.connect(address)
     assert anonymous.value.status == "UNAUTHENTICATED"
+    # The SDK's commands take the key too (--api-key, or $TIDEFLOW_API_KEY).
+    listing = [*TIDEFLOW_CLI, "dag", "list", "--address", address]
+    anonymous_list = await asyncio.to_thread(
+        subprocess.run, listing, capture_output=True, text=True, timeout=120
+    )
+    assert anonymous_list.returncode == 2 and "authentication required" in anonymous_list.stderr
+    keyed_list = await asyncio.to_thread(
+        subprocess.run, [*listing, "--api-key", key], capture_output=True, text=True, timeout=120
+    )
+    assert keyed_list.returncode == 0, keyed_list.stderr
     async with await Client.connect(address, api_key=key) as client:
         await client.start_workflow("Nobody", id="cli-key", task_queue="q")
         revoked = await asyncio.to_thread(
