@@ -32,6 +32,7 @@ from tideflow.api.v1.history_pb2 import HistoryEvent
 
 from . import _cluster as cluster
 from . import _schema as s
+from ._api_keys import ApiKeyStore
 from ._cluster import MemberRecord, ShardRecord
 from ._dialects import GuardedRunner, Runner, open_runner, retrying
 from ._errors import (
@@ -618,6 +619,11 @@ class HistoryStore:
     def token_keys(self) -> TokenKeyStore:
         """The keys that sign task tokens (``_token_keys``), on this store's database."""
         return TokenKeyStore(self._runner)
+
+    @property
+    def api_keys(self) -> ApiKeyStore:
+        """The API keys of ``api-key`` authentication (``_api_keys``), on this database."""
+        return ApiKeyStore(self._runner)
 
 
 def _merged(token_maps: Sequence[dict[int, int]]) -> dict[int, set[int]]:

@@ -49,6 +49,18 @@ task_token_keys = Table(
 )
 
 
+async def create_tables(runner: Runner, tables: MetaData) -> None:
+    """Create the tables of ``tables`` that do not exist yet (a table kept in its own
+    ``MetaData``, created on first use, needs no migration of older databases)."""
+    try:
+        await runner.write(lambda conn: tables.create_all(conn))
+    except DBAPIError:
+        # Two nodes created the table at once: PostgreSQL refuses the second CREATE
+        # TABLE (a duplicate table, or a unique violation in its catalog) although
+        # the check before it found none. It exists now; any other error recurs.
+        await runner.write(lambda conn: tables.create_all(conn))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenKey:
     """One signing key: its id (carried in every token it signs) and its secret."""
@@ -62,24 +74,26 @@ class TokenKey:
         return f"TokenKey(key_id={self.key_id}, created_at={self.created_at})"
 
 
-class TokenKeyStore:
-    """The ``task_token_keys`` table; every method is one transaction or one read."""
+class OwnTableStore:
+    """A store of tables kept in their own ``MetaData`` (``_metadata``), created on
+    first use by ``_ensure_table``."""
+
+    _metadata: MetaData
 
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self._created = False
 
     async def _ensure_table(self) -> None:
-        if self._created:
-            return
-        try:
-            await self._runner.write(lambda conn: metadata.create_all(conn))
-        except DBAPIError:
-            # Two nodes created the table at once: PostgreSQL refuses the second CREATE
-            # TABLE (a duplicate table, or a unique violation in its catalog) although
-            # the check before it found none. It exists now; any other error recurs.
-            await self._runner.write(lambda conn: metadata.create_all(conn))
-        self._created = True
+        if not self._created:
+            await create_tables(self._runner, self._metadata)
+            self._created = True
+
+
+class TokenKeyStore(OwnTableStore):
+    """The ``task_token_keys`` table; every method is one transaction or one read."""
+
+    _metadata = metadata
 
     async def keys(self) -> list[TokenKey]:
         """Every live key, oldest first; creates the first key when there is none (a

@@ -4,8 +4,34 @@ Start one in-process with ``async with TideflowServer(url, port=0) as server`` o
 the command line with ``tideflow server start-dev``.
 """
 
+from ._auth import (
+    AuthConfig,
+    AuthMode,
+    Authorizer,
+    ClaimMapper,
+    DefaultAuthorizer,
+    JWTConfig,
+    PermissionsClaimMapper,
+    Principal,
+    Role,
+)
 from ._config import Clock, ServerConfig, SystemClock
 from ._server import TideflowServer
 from ._tls import ServerTLSConfig
 
-__all__ = ["Clock", "ServerConfig", "ServerTLSConfig", "SystemClock", "TideflowServer"]
+__all__ = [
+    "AuthConfig",
+    "AuthMode",
+    "Authorizer",
+    "ClaimMapper",
+    "Clock",
+    "DefaultAuthorizer",
+    "JWTConfig",
+    "PermissionsClaimMapper",
+    "Principal",
+    "Role",
+    "ServerConfig",
+    "ServerTLSConfig",
+    "SystemClock",
+    "TideflowServer",
+]

@@ -11,7 +11,8 @@ A line is logfmt (``key=value``, values with spaces or quotes JSON-quoted), e.g.
     workflow_id=order-7 run_id=... peer=ipv4:10.0.0.5:50112 client_cert=ops
 
 and the same fields travel as a dict in the record's ``audit`` attribute for handlers
-that ship JSON. ``identity`` is what the client says it is; ``peer`` and, over mTLS,
+that ship JSON. ``identity`` is what the client says it is; ``principal`` (with auth
+on, server/_auth.py) is who its API key or JWT proves it is; ``peer`` and, over mTLS,
 ``client_cert`` (the certificate's common name) are what the connection proves.
 Workflow and activity task RPCs name their run through the task token, once its
 signature is checked (``note_token``). Payloads, reasons and details are never logged.
@@ -60,6 +61,17 @@ _token: contextvars.ContextVar[state_pb2.TaskToken | None] = contextvars.Context
 )
 
 
+# The authenticated caller of the RPC being served (auth on), as server/_auth.py named it.
+_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tideflow_audit_principal", default=None
+)
+
+
+def note_principal(name: str) -> None:
+    """Record who the RPC's credentials proved the caller is."""
+    _principal.set(name)
+
+
 def note_token(token: state_pb2.TaskToken) -> None:
     """Record the run a task RPC acts on (called once its token is verified)."""
     _token.set(token)
@@ -73,11 +85,15 @@ class AuditEntry:
         self._request = request
         self._context = context
         _token.set(None)
+        _principal.set(None)
 
     def done(self, outcome: str, response: Any) -> None:
         if self._rpc in _POLLS and not (response is not None and response.task_token):
             return  # an empty poll wrote nothing
         fields = {"rpc": self._rpc, "outcome": outcome}
+        principal = _principal.get()
+        if principal is not None:
+            fields["principal"] = principal
         fields.update(_request_fields(self._request, _token.get()))
         if response is not None:
             fields.update(_response_fields(response))

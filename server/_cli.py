@@ -5,8 +5,11 @@
 database that is not reachable yet is waited for (``--db-wait``, one log line per
 attempt); after that, like any other start-up problem, it is one line and exit code 2.
 ``--tls-cert``, ``--tls-key`` and ``--tls-client-ca`` turn on TLS and mTLS
-(server/_tls.py). ``tideflow server rotate-token-key --db-url URL`` and
-``retire-token-key`` administer the keys that sign task tokens (server/_token_cli.py).
+(server/_tls.py); ``--auth api-key|jwt`` authentication (server/_auth.py, off by
+default in ``start-dev``). ``tideflow server rotate-token-key --db-url URL`` and
+``retire-token-key`` administer the keys that sign task tokens (server/_token_cli.py);
+``create-api-key``, ``list-api-keys`` and ``revoke-api-key`` the API keys
+(server/_api_key_cli.py).
 
 ``tideflow server start --db-url URL [--ip IP] [--port PORT] [--node-id ID]
 [--advertise HOST:PORT] [--shards N] [--lease-seconds S]`` runs one node of a cluster:
@@ -34,7 +37,8 @@ from typing import Any
 
 from tideflow.history import ClusterConfigError, HistoryStore
 
-from . import _token_cli
+from . import _api_key_cli, _token_cli
+from ._auth import AuthMode, add_auth_arguments, auth_from_args
 from ._config import ServerConfig
 from ._server import TideflowServer
 from ._shards import DEFAULT_LEASE_S
@@ -76,6 +80,8 @@ def add_parser(groups: Any) -> None:
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
     add_tls_arguments(dev)
+    # A development server is open by default; `start` (production) defaults auth on.
+    add_auth_arguments(dev, default_mode=AuthMode.OFF)
     node = server_sub.add_parser(
         "start", help="start one node of a cluster on a shared PostgreSQL database"
     )
@@ -113,14 +119,18 @@ def add_parser(groups: Any) -> None:
     )
     node.add_argument("--log-level", default="INFO")
     add_tls_arguments(node)
+    add_auth_arguments(node, default_mode=AuthMode.API_KEY)
     _token_cli.add_parsers(server_sub)
+    _api_key_cli.add_parsers(server_sub)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a parsed ``tideflow server ...`` command; returns the exit code."""
-    if args.command in _token_cli.COMMANDS:
+    admin = {name: _token_cli.main for name in _token_cli.COMMANDS}
+    admin.update({name: _api_key_cli.main for name in _api_key_cli.COMMANDS})
+    if args.command in admin:
         try:
-            print(_token_cli.main(args))
+            print(admin[args.command](args))
         except (ValueError, OSError) as error:
             print(f"tideflow server {args.command}: {_one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
@@ -229,6 +239,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
                 sqlite_synchronous=args.sqlite_synchronous, store_start_timeout_s=args.db_wait
             ),
             tls=tls_from_args(args),
+            auth=auth_from_args(args),
         )
     # A node's default id is the address it is reached at: unique in the cluster, and
     # the same across its restarts, so a restarted node takes its shards back at once.
@@ -248,6 +259,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         node_id=args.node_id or advertise or f"{socket.gethostname()}:{os.getpid()}",
         advertise=advertise,
         tls=tls_from_args(args),
+        auth=auth_from_args(args),
     )
 
 

@@ -34,7 +34,8 @@ from tideflow.history import (
 )
 
 from ._audit import begin as begin_audit
-from ._audit import note_token
+from ._audit import note_principal, note_token
+from ._auth import TOKEN_RPCS, AuthGate
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
 from ._errors import (
@@ -90,10 +91,11 @@ _SCHEDULE_SUFFIX_LENGTH = 32
 def _rpc(
     method: Callable[[Any, Req, _Context], Awaitable[Resp]],
 ) -> Callable[[Any, Req, _Context], Awaitable[Resp]]:
-    """Check the request's bounds (RequestValidator) before anything else reads it, and
+    """Authenticate the caller, check the request's bounds (RequestValidator) before
+    anything else reads it, authorize the call on its namespace (server/_auth.py), and
     translate errors into statuses at this one boundary. Every RPC goes through here,
-    so no handler can forget the bounds, and every mutating one writes its audit line
-    (server/_audit.py) whatever its outcome."""
+    so no handler can forget the bounds or the grants, and every mutating one writes
+    its audit line (server/_audit.py) whatever its outcome."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
@@ -106,7 +108,14 @@ def _rpc(
                 audit.done(outcome.name, response)
 
         try:
+            gate: AuthGate | None = self._auth
+            if gate is not None:
+                principal = await gate.authenticate(context.invocation_metadata())
+                note_principal(principal.name)
             self._validator.check(request, skip=_CHECKED_BY_HANDLER.get(method.__name__, _NONE))
+            if gate is not None:
+                namespace = await self._namespace_of(method.__name__, request)
+                gate.authorize(principal, method.__name__, namespace)
             response = await method(self, request, context)
             audited(grpc.StatusCode.OK, response)
             return response
@@ -146,9 +155,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         scheduler: Scheduler | None = None,
         log_clock: Callable[[], float] = time.monotonic,
         tokens: TaskTokenSigner | None = None,
+        auth: AuthGate | None = None,
     ) -> None:
-        """``log_clock`` paces the log of store failures (monotonic seconds)."""
+        """``log_clock`` paces the log of store failures (monotonic seconds); ``auth``
+        authenticates and authorizes every call (None: auth is off)."""
         self._store = store
+        self._auth = auth
         # Seals every task token handed out and opens every one received
         # (server/_task_tokens.py): clients cannot forge them.
         self._tokens = tokens or TaskTokenSigner(
@@ -191,6 +203,20 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 f"task token belongs to namespace {token.namespace!r}, not {namespace!r}"
             )
         return token
+
+    async def _namespace_of(self, rpc: str, request: Any) -> str:
+        """The namespace a call acts on, for its authorization: a task-token call's is
+        the verified token's (a worker of A holding a token of B acts on B, and is
+        refused), any other call's the one its request names ("" for GetSystemInfo)."""
+        activity = TOKEN_RPCS.get(rpc)
+        if activity is not None:
+            return (await self._open_token(request, activity=activity)).namespace
+        if rpc == "GetSystemInfo":
+            return ""
+        namespace: str = request.namespace
+        if not namespace:
+            raise InvalidArgumentError("namespace is empty")
+        return namespace
 
     async def _sealed(self, response: ResponseWithToken) -> ResponseWithToken:
         """``response`` with its task token signed (in place), if it carries a task."""

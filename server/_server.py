@@ -23,6 +23,7 @@ from tideflow.history import (
     TimerRow,
 )
 
+from ._auth import AuthConfig, gate_for
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
@@ -157,8 +158,11 @@ class TideflowServer:
         tls: ServerTLSConfig | None = None,
         node_id: str | None = None,
         advertise: str | None = None,
+        auth: AuthConfig | None = None,
     ) -> None:
         self.db_url = db_url
+        # Authentication and per-namespace authorization (server/_auth.py); None: off.
+        self.auth = auth or AuthConfig()
         # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
         self.tls = tls
         self.node_id = node_id or f"dev@{socket.gethostname()}"
@@ -258,7 +262,13 @@ class TideflowServer:
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
         service = WorkflowService(
-            store, engine, matching, self.config, scheduler=scheduler, tokens=tokens
+            store,
+            engine,
+            matching,
+            self.config,
+            scheduler=scheduler,
+            tokens=tokens,
+            auth=gate_for(self.auth, store.api_keys),
         )
         add_to_server(service, server)
         await server.start()
@@ -280,10 +290,11 @@ class TideflowServer:
         )
         self._background.add_done_callback(_report_failure)
         log.info(
-            "tideflow server listening on %s%s (node %s, store: %s, %d of %d shards, "
+            "tideflow server listening on %s%s, auth %s (node %s, store: %s, %d of %d shards, "
             "%d tasks recovered)",
             self.address,
             "" if self.tls is None else (" with mTLS" if self.tls.client_ca else " with TLS"),
+            self.auth.mode.value,
             self.node_id,
             store.dialect.name,
             len(store.held_shards),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,8 +41,14 @@ def add_parsers(server_sub: Any) -> None:
 def main(args: argparse.Namespace) -> str:
     """Run a token key command; returns the line to print (ValueError: a usage error or
     a database that cannot be used, said in one line)."""
+    return run_on_database(_run(args))
+
+
+def run_on_database(command: Coroutine[Any, Any, str]) -> str:
+    """Run an admin command's coroutine; a database error becomes a one-line ValueError
+    (shared by the API key commands, server/_api_key_cli.py)."""
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(command)
     except SQLAlchemyError as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"--db-url: cannot use the database: {first}") from None

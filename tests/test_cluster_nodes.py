@@ -113,6 +113,9 @@ class _Nodes:
                 name,
                 "--lease-seconds",
                 str(LEASE_S),
+                # these nodes test shards, not credentials (on by default in `start`)
+                "--auth",
+                "off",
             ],
             out,
             err,

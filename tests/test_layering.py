@@ -300,7 +300,16 @@ def test_public_api_is_pinned() -> None:
         "workflow",
     ]
     assert tideflow.server.__all__ == [
+        "AuthConfig",
+        "AuthMode",
+        "Authorizer",
+        "ClaimMapper",
         "Clock",
+        "DefaultAuthorizer",
+        "JWTConfig",
+        "PermissionsClaimMapper",
+        "Principal",
+        "Role",
         "ServerConfig",
         "ServerTLSConfig",
         "SystemClock",

@@ -29,6 +29,7 @@ from tideflow.api.search_attributes import (
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 
 from . import exceptions as exc
+from ._credentials import CredentialInterceptor, credential_metadata
 from ._tls import TLSConfig
 from ._types import (
     MethodAsyncNoParam,
@@ -170,6 +171,8 @@ class Client:
         identity: str | None = None,
         connect_timeout: timedelta | float = DEFAULT_CONNECT_TIMEOUT,
         tls: TLSConfig | bool = False,
+        api_key: str | None = None,
+        rpc_metadata: Mapping[str, str] | None = None,
     ) -> Client:
         """Connect to ``host:port`` and check the server answers.
 
@@ -183,7 +186,16 @@ class Client:
         system's root CAs; False (the default) connects in plaintext. A TLS handshake
         that fails (no or wrong client certificate, an untrusted server) is a
         ``ConnectError``.
+
+        ``api_key``: an API key (``tideflow server create-api-key``) or a JWT for a
+        server with ``--auth`` on, sent as ``authorization: Bearer <api_key>`` on every
+        call, the workers' included; ``rpc_metadata``: more gRPC metadata for every
+        call. Use TLS with either, or the credentials cross the network in plain text.
+        A server that refuses them answers the first call (here) with
+        ``RPCError(status="UNAUTHENTICATED")``.
         """
+        credentials = credential_metadata(api_key, rpc_metadata)
+        interceptors = [CredentialInterceptor(credentials)] if credentials else None
         seconds = (
             connect_timeout.total_seconds()
             if isinstance(connect_timeout, timedelta)
@@ -197,11 +209,14 @@ class Client:
             ("grpc.keepalive_time_ms", 30_000),
         ]
         if tls is False:
-            channel = grpc.aio.insecure_channel(target, options=options)
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         else:
             config = TLSConfig() if tls is True else tls
             channel = grpc.aio.secure_channel(
-                target, config.credentials(), options=options + config.channel_options()
+                target,
+                config.credentials(),
+                options=options + config.channel_options(),
+                interceptors=interceptors,
             )
         client = Client(
             channel,

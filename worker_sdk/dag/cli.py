@@ -23,6 +23,7 @@ import asyncio
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -55,6 +56,11 @@ def add_parser(groups: Any) -> None:
     def connected(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--address", default=DEFAULT_ADDRESS, help="server HOST:PORT")
         p.add_argument("--namespace", default="default")
+        p.add_argument(
+            "--api-key",
+            default=os.environ.get("TIDEFLOW_API_KEY"),
+            help="API key or JWT of a server with --auth on (default: $TIDEFLOW_API_KEY)",
+        )
         return p
 
     validate = sub.add_parser("validate", help="check a definition file")
@@ -191,7 +197,8 @@ async def _remote(args: argparse.Namespace) -> int:
         args.payload = _parse_input(args.input)
     try:
         client = await asyncio.wait_for(
-            Client.connect(args.address, namespace=args.namespace), CONNECT_TIMEOUT_S
+            Client.connect(args.address, namespace=args.namespace, api_key=args.api_key),
+            CONNECT_TIMEOUT_S,
         )
     except TimeoutError:
         raise OSError(f"cannot reach a tideflow server at {args.address}") from None
