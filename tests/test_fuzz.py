@@ -31,6 +31,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -68,6 +69,13 @@ ALLOWED = frozenset(
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
+)
+# RPCs that take a task token, and those of them that decide the task's outcome.
+TOKEN_METHODS = [m for m in METHODS if "task_token" in m.input_type.fields_by_name]
+_OUTCOMES = frozenset(
+    m.name
+    for m in TOKEN_METHODS
+    if m.name.startswith("Respond") and m.name != "RespondQueryTaskCompleted"
 )
 _CALL_TIMEOUT_S = 60.0
 _HOSTILE_EXAMPLES = int(os.environ.get("TIDEFLOW_FUZZ_EXAMPLES", "100"))
@@ -400,14 +408,17 @@ class Fuzzer:
         output = GetMessageClass(SERVICE.methods_by_name[method].output_type)
         return output.FromString(answer)
 
-    def check(self, method: str, body: bytes, shown: str) -> None:
+    def check(self, method: str, body: bytes, shown: str) -> grpc.StatusCode:
         code, details, _ = self.raw(method, body)
-        self.figures.tried[method] += 1
-        self.figures.codes[code.name] += 1
-        if code == grpc.StatusCode.OK:
-            self.figures.accepted[method] += 1
-        if code not in ALLOWED:
-            self.figures.failures.append(f"{method} -> {code.name} {details!r}: {shown[:300]}")
+        with self._lock:  # the replay round calls from several threads
+            self.figures.tried[method] += 1
+            self.figures.codes[code.name] += 1
+            if code == grpc.StatusCode.OK:
+                self.figures.accepted[method] += 1
+            if code not in ALLOWED:
+                failure = f"{method} -> {code.name} {details!r}: {shown[:300]}"
+                self.figures.failures.append(failure)
+        return code
 
     # ------------------------------------------------------------- targets
 
@@ -502,11 +513,51 @@ class Fuzzer:
 
         hostile()
 
+    def replay_round(self) -> None:
+        """Each live token (workflow and activity task, of both namespaces) sent at
+        once, twice, to every RPC that takes a task token, and as the page token of
+        another run's history: every answer documented, and the task's outcome
+        applied at most once."""
+        other_run = self.targets.workflow_ids[0]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for namespace in (NS, OTHER_NS):
+                for of_activity in (False, True):
+                    token = self.token_of_new_run(namespace, activity=of_activity)
+                    calls: list[tuple[str, Message]] = []
+                    for method in TOKEN_METHODS:
+                        request = GetMessageClass(method.input_type)(task_token=token)
+                        if "namespace" in method.input_type.fields_by_name:
+                            request.namespace = NS  # type: ignore[attr-defined]
+                        calls += [(method.name, request)] * 2
+                    history = service_pb2.GetHistoryRequest(namespace=NS, next_page_token=token)
+                    history.execution.workflow_id = other_run
+                    calls.append(("GetHistory", history))
+                    codes = list(
+                        pool.map(
+                            lambda call: self.check(
+                                call[0], call[1].SerializeToString(), _shown(call[1])
+                            ),
+                            calls,
+                        )
+                    )
+                    outcomes = [
+                        name
+                        for (name, _), code in zip(calls, codes, strict=True)
+                        if code == grpc.StatusCode.OK and name in _OUTCOMES
+                    ]
+                    if len(outcomes) > 1:
+                        with self._lock:
+                            self.figures.failures.append(
+                                f"one {namespace} task's token applied {len(outcomes)} "
+                                f"times: {outcomes}"
+                            )
+
     def run(self) -> Figures:
         self.prepare()
         for method in METHODS:
             self.random_bodies(method)
             self.hostile_requests(method)
+        self.replay_round()
         return self.figures
 
 
