@@ -35,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal, cast
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -107,7 +107,7 @@ _HOSTILE_TEXT = [
     "WorkflowId = 'x' ORDER BY",
 ]
 # Any unicode but surrogates (Cs), which protobuf strings cannot carry.
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 # Mild requests' values of fields whose valid values have a syntax of their own.
 _MILD_TEXT = {
     "cron_schedule": [""],
@@ -264,19 +264,21 @@ class Builder:
         if fd.type == FieldDescriptor.TYPE_BOOL:
             return self.draw(st.booleans())
         if fd.type == FieldDescriptor.TYPE_ENUM:
+            assert fd.enum_type is not None
             defined = [v.number for v in fd.enum_type.values]
             if self.mild:
                 return self.draw(st.sampled_from(defined))
             return self.draw(st.one_of(st.sampled_from(defined), st.integers(-3, 10_000)))
         if fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-            width = 32 if fd.type == FieldDescriptor.TYPE_FLOAT else 64
+            width: Literal[32, 64] = 32 if fd.type == FieldDescriptor.TYPE_FLOAT else 64
             if self.mild:
                 return self.draw(st.floats(0, 10, width=width))
             return self.draw(st.floats(width=width))
         return self.integer(_INT_KINDS[fd.type])
 
     def fill(self, message: Message, depth: int = 0) -> Message:
-        descriptor = message.DESCRIPTOR
+        # The upb runtime's descriptor classes stand in for the Python ones.
+        descriptor = cast(Descriptor, message.DESCRIPTOR)
         if descriptor.full_name == _COMMAND:
             return self._command(message, depth)
         if descriptor.full_name == _TIMESTAMP and self.mild:
@@ -284,7 +286,7 @@ class Builder:
             return message
         if descriptor.full_name == _FAILURE and not self.mild and self.draw(st.integers(0, 7)) == 0:
             return self._failure_chain(message)
-        for fd in descriptor.fields:
+        for fd in descriptor.fields_by_name.values():
             if self.mild and fd.name in _MILD_ALWAYS:
                 pass
             elif not self.draw(st.booleans()):
@@ -297,10 +299,11 @@ class Builder:
         if is_message and depth >= _MAX_DEPTH:
             return
         container = getattr(message, fd.name) if _is_repeated(fd) else None
-        if is_message and fd.message_type.GetOptions().map_entry:
-            value_fd = fd.message_type.fields_by_name["value"]
+        entry = fd.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_fd = entry.fields_by_name["value"]
             for _ in range(self.draw(st.integers(0, 3))):
-                key = self.scalar(fd.message_type.fields_by_name["key"])
+                key = self.scalar(entry.fields_by_name["key"])
                 if value_fd.type == FieldDescriptor.TYPE_MESSAGE:
                     self.fill(container[key], depth + 1)  # type: ignore[index]
                 else:
@@ -394,7 +397,9 @@ class Fuzzer:
         self.channel.close()
 
     def raw(self, method: str, body: bytes) -> tuple[grpc.StatusCode, str, bytes]:
-        call = self.channel.unary_unary(f"/{SERVICE.full_name}/{method}")
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(
+            f"/{SERVICE.full_name}/{method}"
+        )
         try:
             answer = call(body, timeout=_CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
@@ -513,6 +518,10 @@ class Fuzzer:
 
         hostile()
 
+    def _check_call(self, call: tuple[str, Message]) -> grpc.StatusCode:
+        method, request = call
+        return self.check(method, request.SerializeToString(), _shown(request))
+
     def replay_round(self) -> None:
         """Each live token (workflow and activity task, of both namespaces) sent at
         once, twice, to every RPC that takes a task token, and as the page token of
@@ -525,21 +534,15 @@ class Fuzzer:
                     token = self.token_of_new_run(namespace, activity=of_activity)
                     calls: list[tuple[str, Message]] = []
                     for method in TOKEN_METHODS:
-                        request = GetMessageClass(method.input_type)(task_token=token)
+                        request: Any = GetMessageClass(method.input_type)()
+                        request.task_token = token
                         if "namespace" in method.input_type.fields_by_name:
-                            request.namespace = NS  # type: ignore[attr-defined]
+                            request.namespace = NS
                         calls += [(method.name, request)] * 2
                     history = service_pb2.GetHistoryRequest(namespace=NS, next_page_token=token)
                     history.execution.workflow_id = other_run
                     calls.append(("GetHistory", history))
-                    codes = list(
-                        pool.map(
-                            lambda call: self.check(
-                                call[0], call[1].SerializeToString(), _shown(call[1])
-                            ),
-                            calls,
-                        )
-                    )
+                    codes = list(pool.map(self._check_call, calls))
                     outcomes = [
                         name
                         for (name, _), code in zip(calls, codes, strict=True)
