@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from dataclasses import replace as _replace
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from tideflow.api.v1 import history_pb2, state_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import RunKey
@@ -76,7 +78,8 @@ def _decode(token: bytes) -> _Continuation:
         head, tail = token[len(_TASK_TOKEN_PREFIX) :].split(b"\n", 1)
         fields = json.loads(head)
         events = history_pb2.History.FromString(tail).events
-    except (ValueError, RecursionError) as exc:  # DecodeError is a ValueError
+    except (ValueError, RecursionError, DecodeError) as exc:
+        # DecodeError is no ValueError in the upb runtime: a corrupt tail was INTERNAL.
         raise InvalidArgumentError("next_page_token is malformed") from exc
     if not isinstance(fields, dict) or not isinstance(fields.get("r"), str):
         raise InvalidArgumentError("next_page_token is malformed")

@@ -25,7 +25,10 @@ tried, per RPC and status code) are printed at the end of each run (``pytest -s`
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -38,6 +41,7 @@ from datetime import timedelta
 from typing import Any, Literal, cast
 
 import grpc
+import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -229,6 +233,10 @@ class Builder:
 
     def bytes_(self, name: str) -> bytes:
         tokens = self.targets.tokens
+        if "page_token" in name and self.draw(st.integers(0, 2)) == 0:
+            if self.draw(st.booleans()):
+                return self.visibility_cursor()
+            return self.continuation()
         choice = self.draw(st.integers(2, 4) if self.mild else st.integers(0, 6))
         if self.mild and choice == 2:
             choice = 0  # an untampered token
@@ -247,6 +255,36 @@ class Builder:
                 )
             )
         return bytes(self.draw(st.binary(max_size=64)))
+
+    def continuation(self) -> bytes:
+        """A task's history continuation token (``tfh1:`` + JSON head + events, which
+        the client hands back as GetHistory's page token) with a hostile head."""
+        value = st.one_of(
+            st.sampled_from(["1", "0", "-1", "Infinity", "NaN", "1e400", "true", "null", "[]"]),
+            st.integers(-(2**70), 2**70).map(str),
+            st.sampled_from(self.targets.run_ids or ["r"]).map(lambda run: f'"{run}"'),
+        )
+        keys = self.draw(st.lists(st.sampled_from("rnlbx"), max_size=5, unique=True))
+        head = ", ".join(f'"{key}": {self.draw(value)}' for key in keys)
+        if self.draw(st.integers(0, 5)) == 0:
+            head = "[" * self.draw(st.sampled_from([10, 5000, 60_000]))
+        else:
+            head = "{" + head + "}"
+        return b"tfh1:" + head.encode() + b"\n" + bytes(self.draw(st.binary(max_size=16)))
+
+    def visibility_cursor(self) -> bytes:
+        """A list page token (base64 JSON: the query's fingerprint, which anyone can
+        compute, and the keyset cursor) with a hostile cursor."""
+        query = str(self.draw(st.sampled_from(_MILD_TEXT["query"])))
+        fingerprint = hashlib.sha256(f"{NS}\0{query}".encode()).hexdigest()[:16]
+        scalar = st.one_of(
+            st.integers(-(2**70), 2**70), _TEXT, st.none(), st.booleans(), st.floats()
+        )
+        cursor = self.draw(st.lists(scalar, max_size=5))
+        body = json.dumps({"q": fingerprint, "c": cursor})
+        if self.draw(st.integers(0, 5)) == 0:
+            body = "[" * self.draw(st.sampled_from([10, 3000]))
+        return base64.urlsafe_b64encode(body.encode())
 
     def integer(self, kind: str) -> int:
         if self.mild:
@@ -640,6 +678,8 @@ async def _history(client: Client, workflow_id: str) -> list[bytes]:
     return [event.SerializeToString() for event in history.events]
 
 
+# About half a minute per store by default on a quiet machine; the long run scales.
+@pytest.mark.timeout(max(600, _HOSTILE_EXAMPLES * 3))
 async def test_fuzz_every_rpc(store_url: str) -> None:
     async with (
         running_server(store_url, _CONFIG) as server,

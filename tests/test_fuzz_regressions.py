@@ -6,11 +6,20 @@ over raw gRPC as the fuzzer sent it, on every store under test.
   (or 1e400) as an event id answered INTERNAL (OverflowError), a deeply nested head
   INTERNAL (RecursionError), both with a traceback in the log, and an id past int64
   UNAVAILABLE (the database refused the value, reported as an outage, which clients
-  retry for ever). Each is now INVALID_ARGUMENT, and a real continuation still works.
+  retry for ever); a corrupt event tail was INTERNAL too (``DecodeError`` is no
+  ``ValueError`` in the upb runtime). Each is now INVALID_ARGUMENT, and a real
+  continuation still works.
+- A list page token (base64 JSON: a query fingerprint anyone can compute, and the
+  keyset cursor) was trusted likewise: a deeply nested body (RecursionError), a cursor
+  of another length (IndexError) and, on PostgreSQL, a text value for an integer key
+  (an SQL error) were INTERNAL. Each is now INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
 import uuid
 
@@ -55,6 +64,7 @@ async def test_malformed_history_continuation_tokens_are_invalid_argument(
             _head(run_id, "true"),
             b'tfh1:{"r": 5, "n": 1, "l": 1, "b": 0}\n',
             b"tfh1:[1, 2]\n",
+            _head(run_id, "1", last="2") + b"\xff\xff\xff",  # corrupt event tail
         ]
         with caplog.at_level(logging.WARNING, logger="tideflow"):
             for token in tokens:
@@ -77,3 +87,59 @@ async def test_malformed_history_continuation_tokens_are_invalid_argument(
         request.execution.workflow_id = workflow_id
         response = await stub.GetHistory(request, timeout=30)
         assert [e.event_id for e in response.history.events] == [1, 2]
+
+
+def _list_token(body: str, query: str = "") -> bytes:
+    fingerprint = hashlib.sha256(f"{NS}\0{query}".encode()).hexdigest()[:16]
+    text = body if body.startswith("[") else json.dumps({"q": fingerprint, "c": json.loads(body)})
+    return base64.urlsafe_b64encode(text.encode())
+
+
+async def test_malformed_list_page_tokens_are_invalid_argument(
+    server: TideflowServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        for _ in range(3):
+            await _started_run(stub)
+        first = await stub.ListWorkflowExecutions(
+            service_pb2.ListWorkflowExecutionsRequest(namespace=NS, page_size=1), timeout=30
+        )
+        assert first.next_page_token
+        bodies = [
+            "[" * 3000,
+            "[]",
+            '["a"]',
+            "[1, 2, 3, 4, 5]",
+            '["x", "y", "z"]',  # text for the integer StartTime key
+            '[1, 2, "z"]',  # an integer for the text WorkflowId key
+            "[true, false, null]",
+            '[1.5, "w", "r"]',
+        ]
+        with caplog.at_level(logging.WARNING, logger="tideflow"):
+            for body in bodies:
+                request = service_pb2.ListWorkflowExecutionsRequest(
+                    namespace=NS, page_size=1, next_page_token=_list_token(body)
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ListWorkflowExecutions(request, timeout=30)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+                    body[:40],
+                    info.value.code(),
+                    info.value.details(),
+                )
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+
+        # The server's own tokens still page through every run.
+        seen = [e.execution.workflow_id for e in first.executions]
+        token = first.next_page_token
+        while token:
+            page = await stub.ListWorkflowExecutions(
+                service_pb2.ListWorkflowExecutionsRequest(
+                    namespace=NS, page_size=1, next_page_token=token
+                ),
+                timeout=30,
+            )
+            seen += [e.execution.workflow_id for e in page.executions]
+            token = page.next_page_token
+        assert len(seen) == len(set(seen)) == 3
