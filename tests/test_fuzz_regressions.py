@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -41,6 +43,15 @@ async def _started_run(stub: service_pb2_grpc.WorkflowServiceStub) -> tuple[str,
     request.task_queue.name = f"q-{uuid.uuid4()}"
     response = await stub.StartWorkflow(request, timeout=30)
     return workflow_id, response.run_id
+
+
+async def _refused(call: Awaitable[Any], what: object) -> str:
+    """Await ``call``, which must fail with INVALID_ARGUMENT; its details."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    details = info.value.details() or ""
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, info.value.code(), details)
+    return details
 
 
 def _head(run_id: str, n: str, last: str = "1", buffered: str = "0") -> bytes:
@@ -70,14 +81,8 @@ async def test_malformed_history_continuation_tokens_are_invalid_argument(
             for token in tokens:
                 request = service_pb2.GetHistoryRequest(namespace=NS, next_page_token=token)
                 request.execution.workflow_id = workflow_id
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.GetHistory(request, timeout=30)
-                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
-                    token[:60],
-                    info.value.code(),
-                    info.value.details(),
-                )
-                assert "next_page_token is malformed" in (info.value.details() or "")
+                details = await _refused(stub.GetHistory(request, timeout=30), token[:60])
+                assert "next_page_token is malformed" in details
         assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
 
         # A well-formed continuation of this run still reads its history.
@@ -121,13 +126,7 @@ async def test_malformed_list_page_tokens_are_invalid_argument(
                 request = service_pb2.ListWorkflowExecutionsRequest(
                     namespace=NS, page_size=1, next_page_token=_list_token(body)
                 )
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.ListWorkflowExecutions(request, timeout=30)
-                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
-                    body[:40],
-                    info.value.code(),
-                    info.value.details(),
-                )
+                await _refused(stub.ListWorkflowExecutions(request, timeout=30), body[:40])
         assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
 
         # The server's own tokens still page through every run.
