@@ -65,6 +65,7 @@ from tideflow.api.v1.common_pb2 import Memo, SearchAttributes
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import _schema as s
+from ._errors import InvalidValueError
 from ._records import ExecutionSummary, RunKey, Transition
 
 log = logging.getLogger("tideflow.history.visibility")
@@ -414,6 +415,22 @@ def _after(keys: Sequence[tuple[Any, bool]], cursor: Cursor) -> ColumnElement[bo
     return or_(*alternatives)
 
 
+def _fits(keys: Sequence[tuple[Any, bool]], cursor: Cursor) -> bool:
+    """Whether ``cursor`` has a value of each key's type. It comes back from the client
+    inside its page token: one of another length was an IndexError in ``_after``, and
+    a text value for an integer key an SQL error on PostgreSQL (INTERNAL, both)."""
+    if len(cursor) != len(keys):
+        return False
+    for (key, _), value in zip(keys, cursor, strict=True):
+        try:
+            expected = key.type.python_type
+        except NotImplementedError:
+            continue
+        if value is not None and type(value) is not expected:
+            return False
+    return True
+
+
 # ----------------------------------------------------------------- statements
 
 
@@ -441,6 +458,8 @@ def list_executions(
         *labelled,
     ).where(e.c.namespace == namespace, compile_filter(query.where))
     if cursor is not None:
+        if not _fits(keys, cursor):
+            raise InvalidValueError("the page token's cursor does not fit the query")
         statement = statement.where(_after(keys, cursor))
     statement = statement.order_by(
         *(k.desc() if descending else k.asc() for k, descending in keys)

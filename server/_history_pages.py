@@ -24,6 +24,9 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as _replace
+from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from tideflow.api.v1 import history_pb2, state_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
@@ -35,6 +38,8 @@ from ._errors import FailedPreconditionError, InvalidArgumentError
 # page tokens are the decimal next event id.
 _TASK_TOKEN_PREFIX = b"tfh1:"
 # Events read per store round trip before the sizes seen so far refine the guess.
+# Event ids are int64 in the store.
+_MAX_EVENT_ID = 2**63
 _FIRST_BATCH = 64
 _MAX_BATCH = 1000
 
@@ -65,19 +70,31 @@ class _Continuation:
 
 
 def _decode(token: bytes) -> _Continuation:
+    """The continuation in ``token``, which comes back from the client: anything but
+    what ``encode`` writes is refused as malformed, before any of it reaches the store
+    (an id past int64 was answered UNAVAILABLE, Infinity and a deeply nested head
+    INTERNAL)."""
     try:
         head, tail = token[len(_TASK_TOKEN_PREFIX) :].split(b"\n", 1)
         fields = json.loads(head)
         events = history_pb2.History.FromString(tail).events
-        return _Continuation(
-            run_id=str(fields["r"]),
-            next_event_id=int(fields["n"]),
-            last_stored_id=int(fields["l"]),
-            buffered_from=int(fields["b"]),
-            tail=tuple(events),
-        )
-    except (ValueError, KeyError, TypeError) as exc:  # DecodeError is a ValueError
+    except (ValueError, RecursionError, DecodeError) as exc:
+        # DecodeError is no ValueError in the upb runtime: a corrupt tail was INTERNAL.
         raise InvalidArgumentError("next_page_token is malformed") from exc
+    if not isinstance(fields, dict) or not isinstance(fields.get("r"), str):
+        raise InvalidArgumentError("next_page_token is malformed")
+    ids: list[Any] = [fields.get(name) for name in ("n", "l", "b")]
+    # Exact ints (JSON also gives floats, Infinity and booleans) within the store's range.
+    if not all(type(value) is int and 0 <= value < _MAX_EVENT_ID for value in ids):
+        raise InvalidArgumentError("next_page_token is malformed")
+    next_event_id, last_stored_id, buffered_from = ids
+    return _Continuation(
+        run_id=fields["r"],
+        next_event_id=next_event_id,
+        last_stored_id=last_stored_id,
+        buffered_from=buffered_from,
+        tail=tuple(events),
+    )
 
 
 def _fitting(events: Sequence[HistoryEvent], budget: int) -> int:

@@ -475,7 +475,8 @@ def decode_page_token(namespace: str, query: str, token: bytes) -> VisibilityCur
             isinstance(v, int | str) and not isinstance(v, bool) for v in cursor
         ):
             raise ValueError("bad cursor")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
+        # RecursionError: a deeply nested JSON body (was INTERNAL with a traceback).
         raise InvalidArgumentError("next_page_token is malformed") from None
     if fingerprint != _fingerprint(namespace, query):
         raise InvalidArgumentError("next_page_token belongs to a different query")
