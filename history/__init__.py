@@ -51,6 +51,7 @@ from ._records import (
     TimerRow,
     TransferAction,
     Transition,
+    now_micros,
     timer_key_kind,
 )
 from ._schedule_store import (
@@ -62,7 +63,7 @@ from ._schedule_store import (
     slot_action_key,
     trigger_action_key,
 )
-from ._store import HistoryStore, now_micros
+from ._store import HistoryStore
 from ._token_keys import TokenKey, TokenKeyStore
 from ._visibility_store import (
     BUILTIN_FIELDS,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from tideflow.api.v1.history_pb2 import HistoryEvent
+
+
+def now_micros() -> int:
+    """Wall-clock time in microseconds, the unit of every stored time."""
+    return time.time_ns() // 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

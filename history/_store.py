@@ -20,11 +20,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, and_, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from tideflow.api.search_attributes import SearchAttributeValue
@@ -33,6 +32,7 @@ from tideflow.api.v1.history_pb2 import HistoryEvent
 from . import _cluster as cluster
 from . import _schema as s
 from ._api_keys import ApiKeyStore
+from ._batch_write import Rejected, apply_batch
 from ._cluster import MemberRecord, ShardRecord
 from ._dialects import GuardedRunner, Runner, open_runner, retrying
 from ._errors import (
@@ -44,7 +44,6 @@ from ._errors import (
 )
 from ._records import (
     CurrentRecord,
-    CurrentWrite,
     ExecutionRecord,
     ExecutionSummary,
     RunKey,
@@ -53,6 +52,7 @@ from ._records import (
     TimerKind,
     TimerRow,
     Transition,
+    now_micros,
 )
 from ._schedule_store import ScheduleStore
 from ._token_keys import TokenKeyStore
@@ -63,31 +63,17 @@ from ._visibility_store import (
     count_executions,
     list_executions,
     run_search_attributes,
-    write_visibility,
 )
 
 log = logging.getLogger("tideflow.history")
 
 _MAX_BATCH = 64
 _MAX_TXN_RETRIES = 8
-_RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
 
 
 # What a writer lane queues: transitions that commit together, who waits on them, and
 # the fencing tokens (shard -> range id) they were submitted with (empty: unfenced).
 _Item = tuple[tuple[Transition, ...], "asyncio.Future[None]", dict[int, int]]
-
-
-def now_micros() -> int:
-    return time.time_ns() // 1000
-
-
-class _Rejected(Exception):
-    """Raised inside a transaction to roll it back with a store error to report."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class HistoryStore:
@@ -321,7 +307,7 @@ class HistoryStore:
                 # A conflict, a value the database refuses, or a defect: which transition
                 # caused it is unknown, and the others must not fail with it. Commit
                 # each on its own, so the error lands on its owner only.
-                if not isinstance(exc, _Rejected):
+                if not isinstance(exc, Rejected):
                     log.debug("batch of %d failed (%s); committing each alone", len(batch), exc)
             else:
                 for _, fut, tokens in batch:
@@ -332,7 +318,7 @@ class HistoryStore:
         for index, (group, fut, tokens) in enumerate(batch):
             try:
                 await self._run_txn(group, _merged([tokens]))
-            except _Rejected as rejected:
+            except Rejected as rejected:
                 if not fut.done():
                     fut.set_exception(rejected.error)
             except StoreUnavailableError as exc:
@@ -367,14 +353,12 @@ class HistoryStore:
 
         async def attempt() -> None:
             try:
-                await self._runner.write(
-                    lambda conn: _apply_batch(conn, transitions, tokens, count)
-                )
+                await self._runner.write(lambda conn: apply_batch(conn, transitions, tokens, count))
             except IntegrityError as exc:
-                raise _Rejected(_integrity_error(exc, transitions)) from exc
+                raise Rejected(_integrity_error(exc, transitions)) from exc
             except ShardOwnershipLostError as exc:
                 self._refused(exc)
-                raise _Rejected(exc) from exc
+                raise Rejected(exc) from exc
             except StoreUnavailableError:
                 self.writes_in_doubt.set()
                 raise
@@ -655,7 +639,7 @@ def _shortened(text: str, limit: int = 100) -> str:
 def _one_transition_per_run(batch: list[_Item]) -> list[list[_Item]]:
     """Split a batch so no group holds two transitions of one run.
 
-    ``_apply_batch`` writes each kind of row with one statement, so within a group a
+    ``apply_batch`` writes each kind of row with one statement, so within a group a
     run's later transition could not see rows an earlier one inserted (a task it
     consumes, say). Groups commit one after the other, in submission order.
     """
@@ -671,46 +655,6 @@ def _one_transition_per_run(batch: list[_Item]) -> list[list[_Item]]:
     return [g for g in groups if g]
 
 
-_UPDATE_EXECUTION = (
-    update(s.executions)
-    .where(
-        s.executions.c.namespace == bindparam("b_namespace"),
-        s.executions.c.workflow_id == bindparam("b_workflow_id"),
-        s.executions.c.run_id == bindparam("b_run_id"),
-        s.executions.c.db_version == bindparam("b_expected"),
-    )
-    .values(
-        {
-            name: bindparam(name)
-            for name in (
-                "workflow_type",
-                "task_queue",
-                "status",
-                "start_time",
-                "close_time",
-                "history_length",
-                "db_version",
-                "state",
-            )
-        }
-    )
-)
-
-
-def _execution_row(t: Transition) -> dict[str, Any]:
-    summary = t.summary
-    return {
-        "workflow_type": summary.workflow_type,
-        "task_queue": summary.task_queue,
-        "status": summary.status,
-        "start_time": summary.start_time,
-        "close_time": summary.close_time,
-        "history_length": summary.history_length,
-        "db_version": t.new_version,
-        "state": t.state,
-    }
-
-
 def _integrity_error(exc: IntegrityError, batch: Sequence[Transition]) -> Exception:
     """Name the race a unique violation means (the message names the table)."""
     text = str(exc.orig).lower()
@@ -722,162 +666,6 @@ def _integrity_error(exc: IntegrityError, batch: Sequence[Transition]) -> Except
     if "executions" in text:
         return ConditionFailedError(f"{where} already exists")
     return ConditionFailedError(f"{where}: conflicting write ({exc.orig})")
-
-
-def _apply_batch(
-    conn: Connection,
-    batch: Sequence[Transition],
-    tokens: dict[int, set[int]],
-    shard_count: int,
-) -> None:
-    """Write a batch with one statement per kind of row, not one per transition.
-
-    First the fence: each shard the batch writes is checked once against the tokens
-    its transitions carry (ShardOwnershipLostError: nothing is written). A unique
-    violation anywhere (an event id or run that another writer already wrote) aborts
-    the whole transaction; ``_run_txn`` maps it to the store error.
-    """
-    cluster.check_fence_txn(conn, tokens)
-    creates = [t for t in batch if t.expected_version == 0]
-    updates = [t for t in batch if t.expected_version != 0]
-    if creates:
-        conn.execute(
-            insert(s.executions),
-            [
-                {
-                    "namespace": t.key.namespace,
-                    "workflow_id": t.key.workflow_id,
-                    "run_id": t.key.run_id,
-                    **_execution_row(t),
-                }
-                for t in creates
-            ],
-        )
-    if updates:
-        params = [
-            {
-                "b_namespace": t.key.namespace,
-                "b_workflow_id": t.key.workflow_id,
-                "b_run_id": t.key.run_id,
-                "b_expected": t.expected_version,
-                **_execution_row(t),
-            }
-            for t in updates
-        ]
-        if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
-            result = conn.execute(_UPDATE_EXECUTION, params)
-            changed = result.rowcount
-        else:
-            changed = 0
-            for row in params:
-                changed += (conn.execute(_UPDATE_EXECUTION, row)).rowcount
-        if changed != len(params):
-            stale = updates[0].key if len(updates) == 1 else "one of the batch"
-            raise _Rejected(ConditionFailedError(f"run {stale} changed since it was read"))
-    for t in batch:
-        if t.current != CurrentWrite.NONE:
-            _write_current_txn(conn, t)
-    events = [
-        {
-            "namespace": t.key.namespace,
-            "workflow_id": t.key.workflow_id,
-            "run_id": t.key.run_id,
-            "event_id": e.event_id,
-            "event_type": e.event_type,
-            "data": e.SerializeToString(),
-        }
-        for t in batch
-        for e in t.events
-    ]
-    if events:
-        conn.execute(insert(s.history_events), events)
-    done_tasks = [key for t in batch for key in t.done_task_keys]
-    if done_tasks:
-        conn.execute(delete(s.tasks).where(s.tasks.c.task_key.in_(done_tasks)))
-    created = now_micros()
-    new_tasks = [
-        {
-            "task_key": task.task_key,
-            "shard_id": cluster.shard_of(task.key.namespace, task.key.workflow_id, shard_count),
-            "namespace": task.key.namespace,
-            "task_queue": task.task_queue,
-            "kind": int(task.kind),
-            "workflow_id": task.key.workflow_id,
-            "run_id": task.key.run_id,
-            "ref_id": task.ref_id,
-            "attempt": task.attempt,
-            "created_at": task.created_at or created,
-        }
-        for t in batch
-        for task in t.new_tasks
-    ]
-    if new_tasks:
-        conn.execute(insert(s.tasks), new_tasks)
-    done_timers = [key for t in batch for key in t.done_timer_keys]
-    if done_timers:
-        conn.execute(delete(s.timers).where(s.timers.c.timer_key.in_(done_timers)))
-    new_timers = [
-        {
-            "timer_key": timer.timer_key,
-            "fire_at": timer.fire_at,
-            "shard_id": cluster.shard_of(timer.key.namespace, timer.key.workflow_id, shard_count),
-            "namespace": timer.key.namespace,
-            "workflow_id": timer.key.workflow_id,
-            "run_id": timer.key.run_id,
-            "kind": int(timer.kind),
-            "ref_id": timer.ref_id,
-            "attempt": timer.attempt,
-        }
-        for t in batch
-        for timer in t.new_timers
-    ]
-    if new_timers:
-        conn.execute(insert(s.timers), new_timers)
-    # Memos and search attributes the events set: same transaction as the events.
-    write_visibility(conn, batch)
-
-
-def _write_current_txn(conn: Connection, t: Transition) -> None:
-    k = t.key
-    c = s.current_executions
-    if t.current == CurrentWrite.INSERT:
-        conn.execute(
-            insert(c).values(
-                namespace=k.namespace,
-                workflow_id=k.workflow_id,
-                run_id=k.run_id,
-                status=t.summary.status,
-                start_request_id=t.start_request_id,
-            )
-        )
-    elif t.current == CurrentWrite.REPLACE:
-        result = conn.execute(
-            update(c)
-            .where(
-                c.c.namespace == k.namespace,
-                c.c.workflow_id == k.workflow_id,
-                c.c.run_id == t.replaces_run_id,
-                c.c.status != _RUNNING,
-            )
-            .values(run_id=k.run_id, status=t.summary.status, start_request_id=t.start_request_id)
-        )
-        if result.rowcount != 1:
-            raise _Rejected(
-                CurrentExecutionConflictError(
-                    f"workflow id {k.workflow_id!r}: run {t.replaces_run_id} is no longer "
-                    "the closed current run"
-                )
-            )
-    elif t.current == CurrentWrite.UPDATE_STATUS:
-        conn.execute(
-            update(c)
-            .where(
-                c.c.namespace == k.namespace,
-                c.c.workflow_id == k.workflow_id,
-                c.c.run_id == k.run_id,
-            )
-            .values(status=t.summary.status)
-        )
 
 
 def _execution_record(m: Any) -> ExecutionRecord:

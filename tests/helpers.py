@@ -10,6 +10,10 @@ Waiting
     returns something truthy and return that. Nothing in the suite synchronizes with
     a fixed sleep, and nothing asserts on how long something took.
 
+Logs
+    ``log_handler(logger_name, handler)``: a context manager that attaches a
+    ``logging.Handler`` at DEBUG for the block (to count or inspect what is logged).
+
 Ids
     ``new_id(prefix)``: a uuid-suffixed workflow id / task queue name.
 
@@ -46,13 +50,14 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,6 +68,7 @@ from tideflow.worker_sdk import Client, WorkflowExecutionStatus, WorkflowHandle
 
 ET = EventType
 T = TypeVar("T")
+H = TypeVar("H", bound=logging.Handler)
 
 # Generous for a loaded machine; a healthy run needs a fraction of each.
 WAIT_S = 30.0
@@ -107,6 +113,21 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+@contextlib.contextmanager
+def log_handler(logger_name: str, handler: H) -> Iterator[H]:
+    """``handler`` attached to logger ``logger_name`` at DEBUG for the block (what a
+    test inspects of the lines a component logs); the logger's level is restored."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def new_id(prefix: str) -> str:
@@ -232,9 +253,17 @@ class Processes:
         found: str = await eventually(line, f"{proc.name}: {prefix!r}", timeout=PROCESS_START_S)
         return found
 
-    async def start_server(self, name: str, store_url: str, port: int) -> Proc:
-        """``tideflow server start-dev`` on ``store_url`` and ``port``, listening."""
-        argv = [*TIDEFLOW_CLI, "server", "start-dev", "--db-url", store_url]
+    async def start_server(
+        self,
+        name: str,
+        store_url: str,
+        port: int,
+        *flags: str,
+        command: str = "start-dev",
+    ) -> Proc:
+        """``tideflow server start-dev`` (or ``command``, e.g. ``start`` for a cluster
+        node) on ``store_url`` and ``port`` with ``flags``, listening."""
+        argv = [*TIDEFLOW_CLI, "server", command, "--db-url", store_url, *flags]
         proc = self.spawn(name, [*argv, "--port", str(port), "--ip", "127.0.0.1"])
         line = await self.wait_for_line(proc, "tideflow server listening on ")
         assert line.endswith(f"127.0.0.1:{port}"), line
@@ -268,23 +297,49 @@ class Processes:
 class ServerProcess:
     """``tideflow server start-dev`` as a real process on one port and database. After
     ``kill()`` (SIGKILL), ``start()`` runs a new process on the same database and port,
-    so clients and workers reconnect by themselves."""
+    so clients and workers reconnect by themselves.
 
-    def __init__(self, procs: Processes, store_url: str) -> None:
+    ``command``/``flags`` run another kind of server, e.g. a cluster node
+    (``command="start", flags=("--node-id", ...)``); ``name`` prefixes its processes'
+    names (``server-1``, ``server-2``, ...)."""
+
+    def __init__(
+        self,
+        procs: Processes,
+        store_url: str,
+        *,
+        name: str = "server",
+        command: str = "start-dev",
+        flags: Sequence[str] = (),
+    ) -> None:
         self._procs = procs
         self._store_url = store_url
+        self.name = name
+        self._command = command
+        self._flags = tuple(flags)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._running: Proc | None = None
         self._starts = 0
 
+    @property
+    def proc(self) -> Proc:
+        """The running process (to signal it: SIGTERM, SIGSTOP, SIGCONT)."""
+        assert self._running is not None, "no server process runs"
+        return self._running
+
     async def start(self) -> Proc:
-        """Start the next process (``server-1``, ``server-2``, ...) and wait until it
+        """Start the next process (``<name>-1``, ``<name>-2``, ...) and wait until it
         listens."""
         assert self._running is None, "the previous server process still runs"
         self._starts += 1
-        name = f"server-{self._starts}"
-        self._running = await self._procs.start_server(name, self._store_url, self.port)
+        self._running = await self._procs.start_server(
+            f"{self.name}-{self._starts}",
+            self._store_url,
+            self.port,
+            *self._flags,
+            command=self._command,
+        )
         return self._running
 
     async def kill(self) -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 
 def _bin_dir() -> Path | None:
@@ -32,12 +32,6 @@ def _bin_dir() -> Path | None:
     return Path(found).parent if found and shutil.which("initdb") else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PrivatePostgres:
     """One throwaway cluster; ``url`` is its database ``postgres`` over TCP."""
 
@@ -46,7 +40,7 @@ class PrivatePostgres:
         self._as_root = os.geteuid() == 0
         self.dir = Path(tempfile.mkdtemp(prefix="tideflow-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         if self._as_root:
             shutil.chown(self.dir, "postgres", "postgres")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from tideflow.api.v1.service_pb2 import GetSystemInfoRequest
 from tideflow.server import TideflowServer
@@ -30,16 +30,8 @@ class Echo:
         return text
 
 
-def _closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_connect_to_nothing_fails_fast_with_a_clear_error() -> None:
-    target = f"127.0.0.1:{_closed_port()}"
+    target = f"127.0.0.1:{free_port()}"
     async with asyncio.timeout(_BOUND_S):
         with pytest.raises(ConnectError) as refused:
             await Client.connect(target, connect_timeout=1)

@@ -19,36 +19,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
 
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-ET = EventType
 QUEUE = "cluster-nodes"
 LEASE_S = 2.0
-START_TIMEOUT_S = 30.0
 CONDITION_TIMEOUT_S = 40.0
 FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100))
 
@@ -75,121 +70,59 @@ class Pause:
 # --------------------------------------------------------------------- processes
 
 
-@dataclass(eq=False)
-class _Node:
-    name: str
-    popen: subprocess.Popen[bytes]
-    address: str
-    out: Path
-    err: Path
+@pytest.fixture
+def nodes(procs: Processes, pg_url: str) -> Callable[[str], Awaitable[ServerProcess]]:
+    """Starts ``tideflow server start`` nodes on this test's database (named by their
+    node id, listening); ``procs`` kills and reaps them, a SIGSTOPped one too."""
 
-    def tail(self, chars: int = 4000) -> str:
-        return self.err.read_text(errors="replace")[-chars:] if self.err.exists() else ""
-
-
-class _Nodes:
-    """Starts server nodes and always kills and reaps them."""
-
-    def __init__(self, directory: Path, db_url: str) -> None:
-        self.dir = directory
-        self.db_url = db_url
-        self.nodes: list[_Node] = []
-
-    async def start(self, name: str) -> _Node:
-        port = _free_port()
-        out, err = self.dir / f"{name}.out", self.dir / f"{name}.err"
-        popen = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "tideflow.server._cli",
-                "server",
-                "start",
-                "--db-url",
-                self.db_url,
-                "--port",
-                str(port),
-                "--node-id",
-                name,
-                "--lease-seconds",
-                str(LEASE_S),
-                # these nodes test shards, not credentials (on by default in `start`)
-                "--auth",
-                "off",
-            ],
-            out,
-            err,
-            {**os.environ, "TIDEFLOW_TRACE_DIR": str(self.dir / "trace")},
-        )
-        node = _Node(name, popen, f"127.0.0.1:{port}", out, err)
-        self.nodes.append(node)
-
-        def listening() -> bool:
-            if popen.poll() is not None:
-                raise AssertionError(f"{name} exited with {popen.returncode}:\n{node.tail()}")
-            return "tideflow server listening on" in out.read_text(errors="replace")
-
-        await _wait_until(listening, START_TIMEOUT_S, f"{name} to listen")
+    async def start(node_id: str) -> ServerProcess:
+        # These nodes test shards, not credentials (`start` turns auth on by default).
+        flags = ("--node-id", node_id, "--lease-seconds", str(LEASE_S), "--auth", "off")
+        node = ServerProcess(procs, pg_url, name=node_id, command="start", flags=flags)
+        await node.start()
         return node
 
-    def lease_trace(self, node: _Node) -> list[dict[str, Any]]:
-        path = self.dir / "trace" / "shards" / f"{node.name}.ndjson"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-    def cleanup(self) -> None:
-        for node in self.nodes:
-            if node.popen.poll() is None:
-                node.popen.kill()  # also ends a SIGSTOPped node
-            node.popen.wait(timeout=10)
-            print(f"----- {node.name} (exit {node.popen.returncode}) stderr tail -----")
-            print(node.tail())
+    return start
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, pg_url: str) -> Iterator[_Nodes]:
-    started = _Nodes(tmp_path, pg_url)
-    try:
-        yield started
-    finally:
-        started.cleanup()
+def store_url(pg_url: str) -> str:
+    """PostgreSQL only: several processes on one database. The ``store`` fixture on it
+    is the test's own (unfenced) view of the cluster's database."""
+    return pg_url
 
 
-@pytest.fixture
-async def observer(pg_url: str) -> AsyncIterator[HistoryStore]:
-    """The test's own (unfenced) view of the cluster's database."""
-    store = await HistoryStore.open(pg_url)
-    try:
-        yield store
-    finally:
-        await store.close()
+def _lease_trace(trace_dir: Path, node_id: str) -> list[dict[str, Any]]:
+    """What node ``node_id`` traced of its leases (TIDEFLOW_TRACE_DIR, ``trace_dir``)."""
+    path = trace_dir / "shards" / f"{node_id}.ndjson"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _spawn(argv: list[str], out: Path, err: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with out.open("wb") as out_f, err.open("wb") as err_f:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, env=env)
+async def _wait(check: Callable[[], Any], what: str) -> Any:
+    return await eventually(check, what, timeout=CONDITION_TIMEOUT_S)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+async def _two_nodes(
+    nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore
+) -> tuple[ServerProcess, ServerProcess, dict[int, str]]:
+    """node-a and node-b, once they split the shards (the owners)."""
+    a = await nodes("node-a")
+    b = await nodes("node-b")
+    owners = await _wait(lambda: _split(store, "node-a", "node-b"), "a balanced split")
+    return a, b, owners
 
 
-async def _wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
+def _start_node_cli(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``tideflow server start`` on ``url`` with ``flags``, expected to refuse them."""
+    argv = [sys.executable, "-m", "tideflow.server._cli", "server", "start", "--db-url", url]
+    return subprocess.run(
+        [*argv, "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def _owners(store: HistoryStore) -> dict[int, str]:
@@ -224,7 +157,7 @@ def _workflow_ids(owners: dict[int, str], node: str, count: int, tag: str) -> li
 
 
 @contextlib.asynccontextmanager
-async def _workers(*nodes: _Node) -> AsyncIterator[dict[str, Client]]:
+async def _workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
     """A client and a worker per node; the workers stop at the end (a dead node's
     worker is abandoned after a short wait)."""
     clients = {n.name: await Client.connect(n.address) for n in nodes}
@@ -252,14 +185,27 @@ async def _result(client: Client, workflow_id: str) -> Any:
     )
 
 
-def _check_history(events: Sequence[HistoryEvent]) -> None:
+async def _check_history(client: Client, workflow_id: str) -> None:
     """Gap-free, one timer fired once, closed once."""
-    assert [e.event_id for e in events] == list(range(1, len(events) + 1))
+    events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
+    assert_gap_free(events)
     types = Counter(e.event_type for e in events)
     assert types[ET.EVENT_TYPE_TIMER_STARTED] == 1
     assert types[ET.EVENT_TYPE_TIMER_FIRED] == 1
     assert types[ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED] == 2
     assert types[ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED] == 1
+
+
+async def _start_sleeping(
+    client: Client, owners: dict[int, str], count: int, tag: str, pause_s: float
+) -> list[str]:
+    """Start ``count`` runs on node-a's shards (run n returns f"{n}:{4n}") and wait
+    until each sleeps (its timer started)."""
+    workflow_ids = _workflow_ids(owners, "node-a", count, tag)
+    for n, workflow_id in enumerate(workflow_ids):
+        await _start(client, workflow_id, n, pause_s)
+    await _wait(lambda: _sleeping(client, workflow_ids), "timers")
+    return workflow_ids
 
 
 async def _sleeping(client: Client, workflow_ids: Sequence[str]) -> bool:
@@ -274,13 +220,9 @@ async def _sleeping(client: Client, workflow_ids: Sequence[str]) -> bool:
 
 
 async def test_two_nodes_split_the_shards_and_serve_their_own(
-    nodes: _Nodes, observer: HistoryStore
+    nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore, trace_dir: Path
 ) -> None:
-    a = await nodes.start("node-a")
-    b = await nodes.start("node-b")
-    owners = await _wait_until(
-        lambda: _split(observer, "node-a", "node-b"), CONDITION_TIMEOUT_S, "a balanced split"
-    )
+    a, b, owners = await _two_nodes(nodes, store)
     async with _workers(a, b) as clients:
         jobs = [
             (node, wid)
@@ -291,9 +233,7 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
             await _start(clients[node], workflow_id, n, 0.2)
         for n, (node, workflow_id) in enumerate(jobs):
             assert await _result(clients[node], workflow_id) == f"{n}:{n * 4}"
-            _check_history(
-                (await clients[node].get_workflow_handle(workflow_id).fetch_history()).events
-            )
+            await _check_history(clients[node], workflow_id)
 
         # A run of node-a's shard, asked of node-b: UNAVAILABLE naming shard and owner.
         (foreign,) = _workflow_ids(owners, "node-a", 1, "foreign")
@@ -316,18 +256,16 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
         assert f"node node-a at {a.address}" in str(refused.value.details())
 
     # SIGTERM: node-a releases its shards and node-b takes them all.
-    a.popen.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(a.popen.wait, 30) == 0
+    a.proc.popen.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(a.proc.popen.wait, 30) == 0
     released = [
         r
-        for r in await observer.read_shards()
+        for r in await store.read_shards()
         if r.shard_id in owners and owners[r.shard_id] == "node-a"
     ]
     assert all(r.owner in ("", "node-b") for r in released), released
-    await _wait_until(
-        lambda: _split(observer, "node-b"), CONDITION_TIMEOUT_S, "node-b to hold every shard"
-    )
-    assert {e["action"] for e in nodes.lease_trace(a)} >= {
+    await _wait(lambda: _split(store, "node-b"), "node-b to hold every shard")
+    assert {e["action"] for e in _lease_trace(trace_dir, a.name)} >= {
         "AcquireShard",
         "RenewLease",
         "ReleaseShard",
@@ -336,27 +274,16 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
 
 
 async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
-    nodes: _Nodes, observer: HistoryStore
+    nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore, trace_dir: Path
 ) -> None:
-    a = await nodes.start("node-a")
-    b = await nodes.start("node-b")
-    owners = await _wait_until(
-        lambda: _split(observer, "node-a", "node-b"), CONDITION_TIMEOUT_S, "a balanced split"
-    )
+    a, b, owners = await _two_nodes(nodes, store)
     async with _workers(a, b) as clients:
         # Sleeping on node-a's shards well past the pause: their timers are in node-a's
         # memory when it stops, and due when it comes back.
-        zombie_ids = _workflow_ids(owners, "node-a", 3, "zombie")
-        for n, workflow_id in enumerate(zombie_ids):
-            await _start(clients["node-a"], workflow_id, n, LEASE_S * 2.5)
-        await _wait_until(
-            lambda: _sleeping(clients["node-a"], zombie_ids), CONDITION_TIMEOUT_S, "timers"
-        )
-        ranges_before = {r.shard_id: r.range_id for r in await observer.read_shards()}
-        os.kill(a.popen.pid, signal.SIGSTOP)
-        await _wait_until(
-            lambda: _split(observer, "node-b"), CONDITION_TIMEOUT_S, "node-b to take over"
-        )
+        zombie_ids = await _start_sleeping(clients["node-a"], owners, 3, "zombie", LEASE_S * 2.5)
+        ranges_before = {r.shard_id: r.range_id for r in await store.read_shards()}
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        await _wait(lambda: _split(store, "node-b"), "node-b to take over")
         # node-b serves node-a's former shards and writes: a new run, and the
         # sleeping runs (their timers fire on node-b).
         (fresh,) = _workflow_ids(owners, "node-a", 1, "fresh")
@@ -364,7 +291,7 @@ async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
         assert await _result(clients["node-b"], fresh) == "7:28"
         for n, workflow_id in enumerate(zombie_ids):
             assert await _result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
-        os.kill(a.popen.pid, signal.SIGCONT)
+        os.kill(a.proc.pid, signal.SIGCONT)
 
         # node-a learns it lost every shard it had (a refused renewal or a fenced
         # write), and rejoins: the shards are balanced again over both nodes.
@@ -373,86 +300,49 @@ async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
         def dropped() -> bool:
             refused = {
                 e["shard"]
-                for e in nodes.lease_trace(a)
+                for e in _lease_trace(trace_dir, a.name)
                 if (e["action"] == "RenewLease" and not e["ok"]) or e["action"] == "FencedWrite"
             }
             return lost <= refused
 
-        await _wait_until(dropped, CONDITION_TIMEOUT_S, "node-a to find its shards lost")
-        rejoined = await _wait_until(
-            lambda: _split(observer, "node-a", "node-b"), CONDITION_TIMEOUT_S, "a new split"
-        )
+        await _wait(dropped, "node-a to find its shards lost")
+        rejoined = await _wait(lambda: _split(store, "node-a", "node-b"), "a new split")
         for workflow_id in [*zombie_ids, fresh]:
-            events = (
-                await clients["node-b"].get_workflow_handle(workflow_id).fetch_history()
-            ).events
-            _check_history(events)
+            await _check_history(clients["node-b"], workflow_id)
         # Every change of owner bumped the range id (the fence's token).
-        after = {r.shard_id: r.range_id for r in await observer.read_shards()}
+        after = {r.shard_id: r.range_id for r in await store.read_shards()}
         assert all(after[s] >= ranges_before[s] + 1 for s in lost)
         # And node-a serves again.
         (again,) = _workflow_ids(rejoined, "node-a", 1, "again")
         await _start(clients["node-a"], again, 3, 0.1)
         assert await _result(clients["node-a"], again) == "3:12"
-    fenced = [e for e in nodes.lease_trace(a) if e["action"] == "FencedWrite"]
+    fenced = [e for e in _lease_trace(trace_dir, a.name) if e["action"] == "FencedWrite"]
     print(f"zombie: {len(fenced)} writes refused by the fence")
 
 
 async def test_sigkilled_node_shards_are_served_within_the_lease(
-    nodes: _Nodes, observer: HistoryStore
+    nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore, trace_dir: Path
 ) -> None:
-    a = await nodes.start("node-a")
-    b = await nodes.start("node-b")
-    owners = await _wait_until(
-        lambda: _split(observer, "node-a", "node-b"), CONDITION_TIMEOUT_S, "a balanced split"
-    )
+    a, b, owners = await _two_nodes(nodes, store)
     async with _workers(a, b) as clients:
-        doomed = _workflow_ids(owners, "node-a", 4, "doomed")
-        for n, workflow_id in enumerate(doomed):
-            await _start(clients["node-a"], workflow_id, n, 1.0)
-        await _wait_until(
-            lambda: _sleeping(clients["node-a"], doomed), CONDITION_TIMEOUT_S, "timers"
-        )
-        a.popen.kill()
+        doomed = await _start_sleeping(clients["node-a"], owners, 4, "doomed", 1.0)
         killed = time.monotonic()
-        await asyncio.to_thread(a.popen.wait, 10)
-        await _wait_until(
-            lambda: _split(observer, "node-b"), CONDITION_TIMEOUT_S, "node-b to take over"
-        )
+        await a.kill()
+        await _wait(lambda: _split(store, "node-b"), "node-b to take over")
         takeover_s = time.monotonic() - killed
         print(f"takeover after SIGKILL: {takeover_s:.2f} s (lease {LEASE_S} s)")
         # The lease lapses within LEASE_S; node-b's next pass comes within a third.
         assert takeover_s < LEASE_S * 2 + 2, takeover_s
         for n, workflow_id in enumerate(doomed):
             assert await _result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
-            _check_history(
-                (await clients["node-b"].get_workflow_handle(workflow_id).fetch_history()).events
-            )
+            await _check_history(clients["node-b"], workflow_id)
 
 
 async def test_a_conflicting_shard_count_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cluster.db'}"
     store = await HistoryStore.open(url)  # initialised with the default, 16
     await store.close()
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "tideflow.server._cli",
-            "server",
-            "start",
-            "--db-url",
-            url,
-            "--port",
-            "0",
-            "--shards",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = await asyncio.to_thread(_start_node_cli, url, "--shards", "8")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         "tideflow server start: the database was initialised with 16 shards; --shards 8 "
@@ -471,23 +361,7 @@ async def test_a_conflicting_shard_count_is_refused(tmp_path: Path) -> None:
 )
 def test_bad_node_flags_are_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
     url = f"sqlite:///{tmp_path / 'cluster.db'}"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tideflow.server._cli",
-            "server",
-            "start",
-            "--db-url",
-            url,
-            "--port",
-            "0",
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _start_node_cli(url, *flags)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"tideflow server start: {message}"]
     assert not (tmp_path / "cluster.db").exists()  # refused before the database opens

@@ -13,14 +13,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers_store import T0, create, task
 from sqlalchemy import Connection, MetaData, Table, insert
 
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import (
     ClusterConfigError,
-    CurrentWrite,
-    ExecutionSummary,
     HistoryStore,
     MemberRecord,
     RunKey,
@@ -30,13 +27,11 @@ from tideflow.history import (
     TimerKind,
     TimerRow,
     Transition,
-    make_event,
     shard_of,
 )
 from tideflow.history import _schema as schema
 from tideflow.history._dialects import open_runner
 
-T0 = 1_700_000_000_000_000
 LEASE_US = 60_000_000  # a live lease: nobody may take it
 LAPSED_US = -1  # a lease that lapsed the moment it was taken
 
@@ -54,30 +49,8 @@ async def nodes(store_url: str) -> AsyncIterator[tuple[HistoryStore, HistoryStor
 
 
 def _create(key: RunKey, *, tasks: int = 0) -> Transition:
-    event: HistoryEvent = make_event(
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, T0, identity="test"
-    )
-    event.event_id = 1
-    return Transition(
-        key=key,
-        expected_version=0,
-        new_version=1,
-        state=MutableState(next_event_id=2).SerializeToString(),
-        summary=ExecutionSummary(
-            workflow_type="Wf",
-            task_queue="q",
-            status=1,
-            start_time=T0,
-            close_time=None,
-            history_length=1,
-        ),
-        events=[event],
-        new_tasks=[
-            TaskRow(key=key, task_queue="q", kind=TaskKind.ACTIVITY, ref_id=i, attempt=1)
-            for i in range(tasks)
-        ],
-        current=CurrentWrite.INSERT,
-    )
+    """A new run of ``key`` carrying ``tasks`` activity tasks."""
+    return create(key, new_tasks=[task(key, i) for i in range(tasks)])
 
 
 def _key_on(store: HistoryStore, shard: int, tag: str = "") -> RunKey:
@@ -248,20 +221,20 @@ async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None
         Table(table.name, old, *[c._copy() for c in table.columns if c.name != "shard_id"])
     runner = open_runner(store_url)
     key = RunKey(namespace="default", workflow_id="old-order", run_id="r1")
-    task = TaskRow(key=key, task_queue="q", kind=TaskKind.ACTIVITY, ref_id=5, attempt=1)
-    timer = TimerRow(key=key, kind=TimerKind.USER_TIMER, ref_id=6, attempt=1, fire_at=T0)
+    old_task = TaskRow(key=key, task_queue="q", kind=TaskKind.ACTIVITY, ref_id=5, attempt=1)
+    old_timer = TimerRow(key=key, kind=TimerKind.USER_TIMER, ref_id=6, attempt=1, fire_at=T0)
     row = {"namespace": "default", "workflow_id": "old-order", "run_id": "r1", "attempt": 1}
 
     def legacy(conn: Connection) -> None:
         old.create_all(conn)
         conn.execute(
             insert(old.tables["tasks"]).values(
-                task_key=task.task_key, task_queue="q", kind=1, ref_id=5, created_at=T0, **row
+                task_key=old_task.task_key, task_queue="q", kind=1, ref_id=5, created_at=T0, **row
             )
         )
         conn.execute(
             insert(old.tables["timers"]).values(
-                timer_key=timer.timer_key, fire_at=T0, kind=0, ref_id=6, **row
+                timer_key=old_timer.timer_key, fire_at=T0, kind=0, ref_id=6, **row
             )
         )
 
@@ -270,9 +243,9 @@ async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None
     store = await HistoryStore.open(store_url)
     try:
         shard = store.shard_of(key)
-        assert [t.task_key for t in await store.list_tasks(shards=[shard])] == [task.task_key]
+        assert [t.task_key for t in await store.list_tasks(shards=[shard])] == [old_task.task_key]
         assert await store.list_tasks(shards=[(shard + 1) % 16]) == []
-        assert await store.timers_due_before(T0 + 1, shards=[shard]) == [timer]
+        assert await store.timers_due_before(T0 + 1, shards=[shard]) == [old_timer]
     finally:
         await store.close()
     again = await HistoryStore.open(store_url)  # nothing left to upgrade

@@ -24,28 +24,21 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from helpers_store import T0, create, run_key, task, timer
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from tideflow.api.v1 import service_pb2, service_pb2_grpc
-from tideflow.api.v1.history_pb2 import EventType
-from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import (
     ConditionFailedError,
     CurrentExecutionConflictError,
-    CurrentWrite,
-    ExecutionSummary,
     HistoryStore,
     InvalidValueError,
     RetryableStoreError,
-    RunKey,
     StoreUnavailableError,
     TaskKind,
     TaskRow,
-    TimerKind,
-    TimerRow,
     Transition,
-    make_event,
 )
 from tideflow.history._dialects import Runner, is_retryable, open_runner, store_error_of
 from tideflow.server import TideflowServer
@@ -56,7 +49,6 @@ from tideflow.worker_sdk import Client
 
 T = TypeVar("T")
 
-T0 = 1_700_000_000_000_000
 _GOOD, _BAD = 120, 12
 
 
@@ -69,31 +61,12 @@ def _create(
 ) -> Transition:
     """A new run with one event and one timer (the timer's time is the value a test
     can push out of the database's integer range)."""
-    key = RunKey(namespace="default", workflow_id=workflow_id, run_id=str(uuid.uuid4()))
-    started = make_event(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, T0, identity="test")
-    started.event_id = 1
-    return Transition(
-        key=key,
-        expected_version=0,
-        new_version=1,
-        state=MutableState(next_event_id=2).SerializeToString(),
-        summary=ExecutionSummary(
-            workflow_type=workflow_type,
-            task_queue="q",
-            status=1,
-            start_time=T0,
-            close_time=None,
-            history_length=1,
-        ),
-        events=[started],
-        new_timers=[
-            TimerRow(key=key, kind=TimerKind.USER_TIMER, ref_id=1, attempt=1, fire_at=fire_at)
-        ],
-        new_tasks=[
-            TaskRow(key=key, task_queue="q", kind=kind, ref_id=2, attempt=1, created_at=T0)
-            for kind in task_kinds
-        ],
-        current=CurrentWrite.INSERT,
+    key = run_key(workflow_id, str(uuid.uuid4()))
+    return create(
+        key,
+        workflow_type=workflow_type,
+        new_timers=[timer(key, 1, fire_at)],
+        new_tasks=[task(key, 2, kind) for kind in task_kinds],
         start_request_id=f"req-{workflow_id}",
     )
 

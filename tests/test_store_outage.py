@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import running_server
+from helpers import eventually, log_handler, running_server
 from pg_cluster import PrivatePostgres, private_postgres
 
 from tideflow.api.v1 import service_pb2, service_pb2_grpc
@@ -121,30 +121,12 @@ class _Counter(logging.Handler):
 
 @pytest.fixture
 def unavailable_lines() -> Iterator[_Counter]:
-    counter = _Counter()
-    logger = logging.getLogger("tideflow.server.frontend")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(counter)
-    try:
+    with log_handler("tideflow.server.frontend", _Counter()) as counter:
         yield counter
-    finally:
-        logger.removeHandler(counter)
-        logger.setLevel(level)
 
 
 async def _until(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _BOUND_S
-    while True:
-        result = cond()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() >= deadline:
-            raise AssertionError(f"not within {_BOUND_S} s: {what}")
-        await asyncio.sleep(0.05)
+    await eventually(cond, what, timeout=_BOUND_S)
 
 
 @pytest.fixture

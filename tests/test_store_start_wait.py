@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import eventually, free_port
 from pg_cluster import private_postgres
 
 from tideflow.history import StoreUnavailableError
@@ -45,15 +44,6 @@ def _attempt_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-async def _until(cond: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _BOUND_S
-    while not cond():
-        if loop.time() >= deadline:
-            raise AssertionError(f"not within {_BOUND_S} s: {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.postgres
 async def test_a_server_started_before_its_database_waits_for_it(
     caplog: pytest.LogCaptureFixture,
@@ -67,7 +57,9 @@ async def test_a_server_started_before_its_database_waits_for_it(
         )
         starting = asyncio.create_task(server.start())
         try:
-            await _until(lambda: len(_attempt_lines(caplog)) >= 2, "two attempts logged")
+            await eventually(
+                lambda: len(_attempt_lines(caplog)) >= 2, "two attempts logged", timeout=_BOUND_S
+            )
             assert not starting.done()
             first = _attempt_lines(caplog)[0]
             assert "(attempt 1," in first and "database unavailable" in first, first
@@ -96,15 +88,9 @@ async def test_a_server_started_before_its_database_waits_for_it(
         await asyncio.to_thread(cluster.destroy)
 
 
-def _unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_the_start_gives_up_after_the_period(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tideflow.server")
-    url = f"postgresql://postgres@127.0.0.1:{_unused_port()}/postgres"
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     server = TideflowServer(url, port=0, config=ServerConfig(store_start_timeout_s=0))
     with pytest.raises(StoreUnavailableError, match="still unavailable after 1 attempt"):
         await server.start()
@@ -113,7 +99,7 @@ async def test_the_start_gives_up_after_the_period(caplog: pytest.LogCaptureFixt
 
 
 def test_start_dev_says_in_one_line_that_the_database_is_unreachable(tmp_path: Path) -> None:
-    url = f"postgresql://postgres:secret@127.0.0.1:{_unused_port()}/postgres"
+    url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres"
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "tideflow.cli", "server", "start-dev", "--port", "0"),
@@ -136,7 +122,7 @@ def test_start_dev_says_in_one_line_that_the_database_is_unreachable(tmp_path: P
 
 
 def test_start_dev_waiting_for_the_database_stops_on_sigint(tmp_path: Path) -> None:
-    url = f"postgresql://postgres@127.0.0.1:{_unused_port()}/postgres"
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "tideflow.cli", "server", "start-dev", "--port", "0"),

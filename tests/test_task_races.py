@@ -14,16 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import (
-    ET,
-    assert_gap_free,
-    bounded,
-    events_of,
-    eventually,
-    has_event,
-    new_id,
-    of_type,
-)
+from helpers import ET, assert_gap_free, bounded, events_of, eventually, has_event, new_id, of_type
 from helpers_e2e import HelloWorkflow, compose_greeting
 from raw_workflow import RawWorkflows, cancel_timer
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 
 import pytest
+from helpers import eventually, log_handler
 
 from tideflow.api.v1.history_pb2 import EventType as ET
 from tideflow.worker_sdk import Client, Replayer, Worker, WorkflowHistory, activity, workflow
@@ -89,16 +90,8 @@ class _Records(logging.Handler):
 
 @pytest.fixture
 def records() -> Iterator[_Records]:
-    logger = logging.getLogger(LOGGER)
-    handler = _Records()
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
+    with log_handler(LOGGER, _Records()) as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _worker(client: Client, queue: str, *, cached: int) -> Worker:
@@ -252,12 +245,10 @@ async def _until_waiting(client: Client, workflow_id: str) -> None:
     workflow task after them too (nothing is left for a worker to do). Polls history
     against a deadline: the condition is on the server."""
     handle = client.get_workflow_handle(workflow_id)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while True:
+
+    async def waiting() -> bool:
         events = (await handle.fetch_history()).events
         done = [e for e in events if e.event_type == ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED]
-        if len(done) == 3 and events[-1].event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
-            return
-        assert loop.time() < deadline, f"{workflow_id} never got to wait for the signal"
-        await asyncio.sleep(0.02)
+        return len(done) == 3 and events[-1].event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+
+    await eventually(waiting, f"{workflow_id} to wait for the signal", timeout=60)

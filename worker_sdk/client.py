@@ -145,6 +145,28 @@ _START_OPTION_NAMES = (
 )
 
 
+def _open_channel(
+    target: str, tls: TLSConfig | bool, credentials: tuple[tuple[str, str], ...]
+) -> grpc.aio.Channel:
+    """A channel to ``target``: plaintext, or TLS per ``tls``; ``credentials`` (gRPC
+    metadata) ride on every call."""
+    interceptors = [CredentialInterceptor(credentials)] if credentials else None
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if tls is False:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    config = TLSConfig() if tls is True else tls
+    return grpc.aio.secure_channel(
+        target,
+        config.credentials(),
+        options=options + config.channel_options(),
+        interceptors=interceptors,
+    )
+
+
 class Client:
     """A connection to a tideflow server in one namespace."""
 
@@ -194,8 +216,6 @@ class Client:
         A server that refuses them answers the first call (here) with
         ``RPCError(status="UNAUTHENTICATED")``.
         """
-        credentials = credential_metadata(api_key, rpc_metadata)
-        interceptors = [CredentialInterceptor(credentials)] if credentials else None
         seconds = (
             connect_timeout.total_seconds()
             if isinstance(connect_timeout, timedelta)
@@ -203,21 +223,7 @@ class Client:
         )
         if seconds <= 0:
             raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", 30_000),
-        ]
-        if tls is False:
-            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-        else:
-            config = TLSConfig() if tls is True else tls
-            channel = grpc.aio.secure_channel(
-                target,
-                config.credentials(),
-                options=options + config.channel_options(),
-                interceptors=interceptors,
-            )
+        channel = _open_channel(target, tls, credential_metadata(api_key, rpc_metadata))
         client = Client(
             channel,
             namespace=namespace,

@@ -1,0 +1,253 @@
+"""Writing a group-commit batch inside its transaction: one statement per kind of row.
+
+``HistoryStore`` runs ``apply_batch`` in one transaction per group of transitions
+(no two of one run); a write that must not happen raises ``Rejected`` to roll the
+transaction back with the store error to report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, insert, update
+
+from . import _cluster as cluster
+from . import _schema as s
+from ._errors import ConditionFailedError, CurrentExecutionConflictError
+from ._records import CurrentWrite, Transition, now_micros
+from ._visibility_store import write_visibility
+
+_RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+
+
+class Rejected(Exception):
+    """Raised inside a transaction to roll it back with a store error to report."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_UPDATE_EXECUTION = (
+    update(s.executions)
+    .where(
+        s.executions.c.namespace == bindparam("b_namespace"),
+        s.executions.c.workflow_id == bindparam("b_workflow_id"),
+        s.executions.c.run_id == bindparam("b_run_id"),
+        s.executions.c.db_version == bindparam("b_expected"),
+    )
+    .values(
+        {
+            name: bindparam(name)
+            for name in (
+                "workflow_type",
+                "task_queue",
+                "status",
+                "start_time",
+                "close_time",
+                "history_length",
+                "db_version",
+                "state",
+            )
+        }
+    )
+)
+
+
+def _execution_row(t: Transition) -> dict[str, Any]:
+    summary = t.summary
+    return {
+        "workflow_type": summary.workflow_type,
+        "task_queue": summary.task_queue,
+        "status": summary.status,
+        "start_time": summary.start_time,
+        "close_time": summary.close_time,
+        "history_length": summary.history_length,
+        "db_version": t.new_version,
+        "state": t.state,
+    }
+
+
+def apply_batch(
+    conn: Connection,
+    batch: Sequence[Transition],
+    tokens: dict[int, set[int]],
+    shard_count: int,
+) -> None:
+    """Write a batch with one statement per kind of row, not one per transition.
+
+    First the fence: each shard the batch writes is checked once against the tokens
+    its transitions carry (ShardOwnershipLostError: nothing is written). A unique
+    violation anywhere (an event id or run that another writer already wrote) aborts
+    the whole transaction; ``_run_txn`` maps it to the store error. The rows are
+    written in the order the constraints need: executions, current, events, tasks,
+    timers, visibility.
+    """
+    cluster.check_fence_txn(conn, tokens)
+    _insert_executions(conn, [t for t in batch if t.expected_version == 0])
+    _update_executions(conn, [t for t in batch if t.expected_version != 0])
+    for t in batch:
+        if t.current != CurrentWrite.NONE:
+            _write_current_txn(conn, t)
+    _insert_events(conn, batch)
+    _write_tasks(conn, batch, shard_count)
+    _write_timers(conn, batch, shard_count)
+    # Memos and search attributes the events set: same transaction as the events.
+    write_visibility(conn, batch)
+
+
+def _insert_executions(conn: Connection, creates: Sequence[Transition]) -> None:
+    """The rows of new runs (expected version 0)."""
+    if not creates:
+        return
+    conn.execute(
+        insert(s.executions),
+        [
+            {
+                "namespace": t.key.namespace,
+                "workflow_id": t.key.workflow_id,
+                "run_id": t.key.run_id,
+                **_execution_row(t),
+            }
+            for t in creates
+        ],
+    )
+
+
+def _update_executions(conn: Connection, updates: Sequence[Transition]) -> None:
+    """The rows of existing runs, each only at the version it was read at (else the
+    whole batch is rejected: one changed since)."""
+    if not updates:
+        return
+    params = [
+        {
+            "b_namespace": t.key.namespace,
+            "b_workflow_id": t.key.workflow_id,
+            "b_run_id": t.key.run_id,
+            "b_expected": t.expected_version,
+            **_execution_row(t),
+        }
+        for t in updates
+    ]
+    if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
+        result = conn.execute(_UPDATE_EXECUTION, params)
+        changed = result.rowcount
+    else:
+        # A driver that cannot count the rows of an executemany: one at a time.
+        changed = 0
+        for row in params:
+            changed += (conn.execute(_UPDATE_EXECUTION, row)).rowcount
+    if changed != len(params):
+        stale = updates[0].key if len(updates) == 1 else "one of the batch"
+        raise Rejected(ConditionFailedError(f"run {stale} changed since it was read"))
+
+
+def _insert_events(conn: Connection, batch: Sequence[Transition]) -> None:
+    events = [
+        {
+            "namespace": t.key.namespace,
+            "workflow_id": t.key.workflow_id,
+            "run_id": t.key.run_id,
+            "event_id": e.event_id,
+            "event_type": e.event_type,
+            "data": e.SerializeToString(),
+        }
+        for t in batch
+        for e in t.events
+    ]
+    if events:
+        conn.execute(insert(s.history_events), events)
+
+
+def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int) -> None:
+    """Delete the tasks the batch consumed, then insert the ones it creates."""
+    done_tasks = [key for t in batch for key in t.done_task_keys]
+    if done_tasks:
+        conn.execute(delete(s.tasks).where(s.tasks.c.task_key.in_(done_tasks)))
+    created = now_micros()
+    new_tasks = [
+        {
+            "task_key": task.task_key,
+            "shard_id": cluster.shard_of(task.key.namespace, task.key.workflow_id, shard_count),
+            "namespace": task.key.namespace,
+            "task_queue": task.task_queue,
+            "kind": int(task.kind),
+            "workflow_id": task.key.workflow_id,
+            "run_id": task.key.run_id,
+            "ref_id": task.ref_id,
+            "attempt": task.attempt,
+            "created_at": task.created_at or created,
+        }
+        for t in batch
+        for task in t.new_tasks
+    ]
+    if new_tasks:
+        conn.execute(insert(s.tasks), new_tasks)
+
+
+def _write_timers(conn: Connection, batch: Sequence[Transition], shard_count: int) -> None:
+    """Delete the timers the batch fired or cancelled, then insert the ones it arms."""
+    done_timers = [key for t in batch for key in t.done_timer_keys]
+    if done_timers:
+        conn.execute(delete(s.timers).where(s.timers.c.timer_key.in_(done_timers)))
+    new_timers = [
+        {
+            "timer_key": timer.timer_key,
+            "fire_at": timer.fire_at,
+            "shard_id": cluster.shard_of(timer.key.namespace, timer.key.workflow_id, shard_count),
+            "namespace": timer.key.namespace,
+            "workflow_id": timer.key.workflow_id,
+            "run_id": timer.key.run_id,
+            "kind": int(timer.kind),
+            "ref_id": timer.ref_id,
+            "attempt": timer.attempt,
+        }
+        for t in batch
+        for timer in t.new_timers
+    ]
+    if new_timers:
+        conn.execute(insert(s.timers), new_timers)
+
+
+def _write_current_txn(conn: Connection, t: Transition) -> None:
+    k = t.key
+    c = s.current_executions
+    if t.current == CurrentWrite.INSERT:
+        conn.execute(
+            insert(c).values(
+                namespace=k.namespace,
+                workflow_id=k.workflow_id,
+                run_id=k.run_id,
+                status=t.summary.status,
+                start_request_id=t.start_request_id,
+            )
+        )
+    elif t.current == CurrentWrite.REPLACE:
+        result = conn.execute(
+            update(c)
+            .where(
+                c.c.namespace == k.namespace,
+                c.c.workflow_id == k.workflow_id,
+                c.c.run_id == t.replaces_run_id,
+                c.c.status != _RUNNING,
+            )
+            .values(run_id=k.run_id, status=t.summary.status, start_request_id=t.start_request_id)
+        )
+        if result.rowcount != 1:
+            raise Rejected(
+                CurrentExecutionConflictError(
+                    f"workflow id {k.workflow_id!r}: run {t.replaces_run_id} is no longer "
+                    "the closed current run"
+                )
+            )
+    elif t.current == CurrentWrite.UPDATE_STATUS:
+        conn.execute(
+            update(c)
+            .where(
+                c.c.namespace == k.namespace,
+                c.c.workflow_id == k.workflow_id,
+                c.c.run_id == k.run_id,
+            )
+            .values(status=t.summary.status)
+        )
