@@ -207,28 +207,36 @@ class HistoryEngine:
         # the two leaves a transition marked "may have happened", never one
         # missing from the log.
         self._tracer.write_ahead(action, m)
+        # The write runs in its own task: a caller cancelled mid-commit (a worker or
+        # poller that went away) does not stop the store's writer, and its outcome
+        # must still be known before the rows are handed over (below).
+        write = asyncio.ensure_future(self._store.apply(m.to_transition(run.db_version), *together))
         try:
-            await self._store.apply(m.to_transition(run.db_version), *together)
+            await asyncio.shield(write)
         except (ConditionFailedError, CurrentExecutionConflictError):
             log.debug("run %s changed under us; reloading", key)
             self._tracer.outcome(m, committed=False)
             self._forget(key, run)
             return False
-        except BaseException:
-            # The outcome of the commit is unknown: never trust the cache again.
-            # (Trace mode: the line written ahead stays unconfirmed, which says
-            # exactly that.)
+        except asyncio.CancelledError:
+            # Never trust the cache again (trace mode: the line written ahead stays
+            # unconfirmed). The rows go to matching and the timer queue once the
+            # write has landed, never before: a transfer row handed over while its
+            # commit is in flight finds no pending child in the state it reads,
+            # is judged stale and deleted, and the committed child start is lost
+            # (found by the chaos suite).
             self._forget(key, run)
-            # It may well have committed (a caller cancelled mid-commit, e.g. a
-            # poller or worker that went away, does not stop the store's writer).
-            # Its task and timer rows would then reach matching and the timer
-            # queue only after a restart or a refill, so hand them over anyway:
-            # both are validated against the run's state when started or fired,
-            # and ones that did not commit are dropped as stale there.
-            if m.new_tasks:
-                self._dispatcher.add_tasks(m.new_tasks)
-            if m.new_timers:
-                self._dispatcher.add_timers(m.new_timers)
+            write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
+            raise
+        except BaseException:
+            # The store failed the write (an outage, a lost connection): it is over,
+            # but it may have committed. Its task and timer rows would then reach
+            # matching and the timer queue only after a restart or a refill, so
+            # hand them over anyway: both are validated against the run's state
+            # when started or fired, and ones that did not commit are dropped as
+            # stale there.
+            self._forget(key, run)
+            self._dispatch_rows(m)
             raise
         self._tracer.outcome(m, committed=True)
         for side in m.side_runs:
@@ -245,14 +253,27 @@ class HistoryEngine:
         self._after_commit(run, m, action)
         return True
 
-    def _after_commit(self, run: _Run, m: Mutation, action: str) -> None:
-        old = run.changed
-        run.changed = asyncio.Event()
-        old.set()
+    def _dispatch_rows(self, m: Mutation) -> None:
         if m.new_tasks:
             self._dispatcher.add_tasks(m.new_tasks)
         if m.new_timers:
             self._dispatcher.add_timers(m.new_timers)
+
+    def _dispatch_if_committed(self, write: asyncio.Future[Any], m: Mutation) -> None:
+        """A write whose caller went away has finished: hand its rows over if it may
+        have committed (a conflict means it did not)."""
+        if write.cancelled():
+            return
+        error = write.exception()  # retrieved, so it is never reported as unhandled
+        if isinstance(error, ConditionFailedError | CurrentExecutionConflictError):
+            return
+        self._dispatch_rows(m)
+
+    def _after_commit(self, run: _Run, m: Mutation, action: str) -> None:
+        old = run.changed
+        run.changed = asyncio.Event()
+        old.set()
+        self._dispatch_rows(m)
 
     async def _first_page(
         self,
