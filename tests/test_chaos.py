@@ -6,12 +6,14 @@ so restarting the database disturbs nobody else). The real CLI runs the server
 workers: ``ChaosWorkflow`` runs an activity, a timer, a slow heartbeating activity and
 a child workflow (an activity and a timer), and waits for its signals.
 
-While the test starts the workflows and sends them signals, a driver with a seeded
-RNG (``TIDEFLOW_CHAOS_SEED``; random by default, printed) SIGKILLs the server (a new
-process starts on the same port and store) or one of the workers (a new one starts),
-each kill after K more activity executions were recorded (a wait on progress, never
-on the clock). Half-way it restarts PostgreSQL (on the PostgreSQL variant). Checks at
-the end, each counted as lost or duplicated:
+A driver with a seeded RNG (``TIDEFLOW_CHAOS_SEED``; random by default, printed)
+SIGKILLs the server (a new process starts on the same port and store) or one of the
+workers (a new one starts), each kill after K more activity executions were recorded
+(a wait on progress, never on the clock). The test starts the workflows in groups of
+ten as the kills go on, so there is always fresh work to interrupt, and sends each
+one three signals: at once, after its slow activity ran, and once the kills are over
+(so every run outlasts them). Half-way the driver restarts PostgreSQL (on the
+PostgreSQL variant). Checks at the end, each counted as lost or duplicated:
 
 - every workflow completed with the result its input and signals determine;
 - every history (parents and children) gap-free, started once, closed once, last;
@@ -22,7 +24,7 @@ the end, each counted as lost or duplicated:
 
 A one-line summary (``chaos summary: ...``) is printed (``pytest -s`` shows it).
 
-Sizes: ``TIDEFLOW_CHAOS_KILLS`` (default 10) kills; ``TIDEFLOW_CHAOS_WORKFLOWS``
+Sizes: ``TIDEFLOW_CHAOS_KILLS`` (default 12) kills; ``TIDEFLOW_CHAOS_WORKFLOWS``
 (default 60, at least 3 per kill) workflows. The long variant is
 ``TIDEFLOW_CHAOS_KILLS=100``.
 """
@@ -35,7 +37,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -52,14 +54,16 @@ pytestmark = pytest.mark.slow
 
 ET = EventType
 
-KILLS = int(os.environ.get("TIDEFLOW_CHAOS_KILLS", "10"))
+KILLS = int(os.environ.get("TIDEFLOW_CHAOS_KILLS", "12"))
 WORKFLOWS = max(int(os.environ.get("TIDEFLOW_CHAOS_WORKFLOWS", "60")), 3 * KILLS)
 SIGNALS = 3
-# Activity executions per workflow when nothing is killed: first, slow, the child's.
-EXECUTIONS_PER_WORKFLOW = 3
+# The activities of a workflow and its child: each runs at least once.
+STEPS = ("first", "slow", "child")
+# Workflows are started in groups as the kills go on, so fresh work is always there.
+GROUP = 10
 # A kill comes after this many more executions (drawn by the RNG): the system makes
 # progress between any two kills, however fast the machine.
-PROGRESS_BETWEEN_KILLS = (2, 5)
+PROGRESS_BETWEEN_KILLS = (1, 6)
 # The whole run's bound: generous for a loaded 2-core machine (a healthy default run
 # takes a fraction); the long variant scales it.
 RUN_BOUND_S = 240.0 + 12.0 * KILLS
@@ -110,24 +114,55 @@ class Tally:
 
 
 class Ledger:
-    """The file every chaos activity execution appends one JSON line to."""
+    """The file every chaos activity execution appends one JSON line to, read as it
+    grows by ``watch()`` (one reader for all the waits on it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.executions: Counter[tuple[str, str]] = Counter()
+        self.total = 0
+        self._offset = 0
+        self._waiters: dict[tuple[str, str], asyncio.Event] = {}
 
-    def lines(self) -> list[dict[str, Any]]:
+    def refresh(self) -> None:
+        """Take in the whole lines appended since the last call."""
         if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            return
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            entry = json.loads(line)
+            key = (entry["wf"], entry["step"])
+            self.executions[key] += 1
+            self.total += 1
+            if key in self._waiters:
+                self._waiters[key].set()
 
-    def count(self) -> int:
-        if not self.path.exists():
-            return 0
-        return self.path.read_bytes().count(b"\n")
+    async def watch(self) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(0.05)
 
-    def reached(self, count: int, or_when: asyncio.Event) -> Callable[[], bool]:
-        """A check for ``eventually``: ``count`` executions recorded, or ``or_when`` set."""
-        return lambda: self.count() >= count or or_when.is_set()
+    async def executed(self, wf: str, step: str) -> None:
+        """Wait until activity ``step`` of ``wf`` ran (at least started) once."""
+        if self.executions[(wf, step)]:
+            return
+        await self._waiters.setdefault((wf, step), asyncio.Event()).wait()
+
+    def progressed(self, target: int, workflows: Collection[str]) -> Callable[[], bool]:
+        """A check for ``eventually``: ``target`` executions recorded, or every
+        activity of ``workflows`` (as it is when checked) executed already."""
+        return lambda: (
+            self.total >= target
+            or all(self.executions[(wf, step)] for wf in list(workflows) for step in STEPS)
+        )
+
+
+def _at_least(count: Callable[[], int], n: int) -> Callable[[], bool]:
+    return lambda: count() >= n
 
 
 class Workers:
@@ -277,12 +312,12 @@ async def _verify(
         child = client.get_workflow_handle(f"{wf}-child")
         _check_history(f"{wf}-child", await _history(child), client.data_converter, tally)
 
-    executions = Counter((line["wf"], line["step"]) for line in ledger.lines())
+    ledger.refresh()
     for wf in handles:
-        for step in ("first", "slow", "child"):
-            if executions[(wf, step)] == 0:
+        for step in STEPS:
+            if ledger.executions[(wf, step)] == 0:
                 tally.lost.append(f"{wf}: activity {step} never executed")
-    tally.extra_executions = sum(executions.values()) - len(handles) * EXECUTIONS_PER_WORKFLOW
+    tally.extra_executions = ledger.total - len(handles) * len(STEPS)
 
 
 async def _send_signal(handle: WorkflowHandle[Any], value: str, request_id: str) -> None:
@@ -356,67 +391,51 @@ async def test_chaos(
     client = await Client.connect(server.address)
     handles: dict[str, WorkflowHandle[Any]] = {}
     values = {f"chaos-{n}-{seed}": rng.randrange(1, 10**6) for n in range(WORKFLOWS)}
-    expected_executions = WORKFLOWS * EXECUTIONS_PER_WORKFLOW
+    groups = [list(values)[g : g + GROUP] for g in range(0, WORKFLOWS, GROUP)]
+    chaos_over = asyncio.Event()
 
-    starts_done = asyncio.Event()
+    async def run_one(wf: str) -> None:
+        """Start ``wf`` and send its signals: one at once, one after its slow activity
+        ran, the last once the kills are over (so the run outlasts them all)."""
+        job = {"wf": wf, "value": values[wf], "signals": SIGNALS, "ledger": str(ledger.path)}
+        handles[wf] = handle = await client.start_workflow(
+            "ChaosWorkflow",
+            job,
+            id=wf,
+            task_queue=task_queue,
+            task_timeout=timedelta(seconds=2),
+        )
+        for n, after in enumerate((None, ledger.executed(wf, "slow"), chaos_over.wait())):
+            if after is not None:
+                await after
+            await _send_signal(handle, f"{wf}#{n}", f"{wf}-signal-{n}")
+            tally.signals_sent += 1
+        await handle.result()
 
-    async def start_all() -> None:
-        """Starts in groups, so starts race the kills too."""
-        ids = list(values)
-        for group in range(0, len(ids), 10):
-            started = await asyncio.gather(
-                *(
-                    client.start_workflow(
-                        "ChaosWorkflow",
-                        {
-                            "wf": wf,
-                            "value": values[wf],
-                            "signals": SIGNALS,
-                            "ledger": str(ledger.path),
-                        },
-                        id=wf,
-                        task_queue=task_queue,
-                        task_timeout=timedelta(seconds=2),
-                    )
-                    for wf in ids[group : group + 10]
-                )
-            )
-            handles.update(zip(ids[group : group + 10], started, strict=True))
-        starts_done.set()
+    async def load() -> None:
+        """Group g starts once g * KILLS / len(groups) kills happened."""
+        running: list[asyncio.Future[None]] = []
+        for g, group in enumerate(groups):
+            due = g * KILLS // len(groups)
+            await eventually(_at_least(kills, due), f"kill {due}", timeout=RUN_BOUND_S)
+            running += [asyncio.ensure_future(run_one(wf)) for wf in group]
+        await asyncio.gather(*running)
 
-    async def signal_all() -> None:
-        """Round n goes out once a share of the activity work is done, so signals
-        arrive while workflows run, wait, and while processes die."""
-        never = asyncio.Event()
-        await starts_done.wait()
-        for n in range(SIGNALS):
-            threshold = expected_executions * n // (SIGNALS + 1)
-            await eventually(
-                ledger.reached(threshold, or_when=never),
-                f"signal round {n}",
-                timeout=RUN_BOUND_S,
-            )
-            await asyncio.gather(
-                *(
-                    _send_signal(handle, f"{wf}#{n}", f"{wf}-signal-{n}")
-                    for wf, handle in list(handles.items())
-                )
-            )
-            tally.signals_sent += len(handles)
+    def kills() -> int:
+        return tally.server_kills + tally.worker_kills
 
     async def chaos() -> None:
-        """Kill after K more executions, until KILLS kills or the work is done."""
+        """Each kill after K more executions (or once every started workflow has no
+        activity left to run: its last signal waits for the kills to be over)."""
         db_restart_at = KILLS // 2 if cluster is not None else -1
         for kill in range(KILLS):
-            target = ledger.count() + rng.randint(*PROGRESS_BETWEEN_KILLS)
+            target = ledger.total + rng.randint(*PROGRESS_BETWEEN_KILLS)
             victim = rng.choice(["server", "server", "a", "b"])
-            reached = await eventually(
-                ledger.reached(target, or_when=done),
+            await eventually(
+                ledger.progressed(target, handles),
                 f"kill {kill}: {target} executions",
                 timeout=RUN_BOUND_S,
             )
-            if done.is_set() or not reached:
-                return
             if kill == db_restart_at and cluster is not None:
                 await asyncio.to_thread(cluster.restart)
                 tally.db_restarts += 1
@@ -427,20 +446,16 @@ async def test_chaos(
             else:
                 await workers.kill_and_restart(victim)
                 tally.worker_kills += 1
+        chaos_over.set()
 
-    done = asyncio.Event()
-
-    async def load() -> None:
-        await asyncio.gather(start_all(), signal_all())
-        await asyncio.gather(*(h.result() for h in handles.values()))
-        done.set()
-
+    watcher = asyncio.ensure_future(ledger.watch())
     try:
         # gather: a failure of the driver (a process that does not come back) fails
         # the test at once instead of at the bound.
         await asyncio.wait_for(asyncio.gather(load(), chaos()), RUN_BOUND_S)
         await _verify(client, handles, values, ledger, tally)
     finally:
+        watcher.cancel()
         await client.close()
 
     summary = (
