@@ -65,8 +65,8 @@ GROUP = 10
 # progress between any two kills, however fast the machine.
 PROGRESS_BETWEEN_KILLS = (1, 6)
 # The whole run's bound: generous for a loaded 2-core machine (a healthy default run
-# takes a fraction); the long variant scales it.
-RUN_BOUND_S = 240.0 + 12.0 * KILLS
+# takes a fraction); the long variant scales it. A run not done by then is lost.
+RUN_BOUND_S = 240.0 + 4.0 * KILLS
 
 STORES = [
     pytest.param("sqlite", id="sqlite"),
@@ -293,6 +293,7 @@ async def _verify(
     ledger: Ledger,
     tally: Tally,
 ) -> None:
+    tally.lost += [f"{wf}: never started" for wf in values if wf not in handles]
     for wf, handle in handles.items():
         description = await handle.describe()
         if description.status != WorkflowExecutionStatus.COMPLETED:
@@ -452,7 +453,12 @@ async def test_chaos(
     try:
         # gather: a failure of the driver (a process that does not come back) fails
         # the test at once instead of at the bound.
-        await asyncio.wait_for(asyncio.gather(load(), chaos()), RUN_BOUND_S)
+        try:
+            await asyncio.wait_for(asyncio.gather(load(), chaos()), RUN_BOUND_S)
+        except TimeoutError:
+            # A run that never completes is lost: count it (and report the rest)
+            # instead of failing without figures.
+            print(f"chaos: not done within {RUN_BOUND_S:.0f} s; checking what there is")
         await _verify(client, handles, values, ledger, tally)
     finally:
         watcher.cancel()
