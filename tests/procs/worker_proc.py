@@ -14,6 +14,11 @@ run. ``helpers.Processes.start_worker`` starts it. Flavours:
   the child runs ``child_step``.
 - ``sticky`` (tests/test_sticky.py): ``Tally`` adds up signals. The test imports
   ``Tally`` from this file too, so an in-test worker runs the very same code.
+- ``chaos`` (tests/test_chaos.py): ``ChaosWorkflow`` runs a quick activity, a timer,
+  a slow heartbeating activity and a ``ChaosChild`` (an activity and a timer), and
+  collects ``add`` signals; its result is a function of its input and the signals.
+  Every execution of a chaos activity appends one line to the ledger file named in
+  its input, so the test counts re-executions after kills.
 
 ``stall_on_first_attempt`` and ``child_step`` write a marker file (path from their
 input, ``.attemptN`` appended) on every attempt, so a test sees which attempt runs in
@@ -136,10 +141,106 @@ class Tally:
         self.values.append(value)
 
 
+# ------------------------------------------------------------------- chaos
+
+# Unlimited attempts: a kill must only ever delay an activity, never fail it. The
+# short heartbeat timeout notices a killed worker's slow attempt quickly.
+CHAOS_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=1)
+)
+CHAOS_STEP_TIMEOUT = timedelta(seconds=3)
+CHAOS_SLOW_TIMEOUT = timedelta(seconds=30)
+CHAOS_HEARTBEAT = timedelta(seconds=2)
+CHAOS_SLOW_BEATS = 4
+
+
+def _chaos_record(job: dict[str, Any], step: str) -> None:
+    """One ledger line per execution, in one O_APPEND write: lines from several
+    processes never interleave, and a SIGKILL leaves a whole line or none."""
+    info = activity.info()
+    line = json.dumps({"wf": job["wf"], "step": step, "attempt": info.attempt, "pid": os.getpid()})
+    fd = os.open(job["ledger"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@activity.defn
+async def chaos_step(job: dict[str, Any]) -> int:
+    _chaos_record(job, job["step"])
+    # tests/test_chaos.py expects exactly this (its oracle).
+    return int(job["value"]) * 7 + len(job["step"])
+
+
+@activity.defn
+async def chaos_slow(job: dict[str, Any]) -> int:
+    """A slow activity that heartbeats: killed mid-way, it is retried once the
+    heartbeat timeout passes (not the much longer start-to-close timeout)."""
+    _chaos_record(job, "slow")
+    for beat in range(CHAOS_SLOW_BEATS):
+        activity.heartbeat(beat)
+        await asyncio.sleep(0.1)
+    return int(job["value"]) * 11
+
+
+@workflow.defn
+class ChaosChild:
+    @workflow.run
+    async def run(self, job: dict[str, Any]) -> int:
+        await workflow.sleep(timedelta(milliseconds=50))
+        step: int = await workflow.execute_activity(
+            chaos_step,
+            {**job, "step": "child"},
+            start_to_close_timeout=CHAOS_STEP_TIMEOUT,
+            retry_policy=CHAOS_RETRY,
+        )
+        return step + 1
+
+
+@workflow.defn
+class ChaosWorkflow:
+    """Input ``{"wf", "value", "signals", "ledger"}``; waits for ``signals`` signals."""
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+
+    @workflow.signal
+    def add(self, value: str) -> None:
+        self.signals.append(value)
+
+    @workflow.run
+    async def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        first: int = await workflow.execute_activity(
+            chaos_step,
+            {**job, "step": "first"},
+            start_to_close_timeout=CHAOS_STEP_TIMEOUT,
+            retry_policy=CHAOS_RETRY,
+        )
+        await workflow.sleep(timedelta(milliseconds=200))
+        slow: int = await workflow.execute_activity(
+            chaos_slow,
+            job,
+            start_to_close_timeout=CHAOS_SLOW_TIMEOUT,
+            heartbeat_timeout=CHAOS_HEARTBEAT,
+            retry_policy=CHAOS_RETRY,
+        )
+        child: int = await workflow.execute_child_workflow(
+            ChaosChild.run,
+            job,
+            id=f"{job['wf']}-child",
+            task_timeout=timedelta(seconds=2),
+        )
+        await workflow.wait_condition(lambda: len(self.signals) >= int(job["signals"]))
+        # Signals in arrival order: one applied twice or lost changes the result.
+        return {"first": first, "slow": slow, "child": child, "signals": self.signals}
+
+
 FLAVOURS: dict[str, tuple[list[type], list[Any]]] = {
     "crashy": ([CrashyWorkflow], [stall_on_first_attempt]),
     "child": ([CrashParent, CrashChild], [child_step, parent_step]),
     "sticky": ([Tally], []),
+    "chaos": ([ChaosWorkflow, ChaosChild], [chaos_step, chaos_slow]),
 }
 
 
