@@ -53,6 +53,7 @@ from tideflow.history import (
     HistoryStore,
     RunKey,
     StoreError,
+    TaskKind,
     TaskRow,
     TimerRow,
 )
@@ -207,12 +208,15 @@ class HistoryEngine:
         # the two leaves a transition marked "may have happened", never one
         # missing from the log.
         self._tracer.write_ahead(action, m)
-        # The write runs in its own task: a caller cancelled mid-commit (a worker or
-        # poller that went away) does not stop the store's writer, and its outcome
-        # must still be known before the rows are handed over (below).
+        # The write runs in its own task. A commit that creates transfer rows is
+        # shielded from its caller's cancellation (a worker that went away mid-call):
+        # its rows may reach the transfer processor only once the write has landed
+        # (below). Other commits (recording a task as started) are cancelled with
+        # their caller, as before: a poll that went away then starts nothing.
         write = asyncio.ensure_future(self._store.apply(m.to_transition(run.db_version), *together))
+        shielded = _creates_transfers(m)
         try:
-            await asyncio.shield(write)
+            await (asyncio.shield(write) if shielded else write)
         except (ConditionFailedError, CurrentExecutionConflictError):
             log.debug("run %s changed under us; reloading", key)
             self._tracer.outcome(m, committed=False)
@@ -220,13 +224,18 @@ class HistoryEngine:
             return False
         except asyncio.CancelledError:
             # Never trust the cache again (trace mode: the line written ahead stays
-            # unconfirmed). The rows go to matching and the timer queue once the
-            # write has landed, never before: a transfer row handed over while its
-            # commit is in flight finds no pending child in the state it reads,
-            # is judged stale and deleted, and the committed child start is lost
-            # (found by the chaos suite).
+            # unconfirmed). Rows handed over while the commit is in flight would be
+            # judged against a state that does not show them yet: a transfer row
+            # finds no pending child, is judged stale and deleted, and the child
+            # start, committed a moment later, is lost (found by the chaos suite).
             self._forget(key, run)
-            write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
+            if shielded:
+                write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
+            else:
+                # Cancelled with its caller, the write may still have committed (the
+                # store's writer had taken it): its task and timer rows are handed
+                # over now, validated against the run's state when started or fired.
+                self._dispatch_rows(m)
             raise
         except BaseException:
             # The store failed the write (an outage, a lost connection): it is over,
@@ -813,3 +822,9 @@ class HistoryEngine:
 
 def _key(token: state_pb2.TaskToken) -> RunKey:
     return RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+
+
+def _creates_transfers(m: Mutation) -> bool:
+    """Whether committing ``m`` creates rows for the transfer processor, which judges
+    each row against the run's stored state (and deletes the ones it finds stale)."""
+    return any(task.kind == TaskKind.TRANSFER for task in m.new_tasks)
