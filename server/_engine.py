@@ -53,7 +53,6 @@ from tideflow.history import (
     HistoryStore,
     RunKey,
     StoreError,
-    TaskKind,
     TaskRow,
     TimerRow,
 )
@@ -208,13 +207,13 @@ class HistoryEngine:
         # the two leaves a transition marked "may have happened", never one
         # missing from the log.
         self._tracer.write_ahead(action, m)
-        # The write runs in its own task. A commit that creates transfer rows is
-        # shielded from its caller's cancellation (a worker that went away mid-call):
-        # its rows may reach the transfer processor only once the write has landed
-        # (below). Other commits (recording a task as started) are cancelled with
-        # their caller, as before: a poll that went away then starts nothing.
+        # The write runs in its own task. A commit that creates task rows is shielded
+        # from its caller's cancellation (a worker that went away mid-call): its rows
+        # may reach matching and the transfer processor only once the write has
+        # landed (below). Other commits (recording a task as started) are cancelled
+        # with their caller, as before: a poll that went away then starts nothing.
         write = asyncio.ensure_future(self._store.apply(m.to_transition(run.db_version), *together))
-        shielded = _creates_transfers(m)
+        shielded = bool(m.new_tasks)
         try:
             await (asyncio.shield(write) if shielded else write)
         except (ConditionFailedError, CurrentExecutionConflictError):
@@ -225,9 +224,10 @@ class HistoryEngine:
         except asyncio.CancelledError:
             # Never trust the cache again (trace mode: the line written ahead stays
             # unconfirmed). Rows handed over while the commit is in flight would be
-            # judged against a state that does not show them yet: a transfer row
-            # finds no pending child, is judged stale and deleted, and the child
-            # start, committed a moment later, is lost (found by the chaos suite).
+            # judged against a state that does not show them yet, found stale and
+            # deleted, and the work committed a moment later lost: a transfer row
+            # finds no pending child (found by the chaos suite), a polled activity
+            # task no scheduled activity.
             self._forget(key, run)
             if shielded:
                 write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
@@ -822,9 +822,3 @@ class HistoryEngine:
 
 def _key(token: state_pb2.TaskToken) -> RunKey:
     return RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
-
-
-def _creates_transfers(m: Mutation) -> bool:
-    """Whether committing ``m`` creates rows for the transfer processor, which judges
-    each row against the run's stored state (and deletes the ones it finds stale)."""
-    return any(task.kind == TaskKind.TRANSFER for task in m.new_tasks)
