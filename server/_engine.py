@@ -207,15 +207,15 @@ class HistoryEngine:
         # the two leaves a transition marked "may have happened", never one
         # missing from the log.
         self._tracer.write_ahead(action, m)
-        # The write runs in its own task. A commit that creates task rows is shielded
-        # from its caller's cancellation (a worker that went away mid-call): its rows
-        # may reach matching and the transfer processor only once the write has
-        # landed (below). Other commits (recording a task as started) are cancelled
-        # with their caller, as before: a poll that went away then starts nothing.
-        write = asyncio.ensure_future(self._store.apply(m.to_transition(run.db_version), *together))
-        shielded = bool(m.new_tasks)
+        # A commit that creates task rows writes in its own task, shielded from its
+        # caller's cancellation (a worker that went away mid-call): its rows may reach
+        # matching and the transfer processor only once the write has landed (below).
+        # Other commits (recording a task as started) are awaited directly and
+        # cancelled with their caller, as before: a poll that went away starts nothing.
+        apply = self._store.apply(m.to_transition(run.db_version), *together)
+        write = asyncio.ensure_future(apply) if m.new_tasks else None
         try:
-            await (asyncio.shield(write) if shielded else write)
+            await (apply if write is None else asyncio.shield(write))
         except (ConditionFailedError, CurrentExecutionConflictError):
             log.debug("run %s changed under us; reloading", key)
             self._tracer.outcome(m, committed=False)
@@ -229,7 +229,7 @@ class HistoryEngine:
             # finds no pending child (found by the chaos suite), a polled activity
             # task no scheduled activity.
             self._forget(key, run)
-            if shielded:
+            if write is not None:
                 write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
             else:
                 # Cancelled with its caller, the write may still have committed (the
