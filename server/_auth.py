@@ -34,6 +34,7 @@ import jwt
 from tideflow.history._api_keys import ApiKeyStore
 
 from ._errors import ServiceError
+from ._peers import NodeCredential, node_of
 
 
 class UnauthenticatedError(ServiceError):
@@ -333,13 +334,26 @@ def credential_of(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 
 class AuthGate:
     """What the frontend asks, once per call: who is calling (``authenticate``) and
-    may they do this (``authorize``)."""
+    may they do this (``authorize``). A call a node of the cluster makes on its own
+    behalf (server/_peers.py) carries the node credential instead: it may do anything."""
 
-    def __init__(self, authenticator: Authenticator, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        nodes: NodeCredential | None = None,
+    ) -> None:
         self._authenticator = authenticator
         self._authorizer = authorizer
+        self._nodes = nodes
 
     async def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
+        node_header = node_of(metadata)
+        if node_header is not None and self._nodes is not None:
+            node_id = await self._nodes.verify(node_header)
+            if node_id is None:
+                raise UnauthenticatedError("the node credential is not valid for this cluster")
+            return Principal(f"node:{node_id}", {ANY_NAMESPACE: frozenset(Role)})
         credential = credential_of(metadata)
         if credential is None:
             raise UnauthenticatedError(
@@ -354,8 +368,11 @@ class AuthGate:
             raise PermissionDeniedError(f"permission denied: {reason}")
 
 
-def gate_for(config: AuthConfig, api_keys: ApiKeyStore) -> AuthGate | None:
-    """The gate ``config`` asks for on a store's database; None when auth is off."""
+def gate_for(
+    config: AuthConfig, api_keys: ApiKeyStore, nodes: NodeCredential | None = None
+) -> AuthGate | None:
+    """The gate ``config`` asks for on a store's database; None when auth is off.
+    ``nodes`` lets the cluster's own nodes in (server/_peers.py)."""
     if config.mode is AuthMode.OFF:
         return None
     authenticator = config.authenticator
@@ -365,7 +382,7 @@ def gate_for(config: AuthConfig, api_keys: ApiKeyStore) -> AuthGate | None:
         else:
             assert config.jwt is not None  # AuthConfig checks it
             authenticator = JWTAuthenticator(config.jwt, config.claim_mapper)
-    return AuthGate(authenticator, config.authorizer or DefaultAuthorizer())
+    return AuthGate(authenticator, config.authorizer or DefaultAuthorizer(), nodes)
 
 
 # ------------------------------------------------------------------ flags

@@ -30,6 +30,7 @@ from ._errors import UnavailableError
 from ._failures import log_retry
 from ._frontend import WorkflowService
 from ._matching import Matching
+from ._peers import NodeCredential, PeerChannels
 from ._registration import add_to_server
 from ._resync import resync_after_outages
 from ._schedules import Scheduler
@@ -178,6 +179,8 @@ class TideflowServer:
         self._shards: ShardController | None = None
         self._stopped = False
         self._tokens: TaskTokenSigner | None = None
+        self.peers = PeerChannels(self.config, self.tls)
+        self.node_credential: NodeCredential | None = None
 
     @property
     def address(self) -> str:
@@ -259,6 +262,9 @@ class TideflowServer:
         tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
         await tokens.load()
         self._tokens = tokens
+        # Links to the other nodes (server/_peers.py): forwarded requests and the calls
+        # a node makes on its own behalf, proved by the node credential.
+        self.node_credential = NodeCredential(self.node_id, tokens)
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
         service = WorkflowService(
@@ -268,7 +274,7 @@ class TideflowServer:
             self.config,
             scheduler=scheduler,
             tokens=tokens,
-            auth=gate_for(self.auth, store.api_keys),
+            auth=gate_for(self.auth, store.api_keys, self.node_credential),
         )
         add_to_server(service, server)
         await server.start()
@@ -342,6 +348,7 @@ class TideflowServer:
             if self._shards is not None:
                 # Nothing writes any more: hand the shards over at once.
                 await self._shards.stop()
+            await self.peers.close()
             if failure is not None:
                 raise failure
         finally:

@@ -43,6 +43,7 @@ from tideflow.history import (
 
 from ._errors import UnavailableError
 from ._failures import log_retry
+from ._peers import Peer
 from ._trace import LeaseTracer
 
 log = logging.getLogger("tideflow.server.shards")
@@ -114,6 +115,34 @@ class ShardController:
             f"workflow {workflow_id!r} lives on shard {shard}, which node {self.node_id} "
             f"({self.address}) does not own: {self._owner_of(shard)}; retry there"
         )
+
+    def owner(self, shard: int) -> Peer | None:
+        """The node holding ``shard``'s lease by the last read of the shard rows (this
+        node included), with its advertised address; None while the shard has no live
+        owner or the owner's address is unknown. A view at most a third of a lease old:
+        ``refresh`` reads it again (a caller refused by the owner named here)."""
+        if self._store.holds(shard):
+            return Peer(self.node_id, self.address)
+        row = self._view[shard] if shard < len(self._view) else None
+        if row is None or row.unowned or row.owner == self.node_id or row.free_at(now_micros()):
+            return None
+        member = self._members.get(row.owner)
+        return None if member is None else Peer(row.owner, member.address)
+
+    def peers(self) -> list[Peer]:
+        """The other nodes whose heartbeat is younger than a lease, by the last read."""
+        horizon = now_micros() - self._lease_us
+        return [
+            Peer(m.node_id, m.address)
+            for m in self._members.values()
+            if m.node_id != self.node_id and m.heartbeat_at >= horizon
+        ]
+
+    async def refresh(self) -> None:
+        """Read the shard rows and membership again now (a forwarded call met a node
+        that no longer owns the shard): the next ``owner`` answers from the store."""
+        self._members = {m.node_id: m for m in await self._store.list_members()}
+        self._view = await self._store.read_shards()
 
     def _owner_of(self, shard: int) -> str:
         row = self._view[shard] if shard < len(self._view) else None

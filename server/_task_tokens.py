@@ -126,6 +126,24 @@ class TaskTokenSigner:
             )
         return body
 
+    async def sign(self, data: bytes) -> tuple[int, bytes]:
+        """``(key id, HMAC-SHA256 of data)`` under the current signing key: the same
+        keys authenticate other short secrets of the cluster (server/_peers.py)."""
+        await self._fresh()
+        key = self._signing
+        assert key is not None
+        return key.key_id, _mac(key, b"", data)
+
+    async def verify(self, data: bytes, key_id: int, mac: bytes) -> bool:
+        """Whether ``mac`` is ``sign(data)``'s under key ``key_id`` (a known, unretired
+        key; an unknown id reloads the keys as ``open`` does)."""
+        await self._fresh()
+        key = self._keys.get(key_id)
+        if key is None and time.monotonic() - self._loaded_at >= _UNKNOWN_KEY_RELOAD_S:
+            await self.load()
+            key = self._keys.get(key_id)
+        return key is not None and hmac.compare_digest(mac, _mac(key, b"", data))
+
 
 def _mac(key: TokenKey, head: bytes, body: bytes) -> bytes:
     return hmac.new(key.secret, head + body, hashlib.sha256).digest()
