@@ -31,6 +31,7 @@ from tideflow.api.v1 import service_pb2
 
 from . import activity as activity_mod
 from ._activity_worker import ActivityWorker, EagerWorkflowTasks
+from ._local_activities import LocalActivityConfig
 from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
 from .client import Client
@@ -102,6 +103,13 @@ class Worker:
                 )
                 if activities and activity_pollers
                 else None,
+                # Local activities: the activities registered here, run in this process.
+                local_activities=LocalActivityConfig(
+                    activities=activity_defs,
+                    executor=activity_executor,
+                    converter=client.data_converter,
+                    task_queue=task_queue,
+                ),
                 interceptors=interceptors,
             )
         if activities:

@@ -1,0 +1,265 @@
+"""Local activities (``workflow.execute_local_activity``) end to end, on both stores.
+
+They run in the worker inside the workflow task and are recorded as ``LocalActivity``
+markers: no activity events, retries in the worker with the attempt in the marker, long
+backoffs as durable timers, replay from the marker without running the function again,
+cancellation, the workflow task's heartbeat while they outlast the task timeout, and a
+worker that does not have the activity. What the activities did is kept in module-level
+dicts keyed by a per-test uuid (they run in the test's process, in its in-test worker).
+Nothing waits on a sleep: activities wait on events the test sets once history shows
+what it waits for. The multi-process SIGKILL test is in test_local_activities_crash.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from helpers import ET, assert_well_formed, bounded, eventually, events_of, new_id, of_type
+
+from tideflow.api.v1.history_pb2 import HistoryEvent
+from tideflow.worker_sdk import (
+    Client,
+    Replayer,
+    RetryPolicy,
+    Worker,
+    WorkflowExecutionStatus,
+    activity,
+    workflow,
+)
+from tideflow.worker_sdk.converter import default_converter
+from tideflow.worker_sdk.exceptions import (
+    ActivityError,
+    ApplicationError,
+    NonDeterminismError,
+    RetryState,
+    WorkflowFailureError,
+)
+
+_CALLS: dict[str, list[int]] = defaultdict(list)  # key -> attempt numbers seen
+_INFOS: dict[str, list[activity.Info]] = defaultdict(list)
+_GATES: dict[str, asyncio.Event] = {}
+_CANCELLED: dict[str, bool] = {}
+_STEP = timedelta(seconds=10)
+
+
+@dataclass
+class Order:
+    item: str
+    count: int
+
+
+@activity.defn
+async def price(order: Order, each: int) -> dict[str, Any]:
+    _CALLS[order.item].append(activity.info().attempt)
+    _INFOS[order.item].append(activity.info())
+    return {"item": order.item, "total": order.count * each}
+
+
+@activity.defn
+def shout(key: str) -> str:
+    """A sync local activity: runs in the worker's thread pool."""
+    _CALLS[key].append(activity.info().attempt)
+    return key.upper()
+
+
+@activity.defn
+async def flaky(key: str, failures: int) -> int:
+    """Fails its first ``failures`` attempts, then returns the attempt."""
+    attempt = activity.info().attempt
+    _CALLS[key].append(attempt)
+    if attempt <= failures:
+        raise ApplicationError(f"attempt {attempt} failed", type="Flaky")
+    return attempt
+
+
+@activity.defn
+async def refuse(key: str) -> None:
+    _CALLS[key].append(activity.info().attempt)
+    raise ApplicationError("never", type="Refused")
+
+
+@activity.defn
+async def gated(key: str) -> str:
+    """Waits until the test opens the gate (or until cancelled)."""
+    _CALLS[key].append(activity.info().attempt)
+    try:
+        await _GATES[key].wait()
+    except asyncio.CancelledError:
+        _CANCELLED[key] = True
+        raise
+    return f"{key}:opened"
+
+
+@workflow.defn
+class PriceOrders:
+    @workflow.run
+    async def run(self, key: str) -> list[Any]:
+        first = await workflow.execute_local_activity(
+            price, args=[Order(f"{key}-a", 2), 5], start_to_close_timeout=_STEP
+        )
+        both = await asyncio.gather(
+            workflow.execute_local_activity(
+                price, args=[Order(f"{key}-b", 3), 7], start_to_close_timeout=_STEP
+            ),
+            workflow.execute_local_activity(shout, f"{key}-c", schedule_to_close_timeout=_STEP),
+        )
+        return [first, *both]
+
+
+@workflow.defn
+class Retrying:
+    @workflow.run
+    async def run(self, key: str, failures: int, policy: dict[str, Any]) -> Any:
+        retry = RetryPolicy(
+            initial_interval=timedelta(milliseconds=policy["initial_ms"]),
+            backoff_coefficient=policy.get("coefficient", 1.0),
+            maximum_attempts=policy.get("max_attempts", 0),
+            non_retryable_error_types=policy.get("non_retryable", ()),
+        )
+        threshold = timedelta(milliseconds=policy.get("threshold_ms", 60_000))
+        try:
+            return await workflow.execute_local_activity(
+                refuse if failures < 0 else flaky,
+                args=[key] if failures < 0 else [key, failures],
+                start_to_close_timeout=_STEP,
+                retry_policy=retry,
+                local_retry_threshold=threshold,
+            )
+        except ActivityError as error:
+            cause = error.cause
+            assert isinstance(cause, ApplicationError)
+            return {"retry_state": int(error.retry_state or 0), "cause": cause.type}
+
+
+def _markers(events: list[HistoryEvent]) -> list[dict[str, Any]]:
+    """The data of every LocalActivity marker, with its result or failure type."""
+    out = []
+    for event in of_type(events, ET.EVENT_TYPE_MARKER_RECORDED):
+        attrs = event.marker_recorded_event_attributes
+        if attrs.marker_name != "LocalActivity":
+            continue
+        data = dict(default_converter.from_payloads(attrs.details["data"])[0])
+        if "result" in attrs.details:
+            data["result"] = default_converter.from_payloads(attrs.details["result"])[0]
+        if attrs.HasField("failure"):
+            data["failure"] = attrs.failure.application_failure_info.type
+        out.append(data)
+    return out
+
+
+def _no_activity_tasks(events: list[HistoryEvent]) -> None:
+    assert not of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+
+
+async def test_results_args_and_markers(client: Client, queue: str) -> None:
+    key = new_id("orders")
+    async with Worker(
+        client, task_queue=queue, workflows=[PriceOrders], activities=[price, shout]
+    ):
+        handle = await client.start_workflow(PriceOrders.run, key, id=key, task_queue=queue)
+        result = await bounded(handle.result())
+    assert result == [
+        {"item": f"{key}-a", "total": 10},
+        {"item": f"{key}-b", "total": 21},
+        f"{key}-C".upper(),
+    ]
+    assert _CALLS[f"{key}-a"] == _CALLS[f"{key}-b"] == _CALLS[f"{key}-c"] == [1]
+    info = _INFOS[f"{key}-a"][0]
+    assert info.is_local and info.workflow_id == key and info.activity_type == "price"
+    events = await events_of(handle)
+    assert_well_formed(events)
+    _no_activity_tasks(events)
+    markers = _markers(events)
+    assert [(m["activity_type"], m["attempt"]) for m in markers[:1]] == [("price", 1)]
+    assert sorted(m["activity_type"] for m in markers[1:]) == ["price", "shout"]
+    assert markers[0]["result"] == {"item": f"{key}-a", "total": 10}
+    # One workflow task ran all three: the first and the gathered pair.
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)) == 1
+
+
+async def test_retries_in_the_worker_record_the_attempt(client: Client, queue: str) -> None:
+    key = new_id("flaky")
+    async with Worker(client, task_queue=queue, workflows=[Retrying], activities=[flaky]):
+        handle = await client.start_workflow(
+            Retrying.run, args=[key, 2, {"initial_ms": 10}], id=key, task_queue=queue
+        )
+        assert await bounded(handle.result()) == 3
+    assert _CALLS[key] == [1, 2, 3]
+    events = await events_of(handle)
+    _no_activity_tasks(events)
+    assert not of_type(events, ET.EVENT_TYPE_TIMER_STARTED)  # short backoffs stay local
+    (marker,) = _markers(events)
+    assert (marker["attempt"], marker["result"]) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("policy", "retry_state", "attempts"),
+    [
+        ({"initial_ms": 5, "max_attempts": 3}, RetryState.MAXIMUM_ATTEMPTS_REACHED, [1, 2, 3]),
+        ({"initial_ms": 5, "non_retryable": ["Refused"]}, RetryState.NON_RETRYABLE_FAILURE, [1]),
+    ],
+    ids=["maximum-attempts", "non-retryable"],
+)
+async def test_final_failure_raises_activity_error(
+    client: Client,
+    queue: str,
+    policy: dict[str, Any],
+    retry_state: RetryState,
+    attempts: list[int],
+) -> None:
+    key = new_id("refuse")
+    async with Worker(client, task_queue=queue, workflows=[Retrying], activities=[refuse]):
+        handle = await client.start_workflow(
+            Retrying.run, args=[key, -1, policy], id=key, task_queue=queue
+        )
+        result = await bounded(handle.result())
+    assert result == {"retry_state": int(retry_state), "cause": "Refused"}
+    assert _CALLS[key] == attempts
+    (marker,) = _markers(await events_of(handle))
+    assert marker["attempt"] == attempts[-1]
+    assert marker["failure"] == "Refused"
+    assert marker["retry_state"] == int(retry_state)
+    assert "backoff_us" not in marker
+
+
+async def test_a_long_backoff_becomes_a_durable_timer(client: Client, queue: str) -> None:
+    """Backoffs: 10 ms (local), then 100 ms and 1 s, above the 50 ms threshold: each
+    ends the worker's part with a marker, a timer, and the next attempt after it."""
+    key = new_id("backoff")
+    policy = {"initial_ms": 10, "coefficient": 10.0, "threshold_ms": 50}
+    async with Worker(client, task_queue=queue, workflows=[Retrying], activities=[flaky]):
+        handle = await client.start_workflow(
+            Retrying.run, args=[key, 3, policy], id=key, task_queue=queue
+        )
+        assert await bounded(handle.result()) == 4
+    assert _CALLS[key] == [1, 2, 3, 4]
+    events = await events_of(handle)
+    assert_well_formed(events)
+    _no_activity_tasks(events)
+    markers = _markers(events)
+    assert [(m["attempt"], m.get("backoff_us")) for m in markers] == [
+        (2, 100_000),
+        (3, 1_000_000),
+        (4, None),
+    ]
+    assert [m.get("failure") for m in markers] == ["Flaky", "Flaky", None]
+    started = of_type(events, ET.EVENT_TYPE_TIMER_STARTED)
+    assert [e.timer_started_event_attributes.start_to_fire_timeout.ToMilliseconds() for e in started] == [100, 1000]
+    assert len(of_type(events, ET.EVENT_TYPE_TIMER_FIRED)) == 2
+    # Marker, then its timer, in the same workflow task; the next attempt after it fired.
+    kinds = [e.event_type for e in events if e.event_type in (ET.EVENT_TYPE_MARKER_RECORDED, ET.EVENT_TYPE_TIMER_STARTED, ET.EVENT_TYPE_TIMER_FIRED)]
+    assert kinds == [
+        ET.EVENT_TYPE_MARKER_RECORDED,
+        ET.EVENT_TYPE_TIMER_STARTED,
+        ET.EVENT_TYPE_TIMER_FIRED,
+        ET.EVENT_TYPE_MARKER_RECORDED,
+        ET.EVENT_TYPE_TIMER_STARTED,
+        ET.EVENT_TYPE_TIMER_FIRED,
+        ET.EVENT_TYPE_MARKER_RECORDED,
+    ]
