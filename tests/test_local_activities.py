@@ -13,14 +13,13 @@ what it waits for. The multi-process SIGKILL test is in test_local_activities_cr
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import ET, assert_well_formed, bounded, eventually, events_of, new_id, of_type
+from helpers import ET, assert_well_formed, bounded, events_of, eventually, new_id, of_type
 
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import (
@@ -159,9 +158,7 @@ def _no_activity_tasks(events: list[HistoryEvent]) -> None:
 
 async def test_results_args_and_markers(client: Client, queue: str) -> None:
     key = new_id("orders")
-    async with Worker(
-        client, task_queue=queue, workflows=[PriceOrders], activities=[price, shout]
-    ):
+    async with Worker(client, task_queue=queue, workflows=[PriceOrders], activities=[price, shout]):
         handle = await client.start_workflow(PriceOrders.run, key, id=key, task_queue=queue)
         result = await bounded(handle.result())
     assert result == [
@@ -250,10 +247,17 @@ async def test_a_long_backoff_becomes_a_durable_timer(client: Client, queue: str
     ]
     assert [m.get("failure") for m in markers] == ["Flaky", "Flaky", None]
     started = of_type(events, ET.EVENT_TYPE_TIMER_STARTED)
-    assert [e.timer_started_event_attributes.start_to_fire_timeout.ToMilliseconds() for e in started] == [100, 1000]
+    assert [
+        e.timer_started_event_attributes.start_to_fire_timeout.ToMilliseconds() for e in started
+    ] == [100, 1000]
     assert len(of_type(events, ET.EVENT_TYPE_TIMER_FIRED)) == 2
     # Marker, then its timer, in the same workflow task; the next attempt after it fired.
-    kinds = [e.event_type for e in events if e.event_type in (ET.EVENT_TYPE_MARKER_RECORDED, ET.EVENT_TYPE_TIMER_STARTED, ET.EVENT_TYPE_TIMER_FIRED)]
+    kinds = [
+        e.event_type
+        for e in events
+        if e.event_type
+        in (ET.EVENT_TYPE_MARKER_RECORDED, ET.EVENT_TYPE_TIMER_STARTED, ET.EVENT_TYPE_TIMER_FIRED)
+    ]
     assert kinds == [
         ET.EVENT_TYPE_MARKER_RECORDED,
         ET.EVENT_TYPE_TIMER_STARTED,
@@ -263,3 +267,218 @@ async def test_a_long_backoff_becomes_a_durable_timer(client: Client, queue: str
         ET.EVENT_TYPE_TIMER_FIRED,
         ET.EVENT_TYPE_MARKER_RECORDED,
     ]
+
+
+@workflow.defn
+class Gated:
+    @workflow.run
+    async def run(self, key: str) -> str:
+        result: str = await workflow.execute_local_activity(
+            gated, key, start_to_close_timeout=timedelta(minutes=5)
+        )
+        return result
+
+
+@workflow.defn
+class StopOnSignal:
+    """Awaits a local activity in a task of its own and cancels that task on ``stop``."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    @workflow.signal
+    def stop_it(self) -> None:
+        self.stop = True
+
+    @workflow.run
+    async def run(self, key: str) -> str:
+        running = asyncio.create_task(
+            workflow.execute_local_activity(gated, key, start_to_close_timeout=timedelta(minutes=5))
+        )
+        await workflow.wait_condition(lambda: self.stop or running.done())
+        running.cancel()
+        try:
+            return await running
+        except asyncio.CancelledError:
+            return "stopped"
+
+
+def _task_completions(events: list[HistoryEvent]) -> int:
+    return len(of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED))
+
+
+async def test_heartbeat_keeps_a_long_local_activity_in_its_workflow_task(
+    client: Client, queue: str
+) -> None:
+    """A 1 s workflow task timeout and a local activity that runs until the test has
+    seen three heartbeats (workflow tasks completed while it ran): the task never times
+    out, the activity runs once, and the run completes with one marker."""
+    key = new_id("long")
+    _GATES[key] = asyncio.Event()
+    async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
+        handle = await client.start_workflow(
+            Gated.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+        )
+
+        async def heartbeats() -> bool:
+            return _task_completions(await events_of(handle)) >= 3
+
+        await eventually(heartbeats, "three workflow task heartbeats")
+        _GATES[key].set()
+        assert await bounded(handle.result()) == f"{key}:opened"
+    events = await events_of(handle)
+    assert_well_formed(events)
+    assert _CALLS[key] == [1]
+    assert _task_completions(events) >= 4
+    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
+    assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    (marker,) = _markers(events)
+    assert (marker["attempt"], marker["result"]) == (1, f"{key}:opened")
+
+
+async def test_cancelling_the_awaiting_code_cancels_the_local_activity(
+    client: Client, queue: str
+) -> None:
+    """The signal reaches the code in the task a heartbeat opens: the code cancels the
+    local activity, which stops, and nothing is recorded for it."""
+    key = new_id("stop")
+    _GATES[key] = asyncio.Event()
+    async with Worker(client, task_queue=queue, workflows=[StopOnSignal], activities=[gated]):
+        handle = await client.start_workflow(
+            StopOnSignal.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+        )
+        await eventually(lambda: _CALLS[key], "the local activity to start")
+        await handle.signal(StopOnSignal.stop_it)
+        assert await bounded(handle.result()) == "stopped"
+    assert _CANCELLED[key] and _CALLS[key] == [1]
+    events = await events_of(handle)
+    assert_well_formed(events)
+    assert not _markers(events)
+
+
+async def test_cancelling_the_workflow_cancels_its_local_activity(
+    client: Client, queue: str
+) -> None:
+    key = new_id("cancel")
+    _GATES[key] = asyncio.Event()
+    async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
+        handle = await client.start_workflow(
+            Gated.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+        )
+        await eventually(lambda: _CALLS[key], "the local activity to start")
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError):
+            await bounded(handle.result())
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert _CANCELLED[key] and _CALLS[key] == [1]
+    events = await events_of(handle)
+    assert_well_formed(events)
+    assert not _markers(events)
+
+
+@workflow.defn
+class TwoSteps:
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflow.run
+    async def run(self, key: str) -> list[Any]:
+        first = await workflow.execute_local_activity(
+            price, args=[Order(f"{key}-1", 1), 2], start_to_close_timeout=_STEP
+        )
+        await workflow.wait_condition(lambda: self.go)
+        second = await workflow.execute_local_activity(
+            price, args=[Order(f"{key}-2", 2), 2], start_to_close_timeout=_STEP
+        )
+        return [first["total"], second["total"], workflow.random().randint(0, 10**6)]
+
+
+@pytest.mark.parametrize("how", ["no-cache", "worker-restart"])
+async def test_replay_takes_the_result_from_the_marker(
+    client: Client, queue: str, how: str
+) -> None:
+    """The second workflow task replays the first from history (no cached instance, or
+    a new worker): the first local activity is not run again."""
+    key = new_id("replay")
+    cache = 0 if how == "no-cache" else 10
+    worker = Worker(
+        client,
+        task_queue=queue,
+        workflows=[TwoSteps],
+        activities=[price],
+        max_cached_workflows=cache,
+    )
+    async with worker:
+        handle = await client.start_workflow(TwoSteps.run, key, id=key, task_queue=queue)
+        await eventually(lambda: _CALLS[f"{key}-1"], "the first local activity to run")
+
+        async def recorded() -> bool:
+            return bool(_markers(await events_of(handle)))
+
+        await eventually(recorded, "the first marker")
+        if how == "no-cache":
+            await handle.signal(TwoSteps.proceed)
+            result = await bounded(handle.result())
+    if how == "worker-restart":
+        async with Worker(client, task_queue=queue, workflows=[TwoSteps], activities=[price]):
+            await handle.signal(TwoSteps.proceed)
+            result = await bounded(handle.result())
+    assert result[:2] == [2, 4]
+    assert _CALLS[f"{key}-1"] == [1] and _CALLS[f"{key}-2"] == [1]
+    history = await handle.fetch_history()
+    # A replay of the whole history runs nothing either, and agrees.
+    await Replayer(workflows=[TwoSteps]).replay(history)
+    assert _CALLS[f"{key}-1"] == [1] and _CALLS[f"{key}-2"] == [1]
+
+
+@workflow.defn(name="PriceOrders")
+class PriceOrdersChanged:
+    """PriceOrders after an incompatible change: another local activity first."""
+
+    @workflow.run
+    async def run(self, key: str) -> list[Any]:
+        first = await workflow.execute_local_activity(
+            shout, f"{key}-x", start_to_close_timeout=_STEP
+        )
+        return [first]
+
+
+async def test_a_marker_of_another_activity_type_is_non_determinism(
+    client: Client, queue: str
+) -> None:
+    key = new_id("nondet")
+    async with Worker(client, task_queue=queue, workflows=[PriceOrders], activities=[price, shout]):
+        handle = await client.start_workflow(PriceOrders.run, key, id=key, task_queue=queue)
+        await bounded(handle.result())
+    history = await handle.fetch_history()
+    await Replayer(workflows=[PriceOrders]).replay(history)
+    with pytest.raises(NonDeterminismError, match="local activity of type 'price'"):
+        await Replayer(workflows=[PriceOrdersChanged]).replay(history)
+    assert f"{key}-x" not in _CALLS
+
+
+async def test_a_worker_without_the_activity_fails_the_workflow_task(
+    client: Client, queue: str
+) -> None:
+    """Local activities run only where they are registered: a workflow-only worker
+    fails the task (the run stays open), and a worker that has the activity runs it."""
+    key = new_id("missing")
+    async with Worker(client, task_queue=queue, workflows=[Gated]):
+        handle = await client.start_workflow(Gated.run, key, id=key, task_queue=queue)
+
+        async def failed() -> list[HistoryEvent]:
+            return of_type(await events_of(handle), ET.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+
+        (failure,) = (await eventually(failed, "the workflow task to fail"))[:1]
+    message = failure.workflow_task_failed_event_attributes.failure.message
+    assert "local activity type 'gated' is not registered on this worker" in message
+    assert not _CALLS[key]
+    _GATES[key] = asyncio.Event()
+    _GATES[key].set()
+    async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
+        assert await bounded(handle.result()) == f"{key}:opened"
+    assert _CALLS[key] == [1]

@@ -44,6 +44,7 @@ from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import activity as activity_mod
 from . import exceptions as exc
+from ._poller import WorkerContext
 from .common import RetryPolicy
 from .converter import DataConverter
 from .workflow import Info, StartLocalActivityInput
@@ -246,15 +247,14 @@ def heartbeat_after_s(events: Sequence[HistoryEvent]) -> float:
 # ---------------------------------------------------------------- the worker's half
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class LocalActivityConfig:
-    """The activities a worker runs locally (its registered ones) and the thread
-    pool for sync ones."""
+    """The activities a worker runs locally (its registered ones), the thread pool for
+    sync ones, and the worker's client and task queue."""
 
     activities: Mapping[str, activity_mod.ActivityDefinition]
     executor: concurrent.futures.Executor | None
-    converter: DataConverter
-    task_queue: str
+    context: WorkerContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +352,9 @@ class LocalActivitySession:
         longer than the local retry threshold (then the workflow's timer takes over)."""
         config = self._config
         definition = config.activities[request.activity_type]
-        args = config.converter.from_payloads(request.input, definition.arg_types)
+        args = config.context.client.data_converter.from_payloads(
+            request.input, definition.arg_types
+        )
         deadline = (
             request.original_schedule_us / _US + request.schedule_to_close_s
             if request.schedule_to_close_s
@@ -424,7 +426,7 @@ class LocalActivitySession:
             activity_id=request.activity_id,
             activity_type=request.activity_type,
             attempt=attempt,
-            task_queue=self._config.task_queue,
+            task_queue=self._config.context.task_queue,
             workflow_id=info.workflow_id,
             workflow_run_id=info.run_id,
             workflow_type=info.workflow_type,
@@ -449,7 +451,7 @@ class LocalActivitySession:
         error: BaseException | None = None,
         retry: _Retry | None = None,
     ) -> RecordMarkerCommandAttributes:
-        converter = self._config.converter
+        converter = self._config.context.client.data_converter
         data: dict[str, Any] = {
             "seq": request.seq,
             "activity_id": request.activity_id,

@@ -103,13 +103,7 @@ class Worker:
                 )
                 if activities and activity_pollers
                 else None,
-                # Local activities: the activities registered here, run in this process.
-                local_activities=LocalActivityConfig(
-                    activities=activity_defs,
-                    executor=activity_executor,
-                    converter=client.data_converter,
-                    task_queue=task_queue,
-                ),
+                local_activities=LocalActivityConfig(activity_defs, activity_executor, context),
                 interceptors=interceptors,
             )
         if activities:
