@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 from helpers import ET, assert_well_formed, bounded, events_of, eventually, new_id, of_type
+from raw_workflow import RawWorkflows, complete_workflow
 
+from tideflow.api.v1 import service_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import (
     Client,
@@ -36,6 +38,7 @@ from tideflow.worker_sdk.exceptions import (
     ActivityError,
     ApplicationError,
     NonDeterminismError,
+    NotFoundError,
     RetryState,
     WorkflowFailureError,
 )
@@ -482,3 +485,89 @@ async def test_a_worker_without_the_activity_fails_the_workflow_task(
     async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
         assert await bounded(handle.result()) == f"{key}:opened"
     assert _CALLS[key] == [1]
+
+
+@activity.defn
+async def remote_step(value: int) -> int:
+    return value + 100
+
+
+@workflow.defn
+class Mixed:
+    """A local activity under a durable timeout, next to an ordinary activity: the
+    timer the timeout started is dropped again in the same workflow task once the
+    local activity's outcome is in, live and on replay alike."""
+
+    @workflow.run
+    async def run(self, key: str) -> list[Any]:
+        local = asyncio.wait_for(
+            workflow.execute_local_activity(
+                price, args=[Order(key, 4), 3], start_to_close_timeout=_STEP
+            ),
+            timeout=600,
+        )
+        remote = workflow.execute_activity(remote_step, 1, start_to_close_timeout=_STEP)
+        priced, stepped = await asyncio.gather(local, remote)
+        return [priced["total"], stepped]
+
+
+async def test_commands_around_a_local_activity_replay_in_order(client: Client, queue: str) -> None:
+    key = new_id("mixed")
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[Mixed],
+        activities=[price, remote_step],
+        max_cached_workflows=0,  # the second task replays the first
+    ):
+        handle = await client.start_workflow(Mixed.run, key, id=key, task_queue=queue)
+        assert await bounded(handle.result()) == [12, 101]
+    assert _CALLS[key] == [1]
+    history = await handle.fetch_history()
+    events = list(history.events)
+    assert_well_formed(events)
+    assert not of_type(events, ET.EVENT_TYPE_TIMER_STARTED)
+    assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)) == 1
+    assert len(_markers(events)) == 1
+    await Replayer(workflows=[Mixed]).replay(history)
+    assert _CALLS[key] == [1]
+
+
+@pytest.mark.parametrize("return_new", [True, False], ids=["returned", "dispatched"])
+async def test_force_create_new_workflow_task(client: Client, queue: str, return_new: bool) -> None:
+    """The server side of the heartbeat, over raw gRPC: a completion with
+    force_create_new_workflow_task schedules the next task although nothing happened;
+    with return_new_workflow_task it is started in the same transaction and returned
+    with only the events after the completed task, else it is dispatched as usual."""
+    raw = RawWorkflows(client, queue)
+    workflow_id = new_id("forced")
+    run_id = await raw.start(workflow_id)
+    first = await raw.poll()
+    request = service_pb2.RespondWorkflowTaskCompletedRequest(
+        task_token=first.task_token,
+        identity="raw",
+        force_create_new_workflow_task=True,
+        return_new_workflow_task=return_new,
+    )
+    response: service_pb2.RespondWorkflowTaskCompletedResponse = await client.call(
+        client.service.RespondWorkflowTaskCompleted, request
+    )
+    if return_new:
+        second = response.workflow_task
+    else:
+        assert not response.workflow_task.task_token
+        second = await raw.poll()
+    assert second.task_token and second.previous_started_event_id == first.started_event_id
+    if return_new:
+        assert [e.event_type for e in second.history.events] == [
+            ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+            ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+            ET.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+        ]
+    await raw.complete(second.task_token, complete_workflow())
+    events = await events_of(client.get_workflow_handle(workflow_id, run_id=run_id))
+    assert_well_formed(events)
+    assert _task_completions(events) == 2
+    # The token of the task already completed is refused: no task is applied twice.
+    with pytest.raises(NotFoundError):
+        await client.call(client.service.RespondWorkflowTaskCompleted, request)

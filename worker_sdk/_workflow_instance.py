@@ -206,9 +206,13 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         return self.local_activities.start(request)
 
     def resolve_local_activity(self, marker: RecordMarkerCommandAttributes) -> list[Command]:
-        """A local activity's outcome (live): record its marker, run the code until it
-        blocks, and return the commands that adds to the open workflow task."""
+        """A local activity's outcome (live): record its marker and run the code until
+        it blocks. The commands stay in the open task until ``take_commands``."""
         self._apply_local_marker(marker)
+        return []
+
+    def take_commands(self) -> list[Command]:
+        """All commands of the open workflow task (sent with its completion)."""
         return self._take_commands()
 
     def _apply_local_marker(self, marker: RecordMarkerCommandAttributes) -> None:
@@ -460,7 +464,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         """Apply history events (continuing at ``next_event_id``).
 
         Returns the commands of the open workflow task at the end of ``events``, or
-        None if ``events`` ends without one (a closed or fully replayed history).
+        None if ``events`` ends without one (a closed or fully replayed history); []
+        while local activities are pending (then ``take_commands``).
         """
         events = [e for e in events if e.event_id >= self.next_event_id]
         for index, event in enumerate(events):
@@ -476,7 +481,9 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
                         return None
                     self._replaying = False
                     self._activate(event)
-                    return self._take_commands()
+                    # With local activities pending, the task's commands wait for their
+                    # outcomes (take_commands), as replay takes them at the task's end.
+                    return [] if self.local_activities.pending else self._take_commands()
                 if following.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                     self._replaying = True
                     self._note_patches(events, index + 2)

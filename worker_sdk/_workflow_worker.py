@@ -223,20 +223,17 @@ class WorkflowWorker:
                     return
                 if marker is None:
                     break
-                more = await self._run_workflow_code(
-                    task, instance, functools.partial(instance.resolve_local_activity, marker)
-                )
-                if more is None:
+                resolve = functools.partial(instance.resolve_local_activity, marker)
+                if await self._run_workflow_code(task, instance, resolve) is None:
                     return
-                commands.extend(more)
+            commands = commands + instance.take_commands()
             if not local.pending or instance._completed:
                 await self._complete_workflow_task(task, instance, commands)
                 return
             task = await self._heartbeat(task, instance, commands)
             events = await self._full_history(task)
-            next_commands = await self._run_workflow_code(
-                task, instance, functools.partial(instance.process, events)
-            )
+            step = functools.partial(instance.process, events)
+            next_commands = await self._run_workflow_code(task, instance, step)
             if next_commands is None:
                 return
             commands = next_commands
