@@ -571,3 +571,34 @@ async def test_force_create_new_workflow_task(client: Client, queue: str, return
     # The token of the task already completed is refused: no task is applied twice.
     with pytest.raises(NotFoundError):
         await client.call(client.service.RespondWorkflowTaskCompleted, request)
+
+
+async def test_worker_shutdown_abandons_a_running_local_activity(
+    client: Client, queue: str
+) -> None:
+    """Past the grace period a stopping worker cancels its local activities and leaves
+    the workflow task to time out; another worker then runs the activity again."""
+    key = new_id("shutdown")
+    _GATES[key] = asyncio.Event()
+    worker = Worker(
+        client,
+        task_queue=queue,
+        workflows=[Gated],
+        activities=[gated],
+        graceful_shutdown_timeout=timedelta(milliseconds=100),
+    )
+    worker.start()
+    handle = await client.start_workflow(
+        Gated.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+    )
+    await eventually(lambda: _CALLS[key], "the local activity to start")
+    await bounded(worker.shutdown())
+    assert _CANCELLED[key]
+    _GATES[key].set()
+    async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
+        assert await bounded(handle.result()) == f"{key}:opened"
+    assert _CALLS[key] == [1, 1]
+    events = await events_of(handle)
+    assert_well_formed(events)
+    assert of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
+    assert len(_markers(events)) == 1

@@ -77,6 +77,11 @@ class WorkflowWorker:
         # Runs whose task awaits local activities: their instances must stay (the
         # cache makes room by evicting others).
         self._busy: set[str] = set()
+        self._slots = slots
+        # Handlers of tasks running local activities (cancelled at shutdown past the
+        # grace period), and whether that point has come.
+        self._with_local_activities: set[asyncio.Task[Any]] = set()
+        self._abandon_local_activities = False
         # Sticky execution: while this worker caches a run, the server sends its next
         # workflow tasks there with only the new events ("" when nothing is cached).
         self.sticky_queue = sticky_queue
@@ -126,6 +131,21 @@ class WorkflowWorker:
             await client.call(client.service.ShutdownWorker, request, timeout=5, retry=False)
         except exc.RPCError as error:
             log.debug("could not give back sticky queue: %s", error)
+
+    async def drain(self, grace: float) -> None:
+        """Wait for in-flight workflow tasks. Those still running local activities
+        after ``grace`` seconds are abandoned (the activities cancelled, nothing
+        reported): the server's workflow task timeout gives the run to another worker."""
+        try:
+            async with asyncio.timeout(grace):
+                await self._slots.idle()
+            return
+        except TimeoutError:
+            pass
+        self._abandon_local_activities = True
+        for handler in self._with_local_activities:
+            handler.cancel()
+        await self._slots.idle()
 
     # -------------------------------------------------------- workflow tasks
 
@@ -189,11 +209,20 @@ class WorkflowWorker:
             await self._complete_workflow_task(task, instance, commands)
             return
         run_id = task.workflow_execution.run_id
+        handler = asyncio.current_task()
+        if self._abandon_local_activities or handler is None:
+            self._evict(run_id)  # shutting down: the task times out, another worker runs it
+            return
         session = LocalActivitySession(self._local, instance.workflow_info())
         self._busy.add(run_id)
+        self._with_local_activities.add(handler)
         try:
             await self._run_local_activities(task, instance, commands, session, events)
+        except asyncio.CancelledError:
+            self._evict(run_id)
+            raise
         finally:
+            self._with_local_activities.discard(handler)
             self._busy.discard(run_id)
             await session.close()
 
