@@ -27,7 +27,7 @@ from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import HistoryEvent, WorkflowTaskFailedCause
 
 from . import exceptions as exc
-from ._local_activities import LocalActivityConfig, LocalActivitySession, heartbeat_after_s
+from ._local_activity_worker import LocalActivityConfig, LocalActivitySession, heartbeat_after_s
 from ._poller import PollLoop, Slots, WorkerContext
 from ._workflow_instance import WorkflowInstanceImpl
 from .interceptor import WorkerInterceptor, WorkflowTaskHandler

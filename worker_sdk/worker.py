@@ -33,7 +33,7 @@ from tideflow.api.v1 import service_pb2
 
 from . import activity as activity_mod
 from ._activity_worker import ActivityWorker, EagerWorkflowTasks
-from ._local_activities import LocalActivityConfig
+from ._local_activity_worker import LocalActivityConfig
 from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
 from .client import Client
