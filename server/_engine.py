@@ -529,6 +529,7 @@ class HistoryEngine:
             error = _workflow_tasks.complete(
                 m, token, commands, identity, sticky, eager, self._config, force_new=force_new
             )
+            m.trace["return_new"] = return_new
             if error is not None or not return_new:
                 return error, None
             return None, _workflow_tasks.start_eagerly(m, False, m.ms.task_queue.name, identity)
