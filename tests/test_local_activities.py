@@ -48,6 +48,9 @@ _INFOS: dict[str, list[activity.Info]] = defaultdict(list)
 _GATES: dict[str, asyncio.Event] = {}
 _CANCELLED: dict[str, bool] = {}
 _STEP = timedelta(seconds=10)
+# Short, so tests see heartbeats (every 80 %: 1.6 s) soon; the 0.4 s left before the
+# task would time out is the margin a loaded machine has to deliver each heartbeat.
+_HEARTBEAT_TASK_TIMEOUT = timedelta(seconds=2)
 
 
 @dataclass
@@ -313,14 +316,14 @@ def _task_completions(events: list[HistoryEvent]) -> int:
 async def test_heartbeat_keeps_a_long_local_activity_in_its_workflow_task(
     client: Client, queue: str
 ) -> None:
-    """A 1 s workflow task timeout and a local activity that runs until the test has
+    """A 2 s workflow task timeout and a local activity that runs until the test has
     seen three heartbeats (workflow tasks completed while it ran): the task never times
     out, the activity runs once, and the run completes with one marker."""
     key = new_id("long")
     _GATES[key] = asyncio.Event()
     async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
         handle = await client.start_workflow(
-            Gated.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+            Gated.run, key, id=key, task_queue=queue, task_timeout=_HEARTBEAT_TASK_TIMEOUT
         )
 
         async def heartbeats() -> bool:
@@ -348,7 +351,7 @@ async def test_cancelling_the_awaiting_code_cancels_the_local_activity(
     _GATES[key] = asyncio.Event()
     async with Worker(client, task_queue=queue, workflows=[StopOnSignal], activities=[gated]):
         handle = await client.start_workflow(
-            StopOnSignal.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+            StopOnSignal.run, key, id=key, task_queue=queue, task_timeout=_HEARTBEAT_TASK_TIMEOUT
         )
         await eventually(lambda: _CALLS[key], "the local activity to start")
         await handle.signal(StopOnSignal.stop_it)
@@ -366,7 +369,7 @@ async def test_cancelling_the_workflow_cancels_its_local_activity(
     _GATES[key] = asyncio.Event()
     async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
         handle = await client.start_workflow(
-            Gated.run, key, id=key, task_queue=queue, task_timeout=timedelta(seconds=1)
+            Gated.run, key, id=key, task_queue=queue, task_timeout=_HEARTBEAT_TASK_TIMEOUT
         )
         await eventually(lambda: _CALLS[key], "the local activity to start")
         await handle.cancel()
