@@ -40,6 +40,8 @@ from tideflow.worker_sdk.exceptions import (
     NonDeterminismError,
     NotFoundError,
     RetryState,
+    TimeoutError,
+    TimeoutType,
     WorkflowFailureError,
 )
 
@@ -605,3 +607,38 @@ async def test_worker_shutdown_abandons_a_running_local_activity(
     assert_well_formed(events)
     assert of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
     assert len(_markers(events)) == 1
+
+
+@workflow.defn
+class TimesOut:
+    @workflow.run
+    async def run(self, key: str) -> dict[str, Any]:
+        try:
+            await workflow.execute_local_activity(
+                gated,
+                key,
+                start_to_close_timeout=timedelta(milliseconds=200),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(milliseconds=10), maximum_attempts=2
+                ),
+            )
+        except ActivityError as error:
+            cause = error.cause
+            assert isinstance(cause, TimeoutError)
+            return {"retry_state": int(error.retry_state or 0), "timeout": int(cause.type or 0)}
+        raise AssertionError("the gate never opens")
+
+
+async def test_start_to_close_bounds_each_attempt(client: Client, queue: str) -> None:
+    key = new_id("timeout")
+    _GATES[key] = asyncio.Event()  # never set: only the timeout ends an attempt
+    async with Worker(client, task_queue=queue, workflows=[TimesOut], activities=[gated]):
+        handle = await client.start_workflow(TimesOut.run, key, id=key, task_queue=queue)
+        result = await bounded(handle.result())
+    assert result == {
+        "retry_state": int(RetryState.MAXIMUM_ATTEMPTS_REACHED),
+        "timeout": int(TimeoutType.START_TO_CLOSE),
+    }
+    assert _CALLS[key] == [1, 2] and _CANCELLED[key]
+    (marker,) = _markers(await events_of(handle))
+    assert marker["attempt"] == 2

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.command_pb2 import RecordMarkerCommandAttributes
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
@@ -152,20 +153,25 @@ class LocalActivitySession:
     async def _run(self, request: LocalActivityRequest) -> RecordMarkerCommandAttributes:
         """Attempts until one succeeds, the policy gives up, or the next backoff is
         longer than the local retry threshold (then the workflow's timer takes over)."""
-        config = self._config
-        definition = config.activities[request.activity_type]
-        args = config.context.client.data_converter.from_payloads(
-            request.input, definition.arg_types
-        )
+        converter = self._config.context.client.data_converter
+        definition = self._config.activities[request.activity_type]
+        attempt = request.attempt
+        try:
+            args = converter.from_payloads(request.input, definition.arg_types)
+        except Exception as error:  # no attempt can decode them either
+            retry = _Retry(-1, exc.RetryState.NON_RETRYABLE_FAILURE)
+            return self._marker(request, attempt, error=error, retry=retry)
         deadline = (
             request.original_schedule_us / _US + request.schedule_to_close_s
             if request.schedule_to_close_s
             else 0.0
         )
-        attempt = request.attempt
         while True:
             try:
                 result = await self._attempt(definition, args, request, attempt, deadline)
+                # A result the converter cannot encode fails the attempt, as a failed
+                # completion report of an ordinary activity would.
+                payloads = converter.to_payloads([result])
             except Exception as error:
                 retry = next_retry(request.retry_policy, attempt, error, time.time(), deadline)
                 if 0 <= retry.delay_s <= request.local_retry_threshold_s:
@@ -173,7 +179,7 @@ class LocalActivitySession:
                     attempt += 1
                     continue
                 return self._marker(request, attempt, error=error, retry=retry)
-            return self._marker(request, attempt, result=result)
+            return self._marker(request, attempt, result=payloads)
 
     async def _attempt(
         self,
@@ -195,23 +201,26 @@ class LocalActivitySession:
             info=self._activity_info(request, attempt, now), heartbeat=_ignore
         )
         token = activity_mod._current.set(context)
+        scope: asyncio.Timeout | None = None
         try:
-            if definition.is_async:
-                work: Any = definition.fn(*args)
-            else:
-                ctx = contextvars.copy_context()
-                loop = asyncio.get_running_loop()
-                work = loop.run_in_executor(
-                    self._config.executor, lambda: ctx.run(definition.fn, *args)
-                )
-            try:
-                return await asyncio.wait_for(work, bound)
-            except TimeoutError:
-                context.cancelled.set()  # a sync function may look at is_cancelled()
-                raise exc.TimeoutError("local activity timed out", type=kind) from None
-            except asyncio.CancelledError:
-                context.cancelled.set()
+            # The attempt runs in this task (an async function) or the thread pool; the
+            # scope tells its own timeout from a TimeoutError the function raised.
+            async with asyncio.timeout(bound) as scope:
+                try:
+                    if definition.is_async:
+                        return await definition.fn(*args)
+                    ctx = contextvars.copy_context()
+                    loop = asyncio.get_running_loop()
+                    return await loop.run_in_executor(
+                        self._config.executor, lambda: ctx.run(definition.fn, *args)
+                    )
+                except asyncio.CancelledError:
+                    context.cancelled.set()  # a sync function may look at is_cancelled()
+                    raise
+        except TimeoutError:
+            if scope is None or not scope.expired():
                 raise
+            raise exc.TimeoutError("local activity timed out", type=kind) from None
         finally:
             activity_mod._current.reset(token)
 
@@ -249,7 +258,7 @@ class LocalActivitySession:
         request: LocalActivityRequest,
         attempt: int,
         *,
-        result: Any = None,
+        result: common_pb2.Payloads | None = None,
         error: BaseException | None = None,
         retry: _Retry | None = None,
     ) -> RecordMarkerCommandAttributes:
@@ -263,10 +272,10 @@ class LocalActivitySession:
             "original_schedule_us": request.original_schedule_us,
         }
         marker = RecordMarkerCommandAttributes(marker_name=LOCAL_ACTIVITY_MARKER)
-        if error is None:
-            marker.details["result"].CopyFrom(converter.to_payloads([result]))
+        if result is not None:
+            marker.details["result"].CopyFrom(result)
         else:
-            assert retry is not None
+            assert error is not None and retry is not None
             marker.failure.CopyFrom(converter.to_failure(error))
             data["retry_state"] = int(retry.state)
             if retry.delay_s > 0:
