@@ -315,15 +315,23 @@ def _task_completions(events: list[HistoryEvent]) -> int:
     return len(of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED))
 
 
+@pytest.mark.parametrize("cache", [10, 0], ids=["sticky", "no-cache"])
 async def test_heartbeat_keeps_a_long_local_activity_in_its_workflow_task(
-    client: Client, queue: str
+    client: Client, queue: str, cache: int
 ) -> None:
     """A 2 s workflow task timeout and a local activity that runs until the test has
     seen three heartbeats (workflow tasks completed while it ran): the task never times
-    out, the activity runs once, and the run completes with one marker."""
+    out, the activity runs once, and the run completes with one marker. A worker without
+    a cache (no sticky queue) keeps the run's instance while it heartbeats all the same."""
     key = new_id("long")
     _GATES[key] = asyncio.Event()
-    async with Worker(client, task_queue=queue, workflows=[Gated], activities=[gated]):
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[Gated],
+        activities=[gated],
+        max_cached_workflows=cache,
+    ):
         handle = await client.start_workflow(
             Gated.run, key, id=key, task_queue=queue, task_timeout=_HEARTBEAT_TASK_TIMEOUT
         )
