@@ -145,7 +145,9 @@ def complete(
     retry). ``eager`` receives the scheduled event ids of the activities this worker
     asked to run itself. ``force_new`` (the request's force_create_new_workflow_task)
     schedules the next workflow task even if nothing new happened: the heartbeat of a
-    worker whose local activities still run."""
+    worker whose local activities still run (with return_new_workflow_task the engine
+    then starts it for that worker: ``start_eagerly``). Not yet in tla/EngineCore.tla,
+    whose ``CompleteWorkflowTaskWith`` schedules a task only for buffered events."""
     eager.clear()  # a conflict retry recomputes the transition from scratch
     check_token(m, token)
     m.trace.update(
