@@ -1,4 +1,5 @@
-"""Throughput benchmark: workflows of one activity and of ten sequential activities.
+"""Throughput benchmark: workflows of one activity and of ten sequential activities
+(and, with ``--local-activities``, of ten sequential local activities).
 
 Starts a tideflow server process (SQLite file by default, ``--db-url`` for PostgreSQL)
 and ``--workers`` worker processes, runs ``--workflows`` workflows of each shape
@@ -7,6 +8,7 @@ activities/s and p50/p99 start-to-result latency per shape.
 
     python bench/throughput.py --workflows 200 --workers 1
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench
+    python bench/throughput.py --workflows 200 --local-activities
 """
 
 from __future__ import annotations
@@ -57,12 +59,30 @@ class TenActivities:
         return value
 
 
+@workflow.defn
+class TenLocalActivities:
+    """The ten steps as local activities: they run in the worker inside the workflow
+    task and are recorded as markers (the counterpart of a DBOS step)."""
+
+    @workflow.run
+    async def run(self, value: int) -> int:
+        for _ in range(10):
+            value = await workflow.execute_local_activity(
+                step, value, start_to_close_timeout=timedelta(seconds=30)
+            )
+        return value
+
+
+# Activities (local or not) per workflow of each shape.
+STEPS: dict[type, int] = {OneActivity: 1, TenActivities: 10, TenLocalActivities: 10}
+
+
 async def run_worker(address: str) -> None:
     client = await Client.connect(address)
     worker = Worker(
         client,
         task_queue=TASK_QUEUE,
-        workflows=[OneActivity, TenActivities],
+        workflows=[OneActivity, TenActivities, TenLocalActivities],
         activities=[step],
         workflow_pollers=4,
         activity_pollers=4,
@@ -94,7 +114,7 @@ async def _measure(client: Client, shape: type, count: int, concurrency: int) ->
             )
             result = await handle.result()
             latencies.append(time.perf_counter() - t0)
-            expected = i + (10 if shape is TenActivities else 1)
+            expected = i + STEPS[shape]
             if result != expected:
                 raise AssertionError(f"workflow {i} returned {result}, expected {expected}")
             handles.append(handle)
@@ -104,7 +124,7 @@ async def _measure(client: Client, shape: type, count: int, concurrency: int) ->
     elapsed = time.perf_counter() - started
     # Counted after the clock stopped, so describing runs does not load the server.
     events = sum([(await h.describe()).history_length for h in handles])
-    activities_per_workflow = 10 if shape is TenActivities else 1
+    activities_per_workflow = STEPS[shape]
     latencies.sort()
     return {
         "workflows": count,
@@ -115,6 +135,13 @@ async def _measure(client: Client, shape: type, count: int, concurrency: int) ->
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2),
     }
+
+
+async def _measure_local(client: Client, args: argparse.Namespace) -> dict[str, float] | None:
+    """Ten local activities per workflow (``--local-activities``), reported apart."""
+    if not args.local_activities:
+        return None
+    return await _measure(client, TenLocalActivities, args.workflows, args.concurrency)
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -157,6 +184,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         serial = await _measure(client, OneActivity, min(args.workflows, 50), 1)
         one = await _measure(client, OneActivity, args.workflows, args.concurrency)
         ten = await _measure(client, TenActivities, args.workflows, args.concurrency)
+        local = await _measure_local(client, args)
         await client.close()
         return {
             "store": "sqlite" if db_url.startswith("sqlite") else db_url.split(":")[0],
@@ -165,6 +193,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "one_activity_serial": serial,
             "one_activity": one,
             "ten_activities": ten,
+            **({"ten_local_activities": local} if local else {}),
         }
     finally:
         for proc in workers:
@@ -187,6 +216,11 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=100, help="workflows in flight at once")
     parser.add_argument("--db-url", default=None)
+    parser.add_argument(
+        "--local-activities",
+        action="store_true",
+        help="also run ten-step workflows of local activities",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.worker:

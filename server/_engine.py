@@ -514,24 +514,41 @@ class HistoryEngine:
         commands: list[command_pb2.Command],
         identity: str,
         sticky: service_pb2.StickyExecutionAttributes | None = None,
-    ) -> list[service_pb2.PollActivityTaskResponse]:
+        *,
+        force_new: bool = False,
+        return_new: bool = False,
+    ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         """Apply a workflow task's commands; returns the activities started eagerly
-        for the completing worker."""
+        for the completing worker and, with ``return_new``, the next workflow task
+        started for it in the same transaction (``force_new`` schedules one even if
+        nothing new happened: the heartbeat of a worker running local activities)."""
         key = _key(token)
         eager: list[int] = []
-        error = await self.update(
-            key,
-            "CompleteWorkflowTask",
-            lambda m: _workflow_tasks.complete(
-                m, token, commands, identity, sticky, eager, self._config
-            ),
-        )
+
+        def fn(m: Mutation) -> tuple[str | None, state_pb2.WorkflowTaskInfo | None]:
+            error = _workflow_tasks.complete(
+                m, token, commands, identity, sticky, eager, self._config, force_new=force_new
+            )
+            m.trace["return_new"] = return_new
+            if error is not None or not return_new:
+                return error, None
+            return None, _workflow_tasks.start_eagerly(m, False, m.ms.task_queue.name, identity)
+
+        error, wft = await self.update(key, "CompleteWorkflowTask", fn)
         if error is not None:
             raise InvalidArgumentError(f"workflow task failed: {error}")
         ms = await self.state_of(key)
-        return [
-            await self._activity_task(key, sid) for sid in eager if sid in ms.pending_activities
-        ]
+        response = service_pb2.RespondWorkflowTaskCompletedResponse(
+            activity_tasks=[
+                await self._activity_task(key, sid) for sid in eager if sid in ms.pending_activities
+            ]
+        )
+        if wft is not None:
+            # The worker that completed the task holds the run: the new events suffice.
+            response.workflow_task.CopyFrom(
+                await self._workflow_task(key, wft, only_new_events=True)
+            )
+        return response
 
     async def fail_workflow_task(
         self, token: state_pb2.TaskToken, cause: int, failure: Failure, identity: str

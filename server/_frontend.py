@@ -608,12 +608,18 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         sticky = request.sticky_attributes if request.HasField("sticky_attributes") else None
         if sticky is not None and sticky.schedule_to_start_timeout.ToMicroseconds() <= 0:
             sticky.schedule_to_start_timeout.FromSeconds(_DEFAULT_STICKY_TIMEOUT_S)
-        eager = await self._engine.complete_workflow_task(
-            token, list(request.commands), request.identity, sticky
+        response = await self._engine.complete_workflow_task(
+            token,
+            list(request.commands),
+            request.identity,
+            sticky,
+            force_new=request.force_create_new_workflow_task,
+            return_new=request.return_new_workflow_task,
         )
-        for activity_task in eager:
+        for activity_task in response.activity_tasks:
             await self._sealed(activity_task)
-        return service_pb2.RespondWorkflowTaskCompletedResponse(activity_tasks=eager)
+        await self._sealed(response.workflow_task)
+        return response
 
     async def _refuse_bad_commands(
         self, token: state_pb2.TaskToken, request: service_pb2.RespondWorkflowTaskCompletedRequest

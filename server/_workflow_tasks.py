@@ -136,12 +136,18 @@ def complete(
     sticky: service_pb2.StickyExecutionAttributes | None,
     eager: list[int],
     config: ServerConfig,
+    *,
+    force_new: bool = False,
 ) -> str | None:
     """Apply a completed task's commands; returns why they were refused, or None.
 
     Refused commands fail the task (the worker sees a failed task, the workflow a
     retry). ``eager`` receives the scheduled event ids of the activities this worker
-    asked to run itself."""
+    asked to run itself. ``force_new`` (the request's force_create_new_workflow_task)
+    schedules the next workflow task even if nothing new happened: the heartbeat of a
+    worker whose local activities still run (with return_new_workflow_task the engine
+    then starts it for that worker: ``start_eagerly``). Not yet in tla/EngineCore.tla,
+    whose ``CompleteWorkflowTaskWith`` schedules a task only for buffered events."""
     eager.clear()  # a conflict retry recomputes the transition from scratch
     check_token(m, token)
     m.trace.update(
@@ -149,6 +155,7 @@ def complete(
         commands=commands,
         sticky=sticky is not None and bool(sticky.worker_task_queue.name),
         eager_identity=bool(identity),
+        force_new=force_new,
     )
     try:
         _commands.validate(m.ms, commands)
@@ -165,7 +172,7 @@ def complete(
         if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
             break  # commands after the one that closed the run are ignored
         _commands.apply(context, m, command)
-    if ms.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING and m.flush_buffered():
+    if ms.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING and (m.flush_buffered() or force_new):
         m.schedule_workflow_task()
     return None
 

@@ -332,7 +332,16 @@ def test_issue_contract_imports() -> None:
     )
 
     assert callable(workflow.defn) and callable(workflow.run) and callable(activity.defn)
-    for name in ("sleep", "execute_activity", "start_activity", "now", "random", "uuid4", "info"):
+    for name in (
+        "sleep",
+        "execute_activity",
+        "start_activity",
+        "execute_local_activity",
+        "now",
+        "random",
+        "uuid4",
+        "info",
+    ):
         assert callable(getattr(workflow, name))
     for name in ("info", "heartbeat", "is_cancelled"):
         assert callable(getattr(activity, name))

@@ -27,10 +27,11 @@ from typing import Any
 from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
 from tideflow.api.search_attributes import SearchAttributeValue, encode_search_attributes
 from tideflow.api.v1 import common_pb2
-from tideflow.api.v1.command_pb2 import Command, CommandType
+from tideflow.api.v1.command_pb2 import Command, CommandType, RecordMarkerCommandAttributes
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
+from ._local_activities import LocalActivities, LocalActivityHandle, markers_of_task
 from ._workflow_commands import (
     CHILD_EVENTS,
     EXTERNAL_OUTCOMES,
@@ -51,6 +52,7 @@ from .workflow import (
     Info,
     StartActivityInput,
     StartChildWorkflowInput,
+    StartLocalActivityInput,
     WorkflowDefinition,
     _Runtime,
     handler_name,
@@ -128,6 +130,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         # throwaway catch-up before a query, and teardown. Its log lines are not new.
         self._rerunning = False
         self._answering_query = False
+        self.local_activities = LocalActivities(self, self, converter)
 
     # -------------------------------------------------------- the runtime contract
 
@@ -186,6 +189,41 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
     def _next_seq(self) -> str:
         self._seq += 1
         return str(self._seq)
+
+    # The LocalActivityHost contract (_local_activities.py).
+    def next_seq(self) -> str:
+        return self._next_seq()
+
+    def workflow_time_us(self) -> int:
+        return self._time_us
+
+    def emit_command(self, command: Command) -> None:
+        self._emit(command)
+
+    def workflow_start_local_activity(
+        self, request: StartLocalActivityInput
+    ) -> LocalActivityHandle:
+        return self.local_activities.start(request)
+
+    def resolve_local_activity(self, marker: RecordMarkerCommandAttributes) -> list[Command]:
+        """A local activity's outcome (live): record its marker and run the code until
+        it blocks. The commands stay in the open task until ``take_commands``."""
+        self._apply_local_marker(marker)
+        return []
+
+    def take_commands(self) -> list[Command]:
+        """All commands of the open workflow task (sent with its completion)."""
+        return self._take_commands()
+
+    def _apply_local_marker(self, marker: RecordMarkerCommandAttributes) -> None:
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            self.local_activities.apply_marker(marker)
+            self._run_code()
+        finally:
+            asyncio.events._set_running_loop(previous)
+        self._after_run()
 
     def _emit(
         self, command: Command, on_recorded: Callable[[HistoryEvent], None] | None = None
@@ -426,7 +464,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         """Apply history events (continuing at ``next_event_id``).
 
         Returns the commands of the open workflow task at the end of ``events``, or
-        None if ``events`` ends without one (a closed or fully replayed history).
+        None if ``events`` ends without one (a closed or fully replayed history); []
+        while local activities are pending (then ``take_commands``).
         """
         events = [e for e in events if e.event_id >= self.next_event_id]
         for index, event in enumerate(events):
@@ -442,11 +481,16 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
                         return None
                     self._replaying = False
                     self._activate(event)
-                    return self._take_commands()
+                    # With local activities pending, the task's commands wait for their
+                    # outcomes (take_commands), as replay takes them at the task's end.
+                    return [] if self.local_activities.pending else self._take_commands()
                 if following.event_type == ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                     self._replaying = True
                     self._note_patches(events, index + 2)
                     self._activate(event)
+                    # Its local activities' outcomes, fed as live ones were.
+                    for marker in markers_of_task(events, index + 2):
+                        self._apply_local_marker(marker)
                     self._unmatched.extend(self._take_pending())
                 # A task that failed or timed out produced nothing: its events are
                 # applied by the next task that completes.
@@ -575,16 +619,22 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
                 self._main = self.create_task(coro, name=f"workflow {self._workflow_id}")
                 if self._cancel_requested:
                     self._main.cancel()
-            self._run_until_blocked()
-            while self._check_conditions():
-                self._run_until_blocked()
+            self._run_code()
         finally:
             asyncio.events._set_running_loop(previous)
+        self._after_run()
+
+    def _run_code(self) -> None:
+        self._run_until_blocked()
+        while self._check_conditions():
+            self._run_until_blocked()
+
+    def _after_run(self) -> None:
         # Long-running workflows create many short tasks (gather, handlers): keep only
         # the live ones, which teardown must cancel.
         self._tasks = [t for t in self._tasks if not t.done()]
         self._raise_handler_errors()
-        if self._main.done() and not self._completed:
+        if self._main is not None and self._main.done() and not self._completed:
             self._complete(self._main)
 
     def _continue_as_new_command(self, request: exc.ContinueAsNewError) -> Command:

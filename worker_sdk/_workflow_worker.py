@@ -12,19 +12,22 @@ before the completion is sent and the tasks the server returns are handed over.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from tideflow.api.v1 import common_pb2, service_pb2
-from tideflow.api.v1.command_pb2 import CommandType
+from tideflow.api.v1.command_pb2 import Command, CommandType
 from tideflow.api.v1.history_pb2 import HistoryEvent, WorkflowTaskFailedCause
 
 from . import exceptions as exc
+from ._local_activity_worker import LocalActivityConfig, LocalActivitySession, heartbeat_after_s
 from ._poller import PollLoop, Slots, WorkerContext
 from ._workflow_instance import WorkflowInstanceImpl
 from .interceptor import WorkerInterceptor, WorkflowTaskHandler
@@ -60,6 +63,7 @@ class WorkflowWorker:
         sticky_queue: str,
         sticky_queue_schedule_to_start_timeout: timedelta,
         eager_activities: EagerActivities | None,
+        local_activities: LocalActivityConfig,
         interceptors: Sequence[WorkerInterceptor],
     ) -> None:
         self._client = context.client
@@ -69,6 +73,15 @@ class WorkflowWorker:
         self._eager = eager_activities
         self._max_cached = max_cached_workflows
         self._cache: OrderedDict[str, WorkflowInstanceImpl] = OrderedDict()
+        self._local = local_activities
+        # Runs whose task awaits local activities: their instances must stay (the
+        # cache makes room by evicting others).
+        self._busy: set[str] = set()
+        self._slots = slots
+        # Handlers of tasks running local activities (cancelled at shutdown past the
+        # grace period), and whether that point has come.
+        self._with_local_activities: set[asyncio.Task[Any]] = set()
+        self._abandon_local_activities = False
         # Sticky execution: while this worker caches a run, the server sends its next
         # workflow tasks there with only the new events ("" when nothing is cached).
         self.sticky_queue = sticky_queue
@@ -118,6 +131,21 @@ class WorkflowWorker:
             await client.call(client.service.ShutdownWorker, request, timeout=5, retry=False)
         except exc.RPCError as error:
             log.debug("could not give back sticky queue: %s", error)
+
+    async def drain(self, grace: float) -> None:
+        """Wait for in-flight workflow tasks. Those still running local activities
+        after ``grace`` seconds are abandoned (the activities cancelled, nothing
+        reported): the server's workflow task timeout gives the run to another worker."""
+        try:
+            async with asyncio.timeout(grace):
+                await self._slots.idle()
+            return
+        except TimeoutError:
+            pass
+        self._abandon_local_activities = True
+        for handler in self._with_local_activities:
+            handler.cancel()
+        await self._slots.idle()
 
     # -------------------------------------------------------- workflow tasks
 
@@ -174,20 +202,99 @@ class WorkflowWorker:
             )
             return
         instance = self._instance_for(task, definition)
-        commands = await self._run_workflow_code(task, instance, events)
-        if commands is not None:
+        commands = await self._run_workflow_code(task, instance, lambda: instance.process(events))
+        if commands is None:
+            return
+        if not instance.local_activities.pending:
             await self._complete_workflow_task(task, instance, commands)
+            return
+        run_id = task.workflow_execution.run_id
+        handler = asyncio.current_task()
+        if self._abandon_local_activities or handler is None:
+            self._evict(run_id)  # shutting down: the task times out, another worker runs it
+            return
+        session = LocalActivitySession(self._local, instance.workflow_info())
+        self._busy.add(run_id)
+        self._with_local_activities.add(handler)
+        try:
+            await self._run_local_activities(task, instance, commands, session, events)
+        except asyncio.CancelledError:
+            self._evict(run_id)
+            raise
+        finally:
+            self._with_local_activities.discard(handler)
+            self._busy.discard(run_id)
+            await session.close()
+
+    async def _run_local_activities(
+        self,
+        task: service_pb2.PollWorkflowTaskResponse,
+        instance: WorkflowInstanceImpl,
+        commands: list[Command],
+        session: LocalActivitySession,
+        events: Sequence[HistoryEvent],
+    ) -> None:
+        """Run the local activities the code waits for, feeding each outcome back (its
+        marker joins the task's commands), and complete the task once none is left.
+        Near the task timeout, complete it as it stands and go on in a new task that
+        the server starts for this worker at once (the task's heartbeat)."""
+        local = instance.local_activities
+        loop = asyncio.get_running_loop()
+        while True:
+            heartbeat_at = loop.time() + heartbeat_after_s(events)
+            while local.pending and not instance._completed:
+                try:
+                    marker = await session.next_outcome(local.pending, heartbeat_at - loop.time())
+                except exc.ApplicationError as error:  # an activity this worker lacks
+                    self._evict(task.workflow_execution.run_id)
+                    cause = Cause.WORKFLOW_TASK_FAILED_CAUSE_WORKFLOW_WORKER_UNHANDLED_FAILURE
+                    await self._fail_workflow_task(task, cause, error)
+                    return
+                if marker is None:
+                    break
+                resolve = functools.partial(instance.resolve_local_activity, marker)
+                if await self._run_workflow_code(task, instance, resolve) is None:
+                    return
+            commands = commands + instance.take_commands()
+            if not local.pending or instance._completed:
+                await self._complete_workflow_task(task, instance, commands)
+                return
+            task = await self._heartbeat(task, instance, commands)
+            events = await self._full_history(task)
+            step = functools.partial(instance.process, events)
+            next_commands = await self._run_workflow_code(task, instance, step)
+            if next_commands is None:
+                return
+            commands = next_commands
+
+    async def _heartbeat(
+        self,
+        task: service_pb2.PollWorkflowTaskResponse,
+        instance: WorkflowInstanceImpl,
+        commands: list[Command],
+    ) -> service_pb2.PollWorkflowTaskResponse:
+        """Complete the task with the commands so far and take the next one, which the
+        server schedules and starts for this worker in the same transaction."""
+        response = await self._complete_workflow_task(task, instance, commands, heartbeat=True)
+        if response is None or not response.workflow_task.task_token:
+            raise RuntimeError("the server started no new workflow task for the heartbeat")
+        log.debug(
+            "workflow %s: local activities still run; workflow task heartbeat",
+            task.workflow_execution.workflow_id,
+        )
+        return response.workflow_task
 
     async def _run_workflow_code(
         self,
         task: service_pb2.PollWorkflowTaskResponse,
         instance: WorkflowInstanceImpl,
-        events: Sequence[HistoryEvent],
-    ) -> list[Any] | None:
-        """The commands of this task, or None once the task was failed on the server."""
+        step: Callable[[], list[Command] | None],
+    ) -> list[Command] | None:
+        """The commands of this task (``step``: the instance processing its history,
+        or a local activity's outcome), or None once the task was failed on the server."""
         run_id = task.workflow_execution.run_id
         try:
-            commands = instance.process(events)
+            commands = step()
             if commands is None:
                 raise RuntimeError("history ended without an open workflow task")
             return commands
@@ -212,12 +319,18 @@ class WorkflowWorker:
         self,
         task: service_pb2.PollWorkflowTaskResponse,
         instance: WorkflowInstanceImpl,
-        commands: list[Any],
-    ) -> None:
+        commands: list[Command],
+        *,
+        heartbeat: bool = False,
+    ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         run_id = task.workflow_execution.run_id
         reserved = await self._reserve_eager_activities(commands)
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
-            task_token=task.task_token, commands=commands, identity=self._identity
+            task_token=task.task_token,
+            commands=commands,
+            identity=self._identity,
+            force_create_new_workflow_task=heartbeat,
+            return_new_workflow_task=heartbeat,
         )
         if self.sticky_queue and not instance._completed:
             sticky = request.sticky_attributes
@@ -227,7 +340,9 @@ class WorkflowWorker:
             sticky.schedule_to_start_timeout.FromTimedelta(self._sticky_timeout)
         client = self._client
         try:
-            response = await client.call(client.service.RespondWorkflowTaskCompleted, request)
+            response: service_pb2.RespondWorkflowTaskCompletedResponse = await client.call(
+                client.service.RespondWorkflowTaskCompleted, request
+            )
         except BaseException:
             if self._eager is not None:
                 for _ in range(reserved):
@@ -239,8 +354,9 @@ class WorkflowWorker:
                 self._eager.slots.release()
             for activity_task in response.activity_tasks:
                 self._eager.slots.hand_over(activity_task)
-        if instance._completed or not self._max_cached:
+        if not heartbeat and (instance._completed or not self._max_cached):
             self._evict(run_id)
+        return response
 
     def _instance_for(
         self, task: service_pb2.PollWorkflowTaskResponse, definition: WorkflowDefinition
@@ -256,10 +372,12 @@ class WorkflowWorker:
         if instance is not None:
             instance.dispose()
         instance = self._new_instance(task, definition)
-        # Make room first, so the run being worked on is never the one evicted.
-        while self._cache and len(self._cache) >= self._max_cached:
-            _, evicted = self._cache.popitem(last=False)
-            evicted.dispose()
+        # Make room first, so the run being worked on is never the one evicted (nor
+        # one whose task awaits local activities).
+        for old_id in [r for r in self._cache if r not in self._busy]:
+            if len(self._cache) < self._max_cached:
+                break
+            self._cache.pop(old_id).dispose()
         self._cache[run_id] = instance
         return instance
 

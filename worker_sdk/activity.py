@@ -91,6 +91,9 @@ class Info:
     heartbeat_timeout: timedelta | None
     heartbeat_details: list[Any]
     task_token: bytes
+    # A local activity (workflow.execute_local_activity): it runs inside its workflow
+    # task, has no task token, and its heartbeats go nowhere.
+    is_local: bool = False
 
 
 @dataclass(slots=True, kw_only=True)

@@ -6,8 +6,10 @@ activity role (``_activity_worker``: execution, heartbeats, cancellation), each 
 by the shared poll loop of ``_poller``. Concurrency is bounded by
 ``max_concurrent_activities`` and ``max_concurrent_workflow_tasks``; ``shutdown()``
 stops polling, gives back the sticky queue, lets in-flight workflow tasks finish and
-in-flight activities finish within ``graceful_shutdown_timeout`` (the rest are
-cancelled), and is safe to call twice. ``interceptors`` (``WorkerInterceptor``,
+in-flight activities and local activities finish within ``graceful_shutdown_timeout``
+(the rest are cancelled), and is safe to call twice. Local activities
+(``workflow.execute_local_activity``) run in the workflow-task role, with the
+activities registered here (``_local_activities``). ``interceptors`` (``WorkerInterceptor``,
 interceptor.py) wrap the handling of each workflow task, a supported hook for tests and
 instrumentation.
 
@@ -31,6 +33,7 @@ from tideflow.api.v1 import service_pb2
 
 from . import activity as activity_mod
 from ._activity_worker import ActivityWorker, EagerWorkflowTasks
+from ._local_activity_worker import LocalActivityConfig
 from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
 from .client import Client
@@ -102,6 +105,7 @@ class Worker:
                 )
                 if activities and activity_pollers
                 else None,
+                local_activities=LocalActivityConfig(activity_defs, activity_executor, context),
                 interceptors=interceptors,
             )
         if activities:
@@ -181,7 +185,8 @@ class Worker:
 
     async def _drain(self) -> None:
         """Stop polling, give back the sticky queue, let in-flight workflow tasks
-        finish, then give in-flight activities the grace period and cancel the rest."""
+        finish (those running local activities within the grace period), then give
+        in-flight activities the grace period and cancel the rest."""
         workflows, activities = self._workflows, self._activities
         # No eager reservations from here on.
         self._workflow_slots.close()
@@ -190,7 +195,7 @@ class Worker:
             await activities.stop_polling()
         if workflows is not None:
             await workflows.stop_polling()
-            await self._workflow_slots.idle()
+            await workflows.drain(self._graceful)
         if activities is not None:
             await activities.drain(self._graceful)
         # An activity that completed meanwhile may have handed over a workflow task

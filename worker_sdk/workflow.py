@@ -317,6 +317,20 @@ class StartActivityInput:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StartLocalActivityInput:
+    """A local activity to run, as ``execute_local_activity`` hands it to the runtime."""
+
+    activity_type: str
+    args: list[Any]
+    activity_id: str | None
+    schedule_to_close_timeout: timedelta | None
+    start_to_close_timeout: timedelta | None
+    retry_policy: RetryPolicy | None
+    local_retry_threshold: timedelta
+    result_type: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StartChildWorkflowInput:
     """A child workflow to start, as ``start_child_workflow`` hands it to the runtime."""
 
@@ -379,6 +393,9 @@ class _Runtime(ABC):
 
     @abstractmethod
     def workflow_start_activity(self, request: StartActivityInput) -> ActivityHandle: ...
+
+    @abstractmethod
+    def workflow_start_local_activity(self, request: StartLocalActivityInput) -> Awaitable[Any]: ...
 
     @abstractmethod
     def workflow_wait_condition(
@@ -562,31 +579,120 @@ async def execute_activity(
     arg: Any = None,
     *,
     args: Sequence[Any] = (),
-    activity_id: str | None = None,
-    task_queue: str | None = None,
-    schedule_to_close_timeout: timedelta | None = None,
-    schedule_to_start_timeout: timedelta | None = None,
-    start_to_close_timeout: timedelta | None = None,
-    heartbeat_timeout: timedelta | None = None,
-    retry_policy: RetryPolicy | None = None,
-    result_type: Any = None,
-    cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
+    **options: typing.Unpack[ActivityOptions],
 ) -> Any:
     """Run an activity and return its result; raises ``ActivityError`` if it failed
-    for good (the cause says why)."""
-    return await start_activity(
-        activity,
-        arg,
-        args=args,
-        activity_id=activity_id,
-        task_queue=task_queue,
-        schedule_to_close_timeout=schedule_to_close_timeout,
-        schedule_to_start_timeout=schedule_to_start_timeout,
-        start_to_close_timeout=start_to_close_timeout,
-        heartbeat_timeout=heartbeat_timeout,
-        retry_policy=retry_policy,
-        result_type=result_type,
-        cancellation_type=cancellation_type,
+    for good (the cause says why). The options are ``start_activity``'s."""
+    return await start_activity(activity, arg, args=args, **options)
+
+
+class LocalActivityOptions(typing.TypedDict, total=False):
+    """The keyword options of ``execute_local_activity``, named in its typed overloads."""
+
+    activity_id: str | None
+    schedule_to_close_timeout: timedelta | None
+    start_to_close_timeout: timedelta | None
+    retry_policy: RetryPolicy | None
+    local_retry_threshold: timedelta
+    result_type: Any
+
+
+@overload
+async def execute_local_activity(
+    activity: Callable[[], Awaitable[_ActivityResult]],
+    **options: typing.Unpack[LocalActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_local_activity(
+    activity: Callable[[], _ActivityResult], **options: typing.Unpack[LocalActivityOptions]
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_local_activity(
+    activity: Callable[[_ActivityParam], Awaitable[_ActivityResult]],
+    arg: _ActivityParam,
+    **options: typing.Unpack[LocalActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_local_activity(
+    activity: Callable[[_ActivityParam], _ActivityResult],
+    arg: _ActivityParam,
+    **options: typing.Unpack[LocalActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_local_activity(
+    activity: Callable[..., Awaitable[_ActivityResult]],
+    *,
+    args: Sequence[Any],
+    **options: typing.Unpack[LocalActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_local_activity(
+    activity: Callable[..., _ActivityResult],
+    *,
+    args: Sequence[Any],
+    **options: typing.Unpack[LocalActivityOptions],
+) -> _ActivityResult: ...
+
+
+@overload
+async def execute_local_activity(
+    activity: str,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    **options: typing.Unpack[LocalActivityOptions],
+) -> Any: ...
+
+
+async def execute_local_activity(
+    activity: Callable[..., Any] | str,
+    arg: Any = None,
+    *,
+    args: Sequence[Any] = (),
+    activity_id: str | None = None,
+    schedule_to_close_timeout: timedelta | None = None,
+    start_to_close_timeout: timedelta | None = None,
+    retry_policy: RetryPolicy | None = None,
+    local_retry_threshold: timedelta = timedelta(minutes=1),
+    result_type: Any = None,
+) -> Any:
+    """Run an activity in this worker, inside the workflow task (Temporal's local
+    activity): no activity task, no server round trip. The outcome is recorded as a
+    ``LocalActivity`` marker, from which replay takes it without running the function.
+    The activity must be registered on this worker. Attempts are retried here per
+    ``retry_policy``; a backoff longer than ``local_retry_threshold`` becomes a durable
+    timer. Raises ``ActivityError`` once it failed for good. Cancelling the awaiting code
+    cancels the activity and stops waiting; only a finished attempt is recorded."""
+    runtime = _Runtime.current()
+    name, result_type = _name_and_result(activity, activity_definition_of, result_type)
+    if start_to_close_timeout is None and schedule_to_close_timeout is None:
+        raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
+    if any(
+        t is not None and t <= timedelta(0)
+        for t in (start_to_close_timeout, schedule_to_close_timeout)
+    ):
+        raise ValueError("local activity timeouts must be positive")
+    return await runtime.workflow_start_local_activity(
+        StartLocalActivityInput(
+            activity_type=name,
+            args=list(args) if args else ([] if arg is None else [arg]),
+            activity_id=activity_id,
+            schedule_to_close_timeout=schedule_to_close_timeout,
+            start_to_close_timeout=start_to_close_timeout,
+            retry_policy=retry_policy,
+            local_retry_threshold=local_retry_threshold,
+            result_type=result_type,
+        )
     )
 
 

@@ -19,6 +19,9 @@ run. ``helpers.Processes.start_worker`` starts it. Flavours:
   collects ``add`` signals; its result is a function of its input and the signals.
   Every execution of a chaos activity appends one line to the ledger file named in
   its input, so the test counts re-executions after kills.
+- ``local`` (tests/test_local_activities_crash.py): ``LocalCrashy`` runs the local
+  activity ``local_stall_once``, which writes ``<marker>.<pid>`` on every execution
+  and blocks for 300 s on the first one only (the first to create ``<marker>.first``).
 
 ``stall_on_first_attempt`` and ``child_step`` write a marker file (path from their
 input, ``.attemptN`` appended) on every attempt, so a test sees which attempt runs in
@@ -236,11 +239,41 @@ class ChaosWorkflow:
         return {"first": first, "slow": slow, "child": child, "signals": self.signals}
 
 
+# ------------------------------------------------------------------- local
+
+
+@activity.defn
+async def local_stall_once(job: dict[str, Any]) -> int:
+    info = activity.info()
+    record = {"pid": os.getpid(), "attempt": info.attempt, "local": info.is_local}
+    marker = Path(f"{job['marker']}.{os.getpid()}")
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(marker)
+    try:
+        os.close(os.open(f"{job['marker']}.first", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return os.getpid()
+    await asyncio.sleep(300)  # only the process's death ends the first execution
+    return os.getpid()
+
+
+@workflow.defn
+class LocalCrashy:
+    @workflow.run
+    async def run(self, job: dict[str, Any]) -> str:
+        pid: int = await workflow.execute_local_activity(
+            local_stall_once, job, start_to_close_timeout=timedelta(minutes=10)
+        )
+        return f"{job['value']}:local-in-{pid}"
+
+
 FLAVOURS: dict[str, tuple[list[type], list[Any]]] = {
     "crashy": ([CrashyWorkflow], [stall_on_first_attempt]),
     "child": ([CrashParent, CrashChild], [child_step, parent_step]),
     "sticky": ([Tally], []),
     "chaos": ([ChaosWorkflow, ChaosChild], [chaos_step, chaos_slow]),
+    "local": ([LocalCrashy], [local_stall_once]),
 }
 
 

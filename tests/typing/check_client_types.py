@@ -76,6 +76,16 @@ class Crawler:
         assert_type(await workflow.execute_activity("fetch", url, result_type=bytes), Any)
         await workflow.execute_activity(fetch, 42, start_to_close_timeout=timeout)  # type: ignore[arg-type]
         await workflow.execute_activity(fetch, url, start_to_close_timeout=10)  # type: ignore[call-overload]
+        # Local activities are typed the same way.
+        local = await workflow.execute_local_activity(fetch, url, start_to_close_timeout=timeout)
+        assert_type(local, bytes)
+        summed = await workflow.execute_local_activity(
+            add, args=[1, 2], schedule_to_close_timeout=timeout
+        )
+        assert_type(summed, int)
+        assert_type(await workflow.execute_local_activity("fetch", url), Any)
+        await workflow.execute_local_activity(fetch, 42, start_to_close_timeout=timeout)  # type: ignore[arg-type]
+        await workflow.execute_local_activity(fetch, url, task_queue="q")  # type: ignore[call-overload]
         return rows
 
 

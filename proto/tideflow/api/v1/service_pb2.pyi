@@ -406,24 +406,30 @@ class StickyExecutionAttributes(_message.Message):
     def __init__(self, worker_task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RespondWorkflowTaskCompletedRequest(_message.Message):
-    __slots__ = ("task_token", "commands", "identity", "binary_checksum", "sticky_attributes")
+    __slots__ = ("task_token", "commands", "identity", "binary_checksum", "sticky_attributes", "force_create_new_workflow_task", "return_new_workflow_task")
     TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     BINARY_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     STICKY_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    FORCE_CREATE_NEW_WORKFLOW_TASK_FIELD_NUMBER: _ClassVar[int]
+    RETURN_NEW_WORKFLOW_TASK_FIELD_NUMBER: _ClassVar[int]
     task_token: bytes
     commands: _containers.RepeatedCompositeFieldContainer[_command_pb2.Command]
     identity: str
     binary_checksum: str
     sticky_attributes: StickyExecutionAttributes
-    def __init__(self, task_token: _Optional[bytes] = ..., commands: _Optional[_Iterable[_Union[_command_pb2.Command, _Mapping]]] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ..., sticky_attributes: _Optional[_Union[StickyExecutionAttributes, _Mapping]] = ...) -> None: ...
+    force_create_new_workflow_task: bool
+    return_new_workflow_task: bool
+    def __init__(self, task_token: _Optional[bytes] = ..., commands: _Optional[_Iterable[_Union[_command_pb2.Command, _Mapping]]] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ..., sticky_attributes: _Optional[_Union[StickyExecutionAttributes, _Mapping]] = ..., force_create_new_workflow_task: _Optional[bool] = ..., return_new_workflow_task: _Optional[bool] = ...) -> None: ...
 
 class RespondWorkflowTaskCompletedResponse(_message.Message):
-    __slots__ = ("activity_tasks",)
+    __slots__ = ("activity_tasks", "workflow_task")
     ACTIVITY_TASKS_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_TASK_FIELD_NUMBER: _ClassVar[int]
     activity_tasks: _containers.RepeatedCompositeFieldContainer[PollActivityTaskResponse]
-    def __init__(self, activity_tasks: _Optional[_Iterable[_Union[PollActivityTaskResponse, _Mapping]]] = ...) -> None: ...
+    workflow_task: PollWorkflowTaskResponse
+    def __init__(self, activity_tasks: _Optional[_Iterable[_Union[PollActivityTaskResponse, _Mapping]]] = ..., workflow_task: _Optional[_Union[PollWorkflowTaskResponse, _Mapping]] = ...) -> None: ...
 
 class RespondWorkflowTaskFailedRequest(_message.Message):
     __slots__ = ("task_token", "cause", "failure", "identity")
