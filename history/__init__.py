@@ -38,6 +38,7 @@ from ._errors import (
     ShardOwnershipLostError,
     StoreError,
     StoreUnavailableError,
+    TransactionConflictError,
 )
 from ._records import (
     CurrentRecord,
@@ -115,6 +116,7 @@ __all__ = [
     "ShardRecord",
     "StoreError",
     "StoreUnavailableError",
+    "TransactionConflictError",
     "TaskKind",
     "TaskRow",
     "TimerKind",

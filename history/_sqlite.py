@@ -16,6 +16,8 @@ T = TypeVar("T")
 
 class SQLiteRunner:
     name = "sqlite"
+    # One writer at a time: SQLite's transactions are serializable.
+    isolation = "serializable"
     # SQLite has one writer at a time: a single lane, and group commit fills it.
     writer_lanes = 1
 

@@ -17,7 +17,9 @@ Fixtures (helpers.py documents the functions every suite shares):
 ``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
 (the default) for both. Tests that take ``store_url`` (or ``store``) run once per
 selected database; the PostgreSQL runs carry the ``postgres`` marker, so
-``-m "not postgres"`` deselects them.
+``-m "not postgres"`` deselects them. Tests marked ``serializable`` also run on
+PostgreSQL at SERIALIZABLE (id ``postgres-serializable``, ``?isolation_level=
+serializable``): the CockroachDB code path, which a CockroachDB server cannot run here.
 
 SQLite: a fresh database file under the test's ``tmp_path``.
 
@@ -58,7 +60,14 @@ from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
-_DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
+#: The ``store_url`` parameter of PostgreSQL at SERIALIZABLE, the CockroachDB code path
+#: (history/_postgres.py); only tests marked ``serializable`` run with it.
+PG_SERIALIZABLE = "postgres-serializable"
+_DATABASES = {
+    "sqlite": ["sqlite"],
+    "postgres": ["postgres", PG_SERIALIZABLE],
+    "all": ["sqlite", "postgres", PG_SERIALIZABLE],
+}
 # Clones of the template kept ready for the next PostgreSQL tests.
 _CLONES_AHEAD = 2
 
@@ -183,17 +192,40 @@ def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
 
 def _store_url_params() -> list[Any]:
     return [
-        pytest.param(db, id=db, marks=[pytest.mark.postgres] if db == "postgres" else [])
+        pytest.param(db, id=db, marks=[pytest.mark.postgres] if db != "sqlite" else [])
         for db in _selected_databases()
     ]
 
 
+def serializable_url(url: str) -> str:
+    """``url`` (PostgreSQL) with every transaction at SERIALIZABLE: the CockroachDB path."""
+    return f"{url}{'&' if '?' in url else '?'}isolation_level=serializable"
+
+
 @pytest.fixture(params=_store_url_params())
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    """A fresh database URL, once per selected database."""
+    """A fresh database URL, once per selected database (PostgreSQL at SERIALIZABLE
+    only for tests marked ``serializable``)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'history.db'}"
-    return str(request.getfixturevalue("pg_url"))
+    url = str(request.getfixturevalue("pg_url"))
+    return serializable_url(url) if request.param == PG_SERIALIZABLE else url
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the SERIALIZABLE variant of ``store_url`` only for tests marked
+    ``serializable`` (a bounded set of suites: on every engine test it would add half
+    of the suite's time)."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        variant = callspec.params.get("store_url") if callspec is not None else None
+        wanted = variant != PG_SERIALIZABLE or item.get_closest_marker("serializable")
+        (kept if wanted else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture
