@@ -11,9 +11,9 @@ A node owns a shard through its ``shards`` row: ``owner``, ``lease_expires_at`` 
 bumps it (``acquire_shard``), renewing extends the lease only while ``range_id`` is
 still the node's token (``renew_shard``), and every transaction that writes a shard's
 data first reads the row (``FOR SHARE`` at READ COMMITTED) and compares ``range_id``
-with the writer's token (``check_fence_txn``, called by ``_batch_write.apply_batch``). So a node that
-lost its lease (paused, partitioned, clock skewed) can never commit again, whatever
-it believes: safety rests on the token alone, never on a clock.
+with the writer's token (``check_fence_txn``, called by ``_batch_write.apply_batch``).
+So a node that lost its lease (paused, partitioned, clock skewed) can never commit
+again, whatever it believes: safety rests on the token alone, never on a clock.
 
 The functions here are synchronous SQLAlchemy Core functions of a ``Connection``, run
 by the store's runner like the rest of the store's statements.

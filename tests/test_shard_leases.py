@@ -2,10 +2,11 @@
 
 Two ``HistoryStore`` objects on one database play two nodes. On SQLite and PostgreSQL
 (``TIDEFLOW_TEST_DB=all``), and on PostgreSQL at SERIALIZABLE, where the fence is a
-plain read as on CockroachDB (``serializable``): the shard count is fixed once; two nodes acquiring one
-shard at the same moment, exactly one wins; a renewal after a steal fails; a write
-carrying a stale range id never commits, alone or in a group-commit batch, where it
-fails alone; a node that does not hold a shard cannot write it at all.
+plain read as on CockroachDB (``serializable``): the shard count is fixed once; two
+nodes acquiring one shard at the same moment, exactly one wins; a renewal after a
+steal fails; a write carrying a stale range id never commits, alone or in a
+group-commit batch, where it fails alone; a node that does not hold a shard cannot
+write it at all; a recovery scan by a node whose token is stale finds nothing.
 """
 
 from __future__ import annotations
