@@ -112,6 +112,14 @@ class AsyncEngineRunner:
             return await conn.run_sync(fn)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
+        if self.isolation == SERIALIZABLE:
+            # Committed, not rolled back: at SERIALIZABLE what a transaction read is
+            # only known to be consistent once it committed (PostgreSQL checks its
+            # reads against concurrent writers until then, and drops the checks of a
+            # transaction rolled back). A fenced recovery scan relies on it
+            # (_cluster.held_shards_txn); a read failing there with 40001 is run again.
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(fn)
         async with self._engine.connect() as conn:
             return await conn.run_sync(fn)
 
