@@ -191,14 +191,15 @@ async def _contend(a: HistoryStore, b: HistoryStore, round_no: int) -> None:
     async def races(store: HistoryStore, run_id: str) -> list[bool]:
         return list(await asyncio.gather(*(_start_once(store, run_key(w, run_id)) for w in raced)))
 
-    results = await asyncio.gather(
-        *(_append_many(s, k, appends) for k in shared for s in (a, b) for _ in range(writers)),
+    _, _, _, won_a, won_b = await asyncio.gather(
+        asyncio.gather(
+            *(_append_many(s, k, appends) for k in shared for s in (a, b) for _ in range(writers))
+        ),
         group_commits(a, solo[a]),
         group_commits(b, solo[b]),
         races(a, "run-a"),
         races(b, "run-b"),
     )
-    won_a, won_b = results[-2], results[-1]
 
     total = 1 + 2 * writers * appends
     for key in shared:
