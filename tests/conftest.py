@@ -17,9 +17,10 @@ Fixtures (helpers.py documents the functions every suite shares):
 ``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
 (the default) for both. Tests that take ``store_url`` (or ``store``) run once per
 selected database; the PostgreSQL runs carry the ``postgres`` marker, so
-``-m "not postgres"`` deselects them. Tests marked ``serializable`` also run on
-PostgreSQL at SERIALIZABLE (id ``postgres-serializable``, ``?isolation_level=
-serializable``): the CockroachDB code path, which a CockroachDB server cannot run here.
+``-m "not postgres"`` deselects them. Tests marked ``serializable``, and the engine
+suites of ``SERIALIZABLE_SUITES``, also run on PostgreSQL at SERIALIZABLE (id
+``postgres-serializable``, ``?isolation_level=serializable``): the CockroachDB code
+path, which a CockroachDB server cannot run here.
 
 SQLite: a fresh database file under the test's ``tmp_path``.
 
@@ -212,16 +213,45 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return serializable_url(url) if request.param == PG_SERIALIZABLE else url
 
 
+#: Engine suites that also run at SERIALIZABLE, besides the tests marked
+#: ``serializable`` (the store, lease and cluster suites): a module, or one test of it.
+#: A representative set, bounded: every engine test at SERIALIZABLE would add half of
+#: the suite's time. Chosen for what SERIALIZABLE changes: concurrent transactions on
+#: one run and across runs (signal storm, id policies, task races), several runs in
+#: one transaction (child workflows, continue-as-new), timers and retries
+#: (activities), recovery scans after a SIGKILL (crash recovery), and the basics (e2e).
+SERIALIZABLE_SUITES = frozenset(
+    {
+        "test_signals.py::test_signal_storm_from_ten_clients",
+        "test_id_policies.py",
+        "test_task_races.py",
+        "test_child_workflows.py",
+        "test_continue_as_new.py",
+        "test_activities.py",
+        "test_crash_recovery.py",
+        "test_e2e.py",
+    }
+)
+
+
+def _runs_serializable(item: pytest.Item) -> bool:
+    name = getattr(item, "originalname", item.name)
+    return bool(
+        item.get_closest_marker("serializable")
+        or item.path.name in SERIALIZABLE_SUITES
+        or f"{item.path.name}::{name}" in SERIALIZABLE_SUITES
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the SERIALIZABLE variant of ``store_url`` only for tests marked
-    ``serializable`` (a bounded set of suites: on every engine test it would add half
-    of the suite's time)."""
+    ``serializable`` and the suites of ``SERIALIZABLE_SUITES``."""
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         variant = callspec.params.get("store_url") if callspec is not None else None
-        wanted = variant != PG_SERIALIZABLE or item.get_closest_marker("serializable")
+        wanted = variant != PG_SERIALIZABLE or _runs_serializable(item)
         (kept if wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
