@@ -43,6 +43,10 @@ from ._errors import (
 
 T = TypeVar("T")
 
+#: ``Runner.isolation`` values: how the database isolates transactions.
+SERIALIZABLE = "serializable"
+READ_COMMITTED = "read committed"
+
 log = logging.getLogger("tideflow.history")
 
 # Reads are idempotent, so a read that lost its connection (a pooled connection the

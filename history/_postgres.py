@@ -28,12 +28,12 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ._dialects import READ_COMMITTED, SERIALIZABLE
+
 T = TypeVar("T")
 
 _CONNECT_TIMEOUT_S = 10.0
 
-SERIALIZABLE = "serializable"
-READ_COMMITTED = "read committed"
 #: The URL query parameter that selects the isolation (tideflow's own: it is taken off
 #: the URL before the driver sees it).
 ISOLATION_PARAMETER = "isolation_level"

@@ -34,7 +34,7 @@ from . import _schema as s
 from ._api_keys import ApiKeyStore
 from ._batch_write import Rejected, apply_batch
 from ._cluster import MemberRecord, ShardRecord
-from ._dialects import GuardedRunner, Runner, open_runner, retrying
+from ._dialects import SERIALIZABLE, GuardedRunner, Runner, open_runner, retrying
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
@@ -276,7 +276,7 @@ class HistoryStore:
     @property
     def _fence_read(self) -> cluster.FenceRead:
         """How the fence reads the shard rows (``_cluster.check_fence_txn``)."""
-        if self.dialect.isolation == "serializable":
+        if self.dialect.isolation == SERIALIZABLE:
             return cluster.FenceRead.PLAIN
         return cluster.FenceRead.LOCKED
 

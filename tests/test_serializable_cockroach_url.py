@@ -21,13 +21,8 @@ from sqlalchemy.schema import CreateIndex
 
 from tideflow.history import HistoryStore, StoreUnavailableError
 from tideflow.history import _schema as schema
-from tideflow.history._dialects import open_runner
-from tideflow.history._postgres import (
-    COCKROACH_EXTRA,
-    READ_COMMITTED,
-    SERIALIZABLE,
-    server_target,
-)
+from tideflow.history._dialects import READ_COMMITTED, SERIALIZABLE, open_runner
+from tideflow.history._postgres import COCKROACH_EXTRA, server_target
 
 _BOUND_S = 120.0
 
