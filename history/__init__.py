@@ -38,6 +38,7 @@ from ._errors import (
     ShardOwnershipLostError,
     StoreError,
     StoreUnavailableError,
+    TransactionConflictError,
 )
 from ._records import (
     CurrentRecord,
@@ -121,6 +122,7 @@ __all__ = [
     "TimerRow",
     "TokenKey",
     "TokenKeyStore",
+    "TransactionConflictError",
     "TransferAction",
     "Transition",
     "VisibilityCursor",

@@ -74,17 +74,20 @@ def apply_batch(
     batch: Sequence[Transition],
     tokens: dict[int, set[int]],
     shard_count: int,
+    fence: cluster.FenceRead = cluster.FenceRead.LOCKED,
 ) -> None:
     """Write a batch with one statement per kind of row, not one per transition.
 
     First the fence: each shard the batch writes is checked once against the tokens
-    its transitions carry (ShardOwnershipLostError: nothing is written). A unique
+    its transitions carry, read as ``fence`` says (ShardOwnershipLostError: nothing is
+    written). The function only writes through ``conn``: the runner may run it again
+    after a serialization failure. A unique
     violation anywhere (an event id or run that another writer already wrote) aborts
     the whole transaction; ``_run_txn`` maps it to the store error. The rows are
     written in the order the constraints need: executions, current, events, tasks,
     timers, visibility.
     """
-    cluster.check_fence_txn(conn, tokens)
+    cluster.check_fence_txn(conn, tokens, fence)
     _insert_executions(conn, [t for t in batch if t.expected_version == 0])
     _update_executions(conn, [t for t in batch if t.expected_version != 0])
     for t in batch:

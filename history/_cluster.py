@@ -10,10 +10,10 @@ A node owns a shard through its ``shards`` row: ``owner``, ``lease_expires_at`` 
 ``range_id``, the fencing token. Acquiring is a compare-and-set on ``range_id`` that
 bumps it (``acquire_shard``), renewing extends the lease only while ``range_id`` is
 still the node's token (``renew_shard``), and every transaction that writes a shard's
-data first reads the row ``FOR SHARE`` and compares ``range_id`` with the writer's
-token (``check_fence_txn``, called by ``_batch_write.apply_batch``). So a node that
-lost its lease (paused, partitioned, clock skewed) can never commit again, whatever
-it believes: safety rests on the token alone, never on a clock.
+data first reads the row (``FOR SHARE`` at READ COMMITTED) and compares ``range_id``
+with the writer's token (``check_fence_txn``, called by ``_batch_write.apply_batch``).
+So a node that lost its lease (paused, partitioned, clock skewed) can never commit
+again, whatever it believes: safety rests on the token alone, never on a clock.
 
 The functions here are synchronous SQLAlchemy Core functions of a ``Connection``, run
 by the store's runner like the rest of the store's statements.
@@ -21,6 +21,7 @@ by the store's runner like the rest of the store's statements.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -226,31 +227,82 @@ def release_shard_txn(conn: Connection, shard: int, range_id: int) -> bool:
     return bool(result.rowcount == 1)
 
 
+class FenceRead(enum.Enum):
+    """How the fence reads the shard rows, by the database's isolation."""
+
+    #: READ COMMITTED (PostgreSQL's default): ``SELECT ... FOR SHARE``.
+    LOCKED = "locked"
+    #: SERIALIZABLE (CockroachDB, PostgreSQL with ?isolation_level=serializable,
+    #: SQLite): a plain ``SELECT``.
+    PLAIN = "plain"
+
+
 # Built once: the fence runs in every write transaction, and building a statement
 # costs more than running this one (measured on SQLite: ~0.2 ms per transaction).
-_FENCE_QUERY = (
-    select(s.shards.c.shard_id, s.shards.c.range_id)
-    .where(s.shards.c.shard_id.in_(bindparam("shards", expanding=True)))
-    .with_for_update(read=True)
+_FENCE_QUERY = select(s.shards.c.shard_id, s.shards.c.range_id).where(
+    s.shards.c.shard_id.in_(bindparam("shards", expanding=True))
 )
+_FENCE_QUERIES = {
+    FenceRead.PLAIN: _FENCE_QUERY,
+    FenceRead.LOCKED: _FENCE_QUERY.with_for_update(read=True),
+}
 
 
-def check_fence_txn(conn: Connection, tokens: Mapping[int, Collection[int]]) -> None:
+def check_fence_txn(
+    conn: Connection,
+    tokens: Mapping[int, Collection[int]],
+    read: FenceRead = FenceRead.LOCKED,
+) -> None:
     """The fence (ShardLease.tla ``StoreAccepts``): every shard written must still have
-    the range id its writer holds. Each shard's row is read once, ``FOR SHARE``, so an
-    acquisition cannot commit between this check and the transaction's commit (under
-    READ COMMITTED a plain SELECT would let it); SQLite has one writer at a time and
-    ignores the clause. ``tokens`` maps a shard to the tokens its transitions carry
-    (two when the shard changed hands between their submissions: one is stale)."""
+    the range id its writer holds, read in the writer's own transaction. ``tokens``
+    maps a shard to the tokens its transitions carry (two when the shard changed hands
+    between their submissions: one is stale).
+
+    What the fence must guarantee: no write W of a node that lost a shard is ordered
+    after the acquisition A that took the shard from it (A bumps the range id), so that
+    the new owner, which reads the shard's data after A, sees every write of the old
+    owner or none can commit any more.
+
+    READ COMMITTED (``FenceRead.LOCKED``): each statement reads the latest committed
+    row, so a plain read would let A commit between W's check and W's commit, and W
+    would land after A. ``FOR SHARE`` holds A's UPDATE until W ends (or makes W wait
+    for A and then read A's range id): W commits entirely before A or is refused.
+
+    SERIALIZABLE (``FenceRead.PLAIN``): the database makes the committed transactions
+    equivalent to one serial order, and a plain read of the row is enough. W read the
+    old range id, so in that order W comes before A (after A it would have read the
+    new one). Every transaction that read the new range id comes after A, hence after
+    W: the new owner's writes and fenced reads (``held_shards_txn``) see W, or one of
+    the transactions is aborted with SQLSTATE 40001 and run again (and W, run again,
+    reads the new range id and is refused). Note that W and A alone do not conflict:
+    both commit, with W ordered first, which is what the fence needs. A lock would add
+    nothing: CockroachDB does not even take ``FOR SHARE`` locks at SERIALIZABLE unless
+    told to (``enable_shared_locking_for_serializable``), and leaving the clause out
+    keeps PostgreSQL at SERIALIZABLE on exactly the statements CockroachDB runs. SQLite
+    has one writer at a time and ignores the clause anyway."""
     if not tokens:
         return
-    rows = conn.execute(_FENCE_QUERY, {"shards": sorted(tokens)})
+    rows = conn.execute(_FENCE_QUERIES[read], {"shards": sorted(tokens)})
     current = {row.shard_id: row.range_id for row in rows}
     for shard, held in sorted(tokens.items()):
         actual = current.get(shard, INITIAL_RANGE_ID)
         for token in held:
             if token != actual:
                 raise ShardOwnershipLostError(shard, token, actual, "refused by the fence")
+
+
+def held_shards_txn(conn: Connection, tokens: Mapping[int, int]) -> list[int]:
+    """The shards of ``tokens`` (shard -> range id) whose row still has that range id,
+    read in the caller's transaction: a recovery read that scans a shard's rows in the
+    same transaction is ordered after the acquisition it is recovering for, so under
+    SERIALIZABLE it cannot miss a write of the old owner that commits after it
+    (``check_fence_txn``; without this read nothing but the clock would order the scan
+    after the acquisition on CockroachDB, whose serializability is not strict)."""
+    if not tokens:
+        return []
+    rows = conn.execute(_FENCE_QUERY, {"shards": sorted(tokens)})
+    current = {row.shard_id: row.range_id for row in rows}
+    return [shard for shard, token in sorted(tokens.items()) if current.get(shard) == token]
 
 
 def heartbeat_txn(conn: Connection, member: MemberRecord) -> bool:

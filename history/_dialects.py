@@ -10,6 +10,14 @@ a plain connection (``read``):
   dominated by event-loop latency (measured: ~3x lower throughput).
 - PostgreSQL / CockroachDB (``_postgres.py``): the asyncpg-based async engine, running
   the same function through ``AsyncConnection.run_sync``.
+
+``GuardedRunner`` runs a function again when the database aborted its transaction to
+keep transactions serializable or to break a deadlock (SQLSTATE 40001, 40P01): every
+write and every read, on every dialect. CockroachDB and a SERIALIZABLE PostgreSQL
+abort transactions that way in normal operation, not only under contention, so every
+function a runner runs must be safe to run again: it may only act on the database
+through its connection (no in-memory state changed before the commit is known), and
+the store changes its own state only once ``write`` returned.
 """
 
 from __future__ import annotations
@@ -25,9 +33,19 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ._errors import InvalidValueError, RetryableStoreError, StoreError, StoreUnavailableError
+from ._errors import (
+    InvalidValueError,
+    RetryableStoreError,
+    StoreError,
+    StoreUnavailableError,
+    TransactionConflictError,
+)
 
 T = TypeVar("T")
+
+#: ``Runner.isolation`` values: how the database isolates transactions.
+SERIALIZABLE = "serializable"
+READ_COMMITTED = "read committed"
 
 log = logging.getLogger("tideflow.history")
 
@@ -36,14 +54,22 @@ log = logging.getLogger("tideflow.history")
 _READ_ATTEMPTS = 4
 
 # SQLSTATEs after which the same transaction may simply run again: serialization
-# failure and deadlock (a concurrent writer won).
+# failure and deadlock (a concurrent writer won). The transaction was rolled back, so
+# running it again cannot apply it twice.
 _CONFLICT_SQLSTATES = {"40001", "40P01"}
+# How often a transaction the database aborted for a conflict is run again before the
+# caller gets RetryableStoreError (and the client UNAVAILABLE, which it retries).
+_CONFLICT_ATTEMPTS = 12
 # SQLSTATE classes and codes that mean the database cannot be reached or is going away:
 # connection exceptions (08xxx), insufficient resources (53xxx: too many connections,
 # out of memory, disk full), and an administrator's or a crash's shutdown and a server
 # still starting (57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now).
+# 40003 (statement_completion_unknown) is CockroachDB's ambiguous result: a node went
+# away while committing, and the transaction may or may not have committed. Like a
+# connection lost around a commit it is in doubt: the store marks its writes in doubt,
+# and a retry finds its own commit as a race (the version guard and the unique keys).
 _UNAVAILABLE_CLASSES = ("08", "53")
-_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "57P05"}
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "57P05", "40003"}
 # Classes that mean a value of the statement is at fault: data exception (22xxx: out of
 # range, too long for its column, a NUL byte in text) and program limit exceeded
 # (54xxx: an index row too large for its key, say). Retrying the same values cannot help.
@@ -63,6 +89,9 @@ _UNAVAILABLE_TEXT = (
 
 class Runner(Protocol):
     name: str  # "sqlite", "postgresql" or "cockroachdb"
+    # "serializable" (SQLite, CockroachDB, PostgreSQL with ?isolation_level=serializable)
+    # or "read committed" (PostgreSQL's default): how the fence reads the shard row.
+    isolation: str
     writer_lanes: int  # concurrent group-commit writers
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
@@ -82,9 +111,9 @@ def open_runner(url: str, *, sqlite_synchronous: str = "NORMAL") -> Runner:
 
         return SQLiteRunner(parsed.database or "", synchronous=sqlite_synchronous)
     if backend in ("postgresql", "postgres", "cockroachdb"):
-        from ._postgres import AsyncEngineRunner
+        from ._postgres import AsyncEngineRunner, server_target
 
-        return AsyncEngineRunner(parsed)
+        return AsyncEngineRunner(server_target(parsed))
     raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}")
 
 
@@ -156,17 +185,22 @@ def is_invalid_value(exc: BaseException) -> bool:
     return "string or blob too big" in _driver_text(chain)
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """True for errors after which the same transaction may simply run again: a
-    concurrent writer won, or the connection was lost or refused."""
-    if is_unavailable(exc):
-        return True
+def is_conflict(exc: BaseException) -> bool:
+    """True if the database aborted the transaction for a concurrent one (a
+    serialization failure or a deadlock): nothing of it was committed, and running it
+    again may succeed."""
     if isinstance(exc, DBAPIError):
         if any(code in _CONFLICT_SQLSTATES for code in _sqlstates(_chain(exc))):
             return True
         text = str(exc.orig).lower()
         return "database is locked" in text or "could not serialize" in text
     return False
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors after which the same transaction may simply run again: a
+    concurrent writer won, or the connection was lost or refused."""
+    return is_unavailable(exc) or is_conflict(exc)
 
 
 def _from_database(exc: BaseException) -> bool:
@@ -196,8 +230,8 @@ def store_error_of(exc: BaseException) -> StoreError | None:
         return InvalidValueError(f"the database refused a value: {_reason(exc)}")
     if is_unavailable(exc):
         return StoreUnavailableError(f"database unavailable: {_reason(exc)}")
-    if is_retryable(exc):
-        return RetryableStoreError(f"transient database failure: {_reason(exc)}")
+    if is_conflict(exc):
+        return TransactionConflictError(f"transaction conflict: {_reason(exc)}")
     return None
 
 
@@ -206,13 +240,18 @@ def _backoff_delay(attempt: int) -> float:
     return float(min(0.5, 0.005 * 2**attempt) * (0.5 + random.random()))
 
 
-async def retrying(operation: Callable[[], Awaitable[T]], attempts: int, what: str) -> T:
-    """Run ``operation`` and run it again after a ``RetryableStoreError``, up to
+async def retrying(
+    operation: Callable[[], Awaitable[T]],
+    attempts: int,
+    what: str,
+    retry_on: type[RetryableStoreError] = RetryableStoreError,
+) -> T:
+    """Run ``operation`` and run it again after a ``retry_on`` error, up to
     ``attempts`` times in all, backing off in between; the last failure is raised."""
     for attempt in range(attempts):
         try:
             return await operation()
-        except RetryableStoreError as error:
+        except retry_on as error:
             if attempt == attempts - 1:
                 raise
             log.debug("retrying %s after %s (attempt %d)", what, error, attempt + 1)
@@ -234,20 +273,44 @@ async def _guarded(operation: Awaitable[T]) -> T:
 class GuardedRunner:
     """A ``Runner`` whose failures are store errors (``store_error_of``): whatever the
     dialect, a lost database surfaces as ``StoreUnavailableError`` and a refused value
-    as ``InvalidValueError``, never as a driver's exception. Reads that fail
-    transiently are retried here; writes are retried by the caller, which knows
-    whether running the transaction again is safe."""
+    as ``InvalidValueError``, never as a driver's exception.
 
-    def __init__(self, inner: Runner) -> None:
+    A transaction the database aborted for a conflict (``TransactionConflictError``)
+    is run again here, reads and writes alike, up to ``_CONFLICT_ATTEMPTS`` times; each
+    run again counts in ``stats["conflict_retries"]``. Reads that lost the database
+    are retried here too; writes that did are retried by the caller, which knows
+    whether running the transaction again is safe (it may have committed)."""
+
+    def __init__(self, inner: Runner, stats: dict[str, int] | None = None) -> None:
         self._inner = inner
         self.name = inner.name
+        self.isolation = inner.isolation
         self.writer_lanes = inner.writer_lanes
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("conflict_retries", 0)
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
-        return await _guarded(self._inner.write(fn))
+        return await self._rerun_conflicts(lambda: _guarded(self._inner.write(fn)))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
-        return await retrying(lambda: _guarded(self._inner.read(fn)), _READ_ATTEMPTS, "read")
+        return await retrying(
+            lambda: self._rerun_conflicts(lambda: _guarded(self._inner.read(fn))),
+            _READ_ATTEMPTS,
+            "read",
+            retry_on=StoreUnavailableError,
+        )
+
+    async def _rerun_conflicts(self, operation: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(_CONFLICT_ATTEMPTS):
+            try:
+                return await operation()
+            except TransactionConflictError as error:
+                if attempt == _CONFLICT_ATTEMPTS - 1:
+                    raise
+                self.stats["conflict_retries"] += 1
+                log.debug("running a transaction again after %s", error)
+            await asyncio.sleep(_backoff_delay(attempt))
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self._inner.close()

@@ -31,6 +31,12 @@ class RetryableStoreError(StoreError):
     """
 
 
+class TransactionConflictError(RetryableStoreError):
+    """The database aborted the transaction for a concurrent one, after all retries:
+    a serialization failure (SQLSTATE 40001, which CockroachDB and a SERIALIZABLE
+    PostgreSQL raise in normal operation) or a deadlock (40P01). Nothing was written."""
+
+
 class StoreUnavailableError(RetryableStoreError):
     """The database cannot be reached: connection refused or lost, the server shutting
     down, restarting or out of connections. Every request fails alike until it is back."""

@@ -1,26 +1,95 @@
-"""PostgreSQL and CockroachDB through asyncpg."""
+"""PostgreSQL and CockroachDB through asyncpg: one code path for both.
+
+What a URL selects (``server_target``):
+
+- ``postgresql://...`` (or ``postgres://``): PostgreSQL at its default isolation, READ
+  COMMITTED; ``?isolation_level=serializable`` runs every transaction SERIALIZABLE.
+- ``cockroachdb://...`` (or ``cockroachdb+asyncpg://``): CockroachDB through the
+  ``sqlalchemy-cockroachdb`` dialect (``pip install "tideflow[cockroachdb]"``), always
+  SERIALIZABLE (CockroachDB's default; READ COMMITTED is refused).
+
+A SERIALIZABLE PostgreSQL and CockroachDB run the same code: the same statements, the
+same fence (a plain read of the shard row, ``_cluster.check_fence_txn``) and the same
+retries of SQLSTATE 40001 (``_dialects.GuardedRunner``). What differs is only what
+differs between the two databases: the dialect name and its SQLAlchemy dialect class
+(CockroachDB's reflects its catalog its own way), and the DDL of the indexes that
+CockroachDB creates hash-sharded (``_schema.py``). So the PostgreSQL tests at
+SERIALIZABLE exercise the CockroachDB path, short of a CockroachDB server.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ._dialects import READ_COMMITTED, SERIALIZABLE
+
 T = TypeVar("T")
 
 _CONNECT_TIMEOUT_S = 10.0
 
+#: The URL query parameter that selects the isolation (tideflow's own: it is taken off
+#: the URL before the driver sees it).
+ISOLATION_PARAMETER = "isolation_level"
+COCKROACH_EXTRA = 'pip install "tideflow[cockroachdb]"'
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTarget:
+    """What a ``postgresql://`` or ``cockroachdb://`` URL asks for."""
+
+    name: str  # "postgresql" or "cockroachdb" (``Runner.name``)
+    url: URL  # on the asyncpg driver, without ``isolation_level``
+    isolation: str  # SERIALIZABLE or READ_COMMITTED
+
+
+def server_target(url: URL) -> ServerTarget:
+    """Parse a PostgreSQL or CockroachDB URL; ValueError (one line, saying what to
+    change) for an isolation other than the two supported, or a CockroachDB URL
+    without the dialect package installed."""
+    cockroach = url.get_backend_name() == "cockroachdb"
+    name = "cockroachdb" if cockroach else "postgresql"
+    raw = url.query.get(ISOLATION_PARAMETER)
+    if raw is not None and not isinstance(raw, str):
+        raise ValueError(f"{ISOLATION_PARAMETER} given more than once in the database URL")
+    if raw is None:
+        isolation = SERIALIZABLE if cockroach else READ_COMMITTED
+    else:
+        isolation = raw.strip().lower().replace("_", " ").replace("-", " ")
+        if isolation not in (SERIALIZABLE, READ_COMMITTED):
+            raise ValueError(
+                f"{ISOLATION_PARAMETER}={raw!r}: expected serializable or read_committed"
+            )
+    if cockroach and isolation != SERIALIZABLE:
+        raise ValueError(
+            f"{ISOLATION_PARAMETER}={raw!r}: tideflow runs CockroachDB at SERIALIZABLE only"
+        )
+    if cockroach:
+        _require_cockroach_dialect()
+    driver = "cockroachdb+asyncpg" if cockroach else "postgresql+asyncpg"
+    bare = url.set(drivername=driver).difference_update_query([ISOLATION_PARAMETER])
+    return ServerTarget(name=name, url=bare, isolation=isolation)
+
+
+def _require_cockroach_dialect() -> None:
+    try:
+        importlib.import_module("sqlalchemy_cockroachdb.asyncpg")
+    except ImportError:
+        raise ValueError(
+            f"a cockroachdb:// URL needs the CockroachDB dialect: {COCKROACH_EXTRA}"
+        ) from None
+
 
 class AsyncEngineRunner:
-    def __init__(self, url: URL, *, isolation_level: str | None = None) -> None:
-        backend = url.get_backend_name()
-        self.name = "cockroachdb" if backend == "cockroachdb" else "postgresql"
-        driver = "cockroachdb+asyncpg" if self.name == "cockroachdb" else "postgresql+asyncpg"
-        isolation = url.query.get("isolation_level") or isolation_level
-        url = url.set(drivername=driver).difference_update_query(["isolation_level"])
+    def __init__(self, target: ServerTarget) -> None:
+        self.name = target.name
+        self.isolation = target.isolation
         # pool_pre_ping replaces pooled connections a database restart closed; the connect
         # timeout bounds how long a request waits on a database that does not answer at
         # all (asyncpg's default is a minute), so the caller gets UNAVAILABLE and retries.
@@ -30,9 +99,11 @@ class AsyncEngineRunner:
             "pool_pre_ping": True,
             "connect_args": {"timeout": _CONNECT_TIMEOUT_S},
         }
-        if isolation:
-            options["isolation_level"] = str(isolation).upper().replace("_", " ")
-        self._engine = create_async_engine(url, **options)
+        if target.isolation == SERIALIZABLE:
+            # Reads too: a read of several statements sees one snapshot, and is retried
+            # like a write if the database aborts it (GuardedRunner).
+            options["isolation_level"] = "SERIALIZABLE"
+        self._engine = create_async_engine(target.url, **options)
         # Several lanes: the server runs transactions of different runs in parallel.
         self.writer_lanes = 4
 
@@ -41,6 +112,14 @@ class AsyncEngineRunner:
             return await conn.run_sync(fn)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
+        if self.isolation == SERIALIZABLE:
+            # Committed, not rolled back: at SERIALIZABLE what a transaction read is
+            # only known to be consistent once it committed (PostgreSQL checks its
+            # reads against concurrent writers until then, and drops the checks of a
+            # transaction rolled back). A fenced recovery scan relies on it
+            # (_cluster.held_shards_txn); a read failing there with 40001 is run again.
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(fn)
         async with self._engine.connect() as conn:
             return await conn.run_sync(fn)
 

@@ -3,9 +3,28 @@
 Times are integer microseconds since the epoch so that every dialect compares them
 the same way. Keys are natural keys computed by the engine, which lets a transition
 delete exactly the task and timer rows it consumed without reading them first.
+
+Designed for CockroachDB too, which splits every table and index into ranges by key:
+keys that grow with time, written by many transactions at once, all land on the last
+range of their table or index, one node's hot spot. So
+
+- no primary key is a sequence or a clock: each starts with the namespace and the
+  workflow id (or a key of the same make, ``task_key``/``timer_key``), chosen by
+  users and spread by them; event ids grow only within one run, whose writes are
+  serial anyway; the cluster tables are keyed by shard number, node id or setting
+  name; ``task_token_keys`` grows by one per rotation, a manual, rare command;
+- the secondary indexes whose key grows with time (start times, creation and due
+  times) are created hash-sharded on CockroachDB (``USING HASH``: CockroachDB
+  prefixes the key with a hidden bucket column, and its planner scans the buckets of
+  an ordered or ranged query and merges them); PostgreSQL and SQLite create them as
+  they are. They carry ``info={HASH_SHARDED: True}`` below;
+- no sequences, no advisory locks, no ``FOR UPDATE``/``FOR SHARE`` at SERIALIZABLE
+  (the fence is a plain read there: ``_cluster.check_fence_txn``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -20,8 +39,22 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex
 
 metadata = MetaData()
+
+#: ``Index.info`` flag: created ``USING HASH`` on CockroachDB (the key grows with time).
+HASH_SHARDED = "cockroachdb_hash_sharded"
+_TIME_ORDERED = {HASH_SHARDED: True}
+
+
+@compiles(CreateIndex, "cockroachdb")
+def _create_index_on_cockroachdb(create: CreateIndex, compiler: Any, **kw: Any) -> str:
+    """``CREATE INDEX ... USING HASH`` for the indexes flagged ``HASH_SHARDED``."""
+    sql = str(compiler.visit_create_index(create, **kw))
+    return f"{sql} USING HASH" if create.element.info.get(HASH_SHARDED) else sql
+
 
 namespaces = Table(
     "namespaces",
@@ -49,7 +82,13 @@ executions = Table(
     Column("db_version", BigInteger, nullable=False),
     Column("state", LargeBinary, nullable=False),
 )
-Index("executions_by_status", executions.c.namespace, executions.c.status, executions.c.start_time)
+Index(
+    "executions_by_status",
+    executions.c.namespace,
+    executions.c.status,
+    executions.c.start_time,
+    info=_TIME_ORDERED,
+)
 
 # workflow id -> its newest run. At most one run per workflow id is open: a new run
 # replaces the row only if the run it names is closed (conditional UPDATE).
@@ -93,7 +132,9 @@ tasks = Table(
     Column("attempt", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
 )
-Index("tasks_by_queue", tasks.c.namespace, tasks.c.task_queue, tasks.c.created_at)
+Index(
+    "tasks_by_queue", tasks.c.namespace, tasks.c.task_queue, tasks.c.created_at, info=_TIME_ORDERED
+)
 Index("tasks_by_shard", tasks.c.shard_id, tasks.c.task_key)
 
 # Durable timers: user timers, timeouts and retry backoffs, by due time.
@@ -110,13 +151,12 @@ timers = Table(
     Column("ref_id", BigInteger, nullable=False),
     Column("attempt", Integer, nullable=False),
 )
-Index("timers_by_due_time", timers.c.fire_at)
+Index("timers_by_due_time", timers.c.fire_at, info=_TIME_ORDERED)
 Index("timers_by_shard", timers.c.shard_id, timers.c.fire_at)
 
 # ------------------------------------------------------------------- cluster
 # (history/_cluster.py; specified by tla/ShardLease.tla) Every key below is chosen by
-# the nodes (a shard number, a node id, a setting name), never a sequence: no hot
-# sequential primary keys, no advisory locks, so the same schema suits CockroachDB.
+# the nodes (a shard number, a node id, a setting name), never a sequence.
 
 # Settings fixed when the database is first initialised ("shard_count").
 cluster_metadata = Table(
@@ -196,7 +236,9 @@ run_memos = Table(
     Column("data", LargeBinary, nullable=False),
 )
 Index("run_memos_by_run", run_memos.c.namespace, run_memos.c.run_id)
-Index("executions_by_start_time", executions.c.namespace, executions.c.start_time)
+Index(
+    "executions_by_start_time", executions.c.namespace, executions.c.start_time, info=_TIME_ORDERED
+)
 
 # ------------------------------------------------------------------- schedules
 # (history/_schedule_store.py) One row per schedule. `last_slot` is the latest slot

@@ -11,11 +11,15 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.pool import QueuePool
 
+from ._dialects import SERIALIZABLE
+
 T = TypeVar("T")
 
 
 class SQLiteRunner:
     name = "sqlite"
+    # One writer at a time: SQLite's transactions are serializable.
+    isolation = SERIALIZABLE
     # SQLite has one writer at a time: a single lane, and group commit fills it.
     writer_lanes = 1
 

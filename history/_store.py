@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, select
+from sqlalchemy import Connection, Row, Select, and_, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from tideflow.api.search_attributes import SearchAttributeValue
@@ -34,7 +34,7 @@ from . import _schema as s
 from ._api_keys import ApiKeyStore
 from ._batch_write import Rejected, apply_batch
 from ._cluster import MemberRecord, ShardRecord
-from ._dialects import GuardedRunner, Runner, open_runner, retrying
+from ._dialects import SERIALIZABLE, GuardedRunner, Runner, open_runner, retrying
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
@@ -86,13 +86,15 @@ class HistoryStore:
     DEFAULT_SHARD_COUNT = cluster.DEFAULT_SHARD_COUNT
 
     def __init__(self, runner: Runner) -> None:
-        self._runner = GuardedRunner(runner)
+        # Commit counters: transitions / transactions is the group-commit batch size;
+        # conflict_retries counts the transactions the database aborted for a
+        # concurrent one and the runner ran again (_dialects.GuardedRunner).
+        self.stats = {"transactions": 0, "transitions": 0, "conflict_retries": 0}
+        self._runner = GuardedRunner(runner, self.stats)
         self.dialect = runner
         self._lanes: list[asyncio.Queue[_Item]] = []
         self._writers: list[asyncio.Task[None]] = []
         self._closed = False
-        # Commit counters: transitions / transactions is the group-commit batch size.
-        self.stats = {"transactions": 0, "transitions": 0}
         # Set when a write failed so that it may or may not have committed (the
         # connection went away around the commit). Its task and timer rows may then be
         # in the store while nobody was told, and a retry may even have found its own
@@ -271,6 +273,13 @@ class HistoryStore:
             tokens[shard] = token
         return tokens
 
+    @property
+    def _fence_read(self) -> cluster.FenceRead:
+        """How the fence reads the shard rows (``_cluster.check_fence_txn``)."""
+        if self.dialect.isolation == SERIALIZABLE:
+            return cluster.FenceRead.PLAIN
+        return cluster.FenceRead.LOCKED
+
     def _refused(self, error: ShardOwnershipLostError) -> None:
         if self.on_fenced is not None:
             self.on_fenced(error)
@@ -344,16 +353,21 @@ class HistoryStore:
     ) -> None:
         """Run the transitions in one transaction, retrying transient failures.
 
-        Running it again after a lost connection is safe even if the first attempt did
+        The runner runs it again after a conflict (nothing was committed); here it is
+        run again after a lost connection, which is safe even if the first attempt did
         commit: the version guard and the unique keys then reject the copy, and the
         caller reloads the run and finds its change there. ``tokens`` (shard -> the
         tokens the transitions carry) are checked by the fence in the same transaction.
+        Nothing outside the transaction changes until it committed or failed for good.
         """
         count = self.shard_count
+        fence = self._fence_read
 
         async def attempt() -> None:
             try:
-                await self._runner.write(lambda conn: apply_batch(conn, transitions, tokens, count))
+                await self._runner.write(
+                    lambda conn: apply_batch(conn, transitions, tokens, count, fence)
+                )
             except IntegrityError as exc:
                 raise Rejected(_integrity_error(exc, transitions)) from exc
             except ShardOwnershipLostError as exc:
@@ -363,7 +377,7 @@ class HistoryStore:
                 self.writes_in_doubt.set()
                 raise
 
-        await retrying(attempt, _MAX_TXN_RETRIES, "transaction")
+        await retrying(attempt, _MAX_TXN_RETRIES, "transaction", retry_on=StoreUnavailableError)
         self.stats["transactions"] += 1
         self.stats["transitions"] += len(transitions)
 
@@ -387,9 +401,10 @@ class HistoryStore:
             await self._runner.write(fn)
             return
         tokens = _merged([self._tokens([run])])
+        fence = self._fence_read
 
         def txn(conn: Connection) -> None:
-            cluster.check_fence_txn(conn, tokens)
+            cluster.check_fence_txn(conn, tokens, fence)
             fn(conn)
 
         try:
@@ -527,9 +542,10 @@ class HistoryStore:
         if given."""
         t = s.tasks
         query = select(t).where(t.c.task_key > after_key).order_by(t.c.task_key).limit(limit)
-        if shards is not None:
-            query = query.where(t.c.shard_id.in_(sorted(shards)))
-        rows = await self._runner.read(lambda conn: conn.execute(query).all())
+        tokens = self._scan_tokens(shards)
+        rows = await self._runner.read(
+            lambda conn: _scan_shards_txn(conn, query, t.c.shard_id, shards, tokens)
+        )
         return [
             TaskRow(
                 key=RunKey(namespace=r.namespace, workflow_id=r.workflow_id, run_id=r.run_id),
@@ -548,9 +564,10 @@ class HistoryStore:
         """Timers due before ``fire_before``, earliest first, of ``shards`` only if given."""
         t = s.timers
         query = select(t).where(t.c.fire_at < fire_before).order_by(t.c.fire_at).limit(limit)
-        if shards is not None:
-            query = query.where(t.c.shard_id.in_(sorted(shards)))
-        rows = await self._runner.read(lambda conn: conn.execute(query).all())
+        tokens = self._scan_tokens(shards)
+        rows = await self._runner.read(
+            lambda conn: _scan_shards_txn(conn, query, t.c.shard_id, shards, tokens)
+        )
         return [
             TimerRow(
                 key=RunKey(namespace=r.namespace, workflow_id=r.workflow_id, run_id=r.run_id),
@@ -561,6 +578,13 @@ class HistoryStore:
             )
             for r in rows
         ]
+
+    def _scan_tokens(self, shards: Collection[int] | None) -> dict[int, int] | None:
+        """What a scan of ``shards`` checks: None for no check (every row, or an
+        unfenced store), else shard -> token of the shards of ``shards`` held now."""
+        if shards is None or self._fence is None:
+            return None
+        return {shard: self._fence[shard] for shard in shards if shard in self._fence}
 
     async def count_rows(self, table: str, **where: Any) -> int:
         """Row count of one table (tests and diagnostics)."""
@@ -608,6 +632,27 @@ class HistoryStore:
     def api_keys(self) -> ApiKeyStore:
         """The API keys of ``api-key`` authentication (``_api_keys``), on this database."""
         return ApiKeyStore(self._runner)
+
+
+def _scan_shards_txn(
+    conn: Connection,
+    query: Select[Any],
+    shard_column: Any,
+    shards: Collection[int] | None,
+    tokens: dict[int, int] | None,
+) -> Sequence[Row[Any]]:
+    """Rows of ``query``, of ``shards`` only if given. With ``tokens`` (a fenced
+    store) only the shards still held with them, checked in the scan's own transaction
+    (``_cluster.held_shards_txn``: the scan is then ordered after the acquisition, and
+    cannot miss a late write of the shard's old owner). A read: run again as it is
+    after a conflict."""
+    if shards is not None:
+        if tokens is not None:
+            shards = cluster.held_shards_txn(conn, tokens)
+            if not shards:
+                return []
+        query = query.where(shard_column.in_(sorted(shards)))
+    return conn.execute(query).all()
 
 
 def _merged(token_maps: Sequence[dict[int, int]]) -> dict[int, set[int]]:

@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ._dialects import Runner
+from ._dialects import GuardedRunner, Runner
 
 # Bytes of secret per key: the HMAC-SHA256 block is 64 bytes, 32 of entropy suffice.
 KEY_BYTES = 32
@@ -81,7 +81,10 @@ class OwnTableStore:
     _metadata: MetaData
 
     def __init__(self, runner: Runner) -> None:
-        self._runner = runner
+        # A store's runner is guarded already; a raw one (the admin commands') is
+        # guarded here, so their transactions are run again after a conflict (40001)
+        # too and their failures are store errors.
+        self._runner = runner if isinstance(runner, GuardedRunner) else GuardedRunner(runner)
         self._created = False
 
     async def _ensure_table(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from tideflow.history import TokenKeyStore
+from tideflow.history import StoreError, TokenKeyStore
 from tideflow.history._dialects import open_runner
 
 COMMANDS = ("rotate-token-key", "retire-token-key")
@@ -49,7 +49,7 @@ def run_on_database(command: Coroutine[Any, Any, str]) -> str:
     (shared by the API key commands, server/_api_key_cli.py)."""
     try:
         return asyncio.run(command)
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, StoreError) as error:
         first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ValueError(f"--db-url: cannot use the database: {first}") from None
 

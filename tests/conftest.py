@@ -17,7 +17,10 @@ Fixtures (helpers.py documents the functions every suite shares):
 ``TIDEFLOW_TEST_DB`` selects the databases: ``sqlite``, ``postgres``, or ``all``
 (the default) for both. Tests that take ``store_url`` (or ``store``) run once per
 selected database; the PostgreSQL runs carry the ``postgres`` marker, so
-``-m "not postgres"`` deselects them.
+``-m "not postgres"`` deselects them. Tests marked ``serializable``, and the engine
+suites of ``SERIALIZABLE_SUITES``, also run on PostgreSQL at SERIALIZABLE (id
+``postgres-serializable``, ``?isolation_level=serializable``): the CockroachDB code
+path, which a CockroachDB server cannot run here.
 
 SQLite: a fresh database file under the test's ``tmp_path``.
 
@@ -58,7 +61,14 @@ from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
-_DATABASES = {"sqlite": ["sqlite"], "postgres": ["postgres"], "all": ["sqlite", "postgres"]}
+#: The ``store_url`` parameter of PostgreSQL at SERIALIZABLE, the CockroachDB code path
+#: (history/_postgres.py); only tests marked ``serializable`` run with it.
+PG_SERIALIZABLE = "postgres-serializable"
+_DATABASES = {
+    "sqlite": ["sqlite"],
+    "postgres": ["postgres", PG_SERIALIZABLE],
+    "all": ["sqlite", "postgres", PG_SERIALIZABLE],
+}
 # Clones of the template kept ready for the next PostgreSQL tests.
 _CLONES_AHEAD = 2
 
@@ -183,17 +193,71 @@ def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
 
 def _store_url_params() -> list[Any]:
     return [
-        pytest.param(db, id=db, marks=[pytest.mark.postgres] if db == "postgres" else [])
+        pytest.param(db, id=db, marks=[pytest.mark.postgres] if db != "sqlite" else [])
         for db in _selected_databases()
     ]
 
 
+def serializable_url(url: str) -> str:
+    """``url`` (PostgreSQL) with every transaction at SERIALIZABLE: the CockroachDB path."""
+    return f"{url}{'&' if '?' in url else '?'}isolation_level=serializable"
+
+
 @pytest.fixture(params=_store_url_params())
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    """A fresh database URL, once per selected database."""
+    """A fresh database URL, once per selected database (PostgreSQL at SERIALIZABLE
+    only for tests marked ``serializable``)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'history.db'}"
-    return str(request.getfixturevalue("pg_url"))
+    url = str(request.getfixturevalue("pg_url"))
+    return serializable_url(url) if request.param == PG_SERIALIZABLE else url
+
+
+#: Engine suites that also run at SERIALIZABLE, besides the tests marked
+#: ``serializable`` (the store, lease and cluster suites): a module, or one test of it.
+#: A representative set, bounded: every engine test at SERIALIZABLE would add half of
+#: the suite's time (this set adds about 2.5 minutes on two cores, with the marked
+#: suites). Chosen for what SERIALIZABLE changes: concurrent transactions on one run
+#: and across runs (signal storm, id policies, a poll racing its commit), several runs
+#: in one transaction (child workflows, continue-as-new), and recovery scans after a
+#: SIGKILL (crash recovery).
+SERIALIZABLE_SUITES = frozenset(
+    {
+        "test_signals.py::test_signal_storm_from_ten_clients",
+        "test_id_policies.py",
+        # (not test_cancel_of_a_timer_that_fired_during_the_task_wins: it needs the
+        # signal and the next poll to land within its timer's 50 ms, which a slower
+        # SERIALIZABLE commit on a loaded machine often misses; no product difference)
+        "test_task_races.py::test_poll_cancelled_while_recording_start_keeps_the_task",
+        "test_child_workflows.py",
+        "test_continue_as_new.py",
+        "test_crash_recovery.py",
+    }
+)
+
+
+def _runs_serializable(item: pytest.Item) -> bool:
+    name = getattr(item, "originalname", item.name)
+    return bool(
+        item.get_closest_marker("serializable")
+        or item.path.name in SERIALIZABLE_SUITES
+        or f"{item.path.name}::{name}" in SERIALIZABLE_SUITES
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the SERIALIZABLE variant of ``store_url`` only for tests marked
+    ``serializable`` and the suites of ``SERIALIZABLE_SUITES``."""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        variant = callspec.params.get("store_url") if callspec is not None else None
+        wanted = variant != PG_SERIALIZABLE or _runs_serializable(item)
+        (kept if wanted else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture

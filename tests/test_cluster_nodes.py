@@ -12,6 +12,9 @@ client talks to the node that owns its workflow's shard, and a worker polls each
   in-flight workflows complete.
 - ``--shards`` conflicting with the database's count is refused (exit 2, one line).
 
+The process tests run at READ COMMITTED and at SERIALIZABLE (``?isolation_level=
+serializable``, the CockroachDB code path).
+
 Leases are 2 s here. Waits poll conditions against generous deadlines.
 """
 
@@ -34,13 +37,14 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import PG_SERIALIZABLE, serializable_url
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
 
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.serializable]
 
 QUEUE = "cluster-nodes"
 LEASE_S = 2.0
@@ -71,25 +75,27 @@ class Pause:
 
 
 @pytest.fixture
-def nodes(procs: Processes, pg_url: str) -> Callable[[str], Awaitable[ServerProcess]]:
+def nodes(procs: Processes, store_url: str) -> Callable[[str], Awaitable[ServerProcess]]:
     """Starts ``tideflow server start`` nodes on this test's database (named by their
     node id, listening); ``procs`` kills and reaps them, a SIGSTOPped one too."""
 
     async def start(node_id: str) -> ServerProcess:
         # These nodes test shards, not credentials (`start` turns auth on by default).
         flags = ("--node-id", node_id, "--lease-seconds", str(LEASE_S), "--auth", "off")
-        node = ServerProcess(procs, pg_url, name=node_id, command="start", flags=flags)
+        node = ServerProcess(procs, store_url, name=node_id, command="start", flags=flags)
         await node.start()
         return node
 
     return start
 
 
-@pytest.fixture
-def store_url(pg_url: str) -> str:
-    """PostgreSQL only: several processes on one database. The ``store`` fixture on it
-    is the test's own (unfenced) view of the cluster's database."""
-    return pg_url
+@pytest.fixture(params=["postgres", PG_SERIALIZABLE])
+def store_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    """PostgreSQL only: several processes on one database, at READ COMMITTED and at
+    SERIALIZABLE (the CockroachDB code path: the fence is a plain read, conflicts are
+    run again). The ``store`` fixture on it is the test's own (unfenced) view of the
+    cluster's database."""
+    return serializable_url(pg_url) if request.param == PG_SERIALIZABLE else pg_url
 
 
 def _lease_trace(trace_dir: Path, node_id: str) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ class _CanGoDown:
 
     def __init__(self, inner: Runner) -> None:
         self.name, self.writer_lanes = inner.name, inner.writer_lanes
+        self.isolation = inner.isolation
         self.down = False
         self._inner = inner
 

@@ -1,10 +1,12 @@
 """Shard leases and the range-id fence at the store level (tla/ShardLease.tla).
 
 Two ``HistoryStore`` objects on one database play two nodes. On SQLite and PostgreSQL
-(``TIDEFLOW_TEST_DB=all``): the shard count is fixed once; two nodes acquiring one
-shard at the same moment, exactly one wins; a renewal after a steal fails; a write
-carrying a stale range id never commits, alone or in a group-commit batch, where it
-fails alone; a node that does not hold a shard cannot write it at all.
+(``TIDEFLOW_TEST_DB=all``), and on PostgreSQL at SERIALIZABLE, where the fence is a
+plain read as on CockroachDB (``serializable``): the shard count is fixed once; two
+nodes acquiring one shard at the same moment, exactly one wins; a renewal after a
+steal fails; a write carrying a stale range id never commits, alone or in a
+group-commit batch, where it fails alone; a node that does not hold a shard cannot
+write it at all; a recovery scan by a node whose token is stale finds nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from tideflow.history import (
 )
 from tideflow.history import _schema as schema
 from tideflow.history._dialects import open_runner
+
+pytestmark = pytest.mark.serializable
 
 LEASE_US = 60_000_000  # a live lease: nobody may take it
 LAPSED_US = -1  # a lease that lapsed the moment it was taken
@@ -158,10 +162,14 @@ async def test_a_write_with_a_stale_range_id_never_commits(
     assert await a.count_rows("tasks", workflow_id=zombie.workflow_id) == 0
     assert [(e.shard_id, e.held) for e in refused] == [(7, token)]
     # Deleting a row of the shard is a write too.
-    (task,) = await a.list_tasks(shards=[7])
+    (task,) = await b.list_tasks(shards=[7])
     with pytest.raises(ShardOwnershipLostError):
         await a.delete_task(task.task_key, run=key)
     assert await b.list_tasks(shards=[7]) == [task]
+    # A recovery scan checks the range id in its own transaction: the stale holder
+    # finds nothing of the shard.
+    assert await a.list_tasks(shards=[7]) == []
+    assert await a.list_tasks() == [task]  # an unscoped scan is not fenced
     # The new owner writes.
     await b.apply(_create(zombie, tasks=2))
     assert await b.count_rows("tasks", workflow_id=zombie.workflow_id) == 2

@@ -30,6 +30,7 @@ class _CommitsThenDropsTheAnswer:
 
     def __init__(self, inner: Runner, answers_to_lose: int) -> None:
         self.name, self.writer_lanes = inner.name, inner.writer_lanes
+        self.isolation = inner.isolation
         self.answers_to_lose = answers_to_lose
         self._inner = inner
 

@@ -1,4 +1,5 @@
-"""The history store against real databases (see conftest.py: SQLite and PostgreSQL).
+"""The history store against real databases (see conftest.py: SQLite, PostgreSQL, and
+PostgreSQL at SERIALIZABLE, the CockroachDB code path).
 
 No mocks and no timed sleeps: concurrency comes from ``asyncio.gather``, whose tasks enqueue
 their transitions before the store's writer runs, so they meet in one group-commit
@@ -41,6 +42,8 @@ from tideflow.history import (
     timer_key_kind,
 )
 from tideflow.history._dialects import is_retryable
+
+pytestmark = pytest.mark.serializable
 
 
 def same_lane_workflow_id(store: HistoryStore, workflow_id: str) -> str:
@@ -375,16 +378,6 @@ async def test_close_is_idempotent_and_fails_later_applies(store: HistoryStore) 
         await pending
     with pytest.raises(RetryableStoreError):
         await store.apply(create(run_key(run_id="run-2")))
-
-
-@pytest.mark.postgres
-async def test_store_at_serializable_isolation(pg_url: str) -> None:
-    store = await HistoryStore.open(f"{pg_url}?isolation_level=serializable")
-    try:
-        await commit_many_runs(store)
-        await contend_on_one_run(store)
-    finally:
-        await store.close()
 
 
 @pytest.mark.postgres

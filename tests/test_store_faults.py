@@ -38,6 +38,7 @@ from tideflow.history import (
     StoreUnavailableError,
     TaskKind,
     TaskRow,
+    TransactionConflictError,
     Transition,
 )
 from tideflow.history._dialects import Runner, is_retryable, open_runner, store_error_of
@@ -134,14 +135,17 @@ def test_database_errors_are_classified() -> None:
     def wrapped(message: str, sqlstate: str) -> DBAPIError:
         return DBAPIError("SELECT 1", {}, _PgError(message, sqlstate))
 
-    for code in ("57P01", "57P02", "57P03", "08006", "53300"):
+    # 40003: CockroachDB's ambiguous commit, in doubt like a connection lost at commit.
+    for code in ("57P01", "57P02", "57P03", "08006", "53300", "40003"):
         error = store_error_of(wrapped("the database system is shutting down", code))
         assert isinstance(error, StoreUnavailableError), code
         assert "SELECT" not in str(error)  # the statement is not part of the message
     for code in ("22003", "22021", "22001", "54000"):
         assert isinstance(store_error_of(wrapped("out of range", code)), InvalidValueError)
-    serialization = store_error_of(wrapped("could not serialize access", "40001"))
-    assert type(serialization) is RetryableStoreError
+    for code in ("40001", "40P01"):  # serialization failure, deadlock: nothing committed
+        conflict = store_error_of(wrapped("could not serialize access", code))
+        assert type(conflict) is TransactionConflictError
+        assert isinstance(conflict, RetryableStoreError)
     assert isinstance(store_error_of(OverflowError("int too big")), InvalidValueError)
     # A unique violation is the caller's to interpret; unknown failures stay as they are.
     assert store_error_of(IntegrityError("INSERT", {}, _PgError("dup", "23505"))) is None
@@ -234,6 +238,7 @@ class _LosesAnAnswer:
     def __init__(self, inner: Runner) -> None:
         self._inner = inner
         self.name = inner.name
+        self.isolation = inner.isolation
         self.writer_lanes = inner.writer_lanes
         self.armed = False
 
