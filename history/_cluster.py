@@ -235,15 +235,17 @@ _FENCE_QUERY = (
 )
 
 
-def check_fence_txn(conn: Connection, tokens: Mapping[int, Collection[int]]) -> None:
+def check_fence_txn(conn: Connection, tokens: Mapping[int, Collection[int]]) -> dict[int, int]:
     """The fence (ShardLease.tla ``StoreAccepts``): every shard written must still have
     the range id its writer holds. Each shard's row is read once, ``FOR SHARE``, so an
     acquisition cannot commit between this check and the transaction's commit (under
     READ COMMITTED a plain SELECT would let it); SQLite has one writer at a time and
     ignores the clause. ``tokens`` maps a shard to the tokens its transitions carry
-    (two when the shard changed hands between their submissions: one is stale)."""
+    (two when the shard changed hands between their submissions: one is stale).
+    Returns the range ids read (shard -> range id): trace mode logs them with each
+    committed write, as the store's own account of the fence (tla/TraceShardLease.tla)."""
     if not tokens:
-        return
+        return {}
     rows = conn.execute(_FENCE_QUERY, {"shards": sorted(tokens)})
     current = {row.shard_id: row.range_id for row in rows}
     for shard, held in sorted(tokens.items()):
@@ -251,6 +253,7 @@ def check_fence_txn(conn: Connection, tokens: Mapping[int, Collection[int]]) -> 
         for token in held:
             if token != actual:
                 raise ShardOwnershipLostError(shard, token, actual, "refused by the fence")
+    return {shard: current.get(shard, INITIAL_RANGE_ID) for shard in tokens}
 
 
 def heartbeat_txn(conn: Connection, member: MemberRecord) -> bool:
