@@ -348,9 +348,15 @@ def validate_lines(
     merged = by_shard(lines)
     wanted = sorted(merged if shards is None else shards)
     models = [write_model(merged[s], s, workdir / f"shard-{s}") for s in wanted]
+    return dict(zip(wanted, check_all(models, jar=jar, jobs=jobs), strict=True))
+
+
+def check_all(
+    models: Sequence[ShardModel], *, jar: Path | None = None, jobs: int = 2
+) -> list[Verdict]:
+    """Check written models, ``jobs`` TLC runs at a time; the verdicts in order."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        verdicts = list(pool.map(lambda m: check(m, jar=jar), models))
-    return dict(zip(wanted, verdicts, strict=True))
+        return list(pool.map(lambda m: check(m, jar=jar), models))
 
 
 def main(argv: list[str] | None = None) -> int:
