@@ -35,7 +35,8 @@ from tideflow.history import (
 
 from ._audit import begin as begin_audit
 from ._audit import note_principal, note_token
-from ._auth import TOKEN_RPCS, AuthGate
+from ._auth import NAMESPACE_FREE_RPCS, TOKEN_RPCS, AuthGate
+from ._cluster_info import describe_cluster
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
 from ._errors import (
@@ -207,12 +208,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def _namespace_of(self, rpc: str, request: Any) -> str:
         """The namespace a call acts on, for its authorization: a task-token call's is
         the verified token's (a worker of A holding a token of B acts on B, and is
-        refused), any other call's the one its request names ("" for GetSystemInfo)."""
+        refused), any other call's the one its request names (NAMESPACE_FREE_RPCS: none)."""
         activity = TOKEN_RPCS.get(rpc)
         if activity is not None:
             return (await self._open_token(request, activity=activity)).namespace
-        if rpc == "GetSystemInfo":
-            return ""
+        if rpc in NAMESPACE_FREE_RPCS:
+            return NAMESPACE_FREE_RPCS[rpc]
         namespace: str = request.namespace
         if not namespace:
             raise InvalidArgumentError("namespace is empty")
@@ -878,6 +879,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             poller = response.pollers.add(identity=identity, polling=polling)
             poller.last_access_time.FromNanoseconds(int(seen_at * 1e9))
         return response
+
+    @_rpc
+    async def DescribeCluster(
+        self, request: service_pb2.DescribeClusterRequest, context: _Context
+    ) -> service_pb2.DescribeClusterResponse:
+        return await describe_cluster(self._store, self._config.lease_s)
 
 
 # Largest page of ListWorkflowExecutions / ListSchedules.
