@@ -52,7 +52,7 @@ from ._errors import (
     abort_with_detail,
 )
 from ._failures import RateLimitedLog
-from ._history_pages import HistoryPager, decode_run_id, is_task_token
+from ._history_pages import is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
 from ._task_tokens import TaskTokenSigner
@@ -178,7 +178,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         # During an outage every request fails alike: one line per interval, not each.
         self._outage_log = RateLimitedLog(log, _OUTAGE_LOG_INTERVAL_S, now_s=log_clock)
         self._parked_polls = 0
-        self._pager = HistoryPager(engine.read_events, engine.state_of, config.history_page_bytes)
+        self._pager = engine.pager  # its continuation tokens are sealed (_history_pages)
 
     # ------------------------------------------------------------ validation
 
@@ -298,7 +298,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = request.next_page_token
         run_id = request.execution.run_id
         if not run_id and is_task_token(token):
-            run_id = decode_run_id(token)  # the rest of a task's history: that run's
+            run_id = await self._pager.run_of(token)  # the rest of a task's history
         key = await self._engine.resolve_run_id(
             request.namespace, request.execution.workflow_id, run_id
         )
