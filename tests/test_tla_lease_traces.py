@@ -217,6 +217,8 @@ def _corruptions(lines: list[dict[str, Any]]) -> list[Corruption]:
 # ------------------------------------------------------------------------ test
 
 
+# The scenario takes ~40 s alone; on two cores shared with a full test run, more.
+@pytest.mark.timeout(300)
 async def test_three_node_cluster_leases_are_shard_lease_behaviours(
     procs: Processes, pg_url: str, trace_dir: Path, jar: Path, tmp_path: Path
 ) -> None:
