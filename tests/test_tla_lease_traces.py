@@ -18,8 +18,9 @@ One scenario, real ``tideflow server start`` processes on PostgreSQL with 5 shar
 Every shard's merged log must be accepted, walking one path (one state per entry).
 Corrupted copies must be rejected for the right reason: a write accepted with a stale
 range id (NoStaleAppend), a takeover that does not bump the range id (two owners at
-once: AtMostOneWriter), a range id going backwards, the steal of a live lease, and an
-append by a node that does not own the shard.
+once: AtMostOneWriter), a range id going backwards, the steal of a live lease, a range
+id bumped by two (no step of ShardLease: IsShardLeaseStep), and an append by a node
+that does not own the shard (NoStaleAppend).
 """
 
 from __future__ import annotations
@@ -193,11 +194,7 @@ def _corruptions(lines: list[dict[str, Any]]) -> list[Corruption]:
         for e in lines
         if e["action"] == "AcquireShard" and e["stolen"] and e["previous_owner"] == "node-a"
     )
-    append = next(
-        e
-        for e in lines
-        if e["action"] == "AppendEvent" and e["node"] == "node-a" and e["shard"] != steal["shard"]
-    )
+    append = next(e for e in lines if e["action"] == "AppendEvent" and e["node"] == "node-a")
     stale = {**fenced, "action": "AppendEvent", "range": fenced["held"]}
     del stale["held"]
     read = steal["read_range"]
@@ -209,6 +206,9 @@ def _corruptions(lines: list[dict[str, Any]]) -> list[Corruption]:
                  "the range id goes backwards"),
         _corrupt("live-lease-stolen", lines, steal, {**steal, "now": steal["expires_at"] - 1},
                  "a live lease stolen"),
+        # No invariant breaks yet, but no action of ShardLease bumps by two.
+        _corrupt("range-id-skipped", lines, steal, {**steal, "range": read + 2},
+                 "IsShardLeaseStep violated"),
         _corrupt("append-by-non-owner", lines, append, {**append, "node": "node-c"},
                  "NoStaleAppend violated"),
     ]  # fmt: skip
