@@ -12,6 +12,8 @@ from typing import Any, Protocol
 from tideflow.server import _cli as server_cli
 from tideflow.worker_sdk.dag import cli as dag_cli
 
+from . import _cluster as cluster_cli
+
 
 class CommandGroup(Protocol):
     """What a command group module provides (see the package docstring)."""
@@ -26,6 +28,7 @@ GROUPS: Mapping[str, CommandGroup] = MappingProxyType(
     {
         "server": server_cli,
         "dag": dag_cli,
+        "cluster": cluster_cli,
     }
 )
 

@@ -75,7 +75,7 @@ def apply_batch(
     tokens: dict[int, set[int]],
     shard_count: int,
     fence: cluster.FenceRead = cluster.FenceRead.LOCKED,
-) -> None:
+) -> dict[int, int]:
     """Write a batch with one statement per kind of row, not one per transition.
 
     First the fence: each shard the batch writes is checked once against the tokens
@@ -85,9 +85,9 @@ def apply_batch(
     violation anywhere (an event id or run that another writer already wrote) aborts
     the whole transaction; ``_run_txn`` maps it to the store error. The rows are
     written in the order the constraints need: executions, current, events, tasks,
-    timers, visibility.
+    timers, visibility. Returns the range ids the fence read (shard -> range id).
     """
-    cluster.check_fence_txn(conn, tokens, fence)
+    current = cluster.check_fence_txn(conn, tokens, fence)
     _insert_executions(conn, [t for t in batch if t.expected_version == 0])
     _update_executions(conn, [t for t in batch if t.expected_version != 0])
     for t in batch:
@@ -98,6 +98,7 @@ def apply_batch(
     _write_timers(conn, batch, shard_count)
     # Memos and search attributes the events set: same transaction as the events.
     write_visibility(conn, batch)
+    return current
 
 
 def _insert_executions(conn: Connection, creates: Sequence[Transition]) -> None:

@@ -252,7 +252,7 @@ def check_fence_txn(
     conn: Connection,
     tokens: Mapping[int, Collection[int]],
     read: FenceRead = FenceRead.LOCKED,
-) -> None:
+) -> dict[int, int]:
     """The fence (ShardLease.tla ``StoreAccepts``): every shard written must still have
     the range id its writer holds, read in the writer's own transaction. ``tokens``
     maps a shard to the tokens its transitions carry (two when the shard changed hands
@@ -279,9 +279,12 @@ def check_fence_txn(
     nothing: CockroachDB does not even take ``FOR SHARE`` locks at SERIALIZABLE unless
     told to (``enable_shared_locking_for_serializable``), and leaving the clause out
     keeps PostgreSQL at SERIALIZABLE on exactly the statements CockroachDB runs. SQLite
-    has one writer at a time and ignores the clause anyway."""
+    has one writer at a time and ignores the clause anyway.
+
+    Returns the range ids read (shard -> range id): trace mode logs them with each
+    committed write, as the store's own account of the fence (tla/TraceShardLease.tla)."""
     if not tokens:
-        return
+        return {}
     rows = conn.execute(_FENCE_QUERIES[read], {"shards": sorted(tokens)})
     current = {row.shard_id: row.range_id for row in rows}
     for shard, held in sorted(tokens.items()):
@@ -289,6 +292,7 @@ def check_fence_txn(
         for token in held:
             if token != actual:
                 raise ShardOwnershipLostError(shard, token, actual, "refused by the fence")
+    return {shard: current.get(shard, INITIAL_RANGE_ID) for shard in tokens}
 
 
 def held_shards_txn(conn: Connection, tokens: Mapping[int, int]) -> list[int]:

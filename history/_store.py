@@ -109,9 +109,10 @@ class HistoryStore:
         self._fence: dict[int, int] | None = None
         # Told of every write the fence refused (the node drops the shard at once).
         self.on_fenced: Callable[[ShardOwnershipLostError], None] | None = None
-        # Told of every fenced transition committed: shard -> the token it carried
-        # (trace mode: the appends a ShardLease trace validator checks).
-        self.on_committed: Callable[[dict[int, int]], None] | None = None
+        # Told of every fenced transition committed: shard -> the token it carried,
+        # and shard -> the range id the fence read in its transaction (trace mode: the
+        # appends tla/TraceShardLease.tla checks).
+        self.on_committed: Callable[[dict[int, int], dict[int, int]], None] | None = None
 
     @classmethod
     async def open(
@@ -304,7 +305,7 @@ class HistoryStore:
             return
         if len(batch) > 1:
             try:
-                await self._run_txn(
+                current = await self._run_txn(
                     [t for group, _, _ in batch for t in group], _merged([f for _, _, f in batch])
                 )
             except StoreUnavailableError as exc:
@@ -320,13 +321,13 @@ class HistoryStore:
                     log.debug("batch of %d failed (%s); committing each alone", len(batch), exc)
             else:
                 for _, fut, tokens in batch:
-                    self._report_commit(tokens)
+                    self._report_commit(tokens, current)
                     if not fut.done():
                         fut.set_result(None)
                 return
         for index, (group, fut, tokens) in enumerate(batch):
             try:
-                await self._run_txn(group, _merged([tokens]))
+                current = await self._run_txn(group, _merged([tokens]))
             except Rejected as rejected:
                 if not fut.done():
                     fut.set_exception(rejected.error)
@@ -340,32 +341,33 @@ class HistoryStore:
                 if not fut.done():
                     fut.set_exception(exc)
             else:
-                self._report_commit(tokens)
+                self._report_commit(tokens, current)
                 if not fut.done():
                     fut.set_result(None)
 
-    def _report_commit(self, tokens: dict[int, int]) -> None:
+    def _report_commit(self, tokens: dict[int, int], current: dict[int, int]) -> None:
         if self.on_committed is not None and tokens:
-            self.on_committed(tokens)
+            self.on_committed(tokens, current)
 
     async def _run_txn(
         self, transitions: Sequence[Transition], tokens: dict[int, set[int]]
-    ) -> None:
+    ) -> dict[int, int]:
         """Run the transitions in one transaction, retrying transient failures.
 
         The runner runs it again after a conflict (nothing was committed); here it is
         run again after a lost connection, which is safe even if the first attempt did
         commit: the version guard and the unique keys then reject the copy, and the
         caller reloads the run and finds its change there. ``tokens`` (shard -> the
-        tokens the transitions carry) are checked by the fence in the same transaction.
-        Nothing outside the transaction changes until it committed or failed for good.
+        tokens the transitions carry) are checked by the fence in the same transaction;
+        returns the range ids it read (shard -> range id). Nothing outside the
+        transaction changes until it committed or failed for good.
         """
         count = self.shard_count
         fence = self._fence_read
 
-        async def attempt() -> None:
+        async def attempt() -> dict[int, int]:
             try:
-                await self._runner.write(
+                return await self._runner.write(
                     lambda conn: apply_batch(conn, transitions, tokens, count, fence)
                 )
             except IntegrityError as exc:
@@ -377,9 +379,12 @@ class HistoryStore:
                 self.writes_in_doubt.set()
                 raise
 
-        await retrying(attempt, _MAX_TXN_RETRIES, "transaction", retry_on=StoreUnavailableError)
+        current = await retrying(
+            attempt, _MAX_TXN_RETRIES, "transaction", retry_on=StoreUnavailableError
+        )
         self.stats["transactions"] += 1
         self.stats["transitions"] += len(transitions)
+        return current
 
     async def delete_timer(self, timer_key: str, *, run: RunKey | None = None) -> None:
         """Drop a timer that fired for a transition that no longer applies. ``run``

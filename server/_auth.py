@@ -104,6 +104,7 @@ RPC_ACCESS: Mapping[str, Access] = {
     "CreateSchedule": Access.ADMIN,
     "PatchSchedule": Access.ADMIN,
     "DeleteSchedule": Access.ADMIN,
+    "DescribeCluster": Access.ADMIN,  # on ANY_NAMESPACE (NAMESPACE_FREE_RPCS)
 }
 
 # Task-token RPCs: the namespace they act on is the verified token's; the value says
@@ -120,6 +121,11 @@ TOKEN_RPCS: Mapping[str, bool] = {
 
 # A grant on this namespace holds on every namespace.
 ANY_NAMESPACE = "*"
+
+# RPCs whose request names no namespace -> the namespace they are authorized on: ""
+# (any one: DefaultAuthorizer) for GetSystemInfo, ANY_NAMESPACE for a cluster-wide
+# call, which only a "*" grant holds.
+NAMESPACE_FREE_RPCS: Mapping[str, str] = {"GetSystemInfo": "", "DescribeCluster": ANY_NAMESPACE}
 
 
 def parse_grant(text: str) -> tuple[str, Role]:

@@ -71,6 +71,7 @@ from ._history_pages import HistoryPager
 from ._mutation import Mutation, run_key_of
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
+from ._task_tokens import TaskTokenSigner
 from ._trace import Tracer
 
 log = logging.getLogger("tideflow.server.engine")
@@ -133,8 +134,12 @@ class HistoryEngine:
         self._config = config
         self._cache: OrderedDict[RunKey, _Run] = OrderedDict()
         self._tracer = Tracer.from_environment()
-        # Cuts task histories to a first page (the frontend pages GetHistory alike).
-        self._pager = HistoryPager(self.read_events, self.state_of, config.history_page_bytes)
+        # Cuts task histories to a first page; the frontend pages GetHistory with it
+        # too, so its continuation tokens are sealed and opened under the same keys.
+        signer = TaskTokenSigner(store.token_keys, refresh_s=config.token_key_refresh_s)
+        self.pager = HistoryPager(
+            self.read_events, self.state_of, config.history_page_bytes, signer
+        )
 
     # ------------------------------------------------------------- machinery
 
@@ -308,7 +313,7 @@ class HistoryEngine:
             stored = run.events[first - 1 : last]
         else:
             stored = (first, last)
-        return await self._pager.first_task_page(key, stored, unstored, buffered_from=buffered_from)
+        return await self.pager.first_task_page(key, stored, unstored, buffered_from=buffered_from)
 
     async def state_of(self, key: RunKey) -> state_pb2.MutableState:
         return (await self._load(key)).state

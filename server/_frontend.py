@@ -35,7 +35,8 @@ from tideflow.history import (
 
 from ._audit import begin as begin_audit
 from ._audit import note_principal, note_token
-from ._auth import TOKEN_RPCS, AuthGate
+from ._auth import NAMESPACE_FREE_RPCS, TOKEN_RPCS, AuthGate
+from ._cluster_info import describe_cluster
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
 from ._errors import (
@@ -51,7 +52,7 @@ from ._errors import (
     abort_with_detail,
 )
 from ._failures import RateLimitedLog
-from ._history_pages import HistoryPager, decode_run_id, is_task_token
+from ._history_pages import is_task_token
 from ._matching import Dispatchable, Matching, QueryTask
 from ._schedules import Scheduler, require_scheduler
 from ._task_tokens import TaskTokenSigner
@@ -177,7 +178,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         # During an outage every request fails alike: one line per interval, not each.
         self._outage_log = RateLimitedLog(log, _OUTAGE_LOG_INTERVAL_S, now_s=log_clock)
         self._parked_polls = 0
-        self._pager = HistoryPager(engine.read_events, engine.state_of, config.history_page_bytes)
+        self._pager = engine.pager  # its continuation tokens are sealed (_history_pages)
 
     # ------------------------------------------------------------ validation
 
@@ -207,12 +208,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     async def _namespace_of(self, rpc: str, request: Any) -> str:
         """The namespace a call acts on, for its authorization: a task-token call's is
         the verified token's (a worker of A holding a token of B acts on B, and is
-        refused), any other call's the one its request names ("" for GetSystemInfo)."""
+        refused), any other call's the one its request names (NAMESPACE_FREE_RPCS: none)."""
         activity = TOKEN_RPCS.get(rpc)
         if activity is not None:
             return (await self._open_token(request, activity=activity)).namespace
-        if rpc == "GetSystemInfo":
-            return ""
+        if rpc in NAMESPACE_FREE_RPCS:
+            return NAMESPACE_FREE_RPCS[rpc]
         namespace: str = request.namespace
         if not namespace:
             raise InvalidArgumentError("namespace is empty")
@@ -297,7 +298,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = request.next_page_token
         run_id = request.execution.run_id
         if not run_id and is_task_token(token):
-            run_id = decode_run_id(token)  # the rest of a task's history: that run's
+            run_id = await self._pager.run_of(token)  # the rest of a task's history
         key = await self._engine.resolve_run_id(
             request.namespace, request.execution.workflow_id, run_id
         )
@@ -884,6 +885,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             poller = response.pollers.add(identity=identity, polling=polling)
             poller.last_access_time.FromNanoseconds(int(seen_at * 1e9))
         return response
+
+    @_rpc
+    async def DescribeCluster(
+        self, request: service_pb2.DescribeClusterRequest, context: _Context
+    ) -> service_pb2.DescribeClusterResponse:
+        return await describe_cluster(self._store, self._config.lease_s)
 
 
 # Largest page of ListWorkflowExecutions / ListSchedules.

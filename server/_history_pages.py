@@ -16,6 +16,15 @@ stored event id of the task, and carries the task's last two events itself
 (WorkflowTaskScheduled and WorkflowTaskStarted): for a transient task (a retried
 attempt) those two are not in the store. A query task's token names where the run's
 buffered events start (they are not in the store either); see ``_continue_query``.
+
+These tokens are sealed like task tokens (server/_task_tokens.py: an HMAC-SHA256 under
+the store's keys, with a prefix of their own so that neither kind passes for the
+other), and opened before any of their fields is read. Unsealed, a caller allowed to
+read a run could forge one: its stored events it may read anyway (GetHistory with a
+plain page token), and the events a forged tail carries are only its own echoed back,
+but a forged query continuation (``buffered_from`` = the run's next event id) would
+hand it the run's buffered events, which are in no history yet (signals and activity
+results that arrived while a workflow task runs).
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import RunKey
 
 from ._errors import FailedPreconditionError, InvalidArgumentError
+from ._task_tokens import TaskTokenSigner
 
-# Continuation tokens of workflow and query tasks start with this; GetHistory's own
-# page tokens are the decimal next event id.
+# Continuation tokens of workflow and query tasks start with this (then the key id, the
+# MAC and the body); GetHistory's own page tokens are the decimal next event id.
 _TASK_TOKEN_PREFIX = b"tfh1:"
 # Events read per store round trip before the sizes seen so far refine the guess.
 # Event ids are int64 in the store.
@@ -59,6 +69,7 @@ class _Continuation:
     buffered_from: int = 0
 
     def encode(self) -> bytes:
+        """The token's body (sealed by ``HistoryPager._seal``)."""
         head = {
             "r": self.run_id,
             "n": self.next_event_id,
@@ -66,16 +77,17 @@ class _Continuation:
             "b": self.buffered_from,
         }
         tail = history_pb2.History(events=self.tail).SerializeToString()
-        return _TASK_TOKEN_PREFIX + json.dumps(head).encode() + b"\n" + tail
+        return json.dumps(head).encode() + b"\n" + tail
 
 
-def _decode(token: bytes) -> _Continuation:
-    """The continuation in ``token``, which comes back from the client: anything but
-    what ``encode`` writes is refused as malformed, before any of it reaches the store
-    (an id past int64 was answered UNAVAILABLE, Infinity and a deeply nested head
-    INTERNAL)."""
+def _decode(body: bytes) -> _Continuation:
+    """The continuation in a token's ``body``: anything but what ``encode`` writes is
+    refused as malformed, before any of it reaches the store (an id past int64 was
+    answered UNAVAILABLE, Infinity and a deeply nested head INTERNAL). Only a body
+    whose seal was checked gets here, so this guards against the server's own
+    defects, not against clients."""
     try:
-        head, tail = token[len(_TASK_TOKEN_PREFIX) :].split(b"\n", 1)
+        head, tail = body.split(b"\n", 1)
         fields = json.loads(head)
         events = history_pb2.History.FromString(tail).events
     except (ValueError, RecursionError, DecodeError) as exc:
@@ -109,10 +121,25 @@ def _fitting(events: Sequence[HistoryEvent], budget: int) -> int:
 
 
 class HistoryPager:
-    def __init__(self, read_events: ReadEvents, state_of: StateOf, page_bytes: int) -> None:
+    def __init__(
+        self, read_events: ReadEvents, state_of: StateOf, page_bytes: int, signer: TaskTokenSigner
+    ) -> None:
+        """``signer`` seals and opens the continuation tokens (the store's keys)."""
         self._read_events = read_events
         self._state_of = state_of
         self._page_bytes = page_bytes
+        self._signer = signer
+
+    async def _seal(self, cont: _Continuation) -> bytes:
+        return await self._signer.seal(cont.encode(), prefix=_TASK_TOKEN_PREFIX)
+
+    async def _open(self, token: bytes) -> _Continuation:
+        body = await self._signer.open(token, prefix=_TASK_TOKEN_PREFIX, what="next_page_token")
+        return _decode(body)
+
+    async def run_of(self, token: bytes) -> str:
+        """The run a task's continuation token belongs to (its seal checked first)."""
+        return (await self._open(token)).run_id
 
     async def read_page(
         self, key: RunKey, first: int, max_events: int, last: int | None = None
@@ -176,7 +203,7 @@ class HistoryPager:
                     tail=() if buffered_from else tuple(unstored),
                     buffered_from=buffered_from,
                 )
-                return events, cont.encode()
+                return events, await self._seal(cont)
         else:
             events = list(stored)
         events.extend(unstored)
@@ -199,13 +226,13 @@ class HistoryPager:
                 last_stored_id=tail[0].event_id - 1 if tail else events[-1].event_id,
                 tail=tail,
             )
-        return events[:keep], cont.encode()
+        return events[:keep], await self._seal(cont)
 
     async def continue_task(
         self, key: RunKey, token: bytes, max_events: int
     ) -> tuple[list[HistoryEvent], bytes]:
         """The next page of a workflow or query task's history, and the token after it."""
-        cont = _decode(token)
+        cont = await self._open(token)
         if cont.run_id != key.run_id:
             raise InvalidArgumentError("next_page_token belongs to another run")
         if cont.buffered_from:
@@ -223,7 +250,7 @@ class HistoryPager:
         following = events[-1].event_id + 1
         if following > cont.last_stored_id and all(e.event_id < following for e in cont.tail):
             return events, b""
-        return events, _replace(cont, next_event_id=following).encode()
+        return events, await self._seal(_replace(cont, next_event_id=following))
 
     async def _continue_query(
         self, key: RunKey, cont: _Continuation, max_events: int
@@ -255,7 +282,7 @@ class HistoryPager:
         if following >= ms.next_event_id + len(buffered):
             return events, b""
         nxt = _replace(cont, next_event_id=following, buffered_from=ms.next_event_id)
-        return events, nxt.encode()
+        return events, await self._seal(nxt)
 
 
 def is_task_token(token: bytes) -> bool:
@@ -272,8 +299,3 @@ def _task_events(events: Sequence[HistoryEvent]) -> tuple[HistoryEvent, ...]:
     ):
         return (events[-2], events[-1])
     return ()
-
-
-def decode_run_id(token: bytes) -> str:
-    """The run a task's continuation token belongs to."""
-    return _decode(token).run_id

@@ -214,11 +214,11 @@ class ShardController:
             try:
                 await self._store.renew_shard(shard, token, self._lease_us)
             except ShardOwnershipLostError as exc:
-                self._tracer.renew(shard, token, ok=False)
+                self._tracer.renew(shard, token, current=exc.current)
                 if self._store.held_shards.get(shard) == token:
                     self._lose(shard, str(exc))
                 continue
-            self._tracer.renew(shard, token, ok=True)
+            self._tracer.renew(shard, token)
 
     async def _balance(self) -> None:
         """One acquire pass: take free or expired shards up to this node's share,
@@ -254,9 +254,7 @@ class ShardController:
     async def _acquire(self, row: ShardRecord, now: int) -> bool:
         stolen = not row.unowned and row.owner != self.node_id and row.lease_expires_at < now
         new_range = await self._store.acquire_shard(row, self.node_id, self._lease_us)
-        self._tracer.acquire(
-            row.shard_id, row.range_id, new_range, previous_owner=row.owner, stolen=stolen
-        )
+        self._tracer.acquire(row, new_range, now=now)
         if new_range is None:
             return False
         self._store.hold_shard(row.shard_id, new_range)

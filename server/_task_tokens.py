@@ -37,7 +37,7 @@ from ._errors import InvalidArgumentError
 log = logging.getLogger("tideflow.server.tokens")
 
 _PREFIX = b"tft1"
-_HEADER = struct.Struct(">4sI")
+_KEY_ID = struct.Struct(">I")
 _MAC_BYTES = hashlib.sha256().digest_size
 # Reloads triggered by an unknown key id, at most this often.
 _UNKNOWN_KEY_RELOAD_S = 1.0
@@ -90,27 +90,33 @@ class TaskTokenSigner:
                 log.warning("reloading task token keys failed, retrying in 1 s: %s", exc)
                 self._loaded_at = time.monotonic() - self._refresh_s + _UNKNOWN_KEY_RELOAD_S
 
-    async def seal(self, body: bytes) -> bytes:
-        """The token that carries ``body`` (a serialized TaskToken), signed."""
+    async def seal(self, body: bytes, *, prefix: bytes = _PREFIX) -> bytes:
+        """The token that carries ``body`` (a serialized TaskToken), signed. Another
+        ``prefix`` seals another kind of token (server/_history_pages.py): the MAC
+        covers the prefix, so one kind is never accepted as the other."""
         await self._fresh()
         key = self._signing
         assert key is not None
-        head = _HEADER.pack(_PREFIX, key.key_id)
+        head = prefix + _KEY_ID.pack(key.key_id)
         return head + _mac(key, head, body) + body
 
-    async def open(self, token: bytes) -> bytes:
-        """The body of a token this server (or another node of its database) sealed;
-        INVALID_ARGUMENT if it was not, was altered, or its key was retired."""
+    async def open(
+        self, token: bytes, *, prefix: bytes = _PREFIX, what: str = "task token"
+    ) -> bytes:
+        """The body of a token this server (or another node of its database) sealed
+        with ``prefix``; INVALID_ARGUMENT (naming the token ``what``) if it was not, was
+        altered, or its key was retired."""
         if not token:
-            raise InvalidArgumentError("task token is empty")
-        if len(token) < _HEADER.size + _MAC_BYTES or not token.startswith(_PREFIX):
+            raise InvalidArgumentError(f"{what} is empty")
+        size = len(prefix) + _KEY_ID.size
+        if len(token) < size + _MAC_BYTES or not token.startswith(prefix):
             raise InvalidArgumentError(
-                "task token is malformed: not a token this server issued (tokens are signed)"
+                f"{what} is malformed: not a token this server issued (tokens are signed)"
             )
-        head = token[: _HEADER.size]
-        _, key_id = _HEADER.unpack(head)
-        mac = token[_HEADER.size : _HEADER.size + _MAC_BYTES]
-        body = token[_HEADER.size + _MAC_BYTES :]
+        head = token[:size]
+        (key_id,) = _KEY_ID.unpack(head[len(prefix) :])
+        mac = token[size : size + _MAC_BYTES]
+        body = token[size + _MAC_BYTES :]
         await self._fresh()
         key = self._keys.get(key_id)
         if key is None and time.monotonic() - self._loaded_at >= _UNKNOWN_KEY_RELOAD_S:
@@ -118,11 +124,11 @@ class TaskTokenSigner:
             key = self._keys.get(key_id)
         if key is None:
             raise InvalidArgumentError(
-                f"task token is signed by an unknown or retired key (id {key_id})"
+                f"{what} is signed by an unknown or retired key (id {key_id})"
             )
         if not hmac.compare_digest(mac, _mac(key, head, body)):
             raise InvalidArgumentError(
-                "task token signature does not match: the token was altered or forged"
+                f"{what} signature does not match: the token was altered or forged"
             )
         return body
 

@@ -40,7 +40,14 @@ from tideflow.api.v1.history_pb2 import (
     ParentClosePolicy,
     WorkflowTaskFailedCause,
 )
-from tideflow.history import TaskKind, TaskRow, TimerKind, TimerRow, attributes_of
+from tideflow.history import (
+    ShardRecord,
+    TaskKind,
+    TaskRow,
+    TimerKind,
+    TimerRow,
+    attributes_of,
+)
 
 if TYPE_CHECKING:
     from ._mutation import Mutation
@@ -260,19 +267,28 @@ class LeaseTracer:
     """Trace mode of the shard leases (tla/ShardLease.tla): one NDJSON line per lease
     step of this node in ``<TIDEFLOW_TRACE_DIR>/shards/<node id>.ndjson``, a folder of
     its own so that the run traces' converter never mistakes it for a run.
+    tla/lease_trace_to_tla.py merges the files of all nodes and TLC checks them against
+    tla/TraceShardLease.tla.
 
     Lines (all with ``format``, ``node``, ``time_us``, ``action``, ``shard``):
-    ``AcquireShard`` (``read_range``: the range id read; ``range``: the new one, null
-    if the compare-and-set lost; ``previous_owner``; ``stolen``: an expired lease of
-    another node), ``RenewLease`` (``range``, ``ok``: false means the range id moved
-    and the node dropped the shard), ``ReleaseShard`` (``range``, ``ok``) and
-    ``FencedWrite`` (a write the store refused: ``held``, the writer's token, and
-    ``current``, the range id the store had, null if the node held no token at all)
-    and ``AppendEvent`` (a transition of the shard committed with token ``range``:
-    ShardLease.tla's accepted append).
+
+    - ``AcquireShard``: ``read_range`` (the range id read), ``range`` (the new one,
+      null if the compare-and-set lost), ``previous_owner`` and ``expires_at`` (the
+      row as read), ``now`` (this node's clock when it judged the row free),
+      ``stolen`` (an expired lease of another node);
+    - ``RenewLease``: ``range`` (the token), ``ok``; a failed renewal (the range id
+      moved, the node dropped the shard) has ``current``, the range id the store had;
+    - ``ReleaseShard``: ``range``, ``ok``;
+    - ``FencedWrite``: a write the store refused: ``held`` (the writer's token) and
+      ``current`` (the range id the fence read);
+    - ``AppendEvent``: a transition of the shard committed: ``range`` (its token) and
+      ``current`` (the range id the fence read in the same transaction).
+
+    Every ``current`` is read by the store in the transaction of the step: it places
+    the step between the shard row's changes, whatever the nodes' clocks say.
     """
 
-    FORMAT = 1
+    FORMAT = 2
 
     def __init__(self, directory: str | None, node_id: str) -> None:
         self._node = node_id
@@ -304,26 +320,28 @@ class LeaseTracer:
         with self._path.open("a") as fh:
             fh.write(json.dumps(line, separators=(",", ":")) + "\n")
 
-    def acquire(
-        self,
-        shard: int,
-        read_range: int,
-        new_range: int | None,
-        *,
-        previous_owner: str,
-        stolen: bool,
-    ) -> None:
+    def acquire(self, read: ShardRecord, new_range: int | None, *, now: int) -> None:
+        """ShardLease.tla ``ReadShard`` + ``AcquireShard`` (``now``: the clock the
+        node judged ``read`` free by)."""
+        stolen = not read.unowned and read.owner != self._node and read.lease_expires_at < now
         self._write(
             "AcquireShard",
-            shard,
-            read_range=read_range,
+            read.shard_id,
+            read_range=read.range_id,
             range=new_range,
-            previous_owner=previous_owner,
+            previous_owner=read.owner,
+            expires_at=read.lease_expires_at,
+            now=now,
             stolen=stolen,
         )
 
-    def renew(self, shard: int, range_id: int, *, ok: bool) -> None:
-        self._write("RenewLease", shard, range=range_id, ok=ok)
+    def renew(self, shard: int, range_id: int, *, current: int | None = None) -> None:
+        """``RenewLease``: ``current`` is None when it succeeded, else the range id the
+        store had."""
+        if current is None:
+            self._write("RenewLease", shard, range=range_id, ok=True)
+        else:
+            self._write("RenewLease", shard, range=range_id, ok=False, current=current)
 
     def release(self, shard: int, range_id: int, *, ok: bool) -> None:
         self._write("ReleaseShard", shard, range=range_id, ok=ok)
@@ -331,6 +349,7 @@ class LeaseTracer:
     def fenced(self, shard: int, held: int, current: int | None) -> None:
         self._write("FencedWrite", shard, held=held, current=current)
 
-    def appended(self, tokens: dict[int, int]) -> None:
+    def appended(self, tokens: dict[int, int], current: dict[int, int]) -> None:
+        """A transition committed (HistoryStore.on_committed)."""
         for shard, range_id in sorted(tokens.items()):
-            self._write("AppendEvent", shard, range=range_id)
+            self._write("AppendEvent", shard, range=range_id, current=current.get(shard))

@@ -89,12 +89,14 @@ def test_db_that_is_not_a_database(tmp_path: Path) -> None:
 
 
 def test_groups_compose_into_one_parser() -> None:
-    assert list(cli.GROUPS) == ["server", "dag"]
+    assert list(cli.GROUPS) == ["server", "dag", "cluster"]
     parser = cli.build_parser()
     args = parser.parse_args(["server", "start-dev", "--port", "0"])
     assert args.group == "server" and args.command == "start-dev" and args.port == 0
     args = parser.parse_args(["dag", "status", "run-1", "--json"])
     assert args.group == "dag" and args.command == "status" and args.json
+    args = parser.parse_args(["cluster", "describe", "-o", "json"])
+    assert args.group == "cluster" and args.command == "describe" and args.output == "json"
 
 
 def test_server_package_does_not_import_the_sdk() -> None:

@@ -21,57 +21,40 @@ Leases are 2 s here. Waits poll conditions against generous deadlines.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from conftest import PG_SERIALIZABLE, serializable_url
-from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
+from helpers import Processes, ServerProcess
+from helpers_cluster import (
+    check_history,
+    lease_trace,
+    result,
+    split,
+    start,
+    start_node,
+    start_sleeping,
+    wait,
+    workers,
+    workflow_ids,
+)
 
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
-from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
-from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
+from tideflow.history import HistoryStore, shard_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.serializable]
 
 QUEUE = "cluster-nodes"
 LEASE_S = 2.0
-CONDITION_TIMEOUT_S = 40.0
-FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100))
-
-
-@activity.defn
-async def double(n: int) -> int:
-    return n * 2
-
-
-@workflow.defn
-class Pause:
-    @workflow.run
-    async def run(self, n: int, pause_s: float) -> str:
-        doubled: int = await workflow.execute_activity(
-            double, n, start_to_close_timeout=timedelta(seconds=10), retry_policy=FAST_RETRY
-        )
-        await workflow.sleep(timedelta(seconds=pause_s))
-        again: int = await workflow.execute_activity(
-            double, doubled, start_to_close_timeout=timedelta(seconds=10), retry_policy=FAST_RETRY
-        )
-        return f"{n}:{again}"
-
-
-# --------------------------------------------------------------------- processes
+SHARDS = 16
 
 
 @pytest.fixture
@@ -79,14 +62,10 @@ def nodes(procs: Processes, store_url: str) -> Callable[[str], Awaitable[ServerP
     """Starts ``tideflow server start`` nodes on this test's database (named by their
     node id, listening); ``procs`` kills and reaps them, a SIGSTOPped one too."""
 
-    async def start(node_id: str) -> ServerProcess:
-        # These nodes test shards, not credentials (`start` turns auth on by default).
-        flags = ("--node-id", node_id, "--lease-seconds", str(LEASE_S), "--auth", "off")
-        node = ServerProcess(procs, store_url, name=node_id, command="start", flags=flags)
-        await node.start()
-        return node
+    async def start_one(node_id: str) -> ServerProcess:
+        return await start_node(procs, store_url, node_id, LEASE_S)
 
-    return start
+    return start_one
 
 
 @pytest.fixture(params=["postgres", PG_SERIALIZABLE])
@@ -98,25 +77,13 @@ def store_url(request: pytest.FixtureRequest, pg_url: str) -> str:
     return serializable_url(pg_url) if request.param == PG_SERIALIZABLE else pg_url
 
 
-def _lease_trace(trace_dir: Path, node_id: str) -> list[dict[str, Any]]:
-    """What node ``node_id`` traced of its leases (TIDEFLOW_TRACE_DIR, ``trace_dir``)."""
-    path = trace_dir / "shards" / f"{node_id}.ndjson"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-async def _wait(check: Callable[[], Any], what: str) -> Any:
-    return await eventually(check, what, timeout=CONDITION_TIMEOUT_S)
-
-
 async def _two_nodes(
     nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore
 ) -> tuple[ServerProcess, ServerProcess, dict[int, str]]:
     """node-a and node-b, once they split the shards (the owners)."""
     a = await nodes("node-a")
     b = await nodes("node-b")
-    owners = await _wait(lambda: _split(store, "node-a", "node-b"), "a balanced split")
+    owners = await wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
     return a, b, owners
 
 
@@ -131,95 +98,8 @@ def _start_node_cli(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def _owners(store: HistoryStore) -> dict[int, str]:
-    """shard -> owner of every live lease."""
-    now = now_micros()
-    rows: list[ShardRecord] = await store.read_shards()
-    return {r.shard_id: r.owner for r in rows if not r.free_at(now)}
-
-
-async def _split(store: HistoryStore, *names: str) -> dict[int, str] | None:
-    """The owners once every shard is held by one of ``names``, each holding its
-    balanced share (ceil(16 / len(names)) at most); else None."""
-    owners = await _owners(store)
-    count = Counter(owners.values())
-    share = -(-store.shard_count // len(names))
-    if len(owners) != store.shard_count or not set(count) <= set(names):
-        return None
-    if all(0 < count[n] <= share for n in names):
-        return owners
-    return None
-
-
-def _workflow_ids(owners: dict[int, str], node: str, count: int, tag: str) -> list[str]:
-    ids = []
-    for i in range(10_000):
-        workflow_id = f"{tag}-{i}"
-        if owners.get(shard_of("default", workflow_id, 16)) == node:
-            ids.append(workflow_id)
-            if len(ids) == count:
-                return ids
-    raise AssertionError(f"no workflow ids on {node}")
-
-
-@contextlib.asynccontextmanager
-async def _workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
-    """A client and a worker per node; the workers stop at the end (a dead node's
-    worker is abandoned after a short wait)."""
-    clients = {n.name: await Client.connect(n.address) for n in nodes}
-    workers = [
-        Worker(c, task_queue=QUEUE, workflows=[Pause], activities=[double])
-        for c in clients.values()
-    ]
-    for w in workers:
-        w.start()
-    try:
-        yield clients
-    finally:
-        for w in workers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(w.shutdown(), 5)
-
-
-async def _start(client: Client, workflow_id: str, n: int, pause_s: float) -> None:
-    await client.start_workflow(Pause.run, args=[n, pause_s], id=workflow_id, task_queue=QUEUE)
-
-
-async def _result(client: Client, workflow_id: str) -> Any:
-    return await asyncio.wait_for(
-        client.get_workflow_handle(workflow_id).result(), CONDITION_TIMEOUT_S
-    )
-
-
-async def _check_history(client: Client, workflow_id: str) -> None:
-    """Gap-free, one timer fired once, closed once."""
-    events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
-    assert_gap_free(events)
-    types = Counter(e.event_type for e in events)
-    assert types[ET.EVENT_TYPE_TIMER_STARTED] == 1
-    assert types[ET.EVENT_TYPE_TIMER_FIRED] == 1
-    assert types[ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED] == 2
-    assert types[ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED] == 1
-
-
-async def _start_sleeping(
-    client: Client, owners: dict[int, str], count: int, tag: str, pause_s: float
-) -> list[str]:
-    """Start ``count`` runs on node-a's shards (run n returns f"{n}:{4n}") and wait
-    until each sleeps (its timer started)."""
-    workflow_ids = _workflow_ids(owners, "node-a", count, tag)
-    for n, workflow_id in enumerate(workflow_ids):
-        await _start(client, workflow_id, n, pause_s)
-    await _wait(lambda: _sleeping(client, workflow_ids), "timers")
-    return workflow_ids
-
-
-async def _sleeping(client: Client, workflow_ids: Sequence[str]) -> bool:
-    for workflow_id in workflow_ids:
-        history = await client.get_workflow_handle(workflow_id).fetch_history()
-        if not any(e.event_type == ET.EVENT_TYPE_TIMER_STARTED for e in history.events):
-            return False
-    return True
+def _ids(owners: dict[int, str], node: str, count: int, tag: str) -> list[str]:
+    return workflow_ids(owners, node, count, tag, SHARDS)
 
 
 # -------------------------------------------------------------------------- tests
@@ -229,21 +109,19 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
     nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore, trace_dir: Path
 ) -> None:
     a, b, owners = await _two_nodes(nodes, store)
-    async with _workers(a, b) as clients:
+    async with workers(a, b) as clients:
         jobs = [
-            (node, wid)
-            for node in ("node-a", "node-b")
-            for wid in _workflow_ids(owners, node, 3, "split")
+            (node, wid) for node in ("node-a", "node-b") for wid in _ids(owners, node, 3, "split")
         ]
         for n, (node, workflow_id) in enumerate(jobs):
-            await _start(clients[node], workflow_id, n, 0.2)
+            await start(clients[node], workflow_id, n, 0.2)
         for n, (node, workflow_id) in enumerate(jobs):
-            assert await _result(clients[node], workflow_id) == f"{n}:{n * 4}"
-            await _check_history(clients[node], workflow_id)
+            assert await result(clients[node], workflow_id) == f"{n}:{n * 4}"
+            await check_history(clients[node], workflow_id)
 
         # A run of node-a's shard, asked of node-b: UNAVAILABLE naming shard and owner.
-        (foreign,) = _workflow_ids(owners, "node-a", 1, "foreign")
-        shard = shard_of("default", foreign, 16)
+        (foreign,) = _ids(owners, "node-a", 1, "foreign")
+        shard = shard_of("default", foreign, SHARDS)
         async with grpc.aio.insecure_channel(b.address) as channel:
             stub = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -270,8 +148,8 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
         if r.shard_id in owners and owners[r.shard_id] == "node-a"
     ]
     assert all(r.owner in ("", "node-b") for r in released), released
-    await _wait(lambda: _split(store, "node-b"), "node-b to hold every shard")
-    assert {e["action"] for e in _lease_trace(trace_dir, a.name)} >= {
+    await wait(lambda: split(store, "node-b"), "node-b to hold every shard")
+    assert {e["action"] for e in lease_trace(trace_dir, a.name)} >= {
         "AcquireShard",
         "RenewLease",
         "ReleaseShard",
@@ -283,20 +161,21 @@ async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
     nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore, trace_dir: Path
 ) -> None:
     a, b, owners = await _two_nodes(nodes, store)
-    async with _workers(a, b) as clients:
+    async with workers(a, b) as clients:
         # Sleeping on node-a's shards well past the pause: their timers are in node-a's
         # memory when it stops, and due when it comes back.
-        zombie_ids = await _start_sleeping(clients["node-a"], owners, 3, "zombie", LEASE_S * 2.5)
+        zombie_ids = _ids(owners, "node-a", 3, "zombie")
+        await start_sleeping(clients["node-a"], zombie_ids, LEASE_S * 2.5)
         ranges_before = {r.shard_id: r.range_id for r in await store.read_shards()}
         os.kill(a.proc.pid, signal.SIGSTOP)
-        await _wait(lambda: _split(store, "node-b"), "node-b to take over")
+        await wait(lambda: split(store, "node-b"), "node-b to take over")
         # node-b serves node-a's former shards and writes: a new run, and the
         # sleeping runs (their timers fire on node-b).
-        (fresh,) = _workflow_ids(owners, "node-a", 1, "fresh")
-        await _start(clients["node-b"], fresh, 7, 0.1)
-        assert await _result(clients["node-b"], fresh) == "7:28"
+        (fresh,) = _ids(owners, "node-a", 1, "fresh")
+        await start(clients["node-b"], fresh, 7, 0.1)
+        assert await result(clients["node-b"], fresh) == "7:28"
         for n, workflow_id in enumerate(zombie_ids):
-            assert await _result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
+            assert await result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
         os.kill(a.proc.pid, signal.SIGCONT)
 
         # node-a learns it lost every shard it had (a refused renewal or a fenced
@@ -306,23 +185,23 @@ async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
         def dropped() -> bool:
             refused = {
                 e["shard"]
-                for e in _lease_trace(trace_dir, a.name)
+                for e in lease_trace(trace_dir, a.name)
                 if (e["action"] == "RenewLease" and not e["ok"]) or e["action"] == "FencedWrite"
             }
             return lost <= refused
 
-        await _wait(dropped, "node-a to find its shards lost")
-        rejoined = await _wait(lambda: _split(store, "node-a", "node-b"), "a new split")
+        await wait(dropped, "node-a to find its shards lost")
+        rejoined = await wait(lambda: split(store, "node-a", "node-b"), "a new split")
         for workflow_id in [*zombie_ids, fresh]:
-            await _check_history(clients["node-b"], workflow_id)
+            await check_history(clients["node-b"], workflow_id)
         # Every change of owner bumped the range id (the fence's token).
         after = {r.shard_id: r.range_id for r in await store.read_shards()}
         assert all(after[s] >= ranges_before[s] + 1 for s in lost)
         # And node-a serves again.
-        (again,) = _workflow_ids(rejoined, "node-a", 1, "again")
-        await _start(clients["node-a"], again, 3, 0.1)
-        assert await _result(clients["node-a"], again) == "3:12"
-    fenced = [e for e in _lease_trace(trace_dir, a.name) if e["action"] == "FencedWrite"]
+        (again,) = _ids(rejoined, "node-a", 1, "again")
+        await start(clients["node-a"], again, 3, 0.1)
+        assert await result(clients["node-a"], again) == "3:12"
+    fenced = [e for e in lease_trace(trace_dir, a.name) if e["action"] == "FencedWrite"]
     print(f"zombie: {len(fenced)} writes refused by the fence")
 
 
@@ -330,18 +209,19 @@ async def test_sigkilled_node_shards_are_served_within_the_lease(
     nodes: Callable[[str], Awaitable[ServerProcess]], store: HistoryStore, trace_dir: Path
 ) -> None:
     a, b, owners = await _two_nodes(nodes, store)
-    async with _workers(a, b) as clients:
-        doomed = await _start_sleeping(clients["node-a"], owners, 4, "doomed", 1.0)
+    async with workers(a, b) as clients:
+        doomed = _ids(owners, "node-a", 4, "doomed")
+        await start_sleeping(clients["node-a"], doomed, 1.0)
         killed = time.monotonic()
         await a.kill()
-        await _wait(lambda: _split(store, "node-b"), "node-b to take over")
+        await wait(lambda: split(store, "node-b"), "node-b to take over")
         takeover_s = time.monotonic() - killed
         print(f"takeover after SIGKILL: {takeover_s:.2f} s (lease {LEASE_S} s)")
         # The lease lapses within LEASE_S; node-b's next pass comes within a third.
         assert takeover_s < LEASE_S * 2 + 2, takeover_s
         for n, workflow_id in enumerate(doomed):
-            assert await _result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
-            await _check_history(clients["node-b"], workflow_id)
+            assert await result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
+            await check_history(clients["node-b"], workflow_id)
 
 
 async def test_a_conflicting_shard_count_is_refused(tmp_path: Path) -> None:

@@ -47,14 +47,17 @@ WORK = {
     "ShutdownWorker",
 }
 ADMIN = {"RegisterNamespace", "CreateSchedule", "PatchSchedule", "DeleteSchedule"}
-ALL_RPCS = READ | WRITE | WORK | ADMIN
+# Cluster-wide (no namespace): the admin role on every namespace ("*:admin") only.
+CLUSTER = {"DescribeCluster"}
+ALL_RPCS = READ | WRITE | WORK | ADMIN | CLUSTER
 
 # Each caller's grants, and the RPCs it may call on NS.
 CALLERS: dict[str, tuple[list[str], set[str]]] = {
     "reader": ([f"{NS}:reader"], READ),
     "writer": ([f"{NS}:writer"], READ | WRITE),
     "worker": ([f"{NS}:worker"], READ | WORK),
-    "admin": ([f"{NS}:admin"], ALL_RPCS),
+    "admin": ([f"{NS}:admin"], ALL_RPCS - CLUSTER),
+    "admin-everywhere": (["*:admin"], ALL_RPCS),
     "reader-everywhere": (["*:reader"], READ),
     # Every role, but on another namespace: only GetSystemInfo (no namespace) passes.
     "admin-of-b": (["ns-b:admin"], {"GetSystemInfo"}),
@@ -63,8 +66,10 @@ ROLE_NEEDED = {
     **dict.fromkeys(READ, "reader"),
     **dict.fromkeys(WRITE, "writer"),
     **dict.fromkeys(WORK, "worker"),
-    **dict.fromkeys(ADMIN, "admin"),
+    **dict.fromkeys(ADMIN | CLUSTER, "admin"),
 }
+# Where a refusal says the call was refused.
+WHERE = {"GetSystemInfo": "any namespace", "DescribeCluster": "namespace '*'"}
 
 
 def _auth(key: str) -> tuple[tuple[str, str]]:
@@ -186,6 +191,7 @@ def _requests(workflow_token: bytes, activity_token: bytes) -> dict[str, Callabl
         "DeleteSchedule": lambda: sp.DeleteScheduleRequest(namespace=NS, schedule_id="s1"),
         "ListSchedules": lambda: sp.ListSchedulesRequest(namespace=NS),
         "DescribeTaskQueue": lambda: sp.DescribeTaskQueueRequest(namespace=NS, task_queue=queue),
+        "DescribeCluster": lambda: sp.DescribeClusterRequest(),
     }
 
 
@@ -219,7 +225,7 @@ async def test_every_rpc_by_every_role(store_url: str) -> None:
                     if code == grpc.StatusCode.UNAUTHENTICATED or denied == (rpc in allowed):
                         wrong.append(f"{rpc} by {name}: {code.name} {message}")
                     elif denied:
-                        where = f"namespace {NS!r}" if rpc != "GetSystemInfo" else "any namespace"
+                        where = WHERE.get(rpc, f"namespace {NS!r}")
                         expected = f"may not call {rpc} on {where}: it needs the role"
                         if expected not in message or ROLE_NEEDED[rpc] not in message:
                             wrong.append(f"{rpc} by {name}: unclear refusal {message!r}")

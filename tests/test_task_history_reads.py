@@ -84,7 +84,7 @@ async def test_a_task_of_a_long_history_reads_one_page(store_url: str) -> None:
         tasks = _Tasks()
         config = ServerConfig(history_page_bytes=_PAGE_BYTES)
         engine = HistoryEngine(store, tasks, SystemClock(), config)
-        pager = HistoryPager(engine.read_events, engine.state_of, _PAGE_BYTES)
+        pager = engine.pager  # seals and opens the tokens the engine's tasks carry
         request = start_request()
         run_id, _ = await engine.start_workflow(request)
         key = RunKey(namespace="default", workflow_id=request.workflow_id, run_id=run_id)

@@ -24,7 +24,7 @@
 (* own lease deadline before writing, which is the worst case (a paused    *)
 (* node cannot check it anyway).                                           *)
 (*                                                                         *)
-(* Environment faults are bounded (MaxFaults pauses + crashes,             *)
+(* Environment faults are bounded (MaxFaults pauses + crashes + releases,  *)
 (* MaxLateRenewals lapses under a live owner) so that range ids, and so    *)
 (* the state space, stay finite: every acquisition follows a lapse, and    *)
 (* every lapse follows a fault.                                            *)
@@ -37,7 +37,7 @@ EXTENDS Naturals, Sequences, FiniteSets, TLC
 CONSTANTS
     Nodes,            \* server node identities (the value of shards.owner)
     MaxEvents,        \* the run's history stops growing at this length
-    MaxFaults,        \* environment: pauses + crashes in one behaviour
+    MaxFaults,        \* environment: pauses + crashes + releases in one behaviour
     MaxLateRenewals,  \* environment: leases lapsing under a live owner
     Mutant            \* "none" or the name of a deliberately broken variant
 
@@ -114,16 +114,24 @@ OwnerRenewing == owner # NoNode /\ Running(owner) /\ token[owner] = rangeId
 -----------------------------------------------------------------------------
 (* Node actions: server/_shards.py ShardController.                        *)
 
+(* The row is free for n: its lease lapsed (a released row has an expired  *)
+(* lease too), or the row still names n itself: n restarted (it holds no   *)
+(* token) and takes its own row back at once, the bump fencing its former  *)
+(* incarnation (history/_cluster.py acquire_shard_txn: owner = :me).       *)
+(* Learned from the implementation; the first version waited for the      *)
+(* lease of a restarted node's own row to lapse.                           *)
+FreeFor(n) == leaseExpired \/ owner = n
+
 (* The acquire loop (ShardController._balance) reads the row:             *)
 (* history/_store.py HistoryStore.read_shards: SELECT owner, range_id,     *)
-(* lease_expires_at.  It goes on only if the lease has lapsed.             *)
+(* lease_expires_at.  It goes on only if the row is free for it.           *)
 ReadShard(n) ==
     /\ Running(n)
     /\ token[n] = NoRange
     /\ readRange[n] = NotRead
     /\ IF Mutant = "acquire_requires_free_row"
        THEN owner = NoNode          \* BUG: waits for a release that a crash never does
-       ELSE leaseExpired
+       ELSE FreeFor(n)
     /\ readRange' = [readRange EXCEPT ![n] = rangeId]
     /\ UNCHANGED <<store, nodeState, token, faults, lateRenewals>>
 
@@ -131,13 +139,15 @@ ReadShard(n) ==
 (* (history/_cluster.py acquire_shard_txn):                                *)
 (*   UPDATE shards SET owner = :n, range_id = :read + 1,                   *)
 (*                     lease_expires_at = now + ttl                        *)
-(*   WHERE shard_id = :s AND range_id = :read AND lease_expires_at < now   *)
+(*   WHERE shard_id = :s AND range_id = :read                              *)
+(*     AND (lease_expires_at < now OR owner = :n OR owner = '')            *)
+(* (owner '' is a released row, whose lease is expired: leaseExpired.)     *)
 (* One row updated: the node owns the shard with token read + 1.  None:    *)
 (* another node acquired (or the owner renewed) since the read.            *)
 AcquireCasSucceeds(n) ==
     IF Mutant = "acquire_no_cas"
     THEN TRUE                       \* BUG: a plain UPDATE, last writer wins
-    ELSE rangeId = readRange[n] /\ leaseExpired
+    ELSE rangeId = readRange[n] /\ FreeFor(n)
 
 NewRange(n) ==
     IF Mutant = "no_range_bump"
@@ -171,6 +181,29 @@ RenewLease(n) ==
        ELSE /\ token' = [token EXCEPT ![n] = NoRange]
             /\ UNCHANGED leaseExpired
     /\ UNCHANGED <<owner, rangeId, history, nodeState, readRange, faults, lateRenewals>>
+
+(* A graceful stop (ShardController.stop, SIGTERM) or a rebalance         *)
+(* (ShardController._shed): the node drops the shard (no new write carries *)
+(* its token), then history/_store.py HistoryStore.release_shard           *)
+(* (history/_cluster.py release_shard_txn): UPDATE shards SET owner = '',  *)
+(* lease_expires_at = 0 WHERE shard_id = :s AND range_id = :token.  The    *)
+(* range id stays: the next owner bumps it, so any node acquires at once.  *)
+(* A write the node submitted before the drop may still commit after the   *)
+(* release, with the unchanged range id: it commutes with the release (a   *)
+(* release changes no field the fence reads and an append changes no field *)
+(* of the row), so the model lets it commit before the release.  Releases *)
+(* count against the fault budget: each one leads to an acquisition that  *)
+(* bumps range_id, and stops and rebalances are finitely many.             *)
+ReleaseShard(n) ==
+    /\ Running(n)
+    /\ token[n] = rangeId
+    /\ owner = n
+    /\ faults < MaxFaults
+    /\ owner' = NoNode
+    /\ leaseExpired' = TRUE
+    /\ token' = [token EXCEPT ![n] = NoRange]
+    /\ faults' = faults + 1
+    /\ UNCHANGED <<rangeId, history, nodeState, readRange, lateRenewals>>
 
 (* One transition of the run: server/_engine.py HistoryEngine.update       *)
 (* -> history/_store.py HistoryStore.apply / _apply_batch, whose first     *)
@@ -242,27 +275,36 @@ Restart(n) ==
 Next ==
     \/ \E n \in Nodes :
           \/ ReadShard(n) \/ AcquireShard(n) \/ RenewLease(n) \/ AppendEvent(n)
+          \/ ReleaseShard(n)
           \/ Pause(n) \/ Resume(n) \/ Crash(n) \/ Restart(n)
     \/ LeaseLapses
     \/ LeaseLapsesUnderLiveOwner
 
 (* Weak fairness: nodes run their acquire, renew and append loops, paused  *)
 (* nodes resume, crashed nodes restart, and a lease nobody renews lapses.  *)
-(* Nothing is fair about faults or late renewals.                          *)
-NodeFairness ==
+(* Nothing is fair about faults, late renewals or releases.                *)
+NodeLoops ==
     \A n \in Nodes :
         /\ WF_vars(ReadShard(n))
         /\ WF_vars(AcquireShard(n))
         /\ WF_vars(RenewLease(n))
         /\ WF_vars(AppendEvent(n))
         /\ WF_vars(Resume(n))
-        /\ WF_vars(Restart(n))
 
-Spec == Init /\ [][Next]_vars /\ NodeFairness /\ WF_vars(LeaseLapses)
+Restarts == \A n \in Nodes : WF_vars(Restart(n))
+
+Spec == Init /\ [][Next]_vars /\ NodeLoops /\ Restarts /\ WF_vars(LeaseLapses)
+
+(* A crashed node may never come back (a machine lost for good): its      *)
+(* shard is taken over once its lease lapses.  A restarted node takes its  *)
+(* own row back at once (FreeFor), so a model in which every crashed node  *)
+(* restarts makes progress even without lease expiry; this one does not.   *)
+SpecDeadNodes == Init /\ [][Next]_vars /\ NodeLoops /\ WF_vars(LeaseLapses)
 
 (* Mutant "fairness removed": a lease may never lapse, so the shard of a   *)
-(* crashed owner is never taken over (a lease without expiry).             *)
-SpecNoLeaseExpiry == Init /\ [][Next]_vars /\ NodeFairness
+(* crashed owner that never comes back is never taken over (a lease        *)
+(* without expiry).                                                        *)
+SpecNoLeaseExpiry == Init /\ [][Next]_vars /\ NodeLoops
 
 -----------------------------------------------------------------------------
 (* Properties                                                              *)

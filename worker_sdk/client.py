@@ -43,6 +43,7 @@ from ._workflow_handle import WorkflowExecutionDescription as WorkflowExecutionD
 from ._workflow_handle import WorkflowExecutionStatus as WorkflowExecutionStatus
 from ._workflow_handle import WorkflowHandle as WorkflowHandle
 from ._workflow_handle import WorkflowHistory as WorkflowHistory
+from .cluster import ClusterDescription, cluster_description
 from .common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, default_converter
 from .schedules import (
@@ -599,6 +600,14 @@ class Client:
             token = response.next_page_token
             if not token:
                 return
+
+    # --------------------------------------------------------------- cluster
+
+    async def describe_cluster(self) -> ClusterDescription:
+        """The cluster's server nodes and every shard's lease, as the store has them
+        (a server with auth on needs the admin role on every namespace, ``*:admin``)."""
+        request = service_pb2.DescribeClusterRequest()
+        return cluster_description(await self.call(self.service.DescribeCluster, request))
 
     # ------------------------------------------------------------------ DAGs
 

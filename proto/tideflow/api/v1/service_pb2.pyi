@@ -850,3 +850,47 @@ class DescribeTaskQueueResponse(_message.Message):
     pollers: _containers.RepeatedCompositeFieldContainer[PollerInfo]
     backlog_count_hint: int
     def __init__(self, pollers: _Optional[_Iterable[_Union[PollerInfo, _Mapping]]] = ..., backlog_count_hint: _Optional[int] = ...) -> None: ...
+
+class DescribeClusterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterNode(_message.Message):
+    __slots__ = ("node_id", "address", "heartbeat_time", "start_time", "live")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    heartbeat_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    live: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., live: _Optional[bool] = ...) -> None: ...
+
+class ShardLease(_message.Message):
+    __slots__ = ("shard_id", "owner", "range_id", "lease_expiry_time", "expired")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    RANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRY_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    owner: str
+    range_id: int
+    lease_expiry_time: _timestamp_pb2.Timestamp
+    expired: bool
+    def __init__(self, shard_id: _Optional[int] = ..., owner: _Optional[str] = ..., range_id: _Optional[int] = ..., lease_expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expired: _Optional[bool] = ...) -> None: ...
+
+class DescribeClusterResponse(_message.Message):
+    __slots__ = ("nodes", "shards", "read_time", "lease")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    READ_TIME_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[ClusterNode]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardLease]
+    read_time: _timestamp_pb2.Timestamp
+    lease: _duration_pb2.Duration
+    def __init__(self, nodes: _Optional[_Iterable[_Union[ClusterNode, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardLease, _Mapping]]] = ..., read_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

@@ -170,6 +170,11 @@ class WorkflowServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueResponse.FromString,
                 _registered_method=True)
+        self.DescribeCluster = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/DescribeCluster',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeClusterRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeClusterResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -346,6 +351,14 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeCluster(self, request, context):
+        """The cluster: its server nodes (membership rows) and every shard's lease, as the
+        store has them; any node answers. Needs the admin role on every namespace ("*").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -483,6 +496,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.DescribeTaskQueue,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueResponse.SerializeToString,
+            ),
+            'DescribeCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCluster,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeClusterRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.DescribeClusterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1214,6 +1232,33 @@ class WorkflowService:
             '/tideflow.api.v1.WorkflowService/DescribeTaskQueue',
             tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_service__pb2.DescribeTaskQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/DescribeCluster',
+            tideflow_dot_api_dot_v1_dot_service__pb2.DescribeClusterRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.DescribeClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,
