@@ -24,11 +24,12 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from tideflow.api.v1 import matching_pb2, matching_pb2_grpc, service_pb2, service_pb2_grpc
-from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, queue_shard_of
+from tideflow.history import HistoryStore, RunKey, StoreError, TaskKind, TaskRow, queue_shard_of
 
 from ._failures import log_retry
 from ._peers import NodeCredential, Peer, PeerChannels
@@ -158,6 +159,9 @@ class MatchingRoutes:
                 return
             try:
                 await self.shards.refresh()
+            except StoreError as exc:
+                # The routes stay as last read; the caller's retry reads them again.
+                log_retry(log, "reading the shard rows for matching", exc)
             finally:
                 self._refreshed_at = loop.time()
 
@@ -179,28 +183,37 @@ class MatchingRoutes:
             )
         return await self.credential.metadata()
 
+    async def _at_run_owner(self, key: RunKey, rpc: str, request: Any, what: str) -> Any:
+        """``rpc`` of the MatchingService called on the owner of ``key``'s run; None if
+        no other node owns it now (the shard is moving) or the call failed (the shard
+        rows are read again for the next attempt)."""
+        owner = self.run_owner(key)
+        if owner is None or self.is_here(owner):
+            await self.refresh()
+            return None
+        try:
+            return await getattr(self.matching_stub(owner), rpc)(
+                request, timeout=_CALL_TIMEOUT_S, metadata=await self.node_metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            log_retry(log, f"{what} on node {owner.node_id}", exc)
+            await self.refresh()
+            return None
+
     async def record_started(self, task: TaskRow, identity: str) -> RemoteStart | None:
         """Have the run's owner record ``task`` started (tla/History.tla
         ``RecordWorkflowTaskStartedA`` / ``RecordActivityStartedA`` on that node); None
         if no owner could do it now (the shard is moving, the node is down): the
         caller hands the task out again later."""
-        owner = self.run_owner(task.key)
-        if owner is None or self.is_here(owner):
-            await self.refresh()
-            return None
         request = matching_pb2.RecordTaskStartedRequest(task=task_message(task), identity=identity)
-        try:
-            answer = await self.matching_stub(owner).RecordTaskStarted(
-                request, timeout=_CALL_TIMEOUT_S, metadata=await self.node_metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            log_retry(log, f"recording {task.task_key} started on node {owner.node_id}", exc)
-            await self.refresh()
+        answer: matching_pb2.RecordTaskStartedResponse | None = await self._at_run_owner(
+            task.key, "RecordTaskStarted", request, f"recording {task.task_key} started"
+        )
+        if answer is None:
             return None
-        outcome = answer.outcome
-        if outcome == matching_pb2.RECORD_TASK_STARTED_OUTCOME_STALE:
+        if answer.outcome == matching_pb2.RECORD_TASK_STARTED_OUTCOME_STALE:
             return RemoteStart(None)
-        if outcome != matching_pb2.RECORD_TASK_STARTED_OUTCOME_STARTED:
+        if answer.outcome != matching_pb2.RECORD_TASK_STARTED_OUTCOME_STARTED:
             await self.refresh()  # not the owner any more
             return None
         which = answer.WhichOneof("task")
@@ -211,27 +224,19 @@ class MatchingRoutes:
     async def unstick(self, key: RunKey, sticky_queue: str) -> bool:
         """Ask the run's owner to move the run's workflow task off ``sticky_queue``;
         False if no owner could do it now."""
-        owner = self.run_owner(key)
-        if owner is None or self.is_here(owner):
-            await self.refresh()
-            return False
         request = matching_pb2.UnstickRequest(
             namespace=key.namespace,
             workflow_id=key.workflow_id,
             run_id=key.run_id,
             sticky_task_queue=sticky_queue,
         )
-        try:
-            answer = await self.matching_stub(owner).Unstick(
-                request, timeout=_CALL_TIMEOUT_S, metadata=await self.node_metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            log_retry(log, f"unsticking {key} on node {owner.node_id}", exc)
+        answer: matching_pb2.UnstickResponse | None = await self._at_run_owner(
+            key, "Unstick", request, f"unsticking {key}"
+        )
+        if answer is None or answer.not_owner:
             await self.refresh()
             return False
-        if answer.not_owner:
-            await self.refresh()
-        return not answer.not_owner
+        return True
 
 
 class TaskForwarder:
