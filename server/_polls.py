@@ -296,7 +296,10 @@ class TaskQueueService:
         try:
             return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            # UNAVAILABLE: the node does not serve the queue (any more), or is down;
+            # CANCELLED: it stopped while the call waited (our own caller going away
+            # cancels this coroutine instead). Either way: route the request again.
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise _Reroute from exc
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and rpc.startswith("Poll"):
                 raise TimeoutError from exc
