@@ -195,7 +195,8 @@ class MatchingRoutes:
             return await getattr(self.matching_stub(owner), rpc)(
                 request, timeout=_CALL_TIMEOUT_S, metadata=await self.node_metadata()
             )
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, StoreError) as exc:
+            # StoreError: the token keys (for the node credential) could not be read.
             log_retry(log, f"{what} on node {owner.node_id}", exc)
             await self.refresh()
             return None
@@ -311,7 +312,7 @@ class TaskForwarder:
                 answer = await stub.AddTasks(
                     request, timeout=_ADD_TIMEOUT_S, metadata=await self._routes.node_metadata()
                 )
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, StoreError) as exc:
                 log_retry(log, f"handing {len(batch)} task(s) to node {owner.node_id}", exc)
                 return False
             refused = set(answer.refused_task_keys)

@@ -224,7 +224,8 @@ class TaskQueueService:
         if self._routes is not None and not self._routes.owns_run(task.key):
             try:
                 started = await self._routes.record_started(task, identity)
-            except asyncio.CancelledError:
+            except BaseException:
+                # Not delivered (see below).
                 self._matching.give_back(task)
                 raise
             if started is None:
