@@ -10,26 +10,27 @@ node only.
 - The queue's node stops (SIGTERM) while workers poll through another node under
   load: every run completes and no activity runs twice.
 
-Calls other than the task-queue RPCs go to the node that owns the run (``_RunOwnerFirst``
-stands in for request forwarding, which another change adds to the nodes). Leases are
-2 s. Waits poll conditions against generous deadlines.
+Calls other than the task-queue RPCs go to the node that owns the run
+(``helpers_cluster.send_runs_to_their_owners``: request forwarding is another change's).
+Leases are 2 s. Waits poll conditions against generous deadlines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
-import grpc
 import pytest
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually, new_id
+from helpers_cluster import send_runs_to_their_owners
 
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, TaskKind, now_micros, queue_shard_of, shard_of
 from tideflow.worker_sdk import (
     Client,
@@ -47,18 +48,6 @@ LEASE_S = 2.0
 CONDITION_TIMEOUT_S = 60.0
 NODES = ("node-a", "node-b", "node-c")
 FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100))
-# The RPCs a worker sends to the node it polls (what these tests check).
-_TASK_QUEUE_RPCS = frozenset(
-    {
-        "PollWorkflowTask",
-        "PollActivityTask",
-        "RespondQueryTaskCompleted",
-        "DescribeTaskQueue",
-        "ShutdownWorker",
-        "GetSystemInfo",
-    }
-)
-
 # Activity executions per workflow id, in this process (the in-test workers').
 EXECUTIONS: Counter[str] = Counter()
 
@@ -120,46 +109,10 @@ class FirstEvents(WorkerInterceptor):
 # --------------------------------------------------------------------- the cluster
 
 
-class _RunOwnerFirst:
-    """A WorkflowService stub: the task-queue RPCs go to ``poll_at`` only; any other
-    call goes to each node in turn until one does not answer UNAVAILABLE (the node
-    that owns the run; the others refuse it, naming the owner)."""
-
-    def __init__(self, poll_at: str, addresses: Sequence[str]) -> None:
-        self._channels = {a: grpc.aio.insecure_channel(a) for a in {poll_at, *addresses}}
-        self._poll_at = service_pb2_grpc.WorkflowServiceStub(self._channels[poll_at])  # type: ignore[no-untyped-call]
-        self._stubs = [service_pb2_grpc.WorkflowServiceStub(self._channels[a]) for a in addresses]  # type: ignore[no-untyped-call]
-
-    def __getattr__(self, rpc: str) -> Callable[..., Awaitable[Any]]:
-        if rpc in _TASK_QUEUE_RPCS:
-            method: Callable[..., Awaitable[Any]] = getattr(self._poll_at, rpc)
-            return method
-        methods = [getattr(stub, rpc) for stub in self._stubs]
-
-        async def call(request: Any, **kwargs: Any) -> Any:
-            refused: grpc.aio.AioRpcError | None = None
-            for method in methods:
-                try:
-                    return await method(request, **kwargs)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
-                    refused = error
-            assert refused is not None
-            raise refused
-
-        return call
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-
-
 @contextlib.asynccontextmanager
 async def _client(poll_at: ServerProcess, nodes: Sequence[ServerProcess]) -> AsyncIterator[Client]:
     client = await Client.connect(poll_at.address)
-    stub = _RunOwnerFirst(poll_at.address, [n.address for n in nodes])
-    client.service = stub  # type: ignore[assignment]
+    stub = send_runs_to_their_owners(client, [n.address for n in nodes])
     try:
         yield client
     finally:
@@ -224,7 +177,7 @@ def _queue_served_by(owners: dict[int, str], node: str, tag: str) -> str:
 
 
 def _ids_owned_by(owners: dict[int, str], node: str, count: int) -> list[str]:
-    ids = []
+    ids: list[str] = []
     while len(ids) < count:
         workflow_id = new_id("run")
         if owners[shard_of("default", workflow_id, 16)] == node:
@@ -266,9 +219,10 @@ async def test_a_worker_polling_one_node_gets_the_tasks_and_queries_of_runs_on_t
             for n, workflow_id in enumerate(ids)
         ]
         for n, handle in enumerate(handles):
-            phase = f"tripled:{3 * n}"
             await eventually(
-                lambda h=handle, p=phase: _answers(h, p), "the query answered", timeout=60
+                functools.partial(_answers, handle, f"tripled:{3 * n}"),
+                "the query answered",
+                timeout=60,
             )
         described = await client.service.DescribeTaskQueue(
             service_pb2.DescribeTaskQueueRequest(
@@ -286,7 +240,7 @@ async def test_a_worker_polling_one_node_gets_the_tasks_and_queries_of_runs_on_t
             await _check_delivered_once(client, handle.id)
         # The tasks after the first went to the worker's sticky queue (hashed to a node
         # of its own) and were delivered through A all the same.
-        first, *later = first_events.seen[handle.run_id]
+        first, *later = first_events.seen[handle.run_id or ""]
         assert first == 1
         assert later
         assert all(event_id > 1 for event_id in later), first_events.seen

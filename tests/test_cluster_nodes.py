@@ -1,6 +1,7 @@
 """Several ``tideflow server start`` processes on one PostgreSQL database (issue 11,
-first increment: shards, leases, the range-id fence; no forwarding yet, so each
-client talks to the node that owns its workflow's shard, and a worker polls each node).
+first increment: shards, leases, the range-id fence; no request forwarding yet, so each
+client talks to the node that owns its workflow's shard; a worker polls its own node,
+which serves task queues across nodes, and reports to the run's owner).
 
 - Two nodes split the 16 shards and each serves the workflows of its own; a request
   for another node's shard is UNAVAILABLE naming the shard and its owner's address;
@@ -35,6 +36,7 @@ from typing import Any
 import grpc
 import pytest
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
+from helpers_cluster import send_runs_to_their_owners
 
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
@@ -161,10 +163,11 @@ async def _workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
     """A client and a worker per node; the workers stop at the end (a dead node's
     worker is abandoned after a short wait)."""
     clients = {n.name: await Client.connect(n.address) for n in nodes}
-    workers = [
-        Worker(c, task_queue=QUEUE, workflows=[Pause], activities=[double])
-        for c in clients.values()
-    ]
+    # A worker gets tasks of every node's runs through its own node (task queues are
+    # served across nodes); it reports on them to the run's owner.
+    polling = [await Client.connect(n.address) for n in nodes]
+    routes = [send_runs_to_their_owners(c, [n.address for n in nodes]) for c in polling]
+    workers = [Worker(c, task_queue=QUEUE, workflows=[Pause], activities=[double]) for c in polling]
     for w in workers:
         w.start()
     try:
@@ -173,6 +176,9 @@ async def _workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
         for w in workers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.shutdown(), 5)
+        for route, client in zip(routes, polling, strict=True):
+            await route.close()
+            await client.close()
 
 
 async def _start(client: Client, workflow_id: str, n: int, pause_s: float) -> None:
