@@ -20,6 +20,7 @@ the queue's rows from the store (they name their ``queue_shard``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -242,8 +243,11 @@ class MatchingRoutes:
 
 class TaskForwarder:
     """Hands task rows of queues served by other nodes to those nodes (``AddTasks``),
-    retrying with backoff the rows not delivered yet, while their run is this node's.
+    retrying the rows not delivered yet while their run is this node's.
 
+    Each destination backs off on its own (50 ms doubling to 2 s): a node that is down
+    delays only its own rows, never the rows of the nodes that answer. Rows whose
+    queue has no known owner (its shard is moving) back off as one more destination.
     ``accept`` takes rows whose queue turned out to be served here after all (this
     node acquired the queue's shard meanwhile)."""
 
@@ -253,11 +257,19 @@ class TaskForwarder:
         # task_key -> row, not delivered yet (a row sent twice is one entry).
         self._pending: dict[str, TaskRow] = {}
         self._wakeup = asyncio.Event()
+        # Destination (node id; "" for "no owner known") -> (delay, loop time before
+        # which it is not tried again), for the destinations that failed last time.
+        self._backoff: dict[str, tuple[float, float]] = {}
         self.delivered = 0
 
     def send(self, tasks: list[TaskRow]) -> None:
         for task in tasks:
             self._pending[task.task_key] = task
+        self._wakeup.set()
+
+    def nudge(self) -> None:
+        """The shards moved (this node acquired one): try every row again now."""
+        self._backoff.clear()
         self._wakeup.set()
 
     @property
@@ -266,21 +278,23 @@ class TaskForwarder:
 
     async def run(self) -> None:
         """Deliver rows as they come, until cancelled."""
-        delay = _RETRY_MIN_S
+        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if await self._deliver():
-                delay = _RETRY_MIN_S
+            retry_at = await self._deliver()
+            if retry_at is None:
                 continue
             await self._routes.refresh()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_S)
+            # Until the first backed-off destination is due, or new rows come.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, retry_at - loop.time())):
+                    await self._wakeup.wait()
             self._wakeup.set()
 
-    async def _deliver(self) -> bool:
-        """One pass over the pending rows; whether every one was delivered (or is no
-        longer this node's to deliver)."""
+    async def _deliver(self) -> float | None:
+        """One pass over the pending rows; the loop time of the next retry, or None if
+        nothing waits for one."""
         routes = self._routes
         by_owner: dict[Peer, list[TaskRow]] = {}
         here: list[TaskRow] = []
@@ -300,8 +314,22 @@ class TaskForwarder:
                 by_owner.setdefault(owner, []).append(task)
         if here:
             self._accept(here)
-        sent = await asyncio.gather(*(self._send(p, rows) for p, rows in by_owner.items()))
-        return not waiting and all(sent)
+        now = asyncio.get_running_loop().time()
+        due = [o for o in by_owner if self._backoff.get(o.node_id, (0.0, 0.0))[1] <= now]
+        sent = await asyncio.gather(*(self._send(o, by_owner[o]) for o in due))
+        outcomes = {o.node_id: ok for o, ok in zip(due, sent, strict=True)}
+        if waiting:
+            outcomes[""] = False
+        live = {o.node_id for o in by_owner} | ({""} if waiting else set())
+        self._backoff = {d: b for d, b in self._backoff.items() if d in live}
+        for destination, ok in outcomes.items():
+            if ok:
+                self._backoff.pop(destination, None)
+            else:
+                delay = self._backoff.get(destination, (_RETRY_MIN_S / 2, 0.0))[0] * 2
+                delay = min(delay, _RETRY_MAX_S)
+                self._backoff[destination] = (delay, now + delay)
+        return min((at for _, at in self._backoff.values()), default=None)
 
     async def _send(self, owner: Peer, tasks: list[TaskRow]) -> bool:
         stub = self._routes.matching_stub(owner)

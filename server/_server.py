@@ -160,6 +160,8 @@ class _ShardHooks:
 
     async def acquired(self, shard: int) -> None:
         self.recovered += await self.recover_tasks([shard])
+        # Rows waiting for this shard's queues' owner go to this node now.
+        self._dispatch.forwarder.nudge()
         self.recovered += await self._transfers.recover([shard])
         await self._timers.recover_shard(shard)
 
