@@ -28,7 +28,7 @@ from tideflow.api.search_attributes import (
     parse_rfc3339,
 )
 
-from ._cluster import MemberRecord, ShardRecord, shard_of
+from ._cluster import MemberRecord, ShardRecord, queue_shard_of, shard_of
 from ._errors import (
     ClusterConfigError,
     ConditionFailedError,
@@ -140,6 +140,7 @@ __all__ = [
     "micros_of",
     "now_micros",
     "parse_rfc3339",
+    "queue_shard_of",
     "search_attributes_problem",
     "shard_of",
     "slot_action_key",

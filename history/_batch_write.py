@@ -174,6 +174,9 @@ def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int
         {
             "task_key": task.task_key,
             "shard_id": cluster.shard_of(task.key.namespace, task.key.workflow_id, shard_count),
+            "queue_shard": cluster.queue_shard_of(
+                task.key.namespace, task.task_queue, int(task.kind), shard_count
+            ),
             "namespace": task.key.namespace,
             "task_queue": task.task_queue,
             "kind": int(task.kind),

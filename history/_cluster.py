@@ -58,6 +58,19 @@ def shard_of(namespace: str, workflow_id: str, shard_count: int) -> int:
     return int.from_bytes(digest, "big") % shard_count
 
 
+def queue_shard_of(namespace: str, task_queue: str, kind: int, shard_count: int) -> int:
+    """The shard whose owner serves task queue ``task_queue`` of kind ``kind`` (its
+    matching owner: server/_matching_routes.py).
+
+    Like ``shard_of``, but BLAKE2b personalised with ``tideflow-queue`` over namespace,
+    NUL, queue name, NUL, kind (decimal): as uniform as the run hash and independent of
+    it, so a busy queue and the runs it serves do not pile onto one node.
+    """
+    data = namespace.encode() + b"\0" + task_queue.encode() + b"\0" + str(kind).encode()
+    digest = hashlib.blake2b(data, digest_size=8, person=b"tideflow-queue").digest()
+    return int.from_bytes(digest, "big") % shard_count
+
+
 @dataclass(frozen=True, slots=True)
 class ShardRecord:
     """A ``shards`` row as read (a shard nobody acquired yet reads as owner "",
@@ -136,6 +149,29 @@ def add_shard_column_txn(conn: Connection, name: str, shard_count: int) -> int:
         )
     for index in table.indexes:
         if "shard_id" in {c.name for c in index.columns}:
+            index.create(conn)
+    return len(rows)
+
+
+def missing_queue_shard_column_txn(conn: Connection) -> bool:
+    """Whether ``tasks`` lacks ``queue_shard`` (a database created before matching
+    spread over the nodes)."""
+    return "queue_shard" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
+
+
+def add_queue_shard_column_txn(conn: Connection, shard_count: int) -> int:
+    """Upgrade ``tasks``: add ``queue_shard``, fill it in from each row's queue, add its
+    index. Returns the rows filled in."""
+    t = s.tasks
+    conn.execute(text("ALTER TABLE tasks ADD COLUMN queue_shard INTEGER NOT NULL DEFAULT 0"))
+    rows = conn.execute(select(t.c.task_key, t.c.namespace, t.c.task_queue, t.c.kind)).all()
+    if rows:
+        conn.execute(
+            update(t).where(t.c.task_key == bindparam("k")).values(queue_shard=bindparam("q")),
+            [{"k": r[0], "q": queue_shard_of(r[1], r[2], r[3], shard_count)} for r in rows],
+        )
+    for index in t.indexes:
+        if "queue_shard" in {c.name for c in index.columns}:
             index.create(conn)
     return len(rows)
 

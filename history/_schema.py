@@ -123,6 +123,9 @@ tasks = Table(
     # The run's shard (history/_cluster.py shard_of): a node recovers the rows of the
     # shards it acquires, and only those.
     Column("shard_id", Integer, nullable=False),
+    # The task queue's shard (history/_cluster.py queue_shard_of): the node holding it
+    # serves the queue, and loads these rows when it acquires the shard.
+    Column("queue_shard", Integer, nullable=False),
     Column("namespace", String(255), nullable=False),
     Column("task_queue", String(1000), nullable=False),
     Column("kind", Integer, nullable=False),
@@ -136,6 +139,7 @@ Index(
     "tasks_by_queue", tasks.c.namespace, tasks.c.task_queue, tasks.c.created_at, info=_TIME_ORDERED
 )
 Index("tasks_by_shard", tasks.c.shard_id, tasks.c.task_key)
+Index("tasks_by_queue_shard", tasks.c.queue_shard, tasks.c.task_key)
 
 # Durable timers: user timers, timeouts and retry backoffs, by due time.
 timers = Table(

@@ -174,6 +174,15 @@ class HistoryStore:
                     raise
                 continue
             log.info("upgraded %s: shard_id added to %d rows", name, rows)
+        if await self._runner.read(cluster.missing_queue_shard_column_txn):
+            upgrade_tasks = functools.partial(cluster.add_queue_shard_column_txn, shard_count=count)
+            try:
+                rows = await self._runner.write(upgrade_tasks)
+            except Exception:
+                if await self._runner.read(cluster.missing_queue_shard_column_txn):
+                    raise
+            else:
+                log.info("upgraded tasks: queue_shard added to %d rows", rows)
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
@@ -541,12 +550,21 @@ class HistoryStore:
         return await self._runner.read(fetch)
 
     async def list_tasks(
-        self, *, limit: int = 10_000, after_key: str = "", shards: Collection[int] | None = None
+        self,
+        *,
+        limit: int = 10_000,
+        after_key: str = "",
+        shards: Collection[int] | None = None,
+        queue_shards: Collection[int] | None = None,
     ) -> list[TaskRow]:
-        """Backlog rows in key order (recovery pages through them), of ``shards`` only
-        if given."""
+        """Backlog rows in key order (recovery pages through them), of runs of
+        ``shards`` only and of task queues of ``queue_shards`` only, if given."""
         t = s.tasks
         query = select(t).where(t.c.task_key > after_key).order_by(t.c.task_key).limit(limit)
+        if queue_shards is not None:
+            # The rows of other runs' shards queued here: their writes are fenced by
+            # their own shards; rows written after this scan are handed over (AddTasks).
+            query = query.where(t.c.queue_shard.in_(sorted(queue_shards)))
         tokens = self._scan_tokens(shards)
         rows = await self._runner.read(
             lambda conn: _scan_shards_txn(conn, query, t.c.shard_id, shards, tokens)

@@ -14,7 +14,6 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,7 +29,6 @@ from tideflow.history import (
     InvalidValueError,
     RetryableStoreError,
     StoreError,
-    TaskKind,
 )
 
 from ._audit import begin as begin_audit
@@ -41,11 +39,8 @@ from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
 from ._errors import (
     AlreadyExistsError,
-    DeadlineExceededError,
     InvalidArgumentError,
     NamespaceNotFoundError,
-    NotFoundError,
-    QueryFailedError,
     Resource,
     ServiceError,
     UnavailableError,
@@ -53,7 +48,8 @@ from ._errors import (
 )
 from ._failures import RateLimitedLog
 from ._history_pages import is_task_token
-from ._matching import Dispatchable, Matching, QueryTask
+from ._matching import Matching
+from ._polls import TaskQueueService
 from ._schedules import Scheduler, require_scheduler
 from ._task_tokens import TaskTokenSigner
 from ._validation import RequestValidator, TooLargeError, check_retry_policy
@@ -157,9 +153,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         log_clock: Callable[[], float] = time.monotonic,
         tokens: TaskTokenSigner | None = None,
         auth: AuthGate | None = None,
+        polls: TaskQueueService | None = None,
     ) -> None:
         """``log_clock`` paces the log of store failures (monotonic seconds); ``auth``
-        authenticates and authorizes every call (None: auth is off)."""
+        authenticates and authorizes every call (None: auth is off); ``polls`` serves
+        the task-queue RPCs (None: this node serves every queue and run)."""
         self._store = store
         self._auth = auth
         # Seals every task token handed out and opens every one received
@@ -173,11 +171,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         # Serves the schedule RPCs (server/_schedules.py); None: UNAVAILABLE.
         self.scheduler = scheduler
         self._namespaces: set[str] = set()
-        self._queries: dict[str, QueryTask] = {}
+        # Polls, queries, DescribeTaskQueue, ShutdownWorker (server/_polls.py).
+        self._polls = polls or TaskQueueService(engine, matching, config, self._tokens)
         self._validator = RequestValidator(config)
         # During an outage every request fails alike: one line per interval, not each.
         self._outage_log = RateLimitedLog(log, _OUTAGE_LOG_INTERVAL_S, now_s=log_clock)
-        self._parked_polls = 0
         self._pager = engine.pager  # its continuation tokens are sealed (_history_pages)
 
     # ------------------------------------------------------------ validation
@@ -469,28 +467,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.namespace, request.execution.workflow_id, request.execution.run_id
         )
         ms = await self._engine.state_of(key)
-        query = QueryTask(
-            query_id=str(uuid.uuid4()),
-            key=key,
-            query=request.query,
-            result=asyncio.get_running_loop().create_future(),
+        result = await self._polls.query(
+            key, ms.task_queue.name, request.query, self._polls.poll_timeout(context)
         )
-        self._queries[query.query_id] = query
-        try:
-            self._matching.add_query(request.namespace, ms.task_queue.name, query)
-            timeout = self._poll_timeout(context)
-            try:
-                async with asyncio.timeout(timeout):
-                    result = await query.result
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"no worker answered query {request.query.query_type!r} within "
-                    f"{timeout:.0f} s: is a worker polling task queue {ms.task_queue.name!r}?"
-                ) from None
-        finally:
-            del self._queries[query.query_id]
-            if not query.result.done():
-                query.result.cancel()
         return service_pb2.QueryWorkflowResponse(query_result=result)
 
     @_rpc
@@ -498,24 +477,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self, request: service_pb2.RespondQueryTaskCompletedRequest, context: _Context
     ) -> service_pb2.RespondQueryTaskCompletedResponse:
         token = await self._open_token(request, activity=False)
-        query = self._queries.get(token.query_id) if token.query_id else None
-        if query is None:
-            raise NotFoundError(
-                "query not found: it was answered already or its caller gave up",
-                resource=Resource.RESOURCE_TYPE_QUERY,
-            )
-        if not query.result.done():
-            if request.completed_type == service_pb2.QUERY_RESULT_TYPE_ANSWERED:
-                query.result.set_result(request.query_result)
-            else:
-                query.result.set_exception(
-                    QueryFailedError(
-                        f"query failed: {request.error_message or 'no message'}",
-                        query_type=query.query.query_type,
-                        failure=request.failure if request.HasField("failure") else None,
-                    )
-                )
-        return service_pb2.RespondQueryTaskCompletedResponse()
+        return await self._polls.respond_query_task_completed(request, token, context)
 
     @_rpc
     async def ShutdownWorker(
@@ -523,37 +485,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.ShutdownWorkerResponse:
         await self._check_namespace(request.namespace)
         self._check_id("sticky_task_queue", request.sticky_task_queue)
-        for task in self._matching.retire(request.namespace, request.sticky_task_queue):
-            await self._engine.unstick(task.key, request.sticky_task_queue)
-        return service_pb2.ShutdownWorkerResponse()
+        return await self._polls.shutdown_worker(request, context)
 
     # -------------------------------------------------------- workflow tasks
-
-    def _poll_timeout(self, context: _Context) -> float:
-        remaining = context.time_remaining()
-        timeout = self._config.long_poll_timeout_s
-        if remaining is not None:
-            # Answer (empty) a little before the caller's deadline rather than after it.
-            timeout = min(timeout, max(0.0, remaining - 0.5))
-        return timeout
-
-    async def _parked_poll(
-        self, namespace: str, task_queue: str, kind: TaskKind, timeout: float, *, identity: str
-    ) -> Dispatchable | None:
-        """``Matching.poll`` within ``max_concurrent_polls``: past it, a clear
-        RESOURCE_EXHAUSTED (clients retry it with backoff) rather than an unbounded pile."""
-        if self._parked_polls >= self._config.max_concurrent_polls:
-            raise PollLimitError(
-                f"{self._parked_polls} long polls are waiting on this server, its limit "
-                f"(max_concurrent_polls); retry with backoff"
-            )
-        self._parked_polls += 1
-        try:
-            return await self._matching.poll(
-                namespace, task_queue, kind, timeout, identity=identity
-            )
-        finally:
-            self._parked_polls -= 1
 
     @_rpc
     async def PollWorkflowTask(
@@ -561,41 +495,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.PollWorkflowTaskResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._poll_timeout(context)
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return service_pb2.PollWorkflowTaskResponse()
-            task = await self._parked_poll(
-                request.namespace,
-                request.task_queue.name,
-                TaskKind.WORKFLOW,
-                remaining,
-                identity=request.identity,
-            )
-            if task is None:
-                return service_pb2.PollWorkflowTaskResponse()
-            if isinstance(task, QueryTask):
-                try:
-                    return await self._sealed(
-                        await self._engine.query_task(task.key, task.query_id, task.query)
-                    )
-                except ServiceError as exc:
-                    if not task.result.done():
-                        task.result.set_exception(exc)
-                    continue
-            try:
-                response = await self._engine.record_workflow_task_started(task, request.identity)
-            except (StoreError, ServiceError, asyncio.CancelledError):
-                # Not delivered. A poller that goes away (worker shutdown) cancels this
-                # handler; the task must not vanish with it, or nothing would dispatch it
-                # again until a server restart. If the start did commit before the
-                # cancellation, the engine finds the given-back task stale and drops it.
-                self._matching.give_back(task)
-                raise
-            if response is not None:
-                return await self._sealed(response)
+        return await self._polls.poll_workflow_task(request, context)
 
     @_rpc
     async def RespondWorkflowTaskCompleted(
@@ -666,30 +566,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.PollActivityTaskResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._poll_timeout(context)
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return service_pb2.PollActivityTaskResponse()
-            task = await self._parked_poll(
-                request.namespace,
-                request.task_queue.name,
-                TaskKind.ACTIVITY,
-                remaining,
-                identity=request.identity,
-            )
-            if task is None:
-                return service_pb2.PollActivityTaskResponse()
-            assert not isinstance(task, QueryTask)  # queries only go to workflow queues
-            try:
-                response = await self._engine.record_activity_started(task, request.identity)
-            except (StoreError, ServiceError, asyncio.CancelledError):
-                # Not delivered: dispatch it again (see PollWorkflowTask).
-                self._matching.give_back(task)
-                raise
-            if response is not None:
-                return await self._sealed(response)
+        return await self._polls.poll_activity_task(request, context)
 
     @_rpc
     async def RespondActivityTaskCompleted(
@@ -869,22 +746,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.DescribeTaskQueueResponse:
         await self._check_namespace(request.namespace)
         self._check_id("task_queue.name", request.task_queue.name)
-        kinds = {
-            service_pb2.TASK_QUEUE_TYPE_UNSPECIFIED: TaskKind.WORKFLOW,
-            service_pb2.TASK_QUEUE_TYPE_WORKFLOW: TaskKind.WORKFLOW,
-            service_pb2.TASK_QUEUE_TYPE_ACTIVITY: TaskKind.ACTIVITY,
-        }
-        kind = kinds.get(request.task_queue_type)
-        if kind is None:
-            raise InvalidArgumentError(f"unknown task_queue_type {request.task_queue_type}")
-        name = request.task_queue.name
-        response = service_pb2.DescribeTaskQueueResponse(
-            backlog_count_hint=self._matching.backlog_size(request.namespace, name, kind)
-        )
-        for identity, seen_at, polling in self._matching.pollers(request.namespace, name, kind):
-            poller = response.pollers.add(identity=identity, polling=polling)
-            poller.last_access_time.FromNanoseconds(int(seen_at * 1e9))
-        return response
+        return await self._polls.describe_task_queue(request, context)
 
     @_rpc
     async def DescribeCluster(
@@ -895,12 +757,3 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
 
 # Largest page of ListWorkflowExecutions / ListSchedules.
 _MAX_LIST_PAGE_SIZE = 1000
-
-
-# ------------------------------------------------------------------ errors
-
-
-class PollLimitError(ServiceError):
-    """Too many long polls are parked on this server (``max_concurrent_polls``)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED

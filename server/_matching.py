@@ -1,14 +1,16 @@
 """Matching: task queues with long polls.
 
-A committed transition's new task rows arrive here. A task goes straight to a poller
-that is already waiting ("sync match", no extra store round trip) or waits in the
-queue's in-memory backlog. The rows stay in the store until the engine records the
-task started, so a crash loses nothing: ``recover`` reloads them on start.
+A committed transition's new task rows arrive here, on the node that serves their task
+queue (the holder of the queue's shard: server/_matching_routes.py hands rows of other
+nodes' queues to their owners). A task goes straight to a poller that is already
+waiting ("sync match", no extra store round trip) or waits in the queue's in-memory
+backlog. The rows stay in the store until the engine records the task started, so a
+crash loses nothing: ``recover`` reloads a queue shard's rows when its node acquires it.
 
 TLA+ (tla/History.tla): ``DispatchWorkflowTask`` / ``DispatchActivityTask`` hand a
 backlog row to a poller (``RecordWorkflowTaskStartedA`` / ``RecordActivityStartedA``;
 a row that turns out stale when the engine records it started is dropped), and
-``Restart`` rebuilds the backlogs from the store (``recover``).
+``Restart`` rebuilds the backlogs from the store (``recover``, per queue shard).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
 
+from ._errors import UnavailableError
+
 log = logging.getLogger("tideflow.server.matching")
 
 _QueueId = tuple[str, str, TaskKind]
@@ -38,6 +42,9 @@ class QueryTask:
     key: RunKey
     query: service_pb2.WorkflowQuery
     result: asyncio.Future[common_pb2.Payloads]
+    # The poll response built by the run's owner when that is another node (the
+    # history is its to read); None: built here when a poller takes the query.
+    prepared: service_pb2.PollWorkflowTaskResponse | None = None
 
 
 Dispatchable = TaskRow | QueryTask
@@ -59,11 +66,17 @@ class _TaskQueue:
 POLLER_TTL_S = 300.0
 
 
+class QueueMovedError(UnavailableError):
+    """This node does not serve the task queue (any more): its shard is another
+    node's, or moving. A poll parked here when the shard left gets it at once."""
+
+
 class Matching:
-    def __init__(self, owns: Callable[[RunKey], bool] | None = None) -> None:
+    def __init__(self, owns: Callable[[str, str, TaskKind], bool] | None = None) -> None:
         self._queues: dict[_QueueId, _TaskQueue] = {}
-        # Whether this node serves a run's shard now (server/_shards.py): tasks of
-        # other shards are neither queued nor handed out. None: every run.
+        # Whether this node serves a task queue now, ``(namespace, name, kind)``: it
+        # holds the queue's shard (server/_matching_routes.py). Tasks of other queues
+        # are neither queued nor handed out. None: every queue.
         self._owns = owns
         # Sticky queues whose worker shut down (bounded: names are per worker).
         self._retired: set[tuple[str, str]] = set()
@@ -74,9 +87,13 @@ class Matching:
             queue = self._queues[qid] = _TaskQueue()
         return queue
 
+    def serves(self, namespace: str, task_queue: str, kind: TaskKind) -> bool:
+        """Whether this node serves the task queue now."""
+        return self._owns is None or self._owns(namespace, task_queue, kind)
+
     def add(self, task: TaskRow) -> None:
-        if self._owns is not None and not self._owns(task.key):
-            return  # its shard's owner recovers it from the store
+        if not self.serves(task.key.namespace, task.task_queue, task.kind):
+            return  # the queue's owner recovers it from the store
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
         if task.task_key in queue.queued_keys:
             return  # already queued (recovery racing a commit)
@@ -112,7 +129,11 @@ class Matching:
         identity: str | None = None,
     ) -> Dispatchable | None:
         """Next task of the queue, or None once ``timeout`` seconds pass without one.
-        ``identity`` (the worker's) is remembered for DescribeTaskQueue."""
+        ``identity`` (the worker's) is remembered for DescribeTaskQueue. Raises
+        QueueMovedError if this node does not serve the queue, or stops serving it
+        while the poll waits."""
+        if not self.serves(namespace, task_queue, kind):
+            raise QueueMovedError(f"task queue {task_queue!r} is served by another node")
         queue = self._queue((namespace, task_queue, kind))
         if identity is None:
             return await self._poll(queue, timeout)
@@ -127,11 +148,10 @@ class Matching:
             query = queue.queries.popleft()
             if not query.result.done():  # its caller may have given up
                 return query
-        while queue.backlog:
+        if queue.backlog:
             task = queue.backlog.popleft()
             queue.queued_keys.discard(task.task_key)
-            if self._owns is None or self._owns(task.key):
-                return task
+            return task
         poller: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
         queue.pollers.append(poller)
         try:
@@ -142,7 +162,7 @@ class Matching:
             return poller.result() if poller.done() and not poller.cancelled() else None
         except asyncio.CancelledError:
             # The poller went away after a task was handed to it: keep the task.
-            if poller.done() and not poller.cancelled():
+            if poller.done() and not poller.cancelled() and poller.exception() is None:
                 self._requeue_front(queue, poller.result())
             raise
         finally:
@@ -153,8 +173,8 @@ class Matching:
 
     def give_back(self, task: TaskRow) -> None:
         """A polled task could not be delivered (store hiccup): dispatch it again."""
-        if self._owns is not None and not self._owns(task.key):
-            return  # its shard moved to another node, which recovers it
+        if not self.serves(task.key.namespace, task.task_queue, task.kind):
+            return  # its queue moved to another node, which recovers it
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
         self._requeue_front(queue, task)
 
@@ -170,28 +190,42 @@ class Matching:
             queue.queued_keys.add(task.task_key)
             queue.backlog.appendleft(task)
 
+    def defer(self, task: TaskRow, delay_s: float) -> None:
+        """A polled task whose run's owner could not be reached (it is moving, or
+        down): queue it again after ``delay_s``, so that polls take other tasks
+        meanwhile instead of spinning on this one."""
+        asyncio.get_running_loop().call_later(delay_s, self.add, task)
+
     def drop_unowned(self) -> int:
-        """Forget the queued tasks of shards this node no longer serves (it lost
-        them); returns how many. Parked pollers stay: they wait for owned tasks."""
+        """Forget the queues this node no longer serves (it lost their shard); returns
+        how many tasks were dropped. Their parked polls get QueueMovedError at once
+        (the poll is routed to the new owner), their waiting queries UNAVAILABLE (the
+        caller retries, reaching the new owner)."""
         if self._owns is None:
             return 0
-        owns = self._owns
         dropped = 0
-        for queue in self._queues.values():
-            kept = deque(t for t in queue.backlog if owns(t.key))
-            dropped += len(queue.backlog) - len(kept)
-            queue.backlog = kept
-            queue.queued_keys = {t.task_key for t in kept}
-            queue.queries = deque(q for q in queue.queries if owns(q.key))
+        for qid in [qid for qid in self._queues if not self._owns(*qid)]:
+            queue = self._queues.pop(qid)
+            dropped += len(queue.backlog)
+            moved = f"task queue {qid[1]!r} moved to another node; retry"
+            for query in queue.queries:
+                if not query.result.done():
+                    query.result.set_exception(UnavailableError(moved))
+            for poller in queue.pollers:
+                if not poller.done():
+                    poller.set_exception(QueueMovedError(moved))
         return dropped
 
-    async def recover(self, store: HistoryStore, shards: Collection[int] | None = None) -> int:
-        """Load the persisted task rows (of ``shards`` only, if given) into the
-        backlogs: a server start, a shard acquired, the store back after an outage."""
+    async def recover(
+        self, store: HistoryStore, queue_shards: Collection[int] | None = None
+    ) -> int:
+        """Load the persisted task rows (of the task queues of ``queue_shards`` only, if
+        given) into the backlogs: a server start, a queue shard acquired, the store
+        back after an outage."""
         count = 0
         after = ""
         while True:
-            rows = await store.list_tasks(after_key=after, limit=5000, shards=shards)
+            rows = await store.list_tasks(after_key=after, limit=5000, queue_shards=queue_shards)
             if not rows:
                 return count
             for row in sorted(rows, key=lambda r: r.created_at):

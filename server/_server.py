@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tideflow.api.v1 import matching_pb2
 from tideflow.history import (
     HistoryStore,
     RunKey,
@@ -30,7 +31,10 @@ from ._errors import UnavailableError
 from ._failures import log_retry
 from ._frontend import WorkflowService
 from ._matching import Matching
+from ._matching_routes import MatchingRoutes, TaskForwarder
+from ._matching_service import MatchingServicer
 from ._peers import NodeCredential, PeerChannels
+from ._polls import TaskQueueService
 from ._registration import add_to_server
 from ._resync import resync_after_outages
 from ._schedules import Scheduler
@@ -52,24 +56,47 @@ T = TypeVar("T")
 
 class _Dispatch(Dispatcher):
     """Where a commit's new rows go: transfers to the transfer processor, timers to
-    the timer queue, tasks to matching, except tasks for a sticky queue whose worker
-    left, which ``run`` moves to the run's normal queue."""
+    the timer queue, tasks to their task queue's node: matching here when this node
+    serves the queue (sync match, no RPC), else the forwarder (``AddTasks``). A task for
+    a sticky queue whose worker left is moved to the run's normal queue by ``run``."""
 
     def __init__(
-        self, matching: Matching, timers: TimerQueue, transfers: TransferProcessor
+        self,
+        matching: Matching,
+        timers: TimerQueue,
+        transfers: TransferProcessor,
+        routes: MatchingRoutes,
     ) -> None:
         self._matching = matching
         self._timers = timers
         self._transfers = transfers
+        self._routes = routes
+        self.forwarder = TaskForwarder(routes, self.accept)
         self._to_unstick: asyncio.Queue[TaskRow] = asyncio.Queue()
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
         transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
         if transfers:
             self._transfers.add(transfers)
+        self.route([t for t in tasks if t.kind != TaskKind.TRANSFER])
+
+    def route(self, tasks: list[TaskRow]) -> None:
+        """Hand task rows to their queues' nodes: this one, or another (forwarded)."""
+        here = []
+        elsewhere = []
         for task in tasks:
-            if task.kind == TaskKind.TRANSFER:
-                continue
+            if self._routes.serves(task.key.namespace, task.task_queue, task.kind):
+                here.append(task)
+            else:
+                elsewhere.append(task)
+        self.accept(here)
+        if elsewhere:
+            self.forwarder.send(elsewhere)
+
+    def accept(self, tasks: list[TaskRow]) -> None:
+        """Rows of queues this node serves (committed here, or handed over by the run's
+        owner): into matching, unless their sticky queue was retired."""
+        for task in tasks:
             if self._matching.is_retired(task.key.namespace, task.task_queue):
                 # Its sticky worker is gone: move it to the normal queue now.
                 self._to_unstick.put_nowait(task)
@@ -88,8 +115,9 @@ class _Dispatch(Dispatcher):
                 moves.create_task(self._move(unstick, task))
 
     async def _move(self, unstick: Callable[[RunKey, str], Awaitable[None]], task: TaskRow) -> None:
-        # Retried through a store outage: the row stays in the store, but nothing else
-        # would dispatch it before a restart.
+        # Retried through a store outage or while the run's owner cannot be reached:
+        # the row stays in the store, but nothing else would dispatch it before a
+        # restart.
         while True:
             try:
                 await unstick(task.key, task.task_queue)
@@ -105,28 +133,50 @@ class _Dispatch(Dispatcher):
 
 
 class _ShardHooks:
-    """What acquiring or losing a shard does to the node's memory: an acquired
-    shard's backlog, transfers and timers are read from the store; a lost shard's
-    cached runs, backlog and timers are dropped (its new owner reads them)."""
+    """What acquiring or losing a shard does to the node's memory.
+
+    Acquiring shard s: the task queues of s are served here from now on, so their rows
+    (of runs of any shard) are read into the backlogs; the rows of the runs of s are
+    handed to their queues' nodes (the previous owner may have died before it did);
+    the transfers and timers of s are read. Losing s: its cached runs, timers and the
+    backlogs of its queues are dropped (the new owner reads them), and polls parked on
+    those queues are answered so that they reach the new owner."""
 
     def __init__(
         self,
         store: HistoryStore,
         matching: Matching,
+        dispatch: _Dispatch,
         transfers: TransferProcessor,
         timers: TimerQueue,
     ) -> None:
         self._store = store
         self._matching = matching
+        self._dispatch = dispatch
         self._transfers = transfers
         self._timers = timers
         self.engine: HistoryEngine | None = None
         self.recovered = 0  # task rows read back, for the start-up log line
 
     async def acquired(self, shard: int) -> None:
-        self.recovered += await self._matching.recover(self._store, [shard])
+        self.recovered += await self.recover_tasks([shard])
+        # Rows waiting for this shard's queues' owner go to this node now.
+        self._dispatch.forwarder.nudge()
         self.recovered += await self._transfers.recover([shard])
         await self._timers.recover_shard(shard)
+
+    async def recover_tasks(self, shards: list[int] | None) -> int:
+        """Read the task rows of the queues of ``shards`` into the backlogs, and hand the
+        rows of the runs of ``shards`` to their queues' nodes (None: every shard, a
+        store without fencing); returns the rows read."""
+        count = await self._matching.recover(self._store, shards)
+        after = ""
+        while True:
+            rows = await self._store.list_tasks(after_key=after, limit=5000, shards=shards)
+            if not rows:
+                return count
+            self._dispatch.route([r for r in rows if r.kind != TaskKind.TRANSFER])
+            after = rows[-1].task_key
 
     def lost(self, shard: int) -> None:
         if self.engine is not None:
@@ -231,7 +281,10 @@ class TideflowServer:
 
     async def _start_on(self, store: HistoryStore, deadline: float) -> None:
         owns = self._owns
-        matching = Matching(owns)
+        # Who serves which task queue and run (server/_matching_routes.py): matching
+        # serves the queues of the shards this node holds.
+        routes = MatchingRoutes(store, self.peers, self.node_id)
+        matching = Matching(routes.serves)
         timers = TimerQueue(
             store,
             self._clock,
@@ -240,8 +293,8 @@ class TideflowServer:
             owned=lambda: store.held_shards.keys(),
         )
         transfers = TransferProcessor(store, owns)
-        dispatch = _Dispatch(matching, timers, transfers)
-        hooks = _ShardHooks(store, matching, transfers, timers)
+        dispatch = _Dispatch(matching, timers, transfers, routes)
+        hooks = _ShardHooks(store, matching, dispatch, transfers, timers)
         server = self._listen()
         shards = ShardController(
             store,
@@ -252,7 +305,7 @@ class TideflowServer:
             on_lost=hooks.lost,
             tracer=LeaseTracer.from_environment(self.node_id),
         )
-        self._shards = shards
+        self._shards = routes.shards = shards
         engine = HistoryEngine(store, dispatch, self._clock, self.config, shards=shards)
         hooks.engine = engine
         # Recovery of each shard's backlog de-duplicates by row key, so an attempt that
@@ -264,7 +317,8 @@ class TideflowServer:
         self._tokens = tokens
         # Links to the other nodes (server/_peers.py): forwarded requests and the calls
         # a node makes on its own behalf, proved by the node credential.
-        self.node_credential = NodeCredential(self.node_id, tokens)
+        self.node_credential = routes.credential = NodeCredential(self.node_id, tokens)
+        polls = TaskQueueService(engine, matching, self.config, tokens, routes)
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
         service = WorkflowService(
@@ -275,8 +329,11 @@ class TideflowServer:
             scheduler=scheduler,
             tokens=tokens,
             auth=gate_for(self.auth, store.api_keys, self.node_credential),
+            polls=polls,
         )
         add_to_server(service, server)
+        internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
+        add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
         self._grpc = server
         self._background = asyncio.create_task(
@@ -284,17 +341,21 @@ class TideflowServer:
                 {
                     "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
                     "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
-                    "tideflow-sticky-mover": functools.partial(dispatch.run, engine.unstick),
+                    "tideflow-task-forwarder": dispatch.forwarder.run,
+                    "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
                     "tideflow-scheduler": scheduler.run,
                     "tideflow-shards": shards.run,
                     "tideflow-resync": functools.partial(
-                        resync_after_outages, store, matching, transfers
+                        resync_after_outages, store, hooks.recover_tasks, transfers
                     ),
                 }
             ),
             name="tideflow-background",
         )
         self._background.add_done_callback(_report_failure)
+        self._log_started(store, hooks.recovered)
+
+    def _log_started(self, store: HistoryStore, recovered: int) -> None:
         log.info(
             "tideflow server listening on %s%s, auth %s (node %s, store: %s, %d of %d shards, "
             "%d tasks recovered)",
@@ -305,7 +366,7 @@ class TideflowServer:
             store.dialect.name,
             len(store.held_shards),
             store.shard_count,
-            hooks.recovered,
+            recovered,
         )
 
     def _listen(self) -> grpc.aio.Server:

@@ -29,6 +29,7 @@ from tideflow.history import (
     TimerKind,
     TimerRow,
     Transition,
+    queue_shard_of,
     shard_of,
 )
 from tideflow.history import _schema as schema
@@ -223,10 +224,11 @@ async def test_membership_rows(nodes: tuple[HistoryStore, HistoryStore]) -> None
 
 
 async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None:
-    # tasks and timers as they were before shards: no shard_id column.
+    # tasks and timers as they were before shards: no shard_id (nor queue_shard) column.
     old = MetaData()
     for table in (schema.tasks, schema.timers):
-        Table(table.name, old, *[c._copy() for c in table.columns if c.name != "shard_id"])
+        new_columns = ("shard_id", "queue_shard")
+        Table(table.name, old, *[c._copy() for c in table.columns if c.name not in new_columns])
     runner = open_runner(store_url)
     key = RunKey(namespace="default", workflow_id="old-order", run_id="r1")
     old_task = TaskRow(key=key, task_queue="q", kind=TaskKind.ACTIVITY, ref_id=5, attempt=1)
@@ -253,6 +255,11 @@ async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None
         shard = store.shard_of(key)
         assert [t.task_key for t in await store.list_tasks(shards=[shard])] == [old_task.task_key]
         assert await store.list_tasks(shards=[(shard + 1) % 16]) == []
+        queue_shard = queue_shard_of("default", "q", int(TaskKind.ACTIVITY), 16)
+        assert [t.task_key for t in await store.list_tasks(queue_shards=[queue_shard])] == [
+            old_task.task_key
+        ]
+        assert await store.list_tasks(queue_shards=[(queue_shard + 1) % 16]) == []
         assert await store.timers_due_before(T0 + 1, shards=[shard]) == [old_timer]
     finally:
         await store.close()

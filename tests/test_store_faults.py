@@ -288,7 +288,9 @@ async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStor
     transfers = TransferProcessor(store)
     background = [
         asyncio.ensure_future(transfers.run(process)),
-        asyncio.ensure_future(resync_after_outages(store, matching, transfers)),
+        asyncio.ensure_future(
+            resync_after_outages(store, lambda shards: matching.recover(store, shards), transfers)
+        ),
     ]
     try:
         assert await matching.poll("default", "q", TaskKind.WORKFLOW, 0) is None
