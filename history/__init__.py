@@ -60,6 +60,7 @@ from ._schedule_store import (
     ScheduleActionState,
     ScheduleRecord,
     ScheduleStore,
+    schedule_shard,
     slot_action_key,
     trigger_action_key,
 )
@@ -138,6 +139,7 @@ __all__ = [
     "micros_of",
     "now_micros",
     "parse_rfc3339",
+    "schedule_shard",
     "search_attributes_problem",
     "shard_of",
     "slot_action_key",

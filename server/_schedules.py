@@ -1,9 +1,13 @@
 """Schedules: durable, server-side starts of a workflow on a cron or interval spec.
 
 A schedule is a row in the store (``history/_schedule_store.py``) plus a ledger of
-what happened to each of its slots. On each server node the ``Scheduler`` drives all
-schedules with two loops in one TaskGroup, one per step below; a lock per schedule
-keeps its decisions, starts and triggers from reading its occupancy at the same time:
+what happened to each of its slots. Each schedule lives on a shard (its namespace and
+id hashed like a run's workflow id), and the node holding that shard's lease drives
+it: the ``Scheduler`` of a node loads only the schedules of the shards it holds, picks
+a shard's schedules up when the node acquires it (``wake``), and no longer sees them
+once the shard is gone (their writes from then on are refused by the fence). Two
+loops in one TaskGroup run the steps below; a lock per schedule keeps its decisions,
+starts and triggers from reading its occupancy at the same time:
 
 1. **Decide.** For each schedule whose next slot is due, every slot between the last
    decided one and now gets its fate: PENDING (start it), BUFFERED (overlap policy
@@ -19,6 +23,19 @@ keeps its decisions, starts and triggers from reading its occupancy at the same 
    de-duplicates starts by request id). BUFFERED rows become PENDING when the runs
    the schedule started have closed; CANCEL_OTHER / TERMINATE_OTHER first cancel or
    terminate those runs.
+
+The decision and the ledger updates are fenced by the range id of the schedule's
+shard (a node that lost the shard commits none of them), and the version guard on
+``last_slot`` stays the safety net: even two nodes both believing they own a schedule
+decide each slot once, and start its run once (the request id is the slot's).
+Starting a slot's run is a start like any other: a run whose workflow id hashes to a
+shard of another node is refused by this node's engine (UNAVAILABLE, retried) until
+starts are forwarded to the owner.
+
+The schedule RPCs (create, describe, patch, delete, list) are served by any node from
+the store: their writes are compare-and-set or keyed, correct whoever makes them. The
+owner notices a change made on another node on its next pass, which comes within
+``_MAX_IDLE_S`` (a change made on the owner itself wakes it at once).
 
 Triggers ("run now") are ledger rows keyed by their request id, so a retried trigger
 fires once. Pausing stops decisions; unpausing resumes from now (slots that passed
@@ -37,7 +54,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -51,6 +68,7 @@ from tideflow.history import (
     ScheduleActionRecord,
     ScheduleActionState,
     ScheduleRecord,
+    ShardOwnershipLostError,
     StoreError,
     datetime_of,
     encode_search_attribute,
@@ -72,7 +90,7 @@ from ._errors import (
     ServiceError,
     UnavailableError,
 )
-from ._failures import log_retry
+from ._failures import RateLimitedLog, log_retry
 
 log = logging.getLogger("tideflow.server.schedules")
 
@@ -88,8 +106,13 @@ _RECENT_SKIPPED = 20
 _FUTURE = 10
 # How often runs are checked for having closed while actions wait on them.
 _WAIT_POLL_S = 0.25
-# Longest sleep between passes (a safety net; wake-ups make new work immediate).
-_MAX_IDLE_S = 30.0
+# Longest sleep between passes. A change made on this node wakes the loops at once; one
+# made on another node (a schedule of our shards created, unpaused or triggered there)
+# is seen on the next pass, so this bounds how late such a schedule can fire.
+_MAX_IDLE_S = 1.0
+# At most one warning per this many seconds about starts that failed and are retried
+# (a run on another node's shard is refused until that shard comes here).
+_START_LOG_S = 10.0
 # Pause after a pass failed with an unexpected error.
 _RETRY_S = 1.0
 _MAX_ACTION_WORKFLOW_ID = 960
@@ -99,6 +122,16 @@ SCHEDULED_START_TIME = "TemporalScheduledStartTime"
 
 
 # -------------------------------------------------------------------- scheduler
+
+
+@contextlib.contextmanager
+def _lost_shard_skipped(schedule_id: str) -> Iterator[None]:
+    """The fence refused a write of this schedule: its shard went to another node
+    (which goes on from what was committed). The pass goes on with the others."""
+    try:
+        yield
+    except ShardOwnershipLostError as exc:
+        log.info("schedule %s: left to its shard's new owner (%s)", schedule_id, exc)
 
 
 def _overlap(policy: int) -> int:
@@ -206,21 +239,39 @@ class _ScheduleLocks:
 
 
 class Scheduler:
-    """Fires every schedule of the store; also serves the schedule RPCs."""
+    """Fires the schedules of this node's shards; also serves the schedule RPCs (of
+    every shard: they read and write the store).
 
-    def __init__(self, store: HistoryStore, engine: HistoryEngine, clock: Clock) -> None:
+    ``owned`` says which shards the node holds now (read at every pass); None fires
+    every schedule of the store (a store without shards, in tools and tests).
+    """
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        engine: HistoryEngine,
+        clock: Clock,
+        *,
+        owned: Callable[[], Collection[int]] | None = None,
+    ) -> None:
         self._store = store
         self._db = store.schedules
         self._engine = engine
         self._clock = clock
+        self._owned = owned
         self._locks = _ScheduleLocks()
         self._decide_wakeup = asyncio.Event()
         self._act_wakeup = asyncio.Event()
+        self._start_log = RateLimitedLog(log, _START_LOG_S)
 
     def wake(self) -> None:
-        """New work (a schedule created, unpaused or triggered): run both passes now."""
+        """New work (a schedule created, unpaused or triggered, or a shard acquired
+        with its schedules): run both passes now."""
         self._decide_wakeup.set()
         self._act_wakeup.set()
+
+    def _shards(self) -> Collection[int] | None:
+        return None if self._owned is None else set(self._owned())
 
     # ----------------------------------------------------------------- loops
 
@@ -264,16 +315,18 @@ class Scheduler:
         """Decide the slots of every due schedule; returns how long the decide loop
         may sleep (until the next slot is due, or at once if more are)."""
         now = self._clock.now_micros()
+        shards = self._shards()
         more = decided = False
-        for record in await self._db.due(now):
+        for record in await self._db.due(now, shards=shards):
             async with self._locks.hold(record.namespace, record.schedule_id):
-                more |= await self._decide(record, now)
+                with _lost_shard_skipped(record.schedule_id):
+                    more |= await self._decide(record, now)
             decided = True
         if decided:
             self._act_wakeup.set()
         if more:
             return 0.0
-        next_due = await self._db.next_due()
+        next_due = await self._db.next_due(shards=shards)
         if next_due is None:
             return _MAX_IDLE_S
         return min(_MAX_IDLE_S, max(0.0, (next_due - self._clock.now_micros()) / _US))
@@ -283,18 +336,20 @@ class Scheduler:
         act loop may sleep (briefly while an action waits for a run to close)."""
         waiting = False
         for namespace, schedule_id in await self._db.schedules_with_actions(
-            (St.PENDING, St.BUFFERED)
+            (St.PENDING, St.BUFFERED), shards=self._shards()
         ):
             async with self._locks.hold(namespace, schedule_id):
-                waiting |= await self._act(namespace, schedule_id)
+                with _lost_shard_skipped(schedule_id):
+                    waiting |= await self._act(namespace, schedule_id)
         return _WAIT_POLL_S if waiting else _MAX_IDLE_S
 
     async def _running(
-        self, namespace: str, schedule_id: str, *, first_only: bool = False
+        self, namespace: str, schedule_id: str, *, first_only: bool = False, fenced: bool = True
     ) -> list[ScheduleActionRecord]:
         """Started actions whose workflow (following continue-as-new) is still open,
         oldest first; ``first_only`` stops at the first one. Actions found closed are
-        marked so, which keeps the next check short."""
+        marked so, which keeps the next check short (``fenced``: a write of the
+        schedule's owner; the RPCs, served by any node, mark without the fence)."""
         still: list[ScheduleActionRecord] = []
         for action in await self._db.actions(
             namespace, schedule_id, states=(St.STARTED,), running_only=True
@@ -305,13 +360,15 @@ class Scheduler:
                 if first_only:
                     break
             else:
-                await self._db.set_action(action, running=False)
+                await self._db.set_action(action, running=False, fenced=fenced)
         return still
 
-    async def _occupancy(self, namespace: str, schedule_id: str, overlap: int) -> _Occupancy:
+    async def _occupancy(
+        self, namespace: str, schedule_id: str, overlap: int, *, fenced: bool = True
+    ) -> _Occupancy:
         if overlap == OP.SCHEDULE_OVERLAP_POLICY_ALLOW_ALL:
             return _Occupancy(0, 0, 0)  # nothing to look at: every action starts
-        running = await self._running(namespace, schedule_id, first_only=True)
+        running = await self._running(namespace, schedule_id, first_only=True, fenced=fenced)
         pending = await self._db.count_actions(namespace, schedule_id, (St.PENDING,))
         buffered = await self._db.count_actions(namespace, schedule_id, (St.BUFFERED,))
         return _Occupancy(len(running), pending, buffered)
@@ -365,6 +422,7 @@ class Scheduler:
             missed_catchup=missed,
             overlap_skipped=skipped,
             now=now,
+            fenced=True,
         )
         if not committed:
             return True  # changed meanwhile (paused, deleted, another node): look again
@@ -375,7 +433,7 @@ class Scheduler:
                 missed,
                 format_rfc3339(max(a.slot_time for a in actions if a.state == St.SKIPPED_CATCHUP)),
             )
-        await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP)
+        await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP, fenced=True)
         return more
 
     async def _act(self, namespace: str, schedule_id: str) -> bool:
@@ -394,7 +452,7 @@ class Scheduler:
                 if pending or await self._running(namespace, schedule_id, first_only=True):
                     return True  # waits for the open run to close
                 if not await self._db.set_action(
-                    action, expected_state=St.BUFFERED, state=St.PENDING
+                    action, expected_state=St.BUFFERED, state=St.PENDING, fenced=True
                 ):
                     return True
             if action.overlap in (
@@ -473,7 +531,9 @@ class Scheduler:
         try:
             run_id, _ = await self._engine.start_workflow(request)
         except (UnavailableError, StoreError) as exc:
-            log.warning("schedule %s: start of %s failed: %s", record.schedule_id, workflow_id, exc)
+            self._start_log.warning(
+                "schedule %s: start of %s failed, retried: %s", record.schedule_id, workflow_id, exc
+            )
             return None
         except ServiceError as exc:
             log.warning(
@@ -485,6 +545,7 @@ class Scheduler:
                 state=St.FAILED,
                 workflow_id=workflow_id,
                 error=exc.message,
+                fenced=True,
             )
             return False
         await self._db.set_action(
@@ -496,6 +557,7 @@ class Scheduler:
             run_id=run_id,
             running=True,
             started_at=self._clock.now_micros(),
+            fenced=True,
         )
         return True
 
@@ -578,7 +640,7 @@ class Scheduler:
             info.future_action_times.extend(_timestamp(t) for t in spec.upcoming(base, _FUTURE))
         if not full:
             return
-        for action in await self._running(ns, sid):
+        for action in await self._running(ns, sid, fenced=False):
             info.running_workflows.add(workflow_id=action.workflow_id, run_id=action.run_id)
         info.buffered_actions = await self._db.count_actions(ns, sid, (St.BUFFERED,))
         info.pending_actions = await self._db.count_actions(ns, sid, (St.PENDING,))
@@ -641,7 +703,9 @@ class Scheduler:
         overlap = _overlap(overlap or schedule.policies.overlap_policy)
         now = self._clock.now_micros()
         async with self._locks.hold(record.namespace, record.schedule_id):
-            occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
+            occupancy = await self._occupancy(
+                record.namespace, record.schedule_id, overlap, fenced=False
+            )
             state = occupancy.fate(overlap)
             action = ScheduleActionRecord(
                 namespace=record.namespace,

@@ -105,8 +105,11 @@ class _Dispatch(Dispatcher):
 
 class _ShardHooks:
     """What acquiring or losing a shard does to the node's memory: an acquired
-    shard's backlog, transfers and timers are read from the store; a lost shard's
-    cached runs, backlog and timers are dropped (its new owner reads them)."""
+    shard's backlog, transfers and timers are read from the store, and the scheduler
+    wakes to fire its schedules; a lost shard's cached runs, backlog and timers are
+    dropped (its new owner reads them). The scheduler keeps nothing of a shard between
+    passes: its next pass no longer loads the lost shard's schedules, and the fence
+    refuses what a pass under way would still write for them."""
 
     def __init__(
         self,
@@ -120,12 +123,15 @@ class _ShardHooks:
         self._transfers = transfers
         self._timers = timers
         self.engine: HistoryEngine | None = None
+        self.scheduler: Scheduler | None = None
         self.recovered = 0  # task rows read back, for the start-up log line
 
     async def acquired(self, shard: int) -> None:
         self.recovered += await self._matching.recover(self._store, [shard])
         self.recovered += await self._transfers.recover([shard])
         await self._timers.recover_shard(shard)
+        if self.scheduler is not None:
+            self.scheduler.wake()
 
     def lost(self, shard: int) -> None:
         if self.engine is not None:
@@ -259,8 +265,10 @@ class TideflowServer:
         tokens = TaskTokenSigner(store.token_keys, refresh_s=self.config.token_key_refresh_s)
         await tokens.load()
         self._tokens = tokens
-        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
-        scheduler = Scheduler(store, engine, self._clock)
+        # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
+        # shard), a task fires those of the shards this node holds.
+        scheduler = Scheduler(store, engine, self._clock, owned=lambda: store.held_shards.keys())
+        hooks.scheduler = scheduler
         service = WorkflowService(
             store,
             engine,
