@@ -49,6 +49,10 @@ class ScheduleActionState(IntEnum):
     SKIPPED_CATCHUP = 4  # missed by more than the catch-up window
     SKIPPED_OVERLAP = 5  # the overlap policy dropped it
     FAILED = 6  # the start was refused (for example the workflow id was taken)
+    # A trigger as recorded by whichever node served it; the schedule's owner gives it
+    # its fate (the overlap policy reads the schedule's occupancy, which only the owner
+    # may read and act on without a race).
+    REQUESTED = 7
 
 
 class ScheduleActionKind(IntEnum):
@@ -304,15 +308,18 @@ class ScheduleStore:
 
     # ------------------------------------------------------------------ ledger
 
-    async def add_action(self, action: ScheduleActionRecord, *, overlap_skipped: int = 0) -> bool:
-        """Record a trigger; False if this request was recorded before (a retry)."""
+    async def add_action(self, action: ScheduleActionRecord) -> bool:
+        """Record a trigger; False if this request was recorded before (a retry) or
+        the schedule is gone."""
 
         def txn(conn: Connection) -> bool:
             t = s.schedules
+            # An update, not a read: it holds the schedule's row until the commit, so a
+            # delete cannot slip in between and leave the trigger behind.
             result = conn.execute(
                 update(t)
                 .where(t.c.namespace == action.namespace, t.c.schedule_id == action.schedule_id)
-                .values(overlap_skipped_count=t.c.overlap_skipped_count + overlap_skipped)
+                .values(updated_at=action.decided_at)
             )
             if result.rowcount != 1:
                 return False

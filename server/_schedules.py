@@ -7,7 +7,7 @@ it: the ``Scheduler`` of a node loads only the schedules of the shards it holds,
 a shard's schedules up when the node acquires it (``wake``), and no longer sees them
 once the shard is gone (their writes from then on are refused by the fence). Two
 loops in one TaskGroup run the steps below; a lock per schedule keeps its decisions,
-starts and triggers from reading its occupancy at the same time:
+starts and trigger decisions from reading its occupancy at the same time:
 
 1. **Decide.** For each schedule whose next slot is due, every slot between the last
    decided one and now gets its fate: PENDING (start it), BUFFERED (overlap policy
@@ -38,7 +38,9 @@ owner notices a change made on another node on its next pass, which comes within
 ``_MAX_IDLE_S`` (a change made on the owner itself wakes it at once).
 
 Triggers ("run now") are ledger rows keyed by their request id, so a retried trigger
-fires once. Pausing stops decisions; unpausing resumes from now (slots that passed
+fires once. Any node records one (REQUESTED); the owner's decide pass gives it its
+fate under the overlap policy, as it does for slots, so two nodes never both see the
+schedule free. Pausing stops decisions; unpausing resumes from now (slots that passed
 while paused are not caught up). Scheduled runs carry the search attributes
 ``TemporalScheduledById`` and ``TemporalScheduledStartTime`` (Temporal's names), so
 ``list_workflows("TemporalScheduledById = 'my-schedule'")`` finds them.
@@ -213,8 +215,8 @@ def require_scheduler(scheduler: Scheduler | None) -> Scheduler:
 
 
 class _ScheduleLocks:
-    """One lock per schedule, held while its slots are decided, its actions started
-    or a trigger recorded: each of these reads the schedule's occupancy (open runs,
+    """One lock per schedule, held while its slots or triggers are decided or its
+    actions started: each of these reads the schedule's occupancy (open runs,
     pending and buffered actions) and then writes the ledger, so two of them at once
     could both see a schedule free. Different schedules do not wait for each other.
     A lock is dropped when nobody holds or waits for it."""
@@ -322,6 +324,13 @@ class Scheduler:
                 with _lost_shard_skipped(record.schedule_id):
                     more |= await self._decide(record, now)
             decided = True
+        for namespace, schedule_id in await self._db.schedules_with_actions(
+            (St.REQUESTED,), shards=shards
+        ):
+            async with self._locks.hold(namespace, schedule_id):
+                with _lost_shard_skipped(schedule_id):
+                    await self._decide_triggers(namespace, schedule_id)
+            decided = True
         if decided:
             self._act_wakeup.set()
         if more:
@@ -363,12 +372,10 @@ class Scheduler:
                 await self._db.set_action(action, running=False, fenced=fenced)
         return still
 
-    async def _occupancy(
-        self, namespace: str, schedule_id: str, overlap: int, *, fenced: bool = True
-    ) -> _Occupancy:
+    async def _occupancy(self, namespace: str, schedule_id: str, overlap: int) -> _Occupancy:
         if overlap == OP.SCHEDULE_OVERLAP_POLICY_ALLOW_ALL:
             return _Occupancy(0, 0, 0)  # nothing to look at: every action starts
-        running = await self._running(namespace, schedule_id, first_only=True, fenced=fenced)
+        running = await self._running(namespace, schedule_id, first_only=True)
         pending = await self._db.count_actions(namespace, schedule_id, (St.PENDING,))
         buffered = await self._db.count_actions(namespace, schedule_id, (St.BUFFERED,))
         return _Occupancy(len(running), pending, buffered)
@@ -435,6 +442,21 @@ class Scheduler:
             )
         await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP, fenced=True)
         return more
+
+    async def _decide_triggers(self, namespace: str, schedule_id: str) -> None:
+        """Give the schedule's requested triggers their fate under their overlap
+        policy, oldest first (a trigger is recorded by whichever node served it; only
+        the owner reads the occupancy and decides, under the schedule's lock)."""
+        for action in await self._db.actions(namespace, schedule_id, states=(St.REQUESTED,)):
+            occupancy = await self._occupancy(namespace, schedule_id, action.overlap)
+            state = occupancy.fate(action.overlap)
+            await self._db.set_action(
+                action,
+                expected_state=St.REQUESTED,
+                count_overlap_skipped=state == St.SKIPPED_OVERLAP,
+                state=state,
+                fenced=True,
+            )
 
     async def _act(self, namespace: str, schedule_id: str) -> bool:
         """Start the schedule's PENDING actions and release BUFFERED ones whose turn
@@ -643,7 +665,7 @@ class Scheduler:
         for action in await self._running(ns, sid, fenced=False):
             info.running_workflows.add(workflow_id=action.workflow_id, run_id=action.run_id)
         info.buffered_actions = await self._db.count_actions(ns, sid, (St.BUFFERED,))
-        info.pending_actions = await self._db.count_actions(ns, sid, (St.PENDING,))
+        info.pending_actions = await self._db.count_actions(ns, sid, (St.PENDING, St.REQUESTED))
         for action in await self._db.actions(
             ns, sid, states=(St.STARTED,), newest_first=True, limit=_RECENT
         ):
@@ -702,23 +724,18 @@ class Scheduler:
         schedule = service_pb2.Schedule.FromString(record.definition)
         overlap = _overlap(overlap or schedule.policies.overlap_policy)
         now = self._clock.now_micros()
-        async with self._locks.hold(record.namespace, record.schedule_id):
-            occupancy = await self._occupancy(
-                record.namespace, record.schedule_id, overlap, fenced=False
-            )
-            state = occupancy.fate(overlap)
-            action = ScheduleActionRecord(
-                namespace=record.namespace,
-                schedule_id=record.schedule_id,
-                action_key=trigger_action_key(request_id),
-                kind=ScheduleActionKind.TRIGGERED,
-                slot_time=now,
-                state=state,
-                overlap=overlap,
-                decided_at=now,
-            )
-            # False: this request was recorded before (a retried trigger fires once).
-            await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
+        action = ScheduleActionRecord(
+            namespace=record.namespace,
+            schedule_id=record.schedule_id,
+            action_key=trigger_action_key(request_id),
+            kind=ScheduleActionKind.TRIGGERED,
+            slot_time=now,
+            state=St.REQUESTED,  # the owner's next decide pass gives it its fate
+            overlap=overlap,
+            decided_at=now,
+        )
+        # False: this request was recorded before (a retried trigger fires once).
+        await self._db.add_action(action)
 
     async def delete(self, namespace: str, schedule_id: str) -> None:
         if not await self._db.delete(namespace, schedule_id):

@@ -168,6 +168,42 @@ async def test_scheduler_fires_only_the_schedules_of_its_shards(store: HistorySt
             assert action.workflow_id == f"{schedule_id}-{format_rfc3339(action.slot_time)}"
 
 
+async def test_a_trigger_served_by_another_node_is_decided_by_the_owner(
+    store: HistoryStore,
+) -> None:
+    """Any node records a trigger; only the schedule's owner gives it its fate, under
+    the overlap policy and the schedule's lock (SKIP here: the second trigger finds the
+    first one's run pending and is skipped). One pass of each scheduler, driven here."""
+    (schedule_id,) = _ids_on_distinct_shards(1, store.shard_count)
+    shard = schedule_shard("default", schedule_id, store.shard_count)
+    engine = HistoryEngine(store, _NoDispatch(), SystemClock(), ServerConfig())
+    owner = Scheduler(store, engine, SystemClock(), owned=lambda: {shard})
+    other = Scheduler(store, engine, SystemClock(), owned=lambda: set())
+    schedule = _every_second(schedule_id)
+    schedule.state.paused = True  # triggers only
+    schedule.policies.overlap_policy = service_pb2.SCHEDULE_OVERLAP_POLICY_SKIP
+    await other.create("default", schedule_id, schedule, "create")
+    trigger = service_pb2.SchedulePatch()
+    trigger.trigger_immediately.SetInParent()
+    await other.patch("default", schedule_id, trigger, "trigger-1")
+    await other.patch("default", schedule_id, trigger, "trigger-1")  # a retry: recorded once
+    await other.patch("default", schedule_id, trigger, "trigger-2")
+
+    async def states() -> list[ScheduleActionState]:
+        return [a.state for a in await store.schedules.actions("default", schedule_id)]
+
+    await other._decide_due()
+    await other._act_on_decided()
+    assert await states() == [St.REQUESTED, St.REQUESTED]
+    await owner._decide_due()
+    assert await states() == [St.PENDING, St.SKIPPED_OVERLAP]
+    await owner._act_on_decided()
+    assert await states() == [St.STARTED, St.SKIPPED_OVERLAP]
+    record = await store.schedules.get("default", schedule_id)
+    assert record is not None
+    assert (record.action_count, record.overlap_skipped_count) == (1, 1)
+
+
 async def test_a_schedule_of_a_shard_taken_over_is_not_written(store_url: str) -> None:
     """Node a held the schedule's shard; node b took it over (a's lease lapsed). a's
     scheduler, still believing it owns the shard, commits no decision for it: the
