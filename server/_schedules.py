@@ -28,9 +28,11 @@ The decision and the ledger updates are fenced by the range id of the schedule's
 shard (a node that lost the shard commits none of them), and the version guard on
 ``last_slot`` stays the safety net: even two nodes both believing they own a schedule
 decide each slot once, and start its run once (the request id is the slot's).
-Starting a slot's run is a start like any other: a run whose workflow id hashes to a
-shard of another node is refused by this node's engine (UNAVAILABLE, retried) until
-starts are forwarded to the owner.
+A slot's run (its workflow id) hashes to any shard, not necessarily the schedule's:
+the scheduler starts, cancels and terminates runs through ``ScheduledRuns``. Its
+default, ``EngineRuns``, acts through this node's engine, which refuses a run of a
+shard it does not hold (UNAVAILABLE: retried, until that shard comes here); a node
+that forwards to the owner of the run's shard passes its gateway instead.
 
 The schedule RPCs (create, describe, patch, delete, list) are served by any node from
 the store: their writes are compare-and-set or keyed, correct whoever makes them. The
@@ -58,6 +60,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -66,6 +69,7 @@ from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.service_pb2 import ScheduleOverlapPolicy as OP
 from tideflow.history import (
     HistoryStore,
+    RunKey,
     ScheduleActionKind,
     ScheduleActionRecord,
     ScheduleActionState,
@@ -214,6 +218,44 @@ def require_scheduler(scheduler: Scheduler | None) -> Scheduler:
     return scheduler
 
 
+class ScheduledRuns(Protocol):
+    """What the scheduler does to the runs it starts, wherever their shards are held
+    (request ids make each call safe to repeat)."""
+
+    async def start_workflow(self, request: service_pb2.StartWorkflowRequest) -> str:
+        """Start the run (or find the one this request id started); its run id."""
+        ...
+
+    async def terminate(self, key: RunKey, reason: str, identity: str, request_id: str) -> None:
+        """Terminate the run."""
+        ...
+
+    async def request_cancel(
+        self, key: RunKey, identity: str, request_id: str, reason: str
+    ) -> None:
+        """Ask the run to cancel itself."""
+        ...
+
+
+class EngineRuns:
+    """``ScheduledRuns`` through this node's engine: runs of the shards it holds."""
+
+    def __init__(self, engine: HistoryEngine) -> None:
+        self._engine = engine
+
+    async def start_workflow(self, request: service_pb2.StartWorkflowRequest) -> str:
+        run_id, _ = await self._engine.start_workflow(request)
+        return run_id
+
+    async def terminate(self, key: RunKey, reason: str, identity: str, request_id: str) -> None:
+        await self._engine.terminate(key, reason, None, identity, request_id)
+
+    async def request_cancel(
+        self, key: RunKey, identity: str, request_id: str, reason: str
+    ) -> None:
+        await self._engine.request_cancel(key, identity, request_id, reason)
+
+
 class _ScheduleLocks:
     """One lock per schedule, held while its slots or triggers are decided or its
     actions started: each of these reads the schedule's occupancy (open runs,
@@ -246,6 +288,7 @@ class Scheduler:
 
     ``owned`` says which shards the node holds now (read at every pass); None fires
     every schedule of the store (a store without shards, in tools and tests).
+    ``runs`` starts and stops the scheduled runs (default: ``EngineRuns``).
     """
 
     def __init__(
@@ -255,10 +298,12 @@ class Scheduler:
         clock: Clock,
         *,
         owned: Callable[[], Collection[int]] | None = None,
+        runs: ScheduledRuns | None = None,
     ) -> None:
         self._store = store
         self._db = store.schedules
         self._engine = engine
+        self._runs = runs or EngineRuns(engine)
         self._clock = clock
         self._owned = owned
         self._locks = _ScheduleLocks()
@@ -498,17 +543,18 @@ class Scheduler:
         action: ScheduleActionRecord,
     ) -> None:
         reason = f"schedule {record.schedule_id!r} (overlap policy {OP.Name(action.overlap)})"
+        request_id = _request_id(record.namespace, record.schedule_id, action.action_key)
         for other in running:
             try:
+                # The current run, following continue-as-new (a read of the store).
                 key = await self._engine.resolve_run_id(record.namespace, other.workflow_id, "")
                 if action.overlap == OP.SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER:
-                    await self._engine.terminate(key, f"terminated by {reason}", None, _IDENTITY)
+                    await self._runs.terminate(
+                        key, f"terminated by {reason}", _IDENTITY, request_id
+                    )
                 else:
-                    await self._engine.request_cancel(
-                        key,
-                        _IDENTITY,
-                        _request_id(record.namespace, record.schedule_id, action.action_key),
-                        f"cancelled by {reason}",
+                    await self._runs.request_cancel(
+                        key, _IDENTITY, request_id, f"cancelled by {reason}"
                     )
             except (ServiceError, StoreError) as exc:
                 log.debug(
@@ -551,7 +597,7 @@ class Scheduler:
             encode_search_attribute(datetime_of(action.slot_time))
         )
         try:
-            run_id, _ = await self._engine.start_workflow(request)
+            run_id = await self._runs.start_workflow(request)
         except (UnavailableError, StoreError) as exc:
             self._start_log.warning(
                 "schedule %s: start of %s failed, retried: %s", record.schedule_id, workflow_id, exc
