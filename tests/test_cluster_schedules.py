@@ -25,8 +25,10 @@ import contextlib
 import itertools
 import signal
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -61,7 +63,7 @@ CONDITION_TIMEOUT_S = 40.0
 LEASE_S = 2.0
 
 
-async def _wait(check: Callable[[], object], what: str) -> object:
+async def _wait(check: Callable[[], object], what: str) -> Any:
     return await eventually(check, what, timeout=CONDITION_TIMEOUT_S)
 
 
@@ -247,51 +249,58 @@ class Nobody:
         raise AssertionError("no worker polls this queue")
 
 
-async def _owner(store: HistoryStore) -> str | None:
-    """The live owner of the cluster's only shard."""
-    (row,) = await store.read_shards()
-    return None if row.free_at(now_micros()) else row.owner
+async def _owners(store: HistoryStore) -> dict[int, str]:
+    """shard -> owner of every live lease."""
+    now = now_micros()
+    return {r.shard_id: r.owner for r in await store.read_shards() if not r.free_at(now)}
 
 
-async def _all_started_after(store: HistoryStore, ids: list[str], moment: int, count: int) -> None:
-    """Wait until every schedule has ``count`` slots after ``moment`` started."""
+async def _owner(store: HistoryStore, schedule_id: str) -> str | None:
+    """The live owner of the schedule's shard."""
+    owners = await _owners(store)
+    return owners.get(schedule_shard("default", schedule_id, store.shard_count))
+
+
+async def _slots_after(
+    store: HistoryStore, ids: list[str], moment: int, count: int, *, started: bool
+) -> None:
+    """Wait until every schedule has ``count`` slots after ``moment`` decided (or, if
+    ``started``, started)."""
+    states = (St.STARTED,) if started else ()
 
     async def check() -> bool:
         for schedule_id in ids:
-            after = [a for a in await _started(store, schedule_id) if a.slot_time > moment]
-            if len(after) < count:
+            actions = await store.schedules.actions("default", schedule_id, states=states)
+            if len([a for a in actions if a.slot_time > moment]) < count:
                 return False
         return True
 
-    await _wait(check, f"{count} slots of every schedule started after {moment}")
+    what = "started" if started else "decided"
+    await _wait(check, f"{count} slots of every schedule {what} after {moment}")
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-async def test_schedules_fire_each_slot_once_across_node_kills(
-    procs: Processes, pg_url: str
-) -> None:
+@contextlib.asynccontextmanager
+async def _three_nodes(
+    procs: Processes, pg_url: str, *flags: str
+) -> AsyncIterator[tuple[HistoryStore, dict[str, ServerProcess]]]:
+    """Nodes a, b and c on the test's database, and the test's own (unfenced) view of
+    the database."""
     nodes: dict[str, ServerProcess] = {}
     for name in ("node-a", "node-b", "node-c"):
-        flags = ("--node-id", name, "--lease-seconds", str(LEASE_S), "--auth", "off")
+        node_flags = ("--node-id", name, "--lease-seconds", str(LEASE_S), "--auth", "off")
         nodes[name] = ServerProcess(
-            procs, pg_url, name=name, command="start", flags=(*flags, "--shards", "1")
+            procs, pg_url, name=name, command="start", flags=(*node_flags, *flags)
         )
         await nodes[name].start()
-    # The test's own (unfenced) view of the cluster's database.
     store = await HistoryStore.open(pg_url)
     try:
-        await _kill_owners_while_firing(store, nodes)
+        yield store, nodes
     finally:
         await store.close()
 
 
-async def _kill_owners_while_firing(store: HistoryStore, nodes: dict[str, ServerProcess]) -> None:
-    first = str(await _wait(lambda: _owner(store), "an owner of the shard"))
-    # Created through a node that does not fire them: the owner notices on its own.
-    via = next(n for n in nodes.values() if n.name != first)
-    ids = [f"tick-{uuid.uuid4()}" for _ in range(3)]
-    async with await Client.connect(via.address) as client:
+async def _create(address: str, ids: list[str]) -> None:
+    async with await Client.connect(address) as client:
         for schedule_id in ids:
             await client.create_schedule(
                 schedule_id,
@@ -301,26 +310,21 @@ async def _kill_owners_while_firing(store: HistoryStore, nodes: dict[str, Server
                 spec=ScheduleSpec(interval=timedelta(seconds=1)),
                 policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL),
             )
-    await _all_started_after(store, ids, 0, 2)
 
-    # SIGKILL the owner mid-way: another node takes the shard once the lease lapses
-    # and fires the slots that came due meanwhile, once.
-    killed_at = now_micros()
-    await nodes[first].kill()
-    second = str(await _wait(lambda: _other_owner(store, first), "a new owner after SIGKILL"))
-    await _all_started_after(store, ids, killed_at + SECOND_US, 2)
 
-    # SIGTERM the new owner: it hands the shard over at once.
-    stopped_at = now_micros()
-    nodes[second].proc.popen.send_signal(signal.SIGTERM)
-    await _wait(lambda: nodes[second].proc.popen.poll() is not None, "the SIGTERMed node to exit")
-    assert nodes[second].proc.popen.returncode == 0, nodes[second].proc.tail()
-    third = await _wait(lambda: _other_owner(store, first, second), "the third node to own it")
-    assert third not in (first, second)
-    await _all_started_after(store, ids, stopped_at + SECOND_US, 2)
+async def _sigterm(node: ServerProcess) -> None:
+    """SIGTERM: the node hands its shards over at once and exits cleanly."""
+    node.proc.popen.send_signal(signal.SIGTERM)
+    await _wait(lambda: node.proc.popen.poll() is not None, f"{node.name} to exit")
+    assert node.proc.popen.returncode == 0, node.proc.tail()
 
-    async with await Client.connect(nodes[str(third)].address) as client:
-        # Paused, no slot is decided any more: the ones decided all get started.
+
+async def _check_after_pause(
+    store: HistoryStore, address: str, ids: list[str], *moments: int
+) -> None:
+    """Pause the schedules (no slot is decided any more), wait until every decided
+    slot is started, and check each was started once, as one run."""
+    async with await Client.connect(address) as client:
         for schedule_id in ids:
             await client.get_schedule_handle(schedule_id).pause("checking")
 
@@ -331,14 +335,92 @@ async def _kill_owners_while_firing(store: HistoryStore, nodes: dict[str, Server
 
         await _wait(settled, "every decided slot started")
         for schedule_id in ids:
-            await _assert_each_slot_started_once(store, schedule_id, killed_at, stopped_at)
+            await _assert_each_slot_started_once(store, schedule_id, *moments)
             runs = await client.count_workflows(f"TemporalScheduledById = '{schedule_id}'")
             started = len(await _started(store, schedule_id))
             assert runs == started, (schedule_id, runs, started)  # no run without its slot
 
 
-async def _other_owner(store: HistoryStore, *not_these: str) -> str | None:
-    owner = await _owner(store)
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_schedules_fire_each_slot_once_across_node_kills(
+    procs: Processes, pg_url: str
+) -> None:
+    """One shard: the schedules and every slot's run live on the same node, so runs
+    start throughout, across a SIGKILL of the owner and a SIGTERM of its successor."""
+    async with _three_nodes(procs, pg_url, "--shards", "1") as (store, nodes):
+        ids = [f"tick-{uuid.uuid4()}" for _ in range(3)]
+        first: str = await _wait(lambda: _owner(store, ids[0]), "an owner of the shard")
+        # Created through a node that does not fire them: the owner notices on its own.
+        await _create(next(n.address for n in nodes.values() if n.name != first), ids)
+        await _slots_after(store, ids, 0, 2, started=True)
+
+        # SIGKILL the owner mid-way: another node takes the shard once the lease lapses
+        # and fires the slots that came due meanwhile, once.
+        killed_at = now_micros()
+        await nodes[first].kill()
+        second: str = await _wait(lambda: _other_owner(store, ids[0], first), "a new owner")
+        await _slots_after(store, ids, killed_at + SECOND_US, 2, started=True)
+
+        # SIGTERM the new owner: it hands the shard over at once.
+        stopped_at = now_micros()
+        await _sigterm(nodes[second])
+        third: str = await _wait(lambda: _other_owner(store, ids[0], first, second), "a third")
+        await _slots_after(store, ids, stopped_at + SECOND_US, 2, started=True)
+        await _check_after_pause(store, nodes[third].address, ids, killed_at, stopped_at)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_schedules_move_with_their_shards(procs: Processes, pg_url: str) -> None:
+    """Sixteen shards over three nodes, one schedule on a shard of each. The owner of
+    the first schedule's shard is SIGKILLed, then the owner of the second's SIGTERMed:
+    the schedules go on at the new owners, each slot decided once. While the nodes
+    share the shards a slot's run may live on another node than its schedule (its
+    start waits: nothing forwards it yet); the last node holds every shard and starts
+    them all, once."""
+    async with _three_nodes(procs, pg_url) as (store, nodes):
+        owners = await _wait(lambda: _spread(store, set(nodes)), "the shards spread")
+        ids = [_schedule_id_on(owners, name, store.shard_count) for name in sorted(nodes)]
+        await _create(nodes["node-a"].address, ids)
+        await _slots_after(store, ids, 0, 2, started=False)
+
+        killed_at = now_micros()
+        await nodes["node-a"].kill()
+        await _wait(lambda: _other_owner(store, ids[0], "node-a"), "a new owner")
+        await _slots_after(store, ids, killed_at + SECOND_US, 2, started=False)
+
+        stopped_at = now_micros()
+        second: str = await _wait(lambda: _other_owner(store, ids[1], "node-a"), "b's owner")
+        await _sigterm(nodes[second])
+        (last,) = set(nodes) - {"node-a", second}
+        await _wait(lambda: _spread(store, {last}), f"{last} to hold every shard")
+        await _slots_after(store, ids, stopped_at + SECOND_US, 2, started=False)
+        await _check_after_pause(store, nodes[last].address, ids, killed_at, stopped_at)
+
+
+async def _spread(store: HistoryStore, names: set[str]) -> dict[int, str] | None:
+    """The owners once every shard is held by one of ``names``, each holding its
+    share (balanced: no node sheds shards any more)."""
+    owners = await _owners(store)
+    counts = Counter(owners.values())
+    share = -(-store.shard_count // len(names))
+    held_by_them = len(owners) == store.shard_count and set(counts) == names
+    if held_by_them and all(counts[name] <= share for name in names):
+        return owners
+    return None
+
+
+def _schedule_id_on(owners: dict[int, str], node: str, shard_count: int) -> str:
+    while True:
+        schedule_id = f"tick-{uuid.uuid4()}"
+        if owners[schedule_shard("default", schedule_id, shard_count)] == node:
+            return schedule_id
+
+
+async def _other_owner(store: HistoryStore, schedule_id: str, *not_these: str) -> str | None:
+    """The live owner of the schedule's shard, unless it is one of ``not_these``."""
+    owner = await _owner(store, schedule_id)
     return None if owner is None or owner in not_these else owner
 
 
