@@ -1,20 +1,32 @@
 """Throughput benchmark: workflows of one activity and of ten sequential activities
 (and, with ``--local-activities``, of ten sequential local activities).
 
-Starts a tideflow server process (SQLite file by default, ``--db-url`` for PostgreSQL)
-and ``--workers`` worker processes, runs ``--workflows`` workflows of each shape
-concurrently from this process, and prints one JSON line with workflows/s, events/s,
-activities/s and p50/p99 start-to-result latency per shape.
+Starts the server (``tideflow server start-dev``, or ``--nodes N`` cluster nodes:
+N ``tideflow server start`` processes on one database) and ``--workers`` worker
+processes, runs ``--workflows`` workflows of each shape concurrently from this
+process, and prints one JSON line per configuration with workflows/s, events/s,
+activities/s and p50/p99 start-to-result latency per shape, and which configuration
+ran (server command, nodes, workers, store). ``--table dev,1,2,3`` runs several
+configurations one after the other and ends with a Markdown table of them.
 
     python bench/throughput.py --workflows 200 --workers 1
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench
     python bench/throughput.py --workflows 200 --local-activities
+    python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench --nodes 2
+    python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench --table dev,1,2,3
+
+On PostgreSQL each configuration gets a database of its own, created next to the one
+named in ``--db-url`` and dropped afterwards, so configurations never share rows.
+Cluster nodes run with ``--auth off``; their workers and clients spread over the
+nodes: each connects to every node (``Client.connect("h1:p1,h2:p2,...")``), worker
+and client ``i`` listing node ``i`` first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,12 +37,21 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy.engine import make_url
+
+from tideflow.history import HistoryStore, now_micros
 from tideflow.worker_sdk import Client, Worker, activity, workflow
 
 TASK_QUEUE = "bench"
+# How long nodes may take to start and to spread the shards between them.
+_START_TIMEOUT_S = 60.0
 
 
 @activity.defn
@@ -77,8 +98,8 @@ class TenLocalActivities:
 STEPS: dict[type, int] = {OneActivity: 1, TenActivities: 10, TenLocalActivities: 10}
 
 
-async def run_worker(address: str) -> None:
-    client = await Client.connect(address)
+async def run_worker(addresses: str) -> None:
+    client = await Client.connect(addresses)
     worker = Worker(
         client,
         task_queue=TASK_QUEUE,
@@ -100,7 +121,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _measure(client: Client, shape: type, count: int, concurrency: int) -> dict[str, float]:
+async def _measure(
+    clients: Sequence[Client], shape: type, count: int, concurrency: int
+) -> dict[str, float]:
+    """Run ``count`` workflows of ``shape``, workflow ``i`` through client ``i`` (mod
+    the clients, so the load spreads over the nodes)."""
     latencies: list[float] = []
     limiter = asyncio.Semaphore(concurrency)
     prefix = uuid.uuid4().hex[:8]
@@ -109,7 +134,7 @@ async def _measure(client: Client, shape: type, count: int, concurrency: int) ->
     async def one(i: int) -> None:
         async with limiter:
             t0 = time.perf_counter()
-            handle = await client.start_workflow(
+            handle = await clients[i % len(clients)].start_workflow(
                 shape, i, id=f"{prefix}-{i}", task_queue=TASK_QUEUE
             )
             result = await handle.result()
@@ -137,93 +162,239 @@ async def _measure(client: Client, shape: type, count: int, concurrency: int) ->
     }
 
 
-async def _measure_local(client: Client, args: argparse.Namespace) -> dict[str, float] | None:
-    """Ten local activities per workflow (``--local-activities``), reported apart."""
-    if not args.local_activities:
-        return None
-    return await _measure(client, TenLocalActivities, args.workflows, args.concurrency)
+# ------------------------------------------------------------------ configurations
 
 
-async def main(args: argparse.Namespace) -> dict[str, object]:
-    tmp = tempfile.mkdtemp(prefix="tideflow-bench-")
-    db_url = args.db_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
-    port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tideflow.cli",
-            "server",
-            "start-dev",
-            "--db-url",
-            db_url,
-            "--port",
-            str(port),
-            "--log-level",
-            os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING"),
-        ],
-        stdout=subprocess.PIPE,
-        env=env,
-    )
-    workers: list[subprocess.Popen[bytes]] = []
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What serves the benchmark: ``start-dev`` (nodes None) or N ``start`` nodes."""
+
+    nodes: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Setup:
+        if text == "dev":
+            return cls(None)
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: 'dev' or a number of nodes (1 or more)")
+        return cls(int(text))
+
+    @property
+    def command(self) -> str:
+        return "start-dev" if self.nodes is None else "start"
+
+    @property
+    def processes(self) -> int:
+        return self.nodes or 1
+
+
+def _rotated(addresses: Sequence[str], first: int) -> str:
+    """Every address, node ``first`` (mod their count) first, as one connect string."""
+    n = first % len(addresses)
+    return ",".join([*addresses[n:], *addresses[:n]])
+
+
+@contextlib.asynccontextmanager
+async def _database(db_url: str | None) -> AsyncIterator[str]:
+    """The URL a configuration runs on: a new SQLite file, or a new PostgreSQL
+    database next to ``db_url``'s (dropped afterwards); another URL as it is."""
+    if db_url is None:
+        yield f"sqlite:///{Path(tempfile.mkdtemp(prefix='tideflow-bench-')) / 'bench.db'}"
+        return
+    url = make_url(db_url)
+    if not url.drivername.startswith("postgres"):
+        yield db_url
+        return
+    name = f"{url.database or 'tideflow'}_bench_{uuid.uuid4().hex[:8]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(admin)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline().decode()
-        if "listening" not in line:
-            raise RuntimeError(f"server did not start: {line!r}")
-        address = f"127.0.0.1:{port}"
-        for _ in range(args.workers):
-            workers.append(
-                subprocess.Popen([sys.executable, __file__, "--worker", address], env=env)
-            )
-        client = await Client.connect(address)
-        # Warm up: workers connected and code paths loaded.
-        await _measure(client, OneActivity, 5, 5)
-        # One at a time: the latency of a single workflow on an idle system.
-        serial = await _measure(client, OneActivity, min(args.workflows, 50), 1)
-        one = await _measure(client, OneActivity, args.workflows, args.concurrency)
-        ten = await _measure(client, TenActivities, args.workflows, args.concurrency)
-        local = await _measure_local(client, args)
-        await client.close()
-        return {
-            "store": "sqlite" if db_url.startswith("sqlite") else db_url.split(":")[0],
-            "workers": args.workers,
-            "concurrency": args.concurrency,
-            "one_activity_serial": serial,
-            "one_activity": one,
-            "ten_activities": ten,
-            **({"ten_local_activities": local} if local else {}),
-        }
-    finally:
-        for proc in workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        server.send_signal(signal.SIGTERM)
+        await conn.execute(f'CREATE DATABASE "{name}"')
         try:
-            server.wait(timeout=10)
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def _spawn_server(setup: Setup, index: int, db_url: str, port: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "tideflow.cli", "server", setup.command, "--db-url", db_url]
+    argv += ["--port", str(port), "--ip", "127.0.0.1"]
+    argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]
+    if setup.nodes is not None:
+        argv += ["--node-id", f"bench-node-{index}", "--auth", "off"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+
+
+async def _listening(server: subprocess.Popen[bytes]) -> None:
+    """Wait for the line a server prints once it serves (``readline`` in a thread: a
+    node may log before it)."""
+    assert server.stdout is not None
+    while True:
+        line = (await asyncio.to_thread(server.stdout.readline)).decode()
+        if not line:
+            raise RuntimeError(f"server exited with {server.wait()} before it listened")
+        if "listening" in line:
+            return
+
+
+async def _balanced(db_url: str, node_ids: Sequence[str]) -> None:
+    """Wait until every node holds its share of the shards (a node that joined last
+    gets its share when the others shed theirs, a moment after it started)."""
+    store = await HistoryStore.open(db_url)
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            now = now_micros()
+            owners = Counter(r.owner for r in await store.read_shards() if not r.free_at(now))
+            share = -(-store.shard_count // len(node_ids))
+            if sum(owners.values()) == store.shard_count and all(
+                0 < owners[n] <= share for n in node_ids
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"shards not balanced over {list(node_ids)}: {dict(owners)}")
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            server.kill()
+            proc.kill()
+
+
+async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]:
+    """Start the servers and workers of ``setup``, measure, stop them."""
+    workers_count = args.workers if args.workers is not None else setup.processes
+    async with _database(args.db_url) as db_url:
+        store = "sqlite" if db_url.startswith("sqlite") else db_url.split(":")[0]
+        print(
+            f"bench: server {setup.command}, {setup.processes} node(s), "
+            f"{workers_count} worker(s), store {store}",
+            file=sys.stderr,
+            flush=True,
+        )
+        ports = [_free_port() for _ in range(setup.processes)]
+        addresses = [f"127.0.0.1:{port}" for port in ports]
+        servers: list[subprocess.Popen[bytes]] = []
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            # One after the other: the first node initialises the database.
+            for index, port in enumerate(ports):
+                servers.append(_spawn_server(setup, index + 1, db_url, port))
+                await asyncio.wait_for(_listening(servers[-1]), _START_TIMEOUT_S)
+            if setup.nodes is not None:
+                await _balanced(db_url, [f"bench-node-{i + 1}" for i in range(setup.processes)])
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            for i in range(workers_count):
+                argv = [sys.executable, __file__, "--worker", _rotated(addresses, i)]
+                workers.append(subprocess.Popen(argv, env=env))
+            clients = [await Client.connect(_rotated(addresses, i)) for i in range(len(addresses))]
+            result = await _measure_shapes(clients, args)
+            for client in clients:
+                await client.close()
+        finally:
+            _stop(workers)
+            _stop(servers)
+    return {
+        "server": setup.command,
+        "nodes": setup.processes,
+        "store": store,
+        "workers": workers_count,
+        "concurrency": args.concurrency,
+        **result,
+    }
+
+
+async def _measure_shapes(clients: Sequence[Client], args: argparse.Namespace) -> dict[str, object]:
+    # Warm up: workers connected and code paths loaded.
+    await _measure(clients, OneActivity, 5, 5)
+    # One at a time: the latency of a single workflow on an idle system.
+    serial = await _measure(clients, OneActivity, min(args.workflows, 50), 1)
+    one = await _measure(clients, OneActivity, args.workflows, args.concurrency)
+    ten = await _measure(clients, TenActivities, args.workflows, args.concurrency)
+    result: dict[str, object] = {
+        "one_activity_serial": serial,
+        "one_activity": one,
+        "ten_activities": ten,
+    }
+    if args.local_activities:
+        # Ten local activities per workflow, reported apart.
+        local = await _measure(clients, TenLocalActivities, args.workflows, args.concurrency)
+        result["ten_local_activities"] = local
+    return result
+
+
+def table(results: Sequence[dict[str, object]]) -> str:
+    """The configurations side by side (Markdown)."""
+    lines = [
+        "| server | nodes | workers | store | 1-activity wf/s | 10-activity wf/s "
+        "| 10-activity activities/s | 10-activity p50 ms | 10-activity p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        one, ten = r["one_activity"], r["ten_activities"]
+        assert isinstance(one, dict) and isinstance(ten, dict)
+        cells = [r["server"], r["nodes"], r["workers"], r["store"], one["workflows_per_s"]]
+        cells += [ten["workflows_per_s"], ten["activities_per_s"], ten["p50_ms"], ten["p99_ms"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    setups = args.table or [Setup(args.nodes)]
+    results = []
+    for setup in setups:
+        result = await run_setup(setup, args)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    if args.table:
+        print(table(results), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workflows", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: one per server process)",
+    )
     parser.add_argument("--concurrency", type=int, default=100, help="workflows in flight at once")
     parser.add_argument("--db-url", default=None)
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="run N `tideflow server start` nodes on the database instead of start-dev",
+    )
     parser.add_argument(
         "--local-activities",
         action="store_true",
         help="also run ten-step workflows of local activities",
     )
+    parser.add_argument(
+        "--table",
+        type=lambda text: [Setup.parse(part) for part in text.split(",")],
+        default=None,
+        metavar="dev,1,2,...",
+        help="run each configuration ('dev' is start-dev, a number that many nodes) "
+        "and print a table of them",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
+    if parsed.nodes is not None and parsed.nodes < 1:
+        parser.error(f"--nodes {parsed.nodes}: must be 1 or more")
     if parsed.worker:
         asyncio.run(run_worker(parsed.worker))
     else:
-        print(json.dumps(asyncio.run(main(parsed))), flush=True)
+        asyncio.run(main(parsed))

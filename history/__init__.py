@@ -61,6 +61,7 @@ from ._schedule_store import (
     ScheduleActionState,
     ScheduleRecord,
     ScheduleStore,
+    schedule_shard,
     slot_action_key,
     trigger_action_key,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "now_micros",
     "parse_rfc3339",
     "queue_shard_of",
+    "schedule_shard",
     "search_attributes_problem",
     "shard_of",
     "slot_action_key",

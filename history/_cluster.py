@@ -124,28 +124,47 @@ def check_shard_count(count: int, *, stored: int | None = None) -> None:
         )
 
 
+# Tables with a ``shard_id`` column: the columns that pick one row, and the id that is
+# hashed with the row's namespace (a run's workflow id, or the schedule id).
+_SHARDED = {
+    "tasks": (("task_key",), "workflow_id"),
+    "timers": (("timer_key",), "workflow_id"),
+    "schedules": (("namespace", "schedule_id"), "schedule_id"),
+}
+
+
 def missing_shard_columns_txn(conn: Connection) -> list[str]:
     """Tables of a database created before shards whose rows lack ``shard_id``."""
     inspector = inspect(conn)
     return [
-        table.name
-        for table in (s.tasks, s.timers)
-        if "shard_id" not in {c["name"] for c in inspector.get_columns(table.name)}
+        name
+        for name in _SHARDED
+        if "shard_id" not in {c["name"] for c in inspector.get_columns(name)}
     ]
 
 
 def add_shard_column_txn(conn: Connection, name: str, shard_count: int) -> int:
-    """Upgrade ``tasks`` or ``timers`` of a database created before shards: add
-    ``shard_id``, fill it in from each row's run, add its index. Returns the rows
-    filled in."""
-    table = s.tasks if name == "tasks" else s.timers
-    key = table.c.task_key if name == "tasks" else table.c.timer_key
+    """Upgrade ``tasks``, ``timers`` or ``schedules`` of a database created before
+    shards: add ``shard_id``, fill it in from each row's run (or schedule id), add its
+    index. Returns the rows filled in."""
+    table = s.metadata.tables[name]
+    key_names, hashed = _SHARDED[name]
+    key = [table.c[k] for k in key_names]
     conn.execute(text(f"ALTER TABLE {name} ADD COLUMN shard_id INTEGER NOT NULL DEFAULT 0"))
-    rows = conn.execute(select(key, table.c.namespace, table.c.workflow_id)).all()
+    wanted = dict.fromkeys(("namespace", hashed, *key_names))
+    rows = [r._mapping for r in conn.execute(select(*(table.c[n] for n in wanted)))]
     if rows:
         conn.execute(
-            update(table).where(key == bindparam("k")).values(shard_id=bindparam("sid")),
-            [{"k": r[0], "sid": shard_of(r[1], r[2], shard_count)} for r in rows],
+            update(table)
+            .where(*(column == bindparam(f"key_{column.name}") for column in key))
+            .values(shard_id=bindparam("sid")),
+            [
+                {
+                    "sid": shard_of(r["namespace"], r[hashed], shard_count),
+                    **{f"key_{n}": r[n] for n in key_names},
+                }
+                for r in rows
+            ],
         )
     for index in table.indexes:
         if "shard_id" in {c.name for c in index.columns}:

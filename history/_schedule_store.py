@@ -11,20 +11,33 @@ SQL. Two rules make firing exactly-once per slot:
   (``t:<request id>``): it cannot be recorded twice. A row is written PENDING before
   its workflow is started, and the start uses a request id derived from the row's
   key, so a start retried after a crash finds the run it already created.
+
+With several server nodes, a schedule lives on a shard (``schedule_shard``: its
+namespace and id hashed as a run's workflow id is, ``_cluster.shard_of``) and the
+node holding that shard's lease fires it. The scheduler's writes (decisions, ledger
+updates, pruning: ``fenced=True``) check the shard's range id in their transaction,
+like a run's transitions, so a node that lost the shard cannot commit them; the
+version and state guards above stay the exactly-once safety net. The RPC-side writes
+(create, pause, trigger, delete) are not fenced: any node serves them, and they are
+compare-and-set or keyed writes that are correct whoever makes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import _schema as s
+from ._cluster import check_fence_txn, shard_of
 from ._dialects import Runner
+from ._errors import ShardOwnershipLostError
+
+T = TypeVar("T")
 
 
 class ScheduleActionState(IntEnum):
@@ -36,6 +49,10 @@ class ScheduleActionState(IntEnum):
     SKIPPED_CATCHUP = 4  # missed by more than the catch-up window
     SKIPPED_OVERLAP = 5  # the overlap policy dropped it
     FAILED = 6  # the start was refused (for example the workflow id was taken)
+    # A trigger as recorded by whichever node served it; the schedule's owner gives it
+    # its fate (the overlap policy reads the schedule's occupancy, which only the owner
+    # may read and act on without a race).
+    REQUESTED = 7
 
 
 class ScheduleActionKind(IntEnum):
@@ -86,6 +103,11 @@ def trigger_action_key(request_id: str) -> str:
     return f"t:{request_id}"
 
 
+def schedule_shard(namespace: str, schedule_id: str, shard_count: int) -> int:
+    """The shard whose owner fires the schedule (the hash of runs, over its id)."""
+    return shard_of(namespace, schedule_id, shard_count)
+
+
 def _schedule(row: Any) -> ScheduleRecord:
     m = row._mapping
     return ScheduleRecord(**{f.name: m[f.name] for f in fields(ScheduleRecord)})
@@ -110,8 +132,45 @@ def _action_row(a: ScheduleActionRecord) -> dict[str, Any]:
 class ScheduleStore:
     """Async access to schedules; every method is one transaction or one read."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        shard_count: int,
+        *,
+        token_of: Callable[[int], int | None],
+        refused: Callable[[ShardOwnershipLostError], None],
+    ) -> None:
         self._runner = runner
+        self.shard_count = shard_count
+        # The fence (HistoryStore.shard_token / on_fenced): the range id this node
+        # holds a shard with (None: unfenced), and whom to tell about a refused write.
+        self._token_of = token_of
+        self._refused = refused
+
+    def shard_of(self, namespace: str, schedule_id: str) -> int:
+        return schedule_shard(namespace, schedule_id, self.shard_count)
+
+    async def _write(
+        self, namespace: str, schedule_id: str, fenced: bool, fn: Callable[[Connection], T]
+    ) -> T:
+        """``fn`` in one write transaction; ``fenced``: checked against the range id
+        of the schedule's shard in the same transaction (ShardOwnershipLostError, and
+        nothing written, if this node does not hold it any more)."""
+        shard = self.shard_of(namespace, schedule_id)
+        token = self._token_of(shard) if fenced else None
+        if token is None:
+            return await self._runner.write(fn)
+        tokens = {shard: {token}}
+
+        def txn(conn: Connection) -> T:
+            check_fence_txn(conn, tokens)
+            return fn(conn)
+
+        try:
+            return await self._runner.write(txn)
+        except ShardOwnershipLostError as exc:
+            self._refused(exc)
+            raise
 
     # ---------------------------------------------------------------- schedules
 
@@ -119,6 +178,7 @@ class ScheduleStore:
         """Insert a schedule; None if one with this id exists (the caller compares
         request ids to tell a retried create from a conflict)."""
         row = {f.name: getattr(record, f.name) for f in fields(ScheduleRecord)}
+        row["shard_id"] = self.shard_of(record.namespace, record.schedule_id)
         try:
             await self._runner.write(lambda conn: conn.execute(insert(s.schedules).values(row)))
         except IntegrityError:
@@ -178,8 +238,11 @@ class ScheduleStore:
 
         return await self._runner.write(txn)
 
-    async def due(self, now: int, *, limit: int = 100) -> list[ScheduleRecord]:
-        """Unpaused schedules whose next slot is due at ``now``."""
+    async def due(
+        self, now: int, *, shards: Collection[int] | None = None, limit: int = 100
+    ) -> list[ScheduleRecord]:
+        """Unpaused schedules (of ``shards`` only, if given) whose next slot is due at
+        ``now``."""
         t = s.schedules
         query = (
             select(t)
@@ -187,13 +250,18 @@ class ScheduleStore:
             .order_by(t.c.next_fire_at)
             .limit(limit)
         )
+        if shards is not None:
+            query = query.where(t.c.shard_id.in_(sorted(shards)))
         rows = await self._runner.read(lambda conn: conn.execute(query).all())
         return [_schedule(r) for r in rows]
 
-    async def next_due(self) -> int | None:
-        """The earliest next slot of any unpaused schedule."""
+    async def next_due(self, *, shards: Collection[int] | None = None) -> int | None:
+        """The earliest next slot of any unpaused schedule (of ``shards`` only, if
+        given)."""
         t = s.schedules
         query = select(func.min(t.c.next_fire_at)).where(t.c.paused.is_(False))
+        if shards is not None:
+            query = query.where(t.c.shard_id.in_(sorted(shards)))
         value = await self._runner.read(lambda conn: conn.execute(query).scalar())
         return None if value is None else int(value)
 
@@ -207,6 +275,7 @@ class ScheduleStore:
         missed_catchup: int,
         overlap_skipped: int,
         now: int,
+        fenced: bool = False,
     ) -> bool:
         """Record the fate of slots and advance ``last_slot``, in one transaction;
         False (and nothing written) if the schedule changed since ``record`` was read."""
@@ -235,19 +304,22 @@ class ScheduleStore:
                 conn.execute(insert(s.schedule_actions), [_action_row(a) for a in actions])
             return True
 
-        return await self._runner.write(txn)
+        return await self._write(record.namespace, record.schedule_id, fenced, txn)
 
     # ------------------------------------------------------------------ ledger
 
-    async def add_action(self, action: ScheduleActionRecord, *, overlap_skipped: int = 0) -> bool:
-        """Record a trigger; False if this request was recorded before (a retry)."""
+    async def add_action(self, action: ScheduleActionRecord) -> bool:
+        """Record a trigger; False if this request was recorded before (a retry) or
+        the schedule is gone."""
 
         def txn(conn: Connection) -> bool:
             t = s.schedules
+            # An update, not a read: it holds the schedule's row until the commit, so a
+            # delete cannot slip in between and leave the trigger behind.
             result = conn.execute(
                 update(t)
                 .where(t.c.namespace == action.namespace, t.c.schedule_id == action.schedule_id)
-                .values(overlap_skipped_count=t.c.overlap_skipped_count + overlap_skipped)
+                .values(updated_at=action.decided_at)
             )
             if result.rowcount != 1:
                 return False
@@ -307,16 +379,25 @@ class ScheduleStore:
         return int(await self._runner.read(lambda conn: conn.execute(query).scalar_one()))
 
     async def schedules_with_actions(
-        self, states: Sequence[ScheduleActionState], *, limit: int = 1000
+        self,
+        states: Sequence[ScheduleActionState],
+        *,
+        shards: Collection[int] | None = None,
+        limit: int = 1000,
     ) -> list[tuple[str, str]]:
-        """(namespace, schedule id) of schedules with ledger rows in these states."""
-        a = s.schedule_actions
+        """(namespace, schedule id) of schedules (of ``shards`` only, if given) with
+        ledger rows in these states."""
+        a, t = s.schedule_actions, s.schedules
         query = (
             select(a.c.namespace, a.c.schedule_id)
             .where(a.c.state.in_([int(x) for x in states]))
             .distinct()
             .limit(limit)
         )
+        if shards is not None:
+            query = query.join(
+                t, (t.c.namespace == a.c.namespace) & (t.c.schedule_id == a.c.schedule_id)
+            ).where(t.c.shard_id.in_(sorted(shards)))
         rows = await self._runner.read(lambda conn: conn.execute(query).all())
         return [(r.namespace, r.schedule_id) for r in rows]
 
@@ -327,6 +408,7 @@ class ScheduleStore:
         expected_state: ScheduleActionState | None = None,
         count_action: bool = False,
         count_overlap_skipped: bool = False,
+        fenced: bool = False,
         **values: Any,
     ) -> bool:
         """Update one ledger row (only if still in ``expected_state``), and the
@@ -361,9 +443,11 @@ class ScheduleStore:
                 )
             return True
 
-        return await self._runner.write(txn)
+        return await self._write(action.namespace, action.schedule_id, fenced, txn)
 
-    async def prune(self, namespace: str, schedule_id: str, *, keep: int) -> int:
+    async def prune(
+        self, namespace: str, schedule_id: str, *, keep: int, fenced: bool = False
+    ) -> int:
         """Delete finished ledger rows beyond the newest ``keep`` (rows of open runs
         and of actions not yet started stay); returns how many were deleted."""
         a = s.schedule_actions
@@ -398,4 +482,4 @@ class ScheduleStore:
             )
             return int(result.rowcount)
 
-        return await self._runner.write(txn)
+        return await self._write(namespace, schedule_id, fenced, txn)

@@ -248,11 +248,14 @@ Index(
 # (history/_schedule_store.py) One row per schedule. `last_slot` is the latest slot
 # whose fate was decided (fired, buffered or skipped); the next slot is computed from
 # it, so each slot is decided exactly once. `version` guards every update.
+# `shard_id` (namespace + schedule id hashed like a run's workflow id): the node that
+# owns the shard fires the schedule.
 schedules = Table(
     "schedules",
     metadata,
     Column("namespace", String(255), primary_key=True),
     Column("schedule_id", String(1000), primary_key=True),
+    Column("shard_id", Integer, nullable=False),
     Column("definition", LargeBinary, nullable=False),
     Column("paused", Boolean, nullable=False),
     Column("notes", Text, nullable=False),
@@ -267,6 +270,7 @@ schedules = Table(
     Column("overlap_skipped_count", BigInteger, nullable=False),
 )
 Index("schedules_by_next_fire", schedules.c.next_fire_at)
+Index("schedules_by_shard", schedules.c.shard_id, schedules.c.next_fire_at)
 
 # The ledger of a schedule: one row per decided slot or trigger, keyed so that a slot
 # (`s:<micros>`) or a trigger request (`t:<request id>`) can be recorded only once.

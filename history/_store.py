@@ -263,6 +263,16 @@ class HistoryStore:
         """Whether this node holds ``shard`` (no copy: asked on every request)."""
         return self._fence is not None and shard in self._fence
 
+    def shard_token(self, shard: int) -> int | None:
+        """The token a write of ``shard``'s data carries: None while writes are not
+        fenced; ShardOwnershipLostError if this node does not hold the shard."""
+        if self._fence is None:
+            return None
+        token = self._fence.get(shard)
+        if token is None:
+            raise ShardOwnershipLostError(shard, 0, None, "this node does not hold it")
+        return token
+
     @property
     def held_shards(self) -> dict[int, int]:
         """shard -> token of the shards this node holds (a copy)."""
@@ -643,8 +653,11 @@ class HistoryStore:
 
     @property
     def schedules(self) -> ScheduleStore:
-        """Schedule rows and ledgers (``_schedule_store``), on this store's database."""
-        return ScheduleStore(self._runner)
+        """Schedule rows and ledgers (``_schedule_store``), on this store's database;
+        the scheduler's writes are fenced by their schedule's shard like a run's."""
+        return ScheduleStore(
+            self._runner, self.shard_count, token_of=self.shard_token, refused=self._refused
+        )
 
     @property
     def token_keys(self) -> TokenKeyStore:

@@ -1,9 +1,13 @@
 """Schedules: durable, server-side starts of a workflow on a cron or interval spec.
 
 A schedule is a row in the store (``history/_schedule_store.py``) plus a ledger of
-what happened to each of its slots. On each server node the ``Scheduler`` drives all
-schedules with two loops in one TaskGroup, one per step below; a lock per schedule
-keeps its decisions, starts and triggers from reading its occupancy at the same time:
+what happened to each of its slots. Each schedule lives on a shard (its namespace and
+id hashed like a run's workflow id), and the node holding that shard's lease drives
+it: the ``Scheduler`` of a node loads only the schedules of the shards it holds, picks
+a shard's schedules up when the node acquires it (``wake``), and no longer sees them
+once the shard is gone (their writes from then on are refused by the fence). Two
+loops in one TaskGroup run the steps below; a lock per schedule keeps its decisions,
+starts and trigger decisions from reading its occupancy at the same time:
 
 1. **Decide.** For each schedule whose next slot is due, every slot between the last
    decided one and now gets its fate: PENDING (start it), BUFFERED (overlap policy
@@ -20,8 +24,25 @@ keeps its decisions, starts and triggers from reading its occupancy at the same 
    the schedule started have closed; CANCEL_OTHER / TERMINATE_OTHER first cancel or
    terminate those runs.
 
+The decision and the ledger updates are fenced by the range id of the schedule's
+shard (a node that lost the shard commits none of them), and the version guard on
+``last_slot`` stays the safety net: even two nodes both believing they own a schedule
+decide each slot once, and start its run once (the request id is the slot's).
+A slot's run (its workflow id) hashes to any shard, not necessarily the schedule's:
+the scheduler starts, cancels and terminates runs through ``ScheduledRuns``. Its
+default, ``EngineRuns``, acts through this node's engine, which refuses a run of a
+shard it does not hold (UNAVAILABLE: retried, until that shard comes here); a node
+that forwards to the owner of the run's shard passes its gateway instead.
+
+The schedule RPCs (create, describe, patch, delete, list) are served by any node from
+the store: their writes are compare-and-set or keyed, correct whoever makes them. The
+owner notices a change made on another node on its next pass, which comes within
+``_MAX_IDLE_S`` (a change made on the owner itself wakes it at once).
+
 Triggers ("run now") are ledger rows keyed by their request id, so a retried trigger
-fires once. Pausing stops decisions; unpausing resumes from now (slots that passed
+fires once. Any node records one (REQUESTED); the owner's decide pass gives it its
+fate under the overlap policy, as it does for slots, so two nodes never both see the
+schedule free. Pausing stops decisions; unpausing resumes from now (slots that passed
 while paused are not caught up). Scheduled runs carry the search attributes
 ``TemporalScheduledById`` and ``TemporalScheduledStartTime`` (Temporal's names), so
 ``list_workflows("TemporalScheduledById = 'my-schedule'")`` finds them.
@@ -37,8 +58,9 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -47,10 +69,12 @@ from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.service_pb2 import ScheduleOverlapPolicy as OP
 from tideflow.history import (
     HistoryStore,
+    RunKey,
     ScheduleActionKind,
     ScheduleActionRecord,
     ScheduleActionState,
     ScheduleRecord,
+    ShardOwnershipLostError,
     StoreError,
     datetime_of,
     encode_search_attribute,
@@ -72,7 +96,7 @@ from ._errors import (
     ServiceError,
     UnavailableError,
 )
-from ._failures import log_retry
+from ._failures import RateLimitedLog, log_retry
 
 log = logging.getLogger("tideflow.server.schedules")
 
@@ -88,8 +112,13 @@ _RECENT_SKIPPED = 20
 _FUTURE = 10
 # How often runs are checked for having closed while actions wait on them.
 _WAIT_POLL_S = 0.25
-# Longest sleep between passes (a safety net; wake-ups make new work immediate).
-_MAX_IDLE_S = 30.0
+# Longest sleep between passes. A change made on this node wakes the loops at once; one
+# made on another node (a schedule of our shards created, unpaused or triggered there)
+# is seen on the next pass, so this bounds how late such a schedule can fire.
+_MAX_IDLE_S = 1.0
+# At most one warning per this many seconds about starts that failed and are retried
+# (a run on another node's shard is refused until that shard comes here).
+_START_LOG_S = 10.0
 # Pause after a pass failed with an unexpected error.
 _RETRY_S = 1.0
 _MAX_ACTION_WORKFLOW_ID = 960
@@ -99,6 +128,16 @@ SCHEDULED_START_TIME = "TemporalScheduledStartTime"
 
 
 # -------------------------------------------------------------------- scheduler
+
+
+@contextlib.contextmanager
+def _lost_shard_skipped(schedule_id: str) -> Iterator[None]:
+    """The fence refused a write of this schedule: its shard went to another node
+    (which goes on from what was committed). The pass goes on with the others."""
+    try:
+        yield
+    except ShardOwnershipLostError as exc:
+        log.info("schedule %s: left to its shard's new owner (%s)", schedule_id, exc)
 
 
 def _overlap(policy: int) -> int:
@@ -179,9 +218,47 @@ def require_scheduler(scheduler: Scheduler | None) -> Scheduler:
     return scheduler
 
 
+class ScheduledRuns(Protocol):
+    """What the scheduler does to the runs it starts, wherever their shards are held
+    (request ids make each call safe to repeat)."""
+
+    async def start_workflow(self, request: service_pb2.StartWorkflowRequest) -> str:
+        """Start the run (or find the one this request id started); its run id."""
+        ...
+
+    async def terminate(self, key: RunKey, reason: str, identity: str, request_id: str) -> None:
+        """Terminate the run."""
+        ...
+
+    async def request_cancel(
+        self, key: RunKey, identity: str, request_id: str, reason: str
+    ) -> None:
+        """Ask the run to cancel itself."""
+        ...
+
+
+class EngineRuns:
+    """``ScheduledRuns`` through this node's engine: runs of the shards it holds."""
+
+    def __init__(self, engine: HistoryEngine) -> None:
+        self._engine = engine
+
+    async def start_workflow(self, request: service_pb2.StartWorkflowRequest) -> str:
+        run_id, _ = await self._engine.start_workflow(request)
+        return run_id
+
+    async def terminate(self, key: RunKey, reason: str, identity: str, request_id: str) -> None:
+        await self._engine.terminate(key, reason, None, identity, request_id)
+
+    async def request_cancel(
+        self, key: RunKey, identity: str, request_id: str, reason: str
+    ) -> None:
+        await self._engine.request_cancel(key, identity, request_id, reason)
+
+
 class _ScheduleLocks:
-    """One lock per schedule, held while its slots are decided, its actions started
-    or a trigger recorded: each of these reads the schedule's occupancy (open runs,
+    """One lock per schedule, held while its slots or triggers are decided or its
+    actions started: each of these reads the schedule's occupancy (open runs,
     pending and buffered actions) and then writes the ledger, so two of them at once
     could both see a schedule free. Different schedules do not wait for each other.
     A lock is dropped when nobody holds or waits for it."""
@@ -206,21 +283,42 @@ class _ScheduleLocks:
 
 
 class Scheduler:
-    """Fires every schedule of the store; also serves the schedule RPCs."""
+    """Fires the schedules of this node's shards; also serves the schedule RPCs (of
+    every shard: they read and write the store).
 
-    def __init__(self, store: HistoryStore, engine: HistoryEngine, clock: Clock) -> None:
+    ``owned`` says which shards the node holds now (read at every pass); None fires
+    every schedule of the store (a store without shards, in tools and tests).
+    ``runs`` starts and stops the scheduled runs (default: ``EngineRuns``).
+    """
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        engine: HistoryEngine,
+        clock: Clock,
+        *,
+        owned: Callable[[], Collection[int]] | None = None,
+        runs: ScheduledRuns | None = None,
+    ) -> None:
         self._store = store
         self._db = store.schedules
         self._engine = engine
+        self._runs = runs or EngineRuns(engine)
         self._clock = clock
+        self._owned = owned
         self._locks = _ScheduleLocks()
         self._decide_wakeup = asyncio.Event()
         self._act_wakeup = asyncio.Event()
+        self._start_log = RateLimitedLog(log, _START_LOG_S)
 
     def wake(self) -> None:
-        """New work (a schedule created, unpaused or triggered): run both passes now."""
+        """New work (a schedule created, unpaused or triggered, or a shard acquired
+        with its schedules): run both passes now."""
         self._decide_wakeup.set()
         self._act_wakeup.set()
+
+    def _shards(self) -> Collection[int] | None:
+        return None if self._owned is None else set(self._owned())
 
     # ----------------------------------------------------------------- loops
 
@@ -264,16 +362,25 @@ class Scheduler:
         """Decide the slots of every due schedule; returns how long the decide loop
         may sleep (until the next slot is due, or at once if more are)."""
         now = self._clock.now_micros()
+        shards = self._shards()
         more = decided = False
-        for record in await self._db.due(now):
+        for record in await self._db.due(now, shards=shards):
             async with self._locks.hold(record.namespace, record.schedule_id):
-                more |= await self._decide(record, now)
+                with _lost_shard_skipped(record.schedule_id):
+                    more |= await self._decide(record, now)
+            decided = True
+        for namespace, schedule_id in await self._db.schedules_with_actions(
+            (St.REQUESTED,), shards=shards
+        ):
+            async with self._locks.hold(namespace, schedule_id):
+                with _lost_shard_skipped(schedule_id):
+                    await self._decide_triggers(namespace, schedule_id)
             decided = True
         if decided:
             self._act_wakeup.set()
         if more:
             return 0.0
-        next_due = await self._db.next_due()
+        next_due = await self._db.next_due(shards=shards)
         if next_due is None:
             return _MAX_IDLE_S
         return min(_MAX_IDLE_S, max(0.0, (next_due - self._clock.now_micros()) / _US))
@@ -283,18 +390,20 @@ class Scheduler:
         act loop may sleep (briefly while an action waits for a run to close)."""
         waiting = False
         for namespace, schedule_id in await self._db.schedules_with_actions(
-            (St.PENDING, St.BUFFERED)
+            (St.PENDING, St.BUFFERED), shards=self._shards()
         ):
             async with self._locks.hold(namespace, schedule_id):
-                waiting |= await self._act(namespace, schedule_id)
+                with _lost_shard_skipped(schedule_id):
+                    waiting |= await self._act(namespace, schedule_id)
         return _WAIT_POLL_S if waiting else _MAX_IDLE_S
 
     async def _running(
-        self, namespace: str, schedule_id: str, *, first_only: bool = False
+        self, namespace: str, schedule_id: str, *, first_only: bool = False, fenced: bool = True
     ) -> list[ScheduleActionRecord]:
         """Started actions whose workflow (following continue-as-new) is still open,
         oldest first; ``first_only`` stops at the first one. Actions found closed are
-        marked so, which keeps the next check short."""
+        marked so, which keeps the next check short (``fenced``: a write of the
+        schedule's owner; the RPCs, served by any node, mark without the fence)."""
         still: list[ScheduleActionRecord] = []
         for action in await self._db.actions(
             namespace, schedule_id, states=(St.STARTED,), running_only=True
@@ -305,7 +414,7 @@ class Scheduler:
                 if first_only:
                     break
             else:
-                await self._db.set_action(action, running=False)
+                await self._db.set_action(action, running=False, fenced=fenced)
         return still
 
     async def _occupancy(self, namespace: str, schedule_id: str, overlap: int) -> _Occupancy:
@@ -365,6 +474,7 @@ class Scheduler:
             missed_catchup=missed,
             overlap_skipped=skipped,
             now=now,
+            fenced=True,
         )
         if not committed:
             return True  # changed meanwhile (paused, deleted, another node): look again
@@ -375,8 +485,23 @@ class Scheduler:
                 missed,
                 format_rfc3339(max(a.slot_time for a in actions if a.state == St.SKIPPED_CATCHUP)),
             )
-        await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP)
+        await self._db.prune(record.namespace, record.schedule_id, keep=_LEDGER_KEEP, fenced=True)
         return more
+
+    async def _decide_triggers(self, namespace: str, schedule_id: str) -> None:
+        """Give the schedule's requested triggers their fate under their overlap
+        policy, oldest first (a trigger is recorded by whichever node served it; only
+        the owner reads the occupancy and decides, under the schedule's lock)."""
+        for action in await self._db.actions(namespace, schedule_id, states=(St.REQUESTED,)):
+            occupancy = await self._occupancy(namespace, schedule_id, action.overlap)
+            state = occupancy.fate(action.overlap)
+            await self._db.set_action(
+                action,
+                expected_state=St.REQUESTED,
+                count_overlap_skipped=state == St.SKIPPED_OVERLAP,
+                state=state,
+                fenced=True,
+            )
 
     async def _act(self, namespace: str, schedule_id: str) -> bool:
         """Start the schedule's PENDING actions and release BUFFERED ones whose turn
@@ -394,7 +519,7 @@ class Scheduler:
                 if pending or await self._running(namespace, schedule_id, first_only=True):
                     return True  # waits for the open run to close
                 if not await self._db.set_action(
-                    action, expected_state=St.BUFFERED, state=St.PENDING
+                    action, expected_state=St.BUFFERED, state=St.PENDING, fenced=True
                 ):
                     return True
             if action.overlap in (
@@ -418,17 +543,18 @@ class Scheduler:
         action: ScheduleActionRecord,
     ) -> None:
         reason = f"schedule {record.schedule_id!r} (overlap policy {OP.Name(action.overlap)})"
+        request_id = _request_id(record.namespace, record.schedule_id, action.action_key)
         for other in running:
             try:
+                # The current run, following continue-as-new (a read of the store).
                 key = await self._engine.resolve_run_id(record.namespace, other.workflow_id, "")
                 if action.overlap == OP.SCHEDULE_OVERLAP_POLICY_TERMINATE_OTHER:
-                    await self._engine.terminate(key, f"terminated by {reason}", None, _IDENTITY)
+                    await self._runs.terminate(
+                        key, f"terminated by {reason}", _IDENTITY, request_id
+                    )
                 else:
-                    await self._engine.request_cancel(
-                        key,
-                        _IDENTITY,
-                        _request_id(record.namespace, record.schedule_id, action.action_key),
-                        f"cancelled by {reason}",
+                    await self._runs.request_cancel(
+                        key, _IDENTITY, request_id, f"cancelled by {reason}"
                     )
             except (ServiceError, StoreError) as exc:
                 log.debug(
@@ -471,9 +597,11 @@ class Scheduler:
             encode_search_attribute(datetime_of(action.slot_time))
         )
         try:
-            run_id, _ = await self._engine.start_workflow(request)
+            run_id = await self._runs.start_workflow(request)
         except (UnavailableError, StoreError) as exc:
-            log.warning("schedule %s: start of %s failed: %s", record.schedule_id, workflow_id, exc)
+            self._start_log.warning(
+                "schedule %s: start of %s failed, retried: %s", record.schedule_id, workflow_id, exc
+            )
             return None
         except ServiceError as exc:
             log.warning(
@@ -485,6 +613,7 @@ class Scheduler:
                 state=St.FAILED,
                 workflow_id=workflow_id,
                 error=exc.message,
+                fenced=True,
             )
             return False
         await self._db.set_action(
@@ -496,6 +625,7 @@ class Scheduler:
             run_id=run_id,
             running=True,
             started_at=self._clock.now_micros(),
+            fenced=True,
         )
         return True
 
@@ -578,10 +708,10 @@ class Scheduler:
             info.future_action_times.extend(_timestamp(t) for t in spec.upcoming(base, _FUTURE))
         if not full:
             return
-        for action in await self._running(ns, sid):
+        for action in await self._running(ns, sid, fenced=False):
             info.running_workflows.add(workflow_id=action.workflow_id, run_id=action.run_id)
         info.buffered_actions = await self._db.count_actions(ns, sid, (St.BUFFERED,))
-        info.pending_actions = await self._db.count_actions(ns, sid, (St.PENDING,))
+        info.pending_actions = await self._db.count_actions(ns, sid, (St.PENDING, St.REQUESTED))
         for action in await self._db.actions(
             ns, sid, states=(St.STARTED,), newest_first=True, limit=_RECENT
         ):
@@ -640,21 +770,18 @@ class Scheduler:
         schedule = service_pb2.Schedule.FromString(record.definition)
         overlap = _overlap(overlap or schedule.policies.overlap_policy)
         now = self._clock.now_micros()
-        async with self._locks.hold(record.namespace, record.schedule_id):
-            occupancy = await self._occupancy(record.namespace, record.schedule_id, overlap)
-            state = occupancy.fate(overlap)
-            action = ScheduleActionRecord(
-                namespace=record.namespace,
-                schedule_id=record.schedule_id,
-                action_key=trigger_action_key(request_id),
-                kind=ScheduleActionKind.TRIGGERED,
-                slot_time=now,
-                state=state,
-                overlap=overlap,
-                decided_at=now,
-            )
-            # False: this request was recorded before (a retried trigger fires once).
-            await self._db.add_action(action, overlap_skipped=int(state == St.SKIPPED_OVERLAP))
+        action = ScheduleActionRecord(
+            namespace=record.namespace,
+            schedule_id=record.schedule_id,
+            action_key=trigger_action_key(request_id),
+            kind=ScheduleActionKind.TRIGGERED,
+            slot_time=now,
+            state=St.REQUESTED,  # the owner's next decide pass gives it its fate
+            overlap=overlap,
+            decided_at=now,
+        )
+        # False: this request was recorded before (a retried trigger fires once).
+        await self._db.add_action(action)
 
     async def delete(self, namespace: str, schedule_id: str) -> None:
         if not await self._db.delete(namespace, schedule_id):

@@ -140,7 +140,10 @@ class _ShardHooks:
     handed to their queues' nodes (the previous owner may have died before it did);
     the transfers and timers of s are read. Losing s: its cached runs, timers and the
     backlogs of its queues are dropped (the new owner reads them), and polls parked on
-    those queues are answered so that they reach the new owner."""
+    those queues are answered so that they reach the new owner. The scheduler wakes to fire the
+    schedules of s; it keeps nothing of a shard between passes: its next pass no longer
+    loads a lost shard's schedules, and the fence refuses what a pass under way would
+    still write for them."""
 
     def __init__(
         self,
@@ -156,6 +159,7 @@ class _ShardHooks:
         self._transfers = transfers
         self._timers = timers
         self.engine: HistoryEngine | None = None
+        self.scheduler: Scheduler | None = None
         self.recovered = 0  # task rows read back, for the start-up log line
 
     async def acquired(self, shard: int) -> None:
@@ -164,6 +168,8 @@ class _ShardHooks:
         self._dispatch.forwarder.nudge()
         self.recovered += await self._transfers.recover([shard])
         await self._timers.recover_shard(shard)
+        if self.scheduler is not None:
+            self.scheduler.wake()
 
     async def recover_tasks(self, shards: list[int] | None) -> int:
         """Read the task rows of the queues of ``shards`` into the backlogs, and hand the
@@ -319,8 +325,10 @@ class TideflowServer:
         # a node makes on its own behalf, proved by the node credential.
         self.node_credential = routes.credential = NodeCredential(self.node_id, tokens)
         polls = TaskQueueService(engine, matching, self.config, tokens, routes)
-        # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
-        scheduler = Scheduler(store, engine, self._clock)
+        # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
+        # shard), a task fires those of the shards this node holds.
+        scheduler = Scheduler(store, engine, self._clock, owned=lambda: store.held_shards.keys())
+        hooks.scheduler = scheduler
         service = WorkflowService(
             store,
             engine,

@@ -224,9 +224,10 @@ async def test_membership_rows(nodes: tuple[HistoryStore, HistoryStore]) -> None
 
 
 async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None:
-    # tasks and timers as they were before shards: no shard_id (nor queue_shard) column.
+    # tasks, timers and schedules as they were before shards: no shard_id (nor
+    # queue_shard) column.
     old = MetaData()
-    for table in (schema.tasks, schema.timers):
+    for table in (schema.tasks, schema.timers, schema.schedules):
         new_columns = ("shard_id", "queue_shard")
         Table(table.name, old, *[c._copy() for c in table.columns if c.name not in new_columns])
     runner = open_runner(store_url)
@@ -247,6 +248,22 @@ async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None
                 timer_key=old_timer.timer_key, fire_at=T0, kind=0, ref_id=6, **row
             )
         )
+        counters = ("version", "action_count", "missed_catchup_count", "overlap_skipped_count")
+        conn.execute(
+            insert(old.tables["schedules"]).values(
+                namespace="default",
+                schedule_id="old-nightly",
+                definition=b"",
+                paused=False,
+                notes="",
+                last_slot=T0,
+                next_fire_at=T0,
+                created_at=T0,
+                updated_at=T0,
+                create_request_id="",
+                **dict.fromkeys(counters, 0),
+            )
+        )
 
     await runner.write(legacy)
     await runner.close()
@@ -261,6 +278,11 @@ async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None
         ]
         assert await store.list_tasks(queue_shards=[(queue_shard + 1) % 16]) == []
         assert await store.timers_due_before(T0 + 1, shards=[shard]) == [old_timer]
+        nightly = store.schedules.shard_of("default", "old-nightly")
+        assert [r.schedule_id for r in await store.schedules.due(T0, shards=[nightly])] == [
+            "old-nightly"
+        ]
+        assert await store.schedules.due(T0, shards=[(nightly + 1) % 16]) == []
     finally:
         await store.close()
     again = await HistoryStore.open(store_url)  # nothing left to upgrade
