@@ -146,8 +146,8 @@ def complete(
     asked to run itself. ``force_new`` (the request's force_create_new_workflow_task)
     schedules the next workflow task even if nothing new happened: the heartbeat of a
     worker whose local activities still run (with return_new_workflow_task the engine
-    then starts it for that worker: ``start_eagerly``). Not yet in tla/EngineCore.tla,
-    whose ``CompleteWorkflowTaskWith`` schedules a task only for buffered events."""
+    then starts it for that worker: ``start_eagerly``). TLA+:
+    ``CompleteWorkflowTaskWith(ms, cmds, sticky, forceNew, returnNew)``."""
     eager.clear()  # a conflict retry recomputes the transition from scratch
     check_token(m, token)
     m.trace.update(

@@ -506,11 +506,28 @@ MaterializeTransientF[m \in Any] ==
             IN AppendEvent(m1, [Ev("WORKFLOW_TASK_STARTED") EXCEPT !.scheduled = LastId(m1)])
 MaterializeTransient(m) == MaterializeTransientF[m]
 
+(* _workflow_tasks.start_eagerly: the workflow task this transition        *)
+(* scheduled is started for the reporting worker instead of dispatched (no *)
+(* task row; its timers, a sticky task's STICKY_SCHEDULE_TO_START included,*)
+(* as scheduled).  complete_activity: the completing worker offers to run  *)
+(* it (`eagerWft`); complete_workflow_task: return_new_workflow_task.      *)
+StartEagerlyF[m \in Any, hadWft \in Any, eagerWft \in Any] ==
+    IF ~eagerWft \/ hadWft \/ ~HasWft(m.ms) \/ m.ms.wft.transient THEN m
+    ELSE StartWorkflowTask([m EXCEPT !.new_tasks = @ \ {WftRow(m.ms.wft)}])
+StartEagerly(m, hadWft, eagerWft) == StartEagerlyF[m, hadWft, eagerWft]
+
 (* complete_workflow_task (after _workflow_tasks.check_token passed).      *)
 (* `sticky`: the worker sent sticky_attributes (it caches the run); without*)
-(* them a                                                                  *)
-(* sticky run is unstuck.                                                  *)
-CompleteWorkflowTaskWithF[ms \in Any, cmds \in Any, sticky \in Any] ==
+(* them a sticky run is unstuck.  `forceNew`                               *)
+(* (force_create_new_workflow_task): schedule the next task even if nothing*)
+(* new happened, the heartbeat of a worker whose local activities still    *)
+(* run; `returnNew` (return_new_workflow_task): start the task this        *)
+(* completion scheduled for the completing worker in the same transaction  *)
+(* (_workflow_tasks.start_eagerly on the run's own queue; the task may be  *)
+(* sticky, its STICKY_SCHEDULE_TO_START timer then stays armed and is      *)
+(* dropped as stale when it fires).  A refused completion does neither.    *)
+CompleteWorkflowTaskWithF[ms \in Any, cmds \in Any, sticky \in Any, forceNew \in Any,
+                          returnNew \in Any] ==
     LET m0 == NewMutation(ms)
     IN IF ~CommandsValid(ms, cmds) THEN FailWft(m0, FALSE)
        ELSE LET m1 == MaterializeTransient(m0)
@@ -520,13 +537,17 @@ CompleteWorkflowTaskWithF[ms \in Any, cmds \in Any, sticky \in Any] ==
                 m2 == IF sticky THEN [m2a EXCEPT !.ms.sticky = TRUE]
                       ELSE IF m2a.ms.sticky THEN UnstickMut(m2a) ELSE m2a
                 m3 == ApplyCommands(ClearWorkflowTask(m2), cmds)
-            IN IF Mutant = "no_flush_after_completion" THEN m3
-               ELSE IF m3.ms.status = RUNNING /\ m3.ms.buffered # <<>>
-               THEN IF Mutant = "no_new_task_after_flush" THEN FlushBuffered(m3)
-                    ELSE ScheduleWorkflowTask(FlushBuffered(m3), 1)
-               ELSE m3
-CompleteWorkflowTaskWith(ms, cmds, sticky) == CompleteWorkflowTaskWithF[ms, cmds, sticky]
-CompleteWorkflowTaskF[ms \in Any, cmds \in Any] == CompleteWorkflowTaskWith(ms, cmds, FALSE)
+                force == forceNew /\ Mutant # "heartbeat_schedules_nothing"
+                m4 == IF Mutant = "no_flush_after_completion" THEN m3
+                      ELSE IF m3.ms.status = RUNNING /\ (m3.ms.buffered # <<>> \/ force)
+                      THEN IF Mutant = "no_new_task_after_flush" THEN FlushBuffered(m3)
+                           ELSE ScheduleWorkflowTask(FlushBuffered(m3), 1)
+                      ELSE m3
+            IN IF returnNew THEN StartEagerly(m4, FALSE, TRUE) ELSE m4
+CompleteWorkflowTaskWith(ms, cmds, sticky, forceNew, returnNew) ==
+    CompleteWorkflowTaskWithF[ms, cmds, sticky, forceNew, returnNew]
+CompleteWorkflowTaskF[ms \in Any, cmds \in Any] ==
+    CompleteWorkflowTaskWith(ms, cmds, FALSE, FALSE, FALSE)
 CompleteWorkflowTask(ms, cmds) == CompleteWorkflowTaskF[ms, cmds]
 
 (* _activities.check_token                                                 *)
@@ -547,13 +568,6 @@ ActivityTaskValid(ms, task) ==
 
 RecordActivityStarted(ms, task) ==
     StartActivityAttempt([NewMutation(ms) EXCEPT !.done_tasks = {task}], task.ref)
-
-(* complete_activity + _workflow_tasks.start_eagerly (the completing       *)
-(* worker offers to run the workflow task this schedules: `eagerWft`)      *)
-StartEagerlyF[m \in Any, hadWft \in Any, eagerWft \in Any] ==
-    IF ~eagerWft \/ hadWft \/ ~HasWft(m.ms) \/ m.ms.wft.transient THEN m
-    ELSE StartWorkflowTask([m EXCEPT !.new_tasks = @ \ {WftRow(m.ms.wft)}])
-StartEagerly(m, hadWft, eagerWft) == StartEagerlyF[m, hadWft, eagerWft]
 
 CompleteActivityF[ms \in Any, tok \in Any, eagerWft \in Any] ==
     LET m1 == AppendActivityOutcome(NewMutation(ms), tok.sid, "ACTIVITY_TASK_COMPLETED")

@@ -27,7 +27,9 @@ CONSTANTS
     MaxWftAttempts,       \* environment: a worker answers by this attempt
     MaxCrashes,           \* environment: server crashes
     MaxZombieReads,       \* environment: loads of the run by a stale writer
-    WithTerminate         \* clients may terminate the run
+    WithTerminate,        \* clients may terminate the run
+    MaxHeartbeats         \* environment: workflow task heartbeats of a worker
+                          \* whose local activities outlast the task (0: none)
 
 VARIABLES
     hist,      \* history_events of the run (a sequence; event i has id i)
@@ -159,6 +161,22 @@ RespondWorkflowTaskCompletedA(tok, cmds) ==
        /\ actTokens' = actTokens \cup EagerTokens(m)
        /\ appliedWft' = IF CommandsValid(ms, cmds) THEN appliedWft \cup {tok} ELSE appliedWft
        /\ UNCHANGED <<up, zombie, wftTokens, appliedAct, crashes, zreads>>
+
+(* The workflow task heartbeat (worker_sdk/_local_activity_worker.py): a   *)
+(* worker whose local activities still run near the task's timeout          *)
+(* completes it with no commands and force_create_new_workflow_task, so that *)
+(* the run gets a next task although nothing happened; with                 *)
+(* return_new_workflow_task (`returnNew`) that task is started for it in the *)
+(* same transaction and its token returned.  The environment bounds how     *)
+(* often: while the history holds fewer than MaxHeartbeats completed tasks.  *)
+HeartbeatWorkflowTaskA(tok, returnNew) ==
+    /\ up /\ tok \in wftTokens /\ WftTokenValid(ms, tok)
+    /\ Cardinality(EventsOf(hist, "WORKFLOW_TASK_COMPLETED")) < MaxHeartbeats
+    /\ \E m \in {CompleteWorkflowTaskWith(ms, <<>>, FALSE, TRUE, returnNew)} :
+       /\ Commit(m)
+       /\ wftTokens' = IF WftStarted(m.ms) THEN wftTokens \cup {WftToken(m.ms)} ELSE wftTokens
+       /\ appliedWft' = appliedWft \cup {tok}
+       /\ UNCHANGED <<up, zombie, actTokens, appliedAct, crashes, zreads>>
 
 RespondWorkflowTaskFailedA(tok) ==
     /\ up /\ tok \in wftTokens /\ WftTokenValid(ms, tok)
@@ -306,6 +324,7 @@ Next ==
     \/ WorkerCompletesWorkflowTask
     \/ WorkerCompletesActivity
     \/ \E tok \in wftTokens : RespondWorkflowTaskFailedA(tok)
+    \/ \E tok \in wftTokens : \E r \in BOOLEAN : HeartbeatWorkflowTaskA(tok, r)
     \/ \E tok \in actTokens : RespondActivityTaskFailedA(tok)
     \/ \E rid \in SignalIds : SignalA(rid)
     \/ TerminateA

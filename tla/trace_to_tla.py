@@ -444,6 +444,8 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
         "atok": "[sid |-> 0, attempt |-> 0]",
         "cmds": "<<>>",
         "sticky": "FALSE",
+        "forceNew": "FALSE",
+        "returnNew": "FALSE",
         "rejectedAt": "0",
         "reset": "FALSE",
         "eagerWft": "FALSE",
@@ -508,6 +510,9 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
             fields["cmds"] = tla_seq(cmds)
             fields["rejectedAt"] = str(rejected_at)
             fields["sticky"] = tla_bool(bool(args["sticky"]))
+            # the workflow task heartbeat of a worker running local activities
+            fields["forceNew"] = tla_bool(bool(args.get("force_new", False)))
+            fields["returnNew"] = tla_bool(bool(args.get("return_new", False)))
         else:
             fields["reset"] = tla_bool(args["cause"] == "RESET_STICKY_TASK_QUEUE")
     elif action in ("CompleteActivity", "FailActivity", "RecordHeartbeat", "ActivityCanceled"):
