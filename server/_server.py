@@ -236,6 +236,7 @@ class TideflowServer:
             store,
             self._clock,
             window_s=self.config.timer_window_s,
+            max_in_memory=self.config.max_timers_in_memory,
             owns=owns,
             owned=lambda: store.held_shards.keys(),
         )
