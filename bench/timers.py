@@ -97,7 +97,9 @@ async def _run(client: Client, args: argparse.Namespace) -> dict[str, object]:
     # Polled rather than awaited per run: 10,000 parked result() calls would load the
     # server while it fires.
     running = f"ExecutionStatus = 'Running' AND WorkflowId STARTS_WITH '{prefix}-'"
-    while await client.count_workflows(running):
+    while True:
+        if not await client.count_workflows(running):
+            break
         await asyncio.sleep(1.0)
 
     async def history(i: int) -> list[HistoryEvent]:
