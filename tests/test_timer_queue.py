@@ -169,3 +169,21 @@ async def test_each_shard_is_read_only_once_owned(store: HistoryStore) -> None:
     assert set(firing.fired) == both
     assert set(firing.fired.values()) == {1}
     assert queue.peak_held <= 4
+
+
+async def test_timers_due_before_pages_by_fire_time_then_key(store: HistoryStore) -> None:
+    tied = await _arm(store, runs=1, per_run=5, fire_at=T0)
+    later = await _arm(store, runs=1, per_run=2, fire_at=T0 + 1)
+    pages: list[list[TimerRow]] = []
+    after: tuple[int, str] | None = None
+    while not pages or len(pages[-1]) == 2:
+        page = await store.timers_due_before(T0 + 2, limit=2, after=after)
+        pages.append(page)
+        if page:
+            after = (page[-1].fire_at, page[-1].timer_key)
+    read = [row for page in pages for row in page]
+    assert len(read) == len(tied) + len(later)
+    assert set(read) == set(tied) | set(later)
+    assert [row.fire_at for row in read] == sorted(row.fire_at for row in read)
+    # (fire_at, ""): every row due at or after fire_at.
+    assert set(await store.timers_due_before(T0 + 2, after=(T0 + 1, ""))) == set(later)
