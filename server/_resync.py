@@ -7,8 +7,8 @@ transfer rows it wrote reached neither matching nor the transfer processor. Noth
 would dispatch them before a restart, and the run would wait for ever. So once such a
 write happened, this loop re-reads every task row as soon as the store answers again,
 exactly as a server start does; matching and the transfer processor skip the ones they
-hold, and the engine drops any that turn out stale. Timer rows need no help: the timer
-queue re-reads its window from the store periodically.
+hold, and the engine drops any that turn out stale. The timer queue reads its window
+again from the start (``TimerQueue.reread``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 from tideflow.history import HistoryStore, StoreError
 
 from ._matching import Matching
+from ._timers import TimerQueue
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server.resync")
@@ -27,12 +28,13 @@ _RETRY_DELAY_S = 1.0
 
 
 async def resync_after_outages(
-    store: HistoryStore, matching: Matching, transfers: TransferProcessor
+    store: HistoryStore, matching: Matching, transfers: TransferProcessor, timers: TimerQueue
 ) -> None:
     """Run until cancelled: after each write in doubt, re-dispatch the stored backlog."""
     while True:
         await store.writes_in_doubt.wait()
         store.writes_in_doubt.clear()
+        timers.reread()
         while True:
             try:
                 # Only the shards this node holds (all of them for a store without

@@ -289,7 +289,7 @@ class TideflowServer:
                     "tideflow-scheduler": scheduler.run,
                     "tideflow-shards": shards.run,
                     "tideflow-resync": functools.partial(
-                        resync_after_outages, store, matching, transfers
+                        resync_after_outages, store, matching, transfers, timers
                     ),
                 }
             ),

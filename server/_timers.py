@@ -15,11 +15,13 @@ earliest timer of the window (up to ties in fire_at, which fire at the same inst
 anyway). A timer a commit arms (``add``) goes into the heap while there is room; when
 the heap is full, a timer due earlier than the heap's latest takes that one's place (the
 evicted one goes back to the store's side of the cursor), and any other moves the
-cursor back to its due time so a page reads it. Pages, shard recoveries and commits may
-bring the same row twice: ``_known`` keeps one copy, and the engine drops a timer
-that fires after its row is gone. Every ``window / 2`` the window advances and the
-cursor restarts from the beginning: that rereads rows nobody handed to ``add`` (a
-commit whose outcome was in doubt during a store outage).
+cursor back to its due time so a page reads it; a timer due after the cursor's due
+time is left to the pages too. Pages, shard recoveries and commits may bring the same
+row twice: ``_known`` keeps one copy, and the engine drops a timer that fires after
+its row is gone. Every ``window / 2`` the window advances (pages read the new part);
+after a store outage the cursor restarts from the beginning (``reread``, called by
+server/_resync.py), which finds rows nobody handed to ``add`` (a commit whose
+outcome was in doubt).
 
 TLA+ (tla/History.tla): ``FireSomeTimer`` / ``FireTimerA`` (a heap row handed to the
 engine, whose transition is EngineCore's ``FireTimer``: server/_timeouts.py) and the
@@ -94,7 +96,7 @@ class TimerQueue:
         # Timers due before the horizon belong to the window; past the cursor, the
         # window's rows are still to be read (None: all read).
         self._horizon = 0
-        self._cursor: _Cursor | None = None
+        self._cursor: _Cursor | None = _FROM_START
         # Reads of the store in progress, and the keys whose fire ended meanwhile: a
         # read may return a row its fire deleted after the read began.
         self._reads = 0
@@ -120,12 +122,19 @@ class TimerQueue:
         if wake:
             self._wakeup.set()
 
-    def _offer(self, timer: TimerRow) -> bool:
+    def _offer(self, timer: TimerRow, *, paged: bool = False) -> bool:
         """Take ``timer`` into the heap if it fits or displaces a later one; else leave
-        it to a page. True if it is the heap's new earliest."""
+        it to a page. True if it is the heap's new earliest.
+
+        The heap never holds a timer due after the cursor's due time (unless read by
+        the page that moves the cursor past it): the rows not read yet are due no
+        earlier than anything in the heap, so the heap's earliest is due first."""
         key = timer.timer_key
         if key in self._known:
             return False
+        cursor = self._cursor
+        if not paged and cursor is not None and timer.fire_at > cursor[0]:
+            return False  # past the cursor: a page reads it in its turn
         if len(self._known) >= self._cap:
             latest = max(self._heap) if self._heap else None
             if latest is None or latest[0] <= timer.fire_at:
@@ -149,9 +158,19 @@ class TimerQueue:
             self._moved_back_to = fire_at
 
     def _advance_window(self) -> None:
-        """Move the horizon to ``now + window`` and read the window again from its start."""
-        self._horizon = max(self._horizon, self._clock.now_micros() + self._window_us)
+        """Move the horizon to ``now + window``: pages read the timers newly in it."""
+        horizon = self._clock.now_micros() + self._window_us
+        if horizon <= self._horizon:
+            return
+        if self._cursor is None:
+            self._cursor = (self._horizon, "")
+        self._horizon = horizon
+
+    def reread(self) -> None:
+        """Read the whole window again: after a store outage, a commit whose outcome
+        was in doubt may have written timers nobody handed to ``add``."""
         self._cursor = _FROM_START
+        self._wakeup.set()
 
     def _wants_page(self) -> bool:
         if self._cursor is None:
@@ -169,7 +188,7 @@ class TimerQueue:
         rows, read_to = await self._read(limit=room, shards=shards, after=cursor)
         wake = False
         for row in rows:
-            wake |= self._offer(row)
+            wake |= self._offer(row, paged=True)
         # A timer left to the store meanwhile (by add(), a shard's recovery, or this
         # page when add() took its room) must stay ahead of the cursor.
         if self._moved_back_to is not None:

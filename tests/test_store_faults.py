@@ -42,8 +42,10 @@ from tideflow.history import (
 )
 from tideflow.history._dialects import Runner, is_retryable, open_runner, store_error_of
 from tideflow.server import TideflowServer
+from tideflow.server._config import SystemClock
 from tideflow.server._matching import Matching
 from tideflow.server._resync import resync_after_outages
+from tideflow.server._timers import TimerQueue
 from tideflow.server._transfer import TransferProcessor
 from tideflow.worker_sdk import Client
 
@@ -283,7 +285,11 @@ async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStor
     transfers = TransferProcessor(store)
     background = [
         asyncio.ensure_future(transfers.run(process)),
-        asyncio.ensure_future(resync_after_outages(store, matching, transfers)),
+        asyncio.ensure_future(
+            resync_after_outages(
+                store, matching, transfers, TimerQueue(store, SystemClock(), window_s=30.0)
+            )
+        ),
     ]
     try:
         assert await matching.poll("default", "q", TaskKind.WORKFLOW, 0) is None

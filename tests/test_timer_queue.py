@@ -171,6 +171,19 @@ async def test_each_shard_is_read_only_once_owned(store: HistoryStore) -> None:
     assert queue.peak_held <= 4
 
 
+async def test_reread_finds_a_timer_committed_without_add(store: HistoryStore) -> None:
+    """A commit whose outcome was in doubt reached the store but not the queue."""
+    queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=50)
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        first = await _arm_one(store, queue, "first", T0 - 1)
+        await eventually(lambda: first.timer_key in firing.fired)
+        [doubtful] = await _arm(store, runs=1, per_run=1, fire_at=T0 - 1)
+        queue.reread()  # server/_resync.py, once the store answers again
+        await eventually(lambda: _count_rows_is_zero(store))
+    assert set(firing.fired) == {first.timer_key, doubtful.timer_key}
+
+
 async def test_timers_due_before_pages_by_fire_time_then_key(store: HistoryStore) -> None:
     tied = await _arm(store, runs=1, per_run=5, fire_at=T0)
     later = await _arm(store, runs=1, per_run=2, fire_at=T0 + 1)
