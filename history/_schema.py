@@ -155,8 +155,10 @@ timers = Table(
     Column("ref_id", BigInteger, nullable=False),
     Column("attempt", Integer, nullable=False),
 )
-Index("timers_by_due_time", timers.c.fire_at, info=_TIME_ORDERED)
-Index("timers_by_shard", timers.c.shard_id, timers.c.fire_at)
+# The key completes the order the timer queue pages through (keyset pagination on
+# (fire_at, timer_key)), so a page of timers due at one instant reads the index alone.
+Index("timers_by_due_time", timers.c.fire_at, timers.c.timer_key, info=_TIME_ORDERED)
+Index("timers_by_shard", timers.c.shard_id, timers.c.fire_at, timers.c.timer_key)
 
 # ------------------------------------------------------------------- cluster
 # (history/_cluster.py; specified by tla/ShardLease.tla) Every key below is chosen by

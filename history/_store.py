@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, and_, delete, insert, select
+from sqlalchemy import Connection, Row, Select, and_, delete, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from tideflow.api.search_attributes import SearchAttributeValue
@@ -592,11 +592,34 @@ class HistoryStore:
         ]
 
     async def timers_due_before(
-        self, fire_before: int, *, limit: int = 10_000, shards: Collection[int] | None = None
+        self,
+        fire_before: int,
+        *,
+        limit: int = 10_000,
+        shards: Collection[int] | None = None,
+        after: tuple[int, str] | None = None,
     ) -> list[TimerRow]:
-        """Timers due before ``fire_before``, earliest first, of ``shards`` only if given."""
+        """Timers due before ``fire_before``, in (fire_at, timer_key) order, of ``shards``
+        only if given. ``after`` is a keyset cursor: ``(fire_at, key)`` reads the rows
+        after that row, ``(fire_at, "")`` those due at or after ``fire_at``."""
         t = s.timers
-        query = select(t).where(t.c.fire_at < fire_before).order_by(t.c.fire_at).limit(limit)
+        query = (
+            select(t)
+            .where(t.c.fire_at < fire_before)
+            .order_by(t.c.fire_at, t.c.timer_key)
+            .limit(limit)
+        )
+        if after is not None:
+            after_at, after_key = after
+            if after_key:
+                query = query.where(
+                    or_(
+                        t.c.fire_at > after_at,
+                        and_(t.c.fire_at == after_at, t.c.timer_key > after_key),
+                    )
+                )
+            else:
+                query = query.where(t.c.fire_at >= after_at)
         tokens = self._scan_tokens(shards)
         rows = await self._runner.read(
             lambda conn: _scan_shards_txn(conn, query, t.c.shard_id, shards, tokens)

@@ -62,6 +62,10 @@ class ServerConfig:
     state_cache_size: int = 10_000
     # Timers due within this window are held in memory; later ones stay in the store.
     timer_window_s: float = 30.0
+    # Most timer rows the timer queue holds in memory at once (due ones and those being
+    # fired); the window is read from the store in pages of the room there is, so any
+    # number of timers due at one instant fire without being loaded together.
+    max_timers_in_memory: int = 4096
     # Backoff of workflow task retries after the second failed attempt.
     workflow_task_retry_initial_s: float = 0.1
     workflow_task_retry_max_s: float = 10.0
@@ -92,6 +96,8 @@ class ServerConfig:
             raise ValueError("max_concurrent_polls must be at least 1")
         if not self.store_start_timeout_s >= 0:  # also refuses NaN
             raise ValueError("store_start_timeout_s must not be negative")
+        if self.max_timers_in_memory < 1:
+            raise ValueError("max_timers_in_memory must be at least 1")
         if not self.lease_s > 0:
             raise ValueError("lease_s must be positive")
 

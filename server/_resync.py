@@ -8,8 +8,8 @@ would dispatch them before a restart, and the run would wait for ever. So once s
 write happened, this loop re-reads every task row as soon as the store answers again,
 exactly as a server start does (the rows of the task queues this node serves into its
 backlogs, the rows of its runs to their queues' nodes); matching and the transfer
-processor skip the ones they hold, and the engine drops any that turn out stale. Timer
-rows need no help: the timer queue re-reads its window from the store periodically.
+processor skip the ones they hold, and the engine drops any that turn out stale. The timer
+queue reads its window again from the start (``TimerQueue.reread``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from tideflow.history import HistoryStore, StoreError
 
+from ._timers import TimerQueue
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server.resync")
@@ -31,12 +32,14 @@ async def resync_after_outages(
     store: HistoryStore,
     recover_tasks: Callable[[list[int] | None], Awaitable[int]],
     transfers: TransferProcessor,
+    timers: TimerQueue,
 ) -> None:
     """Run until cancelled: after each write in doubt, re-dispatch the stored backlog
     (``recover_tasks``: of the shards given, server/_server.py ``_ShardHooks``)."""
     while True:
         await store.writes_in_doubt.wait()
         store.writes_in_doubt.clear()
+        timers.reread()
         while True:
             try:
                 # Only the shards this node holds (all of them for a store without

@@ -295,6 +295,7 @@ class TideflowServer:
             store,
             self._clock,
             window_s=self.config.timer_window_s,
+            max_in_memory=self.config.max_timers_in_memory,
             owns=owns,
             owned=lambda: store.held_shards.keys(),
         )
@@ -354,7 +355,7 @@ class TideflowServer:
                     "tideflow-scheduler": scheduler.run,
                     "tideflow-shards": shards.run,
                     "tideflow-resync": functools.partial(
-                        resync_after_outages, store, hooks.recover_tasks, transfers
+                        resync_after_outages, store, hooks.recover_tasks, transfers, timers
                     ),
                 }
             ),

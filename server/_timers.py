@@ -2,14 +2,32 @@
 
 Timers (user timers, activity and workflow task timeouts, retry backoffs, run
 timeouts) are rows in the store, written in the transition that arms them. This
-queue keeps the ones due within a window in a heap, refills the window from the
-store periodically, and fires each due timer through the engine, which validates it
-against the run's state and deletes the row in the same transaction. Timers survive
-restarts because the window is refilled from the store on start.
+queue holds a bounded number of them in a heap and fires each due timer through the
+engine, which validates it against the run's state and deletes the row in the same
+transaction. Timers survive restarts because the queue reads them back from the store.
+
+Memory is bounded by ``max_in_memory`` rows (the heap plus the fires in flight), however
+many timers are due at once: the window (timers due before ``now + window``) is read in
+pages in (fire_at, timer_key) order (keyset pagination), the next page once half of
+the room is free. The cursor says where the next page starts; every timer of the
+window before it is in memory or fired already, so the heap's earliest timer is the
+earliest timer of the window (up to ties in fire_at, which fire at the same instant
+anyway). A timer a commit arms (``add``) goes into the heap while there is room; when
+the heap is full, a timer due earlier than the heap's latest takes that one's place (the
+evicted one goes back to the store's side of the cursor), and any other moves the
+cursor back to its due time so a page reads it; a timer due after the cursor's due
+time is left to the pages too. Pages, shard recoveries and commits may bring the same
+row twice: ``_known`` keeps one copy, and the engine drops a timer that fires after
+its row is gone. Every ``window / 2`` the window advances (pages read the new part);
+after a store outage the cursor restarts from the beginning (``reread``, called by
+server/_resync.py), which finds rows nobody handed to ``add`` (a commit whose
+outcome was in doubt).
 
 TLA+ (tla/History.tla): ``FireSomeTimer`` / ``FireTimerA`` (a heap row handed to the
 engine, whose transition is EngineCore's ``FireTimer``: server/_timeouts.py) and the
-heap rebuilt from the store by ``Restart``.
+heap rebuilt from the store by ``Restart``. The model's ``heap`` is this queue's heap
+together with the rows of the window past the cursor, which pages read in due order:
+paging changes when a row is loaded, never which rows fire.
 """
 
 from __future__ import annotations
@@ -28,11 +46,26 @@ from ._failures import log_retry
 log = logging.getLogger("tideflow.server.timers")
 
 _US = 1_000_000
-_MAX_CONCURRENT_FIRES = 64
+# Fires in flight at once. The store commits concurrent transitions together (group
+# commit, up to 64 per transaction): twice that keeps the next batch forming while one
+# commits.
+_MAX_CONCURRENT_FIRES = 128
 # Pause before firing a timer again whose transition failed (not a stale timer: an
 # error, e.g. the store unavailable), and before reading the window again.
 _FIRE_RETRY_S = 1.0
 _REFILL_RETRY_S = 1.0
+# A keyset cursor: (fire_at, key) reads the rows after that row, (fire_at, "") the rows
+# due at or after fire_at (history/_store.py timers_due_before). Python only ever
+# compares cursors by fire_at, so the database's collation of keys never matters here.
+_Cursor = tuple[int, str]
+_FROM_START: _Cursor = (-(2**62), "")
+
+
+def _back_to(cursor: _Cursor | None, fire_at: int) -> _Cursor:
+    """``cursor`` moved back, if need be, so the next pages read timers due at ``fire_at``."""
+    if cursor is not None and cursor[0] < fire_at:
+        return cursor
+    return (fire_at, "")
 
 
 class TimerQueue:
@@ -42,58 +75,160 @@ class TimerQueue:
         clock: Clock,
         *,
         window_s: float,
+        max_in_memory: int = 4096,
         owns: Callable[[RunKey], bool] | None = None,
         owned: Callable[[], Collection[int]] | None = None,
     ) -> None:
+        if max_in_memory < 1:
+            raise ValueError("max_in_memory must be at least 1")
         self._store = store
-        # The shards this node serves (server/_shards.py): refills read only theirs,
+        # The shards this node serves (server/_shards.py): pages read only theirs,
         # and timers of a shard it lost are dropped. None: every run.
         self._owns = owns
         self._owned = owned
         self._clock = clock
         self._window_us = int(window_s * _US)
+        self._cap = max_in_memory
         self._heap: list[tuple[int, str, TimerRow]] = []
+        # Keys in the heap or firing: len(_known) is what the queue holds.
         self._known: set[str] = set()
-        self._loaded_until = 0
+        self.peak_held = 0  # the most rows held at once (diagnostics, tests)
+        # Timers due before the horizon belong to the window; past the cursor, the
+        # window's rows are still to be read (None: all read).
+        self._horizon = 0
+        self._cursor: _Cursor | None = _FROM_START
+        # Reads of the store in progress, and the keys whose fire ended meanwhile: a
+        # read may return a row its fire deleted after the read began.
+        self._reads = 0
+        self._fired_while_reading: set[str] = set()
+        # The earliest due time _move_back was asked for while a page was being read.
+        self._moved_back_to: int | None = None
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(_MAX_CONCURRENT_FIRES)
+        self._slots = asyncio.Semaphore(min(_MAX_CONCURRENT_FIRES, max_in_memory))
+
+    def held(self) -> int:
+        """Timer rows in memory: the heap and the fires in flight."""
+        return len(self._known)
+
+    def pending(self) -> int:
+        return len(self._heap)
 
     def add(self, timers: list[TimerRow]) -> None:
-        """Timers just committed. Those beyond the window are picked up by a refill."""
+        """Timers just committed. Those beyond the window are read by a later page."""
         wake = False
         for timer in timers:
-            if timer.fire_at < self._loaded_until:
-                wake |= self._push(timer)
+            if timer.fire_at < self._horizon:
+                wake |= self._offer(timer)
         if wake:
             self._wakeup.set()
 
-    def _push(self, timer: TimerRow) -> bool:
+    def _offer(self, timer: TimerRow, *, paged: bool = False) -> bool:
+        """Take ``timer`` into the heap if it fits or displaces a later one; else leave
+        it to a page. True if it is the heap's new earliest.
+
+        The heap never holds a timer due after the cursor's due time (unless read by
+        the page that moves the cursor past it): the rows not read yet are due no
+        earlier than anything in the heap, so the heap's earliest is due first."""
         key = timer.timer_key
         if key in self._known:
             return False
+        cursor = self._cursor
+        if not paged and cursor is not None and timer.fire_at > cursor[0]:
+            return False  # past the cursor: a page reads it in its turn
+        if len(self._known) >= self._cap:
+            latest = max(self._heap) if self._heap else None
+            if latest is None or latest[0] <= timer.fire_at:
+                self._move_back(timer.fire_at)
+                return False
+            # Rare (a full heap and an earlier timer): O(heap), fine.
+            self._heap.remove(latest)
+            heapq.heapify(self._heap)
+            self._known.discard(latest[1])
+            self._move_back(latest[0])
         self._known.add(key)
+        self.peak_held = max(self.peak_held, len(self._known))
         earliest = self._heap[0][0] if self._heap else None
         heapq.heappush(self._heap, (timer.fire_at, key, timer))
         return earliest is None or timer.fire_at < earliest
 
-    async def _refill(self) -> None:
-        until = self._clock.now_micros() + self._window_us
-        if self._owned is None:
-            rows = await self._store.timers_due_before(until)
-        else:
-            rows = await self._store.timers_due_before(until, shards=list(self._owned()))
-        # Set the horizon first: timers committed while we were reading and due
-        # before it are added by add(); _known de-duplicates the overlap.
-        self._loaded_until = max(self._loaded_until, until)
+    def _move_back(self, fire_at: int) -> None:
+        """A timer due at ``fire_at`` stays in the store: the next pages read it."""
+        self._cursor = _back_to(self._cursor, fire_at)
+        if self._moved_back_to is None or fire_at < self._moved_back_to:
+            self._moved_back_to = fire_at
+
+    def _advance_window(self) -> None:
+        """Move the horizon to ``now + window``: pages read the timers newly in it."""
+        horizon = self._clock.now_micros() + self._window_us
+        if horizon <= self._horizon:
+            return
+        if self._cursor is None:
+            self._cursor = (self._horizon, "")
+        self._horizon = horizon
+
+    def reread(self) -> None:
+        """Read the whole window again: after a store outage, a commit whose outcome
+        was in doubt may have written timers nobody handed to ``add``."""
+        self._cursor = _FROM_START
+        self._wakeup.set()
+
+    def _wants_page(self) -> bool:
+        if self._cursor is None:
+            return False
+        room = self._cap - len(self._known)
+        return room > 0 and (room * 2 >= self._cap or not self._heap)
+
+    async def _read_page(self) -> None:
+        """Read the next page of the window into the room there is."""
+        cursor = self._cursor
+        assert cursor is not None
+        room = self._cap - len(self._known)
+        shards = None if self._owned is None else list(self._owned())
+        self._moved_back_to = None
+        rows, read_to = await self._read(limit=room, shards=shards, after=cursor)
+        wake = False
         for row in rows:
-            self._push(row)
+            wake |= self._offer(row, paged=True)
+        # A timer left to the store meanwhile (by add(), a shard's recovery, or this
+        # page when add() took its room) must stay ahead of the cursor.
+        if self._moved_back_to is not None:
+            read_to = _back_to(read_to, self._moved_back_to)
+        self._cursor = read_to
+        if wake:
+            self._wakeup.set()
+
+    async def _read(
+        self, *, limit: int, shards: list[int] | None, after: _Cursor | None = None
+    ) -> tuple[list[TimerRow], _Cursor | None]:
+        """The window's rows without those whose fire ended while reading, and the
+        cursor after the last row read (None: fewer than ``limit``, the end)."""
+        self._reads += 1
+        try:
+            rows = await self._store.timers_due_before(
+                self._horizon, limit=limit, shards=shards, after=after
+            )
+            end = None if len(rows) < limit else (rows[-1].fire_at, rows[-1].timer_key)
+            fired = self._fired_while_reading
+            return [row for row in rows if row.timer_key not in fired] if fired else rows, end
+        finally:
+            self._reads -= 1
+            if not self._reads:
+                self._fired_while_reading.clear()
+
+    def _forget(self, key: str) -> None:
+        self._known.discard(key)
+        if self._reads:
+            self._fired_while_reading.add(key)
 
     async def recover_shard(self, shard: int) -> None:
-        """A shard acquired: its timers due within the window already read."""
-        if self._loaded_until == 0:
-            return  # the first refill reads them
-        rows = await self._store.timers_due_before(self._loaded_until, shards=[shard])
-        if any([self._push(row) for row in rows]):
+        """A shard acquired: its timers due within the window, up to the room there is
+        (or the place of later ones); the rest are read by pages."""
+        if self._horizon == 0:
+            return  # the first page reads them
+        rows, end = await self._read(limit=self._cap, shards=[shard])
+        if end is not None:
+            self._move_back(end[0])  # the shard's later ones
+        if any([self._offer(row) for row in rows]):
             self._wakeup.set()
 
     def drop_unowned(self) -> None:
@@ -111,35 +246,54 @@ class TimerQueue:
     async def run(self, fire: Callable[[TimerRow], Awaitable[None]]) -> None:
         """Fire due timers through ``fire`` until cancelled. Each firing is a task of
         this call's task group: cancelling the call cancels and awaits them all."""
-        async with asyncio.TaskGroup() as fires:
-            next_refill = 0
-            while True:
-                now = self._clock.now_micros()
-                if now >= next_refill:
-                    next_refill = await self._refill_or_retry(now)
-                    continue
-                while self._heap and self._heap[0][0] <= now:
-                    _, key, timer = heapq.heappop(self._heap)
-                    await self._slots.acquire()
-                    fires.create_task(self._fire_one(fire, key, timer))
-                wait_until = next_refill
-                if self._heap:
-                    wait_until = min(wait_until, self._heap[0][0])
-                self._wakeup.clear()
-                delay = max(0.0, (wait_until - self._clock.now_micros()) / _US)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wakeup.wait()
-
-    async def _refill_or_retry(self, now: int) -> int:
-        """Refill the window; returns when to refill next. A store that fails (an
-        outage) is tried again shortly: timers already in the heap keep firing."""
         try:
-            await self._refill()
-        except Exception as exc:
-            log_retry(log, "reading due timers", exc)
-            return now + int(_REFILL_RETRY_S * _US)
-        return now + self._window_us // 2
+            async with asyncio.TaskGroup() as fires:
+                await self._loop(fires, fire)
+        finally:
+            log.info(
+                "timer queue stopped: at most %d timer rows were in memory (limit %d)",
+                self.peak_held,
+                self._cap,
+            )
+
+    async def _loop(
+        self, fires: asyncio.TaskGroup, fire: Callable[[TimerRow], Awaitable[None]]
+    ) -> None:
+        next_advance = 0
+        retry_page_at = 0
+        while True:
+            now = self._clock.now_micros()
+            if now >= next_advance:
+                self._advance_window()
+                next_advance = now + self._window_us // 2
+            if self._wants_page() and now >= retry_page_at:
+                try:
+                    await self._read_page()
+                except Exception as exc:
+                    # A store outage: timers already in the heap keep firing.
+                    log_retry(log, "reading due timers", exc)
+                    retry_page_at = now + int(_REFILL_RETRY_S * _US)
+                continue
+            while self._heap and self._heap[0][0] <= now:
+                _, key, timer = heapq.heappop(self._heap)
+                await self._slots.acquire()
+                fires.create_task(self._fire_one(fire, key, timer))
+                if self._wants_page():
+                    break  # read on while the fires in flight commit
+            else:
+                await self._sleep_until_due(next_advance, retry_page_at)
+
+    async def _sleep_until_due(self, next_advance: int, retry_page_at: int) -> None:
+        wait_until = next_advance
+        if self._heap:
+            wait_until = min(wait_until, self._heap[0][0])
+        if self._wants_page():
+            wait_until = min(wait_until, retry_page_at)
+        self._wakeup.clear()
+        delay = max(0.0, (wait_until - self._clock.now_micros()) / _US)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wakeup.wait()
 
     async def _fire_one(
         self, fire: Callable[[TimerRow], Awaitable[None]], key: str, timer: TimerRow
@@ -149,25 +303,17 @@ class TimerQueue:
                 await fire(timer)
         except Exception as exc:
             if self._owns is not None and not self._owns(timer.key):
-                self._known.discard(key)
+                self._forget(key)
                 return  # its shard moved: the new owner fires it
             # Leave the row in the store; push it back for another try shortly.
             log_retry(log, f"firing timer {key}", exc)
-            retry = TimerRow(
-                key=timer.key,
-                kind=timer.kind,
-                ref_id=timer.ref_id,
-                attempt=timer.attempt,
-                fire_at=timer.fire_at,
-            )
-            self._known.discard(key)
             await asyncio.sleep(_FIRE_RETRY_S)
-            self._push(retry)
+            self._known.discard(key)
+            self._offer(timer)
             self._wakeup.set()
             return
         finally:
             self._slots.release()
-        self._known.discard(key)
-
-    def pending(self) -> int:
-        return len(self._heap)
+        self._forget(key)
+        if self._wants_page():
+            self._wakeup.set()

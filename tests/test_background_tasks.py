@@ -33,7 +33,7 @@ class _Store:
     def __init__(self, timers: list[TimerRow]) -> None:
         self._timers = timers
 
-    async def timers_due_before(self, until_us: int) -> list[TimerRow]:
+    async def timers_due_before(self, until_us: int, **_page: object) -> list[TimerRow]:
         return [t for t in self._timers if t.fire_at < until_us]
 
 

@@ -43,8 +43,10 @@ from tideflow.history import (
 )
 from tideflow.history._dialects import Runner, is_retryable, open_runner, store_error_of
 from tideflow.server import TideflowServer
+from tideflow.server._config import SystemClock
 from tideflow.server._matching import Matching
 from tideflow.server._resync import resync_after_outages
+from tideflow.server._timers import TimerQueue
 from tideflow.server._transfer import TransferProcessor
 from tideflow.worker_sdk import Client
 
@@ -289,7 +291,12 @@ async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStor
     background = [
         asyncio.ensure_future(transfers.run(process)),
         asyncio.ensure_future(
-            resync_after_outages(store, lambda shards: matching.recover(store, shards), transfers)
+            resync_after_outages(
+                store,
+                lambda shards: matching.recover(store, shards),
+                transfers,
+                TimerQueue(store, SystemClock(), window_s=30.0),
+            )
         ),
     ]
     try:

@@ -1,0 +1,202 @@
+"""The timer queue holds a bounded number of timer rows however many are due.
+
+A real store (both databases), the real TimerQueue and a manual clock; the fire
+handler deletes the row as the engine's FireTimer transition does. Assertions are on
+what fired and on the queue's own count of rows it held, never on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+
+from helpers import eventually
+from helpers_store import T0, create, run_key, timer
+
+from tideflow.history import HistoryStore, RunKey, TimerRow, shard_of
+from tideflow.server._timers import TimerQueue
+
+_S = 1_000_000
+
+
+class _ManualClock:
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def now_micros(self) -> int:
+        return self.now
+
+
+class _Firing:
+    """The fire handler: records each timer, then deletes its row like FireTimer.
+    After ``stop_after`` timers it hangs (a node about to be stopped)."""
+
+    def __init__(self, store: HistoryStore, stop_after: int | None = None) -> None:
+        self._store = store
+        self._stop_after = stop_after
+        self.fired: collections.Counter[str] = collections.Counter()
+
+    async def __call__(self, row: TimerRow) -> None:
+        if self._stop_after is not None and len(self.fired) >= self._stop_after:
+            await asyncio.Event().wait()
+        self.fired[row.timer_key] += 1
+        await self._store.delete_timer(row.timer_key)
+
+
+async def _arm(store: HistoryStore, runs: int, per_run: int, fire_at: int) -> list[TimerRow]:
+    """``runs`` new runs with ``per_run`` timers each, all due at ``fire_at``."""
+    rows: list[TimerRow] = []
+    for n in range(runs):
+        key = run_key(f"wf-{fire_at}-{n}")
+        timers = [timer(key, ref, fire_at) for ref in range(per_run)]
+        await store.apply(create(key, new_timers=timers))
+        rows += timers
+    return rows
+
+
+async def _arm_one(store: HistoryStore, queue: TimerQueue, name: str, fire_at: int) -> TimerRow:
+    """A timer committed with its run and handed to the queue, as the engine's commit does."""
+    key = run_key(name)
+    row = timer(key, 1, fire_at)
+    await store.apply(create(key, new_timers=[row]))
+    queue.add([row])
+    return row
+
+
+@asynccontextmanager
+async def _running(queue: TimerQueue, firing: _Firing) -> AsyncIterator[None]:
+    task = asyncio.create_task(queue.run(firing))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def _count_rows_are(store: HistoryStore, count: int) -> bool:
+    return await store.count_rows("timers") == count
+
+
+async def _count_rows_is_zero(store: HistoryStore) -> bool:
+    return await _count_rows_are(store, 0)
+
+
+def _keys(rows: Collection[TimerRow]) -> set[str]:
+    return {r.timer_key for r in rows}
+
+
+async def test_timers_due_at_one_instant_fire_once_each_within_the_cap(
+    store: HistoryStore,
+) -> None:
+    rows = await _arm(store, runs=10, per_run=50, fire_at=T0)
+    queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=50)
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        await eventually(lambda: _count_rows_is_zero(store))
+    assert set(firing.fired) == _keys(rows)
+    assert set(firing.fired.values()) == {1}
+    assert 0 < queue.peak_held <= 50
+
+
+async def test_a_timer_armed_while_the_heap_is_full_fires_whether_earlier_or_later(
+    store: HistoryStore,
+) -> None:
+    clock = _ManualClock(T0)
+    far = await _arm(store, runs=2, per_run=50, fire_at=T0 + 1000 * _S)
+    queue = TimerQueue(store, clock, window_s=2000.0, max_in_memory=50)
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        await eventually(lambda: queue.held() == 50)
+        # Due after every loaded one, with the heap full: a page reads it later.
+        late = await _arm_one(store, queue, "late", T0 + 1500 * _S)
+        assert queue.held() == 50
+        # Due before every loaded one: it takes the place of the latest.
+        early = await _arm_one(store, queue, "early", T0 - 1)
+        await eventually(lambda: early.timer_key in firing.fired)
+        assert not set(firing.fired) & _keys(far)
+        clock.now = T0 + 2000 * _S
+        # A commit of a due timer wakes the queue, which now finds everything due.
+        nudge = await _arm_one(store, queue, "nudge", T0 - 1)
+        expected = _keys(far) | {early.timer_key, late.timer_key, nudge.timer_key}
+        await eventually(lambda: _count_rows_is_zero(store))
+    assert set(firing.fired) == expected
+    assert set(firing.fired.values()) == {1}
+    assert queue.peak_held <= 50
+
+
+async def test_a_restarted_queue_fires_the_timers_the_first_left(store: HistoryStore) -> None:
+    rows = await _arm(store, runs=10, per_run=40, fire_at=T0)
+    first = _Firing(store, stop_after=100)
+    queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=30)
+    async with _running(queue, first):
+        await eventually(lambda: len(first.fired) == 100)
+    # The node stopped (its heap lost) with timers left in the store.
+    left = await store.count_rows("timers")
+    assert left >= len(rows) - 100
+    second = _Firing(store)
+    restarted = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=30)
+    async with _running(restarted, second):
+        await eventually(lambda: _count_rows_is_zero(store))
+    assert set(first.fired) | set(second.fired) == _keys(rows)
+    assert restarted.peak_held <= 30
+
+
+async def test_each_shard_is_read_only_once_owned(store: HistoryStore) -> None:
+    rows = await _arm(store, runs=40, per_run=5, fire_at=T0)
+    by_shard: dict[int, set[str]] = collections.defaultdict(set)
+    for row in rows:
+        by_shard[shard_of(row.key.namespace, row.key.workflow_id, store.shard_count)].add(
+            row.timer_key
+        )
+    first, second, *_ = sorted(by_shard, key=lambda shard: -len(by_shard[shard]))
+    owned = {first}
+
+    def owns(key: RunKey) -> bool:
+        return shard_of(key.namespace, key.workflow_id, store.shard_count) in owned
+
+    queue = TimerQueue(
+        store, _ManualClock(T0), window_s=30.0, max_in_memory=4, owns=owns, owned=lambda: owned
+    )
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        await eventually(lambda: set(firing.fired) == by_shard[first])
+        owned.add(second)  # acquired: the node's hook recovers its timers
+        await queue.recover_shard(second)
+        both = by_shard[first] | by_shard[second]
+        await eventually(lambda: _count_rows_are(store, len(rows) - len(both)))
+    assert set(firing.fired) == both
+    assert set(firing.fired.values()) == {1}
+    assert queue.peak_held <= 4
+
+
+async def test_reread_finds_a_timer_committed_without_add(store: HistoryStore) -> None:
+    """A commit whose outcome was in doubt reached the store but not the queue."""
+    queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=50)
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        first = await _arm_one(store, queue, "first", T0 - 1)
+        await eventually(lambda: first.timer_key in firing.fired)
+        [doubtful] = await _arm(store, runs=1, per_run=1, fire_at=T0 - 1)
+        queue.reread()  # server/_resync.py, once the store answers again
+        await eventually(lambda: _count_rows_is_zero(store))
+    assert set(firing.fired) == {first.timer_key, doubtful.timer_key}
+
+
+async def test_timers_due_before_pages_by_fire_time_then_key(store: HistoryStore) -> None:
+    tied = await _arm(store, runs=1, per_run=5, fire_at=T0)
+    later = await _arm(store, runs=1, per_run=2, fire_at=T0 + 1)
+    pages: list[list[TimerRow]] = []
+    after: tuple[int, str] | None = None
+    while not pages or len(pages[-1]) == 2:
+        page = await store.timers_due_before(T0 + 2, limit=2, after=after)
+        pages.append(page)
+        if page:
+            after = (page[-1].fire_at, page[-1].timer_key)
+    read = [row for page in pages for row in page]
+    assert len(read) == len(tied) + len(later)
+    assert set(read) == set(tied) | set(later)
+    assert [row.fire_at for row in read] == sorted(row.fire_at for row in read)
+    # (fire_at, ""): every row due at or after fire_at.
+    assert set(await store.timers_due_before(T0 + 2, after=(T0 + 1, ""))) == set(later)
