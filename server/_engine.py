@@ -69,6 +69,7 @@ from ._errors import (
 )
 from ._history_pages import HistoryPager
 from ._mutation import Mutation, run_key_of
+from ._run_gateway import RunGateway
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
 from ._trace import Tracer
@@ -128,6 +129,9 @@ class HistoryEngine:
         # The node's shard ownership: runs of shards it does not hold are refused
         # (UNAVAILABLE naming the owner). None: every run is served (tests, tools).
         self._shards = shards
+        # Where transfers act on other runs: here, or on the node that owns the other
+        # run's shard (the server wires its router in, server/_run_gateway.py).
+        self.gateway = RunGateway(self)
         self._dispatcher = dispatcher
         self._clock = clock
         self._config = config
@@ -185,7 +189,14 @@ class HistoryEngine:
         """Run ``fn`` on a fresh copy of the run's state and commit what it built.
 
         ``action`` names the transition in trace mode (the TLA+ action). A commit that
-        lost a race to another writer is recomputed on the reloaded run."""
+        lost a race to another writer is recomputed on the reloaded run.
+
+        A refusal (NOT_FOUND, FAILED_PRECONDITION) computed on a cached state is
+        computed again on a state read from the store before it is answered: a node
+        that lost the shard without knowing yet (paused past its lease) may hold a
+        state another node has moved on from, and a routing race must never surface
+        as such an error. (A write on that stale state is refused by the fence.)"""
+        rechecked = False
         for _ in range(_MAX_CONFLICT_RETRIES):
             run = await self._load(key)
             async with run.lock:
@@ -194,7 +205,14 @@ class HistoryEngine:
                 ms = state_pb2.MutableState()
                 ms.CopyFrom(run.state)
                 m = Mutation(ms, self._clock.now_micros())
-                result = fn(m)
+                try:
+                    result = fn(m)
+                except (NotFoundError, FailedPreconditionError):
+                    if rechecked:
+                        raise
+                    rechecked = True
+                    self._forget(key, run)
+                    continue
                 if not m.dirty or await self._commit(key, run, m, action):
                     return result
         raise UnavailableError(f"run {key} is changing too fast; try again")

@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from tideflow.api.v1 import service_pb2, service_pb2_grpc
+from tideflow.api.v1 import service_pb2
 
 from ._failures import RateLimitedLog
 
@@ -67,11 +68,13 @@ def _guarded(
 
 
 def add_to_server(
-    service: service_pb2_grpc.WorkflowServiceServicer, server: grpc.aio.Server
+    service: object,
+    server: grpc.aio.Server,
+    descriptor: ServiceDescriptor = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
 ) -> None:
-    """Register the service like the generated ``add_WorkflowServiceServicer_to_server``,
-    with deserializers that turn an undecodable body into INVALID_ARGUMENT."""
-    descriptor = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"]
+    """Register the service (the WorkflowService unless ``descriptor`` names another,
+    e.g. the ClusterService) like the generated ``add_...Servicer_to_server``, with
+    deserializers that turn an undecodable body into INVALID_ARGUMENT."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     # One limit per server: a flood on one node says nothing about another. An
     # undecodable body costs its sender nothing, so it must not cost a traceback each.

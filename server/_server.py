@@ -24,6 +24,7 @@ from tideflow.history import (
 )
 
 from ._auth import AuthConfig, gate_for
+from ._cluster_service import CLUSTER_SERVICE, ClusterService
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
@@ -33,6 +34,8 @@ from ._matching import Matching
 from ._peers import NodeCredential, PeerChannels
 from ._registration import add_to_server
 from ._resync import resync_after_outages
+from ._routing import Router
+from ._run_gateway import RunGateway
 from ._schedules import Scheduler
 from ._shards import ShardController
 from ._task_tokens import TaskTokenSigner
@@ -267,6 +270,7 @@ class TideflowServer:
         self.node_credential = NodeCredential(self.node_id, tokens)
         # Schedules (server/_schedules.py): the frontend serves their RPCs, a task fires them.
         scheduler = Scheduler(store, engine, self._clock)
+        router = self._route_between_nodes(shards, engine, server)
         service = WorkflowService(
             store,
             engine,
@@ -275,6 +279,7 @@ class TideflowServer:
             scheduler=scheduler,
             tokens=tokens,
             auth=gate_for(self.auth, store.api_keys, self.node_credential),
+            router=router,
         )
         add_to_server(service, server)
         await server.start()
@@ -307,6 +312,25 @@ class TideflowServer:
             store.shard_count,
             hooks.recovered,
         )
+
+    def _route_between_nodes(
+        self, shards: ShardController, engine: HistoryEngine, server: grpc.aio.Server
+    ) -> Router:
+        """The router of run-keyed calls (server/_routing.py). Transfers act on runs of
+        other nodes' shards through their owners (server/_run_gateway.py), which serve
+        those calls on the ClusterService (cluster.proto) on the same port."""
+        assert self.node_credential is not None
+        router = Router(
+            shards,
+            self.peers,
+            # Long enough for a killed owner's lease to lapse and another node to take
+            # the shard (a lease, a third of one to the next acquire pass, recovery).
+            budget_s=2 * self.config.lease_s + 5.0,
+            unbounded_call_s=self.config.long_poll_timeout_s + 10.0,
+        )
+        engine.gateway = RunGateway(engine, router, self.node_credential)
+        add_to_server(ClusterService(engine, self.node_credential), server, CLUSTER_SERVICE)
+        return router
 
     def _listen(self) -> grpc.aio.Server:
         """A gRPC server bound to ``host:port`` (TLS if configured), not started yet;

@@ -1,10 +1,10 @@
-"""Several ``tideflow server start`` processes on one PostgreSQL database (issue 11,
-first increment: shards, leases, the range-id fence; no forwarding yet, so each
-client talks to the node that owns its workflow's shard, and a worker polls each node).
+"""Several ``tideflow server start`` processes on one PostgreSQL database (issue 11:
+shards, leases, the range-id fence). Each client here talks to the node that owns its
+workflow's shard, and a worker polls each node; forwarding between nodes is tested in
+tests/test_cluster_routing.py.
 
-- Two nodes split the 16 shards and each serves the workflows of its own; a request
-  for another node's shard is UNAVAILABLE naming the shard and its owner's address;
-  SIGTERM hands a node's shards over (released rows, taken by the other node).
+- Two nodes split the 16 shards and each serves the workflows of its own; SIGTERM
+  hands a node's shards over (released rows, taken by the other node).
 - Zombie: the owner is SIGSTOPped past its lease, the other node takes its shards over
   and writes; SIGCONT: the old owner's writes are refused (renewal or fence), it drops
   the shards, and rejoins (the shards are balanced again).
@@ -25,19 +25,17 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
+from helpers_cluster import split, workflow_ids
 
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
-from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
+from tideflow.history import HistoryStore
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -110,7 +108,7 @@ async def _two_nodes(
     """node-a and node-b, once they split the shards (the owners)."""
     a = await nodes("node-a")
     b = await nodes("node-b")
-    owners = await _wait(lambda: _split(store, "node-a", "node-b"), "a balanced split")
+    owners = await _wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
     return a, b, owners
 
 
@@ -123,37 +121,6 @@ def _start_node_cli(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-async def _owners(store: HistoryStore) -> dict[int, str]:
-    """shard -> owner of every live lease."""
-    now = now_micros()
-    rows: list[ShardRecord] = await store.read_shards()
-    return {r.shard_id: r.owner for r in rows if not r.free_at(now)}
-
-
-async def _split(store: HistoryStore, *names: str) -> dict[int, str] | None:
-    """The owners once every shard is held by one of ``names``, each holding its
-    balanced share (ceil(16 / len(names)) at most); else None."""
-    owners = await _owners(store)
-    count = Counter(owners.values())
-    share = -(-store.shard_count // len(names))
-    if len(owners) != store.shard_count or not set(count) <= set(names):
-        return None
-    if all(0 < count[n] <= share for n in names):
-        return owners
-    return None
-
-
-def _workflow_ids(owners: dict[int, str], node: str, count: int, tag: str) -> list[str]:
-    ids = []
-    for i in range(10_000):
-        workflow_id = f"{tag}-{i}"
-        if owners.get(shard_of("default", workflow_id, 16)) == node:
-            ids.append(workflow_id)
-            if len(ids) == count:
-                return ids
-    raise AssertionError(f"no workflow ids on {node}")
 
 
 @contextlib.asynccontextmanager
@@ -201,11 +168,11 @@ async def _start_sleeping(
 ) -> list[str]:
     """Start ``count`` runs on node-a's shards (run n returns f"{n}:{4n}") and wait
     until each sleeps (its timer started)."""
-    workflow_ids = _workflow_ids(owners, "node-a", count, tag)
-    for n, workflow_id in enumerate(workflow_ids):
+    ids = workflow_ids(owners, "node-a", count, tag)
+    for n, workflow_id in enumerate(ids):
         await _start(client, workflow_id, n, pause_s)
-    await _wait(lambda: _sleeping(client, workflow_ids), "timers")
-    return workflow_ids
+    await _wait(lambda: _sleeping(client, ids), "timers")
+    return ids
 
 
 async def _sleeping(client: Client, workflow_ids: Sequence[str]) -> bool:
@@ -227,33 +194,13 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
         jobs = [
             (node, wid)
             for node in ("node-a", "node-b")
-            for wid in _workflow_ids(owners, node, 3, "split")
+            for wid in workflow_ids(owners, node, 3, "split")
         ]
         for n, (node, workflow_id) in enumerate(jobs):
             await _start(clients[node], workflow_id, n, 0.2)
         for n, (node, workflow_id) in enumerate(jobs):
             assert await _result(clients[node], workflow_id) == f"{n}:{n * 4}"
             await _check_history(clients[node], workflow_id)
-
-        # A run of node-a's shard, asked of node-b: UNAVAILABLE naming shard and owner.
-        (foreign,) = _workflow_ids(owners, "node-a", 1, "foreign")
-        shard = shard_of("default", foreign, 16)
-        async with grpc.aio.insecure_channel(b.address) as channel:
-            stub = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.StartWorkflow(
-                    service_pb2.StartWorkflowRequest(
-                        namespace="default",
-                        workflow_id=foreign,
-                        workflow_type=common_pb2.WorkflowType(name="Pause"),
-                        task_queue=common_pb2.TaskQueue(name=QUEUE),
-                        request_id=str(uuid.uuid4()),
-                    ),
-                    timeout=10,
-                )
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert f"shard {shard}" in str(refused.value.details())
-        assert f"node node-a at {a.address}" in str(refused.value.details())
 
     # SIGTERM: node-a releases its shards and node-b takes them all.
     a.proc.popen.send_signal(signal.SIGTERM)
@@ -264,7 +211,7 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
         if r.shard_id in owners and owners[r.shard_id] == "node-a"
     ]
     assert all(r.owner in ("", "node-b") for r in released), released
-    await _wait(lambda: _split(store, "node-b"), "node-b to hold every shard")
+    await _wait(lambda: split(store, "node-b"), "node-b to hold every shard")
     assert {e["action"] for e in _lease_trace(trace_dir, a.name)} >= {
         "AcquireShard",
         "RenewLease",
@@ -283,10 +230,10 @@ async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
         zombie_ids = await _start_sleeping(clients["node-a"], owners, 3, "zombie", LEASE_S * 2.5)
         ranges_before = {r.shard_id: r.range_id for r in await store.read_shards()}
         os.kill(a.proc.pid, signal.SIGSTOP)
-        await _wait(lambda: _split(store, "node-b"), "node-b to take over")
+        await _wait(lambda: split(store, "node-b"), "node-b to take over")
         # node-b serves node-a's former shards and writes: a new run, and the
         # sleeping runs (their timers fire on node-b).
-        (fresh,) = _workflow_ids(owners, "node-a", 1, "fresh")
+        (fresh,) = workflow_ids(owners, "node-a", 1, "fresh")
         await _start(clients["node-b"], fresh, 7, 0.1)
         assert await _result(clients["node-b"], fresh) == "7:28"
         for n, workflow_id in enumerate(zombie_ids):
@@ -306,14 +253,14 @@ async def test_zombie_owner_cannot_write_after_takeover_and_rejoins(
             return lost <= refused
 
         await _wait(dropped, "node-a to find its shards lost")
-        rejoined = await _wait(lambda: _split(store, "node-a", "node-b"), "a new split")
+        rejoined = await _wait(lambda: split(store, "node-a", "node-b"), "a new split")
         for workflow_id in [*zombie_ids, fresh]:
             await _check_history(clients["node-b"], workflow_id)
         # Every change of owner bumped the range id (the fence's token).
         after = {r.shard_id: r.range_id for r in await store.read_shards()}
         assert all(after[s] >= ranges_before[s] + 1 for s in lost)
         # And node-a serves again.
-        (again,) = _workflow_ids(rejoined, "node-a", 1, "again")
+        (again,) = workflow_ids(rejoined, "node-a", 1, "again")
         await _start(clients["node-a"], again, 3, 0.1)
         assert await _result(clients["node-a"], again) == "3:12"
     fenced = [e for e in _lease_trace(trace_dir, a.name) if e["action"] == "FencedWrite"]
@@ -328,7 +275,7 @@ async def test_sigkilled_node_shards_are_served_within_the_lease(
         doomed = await _start_sleeping(clients["node-a"], owners, 4, "doomed", 1.0)
         killed = time.monotonic()
         await a.kill()
-        await _wait(lambda: _split(store, "node-b"), "node-b to take over")
+        await _wait(lambda: split(store, "node-b"), "node-b to take over")
         takeover_s = time.monotonic() - killed
         print(f"takeover after SIGKILL: {takeover_s:.2f} s (lease {LEASE_S} s)")
         # The lease lapses within LEASE_S; node-b's next pass comes within a third.
