@@ -1,14 +1,19 @@
 """Shared harness of the multi-node tests: ``tideflow server start`` nodes on one
-PostgreSQL database, who owns which shard, workflow ids of a given node's shards, and
-node certificates for TLS between nodes."""
+PostgreSQL database, who owns which shard, workflow ids of a given node's shards, the
+workflows and in-process workers of the routing tests, the audit lines a node wrote,
+and node certificates for TLS between nodes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,6 +23,7 @@ from helpers import Processes, ServerProcess, eventually
 from test_security_tls import make_ca
 
 from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
+from tideflow.worker_sdk import Client, Worker, activity, workflow
 
 # Leases of the test nodes: a killed node's shards move within a few seconds.
 LEASE_S = 2.0
@@ -85,6 +91,103 @@ def workflow_ids(
             if len(ids) == count:
                 return ids
     raise AssertionError(f"no workflow ids on {node}")
+
+
+# --------------------------------------------------------- workflows and workers
+
+QUEUE = "cluster-routing"
+
+
+@activity.defn
+async def joined(items: list[str]) -> str:
+    return ",".join(items)
+
+
+@workflow.defn
+class Inbox:
+    """Collects signalled items until ``close``; returns them joined by an activity."""
+
+    def __init__(self) -> None:
+        self._items: list[str] = []
+        self._closed = False
+
+    @workflow.signal
+    def add(self, item: str) -> None:
+        self._items.append(item)
+
+    @workflow.signal
+    def close(self) -> None:
+        self._closed = True
+
+    @workflow.query
+    def items(self) -> list[str]:
+        return list(self._items)
+
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self._closed)
+        return str(
+            await workflow.execute_activity(
+                joined, self._items, start_to_close_timeout=timedelta(seconds=10)
+            )
+        )
+
+
+@workflow.defn
+class Parent:
+    """Acts on runs of another node's shards: a child it signals (through an external
+    handle) and waits for, a child its close terminates, a run it cancels."""
+
+    @workflow.run
+    async def run(self, child_id: str, doomed_id: str, cancelled_id: str) -> str:
+        child = await workflow.start_child_workflow(Inbox.run, id=child_id)
+        external = workflow.get_external_workflow_handle(child_id)
+        await external.signal(Inbox.add, "from-parent")
+        await external.signal(Inbox.close)
+        result = str(await child)
+        await workflow.start_child_workflow(Inbox.run, id=doomed_id)  # TERMINATE on close
+        await workflow.get_external_workflow_handle(cancelled_id).cancel()
+        return result
+
+
+@contextlib.asynccontextmanager
+async def workers(*addresses: str, **connect: Any) -> AsyncIterator[list[Client]]:
+    """A client and an Inbox worker per address (``connect``: Client.connect's
+    options); a worker of a dead node is abandoned after a short wait."""
+    clients = [await Client.connect(a, **connect) for a in addresses]
+    running = [
+        Worker(c, task_queue=QUEUE, workflows=[Inbox, Parent], activities=[joined]) for c in clients
+    ]
+    for w in running:
+        w.start()
+    try:
+        yield clients
+    finally:
+        for w in running:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.shutdown(), 5)
+        for c in clients:
+            await c.close()
+
+
+async def start_inbox(client: Client, workflow_id: str) -> None:
+    await client.start_workflow(Inbox.run, id=workflow_id, task_queue=QUEUE)
+
+
+def audit_lines(node: ServerProcess, rpc: str, workflow_id: str, outcome: str = "") -> list[str]:
+    """The audit lines every process of node ``node`` wrote for ``rpc`` (on
+    ``workflow_id``, with ``outcome``, when given)."""
+    lines = []
+    for path in sorted(node.proc.err.parent.glob(f"{node.name}-*.err")):
+        for line in path.read_text(errors="replace").splitlines():
+            if f"tideflow.audit: rpc={rpc} " not in line:
+                continue
+            if workflow_id and f"workflow_id={workflow_id} " not in line:
+                continue
+            if outcome and f"outcome={outcome} " not in line:
+                continue
+            lines.append(line)
+    return lines
 
 
 # ------------------------------------------------------------------ certificates

@@ -21,11 +21,9 @@ its own pollers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -33,56 +31,25 @@ import pytest
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
 from helpers_cluster import (
     CONDITION_TIMEOUT_S,
+    QUEUE,
+    Inbox,
+    Parent,
     StartNode,
+    audit_lines,
     node_starter,
+    start_inbox,
     wait_split,
+    workers,
     workflow_ids,
 )
 
 from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 from tideflow.history import HistoryStore, shard_of
-from tideflow.worker_sdk import Client, Worker, activity, workflow
+from tideflow.worker_sdk import Client
 from tideflow.worker_sdk import exceptions as exc
 from tideflow.worker_sdk._failover import FailoverService
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-QUEUE = "cluster-routing"
-
-
-@activity.defn
-async def joined(items: list[str]) -> str:
-    return ",".join(items)
-
-
-@workflow.defn
-class Inbox:
-    """Collects signalled items until ``close``; returns them joined by an activity."""
-
-    def __init__(self) -> None:
-        self._items: list[str] = []
-        self._closed = False
-
-    @workflow.signal
-    def add(self, item: str) -> None:
-        self._items.append(item)
-
-    @workflow.signal
-    def close(self) -> None:
-        self._closed = True
-
-    @workflow.query
-    def items(self) -> list[str]:
-        return list(self._items)
-
-    @workflow.run
-    async def run(self) -> str:
-        await workflow.wait_condition(lambda: self._closed)
-        return str(
-            await workflow.execute_activity(
-                joined, self._items, start_to_close_timeout=timedelta(seconds=10)
-            )
-        )
 
 
 @pytest.fixture
@@ -96,28 +63,6 @@ def nodes(procs: Processes, pg_url: str) -> StartNode:
     return node_starter(procs, pg_url)
 
 
-@contextlib.asynccontextmanager
-async def workers(*addresses: str, **connect: Any) -> AsyncIterator[list[Client]]:
-    """A client and an Inbox worker per address (``connect``: Client.connect's
-    options); a worker of a dead node is abandoned after a short wait."""
-    clients = [await Client.connect(a, **connect) for a in addresses]
-    running = [Worker(c, task_queue=QUEUE, workflows=[Inbox], activities=[joined]) for c in clients]
-    for w in running:
-        w.start()
-    try:
-        yield clients
-    finally:
-        for w in running:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(w.shutdown(), 5)
-        for c in clients:
-            await c.close()
-
-
-async def start_inbox(client: Client, workflow_id: str) -> None:
-    await client.start_workflow(Inbox.run, id=workflow_id, task_queue=QUEUE)
-
-
 def signalled_items(events: Sequence[Any], client: Client) -> list[str]:
     """The item of every ``add`` signal in history, in order."""
     items = []
@@ -127,22 +72,6 @@ def signalled_items(events: Sequence[Any], client: Client) -> list[str]:
             if attrs.signal_name == "add":
                 items.append(client.data_converter.from_payloads(attrs.input, [str])[0])
     return items
-
-
-def audit_lines(node: ServerProcess, rpc: str, workflow_id: str, outcome: str = "") -> list[str]:
-    """The audit lines every process of node ``node`` wrote for ``rpc`` (on
-    ``workflow_id``, with ``outcome``, when given)."""
-    lines = []
-    for path in sorted(node.proc.err.parent.glob(f"{node.name}-*.err")):
-        for line in path.read_text(errors="replace").splitlines():
-            if f"tideflow.audit: rpc={rpc} " not in line:
-                continue
-            if workflow_id and f"workflow_id={workflow_id} " not in line:
-                continue
-            if outcome and f"outcome={outcome} " not in line:
-                continue
-            lines.append(line)
-    return lines
 
 
 # -------------------------------------------------------------------- forwarding
@@ -226,6 +155,48 @@ async def test_a_forwarded_call_to_a_node_without_the_shard_is_refused(
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert f"shard {shard}" in str(refused.value.details())
     assert "node node-c at" in str(refused.value.details())
+
+
+async def test_transfers_act_on_runs_of_another_nodes_shards(
+    nodes: StartNode, store: HistoryStore
+) -> None:
+    a = await nodes("node-a")
+    c = await nodes("node-c")
+    owners = await wait_split(store, "node-a", "node-c")
+    (parent_id,) = workflow_ids(owners, "node-a", 1, "parent")
+    child_id, doomed_id, cancelled_id = workflow_ids(owners, "node-c", 3, "child")
+    async with workers(a.address, c.address), await Client.connect(a.address) as client:
+        await start_inbox(client, cancelled_id)
+        parent = await client.start_workflow(
+            Parent.run, args=[child_id, doomed_id, cancelled_id], id=parent_id, task_queue=QUEUE
+        )
+        assert await asyncio.wait_for(parent.result(), CONDITION_TIMEOUT_S) == "from-parent"
+        with pytest.raises(exc.WorkflowFailureError) as cancelled:
+            await asyncio.wait_for(
+                client.get_workflow_handle(cancelled_id).result(), CONDITION_TIMEOUT_S
+            )
+        assert isinstance(cancelled.value.cause, exc.CancelledError)
+        doomed = client.get_workflow_handle(doomed_id)
+        await eventually(
+            lambda: _status_is(doomed, "TERMINATED"), "the parent-close policy", timeout=30
+        )
+        events = (await parent.fetch_history()).events
+        assert_gap_free(events)
+        types = [e.event_type for e in events]
+        for expected, count in [
+            (ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED, 2),
+            (ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED, 1),
+            (ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_SIGNALED, 2),
+            (ET.EVENT_TYPE_EXTERNAL_WORKFLOW_EXECUTION_CANCEL_REQUESTED, 1),
+        ]:
+            assert types.count(expected) == count, ET.Name(expected)
+        child_events = (await client.get_workflow_handle(child_id).fetch_history()).events
+        started = child_events[0].workflow_execution_started_event_attributes
+        assert started.parent_workflow_execution.workflow_id == parent_id
+
+
+async def _status_is(handle: Any, status: str) -> bool:
+    return bool((await handle.describe()).status.name == status)
 
 
 # ------------------------------------------------------------------ routing race
