@@ -149,6 +149,7 @@ class HistoryEngine:
         if run is not None:
             self._cache.move_to_end(key)
             return run
+        lease = self._lease_of(key)
         record = await self._store.get_execution(key)
         if record is None:
             raise WorkflowNotFoundError(
@@ -161,9 +162,22 @@ class HistoryEngine:
             run = _Run(
                 state=state_pb2.MutableState.FromString(record.state), db_version=record.db_version
             )
+            self._cache_if_held(key, run, lease)
+        return run
+
+    def _lease_of(self, key: RunKey) -> int | None:
+        """The range id under which this node holds ``key``'s shard now (None: not
+        held, or a store without shards)."""
+        return self._store.held_shards.get(self._store.shard_of(key))
+
+    def _cache_if_held(self, key: RunKey, run: _Run, lease: int | None) -> None:
+        """Cache ``run`` (read or committed under lease ``lease``) unless the shard was
+        lost meanwhile: an entry that outlived a loss would be served, stale, once the
+        shard came back, and a stale state judges a live task stale (its row deleted,
+        the task lost). Such a run is still returned to its caller, just not kept."""
+        if self._lease_of(key) == lease:
             self._cache[key] = run
             self._evict_overflow()
-        return run
 
     def _evict_overflow(self) -> None:
         while len(self._cache) > self._config.state_cache_size:
@@ -230,6 +244,7 @@ class HistoryEngine:
         # matching and the transfer processor only once the write has landed (below).
         # Other commits (recording a task as started) are awaited directly and
         # cancelled with their caller, as before: a poll that went away starts nothing.
+        lease = self._lease_of(key)
         apply = self._store.apply(m.to_transition(run.db_version), *together)
         write = asyncio.ensure_future(apply) if m.new_tasks else None
         try:
@@ -268,7 +283,7 @@ class HistoryEngine:
         self._tracer.outcome(m, committed=True)
         for side in m.side_runs:
             side_run = _Run(state=side.ms, db_version=1, events=list(side.events))
-            self._cache[side.key] = side_run
+            self._cache_if_held(side.key, side_run, lease)
             self._after_commit(side_run, side, "StartRun")
         run.state = m.ms
         run.db_version += 1
@@ -458,6 +473,7 @@ class HistoryEngine:
             m.current = CurrentWrite.REPLACE
             m.replaces_run_id = current.run_id
         self._tracer.write_ahead("StartRun", m)
+        lease = self._lease_of(run_key_of(m.ms))
         try:
             await self._store.apply(m.to_transition(0, start_request_id=request_id))
         except CurrentExecutionConflictError:
@@ -474,8 +490,7 @@ class HistoryEngine:
             return None
         self._tracer.outcome(m, committed=True)
         run = _Run(state=m.ms, db_version=1, events=list(m.events))
-        self._cache[run_key_of(m.ms)] = run
-        self._evict_overflow()
+        self._cache_if_held(run_key_of(m.ms), run, lease)
         self._after_commit(run, m, "StartRun")
         return run_id
 

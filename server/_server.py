@@ -127,6 +127,10 @@ class _ShardHooks:
         self.recovered = 0  # task rows read back, for the start-up log line
 
     async def acquired(self, shard: int) -> None:
+        if self.engine is not None:
+            # Nothing cached of the shard from an earlier tenure may be served: another
+            # node wrote its runs meanwhile.
+            self.engine.evict_shard(shard)
         self.recovered += await self._matching.recover(self._store, [shard])
         self.recovered += await self._transfers.recover([shard])
         await self._timers.recover_shard(shard)
