@@ -231,6 +231,26 @@ class HistoryEngine:
                     return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
 
+    async def _judged_fresh(
+        self, key: RunKey, action: str, fn: Callable[[Mutation], T]
+    ) -> T | None:
+        """``update(key, action, fn)`` for a dispatched task or a due timer, whose row is
+        deleted when the result is falsy (stale). Such a verdict is reached again on a
+        state read from the store before it stands: the cached state may lag a commit
+        in doubt (its caller cancelled while the write was in flight, and a read cached
+        the state from before it), and deleting a live row loses its task or timer for
+        good. None: the run is gone."""
+        try:
+            result = await self.update(key, action, fn)
+            if result:
+                return result
+            run = self._cache.get(key)
+            if run is not None:
+                self._forget(key, run)
+            return await self.update(key, action, fn)
+        except NotFoundError:
+            return None
+
     async def _commit(self, key: RunKey, run: _Run, m: Mutation, action: str) -> bool:
         """Commit ``m`` (and the runs it creates) and update the cache; False if
         another writer changed the run first (the cache entry is dropped)."""
@@ -500,14 +520,11 @@ class HistoryEngine:
         self, task: TaskRow, identity: str
     ) -> service_pb2.PollWorkflowTaskResponse | None:
         """Mark a dispatched workflow task started; None if the task is stale."""
-        try:
-            wft = await self.update(
-                task.key,
-                "RecordWorkflowTaskStarted",
-                lambda m: _workflow_tasks.record_started(m, task, identity),
-            )
-        except NotFoundError:
-            wft = None
+        wft = await self._judged_fresh(
+            task.key,
+            "RecordWorkflowTaskStarted",
+            lambda m: _workflow_tasks.record_started(m, task, identity),
+        )
         if wft is None:
             await self._store.delete_task(task.task_key, run=task.key)
             return None
@@ -581,14 +598,11 @@ class HistoryEngine:
     async def record_activity_started(
         self, task: TaskRow, identity: str
     ) -> service_pb2.PollActivityTaskResponse | None:
-        try:
-            started = await self.update(
-                task.key,
-                "RecordActivityStarted",
-                lambda m: _activities.record_started(m, task, identity),
-            )
-        except NotFoundError:
-            started = False
+        started = await self._judged_fresh(
+            task.key,
+            "RecordActivityStarted",
+            lambda m: _activities.record_started(m, task, identity),
+        )
         if not started:
             await self._store.delete_task(task.task_key, run=task.key)
             return None
@@ -703,14 +717,11 @@ class HistoryEngine:
 
     async def fire_timer(self, timer: TimerRow) -> None:
         """A durable timer is due. Stale timers (their task moved on) are dropped."""
-        try:
-            handled = await self.update(
-                timer.key,
-                f"FireTimer:{timer.kind.name}",
-                lambda m: _timeouts.fire(m, timer, self._config),
-            )
-        except NotFoundError:
-            handled = False
+        handled = await self._judged_fresh(
+            timer.key,
+            f"FireTimer:{timer.kind.name}",
+            lambda m: _timeouts.fire(m, timer, self._config),
+        )
         if not handled:
             await self._store.delete_timer(timer.timer_key, run=timer.key)
 
