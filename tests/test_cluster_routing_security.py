@@ -123,9 +123,9 @@ async def test_with_api_keys_a_forwarded_call_is_authorized_as_its_client(
         # The owner authorized the client's forwarded start, and audited it as the
         # client's (the forwarding node wrote no line).
         (inbox,) = workflow_ids(owners, "node-c", 1, "keyed")
-        (line,) = audit_lines(c, "StartWorkflow", inbox)
+        (line,) = audit_lines(c, "StartWorkflow", inbox, "OK")
         assert "principal=app " in line and "forwarded_by=node-a " in line, line
-        assert audit_lines(a, "StartWorkflow", inbox) == []
+        assert audit_lines(a, "StartWorkflow", inbox, "OK") == []
         # A reader reads through node-a, and cannot start there.
         assert (await reading.get_workflow_handle(inbox).describe()).status.name == "COMPLETED"
         (other,) = workflow_ids(owners, "node-c", 1, "reader")
