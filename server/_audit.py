@@ -27,6 +27,8 @@ from typing import Any
 
 from tideflow.api.v1 import state_pb2
 
+from ._peers import FORWARDED_HEADER
+
 log = logging.getLogger("tideflow.audit")
 
 # RPCs that change durable state. A poll changes it only when it hands out a task (the
@@ -67,6 +69,18 @@ _principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+# The node that served this call when this node forwarded it (server/_routing.py): that
+# node wrote the call's line, so this one writes none.
+_forwarded_to: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tideflow_audit_forwarded_to", default=None
+)
+
+
+def note_forwarded(node_id: str) -> None:
+    """Record that node ``node_id`` served the RPC (and wrote its audit line)."""
+    _forwarded_to.set(node_id)
+
+
 def note_principal(name: str) -> None:
     """Record who the RPC's credentials proved the caller is."""
     _principal.set(name)
@@ -86,10 +100,13 @@ class AuditEntry:
         self._context = context
         _token.set(None)
         _principal.set(None)
+        _forwarded_to.set(None)
 
     def done(self, outcome: str, response: Any) -> None:
         if self._rpc in _POLLS and not (response is not None and response.task_token):
             return  # an empty poll wrote nothing
+        if _forwarded_to.get() is not None:
+            return  # the node that served it wrote the line (forwarded_by=this node)
         fields = {"rpc": self._rpc, "outcome": outcome}
         principal = _principal.get()
         if principal is not None:
@@ -151,6 +168,10 @@ def _response_fields(response: Any) -> dict[str, str]:
 def _peer_fields(context: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     try:
+        forwarded_by = [v for k, v in context.invocation_metadata() or () if k == FORWARDED_HEADER]
+        if forwarded_by:
+            # The peer is that node; the caller's credentials travelled with the call.
+            out["forwarded_by"] = str(forwarded_by[0])
         out["peer"] = context.peer()
         names = context.auth_context().get("x509_common_name")
     except Exception:  # a context without a transport (in-process tests)

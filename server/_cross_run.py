@@ -4,9 +4,10 @@ A transition that starts a child, closes a child, signals or cancels another run
 closes a parent with children writes an outbox row (``TaskKind.TRANSFER``); the
 transfer processor (server/_transfer.py) hands each committed row to
 ``process_transfer``. Each action first acts on the other run through the engine's
-public entry points (start, signal, cancel, terminate), with a request id derived from
-the source run and event so a replayed row acts once, then records the outcome on the
-run that owns the row and deletes the row in that same transaction.
+public entry points (start, signal, cancel, terminate) on whichever node holds the
+other run's shard (``engine.gateway``, server/_run_gateway.py), with a request id
+derived from the source run and event so a replayed row acts once, then records the
+outcome on the run that owns the row and deletes the row in that same transaction.
 
 TLA+ actions (tla/EngineCore.tla): ``RecordChildStarted``, ``RecordChildClosed``,
 ``RecordExternalOutcome`` (the transitions after the other run was acted on) and the
@@ -84,9 +85,8 @@ async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow
     req = _child_start_request(parent, initiated, task.ref_id)
     failure_cause: str | None
     try:
-        run_id, _ = await engine.start_workflow(
-            req, parent=parent, parent_initiated_event_id=task.ref_id
-        )
+        # On the node that owns the child's shard (server/_run_gateway.py).
+        run_id = await engine.gateway.start_child(req, parent, task.ref_id)
     except WorkflowAlreadyStartedError as exc:
         failure_cause = str(exc)
         run_id = ""
@@ -184,9 +184,8 @@ async def _report_child_closed(engine: HistoryEngine, store: HistoryStore, task:
         workflow_id=child.parent_workflow_id,
         run_id=child.parent_run_id,
     )
-    await engine.update(
-        parent_key, "RecordChildClosed", lambda m: record_child_closed(m, task, child, close)
-    )
+    # On the node that owns the parent's shard (server/_run_gateway.py).
+    await engine.gateway.record_child_closed(parent_key, task, child, close)
 
 
 def record_child_closed(
@@ -273,14 +272,20 @@ async def _apply_parent_close_policy(
         key = RunKey(namespace=child.namespace, workflow_id=child.workflow_id, run_id=child.run_id)
         try:
             if child.parent_close_policy == ParentClosePolicy.PARENT_CLOSE_POLICY_REQUEST_CANCEL:
-                await engine.request_cancel(
+                await engine.gateway.request_cancel(
                     key,
                     f"parent:{parent.workflow_id}",
                     f"{parent.run_id}:close:{task.ref_id}",
                     "parent closed",
                 )
             else:  # TERMINATE, also the default
-                await engine.terminate(key, "parent closed", None, f"parent:{parent.workflow_id}")
+                await engine.gateway.terminate(
+                    key,
+                    "parent closed",
+                    f"parent:{parent.workflow_id}",
+                    # A replayed row (or a retry on another node) terminates once.
+                    f"{parent.run_id}:close:{task.ref_id}",
+                )
         except FailedPreconditionError:
             pass  # the child closed already
     await store.delete_task(task.task_key, run=task.key)
@@ -319,10 +324,12 @@ async def _deliver_external(
     target = await engine.resolve_run_id(request.namespace, request.workflow_id, request.run_id)
     request_id = f"{source.run_id}:external:{initiated_event_id}"
     if request.cancel:
-        await engine.request_cancel(target, f"workflow:{source.workflow_id}", request_id, "")
+        await engine.gateway.request_cancel(
+            target, f"workflow:{source.workflow_id}", request_id, ""
+        )
         return
     a = initiated.signal_external_workflow_execution_initiated_event_attributes
-    await engine.signal(
+    await engine.gateway.signal(
         target,
         a.signal_name,
         a.input if a.HasField("input") else None,

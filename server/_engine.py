@@ -69,6 +69,7 @@ from ._errors import (
 )
 from ._history_pages import HistoryPager
 from ._mutation import Mutation, run_key_of
+from ._run_gateway import RunGateway
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
 from ._task_tokens import TaskTokenSigner
@@ -129,6 +130,9 @@ class HistoryEngine:
         # The node's shard ownership: runs of shards it does not hold are refused
         # (UNAVAILABLE naming the owner). None: every run is served (tests, tools).
         self._shards = shards
+        # Where transfers act on other runs: here, or on the node that owns the other
+        # run's shard (the server wires its router in, server/_run_gateway.py).
+        self.gateway = RunGateway(self)
         self._dispatcher = dispatcher
         self._clock = clock
         self._config = config
@@ -150,6 +154,7 @@ class HistoryEngine:
         if run is not None:
             self._cache.move_to_end(key)
             return run
+        lease = self._lease_of(key)
         record = await self._store.get_execution(key)
         if record is None:
             raise WorkflowNotFoundError(
@@ -162,9 +167,22 @@ class HistoryEngine:
             run = _Run(
                 state=state_pb2.MutableState.FromString(record.state), db_version=record.db_version
             )
+            self._cache_if_held(key, run, lease)
+        return run
+
+    def _lease_of(self, key: RunKey) -> int | None:
+        """The range id under which this node holds ``key``'s shard now (None: not
+        held, or a store without shards)."""
+        return self._store.held_shards.get(self._store.shard_of(key))
+
+    def _cache_if_held(self, key: RunKey, run: _Run, lease: int | None) -> None:
+        """Cache ``run`` (read or committed under lease ``lease``) unless the shard was
+        lost meanwhile: an entry that outlived a loss would be served, stale, once the
+        shard came back, and a stale state judges a live task stale (its row deleted,
+        the task lost). Such a run is still returned to its caller, just not kept."""
+        if self._lease_of(key) == lease:
             self._cache[key] = run
             self._evict_overflow()
-        return run
 
     def _evict_overflow(self) -> None:
         while len(self._cache) > self._config.state_cache_size:
@@ -190,7 +208,14 @@ class HistoryEngine:
         """Run ``fn`` on a fresh copy of the run's state and commit what it built.
 
         ``action`` names the transition in trace mode (the TLA+ action). A commit that
-        lost a race to another writer is recomputed on the reloaded run."""
+        lost a race to another writer is recomputed on the reloaded run.
+
+        A refusal (NOT_FOUND, FAILED_PRECONDITION) computed on a cached state is
+        computed again on a state read from the store before it is answered: a node
+        that lost the shard without knowing yet (paused past its lease) may hold a
+        state another node has moved on from, and a routing race must never surface
+        as such an error. (A write on that stale state is refused by the fence.)"""
+        rechecked = False
         for _ in range(_MAX_CONFLICT_RETRIES):
             run = await self._load(key)
             async with run.lock:
@@ -199,10 +224,37 @@ class HistoryEngine:
                 ms = state_pb2.MutableState()
                 ms.CopyFrom(run.state)
                 m = Mutation(ms, self._clock.now_micros())
-                result = fn(m)
+                try:
+                    result = fn(m)
+                except (NotFoundError, FailedPreconditionError):
+                    if rechecked:
+                        raise
+                    rechecked = True
+                    self._forget(key, run)
+                    continue
                 if not m.dirty or await self._commit(key, run, m, action):
                     return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
+
+    async def _judged_fresh(
+        self, key: RunKey, action: str, fn: Callable[[Mutation], T]
+    ) -> T | None:
+        """``update(key, action, fn)`` for a dispatched task or a due timer, whose row is
+        deleted when the result is falsy (stale). Such a verdict is reached again on a
+        state read from the store before it stands: the cached state may lag a commit
+        in doubt (its caller cancelled while the write was in flight, and a read cached
+        the state from before it), and deleting a live row loses its task or timer for
+        good. None: the run is gone."""
+        try:
+            result = await self.update(key, action, fn)
+            if result:
+                return result
+            run = self._cache.get(key)
+            if run is not None:
+                self._forget(key, run)
+            return await self.update(key, action, fn)
+        except NotFoundError:
+            return None
 
     async def _commit(self, key: RunKey, run: _Run, m: Mutation, action: str) -> bool:
         """Commit ``m`` (and the runs it creates) and update the cache; False if
@@ -217,6 +269,7 @@ class HistoryEngine:
         # matching and the transfer processor only once the write has landed (below).
         # Other commits (recording a task as started) are awaited directly and
         # cancelled with their caller, as before: a poll that went away starts nothing.
+        lease = self._lease_of(key)
         apply = self._store.apply(m.to_transition(run.db_version), *together)
         write = asyncio.ensure_future(apply) if m.new_tasks else None
         try:
@@ -255,7 +308,7 @@ class HistoryEngine:
         self._tracer.outcome(m, committed=True)
         for side in m.side_runs:
             side_run = _Run(state=side.ms, db_version=1, events=list(side.events))
-            self._cache[side.key] = side_run
+            self._cache_if_held(side.key, side_run, lease)
             self._after_commit(side_run, side, "StartRun")
         run.state = m.ms
         run.db_version += 1
@@ -445,6 +498,7 @@ class HistoryEngine:
             m.current = CurrentWrite.REPLACE
             m.replaces_run_id = current.run_id
         self._tracer.write_ahead("StartRun", m)
+        lease = self._lease_of(run_key_of(m.ms))
         try:
             await self._store.apply(m.to_transition(0, start_request_id=request_id))
         except CurrentExecutionConflictError:
@@ -461,8 +515,7 @@ class HistoryEngine:
             return None
         self._tracer.outcome(m, committed=True)
         run = _Run(state=m.ms, db_version=1, events=list(m.events))
-        self._cache[run_key_of(m.ms)] = run
-        self._evict_overflow()
+        self._cache_if_held(run_key_of(m.ms), run, lease)
         self._after_commit(run, m, "StartRun")
         return run_id
 
@@ -472,14 +525,11 @@ class HistoryEngine:
         self, task: TaskRow, identity: str
     ) -> service_pb2.PollWorkflowTaskResponse | None:
         """Mark a dispatched workflow task started; None if the task is stale."""
-        try:
-            wft = await self.update(
-                task.key,
-                "RecordWorkflowTaskStarted",
-                lambda m: _workflow_tasks.record_started(m, task, identity),
-            )
-        except NotFoundError:
-            wft = None
+        wft = await self._judged_fresh(
+            task.key,
+            "RecordWorkflowTaskStarted",
+            lambda m: _workflow_tasks.record_started(m, task, identity),
+        )
         if wft is None:
             await self._store.delete_task(task.task_key, run=task.key)
             return None
@@ -570,14 +620,11 @@ class HistoryEngine:
     async def record_activity_started(
         self, task: TaskRow, identity: str
     ) -> service_pb2.PollActivityTaskResponse | None:
-        try:
-            started = await self.update(
-                task.key,
-                "RecordActivityStarted",
-                lambda m: _activities.record_started(m, task, identity),
-            )
-        except NotFoundError:
-            started = False
+        started = await self._judged_fresh(
+            task.key,
+            "RecordActivityStarted",
+            lambda m: _activities.record_started(m, task, identity),
+        )
         if not started:
             await self._store.delete_task(task.task_key, run=task.key)
             return None
@@ -692,14 +739,11 @@ class HistoryEngine:
 
     async def fire_timer(self, timer: TimerRow) -> None:
         """A durable timer is due. Stale timers (their task moved on) are dropped."""
-        try:
-            handled = await self.update(
-                timer.key,
-                f"FireTimer:{timer.kind.name}",
-                lambda m: _timeouts.fire(m, timer, self._config),
-            )
-        except NotFoundError:
-            handled = False
+        handled = await self._judged_fresh(
+            timer.key,
+            f"FireTimer:{timer.kind.name}",
+            lambda m: _timeouts.fire(m, timer, self._config),
+        )
         if not handled:
             await self._store.delete_timer(timer.timer_key, run=timer.key)
 

@@ -50,6 +50,8 @@ from ._failures import RateLimitedLog
 from ._history_pages import is_task_token
 from ._matching import Matching
 from ._polls import TaskQueueService
+from ._routing import ROUTED_RPCS, Router
+from ._run_views import describe_response
 from ._schedules import Scheduler, require_scheduler
 from ._task_tokens import TaskTokenSigner
 from ._validation import RequestValidator, TooLargeError, check_retry_policy
@@ -92,7 +94,8 @@ def _rpc(
     anything else reads it, authorize the call on its namespace (server/_auth.py), and
     translate errors into statuses at this one boundary. Every RPC goes through here,
     so no handler can forget the bounds or the grants, and every mutating one writes
-    its audit line (server/_audit.py) whatever its outcome."""
+    its audit line (server/_audit.py) whatever its outcome. A call about one run is
+    served where the run's shard is held (server/_routing.py)."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
@@ -113,7 +116,13 @@ def _rpc(
             if gate is not None:
                 namespace = await self._namespace_of(method.__name__, request)
                 gate.authorize(principal, method.__name__, namespace)
-            response = await method(self, request, context)
+            if self._router is not None and method.__name__ in ROUTED_RPCS:
+                local = functools.partial(method, self, request, context)
+                response: Resp = await self._router.serve(
+                    method.__name__, request, context, local, self._open_token
+                )
+            else:
+                response = await method(self, request, context)
             audited(grpc.StatusCode.OK, response)
             return response
         except ServiceError as exc:
@@ -154,12 +163,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         tokens: TaskTokenSigner | None = None,
         auth: AuthGate | None = None,
         polls: TaskQueueService | None = None,
+        router: Router | None = None,
     ) -> None:
         """``log_clock`` paces the log of store failures (monotonic seconds); ``auth``
         authenticates and authorizes every call (None: auth is off); ``polls`` serves
-        the task-queue RPCs (None: this node serves every queue and run)."""
+        the task-queue RPCs (None: this node serves every queue and run); ``router``
+        sends run-keyed calls to the owner of the run's shard (None: all served here)."""
         self._store = store
         self._auth = auth
+        self._router = router
         # Seals every task token handed out and opens every one received
         # (server/_task_tokens.py): clients cannot forge them.
         self._tokens = tokens or TaskTokenSigner(
@@ -189,7 +201,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             raise NamespaceNotFoundError(f"namespace not found: {namespace!r}", namespace=namespace)
         self._namespaces.add(namespace)
 
-    async def _open_token(self, request: Any, *, activity: bool) -> state_pb2.TaskToken:
+    async def _open_token(self, request: Any, activity: bool) -> state_pb2.TaskToken:
         """The task token of ``request``, after its signature is checked: nothing reads
         a token's fields before that. A request that names a namespace must name the
         token's."""
@@ -361,44 +373,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.namespace, request.execution.workflow_id, request.execution.run_id
         )
         ms = await self._engine.state_of(key)
-        response = service_pb2.DescribeWorkflowResponse()
-        info = response.workflow_execution_info
-        info.execution.workflow_id = ms.workflow_id
-        info.execution.run_id = ms.run_id
-        info.type.CopyFrom(ms.workflow_type)
-        info.start_time.CopyFrom(ms.start_time)
-        if ms.HasField("close_time"):
-            info.close_time.CopyFrom(ms.close_time)
-        info.status = ms.status
-        info.history_length = ms.next_event_id - 1
-        info.task_queue = ms.task_queue.name
-        # Each activity's details and failure are bounded, their number is not: past half
-        # the message limit the remaining entries come without them (still all listed).
-        detail_budget = self._config.grpc_max_message_bytes // 2
-        for act in sorted(ms.pending_activities.values(), key=lambda a: a.scheduled_event_id):
-            pending = response.pending_activities.add(
-                activity_id=act.activity_id,
-                attempt=act.attempt,
-                last_worker_identity=act.started_identity,
-                scheduled_event_id=act.scheduled_event_id,
-            )
-            pending.activity_type.CopyFrom(act.activity_type)
-            pending.scheduled_time.CopyFrom(act.scheduled_time)
-            if act.HasField("started_time"):
-                pending.last_started_time.CopyFrom(act.started_time)
-            if act.HasField("last_heartbeat_time"):
-                pending.last_heartbeat_time.CopyFrom(act.last_heartbeat_time)
-            details = act.heartbeat_details.ByteSize() + act.last_failure.ByteSize()
-            if details > detail_budget:
-                continue
-            detail_budget -= details
-            if act.HasField("heartbeat_details"):
-                pending.heartbeat_details.CopyFrom(act.heartbeat_details)
-            if act.HasField("last_failure"):
-                pending.last_failure.CopyFrom(act.last_failure)
-        if ms.HasField("workflow_task"):
-            response.pending_workflow_task_attempt = ms.workflow_task.attempt
-        return response
+        # Details past half the message limit are left out (see describe_response).
+        return describe_response(ms, self._config.grpc_max_message_bytes // 2)
 
     @_rpc
     async def TerminateWorkflow(

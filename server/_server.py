@@ -25,6 +25,7 @@ from tideflow.history import (
 )
 
 from ._auth import AuthConfig, gate_for
+from ._cluster_service import CLUSTER_SERVICE, ClusterService
 from ._config import Clock, ServerConfig, SystemClock, grpc_server_options
 from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
@@ -37,6 +38,8 @@ from ._peers import NodeCredential, PeerChannels
 from ._polls import TaskQueueService
 from ._registration import add_to_server
 from ._resync import resync_after_outages
+from ._routing import Router
+from ._run_gateway import RunGateway
 from ._schedules import Scheduler
 from ._shards import ShardController
 from ._task_tokens import TaskTokenSigner
@@ -163,6 +166,10 @@ class _ShardHooks:
         self.recovered = 0  # task rows read back, for the start-up log line
 
     async def acquired(self, shard: int) -> None:
+        if self.engine is not None:
+            # Nothing cached of the shard from an earlier tenure may be served: another
+            # node wrote its runs meanwhile.
+            self.engine.evict_shard(shard)
         self.recovered += await self.recover_tasks([shard])
         # Rows waiting for this shard's queues' owner go to this node now.
         self._dispatch.forwarder.nudge()
@@ -326,9 +333,17 @@ class TideflowServer:
         # a node makes on its own behalf, proved by the node credential.
         self.node_credential = routes.credential = NodeCredential(self.node_id, tokens)
         polls = TaskQueueService(engine, matching, self.config, tokens, routes)
+        router = self._route_between_nodes(shards, engine, server)
         # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
         # shard), a task fires those of the shards this node holds.
-        scheduler = Scheduler(store, engine, self._clock, owned=lambda: store.held_shards.keys())
+        # Its runs' shards may be held elsewhere: it starts them through the gateway.
+        scheduler = Scheduler(
+            store,
+            engine,
+            self._clock,
+            owned=lambda: store.held_shards.keys(),
+            runs=engine.gateway,
+        )
         hooks.scheduler = scheduler
         service = WorkflowService(
             store,
@@ -339,6 +354,7 @@ class TideflowServer:
             tokens=tokens,
             auth=gate_for(self.auth, store.api_keys, self.node_credential),
             polls=polls,
+            router=router,
         )
         add_to_server(service, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
@@ -377,6 +393,25 @@ class TideflowServer:
             store.shard_count,
             recovered,
         )
+
+    def _route_between_nodes(
+        self, shards: ShardController, engine: HistoryEngine, server: grpc.aio.Server
+    ) -> Router:
+        """The router of run-keyed calls (server/_routing.py). Transfers act on runs of
+        other nodes' shards through their owners (server/_run_gateway.py), which serve
+        those calls on the ClusterService (cluster.proto) on the same port."""
+        assert self.node_credential is not None
+        router = Router(
+            shards,
+            self.peers,
+            # Long enough for a killed owner's lease to lapse and another node to take
+            # the shard (a lease, a third of one to the next acquire pass, recovery).
+            budget_s=2 * self.config.lease_s + 5.0,
+            unbounded_call_s=self.config.long_poll_timeout_s + 10.0,
+        )
+        engine.gateway = RunGateway(engine, router, self.node_credential)
+        add_to_server(ClusterService(engine, self.node_credential), server, CLUSTER_SERVICE)
+        return router
 
     def _listen(self) -> grpc.aio.Server:
         """A gRPC server bound to ``host:port`` (TLS if configured), not started yet;

@@ -348,6 +348,16 @@ class ServerProcess:
         await self._procs.sigkill(self._running)
         self._running = None
 
+    async def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM the running process (a graceful stop) and wait until it exits;
+        its exit code. ``start()`` runs it again."""
+        assert self._running is not None, "no server process runs"
+        popen = self._running.popen
+        popen.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(popen.wait, timeout)
+        self._running = None
+        return code
+
 
 def read_marker(marker: Path, attempt: int) -> dict[str, Any] | None:
     """What attempt ``attempt`` of a marker-writing activity of procs/worker_proc.py

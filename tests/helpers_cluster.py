@@ -13,19 +13,18 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
 
-from tideflow.api.v1 import service_pb2_grpc
 from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
 
 QUEUE = "cluster-nodes"
+SHARDS = 16
 CONDITION_TIMEOUT_S = 40.0
 FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100))
 
@@ -93,13 +92,19 @@ async def split(store: HistoryStore, *names: str) -> dict[int, str] | None:
 
 
 def workflow_ids(
-    owned: dict[int, str], node: str, count: int, tag: str, shard_count: int
+    owned: dict[int, str],
+    node: str | Sequence[str],
+    count: int,
+    tag: str,
+    shard_count: int = SHARDS,
 ) -> list[str]:
-    """``count`` workflow ids (``tag-<i>``) whose shards ``node`` owns in ``owned``."""
+    """``count`` workflow ids (``tag-<i>``) of namespace default whose shards ``node``
+    (or one of several nodes) owns in ``owned``."""
+    wanted = {node} if isinstance(node, str) else set(node)
     ids = []
-    for i in range(10_000):
+    for i in range(100_000):
         workflow_id = f"{tag}-{i}"
-        if owned.get(shard_of("default", workflow_id, shard_count)) == node:
+        if owned.get(shard_of("default", workflow_id, shard_count)) in wanted:
             ids.append(workflow_id)
             if len(ids) == count:
                 return ids
@@ -112,9 +117,8 @@ async def workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
     worker is abandoned after a short wait)."""
     clients = {n.name: await Client.connect(n.address) for n in nodes}
     # A worker gets tasks of every node's runs through its own node (task queues are
-    # served across nodes); it reports on them to the run's owner.
+    # served across nodes), and its reports reach the run's owner (forwarding).
     polling = [await Client.connect(n.address) for n in nodes]
-    routes = [send_runs_to_their_owners(c, [n.address for n in nodes]) for c in polling]
     running = [Worker(c, task_queue=QUEUE, workflows=[Pause], activities=[double]) for c in polling]
     for w in running:
         w.start()
@@ -124,8 +128,7 @@ async def workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
         for w in running:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(w.shutdown(), 5)
-        for route, client in zip(routes, polling, strict=True):
-            await route.close()
+        for client in polling:
             await client.close()
 
 
@@ -164,75 +167,3 @@ async def sleeping(client: Client, workflow_ids: Sequence[str]) -> bool:
         if not any(e.event_type == ET.EVENT_TYPE_TIMER_STARTED for e in history.events):
             return False
     return True
-
-
-#: The RPCs served by a run's owner alone (another node refuses them UNAVAILABLE,
-#: naming the owner, before it does anything).
-RUN_RPCS = frozenset(
-    {
-        "StartWorkflow",
-        "GetHistory",
-        "DescribeWorkflow",
-        "TerminateWorkflow",
-        "SignalWorkflow",
-        "RequestCancelWorkflow",
-        "QueryWorkflow",
-        "RespondWorkflowTaskCompleted",
-        "RespondWorkflowTaskFailed",
-        "RespondActivityTaskCompleted",
-        "RespondActivityTaskFailed",
-        "RespondActivityTaskCanceled",
-        "RecordActivityHeartbeat",
-    }
-)
-
-
-class RunOwnerFirst:
-    """A WorkflowService stub: the RPCs of ``RUN_RPCS`` on every node of ``addresses``
-    at once, answered by the first node that does not answer UNAVAILABLE (the run's
-    owner: the others refuse the call without doing anything, and a paused or dead
-    node is not waited for); any other RPC on ``connected`` (the client's own stub)."""
-
-    def __init__(self, connected: Any, addresses: Sequence[str]) -> None:
-        self._connected = connected
-        self._channels = [grpc.aio.insecure_channel(a) for a in addresses]
-        self._stubs = [service_pb2_grpc.WorkflowServiceStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
-
-    def __getattr__(self, rpc: str) -> Callable[..., Awaitable[Any]]:
-        if rpc not in RUN_RPCS:
-            method: Callable[..., Awaitable[Any]] = getattr(self._connected, rpc)
-            return method
-        methods = [getattr(stub, rpc) for stub in self._stubs]
-
-        async def call(request: Any, **kwargs: Any) -> Any:
-            pending = {asyncio.ensure_future(method(request, **kwargs)) for method in methods}
-            refused: BaseException | None = None
-            try:
-                while pending:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for answer in done:
-                        error = answer.exception()
-                        unavailable = isinstance(error, grpc.aio.AioRpcError) and (
-                            error.code() == grpc.StatusCode.UNAVAILABLE
-                        )
-                        if not unavailable:
-                            return answer.result()
-                        refused = error
-            finally:
-                for left in pending:
-                    left.cancel()
-            assert refused is not None
-            raise refused
-
-        return call
-
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
-
-
-def send_runs_to_their_owners(client: Client, addresses: Sequence[str]) -> RunOwnerFirst:
-    """Install a ``RunOwnerFirst`` over ``client``'s stub; close it after the client."""
-    stub = RunOwnerFirst(client.service, addresses)
-    client.service = stub  # type: ignore[assignment]
-    return stub

@@ -10,8 +10,8 @@ node only.
 - The queue's node stops (SIGTERM) while workers poll through another node under
   load: every run completes and no activity runs twice.
 
-Calls other than the task-queue RPCs go to the node that owns the run
-(``helpers_cluster.send_runs_to_their_owners``: request forwarding is another change's).
+Every call goes to the one node the client connected to: the task-queue RPCs reach the
+queue's node and the calls on a run its owner through the nodes (forwarding).
 Leases are 2 s. Waits poll conditions against generous deadlines.
 """
 
@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually, new_id
-from helpers_cluster import send_runs_to_their_owners
 
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, TaskKind, now_micros, queue_shard_of, shard_of
@@ -111,12 +110,13 @@ class FirstEvents(WorkerInterceptor):
 
 @contextlib.asynccontextmanager
 async def _client(poll_at: ServerProcess, nodes: Sequence[ServerProcess]) -> AsyncIterator[Client]:
+    # ``nodes``: the cluster the client's node forwards to (kept in the signature so
+    # each test names the nodes it relies on).
+    assert poll_at in nodes
     client = await Client.connect(poll_at.address)
-    stub = send_runs_to_their_owners(client, [n.address for n in nodes])
     try:
         yield client
     finally:
-        await stub.close()
         await client.close()
 
 

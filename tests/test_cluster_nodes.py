@@ -1,10 +1,9 @@
-"""Several ``tideflow server start`` processes on one PostgreSQL database (issue 11,
-first increment: shards, leases, the range-id fence; no forwarding yet, so each
-client talks to the node that owns its workflow's shard, and a worker polls each node).
+"""Several ``tideflow server start`` processes on one PostgreSQL database: shards,
+leases, the range-id fence (forwarding between nodes: tests/test_cluster_routing.py;
+matching across nodes: tests/test_cluster_matching.py).
 
-- Two nodes split the 16 shards and each serves the workflows of its own; a request
-  for another node's shard is UNAVAILABLE naming the shard and its owner's address;
-  SIGTERM hands a node's shards over (released rows, taken by the other node).
+- Two nodes split the 16 shards and each serves the workflows of its own; SIGTERM
+  hands a node's shards over (released rows, taken by the other node).
 - Zombie: the owner is SIGSTOPped past its lease, the other node takes its shards over
   and writes; SIGCONT: the old owner's writes are refused (renewal or fence), it drops
   the shards, and rejoins (the shards are balanced again).
@@ -26,11 +25,9 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
 import pytest
 from conftest import PG_SERIALIZABLE, serializable_url
 from helpers import Processes, ServerProcess
@@ -47,8 +44,7 @@ from helpers_cluster import (
     workflow_ids,
 )
 
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
-from tideflow.history import HistoryStore, shard_of
+from tideflow.history import HistoryStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.serializable]
 
@@ -118,26 +114,6 @@ async def test_two_nodes_split_the_shards_and_serve_their_own(
         for n, (node, workflow_id) in enumerate(jobs):
             assert await result(clients[node], workflow_id) == f"{n}:{n * 4}"
             await check_history(clients[node], workflow_id)
-
-        # A run of node-a's shard, asked of node-b: UNAVAILABLE naming shard and owner.
-        (foreign,) = _ids(owners, "node-a", 1, "foreign")
-        shard = shard_of("default", foreign, SHARDS)
-        async with grpc.aio.insecure_channel(b.address) as channel:
-            stub = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.StartWorkflow(
-                    service_pb2.StartWorkflowRequest(
-                        namespace="default",
-                        workflow_id=foreign,
-                        workflow_type=common_pb2.WorkflowType(name="Pause"),
-                        task_queue=common_pb2.TaskQueue(name=QUEUE),
-                        request_id=str(uuid.uuid4()),
-                    ),
-                    timeout=10,
-                )
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert f"shard {shard}" in str(refused.value.details())
-        assert f"node node-a at {a.address}" in str(refused.value.details())
 
     # SIGTERM: node-a releases its shards and node-b takes them all.
     a.proc.popen.send_signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
 
 from . import exceptions as exc
 from ._credentials import CredentialInterceptor, credential_metadata
+from ._failover import FailoverService, split_targets
 from ._tls import TLSConfig
 from ._types import (
     MethodAsyncNoParam,
@@ -173,14 +174,22 @@ class Client:
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: grpc.aio.Channel | Sequence[tuple[str, grpc.aio.Channel]],
         *,
         namespace: str,
         data_converter: DataConverter,
         identity: str,
     ) -> None:
-        self._channel = channel
-        self.service = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        """``channel``: one channel, or (address, channel) pairs of several nodes of a
+        cluster, failed over between (worker_sdk/_failover.py)."""
+        self.service: Any
+        if isinstance(channel, grpc.aio.Channel):
+            self._channels = [channel]
+            self.service = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        else:
+            self._channels = [c for _, c in channel]
+            self.service = FailoverService([a for a, _ in channel], self._channels)
+        self._channel = self._channels[0]
         self.namespace = namespace
         self.data_converter = data_converter
         self.identity = identity
@@ -197,7 +206,13 @@ class Client:
         api_key: str | None = None,
         rpc_metadata: Mapping[str, str] | None = None,
     ) -> Client:
-        """Connect to ``host:port`` and check the server answers.
+        """Connect to ``host:port`` (or to one of several nodes of a cluster,
+        ``"h1:p1,h2:p2,h3:p3"``) and check the server answers.
+
+        With several addresses the client uses one node at a time and moves to the
+        next when a call fails UNAVAILABLE there (the node is down or unreachable),
+        retrying that call on it with the same request id; workers polling through
+        the client move with it. ``connect`` succeeds once any of them answers.
 
         Raises ``ConnectError`` if no server answers within ``connect_timeout`` (a
         timedelta or seconds; 5 s by default). Once connected, calls retry while the
@@ -224,9 +239,11 @@ class Client:
         )
         if seconds <= 0:
             raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
-        channel = _open_channel(target, tls, credential_metadata(api_key, rpc_metadata))
+        credentials = credential_metadata(api_key, rpc_metadata)
+        addresses = split_targets(target)
+        channels = [(a, _open_channel(a, tls, credentials)) for a in addresses]
         client = Client(
-            channel,
+            channels[0][1] if len(channels) == 1 else channels,
             namespace=namespace,
             data_converter=data_converter,
             identity=identity or default_identity(),
@@ -242,7 +259,7 @@ class Client:
                     retry_for=seconds,
                 )
         except (exc.RPCError, TimeoutError) as error:
-            await channel.close()
+            await client.close()
             if isinstance(error, exc.RPCError) and error.status not in _UNREACHABLE:
                 raise  # a server answered, with an error
             why = error.message if isinstance(error, exc.RPCError) else "no answer"
@@ -251,12 +268,13 @@ class Client:
                 status=grpc.StatusCode.UNAVAILABLE.name,
             ) from None
         except BaseException:
-            await channel.close()
+            await client.close()
             raise
         return client
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> Client:
         return self
