@@ -298,14 +298,7 @@ class TideflowServer:
         # serves the queues of the shards this node holds.
         routes = MatchingRoutes(store, self.peers, self.node_id)
         matching = Matching(routes.serves)
-        timers = TimerQueue(
-            store,
-            self._clock,
-            window_s=self.config.timer_window_s,
-            max_in_memory=self.config.max_timers_in_memory,
-            owns=owns,
-            owned=lambda: store.held_shards.keys(),
-        )
+        timers = self._timer_queue(store)
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers, routes)
         hooks = _ShardHooks(store, matching, dispatch, transfers, timers)
@@ -335,8 +328,8 @@ class TideflowServer:
         polls = TaskQueueService(engine, matching, self.config, tokens, routes)
         router = self._route_between_nodes(shards, engine, server)
         # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
-        # shard), a task fires those of the shards this node holds.
-        # Its runs' shards may be held elsewhere: it starts them through the gateway.
+        # shard), a task fires those of the shards this node holds, and starts their
+        # runs through the gateway (the runs' shards may be held elsewhere).
         scheduler = Scheduler(
             store,
             engine,
@@ -361,24 +354,35 @@ class TideflowServer:
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
         self._grpc = server
-        self._background = asyncio.create_task(
-            _run_background(
-                {
-                    "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
-                    "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
-                    "tideflow-task-forwarder": dispatch.forwarder.run,
-                    "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
-                    "tideflow-scheduler": scheduler.run,
-                    "tideflow-shards": shards.run,
-                    "tideflow-resync": functools.partial(
-                        resync_after_outages, store, hooks.recover_tasks, transfers, timers
-                    ),
-                }
+        loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
+            "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
+            "tideflow-task-forwarder": dispatch.forwarder.run,
+            "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
+            "tideflow-scheduler": scheduler.run,
+            "tideflow-shards": shards.run,
+            "tideflow-resync": functools.partial(
+                resync_after_outages, store, hooks.recover_tasks, transfers, timers
             ),
-            name="tideflow-background",
-        )
-        self._background.add_done_callback(_report_failure)
+        }
+        self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    def _timer_queue(self, store: HistoryStore) -> TimerQueue:
+        """The timers of the shards this node holds (server/_timers.py)."""
+        return TimerQueue(
+            store,
+            self._clock,
+            window_s=self.config.timer_window_s,
+            max_in_memory=self.config.max_timers_in_memory,
+            owns=self._owns,
+            owned=lambda: store.held_shards.keys(),
+        )
+
+    def _run_loops(self, loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -> None:
+        """The node's background loops, in one task ``stop()`` cancels."""
+        self._background = asyncio.create_task(_run_background(loops), name="tideflow-background")
+        self._background.add_done_callback(_report_failure)
 
     def _log_started(self, store: HistoryStore, recovered: int) -> None:
         log.info(
