@@ -436,7 +436,7 @@ async def test_cancel_of_a_timer_that_fired_during_the_task(
         last = read_lines(trace_of(trace_dir, wid))[-1]
         return bool(last["action"] == "FireTimer:USER_TIMER" and last["state"]["buffered"] == 1)
 
-    async def fire(run_id: str) -> None:
+    async def fire_the_timer(run_id: str) -> None:
         clock.advance(RACED_TIMER)
         await eventually(fire_buffered, "the timer's fire, buffered")
 
@@ -445,7 +445,9 @@ async def test_cancel_of_a_timer_that_fired_during_the_task(
         running_server(store_url, TIMER_RACE_CONFIG, clock=clock) as server,
         await Client.connect(server.address) as client,
     ):
-        await RawWorkflows(client, "tla-raw").cancel_timer_that_fired_during_the_task(wid, fire)
+        await RawWorkflows(client, "tla-raw").cancel_timer_that_fired_during_the_task(
+            wid, fire_the_timer
+        )
     trace = trace_of(trace_dir, wid)
     lines = read_lines(trace)
     at = first_index(
