@@ -225,10 +225,8 @@ SERIALIZABLE_SUITES = frozenset(
     {
         "test_signals.py::test_signal_storm_from_ten_clients",
         "test_id_policies.py",
-        # (not test_cancel_of_a_timer_that_fired_during_the_task_wins: it needs the
-        # signal and the next poll to land within its timer's 50 ms, which a slower
-        # SERIALIZABLE commit on a loaded machine often misses; no product difference)
         "test_task_races.py::test_poll_cancelled_while_recording_start_keeps_the_task",
+        "test_task_races.py::test_cancel_of_a_timer_that_fired_during_the_task_wins",
         "test_child_workflows.py",
         "test_continue_as_new.py",
         "test_crash_recovery.py",

@@ -27,6 +27,9 @@ Servers
     ``running_server(store_url, config)``: an in-process server on an ephemeral port
     for a test that needs its own ``ServerConfig``; the ``server`` fixture is this
     with the default config, once per database under test (``store_url``).
+    ``SteppedClock``: the system clock plus an offset the test moves on (pass it as
+    ``running_server(..., clock=)``): a timer armed for an hour fires when the test
+    says so, never before.
     ``ServerProcess`` (the ``server_process`` fixture, started): the server as a real
     process, to SIGKILL (``kill()``) and start again (``start()``) on the same
     database and port. A ``Client`` is an async context manager that closes itself.
@@ -56,14 +59,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.server import ServerConfig, TideflowServer
+from tideflow.server import Clock, ServerConfig, TideflowServer
 from tideflow.worker_sdk import Client, WorkflowExecutionStatus, WorkflowHandle
 
 ET = EventType
@@ -179,14 +184,32 @@ def assert_well_formed(events: Sequence[HistoryEvent]) -> None:
 # ------------------------------------------------------------------ servers
 
 
+class SteppedClock:
+    """The system clock plus an offset that only the test moves on (``advance``), for a
+    server whose timers must fire at a moment the test chooses: one armed for an hour
+    never fires by itself during a test, and fires once the clock is advanced past it
+    (the timer queue sees it at its next refill, within half of ``timer_window_s``)."""
+
+    def __init__(self) -> None:
+        self._offset_us = 0
+
+    def now_micros(self) -> int:
+        return time.time_ns() // 1000 + self._offset_us
+
+    def advance(self, by: timedelta) -> None:
+        self._offset_us += int(by.total_seconds() * 1_000_000)
+
+
 @contextlib.asynccontextmanager
 async def running_server(
-    store: str | Path, config: ServerConfig | None = None
+    store: str | Path, config: ServerConfig | None = None, *, clock: Clock | None = None
 ) -> AsyncIterator[TideflowServer]:
     """A server on an ephemeral port. ``store`` is a database URL (the ``store_url``
-    fixture), or a directory for a fresh SQLite file."""
+    fixture), or a directory for a fresh SQLite file; ``clock``: the engine's time
+    (default the system clock)."""
     url = f"sqlite:///{store / 'tideflow.db'}" if isinstance(store, Path) else store
-    async with TideflowServer(url, port=0, config=config or ServerConfig()) as server:
+    server = TideflowServer(url, port=0, config=config or ServerConfig(), clock=clock)
+    async with server:
         yield server
 
 

@@ -11,20 +11,37 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from google.protobuf.duration_pb2 import Duration
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2
+from tideflow.server import ServerConfig
 from tideflow.worker_sdk import Client
 
 CommandType = command_pb2.CommandType
 
+#: The timer of ``cancel_timer_that_fired_during_the_task``: on a server whose clock
+#: only the test moves (helpers.SteppedClock) it fires when the test advances the clock
+#: by this much, never before.
+RACED_TIMER = timedelta(hours=1)
+#: The server that race runs on: workflow tasks time out only long after the clock is
+#: advanced (the test's order never depends on the task timeout), and the timer queue
+#: re-reads the store every half second (when it sees the advanced clock).
+TIMER_RACE_CONFIG = ServerConfig(
+    timer_window_s=1.0,
+    default_workflow_task_timeout_s=(4 * RACED_TIMER).total_seconds(),
+    max_workflow_task_timeout_s=(4 * RACED_TIMER).total_seconds(),
+)
 
-def start_timer(timer_id: str, *, ms: int) -> command_pb2.Command:
+
+def start_timer(timer_id: str, *, after: timedelta) -> command_pb2.Command:
+    timeout = Duration()
+    timeout.FromTimedelta(after)
     return command_pb2.Command(
         command_type=CommandType.COMMAND_TYPE_START_TIMER,
         start_timer_command_attributes=command_pb2.StartTimerCommandAttributes(
-            timer_id=timer_id, start_to_fire_timeout=Duration(nanos=ms * 1_000_000)
+            timer_id=timer_id, start_to_fire_timeout=timeout
         ),
     )
 
@@ -150,16 +167,18 @@ class RawWorkflows:
         )
 
     async def cancel_timer_that_fired_during_the_task(
-        self, workflow_id: str, fired: Callable[[str], Awaitable[object]]
+        self, workflow_id: str, fire: Callable[[str], Awaitable[object]]
     ) -> str:
-        """The race a workflow cancelling a timer can lose: the first task starts timer
-        ``t1`` (50 ms); a signal brings a second task, started before the fire; once
-        ``fired(run_id)`` reports the fire buffered, that task cancels ``t1`` and
-        completes the run. Returns the run id."""
+        """The race a workflow cancelling a timer can lose, made on purpose: the first
+        task starts timer ``t1`` (``RACED_TIMER``, which the server's clock reaches only
+        when the test advances it); a signal brings a second task; once it is started,
+        ``fire(run_id)`` advances the clock past ``t1`` and waits until the engine has
+        buffered the fire; then that task cancels ``t1`` and completes the run. Returns
+        the run id."""
         run_id = await self.start(workflow_id)
-        await self.complete((await self.poll()).task_token, start_timer("t1", ms=50))
+        await self.complete((await self.poll()).task_token, start_timer("t1", after=RACED_TIMER))
         await self.signal(workflow_id, run_id, "go")
         second = await self.poll()
-        await fired(run_id)
+        await fire(run_id)
         await self.complete(second.task_token, cancel_timer("t1"), complete_workflow())
         return run_id

@@ -612,35 +612,60 @@ async def test_thousands_of_concurrent_polls_park(store_url: str) -> None:
         stubs = [service_pb2_grpc.WorkflowServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
         try:
             tq = f"tq-{uuid.uuid4()}"
+            # Each delivered task by (run id, attempt): how many polls it reached.
+            delivered: collections.Counter[tuple[str, int]] = collections.Counter()
 
-            async def burst() -> tuple[collections.Counter[str], int]:
+            async def burst(until_delivered: bool) -> collections.Counter[str]:
+                """POLLS pollers at once, each polling once, or (``until_delivered``)
+                again after an empty answer until some poll got a task: the task then
+                arrives while thousands wait, however long its start takes to commit."""
                 outcomes: collections.Counter[str] = collections.Counter()
-                tasks = 0
 
                 async def one(index: int) -> None:
-                    nonlocal tasks
-                    try:
-                        response = await stubs[index % CHANNELS].PollWorkflowTask(
-                            poll_request(tq), timeout=120
-                        )
-                    except grpc.aio.AioRpcError as error:
-                        outcomes[error.code().name] += 1
-                    else:
+                    while True:
+                        try:
+                            response = await stubs[index % CHANNELS].PollWorkflowTask(
+                                poll_request(tq), timeout=120
+                            )
+                        except grpc.aio.AioRpcError as error:
+                            outcomes[error.code().name] += 1
+                            return
                         outcomes["OK"] += 1
-                        tasks += bool(response.task_token)
+                        if response.task_token:
+                            run = response.workflow_execution.run_id
+                            delivered[(run, response.attempt)] += 1
+                        if delivered or not until_delivered:
+                            return
 
                 await asyncio.gather(*(one(i) for i in range(POLLS)))
-                return outcomes, tasks
+                return outcomes
 
-            outcomes, tasks = await burst()
-            assert outcomes == {"OK": POLLS}, outcomes
-            assert tasks == 0
+            assert await burst(until_delivered=False) == {"OK": POLLS}
+            assert not delivered
 
-            polls = asyncio.ensure_future(burst())
-            await stubs[0].StartWorkflow(start_request(f"w-{uuid.uuid4()}", tq), timeout=30)
-            outcomes, tasks = await polls
-            assert outcomes == {"OK": POLLS}, outcomes
-            assert tasks == 1
+            polls = asyncio.ensure_future(burst(until_delivered=True))
+            # A long task timeout: nobody completes the task, and a burst that outlasts
+            # the timeout on a loaded machine would see its next attempt delivered too.
+            wid = f"w-{uuid.uuid4()}"
+            start = start_request(wid, tq, workflow_task_timeout=Duration(seconds=120))
+            await stubs[0].StartWorkflow(start, timeout=30)
+            outcomes = await polls
+            assert set(outcomes) == {"OK"} and outcomes["OK"] >= POLLS, outcomes
+            # Each task attempt reached exactly one poll; an attempt after the first
+            # exists only because the one before timed out, which history records.
+            assert delivered and set(delivered.values()) == {1}, delivered
+            attempts = sorted(attempt for _, attempt in delivered)
+            assert attempts == list(range(1, len(attempts) + 1)), delivered
+            if len(attempts) > 1:
+                history = await stubs[0].GetHistory(
+                    service_pb2.GetHistoryRequest(
+                        namespace=NS, execution=common_pb2.WorkflowExecution(workflow_id=wid)
+                    ),
+                    timeout=30,
+                )
+                assert EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT in {
+                    e.event_type for e in history.history.events
+                }, delivered
         finally:
             for channel in channels:
                 await channel.close()

@@ -82,6 +82,10 @@ async def test_signals_reach_sync_and_async_handlers_in_order(client: Client) ->
     tq = new_id("tq")
     async with Worker(client, task_queue=tq, workflows=[Inbox], activities=[shout]):
         handle = await client.start_workflow(Inbox.run, id=new_id("inbox"), task_queue=tq)
+        # The signals reach a run that is waiting: its first workflow task has completed
+        # (else "a" would be in that task's history, delivered before the run began,
+        # and seen at start; test_signal_with_start covers that order).
+        await eventually(is_idle(handle), "the first workflow task to complete")
         await handle.signal(Inbox.add, "a")
         await handle.signal(Inbox.add_shouted, "b")  # async handler: runs an activity
 

@@ -3,7 +3,8 @@ task as started keeps the task, and cancelling a timer that fired during the
 workflow task wins.
 
 A real server on an ephemeral port over SQLite and over PostgreSQL (conftest's
-``server`` / ``client``); the race is forced by gating the store, never by timing.
+``server`` / ``client``); the race is forced by gating the store or by moving the
+server's clock (helpers.SteppedClock), never by timing.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import ET, assert_gap_free, bounded, events_of, eventually, has_event, new_id, of_type
+from helpers import (
+    ET,
+    SteppedClock,
+    assert_gap_free,
+    bounded,
+    events_of,
+    eventually,
+    has_event,
+    new_id,
+    of_type,
+    running_server,
+)
 from helpers_e2e import HelloWorkflow, compose_greeting
-from raw_workflow import RawWorkflows, cancel_timer
+from raw_workflow import RACED_TIMER, TIMER_RACE_CONFIG, RawWorkflows, cancel_timer
 
 from tideflow.api.v1 import service_pb2, state_pb2
 from tideflow.history import RunKey
@@ -127,13 +139,23 @@ async def test_poll_cancelled_while_recording_start_keeps_the_task(
         assert not of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
 
 
-async def test_cancel_of_a_timer_that_fired_during_the_task_wins(
-    server: TideflowServer, client: Client
-) -> None:
+async def test_cancel_of_a_timer_that_fired_during_the_task_wins(store_url: str) -> None:
     """A timer fires while a workflow task runs, and that task's commands cancel it (the
     workflow has not seen the fire). As in Temporal the cancel is accepted: history gets
     TIMER_CANCELED and the buffered TIMER_FIRED is dropped, instead of failing the task.
-    Driven over raw gRPC so the fire lands inside the task deterministically."""
+    Driven over raw gRPC on a server whose clock the test moves: the timer fires only
+    once the task that cancels it is started, every run."""
+    clock = SteppedClock()
+    async with (
+        running_server(store_url, TIMER_RACE_CONFIG, clock=clock) as server,
+        await Client.connect(server.address) as client,
+    ):
+        await _cancel_of_a_timer_that_fired_during_the_task(server, client, clock)
+
+
+async def _cancel_of_a_timer_that_fired_during_the_task(
+    server: TideflowServer, client: Client, clock: SteppedClock
+) -> None:
     raw = RawWorkflows(client, new_id("tq"))
     wid = new_id("fired-cancel")
 
@@ -144,17 +166,20 @@ async def test_cancel_of_a_timer_that_fired_during_the_task_wins(
         assert record is not None
         return state_pb2.MutableState.FromString(record.state)
 
-    async def fire_buffered(run_id: str) -> None:
-        async def check() -> bool:
+    async def fire_during_the_task(run_id: str) -> None:
+        assert (await state(run_id)).workflow_task.started_event_id, "the second task runs"
+        clock.advance(RACED_TIMER)
+
+        async def buffered() -> bool:
             ms = await state(run_id)
-            assert ms.workflow_task.started_event_id, "the second task is not running"
+            assert ms.workflow_task.started_event_id, "the second task is still running"
             return "t1" not in ms.pending_timers and any(
                 e.event_type == ET.EVENT_TYPE_TIMER_FIRED for e in ms.buffered_events
             )
 
-        await eventually(check)
+        await eventually(buffered, "the timer's fire, buffered")
 
-    run_id = await raw.cancel_timer_that_fired_during_the_task(wid, fire_buffered)
+    run_id = await raw.cancel_timer_that_fired_during_the_task(wid, fire_during_the_task)
     events = await events_of(client.get_workflow_handle(wid, run_id=run_id))
     assert_gap_free(events)
     assert [e.event_type for e in events[-3:]] == [

@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import ET, eventually
+from helpers import ET, SteppedClock, eventually, running_server
 from helpers_tla import (
     actions,
     assert_accepted,
@@ -38,7 +38,13 @@ from helpers_tla import (
     validate,
     write_lines,
 )
-from raw_workflow import RawWorkflows, complete_workflow, continue_as_new
+from raw_workflow import (
+    RACED_TIMER,
+    TIMER_RACE_CONFIG,
+    RawWorkflows,
+    complete_workflow,
+    continue_as_new,
+)
 
 from tideflow.worker_sdk import (
     Client,
@@ -415,13 +421,13 @@ async def test_signals_timers_sticky_queues_and_terminate(
 
 
 async def test_cancel_of_a_timer_that_fired_during_the_task(
-    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+    jar: Path, trace_dir: Path, store_url: str, tmp_path: Path
 ) -> None:
     """The timer fires while the task that cancels it runs: the engine records the
     cancel and drops the buffered fire, and EngineCore (CancelTimer of FiredUnseen)
     accepts that trace. The same trace with the fire kept next to the cancel (what the
-    mutant cancel_keeps_fired does) is rejected."""
-    raw = RawWorkflows(client, "tla-raw")
+    mutant cancel_keeps_fired does) is rejected. The server's clock is the test's: the
+    timer fires when the test advances it, once the task is started."""
     wid = "cancel-fired-1"
 
     def fire_buffered() -> bool:
@@ -430,10 +436,18 @@ async def test_cancel_of_a_timer_that_fired_during_the_task(
         last = read_lines(trace_of(trace_dir, wid))[-1]
         return bool(last["action"] == "FireTimer:USER_TIMER" and last["state"]["buffered"] == 1)
 
-    async def fired(run_id: str) -> None:
+    async def fire_the_timer(run_id: str) -> None:
+        clock.advance(RACED_TIMER)
         await eventually(fire_buffered, "the timer's fire, buffered")
 
-    await raw.cancel_timer_that_fired_during_the_task(wid, fired)
+    clock = SteppedClock()
+    async with (
+        running_server(store_url, TIMER_RACE_CONFIG, clock=clock) as server,
+        await Client.connect(server.address) as client,
+    ):
+        await RawWorkflows(client, "tla-raw").cancel_timer_that_fired_during_the_task(
+            wid, fire_the_timer
+        )
     trace = trace_of(trace_dir, wid)
     lines = read_lines(trace)
     at = first_index(
