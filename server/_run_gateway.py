@@ -8,10 +8,10 @@ gateway: each method runs the engine's entry point here while this node holds
 the target's shard, and otherwise calls the owner (``Router.call``: the owner found
 in the shard rows, retried through routing races within the router's budget):
 
-- start (a schedule's run), signal, cancel and terminate: the public WorkflowService RPCs, with the node
-  credential (server/_peers.py) and the forwarded mark (the owner serves them, never
-  forwards them again), and the transfer's own request ids, so a replayed row acts
-  once on whichever node it lands;
+- start (a schedule's run), signal, cancel and terminate: the public WorkflowService
+  RPCs, with the node credential (server/_peers.py) and the forwarded mark (the owner
+  serves them, never forwards them again), and the caller's own request ids, so a
+  replayed row or schedule action acts once on whichever node it lands;
 - starting a child with its parent link, and recording a child's close on its
   parent: the internal ClusterService (cluster.proto, server/_cluster_service.py),
   which only nodes may call.
