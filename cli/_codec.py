@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import os
 import urllib.error
@@ -101,7 +102,9 @@ def _parse_key(spec: str) -> tuple[str, bytes]:
             with open(source, "rb") as f:
                 raw = f.read()
         except OSError as error:
-            raise ValueError(f"--codec-key {key_id}: cannot read {source}: {error.strerror}")
+            raise ValueError(
+                f"--codec-key {key_id}: cannot read {source}: {error.strerror}"
+            ) from None
     return key_id, _key_bytes(key_id, raw)
 
 
@@ -111,14 +114,10 @@ def _key_bytes(key_id: str, raw: bytes) -> bytes:
         return raw
     text = raw.strip()
     candidates = []
-    try:
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
         candidates.append(bytes.fromhex(text.decode()))
-    except (ValueError, UnicodeDecodeError):
-        pass
-    try:
+    with contextlib.suppress(ValueError, binascii.Error):
         candidates.append(base64.b64decode(text, validate=True))
-    except (ValueError, binascii.Error):
-        pass
     for key in candidates:
         if len(key) == KEY_SIZE:
             return key
@@ -185,7 +184,9 @@ class RemoteCodec(PayloadCodec):
         try:
             return [payload_from_json(p) for p in answer["payloads"]]
         except (KeyError, TypeError, ValueError, binascii.Error) as error:
-            raise PayloadCodecError(f"codec endpoint {url} answered malformed payloads: {error}")
+            raise PayloadCodecError(
+                f"codec endpoint {url} answered malformed payloads: {error}"
+            ) from None
 
 
 def payload_to_json(payload: Payload) -> dict[str, object]:

@@ -124,7 +124,8 @@ def event_dict(event: HistoryEvent) -> dict[str, Any]:
 
 def event_type_name(event_type: int) -> str:
     return "".join(
-        part.capitalize() for part in EventType.Name(event_type).removeprefix("EVENT_TYPE_").split("_")
+        part.capitalize()
+        for part in EventType.Name(event_type).removeprefix("EVENT_TYPE_").split("_")
     )
 
 

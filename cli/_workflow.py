@@ -36,10 +36,10 @@ from typing import Any
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.worker_sdk import exceptions as exc
-from tideflow.worker_sdk.client import Client, WorkflowExecutionDescription
-from tideflow.worker_sdk.converter import DataConverter, default_converter
-from tideflow.worker_sdk.codec import PayloadCodecError
 from tideflow.worker_sdk._tls import TLSConfig
+from tideflow.worker_sdk.client import Client, WorkflowExecutionDescription
+from tideflow.worker_sdk.codec import PayloadCodecError
+from tideflow.worker_sdk.converter import DataConverter, default_converter
 
 from . import _output as out
 from ._codec import add_codec_arguments, codec_from_args
@@ -250,13 +250,14 @@ async def _report_outcome(
 ) -> int:
     """Wait for the run (following continue-as-new) to close and print its outcome:
     the result, or the failure on stderr with exit code 1."""
-    close = await wait_for_close(client, workflow_id, run_id)
+    close, closed_run_id = await wait_for_close(client, workflow_id, run_id)
     outcome = close_outcome(close)
-    record = {**record, "runId": outcome["runId"] or record["runId"], **outcome}
+    record = {**record, "runId": closed_run_id or record["runId"], **outcome}
     if close.event_type != _COMPLETED:
+        why = f": {outcome['failure']}" if outcome.get("failure") else ""
+        status = outcome["status"].lower().replace("_", " ")
         print(
-            f"tideflow workflow {args.command}: run {record['runId']} "
-            f"{outcome['status'].lower()}: {outcome.get('failure', '')}".rstrip(": "),
+            f"tideflow workflow {args.command}: run {record['runId']} {status}{why}",
             file=sys.stderr,
         )
         if args.output != "table":
@@ -267,9 +268,10 @@ async def _report_outcome(
     return 0
 
 
-async def wait_for_close(client: Client, workflow_id: str, run_id: str) -> HistoryEvent:
-    """The close event of the run, waited for by long polls of GetHistory; a run that
-    continued as new is followed to the run that closes for good."""
+async def wait_for_close(client: Client, workflow_id: str, run_id: str) -> tuple[HistoryEvent, str]:
+    """The close event of the run and the run id it closed (empty: the newest run),
+    waited for by long polls of GetHistory; a run that continued as new is followed
+    to the run that closes for good."""
     execution = common_pb2.WorkflowExecution(workflow_id=workflow_id, run_id=run_id)
     while True:
         request = service_pb2.GetHistoryRequest(
@@ -281,25 +283,28 @@ async def wait_for_close(client: Client, workflow_id: str, run_id: str) -> Histo
         response = await client.call(client.service.GetHistory, request, timeout=70)
         if not response.history.events:
             continue
-        close = response.history.events[-1]
+        close: HistoryEvent = response.history.events[-1]
         if close.event_type != _CONTINUED:
-            return close
+            return close, execution.run_id
         new_run = close.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
         execution = common_pb2.WorkflowExecution(workflow_id=workflow_id, run_id=new_run)
 
 
 def close_outcome(close: HistoryEvent) -> dict[str, Any]:
     """What a close event says: status, and the result or the failure's message."""
-    status = out.event_type_name(close.event_type).removeprefix("WorkflowExecution")
-    outcome: dict[str, Any] = {"status": status.upper(), "runId": ""}
-    attributes = getattr(close, close.WhichOneof("attributes") or "", None)
+    status = EventType.Name(close.event_type).removeprefix("EVENT_TYPE_WORKFLOW_EXECUTION_")
+    outcome: dict[str, Any] = {"status": status}
+    which = close.WhichOneof("attributes")
+    attributes: Any = getattr(close, which) if which else None
     if close.event_type == _COMPLETED:
         values = out.payloads_value(close.workflow_execution_completed_event_attributes.result)
         outcome["result"] = values[0] if values else None
-    elif attributes is not None and "failure" in attributes.DESCRIPTOR.fields_by_name:
-        outcome["failure"] = attributes.failure.message
-    elif attributes is not None and getattr(attributes, "reason", ""):
-        outcome["failure"] = attributes.reason
+    elif attributes is not None:
+        fields = attributes.DESCRIPTOR.fields_by_name
+        if "failure" in fields:
+            outcome["failure"] = attributes.failure.message
+        elif "reason" in fields and attributes.reason:
+            outcome["failure"] = attributes.reason
     return outcome
 
 

@@ -89,8 +89,22 @@ async def test_workflow_lifecycle(sqlite_server: TideflowServer) -> None:
     client = await Client.connect(address)
     async with client, Worker(client, task_queue=queue, workflows=[Approval, OutOfStock]):
         started = json.loads(
-            await ok(*wf, "start", "-t", queue, "--type", "Approval", "-w", wid,
-                     "-i", '"laptop"', "-i", "2", "-o", "json")
+            await ok(
+                *wf,
+                "start",
+                "-t",
+                queue,
+                "--type",
+                "Approval",
+                "-w",
+                wid,
+                "-i",
+                '"laptop"',
+                "-i",
+                "2",
+                "-o",
+                "json",
+            )
         )
         assert started["workflowId"] == wid and started["runId"]
         described = json.loads(await ok(*wf, "describe", "-w", wid, "-o", "json"))
@@ -98,8 +112,9 @@ async def test_workflow_lifecycle(sqlite_server: TideflowServer) -> None:
         assert described["type"] == "Approval" and described["taskQueue"] == queue
 
         await ok(*wf, "signal", "-w", wid, "--name", "approve", "-i", '"ann"')
-        assert json.loads(await ok(*wf, "query", "-w", wid, "--name", "approvals",
-                                   "-i", '"by "')) == ["by ann"]
+        assert json.loads(
+            await ok(*wf, "query", "-w", wid, "--name", "approvals", "-i", '"by "')
+        ) == ["by ann"]
         # --follow streams events as they come: once it has shown the first signal, a
         # second one closes the run, and the stream ends with the close event.
         streamed_types = await bounded(_follow_while_signalling(wf, wid))
@@ -110,7 +125,7 @@ async def test_workflow_lifecycle(sqlite_server: TideflowServer) -> None:
         assert json.loads(result) == {"item": "laptop", "approved_by": ["ann", "bob"]}
 
         table = await ok(*wf, "show", "-w", wid)
-        header, rule, *rows = table.splitlines()
+        header, _rule, *rows = table.splitlines()
         assert header.split() == ["ID", "TIME", "TYPE", "DETAILS"]
         assert rows[0].split()[:3][0] == "1" and "WorkflowExecutionStarted" in rows[0]
         assert 'input=["laptop",2]' in rows[0]
@@ -129,8 +144,20 @@ async def test_workflow_lifecycle(sqlite_server: TideflowServer) -> None:
 
         # Cancel and terminate two more runs, then list and count them by query.
         for name in ("cancel", "terminate"):
-            await ok(*wf, "start", "-t", queue, "--type", "Approval", "-w", f"{wid}-{name}",
-                     "-i", '"x"', "-i", "5")
+            await ok(
+                *wf,
+                "start",
+                "-t",
+                queue,
+                "--type",
+                "Approval",
+                "-w",
+                f"{wid}-{name}",
+                "-i",
+                '"x"',
+                "-i",
+                "5",
+            )
         await ok(*wf, "cancel", "-w", f"{wid}-cancel", "--reason", "not needed")
         await ok(*wf, "terminate", "-w", f"{wid}-terminate", "--reason", "operator")
         code, _, err = await tideflow(*wf, "result", "-w", f"{wid}-terminate")
@@ -141,7 +168,9 @@ async def test_workflow_lifecycle(sqlite_server: TideflowServer) -> None:
         query = "WorkflowType = 'Approval'"
         listed = json.loads(await ok(*wf, "list", "-q", query, "-o", "json"))
         assert {r["workflowId"]: r["status"] for r in listed} == {
-            wid: "COMPLETED", f"{wid}-cancel": "CANCELED", f"{wid}-terminate": "TERMINATED"
+            wid: "COMPLETED",
+            f"{wid}-cancel": "CANCELED",
+            f"{wid}-terminate": "TERMINATED",
         }
         lines = (await ok(*wf, "list", "-q", query, "-o", "jsonl")).splitlines()
         assert sorted(json.loads(line)["workflowId"] for line in lines) == sorted(
@@ -156,7 +185,14 @@ async def test_workflow_lifecycle(sqlite_server: TideflowServer) -> None:
 
 async def _follow_while_signalling(wf: list[str], wid: str) -> list[str]:
     proc = await asyncio.create_subprocess_exec(
-        *TIDEFLOW_CLI, *wf, "show", "-w", wid, "--follow", "-o", "jsonl",
+        *TIDEFLOW_CLI,
+        *wf,
+        "show",
+        "-w",
+        wid,
+        "--follow",
+        "-o",
+        "jsonl",
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -171,7 +207,8 @@ async def _follow_while_signalling(wf: list[str], wid: str) -> list[str]:
 
 
 async def _status(wf: list[str], wid: str, status: str) -> bool:
-    return json.loads(await ok(*wf, "describe", "-w", wid, "-o", "json"))["status"] == status
+    described: dict[str, Any] = json.loads(await ok(*wf, "describe", "-w", wid, "-o", "json"))
+    return bool(described["status"] == status)
 
 
 async def test_codec_key(sqlite_server: TideflowServer, tmp_path: Path) -> None:
@@ -185,25 +222,39 @@ async def test_codec_key(sqlite_server: TideflowServer, tmp_path: Path) -> None:
     wf = ["workflow", "--address", address]
     keyed = ["--codec-key", f"k1={key_file}"]
     async with client, Worker(client, task_queue=queue, workflows=[Approval]):
-        handle = await client.start_workflow(Approval.run, args=["diamond", 2], id=wid,
-                                             task_queue=queue)
+        handle = await client.start_workflow(
+            Approval.run, args=["diamond", 2], id=wid, task_queue=queue
+        )
         # The CLI sends an encrypted signal the worker reads; the key given by env.
-        await ok(*wf, "signal", "-w", wid, "--name", "approve", "-i", '"carol"',
-                 "--codec-key", "k1=env:CLI_KEY", env={"CLI_KEY": KEY.hex()})
+        await ok(
+            *wf,
+            "signal",
+            "-w",
+            wid,
+            "--name",
+            "approve",
+            "-i",
+            '"carol"',
+            "--codec-key",
+            "k1=env:CLI_KEY",
+            env={"CLI_KEY": KEY.hex()},
+        )
         await eventually(lambda: _approved(handle, ["carol"]), "the worker read the signal")
 
         blind = json.loads(await ok(*wf, "describe", "-w", wid, "-o", "json"))
         assert blind["input"] == ["<encrypted: key id k1>"] * 2
         assert "diamond" not in await ok(*wf, "show", "-w", wid)
         assert "<encrypted: key id k1>" in await ok(*wf, "show", "-w", wid)
-        assert json.loads(await ok(*wf, "query", "-w", wid, "--name", "approvals", "-i", '""',
-                                   *keyed)) == ["carol"]
+        assert json.loads(
+            await ok(*wf, "query", "-w", wid, "--name", "approvals", "-i", '""', *keyed)
+        ) == ["carol"]
 
         seen = json.loads(await ok(*wf, "describe", "-w", wid, "-o", "json", *keyed))
         assert seen["input"] == ["diamond", 2]
         await ok(*wf, "signal", "-w", wid, "--name", "approve", "-i", '"dan"', *keyed)
         assert json.loads(await ok(*wf, "result", "-w", wid, *keyed)) == {
-            "item": "diamond", "approved_by": ["carol", "dan"]
+            "item": "diamond",
+            "approved_by": ["carol", "dan"],
         }
         shown = await ok(*wf, "show", "-w", wid, *keyed)
         assert 'input=["diamond",2]' in shown and 'input=["dan"]' in shown
