@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import TIDEFLOW_CLI, bounded, eventually, free_port, new_id, running_server
 
+from tideflow.cli._codec import payload_from_json, payload_to_json
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import AESGCMCodec, Client, DataConverter, Worker, workflow
 from tideflow.worker_sdk.exceptions import ApplicationError
@@ -258,9 +262,46 @@ async def test_codec_key(sqlite_server: TideflowServer, tmp_path: Path) -> None:
         }
         shown = await ok(*wf, "show", "-w", wid, *keyed)
         assert 'input=["diamond",2]' in shown and 'input=["dan"]' in shown
+        # A codec server holding the key (Temporal's POST /decode convention) decodes too.
+        with codec_server(codec) as endpoint:
+            remote = await ok(
+                *wf, "describe", "-w", wid, "-o", "json", "--codec-endpoint", endpoint
+            )
+        assert json.loads(remote)["input"] == ["diamond", 2]
         assert await handle.result() == {"item": "diamond", "approved_by": ["carol", "dan"]}
         code, _, err = await tideflow(*wf, "describe", "-w", wid, "--codec-key", "k1=/nonexistent")
         assert code == 2 and len(err.splitlines()) == 1 and "/nonexistent" in err
+
+
+@contextmanager
+def codec_server(codec: AESGCMCodec) -> Iterator[str]:
+    """An HTTP codec server on a free port that encodes and decodes with ``codec``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            payloads = [payload_from_json(p) for p in body["payloads"]]
+            verb = codec.decode if self.path == "/decode" else codec.encode
+            answer = {"payloads": [payload_to_json(p) for p in asyncio.run(verb(payloads))]}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet: the test's output is the CLI's."""
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
 
 
 async def _approved(handle: Any, expected: list[str]) -> bool:
