@@ -204,7 +204,7 @@ def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 # Fixed widths of the history table's first columns, so rows printed one at a time
 # (``show --follow``) line up; the details take the rest of the terminal.
-_HISTORY_FIXED = (6, 24, 40)
+_HISTORY_FIXED = (6, 24, 34)
 
 
 def history_widths(width: int | None = None) -> list[int]:
@@ -213,19 +213,27 @@ def history_widths(width: int | None = None) -> list[int]:
     return [*fixed, max(MIN_COLUMN * 2, limit - sum(fixed) - 2 * len(fixed))]
 
 
+def history_table(events: Sequence[HistoryEvent], width: int | None = None) -> str:
+    """A whole history as a table fitted to the terminal."""
+    return fit_table(["ID", "TIME", "TYPE", "DETAILS"], [_history_cells(e) for e in events], width)
+
+
 def history_header(widths: Sequence[int]) -> str:
     rule = _row(["-" * w for w in widths], widths)
     return _row(["ID", "TIME", "TYPE", "DETAILS"], widths) + "\n" + rule
 
 
 def history_row(event: HistoryEvent, widths: Sequence[int]) -> str:
-    cells = [
+    return _row(_history_cells(event), widths)
+
+
+def _history_cells(event: HistoryEvent) -> list[str]:
+    return [
         str(event.event_id),
         timestamp(event.event_time.ToDatetime(tzinfo=UTC)),
         event_type_name(event.event_type),
         _one_line(event_details(event)),
     ]
-    return _row(cells, widths)
 
 
 def key_values(fields: Mapping[str, Any], width: int | None = None) -> str:

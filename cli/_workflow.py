@@ -257,7 +257,8 @@ async def _report_outcome(
         why = f": {outcome['failure']}" if outcome.get("failure") else ""
         status = outcome["status"].lower().replace("_", " ")
         print(
-            f"tideflow workflow {args.command}: run {record['runId']} {status}{why}",
+            f"tideflow workflow {args.command}: workflow {workflow_id}"
+            f"{' run ' + record['runId'] if record['runId'] else ''} {status}{why}",
             file=sys.stderr,
         )
         if args.output != "table":
@@ -348,35 +349,42 @@ def describe_record(
 
 
 async def _show(client: Client, args: argparse.Namespace, inputs: list[Any]) -> int:
+    """The history: all of it at once (a table whose columns fit what it shows), or,
+    with ``--follow``, each page as the long poll returns it until the run closes
+    (a table with fixed columns, so rows printed apart still line up; ``-o json``
+    streams JSON lines, since a document cannot be printed before the end)."""
     run_id = args.run_id
     if args.follow and not run_id:
         # Pin the run: a later page must not jump to a newer run of the same id.
         run_id = (await client.get_workflow_handle(args.workflow_id).describe()).run_id
     execution = common_pb2.WorkflowExecution(workflow_id=args.workflow_id, run_id=run_id)
+    if not args.follow:
+        history = await client.get_workflow_handle(
+            args.workflow_id, run_id=run_id or None
+        ).fetch_history()
+        if args.output == "table":
+            _print(out.history_table(history.events))
+        else:
+            _print(out.emit(args.output, [out.event_dict(e) for e in history.events], ""))
+        return 0
     widths = out.history_widths()
     if args.output == "table":
         _print(out.history_header(widths))
-    events: list[dict[str, Any]] = []
     token = b""
     while True:
         request = service_pb2.GetHistoryRequest(
-            namespace=client.namespace, next_page_token=token, wait_new_event=args.follow
+            namespace=client.namespace, next_page_token=token, wait_new_event=True
         )
         request.execution.CopyFrom(execution)
         response = await client.call(client.service.GetHistory, request, timeout=70)
         for event in response.history.events:
             if args.output == "table":
                 _print(out.history_row(event, widths))
-            elif args.output == "jsonl" or args.follow:
-                _print(json.dumps(out.event_dict(event), default=str, ensure_ascii=False))
             else:
-                events.append(out.event_dict(event))
+                _print(json.dumps(out.event_dict(event), default=str, ensure_ascii=False))
         token = response.next_page_token
         if not token:
-            break
-    if args.output == "json" and not args.follow:
-        _print(out.emit("json", events, ""))
-    return 0
+            return 0
 
 
 async def _list(client: Client, args: argparse.Namespace, inputs: list[Any]) -> int:
