@@ -35,8 +35,8 @@ from typing import Any
 
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.worker_sdk import TLSConfig
 from tideflow.worker_sdk import exceptions as exc
-from tideflow.worker_sdk._tls import TLSConfig
 from tideflow.worker_sdk.client import Client, WorkflowExecutionDescription
 from tideflow.worker_sdk.codec import PayloadCodecError
 from tideflow.worker_sdk.converter import DataConverter, default_converter

@@ -9,6 +9,7 @@ TIDEFLOW_ADDRESS / TIDEFLOW_NAMESPACE environment variables.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -21,9 +22,10 @@ from typing import Any
 
 import pytest
 from helpers import TIDEFLOW_CLI, bounded, eventually, free_port, new_id, running_server
+from test_security_tls import issue, make_ca
 
 from tideflow.cli._codec import payload_from_json, payload_to_json
-from tideflow.server import TideflowServer
+from tideflow.server import ServerTLSConfig, TideflowServer
 from tideflow.worker_sdk import AESGCMCodec, Client, DataConverter, Worker, workflow
 from tideflow.worker_sdk.exceptions import ApplicationError
 
@@ -337,3 +339,52 @@ async def test_version_and_environment(sqlite_server: TideflowServer) -> None:
     )
     assert code == 2 and "nowhere" in err and len(err.splitlines()) == 1
     assert json.loads(await ok("workflow", "-o", "json", "count", env=env)) == {"count": 0}
+
+
+def test_the_workflow_group_talks_only_through_the_sdk() -> None:
+    """Like any client: its modules import the SDK and the API, never the server or
+    the store (a static check, since ``tideflow.cli`` itself composes the server's
+    command group)."""
+    cli_dir = Path(__file__).resolve().parent.parent / "cli"
+    for name in ("_workflow.py", "_output.py", "_codec.py"):
+        tree = ast.parse((cli_dir / name).read_text())
+        imported = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        } | {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        tideflow = {m for m in imported if m.startswith("tideflow")}
+        assert tideflow, name
+        assert all(m.startswith(("tideflow.worker_sdk", "tideflow.api")) for m in tideflow), (
+            name,
+            sorted(tideflow),
+        )
+
+
+async def test_mtls_flags(tmp_path: Path) -> None:
+    ca = make_ca("cli test CA")
+    server_pem, client_pem = issue(ca, "localhost", server=True), issue(ca, "cli", server=False)
+    files = {
+        "ca.pem": ca[0].cert,
+        "cert.pem": client_pem.cert,
+        "key.pem": client_pem.key,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    tls = ServerTLSConfig.load(cert=server_pem.cert, key=server_pem.key, client_ca=ca[0].cert)
+    async with TideflowServer(f"sqlite:///{tmp_path / 't.db'}", port=0, tls=tls) as server:
+        address = f"127.0.0.1:{server.port}"
+        trust = ["--tls-ca", str(tmp_path / "ca.pem"), "--tls-server-name", "localhost"]
+        mine = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+        assert (await ok("workflow", "count", "--address", address, *trust, *mine)).strip() == "0"
+        # Without a client certificate the server refuses the handshake: one line, exit 2.
+        code, _, err = await tideflow(
+            "workflow", "count", "--address", address, *trust, "--connect-timeout", "1"
+        )
+        assert code == 2 and len(err.splitlines()) == 1
+        assert err.startswith("tideflow workflow count: cannot reach")
