@@ -76,7 +76,10 @@ def codec_from_args(args: argparse.Namespace) -> PayloadCodec | None:
         keys = [os.environ["TIDEFLOW_CODEC_KEY"]]
     codecs: list[PayloadCodec] = []
     for name in args.codec or []:
-        codecs.append(ZlibCodec() if name == "zlib" else ZstdCodec())
+        try:
+            codecs.append(ZlibCodec() if name == "zlib" else ZstdCodec())
+        except ImportError as error:  # zstandard not installed: say so in one line
+            raise ValueError(f"--codec {name}: {error}") from None
     if keys:
         parsed = [_parse_key(spec) for spec in keys]
         codecs.append(AESGCMCodec(keys=dict(parsed), active_key_id=parsed[0][0]))
