@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable, Mapping
@@ -13,6 +14,7 @@ from tideflow.server import _cli as server_cli
 from tideflow.worker_sdk.dag import cli as dag_cli
 
 from . import _cluster as cluster_cli
+from . import _workflow as workflow_cli
 
 
 class CommandGroup(Protocol):
@@ -29,14 +31,23 @@ GROUPS: Mapping[str, CommandGroup] = MappingProxyType(
         "server": server_cli,
         "dag": dag_cli,
         "cluster": cluster_cli,
+        "workflow": workflow_cli,
     }
 )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tideflow")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tideflow", description="tideflow durable execution engine"
     )
+    parser.add_argument("--version", action="version", version=f"tideflow {_version()}")
     sub = parser.add_subparsers(dest="group", required=True)
     for name, group in GROUPS.items():
         group.add_parser(sub)
