@@ -71,9 +71,10 @@ async def one_round(db_url_base: str, lease_s: float | None) -> float:
     """Seconds from the SIGKILL to a dead node's run completed through the survivor."""
     async with _database(db_url_base) as db_url:
         ports = [_free_port() for _ in range(2)]
-        servers = [_spawn_node(i, db_url, port, lease_s) for i, port in enumerate(ports)]
-        for server in servers:
-            await _listening(server)
+        servers = []
+        for index, port in enumerate(ports):  # one at a time: the first creates the schema
+            servers.append(_spawn_node(index, db_url, port, lease_s))
+            await _listening(servers[-1])
         try:
             await _balanced(db_url, ["bench-node-0", "bench-node-1"])
             survivor = f"127.0.0.1:{ports[1]}"
