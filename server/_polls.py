@@ -115,6 +115,8 @@ class TaskQueueService:
         # Queries held here until a worker answers them, by query id.
         self._queries: dict[str, QueryTask] = {}
         self._parked_polls = 0
+        # Longest hop of a forwarded long poll (see _at_queue_owner).
+        self._hop_s = max(1.0, config.lease_s)
 
     # ------------------------------------------------------------------ polls
 
@@ -279,10 +281,21 @@ class TaskQueueService:
                 raise QueueMovedError(f"node {self._node_id} does not serve {task_queue!r}")
             assert routes is not None
             if owner is not None:
+                # A long poll is forwarded for at most a lease at a time: a node that
+                # hangs (paused, not dead) holds the poll only that long, and a queue that
+                # moved meanwhile is found by the next hop.
+                hop = min(remaining, self._hop_s) if rpc.startswith("Poll") else remaining
                 try:
-                    return cast(R, await self._forward(owner, rpc, request, context, remaining))
+                    response = await self._forward(owner, rpc, request, context, hop)
                 except _Reroute:
                     pass
+                except TimeoutError:
+                    if hop >= remaining:
+                        raise
+                else:
+                    if hop >= remaining or bool(getattr(response, "task_token", None)):
+                        return cast(R, response)
+                    continue  # an empty answer to a shortened hop: ask again
             await routes.refresh()
             await asyncio.sleep(min(_REROUTE_DELAY_S, max(0.0, deadline - loop.time())))
         raise TimeoutError
