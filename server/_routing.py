@@ -13,6 +13,7 @@ typed ``ErrorDetail`` (``RemoteStatusError``), so the SDK's typed errors still w
 A routing race (the shard moves between nodes) never reaches the caller as an error of
 the run: when the owner is unknown (a lease lapsed, not yet taken), when the owner
 refuses (UNAVAILABLE: it no longer holds the shard, or it is going away), when the
+owner cancels the call (its graceful stop ended with the call in flight), when the
 owner cannot be reached, or when this node loses the shard during its own attempt
 (``ShardNotOwnedError`` before a write, ``ShardOwnershipLostError`` from the fence:
 nothing was written), the router reads the shard rows again and retries with backoff
@@ -296,7 +297,10 @@ class Router:
     ) -> Any:
         """One unary call on ``owner``: its response, or ``RemoteStatusError`` with its
         status; ``_Reroute`` when it is unreachable or refuses UNAVAILABLE (not the
-        owner any more, or going away)."""
+        owner any more, or going away), or cancelled the call: a node that stops
+        gracefully cancels what is still in flight when its grace ends, and the caller's
+        own cancellation arrives here as ``CancelledError``, never as this status. Every
+        routed call is safe to resend (request ids, task tokens, reads)."""
         stub = self._stubs.get((owner.address, path))
         if stub is None:
             stub = self._peers.channel(owner.address).unary_unary(
@@ -308,7 +312,7 @@ class Router:
         try:
             return await stub(request, timeout=max(timeout, 0.0), metadata=metadata)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAVAILABLE:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise _Reroute(
                     f"node {owner.node_id} at {owner.address}: {error.details()}"
                 ) from None
