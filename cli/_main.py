@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Protocol
-
-from tideflow.server import _cli as server_cli
-from tideflow.worker_sdk.dag import cli as dag_cli
-
-from . import _cluster as cluster_cli
-from . import _workflow as workflow_cli
+from typing import Any, Protocol, cast
 
 
 class CommandGroup(Protocol):
@@ -25,15 +20,23 @@ class CommandGroup(Protocol):
     def main(self, args: argparse.Namespace) -> int: ...
 
 
-#: Group name -> module, in the order ``tideflow --help`` lists them.
-GROUPS: Mapping[str, CommandGroup] = MappingProxyType(
+#: Group name -> the module that implements it, in the order ``tideflow --help`` lists
+#: them. A module is imported only when its group runs (or for the full help): the
+#: server group loads SQLAlchemy and the DAG group the whole DAG layer, most of a second
+#: of start-up that ``tideflow workflow list`` should not pay.
+GROUPS: Mapping[str, str] = MappingProxyType(
     {
-        "server": server_cli,
-        "dag": dag_cli,
-        "cluster": cluster_cli,
-        "workflow": workflow_cli,
+        "server": "tideflow.server._cli",
+        "dag": "tideflow.worker_sdk.dag.cli",
+        "cluster": "tideflow.cli._cluster",
+        "workflow": "tideflow.cli._workflow",
     }
 )
+
+
+def load_group(name: str) -> CommandGroup:
+    """The module of group ``name`` (imported now if it was not yet)."""
+    return cast(CommandGroup, importlib.import_module(GROUPS[name]))
 
 
 def _version() -> str:
@@ -43,13 +46,22 @@ def _version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``tideflow`` parser. Given the command line, it holds only the group the
+    line names (when it names one), so only that group's module is imported."""
     parser = argparse.ArgumentParser(
         prog="tideflow", description="tideflow durable execution engine"
     )
     parser.add_argument("--version", action="version", version=f"tideflow {_version()}")
     sub = parser.add_subparsers(dest="group", required=True)
-    for name, group in GROUPS.items():
+    line = list(argv or ())
+    named = next((arg for arg in line if not arg.startswith("-")), None)
+    if named in GROUPS:
+        wanted = [named]
+    else:  # the full help, or a mistake whose message lists every group
+        wanted = [] if "--version" in line and named is None else list(GROUPS)
+    for name in wanted:
+        group = load_group(name)
         group.add_parser(sub)
         sub.choices[name].set_defaults(group_main=group.main)
     return parser
@@ -57,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``tideflow`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    line = sys.argv[1:] if argv is None else argv
+    args = build_parser(line).parse_args(line)
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
