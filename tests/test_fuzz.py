@@ -17,8 +17,9 @@ before the fuzzing keep their history unchanged, and a normal workflow (worker,
 activity, signal) still runs to completion.
 
 The default run is deterministic (``derandomize=True``, no example database) and
-bounded to about a minute per store; ``TIDEFLOW_FUZZ_EXAMPLES=N`` draws N hostile
-requests per RPC (and N // 2 random bodies) for a longer run. The figures (inputs
+bounded to about half a minute per store (60 hostile requests per RPC);
+``TIDEFLOW_FUZZ_EXAMPLES=N`` draws N hostile requests per RPC (and N // 2 random
+bodies) for a longer run. The figures (inputs
 tried, per RPC and status code) are printed at the end of each run (``pytest -s``).
 """
 
@@ -82,7 +83,7 @@ _OUTCOMES = frozenset(
     if m.name.startswith("Respond") and m.name != "RespondQueryTaskCompleted"
 )
 _CALL_TIMEOUT_S = 60.0
-_HOSTILE_EXAMPLES = int(os.environ.get("TIDEFLOW_FUZZ_EXAMPLES", "100"))
+_HOSTILE_EXAMPLES = int(os.environ.get("TIDEFLOW_FUZZ_EXAMPLES", "60"))
 _BYTES_EXAMPLES = max(1, _HOSTILE_EXAMPLES // 2)
 # Long polls (and history long polls, and queries) give up fast: the fuzzer polls its
 # own queues over and over.
