@@ -56,7 +56,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="group", required=True)
     line = list(argv or ())
     named = next((arg for arg in line if not arg.startswith("-")), None)
-    if named in GROUPS:
+    wanted: list[str]
+    if named is not None and named in GROUPS:
         wanted = [named]
     else:  # the full help, or a mistake whose message lists every group
         wanted = [] if "--version" in line and named is None else list(GROUPS)

@@ -20,13 +20,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from helpers import SteppedClock, eventually, running_server
 from helpers_tla import (
     Corrupted,
     Gates,
     actions,
     assert_accepted,
     first_index,
-    hangs,
     read_lines,
     real_accepted_all_corrupted_rejected,
     real_accepted_corrupted_rejected,
@@ -34,10 +34,12 @@ from helpers_tla import (
     validate,
 )
 
+from tideflow.server import ServerConfig
 from tideflow.worker_sdk import (
     Client,
     RetryPolicy,
     Worker,
+    WorkflowHandle,
     activity,
     workflow,
 )
@@ -186,10 +188,45 @@ async def test_retry_of_the_first_activity_drops_the_failed_attempts_timer(
     assert_accepted(verdict, trace)
 
 
+class Attempts:
+    """What the timeout test's activities report to it (made anew by each run: an
+    asyncio.Event must not outlive its loop): the attempts started so far, and the
+    gate that lets attempt 1 of ``heartbeats_once_then_hangs`` heartbeat."""
+
+    started: list[str] = []
+    changed = asyncio.Event()
+    beat = asyncio.Event()
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.started, cls.changed, cls.beat = [], asyncio.Event(), asyncio.Event()
+
+    @classmethod
+    def note(cls) -> None:
+        info = activity.info()
+        cls.started.append(f"{info.activity_type}#{info.attempt}")
+        cls.changed.set()
+
+    @classmethod
+    async def until(cls, count: int) -> None:
+        while len(cls.started) < count:
+            cls.changed.clear()
+            await asyncio.wait_for(cls.changed.wait(), 60)
+
+
+@activity.defn
+async def hangs_until_released(key: str) -> str:
+    Attempts.note()
+    await Gates.release.wait()
+    return "too late"
+
+
 @activity.defn
 async def heartbeats_once_then_hangs(key: str) -> str:
+    Attempts.note()
     attempt = activity.info().attempt
     if attempt == 1:
+        await Attempts.beat.wait()
         activity.heartbeat("alive")  # the first heartbeat is sent at once
         await Gates.release.wait()
     return f"ok on attempt {attempt}"
@@ -201,6 +238,15 @@ def _timeout_of(error: ActivityError) -> str:
     return TimeoutType(cause.type or 0).name
 
 
+#: Timers are read ahead a second at a time, so one the test's clock step makes due
+#: fires within about half a second.
+_STEPPED_TIMERS = ServerConfig(timer_window_s=1.0)
+#: Every timeout of ActivityTimeouts is a multiple of this: the server's clock
+#: (helpers.SteppedClock) only reaches one when the test advances it.
+HOUR = timedelta(hours=1)
+_MINUTE = timedelta(minutes=1)
+
+
 @workflow.defn
 class ActivityTimeouts:
     @workflow.run
@@ -208,70 +254,104 @@ class ActivityTimeouts:
         outcomes: list[str] = []
         try:  # nobody polls this queue: the attempt never starts
             await workflow.execute_activity(
-                hangs,
+                hangs_until_released,
                 key,
                 task_queue="tla-nobody",
-                schedule_to_start_timeout=timedelta(milliseconds=200),
-                start_to_close_timeout=timedelta(seconds=10),
+                schedule_to_start_timeout=HOUR,
+                start_to_close_timeout=10 * HOUR,
             )
         except ActivityError as error:
             outcomes.append(_timeout_of(error))
-        # These timeouts race the machine, not each other's order: what the test
-        # asserts holds unless an RPC is delayed by seconds (CI's 2 cores under xdist).
         try:  # attempts time out and are retried until the overall deadline
             await workflow.execute_activity(
-                hangs,
+                hangs_until_released,
                 key,
-                start_to_close_timeout=timedelta(milliseconds=150),
-                # ten start-to-close windows: at least two attempts time out first
-                schedule_to_close_timeout=timedelta(milliseconds=1500),
+                start_to_close_timeout=HOUR,
+                schedule_to_close_timeout=2.5 * HOUR,
                 retry_policy=FAST_RETRY,
             )
         except ActivityError as error:
             outcomes.append(_timeout_of(error))
-        # the heartbeat timer re-arms once, then the silent attempt 1 times out (the
-        # one heartbeat, sent at once, must reach the server before the first firing:
-        # three seconds of margin for a call that takes milliseconds)
+        # the heartbeat timer re-arms once (attempt 1 heartbeated half an hour in),
+        # then the silent attempt 1 times out; attempt 2 completes
         outcomes.append(
             await workflow.execute_activity(
                 heartbeats_once_then_hangs,
                 key,
-                start_to_close_timeout=timedelta(seconds=30),
-                heartbeat_timeout=timedelta(seconds=3),
+                start_to_close_timeout=30 * HOUR,
+                heartbeat_timeout=HOUR,
                 retry_policy=FAST_RETRY,
             )
         )
         return outcomes  # fmt: skip
 
 
+async def _drive_timeouts(
+    handle: WorkflowHandle[list[str]], clock: SteppedClock, trace_dir: Path
+) -> None:
+    """Moves the server's clock past each deadline of ActivityTimeouts once the step
+    before it is done, so every timeout fires in a known order, whatever the load."""
+
+    async def scheduled() -> bool:
+        return bool((await handle.describe()).raw.pending_activities)
+
+    await eventually(scheduled, "the first activity scheduled")
+    clock.advance(HOUR + _MINUTE)  # schedule-to-start
+    await Attempts.until(1)
+    clock.advance(HOUR + _MINUTE)  # start-to-close of attempt 1, retried
+    await Attempts.until(2)
+    clock.advance(HOUR + _MINUTE)  # start-to-close of attempt 2, retried
+    await Attempts.until(3)
+    clock.advance(31 * _MINUTE)  # schedule-to-close (2.5 h) before attempt 3's 1 h
+    await Attempts.until(4)  # heartbeats_once_then_hangs, attempt 1
+    clock.advance(30 * _MINUTE)
+    Attempts.beat.set()
+
+    async def heartbeat_recorded() -> bool:
+        [pending] = (await handle.describe()).raw.pending_activities
+        return pending.HasField("last_heartbeat_time")
+
+    await eventually(heartbeat_recorded, "the heartbeat recorded")
+    clock.advance(31 * _MINUTE)  # the heartbeat timer fires, re-arms to beat + 1 h
+
+    async def rearmed() -> bool:
+        return actions(trace_of(trace_dir, "timeouts-1"))["FireTimer:ACTIVITY_HEARTBEAT"] == 1
+
+    await eventually(rearmed, "the heartbeat timer re-armed")
+    clock.advance(30 * _MINUTE)  # ... and fires again: attempt 1 timed out
+
+
 async def test_activity_timeouts(
-    jar: Path, trace_dir: Path, client: Client, tmp_path: Path
+    jar: Path, trace_dir: Path, store_url: str, tmp_path: Path
 ) -> None:
     """Schedule-to-start, schedule-to-close across retried attempts, and heartbeat
     timeouts (with the heartbeat timer re-arming itself) are steps of EngineCore."""
     Gates.reset()
-    async with Worker(
-        client,
-        task_queue="tla-timeouts",
-        workflows=[ActivityTimeouts],
-        activities=[hangs, heartbeats_once_then_hangs],
-        graceful_shutdown_timeout=timedelta(seconds=10),
+    Attempts.reset()
+    clock = SteppedClock()
+    async with (
+        running_server(store_url, _STEPPED_TIMERS, clock=clock) as server,
+        await Client.connect(server.address) as client,
+        Worker(
+            client,
+            task_queue="tla-timeouts",
+            workflows=[ActivityTimeouts],
+            activities=[hangs_until_released, heartbeats_once_then_hangs],
+            graceful_shutdown_timeout=timedelta(seconds=10),
+        ),
     ):
         handle = await client.start_workflow(
             ActivityTimeouts.run, "t", id="timeouts-1", task_queue="tla-timeouts"
         )
+        await _drive_timeouts(handle, clock, trace_dir)
         first, second, third = await handle.result()
         Gates.release.set()
-    assert first == "SCHEDULE_TO_START"
-    # The attempt in flight at the deadline ends by whichever of its timers fires
-    # first (both are due then): the activity times out either way.
-    assert second in ("SCHEDULE_TO_CLOSE", "START_TO_CLOSE")
-    assert third == "ok on attempt 2"
+    assert [first, second, third] == ["SCHEDULE_TO_START", "SCHEDULE_TO_CLOSE", "ok on attempt 2"]
     trace = trace_of(trace_dir, "timeouts-1")
     lines = read_lines(trace)
     seen = actions(trace)
     assert seen["FireTimer:ACTIVITY_SCHEDULE_TO_START"] == 1
-    assert seen["FireTimer:ACTIVITY_START_TO_CLOSE"] >= 2  # retried at least once
+    assert seen["FireTimer:ACTIVITY_START_TO_CLOSE"] == 2
     heartbeats = [ln for ln in lines if ln["action"] == "FireTimer:ACTIVITY_HEARTBEAT"]
     assert [bool(ln["args"].get("rearm")) for ln in heartbeats] == [True, False]
 
