@@ -79,6 +79,36 @@ async def step(params: dict[str, Any]) -> dict[str, Any]:
     return {"done": params.get("name", "")}
 
 
+@activity.defn(name="explode")
+async def explode(params: dict[str, Any]) -> None:
+    raise RuntimeError(f"{params.get('name', '')} exploded")
+
+
+def states_definition(dag_id: str) -> dict[str, Any]:
+    """A DAG that settles with a task in each state a test can hold still: ``boom``
+    FAILED, ``again`` RETRY (an hour's backoff), ``queued`` SCHEDULED (its queue has
+    no worker), ``after`` PENDING behind it, ``fine`` COMPLETED."""
+    hour = {"max_attempts": 2, "backoff": {"initial_interval": "1h", "maximum_interval": "1h"}}
+    return {
+        "id": dag_id,
+        "version": "1",
+        "failure_policy": "continue",
+        "executors": {"nowhere": {"activity": "step", "task_queue": "no-worker-polls-this"}},
+        "tasks": [
+            {"id": "fine", "executor": "step", "parameters": {"name": "fine"}},
+            {"id": "boom", "executor": "explode", "parameters": {"name": "boom"}},
+            {
+                "id": "again",
+                "executor": "explode",
+                "parameters": {"name": "again"},
+                "retry_policy": hour,
+            },
+            {"id": "queued", "executor": "nowhere", "depends_on": ["fine"]},
+            {"id": "after", "executor": "step", "depends_on": ["queued"]},
+        ],
+    }
+
+
 def dag_definition(dag_id: str, gate: str | None = None) -> dict[str, Any]:
     """extract -> (clean, enrich) -> load; ``gate`` names a task that waits for its gate."""
 
@@ -142,7 +172,10 @@ async def web_env(folder: Path) -> AsyncIterator[WebEnv]:
         server,
         await Client.connect(server.address) as client,
         Worker(
-            client, task_queue=QUEUE, workflows=[Greeter, DagWorkflow], activities=[greet, step]
+            client,
+            task_queue=QUEUE,
+            workflows=[Greeter, DagWorkflow],
+            activities=[greet, step, explode],
         ),
         aiohttp.ClientSession() as http,
     ):

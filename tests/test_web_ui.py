@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from helpers_web import GATES, QUEUE, Greeter, WebEnv, dag_definition, schedule_body, web_env
+from helpers_web import (
+    GATES,
+    QUEUE,
+    Greeter,
+    WebEnv,
+    dag_definition,
+    schedule_body,
+    states_definition,
+    web_env,
+)
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tideflow.worker_sdk import dag
@@ -202,3 +211,39 @@ async def test_schedules_page(env: WebEnv, page: Page) -> None:
     await page.click(f"#delete-{sid}")
     await confirm(page)
     await expect(row).to_have_count(0)
+
+
+async def test_dag_failed_retry_and_scheduled_states(env: WebEnv, page: Page) -> None:
+    dag_id = uid("states")
+    await dag.start_dag(env.client, states_definition(dag_id), {}, id=dag_id, task_queue=QUEUE)
+    await page.goto(f"{env.base}/#/workflows/{dag_id}?tab=dag")
+    states = {
+        "fine": "COMPLETED",
+        "boom": "FAILED",
+        "again": "RETRY",
+        "queued": "SCHEDULED",
+        "after": "PENDING",
+    }
+    for task, status in states.items():
+        locator = page.locator(f"#dag g.dag-node[data-task={task}]")
+        await expect(locator).to_have_attribute("data-status", status)
+    await page.click("#dag g.dag-node[data-task=again]")
+    await expect(page.locator("#task-detail")).to_contain_text("again exploded")
+    await expect(page.locator("#task-detail")).to_contain_text("1 of 2")
+    await shot(page, "dag-states")
+    await env.client.get_workflow_handle(dag_id).terminate("test over")
+    await expect(page.locator("#run-status")).to_have_text("Terminated")
+
+
+async def test_dag_state_from_history_when_no_worker_answers(env: WebEnv, page: Page) -> None:
+    dag_id = uid("orphan")
+    # No worker polls this queue: the status query cannot be answered, so the page
+    # shows the definition (the start's input) with what the history holds.
+    await dag.start_dag(
+        env.client, dag_definition(dag_id), {}, id=dag_id, task_queue="no-dag-worker"
+    )
+    await page.goto(f"{env.base}/#/workflows/{dag_id}?tab=dag")
+    await expect(page.locator("#tab-content")).to_contain_text("(from the history)")
+    await expect(page.locator("#dag g.dag-node[data-status=PENDING]")).to_have_count(4)
+    await expect(page.locator("#dag path.edge")).to_have_count(4)
+    await env.client.get_workflow_handle(dag_id).terminate("test over")

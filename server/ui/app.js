@@ -360,7 +360,7 @@ function renderPending(el, described, events) {
   }
   if (timers.length) {
     parts.push(h("h3", {}, "Pending timers"), h("table", { id: "pending-timers" },
-      h("thead", {}, h("tr", {}, ["Timer ID", "Started", "Fires in"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["Timer ID", "Started", "Duration"].map((c) => h("th", {}, c)))),
       h("tbody", {}, timers.map((t) => h("tr", {}, h("td", { class: "mono" }, t.id),
         h("td", {}, fmtTime(t.start)), h("td", {}, t.duration))))));
   }
@@ -506,7 +506,7 @@ function renderTimeline(el, events, info) {
 async function dagState(id, runId, events, described, running) {
   let state = null;
   try {
-    const answer = await api("POST", `${wfPath(id)}/query/status?${new URLSearchParams({ runId })}`, {}, running ? 5 : 3);
+    const answer = await api("POST", `${wfPath(id)}/query/status?${new URLSearchParams({ runId })}`, {}, 3);
     const payloads = answer.queryResult && answer.queryResult.payloads;
     state = payloads && payloads[0];
     if (state) state.source = "status query";
