@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import web
@@ -137,6 +138,10 @@ _HTTP_REFUSALS = {
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    if _cross_site(request):
+        message = f"{request.method} {request.path}: cross-origin request refused"
+        code = grpc.StatusCode.PERMISSION_DENIED
+        return web.json_response(error_body(code, message, None), status=HTTP_STATUS[code])
     try:
         response: web.StreamResponse = await handler(request)
         return response
@@ -146,6 +151,18 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
             raise
         message = f"{request.method} {request.path}: {refused.reason}"
         return web.json_response(error_body(code, message, None), status=refused.status)
+
+
+def _cross_site(request: web.Request) -> bool:
+    """A state-changing call a browser sent from another site's page: refused, or any
+    web page could terminate runs on a development server without auth (a form post
+    needs no CORS preflight). Browsers name the page's origin; curl and SDKs send none."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return origin == "null" or urlsplit(origin).netloc != request.host
 
 
 def _error_response(code: grpc.StatusCode, message: str, detail: Any) -> web.Response:

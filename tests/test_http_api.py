@@ -383,3 +383,15 @@ async def test_ids_with_slashes_and_spaces_are_path_escaped(env: WebEnv) -> None
     await closed_with(env, escaped, "COMPLETED")
     status, body = await env.call("GET", f"{NS}/workflows/{escaped}")
     assert status == 200 and body["workflowExecutionInfo"]["execution"]["workflowId"] == workflow_id
+
+
+async def test_cross_site_browser_posts_are_refused(env: WebEnv) -> None:
+    workflow_id = wid("csrf")
+    await start(env, workflow_id, "ix", True)
+    path = f"{NS}/workflows/{workflow_id}/terminate"
+    status, body = await env.call("POST", path, {}, {"Origin": "https://evil.example"})
+    assert status == 403 and "cross-origin" in body["message"]
+    assert await status_of(env, workflow_id) == "WORKFLOW_EXECUTION_STATUS_RUNNING"
+    # The UI's own page posts with its own origin.
+    status, _ = await env.call("POST", path, {}, {"Origin": env.base})
+    assert status == 200
