@@ -139,9 +139,9 @@ _HTTP_REFUSALS = {
 @web.middleware
 async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     if _cross_site(request):
+        denied = grpc.StatusCode.PERMISSION_DENIED
         message = f"{request.method} {request.path}: cross-origin request refused"
-        code = grpc.StatusCode.PERMISSION_DENIED
-        return web.json_response(error_body(code, message, None), status=HTTP_STATUS[code])
+        return web.json_response(error_body(denied, message, None), status=HTTP_STATUS[denied])
     try:
         response: web.StreamResponse = await handler(request)
         return response
