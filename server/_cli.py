@@ -156,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
             _check_node_flags(args)
         _check_listen(args.ip, args.port)
         if args.ui_port is not None and not getattr(args, "no_ui", False):
+            if args.ui_port == args.port != 0:
+                raise StartError(f"--ui-port {args.ui_port}: the gRPC port (--port) already")
             _check_listen(args.ip, args.ui_port)
         url = args.db_url or _sqlite_url(args.db)
         asyncio.run(_serve(args, url))

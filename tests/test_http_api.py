@@ -6,6 +6,7 @@ its own workflow and schedule ids."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import socket
@@ -24,7 +25,7 @@ from helpers_web import QUEUE, WebEnv, schedule_body, web_env
 from openapi_spec_validator import validate
 
 from tideflow.api.v1 import service_pb2, service_pb2_grpc
-from tideflow.server import TideflowServer
+from tideflow.server import TideflowServer, _cli
 from tideflow.server._auth import AuthConfig, AuthMode
 from tideflow.server._http_routes import ROUTES
 
@@ -395,3 +396,24 @@ async def test_cross_site_browser_posts_are_refused(env: WebEnv) -> None:
     # The UI's own page posts with its own origin.
     status, _ = await env.call("POST", path, {}, {"Origin": env.base})
     assert status == 200
+
+
+async def test_ui_flags_of_the_server_commands(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="tideflow")
+    _cli.add_parser(parser.add_subparsers(dest="group", required=True))
+    url = f"sqlite:///{tmp_path / 'flags.db'}"
+
+    def server_of(*argv: str) -> TideflowServer:
+        return _cli._server_of(parser.parse_args(["server", *argv]), url)
+
+    default = server_of("start-dev")
+    assert default.ui_port == 8233 and not default._ui_required  # taken: runs without
+    explicit = server_of("start-dev", "--ui-port", "9000")
+    assert explicit.ui_port == 9000 and explicit._ui_required
+    assert server_of("start-dev", "--no-ui").ui_port is None
+    assert server_of("start", "--db-url", url).ui_port is None  # opt-in in production
+    assert server_of("start", "--db-url", url, "--ui-port", "0").ui_port == 0
+    code = _cli.main(
+        parser.parse_args(["server", "start-dev", "--port", "7999", "--ui-port", "7999"])
+    )
+    assert code == _cli.EXIT_USAGE
