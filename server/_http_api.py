@@ -214,9 +214,8 @@ class HttpFrontend:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or ()
-        self.port = sockets[0].getsockname()[1] if sockets else self.port
+        # The bound (host, port, ...) of the site: port 0 became a free port.
+        self.port = int(runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:
