@@ -188,7 +188,6 @@ class HttpFrontend:
         *,
         healthy: Callable[[], bool],
         max_body_bytes: int,
-        ui: bool = True,
     ) -> None:
         self._service = service
         self._host = host
@@ -201,8 +200,7 @@ class HttpFrontend:
             self.app.router.add_route(route.method, route.path, self._handler(route))
         self.app.router.add_get("/api/v1/openapi.json", self._openapi)
         self.app.router.add_get("/healthz", self._health)
-        if ui:
-            add_ui_routes(self.app)
+        add_ui_routes(self.app)
 
     async def start(self) -> int:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

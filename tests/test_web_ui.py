@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
@@ -95,6 +96,22 @@ async def test_list_run_timeline_and_events(env: WebEnv, page: Page) -> None:
     await expect(page.locator("#count")).to_have_text("1 matching")
     await shot(page, "list")
 
+    # Paging: three runs, two a page, newest first.
+    prefix = uid("page")
+    for i in range(3):
+        await env.client.execute_workflow(Greeter.run, "ed", id=f"{prefix}-{i}", task_queue=QUEUE)
+    query = quote(f'WorkflowId STARTS_WITH "{prefix}" ORDER BY WorkflowId DESC')
+    await page.goto(f"{env.base}/#/workflows?query={query}&size=2")
+    links = page.locator("a.wf-link")
+    await expect(links).to_have_text([f"{prefix}-2", f"{prefix}-1"])
+    await page.click("#next-page")
+    await expect(links).to_have_text([f"{prefix}-0"])
+    await expect(page.locator("#next-page")).to_be_disabled()
+    await page.click("#prev-page")
+    await expect(links).to_have_text([f"{prefix}-2", f"{prefix}-1"])
+
+    only_done = quote(f'WorkflowId = "{done}"')
+    await page.goto(f"{env.base}/#/workflows?query={only_done}")
     await page.click(f"a.wf-link:text('{done}')")
     await expect(page.locator("#run-status")).to_have_text("Completed")
     await expect(page.locator("#input")).to_have_text('"ada"')

@@ -156,10 +156,12 @@ function listView(params) {
   const text = params.get("query") || "";
   const status = params.get("status") || "";
   const tokens = (params.get("pages") || "").split(",").filter(Boolean);
+  const size = Number(params.get("size")) || PAGE_SIZE;
   const go = (q, s, pages) => {
     const p = new URLSearchParams();
     if (q) p.set("query", q);
     if (s) p.set("status", s);
+    if (size !== PAGE_SIZE) p.set("size", size);
     if (pages && pages.length) p.set("pages", pages.join(","));
     location.hash = `#/workflows?${p}`;
   };
@@ -183,7 +185,7 @@ function listView(params) {
   const q = combinedQuery(text, status);
   return every(async () => {
     const page = tokens[tokens.length - 1] || "";
-    const args = new URLSearchParams({ query: q.list, pageSize: PAGE_SIZE });
+    const args = new URLSearchParams({ query: q.list, pageSize: size });
     if (page) args.set("nextPageToken", page);
     const [list, counted] = await Promise.all([
       api("GET", `${ns()}/workflows?${args}`),
