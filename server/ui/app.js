@@ -79,6 +79,8 @@ function statusName(s) {
 }
 const badge = (text, cls) => h("span", { class: `badge s-${cls || text}` }, text);
 const fmtTime = (t) => (t ? new Date(t).toLocaleString() : "");
+// Events a few milliseconds apart: UTC with milliseconds.
+const fmtPrecise = (t) => (t ? `${new Date(t).toISOString().replace("T", " ").slice(0, 23)} UTC` : "");
 const ms = (t) => (t ? new Date(t).getTime() : null);
 const json = (v) => JSON.stringify(v, null, 2);
 const eventName = (t) => (t || "").replace("EVENT_TYPE_", "");
@@ -383,7 +385,7 @@ function renderEvents(el, events) {
   el.replaceChildren(h("table", { id: "events" },
     h("thead", {}, h("tr", {}, ["ID", "Time", "Type", "Details"].map((c) => h("th", {}, c)))),
     h("tbody", {}, events.map((e) => h("tr", { class: "event-row" },
-      h("td", {}, e.eventId), h("td", {}, fmtTime(e.eventTime)),
+      h("td", {}, e.eventId), h("td", { class: "mono" }, fmtPrecise(e.eventTime)),
       h("td", { class: "mono" }, eventName(e.eventType)),
       h("td", {}, h("details", {}, h("summary", { class: "muted" }, summarize(e)), h("pre", {}, json(attributesOf(e))))))))));
 }
