@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -64,9 +65,25 @@ class Route:
             _set(merged, dotted, path[name])
         for name, dotted in self.query.items():
             if name in query:
-                _set(merged, dotted, query[name])
+                _set(merged, dotted, _typed(self.request_class.DESCRIPTOR, dotted, query[name]))
         _merge(merged, self.fixed)
         return merged
+
+
+def _typed(descriptor: Any, dotted: str, text: str) -> Any:
+    """A query-string value as the JSON its field takes: proto3 JSON reads numbers from
+    strings, but a bool only from ``true``/``false`` literals."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        descriptor = _field(descriptor, name).message_type
+    if _field(descriptor, last).type == FieldDescriptor.TYPE_BOOL:
+        return text.strip().lower() in ("true", "1")
+    return text
+
+
+def _field(descriptor: Any, json_name: str) -> FieldDescriptor:
+    field: FieldDescriptor = next(f for f in descriptor.fields if f.json_name == json_name)
+    return field
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -132,7 +149,13 @@ ROUTES: tuple[Route, ...] = (
         "GetHistory",
         "A page of a run's history",
         {**_NS_PARAM, **_EXECUTION},
-        query={**_RUN_ID, "nextPageToken": "nextPageToken", "maximumPageSize": "maximumPageSize"},
+        query={
+            **_RUN_ID,
+            "nextPageToken": "nextPageToken",
+            "maximumPageSize": "maximumPageSize",
+            # Long poll: wait (up to the call's timeout) for events past the token.
+            "waitNewEvent": "waitNewEvent",
+        },
     ),
     Route(
         "POST",

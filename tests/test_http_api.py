@@ -7,6 +7,7 @@ its own workflow and schedule ids."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import socket
@@ -417,3 +418,31 @@ async def test_ui_flags_of_the_server_commands(tmp_path: Path) -> None:
         parser.parse_args(["server", "start-dev", "--port", "7999", "--ui-port", "7999"])
     )
     assert code == _cli.EXIT_USAGE
+
+
+async def test_history_long_poll_returns_new_events(env: WebEnv) -> None:
+    workflow_id = wid("follow")
+    await start(env, workflow_id, "jo", True)
+    path = f"{NS}/workflows/{workflow_id}/history"
+
+    async def page(token: str) -> Any:
+        params = {"waitNewEvent": "true"} | ({"nextPageToken": token} if token else {})
+        async with env.http.get(env.base + path, params=params) as response:
+            assert response.status == 200
+            return await response.json()
+
+    # Follow the history until the run is waiting (nothing new for the poll to return).
+    first = await page("")
+    token = first["nextPageToken"]
+    waiting = asyncio.create_task(page(token))
+    status, _ = await env.call("POST", f"{NS}/workflows/{workflow_id}/signal/approve", {})
+    assert status == 200
+    events: list[dict[str, Any]] = []
+    answer = await waiting
+    while True:
+        events += answer["history"].get("events", [])
+        if any(e["eventType"] == "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED" for e in events):
+            break
+        answer = await page(answer["nextPageToken"])
+    types = [e["eventType"] for e in events]
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED" in types
