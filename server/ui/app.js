@@ -36,7 +36,12 @@ async function api(method, path, body, timeoutS) {
     method, headers, body: body === undefined ? undefined : JSON.stringify(body),
   });
   const text = await response.text();
-  const data = text ? JSON.parse(text) : {};
+  let data = {};
+  try {
+    data = text ? JSON.parse(text) : {};
+  } catch (error) {  // not the API's JSON (a proxy's error page, say)
+    data = { status: `HTTP ${response.status}`, message: text.slice(0, 200) };
+  }
   if (!response.ok) throw new ApiError(response.status, data);
   return data;
 }
