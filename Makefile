@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TYPECHECK_ROOT := build/typecheck
 
-.PHONY: venv demo test lint typecheck pytest tlc gen-protos check-generated bench clean
+.PHONY: venv demo test test-deps lint typecheck pytest tlc gen-protos check-generated bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,18 @@ typecheck: $(STAMP)
 	MYPYPATH=$(TYPECHECK_ROOT) $(VENV)/bin/mypy --config-file pyproject.toml \
 		tests/*.py tests/procs/*.py bench/*.py
 
+# What the tests need beyond the venv: Debian's chromium, which the browser tests of
+# the web UI (tests/test_web_ui.py) drive through Playwright (no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-deps: $(STAMP)
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
 # Tests marked `tla` run TLC on traces of real runs; `make tlc` runs them. Two xdist
 # workers use both cores; every test owns its server, port and database.
-pytest: $(STAMP)
+pytest: $(STAMP) test-deps
 	$(VENV)/bin/pytest -m "not tla" -n 2
 
 # The TLA+ stage: every model and mutant of tla/manifest.csv, then trace validation.

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Exit code of a usage error (argparse uses the same).
 EXIT_USAGE = 2
+#: The web UI's port in ``start-dev`` (Temporal's dev server uses the same).
+DEFAULT_UI_PORT = 8233
 _DEFAULT_DB_WAIT_S = ServerConfig().store_start_timeout_s
 
 
@@ -79,6 +81,14 @@ def add_parser(groups: Any) -> None:
         choices=["NORMAL", "FULL"],
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
+    dev.add_argument(
+        "--ui-port",
+        type=int,
+        default=None,
+        help=f"web UI and HTTP API port (default {DEFAULT_UI_PORT}; if that one is taken, "
+        "the server runs without the UI)",
+    )
+    dev.add_argument("--no-ui", action="store_true", help="serve no web UI or HTTP API")
     add_tls_arguments(dev)
     # A development server is open by default; `start` (production) defaults auth on.
     add_auth_arguments(dev, default_mode=AuthMode.OFF)
@@ -118,6 +128,9 @@ def add_parser(groups: Any) -> None:
         help="seconds to wait for an unreachable database at start (default 60)",
     )
     node.add_argument("--log-level", default="INFO")
+    node.add_argument(
+        "--ui-port", type=int, default=None, help="serve the web UI and HTTP API on this port"
+    )
     add_tls_arguments(node)
     add_auth_arguments(node, default_mode=AuthMode.API_KEY)
     _token_cli.add_parsers(server_sub)
@@ -142,6 +155,10 @@ def main(args: argparse.Namespace) -> int:
         if args.command == "start":
             _check_node_flags(args)
         _check_listen(args.ip, args.port)
+        if args.ui_port is not None and not getattr(args, "no_ui", False):
+            if args.ui_port == args.port != 0:
+                raise StartError(f"--ui-port {args.ui_port}: the gRPC port (--port) already")
+            _check_listen(args.ip, args.ui_port)
         url = args.db_url or _sqlite_url(args.db)
         asyncio.run(_serve(args, url))
     except (StartError, ValueError, OSError) as error:
@@ -162,6 +179,10 @@ def _check_node_flags(args: argparse.Namespace) -> None:
             raise StartError(f"--advertise {args.advertise!r}: expected HOST:PORT")
     if args.node_id is not None and not 0 < len(args.node_id) <= 255:
         raise StartError("--node-id: 1 to 255 characters")
+
+
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _bare(ip: str) -> str:
@@ -240,6 +261,8 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
             ),
             tls=tls_from_args(args),
             auth=auth_from_args(args),
+            ui_port=None if args.no_ui else _or_default(args.ui_port, DEFAULT_UI_PORT),
+            ui_required=args.ui_port is not None,
         )
     # A node's default id is the address it is reached at: unique in the cluster, and
     # the same across its restarts, so a restarted node takes its shards back at once.
@@ -260,6 +283,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         advertise=advertise,
         tls=tls_from_args(args),
         auth=auth_from_args(args),
+        ui_port=args.ui_port,
     )
 
 
@@ -288,6 +312,8 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         raise StartError(f"{where}: {_one_line(error)}") from None
     # Tests and scripts wait for this exact line on stdout to know the port.
     print(f"tideflow server listening on {server.address}", flush=True)
+    if server.ui_port is not None:
+        print(f"tideflow web UI on http://{server.host}:{server.ui_port}/", flush=True)
     try:
         await stop.wait()
     finally:

@@ -31,6 +31,7 @@ from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
 from ._failures import log_retry
 from ._frontend import WorkflowService
+from ._http_api import HttpFrontend
 from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
@@ -223,8 +224,16 @@ class TideflowServer:
         node_id: str | None = None,
         advertise: str | None = None,
         auth: AuthConfig | None = None,
+        ui_port: int | None = None,
+        ui_required: bool = True,
     ) -> None:
         self.db_url = db_url
+        # The HTTP API and web UI (server/_http_api.py) on this port of ``host`` (0: a
+        # free one; None: off); the bound port once started. Unless ``ui_required``, a
+        # port in use leaves the UI off (a warning) instead of failing the start.
+        self.ui_port = ui_port
+        self._ui_required = ui_required
+        self._http: HttpFrontend | None = None
         # Authentication and per-namespace authorization (server/_auth.py); None: off.
         self.auth = auth or AuthConfig()
         # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
@@ -282,6 +291,9 @@ class TideflowServer:
         except BaseException:
             # A start that failed leaves nothing open: the caller may try again.
             self._store = None
+            if self._http is not None:
+                await self._http.stop()
+                self._http = None
             if self._grpc is not None:
                 await self._grpc.stop(None)
                 self._grpc = None
@@ -354,6 +366,7 @@ class TideflowServer:
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
         self._grpc = server
+        await self._start_http(service)
         loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
             "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
@@ -367,6 +380,26 @@ class TideflowServer:
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    async def _start_http(self, service: WorkflowService) -> None:
+        """The HTTP API and web UI on ``ui_port``, calling ``service`` (if asked for)."""
+        if self.ui_port is None:
+            return
+        self._http = HttpFrontend(
+            service,
+            self.host,
+            self.ui_port,
+            healthy=self._healthy,
+            max_body_bytes=self.config.grpc_max_message_bytes,
+        )
+        try:
+            self.ui_port = await self._http.start()
+        except OSError as error:
+            if self._ui_required:
+                raise OSError(f"could not listen on {self.host}:{self.ui_port}: {error}") from None
+            # start-dev's default port taken (another dev server): run without the UI.
+            log.warning("web UI and HTTP API off: port %s: %s", self.ui_port, error)
+            self._http = self.ui_port = None
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
@@ -445,6 +478,8 @@ class TideflowServer:
         self._stopped = True
         failure: BaseException | None = None
         try:
+            if self._http is not None:
+                await self._http.stop()
             if self._grpc is not None:
                 await self._grpc.stop(grace)
             background = self._background
@@ -481,6 +516,11 @@ class TideflowServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def _healthy(self) -> bool:
+        """Serving: started, not stopped, and the background loops still run."""
+        background = self._background
+        return not self._stopped and background is not None and not background.done()
 
     def _owns(self, key: RunKey) -> bool:
         return self._shards is None or self._shards.owns(key)

@@ -1,0 +1,715 @@
+// tideflow web UI: a hand-written script over the HTTP API (/api/v1), no build step.
+// Views are chosen by the part of the URL after '#': #/workflows, #/workflows/<id>,
+// #/schedules. A view that shows a running run refreshes itself every REFRESH_MS.
+"use strict";
+
+const REFRESH_MS = 1500;
+const PAGE_SIZE = 20;
+const DAG_TYPE = "tideflow.dag";
+const STATUSES = ["Running", "Completed", "Failed", "Canceled", "Terminated", "TimedOut",
+  "ContinuedAsNew"];
+
+const settings = {
+  get ns() { return localStorage.getItem("tideflow.ns") || "default"; },
+  set ns(v) { localStorage.setItem("tideflow.ns", v || "default"); },
+  get key() { return localStorage.getItem("tideflow.key") || ""; },
+  set key(v) { localStorage.setItem("tideflow.key", v); },
+};
+let refreshTimer = null;
+let viewToken = 0;  // bumped on navigation: stale refreshes of an old view stop
+
+// ------------------------------------------------------------------ helpers
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.message ? `${body.status}: ${body.message}` : `HTTP ${status}`);
+    this.httpStatus = status;
+    this.body = body;
+  }
+}
+
+async function api(method, path, body, timeoutS) {
+  const headers = { "Content-Type": "application/json" };
+  if (settings.key) headers["Authorization"] = `Bearer ${settings.key}`;
+  if (timeoutS) headers["X-Tideflow-Timeout"] = String(timeoutS);
+  const response = await fetch(`/api/v1${path}`, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  let data = {};
+  try {
+    data = text ? JSON.parse(text) : {};
+  } catch (error) {  // not the API's JSON (a proxy's error page, say)
+    data = { status: `HTTP ${response.status}`, message: text.slice(0, 200) };
+  }
+  if (!response.ok) throw new ApiError(response.status, data);
+  return data;
+}
+
+const ns = () => `/namespaces/${encodeURIComponent(settings.ns)}`;
+const wfPath = (id) => `${ns()}/workflows/${encodeURIComponent(id)}`;
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) el.setAttribute(k, v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function statusName(s) {
+  // WORKFLOW_EXECUTION_STATUS_TIMED_OUT -> TimedOut
+  if (!s) return "Unknown";
+  return s.replace("WORKFLOW_EXECUTION_STATUS_", "").toLowerCase()
+    .replace(/(^|_)(\w)/g, (_, __, c) => c.toUpperCase()).replace("Cancelled", "Canceled");
+}
+const badge = (text, cls) => h("span", { class: `badge s-${cls || text}` }, text);
+const fmtTime = (t) => (t ? new Date(t).toLocaleString() : "");
+// Events a few milliseconds apart: UTC with milliseconds.
+const fmtPrecise = (t) => (t ? `${new Date(t).toISOString().replace("T", " ").slice(0, 23)} UTC` : "");
+const ms = (t) => (t ? new Date(t).getTime() : null);
+const json = (v) => JSON.stringify(v, null, 2);
+const eventName = (t) => (t || "").replace("EVENT_TYPE_", "");
+
+function showError(error) {
+  const box = document.getElementById("error");
+  if (!error) { box.hidden = true; box.textContent = ""; return; }
+  box.hidden = false;
+  box.textContent = error.message || String(error);
+}
+
+function attributesOf(event) {
+  const key = Object.keys(event).find((k) => k.endsWith("EventAttributes"));
+  return key ? event[key] : {};
+}
+
+// A confirmation dialog; resolves to the fields' values, or null when cancelled.
+function confirmAction(title, text, fields) {
+  const dialog = document.getElementById("confirm");
+  document.getElementById("confirm-title").textContent = title;
+  document.getElementById("confirm-text").textContent = text;
+  const box = document.getElementById("confirm-fields");
+  box.replaceChildren(...(fields || []).map((f) => h("label", {}, f.label,
+    f.multiline
+      ? h("textarea", { name: f.name, rows: 3, placeholder: f.placeholder || "" }, f.value || "")
+      : h("input", { type: "text", name: f.name, value: f.value || "",
+        placeholder: f.placeholder || "", required: f.required }))));
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      if (dialog.returnValue !== "ok") return resolve(null);
+      const values = {};
+      for (const el of box.querySelectorAll("input, textarea")) values[el.name] = el.value;
+      resolve(values);
+    }, { once: true });
+    dialog.returnValue = "";
+    dialog.showModal();
+  });
+}
+
+async function act(title, text, fields, perform) {
+  const values = await confirmAction(title, text, fields);
+  if (values === null) return;
+  try {
+    await perform(values);
+    showError(null);
+  } catch (error) {
+    showError(error);
+  }
+  route();
+}
+
+function every(fn) {
+  const token = viewToken;
+  const tick = async () => {
+    if (token !== viewToken) return;
+    const again = await fn().catch((e) => { showError(e); return true; });
+    if (again && token === viewToken) refreshTimer = setTimeout(tick, REFRESH_MS);
+  };
+  return tick();
+}
+
+// ------------------------------------------------------------------ workflow list
+
+function combinedQuery(text, status) {
+  let filter = text.trim();
+  let order = "";
+  const m = filter.match(/^(.*?)\s*(\bORDER\s+BY\b.*)$/is);
+  if (m) { filter = m[1].trim(); order = m[2]; }
+  if (status) filter = filter ? `(${filter}) AND ExecutionStatus = "${status}"`
+    : `ExecutionStatus = "${status}"`;
+  return { list: [filter, order].filter(Boolean).join(" "), count: filter };
+}
+
+function listView(params) {
+  const text = params.get("query") || "";
+  const status = params.get("status") || "";
+  const tokens = (params.get("pages") || "").split(",").filter(Boolean);
+  const size = Number(params.get("size")) || PAGE_SIZE;
+  const go = (q, s, pages) => {
+    const p = new URLSearchParams();
+    if (q) p.set("query", q);
+    if (s) p.set("status", s);
+    if (size !== PAGE_SIZE) p.set("size", size);
+    if (pages && pages.length) p.set("pages", pages.join(","));
+    location.hash = `#/workflows?${p}`;
+  };
+  const input = h("input", { id: "query", type: "text", value: text,
+    placeholder: 'WorkflowType = "Billing" AND StartTime > "2026-01-01T00:00:00Z"' });
+  const form = h("form", { class: "row", onsubmit: (e) => { e.preventDefault(); go(input.value, status); } },
+    input, h("button", { class: "primary", id: "search" }, "Search"));
+  const filters = h("div", { class: "row", id: "status-filters" },
+    ["", ...STATUSES].map((s) => h("button", {
+      class: s === status ? "on" : "", "data-status": s || "All",
+      onclick: () => go(text, s),
+    }, s || "All")));
+  const count = h("span", { id: "count", class: "muted" });
+  const body = h("tbody", { id: "runs" });
+  const pager = h("div", { class: "row" });
+  const table = h("table", {}, h("thead", {}, h("tr", {},
+    ["Status", "Workflow ID", "Run ID", "Type", "Task queue", "Start", "Close"].map((c) => h("th", {}, c)))), body);
+  view(h("h2", {}, "Workflows ", count),
+    h("div", { class: "panel" }, form, h("div", { style: "height:8px" }), filters),
+    table, pager);
+  const q = combinedQuery(text, status);
+  return every(async () => {
+    const page = tokens[tokens.length - 1] || "";
+    const args = new URLSearchParams({ query: q.list, pageSize: size });
+    if (page) args.set("nextPageToken", page);
+    const [list, counted] = await Promise.all([
+      api("GET", `${ns()}/workflows?${args}`),
+      api("GET", `${ns()}/workflow-count?${new URLSearchParams({ query: q.count })}`),
+    ]);
+    showError(null);
+    count.textContent = `${counted.count || 0} matching`;
+    const runs = list.executions || [];
+    body.replaceChildren(...runs.map((r) => {
+      const id = r.execution.workflowId;
+      const st = statusName(r.status);
+      return h("tr", { class: "run-row" },
+        h("td", {}, badge(st)),
+        h("td", { class: "mono" }, h("a", {
+          class: "wf-link", href: `#/workflows/${encodeURIComponent(id)}?run=${r.execution.runId}`,
+        }, id)),
+        h("td", { class: "mono muted" }, r.execution.runId),
+        h("td", {}, r.type ? r.type.name : ""),
+        h("td", {}, r.taskQueue || ""),
+        h("td", {}, fmtTime(r.startTime)),
+        h("td", {}, fmtTime(r.closeTime)));
+    }));
+    if (!runs.length) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No runs match.")));
+    pager.replaceChildren(
+      h("button", { id: "prev-page", disabled: !tokens.length,
+        onclick: () => go(text, status, tokens.slice(0, -1)) }, "← Newer"),
+      h("span", { class: "muted" }, `page ${tokens.length + 1}`),
+      h("button", { id: "next-page", disabled: !list.nextPageToken,
+        onclick: () => go(text, status, [...tokens, list.nextPageToken]) }, "Older →"));
+    return true;
+  });
+}
+
+// ------------------------------------------------------------------ one run
+
+async function fetchHistory(id, runId) {
+  const events = [];
+  let token = "";
+  do {
+    const args = new URLSearchParams({ runId });
+    if (token) args.set("nextPageToken", token);
+    const page = await api("GET", `${wfPath(id)}/history?${args}`);
+    events.push(...((page.history && page.history.events) || []));
+    token = page.nextPageToken || "";
+  } while (token);
+  return events;
+}
+
+function runView(id, params) {
+  const tab = params.get("tab") || "timeline";
+  let runId = params.get("run") || "";
+  const setTab = (t) => {
+    const p = new URLSearchParams(params);
+    p.set("tab", t);
+    if (runId) p.set("run", runId);
+    location.hash = `#/workflows/${encodeURIComponent(id)}?${p}`;
+  };
+  const header = h("div", { class: "row" });
+  const summary = h("div", { class: "panel grid", id: "summary" });
+  const io = h("div", { class: "cols", id: "io" });
+  const pending = h("div", { id: "pending" });
+  const tabs = h("div", { class: "tabs" }, [["timeline", "Timeline"], ["events", "Events"],
+    ["dag", "DAG"]].map(([t, label]) => h("button", {
+    id: `tab-${t}`, class: t === tab ? "on" : "", onclick: () => setTab(t),
+  }, label)));
+  const content = h("div", { id: "tab-content" });
+  view(header, summary, io, pending, tabs, content);
+  let selected = params.get("task") || null;
+  return every(async () => {
+    const described = await api("GET", `${wfPath(id)}?${new URLSearchParams({ runId })}`);
+    const info = described.workflowExecutionInfo;
+    runId = info.execution.runId;
+    const events = await fetchHistory(id, runId);
+    const status = statusName(info.status);
+    const running = status === "Running";
+    const isDag = info.type && info.type.name === DAG_TYPE;
+    let dag = null;
+    if (isDag) dag = await dagState(id, runId, events, described, running);
+    showError(null);
+    renderHeader(header, id, runId, status, running, dag);
+    renderSummary(summary, info, described);
+    renderIO(io, events);
+    renderPending(pending, described, events);
+    tabs.querySelector("#tab-dag").hidden = !isDag;
+    if (tab === "events") renderEvents(content, events);
+    else if (tab === "dag" && dag) {
+      const select = (task) => { selected = task; renderDag(content, dag, selected, select); };
+      select(selected);
+    } else renderTimeline(content, events, info);
+    return running;
+  });
+}
+
+function renderHeader(header, id, runId, status, running, dag) {
+  const path = `${wfPath(id)}`;
+  const runQ = `?${new URLSearchParams({ runId })}`;
+  const buttons = [];
+  if (running) {
+    buttons.push(h("button", { id: "action-signal", onclick: () => act("Signal workflow",
+      `Send a signal to ${id}.`, [
+        { name: "name", label: "Signal name", required: true },
+        { name: "input", label: "Input (JSON, optional)", multiline: true, placeholder: '{"key": "value"}' },
+      ], (v) => api("POST", `${path}/signal/${encodeURIComponent(v.name)}${runQ}`,
+        v.input.trim() ? { input: { payloads: [JSON.parse(v.input)] } } : {})) }, "Signal"));
+    if (dag) {
+      const paused = dag.status === "PAUSED";
+      buttons.push(h("button", { id: paused ? "action-resume" : "action-pause",
+        onclick: () => act(paused ? "Resume DAG run" : "Pause DAG run",
+          paused ? "Continue scheduling tasks." : "Stop scheduling new tasks and attempts; running ones finish.",
+          [], () => api("POST", `${path}/signal/${paused ? "resume" : "pause"}${runQ}`, {})) },
+      paused ? "Resume" : "Pause"));
+    }
+    buttons.push(h("button", { id: "action-cancel", onclick: () => act("Cancel workflow",
+      `Request cancellation of ${id}; the workflow decides how to stop.`,
+      [{ name: "reason", label: "Reason" }],
+      (v) => api("POST", `${path}/cancel${runQ}`, { reason: v.reason })) }, "Cancel"));
+    buttons.push(h("button", { id: "action-terminate", class: "danger", onclick: () => act(
+      "Terminate workflow", `End ${id} at once; no workflow code runs.`,
+      [{ name: "reason", label: "Reason" }],
+      (v) => api("POST", `${path}/terminate${runQ}`, { reason: v.reason })) }, "Terminate"));
+  }
+  header.replaceChildren(...[
+    h("h2", { style: "margin:0" }, h("a", { href: "#/workflows" }, "Workflows"), " / ",
+      h("span", { class: "mono", id: "run-title" }, id)),
+    h("span", { id: "run-status" }, badge(status)),
+    running ? h("span", { class: "live" }, "● live") : null,
+    h("span", { style: "flex:1" }), ...buttons].filter(Boolean));
+}
+
+function renderSummary(el, info, described) {
+  const item = (label, value) => h("div", {}, h("span", {}, label), h("b", { class: "mono" }, value ?? ""));
+  el.replaceChildren(
+    item("Run ID", info.execution.runId), item("Type", info.type && info.type.name),
+    item("Task queue", info.taskQueue), item("Start", fmtTime(info.startTime)),
+    item("Close", fmtTime(info.closeTime)), item("History events", info.historyLength),
+    item("Workflow task attempt", described.pendingWorkflowTaskAttempt || ""));
+}
+
+function closeEvent(events) {
+  return events.find((e) => /WORKFLOW_EXECUTION_(COMPLETED|FAILED|TIMED_OUT|CANCELED|TERMINATED|CONTINUED_AS_NEW)$/.test(e.eventType));
+}
+
+function renderIO(el, events) {
+  const started = events.length ? attributesOf(events[0]) : {};
+  const input = started.input ? started.input.payloads : [];
+  const close = closeEvent(events);
+  let outcome = h("pre", { class: "muted" }, "(running)");
+  let title = "Result";
+  if (close) {
+    const a = attributesOf(close);
+    if (a.result) outcome = h("pre", { id: "result" }, json(a.result.payloads.length === 1 ? a.result.payloads[0] : a.result.payloads));
+    else if (a.failure) { title = "Failure"; outcome = h("pre", { id: "failure" }, json(a.failure)); }
+    else { title = eventName(close.eventType); outcome = h("pre", {}, json(a)); }
+  }
+  el.replaceChildren(
+    h("div", { class: "panel" }, h("h3", { style: "margin-top:0" }, "Input"),
+      h("pre", { id: "input" }, json(input.length === 1 ? input[0] : input))),
+    h("div", { class: "panel" }, h("h3", { style: "margin-top:0" }, title), outcome));
+}
+
+function renderPending(el, described, events) {
+  const acts = described.pendingActivities || [];
+  const timers = pendingTimers(events);
+  const parts = [];
+  if (acts.length) {
+    parts.push(h("h3", {}, "Pending activities"), h("table", { id: "pending-activities" },
+      h("thead", {}, h("tr", {}, ["Activity ID", "Type", "Attempt", "Scheduled", "Started", "Worker", "Last failure"].map((c) => h("th", {}, c)))),
+      h("tbody", {}, acts.map((a) => h("tr", {},
+        h("td", { class: "mono" }, a.activityId), h("td", {}, a.activityType ? a.activityType.name : ""),
+        h("td", {}, a.attempt || 1), h("td", {}, fmtTime(a.scheduledTime)),
+        h("td", {}, a.lastStartedTime ? fmtTime(a.lastStartedTime) : "not started"),
+        h("td", {}, a.lastWorkerIdentity || ""),
+        h("td", {}, a.lastFailure ? a.lastFailure.message : ""))))));
+  }
+  if (timers.length) {
+    parts.push(h("h3", {}, "Pending timers"), h("table", { id: "pending-timers" },
+      h("thead", {}, h("tr", {}, ["Timer ID", "Started", "Duration"].map((c) => h("th", {}, c)))),
+      h("tbody", {}, timers.map((t) => h("tr", {}, h("td", { class: "mono" }, t.id),
+        h("td", {}, fmtTime(t.start)), h("td", {}, t.duration))))));
+  }
+  el.replaceChildren(...parts);
+}
+
+function pendingTimers(events) {
+  const open = new Map();
+  for (const e of events) {
+    const a = attributesOf(e);
+    if (e.eventType === "EVENT_TYPE_TIMER_STARTED") open.set(a.timerId, { id: a.timerId, start: e.eventTime, duration: a.startToFireTimeout });
+    else if (e.eventType === "EVENT_TYPE_TIMER_FIRED" || e.eventType === "EVENT_TYPE_TIMER_CANCELED") open.delete(a.timerId);
+  }
+  return [...open.values()];
+}
+
+function renderEvents(el, events) {
+  el.replaceChildren(h("table", { id: "events" },
+    h("thead", {}, h("tr", {}, ["ID", "Time", "Type", "Details"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, events.map((e) => h("tr", { class: "event-row" },
+      h("td", {}, e.eventId), h("td", { class: "mono" }, fmtPrecise(e.eventTime)),
+      h("td", { class: "mono" }, eventName(e.eventType)),
+      h("td", {}, h("details", {}, h("summary", { class: "muted" }, summarize(e)), h("pre", {}, json(attributesOf(e))))))))));
+}
+
+function summarize(e) {
+  const a = attributesOf(e);
+  const bits = [a.activityId, a.activityType && a.activityType.name, a.timerId, a.signalName,
+    a.attempt ? `attempt ${a.attempt}` : null, a.failure && a.failure.message, a.reason];
+  return bits.filter(Boolean).join(" · ") || "attributes";
+}
+
+// ------------------------------------------------------------------ timeline
+
+const OUTCOME = {
+  EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "completed", EVENT_TYPE_ACTIVITY_TASK_FAILED: "failed",
+  EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "timedout", EVENT_TYPE_ACTIVITY_TASK_CANCELED: "canceled",
+};
+
+// The timeline's rows: the run, then one row per activity (the attempts of a DAG task,
+// activity ids "<task>#<n>", share one row), then one per timer.
+function timelineRows(events, end) {
+  const rows = [];
+  const start = ms(events[0].eventTime);
+  const closed = closeEvent(events);
+  const runRow = { label: "workflow run", bars: [{ from: start, to: end, cls: "workflow",
+    title: closed ? `the run, ${eventName(closed.eventType).toLowerCase()}` : "the run, running" }], marks: [] };
+  rows.push(runRow);
+  const acts = new Map();
+  const byRow = new Map();
+  const timers = new Map();
+  for (const e of events) {
+    const a = attributesOf(e);
+    const t = ms(e.eventTime);
+    if (e.eventType === "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") {
+      const act = { id: a.activityId, type: a.activityType ? a.activityType.name : "", scheduled: t, started: null, end: null, outcome: "running", attempt: 1 };
+      acts.set(e.eventId, act);
+      const m = a.activityId.match(/^(.*?)#(compensation#)?\d+$/);
+      const type = a.activityType ? a.activityType.name : "";
+      const key = m ? (m[2] ? `${m[1]} (compensation)` : m[1]) : `${a.activityId} · ${type}`;
+      if (!byRow.has(key)) byRow.set(key, { label: key, bars: [], marks: [], acts: [] });
+      byRow.get(key).acts.push(act);
+    } else if (e.eventType === "EVENT_TYPE_ACTIVITY_TASK_STARTED") {
+      const act = acts.get(a.scheduledEventId);
+      if (act) { act.started = t; act.attempt = a.attempt || 1; act.lastFailure = a.lastFailure; }
+    } else if (OUTCOME[e.eventType]) {
+      const act = acts.get(a.scheduledEventId);
+      if (act) { act.end = t; act.outcome = OUTCOME[e.eventType]; act.failure = a.failure; }
+    } else if (e.eventType === "EVENT_TYPE_TIMER_STARTED") {
+      timers.set(a.timerId, { label: `timer ${a.timerId}`, bars: [{ from: t, to: null, cls: "timer", title: `timer ${a.timerId} (${a.startToFireTimeout})` }], marks: [] });
+    } else if (e.eventType === "EVENT_TYPE_TIMER_FIRED" || e.eventType === "EVENT_TYPE_TIMER_CANCELED") {
+      const timer = timers.get(a.timerId);
+      if (timer) timer.bars[0].to = t;
+    } else if (e.eventType === "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED") {
+      runRow.marks.push({ at: t, cls: "signal", title: `signal ${a.signalName}` });
+    } else if (e.eventType === "EVENT_TYPE_WORKFLOW_TASK_COMPLETED") {
+      runRow.marks.push({ at: t, cls: "task", title: `workflow task completed (event ${e.eventId})` });
+    }
+  }
+  for (const row of byRow.values()) {
+    for (const act of row.acts) {
+      const upto = act.started || act.end || end;
+      row.bars.push({ from: act.scheduled, to: upto, cls: "queued", title: `${act.id}: scheduled, waiting for a worker` });
+      if (act.started) {
+        const retried = act.attempt > 1 ? ` (${act.attempt - 1} earlier attempt(s) failed: ${act.lastFailure ? act.lastFailure.message : ""})` : "";
+        row.bars.push({ from: act.started, to: act.end || end, cls: act.outcome, label: `#${act.attempt}`,
+          title: `${act.id} ${act.type}: attempt ${act.attempt}, ${act.outcome}${retried}${act.failure ? ` - ${act.failure.message}` : ""}` });
+      }
+    }
+    rows.push(row);
+  }
+  for (const timer of timers.values()) { timer.bars[0].to = timer.bars[0].to || end; rows.push(timer); }
+  return rows;
+}
+
+// An attempt's label: inside its bar when it fits, else just after it.
+function barLabel(text, x1, x2, y) {
+  const inside = x2 - x1 > 24;
+  return svg("text", { class: "bar-label", x: inside ? x1 + 4 : x2 + 3, y: y + 17,
+    style: inside ? "fill:#fff" : "" }, text);
+}
+
+function renderTimeline(el, events, info) {
+  if (!events.length) { el.replaceChildren(h("p", { class: "muted" }, "No events yet.")); return; }
+  const closed = closeEvent(events);
+  const end = closed ? ms(closed.eventTime) : Math.max(Date.now(), ms(events[events.length - 1].eventTime));
+  const start = ms(events[0].eventTime);
+  const span = Math.max(end - start, 1);
+  const rows = timelineRows(events, end);
+  const W = 1100, LABEL = 230, ROW = 26, TOP = 24;
+  const x = (t) => LABEL + ((t - start) / span) * (W - LABEL - 20);
+  const height = TOP + rows.length * ROW + 10;
+  const axis = svg("g", { class: "axis" });
+  for (let i = 0; i <= 5; i++) {
+    const t = start + (span * i) / 5;
+    axis.append(svg("line", { x1: x(t), x2: x(t), y1: TOP - 6, y2: height }),
+      svg("text", { x: x(t), y: 12, "text-anchor": "middle" }, `+${((t - start) / 1000).toFixed(span < 10000 ? 2 : 0)}s`));
+  }
+  const detail = h("pre", { id: "timeline-detail", class: "muted" }, "Click a bar for its details.");
+  const body = rows.map((row, i) => {
+    const y = TOP + i * ROW;
+    return svg("g", { class: "timeline-row" },
+      svg("text", { x: 4, y: y + 16 }, row.label.length > 34 ? `${row.label.slice(0, 33)}…` : row.label),
+      row.bars.map((b) => svg("g", {},
+        svg("rect", { class: `bar ${b.cls}`, x: x(b.from), y: y + 4, width: Math.max(x(b.to) - x(b.from), 2), height: ROW - 8, rx: 3,
+          onclick: () => { detail.textContent = `${b.title}\n${fmtTime(b.from)} → ${fmtTime(b.to)} (${((b.to - b.from) / 1000).toFixed(3)} s)`; } },
+        svg("title", {}, b.title)),
+        b.label ? barLabel(b.label, x(b.from), x(b.to), y) : null)),
+      row.marks.map((m) => svg("circle", { class: `mark ${m.cls}`, cx: x(m.at), cy: y + ROW / 2, r: m.cls === "signal" ? 5 : 3 },
+        svg("title", {}, m.title))));
+  });
+  el.replaceChildren(h("div", { class: "panel scroll" },
+    svg("svg", { id: "timeline", width: W, height, viewBox: `0 0 ${W} ${height}` }, axis, body)),
+  h("div", { class: "legend muted" }, "bars: light = waiting for a worker, then the attempt (#n) coloured by outcome; dots: workflow tasks, signals"),
+  h("div", { class: "panel" }, detail));
+}
+
+// ------------------------------------------------------------------ DAG runs
+
+// The DAG's state: the interpreter's "status" query (a worker answers), with the
+// attempts a worker runs right now marked RUNNING (pending activities); without a
+// worker, what the history shows.
+async function dagState(id, runId, events, described, running) {
+  let state = null;
+  try {
+    const answer = await api("POST", `${wfPath(id)}/query/status?${new URLSearchParams({ runId })}`, {}, 3);
+    const payloads = answer.queryResult && answer.queryResult.payloads;
+    state = payloads && payloads[0];
+    if (state) state.source = "status query";
+  } catch (error) {
+    state = null;
+  }
+  if (!state) state = dagFromHistory(events);
+  if (!state) return null;
+  const started = new Map();
+  for (const p of described.pendingActivities || []) if (p.lastStartedTime) started.set(p.activityId, p);
+  for (const [tid, task] of Object.entries(state.task_states || {})) {
+    if (task.status === "SCHEDULED" && started.has(`${tid}#${task.attempts}`)) {
+      task.status = "RUNNING";
+      task.worker = started.get(`${tid}#${task.attempts}`).lastWorkerIdentity || task.worker;
+    }
+  }
+  return state;
+}
+
+function dagFromHistory(events) {
+  if (!events.length) return null;
+  const input = attributesOf(events[0]).input;
+  const request = input && input.payloads && input.payloads[0];
+  if (!request || !request.definition || !Array.isArray(request.definition.tasks)) return null;
+  const states = {};
+  for (const t of request.definition.tasks) {
+    states[t.id] = { task_id: t.id, name: t.name || null, dependencies: t.depends_on || [], status: "PENDING",
+      executor: t.executor, attempts: 0, max_attempts: (t.retry_policy && t.retry_policy.max_attempts) || 1, errors: [] };
+  }
+  const byEvent = new Map();
+  let paused = false;
+  for (const e of events) {
+    const a = attributesOf(e);
+    if (e.eventType === "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED") {
+      const m = a.activityId.match(/^(.*)#(\d+)$/);
+      if (!m || !states[m[1]] || a.activityId.includes("#compensation#")) continue;
+      byEvent.set(e.eventId, states[m[1]]);
+      Object.assign(states[m[1]], { status: "SCHEDULED", attempts: Number(m[2]) });
+      states[m[1]].start_time = states[m[1]].start_time || e.eventTime;
+    } else if (byEvent.has(a.scheduledEventId)) {
+      const task = byEvent.get(a.scheduledEventId);
+      if (e.eventType === "EVENT_TYPE_ACTIVITY_TASK_STARTED") task.status = "RUNNING";
+      else if (e.eventType === "EVENT_TYPE_ACTIVITY_TASK_COMPLETED") {
+        task.status = "COMPLETED"; task.end_time = e.eventTime;
+        task.result = a.result && a.result.payloads ? a.result.payloads[0] : null;
+      } else if (OUTCOME[e.eventType]) {
+        task.status = task.attempts < task.max_attempts ? "RETRY" : "FAILED";
+        task.error = { type: a.failure && a.failure.applicationFailureInfo ? a.failure.applicationFailureInfo.type : "Error", message: a.failure ? a.failure.message : "" };
+        task.errors.push(task.error);
+      }
+    } else if (e.eventType === "EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED") {
+      if (a.signalName === "pause") paused = true;
+      if (a.signalName === "resume") paused = false;
+    }
+  }
+  const closed = closeEvent(events);
+  const status = closed ? statusName(closed.eventType.replace("EVENT_TYPE_WORKFLOW_EXECUTION_", "")).toUpperCase() : (paused ? "PAUSED" : "RUNNING");
+  return { status, task_states: states, task_order: Object.keys(states), source: "history" };
+}
+
+function dagLayout(state) {
+  const order = state.task_order || Object.keys(state.task_states);
+  const depth = {};
+  const depthOf = (tid, seen = new Set()) => {
+    if (depth[tid] !== undefined) return depth[tid];
+    if (seen.has(tid)) return 0;
+    seen.add(tid);
+    const deps = (state.task_states[tid].dependencies || []).filter((d) => state.task_states[d]);
+    depth[tid] = deps.length ? 1 + Math.max(...deps.map((d) => depthOf(d, seen))) : 0;
+    return depth[tid];
+  };
+  const columns = [];
+  for (const tid of order) { const d = depthOf(tid); (columns[d] = columns[d] || []).push(tid); }
+  const pos = {};
+  const NW = 170, NH = 50, GX = 70, GY = 22;
+  columns.forEach((col, c) => col.forEach((tid, r) => { pos[tid] = { x: 20 + c * (NW + GX), y: 20 + r * (NH + GY) }; }));
+  const rows = Math.max(...columns.map((c) => c.length));
+  return { pos, NW, NH, width: 40 + columns.length * (NW + GX) - GX, height: 40 + rows * (NH + GY) - GY };
+}
+
+function renderDag(el, state, selected, onSelect) {
+  const { pos, NW, NH, width, height } = dagLayout(state);
+  const edges = [];
+  for (const [tid, task] of Object.entries(state.task_states)) {
+    for (const dep of task.dependencies || []) {
+      if (!pos[dep]) continue;
+      const a = pos[dep], b = pos[tid];
+      const x1 = a.x + NW, y1 = a.y + NH / 2, x2 = b.x, y2 = b.y + NH / 2;
+      edges.push(svg("path", { class: "edge", d: `M${x1},${y1} C${x1 + 35},${y1} ${x2 - 35},${y2} ${x2},${y2}`, "marker-end": "url(#arrow)" }));
+    }
+  }
+  const shownStatus = (task) => (state.status === "PAUSED" && task.status === "PENDING" ? "PAUSED" : task.status);
+  const nodes = Object.entries(state.task_states).map(([tid, task]) => {
+    const p = pos[tid];
+    const st = shownStatus(task);
+    return svg("g", { class: `dag-node n-${st}${tid === selected ? " selected" : ""}`, "data-task": tid, "data-status": st,
+      transform: `translate(${p.x},${p.y})`, onclick: () => onSelect && onSelect(tid) },
+    svg("rect", { width: NW, height: NH, rx: 6 }),
+    svg("text", { x: 10, y: 20 }, tid.length > 22 ? `${tid.slice(0, 21)}…` : tid),
+    svg("text", { x: 10, y: 38, class: "sub" }, `${st}${task.attempts ? ` · attempt ${task.attempts}/${task.max_attempts}` : ""}`),
+    svg("title", {}, `${tid}: ${st}`));
+  });
+  const defs = svg("defs", {}, svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto" },
+    svg("path", { d: "M0,0 L10,5 L0,10 z", fill: "#8893a2" })));
+  const legend = h("div", { class: "legend" }, ["PENDING", "SCHEDULED", "RUNNING", "RETRY", "COMPLETED", "FAILED", "PAUSED"].map((s) => badge(s)));
+  const task = selected && state.task_states[selected];
+  const detail = h("div", { class: "panel", id: "task-detail" }, task ? taskDetail(selected, task) : h("span", { class: "muted" }, "Click a task for its details."));
+  el.replaceChildren(
+    h("div", { class: "row" }, h("b", {}, "DAG status "), h("span", { id: "dag-status" }, badge(state.status)),
+      h("span", { class: "muted" }, ` (from the ${state.source})`), h("span", { style: "flex:1" }), legend),
+    h("div", { class: "panel scroll" }, svg("svg", { id: "dag", width, height, viewBox: `0 0 ${width} ${height}` }, defs, edges, nodes)),
+    detail);
+}
+
+function taskDetail(tid, task) {
+  const rows = [["Status", task.status], ["Executor", task.executor], ["Attempts", `${task.attempts} of ${task.max_attempts}`],
+    ["Worker", task.worker], ["Started", fmtTime(task.start_time)], ["Ended", fmtTime(task.end_time)],
+    ["Next retry", fmtTime(task.next_retry_time)], ["Depends on", (task.dependencies || []).join(", ")]];
+  return [h("h3", { style: "margin-top:0" }, `Task ${tid}`),
+    h("table", {}, h("tbody", {}, rows.filter(([, v]) => v).map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))))),
+    task.parameters !== undefined && task.parameters !== null ? [h("h3", {}, "Parameters"), h("pre", {}, json(task.parameters))] : null,
+    task.result !== undefined && task.result !== null ? [h("h3", {}, "Result"), h("pre", { id: "task-result" }, json(task.result))] : null,
+    (task.errors || []).length ? [h("h3", {}, "Errors"), h("pre", {}, json(task.errors))] : null,
+    (task.transitions || []).length ? [h("h3", {}, "Transitions"), h("table", {}, h("tbody", {},
+      task.transitions.map((t) => h("tr", {}, h("td", {}, badge(t.status)), h("td", {}, fmtTime(t.time)), h("td", {}, t.attempt ? `attempt ${t.attempt}` : ""), h("td", {}, t.note || "")))))] : null];
+}
+
+// ------------------------------------------------------------------ schedules
+
+function schedulesView() {
+  const body = h("tbody", { id: "schedules" });
+  const detail = h("div", { id: "schedule-detail" });
+  view(h("h2", {}, "Schedules"), h("table", {}, h("thead", {}, h("tr", {},
+    ["Schedule ID", "State", "Workflow", "Spec", "Actions taken", "Next runs", ""].map((c) => h("th", {}, c)))), body), detail);
+  return every(async () => {
+    const list = await api("GET", `${ns()}/schedules`);
+    showError(null);
+    const entries = list.schedules || [];
+    body.replaceChildren(...entries.map((s) => {
+      const sid = s.scheduleId;
+      const sched = s.schedule || {};
+      const paused = sched.state && sched.state.paused;
+      const wf = sched.action && sched.action.startWorkflow;
+      const spec = sched.spec || {};
+      const path = `${ns()}/schedules/${encodeURIComponent(sid)}`;
+      const info = s.info || {};
+      const button = (label, idp, text, perform, cls) => h("button", { class: cls, id: `${idp}-${sid}`,
+        onclick: () => act(`${label} schedule`, text, [], perform) }, label);
+      return h("tr", { class: "schedule-row" },
+        h("td", { class: "mono" }, h("a", { href: "#", onclick: async (e) => { e.preventDefault(); detail.replaceChildren(h("div", { class: "panel" }, h("h3", { style: "margin-top:0" }, sid), h("pre", {}, json(await api("GET", path))))); } }, sid)),
+        h("td", {}, badge(paused ? "Paused" : "Active", paused ? "PAUSED" : "Running")),
+        h("td", {}, wf && wf.workflowType ? wf.workflowType.name : ""),
+        h("td", { class: "mono" }, [...(spec.cronExpressions || []), ...(spec.intervals || []).map((i) => `every ${i.interval}`)].join(", ")),
+        h("td", {}, info.actionCount || 0),
+        h("td", {}, (info.futureActionTimes || []).slice(0, 2).map(fmtTime).join(", ")),
+        h("td", {}, h("div", { class: "row" },
+          paused ? button("Unpause", "unpause", `Resume ${sid}.`, () => api("POST", `${path}/unpause`, {}))
+            : button("Pause", "pause", `Pause ${sid}: no runs start until it is unpaused.`, () => api("POST", `${path}/pause`, {})),
+          button("Trigger", "trigger", `Start ${sid}'s workflow now.`, () => api("POST", `${path}/trigger`, {})),
+          button("Delete", "delete", `Delete ${sid}; its runs are not affected.`, () => api("DELETE", path), "danger"))));
+    }));
+    if (!entries.length) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No schedules.")));
+    return true;
+  });
+}
+
+// ------------------------------------------------------------------ routing
+
+function view(...children) {
+  document.getElementById("view").replaceChildren(...children);
+}
+
+function route() {
+  viewToken += 1;
+  clearTimeout(refreshTimer);
+  const hash = location.hash.replace(/^#/, "") || "/workflows";
+  const [path, query] = hash.split("?");
+  const params = new URLSearchParams(query || "");
+  for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", hash.startsWith(a.getAttribute("href").slice(1)));
+  const parts = path.split("/").filter(Boolean);
+  if (parts[0] === "schedules") return schedulesView();
+  if (parts[0] === "workflows" && parts.length > 1) return runView(decodeURIComponent(parts.slice(1).join("/")), params);
+  return listView(params);
+}
+
+function init() {
+  const nsInput = document.getElementById("namespace");
+  const keyInput = document.getElementById("api-key");
+  nsInput.value = settings.ns;
+  keyInput.value = settings.key;
+  nsInput.addEventListener("change", () => { settings.ns = nsInput.value.trim(); route(); });
+  keyInput.addEventListener("change", () => { settings.key = keyInput.value.trim(); route(); });
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+init();
