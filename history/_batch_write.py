@@ -55,6 +55,41 @@ _UPDATE_EXECUTION = (
 )
 
 
+# The batch's statements are built once: building one (operators, coercions, the
+# cache key walk) cost more than SQLAlchemy's compiled-cache hit it then makes.
+_INSERT_EXECUTIONS = insert(s.executions)
+_INSERT_EVENTS = insert(s.history_events)
+_INSERT_TASKS = insert(s.tasks)
+_INSERT_TIMERS = insert(s.timers)
+_DELETE_TASKS = delete(s.tasks).where(s.tasks.c.task_key.in_(bindparam("keys", expanding=True)))
+_DELETE_TIMERS = delete(s.timers).where(s.timers.c.timer_key.in_(bindparam("keys", expanding=True)))
+_CURRENT = s.current_executions
+_INSERT_CURRENT = insert(_CURRENT)
+_REPLACE_CURRENT = (
+    update(_CURRENT)
+    .where(
+        _CURRENT.c.namespace == bindparam("b_namespace"),
+        _CURRENT.c.workflow_id == bindparam("b_workflow_id"),
+        _CURRENT.c.run_id == bindparam("b_replaces"),
+        _CURRENT.c.status != _RUNNING,
+    )
+    .values(
+        run_id=bindparam("run_id"),
+        status=bindparam("status"),
+        start_request_id=bindparam("start_request_id"),
+    )
+)
+_UPDATE_CURRENT_STATUS = (
+    update(_CURRENT)
+    .where(
+        _CURRENT.c.namespace == bindparam("b_namespace"),
+        _CURRENT.c.workflow_id == bindparam("b_workflow_id"),
+        _CURRENT.c.run_id == bindparam("b_run_id"),
+    )
+    .values(status=bindparam("status"))
+)
+
+
 def _execution_row(t: Transition) -> dict[str, Any]:
     summary = t.summary
     return {
@@ -106,7 +141,7 @@ def _insert_executions(conn: Connection, creates: Sequence[Transition]) -> None:
     if not creates:
         return
     conn.execute(
-        insert(s.executions),
+        _INSERT_EXECUTIONS,
         [
             {
                 "namespace": t.key.namespace,
@@ -161,14 +196,14 @@ def _insert_events(conn: Connection, batch: Sequence[Transition]) -> None:
         for e in t.events
     ]
     if events:
-        conn.execute(insert(s.history_events), events)
+        conn.execute(_INSERT_EVENTS, events)
 
 
 def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int) -> None:
     """Delete the tasks the batch consumed, then insert the ones it creates."""
     done_tasks = [key for t in batch for key in t.done_task_keys]
     if done_tasks:
-        conn.execute(delete(s.tasks).where(s.tasks.c.task_key.in_(done_tasks)))
+        conn.execute(_DELETE_TASKS, {"keys": done_tasks})
     created = now_micros()
     new_tasks = [
         {
@@ -190,14 +225,14 @@ def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int
         for task in t.new_tasks
     ]
     if new_tasks:
-        conn.execute(insert(s.tasks), new_tasks)
+        conn.execute(_INSERT_TASKS, new_tasks)
 
 
 def _write_timers(conn: Connection, batch: Sequence[Transition], shard_count: int) -> None:
     """Delete the timers the batch fired or cancelled, then insert the ones it arms."""
     done_timers = [key for t in batch for key in t.done_timer_keys]
     if done_timers:
-        conn.execute(delete(s.timers).where(s.timers.c.timer_key.in_(done_timers)))
+        conn.execute(_DELETE_TIMERS, {"keys": done_timers})
     new_timers = [
         {
             "timer_key": timer.timer_key,
@@ -214,32 +249,33 @@ def _write_timers(conn: Connection, batch: Sequence[Transition], shard_count: in
         for timer in t.new_timers
     ]
     if new_timers:
-        conn.execute(insert(s.timers), new_timers)
+        conn.execute(_INSERT_TIMERS, new_timers)
 
 
 def _write_current_txn(conn: Connection, t: Transition) -> None:
     k = t.key
-    c = s.current_executions
     if t.current == CurrentWrite.INSERT:
         conn.execute(
-            insert(c).values(
-                namespace=k.namespace,
-                workflow_id=k.workflow_id,
-                run_id=k.run_id,
-                status=t.summary.status,
-                start_request_id=t.start_request_id,
-            )
+            _INSERT_CURRENT,
+            {
+                "namespace": k.namespace,
+                "workflow_id": k.workflow_id,
+                "run_id": k.run_id,
+                "status": t.summary.status,
+                "start_request_id": t.start_request_id,
+            },
         )
     elif t.current == CurrentWrite.REPLACE:
         result = conn.execute(
-            update(c)
-            .where(
-                c.c.namespace == k.namespace,
-                c.c.workflow_id == k.workflow_id,
-                c.c.run_id == t.replaces_run_id,
-                c.c.status != _RUNNING,
-            )
-            .values(run_id=k.run_id, status=t.summary.status, start_request_id=t.start_request_id)
+            _REPLACE_CURRENT,
+            {
+                "b_namespace": k.namespace,
+                "b_workflow_id": k.workflow_id,
+                "b_replaces": t.replaces_run_id,
+                "run_id": k.run_id,
+                "status": t.summary.status,
+                "start_request_id": t.start_request_id,
+            },
         )
         if result.rowcount != 1:
             raise Rejected(
@@ -250,11 +286,11 @@ def _write_current_txn(conn: Connection, t: Transition) -> None:
             )
     elif t.current == CurrentWrite.UPDATE_STATUS:
         conn.execute(
-            update(c)
-            .where(
-                c.c.namespace == k.namespace,
-                c.c.workflow_id == k.workflow_id,
-                c.c.run_id == k.run_id,
-            )
-            .values(status=t.summary.status)
+            _UPDATE_CURRENT_STATUS,
+            {
+                "b_namespace": k.namespace,
+                "b_workflow_id": k.workflow_id,
+                "b_run_id": k.run_id,
+                "status": t.summary.status,
+            },
         )
