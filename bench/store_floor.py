@@ -166,9 +166,15 @@ _SQLITE_SCHEMA = [
 
 def _driver_rows(t: Transition) -> tuple[list[tuple[object, ...]], ...]:
     key = f"{t.key.workflow_id}|{t.key.run_id}"
-    events = [(key, e.event_id, e.event_type, e.SerializeToString()) for e in t.events]
-    tasks = [(task.task_key, key, task.task_queue, _T0) for task in t.new_tasks]
-    timers = [(timer.timer_key, key, timer.fire_at) for timer in t.new_timers]
+    events: list[tuple[object, ...]] = [
+        (key, e.event_id, int(e.event_type), e.SerializeToString()) for e in t.events
+    ]
+    tasks: list[tuple[object, ...]] = [
+        (task.task_key, key, task.task_queue, _T0) for task in t.new_tasks
+    ]
+    timers: list[tuple[object, ...]] = [
+        (timer.timer_key, key, timer.fire_at) for timer in t.new_timers
+    ]
     return events, tasks, timers
 
 
