@@ -9,7 +9,9 @@ a time. Each side runs on a fresh database per round (a new SQLite file; a new
 PostgreSQL database next to ``--pg-url``'s, dropped afterwards).
 
 DBOS is not a dependency of tideflow: it lives in a virtualenv of its own, whose
-interpreter ``--dbos-python`` names::
+interpreter ``--dbos-python`` names. tideflow's SQLite server runs with
+``--sqlite-synchronous FULL`` unless told otherwise (the durability the issue asks for;
+DBOS's SQLite database runs synchronous=FULL too)::
 
     python3 -m venv build/dbos-venv
     build/dbos-venv/bin/pip install dbos==3.4.0
@@ -56,6 +58,8 @@ def run_tideflow(store_url: str | None, args: argparse.Namespace) -> Measurement
         argv += ["--nodes", str(args.nodes)]
     if args.workers:
         argv += ["--workers", str(args.workers)]
+    if not store_url:
+        argv += ["--sqlite-synchronous", args.sqlite_synchronous]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
@@ -142,7 +146,8 @@ def main(args: argparse.Namespace) -> None:
     configuration = "start-dev" if not args.nodes else f"{args.nodes} node(s)"
     print(
         f"tideflow {configuration}, {args.workers or 'one per node'} worker process(es), "
-        f"concurrency {args.concurrency}; DBOS threads mode; medians of {args.rounds}\n"
+        f"concurrency {args.concurrency}, SQLite synchronous={args.sqlite_synchronous}; "
+        f"DBOS threads mode; medians of {args.rounds}\n"
     )
     print(table(results), flush=True)
 
@@ -159,4 +164,11 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--nodes", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument(
+        "--sqlite-synchronous",
+        choices=["NORMAL", "FULL"],
+        default="FULL",
+        help="tideflow's SQLite durability: FULL (the issue's bar, DBOS's SQLite runs FULL "
+        "too) or NORMAL (the server's default: survives SIGKILL, not a power cut)",
+    )
     main(parser.parse_args())

@@ -257,8 +257,12 @@ async def _database(db_url: str | None) -> AsyncIterator[str]:
         await conn.close()
 
 
-def _spawn_server(setup: Setup, index: int, db_url: str, port: int) -> subprocess.Popen[bytes]:
+def _spawn_server(
+    setup: Setup, index: int, db_url: str, port: int, sqlite_synchronous: str | None = None
+) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "tideflow.cli", "server", setup.command, "--db-url", db_url]
+    if sqlite_synchronous and setup.nodes is None and db_url.startswith("sqlite"):
+        argv += ["--sqlite-synchronous", sqlite_synchronous]
     argv += ["--port", str(port), "--ip", "127.0.0.1"]
     argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]
     if setup.nodes is not None:
@@ -328,7 +332,9 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         try:
             # One after the other: the first node initialises the database.
             for index, port in enumerate(ports):
-                servers.append(_spawn_server(setup, index + 1, db_url, port))
+                servers.append(
+                    _spawn_server(setup, index + 1, db_url, port, args.sqlite_synchronous)
+                )
                 await asyncio.wait_for(_listening(servers[-1]), _START_TIMEOUT_S)
             if setup.nodes is not None:
                 await _balanced(db_url, [f"bench-node-{i + 1}" for i in range(setup.processes)])
@@ -350,6 +356,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         "store": store,
         "workers": workers_count,
         "concurrency": args.concurrency,
+        "sqlite_synchronous": args.sqlite_synchronous or "NORMAL (server default)",
         **result,
     }
 
@@ -413,6 +420,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--concurrency", type=int, default=100, help="workflows in flight at once")
     parser.add_argument("--db-url", default=None)
+    parser.add_argument(
+        "--sqlite-synchronous",
+        choices=["NORMAL", "FULL"],
+        default=None,
+        help="start-dev on SQLite: PRAGMA synchronous (default: the server's, NORMAL)",
+    )
     parser.add_argument(
         "--nodes",
         type=int,
