@@ -121,11 +121,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (``None``: this one)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    # Fields 14 and 15 of /proc/<pid>/stat (after the parenthesised command name).
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """The processes whose CPU a shape is charged with, by role."""
+
+    servers: Sequence[int]
+    workers: Sequence[int]
+
+    def sample(self) -> dict[str, float]:
+        return {
+            "server": sum(_cpu_seconds(pid) for pid in self.servers),
+            "worker": sum(_cpu_seconds(pid) for pid in self.workers),
+            "client": _cpu_seconds(None),
+        }
+
+
 async def _measure(
-    clients: Sequence[Client], shape: type, count: int, concurrency: int
-) -> dict[str, float]:
+    clients: Sequence[Client],
+    shape: type,
+    count: int,
+    concurrency: int,
+    roles: Roles | None = None,
+) -> dict[str, object]:
     """Run ``count`` workflows of ``shape``, workflow ``i`` through client ``i`` (mod
-    the clients, so the load spreads over the nodes)."""
+    the clients, so the load spreads over the nodes). With ``roles``, also the CPU
+    milliseconds each role (all its processes) spent per activity: a figure that,
+    unlike the rates, hardly moves with other load on the machine."""
     latencies: list[float] = []
     limiter = asyncio.Semaphore(concurrency)
     prefix = uuid.uuid4().hex[:8]
@@ -144,9 +175,11 @@ async def _measure(
                 raise AssertionError(f"workflow {i} returned {result}, expected {expected}")
             handles.append(handle)
 
+    cpu_before = roles.sample() if roles else {}
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(count)))
     elapsed = time.perf_counter() - started
+    cpu_after = roles.sample() if roles else {}
     # Counted after the clock stopped, so describing runs does not load the server.
     events = sum([(await h.describe()).history_length for h in handles])
     activities_per_workflow = STEPS[shape]
@@ -159,6 +192,12 @@ async def _measure(
         "events_per_s": round(events / elapsed, 1),
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2),
+        "cpu_ms_per_activity": {
+            role: round(
+                (cpu_after[role] - cpu_before[role]) * 1000 / (count * activities_per_workflow), 3
+            )
+            for role in cpu_after
+        },
     }
 
 
@@ -218,8 +257,12 @@ async def _database(db_url: str | None) -> AsyncIterator[str]:
         await conn.close()
 
 
-def _spawn_server(setup: Setup, index: int, db_url: str, port: int) -> subprocess.Popen[bytes]:
+def _spawn_server(
+    setup: Setup, index: int, db_url: str, port: int, sqlite_synchronous: str | None = None
+) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "tideflow.cli", "server", setup.command, "--db-url", db_url]
+    if sqlite_synchronous and setup.nodes is None and db_url.startswith("sqlite"):
+        argv += ["--sqlite-synchronous", sqlite_synchronous]
     argv += ["--port", str(port), "--ip", "127.0.0.1"]
     argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]
     if setup.nodes is not None:
@@ -289,7 +332,9 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         try:
             # One after the other: the first node initialises the database.
             for index, port in enumerate(ports):
-                servers.append(_spawn_server(setup, index + 1, db_url, port))
+                servers.append(
+                    _spawn_server(setup, index + 1, db_url, port, args.sqlite_synchronous)
+                )
                 await asyncio.wait_for(_listening(servers[-1]), _START_TIMEOUT_S)
             if setup.nodes is not None:
                 await _balanced(db_url, [f"bench-node-{i + 1}" for i in range(setup.processes)])
@@ -298,7 +343,8 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
                 argv = [sys.executable, __file__, "--worker", _rotated(addresses, i)]
                 workers.append(subprocess.Popen(argv, env=env))
             clients = [await Client.connect(_rotated(addresses, i)) for i in range(len(addresses))]
-            result = await _measure_shapes(clients, args)
+            roles = Roles([s.pid for s in servers], [w.pid for w in workers])
+            result = await _measure_shapes(clients, args, roles)
             for client in clients:
                 await client.close()
         finally:
@@ -310,17 +356,20 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         "store": store,
         "workers": workers_count,
         "concurrency": args.concurrency,
+        "sqlite_synchronous": args.sqlite_synchronous or "NORMAL (server default)",
         **result,
     }
 
 
-async def _measure_shapes(clients: Sequence[Client], args: argparse.Namespace) -> dict[str, object]:
+async def _measure_shapes(
+    clients: Sequence[Client], args: argparse.Namespace, roles: Roles
+) -> dict[str, object]:
     # Warm up: workers connected and code paths loaded.
     await _measure(clients, OneActivity, 5, 5)
     # One at a time: the latency of a single workflow on an idle system.
-    serial = await _measure(clients, OneActivity, min(args.workflows, 50), 1)
-    one = await _measure(clients, OneActivity, args.workflows, args.concurrency)
-    ten = await _measure(clients, TenActivities, args.workflows, args.concurrency)
+    serial = await _measure(clients, OneActivity, min(args.workflows, 50), 1, roles)
+    one = await _measure(clients, OneActivity, args.workflows, args.concurrency, roles)
+    ten = await _measure(clients, TenActivities, args.workflows, args.concurrency, roles)
     result: dict[str, object] = {
         "one_activity_serial": serial,
         "one_activity": one,
@@ -328,7 +377,7 @@ async def _measure_shapes(clients: Sequence[Client], args: argparse.Namespace) -
     }
     if args.local_activities:
         # Ten local activities per workflow, reported apart.
-        local = await _measure(clients, TenLocalActivities, args.workflows, args.concurrency)
+        local = await _measure(clients, TenLocalActivities, args.workflows, args.concurrency, roles)
         result["ten_local_activities"] = local
     return result
 
@@ -371,6 +420,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--concurrency", type=int, default=100, help="workflows in flight at once")
     parser.add_argument("--db-url", default=None)
+    parser.add_argument(
+        "--sqlite-synchronous",
+        choices=["NORMAL", "FULL"],
+        default=None,
+        help="start-dev on SQLite: PRAGMA synchronous (default: the server's, NORMAL)",
+    )
     parser.add_argument(
         "--nodes",
         type=int,

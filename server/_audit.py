@@ -103,6 +103,8 @@ class AuditEntry:
         _forwarded_to.set(None)
 
     def done(self, outcome: str, response: Any) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return  # nobody reads it: skip gathering the fields (~4% of a busy server)
         if self._rpc in _POLLS and not (response is not None and response.task_token):
             return  # an empty poll wrote nothing
         if _forwarded_to.get() is not None:

@@ -32,7 +32,7 @@ import enum
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -94,6 +94,11 @@ class Dispatcher:
 
     def add_timers(self, timers: list[TimerRow]) -> None:
         raise NotImplementedError
+
+    def drop_timers(self, timer_keys: Sequence[str]) -> None:
+        """Timers a commit deleted (their task or activity moved on): without this,
+        each sat in the timer queue until due and then cost a stale fire (a store
+        read, the run's cache entry and a delete of its own). Optional."""
 
 
 @dataclass(slots=True, eq=False)
@@ -341,6 +346,9 @@ class HistoryEngine:
         run.changed = asyncio.Event()
         old.set()
         self._dispatch_rows(m)
+        # Only a commit known to have landed deleted its dropped timers' rows.
+        if m.done_timer_keys:
+            self._dispatcher.drop_timers(m.done_timer_keys)
 
     async def _first_page(
         self,

@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -109,6 +109,9 @@ class _Dispatch(Dispatcher):
 
     def add_timers(self, timers: list[TimerRow]) -> None:
         self._timers.add(timers)
+
+    def drop_timers(self, timer_keys: Sequence[str]) -> None:
+        self._timers.drop(timer_keys)
 
     async def run(self, unstick: Callable[[RunKey, str], Awaitable[None]]) -> None:
         """Move tasks of retired sticky queues through ``unstick`` until cancelled,

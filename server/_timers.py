@@ -92,6 +92,10 @@ class TimerQueue:
         self._heap: list[tuple[int, str, TimerRow]] = []
         # Keys in the heap or firing: len(_known) is what the queue holds.
         self._known: set[str] = set()
+        # Keys being fired, and keys whose rows a commit deleted while they sat in
+        # the heap (their heap entries are skipped when popped, or compacted away).
+        self._firing: set[str] = set()
+        self._dead: set[str] = set()
         self.peak_held = 0  # the most rows held at once (diagnostics, tests)
         # Timers due before the horizon belong to the window; past the cursor, the
         # window's rows are still to be read (None: all read).
@@ -111,7 +115,7 @@ class TimerQueue:
         return len(self._known)
 
     def pending(self) -> int:
-        return len(self._heap)
+        return len(self._heap) - len(self._dead)
 
     def add(self, timers: list[TimerRow]) -> None:
         """Timers just committed. Those beyond the window are read by a later page."""
@@ -121,6 +125,23 @@ class TimerQueue:
                 wake |= self._offer(timer)
         if wake:
             self._wakeup.set()
+
+    def drop(self, timer_keys: Collection[str]) -> None:
+        """Rows a commit deleted: they leave the queue now instead of firing stale."""
+        for key in timer_keys:
+            if key in self._known and key not in self._firing:
+                self._known.discard(key)
+                self._dead.add(key)
+        if len(self._dead) > 64 and len(self._dead) * 2 > len(self._heap):
+            self._compact()
+
+    def _compact(self) -> None:
+        """The heap without the entries of dropped rows."""
+        if self._dead:
+            dead = self._dead
+            self._heap = [entry for entry in self._heap if entry[1] not in dead]
+            heapq.heapify(self._heap)
+            dead.clear()
 
     def _offer(self, timer: TimerRow, *, paged: bool = False) -> bool:
         """Take ``timer`` into the heap if it fits or displaces a later one; else leave
@@ -132,10 +153,13 @@ class TimerQueue:
         key = timer.timer_key
         if key in self._known:
             return False
+        if key in self._dead:
+            self._compact()  # its old entry must not shadow the new one
         cursor = self._cursor
         if not paged and cursor is not None and timer.fire_at > cursor[0]:
             return False  # past the cursor: a page reads it in its turn
         if len(self._known) >= self._cap:
+            self._compact()
             latest = max(self._heap) if self._heap else None
             if latest is None or latest[0] <= timer.fire_at:
                 self._move_back(timer.fire_at)
@@ -216,6 +240,7 @@ class TimerQueue:
                 self._fired_while_reading.clear()
 
     def _forget(self, key: str) -> None:
+        self._firing.discard(key)
         self._known.discard(key)
         if self._reads:
             self._fired_while_reading.add(key)
@@ -236,6 +261,7 @@ class TimerQueue:
         owns = self._owns
         if owns is None:
             return
+        self._compact()
         kept = [entry for entry in self._heap if owns(entry[2].key)]
         for _, key, timer in self._heap:
             if not owns(timer.key):
@@ -276,6 +302,10 @@ class TimerQueue:
                 continue
             while self._heap and self._heap[0][0] <= now:
                 _, key, timer = heapq.heappop(self._heap)
+                if key in self._dead:
+                    self._dead.discard(key)
+                    continue
+                self._firing.add(key)
                 await self._slots.acquire()
                 fires.create_task(self._fire_one(fire, key, timer))
                 if self._wants_page():
@@ -308,6 +338,7 @@ class TimerQueue:
             # Leave the row in the store; push it back for another try shortly.
             log_retry(log, f"firing timer {key}", exc)
             await asyncio.sleep(_FIRE_RETRY_S)
+            self._firing.discard(key)
             self._known.discard(key)
             self._offer(timer)
             self._wakeup.set()

@@ -200,3 +200,24 @@ async def test_timers_due_before_pages_by_fire_time_then_key(store: HistoryStore
     assert [row.fire_at for row in read] == sorted(row.fire_at for row in read)
     # (fire_at, ""): every row due at or after fire_at.
     assert set(await store.timers_due_before(T0 + 2, after=(T0 + 1, ""))) == set(later)
+
+
+async def test_dropped_timers_leave_the_queue_and_never_fire(store: HistoryStore) -> None:
+    """A commit that deletes timer rows (a task that moved on) tells the queue, which
+    forgets them at once: they take no room and cost no stale fire later."""
+    clock = _ManualClock(T0)
+    queue = TimerQueue(store, clock, window_s=2000.0, max_in_memory=500)
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        kept = await _arm_one(store, queue, "kept", T0 + 100 * _S)
+        dropped = [await _arm_one(store, queue, f"dropped-{n}", T0 + 100 * _S) for n in range(80)]
+        await eventually(lambda: queue.held() == 81)
+        for row in dropped:
+            await store.delete_timer(row.timer_key)
+        queue.drop([row.timer_key for row in dropped])
+        assert queue.held() == 1
+        assert queue.pending() == 1
+        clock.now = T0 + 200 * _S
+        nudge = await _arm_one(store, queue, "nudge", T0 - 1)
+        await eventually(lambda: _count_rows_is_zero(store))
+    assert set(firing.fired) == {kept.timer_key, nudge.timer_key}

@@ -1,0 +1,140 @@
+"""Memory: the server's RSS with many open runs idle, waiting on a signal.
+
+Starts ``tideflow server start-dev`` (a new SQLite file, or ``--db-url``) and one worker
+process, starts ``--runs`` workflows that each wait for a signal (``--concurrency``
+starts in flight), and prints one JSON line: the server's resident set size (VmRSS)
+before the first start and after each quarter of the runs, and the RSS per thousand
+runs over the last three quarters. An idle run holds no per-run structure on the
+server beyond the engine's bounded cache of mutable states (``state_cache_size``,
+10,000 runs by default): the RSS grows until that cache is full and then stays flat.
+
+    .venv/bin/python bench/memory.py --runs 100000
+    .venv/bin/python bench/memory.py --runs 20000 --db-url postgresql://postgres@127.0.0.1/postgres
+
+The worker caches at most ``max_cached_workflows`` instances (1,000 by default) and
+replays the others when their signal comes; its RSS is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from throughput import Setup, _database, _free_port, _listening, _spawn_server, _stop
+
+from tideflow.worker_sdk import Client, Worker, workflow
+
+TASK_QUEUE = "bench-memory"
+
+
+@workflow.defn
+class WaitForSignal:
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.signal
+    def release(self) -> None:
+        self.released = True
+
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self.released)
+        return "released"
+
+
+async def run_worker(address: str) -> None:
+    client = await Client.connect(address)
+    worker = Worker(client, task_queue=TASK_QUEUE, workflows=[WaitForSignal], workflow_pollers=8)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with worker:
+        await stop.wait()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def _start_runs(client: Client, prefix: str, first: int, count: int, limit: int) -> None:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await client.start_workflow(WaitForSignal, id=f"{prefix}-{i}", task_queue=TASK_QUEUE)
+
+    await asyncio.gather(*(one(i) for i in range(first, first + count)))
+
+
+async def main(args: argparse.Namespace) -> None:
+    async with _database(args.db_url) as db_url:
+        port = _free_port()
+        server = _spawn_server(Setup(None), 1, db_url, port)
+        worker: subprocess.Popen[bytes] | None = None
+        try:
+            await asyncio.wait_for(_listening(server), 60)
+            address = f"127.0.0.1:{port}"
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            worker = subprocess.Popen([sys.executable, __file__, "--worker", address], env=env)
+            client = await Client.connect(address)
+            prefix = uuid.uuid4().hex[:8]
+            samples = [{"runs": 0, "server_rss_mb": rss_mb(server.pid)}]
+            started = time.perf_counter()
+            quarter = args.runs // 4
+            for step in range(4):
+                await _start_runs(client, prefix, step * quarter, quarter, args.concurrency)
+                # Let the first workflow tasks of the last starts finish (the runs idle).
+                await asyncio.sleep(2)
+                samples.append(
+                    {
+                        "runs": (step + 1) * quarter,
+                        "server_rss_mb": rss_mb(server.pid),
+                        "worker_rss_mb": rss_mb(worker.pid),
+                    }
+                )
+            elapsed = time.perf_counter() - started
+            # Still served: one run released and its result read back.
+            handle = client.get_workflow_handle(f"{prefix}-0")
+            await handle.signal(WaitForSignal.release)
+            assert await handle.result() == "released"
+            await client.close()
+        finally:
+            _stop([p for p in (worker, server) if p is not None])
+    growth = samples[-1]["server_rss_mb"] - samples[1]["server_rss_mb"]
+    print(
+        json.dumps(
+            {
+                "runs": quarter * 4,
+                "store": "sqlite" if db_url.startswith("sqlite") else "postgresql",
+                "start_seconds": round(elapsed, 1),
+                "samples": samples,
+                "server_rss_mb_per_1000_runs_after_first_quarter": round(
+                    growth * 1000 / (quarter * 3), 3
+                ),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--db-url", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parsed = parser.parse_args()
+    if parsed.worker:
+        asyncio.run(run_worker(parsed.worker))
+    else:
+        asyncio.run(main(parsed))
