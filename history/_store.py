@@ -183,6 +183,14 @@ class HistoryStore:
                     raise
             else:
                 log.info("upgraded tasks: queue_shard added to %d rows", rows)
+        if await self._runner.read(cluster.missing_placement_column_txn):
+            try:
+                await self._runner.write(cluster.add_placement_column_txn)
+            except Exception:
+                if await self._runner.read(cluster.missing_placement_column_txn):
+                    raise
+            else:
+                log.info("upgraded tasks: placement added")
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
@@ -587,6 +595,7 @@ class HistoryStore:
                 ref_id=r.ref_id,
                 attempt=r.attempt,
                 created_at=r.created_at,
+                placement=r.placement or b"",
             )
             for r in rows
         ]

@@ -374,7 +374,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         )
         ms = await self._engine.state_of(key)
         # Details past half the message limit are left out (see describe_response).
-        return describe_response(ms, self._config.grpc_max_message_bytes // 2)
+        return describe_response(
+            ms, self._config.grpc_max_message_bytes // 2, self._matching.waiting_reason
+        )
 
     @_rpc
     async def TerminateWorkflow(

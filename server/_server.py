@@ -35,6 +35,7 @@ from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
 from ._peers import NodeCredential, PeerChannels
+from ._placement import PlacementPolicy
 from ._polls import TaskQueueService
 from ._registration import add_to_server
 from ._resync import resync_after_outages
@@ -244,6 +245,9 @@ class TideflowServer:
         self._tokens: TaskTokenSigner | None = None
         self.peers = PeerChannels(self.config, self.tls)
         self.node_credential: NodeCredential | None = None
+        # Where activity tasks may run (server/_placement.py); the sites work gives it
+        # a run's home site (``home_of``) and its links' state (``links``).
+        self.placement = PlacementPolicy(self.config.cluster_name, self.config.site_tier)
 
     @property
     def address(self) -> str:
@@ -297,7 +301,7 @@ class TideflowServer:
         # Who serves which task queue and run (server/_matching_routes.py): matching
         # serves the queues of the shards this node holds.
         routes = MatchingRoutes(store, self.peers, self.node_id)
-        matching = Matching(routes.serves)
+        matching = Matching(routes.serves, self.placement)
         timers = self._timer_queue(store)
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers, routes)
