@@ -55,6 +55,7 @@ from ._records import (
     now_micros,
 )
 from ._schedule_store import ScheduleStore
+from ._site_metadata_store import SiteMetadataStore
 from ._token_keys import TokenKeyStore
 from ._visibility_store import Cursor as VisibilityCursor
 from ._visibility_store import (
@@ -695,6 +696,11 @@ class HistoryStore:
     def token_keys(self) -> TokenKeyStore:
         """The keys that sign task tokens (``_token_keys``), on this store's database."""
         return TokenKeyStore(self._runner)
+
+    @property
+    def site_metadata(self) -> SiteMetadataStore:
+        """The sites' shared metadata document (``_site_metadata_store``)."""
+        return SiteMetadataStore(self._runner)
 
     @property
     def api_keys(self) -> ApiKeyStore:

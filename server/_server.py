@@ -34,6 +34,7 @@ from ._frontend import WorkflowService
 from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
+from ._metadata_sync import MetadataSync
 from ._peers import NodeCredential, PeerChannels
 from ._placement import PlacementPolicy
 from ._polls import TaskQueueService
@@ -43,6 +44,7 @@ from ._routing import Router
 from ._run_gateway import RunGateway
 from ._schedules import Scheduler
 from ._shards import ShardController
+from ._site_metadata import SiteMetadata
 from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
@@ -248,6 +250,8 @@ class TideflowServer:
         # Where activity tasks may run (server/_placement.py); the sites work gives it
         # a run's home site (``home_of``) and its links' state (``links``).
         self.placement = PlacementPolicy(self.config.cluster_name, self.config.site_tier)
+        self.metadata: SiteMetadata | None = None
+        self.metadata_sync: MetadataSync | None = None
 
     @property
     def address(self) -> str:
@@ -353,6 +357,7 @@ class TideflowServer:
             polls=polls,
             router=router,
         )
+        service.metadata = await self._open_metadata(store, scheduler)
         add_to_server(service, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
@@ -371,6 +376,15 @@ class TideflowServer:
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    async def _open_metadata(self, store: HistoryStore, scheduler: Scheduler) -> MetadataSync:
+        """The metadata both sites write (server/_metadata_sync.py): the sites' link
+        exchanges it through ``metadata`` and ``metadata_sync``."""
+        self.metadata = await SiteMetadata.open(
+            store, self.config.cluster_name, node_id=self.node_id
+        )
+        self.metadata_sync = MetadataSync(self.metadata, store, scheduler)
+        return self.metadata_sync
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
