@@ -31,6 +31,7 @@ import base64
 import contextlib
 import json
 import logging
+from typing import Any
 
 from tideflow.api.v1 import service_pb2
 from tideflow.history import HistoryStore
@@ -82,6 +83,15 @@ class MetadataSync:
 
     async def schedule_deleted(self, namespace: str, schedule_id: str) -> None:
         await self.metadata.put("schedules", schedule_key(namespace, schedule_id), None)
+
+    async def publish_site(self, **fields: Any) -> None:
+        """Update this site's record (``sites[<cluster name>]``: its tier at start; the
+        sites work adds link state, placement the capabilities its workers offer);
+        written only when a field changed, so restarts do not grow the document."""
+        site = self.metadata.site
+        current = self.metadata.get("sites", site) or {}
+        if any(current.get(name) != value for name, value in fields.items()):
+            await self.metadata.put("sites", site, {**current, **fields})
 
     # ---------------------------------------------------------- remote merges
 

@@ -384,6 +384,7 @@ class TideflowServer:
             store, self.config.cluster_name, node_id=self.node_id
         )
         self.metadata_sync = MetadataSync(self.metadata, store, scheduler)
+        await self.metadata_sync.publish_site(tier=self.config.site_tier)
         return self.metadata_sync
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:

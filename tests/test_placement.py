@@ -410,11 +410,12 @@ async def test_a_worker_takes_only_backlog_tasks_it_meets() -> None:
     assert isinstance(taken, TaskRow) and taken.key.workflow_id == "w1"
 
 
-async def test_placement_survives_a_server_restart(tmp_path: Path) -> None:
-    """The task row keeps its placement in the store: after a restart (the backlog
-    rebuilt from the store) a worker that does not meet it still does not get it."""
+async def test_placement_survives_a_server_restart(store_url: str) -> None:
+    """The task row keeps its placement in the store (SQLite and PostgreSQL): after a
+    restart (the backlog rebuilt from the store) a worker that does not meet it still
+    does not get it."""
     queue, workflow_id = new_id("placed"), new_id("wf")
-    async with running_server(tmp_path) as first:
+    async with running_server(store_url) as first:
         connected = await Client.connect(first.address)
         # No sticky cache: the next workflow task goes to the normal queue at once.
         async with Worker(
@@ -431,7 +432,7 @@ async def test_placement_survives_a_server_restart(tmp_path: Path) -> None:
             row = await eventually(activity_row, "the activity task row to be written")
             assert common_pb2.Placement.FromString(row.placement).tier == ES.EXECUTION_SITE_DEVICE
         await connected.close()
-    async with running_server(tmp_path) as second:
+    async with running_server(store_url) as second:
         connected = await Client.connect(second.address)
         handle = connected.get_workflow_handle(workflow_id)
         async with workers(connected, queue, {"cloud-plain": {}}):

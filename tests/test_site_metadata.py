@@ -202,6 +202,9 @@ async def test_schedules_and_namespaces_travel_between_two_servers(tmp_path: Pat
             await exchange()
             assert await cloud.store.schedules.get("shared-ns", schedule_id) is None
             assert edge.metadata.snapshot() == cloud.metadata.snapshot()
+            # Each site's record (published at start) reached the other.
+            assert cloud.metadata.get("sites", "edge1") == {"tier": "edge"}
+            assert edge.metadata.get("sites", "cloud") == {"tier": "cloud"}
             await cloud_ns.close()
         finally:
             await cloud_client.close()
