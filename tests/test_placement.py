@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from helpers import Processes, bounded, eventually, new_id, running_server
+from helpers_cluster import split
 from helpers_dag import dag_worker, workflow_of
 
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
-from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
-from tideflow.server import TideflowServer
+from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, queue_shard_of
+from tideflow.server import ServerConfig, TideflowServer
 from tideflow.server._matching import Matching
 from tideflow.server._placement import PlacementPolicy, WorkerSite, encode
 from tideflow.worker_sdk import Client, Worker, activity, dag, exceptions, workflow
@@ -465,3 +466,42 @@ async def test_tasks_table_gains_the_placement_column_in_place(tmp_path: Path) -
     with sqlite3.connect(tmp_path / "old.db") as conn:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
     assert "placement" in columns
+
+
+@pytest.mark.postgres
+async def test_placement_holds_when_polls_are_forwarded_between_nodes(pg_url: str) -> None:
+    """Two nodes on one database; the workers poll node A, the queue is node B's: polls
+    travel to B with what the worker advertised, and the run's owner records it."""
+    config = ServerConfig(lease_s=1.0)
+    async with (
+        TideflowServer(pg_url, port=0, node_id="node-a", config=config) as a,
+        TideflowServer(pg_url, port=0, node_id="node-b", config=config) as b,
+    ):
+        owned = await eventually(lambda: split(a.store, a.node_id, b.node_id), "both nodes")
+        shards = a.store.shard_count
+
+        def served_by_b(queue: str) -> bool:
+            return all(
+                owned[queue_shard_of("default", queue, kind, shards)] == b.node_id
+                for kind in (TaskKind.WORKFLOW, TaskKind.ACTIVITY)
+            )
+
+        queue = next(q for q in (new_id("placed") for _ in range(1000)) if served_by_b(q))
+        connected = await Client.connect(a.address)
+        specs = {"plain": {}, "cam": {"tier": "device", "capabilities": {"labels": ["camera"]}}}
+        try:
+            async with workers(connected, queue, specs):
+                steps = [{"placement": "device", "requirements": {"labels": ["camera"]}}] * 2
+                handles = [
+                    await connected.start_workflow(
+                        Placed.run, steps, id=new_id("wf"), task_queue=queue
+                    )
+                    for _ in range(4)  # runs owned by either node
+                ]
+                for handle in handles:
+                    assert await bounded(handle.result()) == ["cam", "cam"]
+            for handle in handles:
+                recorded = started_events(await history(connected, handle.id))
+                assert recorded == [("cam", "cloud", ES.EXECUTION_SITE_DEVICE)] * 2
+        finally:
+            await connected.close()
