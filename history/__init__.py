@@ -65,6 +65,7 @@ from ._schedule_store import (
     slot_action_key,
     trigger_action_key,
 )
+from ._site_metadata_store import SiteMetadataRecord
 from ._store import HistoryStore
 from ._token_keys import TokenKey, TokenKeyStore
 from ._visibility_store import (
@@ -115,6 +116,7 @@ __all__ = [
     "SearchAttributeValue",
     "ShardOwnershipLostError",
     "ShardRecord",
+    "SiteMetadataRecord",
     "StoreError",
     "StoreUnavailableError",
     "TaskKind",

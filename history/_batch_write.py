@@ -271,6 +271,7 @@ def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int
             "ref_id": task.ref_id,
             "attempt": task.attempt,
             "created_at": task.created_at or created,
+            "placement": task.placement or None,
         }
         for t in batch
         for task in t.new_tasks

@@ -195,6 +195,18 @@ def add_queue_shard_column_txn(conn: Connection, shard_count: int) -> int:
     return len(rows)
 
 
+def missing_placement_column_txn(conn: Connection) -> bool:
+    """Whether ``tasks`` lacks ``placement`` (a database created before placement)."""
+    return "placement" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
+
+
+def add_placement_column_txn(conn: Connection) -> None:
+    """Upgrade ``tasks``: add ``placement``. Existing rows keep NULL (any worker): they
+    were scheduled before activities could say where they run."""
+    column_type = s.tasks.c.placement.type.compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE tasks ADD COLUMN placement {column_type}"))
+
+
 def read_shards_txn(conn: Connection, shard_count: int) -> list[ShardRecord]:
     """Every shard's row, in shard order; a shard without a row reads as never acquired."""
     t = s.shards

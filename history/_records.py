@@ -65,6 +65,9 @@ class TaskRow:
     ref_id: int
     attempt: int
     created_at: int = 0
+    # An activity task's placement (a serialized tideflow.api.v1.Placement): matching
+    # hands it only to a worker that meets it. Empty: any worker.
+    placement: bytes = b""
 
     @property
     def task_key(self) -> str:

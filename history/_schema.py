@@ -134,6 +134,9 @@ tasks = Table(
     Column("ref_id", BigInteger, nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # An activity task's placement (TaskRow.placement); NULL: any worker. Added to older
+    # databases in place (history/_cluster.py add_placement_column_txn).
+    Column("placement", LargeBinary, nullable=True),
 )
 Index(
     "tasks_by_queue", tasks.c.namespace, tasks.c.task_queue, tasks.c.created_at, info=_TIME_ORDERED

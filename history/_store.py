@@ -55,6 +55,7 @@ from ._records import (
     now_micros,
 )
 from ._schedule_store import ScheduleStore
+from ._site_metadata_store import SiteMetadataStore
 from ._token_keys import TokenKeyStore
 from ._visibility_store import Cursor as VisibilityCursor
 from ._visibility_store import (
@@ -183,6 +184,14 @@ class HistoryStore:
                     raise
             else:
                 log.info("upgraded tasks: queue_shard added to %d rows", rows)
+        if await self._runner.read(cluster.missing_placement_column_txn):
+            try:
+                await self._runner.write(cluster.add_placement_column_txn)
+            except Exception:
+                if await self._runner.read(cluster.missing_placement_column_txn):
+                    raise
+            else:
+                log.info("upgraded tasks: placement added")
 
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
@@ -587,6 +596,7 @@ class HistoryStore:
                 ref_id=r.ref_id,
                 attempt=r.attempt,
                 created_at=r.created_at,
+                placement=r.placement or b"",
             )
             for r in rows
         ]
@@ -686,6 +696,11 @@ class HistoryStore:
     def token_keys(self) -> TokenKeyStore:
         """The keys that sign task tokens (``_token_keys``), on this store's database."""
         return TokenKeyStore(self._runner)
+
+    @property
+    def site_metadata(self) -> SiteMetadataStore:
+        """The sites' shared metadata document (``_site_metadata_store``)."""
+        return SiteMetadataStore(self._runner)
 
     @property
     def api_keys(self) -> ApiKeyStore:

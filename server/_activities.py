@@ -24,6 +24,7 @@ from tideflow.history import TaskKind, TaskRow, TimerKind, timer_key_kind
 from . import _retry
 from ._errors import NotFoundError
 from ._mutation import Mutation
+from ._placement import encode
 
 ET = EventType
 
@@ -46,9 +47,10 @@ def check_token(m: Mutation, token: state_pb2.TaskToken) -> state_pb2.ActivityIn
     return info
 
 
-def record_started(m: Mutation, task: TaskRow, identity: str) -> bool:
+def record_started(m: Mutation, task: TaskRow, identity: str, site: str, tier: int) -> bool:
     """A poller took the attempt's task row (ActivityTaskValid + RecordActivityStarted);
-    False if the row is stale (the attempt moved on or the run closed)."""
+    False if the row is stale (the attempt moved on or the run closed). ``site`` and
+    ``tier`` are the poller's: where the attempt runs, as the server saw it."""
     ms = m.ms
     info = ms.pending_activities.get(task.ref_id)
     if (
@@ -61,7 +63,7 @@ def record_started(m: Mutation, task: TaskRow, identity: str) -> bool:
         return False
     m.trace["task"] = task
     m.done_task_keys.append(task.task_key)
-    start_attempt(m, info, identity)
+    start_attempt(m, info, identity, site, tier)
     return True
 
 
@@ -71,7 +73,11 @@ def dispatch_attempt(m: Mutation, info: state_pb2.ActivityInfo) -> None:
     info.backing_off = False
     info.scheduled_time.FromMicroseconds(m.now)
     info.task_key = m.add_task(
-        TaskKind.ACTIVITY, info.task_queue.name, info.scheduled_event_id, info.attempt
+        TaskKind.ACTIVITY,
+        info.task_queue.name,
+        info.scheduled_event_id,
+        info.attempt,
+        placement=encode(info.placement),
     )
     s2s = info.schedule_to_start_timeout.ToMicroseconds()
     if s2s and s2s != info.schedule_to_close_timeout.ToMicroseconds():
@@ -85,12 +91,16 @@ def dispatch_attempt(m: Mutation, info: state_pb2.ActivityInfo) -> None:
         )
 
 
-def start_attempt(m: Mutation, info: state_pb2.ActivityInfo, identity: str) -> None:
+def start_attempt(
+    m: Mutation, info: state_pb2.ActivityInfo, identity: str, site: str, tier: int
+) -> None:
     """The current attempt is handed to a worker: arm its start-to-close and
     heartbeat timeouts. (No event: ActivityTaskStarted is written with the outcome.)"""
     info.task_key = ""
     info.started_time.FromMicroseconds(m.now)
     info.started_identity = identity
+    info.started_site = site
+    info.started_tier = tier  # type: ignore[assignment]
     info.request_id = str(uuid.uuid4())
     info.ClearField("last_heartbeat_time")
     schedule_to_start = [
@@ -186,6 +196,8 @@ def _back_off(m: Mutation, info: state_pb2.ActivityInfo, failure: Failure, delay
     info.attempt += 1
     info.ClearField("started_time")
     info.started_identity = ""
+    info.started_site = ""
+    info.ClearField("started_tier")
     info.backing_off = True
     info.timer_keys.append(
         m.add_timer(

@@ -31,6 +31,7 @@ from tideflow.history import CurrentWrite, TimerKind, TransferAction, search_att
 from . import _activities, _retry, _run_start
 from ._config import ServerConfig
 from ._mutation import Mutation
+from ._placement import TIERS, encode, placement_problem
 
 ET = EventType
 # Activities one workflow task may start eagerly (the rest go through matching).
@@ -153,7 +154,7 @@ def _validate_schedule_activity(state: _Validation, command: Command, where: str
     ):
         if getattr(a, name).ToMicroseconds() < 0:
             raise BadCommandError(f"{where}: {name} must not be negative")
-    problem = _retry.validate(a.retry_policy)
+    problem = _retry.validate(a.retry_policy) or placement_problem(a.placement, a.requirements)
     if problem:
         raise BadCommandError(f"{where}: {problem}")
 
@@ -178,15 +179,26 @@ def _apply_schedule_activity(context: Context, m: Mutation, command: Command) ->
     info.start_to_close_timeout.CopyFrom(attrs.start_to_close_timeout)
     info.heartbeat_timeout.CopyFrom(attrs.heartbeat_timeout)
     info.retry_policy.CopyFrom(attrs.retry_policy)
+    info.placement.tier = attrs.placement
+    info.placement.requirements.CopyFrom(attrs.requirements)
     s2c = attrs.schedule_to_close_timeout.ToMicroseconds()
     if s2c:
         info.timer_keys.append(
             m.add_timer(TimerKind.ACTIVITY_SCHEDULE_TO_CLOSE, sid, 0, m.now + s2c)
         )
     eager = context.eager
-    if context.identity and a.request_eager_execution and len(eager) < _MAX_EAGER_ACTIVITIES:
+    if (
+        context.identity
+        and a.request_eager_execution
+        and len(eager) < _MAX_EAGER_ACTIVITIES
+        # Only matching knows whether a worker meets a placement.
+        and not encode(info.placement)
+    ):
         # The completing worker runs it: no dispatch row, no poll, no extra commit.
-        _activities.start_attempt(m, info, context.identity)
+        config = context.config
+        _activities.start_attempt(
+            m, info, context.identity, config.cluster_name, TIERS[config.site_tier]
+        )
         eager.append(sid)
     else:
         _activities.dispatch_attempt(m, info)
@@ -227,6 +239,8 @@ def _scheduled_attributes(
     attrs.retry_policy.non_retryable_error_types[:] = a.retry_policy.non_retryable_error_types
     attrs.workflow_task_completed_event_id = completed_id
     attrs.placement = a.placement
+    if a.HasField("requirements"):
+        attrs.requirements.CopyFrom(a.requirements)
     return attrs
 
 

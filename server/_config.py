@@ -84,6 +84,12 @@ class ServerConfig:
     # Shard lease (server/_shards.py): renewed every third of it; a dead node's shards
     # are taken over once it lapses. Safety never depends on it (the range-id fence).
     lease_s: float = 5.0
+    # This site's name (README "Placement"): recorded as where a task ran when its worker
+    # polled here, and the home site of runs started here. A lone server is a cloud with
+    # no edges; `--cluster-name` of the sites work sets it.
+    cluster_name: str = "cloud"
+    # The tier of workers attached here that do not state theirs: "cloud" or "edge".
+    site_tier: str = "cloud"
 
     def __post_init__(self) -> None:
         if not 0 < self.history_page_bytes < self.grpc_max_message_bytes:
@@ -100,6 +106,10 @@ class ServerConfig:
             raise ValueError("max_timers_in_memory must be at least 1")
         if not self.lease_s > 0:
             raise ValueError("lease_s must be positive")
+        if not self.cluster_name:
+            raise ValueError("cluster_name must not be empty")
+        if self.site_tier not in ("cloud", "edge"):
+            raise ValueError("site_tier must be 'cloud' or 'edge'")
 
 
 # Seconds a received call may wait for the application to accept it (see below).

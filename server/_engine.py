@@ -69,6 +69,7 @@ from ._errors import (
 )
 from ._history_pages import HistoryPager
 from ._mutation import Mutation, run_key_of
+from ._placement import WorkerSite
 from ._run_gateway import RunGateway
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
@@ -626,12 +627,12 @@ class HistoryEngine:
     # ------------------------------------------------------------ activities
 
     async def record_activity_started(
-        self, task: TaskRow, identity: str
+        self, task: TaskRow, w: WorkerSite
     ) -> service_pb2.PollActivityTaskResponse | None:
         started = await self._judged_fresh(
             task.key,
             "RecordActivityStarted",
-            lambda m: _activities.record_started(m, task, identity),
+            lambda m: _activities.record_started(m, task, w.identity, w.site, w.tier),
         )
         if not started:
             await self._store.delete_task(task.task_key, run=task.key)

@@ -49,6 +49,7 @@ from ._errors import (
 from ._failures import RateLimitedLog
 from ._history_pages import is_task_token
 from ._matching import Matching
+from ._metadata_sync import MetadataSync
 from ._polls import TaskQueueService
 from ._routing import ROUTED_RPCS, Router
 from ._run_views import describe_response
@@ -182,6 +183,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._config = config
         # Serves the schedule RPCs (server/_schedules.py); None: UNAVAILABLE.
         self.scheduler = scheduler
+        # Records namespaces and schedules in the shared metadata (None: not kept).
+        self.metadata: MetadataSync | None = None
         self._namespaces: set[str] = set()
         # Polls, queries, DescribeTaskQueue, ShutdownWorker (server/_polls.py).
         self._polls = polls or TaskQueueService(engine, matching, config, self._tokens)
@@ -272,6 +275,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 f"namespace already exists: {request.namespace!r}",
                 resource=Resource.RESOURCE_TYPE_NAMESPACE,
                 id=request.namespace,
+            )
+        if self.metadata is not None:
+            await self.metadata.namespace_registered(
+                request.namespace, request.description, retention
             )
         return service_pb2.RegisterNamespaceResponse()
 
@@ -374,7 +381,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         )
         ms = await self._engine.state_of(key)
         # Details past half the message limit are left out (see describe_response).
-        return describe_response(ms, self._config.grpc_max_message_bytes // 2)
+        return describe_response(
+            ms, self._config.grpc_max_message_bytes // 2, self._matching.waiting_reason
+        )
 
     @_rpc
     async def TerminateWorkflow(
@@ -666,6 +675,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await require_scheduler(self.scheduler).create(
             request.namespace, request.schedule_id, request.schedule, request.request_id
         )
+        if self.metadata is not None:
+            await self.metadata.schedule_created(
+                request.namespace, request.schedule_id, request.schedule
+            )
         return service_pb2.CreateScheduleResponse()
 
     @_rpc
@@ -696,6 +709,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await self._check_namespace(request.namespace)
         self._check_id("schedule_id", request.schedule_id)
         await require_scheduler(self.scheduler).delete(request.namespace, request.schedule_id)
+        if self.metadata is not None:
+            await self.metadata.schedule_deleted(request.namespace, request.schedule_id)
         return service_pb2.DeleteScheduleResponse()
 
     @_rpc

@@ -6,6 +6,8 @@ nodes' queues to their owners). A task goes straight to a poller that is already
 waiting ("sync match", no extra store round trip) or waits in the queue's in-memory
 backlog. The rows stay in the store until the engine records the task started, so a
 crash loses nothing: ``recover`` reloads a queue shard's rows when its node acquires it.
+An activity task with a placement goes only to a poller that meets it, the best ranked
+of those waiting (server/_placement.py); the others wait for a poller that does.
 
 TLA+ (tla/History.tla): ``DispatchWorkflowTask`` / ``DispatchActivityTask`` hand a
 backlog row to a poller (``RecordWorkflowTaskStartedA`` / ``RecordActivityStartedA``;
@@ -27,6 +29,7 @@ from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
 
 from ._errors import UnavailableError
+from ._placement import PlacementPolicy, WorkerSite, decode
 
 log = logging.getLogger("tideflow.server.matching")
 
@@ -51,15 +54,24 @@ Dispatchable = TaskRow | QueryTask
 
 
 @dataclass(slots=True, eq=False)
+class _Poller:
+    future: asyncio.Future[Dispatchable]
+    # Who polls (activity polls); None: a workflow-task poll, which takes any task.
+    worker: WorkerSite | None
+
+
+@dataclass(slots=True, eq=False)
 class _TaskQueue:
     backlog: deque[TaskRow] = field(default_factory=deque)
     queries: deque[QueryTask] = field(default_factory=deque)
-    pollers: deque[asyncio.Future[Dispatchable]] = field(default_factory=deque)
+    pollers: deque[_Poller] = field(default_factory=deque)
     queued_keys: set[str] = field(default_factory=set)
     # For DescribeTaskQueue: worker identity -> wall-clock time its last poll began or
     # ended, and how many of its polls are parked here now.
     seen: dict[str, float] = field(default_factory=dict)
     polling: dict[str, int] = field(default_factory=dict)
+    # What each recently seen activity worker advertised (why a task waits: describe).
+    workers: dict[str, WorkerSite] = field(default_factory=dict)
 
 
 #: How long a poller stays listed after its last poll (Temporal keeps five minutes).
@@ -71,8 +83,20 @@ class QueueMovedError(UnavailableError):
     node's, or moving. A poll parked here when the shard left gets it at once."""
 
 
+def _admits(task: Dispatchable, worker: WorkerSite | None) -> bool:
+    if isinstance(task, QueryTask) or not task.placement:
+        return True
+    placement = decode(task.placement)
+    return placement is None or (worker is not None and placement.admits(worker))
+
+
 class Matching:
-    def __init__(self, owns: Callable[[str, str, TaskKind], bool] | None = None) -> None:
+    def __init__(
+        self,
+        owns: Callable[[str, str, TaskKind], bool] | None = None,
+        policy: PlacementPolicy | None = None,
+    ) -> None:
+        self.policy = policy or PlacementPolicy()
         self._queues: dict[_QueueId, _TaskQueue] = {}
         # Whether this node serves a task queue now, ``(namespace, name, kind)``: it
         # holds the queue's shard (server/_matching_routes.py). Tasks of other queues
@@ -97,23 +121,42 @@ class Matching:
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
         if task.task_key in queue.queued_keys:
             return  # already queued (recovery racing a commit)
-        while queue.pollers:
-            poller = queue.pollers.popleft()
-            if not poller.done():
-                poller.set_result(task)
-                return
+        if self._hand_over(queue, task):
+            return
         queue.queued_keys.add(task.task_key)
         queue.backlog.append(task)
+
+    def _hand_over(self, queue: _TaskQueue, task: Dispatchable) -> bool:
+        """Give ``task`` to a waiting poller (sync match); False if none may take it. A
+        task without placement goes to the longest waiting poller; one with placement
+        to the best ranked poller that meets it (server/_placement.py)."""
+        while queue.pollers and queue.pollers[0].future.done():
+            queue.pollers.popleft()
+        if not queue.pollers:
+            return False
+        if isinstance(task, QueryTask) or not task.placement:
+            queue.pollers.popleft().future.set_result(task)
+            return True
+        best: _Poller | None = None
+        best_rank: tuple[int, int, int] | None = None
+        for poller in queue.pollers:
+            worker = poller.worker
+            if poller.future.done() or worker is None or not _admits(task, worker):
+                continue
+            rank = self.policy.rank(task.key, worker, queue.polling.get(worker.identity, 0))
+            if best_rank is None or rank < best_rank:
+                best, best_rank = poller, rank
+        if best is None:
+            return False
+        queue.pollers.remove(best)
+        best.future.set_result(task)
+        return True
 
     def add_query(self, namespace: str, task_queue: str, query: QueryTask) -> None:
         """Queries go ahead of workflow tasks: a caller is waiting on each."""
         queue = self._queue((namespace, task_queue, TaskKind.WORKFLOW))
-        while queue.pollers:
-            poller = queue.pollers.popleft()
-            if not poller.done():
-                poller.set_result(query)
-                return
-        queue.queries.append(query)
+        if not self._hand_over(queue, query):
+            queue.queries.append(query)
 
     def add_many(self, tasks: list[TaskRow]) -> None:
         for task in tasks:
@@ -127,47 +170,57 @@ class Matching:
         timeout: float,
         *,
         identity: str | None = None,
+        worker: WorkerSite | None = None,
     ) -> Dispatchable | None:
         """Next task of the queue, or None once ``timeout`` seconds pass without one.
-        ``identity`` (the worker's) is remembered for DescribeTaskQueue. Raises
-        QueueMovedError if this node does not serve the queue, or stops serving it
-        while the poll waits."""
+        ``identity`` (the worker's) is remembered for DescribeTaskQueue; ``worker``
+        (activity polls) is who polls: only tasks whose placement it meets are handed
+        to it. Raises QueueMovedError if this node does not serve the queue, or stops
+        serving it while the poll waits."""
         if not self.serves(namespace, task_queue, kind):
             raise QueueMovedError(f"task queue {task_queue!r} is served by another node")
         queue = self._queue((namespace, task_queue, kind))
+        if worker is not None:
+            identity = worker.identity
+            queue.workers[identity] = worker
         if identity is None:
-            return await self._poll(queue, timeout)
+            return await self._poll(queue, timeout, worker)
         self._access(queue, identity, +1)
         try:
-            return await self._poll(queue, timeout)
+            return await self._poll(queue, timeout, worker)
         finally:
             self._access(queue, identity, -1)
 
-    async def _poll(self, queue: _TaskQueue, timeout: float) -> Dispatchable | None:
+    async def _poll(
+        self, queue: _TaskQueue, timeout: float, worker: WorkerSite | None
+    ) -> Dispatchable | None:
         while queue.queries:
             query = queue.queries.popleft()
             if not query.result.done():  # its caller may have given up
                 return query
-        if queue.backlog:
-            task = queue.backlog.popleft()
-            queue.queued_keys.discard(task.task_key)
-            return task
-        poller: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
+        for index, task in enumerate(queue.backlog):
+            # Tasks this worker does not meet stay queued for one that does.
+            if _admits(task, worker):
+                del queue.backlog[index]
+                queue.queued_keys.discard(task.task_key)
+                return task
+        future: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
+        poller = _Poller(future, worker)
         queue.pollers.append(poller)
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(poller)
+                return await asyncio.shield(future)
         except TimeoutError:
             # A task may have been handed over in the same instant the deadline hit.
-            return poller.result() if poller.done() and not poller.cancelled() else None
+            return future.result() if future.done() and not future.cancelled() else None
         except asyncio.CancelledError:
             # The poller went away after a task was handed to it: keep the task.
-            if poller.done() and not poller.cancelled() and poller.exception() is None:
-                self._requeue_front(queue, poller.result())
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._requeue_front(queue, future.result())
             raise
         finally:
-            if not poller.done():
-                poller.cancel()
+            if not future.done():
+                future.cancel()
                 with contextlib.suppress(ValueError):
                     queue.pollers.remove(poller)
 
@@ -179,11 +232,8 @@ class Matching:
         self._requeue_front(queue, task)
 
     def _requeue_front(self, queue: _TaskQueue, task: Dispatchable) -> None:
-        while queue.pollers:
-            poller = queue.pollers.popleft()
-            if not poller.done():
-                poller.set_result(task)
-                return
+        if self._hand_over(queue, task):
+            return
         if isinstance(task, QueryTask):
             queue.queries.appendleft(task)
         elif task.task_key not in queue.queued_keys:
@@ -212,8 +262,8 @@ class Matching:
                 if not query.result.done():
                     query.result.set_exception(UnavailableError(moved))
             for poller in queue.pollers:
-                if not poller.done():
-                    poller.set_exception(QueueMovedError(moved))
+                if not poller.future.done():
+                    poller.future.set_exception(QueueMovedError(moved))
         return dropped
 
     async def recover(
@@ -242,7 +292,7 @@ class Matching:
         if queue is None:
             return []
         for poller in queue.pollers:
-            poller.cancel()
+            poller.future.cancel()
         return list(queue.backlog)
 
     def is_retired(self, namespace: str, task_queue: str) -> bool:
@@ -260,6 +310,7 @@ class Matching:
         for identity in [i for i, at in queue.seen.items() if at < horizon]:
             if not queue.polling.get(identity):
                 del queue.seen[identity]
+                queue.workers.pop(identity, None)
         found = [(i, at, bool(queue.polling.get(i))) for i, at in queue.seen.items()]
         return sorted(found, key=lambda item: item[1], reverse=True)
 
@@ -270,6 +321,23 @@ class Matching:
             queue.polling[identity] = count
         else:
             queue.polling.pop(identity, None)
+
+    def waiting_reason(self, namespace: str, task_queue: str, placement: bytes) -> str:
+        """Why an activity task of this placement waits, if no worker polling the queue
+        now meets it (a worker that went away, or never came); empty if one does, if the
+        task may run anywhere, or if this node does not serve the queue (it cannot tell).
+        A worker busy with all its slots full does not poll: it counts as away."""
+        decoded = decode(placement)
+        queue = self._queues.get((namespace, task_queue, TaskKind.ACTIVITY))
+        if decoded is None or not self.serves(namespace, task_queue, TaskKind.ACTIVITY):
+            return ""
+        polling = [w for i, w in queue.workers.items() if queue.polling.get(i)] if queue else []
+        if any(decoded.admits(w) for w in polling):
+            return ""
+        return (
+            f"no worker polling task queue {task_queue!r} now meets its placement "
+            f"({decoded.describe()}); {len(polling)} other worker(s) poll it"
+        )
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))

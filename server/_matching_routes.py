@@ -29,7 +29,13 @@ from typing import Any
 
 import grpc
 
-from tideflow.api.v1 import matching_pb2, matching_pb2_grpc, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import (
+    common_pb2,
+    matching_pb2,
+    matching_pb2_grpc,
+    service_pb2,
+    service_pb2_grpc,
+)
 from tideflow.history import HistoryStore, RunKey, StoreError, TaskKind, TaskRow, queue_shard_of
 
 from ._failures import log_retry
@@ -71,6 +77,7 @@ def task_message(task: TaskRow) -> matching_pb2.MatchingTask:
         ref_id=task.ref_id,
         attempt=task.attempt,
         created_at=task.created_at,
+        placement=task.placement,
     )
 
 
@@ -84,6 +91,7 @@ def task_row(message: matching_pb2.MatchingTask) -> TaskRow:
         ref_id=message.ref_id,
         attempt=message.attempt,
         created_at=message.created_at,
+        placement=message.placement,
     )
 
 
@@ -202,12 +210,16 @@ class MatchingRoutes:
             await self.refresh()
             return None
 
-    async def record_started(self, task: TaskRow, identity: str) -> RemoteStart | None:
+    async def record_started(
+        self, task: TaskRow, identity: str, worker: common_pb2.WorkerPlacement | None = None
+    ) -> RemoteStart | None:
         """Have the run's owner record ``task`` started (tla/History.tla
         ``RecordWorkflowTaskStartedA`` / ``RecordActivityStartedA`` on that node); None
         if no owner could do it now (the shard is moving, the node is down): the
         caller hands the task out again later."""
-        request = matching_pb2.RecordTaskStartedRequest(task=task_message(task), identity=identity)
+        request = matching_pb2.RecordTaskStartedRequest(
+            task=task_message(task), identity=identity, worker=worker
+        )
         answer: matching_pb2.RecordTaskStartedResponse | None = await self._at_run_owner(
             task.key, "RecordTaskStarted", request, f"recording {task.task_key} started"
         )

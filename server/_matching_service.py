@@ -109,7 +109,8 @@ class MatchingServicer(matching_pb2_grpc.MatchingServiceServicer):
                     response.workflow_task.CopyFrom(workflow_task)
                 started = workflow_task is not None
             else:
-                activity_task = await self._engine.record_activity_started(task, request.identity)
+                worker = self._polls.worker_site(request.identity, request.worker)
+                activity_task = await self._engine.record_activity_started(task, worker)
                 if activity_task is not None:
                     response.activity_task.CopyFrom(activity_task)
                 started = activity_task is not None

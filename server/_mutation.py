@@ -110,7 +110,11 @@ class Mutation:
             "identity": info.started_identity,
             "request_id": info.request_id,
             "attempt": info.attempt,
+            "site": info.started_site,
+            "tier": info.started_tier,
         }
+        if event_type == ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            attributes = {**attributes, "executed_at": info.started_tier, "site": info.started_site}
         if info.HasField("last_failure"):
             started_attrs["last_failure"] = info.last_failure
         if self.workflow_task_started:
@@ -166,7 +170,9 @@ class Mutation:
 
     # ------------------------------------------------------------ tasks/timers
 
-    def add_task(self, kind: TaskKind, task_queue: str, ref_id: int, attempt: int) -> str:
+    def add_task(
+        self, kind: TaskKind, task_queue: str, ref_id: int, attempt: int, placement: bytes = b""
+    ) -> str:
         row = TaskRow(
             key=self.key,
             task_queue=task_queue,
@@ -174,6 +180,7 @@ class Mutation:
             ref_id=ref_id,
             attempt=attempt,
             created_at=self.now,
+            placement=placement,
         )
         self.new_tasks.append(row)
         self.dirty = True

@@ -47,6 +47,7 @@ from ._errors import (
 from ._matching import Dispatchable, Matching, QueryTask, QueueMovedError
 from ._matching_routes import DEFER_S, MatchingRoutes
 from ._peers import Peer, forwarding_metadata, is_forwarded
+from ._placement import WorkerSite
 from ._task_tokens import TaskTokenSigner
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -166,20 +167,31 @@ class TaskQueueService:
         except TimeoutError:
             return empty()
 
+    def worker_site(
+        self, identity: str, advertised: common_pb2.WorkerPlacement | None
+    ) -> WorkerSite:
+        """Who polls: what the worker advertised, completed with this site's defaults."""
+        return self._matching.policy.worker(identity, advertised)
+
     async def _poll_here(
         self, request: Any, kind: TaskKind, deadline: float, empty: type[PollResponse]
     ) -> PollResponse:
         loop = asyncio.get_running_loop()
+        worker = None
+        if kind == TaskKind.ACTIVITY:
+            advertised = request.worker if request.HasField("worker") else None
+            worker = self.worker_site(request.identity, advertised)
         while (remaining := deadline - loop.time()) > 0:
+            queue = request.task_queue.name
             task = await self._parked_poll(
-                request.namespace, request.task_queue.name, kind, remaining, request.identity
+                request.namespace, queue, kind, remaining, request.identity, worker
             )
             if task is None:
                 break
             if isinstance(task, QueryTask):
                 response: Any = await self._query_task(task)
             else:
-                response = await self._start(task, request.identity)
+                response = await self._start(task, request.identity, worker)
             if response is not None:
                 if response.task_token:
                     response.task_token = await self._tokens.seal(response.task_token)
@@ -187,7 +199,13 @@ class TaskQueueService:
         return empty()
 
     async def _parked_poll(
-        self, namespace: str, task_queue: str, kind: TaskKind, timeout: float, identity: str
+        self,
+        namespace: str,
+        task_queue: str,
+        kind: TaskKind,
+        timeout: float,
+        identity: str,
+        worker: WorkerSite | None,
     ) -> Dispatchable | None:
         """``Matching.poll`` within ``max_concurrent_polls``: past it, a clear
         RESOURCE_EXHAUSTED (clients retry it with backoff) rather than an unbounded pile."""
@@ -199,7 +217,7 @@ class TaskQueueService:
         self._parked_polls += 1
         try:
             return await self._matching.poll(
-                namespace, task_queue, kind, timeout, identity=identity
+                namespace, task_queue, kind, timeout, identity=identity, worker=worker
             )
         finally:
             self._parked_polls -= 1
@@ -219,13 +237,14 @@ class TaskQueueService:
             return None
 
     async def _start(
-        self, task: TaskRow, identity: str
+        self, task: TaskRow, identity: str, worker: WorkerSite | None
     ) -> service_pb2.PollWorkflowTaskResponse | service_pb2.PollActivityTaskResponse | None:
         """Record a polled task started on the run's owner; None if the task is stale
         or waits (its run's owner cannot be reached now: handed out again later)."""
         if self._routes is not None and not self._routes.owns_run(task.key):
+            advertised = worker.to_proto() if worker is not None else None
             try:
-                started = await self._routes.record_started(task, identity)
+                started = await self._routes.record_started(task, identity, advertised)
             except BaseException:
                 # Not delivered (see below).
                 self._matching.give_back(task)
@@ -237,7 +256,9 @@ class TaskQueueService:
         try:
             if task.kind == TaskKind.WORKFLOW:
                 return await self._engine.record_workflow_task_started(task, identity)
-            return await self._engine.record_activity_started(task, identity)
+            return await self._engine.record_activity_started(
+                task, worker or self.worker_site(identity, None)
+            )
         except (StoreError, ServiceError, asyncio.CancelledError):
             # Not delivered. A poller that goes away (worker shutdown) cancels this
             # handler; the task must not vanish with it, or nothing would dispatch it

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tideflow.api.v1 import service_pb2, state_pb2
+
+from ._placement import encode
+
+# Why an activity task waits: (namespace, task queue, placement) -> reason or "".
+WaitingReason = Callable[[str, str, bytes], str]
 
 
 def describe_response(
-    ms: state_pb2.MutableState, detail_budget: int
+    ms: state_pb2.MutableState, detail_budget: int, waiting_reason: WaitingReason | None = None
 ) -> service_pb2.DescribeWorkflowResponse:
     """The run's info and pending work. Each activity's details and failure are
     bounded, their number is not: past ``detail_budget`` bytes the remaining entries
-    come without them (still all listed), so the response fits the message limit."""
+    come without them (still all listed), so the response fits the message limit.
+    ``waiting_reason`` (matching's) says why a scheduled attempt waits for a worker."""
     response = service_pb2.DescribeWorkflowResponse()
     info = response.workflow_execution_info
     info.execution.workflow_id = ms.workflow_id
@@ -31,8 +39,14 @@ def describe_response(
         )
         pending.activity_type.CopyFrom(act.activity_type)
         pending.scheduled_time.CopyFrom(act.scheduled_time)
+        pending.placement.CopyFrom(act.placement)
+        pending.last_worker_site = act.started_site
+        pending.last_worker_tier = act.started_tier
         if act.HasField("started_time"):
             pending.last_started_time.CopyFrom(act.started_time)
+        elif act.task_key and waiting_reason is not None:
+            placement = encode(act.placement)
+            pending.waiting_reason = waiting_reason(ms.namespace, act.task_queue.name, placement)
         if act.HasField("last_heartbeat_time"):
             pending.last_heartbeat_time.CopyFrom(act.last_heartbeat_time)
         details = act.heartbeat_details.ByteSize() + act.last_failure.ByteSize()

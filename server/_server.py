@@ -35,7 +35,9 @@ from ._http_api import HttpFrontend
 from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
+from ._metadata_sync import MetadataSync
 from ._peers import NodeCredential, PeerChannels
+from ._placement import PlacementPolicy
 from ._polls import TaskQueueService
 from ._registration import add_to_server
 from ._resync import resync_after_outages
@@ -43,6 +45,7 @@ from ._routing import Router
 from ._run_gateway import RunGateway
 from ._schedules import Scheduler
 from ._shards import ShardController
+from ._site_metadata import SiteMetadata
 from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
@@ -256,6 +259,11 @@ class TideflowServer:
         self._tokens: TaskTokenSigner | None = None
         self.peers = PeerChannels(self.config, self.tls)
         self.node_credential: NodeCredential | None = None
+        # Where activity tasks may run (server/_placement.py); the sites work gives it
+        # a run's home site (``home_of``) and its links' state (``links``).
+        self.placement = PlacementPolicy(self.config.cluster_name, self.config.site_tier)
+        self.metadata: SiteMetadata | None = None
+        self.metadata_sync: MetadataSync | None = None
 
     @property
     def address(self) -> str:
@@ -312,7 +320,7 @@ class TideflowServer:
         # Who serves which task queue and run (server/_matching_routes.py): matching
         # serves the queues of the shards this node holds.
         routes = MatchingRoutes(store, self.peers, self.node_id)
-        matching = Matching(routes.serves)
+        matching = Matching(routes.serves, self.placement)
         timers = self._timer_queue(store)
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers, routes)
@@ -364,6 +372,7 @@ class TideflowServer:
             polls=polls,
             router=router,
         )
+        service.metadata = await self._open_metadata(store, scheduler)
         add_to_server(service, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
@@ -403,6 +412,16 @@ class TideflowServer:
             # start-dev's default port taken (another dev server): run without the UI.
             log.warning("web UI and HTTP API off: port %s: %s", self.ui_port, error)
             self._http = self.ui_port = None
+
+    async def _open_metadata(self, store: HistoryStore, scheduler: Scheduler) -> MetadataSync:
+        """The metadata both sites write (server/_metadata_sync.py): the sites' link
+        exchanges it through ``metadata`` and ``metadata_sync``."""
+        self.metadata = await SiteMetadata.open(
+            store, self.config.cluster_name, node_id=self.node_id
+        )
+        self.metadata_sync = MetadataSync(self.metadata, store, scheduler)
+        await self.metadata_sync.publish_site(tier=self.config.site_tier)
+        return self.metadata_sync
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""

@@ -493,7 +493,7 @@ async def test_executor_mapping_to_activity_types_and_queues(client: Client) -> 
     async def fetch(params: dict[str, Any]) -> int:
         return int(params["n"]) + 1
 
-    @dag.executor("edge.sense", executed_at="edge")
+    @dag.executor("edge.sense", executed_at="device")  # a claim the server overrides
     def sense(params: dict[str, Any]) -> int:  # a sync executor, in the thread pool
         return int(params["n"]) * 10
 
@@ -508,7 +508,7 @@ async def test_executor_mapping_to_activity_types_and_queues(client: Client) -> 
     wf.with_executor("sensor", activity="edge.sense", task_queue=edge_queue)
     async with (
         dag_worker(client, queue, [fetch]),
-        Worker(client, task_queue=edge_queue, activities=[sense]),
+        Worker(client, task_queue=edge_queue, activities=[sense], tier="edge", identity="e1"),
     ):
         handle = await client.start_dag(
             wf, {"n": 4}, task_queue=queue, executors={"fetch": "impl.fetch-v2"}
@@ -520,8 +520,11 @@ async def test_executor_mapping_to_activity_types_and_queues(client: Client) -> 
         "edge.sense",
         edge_queue,
     )
-    assert states["sense"].executed_at == "edge"
-    assert states["fetch"].executed_at is None  # a plain activity does not say
+    # Where each ran is the server's record of the poll that took it (README "Placement"),
+    # for plain activities too.
+    assert (states["sense"].executed_at, states["sense"].site) == ("edge", "cloud")
+    assert states["sense"].worker == "e1"
+    assert states["fetch"].executed_at == "cloud"
     assert states["sense"].parameters == {"n": 5}
 
 

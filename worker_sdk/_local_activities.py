@@ -42,9 +42,9 @@ from tideflow.api.v1.command_pb2 import Command, CommandType, RecordMarkerComman
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
+from ._workflow_inputs import StartLocalActivityInput
 from .common import RetryPolicy
 from .converter import DataConverter
-from .workflow import StartLocalActivityInput
 
 LOCAL_ACTIVITY_MARKER = "LocalActivity"
 _US = 1_000_000

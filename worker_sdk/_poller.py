@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from tideflow.api.v1 import common_pb2, service_pb2
+
 from . import exceptions as exc
 from .client import Client
 from .codec import PayloadCodecError
@@ -43,11 +45,13 @@ POLL_ERROR_BACKOFF_S = 1.0
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerContext:
-    """What both roles of a worker share: its client, task queue and identity."""
+    """What both roles of a worker share: its client, task queue and identity, and
+    what its activity polls advertise (site, tier, capabilities: placement.py)."""
 
     client: Client
     task_queue: str
     identity: str
+    placement: common_pb2.WorkerPlacement | None = None
 
     def long_poll(
         self, method: Callable[..., Awaitable[R]], request_type: Callable[..., Any]
@@ -57,6 +61,10 @@ class WorkerContext:
         async def poll(queue: str) -> R | None:
             request = request_type(namespace=self.client.namespace, identity=self.identity)
             request.task_queue.name = queue
+            if self.placement is not None and isinstance(
+                request, service_pb2.PollActivityTaskRequest
+            ):
+                request.worker.CopyFrom(self.placement)
             response = await self.client.call(method, request, timeout=POLL_RPC_TIMEOUT_S)
             return response if getattr(response, "task_token", b"") else None
 

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tideflow.api.v1.command_pb2 import Command, CommandType
+from tideflow.api.v1.common_pb2 import Payloads
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
-from .workflow import ActivityCancellationType, HandlerRef
+from ._workflow_inputs import ActivityCancellationType, StartActivityInput
+from .placement import ExecutedAt, apply_placement
+from .workflow import HandlerRef
 
 ET = EventType
 
@@ -55,6 +58,30 @@ class PendingCommand:
     dropped: bool = False
 
 
+def schedule_activity_command(
+    request: StartActivityInput, activity_id: str, task_queue: str, payloads: Payloads
+) -> Command:
+    """The command of ``workflow.start_activity``."""
+    command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
+    a = command.schedule_activity_task_command_attributes
+    a.activity_id = activity_id
+    a.activity_type.name = request.activity_type
+    a.task_queue.name = task_queue
+    a.input.CopyFrom(payloads)
+    for field, value in (
+        ("schedule_to_close_timeout", request.schedule_to_close_timeout),
+        ("schedule_to_start_timeout", request.schedule_to_start_timeout),
+        ("start_to_close_timeout", request.start_to_close_timeout),
+        ("heartbeat_timeout", request.heartbeat_timeout),
+    ):
+        if value is not None:
+            getattr(a, field).FromTimedelta(value)
+    if request.retry_policy is not None:
+        a.retry_policy.CopyFrom(request.retry_policy.to_proto())
+    apply_placement(a, request.placement, request.requirements)
+    return command
+
+
 class ActivityHandle(asyncio.Future[Any]):
     """Future of one activity; cancelling it asks the server to cancel the activity."""
 
@@ -73,6 +100,7 @@ class ActivityHandle(asyncio.Future[Any]):
         self.cancellation_type = cancellation_type
         self.cancel_requested = False
         self._pending: PendingCommand | None = None
+        self.executed_at: ExecutedAt | None = None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if self.done():

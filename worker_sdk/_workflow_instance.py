@@ -42,17 +42,21 @@ from ._workflow_commands import (
     ExternalHandle,
     PendingCommand,
     mismatch,
+    schedule_activity_command,
     set_result_unless_done,
 )
-from ._workflow_loop import DeterministicLoop
-from .converter import DataConverter
-from .workflow import (
+from ._workflow_inputs import (
     ActivityCancellationType,
-    HandlerRef,
-    Info,
     StartActivityInput,
     StartChildWorkflowInput,
     StartLocalActivityInput,
+)
+from ._workflow_loop import DeterministicLoop
+from .converter import DataConverter
+from .placement import executed_at_of
+from .workflow import (
+    HandlerRef,
+    Info,
     WorkflowDefinition,
     _Runtime,
     handler_name,
@@ -247,22 +251,12 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             self, request.activity_id or seq, request.cancellation_type, self._cancel_activity
         )
         handle.result_type = request.result_type
-        command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
-        a = command.schedule_activity_task_command_attributes
-        a.activity_id = handle.activity_id
-        a.activity_type.name = request.activity_type
-        a.task_queue.name = request.task_queue or self._task_queue
-        a.input.CopyFrom(self._converter.to_payloads(request.args))
-        for field, value in (
-            ("schedule_to_close_timeout", request.schedule_to_close_timeout),
-            ("schedule_to_start_timeout", request.schedule_to_start_timeout),
-            ("start_to_close_timeout", request.start_to_close_timeout),
-            ("heartbeat_timeout", request.heartbeat_timeout),
-        ):
-            if value is not None:
-                getattr(a, field).FromTimedelta(value)
-        if request.retry_policy is not None:
-            a.retry_policy.CopyFrom(request.retry_policy.to_proto())
+        command = schedule_activity_command(
+            request,
+            handle.activity_id,
+            request.task_queue or self._task_queue,
+            self._converter.to_payloads(request.args),
+        )
 
         def recorded(event: HistoryEvent) -> None:
             handle.scheduled_event_id = event.event_id
@@ -711,6 +705,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             a = event.activity_task_completed_event_attributes
             handle = self._activities_by_event.pop(a.scheduled_event_id, None)
             if handle is not None and not handle.done():
+                handle.executed_at = executed_at_of(a)
                 values = self._converter.from_payloads(
                     a.result if a.HasField("result") else None, [handle.result_type]
                 )

@@ -445,6 +445,9 @@ class WorkflowWorker:
                 reserved >= _MAX_EAGER_ACTIVITIES
                 or attrs.task_queue.name != self._task_queue
                 or attrs.activity_type.name not in eager.activity_types
+                # Only the server's matching knows whether this worker meets it.
+                or attrs.placement
+                or attrs.HasField("requirements")
                 or not await eager.slots.try_reserve()
             ):
                 continue

@@ -24,7 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -38,6 +38,7 @@ from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
 from .client import Client
 from .interceptor import WorkerInterceptor
+from .placement import Capabilities, Tier, check_tier, worker_placement
 from .workflow import WorkflowDefinition, definition_of
 
 
@@ -45,6 +46,11 @@ class Worker:
     """Polls ``task_queue`` and runs the given workflows and activities.
 
     Use it as ``async with Worker(...)``, or call ``run()`` until ``shutdown()``.
+
+    ``tier`` (cloud / edge / device; default: the tier of the server's site),
+    ``capabilities`` (``{"labels": [...], "memory_mb": n, "cores": n}``) and ``site``
+    (default: the server's cluster name) are what its activity polls advertise: it
+    gets only activities whose placement it meets (worker_sdk/placement.py).
     """
 
     def __init__(
@@ -64,6 +70,9 @@ class Worker:
         sticky_queue_schedule_to_start_timeout: timedelta = timedelta(seconds=5),
         identity: str | None = None,
         interceptors: Sequence[WorkerInterceptor] = (),
+        tier: Tier | None = None,
+        capabilities: Capabilities | Mapping[str, Any] | None = None,
+        site: str | None = None,
     ) -> None:
         if not workflows and not activities:
             raise ValueError("a worker needs at least one workflow or activity")
@@ -74,13 +83,8 @@ class Worker:
         self._graceful = graceful_shutdown_timeout.total_seconds()
         # A thread pool for sync activities unless given one; ours is shut down with us.
         self._own_executor = _default_executor(activity_defs) if activity_executor is None else None
-        if activity_executor is None:
-            activity_executor = self._own_executor
-        # Sticky execution: while this worker caches a run, the server sends its next
-        # workflow tasks here with only the new events (0 cached workflows: off).
-        sticky_queue = (
-            f"{task_queue}-sticky-{uuid.uuid4().hex}" if workflows and max_cached_workflows else ""
-        )
+        activity_executor = activity_executor or self._own_executor
+        sticky_queue = _sticky_queue(task_queue, bool(workflows) and max_cached_workflows > 0)
         # Both roles' slots exist before either role: each may reserve the other's.
         self._workflow_slots = Slots[service_pb2.PollWorkflowTaskResponse](
             max_concurrent_workflow_tasks
@@ -88,7 +92,7 @@ class Worker:
         self._activity_slots = Slots[service_pb2.PollActivityTaskResponse](
             max_concurrent_activities
         )
-        context = WorkerContext(client=client, task_queue=task_queue, identity=self.identity)
+        context = _worker_context(client, task_queue, self.identity, tier, capabilities, site)
         self._workflows: WorkflowWorker | None = None
         self._activities: ActivityWorker | None = None
         if workflows:
@@ -201,6 +205,27 @@ class Worker:
         # An activity that completed meanwhile may have handed over a workflow task
         # whose slot it reserved before the shutdown.
         await self._workflow_slots.idle()
+
+
+def _sticky_queue(task_queue: str, caches_runs: bool) -> str:
+    """Sticky execution: while this worker caches a run, the server sends its next
+    workflow tasks here with only the new events (0 cached workflows: off, "")."""
+    return f"{task_queue}-sticky-{uuid.uuid4().hex}" if caches_runs else ""
+
+
+def _worker_context(
+    client: Client,
+    task_queue: str,
+    identity: str,
+    tier: Tier | None,
+    capabilities: Capabilities | Mapping[str, Any] | None,
+    site: str | None,
+) -> WorkerContext:
+    check_tier(tier)
+    placement = worker_placement(tier, Capabilities.of(capabilities), site)
+    return WorkerContext(
+        client=client, task_queue=task_queue, identity=identity, placement=placement
+    )
 
 
 def _default_executor(

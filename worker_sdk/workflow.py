@@ -18,14 +18,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import IntEnum
 from typing import Any, NoReturn, TypeVar, overload
 
 from tideflow.api.search_attributes import SearchAttributeValue
 
+from ._workflow_inputs import ActivityCancellationType as ActivityCancellationType
+from ._workflow_inputs import ParentClosePolicy as ParentClosePolicy
+from ._workflow_inputs import (
+    StartActivityInput,
+    StartChildWorkflowInput,
+    StartLocalActivityInput,
+)
 from .activity import definition_of as activity_definition_of
 from .common import RetryPolicy
 from .exceptions import ContinueAsNewError
+from .placement import ExecutedAt, Placement, Requirements, check_placement
 
 C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -236,38 +243,17 @@ class Info:
     start_time: datetime
 
 
-class ActivityCancellationType(IntEnum):
-    """What cancelling an activity (or the workflow awaiting it) waits for.
-
-    WAIT_CANCELLATION_COMPLETED holds the code that awaits the activity. Inside
-    ``asyncio.gather`` that is the gather's child task only: gather raises
-    ``CancelledError`` as soon as any one child ends cancelled (a TRY_CANCEL sibling,
-    a timer), without waiting for the others (standard asyncio), so a workflow that
-    re-raises it may close while the activity is still stopping. Await such an activity
-    directly, or its handle after the gather, to wait for it.
-    """
-
-    TRY_CANCEL = 0  # ask the server to cancel it; the workflow moves on at once
-    WAIT_CANCELLATION_COMPLETED = 1  # move on once the activity confirmed cancellation
-    ABANDON = 2  # do not even ask: the activity runs on, its outcome is ignored
-
-
 class ActivityHandle(typing.Protocol):
-    """An activity started with ``start_activity``: await it for the result."""
+    """An activity started with ``start_activity``: await it for the result; once it
+    completed, ``executed_at`` says where it ran (server/_placement.py records it)."""
+
+    executed_at: ExecutedAt | None
 
     def __await__(self) -> typing.Generator[Any, None, Any]: ...
 
     def cancel(self, msg: Any | None = None) -> bool: ...
 
     def done(self) -> bool: ...
-
-
-class ParentClosePolicy(IntEnum):
-    """What happens to a running child when its parent closes."""
-
-    TERMINATE = 1
-    ABANDON = 2
-    REQUEST_CANCEL = 3
 
 
 class ChildWorkflowHandle(typing.Protocol):
@@ -296,53 +282,6 @@ class ExternalWorkflowHandle(typing.Protocol):
     ) -> None: ...
 
     async def cancel(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StartActivityInput:
-    """An activity to schedule, as ``start_activity`` hands it to the runtime: the type
-    name and result type are resolved, the timeouts checked."""
-
-    activity_type: str
-    args: list[Any]
-    activity_id: str | None
-    task_queue: str | None
-    schedule_to_close_timeout: timedelta | None
-    schedule_to_start_timeout: timedelta | None
-    start_to_close_timeout: timedelta | None
-    heartbeat_timeout: timedelta | None
-    retry_policy: RetryPolicy | None
-    result_type: Any
-    cancellation_type: ActivityCancellationType
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StartLocalActivityInput:
-    """A local activity to run, as ``execute_local_activity`` hands it to the runtime."""
-
-    activity_type: str
-    args: list[Any]
-    activity_id: str | None
-    schedule_to_close_timeout: timedelta | None
-    start_to_close_timeout: timedelta | None
-    retry_policy: RetryPolicy | None
-    local_retry_threshold: timedelta
-    result_type: Any
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StartChildWorkflowInput:
-    """A child workflow to start, as ``start_child_workflow`` hands it to the runtime."""
-
-    workflow_type: str
-    args: list[Any]
-    workflow_id: str
-    task_queue: str | None
-    parent_close_policy: ParentClosePolicy
-    execution_timeout: timedelta | None
-    run_timeout: timedelta | None
-    task_timeout: timedelta | None
-    result_type: Any
 
 
 class _Runtime(ABC):
@@ -469,16 +408,20 @@ def start_activity(
     retry_policy: RetryPolicy | None = None,
     result_type: Any = None,
     cancellation_type: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
+    placement: Placement | None = None,
+    requirements: Requirements | Mapping[str, Any] | None = None,
 ) -> ActivityHandle:
     """Schedule an activity and return a handle to await its result.
 
     Pass one argument positionally or several with ``args=[...]``. At least one of
     ``start_to_close_timeout`` and ``schedule_to_close_timeout`` is required.
+    ``placement`` and ``requirements`` say where it may run (worker_sdk/placement.py).
     """
     runtime = _Runtime.current()
     name, result_type = _name_and_result(activity, activity_definition_of, result_type)
     if start_to_close_timeout is None and schedule_to_close_timeout is None:
         raise ValueError("start_to_close_timeout or schedule_to_close_timeout is required")
+    check_placement(placement)
     return runtime.workflow_start_activity(
         StartActivityInput(
             activity_type=name,
@@ -492,6 +435,8 @@ def start_activity(
             retry_policy=retry_policy,
             result_type=result_type,
             cancellation_type=cancellation_type,
+            placement=placement,
+            requirements=Requirements.of(requirements),
         )
     )
 
@@ -513,6 +458,8 @@ class ActivityOptions(typing.TypedDict, total=False):
     retry_policy: RetryPolicy | None
     result_type: Any
     cancellation_type: ActivityCancellationType
+    placement: Placement | None
+    requirements: Requirements | Mapping[str, Any] | None
 
 
 # Typed by the activity function (async or sync, by arity, as the Temporal SDK does):

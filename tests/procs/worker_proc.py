@@ -1,7 +1,7 @@
 """A worker in its own process, for the tests that SIGKILL workers.
 
     python tests/procs/worker_proc.py HOST:PORT TASK_QUEUE IDENTITY FLAVOUR
-        [--sticky-timeout-ms N]
+        [--sticky-timeout-ms N] [--tier T] [--labels a,b] [--memory-mb N] [--cores N]
 
 Runs a Worker with the workflows and activities of ``FLAVOUR`` until SIGTERM/SIGINT
 (or SIGKILL, as the tests do) and prints ``worker ready`` on stdout once its pollers
@@ -22,6 +22,9 @@ run. ``helpers.Processes.start_worker`` starts it. Flavours:
 - ``local`` (tests/test_local_activities_crash.py): ``LocalCrashy`` runs the local
   activity ``local_stall_once``, which writes ``<marker>.<pid>`` on every execution
   and blocks for 300 s on the first one only (the first to create ``<marker>.first``).
+- ``placed`` (tests/test_placement.py): only the activity ``placed.where``, which
+  returns this process's pid; ``--tier`` and the capability flags are what the worker
+  advertises (README "Placement").
 
 ``stall_on_first_attempt`` and ``child_step`` write a marker file (path from their
 input, ``.attemptN`` appended) on every attempt, so a test sees which attempt runs in
@@ -268,12 +271,18 @@ class LocalCrashy:
         return f"{job['value']}:local-in-{pid}"
 
 
+@activity.defn(name="placed.where")
+async def placed_where() -> int:
+    return os.getpid()
+
+
 FLAVOURS: dict[str, tuple[list[type], list[Any]]] = {
     "crashy": ([CrashyWorkflow], [stall_on_first_attempt]),
     "child": ([CrashParent, CrashChild], [child_step, parent_step]),
     "sticky": ([Tally], []),
     "chaos": ([ChaosWorkflow, ChaosChild], [chaos_step, chaos_slow]),
     "local": ([LocalCrashy], [local_stall_once]),
+    "placed": ([], [placed_where]),
 }
 
 
@@ -287,6 +296,12 @@ async def _run(args: argparse.Namespace) -> None:
         activities=activities,
         identity=args.identity,
         sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=args.sticky_timeout_ms),
+        tier=args.tier,
+        capabilities={
+            "labels": [label for label in args.labels.split(",") if label],
+            "memory_mb": args.memory_mb,
+            "cores": args.cores,
+        },
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -305,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("identity")
     parser.add_argument("flavour", choices=sorted(FLAVOURS))
     parser.add_argument("--sticky-timeout-ms", type=int, default=300)
+    parser.add_argument("--tier", choices=["cloud", "edge", "device"])
+    parser.add_argument("--labels", default="")
+    parser.add_argument("--memory-mb", type=int, default=0)
+    parser.add_argument("--cores", type=int, default=0)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_run(parser.parse_args(argv)))
 

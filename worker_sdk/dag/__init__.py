@@ -71,6 +71,8 @@ and ``loads(dumps(wf)) == wf``)::
           timeout: 1m
           retry_policy: {max_attempts: 3}
         metadata: {...}
+        placement: device           # cloud | edge | device | auto (README "Placement")
+        requirements: {labels: [camera], min_memory_mb: 512, min_cores: 1}
 
 Expressions. A string in ``parameters`` (at any depth), in a compensation's
 ``parameters`` or in ``output`` may contain ``${...}`` references:
@@ -104,7 +106,8 @@ State machines (exposed by ``DagHandle.status()`` and ``tideflow dag status``)::
 
 Every transition is recorded (``TaskState.transitions``: state, time, attempt, note,
 and a run-wide sequence number), with ``attempts``, every attempt's error, the
-result, the resolved parameters, start / end times, ``executed_at`` and the worker.
+result, the resolved parameters, start / end times, and where it ran: ``executed_at``
+(tier), ``site`` and ``worker``, as the server recorded the poll that took the attempt.
 
 Executors are activities called with one argument, the task's resolved parameters
 (a JSON object), and return any JSON value (the task's result). An executor name

@@ -36,6 +36,7 @@ from typing import Any
 from .. import exceptions as exc
 from .. import workflow
 from ..common import RetryPolicy as ActivityRetryPolicy
+from ..placement import ExecutedAt, Placement, Requirements
 from . import _graph
 from ._durations import format_duration
 from ._errors import DagValidationError, ExpressionError
@@ -259,6 +260,8 @@ class DagWorkflow:
                 policy=task.retry_policy,
                 timeout=task.timeout,
                 stoppable=True,
+                placement=task.placement,
+                requirements=task.requirements,
             )
             if (
                 not ok
@@ -284,6 +287,8 @@ class DagWorkflow:
         policy: RetryPolicy,
         timeout: timedelta | None,
         stoppable: bool,
+        placement: Placement | None = None,
+        requirements: Requirements | None = None,
     ) -> bool:
         """Run attempts of one task or compensation; True if one completed."""
         assert self._definition is not None
@@ -327,6 +332,8 @@ class DagWorkflow:
                     task_queue=step.task_queue,
                     start_to_close_timeout=timeout,
                     retry_policy=_ONE_ATTEMPT,
+                    placement=placement,
+                    requirements=requirements,
                 )
                 try:
                     raw = await handle
@@ -340,7 +347,7 @@ class DagWorkflow:
                         with contextlib.suppress(TimeoutError):
                             await workflow.wait_condition(stop, timeout=delay)
                     continue
-                self._record_completion(step, raw, attempt)
+                self._record_completion(step, raw, attempt, handle.executed_at)
                 return True
         except _StopAttempts:
             self._finish_step(
@@ -369,7 +376,9 @@ class DagWorkflow:
         self._enter(step, TaskStatus.RETRY, attempt, note=f"backoff {format_duration(delay)}")
         return delay
 
-    def _record_completion(self, step: StepState, raw: Any, attempt: int) -> None:
+    def _record_completion(
+        self, step: StepState, raw: Any, attempt: int, where: ExecutedAt | None
+    ) -> None:
         result, meta = unwrap_result(raw)
         started = meta.get("started_at")
         self._enter(
@@ -378,8 +387,13 @@ class DagWorkflow:
             attempt,
             at=datetime.fromisoformat(started) if started else None,
         )
-        step.executed_at = meta.get("executed_at") or step.executed_at
-        step.worker = meta.get("worker") or step.worker
+        if where is not None:
+            # The server's record of the poll that took the attempt: the truth, whatever
+            # the executor claims (an executor's own report counts only without it).
+            step.executed_at, step.site, step.worker = where.tier or None, where.site, where.worker
+        else:
+            step.executed_at = meta.get("executed_at") or step.executed_at
+            step.worker = meta.get("worker") or step.worker
         step.result = result
         step.error = None
         self._finish_step(step, TaskStatus.COMPLETED, attempt)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from ..placement import Placement, Requirements, check_placement
 from ._durations import format_duration, parse_duration
 from ._errors import DagValidationError, ValidationIssue
 
@@ -270,6 +271,8 @@ _TASK_FIELDS = (
     "depends_on",
     "compensation",
     "metadata",
+    "placement",
+    "requirements",
 )
 
 
@@ -281,6 +284,9 @@ class Task:
 
         Task("extract-data", executor="data-connector", timeout="5m")
         Task("extract-data").with_executor("data-connector").with_timeout(timedelta(minutes=5))
+
+    ``placement`` (cloud / edge / device / auto) and ``requirements`` (labels, minimum
+    memory and cores) say where its attempts may run (worker_sdk/placement.py).
     """
 
     id: str
@@ -292,6 +298,8 @@ class Task:
     dependencies: list[str]
     compensation: Compensation | None
     metadata: dict[str, Any]
+    placement: Placement | None
+    requirements: Requirements | None
 
     def __init__(
         self,
@@ -305,6 +313,8 @@ class Task:
         depends_on: Iterable[str | Task] = (),
         compensation: Compensation | str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        placement: Placement | None = None,
+        requirements: Requirements | Mapping[str, Any] | None = None,
     ) -> None:
         self.id = id
         self.executor = executor
@@ -317,6 +327,9 @@ class Task:
             Compensation(executor=compensation) if isinstance(compensation, str) else compensation
         )
         self.metadata = dict(metadata or {})
+        self.placement = placement
+        self.requirements = Requirements.of(requirements)
+        check_placement(placement)
 
     # The document's builder methods; each returns the task.
     def with_executor(self, executor: str) -> Task:
@@ -369,6 +382,16 @@ class Task:
         self.metadata[key] = value
         return self
 
+    def with_placement(
+        self,
+        placement: Placement,
+        requirements: Requirements | Mapping[str, Any] | None = None,
+    ) -> Task:
+        check_placement(placement)
+        self.placement = placement
+        self.requirements = Requirements.of(requirements)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": self.id}
         if self.name is not None:
@@ -386,6 +409,10 @@ class Task:
             data["compensation"] = self.compensation.to_dict()
         if self.metadata:
             data["metadata"] = self.metadata
+        if self.placement is not None:
+            data["placement"] = self.placement
+        if self.requirements is not None:
+            data["requirements"] = self.requirements.to_dict()
         return data
 
     @staticmethod
@@ -434,6 +461,12 @@ class Task:
         if not isinstance(metadata, Mapping):
             raise DagValidationError([ValidationIssue(raw_id, f"{where}: metadata: not a mapping")])
         executor = data.get("executor", "")
+        try:
+            placement = data.get("placement")
+            check_placement(placement)
+            requirements = Requirements.of(data.get("requirements"))
+        except ValueError as error:
+            raise DagValidationError([ValidationIssue(raw_id, f"{where}: {error}")]) from None
         return Task(
             raw_id,
             executor=str(executor) if executor is not None else "",
@@ -444,6 +477,8 @@ class Task:
             depends_on=deps,
             compensation=compensation,
             metadata=metadata,
+            placement=placement,
+            requirements=requirements,
         )
 
 

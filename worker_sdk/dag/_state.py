@@ -107,7 +107,10 @@ class StepState:
     errors: list[ErrorInfo] = field(default_factory=list)
     parameters: Any = None  # as resolved for the attempts
     result: Any = None
+    # Where the completed attempt ran, as the server recorded it: tier (cloud / edge /
+    # device), site and worker identity (before: what the executor or mapping said).
     executed_at: str | None = None
+    site: str | None = None
     worker: str | None = None
     transitions: list[Transition] = field(default_factory=list)
 
@@ -127,6 +130,7 @@ class StepState:
             "parameters": self.parameters,
             "result": self.result,
             "executed_at": self.executed_at,
+            "site": self.site,
             "worker": self.worker,
             "transitions": [t.to_dict() for t in self.transitions],
         }
@@ -148,6 +152,7 @@ class StepState:
             "parameters": data.get("parameters"),
             "result": data.get("result"),
             "executed_at": data.get("executed_at"),
+            "site": data.get("site"),
             "worker": data.get("worker"),
             "transitions": [Transition.from_dict(t) for t in data.get("transitions", [])],
         }

@@ -42,6 +42,7 @@ class ExecutionSite(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTION_SITE_CLOUD: _ClassVar[ExecutionSite]
     EXECUTION_SITE_EDGE: _ClassVar[ExecutionSite]
     EXECUTION_SITE_DEVICE: _ClassVar[ExecutionSite]
+    EXECUTION_SITE_AUTO: _ClassVar[ExecutionSite]
 
 class WorkflowExecutionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -88,6 +89,7 @@ EXECUTION_SITE_UNSPECIFIED: ExecutionSite
 EXECUTION_SITE_CLOUD: ExecutionSite
 EXECUTION_SITE_EDGE: ExecutionSite
 EXECUTION_SITE_DEVICE: ExecutionSite
+EXECUTION_SITE_AUTO: ExecutionSite
 WORKFLOW_EXECUTION_STATUS_UNSPECIFIED: WorkflowExecutionStatus
 WORKFLOW_EXECUTION_STATUS_RUNNING: WorkflowExecutionStatus
 WORKFLOW_EXECUTION_STATUS_COMPLETED: WorkflowExecutionStatus
@@ -301,3 +303,35 @@ class ChildWorkflowExecutionFailureInfo(_message.Message):
     started_event_id: int
     retry_state: RetryState
     def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[WorkflowExecution, _Mapping]] = ..., workflow_type: _Optional[_Union[WorkflowType, _Mapping]] = ..., initiated_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., retry_state: _Optional[_Union[RetryState, str]] = ...) -> None: ...
+
+class PlacementRequirements(_message.Message):
+    __slots__ = ("labels", "min_memory_mb", "min_cores")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    MIN_CORES_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    min_memory_mb: int
+    min_cores: int
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., min_memory_mb: _Optional[int] = ..., min_cores: _Optional[int] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("tier", "requirements")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
+    tier: ExecutionSite
+    requirements: PlacementRequirements
+    def __init__(self, tier: _Optional[_Union[ExecutionSite, str]] = ..., requirements: _Optional[_Union[PlacementRequirements, _Mapping]] = ...) -> None: ...
+
+class WorkerPlacement(_message.Message):
+    __slots__ = ("site", "tier", "labels", "memory_mb", "cores")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    tier: ExecutionSite
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    memory_mb: int
+    cores: int
+    def __init__(self, site: _Optional[str] = ..., tier: _Optional[_Union[ExecutionSite, str]] = ..., labels: _Optional[_Iterable[str]] = ..., memory_mb: _Optional[int] = ..., cores: _Optional[int] = ...) -> None: ...

@@ -365,7 +365,7 @@ class WorkflowTaskFailedEventAttributes(_message.Message):
     def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., cause: _Optional[_Union[WorkflowTaskFailedCause, str]] = ..., failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class ActivityTaskScheduledEventAttributes(_message.Message):
-    __slots__ = ("activity_id", "activity_type", "task_queue", "header", "input", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "workflow_task_completed_event_id", "retry_policy", "placement")
+    __slots__ = ("activity_id", "activity_type", "task_queue", "header", "input", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "workflow_task_completed_event_id", "retry_policy", "placement", "requirements")
     ACTIVITY_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_TYPE_FIELD_NUMBER: _ClassVar[int]
     TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +378,7 @@ class ActivityTaskScheduledEventAttributes(_message.Message):
     WORKFLOW_TASK_COMPLETED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
     activity_id: str
     activity_type: _common_pb2.ActivityType
     task_queue: _common_pb2.TaskQueue
@@ -390,35 +391,42 @@ class ActivityTaskScheduledEventAttributes(_message.Message):
     workflow_task_completed_event_id: int
     retry_policy: _common_pb2.RetryPolicy
     placement: _common_pb2.ExecutionSite
-    def __init__(self, activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_completed_event_id: _Optional[int] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., placement: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ...) -> None: ...
+    requirements: _common_pb2.PlacementRequirements
+    def __init__(self, activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_completed_event_id: _Optional[int] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., placement: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ..., requirements: _Optional[_Union[_common_pb2.PlacementRequirements, _Mapping]] = ...) -> None: ...
 
 class ActivityTaskStartedEventAttributes(_message.Message):
-    __slots__ = ("scheduled_event_id", "identity", "request_id", "attempt", "last_failure")
+    __slots__ = ("scheduled_event_id", "identity", "request_id", "attempt", "last_failure", "site", "tier")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     identity: str
     request_id: str
     attempt: int
     last_failure: _common_pb2.Failure
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ...) -> None: ...
+    site: str
+    tier: _common_pb2.ExecutionSite
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., site: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ...) -> None: ...
 
 class ActivityTaskCompletedEventAttributes(_message.Message):
-    __slots__ = ("result", "scheduled_event_id", "started_event_id", "identity", "executed_at")
+    __slots__ = ("result", "scheduled_event_id", "started_event_id", "identity", "executed_at", "site")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     EXECUTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
     result: _common_pb2.Payloads
     scheduled_event_id: int
     started_event_id: int
     identity: str
     executed_at: _common_pb2.ExecutionSite
-    def __init__(self, result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., executed_at: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ...) -> None: ...
+    site: str
+    def __init__(self, result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., executed_at: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ..., site: _Optional[str] = ...) -> None: ...
 
 class ActivityTaskFailedEventAttributes(_message.Message):
     __slots__ = ("failure", "scheduled_event_id", "started_event_id", "identity", "retry_state")

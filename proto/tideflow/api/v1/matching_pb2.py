@@ -26,35 +26,35 @@ from tideflow.api.v1 import common_pb2 as tideflow_dot_api_dot_v1_dot_common__pb
 from tideflow.api.v1 import service_pb2 as tideflow_dot_api_dot_v1_dot_service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etideflow/api/v1/matching.proto\x12\x0ftideflow.api.v1\x1a\x1ctideflow/api/v1/common.proto\x1a\x1dtideflow/api/v1/service.proto\"\x9d\x01\n\x0cMatchingTask\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x12\n\ntask_queue\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\x05\x12\x0e\n\x06ref_id\x18\x06 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x12\n\ncreated_at\x18\x08 \x01(\x03\"?\n\x0f\x41\x64\x64TasksRequest\x12,\n\x05tasks\x18\x01 \x03(\x0b\x32\x1d.tideflow.api.v1.MatchingTask\"-\n\x10\x41\x64\x64TasksResponse\x12\x19\n\x11refused_task_keys\x18\x01 \x03(\t\"Y\n\x18RecordTaskStartedRequest\x12+\n\x04task\x18\x01 \x01(\x0b\x32\x1d.tideflow.api.v1.MatchingTask\x12\x10\n\x08identity\x18\x02 \x01(\t\"\xe7\x01\n\x19RecordTaskStartedResponse\x12:\n\x07outcome\x18\x01 \x01(\x0e\x32).tideflow.api.v1.RecordTaskStartedOutcome\x12\x42\n\rworkflow_task\x18\x02 \x01(\x0b\x32).tideflow.api.v1.PollWorkflowTaskResponseH\x00\x12\x42\n\ractivity_task\x18\x03 \x01(\x0b\x32).tideflow.api.v1.PollActivityTaskResponseH\x00\x42\x06\n\x04task\"\xb1\x01\n\x14\x44ispatchQueryRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\ntask_queue\x18\x02 \x01(\t\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12;\n\x08prepared\x18\x06 \x01(\x0b\x32).tideflow.api.v1.PollWorkflowTaskResponse\"\xbc\x01\n\x15\x44ispatchQueryResponse\x12\x36\n\x07outcome\x18\x01 \x01(\x0e\x32%.tideflow.api.v1.DispatchQueryOutcome\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x19.tideflow.api.v1.Payloads\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12)\n\x07\x66\x61ilure\x18\x04 \x01(\x0b\x32\x18.tideflow.api.v1.Failure\"c\n\x0eUnstickRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x19\n\x11sticky_task_queue\x18\x04 \x01(\t\"$\n\x0fUnstickResponse\x12\x11\n\tnot_owner\x18\x01 \x01(\x08*\xc2\x01\n\x18RecordTaskStartedOutcome\x12+\n\'RECORD_TASK_STARTED_OUTCOME_UNSPECIFIED\x10\x00\x12\'\n#RECORD_TASK_STARTED_OUTCOME_STARTED\x10\x01\x12%\n!RECORD_TASK_STARTED_OUTCOME_STALE\x10\x02\x12)\n%RECORD_TASK_STARTED_OUTCOME_NOT_OWNER\x10\x03*\xd2\x01\n\x14\x44ispatchQueryOutcome\x12&\n\"DISPATCH_QUERY_OUTCOME_UNSPECIFIED\x10\x00\x12#\n\x1f\x44ISPATCH_QUERY_OUTCOME_ANSWERED\x10\x01\x12!\n\x1d\x44ISPATCH_QUERY_OUTCOME_FAILED\x10\x02\x12$\n DISPATCH_QUERY_OUTCOME_TIMED_OUT\x10\x03\x12$\n DISPATCH_QUERY_OUTCOME_NOT_OWNER\x10\x04\x32\xfc\x02\n\x0fMatchingService\x12O\n\x08\x41\x64\x64Tasks\x12 .tideflow.api.v1.AddTasksRequest\x1a!.tideflow.api.v1.AddTasksResponse\x12j\n\x11RecordTaskStarted\x12).tideflow.api.v1.RecordTaskStartedRequest\x1a*.tideflow.api.v1.RecordTaskStartedResponse\x12^\n\rDispatchQuery\x12%.tideflow.api.v1.DispatchQueryRequest\x1a&.tideflow.api.v1.DispatchQueryResponse\x12L\n\x07Unstick\x12\x1f.tideflow.api.v1.UnstickRequest\x1a .tideflow.api.v1.UnstickResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etideflow/api/v1/matching.proto\x12\x0ftideflow.api.v1\x1a\x1ctideflow/api/v1/common.proto\x1a\x1dtideflow/api/v1/service.proto\"\xb0\x01\n\x0cMatchingTask\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x12\n\ntask_queue\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\x05\x12\x0e\n\x06ref_id\x18\x06 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x12\n\ncreated_at\x18\x08 \x01(\x03\x12\x11\n\tplacement\x18\t \x01(\x0c\"?\n\x0f\x41\x64\x64TasksRequest\x12,\n\x05tasks\x18\x01 \x03(\x0b\x32\x1d.tideflow.api.v1.MatchingTask\"-\n\x10\x41\x64\x64TasksResponse\x12\x19\n\x11refused_task_keys\x18\x01 \x03(\t\"\x8b\x01\n\x18RecordTaskStartedRequest\x12+\n\x04task\x18\x01 \x01(\x0b\x32\x1d.tideflow.api.v1.MatchingTask\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x30\n\x06worker\x18\x03 \x01(\x0b\x32 .tideflow.api.v1.WorkerPlacement\"\xe7\x01\n\x19RecordTaskStartedResponse\x12:\n\x07outcome\x18\x01 \x01(\x0e\x32).tideflow.api.v1.RecordTaskStartedOutcome\x12\x42\n\rworkflow_task\x18\x02 \x01(\x0b\x32).tideflow.api.v1.PollWorkflowTaskResponseH\x00\x12\x42\n\ractivity_task\x18\x03 \x01(\x0b\x32).tideflow.api.v1.PollActivityTaskResponseH\x00\x42\x06\n\x04task\"\xb1\x01\n\x14\x44ispatchQueryRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\ntask_queue\x18\x02 \x01(\t\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12;\n\x08prepared\x18\x06 \x01(\x0b\x32).tideflow.api.v1.PollWorkflowTaskResponse\"\xbc\x01\n\x15\x44ispatchQueryResponse\x12\x36\n\x07outcome\x18\x01 \x01(\x0e\x32%.tideflow.api.v1.DispatchQueryOutcome\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x19.tideflow.api.v1.Payloads\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12)\n\x07\x66\x61ilure\x18\x04 \x01(\x0b\x32\x18.tideflow.api.v1.Failure\"c\n\x0eUnstickRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x19\n\x11sticky_task_queue\x18\x04 \x01(\t\"$\n\x0fUnstickResponse\x12\x11\n\tnot_owner\x18\x01 \x01(\x08*\xc2\x01\n\x18RecordTaskStartedOutcome\x12+\n\'RECORD_TASK_STARTED_OUTCOME_UNSPECIFIED\x10\x00\x12\'\n#RECORD_TASK_STARTED_OUTCOME_STARTED\x10\x01\x12%\n!RECORD_TASK_STARTED_OUTCOME_STALE\x10\x02\x12)\n%RECORD_TASK_STARTED_OUTCOME_NOT_OWNER\x10\x03*\xd2\x01\n\x14\x44ispatchQueryOutcome\x12&\n\"DISPATCH_QUERY_OUTCOME_UNSPECIFIED\x10\x00\x12#\n\x1f\x44ISPATCH_QUERY_OUTCOME_ANSWERED\x10\x01\x12!\n\x1d\x44ISPATCH_QUERY_OUTCOME_FAILED\x10\x02\x12$\n DISPATCH_QUERY_OUTCOME_TIMED_OUT\x10\x03\x12$\n DISPATCH_QUERY_OUTCOME_NOT_OWNER\x10\x04\x32\xfc\x02\n\x0fMatchingService\x12O\n\x08\x41\x64\x64Tasks\x12 .tideflow.api.v1.AddTasksRequest\x1a!.tideflow.api.v1.AddTasksResponse\x12j\n\x11RecordTaskStarted\x12).tideflow.api.v1.RecordTaskStartedRequest\x1a*.tideflow.api.v1.RecordTaskStartedResponse\x12^\n\rDispatchQuery\x12%.tideflow.api.v1.DispatchQueryRequest\x1a&.tideflow.api.v1.DispatchQueryResponse\x12L\n\x07Unstick\x12\x1f.tideflow.api.v1.UnstickRequest\x1a .tideflow.api.v1.UnstickResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tideflow.api.v1.matching_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDTASKSTARTEDOUTCOME']._serialized_start=1220
-  _globals['_RECORDTASKSTARTEDOUTCOME']._serialized_end=1414
-  _globals['_DISPATCHQUERYOUTCOME']._serialized_start=1417
-  _globals['_DISPATCHQUERYOUTCOME']._serialized_end=1627
+  _globals['_RECORDTASKSTARTEDOUTCOME']._serialized_start=1290
+  _globals['_RECORDTASKSTARTEDOUTCOME']._serialized_end=1484
+  _globals['_DISPATCHQUERYOUTCOME']._serialized_start=1487
+  _globals['_DISPATCHQUERYOUTCOME']._serialized_end=1697
   _globals['_MATCHINGTASK']._serialized_start=113
-  _globals['_MATCHINGTASK']._serialized_end=270
-  _globals['_ADDTASKSREQUEST']._serialized_start=272
-  _globals['_ADDTASKSREQUEST']._serialized_end=335
-  _globals['_ADDTASKSRESPONSE']._serialized_start=337
-  _globals['_ADDTASKSRESPONSE']._serialized_end=382
-  _globals['_RECORDTASKSTARTEDREQUEST']._serialized_start=384
-  _globals['_RECORDTASKSTARTEDREQUEST']._serialized_end=473
-  _globals['_RECORDTASKSTARTEDRESPONSE']._serialized_start=476
-  _globals['_RECORDTASKSTARTEDRESPONSE']._serialized_end=707
-  _globals['_DISPATCHQUERYREQUEST']._serialized_start=710
-  _globals['_DISPATCHQUERYREQUEST']._serialized_end=887
-  _globals['_DISPATCHQUERYRESPONSE']._serialized_start=890
-  _globals['_DISPATCHQUERYRESPONSE']._serialized_end=1078
-  _globals['_UNSTICKREQUEST']._serialized_start=1080
-  _globals['_UNSTICKREQUEST']._serialized_end=1179
-  _globals['_UNSTICKRESPONSE']._serialized_start=1181
-  _globals['_UNSTICKRESPONSE']._serialized_end=1217
-  _globals['_MATCHINGSERVICE']._serialized_start=1630
-  _globals['_MATCHINGSERVICE']._serialized_end=2010
+  _globals['_MATCHINGTASK']._serialized_end=289
+  _globals['_ADDTASKSREQUEST']._serialized_start=291
+  _globals['_ADDTASKSREQUEST']._serialized_end=354
+  _globals['_ADDTASKSRESPONSE']._serialized_start=356
+  _globals['_ADDTASKSRESPONSE']._serialized_end=401
+  _globals['_RECORDTASKSTARTEDREQUEST']._serialized_start=404
+  _globals['_RECORDTASKSTARTEDREQUEST']._serialized_end=543
+  _globals['_RECORDTASKSTARTEDRESPONSE']._serialized_start=546
+  _globals['_RECORDTASKSTARTEDRESPONSE']._serialized_end=777
+  _globals['_DISPATCHQUERYREQUEST']._serialized_start=780
+  _globals['_DISPATCHQUERYREQUEST']._serialized_end=957
+  _globals['_DISPATCHQUERYRESPONSE']._serialized_start=960
+  _globals['_DISPATCHQUERYRESPONSE']._serialized_end=1148
+  _globals['_UNSTICKREQUEST']._serialized_start=1150
+  _globals['_UNSTICKREQUEST']._serialized_end=1249
+  _globals['_UNSTICKRESPONSE']._serialized_start=1251
+  _globals['_UNSTICKRESPONSE']._serialized_end=1287
+  _globals['_MATCHINGSERVICE']._serialized_start=1700
+  _globals['_MATCHINGSERVICE']._serialized_end=2080
 # @@protoc_insertion_point(module_scope)

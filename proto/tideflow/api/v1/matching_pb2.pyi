@@ -35,7 +35,7 @@ DISPATCH_QUERY_OUTCOME_TIMED_OUT: DispatchQueryOutcome
 DISPATCH_QUERY_OUTCOME_NOT_OWNER: DispatchQueryOutcome
 
 class MatchingTask(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "task_queue", "kind", "ref_id", "attempt", "created_at")
+    __slots__ = ("namespace", "workflow_id", "run_id", "task_queue", "kind", "ref_id", "attempt", "created_at", "placement")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class MatchingTask(_message.Message):
     REF_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -52,7 +53,8 @@ class MatchingTask(_message.Message):
     ref_id: int
     attempt: int
     created_at: int
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_queue: _Optional[str] = ..., kind: _Optional[int] = ..., ref_id: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at: _Optional[int] = ...) -> None: ...
+    placement: bytes
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_queue: _Optional[str] = ..., kind: _Optional[int] = ..., ref_id: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at: _Optional[int] = ..., placement: _Optional[bytes] = ...) -> None: ...
 
 class AddTasksRequest(_message.Message):
     __slots__ = ("tasks",)
@@ -67,12 +69,14 @@ class AddTasksResponse(_message.Message):
     def __init__(self, refused_task_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecordTaskStartedRequest(_message.Message):
-    __slots__ = ("task", "identity")
+    __slots__ = ("task", "identity", "worker")
     TASK_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     task: MatchingTask
     identity: str
-    def __init__(self, task: _Optional[_Union[MatchingTask, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+    worker: _common_pb2.WorkerPlacement
+    def __init__(self, task: _Optional[_Union[MatchingTask, _Mapping]] = ..., identity: _Optional[str] = ..., worker: _Optional[_Union[_common_pb2.WorkerPlacement, _Mapping]] = ...) -> None: ...
 
 class RecordTaskStartedResponse(_message.Message):
     __slots__ = ("outcome", "workflow_task", "activity_task")

@@ -194,7 +194,7 @@ class WorkflowExecutionInfo(_message.Message):
     def __init__(self, execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., history_length: _Optional[int] = ..., task_queue: _Optional[str] = ..., memo: _Optional[_Union[_common_pb2.Memo, _Mapping]] = ..., search_attributes: _Optional[_Union[_common_pb2.SearchAttributes, _Mapping]] = ...) -> None: ...
 
 class PendingActivityInfo(_message.Message):
-    __slots__ = ("activity_id", "activity_type", "attempt", "scheduled_time", "last_started_time", "last_heartbeat_time", "heartbeat_details", "last_failure", "last_worker_identity", "scheduled_event_id")
+    __slots__ = ("activity_id", "activity_type", "attempt", "scheduled_time", "last_started_time", "last_heartbeat_time", "heartbeat_details", "last_failure", "last_worker_identity", "scheduled_event_id", "placement", "waiting_reason", "last_worker_site", "last_worker_tier")
     ACTIVITY_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_TYPE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,10 @@ class PendingActivityInfo(_message.Message):
     LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
     LAST_WORKER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_WORKER_SITE_FIELD_NUMBER: _ClassVar[int]
+    LAST_WORKER_TIER_FIELD_NUMBER: _ClassVar[int]
     activity_id: str
     activity_type: _common_pb2.ActivityType
     attempt: int
@@ -215,7 +219,11 @@ class PendingActivityInfo(_message.Message):
     last_failure: _common_pb2.Failure
     last_worker_identity: str
     scheduled_event_id: int
-    def __init__(self, activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., last_worker_identity: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ...) -> None: ...
+    placement: _common_pb2.Placement
+    waiting_reason: str
+    last_worker_site: str
+    last_worker_tier: _common_pb2.ExecutionSite
+    def __init__(self, activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., last_worker_identity: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., last_worker_site: _Optional[str] = ..., last_worker_tier: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ...) -> None: ...
 
 class DescribeWorkflowResponse(_message.Message):
     __slots__ = ("workflow_execution_info", "pending_activities", "pending_workflow_task_attempt")
@@ -448,14 +456,16 @@ class RespondWorkflowTaskFailedResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PollActivityTaskRequest(_message.Message):
-    __slots__ = ("namespace", "task_queue", "identity")
+    __slots__ = ("namespace", "task_queue", "identity", "worker")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     task_queue: _common_pb2.TaskQueue
     identity: str
-    def __init__(self, namespace: _Optional[str] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
+    worker: _common_pb2.WorkerPlacement
+    def __init__(self, namespace: _Optional[str] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., identity: _Optional[str] = ..., worker: _Optional[_Union[_common_pb2.WorkerPlacement, _Mapping]] = ...) -> None: ...
 
 class PollActivityTaskResponse(_message.Message):
     __slots__ = ("task_token", "workflow_namespace", "workflow_type", "workflow_execution", "activity_type", "activity_id", "header", "input", "heartbeat_details", "scheduled_time", "current_attempt_scheduled_time", "started_time", "attempt", "schedule_to_close_timeout", "start_to_close_timeout", "heartbeat_timeout", "retry_policy")

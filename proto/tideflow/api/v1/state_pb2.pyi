@@ -58,7 +58,7 @@ class WorkflowTaskInfo(_message.Message):
     def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., identity: _Optional[str] = ..., transient: _Optional[bool] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., timer_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActivityInfo(_message.Message):
-    __slots__ = ("scheduled_event_id", "activity_id", "activity_type", "task_queue", "attempt", "first_scheduled_time", "scheduled_time", "started_time", "started_identity", "request_id", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "retry_policy", "last_heartbeat_time", "heartbeat_details", "last_failure", "cancel_requested", "backing_off", "timer_keys", "task_key")
+    __slots__ = ("scheduled_event_id", "activity_id", "activity_type", "task_queue", "attempt", "first_scheduled_time", "scheduled_time", "started_time", "started_identity", "request_id", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "retry_policy", "last_heartbeat_time", "heartbeat_details", "last_failure", "cancel_requested", "backing_off", "timer_keys", "task_key", "placement", "started_site", "started_tier")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,9 @@ class ActivityInfo(_message.Message):
     BACKING_OFF_FIELD_NUMBER: _ClassVar[int]
     TIMER_KEYS_FIELD_NUMBER: _ClassVar[int]
     TASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_SITE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_TIER_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     activity_id: str
     activity_type: _common_pb2.ActivityType
@@ -103,7 +106,10 @@ class ActivityInfo(_message.Message):
     backing_off: bool
     timer_keys: _containers.RepeatedScalarFieldContainer[str]
     task_key: str
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., attempt: _Optional[int] = ..., first_scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_identity: _Optional[str] = ..., request_id: _Optional[str] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., backing_off: _Optional[bool] = ..., timer_keys: _Optional[_Iterable[str]] = ..., task_key: _Optional[str] = ...) -> None: ...
+    placement: _common_pb2.Placement
+    started_site: str
+    started_tier: _common_pb2.ExecutionSite
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., attempt: _Optional[int] = ..., first_scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_identity: _Optional[str] = ..., request_id: _Optional[str] = ..., schedule_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., backing_off: _Optional[bool] = ..., timer_keys: _Optional[_Iterable[str]] = ..., task_key: _Optional[str] = ..., placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ..., started_site: _Optional[str] = ..., started_tier: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ...) -> None: ...
 
 class TimerInfo(_message.Message):
     __slots__ = ("timer_id", "started_event_id", "expiry_time", "timer_key")
