@@ -78,6 +78,10 @@ class ServerConfig:
     # the store, the first reads), one log line per attempt, before start() fails: a
     # server started with (or just before) its database waits for it. 0: one attempt.
     store_start_timeout_s: float = 60.0
+    # The site this server is (server/_sites.py): the home of the runs started here.
+    cluster_name: str = "cloud"
+    # An edge's upstream site (HOST:PORT) it dials and replicates with; "": none.
+    upstream: str = ""
     # Shards of a database this node initialises (None: 16); a database initialised
     # already keeps its own count and refuses another (history/_cluster.py).
     shard_count: int | None = None

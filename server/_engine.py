@@ -68,6 +68,7 @@ from ._errors import (
     WorkflowNotFoundError,
 )
 from ._history_pages import HistoryPager
+from ._home import NotHomeError, check_home
 from ._mutation import Mutation, run_key_of
 from ._run_gateway import RunGateway
 from ._shards import ShardController
@@ -94,6 +95,9 @@ class Dispatcher:
 
     def add_timers(self, timers: list[TimerRow]) -> None:
         raise NotImplementedError
+
+    def committed(self, key: RunKey) -> None:
+        """A transition of ``key`` committed (server/_sites.py tells the peers)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -225,6 +229,7 @@ class HistoryEngine:
                 ms.CopyFrom(run.state)
                 m = Mutation(ms, self._clock.now_micros())
                 try:
+                    check_home(key, ms, self._config.cluster_name)
                     result = fn(m)
                 except (NotFoundError, FailedPreconditionError):
                     if rechecked:
@@ -235,6 +240,10 @@ class HistoryEngine:
                 if not m.dirty or await self._commit(key, run, m, action):
                     return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
+
+    def invalidate(self, key: RunKey) -> None:  # a replicated batch changed its rows
+        if key in self._cache:
+            self._forget(key, self._cache[key])
 
     async def _judged_fresh(
         self, key: RunKey, action: str, fn: Callable[[Mutation], T]
@@ -253,7 +262,7 @@ class HistoryEngine:
             if run is not None:
                 self._forget(key, run)
             return await self.update(key, action, fn)
-        except NotFoundError:
+        except (NotFoundError, NotHomeError):  # gone, or handed to another site: stale
             return None
 
     async def _commit(self, key: RunKey, run: _Run, m: Mutation, action: str) -> bool:
@@ -341,6 +350,7 @@ class HistoryEngine:
         run.changed = asyncio.Event()
         old.set()
         self._dispatch_rows(m)
+        self._dispatcher.committed(m.key)
 
     async def _first_page(
         self,

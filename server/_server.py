@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tideflow.api.v1 import matching_pb2
+from tideflow.api.v1 import matching_pb2, replication_pb2_grpc
 from tideflow.history import (
     HistoryStore,
     RunKey,
@@ -42,6 +42,7 @@ from ._routing import Router
 from ._run_gateway import RunGateway
 from ._schedules import Scheduler
 from ._shards import ShardController
+from ._sites import Sites, SiteService
 from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
@@ -76,6 +77,8 @@ class _Dispatch(Dispatcher):
         self._routes = routes
         self.forwarder = TaskForwarder(routes, self.accept)
         self._to_unstick: asyncio.Queue[TaskRow] = asyncio.Queue()
+        # Told of every committed run (the site's hints to its peers: server/_sites.py).
+        self.on_commit: Callable[[RunKey], None] = lambda key: None
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
         transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
@@ -108,6 +111,9 @@ class _Dispatch(Dispatcher):
 
     def add_timers(self, timers: list[TimerRow]) -> None:
         self._timers.add(timers)
+
+    def committed(self, key: RunKey) -> None:
+        self.on_commit(key)
 
     async def run(self, unstick: Callable[[RunKey, str], Awaitable[None]]) -> None:
         """Move tasks of retired sticky queues through ``unstick`` until cancelled,
@@ -244,6 +250,8 @@ class TideflowServer:
         self._tokens: TaskTokenSigner | None = None
         self.peers = PeerChannels(self.config, self.tls)
         self.node_credential: NodeCredential | None = None
+        # This server as a site of a cloud/edge deployment (server/_sites.py).
+        self.sites: Sites | None = None
 
     @property
     def address(self) -> str:
@@ -338,6 +346,7 @@ class TideflowServer:
             runs=engine.gateway,
         )
         hooks.scheduler = scheduler
+        sites = self.sites = self._site(store, engine, dispatch, server)
         service = WorkflowService(
             store,
             engine,
@@ -348,6 +357,7 @@ class TideflowServer:
             auth=gate_for(self.auth, store.api_keys, self.node_credential),
             polls=polls,
             router=router,
+            sites=sites,
         )
         add_to_server(service, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
@@ -361,12 +371,29 @@ class TideflowServer:
             "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
             "tideflow-scheduler": scheduler.run,
             "tideflow-shards": shards.run,
+            "tideflow-sites": sites.run,
             "tideflow-resync": functools.partial(
                 resync_after_outages, store, hooks.recover_tasks, transfers, timers
             ),
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    def _site(
+        self,
+        store: HistoryStore,
+        engine: HistoryEngine,
+        dispatch: _Dispatch,
+        server: grpc.aio.Server,
+    ) -> Sites:
+        """This server as a site (server/_sites.py): told of every commit, serving the
+        SiteService on the same port."""
+        sites = Sites(store, engine, self.config)
+        dispatch.on_commit = sites.committed
+        replication_pb2_grpc.add_SiteServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            SiteService(sites), server
+        )
+        return sites
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
