@@ -227,7 +227,9 @@ class ReplicationStore:
                 # Memo and search attributes, as the home indexed them.
                 index_events(conn, key, fresh)
             last = fresh[-1].event_id if fresh else have
-            wrote_state = state is not None and _write_state(conn, key, state, last)
+            # A duplicate batch leaves a state that already matches its events alone.
+            behind = bool(fresh) or _state_behind(conn, key, last)
+            wrote_state = state is not None and behind and _write_state(conn, key, state, last)
             _note_sync(conn, key, peer, home_last_event_id, now)
             if not fresh and not wrote_state:
                 return ReplicaVerdict.STALE, ""
@@ -464,6 +466,13 @@ def _write_state(conn: Connection, key: RunKey, state: bytes, last: int) -> bool
         )
     _point_current(conn, key, ms)
     return True
+
+
+def _state_behind(conn: Connection, key: RunKey, last: int) -> bool:
+    """Whether the replica has no state yet, or one of fewer events than ``last``."""
+    e = s.executions
+    length = conn.execute(select(e.c.history_length).where(_run_filter(e, key))).scalar()
+    return length is None or length < last
 
 
 def _point_current(conn: Connection, key: RunKey, ms: MutableState) -> None:

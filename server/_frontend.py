@@ -29,6 +29,7 @@ from tideflow.history import (
     InvalidValueError,
     RetryableStoreError,
     StoreError,
+    home_of,
 )
 
 from ._audit import begin as begin_audit
@@ -505,7 +506,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         result = await self._polls.query(
             key, ms.task_queue.name, request.query, self._polls.poll_timeout(context)
         )
-        return service_pb2.QueryWorkflowResponse(query_result=result)
+        stale = self._sites is not None and home_of(ms, self._sites.name) != self._sites.name
+        return service_pb2.QueryWorkflowResponse(query_result=result, possibly_stale=stale)
 
     @_rpc
     async def RespondQueryTaskCompleted(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import Processes, ServerProcess, eventually, free_port
+from helpers import TIDEFLOW_CLI, Processes, ServerProcess, eventually, free_port
 
 from tideflow.api.v1 import replication_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
@@ -151,3 +152,34 @@ async def same_history(
         return False
 
     return check
+
+
+async def site_cli(*args: str) -> tuple[int, str, str]:
+    """``tideflow ARGS`` in a subprocess (the site and workflow handoff commands)."""
+    proc = await asyncio.create_subprocess_exec(
+        *TIDEFLOW_CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def site_status_json(address: str) -> dict[str, Any]:
+    """``tideflow site status -o json`` of the site at ``address``."""
+    code, out, err = await site_cli("site", "status", "--address", address, "-o", "json")
+    assert code == 0, err
+    status: dict[str, Any] = json.loads(out)
+    return status
+
+
+def cli_handoff(address: str, workflow_id: str, to: str) -> Callable[[], Awaitable[bool]]:
+    """``tideflow workflow handoff``, tried again while the run is busy."""
+
+    async def attempt() -> bool:
+        code, _, err = await site_cli(
+            "workflow", "handoff", "--address", address, "--workflow-id", workflow_id, "--to", to
+        )
+        assert code == 0 or "cannot be handed off now" in err, err
+        return code == 0
+
+    return attempt

@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 from helpers import ET, Processes, eventually, of_type
-from helpers_sites import SitePair, history_of, same_history, site_status, wait_linked
+from helpers_sites import (
+    SitePair,
+    cli_handoff,
+    history_of,
+    same_history,
+    site_status,
+    site_status_json,
+    wait_linked,
+)
 
 from tideflow.api.v1 import service_pb2
 from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus, workflow
@@ -45,6 +53,10 @@ class Collector:
     @workflow.signal
     def add(self, item: str) -> None:
         self.received.append(item)
+
+    @workflow.query
+    def items(self) -> list[str]:
+        return self.received
 
 
 @pytest.fixture
@@ -136,9 +148,12 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
             assert sorted(signalled) == sorted(sent[wid]) and not cancels, wid
             assert events[-1].event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
         assert {e.version for e in events} == {1}
-    status = await site_status(cloud)
-    assert status.replication_alarms == 0
     await eventually(lambda: _inbox_empty(cloud), "the cloud's inbox drained")
+    status = await site_status_json(sites.cloud.address)
+    assert status["site"] == "cloud" and "replicationAlarms" not in status
+    (peer,) = status["peers"]
+    assert (peer["site"], peer["role"], peer["connected"]) == ("edge1", "edge", True)
+    assert "eventsBehind" not in peer and int(peer["eventsPulled"]) > 0
 
 
 def _exists(handle: Any) -> Callable[[], Awaitable[bool]]:
@@ -208,11 +223,18 @@ async def test_handoff_edge_to_cloud_to_edge_with_the_link_cut(sites: SitePair) 
         at_cloud = cloud.get_workflow_handle(wid, run_id=rid)
         assert await _signal(edge, wid, rid, "a", "r-a") is False  # applied at home
         await eventually(await same_history(edge, cloud, wid, rid), "the cloud's replica")
+        # A query at the cloud is answered from its replica, flagged possibly stale.
+        query = service_pb2.QueryWorkflowRequest(namespace=cloud.namespace)
+        query.execution.workflow_id, query.execution.run_id = wid, rid
+        query.query.query_type = "items"
+        answer = await cloud.call(cloud.service.QueryWorkflow, query, timeout=70)
+        assert answer.possibly_stale is True
+        assert cloud.data_converter.from_payloads(answer.query_result) == [["a"]]
 
         # The link goes down, then the edge hands the run to the cloud: it writes the
         # HANDOFF and stops writing; the cloud cannot know yet, so nobody is home.
         sites.proxy.cut()
-        await eventually(_handed(at_edge, "cloud"), "handoff written at the edge")
+        await eventually(cli_handoff(sites.edge.address, wid, "cloud"), "handoff at the edge")
         assert (await at_edge.describe()).home_cluster == "cloud"
         assert (await at_cloud.describe()).home_cluster == "edge1"
         assert await _signal(edge, wid, rid, "b", "r-b") is True  # both sides only store

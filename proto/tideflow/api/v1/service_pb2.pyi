@@ -336,10 +336,12 @@ class QueryWorkflowRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., query: _Optional[_Union[WorkflowQuery, _Mapping]] = ...) -> None: ...
 
 class QueryWorkflowResponse(_message.Message):
-    __slots__ = ("query_result",)
+    __slots__ = ("query_result", "possibly_stale")
     QUERY_RESULT_FIELD_NUMBER: _ClassVar[int]
+    POSSIBLY_STALE_FIELD_NUMBER: _ClassVar[int]
     query_result: _common_pb2.Payloads
-    def __init__(self, query_result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ...) -> None: ...
+    possibly_stale: bool
+    def __init__(self, query_result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., possibly_stale: _Optional[bool] = ...) -> None: ...
 
 class RespondQueryTaskCompletedRequest(_message.Message):
     __slots__ = ("task_token", "completed_type", "query_result", "error_message", "namespace", "failure")
