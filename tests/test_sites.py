@@ -123,10 +123,13 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
         assert (await site_status(cloud)).inbox_depth >= len(runs)
 
         sites.proxy.restore()
-        # The cloud is killed in the middle of catching up, and comes back.
+        # Each side is killed in the middle of catching up, and comes back.
         await eventually(lambda: _pulled_some(cloud), "catch-up under way")
         await sites.cloud.kill()
         await sites.cloud.start()
+        await eventually(lambda: _pulled_some(cloud), "the restarted cloud pulls")
+        await sites.edge.kill()
+        await sites.edge.start()
 
         for wid, rid in runs.items():
             await eventually(_closed(edge.get_workflow_handle(wid, run_id=rid)), f"{wid} closed")
