@@ -345,6 +345,10 @@ class Sites:
                 requests_forwarded=stats.requests_forwarded,
                 address=peer.address,
             )
+            link = self.link_to(name)
+            if link is not None:
+                entry.link_bytes_received = link.bytes_received
+                entry.link_bytes_sent = link.bytes_sent
             if peer.connected_at:
                 entry.last_connected.FromMicroseconds(peer.connected_at)
             if max(synced, stats.last_sync):

@@ -125,7 +125,7 @@ class DescribeSiteRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SitePeer(_message.Message):
-    __slots__ = ("site", "role", "connected", "last_connected", "last_sync", "runs_behind", "events_behind", "events_pulled", "requests_forwarded", "address")
+    __slots__ = ("site", "role", "connected", "last_connected", "last_sync", "runs_behind", "events_behind", "events_pulled", "requests_forwarded", "address", "link_bytes_received", "link_bytes_sent")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,8 @@ class SitePeer(_message.Message):
     EVENTS_PULLED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FORWARDED_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LINK_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    LINK_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     site: str
     role: str
     connected: bool
@@ -146,7 +148,9 @@ class SitePeer(_message.Message):
     events_pulled: int
     requests_forwarded: int
     address: str
-    def __init__(self, site: _Optional[str] = ..., role: _Optional[str] = ..., connected: _Optional[bool] = ..., last_connected: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_sync: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runs_behind: _Optional[int] = ..., events_behind: _Optional[int] = ..., events_pulled: _Optional[int] = ..., requests_forwarded: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    link_bytes_received: int
+    link_bytes_sent: int
+    def __init__(self, site: _Optional[str] = ..., role: _Optional[str] = ..., connected: _Optional[bool] = ..., last_connected: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_sync: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runs_behind: _Optional[int] = ..., events_behind: _Optional[int] = ..., events_pulled: _Optional[int] = ..., requests_forwarded: _Optional[int] = ..., address: _Optional[str] = ..., link_bytes_received: _Optional[int] = ..., link_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class DescribeSiteResponse(_message.Message):
     __slots__ = ("site", "upstream", "peers", "inbox_depth", "replication_alarms", "recent_alarms")
