@@ -314,9 +314,13 @@ class Sites:
             except LinkDown as error:
                 raise UnavailableError(f"handoff at {home!r}: {error}") from None
         target = request.to_cluster
-        if target != self.name and target not in self._peers:
-            known = sorted({self.name, *self._peers})
-            raise InvalidArgumentError(f"to_cluster {target!r}: unknown site (known: {known})")
+        # Sites linked with since this start, or whose runs are replicated here (a
+        # restarted edge whose cloud is unreachable still knows it).
+        known = {self.name, *self._peers, *await self._store.replication.lag_by_peer()}
+        if target not in known:
+            raise InvalidArgumentError(
+                f"to_cluster {target!r}: unknown site (known: {', '.join(sorted(known))})"
+            )
         version = await handoff(self._engine, key, self.name, target)
         self.committed(key)
         return rp.HandoffWorkflowResponse(new_version=version, from_cluster=self.name)

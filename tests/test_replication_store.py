@@ -2,20 +2,23 @@
 tla/Replication.tla ``DeliverEvents``): a batch is applied only where it continues
 the replica, a mismatch is an alarm that writes nothing else, stale and duplicate
 batches change nothing, a replica's writes are fenced like a transition; the inbox is
-a set keyed by request id."""
+a set keyed by request id. And the site flags of ``tideflow server``."""
 
 from __future__ import annotations
 
+import pytest
 from helpers_store import make_events, run_key
 
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus
 from tideflow.api.v1.state_pb2 import MutableState
+from tideflow.cli._main import build_parser
 from tideflow.history import (
     HistoryStore,
     InboxEntry,
     ReplicaVerdict,
     ShardOwnershipLostError,
 )
+from tideflow.server import _cli as server_cli
 
 HOME = "edge1"
 
@@ -125,3 +128,16 @@ async def test_the_inbox_is_a_set_keyed_by_request_id(store: HistoryStore) -> No
     assert stored.attempts == 1
     await store.replication.retire(entry)
     assert await store.replication.inbox_depth() == 0
+
+
+def test_site_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--upstream`` needs the edge's own ``--cluster-name``; both are checked before
+    anything starts (one line, exit code 2)."""
+    for argv, message in (
+        (["--upstream", "127.0.0.1:7233"], "--upstream needs --cluster-name"),
+        (["--upstream", "nowhere", "--cluster-name", "e1"], "expected HOST:PORT"),
+        (["--cluster-name", "a b"], "letters, digits"),
+    ):
+        args = build_parser().parse_args(["server", "start-dev", "--port", "0", *argv])
+        assert server_cli.main(args) == server_cli.EXIT_USAGE
+        assert message in capsys.readouterr().err
