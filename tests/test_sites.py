@@ -10,6 +10,7 @@ nothing forked. Sizes are small by default; ``TIDEFLOW_EDGE_FULL=1`` runs the is
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -123,7 +124,9 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
         assert (await site_status(cloud)).inbox_depth >= len(runs)
 
         sites.proxy.restore()
-        # Each side is killed in the middle of catching up, and comes back.
+        # The link flaps every second while the sites catch up, and each side is
+        # killed in the middle of it and comes back.
+        flapping = asyncio.create_task(_flap(sites))
         await eventually(lambda: _pulled_some(cloud), "catch-up under way")
         await sites.cloud.kill()
         await sites.cloud.start()
@@ -133,6 +136,9 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
 
         for wid, rid in runs.items():
             await eventually(_closed(edge.get_workflow_handle(wid, run_id=rid)), f"{wid} closed")
+        flapping.cancel()
+        await asyncio.gather(flapping, return_exceptions=True)
+        sites.proxy.restore()
         for wid, rid in [*runs.items(), *((h.id, h.run_id or "") for h in offline)]:
             await eventually(await same_history(edge, cloud, wid, rid), f"{wid} replicated")
 
@@ -157,6 +163,15 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
     (peer,) = status["peers"]
     assert (peer["site"], peer["role"], peer["connected"]) == ("edge1", "edge", True)
     assert "eventsBehind" not in peer and int(peer["eventsPulled"]) > 0
+
+
+async def _flap(sites: SitePair) -> None:
+    """Cut the link for 0.3 s every second, until cancelled."""
+    while True:
+        await asyncio.sleep(0.7)
+        sites.proxy.cut()
+        await asyncio.sleep(0.3)
+        sites.proxy.restore()
 
 
 def _exists(handle: Any) -> Callable[[], Awaitable[bool]]:
