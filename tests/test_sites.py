@@ -119,7 +119,20 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
             for n in range(SIGNALS_PER_RUN):
                 request_id = f"{wid}-{n}"
                 for _ in range(2):
-                    assert await _signal(cloud, wid, rid, f"s{n}", request_id) is True
+                    if index == 1 and n == 1:
+                        # Signal-with-start of a running replica: the signal waits too.
+                        started = await cloud.start_workflow(
+                            Collector.run,
+                            SIGNALS_PER_RUN,
+                            id=wid,
+                            task_queue=tq,
+                            start_signal="add",
+                            start_signal_args=[f"s{n}"],
+                            request_id=request_id,
+                        )
+                        assert started.run_id == rid
+                    else:
+                        assert await _signal(cloud, wid, rid, f"s{n}", request_id) is True
                 sent.setdefault(wid, []).append(request_id)
         assert (await site_status(cloud)).inbox_depth >= len(runs)
 
