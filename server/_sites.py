@@ -83,6 +83,7 @@ class Sites:
         self._peers: dict[str, _Peer] = {}
         self._changed: asyncio.Queue[RunKey] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._untaken: set[RunKey] = set()  # take-overs that failed, tried again
         self.handlers: dict[str, Handler] = {
             "hello": self._hello,
             "runs": self.replicator.serve_runs,
@@ -117,10 +118,12 @@ class Sites:
             await self._take_over_pending()
 
     async def _inbox_loop(self) -> None:
-        """Apply inbox entries of runs that became homed here (a handoff), with no
-        link up (the links' forward loops do it too)."""
+        """Retry take-overs that failed; apply inbox entries of runs that became homed
+        here (a handoff) while no link is up (the links' forward loops do it too)."""
         while True:
             self.inbox.changed.clear()
+            for key in list(self._untaken):
+                await self._take_over(key)
             if not self.links():
                 with contextlib.suppress(Exception):
                     await self.inbox.flush(None)
@@ -129,8 +132,18 @@ class Sites:
                     await self.inbox.changed.wait()
 
     async def _take_over_pending(self) -> None:
-        for key in await self._store.replication.runs_to_take_over(self.name):
-            await self._take_over(key)
+        """Take over the runs handed here that a crash left untaken (their HANDOFF
+        applied, the take-over not committed); tried again while the store fails."""
+        while True:
+            try:
+                keys = await self._store.replication.runs_to_take_over(self.name)
+            except StoreError:
+                log.warning("site %s: runs to take over unreadable; trying again", self.name)
+                await asyncio.sleep(1.0)
+                continue
+            for key in keys:
+                await self._take_over(key)
+            return
 
     async def _applied(self, key: RunKey, state: state_pb2.MutableState | None) -> None:
         """A replicated batch of ``key`` was applied (server/_replication.py)."""
@@ -142,9 +155,11 @@ class Sites:
     async def _take_over(self, key: RunKey) -> None:
         try:
             await take_over(self._engine, key)
-        except Exception:  # the next start or pull tries again
+        except Exception:  # the inbox loop tries again
             log.exception("taking over run %s failed", key)
+            self._untaken.add(key)
             return
+        self._untaken.discard(key)
         log.info("site %s took over run %s", self.name, key)
 
     # ------------------------------------------------------------ links
@@ -153,10 +168,12 @@ class Sites:
         """Keep a link to the upstream, redialled with exponential backoff."""
         delay = _RECONNECT_INITIAL_S
         while True:
-            if await self._dial_once():
-                delay = _RECONNECT_INITIAL_S
-            else:
-                delay = min(delay * 2, _RECONNECT_MAX_S)
+            try:
+                linked = await self._dial_once()
+            except Exception:  # a defect must not end the site's link for good
+                log.exception("link to upstream %s failed", self.upstream)
+                linked = False
+            delay = _RECONNECT_INITIAL_S if linked else min(delay * 2, _RECONNECT_MAX_S)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _dial_once(self) -> bool:

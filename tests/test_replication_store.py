@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from helpers_store import make_events, run_key
+from sqlalchemy import Connection, text
 
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus
 from tideflow.api.v1.state_pb2 import MutableState
@@ -141,3 +142,21 @@ def test_site_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
         args = build_parser().parse_args(["server", "start-dev", "--port", "0", *argv])
         assert server_cli.main(args) == server_cli.EXIT_USAGE
         assert message in capsys.readouterr().err
+
+
+async def test_a_database_from_before_sites_gains_their_tables(store_url: str) -> None:
+    old = await HistoryStore.open(store_url)
+
+    def drop(conn: Connection) -> None:
+        for table in ("site_inbox", "replica_runs", "replication_alarms"):
+            conn.execute(text(f"DROP TABLE {table}"))
+
+    await old.dialect.write(drop)
+    await old.close()
+    upgraded = await HistoryStore.open(store_url)
+    try:
+        assert await upgraded.replication.inbox_depth() == 0
+        assert await upgraded.replication.alarms() == (0, [])
+        assert await upgraded.replication.lag_by_peer() == {}
+    finally:
+        await upgraded.close()
