@@ -63,7 +63,7 @@ class Collector:
 @pytest.fixture
 async def sites(procs: Processes, pg_url: str, tmp_path: Path) -> AsyncIterator[SitePair]:
     pair = SitePair(procs, pg_url, tmp_path / "edge.db")
-    await pair.start()
+    await pair.start_edge()
     try:
         yield pair
     finally:
@@ -82,11 +82,16 @@ async def _signal(client: Client, workflow_id: str, run_id: str, item: str, rid:
 
 
 async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
-    cloud = await Client.connect(sites.cloud.address)
     edge = await Client.connect(sites.edge.address)
-    await wait_linked(cloud, edge)
     tq = f"edge-{uuid.uuid4()}"
     async with Worker(edge, task_queue=tq, workflows=[Collector]):
+        # An edge that never reached its cloud runs anyway.
+        early = await edge.start_workflow(Collector.run, 0, id=f"early-{tq}", task_queue=tq)
+        assert await early.result() == []
+        assert not (await site_status(edge)).peers
+        await sites.cloud.start()
+        cloud = await Client.connect(sites.cloud.address)
+        await wait_linked(cloud, edge)
         runs = {}
         for i in range(WORKFLOWS):
             handle = await edge.start_workflow(
@@ -152,7 +157,7 @@ async def test_edge_offline_converges_exactly_once(sites: SitePair) -> None:
         flapping.cancel()
         await asyncio.gather(flapping, return_exceptions=True)
         sites.proxy.restore()
-        for wid, rid in [*runs.items(), *((h.id, h.run_id or "") for h in offline)]:
+        for wid, rid in [*runs.items(), *((h.id, h.run_id or "") for h in [early, *offline])]:
             await eventually(await same_history(edge, cloud, wid, rid), f"{wid} replicated")
 
     for wid, rid in runs.items():
@@ -240,6 +245,7 @@ def _signalled(client: Client, wid: str, rid: str, count: int) -> Callable[[], A
 
 
 async def test_handoff_edge_to_cloud_to_edge_with_the_link_cut(sites: SitePair) -> None:
+    await sites.cloud.start()
     cloud = await Client.connect(sites.cloud.address)
     edge = await Client.connect(sites.edge.address)
     await wait_linked(cloud, edge)
