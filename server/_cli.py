@@ -172,6 +172,12 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
         help="make this server an edge site of the cloud at HOST:PORT: it dials the cloud "
         "(reconnecting with backoff) and replicates with it; it runs without it too",
     )
+    parser.add_argument(
+        "--upstream-api-key",
+        default=os.environ.get("TIDEFLOW_UPSTREAM_API_KEY", ""),
+        help="API key or JWT (admin on every namespace) for an upstream with auth on "
+        "(default: $TIDEFLOW_UPSTREAM_API_KEY)",
+    )
 
 
 def _site_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +192,7 @@ def _site_config(args: argparse.Namespace) -> dict[str, Any]:
     name = DEFAULT_CLUSTER_NAME if args.cluster_name is None else args.cluster_name
     if not 0 < len(name) <= 255 or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise StartError(f"--cluster-name {name!r}: 1 to 255 letters, digits, '.', '_' or '-'")
-    return {"cluster_name": name, "upstream": upstream}
+    return {"cluster_name": name, "upstream": upstream, "upstream_api_key": args.upstream_api_key}
 
 
 def _check_node_flags(args: argparse.Namespace) -> None:

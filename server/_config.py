@@ -82,6 +82,8 @@ class ServerConfig:
     cluster_name: str = "cloud"
     # An edge's upstream site (HOST:PORT) it dials and replicates with; "": none.
     upstream: str = ""
+    # The credential an edge presents to an upstream whose auth is on.
+    upstream_api_key: str = ""
     # Shards of a database this node initialises (None: 16); a database initialised
     # already keeps its own count and refuses another (history/_cluster.py).
     shard_count: int | None = None

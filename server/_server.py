@@ -390,8 +390,9 @@ class TideflowServer:
         SiteService on the same port."""
         sites = Sites(store, engine, self.config)
         dispatch.on_commit = sites.committed
+        gate = gate_for(self.auth, store.api_keys, self.node_credential)
         replication_pb2_grpc.add_SiteServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            SiteService(sites), server
+            SiteService(sites, gate), server
         )
         return sites
 

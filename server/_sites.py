@@ -32,6 +32,7 @@ from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1 import replication_pb2_grpc, service_pb2, state_pb2
 from tideflow.history import HistoryStore, RunKey, StoreError, home_of, now_micros
 
+from ._auth import ANY_NAMESPACE, AuthGate
 from ._config import ServerConfig
 from ._engine import HistoryEngine
 from ._errors import (
@@ -75,6 +76,10 @@ class Sites:
     def __init__(self, store: HistoryStore, engine: HistoryEngine, config: ServerConfig) -> None:
         self.name = config.cluster_name
         self.upstream = config.upstream
+        # An API key (or JWT) with the admin role on every namespace of an upstream
+        # whose auth is on, sent on the link's stream.
+        key = config.upstream_api_key
+        self._credentials = (("authorization", f"Bearer {key}"),) if key else ()
         self._store = store
         self._engine = engine
         self.replicator = Replicator(store, self.name, self._applied)
@@ -181,7 +186,7 @@ class Sites:
         channel = grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
         try:
             stub = replication_pb2_grpc.SiteServiceStub(channel)  # type: ignore[no-untyped-call]
-            call = stub.Link()
+            call = stub.Link(metadata=self._credentials)
 
             async def receive() -> rp.SiteFrame | None:
                 frame = await call.read()
@@ -395,12 +400,26 @@ async def _quietly(work: Awaitable[None]) -> None:
 
 
 class SiteService(replication_pb2_grpc.SiteServiceServicer):
-    """The gRPC face of a site (replication.proto)."""
+    """The gRPC face of a site (replication.proto). With auth on, a caller needs
+    the admin role on every namespace to open a link or read the site status, and
+    write access to the run's namespace to hand it off (server/_auth.py)."""
 
-    def __init__(self, sites: Sites) -> None:
+    def __init__(self, sites: Sites, gate: AuthGate | None) -> None:
         self._sites = sites
+        self._gate = gate
+
+    async def _authorized(self, rpc: str, namespace: str, context: _Context) -> None:
+        if self._gate is None:
+            return
+        try:
+            principal = await self._gate.authenticate(context.invocation_metadata())
+            self._gate.authorize(principal, rpc, namespace)
+        except ServiceError as error:
+            await abort_with_detail(context, error)
 
     async def Link(self, request_iterator: Any, context: _Context) -> None:
+        await self._authorized("Link", ANY_NAMESPACE, context)
+
         async def receive() -> rp.SiteFrame | None:
             try:
                 frame = await context.read()
@@ -413,11 +432,13 @@ class SiteService(replication_pb2_grpc.SiteServiceServicer):
     async def DescribeSite(
         self, request: rp.DescribeSiteRequest, context: _Context
     ) -> rp.DescribeSiteResponse:
+        await self._authorized("DescribeSite", ANY_NAMESPACE, context)
         return await self._answer(self._sites.describe(), context)
 
     async def HandoffWorkflow(
         self, request: rp.HandoffWorkflowRequest, context: _Context
     ) -> rp.HandoffWorkflowResponse:
+        await self._authorized("HandoffWorkflow", request.namespace, context)
         return await self._answer(self._sites.handoff(request), context)
 
     async def _answer(self, work: Awaitable[R], context: _Context) -> R:
