@@ -105,11 +105,6 @@ RPC_ACCESS: Mapping[str, Access] = {
     "PatchSchedule": Access.ADMIN,
     "DeleteSchedule": Access.ADMIN,
     "DescribeCluster": Access.ADMIN,  # on ANY_NAMESPACE (NAMESPACE_FREE_RPCS)
-    # The SiteService (server/_sites.py): an edge's link and the site status are
-    # cluster-wide (ANY_NAMESPACE); a handoff is a write on its run's namespace.
-    "Link": Access.ADMIN,
-    "DescribeSite": Access.ADMIN,
-    "HandoffWorkflow": Access.WRITE,
 }
 
 # Task-token RPCs: the namespace they act on is the verified token's; the value says
@@ -130,12 +125,7 @@ ANY_NAMESPACE = "*"
 # RPCs whose request names no namespace -> the namespace they are authorized on: ""
 # (any one: DefaultAuthorizer) for GetSystemInfo, ANY_NAMESPACE for a cluster-wide
 # call, which only a "*" grant holds.
-NAMESPACE_FREE_RPCS: Mapping[str, str] = {
-    "GetSystemInfo": "",
-    "DescribeCluster": ANY_NAMESPACE,
-    "Link": ANY_NAMESPACE,
-    "DescribeSite": ANY_NAMESPACE,
-}
+NAMESPACE_FREE_RPCS: Mapping[str, str] = {"GetSystemInfo": "", "DescribeCluster": ANY_NAMESPACE}
 
 
 def parse_grant(text: str) -> tuple[str, Role]:

@@ -399,6 +399,17 @@ async def _quietly(work: Awaitable[None]) -> None:
         await work
 
 
+# The role table (server/_auth.py RPC_ACCESS) lists the WorkflowService: a SiteService
+# call is authorized as the WorkflowService call that needs the same access. A link and
+# the site status span every namespace, as DescribeCluster does (admin on "*"); a
+# handoff moves where a run is written, a write like a start.
+_AUTHORIZED_AS = {
+    "Link": "DescribeCluster",
+    "DescribeSite": "DescribeCluster",
+    "HandoffWorkflow": "StartWorkflow",
+}
+
+
 class SiteService(replication_pb2_grpc.SiteServiceServicer):
     """The gRPC face of a site (replication.proto). With auth on, a caller needs
     the admin role on every namespace to open a link or read the site status, and
@@ -413,7 +424,7 @@ class SiteService(replication_pb2_grpc.SiteServiceServicer):
             return
         try:
             principal = await self._gate.authenticate(context.invocation_metadata())
-            self._gate.authorize(principal, rpc, namespace)
+            self._gate.authorize(principal, _AUTHORIZED_AS[rpc], namespace)
         except ServiceError as error:
             await abort_with_detail(context, error)
 
