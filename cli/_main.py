@@ -30,6 +30,7 @@ GROUPS: Mapping[str, str] = MappingProxyType(
         "dag": "tideflow.worker_sdk.dag.cli",
         "cluster": "tideflow.cli._cluster",
         "workflow": "tideflow.cli._workflow",
+        "site": "tideflow.cli._site",
     }
 )
 

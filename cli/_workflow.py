@@ -11,6 +11,7 @@ with Temporal CLI's verbs and flag names so habits carry over (issue 15)::
     tideflow workflow signal -w greet-1 --name approve -i '{"by": "ann"}'
     tideflow workflow query -w greet-1 --name status
     tideflow workflow cancel|terminate -w greet-1 --reason "no longer needed"
+    tideflow workflow handoff --workflow-id greet-1 --to cloud
 
 Global flags, before or after the subcommand: ``--address`` ($TIDEFLOW_ADDRESS,
 default 127.0.0.1:7233), ``--namespace`` ($TIDEFLOW_NAMESPACE, default ``default``),
@@ -146,6 +147,9 @@ def add_parser(groups: Any) -> None:
         parser_ = command(name, help)
         _execution_arguments(parser_)
         parser_.add_argument("--reason", default="", help="why (recorded in the history)")
+    handoff = command("handoff", "move a run's home to another site")
+    _execution_arguments(handoff)
+    handoff.add_argument("--to", required=True, help="the site (--cluster-name) to hand it to")
 
 
 # ------------------------------------------------------------------ running
@@ -454,6 +458,16 @@ async def _close(client: Client, args: argparse.Namespace, inputs: list[Any]) ->
     return 0
 
 
+async def _handoff(client: Client, args: argparse.Namespace, inputs: list[Any]) -> int:
+    handle = client.get_workflow_handle(args.workflow_id, run_id=args.run_id or None)
+    version = await handle.handoff(args.to)
+    record = {"workflowId": args.workflow_id, "to": args.to, "version": version}
+    _print(
+        out.emit(args.output, record, f"handed {args.workflow_id} to {args.to} (epoch {version})")
+    )
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "start": _start,
     "execute": _start,
@@ -466,4 +480,5 @@ COMMANDS: dict[str, Command] = {
     "query": _query,
     "cancel": _close,
     "terminate": _close,
+    "handoff": _handoff,
 }

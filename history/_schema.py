@@ -303,3 +303,52 @@ Index(
     schedule_actions.c.schedule_id,
     schedule_actions.c.slot_time,
 )
+
+# ----------------------------------------------------------------------- sites
+# (history/_replication_store.py; specified by tla/Replication.tla) A site's replicas
+# of runs homed elsewhere live in executions/history_events like any run; these
+# tables hold what only sites need. New tables: create_all adds them to a database
+# created before sites (no column of an existing table changed).
+
+# Requests (signal, cancel, terminate) for runs homed at another site, kept until the
+# replica shows them applied: a grow-only set keyed by the client's request id.
+site_inbox = Table(
+    "site_inbox",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("request_id", String(255), primary_key=True),
+    Column("kind", Integer, primary_key=True, autoincrement=False),
+    Column("workflow_id", String(1000), nullable=False),
+    Column("run_id", String(64), nullable=False),
+    Column("request", LargeBinary, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("forwarded_at", BigInteger, nullable=True),
+    Column("attempts", Integer, nullable=False),
+)
+
+# What this site knows of each replica's home: the home's last event id at the last
+# listing and when the replica last caught up with it (lag in describe and status).
+replica_runs = Table(
+    "replica_runs",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("peer", String(255), nullable=False),
+    Column("home_last_event_id", BigInteger, nullable=False),
+    Column("synced_at", BigInteger, nullable=False),
+)
+
+# Batches that did not continue a replica (an event differs from the one stored):
+# never applied, kept for operators.
+replication_alarms = Table(
+    "replication_alarms",
+    metadata,
+    Column("namespace", String(255), primary_key=True),
+    Column("workflow_id", String(1000), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("event_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("peer", String(255), nullable=False),
+    Column("detected_at", BigInteger, nullable=False),
+    Column("detail", Text, nullable=False),
+)

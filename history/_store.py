@@ -54,6 +54,7 @@ from ._records import (
     Transition,
     now_micros,
 )
+from ._replication_store import ReplicationStore
 from ._schedule_store import ScheduleStore
 from ._site_metadata_store import SiteMetadataStore
 from ._token_keys import TokenKeyStore
@@ -426,22 +427,22 @@ class HistoryStore:
         query = delete(s.tasks).where(s.tasks.c.task_key == task_key)
         await self._fenced_write(run, lambda conn: conn.execute(query))
 
-    async def _fenced_write(self, run: RunKey | None, fn: Callable[[Connection], Any]) -> None:
-        """One write of a run's shard data outside a transition, fenced like one."""
+    async def _fenced_write(self, run: RunKey | None, fn: Callable[[Connection], Any]) -> Any:
+        """One write of a run's shard data outside a transition, fenced like one;
+        returns what ``fn`` returned."""
         if run is None:
             if self._fence is not None:
                 raise ValueError("a fenced store needs the run of every write")
-            await self._runner.write(fn)
-            return
+            return await self._runner.write(fn)
         tokens = _merged([self._tokens([run])])
         fence = self._fence_read
 
-        def txn(conn: Connection) -> None:
+        def txn(conn: Connection) -> Any:
             cluster.check_fence_txn(conn, tokens, fence)
-            fn(conn)
+            return fn(conn)
 
         try:
-            await self._runner.write(txn)
+            return await self._runner.write(txn)
         except ShardOwnershipLostError as exc:
             self._refused(exc)
             raise
@@ -691,6 +692,12 @@ class HistoryStore:
         return ScheduleStore(
             self._runner, self.shard_count, token_of=self.shard_token, refused=self._refused
         )
+
+    @property
+    def replication(self) -> ReplicationStore:
+        """Replicas, the site inbox and replication alarms (``_replication_store``);
+        a replica's writes are fenced by its run's shard like a transition."""
+        return ReplicationStore(self._runner, self._fenced_write)
 
     @property
     def token_keys(self) -> TokenKeyStore:

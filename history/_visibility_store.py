@@ -195,6 +195,12 @@ def write_visibility(conn: Connection, batch: Sequence[Transition]) -> None:
             _index_event(conn, t.key, event)
 
 
+def index_events(conn: Connection, key: RunKey, events: Sequence[HistoryEvent]) -> None:
+    """Index what ``events`` of one run set (a replica applying a replicated batch)."""
+    for event in events:
+        _index_event(conn, key, event)
+
+
 def _index_event(conn: Connection, key: RunKey, event: HistoryEvent) -> None:
     et = event.event_type
     if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:

@@ -1,7 +1,9 @@
 """The ``tideflow server`` command group.
 
 ``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]
-[--db-wait SECONDS]`` runs a complete single-node server until SIGINT or SIGTERM. A
+[--db-wait SECONDS] [--cluster-name NAME] [--upstream HOST:PORT]`` runs a complete
+single-node server until SIGINT or SIGTERM; ``--cluster-name`` names the site (default
+"cloud"), ``--upstream`` makes it an edge site of that cloud (server/_sites.py). A
 database that is not reachable yet is waited for (``--db-wait``, one log line per
 attempt); after that, like any other start-up problem, it is one line and exit code 2.
 ``--tls-cert``, ``--tls-key`` and ``--tls-client-ca`` turn on TLS and mTLS
@@ -51,6 +53,8 @@ EXIT_USAGE = 2
 #: The web UI's port in ``start-dev`` (Temporal's dev server uses the same).
 DEFAULT_UI_PORT = 8233
 _DEFAULT_DB_WAIT_S = ServerConfig().store_start_timeout_s
+#: The site name of a server started without ``--cluster-name``.
+DEFAULT_CLUSTER_NAME = ServerConfig().cluster_name
 
 
 class StartError(Exception):
@@ -89,6 +93,8 @@ def add_parser(groups: Any) -> None:
         "the server runs without the UI)",
     )
     dev.add_argument("--no-ui", action="store_true", help="serve no web UI or HTTP API")
+
+    add_site_arguments(dev)
     add_tls_arguments(dev)
     # A development server is open by default; `start` (production) defaults auth on.
     add_auth_arguments(dev, default_mode=AuthMode.OFF)
@@ -131,6 +137,8 @@ def add_parser(groups: Any) -> None:
     node.add_argument(
         "--ui-port", type=int, default=None, help="serve the web UI and HTTP API on this port"
     )
+
+    add_site_arguments(node)
     add_tls_arguments(node)
     add_auth_arguments(node, default_mode=AuthMode.API_KEY)
     _token_cli.add_parsers(server_sub)
@@ -166,6 +174,50 @@ def main(args: argparse.Namespace) -> int:
         print(f"tideflow server {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def add_site_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cluster-name`` and ``--upstream`` (server/_sites.py)."""
+    parser.add_argument(
+        "--cluster-name",
+        default=None,
+        help=f"this site's name, the home of the runs started here (default "
+        f"{DEFAULT_CLUSTER_NAME!r}; required with --upstream)",
+    )
+    parser.add_argument(
+        "--upstream",
+        default="",
+        metavar="HOST:PORT",
+        help="make this server an edge site of the cloud at HOST:PORT: it dials the cloud "
+        "(reconnecting with backoff) and replicates with it; it runs without it too",
+    )
+    parser.add_argument(
+        "--upstream-api-key",
+        default=os.environ.get("TIDEFLOW_UPSTREAM_API_KEY", ""),
+        help="API key or JWT (admin on every namespace) for an upstream with auth on "
+        "(default: $TIDEFLOW_UPSTREAM_API_KEY)",
+    )
+
+
+def _site_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerConfig fields of the site flags, checked."""
+    upstream = args.upstream
+    if upstream:
+        host, sep, port = upstream.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StartError(f"--upstream {upstream!r}: expected HOST:PORT")
+        if args.cluster_name is None:
+            raise StartError("--upstream needs --cluster-name (the edge site's own name)")
+    name = DEFAULT_CLUSTER_NAME if args.cluster_name is None else args.cluster_name
+    if not 0 < len(name) <= 255 or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise StartError(f"--cluster-name {name!r}: 1 to 255 letters, digits, '.', '_' or '-'")
+    return {
+        "cluster_name": name,
+        "upstream": upstream,
+        "upstream_api_key": args.upstream_api_key,
+        # Workers that do not say their tier are of their site's: an edge's, or a cloud's.
+        "site_tier": "edge" if upstream else "cloud",
+    }
 
 
 def _check_node_flags(args: argparse.Namespace) -> None:
@@ -257,7 +309,9 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
             host=args.ip,
             port=args.port,
             config=ServerConfig(
-                sqlite_synchronous=args.sqlite_synchronous, store_start_timeout_s=args.db_wait
+                sqlite_synchronous=args.sqlite_synchronous,
+                store_start_timeout_s=args.db_wait,
+                **_site_config(args),
             ),
             tls=tls_from_args(args),
             auth=auth_from_args(args),
@@ -277,7 +331,10 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         host=args.ip,
         port=args.port,
         config=ServerConfig(
-            shard_count=args.shards, lease_s=args.lease_seconds, store_start_timeout_s=args.db_wait
+            shard_count=args.shards,
+            lease_s=args.lease_seconds,
+            store_start_timeout_s=args.db_wait,
+            **_site_config(args),
         ),
         node_id=args.node_id or advertise or f"{socket.gethostname()}:{os.getpid()}",
         advertise=advertise,

@@ -78,17 +78,22 @@ class ServerConfig:
     # the store, the first reads), one log line per attempt, before start() fails: a
     # server started with (or just before) its database waits for it. 0: one attempt.
     store_start_timeout_s: float = 60.0
+    # The site this server is (server/_sites.py, `--cluster-name`): the home of the runs
+    # started here, and where a task ran when its worker polled here (README
+    # "Placement"). A lone server is a cloud with no edges.
+    cluster_name: str = "cloud"
+    # An edge's upstream site (HOST:PORT) it dials and replicates with; "": none.
+    upstream: str = ""
+    # The credential an edge presents to an upstream whose auth is on.
+    upstream_api_key: str = ""
     # Shards of a database this node initialises (None: 16); a database initialised
     # already keeps its own count and refuses another (history/_cluster.py).
     shard_count: int | None = None
     # Shard lease (server/_shards.py): renewed every third of it; a dead node's shards
     # are taken over once it lapses. Safety never depends on it (the range-id fence).
     lease_s: float = 5.0
-    # This site's name (README "Placement"): recorded as where a task ran when its worker
-    # polled here, and the home site of runs started here. A lone server is a cloud with
-    # no edges; `--cluster-name` of the sites work sets it.
-    cluster_name: str = "cloud"
-    # The tier of workers attached here that do not state theirs: "cloud" or "edge".
+    # The tier of workers attached here that do not state theirs: "cloud" or "edge"
+    # (an edge, one with an upstream, unless set).
     site_tier: str = "cloud"
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ import enum
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -59,6 +59,7 @@ from tideflow.history import (
 
 from . import _activities, _cross_run, _run_start, _task_responses, _timeouts, _workflow_tasks
 from ._config import Clock, ServerConfig
+from ._dispatcher import Dispatcher as Dispatcher  # where tests and the server import it
 from ._errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -68,6 +69,7 @@ from ._errors import (
     WorkflowNotFoundError,
 )
 from ._history_pages import HistoryPager
+from ._home import NotHomeError, check_home
 from ._mutation import Mutation, run_key_of
 from ._placement import WorkerSite
 from ._run_gateway import RunGateway
@@ -85,21 +87,6 @@ _MAX_CONFLICT_RETRIES = 20
 _MAX_REMEMBERED_SIGNAL_IDS = 10_000
 # Longest history kept in memory per cached run.
 _MAX_CACHED_EVENTS = 2_000
-
-
-class Dispatcher:
-    """What the engine needs from matching and the timer queue after a commit."""
-
-    def add_tasks(self, tasks: list[TaskRow]) -> None:
-        raise NotImplementedError
-
-    def add_timers(self, timers: list[TimerRow]) -> None:
-        raise NotImplementedError
-
-    def drop_timers(self, timer_keys: Sequence[str]) -> None:
-        """Timers a commit deleted (their task or activity moved on): without this,
-        each sat in the timer queue until due and then cost a stale fire (a store
-        read, the run's cache entry and a delete of its own). Optional."""
 
 
 @dataclass(slots=True, eq=False)
@@ -231,6 +218,7 @@ class HistoryEngine:
                 ms.CopyFrom(run.state)
                 m = Mutation(ms, self._clock.now_micros())
                 try:
+                    check_home(key, ms, self._config.cluster_name)
                     result = fn(m)
                 except (NotFoundError, FailedPreconditionError):
                     if rechecked:
@@ -241,6 +229,10 @@ class HistoryEngine:
                 if not m.dirty or await self._commit(key, run, m, action):
                     return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
+
+    def invalidate(self, key: RunKey) -> None:  # a replicated batch changed its rows
+        if key in self._cache:
+            self._forget(key, self._cache[key])
 
     async def _judged_fresh(
         self, key: RunKey, action: str, fn: Callable[[Mutation], T]
@@ -259,7 +251,7 @@ class HistoryEngine:
             if run is not None:
                 self._forget(key, run)
             return await self.update(key, action, fn)
-        except NotFoundError:
+        except (NotFoundError, NotHomeError):  # gone, or handed to another site: stale
             return None
 
     async def _commit(self, key: RunKey, run: _Run, m: Mutation, action: str) -> bool:
@@ -350,6 +342,8 @@ class HistoryEngine:
         # Only a commit known to have landed deleted its dropped timers' rows.
         if m.done_timer_keys:
             self._dispatcher.drop_timers(m.done_timer_keys)
+
+        self._dispatcher.committed(m.key)
 
     async def _first_page(
         self,

@@ -190,6 +190,21 @@ class FailedPreconditionError(ServiceError):
     kind = Kind.ERROR_KIND_FAILED_PRECONDITION
 
 
+class NotHomeError(ServiceError):
+    """A write of a run this site holds as a read-only replica (its home, its only
+    writer, is ``home``: server/_sites.py). The frontend stores a signal, cancel or
+    terminate in the site inbox instead; a task or timer row is dropped as stale;
+    anything else is answered FAILED_PRECONDITION. (Not a FailedPreconditionError:
+    nothing that handles a closed run may take it for one.)"""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = Kind.ERROR_KIND_FAILED_PRECONDITION
+
+    def __init__(self, home: str, key: object) -> None:
+        super().__init__(f"run {key} is homed at site {home!r}; this site holds a replica")
+        self.home = home
+
+
 class UnavailableError(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     kind = Kind.ERROR_KIND_UNAVAILABLE

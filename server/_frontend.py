@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 import tideflow
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc, state_pb2
+from tideflow.api.v1 import common_pb2, replication_pb2, service_pb2, service_pb2_grpc, state_pb2
 from tideflow.api.v1.history_pb2 import WorkflowTaskFailedCause
 from tideflow.history import (
     CLOSE_EVENTS,
@@ -29,6 +29,7 @@ from tideflow.history import (
     InvalidValueError,
     RetryableStoreError,
     StoreError,
+    home_of,
 )
 
 from ._audit import begin as begin_audit
@@ -41,6 +42,7 @@ from ._errors import (
     AlreadyExistsError,
     InvalidArgumentError,
     NamespaceNotFoundError,
+    NotHomeError,
     Resource,
     ServiceError,
     UnavailableError,
@@ -54,6 +56,7 @@ from ._polls import TaskQueueService
 from ._routing import ROUTED_RPCS, Router
 from ._run_views import describe_response
 from ._schedules import Scheduler, require_scheduler
+from ._sites import Sites
 from ._task_tokens import TaskTokenSigner
 from ._validation import RequestValidator, TooLargeError, check_retry_policy
 from ._visibility import (
@@ -165,6 +168,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         auth: AuthGate | None = None,
         polls: TaskQueueService | None = None,
         router: Router | None = None,
+        sites: Sites | None = None,
     ) -> None:
         """``log_clock`` paces the log of store failures (monotonic seconds); ``auth``
         authenticates and authorizes every call (None: auth is off); ``polls`` serves
@@ -173,6 +177,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._store = store
         self._auth = auth
         self._router = router
+        # Runs homed at other sites (server/_sites.py); None: every run is homed here.
+        self._sites = sites
         # Seals every task token handed out and opens every one received
         # (server/_task_tokens.py): clients cannot forge them.
         self._tokens = tokens or TaskTokenSigner(
@@ -303,7 +309,26 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             check_search_attributes(request.search_attributes)
         if request.HasField("retry_policy"):
             check_retry_policy("retry_policy", request.retry_policy)
-        run_id, started = await self._engine.start_workflow(request)
+        if self._sites is not None and request.home_cluster not in ("", self._sites.name):
+            return await self._sites.start_at_home(request)
+        if request.home_cluster and self._sites is None:
+            raise InvalidArgumentError("home_cluster: this server is not a site")
+        try:
+            run_id, started = await self._engine.start_workflow(request)
+        except NotHomeError as error:
+            # Signal-with-start on a replica: the signal waits for the run's home.
+            signal = service_pb2.SignalWorkflowRequest(
+                namespace=request.namespace,
+                signal_name=request.signal_name,
+                input=request.signal_input,
+                identity=request.identity,
+                request_id=request.request_id,
+                header=request.header,
+            )
+            signal.workflow_execution.workflow_id = request.workflow_id
+            key = await self._engine.resolve_run_id(request.namespace, request.workflow_id, "")
+            await self._redirect(replication_pb2.ForwardedRequest(signal=signal), key, error)
+            return service_pb2.StartWorkflowResponse(run_id=key.run_id, started=False)
         return service_pb2.StartWorkflowResponse(run_id=run_id, started=started)
 
     @_rpc
@@ -381,9 +406,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         )
         ms = await self._engine.state_of(key)
         # Details past half the message limit are left out (see describe_response).
-        return describe_response(
+        response = describe_response(
             ms, self._config.grpc_max_message_bytes // 2, self._matching.waiting_reason
         )
+        if self._sites is not None:
+            await self._sites.annotate(key, ms, response)
+        return response
 
     @_rpc
     async def TerminateWorkflow(
@@ -396,13 +424,20 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.workflow_execution.workflow_id,
             request.workflow_execution.run_id,
         )
-        await self._engine.terminate(
-            key,
-            request.reason,
-            request.details if request.HasField("details") else None,
-            request.identity,
-            request.request_id,
-        )
+        try:
+            await self._engine.terminate(
+                key,
+                request.reason,
+                request.details if request.HasField("details") else None,
+                request.identity,
+                request.request_id,
+            )
+        except NotHomeError as error:
+            forwarded = replication_pb2.ForwardedRequest(terminate=request)
+            pending = await self._redirect(forwarded, key, error)
+            return service_pb2.TerminateWorkflowResponse(
+                pending_delivery=pending, home_cluster=error.home
+            )
         return service_pb2.TerminateWorkflowResponse()
 
     @_rpc
@@ -417,14 +452,21 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.workflow_execution.workflow_id,
             request.workflow_execution.run_id,
         )
-        await self._engine.signal(
-            key,
-            request.signal_name,
-            request.input if request.HasField("input") else None,
-            request.identity,
-            request.request_id,
-            request.header if request.HasField("header") else None,
-        )
+        try:
+            await self._engine.signal(
+                key,
+                request.signal_name,
+                request.input if request.HasField("input") else None,
+                request.identity,
+                request.request_id,
+                request.header if request.HasField("header") else None,
+            )
+        except NotHomeError as error:
+            forwarded = replication_pb2.ForwardedRequest(signal=request)
+            pending = await self._redirect(forwarded, key, error)
+            return service_pb2.SignalWorkflowResponse(
+                pending_delivery=pending, home_cluster=error.home
+            )
         return service_pb2.SignalWorkflowResponse()
 
     @_rpc
@@ -438,8 +480,26 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.workflow_execution.workflow_id,
             request.workflow_execution.run_id,
         )
-        await self._engine.request_cancel(key, request.identity, request.request_id, request.reason)
+        try:
+            await self._engine.request_cancel(
+                key, request.identity, request.request_id, request.reason
+            )
+        except NotHomeError as error:
+            forwarded = replication_pb2.ForwardedRequest(cancel=request)
+            pending = await self._redirect(forwarded, key, error)
+            return service_pb2.RequestCancelWorkflowResponse(
+                pending_delivery=pending, home_cluster=error.home
+            )
         return service_pb2.RequestCancelWorkflowResponse()
+
+    async def _redirect(
+        self, request: replication_pb2.ForwardedRequest, key: Any, error: NotHomeError
+    ) -> bool:
+        """A request for a run homed at another site: into the site inbox (it is
+        delivered to the home exactly once); True while delivery is pending."""
+        if self._sites is None:
+            raise error
+        return await self._sites.redirect(request, key, error)
 
     @_rpc
     async def QueryWorkflow(
@@ -455,7 +515,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         result = await self._polls.query(
             key, ms.task_queue.name, request.query, self._polls.poll_timeout(context)
         )
-        return service_pb2.QueryWorkflowResponse(query_result=result)
+        stale = self._sites is not None and home_of(ms, self._sites.name) != self._sites.name
+        return service_pb2.QueryWorkflowResponse(query_result=result, possibly_stale=stale)
 
     @_rpc
     async def RespondQueryTaskCompleted(

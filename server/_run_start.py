@@ -84,6 +84,12 @@ def initial_state(
         status=WS.WORKFLOW_EXECUTION_STATUS_RUNNING,
         next_event_id=1,
         start_request_id=req.request_id,
+        # Started here, so homed here, with the first ownership epoch
+        # (tla/Replication.tla Init); a start naming another home never gets here
+        # (server/_sites.py forwards it).
+        home_cluster=config.cluster_name,
+        version=1,
+        activated_version=1,
     )
     ms.workflow_type.CopyFrom(req.workflow_type)
     ms.task_queue.name = req.task_queue.name

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tideflow.api.v1 import matching_pb2
+from tideflow.api.v1 import matching_pb2, replication_pb2_grpc
 from tideflow.history import (
     HistoryStore,
     RunKey,
@@ -46,6 +46,7 @@ from ._run_gateway import RunGateway
 from ._schedules import Scheduler
 from ._shards import ShardController
 from ._site_metadata import SiteMetadata
+from ._sites import Sites, SiteService
 from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
@@ -80,6 +81,8 @@ class _Dispatch(Dispatcher):
         self._routes = routes
         self.forwarder = TaskForwarder(routes, self.accept)
         self._to_unstick: asyncio.Queue[TaskRow] = asyncio.Queue()
+        # Told of every committed run (the site's hints to its peers: server/_sites.py).
+        self.on_commit: Callable[[RunKey], None] = lambda key: None
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
         transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
@@ -115,6 +118,9 @@ class _Dispatch(Dispatcher):
 
     def drop_timers(self, timer_keys: Sequence[str]) -> None:
         self._timers.drop(timer_keys)
+
+    def committed(self, key: RunKey) -> None:
+        self.on_commit(key)
 
     async def run(self, unstick: Callable[[RunKey, str], Awaitable[None]]) -> None:
         """Move tasks of retired sticky queues through ``unstick`` until cancelled,
@@ -265,6 +271,9 @@ class TideflowServer:
         self.metadata: SiteMetadata | None = None
         self.metadata_sync: MetadataSync | None = None
 
+        # This server as a site of a cloud/edge deployment (server/_sites.py).
+        self.sites: Sites | None = None
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -361,6 +370,10 @@ class TideflowServer:
             runs=engine.gateway,
         )
         hooks.scheduler = scheduler
+        sites = self.sites = self._site(store, engine, dispatch, server)
+        # Every task dispatched here belongs to a run homed here (only the home writes),
+        # so placement's default home is right; its link state is the sites'.
+        self.placement.links = sites
         service = WorkflowService(
             store,
             engine,
@@ -371,6 +384,7 @@ class TideflowServer:
             auth=gate_for(self.auth, store.api_keys, self.node_credential),
             polls=polls,
             router=router,
+            sites=sites,
         )
         service.metadata = await self._open_metadata(store, scheduler)
         add_to_server(service, server)
@@ -386,6 +400,7 @@ class TideflowServer:
             "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
             "tideflow-scheduler": scheduler.run,
             "tideflow-shards": shards.run,
+            "tideflow-sites": sites.run,
             "tideflow-resync": functools.partial(
                 resync_after_outages, store, hooks.recover_tasks, transfers, timers
             ),
@@ -422,6 +437,23 @@ class TideflowServer:
         self.metadata_sync = MetadataSync(self.metadata, store, scheduler)
         await self.metadata_sync.publish_site(tier=self.config.site_tier)
         return self.metadata_sync
+
+    def _site(
+        self,
+        store: HistoryStore,
+        engine: HistoryEngine,
+        dispatch: _Dispatch,
+        server: grpc.aio.Server,
+    ) -> Sites:
+        """This server as a site (server/_sites.py): told of every commit, serving the
+        SiteService on the same port."""
+        sites = Sites(store, engine, self.config)
+        dispatch.on_commit = sites.committed
+        gate = gate_for(self.auth, store.api_keys, self.node_credential)
+        replication_pb2_grpc.add_SiteServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            SiteService(sites, gate), server
+        )
+        return sites
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""

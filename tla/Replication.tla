@@ -11,7 +11,7 @@
 (* new_version) in proto/tideflow/api/v1/history.proto, and signal         *)
 (* deduplication by request id (server/_engine.py HistoryEngine.signal,    *)
 (* MutableState.signal_request_ids).  Each action names the function that  *)
-(* will implement it ("to be built") or the existing one it uses.          *)
+(* implements it (built in issue 12; tla/README.md maps them all).         *)
 (*                                                                         *)
 (* The model: one run, several clusters (the cloud and edge nodes), each   *)
 (* with its own store holding a replica of the run's history.  Ownership   *)
@@ -133,7 +133,7 @@ Init ==
 -----------------------------------------------------------------------------
 (* The home's engine: server/_engine.py HistoryEngine (exists), with the   *)
 (* ownership check of the design (HistoryEngine.update refuses a run       *)
-(* whose MutableState names another home: to be built).                    *)
+(* whose MutableState names another home: server/_home.py check_home).     *)
 
 (* Who may apply signals, and with which epoch: the home, with the epoch   *)
 (* its replica grants it.  Two mutants widen this.                         *)
@@ -174,7 +174,7 @@ CompleteRun(c) ==
     /\ hist' = [hist EXCEPT ![c] = Append(@, Ev("COMPLETED", EpochIn(@)))]
     /\ UNCHANGED <<inbox, net, linkUp, sent, handoffs>>
 
-(* The home hands the run over: HistoryEngine.handoff (to be built)        *)
+(* The home hands the run over: server/_handoff.py handoff                 *)
 (* appends EVENT_TYPE_WORKFLOW_EXECUTION_HANDOFF with new_version = epoch  *)
 (* + 1.  It is the old home's last event: from now on its replica names    *)
 (* another home.  The new home learns it by replication, hence after       *)
@@ -203,7 +203,7 @@ Takeover(t) ==
     /\ UNCHANGED <<inbox, net, linkUp, sent>>
 
 -----------------------------------------------------------------------------
-(* Replication: server/_replication.py (to be built).                      *)
+(* Replication: server/_replication.py (Replicator).                       *)
 
 (* Cluster r polls peer s for the events after its last one (the poll      *)
 (* carries r's length: the "version vector" of ARCHITECTURE.md); s replies *)
@@ -225,7 +225,7 @@ ShipEvents(s, r) ==
 Receive(c, s) ==
     IF ~IsHome(c) /\ s \in SignalsIn(hist[c]) THEN inbox[c] ELSE inbox[c] \cup {s}
 
-(* HistoryStore.append_replicated (to be built): applies a batch only      *)
+(* ReplicationStore.append_replicated: applies a batch only                *)
 (* where it continues the replica (no gap; events it already has must be   *)
 (* equal, as the (event_id, version) pairs of a version history), in one   *)
 (* transaction with the inbox entries it retires.  Stale and duplicate     *)
@@ -250,8 +250,8 @@ DeliverEvents(m) ==
     /\ UNCHANGED <<net, linkUp, sent, handoffs>>   \* the network may deliver it again
 
 (* A cluster that is not home forwards what its inbox holds to the home it *)
-(* knows (server/_replication.py, to be built: SignalWorkflow on the       *)
-(* home's frontend with the same request_id).  The entry stays until       *)
+(* knows (server/_inbox.py Inbox.flush: a "forward" call on the link with  *)
+(* the same request_id).  The entry stays until                            *)
 (* replication brings the SIGNALED event back.  Mutant                     *)
 (* "forget_after_forward": the entry is deleted once forwarded.            *)
 ForwardSignal(c, s) ==
@@ -285,7 +285,7 @@ LoseMessage(m) ==
 (* A client sends (or retries) signal s to any cluster that knows the run, *)
 (* link up or not: server/_frontend.py WorkflowService.SignalWorkflow      *)
 (* (exists) hands it to the engine at home, or to the durable inbox        *)
-(* elsewhere (a signal_inbox table in history/_schema.py, to be built).    *)
+(* elsewhere (the site_inbox table in history/_schema.py).                 *)
 (* The request id must never be empty here: HistoryEngine.signal dedups    *)
 (* only non-empty ones, so the frontend has to assign one.                 *)
 SendSignal(s, c) ==

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, cast, overload
 from google.protobuf import json_format
 from typing_extensions import TypeVar
 
-from tideflow.api.v1 import common_pb2, service_pb2
+from tideflow.api.v1 import common_pb2, replication_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import exceptions as exc
@@ -56,6 +56,12 @@ class WorkflowExecutionDescription:
     close_time: datetime | None
     history_length: int
     raw: service_pb2.DescribeWorkflowResponse
+    #: The run's home site, its only writer.
+    home_cluster: str = ""
+    #: On a site holding a read-only replica: events behind the home as of the last
+    #: pull, and seconds since that pull (None on the home).
+    replica_events_behind: int | None = None
+    replica_seconds_since_sync: float | None = None
 
 
 class WorkflowHistory:
@@ -179,7 +185,28 @@ class WorkflowHandle(Generic[Result]):
             else None,
             history_length=info.history_length,
             raw=response,
+            home_cluster=response.home_cluster,
+            replica_events_behind=response.replica.events_behind
+            if response.HasField("replica")
+            else None,
+            replica_seconds_since_sync=response.replica.seconds_since_sync
+            if response.HasField("replica")
+            else None,
         )
+
+    async def handoff(self, to_cluster: str) -> int:
+        """Move the run's home to site ``to_cluster``: the old home writes a HANDOFF
+        event as its last and the new home takes over once its replica has it (at
+        once when the link is up, else when it returns). Refused
+        (FAILED_PRECONDITION) while a workflow task or an activity is in flight.
+        Returns the run's new ownership epoch."""
+        client = self._client
+        request = replication_pb2.HandoffWorkflowRequest(
+            namespace=client.namespace, to_cluster=to_cluster, identity=client.identity
+        )
+        request.execution.CopyFrom(self._execution())
+        response = await client.call(client.sites.HandoffWorkflow, request)
+        return int(response.new_version)
 
     async def signal(
         self,

@@ -26,7 +26,7 @@ from tideflow.api.search_attributes import (
     decode_search_attributes,
     encode_search_attributes,
 )
-from tideflow.api.v1 import common_pb2, service_pb2, service_pb2_grpc
+from tideflow.api.v1 import common_pb2, replication_pb2_grpc, service_pb2, service_pb2_grpc
 
 from . import exceptions as exc
 from ._credentials import CredentialInterceptor, credential_metadata
@@ -125,6 +125,9 @@ class WorkflowStartOptions(TypedDict, total=False):
             (``ALLOW_DUPLICATE`` by default).
         id_conflict_policy: What happens when a run with the id is running (``FAIL``
             by default: ``WorkflowAlreadyStartedError``).
+        home: The site (``--cluster-name``) that is the run's home, its only writer
+            (default: the site the client is connected to, which forwards the start
+            to the named site over its link).
     """
 
     id: Required[str]
@@ -140,6 +143,7 @@ class WorkflowStartOptions(TypedDict, total=False):
     search_attributes: Mapping[str, SearchAttributeValue] | None
     id_reuse_policy: WorkflowIDReusePolicy
     id_conflict_policy: WorkflowIDConflictPolicy
+    home: str | None
 
 
 _START_OPTION_NAMES = (
@@ -190,6 +194,8 @@ class Client:
             self._channels = [c for _, c in channel]
             self.service = FailoverService([a for a, _ in channel], self._channels)
         self._channel = self._channels[0]
+        # The SiteService (replication.proto): handoffs and site status.
+        self.sites: Any = replication_pb2_grpc.SiteServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.namespace = namespace
         self.data_converter = data_converter
         self.identity = identity
@@ -492,6 +498,7 @@ class Client:
         search_attributes = options.get("search_attributes")
         if search_attributes:
             request.search_attributes.CopyFrom(encode_search_attributes(search_attributes))
+        request.home_cluster = options.get("home") or ""
         return request, result_type
 
     @overload

@@ -90,7 +90,7 @@ class RegisterNamespaceResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StartWorkflowRequest(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "workflow_type", "task_queue", "input", "workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout", "identity", "request_id", "retry_policy", "cron_schedule", "memo", "search_attributes", "header", "signal_name", "signal_input", "workflow_id_reuse_policy", "workflow_id_conflict_policy")
+    __slots__ = ("namespace", "workflow_id", "workflow_type", "task_queue", "input", "workflow_execution_timeout", "workflow_run_timeout", "workflow_task_timeout", "identity", "request_id", "retry_policy", "cron_schedule", "memo", "search_attributes", "header", "signal_name", "signal_input", "workflow_id_reuse_policy", "workflow_id_conflict_policy", "home_cluster")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class StartWorkflowRequest(_message.Message):
     SIGNAL_INPUT_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_REUSE_POLICY_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_CONFLICT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     workflow_type: _common_pb2.WorkflowType
@@ -129,7 +130,8 @@ class StartWorkflowRequest(_message.Message):
     signal_input: _common_pb2.Payloads
     workflow_id_reuse_policy: _common_pb2.WorkflowIdReusePolicy
     workflow_id_conflict_policy: _common_pb2.WorkflowIdConflictPolicy
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., cron_schedule: _Optional[str] = ..., memo: _Optional[_Union[_common_pb2.Memo, _Mapping]] = ..., search_attributes: _Optional[_Union[_common_pb2.SearchAttributes, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., signal_name: _Optional[str] = ..., signal_input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_id_reuse_policy: _Optional[_Union[_common_pb2.WorkflowIdReusePolicy, str]] = ..., workflow_id_conflict_policy: _Optional[_Union[_common_pb2.WorkflowIdConflictPolicy, str]] = ...) -> None: ...
+    home_cluster: str
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., retry_policy: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., cron_schedule: _Optional[str] = ..., memo: _Optional[_Union[_common_pb2.Memo, _Mapping]] = ..., search_attributes: _Optional[_Union[_common_pb2.SearchAttributes, _Mapping]] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., signal_name: _Optional[str] = ..., signal_input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., workflow_id_reuse_policy: _Optional[_Union[_common_pb2.WorkflowIdReusePolicy, str]] = ..., workflow_id_conflict_policy: _Optional[_Union[_common_pb2.WorkflowIdConflictPolicy, str]] = ..., home_cluster: _Optional[str] = ...) -> None: ...
 
 class StartWorkflowResponse(_message.Message):
     __slots__ = ("run_id", "started")
@@ -226,14 +228,28 @@ class PendingActivityInfo(_message.Message):
     def __init__(self, activity_id: _Optional[str] = ..., activity_type: _Optional[_Union[_common_pb2.ActivityType, _Mapping]] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., last_failure: _Optional[_Union[_common_pb2.Failure, _Mapping]] = ..., last_worker_identity: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., placement: _Optional[_Union[_common_pb2.Placement, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., last_worker_site: _Optional[str] = ..., last_worker_tier: _Optional[_Union[_common_pb2.ExecutionSite, str]] = ...) -> None: ...
 
 class DescribeWorkflowResponse(_message.Message):
-    __slots__ = ("workflow_execution_info", "pending_activities", "pending_workflow_task_attempt")
+    __slots__ = ("workflow_execution_info", "pending_activities", "pending_workflow_task_attempt", "home_cluster", "replica")
     WORKFLOW_EXECUTION_INFO_FIELD_NUMBER: _ClassVar[int]
     PENDING_ACTIVITIES_FIELD_NUMBER: _ClassVar[int]
     PENDING_WORKFLOW_TASK_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     workflow_execution_info: WorkflowExecutionInfo
     pending_activities: _containers.RepeatedCompositeFieldContainer[PendingActivityInfo]
     pending_workflow_task_attempt: int
-    def __init__(self, workflow_execution_info: _Optional[_Union[WorkflowExecutionInfo, _Mapping]] = ..., pending_activities: _Optional[_Iterable[_Union[PendingActivityInfo, _Mapping]]] = ..., pending_workflow_task_attempt: _Optional[int] = ...) -> None: ...
+    home_cluster: str
+    replica: ReplicaLag
+    def __init__(self, workflow_execution_info: _Optional[_Union[WorkflowExecutionInfo, _Mapping]] = ..., pending_activities: _Optional[_Iterable[_Union[PendingActivityInfo, _Mapping]]] = ..., pending_workflow_task_attempt: _Optional[int] = ..., home_cluster: _Optional[str] = ..., replica: _Optional[_Union[ReplicaLag, _Mapping]] = ...) -> None: ...
+
+class ReplicaLag(_message.Message):
+    __slots__ = ("events_behind", "last_synced", "seconds_since_sync")
+    EVENTS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    LAST_SYNCED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SYNC_FIELD_NUMBER: _ClassVar[int]
+    events_behind: int
+    last_synced: _timestamp_pb2.Timestamp
+    seconds_since_sync: float
+    def __init__(self, events_behind: _Optional[int] = ..., last_synced: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., seconds_since_sync: _Optional[float] = ...) -> None: ...
 
 class TerminateWorkflowRequest(_message.Message):
     __slots__ = ("namespace", "workflow_execution", "reason", "details", "identity", "request_id")
@@ -252,8 +268,12 @@ class TerminateWorkflowRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., reason: _Optional[str] = ..., details: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TerminateWorkflowResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("pending_delivery", "home_cluster")
+    PENDING_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    pending_delivery: bool
+    home_cluster: str
+    def __init__(self, pending_delivery: _Optional[bool] = ..., home_cluster: _Optional[str] = ...) -> None: ...
 
 class SignalWorkflowRequest(_message.Message):
     __slots__ = ("namespace", "workflow_execution", "signal_name", "input", "identity", "request_id", "header")
@@ -274,8 +294,12 @@ class SignalWorkflowRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., signal_name: _Optional[str] = ..., input: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ...) -> None: ...
 
 class SignalWorkflowResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("pending_delivery", "home_cluster")
+    PENDING_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    pending_delivery: bool
+    home_cluster: str
+    def __init__(self, pending_delivery: _Optional[bool] = ..., home_cluster: _Optional[str] = ...) -> None: ...
 
 class RequestCancelWorkflowRequest(_message.Message):
     __slots__ = ("namespace", "workflow_execution", "identity", "request_id", "reason")
@@ -292,8 +316,12 @@ class RequestCancelWorkflowRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., workflow_execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RequestCancelWorkflowResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("pending_delivery", "home_cluster")
+    PENDING_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    pending_delivery: bool
+    home_cluster: str
+    def __init__(self, pending_delivery: _Optional[bool] = ..., home_cluster: _Optional[str] = ...) -> None: ...
 
 class WorkflowQuery(_message.Message):
     __slots__ = ("query_type", "query_args", "header")
@@ -316,10 +344,12 @@ class QueryWorkflowRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., execution: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., query: _Optional[_Union[WorkflowQuery, _Mapping]] = ...) -> None: ...
 
 class QueryWorkflowResponse(_message.Message):
-    __slots__ = ("query_result",)
+    __slots__ = ("query_result", "possibly_stale")
     QUERY_RESULT_FIELD_NUMBER: _ClassVar[int]
+    POSSIBLY_STALE_FIELD_NUMBER: _ClassVar[int]
     query_result: _common_pb2.Payloads
-    def __init__(self, query_result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ...) -> None: ...
+    possibly_stale: bool
+    def __init__(self, query_result: _Optional[_Union[_common_pb2.Payloads, _Mapping]] = ..., possibly_stale: _Optional[bool] = ...) -> None: ...
 
 class RespondQueryTaskCompletedRequest(_message.Message):
     __slots__ = ("task_token", "completed_type", "query_result", "error_message", "namespace", "failure")

@@ -1,0 +1,468 @@
+"""Sites: a cloud and the edges that connect to it (tla/Replication.tla).
+
+A site is a tideflow server with a name (``--cluster-name``). An edge also has an
+upstream (``--upstream HOST:PORT``), the cloud, and it opens every connection: one
+``SiteService.Link`` stream that it dials, redials with exponential backoff while the
+cloud cannot be reached, and over which both sides then call each other
+(server/_site_link.py). The cloud learns its edges from the streams they open (no
+static list) and never dials one. An edge that never reached the cloud runs anyway:
+nothing here blocks the engine.
+
+Every run has a home, its only writer (``MutableState.home_cluster``): the site that
+started it, until a handoff (server/_handoff.py). Other sites hold read-only replicas,
+kept up to date by pulls (server/_replication.py); a signal, cancel or terminate for a
+replica waits in the site inbox until it is handed to the home (server/_inbox.py).
+This module wires those together, serves the ``SiteService`` and answers for the
+frontend about runs homed elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from tideflow.api.v1 import replication_pb2 as rp
+from tideflow.api.v1 import replication_pb2_grpc, service_pb2, state_pb2
+from tideflow.history import HistoryStore, RunKey, StoreError, home_of, now_micros
+
+from ._auth import ANY_NAMESPACE, AuthGate
+from ._config import ServerConfig
+from ._engine import HistoryEngine
+from ._errors import (
+    InvalidArgumentError,
+    NotHomeError,
+    ServiceError,
+    UnavailableError,
+    abort_with_detail,
+)
+from ._handoff import handoff, take_over
+from ._inbox import Inbox
+from ._replication import Replicator, hint_loop, takes_over
+from ._site_link import Handler, LinkDown, SiteLink, message_of
+
+log = logging.getLogger("tideflow.server.sites")
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+_RECONNECT_INITIAL_S = 0.1
+_RECONNECT_MAX_S = 2.0
+_HELLO_TIMEOUT_S = 10.0
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass
+class _Peer:
+    role: str
+    address: str = ""
+    connected_at: int = 0
+
+
+class Sites:
+    """This server as a site: its links, replication, inbox and handoffs."""
+
+    def __init__(self, store: HistoryStore, engine: HistoryEngine, config: ServerConfig) -> None:
+        self.name = config.cluster_name
+        self.upstream = config.upstream
+        # An API key (or JWT) with the admin role on every namespace of an upstream
+        # whose auth is on, sent on the link's stream.
+        key = config.upstream_api_key
+        self._credentials = (("authorization", f"Bearer {key}"),) if key else ()
+        self._store = store
+        self._engine = engine
+        self.replicator = Replicator(store, self.name, self._applied)
+        self.inbox = Inbox(store, engine, self.name, self.link_to, self.replicator.peer_stats)
+        self._links: dict[str, SiteLink] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._changed: asyncio.Queue[RunKey] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._untaken: set[RunKey] = set()  # take-overs that failed, tried again
+        self.handlers: dict[str, Handler] = {
+            "hello": self._hello,
+            "runs": self.replicator.serve_runs,
+            "events": self.replicator.serve_events,
+            "changed": self.replicator.hinted,
+            "forward": self.inbox.serve_forwarded,
+            "start": self._serve_start,
+            "handoff": self._serve_handoff,
+        }
+
+    # ------------------------------------------------------------ wiring
+
+    def committed(self, key: RunKey) -> None:
+        """The engine committed a transition of ``key``: hint the peers."""
+        self._changed.put_nowait(key)
+
+    def link_to(self, site: str) -> SiteLink | None:
+        link = self._links.get(site)
+        return None if link is None or link.closed.is_set() else link
+
+    def reachable(self, site: str) -> bool:
+        """Placement's link state (server/_placement.py ``LinkState``): this site, or
+        a peer whose link is up now."""
+        return site == self.name or self.link_to(site) is not None
+
+    def links(self) -> list[SiteLink]:
+        return [link for link in self._links.values() if not link.closed.is_set()]
+
+    async def run(self) -> None:
+        """The site's loops: hints to peers, the upstream link (an edge), and the
+        take-over of runs handed here while this site was down."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(hint_loop(self.links, self._changed))
+            group.create_task(self._inbox_loop())
+            if self.upstream:
+                group.create_task(self._dial_loop())
+            await self._take_over_pending()
+
+    async def _inbox_loop(self) -> None:
+        """Retry take-overs that failed; apply inbox entries of runs that became homed
+        here (a handoff) while no link is up (the links' forward loops do it too)."""
+        while True:
+            self.inbox.changed.clear()
+            for key in list(self._untaken):
+                await self._take_over(key)
+            if not self.links():
+                with contextlib.suppress(Exception):
+                    await self.inbox.flush(None)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.inbox.changed.wait()
+
+    async def _take_over_pending(self) -> None:
+        """Take over the runs handed here that a crash left untaken (their HANDOFF
+        applied, the take-over not committed); tried again while the store fails."""
+        while True:
+            try:
+                keys = await self._store.replication.runs_to_take_over(self.name)
+            except StoreError:
+                log.warning("site %s: runs to take over unreadable; trying again", self.name)
+                await asyncio.sleep(1.0)
+                continue
+            for key in keys:
+                await self._take_over(key)
+            return
+
+    async def _applied(self, key: RunKey, state: state_pb2.MutableState | None) -> None:
+        """A replicated batch of ``key`` was applied (server/_replication.py)."""
+        self._engine.invalidate(key)
+        if state is not None and takes_over(state, self.name):
+            await self._take_over(key)
+        self.inbox.changed.set()
+
+    async def _take_over(self, key: RunKey) -> None:
+        try:
+            await take_over(self._engine, key)
+        except Exception:  # the inbox loop tries again
+            log.exception("taking over run %s failed", key)
+            self._untaken.add(key)
+            return
+        self._untaken.discard(key)
+        log.info("site %s took over run %s", self.name, key)
+
+    # ------------------------------------------------------------ links
+
+    async def _dial_loop(self) -> None:
+        """Keep a link to the upstream, redialled with exponential backoff."""
+        delay = _RECONNECT_INITIAL_S
+        while True:
+            try:
+                linked = await self._dial_once()
+            except Exception:  # a defect must not end the site's link for good
+                log.exception("link to upstream %s failed", self.upstream)
+                linked = False
+            delay = _RECONNECT_INITIAL_S if linked else min(delay * 2, _RECONNECT_MAX_S)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _dial_once(self) -> bool:
+        """One link to the upstream, for as long as it lasts; whether it came up."""
+        channel = grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
+        try:
+            stub = replication_pb2_grpc.SiteServiceStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.Link(metadata=self._credentials)
+
+            async def receive() -> rp.SiteFrame | None:
+                frame = await call.read()
+                return None if frame is grpc.aio.EOF else frame
+
+            link = SiteLink("", "upstream", call.write, receive, self.handlers)
+            reader = asyncio.create_task(_quietly(link.run()))
+            try:
+                async with asyncio.timeout(_HELLO_TIMEOUT_S):
+                    hello = await link.call("hello", rp.SiteHello(site=self.name), rp.SiteHello)
+            except (LinkDown, TimeoutError):
+                link.close()
+                await reader
+                return False
+            if hello.site == self.name:
+                log.error("upstream %s is also named %r: not linking", self.upstream, self.name)
+                link.close()
+                await reader
+                return False
+            link.peer = hello.site
+            await self._attach(link, self.upstream)
+            await reader
+            return True
+        except (grpc.aio.AioRpcError, OSError) as error:
+            log.debug("upstream %s: %s", self.upstream, error)
+            return False
+        finally:
+            await channel.close(None)
+
+    async def _hello(self, link: SiteLink, body: bytes) -> rp.SiteHello:
+        """An edge introduces itself on the stream it opened."""
+        hello = message_of(body, rp.SiteHello)
+        if not hello.site or hello.site == self.name:
+            raise LinkDown(f"a site must have a name other than {self.name!r}")
+        if link.role == "edge" and not link.peer:
+            link.peer = hello.site
+            task = asyncio.create_task(self._attach(link, ""))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return rp.SiteHello(site=self.name)
+
+    async def _attach(self, link: SiteLink, address: str) -> None:
+        """Run replication and the inbox over ``link`` until it goes down."""
+        previous = self._links.get(link.peer)
+        if previous is not None and previous is not link:
+            previous.close()  # the peer reconnected: its old stream is dead
+        self._links[link.peer] = link
+        peer = self._peers.setdefault(link.peer, _Peer(link.role))
+        peer.role, peer.address, peer.connected_at = link.role, address, now_micros()
+        log.info("site %s: link to %s (%s) up", self.name, link.peer, link.role)
+        companions = [
+            asyncio.create_task(_until_down(link, self.replicator.pull_loop(link))),
+            asyncio.create_task(_until_down(link, self.inbox.forward_loop(link))),
+        ]
+        try:
+            await link.closed.wait()
+        finally:
+            for task in companions:
+                task.cancel()
+            await asyncio.gather(*companions, return_exceptions=True)
+            if self._links.get(link.peer) is link:
+                del self._links[link.peer]
+            log.info("site %s: link to %s down", self.name, link.peer)
+
+    async def serve_link(
+        self,
+        receive: Callable[[], Awaitable[rp.SiteFrame | None]],
+        send: Callable[[rp.SiteFrame], Awaitable[None]],
+    ) -> None:
+        """The cloud's end of a stream an edge opened."""
+        await SiteLink("", "edge", send, receive, self.handlers).run()
+
+    # ------------------------------------------------------------ runs homed elsewhere
+
+    async def redirect(
+        self, request: rp.ForwardedRequest, key: RunKey, error: NotHomeError
+    ) -> bool:
+        """A signal, cancel or terminate for a replica: into the inbox; True while it
+        is pending delivery."""
+        return await self.inbox.accept(request, key, error.home)
+
+    async def start_at_home(
+        self, request: service_pb2.StartWorkflowRequest
+    ) -> service_pb2.StartWorkflowResponse:
+        """A start naming another site as the run's home, sent to it over the link."""
+        home = request.home_cluster
+        link = self.link_to(home)
+        if link is None:
+            raise UnavailableError(
+                f"home_cluster {home!r}: no link to that site now (this site is {self.name!r})"
+            )
+        try:
+            reply = await link.call("start", request, rp.ForwardedResponse)
+        except LinkDown as error:
+            raise UnavailableError(f"home_cluster {home!r}: {error}") from None
+        if reply.outcome != "applied":
+            raise UnavailableError(f"home_cluster {home!r}: {reply.detail}")
+        return service_pb2.StartWorkflowResponse(run_id=reply.run_id, started=reply.started)
+
+    async def _serve_start(self, link: SiteLink, body: bytes) -> rp.ForwardedResponse:
+        request = message_of(body, service_pb2.StartWorkflowRequest)
+        if request.home_cluster != self.name:
+            return rp.ForwardedResponse(outcome="not_home", detail=f"this is {self.name!r}")
+        request.home_cluster = ""
+        run_id, started = await self._engine.start_workflow(request)
+        return rp.ForwardedResponse(outcome="applied", run_id=run_id, started=started)
+
+    async def annotate(
+        self,
+        key: RunKey,
+        ms: state_pb2.MutableState,
+        response: service_pb2.DescribeWorkflowResponse,
+    ) -> None:
+        """Describe's home and, for a replica, how far it is behind."""
+        home = home_of(ms, self.name)
+        response.home_cluster = home
+        if home == self.name:
+            return
+        info = await self._store.replication.replica_info(key)
+        lag = response.replica
+        lag.events_behind = 0
+        if info is not None:
+            lag.events_behind = max(0, info.home_last_event_id - (ms.next_event_id - 1))
+            lag.last_synced.FromMicroseconds(info.synced_at)
+            lag.seconds_since_sync = max(0.0, (now_micros() - info.synced_at) / 1e6)
+
+    # ------------------------------------------------------------ handoff, status
+
+    async def handoff(self, request: rp.HandoffWorkflowRequest) -> rp.HandoffWorkflowResponse:
+        """Hand a run to ``to_cluster``: here if this site is its home, else at its
+        home over the link."""
+        execution = request.execution
+        key = await self._engine.resolve_run_id(
+            request.namespace, execution.workflow_id, execution.run_id
+        )
+        ms = await self._engine.state_of(key)
+        home = home_of(ms, self.name)
+        if home != self.name:
+            link = self.link_to(home)
+            if link is None:
+                raise UnavailableError(f"run {key} is homed at {home!r}, not reachable now")
+            forwarded = rp.HandoffWorkflowRequest()
+            forwarded.CopyFrom(request)
+            forwarded.execution.run_id = key.run_id
+            try:
+                return await link.call("handoff", forwarded, rp.HandoffWorkflowResponse)
+            except LinkDown as error:
+                raise UnavailableError(f"handoff at {home!r}: {error}") from None
+        target = request.to_cluster
+        # Sites linked with since this start, or whose runs are replicated here (a
+        # restarted edge whose cloud is unreachable still knows it).
+        known = {self.name, *self._peers, *await self._store.replication.lag_by_peer()}
+        if target not in known:
+            raise InvalidArgumentError(
+                f"to_cluster {target!r}: unknown site (known: {', '.join(sorted(known))})"
+            )
+        version = await handoff(self._engine, key, self.name, target)
+        self.committed(key)
+        return rp.HandoffWorkflowResponse(new_version=version, from_cluster=self.name)
+
+    async def _serve_handoff(self, link: SiteLink, body: bytes) -> rp.HandoffWorkflowResponse:
+        return await self.handoff(message_of(body, rp.HandoffWorkflowRequest))
+
+    async def describe(self) -> rp.DescribeSiteResponse:
+        replication = self._store.replication
+        response = rp.DescribeSiteResponse(site=self.name, upstream=self.upstream)
+        response.inbox_depth = await replication.inbox_depth()
+        response.replication_alarms, recent = await replication.alarms()
+        response.recent_alarms.extend(recent)
+        lag = await replication.lag_by_peer()
+        for name in sorted(set(self._peers) | set(lag)):
+            peer = self._peers.get(name, _Peer(role="edge"))
+            stats = self.replicator.peer_stats(name)
+            runs, events, synced = lag.get(name, (0, 0, 0))
+            entry = response.peers.add(
+                site=name,
+                role=peer.role,
+                connected=self.link_to(name) is not None,
+                runs_behind=runs,
+                events_behind=events,
+                events_pulled=stats.events_pulled,
+                requests_forwarded=stats.requests_forwarded,
+                address=peer.address,
+            )
+            link = self.link_to(name)
+            if link is not None:
+                entry.link_bytes_received = link.bytes_received
+                entry.link_bytes_sent = link.bytes_sent
+            if peer.connected_at:
+                entry.last_connected.FromMicroseconds(peer.connected_at)
+            if max(synced, stats.last_sync):
+                entry.last_sync.FromMicroseconds(max(synced, stats.last_sync))
+        return response
+
+
+async def _until_down(link: SiteLink, work: Awaitable[None]) -> None:
+    """Run a companion of ``link``; a failed call ends the link (it is redialled)."""
+    try:
+        await work
+    except LinkDown as error:
+        log.info("link to %s: %s", link.peer, error)
+        link.close()
+    except Exception:
+        log.exception("link to %s failed", link.peer)
+        link.close()
+
+
+async def _quietly(work: Awaitable[None]) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError, OSError):
+        await work
+
+
+# The role table (server/_auth.py RPC_ACCESS) lists the WorkflowService: a SiteService
+# call is authorized as the WorkflowService call that needs the same access. A link and
+# the site status span every namespace, as DescribeCluster does (admin on "*"); a
+# handoff moves where a run is written, a write like a start.
+_AUTHORIZED_AS = {
+    "Link": "DescribeCluster",
+    "DescribeSite": "DescribeCluster",
+    "HandoffWorkflow": "StartWorkflow",
+}
+
+
+class SiteService(replication_pb2_grpc.SiteServiceServicer):
+    """The gRPC face of a site (replication.proto). With auth on, a caller needs
+    the admin role on every namespace to open a link or read the site status, and
+    write access to the run's namespace to hand it off (server/_auth.py)."""
+
+    def __init__(self, sites: Sites, gate: AuthGate | None) -> None:
+        self._sites = sites
+        self._gate = gate
+
+    async def _authorized(self, rpc: str, namespace: str, context: _Context) -> None:
+        if self._gate is None:
+            return
+        try:
+            principal = await self._gate.authenticate(context.invocation_metadata())
+            self._gate.authorize(principal, _AUTHORIZED_AS[rpc], namespace)
+        except ServiceError as error:
+            await abort_with_detail(context, error)
+
+    async def Link(self, request_iterator: Any, context: _Context) -> None:
+        await self._authorized("Link", ANY_NAMESPACE, context)
+
+        async def receive() -> rp.SiteFrame | None:
+            try:
+                frame = await context.read()
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                return None
+            return None if frame is grpc.aio.EOF else frame
+
+        await self._sites.serve_link(receive, context.write)
+
+    async def DescribeSite(
+        self, request: rp.DescribeSiteRequest, context: _Context
+    ) -> rp.DescribeSiteResponse:
+        await self._authorized("DescribeSite", ANY_NAMESPACE, context)
+        return await self._answer(self._sites.describe(), context)
+
+    async def HandoffWorkflow(
+        self, request: rp.HandoffWorkflowRequest, context: _Context
+    ) -> rp.HandoffWorkflowResponse:
+        await self._authorized("HandoffWorkflow", request.namespace, context)
+        return await self._answer(self._sites.handoff(request), context)
+
+    async def _answer(self, work: Awaitable[R], context: _Context) -> R:
+        try:
+            return await work
+        except ServiceError as error:
+            await abort_with_detail(context, error)
+            raise
+        except StoreError as error:
+            await abort_with_detail(context, UnavailableError(f"store: {error}"))
+            raise
