@@ -65,6 +65,13 @@ def add_parser(groups: Any) -> None:
     """Register the ``server`` command group on the ``tideflow`` parser's subparsers."""
     server = groups.add_parser("server", help="run a tideflow server")
     server_sub = server.add_subparsers(dest="command", required=True)
+    _add_start_dev(server_sub)
+    _add_start(server_sub)
+    _token_cli.add_parsers(server_sub)
+    _api_key_cli.add_parsers(server_sub)
+
+
+def _add_start_dev(server_sub: Any) -> None:
     dev = server_sub.add_parser("start-dev", help="start a single-node server (SQLite by default)")
     dev.add_argument("--db", default="tideflow.db", help="SQLite file (default: ./tideflow.db)")
     dev.add_argument("--db-url", default=None, help="any SQLAlchemy URL, e.g. postgresql://host/db")
@@ -93,11 +100,13 @@ def add_parser(groups: Any) -> None:
         "the server runs without the UI)",
     )
     dev.add_argument("--no-ui", action="store_true", help="serve no web UI or HTTP API")
-
     add_site_arguments(dev)
     add_tls_arguments(dev)
     # A development server is open by default; `start` (production) defaults auth on.
     add_auth_arguments(dev, default_mode=AuthMode.OFF)
+
+
+def _add_start(server_sub: Any) -> None:
     node = server_sub.add_parser(
         "start", help="start one node of a cluster on a shared PostgreSQL database"
     )
@@ -137,12 +146,9 @@ def add_parser(groups: Any) -> None:
     node.add_argument(
         "--ui-port", type=int, default=None, help="serve the web UI and HTTP API on this port"
     )
-
     add_site_arguments(node)
     add_tls_arguments(node)
     add_auth_arguments(node, default_mode=AuthMode.API_KEY)
-    _token_cli.add_parsers(server_sub)
-    _api_key_cli.add_parsers(server_sub)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -335,15 +335,7 @@ class TideflowServer:
         dispatch = _Dispatch(matching, timers, transfers, routes)
         hooks = _ShardHooks(store, matching, dispatch, transfers, timers)
         server = self._listen()
-        shards = ShardController(
-            store,
-            self.node_id,
-            self._advertise or self.address,
-            lease_s=self.config.lease_s,
-            on_acquired=hooks.acquired,
-            on_lost=hooks.lost,
-            tracer=LeaseTracer.from_environment(self.node_id),
-        )
+        shards = self._shard_controller(store, hooks)
         self._shards = routes.shards = shards
         engine = HistoryEngine(store, dispatch, self._clock, self.config, shards=shards)
         hooks.engine = engine
@@ -407,6 +399,18 @@ class TideflowServer:
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    def _shard_controller(self, store: HistoryStore, hooks: _ShardHooks) -> ShardController:
+        """This node's shard leases (server/_shards.py), traced when trace mode is on."""
+        return ShardController(
+            store,
+            self.node_id,
+            self._advertise or self.address,
+            lease_s=self.config.lease_s,
+            on_acquired=hooks.acquired,
+            on_lost=hooks.lost,
+            tracer=LeaseTracer.from_environment(self.node_id),
+        )
 
     async def _start_http(self, service: WorkflowService) -> None:
         """The HTTP API and web UI on ``ui_port``, calling ``service`` (if asked for)."""
