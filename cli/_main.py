@@ -14,6 +14,7 @@ from tideflow.server import _cli as server_cli
 from tideflow.worker_sdk.dag import cli as dag_cli
 
 from . import _cluster as cluster_cli
+from . import _schedule as schedule_cli
 from . import _workflow as workflow_cli
 
 
@@ -32,6 +33,7 @@ GROUPS: Mapping[str, CommandGroup] = MappingProxyType(
         "dag": dag_cli,
         "cluster": cluster_cli,
         "workflow": workflow_cli,
+        "schedule": schedule_cli,
     }
 )
 
