@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, and_, delete, insert, or_, select
+from sqlalchemy import Connection, Row, Select, and_, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from tideflow.api.search_attributes import SearchAttributeValue
@@ -641,6 +641,28 @@ class HistoryStore:
         if shards is None or self._fence is None:
             return None
         return {shard: self._fence[shard] for shard in shards if shard in self._fence}
+
+    async def work_outstanding(
+        self, now: int, busy_timer_kinds: Collection[int]
+    ) -> tuple[bool, int | None]:
+        """(whether any work is outstanding, the earliest timer's due time), read in one
+        statement so both describe one committed state: outstanding means a task row
+        (dispatchable work), a timer of ``busy_timer_kinds`` (a task handed to a worker
+        and not answered yet) or a timer due at ``now`` that has not fired. The
+        time-skipping test environment (server/_time_skipping.py) asks this; every
+        node's other paths never do."""
+        t, tm = s.tasks, s.timers
+        tasks = select(func.count()).select_from(t).scalar_subquery()
+        busy = (
+            select(func.count())
+            .select_from(tm)
+            .where(or_(tm.c.kind.in_(sorted(busy_timer_kinds)), tm.c.fire_at <= now))
+            .scalar_subquery()
+        )
+        earliest = select(func.min(tm.c.fire_at)).scalar_subquery()
+        query = select(tasks, busy, earliest)
+        row = await self._runner.read(lambda conn: conn.execute(query).one())
+        return bool(row[0] or row[1]), None if row[2] is None else int(row[2])
 
     async def count_rows(self, table: str, **where: Any) -> int:
         """Row count of one table (tests and diagnostics)."""

@@ -244,6 +244,8 @@ class TideflowServer:
         self._tokens: TaskTokenSigner | None = None
         self.peers = PeerChannels(self.config, self.tls)
         self.node_credential: NodeCredential | None = None
+        # What wakes up when the clock jumps (clock_jumped); set once started.
+        self._on_clock_jump: tuple[Callable[[], None], ...] = ()
 
     @property
     def address(self) -> str:
@@ -338,6 +340,7 @@ class TideflowServer:
             runs=engine.gateway,
         )
         hooks.scheduler = scheduler
+        self._on_clock_jump = (timers.reread, scheduler.wake)
         service = WorkflowService(
             store,
             engine,
@@ -367,6 +370,13 @@ class TideflowServer:
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    def clock_jumped(self) -> None:
+        """The clock moved ahead at once (the time-skipping test environment,
+        server/_time_skipping.py): the timer queue and the scheduler look at what is
+        due now instead of sleeping until the real time they planned to wake at."""
+        for wake in self._on_clock_jump:
+            wake()
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
