@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
-import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from tideflow.server import _cli as server_cli
+from tideflow.server._log_format import configure_logging
 from tideflow.worker_sdk.dag import cli as dag_cli
 
 from . import _cluster as cluster_cli
@@ -60,10 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The ``tideflow`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     run: Callable[[argparse.Namespace], int] = args.group_main
     return run(args)

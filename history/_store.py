@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -65,6 +66,8 @@ from ._visibility_store import (
     run_search_attributes,
 )
 
+# WorkflowExecutionStatus RUNNING in the executions' status column.
+_RUNNING_STATUS = 1
 log = logging.getLogger("tideflow.history")
 
 _MAX_BATCH = 64
@@ -90,6 +93,9 @@ class HistoryStore:
         # conflict_retries counts the transactions the database aborted for a
         # concurrent one and the runner ran again (_dialects.GuardedRunner).
         self.stats = {"transactions": 0, "transitions": 0, "conflict_retries": 0}
+        # Told (transitions, seconds) of each committed transaction: the server's
+        # metrics (server/_metrics.py); None: nobody asks.
+        self.observe_commit: Callable[[int, float], None] | None = None
         self._runner = GuardedRunner(runner, self.stats)
         self.dialect = runner
         self._lanes: list[asyncio.Queue[_Item]] = []
@@ -398,11 +404,14 @@ class HistoryStore:
                 self.writes_in_doubt.set()
                 raise
 
+        began = time.perf_counter()
         current = await retrying(
             attempt, _MAX_TXN_RETRIES, "transaction", retry_on=StoreUnavailableError
         )
         self.stats["transactions"] += 1
         self.stats["transitions"] += len(transitions)
+        if self.observe_commit is not None:
+            self.observe_commit(len(transitions), time.perf_counter() - began)
         return current
 
     async def delete_timer(self, timer_key: str, *, run: RunKey | None = None) -> None:
@@ -641,6 +650,18 @@ class HistoryStore:
         if shards is None or self._fence is None:
             return None
         return {shard: self._fence[shard] for shard in shards if shard in self._fence}
+
+    async def open_runs_by_namespace(self) -> dict[str, int]:
+        """How many runs are open (running) in each namespace (the metrics' gauge;
+        the executions' status index answers it)."""
+        e = s.executions
+        query = (
+            select(e.c.namespace, func.count())
+            .where(e.c.status == _RUNNING_STATUS)
+            .group_by(e.c.namespace)
+        )
+        rows = await self._runner.read(lambda conn: conn.execute(query).all())
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def work_outstanding(
         self, now: int, busy_timer_kinds: Collection[int]

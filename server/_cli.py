@@ -40,6 +40,7 @@ from tideflow.history import ClusterConfigError, HistoryStore
 from . import _api_key_cli, _token_cli
 from ._auth import AuthMode, add_auth_arguments, auth_from_args
 from ._config import ServerConfig
+from ._log_format import add_observability_arguments, configure_logging
 from ._server import TideflowServer
 from ._shards import DEFAULT_LEASE_S
 from ._tls import add_tls_arguments, tls_from_args
@@ -80,6 +81,7 @@ def add_parser(groups: Any) -> None:
         help="NORMAL survives process crashes; FULL also survives power loss",
     )
     add_tls_arguments(dev)
+    add_observability_arguments(dev)
     # A development server is open by default; `start` (production) defaults auth on.
     add_auth_arguments(dev, default_mode=AuthMode.OFF)
     node = server_sub.add_parser(
@@ -119,6 +121,7 @@ def add_parser(groups: Any) -> None:
     )
     node.add_argument("--log-level", default="INFO")
     add_tls_arguments(node)
+    add_observability_arguments(node)
     add_auth_arguments(node, default_mode=AuthMode.API_KEY)
     _token_cli.add_parsers(server_sub)
     _api_key_cli.add_parsers(server_sub)
@@ -240,6 +243,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
             ),
             tls=tls_from_args(args),
             auth=auth_from_args(args),
+            metrics_port=args.metrics_port,
         )
     # A node's default id is the address it is reached at: unique in the cluster, and
     # the same across its restarts, so a restarted node takes its shards back at once.
@@ -260,6 +264,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         advertise=advertise,
         tls=tls_from_args(args),
         auth=auth_from_args(args),
+        metrics_port=args.metrics_port,
     )
 
 
@@ -318,11 +323,7 @@ def _standalone(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="tideflow", description="tideflow server")
     add_parser(parser.add_subparsers(dest="group", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     return main(args)
 
 

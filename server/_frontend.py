@@ -29,6 +29,7 @@ from tideflow.history import (
     InvalidValueError,
     RetryableStoreError,
     StoreError,
+    TaskKind,
 )
 
 from ._audit import begin as begin_audit
@@ -49,6 +50,7 @@ from ._errors import (
 from ._failures import RateLimitedLog
 from ._history_pages import is_task_token
 from ._matching import Matching
+from ._metrics import ServerMetrics
 from ._polls import TaskQueueService
 from ._routing import ROUTED_RPCS, Router
 from ._run_views import describe_response
@@ -164,6 +166,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         auth: AuthGate | None = None,
         polls: TaskQueueService | None = None,
         router: Router | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         """``log_clock`` paces the log of store failures (monotonic seconds); ``auth``
         authenticates and authorizes every call (None: auth is off); ``polls`` serves
@@ -172,6 +175,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._store = store
         self._auth = auth
         self._router = router
+        self._metrics = metrics
         # Seals every task token handed out and opens every one received
         # (server/_task_tokens.py): clients cannot forge them.
         self._tokens = tokens or TaskTokenSigner(
@@ -214,6 +218,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 f"task token belongs to namespace {token.namespace!r}, not {namespace!r}"
             )
         return token
+
+    def _answered(self, token: state_pb2.TaskToken) -> None:
+        if self._metrics is not None:
+            self._metrics.task_answered(token)
+
+    def _started_eagerly(self, kind: TaskKind, task: Any) -> None:
+        """A task handed out in a response, not through a poll (the metrics)."""
+        if self._metrics is not None:
+            self._metrics.task_started(kind, task)
 
     async def _namespace_of(self, rpc: str, request: Any) -> str:
         """The namespace a call acts on, for its authorization: a task-token call's is
@@ -493,8 +506,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             force_new=request.force_create_new_workflow_task,
             return_new=request.return_new_workflow_task,
         )
+        self._answered(token)
         for activity_task in response.activity_tasks:
+            self._started_eagerly(TaskKind.ACTIVITY, activity_task)
             await self._sealed(activity_task)
+        if response.workflow_task.task_token:
+            self._started_eagerly(TaskKind.WORKFLOW, response.workflow_task)
         await self._sealed(response.workflow_task)
         return response
 
@@ -532,6 +549,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = await self._open_token(request, activity=False)
         await self._check_namespace(token.namespace)
         await self._engine.fail_workflow_task(token, request.cause, failure, request.identity)
+        self._answered(token)
         return service_pb2.RespondWorkflowTaskFailedResponse()
 
     # ------------------------------------------------------------ activities
@@ -559,7 +577,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
+        self._answered(token)
         if workflow_task is not None:
+            self._started_eagerly(TaskKind.WORKFLOW, workflow_task)
             await self._sealed(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
@@ -575,6 +595,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
         )
         await self._engine.fail_activity(token, request.failure, request.identity, details)
+        self._answered(token)
         return service_pb2.RespondActivityTaskFailedResponse()
 
     @_rpc
@@ -595,6 +616,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
         await self._engine.activity_canceled(token, details, request.identity)
+        self._answered(token)
         return service_pb2.RespondActivityTaskCanceledResponse()
 
     # ------------------------------------------------- visibility and schedules

@@ -27,6 +27,7 @@ from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
 
 from ._errors import UnavailableError
+from ._metrics import ServerMetrics
 
 log = logging.getLogger("tideflow.server.matching")
 
@@ -72,8 +73,13 @@ class QueueMovedError(UnavailableError):
 
 
 class Matching:
-    def __init__(self, owns: Callable[[str, str, TaskKind], bool] | None = None) -> None:
+    def __init__(
+        self,
+        owns: Callable[[str, str, TaskKind], bool] | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self._queues: dict[_QueueId, _TaskQueue] = {}
+        self._metrics = metrics
         # Whether this node serves a task queue now, ``(namespace, name, kind)``: it
         # holds the queue's shard (server/_matching_routes.py). Tasks of other queues
         # are neither queued nor handed out. None: every queue.
@@ -101,9 +107,13 @@ class Matching:
             poller = queue.pollers.popleft()
             if not poller.done():
                 poller.set_result(task)
+                if self._metrics is not None:
+                    self._metrics.task_dispatched(task.kind, sync=True)
                 return
         queue.queued_keys.add(task.task_key)
         queue.backlog.append(task)
+        if self._metrics is not None:
+            self._metrics.task_dispatched(task.kind, sync=False)
 
     def add_query(self, namespace: str, task_queue: str, query: QueryTask) -> None:
         """Queries go ahead of workflow tasks: a caller is waiting on each."""
@@ -270,6 +280,15 @@ class Matching:
             queue.polling[identity] = count
         else:
             queue.polling.pop(identity, None)
+
+    def backlog_sizes(self) -> dict[tuple[str, str, str], int]:
+        """(namespace, task queue, "workflow"/"activity") -> tasks waiting, of the
+        queues that have any (the metrics' backlog gauge)."""
+        return {
+            (ns, name, kind.name.lower()): len(queue.backlog)
+            for (ns, name, kind), queue in self._queues.items()
+            if queue.backlog
+        }
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))

@@ -31,9 +31,11 @@ from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
 from ._failures import log_retry
 from ._frontend import WorkflowService
+from ._health import Health, MetricsEndpoint
 from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
+from ._metrics import RpcMetricsInterceptor, ServerMetrics
 from ._peers import NodeCredential, PeerChannels
 from ._polls import TaskQueueService
 from ._registration import add_to_server
@@ -223,6 +225,7 @@ class TideflowServer:
         node_id: str | None = None,
         advertise: str | None = None,
         auth: AuthConfig | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.db_url = db_url
         # Authentication and per-namespace authorization (server/_auth.py); None: off.
@@ -246,6 +249,13 @@ class TideflowServer:
         self.node_credential: NodeCredential | None = None
         # What wakes up when the clock jumps (clock_jumped); set once started.
         self._on_clock_jump: tuple[Callable[[], None], ...] = ()
+        # Observability (server/_metrics.py, server/_health.py): this node's own
+        # registry; /metrics and /healthz on ``metrics_port`` (None: no HTTP listener;
+        # 0: any free port, the bound one in ``metrics_port`` once started).
+        self.metrics = ServerMetrics(self._clock.now_micros)
+        self.health = Health()
+        self.metrics_port = metrics_port
+        self._metrics_http: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -299,7 +309,9 @@ class TideflowServer:
         # Who serves which task queue and run (server/_matching_routes.py): matching
         # serves the queues of the shards this node holds.
         routes = MatchingRoutes(store, self.peers, self.node_id)
-        matching = Matching(routes.serves)
+        matching = Matching(routes.serves, self.metrics)
+        store.observe_commit = self.metrics.store_committed
+        self.metrics.watch(store, matching.backlog_sizes)
         timers = self._timer_queue(store)
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers, routes)
@@ -327,7 +339,7 @@ class TideflowServer:
         # Links to the other nodes (server/_peers.py): forwarded requests and the calls
         # a node makes on its own behalf, proved by the node credential.
         self.node_credential = routes.credential = NodeCredential(self.node_id, tokens)
-        polls = TaskQueueService(engine, matching, self.config, tokens, routes)
+        polls = TaskQueueService(engine, matching, self.config, tokens, routes, self.metrics)
         router = self._route_between_nodes(shards, engine, server)
         # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
         # shard), a task fires those of the shards this node holds, and starts their
@@ -351,14 +363,16 @@ class TideflowServer:
             auth=gate_for(self.auth, store.api_keys, self.node_credential),
             polls=polls,
             router=router,
+            metrics=self.metrics,
         )
         add_to_server(service, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
         self._grpc = server
+        await self._report_health()
         loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
-            "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
+            "tideflow-timer-queue": functools.partial(timers.run, self._timed(engine.fire_timer)),
             "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
             "tideflow-task-forwarder": dispatch.forwarder.run,
             "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
@@ -377,6 +391,25 @@ class TideflowServer:
         due now instead of sleeping until the real time they planned to wake at."""
         for wake in self._on_clock_jump:
             wake()
+
+    async def _report_health(self) -> None:
+        """SERVING on the health service; /metrics and /healthz if asked for."""
+        await self.health.set_serving(True)
+        if self.metrics_port is not None:
+            endpoint = MetricsEndpoint(self.metrics, self.health, self.host, self.metrics_port)
+            self._metrics_http = endpoint
+            self.metrics_port = await endpoint.start()
+
+    def _timed(
+        self, fire: Callable[[TimerRow], Awaitable[None]]
+    ) -> Callable[[TimerRow], Awaitable[None]]:
+        """``fire`` that reports each timer's lateness first."""
+
+        async def fire_timer(timer: TimerRow) -> None:
+            self.metrics.timer_fired(timer.fire_at)
+            await fire(timer)
+
+        return fire_timer
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
@@ -430,7 +463,10 @@ class TideflowServer:
     def _listen(self) -> grpc.aio.Server:
         """A gRPC server bound to ``host:port`` (TLS if configured), not started yet;
         ``self.port`` becomes the bound port (port 0 picks a free one)."""
-        server = grpc.aio.server(options=grpc_server_options(self.config))
+        server = grpc.aio.server(
+            options=grpc_server_options(self.config),
+            interceptors=[RpcMetricsInterceptor(self.metrics)],
+        )
         if self.tls is None:
             bound = server.add_insecure_port(f"{self.host}:{self.port}")
         else:
@@ -438,6 +474,7 @@ class TideflowServer:
         if bound == 0:
             raise OSError(f"could not listen on {self.host}:{self.port}")
         self.port = bound
+        self.health.add_to(server)
         return server
 
     async def reload_token_keys(self) -> int:
@@ -455,6 +492,9 @@ class TideflowServer:
         self._stopped = True
         failure: BaseException | None = None
         try:
+            await self.health.set_serving(False)
+            if self._metrics_http is not None:
+                await self._metrics_http.stop()
             if self._grpc is not None:
                 await self._grpc.stop(grace)
             background = self._background
