@@ -169,3 +169,39 @@ async def test_start_dev_metrics_port_and_json_logs(procs: Processes, tmp_path: 
     lines = [json.loads(line) for line in proc.err.read_text().splitlines() if line.strip()]
     assert lines and all({"time", "level", "logger", "message"} <= set(e) for e in lines)
     assert any("metrics on http://" in e["message"] for e in lines)
+
+
+async def test_worker_metrics(tmp_path: Path) -> None:
+    queue = new_id("q")
+    async with running_server(tmp_path, ServerConfig(timer_window_s=1.0)) as server:
+        client = await Client.connect(server.address)
+        worker = Worker(
+            client,
+            task_queue=queue,
+            workflows=[Doubler],
+            activities=[double],
+            metrics_port=0,
+        )
+        async with client, worker:
+            assert worker.metrics is not None and worker.metrics_port
+            for n in range(2):
+                handle = await client.start_workflow(
+                    Doubler.run, n, id=new_id("d"), task_queue=queue
+                )
+                assert await bounded(handle.result()) == 2 * n
+            samples = await scrape(worker.metrics_port)
+        mine = {"task_queue": queue}
+        lookups = "tideflow_worker_workflow_cache_lookups_total"
+        # Each run's first task replays (miss); its later tasks find it cached (hit).
+        assert total(samples, lookups, result="miss", **mine) == 2
+        assert total(samples, lookups, result="hit", **mine) >= 2
+        assert total(samples, "tideflow_worker_workflow_cache_size", **mine) == 0  # completed
+        for kind in ("workflow", "activity"):
+            executed = "tideflow_worker_task_execution_seconds_count"
+            assert total(samples, executed, kind=kind, **mine) >= 2
+        polled = "tideflow_worker_poll_latency_seconds_count"
+        assert total(samples, polled, kind="workflow", outcome="task", **mine) >= 1
+        # The worker's own listener is gone with it.
+        with contextlib.suppress(OSError):
+            await http_get(f"http://127.0.0.1:{worker.metrics_port}/metrics")
+            raise AssertionError("the worker's metrics listener outlived the worker")

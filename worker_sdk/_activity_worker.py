@@ -68,7 +68,7 @@ class ActivityWorker:
             poll=context.long_poll(
                 self._client.service.PollActivityTask, service_pb2.PollActivityTaskRequest
             ),
-            handle=self._execute,
+            handle=context.timed("activity", self._execute),
             describe=lambda task: f"activity {task.activity_id}",
         )
 

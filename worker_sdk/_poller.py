@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 from . import exceptions as exc
 from .client import Client
 from .codec import PayloadCodecError
+from .metrics import WorkerMetrics
 
 log = logging.getLogger("tideflow.worker")
 
@@ -48,6 +49,8 @@ class WorkerContext:
     client: Client
     task_queue: str
     identity: str
+    # The worker's Prometheus metrics (worker_sdk/metrics.py); None: not measured.
+    metrics: WorkerMetrics | None = None
 
     def long_poll(
         self, method: Callable[..., Awaitable[R]], request_type: Callable[..., Any]
@@ -60,7 +63,18 @@ class WorkerContext:
             response = await self.client.call(method, request, timeout=POLL_RPC_TIMEOUT_S)
             return response if getattr(response, "task_token", b"") else None
 
-        return poll
+        if self.metrics is None:
+            return poll
+        kind = "activity" if "Activity" in request_type.__name__ else "workflow"
+        return self.metrics.timed_poll(self.task_queue, kind, poll)
+
+    def timed(
+        self, kind: str, handle: Callable[[T], Awaitable[None]]
+    ) -> Callable[[T], Awaitable[None]]:
+        """``handle`` measured as task execution time, if the worker has metrics."""
+        if self.metrics is None:
+            return handle
+        return self.metrics.timed_handler(self.task_queue, kind, handle)
 
 
 class Slots(Generic[T]):

@@ -68,6 +68,7 @@ class WorkflowWorker:
     ) -> None:
         self._client = context.client
         self._task_queue = task_queue = context.task_queue
+        self._metrics = context.metrics
         self._identity = context.identity
         self._workflows = workflows
         self._eager = eager_activities
@@ -99,7 +100,7 @@ class WorkflowWorker:
             poll=context.long_poll(
                 self._client.service.PollWorkflowTask, service_pb2.PollWorkflowTaskRequest
             ),
-            handle=handler,
+            handle=context.timed("workflow", handler),
             describe=lambda task: f"workflow task of {task.workflow_execution.workflow_id}",
         )
 
@@ -368,6 +369,8 @@ class WorkflowWorker:
             and instance.last_started_event_id == task.previous_started_event_id != 0
         ):
             self._cache[run_id] = instance
+            if self._metrics is not None:
+                self._metrics.cache_lookup(self._task_queue, hit=True, size=len(self._cache))
             return instance
         if instance is not None:
             instance.dispose()
@@ -379,6 +382,8 @@ class WorkflowWorker:
                 break
             self._cache.pop(old_id).dispose()
         self._cache[run_id] = instance
+        if self._metrics is not None:
+            self._metrics.cache_lookup(self._task_queue, hit=False, size=len(self._cache))
         return instance
 
     def _new_instance(
@@ -397,6 +402,8 @@ class WorkflowWorker:
         instance = self._cache.pop(run_id, None)
         if instance is not None:
             instance.dispose()
+        if self._metrics is not None:
+            self._metrics.cache_resized(self._task_queue, len(self._cache))
 
     async def _answer_query(
         self,

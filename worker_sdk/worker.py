@@ -38,7 +38,12 @@ from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
 from .client import Client
 from .interceptor import WorkerInterceptor
+from .metrics import WorkerMetrics
+from .metrics import serve as serve_metrics
 from .workflow import WorkflowDefinition, definition_of
+
+_WorkflowTask = service_pb2.PollWorkflowTaskResponse
+_ActivityTask = service_pb2.PollActivityTaskResponse
 
 
 class Worker:
@@ -64,6 +69,8 @@ class Worker:
         sticky_queue_schedule_to_start_timeout: timedelta = timedelta(seconds=5),
         identity: str | None = None,
         interceptors: Sequence[WorkerInterceptor] = (),
+        metrics: WorkerMetrics | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if not workflows and not activities:
             raise ValueError("a worker needs at least one workflow or activity")
@@ -82,13 +89,9 @@ class Worker:
             f"{task_queue}-sticky-{uuid.uuid4().hex}" if workflows and max_cached_workflows else ""
         )
         # Both roles' slots exist before either role: each may reserve the other's.
-        self._workflow_slots = Slots[service_pb2.PollWorkflowTaskResponse](
-            max_concurrent_workflow_tasks
-        )
-        self._activity_slots = Slots[service_pb2.PollActivityTaskResponse](
-            max_concurrent_activities
-        )
-        context = WorkerContext(client=client, task_queue=task_queue, identity=self.identity)
+        self._workflow_slots: Slots[_WorkflowTask] = Slots(max_concurrent_workflow_tasks)
+        self._activity_slots: Slots[_ActivityTask] = Slots(max_concurrent_activities)
+        context = self._context(client, metrics, metrics_port)
         self._workflows: WorkflowWorker | None = None
         self._activities: ActivityWorker | None = None
         if workflows:
@@ -109,23 +112,36 @@ class Worker:
                 interceptors=interceptors,
             )
         if activities:
+            eager = EagerWorkflowTasks(
+                slots=self._workflow_slots,
+                sticky_queue=sticky_queue,
+                workflow_types=frozenset(workflow_defs),
+            )
             self._activities = ActivityWorker(
                 context,
                 activities=activity_defs,
                 slots=self._activity_slots,
                 pollers=activity_pollers,
                 executor=activity_executor,
-                eager_workflow_tasks=EagerWorkflowTasks(
-                    slots=self._workflow_slots,
-                    sticky_queue=sticky_queue,
-                    workflow_types=frozenset(workflow_defs),
-                )
-                if workflows and workflow_pollers
-                else None,
+                eager_workflow_tasks=eager if workflows and workflow_pollers else None,
             )
         self._supervisor: asyncio.Task[None] | None = None
         self._shutdown_requested = asyncio.Event()
         self._stopped = asyncio.Event()
+
+    def _context(
+        self, client: Client, metrics: WorkerMetrics | None, metrics_port: int | None
+    ) -> WorkerContext:
+        """What both roles share. Prometheus metrics (worker_sdk/metrics.py) go into
+        ``metrics``' registry, or into the worker's own, served on ``metrics_port``
+        while it runs (0: any free port; the bound one is ``self.metrics_port``)."""
+        if metrics is None and metrics_port is not None:
+            metrics = WorkerMetrics()
+        self.metrics, self.metrics_port = metrics, metrics_port
+        self._metrics_server: Any = None
+        return WorkerContext(
+            client=client, task_queue=self.task_queue, identity=self.identity, metrics=metrics
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,6 +161,8 @@ class Worker:
         """Start polling in the background (``shutdown()`` stops it); idempotent."""
         if self._supervisor is not None or self._shutdown_requested.is_set():
             return
+        if self.metrics is not None and self.metrics_port is not None:
+            self._metrics_server, self.metrics_port = serve_metrics(self.metrics, self.metrics_port)
         self._supervisor = asyncio.create_task(
             self._supervise(), name=f"tideflow worker {self.task_queue}"
         )
@@ -177,6 +195,10 @@ class Worker:
                 await self._drain()
         finally:
             self._release_executor()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+                self._metrics_server = None
             self._stopped.set()
 
     def _release_executor(self) -> None:
