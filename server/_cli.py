@@ -244,6 +244,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
             tls=tls_from_args(args),
             auth=auth_from_args(args),
             metrics_port=args.metrics_port,
+            tracer_provider=True if args.otel else None,
         )
     # A node's default id is the address it is reached at: unique in the cluster, and
     # the same across its restarts, so a restarted node takes its shards back at once.
@@ -265,6 +266,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         tls=tls_from_args(args),
         auth=auth_from_args(args),
         metrics_port=args.metrics_port,
+        tracer_provider=True if args.otel else None,
     )
 
 

@@ -27,7 +27,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--metrics-port`` and ``--log-format`` of ``server start-dev`` and ``start``."""
+    """``--metrics-port``, ``--log-format`` and ``--otel`` of ``server start-dev`` and
+    ``start``."""
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -36,6 +37,12 @@ def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON"
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry spans of the RPCs served, to the global tracer provider "
+        "(run under opentelemetry-instrument to export them; needs tideflow[otel])",
     )
 
 

@@ -15,7 +15,7 @@ Names (all prefixed ``tideflow_``): see the README's metrics list.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -25,6 +25,8 @@ from prometheus_client.registry import Collector
 
 from tideflow.api.v1 import state_pb2
 from tideflow.history import HistoryStore, TaskKind
+
+from ._unary_interceptor import Behavior, UnaryServerInterceptor
 
 # Latency buckets in seconds: from a sub-millisecond RPC to a minute-long poll.
 _LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
@@ -177,32 +179,20 @@ class _StateCollector(Collector):
         yield runs
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(UnaryServerInterceptor):
     """Counts and times every unary RPC by service, method and status code."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        service, _, method = handler_call_details.method.strip("/").rpartition("/")
-        labels = (service.rpartition(".")[2], method)
-        behavior = handler.unary_unary
+    def wrap(self, service: str, method: str, behavior: Behavior) -> Behavior:
         metrics = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
-                response = await behavior(request, context)  # type: ignore[arg-type]
+                response = await behavior(request, context)
                 code = _code_of(context) or grpc.StatusCode.OK
                 return response
             except BaseException:
@@ -210,14 +200,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                metrics.rpc_requests.labels(*labels, name).inc()
-                metrics.rpc_latency.labels(*labels, name).observe(time.perf_counter() - started)
+                metrics.rpc_requests.labels(service, method, name).inc()
+                elapsed = time.perf_counter() - started
+                metrics.rpc_latency.labels(service, method, name).observe(elapsed)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observed
 
 
 def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> Any:

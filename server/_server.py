@@ -48,6 +48,7 @@ from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
 from ._trace import LeaseTracer
+from ._tracing import tracing_interceptor
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
@@ -226,8 +227,12 @@ class TideflowServer:
         advertise: str | None = None,
         auth: AuthConfig | None = None,
         metrics_port: int | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.db_url = db_url
+        # OpenTelemetry spans of the RPCs served (server/_tracing.py): a tracer
+        # provider, True for the global one, None: off.
+        self.tracer_provider = tracer_provider
         # Authentication and per-namespace authorization (server/_auth.py); None: off.
         self.auth = auth or AuthConfig()
         # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
@@ -463,9 +468,11 @@ class TideflowServer:
     def _listen(self) -> grpc.aio.Server:
         """A gRPC server bound to ``host:port`` (TLS if configured), not started yet;
         ``self.port`` becomes the bound port (port 0 picks a free one)."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
+        if self.tracer_provider is not None:
+            interceptors.append(tracing_interceptor(self.tracer_provider))
         server = grpc.aio.server(
-            options=grpc_server_options(self.config),
-            interceptors=[RpcMetricsInterceptor(self.metrics)],
+            options=grpc_server_options(self.config), interceptors=interceptors
         )
         if self.tls is None:
             bound = server.add_insecure_port(f"{self.host}:{self.port}")

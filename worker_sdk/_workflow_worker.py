@@ -30,7 +30,7 @@ from . import exceptions as exc
 from ._local_activity_worker import LocalActivityConfig, LocalActivitySession, heartbeat_after_s
 from ._poller import PollLoop, Slots, WorkerContext
 from ._workflow_instance import WorkflowInstanceImpl
-from .interceptor import WorkerInterceptor, WorkflowTaskHandler
+from .interceptor import WorkerInterceptor, WorkflowCommandsHandler, WorkflowTaskHandler
 from .workflow import WorkflowDefinition
 
 log = logging.getLogger("tideflow.worker")
@@ -89,8 +89,11 @@ class WorkflowWorker:
         self._sticky_timeout = sticky_queue_schedule_to_start_timeout
         # The first interceptor is outermost: wrap from the innermost out.
         handler: WorkflowTaskHandler = self._handle_workflow_task
+        outbound: WorkflowCommandsHandler = _send_as_they_are
         for interceptor in reversed(interceptors):
             handler = interceptor.intercept_workflow_task(handler)
+            outbound = interceptor.intercept_workflow_commands(outbound)
+        self._outbound = outbound
         queues = [task_queue, self.sticky_queue] if self.sticky_queue else [task_queue]
         self._loop = PollLoop(
             role="workflow task",
@@ -325,6 +328,8 @@ class WorkflowWorker:
         heartbeat: bool = False,
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         run_id = task.workflow_execution.run_id
+        if commands:
+            self._outbound(task, commands)
         reserved = await self._reserve_eager_activities(commands)
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token,
@@ -470,3 +475,7 @@ class WorkflowWorker:
         )
         request.failure.CopyFrom(client.data_converter.to_failure(error))
         await client.call(client.service.RespondWorkflowTaskFailed, request)
+
+
+def _send_as_they_are(task: service_pb2.PollWorkflowTaskResponse, commands: list[Command]) -> None:
+    """The innermost workflow-commands handler: nothing to change."""

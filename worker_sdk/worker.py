@@ -124,6 +124,7 @@ class Worker:
                 pollers=activity_pollers,
                 executor=activity_executor,
                 eager_workflow_tasks=eager if workflows and workflow_pollers else None,
+                interceptors=interceptors,
             )
         self._supervisor: asyncio.Task[None] | None = None
         self._shutdown_requested = asyncio.Event()
