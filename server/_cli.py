@@ -40,7 +40,11 @@ from tideflow.history import ClusterConfigError, HistoryStore
 from . import _api_key_cli, _token_cli
 from ._auth import AuthMode, add_auth_arguments, auth_from_args
 from ._config import ServerConfig
-from ._log_format import add_observability_arguments, configure_logging
+from ._log_format import (
+    add_observability_arguments,
+    check_observability_arguments,
+    configure_logging,
+)
 from ._server import TideflowServer
 from ._shards import DEFAULT_LEASE_S
 from ._tls import add_tls_arguments, tls_from_args
@@ -145,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         if args.command == "start":
             _check_node_flags(args)
         _check_listen(args.ip, args.port)
+        check_observability_arguments(args)
         url = args.db_url or _sqlite_url(args.db)
         asyncio.run(_serve(args, url))
     except (StartError, ValueError, OSError) as error:

@@ -46,6 +46,18 @@ def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_observability_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line (ValueError), what would only fail after the store opened."""
+    port = args.metrics_port
+    if port is not None and not 0 <= port < 65536:
+        raise ValueError(f"--metrics-port {port}: not a port number (0 for any free port)")
+    if args.otel:
+        try:
+            import opentelemetry.trace  # noqa: F401
+        except ImportError:
+            raise ValueError("--otel needs OpenTelemetry: pip install 'tideflow[otel]'") from None
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Log to stderr at ``level`` in ``log_format``."""
     handler = logging.StreamHandler(sys.stderr)

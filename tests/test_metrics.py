@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -214,3 +215,15 @@ async def test_worker_metrics(tmp_path: Path) -> None:
         with contextlib.suppress(OSError):
             await http_get(f"http://127.0.0.1:{worker.metrics_port}/metrics")
             raise AssertionError("the worker's metrics listener outlived the worker")
+
+
+def test_bad_metrics_port_is_one_line() -> None:
+    result = subprocess.run(
+        [*TIDEFLOW_CLI, "server", "start-dev", "--port", "0", "--metrics-port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "--metrics-port 70000: not a port number" in result.stderr
