@@ -27,8 +27,9 @@ class Greet:
         return f"hello {name}"
 
 
-# One server for the module: the tests use their own schedule ids and task queues.
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One server for the module (the tests use their own schedule ids and task queues),
+# so its tests share the module's event loop.
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -37,6 +38,7 @@ async def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         yield server
 
 
+@in_module_loop
 async def test_schedule_lifecycle(sqlite_server: TideflowServer) -> None:
     address = sqlite_server.address
     queue, sid = new_id("q"), new_id("hourly")
@@ -107,6 +109,7 @@ async def _with_actions(handle: object) -> object:
     return description.info if description.info.recent_actions else None
 
 
+@in_module_loop
 async def test_cron_schedule_with_time_zone(sqlite_server: TideflowServer) -> None:
     sid = new_id("nightly")
     await ok(
@@ -143,12 +146,12 @@ async def test_cron_schedule_with_time_zone(sqlite_server: TideflowServer) -> No
     assert description.schedule.action.run_timeout == timedelta(hours=1)
 
 
+@in_module_loop
 async def test_errors_are_one_line_exit_2(sqlite_server: TideflowServer) -> None:
     base = ["schedule", "--address", sqlite_server.address]
     action = ["-w", "x", "--type", "X", "-t", "q"]
+    # Usage mistakes found before any call are checked in-process (test_usage_errors).
     cases = [
-        (["create", "-s", new_id("s"), *action], "give at least one --cron or --interval"),
-        (["create", "-s", new_id("s"), "--interval", "5 parsecs", *action], "--interval"),
         (["create", "-s", new_id("s"), "--cron", "61 * * * *", *action], "cron"),
         (["pause", "-s", new_id("missing")], "missing"),
     ]
@@ -163,7 +166,23 @@ async def test_errors_are_one_line_exit_2(sqlite_server: TideflowServer) -> None
     assert code == 2 and len(err.splitlines()) == 1 and sid in err, err
 
 
-async def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from tideflow import cli
+
+    action = ["-w", "x", "--type", "X", "-t", "q", "--connect-timeout", "0.1"]
+    for flags, expected in (
+        ([], "give at least one --cron or --interval"),
+        (["--interval", "5 parsecs"], "--interval: invalid duration '5 parsecs'"),
+        (["--interval", "0s"], "--interval: must be positive"),
+        (["--cron", "* * * * *", "--start-time", "soon"], "--start-time: not an ISO 8601 time"),
+    ):
+        assert cli.main(["schedule", "create", "-s", "s1", *flags, *action]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("tideflow schedule create: ") and expected in err, err
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     from tideflow.cli import build_parser
 
     with pytest.raises(SystemExit):
