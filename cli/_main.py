@@ -31,6 +31,7 @@ GROUPS: Mapping[str, str] = MappingProxyType(
         "cluster": "tideflow.cli._cluster",
         "workflow": "tideflow.cli._workflow",
         "site": "tideflow.cli._site",
+        "schedule": "tideflow.cli._schedule",
     }
 )
 
@@ -73,10 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     """The ``tideflow`` console script; returns the exit code."""
     line = sys.argv[1:] if argv is None else argv
     args = build_parser(line).parse_args(line)
-    logging.basicConfig(
-        level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = str(getattr(args, "log_level", "WARNING"))
+    if getattr(args, "log_format", "text") == "json":
+        # Only the server's commands have --log-format, so the server is loaded already.
+        from tideflow.server._log_format import configure_logging
+
+        configure_logging(level, "json")
+    else:
+        logging.basicConfig(
+            level=getattr(logging, level.upper(), logging.INFO),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     run: Callable[[argparse.Namespace], int] = args.group_main
     return run(args)

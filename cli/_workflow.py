@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from tideflow.api.v1 import common_pb2, service_pb2
@@ -63,7 +63,7 @@ class UsageError(Exception):
 # ------------------------------------------------------------------- parser
 
 
-def _add_global_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+def add_global_arguments(parser: argparse.ArgumentParser, default: object) -> None:
     """The flags every workflow command takes. On the group parser they carry their
     real default (None, resolved with the environment in ``_settings``); on each
     subcommand ``argparse.SUPPRESS``, so a flag given before the subcommand is kept."""
@@ -95,7 +95,7 @@ def _execution_arguments(parser: argparse.ArgumentParser, *, run_id: bool = True
         parser.add_argument("-r", "--run-id", default="", help="run id (default: the newest)")
 
 
-def _input_argument(parser: argparse.ArgumentParser) -> None:
+def input_argument(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "-i",
         "--input",
@@ -110,21 +110,28 @@ def _start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-w", "--workflow-id", help="workflow id (default: a new uuid)")
     parser.add_argument("--type", required=True, help="workflow type name")
     parser.add_argument("-t", "--task-queue", required=True, help="task queue")
-    _input_argument(parser)
+    input_argument(parser)
 
 
-def add_parser(groups: Any) -> None:
-    """Register the ``workflow`` command group on the ``tideflow`` parser's subparsers."""
-    parser = groups.add_parser("workflow", help="start, inspect and control workflow runs")
+def command_group(groups: Any, name: str, help: str) -> Callable[[str, str], Any]:
+    """Register a group that takes the global flags (before or after its subcommand);
+    returns ``command(name, help)``, which adds a subcommand's parser."""
+    parser = groups.add_parser(name, help=help)
     parser.set_defaults(log_level="WARNING")
-    _add_global_arguments(parser, None)
+    add_global_arguments(parser, None)
     common = argparse.ArgumentParser(add_help=False)
-    _add_global_arguments(common, argparse.SUPPRESS)
+    add_global_arguments(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])  # type: ignore[no-any-return]
 
+    return command
+
+
+def add_parser(groups: Any) -> None:
+    """Register the ``workflow`` command group on the ``tideflow`` parser's subparsers."""
+    command = command_group(groups, "workflow", "start, inspect and control workflow runs")
     _start_arguments(command("start", "start a run; prints its ids"))
     _start_arguments(command("execute", "start a run and wait for its result"))
     listing = command("list", "runs matching a visibility query, newest first")
@@ -142,7 +149,7 @@ def add_parser(groups: Any) -> None:
         parser_ = command(name, help)
         _execution_arguments(parser_)
         parser_.add_argument("--name", required=True, help=f"{name} name")
-        _input_argument(parser_)
+        input_argument(parser_)
     for name, help in (("cancel", "request cancellation"), ("terminate", "end a run now")):
         parser_ = command(name, help)
         _execution_arguments(parser_)
@@ -157,11 +164,20 @@ def add_parser(groups: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run a parsed ``tideflow workflow ...`` command; returns the exit code."""
+    return run_group_command("workflow", args, _run)
+
+
+def run_group_command(
+    group: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> int:
+    """Run ``run(args)``; an error becomes one line on stderr and exit code 2."""
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(run(args))
     except (exc.RPCError, UsageError, PayloadCodecError, ValueError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"tideflow workflow {args.command}: {message}", file=sys.stderr)
+        print(f"tideflow {group} {args.command}: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -186,7 +202,7 @@ def _tls(args: argparse.Namespace) -> TLSConfig | bool:
     )
 
 
-def _parse_inputs(values: Sequence[str]) -> list[Any]:
+def parse_inputs(values: Sequence[str]) -> list[Any]:
     """The ``-i`` values as Python values; a bad one is named by its position."""
     parsed = []
     for index, text in enumerate(values, start=1):
@@ -197,13 +213,14 @@ def _parse_inputs(values: Sequence[str]) -> list[Any]:
     return parsed
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def connect(args: argparse.Namespace) -> Client:
+    """The client the global flags describe (``add_global_arguments``), with the
+    environment's defaults; also settles ``args.namespace`` and ``args.output``."""
     args.namespace = _setting(args, "namespace", "TIDEFLOW_NAMESPACE", DEFAULT_NAMESPACE)
     args.output = args.output or "table"
-    inputs = _parse_inputs(getattr(args, "input", None) or [])
     codec = codec_from_args(args)
     converter = default_converter if codec is None else DataConverter(payload_codec=codec)
-    client = await Client.connect(
+    return await Client.connect(
         _setting(args, "address", "TIDEFLOW_ADDRESS", DEFAULT_ADDRESS),
         namespace=args.namespace,
         data_converter=converter,
@@ -211,6 +228,11 @@ async def _run(args: argparse.Namespace) -> int:
         api_key=_setting(args, "api_key", "TIDEFLOW_API_KEY", None),
         connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT_S,
     )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    inputs = parse_inputs(getattr(args, "input", None) or [])
+    client = await connect(args)
     try:
         return await COMMANDS[args.command](client, args, inputs)
     finally:

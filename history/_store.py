@@ -20,10 +20,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, and_, delete, insert, or_, select
+from sqlalchemy import Connection, Row, Select, and_, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from tideflow.api.search_attributes import SearchAttributeValue
@@ -67,6 +68,8 @@ from ._visibility_store import (
     run_search_attributes,
 )
 
+# WorkflowExecutionStatus RUNNING in the executions' status column.
+_RUNNING_STATUS = 1
 log = logging.getLogger("tideflow.history")
 
 _MAX_BATCH = 64
@@ -92,6 +95,9 @@ class HistoryStore:
         # conflict_retries counts the transactions the database aborted for a
         # concurrent one and the runner ran again (_dialects.GuardedRunner).
         self.stats = {"transactions": 0, "transitions": 0, "conflict_retries": 0}
+        # Told (transitions, seconds) of each committed transaction: the server's
+        # metrics (server/_metrics.py); None: nobody asks.
+        self.observe_commit: Callable[[int, float], None] | None = None
         self._runner = GuardedRunner(runner, self.stats)
         self.dialect = runner
         self._lanes: list[asyncio.Queue[_Item]] = []
@@ -408,11 +414,14 @@ class HistoryStore:
                 self.writes_in_doubt.set()
                 raise
 
+        began = time.perf_counter()
         current = await retrying(
             attempt, _MAX_TXN_RETRIES, "transaction", retry_on=StoreUnavailableError
         )
         self.stats["transactions"] += 1
         self.stats["transitions"] += len(transitions)
+        if self.observe_commit is not None:
+            self.observe_commit(len(transitions), time.perf_counter() - began)
         return current
 
     async def delete_timer(self, timer_key: str, *, run: RunKey | None = None) -> None:
@@ -652,6 +661,40 @@ class HistoryStore:
         if shards is None or self._fence is None:
             return None
         return {shard: self._fence[shard] for shard in shards if shard in self._fence}
+
+    async def open_runs_by_namespace(self) -> dict[str, int]:
+        """How many runs are open (running) in each namespace (the metrics' gauge;
+        the executions' status index answers it)."""
+        e = s.executions
+        query = (
+            select(e.c.namespace, func.count())
+            .where(e.c.status == _RUNNING_STATUS)
+            .group_by(e.c.namespace)
+        )
+        rows = await self._runner.read(lambda conn: conn.execute(query).all())
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def work_outstanding(
+        self, now: int, busy_timer_kinds: Collection[int]
+    ) -> tuple[bool, int | None]:
+        """(whether any work is outstanding, the earliest timer's due time), read in one
+        statement so both describe one committed state: outstanding means a task row
+        (dispatchable work), a timer of ``busy_timer_kinds`` (a task handed to a worker
+        and not answered yet) or a timer due at ``now`` that has not fired. The
+        time-skipping test environment (server/_time_skipping.py) asks this; every
+        node's other paths never do."""
+        t, tm = s.tasks, s.timers
+        tasks = select(func.count()).select_from(t).scalar_subquery()
+        busy = (
+            select(func.count())
+            .select_from(tm)
+            .where(or_(tm.c.kind.in_(sorted(busy_timer_kinds)), tm.c.fire_at <= now))
+            .scalar_subquery()
+        )
+        earliest = select(func.min(tm.c.fire_at)).scalar_subquery()
+        query = select(tasks, busy, earliest)
+        row = await self._runner.read(lambda conn: conn.execute(query).one())
+        return bool(row[0] or row[1]), None if row[2] is None else int(row[2])
 
     async def count_rows(self, table: str, **where: Any) -> int:
         """Row count of one table (tests and diagnostics)."""

@@ -17,6 +17,7 @@ from ._auth import (
 )
 from ._config import Clock, ServerConfig, SystemClock
 from ._server import TideflowServer
+from ._time_skipping import SkippingClock, TimeSkipper
 from ._tls import ServerTLSConfig
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "Role",
     "ServerConfig",
     "ServerTLSConfig",
+    "SkippingClock",
     "SystemClock",
     "TideflowServer",
+    "TimeSkipper",
 ]

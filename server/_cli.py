@@ -42,6 +42,11 @@ from tideflow.history import ClusterConfigError, HistoryStore
 from . import _api_key_cli, _token_cli
 from ._auth import AuthMode, add_auth_arguments, auth_from_args
 from ._config import ServerConfig
+from ._log_format import (
+    add_observability_arguments,
+    check_observability_arguments,
+    configure_logging,
+)
 from ._server import TideflowServer
 from ._shards import DEFAULT_LEASE_S
 from ._tls import add_tls_arguments, tls_from_args
@@ -102,6 +107,7 @@ def _add_start_dev(server_sub: Any) -> None:
     dev.add_argument("--no-ui", action="store_true", help="serve no web UI or HTTP API")
     add_site_arguments(dev)
     add_tls_arguments(dev)
+    add_observability_arguments(dev)
     # A development server is open by default; `start` (production) defaults auth on.
     add_auth_arguments(dev, default_mode=AuthMode.OFF)
 
@@ -148,6 +154,7 @@ def _add_start(server_sub: Any) -> None:
     )
     add_site_arguments(node)
     add_tls_arguments(node)
+    add_observability_arguments(node)
     add_auth_arguments(node, default_mode=AuthMode.API_KEY)
 
 
@@ -173,6 +180,8 @@ def main(args: argparse.Namespace) -> int:
             if args.ui_port == args.port != 0:
                 raise StartError(f"--ui-port {args.ui_port}: the gRPC port (--port) already")
             _check_listen(args.ip, args.ui_port)
+
+        check_observability_arguments(args)
         url = args.db_url or _sqlite_url(args.db)
         asyncio.run(_serve(args, url))
     except (StartError, ValueError, OSError) as error:
@@ -323,6 +332,8 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
             auth=auth_from_args(args),
             ui_port=None if args.no_ui else _or_default(args.ui_port, DEFAULT_UI_PORT),
             ui_required=args.ui_port is not None,
+            metrics_port=args.metrics_port,
+            tracer_provider=True if args.otel else None,
         )
     # A node's default id is the address it is reached at: unique in the cluster, and
     # the same across its restarts, so a restarted node takes its shards back at once.
@@ -347,6 +358,8 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         tls=tls_from_args(args),
         auth=auth_from_args(args),
         ui_port=args.ui_port,
+        metrics_port=args.metrics_port,
+        tracer_provider=True if args.otel else None,
     )
 
 
@@ -407,11 +420,7 @@ def _standalone(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="tideflow", description="tideflow server")
     add_parser(parser.add_subparsers(dest="group", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     return main(args)
 
 

@@ -29,6 +29,7 @@ from tideflow.history import (
     InvalidValueError,
     RetryableStoreError,
     StoreError,
+    TaskKind,
     home_of,
 )
 
@@ -52,6 +53,7 @@ from ._failures import RateLimitedLog
 from ._history_pages import is_task_token
 from ._matching import Matching
 from ._metadata_sync import MetadataSync
+from ._metrics import ServerMetrics
 from ._polls import TaskQueueService
 from ._routing import ROUTED_RPCS, Router
 from ._run_views import describe_response
@@ -169,6 +171,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         polls: TaskQueueService | None = None,
         router: Router | None = None,
         sites: Sites | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         """``log_clock`` paces the log of store failures (monotonic seconds); ``auth``
         authenticates and authorizes every call (None: auth is off); ``polls`` serves
@@ -179,6 +182,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         self._router = router
         # Runs homed at other sites (server/_sites.py); None: every run is homed here.
         self._sites = sites
+
+        self._metrics = metrics
         # Seals every task token handed out and opens every one received
         # (server/_task_tokens.py): clients cannot forge them.
         self._tokens = tokens or TaskTokenSigner(
@@ -223,6 +228,15 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 f"task token belongs to namespace {token.namespace!r}, not {namespace!r}"
             )
         return token
+
+    def _answered(self, token: state_pb2.TaskToken) -> None:
+        if self._metrics is not None:
+            self._metrics.task_answered(token)
+
+    def _started_eagerly(self, kind: TaskKind, task: Any) -> None:
+        """A task handed out in a response, not through a poll (the metrics)."""
+        if self._metrics is not None:
+            self._metrics.task_started(kind, task)
 
     async def _namespace_of(self, rpc: str, request: Any) -> str:
         """The namespace a call acts on, for its authorization: a task-token call's is
@@ -563,8 +577,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             force_new=request.force_create_new_workflow_task,
             return_new=request.return_new_workflow_task,
         )
+        self._answered(token)
         for activity_task in response.activity_tasks:
+            self._started_eagerly(TaskKind.ACTIVITY, activity_task)
             await self._sealed(activity_task)
+        if response.workflow_task.task_token:
+            self._started_eagerly(TaskKind.WORKFLOW, response.workflow_task)
         await self._sealed(response.workflow_task)
         return response
 
@@ -602,6 +620,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         token = await self._open_token(request, activity=False)
         await self._check_namespace(token.namespace)
         await self._engine.fail_workflow_task(token, request.cause, failure, request.identity)
+        self._answered(token)
         return service_pb2.RespondWorkflowTaskFailedResponse()
 
     # ------------------------------------------------------------ activities
@@ -629,7 +648,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.eager_workflow_task_queue,
             request.sticky_task_queue,
         )
+        self._answered(token)
         if workflow_task is not None:
+            self._started_eagerly(TaskKind.WORKFLOW, workflow_task)
             await self._sealed(workflow_task)
         return service_pb2.RespondActivityTaskCompletedResponse(workflow_task=workflow_task)
 
@@ -645,6 +666,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
         )
         await self._engine.fail_activity(token, request.failure, request.identity, details)
+        self._answered(token)
         return service_pb2.RespondActivityTaskFailedResponse()
 
     @_rpc
@@ -665,6 +687,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         await self._check_namespace(token.namespace)
         details = request.details if request.HasField("details") else None
         await self._engine.activity_canceled(token, details, request.identity)
+        self._answered(token)
         return service_pb2.RespondActivityTaskCanceledResponse()
 
     # ------------------------------------------------- visibility and schedules

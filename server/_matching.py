@@ -29,6 +29,7 @@ from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow
 
 from ._errors import UnavailableError
+from ._metrics import ServerMetrics
 from ._placement import PlacementPolicy, WorkerSite, decode
 
 log = logging.getLogger("tideflow.server.matching")
@@ -95,9 +96,11 @@ class Matching:
         self,
         owns: Callable[[str, str, TaskKind], bool] | None = None,
         policy: PlacementPolicy | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.policy = policy or PlacementPolicy()
         self._queues: dict[_QueueId, _TaskQueue] = {}
+        self._metrics = metrics
         # Whether this node serves a task queue now, ``(namespace, name, kind)``: it
         # holds the queue's shard (server/_matching_routes.py). Tasks of other queues
         # are neither queued nor handed out. None: every queue.
@@ -122,9 +125,13 @@ class Matching:
         if task.task_key in queue.queued_keys:
             return  # already queued (recovery racing a commit)
         if self._hand_over(queue, task):
+            if self._metrics is not None:
+                self._metrics.task_dispatched(task.kind, sync=True)
             return
         queue.queued_keys.add(task.task_key)
         queue.backlog.append(task)
+        if self._metrics is not None:
+            self._metrics.task_dispatched(task.kind, sync=False)
 
     def _hand_over(self, queue: _TaskQueue, task: Dispatchable) -> bool:
         """Give ``task`` to a waiting poller (sync match); False if none may take it. A
@@ -338,6 +345,15 @@ class Matching:
             f"no worker polling task queue {task_queue!r} now meets its placement "
             f"({decoded.describe()}); {len(polling)} other worker(s) poll it"
         )
+
+    def backlog_sizes(self) -> dict[tuple[str, str, str], int]:
+        """(namespace, task queue, "workflow"/"activity") -> tasks waiting, of the
+        queues that have any (the metrics' backlog gauge)."""
+        return {
+            (ns, name, kind.name.lower()): len(queue.backlog)
+            for (ns, name, kind), queue in self._queues.items()
+            if queue.backlog
+        }
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))

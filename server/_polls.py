@@ -46,6 +46,7 @@ from ._errors import (
 )
 from ._matching import Dispatchable, Matching, QueryTask, QueueMovedError
 from ._matching_routes import DEFER_S, MatchingRoutes
+from ._metrics import ServerMetrics
 from ._peers import Peer, forwarding_metadata, is_forwarded
 from ._placement import WorkerSite
 from ._task_tokens import TaskTokenSigner
@@ -104,9 +105,11 @@ class TaskQueueService:
         config: ServerConfig,
         tokens: TaskTokenSigner,
         routes: MatchingRoutes | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         """``routes``: where other nodes serve queues and runs; None: this node serves
         every queue and every run (tools, tests)."""
+        self._metrics = metrics
         self._engine = engine
         self._matching = matching
         self._config = config
@@ -192,6 +195,8 @@ class TaskQueueService:
                 response: Any = await self._query_task(task)
             else:
                 response = await self._start(task, request.identity, worker)
+                if response is not None and self._metrics is not None:
+                    self._metrics.task_started(kind, response)
             if response is not None:
                 if response.task_token:
                     response.task_token = await self._tokens.seal(response.task_token)

@@ -31,11 +31,13 @@ from ._engine import Dispatcher, HistoryEngine
 from ._errors import UnavailableError
 from ._failures import log_retry
 from ._frontend import WorkflowService
+from ._health import Health, MetricsEndpoint
 from ._http_api import HttpFrontend
 from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
 from ._metadata_sync import MetadataSync
+from ._metrics import RpcMetricsInterceptor, ServerMetrics
 from ._peers import NodeCredential, PeerChannels
 from ._placement import PlacementPolicy
 from ._polls import TaskQueueService
@@ -51,6 +53,7 @@ from ._task_tokens import TaskTokenSigner
 from ._timers import TimerQueue
 from ._tls import ServerTLSConfig
 from ._trace import LeaseTracer
+from ._tracing import tracing_interceptor
 from ._transfer import TransferProcessor
 
 log = logging.getLogger("tideflow.server")
@@ -238,6 +241,8 @@ class TideflowServer:
         auth: AuthConfig | None = None,
         ui_port: int | None = None,
         ui_required: bool = True,
+        metrics_port: int | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.db_url = db_url
         # The HTTP API and web UI (server/_http_api.py) on this port of ``host`` (0: a
@@ -246,6 +251,9 @@ class TideflowServer:
         self.ui_port = ui_port
         self._ui_required = ui_required
         self._http: HttpFrontend | None = None
+        # OpenTelemetry spans of the RPCs served (server/_tracing.py): a tracer
+        # provider, True for the global one, None: off.
+        self.tracer_provider = tracer_provider
         # Authentication and per-namespace authorization (server/_auth.py); None: off.
         self.auth = auth or AuthConfig()
         # TLS (mTLS with a client CA) on the gRPC port; None: plaintext.
@@ -273,6 +281,16 @@ class TideflowServer:
 
         # This server as a site of a cloud/edge deployment (server/_sites.py).
         self.sites: Sites | None = None
+
+        # What wakes up when the clock jumps (clock_jumped); set once started.
+        self._on_clock_jump: tuple[Callable[[], None], ...] = ()
+        # Observability (server/_metrics.py, server/_health.py): this node's own
+        # registry; /metrics and /healthz on ``metrics_port`` (None: no HTTP listener;
+        # 0: any free port, the bound one in ``metrics_port`` once started).
+        self.metrics = ServerMetrics(self._clock.now_micros)
+        self.health = Health()
+        self.metrics_port = metrics_port
+        self._metrics_http: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -329,7 +347,9 @@ class TideflowServer:
         # Who serves which task queue and run (server/_matching_routes.py): matching
         # serves the queues of the shards this node holds.
         routes = MatchingRoutes(store, self.peers, self.node_id)
-        matching = Matching(routes.serves, self.placement)
+        matching = Matching(routes.serves, self.placement, self.metrics)
+        store.observe_commit = self.metrics.store_committed
+        self.metrics.watch(store, matching.backlog_sizes)
         timers = self._timer_queue(store)
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers, routes)
@@ -349,7 +369,7 @@ class TideflowServer:
         # Links to the other nodes (server/_peers.py): forwarded requests and the calls
         # a node makes on its own behalf, proved by the node credential.
         self.node_credential = routes.credential = NodeCredential(self.node_id, tokens)
-        polls = TaskQueueService(engine, matching, self.config, tokens, routes)
+        polls = TaskQueueService(engine, matching, self.config, tokens, routes, self.metrics)
         router = self._route_between_nodes(shards, engine, server)
         # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
         # shard), a task fires those of the shards this node holds, and starts their
@@ -366,6 +386,8 @@ class TideflowServer:
         # Every task dispatched here belongs to a run homed here (only the home writes),
         # so placement's default home is right; its link state is the sites'.
         self.placement.links = sites
+
+        self._on_clock_jump = (timers.reread, scheduler.wake)
         service = WorkflowService(
             store,
             engine,
@@ -377,6 +399,7 @@ class TideflowServer:
             polls=polls,
             router=router,
             sites=sites,
+            metrics=self.metrics,
         )
         service.metadata = await self._open_metadata(store, scheduler)
         add_to_server(service, server)
@@ -385,8 +408,10 @@ class TideflowServer:
         await server.start()
         self._grpc = server
         await self._start_http(service)
+
+        await self._report_health()
         loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
-            "tideflow-timer-queue": functools.partial(timers.run, engine.fire_timer),
+            "tideflow-timer-queue": functools.partial(timers.run, self._timed(engine.fire_timer)),
             "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
             "tideflow-task-forwarder": dispatch.forwarder.run,
             "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
@@ -459,6 +484,32 @@ class TideflowServer:
         )
         return sites
 
+    def clock_jumped(self) -> None:
+        """The clock moved ahead at once (the time-skipping test environment,
+        server/_time_skipping.py): the timer queue and the scheduler look at what is
+        due now instead of sleeping until the real time they planned to wake at."""
+        for wake in self._on_clock_jump:
+            wake()
+
+    async def _report_health(self) -> None:
+        """SERVING on the health service; /metrics and /healthz if asked for."""
+        await self.health.set_serving(True)
+        if self.metrics_port is not None:
+            endpoint = MetricsEndpoint(self.metrics, self.health, self.host, self.metrics_port)
+            self._metrics_http = endpoint
+            self.metrics_port = await endpoint.start()
+
+    def _timed(
+        self, fire: Callable[[TimerRow], Awaitable[None]]
+    ) -> Callable[[TimerRow], Awaitable[None]]:
+        """``fire`` that reports each timer's lateness first."""
+
+        async def fire_timer(timer: TimerRow) -> None:
+            self.metrics.timer_fired(timer.fire_at)
+            await fire(timer)
+
+        return fire_timer
+
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
         return TimerQueue(
@@ -511,7 +562,12 @@ class TideflowServer:
     def _listen(self) -> grpc.aio.Server:
         """A gRPC server bound to ``host:port`` (TLS if configured), not started yet;
         ``self.port`` becomes the bound port (port 0 picks a free one)."""
-        server = grpc.aio.server(options=grpc_server_options(self.config))
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
+        if self.tracer_provider is not None:
+            interceptors.append(tracing_interceptor(self.tracer_provider))
+        server = grpc.aio.server(
+            options=grpc_server_options(self.config), interceptors=interceptors
+        )
         if self.tls is None:
             bound = server.add_insecure_port(f"{self.host}:{self.port}")
         else:
@@ -519,6 +575,7 @@ class TideflowServer:
         if bound == 0:
             raise OSError(f"could not listen on {self.host}:{self.port}")
         self.port = bound
+        self.health.add_to(server)
         return server
 
     async def reload_token_keys(self) -> int:
@@ -538,6 +595,9 @@ class TideflowServer:
         try:
             if self._http is not None:
                 await self._http.stop()
+            await self.health.set_serving(False)
+            if self._metrics_http is not None:
+                await self._metrics_http.stop()
             if self._grpc is not None:
                 await self._grpc.stop(grace)
             background = self._background

@@ -20,9 +20,16 @@ ET = EventType
 
 
 def token(
-    ms: state_pb2.MutableState, scheduled: int, started: int, attempt: int, *, activity: bool
+    ms: state_pb2.MutableState,
+    scheduled: int,
+    started: int,
+    attempt: int,
+    *,
+    activity: bool,
+    scheduled_time_us: int = 0,
 ) -> bytes:
     return state_pb2.TaskToken(
+        scheduled_time_us=scheduled_time_us,
         namespace=ms.namespace,
         workflow_id=ms.workflow_id,
         run_id=ms.run_id,
@@ -68,7 +75,12 @@ def workflow_task(
     response = service_pb2.PollWorkflowTaskResponse(
         next_page_token=next_page_token,
         task_token=token(
-            ms, wft.scheduled_event_id, wft.started_event_id, wft.attempt, activity=False
+            ms,
+            wft.scheduled_event_id,
+            wft.started_event_id,
+            wft.attempt,
+            activity=False,
+            scheduled_time_us=wft.scheduled_time.ToMicroseconds(),
         ),
         previous_started_event_id=ms.last_workflow_task_started_event_id,
         started_event_id=wft.started_event_id,
@@ -166,7 +178,14 @@ def activity_task(
 ) -> service_pb2.PollActivityTaskResponse:
     """The started attempt of an activity (``attrs``: its scheduled event's)."""
     resp = service_pb2.PollActivityTaskResponse(
-        task_token=token(ms, info.scheduled_event_id, 0, info.attempt, activity=True),
+        task_token=token(
+            ms,
+            info.scheduled_event_id,
+            0,
+            info.attempt,
+            activity=True,
+            scheduled_time_us=info.scheduled_time.ToMicroseconds(),
+        ),
         workflow_namespace=ms.namespace,
         activity_id=info.activity_id,
         attempt=info.attempt,

@@ -89,7 +89,7 @@ def test_db_that_is_not_a_database(tmp_path: Path) -> None:
 
 
 def test_groups_compose_into_one_parser() -> None:
-    assert list(cli.GROUPS) == ["server", "dag", "cluster", "workflow", "site"]
+    assert list(cli.GROUPS) == ["server", "dag", "cluster", "workflow", "site", "schedule"]
     parser = cli.build_parser()
     args = parser.parse_args(["server", "start-dev", "--port", "0"])
     assert args.group == "server" and args.command == "start-dev" and args.port == 0

@@ -116,6 +116,8 @@ async def test_forged_and_moved_tokens_are_refused(client: Client) -> None:
         scheduled_event_id=scheduled.event_id,
         attempt=1,
         is_activity=True,
+        # When the attempt was scheduled (the metrics' end-to-end latency): the event's time.
+        scheduled_time_us=scheduled.event_time.ToMicroseconds(),
     )
     assert body_of(activity.task_token) == forged  # the forgery names the real task
     fake_mac = activity.task_token[:_HEAD] + bytes(_MAC) + forged.SerializeToString()
@@ -137,6 +139,8 @@ async def test_forged_and_moved_tokens_are_refused(client: Client) -> None:
         started_event_id=started.event_id,
         attempt=1,
     )
+    wft_scheduled = next(e for e in events_b if e.event_id == forged_wft.scheduled_event_id)
+    forged_wft.scheduled_time_us = wft_scheduled.event_time.ToMicroseconds()
     assert body_of(task_b.task_token) == forged_wft
     with pytest.raises(InvalidArgumentError) as refused:
         await raw.complete(forged_wft.SerializeToString(), complete_workflow())

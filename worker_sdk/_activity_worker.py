@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from . import activity as activity_mod
 from . import exceptions as exc
 from ._poller import PollLoop, Slots, WorkerContext
 from .client import Client
+from .interceptor import ActivityHandler, WorkerInterceptor
 
 log = logging.getLogger("tideflow.worker")
 
@@ -52,8 +54,10 @@ class ActivityWorker:
         pollers: int,
         executor: concurrent.futures.Executor | None,
         eager_workflow_tasks: EagerWorkflowTasks | None,
+        interceptors: Sequence[WorkerInterceptor] = (),
     ) -> None:
         self._client = context.client
+        self._interceptors = tuple(reversed(interceptors))
         self._task_queue = task_queue = context.task_queue
         self._identity = context.identity
         self._activities = activities
@@ -68,7 +72,7 @@ class ActivityWorker:
             poll=context.long_poll(
                 self._client.service.PollActivityTask, service_pb2.PollActivityTaskRequest
             ),
-            handle=self._execute,
+            handle=context.timed("activity", self._execute),
             describe=lambda task: f"activity {task.activity_id}",
         )
 
@@ -98,7 +102,7 @@ class ActivityWorker:
         async with asyncio.TaskGroup() as heartbeats:
             heartbeater = _Heartbeater(self._client, task, self._identity, heartbeats)
             try:
-                result = await self._run_activity_code(task, heartbeater)
+                result = await self._intercepted(heartbeater)(task)
             except asyncio.CancelledError:
                 heartbeater.stop()
                 current = asyncio.current_task()
@@ -117,6 +121,18 @@ class ActivityWorker:
                 return
             heartbeater.stop()
         await self._report_completed(task, result)
+
+    def _intercepted(self, heartbeater: _Heartbeater) -> ActivityHandler:
+        """The activity's code for this attempt, inside the interceptors' chain (the
+        first interceptor outermost)."""
+
+        async def run(task: service_pb2.PollActivityTaskResponse) -> Any:
+            return await self._run_activity_code(task, heartbeater)
+
+        handler: ActivityHandler = run
+        for interceptor in self._interceptors:
+            handler = interceptor.intercept_activity(handler)
+        return handler
 
     async def _run_activity_code(
         self, task: service_pb2.PollActivityTaskResponse, heartbeater: _Heartbeater

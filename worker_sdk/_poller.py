@@ -28,6 +28,7 @@ from tideflow.api.v1 import common_pb2, service_pb2
 from . import exceptions as exc
 from .client import Client
 from .codec import PayloadCodecError
+from .metrics import WorkerMetrics
 
 log = logging.getLogger("tideflow.worker")
 
@@ -53,6 +54,9 @@ class WorkerContext:
     identity: str
     placement: common_pb2.WorkerPlacement | None = None
 
+    # The worker's Prometheus metrics (worker_sdk/metrics.py); None: not measured.
+    metrics: WorkerMetrics | None = None
+
     def long_poll(
         self, method: Callable[..., Awaitable[R]], request_type: Callable[..., Any]
     ) -> Callable[[str], Awaitable[R | None]]:
@@ -68,7 +72,18 @@ class WorkerContext:
             response = await self.client.call(method, request, timeout=POLL_RPC_TIMEOUT_S)
             return response if getattr(response, "task_token", b"") else None
 
-        return poll
+        if self.metrics is None:
+            return poll
+        kind = "activity" if "Activity" in request_type.__name__ else "workflow"
+        return self.metrics.timed_poll(self.task_queue, kind, poll)
+
+    def timed(
+        self, kind: str, handle: Callable[[T], Awaitable[None]]
+    ) -> Callable[[T], Awaitable[None]]:
+        """``handle`` measured as task execution time, if the worker has metrics."""
+        if self.metrics is None:
+            return handle
+        return self.metrics.timed_handler(self.task_queue, kind, handle)
 
 
 class Slots(Generic[T]):

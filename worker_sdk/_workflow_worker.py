@@ -30,7 +30,7 @@ from . import exceptions as exc
 from ._local_activity_worker import LocalActivityConfig, LocalActivitySession, heartbeat_after_s
 from ._poller import PollLoop, Slots, WorkerContext
 from ._workflow_instance import WorkflowInstanceImpl
-from .interceptor import WorkerInterceptor, WorkflowTaskHandler
+from .interceptor import WorkerInterceptor, WorkflowCommandsHandler, WorkflowTaskHandler
 from .workflow import WorkflowDefinition
 
 log = logging.getLogger("tideflow.worker")
@@ -68,6 +68,7 @@ class WorkflowWorker:
     ) -> None:
         self._client = context.client
         self._task_queue = task_queue = context.task_queue
+        self._metrics = context.metrics
         self._identity = context.identity
         self._workflows = workflows
         self._eager = eager_activities
@@ -88,8 +89,11 @@ class WorkflowWorker:
         self._sticky_timeout = sticky_queue_schedule_to_start_timeout
         # The first interceptor is outermost: wrap from the innermost out.
         handler: WorkflowTaskHandler = self._handle_workflow_task
+        outbound: WorkflowCommandsHandler = _send_as_they_are
         for interceptor in reversed(interceptors):
             handler = interceptor.intercept_workflow_task(handler)
+            outbound = interceptor.intercept_workflow_commands(outbound)
+        self._outbound = outbound
         queues = [task_queue, self.sticky_queue] if self.sticky_queue else [task_queue]
         self._loop = PollLoop(
             role="workflow task",
@@ -99,7 +103,7 @@ class WorkflowWorker:
             poll=context.long_poll(
                 self._client.service.PollWorkflowTask, service_pb2.PollWorkflowTaskRequest
             ),
-            handle=handler,
+            handle=context.timed("workflow", handler),
             describe=lambda task: f"workflow task of {task.workflow_execution.workflow_id}",
         )
 
@@ -324,6 +328,8 @@ class WorkflowWorker:
         heartbeat: bool = False,
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         run_id = task.workflow_execution.run_id
+        if commands:
+            self._outbound(task, commands)
         reserved = await self._reserve_eager_activities(commands)
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token,
@@ -368,6 +374,8 @@ class WorkflowWorker:
             and instance.last_started_event_id == task.previous_started_event_id != 0
         ):
             self._cache[run_id] = instance
+            if self._metrics is not None:
+                self._metrics.cache_lookup(self._task_queue, hit=True, size=len(self._cache))
             return instance
         if instance is not None:
             instance.dispose()
@@ -379,6 +387,8 @@ class WorkflowWorker:
                 break
             self._cache.pop(old_id).dispose()
         self._cache[run_id] = instance
+        if self._metrics is not None:
+            self._metrics.cache_lookup(self._task_queue, hit=False, size=len(self._cache))
         return instance
 
     def _new_instance(
@@ -397,6 +407,8 @@ class WorkflowWorker:
         instance = self._cache.pop(run_id, None)
         if instance is not None:
             instance.dispose()
+        if self._metrics is not None:
+            self._metrics.cache_resized(self._task_queue, len(self._cache))
 
     async def _answer_query(
         self,
@@ -466,3 +478,7 @@ class WorkflowWorker:
         )
         request.failure.CopyFrom(client.data_converter.to_failure(error))
         await client.call(client.service.RespondWorkflowTaskFailed, request)
+
+
+def _send_as_they_are(task: service_pb2.PollWorkflowTaskResponse, commands: list[Command]) -> None:
+    """The innermost workflow-commands handler: nothing to change."""

@@ -47,6 +47,7 @@ from ._workflow_handle import WorkflowHistory as WorkflowHistory
 from .cluster import ClusterDescription, cluster_description
 from .common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from .converter import DataConverter, default_converter
+from .interceptor import ClientCallHandler, ClientCallInput, ClientInterceptor
 from .schedules import (
     Schedule,
     ScheduleActionStartWorkflow,
@@ -183,9 +184,11 @@ class Client:
         namespace: str,
         data_converter: DataConverter,
         identity: str,
+        interceptors: Sequence[ClientInterceptor] = (),
     ) -> None:
         """``channel``: one channel, or (address, channel) pairs of several nodes of a
-        cluster, failed over between (worker_sdk/_failover.py)."""
+        cluster, failed over between (worker_sdk/_failover.py); ``interceptors``: see
+        ``tideflow.worker_sdk.interceptor`` (the first is outermost)."""
         self.service: Any
         if isinstance(channel, grpc.aio.Channel):
             self._channels = [channel]
@@ -199,6 +202,11 @@ class Client:
         self.namespace = namespace
         self.data_converter = data_converter
         self.identity = identity
+        self.interceptors = tuple(interceptors)
+        handler: ClientCallHandler = self._send
+        for interceptor in reversed(self.interceptors):
+            handler = interceptor.intercept_call(handler)
+        self._intercepted: ClientCallHandler | None = handler if self.interceptors else None
 
     @staticmethod
     async def connect(
@@ -211,6 +219,7 @@ class Client:
         tls: TLSConfig | bool = False,
         api_key: str | None = None,
         rpc_metadata: Mapping[str, str] | None = None,
+        interceptors: Sequence[ClientInterceptor] = (),
     ) -> Client:
         """Connect to ``host:port`` (or to one of several nodes of a cluster,
         ``"h1:p1,h2:p2,h3:p3"``) and check the server answers.
@@ -253,6 +262,7 @@ class Client:
             namespace=namespace,
             data_converter=data_converter,
             identity=identity or default_identity(),
+            interceptors=interceptors,
         )
         try:
             # Retrying within the timeout covers a server that is still starting;
@@ -298,7 +308,34 @@ class Client:
         retry_for: float = _RECONNECT_BUDGET_S,
     ) -> Resp:
         """One RPC with status translation; retries while the server is unreachable,
-        for up to ``retry_for`` seconds (two minutes: a server restart)."""
+        for up to ``retry_for`` seconds (two minutes: a server restart). The client's
+        interceptors see it first (``ClientInterceptor.intercept_call``)."""
+        if self._intercepted is not None:
+            rpc = type(request).__name__.removesuffix("Request")
+            call = ClientCallInput(
+                rpc=rpc, request=request, metadata={}, timeout=timeout, target=method
+            )
+            call.retry_for = retry_for if retry else 0.0
+            return cast(Resp, await self._intercepted(call))
+        return await self._call(method, request, timeout, retry, retry_for, None)
+
+    async def _send(self, call: ClientCallInput) -> Any:
+        """The innermost handler of the interceptors' chain: the RPC itself."""
+        metadata = tuple(call.metadata.items()) or None
+        retry = call.retry_for > 0
+        return await self._call(
+            call.target, call.request, call.timeout, retry, call.retry_for, metadata
+        )
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: Any,
+        timeout: float,
+        retry: bool,
+        retry_for: float,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> Resp:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + retry_for
         delay = 0.05
@@ -313,7 +350,11 @@ class Client:
             request = encoded
         while True:
             try:
-                response = await method(request, timeout=timeout)
+                response = await (
+                    method(request, timeout=timeout)
+                    if metadata is None
+                    else method(request, timeout=timeout, metadata=metadata)
+                )
                 if codec is not None:
                     # ...and every payload received is decoded before anything reads it.
                     await self.data_converter.decode_messages([cast(Message, response)])

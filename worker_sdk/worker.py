@@ -29,7 +29,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from tideflow.api.v1 import service_pb2
+from tideflow.api.v1 import common_pb2, service_pb2
 
 from . import activity as activity_mod
 from ._activity_worker import ActivityWorker, EagerWorkflowTasks
@@ -38,8 +38,13 @@ from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
 from .client import Client
 from .interceptor import WorkerInterceptor
+from .metrics import WorkerMetrics
+from .metrics import serve as serve_metrics
 from .placement import Capabilities, Tier, check_tier, worker_placement
 from .workflow import WorkflowDefinition, definition_of
+
+_WorkflowTask = service_pb2.PollWorkflowTaskResponse
+_ActivityTask = service_pb2.PollActivityTaskResponse
 
 
 class Worker:
@@ -73,6 +78,8 @@ class Worker:
         tier: Tier | None = None,
         capabilities: Capabilities | Mapping[str, Any] | None = None,
         site: str | None = None,
+        metrics: WorkerMetrics | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if not workflows and not activities:
             raise ValueError("a worker needs at least one workflow or activity")
@@ -86,13 +93,11 @@ class Worker:
         activity_executor = activity_executor or self._own_executor
         sticky_queue = _sticky_queue(task_queue, bool(workflows) and max_cached_workflows > 0)
         # Both roles' slots exist before either role: each may reserve the other's.
-        self._workflow_slots = Slots[service_pb2.PollWorkflowTaskResponse](
-            max_concurrent_workflow_tasks
+        self._workflow_slots: Slots[_WorkflowTask] = Slots(max_concurrent_workflow_tasks)
+        self._activity_slots: Slots[_ActivityTask] = Slots(max_concurrent_activities)
+        context = self._context(
+            client, metrics, metrics_port, _placement_of(tier, capabilities, site)
         )
-        self._activity_slots = Slots[service_pb2.PollActivityTaskResponse](
-            max_concurrent_activities
-        )
-        context = _worker_context(client, task_queue, self.identity, tier, capabilities, site)
         self._workflows: WorkflowWorker | None = None
         self._activities: ActivityWorker | None = None
         if workflows:
@@ -113,23 +118,45 @@ class Worker:
                 interceptors=interceptors,
             )
         if activities:
+            eager = EagerWorkflowTasks(
+                slots=self._workflow_slots,
+                sticky_queue=sticky_queue,
+                workflow_types=frozenset(workflow_defs),
+            )
             self._activities = ActivityWorker(
                 context,
                 activities=activity_defs,
                 slots=self._activity_slots,
                 pollers=activity_pollers,
                 executor=activity_executor,
-                eager_workflow_tasks=EagerWorkflowTasks(
-                    slots=self._workflow_slots,
-                    sticky_queue=sticky_queue,
-                    workflow_types=frozenset(workflow_defs),
-                )
-                if workflows and workflow_pollers
-                else None,
+                eager_workflow_tasks=eager if workflows and workflow_pollers else None,
+                interceptors=interceptors,
             )
         self._supervisor: asyncio.Task[None] | None = None
         self._shutdown_requested = asyncio.Event()
         self._stopped = asyncio.Event()
+
+    def _context(
+        self,
+        client: Client,
+        metrics: WorkerMetrics | None,
+        metrics_port: int | None,
+        placement: common_pb2.WorkerPlacement,
+    ) -> WorkerContext:
+        """What both roles share. Prometheus metrics (worker_sdk/metrics.py) go into
+        ``metrics``' registry, or into the worker's own, served on ``metrics_port``
+        while it runs (0: any free port; the bound one is ``self.metrics_port``)."""
+        if metrics is None and metrics_port is not None:
+            metrics = WorkerMetrics()
+        self.metrics, self.metrics_port = metrics, metrics_port
+        self._metrics_server: Any = None
+        return WorkerContext(
+            client=client,
+            task_queue=self.task_queue,
+            identity=self.identity,
+            metrics=metrics,
+            placement=placement,
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -149,6 +176,8 @@ class Worker:
         """Start polling in the background (``shutdown()`` stops it); idempotent."""
         if self._supervisor is not None or self._shutdown_requested.is_set():
             return
+        if self.metrics is not None and self.metrics_port is not None:
+            self._metrics_server, self.metrics_port = serve_metrics(self.metrics, self.metrics_port)
         self._supervisor = asyncio.create_task(
             self._supervise(), name=f"tideflow worker {self.task_queue}"
         )
@@ -181,6 +210,10 @@ class Worker:
                 await self._drain()
         finally:
             self._release_executor()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+                self._metrics_server = None
             self._stopped.set()
 
     def _release_executor(self) -> None:
@@ -213,19 +246,14 @@ def _sticky_queue(task_queue: str, caches_runs: bool) -> str:
     return f"{task_queue}-sticky-{uuid.uuid4().hex}" if caches_runs else ""
 
 
-def _worker_context(
-    client: Client,
-    task_queue: str,
-    identity: str,
+def _placement_of(
     tier: Tier | None,
     capabilities: Capabilities | Mapping[str, Any] | None,
     site: str | None,
-) -> WorkerContext:
+) -> common_pb2.WorkerPlacement:
+    """What the worker advertises with each activity poll (worker_sdk/placement.py)."""
     check_tier(tier)
-    placement = worker_placement(tier, Capabilities.of(capabilities), site)
-    return WorkerContext(
-        client=client, task_queue=task_queue, identity=identity, placement=placement
-    )
+    return worker_placement(tier, Capabilities.of(capabilities), site)
 
 
 def _default_executor(
