@@ -371,22 +371,11 @@ class TideflowServer:
         self.node_credential = routes.credential = NodeCredential(self.node_id, tokens)
         polls = TaskQueueService(engine, matching, self.config, tokens, routes, self.metrics)
         router = self._route_between_nodes(shards, engine, server)
-        # Schedules (server/_schedules.py): the frontend serves their RPCs (of every
-        # shard), a task fires those of the shards this node holds, and starts their
-        # runs through the gateway (the runs' shards may be held elsewhere).
-        scheduler = Scheduler(
-            store,
-            engine,
-            self._clock,
-            owned=lambda: store.held_shards.keys(),
-            runs=engine.gateway,
-        )
-        hooks.scheduler = scheduler
+        scheduler = hooks.scheduler = self._scheduler(store, engine)
         sites = self.sites = self._site(store, engine, dispatch, server)
         # Every task dispatched here belongs to a run homed here (only the home writes),
         # so placement's default home is right; its link state is the sites'.
         self.placement.links = sites
-
         self._on_clock_jump = (timers.reread, scheduler.wake)
         service = WorkflowService(
             store,
@@ -408,7 +397,6 @@ class TideflowServer:
         await server.start()
         self._grpc = server
         await self._start_http(service)
-
         await self._report_health()
         loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "tideflow-timer-queue": functools.partial(timers.run, self._timed(engine.fire_timer)),
@@ -424,6 +412,18 @@ class TideflowServer:
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    def _scheduler(self, store: HistoryStore, engine: HistoryEngine) -> Scheduler:
+        """Schedules (server/_schedules.py): the frontend serves their RPCs (of every
+        shard), a task fires those of the shards this node holds, and starts their runs
+        through the gateway (the runs' shards may be held elsewhere)."""
+        return Scheduler(
+            store,
+            engine,
+            self._clock,
+            owned=lambda: store.held_shards.keys(),
+            runs=engine.gateway,
+        )
 
     def _shard_controller(self, store: HistoryStore, hooks: _ShardHooks) -> ShardController:
         """This node's shard leases (server/_shards.py), traced when trace mode is on."""
