@@ -185,6 +185,21 @@ def is_invalid_value(exc: BaseException) -> bool:
     return "string or blob too big" in _driver_text(chain)
 
 
+# A CREATE that lost a race with the same CREATE of another transaction: a unique
+# violation in the catalog (PostgreSQL's pg_type/pg_class), or "already exists".
+_CREATED_MEANWHILE_SQLSTATES = {"23505", "42P07", "42710"}
+
+
+def is_created_meanwhile(exc: BaseException) -> bool:
+    """True if a schema statement failed because another transaction created the same
+    table, type or index at the same moment (nodes starting at once)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if any(code in _CREATED_MEANWHILE_SQLSTATES for code in _sqlstates(_chain(exc))):
+        return True
+    return "already exists" in str(exc.orig).lower()
+
+
 def is_conflict(exc: BaseException) -> bool:
     """True if the database aborted the transaction for a concurrent one (a
     serialization failure or a deadlock): nothing of it was committed, and running it

@@ -35,7 +35,14 @@ from . import _schema as s
 from ._api_keys import ApiKeyStore
 from ._batch_write import Rejected, apply_batch
 from ._cluster import MemberRecord, ShardRecord
-from ._dialects import SERIALIZABLE, GuardedRunner, Runner, open_runner, retrying
+from ._dialects import (
+    SERIALIZABLE,
+    GuardedRunner,
+    Runner,
+    is_created_meanwhile,
+    open_runner,
+    retrying,
+)
 from ._errors import (
     ConditionFailedError,
     CurrentExecutionConflictError,
@@ -74,6 +81,10 @@ log = logging.getLogger("tideflow.history")
 
 _MAX_BATCH = 64
 _MAX_TXN_RETRIES = 8
+# Attempts at creating the schema while other nodes create it too, and the pause
+# before the next one (times the attempt number).
+_SCHEMA_ATTEMPTS = 10
+_SCHEMA_RETRY_S = 0.1
 
 
 # What a writer lane queues: transitions that commit together, who waits on them, and
@@ -166,7 +177,21 @@ class HistoryStore:
         self.shard_count = stored
 
     async def _create_schema(self) -> None:
-        await self._runner.write(lambda conn: s.metadata.create_all(conn))
+        """Create the tables that do not exist yet. Nodes started at once on an empty
+        database race: PostgreSQL refuses all but one CREATE of each table (a unique
+        violation in its catalog, or "already exists"). The loser's transaction rolls
+        back whole, and its next attempt finds the winner's tables and skips them. No
+        lock: an advisory lock is PostgreSQL's alone (CockroachDB has none), and a
+        lock on a row needs a table to exist first."""
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                await self._runner.write(lambda conn: s.metadata.create_all(conn))
+                return
+            except Exception as exc:
+                if attempt == _SCHEMA_ATTEMPTS - 1 or not is_created_meanwhile(exc):
+                    raise
+                log.info("another node created part of the schema meanwhile; looking again")
+                await asyncio.sleep(_SCHEMA_RETRY_S * (attempt + 1))
 
     async def _add_shard_columns(self) -> None:
         """Upgrade a database created before shards (tasks and timers without a

@@ -9,6 +9,8 @@ matching across nodes: tests/test_cluster_matching.py).
   the shards, and rejoins (the shards are balanced again).
 - SIGKILL: the other node serves the dead node's shards within the lease and its
   in-flight workflows complete.
+- Three nodes started at once on an empty database all join (the schema is created
+  once, whoever wins the race).
 - ``--shards`` conflicting with the database's count is refused (exit 2, one line).
 
 The process tests run at READ COMMITTED and at SERIALIZABLE (``?isolation_level=
@@ -198,6 +200,19 @@ async def test_sigkilled_node_shards_are_served_within_the_lease(
         for n, workflow_id in enumerate(doomed):
             assert await result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
             await check_history(clients["node-b"], workflow_id)
+
+
+async def test_three_nodes_started_at_once_on_an_empty_database_all_join(
+    nodes: Callable[[str], Awaitable[ServerProcess]], store_url: str
+) -> None:
+    # The database is empty: the three nodes race to create the schema.
+    names = ("node-a", "node-b", "node-c")
+    await asyncio.gather(*(nodes(name) for name in names))
+    store = await HistoryStore.open(store_url)
+    try:
+        await wait(lambda: split(store, *names), "the shards split over all three nodes")
+    finally:
+        await store.close()
 
 
 async def test_a_conflicting_shard_count_is_refused(tmp_path: Path) -> None:
