@@ -4,9 +4,10 @@ Runs are spread over the cluster's shards (``history/_cluster.py``); a node serv
 runs of the shards it holds a lease on, and only those. The controller
 
 - acquires free and expired shards (``ReadShard`` + ``AcquireShard``: a read, then a
-  compare-and-set that bumps the range id) until the node holds its share, about
-  ceil(shards / live nodes) by the membership rows; a node holding more than its
-  share releases the surplus so that a node that joined takes it at once;
+  compare-and-set that bumps the range id) until the node holds its share by the
+  membership rows (``fair_share``: floor or ceil of shards / live nodes); a node
+  holding more than its share releases the surplus so that a node that joined takes
+  it at once;
 - renews its leases every third of the lease (``RenewLease``); a renewal that finds
   the range id moved means another node took the shard over: it is dropped at once;
 - drops a shard whose write the store's fence refused (the store calls back);
@@ -28,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable, Collection
 
 from tideflow.history import (
@@ -53,6 +53,17 @@ _US = 1_000_000
 #: lapses after at most 5 s, the next acquire pass comes within a third of it, and
 #: acquiring a shard reloads its backlog).
 DEFAULT_LEASE_S = 5.0
+
+
+def fair_share(shards: int, live: Collection[str], node_id: str) -> int:
+    """How many shards ``node_id`` should hold among the ``live`` nodes: shards // n,
+    and one more for the first shards % n nodes in id order. The shares add up to the
+    shard count, so every node gets one while there are at least as many shards as
+    nodes (ceil for all, 2 each of 4 shards over 3 nodes, let two nodes fill up and
+    the third take none)."""
+    ranked = sorted(live)
+    base, extra = divmod(shards, len(ranked))
+    return base + (1 if ranked.index(node_id) < extra else 0)
 
 
 class ShardNotOwnedError(UnavailableError):
@@ -229,7 +240,7 @@ class ShardController:
         live = {m.node_id for m in members if m.heartbeat_at >= now - self._lease_us}
         live.add(self.node_id)
         count = self._store.shard_count
-        target = math.ceil(count / len(live))
+        target = fair_share(count, live, self.node_id)
         self._view = await self._store.read_shards()
         held = self._store.held_shards
         for shard in sorted(self._unrecovered & held.keys()):

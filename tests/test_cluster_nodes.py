@@ -9,8 +9,8 @@ matching across nodes: tests/test_cluster_matching.py).
   the shards, and rejoins (the shards are balanced again).
 - SIGKILL: the other node serves the dead node's shards within the lease and its
   in-flight workflows complete.
-- Three nodes started at once on an empty database all join (the schema is created
-  once, whoever wins the race).
+- Three nodes started at once on an empty database of 4 shards all join (the schema
+  is created once, whoever wins the race) and each holds shards (2, 1, 1).
 - ``--shards`` conflicting with the database's count is refused (exit 2, one line).
 
 The process tests run at READ COMMITTED and at SERIALIZABLE (``?isolation_level=
@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -56,12 +57,13 @@ SHARDS = 16
 
 
 @pytest.fixture
-def nodes(procs: Processes, store_url: str) -> Callable[[str], Awaitable[ServerProcess]]:
+def nodes(procs: Processes, store_url: str) -> Callable[..., Awaitable[ServerProcess]]:
     """Starts ``tideflow server start`` nodes on this test's database (named by their
-    node id, listening); ``procs`` kills and reaps them, a SIGSTOPped one too."""
+    node id, with more flags if given, listening); ``procs`` kills and reaps them, a
+    SIGSTOPped one too."""
 
-    async def start_one(node_id: str) -> ServerProcess:
-        return await start_node(procs, store_url, node_id, LEASE_S)
+    async def start_one(node_id: str, *flags: str) -> ServerProcess:
+        return await start_node(procs, store_url, node_id, LEASE_S, *flags)
 
     return start_one
 
@@ -203,14 +205,16 @@ async def test_sigkilled_node_shards_are_served_within_the_lease(
 
 
 async def test_three_nodes_started_at_once_on_an_empty_database_all_join(
-    nodes: Callable[[str], Awaitable[ServerProcess]], store_url: str
+    nodes: Callable[..., Awaitable[ServerProcess]], store_url: str
 ) -> None:
-    # The database is empty: the three nodes race to create the schema.
+    # The database is empty: the three nodes race to create the schema. Four shards
+    # over three nodes: 2, 1 and 1 (not 2, 2 and none).
     names = ("node-a", "node-b", "node-c")
-    await asyncio.gather(*(nodes(name) for name in names))
+    await asyncio.gather(*(nodes(name, "--shards", "4") for name in names))
     store = await HistoryStore.open(store_url)
     try:
-        await wait(lambda: split(store, *names), "the shards split over all three nodes")
+        owned = await wait(lambda: split(store, *names), "the shards split over all three")
+        assert sorted(Counter(owned.values()).values()) == [1, 1, 2]
     finally:
         await store.close()
 
