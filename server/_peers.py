@@ -18,8 +18,7 @@ module gives every such caller the same two things:
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,17 +158,7 @@ class PeerChannels:
         )
         return grpc.aio.secure_channel(address, credentials, options=self._options)
 
-    def forget(self, address: str) -> None:
-        """Drop the channel of a peer that left (its address may be reused)."""
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            # Closing waits for its calls; the caller need not.
-            asyncio.get_running_loop().create_task(channel.close())
-
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
-
-    def open_addresses(self) -> Mapping[str, grpc.aio.Channel]:
-        return dict(self._channels)

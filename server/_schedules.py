@@ -29,10 +29,9 @@ shard (a node that lost the shard commits none of them), and the version guard o
 ``last_slot`` stays the safety net: even two nodes both believing they own a schedule
 decide each slot once, and start its run once (the request id is the slot's).
 A slot's run (its workflow id) hashes to any shard, not necessarily the schedule's:
-the scheduler starts, cancels and terminates runs through ``ScheduledRuns``. Its
-default, ``EngineRuns``, acts through this node's engine, which refuses a run of a
-shard it does not hold (UNAVAILABLE: retried, until that shard comes here); a node
-that forwards to the owner of the run's shard passes its gateway instead.
+the scheduler starts, cancels and terminates runs through ``ScheduledRuns``: by
+default the engine's gateway (server/_run_gateway.py), which acts on this node's
+engine, or on the owner of the run's shard once the server wired its router in.
 
 The schedule RPCs (create, describe, patch, delete, list) are served by any node from
 the store: their writes are compare-and-set or keyed, correct whoever makes them. The
@@ -237,25 +236,6 @@ class ScheduledRuns(Protocol):
         ...
 
 
-class EngineRuns:
-    """``ScheduledRuns`` through this node's engine: runs of the shards it holds."""
-
-    def __init__(self, engine: HistoryEngine) -> None:
-        self._engine = engine
-
-    async def start_workflow(self, request: service_pb2.StartWorkflowRequest) -> str:
-        run_id, _ = await self._engine.start_workflow(request)
-        return run_id
-
-    async def terminate(self, key: RunKey, reason: str, identity: str, request_id: str) -> None:
-        await self._engine.terminate(key, reason, None, identity, request_id)
-
-    async def request_cancel(
-        self, key: RunKey, identity: str, request_id: str, reason: str
-    ) -> None:
-        await self._engine.request_cancel(key, identity, request_id, reason)
-
-
 class _ScheduleLocks:
     """One lock per schedule, held while its slots or triggers are decided or its
     actions started: each of these reads the schedule's occupancy (open runs,
@@ -288,8 +268,13 @@ class Scheduler:
 
     ``owned`` says which shards the node holds now (read at every pass); None fires
     every schedule of the store (a store without shards, in tools and tests).
-    ``runs`` starts and stops the scheduled runs (default: ``EngineRuns``).
+    ``runs`` starts and stops the scheduled runs (default: the engine's gateway).
     """
+
+    @property
+    def _runs(self) -> ScheduledRuns:
+        # Read when used: tests that never start a run pass no engine.
+        return self._given_runs or self._engine.gateway
 
     def __init__(
         self,
@@ -303,7 +288,7 @@ class Scheduler:
         self._store = store
         self._db = store.schedules
         self._engine = engine
-        self._runs = runs or EngineRuns(engine)
+        self._given_runs = runs
         self._clock = clock
         self._owned = owned
         self._locks = _ScheduleLocks()
