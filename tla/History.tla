@@ -13,6 +13,9 @@
 (* engine function, then EngineCore's Mutation committed by `Commit` as one *)
 (* store transaction (HistoryStore.apply: events + state + rows, guarded by *)
 (* db_version and by the (run, event_id) primary key).                     *)
+(*                                                                           *)
+(* With several nodes (HandOverLags) a committed row reaches the backlog    *)
+(* in a later HandOver step (docs/cluster.md).                              *)
 (***************************************************************************)
 EXTENDS EngineCore
 
@@ -56,6 +59,17 @@ vars == <<hist, ms, version, tasks, timers, up, backlog, heap, zombie, wftTokens
 
 NoCache == [ms |-> InitMs, version |-> 0]
 
+(* Several nodes (docs/cluster.md): a committed row reaches the backlog of  *)
+(* its queue's node in a later step, HandOver, when the queue is served by  *)
+(* another node or the row waits for the run's node's own polls.  FALSE:   *)
+(* one node, the row is in the backlog at commit.  A model turns it on by   *)
+(* `HandOverLags <- LagOn` in its cfg.                                     *)
+HandOverLags == FALSE
+LagOn == TRUE
+
+(* The rows a commit puts into the backlog at once.                        *)
+AtCommit(rows) == IF HandOverLags THEN {} ELSE rows
+
 Init ==
     LET m == StartRun IN
     /\ hist = m.events
@@ -64,7 +78,7 @@ Init ==
     /\ tasks = m.new_tasks
     /\ timers = m.new_timers
     /\ up = TRUE
-    /\ backlog = m.new_tasks
+    /\ backlog = AtCommit(m.new_tasks)
     /\ heap = m.new_timers
     /\ zombie = NoCache
     /\ wftTokens = {}
@@ -89,7 +103,7 @@ CommitTaking(m, task, row) ==
     /\ version' = version + 1
     /\ tasks' = (tasks \ m.done_tasks) \cup m.new_tasks
     /\ timers' = (timers \ m.done_timers) \cup m.new_timers
-    /\ backlog' = (backlog \ {task}) \cup m.new_tasks
+    /\ backlog' = (backlog \ {task}) \cup AtCommit(m.new_tasks)
     /\ heap' = (heap \ {row}) \cup m.new_timers
     /\ accepted' = accepted \cup ExternalKeys(m)
 
@@ -217,6 +231,17 @@ Crash ==
     /\ crashes' = crashes + 1
     /\ UNCHANGED <<store, zombie, wftTokens, actTokens, appliedWft, appliedAct, accepted, zreads>>
 
+(* The run's node hands a committed row to its queue's node (TaskForwarder *)
+(* AddTasks, or a held task released to the queue's owner); sent again     *)
+(* until delivered while the row is in the store and the node is up.  A row *)
+(* in tasks and not in the backlog is one not handed over yet (dispatch and *)
+(* stale-row deletion remove a row from both).                             *)
+HandOver(task) ==
+    /\ HandOverLags /\ up /\ task \in tasks \ backlog
+    /\ backlog' = backlog \cup {task}
+    /\ UNCHANGED <<store, up, heap, zombie, wftTokens, actTokens, appliedWft, appliedAct,
+                   accepted, crashes, zreads>>
+
 (* TideflowServer.start: Matching.recover and the TimerQueue refill read   *)
 (* the store; the run's state is loaded on first use (HistoryEngine._load). *)
 Restart ==
@@ -317,7 +342,10 @@ WorkerCompletesWorkflowTask ==
 WorkerCompletesActivity ==
     \E tok \in actTokens : \E e \in EagerWftModes : RespondActivityTaskCompletedA(tok, e)
 
+HandOverSome == \E task \in tasks : HandOver(task)
+
 Next ==
+    \/ HandOverSome
     \/ DispatchWorkflowTask
     \/ DispatchActivityTask
     \/ FireSomeTimer
@@ -346,6 +374,13 @@ Fairness ==
     /\ WF_vars(WorkerCompletesWorkflowTask)
 
 Spec == Init /\ [][Next]_vars /\ Fairness
+
+(* Several nodes: the run's node keeps sending a row until it is delivered. *)
+SpecHandOver == Spec /\ WF_vars(HandOverSome)
+
+(* Mutant "hand-over not retried": a row whose delivery failed is given up  *)
+(* (nothing forces HandOver), and the run never ends.                      *)
+SpecHandOverNotRetried == Spec
 
 (* Mutant "fairness removed": nothing forces a crashed node to restart.     *)
 SpecNoRestartFairness ==
