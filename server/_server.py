@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -244,6 +245,8 @@ class TideflowServer:
         self._tokens: TaskTokenSigner | None = None
         self.peers = PeerChannels(self.config, self.tls)
         self.node_credential: NodeCredential | None = None
+        # Whether Temporal's WorkflowService is served too (the temporal extra).
+        self.temporal_api = False
 
     @property
     def address(self) -> str:
@@ -350,6 +353,7 @@ class TideflowServer:
             router=router,
         )
         add_to_server(service, server)
+        self._open_temporal_door(service, store, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
@@ -367,6 +371,23 @@ class TideflowServer:
         }
         self._run_loops(loops)
         self._log_started(store, hooks.recovered)
+
+    def _open_temporal_door(
+        self, service: WorkflowService, store: HistoryStore, server: grpc.aio.Server
+    ) -> None:
+        """Temporal's WorkflowService on the same port (server/_temporal_service.py),
+        when the ``tideflow[temporal]`` extra (the temporalio wheel) is installed."""
+        if importlib.util.find_spec("temporalio") is None:
+            log.info("Temporal API not served: pip install 'tideflow[temporal]' to serve it")
+            return
+        from ._temporal_service import serve_temporal_api
+
+        serve_temporal_api(service, store, server)
+        self.temporal_api = True
+        log.info(
+            "Temporal API (temporal.api.workflowservice.v1.WorkflowService) served on %s",
+            self.address,
+        )
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""

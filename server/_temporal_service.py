@@ -1,0 +1,341 @@
+"""The Temporal door: ``temporal.api.workflowservice.v1.WorkflowService`` on the same port as
+tideflow's own service, so the official Temporal SDKs and the ``temporal`` CLI run
+against tideflow unchanged (README, "Using the Temporal SDKs").
+
+It keeps no state of its own. A Temporal request is translated field by field into
+tideflow's request (server/_temporal_wire.py) and handed to the frontend's handler of
+the same RPC, in-process: authentication, bounds, namespace checks, routing to the
+run's shard owner, audit lines and the engine call are the frontend's, so a run has one
+history whichever door wrote it. The answer is translated back, and an error is
+reshaped into Temporal's status details (server/_temporal_errors.py).
+
+What tideflow cannot represent (workflow updates, Nexus, worker versioning, start
+delays, ...) is refused with UNIMPLEMENTED or INVALID_ARGUMENT naming it, never dropped:
+the SDK replays what it sent. RPCs not served here are UNIMPLEMENTED (gRPC's own
+answer for an unregistered method).
+
+The generated modules come from the ``temporalio`` wheel (extra ``tideflow[temporal]``);
+this module is imported only when it is installed (``serve_temporal_api``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from temporalio.api.enums.v1 import command_type_pb2, task_queue_pb2
+from temporalio.api.enums.v1 import namespace_pb2 as namespace_enums
+from temporalio.api.errordetails.v1 import message_pb2 as details_pb2
+from temporalio.api.namespace.v1 import message_pb2 as namespace_pb2
+from temporalio.api.workflowservice.v1 import request_response_pb2 as tw
+from temporalio.api.workflowservice.v1 import service_pb2 as temporal_service_pb2
+
+import tideflow
+from tideflow.api.v1 import service_pb2 as tf
+from tideflow.history import HistoryStore, StoreError
+
+from . import _temporal_wire as wire
+from ._errors import ServiceError
+from ._frontend import WorkflowService
+from ._registration import add_to_server
+from ._temporal_errors import (
+    Aborted,
+    CapturingContext,
+    Refused,
+    abort,
+    reshaped,
+    unsupported,
+    untranslatable,
+)
+
+log = logging.getLogger("tideflow.server.temporal")
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = temporal_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"]
+# Retention reported for namespaces registered without one (Temporal requires a value).
+_DEFAULT_RETENTION_S = 3 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class _Route:
+    """A Temporal RPC served by the frontend handler ``rpc`` of tideflow's service."""
+
+    rpc: str
+    request: type[Message]
+    response: type[Message]
+
+
+# Temporal RPC -> the tideflow RPC that does the same thing.
+_ROUTES: dict[str, _Route] = {
+    "StartWorkflowExecution": _Route(
+        "StartWorkflow", tf.StartWorkflowRequest, tw.StartWorkflowExecutionResponse
+    ),
+    # tideflow's start request carries the signal of a signal-with-start.
+    "SignalWithStartWorkflowExecution": _Route(
+        "StartWorkflow", tf.StartWorkflowRequest, tw.SignalWithStartWorkflowExecutionResponse
+    ),
+    "GetWorkflowExecutionHistory": _Route(
+        "GetHistory", tf.GetHistoryRequest, tw.GetWorkflowExecutionHistoryResponse
+    ),
+    "DescribeWorkflowExecution": _Route(
+        "DescribeWorkflow", tf.DescribeWorkflowRequest, tw.DescribeWorkflowExecutionResponse
+    ),
+    "TerminateWorkflowExecution": _Route(
+        "TerminateWorkflow", tf.TerminateWorkflowRequest, tw.TerminateWorkflowExecutionResponse
+    ),
+    "SignalWorkflowExecution": _Route(
+        "SignalWorkflow", tf.SignalWorkflowRequest, tw.SignalWorkflowExecutionResponse
+    ),
+    "RequestCancelWorkflowExecution": _Route(
+        "RequestCancelWorkflow",
+        tf.RequestCancelWorkflowRequest,
+        tw.RequestCancelWorkflowExecutionResponse,
+    ),
+    "QueryWorkflow": _Route("QueryWorkflow", tf.QueryWorkflowRequest, tw.QueryWorkflowResponse),
+    "RespondQueryTaskCompleted": _Route(
+        "RespondQueryTaskCompleted",
+        tf.RespondQueryTaskCompletedRequest,
+        tw.RespondQueryTaskCompletedResponse,
+    ),
+    "PollWorkflowTaskQueue": _Route(
+        "PollWorkflowTask", tf.PollWorkflowTaskRequest, tw.PollWorkflowTaskQueueResponse
+    ),
+    "RespondWorkflowTaskCompleted": _Route(
+        "RespondWorkflowTaskCompleted",
+        tf.RespondWorkflowTaskCompletedRequest,
+        tw.RespondWorkflowTaskCompletedResponse,
+    ),
+    "RespondWorkflowTaskFailed": _Route(
+        "RespondWorkflowTaskFailed",
+        tf.RespondWorkflowTaskFailedRequest,
+        tw.RespondWorkflowTaskFailedResponse,
+    ),
+    "PollActivityTaskQueue": _Route(
+        "PollActivityTask", tf.PollActivityTaskRequest, tw.PollActivityTaskQueueResponse
+    ),
+    "RespondActivityTaskCompleted": _Route(
+        "RespondActivityTaskCompleted",
+        tf.RespondActivityTaskCompletedRequest,
+        tw.RespondActivityTaskCompletedResponse,
+    ),
+    "RespondActivityTaskFailed": _Route(
+        "RespondActivityTaskFailed",
+        tf.RespondActivityTaskFailedRequest,
+        tw.RespondActivityTaskFailedResponse,
+    ),
+    "RespondActivityTaskCanceled": _Route(
+        "RespondActivityTaskCanceled",
+        tf.RespondActivityTaskCanceledRequest,
+        tw.RespondActivityTaskCanceledResponse,
+    ),
+    "RecordActivityTaskHeartbeat": _Route(
+        "RecordActivityHeartbeat",
+        tf.RecordActivityHeartbeatRequest,
+        tw.RecordActivityTaskHeartbeatResponse,
+    ),
+    "ListWorkflowExecutions": _Route(
+        "ListWorkflowExecutions",
+        tf.ListWorkflowExecutionsRequest,
+        tw.ListWorkflowExecutionsResponse,
+    ),
+    # A scan is a list without an order guarantee: tideflow's order is a fine one.
+    "ScanWorkflowExecutions": _Route(
+        "ListWorkflowExecutions",
+        tf.ListWorkflowExecutionsRequest,
+        tw.ScanWorkflowExecutionsResponse,
+    ),
+    "CountWorkflowExecutions": _Route(
+        "CountWorkflowExecutions",
+        tf.CountWorkflowExecutionsRequest,
+        tw.CountWorkflowExecutionsResponse,
+    ),
+    "ShutdownWorker": _Route("ShutdownWorker", tf.ShutdownWorkerRequest, tw.ShutdownWorkerResponse),
+}
+
+# Commands of features tideflow does not have, by the feature's name.
+_REFUSED_COMMANDS = {
+    command_type_pb2.COMMAND_TYPE_PROTOCOL_MESSAGE: "workflow updates (protocol messages)",
+    command_type_pb2.COMMAND_TYPE_MODIFY_WORKFLOW_PROPERTIES: "upserting a workflow's memo",
+    command_type_pb2.COMMAND_TYPE_SCHEDULE_NEXUS_OPERATION: "Nexus operations",
+    command_type_pb2.COMMAND_TYPE_REQUEST_CANCEL_NEXUS_OPERATION: "Nexus operations",
+}
+
+
+def _check_start(request: Any) -> None:
+    if request.HasField("versioning_override"):
+        raise unsupported("worker versioning (versioning_override)")
+    if request.HasField("workflow_start_delay"):
+        raise unsupported("a delayed start (workflow_start_delay)")
+
+
+def _check_task_completed(request: tw.RespondWorkflowTaskCompletedRequest) -> None:
+    for command in request.commands:
+        feature = _REFUSED_COMMANDS.get(command.command_type)
+        if feature is not None:
+            raise unsupported(feature)
+    if request.messages:
+        raise unsupported("workflow updates (protocol messages)")
+    metadata = request.sdk_metadata
+    if metadata.core_used_flags or metadata.lang_used_flags:
+        # Never advertised (GetSystemInfo): flags tideflow did not store would make a
+        # later replay take other paths than the first run did.
+        raise unsupported("SDK metadata flags (sdk_metadata)")
+    # sdk_name/sdk_version only say who completed the task: dropped with the rest.
+    request.ClearField("sdk_metadata")
+
+
+_CHECKS: dict[str, Callable[[Any], None]] = {
+    "StartWorkflowExecution": _check_start,
+    "SignalWithStartWorkflowExecution": _check_start,
+    "RespondWorkflowTaskCompleted": _check_task_completed,
+}
+
+
+def _complete_workflow_task(request: Any, response: Any) -> None:
+    # Temporal names the run's own (normal) queue with each task; the core refuses a
+    # task without it. A sticky poll names it as its normal_name.
+    if response.task_token:
+        queue = request.task_queue
+        response.workflow_execution_task_queue.name = queue.normal_name or queue.name
+        response.workflow_execution_task_queue.kind = task_queue_pb2.TASK_QUEUE_KIND_NORMAL
+
+
+_COMPLETIONS: dict[str, Callable[[Any, Any], None]] = {
+    "PollWorkflowTaskQueue": _complete_workflow_task,
+}
+
+
+class TemporalWorkflowService:
+    """The Temporal RPCs this door serves; each routed one is an attribute named after
+    it (``add_to_server`` registers what exists, the rest is UNIMPLEMENTED)."""
+
+    def __init__(self, frontend: WorkflowService, store: HistoryStore) -> None:
+        self._frontend = frontend
+        self._store = store
+
+    def __getattr__(self, name: str) -> Callable[[Message, _Context], Awaitable[Message]]:
+        route = _ROUTES.get(name)
+        if route is None:
+            raise AttributeError(name)
+        return functools.partial(self._routed, name, route)
+
+    async def _routed(self, name: str, route: _Route, request: Message, context: _Context) -> Any:
+        async def work() -> Message:
+            check = _CHECKS.get(name)
+            if check is not None:
+                check(request)
+            tideflow_request = wire.converted(request, route.request, strict=True)
+            handler = getattr(self._frontend, route.rpc)
+            response = await handler(tideflow_request, _frontend_context(context))
+            try:
+                answer = wire.converted(response, route.response, strict=False)
+            except wire.Untranslatable as exc:
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{exc.path}: {exc.why}; a Temporal SDK could not replay it",
+                ) from exc
+            complete = _COMPLETIONS.get(name)
+            if complete is not None:
+                complete(request, answer)
+            return answer
+
+        return await _served(context, work)
+
+    async def GetSystemInfo(
+        self, request: tw.GetSystemInfoRequest, context: _Context
+    ) -> tw.GetSystemInfoResponse:
+        # Only what tideflow stores and answers alike; in particular no sdk_metadata
+        # (flags not kept in WorkflowTaskCompleted events would diverge on replay) and
+        # no eager start.
+        capabilities = tw.GetSystemInfoResponse.Capabilities(
+            signal_and_query_header=True,
+            internal_error_differentiation=True,
+            activity_failure_include_heartbeat=True,
+        )
+        return tw.GetSystemInfoResponse(
+            server_version=f"tideflow {tideflow.__version__}", capabilities=capabilities
+        )
+
+    async def DescribeNamespace(
+        self, request: tw.DescribeNamespaceRequest, context: _Context
+    ) -> Any:
+        async def work() -> Message:
+            name = request.namespace or request.id
+            if not name:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "namespace is empty")
+            if not await self._store.namespace_exists(name):
+                raise Refused(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"namespace not found: {name!r}",
+                    details_pb2.NamespaceNotFoundFailure(namespace=name),
+                )
+            return _namespace_response(name)
+
+        return await _served(context, work)
+
+    async def ShutdownWorker(
+        self, request: tw.ShutdownWorkerRequest, context: _Context
+    ) -> Any:
+        if not request.sticky_task_queue:
+            # A worker without a sticky cache: nothing of it to retire.
+            return tw.ShutdownWorkerResponse()
+        return await self._routed("ShutdownWorker", _ROUTES["ShutdownWorker"], request, context)
+
+    async def RegisterNamespace(
+        self, request: tw.RegisterNamespaceRequest, context: _Context
+    ) -> Any:
+        async def work() -> Message:
+            # Clusters, archival and ownership are Temporal deployment settings that a
+            # single-region tideflow has no use for; they are not stored.
+            ours = tf.RegisterNamespaceRequest(
+                namespace=request.namespace, description=request.description
+            )
+            ours.workflow_execution_retention_period.CopyFrom(
+                request.workflow_execution_retention_period
+            )
+            await self._frontend.RegisterNamespace(ours, _frontend_context(context))
+            return tw.RegisterNamespaceResponse()
+
+        return await _served(context, work)
+
+
+def _namespace_response(name: str) -> tw.DescribeNamespaceResponse:
+    info = namespace_pb2.NamespaceInfo(
+        name=name, id=name, state=namespace_enums.NAMESPACE_STATE_REGISTERED
+    )
+    config = namespace_pb2.NamespaceConfig()
+    config.workflow_execution_retention_ttl.FromSeconds(_DEFAULT_RETENTION_S)
+    return tw.DescribeNamespaceResponse(namespace_info=info, config=config)
+
+
+def _frontend_context(context: _Context) -> Any:
+    """The caller's context for a frontend handler: its aborts come back here."""
+    return CapturingContext(context)
+
+
+async def _served(context: _Context, work: Callable[[], Awaitable[Message]]) -> Any:
+    """``work()``'s answer, or its failure as a Temporal-shaped status."""
+    try:
+        return await work()
+    except wire.Untranslatable as exc:
+        refusal = untranslatable(exc)
+    except Aborted as exc:
+        refusal = reshaped(exc)
+    except Refused as exc:
+        refusal = exc
+    except ServiceError as exc:
+        refusal = Refused(exc.code, exc.message)
+    except StoreError as exc:
+        refusal = Refused(grpc.StatusCode.UNAVAILABLE, f"history store unavailable: {exc}")
+    await abort(context, refusal)
+    raise AssertionError("unreachable")  # abort() always raises
+
+
+def serve_temporal_api(frontend: WorkflowService, store: HistoryStore, server: Any) -> None:
+    """Register the Temporal door on ``server`` (a ``grpc.aio.Server``)."""
+    add_to_server(TemporalWorkflowService(frontend, store), server, SERVICE)
