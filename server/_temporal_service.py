@@ -20,6 +20,7 @@ this module is imported only when it is installed (``serve_temporal_api``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -30,12 +31,14 @@ import grpc
 from google.protobuf.message import Message
 from temporalio.api.enums.v1 import command_type_pb2, task_queue_pb2
 from temporalio.api.enums.v1 import namespace_pb2 as namespace_enums
+from temporalio.api.enums.v1 import workflow_pb2 as workflow_enums
 from temporalio.api.errordetails.v1 import message_pb2 as details_pb2
 from temporalio.api.namespace.v1 import message_pb2 as namespace_pb2
 from temporalio.api.workflowservice.v1 import request_response_pb2 as tw
 from temporalio.api.workflowservice.v1 import service_pb2 as temporal_service_pb2
 
 import tideflow
+from tideflow.api.v1 import common_pb2
 from tideflow.api.v1 import service_pb2 as tf
 from tideflow.history import HistoryStore, StoreError
 
@@ -165,6 +168,11 @@ _REFUSED_COMMANDS = {
     command_type_pb2.COMMAND_TYPE_REQUEST_CANCEL_NEXUS_OPERATION: "Nexus operations",
 }
 
+_CHILD_REUSE_POLICIES = (
+    workflow_enums.WORKFLOW_ID_REUSE_POLICY_UNSPECIFIED,
+    workflow_enums.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+)
+
 
 def _check_start(request: Any) -> None:
     if request.HasField("versioning_override"):
@@ -178,6 +186,12 @@ def _check_task_completed(request: tw.RespondWorkflowTaskCompletedRequest) -> No
         feature = _REFUSED_COMMANDS.get(command.command_type)
         if feature is not None:
             raise unsupported(feature)
+        if command.HasField("start_child_workflow_execution_command_attributes"):
+            child = command.start_child_workflow_execution_command_attributes
+            # tideflow starts a child as ALLOW_DUPLICATE does (the SDK's default).
+            if child.workflow_id_reuse_policy not in _CHILD_REUSE_POLICIES:
+                raise unsupported("a child workflow's workflow_id_reuse_policy")
+            child.ClearField("workflow_id_reuse_policy")
     if request.messages:
         raise unsupported("workflow updates (protocol messages)")
     metadata = request.sdk_metadata
@@ -187,6 +201,9 @@ def _check_task_completed(request: tw.RespondWorkflowTaskCompletedRequest) -> No
         raise unsupported("SDK metadata flags (sdk_metadata)")
     # sdk_name/sdk_version only say who completed the task: dropped with the rest.
     request.ClearField("sdk_metadata")
+    # A next workflow task handed back in the answer would lack the run's queue, which
+    # the core requires on every task; declined, it is dispatched like any other.
+    request.return_new_workflow_task = False
 
 
 _CHECKS: dict[str, Callable[[Any], None]] = {
@@ -210,6 +227,10 @@ _COMPLETIONS: dict[str, Callable[[Any, Any], None]] = {
 }
 
 
+# RPCs that may name a chain of runs by its first run (``first_execution_run_id``).
+_CHAIN_RPCS = frozenset({"RequestCancelWorkflowExecution", "TerminateWorkflowExecution"})
+
+
 class TemporalWorkflowService:
     """The Temporal RPCs this door serves; each routed one is an attribute named after
     it (``add_to_server`` registers what exists, the rest is UNIMPLEMENTED)."""
@@ -229,6 +250,8 @@ class TemporalWorkflowService:
             check = _CHECKS.get(name)
             if check is not None:
                 check(request)
+            if name in _CHAIN_RPCS:
+                await self._pin_chain(request, context)
             tideflow_request = wire.converted(request, route.request, strict=True)
             handler = getattr(self._frontend, route.rpc)
             response = await handler(tideflow_request, _frontend_context(context))
@@ -244,7 +267,44 @@ class TemporalWorkflowService:
                 complete(request, answer)
             return answer
 
-        return await _served(context, work)
+        return await _served(name, context, work)
+
+    async def _pin_chain(self, request: Any, context: _Context) -> None:
+        """``first_execution_run_id``: act on the workflow id's current run only if it
+        belongs to the chain that run started (a newer start of the id is left alone).
+        The check names the current run, so the frontend acts on exactly that one."""
+        chain = request.first_execution_run_id
+        request.ClearField("first_execution_run_id")
+        execution = request.workflow_execution
+        if not chain or execution.run_id:
+            return  # a named run is at least as precise as its chain
+        ours = _frontend_context(context)
+        described = await self._frontend.DescribeWorkflow(
+            tf.DescribeWorkflowRequest(
+                namespace=request.namespace,
+                execution=common_pb2.WorkflowExecution(workflow_id=execution.workflow_id),
+            ),
+            ours,
+        )
+        current = described.workflow_execution_info.execution.run_id
+        page = await self._frontend.GetHistory(
+            tf.GetHistoryRequest(
+                namespace=request.namespace,
+                execution=common_pb2.WorkflowExecution(
+                    workflow_id=execution.workflow_id, run_id=current
+                ),
+                maximum_page_size=1,
+            ),
+            ours,
+        )
+        started = page.history.events[0].workflow_execution_started_event_attributes
+        if started.first_execution_run_id != chain:
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"workflow {execution.workflow_id!r} has no open run of the chain {chain}",
+                details_pb2.NotFoundFailure(),
+            )
+        execution.run_id = current
 
     async def GetSystemInfo(
         self, request: tw.GetSystemInfoRequest, context: _Context
@@ -276,11 +336,9 @@ class TemporalWorkflowService:
                 )
             return _namespace_response(name)
 
-        return await _served(context, work)
+        return await _served("DescribeNamespace", context, work)
 
-    async def ShutdownWorker(
-        self, request: tw.ShutdownWorkerRequest, context: _Context
-    ) -> Any:
+    async def ShutdownWorker(self, request: tw.ShutdownWorkerRequest, context: _Context) -> Any:
         if not request.sticky_task_queue:
             # A worker without a sticky cache: nothing of it to retire.
             return tw.ShutdownWorkerResponse()
@@ -301,7 +359,7 @@ class TemporalWorkflowService:
             await self._frontend.RegisterNamespace(ours, _frontend_context(context))
             return tw.RegisterNamespaceResponse()
 
-        return await _served(context, work)
+        return await _served("RegisterNamespace", context, work)
 
 
 def _namespace_response(name: str) -> tw.DescribeNamespaceResponse:
@@ -318,7 +376,7 @@ def _frontend_context(context: _Context) -> Any:
     return CapturingContext(context)
 
 
-async def _served(context: _Context, work: Callable[[], Awaitable[Message]]) -> Any:
+async def _served(name: str, context: _Context, work: Callable[[], Awaitable[Message]]) -> Any:
     """``work()``'s answer, or its failure as a Temporal-shaped status."""
     try:
         return await work()
@@ -332,6 +390,12 @@ async def _served(context: _Context, work: Callable[[], Awaitable[Message]]) -> 
         refusal = Refused(exc.code, exc.message)
     except StoreError as exc:
         refusal = Refused(grpc.StatusCode.UNAVAILABLE, f"history store unavailable: {exc}")
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception:
+        # As the frontend does: logged here, no details to the caller.
+        log.exception("Temporal API: %s failed", name)
+        refusal = Refused(grpc.StatusCode.INTERNAL, f"internal error in {name}")
     await abort(context, refusal)
     raise AssertionError("unreachable")  # abort() always raises
 

@@ -64,7 +64,8 @@ IGNORED: Mapping[str, frozenset[str]] = {
     "RespondWorkflowTaskCompletedRequest": frozenset({"namespace"}),
     "RespondWorkflowTaskFailedRequest": frozenset({"namespace", "messages"}),
     "RespondActivityTaskCompletedRequest": frozenset({"namespace"}),
-    "RespondActivityTaskFailedRequest": frozenset({"namespace"}),
+    # Why the worker failed the attempt (unhandled error, payload size): not history.
+    "RespondActivityTaskFailedRequest": frozenset({"namespace", "cause"}),
     "RespondActivityTaskCanceledRequest": frozenset({"namespace"}),
     "RecordActivityTaskHeartbeatRequest": frozenset({"namespace"}),
     "ShutdownWorkerRequest": frozenset({"reason", "task_queue"}),
@@ -148,7 +149,7 @@ M = TypeVar("M", bound=Message)
 def converted(src: Message, dst_class: type[M], *, strict: bool) -> M:
     """A new ``dst_class`` message with ``src`` copied into it (see ``copy``)."""
     dst = dst_class()
-    copy(src, dst, strict=strict)
+    copy(src, dst, strict=strict, path=f"{src.DESCRIPTOR.name}.")
     return dst
 
 
@@ -203,9 +204,7 @@ def _copy_map(
             entries[key] = item
 
 
-def _scalar(
-    field: Any, target: Any, value: Any, where: str, strict: bool
-) -> object:
+def _scalar(field: Any, target: Any, value: Any, where: str, strict: bool) -> object:
     """``value`` as ``target`` holds it; None: leave the target unset."""
     if field.type == FieldDescriptor.TYPE_ENUM:
         name = field.enum_type.values_by_number[value].name

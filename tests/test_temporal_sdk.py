@@ -1,0 +1,240 @@
+"""The official Temporal Python SDK (temporalio 1.35.0), unchanged, against tideflow's
+Temporal door (server/_temporal_service.py): one server on a real port for the module,
+one temporalio client and worker; every history is fetched afterwards through the same
+door and replayed by ``temporalio.worker.Replayer``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+temporalio = pytest.importorskip("temporalio", reason="the tideflow[temporal] extra")
+
+from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.client import (  # noqa: E402
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import WorkflowIDConflictPolicy  # noqa: E402
+from temporalio.exceptions import (  # noqa: E402
+    CancelledError,
+    TerminatedError,
+    WorkflowAlreadyStartedError,
+)
+from temporalio.service import RPCError, RPCStatusCode  # noqa: E402
+from temporalio.worker import Replayer, Worker  # noqa: E402
+
+from helpers import eventually, running_server  # noqa: E402
+from temporal_workflows import (  # noqa: E402
+    ALL_ACTIVITIES,
+    ALL_WORKFLOWS,
+    CancellableWorkflow,
+    CountdownWorkflow,
+    GreetWorkflow,
+    InboxWorkflow,
+    ParentWorkflow,
+    PatchedWorkflow,
+    RetryWorkflow,
+    SleeperWorkflow,
+)
+from tideflow.server import TideflowServer  # noqa: E402
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+class Door:
+    """The module's server, its temporalio client and the queue its worker serves."""
+
+    def __init__(self, server: TideflowServer, client: Client, queue: str) -> None:
+        self.server = server
+        self.client = client
+        self.queue = queue
+
+    async def start(self, run: Any, *args: Any, **kwargs: Any) -> WorkflowHandle[Any, Any]:
+        return await self.client.start_workflow(
+            run, args=list(args), id=f"t-{uuid.uuid4()}", task_queue=self.queue, **kwargs
+        )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def door(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Door]:
+    folder: Path = tmp_path_factory.mktemp("temporal")
+    async with running_server(folder) as server:
+        assert server.temporal_api
+        client = await Client.connect(server.address, namespace="default")
+        queue = f"tq-{uuid.uuid4()}"
+        async with Worker(
+            client, task_queue=queue, workflows=ALL_WORKFLOWS, activities=ALL_ACTIVITIES
+        ):
+            yield Door(server, client, queue)
+
+
+async def replays(handle: WorkflowHandle[Any, Any]) -> None:
+    """The run's whole history, fetched through the door, replays without a
+    non-determinism error."""
+    history = await handle.fetch_history()
+    result = await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(
+        history, raise_on_replay_failure=True
+    )
+    assert result.replay_failure is None
+
+
+async def event_types(handle: WorkflowHandle[Any, Any]) -> list[int]:
+    return [event.event_type async for event in handle.fetch_history_events()]
+
+
+async def test_activity_and_timer(door: Door) -> None:
+    handle = await door.start(GreetWorkflow.run, "temporal")
+    assert await handle.result() == "hello temporal"
+    types = await event_types(handle)
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED in types
+    assert EventType.EVENT_TYPE_TIMER_FIRED in types
+    assert types[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    await replays(handle)
+
+
+async def test_activity_retries_and_failure(door: Door) -> None:
+    key = str(uuid.uuid4())
+    handle = await door.start(RetryWorkflow.run, key)
+    assert await handle.result() == [
+        f"{key} after 3 attempts",
+        f"Broken: {key} cannot succeed",
+    ]
+    types = await event_types(handle)
+    # Retries are the server's: one scheduled event per activity, the final outcome only.
+    assert types.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED) == 2
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in types
+    await replays(handle)
+
+
+async def test_signals_and_queries(door: Door) -> None:
+    handle = await door.start(InboxWorkflow.run, "a")
+    await handle.signal(InboxWorkflow.add, "b")
+    await eventually(lambda: _queried(handle, ["a", "b"]), "the signal in the query's answer")
+    await handle.signal(InboxWorkflow.close)
+    assert await handle.result() == ["a", "b"]
+    await replays(handle)
+
+
+async def _queried(handle: WorkflowHandle[Any, Any], expected: list[str]) -> bool:
+    return bool(await handle.query(InboxWorkflow.items) == expected)
+
+
+async def test_signal_with_start(door: Door) -> None:
+    workflow_id = f"sws-{uuid.uuid4()}"
+    first = await door.client.start_workflow(
+        InboxWorkflow.run,
+        "first",
+        id=workflow_id,
+        task_queue=door.queue,
+        start_signal="add",
+        start_signal_args=["signalled"],
+    )
+    # Again: the run is there, so only the signal is delivered (to the same run).
+    again = await door.client.start_workflow(
+        InboxWorkflow.run,
+        "ignored",
+        id=workflow_id,
+        task_queue=door.queue,
+        start_signal="add",
+        start_signal_args=["again"],
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    assert again.result_run_id == first.result_run_id
+    await first.signal(InboxWorkflow.close)
+    # The SDK runs the signal handler of the first task before the workflow's body.
+    assert await first.result() == ["signalled", "first", "again"]
+    await replays(first)
+
+
+async def test_child_workflows(door: Door) -> None:
+    handle = await door.start(ParentWorkflow.run, 2)
+    assert await handle.result() == 20 + 30
+    types = await event_types(handle)
+    assert types.count(EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED) == 2
+    await replays(handle)
+
+
+async def test_continue_as_new(door: Door) -> None:
+    handle = await door.start(CountdownWorkflow.run, 3)
+    # The handle follows the chain of runs to the last one's result.
+    assert await handle.result() == 4
+    first_run = door.client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
+    types = await event_types(first_run)
+    assert types[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    await replays(first_run)
+
+
+async def test_cancel_cancels_the_heartbeating_activity(door: Door) -> None:
+    handle = await door.start(CancellableWorkflow.run, "beats")
+
+    async def heartbeating() -> bool:
+        described = await handle.describe()
+        pending = described.raw_description.pending_activities
+        return bool(pending) and pending[0].HasField("heartbeat_details")
+
+    await eventually(heartbeating, "the activity's heartbeat details in describe")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as failed:
+        await handle.result()
+    assert isinstance(failed.value.cause, CancelledError)
+    types = await event_types(handle)
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED in types
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED in types
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    await replays(handle)
+
+
+async def test_terminate_describe_and_list(door: Door) -> None:
+    handle = await door.start(SleeperWorkflow.run)
+    running = await handle.describe()
+    assert running.status == WorkflowExecutionStatus.RUNNING
+    assert running.workflow_type == "SleeperWorkflow"
+    assert running.task_queue == door.queue
+    await handle.terminate("enough")
+    with pytest.raises(WorkflowFailureError) as failed:
+        await handle.result()
+    assert isinstance(failed.value.cause, TerminatedError)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.TERMINATED
+    query = f"WorkflowId = '{handle.id}' AND ExecutionStatus = 'Terminated'"
+    listed = [run.id async for run in door.client.list_workflows(query)]
+    assert listed == [handle.id]
+    assert (await door.client.count_workflows(query)).count == 1
+
+
+async def test_patched_marker_and_local_activity(door: Door) -> None:
+    handle = await door.start(PatchedWorkflow.run, "local")
+    assert await handle.result() == "hello local (patched)"
+    events = [event async for event in handle.fetch_history_events()]
+    markers = [
+        e.marker_recorded_event_attributes.marker_name
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+    ]
+    assert sorted(markers) == ["core_local_activity", "core_patch"]
+    await replays(handle)
+
+
+async def test_errors_have_temporal_types(door: Door) -> None:
+    handle = await door.start(SleeperWorkflow.run)
+    with pytest.raises(WorkflowAlreadyStartedError):
+        await door.client.start_workflow(SleeperWorkflow.run, id=handle.id, task_queue=door.queue)
+    with pytest.raises(RPCError) as missing:
+        await door.client.get_workflow_handle(f"none-{uuid.uuid4()}").describe()
+    assert missing.value.status == RPCStatusCode.NOT_FOUND
+    await handle.terminate("done")
+
+
+async def test_unknown_namespace_is_refused(door: Door) -> None:
+    other = await Client.connect(door.server.address, namespace=f"ns-{uuid.uuid4()}")
+    with pytest.raises(RPCError) as refused:
+        await other.start_workflow(GreetWorkflow.run, "x", id="x", task_queue=door.queue)
+    assert refused.value.status == RPCStatusCode.NOT_FOUND
+    assert "namespace" in refused.value.message
