@@ -7,32 +7,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-
-temporalio = pytest.importorskip("temporalio", reason="the tideflow[temporal] extra")
-
-from temporalio.api.enums.v1 import EventType  # noqa: E402
-from temporalio.client import (  # noqa: E402
-    Client,
-    WorkflowExecutionStatus,
-    WorkflowFailureError,
-    WorkflowHandle,
-)
-from temporalio.common import WorkflowIDConflictPolicy  # noqa: E402
-from temporalio.exceptions import (  # noqa: E402
-    CancelledError,
-    TerminatedError,
-    WorkflowAlreadyStartedError,
-)
-from temporalio.service import RPCError, RPCStatusCode  # noqa: E402
-from temporalio.worker import Replayer, Worker  # noqa: E402
-
-from helpers import eventually, running_server  # noqa: E402
-from temporal_workflows import (  # noqa: E402
+from helpers import eventually
+from temporal_door import Door, open_door, replays
+from temporal_workflows import (
     ALL_ACTIVITIES,
     ALL_WORKFLOWS,
     CancellableWorkflow,
@@ -44,46 +25,29 @@ from temporal_workflows import (  # noqa: E402
     RetryWorkflow,
     SleeperWorkflow,
 )
-from tideflow.server import TideflowServer  # noqa: E402
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import (
+    CancelledError,
+    TerminatedError,
+    WorkflowAlreadyStartedError,
+)
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-class Door:
-    """The module's server, its temporalio client and the queue its worker serves."""
-
-    def __init__(self, server: TideflowServer, client: Client, queue: str) -> None:
-        self.server = server
-        self.client = client
-        self.queue = queue
-
-    async def start(self, run: Any, *args: Any, **kwargs: Any) -> WorkflowHandle[Any, Any]:
-        return await self.client.start_workflow(
-            run, args=list(args), id=f"t-{uuid.uuid4()}", task_queue=self.queue, **kwargs
-        )
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def door(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Door]:
-    folder: Path = tmp_path_factory.mktemp("temporal")
-    async with running_server(folder) as server:
-        assert server.temporal_api
-        client = await Client.connect(server.address, namespace="default")
-        queue = f"tq-{uuid.uuid4()}"
-        async with Worker(
-            client, task_queue=queue, workflows=ALL_WORKFLOWS, activities=ALL_ACTIVITIES
-        ):
-            yield Door(server, client, queue)
-
-
-async def replays(handle: WorkflowHandle[Any, Any]) -> None:
-    """The run's whole history, fetched through the door, replays without a
-    non-determinism error."""
-    history = await handle.fetch_history()
-    result = await Replayer(workflows=ALL_WORKFLOWS).replay_workflow(
-        history, raise_on_replay_failure=True
-    )
-    assert result.replay_failure is None
+    async with open_door(tmp_path_factory.mktemp("temporal")) as opened:
+        yield opened
 
 
 async def event_types(handle: WorkflowHandle[Any, Any]) -> list[int]:
@@ -238,3 +202,28 @@ async def test_unknown_namespace_is_refused(door: Door) -> None:
         await other.start_workflow(GreetWorkflow.run, "x", id="x", task_queue=door.queue)
     assert refused.value.status == RPCStatusCode.NOT_FOUND
     assert "namespace" in refused.value.message
+
+
+async def test_without_the_sticky_cache(door: Door) -> None:
+    """A worker that caches no run replays each one from its whole history on every
+    workflow task (no sticky queue): the histories the door serves replay alike."""
+    queue = f"nosticky-{uuid.uuid4()}"
+    async with Worker(
+        door.client,
+        task_queue=queue,
+        workflows=ALL_WORKFLOWS,
+        activities=ALL_ACTIVITIES,
+        max_cached_workflows=0,
+    ):
+        greet = await door.client.start_workflow(
+            GreetWorkflow.run, "uncached", id=f"t-{uuid.uuid4()}", task_queue=queue
+        )
+        assert await greet.result() == "hello uncached"
+        inbox = await door.client.start_workflow(
+            InboxWorkflow.run, "a", id=f"t-{uuid.uuid4()}", task_queue=queue
+        )
+        await inbox.signal(InboxWorkflow.add, "b")
+        await inbox.signal(InboxWorkflow.close)
+        assert await inbox.result() == ["a", "b"]
+    await replays(greet)
+    await replays(inbox)
