@@ -353,7 +353,7 @@ class TideflowServer:
             router=router,
         )
         add_to_server(service, server)
-        self._open_temporal_door(service, store, server)
+        self._open_temporal_door(service, store, tokens, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
@@ -373,7 +373,11 @@ class TideflowServer:
         self._log_started(store, hooks.recovered)
 
     def _open_temporal_door(
-        self, service: WorkflowService, store: HistoryStore, server: grpc.aio.Server
+        self,
+        service: WorkflowService,
+        store: HistoryStore,
+        tokens: TaskTokenSigner,
+        server: grpc.aio.Server,
     ) -> None:
         """Temporal's WorkflowService on the same port (server/_temporal_service.py),
         when the ``tideflow[temporal]`` extra (the temporalio wheel) is installed."""
@@ -382,7 +386,7 @@ class TideflowServer:
             return
         from ._temporal_service import serve_temporal_api
 
-        serve_temporal_api(service, store, server)
+        serve_temporal_api(service, store, tokens, server)
         self.temporal_api = True
         log.info(
             "Temporal API (temporal.api.workflowservice.v1.WorkflowService) served on %s",

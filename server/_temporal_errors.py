@@ -29,6 +29,30 @@ Kind = errors_pb2.ErrorKind
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
+# Temporal RPCs of features tideflow does not have, by the feature's name: answered
+# UNIMPLEMENTED with that name (gRPC's own answer for an unserved method names none).
+REFUSED_RPCS: dict[str, str] = {
+    "UpdateWorkflowExecution": "workflow updates",
+    "PollWorkflowExecutionUpdate": "workflow updates",
+    "ExecuteMultiOperation": "multi-operations (update-with-start)",
+    "PollNexusTaskQueue": "Nexus operations",
+    "RespondNexusTaskCompleted": "Nexus operations",
+    "RespondNexusTaskFailed": "Nexus operations",
+    "StartNexusOperationExecution": "Nexus operations",
+    "UpdateWorkerBuildIdCompatibility": "worker versioning (build ids)",
+    "GetWorkerBuildIdCompatibility": "worker versioning (build ids)",
+    "UpdateWorkerVersioningRules": "worker versioning (build ids)",
+    "GetWorkerVersioningRules": "worker versioning (build ids)",
+    "GetWorkerTaskReachability": "worker versioning (build ids)",
+    "SetWorkerDeploymentCurrentVersion": "worker deployments",
+    "DescribeWorkerDeployment": "worker deployments",
+    "ResetWorkflowExecution": "workflow reset",
+    "UpdateWorkflowExecutionOptions": "workflow execution options (versioning overrides)",
+    "PauseWorkflowExecution": "pausing workflows",
+    "StartActivityExecution": "standalone activities",
+}
+
+
 class Refused(Exception):
     """A Temporal request the door answers with ``code``: a feature tideflow does not
     have (UNIMPLEMENTED) or a request it cannot hold (INVALID_ARGUMENT)."""

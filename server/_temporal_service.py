@@ -46,7 +46,10 @@ from . import _temporal_wire as wire
 from ._errors import ServiceError
 from ._frontend import WorkflowService
 from ._registration import add_to_server
+from ._task_tokens import TaskTokenSigner
+from ._temporal_by_id import BY_ID, attempt_token, by_token, response_class
 from ._temporal_errors import (
+    REFUSED_RPCS,
     Aborted,
     CapturingContext,
     Refused,
@@ -222,8 +225,19 @@ def _complete_workflow_task(request: Any, response: Any) -> None:
         response.workflow_execution_task_queue.kind = task_queue_pb2.TASK_QUEUE_KIND_NORMAL
 
 
+def _complete_description(request: Any, response: Any) -> None:
+    # tideflow keeps the start time of an attempt only while it runs (a retry clears it).
+    for pending in response.pending_activities:
+        pending.state = (
+            workflow_enums.PENDING_ACTIVITY_STATE_STARTED
+            if pending.HasField("last_started_time")
+            else workflow_enums.PENDING_ACTIVITY_STATE_SCHEDULED
+        )
+
+
 _COMPLETIONS: dict[str, Callable[[Any, Any], None]] = {
     "PollWorkflowTaskQueue": _complete_workflow_task,
+    "DescribeWorkflowExecution": _complete_description,
 }
 
 
@@ -235,37 +249,67 @@ class TemporalWorkflowService:
     """The Temporal RPCs this door serves; each routed one is an attribute named after
     it (``add_to_server`` registers what exists, the rest is UNIMPLEMENTED)."""
 
-    def __init__(self, frontend: WorkflowService, store: HistoryStore) -> None:
+    def __init__(
+        self, frontend: WorkflowService, store: HistoryStore, tokens: TaskTokenSigner
+    ) -> None:
         self._frontend = frontend
         self._store = store
+        self._tokens = tokens  # seals the tokens of activity calls by id
 
     def __getattr__(self, name: str) -> Callable[[Message, _Context], Awaitable[Message]]:
         route = _ROUTES.get(name)
-        if route is None:
-            raise AttributeError(name)
-        return functools.partial(self._routed, name, route)
+        if route is not None:
+            return functools.partial(self._routed, name, route)
+        base = BY_ID.get(name)
+        if base is not None:
+            return functools.partial(self._by_id, name, base)
+        feature = REFUSED_RPCS.get(name)
+        if feature is not None:
+            return functools.partial(_refuse, name, feature)
+        raise AttributeError(name)
 
     async def _routed(self, name: str, route: _Route, request: Message, context: _Context) -> Any:
+        return await _served(name, context, lambda: self._call(name, route, request, context))
+
+    async def _call(self, name: str, route: _Route, request: Message, context: _Context) -> Any:
+        """The frontend's answer to ``request``, both ways translated."""
+        check = _CHECKS.get(name)
+        if check is not None:
+            check(request)
+        if name in _CHAIN_RPCS:
+            await self._pin_chain(request, context)
+        tideflow_request = wire.converted(request, route.request, strict=True)
+        handler = getattr(self._frontend, route.rpc)
+        response = await handler(tideflow_request, _frontend_context(context))
+        try:
+            answer = wire.converted(response, route.response, strict=False)
+        except wire.Untranslatable as exc:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{exc.path}: {exc.why}; a Temporal SDK could not replay it",
+            ) from exc
+        complete = _COMPLETIONS.get(name)
+        if complete is not None:
+            complete(request, answer)
+        return answer
+
+    async def _by_id(self, name: str, base: str, request: Any, context: _Context) -> Any:
+        """An activity call naming the activity by id: the same call with the task token
+        of the activity's current attempt."""
+
         async def work() -> Message:
-            check = _CHECKS.get(name)
-            if check is not None:
-                check(request)
-            if name in _CHAIN_RPCS:
-                await self._pin_chain(request, context)
-            tideflow_request = wire.converted(request, route.request, strict=True)
-            handler = getattr(self._frontend, route.rpc)
-            response = await handler(tideflow_request, _frontend_context(context))
-            try:
-                answer = wire.converted(response, route.response, strict=False)
-            except wire.Untranslatable as exc:
-                raise Refused(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{exc.path}: {exc.why}; a Temporal SDK could not replay it",
-                ) from exc
-            complete = _COMPLETIONS.get(name)
-            if complete is not None:
-                complete(request, answer)
-            return answer
+            described = await self._frontend.DescribeWorkflow(
+                tf.DescribeWorkflowRequest(
+                    namespace=request.namespace,
+                    execution=common_pb2.WorkflowExecution(
+                        workflow_id=request.workflow_id, run_id=request.run_id
+                    ),
+                ),
+                _frontend_context(context),
+            )
+            token = await attempt_token(described, request, self._tokens)
+            answer = await self._call(base, _ROUTES[base], by_token(request, base, token), context)
+            return wire.converted(answer, response_class(name), strict=False)
 
         return await _served(name, context, work)
 
@@ -371,6 +415,18 @@ def _namespace_response(name: str) -> tw.DescribeNamespaceResponse:
     return tw.DescribeNamespaceResponse(namespace_info=info, config=config)
 
 
+async def _refuse(name: str, feature: str, request: Message, context: _Context) -> Any:
+    """A Temporal RPC of a feature tideflow does not have: UNIMPLEMENTED, naming it."""
+    return await _served(name, context, _raise(unsupported(feature)))
+
+
+def _raise(refusal: Refused) -> Callable[[], Awaitable[Message]]:
+    async def work() -> Message:
+        raise refusal
+
+    return work
+
+
 def _frontend_context(context: _Context) -> Any:
     """The caller's context for a frontend handler: its aborts come back here."""
     return CapturingContext(context)
@@ -400,6 +456,8 @@ async def _served(name: str, context: _Context, work: Callable[[], Awaitable[Mes
     raise AssertionError("unreachable")  # abort() always raises
 
 
-def serve_temporal_api(frontend: WorkflowService, store: HistoryStore, server: Any) -> None:
+def serve_temporal_api(
+    frontend: WorkflowService, store: HistoryStore, tokens: TaskTokenSigner, server: Any
+) -> None:
     """Register the Temporal door on ``server`` (a ``grpc.aio.Server``)."""
-    add_to_server(TemporalWorkflowService(frontend, store), server, SERVICE)
+    add_to_server(TemporalWorkflowService(frontend, store, tokens), server, SERVICE)

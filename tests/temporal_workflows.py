@@ -9,7 +9,9 @@ harness (server, database) is nothing a sandboxed workflow may import.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
@@ -47,6 +49,21 @@ async def heartbeat_until_cancelled(key: str) -> str:
         beat += 1
         activity.heartbeat(beat)
         await asyncio.sleep(0.05)
+
+
+@activity.defn
+async def completes_elsewhere() -> str:
+    """Leaves its outcome to whoever holds its id (the test, by id)."""
+    activity.raise_complete_async()
+
+
+@workflow.defn
+class AsyncCompletionWorkflow:
+    @workflow.run
+    async def run(self) -> str:
+        return await workflow.execute_activity(
+            completes_elsewhere, start_to_close_timeout=timedelta(seconds=60), activity_id="ext"
+        )
 
 
 @workflow.defn
@@ -178,6 +195,7 @@ class PatchedWorkflow:
 
 
 ALL_WORKFLOWS = [
+    AsyncCompletionWorkflow,
     GreetWorkflow,
     RetryWorkflow,
     InboxWorkflow,
@@ -188,4 +206,10 @@ ALL_WORKFLOWS = [
     SleeperWorkflow,
     PatchedWorkflow,
 ]
-ALL_ACTIVITIES = [greet, flaky, always_fails, heartbeat_until_cancelled]
+ALL_ACTIVITIES: list[Callable[..., Any]] = [
+    greet,
+    flaky,
+    always_fails,
+    heartbeat_until_cancelled,
+    completes_elsewhere,
+]

@@ -16,7 +16,12 @@ import pytest
 import pytest_asyncio
 from helpers import eventually
 from temporal_door import Door, open_door, replays
-from temporal_workflows import InboxWorkflow
+from temporal_workflows import AsyncCompletionWorkflow, InboxWorkflow
+from temporalio.api.enums.v1 import PendingActivityState, WorkflowTaskFailedCause
+from temporalio.api.failure.v1 import Failure
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import request_response_pb2 as wsv
+from temporalio.service import RPCError, RPCStatusCode
 
 from tideflow.worker_sdk import Client as TideflowClient
 from tideflow.worker_sdk import WorkflowExecutionStatus as TideflowStatus
@@ -161,3 +166,70 @@ async def test_a_tideflow_start_runs_on_a_temporal_worker(door: Door) -> None:
     handle = door.client.get_workflow_handle(wid)
     assert await handle.result() == "hello tideflow"
     await replays(handle)
+
+
+async def test_async_completion_by_activity_id(door: Door) -> None:
+    handle = await door.start(AsyncCompletionWorkflow.run)
+
+    async def started() -> bool:
+        pending = (await handle.describe()).raw_description.pending_activities
+        return (
+            bool(pending)
+            and pending[0].state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        )
+
+    await eventually(started, "the activity's attempt started")
+    by_id = door.client.get_async_activity_handle(
+        workflow_id=handle.id, run_id=handle.result_run_id, activity_id="ext"
+    )
+    await by_id.heartbeat("halfway")
+    pending = (await handle.describe()).raw_description.pending_activities
+    assert pending[0].HasField("heartbeat_details")
+    await by_id.complete("done elsewhere")
+    assert await handle.result() == "done elsewhere"
+    await replays(handle)
+
+
+async def test_updates_are_refused_by_name(door: Door) -> None:
+    handle = await door.start(InboxWorkflow.run, "a")
+    with pytest.raises(RPCError) as refused:
+        await handle.execute_update("anything")
+    assert refused.value.status == RPCStatusCode.UNIMPLEMENTED
+    assert "workflow updates" in refused.value.message
+    await handle.terminate("done")
+
+
+async def test_a_workflow_task_failed_by_a_raw_worker(door: Door) -> None:
+    """RespondWorkflowTaskFailed through temporalio's raw service stub: the failure and
+    its cause are recorded, and the next attempt's task carries them."""
+    queue = f"raw-{uuid.uuid4()}"
+    handle = await door.client.start_workflow(
+        InboxWorkflow.run, "a", id=f"t-{uuid.uuid4()}", task_queue=queue
+    )
+    service = door.client.workflow_service
+    poll = wsv.PollWorkflowTaskQueueRequest(
+        namespace="default", task_queue=TaskQueue(name=queue), identity="raw-worker"
+    )
+    first = await service.poll_workflow_task_queue(poll)
+    assert first.workflow_execution.workflow_id == handle.id
+    await service.respond_workflow_task_failed(
+        wsv.RespondWorkflowTaskFailedRequest(
+            task_token=first.task_token,
+            cause=WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR,
+            failure=Failure(message="raw failure"),
+            identity="raw-worker",
+            namespace="default",
+        )
+    )
+    again = await service.poll_workflow_task_queue(poll)
+    assert again.attempt == 2
+    failed = [
+        e for e in again.history.events if e.HasField("workflow_task_failed_event_attributes")
+    ]
+    attributes = failed[0].workflow_task_failed_event_attributes
+    assert attributes.failure.message == "raw failure"
+    assert (
+        attributes.cause
+        == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR
+    )
+    await handle.terminate("done")
