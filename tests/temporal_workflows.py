@@ -15,7 +15,7 @@ from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 # Attempts of ``flaky`` by key: the activity runs in the test's process.
 ATTEMPTS: dict[str, int] = {}
@@ -64,6 +64,31 @@ class AsyncCompletionWorkflow:
         return await workflow.execute_activity(
             completes_elsewhere, start_to_close_timeout=timedelta(seconds=60), activity_id="ext"
         )
+
+
+@activity.defn
+async def too_slow() -> str:
+    await asyncio.sleep(30)
+    return "never"
+
+
+@workflow.defn
+class TimeoutWorkflow:
+    """An activity that outlives its start-to-close timeout, with no retries left."""
+
+    @workflow.run
+    async def run(self) -> str:
+        try:
+            await workflow.execute_activity(
+                too_slow,
+                start_to_close_timeout=timedelta(milliseconds=300),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
+        except ActivityError as err:
+            if not isinstance(err.cause, TimeoutError):
+                return f"not a timeout: {type(err.cause).__name__} {err.cause}"
+            return f"timed out: {err.cause.type.name}"
+        raise AssertionError("too_slow finished in time")
 
 
 @workflow.defn
@@ -195,6 +220,7 @@ class PatchedWorkflow:
 
 
 ALL_WORKFLOWS = [
+    TimeoutWorkflow,
     AsyncCompletionWorkflow,
     GreetWorkflow,
     RetryWorkflow,
@@ -212,4 +238,5 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     always_fails,
     heartbeat_until_cancelled,
     completes_elsewhere,
+    too_slow,
 ]

@@ -24,6 +24,7 @@ from temporal_workflows import (
     PatchedWorkflow,
     RetryWorkflow,
     SleeperWorkflow,
+    TimeoutWorkflow,
 )
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
@@ -75,6 +76,13 @@ async def test_activity_retries_and_failure(door: Door) -> None:
     # Retries are the server's: one scheduled event per activity, the final outcome only.
     assert types.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED) == 2
     assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in types
+    await replays(handle)
+
+
+async def test_activity_timeout(door: Door) -> None:
+    handle = await door.start(TimeoutWorkflow.run)
+    assert await handle.result() == "timed out: START_TO_CLOSE"
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT in await event_types(handle)
     await replays(handle)
 
 
