@@ -87,7 +87,8 @@ class TimeoutWorkflow:
         except ActivityError as err:
             if not isinstance(err.cause, TimeoutError):
                 return f"not a timeout: {type(err.cause).__name__} {err.cause}"
-            return f"timed out: {err.cause.type.name}"
+            kind = err.cause.type
+            return f"timed out: {kind.name if kind is not None else 'of no type'}"
         raise AssertionError("too_slow finished in time")
 
 
