@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -235,3 +236,26 @@ async def test_without_the_sticky_cache(door: Door) -> None:
         assert await inbox.result() == ["a", "b"]
     await replays(greet)
     await replays(inbox)
+
+
+async def test_what_tideflow_cannot_store_is_refused_by_name(door: Door) -> None:
+    with pytest.raises(RPCError) as delayed:
+        await door.client.start_workflow(
+            GreetWorkflow.run,
+            "x",
+            id=f"t-{uuid.uuid4()}",
+            task_queue=door.queue,
+            start_delay=timedelta(seconds=5),
+        )
+    assert delayed.value.status == RPCStatusCode.UNIMPLEMENTED
+    assert "workflow_start_delay" in delayed.value.message
+    with pytest.raises(RPCError) as cron:
+        await door.client.start_workflow(
+            GreetWorkflow.run,
+            "x",
+            id=f"t-{uuid.uuid4()}",
+            task_queue=door.queue,
+            cron_schedule="* * * * *",
+        )
+    assert cron.value.status == RPCStatusCode.INVALID_ARGUMENT
+    assert "cron_schedule" in cron.value.message
