@@ -58,6 +58,7 @@ from ._temporal_errors import (
     unsupported,
     untranslatable,
 )
+from ._temporal_history import reverse_page
 
 log = logging.getLogger("tideflow.server.temporal")
 
@@ -372,15 +373,33 @@ class TemporalWorkflowService:
             name = request.namespace or request.id
             if not name:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "namespace is empty")
-            if not await self._store.namespace_exists(name):
-                raise Refused(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"namespace not found: {name!r}",
-                    details_pb2.NamespaceNotFoundFailure(namespace=name),
-                )
-            return _namespace_response(name)
+            for row in await self._store.list_namespaces():
+                if row[0] == name:
+                    return _namespace_response(*row)
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"namespace not found: {name!r}",
+                details_pb2.NamespaceNotFoundFailure(namespace=name),
+            )
 
         return await _served("DescribeNamespace", context, work)
+
+    async def ListNamespaces(self, request: tw.ListNamespacesRequest, context: _Context) -> Any:
+        async def work() -> Message:
+            # A handful of rows: one page, whatever page size was asked for.
+            rows = await self._store.list_namespaces()
+            return tw.ListNamespacesResponse(namespaces=[_namespace_response(*row) for row in rows])
+
+        return await _served("ListNamespaces", context, work)
+
+    async def GetWorkflowExecutionHistoryReverse(
+        self, request: tw.GetWorkflowExecutionHistoryReverseRequest, context: _Context
+    ) -> Any:
+        return await _served(
+            "GetWorkflowExecutionHistoryReverse",
+            context,
+            lambda: reverse_page(self._frontend, request, _frontend_context(context)),
+        )
 
     async def ShutdownWorker(self, request: tw.ShutdownWorkerRequest, context: _Context) -> Any:
         if not request.sticky_task_queue:
@@ -406,12 +425,17 @@ class TemporalWorkflowService:
         return await _served("RegisterNamespace", context, work)
 
 
-def _namespace_response(name: str) -> tw.DescribeNamespaceResponse:
+def _namespace_response(
+    name: str, description: str, retention_s: int
+) -> tw.DescribeNamespaceResponse:
     info = namespace_pb2.NamespaceInfo(
-        name=name, id=name, state=namespace_enums.NAMESPACE_STATE_REGISTERED
+        name=name,
+        id=name,
+        description=description,
+        state=namespace_enums.NAMESPACE_STATE_REGISTERED,
     )
     config = namespace_pb2.NamespaceConfig()
-    config.workflow_execution_retention_ttl.FromSeconds(_DEFAULT_RETENTION_S)
+    config.workflow_execution_retention_ttl.FromSeconds(retention_s or _DEFAULT_RETENTION_S)
     return tw.DescribeNamespaceResponse(namespace_info=info, config=config)
 
 

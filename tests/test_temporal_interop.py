@@ -16,7 +16,8 @@ import pytest
 import pytest_asyncio
 from helpers import eventually
 from temporal_door import Door, open_door, replays
-from temporal_workflows import AsyncCompletionWorkflow, InboxWorkflow
+from temporal_workflows import AsyncCompletionWorkflow, GreetWorkflow, InboxWorkflow
+from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import PendingActivityState, WorkflowTaskFailedCause
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -233,3 +234,30 @@ async def test_a_workflow_task_failed_by_a_raw_worker(door: Door) -> None:
         == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_NON_DETERMINISTIC_ERROR
     )
     await handle.terminate("done")
+
+
+async def test_reverse_history_pages_and_namespaces(door: Door) -> None:
+    handle = await door.start(GreetWorkflow.run, "reversed")
+    await handle.result()
+    forward = [event.event_id async for event in handle.fetch_history_events()]
+    service = door.client.workflow_service
+    backward: list[int] = []
+    token = b""
+    while True:
+        page = await service.get_workflow_execution_history_reverse(
+            wsv.GetWorkflowExecutionHistoryReverseRequest(
+                namespace="default",
+                execution=WorkflowExecution(workflow_id=handle.id),
+                maximum_page_size=3,
+                next_page_token=token,
+            )
+        )
+        backward += [event.event_id for event in page.history.events]
+        token = page.next_page_token
+        if not token:
+            break
+    assert backward == list(reversed(forward))
+    listed = await service.list_namespaces(wsv.ListNamespacesRequest())
+    assert "default" in [entry.namespace_info.name for entry in listed.namespaces]
+    described = await service.describe_namespace(wsv.DescribeNamespaceRequest(namespace="default"))
+    assert described.config.workflow_execution_retention_ttl.seconds > 0
