@@ -15,7 +15,12 @@ from typing import Any
 
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    TimeoutError,
+    WorkflowAlreadyStartedError,
+)
 
 # Attempts of ``flaky`` by key: the activity runs in the test's process.
 ATTEMPTS: dict[str, int] = {}
@@ -168,6 +173,22 @@ class ParentWorkflow:
 
 
 @workflow.defn
+class DuplicateChildWorkflow:
+    """Starts a child, then another under the same id while the first runs."""
+
+    @workflow.run
+    async def run(self) -> str:
+        child_id = f"{workflow.info().workflow_id}-child"
+        # The first child is terminated when the parent closes (its close policy).
+        await workflow.start_child_workflow(SleeperWorkflow.run, id=child_id)
+        try:
+            await workflow.start_child_workflow(SleeperWorkflow.run, id=child_id)
+        except WorkflowAlreadyStartedError:
+            return "the second start was refused"
+        raise AssertionError("two children under one id")
+
+
+@workflow.defn
 class CountdownWorkflow:
     """Continues as new until ``left`` reaches 0; returns how many runs there were."""
 
@@ -221,6 +242,7 @@ class PatchedWorkflow:
 
 
 ALL_WORKFLOWS = [
+    DuplicateChildWorkflow,
     TimeoutWorkflow,
     AsyncCompletionWorkflow,
     GreetWorkflow,

@@ -19,6 +19,7 @@ from temporal_workflows import (
     ALL_WORKFLOWS,
     CancellableWorkflow,
     CountdownWorkflow,
+    DuplicateChildWorkflow,
     GreetWorkflow,
     InboxWorkflow,
     ParentWorkflow,
@@ -132,6 +133,15 @@ async def test_child_workflows(door: Door) -> None:
     assert await handle.result() == 20 + 30
     types = await event_types(handle)
     assert types.count(EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED) == 2
+    await replays(handle)
+
+
+async def test_a_child_id_already_running(door: Door) -> None:
+    """StartChildWorkflowExecutionFailed (tideflow keeps its cause as text) reaches the
+    SDK with Temporal's WORKFLOW_ALREADY_EXISTS cause: the parent sees the SDK's error."""
+    handle = await door.start(DuplicateChildWorkflow.run)
+    assert await handle.result() == "the second start was refused"
+    assert EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED in await event_types(handle)
     await replays(handle)
 
 
