@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from helpers import Processes, ServerProcess, eventually
-from temporal_door import replays
+from temporal_door import replays, signals_handled
 from temporal_workflows import ALL_ACTIVITIES, ALL_WORKFLOWS, InboxWorkflow
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -32,12 +32,14 @@ async def test_server_sigkill_mid_run(procs: Processes, tmp_path: Path) -> None:
         async def seen(expected: list[str]) -> bool:
             return bool(await handle.query(InboxWorkflow.items) == expected)
 
-        await eventually(lambda: seen(["before", "signalled"]), "the signal applied")
+        await eventually(lambda: signals_handled(handle, 1), "the signal handled")
+        assert await seen(["before", "signalled"])
         await server.kill()
         await server.start()
         # The client's calls are retried until the new process answers.
         await handle.signal(InboxWorkflow.add, "after restart")
-        await eventually(lambda: seen(["before", "signalled", "after restart"]), "the run going on")
+        await eventually(lambda: signals_handled(handle, 2), "the run going on")
+        assert await seen(["before", "signalled", "after restart"])
         await handle.signal(InboxWorkflow.close)
         assert await handle.result() == ["before", "signalled", "after restart"]
     await replays(handle)

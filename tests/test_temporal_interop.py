@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from helpers import eventually
-from temporal_door import Door, open_door, replays
+from temporal_door import Door, open_door, replays, signals_handled
 from temporal_workflows import AsyncCompletionWorkflow, GreetWorkflow, InboxWorkflow
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import PendingActivityState, WorkflowTaskFailedCause
@@ -110,6 +110,8 @@ async def test_cli_signal_query_cancel_terminate(door: Door) -> None:
     )
     assert started["workflowId"] == wid and started["runId"]
     await temporal(door, "workflow", "signal", "--workflow-id", wid, "--name", "add", "-i", '"b"')
+    handle = door.client.get_workflow_handle(wid)
+    await eventually(lambda: signals_handled(handle, 1), "the CLI's signal handled")
 
     async def queried() -> bool:
         answer = await temporal_json(door, "workflow", "query", "-w", wid, "--name", "items")
@@ -142,10 +144,8 @@ async def test_a_temporal_run_seen_and_driven_by_tideflows_client(door: Door) ->
         assert described.status == TideflowStatus.RUNNING
         assert described.workflow_type == "InboxWorkflow"
         await ours.signal("add", "from tideflow")
-        await eventually(
-            lambda: _queried(handle, ["from temporal", "from tideflow"]),
-            "tideflow's signal in temporalio's query",
-        )
+        await eventually(lambda: signals_handled(handle, 1), "tideflow's signal handled")
+        assert await _queried(handle, ["from temporal", "from tideflow"])
         assert await ours.query("items") == ["from temporal", "from tideflow"]
         await ours.signal("close")
         assert await ours.result() == ["from temporal", "from tideflow"]

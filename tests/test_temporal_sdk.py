@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from helpers import eventually
-from temporal_door import Door, open_door, replays
+from temporal_door import Door, open_door, replays, signals_handled
 from temporal_workflows import (
     ALL_ACTIVITIES,
     ALL_WORKFLOWS,
@@ -91,7 +91,8 @@ async def test_activity_timeout(door: Door) -> None:
 async def test_signals_and_queries(door: Door) -> None:
     handle = await door.start(InboxWorkflow.run, "a")
     await handle.signal(InboxWorkflow.add, "b")
-    await eventually(lambda: _queried(handle, ["a", "b"]), "the signal in the query's answer")
+    await eventually(lambda: signals_handled(handle, 1), "the signal handled")
+    assert await _queried(handle, ["a", "b"])
     await handle.signal(InboxWorkflow.close)
     assert await handle.result() == ["a", "b"]
     await replays(handle)
