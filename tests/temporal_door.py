@@ -63,11 +63,11 @@ async def replays(handle: WorkflowHandle[Any, Any]) -> None:
 
 async def signals_handled(handle: WorkflowHandle[Any, Any], signals: int) -> bool:
     """``signals`` signals are in the run's history and a workflow task completed after
-    the last of them, with no newer event (no task in flight).
-
-    The tests query only then: a legacy query sent while a signal's workflow task is
-    in flight can go unanswered by the temporalio core under load (README, "Using the
-    Temporal SDKs", known differences)."""
+    the last of them, with no newer event (no task in flight). With 0: the first
+    workflow task completed, so a signal sent now runs after the workflow's first
+    steps (one sent earlier is handled before the body, in the SDK's order, and the
+    inbox's items would come in another order). With 1 or more: a query now sees them.
+    """
     types = [event.event_type async for event in handle.fetch_history_events()]
     return (
         types.count(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) == signals

@@ -27,6 +27,7 @@ async def test_server_sigkill_mid_run(procs: Processes, tmp_path: Path) -> None:
         handle = await client.start_workflow(
             InboxWorkflow.run, "before", id=f"crash-{uuid.uuid4()}", task_queue=queue
         )
+        await eventually(lambda: signals_handled(handle, 0), "the first workflow task")
         await handle.signal(InboxWorkflow.add, "signalled")
 
         async def seen(expected: list[str]) -> bool:

@@ -109,8 +109,9 @@ async def test_cli_signal_query_cancel_terminate(door: Door) -> None:
         '"a"',
     )
     assert started["workflowId"] == wid and started["runId"]
-    await temporal(door, "workflow", "signal", "--workflow-id", wid, "--name", "add", "-i", '"b"')
     handle = door.client.get_workflow_handle(wid)
+    await eventually(lambda: signals_handled(handle, 0), "the first workflow task")
+    await temporal(door, "workflow", "signal", "--workflow-id", wid, "--name", "add", "-i", '"b"')
     await eventually(lambda: signals_handled(handle, 1), "the CLI's signal handled")
 
     async def queried() -> bool:
@@ -143,6 +144,7 @@ async def test_a_temporal_run_seen_and_driven_by_tideflows_client(door: Door) ->
         described = await ours.describe()
         assert described.status == TideflowStatus.RUNNING
         assert described.workflow_type == "InboxWorkflow"
+        await eventually(lambda: signals_handled(handle, 0), "the first workflow task")
         await ours.signal("add", "from tideflow")
         await eventually(lambda: signals_handled(handle, 1), "tideflow's signal handled")
         assert await _queried(handle, ["from temporal", "from tideflow"])

@@ -90,6 +90,7 @@ async def test_activity_timeout(door: Door) -> None:
 
 async def test_signals_and_queries(door: Door) -> None:
     handle = await door.start(InboxWorkflow.run, "a")
+    await eventually(lambda: signals_handled(handle, 0), "the first workflow task")
     await handle.signal(InboxWorkflow.add, "b")
     await eventually(lambda: signals_handled(handle, 1), "the signal handled")
     assert await _queried(handle, ["a", "b"])
@@ -242,6 +243,7 @@ async def test_without_the_sticky_cache(door: Door) -> None:
         inbox = await door.client.start_workflow(
             InboxWorkflow.run, "a", id=f"t-{uuid.uuid4()}", task_queue=queue
         )
+        await eventually(lambda: signals_handled(inbox, 0), "the first workflow task")
         await inbox.signal(InboxWorkflow.add, "b")
         await inbox.signal(InboxWorkflow.close)
         assert await inbox.result() == ["a", "b"]
