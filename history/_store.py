@@ -550,6 +550,13 @@ class HistoryStore:
             return False
         return True
 
+    async def list_namespaces(self) -> list[tuple[str, str, int]]:
+        """Every namespace as (name, description, retention seconds), by name."""
+        n = s.namespaces
+        query = select(n.c.name, n.c.description, n.c.retention_seconds).order_by(n.c.name)
+        rows = await self._runner.read(lambda conn: conn.execute(query).all())
+        return [(row[0], row[1], row[2]) for row in rows]
+
     async def namespace_exists(self, name: str) -> bool:
         query = select(s.namespaces.c.name).where(s.namespaces.c.name == name)
         return (await self._runner.read(lambda conn: conn.execute(query).first())) is not None

@@ -73,18 +73,21 @@ def add_to_server(
     descriptor: ServiceDescriptor = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
 ) -> None:
     """Register the service (the WorkflowService unless ``descriptor`` names another,
-    such as the cluster's internal MatchingService) like the generated
+    such as the cluster's internal MatchingService or Temporal's) like the generated
     ``add_*Servicer_to_server``, with deserializers that turn an undecodable body into
-    INVALID_ARGUMENT."""
+    INVALID_ARGUMENT. Methods ``service`` lacks stay unregistered (UNIMPLEMENTED)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     # One limit per server: a flood on one node says nothing about another. An
     # undecodable body costs its sender nothing, so it must not cost a traceback each.
     undecodable = RateLimitedLog(log, _UNDECODABLE_LOG_INTERVAL_S)
     for method in descriptor.methods:
+        handler = getattr(service, method.name, None)
+        if handler is None:
+            continue  # not served: gRPC answers UNIMPLEMENTED
         request_class = GetMessageClass(method.input_type)
         response_class = GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(getattr(service, method.name), method.input_type.full_name, undecodable),
+            _guarded(handler, method.input_type.full_name, undecodable),
             request_deserializer=_lenient_deserializer(request_class),
             response_serializer=response_class.SerializeToString,
         )

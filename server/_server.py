@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -292,6 +293,9 @@ class TideflowServer:
         self.metrics_port = metrics_port
         self._metrics_http: MetricsEndpoint | None = None
 
+        # Whether Temporal's WorkflowService is served too (the temporal extra).
+        self.temporal_api = False
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -392,6 +396,7 @@ class TideflowServer:
         )
         service.metadata = await self._open_metadata(store, scheduler)
         add_to_server(service, server)
+        self._open_temporal_door(service, store, tokens, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)
         add_to_server(internal, server, matching_pb2.DESCRIPTOR.services_by_name["MatchingService"])
         await server.start()
@@ -509,6 +514,27 @@ class TideflowServer:
             await fire(timer)
 
         return fire_timer
+
+    def _open_temporal_door(
+        self,
+        service: WorkflowService,
+        store: HistoryStore,
+        tokens: TaskTokenSigner,
+        server: grpc.aio.Server,
+    ) -> None:
+        """Temporal's WorkflowService on the same port (server/_temporal_service.py),
+        when the ``tideflow[temporal]`` extra (the temporalio wheel) is installed."""
+        if importlib.util.find_spec("temporalio") is None:
+            log.info("Temporal API not served: pip install 'tideflow[temporal]' to serve it")
+            return
+        from ._temporal_service import serve_temporal_api
+
+        serve_temporal_api(service, store, tokens, server)
+        self.temporal_api = True
+        log.info(
+            "Temporal API (temporal.api.workflowservice.v1.WorkflowService) served on %s",
+            self.address,
+        )
 
     def _timer_queue(self, store: HistoryStore) -> TimerQueue:
         """The timers of the shards this node holds (server/_timers.py)."""
