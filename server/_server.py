@@ -37,6 +37,7 @@ from ._http_api import HttpFrontend
 from ._matching import Matching
 from ._matching_routes import MatchingRoutes, TaskForwarder
 from ._matching_service import MatchingServicer
+from ._metadata_link import MetadataExchange
 from ._metadata_sync import MetadataSync
 from ._metrics import RpcMetricsInterceptor, ServerMetrics
 from ._peers import NodeCredential, PeerChannels
@@ -395,6 +396,7 @@ class TideflowServer:
             metrics=self.metrics,
         )
         service.metadata = await self._open_metadata(store, scheduler)
+        sites.metadata = MetadataExchange(service.metadata)
         add_to_server(service, server)
         self._open_temporal_door(service, store, tokens, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)

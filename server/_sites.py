@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import wrappers_pb2
 
 from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1 import replication_pb2_grpc, service_pb2, state_pb2
@@ -44,6 +45,7 @@ from ._errors import (
 )
 from ._handoff import handoff, take_over
 from ._inbox import Inbox
+from ._metadata_link import MetadataExchange
 from ._replication import Replicator, hint_loop, takes_over
 from ._site_link import Handler, LinkDown, SiteLink, message_of
 
@@ -97,7 +99,11 @@ class Sites:
             "forward": self.inbox.serve_forwarded,
             "start": self._serve_start,
             "handoff": self._serve_handoff,
+            "metadata": self._serve_metadata,
         }
+        # The shared metadata document's exchange (server/_metadata_link.py), once the
+        # server has opened the document (after this object is made).
+        self.metadata: MetadataExchange | None = None
 
     # ------------------------------------------------------------ wiring
 
@@ -246,6 +252,8 @@ class Sites:
             asyncio.create_task(_until_down(link, self.replicator.pull_loop(link))),
             asyncio.create_task(_until_down(link, self.inbox.forward_loop(link))),
         ]
+        if self.metadata is not None:
+            companions.append(asyncio.create_task(_until_down(link, self.metadata.pull_loop(link))))
         try:
             await link.closed.wait()
         finally:
@@ -290,6 +298,11 @@ class Sites:
         if reply.outcome != "applied":
             raise UnavailableError(f"home_cluster {home!r}: {reply.detail}")
         return service_pb2.StartWorkflowResponse(run_id=reply.run_id, started=reply.started)
+
+    async def _serve_metadata(self, link: SiteLink, body: bytes) -> wrappers_pb2.BytesValue:
+        if self.metadata is None:
+            raise LinkDown(f"site {self.name!r} has not opened its metadata yet")
+        return await self.metadata.serve(link, body)
 
     async def _serve_start(self, link: SiteLink, body: bytes) -> rp.ForwardedResponse:
         request = message_of(body, service_pb2.StartWorkflowRequest)

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import new_id, running_server
+from helpers import eventually, new_id, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -209,6 +209,50 @@ async def test_schedules_and_namespaces_travel_between_two_servers(tmp_path: Pat
         finally:
             await cloud_client.close()
             await edge_client.close()
+
+
+async def test_the_link_carries_the_document_both_ways(tmp_path: Path) -> None:
+    """A real edge linked to a real cloud (server/_metadata_link.py): a namespace
+    registered at the edge and a schedule created at the cloud reach the other site
+    over the link the edge dialled, with nobody calling the exchange API; each site's
+    record says its link is up."""
+    (tmp_path / "cloud").mkdir()
+    (tmp_path / "edge").mkdir()
+    async with running_server(tmp_path / "cloud", ServerConfig(cluster_name="cloud")) as cloud:
+        edge_config = ServerConfig(cluster_name="edge1", site_tier="edge", upstream=cloud.address)
+        async with (
+            running_server(tmp_path / "edge", edge_config) as edge,
+            await Client.connect(edge.address) as edge_client,
+            await Client.connect(cloud.address, namespace="edge-ns") as cloud_ns,
+        ):
+            register = service_pb2.RegisterNamespaceRequest(namespace="edge-ns")
+            await edge_client.call(edge_client.service.RegisterNamespace, register)
+            await eventually(
+                lambda: cloud.store.namespace_exists("edge-ns"), "the namespace at the cloud"
+            )
+            schedule_id = new_id("sched")
+            await cloud_ns.create_schedule(
+                schedule_id,
+                action=ScheduleActionStartWorkflow("Nothing", id=new_id("run"), task_queue="q"),
+                spec=ScheduleSpec(interval=timedelta(hours=1)),
+            )
+
+            async def at_the_edge() -> bool:
+                return await edge.store.schedules.get("edge-ns", schedule_id) is not None
+
+            await eventually(at_the_edge, "the schedule at the edge")
+
+            async def records_linked() -> bool:
+                assert cloud.metadata is not None and edge.metadata is not None
+                await cloud.metadata.refresh()
+                await edge.metadata.refresh()
+                both = (
+                    (cloud.metadata.get("sites", "cloud") or {}).get("link_edge1"),
+                    (edge.metadata.get("sites", "edge1") or {}).get("link_cloud"),
+                )
+                return both == ("up", "up")
+
+            await eventually(records_linked, "each site's record: link up")
 
 
 async def test_nodes_of_one_database_write_with_their_own_client_ids(tmp_path: Path) -> None:
