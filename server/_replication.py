@@ -27,7 +27,7 @@ from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import HistoryStore, ReplicaVerdict, RunKey, home_of, now_micros
 
-from ._replication_trace import ReplicationTracer
+from ._replication_trace import ReplicationTracer, buffered_signals
 from ._site_link import LinkDown, SiteLink, message_of
 
 log = logging.getLogger("tideflow.server.replication")
@@ -182,7 +182,12 @@ class Replicator:
                 return
             state = batch.state if batch.HasField("state") else None
             seq = self._tracer.ahead(
-                "ApplyBatch", key, peer=link.peer, events=self._tracer.events(batch.events)
+                "ApplyBatch",
+                key,
+                peer=link.peer,
+                events=self._tracer.events(batch.events),
+                state=state is not None,
+                buffered=[] if state is None else buffered_signals(state),
             )
             verdict, detail = await replication.append_replicated(
                 key,

@@ -15,10 +15,14 @@ Lines (all with ``format``, ``site``, ``seq``, ``time_us``, ``action``, ``run``)
 
 - ``HomeAppend``: a transition of the engine that appended events (the home's
   ``ApplySignal``, ``CompleteRun``, ``Handoff`` and every other event of the run):
-  ``events``, each ``{id, type, epoch, sid, from, to, new_epoch}``;
+  ``events``, each ``{id, type, epoch, sid, from, to, new_epoch}``, and ``buffered``,
+  the request ids of signals its state holds buffered (a signal taken during a
+  workflow task is an event only when the task ends: a transition that only buffers
+  one is logged too);
 - ``TakeOver``: the new home activated a run handed to it (server/_handoff.py);
 - ``ApplyBatch``: a batch pulled from ``peer`` (``DeliverEvents``), ``events`` as
-  above; its outcome line carries the verdict of ``append_replicated``;
+  above, ``state`` (it carried the run's state) and that state's ``buffered``; its
+  outcome line carries the verdict of ``append_replicated``;
 - ``InboxStored`` / ``InboxForwarded`` / ``InboxRetired``: a signal's request id
   ``sid`` stored in, forwarded from or removed from this site's inbox. A forward
   names the home it went ``to`` and its ``basis``: how many events the replica had
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import RunKey, attributes_of
 
 from ._trace import _UNSAFE
@@ -125,10 +130,25 @@ class ReplicationTracer:
         return [event_line(e) for e in events] if self._path is not None else []
 
     def home_step(self, action: str, m: Mutation) -> int:
-        """An engine commit of the home: logged when it appends events, and take-overs
-        (0: nothing logged)."""
-        if self._path is None or not (m.events or action == "TakeOver"):
+        """An engine commit of the home: logged when it appends events or holds
+        buffered signals, and take-overs (0: nothing logged)."""
+        if self._path is None:
             return 0
+        buffered = buffered_signals(m.ms)
         if action == "TakeOver":
             return self.ahead("TakeOver", m.key)
-        return self.ahead("HomeAppend", m.key, step=action, events=self.events(m.events))
+        if not (m.events or buffered):
+            return 0
+        events = self.events(m.events)
+        return self.ahead("HomeAppend", m.key, step=action, events=events, buffered=buffered)
+
+
+def buffered_signals(ms: MutableState) -> list[str]:
+    """Request ids of the signals the run's state buffered during a workflow task:
+    taken (the inbox of a replica showing this state retires them) but not yet
+    SIGNALED events."""
+    return sorted(
+        attributes_of(e).request_id
+        for e in ms.buffered_events
+        if e.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    )

@@ -26,7 +26,9 @@
 (*     the inbox removal of DeliverEvents): stored only at a site that is  *)
 (*     not home, forwarded to the home its replica named when the site    *)
 (*     decided (the line records that replica's length), retired only      *)
-(*     once its replica shows the signal applied (or the run closed);      *)
+(*     once its replica shows the signal applied, or buffered by the home  *)
+(*     (the state it got with a batch: a signal taken during a workflow    *)
+(*     task becomes an event when the task ends), or the run closed;       *)
 (*   - on every state, Replication's invariants SingleHome,               *)
 (*     ReplicaIsPrefix, NoForkOnHandoff and SignalsAtMostOnce.             *)
 (* Not checked: the network (net), the link (linkUp), fairness and the     *)
@@ -48,11 +50,14 @@
 (***************************************************************************)
 EXTENDS Replication, ReplicationTraceData
 
-VARIABLE l   \* the next entry of TraceLog
+VARIABLES
+    l,          \* the next entry of TraceLog
+    buffered    \* site -> signals its replica's state holds buffered (taken by the
+                \* home during a workflow task, not yet SIGNALED events)
 
-traceVars == <<vars, l>>
+traceVars == <<vars, l, buffered>>
 
-TraceInit == Init /\ l = 1
+TraceInit == Init /\ l = 1 /\ buffered = [c \in Clusters |-> {}]
 
 Ids(h, evs) == \A i \in 1..Len(evs) : evs[i].id = Len(h) + i
 Strip(evs) == [i \in 1..Len(evs) |-> [e \in {"type", "epoch", "sid", "from", "to", "newEpoch"}
@@ -62,7 +67,7 @@ Batch(t) == EventsMsg(t.site, t.start, Strip(t.events))
 (* The replica a forward was decided on: its first t.basis events (it only *)
 (* grows, so this is the state the site read), or all of it (basis 0).     *)
 Basis(t) == IF t.basis = 0 THEN hist[t.site] ELSE SubSeq(hist[t.site], 1, t.basis)
-Shows(c, s) == s \in SignalsIn(hist[c]) \/ Closed(c)
+Shows(c, s) == s \in SignalsIn(hist[c]) \/ s \in buffered[c] \/ Closed(c)
 
 (* Why entry t cannot be a step here, or <<>>.                             *)
 Why(t) ==
@@ -94,6 +99,8 @@ Why(t) ==
             ELSE IF ~IsPrefix(Applied(h, Batch(t)), hist[t.peer])
             THEN <<"the batch is not the peer's history: the peer has", Len(hist[t.peer]),
                    "events">>
+            ELSE IF t.state /\ ~(t.buffered \subseteq buffered[t.peer] \cup SignalsIn(hist[t.peer]))
+            THEN <<"the batch's state buffers signals its peer never took", t.buffered>>
             ELSE <<>>
       [] t.act = "TakeOver" ->
             IF ~IsHome(c) THEN <<"a take-over by", c, "whose replica names", HomeIn(h)>>
@@ -126,18 +133,20 @@ Apply(t) ==
             /\ handoffs' = handoffs + Cardinality({i \in 1..Len(t.events) :
                                                    t.events[i].type = "HANDOFF"})
             /\ UNCHANGED <<inbox, net, linkUp, sent>>
+            /\ buffered' = [buffered EXCEPT ![c] = t.buffered]
       [] t.act = "ApplyBatch" ->
             /\ hist' = [hist EXCEPT ![c] = IF Continues(@, Batch(t)) THEN Applied(@, Batch(t))
                                             ELSE @]
             /\ UNCHANGED <<inbox, net, linkUp, sent, handoffs>>
+            /\ buffered' = IF t.state THEN [buffered EXCEPT ![c] = t.buffered] ELSE buffered
       [] t.act = "InboxStored" ->
             /\ inbox' = [inbox EXCEPT ![c] = @ \cup {t.sid}]
             /\ sent' = sent \cup {t.sid}
-            /\ UNCHANGED <<hist, net, linkUp, handoffs>>
+            /\ UNCHANGED <<hist, net, linkUp, handoffs, buffered>>
       [] t.act = "InboxRetired" ->
             /\ inbox' = [inbox EXCEPT ![c] = @ \ {t.sid}]
-            /\ UNCHANGED <<hist, net, linkUp, sent, handoffs>>
-      [] OTHER -> UNCHANGED vars   \* TakeOver, InboxForwarded: nothing the model holds
+            /\ UNCHANGED <<hist, net, linkUp, sent, handoffs, buffered>>
+      [] OTHER -> UNCHANGED <<vars, buffered>>   \* TakeOver, InboxForwarded
 
 TraceNext ==
     /\ l <= Len(TraceLog)
