@@ -3,9 +3,9 @@ steps against tla/Replication.tla (through tla/TraceReplication.tla).
 
 With ``TIDEFLOW_TRACE_DIR`` set every site writes its replication steps to
 ``<dir>/replication/<site>.ndjson`` (server/_replication_trace.py). This module reads
-all of them, folds each step with its outcome (a step whose outcome says it did not
-happen, an aborted commit or a batch the store refused, is dropped; so is a step with
-no outcome, which may not have happened), splits them by run, merges the sites' lines
+all of them, folds each step with its outcome (a batch the store refused is dropped; so is
+a step with no outcome: an engine commit that aborted writes none, a crash may leave
+one), splits them by run, merges the sites' lines
 by the time they were written and writes one TLA+ model per run
 (``ReplicationTraceData.tla``: the entries; a cfg; copies of TraceReplication.tla and
 Replication.tla), then runs TLC on it:
