@@ -164,10 +164,16 @@ class ReplicationStore:
         state_query = select(e.c.state, e.c.history_length).where(_run_filter(e, key))
 
         def txn(conn: Connection) -> tuple[list[HistoryEvent], bytes | None, int]:
+            # Events first, then the state: under READ COMMITTED (PostgreSQL) each
+            # statement sees its own snapshot, so a commit in between can only make
+            # the state newer than the events (the batch then does not "reach" and the
+            # replica pulls again). The other order could return events newer than
+            # the state and call the batch complete without a state: the replica kept
+            # the events and never got the state (found by the replication trace test).
+            events = [HistoryEvent.FromString(r[0]) for r in conn.execute(events_query)]
             row = conn.execute(state_query).first()
             if row is None:
                 return [], None, 0
-            events = [HistoryEvent.FromString(r[0]) for r in conn.execute(events_query)]
             last = int(row.history_length)
             reaches = (bool(events) and events[-1].event_id == last) or first_event_id > last
             return events, (row.state if reaches else None), last

@@ -72,6 +72,7 @@ from ._history_pages import HistoryPager
 from ._home import NotHomeError, check_home
 from ._mutation import Mutation, run_key_of
 from ._placement import WorkerSite
+from ._replication_trace import ReplicationTracer
 from ._run_gateway import RunGateway
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
@@ -131,6 +132,8 @@ class HistoryEngine:
         self._config = config
         self._cache: OrderedDict[RunKey, _Run] = OrderedDict()
         self._tracer = Tracer.from_environment()
+        # Trace mode of a site (server/_replication_trace.py), set by server/_sites.py.
+        self.replication_tracer = ReplicationTracer(None, "")
         # Cuts task histories to a first page; the frontend pages GetHistory with it
         # too, so its continuation tokens are sealed and opened under the same keys.
         signer = TaskTokenSigner(store.token_keys, refresh_s=config.token_key_refresh_s)
@@ -262,6 +265,7 @@ class HistoryEngine:
         # the two leaves a transition marked "may have happened", never one
         # missing from the log.
         self._tracer.write_ahead(action, m)
+        rseq = self.replication_tracer.home_step(action, m)
         # A commit that creates task rows writes in its own task, shielded from its
         # caller's cancellation (a worker that went away mid-call): its rows may reach
         # matching and the transfer processor only once the write has landed (below).
@@ -304,6 +308,7 @@ class HistoryEngine:
             self._dispatch_rows(m)
             raise
         self._tracer.outcome(m, committed=True)
+        self.replication_tracer.outcome(rseq, "ok")
         for side in m.side_runs:
             side_run = _Run(state=side.ms, db_version=1, events=list(side.events))
             self._cache_if_held(side.key, side_run, lease)
@@ -501,6 +506,7 @@ class HistoryEngine:
             m.current = CurrentWrite.REPLACE
             m.replaces_run_id = current.run_id
         self._tracer.write_ahead("StartRun", m)
+        rseq = self.replication_tracer.home_step("StartRun", m)
         lease = self._lease_of(run_key_of(m.ms))
         try:
             await self._store.apply(m.to_transition(0, start_request_id=request_id))
@@ -517,6 +523,7 @@ class HistoryEngine:
             self._dispatcher.add_timers(m.new_timers)
             return None
         self._tracer.outcome(m, committed=True)
+        self.replication_tracer.outcome(rseq, "ok")
         run = _Run(state=m.ms, db_version=1, events=list(m.events))
         self._cache_if_held(run_key_of(m.ms), run, lease)
         self._after_commit(run, m, "StartRun")

@@ -27,6 +27,7 @@ from tideflow.history import HistoryStore, InboxEntry, RunKey, home_of, now_micr
 from ._engine import HistoryEngine
 from ._errors import FailedPreconditionError, NotFoundError, NotHomeError
 from ._replication import PeerStats
+from ._replication_trace import ReplicationTracer
 from ._site_link import LinkDown, SiteLink, message_of
 
 log = logging.getLogger("tideflow.server.inbox")
@@ -113,12 +114,15 @@ class Inbox:
         site: str,
         link_to: Callable[[str], SiteLink | None],
         stats: Callable[[str], PeerStats],
+        *,
+        tracer: ReplicationTracer | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
         self._site = site
         self._link_to = link_to
         self._stats = stats
+        self._tracer = tracer or ReplicationTracer(None, "")
         self.changed = asyncio.Event()
         self._sent: dict[tuple[str, str, int], float] = {}
 
@@ -142,7 +146,9 @@ class Inbox:
             received_at=now_micros(),
             attempts=0,
         )
+        seq = self._trace("InboxStored", entry)
         await self._store.replication.put_inbox(entry)
+        self._tracer.outcome(seq, "ok")
         self.changed.set()
         link = self._link_to(home)
         if link is None:
@@ -177,7 +183,7 @@ class Inbox:
             except NotFoundError:
                 continue  # no replica yet: kept until there is one
             if _shows(entry.kind, entry.request_id, ms):
-                await self._store.replication.retire(entry)
+                await self._retire(entry)
                 self._sent.pop((entry.namespace, entry.request_id, entry.kind), None)
                 continue
             home = home_of(ms, self._site)
@@ -186,21 +192,25 @@ class Inbox:
                 request = rp.ForwardedRequest.FromString(entry.request)
                 outcome = (await apply_request(self._engine, request)).outcome
                 if outcome in ("applied", "closed", "not_found"):
-                    await self._store.replication.retire(entry)
+                    await self._retire(entry)
                 continue
             if link is None or home != link.peer:
                 continue
             sent = self._sent.get((entry.namespace, entry.request_id, entry.kind))
             if sent is not None and loop.time() - sent < _RESEND_AFTER_S:
                 continue
-            await self._forward(link, entry)
+            await self._forward(link, entry, basis=ms.next_event_id - 1)
 
-    async def _forward(self, link: SiteLink, entry: InboxEntry) -> str:
+    async def _forward(self, link: SiteLink, entry: InboxEntry, *, basis: int = 0) -> str:
+        """Hand ``entry`` to the home over ``link``; ``basis``: the events of the
+        replica that named that home (trace mode; 0 when the caller did not read it)."""
         request = rp.ForwardedRequest.FromString(entry.request)
         self._sent[(entry.namespace, entry.request_id, entry.kind)] = (
             asyncio.get_running_loop().time()
         )
+        seq = self._trace("InboxForwarded", entry, to=link.peer, basis=basis)
         response = await link.call("forward", request, rp.ForwardedResponse)
+        self._tracer.outcome(seq, "ok")
         self._stats(link.peer).requests_forwarded += 1
         await self._store.replication.note_forwarded(entry, now_micros())
         if response.outcome in ("closed", "not_found"):
@@ -212,8 +222,21 @@ class Inbox:
                 link.peer,
                 response.detail,
             )
-            await self._store.replication.retire(entry)
+            await self._retire(entry)
         return response.outcome
+
+    def _trace(self, action: str, entry: InboxEntry, **fields: str | int) -> int:
+        """Trace mode: a signal's inbox step, ahead of it (Replication.tla knows
+        signals only; cancels and terminates are not logged)."""
+        if entry.kind != KIND_SIGNAL:
+            return 0
+        key = RunKey(namespace=entry.namespace, workflow_id=entry.workflow_id, run_id=entry.run_id)
+        return self._tracer.ahead(action, key, sid=entry.request_id, **fields)
+
+    async def _retire(self, entry: InboxEntry) -> None:
+        seq = self._trace("InboxRetired", entry)
+        await self._store.replication.retire(entry)
+        self._tracer.outcome(seq, "ok")
 
     async def serve_forwarded(self, link: SiteLink, body: bytes) -> rp.ForwardedResponse:
         """A peer forwards a request it holds for a run homed (it thinks) here."""

@@ -27,6 +27,7 @@ from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import HistoryStore, ReplicaVerdict, RunKey, home_of, now_micros
 
+from ._replication_trace import ReplicationTracer, buffered_signals
 from ._site_link import LinkDown, SiteLink, message_of
 
 log = logging.getLogger("tideflow.server.replication")
@@ -69,11 +70,13 @@ class Replicator:
         applied: Callable[[RunKey, MutableState | None], Awaitable[None]],
         *,
         sync_interval_s: float = 5.0,
+        tracer: ReplicationTracer | None = None,
     ) -> None:
         self._store = store
         self._site = site
         self._applied = applied
         self._sync_interval_s = sync_interval_s
+        self._tracer = tracer or ReplicationTracer(None, "")
         self.stats: dict[str, PeerStats] = {}
 
     def peer_stats(self, peer: str) -> PeerStats:
@@ -178,6 +181,14 @@ class Replicator:
             if not batch.events:
                 return
             state = batch.state if batch.HasField("state") else None
+            seq = self._tracer.ahead(
+                "ApplyBatch",
+                key,
+                peer=link.peer,
+                events=self._tracer.events(batch.events),
+                state=state is not None,
+                buffered=[] if state is None else buffered_signals(state),
+            )
             verdict, detail = await replication.append_replicated(
                 key,
                 batch.events,
@@ -187,6 +198,7 @@ class Replicator:
                 home_last_event_id=batch.last_event_id,
                 now=now_micros(),
             )
+            self._tracer.outcome(seq, verdict.value)
             if verdict is ReplicaVerdict.MISMATCH:
                 stats.alarms += 1
                 log.error("replication alarm: run %s from %s: %s", key, link.peer, detail)

@@ -47,6 +47,7 @@ from ._handoff import handoff, take_over
 from ._inbox import Inbox
 from ._metadata_link import MetadataExchange
 from ._replication import Replicator, hint_loop, takes_over
+from ._replication_trace import ReplicationTracer
 from ._site_link import Handler, LinkDown, SiteLink, message_of
 
 log = logging.getLogger("tideflow.server.sites")
@@ -84,8 +85,13 @@ class Sites:
         self._credentials = (("authorization", f"Bearer {key}"),) if key else ()
         self._store = store
         self._engine = engine
-        self.replicator = Replicator(store, self.name, self._applied)
-        self.inbox = Inbox(store, engine, self.name, self.link_to, self.replicator.peer_stats)
+        # Trace mode (TIDEFLOW_TRACE_DIR): the replication steps of this site.
+        tracer = ReplicationTracer.from_environment(self.name)
+        engine.replication_tracer = tracer
+        self.replicator = Replicator(store, self.name, self._applied, tracer=tracer)
+        self.inbox = Inbox(
+            store, engine, self.name, self.link_to, self.replicator.peer_stats, tracer=tracer
+        )
         self._links: dict[str, SiteLink] = {}
         self._peers: dict[str, _Peer] = {}
         self._changed: asyncio.Queue[RunKey] = asyncio.Queue()

@@ -38,8 +38,9 @@ from tideflow.worker_sdk import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_converter() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("trace_to_tla", ROOT / "tla" / "trace_to_tla.py")
+def load_tla_module(name: str) -> ModuleType:
+    """The script ``tla/<name>.py`` as a module (tla/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tla" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -47,7 +48,7 @@ def _load_converter() -> ModuleType:
     return module
 
 
-t2t = _load_converter()
+t2t = load_tla_module("trace_to_tla")
 
 
 def traces_of(directory: Path, workflow_id: str) -> list[Path]:

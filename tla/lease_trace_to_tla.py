@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The sibling module, found through sys.path (tla/ is not a package).
@@ -278,8 +278,29 @@ def write_model(
 # -------------------------------------------------------------------- TLC
 
 
-def verdict_of(exit_code: int, output: str, seconds: float, entries: Sequence[Entry]) -> Verdict:
-    """What TLC says about a TraceShardLease model."""
+class Step(Protocol):
+    """An entry of a generated trace (this module's, or
+    tla/replication_trace_to_tla.py's): the line it came from and its action."""
+
+    @property
+    def line(self) -> int: ...
+
+    @property
+    def act(self) -> str: ...
+
+
+class Checked(Protocol):
+    """A written model and its entries, as ``check`` needs them."""
+
+    @property
+    def model(self) -> Model: ...
+
+    @property
+    def entries(self) -> Sequence[Step]: ...
+
+
+def verdict_of(exit_code: int, output: str, seconds: float, entries: Sequence[Step]) -> Verdict:
+    """What TLC says about a trace model (TraceShardLease, TraceReplication)."""
     counts = _STATES.findall(output)
     states = int(counts[-1].replace(",", "")) if counts else None
     violated = _VIOLATED.search(output)
@@ -317,7 +338,7 @@ def verdict_of(exit_code: int, output: str, seconds: float, entries: Sequence[En
     )
 
 
-def check(shard_model: ShardModel, *, jar: Path | None = None, timeout: float = 600) -> Verdict:
+def check(shard_model: Checked, *, jar: Path | None = None, timeout: float = 600) -> Verdict:
     """Run TLC on a written model (needs ``java``)."""
     if shutil.which("java") is None:
         raise FileNotFoundError("java is not installed: TLC cannot run (install a JRE 11+)")
@@ -352,7 +373,7 @@ def validate_lines(
 
 
 def check_all(
-    models: Sequence[ShardModel], *, jar: Path | None = None, jobs: int = 2
+    models: Sequence[Checked], *, jar: Path | None = None, jobs: int = 2
 ) -> list[Verdict]:
     """Check written models, ``jobs`` TLC runs at a time; the verdicts in order."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
