@@ -305,7 +305,8 @@ async def main(workdir: Path) -> int:
         edge = await edge_site.start()
         STORY.note(
             f"cloud at {cloud_site.address}, edge1 at {edge_site.address} "
-            f"(link through the proxy at {proxy.address})"
+            f"(link through the proxy at {proxy.address}); web UIs on ports "
+            f"{cloud_site.ui_port} and {edge_site.ui_port}"
         )
         await until("the sites are linked", lambda: linked(edge, "cloud"))
         STORY.note("edge1 linked to the cloud")
@@ -355,4 +356,9 @@ if __name__ == "__main__":
     _stop_on_sigterm()
     directory = args.workdir or Path(tempfile.mkdtemp(prefix="tideflow-edge-"))
     directory.mkdir(parents=True, exist_ok=True)
-    raise SystemExit(asyncio.run(main(directory)))
+    try:
+        code = asyncio.run(main(directory))
+    except KeyboardInterrupt:
+        print("interrupted: both sites stopped", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)

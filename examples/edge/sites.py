@@ -1,7 +1,8 @@
 """The two sites of the edge demo as real processes, and the network between them.
 
 - ``Site``: ``tideflow server start-dev`` in its own process, on its own SQLite file
-  and a free port (bound to port 0 first, so the demo never collides with anything);
+  and free ports for gRPC and the web UI (bound to port 0 first, so the demo never
+  collides with anything);
   its output goes to a log file next to the database.
 - ``LinkProxy``: a small TCP proxy the edge dials instead of the cloud. ``cut()``
   breaks every connection through it and refuses new ones until ``restore()``: for
@@ -11,12 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from tideflow.api.v1 import replication_pb2
 from tideflow.worker_sdk import Client
@@ -38,13 +39,14 @@ class Site:
         self.db = db
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.ui_port = free_port()  # the web UI's default port may be taken (or shared)
         self.log = db.with_suffix(".log")
         flags = ["--cluster-name", name]
         if upstream is not None:
             flags += ["--upstream", upstream]
         self._argv = [
             *(sys.executable, "-m", "tideflow.cli", "server", "start-dev"),
-            *("--db", str(db), "--port", str(self.port), *flags),
+            *("--db", str(db), "--port", str(self.port), "--ui-port", str(self.ui_port), *flags),
         ]
         self._popen: subprocess.Popen[bytes] | None = None
 
@@ -90,8 +92,9 @@ async def status(client: Client) -> replication_pb2.DescribeSiteResponse:
 
 
 class LinkProxy:
-    """Forwards connections on its own port to ``target_port`` while the link is up;
-    each connection is one task, which ``cut()`` cancels."""
+    """Forwards connections on its own port to ``target_port`` while the link is up.
+    Each connection is two pump tasks (one per direction); ``cut()`` aborts every
+    socket, which ends them."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -99,45 +102,46 @@ class LinkProxy:
         self.address = f"127.0.0.1:{self.port}"
         self.up = True
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._sockets: set[asyncio.StreamWriter] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
     async def close(self) -> None:
         self.cut()
         if self._server is not None:
             self._server.close()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
 
     def cut(self) -> None:
         self.up = False
-        for connection in list(self._connections):
-            connection.cancel()
+        for sock in list(self._sockets):
+            sock.transport.abort()
+        self._sockets.clear()
 
     def restore(self) -> None:
         self.up = True
 
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        this = asyncio.current_task()
-        if not self.up or this is None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
             writer.transport.abort()  # the network is down: the edge's dial fails
             return
-        self._connections.add(this)
-        upstream: asyncio.StreamWriter | None = None
         try:
-            up_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
-            await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
-        except (OSError, asyncio.CancelledError):
-            pass  # cut (or a side closed): both ends are dropped below
-        finally:
-            self._connections.discard(this)
-            for end in (writer, upstream):
-                if end is not None:
-                    end.transport.abort()
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._sockets |= {writer, up_writer}
+        for pump in (self._pump(reader, up_writer), self._pump(up_reader, writer)):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
 
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.transport.abort()
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while self.up and (data := await source.read(65536)):
+                sink.write(data)
+                await sink.drain()
+        self._sockets.discard(sink)
+        sink.transport.abort()
