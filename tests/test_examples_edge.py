@@ -77,7 +77,7 @@ async def test_demo_timeline(tmp_path: Path) -> None:
 async def test_demo_stops_its_sites_on_sigterm(tmp_path: Path) -> None:
     proc = await start_demo(tmp_path)
     assert proc.stdout is not None
-    seen = []
+    seen: list[str] = []
     while not any("linked to the cloud" in line for line in seen):
         line = await asyncio.wait_for(proc.stdout.readline(), 120)
         assert line, "".join(seen)
