@@ -56,9 +56,9 @@ from tideflow.worker_sdk.placement import Tier  # noqa: E402
 
 QUEUE = "inspection"
 # Seconds any one step may take before the demo gives up: more than a call over the
-# link may take (60 s), after which the edge redials. Now and then (a few runs in a
-# hundred on a loaded machine) the cloud's first replication pass on a fresh link gets
-# no reply and replication waits for that timeout; not understood yet (README, Sites).
+# link may take (60 s), after which a stuck call ends the link. Now and then, on a
+# loaded machine, the cloud did not receive a new edge run for 60 s with the link up;
+# not understood yet (README, Sites, "Demo").
 WAIT = 150.0
 
 
