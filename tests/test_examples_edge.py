@@ -42,7 +42,7 @@ async def start_demo(workdir: Path) -> asyncio.subprocess.Process:
 
 async def test_demo_timeline(tmp_path: Path) -> None:
     proc = await start_demo(tmp_path)
-    out, _ = await asyncio.wait_for(proc.communicate(), 400)
+    out, _ = await asyncio.wait_for(proc.communicate(), 180)
     text = out.decode()
     assert proc.returncode == 0, text
     # The table of where each task ran: tier and site as the server recorded them.

@@ -55,11 +55,10 @@ from tideflow.worker_sdk.exceptions import RPCError  # noqa: E402
 from tideflow.worker_sdk.placement import Tier  # noqa: E402
 
 QUEUE = "inspection"
-# Seconds any one step may take before the demo gives up: more than a call over the
-# link may take (60 s), after which a stuck call ends the link. Now and then, on a
-# loaded machine, the cloud did not receive a new edge run for 60 s with the link up;
-# not understood yet (README, Sites, "Demo").
-WAIT = 150.0
+# Seconds any one step may take before the demo gives up. Now and then, on a loaded
+# machine, the cloud never received a new edge run although both sides reported the
+# link up (README, Sites, "Demo": a known issue of the sites code, not of the demo).
+WAIT = 60.0
 
 
 class Story:
@@ -306,11 +305,13 @@ async def main(workdir: Path) -> int:
     assert this is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
     cloud_site = Site("cloud", workdir / "cloud.db")
-    proxy = LinkProxy(cloud_site.port)
-    edge_site = Site("edge1", workdir / "edge1.db", upstream=proxy.address)
+    proxy: LinkProxy | None = None
+    edge_site: Site | None = None
     try:
-        await proxy.start()
         cloud = await cloud_site.start()
+        proxy = LinkProxy(cloud_site.port)
+        await proxy.start()
+        edge_site = Site("edge1", workdir / "edge1.db", upstream=proxy.address)
         edge = await edge_site.start()
         STORY.note(
             f"cloud at {cloud_site.address}, edge1 at {edge_site.address} "
@@ -343,8 +344,10 @@ async def main(workdir: Path) -> int:
         await edge.close()
         return 0
     finally:
-        await proxy.close()
-        edge_site.stop()
+        if proxy is not None:
+            await proxy.close()
+        if edge_site is not None:
+            edge_site.stop()
         cloud_site.stop()
 
 

@@ -30,6 +30,10 @@ def free_port() -> int:
         return port
 
 
+class PortTaken(Exception):
+    """The server could not listen: another program took the port meanwhile."""
+
+
 class Site:
     """One tideflow server process: ``--cluster-name NAME`` on ``db``; an edge also
     names its ``upstream`` (host:port)."""
@@ -37,25 +41,42 @@ class Site:
     def __init__(self, name: str, db: Path, *, upstream: str | None = None) -> None:
         self.name = name
         self.db = db
+        self.log = db.with_suffix(".log")
+        self._flags = ["--cluster-name", name]
+        if upstream is not None:
+            self._flags += ["--upstream", upstream]
+        self._pick_ports()
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    def _pick_ports(self) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.ui_port = free_port()  # the web UI's default port may be taken (or shared)
-        self.log = db.with_suffix(".log")
-        flags = ["--cluster-name", name]
-        if upstream is not None:
-            flags += ["--upstream", upstream]
         self._argv = [
             *(sys.executable, "-m", "tideflow.cli", "server", "start-dev"),
-            *("--db", str(db), "--port", str(self.port), "--ui-port", str(self.ui_port), *flags),
+            *("--db", str(self.db), "--port", str(self.port)),
+            *("--ui-port", str(self.ui_port), *self._flags),
         ]
-        self._popen: subprocess.Popen[bytes] | None = None
 
     async def start(self, timeout: float = 60.0) -> Client:
-        """Start the process; a client once the site answers ``DescribeSite``."""
+        """Start the process; a client once the site answers ``DescribeSite``. A port
+        found free can be taken by another program before the server binds it: then
+        the site starts again on other ports."""
+        for _ in range(5):
+            try:
+                return await self._start(timeout)
+            except PortTaken:
+                self._pick_ports()
+        raise RuntimeError(f"site {self.name}: no free port; see {self.log}")
+
+    async def _start(self, timeout: float) -> Client:
         self._popen = popen = self._spawn()
         deadline = time.monotonic() + timeout
         while True:
             if popen.poll() is not None:
+                self._popen = None
+                if "the port is in use" in self.log.read_text(errors="replace"):
+                    raise PortTaken(self.address)
                 raise RuntimeError(f"site {self.name} exited; see {self.log}")
             try:
                 client = await Client.connect(self.address)
@@ -98,15 +119,17 @@ class LinkProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.port = 0
+        self.address = ""
         self.up = True
         self._server: asyncio.Server | None = None
         self._sockets: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
 
     async def close(self) -> None:
         self.cut()
