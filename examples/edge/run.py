@@ -343,6 +343,12 @@ async def main(workdir: Path) -> int:
         await cloud.close()
         await edge.close()
         return 0
+    except RuntimeError:
+        # What each site says about its link, for the report (if both clients exist).
+        with contextlib.suppress(Exception):
+            for name, client in (("cloud", cloud), ("edge1", edge)):
+                print(f"site status of {name} at the failure:\n{await status(client)}")
+        raise
     finally:
         if proxy is not None:
             await proxy.close()
