@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TYPECHECK_ROOT := build/typecheck
 
-.PHONY: venv demo test test-deps lint typecheck pytest tlc gen-protos check-generated bench clean
+.PHONY: venv demo demo-edge test test-deps lint typecheck pytest tlc gen-protos check-generated bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/hello/run.py
 	$(PY) examples/etl/run.py
+
+# A cloud and an edge process, the link between them cut and restored, a DAG whose
+# tasks run on cloud, edge and device (examples/edge/run.py; about 10 s).
+demo-edge: $(STAMP)
+	$(PY) examples/edge/run.py
 
 test: lint typecheck pytest tlc
 
@@ -42,6 +47,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --config-file pyproject.toml tla/*.py
 	MYPYPATH=$(TYPECHECK_ROOT) $(VENV)/bin/mypy --config-file pyproject.toml \
 		tests/*.py tests/procs/*.py bench/*.py
+	MYPYPATH=$(TYPECHECK_ROOT) $(VENV)/bin/mypy --config-file pyproject.toml examples/edge/*.py
 
 # What the tests need beyond the venv: Debian's chromium, which the browser tests of
 # the web UI (tests/test_web_ui.py) drive through Playwright (no browser download).
