@@ -35,6 +35,10 @@ from tideflow.worker_sdk import Client, RetryPolicy, Worker, WorkflowHandle, act
 _WORKFLOWS = 16
 _SIGNALS = ("s0", "s1", "s2")
 _BOUND_S = 120.0
+# Past the sum of a few bounded waits: a phase that hangs fails with its own message
+# (which condition, after _BOUND_S) instead of pytest-timeout ending the whole worker
+# process at the default 120 s with nothing said (seen once under -n 4).
+pytestmark = pytest.mark.timeout(600)
 _PATIENT = RetryPolicy(
     initial_interval=timedelta(milliseconds=100),
     backoff_coefficient=2,
