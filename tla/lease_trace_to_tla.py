@@ -401,16 +401,22 @@ def main(argv: list[str] | None = None) -> int:
     except (TraceError, FileNotFoundError, KeyError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
+    return report((f"shard {shard}", verdict) for shard, verdict in verdicts.items())
+
+
+def report(verdicts: Iterable[tuple[str, Verdict]]) -> int:
+    """Print one line per labelled verdict; the command's exit code (0 all accepted,
+    1 one rejected, 2 TLC failed)."""
     worst = 0
-    for shard, verdict in verdicts.items():
+    for label, verdict in verdicts:
         if verdict.accepted:
-            print(f"shard {shard}: accepted ({verdict.states} states, {verdict.seconds:.1f} s)")
+            print(f"{label}: accepted ({verdict.states} states, {verdict.seconds:.1f} s)")
         elif verdict.status == "rejected":
-            print(f"shard {shard}: REJECTED at line {verdict.line} ({verdict.action}):")
+            print(f"{label}: REJECTED at line {verdict.line} ({verdict.action}):")
             print(f"  {verdict.reason}")
             worst = max(worst, 1)
         else:
-            print(f"shard {shard}: TLC failed ({verdict.reason})\n{verdict.output[-3000:]}")
+            print(f"{label}: TLC failed ({verdict.reason})\n{verdict.output[-3000:]}")
             worst = 2
     return worst
 

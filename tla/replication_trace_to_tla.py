@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The sibling module, found through sys.path (tla/ is not a package).
-from lease_trace_to_tla import check_all
+from lease_trace_to_tla import check_all, report
 from trace_to_tla import (
     Model,
     TraceError,
@@ -296,18 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TraceError, FileNotFoundError, KeyError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
-    worst = 0
-    for model, verdict in zip(models, verdicts, strict=True):
-        if verdict.accepted:
-            print(f"{model.run}: accepted ({verdict.states} states, {verdict.seconds:.1f} s)")
-        elif verdict.status == "rejected":
-            print(f"{model.run}: REJECTED at line {verdict.line} ({verdict.action}):")
-            print(f"  {verdict.reason}")
-            worst = max(worst, 1)
-        else:
-            print(f"{model.run}: TLC failed ({verdict.reason})\n{verdict.output[-3000:]}")
-            worst = 2
-    return worst
+    return report((model.run, verdict) for model, verdict in zip(models, verdicts, strict=True))
 
 
 if __name__ == "__main__":
