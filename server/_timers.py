@@ -157,7 +157,12 @@ class TimerQueue:
             self._compact()  # its old entry must not shadow the new one
         cursor = self._cursor
         if not paged and cursor is not None and timer.fire_at > cursor[0]:
-            return False  # past the cursor: a page reads it in its turn
+            # Past the cursor: a page reads it in its turn. Not the page in flight,
+            # though, if it read the store before this row's commit: that page must
+            # end before the row (it would move the cursor past it, losing the timer
+            # until a restart).
+            self._move_back(timer.fire_at)
+            return False
         if len(self._known) >= self._cap:
             self._compact()
             latest = max(self._heap) if self._heap else None

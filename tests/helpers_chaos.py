@@ -210,6 +210,13 @@ def check_history(
     ]
 
 
+def event_trail(events: Sequence[HistoryEvent]) -> str:
+    """``id:TYPE`` of each event, short enough for a failure report."""
+    return " ".join(
+        f"{e.event_id}:{EventType.Name(e.event_type).removeprefix('EVENT_TYPE_')}" for e in events
+    )
+
+
 async def history_of(handle: WorkflowHandle[Any]) -> list[HistoryEvent]:
     return list((await handle.fetch_history()).events)
 
@@ -226,6 +233,14 @@ async def verify(
         description = await handle.describe()
         if description.status != WorkflowExecutionStatus.COMPLETED:
             tally.lost.append(f"{wf}: {description.status.name}, not completed")
+            # What the stuck run and its child got to: the first thing to read when
+            # this fails.
+            child = client.get_workflow_handle(f"{wf}-child")
+            print(f"{wf} (not completed): {event_trail(await history_of(handle))}")
+            try:
+                print(f"{wf}-child: {event_trail(await history_of(child))}")
+            except Exception as e:  # the child may never have been started
+                print(f"{wf}-child: {e!r}")
             continue
         result = await handle.result()
         if result != expected_result(wf, values[wf]):

@@ -11,6 +11,7 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
+from typing import Any
 
 from helpers import eventually
 from helpers_store import T0, create, run_key, timer
@@ -221,3 +222,37 @@ async def test_dropped_timers_leave_the_queue_and_never_fire(store: HistoryStore
         nudge = await _arm_one(store, queue, "nudge", T0 - 1)
         await eventually(lambda: _count_rows_is_zero(store))
     assert set(firing.fired) == {kept.timer_key, nudge.timer_key}
+
+
+class _HeldReads:
+    """The store, except that a page read, once it has read, waits for ``release``
+    before answering: a commit can land while the page is in flight."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self._store = store
+        self.read_done = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def timers_due_before(self, horizon: int, **kwargs: Any) -> list[TimerRow]:
+        rows: list[TimerRow] = await self._store.timers_due_before(horizon, **kwargs)
+        self.read_done.set()
+        await self.release.wait()
+        return rows
+
+
+async def test_a_timer_committed_while_a_page_is_read_fires(store: HistoryStore) -> None:
+    """The page in flight read the store before the commit (it cannot return the row)
+    and add() left the row to the pages (due after the cursor): the page must not move
+    the cursor past it. Found by the chaos suite: a run waiting for ever on a
+    TimerStarted whose row was in the store, after a restart's first page."""
+    held = _HeldReads(store)
+    queue = TimerQueue(held, _ManualClock(T0), window_s=30.0, max_in_memory=50)  # type: ignore[arg-type]
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        await held.read_done.wait()  # the first page has read (nothing)
+        during = await _arm_one(store, queue, "during", T0 - 1)
+        held.release.set()
+        await eventually(lambda: during.timer_key in firing.fired, "the timer to fire")
