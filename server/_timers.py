@@ -198,7 +198,9 @@ class TimerQueue:
     def reread(self) -> None:
         """Read the whole window again: after a store outage, a commit whose outcome
         was in doubt may have written timers nobody handed to ``add``."""
-        self._cursor = _FROM_START
+        # Through _move_back: a page in flight (it may have read before that commit)
+        # must not move the cursor past the beginning when it ends.
+        self._move_back(_FROM_START[0])
         self._wakeup.set()
 
     def _wants_page(self) -> bool:

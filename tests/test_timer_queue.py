@@ -256,3 +256,19 @@ async def test_a_timer_committed_while_a_page_is_read_fires(store: HistoryStore)
         during = await _arm_one(store, queue, "during", T0 - 1)
         held.release.set()
         await eventually(lambda: during.timer_key in firing.fired, "the timer to fire")
+
+
+async def test_a_reread_asked_for_while_a_page_is_read_reads_from_the_start(
+    store: HistoryStore,
+) -> None:
+    """A commit in doubt landed after the page in flight had read; the reread it
+    causes must outlive that page's end."""
+    held = _HeldReads(store)
+    queue = TimerQueue(held, _ManualClock(T0), window_s=30.0, max_in_memory=50)  # type: ignore[arg-type]
+    firing = _Firing(store)
+    async with _running(queue, firing):
+        await held.read_done.wait()
+        [doubtful] = await _arm(store, runs=1, per_run=1, fire_at=T0 - 1)  # no add()
+        queue.reread()
+        held.release.set()
+        await eventually(lambda: doubtful.timer_key in firing.fired, "the timer to fire")
