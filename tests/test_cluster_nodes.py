@@ -196,9 +196,20 @@ async def test_sigkilled_node_shards_are_served_within_the_lease(
         await a.kill()
         await wait(lambda: split(store, "node-b"), "node-b to take over")
         takeover_s = time.monotonic() - killed
+        # How soon is a figure (bench/recovery.py), not a check: printed only.
         print(f"takeover after SIGKILL: {takeover_s:.2f} s (lease {LEASE_S} s)")
-        # The lease lapses within LEASE_S; node-b's next pass comes within a third.
-        assert takeover_s < LEASE_S * 2 + 2, takeover_s
+        # Each of node-a's shards was stolen by node-b once its lease had expired by
+        # node-b's clock, and the steal bumped the range id (the fence's token).
+        steals = {
+            e["shard"]: e
+            for e in lease_trace(trace_dir, b.name)
+            if e["action"] == "AcquireShard" and e["previous_owner"] == "node-a" and e["range"]
+        }
+        dead = {shard for shard, owner in owners.items() if owner == "node-a"}
+        assert set(steals) == dead, (sorted(steals), sorted(dead))
+        for steal in steals.values():
+            assert steal["stolen"] and steal["now"] > steal["expires_at"], steal
+            assert steal["range"] == steal["read_range"] + 1, steal
         for n, workflow_id in enumerate(doomed):
             assert await result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
             await check_history(clients["node-b"], workflow_id)
