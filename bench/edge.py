@@ -35,7 +35,7 @@ from throughput import _free_port, _listening, _stop
 from tideflow.api.v1 import replication_pb2, service_pb2
 from tideflow.worker_sdk import Client
 
-_CLI = [sys.executable, "-m", "tideflow.cli", "server", "start-dev"]
+_CLI = [sys.executable, "-m", "tideflow.cli", "server", "start-dev", "--no-ui"]
 
 
 def _server(url: str, port: int, *flags: str) -> subprocess.Popen[bytes]:

@@ -98,6 +98,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             str(port),
             "--log-level",
             "WARNING",
+            "--no-ui",
         ],
         stdout=subprocess.PIPE,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),

@@ -94,8 +94,26 @@ class TenLocalActivities:
         return value
 
 
+@workflow.defn
+class OneLocalActivity:
+    """One step as a local activity: the start-to-result latency of DBOS's one-step
+    workflow's counterpart (a start, then one workflow task that runs the step)."""
+
+    @workflow.run
+    async def run(self, value: int) -> int:
+        result: int = await workflow.execute_local_activity(
+            step, value, start_to_close_timeout=timedelta(seconds=30)
+        )
+        return result
+
+
 # Activities (local or not) per workflow of each shape.
-STEPS: dict[type, int] = {OneActivity: 1, TenActivities: 10, TenLocalActivities: 10}
+STEPS: dict[type, int] = {
+    OneActivity: 1,
+    TenActivities: 10,
+    TenLocalActivities: 10,
+    OneLocalActivity: 1,
+}
 
 
 async def run_worker(addresses: str) -> None:
@@ -103,7 +121,7 @@ async def run_worker(addresses: str) -> None:
     worker = Worker(
         client,
         task_queue=TASK_QUEUE,
-        workflows=[OneActivity, TenActivities, TenLocalActivities],
+        workflows=[OneActivity, TenActivities, TenLocalActivities, OneLocalActivity],
         activities=[step],
         workflow_pollers=4,
         activity_pollers=4,
@@ -267,6 +285,8 @@ def _spawn_server(
     argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]
     if setup.nodes is not None:
         argv += ["--node-id", f"bench-node-{index}", "--auth", "off"]
+    else:
+        argv.append("--no-ui")  # start-dev's web UI: not measured, and its port may be taken
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
 
@@ -376,9 +396,12 @@ async def _measure_shapes(
         "ten_activities": ten,
     }
     if args.local_activities:
-        # Ten local activities per workflow, reported apart.
+        # Ten local activities per workflow, and one at a time, reported apart.
         local = await _measure(clients, TenLocalActivities, args.workflows, args.concurrency, roles)
         result["ten_local_activities"] = local
+        result["one_local_activity_serial"] = await _measure(
+            clients, OneLocalActivity, min(args.workflows, 50), 1, roles
+        )
     return result
 
 

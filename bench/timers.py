@@ -147,7 +147,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     server_log = tmp / "server.log"
     command = [sys.executable, "-m", "tideflow.cli", "server", "start-dev", "--db-url", db_url]
     # INFO: the timer queue's stop line reports the peak of rows it held.
-    command += ["--port", str(port), "--log-level", "INFO"]
+    command += ["--port", str(port), "--log-level", "INFO", "--no-ui"]
     with server_log.open("wb") as log_file:
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, env=env)
     workers: list[subprocess.Popen[bytes]] = []
