@@ -136,6 +136,9 @@ class PeerChannels:
             if name.startswith("grpc.max_")
         ]
         self._options.append(("grpc.keepalive_time_ms", 30_000))
+        # A restarted peer is dialled again within 2 s (gRPC's default backoff grows
+        # to 120 s, during which calls to it fail fast).
+        self._options.append(("grpc.max_reconnect_backoff_ms", 2_000))
         self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 

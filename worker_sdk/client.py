@@ -152,6 +152,9 @@ _START_OPTION_NAMES = (
 )
 
 
+_MAX_RECONNECT_BACKOFF_MS = 2_000
+
+
 def _open_channel(
     target: str, tls: TLSConfig | bool, credentials: tuple[tuple[str, str], ...]
 ) -> grpc.aio.Channel:
@@ -162,6 +165,10 @@ def _open_channel(
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
+        # gRPC's reconnect backoff grows to 120 s by default: a client whose server was
+        # down a while (restarts under load, each taking seconds) would go on failing
+        # calls fast for up to two minutes after the server is back.
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
     ]
     if tls is False:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
