@@ -18,6 +18,8 @@ from typing import Any
 from helpers import Proc, Processes, of_type
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.state_pb2 import MutableState
+from tideflow.history import HistoryStore, RunKey
 from tideflow.worker_sdk import Client, DataConverter, WorkflowExecutionStatus, WorkflowHandle
 
 ET = EventType
@@ -217,6 +219,35 @@ def event_trail(events: Sequence[HistoryEvent]) -> str:
     )
 
 
+async def stored_rows(store_url: str, workflow_ids: Collection[str]) -> str:
+    """What the store holds of each run: its pending workflow task, its task and timer
+    rows, its shard's owner (for the failure report)."""
+    store = await HistoryStore.open(store_url)
+    try:
+        lines = []
+        shards = {r.shard_id: (r.owner, r.range_id) for r in await store.read_shards()}
+        for wf in workflow_ids:
+            current = await store.get_current("default", wf)
+            if current is None:
+                continue
+            key = RunKey(namespace="default", workflow_id=wf, run_id=current.run_id)
+            shard = store.shard_of(key)
+            record = await store.get_execution(key)
+            if record is not None:
+                ms = MutableState.FromString(record.state)
+                lines.append(
+                    f"{wf}: workflow task {ms.workflow_task} sticky={ms.sticky_task_queue!r} "
+                    f"shard {shard} held by {shards.get(shard)}"
+                )
+            tasks = await store.list_tasks(shards=[shard])
+            lines += [f"  task row {t}" for t in tasks if t.key.workflow_id == wf]
+            timers = await store.timers_due_before(2**62, shards=[shard])
+            lines += [f"  timer row {t}" for t in timers if t.key.workflow_id == wf]
+        return "\n".join(lines)
+    finally:
+        await store.close()
+
+
 async def history_of(handle: WorkflowHandle[Any]) -> list[HistoryEvent]:
     return list((await handle.fetch_history()).events)
 
@@ -227,7 +258,10 @@ async def verify(
     values: dict[str, int],
     ledger: Ledger,
     tally: Tally,
+    store_url: str = "",
 ) -> None:
+    """The end-of-run checks; for a run that did not complete, what its history, its
+    child's and (given ``store_url``) its stored task and timer rows show."""
     tally.lost += [f"{wf}: never started" for wf in values if wf not in handles]
     for wf, handle in handles.items():
         description = await handle.describe()
@@ -241,6 +275,8 @@ async def verify(
                 print(f"{wf}-child: {event_trail(await history_of(child))}")
             except Exception as e:  # the child may never have been started
                 print(f"{wf}-child: {e!r}")
+            if store_url:
+                print(await stored_rows(store_url, (wf, f"{wf}-child")))
             continue
         result = await handle.result()
         if result != expected_result(wf, values[wf]):

@@ -229,7 +229,7 @@ async def test_chaos(
             # A run that never completes is lost: count it (and report the rest)
             # instead of failing without figures.
             print(f"chaos: not done within {RUN_BOUND_S:.0f} s; checking what there is")
-        await verify(client, handles, values, ledger, tally)
+        await verify(client, handles, values, ledger, tally, store_url)
     finally:
         watcher.cancel()
         await client.close()

@@ -31,9 +31,7 @@ from helpers import Processes, eventually, new_id
 from helpers_chaos import SIGNALS, Ledger, Tally, Workers, at_least, send_signal, verify
 from helpers_cluster_routing import node_starter, wait_split
 
-from tideflow.api.v1.history_pb2 import EventType
-from tideflow.api.v1.state_pb2 import MutableState
-from tideflow.history import HistoryStore, RunKey
+from tideflow.history import HistoryStore
 from tideflow.worker_sdk import Client, WorkflowHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -124,10 +122,7 @@ async def test_three_nodes_lose_two_and_nothing_is_lost(
                 await asyncio.gather(*(h.result() for h in handles.values()))
         except TimeoutError:
             print(f"cluster suite: not done within {RUN_BOUND_S:.0f} s; checking what there is")
-        await verify(client, handles, values, ledger, tally)
-        if tally.lost:
-            print(await _histories_of(client, tally.lost[:5]))
-            print(await _rows_of(store, tally.lost[:5]))
+        await verify(client, handles, values, ledger, tally, pg_url)
     finally:
         watcher.cancel()
         await client.close()
@@ -142,44 +137,3 @@ async def test_three_nodes_lose_two_and_nothing_is_lost(
     assert not tally.lost, f"{summary}\nlost: {tally.lost[:20]}"
     assert not tally.duplicated, f"{summary}\nduplicated: {tally.duplicated[:20]}"
     assert tally.server_kills == 2, summary
-
-
-async def _histories_of(client: Client, lost: list[str]) -> str:
-    """The tail of each lost run's history and its child's, for the failure report."""
-    lines = []
-    for entry in lost:
-        wf = entry.split(":")[0]
-        for run in (wf, f"{wf}-child"):
-            try:
-                events = (await client.get_workflow_handle(run).fetch_history()).events
-            except Exception as error:
-                lines.append(f"{run}: {error}")
-                continue
-            tail = [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events[-8:]]
-            lines.append(f"{run}: {len(events)} events, last: {tail}")
-    return "\n".join(lines)
-
-
-async def _rows_of(store: HistoryStore, lost: list[str]) -> str:
-    """What the store holds of each lost run: its pending workflow task, its task and
-    timer rows, its shard's owner (for the failure report)."""
-    lines = []
-    shards = {r.shard_id: (r.owner, r.range_id) for r in await store.read_shards()}
-    for entry in lost:
-        wf = entry.split(":")[0]
-        current = await store.get_current("default", wf)
-        if current is None:
-            continue
-        key = RunKey(namespace="default", workflow_id=wf, run_id=current.run_id)
-        record = await store.get_execution(key)
-        if record is not None:
-            ms = MutableState.FromString(record.state)
-            lines.append(
-                f"{wf}: workflow task {ms.workflow_task} sticky={ms.sticky_task_queue!r} "
-                f"shard {store.shard_of(key)} held by {shards.get(store.shard_of(key))}"
-            )
-        tasks = await store.list_tasks(shards=[store.shard_of(key)])
-        lines += [f"  task row {t}" for t in tasks if t.key.workflow_id == wf]
-        timers = await store.timers_due_before(2**62, shards=[store.shard_of(key)])
-        lines += [f"  timer row {t}" for t in timers if t.key.workflow_id == wf]
-    return "\n".join(lines)
