@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -39,7 +38,6 @@ from ._dialects import (
     SERIALIZABLE,
     GuardedRunner,
     Runner,
-    is_created_meanwhile,
     open_runner,
     retrying,
 )
@@ -64,6 +62,7 @@ from ._records import (
 )
 from ._replication_store import ReplicationStore
 from ._schedule_store import ScheduleStore
+from ._schema_setup import create_schema, upgrade_columns
 from ._site_metadata_store import SiteMetadataStore
 from ._token_keys import TokenKeyStore
 from ._visibility_store import Cursor as VisibilityCursor
@@ -83,8 +82,6 @@ _MAX_BATCH = 64
 _MAX_TXN_RETRIES = 8
 # Attempts at creating the schema while other nodes create it too, and the pause
 # before the next one (times the attempt number).
-_SCHEMA_ATTEMPTS = 10
-_SCHEMA_RETRY_S = 0.1
 
 
 # What a writer lane queues: transitions that commit together, who waits on them, and
@@ -112,6 +109,8 @@ class HistoryStore:
         self._runner = GuardedRunner(runner, self.stats)
         self.dialect = runner
         self._lanes: list[asyncio.Queue[_Item]] = []
+        # Commits submitted that no writer has taken yet (``withdraw`` may cancel them).
+        self._waiting: set[asyncio.Future[None]] = set()
         self._writers: list[asyncio.Task[None]] = []
         self._closed = False
         # Set when a write failed so that it may or may not have committed (the
@@ -149,9 +148,9 @@ class HistoryStore:
         inject database faults)."""
         store = cls(runner)
         try:
-            await store._create_schema()
+            await create_schema(store._runner)
             await store._init_cluster(shards)
-            await store._add_shard_columns()
+            await upgrade_columns(store._runner, store.shard_count)
             await store.ensure_namespace("default", description="created by tideflow")
         except BaseException:
             # An open that failed (the database unreachable, say) must not leave the
@@ -176,55 +175,6 @@ class HistoryStore:
             cluster.check_shard_count(requested, stored=stored)
         self.shard_count = stored
 
-    async def _create_schema(self) -> None:
-        """Create the tables that do not exist yet. Nodes started at once on an empty
-        database race: PostgreSQL refuses all but one CREATE of each table (a unique
-        violation in its catalog, or "already exists"). The loser's transaction rolls
-        back whole, and its next attempt finds the winner's tables and skips them. No
-        lock: an advisory lock is PostgreSQL's alone (CockroachDB has none), and a
-        lock on a row needs a table to exist first."""
-        for attempt in range(_SCHEMA_ATTEMPTS):
-            try:
-                await self._runner.write(lambda conn: s.metadata.create_all(conn))
-                return
-            except Exception as exc:
-                if attempt == _SCHEMA_ATTEMPTS - 1 or not is_created_meanwhile(exc):
-                    raise
-                log.info("another node created part of the schema meanwhile; looking again")
-                await asyncio.sleep(_SCHEMA_RETRY_S * (attempt + 1))
-
-    async def _add_shard_columns(self) -> None:
-        """Upgrade a database created before shards (tasks and timers without a
-        ``shard_id``). Two nodes upgrading at once: the second one's ALTER fails, and
-        finds the column there."""
-        count = self.shard_count
-        for name in await self._runner.read(cluster.missing_shard_columns_txn):
-            upgrade = functools.partial(cluster.add_shard_column_txn, name=name, shard_count=count)
-            try:
-                rows = await self._runner.write(upgrade)
-            except Exception:
-                if name in await self._runner.read(cluster.missing_shard_columns_txn):
-                    raise
-                continue
-            log.info("upgraded %s: shard_id added to %d rows", name, rows)
-        if await self._runner.read(cluster.missing_queue_shard_column_txn):
-            upgrade_tasks = functools.partial(cluster.add_queue_shard_column_txn, shard_count=count)
-            try:
-                rows = await self._runner.write(upgrade_tasks)
-            except Exception:
-                if await self._runner.read(cluster.missing_queue_shard_column_txn):
-                    raise
-            else:
-                log.info("upgraded tasks: queue_shard added to %d rows", rows)
-        if await self._runner.read(cluster.missing_placement_column_txn):
-            try:
-                await self._runner.write(cluster.add_placement_column_txn)
-            except Exception:
-                if await self._runner.read(cluster.missing_placement_column_txn):
-                    raise
-            else:
-                log.info("upgraded tasks: placement added")
-
     def _start_writers(self) -> None:
         for lane in range(self.dialect.writer_lanes):
             queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -245,6 +195,7 @@ class HistoryStore:
         for queue in self._lanes:
             while not queue.empty():
                 _, fut, _ = queue.get_nowait()
+                self._waiting.discard(fut)
                 if not fut.done():
                     fut.set_exception(StoreUnavailableError("store closed"))
         await self._runner.close()
@@ -261,7 +212,21 @@ class HistoryStore:
 
         Transitions passed in ``together`` (other runs: the new run of a
         continue-as-new, say) commit in the same transaction, all or nothing.
+
+        Cancelled, the commit is withdrawn if no writer has taken it yet; otherwise it
+        still commits (or fails) after this call has ended (``submit`` says when).
         """
+        commit = self.submit(transition, *together)
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            if not self.withdraw(commit):
+                commit.add_done_callback(_retrieved)
+            raise
+
+    def submit(self, transition: Transition, *together: Transition) -> asyncio.Future[None]:
+        """``apply`` without waiting: the commit's future, which ends as ``apply`` would
+        (its result or error). ``withdraw`` takes it back while no writer has it."""
         if self._closed:
             raise StoreUnavailableError("store closed")
         group = (transition, *together)
@@ -269,8 +234,21 @@ class HistoryStore:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A run always maps to the same lane, so its transitions commit in order.
         lane = hash((transition.key.namespace, transition.key.workflow_id)) % len(self._lanes)
+        self._waiting.add(fut)
         self._lanes[lane].put_nowait((group, fut, tokens))
-        await fut
+        return fut
+
+    def withdraw(self, commit: asyncio.Future[None]) -> bool:
+        """Take back a ``submit``ted commit no writer has taken yet: it is never written
+        and ``commit`` is cancelled. False once a writer has it: it will commit or fail
+        like any other, and ``commit`` ends with which (its caller must wait for that
+        before acting on what the commit writes: a row handed on earlier may be judged
+        stale against the store and dropped, and then the commit lands)."""
+        if commit in self._waiting:
+            self._waiting.discard(commit)
+            commit.cancel()
+            return True
+        return commit.cancelled()
 
     # ------------------------------------------------------------------ the fence
 
@@ -350,6 +328,7 @@ class HistoryStore:
             batch = [await queue.get()]
             while len(batch) < _MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
+            self._waiting.difference_update(fut for _, fut, _ in batch)
             live = [item for item in batch if not item[1].done()]
             try:
                 for items in _one_transition_per_run(live):
@@ -819,6 +798,13 @@ def _merged(token_maps: Sequence[dict[int, int]]) -> dict[int, set[int]]:
         for shard, token in tokens.items():
             merged.setdefault(shard, set()).add(token)
     return merged
+
+
+def _retrieved(commit: asyncio.Future[None]) -> None:
+    """Retrieve the outcome of a commit whose caller went away (never reported as an
+    exception nobody retrieved)."""
+    if not commit.cancelled():
+        commit.exception()
 
 
 def _fail(batch: Sequence[_Item], error: StoreUnavailableError) -> None:

@@ -266,16 +266,13 @@ class HistoryEngine:
         # missing from the log.
         self._tracer.write_ahead(action, m)
         rseq = self.replication_tracer.home_step(action, m)
-        # A commit that creates task rows writes in its own task, shielded from its
-        # caller's cancellation (a worker that went away mid-call): its rows may reach
-        # matching and the transfer processor only once the write has landed (below).
-        # Other commits (recording a task as started) are awaited directly and
-        # cancelled with their caller, as before: a poll that went away starts nothing.
+        # Awaited shielded: a caller going away (a worker gone mid-call) withdraws a
+        # commit no store writer has taken (a poll that went away starts nothing),
+        # unless it creates task rows: those always go on.
         lease = self._lease_of(key)
-        apply = self._store.apply(m.to_transition(run.db_version), *together)
-        write = asyncio.ensure_future(apply) if m.new_tasks else None
+        write = self._store.submit(m.to_transition(run.db_version), *together)
         try:
-            await (apply if write is None else asyncio.shield(write))
+            await asyncio.shield(write)
         except (ConditionFailedError, CurrentExecutionConflictError):
             log.debug("run %s changed under us; reloading", key)
             self._tracer.outcome(m, committed=False)
@@ -285,17 +282,12 @@ class HistoryEngine:
             # Never trust the cache again (trace mode: the line written ahead stays
             # unconfirmed). Rows handed over while the commit is in flight would be
             # judged against a state that does not show them yet, found stale and
-            # deleted, and the work committed a moment later lost: a transfer row
-            # finds no pending child (found by the chaos suite), a polled activity
-            # task no scheduled activity.
+            # deleted, and the work committed a moment later lost (a transfer row
+            # without its pending child, a workflow task's timeout fired before its
+            # start landed: the chaos suite). So they go when the commit ends.
             self._forget(key, run)
-            if write is not None:
+            if m.new_tasks or not self._store.withdraw(write):
                 write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
-            else:
-                # Cancelled with its caller, the write may still have committed (the
-                # store's writer had taken it): its task and timer rows are handed
-                # over now, validated against the run's state when started or fired.
-                self._dispatch_rows(m)
             raise
         except BaseException:
             # The store failed the write (an outage, a lost connection): it is over,
@@ -508,8 +500,15 @@ class HistoryEngine:
         self._tracer.write_ahead("StartRun", m)
         rseq = self.replication_tracer.home_step("StartRun", m)
         lease = self._lease_of(run_key_of(m.ms))
+        write = self._store.submit(m.to_transition(0, start_request_id=request_id))
         try:
-            await self._store.apply(m.to_transition(0, start_request_id=request_id))
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The caller went away: a start no store writer has taken is withdrawn;
+            # one that lands later hands its first task over then (as in _commit).
+            if not self._store.withdraw(write):
+                write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
+            raise
         except CurrentExecutionConflictError:
             self._tracer.outcome(m, committed=False)
             return None

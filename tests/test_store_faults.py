@@ -314,6 +314,57 @@ async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStor
         await asyncio.gather(*background, return_exceptions=True)
 
 
+class _HeldWrites:
+    """A runner whose writes wait for ``release`` (``entered``: a writer is waiting)."""
+
+    def __init__(self, inner: Runner) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.isolation = inner.isolation
+        self.writer_lanes = 1  # one writer: a second commit queues behind the held one
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()  # opening the store writes (the schema)
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        self.entered.set()
+        await self.release.wait()
+        return await self._inner.write(fn)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await self._inner.read(fn)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+async def test_a_cancelled_commit_is_withdrawn_or_lands_whole(store_url: str) -> None:
+    """A commit whose caller went away is withdrawn while it waits for a writer (never
+    written); once a writer has it, it lands after the caller has gone, and its future
+    says so (the engine hands its rows on only then: a workflow task's timeout handed
+    on earlier fired, found the start not yet landed, and was dropped for good)."""
+    runner = _HeldWrites(open_runner(store_url))
+    store = await HistoryStore.open_on(runner)
+    runner.entered.clear()
+    runner.release.clear()
+    try:
+        taken, waiting = _create("taken"), _create("waiting")
+        caller = asyncio.ensure_future(store.apply(taken))
+        await runner.entered.wait()  # the writer has it
+        queued = store.submit(waiting)
+        assert store.withdraw(queued)
+        assert queued.cancelled()
+        caller.cancel()
+        await asyncio.wait([caller])
+        landed = store.submit(_create("after"))
+        runner.release.set()
+        await landed
+        assert await store.get_execution(taken.key) is not None
+        assert await store.get_execution(waiting.key) is None
+    finally:
+        await store.close()
+
+
 # ------------------------------------------------------------- SDK retries
 
 

@@ -50,29 +50,47 @@ async def test_poll_cancelled_while_recording_start_keeps_the_task(
     server records its task as started, the task must be dispatched again, not lost
     (regression: it stayed in the store but nothing dispatched it until a restart).
 
-    The store's ``apply`` is gated so the cancellation lands inside that window, before
-    the commit, or (``workflow-after-commit``) after it: then the task did start, the
-    given-back copy is stale and dropped, and the workflow task timeout recovers."""
+    The store's commits are gated so the cancellation lands inside that window, before
+    a store writer took the commit (it is withdrawn), or (``workflow-after-commit``)
+    after it landed: then the task did start, the given-back copy is stale and dropped,
+    and the workflow task timeout recovers."""
     identity = new_id("doomed-poller")
     after_commit = kind == "workflow-after-commit"
     entered, cancelled, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    original_apply = server.store.apply
+    original_submit, original_withdraw = server.store.submit, server.store.withdraw
+    gated: dict[asyncio.Future[None], asyncio.Future[None]] = {}
 
-    async def gated_apply(transition: Any) -> None:
-        doomed = identity.encode() in transition.state and not release.is_set()
-        if after_commit:
-            await original_apply(transition)
-        if doomed:
+    def gated_submit(transition: Any, *together: Any) -> asyncio.Future[None]:
+        if identity.encode() not in transition.state or release.is_set():
+            return original_submit(transition, *together)
+        outer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def commit() -> None:
+            if after_commit:
+                await original_submit(transition, *together)
             entered.set()
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-        if not after_commit:
-            await original_apply(transition)
+            await release.wait()
+            if not after_commit:
+                await original_submit(transition, *together)
+            if not outer.done():
+                outer.set_result(None)
 
-    monkeypatch.setattr(server.store, "apply", gated_apply)
+        gated[outer] = asyncio.ensure_future(commit())
+        return outer
+
+    def gated_withdraw(commit: asyncio.Future[None]) -> bool:
+        job = gated.get(commit)
+        if job is None:
+            return original_withdraw(commit)
+        cancelled.set()
+        if after_commit:
+            return False  # a writer had it: it landed
+        job.cancel()
+        commit.cancel()
+        return True
+
+    monkeypatch.setattr(server.store, "submit", gated_submit)
+    monkeypatch.setattr(server.store, "withdraw", gated_withdraw)
     tq = new_id("tq")
     workflow_worker: Worker | None = None
     poll: asyncio.Future[Any]
