@@ -281,6 +281,21 @@ def renew_shard_txn(conn: Connection, shard: int, range_id: int, expires_at: int
         )
 
 
+def renew_shards_txn(
+    conn: Connection, tokens: Mapping[int, int], expires_at: int
+) -> dict[int, ShardOwnershipLostError]:
+    """``renew_shard_txn`` for each shard of ``tokens`` (shard -> range id) in one
+    transaction (one commit per pass, not one per shard); the shards another node
+    took, with the error each would have raised alone."""
+    lost: dict[int, ShardOwnershipLostError] = {}
+    for shard, range_id in tokens.items():
+        try:
+            renew_shard_txn(conn, shard, range_id, expires_at)
+        except ShardOwnershipLostError as exc:
+            lost[shard] = exc
+    return lost
+
+
 def release_shard_txn(conn: Connection, shard: int, range_id: int) -> bool:
     """Give the shard up at once (a graceful stop, or a rebalance): owner "" and an
     expired lease, so any node acquires it on its next pass. The range id stays: the

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Row, Select, and_, delete, func, insert, or_, select
@@ -488,6 +488,16 @@ class HistoryStore:
         expires = now_micros() + lease_us
         await self._runner.write(
             lambda conn: cluster.renew_shard_txn(conn, shard, range_id, expires)
+        )
+
+    async def renew_shards(
+        self, tokens: Mapping[int, int], lease_us: int
+    ) -> dict[int, ShardOwnershipLostError]:
+        """``renew_shard`` for every shard of ``tokens`` (shard -> range id) in one
+        transaction; the shards whose range id moved, with their errors."""
+        expires = now_micros() + lease_us
+        return await self._runner.write(
+            lambda conn: cluster.renew_shards_txn(conn, tokens, expires)
         )
 
     async def release_shard(self, shard: int, range_id: int) -> bool:

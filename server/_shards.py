@@ -221,15 +221,20 @@ class ShardController:
         )
 
     async def _renew_all(self) -> None:
-        for shard, token in sorted(self._store.held_shards.items()):
-            try:
-                await self._store.renew_shard(shard, token, self._lease_us)
-            except ShardOwnershipLostError as exc:
-                self._tracer.renew(shard, token, current=exc.current)
-                if self._store.held_shards.get(shard) == token:
-                    self._lose(shard, str(exc))
+        """Renew every held lease in one transaction (one commit per pass: on SQLite
+        each commit is an fsync the writers wait behind)."""
+        tokens = dict(sorted(self._store.held_shards.items()))
+        if not tokens:
+            return
+        lost = await self._store.renew_shards(tokens, self._lease_us)
+        for shard, token in tokens.items():
+            exc = lost.get(shard)
+            if exc is None:
+                self._tracer.renew(shard, token)
                 continue
-            self._tracer.renew(shard, token)
+            self._tracer.renew(shard, token, current=exc.current)
+            if self._store.held_shards.get(shard) == token:
+                self._lose(shard, str(exc))
 
     async def _balance(self) -> None:
         """One acquire pass: take free or expired shards up to this node's share,
@@ -253,14 +258,23 @@ class ShardController:
         start = sum(self.node_id.encode()) % count
         order = [self._view[(start + i) % count] for i in range(count)]
         wanted = target - len(held)
-        for row in order:
-            if wanted <= 0:
-                break
-            if row.shard_id in held:
-                continue
-            free = row.free_at(now) or row.owner == self.node_id
-            if free and await self._acquire(row, now):
-                wanted -= 1
+        free = [
+            row
+            for row in order
+            if row.shard_id not in held and (row.free_at(now) or row.owner == self.node_id)
+        ]
+        # Up to ``wanted`` at once (each an acquire and a recovery read: a node's start
+        # took seconds one shard after the other); a compare-and-set lost to another
+        # node leaves room for the next free one.
+        while wanted > 0 and free:
+            batch, free = free[:wanted], free[wanted:]
+            outcomes = await asyncio.gather(
+                *(self._acquire(row, now) for row in batch), return_exceptions=True
+            )
+            wanted -= sum(outcome is True for outcome in outcomes)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
     async def _acquire(self, row: ShardRecord, now: int) -> bool:
         stolen = not row.unowned and row.owner != self.node_id and row.lease_expires_at < now

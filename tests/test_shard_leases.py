@@ -143,6 +143,21 @@ async def test_renew_after_a_steal_fails(nodes: tuple[HistoryStore, HistoryStore
     await b.renew_shard(5, stolen, LEASE_US)
 
 
+async def test_one_renewal_pass_renews_the_held_and_names_the_stolen(
+    nodes: tuple[HistoryStore, HistoryStore],
+) -> None:
+    a, b = nodes
+    kept = await _take(a, 6, "node-a", LAPSED_US)
+    gone = await _take(a, 7, "node-a", LAPSED_US)
+    stolen = await _take(b, 7, "node-b")
+    lost = await a.renew_shards({6: kept, 7: gone}, LEASE_US)
+    assert list(lost) == [7]
+    assert (lost[7].held, lost[7].current) == (gone, stolen)
+    # Shard 6 was renewed in the same transaction: no longer free for node-b.
+    assert await b.acquire_shard(await b.read_shard(6), "node-b", LEASE_US) is None
+    assert (await a.read_shard(7)).owner == "node-b"
+
+
 async def test_a_write_with_a_stale_range_id_never_commits(
     nodes: tuple[HistoryStore, HistoryStore],
 ) -> None:
