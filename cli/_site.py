@@ -3,8 +3,9 @@
     tideflow site status [--address HOST:PORT] [-o table|json]
 
 ``status`` asks the server at ``--address`` (``SiteService.DescribeSite``) for its site
-name and upstream, each peer site (role, whether the link is up, when it last
-connected and synced, the replicas of its runs that are behind here and by how many
+name and upstream (and, while an edge cannot link, why: the TLS handshake, the
+network or the upstream's auth refused it), each peer site (role, whether the link is
+up, when it last connected and synced, the replicas of its runs that are behind here and by how many
 events, events pulled and requests forwarded since this server started), the depth of
 its inbox (signals, cancels and terminates waiting for their run's home) and the
 replication alarms (batches that did not continue a replica, never applied).
@@ -79,6 +80,7 @@ async def _status(address: str) -> replication_pb2.DescribeSiteResponse:
 def render_table(status: replication_pb2.DescribeSiteResponse) -> str:
     lines = [
         f"site: {status.site}" + (f" (upstream {status.upstream})" if status.upstream else ""),
+        *([f"upstream link down: {status.upstream_error}"] if status.upstream_error else []),
         f"inbox: {status.inbox_depth} pending",
         f"replication alarms: {status.replication_alarms}",
     ]

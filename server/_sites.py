@@ -83,6 +83,9 @@ class Sites:
         # whose auth is on, sent on the link's stream.
         key = config.upstream_api_key
         self._credentials = (("authorization", f"Bearer {key}"),) if key else ()
+        self._tls = config.upstream_tls
+        # Why the last dial of the upstream failed; "" while linked or before a dial.
+        self.upstream_error = ""
         self._store = store
         self._engine = engine
         # Trace mode (TIDEFLOW_TRACE_DIR): the replication steps of this site.
@@ -198,9 +201,16 @@ class Sites:
             delay = _RECONNECT_INITIAL_S if linked else min(delay * 2, _RECONNECT_MAX_S)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
+    def _open_channel(self) -> grpc.aio.Channel:
+        tls = self._tls
+        if tls is None:
+            return grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
+        options = [*_CHANNEL_OPTIONS, *tls.channel_options()]
+        return grpc.aio.secure_channel(self.upstream, tls.credentials(), options=options)
+
     async def _dial_once(self) -> bool:
         """One link to the upstream, for as long as it lasts; whether it came up."""
-        channel = grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
+        channel = self._open_channel()
         try:
             stub = replication_pb2_grpc.SiteServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Link(metadata=self._credentials)
@@ -217,21 +227,30 @@ class Sites:
             except (LinkDown, TimeoutError):
                 link.close()
                 await reader
+                self._link_failed(await _refusal(call))
                 return False
             if hello.site == self.name:
-                log.error("upstream %s is also named %r: not linking", self.upstream, self.name)
+                self._link_failed(f"the upstream is also named {self.name!r}: not linking")
                 link.close()
                 await reader
                 return False
             link.peer = hello.site
+            self.upstream_error = ""
             await self._attach(link, self.upstream)
             await reader
             return True
         except (grpc.aio.AioRpcError, OSError) as error:
-            log.debug("upstream %s: %s", self.upstream, error)
+            self._link_failed(str(error))
             return False
         finally:
             await channel.close(None)
+
+    def _link_failed(self, reason: str) -> None:
+        """Keep why the upstream refused or could not be reached, for ``site status``;
+        logged once per distinct reason, not on every redial."""
+        if reason != self.upstream_error:
+            log.warning("site %s: cannot link to upstream %s: %s", self.name, self.upstream, reason)
+        self.upstream_error = reason
 
     async def _hello(self, link: SiteLink, body: bytes) -> rp.SiteHello:
         """An edge introduces itself on the stream it opened."""
@@ -376,7 +395,9 @@ class Sites:
 
     async def describe(self) -> rp.DescribeSiteResponse:
         replication = self._store.replication
-        response = rp.DescribeSiteResponse(site=self.name, upstream=self.upstream)
+        response = rp.DescribeSiteResponse(
+            site=self.name, upstream=self.upstream, upstream_error=self.upstream_error
+        )
         response.inbox_depth = await replication.inbox_depth()
         response.replication_alarms, recent = await replication.alarms()
         response.recent_alarms.extend(recent)
@@ -416,6 +437,18 @@ async def _until_down(link: SiteLink, work: Awaitable[None]) -> None:
     except Exception:
         log.exception("link to %s failed", link.peer)
         link.close()
+
+
+async def _refusal(call: Any) -> str:
+    """Why a Link stream that never answered hello ended: the gRPC status the
+    handshake, the network or the upstream's auth gave it (a TLS failure says so in
+    its details), or that no answer came in time."""
+    if not call.done():
+        call.cancel()
+        return f"no answer to hello within {_HELLO_TIMEOUT_S:g} s"
+    code: grpc.StatusCode = await call.code()
+    details: str = await call.details() or ""
+    return f"{code.name}: {details}".strip().rstrip(":")
 
 
 async def _quietly(work: Awaitable[None]) -> None:
