@@ -33,6 +33,7 @@ from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1 import replication_pb2_grpc, service_pb2, state_pb2
 from tideflow.history import HistoryStore, RunKey, StoreError, home_of, now_micros
 
+from ._audit import AuditEntry, note_principal
 from ._auth import ANY_NAMESPACE, AuthGate
 from ._config import ServerConfig
 from ._engine import HistoryEngine
@@ -476,17 +477,26 @@ class SiteService(replication_pb2_grpc.SiteServiceServicer):
         self._sites = sites
         self._gate = gate
 
-    async def _authorized(self, rpc: str, namespace: str, context: _Context) -> None:
-        if self._gate is None:
-            return
+    async def _authorized(
+        self, rpc: str, namespace: str, context: _Context, audit: AuditEntry | None = None
+    ) -> None:
         try:
-            principal = await self._gate.authenticate(context.invocation_metadata())
-            self._gate.authorize(principal, _AUTHORIZED_AS[rpc], namespace)
+            if self._gate is not None:
+                principal = await self._gate.authenticate(context.invocation_metadata())
+                note_principal(principal.name)
+                self._gate.authorize(principal, _AUTHORIZED_AS[rpc], namespace)
         except ServiceError as error:
+            if audit is not None:
+                audit.done(error.code.name, None)
             await abort_with_detail(context, error)
+        if audit is not None:
+            audit.done(grpc.StatusCode.OK.name, None)
 
     async def Link(self, request_iterator: Any, context: _Context) -> None:
-        await self._authorized("Link", ANY_NAMESPACE, context)
+        # Who opened a link (principal, client certificate, address) is audited like a
+        # mutating RPC, accepted or refused: a link reads and writes every namespace.
+        audit = AuditEntry("Link", rp.DescribeSiteRequest(), context)
+        await self._authorized("Link", ANY_NAMESPACE, context, audit)
 
         async def receive() -> rp.SiteFrame | None:
             try:

@@ -241,6 +241,12 @@ async def test_an_mtls_cloud_links_only_an_edge_with_a_certificate_and_a_key(
         status = await site_status(at_cloud)
         assert [(peer.site, peer.connected) for peer in status.peers] == [("edge1", True)]
         assert not (await site_status(at_edge)).upstream_error
+    # The cloud's audit log names who linked and who was refused, key and certificate.
+    links = [line for line in sites.cloud.proc.err.read_text().splitlines() if "rpc=Link " in line]
+    assert any(
+        "outcome=OK principal=edges" in line and "client_cert=edge1" in line for line in links
+    )
+    assert any("outcome=UNAUTHENTICATED" in line and "client_cert=edge1" in line for line in links)
 
 
 def _start_dev(argv: list[str]) -> int:
