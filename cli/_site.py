@@ -1,6 +1,7 @@
 """``tideflow site ...``: look at a site of a cloud/edge deployment.
 
-    tideflow site status [--address HOST:PORT] [-o table|json]
+    tideflow site status [--address HOST:PORT] [-o table|json] [--api-key KEY]
+        [--tls] [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--tls-server-name NAME]
 
 ``status`` asks the server at ``--address`` (``SiteService.DescribeSite``) for its site
 name and upstream (and, while an edge cannot link, why: the TLS handshake, the
@@ -27,6 +28,8 @@ from tideflow.api.v1 import replication_pb2
 from tideflow.worker_sdk import exceptions as exc
 from tideflow.worker_sdk.client import Client
 
+from ._workflow import add_credential_arguments, tls_of
+
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -47,12 +50,14 @@ def add_parser(groups: Any) -> None:
     status.add_argument(
         "-o", "--output", choices=("table", "json"), default="table", help="output format"
     )
+    # A cloud behind TLS, mTLS or auth is asked the way `tideflow workflow` asks it.
+    add_credential_arguments(status, None)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a parsed ``tideflow site ...`` command; returns the exit code."""
     try:
-        status = asyncio.run(_status(args.address))
+        status = asyncio.run(_status(args))
     except (exc.RPCError, OSError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"tideflow site {args.command}: {message}", file=sys.stderr)
@@ -66,8 +71,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _status(address: str) -> replication_pb2.DescribeSiteResponse:
-    client = await Client.connect(address, connect_timeout=CONNECT_TIMEOUT_S)
+async def _status(args: argparse.Namespace) -> replication_pb2.DescribeSiteResponse:
+    client = await Client.connect(
+        args.address,
+        tls=tls_of(args),
+        api_key=args.api_key or os.environ.get("TIDEFLOW_API_KEY") or None,
+        connect_timeout=CONNECT_TIMEOUT_S,
+    )
     try:
         response: replication_pb2.DescribeSiteResponse = await client.call(
             client.sites.DescribeSite, replication_pb2.DescribeSiteRequest(), retry=False

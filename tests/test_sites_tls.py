@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,14 +47,9 @@ class SitePki:
     edge_key: Path
     other_ca: Path
 
-    def cloud_tls(self, *, mtls: bool = False) -> TLSConfig:
+    def cloud_tls(self) -> TLSConfig:
         """How a test client reaches the cloud."""
-        return TLSConfig(
-            server_root_ca_cert=self.ca,
-            client_cert=self.edge_cert if mtls else None,
-            client_private_key=self.edge_key if mtls else None,
-            domain=CLOUD_NAME,
-        )
+        return TLSConfig(server_root_ca_cert=self.ca, domain=CLOUD_NAME)
 
     def dial(self, ca: Path | None = None) -> tuple[str, ...]:
         """An edge's flags for a TLS upstream signed by ``ca`` (default: the sites')."""
@@ -233,13 +229,15 @@ async def test_an_mtls_cloud_links_only_an_edge_with_a_certificate_and_a_key(
         # With one but no API key the cloud's auth refuses the link.
         await eventually(_refused(at_keyless, "UNAUTHENTICATED"), "edge3 refused")
         await _runs_on_its_own(at_bare)
-        at_cloud = await stack.enter_async_context(
-            await Client.connect(
-                sites.cloud.address, tls=pki.cloud_tls(mtls=True), api_key=admin_key
-            )
+        # The cloud's own status, asked by the CLI over mTLS with the admin key.
+        code, out, err = await site_cli(
+            *("site", "status", "--address", sites.cloud.address, "-o", "json"),
+            *("--tls-ca", str(pki.ca), "--tls-server-name", CLOUD_NAME, "--api-key", admin_key),
+            *("--tls-cert", str(pki.edge_cert), "--tls-key", str(pki.edge_key)),
         )
-        status = await site_status(at_cloud)
-        assert [(peer.site, peer.connected) for peer in status.peers] == [("edge1", True)]
+        assert code == 0, err
+        peers = json.loads(out)["peers"]
+        assert [(peer["site"], peer.get("connected")) for peer in peers] == [("edge1", True)]
         assert not (await site_status(at_edge)).upstream_error
     # The cloud's audit log names who linked and who was refused, key and certificate.
     links = [line for line in sites.cloud.proc.err.read_text().splitlines() if "rpc=Link " in line]
