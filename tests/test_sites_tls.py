@@ -27,7 +27,7 @@ from helpers_sites import linked, same_history, site_cli, site_status
 from test_security_tls import issue, make_ca
 
 from tideflow.history import HistoryStore
-from tideflow.server import _cli
+from tideflow.server import ServerConfig, UpstreamTLSConfig, _cli
 from tideflow.worker_sdk import Client, TLSConfig, Worker, WorkflowExecutionStatus, workflow
 
 pytestmark = pytest.mark.slow
@@ -281,6 +281,14 @@ def test_bad_upstream_tls_flags_are_one_line_errors(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (flags, err)
     assert not (tmp_path / "edge.db").exists()
+    # Embedded, the same checks: the config is read and checked where it is made.
+    with pytest.raises(ValueError, match="needs upstream"):
+        ServerConfig(upstream_tls=UpstreamTLSConfig(root_ca=pki.ca.read_bytes()))
+    with pytest.raises(ValueError, match="go together"):
+        UpstreamTLSConfig(cert_chain=pki.edge_cert.read_bytes())
+    with pytest.raises(ValueError, match="not the key of its certificate"):
+        UpstreamTLSConfig.load(cert=pki.edge_cert, key=pki.cloud_key)
+    assert "BEGIN" not in repr(UpstreamTLSConfig.load(cert=pki.edge_cert, key=pki.edge_key))
 
 
 async def test_the_real_command_refuses_a_certificate_without_its_key(
