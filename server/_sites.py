@@ -49,7 +49,7 @@ from ._inbox import Inbox
 from ._metadata_link import MetadataExchange
 from ._replication import Replicator, hint_loop, takes_over
 from ._replication_trace import ReplicationTracer
-from ._site_link import Handler, LinkDown, SiteLink, message_of
+from ._site_link import CallRefused, Handler, LinkDown, SiteLink, message_of
 
 log = logging.getLogger("tideflow.server.sites")
 
@@ -225,10 +225,15 @@ class Sites:
             try:
                 async with asyncio.timeout(_HELLO_TIMEOUT_S):
                     hello = await link.call("hello", rp.SiteHello(site=self.name), rp.SiteHello)
-            except (LinkDown, TimeoutError):
+            except (LinkDown, TimeoutError) as error:
                 link.close()
+                reason = None
+                if isinstance(error, CallRefused | TimeoutError):
+                    # The stream is open: the upstream refused hello, or is silent.
+                    reason = str(error) or f"no answer to hello in {_HELLO_TIMEOUT_S:g} s"
+                    call.cancel()
                 await reader
-                self._link_failed(await _refusal(call))
+                self._link_failed(reason or await _status_of(call))
                 return False
             if hello.site == self.name:
                 self._link_failed(f"the upstream is also named {self.name!r}: not linking")
@@ -240,7 +245,10 @@ class Sites:
             await self._attach(link, self.upstream)
             await reader
             return True
-        except (grpc.aio.AioRpcError, OSError) as error:
+        except grpc.aio.AioRpcError as error:
+            self._link_failed(f"{error.code().name}: {error.details()}")
+            return False
+        except OSError as error:
             self._link_failed(str(error))
             return False
         finally:
@@ -440,13 +448,10 @@ async def _until_down(link: SiteLink, work: Awaitable[None]) -> None:
         link.close()
 
 
-async def _refusal(call: Any) -> str:
-    """Why a Link stream that never answered hello ended: the gRPC status the
-    handshake, the network or the upstream's auth gave it (a TLS failure says so in
-    its details), or that no answer came in time."""
-    if not call.done():
-        call.cancel()
-        return f"no answer to hello within {_HELLO_TIMEOUT_S:g} s"
+async def _status_of(call: Any) -> str:
+    """Why a Link stream ended before hello was answered: its gRPC status, as the TLS
+    handshake, the network or the upstream's auth set it (a TLS failure says so in the
+    details)."""
     code: grpc.StatusCode = await call.code()
     details: str = await call.details() or ""
     return f"{code.name}: {details}".strip().rstrip(":")
