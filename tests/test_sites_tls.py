@@ -138,16 +138,11 @@ class Sites:
         return edge
 
 
-async def _upstream_error(client: Client) -> str:
-    return (await site_status(client)).upstream_error
-
-
-def _refused(client: Client, *needles: str) -> Callable[[], Awaitable[bool]]:
-    """Whether the site's last dial of its upstream failed naming one of ``needles``."""
+def _refused(client: Client, reason: str) -> Callable[[], Awaitable[bool]]:
+    """Whether the site's last dial of its upstream failed naming ``reason``."""
 
     async def check() -> bool:
-        error = await _upstream_error(client)
-        return any(needle in error for needle in needles)
+        return reason in (await site_status(client)).upstream_error
 
     return check
 
