@@ -1,10 +1,12 @@
 """``tideflow site ...``: look at a site of a cloud/edge deployment.
 
-    tideflow site status [--address HOST:PORT] [-o table|json]
+    tideflow site status [--address HOST:PORT] [-o table|json] [--api-key KEY]
+        [--tls] [--tls-ca CA] [--tls-cert CERT --tls-key KEY] [--tls-server-name NAME]
 
 ``status`` asks the server at ``--address`` (``SiteService.DescribeSite``) for its site
-name and upstream, each peer site (role, whether the link is up, when it last
-connected and synced, the replicas of its runs that are behind here and by how many
+name and upstream (and, while an edge cannot link, why: the TLS handshake, the
+network or the upstream's auth refused it), each peer site (role, whether the link is
+up, when it last connected and synced, the replicas of its runs that are behind here and by how many
 events, events pulled and requests forwarded since this server started), the depth of
 its inbox (signals, cancels and terminates waiting for their run's home) and the
 replication alarms (batches that did not continue a replica, never applied).
@@ -26,6 +28,8 @@ from tideflow.api.v1 import replication_pb2
 from tideflow.worker_sdk import exceptions as exc
 from tideflow.worker_sdk.client import Client
 
+from ._workflow import add_credential_arguments, tls_of
+
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -46,12 +50,14 @@ def add_parser(groups: Any) -> None:
     status.add_argument(
         "-o", "--output", choices=("table", "json"), default="table", help="output format"
     )
+    # A cloud behind TLS, mTLS or auth is asked the way `tideflow workflow` asks it.
+    add_credential_arguments(status, None)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a parsed ``tideflow site ...`` command; returns the exit code."""
     try:
-        status = asyncio.run(_status(args.address))
+        status = asyncio.run(_status(args))
     except (exc.RPCError, OSError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"tideflow site {args.command}: {message}", file=sys.stderr)
@@ -65,8 +71,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _status(address: str) -> replication_pb2.DescribeSiteResponse:
-    client = await Client.connect(address, connect_timeout=CONNECT_TIMEOUT_S)
+async def _status(args: argparse.Namespace) -> replication_pb2.DescribeSiteResponse:
+    client = await Client.connect(
+        args.address,
+        tls=tls_of(args),
+        api_key=args.api_key or os.environ.get("TIDEFLOW_API_KEY") or None,
+        connect_timeout=CONNECT_TIMEOUT_S,
+    )
     try:
         response: replication_pb2.DescribeSiteResponse = await client.call(
             client.sites.DescribeSite, replication_pb2.DescribeSiteRequest(), retry=False
@@ -79,6 +90,7 @@ async def _status(address: str) -> replication_pb2.DescribeSiteResponse:
 def render_table(status: replication_pb2.DescribeSiteResponse) -> str:
     lines = [
         f"site: {status.site}" + (f" (upstream {status.upstream})" if status.upstream else ""),
+        *([f"upstream link down: {status.upstream_error}"] if status.upstream_error else []),
         f"inbox: {status.inbox_depth} pending",
         f"replication alarms: {status.replication_alarms}",
     ]

@@ -72,6 +72,19 @@ def add_global_arguments(parser: argparse.ArgumentParser, default: object) -> No
     parser.add_argument(
         "-o", "--output", choices=("table", "json", "jsonl"), default=default, help="output format"
     )
+    add_credential_arguments(parser, default)
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=default,
+        help=f"seconds to wait for the server (default {DEFAULT_CONNECT_TIMEOUT_S:g})",
+    )
+    add_codec_arguments(parser, default)
+
+
+def add_credential_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+    """How a command proves itself to the server: API key or JWT, TLS and mTLS
+    (``tls_of`` reads them); also taken by ``tideflow site status``."""
     parser.add_argument("--api-key", default=default, help="API key or JWT ($TIDEFLOW_API_KEY)")
     parser.add_argument("--tls", action="store_true", default=default, help="connect over TLS")
     parser.add_argument("--tls-ca", default=default, help="CA certificate (PEM) to trust")
@@ -80,13 +93,6 @@ def add_global_arguments(parser: argparse.ArgumentParser, default: object) -> No
     parser.add_argument(
         "--tls-server-name", default=default, help="name to check the server certificate against"
     )
-    parser.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=default,
-        help=f"seconds to wait for the server (default {DEFAULT_CONNECT_TIMEOUT_S:g})",
-    )
-    add_codec_arguments(parser, default)
 
 
 def _execution_arguments(parser: argparse.ArgumentParser, *, run_id: bool = True) -> None:
@@ -190,7 +196,8 @@ def _setting(args: argparse.Namespace, name: str, env: str, default: Any) -> Any
     return value
 
 
-def _tls(args: argparse.Namespace) -> TLSConfig | bool:
+def tls_of(args: argparse.Namespace) -> TLSConfig | bool:
+    """The client TLS the ``add_credential_arguments`` flags ask for."""
     custom = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     if not any(custom):
         return bool(args.tls)
@@ -224,7 +231,7 @@ async def connect(args: argparse.Namespace) -> Client:
         _setting(args, "address", "TIDEFLOW_ADDRESS", DEFAULT_ADDRESS),
         namespace=args.namespace,
         data_converter=converter,
-        tls=_tls(args),
+        tls=tls_of(args),
         api_key=_setting(args, "api_key", "TIDEFLOW_API_KEY", None),
         connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT_S,
     )

@@ -18,7 +18,7 @@ from ._auth import (
 from ._config import Clock, ServerConfig, SystemClock
 from ._server import TideflowServer
 from ._time_skipping import SkippingClock, TimeSkipper
-from ._tls import ServerTLSConfig
+from ._tls import ServerTLSConfig, UpstreamTLSConfig
 
 __all__ = [
     "AuthConfig",
@@ -37,4 +37,5 @@ __all__ = [
     "SystemClock",
     "TideflowServer",
     "TimeSkipper",
+    "UpstreamTLSConfig",
 ]

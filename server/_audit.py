@@ -3,7 +3,8 @@
 The frontend's ``_rpc`` boundary (server/_frontend.py) calls ``begin`` before each
 handler and ``AuditEntry.done`` after it, whatever the outcome, so no mutating RPC can
 skip its line. Which RPCs mutate is the table ``MUTATING`` below; reads (describe,
-history, list, count, query) write nothing and log nothing.
+history, list, count, query) write nothing and log nothing. The SiteService writes the
+line of each ``Link`` an edge opens itself (server/_sites.py), accepted or refused.
 
 A line is logfmt (``key=value``, values with spaces or quotes JSON-quoted), e.g.::
 

@@ -3,7 +3,8 @@
 ``tideflow server start-dev [--db FILE] [--db-url URL] [--port 7233] [--ip 127.0.0.1]
 [--db-wait SECONDS] [--cluster-name NAME] [--upstream HOST:PORT]`` runs a complete
 single-node server until SIGINT or SIGTERM; ``--cluster-name`` names the site (default
-"cloud"), ``--upstream`` makes it an edge site of that cloud (server/_sites.py). A
+"cloud"), ``--upstream`` makes it an edge site of that cloud (server/_sites.py), dialled
+over TLS with ``--upstream-tls*`` (server/_tls.py). A
 database that is not reachable yet is waited for (``--db-wait``, one log line per
 attempt); after that, like any other start-up problem, it is one line and exit code 2.
 ``--tls-cert``, ``--tls-key`` and ``--tls-client-ca`` turn on TLS and mTLS
@@ -49,7 +50,12 @@ from ._log_format import (
 )
 from ._server import TideflowServer
 from ._shards import DEFAULT_LEASE_S
-from ._tls import add_tls_arguments, tls_from_args
+from ._tls import (
+    add_tls_arguments,
+    add_upstream_tls_arguments,
+    tls_from_args,
+    upstream_tls_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +198,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_site_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--cluster-name`` and ``--upstream`` (server/_sites.py)."""
+    """``--cluster-name``, ``--upstream`` and how to reach it: its API key and TLS
+    (server/_sites.py)."""
     parser.add_argument(
         "--cluster-name",
         default=None,
@@ -212,6 +219,7 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
         help="API key or JWT (admin on every namespace) for an upstream with auth on "
         "(default: $TIDEFLOW_UPSTREAM_API_KEY)",
     )
+    add_upstream_tls_arguments(parser)
 
 
 def _site_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,10 +234,15 @@ def _site_config(args: argparse.Namespace) -> dict[str, Any]:
     name = DEFAULT_CLUSTER_NAME if args.cluster_name is None else args.cluster_name
     if not 0 < len(name) <= 255 or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise StartError(f"--cluster-name {name!r}: 1 to 255 letters, digits, '.', '_' or '-'")
+    upstream_tls = upstream_tls_from_args(args)
+    if upstream and args.upstream_api_key and upstream_tls is None:
+        # Allowed (a development cloud on this machine), but the key is a bearer secret.
+        log.warning("--upstream-api-key is sent to %s without TLS (see --upstream-tls)", upstream)
     return {
         "cluster_name": name,
         "upstream": upstream,
         "upstream_api_key": args.upstream_api_key,
+        "upstream_tls": upstream_tls,
         # Workers that do not say their tier are of their site's: an edge's, or a cloud's.
         "site_tier": "edge" if upstream else "cloud",
     }

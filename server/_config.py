@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from ._tls import UpstreamTLSConfig
+
 
 class Clock(Protocol):
     def now_micros(self) -> int: ...
@@ -86,6 +88,8 @@ class ServerConfig:
     upstream: str = ""
     # The credential an edge presents to an upstream whose auth is on.
     upstream_api_key: str = ""
+    # TLS of the edge's dial to its upstream (server/_tls.py); None: plaintext.
+    upstream_tls: UpstreamTLSConfig | None = None
     # Shards of a database this node initialises (None: 16); a database initialised
     # already keeps its own count and refuses another (history/_cluster.py).
     shard_count: int | None = None
@@ -113,6 +117,8 @@ class ServerConfig:
             raise ValueError("lease_s must be positive")
         if not self.cluster_name:
             raise ValueError("cluster_name must not be empty")
+        if self.upstream_tls is not None and not self.upstream:
+            raise ValueError("upstream_tls needs upstream")
         if self.site_tier not in ("cloud", "edge"):
             raise ValueError("site_tier must be 'cloud' or 'edge'")
 

@@ -39,6 +39,10 @@ class LinkDown(Exception):
     """The link ended (or a call on it failed) before the reply arrived."""
 
 
+class CallRefused(LinkDown):
+    """The other site answered the call with an error (the stream is still open)."""
+
+
 def pack(message: Message) -> bytes:
     return zlib.compress(message.SerializeToString(), _COMPRESSION_LEVEL)
 
@@ -92,7 +96,7 @@ class SiteLink:
         finally:
             self._pending.pop(call_id, None)
         if frame.error:
-            raise LinkDown(f"{method} on {self.peer}: {frame.error}")
+            raise CallRefused(f"{method} on {self.peer}: {frame.error}")
         self.bytes_received += len(frame.body)
         return unpack(frame.body, reply_type)
 

@@ -33,6 +33,7 @@ from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1 import replication_pb2_grpc, service_pb2, state_pb2
 from tideflow.history import HistoryStore, RunKey, StoreError, home_of, now_micros
 
+from ._audit import AuditEntry, note_principal
 from ._auth import ANY_NAMESPACE, AuthGate
 from ._config import ServerConfig
 from ._engine import HistoryEngine
@@ -48,7 +49,7 @@ from ._inbox import Inbox
 from ._metadata_link import MetadataExchange
 from ._replication import Replicator, hint_loop, takes_over
 from ._replication_trace import ReplicationTracer
-from ._site_link import Handler, LinkDown, SiteLink, message_of
+from ._site_link import CallRefused, Handler, LinkDown, SiteLink, message_of
 
 log = logging.getLogger("tideflow.server.sites")
 
@@ -83,6 +84,9 @@ class Sites:
         # whose auth is on, sent on the link's stream.
         key = config.upstream_api_key
         self._credentials = (("authorization", f"Bearer {key}"),) if key else ()
+        self._tls = config.upstream_tls
+        # Why the last dial of the upstream failed; "" while linked or before a dial.
+        self.upstream_error = ""
         self._store = store
         self._engine = engine
         # Trace mode (TIDEFLOW_TRACE_DIR): the replication steps of this site.
@@ -198,9 +202,16 @@ class Sites:
             delay = _RECONNECT_INITIAL_S if linked else min(delay * 2, _RECONNECT_MAX_S)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
+    def _open_channel(self) -> grpc.aio.Channel:
+        tls = self._tls
+        if tls is None:
+            return grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
+        options = [*_CHANNEL_OPTIONS, *tls.channel_options()]
+        return grpc.aio.secure_channel(self.upstream, tls.credentials(), options=options)
+
     async def _dial_once(self) -> bool:
         """One link to the upstream, for as long as it lasts; whether it came up."""
-        channel = grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
+        channel = self._open_channel()
         try:
             stub = replication_pb2_grpc.SiteServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Link(metadata=self._credentials)
@@ -214,24 +225,41 @@ class Sites:
             try:
                 async with asyncio.timeout(_HELLO_TIMEOUT_S):
                     hello = await link.call("hello", rp.SiteHello(site=self.name), rp.SiteHello)
-            except (LinkDown, TimeoutError):
+            except (LinkDown, TimeoutError) as error:
                 link.close()
+                reason = None
+                if isinstance(error, CallRefused | TimeoutError):
+                    # The stream is open: the upstream refused hello, or is silent.
+                    reason = str(error) or f"no answer to hello in {_HELLO_TIMEOUT_S:g} s"
+                    call.cancel()
                 await reader
+                self._link_failed(reason or await _status_of(call))
                 return False
             if hello.site == self.name:
-                log.error("upstream %s is also named %r: not linking", self.upstream, self.name)
+                self._link_failed(f"the upstream is also named {self.name!r}: not linking")
                 link.close()
                 await reader
                 return False
             link.peer = hello.site
+            self.upstream_error = ""
             await self._attach(link, self.upstream)
             await reader
             return True
-        except (grpc.aio.AioRpcError, OSError) as error:
-            log.debug("upstream %s: %s", self.upstream, error)
+        except grpc.aio.AioRpcError as error:
+            self._link_failed(f"{error.code().name}: {error.details()}")
+            return False
+        except OSError as error:
+            self._link_failed(str(error))
             return False
         finally:
             await channel.close(None)
+
+    def _link_failed(self, reason: str) -> None:
+        """Keep why the upstream refused or could not be reached, for ``site status``;
+        logged once per distinct reason, not on every redial."""
+        if reason != self.upstream_error:
+            log.warning("site %s: cannot link to upstream %s: %s", self.name, self.upstream, reason)
+        self.upstream_error = reason
 
     async def _hello(self, link: SiteLink, body: bytes) -> rp.SiteHello:
         """An edge introduces itself on the stream it opened."""
@@ -376,7 +404,9 @@ class Sites:
 
     async def describe(self) -> rp.DescribeSiteResponse:
         replication = self._store.replication
-        response = rp.DescribeSiteResponse(site=self.name, upstream=self.upstream)
+        response = rp.DescribeSiteResponse(
+            site=self.name, upstream=self.upstream, upstream_error=self.upstream_error
+        )
         response.inbox_depth = await replication.inbox_depth()
         response.replication_alarms, recent = await replication.alarms()
         response.recent_alarms.extend(recent)
@@ -418,6 +448,15 @@ async def _until_down(link: SiteLink, work: Awaitable[None]) -> None:
         link.close()
 
 
+async def _status_of(call: Any) -> str:
+    """Why a Link stream ended before hello was answered: its gRPC status, as the TLS
+    handshake, the network or the upstream's auth set it (a TLS failure says so in the
+    details)."""
+    code: grpc.StatusCode = await call.code()
+    details: str = await call.details() or ""
+    return f"{code.name}: {details}".strip().rstrip(":")
+
+
 async def _quietly(work: Awaitable[None]) -> None:
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError, OSError):
         await work
@@ -443,17 +482,26 @@ class SiteService(replication_pb2_grpc.SiteServiceServicer):
         self._sites = sites
         self._gate = gate
 
-    async def _authorized(self, rpc: str, namespace: str, context: _Context) -> None:
-        if self._gate is None:
-            return
+    async def _authorized(
+        self, rpc: str, namespace: str, context: _Context, audit: AuditEntry | None = None
+    ) -> None:
         try:
-            principal = await self._gate.authenticate(context.invocation_metadata())
-            self._gate.authorize(principal, _AUTHORIZED_AS[rpc], namespace)
+            if self._gate is not None:
+                principal = await self._gate.authenticate(context.invocation_metadata())
+                note_principal(principal.name)
+                self._gate.authorize(principal, _AUTHORIZED_AS[rpc], namespace)
         except ServiceError as error:
+            if audit is not None:
+                audit.done(error.code.name, None)
             await abort_with_detail(context, error)
+        if audit is not None:
+            audit.done(grpc.StatusCode.OK.name, None)
 
     async def Link(self, request_iterator: Any, context: _Context) -> None:
-        await self._authorized("Link", ANY_NAMESPACE, context)
+        # Who opened a link (principal, client certificate, address) is audited like a
+        # mutating RPC, accepted or refused: a link reads and writes every namespace.
+        audit = AuditEntry("Link", rp.DescribeSiteRequest(), context)
+        await self._authorized("Link", ANY_NAMESPACE, context, audit)
 
         async def receive() -> rp.SiteFrame | None:
             try:

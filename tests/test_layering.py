@@ -337,6 +337,7 @@ def test_public_api_is_pinned() -> None:
         "SystemClock",
         "TideflowServer",
         "TimeSkipper",
+        "UpstreamTLSConfig",
     ]
     assert sorted(tideflow.worker_sdk.__all__) == tideflow.worker_sdk.__all__
     assert sorted(tideflow.history.__all__) == tideflow.history.__all__

@@ -14,7 +14,7 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -83,8 +83,16 @@ def make_ca(common_name: str) -> tuple[Pem, x509.Certificate, ec.EllipticCurvePr
 
 
 def issue(
-    ca: tuple[Pem, x509.Certificate, ec.EllipticCurvePrivateKey], common_name: str, *, server: bool
+    ca: tuple[Pem, x509.Certificate, ec.EllipticCurvePrivateKey],
+    common_name: str,
+    *,
+    server: bool,
+    names: Sequence[x509.GeneralName] = (
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ),
 ) -> Pem:
+    """A certificate of ``ca`` for a server (named ``names``) or a client."""
     _, ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -104,12 +112,7 @@ def issue(
         )
     )
     if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return Pem(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 

@@ -153,20 +153,22 @@ class SitePeer(_message.Message):
     def __init__(self, site: _Optional[str] = ..., role: _Optional[str] = ..., connected: _Optional[bool] = ..., last_connected: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_sync: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runs_behind: _Optional[int] = ..., events_behind: _Optional[int] = ..., events_pulled: _Optional[int] = ..., requests_forwarded: _Optional[int] = ..., address: _Optional[str] = ..., link_bytes_received: _Optional[int] = ..., link_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class DescribeSiteResponse(_message.Message):
-    __slots__ = ("site", "upstream", "peers", "inbox_depth", "replication_alarms", "recent_alarms")
+    __slots__ = ("site", "upstream", "peers", "inbox_depth", "replication_alarms", "recent_alarms", "upstream_error")
     SITE_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     INBOX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_ALARMS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ALARMS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_ERROR_FIELD_NUMBER: _ClassVar[int]
     site: str
     upstream: str
     peers: _containers.RepeatedCompositeFieldContainer[SitePeer]
     inbox_depth: int
     replication_alarms: int
     recent_alarms: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, site: _Optional[str] = ..., upstream: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[SitePeer, _Mapping]]] = ..., inbox_depth: _Optional[int] = ..., replication_alarms: _Optional[int] = ..., recent_alarms: _Optional[_Iterable[str]] = ...) -> None: ...
+    upstream_error: str
+    def __init__(self, site: _Optional[str] = ..., upstream: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[SitePeer, _Mapping]]] = ..., inbox_depth: _Optional[int] = ..., replication_alarms: _Optional[int] = ..., recent_alarms: _Optional[_Iterable[str]] = ..., upstream_error: _Optional[str] = ...) -> None: ...
 
 class HandoffWorkflowRequest(_message.Message):
     __slots__ = ("namespace", "execution", "to_cluster", "identity")
