@@ -245,9 +245,9 @@ class _AfterFenceRead:
         self._interlude: Callable[[], None] | None = interlude
 
     def __call__(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if conn.engine.url.database == self._db:
-            if "FROM shards" in statement and "tasks" not in statement:
-                self.fire()
+        fence = "FROM shards" in statement and "tasks" not in statement
+        if fence and conn.engine.url.database == self._db:
+            self.fire()
 
     def fire(self) -> None:
         if self._interlude is not None:
