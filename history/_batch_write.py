@@ -33,6 +33,17 @@ class Rejected(Exception):
         self.error = error
 
 
+#: The ``executions`` columns a transition sets (``_execution_row``).
+EXECUTION_COLUMNS = (
+    "workflow_type",
+    "task_queue",
+    "status",
+    "start_time",
+    "close_time",
+    "history_length",
+    "db_version",
+    "state",
+)
 _UPDATE_EXECUTION = (
     update(s.executions)
     .where(
@@ -41,21 +52,7 @@ _UPDATE_EXECUTION = (
         s.executions.c.run_id == bindparam("b_run_id"),
         s.executions.c.db_version == bindparam("b_expected"),
     )
-    .values(
-        {
-            name: bindparam(name)
-            for name in (
-                "workflow_type",
-                "task_queue",
-                "status",
-                "start_time",
-                "close_time",
-                "history_length",
-                "db_version",
-                "state",
-            )
-        }
-    )
+    .values({name: bindparam(name) for name in EXECUTION_COLUMNS})
 )
 
 

@@ -36,7 +36,7 @@ from sqlalchemy import BigInteger, Integer, LargeBinary, Table
 
 from . import _cluster as cluster
 from . import _schema as s
-from ._batch_write import BatchRows, replaced_error, stale_error
+from ._batch_write import EXECUTION_COLUMNS, BatchRows, replaced_error, stale_error
 from ._records import CurrentWrite
 
 _RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
@@ -45,16 +45,6 @@ _RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
 # too long, as a bound parameter would be refused).
 _ARRAY_TYPES = ((BigInteger, "int8[]"), (Integer, "int4[]"), (LargeBinary, "bytea[]"))
 
-_EXECUTION_COLUMNS = (
-    "workflow_type",
-    "task_queue",
-    "status",
-    "start_time",
-    "close_time",
-    "history_length",
-    "db_version",
-    "state",
-)
 _UPDATE_KEYS = ("b_namespace", "b_workflow_id", "b_run_id", "b_expected")
 _TASK_COLUMNS = tuple(c.name for c in s.tasks.columns)
 _TIMER_COLUMNS = tuple(c.name for c in s.timers.columns)
@@ -79,9 +69,9 @@ def _check_and_update_sql(locked: bool) -> str:
     key_types = [_array_type(e, name) for name in ("namespace", "workflow_id", "run_id")]
     keys = ", ".join(f"${4 + i}::{kind}" for i, kind in enumerate([*key_types, "int8[]"]))
     values = ", ".join(
-        f"${8 + i}::{_array_type(e, name)}" for i, name in enumerate(_EXECUTION_COLUMNS)
+        f"${8 + i}::{_array_type(e, name)}" for i, name in enumerate(EXECUTION_COLUMNS)
     )
-    assignments = ", ".join(f"{name} = v.{name}" for name in _EXECUTION_COLUMNS)
+    assignments = ", ".join(f"{name} = v.{name}" for name in EXECUTION_COLUMNS)
     lock = " FOR SHARE" if locked else ""
     return (
         f"WITH fence AS (SELECT shard_id, range_id FROM {s.shards.name}"
@@ -90,7 +80,7 @@ def _check_and_update_sql(locked: bool) -> str:
         f" done_timers AS (DELETE FROM {s.timers.name} WHERE timer_key = ANY($3::text[])),"
         f" updated AS (UPDATE {e.name} AS e SET {assignments}"
         f" FROM unnest({keys}, {values})"
-        f" AS v(b_namespace, b_workflow_id, b_run_id, b_expected, {', '.join(_EXECUTION_COLUMNS)})"
+        f" AS v(b_namespace, b_workflow_id, b_run_id, b_expected, {', '.join(EXECUTION_COLUMNS)})"
         " WHERE e.namespace = v.b_namespace AND e.workflow_id = v.b_workflow_id"
         " AND e.run_id = v.b_run_id AND e.db_version = v.b_expected RETURNING 1)"
         " SELECT (SELECT count(*) FROM updated), array_agg(shard_id), array_agg(range_id)"
@@ -173,7 +163,7 @@ async def apply_batch_direct(
         rows.done_tasks,
         rows.done_timers,
         *_columns(updates, _UPDATE_KEYS),
-        *_columns(updates, _EXECUTION_COLUMNS),
+        *_columns(updates, EXECUTION_COLUMNS),
     )
     changed, shards, range_ids = found
     current = cluster.fence_verdict(tokens, dict(zip(shards or (), range_ids or (), strict=True)))

@@ -46,6 +46,7 @@ from tideflow.history import (
 from tideflow.history import _schema as schema
 from tideflow.history import _store as store_module
 from tideflow.history._dialects import GuardedRunner, open_runner
+from tideflow.history._pg_batch import apply_batch_direct
 from tideflow.worker_sdk import Client
 from tideflow.worker_sdk.exceptions import WorkflowAlreadyStartedError
 
@@ -280,7 +281,7 @@ def after_fence_read(
     """Arms an interlude after the next fence read, on SQLAlchemy's path (an event
     listener) and on the direct one (its connection wrapped)."""
     listeners: list[_AfterFenceRead] = []
-    direct = store_module.apply_batch_direct
+    direct = apply_batch_direct
 
     def arm(db: str, interlude: Callable[[], None]) -> None:
         listener = _AfterFenceRead(db, interlude)

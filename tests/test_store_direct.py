@@ -32,6 +32,7 @@ from tideflow.history import (
 )
 from tideflow.history import _store as store_module
 from tideflow.history._dialects import open_runner
+from tideflow.history._pg_batch import apply_batch_direct
 
 pytestmark = pytest.mark.postgres
 
@@ -74,7 +75,7 @@ def _around_batch(
 ) -> list[int]:
     """Run ``before``/``after`` (once) around the next direct batch write, with its
     connection; returns the list of backends the batch writes ran on."""
-    direct = store_module.apply_batch_direct
+    direct = apply_batch_direct
     pids: list[int] = []
 
     async def wrapped(conn: Any, *args: Any) -> dict[int, int]:
