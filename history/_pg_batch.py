@@ -24,6 +24,11 @@ The fence and version checks run before the commit, in the same transaction: a b
 refused or stale is rolled back whole (``Rejected``). A unique violation surfaces as
 SQLAlchemy's ``IntegrityError`` (``_postgres.DirectConnections``), as on the
 SQLAlchemy path, and the store maps it to the race it means.
+
+CockroachDB runs the same statements (the tests run them on PostgreSQL at
+SERIALIZABLE): data-modifying CTEs that each change a different table, a
+multi-argument ``unnest`` and ``UPDATE ... FROM`` are all in its SQL, but like the
+rest of the store's SQL they were never run against a CockroachDB server.
 """
 
 from __future__ import annotations

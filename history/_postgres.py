@@ -10,7 +10,9 @@ What a URL selects (``server_target``):
 
 A SERIALIZABLE PostgreSQL and CockroachDB run the same code: the same statements, the
 same fence (a plain read of the shard row, ``_cluster.check_fence_txn``) and the same
-retries of SQLSTATE 40001 (``_dialects.GuardedRunner``). What differs is only what
+retries of SQLSTATE 40001 (``_dialects.GuardedRunner``). The group-commit batch goes
+straight to asyncpg on a few connections of its own (``DirectConnections``,
+``_pg_batch.py``); everything else goes through SQLAlchemy's async engine. What differs is only what
 differs between the two databases: the dialect name and its SQLAlchemy dialect class
 (CockroachDB's reflects its catalog its own way), and the DDL of the indexes that
 CockroachDB creates hash-sharded (``_schema.py``). So the PostgreSQL tests at
@@ -109,14 +111,9 @@ class AsyncEngineRunner:
         self._engine = create_async_engine(target.url, **options)
         # Several lanes: the server runs transactions of different runs in parallel.
         self.writer_lanes = 4
-        # The group-commit writes go straight to asyncpg on PostgreSQL (_pg_batch.py).
-        # CockroachDB keeps SQLAlchemy's path: the direct statements (data-modifying
-        # CTEs over unnest) were never run against a CockroachDB server.
-        self.direct = (
-            DirectConnections(target, keep=self.writer_lanes)
-            if target.name == "postgresql"
-            else None
-        )
+        # The group-commit writes go straight to asyncpg (_pg_batch.py), on both
+        # databases: a SERIALIZABLE PostgreSQL still runs CockroachDB's statements.
+        self.direct = DirectConnections(target, keep=self.writer_lanes)
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
         async with self._engine.begin() as conn:
@@ -135,8 +132,7 @@ class AsyncEngineRunner:
             return await conn.run_sync(fn)
 
     async def close(self) -> None:
-        if self.direct is not None:
-            await self.direct.close()
+        await self.direct.close()
         await self._engine.dispose()
 
 
@@ -157,8 +153,6 @@ class DirectConnections:
         if target.isolation != SERIALIZABLE:
             self._begin = "BEGIN"  # the database's default: READ COMMITTED
         self._idle: list[Any] = []
-        #: Told the connection of each transaction once it began (tests break it).
-        self.on_begun: Callable[[Any], Awaitable[None]] | None = None
 
     async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``fn`` on a connection in one transaction: committed if it returns,
@@ -166,8 +160,6 @@ class DirectConnections:
         ``IntegrityError`` (what the store maps to a race); other errors as asyncpg's."""
         conn = await self._begun()
         try:
-            if self.on_begun is not None:
-                await self.on_begun(conn)
             result = await fn(conn)
             await conn.execute("COMMIT")
         except BaseException as exc:
