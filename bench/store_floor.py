@@ -10,7 +10,8 @@ server holding shards comes on top). This program measures, per store:
   asyncpg with prepared statements), one transaction at a time: the database's own
   floor for a commit, without tideflow's Python;
 - ``store_serial``: the same transitions through ``HistoryStore.apply`` one at a time
-  (SQLAlchemy, the writer thread or connection, group commit of one);
+  (group commit of one; the batch written on the sqlite3 cursor, or on asyncpg in two
+  statements, ``history/_pg_batch.py``);
 - ``store_grouped``: ``--runs`` runs transitioning concurrently, so the store's group
   commit puts many transitions into one transaction.
 

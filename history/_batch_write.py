@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, update
@@ -19,7 +20,7 @@ from . import _cluster as cluster
 from . import _schema as s
 from ._errors import ConditionFailedError, CurrentExecutionConflictError
 from ._records import CurrentWrite, Transition, now_micros
-from ._visibility_store import write_visibility
+from ._visibility_store import VisibilityRows, visibility_rows, write_visibility_rows
 
 _RUNNING = 1  # WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
 
@@ -32,6 +33,17 @@ class Rejected(Exception):
         self.error = error
 
 
+#: The ``executions`` columns a transition sets (``_execution_row``).
+EXECUTION_COLUMNS = (
+    "workflow_type",
+    "task_queue",
+    "status",
+    "start_time",
+    "close_time",
+    "history_length",
+    "db_version",
+    "state",
+)
 _UPDATE_EXECUTION = (
     update(s.executions)
     .where(
@@ -40,21 +52,7 @@ _UPDATE_EXECUTION = (
         s.executions.c.run_id == bindparam("b_run_id"),
         s.executions.c.db_version == bindparam("b_expected"),
     )
-    .values(
-        {
-            name: bindparam(name)
-            for name in (
-                "workflow_type",
-                "task_queue",
-                "status",
-                "start_time",
-                "close_time",
-                "history_length",
-                "db_version",
-                "state",
-            )
-        }
-    )
+    .values({name: bindparam(name) for name in EXECUTION_COLUMNS})
 )
 
 
@@ -141,6 +139,63 @@ def _delete_keys(
         conn.execute(by_list, {"keys": list(keys)})
 
 
+@dataclass(slots=True)
+class BatchRows:
+    """The rows a batch writes, kind by kind, built once per batch: every driver path
+    (SQLAlchemy here, asyncpg in ``_pg_batch``) writes the same rows."""
+
+    creates: list[dict[str, Any]]  # executions rows of new runs
+    updates: list[dict[str, Any]]  # executions rows of existing runs, at b_expected
+    stale: str  # the run a failed version check names
+    # The current-run writes in the batch's order (a continue-as-new's closing run's
+    # status comes before its successor's REPLACE, which needs it closed).
+    currents: list[tuple[CurrentWrite, dict[str, Any]]]
+    events: list[dict[str, Any]]
+    done_tasks: list[str]
+    new_tasks: list[dict[str, Any]]
+    done_timers: list[str]
+    new_timers: list[dict[str, Any]]
+    visibility: VisibilityRows
+
+
+def batch_rows(batch: Sequence[Transition], shard_count: int) -> BatchRows:
+    """The rows of ``batch`` (no two transitions of one run)."""
+    updates = [t for t in batch if t.expected_version != 0]
+    rows = BatchRows(
+        creates=[
+            {
+                "namespace": t.key.namespace,
+                "workflow_id": t.key.workflow_id,
+                "run_id": t.key.run_id,
+                **_execution_row(t),
+            }
+            for t in batch
+            if t.expected_version == 0
+        ],
+        updates=[
+            {
+                "b_namespace": t.key.namespace,
+                "b_workflow_id": t.key.workflow_id,
+                "b_run_id": t.key.run_id,
+                "b_expected": t.expected_version,
+                **_execution_row(t),
+            }
+            for t in updates
+        ],
+        stale=str(updates[0].key) if len(updates) == 1 else "one of the batch",
+        currents=[],
+        events=_event_rows(batch),
+        done_tasks=[key for t in batch for key in t.done_task_keys],
+        new_tasks=_task_rows(batch, shard_count),
+        done_timers=[key for t in batch for key in t.done_timer_keys],
+        new_timers=_timer_rows(batch, shard_count),
+        visibility=visibility_rows([(t.key, t.events) for t in batch]),
+    )
+    for t in batch:
+        _add_current_row(rows, t)
+    return rows
+
+
 def _execution_row(t: Transition) -> dict[str, Any]:
     summary = t.summary
     return {
@@ -155,14 +210,60 @@ def _execution_row(t: Transition) -> dict[str, Any]:
     }
 
 
+def _add_current_row(rows: BatchRows, t: Transition) -> None:
+    k = t.key
+    if t.current == CurrentWrite.INSERT:
+        row = {
+            "namespace": k.namespace,
+            "workflow_id": k.workflow_id,
+            "run_id": k.run_id,
+            "status": t.summary.status,
+            "start_request_id": t.start_request_id,
+        }
+    elif t.current == CurrentWrite.REPLACE:
+        row = {
+            "b_namespace": k.namespace,
+            "b_workflow_id": k.workflow_id,
+            "b_replaces": t.replaces_run_id,
+            "run_id": k.run_id,
+            "status": t.summary.status,
+            "start_request_id": t.start_request_id,
+        }
+    elif t.current == CurrentWrite.UPDATE_STATUS:
+        row = {
+            "b_namespace": k.namespace,
+            "b_workflow_id": k.workflow_id,
+            "b_run_id": k.run_id,
+            "status": t.summary.status,
+        }
+    else:
+        return
+    rows.currents.append((t.current, row))
+
+
+def stale_error(rows: BatchRows) -> Rejected:
+    """What a batch whose version check failed is rejected with."""
+    return Rejected(ConditionFailedError(f"run {rows.stale} changed since it was read"))
+
+
+def replaced_error(row: dict[str, Any]) -> Rejected:
+    """What a batch whose current-run replacement found another run is rejected with."""
+    return Rejected(
+        CurrentExecutionConflictError(
+            f"workflow id {row['b_workflow_id']!r}: run {row['b_replaces']} is no longer "
+            "the closed current run"
+        )
+    )
+
+
 def apply_batch(
     conn: Connection,
-    batch: Sequence[Transition],
+    rows: BatchRows,
     tokens: dict[int, set[int]],
-    shard_count: int,
     fence: cluster.FenceRead = cluster.FenceRead.LOCKED,
 ) -> dict[int, int]:
-    """Write a batch with one statement per kind of row, not one per transition.
+    """Write a batch's rows (``batch_rows``) with one statement per kind of row, not
+    one per transition.
 
     First the fence: each shard the batch writes is checked once against the tokens
     its transitions carry, read as ``fence`` says (ShardOwnershipLostError: nothing is
@@ -174,53 +275,32 @@ def apply_batch(
     timers, visibility. Returns the range ids the fence read (shard -> range id).
     """
     current = cluster.check_fence_txn(conn, tokens, fence)
-    _insert_executions(conn, [t for t in batch if t.expected_version == 0])
-    _update_executions(conn, [t for t in batch if t.expected_version != 0])
-    for t in batch:
-        if t.current != CurrentWrite.NONE:
-            _write_current_txn(conn, t)
-    _insert_events(conn, batch)
-    _write_tasks(conn, batch, shard_count)
-    _write_timers(conn, batch, shard_count)
+    if rows.creates:
+        _write(conn, _INSERT_EXECUTIONS, rows.creates)
+    _update_executions(conn, rows)
+    _write_current_rows(conn, rows)
+    if rows.events:
+        _write(conn, _INSERT_EVENTS, rows.events)
+    if rows.done_tasks:
+        _delete_keys(conn, _DELETE_TASKS, _DELETE_TASK, rows.done_tasks)
+    if rows.new_tasks:
+        _write(conn, _INSERT_TASKS, rows.new_tasks)
+    if rows.done_timers:
+        _delete_keys(conn, _DELETE_TIMERS, _DELETE_TIMER, rows.done_timers)
+    if rows.new_timers:
+        _write(conn, _INSERT_TIMERS, rows.new_timers)
     # Memos and search attributes the events set: same transaction as the events.
-    write_visibility(conn, batch)
+    if rows.visibility:
+        write_visibility_rows(conn, rows.visibility)
     return current
 
 
-def _insert_executions(conn: Connection, creates: Sequence[Transition]) -> None:
-    """The rows of new runs (expected version 0)."""
-    if not creates:
-        return
-    _write(
-        conn,
-        _INSERT_EXECUTIONS,
-        [
-            {
-                "namespace": t.key.namespace,
-                "workflow_id": t.key.workflow_id,
-                "run_id": t.key.run_id,
-                **_execution_row(t),
-            }
-            for t in creates
-        ],
-    )
-
-
-def _update_executions(conn: Connection, updates: Sequence[Transition]) -> None:
+def _update_executions(conn: Connection, rows: BatchRows) -> None:
     """The rows of existing runs, each only at the version it was read at (else the
     whole batch is rejected: one changed since)."""
-    if not updates:
+    params = rows.updates
+    if not params:
         return
-    params = [
-        {
-            "b_namespace": t.key.namespace,
-            "b_workflow_id": t.key.workflow_id,
-            "b_run_id": t.key.run_id,
-            "b_expected": t.expected_version,
-            **_execution_row(t),
-        }
-        for t in updates
-    ]
     if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
         changed = _write(conn, _UPDATE_EXECUTION, params)
     else:
@@ -229,12 +309,11 @@ def _update_executions(conn: Connection, updates: Sequence[Transition]) -> None:
         for row in params:
             changed += _write(conn, _UPDATE_EXECUTION, [row])
     if changed != len(params):
-        stale = updates[0].key if len(updates) == 1 else "one of the batch"
-        raise Rejected(ConditionFailedError(f"run {stale} changed since it was read"))
+        raise stale_error(rows)
 
 
-def _insert_events(conn: Connection, batch: Sequence[Transition]) -> None:
-    events = [
+def _event_rows(batch: Sequence[Transition]) -> list[dict[str, Any]]:
+    return [
         {
             "namespace": t.key.namespace,
             "workflow_id": t.key.workflow_id,
@@ -246,17 +325,11 @@ def _insert_events(conn: Connection, batch: Sequence[Transition]) -> None:
         for t in batch
         for e in t.events
     ]
-    if events:
-        _write(conn, _INSERT_EVENTS, events)
 
 
-def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int) -> None:
-    """Delete the tasks the batch consumed, then insert the ones it creates."""
-    done_tasks = [key for t in batch for key in t.done_task_keys]
-    if done_tasks:
-        _delete_keys(conn, _DELETE_TASKS, _DELETE_TASK, done_tasks)
+def _task_rows(batch: Sequence[Transition], shard_count: int) -> list[dict[str, Any]]:
     created = now_micros()
-    new_tasks = [
+    return [
         {
             "task_key": task.task_key,
             "shard_id": cluster.shard_of(task.key.namespace, task.key.workflow_id, shard_count),
@@ -276,16 +349,10 @@ def _write_tasks(conn: Connection, batch: Sequence[Transition], shard_count: int
         for t in batch
         for task in t.new_tasks
     ]
-    if new_tasks:
-        _write(conn, _INSERT_TASKS, new_tasks)
 
 
-def _write_timers(conn: Connection, batch: Sequence[Transition], shard_count: int) -> None:
-    """Delete the timers the batch fired or cancelled, then insert the ones it arms."""
-    done_timers = [key for t in batch for key in t.done_timer_keys]
-    if done_timers:
-        _delete_keys(conn, _DELETE_TIMERS, _DELETE_TIMER, done_timers)
-    new_timers = [
+def _timer_rows(batch: Sequence[Transition], shard_count: int) -> list[dict[str, Any]]:
+    return [
         {
             "timer_key": timer.timer_key,
             "fire_at": timer.fire_at,
@@ -300,49 +367,14 @@ def _write_timers(conn: Connection, batch: Sequence[Transition], shard_count: in
         for t in batch
         for timer in t.new_timers
     ]
-    if new_timers:
-        _write(conn, _INSERT_TIMERS, new_timers)
 
 
-def _write_current_txn(conn: Connection, t: Transition) -> None:
-    k = t.key
-    if t.current == CurrentWrite.INSERT:
-        conn.execute(
-            _INSERT_CURRENT,
-            {
-                "namespace": k.namespace,
-                "workflow_id": k.workflow_id,
-                "run_id": k.run_id,
-                "status": t.summary.status,
-                "start_request_id": t.start_request_id,
-            },
-        )
-    elif t.current == CurrentWrite.REPLACE:
-        result = conn.execute(
-            _REPLACE_CURRENT,
-            {
-                "b_namespace": k.namespace,
-                "b_workflow_id": k.workflow_id,
-                "b_replaces": t.replaces_run_id,
-                "run_id": k.run_id,
-                "status": t.summary.status,
-                "start_request_id": t.start_request_id,
-            },
-        )
-        if result.rowcount != 1:
-            raise Rejected(
-                CurrentExecutionConflictError(
-                    f"workflow id {k.workflow_id!r}: run {t.replaces_run_id} is no longer "
-                    "the closed current run"
-                )
-            )
-    elif t.current == CurrentWrite.UPDATE_STATUS:
-        conn.execute(
-            _UPDATE_CURRENT_STATUS,
-            {
-                "b_namespace": k.namespace,
-                "b_workflow_id": k.workflow_id,
-                "b_run_id": k.run_id,
-                "status": t.summary.status,
-            },
-        )
+def _write_current_rows(conn: Connection, rows: BatchRows) -> None:
+    for write, row in rows.currents:
+        if write == CurrentWrite.INSERT:
+            conn.execute(_INSERT_CURRENT, row)
+        elif write == CurrentWrite.REPLACE:
+            if conn.execute(_REPLACE_CURRENT, row).rowcount != 1:
+                raise replaced_error(row)
+        else:
+            conn.execute(_UPDATE_CURRENT_STATUS, row)

@@ -368,7 +368,14 @@ def check_fence_txn(
     if not tokens:
         return {}
     rows = conn.execute(_FENCE_QUERIES[read], {"shards": sorted(tokens)})
-    current = {row.shard_id: row.range_id for row in rows}
+    return fence_verdict(tokens, {row.shard_id: row.range_id for row in rows})
+
+
+def fence_verdict(
+    tokens: Mapping[int, Collection[int]], current: Mapping[int, int]
+) -> dict[int, int]:
+    """The fence's check of the range ids it read (``current``: shard -> range id of
+    the rows found) against the tokens; see ``check_fence_txn``."""
     for shard, held in sorted(tokens.items()):
         actual = current.get(shard, INITIAL_RANGE_ID)
         for token in held:

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
@@ -101,6 +101,12 @@ class Runner(Protocol):
     async def read(self, fn: Callable[[Connection], T]) -> T: ...
 
     async def close(self) -> None: ...
+
+
+class DirectTransactions(Protocol):
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``fn`` on the driver's own connection in one transaction."""
+        ...
 
 
 def open_runner(url: str, *, sqlite_synchronous: str = "NORMAL") -> Runner:
@@ -204,9 +210,9 @@ def is_conflict(exc: BaseException) -> bool:
     """True if the database aborted the transaction for a concurrent one (a
     serialization failure or a deadlock): nothing of it was committed, and running it
     again may succeed."""
+    if any(code in _CONFLICT_SQLSTATES for code in _sqlstates(_chain(exc))):
+        return True  # SQLAlchemy's or asyncpg's own (the direct writes: _postgres.py)
     if isinstance(exc, DBAPIError):
-        if any(code in _CONFLICT_SQLSTATES for code in _sqlstates(_chain(exc))):
-            return True
         text = str(exc.orig).lower()
         return "database is locked" in text or "could not serialize" in text
     return False
@@ -301,11 +307,20 @@ class GuardedRunner:
         self.name = inner.name
         self.isolation = inner.isolation
         self.writer_lanes = inner.writer_lanes
+        # The runner's driver-direct connections, if it has any (``write_direct``).
+        self.direct: DirectTransactions | None = getattr(inner, "direct", None)
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("conflict_retries", 0)
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
         return await self._rerun_conflicts(lambda: _guarded(self._inner.write(fn)))
+
+    async def write_direct(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """``write`` of an async function of the driver's own connection, on a runner
+        with ``direct`` connections (PostgreSQL's asyncpg: ``_postgres.py``)."""
+        direct = self.direct
+        assert direct is not None
+        return await self._rerun_conflicts(lambda: _guarded(direct.transaction(fn)))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await retrying(

@@ -10,7 +10,9 @@ What a URL selects (``server_target``):
 
 A SERIALIZABLE PostgreSQL and CockroachDB run the same code: the same statements, the
 same fence (a plain read of the shard row, ``_cluster.check_fence_txn``) and the same
-retries of SQLSTATE 40001 (``_dialects.GuardedRunner``). What differs is only what
+retries of SQLSTATE 40001 (``_dialects.GuardedRunner``). The group-commit batch goes
+straight to asyncpg on a few connections of its own (``DirectConnections``,
+``_pg_batch.py``); everything else goes through SQLAlchemy's async engine. What differs is only what
 differs between the two databases: the dialect name and its SQLAlchemy dialect class
 (CockroachDB's reflects its catalog its own way), and the DDL of the indexes that
 CockroachDB creates hash-sharded (``_schema.py``). So the PostgreSQL tests at
@@ -19,16 +21,19 @@ SERIALIZABLE exercise the CockroachDB path, short of a CockroachDB server.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ._dialects import READ_COMMITTED, SERIALIZABLE
+from ._dialects import READ_COMMITTED, SERIALIZABLE, is_unavailable
 
 T = TypeVar("T")
 
@@ -106,6 +111,9 @@ class AsyncEngineRunner:
         self._engine = create_async_engine(target.url, **options)
         # Several lanes: the server runs transactions of different runs in parallel.
         self.writer_lanes = 4
+        # The group-commit writes go straight to asyncpg (_pg_batch.py), on both
+        # databases: a SERIALIZABLE PostgreSQL still runs CockroachDB's statements.
+        self.direct = DirectConnections(target, keep=self.writer_lanes)
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
         async with self._engine.begin() as conn:
@@ -124,4 +132,88 @@ class AsyncEngineRunner:
             return await conn.run_sync(fn)
 
     async def close(self) -> None:
+        await self.direct.close()
         await self._engine.dispose()
+
+
+class DirectConnections:
+    """asyncpg connections of the store's group-commit writes, one transaction at a
+    time each (the writer lanes use at most ``keep`` at once).
+
+    No pre-ping: an idle connection the database closed is noticed by asyncpg (it
+    reads the server's goodbye) and dropped when taken; one that fails its ``BEGIN``
+    (nothing written yet) is replaced by a fresh one once. A connection lost later in
+    the transaction fails it as unavailable, and one lost around the ``COMMIT`` is a
+    write in doubt (``HistoryStore.writes_in_doubt``), as on SQLAlchemy's path."""
+
+    def __init__(self, target: ServerTarget, *, keep: int) -> None:
+        self._dsn = target.url.set(drivername="postgresql").render_as_string(False)
+        self._keep = keep
+        self._begin = "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        if target.isolation != SERIALIZABLE:
+            self._begin = "BEGIN"  # the database's default: READ COMMITTED
+        self._idle: list[Any] = []
+
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``fn`` on a connection in one transaction: committed if it returns,
+        rolled back if it raises. A constraint violation is raised as SQLAlchemy's
+        ``IntegrityError`` (what the store maps to a race); other errors as asyncpg's."""
+        conn = await self._begun()
+        try:
+            result = await fn(conn)
+            await conn.execute("COMMIT")
+        except BaseException as exc:
+            await self._settle(conn, exc)
+            if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+                raise IntegrityError("direct batch write", None, exc) from exc
+            raise
+        self._give_back(conn)
+        return result
+
+    async def _begun(self) -> Any:
+        """An idle (or new) connection with a transaction begun on it."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.is_closed():
+                continue
+            try:
+                await conn.execute(self._begin)
+            except Exception as exc:
+                conn.terminate()
+                if not is_unavailable(exc):
+                    raise
+                break  # closed while idle (a database restart): a fresh one below
+            return conn
+        conn = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_S)
+        try:
+            await conn.execute(self._begin)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _settle(self, conn: Any, failure: BaseException) -> None:
+        """After a failure: roll back and keep the connection, or drop it if it broke
+        or the failure was a cancellation (which may leave it mid-statement)."""
+        if not isinstance(failure, Exception) or conn.is_closed():
+            conn.terminate()
+            return
+        try:
+            if conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+        except Exception:
+            conn.terminate()  # the failure being reported is the first one
+            return
+        self._give_back(conn)
+
+    def _give_back(self, conn: Any) -> None:
+        if len(self._idle) < self._keep:
+            self._idle.append(conn)
+        else:
+            conn.terminate()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=_CONNECT_TIMEOUT_S)

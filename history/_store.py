@@ -32,7 +32,7 @@ from tideflow.api.v1.history_pb2 import HistoryEvent
 from . import _cluster as cluster
 from . import _schema as s
 from ._api_keys import ApiKeyStore
-from ._batch_write import Rejected, apply_batch
+from ._batch_write import Rejected, apply_batch, batch_rows
 from ._cluster import MemberRecord, ShardRecord
 from ._dialects import (
     SERIALIZABLE,
@@ -48,6 +48,7 @@ from ._errors import (
     ShardOwnershipLostError,
     StoreUnavailableError,
 )
+from ._pg_batch import apply_batch_direct
 from ._records import (
     CurrentRecord,
     ExecutionRecord,
@@ -401,14 +402,16 @@ class HistoryStore:
         returns the range ids it read (shard -> range id). Nothing outside the
         transaction changes until it committed or failed for good.
         """
-        count = self.shard_count
+        rows = batch_rows(transitions, self.shard_count)
         fence = self._fence_read
 
         async def attempt() -> dict[int, int]:
             try:
-                return await self._runner.write(
-                    lambda conn: apply_batch(conn, transitions, tokens, count, fence)
-                )
+                if self._runner.direct is not None:
+                    return await self._runner.write_direct(
+                        lambda conn: apply_batch_direct(conn, rows, tokens, fence)
+                    )
+                return await self._runner.write(lambda conn: apply_batch(conn, rows, tokens, fence))
             except IntegrityError as exc:
                 raise Rejected(_integrity_error(exc, transitions)) from exc
             except ShardOwnershipLostError as exc:

@@ -11,7 +11,7 @@ What is stored
     ``run_memos``.
 
 When it is written
-    In the transaction of the transition itself: ``write_visibility`` is called by the
+    In the transaction of the transition itself: ``visibility_rows`` is called by the
     store's batch writer and derives the rows from the transition's events
     (``WorkflowExecutionStarted`` carries the memo and initial search attributes,
     ``UpsertWorkflowSearchAttributes`` the upserts). Whatever starts a run - a client,
@@ -66,7 +66,7 @@ from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 
 from . import _schema as s
 from ._errors import InvalidValueError
-from ._records import ExecutionSummary, RunKey, Transition
+from ._records import ExecutionSummary, RunKey
 
 log = logging.getLogger("tideflow.history.visibility")
 
@@ -153,10 +153,27 @@ def _row_values(kind: SearchAttributeType, stored: Any) -> dict[str, Any]:
     return row
 
 
-def _apply_attributes(conn: Connection, key: RunKey, proto: SearchAttributes) -> None:
-    sa = s.search_attributes
-    rows: list[dict[str, Any]] = []
-    names: list[str] = []
+@dataclass(slots=True)
+class VisibilityRows:
+    """The visibility rows a batch writes: memos, the search attribute names each run's
+    events set or removed (deleted first) and the values they set (inserted then).
+
+    A batch's upserts of one run are merged (the last value of a name wins), so each
+    name of a run is deleted and inserted at most once: what running the upserts one
+    after the other would leave."""
+
+    memos: list[dict[str, Any]]
+    deletes: list[tuple[RunKey, list[str]]]
+    attributes: list[dict[str, Any]]
+
+    def __bool__(self) -> bool:
+        return bool(self.memos or self.deletes)
+
+
+def _collect_attributes(
+    key: RunKey, proto: SearchAttributes, names: dict[str, dict[str, Any] | None]
+) -> None:
+    """Add the values ``proto`` sets (a row) or removes (None) to ``names``."""
     for name, payload in sorted(proto.indexed_fields.items()):
         try:
             typed = typed_value(payload)
@@ -164,18 +181,52 @@ def _apply_attributes(conn: Connection, key: RunKey, proto: SearchAttributes) ->
             # The frontend and the engine refuse these; never fail a transition for one.
             log.warning("run %s: search attribute %r not indexed: %s", key, name, exc)
             continue
-        names.append(name)
+        names[name] = None
         if typed is not None:
-            rows.append(
-                {
-                    "namespace": key.namespace,
-                    "workflow_id": key.workflow_id,
-                    "run_id": key.run_id,
-                    "name": name,
-                    **_row_values(*typed),
-                }
-            )
-    if names:
+            names[name] = {
+                "namespace": key.namespace,
+                "workflow_id": key.workflow_id,
+                "run_id": key.run_id,
+                "name": name,
+                **_row_values(*typed),
+            }
+
+
+def visibility_rows(batch: Sequence[tuple[RunKey, Sequence[HistoryEvent]]]) -> VisibilityRows:
+    """The memo and search attribute rows the events of each run set."""
+    rows = VisibilityRows(memos=[], deletes=[], attributes=[])
+    for key, events in batch:
+        names: dict[str, dict[str, Any] | None] = {}
+        for event in events:
+            et = event.event_type
+            if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                a = event.workflow_execution_started_event_attributes
+                if a.HasField("memo") and a.memo.fields:
+                    rows.memos.append(
+                        {
+                            "namespace": key.namespace,
+                            "workflow_id": key.workflow_id,
+                            "run_id": key.run_id,
+                            "data": a.memo.SerializeToString(),
+                        }
+                    )
+                if a.HasField("search_attributes"):
+                    _collect_attributes(key, a.search_attributes, names)
+            elif et == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+                upserted = event.upsert_workflow_search_attributes_event_attributes
+                _collect_attributes(key, upserted.search_attributes, names)
+        if names:
+            rows.deletes.append((key, list(names)))
+            rows.attributes.extend(row for row in names.values() if row is not None)
+    return rows
+
+
+def write_visibility_rows(conn: Connection, rows: VisibilityRows) -> None:
+    """Write ``rows`` (``visibility_rows``) in the caller's transaction."""
+    sa = s.search_attributes
+    if rows.memos:
+        conn.execute(insert(s.run_memos), rows.memos)
+    for key, names in rows.deletes:
         conn.execute(
             delete(sa).where(
                 sa.c.namespace == key.namespace,
@@ -184,42 +235,13 @@ def _apply_attributes(conn: Connection, key: RunKey, proto: SearchAttributes) ->
                 sa.c.name.in_(names),
             )
         )
-    if rows:
-        conn.execute(insert(sa), rows)
-
-
-def write_visibility(conn: Connection, batch: Sequence[Transition]) -> None:
-    """Index the memos and search attributes the batch's events set (same transaction)."""
-    for t in batch:
-        for event in t.events:
-            _index_event(conn, t.key, event)
+    if rows.attributes:
+        conn.execute(insert(sa), rows.attributes)
 
 
 def index_events(conn: Connection, key: RunKey, events: Sequence[HistoryEvent]) -> None:
     """Index what ``events`` of one run set (a replica applying a replicated batch)."""
-    for event in events:
-        _index_event(conn, key, event)
-
-
-def _index_event(conn: Connection, key: RunKey, event: HistoryEvent) -> None:
-    et = event.event_type
-    if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-        a = event.workflow_execution_started_event_attributes
-        if a.HasField("memo") and a.memo.fields:
-            conn.execute(
-                insert(s.run_memos).values(
-                    namespace=key.namespace,
-                    workflow_id=key.workflow_id,
-                    run_id=key.run_id,
-                    data=a.memo.SerializeToString(),
-                )
-            )
-        if a.HasField("search_attributes"):
-            _apply_attributes(conn, key, a.search_attributes)
-    elif et == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
-        _apply_attributes(
-            conn, key, event.upsert_workflow_search_attributes_event_attributes.search_attributes
-        )
+    write_visibility_rows(conn, visibility_rows([(key, events)]))
 
 
 # ------------------------------------------------------------------- query AST

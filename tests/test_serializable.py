@@ -44,7 +44,9 @@ from tideflow.history import (
     shard_of,
 )
 from tideflow.history import _schema as schema
+from tideflow.history import _store as store_module
 from tideflow.history._dialects import GuardedRunner, open_runner
+from tideflow.history._pg_batch import apply_batch_direct
 from tideflow.worker_sdk import Client
 from tideflow.worker_sdk.exceptions import WorkflowAlreadyStartedError
 
@@ -244,21 +246,52 @@ class _AfterFenceRead:
         self._interlude: Callable[[], None] | None = interlude
 
     def __call__(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if self._interlude is None or conn.engine.url.database != self._db:
-            return
-        if "FROM shards" in statement and "tasks" not in statement:
+        fence = "FROM shards" in statement and "tasks" not in statement
+        if fence and conn.engine.url.database == self._db:
+            self.fire()
+
+    def fire(self) -> None:
+        if self._interlude is not None:
             interlude, self._interlude = self._interlude, None
             interlude()
 
 
+class _FenceReadThen:
+    """An asyncpg connection of the direct batch write (history/_pg_batch.py) that
+    fires ``listener`` after the statement that reads the shard rows."""
+
+    def __init__(self, conn: Any, listener: _AfterFenceRead) -> None:
+        self._conn = conn
+        self._listener = listener
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        row = await self._conn.fetchrow(sql, *args)
+        if sql.startswith("WITH fence AS"):
+            self._listener.fire()
+        return row
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 @pytest.fixture
-def after_fence_read() -> Iterator[Callable[[str, Callable[[], None]], None]]:
+def after_fence_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[str, Callable[[], None]], None]]:
+    """Arms an interlude after the next fence read, on SQLAlchemy's path (an event
+    listener) and on the direct one (its connection wrapped)."""
     listeners: list[_AfterFenceRead] = []
+    direct = apply_batch_direct
 
     def arm(db: str, interlude: Callable[[], None]) -> None:
         listener = _AfterFenceRead(db, interlude)
         event.listen(Engine, "after_cursor_execute", listener)
         listeners.append(listener)
+
+        async def watched(conn: Any, *args: Any) -> dict[int, int]:
+            return await direct(_FenceReadThen(conn, listener), *args)
+
+        monkeypatch.setattr(store_module, "apply_batch_direct", watched)
 
     yield arm
     for listener in listeners:
