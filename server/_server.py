@@ -681,12 +681,14 @@ async def _until_reachable(deadline: float, what: str, step: Callable[[], Awaita
         try:
             return await step()
         except StoreUnavailableError as exc:
+            # Every failed attempt is logged, the last too (a first attempt slower than
+            # the whole wait, say on a loaded machine, still leaves its line).
             remaining = deadline - loop.time()
+            log_retry(log, f"{what} (attempt {attempt}, {max(remaining, 0):.0f} s left)", exc)
             if remaining <= 0:
                 raise StoreUnavailableError(
                     f"{exc} (still unavailable after {attempt} attempt(s))"
                 ) from exc
-            log_retry(log, f"{what} (attempt {attempt}, {remaining:.0f} s left)", exc)
             await asyncio.sleep(min(_START_RETRY_DELAY_S, remaining))
             attempt += 1
 
