@@ -46,6 +46,7 @@ from ._errors import (
 from ._handoff import handoff, take_over
 from ._inbox import Inbox
 from ._metadata_link import MetadataExchange
+from ._remote_tasks import RemoteTasks
 from ._replication import Replicator, hint_loop, takes_over
 from ._replication_trace import ReplicationTracer
 from ._site_link import Handler, LinkDown, SiteLink, message_of
@@ -110,6 +111,13 @@ class Sites:
         # The shared metadata document's exchange (server/_metadata_link.py), once the
         # server has opened the document (after this object is made).
         self.metadata: MetadataExchange | None = None
+        # Placement across sites (server/_remote_tasks.py), once matching exists.
+        self.remote_tasks: RemoteTasks | None = None
+
+    def use_remote_tasks(self, remote_tasks: RemoteTasks) -> None:
+        """Offer tasks to the peers and serve theirs, on every link from now on."""
+        self.remote_tasks = remote_tasks
+        self.handlers.update(remote_tasks.handlers)
 
     # ------------------------------------------------------------ wiring
 
@@ -260,6 +268,9 @@ class Sites:
         ]
         if self.metadata is not None:
             companions.append(asyncio.create_task(_until_down(link, self.metadata.pull_loop(link))))
+        if self.remote_tasks is not None:
+            offers = self.remote_tasks.offer_loop(link)
+            companions.append(asyncio.create_task(_until_down(link, offers)))
         try:
             await link.closed.wait()
         finally:
