@@ -124,6 +124,8 @@ class RemoteTasks:
         self._link_to = link_to
         # One wake-up per link's offer loop: a task with a placement started waiting.
         self._wakeups: set[asyncio.Event] = set()
+        # What each link's peer holds of the tasks offered here, by task key.
+        self._offered: dict[SiteLink, dict[str, TaskRow]] = {}
         matching.on_waiting = self._task_waiting
         self.handlers: dict[str, Handler] = {
             "offer": self._serve_offer,
@@ -141,7 +143,7 @@ class RemoteTasks:
         """While ``link`` is up: keep the peer's copy of the offerable tasks current."""
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
-        offered: dict[str, TaskRow] = {}
+        offered = self._offered[link] = {}
         first = True
         try:
             while True:
@@ -155,38 +157,49 @@ class RemoteTasks:
                         withdrawn=[_remote(t) for t in gone],
                         reset=first,
                     )
+                    first = False
+                    offered.update((t.task_key, t) for t in new)
+                    for task in gone:
+                        offered.pop(task.task_key, None)
                     await link.call("offer", request, rp.OfferTasksResponse)
-                    offered, first = current, False
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_OFFER_RESCAN_S):
                         await wakeup.wait()
         finally:
             self._wakeups.discard(wakeup)
+            self._offered.pop(link, None)
 
     async def _serve_start(self, link: SiteLink, body: bytes) -> rp.StartRemoteTaskResponse:
         """A peer's worker took a task homed here: record it started by that worker."""
         request = message_of(body, rp.StartRemoteTaskRequest)
+        worker = self._policy.worker(request.identity, request.worker)
         wanted = _row(request.task)
         task = self._matching.take(wanted.key.namespace, wanted.task_queue, wanted.task_key)
         if task is None:
             return rp.StartRemoteTaskResponse(started=False)
-        worker = self._policy.worker(request.identity, request.worker)
         placement = decode(task.placement)
         if worker.site == self._policy.cluster_name or (
             placement is not None and not placement.admits(worker)
         ):
-            self._matching.give_back(task)
+            self._not_started(link, task)
             return rp.StartRemoteTaskResponse(started=False)
         try:
             response = await self._engine.record_activity_started(task, worker)
         except BaseException:
-            self._matching.give_back(task)  # not started: it waits (and is offered) again
+            self._not_started(link, task)
             raise
         if response is None:
             return rp.StartRemoteTaskResponse(started=False)  # stale: the engine dropped it
         log.info("task %s started at site %s by %s", task.task_key, worker.site, worker.identity)
         response.task_token = await self._tokens.seal(response.task_token)
         return rp.StartRemoteTaskResponse(started=True, task=response)
+
+    def _not_started(self, link: SiteLink, task: TaskRow) -> None:
+        """A task a peer's poller took was not started: it waits here again, and is
+        offered to that peer again (its poller dropped it)."""
+        self._matching.give_back(task)
+        self._offered.get(link, {}).pop(task.task_key, None)
+        self._task_waiting()
 
     async def _serve_answer(self, link: SiteLink, body: bytes) -> rp.ForwardedActivityReply:
         """A worker's answer to a task homed here, forwarded by the site it ran at."""

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from helpers import ET, Processes, eventually, of_type
@@ -20,6 +21,7 @@ from helpers_sites import SitePair, history_of, linked, wait_linked
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import Client, Worker, activity, workflow
+from tideflow.worker_sdk.placement import Placement
 
 # (site of the worker, tag) of every activity attempt the workers ran.
 RAN: list[tuple[str, str]] = []
@@ -47,7 +49,7 @@ class Placed:
             "where",
             workflow.info().workflow_id,
             start_to_close_timeout=timedelta(seconds=30),
-            placement=placement,  # type: ignore[arg-type]
+            placement=cast(Placement, placement),
             requirements={"labels": labels},
         )
         return result
