@@ -134,8 +134,15 @@ async def _unlinked(edge: Client) -> bool:
     return not await linked(edge, "cloud")
 
 
-async def test_a_task_only_cloud_workers_meet_runs_at_the_cloud(sites: SitePair) -> None:
+async def test_tasks_run_at_the_site_their_placement_names(sites: SitePair) -> None:
+    """One pair of sites for both parts (starting two servers is most of the time)."""
     cloud, edge = await _linked_pair(sites)
+    await _only_cloud_workers_meet_it(cloud, edge)
+    await _link_down(sites, cloud, edge)
+
+
+async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
+    """The link is up: a task only the cloud's worker meets runs there."""
     tq = f"placed-{uuid.uuid4()}"
     async with (
         _cloud_worker(cloud, tq),
@@ -164,10 +171,8 @@ async def test_a_task_only_cloud_workers_meet_runs_at_the_cloud(sites: SitePair)
     assert RAN.count(("cloud", gpu.id)) == 1 and ("edge1", local.id) in RAN
 
 
-async def test_while_the_link_is_down_auto_runs_at_the_edge_and_cloud_tasks_wait(
-    sites: SitePair,
-) -> None:
-    cloud, edge = await _linked_pair(sites)
+async def _link_down(sites: SitePair, cloud: Client, edge: Client) -> None:
+    """The link is cut: ``auto`` runs at the edge, a cloud task waits, then runs once."""
     tq = f"offline-{uuid.uuid4()}"
     async with _cloud_worker(cloud, tq), Worker(edge, task_queue=tq, workflows=[Placed]):
         await eventually(_activity_polled(cloud, tq, "cloud-worker"), "the cloud worker polls")
