@@ -27,9 +27,19 @@ from tideflow.worker_sdk.placement import Placement
 RAN: list[tuple[str, str]] = []
 
 
+# The heartbeat details the second attempt of a GPU task found.
+DETAILS: list[list[object]] = []
+
+
 @activity.defn(name="where")
 async def where_cloud(tag: str) -> str:
     RAN.append(("cloud", tag))
+    info = activity.info()
+    if tag.startswith("g-"):  # its failure and heartbeat travel to the home too
+        if info.attempt == 1:
+            activity.heartbeat("halfway")
+            raise RuntimeError("the first attempt fails")
+        DETAILS.append(info.heartbeat_details)
     return "cloud"
 
 
@@ -163,12 +173,19 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
         assert await gpu.result() == "cloud"
     gpu_events = await history_of(edge, gpu.id, "")
     assert _started(gpu_events) == [("cloud", common_pb2.EXECUTION_SITE_CLOUD, "cloud-worker")]
+    # The failed first attempt (retries write no events) and its heartbeat reached
+    # the home, which offered the retry to the cloud again.
+    (started,) = of_type(gpu_events, ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
+    attributes = started.activity_task_started_event_attributes
+    assert attributes.attempt == 2
+    assert "the first attempt fails" in attributes.last_failure.message
+    assert DETAILS == [["halfway"]]
     completed = of_type(gpu_events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
     assert [e.activity_task_completed_event_attributes.site for e in completed] == ["cloud"]
     assert gpu_events[-1].event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
     assert (await edge.get_workflow_handle(gpu.id).describe()).home_cluster == "edge1"
     assert _started(await history_of(edge, local.id, ""))[0][0] == "edge1"
-    assert RAN.count(("cloud", gpu.id)) == 1 and ("edge1", local.id) in RAN
+    assert RAN.count(("cloud", gpu.id)) == 2 and ("edge1", local.id) in RAN
 
 
 async def _link_down(sites: SitePair, cloud: Client, edge: Client) -> None:
