@@ -8,6 +8,7 @@ record (ActivityTaskStarted) and matches the worker that ran it."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -29,6 +30,8 @@ RAN: list[tuple[str, str]] = []
 
 # The heartbeat details the second attempt of a GPU task found.
 DETAILS: list[list[object]] = []
+# Set by the test once the home shows the first attempt's heartbeat.
+HEARTBEAT_AT_HOME = asyncio.Event()
 
 
 @activity.defn(name="where")
@@ -38,6 +41,7 @@ async def where_cloud(tag: str) -> str:
     if tag.startswith("g-"):  # its failure and heartbeat travel to the home too
         if info.attempt == 1:
             activity.heartbeat("halfway")
+            await HEARTBEAT_AT_HOME.wait()
             raise RuntimeError("the first attempt fails")
         DETAILS.append(info.heartbeat_details)
     return "cloud"
@@ -119,6 +123,18 @@ def _scheduled(client: Client, workflow_id: str) -> Callable[[], Awaitable[bool]
     return check
 
 
+def _heartbeat_at(client: Client, workflow_id: str) -> Callable[[], Awaitable[bool]]:
+    """A check: the run's pending activity has heartbeat details (at its home: only
+    the forwarded RecordActivityHeartbeat can have put them there)."""
+
+    async def check() -> bool:
+        description = await client.get_workflow_handle(workflow_id).describe()
+        pending = description.raw.pending_activities
+        return bool(pending) and pending[0].HasField("heartbeat_details")
+
+    return check
+
+
 def _started(events: list[HistoryEvent]) -> list[tuple[str, int, str]]:
     """(site, tier, worker identity) of each ActivityTaskStarted: the home's record."""
     return [
@@ -170,6 +186,8 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
         gpu = await edge.start_workflow(
             Placed.run, args=["auto", ["gpu"]], id=f"g-{tq}", task_queue=tq
         )
+        await eventually(_heartbeat_at(edge, gpu.id), "the heartbeat reached the home")
+        HEARTBEAT_AT_HOME.set()
         assert await gpu.result() == "cloud"
     gpu_events = await history_of(edge, gpu.id, "")
     assert _started(gpu_events) == [("cloud", common_pb2.EXECUTION_SITE_CLOUD, "cloud-worker")]
