@@ -234,6 +234,20 @@ class RemoteTasks:
             return rp.ForwardedActivityReply(code=error.code.value[0], message=error.message)
         return rp.ForwardedActivityReply(cancel_requested=cancel)
 
+    def annotate(
+        self, ms: state_pb2.MutableState, response: service_pb2.DescribeWorkflowResponse
+    ) -> None:
+        """Describe: a waiting task of a run homed here says which sites it is offered to."""
+        for pending in response.pending_activities:
+            act = ms.pending_activities.get(pending.scheduled_event_id)
+            if not pending.waiting_reason or act is None:
+                continue
+            peers = sorted(
+                link.peer for link, keys in self._offered.items() if act.task_key in keys
+            )
+            if peers:
+                pending.waiting_reason += f"; offered to site {', '.join(peers)}"
+
     # ------------------------------------------------------------ at the peer
 
     async def _serve_offer(self, link: SiteLink, body: bytes) -> rp.OfferTasksResponse:

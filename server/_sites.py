@@ -335,10 +335,13 @@ class Sites:
         ms: state_pb2.MutableState,
         response: service_pb2.DescribeWorkflowResponse,
     ) -> None:
-        """Describe's home and, for a replica, how far it is behind."""
+        """Describe's home and, for a replica, how far it is behind; for a run homed
+        here, the sites its waiting tasks are offered to."""
         home = home_of(ms, self.name)
         response.home_cluster = home
         if home == self.name:
+            if self.remote_tasks is not None:
+                self.remote_tasks.annotate(ms, response)
             return
         info = await self._store.replication.replica_info(key)
         lag = response.replica

@@ -135,6 +135,15 @@ def _heartbeat_at(client: Client, workflow_id: str) -> Callable[[], Awaitable[bo
     return check
 
 
+def _offered(client: Client, workflow_id: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        description = await client.get_workflow_handle(workflow_id).describe()
+        pending = description.raw.pending_activities
+        return bool(pending) and "offered to site cloud" in pending[0].waiting_reason
+
+    return check
+
+
 def _started(events: list[HistoryEvent]) -> list[tuple[str, int, str]]:
     """(site, tier, worker identity) of each ActivityTaskStarted: the home's record."""
     return [
@@ -189,6 +198,12 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
         await eventually(_heartbeat_at(edge, gpu.id), "the heartbeat reached the home")
         HEARTBEAT_AT_HOME.set()
         assert await gpu.result() == "cloud"
+        # A task no worker meets waits at its home; describe says it is offered.
+        nobody = await edge.start_workflow(
+            Placed.run, args=["auto", ["tpu"]], id=f"n-{tq}", task_queue=tq
+        )
+        await eventually(_offered(edge, nobody.id), "describe: offered to the cloud")
+        await nobody.terminate()
     gpu_events = await history_of(edge, gpu.id, "")
     assert _started(gpu_events) == [("cloud", common_pb2.EXECUTION_SITE_CLOUD, "cloud-worker")]
     # The failed first attempt (retries write no events) and its heartbeat reached
@@ -229,6 +244,7 @@ async def _link_down(sites: SitePair, cloud: Client, edge: Client) -> None:
             (pending,) = description.raw.pending_activities
             assert not pending.last_worker_identity
             assert "placement cloud" in pending.waiting_reason
+            assert "offered" not in pending.waiting_reason  # no link, no offer
             assert not [r for r in RAN if r[1] == placed.id]
             sites.proxy.restore()
             assert await placed.result() == "cloud"
