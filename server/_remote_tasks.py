@@ -52,6 +52,8 @@ log = logging.getLogger("tideflow.server.sites")
 # How often a link's offers are brought up to date without being woken (a worker of
 # the home that stopped polling makes its tasks offerable without any new task).
 _OFFER_RESCAN_S = 1.0
+# A peer that refused offers is offered everything again after this long.
+_REFUSED_OFFER_PAUSE_S = 10.0
 
 ActivityAnswer = (
     service_pb2.RespondActivityTaskCompletedRequest
@@ -161,13 +163,29 @@ class RemoteTasks:
                     offered.update((t.task_key, t) for t in new)
                     for task in gone:
                         offered.pop(task.task_key, None)
-                    await link.call("offer", request, rp.OfferTasksResponse)
+                    if not await self._offer(link, request):
+                        offered.clear()
+                        first = True
+                        await asyncio.sleep(_REFUSED_OFFER_PAUSE_S)
+                        continue
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_OFFER_RESCAN_S):
                         await wakeup.wait()
         finally:
             self._wakeups.discard(wakeup)
             self._offered.pop(link, None)
+
+    async def _offer(self, link: SiteLink, request: rp.OfferTasksRequest) -> bool:
+        """Send offers; False if the peer refused them (a site of an older version
+        knows no "offer": the link itself stays up for replication)."""
+        try:
+            await link.call("offer", request, rp.OfferTasksResponse)
+        except LinkDown as error:
+            if link.closed.is_set():
+                raise
+            log.warning("site %s refused task offers: %s", link.peer, error)
+            return False
+        return True
 
     async def _serve_start(self, link: SiteLink, body: bytes) -> rp.StartRemoteTaskResponse:
         """A peer's worker took a task homed here: record it started by that worker."""
