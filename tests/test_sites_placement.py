@@ -22,6 +22,7 @@ from helpers_sites import SitePair, history_of, linked, wait_linked
 from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import Client, Worker, activity, workflow
+from tideflow.worker_sdk.exceptions import NotFoundError
 from tideflow.worker_sdk.placement import Placement
 
 # (site of the worker, tag) of every activity attempt the workers ran.
@@ -30,6 +31,9 @@ RAN: list[tuple[str, str]] = []
 
 # The heartbeat details the second attempt of a GPU task found.
 DETAILS: list[list[object]] = []
+# The task token the cloud's worker completed a GPU task with (the cloud's own,
+# carrying the edge's).
+TOKENS: dict[str, bytes] = {}
 # Set by the test once the home shows the first attempt's heartbeat.
 HEARTBEAT_AT_HOME = asyncio.Event()
 
@@ -44,6 +48,7 @@ async def where_cloud(tag: str) -> str:
             await HEARTBEAT_AT_HOME.wait()
             raise RuntimeError("the first attempt fails")
         DETAILS.append(info.heartbeat_details)
+        TOKENS[tag] = info.task_token
     return "cloud"
 
 
@@ -204,6 +209,13 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
         )
         await eventually(_offered(edge, nobody.id), "describe: offered to the cloud")
         await nobody.terminate()
+    # The same completion again, as a worker retrying a lost reply would: the home
+    # refuses it (the attempt is closed) and records nothing more.
+    again = service_pb2.RespondActivityTaskCompletedRequest(
+        task_token=TOKENS[gpu.id], identity="cloud-worker"
+    )
+    with pytest.raises(NotFoundError):
+        await cloud.call(cloud.service.RespondActivityTaskCompleted, again)
     gpu_events = await history_of(edge, gpu.id, "")
     assert _started(gpu_events) == [("cloud", common_pb2.EXECUTION_SITE_CLOUD, "cloud-worker")]
     # The failed first attempt (retries write no events) and its heartbeat reached
