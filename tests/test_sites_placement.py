@@ -89,6 +89,7 @@ def _cloud_worker(cloud: Client, tq: str) -> Worker:
     return Worker(
         cloud,
         task_queue=tq,
+        workflows=[Placed],
         activities=[where_cloud],
         tier="cloud",
         capabilities={"labels": ["gpu", "vision"]},
@@ -203,6 +204,12 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
         await eventually(_heartbeat_at(edge, gpu.id), "the heartbeat reached the home")
         HEARTBEAT_AT_HOME.set()
         assert await gpu.result() == "cloud"
+        # The other way: a cloud run's task placed at the edge runs on the edge's worker
+        # (the cloud's calls travel on the stream the edge dialled).
+        from_cloud = await cloud.start_workflow(
+            Placed.run, args=["edge", []], id=f"e-{tq}", task_queue=tq
+        )
+        assert await from_cloud.result() == "edge1"
         # A task no worker meets waits at its home; describe says it is offered.
         nobody = await edge.start_workflow(
             Placed.run, args=["auto", ["tpu"]], id=f"n-{tq}", task_queue=tq
@@ -231,6 +238,9 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
     assert (await edge.get_workflow_handle(gpu.id).describe()).home_cluster == "edge1"
     assert _started(await history_of(edge, local.id, ""))[0][0] == "edge1"
     assert RAN.count(("cloud", gpu.id)) == 2 and ("edge1", local.id) in RAN
+    cloud_events = await history_of(cloud, from_cloud.id, "")
+    assert _started(cloud_events) == [("edge1", common_pb2.EXECUTION_SITE_EDGE, "edge-worker")]
+    assert RAN.count(("edge1", from_cloud.id)) == 1
 
 
 async def _link_down(sites: SitePair, cloud: Client, edge: Client) -> None:
