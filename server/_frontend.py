@@ -55,6 +55,7 @@ from ._matching import Matching
 from ._metadata_sync import MetadataSync
 from ._metrics import ServerMetrics
 from ._polls import TaskQueueService
+from ._remote_tasks import ActivityAnswer
 from ._routing import ROUTED_RPCS, Router
 from ._run_views import describe_response
 from ._schedules import Scheduler, require_scheduler
@@ -641,6 +642,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondActivityTaskCompletedResponse:
         token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
+        if token.home_site:
+            await self._at_home(token, request)
+            return service_pb2.RespondActivityTaskCompletedResponse()
         workflow_task = await self._engine.complete_activity(
             token,
             request.result if request.HasField("result") else None,
@@ -662,6 +666,9 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondActivityTaskFailedResponse:
         token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
+        if token.home_site:
+            await self._at_home(token, request)
+            return service_pb2.RespondActivityTaskFailedResponse()
         details = (
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
         )
@@ -675,6 +682,11 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RecordActivityHeartbeatResponse:
         token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
+        if token.home_site:
+            reply = await self._at_home(token, request)
+            return service_pb2.RecordActivityHeartbeatResponse(
+                cancel_requested=reply.cancel_requested
+            )
         details = request.details if request.HasField("details") else None
         cancel = await self._engine.record_heartbeat(token, details)
         return service_pb2.RecordActivityHeartbeatResponse(cancel_requested=cancel)
@@ -685,10 +697,23 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
     ) -> service_pb2.RespondActivityTaskCanceledResponse:
         token = await self._open_token(request, activity=True)
         await self._check_namespace(token.namespace)
+        if token.home_site:
+            await self._at_home(token, request)
+            return service_pb2.RespondActivityTaskCanceledResponse()
         details = request.details if request.HasField("details") else None
         await self._engine.activity_canceled(token, details, request.identity)
         self._answered(token)
         return service_pb2.RespondActivityTaskCanceledResponse()
+
+    async def _at_home(
+        self, token: state_pb2.TaskToken, answer: ActivityAnswer
+    ) -> replication_pb2.ForwardedActivityReply:
+        """The answer to a task another site (the run's home) handed to this site's
+        worker, forwarded there (server/_remote_tasks.py)."""
+        remote = self._sites.remote_tasks if self._sites is not None else None
+        if remote is None:
+            raise InvalidArgumentError("the task token names another site; this is no site")
+        return await remote.forward(token, answer)
 
     # ------------------------------------------------- visibility and schedules
     # List/count runs (query language: server/_visibility.py) and schedules

@@ -51,6 +51,15 @@ class QueryTask:
     prepared: service_pb2.PollWorkflowTaskResponse | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteTaskRow(TaskRow):
+    """An activity task of a run homed at another site, ``home``, which offered it
+    over the sites' link (server/_remote_tasks.py): handed to a poller here that meets
+    it, and recorded started by the home. Never in this site's store."""
+
+    home: str = ""
+
+
 Dispatchable = TaskRow | QueryTask
 
 
@@ -107,6 +116,9 @@ class Matching:
         self._owns = owns
         # Sticky queues whose worker shut down (bounded: names are per worker).
         self._retired: set[tuple[str, str]] = set()
+        # Told when an activity task with a placement starts waiting here (the sites
+        # may offer it to another site's workers: server/_remote_tasks.py).
+        self.on_waiting: Callable[[], None] | None = None
 
     def _queue(self, qid: _QueueId) -> _TaskQueue:
         queue = self._queues.get(qid)
@@ -132,6 +144,8 @@ class Matching:
         queue.backlog.append(task)
         if self._metrics is not None:
             self._metrics.task_dispatched(task.kind, sync=False)
+        if task.placement and self.on_waiting is not None and not isinstance(task, RemoteTaskRow):
+            self.on_waiting()
 
     def _hand_over(self, queue: _TaskQueue, task: Dispatchable) -> bool:
         """Give ``task`` to a waiting poller (sync match); False if none may take it. A
@@ -345,6 +359,57 @@ class Matching:
             f"no worker polling task queue {task_queue!r} now meets its placement "
             f"({decoded.describe()}); {len(polling)} other worker(s) poll it"
         )
+
+    # ------------------------------------------------ placement across sites
+
+    def offerable(self) -> list[TaskRow]:
+        """Activity tasks of runs homed here, waiting, that no worker seen polling
+        their queue here in the last ``POLLER_TTL_S`` meets: another site's workers
+        may take them (a worker of the home that meets a task keeps it here)."""
+        horizon = time.time() - POLLER_TTL_S
+        found: list[TaskRow] = []
+        for (_, _, kind), queue in self._queues.items():
+            if kind != TaskKind.ACTIVITY:
+                continue
+            local = [w for i, w in queue.workers.items() if queue.seen.get(i, 0.0) >= horizon]
+            for task in queue.backlog:
+                if not task.placement or isinstance(task, RemoteTaskRow):
+                    continue
+                placement = decode(task.placement)
+                if placement is not None and not any(placement.admits(w) for w in local):
+                    found.append(task)
+        return found
+
+    def take(
+        self, namespace: str, task_queue: str, task_key: str, *, remote: bool = False
+    ) -> TaskRow | None:
+        """Remove a waiting activity task from its backlog (a peer's poller took it,
+        or its home withdrew it): the task, or None if it is not waiting here.
+        ``remote``: only a task another site offered."""
+        queue = self._queues.get((namespace, task_queue, TaskKind.ACTIVITY))
+        if queue is None or task_key not in queue.queued_keys:
+            return None
+        for index, task in enumerate(queue.backlog):
+            if task.task_key == task_key:
+                if remote and not isinstance(task, RemoteTaskRow):
+                    return None
+                del queue.backlog[index]
+                queue.queued_keys.discard(task_key)
+                return task
+        return None
+
+    def drop_remote(self, home: str) -> int:
+        """Forget every task ``home`` offered (it offers again what still waits)."""
+        dropped = 0
+        for queue in self._queues.values():
+            gone = [t for t in queue.backlog if isinstance(t, RemoteTaskRow) and t.home == home]
+            if not gone:
+                continue
+            gone_ids = {id(t) for t in gone}
+            queue.backlog = deque(t for t in queue.backlog if id(t) not in gone_ids)
+            queue.queued_keys.difference_update(t.task_key for t in gone)
+            dropped += len(gone)
+        return dropped
 
     def backlog_sizes(self) -> dict[tuple[str, str, str], int]:
         """(namespace, task queue, "workflow"/"activity") -> tasks waiting, of the

@@ -44,7 +44,7 @@ from ._errors import (
     ServiceError,
     UnavailableError,
 )
-from ._matching import Dispatchable, Matching, QueryTask, QueueMovedError
+from ._matching import Dispatchable, Matching, QueryTask, QueueMovedError, RemoteTaskRow
 from ._matching_routes import DEFER_S, MatchingRoutes
 from ._metrics import ServerMetrics
 from ._peers import Peer, forwarding_metadata, is_forwarded
@@ -121,6 +121,14 @@ class TaskQueueService:
         self._parked_polls = 0
         # Longest hop of a forwarded long poll (see _at_queue_owner).
         self._hop_s = max(1.0, config.lease_s)
+        # Has another site record one of its tasks started by a worker polling here
+        # (server/_remote_tasks.py); None: this server is not a site.
+        self.remote_start: (
+            Callable[
+                [RemoteTaskRow, WorkerSite], Awaitable[service_pb2.PollActivityTaskResponse | None]
+            ]
+            | None
+        ) = None
 
     # ------------------------------------------------------------------ polls
 
@@ -245,7 +253,12 @@ class TaskQueueService:
         self, task: TaskRow, identity: str, worker: WorkerSite | None
     ) -> service_pb2.PollWorkflowTaskResponse | service_pb2.PollActivityTaskResponse | None:
         """Record a polled task started on the run's owner; None if the task is stale
-        or waits (its run's owner cannot be reached now: handed out again later)."""
+        or waits (its run's owner cannot be reached now: handed out again later). A
+        task another site offered is recorded started by that site, its home."""
+        if isinstance(task, RemoteTaskRow):
+            if self.remote_start is None or worker is None:
+                return None
+            return await self.remote_start(task, worker)
         if self._routes is not None and not self._routes.owns_run(task.key):
             advertised = worker.to_proto() if worker is not None else None
             try:

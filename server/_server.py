@@ -44,6 +44,7 @@ from ._peers import NodeCredential, PeerChannels
 from ._placement import PlacementPolicy
 from ._polls import TaskQueueService
 from ._registration import add_to_server
+from ._remote_tasks import RemoteTasks
 from ._resync import resync_after_outages
 from ._routing import Router
 from ._run_gateway import RunGateway
@@ -381,6 +382,9 @@ class TideflowServer:
         # Every task dispatched here belongs to a run homed here (only the home writes),
         # so placement's default home is right; its link state is the sites'.
         self.placement.links = sites
+        remote_tasks = RemoteTasks(engine, matching, self.placement, tokens, sites.link_to)
+        sites.use_remote_tasks(remote_tasks)
+        polls.remote_start = remote_tasks.start
         self._on_clock_jump = (timers.reread, scheduler.wake)
         service = WorkflowService(
             store,

@@ -47,6 +47,7 @@ from ._errors import (
 from ._handoff import handoff, take_over
 from ._inbox import Inbox
 from ._metadata_link import MetadataExchange
+from ._remote_tasks import RemoteTasks
 from ._replication import Replicator, hint_loop, takes_over
 from ._replication_trace import ReplicationTracer
 from ._site_link import CallRefused, Handler, LinkDown, SiteLink, message_of
@@ -114,6 +115,13 @@ class Sites:
         # The shared metadata document's exchange (server/_metadata_link.py), once the
         # server has opened the document (after this object is made).
         self.metadata: MetadataExchange | None = None
+        # Placement across sites (server/_remote_tasks.py), once matching exists.
+        self.remote_tasks: RemoteTasks | None = None
+
+    def use_remote_tasks(self, remote_tasks: RemoteTasks) -> None:
+        """Offer tasks to the peers and serve theirs, on every link from now on."""
+        self.remote_tasks = remote_tasks
+        self.handlers.update(remote_tasks.handlers)
 
     # ------------------------------------------------------------ wiring
 
@@ -288,6 +296,9 @@ class Sites:
         ]
         if self.metadata is not None:
             companions.append(asyncio.create_task(_until_down(link, self.metadata.pull_loop(link))))
+        if self.remote_tasks is not None:
+            offers = self.remote_tasks.offer_loop(link)
+            companions.append(asyncio.create_task(_until_down(link, offers)))
         try:
             await link.closed.wait()
         finally:
@@ -352,10 +363,13 @@ class Sites:
         ms: state_pb2.MutableState,
         response: service_pb2.DescribeWorkflowResponse,
     ) -> None:
-        """Describe's home and, for a replica, how far it is behind."""
+        """Describe's home and, for a replica, how far it is behind; for a run homed
+        here, the sites its waiting tasks are offered to."""
         home = home_of(ms, self.name)
         response.home_cluster = home
         if home == self.name:
+            if self.remote_tasks is not None:
+                self.remote_tasks.annotate(ms, response)
             return
         info = await self._store.replication.replica_info(key)
         lag = response.replica

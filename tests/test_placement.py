@@ -27,7 +27,7 @@ from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.history import HistoryStore, RunKey, TaskKind, TaskRow, queue_shard_of
 from tideflow.server import ServerConfig, TideflowServer
-from tideflow.server._matching import Matching
+from tideflow.server._matching import Matching, RemoteTaskRow
 from tideflow.server._placement import PlacementPolicy, WorkerSite, encode
 from tideflow.worker_sdk import Client, Worker, activity, dag, exceptions, workflow
 from tideflow.worker_sdk.dag import Task
@@ -409,6 +409,48 @@ async def test_a_worker_takes_only_backlog_tasks_it_meets() -> None:
     assert "labels gpu" in reason
     taken = await matching.poll("default", "q", TaskKind.ACTIVITY, 0, worker=gpu)
     assert isinstance(taken, TaskRow) and taken.key.workflow_id == "w1"
+
+
+async def test_matching_offers_only_tasks_no_worker_of_the_home_meets() -> None:
+    """Placement across sites, the matching side (server/_remote_tasks.py drives it):
+    what may be offered to another site, taking an offered task out, a peer's tasks."""
+    matching = Matching()
+    woken: list[int] = []
+    matching.on_waiting = lambda: woken.append(1)
+    plain = WorkerSite("plain", "cloud", ES.EXECUTION_SITE_CLOUD)
+    # A worker of the home seen polling (it went away since): what it meets stays here.
+    assert await matching.poll("default", "q", TaskKind.ACTIVITY, 0, worker=plain) is None
+    gpu_task, plain_task = auto_task(1, ["gpu"]), auto_task(2)
+    anywhere = TaskRow(
+        key=RunKey(namespace="default", workflow_id="w3", run_id="r"),
+        task_queue="q",
+        kind=TaskKind.ACTIVITY,
+        ref_id=5,
+        attempt=1,
+    )
+    offered = RemoteTaskRow(
+        key=RunKey(namespace="default", workflow_id="w4", run_id="r"),
+        task_queue="q",
+        kind=TaskKind.ACTIVITY,
+        ref_id=5,
+        attempt=1,
+        placement=gpu_task.placement,
+        home="edge1",
+    )
+    matching.add_many([gpu_task, plain_task, anywhere, offered])
+    assert len(woken) == 2  # the home's tasks with a placement, not the peer's
+    assert matching.offerable() == [gpu_task]
+    # A peer's poller took it: out of the backlog, once; a peer's task is not taken
+    # for the home, nor a home's task as a peer's.
+    assert matching.take("default", "q", gpu_task.task_key) == gpu_task
+    assert matching.take("default", "q", gpu_task.task_key) is None
+    assert matching.take("default", "q", plain_task.task_key, remote=True) is None
+    assert matching.offerable() == []
+    # The peer's tasks go when its link does (it offers them again on the next one).
+    assert matching.drop_remote("edge2") == 0 and matching.drop_remote("edge1") == 1
+    gpu = WorkerSite("gpu", "cloud", ES.EXECUTION_SITE_CLOUD, frozenset({"gpu"}))
+    assert await matching.poll("default", "q", TaskKind.ACTIVITY, 0, worker=gpu) == plain_task
+    assert matching.backlog_size("default", "q", TaskKind.ACTIVITY) == 1  # "anywhere"
 
 
 async def test_placement_survives_a_server_restart(store_url: str) -> None:

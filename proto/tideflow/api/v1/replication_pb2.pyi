@@ -114,6 +114,74 @@ class ForwardedResponse(_message.Message):
     started: bool
     def __init__(self, outcome: _Optional[str] = ..., detail: _Optional[str] = ..., run_id: _Optional[str] = ..., started: _Optional[bool] = ...) -> None: ...
 
+class RemoteTask(_message.Message):
+    __slots__ = ("run", "task_queue", "scheduled_event_id", "attempt", "placement")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    task_queue: str
+    scheduled_event_id: int
+    attempt: int
+    placement: bytes
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., task_queue: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., placement: _Optional[bytes] = ...) -> None: ...
+
+class OfferTasksRequest(_message.Message):
+    __slots__ = ("tasks", "withdrawn", "reset")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[RemoteTask]
+    withdrawn: _containers.RepeatedCompositeFieldContainer[RemoteTask]
+    reset: bool
+    def __init__(self, tasks: _Optional[_Iterable[_Union[RemoteTask, _Mapping]]] = ..., withdrawn: _Optional[_Iterable[_Union[RemoteTask, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class OfferTasksResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StartRemoteTaskRequest(_message.Message):
+    __slots__ = ("task", "identity", "worker")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    task: RemoteTask
+    identity: str
+    worker: _common_pb2.WorkerPlacement
+    def __init__(self, task: _Optional[_Union[RemoteTask, _Mapping]] = ..., identity: _Optional[str] = ..., worker: _Optional[_Union[_common_pb2.WorkerPlacement, _Mapping]] = ...) -> None: ...
+
+class StartRemoteTaskResponse(_message.Message):
+    __slots__ = ("started", "task")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    started: bool
+    task: _service_pb2.PollActivityTaskResponse
+    def __init__(self, started: _Optional[bool] = ..., task: _Optional[_Union[_service_pb2.PollActivityTaskResponse, _Mapping]] = ...) -> None: ...
+
+class ForwardedActivityResponse(_message.Message):
+    __slots__ = ("completed", "failed", "heartbeat", "canceled")
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CANCELED_FIELD_NUMBER: _ClassVar[int]
+    completed: _service_pb2.RespondActivityTaskCompletedRequest
+    failed: _service_pb2.RespondActivityTaskFailedRequest
+    heartbeat: _service_pb2.RecordActivityHeartbeatRequest
+    canceled: _service_pb2.RespondActivityTaskCanceledRequest
+    def __init__(self, completed: _Optional[_Union[_service_pb2.RespondActivityTaskCompletedRequest, _Mapping]] = ..., failed: _Optional[_Union[_service_pb2.RespondActivityTaskFailedRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[_service_pb2.RecordActivityHeartbeatRequest, _Mapping]] = ..., canceled: _Optional[_Union[_service_pb2.RespondActivityTaskCanceledRequest, _Mapping]] = ...) -> None: ...
+
+class ForwardedActivityReply(_message.Message):
+    __slots__ = ("code", "message", "cancel_requested")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    cancel_requested: bool
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+
 class RunsChanged(_message.Message):
     __slots__ = ("runs",)
     RUNS_FIELD_NUMBER: _ClassVar[int]

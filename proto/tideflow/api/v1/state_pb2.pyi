@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskToken(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "scheduled_event_id", "started_event_id", "attempt", "is_activity", "query_id", "scheduled_time_us")
+    __slots__ = ("namespace", "workflow_id", "run_id", "scheduled_event_id", "started_event_id", "attempt", "is_activity", "query_id", "scheduled_time_us", "home_site", "home_token")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,8 @@ class TaskToken(_message.Message):
     IS_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    HOME_SITE_FIELD_NUMBER: _ClassVar[int]
+    HOME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -33,7 +35,9 @@ class TaskToken(_message.Message):
     is_activity: bool
     query_id: str
     scheduled_time_us: int
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., is_activity: _Optional[bool] = ..., query_id: _Optional[str] = ..., scheduled_time_us: _Optional[int] = ...) -> None: ...
+    home_site: str
+    home_token: bytes
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., is_activity: _Optional[bool] = ..., query_id: _Optional[str] = ..., scheduled_time_us: _Optional[int] = ..., home_site: _Optional[str] = ..., home_token: _Optional[bytes] = ...) -> None: ...
 
 class WorkflowTaskInfo(_message.Message):
     __slots__ = ("scheduled_event_id", "started_event_id", "attempt", "scheduled_time", "started_time", "request_id", "identity", "transient", "task_queue", "timer_keys")

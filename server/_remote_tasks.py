@@ -1,0 +1,342 @@
+"""Placement across sites: an activity task of a run homed here, run by a worker of
+the site at the other end of a link (tla/Replication.tla: only the home writes).
+
+The home keeps the task where every task is, in its store and its matching backlog,
+until it is recorded started. A waiting task with a placement that no worker seen
+polling its queue here meets (``Matching.offerable``: a ``placement="cloud"`` task at
+an edge, an ``auto`` task needing a label only the cloud's workers have) is *offered*
+to every linked peer (method "offer"): the peer holds it in memory as a
+``RemoteTaskRow`` in the same queue's backlog and hands it only to its own pollers
+that meet it. A peer poller taking it asks the home to record it started (method
+"start_remote"): the home takes the task out of its backlog (so no local poller gets
+it too; if it is gone, started elsewhere, the peer's poller is told and polls on),
+records ActivityTaskStarted with the worker's site and tier, and answers with the
+poll response whose token it sealed. The peer hands the worker a token of its own
+that carries the home's (``TaskToken.home_site`` / ``home_token``); the worker's
+RespondActivityTaskCompleted/Failed/Canceled and heartbeats at the peer are forwarded
+to the home (method "activity_response"), which checks and applies the home's token
+as for any worker: a completion forwarded twice is applied once (the second finds the
+attempt closed: NOT_FOUND).
+
+Both ends of a link do both roles (an edge offers to its cloud, the cloud to its
+edges) over the stream the edge dialled. While the link is down nothing is offered:
+the task waits at its home (for ``auto``, a worker of the home that meets it takes
+it). The offers are re-sent from scratch on each link (``reset``): the peer drops what
+the home offered on an earlier link. What no link or crash may lose is in the home's
+store; the peer's copy is only a pointer to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from tideflow.api.v1 import replication_pb2 as rp
+from tideflow.api.v1 import service_pb2, state_pb2
+from tideflow.history import RunKey, TaskKind, TaskRow
+
+from ._engine import HistoryEngine
+from ._errors import _KIND_OF_CODE, InvalidArgumentError, ServiceError, UnavailableError
+from ._matching import Matching, RemoteTaskRow
+from ._placement import PlacementPolicy, WorkerSite, decode
+from ._site_link import Handler, LinkDown, SiteLink, message_of
+from ._task_responses import decode_token
+from ._task_tokens import TaskTokenSigner
+
+log = logging.getLogger("tideflow.server.sites")
+
+# How often a link's offers are brought up to date without being woken (a worker of
+# the home that stopped polling makes its tasks offerable without any new task).
+_OFFER_RESCAN_S = 1.0
+# A peer that refused offers is offered everything again after this long.
+_REFUSED_OFFER_PAUSE_S = 10.0
+
+ActivityAnswer = (
+    service_pb2.RespondActivityTaskCompletedRequest
+    | service_pb2.RespondActivityTaskFailedRequest
+    | service_pb2.RecordActivityHeartbeatRequest
+    | service_pb2.RespondActivityTaskCanceledRequest
+)
+
+# Where each kind of answer travels in a ForwardedActivityResponse.
+_ANSWER_FIELDS: dict[type[ActivityAnswer], str] = {
+    service_pb2.RespondActivityTaskCompletedRequest: "completed",
+    service_pb2.RespondActivityTaskFailedRequest: "failed",
+    service_pb2.RecordActivityHeartbeatRequest: "heartbeat",
+    service_pb2.RespondActivityTaskCanceledRequest: "canceled",
+}
+
+
+class HomeAnsweredError(ServiceError):
+    """The run's home refused a forwarded answer: its status, passed on to the worker."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = next((c for c in grpc.StatusCode if c.value[0] == code), self.code)
+        self.kind = _KIND_OF_CODE.get(self.code, self.kind)
+
+
+def _remote(task: TaskRow) -> rp.RemoteTask:
+    key = task.key
+    return rp.RemoteTask(
+        run=rp.RunRef(namespace=key.namespace, workflow_id=key.workflow_id, run_id=key.run_id),
+        task_queue=task.task_queue,
+        scheduled_event_id=task.ref_id,
+        attempt=task.attempt,
+        placement=task.placement,
+    )
+
+
+def _row(task: rp.RemoteTask, home: str = "") -> TaskRow:
+    fields = {
+        "key": RunKey(
+            namespace=task.run.namespace,
+            workflow_id=task.run.workflow_id,
+            run_id=task.run.run_id,
+        ),
+        "task_queue": task.task_queue,
+        "kind": TaskKind.ACTIVITY,
+        "ref_id": task.scheduled_event_id,
+        "attempt": task.attempt,
+        "placement": task.placement,
+    }
+    return RemoteTaskRow(home=home, **fields) if home else TaskRow(**fields)  # type: ignore[arg-type]
+
+
+class RemoteTasks:
+    """This site's side of placement across sites: offers to peers, the starts and
+    answers of tasks homed here, and the peer's tasks served to workers here."""
+
+    def __init__(
+        self,
+        engine: HistoryEngine,
+        matching: Matching,
+        policy: PlacementPolicy,
+        tokens: TaskTokenSigner,
+        link_to: Callable[[str], SiteLink | None],
+    ) -> None:
+        self._engine = engine
+        self._matching = matching
+        self._policy = policy
+        self._tokens = tokens
+        self._link_to = link_to
+        # One wake-up per link's offer loop: a task with a placement started waiting.
+        self._wakeups: set[asyncio.Event] = set()
+        # What each link's peer holds of the tasks offered here, by task key.
+        self._offered: dict[SiteLink, dict[str, TaskRow]] = {}
+        matching.on_waiting = self._task_waiting
+        self.handlers: dict[str, Handler] = {
+            "offer": self._serve_offer,
+            "start_remote": self._serve_start,
+            "activity_response": self._serve_answer,
+        }
+
+    def _task_waiting(self) -> None:
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+    # ------------------------------------------------------------ at the home
+
+    async def offer_loop(self, link: SiteLink) -> None:
+        """While ``link`` is up: keep the peer's copy of the offerable tasks current."""
+        wakeup = asyncio.Event()
+        self._wakeups.add(wakeup)
+        offered = self._offered[link] = {}
+        first = True
+        try:
+            while True:
+                wakeup.clear()
+                current = {task.task_key: task for task in self._matching.offerable()}
+                new = [task for k, task in current.items() if k not in offered]
+                gone = [task for k, task in offered.items() if k not in current]
+                if first or new or gone:
+                    request = rp.OfferTasksRequest(
+                        tasks=[_remote(t) for t in new],
+                        withdrawn=[_remote(t) for t in gone],
+                        reset=first,
+                    )
+                    first = False
+                    offered.update((t.task_key, t) for t in new)
+                    for task in gone:
+                        offered.pop(task.task_key, None)
+                    if not await self._offer(link, request):
+                        offered.clear()
+                        first = True
+                        await asyncio.sleep(_REFUSED_OFFER_PAUSE_S)
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_OFFER_RESCAN_S):
+                        await wakeup.wait()
+        finally:
+            self._wakeups.discard(wakeup)
+            self._offered.pop(link, None)
+
+    async def _offer(self, link: SiteLink, request: rp.OfferTasksRequest) -> bool:
+        """Send offers; False if the peer refused them (a site of an older version
+        knows no "offer": the link itself stays up for replication)."""
+        try:
+            await link.call("offer", request, rp.OfferTasksResponse)
+        except LinkDown as error:
+            if link.closed.is_set():
+                raise
+            log.warning("site %s refused task offers: %s", link.peer, error)
+            return False
+        return True
+
+    async def _serve_start(self, link: SiteLink, body: bytes) -> rp.StartRemoteTaskResponse:
+        """A peer's worker took a task homed here: record it started by that worker."""
+        request = message_of(body, rp.StartRemoteTaskRequest)
+        worker = self._policy.worker(request.identity, request.worker)
+        wanted = _row(request.task)
+        task = self._matching.take(wanted.key.namespace, wanted.task_queue, wanted.task_key)
+        if task is None:
+            return rp.StartRemoteTaskResponse(started=False)
+        placement = decode(task.placement)
+        if worker.site == self._policy.cluster_name or (
+            placement is not None and not placement.admits(worker)
+        ):
+            self._not_started(link, task)
+            return rp.StartRemoteTaskResponse(started=False)
+        try:
+            response = await self._engine.record_activity_started(task, worker)
+        except BaseException:
+            self._not_started(link, task)
+            raise
+        if response is None:
+            return rp.StartRemoteTaskResponse(started=False)  # stale: the engine dropped it
+        log.info("task %s started at site %s by %s", task.task_key, worker.site, worker.identity)
+        response.task_token = await self._tokens.seal(response.task_token)
+        return rp.StartRemoteTaskResponse(started=True, task=response)
+
+    def _not_started(self, link: SiteLink, task: TaskRow) -> None:
+        """A task a peer's poller took was not started: it waits here again, and is
+        offered to that peer again (its poller dropped it)."""
+        self._matching.give_back(task)
+        self._offered.get(link, {}).pop(task.task_key, None)
+        self._task_waiting()
+
+    async def _serve_answer(self, link: SiteLink, body: bytes) -> rp.ForwardedActivityReply:
+        """A worker's answer to a task homed here, forwarded by the site it ran at."""
+        request = message_of(body, rp.ForwardedActivityResponse)
+        which = request.WhichOneof("request")
+        if which is None:
+            raise LinkDown("an empty activity response")
+        answer: ActivityAnswer = getattr(request, which)
+        engine = self._engine
+        cancel = False
+        try:
+            token = decode_token(await self._tokens.open(answer.task_token), activity=True)
+            if token.home_site:
+                raise InvalidArgumentError("a forwarded task token names yet another site")
+            if isinstance(answer, service_pb2.RespondActivityTaskCompletedRequest):
+                result = answer.result if answer.HasField("result") else None
+                await engine.complete_activity(token, result, answer.identity)
+            elif isinstance(answer, service_pb2.RespondActivityTaskFailedRequest):
+                details = (
+                    answer.last_heartbeat_details
+                    if answer.HasField("last_heartbeat_details")
+                    else None
+                )
+                await engine.fail_activity(token, answer.failure, answer.identity, details)
+            elif isinstance(answer, service_pb2.RecordActivityHeartbeatRequest):
+                details = answer.details if answer.HasField("details") else None
+                cancel = await engine.record_heartbeat(token, details)
+            else:
+                details = answer.details if answer.HasField("details") else None
+                await engine.activity_canceled(token, details, answer.identity)
+        except ServiceError as error:
+            return rp.ForwardedActivityReply(code=error.code.value[0], message=error.message)
+        return rp.ForwardedActivityReply(cancel_requested=cancel)
+
+    def annotate(
+        self, ms: state_pb2.MutableState, response: service_pb2.DescribeWorkflowResponse
+    ) -> None:
+        """Describe: a waiting task of a run homed here says which sites it is offered to."""
+        for pending in response.pending_activities:
+            act = ms.pending_activities.get(pending.scheduled_event_id)
+            if not pending.waiting_reason or act is None:
+                continue
+            peers = sorted(
+                link.peer for link, keys in self._offered.items() if act.task_key in keys
+            )
+            if peers:
+                pending.waiting_reason += f"; offered to site {', '.join(peers)}"
+
+    # ------------------------------------------------------------ at the peer
+
+    async def _serve_offer(self, link: SiteLink, body: bytes) -> rp.OfferTasksResponse:
+        """Tasks the peer offers to this site's workers (held in the matching)."""
+        request = message_of(body, rp.OfferTasksRequest)
+        if request.reset:
+            self._matching.drop_remote(link.peer)
+        for task in request.withdrawn:
+            row = _row(task)
+            self._matching.take(row.key.namespace, row.task_queue, row.task_key, remote=True)
+        self._matching.add_many([_row(task, link.peer) for task in request.tasks])
+        return rp.OfferTasksResponse()
+
+    async def start(
+        self, task: RemoteTaskRow, worker: WorkerSite
+    ) -> service_pb2.PollActivityTaskResponse | None:
+        """A poller here took a task another site offered: have its home record it
+        started. None if it is no longer waiting there, or the link is down (the home
+        offers it again on the next link)."""
+        link = self._link_to(task.home)
+        if link is None:
+            return None
+        request = rp.StartRemoteTaskRequest(
+            task=_remote(task), identity=worker.identity, worker=worker.to_proto()
+        )
+        try:
+            reply = await link.call("start_remote", request, rp.StartRemoteTaskResponse)
+        except LinkDown as error:
+            log.info("task %s not started at %s: %s", task.task_key, task.home, error)
+            return None
+        if not reply.started:
+            return None
+        response = reply.task
+        key = task.key
+        # The worker's token: this site's own (sealed by the frontend), carrying the
+        # home's, which only the home can open.
+        response.task_token = state_pb2.TaskToken(
+            namespace=key.namespace,
+            workflow_id=key.workflow_id,
+            run_id=key.run_id,
+            scheduled_event_id=task.ref_id,
+            attempt=task.attempt,
+            is_activity=True,
+            home_site=task.home,
+            home_token=response.task_token,
+        ).SerializeToString()
+        return response
+
+    async def forward(
+        self, token: state_pb2.TaskToken, answer: ActivityAnswer
+    ) -> rp.ForwardedActivityReply:
+        """A worker's answer to a task homed at ``token.home_site``, applied there.
+        UNAVAILABLE while the link is down (the worker retries); the home's refusal
+        (a stale or repeated answer: NOT_FOUND) is the worker's."""
+        link = self._link_to(token.home_site)
+        if link is None:
+            raise UnavailableError(
+                f"the task's run is homed at site {token.home_site!r}, not reachable now"
+            )
+        request = rp.ForwardedActivityResponse()
+        field = getattr(request, _ANSWER_FIELDS[type(answer)])
+        field.CopyFrom(answer)
+        field.task_token = token.home_token
+        if isinstance(field, service_pb2.RespondActivityTaskCompletedRequest):
+            # The next workflow task is the home's to hand out, not this site's.
+            field.eager_workflow_task_queue = ""
+            field.sticky_task_queue = ""
+        try:
+            reply = await link.call("activity_response", request, rp.ForwardedActivityReply)
+        except LinkDown as error:
+            raise UnavailableError(f"site {token.home_site!r}: {error}") from None
+        if reply.code:
+            raise HomeAnsweredError(reply.code, reply.message)
+        return reply
