@@ -73,10 +73,34 @@ async def process_transfer(engine: HistoryEngine, store: HistoryStore, task: Tas
 # ------------------------------------------------------------------- start child
 
 
+async def _judged_state(
+    engine: HistoryEngine, key: RunKey, stale: Callable[[state_pb2.MutableState], bool]
+) -> state_pb2.MutableState | None:
+    """The run's state, or None if ``stale`` holds on it read from the store too: the
+    cached state may lag a commit whose caller went away (a read cached the state from
+    before it), and a row deleted on such a verdict is lost (the chaos suite: a
+    child never started)."""
+    state = await engine.state_of(key)
+    if stale(state):
+        engine.invalidate(key)  # read it from the store
+        state = await engine.state_of(key)
+        if stale(state):
+            return None
+    return state
+
+
+def _child_start_done(ref_id: int) -> Callable[[state_pb2.MutableState], bool]:
+    def done(parent: state_pb2.MutableState) -> bool:
+        child = parent.pending_children.get(ref_id)
+        running = parent.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING
+        return child is None or bool(child.run_id) or not running
+
+    return done
+
+
 async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
-    parent = await engine.state_of(task.key)
-    child = parent.pending_children.get(task.ref_id)
-    if child is None or child.run_id or parent.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+    parent = await _judged_state(engine, task.key, _child_start_done(task.ref_id))
+    if parent is None:
         await store.delete_task(task.task_key, run=task.key)
         return
     initiated = (
@@ -266,9 +290,13 @@ def _child_outcome_attributes(
 async def _apply_parent_close_policy(
     engine: HistoryEngine, store: HistoryStore, task: TaskRow
 ) -> None:
-    parent = await engine.state_of(task.key)
-    child = parent.pending_children.get(task.ref_id)
-    if child is not None and child.run_id:
+    def unstarted(state: state_pb2.MutableState) -> bool:
+        child = state.pending_children.get(task.ref_id)
+        return child is None or not child.run_id
+
+    parent = await _judged_state(engine, task.key, unstarted)
+    child = parent.pending_children.get(task.ref_id) if parent is not None else None
+    if parent is not None and child is not None:
         key = RunKey(namespace=child.namespace, workflow_id=child.workflow_id, run_id=child.run_id)
         try:
             if child.parent_close_policy == ParentClosePolicy.PARENT_CLOSE_POLICY_REQUEST_CANCEL:
@@ -295,11 +323,13 @@ async def _apply_parent_close_policy(
 
 
 async def _external_request(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
-    source = await engine.state_of(task.key)
-    request = source.pending_external.get(task.ref_id)
-    if request is None:
+    source = await _judged_state(
+        engine, task.key, lambda state: task.ref_id not in state.pending_external
+    )
+    if source is None:
         await store.delete_task(task.task_key, run=task.key)
         return
+    request = source.pending_external[task.ref_id]
     initiated = await engine.event(task.key, task.ref_id)
     failure_cause = None
     try:

@@ -233,7 +233,7 @@ class HistoryEngine:
                     return result
         raise UnavailableError(f"run {key} is changing too fast; try again")
 
-    def invalidate(self, key: RunKey) -> None:  # a replicated batch changed its rows
+    def invalidate(self, key: RunKey) -> None:  # the next use reads the store
         if key in self._cache:
             self._forget(key, self._cache[key])
 
@@ -323,9 +323,11 @@ class HistoryEngine:
 
     def _dispatch_if_committed(self, write: asyncio.Future[Any], m: Mutation) -> None:
         """A write whose caller went away has finished: hand its rows over if it may
-        have committed (a conflict means it did not)."""
+        have committed (a conflict means it did not), and drop the cached state a read
+        may have taken from before it meanwhile."""
         if write.cancelled():
             return
+        self.invalidate(m.key)
         error = write.exception()  # retrieved, so it is never reported as unhandled
         if isinstance(error, ConditionFailedError | CurrentExecutionConflictError):
             return
@@ -368,7 +370,7 @@ class HistoryEngine:
             stored = (first, last)
         return await self.pager.first_task_page(key, stored, unstored, buffered_from=buffered_from)
 
-    async def state_of(self, key: RunKey) -> state_pb2.MutableState:
+    async def state_of(self, key: RunKey) -> state_pb2.MutableState:  # cached, or read
         return (await self._load(key)).state
 
     async def wait_for_change(self, key: RunKey, next_event_id: int, timeout: float) -> None:
