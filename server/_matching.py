@@ -355,6 +355,19 @@ class Matching:
             if queue.backlog
         }
 
+    def memory_held(self) -> dict[str, int]:
+        """What matching holds: task queues (per queue, not per run), the tasks waiting
+        in their backlogs and the keys that de-duplicate them, queries, parked polls."""
+        queues = self._queues.values()
+        return {
+            "matching_queues": len(self._queues),
+            "matching_backlog_tasks": sum(len(q.backlog) for q in queues),
+            "matching_queued_keys": sum(len(q.queued_keys) for q in queues),
+            "matching_queries": sum(len(q.queries) for q in queues),
+            "matching_pollers": sum(len(q.pollers) for q in queues),
+            "matching_retired_queues": len(self._retired),
+        }
+
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:
         queue = self._queues.get((namespace, task_queue, kind))
         return len(queue.backlog) if queue else 0

@@ -122,6 +122,9 @@ class TaskQueueService:
         # Longest hop of a forwarded long poll (see _at_queue_owner).
         self._hop_s = max(1.0, config.lease_s)
 
+    def memory_held(self) -> dict[str, int]:
+        return {"polls_parked": self._parked_polls, "polls_queries_held": len(self._queries)}
+
     # ------------------------------------------------------------------ polls
 
     def poll_timeout(self, context: _Context) -> float:
