@@ -14,7 +14,9 @@ def snapshot_diff(folder: Path, first: int, last: int, top: int = 25) -> str:
     new = tracemalloc.Snapshot.load(str(folder / f"snapshot-{last}.pickle"))
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
     old, new = old.filter_traces(ignore), new.filter_traces(ignore)
-    lines = [f"-- tracemalloc growth by line, snapshot {first} -> {last}"]
+    total = [sum(t.size for t in s.traces) / 2**20 for s in (old, new)]
+    lines = [f"-- traced by Python's allocator: {total[0]:.1f} MiB -> {total[1]:.1f} MiB"]
+    lines.append(f"-- tracemalloc growth by line, snapshot {first} -> {last}")
     lines += [str(stat) for stat in new.compare_to(old, "lineno")[:top]]
     lines.append(f"-- the same by traceback (top 8), snapshot {first} -> {last}")
     for stat in new.compare_to(old, "traceback")[:8]:

@@ -210,6 +210,9 @@ class Matching:
             if _admits(task, worker):
                 del queue.backlog[index]
                 queue.queued_keys.discard(task.task_key)
+                if not queue.backlog:
+                    # A set never shrinks: let go of the table a burst of tasks grew.
+                    queue.queued_keys = set()
                 return task
         future: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
         poller = _Poller(future, worker)
