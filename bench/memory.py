@@ -3,13 +3,20 @@
 Starts ``tideflow server start-dev`` (a new SQLite file, or ``--db-url``) and one worker
 process, starts ``--runs`` workflows that each wait for a signal (``--concurrency``
 starts in flight), and prints one JSON line: the server's resident set size (VmRSS)
-before the first start and after each quarter of the runs, and the RSS per thousand
-runs over the last three quarters. An idle run holds no per-run structure on the
-server beyond the engine's bounded cache of mutable states (``state_cache_size``,
-10,000 runs by default): the RSS grows until that cache is full and then stays flat.
+before the first start and after each quarter of the runs (sampled once the worker has
+taken every workflow task: the runs idle, none queued), and the RSS per thousand runs
+over the last three quarters. An idle run holds no per-run structure on the server
+beyond the engine's bounded cache of mutable states (``state_cache_size``, 10,000 runs
+by default): the RSS grows until that cache is full and then stays flat.
 
     .venv/bin/python bench/memory.py --runs 100000
     .venv/bin/python bench/memory.py --runs 20000 --db-url postgresql://postgres@127.0.0.1/postgres
+
+``--trace DIR`` runs the server under tracemalloc (bench/_traced_server.py, with
+``--state-cache-size``) and prints the growth between the first and the last quarter by
+line, by traceback and by live object type (bench/tracediff.py):
+
+    .venv/bin/python bench/memory.py --runs 12000 --trace /tmp/memtrace --state-cache-size 1000
 
 The worker caches at most ``max_cached_workflows`` instances (1,000 by default) and
 replays the others when their signal comes; its RSS is printed too.
