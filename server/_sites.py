@@ -122,6 +122,8 @@ class Sites:
             "sites_hints_queued": self._changed.qsize(),
             "sites_untaken_runs": len(self._untaken),
             "sites_inbox_sent": self.inbox.sent_remembered(),
+            # Runs the peers hinted as changed, not pulled yet (emptied by each pull).
+            "sites_hinted_runs": sum(len(s.hinted) for s in self.replicator.stats.values()),
         }
 
     def link_to(self, site: str) -> SiteLink | None:

@@ -65,6 +65,7 @@ def _bounds(busy_runs: int = 0) -> dict[str, int]:
         "sites_hints_queued": 0,
         "sites_untaken_runs": 0,
         "sites_inbox_sent": 0,
+        "sites_hinted_runs": 0,
         "forwarder_rows": 0,
         "sticky_moves_queued": 0,
     }
