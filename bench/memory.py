@@ -3,13 +3,20 @@
 Starts ``tideflow server start-dev`` (a new SQLite file, or ``--db-url``) and one worker
 process, starts ``--runs`` workflows that each wait for a signal (``--concurrency``
 starts in flight), and prints one JSON line: the server's resident set size (VmRSS)
-before the first start and after each quarter of the runs, and the RSS per thousand
-runs over the last three quarters. An idle run holds no per-run structure on the
-server beyond the engine's bounded cache of mutable states (``state_cache_size``,
-10,000 runs by default): the RSS grows until that cache is full and then stays flat.
+before the first start and after each quarter of the runs (sampled once the worker has
+taken every workflow task: the runs idle, none queued), and the RSS per thousand runs
+over the last three quarters. An idle run holds no per-run structure on the server
+beyond the engine's bounded cache of mutable states (``state_cache_size``, 10,000 runs
+by default): the RSS grows until that cache is full and then stays flat.
 
     .venv/bin/python bench/memory.py --runs 100000
     .venv/bin/python bench/memory.py --runs 20000 --db-url postgresql://postgres@127.0.0.1/postgres
+
+``--trace DIR`` runs the server under tracemalloc (bench/_traced_server.py, with
+``--state-cache-size``) and prints the growth between the first and the last quarter by
+line, by traceback and by live object type (bench/tracediff.py):
+
+    .venv/bin/python bench/memory.py --runs 12000 --trace /tmp/memtrace --state-cache-size 1000
 
 The worker caches at most ``max_cached_workflows`` instances (1,000 by default) and
 replays the others when their signal comes; its RSS is printed too.
@@ -29,8 +36,10 @@ import uuid
 from pathlib import Path
 
 from throughput import Setup, _database, _free_port, _listening, _spawn_server, _stop
+from tracediff import snapshot_diff
 
 from tideflow.worker_sdk import Client, Worker, workflow
+from tideflow.worker_sdk.task_queues import describe_task_queue
 
 TASK_QUEUE = "bench-memory"
 
@@ -59,11 +68,26 @@ async def run_worker(address: str) -> None:
         await stop.wait()
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+async def _drained(client: Client) -> float:
+    """Wait until no workflow task waits in the queue's backlog (the worker has taken
+    every first workflow task, so the runs are idle, not queued); returns the wait.
+    Without this the samples would count the backlog of a worker that lags the starts
+    (about 600 bytes a waiting task), not idle runs."""
+    began = time.perf_counter()
+    while True:
+        if not (await describe_task_queue(client, TASK_QUEUE)).backlog_count_hint:
+            break
+        await asyncio.sleep(0.5)
+    # The last tasks taken are being handled: let their completions land.
+    await asyncio.sleep(2)
+    return round(time.perf_counter() - began, 1)
 
 
 async def _start_runs(client: Client, prefix: str, first: int, count: int, limit: int) -> None:
@@ -76,10 +100,38 @@ async def _start_runs(client: Client, prefix: str, first: int, count: int, limit
     await asyncio.gather(*(one(i) for i in range(first, first + count)))
 
 
+def _spawn_traced_server(
+    args: argparse.Namespace, db_url: str, port: int
+) -> subprocess.Popen[bytes]:
+    """The server under tracemalloc (bench/_traced_server.py): slower, so the cache is
+    usually made smaller (``--state-cache-size``) to see the growth past it sooner."""
+    Path(args.trace).mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(Path(__file__).with_name("_traced_server.py")), args.trace]
+    argv += [str(args.state_cache_size), "server", "start-dev", "--db-url", db_url, "--no-ui"]
+    argv += ["--port", str(port), "--ip", "127.0.0.1", "--log-level", "WARNING"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+
+
+async def _snapshot(args: argparse.Namespace, pid: int, n: int) -> None:
+    """Ask the traced server for snapshot ``n`` and wait until it is written."""
+    if not args.trace:
+        return
+    os.kill(pid, signal.SIGUSR1)
+    done = Path(args.trace) / f"objects-{n}.json"
+    while True:
+        if done.exists():
+            return
+        await asyncio.sleep(0.5)
+
+
 async def main(args: argparse.Namespace) -> None:
     async with _database(args.db_url) as db_url:
         port = _free_port()
-        server = _spawn_server(Setup(None), 1, db_url, port)
+        if args.trace:
+            server = _spawn_traced_server(args, db_url, port)
+        else:
+            server = _spawn_server(Setup(None), 1, db_url, port)
         worker: subprocess.Popen[bytes] | None = None
         try:
             await asyncio.wait_for(_listening(server), 60)
@@ -89,19 +141,25 @@ async def main(args: argparse.Namespace) -> None:
             client = await Client.connect(address)
             prefix = uuid.uuid4().hex[:8]
             samples = [{"runs": 0, "server_rss_mb": rss_mb(server.pid)}]
+            await _snapshot(args, server.pid, 0)
             started = time.perf_counter()
             quarter = args.runs // 4
             for step in range(4):
                 await _start_runs(client, prefix, step * quarter, quarter, args.concurrency)
-                # Let the first workflow tasks of the last starts finish (the runs idle).
-                await asyncio.sleep(2)
+                drain_s = await _drained(client)
                 samples.append(
                     {
                         "runs": (step + 1) * quarter,
+                        "backlog_drain_s": drain_s,
                         "server_rss_mb": rss_mb(server.pid),
+                        "server_rss_anon_mb": rss_mb(server.pid, "RssAnon"),
+                        "server_rss_file_shmem_mb": round(
+                            rss_mb(server.pid, "RssFile") + rss_mb(server.pid, "RssShmem"), 1
+                        ),
                         "worker_rss_mb": rss_mb(worker.pid),
                     }
                 )
+                await _snapshot(args, server.pid, step + 1)
             elapsed = time.perf_counter() - started
             # Still served: one run released and its result read back.
             handle = client.get_workflow_handle(f"{prefix}-0")
@@ -116,7 +174,7 @@ async def main(args: argparse.Namespace) -> None:
             {
                 "runs": quarter * 4,
                 "store": "sqlite" if db_url.startswith("sqlite") else "postgresql",
-                "start_seconds": round(elapsed, 1),
+                "seconds_starts_and_drains": round(elapsed, 1),
                 "samples": samples,
                 "server_rss_mb_per_1000_runs_after_first_quarter": round(
                     growth * 1000 / (quarter * 3), 3
@@ -125,6 +183,8 @@ async def main(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
+    if args.trace:
+        print(snapshot_diff(Path(args.trace), 1, 4), flush=True)
 
 
 if __name__ == "__main__":
@@ -132,6 +192,19 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--db-url", default=None)
+    parser.add_argument(
+        "--trace",
+        default=None,
+        metavar="DIR",
+        help="run the server under tracemalloc; write a snapshot to DIR after each quarter "
+        "and print the top growths between the first and the last quarter",
+    )
+    parser.add_argument(
+        "--state-cache-size",
+        type=int,
+        default=10_000,
+        help="the server's state_cache_size under --trace (the default server otherwise)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.worker:

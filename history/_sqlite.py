@@ -50,6 +50,9 @@ class SQLiteRunner:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # 2,000 KiB of page cache per connection (SQLite's usual default, fixed
+            # here): the pool's 5 connections hold at most about 10 MB of pages.
+            cursor.execute("PRAGMA cache_size=-2000")
             cursor.close()
 
         self._writer = concurrent.futures.ThreadPoolExecutor(

@@ -31,9 +31,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, state_pb2
@@ -73,6 +71,7 @@ from ._home import NotHomeError, check_home
 from ._mutation import Mutation, run_key_of
 from ._placement import WorkerSite
 from ._replication_trace import ReplicationTracer
+from ._run_cache import CachedRun, RunCache
 from ._run_gateway import RunGateway
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
@@ -82,25 +81,13 @@ from ._trace import Tracer
 log = logging.getLogger("tideflow.server.engine")
 
 ET = EventType
+_RUNNING = WS.WORKFLOW_EXECUTION_STATUS_RUNNING
 T = TypeVar("T")
 _MAX_CONFLICT_RETRIES = 20
 # Signal request ids remembered per run for de-duplication of retried signals.
 _MAX_REMEMBERED_SIGNAL_IDS = 10_000
 # Longest history kept in memory per cached run.
 _MAX_CACHED_EVENTS = 2_000
-
-
-@dataclass(slots=True, eq=False)
-class _Run:
-    state: state_pb2.MutableState
-    db_version: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    scheduled_activities: dict[int, history_pb2.ActivityTaskScheduledEventAttributes] = field(
-        default_factory=dict
-    )
-    # The run's history while it is short enough to keep (None: read from the store).
-    events: list[history_pb2.HistoryEvent] | None = None
 
 
 class _Decide(enum.Enum):
@@ -130,7 +117,7 @@ class HistoryEngine:
         self._dispatcher = dispatcher
         self._clock = clock
         self._config = config
-        self._cache: OrderedDict[RunKey, _Run] = OrderedDict()
+        self._cache = RunCache(config.state_cache_size)
         self._tracer = Tracer.from_environment()
         # Trace mode of a site (server/_replication_trace.py), set by server/_sites.py.
         self.replication_tracer = ReplicationTracer(None, "")
@@ -143,7 +130,7 @@ class HistoryEngine:
 
     # ------------------------------------------------------------- machinery
 
-    async def _load(self, key: RunKey) -> _Run:
+    async def _load(self, key: RunKey) -> CachedRun:
         if self._shards is not None:
             self._shards.check(key.namespace, key.workflow_id)
         run = self._cache.get(key)
@@ -160,7 +147,7 @@ class HistoryEngine:
             )
         run = self._cache.get(key)  # another coroutine may have loaded it meanwhile
         if run is None:
-            run = _Run(
+            run = CachedRun(
                 state=state_pb2.MutableState.FromString(record.state), db_version=record.db_version
             )
             self._cache_if_held(key, run, lease)
@@ -171,22 +158,16 @@ class HistoryEngine:
         held, or a store without shards)."""
         return self._store.held_shards.get(self._store.shard_of(key))
 
-    def _cache_if_held(self, key: RunKey, run: _Run, lease: int | None) -> None:
+    def _cache_if_held(self, key: RunKey, run: CachedRun, lease: int | None) -> None:
         """Cache ``run`` (read or committed under lease ``lease``) unless the shard was
         lost meanwhile: an entry that outlived a loss would be served, stale, once the
         shard came back, and a stale state judges a live task stale (its row deleted,
         the task lost). Such a run is still returned to its caller, just not kept."""
         if self._lease_of(key) == lease:
-            self._cache[key] = run
-            self._evict_overflow()
+            self._cache.keep(key, run)
 
-    def _evict_overflow(self) -> None:
-        while len(self._cache) > self._config.state_cache_size:
-            key, run = next(iter(self._cache.items()))
-            if run.lock.locked():
-                self._cache.move_to_end(key)
-                return
-            del self._cache[key]
+    def memory_held(self) -> dict[str, int]:
+        return {"engine_cached_runs": len(self._cache)}
 
     def evict_shard(self, shard: int) -> None:
         """The node lost ``shard``: forget its cached runs (their state may be stale
@@ -195,7 +176,7 @@ class HistoryEngine:
             run = self._cache.pop(key)
             run.changed.set()
 
-    def _forget(self, key: RunKey, run: _Run) -> None:
+    def _forget(self, key: RunKey, run: CachedRun) -> None:
         if self._cache.get(key) is run:
             del self._cache[key]
         run.changed.set()
@@ -257,7 +238,7 @@ class HistoryEngine:
         except (NotFoundError, NotHomeError):  # gone, or handed to another site: stale
             return None
 
-    async def _commit(self, key: RunKey, run: _Run, m: Mutation, action: str) -> bool:
+    async def _commit(self, key: RunKey, run: CachedRun, m: Mutation, action: str) -> bool:
         """Commit ``m`` (and the runs it creates) and update the cache; False if
         another writer changed the run first (the cache entry is dropped)."""
         together = [x.to_transition(0, start_request_id=x.ms.start_request_id) for x in m.side_runs]
@@ -302,7 +283,7 @@ class HistoryEngine:
         self._tracer.outcome(m, committed=True)
         self.replication_tracer.outcome(rseq, "ok")
         for side in m.side_runs:
-            side_run = _Run(state=side.ms, db_version=1, events=list(side.events))
+            side_run = CachedRun(state=side.ms, db_version=1, events=list(side.events))
             self._cache_if_held(side.key, side_run, lease)
             self._after_commit(side_run, side, "StartRun")
         run.state = m.ms
@@ -333,7 +314,7 @@ class HistoryEngine:
             return
         self._dispatch_rows(m)
 
-    def _after_commit(self, run: _Run, m: Mutation, action: str) -> None:
+    def _after_commit(self, run: CachedRun, m: Mutation, action: str) -> None:
         old = run.changed
         run.changed = asyncio.Event()
         old.set()
@@ -380,12 +361,14 @@ class HistoryEngine:
                 while True:
                     run = await self._load(key)
                     ms = run.state
-                    if (
-                        ms.next_event_id > next_event_id
-                        or ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING
-                    ):
+                    if ms.next_event_id > next_event_id or ms.status != _RUNNING:
                         return
-                    await run.changed.wait()
+                    run.watchers += 1
+                    try:
+                        await run.changed.wait()
+                    finally:
+                        run.watchers -= 1
+                        self._cache.trim()
         except TimeoutError:
             return
 
@@ -525,7 +508,7 @@ class HistoryEngine:
             return None
         self._tracer.outcome(m, committed=True)
         self.replication_tracer.outcome(rseq, "ok")
-        run = _Run(state=m.ms, db_version=1, events=list(m.events))
+        run = CachedRun(state=m.ms, db_version=1, events=list(m.events))
         self._cache_if_held(run_key_of(m.ms), run, lease)
         self._after_commit(run, m, "StartRun")
         return run_id

@@ -126,6 +126,10 @@ class Inbox:
         self.changed = asyncio.Event()
         self._sent: dict[tuple[str, str, int], float] = {}
 
+    def sent_remembered(self) -> int:
+        """Entries forwarded and not retired yet (each is forgotten when retired)."""
+        return len(self._sent)
+
     async def accept(self, request: rp.ForwardedRequest, key: RunKey, home: str) -> bool:
         """Store a request for ``key`` (homed at ``home``), then try to hand it over
         at once; True while it is pending delivery (the link is down or slow)."""

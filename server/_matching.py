@@ -224,6 +224,9 @@ class Matching:
             if _admits(task, worker):
                 del queue.backlog[index]
                 queue.queued_keys.discard(task.task_key)
+                if not queue.backlog:
+                    # A set never shrinks: let go of the table a burst of tasks grew.
+                    queue.queued_keys = set()
                 return task
         future: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
         poller = _Poller(future, worker)
@@ -418,6 +421,19 @@ class Matching:
             (ns, name, kind.name.lower()): len(queue.backlog)
             for (ns, name, kind), queue in self._queues.items()
             if queue.backlog
+        }
+
+    def memory_held(self) -> dict[str, int]:
+        """What matching holds: task queues (per queue, not per run), the tasks waiting
+        in their backlogs and the keys that de-duplicate them, queries, parked polls."""
+        queues = self._queues.values()
+        return {
+            "matching_queues": len(self._queues),
+            "matching_backlog_tasks": sum(len(q.backlog) for q in queues),
+            "matching_queued_keys": sum(len(q.queued_keys) for q in queues),
+            "matching_queries": sum(len(q.queries) for q in queues),
+            "matching_pollers": sum(len(q.pollers) for q in queues),
+            "matching_retired_queues": len(self._retired),
         }
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:

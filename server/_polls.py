@@ -130,6 +130,9 @@ class TaskQueueService:
             | None
         ) = None
 
+    def memory_held(self) -> dict[str, int]:
+        return {"polls_parked": self._parked_polls, "polls_queries_held": len(self._queries)}
+
     # ------------------------------------------------------------------ polls
 
     def poll_timeout(self, context: _Context) -> float:

@@ -10,7 +10,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -68,6 +68,10 @@ _START_RETRY_DELAY_S = 1.0
 T = TypeVar("T")
 
 
+class HoldsMemory(Protocol):
+    def memory_held(self) -> dict[str, int]: ...
+
+
 class _Dispatch(Dispatcher):
     """Where a commit's new rows go: transfers to the transfer processor, timers to
     the timer queue, tasks to their task queue's node: matching here when this node
@@ -89,6 +93,12 @@ class _Dispatch(Dispatcher):
         self._to_unstick: asyncio.Queue[TaskRow] = asyncio.Queue()
         # Told of every committed run (the site's hints to its peers: server/_sites.py).
         self.on_commit: Callable[[RunKey], None] = lambda key: None
+
+    def memory_held(self) -> dict[str, int]:
+        return {
+            "forwarder_rows": self.forwarder.pending,
+            "sticky_moves_queued": self._to_unstick.qsize(),
+        }
 
     def add_tasks(self, tasks: list[TaskRow]) -> None:
         transfers = [t for t in tasks if t.kind == TaskKind.TRANSFER]
@@ -285,6 +295,8 @@ class TideflowServer:
         # This server as a site of a cloud/edge deployment (server/_sites.py).
         self.sites: Sites | None = None
 
+        # What keeps structures in memory (memory_held); set once started.
+        self._memory_sources: tuple[HoldsMemory, ...] = ()
         # What wakes up when the clock jumps (clock_jumped); set once started.
         self._on_clock_jump: tuple[Callable[[], None], ...] = ()
         # Observability (server/_metrics.py, server/_health.py): this node's own
@@ -297,6 +309,15 @@ class TideflowServer:
 
         # Whether Temporal's WorkflowService is served too (the temporal extra).
         self.temporal_api = False
+
+    def memory_held(self) -> dict[str, int]:
+        """The sizes of the structures this node keeps in memory, by name: none grows
+        with the number of idle runs (tests and bench/memory.py check it). Empty
+        before the start."""
+        sizes: dict[str, int] = {}
+        for source in self._memory_sources:
+            sizes.update(source.memory_held())
+        return sizes
 
     @property
     def address(self) -> str:
@@ -386,6 +407,7 @@ class TideflowServer:
         sites.use_remote_tasks(remote_tasks)
         polls.remote_start = remote_tasks.start
         self._on_clock_jump = (timers.reread, scheduler.wake)
+        self._memory_sources = (engine, matching, timers, transfers, polls, sites, dispatch)
         service = WorkflowService(
             store,
             engine,

@@ -129,6 +129,15 @@ class Sites:
         """The engine committed a transition of ``key``: hint the peers."""
         self._changed.put_nowait(key)
 
+    def memory_held(self) -> dict[str, int]:
+        return {
+            "sites_hints_queued": self._changed.qsize(),
+            "sites_untaken_runs": len(self._untaken),
+            "sites_inbox_sent": self.inbox.sent_remembered(),
+            # Runs the peers hinted as changed, not pulled yet (emptied by each pull).
+            "sites_hinted_runs": sum(len(s.hinted) for s in self.replicator.stats.values()),
+        }
+
     def link_to(self, site: str) -> SiteLink | None:
         link = self._links.get(site)
         return None if link is None or link.closed.is_set() else link

@@ -54,6 +54,9 @@ _MAX_CONCURRENT_FIRES = 128
 # error, e.g. the store unavailable), and before reading the window again.
 _FIRE_RETRY_S = 1.0
 _REFILL_RETRY_S = 1.0
+#: Entries of dropped rows the heap may keep before it is compacted (when they are
+#: also half of it): so the heap holds at most ``max_in_memory`` + this many entries.
+DEAD_ENTRIES_KEPT = 64
 # A keyset cursor: (fire_at, key) reads the rows after that row, (fire_at, "") the rows
 # due at or after fire_at (history/_store.py timers_due_before). Python only ever
 # compares cursors by fire_at, so the database's collation of keys never matters here.
@@ -114,6 +117,16 @@ class TimerQueue:
         """Timer rows in memory: the heap and the fires in flight."""
         return len(self._known)
 
+    def memory_held(self) -> dict[str, int]:
+        """The heap (with the entries of dropped rows until compacted), and the key sets
+        beside it; ``held`` (rows in memory) is at most ``max_in_memory``."""
+        return {
+            "timer_rows_held": self.held(),
+            "timer_heap_entries": len(self._heap),
+            "timer_dead_keys": len(self._dead),
+            "timer_fired_while_reading": len(self._fired_while_reading),
+        }
+
     def pending(self) -> int:
         return len(self._heap) - len(self._dead)
 
@@ -132,7 +145,7 @@ class TimerQueue:
             if key in self._known and key not in self._firing:
                 self._known.discard(key)
                 self._dead.add(key)
-        if len(self._dead) > 64 and len(self._dead) * 2 > len(self._heap):
+        if len(self._dead) > DEAD_ENTRIES_KEPT and len(self._dead) * 2 > len(self._heap):
             self._compact()
 
     def _compact(self) -> None:

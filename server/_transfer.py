@@ -46,6 +46,9 @@ class TransferProcessor:
                 self._queued.add(task.task_key)
                 self._queue.put_nowait(task)
 
+    def memory_held(self) -> dict[str, int]:
+        return {"transfer_queued_rows": len(self._queued)}
+
     async def recover(self, shards: Collection[int] | None = None) -> int:
         """Queue the transfer rows left in the store (of ``shards`` only, if given):
         a server start, a shard acquired, the store back after an outage."""
