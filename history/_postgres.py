@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ._dialects import READ_COMMITTED, SERIALIZABLE, is_unavailable
+from ._dialects import READ_COMMITTED, SERIALIZABLE
 
 T = TypeVar("T")
 
@@ -178,11 +178,11 @@ class DirectConnections:
                 continue
             try:
                 await conn.execute(self._begin)
-            except Exception as exc:
+            except Exception:
+                # Closed while idle (a database restart), or left mid-operation: BEGIN
+                # wrote nothing, so a fresh connection below takes its place.
                 conn.terminate()
-                if not is_unavailable(exc):
-                    raise
-                break  # closed while idle (a database restart): a fresh one below
+                break
             return conn
         conn = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_S)
         try:
@@ -194,8 +194,15 @@ class DirectConnections:
 
     async def _settle(self, conn: Any, failure: BaseException) -> None:
         """After a failure: roll back and keep the connection, or drop it if it broke
-        or the failure was a cancellation (which may leave it mid-statement)."""
-        if not isinstance(failure, Exception) or conn.is_closed():
+        or the failure may have cut a statement short: a cancellation, a timeout, or
+        an error of asyncpg's own rather than the database's (a connection given back
+        mid-operation made the next BEGIN fail with "another operation is in
+        progress": the chaos suite)."""
+        from_driver = type(failure).__module__.startswith("asyncpg")
+        cut_short = isinstance(failure, TimeoutError | OSError) or (
+            from_driver and not isinstance(failure, asyncpg.PostgresError)
+        )
+        if not isinstance(failure, Exception) or cut_short or conn.is_closed():
             conn.terminate()
             return
         try:

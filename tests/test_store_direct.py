@@ -14,6 +14,7 @@ what it must guarantee beyond the store suites, which run on it too.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from tideflow.history import (
 from tideflow.history import _store as store_module
 from tideflow.history._dialects import open_runner
 from tideflow.history._pg_batch import apply_batch_direct
+from tideflow.history._postgres import DirectConnections
 
 pytestmark = pytest.mark.postgres
 
@@ -231,3 +233,30 @@ async def test_idle_connections_killed_between_writes_are_replaced(
     assert not store.writes_in_doubt.is_set()
     assert all(pid not in pids[:1] for pid in pids[1:])
     assert await _events_of(store, keys[0]) == [1, 2, 3]
+
+
+async def test_a_connection_left_mid_operation_is_not_reused(store: HistoryStore) -> None:
+    """A connection whose statement a timeout cut short is dropped, never given back:
+    one given back mid-operation made the next BEGIN fail with asyncpg's "another
+    operation is in progress", an internal error (the chaos suite on PostgreSQL). And
+    an idle connection found busy anyway is replaced, since BEGIN wrote nothing."""
+    direct = store._runner.direct
+    assert isinstance(direct, DirectConnections)
+
+    async def sleeps(conn: Any) -> None:
+        await conn.execute("SELECT pg_sleep(30)")
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await direct.transaction(sleeps)
+    assert all(not conn.is_in_transaction() for conn in direct._idle)
+
+    busy = await asyncpg.connect(direct._dsn)
+    statement = asyncio.ensure_future(busy.execute("SELECT pg_sleep(30)"))
+    await asyncio.sleep(0)  # the statement is sent: the connection is mid-operation
+    direct._idle.append(busy)
+    key = run_key("after-busy", "r1")
+    await store.apply(create(key))
+    assert await _events_of(store, key) == [1]
+    statement.cancel()
+    assert busy.is_closed()
