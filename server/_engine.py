@@ -31,7 +31,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, state_pb2
@@ -43,6 +43,7 @@ from tideflow.api.v1.common_pb2 import (
 )
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType
+from tideflow.api.v1.replication_pb2 import ForwardedRequest
 from tideflow.history import (
     ConditionFailedError,
     CurrentExecutionConflictError,
@@ -114,6 +115,11 @@ class HistoryEngine:
         # Where transfers act on other runs: here, or on the node that owns the other
         # run's shard (the server wires its router in, server/_run_gateway.py).
         self.gateway = RunGateway(self)
+        # A site's inbox (server/_sites.py ``redirect``): where the gateway sends a
+        # signal, cancel or terminate of a transfer aimed at a run homed elsewhere.
+        self.redirect_to_home: (
+            Callable[[ForwardedRequest, RunKey, NotHomeError], Awaitable[bool]] | None
+        ) = None
         self._dispatcher = dispatcher
         self._clock = clock
         self._config = config

@@ -29,13 +29,22 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import Message
 
-from tideflow.api.v1 import cluster_pb2, common_pb2, history_pb2, service_pb2, state_pb2
+from tideflow.api.v1 import (
+    cluster_pb2,
+    common_pb2,
+    history_pb2,
+    replication_pb2,
+    service_pb2,
+    state_pb2,
+)
+from tideflow.api.v1.replication_pb2 import ForwardedRequest
 from tideflow.history import RunKey, TaskKind, TaskRow
 
 from ._cross_run import record_child_closed
 from ._errors import (
     FailedPreconditionError,
     NotFoundError,
+    NotHomeError,
     WorkflowAlreadyStartedError,
 )
 from ._peers import FORWARDED_HEADER, NodeCredential, Peer
@@ -161,7 +170,11 @@ class RunGateway:
         await self._route(
             key.namespace,
             key.workflow_id,
-            lambda: self._engine.signal(key, name, payloads, identity, request_id, header),
+            self._at_home(
+                key,
+                replication_pb2.ForwardedRequest(signal=request),
+                lambda: self._engine.signal(key, name, payloads, identity, request_id, header),
+            ),
             f"/{_WORKFLOW_SERVICE}/SignalWorkflow",
             request,
             service_pb2.SignalWorkflowResponse,
@@ -198,7 +211,11 @@ class RunGateway:
         await self._route(
             key.namespace,
             key.workflow_id,
-            lambda: self._engine.request_cancel(key, identity, request_id, reason),
+            self._at_home(
+                key,
+                replication_pb2.ForwardedRequest(cancel=request),
+                lambda: self._engine.request_cancel(key, identity, request_id, reason),
+            ),
             f"/{_WORKFLOW_SERVICE}/RequestCancelWorkflow",
             request,
             service_pb2.RequestCancelWorkflowResponse,
@@ -215,11 +232,33 @@ class RunGateway:
         await self._route(
             key.namespace,
             key.workflow_id,
-            lambda: self._engine.terminate(key, reason, None, identity, request_id),
+            self._at_home(
+                key,
+                replication_pb2.ForwardedRequest(terminate=request),
+                lambda: self._engine.terminate(key, reason, None, identity, request_id),
+            ),
             f"/{_WORKFLOW_SERVICE}/TerminateWorkflow",
             request,
             service_pb2.TerminateWorkflowResponse,
         )
+
+    def _at_home(
+        self, key: RunKey, forwarded: ForwardedRequest, act: Callable[[], Awaitable[Any]]
+    ) -> Callable[[], Awaitable[None]]:
+        """``act`` on this node, or, for a run homed at another site (a replica here),
+        ``forwarded`` into this site's inbox: delivered to the home and applied there
+        exactly once by its request id, as a client's request to a replica is."""
+
+        async def here() -> None:
+            try:
+                await act()
+            except NotHomeError as error:
+                redirect = self._engine.redirect_to_home
+                if redirect is None:
+                    raise
+                await redirect(forwarded, key, error)
+
+        return here
 
     async def _route(
         self,

@@ -511,6 +511,7 @@ class TideflowServer:
         SiteService on the same port."""
         sites = Sites(store, engine, self.config)
         dispatch.on_commit = sites.committed
+        engine.redirect_to_home = sites.redirect
         gate = gate_for(self.auth, store.api_keys, self.node_credential)
         replication_pb2_grpc.add_SiteServiceServicer_to_server(  # type: ignore[no-untyped-call]
             SiteService(sites, gate), server

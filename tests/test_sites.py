@@ -321,3 +321,58 @@ async def test_handoff_edge_to_cloud_to_edge_with_the_link_cut(sites: SitePair) 
 
 async def _home_is(handle: Any, site: str) -> bool:
     return bool((await handle.describe()).home_cluster == site)
+
+
+@workflow.defn
+class Messenger:
+    """Signals (or cancels) another run from workflow code."""
+
+    @workflow.run
+    async def run(self, target: str, cancel: bool) -> str:
+        handle = workflow.get_external_workflow_handle(target)
+        if cancel:
+            await handle.cancel()
+        else:
+            await handle.signal(Collector.add, "from-edge")
+        return "sent"
+
+
+async def test_a_workflow_signals_and_cancels_runs_homed_at_the_other_site(
+    sites: SitePair,
+) -> None:
+    """An edge-homed run's SignalExternal / RequestCancelExternal aimed at cloud-homed
+    runs (replicas at the edge) go through the edge's inbox to the cloud and are
+    applied there once (they were retried for ever at the edge before)."""
+    await sites.cloud.start()
+    cloud = await Client.connect(sites.cloud.address)
+    edge = await Client.connect(sites.edge.address)
+    await wait_linked(cloud, edge)
+    tq = f"external-{uuid.uuid4()}"
+    async with (
+        Worker(cloud, task_queue=tq, workflows=[Collector]),
+        Worker(edge, task_queue=tq, workflows=[Messenger]),
+    ):
+        signalled = await cloud.start_workflow(Collector.run, 1, id=f"s-{tq}", task_queue=tq)
+        cancelled = await cloud.start_workflow(Collector.run, 1, id=f"c-{tq}", task_queue=tq)
+        for target in (signalled, cancelled):
+            await eventually(
+                await same_history(cloud, edge, target.id, target.run_id or ""),
+                "the edge's replica",
+            )
+        for target, cancel in ((signalled, False), (cancelled, True)):
+            sender = await edge.execute_workflow(
+                Messenger.run, args=[target.id, cancel], id=f"m-{target.id}", task_queue=tq
+            )
+            assert sender == "sent"
+        assert await signalled.result() == ["from-edge"]
+        await eventually(
+            lambda: _status_is(cancelled, WorkflowExecutionStatus.CANCELED), "the cancel"
+        )
+    events = await history_of(cloud, signalled.id, signalled.run_id or "")
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)) == 1
+    events = await history_of(cloud, cancelled.id, cancelled.run_id or "")
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)) == 1
+
+
+async def _status_is(handle: Any, status: WorkflowExecutionStatus) -> bool:
+    return bool((await handle.describe()).status == status)
