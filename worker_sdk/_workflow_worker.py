@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from tideflow.api.v1 import common_pb2, service_pb2
-from tideflow.api.v1.command_pb2 import Command, CommandType
+from tideflow.api.v1.command_pb2 import COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK, Command
 from tideflow.api.v1.history_pb2 import HistoryEvent, WorkflowTaskFailedCause
 
 from . import exceptions as exc
@@ -86,7 +86,12 @@ class WorkflowWorker:
         # Sticky execution: while this worker caches a run, the server sends its next
         # workflow tasks there with only the new events ("" when nothing is cached).
         self.sticky_queue = sticky_queue
-        self._sticky_timeout = sticky_queue_schedule_to_start_timeout
+        # What every completion of a run that stays cached carries (built once).
+        self._sticky_attributes = sticky = service_pb2.StickyExecutionAttributes()
+        sticky.worker_task_queue.name = sticky_queue
+        sticky.worker_task_queue.kind = common_pb2.TASK_QUEUE_KIND_STICKY
+        sticky.worker_task_queue.normal_name = task_queue
+        sticky.schedule_to_start_timeout.FromTimedelta(sticky_queue_schedule_to_start_timeout)
         # The first interceptor is outermost: wrap from the innermost out.
         handler: WorkflowTaskHandler = self._handle_workflow_task
         outbound: WorkflowCommandsHandler = _send_as_they_are
@@ -333,17 +338,14 @@ class WorkflowWorker:
         reserved = await self._reserve_eager_activities(commands)
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token,
-            commands=commands,
             identity=self._identity,
             force_create_new_workflow_task=heartbeat,
             return_new_workflow_task=heartbeat,
         )
+        # extend: the constructor's ``commands=[...]`` takes a slower path to the same.
+        request.commands.extend(commands)
         if self.sticky_queue and not instance._completed:
-            sticky = request.sticky_attributes
-            sticky.worker_task_queue.name = self.sticky_queue
-            sticky.worker_task_queue.kind = common_pb2.TASK_QUEUE_KIND_STICKY
-            sticky.worker_task_queue.normal_name = self._task_queue
-            sticky.schedule_to_start_timeout.FromTimedelta(self._sticky_timeout)
+            request.sticky_attributes.CopyFrom(self._sticky_attributes)
         client = self._client
         try:
             response: service_pb2.RespondWorkflowTaskCompletedResponse = await client.call(
@@ -450,7 +452,7 @@ class WorkflowWorker:
             return 0
         reserved = 0
         for command in commands:
-            if command.command_type != CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+            if command.command_type != COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
                 continue
             attrs = command.schedule_activity_task_command_attributes
             if (

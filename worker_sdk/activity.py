@@ -98,9 +98,21 @@ class Info:
 
 @dataclass(slots=True, kw_only=True)
 class _Context:
-    info: Info
+    """The running attempt. Its ``Info`` is given (``info``) or built when first asked
+    for (``make_info``): the activity worker's way, as most activities never ask and
+    building it converts the task's timestamps."""
+
     heartbeat: Callable[[tuple[Any, ...]], None]
+    info: Info | None = None
+    make_info: Callable[[], Info] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def attempt_info(self) -> Info:
+        if self.info is None:
+            if self.make_info is None:
+                raise RuntimeError("activity context without info")
+            self.info = self.make_info()
+        return self.info
 
 
 _current: contextvars.ContextVar[_Context] = contextvars.ContextVar("tideflow_activity")
@@ -117,7 +129,7 @@ def _context() -> _Context:
 
 def info() -> Info:
     """Information about the running activity attempt."""
-    return _context().info
+    return _context().attempt_info()
 
 
 def heartbeat(*details: Any) -> None:
