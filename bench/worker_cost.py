@@ -37,7 +37,7 @@ from google.protobuf.message import Message
 from throughput import TASK_QUEUE, TenActivities, step
 
 from tideflow.api.v1 import service_pb2
-from tideflow.api.v1.command_pb2 import CommandType
+from tideflow.api.v1.command_pb2 import COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.worker_sdk import Client, Worker
 from tideflow.worker_sdk.converter import default_converter
@@ -211,7 +211,7 @@ class ScriptedService:
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         request.SerializeToString()
         command = request.commands[0]
-        if command.command_type == CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION:
+        if command.command_type == COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION:
             result = command.complete_workflow_execution_command_attributes.result
             run = request.task_token.decode().split("-")[1]
             self.finished[run].set_result(int(result.payloads[0].data))

@@ -120,7 +120,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         self._namespace = namespace
         self._run_id = run_id
         self._task_queue = task_queue
-        self._random = random.Random(0)
+        # Seeded once the seed is known (WorkflowExecutionStarted): seeding is not free.
+        self._random: random.Random | None = None
         self.info: Info | None = None  # set by WorkflowExecutionStarted
         self._seq = 0
         self._commands: list[PendingCommand] = []  # emitted in the current activation
@@ -162,6 +163,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         return datetime.fromtimestamp(self._time_us / 1_000_000, tz=UTC)
 
     def workflow_random(self) -> random.Random:
+        if self._random is None:
+            self._random = random.Random(0)
         return self._random
 
     def workflow_is_cancel_requested(self) -> bool:
@@ -377,6 +380,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
 
     def _check_conditions(self) -> bool:
         """Resolve the waits whose condition holds now; True if any was resolved."""
+        if not self._conditions:
+            return False
         resolved = False
         for fn, fut in list(self._conditions):
             if fut.done():

@@ -178,7 +178,9 @@ class WorkflowWorker:
             task.history.events.extend(response.history.events)
             token = response.next_page_token
         task.next_page_token = b""
-        return task.history.events
+        # A list: a repeated field has no __iter__, and iterating it by index ends in
+        # an IndexError that costs more than this slice.
+        return task.history.events[:]
 
     async def _handle_workflow_task(self, task: service_pb2.PollWorkflowTaskResponse) -> None:
         """The innermost handler of the interceptor chain."""
@@ -360,7 +362,7 @@ class WorkflowWorker:
         if self._eager is not None:
             for _ in range(reserved - len(response.activity_tasks)):
                 self._eager.slots.release()
-            for activity_task in response.activity_tasks:
+            for activity_task in response.activity_tasks[:]:  # [:]: see _full_history
                 self._eager.slots.hand_over(activity_task)
         if not heartbeat and (instance._completed or not self._max_cached):
             self._evict(run_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -96,6 +95,23 @@ class Info:
     is_local: bool = False
 
 
+class _CancelFlag:
+    """Whether the attempt was cancelled: set on the event loop, read from any thread
+    (a sync activity's). Nothing waits on it, so a flag does what a
+    ``threading.Event`` (a lock and a condition built per attempt) did."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass(slots=True, kw_only=True)
 class _Context:
     """The running attempt. Its ``Info`` is given (``info``) or built when first asked
@@ -105,7 +121,7 @@ class _Context:
     heartbeat: Callable[[tuple[Any, ...]], None]
     info: Info | None = None
     make_info: Callable[[], Info] | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: _CancelFlag = field(default_factory=_CancelFlag)
 
     def attempt_info(self) -> Info:
         if self.info is None:

@@ -210,9 +210,11 @@ class DataConverter:
         if payloads is None:
             return []
         hints = list(type_hints or [])
+        # [:]: a repeated field has no __iter__, and iterating it by index ends in an
+        # IndexError that costs more than the slice.
         return [
             self.payload_converter.from_payload(p, hints[i] if i < len(hints) else None)
-            for i, p in enumerate(payloads.payloads)
+            for i, p in enumerate(payloads.payloads[:])
         ]
 
     # ------------------------------------------------------------ failures
