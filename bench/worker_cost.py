@@ -36,7 +36,7 @@ import grpc
 from google.protobuf.message import Message
 from throughput import TASK_QUEUE, TenActivities, step
 
-from tideflow.api.v1 import service_pb2
+from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.command_pb2 import COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.worker_sdk import Client, Worker
@@ -46,6 +46,14 @@ STEPS = 10
 ET = EventType
 # History time of a run's first event (microseconds); each event is 1 ms later.
 _T0_US = 1_796_552_036_000_000
+
+
+def _retry_policy() -> common_pb2.RetryPolicy:
+    """The server's default, which it writes into every scheduled activity."""
+    policy = common_pb2.RetryPolicy(backoff_coefficient=2.0)
+    policy.initial_interval.FromSeconds(1)
+    policy.maximum_interval.FromSeconds(100)
+    return policy
 
 
 def _event(event_id: int, event_type: int) -> HistoryEvent:
@@ -58,11 +66,13 @@ def _workflow_task_events(first: int) -> list[HistoryEvent]:
     scheduled = _event(first, ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED)
     attrs = scheduled.workflow_task_scheduled_event_attributes
     attrs.task_queue.name = TASK_QUEUE
+    attrs.task_queue.kind = common_pb2.TASK_QUEUE_KIND_NORMAL
     attrs.start_to_close_timeout.FromSeconds(10)
     attrs.attempt = 1
     started = _event(first + 1, ET.EVENT_TYPE_WORKFLOW_TASK_STARTED)
     started.workflow_task_started_event_attributes.scheduled_event_id = first
     started.workflow_task_started_event_attributes.identity = "bench@worker"
+    started.workflow_task_started_event_attributes.request_id = "556ebb2b-e833-4a56-98f6"
     return [scheduled, started]
 
 
@@ -77,17 +87,27 @@ def _step_events(first: int, value: int) -> list[HistoryEvent]:
     a.activity_id = str((first + 3) // 6)
     a.activity_type.name = "step"
     a.task_queue.name = TASK_QUEUE
+    a.task_queue.kind = common_pb2.TASK_QUEUE_KIND_NORMAL
     a.input.CopyFrom(default_converter.to_payloads([value]))
     a.start_to_close_timeout.FromSeconds(30)
     a.workflow_task_completed_event_id = first
+    a.retry_policy.CopyFrom(_retry_policy())
     started = _event(first + 2, ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
-    started.activity_task_started_event_attributes.scheduled_event_id = first + 1
-    started.activity_task_started_event_attributes.attempt = 1
+    s = started.activity_task_started_event_attributes
+    s.scheduled_event_id = first + 1
+    s.attempt = 1
+    s.identity = "bench@worker"
+    s.request_id = "32603ce1-6617-40bd-b721-67edec8a9004"
+    s.site = "cloud"
+    s.tier = common_pb2.EXECUTION_SITE_CLOUD
     done = _event(first + 3, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
     d = done.activity_task_completed_event_attributes
     d.result.CopyFrom(default_converter.to_payloads([value + 1]))
     d.scheduled_event_id = first + 1
     d.started_event_id = first + 2
+    d.identity = "bench@worker"
+    d.site = "cloud"
+    d.executed_at = common_pb2.EXECUTION_SITE_CLOUD
     return [completed, scheduled, started, done, *_workflow_task_events(first + 4)]
 
 
@@ -138,6 +158,8 @@ class RunScript:
         task.workflow_execution.run_id = f"bench-run-{self.index}"
         task.workflow_type.name = "TenActivities"
         task.attempt = 1
+        for stamp in (task.scheduled_time, task.started_time):
+            stamp.FromMicroseconds(_T0_US + 1000 * (6 * k + 3))
         # Task 0 has events 1-3, task k events 6k-2 to 6k+3.
         if k == 0:
             task.history.events.extend([_started_event(), *_workflow_task_events(2)])
@@ -166,6 +188,10 @@ class RunScript:
         ):
             stamp.FromMicroseconds(_T0_US)
         activity.start_to_close_timeout.FromSeconds(30)
+        # Set but zero, as the server sends them.
+        activity.schedule_to_close_timeout.SetInParent()
+        activity.heartbeat_timeout.SetInParent()
+        activity.retry_policy.CopyFrom(_retry_policy())
         return activity
 
 
