@@ -282,11 +282,10 @@ class _Heartbeater:
         self._identity = identity
         self._tasks = tasks
         self._loop = asyncio.get_running_loop()
-        hb = (
-            task.heartbeat_timeout.ToMicroseconds() / 1_000_000
-            if task.HasField("heartbeat_timeout")
-            else 0
-        )
+        # Duration.ToMicroseconds without protobuf's pure-Python layer (an unset or
+        # empty timeout, as the server sends it, is 0: no heartbeat timeout).
+        timeout = task.heartbeat_timeout
+        hb = (timeout.seconds * 1_000_000 + timeout.nanos // 1000) / 1_000_000
         self._interval = min(max(hb * 0.8, 0.05), 30.0) if hb else 30.0
         self.last_details: tuple[Any, ...] | None = None
         self._pending = False

@@ -30,7 +30,8 @@ from .placement import ExecutedAt, apply_placement
 from .workflow import HandlerRef
 
 # The generated modules' enum constants: plain module attributes, where
-# ``EventType.EVENT_TYPE_X`` runs the enum wrapper's ``__getattr__`` on every use.
+# ``EventType.EVENT_TYPE_X`` runs the enum wrapper's ``__getattr__`` on every use (dozens
+# of times per workflow task).
 ET = history_pb2
 CT = command_pb2
 
@@ -237,6 +238,16 @@ EVENT_OF_COMMAND = {
         ET.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
     ),
 }
+# Events that neither match a command nor resolve anything in workflow code.
+NOTHING_TO_APPLY = frozenset(
+    {
+        ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+        ET.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+        ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+        ET.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+    }
+)
 CHILD_EVENTS = frozenset(
     {
         ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,

@@ -26,7 +26,7 @@ from typing import Any
 
 from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
 from tideflow.api.search_attributes import SearchAttributeValue, encode_search_attributes
-from tideflow.api.v1 import command_pb2, common_pb2, history_pb2
+from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType, RecordMarkerCommandAttributes
 from tideflow.api.v1.history_pb2 import HistoryEvent
 
@@ -34,7 +34,10 @@ from . import exceptions as exc
 from ._local_activities import LocalActivities, LocalActivityHandle, markers_of_task
 from ._workflow_commands import (
     CHILD_EVENTS,
+    CT,
+    ET,
     EXTERNAL_OUTCOMES,
+    NOTHING_TO_APPLY,
     PATCH_MARKER,
     ActivityHandle,
     ChildHandle,
@@ -63,22 +66,6 @@ from .workflow import (
 )
 
 log = logging.getLogger("tideflow.worker")
-# The generated modules' enum constants: plain module attributes, where
-# ``EventType.EVENT_TYPE_X`` runs the enum wrapper's ``__getattr__`` on every use (dozens
-# of times per workflow task).
-ET = history_pb2
-CT = command_pb2
-
-# Events that neither match a command nor resolve anything in workflow code.
-_NOTHING_TO_APPLY = frozenset(
-    {
-        ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-        ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
-        ET.EVENT_TYPE_WORKFLOW_TASK_FAILED,
-        ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
-        ET.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-    }
-)
 
 
 def current_instance() -> WorkflowInstanceImpl:
@@ -508,7 +495,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
                 # applied by the next task that completes.
             elif et in COMMAND_EVENTS:
                 self._match(event)
-            elif et in _NOTHING_TO_APPLY:
+            elif et in NOTHING_TO_APPLY:
                 continue
             else:
                 self._resolutions.append(event)
