@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,8 +149,16 @@ class ActivityWorker:
         args = converter.from_payloads(
             task.input if task.HasField("input") else None, definition.arg_types
         )
-        info = _activity_info(task, converter, self._task_queue)
-        ctx = activity_mod._Context(info=info, heartbeat=heartbeater.record)
+        # Decoded now, so details this worker cannot decode fail the attempt up front.
+        details = (
+            converter.from_payloads(task.heartbeat_details)
+            if task.HasField("heartbeat_details")
+            else []
+        )
+        ctx = activity_mod._Context(
+            make_info=functools.partial(_activity_info, task, self._task_queue, details),
+            heartbeat=heartbeater.record,
+        )
         heartbeater.context = ctx
         if definition.is_async:
             # The server's cancellation (seen through a heartbeat) cancels this task.
@@ -229,7 +238,7 @@ class ActivityWorker:
 
 
 def _activity_info(
-    task: service_pb2.PollActivityTaskResponse, converter: Any, task_queue: str
+    task: service_pb2.PollActivityTaskResponse, task_queue: str, heartbeat_details: list[Any]
 ) -> activity_mod.Info:
     def optional(d: Any, field: str) -> timedelta | None:
         return d.ToTimedelta() if task.HasField(field) and d.ToMicroseconds() > 0 else None
@@ -251,9 +260,7 @@ def _activity_info(
             task.schedule_to_close_timeout, "schedule_to_close_timeout"
         ),
         heartbeat_timeout=optional(task.heartbeat_timeout, "heartbeat_timeout"),
-        heartbeat_details=converter.from_payloads(task.heartbeat_details)
-        if task.HasField("heartbeat_details")
-        else [],
+        heartbeat_details=heartbeat_details,
         task_token=task.task_token,
     )
 
@@ -275,11 +282,10 @@ class _Heartbeater:
         self._identity = identity
         self._tasks = tasks
         self._loop = asyncio.get_running_loop()
-        hb = (
-            task.heartbeat_timeout.ToMicroseconds() / 1_000_000
-            if task.HasField("heartbeat_timeout")
-            else 0
-        )
+        # Duration.ToMicroseconds without protobuf's pure-Python layer (an unset or
+        # empty timeout, as the server sends it, is 0: no heartbeat timeout).
+        timeout = task.heartbeat_timeout
+        hb = (timeout.seconds * 1_000_000 + timeout.nanos // 1000) / 1_000_000
         self._interval = min(max(hb * 0.8, 0.05), 30.0) if hb else 30.0
         self.last_details: tuple[Any, ...] | None = None
         self._pending = False

@@ -10,8 +10,10 @@ next workflow task) and hands the task over through ``Slots.hand_over``; the
 handover is the only link between the roles, so neither needs the other object.
 
 Every task has an owner: ``PollLoop.running()`` holds a ``TaskGroup`` with the
-pollers (under one task that ``stop_polling`` cancels and awaits), the handover
-dispatcher and each in-flight task. Leaving ``running()`` waits for all of them.
+pollers (under one task that ``stop_polling`` cancels and awaits) and each in-flight
+task, handed over ones included (``hand_over`` starts them in that group at once,
+with no dispatcher task between the roles). Leaving ``running()`` waits for all of
+them.
 """
 
 from __future__ import annotations
@@ -96,7 +98,10 @@ class Slots(Generic[T]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
-        self._handed_over: asyncio.Queue[T] = asyncio.Queue()
+        # How the owning PollLoop starts a task (set while it runs); tasks handed over
+        # while it does not wait here.
+        self._start: Callable[[T], None] | None = None
+        self._waiting: list[T] = []
 
     @property
     def closed(self) -> bool:
@@ -126,10 +131,19 @@ class Slots(Generic[T]):
 
     def hand_over(self, task: T) -> None:
         """Run ``task`` on the role owning these slots; its slot is already taken."""
-        self._handed_over.put_nowait(task)
+        if self._start is None:
+            self._waiting.append(task)
+        else:
+            self._start(task)
 
-    async def next_handed_over(self) -> T:
-        return await self._handed_over.get()
+    def receive(self, start: Callable[[T], None] | None) -> None:
+        """Start handed-over tasks with ``start`` (the owning PollLoop, while it runs;
+        None: they wait for the next one)."""
+        self._start = start
+        if start is not None:
+            waiting, self._waiting = self._waiting, []
+            for task in waiting:
+                start(task)
 
     async def idle(self) -> None:
         """Until no slot is taken: nothing in flight, polling, reserved or handed over."""
@@ -183,13 +197,13 @@ class PollLoop(Generic[T]):
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
             self._polling = tasks.create_task(self._poll_all(), name=f"{self._role} pollers")
-            dispatcher = tasks.create_task(self._run_handed_over(), name=f"{self._role} handover")
+            self._slots.receive(self._start)
             try:
                 yield
             finally:
                 await self.stop_polling()
-                # Ours to cancel: nothing is handed over once the slots are idle.
-                dispatcher.cancel()
+                # Nothing is handed over once the slots are idle (the caller drained).
+                self._slots.receive(None)
 
     async def stop_polling(self) -> None:
         """Cancel the pollers and wait until they are gone (a cancelled poll gives its
@@ -239,16 +253,11 @@ class PollLoop(Generic[T]):
                 continue
             self._start(task)
 
-    async def _run_handed_over(self) -> None:
-        while True:
-            self._start(await self._slots.next_handed_over())
-
     def _start(self, task: T) -> None:
         """Run a task whose slot is taken; the slot is released when it ends."""
         assert self._tasks is not None, "tasks start only inside running()"
         running = self._tasks.create_task(self._run(task), name=self._describe(task))
         self._in_flight.add(running)
-        running.add_done_callback(self._in_flight.discard)
 
     async def _run(self, task: T) -> None:
         try:
@@ -260,4 +269,6 @@ class PollLoop(Generic[T]):
             # (the TaskGroup would cancel them): log it; the server retries the task.
             log.exception("%s crashed the handler", self._describe(task))
         finally:
+            # Here rather than in a done callback: one loop turn less per task.
+            self._in_flight.discard(asyncio.current_task())
             self._slots.release()

@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 
-from tideflow.api.v1.command_pb2 import Command, CommandType
+from google.protobuf.duration_pb2 import Duration
+
+from tideflow.api.v1 import command_pb2, history_pb2
+from tideflow.api.v1.command_pb2 import Command
 from tideflow.api.v1.common_pb2 import Payloads
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.history_pb2 import HistoryEvent
 
 from ._workflow_inputs import ActivityCancellationType, StartActivityInput
 from .placement import ExecutedAt, apply_placement
 from .workflow import HandlerRef
 
-ET = EventType
+# The generated modules' enum constants: plain module attributes, where
+# ``EventType.EVENT_TYPE_X`` runs the enum wrapper's ``__getattr__`` on every use (dozens
+# of times per workflow task).
+ET = history_pb2
+CT = command_pb2
 
 # Marker recorded by workflow.patched / deprecate_patch.
 PATCH_MARKER = "tideflow_patch"
@@ -62,7 +71,7 @@ def schedule_activity_command(
     request: StartActivityInput, activity_id: str, task_queue: str, payloads: Payloads
 ) -> Command:
     """The command of ``workflow.start_activity``."""
-    command = Command(command_type=CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
+    command = Command(command_type=CT.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK)
     a = command.schedule_activity_task_command_attributes
     a.activity_id = activity_id
     a.activity_type.name = request.activity_type
@@ -75,11 +84,20 @@ def schedule_activity_command(
         ("heartbeat_timeout", request.heartbeat_timeout),
     ):
         if value is not None:
-            getattr(a, field).FromTimedelta(value)
+            getattr(a, field).CopyFrom(_duration(value))
     if request.retry_policy is not None:
         a.retry_policy.CopyFrom(request.retry_policy.to_proto())
     apply_placement(a, request.placement, request.requirements)
     return command
+
+
+@functools.lru_cache(maxsize=256)
+def _duration(value: timedelta) -> Duration:
+    """``value`` as a Duration to copy from (never to change): workflows use a few
+    timeouts over and over, and protobuf's ``FromTimedelta`` is pure Python."""
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
 
 
 class ActivityHandle(asyncio.Future[Any]):
@@ -195,7 +213,6 @@ def set_result_unless_done(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-CT = CommandType
 EVENT_OF_COMMAND = {
     CT.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK: ET.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
     CT.COMMAND_TYPE_START_TIMER: ET.EVENT_TYPE_TIMER_STARTED,
@@ -221,6 +238,16 @@ EVENT_OF_COMMAND = {
         ET.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
     ),
 }
+# Events that neither match a command nor resolve anything in workflow code.
+NOTHING_TO_APPLY = frozenset(
+    {
+        ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+        ET.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+        ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+        ET.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+    }
+)
 CHILD_EVENTS = frozenset(
     {
         ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
@@ -248,22 +275,22 @@ def mismatch(command: Command, event: HistoryEvent) -> str | None:
     et = event.event_type
     if EVENT_OF_COMMAND.get(ct) != et:
         return "different kinds"
-    if ct == CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+    if ct == CT.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
         c = command.schedule_activity_task_command_attributes
         e = event.activity_task_scheduled_event_attributes
         if c.activity_type.name != e.activity_type.name:
             return f"activity type {c.activity_type.name!r} != recorded {e.activity_type.name!r}"
         if c.activity_id != e.activity_id:
             return f"activity id {c.activity_id!r} != recorded {e.activity_id!r}"
-    elif ct == CommandType.COMMAND_TYPE_START_TIMER:
+    elif ct == CT.COMMAND_TYPE_START_TIMER:
         timer_id = command.start_timer_command_attributes.timer_id
         if timer_id != event.timer_started_event_attributes.timer_id:
             return f"timer id {timer_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_CANCEL_TIMER:
+    elif ct == CT.COMMAND_TYPE_CANCEL_TIMER:
         timer_id = command.cancel_timer_command_attributes.timer_id
         if timer_id != event.timer_canceled_event_attributes.timer_id:
             return f"timer id {timer_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
+    elif ct == CT.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION:
         child = command.start_child_workflow_execution_command_attributes
         recorded = event.start_child_workflow_execution_initiated_event_attributes
         if (child.workflow_id, child.workflow_type.name) != (
@@ -271,7 +298,7 @@ def mismatch(command: Command, event: HistoryEvent) -> str | None:
             recorded.workflow_type.name,
         ):
             return f"child {child.workflow_type.name}/{child.workflow_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
+    elif ct == CT.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION:
         sig = command.signal_external_workflow_execution_command_attributes
         rec = event.signal_external_workflow_execution_initiated_event_attributes
         if (sig.execution.workflow_id, sig.signal_name) != (
@@ -279,16 +306,16 @@ def mismatch(command: Command, event: HistoryEvent) -> str | None:
             rec.signal_name,
         ):
             return f"signal {sig.signal_name!r} to {sig.execution.workflow_id!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
+    elif ct == CT.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION:
         target = command.request_cancel_external_workflow_execution_command_attributes.workflow_id
         rec_cancel = event.request_cancel_external_workflow_execution_initiated_event_attributes
         if target != rec_cancel.workflow_execution.workflow_id:
             return f"cancellation of {target!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_RECORD_MARKER:
+    elif ct == CT.COMMAND_TYPE_RECORD_MARKER:
         name = command.record_marker_command_attributes.marker_name
         if name != event.marker_recorded_event_attributes.marker_name:
             return f"marker name {name!r} differs"
-    elif ct == CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+    elif ct == CT.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
         names = sorted(
             command.upsert_workflow_search_attributes_command_attributes.search_attributes.indexed_fields
         )

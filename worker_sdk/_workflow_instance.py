@@ -28,13 +28,16 @@ from tideflow.api.events import COMMAND_EVENTS, attributes_of, event_type_name
 from tideflow.api.search_attributes import SearchAttributeValue, encode_search_attributes
 from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.command_pb2 import Command, CommandType, RecordMarkerCommandAttributes
-from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.api.v1.history_pb2 import HistoryEvent
 
 from . import exceptions as exc
 from ._local_activities import LocalActivities, LocalActivityHandle, markers_of_task
 from ._workflow_commands import (
     CHILD_EVENTS,
+    CT,
+    ET,
     EXTERNAL_OUTCOMES,
+    NOTHING_TO_APPLY,
     PATCH_MARKER,
     ActivityHandle,
     ChildHandle,
@@ -63,7 +66,6 @@ from .workflow import (
 )
 
 log = logging.getLogger("tideflow.worker")
-ET = EventType
 
 
 def current_instance() -> WorkflowInstanceImpl:
@@ -105,7 +107,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         self._namespace = namespace
         self._run_id = run_id
         self._task_queue = task_queue
-        self._random = random.Random(0)
+        # Seeded once the seed is known (WorkflowExecutionStarted): seeding is not free.
+        self._random: random.Random | None = None
         self.info: Info | None = None  # set by WorkflowExecutionStarted
         self._seq = 0
         self._commands: list[PendingCommand] = []  # emitted in the current activation
@@ -147,6 +150,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         return datetime.fromtimestamp(self._time_us / 1_000_000, tz=UTC)
 
     def workflow_random(self) -> random.Random:
+        if self._random is None:
+            self._random = random.Random(0)
         return self._random
 
     def workflow_is_cancel_requested(self) -> bool:
@@ -177,7 +182,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         handle = DurableTimerHandle(
             self, self.time() + delay, callback, args, context, timer_id, self._cancel_timer
         )
-        command = Command(command_type=CommandType.COMMAND_TYPE_START_TIMER)
+        command = Command(command_type=CT.COMMAND_TYPE_START_TIMER)
         attrs = command.start_timer_command_attributes
         attrs.timer_id = timer_id
         attrs.start_to_fire_timeout.FromMicroseconds(max(1000, int(delay * 1_000_000)))
@@ -280,7 +285,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             self._commands.remove(pending)
             return
         if handle.scheduled_event_id:
-            command = Command(command_type=CommandType.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK)
+            command = Command(command_type=CT.COMMAND_TYPE_REQUEST_CANCEL_ACTIVITY_TASK)
             command.request_cancel_activity_task_command_attributes.scheduled_event_id = (
                 handle.scheduled_event_id
             )
@@ -291,7 +296,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
     ) -> asyncio.Future[ChildHandle]:
         handle = ChildHandle(self, request.workflow_id, request.workflow_type)
         handle.result_type = request.result_type
-        command = Command(command_type=CommandType.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION)
+        command = Command(command_type=CT.COMMAND_TYPE_START_CHILD_WORKFLOW_EXECUTION)
         a = command.start_child_workflow_execution_command_attributes
         a.namespace = self._namespace
         a.workflow_id = request.workflow_id
@@ -327,7 +332,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         child_only: bool = False,
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = self.create_future()
-        command = Command(command_type=CommandType.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION)
+        command = Command(command_type=CT.COMMAND_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION)
         a = command.signal_external_workflow_execution_command_attributes
         a.namespace = self._namespace
         a.execution.workflow_id = workflow_id
@@ -342,9 +347,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         self, workflow_id: str, run_id: str, *, child_only: bool = False
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = self.create_future()
-        command = Command(
-            command_type=CommandType.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION
-        )
+        command = Command(command_type=CT.COMMAND_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION)
         a = command.request_cancel_external_workflow_execution_command_attributes
         a.namespace = self._namespace
         a.workflow_id = workflow_id
@@ -364,6 +367,8 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
 
     def _check_conditions(self) -> bool:
         """Resolve the waits whose condition holds now; True if any was resolved."""
+        if not self._conditions:
+            return False
         resolved = False
         for fn, fut in list(self._conditions):
             if fut.done():
@@ -382,7 +387,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             result = (not self._replaying) or patch_id in self._patches_in_history
             self._patch_results[patch_id] = result
             if result:
-                command = Command(command_type=CommandType.COMMAND_TYPE_RECORD_MARKER)
+                command = Command(command_type=CT.COMMAND_TYPE_RECORD_MARKER)
                 marker = command.record_marker_command_attributes
                 marker.marker_name = PATCH_MARKER
                 marker.details["patch_id"].CopyFrom(self._converter.to_payloads([patch_id]))
@@ -444,7 +449,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             pending.dropped = True
             self._commands.remove(pending)
             return
-        command = Command(command_type=CommandType.COMMAND_TYPE_CANCEL_TIMER)
+        command = Command(command_type=CT.COMMAND_TYPE_CANCEL_TIMER)
         command.cancel_timer_command_attributes.timer_id = handle.timer_id
         if handle.started_event_id:
             self._timers_by_event.pop(handle.started_event_id, None)
@@ -490,13 +495,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
                 # applied by the next task that completes.
             elif et in COMMAND_EVENTS:
                 self._match(event)
-            elif et in (
-                ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-                ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
-                ET.EVENT_TYPE_WORKFLOW_TASK_FAILED,
-                ET.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
-                ET.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-            ):
+            elif et in NOTHING_TO_APPLY:
                 continue
             else:
                 self._resolutions.append(event)
@@ -596,7 +595,9 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
 
     def _activate(self, started: HistoryEvent) -> None:
         self.last_started_event_id = started.event_id
-        self._time_us = max(self._time_us, started.event_time.ToMicroseconds())
+        stamp = started.event_time
+        # Timestamp.ToMicroseconds, without protobuf's pure-Python layer around it.
+        self._time_us = max(self._time_us, stamp.seconds * 1_000_000 + stamp.nanos // 1000)
         # Any command still unmatched here was never recorded: the code changed.
         self._check_all_matched(started)
         self._unmatched.clear()
@@ -632,7 +633,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             self._complete(self._main)
 
     def _continue_as_new_command(self, request: exc.ContinueAsNewError) -> Command:
-        command = Command(command_type=CommandType.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION)
+        command = Command(command_type=CT.COMMAND_TYPE_CONTINUE_AS_NEW_WORKFLOW_EXECUTION)
         a = command.continue_as_new_workflow_execution_command_attributes
         a.workflow_type.name = request.workflow or self._definition.name
         a.task_queue.name = request.task_queue or self._task_queue
@@ -660,7 +661,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         raise error
 
     def _fail_with(self, error: exc.FailureError) -> None:
-        command = Command(command_type=CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION)
+        command = Command(command_type=CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION)
         command.fail_workflow_execution_command_attributes.failure.CopyFrom(
             self._converter.to_failure(error)
         )
@@ -673,7 +674,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
                 raise RuntimeError("workflow body was cancelled without a cancellation request")
             # The workflow let the cancellation through: it closes as CANCELED.
             self._completed = True
-            command = Command(command_type=CommandType.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION)
+            command = Command(command_type=CT.COMMAND_TYPE_CANCEL_WORKFLOW_EXECUTION)
             command.cancel_workflow_execution_command_attributes.SetInParent()
             self._emit(command)
             return
@@ -683,12 +684,12 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
             self._emit(self._continue_as_new_command(error))
             return
         if error is None:
-            command = Command(command_type=CommandType.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION)
+            command = Command(command_type=CT.COMMAND_TYPE_COMPLETE_WORKFLOW_EXECUTION)
             command.complete_workflow_execution_command_attributes.result.CopyFrom(
                 self._converter.to_payloads([main.result()])
             )
         elif isinstance(error, exc.FailureError):
-            command = Command(command_type=CommandType.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION)
+            command = Command(command_type=CT.COMMAND_TYPE_FAIL_WORKFLOW_EXECUTION)
             command.fail_workflow_execution_command_attributes.failure.CopyFrom(
                 self._converter.to_failure(error)
             )
@@ -868,7 +869,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         self, values: Mapping[str, SearchAttributeValue | None]
     ) -> None:
         """Emit UpsertWorkflowSearchAttributes (visibility; None removes a name)."""
-        command = Command(command_type=CommandType.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES)
+        command = Command(command_type=CT.COMMAND_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES)
         command.upsert_workflow_search_attributes_command_attributes.search_attributes.CopyFrom(
             encode_search_attributes(values)
         )

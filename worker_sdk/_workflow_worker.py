@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from tideflow.api.v1 import common_pb2, service_pb2
-from tideflow.api.v1.command_pb2 import Command, CommandType
+from tideflow.api.v1.command_pb2 import COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK, Command
 from tideflow.api.v1.history_pb2 import HistoryEvent, WorkflowTaskFailedCause
 
 from . import exceptions as exc
@@ -86,7 +86,12 @@ class WorkflowWorker:
         # Sticky execution: while this worker caches a run, the server sends its next
         # workflow tasks there with only the new events ("" when nothing is cached).
         self.sticky_queue = sticky_queue
-        self._sticky_timeout = sticky_queue_schedule_to_start_timeout
+        # What every completion of a run that stays cached carries (built once).
+        self._sticky_attributes = sticky = service_pb2.StickyExecutionAttributes()
+        sticky.worker_task_queue.name = sticky_queue
+        sticky.worker_task_queue.kind = common_pb2.TASK_QUEUE_KIND_STICKY
+        sticky.worker_task_queue.normal_name = task_queue
+        sticky.schedule_to_start_timeout.FromTimedelta(sticky_queue_schedule_to_start_timeout)
         # The first interceptor is outermost: wrap from the innermost out.
         handler: WorkflowTaskHandler = self._handle_workflow_task
         outbound: WorkflowCommandsHandler = _send_as_they_are
@@ -173,7 +178,9 @@ class WorkflowWorker:
             task.history.events.extend(response.history.events)
             token = response.next_page_token
         task.next_page_token = b""
-        return task.history.events
+        # A list: a repeated field has no __iter__, and iterating it by index ends in
+        # an IndexError that costs more than this slice.
+        return task.history.events[:]
 
     async def _handle_workflow_task(self, task: service_pb2.PollWorkflowTaskResponse) -> None:
         """The innermost handler of the interceptor chain."""
@@ -333,17 +340,14 @@ class WorkflowWorker:
         reserved = await self._reserve_eager_activities(commands)
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token,
-            commands=commands,
             identity=self._identity,
             force_create_new_workflow_task=heartbeat,
             return_new_workflow_task=heartbeat,
         )
+        # extend: the constructor's ``commands=[...]`` takes a slower path to the same.
+        request.commands.extend(commands)
         if self.sticky_queue and not instance._completed:
-            sticky = request.sticky_attributes
-            sticky.worker_task_queue.name = self.sticky_queue
-            sticky.worker_task_queue.kind = common_pb2.TASK_QUEUE_KIND_STICKY
-            sticky.worker_task_queue.normal_name = self._task_queue
-            sticky.schedule_to_start_timeout.FromTimedelta(self._sticky_timeout)
+            request.sticky_attributes.CopyFrom(self._sticky_attributes)
         client = self._client
         try:
             response: service_pb2.RespondWorkflowTaskCompletedResponse = await client.call(
@@ -358,7 +362,7 @@ class WorkflowWorker:
         if self._eager is not None:
             for _ in range(reserved - len(response.activity_tasks)):
                 self._eager.slots.release()
-            for activity_task in response.activity_tasks:
+            for activity_task in response.activity_tasks[:]:  # [:]: see _full_history
                 self._eager.slots.hand_over(activity_task)
         if not heartbeat and (instance._completed or not self._max_cached):
             self._evict(run_id)
@@ -450,7 +454,7 @@ class WorkflowWorker:
             return 0
         reserved = 0
         for command in commands:
-            if command.command_type != CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+            if command.command_type != COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
                 continue
             attrs = command.schedule_activity_task_command_attributes
             if (

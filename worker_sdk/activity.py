@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -96,11 +95,40 @@ class Info:
     is_local: bool = False
 
 
+class _CancelFlag:
+    """Whether the attempt was cancelled: set on the event loop, read from any thread
+    (a sync activity's). Nothing waits on it, so a flag does what a
+    ``threading.Event`` (a lock and a condition built per attempt) did."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass(slots=True, kw_only=True)
 class _Context:
-    info: Info
+    """The running attempt. Its ``Info`` is given (``info``) or built when first asked
+    for (``make_info``): the activity worker's way, as most activities never ask and
+    building it converts the task's timestamps."""
+
     heartbeat: Callable[[tuple[Any, ...]], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    info: Info | None = None
+    make_info: Callable[[], Info] | None = None
+    cancelled: _CancelFlag = field(default_factory=_CancelFlag)
+
+    def attempt_info(self) -> Info:
+        if self.info is None:
+            if self.make_info is None:
+                raise RuntimeError("activity context without info")
+            self.info = self.make_info()
+        return self.info
 
 
 _current: contextvars.ContextVar[_Context] = contextvars.ContextVar("tideflow_activity")
@@ -117,7 +145,7 @@ def _context() -> _Context:
 
 def info() -> Info:
     """Information about the running activity attempt."""
-    return _context().info
+    return _context().attempt_info()
 
 
 def heartbeat(*details: Any) -> None:
