@@ -1,7 +1,11 @@
 """The cluster suite (issue 11): three ``tideflow server start`` nodes on one PostgreSQL
 database, chaos workflows in flight (150; ``TIDEFLOW_CLUSTER_WORKFLOWS=300`` for the
-issue's 300, about twice as long), one node SIGKILLed, then another (each restarted
-once the survivors hold its shards).
+issue's 300, about twice as long), and one of two plans:
+
+- ``sigkill``: one node SIGKILLed, then another (each restarted once the survivors
+  hold its shards);
+- ``rolling``: a rolling restart, each node SIGTERMed (it hands its shards over) and
+  started again in turn, with a fourth node joining mid-load and taking its share.
 
 Each node has a worker process polling it alone (a node hands its own shards' tasks
 to its own pollers, so the three cover every shard wherever it moves); the client is
@@ -45,6 +49,12 @@ PROGRESS_BEFORE_KILL = WORKFLOWS // 3
 RUN_BOUND_S = 240.0
 NODES = ("node-a", "node-b", "node-c")
 LEASE_S = 4.0
+# What happens to the nodes, one step after another, each after PROGRESS_BEFORE_KILL
+# more activity executions: ("kill" | "term" | "join", node).
+PLANS = {
+    "sigkill": [("kill", "node-a"), ("kill", "node-b")],
+    "rolling": [("term", "node-a"), ("term", "node-b"), ("join", "node-d"), ("term", "node-c")],
+}
 
 
 @pytest.fixture
@@ -54,9 +64,11 @@ def store_url(pg_url: str) -> str:
 
 
 @pytest.mark.timeout(RUN_BOUND_S + 120)
-async def test_three_nodes_lose_two_and_nothing_is_lost(
-    procs: Processes, pg_url: str, store: HistoryStore, tmp_path: Path
+@pytest.mark.parametrize("plan", list(PLANS))
+async def test_three_nodes_under_load_lose_nothing(
+    procs: Processes, pg_url: str, store: HistoryStore, tmp_path: Path, plan: str
 ) -> None:
+    steps = PLANS[plan]
     began = time.monotonic()
     rng = random.Random(0)
     # Leases of 4 s, not the 2 s of the shorter cluster tests: six busy processes on
@@ -87,29 +99,36 @@ async def test_three_nodes_lose_two_and_nothing_is_lost(
             tally.signals_sent += 1
 
     async def load() -> None:
-        """The first third of the groups starts at once, the next after the first
-        kill, the last after the second."""
+        """The groups start spread over the steps: the first at once, the last after
+        the last step but one."""
         running: list[asyncio.Future[None]] = []
         size = -(-WORKFLOWS // GROUPS)
         ids = list(values)
         for g in range(GROUPS):
-            due = g * 3 // GROUPS
+            due = g * len(steps) // GROUPS
             await eventually(at_least(lambda: kills_done, due), f"kill {due}", timeout=RUN_BOUND_S)
             running += [asyncio.ensure_future(run_one(wf)) for wf in ids[g * size : (g + 1) * size]]
         await asyncio.gather(*running)
 
     async def chaos() -> None:
         nonlocal kills_done
-        for victim in ("node-a", "node-b"):
+        for action, victim in steps:
             target = ledger.total + PROGRESS_BEFORE_KILL
             await eventually(
                 ledger.progressed(target, handles), f"{target} executions", timeout=RUN_BOUND_S
             )
-            await nodes[victim].kill()
-            print(f"cluster suite: SIGKILL {victim} at {time.monotonic() - began:.0f}s")
-            tally.server_kills += 1
-            await wait_split(store, *(n for n in NODES if n != victim))
-            await nodes[victim].start()
+            print(f"cluster suite: {action} {victim} at {time.monotonic() - began:.0f}s")
+            if action == "join":
+                nodes[victim] = await start(victim)
+                await wait_split(store, *nodes)
+            else:
+                if action == "kill":
+                    await nodes[victim].kill()
+                else:
+                    assert await nodes[victim].terminate() == 0
+                tally.server_kills += 1
+                await wait_split(store, *(n for n in nodes if n != victim))
+                await nodes[victim].start()
             kills_done += 1
         kills_over.set()
 
@@ -127,8 +146,8 @@ async def test_three_nodes_lose_two_and_nothing_is_lost(
         watcher.cancel()
         await client.close()
     summary = (
-        f"cluster suite: nodes=3 workflows={WORKFLOWS} (+{WORKFLOWS} children) "
-        f"signals={tally.signals_sent} node_kills={tally.server_kills} "
+        f"cluster suite: plan={plan} nodes={len(nodes)} workflows={WORKFLOWS} "
+        f"(+{WORKFLOWS} children) signals={tally.signals_sent} stops={tally.server_kills} "
         f"lost={len(tally.lost)} duplicated={len(tally.duplicated)} "
         f"extra_activity_executions={tally.extra_executions} "
         f"elapsed={time.monotonic() - began:.0f}s"
@@ -136,4 +155,4 @@ async def test_three_nodes_lose_two_and_nothing_is_lost(
     print(summary)
     assert not tally.lost, f"{summary}\nlost: {tally.lost[:20]}"
     assert not tally.duplicated, f"{summary}\nduplicated: {tally.duplicated[:20]}"
-    assert tally.server_kills == 2, summary
+    assert tally.server_kills == sum(action != "join" for action, _ in steps), summary
