@@ -38,14 +38,13 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.api.v1.state_pb2 import MutableState
 from tideflow.history import RunKey, attributes_of
 
-from ._trace import _UNSAFE
+from ._trace import writer_trace_file
 
 if TYPE_CHECKING:
     from ._mutation import Mutation
@@ -81,12 +80,8 @@ class ReplicationTracer:
 
     def __init__(self, directory: str | None, site: str) -> None:
         self._site = site
-        self._path: Path | None = None
         self._seq = itertools.count(1)
-        if directory and site:
-            folder = Path(directory) / "replication"
-            folder.mkdir(parents=True, exist_ok=True)
-            self._path = folder / f"{_UNSAFE.sub('_', site)}.ndjson"
+        self._path = writer_trace_file(directory if site else None, "replication", site)
 
     @classmethod
     def from_environment(cls, site: str) -> ReplicationTracer:

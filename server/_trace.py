@@ -53,6 +53,18 @@ if TYPE_CHECKING:
     from ._mutation import Mutation
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def writer_trace_file(directory: str | None, folder: str, writer: str) -> Path | None:
+    """``<directory>/<folder>/<writer>.ndjson`` (the folder made), where one node or
+    site writes its trace lines; None when trace mode is off (no ``directory``)."""
+    if not directory:
+        return None
+    path = Path(directory) / folder
+    path.mkdir(parents=True, exist_ok=True)
+    return path / f"{_UNSAFE.sub('_', writer)}.ndjson"
+
+
 # Version of the line format below; tla/trace_to_tla.py refuses other versions.
 FORMAT = 3
 
@@ -292,11 +304,7 @@ class LeaseTracer:
 
     def __init__(self, directory: str | None, node_id: str) -> None:
         self._node = node_id
-        self._path: Path | None = None
-        if directory:
-            folder = Path(directory) / "shards"
-            folder.mkdir(parents=True, exist_ok=True)
-            self._path = folder / f"{_UNSAFE.sub('_', node_id)}.ndjson"
+        self._path = writer_trace_file(directory, "shards", node_id)
 
     @classmethod
     def from_environment(cls, node_id: str) -> LeaseTracer:

@@ -116,6 +116,15 @@ class SitePair:
         await self.proxy.start()
         await self.edge.start()
 
+    async def start_linked(self) -> tuple[Client, Client]:
+        """Start the cloud (the edge runs already); clients of the cloud and the
+        edge once the two sides are linked."""
+        await self.cloud.start()
+        cloud = await Client.connect(self.cloud.address)
+        edge = await Client.connect(self.edge.address)
+        await wait_linked(cloud, edge)
+        return cloud, edge
+
     async def close(self) -> None:
         await self.proxy.close()
 

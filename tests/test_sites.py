@@ -245,10 +245,7 @@ def _signalled(client: Client, wid: str, rid: str, count: int) -> Callable[[], A
 
 
 async def test_handoff_edge_to_cloud_to_edge_with_the_link_cut(sites: SitePair) -> None:
-    await sites.cloud.start()
-    cloud = await Client.connect(sites.cloud.address)
-    edge = await Client.connect(sites.edge.address)
-    await wait_linked(cloud, edge)
+    cloud, edge = await sites.start_linked()
     tq = f"handoff-{uuid.uuid4()}"
     async with (
         Worker(edge, task_queue=tq, workflows=[Collector]),
@@ -343,10 +340,7 @@ async def test_a_workflow_signals_and_cancels_runs_homed_at_the_other_site(
     """An edge-homed run's SignalExternal / RequestCancelExternal aimed at cloud-homed
     runs (replicas at the edge) go through the edge's inbox to the cloud and are
     applied there once (they were retried for ever at the edge before)."""
-    await sites.cloud.start()
-    cloud = await Client.connect(sites.cloud.address)
-    edge = await Client.connect(sites.edge.address)
-    await wait_linked(cloud, edge)
+    cloud, edge = await sites.start_linked()
     tq = f"external-{uuid.uuid4()}"
     async with (
         Worker(cloud, task_queue=tq, workflows=[Collector]),

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 from helpers import Processes, eventually
-from helpers_sites import SitePair, same_history, site_status, wait_linked
+from helpers_sites import SitePair, same_history, site_status
 from helpers_tla import load_tla_module
 from test_sites import Collector, _handed, _signal
 
@@ -59,10 +59,7 @@ async def _inbox_empty(client: Client) -> bool:
 
 async def _scenario(sites: SitePair) -> tuple[str, str]:
     """The scenario of the module docstring; the run ids of A and B."""
-    await sites.cloud.start()
-    cloud = await Client.connect(sites.cloud.address)
-    edge = await Client.connect(sites.edge.address)
-    await wait_linked(cloud, edge)
+    cloud, edge = await sites.start_linked()
     tq = f"rtrace-{uuid.uuid4()}"
     async with (
         Worker(edge, task_queue=tq, workflows=[Collector]),
