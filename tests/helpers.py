@@ -55,6 +55,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -243,8 +244,20 @@ class Proc:
         return self.err.read_text(errors="replace")[-chars:] if self.err.exists() else ""
 
 
+#: Run a child under ``setpriv --pdeathsig KILL`` (util-linux; it execs the command, so
+#: the pid is the command's): the kernel SIGKILLs it when the test process dies. A test
+#: past its timeout ends its xdist worker with ``os._exit`` (pytest-timeout's thread
+#: method), skipping ``cleanup()``; orphaned servers would keep their database
+#: connections and CPU and starve the tests after them. Spawned from the event loop's
+#: thread, which lives as long as the worker (the signal follows the forking thread).
+DIE_WITH_TEST: tuple[str, ...] = (
+    ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
+)
+
+
 class Processes:
-    """Starts child processes and guarantees they are killed and reaped."""
+    """Starts child processes and guarantees they are killed and reaped (also when the
+    test process itself dies: ``DIE_WITH_TEST``)."""
 
     def __init__(self, directory: Path) -> None:
         self._dir = directory
@@ -256,7 +269,11 @@ class Processes:
         out, err = self._dir / f"{name}.out", self._dir / f"{name}.err"
         with out.open("wb") as out_f, err.open("wb") as err_f:
             popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, cwd=self._dir
+                [*DIE_WITH_TEST, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out_f,
+                stderr=err_f,
+                cwd=self._dir,
             )
         proc = Proc(name, popen, out, err)
         self._procs.append(proc)
