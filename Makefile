@@ -63,8 +63,12 @@ test-deps: $(STAMP)
 # on processes, leases and timers more than it computes (with two it kept 0.8 of a core
 # busy, 9m40s; with four 5m00s, but two runs in five failed under that load: a timer
 # lost in the cluster suite, a store-outage test past its timeout; see the README).
+# tests/conftest.py puts the long tests (LONG_POLES) first, and --dist loadgroup hands
+# tests out one at a time in that order (a group, e.g. the 3-node chaos suite's four
+# runs, goes to one worker and runs one after another: each holds up to 4 nodes'
+# database connections), so the long ones start early and spread over the workers.
 pytest: $(STAMP) test-deps
-	$(VENV)/bin/pytest -m "not tla" -n 3
+	$(VENV)/bin/pytest -m "not tla" -n 3 --dist loadgroup
 
 # The TLA+ stage: every model and mutant of tla/manifest.csv, then trace validation.
 tlc: $(STAMP)

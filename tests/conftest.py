@@ -256,7 +256,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (kept if wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    items[:] = sorted(kept, key=_long_pole_rank)
+
+
+#: Tests of a minute or more on two cores (module, or module::test), in the order they
+#: start. Under xdist the suite lasts as long as its busiest worker: started first,
+#: these run beside the short tests; met last, one of them alone would add its whole
+#: length to the suite's.
+LONG_POLES = (
+    "test_cluster_suite.py",
+    "test_chaos.py",
+    "test_sites_placement.py",
+    "test_security_auth.py::test_api_key_commands_and_start_dev_with_auth",
+    "test_signals.py::test_signal_storm_from_ten_clients",
+    "test_fuzz.py",
+    "test_cluster_routing.py",
+    "test_input_bounds.py::test_thousands_of_concurrent_polls_park",
+    "test_cluster_nodes.py",
+    "test_sites.py",
+)
+
+
+def _long_pole_rank(item: pytest.Item) -> int:
+    """Where ``item`` starts: long poles first, in ``LONG_POLES`` order (a stable sort
+    keeps every other test in collection order, the same on every xdist worker)."""
+    name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+    for rank, pole in enumerate(LONG_POLES):
+        if name == pole or name.startswith(f"{pole}::"):
+            return rank
+    return len(LONG_POLES)
 
 
 @pytest.fixture
