@@ -207,6 +207,52 @@ async def test_signal_and_terminate_behind_confirmation(env: WebEnv, page: Page)
     await expect(page.locator("#result")).to_have_text('"hello cy"')
 
 
+async def test_start_from_the_ui_and_child_workflow_links(env: WebEnv, page: Page) -> None:
+    parent_id = uid("parent")
+    child_id = f"{parent_id}-child"
+    await page.goto(f"{env.base}/#/workflows")
+
+    async def fill_start(arguments: str) -> None:
+        await page.click("#start-workflow")
+        await page.fill("dialog input[name=workflowId]", parent_id)
+        await page.fill("dialog input[name=type]", "Parent")
+        await page.fill("dialog input[name=taskQueue]", QUEUE)
+        await page.fill("dialog textarea[name=input]", arguments)
+
+    await fill_start('["dee"]')
+    await confirm(page, ok=False)  # dismissed: nothing starts
+    # A mistake in the arguments is one line that stays; nothing starts either.
+    await fill_start('["dee"')
+    await confirm(page)
+    await expect(page.locator("#error")).to_contain_text("Arguments is not valid JSON")
+    await expect(page.locator("#count")).to_contain_text("matching")  # a refresh ran
+    await expect(page.locator("#error")).to_be_visible()
+    assert not await env.client.count_workflows(f'WorkflowId = "{parent_id}"')
+
+    await fill_start('["dee"]')
+    await shot(page, "start-workflow")
+    await confirm(page)
+    # The new run's page, with its child linked both ways.
+    await expect(page.locator("#run-title")).to_have_text(parent_id)
+    await expect(page.locator("#error")).to_be_hidden()
+    await expect(page.locator("#run-status")).to_have_text("Completed")
+    await expect(page.locator("#result")).to_have_text('"parent of hello dee"')
+    child = page.locator("#child-workflows a.child-link")
+    await expect(child).to_have_text(child_id)
+    await expect(page.locator("#child-workflows tr.child-row")).to_contain_text("Completed")
+    row = page.locator("#timeline g.timeline-row", has_text=f"child {child_id}")
+    await expect(row.locator("rect.bar.completed")).to_have_count(1)
+    await shot(page, "child-workflows")
+    await child.click()
+    await expect(page.locator("#run-title")).to_have_text(child_id)
+    await expect(page.locator("#result")).to_have_text('"hello dee"')
+    await expect(page.locator("#child-workflows")).to_have_count(0)
+    await page.click("#parent-link")
+    await expect(page.locator("#run-title")).to_have_text(parent_id)
+    description = await env.client.get_workflow_handle(parent_id).describe()
+    assert description.workflow_type == "Parent" and description.task_queue == QUEUE
+
+
 async def test_schedules_page(env: WebEnv, page: Page) -> None:
     sid = uid("nightly")
     status, body = await env.call(

@@ -90,11 +90,18 @@ const ms = (t) => (t ? new Date(t).getTime() : null);
 const json = (v) => JSON.stringify(v, null, 2);
 const eventName = (t) => (t || "").replace("EVENT_TYPE_", "");
 
-function showError(error) {
+// A failed action's error stays until the next navigation (a refresh that succeeds
+// clears only its own errors, else the message would vanish 1.5 s later, unread).
+function showError(error, sticky) {
   const box = document.getElementById("error");
-  if (!error) { box.hidden = true; box.textContent = ""; return; }
+  if (!error) {
+    if (box.dataset.sticky && !sticky) return;
+    box.hidden = true; box.textContent = ""; delete box.dataset.sticky;
+    return;
+  }
   box.hidden = false;
   box.textContent = error.message || String(error);
+  if (sticky) box.dataset.sticky = "1";
 }
 
 function attributesOf(event) {
@@ -103,9 +110,13 @@ function attributesOf(event) {
 }
 
 // A confirmation dialog; resolves to the fields' values, or null when cancelled.
-function confirmAction(title, text, fields) {
+function confirmAction(title, text, fields, okLabel) {
   const dialog = document.getElementById("confirm");
   document.getElementById("confirm-title").textContent = title;
+  const ok = document.getElementById("confirm-ok");
+  ok.textContent = okLabel || "Confirm";
+  ok.className = okLabel ? "primary" : "danger";  // a named action (Start) is not a risky one
+  showError(null, true);  // a new attempt: the last one's error is no longer news
   document.getElementById("confirm-text").textContent = text;
   const box = document.getElementById("confirm-fields");
   box.replaceChildren(...(fields || []).map((f) => h("label", {}, f.label,
@@ -125,16 +136,30 @@ function confirmAction(title, text, fields) {
   });
 }
 
-async function act(title, text, fields, perform) {
-  const values = await confirmAction(title, text, fields);
+// Ask, then perform; ``perform`` may answer a location (#/...) to go to.
+async function act(title, text, fields, perform, okLabel) {
+  const values = await confirmAction(title, text, fields, okLabel);
   if (values === null) return;
+  let next = null;
   try {
-    await perform(values);
-    showError(null);
+    next = await perform(values);
+    showError(null, true);
   } catch (error) {
-    showError(error);
+    showError(error, true);
+    return;
   }
-  route();
+  if (typeof next === "string" && next !== location.hash) location.hash = next;
+  else route();
+}
+
+// A JSON field of a dialog, or a one-line error naming it.
+function parseField(label, text, fallback) {
+  if (!text.trim()) return fallback;
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Error(`${label} is not valid JSON: ${error.message}`);
+  }
 }
 
 function every(fn) {
@@ -186,7 +211,8 @@ function listView(params) {
   const pager = h("div", { class: "row" });
   const table = h("table", {}, h("thead", {}, h("tr", {},
     ["Status", "Workflow ID", "Run ID", "Type", "Task queue", "Start", "Close"].map((c) => h("th", {}, c)))), body);
-  view(h("h2", {}, "Workflows ", count),
+  const starter = h("button", { id: "start-workflow", class: "primary", onclick: startWorkflow }, "Start workflow");
+  view(h("div", { class: "row" }, h("h2", {}, "Workflows ", count), h("span", { style: "flex:1" }), starter),
     h("div", { class: "panel" }, form, h("div", { style: "height:8px" }), filters),
     table, pager);
   const q = combinedQuery(text, status);
@@ -226,6 +252,28 @@ function listView(params) {
   });
 }
 
+// Start a run (StartWorkflow), behind the dialog; then show the new run's page.
+function startWorkflow() {
+  return act("Start workflow", "Start a new run; a worker polling the task queue runs it.", [
+    { name: "workflowId", label: "Workflow ID (empty: a new UUID)" },
+    { name: "type", label: "Workflow type", required: true },
+    { name: "taskQueue", label: "Task queue", required: true },
+    { name: "input", label: "Arguments (a JSON array, optional)", multiline: true, placeholder: '["ada", 2]' },
+  ], async (v) => {
+    const args = parseField("Arguments", v.input, []);
+    if (!Array.isArray(args)) throw new Error('Arguments must be a JSON array, e.g. ["ada", 2]');
+    const id = v.workflowId.trim() || newId();
+    const started = await api("POST", wfPath(id), { workflowType: { name: v.type.trim() },
+      taskQueue: { name: v.taskQueue.trim() }, input: { payloads: args }, requestId: newId() });
+    return `#/workflows/${encodeURIComponent(id)}?${new URLSearchParams({ run: started.runId })}`;
+  }, "Start");
+}
+
+function newId() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  return "xxxxxxxx-xxxx-4xxx-8xxx-xxxxxxxxxxxx".replace(/x/g, () => Math.floor(Math.random() * 16).toString(16));
+}
+
 // ------------------------------------------------------------------ one run
 
 async function fetchHistory(id, runId) {
@@ -254,12 +302,13 @@ function runView(id, params) {
   const summary = h("div", { class: "panel grid", id: "summary" });
   const io = h("div", { class: "cols", id: "io" });
   const pending = h("div", { id: "pending" });
+  const children = h("div", { id: "children" });
   const tabs = h("div", { class: "tabs" }, [["timeline", "Timeline"], ["events", "Events"],
     ["dag", "DAG"]].map(([t, label]) => h("button", {
     id: `tab-${t}`, class: t === tab ? "on" : "", onclick: () => setTab(t),
   }, label)));
   const content = h("div", { id: "tab-content" });
-  view(header, summary, io, pending, tabs, content);
+  view(header, summary, io, pending, children, tabs, content);
   let selected = params.get("task") || null;
   return every(async () => {
     const described = await api("GET", `${wfPath(id)}?${new URLSearchParams({ runId })}`);
@@ -273,9 +322,10 @@ function runView(id, params) {
     if (isDag) dag = await dagState(id, runId, events, described, running);
     showError(null);
     renderHeader(header, id, runId, status, running, dag);
-    renderSummary(summary, info, described);
+    renderSummary(summary, info, described, events);
     renderIO(io, events);
     renderPending(pending, described, events);
+    renderChildren(children, events);
     tabs.querySelector("#tab-dag").hidden = !isDag;
     if (tab === "events") renderEvents(content, events);
     else if (tab === "dag" && dag) {
@@ -296,7 +346,7 @@ function renderHeader(header, id, runId, status, running, dag) {
         { name: "name", label: "Signal name", required: true },
         { name: "input", label: "Input (JSON, optional)", multiline: true, placeholder: '{"key": "value"}' },
       ], (v) => api("POST", `${path}/signal/${encodeURIComponent(v.name)}${runQ}`,
-        v.input.trim() ? { input: { payloads: [JSON.parse(v.input)] } } : {})) }, "Signal"));
+        v.input.trim() ? { input: { payloads: [parseField("Input", v.input)] } } : {})) }, "Signal"));
     if (dag) {
       const paused = dag.status === "PAUSED";
       buttons.push(h("button", { id: paused ? "action-resume" : "action-pause",
@@ -322,17 +372,67 @@ function renderHeader(header, id, runId, status, running, dag) {
     h("span", { style: "flex:1" }), ...buttons].filter(Boolean));
 }
 
-function renderSummary(el, info, described) {
+function renderSummary(el, info, described, events) {
   const item = (label, value) => h("div", {}, h("span", {}, label), h("b", { class: "mono" }, value ?? ""));
-  el.replaceChildren(
+  const started = events.length ? attributesOf(events[0]) : {};
+  const parent = started.parentWorkflowExecution;
+  el.replaceChildren(...[
     item("Run ID", info.execution.runId), item("Type", info.type && info.type.name),
+    parent ? item("Parent workflow", runLink(parent, "parent-link")) : null,
     item("Task queue", info.taskQueue), item("Start", fmtTime(info.startTime)),
     item("Close", fmtTime(info.closeTime)), item("History events", info.historyLength),
-    item("Workflow task attempt", described.pendingWorkflowTaskAttempt || ""));
+    item("Workflow task attempt", described.pendingWorkflowTaskAttempt || "")].filter(Boolean));
+}
+
+const runLink = (execution, id, cls) => h("a", { id, class: cls,
+  href: `#/workflows/${encodeURIComponent(execution.workflowId)}?${new URLSearchParams({ run: execution.runId || "" })}` },
+execution.workflowId);
+
+const CHILD_OUTCOME = {
+  EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED: "Completed", EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED: "Failed",
+  EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED: "Canceled", EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT: "TimedOut",
+  EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED: "Terminated",
+};
+
+// The run's child workflows as its history tells them: initiated, started (the run
+// id to link to), then their outcome; keyed by the initiating event.
+function childrenOf(events) {
+  const byInitiated = new Map();
+  for (const e of events) {
+    const a = attributesOf(e);
+    const t = ms(e.eventTime);
+    if (e.eventType === "EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED") {
+      byInitiated.set(String(e.eventId), { workflowId: a.workflowId, runId: "", type: a.workflowType ? a.workflowType.name : "",
+        status: "Initiated", initiated: t, end: null });
+      continue;
+    }
+    const child = byInitiated.get(String(a.initiatedEventId));
+    if (!child) continue;
+    if (e.eventType === "EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED") {
+      Object.assign(child, { runId: a.workflowExecution.runId, status: "Running", started: t });
+    } else if (e.eventType === "EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED") {
+      Object.assign(child, { status: "StartFailed", end: t, cause: a.cause });
+    } else if (CHILD_OUTCOME[e.eventType]) {
+      Object.assign(child, { status: CHILD_OUTCOME[e.eventType], end: t });
+    }
+  }
+  return [...byInitiated.values()];
+}
+
+function renderChildren(el, events) {
+  const children = childrenOf(events);
+  if (!children.length) { el.replaceChildren(); return; }
+  el.replaceChildren(h("h3", {}, "Child workflows"), h("table", { id: "child-workflows" },
+    h("thead", {}, h("tr", {}, ["Status", "Workflow ID", "Type", "Run ID", "Initiated"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, children.map((c) => h("tr", { class: "child-row" },
+      h("td", {}, badge(c.status, c.status === "StartFailed" ? "Failed" : c.status)),
+      h("td", { class: "mono" }, c.runId ? runLink(c, undefined, "child-link") : c.workflowId),
+      h("td", {}, c.type), h("td", { class: "mono muted" }, c.runId || (c.cause || "")),
+      h("td", {}, fmtTime(c.initiated)))))));
 }
 
 function closeEvent(events) {
-  return events.find((e) => /WORKFLOW_EXECUTION_(COMPLETED|FAILED|TIMED_OUT|CANCELED|TERMINATED|CONTINUED_AS_NEW)$/.test(e.eventType));
+  return events.find((e) => /^EVENT_TYPE_WORKFLOW_EXECUTION_(COMPLETED|FAILED|TIMED_OUT|CANCELED|TERMINATED|CONTINUED_AS_NEW)$/.test(e.eventType));
 }
 
 function renderIO(el, events) {
@@ -462,6 +562,10 @@ function timelineRows(events, end) {
     rows.push(row);
   }
   for (const timer of timers.values()) { timer.bars[0].to = timer.bars[0].to || end; rows.push(timer); }
+  for (const c of childrenOf(events)) {
+    rows.push({ label: `child ${c.workflowId}`, marks: [], bars: [{ from: c.initiated, to: c.end || end,
+      cls: c.end ? (c.status === "Completed" ? "completed" : "failed") : "running", title: `child workflow ${c.workflowId} (${c.type}): ${c.status}` }] });
+  }
   return rows;
 }
 
@@ -691,6 +795,7 @@ function view(...children) {
 function route() {
   viewToken += 1;
   clearTimeout(refreshTimer);
+  showError(null, true);
   const hash = location.hash.replace(/^#/, "") || "/workflows";
   const [path, query] = hash.split("?");
   const params = new URLSearchParams(query || "");
