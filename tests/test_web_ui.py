@@ -254,16 +254,45 @@ async def test_start_from_the_ui_and_child_workflow_links(env: WebEnv, page: Pag
 
 
 async def test_schedules_page(env: WebEnv, page: Page) -> None:
-    sid = uid("nightly")
+    sid, hourly = uid("nightly"), uid("hourly")
     status, body = await env.call(
         "POST",
-        f"/api/v1/namespaces/default/schedules/{sid}",
-        schedule_body(sid, {"cronExpressions": ["0 3 * * *"]}),
+        f"/api/v1/namespaces/default/schedules/{hourly}",
+        schedule_body(hourly, {"intervals": [{"interval": "3600s"}]}),
     )
     assert status == 200, body
     await page.goto(f"{env.base}/#/schedules")
+    await expect(page.locator("tr.schedule-row", has_text=hourly)).to_contain_text("every 3600s")
+
+    async def fill_create(interval: str) -> None:
+        await page.click("#create-schedule")
+        for name, value in {
+            "scheduleId": sid,
+            "cron": "0 3 * * *",
+            "interval": interval,
+            "timeZone": "Europe/Berlin",
+            "type": "Greeter",
+            "taskQueue": QUEUE,
+            "input": '["night"]',
+        }.items():
+            await page.fill(f"dialog [name={name}]", value)
+
+    await fill_create("an hour")
+    await confirm(page)
+    await expect(page.locator("#error")).to_contain_text("is not like 90s, 1h30m or 1d")
+    await fill_create("1h30m")
+    await shot(page, "create-schedule")
+    await confirm(page)
     row = page.locator("tr.schedule-row", has_text=sid)
     await expect(row).to_contain_text("Active")
+    await expect(row).to_contain_text("0 3 * * *, every 5400s")
+    status, described = await env.call("GET", f"/api/v1/namespaces/default/schedules/{sid}")
+    assert status == 200, described
+    schedule = described["schedule"]
+    assert schedule["spec"]["timezoneName"] == "Europe/Berlin"
+    started = schedule["action"]["startWorkflow"]
+    assert (started["workflowId"], started["workflowType"]["name"]) == (sid, "Greeter")
+    assert started["input"]["payloads"] == ["night"]
     await page.click(f"#pause-{sid}")
     await confirm(page)
     await expect(row).to_contain_text("Paused")

@@ -752,7 +752,9 @@ function taskDetail(tid, task) {
 function schedulesView() {
   const body = h("tbody", { id: "schedules" });
   const detail = h("div", { id: "schedule-detail" });
-  view(h("h2", {}, "Schedules"), h("table", {}, h("thead", {}, h("tr", {},
+  const creator = h("button", { id: "create-schedule", class: "primary", onclick: createSchedule }, "Create schedule");
+  view(h("div", { class: "row" }, h("h2", {}, "Schedules"), h("span", { style: "flex:1" }), creator),
+    h("table", {}, h("thead", {}, h("tr", {},
     ["Schedule ID", "State", "Workflow", "Spec", "Actions taken", "Next runs", ""].map((c) => h("th", {}, c)))), body), detail);
   return every(async () => {
     const list = await api("GET", `${ns()}/schedules`);
@@ -784,6 +786,42 @@ function schedulesView() {
     if (!entries.length) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No schedules.")));
     return true;
   });
+}
+
+// "90s", "1h30m", "1d" -> "5400s" (a protobuf Duration's JSON form).
+function durationJson(text) {
+  const m = text.trim().match(/^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/);
+  if (!text.trim() || !m) throw new Error(`Interval ${JSON.stringify(text)} is not like 90s, 1h30m or 1d`);
+  const [d, hr, mi, se] = m.slice(1).map((v) => Number(v || 0));
+  const seconds = ((d * 24 + hr) * 60 + mi) * 60 + se;
+  if (!seconds) throw new Error("Interval must be longer than 0s");
+  return `${seconds}s`;
+}
+
+// Create a schedule (CreateSchedule), behind the dialog: a cron expression or an
+// interval (or both), and the workflow each action starts.
+function createSchedule() {
+  return act("Create schedule", "Start a workflow on a cron expression or at an interval.", [
+    { name: "scheduleId", label: "Schedule ID", required: true },
+    { name: "cron", label: "Cron expression (e.g. 0 2 * * *)" },
+    { name: "interval", label: "Or every (e.g. 90s, 1h30m, 1d)" },
+    { name: "timeZone", label: "Time zone of the cron expression (empty: UTC)" },
+    { name: "type", label: "Workflow type", required: true },
+    { name: "taskQueue", label: "Task queue", required: true },
+    { name: "workflowId", label: "Workflow ID prefix (empty: the schedule ID)" },
+    { name: "input", label: "Arguments (a JSON array, optional)", multiline: true, placeholder: '["eu"]' },
+  ], async (v) => {
+    const args = parseField("Arguments", v.input, []);
+    if (!Array.isArray(args)) throw new Error('Arguments must be a JSON array, e.g. ["eu"]');
+    const spec = { timezoneName: v.timeZone.trim() };
+    if (v.cron.trim()) spec.cronExpressions = [v.cron.trim()];
+    if (v.interval.trim()) spec.intervals = [{ interval: durationJson(v.interval) }];
+    if (!spec.cronExpressions && !spec.intervals) throw new Error("Give a cron expression or an interval");
+    const sid = v.scheduleId.trim();
+    await api("POST", `${ns()}/schedules/${encodeURIComponent(sid)}`, { schedule: { spec, action: { startWorkflow: {
+      workflowId: v.workflowId.trim() || sid, workflowType: { name: v.type.trim() }, taskQueue: { name: v.taskQueue.trim() },
+      input: { payloads: args } } } }, requestId: newId() });
+  }, "Create");
 }
 
 // ------------------------------------------------------------------ routing
