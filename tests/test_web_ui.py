@@ -181,8 +181,8 @@ async def test_dag_graph_with_live_states_pause_and_resume(env: WebEnv, page: Pa
 
 
 async def test_signal_and_terminate_behind_confirmation(env: WebEnv, page: Page) -> None:
-    signalled, terminated = uid("signal"), uid("terminate")
-    for workflow_id in (signalled, terminated):
+    signalled, terminated, followed = uid("signal"), uid("terminate"), uid("follow")
+    for workflow_id in (signalled, terminated, followed):
         await env.client.start_workflow(
             Greeter.run, args=["cy", True], id=workflow_id, task_queue=QUEUE
         )
@@ -205,6 +205,20 @@ async def test_signal_and_terminate_behind_confirmation(env: WebEnv, page: Page)
     await confirm(page)
     await expect(page.locator("#run-status")).to_have_text("Completed")
     await expect(page.locator("#result")).to_have_text('"hello cy"')
+
+    # Events that come while the events table is open are appended to it: an event
+    # opened for its attributes stays open.
+    await page.goto(f"{env.base}/#/workflows/{followed}?tab=events")
+    await expect(page.locator("#events")).to_contain_text("WORKFLOW_TASK_COMPLETED")
+    first = page.locator("#events tr.event-row details").first
+    await first.locator("summary").click()
+    await expect(first).to_have_attribute("open", "")
+    await env.client.get_workflow_handle(followed).signal("approve")  # not from the page
+    await expect(page.locator("#events")).to_contain_text("WORKFLOW_EXECUTION_COMPLETED")
+    await expect(page.locator("#run-status")).to_have_text("Completed")
+    await expect(first).to_have_attribute("open", "")
+    history = await env.client.get_workflow_handle(followed).fetch_history()
+    await expect(page.locator("#events tr.event-row")).to_have_count(len(history.events))
 
 
 async def test_start_from_the_ui_and_child_workflow_links(env: WebEnv, page: Page) -> None:

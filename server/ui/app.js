@@ -1,6 +1,7 @@
 // tideflow web UI: a hand-written script over the HTTP API (/api/v1), no build step.
 // Views are chosen by the part of the URL after '#': #/workflows, #/workflows/<id>,
-// #/schedules. A view that shows a running run refreshes itself every REFRESH_MS.
+// #/schedules. A view that shows a running run refreshes itself every REFRESH_MS, and
+// a run's page at once when its history grows (a long poll of GetHistory).
 "use strict";
 
 const REFRESH_MS = 1500;
@@ -17,6 +18,7 @@ const settings = {
 };
 let refreshTimer = null;
 let viewToken = 0;  // bumped on navigation: stale refreshes of an old view stop
+let follower = null;  // the AbortController of the run page's long poll
 
 // ------------------------------------------------------------------ helpers
 
@@ -28,12 +30,12 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body, timeoutS) {
+async function api(method, path, body, timeoutS, signal) {
   const headers = { "Content-Type": "application/json" };
   if (settings.key) headers["Authorization"] = `Bearer ${settings.key}`;
   if (timeoutS) headers["X-Tideflow-Timeout"] = String(timeoutS);
   const response = await fetch(`/api/v1${path}`, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
   });
   const text = await response.text();
   let data = {};
@@ -162,13 +164,24 @@ function parseField(label, text, fallback) {
   }
 }
 
-function every(fn) {
+// Run ``fn`` now and every REFRESH_MS while it answers true; ``hooks.wake()`` runs it
+// at once (after the one in progress, never two at a time).
+function every(fn, hooks) {
   const token = viewToken;
+  let busy = false;
+  let again = false;
   const tick = async () => {
     if (token !== viewToken) return;
-    const again = await fn().catch((e) => { showError(e); return true; });
-    if (again && token === viewToken) refreshTimer = setTimeout(tick, REFRESH_MS);
+    if (busy) { again = true; return; }
+    busy = true;
+    clearTimeout(refreshTimer);
+    const more = await fn().catch((e) => { showError(e); return true; });
+    busy = false;
+    if (!more || token !== viewToken) return;
+    if (again) { again = false; tick(); return; }
+    refreshTimer = setTimeout(tick, REFRESH_MS);
   };
+  if (hooks) hooks.wake = tick;
   return tick();
 }
 
@@ -276,17 +289,63 @@ function newId() {
 
 // ------------------------------------------------------------------ one run
 
-async function fetchHistory(id, runId) {
-  const events = [];
-  let token = "";
-  do {
-    const args = new URLSearchParams({ runId });
-    if (token) args.set("nextPageToken", token);
+// A run's history as far as read: its events (ids 1..n, gap-free) and the token of
+// the next page. A refresh reads only the events added since the last one.
+function historyCache(runId) {
+  return { runId, events: [], token: "", done: false };
+}
+
+// Add a page of GetHistory (asked with waitNewEvent, so a running run's last page
+// has a token too); true when it held new events. Pages read concurrently (the long
+// poll and a refresh) may overlap: events already held are skipped, and the token is
+// taken only from a page that reaches the newest event held.
+function addPage(cache, page) {
+  const events = (page.history && page.history.events) || [];
+  let added = 0;
+  for (const e of events) {
+    if (Number(e.eventId) !== cache.events.length + 1) continue;
+    cache.events.push(e);
+    added += 1;
+  }
+  const last = events.length ? Number(events[events.length - 1].eventId) : null;
+  if (last === null ? !page.nextPageToken : last === cache.events.length) {
+    cache.token = page.nextPageToken || "";
+    cache.done = !cache.token;
+  }
+  return added > 0;
+}
+
+async function readHistory(id, cache, length) {
+  while (!cache.done && cache.events.length < Math.max(length, 1)) {
+    const args = new URLSearchParams({ runId: cache.runId, waitNewEvent: "true" });
+    if (cache.token) args.set("nextPageToken", cache.token);
+    // Not a wait: the run has events past the token (its history length says so).
     const page = await api("GET", `${wfPath(id)}/history?${args}`);
-    events.push(...((page.history && page.history.events) || []));
-    token = page.nextPageToken || "";
-  } while (token);
-  return events;
+    if (!addPage(cache, page)) break;
+  }
+  return cache.events;
+}
+
+// While the run is open, wait on the server for its next events and wake the page
+// when they come (the refresh every REFRESH_MS still shows what changes without an
+// event: an activity a worker has started, a DAG's state).
+function followHistory(id, cache, wake) {
+  if (follower) follower.abort();
+  const controller = new AbortController();
+  controller.cache = cache;
+  follower = controller;
+  (async () => {
+    while (!controller.signal.aborted && !cache.done && cache.token) {
+      const args = new URLSearchParams({ runId: cache.runId, waitNewEvent: "true", nextPageToken: cache.token });
+      try {
+        const page = await api("GET", `${wfPath(id)}/history?${args}`, undefined, 65, controller.signal);
+        if (addPage(cache, page) && !controller.signal.aborted) wake();
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        await new Promise((resolve) => setTimeout(resolve, REFRESH_MS));  // the refresh shows the error
+      }
+    }
+  })();
 }
 
 function runView(id, params) {
@@ -310,13 +369,18 @@ function runView(id, params) {
   const content = h("div", { id: "tab-content" });
   view(header, summary, io, pending, children, tabs, content);
   let selected = params.get("task") || null;
+  let cache = historyCache(runId);
+  const hooks = {};
+  const timelineState = { detail: null };
   return every(async () => {
     const described = await api("GET", `${wfPath(id)}?${new URLSearchParams({ runId })}`);
     const info = described.workflowExecutionInfo;
     runId = info.execution.runId;
-    const events = await fetchHistory(id, runId);
     const status = statusName(info.status);
     const running = status === "Running";
+    if (cache.runId !== runId) cache = historyCache(runId);
+    const events = await readHistory(id, cache, Number(info.historyLength) || 0);
+    if (running && (follower === null || follower.cache !== cache)) followHistory(id, cache, () => hooks.wake());
     const isDag = info.type && info.type.name === DAG_TYPE;
     let dag = null;
     if (isDag) dag = await dagState(id, runId, events, described, running);
@@ -327,13 +391,13 @@ function runView(id, params) {
     renderPending(pending, described, events);
     renderChildren(children, events);
     tabs.querySelector("#tab-dag").hidden = !isDag;
-    if (tab === "events") renderEvents(content, events);
+    if (tab === "events") renderEvents(content, events, runId);
     else if (tab === "dag" && dag) {
       const select = (task) => { selected = task; renderDag(content, dag, selected, select); };
       select(selected);
-    } else renderTimeline(content, events, info);
+    } else renderTimeline(content, events, info, timelineState);
     return running;
-  });
+  }, hooks);
 }
 
 function renderHeader(header, id, runId, status, running, dag) {
@@ -486,13 +550,21 @@ function pendingTimers(events) {
   return [...open.values()];
 }
 
-function renderEvents(el, events) {
-  el.replaceChildren(h("table", { id: "events" },
-    h("thead", {}, h("tr", {}, ["ID", "Time", "Type", "Details"].map((c) => h("th", {}, c)))),
-    h("tbody", {}, events.map((e) => h("tr", { class: "event-row" },
-      h("td", {}, e.eventId), h("td", { class: "mono" }, fmtPrecise(e.eventTime)),
-      h("td", { class: "mono" }, eventName(e.eventType)),
-      h("td", {}, h("details", {}, h("summary", { class: "muted" }, summarize(e)), h("pre", {}, json(attributesOf(e))))))))));
+// The events table; a refresh appends the rows of new events only (a long history is
+// not redrawn, and an event opened for its attributes stays open).
+function renderEvents(el, events, runId) {
+  let table = el.querySelector("table#events");
+  if (!table || table.dataset.run !== runId || Number(table.dataset.rows) > events.length) {
+    table = h("table", { id: "events", "data-run": runId, "data-rows": 0 },
+      h("thead", {}, h("tr", {}, ["ID", "Time", "Type", "Details"].map((c) => h("th", {}, c)))), h("tbody", {}));
+    el.replaceChildren(table);
+  }
+  const shown = Number(table.dataset.rows);
+  table.tBodies[0].append(...events.slice(shown).map((e) => h("tr", { class: "event-row" },
+    h("td", {}, e.eventId), h("td", { class: "mono" }, fmtPrecise(e.eventTime)),
+    h("td", { class: "mono" }, eventName(e.eventType)),
+    h("td", {}, h("details", {}, h("summary", { class: "muted" }, summarize(e)), h("pre", {}, json(attributesOf(e))))))));
+  table.dataset.rows = String(events.length);
 }
 
 function summarize(e) {
@@ -576,7 +648,7 @@ function barLabel(text, x1, x2, y) {
     style: inside ? "fill:#fff" : "" }, text);
 }
 
-function renderTimeline(el, events, info) {
+function renderTimeline(el, events, info, state) {
   if (!events.length) { el.replaceChildren(h("p", { class: "muted" }, "No events yet.")); return; }
   const closed = closeEvent(events);
   const end = closed ? ms(closed.eventTime) : Math.max(Date.now(), ms(events[events.length - 1].eventTime));
@@ -592,14 +664,15 @@ function renderTimeline(el, events, info) {
     axis.append(svg("line", { x1: x(t), x2: x(t), y1: TOP - 6, y2: height }),
       svg("text", { x: x(t), y: 12, "text-anchor": "middle" }, `+${((t - start) / 1000).toFixed(span < 10000 ? 2 : 0)}s`));
   }
-  const detail = h("pre", { id: "timeline-detail", class: "muted" }, "Click a bar for its details.");
+  // The bar last clicked stays described across refreshes.
+  const detail = h("pre", { id: "timeline-detail", class: "muted" }, state.detail || "Click a bar for its details.");
   const body = rows.map((row, i) => {
     const y = TOP + i * ROW;
     return svg("g", { class: "timeline-row" },
       svg("text", { x: 4, y: y + 16 }, row.label.length > 34 ? `${row.label.slice(0, 33)}…` : row.label),
       row.bars.map((b) => svg("g", {},
         svg("rect", { class: `bar ${b.cls}`, x: x(b.from), y: y + 4, width: Math.max(x(b.to) - x(b.from), 2), height: ROW - 8, rx: 3,
-          onclick: () => { detail.textContent = `${b.title}\n${fmtTime(b.from)} → ${fmtTime(b.to)} (${((b.to - b.from) / 1000).toFixed(3)} s)`; } },
+          onclick: () => { state.detail = detail.textContent = `${b.title}\n${fmtTime(b.from)} → ${fmtTime(b.to)} (${((b.to - b.from) / 1000).toFixed(3)} s)`; } },
         svg("title", {}, b.title)),
         b.label ? barLabel(b.label, x(b.from), x(b.to), y) : null)),
       row.marks.map((m) => svg("circle", { class: `mark ${m.cls}`, cx: x(m.at), cy: y + ROW / 2, r: m.cls === "signal" ? 5 : 3 },
@@ -833,6 +906,7 @@ function view(...children) {
 function route() {
   viewToken += 1;
   clearTimeout(refreshTimer);
+  if (follower) { follower.abort(); follower = null; }
   showError(null, true);
   const hash = location.hash.replace(/^#/, "") || "/workflows";
   const [path, query] = hash.split("?");
