@@ -208,9 +208,16 @@ _HISTORY_FIXED = (6, 24, 34)
 
 
 def history_widths(width: int | None = None) -> list[int]:
+    """The follow table's widths: the fixed columns as wide as they like while the
+    details keep room; on a narrow terminal the time and type columns give way."""
     limit = width if width is not None else shutil.get_terminal_size((120, 24)).columns
-    fixed = list(_HISTORY_FIXED)
-    return [*fixed, max(MIN_COLUMN * 2, limit - sum(fixed) - 2 * len(fixed))]
+    room = limit - 2 * len(_HISTORY_FIXED)  # the gaps between four columns
+    widths = [*_HISTORY_FIXED, 0]
+    while sum(widths[:3]) + MIN_COLUMN * 2 > room and max(widths[1:3]) > MIN_COLUMN * 2:
+        widest = 1 if widths[1] >= widths[2] else 2
+        widths[widest] -= 1
+    widths[3] = max(MIN_COLUMN * 2, room - sum(widths[:3]))
+    return widths
 
 
 def history_table(events: Sequence[HistoryEvent], width: int | None = None) -> str:

@@ -44,6 +44,7 @@ from tideflow.worker_sdk.converter import DataConverter, default_converter
 
 from . import _output as out
 from ._codec import add_codec_arguments, codec_from_args
+from ._progress import Progress, watch_run
 
 DEFAULT_ADDRESS = "127.0.0.1:7233"
 DEFAULT_NAMESPACE = "default"
@@ -282,8 +283,19 @@ async def _report_outcome(
     client: Client, args: argparse.Namespace, workflow_id: str, run_id: str, record: dict[str, Any]
 ) -> int:
     """Wait for the run (following continue-as-new) to close and print its outcome:
-    the result, or the failure on stderr with exit code 1."""
-    close, closed_run_id = await wait_for_close(client, workflow_id, run_id)
+    the result, or the failure on stderr with exit code 1. Meanwhile a terminal shows
+    the run's progress on stderr."""
+    progress = Progress()
+    watcher = None
+    if progress.enabled:
+        watcher = asyncio.create_task(watch_run(client, workflow_id, progress))
+    try:
+        close, closed_run_id = await wait_for_close(client, workflow_id, run_id)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        progress.clear()
     outcome = close_outcome(close)
     record = {**record, "runId": closed_run_id or record["runId"], **outcome}
     if close.event_type != _COMPLETED:
@@ -421,21 +433,26 @@ async def _show(client: Client, args: argparse.Namespace, inputs: list[Any]) -> 
 
 
 async def _list(client: Client, args: argparse.Namespace, inputs: list[Any]) -> int:
-    records = []
-    async for run in client.list_workflows(args.query):
-        records.append(
-            {
-                "workflowId": run.id,
-                "runId": run.run_id,
-                "type": run.workflow_type,
-                "taskQueue": run.task_queue,
-                "status": run.status.name,
-                "startTime": out.timestamp(run.start_time),
-                "closeTime": out.timestamp(run.close_time),
-            }
-        )
-        if args.limit and len(records) >= args.limit:
-            break
+    records: list[dict[str, Any]] = []
+    progress = Progress()  # a listing of many runs reads many pages
+    try:
+        async for run in client.list_workflows(args.query):
+            progress.update(f"listing runs: {len(records) + 1} so far")
+            records.append(
+                {
+                    "workflowId": run.id,
+                    "runId": run.run_id,
+                    "type": run.workflow_type,
+                    "taskQueue": run.task_queue,
+                    "status": run.status.name,
+                    "startTime": out.timestamp(run.start_time),
+                    "closeTime": out.timestamp(run.close_time),
+                }
+            )
+            if args.limit and len(records) >= args.limit:
+                break
+    finally:
+        progress.clear()
     headers = ["STATUS", "WORKFLOW ID", "TYPE", "START TIME", "CLOSE TIME", "RUN ID"]
     keys = ["status", "workflowId", "type", "startTime", "closeTime", "runId"]
     table = out.fit_table(headers, [[r[k] for k in keys] for r in records])

@@ -35,6 +35,11 @@ from ._http_openapi import openapi_document
 from ._http_routes import ROUTES, Route
 from ._web_ui import add_ui_routes
 
+# How long stop() lets requests in progress finish before cancelling them. Short: a
+# history long poll (a run page of the web UI, ``waitNewEvent``) may wait a minute
+# for an event, and aiohttp's default (60 s) held the whole server's stop for it.
+SHUTDOWN_GRACE_S = 1.0
+
 log = logging.getLogger("tideflow.server.http")
 
 # gRPC status -> HTTP status, as gRPC-gateway maps them (FAILED_PRECONDITION: 400).
@@ -203,7 +208,9 @@ class HttpFrontend:
         add_ui_routes(self.app)
 
     async def start(self) -> int:
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self.port, reuse_address=True)
         try:

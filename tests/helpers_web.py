@@ -58,6 +58,18 @@ class Greeter:
         )
 
 
+@workflow.defn
+class Parent:
+    """Runs a Greeter as its child (id: its own id + ``-child``): the run pages link
+    parent and child."""
+
+    @workflow.run
+    async def run(self, name: str) -> str:
+        child_id = f"{workflow.info().workflow_id}-child"
+        greeting = await workflow.execute_child_workflow(Greeter.run, name, id=child_id)
+        return f"parent of {greeting}"
+
+
 @dataclass
 class Gates:
     """DAG executors that wait until a test opens their gate (by task id)."""
@@ -174,7 +186,7 @@ async def web_env(folder: Path) -> AsyncIterator[WebEnv]:
         Worker(
             client,
             task_queue=QUEUE,
-            workflows=[Greeter, DagWorkflow],
+            workflows=[Greeter, Parent, DagWorkflow],
             activities=[greet, step, explode],
         ),
         aiohttp.ClientSession() as http,

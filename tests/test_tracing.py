@@ -5,17 +5,22 @@ task and the activity; the activity's span is a child of the ``StartActivity`` s
 the task that scheduled it; with the cache off (every task replays the run from its
 history) no span is duplicated: one per task handled, one per command sent, one per
 activity attempt. The client interceptor chain runs first-outermost and can add gRPC
-metadata.
+metadata. With the worker in another process, tracing with a provider of its own, its
+spans join the client's trace (the context crosses only in headers and metadata).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import bounded, new_id, running_server
+from helpers import Processes, bounded, new_id, running_server
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -142,3 +147,34 @@ async def test_client_interceptor_chain(tmp_path: Path) -> None:
             assert await client.count_workflows("") == 0
     assert seen[:2] == ["outer:GetSystemInfo", "inner:GetSystemInfo"]
     assert seen[-2:] == ["outer:CountWorkflowExecutions", "inner:CountWorkflowExecutions"]
+
+
+async def test_worker_in_another_process_joins_the_trace(
+    tmp_path: Path, exporter: InMemorySpanExporter, procs: Processes
+) -> None:
+    tracing = TracingInterceptor(_provider(exporter).get_tracer("test"))
+    queue, spans_file = new_id("q"), tmp_path / "worker-spans.jsonl"
+    script = Path(__file__).parent / "procs" / "traced_worker.py"
+    async with running_server(tmp_path) as server:
+        worker = procs.spawn(
+            "traced-worker", [sys.executable, str(script), server.address, queue, str(spans_file)]
+        )
+        await procs.wait_for_line(worker, "worker ready")
+        async with await Client.connect(server.address, interceptors=[tracing]) as client:
+            handle = await client.start_workflow(
+                "Shouter", "hi", id=new_id("shout"), task_queue=queue
+            )
+            assert await bounded(handle.result()) == "HI!"
+        worker.popen.send_signal(signal.SIGTERM)  # spans are written as they end
+        assert await bounded(asyncio.to_thread(worker.popen.wait)) == 0, worker.tail()
+    (start,) = [s for s in exporter.get_finished_spans() if s.name == "StartWorkflow:Shouter"]
+    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    by_name: dict[str, list[dict[str, str]]] = {}
+    for span in spans:
+        by_name.setdefault(span["name"], []).append(span)
+    assert {s["trace_id"] for s in spans} == {f"{start.context.trace_id:032x}"}
+    tasks = by_name["RunWorkflowTask:Shouter"]
+    assert tasks and all(t["parent"] == f"{start.context.span_id:016x}" for t in tasks)
+    starts, runs = by_name["StartActivity:shout"], by_name["RunActivity:shout"]
+    assert len(starts) == 2 and len(runs) == 2, by_name.keys()
+    assert {r["parent"] for r in runs} == {s["span_id"] for s in starts}

@@ -181,8 +181,8 @@ async def test_dag_graph_with_live_states_pause_and_resume(env: WebEnv, page: Pa
 
 
 async def test_signal_and_terminate_behind_confirmation(env: WebEnv, page: Page) -> None:
-    signalled, terminated = uid("signal"), uid("terminate")
-    for workflow_id in (signalled, terminated):
+    signalled, terminated, followed = uid("signal"), uid("terminate"), uid("follow")
+    for workflow_id in (signalled, terminated, followed):
         await env.client.start_workflow(
             Greeter.run, args=["cy", True], id=workflow_id, task_queue=QUEUE
         )
@@ -206,18 +206,107 @@ async def test_signal_and_terminate_behind_confirmation(env: WebEnv, page: Page)
     await expect(page.locator("#run-status")).to_have_text("Completed")
     await expect(page.locator("#result")).to_have_text('"hello cy"')
 
+    # Events that come while the events table is open are appended to it: an event
+    # opened for its attributes stays open.
+    await page.goto(f"{env.base}/#/workflows/{followed}?tab=events")
+    await expect(page.locator("#events")).to_contain_text("WORKFLOW_TASK_COMPLETED")
+    first = page.locator("#events tr.event-row details").first
+    await first.locator("summary").click()
+    await expect(first).to_have_attribute("open", "")
+    await env.client.get_workflow_handle(followed).signal("approve")  # not from the page
+    await expect(page.locator("#events")).to_contain_text("WORKFLOW_EXECUTION_COMPLETED")
+    await expect(page.locator("#run-status")).to_have_text("Completed")
+    await expect(first).to_have_attribute("open", "")
+    history = await env.client.get_workflow_handle(followed).fetch_history()
+    await expect(page.locator("#events tr.event-row")).to_have_count(len(history.events))
+
+
+async def test_start_from_the_ui_and_child_workflow_links(env: WebEnv, page: Page) -> None:
+    parent_id = uid("parent")
+    child_id = f"{parent_id}-child"
+    await page.goto(f"{env.base}/#/workflows")
+
+    async def fill_start(arguments: str) -> None:
+        await page.click("#start-workflow")
+        await page.fill("dialog input[name=workflowId]", parent_id)
+        await page.fill("dialog input[name=type]", "Parent")
+        await page.fill("dialog input[name=taskQueue]", QUEUE)
+        await page.fill("dialog textarea[name=input]", arguments)
+
+    await fill_start('["dee"]')
+    await confirm(page, ok=False)  # dismissed: nothing starts
+    # A mistake in the arguments is one line that stays; nothing starts either.
+    await fill_start('["dee"')
+    await confirm(page)
+    await expect(page.locator("#error")).to_contain_text("Arguments is not valid JSON")
+    await expect(page.locator("#count")).to_contain_text("matching")  # a refresh ran
+    await expect(page.locator("#error")).to_be_visible()
+    assert not await env.client.count_workflows(f'WorkflowId = "{parent_id}"')
+
+    await fill_start('["dee"]')
+    await shot(page, "start-workflow")
+    await confirm(page)
+    # The new run's page, with its child linked both ways.
+    await expect(page.locator("#run-title")).to_have_text(parent_id)
+    await expect(page.locator("#error")).to_be_hidden()
+    await expect(page.locator("#run-status")).to_have_text("Completed")
+    await expect(page.locator("#result")).to_have_text('"parent of hello dee"')
+    child = page.locator("#child-workflows a.child-link")
+    await expect(child).to_have_text(child_id)
+    await expect(page.locator("#child-workflows tr.child-row")).to_contain_text("Completed")
+    row = page.locator("#timeline g.timeline-row", has_text=f"child {child_id}")
+    await expect(row.locator("rect.bar.completed")).to_have_count(1)
+    await shot(page, "child-workflows")
+    await child.click()
+    await expect(page.locator("#run-title")).to_have_text(child_id)
+    await expect(page.locator("#result")).to_have_text('"hello dee"')
+    await expect(page.locator("#child-workflows")).to_have_count(0)
+    await page.click("#parent-link")
+    await expect(page.locator("#run-title")).to_have_text(parent_id)
+    description = await env.client.get_workflow_handle(parent_id).describe()
+    assert description.workflow_type == "Parent" and description.task_queue == QUEUE
+
 
 async def test_schedules_page(env: WebEnv, page: Page) -> None:
-    sid = uid("nightly")
+    sid, hourly = uid("nightly"), uid("hourly")
     status, body = await env.call(
         "POST",
-        f"/api/v1/namespaces/default/schedules/{sid}",
-        schedule_body(sid, {"cronExpressions": ["0 3 * * *"]}),
+        f"/api/v1/namespaces/default/schedules/{hourly}",
+        schedule_body(hourly, {"intervals": [{"interval": "3600s"}]}),
     )
     assert status == 200, body
     await page.goto(f"{env.base}/#/schedules")
+    await expect(page.locator("tr.schedule-row", has_text=hourly)).to_contain_text("every 3600s")
+
+    async def fill_create(interval: str) -> None:
+        await page.click("#create-schedule")
+        for name, value in {
+            "scheduleId": sid,
+            "cron": "0 3 * * *",
+            "interval": interval,
+            "timeZone": "Europe/Berlin",
+            "type": "Greeter",
+            "taskQueue": QUEUE,
+            "input": '["night"]',
+        }.items():
+            await page.fill(f"dialog [name={name}]", value)
+
+    await fill_create("an hour")
+    await confirm(page)
+    await expect(page.locator("#error")).to_contain_text("is not like 90s, 1h30m or 1d")
+    await fill_create("1h30m")
+    await shot(page, "create-schedule")
+    await confirm(page)
     row = page.locator("tr.schedule-row", has_text=sid)
     await expect(row).to_contain_text("Active")
+    await expect(row).to_contain_text("0 3 * * *, every 5400s")
+    status, described = await env.call("GET", f"/api/v1/namespaces/default/schedules/{sid}")
+    assert status == 200, described
+    schedule = described["schedule"]
+    assert schedule["spec"]["timezoneName"] == "Europe/Berlin"
+    started = schedule["action"]["startWorkflow"]
+    assert (started["workflowId"], started["workflowType"]["name"]) == (sid, "Greeter")
+    assert started["input"]["payloads"] == ["night"]
     await page.click(f"#pause-{sid}")
     await confirm(page)
     await expect(row).to_contain_text("Paused")

@@ -1,6 +1,7 @@
 // tideflow web UI: a hand-written script over the HTTP API (/api/v1), no build step.
 // Views are chosen by the part of the URL after '#': #/workflows, #/workflows/<id>,
-// #/schedules. A view that shows a running run refreshes itself every REFRESH_MS.
+// #/schedules. A view that shows a running run refreshes itself every REFRESH_MS, and
+// a run's page at once when its history grows (a long poll of GetHistory).
 "use strict";
 
 const REFRESH_MS = 1500;
@@ -17,6 +18,7 @@ const settings = {
 };
 let refreshTimer = null;
 let viewToken = 0;  // bumped on navigation: stale refreshes of an old view stop
+let follower = null;  // the AbortController of the run page's long poll
 
 // ------------------------------------------------------------------ helpers
 
@@ -28,12 +30,12 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body, timeoutS) {
+async function api(method, path, body, timeoutS, signal) {
   const headers = { "Content-Type": "application/json" };
   if (settings.key) headers["Authorization"] = `Bearer ${settings.key}`;
   if (timeoutS) headers["X-Tideflow-Timeout"] = String(timeoutS);
   const response = await fetch(`/api/v1${path}`, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
   });
   const text = await response.text();
   let data = {};
@@ -90,11 +92,18 @@ const ms = (t) => (t ? new Date(t).getTime() : null);
 const json = (v) => JSON.stringify(v, null, 2);
 const eventName = (t) => (t || "").replace("EVENT_TYPE_", "");
 
-function showError(error) {
+// A failed action's error stays until the next navigation (a refresh that succeeds
+// clears only its own errors, else the message would vanish 1.5 s later, unread).
+function showError(error, sticky) {
   const box = document.getElementById("error");
-  if (!error) { box.hidden = true; box.textContent = ""; return; }
+  if (!error) {
+    if (box.dataset.sticky && !sticky) return;
+    box.hidden = true; box.textContent = ""; delete box.dataset.sticky;
+    return;
+  }
   box.hidden = false;
   box.textContent = error.message || String(error);
+  if (sticky) box.dataset.sticky = "1";
 }
 
 function attributesOf(event) {
@@ -103,9 +112,13 @@ function attributesOf(event) {
 }
 
 // A confirmation dialog; resolves to the fields' values, or null when cancelled.
-function confirmAction(title, text, fields) {
+function confirmAction(title, text, fields, okLabel) {
   const dialog = document.getElementById("confirm");
   document.getElementById("confirm-title").textContent = title;
+  const ok = document.getElementById("confirm-ok");
+  ok.textContent = okLabel || "Confirm";
+  ok.className = okLabel ? "primary" : "danger";  // a named action (Start) is not a risky one
+  showError(null, true);  // a new attempt: the last one's error is no longer news
   document.getElementById("confirm-text").textContent = text;
   const box = document.getElementById("confirm-fields");
   box.replaceChildren(...(fields || []).map((f) => h("label", {}, f.label,
@@ -125,25 +138,50 @@ function confirmAction(title, text, fields) {
   });
 }
 
-async function act(title, text, fields, perform) {
-  const values = await confirmAction(title, text, fields);
+// Ask, then perform; ``perform`` may answer a location (#/...) to go to.
+async function act(title, text, fields, perform, okLabel) {
+  const values = await confirmAction(title, text, fields, okLabel);
   if (values === null) return;
+  let next = null;
   try {
-    await perform(values);
-    showError(null);
+    next = await perform(values);
+    showError(null, true);
   } catch (error) {
-    showError(error);
+    showError(error, true);
+    return;
   }
-  route();
+  if (typeof next === "string" && next !== location.hash) location.hash = next;
+  else route();
 }
 
-function every(fn) {
+// A JSON field of a dialog, or a one-line error naming it.
+function parseField(label, text, fallback) {
+  if (!text.trim()) return fallback;
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Error(`${label} is not valid JSON: ${error.message}`);
+  }
+}
+
+// Run ``fn`` now and every REFRESH_MS while it answers true; ``hooks.wake()`` runs it
+// at once (after the one in progress, never two at a time).
+function every(fn, hooks) {
   const token = viewToken;
+  let busy = false;
+  let again = false;
   const tick = async () => {
     if (token !== viewToken) return;
-    const again = await fn().catch((e) => { showError(e); return true; });
-    if (again && token === viewToken) refreshTimer = setTimeout(tick, REFRESH_MS);
+    if (busy) { again = true; return; }
+    busy = true;
+    clearTimeout(refreshTimer);
+    const more = await fn().catch((e) => { showError(e); return true; });
+    busy = false;
+    if (!more || token !== viewToken) return;
+    if (again) { again = false; tick(); return; }
+    refreshTimer = setTimeout(tick, REFRESH_MS);
   };
+  if (hooks) hooks.wake = tick;
   return tick();
 }
 
@@ -186,7 +224,8 @@ function listView(params) {
   const pager = h("div", { class: "row" });
   const table = h("table", {}, h("thead", {}, h("tr", {},
     ["Status", "Workflow ID", "Run ID", "Type", "Task queue", "Start", "Close"].map((c) => h("th", {}, c)))), body);
-  view(h("h2", {}, "Workflows ", count),
+  const starter = h("button", { id: "start-workflow", class: "primary", onclick: startWorkflow }, "Start workflow");
+  view(h("div", { class: "row" }, h("h2", {}, "Workflows ", count), h("span", { style: "flex:1" }), starter),
     h("div", { class: "panel" }, form, h("div", { style: "height:8px" }), filters),
     table, pager);
   const q = combinedQuery(text, status);
@@ -226,19 +265,87 @@ function listView(params) {
   });
 }
 
+// Start a run (StartWorkflow), behind the dialog; then show the new run's page.
+function startWorkflow() {
+  return act("Start workflow", "Start a new run; a worker polling the task queue runs it.", [
+    { name: "workflowId", label: "Workflow ID (empty: a new UUID)" },
+    { name: "type", label: "Workflow type", required: true },
+    { name: "taskQueue", label: "Task queue", required: true },
+    { name: "input", label: "Arguments (a JSON array, optional)", multiline: true, placeholder: '["ada", 2]' },
+  ], async (v) => {
+    const args = parseField("Arguments", v.input, []);
+    if (!Array.isArray(args)) throw new Error('Arguments must be a JSON array, e.g. ["ada", 2]');
+    const id = v.workflowId.trim() || newId();
+    const started = await api("POST", wfPath(id), { workflowType: { name: v.type.trim() },
+      taskQueue: { name: v.taskQueue.trim() }, input: { payloads: args }, requestId: newId() });
+    return `#/workflows/${encodeURIComponent(id)}?${new URLSearchParams({ run: started.runId })}`;
+  }, "Start");
+}
+
+function newId() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  return "xxxxxxxx-xxxx-4xxx-8xxx-xxxxxxxxxxxx".replace(/x/g, () => Math.floor(Math.random() * 16).toString(16));
+}
+
 // ------------------------------------------------------------------ one run
 
-async function fetchHistory(id, runId) {
-  const events = [];
-  let token = "";
-  do {
-    const args = new URLSearchParams({ runId });
-    if (token) args.set("nextPageToken", token);
+// A run's history as far as read: its events (ids 1..n, gap-free) and the token of
+// the next page. A refresh reads only the events added since the last one.
+function historyCache(runId) {
+  return { runId, events: [], token: "", done: false };
+}
+
+// Add a page of GetHistory (asked with waitNewEvent, so a running run's last page
+// has a token too); true when it held new events. Pages read concurrently (the long
+// poll and a refresh) may overlap: events already held are skipped, and the token is
+// taken only from a page that reaches the newest event held.
+function addPage(cache, page) {
+  const events = (page.history && page.history.events) || [];
+  let added = 0;
+  for (const e of events) {
+    if (Number(e.eventId) !== cache.events.length + 1) continue;
+    cache.events.push(e);
+    added += 1;
+  }
+  const last = events.length ? Number(events[events.length - 1].eventId) : null;
+  if (last === null ? !page.nextPageToken : last === cache.events.length) {
+    cache.token = page.nextPageToken || "";
+    cache.done = !cache.token;
+  }
+  return added > 0;
+}
+
+async function readHistory(id, cache, length) {
+  while (!cache.done && cache.events.length < Math.max(length, 1)) {
+    const args = new URLSearchParams({ runId: cache.runId, waitNewEvent: "true" });
+    if (cache.token) args.set("nextPageToken", cache.token);
+    // Not a wait: the run has events past the token (its history length says so).
     const page = await api("GET", `${wfPath(id)}/history?${args}`);
-    events.push(...((page.history && page.history.events) || []));
-    token = page.nextPageToken || "";
-  } while (token);
-  return events;
+    if (!addPage(cache, page)) break;
+  }
+  return cache.events;
+}
+
+// While the run is open, wait on the server for its next events and wake the page
+// when they come (the refresh every REFRESH_MS still shows what changes without an
+// event: an activity a worker has started, a DAG's state).
+function followHistory(id, cache, wake) {
+  if (follower) follower.abort();
+  const controller = new AbortController();
+  controller.cache = cache;
+  follower = controller;
+  (async () => {
+    while (!controller.signal.aborted && !cache.done && cache.token) {
+      const args = new URLSearchParams({ runId: cache.runId, waitNewEvent: "true", nextPageToken: cache.token });
+      try {
+        const page = await api("GET", `${wfPath(id)}/history?${args}`, undefined, 65, controller.signal);
+        if (addPage(cache, page) && !controller.signal.aborted) wake();
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        await new Promise((resolve) => setTimeout(resolve, REFRESH_MS));  // the refresh shows the error
+      }
+    }
+  })();
 }
 
 function runView(id, params) {
@@ -254,36 +361,43 @@ function runView(id, params) {
   const summary = h("div", { class: "panel grid", id: "summary" });
   const io = h("div", { class: "cols", id: "io" });
   const pending = h("div", { id: "pending" });
+  const children = h("div", { id: "children" });
   const tabs = h("div", { class: "tabs" }, [["timeline", "Timeline"], ["events", "Events"],
     ["dag", "DAG"]].map(([t, label]) => h("button", {
     id: `tab-${t}`, class: t === tab ? "on" : "", onclick: () => setTab(t),
   }, label)));
   const content = h("div", { id: "tab-content" });
-  view(header, summary, io, pending, tabs, content);
+  view(header, summary, io, pending, children, tabs, content);
   let selected = params.get("task") || null;
+  let cache = historyCache(runId);
+  const hooks = {};
+  const timelineState = { detail: null };
   return every(async () => {
     const described = await api("GET", `${wfPath(id)}?${new URLSearchParams({ runId })}`);
     const info = described.workflowExecutionInfo;
     runId = info.execution.runId;
-    const events = await fetchHistory(id, runId);
     const status = statusName(info.status);
     const running = status === "Running";
+    if (cache.runId !== runId) cache = historyCache(runId);
+    const events = await readHistory(id, cache, Number(info.historyLength) || 0);
+    if (running && (follower === null || follower.cache !== cache)) followHistory(id, cache, () => hooks.wake());
     const isDag = info.type && info.type.name === DAG_TYPE;
     let dag = null;
     if (isDag) dag = await dagState(id, runId, events, described, running);
     showError(null);
     renderHeader(header, id, runId, status, running, dag);
-    renderSummary(summary, info, described);
+    renderSummary(summary, info, described, events);
     renderIO(io, events);
     renderPending(pending, described, events);
+    renderChildren(children, events);
     tabs.querySelector("#tab-dag").hidden = !isDag;
-    if (tab === "events") renderEvents(content, events);
+    if (tab === "events") renderEvents(content, events, runId);
     else if (tab === "dag" && dag) {
       const select = (task) => { selected = task; renderDag(content, dag, selected, select); };
       select(selected);
-    } else renderTimeline(content, events, info);
+    } else renderTimeline(content, events, info, timelineState);
     return running;
-  });
+  }, hooks);
 }
 
 function renderHeader(header, id, runId, status, running, dag) {
@@ -296,7 +410,7 @@ function renderHeader(header, id, runId, status, running, dag) {
         { name: "name", label: "Signal name", required: true },
         { name: "input", label: "Input (JSON, optional)", multiline: true, placeholder: '{"key": "value"}' },
       ], (v) => api("POST", `${path}/signal/${encodeURIComponent(v.name)}${runQ}`,
-        v.input.trim() ? { input: { payloads: [JSON.parse(v.input)] } } : {})) }, "Signal"));
+        v.input.trim() ? { input: { payloads: [parseField("Input", v.input)] } } : {})) }, "Signal"));
     if (dag) {
       const paused = dag.status === "PAUSED";
       buttons.push(h("button", { id: paused ? "action-resume" : "action-pause",
@@ -322,17 +436,67 @@ function renderHeader(header, id, runId, status, running, dag) {
     h("span", { style: "flex:1" }), ...buttons].filter(Boolean));
 }
 
-function renderSummary(el, info, described) {
+function renderSummary(el, info, described, events) {
   const item = (label, value) => h("div", {}, h("span", {}, label), h("b", { class: "mono" }, value ?? ""));
-  el.replaceChildren(
+  const started = events.length ? attributesOf(events[0]) : {};
+  const parent = started.parentWorkflowExecution;
+  el.replaceChildren(...[
     item("Run ID", info.execution.runId), item("Type", info.type && info.type.name),
+    parent ? item("Parent workflow", runLink(parent, "parent-link")) : null,
     item("Task queue", info.taskQueue), item("Start", fmtTime(info.startTime)),
     item("Close", fmtTime(info.closeTime)), item("History events", info.historyLength),
-    item("Workflow task attempt", described.pendingWorkflowTaskAttempt || ""));
+    item("Workflow task attempt", described.pendingWorkflowTaskAttempt || "")].filter(Boolean));
+}
+
+const runLink = (execution, id, cls) => h("a", { id, class: cls,
+  href: `#/workflows/${encodeURIComponent(execution.workflowId)}?${new URLSearchParams({ run: execution.runId || "" })}` },
+execution.workflowId);
+
+const CHILD_OUTCOME = {
+  EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED: "Completed", EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_FAILED: "Failed",
+  EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_CANCELED: "Canceled", EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TIMED_OUT: "TimedOut",
+  EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_TERMINATED: "Terminated",
+};
+
+// The run's child workflows as its history tells them: initiated, started (the run
+// id to link to), then their outcome; keyed by the initiating event.
+function childrenOf(events) {
+  const byInitiated = new Map();
+  for (const e of events) {
+    const a = attributesOf(e);
+    const t = ms(e.eventTime);
+    if (e.eventType === "EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED") {
+      byInitiated.set(String(e.eventId), { workflowId: a.workflowId, runId: "", type: a.workflowType ? a.workflowType.name : "",
+        status: "Initiated", initiated: t, end: null });
+      continue;
+    }
+    const child = byInitiated.get(String(a.initiatedEventId));
+    if (!child) continue;
+    if (e.eventType === "EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED") {
+      Object.assign(child, { runId: a.workflowExecution.runId, status: "Running", started: t });
+    } else if (e.eventType === "EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED") {
+      Object.assign(child, { status: "StartFailed", end: t, cause: a.cause });
+    } else if (CHILD_OUTCOME[e.eventType]) {
+      Object.assign(child, { status: CHILD_OUTCOME[e.eventType], end: t });
+    }
+  }
+  return [...byInitiated.values()];
+}
+
+function renderChildren(el, events) {
+  const children = childrenOf(events);
+  if (!children.length) { el.replaceChildren(); return; }
+  el.replaceChildren(h("h3", {}, "Child workflows"), h("table", { id: "child-workflows" },
+    h("thead", {}, h("tr", {}, ["Status", "Workflow ID", "Type", "Run ID", "Initiated"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, children.map((c) => h("tr", { class: "child-row" },
+      h("td", {}, badge(c.status, c.status === "StartFailed" ? "Failed" : c.status)),
+      h("td", { class: "mono" }, c.runId ? runLink(c, undefined, "child-link") : c.workflowId),
+      h("td", {}, c.type), h("td", { class: "mono muted" }, c.runId || (c.cause || "")),
+      h("td", {}, fmtTime(c.initiated)))))));
 }
 
 function closeEvent(events) {
-  return events.find((e) => /WORKFLOW_EXECUTION_(COMPLETED|FAILED|TIMED_OUT|CANCELED|TERMINATED|CONTINUED_AS_NEW)$/.test(e.eventType));
+  return events.find((e) => /^EVENT_TYPE_WORKFLOW_EXECUTION_(COMPLETED|FAILED|TIMED_OUT|CANCELED|TERMINATED|CONTINUED_AS_NEW)$/.test(e.eventType));
 }
 
 function renderIO(el, events) {
@@ -386,13 +550,21 @@ function pendingTimers(events) {
   return [...open.values()];
 }
 
-function renderEvents(el, events) {
-  el.replaceChildren(h("table", { id: "events" },
-    h("thead", {}, h("tr", {}, ["ID", "Time", "Type", "Details"].map((c) => h("th", {}, c)))),
-    h("tbody", {}, events.map((e) => h("tr", { class: "event-row" },
-      h("td", {}, e.eventId), h("td", { class: "mono" }, fmtPrecise(e.eventTime)),
-      h("td", { class: "mono" }, eventName(e.eventType)),
-      h("td", {}, h("details", {}, h("summary", { class: "muted" }, summarize(e)), h("pre", {}, json(attributesOf(e))))))))));
+// The events table; a refresh appends the rows of new events only (a long history is
+// not redrawn, and an event opened for its attributes stays open).
+function renderEvents(el, events, runId) {
+  let table = el.querySelector("table#events");
+  if (!table || table.dataset.run !== runId || Number(table.dataset.rows) > events.length) {
+    table = h("table", { id: "events", "data-run": runId, "data-rows": 0 },
+      h("thead", {}, h("tr", {}, ["ID", "Time", "Type", "Details"].map((c) => h("th", {}, c)))), h("tbody", {}));
+    el.replaceChildren(table);
+  }
+  const shown = Number(table.dataset.rows);
+  table.tBodies[0].append(...events.slice(shown).map((e) => h("tr", { class: "event-row" },
+    h("td", {}, e.eventId), h("td", { class: "mono" }, fmtPrecise(e.eventTime)),
+    h("td", { class: "mono" }, eventName(e.eventType)),
+    h("td", {}, h("details", {}, h("summary", { class: "muted" }, summarize(e)), h("pre", {}, json(attributesOf(e))))))));
+  table.dataset.rows = String(events.length);
 }
 
 function summarize(e) {
@@ -462,6 +634,10 @@ function timelineRows(events, end) {
     rows.push(row);
   }
   for (const timer of timers.values()) { timer.bars[0].to = timer.bars[0].to || end; rows.push(timer); }
+  for (const c of childrenOf(events)) {
+    rows.push({ label: `child ${c.workflowId}`, marks: [], bars: [{ from: c.initiated, to: c.end || end,
+      cls: c.end ? (c.status === "Completed" ? "completed" : "failed") : "running", title: `child workflow ${c.workflowId} (${c.type}): ${c.status}` }] });
+  }
   return rows;
 }
 
@@ -472,7 +648,7 @@ function barLabel(text, x1, x2, y) {
     style: inside ? "fill:#fff" : "" }, text);
 }
 
-function renderTimeline(el, events, info) {
+function renderTimeline(el, events, info, state) {
   if (!events.length) { el.replaceChildren(h("p", { class: "muted" }, "No events yet.")); return; }
   const closed = closeEvent(events);
   const end = closed ? ms(closed.eventTime) : Math.max(Date.now(), ms(events[events.length - 1].eventTime));
@@ -488,14 +664,15 @@ function renderTimeline(el, events, info) {
     axis.append(svg("line", { x1: x(t), x2: x(t), y1: TOP - 6, y2: height }),
       svg("text", { x: x(t), y: 12, "text-anchor": "middle" }, `+${((t - start) / 1000).toFixed(span < 10000 ? 2 : 0)}s`));
   }
-  const detail = h("pre", { id: "timeline-detail", class: "muted" }, "Click a bar for its details.");
+  // The bar last clicked stays described across refreshes.
+  const detail = h("pre", { id: "timeline-detail", class: "muted" }, state.detail || "Click a bar for its details.");
   const body = rows.map((row, i) => {
     const y = TOP + i * ROW;
     return svg("g", { class: "timeline-row" },
       svg("text", { x: 4, y: y + 16 }, row.label.length > 34 ? `${row.label.slice(0, 33)}…` : row.label),
       row.bars.map((b) => svg("g", {},
         svg("rect", { class: `bar ${b.cls}`, x: x(b.from), y: y + 4, width: Math.max(x(b.to) - x(b.from), 2), height: ROW - 8, rx: 3,
-          onclick: () => { detail.textContent = `${b.title}\n${fmtTime(b.from)} → ${fmtTime(b.to)} (${((b.to - b.from) / 1000).toFixed(3)} s)`; } },
+          onclick: () => { state.detail = detail.textContent = `${b.title}\n${fmtTime(b.from)} → ${fmtTime(b.to)} (${((b.to - b.from) / 1000).toFixed(3)} s)`; } },
         svg("title", {}, b.title)),
         b.label ? barLabel(b.label, x(b.from), x(b.to), y) : null)),
       row.marks.map((m) => svg("circle", { class: `mark ${m.cls}`, cx: x(m.at), cy: y + ROW / 2, r: m.cls === "signal" ? 5 : 3 },
@@ -648,7 +825,9 @@ function taskDetail(tid, task) {
 function schedulesView() {
   const body = h("tbody", { id: "schedules" });
   const detail = h("div", { id: "schedule-detail" });
-  view(h("h2", {}, "Schedules"), h("table", {}, h("thead", {}, h("tr", {},
+  const creator = h("button", { id: "create-schedule", class: "primary", onclick: createSchedule }, "Create schedule");
+  view(h("div", { class: "row" }, h("h2", {}, "Schedules"), h("span", { style: "flex:1" }), creator),
+    h("table", {}, h("thead", {}, h("tr", {},
     ["Schedule ID", "State", "Workflow", "Spec", "Actions taken", "Next runs", ""].map((c) => h("th", {}, c)))), body), detail);
   return every(async () => {
     const list = await api("GET", `${ns()}/schedules`);
@@ -682,6 +861,42 @@ function schedulesView() {
   });
 }
 
+// "90s", "1h30m", "1d" -> "5400s" (a protobuf Duration's JSON form).
+function durationJson(text) {
+  const m = text.trim().match(/^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/);
+  if (!text.trim() || !m) throw new Error(`Interval ${JSON.stringify(text)} is not like 90s, 1h30m or 1d`);
+  const [d, hr, mi, se] = m.slice(1).map((v) => Number(v || 0));
+  const seconds = ((d * 24 + hr) * 60 + mi) * 60 + se;
+  if (!seconds) throw new Error("Interval must be longer than 0s");
+  return `${seconds}s`;
+}
+
+// Create a schedule (CreateSchedule), behind the dialog: a cron expression or an
+// interval (or both), and the workflow each action starts.
+function createSchedule() {
+  return act("Create schedule", "Start a workflow on a cron expression or at an interval.", [
+    { name: "scheduleId", label: "Schedule ID", required: true },
+    { name: "cron", label: "Cron expression (e.g. 0 2 * * *)" },
+    { name: "interval", label: "Or every (e.g. 90s, 1h30m, 1d)" },
+    { name: "timeZone", label: "Time zone of the cron expression (empty: UTC)" },
+    { name: "type", label: "Workflow type", required: true },
+    { name: "taskQueue", label: "Task queue", required: true },
+    { name: "workflowId", label: "Workflow ID prefix (empty: the schedule ID)" },
+    { name: "input", label: "Arguments (a JSON array, optional)", multiline: true, placeholder: '["eu"]' },
+  ], async (v) => {
+    const args = parseField("Arguments", v.input, []);
+    if (!Array.isArray(args)) throw new Error('Arguments must be a JSON array, e.g. ["eu"]');
+    const spec = { timezoneName: v.timeZone.trim() };
+    if (v.cron.trim()) spec.cronExpressions = [v.cron.trim()];
+    if (v.interval.trim()) spec.intervals = [{ interval: durationJson(v.interval) }];
+    if (!spec.cronExpressions && !spec.intervals) throw new Error("Give a cron expression or an interval");
+    const sid = v.scheduleId.trim();
+    await api("POST", `${ns()}/schedules/${encodeURIComponent(sid)}`, { schedule: { spec, action: { startWorkflow: {
+      workflowId: v.workflowId.trim() || sid, workflowType: { name: v.type.trim() }, taskQueue: { name: v.taskQueue.trim() },
+      input: { payloads: args } } } }, requestId: newId() });
+  }, "Create");
+}
+
 // ------------------------------------------------------------------ routing
 
 function view(...children) {
@@ -691,6 +906,8 @@ function view(...children) {
 function route() {
   viewToken += 1;
   clearTimeout(refreshTimer);
+  if (follower) { follower.abort(); follower = null; }
+  showError(null, true);
   const hash = location.hash.replace(/^#/, "") || "/workflows";
   const [path, query] = hash.split("?");
   const params = new URLSearchParams(query || "");
