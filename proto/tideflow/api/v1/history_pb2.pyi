@@ -329,16 +329,30 @@ class WorkflowTaskStartedEventAttributes(_message.Message):
     def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WorkflowTaskCompletedEventAttributes(_message.Message):
-    __slots__ = ("scheduled_event_id", "started_event_id", "identity", "binary_checksum")
+    __slots__ = ("scheduled_event_id", "started_event_id", "identity", "binary_checksum", "sdk_metadata")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     BINARY_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SDK_METADATA_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     started_event_id: int
     identity: str
     binary_checksum: str
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ...) -> None: ...
+    sdk_metadata: WorkflowTaskCompletedMetadata
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ..., sdk_metadata: _Optional[_Union[WorkflowTaskCompletedMetadata, _Mapping]] = ...) -> None: ...
+
+class WorkflowTaskCompletedMetadata(_message.Message):
+    __slots__ = ("core_used_flags", "lang_used_flags", "sdk_name", "sdk_version")
+    CORE_USED_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    LANG_USED_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    SDK_NAME_FIELD_NUMBER: _ClassVar[int]
+    SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    core_used_flags: _containers.RepeatedScalarFieldContainer[int]
+    lang_used_flags: _containers.RepeatedScalarFieldContainer[int]
+    sdk_name: str
+    sdk_version: str
+    def __init__(self, core_used_flags: _Optional[_Iterable[int]] = ..., lang_used_flags: _Optional[_Iterable[int]] = ..., sdk_name: _Optional[str] = ..., sdk_version: _Optional[str] = ...) -> None: ...
 
 class WorkflowTaskTimedOutEventAttributes(_message.Message):
     __slots__ = ("scheduled_event_id", "started_event_id", "timeout_type")
