@@ -43,6 +43,7 @@ def start(m: Mutation, identity: str) -> state_pb2.WorkflowTaskInfo:
     ms = m.ms
     wft = ms.workflow_task
     request_id = str(uuid.uuid4())
+    wft.history_size_bytes = ms.history_size_bytes
     if wft.transient:
         # Ids a completion will give the scheduled/started events; nothing can be
         # appended before then because new events are buffered meanwhile.
@@ -55,6 +56,7 @@ def start(m: Mutation, identity: str) -> state_pb2.WorkflowTaskInfo:
             scheduled_event_id=wft.scheduled_event_id,
             identity=identity,
             request_id=request_id,
+            history_size_bytes=wft.history_size_bytes,
         )
         wft.started_event_id = event.event_id
     wft.started_time.FromMicroseconds(m.now)
@@ -127,6 +129,7 @@ def materialize_transient(m: Mutation) -> None:
         scheduled_event_id=scheduled.event_id,
         identity=wft.identity,
         request_id=wft.request_id,
+        history_size_bytes=wft.history_size_bytes,
     )
     assert scheduled.event_id == wft.scheduled_event_id
     assert started.event_id == wft.started_event_id

@@ -138,6 +138,18 @@ class GreetWorkflow:
 
 
 @workflow.defn
+class HistorySizeWorkflow:
+    """The history size the SDK reports (from WorkflowTaskStarted) before and after an
+    activity."""
+
+    @workflow.run
+    async def run(self) -> list[int]:
+        before = workflow.info().get_current_history_size()
+        await workflow.execute_activity(greet, "size", start_to_close_timeout=timedelta(seconds=30))
+        return [before, workflow.info().get_current_history_size()]
+
+
+@workflow.defn
 class RetryWorkflow:
     @workflow.run
     async def run(self, key: str) -> list[str]:
@@ -284,6 +296,7 @@ class AbandonedChildWorkflow:
 
 
 ALL_WORKFLOWS = [
+    HistorySizeWorkflow,
     NextRetryDelayWorkflow,
     AbandonedChildWorkflow,
     DuplicateChildWorkflow,

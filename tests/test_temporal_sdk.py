@@ -22,6 +22,7 @@ from temporal_workflows import (
     CountdownWorkflow,
     DuplicateChildWorkflow,
     GreetWorkflow,
+    HistorySizeWorkflow,
     InboxWorkflow,
     NextRetryDelayWorkflow,
     ParentWorkflow,
@@ -66,6 +67,15 @@ async def test_activity_and_timer(door: Door) -> None:
     assert EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED in types
     assert EventType.EVENT_TYPE_TIMER_FIRED in types
     assert types[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    await replays(handle)
+
+
+async def test_history_size_in_workflow_info(door: Door) -> None:
+    """WorkflowTaskStarted carries the run's history size, which the SDK hands to
+    workflow.info().get_current_history_size(): it grows with the history."""
+    handle = await door.start(HistorySizeWorkflow.run)
+    before, after = await handle.result()
+    assert 0 < before < after
     await replays(handle)
 
 

@@ -319,14 +319,16 @@ class WorkflowTaskScheduledEventAttributes(_message.Message):
     def __init__(self, task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class WorkflowTaskStartedEventAttributes(_message.Message):
-    __slots__ = ("scheduled_event_id", "identity", "request_id")
+    __slots__ = ("scheduled_event_id", "identity", "request_id", "history_size_bytes")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     identity: str
     request_id: str
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    history_size_bytes: int
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., history_size_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkflowTaskCompletedEventAttributes(_message.Message):
     __slots__ = ("scheduled_event_id", "started_event_id", "identity", "binary_checksum", "sdk_metadata")
