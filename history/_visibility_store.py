@@ -30,6 +30,7 @@ How values look on the wire (the one codec, shared by the SDK and the server) is
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -146,6 +147,8 @@ def _row_values(kind: SearchAttributeType, stored: Any) -> dict[str, Any]:
     }
     if kind == SearchAttributeType.KEYWORD:
         row["str_value"] = stored
+    elif kind == SearchAttributeType.KEYWORD_LIST:
+        row["str_value"] = _keyword_list_text(stored)
     elif kind == SearchAttributeType.DOUBLE:
         row["float_value"] = float(stored)
     else:
@@ -362,6 +365,21 @@ def _system_compare(c: Compare) -> ColumnElement[bool]:
     return _int_compare(column, c.op, value)
 
 
+def _keyword_list_text(keywords: Sequence[str]) -> str:
+    """A keyword list as stored: compact JSON (``["a","b"]``), in which a keyword is an
+    item iff ``[k,``, ``[k]``, ``,k,`` or ``,k]`` occurs, ``k`` being its JSON: inside
+    a JSON string every '"' is escaped, so no item's text can fake a boundary."""
+    return json.dumps(list(keywords), separators=(",", ":"))
+
+
+def _listed(column: Any, keyword: str) -> ColumnElement[bool]:
+    """``column`` (a stored keyword list) has ``keyword`` as an item. replace() rather
+    than LIKE: case-sensitive on every dialect and nothing to escape."""
+    item = json.dumps(keyword)
+    needles = (f"[{item},", f"[{item}]", f",{item},", f",{item}]")
+    return or_(*(func.replace(column, needle, "") != column for needle in needles))
+
+
 def _value_condition(sa: Any, op: str, value: QueryValue) -> ColumnElement[bool]:
     """The condition on one search_attributes row for ``attribute op value``."""
     t = SearchAttributeType
@@ -378,6 +396,12 @@ def _value_condition(sa: Any, op: str, value: QueryValue) -> ColumnElement[bool]
             ),
         )
     conditions = [and_(sa.c.value_type == int(t.KEYWORD), _op(sa.c.str_value, op, value))]
+    if op in ("=", "!="):
+        # Temporal's meaning for a keyword list: "has this item" (and "has it not").
+        listed = _listed(sa.c.str_value, value)
+        conditions.append(
+            and_(sa.c.value_type == int(t.KEYWORD_LIST), listed if op == "=" else ~listed)
+        )
     micros = parse_rfc3339(value)
     if micros is not None:
         conditions.append(and_(sa.c.value_type == int(t.DATETIME), _op(sa.c.int_value, op, micros)))
@@ -562,6 +586,8 @@ def _row_python_value(row: Any) -> SearchAttributeValue:
     kind = SearchAttributeType(row.value_type)
     if kind == SearchAttributeType.KEYWORD:
         return python_value(kind, row.str_value)
+    if kind == SearchAttributeType.KEYWORD_LIST:
+        return python_value(kind, json.loads(row.str_value))
     if kind == SearchAttributeType.DOUBLE:
         return python_value(kind, row.float_value)
     return python_value(kind, row.int_value)

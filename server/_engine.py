@@ -42,7 +42,7 @@ from tideflow.api.v1.common_pb2 import (
     WorkflowIdReusePolicy,
 )
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
-from tideflow.api.v1.history_pb2 import EventType
+from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskCompletedMetadata
 from tideflow.api.v1.replication_pb2 import ForwardedRequest
 from tideflow.history import (
     ConditionFailedError,
@@ -572,6 +572,7 @@ class HistoryEngine:
         *,
         force_new: bool = False,
         return_new: bool = False,
+        sdk_metadata: WorkflowTaskCompletedMetadata | None = None,
     ) -> service_pb2.RespondWorkflowTaskCompletedResponse:
         """Apply a workflow task's commands; returns the activities started eagerly
         for the completing worker and, with ``return_new``, the next workflow task
@@ -582,7 +583,7 @@ class HistoryEngine:
 
         def fn(m: Mutation) -> tuple[str | None, state_pb2.WorkflowTaskInfo | None]:
             error = _workflow_tasks.complete(
-                m, token, commands, identity, sticky, eager, self._config, force_new=force_new
+                m, token, commands, identity, sticky, eager, self._config, force_new, sdk_metadata
             )
             m.trace["return_new"] = return_new
             if error is not None or not return_new:

@@ -577,6 +577,8 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             sticky,
             force_new=request.force_create_new_workflow_task,
             return_new=request.return_new_workflow_task,
+            # Recorded only when an SDK reported something (Temporal SDKs do).
+            sdk_metadata=request.sdk_metadata if request.sdk_metadata.ByteSize() else None,
         )
         self._answered(token)
         for activity_task in response.activity_tasks:

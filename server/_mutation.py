@@ -79,6 +79,7 @@ class Mutation:
         event.event_id = self.ms.next_event_id
         event.version = self.ms.version
         self.ms.next_event_id += 1
+        self.ms.history_size_bytes += event.ByteSize()
         self.events.append(event)
         self.dirty = True
         return event
@@ -163,6 +164,7 @@ class Mutation:
                 started_ids[attrs.scheduled_event_id] = event.event_id
             elif event.event_type in _ACTIVITY_OUTCOMES:
                 attrs.started_event_id = started_ids.get(attrs.scheduled_event_id, 0)
+            self.ms.history_size_bytes += event.ByteSize()
             self.events.append(event)
         del self.ms.buffered_events[:]
         self.dirty = True

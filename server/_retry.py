@@ -65,14 +65,13 @@ def next_retry(
     start before it is not made.
     """
     p = with_defaults(policy)
-    if failure is not None:
-        info = (
-            failure.application_failure_info
-            if failure.HasField("application_failure_info")
-            else None
-        )
-        if info is not None and (info.non_retryable or info.type in p.non_retryable_error_types):
-            return RetryDecision(-1, RetryState.RETRY_STATE_NON_RETRYABLE_FAILURE)
+    info = (
+        failure.application_failure_info
+        if failure is not None and failure.HasField("application_failure_info")
+        else None
+    )
+    if info is not None and (info.non_retryable or info.type in p.non_retryable_error_types):
+        return RetryDecision(-1, RetryState.RETRY_STATE_NON_RETRYABLE_FAILURE)
     if (p.maximum_attempts and attempt >= p.maximum_attempts) or attempt >= MAX_ATTEMPT:
         # "Unlimited" ends where the attempt counter (int32, as in Temporal) does: one
         # more would not fit the activity's state, and its transition would fail for
@@ -84,6 +83,12 @@ def next_retry(
         # 2.0 ** 1024 and beyond overflow a float (unlimited attempts get there, a large
         # coefficient much sooner); the delay is capped at maximum_interval anyway.
         delay = math.inf
+    if info is not None and info.HasField("next_retry_delay"):
+        # The failure names its own wait (Temporal's next_retry_delay); a zero or
+        # negative one becomes maximum_interval there, and here.
+        delay = info.next_retry_delay.ToMicroseconds()
+        if delay <= 0:
+            delay = math.inf
     delay_us = int(min(delay, p.maximum_interval.ToMicroseconds()))
     if deadline_us and now_us + delay_us >= deadline_us:
         return RetryDecision(-1, RetryState.RETRY_STATE_TIMEOUT)

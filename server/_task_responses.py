@@ -120,6 +120,7 @@ def unstored_events(
                 "scheduled_event_id": wft.scheduled_event_id,
                 "identity": wft.identity,
                 "request_id": wft.request_id,
+                "history_size_bytes": wft.history_size_bytes,
             },
         ),
     ):

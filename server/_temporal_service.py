@@ -198,13 +198,8 @@ def _check_task_completed(request: tw.RespondWorkflowTaskCompletedRequest) -> No
             child.ClearField("workflow_id_reuse_policy")
     if request.messages:
         raise unsupported("workflow updates (protocol messages)")
-    metadata = request.sdk_metadata
-    if metadata.core_used_flags or metadata.lang_used_flags:
-        # Never advertised (GetSystemInfo): flags tideflow did not store would make a
-        # later replay take other paths than the first run did.
-        raise unsupported("SDK metadata flags (sdk_metadata)")
-    # sdk_name/sdk_version only say who completed the task: dropped with the rest.
-    request.ClearField("sdk_metadata")
+    # sdk_metadata (the SDK's behaviour flags, name and version) is translated and kept
+    # in the WorkflowTaskCompleted event, where a replay reads the flags back.
     # A next workflow task handed back in the answer would lack the run's queue, which
     # the core requires on every task; declined, it is dispatched like any other.
     request.return_new_workflow_task = False
@@ -354,13 +349,16 @@ class TemporalWorkflowService:
     async def GetSystemInfo(
         self, request: tw.GetSystemInfoRequest, context: _Context
     ) -> tw.GetSystemInfoResponse:
-        # Only what tideflow stores and answers alike; in particular no sdk_metadata
-        # (flags not kept in WorkflowTaskCompleted events would diverge on replay) and
-        # no eager start.
+        # Only what tideflow stores and answers alike. sdk_metadata: the SDK's flags are
+        # kept in WorkflowTaskCompleted events. Without it the core could record none,
+        # and replays would take the old paths of behaviours the first run took the new
+        # way (e.g. commands after a workflow's completion: moved before it when live,
+        # cut off on replay). No eager start.
         capabilities = tw.GetSystemInfoResponse.Capabilities(
             signal_and_query_header=True,
             internal_error_differentiation=True,
             activity_failure_include_heartbeat=True,
+            sdk_metadata=True,
         )
         return tw.GetSystemInfoResponse(
             server_version=f"tideflow {tideflow.__version__}", capabilities=capabilities

@@ -233,5 +233,5 @@ def _enum_value(enum: Any, name: str, where: str, strict: bool) -> int | None:
         if candidate is not None and candidate in values:
             return int(values[candidate].number)
     if strict:
-        raise Untranslatable(where, f"{name} is not supported by tideflow")
+        raise Untranslatable(where, f"{name} has no counterpart in {enum.full_name}")
     return None

@@ -249,19 +249,22 @@ class RequestValidator:
     def _search_attributes(self, value: common_pb2.SearchAttributes, name: str) -> None:
         for key, payload in value.indexed_fields.items():
             self._string("name", key, f"{name} key {key!r}")
-            # Values are JSON scalars (keyword, int, double, bool, datetime), so an array
-            # or object is refused before the JSON decoder recurses through it.
-            if payload.data.lstrip(b" \t\r\n")[:1] in (b"[", b"{"):
+            # Values are JSON scalars (keyword, int, double, bool, datetime) or a flat list
+            # of keywords, so any other array or object is refused before the JSON decoder
+            # recurses through it.
+            listed = payload.metadata.get("type") == b"KeywordList"
+            if payload.data.lstrip(b" \t\r\n")[:1] in (b"[", b"{") and not listed:
                 raise InvalidArgumentError(
                     f"{name}[{key!r}] is a JSON array or object: search attribute values "
-                    "are scalars (keyword, int, double, bool, datetime)"
+                    "are scalars (keyword, int, double, bool, datetime) or KeywordList"
                 )
             # A keyword is stored in a text column: "\u0000" in its JSON is a NUL there.
             try:
                 value = json.loads(payload.data)
             except (ValueError, RecursionError):
                 continue  # malformed: search_attributes_problem names the problem
-            if isinstance(value, str) and "\x00" in value:
+            keywords = value if isinstance(value, list) else [value]
+            if any(isinstance(item, str) and "\x00" in item for item in keywords):
                 raise InvalidArgumentError(f"{name}[{key!r}] contains a NUL character")
 
     def _failure(self, value: common_pb2.Failure, name: str) -> None:

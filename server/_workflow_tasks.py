@@ -20,7 +20,11 @@ import uuid
 from tideflow.api.v1 import command_pb2, service_pb2, state_pb2
 from tideflow.api.v1.common_pb2 import Failure, TimeoutType
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
-from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskFailedCause
+from tideflow.api.v1.history_pb2 import (
+    EventType,
+    WorkflowTaskCompletedMetadata,
+    WorkflowTaskFailedCause,
+)
 from tideflow.history import TaskRow, TimerKind
 
 from . import _commands
@@ -39,6 +43,7 @@ def start(m: Mutation, identity: str) -> state_pb2.WorkflowTaskInfo:
     ms = m.ms
     wft = ms.workflow_task
     request_id = str(uuid.uuid4())
+    wft.history_size_bytes = ms.history_size_bytes
     if wft.transient:
         # Ids a completion will give the scheduled/started events; nothing can be
         # appended before then because new events are buffered meanwhile.
@@ -51,6 +56,7 @@ def start(m: Mutation, identity: str) -> state_pb2.WorkflowTaskInfo:
             scheduled_event_id=wft.scheduled_event_id,
             identity=identity,
             request_id=request_id,
+            history_size_bytes=wft.history_size_bytes,
         )
         wft.started_event_id = event.event_id
     wft.started_time.FromMicroseconds(m.now)
@@ -123,6 +129,7 @@ def materialize_transient(m: Mutation) -> None:
         scheduled_event_id=scheduled.event_id,
         identity=wft.identity,
         request_id=wft.request_id,
+        history_size_bytes=wft.history_size_bytes,
     )
     assert scheduled.event_id == wft.scheduled_event_id
     assert started.event_id == wft.started_event_id
@@ -136,8 +143,8 @@ def complete(
     sticky: service_pb2.StickyExecutionAttributes | None,
     eager: list[int],
     config: ServerConfig,
-    *,
     force_new: bool = False,
+    sdk_metadata: WorkflowTaskCompletedMetadata | None = None,
 ) -> str | None:
     """Apply a completed task's commands; returns why they were refused, or None.
 
@@ -146,7 +153,8 @@ def complete(
     asked to run itself. ``force_new`` (the request's force_create_new_workflow_task)
     schedules the next workflow task even if nothing new happened: the heartbeat of a
     worker whose local activities still run (with return_new_workflow_task the engine
-    then starts it for that worker: ``start_eagerly``). TLA+:
+    then starts it for that worker: ``start_eagerly``). ``sdk_metadata`` (a Temporal
+    SDK's behaviour flags) goes into the WorkflowTaskCompleted event. TLA+:
     ``CompleteWorkflowTaskWith(ms, cmds, sticky, forceNew, returnNew)``."""
     eager.clear()  # a conflict retry recomputes the transition from scratch
     check_token(m, token)
@@ -163,7 +171,7 @@ def complete(
         m.trace["rejected"] = exc
         fail(m, exc.cause, Failure(message=str(exc), source="server"), identity, config)
         return str(exc)
-    completed_id = _record_completion(m, identity, sticky)
+    completed_id = _record_completion(m, identity, sticky, sdk_metadata)
     ms = m.ms
     context = _commands.Context(
         completed_id=completed_id, identity=identity, eager=eager, config=config
@@ -178,7 +186,10 @@ def complete(
 
 
 def _record_completion(
-    m: Mutation, identity: str, sticky: service_pb2.StickyExecutionAttributes | None
+    m: Mutation,
+    identity: str,
+    sticky: service_pb2.StickyExecutionAttributes | None,
+    sdk_metadata: WorkflowTaskCompletedMetadata | None,
 ) -> int:
     """WorkflowTaskCompleted (after a transient attempt's own events), the sticky
     worker it names, and the task cleared; returns the completed event's id."""
@@ -190,6 +201,7 @@ def _record_completion(
         scheduled_event_id=wft.scheduled_event_id,
         started_event_id=wft.started_event_id,
         identity=identity,
+        sdk_metadata=sdk_metadata,
     )
     ms.last_workflow_task_completed_event_id = completed.event_id
     ms.last_workflow_task_started_event_id = wft.started_event_id

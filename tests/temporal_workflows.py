@@ -18,6 +18,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
+    ApplicationErrorCategory,
     TimeoutError,
     WorkflowAlreadyStartedError,
 )
@@ -39,6 +40,34 @@ async def flaky(key: str) -> str:
     if ATTEMPTS[key] < 3:
         raise ApplicationError(f"attempt {ATTEMPTS[key]} of {key} failed")
     return f"{key} after {ATTEMPTS[key]} attempts"
+
+
+@activity.defn
+async def asks_for_a_quick_retry(key: str) -> str:
+    """Fails its first attempt, naming its own retry delay (and as an expected error)."""
+    ATTEMPTS[key] = ATTEMPTS.get(key, 0) + 1
+    if ATTEMPTS[key] == 1:
+        raise ApplicationError(
+            "not yet",
+            next_retry_delay=timedelta(milliseconds=50),
+            category=ApplicationErrorCategory.BENIGN,
+        )
+    return f"{key} on attempt {ATTEMPTS[key]}"
+
+
+@workflow.defn
+class NextRetryDelayWorkflow:
+    """The retry policy alone would wait an hour before the second attempt: the run
+    completes within a test only if the failure's next_retry_delay is honoured."""
+
+    @workflow.run
+    async def run(self, key: str) -> str:
+        return await workflow.execute_activity(
+            asks_for_a_quick_retry,
+            key,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(initial_interval=timedelta(hours=1)),
+        )
 
 
 @activity.defn
@@ -106,6 +135,18 @@ class GreetWorkflow:
         )
         await asyncio.sleep(0.05)  # a timer
         return greeting
+
+
+@workflow.defn
+class HistorySizeWorkflow:
+    """The history size the SDK reports (from WorkflowTaskStarted) before and after an
+    activity."""
+
+    @workflow.run
+    async def run(self) -> list[int]:
+        before = workflow.info().get_current_history_size()
+        await workflow.execute_activity(greet, "size", start_to_close_timeout=timedelta(seconds=30))
+        return [before, workflow.info().get_current_history_size()]
 
 
 @workflow.defn
@@ -241,7 +282,23 @@ class PatchedWorkflow:
         return f"{greeting} (patched)"
 
 
+@workflow.defn
+class AbandonedChildWorkflow:
+    """Starts a child and cancels it in the workflow task that completes the parent."""
+
+    @workflow.run
+    async def run(self) -> str:
+        child = await workflow.start_child_workflow(
+            SleeperWorkflow.run, id=f"{workflow.info().workflow_id}-child"
+        )
+        child.cancel()
+        return "left"
+
+
 ALL_WORKFLOWS = [
+    HistorySizeWorkflow,
+    NextRetryDelayWorkflow,
+    AbandonedChildWorkflow,
     DuplicateChildWorkflow,
     TimeoutWorkflow,
     AsyncCompletionWorkflow,
@@ -259,6 +316,7 @@ ALL_ACTIVITIES: list[Callable[..., Any]] = [
     greet,
     flaky,
     always_fails,
+    asks_for_a_quick_retry,
     heartbeat_until_cancelled,
     completes_elsewhere,
     too_slow,

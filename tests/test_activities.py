@@ -26,8 +26,9 @@ from helpers import (
 )
 from helpers_e2e import TIMEOUT
 
-from tideflow.api.v1 import service_pb2
+from tideflow.api.v1 import common_pb2, service_pb2
 from tideflow.api.v1.common_pb2 import TimeoutType as PbTimeoutType
+from tideflow.server import _retry
 from tideflow.worker_sdk import (
     Client,
     RetryPolicy,
@@ -493,3 +494,26 @@ async def test_stale_activity_response_is_rejected(client: Client) -> None:
         e.activity_task_completed_event_attributes.identity != "duplicate" for e in completed
     )
     assert not of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_FAILED)
+
+
+def test_a_failures_next_retry_delay_replaces_the_backoff() -> None:
+    """An ApplicationFailureInfo's next_retry_delay (Temporal's) is the wait before the
+    next attempt instead of the policy's backoff, capped by maximum_interval; attempts
+    and the schedule-to-close deadline still bound it."""
+    policy = common_pb2.RetryPolicy(maximum_attempts=3)
+    policy.initial_interval.FromSeconds(3600)
+    policy.maximum_interval.FromSeconds(7200)
+
+    def delay_us(next_retry_delay_ms: int, attempt: int = 1, deadline_us: int = 0) -> int:
+        failure = common_pb2.Failure(application_failure_info=common_pb2.ApplicationFailureInfo())
+        failure.application_failure_info.next_retry_delay.FromMilliseconds(next_retry_delay_ms)
+        decision = _retry.next_retry(
+            policy, attempt=attempt, failure=failure, now_us=0, deadline_us=deadline_us
+        )
+        return decision.delay_us
+
+    assert delay_us(50) == 50_000
+    assert delay_us(3 * 3600 * 1000) == 7200 * 1_000_000
+    assert delay_us(0) == 7200 * 1_000_000  # as Temporal: no delay means the maximum
+    assert delay_us(50, attempt=3) == -1
+    assert delay_us(50, deadline_us=10_000) == -1

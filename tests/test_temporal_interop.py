@@ -24,6 +24,9 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import request_response_pb2 as wsv
 from temporalio.service import RPCError, RPCStatusCode
 
+from tideflow.api.v1 import service_pb2 as tf
+from tideflow.api.v1.history_pb2 import EventType as TideflowEventType
+from tideflow.server import _temporal_wire as wire
 from tideflow.worker_sdk import Client as TideflowClient
 from tideflow.worker_sdk import WorkflowExecutionStatus as TideflowStatus
 
@@ -263,3 +266,17 @@ async def test_reverse_history_pages_and_namespaces(door: Door) -> None:
     assert "default" in [entry.namespace_info.name for entry in listed.namespaces]
     described = await service.describe_namespace(wsv.DescribeNamespaceRequest(namespace="default"))
     assert described.config.workflow_execution_retention_ttl.seconds > 0
+
+
+async def test_a_tideflow_only_event_is_never_served() -> None:
+    """A history holding an event Temporal has no type for (a site handoff) is refused
+    whole (the door answers FAILED_PRECONDITION) rather than served with a hole."""
+    page = tf.GetHistoryResponse()
+    page.history.events.add(
+        event_id=1, event_type=TideflowEventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
+    )
+    page.history.events.add(
+        event_id=2, event_type=TideflowEventType.EVENT_TYPE_WORKFLOW_EXECUTION_HANDOFF
+    )
+    with pytest.raises(wire.Untranslatable, match="EVENT_TYPE_WORKFLOW_EXECUTION_HANDOFF"):
+        wire.converted(page, wsv.GetWorkflowExecutionHistoryResponse, strict=False)

@@ -17,11 +17,14 @@ from temporal_door import Door, open_door, replays, signals_handled
 from temporal_workflows import (
     ALL_ACTIVITIES,
     ALL_WORKFLOWS,
+    AbandonedChildWorkflow,
     CancellableWorkflow,
     CountdownWorkflow,
     DuplicateChildWorkflow,
     GreetWorkflow,
+    HistorySizeWorkflow,
     InboxWorkflow,
+    NextRetryDelayWorkflow,
     ParentWorkflow,
     PatchedWorkflow,
     RetryWorkflow,
@@ -67,6 +70,15 @@ async def test_activity_and_timer(door: Door) -> None:
     await replays(handle)
 
 
+async def test_history_size_in_workflow_info(door: Door) -> None:
+    """WorkflowTaskStarted carries the run's history size, which the SDK hands to
+    workflow.info().get_current_history_size(): it grows with the history."""
+    handle = await door.start(HistorySizeWorkflow.run)
+    before, after = await handle.result()
+    assert 0 < before < after
+    await replays(handle)
+
+
 async def test_activity_retries_and_failure(door: Door) -> None:
     key = str(uuid.uuid4())
     handle = await door.start(RetryWorkflow.run, key)
@@ -78,6 +90,15 @@ async def test_activity_retries_and_failure(door: Door) -> None:
     # Retries are the server's: one scheduled event per activity, the final outcome only.
     assert types.count(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED) == 2
     assert EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED in types
+    await replays(handle)
+
+
+async def test_a_failure_names_its_retry_delay(door: Door) -> None:
+    """ApplicationError(next_retry_delay=..., category=BENIGN): both fields are stored
+    (not refused) and the server waits the failure's delay, not the policy's hour."""
+    key = str(uuid.uuid4())
+    handle = await door.start(NextRetryDelayWorkflow.run, key)
+    assert await handle.result() == f"{key} on attempt 2"
     await replays(handle)
 
 
@@ -204,6 +225,37 @@ async def test_patched_marker_and_local_activity(door: Door) -> None:
         if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
     ]
     assert sorted(markers) == ["core_local_activity", "core_patch"]
+    # With sdk_metadata the SDK also records the patches the run took as the
+    # KeywordList search attribute TemporalChangeVersion, and a list query finds it.
+    assert EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES in [e.event_type for e in events]
+    query = f"WorkflowId = '{handle.id}' AND TemporalChangeVersion = 'greet-locally'"
+    assert [run.id async for run in door.client.list_workflows(query)] == [handle.id]
+    other = f"WorkflowId = '{handle.id}' AND TemporalChangeVersion = 'greet'"
+    assert [run.id async for run in door.client.list_workflows(other)] == []
+    await replays(handle)
+
+
+async def test_a_child_cancelled_as_its_parent_completes(door: Door) -> None:
+    """The SDK sends a command that its workflow issued after completing (here a child's
+    cancel) before the completion, and on replay does so only if the run's history says
+    it did (flag 3, MoveTerminalCommands, in a WorkflowTaskCompleted's sdk_metadata): the
+    door advertises sdk_metadata and the engine keeps it, as a Temporal server does."""
+    handle = await door.start(AbandonedChildWorkflow.run)
+    assert await handle.result() == "left"
+    events = [event async for event in handle.fetch_history_events()]
+    assert [e.event_type for e in events[-2:]] == [
+        EventType.EVENT_TYPE_REQUEST_CANCEL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    ]
+    flags = {
+        flag
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+        for flag in e.workflow_task_completed_event_attributes.sdk_metadata.core_used_flags
+    }
+    assert 3 in flags
+    with pytest.raises(WorkflowFailureError):  # cancelled or terminated with its parent
+        await door.client.get_workflow_handle(f"{handle.id}-child").result()
     await replays(handle)
 
 

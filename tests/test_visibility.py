@@ -87,7 +87,15 @@ RUNS = [
         T0,
         None,
         3,
-        {"Customer": "acme", "Amount": 10, "Region": "eu", "Vip": True, "Due": D1, "Score": 1.5},
+        {
+            "Customer": "acme",
+            "Amount": 10,
+            "Region": "eu",
+            "Vip": True,
+            "Due": D1,
+            "Score": 1.5,
+            "Tags": ["red", "blue"],
+        },
     ),
     _Run(
         "a-2",
@@ -107,7 +115,7 @@ RUNS = [
         T0 + timedelta(seconds=2),
         T0 + timedelta(seconds=3),
         5,
-        {"Customer": "globex", "Amount": 5, "Region": "us", "Vip": False},
+        {"Customer": "globex", "Amount": 5, "Region": "us", "Vip": False, "Tags": ["blue"]},
     ),
     _Run(
         "b-2",
@@ -126,7 +134,7 @@ RUNS = [
         T0 + timedelta(seconds=4),
         T0 + timedelta(seconds=10),
         9,
-        {"Customer": "it's", "Amount": -3, "Due": D2, "Score": -0.5},
+        {"Customer": "it's", "Amount": -3, "Due": D2, "Score": -0.5, "Tags": ['"x",', "y]"]},
     ),
     _Run(
         "c-2",
@@ -257,6 +265,16 @@ FILTERS: list[tuple[str, set[str]]] = [
     ("Due < '2024-06-15T00:00:00Z'", {"a-1"}),
     ("Due >= '2024-06-01T00:00:00Z'", {"a-1", "c-1"}),
     ("Due = '2024-07-01T08:30:00Z'", {"c-1"}),
+    # keyword lists (Temporal's KeywordList): = and IN test for an item, != for its absence
+    ("Tags = 'blue'", {"a-1", "b-1"}),
+    ("Tags = 'red'", {"a-1"}),
+    ("Tags = 'Red'", set()),
+    ("Tags = 'x'", set()),
+    ("Tags = 'y'", set()),
+    ("Tags = 'y]'", {"c-1"}),
+    ("Tags != 'red'", {"b-1", "c-1"}),
+    ("Tags IN ('red', 'y]')", {"a-1", "c-1"}),
+    ("Tags NOT IN ('blue')", {"c-1"}),
     # combinations
     ("Customer = 'acme' AND (Amount > 20 OR Region = 'eu')", {"a-1", "a-2"}),
     ("(Customer = 'acme' AND Amount > 20) OR Region = 'us'", {"a-2", "b-1"}),
@@ -346,6 +364,7 @@ async def test_search_attributes_and_memo_are_listed_and_upserted(store: History
         "Due": D1,
         "Score": 3,
         "Stage": "shipped",
+        "Tags": ["red", "blue"],
     }
     assert isinstance(attributes["Score"], int)  # upserted as an Int this time
     assert await _ids(store, "Region = 'eu'") == []
@@ -631,7 +650,7 @@ async def test_invalid_search_attributes_are_refused(client: Client) -> None:
             Idle.run,
             id=f"bad-{uuid.uuid4()}",
             task_queue=queue,
-            search_attributes={"Tags": ["a"]},  # type: ignore[dict-item]
+            search_attributes={"Tags": [1]},  # type: ignore[list-item]
         )
     assert await client.count_workflows("WorkflowId STARTS_WITH 'bad-'") == 0
 

@@ -120,7 +120,7 @@ class WorkflowStartOptions(TypedDict, total=False):
             this id gets the signal; otherwise a new run starts with it.
         start_signal_args: The signal's arguments.
         memo: Data returned by ``list_workflows``, any value the converter encodes.
-        search_attributes: Indexed values (str, int, float, bool, datetime) for
+        search_attributes: Indexed values (str, int, float, bool, datetime, list[str]) for
             ``list_workflows`` / ``count_workflows`` queries.
         id_reuse_policy: Whether the id of a closed run may be reused
             (``ALLOW_DUPLICATE`` by default).

@@ -770,7 +770,7 @@ def upsert_search_attributes(
     """Set (or, with None, remove) search attributes of this run, for
     ``client.list_workflows`` queries. Recorded in history as an
     UpsertWorkflowSearchAttributes event; the server indexes the values in the same
-    transaction. Values are str, int, float, bool or datetime (naive means UTC)."""
+    transaction. Values are str, int, float, bool, datetime (naive means UTC) or list[str]."""
     if not attributes:
         return
     _Runtime.current().workflow_upsert_search_attributes(dict(attributes))

@@ -1,7 +1,9 @@
 """The search-attribute codec and the time helpers it needs, shared by the SDK and the server.
 
 Search attribute values travel as payloads with ``metadata["encoding"] = "json/plain"``
-and ``metadata["type"]`` one of Keyword, Int, Double, Bool, Datetime (RFC 3339 text);
+and ``metadata["type"]`` one of Keyword, Int, Double, Bool, Datetime (RFC 3339 text),
+KeywordList (a JSON array of keywords: Temporal SDKs record the patches a run took as
+one, ``TemporalChangeVersion``);
 a ``binary/null`` payload in an upsert removes the attribute. ``encode_search_attribute``
 and ``decode_search_attribute`` are the one codec.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from tideflow.api.v1.common_pb2 import Payload, SearchAttributes
 
-SearchAttributeValue = str | int | float | bool | datetime
+SearchAttributeValue = str | int | float | bool | datetime | list[str]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT64_MIN = -(2**63)
@@ -39,6 +41,7 @@ class SearchAttributeType(IntEnum):
     DOUBLE = 3
     BOOL = 4
     DATETIME = 5
+    KEYWORD_LIST = 6
 
 
 _TYPE_NAMES = {
@@ -47,6 +50,7 @@ _TYPE_NAMES = {
     SearchAttributeType.DOUBLE: "Double",
     SearchAttributeType.BOOL: "Bool",
     SearchAttributeType.DATETIME: "Datetime",
+    SearchAttributeType.KEYWORD_LIST: "KeywordList",
 }
 _TYPES_BY_NAME = {name: t for t, name in _TYPE_NAMES.items()}
 
@@ -110,9 +114,13 @@ def encode_search_attribute(value: SearchAttributeValue | None) -> Payload:
         if len(value.encode()) > MAX_KEYWORD_BYTES:
             raise ValueError(f"keyword search attribute value is over {MAX_KEYWORD_BYTES} bytes")
         kind, data = SearchAttributeType.KEYWORD, json.dumps(value)
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        if any(len(item.encode()) > MAX_KEYWORD_BYTES for item in value):
+            raise ValueError(f"a keyword of a keyword list is over {MAX_KEYWORD_BYTES} bytes")
+        kind, data = SearchAttributeType.KEYWORD_LIST, json.dumps(value)
     else:
         raise TypeError(
-            f"search attribute values are str, int, float, bool or datetime, "
+            f"search attribute values are str, int, float, bool, datetime or list[str], "
             f"not {type(value).__name__}"
         )
     return Payload(
@@ -134,13 +142,19 @@ def typed_value(payload: Payload) -> tuple[SearchAttributeType, Any] | None:
         raise ValueError(f"type must be one of {sorted(_TYPES_BY_NAME)}, not {type_name!r}")
     try:
         value = json.loads(payload.data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"data is not JSON: {exc}") from None
     if kind == SearchAttributeType.KEYWORD and isinstance(value, str):
         if len(value.encode()) > MAX_KEYWORD_BYTES:
             raise ValueError(f"keyword value is over {MAX_KEYWORD_BYTES} bytes")
         return kind, value
     if kind == SearchAttributeType.BOOL and isinstance(value, bool):
+        return kind, value
+    if (
+        kind == SearchAttributeType.KEYWORD_LIST
+        and isinstance(value, list)
+        and all(isinstance(item, str) and len(item.encode()) <= MAX_KEYWORD_BYTES for item in value)
+    ):
         return kind, value
     if (
         kind == SearchAttributeType.INT
@@ -176,6 +190,8 @@ def python_value(kind: SearchAttributeType, stored: Any) -> SearchAttributeValue
         return datetime_of(int(stored))
     if kind == SearchAttributeType.BOOL:
         return bool(stored)
+    if kind == SearchAttributeType.KEYWORD_LIST:
+        return [str(item) for item in stored]
     return stored  # type: ignore[no-any-return]
 
 

@@ -36,6 +36,11 @@ class RetryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RETRY_STATE_INTERNAL_SERVER_ERROR: _ClassVar[RetryState]
     RETRY_STATE_CANCEL_REQUESTED: _ClassVar[RetryState]
 
+class ApplicationErrorCategory(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    APPLICATION_ERROR_CATEGORY_UNSPECIFIED: _ClassVar[ApplicationErrorCategory]
+    APPLICATION_ERROR_CATEGORY_BENIGN: _ClassVar[ApplicationErrorCategory]
+
 class ExecutionSite(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXECUTION_SITE_UNSPECIFIED: _ClassVar[ExecutionSite]
@@ -85,6 +90,8 @@ RETRY_STATE_MAXIMUM_ATTEMPTS_REACHED: RetryState
 RETRY_STATE_RETRY_POLICY_NOT_SET: RetryState
 RETRY_STATE_INTERNAL_SERVER_ERROR: RetryState
 RETRY_STATE_CANCEL_REQUESTED: RetryState
+APPLICATION_ERROR_CATEGORY_UNSPECIFIED: ApplicationErrorCategory
+APPLICATION_ERROR_CATEGORY_BENIGN: ApplicationErrorCategory
 EXECUTION_SITE_UNSPECIFIED: ExecutionSite
 EXECUTION_SITE_CLOUD: ExecutionSite
 EXECUTION_SITE_EDGE: ExecutionSite
@@ -239,14 +246,18 @@ class Failure(_message.Message):
     def __init__(self, message: _Optional[str] = ..., source: _Optional[str] = ..., stack_trace: _Optional[str] = ..., cause: _Optional[_Union[Failure, _Mapping]] = ..., application_failure_info: _Optional[_Union[ApplicationFailureInfo, _Mapping]] = ..., timeout_failure_info: _Optional[_Union[TimeoutFailureInfo, _Mapping]] = ..., canceled_failure_info: _Optional[_Union[CanceledFailureInfo, _Mapping]] = ..., terminated_failure_info: _Optional[_Union[TerminatedFailureInfo, _Mapping]] = ..., server_failure_info: _Optional[_Union[ServerFailureInfo, _Mapping]] = ..., activity_failure_info: _Optional[_Union[ActivityFailureInfo, _Mapping]] = ..., child_workflow_execution_failure_info: _Optional[_Union[ChildWorkflowExecutionFailureInfo, _Mapping]] = ...) -> None: ...
 
 class ApplicationFailureInfo(_message.Message):
-    __slots__ = ("type", "non_retryable", "details")
+    __slots__ = ("type", "non_retryable", "details", "next_retry_delay", "category")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     NON_RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RETRY_DELAY_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
     type: str
     non_retryable: bool
     details: Payloads
-    def __init__(self, type: _Optional[str] = ..., non_retryable: _Optional[bool] = ..., details: _Optional[_Union[Payloads, _Mapping]] = ...) -> None: ...
+    next_retry_delay: _duration_pb2.Duration
+    category: ApplicationErrorCategory
+    def __init__(self, type: _Optional[str] = ..., non_retryable: _Optional[bool] = ..., details: _Optional[_Union[Payloads, _Mapping]] = ..., next_retry_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., category: _Optional[_Union[ApplicationErrorCategory, str]] = ...) -> None: ...
 
 class TimeoutFailureInfo(_message.Message):
     __slots__ = ("timeout_type", "last_heartbeat_details")

@@ -319,26 +319,42 @@ class WorkflowTaskScheduledEventAttributes(_message.Message):
     def __init__(self, task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class WorkflowTaskStartedEventAttributes(_message.Message):
-    __slots__ = ("scheduled_event_id", "identity", "request_id")
+    __slots__ = ("scheduled_event_id", "identity", "request_id", "history_size_bytes")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     identity: str
     request_id: str
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    history_size_bytes: int
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., request_id: _Optional[str] = ..., history_size_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkflowTaskCompletedEventAttributes(_message.Message):
-    __slots__ = ("scheduled_event_id", "started_event_id", "identity", "binary_checksum")
+    __slots__ = ("scheduled_event_id", "started_event_id", "identity", "binary_checksum", "sdk_metadata")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     BINARY_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SDK_METADATA_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     started_event_id: int
     identity: str
     binary_checksum: str
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ...) -> None: ...
+    sdk_metadata: WorkflowTaskCompletedMetadata
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ..., sdk_metadata: _Optional[_Union[WorkflowTaskCompletedMetadata, _Mapping]] = ...) -> None: ...
+
+class WorkflowTaskCompletedMetadata(_message.Message):
+    __slots__ = ("core_used_flags", "lang_used_flags", "sdk_name", "sdk_version")
+    CORE_USED_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    LANG_USED_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    SDK_NAME_FIELD_NUMBER: _ClassVar[int]
+    SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    core_used_flags: _containers.RepeatedScalarFieldContainer[int]
+    lang_used_flags: _containers.RepeatedScalarFieldContainer[int]
+    sdk_name: str
+    sdk_version: str
+    def __init__(self, core_used_flags: _Optional[_Iterable[int]] = ..., lang_used_flags: _Optional[_Iterable[int]] = ..., sdk_name: _Optional[str] = ..., sdk_version: _Optional[str] = ...) -> None: ...
 
 class WorkflowTaskTimedOutEventAttributes(_message.Message):
     __slots__ = ("scheduled_event_id", "started_event_id", "timeout_type")

@@ -444,7 +444,7 @@ class StickyExecutionAttributes(_message.Message):
     def __init__(self, worker_task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RespondWorkflowTaskCompletedRequest(_message.Message):
-    __slots__ = ("task_token", "commands", "identity", "binary_checksum", "sticky_attributes", "force_create_new_workflow_task", "return_new_workflow_task")
+    __slots__ = ("task_token", "commands", "identity", "binary_checksum", "sticky_attributes", "force_create_new_workflow_task", "return_new_workflow_task", "sdk_metadata")
     TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
@@ -452,6 +452,7 @@ class RespondWorkflowTaskCompletedRequest(_message.Message):
     STICKY_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     FORCE_CREATE_NEW_WORKFLOW_TASK_FIELD_NUMBER: _ClassVar[int]
     RETURN_NEW_WORKFLOW_TASK_FIELD_NUMBER: _ClassVar[int]
+    SDK_METADATA_FIELD_NUMBER: _ClassVar[int]
     task_token: bytes
     commands: _containers.RepeatedCompositeFieldContainer[_command_pb2.Command]
     identity: str
@@ -459,7 +460,8 @@ class RespondWorkflowTaskCompletedRequest(_message.Message):
     sticky_attributes: StickyExecutionAttributes
     force_create_new_workflow_task: bool
     return_new_workflow_task: bool
-    def __init__(self, task_token: _Optional[bytes] = ..., commands: _Optional[_Iterable[_Union[_command_pb2.Command, _Mapping]]] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ..., sticky_attributes: _Optional[_Union[StickyExecutionAttributes, _Mapping]] = ..., force_create_new_workflow_task: _Optional[bool] = ..., return_new_workflow_task: _Optional[bool] = ...) -> None: ...
+    sdk_metadata: _history_pb2.WorkflowTaskCompletedMetadata
+    def __init__(self, task_token: _Optional[bytes] = ..., commands: _Optional[_Iterable[_Union[_command_pb2.Command, _Mapping]]] = ..., identity: _Optional[str] = ..., binary_checksum: _Optional[str] = ..., sticky_attributes: _Optional[_Union[StickyExecutionAttributes, _Mapping]] = ..., force_create_new_workflow_task: _Optional[bool] = ..., return_new_workflow_task: _Optional[bool] = ..., sdk_metadata: _Optional[_Union[_history_pb2.WorkflowTaskCompletedMetadata, _Mapping]] = ...) -> None: ...
 
 class RespondWorkflowTaskCompletedResponse(_message.Message):
     __slots__ = ("activity_tasks", "workflow_task")

@@ -40,7 +40,7 @@ class TaskToken(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., is_activity: _Optional[bool] = ..., query_id: _Optional[str] = ..., scheduled_time_us: _Optional[int] = ..., home_site: _Optional[str] = ..., home_token: _Optional[bytes] = ...) -> None: ...
 
 class WorkflowTaskInfo(_message.Message):
-    __slots__ = ("scheduled_event_id", "started_event_id", "attempt", "scheduled_time", "started_time", "request_id", "identity", "transient", "task_queue", "timer_keys")
+    __slots__ = ("scheduled_event_id", "started_event_id", "attempt", "scheduled_time", "started_time", "request_id", "identity", "transient", "task_queue", "timer_keys", "history_size_bytes")
     SCHEDULED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class WorkflowTaskInfo(_message.Message):
     TRANSIENT_FIELD_NUMBER: _ClassVar[int]
     TASK_QUEUE_FIELD_NUMBER: _ClassVar[int]
     TIMER_KEYS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     scheduled_event_id: int
     started_event_id: int
     attempt: int
@@ -61,7 +62,8 @@ class WorkflowTaskInfo(_message.Message):
     transient: bool
     task_queue: _common_pb2.TaskQueue
     timer_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., identity: _Optional[str] = ..., transient: _Optional[bool] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., timer_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    history_size_bytes: int
+    def __init__(self, scheduled_event_id: _Optional[int] = ..., started_event_id: _Optional[int] = ..., attempt: _Optional[int] = ..., scheduled_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., identity: _Optional[str] = ..., transient: _Optional[bool] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., timer_keys: _Optional[_Iterable[str]] = ..., history_size_bytes: _Optional[int] = ...) -> None: ...
 
 class ActivityInfo(_message.Message):
     __slots__ = ("scheduled_event_id", "activity_id", "activity_type", "task_queue", "attempt", "first_scheduled_time", "scheduled_time", "started_time", "started_identity", "request_id", "schedule_to_close_timeout", "schedule_to_start_timeout", "start_to_close_timeout", "heartbeat_timeout", "retry_policy", "last_heartbeat_time", "heartbeat_details", "last_failure", "cancel_requested", "backing_off", "timer_keys", "task_key", "placement", "started_site", "started_tier")
@@ -130,7 +132,7 @@ class TimerInfo(_message.Message):
     def __init__(self, timer_id: _Optional[str] = ..., started_event_id: _Optional[int] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timer_key: _Optional[str] = ...) -> None: ...
 
 class MutableState(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested", "parent_namespace", "parent_workflow_id", "parent_run_id", "parent_initiated_event_id", "pending_children", "pending_external", "first_execution_run_id", "sticky_task_queue", "sticky_schedule_to_start_timeout", "terminate_request_id", "home_cluster", "activated_version")
+    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested", "parent_namespace", "parent_workflow_id", "parent_run_id", "parent_initiated_event_id", "pending_children", "pending_external", "first_execution_run_id", "sticky_task_queue", "sticky_schedule_to_start_timeout", "terminate_request_id", "home_cluster", "activated_version", "history_size_bytes")
     class PendingActivitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +199,7 @@ class MutableState(_message.Message):
     TERMINATE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -235,7 +238,8 @@ class MutableState(_message.Message):
     terminate_request_id: str
     home_cluster: str
     activated_version: int
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ..., parent_namespace: _Optional[str] = ..., parent_workflow_id: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., parent_initiated_event_id: _Optional[int] = ..., pending_children: _Optional[_Mapping[int, ChildInfo]] = ..., pending_external: _Optional[_Mapping[int, ExternalRequest]] = ..., first_execution_run_id: _Optional[str] = ..., sticky_task_queue: _Optional[str] = ..., sticky_schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., terminate_request_id: _Optional[str] = ..., home_cluster: _Optional[str] = ..., activated_version: _Optional[int] = ...) -> None: ...
+    history_size_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ..., parent_namespace: _Optional[str] = ..., parent_workflow_id: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., parent_initiated_event_id: _Optional[int] = ..., pending_children: _Optional[_Mapping[int, ChildInfo]] = ..., pending_external: _Optional[_Mapping[int, ExternalRequest]] = ..., first_execution_run_id: _Optional[str] = ..., sticky_task_queue: _Optional[str] = ..., sticky_schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., terminate_request_id: _Optional[str] = ..., home_cluster: _Optional[str] = ..., activated_version: _Optional[int] = ..., history_size_bytes: _Optional[int] = ...) -> None: ...
 
 class ChildInfo(_message.Message):
     __slots__ = ("initiated_event_id", "namespace", "workflow_id", "run_id", "workflow_type", "parent_close_policy", "started_event_id", "parent_closed")
