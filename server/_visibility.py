@@ -35,8 +35,9 @@ Fields
     typed: a string literal matches Keyword values (and Datetime values when it is an
     RFC 3339 time), a number matches Int and Double values, ``true``/``false`` match
     Bool values. On a KeywordList value ``=`` / ``IN`` test for an item and ``!=`` /
-    ``NOT IN`` for its absence; ordering comparisons never match it. A comparison on a custom attribute is true only for runs that have
-    the attribute, so ``Region != 'eu'`` does not match runs without a ``Region``.
+    ``NOT IN`` for its absence; ordering comparisons never match it. A comparison on a
+    custom attribute is true only for runs that have the attribute, so
+    ``Region != 'eu'`` does not match runs without a ``Region``.
     Attribute names need no registration: a name no run has simply matches nothing.
 
 Literals
