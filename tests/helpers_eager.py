@@ -27,6 +27,7 @@ from raw_workflow import RawWorkflows, complete_workflow
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2
 from tideflow.worker_sdk import Client, RetryPolicy, WorkflowHandle, activity, workflow
+from tideflow.worker_sdk.interceptor import WorkerInterceptor, WorkflowTaskHandler
 from tideflow.worker_sdk.workflow import ActivityCancellationType
 
 CommandType = command_pb2.CommandType
@@ -273,6 +274,56 @@ class CancelsItsActivity:
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         return result
+
+
+@workflow.defn
+class AwaitsSignal:
+    """Waits for one ``hello`` signal and returns what it carried."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        await workflow.wait_condition(lambda: bool(self.said))
+        return self.said
+
+    @workflow.signal
+    def hello(self, value: str) -> None:
+        self.said.append(value)
+
+
+class HoldsFirstWorkflowTask(WorkerInterceptor):
+    """Holds the worker's first workflow task (started on the server) until the test
+    releases ``key``: what the test sends meanwhile arrives during the task."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.held = False
+
+    def intercept_workflow_task(self, next: WorkflowTaskHandler) -> WorkflowTaskHandler:
+        async def handle(task: service_pb2.PollWorkflowTaskResponse) -> None:
+            if not self.held:
+                self.held = True
+                STARTED[self.key].set()
+                await RELEASE[self.key].wait()
+            await next(task)
+
+        return handle
+
+
+async def signal_during_first_task(client: Client, queue: str, key: str) -> WorkflowHandle:
+    """An AwaitsSignal run on ``queue`` (its worker holding its first workflow task
+    with ``HoldsFirstWorkflowTask(key)``), signalled while that task is held."""
+    handle = await client.start_workflow(
+        AwaitsSignal.run, id=new_id("eager-next"), task_queue=queue
+    )
+    async with asyncio.timeout(WAIT_S):
+        await STARTED[key].wait()
+        await handle.signal(AwaitsSignal.hello, "hi")
+        RELEASE[key].set()
+        assert await handle.result() == ["hi"]
+    return handle
 
 
 def new_key() -> str:

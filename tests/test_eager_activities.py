@@ -15,6 +15,9 @@ which through a poll (scenarios in helpers_eager.py):
   disabled never does (and takes no workflow task with an activity's completion);
 - an eagerly started activity is cancelled as any other (heartbeat, then
   ActivityTaskCanceled);
+- a workflow task's completion takes the run's next workflow task (events that arrived
+  during it) when the run stays cached and a workflow task slot is free
+  (``return_new_workflow_task``), and leaves it to matching when none is;
 - a worker SIGKILLed with an eager activity in hand: the attempt times out
   (start-to-close) and attempt 2 runs on another worker process.
 """
@@ -30,9 +33,11 @@ from helpers_eager import (
     RELEASE,
     STARTED,
     WAIT_S,
+    AwaitsSignal,
     CancelsItsActivity,
     EagerRetry,
     HeldThenQuick,
+    HoldsFirstWorkflowTask,
     completed_activities,
     eager_flags,
     fails_first_attempt,
@@ -45,6 +50,7 @@ from helpers_eager import (
     quick,
     rows,
     run_lines,
+    signal_during_first_task,
 )
 
 from tideflow.server import TideflowServer
@@ -241,3 +247,31 @@ async def test_worker_sigkill_with_an_eager_activity_in_hand(
     attrs = started.activity_task_started_event_attributes
     assert (attrs.attempt, attrs.identity) == (2, "worker-2")
     assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)) == 1
+
+
+@pytest.mark.parametrize("slot_free", [True, False], ids=["slot-free", "no-slot"])
+async def test_completion_takes_the_next_workflow_task_if_a_slot_is_free(
+    client: Client, trace_dir: Path, slot_free: bool
+) -> None:
+    # One poller per queue (normal, sticky), each holding a slot while it polls (the
+    # one that took the held task polls again on a slot of its own when there is one):
+    # with four slots one is free while the held task runs, with two none is.
+    queue, key = new_id("eager-next"), new_key()
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[AwaitsSignal],
+        workflow_pollers=1,
+        max_concurrent_workflow_tasks=4 if slot_free else 2,
+        interceptors=[HoldsFirstWorkflowTask(key)],
+    ):
+        handle = await signal_during_first_task(client, queue, key)
+
+    lines = run_lines(trace_dir, handle.id)
+    completions = [line for line in lines if line["action"] == "CompleteWorkflowTask"]
+    assert [line["args"]["return_new"] for line in completions] == [slot_free, False]
+    polled = [line["action"] for line in lines].count("RecordWorkflowTaskStarted")
+    assert polled == (1 if slot_free else 2)
+    events = list((await handle.fetch_history()).events)
+    assert_well_formed(events)
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_TASK_STARTED)) == 2

@@ -4,7 +4,9 @@ starts an activity in the completing transaction when the worker asked and fewer
 ``MaxEager`` (the code's ``_MAX_EAGER_ACTIVITIES``) were started by it. Scenarios of
 helpers_eager.py: five eager requests in one completion (three started, two
 dispatched), a failed eager attempt retried through matching, an eager activity and a
-second one scheduled when the worker had no free slot, and a worker SIGKILLed with
+second one scheduled when the worker had no free slot, a signal arriving during a
+workflow task whose completion then takes the next one (``return_new_workflow_task``,
+``CompleteWorkflowTaskWith(.., returnNew)``), and a worker SIGKILLed with
 an eager activity in hand (start-to-close timeout, attempt 2 on another worker).
 """
 
@@ -19,8 +21,10 @@ from helpers_eager import (
     RELEASE,
     STARTED,
     WAIT_S,
+    AwaitsSignal,
     EagerRetry,
     HeldThenQuick,
+    HoldsFirstWorkflowTask,
     completed_activities,
     fails_first_attempt,
     five_eager_requests,
@@ -28,6 +32,7 @@ from helpers_eager import (
     kill_worker_with_eager_activity,
     new_key,
     quick,
+    signal_during_first_task,
 )
 from helpers_tla import assert_accepted, trace_of, validate
 
@@ -38,16 +43,20 @@ pytestmark = [pytest.mark.tla, pytest.mark.slow, pytest.mark.usefixtures("trace_
 
 
 async def _worker_runs(client: Client) -> list[str]:
-    """The retried eager attempt and the no-free-slot run; their workflow ids."""
+    """The retried eager attempt, the no-free-slot run and a signal arriving during a
+    workflow task (the completion takes the next one); their workflow ids."""
     queue, key = new_id("tla-eager"), new_key()
     async with Worker(
         client,
         task_queue=queue,
-        workflows=[EagerRetry, HeldThenQuick],
+        workflows=[EagerRetry, HeldThenQuick, AwaitsSignal],
         activities=[fails_first_attempt, held, quick],
         max_concurrent_activities=2,
         activity_pollers=1,
+        interceptors=[HoldsFirstWorkflowTask(key)],
     ):
+        signalled = await signal_during_first_task(client, queue, key)
+        key = new_key()
         retried = await client.start_workflow(
             EagerRetry.run, key, id=new_id("tla-eager-retry"), task_queue=queue
         )
@@ -61,7 +70,7 @@ async def _worker_runs(client: Client) -> list[str]:
             await eventually(lambda: completed_activities(slots, 1), "quick to complete")
             RELEASE[key].set()
             await slots.result()
-    return [retried.id, slots.id]
+    return [signalled.id, retried.id, slots.id]
 
 
 async def test_eager_activity_traces_are_engine_behaviours(
