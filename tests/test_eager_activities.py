@@ -134,6 +134,9 @@ async def test_failed_eager_attempt_is_retried_through_matching(
         line["args"]["eager_wft"] for line in lines if line["action"] == "CompleteActivity"
     ] == [True]
     assert [line["action"] for line in lines].count("RecordWorkflowTaskStarted") == 1
+    # It asked for the next workflow task too (none came: nothing arrived meanwhile).
+    completions = [line for line in lines if line["action"] == "CompleteWorkflowTask"]
+    assert [line["args"]["return_new"] for line in completions] == [True, False]
     events = list((await handle.fetch_history()).events)
     (started,) = of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_STARTED)
     assert started.activity_task_started_event_attributes.attempt == 2
@@ -151,6 +154,8 @@ async def test_disabled_eager_execution_polls_every_task(client: Client, trace_d
         line["args"]["eager_wft"] for line in lines if line["action"] == "CompleteActivity"
     ] == [False]
     assert [line["action"] for line in lines].count("RecordWorkflowTaskStarted") == 2
+    completions = [line for line in lines if line["action"] == "CompleteWorkflowTask"]
+    assert [line["args"]["return_new"] for line in completions] == [False, False]
 
 
 async def test_no_free_activity_slot_means_no_eager_request(

@@ -67,6 +67,7 @@ class WorkflowWorker:
         eager_activities: EagerActivities | None,
         local_activities: LocalActivityConfig,
         interceptors: Sequence[WorkerInterceptor],
+        take_next_workflow_tasks: bool = True,
     ) -> None:
         self._client = context.client
         self._task_queue = task_queue = context.task_queue
@@ -74,6 +75,7 @@ class WorkflowWorker:
         self._identity = context.identity
         self._workflows = workflows
         self._eager = eager_activities
+        self._take_next = take_next_workflow_tasks
         self._max_cached = max_cached_workflows
         self._cache: OrderedDict[str, WorkflowInstanceImpl] = OrderedDict()
         self._local = local_activities
@@ -343,7 +345,9 @@ class WorkflowWorker:
         stays_cached = bool(self.sticky_queue) and not instance._completed
         # A run that stays cached here may take its next workflow task (events that
         # arrived during this one) in the same commit, if a slot is free for it.
-        take_next = not heartbeat and stays_cached and await self._slots.try_reserve()
+        take_next = (
+            self._take_next and not heartbeat and stays_cached and await self._slots.try_reserve()
+        )
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token,
             identity=self._identity,

@@ -60,9 +60,10 @@ class Worker:
     Eager execution (on unless disabled): a workflow task's completion asks the server
     to start up to three of the activities it schedules on this task queue for this
     worker, one free activity slot each, and gets them back in the response (no poll);
-    an activity's completion offers to run the workflow task it causes, if a workflow
-    task slot is free. ``disable_eager_activity_execution`` (Temporal's name) and
-    ``disable_eager_workflow_tasks`` turn either off: the tasks then go through
+    an activity's completion offers to run the workflow task it causes, and a workflow
+    task's completion to run the run's next one (events that arrived meanwhile), if a
+    workflow task slot is free. ``disable_eager_activity_execution`` (Temporal's name)
+    and ``disable_eager_workflow_tasks`` turn either off: the tasks then go through
     matching and a poll.
     """
 
@@ -125,6 +126,7 @@ class Worker:
                 else None,
                 local_activities=LocalActivityConfig(activity_defs, activity_executor, context),
                 interceptors=interceptors,
+                take_next_workflow_tasks=not disable_eager_workflow_tasks,
             )
         if activities:
             eager = EagerWorkflowTasks(
