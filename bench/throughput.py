@@ -12,6 +12,7 @@ configurations one after the other and ends with a Markdown table of them.
     python bench/throughput.py --workflows 200 --workers 1
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench
     python bench/throughput.py --workflows 200 --local-activities
+    python bench/throughput.py --no-eager    # workers poll for every task
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench --nodes 2
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench --table dev,1,2,3
 
@@ -116,7 +117,7 @@ STEPS: dict[type, int] = {
 }
 
 
-async def run_worker(addresses: str) -> None:
+async def run_worker(addresses: str, eager: bool = True) -> None:
     client = await Client.connect(addresses)
     worker = Worker(
         client,
@@ -125,6 +126,8 @@ async def run_worker(addresses: str) -> None:
         activities=[step],
         workflow_pollers=4,
         activity_pollers=4,
+        disable_eager_activity_execution=not eager,
+        disable_eager_workflow_tasks=not eager,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -376,6 +379,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             for i in range(workers_count):
                 argv = [sys.executable, __file__, "--worker", _rotated(addresses, i)]
+                argv += ["--no-eager"] if args.no_eager else []
                 workers.append(subprocess.Popen(argv, env=env))
             clients = [await Client.connect(_rotated(addresses, i)) for i in range(len(addresses))]
             roles = Roles([s.pid for s in servers], [w.pid for w in workers])
@@ -392,6 +396,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         "workers": workers_count,
         "concurrency": args.concurrency,
         "sqlite_synchronous": args.sqlite_synchronous or "NORMAL (server default)",
+        "eager": not args.no_eager,
         **result,
     }
 
@@ -486,11 +491,17 @@ if __name__ == "__main__":
         help="run each configuration ('dev' is start-dev, a number that many nodes) "
         "and print a table of them",
     )
+    parser.add_argument(
+        "--no-eager",
+        action="store_true",
+        help="workers without eager execution: every activity and workflow task "
+        "through matching and a poll (what eager execution saves)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.nodes is not None and parsed.nodes < 1:
         parser.error(f"--nodes {parsed.nodes}: must be 1 or more")
     if parsed.worker:
-        asyncio.run(run_worker(parsed.worker))
+        asyncio.run(run_worker(parsed.worker, eager=not parsed.no_eager))
     else:
         asyncio.run(main(parsed))

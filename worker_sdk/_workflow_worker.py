@@ -7,7 +7,9 @@ otherwise the run is replayed from scratch). While a run is cached its next task
 on this worker's sticky queue with only the new events; ``give_back_sticky_queue``
 (ShutdownWorker) lets them move on at once when the worker stops. Activities a task
 schedules on this worker's queue may start here at once (eager): their slots are taken
-before the completion is sent and the tasks the server returns are handed over.
+before the completion is sent and the tasks the server returns are handed over. So may
+the run's next workflow task, when events arrived during this one and the run stays
+cached here (``return_new_workflow_task``, a workflow task slot reserved for it).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class WorkflowWorker:
         eager_activities: EagerActivities | None,
         local_activities: LocalActivityConfig,
         interceptors: Sequence[WorkerInterceptor],
+        take_next_workflow_tasks: bool = True,
     ) -> None:
         self._client = context.client
         self._task_queue = task_queue = context.task_queue
@@ -72,6 +75,7 @@ class WorkflowWorker:
         self._identity = context.identity
         self._workflows = workflows
         self._eager = eager_activities
+        self._take_next = take_next_workflow_tasks
         self._max_cached = max_cached_workflows
         self._cache: OrderedDict[str, WorkflowInstanceImpl] = OrderedDict()
         self._local = local_activities
@@ -338,15 +342,21 @@ class WorkflowWorker:
         if commands:
             self._outbound(task, commands)
         reserved = await self._reserve_eager_activities(commands)
+        stays_cached = bool(self.sticky_queue) and not instance._completed
+        # A run that stays cached here may take its next workflow task (events that
+        # arrived during this one) in the same commit, if a slot is free for it.
+        take_next = (
+            self._take_next and not heartbeat and stays_cached and await self._slots.try_reserve()
+        )
         request = service_pb2.RespondWorkflowTaskCompletedRequest(
             task_token=task.task_token,
             identity=self._identity,
             force_create_new_workflow_task=heartbeat,
-            return_new_workflow_task=heartbeat,
+            return_new_workflow_task=heartbeat or take_next,
         )
         # extend: the constructor's ``commands=[...]`` takes a slower path to the same.
         request.commands.extend(commands)
-        if self.sticky_queue and not instance._completed:
+        if stays_cached:
             request.sticky_attributes.CopyFrom(self._sticky_attributes)
         client = self._client
         try:
@@ -354,16 +364,18 @@ class WorkflowWorker:
                 client.service.RespondWorkflowTaskCompleted, request
             )
         except BaseException:
-            if self._eager is not None:
-                for _ in range(reserved):
-                    self._eager.slots.release()
+            self._release(reserved, take_next)
             self._evict(run_id)  # our view may be ahead of what the server recorded
             raise
+        self._release(reserved - len(response.activity_tasks), False)
         if self._eager is not None:
-            for _ in range(reserved - len(response.activity_tasks)):
-                self._eager.slots.release()
             for activity_task in response.activity_tasks[:]:  # [:]: see _full_history
                 self._eager.slots.hand_over(activity_task)
+        if take_next and response.workflow_task.task_token:
+            # Its slot is the one reserved above; it runs once this handler yields.
+            self._slots.hand_over(response.workflow_task)
+        elif take_next:
+            self._slots.release()
         if not heartbeat and (instance._completed or not self._max_cached):
             self._evict(run_id)
         return response
@@ -445,6 +457,16 @@ class WorkflowWorker:
         finally:
             instance.dispose()
         await client.call(client.service.RespondQueryTaskCompleted, request)
+
+    def _release(self, activity_slots: int, workflow_slot: bool) -> None:
+        """Give back slots reserved for tasks a completion did not bring (or all of
+        them, when it failed): ``activity_slots`` eager activities' and, with
+        ``workflow_slot``, the next workflow task's."""
+        if self._eager is not None:
+            for _ in range(activity_slots):
+                self._eager.slots.release()
+        if workflow_slot:
+            self._slots.release()
 
     async def _reserve_eager_activities(self, commands: list[Any]) -> int:
         """Ask the server to start activities this worker can run right away; each

@@ -56,6 +56,15 @@ class Worker:
     ``capabilities`` (``{"labels": [...], "memory_mb": n, "cores": n}``) and ``site``
     (default: the server's cluster name) are what its activity polls advertise: it
     gets only activities whose placement it meets (worker_sdk/placement.py).
+
+    Eager execution (on unless disabled): a workflow task's completion asks the server
+    to start up to three of the activities it schedules on this task queue for this
+    worker, one free activity slot each, and gets them back in the response (no poll);
+    an activity's completion offers to run the workflow task it causes, and a workflow
+    task's completion to run the run's next one (events that arrived meanwhile), if a
+    workflow task slot is free. ``disable_eager_activity_execution`` (Temporal's name)
+    and ``disable_eager_workflow_tasks`` turn either off: the tasks then go through
+    matching and a poll.
     """
 
     def __init__(
@@ -80,6 +89,8 @@ class Worker:
         site: str | None = None,
         metrics: WorkerMetrics | None = None,
         metrics_port: int | None = None,
+        disable_eager_activity_execution: bool = False,
+        disable_eager_workflow_tasks: bool = False,
     ) -> None:
         if not workflows and not activities:
             raise ValueError("a worker needs at least one workflow or activity")
@@ -95,9 +106,8 @@ class Worker:
         # Both roles' slots exist before either role: each may reserve the other's.
         self._workflow_slots: Slots[_WorkflowTask] = Slots(max_concurrent_workflow_tasks)
         self._activity_slots: Slots[_ActivityTask] = Slots(max_concurrent_activities)
-        context = self._context(
-            client, metrics, metrics_port, _placement_of(tier, capabilities, site)
-        )
+        placement = _placement_of(tier, capabilities, site)
+        context = self._context(client, metrics, metrics_port, placement)
         self._workflows: WorkflowWorker | None = None
         self._activities: ActivityWorker | None = None
         if workflows:
@@ -112,10 +122,11 @@ class Worker:
                 eager_activities=EagerActivities(
                     slots=self._activity_slots, activity_types=frozenset(activity_defs)
                 )
-                if activities and activity_pollers
+                if activities and activity_pollers and not disable_eager_activity_execution
                 else None,
                 local_activities=LocalActivityConfig(activity_defs, activity_executor, context),
                 interceptors=interceptors,
+                take_next_workflow_tasks=not disable_eager_workflow_tasks,
             )
         if activities:
             eager = EagerWorkflowTasks(
@@ -123,13 +134,14 @@ class Worker:
                 sticky_queue=sticky_queue,
                 workflow_types=frozenset(workflow_defs),
             )
+            offer = bool(workflows) and workflow_pollers > 0 and not disable_eager_workflow_tasks
             self._activities = ActivityWorker(
                 context,
                 activities=activity_defs,
                 slots=self._activity_slots,
                 pollers=activity_pollers,
                 executor=activity_executor,
-                eager_workflow_tasks=eager if workflows and workflow_pollers else None,
+                eager_workflow_tasks=eager if offer else None,
                 interceptors=interceptors,
             )
         self._supervisor: asyncio.Task[None] | None = None
