@@ -18,7 +18,7 @@ fired while the task ran wins), ``CancelActivityCmd``, ``Complete``, ``Fail``,
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, state_pb2
@@ -157,6 +157,19 @@ def _validate_schedule_activity(state: _Validation, command: Command, where: str
     problem = _retry.validate(a.retry_policy) or placement_problem(a.placement, a.requirements)
     if problem:
         raise BadCommandError(f"{where}: {problem}")
+
+
+def decline_eager_elsewhere(ms: state_pb2.MutableState, commands: Sequence[Command]) -> None:
+    """Clear the eager request of an activity scheduled on a task queue other than the
+    run's. The completing worker polls the run's queue; another queue's activity is for
+    that queue's workers (Temporal's server decides the same), so it is dispatched there.
+    Done before the trace records the commands: the model sees the request declined."""
+    for command in commands:
+        if command.command_type != CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK:
+            continue
+        a = command.schedule_activity_task_command_attributes
+        if a.request_eager_execution and a.task_queue.name not in ("", ms.task_queue.name):
+            a.request_eager_execution = False
 
 
 def _apply_schedule_activity(context: Context, m: Mutation, command: Command) -> None:

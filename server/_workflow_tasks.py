@@ -158,6 +158,7 @@ def complete(
     ``CompleteWorkflowTaskWith(ms, cmds, sticky, forceNew, returnNew)``."""
     eager.clear()  # a conflict retry recomputes the transition from scratch
     check_token(m, token)
+    _commands.decline_eager_elsewhere(m.ms, commands)
     m.trace.update(
         token=token,
         commands=commands,

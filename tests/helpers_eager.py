@@ -160,6 +160,31 @@ async def five_eager_requests(client: Client) -> CapRun:
     return CapRun(workflow_id, response, polled)
 
 
+async def eager_request_for_another_queue(client: Client) -> CapRun:
+    """One workflow task schedules an activity on another task queue and one on the
+    run's own, both asking to start eagerly: the server starts only the run's queue's
+    for the completing worker; the other queue's is polled from that queue."""
+    queue, other = new_id("eager-own"), new_id("eager-other")
+    raw = RawWorkflows(client, queue)
+    workflow_id = new_id("eager-other")
+    await raw.start(workflow_id)
+    task = await raw.poll()
+    request = service_pb2.RespondWorkflowTaskCompletedRequest(
+        task_token=task.task_token,
+        identity="raw",
+        commands=[schedule("elsewhere", other, eager=True), schedule("own", queue, eager=True)],
+    )
+    response: service_pb2.RespondWorkflowTaskCompletedResponse = await client.call(
+        client.service.RespondWorkflowTaskCompleted, request
+    )
+    polled = [await poll_activity(client, other)]
+    for started in [*response.activity_tasks, *polled]:
+        await complete_activity(client, started.task_token, started.activity_id)
+    task = await raw.poll()
+    await raw.complete(task.task_token, complete_workflow())
+    return CapRun(workflow_id, response, polled)
+
+
 # --------------------------------------------------------- SDK worker scenarios
 
 

@@ -40,6 +40,7 @@ from helpers_eager import (
     HoldsFirstWorkflowTask,
     completed_activities,
     eager_flags,
+    eager_request_for_another_queue,
     fails_first_attempt,
     five_eager_requests,
     heartbeats_until_cancelled,
@@ -91,6 +92,26 @@ async def test_server_starts_at_most_three_per_completion(client: Client, trace_
     assert len(started) == 5
     assert {e.activity_task_started_event_attributes.attempt for e in started} == {1}
     assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)) == 5
+
+
+async def test_an_activity_of_another_task_queue_is_not_started_eagerly(
+    client: Client, trace_dir: Path
+) -> None:
+    run = await eager_request_for_another_queue(client)
+    assert [t.activity_id for t in run.response.activity_tasks] == ["own"]
+    assert [(t.activity_id, t.attempt) for t in run.polled] == [("elsewhere", 1)]
+    lines = run_lines(trace_dir, run.workflow_id)
+    completion = next(line for line in lines if line["action"] == "CompleteWorkflowTask")
+    # The request for the other queue's activity is recorded declined: event 5 (its
+    # ActivityTaskScheduled) is dispatched, event 6 started in the completion.
+    assert eager_flags([completion]) == [[False, True]]
+    assert rows(completion, "new_tasks") == [("ACTIVITY", 5, 1)]
+    assert polled_attempts(lines) == [(5, 1)]
+    handle = client.get_workflow_handle(run.workflow_id)
+    await handle.result()  # raises unless the run completed
+    events = list((await handle.fetch_history()).events)
+    assert_well_formed(events)
+    assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)) == 2
 
 
 async def _retried(client: Client, *, eager: bool) -> WorkflowHandle:

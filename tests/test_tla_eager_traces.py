@@ -26,6 +26,7 @@ from helpers_eager import (
     HeldThenQuick,
     HoldsFirstWorkflowTask,
     completed_activities,
+    eager_request_for_another_queue,
     fails_first_attempt,
     five_eager_requests,
     held,
@@ -82,6 +83,7 @@ async def test_eager_activity_traces_are_engine_behaviours(
     procs: Processes,
 ) -> None:
     ids = [(await five_eager_requests(client)).workflow_id]
+    ids.append((await eager_request_for_another_queue(client)).workflow_id)
     ids += await _worker_runs(client)
     killed = await kill_worker_with_eager_activity(tmp_path, server.address, client, procs)
     ids.append(killed.handle.id)
