@@ -42,6 +42,13 @@ _CONNECT_TIMEOUT_S = 10.0
 #: The URL query parameter that selects the isolation (tideflow's own: it is taken off
 #: the URL before the driver sees it).
 ISOLATION_PARAMETER = "isolation_level"
+#: The URL query parameter that caps one process's connections to the database
+#: (tideflow's own, taken off the URL like the isolation): several nodes, each with its
+#: pool, share the database's ``max_connections``.
+MAX_CONNECTIONS_PARAMETER = "max_connections"
+#: Without it: a pool of 10 (10 more on demand) and the group commit's 4 direct lanes.
+_DEFAULT_POOL = (10, 10)
+_DEFAULT_LANES = 4
 COCKROACH_EXTRA = 'pip install "tideflow[cockroachdb]"'
 
 
@@ -50,8 +57,9 @@ class ServerTarget:
     """What a ``postgresql://`` or ``cockroachdb://`` URL asks for."""
 
     name: str  # "postgresql" or "cockroachdb" (``Runner.name``)
-    url: URL  # on the asyncpg driver, without ``isolation_level``
+    url: URL  # on the asyncpg driver, without tideflow's own parameters
     isolation: str  # SERIALIZABLE or READ_COMMITTED
+    max_connections: int | None = None  # None: the defaults above (24 at most)
 
 
 def server_target(url: URL) -> ServerTarget:
@@ -78,8 +86,32 @@ def server_target(url: URL) -> ServerTarget:
     if cockroach:
         _require_cockroach_dialect()
     driver = "cockroachdb+asyncpg" if cockroach else "postgresql+asyncpg"
-    bare = url.set(drivername=driver).difference_update_query([ISOLATION_PARAMETER])
-    return ServerTarget(name=name, url=bare, isolation=isolation)
+    bare = url.set(drivername=driver).difference_update_query(
+        [ISOLATION_PARAMETER, MAX_CONNECTIONS_PARAMETER]
+    )
+    return ServerTarget(
+        name=name, url=bare, isolation=isolation, max_connections=_max_connections(url)
+    )
+
+
+def _max_connections(url: URL) -> int | None:
+    raw = url.query.get(MAX_CONNECTIONS_PARAMETER)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw.strip().isdigit() or int(raw) < 2:
+        raise ValueError(
+            f"{MAX_CONNECTIONS_PARAMETER}={raw!r}: expected one whole number of at least 2"
+        )
+    return int(raw)
+
+
+def connection_budget(max_connections: int | None) -> tuple[int, int, int]:
+    """(pool size, pool overflow, direct lanes) of one process. A cap keeps a third of
+    it (1 to 4) for the group commit's direct lanes and the rest as a fixed pool."""
+    if max_connections is None:
+        return (*_DEFAULT_POOL, _DEFAULT_LANES)
+    lanes = max(1, min(_DEFAULT_LANES, max_connections // 3))
+    return max_connections - lanes, 0, lanes
 
 
 def _require_cockroach_dialect() -> None:
@@ -98,9 +130,10 @@ class AsyncEngineRunner:
         # pool_pre_ping replaces pooled connections a database restart closed; the connect
         # timeout bounds how long a request waits on a database that does not answer at
         # all (asyncpg's default is a minute), so the caller gets UNAVAILABLE and retries.
+        pool_size, overflow, lanes = connection_budget(target.max_connections)
         options: dict[str, object] = {
-            "pool_size": 10,
-            "max_overflow": 10,
+            "pool_size": pool_size,
+            "max_overflow": overflow,
             "pool_pre_ping": True,
             "connect_args": {"timeout": _CONNECT_TIMEOUT_S},
         }
@@ -110,7 +143,7 @@ class AsyncEngineRunner:
             options["isolation_level"] = "SERIALIZABLE"
         self._engine = create_async_engine(target.url, **options)
         # Several lanes: the server runs transactions of different runs in parallel.
-        self.writer_lanes = 4
+        self.writer_lanes = lanes
         # The group-commit writes go straight to asyncpg (_pg_batch.py), on both
         # databases: a SERIALIZABLE PostgreSQL still runs CockroachDB's statements.
         self.direct = DirectConnections(target, keep=self.writer_lanes)
