@@ -46,6 +46,35 @@ class _Firing:
         await self._store.delete_timer(row.timer_key)
 
 
+class _PageFiring:
+    """The page handler (``TimerQueue.run``'s ``fire_page``): records each timer and
+    deletes its row, except, in the first page, every other timer, whose fire fails
+    (an error: its row stays, the queue tries it again)."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self._store = store
+        self.fired: collections.Counter[str] = collections.Counter()
+        self.failed: set[str] = set()
+        self.pages: list[int] = []
+
+    async def __call__(self, rows: list[TimerRow]) -> list[BaseException | None]:
+        first = not self.pages
+        self.pages.append(len(rows))
+        outcomes: list[BaseException | None] = []
+        for n, row in enumerate(rows):
+            if first and n % 2:
+                self.failed.add(row.timer_key)
+                outcomes.append(RuntimeError("the store went away"))
+                continue
+            self.fired[row.timer_key] += 1
+            await self._store.delete_timer(row.timer_key)
+            outcomes.append(None)
+        return outcomes
+
+    async def one(self, row: TimerRow) -> None:
+        raise AssertionError("with a page handler, no timer is fired alone")
+
+
 async def _arm(store: HistoryStore, runs: int, per_run: int, fire_at: int) -> list[TimerRow]:
     """``runs`` new runs with ``per_run`` timers each, all due at ``fire_at``."""
     rows: list[TimerRow] = []
@@ -99,6 +128,25 @@ async def test_timers_due_at_one_instant_fire_once_each_within_the_cap(
     assert set(firing.fired) == _keys(rows)
     assert set(firing.fired.values()) == {1}
     assert 0 < queue.peak_held <= 50
+
+
+async def test_due_timers_fire_in_pages_within_the_cap_and_failed_ones_again(
+    store: HistoryStore,
+) -> None:
+    rows = await _arm(store, runs=10, per_run=50, fire_at=T0)
+    queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=64)
+    firing = _PageFiring(store)
+    task = asyncio.create_task(queue.run(firing.one, firing))
+    try:
+        await eventually(lambda: _count_rows_is_zero(store))
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    assert set(firing.fired) == _keys(rows)
+    assert set(firing.fired.values()) == {1}
+    assert firing.failed and firing.failed <= set(firing.fired)
+    assert max(firing.pages) <= 64
+    assert 0 < queue.peak_held <= 64
 
 
 async def test_a_timer_armed_while_the_heap_is_full_fires_whether_earlier_or_later(
