@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from helpers import eventually
 from helpers_store import T0, create, run_key, timer
 
@@ -96,8 +97,11 @@ async def _arm_one(store: HistoryStore, queue: TimerQueue, name: str, fire_at: i
 
 
 @asynccontextmanager
-async def _running(queue: TimerQueue, firing: _Firing) -> AsyncIterator[None]:
-    task = asyncio.create_task(queue.run(firing))
+async def _running(queue: TimerQueue, firing: _Firing | _PageFiring) -> AsyncIterator[None]:
+    if isinstance(firing, _PageFiring):
+        task = asyncio.create_task(queue.run(firing.one, firing))
+    else:
+        task = asyncio.create_task(queue.run(firing))
     try:
         yield
     finally:
@@ -117,36 +121,23 @@ def _keys(rows: Collection[TimerRow]) -> set[str]:
     return {r.timer_key for r in rows}
 
 
+@pytest.mark.parametrize("pages", [False, True], ids=["one-by-one", "pages"])
 async def test_timers_due_at_one_instant_fire_once_each_within_the_cap(
-    store: HistoryStore,
+    store: HistoryStore, pages: bool
 ) -> None:
+    """One by one, or in pages (``fire_page``: every other timer of the first page
+    fails and is fired again later)."""
     rows = await _arm(store, runs=10, per_run=50, fire_at=T0)
     queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=50)
-    firing = _Firing(store)
+    firing = _PageFiring(store) if pages else _Firing(store)
     async with _running(queue, firing):
         await eventually(lambda: _count_rows_is_zero(store))
     assert set(firing.fired) == _keys(rows)
     assert set(firing.fired.values()) == {1}
     assert 0 < queue.peak_held <= 50
-
-
-async def test_due_timers_fire_in_pages_within_the_cap_and_failed_ones_again(
-    store: HistoryStore,
-) -> None:
-    rows = await _arm(store, runs=10, per_run=50, fire_at=T0)
-    queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=64)
-    firing = _PageFiring(store)
-    task = asyncio.create_task(queue.run(firing.one, firing))
-    try:
-        await eventually(lambda: _count_rows_is_zero(store))
-    finally:
-        task.cancel()
-        await asyncio.wait([task])
-    assert set(firing.fired) == _keys(rows)
-    assert set(firing.fired.values()) == {1}
-    assert firing.failed and firing.failed <= set(firing.fired)
-    assert max(firing.pages) <= 64
-    assert 0 < queue.peak_held <= 64
+    if isinstance(firing, _PageFiring):
+        assert firing.failed and firing.failed <= set(firing.fired)
+        assert max(firing.pages) <= 50
 
 
 async def test_a_timer_armed_while_the_heap_is_full_fires_whether_earlier_or_later(
