@@ -23,6 +23,10 @@ after a store outage the cursor restarts from the beginning (``reread``, called 
 server/_resync.py), which finds rows nobody handed to ``add`` (a commit whose
 outcome was in doubt).
 
+Due timers go to the engine one at a time (``run``'s ``fire``) or, in a server, a page
+at a time (``fire_page``: server/_timer_fires.py), which changes how the transitions
+are computed and committed together, not what each one is or when it may happen.
+
 TLA+ (tla/History.tla): ``FireSomeTimer`` / ``FireTimerA`` (a heap row handed to the
 engine, whose transition is EngineCore's ``FireTimer``: server/_timeouts.py) and the
 heap rebuilt from the store by ``Restart``. The model's ``heap`` is this queue's heap
