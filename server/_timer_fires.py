@@ -93,14 +93,12 @@ async def _runs_of(engine: HistoryEngine, timers: Sequence[TimerRow]) -> dict[Ru
     cannot be had (not found, its shard not held, the store failing) is left out: its
     timer goes alone, where the error surfaces as it always did."""
     runs: dict[RunKey, CachedRun] = {}
-    missing: list[RunKey] = []
+    missing: dict[RunKey, None] = {}  # in page order, once each
     for timer in timers:
         key = timer.key
-        if key in runs or key in missing:
-            continue
         run = engine._cache.get(key)
         if run is None:
-            missing.append(key)
+            missing[key] = None
         else:
             runs[key] = run
     loaded = await asyncio.gather(*(engine._load(key) for key in missing), return_exceptions=True)
