@@ -3,12 +3,13 @@
 The engine on a real store (both databases): runs sleeping on one user timer each,
 their timers fired as one page through ``HistoryEngine.fire_timers`` as the timer
 queue does (half of the runs not cached: read from the store first). Each run then
-has exactly one TimerFired and a workflow task; the page shares transactions; a page fired again (a queue that read the rows twice, or
-retried after an error) fires nothing twice. Faults in the middle of a page's
-transaction: the database gone before the commit (nothing written, each timer's fire
-reports the error and fires once when tried again), and the commit landed but its
-answer lost (the store's retry meets its own commit; each timer is then found fired,
-not fired again). A run whose lock another transition holds is fired alone, after it.
+has exactly one TimerFired and a workflow task; the page shares transactions; a page
+fired again (a queue that read the rows twice, or retried after an error) fires
+nothing twice. Faults in the middle of a page's transaction: the database gone
+before the commit (nothing written, each timer's fire reports the error and fires once
+when tried again), and the commit landed but its answer lost (the store's retry meets
+its own commit; each timer is then found fired, not fired again). A run whose lock
+another transition holds is fired alone, after it.
 """
 
 from __future__ import annotations
