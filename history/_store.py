@@ -80,6 +80,9 @@ _RUNNING_STATUS = 1
 log = logging.getLogger("tideflow.history")
 
 _MAX_BATCH = 64
+# Bulk submissions (a page of due timers: server/_timer_fires.py) arrive together and
+# fill larger transactions: fewer begins, fence reads, statement set-ups and commits.
+_MAX_BULK_BATCH = 512
 _MAX_TXN_RETRIES = 8
 # Attempts at creating the schema while other nodes create it too, and the pause
 # before the next one (times the attempt number).
@@ -110,8 +113,10 @@ class HistoryStore:
         self._runner = GuardedRunner(runner, self.stats)
         self.dialect = runner
         self._lanes: list[asyncio.Queue[_Item]] = []
-        # Commits submitted that no writer has taken yet (``withdraw`` may cancel them).
+        # Commits submitted that no writer has taken yet (``withdraw`` may cancel them),
+        # and those of them that are ``bulk``.
         self._waiting: set[asyncio.Future[None]] = set()
+        self._bulk: set[asyncio.Future[None]] = set()
         self._writers: list[asyncio.Task[None]] = []
         self._closed = False
         # Set when a write failed so that it may or may not have committed (the
@@ -197,6 +202,7 @@ class HistoryStore:
             while not queue.empty():
                 _, fut, _ = queue.get_nowait()
                 self._waiting.discard(fut)
+                self._bulk.discard(fut)
                 if not fut.done():
                     fut.set_exception(StoreUnavailableError("store closed"))
         await self._runner.close()
@@ -225,9 +231,13 @@ class HistoryStore:
                 commit.add_done_callback(_retrieved)
             raise
 
-    def submit(self, transition: Transition, *together: Transition) -> asyncio.Future[None]:
+    def submit(
+        self, transition: Transition, *together: Transition, bulk: bool = False
+    ) -> asyncio.Future[None]:
         """``apply`` without waiting: the commit's future, which ends as ``apply`` would
-        (its result or error). ``withdraw`` takes it back while no writer has it."""
+        (its result or error). ``withdraw`` takes it back while no writer has it.
+        ``bulk``: one of many submitted at once; a writer taking it takes up to
+        ``_MAX_BULK_BATCH`` transitions into the transaction instead of ``_MAX_BATCH``."""
         if self._closed:
             raise StoreUnavailableError("store closed")
         group = (transition, *together)
@@ -236,6 +246,8 @@ class HistoryStore:
         # A run always maps to the same lane, so its transitions commit in order.
         lane = hash((transition.key.namespace, transition.key.workflow_id)) % len(self._lanes)
         self._waiting.add(fut)
+        if bulk:
+            self._bulk.add(fut)
         self._lanes[lane].put_nowait((group, fut, tokens))
         return fut
 
@@ -247,6 +259,7 @@ class HistoryStore:
         stale against the store and dropped, and then the commit lands)."""
         if commit in self._waiting:
             self._waiting.discard(commit)
+            self._bulk.discard(commit)
             commit.cancel()
             return True
         return commit.cancelled()
@@ -327,9 +340,11 @@ class HistoryStore:
     async def _writer(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
             batch = [await queue.get()]
-            while len(batch) < _MAX_BATCH and not queue.empty():
+            limit = _MAX_BULK_BATCH if batch[0][1] in self._bulk else _MAX_BATCH
+            while len(batch) < limit and not queue.empty():
                 batch.append(queue.get_nowait())
             self._waiting.difference_update(fut for _, fut, _ in batch)
+            self._bulk.difference_update(fut for _, fut, _ in batch)
             live = [item for item in batch if not item[1].done()]
             try:
                 for items in _one_transition_per_run(live):

@@ -31,7 +31,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, state_pb2
@@ -77,6 +77,7 @@ from ._run_gateway import RunGateway
 from ._shards import ShardController
 from ._task_responses import decode_token as decode_token  # the frontend's import
 from ._task_tokens import TaskTokenSigner
+from ._timer_fires import fire_page
 from ._trace import Tracer
 
 log = logging.getLogger("tideflow.server.engine")
@@ -244,9 +245,12 @@ class HistoryEngine:
         except (NotFoundError, NotHomeError):  # gone, or handed to another site: stale
             return None
 
-    async def _commit(self, key: RunKey, run: CachedRun, m: Mutation, action: str) -> bool:
+    async def _commit(
+        self, key: RunKey, run: CachedRun, m: Mutation, action: str, *, bulk: bool = False
+    ) -> bool:
         """Commit ``m`` (and the runs it creates) and update the cache; False if
-        another writer changed the run first (the cache entry is dropped)."""
+        another writer changed the run first (the cache entry is dropped). ``bulk``:
+        one of many submitted at once (``HistoryStore.submit``)."""
         together = [x.to_transition(0, start_request_id=x.ms.start_request_id) for x in m.side_runs]
         # Trace mode logs ahead of the commit, then its outcome: a crash between
         # the two leaves a transition marked "may have happened", never one
@@ -257,7 +261,7 @@ class HistoryEngine:
         # commit no store writer has taken (a poll that went away starts nothing),
         # unless it creates task rows: those always go on.
         lease = self._lease_of(key)
-        write = self._store.submit(m.to_transition(run.db_version), *together)
+        write = self._store.submit(m.to_transition(run.db_version), *together, bulk=bulk)
         try:
             await asyncio.shield(write)
         except (ConditionFailedError, CurrentExecutionConflictError):
@@ -747,6 +751,11 @@ class HistoryEngine:
         )
         if not handled:
             await self._store.delete_timer(timer.timer_key, run=timer.key)
+
+    async def fire_timers(self, timers: Sequence[TimerRow]) -> list[BaseException | None]:
+        """A page of due timers fired together (server/_timer_fires.py): per timer, None
+        (fired, or dropped as stale) or the error its fire ended with."""
+        return await fire_page(self, timers)
 
     async def unstick(self, key: RunKey, sticky_queue: str) -> None:
         """The worker of ``sticky_queue`` left: the run's tasks go to the normal queue."""

@@ -53,7 +53,7 @@ from ._shards import ShardController
 from ._site_metadata import SiteMetadata
 from ._sites import Sites, SiteService
 from ._task_tokens import TaskTokenSigner
-from ._timers import TimerQueue
+from ._timers import FirePage, TimerQueue
 from ._tls import ServerTLSConfig
 from ._trace import LeaseTracer
 from ._tracing import tracing_interceptor
@@ -432,7 +432,9 @@ class TideflowServer:
         await self._start_http(service)
         await self._report_health()
         loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
-            "tideflow-timer-queue": functools.partial(timers.run, self._timed(engine.fire_timer)),
+            "tideflow-timer-queue": functools.partial(
+                timers.run, self._timed(engine.fire_timer), self._timed_page(engine.fire_timers)
+            ),
             "tideflow-transfers": functools.partial(transfers.run, engine.process_transfer),
             "tideflow-task-forwarder": dispatch.forwarder.run,
             "tideflow-sticky-mover": functools.partial(dispatch.run, polls.unstick),
@@ -543,6 +545,16 @@ class TideflowServer:
             await fire(timer)
 
         return fire_timer
+
+    def _timed_page(self, fire_page: FirePage) -> FirePage:
+        """``fire_page`` that reports each timer's lateness first."""
+
+        async def fire_timers(timers: list[TimerRow]) -> Sequence[BaseException | None]:
+            for timer in timers:
+                self.metrics.timer_fired(timer.fire_at)
+            return await fire_page(timers)
+
+        return fire_timers
 
     def _open_temporal_door(
         self,

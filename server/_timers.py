@@ -23,6 +23,10 @@ after a store outage the cursor restarts from the beginning (``reread``, called 
 server/_resync.py), which finds rows nobody handed to ``add`` (a commit whose
 outcome was in doubt).
 
+Due timers go to the engine one at a time (``run``'s ``fire``) or, in a server, a page
+at a time (``fire_page``: server/_timer_fires.py), which changes how the transitions
+are computed and committed together, not what each one is or when it may happen.
+
 TLA+ (tla/History.tla): ``FireSomeTimer`` / ``FireTimerA`` (a heap row handed to the
 engine, whose transition is EngineCore's ``FireTimer``: server/_timeouts.py) and the
 heap rebuilt from the store by ``Restart``. The model's ``heap`` is this queue's heap
@@ -36,7 +40,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from tideflow.history import HistoryStore, RunKey, TimerRow
 
@@ -50,6 +54,14 @@ _US = 1_000_000
 # commit, up to 64 per transaction): twice that keeps the next batch forming while one
 # commits.
 _MAX_CONCURRENT_FIRES = 128
+# With a page-firing callback (``run``'s ``fire_page``: server/_timer_fires.py), the
+# due timers go in pages of up to this many, as many pages in flight as the room holds:
+# every timer due and in memory has its transition computed (and its event time
+# taken) at once, without waiting for the commits of the pages before it.
+_PAGE = 512
+# How long after its due time each of the last this many fires ended (its transition
+# committed): reported by the line the queue logs when it stops (bench/timers.py).
+_DONE_LATENESS_KEPT = 65_536
 # Pause before firing a timer again whose transition failed (not a stale timer: an
 # error, e.g. the store unavailable), and before reading the window again.
 _FIRE_RETRY_S = 1.0
@@ -61,6 +73,7 @@ DEAD_ENTRIES_KEPT = 64
 # due at or after fire_at (history/_store.py timers_due_before). Python only ever
 # compares cursors by fire_at, so the database's collation of keys never matters here.
 _Cursor = tuple[int, str]
+FirePage = Callable[[list[TimerRow]], Awaitable[Sequence[BaseException | None]]]
 _FROM_START: _Cursor = (-(2**62), "")
 
 
@@ -112,6 +125,10 @@ class TimerQueue:
         self._moved_back_to: int | None = None
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(min(_MAX_CONCURRENT_FIRES, max_in_memory))
+        self._pages = asyncio.Semaphore(max(1, max_in_memory // _PAGE))
+        # Microseconds from due to fired of the last fires (a ring): diagnostics.
+        self._done_late: list[int] = []
+        self._fired_count = 0
 
     def held(self) -> int:
         """Timer rows in memory: the heap and the fires in flight."""
@@ -289,21 +306,51 @@ class TimerQueue:
         heapq.heapify(kept)
         self._heap = kept
 
-    async def run(self, fire: Callable[[TimerRow], Awaitable[None]]) -> None:
-        """Fire due timers through ``fire`` until cancelled. Each firing is a task of
-        this call's task group: cancelling the call cancels and awaits them all."""
+    async def run(
+        self, fire: Callable[[TimerRow], Awaitable[None]], fire_page: FirePage | None = None
+    ) -> None:
+        """Fire due timers through ``fire`` until cancelled, or a page at a time through
+        ``fire_page`` if given (per timer: None, fired; else the error its fire ended
+        with). Each firing is a task of this call's task group: cancelling the call
+        cancels and awaits them all."""
         try:
             async with asyncio.TaskGroup() as fires:
-                await self._loop(fires, fire)
+                await self._loop(fires, fire, fire_page)
         finally:
             log.info(
-                "timer queue stopped: at most %d timer rows were in memory (limit %d)",
+                "timer queue stopped: at most %d timer rows were in memory (limit %d); "
+                "%d fired, %s",
                 self.peak_held,
                 self._cap,
+                self._fired_count,
+                self._done_lateness(),
             )
 
+    def _done_lateness(self) -> str:
+        late = sorted(self._done_late)
+        if not late:
+            return "none late"
+        p50, p99 = late[len(late) // 2], late[min(len(late) - 1, len(late) * 99 // 100)]
+        return (
+            f"committed after due p50 {p50 / 1000:.1f} ms, p99 {p99 / 1000:.1f} ms, "
+            f"max {late[-1] / 1000:.1f} ms (last {len(late)})"
+        )
+
+    def _fired(self, key: str, timer: TimerRow) -> None:
+        """``timer``'s fire ended (committed, or dropped as stale)."""
+        late = self._clock.now_micros() - timer.fire_at
+        if len(self._done_late) < _DONE_LATENESS_KEPT:
+            self._done_late.append(late)
+        else:
+            self._done_late[self._fired_count % _DONE_LATENESS_KEPT] = late
+        self._fired_count += 1
+        self._forget(key)
+
     async def _loop(
-        self, fires: asyncio.TaskGroup, fire: Callable[[TimerRow], Awaitable[None]]
+        self,
+        fires: asyncio.TaskGroup,
+        fire: Callable[[TimerRow], Awaitable[None]],
+        fire_page: FirePage | None,
     ) -> None:
         next_advance = 0
         retry_page_at = 0
@@ -321,6 +368,14 @@ class TimerQueue:
                     retry_page_at = now + int(_REFILL_RETRY_S * _US)
                 continue
             while self._heap and self._heap[0][0] <= now:
+                if fire_page is not None:
+                    page = self._pop_due(now, min(_PAGE, self._cap))
+                    if page:
+                        await self._pages.acquire()
+                        fires.create_task(self._fire_page(fire_page, page))
+                    if self._wants_page():
+                        break
+                    continue
                 _, key, timer = heapq.heappop(self._heap)
                 if key in self._dead:
                     self._dead.discard(key)
@@ -345,6 +400,52 @@ class TimerQueue:
             async with asyncio.timeout(delay):
                 await self._wakeup.wait()
 
+    def _pop_due(self, now: int, most: int) -> list[tuple[str, TimerRow]]:
+        """Up to ``most`` timers due by ``now``, out of the heap and marked firing."""
+        page: list[tuple[str, TimerRow]] = []
+        while self._heap and self._heap[0][0] <= now and len(page) < most:
+            _, key, timer = heapq.heappop(self._heap)
+            if key in self._dead:
+                self._dead.discard(key)
+                continue
+            self._firing.add(key)
+            page.append((key, timer))
+        return page
+
+    async def _fire_page(self, fire_page: FirePage, page: list[tuple[str, TimerRow]]) -> None:
+        owns = self._owns
+        owned = [(k, t) for k, t in page if owns is None or owns(t.key)]
+        for key, timer in page:
+            if owns is not None and not owns(timer.key):
+                self._forget(key)  # its shard moved: the new owner fires it
+        outcomes: Sequence[BaseException | None]
+        try:
+            outcomes = await fire_page([t for _, t in owned]) if owned else []
+        except Exception as exc:
+            outcomes = [exc] * len(owned)
+        finally:
+            self._pages.release()
+        failed: list[tuple[str, TimerRow, BaseException]] = []
+        for (key, timer), outcome in zip(owned, outcomes, strict=True):
+            if outcome is None:
+                self._fired(key, timer)
+            elif owns is not None and not owns(timer.key):
+                self._forget(key)
+            else:
+                failed.append((key, timer, outcome))
+        if failed:
+            # Leave the rows in the store; push them back for another try shortly.
+            key, _, error = failed[0]
+            log_retry(log, f"firing {len(failed)} timers ({key} first)", error)
+            await asyncio.sleep(_FIRE_RETRY_S)
+            for key, timer, _ in failed:
+                self._firing.discard(key)
+                self._known.discard(key)
+                self._offer(timer)
+            self._wakeup.set()
+        elif self._wants_page():
+            self._wakeup.set()
+
     async def _fire_one(
         self, fire: Callable[[TimerRow], Awaitable[None]], key: str, timer: TimerRow
     ) -> None:
@@ -365,6 +466,6 @@ class TimerQueue:
             return
         finally:
             self._slots.release()
-        self._forget(key)
+        self._fired(key, timer)
         if self._wants_page():
             self._wakeup.set()

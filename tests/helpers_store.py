@@ -1,12 +1,16 @@
 """Store-level test data shared by the store suites (test_store.py,
 test_store_faults.py, test_shard_leases.py): run keys, events and the transitions a
 test applies straight to a ``HistoryStore`` (``create`` a run, ``transition`` it on),
-with the tasks and timers they carry.
+with the tasks and timers they carry; ``RunnerWrapper``, the base of the runners
+that inject a fault around a real one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
 from tideflow.api.v1.state_pb2 import MutableState
@@ -21,6 +25,9 @@ from tideflow.history import (
     Transition,
     make_event,
 )
+from tideflow.history._dialects import Runner
+
+T = TypeVar("T")
 
 RUNNING, COMPLETED = 1, 2  # WorkflowExecutionStatus
 T0 = 1_700_000_000_000_000  # a fixed instant (microseconds), for deterministic timers
@@ -91,3 +98,23 @@ def transition(
 def create(key: RunKey, n_events: int = 1, **kwargs: Any) -> Transition:
     kwargs.setdefault("current", CurrentWrite.INSERT)
     return transition(key, version=0, first_event_id=1, n_events=n_events, **kwargs)
+
+
+class RunnerWrapper:
+    """A runner that passes everything to ``inner``; a fault-injecting runner
+    overrides ``write`` (``HistoryStore.open_on`` takes it)."""
+
+    def __init__(self, inner: Runner) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.isolation = inner.isolation
+        self.writer_lanes = inner.writer_lanes
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        return await self._inner.write(fn)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await self._inner.read(fn)
+
+    async def close(self) -> None:
+        await self._inner.close()

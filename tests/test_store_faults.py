@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from helpers_store import T0, create, run_key, task, timer
+from helpers_store import T0, RunnerWrapper, create, run_key, task, timer
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -233,15 +233,12 @@ async def test_bad_starts_among_good_ones_fail_alone(server: TideflowServer) -> 
 # ------------------------------------------------------- commits in doubt
 
 
-class _LosesAnAnswer:
+class _LosesAnAnswer(RunnerWrapper):
     """A runner that, once armed, commits the next write and then fails it as a
     connection lost before the database's answer arrived."""
 
     def __init__(self, inner: Runner) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.isolation = inner.isolation
-        self.writer_lanes = inner.writer_lanes
+        super().__init__(inner)
         self.armed = False
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
@@ -250,12 +247,6 @@ class _LosesAnAnswer:
             self.armed = False
             raise ConnectionResetError(104, "connection reset before the commit was answered")
         return result
-
-    async def read(self, fn: Callable[[Connection], T]) -> T:
-        return await self._inner.read(fn)
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 async def test_a_commit_whose_answer_was_lost_is_in_doubt(store_url: str) -> None:
@@ -314,13 +305,11 @@ async def test_resync_dispatches_the_rows_of_commits_in_doubt(store: HistoryStor
         await asyncio.gather(*background, return_exceptions=True)
 
 
-class _HeldWrites:
+class _HeldWrites(RunnerWrapper):
     """A runner whose writes wait for ``release`` (``entered``: a writer is waiting)."""
 
     def __init__(self, inner: Runner) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.isolation = inner.isolation
+        super().__init__(inner)
         self.writer_lanes = 1  # one writer: a second commit queues behind the held one
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
@@ -330,12 +319,6 @@ class _HeldWrites:
         self.entered.set()
         await self.release.wait()
         return await self._inner.write(fn)
-
-    async def read(self, fn: Callable[[Connection], T]) -> T:
-        return await self._inner.read(fn)
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 async def test_a_cancelled_commit_is_withdrawn_or_lands_whole(store_url: str) -> None:

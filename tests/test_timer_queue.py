@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from helpers import eventually
 from helpers_store import T0, create, run_key, timer
 
@@ -46,6 +47,35 @@ class _Firing:
         await self._store.delete_timer(row.timer_key)
 
 
+class _PageFiring:
+    """The page handler (``TimerQueue.run``'s ``fire_page``): records each timer and
+    deletes its row, except, in the first page, every other timer, whose fire fails
+    (an error: its row stays, the queue tries it again)."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self._store = store
+        self.fired: collections.Counter[str] = collections.Counter()
+        self.failed: set[str] = set()
+        self.pages: list[int] = []
+
+    async def __call__(self, rows: list[TimerRow]) -> list[BaseException | None]:
+        first = not self.pages
+        self.pages.append(len(rows))
+        outcomes: list[BaseException | None] = []
+        for n, row in enumerate(rows):
+            if first and n % 2:
+                self.failed.add(row.timer_key)
+                outcomes.append(RuntimeError("the store went away"))
+                continue
+            self.fired[row.timer_key] += 1
+            await self._store.delete_timer(row.timer_key)
+            outcomes.append(None)
+        return outcomes
+
+    async def one(self, row: TimerRow) -> None:
+        raise AssertionError("with a page handler, no timer is fired alone")
+
+
 async def _arm(store: HistoryStore, runs: int, per_run: int, fire_at: int) -> list[TimerRow]:
     """``runs`` new runs with ``per_run`` timers each, all due at ``fire_at``."""
     rows: list[TimerRow] = []
@@ -67,8 +97,11 @@ async def _arm_one(store: HistoryStore, queue: TimerQueue, name: str, fire_at: i
 
 
 @asynccontextmanager
-async def _running(queue: TimerQueue, firing: _Firing) -> AsyncIterator[None]:
-    task = asyncio.create_task(queue.run(firing))
+async def _running(queue: TimerQueue, firing: _Firing | _PageFiring) -> AsyncIterator[None]:
+    if isinstance(firing, _PageFiring):
+        task = asyncio.create_task(queue.run(firing.one, firing))
+    else:
+        task = asyncio.create_task(queue.run(firing))
     try:
         yield
     finally:
@@ -88,17 +121,23 @@ def _keys(rows: Collection[TimerRow]) -> set[str]:
     return {r.timer_key for r in rows}
 
 
+@pytest.mark.parametrize("pages", [False, True], ids=["one-by-one", "pages"])
 async def test_timers_due_at_one_instant_fire_once_each_within_the_cap(
-    store: HistoryStore,
+    store: HistoryStore, pages: bool
 ) -> None:
+    """One by one, or in pages (``fire_page``: every other timer of the first page
+    fails and is fired again later)."""
     rows = await _arm(store, runs=10, per_run=50, fire_at=T0)
     queue = TimerQueue(store, _ManualClock(T0), window_s=30.0, max_in_memory=50)
-    firing = _Firing(store)
+    firing = _PageFiring(store) if pages else _Firing(store)
     async with _running(queue, firing):
         await eventually(lambda: _count_rows_is_zero(store))
     assert set(firing.fired) == _keys(rows)
     assert set(firing.fired.values()) == {1}
     assert 0 < queue.peak_held <= 50
+    if isinstance(firing, _PageFiring):
+        assert firing.failed and firing.failed <= set(firing.fired)
+        assert max(firing.pages) <= 50
 
 
 async def test_a_timer_armed_while_the_heap_is_full_fires_whether_earlier_or_later(
