@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from helpers import bounded, new_id, running_server
 from helpers_e2e import HelloWorkflow, compose_greeting

@@ -60,18 +60,18 @@ async def test_poll_cancelled_while_recording_start_keeps_the_task(
     original_submit, original_withdraw = server.store.submit, server.store.withdraw
     gated: dict[asyncio.Future[None], asyncio.Future[None]] = {}
 
-    def gated_submit(transition: Any, *together: Any) -> asyncio.Future[None]:
+    def gated_submit(transition: Any, *together: Any, bulk: bool = False) -> asyncio.Future[None]:
         if identity.encode() not in transition.state or release.is_set():
-            return original_submit(transition, *together)
+            return original_submit(transition, *together, bulk=bulk)
         outer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def commit() -> None:
             if after_commit:
-                await original_submit(transition, *together)
+                await original_submit(transition, *together, bulk=bulk)
             entered.set()
             await release.wait()
             if not after_commit:
-                await original_submit(transition, *together)
+                await original_submit(transition, *together, bulk=bulk)
             if not outer.done():
                 outer.set_result(None)
 
