@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 
+import pytest
 from helpers import bounded, eventually, new_id, running_server
 
 from tideflow.api.v1.history_pb2 import EventType
@@ -83,6 +84,7 @@ async def _idle(handle: WorkflowHandle[str]) -> bool:
     return EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in [e.event_type for e in events]
 
 
+@pytest.mark.timeout(240)
 async def test_idle_runs_hold_no_memory_beyond_the_state_cache(store_url: str) -> None:
     tq = new_id("tq")
     config = ServerConfig(state_cache_size=_CACHE, max_timers_in_memory=_TIMER_ROWS)
@@ -111,8 +113,11 @@ async def test_idle_runs_hold_no_memory_beyond_the_state_cache(store_url: str) -
         )
         assert not _over_bounds(server, busy_runs=_RUNS)
         await asyncio.gather(*(h.signal(Parked.note, h.id) for h in handles))
-        assert await bounded(asyncio.gather(*results)) == [h.id for h in handles]
+        # 120 runs' last tasks through one worker: under the full suite's load (two
+        # cores, other servers) this took over 30 s twice, so a wider bound.
+        assert await bounded(asyncio.gather(*results), 90) == [h.id for h in handles]
         await eventually(
             lambda: server.memory_held()["engine_cached_runs"] <= _CACHE, "the cache trimmed"
         )
-        assert not _over_bounds(server)
+        # The closing commits' timer drops may land after the results they woke.
+        assert await eventually(lambda: not _over_bounds(server), "bounds after close") is True
