@@ -418,7 +418,9 @@ class Sites:
             raise InvalidArgumentError(
                 f"to_cluster {target!r}: unknown site (known: {', '.join(sorted(known))})"
             )
-        version = await handoff(self._engine, key, self.name, target)
+        version, waiting = await handoff(self._engine, key, self.name, target)
+        if self.remote_tasks is not None:
+            self.remote_tasks.withdraw(key.namespace, waiting)
         self.committed(key)
         return rp.HandoffWorkflowResponse(new_version=version, from_cluster=self.name)
 

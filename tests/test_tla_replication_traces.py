@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 from helpers import Processes, eventually
-from helpers_sites import SitePair, same_history, site_status
+from helpers_sites import SitePair, handed, same_history, site_status
 from helpers_tla import load_tla_module
-from test_sites import Collector, _handed, _signal
+from test_sites import Collector, _signal
 
 from tideflow.worker_sdk import Client, Worker
 
@@ -74,7 +74,7 @@ async def _scenario(sites: SitePair) -> tuple[str, str]:
 
         sites.proxy.cut()
         at_edge = edge.get_workflow_handle(a_id, run_id=a_run)
-        await eventually(_handed(at_edge, "cloud"), "A handed to the cloud")
+        await eventually(handed(at_edge, "cloud"), "A handed to the cloud")
         assert await _signal(cloud, a_id, a_run, "a2", "r-a2") is True  # cloud's inbox
         assert await _signal(edge, b_id, b_run, "b1", "r-b1") is True  # edge's inbox
 

@@ -161,16 +161,18 @@ class StartRemoteTaskResponse(_message.Message):
     def __init__(self, started: _Optional[bool] = ..., task: _Optional[_Union[_service_pb2.PollActivityTaskResponse, _Mapping]] = ...) -> None: ...
 
 class ForwardedActivityResponse(_message.Message):
-    __slots__ = ("completed", "failed", "heartbeat", "canceled")
+    __slots__ = ("completed", "failed", "heartbeat", "canceled", "former_home")
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     CANCELED_FIELD_NUMBER: _ClassVar[int]
+    FORMER_HOME_FIELD_NUMBER: _ClassVar[int]
     completed: _service_pb2.RespondActivityTaskCompletedRequest
     failed: _service_pb2.RespondActivityTaskFailedRequest
     heartbeat: _service_pb2.RecordActivityHeartbeatRequest
     canceled: _service_pb2.RespondActivityTaskCanceledRequest
-    def __init__(self, completed: _Optional[_Union[_service_pb2.RespondActivityTaskCompletedRequest, _Mapping]] = ..., failed: _Optional[_Union[_service_pb2.RespondActivityTaskFailedRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[_service_pb2.RecordActivityHeartbeatRequest, _Mapping]] = ..., canceled: _Optional[_Union[_service_pb2.RespondActivityTaskCanceledRequest, _Mapping]] = ...) -> None: ...
+    former_home: str
+    def __init__(self, completed: _Optional[_Union[_service_pb2.RespondActivityTaskCompletedRequest, _Mapping]] = ..., failed: _Optional[_Union[_service_pb2.RespondActivityTaskFailedRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[_service_pb2.RecordActivityHeartbeatRequest, _Mapping]] = ..., canceled: _Optional[_Union[_service_pb2.RespondActivityTaskCanceledRequest, _Mapping]] = ..., former_home: _Optional[str] = ...) -> None: ...
 
 class ForwardedActivityReply(_message.Message):
     __slots__ = ("code", "message", "cancel_requested")
