@@ -251,6 +251,8 @@ class RemoteTasks:
             if token.home_site:
                 raise InvalidArgumentError("a forwarded task token names yet another site")
             try:
+                if former:
+                    await self._taken_over(token)
                 cancel = await self._apply(token, answer)
             except NotHomeError as error:
                 if former and error.home == former:
@@ -265,6 +267,15 @@ class RemoteTasks:
         except ServiceError as error:
             return rp.ForwardedActivityReply(code=error.code.value[0], message=error.message)
         return rp.ForwardedActivityReply(cancel_requested=cancel)
+
+    async def _taken_over(self, token: state_pb2.TaskToken) -> None:
+        """An answer sent on by the run's former home waits (UNAVAILABLE: the worker
+        retries) until this site took the run over: before, its replica may name it
+        home while the run's task and timer rows are not re-created here yet."""
+        key = RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+        ms = await self._engine.state_of(key)
+        if ms.activated_version < ms.version:
+            raise UnavailableError(f"run {key} was handed here and is not taken over yet")
 
     async def _apply(self, token: state_pb2.TaskToken, answer: ActivityAnswer) -> bool:
         """Apply a worker's answer here; whether the activity's cancellation is asked."""

@@ -25,6 +25,7 @@ from helpers import ET, WORKER_PROC, Processes, bounded, eventually, of_type, re
 from helpers_sites import SitePair, handed, history_of, same_history, site_status
 
 from tideflow.worker_sdk import Worker, activity, workflow
+from tideflow.worker_sdk.exceptions import NotFoundError
 
 _spec = importlib.util.spec_from_file_location("worker_proc", WORKER_PROC)
 assert _spec is not None and _spec.loader is not None
@@ -77,6 +78,29 @@ class TwoActivities:
         return list(await asyncio.gather(first, second))
 
 
+@activity.defn
+async def held_in_the_cloud(value: str) -> str:
+    """Placed at the cloud: offered by the edge (the home), run by the cloud's worker
+    until the test releases it."""
+    GATE.runs += 1
+    GATE.started.set()
+    await GATE.release.wait()
+    return f"cloud:{value}"
+
+
+@workflow.defn
+class PlacedInTheCloud:
+    @workflow.run
+    async def run(self, value: str) -> str:
+        result: str = await workflow.execute_activity(
+            held_in_the_cloud,
+            value,
+            start_to_close_timeout=timedelta(minutes=5),
+            placement="cloud",
+        )
+        return result
+
+
 @pytest.fixture
 async def sites(procs: Processes, tmp_path: Path) -> AsyncIterator[SitePair]:
     pair = SitePair(procs, f"sqlite:///{tmp_path / 'cloud.db'}", tmp_path / "edge.db")
@@ -122,6 +146,7 @@ async def test_activities_in_flight_follow_a_handoff_made_with_the_link_cut(
         at_cloud = cloud.get_workflow_handle(wid, run_id=rid)
         await bounded(GATE.started.wait())
         await eventually(lambda: _pending_activities(at_edge, 2), "both activities scheduled")
+        await eventually(await same_history(edge, cloud, wid, rid), "the cloud's replica")
 
         # The edge hands the run over with the link down: ``held`` is started at the
         # edge, ``elsewhere`` waits there for a worker the edge does not have.
@@ -142,6 +167,7 @@ async def test_activities_in_flight_follow_a_handoff_made_with_the_link_cut(
         await eventually(await same_history(cloud, edge, wid, rid), "the edge's replica")
 
     assert GATE.runs == 1  # the started attempt's answer was used, not a re-run
+    assert "forwarded to its new home cloud" in sites.edge.proc.err.read_text()
     events = await history_of(cloud, wid, rid)
     handoff = of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_HANDOFF)
     assert [e.event_id for e in handoff] == [frozen[-1].event_id]
@@ -173,6 +199,7 @@ async def test_an_activity_whose_worker_died_is_retried_at_the_new_home(
     first = read_marker(marker, 1)
     assert first is not None and first["pid"] == edge_worker.pid
 
+    await eventually(await same_history(edge, cloud, wid, rid), "the cloud's replica")
     # The edge's worker dies mid attempt, and the run is handed over with the link cut.
     await procs.sigkill(edge_worker)
     sites.proxy.cut()
@@ -192,3 +219,47 @@ async def test_an_activity_whose_worker_died_is_retried_at_the_new_home(
     assert activity_started.activity_task_started_event_attributes.attempt == 2
     assert activity_started.version == 2
     assert (await at_cloud.describe()).home_cluster == "cloud"
+
+
+async def test_a_task_run_over_the_link_follows_its_run_handed_to_the_worker_site(
+    sites: SitePair,
+) -> None:
+    """An edge-homed run's task placed at the cloud runs on the cloud's worker, with a
+    token carrying the edge's; the run is then handed to the cloud. The worker's
+    completion goes to the edge (the token's home), which no longer writes the run
+    and sends it back to the cloud, its new home: applied once."""
+    cloud, edge = await sites.start_linked()
+    tq = f"handoff-placed-{uuid.uuid4()}"
+    global GATE
+    GATE = Gate()
+    async with (
+        Worker(edge, task_queue=tq, workflows=[PlacedInTheCloud]),
+        Worker(
+            cloud,
+            task_queue=tq,
+            workflows=[PlacedInTheCloud],
+            activities=[held_in_the_cloud],
+            tier="cloud",
+        ),
+    ):
+        started = await edge.start_workflow(PlacedInTheCloud.run, "v", id=tq, task_queue=tq)
+        wid, rid = started.id, started.run_id or ""
+        at_edge = edge.get_workflow_handle(wid, run_id=rid)
+        at_cloud = cloud.get_workflow_handle(wid, run_id=rid)
+        await bounded(GATE.started.wait())
+        await eventually(handed(at_edge, "cloud"), "handoff at the edge")
+
+        async def cloud_home() -> bool:
+            try:
+                return bool((await at_cloud.describe()).home_cluster == "cloud")
+            except NotFoundError:  # no replica there yet
+                return False
+
+        await eventually(cloud_home, "the cloud took the run over")
+        GATE.release.set()
+        assert await bounded(at_cloud.result()) == "cloud:v"
+    assert GATE.runs == 1
+    events = await history_of(cloud, wid, rid)
+    (completed,) = of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
+    assert completed.version == 2
+    assert "forwarded to its new home cloud" in sites.edge.proc.err.read_text()
