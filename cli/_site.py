@@ -91,6 +91,14 @@ def render_table(status: replication_pb2.DescribeSiteResponse) -> str:
     lines = [
         f"site: {status.site}" + (f" (upstream {status.upstream})" if status.upstream else ""),
         *([f"upstream link down: {status.upstream_error}"] if status.upstream_error else []),
+        *(
+            [
+                f"  {status.upstream_failures} failed dials in a row; next in up to "
+                f"{status.upstream_backoff_s:.1f} s"
+            ]
+            if status.upstream_failures
+            else []
+        ),
         f"inbox: {status.inbox_depth} pending",
         f"replication alarms: {status.replication_alarms}",
     ]

@@ -647,13 +647,17 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if token.home_site:
             await self._at_home(token, request)
             return service_pb2.RespondActivityTaskCompletedResponse()
-        workflow_task = await self._engine.complete_activity(
-            token,
-            request.result if request.HasField("result") else None,
-            request.identity,
-            request.eager_workflow_task_queue,
-            request.sticky_task_queue,
-        )
+        try:
+            workflow_task = await self._engine.complete_activity(
+                token,
+                request.result if request.HasField("result") else None,
+                request.identity,
+                request.eager_workflow_task_queue,
+                request.sticky_task_queue,
+            )
+        except NotHomeError as error:  # the run was handed to another site since
+            await self._at_home(token, request, error.home)
+            return service_pb2.RespondActivityTaskCompletedResponse()
         self._answered(token)
         if workflow_task is not None:
             self._started_eagerly(TaskKind.WORKFLOW, workflow_task)
@@ -674,7 +678,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         details = (
             request.last_heartbeat_details if request.HasField("last_heartbeat_details") else None
         )
-        await self._engine.fail_activity(token, request.failure, request.identity, details)
+        try:
+            await self._engine.fail_activity(token, request.failure, request.identity, details)
+        except NotHomeError as error:
+            await self._at_home(token, request, error.home)
         self._answered(token)
         return service_pb2.RespondActivityTaskFailedResponse()
 
@@ -690,7 +697,10 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
                 cancel_requested=reply.cancel_requested
             )
         details = request.details if request.HasField("details") else None
-        cancel = await self._engine.record_heartbeat(token, details)
+        try:
+            cancel = await self._engine.record_heartbeat(token, details)
+        except NotHomeError as error:
+            cancel = (await self._at_home(token, request, error.home)).cancel_requested
         return service_pb2.RecordActivityHeartbeatResponse(cancel_requested=cancel)
 
     @_rpc
@@ -703,19 +713,23 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             await self._at_home(token, request)
             return service_pb2.RespondActivityTaskCanceledResponse()
         details = request.details if request.HasField("details") else None
-        await self._engine.activity_canceled(token, details, request.identity)
+        try:
+            await self._engine.activity_canceled(token, details, request.identity)
+        except NotHomeError as error:
+            await self._at_home(token, request, error.home)
         self._answered(token)
         return service_pb2.RespondActivityTaskCanceledResponse()
 
     async def _at_home(
-        self, token: state_pb2.TaskToken, answer: ActivityAnswer
+        self, token: state_pb2.TaskToken, answer: ActivityAnswer, moved_to: str = ""
     ) -> replication_pb2.ForwardedActivityReply:
         """The answer to a task another site (the run's home) handed to this site's
-        worker, forwarded there (server/_remote_tasks.py)."""
+        worker, or of a run handed to site ``moved_to`` since its task started here,
+        forwarded there (server/_remote_tasks.py)."""
         remote = self._sites.remote_tasks if self._sites is not None else None
         if remote is None:
             raise InvalidArgumentError("the task token names another site; this is no site")
-        return await remote.forward(token, answer)
+        return await remote.forward(token, answer, moved_to=moved_to)
 
     # ------------------------------------------------- visibility and schedules
     # List/count runs (query language: server/_visibility.py) and schedules

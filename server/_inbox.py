@@ -36,6 +36,7 @@ KIND_SIGNAL = 1
 KIND_CANCEL = 2
 KIND_TERMINATE = 3
 _KINDS = {"signal": KIND_SIGNAL, "cancel": KIND_CANCEL, "terminate": KIND_TERMINATE}
+_TRACE_KINDS = {kind: name for name, kind in _KINDS.items()}
 # A forwarded entry whose effect the replica does not show yet is sent again after
 # this long (the home dedups it): the reply or the replication may have been lost.
 _RESEND_AFTER_S = 3.0
@@ -230,12 +231,10 @@ class Inbox:
         return response.outcome
 
     def _trace(self, action: str, entry: InboxEntry, **fields: str | int) -> int:
-        """Trace mode: a signal's inbox step, ahead of it (Replication.tla knows
-        signals only; cancels and terminates are not logged)."""
-        if entry.kind != KIND_SIGNAL:
-            return 0
+        """Trace mode: an inbox step (a signal, cancel or terminate), ahead of it."""
         key = RunKey(namespace=entry.namespace, workflow_id=entry.workflow_id, run_id=entry.run_id)
-        return self._tracer.ahead(action, key, sid=entry.request_id, **fields)
+        kind = _TRACE_KINDS[entry.kind]
+        return self._tracer.ahead(action, key, sid=entry.request_id, kind=kind, **fields)
 
     async def _retire(self, entry: InboxEntry) -> None:
         seq = self._trace("InboxRetired", entry)

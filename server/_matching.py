@@ -134,8 +134,12 @@ class Matching:
         if not self.serves(task.key.namespace, task.task_queue, task.kind):
             return  # the queue's owner recovers it from the store
         queue = self._queue((task.key.namespace, task.task_queue, task.kind))
-        if task.task_key in queue.queued_keys:
-            return  # already queued (recovery racing a commit)
+        # Already queued (recovery racing a commit), unless as another site's offer
+        # of a run since handed over here: the home's own row replaces it.
+        if task.task_key in queue.queued_keys and (
+            isinstance(task, RemoteTaskRow) or not self._drop_offered(queue, task.task_key)
+        ):
+            return
         if self._hand_over(queue, task):
             if self._metrics is not None:
                 self._metrics.task_dispatched(task.kind, sync=True)
@@ -400,6 +404,16 @@ class Matching:
                 queue.queued_keys.discard(task_key)
                 return task
         return None
+
+    @staticmethod
+    def _drop_offered(queue: _TaskQueue, task_key: str) -> bool:
+        """Forget another site's offer of ``task_key``; False if none is queued."""
+        for index, task in enumerate(queue.backlog):
+            if task.task_key == task_key and isinstance(task, RemoteTaskRow):
+                del queue.backlog[index]
+                queue.queued_keys.discard(task_key)
+                return True
+        return False
 
     def drop_remote(self, home: str) -> int:
         """Forget every task ``home`` offered (it offers again what still waits)."""

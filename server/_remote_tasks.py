@@ -16,7 +16,10 @@ that carries the home's (``TaskToken.home_site`` / ``home_token``); the worker's
 RespondActivityTaskCompleted/Failed/Canceled and heartbeats at the peer are forwarded
 to the home (method "activity_response"), which checks and applies the home's token
 as for any worker: a completion forwarded twice is applied once (the second finds the
-attempt closed: NOT_FOUND).
+attempt closed: NOT_FOUND). An answer reaching a site that handed the task's run to
+another site since (server/_handoff.py) is forwarded the same way to the run's new
+home, with the token it opened (``former_home``): sites' tokens are sealed under
+each site's own keys, and the link is a trusted, admin-authenticated channel.
 
 Both ends of a link do both roles (an edge offers to its cloud, the cloud to its
 edges) over the stream the edge dialled. While the link is down nothing is offered:
@@ -40,7 +43,13 @@ from tideflow.api.v1 import service_pb2, state_pb2
 from tideflow.history import RunKey, TaskKind, TaskRow
 
 from ._engine import HistoryEngine
-from ._errors import _KIND_OF_CODE, InvalidArgumentError, ServiceError, UnavailableError
+from ._errors import (
+    _KIND_OF_CODE,
+    InvalidArgumentError,
+    NotHomeError,
+    ServiceError,
+    UnavailableError,
+)
 from ._matching import Matching, RemoteTaskRow
 from ._placement import PlacementPolicy, WorkerSite, decode
 from ._site_link import Handler, LinkDown, SiteLink, message_of
@@ -175,6 +184,14 @@ class RemoteTasks:
             self._wakeups.discard(wakeup)
             self._offered.pop(link, None)
 
+    def withdraw(self, namespace: str, tasks: list[tuple[str, str]]) -> None:
+        """Tasks of a run handed to another site (``(task queue, task key)``): no
+        longer this site's to dispatch, nor to offer (the offer loops withdraw them)."""
+        for task_queue, task_key in tasks:
+            self._matching.take(namespace, task_queue, task_key)
+        if tasks:
+            self._task_waiting()
+
     async def _offer(self, link: SiteLink, request: rp.OfferTasksRequest) -> bool:
         """Send offers; False if the peer refused them (a site of an older version
         knows no "offer": the link itself stays up for replication)."""
@@ -220,37 +237,64 @@ class RemoteTasks:
         self._task_waiting()
 
     async def _serve_answer(self, link: SiteLink, body: bytes) -> rp.ForwardedActivityReply:
-        """A worker's answer to a task homed here, forwarded by the site it ran at."""
+        """A worker's answer to a task of a run homed here, forwarded by the site it
+        ran at, or by the run's former home (``former_home``: the token is plain)."""
         request = message_of(body, rp.ForwardedActivityResponse)
         which = request.WhichOneof("request")
         if which is None:
             raise LinkDown("an empty activity response")
         answer: ActivityAnswer = getattr(request, which)
-        engine = self._engine
-        cancel = False
+        former = request.former_home
         try:
-            token = decode_token(await self._tokens.open(answer.task_token), activity=True)
+            opened = answer.task_token if former else await self._tokens.open(answer.task_token)
+            token = decode_token(opened, activity=True)
             if token.home_site:
                 raise InvalidArgumentError("a forwarded task token names yet another site")
-            if isinstance(answer, service_pb2.RespondActivityTaskCompletedRequest):
-                result = answer.result if answer.HasField("result") else None
-                await engine.complete_activity(token, result, answer.identity)
-            elif isinstance(answer, service_pb2.RespondActivityTaskFailedRequest):
-                details = (
-                    answer.last_heartbeat_details
-                    if answer.HasField("last_heartbeat_details")
-                    else None
-                )
-                await engine.fail_activity(token, answer.failure, answer.identity, details)
-            elif isinstance(answer, service_pb2.RecordActivityHeartbeatRequest):
-                details = answer.details if answer.HasField("details") else None
-                cancel = await engine.record_heartbeat(token, details)
-            else:
-                details = answer.details if answer.HasField("details") else None
-                await engine.activity_canceled(token, details, answer.identity)
+            try:
+                if former:
+                    await self._taken_over(token)
+                cancel = await self._apply(token, answer)
+            except NotHomeError as error:
+                if former and error.home == former:
+                    raise UnavailableError(
+                        f"the run was handed here from site {former!r} and is not taken "
+                        "over yet; try again"
+                    ) from None
+                if former:
+                    raise
+                # Handed to another site since the task started: it is that site's.
+                return await self.forward(token, answer, moved_to=error.home)
         except ServiceError as error:
             return rp.ForwardedActivityReply(code=error.code.value[0], message=error.message)
         return rp.ForwardedActivityReply(cancel_requested=cancel)
+
+    async def _taken_over(self, token: state_pb2.TaskToken) -> None:
+        """An answer sent on by the run's former home waits (UNAVAILABLE: the worker
+        retries) until this site took the run over: before, its replica may name it
+        home while the run's task and timer rows are not re-created here yet."""
+        key = RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+        ms = await self._engine.state_of(key)
+        if ms.activated_version < ms.version:
+            raise UnavailableError(f"run {key} was handed here and is not taken over yet")
+
+    async def _apply(self, token: state_pb2.TaskToken, answer: ActivityAnswer) -> bool:
+        """Apply a worker's answer here; whether the activity's cancellation is asked."""
+        engine = self._engine
+        if isinstance(answer, service_pb2.RespondActivityTaskCompletedRequest):
+            result = answer.result if answer.HasField("result") else None
+            await engine.complete_activity(token, result, answer.identity)
+        elif isinstance(answer, service_pb2.RespondActivityTaskFailedRequest):
+            details = (
+                answer.last_heartbeat_details if answer.HasField("last_heartbeat_details") else None
+            )
+            await engine.fail_activity(token, answer.failure, answer.identity, details)
+        elif isinstance(answer, service_pb2.RecordActivityHeartbeatRequest):
+            details = answer.details if answer.HasField("details") else None
+            return await engine.record_heartbeat(token, details)
+        else:
+            details = answer.details if answer.HasField("details") else None
+            await engine.activity_canceled(token, details, answer.identity)
+        return False
 
     def annotate(
         self, ms: state_pb2.MutableState, response: service_pb2.DescribeWorkflowResponse
@@ -315,20 +359,33 @@ class RemoteTasks:
         return response
 
     async def forward(
-        self, token: state_pb2.TaskToken, answer: ActivityAnswer
+        self, token: state_pb2.TaskToken, answer: ActivityAnswer, *, moved_to: str = ""
     ) -> rp.ForwardedActivityReply:
-        """A worker's answer to a task homed at ``token.home_site``, applied there.
-        UNAVAILABLE while the link is down (the worker retries); the home's refusal
-        (a stale or repeated answer: NOT_FOUND) is the worker's."""
-        link = self._link_to(token.home_site)
+        """A worker's answer to a task homed at ``token.home_site``, applied there; or,
+        ``moved_to``, to a task of a run homed here when it started and handed to that
+        site since (``token`` is then this site's, opened). UNAVAILABLE while the link
+        is down (the worker retries); the home's refusal (a stale or repeated answer:
+        NOT_FOUND) is the worker's."""
+        home = moved_to or token.home_site
+        link = self._link_to(home)
         if link is None:
-            raise UnavailableError(
-                f"the task's run is homed at site {token.home_site!r}, not reachable now"
-            )
+            raise UnavailableError(f"the task's run is homed at site {home!r}, not reachable now")
         request = rp.ForwardedActivityResponse()
         field = getattr(request, _ANSWER_FIELDS[type(answer)])
         field.CopyFrom(answer)
-        field.task_token = token.home_token
+        if moved_to:
+            request.former_home = self._policy.cluster_name
+            field.task_token = token.SerializeToString()
+            log.info(
+                "answer to activity %s (attempt %d) of %s/%s forwarded to its new home %s",
+                token.scheduled_event_id,
+                token.attempt,
+                token.workflow_id,
+                token.run_id,
+                moved_to,
+            )
+        else:
+            field.task_token = token.home_token
         if isinstance(field, service_pb2.RespondActivityTaskCompletedRequest):
             # The next workflow task is the home's to hand out, not this site's.
             field.eager_workflow_task_queue = ""
@@ -336,7 +393,7 @@ class RemoteTasks:
         try:
             reply = await link.call("activity_response", request, rp.ForwardedActivityReply)
         except LinkDown as error:
-            raise UnavailableError(f"site {token.home_site!r}: {error}") from None
+            raise UnavailableError(f"site {home!r}: {error}") from None
         if reply.code:
             raise HomeAnsweredError(reply.code, reply.message)
         return reply

@@ -16,15 +16,16 @@ Lines (all with ``format``, ``site``, ``seq``, ``time_us``, ``action``, ``run``)
 - ``HomeAppend``: a transition of the engine that appended events (the home's
   ``ApplySignal``, ``CompleteRun``, ``Handoff`` and every other event of the run):
   ``events``, each ``{id, type, epoch, sid, from, to, new_epoch}``, and ``buffered``,
-  the request ids of signals its state holds buffered (a signal taken during a
-  workflow task is an event only when the task ends: a transition that only buffers
-  one is logged too);
+  the request ids of signals and cancel requests its state holds buffered (one
+  taken during a workflow task is an event only when the task ends: a transition
+  that only buffers one is logged too);
 - ``TakeOver``: the new home activated a run handed to it (server/_handoff.py);
 - ``ApplyBatch``: a batch pulled from ``peer`` (``DeliverEvents``), ``events`` as
   above, ``state`` (it carried the run's state) and that state's ``buffered``; its
   outcome line carries the verdict of ``append_replicated``;
-- ``InboxStored`` / ``InboxForwarded`` / ``InboxRetired``: a signal's request id
-  ``sid`` stored in, forwarded from or removed from this site's inbox. A forward
+- ``InboxStored`` / ``InboxForwarded`` / ``InboxRetired``: a request's id ``sid``
+  and ``kind`` (signal, cancel, terminate) stored in, forwarded from or removed from
+  this site's inbox. A forward
   names the home it went ``to`` and its ``basis``: how many events the replica had
   that named that home (the forward is decided on a state read earlier, and a batch
   may commit in between; 0: not read by the caller, the replica as the line finds
@@ -59,13 +60,17 @@ def run_name(key: RunKey) -> str:
 
 def event_line(event: HistoryEvent) -> dict[str, Any]:
     """What Replication.tla's ``Ev`` records of an event (type, the epoch of its
-    writer, a signal's request id, a handoff's clusters and new epoch)."""
+    writer, a signal's or cancel request's request id, a handoff's clusters and new
+    epoch)."""
     out: dict[str, Any] = {
         "id": event.event_id,
         "type": EventType.Name(event.event_type).removeprefix("EVENT_TYPE_"),
         "epoch": event.version,
     }
-    if event.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+    if event.event_type in (
+        ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+        ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+    ):
         out["sid"] = attributes_of(event).request_id
     elif event.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_HANDOFF:
         attrs = attributes_of(event)
@@ -139,11 +144,15 @@ class ReplicationTracer:
 
 
 def buffered_signals(ms: MutableState) -> list[str]:
-    """Request ids of the signals the run's state buffered during a workflow task:
-    taken (the inbox of a replica showing this state retires them) but not yet
-    SIGNALED events."""
+    """Request ids of the signals and cancel requests the run's state buffered during
+    a workflow task: taken (the inbox of a replica showing this state retires them)
+    but not yet SIGNALED / CANCEL_REQUESTED events."""
     return sorted(
         attributes_of(e).request_id
         for e in ms.buffered_events
-        if e.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        if e.event_type
+        in (
+            ET.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+            ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+        )
     )

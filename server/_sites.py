@@ -57,7 +57,22 @@ log = logging.getLogger("tideflow.server.sites")
 _Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 _RECONNECT_INITIAL_S = 0.1
+# The backoff's cap while the upstream is unreachable or the link was lost (a network
+# outage: the link must come back soon after the network does)...
 _RECONNECT_MAX_S = 2.0
+# ... and while the upstream answers and refuses the link (TLS verification, auth, a
+# site of the same name): that lasts until someone mends a configuration.
+_REFUSED_MAX_S = 60.0
+# What a refusal's reason names (a gRPC status code, an OpenSSL error, our own hello).
+_REFUSAL_MARKS = (
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "CERTIFICATE",
+    "HANDSHAKE",
+    "SSL",
+    "ALSO NAMED",
+    "REFUSED THE LINK",
+)
 _HELLO_TIMEOUT_S = 10.0
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -88,6 +103,8 @@ class Sites:
         self._tls = config.upstream_tls
         # Why the last dial of the upstream failed; "" while linked or before a dial.
         self.upstream_error = ""
+        self.upstream_failures = 0  # failed dials in a row, and the backoff before the next
+        self.upstream_backoff_s = _RECONNECT_INITIAL_S
         self._store = store
         self._engine = engine
         # Trace mode (TIDEFLOW_TRACE_DIR): the replication steps of this site.
@@ -208,16 +225,22 @@ class Sites:
     # ------------------------------------------------------------ links
 
     async def _dial_loop(self) -> None:
-        """Keep a link to the upstream, redialled with exponential backoff."""
-        delay = _RECONNECT_INITIAL_S
+        """Keep a link to the upstream, redialled with exponential backoff (capped
+        higher while the upstream refuses than while it is unreachable)."""
         while True:
             try:
                 linked = await self._dial_once()
             except Exception:  # a defect must not end the site's link for good
                 log.exception("link to upstream %s failed", self.upstream)
                 linked = False
-            delay = _RECONNECT_INITIAL_S if linked else min(delay * 2, _RECONNECT_MAX_S)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            if linked:
+                self.upstream_failures = 0
+                self.upstream_backoff_s = _RECONNECT_INITIAL_S
+            else:
+                self.upstream_failures += 1
+                cap = _REFUSED_MAX_S if _refusal(self.upstream_error) else _RECONNECT_MAX_S
+                self.upstream_backoff_s = min(self.upstream_backoff_s * 2, cap)
+            await asyncio.sleep(self.upstream_backoff_s * random.uniform(0.5, 1.0))
 
     def _open_channel(self) -> grpc.aio.Channel:
         tls = self._tls
@@ -247,7 +270,11 @@ class Sites:
                 reason = None
                 if isinstance(error, CallRefused | TimeoutError):
                     # The stream is open: the upstream refused hello, or is silent.
-                    reason = str(error) or f"no answer to hello in {_HELLO_TIMEOUT_S:g} s"
+                    reason = (
+                        f"the upstream refused the link: {error}"
+                        if isinstance(error, CallRefused)
+                        else f"no answer to hello in {_HELLO_TIMEOUT_S:g} s"
+                    )
                     call.cancel()
                 await reader
                 self._link_failed(reason or await _status_of(call))
@@ -273,9 +300,17 @@ class Sites:
 
     def _link_failed(self, reason: str) -> None:
         """Keep why the upstream refused or could not be reached, for ``site status``;
-        logged once per distinct reason, not on every redial."""
+        logged when it changes (the first failure after a link, another reason), not
+        on every redial."""
         if reason != self.upstream_error:
-            log.warning("site %s: cannot link to upstream %s: %s", self.name, self.upstream, reason)
+            log.warning(
+                "site %s: cannot link to upstream %s: %s (%s; redialled with backoff up to %g s)",
+                self.name,
+                self.upstream,
+                reason,
+                "refused" if _refusal(reason) else "unreachable",
+                _REFUSED_MAX_S if _refusal(reason) else _RECONNECT_MAX_S,
+            )
         self.upstream_error = reason
 
     async def _hello(self, link: SiteLink, body: bytes) -> rp.SiteHello:
@@ -418,7 +453,9 @@ class Sites:
             raise InvalidArgumentError(
                 f"to_cluster {target!r}: unknown site (known: {', '.join(sorted(known))})"
             )
-        version = await handoff(self._engine, key, self.name, target)
+        version, waiting = await handoff(self._engine, key, self.name, target)
+        if self.remote_tasks is not None:
+            self.remote_tasks.withdraw(key.namespace, waiting)
         self.committed(key)
         return rp.HandoffWorkflowResponse(new_version=version, from_cluster=self.name)
 
@@ -428,7 +465,11 @@ class Sites:
     async def describe(self) -> rp.DescribeSiteResponse:
         replication = self._store.replication
         response = rp.DescribeSiteResponse(
-            site=self.name, upstream=self.upstream, upstream_error=self.upstream_error
+            site=self.name,
+            upstream=self.upstream,
+            upstream_error=self.upstream_error,
+            upstream_failures=self.upstream_failures,
+            upstream_backoff_s=self.upstream_backoff_s if self.upstream_failures else 0.0,
         )
         response.inbox_depth = await replication.inbox_depth()
         response.replication_alarms, recent = await replication.alarms()
@@ -469,6 +510,14 @@ async def _until_down(link: SiteLink, work: Awaitable[None]) -> None:
     except Exception:
         log.exception("link to %s failed", link.peer)
         link.close()
+
+
+def _refusal(reason: str) -> bool:
+    """Whether a failed dial's reason is the upstream refusing (as opposed to not being
+    reachable). Under TLS 1.3 a cloud refusing a missing client certificate only
+    closes the socket: that looks unreachable."""
+    upper = reason.upper()
+    return any(mark in upper for mark in _REFUSAL_MARKS)
 
 
 async def _status_of(call: Any) -> str:

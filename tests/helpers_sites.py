@@ -20,6 +20,7 @@ from helpers import TIDEFLOW_CLI, Processes, ServerProcess, eventually, free_por
 from tideflow.api.v1 import replication_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.worker_sdk import Client, WorkflowHandle
+from tideflow.worker_sdk.exceptions import RPCError
 
 
 class TcpProxy:
@@ -190,5 +191,21 @@ def cli_handoff(address: str, workflow_id: str, to: str) -> Callable[[], Awaitab
         )
         assert code == 0 or "cannot be handed off now" in err, err
         return code == 0
+
+    return attempt
+
+
+def handed(handle: WorkflowHandle[Any], to: str) -> Callable[[], Awaitable[bool]]:
+    """Hand the run to ``to`` once it waits (a handoff is refused while a workflow
+    task is in flight: FAILED_PRECONDITION, tried again)."""
+
+    async def attempt() -> bool:
+        try:
+            await handle.handoff(to)
+        except RPCError as error:
+            if error.status != "FAILED_PRECONDITION":
+                raise
+            return False
+        return True
 
     return attempt

@@ -453,6 +453,34 @@ async def test_matching_offers_only_tasks_no_worker_of_the_home_meets() -> None:
     assert matching.backlog_size("default", "q", TaskKind.ACTIVITY) == 1  # "anywhere"
 
 
+async def test_a_run_handed_over_replaces_its_old_homes_offer_with_its_own_task() -> None:
+    """After a handoff the new home dispatches the run's waiting activity itself,
+    while its old home's offer of that very task may still be queued here: the home's
+    own row takes its place (else the task would wait as an offer the old home no
+    longer starts); an offer never displaces a home's row."""
+    matching = Matching()
+    key = RunKey(namespace="default", workflow_id="w", run_id="r")
+    fields: dict[str, Any] = {
+        "key": key,
+        "task_queue": "q",
+        "kind": TaskKind.ACTIVITY,
+        "ref_id": 5,
+        "attempt": 1,
+        "placement": auto_task(1, ["gpu"]).placement,
+    }
+    offer = RemoteTaskRow(home="edge1", **fields)
+    own = TaskRow(**fields)
+    matching.add(offer)
+    matching.add(own)
+    assert matching.backlog_size("default", "q", TaskKind.ACTIVITY) == 1
+    assert matching.take("default", "q", own.task_key, remote=True) is None  # not an offer
+    matching.add(offer)
+    assert matching.offerable() == [own]  # the home's row (no worker here meets it)
+    gpu = WorkerSite("gpu", "cloud", ES.EXECUTION_SITE_CLOUD, frozenset({"gpu"}))
+    taken = await matching.poll("default", "q", TaskKind.ACTIVITY, 0, worker=gpu)
+    assert taken is own and not isinstance(taken, RemoteTaskRow)
+
+
 async def test_placement_survives_a_server_restart(store_url: str) -> None:
     """The task row keeps its placement in the store (SQLite and PostgreSQL): after a
     restart (the backlog rebuilt from the store) a worker that does not meet it still

@@ -22,6 +22,7 @@ from helpers import ET, Processes, eventually, of_type
 from helpers_sites import (
     SitePair,
     cli_handoff,
+    handed,
     history_of,
     same_history,
     site_status,
@@ -220,22 +221,6 @@ async def _inbox_empty(client: Client) -> bool:
     return (await site_status(client)).inbox_depth == 0
 
 
-def _handed(handle: Any, to: str) -> Callable[[], Awaitable[bool]]:
-    """Hand the run to ``to`` once it waits (a handoff is refused while a workflow
-    task is in flight: FAILED_PRECONDITION, tried again)."""
-
-    async def attempt() -> bool:
-        try:
-            await handle.handoff(to)
-        except RPCError as error:
-            if error.status != "FAILED_PRECONDITION":
-                raise
-            return False
-        return True
-
-    return attempt
-
-
 def _signalled(client: Client, wid: str, rid: str, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         events = await history_of(client, wid, rid)
@@ -282,7 +267,7 @@ async def test_handoff_edge_to_cloud_to_edge_with_the_link_cut(sites: SitePair) 
         await eventually(_signalled(cloud, wid, rid, 3), "b and c applied at the cloud")
         assert (await at_cloud.describe()).home_cluster == "cloud"
         # And back to the edge, over the link this time, asked at the cloud.
-        await eventually(_handed(at_cloud, "edge1"), "handoff to edge1")
+        await eventually(handed(at_cloud, "edge1"), "handoff to edge1")
         await eventually(_signalled(edge, wid, rid, 3), "the edge has the history")
         await eventually(lambda: _home_is(at_edge, "edge1"), "edge1 home again")
         await _signal(cloud, wid, rid, "d", "r-d")

@@ -147,6 +147,13 @@ def _refused(client: Client, reason: str) -> Callable[[], Awaitable[bool]]:
     return check
 
 
+def _failed_dials(client: Client, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return (await site_status(client)).upstream_failures >= count
+
+    return check
+
+
 async def _runs_on_its_own(client: Client) -> None:
     """A run at an unlinked edge, from start to end."""
     tq = f"alone-{uuid.uuid4()}"
@@ -193,7 +200,12 @@ async def test_an_edge_links_over_tls_replicates_and_forwards_a_signal(
         code, out, err = await site_cli("site", "status", "--address", lost.address)
         assert code == 0, err
         assert "upstream link down: " in out and "CERTIFICATE_VERIFY_FAILED" in out, out
-        assert "cannot link to upstream" in lost.proc.err.read_text()
+        # It redials with exponential backoff past the 2 s of an unreachable cloud,
+        # and said why once, not on every redial.
+        await eventually(_failed_dials(at_lost, 6), "edge2's sixth failed dial")
+        assert (await site_status(at_lost)).upstream_backoff_s > 2.0
+        said = [line for line in lost.proc.err.read_text().splitlines() if "cannot link" in line]
+        assert len(said) == 1 and "(refused; redialled with backoff up to 60 s)" in said[0], said
         assert [peer.site for peer in (await site_status(at_cloud)).peers] == ["edge1"]
 
 

@@ -6,18 +6,20 @@ converter tla/replication_trace_to_tla.py how the sites' lines are merged).
 One scenario, a cloud on PostgreSQL and an edge on SQLite linked through a TCP proxy
 (tests/helpers_sites.py), trace mode on for both:
 
-- run A starts at the edge and takes a signal there (applied at its home); run B
-  starts at the cloud; both replicate to the other site;
+- run A starts at the edge and takes a signal there (applied at its home); runs B,
+  C and D start at the cloud; all replicate to the other site;
 - the link is cut: the edge hands run A to the cloud (its HANDOFF is its last write),
   the cloud stores a signal for A in its inbox (its replica still names the edge),
-  the edge one for B;
+  the edge a signal for B, two cancels for C and a terminate for D;
 - the link is restored: the cloud pulls the HANDOFF, takes A over and applies its own
-  inbox's signal, the edge forwards B's; a last signal for A sent to the edge is
-  forwarded to the cloud; both runs complete and every inbox empties.
+  inbox's signal, the edge forwards B's signal, C's cancels (one CANCEL_REQUESTED)
+  and D's terminate; a last signal for A sent to the edge is forwarded to the cloud;
+  every run closes and every inbox empties.
 
-Both runs' logs must be accepted. Corrupted copies must be rejected for the right
+Every run's log must be accepted. Corrupted copies must be rejected for the right
 reason: a replica batch that does not continue the replica, a signal applied twice
-(SignalsAtMostOnce), and a write by the old home after its HANDOFF.
+(SignalsAtMostOnce), a write by the old home after its HANDOFF, and a cancel retired
+from the edge's inbox before its replica shows it.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from typing import Any
 
 import pytest
 from helpers import Processes, eventually
-from helpers_sites import SitePair, same_history, site_status
+from helpers_sites import SitePair, handed, same_history, site_status
 from helpers_tla import load_tla_module
-from test_sites import Collector, _handed, _signal
+from test_sites import Collector, _signal
 
-from tideflow.worker_sdk import Client, Worker
+from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus
 
 pytestmark = [pytest.mark.tla, pytest.mark.postgres, pytest.mark.usefixtures("trace_dir")]
 
@@ -57,8 +59,8 @@ async def _inbox_empty(client: Client) -> bool:
     return (await site_status(client)).inbox_depth == 0
 
 
-async def _scenario(sites: SitePair) -> tuple[str, str]:
-    """The scenario of the module docstring; the run ids of A and B."""
+async def _scenario(sites: SitePair) -> tuple[str, str, str, str]:
+    """The scenario of the module docstring; the run ids of A, B, C and D."""
     cloud, edge = await sites.start_linked()
     tq = f"rtrace-{uuid.uuid4()}"
     async with (
@@ -67,16 +69,24 @@ async def _scenario(sites: SitePair) -> tuple[str, str]:
     ):
         a = await edge.start_workflow(Collector.run, 3, id=f"a-{tq}", task_queue=tq)
         b = await cloud.start_workflow(Collector.run, 1, id=f"b-{tq}", task_queue=tq)
+        c = await cloud.start_workflow(Collector.run, 9, id=f"c-{tq}", task_queue=tq)
+        d = await cloud.start_workflow(Collector.run, 9, id=f"d-{tq}", task_queue=tq)
         a_id, a_run, b_id, b_run = a.id, a.run_id or "", b.id, b.run_id or ""
         assert await _signal(edge, a_id, a_run, "a1", "r-a1") is False  # applied at home
         await eventually(await same_history(edge, cloud, a_id, a_run), "A at the cloud")
-        await eventually(await same_history(cloud, edge, b_id, b_run), "B at the edge")
+        for other in (b, c, d):
+            copied = await same_history(cloud, edge, other.id, other.run_id or "")
+            await eventually(copied, f"{other.id} at the edge")
 
         sites.proxy.cut()
         at_edge = edge.get_workflow_handle(a_id, run_id=a_run)
-        await eventually(_handed(at_edge, "cloud"), "A handed to the cloud")
+        await eventually(handed(at_edge, "cloud"), "A handed to the cloud")
         assert await _signal(cloud, a_id, a_run, "a2", "r-a2") is True  # cloud's inbox
         assert await _signal(edge, b_id, b_run, "b1", "r-b1") is True  # edge's inbox
+        at_edge_c = edge.get_workflow_handle(c.id, run_id=c.run_id)
+        await at_edge_c.cancel()  # the edge's inbox, twice (two request ids)
+        await at_edge_c.cancel()
+        await edge.get_workflow_handle(d.id, run_id=d.run_id).terminate("from the edge")
 
         sites.proxy.restore()
         at_cloud = cloud.get_workflow_handle(a_id, run_id=a_run)
@@ -89,10 +99,14 @@ async def _scenario(sites: SitePair) -> tuple[str, str]:
         await _signal(edge, a_id, a_run, "a3", "r-a3")  # forwarded to the new home
         assert sorted(await at_cloud.result()) == ["a1", "a2", "a3"]
         await eventually(await same_history(cloud, edge, a_id, a_run), "A converged")
-        await eventually(await same_history(cloud, edge, b_id, b_run), "B converged")
+        for other in (b, c, d):
+            converged = await same_history(cloud, edge, other.id, other.run_id or "")
+            await eventually(converged, f"{other.id} converged")
+        assert (await c.describe()).status == WorkflowExecutionStatus.CANCELED
+        assert (await d.describe()).status == WorkflowExecutionStatus.TERMINATED
         await eventually(lambda: _inbox_empty(edge), "the edge's inbox retired")
         await eventually(lambda: _inbox_empty(cloud), "the cloud's inbox retired")
-    return a_run, b_run
+    return a_run, b_run, c.run_id or "", d.run_id or ""
 
 
 # ------------------------------------------------------------------ corruption
@@ -144,6 +158,18 @@ def _corruptions(steps: list[dict[str, Any]]) -> list[Corruption]:
     ]  # fmt: skip
 
 
+def _early_retirement(steps: list[dict[str, Any]]) -> Corruption:
+    """Run C's steps with the edge's forward of a cancel logged as its retirement:
+    the edge's replica does not show the cancel yet."""
+    forward = next(
+        s for s in steps if s["action"] == "InboxForwarded" and s.get("kind") == "cancel"
+    )
+    retired = {k: v for k, v in forward.items() if k not in ("to", "basis")}
+    retired["action"] = "InboxRetired"
+    return _corrupt("cancel-retired-early", steps, forward, retired,
+                    "before the replica shows it applied")  # fmt: skip
+
+
 def _numbered(steps: Sequence[Mapping[str, Any]], step: Mapping[str, Any]) -> int:
     for number, raw in enumerate(steps, start=1):
         if raw is step:
@@ -158,7 +184,7 @@ def _numbered(steps: Sequence[Mapping[str, Any]], step: Mapping[str, Any]) -> in
 async def test_cloud_edge_runs_are_replication_behaviours(
     sites: SitePair, trace_dir: Path, jar: Path, tmp_path: Path
 ) -> None:
-    a_run, b_run = await _scenario(sites)
+    a_run, b_run, c_run, d_run = await _scenario(sites)
     lines = rt.load_lines(trace_dir)
     acts = Counter((s["site"], s["action"]) for s in lines if rt.happened(s))
     for site, action in [
@@ -176,23 +202,35 @@ async def test_cloud_edge_runs_are_replication_behaviours(
         assert acts[site, action] >= 1, (site, action, acts)
     runs = rt.by_run(lines)
     [a_name] = [r for r in runs if r.endswith(f"/{a_run}")]
+    [c_name] = [r for r in runs if r.endswith(f"/{c_run}")]
+    [d_name] = [r for r in runs if r.endswith(f"/{d_run}")]
     assert any(r.endswith(f"/{b_run}") for r in runs)
+    # The cancels and the terminate went through the edge's inbox, traced.
+    kinds = Counter((s["site"], s["action"], s.get("kind")) for s in lines if rt.happened(s))
+    for action in ("InboxStored", "InboxForwarded", "InboxRetired"):
+        assert kinds["edge1", action, "cancel"] >= 2, (action, kinds)
+        assert kinds["edge1", action, "terminate"] >= 1, (action, kinds)
+    events = [e["type"] for s in runs[d_name] for e in s.get("events", ())]
+    assert "WORKFLOW_EXECUTION_TERMINATED" in events
 
     sites_seen = {"cloud", "edge1"}
     models = [
         rt.write_model(steps, run, tmp_path / f"run-{n}", sites_seen)
         for n, (run, steps) in enumerate(runs.items())
     ]
-    corruptions = _corruptions(runs[a_name])
-    for name, corrupted, _, _ in corruptions:
-        models.append(rt.write_model(corrupted, a_name, tmp_path / name, sites_seen))
+    corruptions = [(a_name, c) for c in _corruptions(runs[a_name])]
+    corruptions.append((c_name, _early_retirement(runs[c_name])))
+    for run_name, (name, corrupted, _, _) in corruptions:
+        models.append(rt.write_model(corrupted, run_name, tmp_path / name, sites_seen))
     verdicts = await asyncio.to_thread(rt.check_all, models, jar=jar)
     real = len(runs)
     for model, verdict in zip(models[:real], verdicts, strict=False):
         assert verdict.status == "accepted", (model.run, verdict.line, verdict.reason)
         # One path: a state per entry, plus the initial one.
         assert verdict.states == len(model.entries) + 1, (verdict.states, len(model.entries))
-    for (name, corrupted, step, reason), verdict in zip(corruptions, verdicts[real:], strict=True):
+    for (_, (name, corrupted, step, reason)), verdict in zip(
+        corruptions, verdicts[real:], strict=True
+    ):
         assert verdict.status == "rejected", (name, verdict.status, verdict.output[-2000:])
         assert verdict.line == _numbered(corrupted, step), (name, verdict.line, verdict.reason)
         # TLC breaks its printed tuple over lines: compare with single spaces.

@@ -34,7 +34,13 @@
 (* redeliveries give the same result) and forwards them to the home it     *)
 (* knows whenever the link is up, until its own replica shows them applied *)
 (* (offline mode: while the link is down they just wait).  The home        *)
-(* applies each request id once.                                           *)
+(* applies each request id once.  Cancel and terminate requests travel    *)
+(* the same way (request ids in Cancels and Terminates): the home applies  *)
+(* a cancel as one CANCEL_REQUESTED (a later cancel finds it requested and *)
+(* changes nothing) and a terminate as TERMINATED, which closes the run;   *)
+(* a replica shows a cancel applied once it shows any CANCEL_REQUESTED,   *)
+(* and every request once it shows the run closed (server/_inbox.py       *)
+(* _shows).                                                                *)
 (*                                                                         *)
 (* The workflow waits for every signal in Signals and then completes (like *)
 (* an approval workflow), so EventualConsistency also depends on signals   *)
@@ -49,15 +55,20 @@ CONSTANTS
     Clusters,     \* cluster names, e.g. "cloud", "edge1"
     InitialHome,  \* the cluster where the run started (its first home)
     Signals,      \* request ids of the signals clients send
+    Cancels,      \* request ids of cancel requests
+    Terminates,   \* request ids of terminate requests
     MaxHandoffs,  \* environment: handoffs in one behaviour
     NetCapacity,  \* messages in flight at most (a send into a full network loses one)
     Mutant        \* "none" or the name of a deliberately broken variant
 
 ASSUME InitialHome \in Clusters /\ MaxHandoffs \in Nat /\ NetCapacity \in Nat \ {0}
+ASSUME Signals \cap (Cancels \cup Terminates) = {} /\ Cancels \cap Terminates = {}
+
+Requests == Signals \cup Cancels \cup Terminates
 
 VARIABLES
     hist,      \* cluster -> its replica of the run's history (history_events)
-    inbox,     \* cluster -> request ids of signals it holds, not yet seen applied
+    inbox,     \* cluster -> request ids it holds, not yet seen applied
     net,       \* messages in flight between clusters (a set)
     linkUp,    \* the link between clusters is up
     sent,      \* ghost: request ids clients sent at least once
@@ -71,6 +82,9 @@ vars == <<hist, inbox, net, linkUp, sent, handoffs>>
 Ev(type, epoch) == [type |-> type, epoch |-> epoch, sid |-> "",
                     from |-> "", to |-> "", newEpoch |-> 0]
 SignalEv(s, epoch) == [Ev("SIGNALED", epoch) EXCEPT !.sid = s]
+CancelEv(s, epoch) == [Ev("CANCEL_REQUESTED", epoch) EXCEPT !.sid = s]
+(* WorkflowExecutionTerminatedEventAttributes has no request id.           *)
+TerminateEv(epoch) == Ev("TERMINATED", epoch)
 HandoffEv(from, to, epoch) ==
     [Ev("HANDOFF", epoch) EXCEPT !.from = from, !.to = to, !.newEpoch = epoch + 1]
 
@@ -107,8 +121,16 @@ HomeIn(h) == IF HandoffPositions(h) = {} THEN InitialHome ELSE LastHandoff(h).to
 EpochIn(h) == IF HandoffPositions(h) = {} THEN 1 ELSE LastHandoff(h).newEpoch
 
 IsHome(c) == hist[c] # <<>> /\ HomeIn(hist[c]) = c
-Closed(c) == \E i \in 1..Len(hist[c]) : hist[c][i].type = "COMPLETED"
+ClosedIn(h) == \E i \in 1..Len(h) : h[i].type \in {"COMPLETED", "TERMINATED"}
+Closed(c) == ClosedIn(hist[c])
 SignalsIn(h) == {h[i].sid : i \in {j \in 1..Len(h) : h[j].type = "SIGNALED"}}
+CancelRequestedIn(h) == \E i \in 1..Len(h) : h[i].type = "CANCEL_REQUESTED"
+(* The requests a replica shows applied, or moot (server/_inbox.py _shows): *)
+(* its signals, every cancel once one was, everything once it closed.      *)
+ShownIn(h) ==
+    SignalsIn(h)
+    \cup (IF CancelRequestedIn(h) THEN Cancels ELSE {})
+    \cup (IF ClosedIn(h) THEN Requests ELSE {})
 Count(s, h) == Cardinality({i \in 1..Len(h) : h[i].type = "SIGNALED" /\ h[i].sid = s})
 
 (* The old home right after its handoff (the newest HANDOFF is its own).   *)
@@ -116,11 +138,12 @@ HandedOff(c) == HandoffPositions(hist[c]) # {} /\ LastHandoff(hist[c]).from = c
 
 TypeOK ==
     /\ \A c \in Clusters : \A i \in 1..Len(hist[c]) :
-          hist[c][i].type \in {"STARTED", "SIGNALED", "HANDOFF", "COMPLETED"}
-    /\ inbox \in [Clusters -> SUBSET Signals]
+          hist[c][i].type \in {"STARTED", "SIGNALED", "HANDOFF", "COMPLETED",
+                                "CANCEL_REQUESTED", "TERMINATED"}
+    /\ inbox \in [Clusters -> SUBSET Requests]
     /\ \A m \in net : m.kind \in {"events", "signal"} /\ m.to \in Clusters
     /\ linkUp \in BOOLEAN
-    /\ sent \subseteq Signals
+    /\ sent \subseteq Requests
 
 Init ==
     /\ hist = [c \in Clusters |-> IF c = InitialHome THEN <<Ev("STARTED", 1)>> ELSE <<>>]
@@ -157,6 +180,7 @@ WriterEpoch(c) ==
 (* buffering (server/_mutation.py flush_buffered stamps the version of the *)
 (* flush, which is what the correct spec needs from the home's side).      *)
 ApplySignal(c, s) ==
+    /\ s \in Signals
     /\ MayApplySignals(c)
     /\ s \in inbox[c]
     /\ IF (s \in SignalsIn(hist[c]) /\ Mutant # "no_signal_dedup") \/ Closed(c)
@@ -164,6 +188,33 @@ ApplySignal(c, s) ==
        ELSE hist' = [hist EXCEPT ![c] = Append(@, SignalEv(s, WriterEpoch(c)))]
     /\ inbox' = [inbox EXCEPT ![c] = @ \ {s}]
     /\ UNCHANGED <<net, linkUp, sent, handoffs>>
+
+(* server/_engine.py request_cancel and terminate at the home: a cancel    *)
+(* becomes CANCEL_REQUESTED unless one was already requested, a terminate  *)
+(* closes the run with TERMINATED; on a closed run both change nothing     *)
+(* (the inbox takes that answer as done); either way the request leaves    *)
+(* the inbox.                                                              *)
+ApplyCancel(c, s) ==
+    /\ s \in Cancels
+    /\ IsHome(c)
+    /\ s \in inbox[c]
+    /\ IF CancelRequestedIn(hist[c]) \/ Closed(c)
+       THEN UNCHANGED hist
+       ELSE hist' = [hist EXCEPT ![c] = Append(@, CancelEv(s, EpochIn(@)))]
+    /\ inbox' = [inbox EXCEPT ![c] = @ \ {s}]
+    /\ UNCHANGED <<net, linkUp, sent, handoffs>>
+
+ApplyTerminate(c, s) ==
+    /\ s \in Terminates
+    /\ IsHome(c)
+    /\ s \in inbox[c]
+    /\ IF Closed(c)
+       THEN UNCHANGED hist
+       ELSE hist' = [hist EXCEPT ![c] = Append(@, TerminateEv(EpochIn(@)))]
+    /\ inbox' = [inbox EXCEPT ![c] = @ \ {s}]
+    /\ UNCHANGED <<net, linkUp, sent, handoffs>>
+
+ApplyRequest(c, s) == ApplySignal(c, s) \/ ApplyCancel(c, s) \/ ApplyTerminate(c, s)
 
 (* The workflow's code has seen every signal and returns: complete_        *)
 (* workflow_task (exists) appends WORKFLOW_EXECUTION_COMPLETED.            *)
@@ -223,7 +274,7 @@ ShipEvents(s, r) ==
 (* inbox, unless it is not home and its replica already shows s applied    *)
 (* (it answers "done").  The home always takes it: its engine dedups.      *)
 Receive(c, s) ==
-    IF ~IsHome(c) /\ s \in SignalsIn(hist[c]) THEN inbox[c] ELSE inbox[c] \cup {s}
+    IF ~IsHome(c) /\ s \in ShownIn(hist[c]) THEN inbox[c] ELSE inbox[c] \cup {s}
 
 (* ReplicationStore.append_replicated: applies a batch only                *)
 (* where it continues the replica (no gap; events it already has must be   *)
@@ -246,7 +297,7 @@ DeliverEvents(m) ==
     /\ Mutant = "blind_apply" \/ Continues(hist[m.to], m)
     /\ LET h == Applied(hist[m.to], m)
        IN /\ hist' = [hist EXCEPT ![m.to] = h]
-          /\ inbox' = [inbox EXCEPT ![m.to] = @ \ SignalsIn(h)]
+          /\ inbox' = [inbox EXCEPT ![m.to] = @ \ ShownIn(h)]
     /\ UNCHANGED <<net, linkUp, sent, handoffs>>   \* the network may deliver it again
 
 (* A cluster that is not home forwards what its inbox holds to the home it *)
@@ -312,7 +363,7 @@ Next ==
     \/ \E c \in Clusters :
           \/ CompleteRun(c)
           \/ Takeover(c)
-          \/ \E s \in Signals : ApplySignal(c, s) \/ ForwardSignal(c, s) \/ SendSignal(s, c)
+          \/ \E s \in Requests : ApplyRequest(c, s) \/ ForwardSignal(c, s) \/ SendSignal(s, c)
           \/ \E t \in Clusters : Handoff(c, t) \/ ShipEvents(c, t)
     \/ DeliverSomeEvents
     \/ DeliverSomeSignal
@@ -328,9 +379,9 @@ Next ==
 (* itself: the properties assume []<>linkUp instead.  (One fairness        *)
 (* condition per kind of step, not per cluster, message or signal: TLC's   *)
 (* liveness checking time grows with their number, and these suffice.)     *)
-HomeWork == \E c \in Clusters : CompleteRun(c) \/ \E s \in Signals : ApplySignal(c, s)
+HomeWork == \E c \in Clusters : CompleteRun(c) \/ \E s \in Requests : ApplyRequest(c, s)
 Replicate == \E s, r \in Clusters : ShipEvents(s, r)
-Forward == \E c \in Clusters, s \in Signals : ForwardSignal(c, s)
+Forward == \E c \in Clusters, s \in Requests : ForwardSignal(c, s)
 
 Spec ==
     /\ Init /\ [][Next]_vars
@@ -370,6 +421,15 @@ NoForkOnHandoff ==
 
 (* Safety half of SignalsExactlyOnce: no request id is applied twice.      *)
 SignalsAtMostOnce == \A c \in Clusters, s \in Signals : Count(s, hist[c]) <= 1
+
+(* A run is asked to cancel at most once, and nothing follows its closing  *)
+(* event (a terminate or a request after the close changes nothing).       *)
+CancelAtMostOnce ==
+    \A c \in Clusters :
+        Cardinality({i \in 1..Len(hist[c]) : hist[c][i].type = "CANCEL_REQUESTED"}) <= 1
+ClosedIsLast ==
+    \A c \in Clusters : \A i \in 1..Len(hist[c]) :
+        hist[c][i].type \in {"COMPLETED", "TERMINATED"} => i = Len(hist[c])
 
 (* The design document's EventualConsistency: once the run is COMPLETED at *)
 (* home and the link is up infinitely often, every replica sees it         *)

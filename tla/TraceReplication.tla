@@ -23,6 +23,9 @@
 (*     are in the log;                                                     *)
 (*   - TakeOver: the site is home by its replica (the HANDOFF reached it); *)
 (*   - InboxStored / InboxForwarded / InboxRetired (SendSignal, ForwardSignal, *)
+(*     of signals, cancels and terminates alike: Signals, Cancels and       *)
+(*     Terminates come from the log, a cancel retired once the replica      *)
+(*     shows CANCEL_REQUESTED or the run closed, a terminate once closed;  *)
 (*     the inbox removal of DeliverEvents): stored only at a site that is  *)
 (*     not home, forwarded to the home its replica named when the site    *)
 (*     decided (the line records that replica's length), retired only      *)
@@ -30,7 +33,8 @@
 (*     (the state it got with a batch: a signal taken during a workflow    *)
 (*     task becomes an event when the task ends), or the run closed;       *)
 (*   - on every state, Replication's invariants SingleHome,               *)
-(*     ReplicaIsPrefix, NoForkOnHandoff and SignalsAtMostOnce.             *)
+(*     ReplicaIsPrefix, NoForkOnHandoff, SignalsAtMostOnce,                *)
+(*     CancelAtMostOnce and ClosedIsLast.                                   *)
 (* Not checked: the network (net), the link (linkUp), fairness and the     *)
 (* temporal properties (one finite trace says nothing about them), TypeOK  *)
 (* (real histories have event types the model folds into "OTHER"), and    *)
@@ -67,7 +71,14 @@ Batch(t) == EventsMsg(t.site, t.start, Strip(t.events))
 (* The replica a forward was decided on: its first t.basis events (it only *)
 (* grows, so this is the state the site read), or all of it (basis 0).     *)
 Basis(t) == IF t.basis = 0 THEN hist[t.site] ELSE SubSeq(hist[t.site], 1, t.basis)
-Shows(c, s) == s \in SignalsIn(hist[c]) \/ s \in buffered[c] \/ Closed(c)
+(* Request ids a history carries (signals and cancel requests).            *)
+SidsIn(h) == {h[i].sid : i \in {j \in 1..Len(h) : h[j].type \in {"SIGNALED", "CANCEL_REQUESTED"}}}
+(* Applied as the replica shows it, or buffered by its state (a cancel: any *)
+(* cancel buffered shows every cancel, as MutableState.cancel_requested).  *)
+Shows(c, s) ==
+    \/ s \in ShownIn(hist[c])
+    \/ s \in buffered[c]
+    \/ s \in Cancels /\ buffered[c] \cap Cancels # {}
 
 (* Why entry t cannot be a step here, or <<>>.                             *)
 Why(t) ==
@@ -99,8 +110,8 @@ Why(t) ==
             ELSE IF ~IsPrefix(Applied(h, Batch(t)), hist[t.peer])
             THEN <<"the batch is not the peer's history: the peer has", Len(hist[t.peer]),
                    "events">>
-            ELSE IF t.state /\ ~(t.buffered \subseteq buffered[t.peer] \cup SignalsIn(hist[t.peer]))
-            THEN <<"the batch's state buffers signals its peer never took", t.buffered>>
+            ELSE IF t.state /\ ~(t.buffered \subseteq buffered[t.peer] \cup SidsIn(hist[t.peer]))
+            THEN <<"the batch's state buffers requests its peer never took", t.buffered>>
             ELSE <<>>
       [] t.act = "TakeOver" ->
             IF ~IsHome(c) THEN <<"a take-over by", c, "whose replica names", HomeIn(h)>>

@@ -10,18 +10,19 @@ worker attached to the edge, and a camera device (``tier="device"``) that attach
 the edge while it is offline.
 
 The DAG (``inspect-line``): ``capture`` (placement device, needs a camera) ->
-``detect`` (edge) -> ``report`` (cloud). A task only runs at the site that is its
-run's home, so the run starts at the edge and moves to the cloud by a handoff
-before its cloud step:
+``detect`` (edge) -> ``report`` (cloud). The run is homed at the edge from start to
+end: its cloud step runs on a cloud worker over the link (placement across sites),
+with no handoff:
 
 1. the run starts at the edge and the cloud receives its replica; the link is cut;
-2. offline, the camera attaches and captures, the edge detects; the edge pauses the DAG (so
-   ``report`` is not scheduled yet) and hands the run to the cloud: the HANDOFF is
-   written at once, the cloud learns it when the link returns;
+2. offline, the camera attaches and captures, the edge detects; the DAG is paused
+   before its cloud step (``report`` waits for a go-ahead from the cloud);
 3. the ``resume`` signal is sent through the cloud: it waits in the cloud's inbox
-   (``pending_delivery``), since the cloud is not the run's home yet;
-4. the link is restored: the cloud catches up, takes the run over, applies the
-   resume, its cloud worker runs ``report``; the edge catches up with the end.
+   (``pending_delivery``), since the run's home, the edge, is unreachable;
+4. the link is restored: the inbox delivers the resume to the edge, the DAG schedules
+   ``report`` there, no edge worker meets its placement, so the edge offers it over
+   the link and the cloud's worker runs it; the run completes at the edge and the
+   cloud's replica catches up with the end.
 
 It prints a timeline: each task with where it ran (tier, site, worker: the server's
 record in the DAG status) and when, the link and signal events, and when each side
@@ -152,7 +153,7 @@ async def task_status(handle: dag.DagHandle, task: str) -> str:
 
 
 async def run_offline(cloud: Client, edge: Client, proxy: LinkProxy, dag_id: str) -> None:
-    """Steps 1 to 3: start at the edge, cut, run offline, pause, hand off, signal."""
+    """Steps 1 to 3: start at the edge, cut, run offline, pause, signal."""
     handle = await dag.start_dag(edge, DEFINITION, {"frames": 24}, id=dag_id, task_queue=QUEUE)
     STORY.note(f"DAG {dag_id} started at edge1 (its home)")
     replica = dag.DagHandle(cloud, dag_id)
@@ -171,14 +172,12 @@ async def run_offline(cloud: Client, edge: Client, proxy: LinkProxy, dag_id: str
     ):
         STORY.note("device camera-1 attached to edge1")
         await STORY.detecting.wait()
-    await handle.pause("the cloud step waits for the handoff")
+    await handle.pause("the cloud step waits for a go-ahead from the cloud")
     await until("the DAG is paused", lambda: _paused(handle))
     STORY.note("the edge paused the DAG (report is not scheduled while paused)")
     STORY.paused.set()
     await until("detect is done", lambda: _done(handle, "detect"))
     STORY.note("offline: capture (device) and detect (edge) are done")
-    await until("the edge wrote the handoff", lambda: _handoff(handle))
-    STORY.note("the edge handed the run to the cloud (HANDOFF written; cloud not told yet)")
     await _signal_through_cloud(cloud, dag_id)
     seen = await status(cloud)
     connected = any(p.connected for p in seen.peers)
@@ -197,19 +196,9 @@ async def _done(handle: dag.DagHandle, task: str) -> bool:
     return await task_status(handle, task) == "COMPLETED"
 
 
-async def _handoff(handle: dag.DagHandle) -> bool:
-    try:
-        await handle.workflow.handoff("cloud")
-    except RPCError as error:
-        if "cannot be handed off now" in str(error):
-            return False  # the workflow task after detect still runs: try again
-        raise
-    return True
-
-
 async def _signal_through_cloud(cloud: Client, dag_id: str) -> None:
-    """``resume`` sent to the cloud; it is not the run's home (yet), so the request
-    waits in its inbox and the reply says so (``pending_delivery``)."""
+    """``resume`` sent to the cloud; it is not the run's home and cannot reach it, so
+    the request waits in its inbox and the reply says so (``pending_delivery``)."""
     request = service_pb2.SignalWorkflowRequest(
         namespace=cloud.namespace, signal_name="resume", request_id=str(uuid.uuid4())
     )
@@ -224,45 +213,39 @@ async def _signal_through_cloud(cloud: Client, dag_id: str) -> None:
 
 
 async def catch_up(cloud: Client, edge: Client, proxy: LinkProxy, dag_id: str) -> Any:
-    """Step 4: restore the link; the cloud runs ``report``; both sides catch up."""
+    """Step 4: restore the link; the resume reaches the edge, the cloud's worker runs
+    ``report`` for it; the cloud's replica catches up."""
     proxy.restore()
     STORY.note("LINK RESTORED")
-    await until("the cloud is home", lambda: _home_here(cloud, dag_id))
-    STORY.note("the cloud took the run over (its replica holds the HANDOFF)")
-    output = await dag.DagHandle(cloud, dag_id).result()
-    STORY.note(f"DAG completed at the cloud: {output!r}")
-    await until("the cloud caught up", lambda: _cloud_caught_up(cloud))
+    at_edge = dag.DagHandle(edge, dag_id)
+    output = await at_edge.result()
+    home = (await at_edge.describe()).home_cluster
+    STORY.note(f"DAG completed at {home} (its home, no handoff): {output!r}")
+    await until("the cloud caught up", lambda: _cloud_caught_up(cloud, edge, dag_id))
     seen = await status(cloud)
     edge_peer = next(p for p in seen.peers if p.site == "edge1")
     STORY.note(
         f"CLOUD CAUGHT UP: inbox depth {seen.inbox_depth}, "
-        f"{edge_peer.events_behind} events behind edge1, connected {edge_peer.connected}"
+        f"{edge_peer.events_behind} events behind edge1, connected {edge_peer.connected}; "
+        "its replica of the run equals the edge's history"
     )
-    await until("the edge caught up", lambda: _edge_caught_up(cloud, edge, dag_id))
     seen = await status(edge)
     cloud_peer = next(p for p in seen.peers if p.site == "cloud")
-    described = await dag.DagHandle(edge, dag_id).describe()
+    described = await dag.DagHandle(cloud, dag_id).describe()
     STORY.note(
-        f"EDGE CAUGHT UP: replica of the run equals the cloud's history, "
-        f"{described.replica_events_behind or 0} events behind, inbox depth "
-        f"{seen.inbox_depth}, {cloud_peer.events_pulled} events pulled from the cloud"
+        f"EDGE CAUGHT UP: the cloud's replica is {described.replica_events_behind or 0} "
+        f"events behind, edge inbox depth {seen.inbox_depth}, connected {cloud_peer.connected}"
     )
     return output
 
 
-async def _home_here(client: Client, dag_id: str) -> bool:
-    return (await dag.DagHandle(client, dag_id).describe()).home_cluster == "cloud"
-
-
-async def _cloud_caught_up(cloud: Client) -> bool:
+async def _cloud_caught_up(cloud: Client, edge: Client, dag_id: str) -> bool:
     seen = await status(cloud)
     edges = [p for p in seen.peers if p.site == "edge1"]
-    return seen.inbox_depth == 0 and bool(edges) and edges[0].connected
-
-
-async def _edge_caught_up(cloud: Client, edge: Client, dag_id: str) -> bool:
-    home = await dag.DagHandle(cloud, dag_id).workflow.fetch_history()
-    replica = await dag.DagHandle(edge, dag_id).workflow.fetch_history()
+    if seen.inbox_depth != 0 or not edges or not edges[0].connected:
+        return False
+    home = await dag.DagHandle(edge, dag_id).workflow.fetch_history()
+    replica = await dag.DagHandle(cloud, dag_id).workflow.fetch_history()
     return list(home.events) == list(replica.events)
 
 
@@ -338,7 +321,7 @@ async def main(workdir: Path) -> int:
             dag_id = f"inspect-line-{uuid.uuid4().hex[:8]}"
             await run_offline(cloud, edge, proxy, dag_id)
             await catch_up(cloud, edge, proxy, dag_id)
-            final = await dag.DagHandle(cloud, dag_id).status()
+            final = await dag.DagHandle(edge, dag_id).status()
         print_timeline(final)
         await cloud.close()
         await edge.close()

@@ -161,16 +161,18 @@ class StartRemoteTaskResponse(_message.Message):
     def __init__(self, started: _Optional[bool] = ..., task: _Optional[_Union[_service_pb2.PollActivityTaskResponse, _Mapping]] = ...) -> None: ...
 
 class ForwardedActivityResponse(_message.Message):
-    __slots__ = ("completed", "failed", "heartbeat", "canceled")
+    __slots__ = ("completed", "failed", "heartbeat", "canceled", "former_home")
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     CANCELED_FIELD_NUMBER: _ClassVar[int]
+    FORMER_HOME_FIELD_NUMBER: _ClassVar[int]
     completed: _service_pb2.RespondActivityTaskCompletedRequest
     failed: _service_pb2.RespondActivityTaskFailedRequest
     heartbeat: _service_pb2.RecordActivityHeartbeatRequest
     canceled: _service_pb2.RespondActivityTaskCanceledRequest
-    def __init__(self, completed: _Optional[_Union[_service_pb2.RespondActivityTaskCompletedRequest, _Mapping]] = ..., failed: _Optional[_Union[_service_pb2.RespondActivityTaskFailedRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[_service_pb2.RecordActivityHeartbeatRequest, _Mapping]] = ..., canceled: _Optional[_Union[_service_pb2.RespondActivityTaskCanceledRequest, _Mapping]] = ...) -> None: ...
+    former_home: str
+    def __init__(self, completed: _Optional[_Union[_service_pb2.RespondActivityTaskCompletedRequest, _Mapping]] = ..., failed: _Optional[_Union[_service_pb2.RespondActivityTaskFailedRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[_service_pb2.RecordActivityHeartbeatRequest, _Mapping]] = ..., canceled: _Optional[_Union[_service_pb2.RespondActivityTaskCanceledRequest, _Mapping]] = ..., former_home: _Optional[str] = ...) -> None: ...
 
 class ForwardedActivityReply(_message.Message):
     __slots__ = ("code", "message", "cancel_requested")
@@ -221,7 +223,7 @@ class SitePeer(_message.Message):
     def __init__(self, site: _Optional[str] = ..., role: _Optional[str] = ..., connected: _Optional[bool] = ..., last_connected: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_sync: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runs_behind: _Optional[int] = ..., events_behind: _Optional[int] = ..., events_pulled: _Optional[int] = ..., requests_forwarded: _Optional[int] = ..., address: _Optional[str] = ..., link_bytes_received: _Optional[int] = ..., link_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class DescribeSiteResponse(_message.Message):
-    __slots__ = ("site", "upstream", "peers", "inbox_depth", "replication_alarms", "recent_alarms", "upstream_error")
+    __slots__ = ("site", "upstream", "peers", "inbox_depth", "replication_alarms", "recent_alarms", "upstream_error", "upstream_failures", "upstream_backoff_s")
     SITE_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +231,8 @@ class DescribeSiteResponse(_message.Message):
     REPLICATION_ALARMS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ALARMS_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_BACKOFF_S_FIELD_NUMBER: _ClassVar[int]
     site: str
     upstream: str
     peers: _containers.RepeatedCompositeFieldContainer[SitePeer]
@@ -236,7 +240,9 @@ class DescribeSiteResponse(_message.Message):
     replication_alarms: int
     recent_alarms: _containers.RepeatedScalarFieldContainer[str]
     upstream_error: str
-    def __init__(self, site: _Optional[str] = ..., upstream: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[SitePeer, _Mapping]]] = ..., inbox_depth: _Optional[int] = ..., replication_alarms: _Optional[int] = ..., recent_alarms: _Optional[_Iterable[str]] = ..., upstream_error: _Optional[str] = ...) -> None: ...
+    upstream_failures: int
+    upstream_backoff_s: float
+    def __init__(self, site: _Optional[str] = ..., upstream: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[SitePeer, _Mapping]]] = ..., inbox_depth: _Optional[int] = ..., replication_alarms: _Optional[int] = ..., recent_alarms: _Optional[_Iterable[str]] = ..., upstream_error: _Optional[str] = ..., upstream_failures: _Optional[int] = ..., upstream_backoff_s: _Optional[float] = ...) -> None: ...
 
 class HandoffWorkflowRequest(_message.Message):
     __slots__ = ("namespace", "execution", "to_cluster", "identity")
