@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +47,8 @@ ISOLATION_PARAMETER = "isolation_level"
 #: (tideflow's own, taken off the URL like the isolation): several nodes, each with its
 #: pool, share the database's ``max_connections``.
 MAX_CONNECTIONS_PARAMETER = "max_connections"
+#: The environment variable giving the cap when the URL does not.
+MAX_CONNECTIONS_ENV = "TIDEFLOW_DB_MAX_CONNECTIONS"
 #: Without it: a pool of 10 (10 more on demand) and the group commit's 4 direct lanes.
 _DEFAULT_POOL = (10, 10)
 _DEFAULT_LANES = 4
@@ -95,13 +98,15 @@ def server_target(url: URL) -> ServerTarget:
 
 
 def _max_connections(url: URL) -> int | None:
-    raw = url.query.get(MAX_CONNECTIONS_PARAMETER)
+    """The URL's cap, else ``TIDEFLOW_DB_MAX_CONNECTIONS`` (a deployment's default for
+    every process it starts), else None."""
+    raw, source = url.query.get(MAX_CONNECTIONS_PARAMETER), MAX_CONNECTIONS_PARAMETER
+    if raw is None:
+        raw, source = os.environ.get(MAX_CONNECTIONS_ENV), MAX_CONNECTIONS_ENV
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw.strip().isdigit() or int(raw) < 2:
-        raise ValueError(
-            f"{MAX_CONNECTIONS_PARAMETER}={raw!r}: expected one whole number of at least 2"
-        )
+        raise ValueError(f"{source}={raw!r}: expected one whole number of at least 2")
     return int(raw)
 
 

@@ -61,6 +61,11 @@ from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+#: Every server a test starts, in process or spawned (the environment is inherited),
+#: opens at most this many PostgreSQL connections unless its URL says otherwise
+#: (history/_postgres.py): four xdist workers' multi-node tests must fit in the
+#: database's 100 together (uncapped, a node may open 24).
+os.environ.setdefault("TIDEFLOW_DB_MAX_CONNECTIONS", "8")
 #: The ``store_url`` parameter of PostgreSQL at SERIALIZABLE, the CockroachDB code path
 #: (history/_postgres.py); only tests marked ``serializable`` run with it.
 PG_SERIALIZABLE = "postgres-serializable"

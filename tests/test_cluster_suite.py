@@ -39,14 +39,7 @@ from helpers_cluster_routing import node_starter, wait_split
 from tideflow.history import HistoryStore
 from tideflow.worker_sdk import Client, WorkflowHandle
 
-# One xdist worker runs the four one after another (make test: --dist loadgroup): each
-# holds four nodes' database connections and most of a core.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.postgres,
-    pytest.mark.serializable,
-    pytest.mark.xdist_group("cluster-suite"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.serializable]
 
 #: Workflows per plan (each with a child): the issue's 300 under SIGKILLs; 150 for the
 #: rolling restart, whose four steps already meet fresh work at every step.
@@ -55,7 +48,7 @@ SIZE_OVERRIDE = os.environ.get("TIDEFLOW_CLUSTER_WORKFLOWS")
 # Started in groups as the kills go on, so every kill meets fresh work.
 GROUPS = 6
 RUN_BOUND_S = 420.0
-NODE_CONNECTIONS = 12
+NODE_CONNECTIONS = 6
 NODES = ("node-a", "node-b", "node-c")
 LEASE_S = 4.0
 # What happens to the nodes, one step after another, each after a third of the plan's
@@ -67,7 +60,15 @@ PLANS = {
 }
 
 
-@pytest.fixture(params=["postgres", PG_SERIALIZABLE])
+# Two xdist workers run them, one isolation each, its two plans one after another
+# (make test: --dist loadgroup): a run holds four nodes' database connections
+# (NODE_CONNECTIONS each) and most of a core.
+@pytest.fixture(
+    params=[
+        pytest.param("postgres", marks=pytest.mark.xdist_group("cluster-suite-rc")),
+        pytest.param(PG_SERIALIZABLE, marks=pytest.mark.xdist_group("cluster-suite-ser")),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, pg_url: str) -> str:
     """PostgreSQL only (several processes on one database), at READ COMMITTED and at
     SERIALIZABLE (the CockroachDB code path: every transaction retried on 40001)."""

@@ -14,18 +14,25 @@ from helpers import bounded, new_id, running_server
 from helpers_e2e import HelloWorkflow, compose_greeting
 from sqlalchemy.engine import make_url
 
-from tideflow.history._postgres import connection_budget, server_target
+from tideflow.history._postgres import MAX_CONNECTIONS_ENV, connection_budget, server_target
 from tideflow.worker_sdk import Client, Worker
 
 pytestmark = pytest.mark.postgres
 
 
-def test_the_parameter_is_taken_off_the_url_and_splits_the_budget() -> None:
+def test_the_parameter_is_taken_off_the_url_and_splits_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(MAX_CONNECTIONS_ENV, raising=False)
     target = server_target(make_url("postgresql://u@h/db?max_connections=6&application_name=x"))
     assert target.max_connections == 6
     assert "max_connections" not in target.url.query  # the driver never sees it
     assert target.url.query["application_name"] == "x"
     assert server_target(make_url("postgresql://u@h/db")).max_connections is None
+    # A deployment's default for the URLs that do not say.
+    monkeypatch.setenv(MAX_CONNECTIONS_ENV, "9")
+    assert server_target(make_url("postgresql://u@h/db")).max_connections == 9
+    assert server_target(make_url("postgresql://u@h/db?max_connections=5")).max_connections == 5
     # A fixed pool plus the group commit's direct lanes, never above the cap.
     assert connection_budget(6) == (4, 0, 2)
     assert connection_budget(2) == (1, 0, 1)
@@ -34,9 +41,12 @@ def test_the_parameter_is_taken_off_the_url_and_splits_the_budget() -> None:
 
 
 @pytest.mark.parametrize("value", ["1", "0", "-3", "many", "4.5"])
-def test_a_bad_value_is_one_clear_error(value: str) -> None:
+def test_a_bad_value_is_one_clear_error(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=f"max_connections='{value}': expected one whole"):
         server_target(make_url(f"postgresql://u@h/db?max_connections={value}"))
+    monkeypatch.setenv(MAX_CONNECTIONS_ENV, value)
+    with pytest.raises(ValueError, match=f"{MAX_CONNECTIONS_ENV}='{value}': expected one"):
+        server_target(make_url("postgresql://u@h/db"))
 
 
 async def _connections_to(database: str) -> int:
