@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TYPECHECK_ROOT := build/typecheck
 
-.PHONY: venv demo demo-edge test test-deps lint typecheck pytest tlc gen-protos check-generated bench clean
+.PHONY: venv demo demo-edge test test-deps lint typecheck pytest pytest-all tlc tlc-models gen-protos check-generated bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ demo: $(STAMP)
 demo-edge: $(STAMP)
 	$(PY) examples/edge/run.py
 
-test: lint typecheck pytest tlc
+# pytest (the TLC trace tests among the rest) and TLC's models at the same time: the
+# tests mostly wait, and one TLC process fills what they leave of the two cores.
+test: lint typecheck
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest-all tlc-models
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -68,6 +71,12 @@ test-deps: $(STAMP)
 # after another.
 pytest: $(STAMP) test-deps
 	$(VENV)/bin/pytest -m "not tla" -n 4 --dist loadgroup
+
+pytest-all: $(STAMP) test-deps
+	$(VENV)/bin/pytest -n 4 --dist loadgroup --durations=25
+
+tlc-models: $(STAMP)
+	$(PY) tla/run_tlc.py -j 1
 
 # The TLA+ stage: every model and mutant of tla/manifest.csv, then trace validation.
 tlc: $(STAMP)
