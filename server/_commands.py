@@ -403,6 +403,7 @@ def _apply_continue_as_new(context: Context, m: Mutation, command: Command) -> N
             namespace=ms.parent_namespace,
             workflow_id=ms.parent_workflow_id,
             run_id=ms.parent_run_id,
+            home_cluster=ms.parent_home_cluster,
         )
     successor = _run_start.new_run(
         req,
@@ -541,6 +542,8 @@ def _apply_start_child(context: Context, m: Mutation, command: Command) -> None:
     child.workflow_id = c.workflow_id
     child.workflow_type.CopyFrom(c.workflow_type)
     child.parent_close_policy = c.parent_close_policy
+    if c.home_cluster != context.config.cluster_name:
+        child.home_cluster = c.home_cluster  # its start crosses the sites' link
     m.add_transfer(TransferAction.START_CHILD, event.event_id)
 
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from tideflow.api.v1 import common_pb2, history_pb2, service_pb2, state_pb2
+from tideflow.api.v1 import cluster_pb2, common_pb2, history_pb2, service_pb2, state_pb2
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType, ParentClosePolicy
 from tideflow.history import HistoryStore, RunKey, TaskRow, TransferAction
@@ -109,8 +109,11 @@ async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow
     req = _child_start_request(parent, initiated, task.ref_id)
     failure_cause: str | None
     try:
-        # On the node that owns the child's shard (server/_run_gateway.py).
-        run_id = await engine.gateway.start_child(req, parent, task.ref_id)
+        # On the node that owns the child's shard (server/_run_gateway.py), or at the
+        # site named its home (server/_remote_children.py).
+        run_id = await engine.gateway.start_child(
+            req, parent, task.ref_id, home=initiated.home_cluster
+        )
     except WorkflowAlreadyStartedError as exc:
         failure_cause = str(exc)
         run_id = ""
@@ -208,8 +211,40 @@ async def _report_child_closed(engine: HistoryEngine, store: HistoryStore, task:
         workflow_id=child.parent_workflow_id,
         run_id=child.parent_run_id,
     )
+    remote = engine.gateway.remote_children
+    if remote is not None and remote.elsewhere(child.parent_home_cluster):
+        # The parent is homed at another site: the row goes once its home recorded
+        # the close (server/_remote_children.py); a lost answer sends it again.
+        request = child_closed_request(parent_key, task, child, close)
+        await remote.report_closed(child.parent_home_cluster, request)
+        await store.delete_task(task.task_key, run=task.key)
+        return
     # On the node that owns the parent's shard (server/_run_gateway.py).
     await engine.gateway.record_child_closed(parent_key, task, child, close)
+
+
+def child_closed_request(
+    parent_key: RunKey,
+    task: TaskRow,
+    child: state_pb2.MutableState,
+    close: history_pb2.HistoryEvent,
+) -> cluster_pb2.RecordChildClosedRequest:
+    """A child's close (its outbox row ``task``) for its parent's node or site."""
+    return cluster_pb2.RecordChildClosedRequest(
+        parent_namespace=parent_key.namespace,
+        parent=common_pb2.WorkflowExecution(
+            workflow_id=parent_key.workflow_id, run_id=parent_key.run_id
+        ),
+        child_namespace=task.key.namespace,
+        child=common_pb2.WorkflowExecution(workflow_id=child.workflow_id, run_id=child.run_id),
+        child_first_execution_run_id=child.first_execution_run_id,
+        parent_initiated_event_id=child.parent_initiated_event_id,
+        transfer_action=task.task_queue,
+        ref_id=task.ref_id,
+        attempt=task.attempt,
+        created_at=task.created_at,
+        close_event=close,
+    )
 
 
 def record_child_closed(
@@ -305,6 +340,7 @@ async def _apply_parent_close_policy(
                     f"parent:{parent.workflow_id}",
                     f"{parent.run_id}:close:{task.ref_id}",
                     "parent closed",
+                    home=child.home_cluster,
                 )
             else:  # TERMINATE, also the default
                 await engine.gateway.terminate(
@@ -313,6 +349,7 @@ async def _apply_parent_close_policy(
                     f"parent:{parent.workflow_id}",
                     # A replayed row (or a retry on another node) terminates once.
                     f"{parent.run_id}:close:{task.ref_id}",
+                    home=child.home_cluster,
                 )
         except FailedPreconditionError:
             pass  # the child closed already
@@ -351,11 +388,23 @@ async def _deliver_external(
     initiated_event_id: int,
 ) -> None:
     """Signal or cancel the other run, once however often the row is replayed."""
-    target = await engine.resolve_run_id(request.namespace, request.workflow_id, request.run_id)
+    child = _started_child(source, request.workflow_id, request.run_id)
+    if child is not None and child.home_cluster:
+        # A child homed at another site: its run is known even before this site
+        # holds its replica, and the request goes to its home's inbox.
+        target = RunKey(
+            namespace=child.namespace, workflow_id=child.workflow_id, run_id=child.run_id
+        )
+    else:
+        target = await engine.resolve_run_id(request.namespace, request.workflow_id, request.run_id)
     request_id = f"{source.run_id}:external:{initiated_event_id}"
     if request.cancel:
         await engine.gateway.request_cancel(
-            target, f"workflow:{source.workflow_id}", request_id, ""
+            target,
+            f"workflow:{source.workflow_id}",
+            request_id,
+            "",
+            home=child.home_cluster if child is not None else "",
         )
         return
     a = initiated.signal_external_workflow_execution_initiated_event_attributes
@@ -366,7 +415,18 @@ async def _deliver_external(
         f"workflow:{source.workflow_id}",
         request_id,
         a.header if a.HasField("header") else None,
+        home=child.home_cluster if child is not None else "",
     )
+
+
+def _started_child(
+    source: state_pb2.MutableState, workflow_id: str, run_id: str
+) -> state_pb2.ChildInfo | None:
+    """The started child of ``source`` a request to (workflow_id, run_id) aims at."""
+    for child in source.pending_children.values():
+        if child.run_id and child.workflow_id == workflow_id and run_id in ("", child.run_id):
+            return child
+    return None
 
 
 def record_external_outcome(

@@ -210,6 +210,12 @@ class UnavailableError(ServiceError):
     kind = Kind.ERROR_KIND_UNAVAILABLE
 
 
+class LinkPendingError(UnavailableError):
+    """A call to another site that waits for the sites' link (down now, or the peer
+    cannot act yet): its transfer row is tried again, quietly (a link may stay down for
+    hours; server/_remote_children.py)."""
+
+
 class DeadlineExceededError(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     kind = Kind.ERROR_KIND_DEADLINE_EXCEEDED

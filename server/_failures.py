@@ -14,13 +14,15 @@ from collections.abc import Callable
 
 from tideflow.history import StoreError
 
-from ._errors import UnavailableError
+from ._errors import LinkPendingError, UnavailableError
 
 
 def log_retry(log: logging.Logger, what: str, exc: BaseException) -> None:
     """Log that ``what`` failed with ``exc`` and will be tried again. UNAVAILABLE
     (a run of a shard another node owns, say) is expected to pass, like an outage."""
-    if isinstance(exc, (StoreError, UnavailableError)):
+    if isinstance(exc, LinkPendingError):
+        log.debug("%s waits for the sites' link (%s)", what, exc)
+    elif isinstance(exc, (StoreError, UnavailableError)):
         log.warning("%s failed (%s); retrying", what, exc)
     else:
         log.error("%s failed; retrying", what, exc_info=exc)

@@ -40,7 +40,7 @@ from tideflow.api.v1 import (
 from tideflow.api.v1.replication_pb2 import ForwardedRequest
 from tideflow.history import RunKey, TaskKind, TaskRow
 
-from ._cross_run import record_child_closed
+from ._cross_run import child_closed_request, record_child_closed
 from ._errors import (
     FailedPreconditionError,
     NotFoundError,
@@ -52,6 +52,7 @@ from ._routing import RemoteStatusError, Router
 
 if TYPE_CHECKING:
     from ._engine import HistoryEngine
+    from ._remote_children import RemoteChildren
 
 _CLUSTER_SERVICE = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 _WORKFLOW_SERVICE = service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name
@@ -73,15 +74,20 @@ class RunGateway:
         self._engine = engine
         self._router = router
         self._credential = credential
+        # A site's end of children homed at another site (server/_remote_children.py),
+        # wired by the server once its sites exist; None: every child is homed here.
+        self.remote_children: RemoteChildren | None = None
 
     async def start_child(
         self,
         req: service_pb2.StartWorkflowRequest,
         parent: state_pb2.MutableState,
         initiated_event_id: int,
+        home: str = "",
     ) -> str:
-        """Start a child run of ``parent``; its run id (an earlier attempt's, on a
-        retry). WorkflowAlreadyStartedError if its id is taken."""
+        """Start a child run of ``parent`` (homed at site ``home``, default this one);
+        its run id (an earlier attempt's, on a retry). WorkflowAlreadyStartedError if
+        its id is taken."""
 
         async def local() -> cluster_pb2.StartChildWorkflowResponse:
             run_id, _ = await self._engine.start_workflow(
@@ -96,7 +102,11 @@ class RunGateway:
                 workflow_id=parent.workflow_id, run_id=parent.run_id
             ),
             parent_initiated_event_id=initiated_event_id,
+            parent_home_cluster=parent.home_cluster,
         )
+        remote = self.remote_children
+        if remote is not None and remote.elsewhere(home):
+            return await remote.start(home, call)
         response = await self._route(
             req.namespace,
             req.workflow_id,
@@ -123,21 +133,7 @@ class RunGateway:
                 lambda m: record_child_closed(m, task, child, close),
             )
 
-        call = cluster_pb2.RecordChildClosedRequest(
-            parent_namespace=parent_key.namespace,
-            parent=common_pb2.WorkflowExecution(
-                workflow_id=parent_key.workflow_id, run_id=parent_key.run_id
-            ),
-            child_namespace=task.key.namespace,
-            child=common_pb2.WorkflowExecution(workflow_id=child.workflow_id, run_id=child.run_id),
-            child_first_execution_run_id=child.first_execution_run_id,
-            parent_initiated_event_id=child.parent_initiated_event_id,
-            transfer_action=task.task_queue,
-            ref_id=task.ref_id,
-            attempt=task.attempt,
-            created_at=task.created_at,
-            close_event=close,
-        )
+        call = child_closed_request(parent_key, task, child, close)
         await self._route(
             parent_key.namespace,
             parent_key.workflow_id,
@@ -155,6 +151,7 @@ class RunGateway:
         identity: str,
         request_id: str,
         header: common_pb2.Header | None,
+        home: str = "",
     ) -> None:
         request = service_pb2.SignalWorkflowRequest(
             namespace=key.namespace,
@@ -174,6 +171,7 @@ class RunGateway:
                 key,
                 replication_pb2.ForwardedRequest(signal=request),
                 lambda: self._engine.signal(key, name, payloads, identity, request_id, header),
+                home,
             ),
             f"/{_WORKFLOW_SERVICE}/SignalWorkflow",
             request,
@@ -199,7 +197,7 @@ class RunGateway:
         return response if isinstance(response, str) else response.run_id
 
     async def request_cancel(
-        self, key: RunKey, identity: str, request_id: str, reason: str
+        self, key: RunKey, identity: str, request_id: str, reason: str, home: str = ""
     ) -> None:
         request = service_pb2.RequestCancelWorkflowRequest(
             namespace=key.namespace,
@@ -215,13 +213,16 @@ class RunGateway:
                 key,
                 replication_pb2.ForwardedRequest(cancel=request),
                 lambda: self._engine.request_cancel(key, identity, request_id, reason),
+                home,
             ),
             f"/{_WORKFLOW_SERVICE}/RequestCancelWorkflow",
             request,
             service_pb2.RequestCancelWorkflowResponse,
         )
 
-    async def terminate(self, key: RunKey, reason: str, identity: str, request_id: str) -> None:
+    async def terminate(
+        self, key: RunKey, reason: str, identity: str, request_id: str, home: str = ""
+    ) -> None:
         request = service_pb2.TerminateWorkflowRequest(
             namespace=key.namespace,
             workflow_execution=_execution(key),
@@ -236,6 +237,7 @@ class RunGateway:
                 key,
                 replication_pb2.ForwardedRequest(terminate=request),
                 lambda: self._engine.terminate(key, reason, None, identity, request_id),
+                home,
             ),
             f"/{_WORKFLOW_SERVICE}/TerminateWorkflow",
             request,
@@ -243,17 +245,27 @@ class RunGateway:
         )
 
     def _at_home(
-        self, key: RunKey, forwarded: ForwardedRequest, act: Callable[[], Awaitable[Any]]
+        self,
+        key: RunKey,
+        forwarded: ForwardedRequest,
+        act: Callable[[], Awaitable[Any]],
+        home: str = "",
     ) -> Callable[[], Awaitable[None]]:
         """``act`` on this node, or, for a run homed at another site (a replica here),
         ``forwarded`` into this site's inbox: delivered to the home and applied there
-        exactly once by its request id, as a client's request to a replica is."""
+        exactly once by its request id, as a client's request to a replica is.
+        ``home``: the run is known to be homed at that site (a child homed elsewhere),
+        straight into the inbox, even before this site holds its replica."""
 
         async def here() -> None:
+            redirect = self._engine.redirect_to_home
+            remote = self.remote_children
+            if redirect is not None and remote is not None and remote.elsewhere(home):
+                await redirect(forwarded, key, NotHomeError(home, key))
+                return
             try:
                 await act()
             except NotHomeError as error:
-                redirect = self._engine.redirect_to_home
                 if redirect is None:
                     raise
                 await redirect(forwarded, key, error)
@@ -346,4 +358,5 @@ def parent_of(request: cluster_pb2.StartChildWorkflowRequest) -> state_pb2.Mutab
         namespace=request.parent_namespace,
         workflow_id=request.parent.workflow_id,
         run_id=request.parent.run_id,
+        home_cluster=request.parent_home_cluster,
     )

@@ -59,6 +59,7 @@ def new_run(
         ms.parent_workflow_id = parent.workflow_id
         ms.parent_run_id = parent.run_id
         ms.parent_initiated_event_id = parent_initiated_event_id
+        ms.parent_home_cluster = parent.home_cluster
     _append_started(m, req, request_id, continued_execution_run_id, parent)
     _arm_run_timeout(m, req, execution_expiration_us)
     if req.signal_name:

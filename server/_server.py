@@ -44,6 +44,7 @@ from ._peers import NodeCredential, PeerChannels
 from ._placement import PlacementPolicy
 from ._polls import TaskQueueService
 from ._registration import add_to_server
+from ._remote_children import RemoteChildren
 from ._remote_tasks import RemoteTasks
 from ._resync import resync_after_outages
 from ._routing import Router
@@ -514,6 +515,10 @@ class TideflowServer:
         sites = Sites(store, engine, self.config)
         dispatch.on_commit = sites.committed
         engine.redirect_to_home = sites.redirect
+        # Children homed at the other site (server/_remote_children.py).
+        children = RemoteChildren(engine, sites.name, sites.link_to)
+        sites.handlers.update(children.handlers)
+        engine.gateway.remote_children = children
         gate = gate_for(self.auth, store.api_keys, self.node_credential)
         replication_pb2_grpc.add_SiteServiceServicer_to_server(  # type: ignore[no-untyped-call]
             SiteService(sites, gate), server

@@ -86,8 +86,9 @@ class TransferProcessor:
                 self._queued.discard(task.task_key)
                 return  # its shard moved: the new owner carries it out
             log_retry(log, f"transfer {task.task_key}", exc)
-            await asyncio.sleep(_RETRY_DELAY_S)
-            self._queue.put_nowait(task)
+            # Queued again later without holding a slot meanwhile: rows that wait
+            # for the sites' link (any number, for hours) must not starve the rest.
+            asyncio.get_running_loop().call_later(_RETRY_DELAY_S, self._queue.put_nowait, task)
             return
         finally:
             self._slots.release()

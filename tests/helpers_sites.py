@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
+        # Cleared by ``hold_replies()``: bytes from the target wait in the proxy.
+        self._replies_flow = asyncio.Event()
+        self._replies_flow.set()
 
     @property
     def address(self) -> str:
@@ -53,14 +56,21 @@ class TcpProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def cut(self) -> None:
-        """The network between the sites goes down: every stream breaks now."""
+        """The network between the sites goes down: every stream breaks now (what
+        ``hold_replies`` held is lost)."""
         self.up = False
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
+        self._replies_flow.set()
 
     def restore(self) -> None:
         self.up = True
+
+    def hold_replies(self) -> None:
+        """Bytes from the target (the cloud) stop in the proxy until ``cut()``:
+        calls reach the cloud, its answers and calls never reach the edge."""
+        self._replies_flow.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
@@ -75,16 +85,23 @@ class TcpProxy:
         self._writers.update((writer, up_writer))
         pumps = [
             asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
+            asyncio.create_task(self._pump(up_reader, writer, self._replies_flow)),
         ]
         self._tasks.update(pumps)
         for pump in pumps:
             pump.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flowing: asyncio.Event | None = None,
+    ) -> None:
         try:
             while self.up:
                 data = await reader.read(65536)
+                if flowing is not None:
+                    await flowing.wait()
                 if not data or not self.up:
                     break
                 writer.write(data)
@@ -128,6 +145,17 @@ class SitePair:
 
     async def close(self) -> None:
         await self.proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def edge_started(procs: Processes, cloud_url: str, edge_db: Path) -> AsyncIterator[SitePair]:
+    """A SitePair whose proxy and edge run (the cloud not started yet), closed after."""
+    pair = SitePair(procs, cloud_url, edge_db)
+    await pair.start_edge()
+    try:
+        yield pair
+    finally:
+        await pair.close()
 
 
 async def site_status(client: Client) -> replication_pb2.DescribeSiteResponse:

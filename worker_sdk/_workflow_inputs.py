@@ -84,3 +84,5 @@ class StartChildWorkflowInput:
     run_timeout: timedelta | None
     task_timeout: timedelta | None
     result_type: Any
+    # The child's home site (None: the parent's).
+    home: str | None = None

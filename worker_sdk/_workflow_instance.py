@@ -304,6 +304,7 @@ class WorkflowInstanceImpl(DeterministicLoop, _Runtime):
         a.task_queue.name = request.task_queue or self._task_queue
         a.input.CopyFrom(self._converter.to_payloads(request.args))
         a.parent_close_policy = int(request.parent_close_policy)  # type: ignore[assignment]
+        a.home_cluster = request.home or ""
         for field, value in (
             ("workflow_execution_timeout", request.execution_timeout),
             ("workflow_run_timeout", request.run_timeout),

@@ -702,10 +702,16 @@ async def start_child_workflow(
     run_timeout: timedelta | None = None,
     task_timeout: timedelta | None = None,
     result_type: Any = None,
+    home: str | None = None,
 ) -> ChildWorkflowHandle:
     """Start a child workflow (a run of its own, with its own history) and return its
     handle once it started. Raises ``ChildWorkflowError`` if it could not start (its id
-    is in use)."""
+    is in use).
+
+    ``home``: the site (``--cluster-name``) that is the child's home, its only writer;
+    default the parent's site. A child homed at the other site is started there over
+    the sites' link, once (while the link is down the parent just waits for it), and
+    its outcome comes back the same way."""
     runtime = _Runtime.current()
     type_name, result_type = type_and_result(workflow, result_type)
     return await runtime.workflow_start_child_workflow(
@@ -719,6 +725,7 @@ async def start_child_workflow(
             run_timeout=run_timeout,
             task_timeout=task_timeout,
             result_type=result_type,
+            home=home,
         )
     )
 
@@ -735,9 +742,11 @@ async def execute_child_workflow(
     run_timeout: timedelta | None = None,
     task_timeout: timedelta | None = None,
     result_type: Any = None,
+    home: str | None = None,
 ) -> Any:
     """Start a child workflow and wait for its result; raises ``ChildWorkflowError``
-    (cause: what the child failed with) if it did not complete."""
+    (cause: what the child failed with) if it did not complete. ``home``: as for
+    ``start_child_workflow``."""
     handle = await start_child_workflow(
         workflow,
         arg,
@@ -749,6 +758,7 @@ async def execute_child_workflow(
         run_timeout=run_timeout,
         task_timeout=task_timeout,
         result_type=result_type,
+        home=home,
     )
     return await handle
 

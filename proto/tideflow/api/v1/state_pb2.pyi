@@ -132,7 +132,7 @@ class TimerInfo(_message.Message):
     def __init__(self, timer_id: _Optional[str] = ..., started_event_id: _Optional[int] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timer_key: _Optional[str] = ...) -> None: ...
 
 class MutableState(_message.Message):
-    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested", "parent_namespace", "parent_workflow_id", "parent_run_id", "parent_initiated_event_id", "pending_children", "pending_external", "first_execution_run_id", "sticky_task_queue", "sticky_schedule_to_start_timeout", "terminate_request_id", "home_cluster", "activated_version", "history_size_bytes")
+    __slots__ = ("namespace", "workflow_id", "run_id", "workflow_type", "task_queue", "status", "start_time", "close_time", "workflow_task_timeout", "workflow_run_timeout", "execution_expiration_time", "next_event_id", "workflow_task", "pending_activities", "pending_timers", "buffered_events", "last_workflow_task_completed_event_id", "start_request_id", "completion_event_id", "new_execution_run_id", "version", "last_workflow_task_started_event_id", "timer_keys", "workflow_execution_timeout", "signal_request_ids", "cancel_requested", "parent_namespace", "parent_workflow_id", "parent_run_id", "parent_initiated_event_id", "pending_children", "pending_external", "first_execution_run_id", "sticky_task_queue", "sticky_schedule_to_start_timeout", "terminate_request_id", "home_cluster", "activated_version", "history_size_bytes", "parent_home_cluster")
     class PendingActivitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class MutableState(_message.Message):
     HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_VERSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     workflow_id: str
     run_id: str
@@ -239,10 +240,11 @@ class MutableState(_message.Message):
     home_cluster: str
     activated_version: int
     history_size_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ..., parent_namespace: _Optional[str] = ..., parent_workflow_id: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., parent_initiated_event_id: _Optional[int] = ..., pending_children: _Optional[_Mapping[int, ChildInfo]] = ..., pending_external: _Optional[_Mapping[int, ExternalRequest]] = ..., first_execution_run_id: _Optional[str] = ..., sticky_task_queue: _Optional[str] = ..., sticky_schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., terminate_request_id: _Optional[str] = ..., home_cluster: _Optional[str] = ..., activated_version: _Optional[int] = ..., history_size_bytes: _Optional[int] = ...) -> None: ...
+    parent_home_cluster: str
+    def __init__(self, namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., task_queue: _Optional[_Union[_common_pb2.TaskQueue, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.WorkflowExecutionStatus, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., close_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workflow_task_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., workflow_run_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_expiration_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_event_id: _Optional[int] = ..., workflow_task: _Optional[_Union[WorkflowTaskInfo, _Mapping]] = ..., pending_activities: _Optional[_Mapping[int, ActivityInfo]] = ..., pending_timers: _Optional[_Mapping[str, TimerInfo]] = ..., buffered_events: _Optional[_Iterable[_Union[_history_pb2.HistoryEvent, _Mapping]]] = ..., last_workflow_task_completed_event_id: _Optional[int] = ..., start_request_id: _Optional[str] = ..., completion_event_id: _Optional[int] = ..., new_execution_run_id: _Optional[str] = ..., version: _Optional[int] = ..., last_workflow_task_started_event_id: _Optional[int] = ..., timer_keys: _Optional[_Iterable[str]] = ..., workflow_execution_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., signal_request_ids: _Optional[_Iterable[str]] = ..., cancel_requested: _Optional[bool] = ..., parent_namespace: _Optional[str] = ..., parent_workflow_id: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., parent_initiated_event_id: _Optional[int] = ..., pending_children: _Optional[_Mapping[int, ChildInfo]] = ..., pending_external: _Optional[_Mapping[int, ExternalRequest]] = ..., first_execution_run_id: _Optional[str] = ..., sticky_task_queue: _Optional[str] = ..., sticky_schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., terminate_request_id: _Optional[str] = ..., home_cluster: _Optional[str] = ..., activated_version: _Optional[int] = ..., history_size_bytes: _Optional[int] = ..., parent_home_cluster: _Optional[str] = ...) -> None: ...
 
 class ChildInfo(_message.Message):
-    __slots__ = ("initiated_event_id", "namespace", "workflow_id", "run_id", "workflow_type", "parent_close_policy", "started_event_id", "parent_closed")
+    __slots__ = ("initiated_event_id", "namespace", "workflow_id", "run_id", "workflow_type", "parent_close_policy", "started_event_id", "parent_closed", "home_cluster")
     INITIATED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +253,7 @@ class ChildInfo(_message.Message):
     PARENT_CLOSE_POLICY_FIELD_NUMBER: _ClassVar[int]
     STARTED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     initiated_event_id: int
     namespace: str
     workflow_id: str
@@ -259,7 +262,8 @@ class ChildInfo(_message.Message):
     parent_close_policy: _history_pb2.ParentClosePolicy
     started_event_id: int
     parent_closed: bool
-    def __init__(self, initiated_event_id: _Optional[int] = ..., namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., parent_close_policy: _Optional[_Union[_history_pb2.ParentClosePolicy, str]] = ..., started_event_id: _Optional[int] = ..., parent_closed: _Optional[bool] = ...) -> None: ...
+    home_cluster: str
+    def __init__(self, initiated_event_id: _Optional[int] = ..., namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., workflow_type: _Optional[_Union[_common_pb2.WorkflowType, _Mapping]] = ..., parent_close_policy: _Optional[_Union[_history_pb2.ParentClosePolicy, str]] = ..., started_event_id: _Optional[int] = ..., parent_closed: _Optional[bool] = ..., home_cluster: _Optional[str] = ...) -> None: ...
 
 class ExternalRequest(_message.Message):
     __slots__ = ("initiated_event_id", "namespace", "workflow_id", "run_id", "cancel")

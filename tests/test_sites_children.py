@@ -1,0 +1,175 @@
+"""Children homed at the other site (server/_remote_children.py), real processes: a
+cloud ``start-dev`` on PostgreSQL and an edge on its own SQLite file, the link
+through the TCP proxy of tests/helpers_sites.py.
+
+The parent runs at the edge (its worker polls only there); ``home="cloud"`` starts
+its child at the cloud (whose worker alone has the child's code). The start crosses
+the link once per request id, the child's close comes back through the child's
+outbox row, and the parent-close policy and a cancel from the parent reach the child
+through the edge's inbox.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ET, Processes, bounded, eventually, of_type
+from helpers_sites import SitePair, edge_started, history_of, wait_linked
+
+from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus, workflow
+from tideflow.worker_sdk.exceptions import ChildWorkflowError
+
+
+@workflow.defn
+class Child:
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.run
+    async def run(self, value: str, wait: bool) -> str:
+        if wait:
+            await workflow.wait_condition(lambda: self.released)
+        return f"child:{value}:{workflow.info().workflow_id}"
+
+    @workflow.signal
+    def release(self) -> None:
+        self.released = True
+
+
+@workflow.defn
+class Parent:
+    @workflow.run
+    async def run(self, value: str) -> str:
+        result: str = await workflow.execute_child_workflow(
+            Child.run, args=[value, False], id=f"child-{workflow.info().workflow_id}", home="cloud"
+        )
+        return f"parent:{result}"
+
+
+@workflow.defn
+class Abandoning:
+    """Starts a child it cancels and one it leaves running (policy TERMINATE)."""
+
+    @workflow.run
+    async def run(self) -> str:
+        me = workflow.info().workflow_id
+        cancelled = await workflow.start_child_workflow(
+            Child.run, args=["c", True], id=f"cancelled-{me}", home="cloud"
+        )
+        await workflow.start_child_workflow(
+            Child.run, args=["t", True], id=f"terminated-{me}", home="cloud"
+        )
+        await cancelled.cancel()
+        try:
+            await cancelled
+        except ChildWorkflowError:
+            return "cancelled"
+        return "not cancelled"
+
+
+@pytest.fixture
+async def sites(procs: Processes, pg_url: str, tmp_path: Path) -> AsyncIterator[SitePair]:
+    async with edge_started(procs, pg_url, tmp_path / "edge.db") as pair:
+        yield pair
+
+
+def _workers(cloud: Client, edge: Client, tq: str) -> tuple[Worker, Worker]:
+    return (
+        Worker(cloud, task_queue=tq, workflows=[Child]),
+        Worker(edge, task_queue=tq, workflows=[Parent, Abandoning]),
+    )
+
+
+async def _status(client: Client, workflow_id: str) -> Any:
+    try:
+        return (await client.get_workflow_handle(workflow_id).describe()).status
+    except Exception:
+        return None
+
+
+async def test_a_child_homed_at_the_cloud_answers_its_edge_parent(sites: SitePair) -> None:
+    cloud, edge = await sites.start_linked()
+    tq = f"children-{uuid.uuid4()}"
+    cloud_worker, edge_worker = _workers(cloud, edge, tq)
+    async with cloud_worker, edge_worker:
+        parent = await edge.start_workflow(Parent.run, "x", id=f"p-{tq}", task_queue=tq)
+        assert await bounded(parent.result()) == f"parent:child:x:child-p-{tq}"
+    child = await cloud.get_workflow_handle(f"child-p-{tq}").describe()
+    assert child.home_cluster == "cloud"
+    assert child.status == WorkflowExecutionStatus.COMPLETED
+    events = await history_of(edge, parent.id, parent.run_id or "")
+    (initiated,) = of_type(events, ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
+    assert initiated.start_child_workflow_execution_initiated_event_attributes.home_cluster == (
+        "cloud"
+    )
+    (started,) = of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)
+    assert started.child_workflow_execution_started_event_attributes.workflow_execution.run_id == (
+        child.run_id
+    )
+    assert len(of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED)) == 1
+    child_events = await history_of(cloud, f"child-p-{tq}", child.run_id)
+    attrs = child_events[0].workflow_execution_started_event_attributes
+    assert attrs.parent_workflow_execution.run_id == parent.run_id
+
+
+async def test_start_delivered_twice_and_close_while_the_link_is_down(sites: SitePair) -> None:
+    """The cloud starts the child, but its answer is lost with the link (held in the
+    proxy, then cut); the child completes at the cloud while the link is down and
+    both sites are SIGKILLed meanwhile. When the link is back the edge delivers the
+    start again (one run at the cloud: the same request id) and the close arrives:
+    the parent records started and completed once each."""
+    cloud, edge = await sites.start_linked()
+    tq = f"children-{uuid.uuid4()}"
+    child_id = f"child-p-{tq}"
+    cloud_worker, edge_worker = _workers(cloud, edge, tq)
+    async with cloud_worker, edge_worker:
+        sites.proxy.hold_replies()
+        parent = await edge.start_workflow(Parent.run, "y", id=f"p-{tq}", task_queue=tq)
+        await eventually(lambda: _status(cloud, child_id), "the child started at the cloud")
+        child = cloud.get_workflow_handle(child_id)
+        assert await bounded(child.result()) == f"child:y:{child_id}"
+        sites.proxy.cut()
+        events = await history_of(edge, parent.id, parent.run_id or "")
+        assert not of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)
+        # Both outbox rows (the edge's start, the cloud's close) survive a SIGKILL.
+        await sites.cloud.kill()
+        await sites.cloud.start()
+        await sites.edge.kill()
+        await sites.edge.start()
+        assert await _status(edge, parent.id) == WorkflowExecutionStatus.RUNNING
+        sites.proxy.restore()
+        await wait_linked(cloud, edge)
+        assert await bounded(parent.result()) == f"parent:child:y:{child_id}"
+    events = await history_of(edge, parent.id, parent.run_id or "")
+    assert len(of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)) == 1
+    assert len(of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED)) == 1
+    runs = [r async for r in cloud.list_workflows(f"WorkflowId = '{child_id}'")]
+    assert len(runs) == 1
+
+
+async def test_cancel_and_parent_close_reach_a_child_homed_elsewhere(sites: SitePair) -> None:
+    cloud, edge = await sites.start_linked()
+    tq = f"children-{uuid.uuid4()}"
+    cloud_worker, edge_worker = _workers(cloud, edge, tq)
+    async with cloud_worker, edge_worker:
+        parent = await edge.start_workflow(Abandoning.run, id=f"a-{tq}", task_queue=tq)
+        assert await bounded(parent.result()) == "cancelled"
+        cancelled, terminated = f"cancelled-a-{tq}", f"terminated-a-{tq}"
+        await eventually(
+            lambda: _is(cloud, terminated, WorkflowExecutionStatus.TERMINATED),
+            "the parent-close policy terminated the child at the cloud",
+        )
+    assert await _status(cloud, cancelled) == WorkflowExecutionStatus.CANCELED
+    handle = cloud.get_workflow_handle(cancelled)
+    events = (await handle.fetch_history()).events
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)) == 1
+    events = (await cloud.get_workflow_handle(terminated).fetch_history()).events
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED)) == 1
+
+
+async def _is(client: Client, workflow_id: str, status: WorkflowExecutionStatus) -> bool:
+    return bool(await _status(client, workflow_id) == status)
