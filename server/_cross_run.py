@@ -101,7 +101,8 @@ def _child_start_done(ref_id: int) -> Callable[[state_pb2.MutableState], bool]:
 async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow) -> None:
     parent = await _judged_state(engine, task.key, _child_start_done(task.ref_id))
     if parent is None:
-        await store.delete_task(task.task_key, run=task.key)
+        if not await _started_elsewhere_before_close(engine, task):
+            await store.delete_task(task.task_key, run=task.key)
         return
     initiated = (
         await engine.event(task.key, task.ref_id)
@@ -124,6 +125,32 @@ async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow
         "RecordChildStarted",
         lambda m: record_child_started(m, task, run_id, failure_cause),
     )
+
+
+async def _started_elsewhere_before_close(engine: HistoryEngine, task: TaskRow) -> bool:
+    """The parent closed before its child's start was recorded. A child homed at
+    another site may have been started by a delivery whose answer the link lost:
+    ask its home (starting nothing) and, if it runs, record it, which applies the
+    parent's close policy to it (``_late_child_started``); True if so. Otherwise the
+    child would run on at its home, orphaned."""
+    parent = await engine.state_of(task.key)
+    child = parent.pending_children.get(task.ref_id)
+    remote = engine.gateway.remote_children
+    if child is None or child.run_id or remote is None or not remote.elsewhere(child.home_cluster):
+        return False
+    initiated = (
+        await engine.event(task.key, task.ref_id)
+    ).start_child_workflow_execution_initiated_event_attributes
+    req = _child_start_request(parent, initiated, task.ref_id)
+    run_id = await engine.gateway.start_child(
+        req, parent, task.ref_id, home=child.home_cluster, only_if_started=True
+    )
+    if not run_id:
+        return False
+    await engine.update(
+        task.key, "RecordChildStarted", lambda m: record_child_started(m, task, run_id, None)
+    )
+    return True
 
 
 def _child_start_request(

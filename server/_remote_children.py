@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from tideflow.api.v1 import cluster_pb2
+from tideflow.api.v1 import cluster_pb2, service_pb2
 from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.history import RunKey
 
@@ -58,6 +58,7 @@ APPLIED = "applied"
 ALREADY_STARTED = "already_started"
 NOT_FOUND = "not_found"
 NOT_HOME = "not_home"
+NOT_STARTED = "not_started"
 
 
 class RemoteChildren:
@@ -92,10 +93,13 @@ class RemoteChildren:
 
     async def start(self, home: str, request: cluster_pb2.StartChildWorkflowRequest) -> str:
         """Start the child at ``home``; its run id (the run of this request id if it
-        was started before). WorkflowAlreadyStartedError if its id is taken there;
-        LinkPendingError while the link is down (the transfer row waits)."""
+        was started before; with ``only_if_started``, that run or "").
+        WorkflowAlreadyStartedError if its id is taken there; LinkPendingError while
+        the link is down (the transfer row waits)."""
         request.parent_home_cluster = self.site
         reply = await self._call(home, "start_child", request)
+        if reply.outcome == NOT_STARTED:
+            return ""
         if reply.outcome == ALREADY_STARTED:
             raise WorkflowAlreadyStartedError(
                 reply.detail, workflow_id=request.start.workflow_id, run_id=reply.run_id
@@ -117,6 +121,8 @@ class RemoteChildren:
         """The peer's parent starts a child homed here."""
         request = message_of(body, cluster_pb2.StartChildWorkflowRequest)
         request.parent_home_cluster = request.parent_home_cluster or link.peer
+        if request.only_if_started:
+            return await self._started_before(request.start)
         try:
             run_id = await self._engine.gateway.start_child(
                 request.start, parent_of(request), request.parent_initiated_event_id
@@ -126,6 +132,19 @@ class RemoteChildren:
                 outcome=ALREADY_STARTED, detail=str(error), run_id=error.run_id or ""
             )
         return rp.ForwardedResponse(outcome=APPLIED, run_id=run_id, started=True)
+
+    async def _started_before(
+        self, start: service_pb2.StartWorkflowRequest
+    ) -> rp.ForwardedResponse:
+        """The run a delivery of ``start``'s request id started, if any."""
+        try:
+            key = await self._engine.resolve_run_id(start.namespace, start.workflow_id, "")
+            state = await self._engine.state_of(key)
+        except NotFoundError:
+            return rp.ForwardedResponse(outcome=NOT_STARTED)
+        if state.start_request_id != start.request_id:
+            return rp.ForwardedResponse(outcome=NOT_STARTED)
+        return rp.ForwardedResponse(outcome=APPLIED, run_id=key.run_id)
 
     async def _serve_closed(self, link: SiteLink, body: bytes) -> rp.ForwardedResponse:
         """A child homed at the peer closed: record it on its parent, homed here."""

@@ -51,6 +51,16 @@ class Parent:
 
 
 @workflow.defn
+class WaitsForChild:
+    @workflow.run
+    async def run(self) -> str:
+        result: str = await workflow.execute_child_workflow(
+            Child.run, args=["w", True], id=f"child-{workflow.info().workflow_id}", home="cloud"
+        )
+        return result
+
+
+@workflow.defn
 class Abandoning:
     """Starts a child it cancels and one it leaves running (policy TERMINATE)."""
 
@@ -80,7 +90,7 @@ async def sites(procs: Processes, pg_url: str, tmp_path: Path) -> AsyncIterator[
 def _workers(cloud: Client, edge: Client, tq: str) -> tuple[Worker, Worker]:
     return (
         Worker(cloud, task_queue=tq, workflows=[Child]),
-        Worker(edge, task_queue=tq, workflows=[Parent, Abandoning]),
+        Worker(edge, task_queue=tq, workflows=[Parent, WaitsForChild, Abandoning]),
     )
 
 
@@ -169,6 +179,34 @@ async def test_cancel_and_parent_close_reach_a_child_homed_elsewhere(sites: Site
     assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)) == 1
     events = (await cloud.get_workflow_handle(terminated).fetch_history()).events
     assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED)) == 1
+
+
+async def test_a_parent_closed_before_hearing_its_child_started_still_ends_it(
+    sites: SitePair,
+) -> None:
+    """The cloud starts the child but its answer is lost with the link; the parent is
+    terminated at the edge meanwhile. When the link is back, the edge asks the cloud
+    (starting nothing) whether that start happened, records the child and applies the
+    close policy: the child is terminated, not left running orphaned."""
+    cloud, edge = await sites.start_linked()
+    tq = f"children-{uuid.uuid4()}"
+    child_id = f"child-w-{tq}"
+    cloud_worker, edge_worker = _workers(cloud, edge, tq)
+    async with cloud_worker, edge_worker:
+        sites.proxy.hold_replies()
+        parent = await edge.start_workflow(WaitsForChild.run, id=f"w-{tq}", task_queue=tq)
+        await eventually(lambda: _status(cloud, child_id), "the child started at the cloud")
+        sites.proxy.cut()
+        await parent.terminate("closed before its child's start was recorded")
+        sites.proxy.restore()
+        await eventually(
+            lambda: _is(cloud, child_id, WorkflowExecutionStatus.TERMINATED),
+            "the parent-close policy terminated the child at the cloud",
+        )
+    runs = [r async for r in cloud.list_workflows(f"WorkflowId = '{child_id}'")]
+    assert len(runs) == 1
+    events = await history_of(edge, parent.id, parent.run_id or "")
+    assert not of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)
 
 
 async def _is(client: Client, workflow_id: str, status: WorkflowExecutionStatus) -> bool:

@@ -27,7 +27,7 @@ from tideflow.api.v1 import history_pb2 as tideflow_dot_api_dot_v1_dot_history__
 from tideflow.api.v1 import service_pb2 as tideflow_dot_api_dot_v1_dot_service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtideflow/api/v1/cluster.proto\x12\x0ftideflow.api.v1\x1a\x1ctideflow/api/v1/common.proto\x1a\x1dtideflow/api/v1/history.proto\x1a\x1dtideflow/api/v1/service.proto\"\xdf\x01\n\x19StartChildWorkflowRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32%.tideflow.api.v1.StartWorkflowRequest\x12\x18\n\x10parent_namespace\x18\x02 \x01(\t\x12\x32\n\x06parent\x18\x03 \x01(\x0b\x32\".tideflow.api.v1.WorkflowExecution\x12!\n\x19parent_initiated_event_id\x18\x04 \x01(\x03\x12\x1b\n\x13parent_home_cluster\x18\x05 \x01(\t\",\n\x1aStartChildWorkflowResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xff\x02\n\x18RecordChildClosedRequest\x12\x18\n\x10parent_namespace\x18\x01 \x01(\t\x12\x32\n\x06parent\x18\x02 \x01(\x0b\x32\".tideflow.api.v1.WorkflowExecution\x12\x17\n\x0f\x63hild_namespace\x18\x03 \x01(\t\x12\x31\n\x05\x63hild\x18\x04 \x01(\x0b\x32\".tideflow.api.v1.WorkflowExecution\x12$\n\x1c\x63hild_first_execution_run_id\x18\x05 \x01(\t\x12!\n\x19parent_initiated_event_id\x18\x06 \x01(\x03\x12\x17\n\x0ftransfer_action\x18\x07 \x01(\t\x12\x0e\n\x06ref_id\x18\x08 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x03\x12\x12\n\ncreated_at\x18\n \x01(\x03\x12\x32\n\x0b\x63lose_event\x18\x0b \x01(\x0b\x32\x1d.tideflow.api.v1.HistoryEvent\"\x1b\n\x19RecordChildClosedResponse2\xeb\x01\n\x0e\x43lusterService\x12m\n\x12StartChildWorkflow\x12*.tideflow.api.v1.StartChildWorkflowRequest\x1a+.tideflow.api.v1.StartChildWorkflowResponse\x12j\n\x11RecordChildClosed\x12).tideflow.api.v1.RecordChildClosedRequest\x1a*.tideflow.api.v1.RecordChildClosedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtideflow/api/v1/cluster.proto\x12\x0ftideflow.api.v1\x1a\x1ctideflow/api/v1/common.proto\x1a\x1dtideflow/api/v1/history.proto\x1a\x1dtideflow/api/v1/service.proto\"\xf8\x01\n\x19StartChildWorkflowRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32%.tideflow.api.v1.StartWorkflowRequest\x12\x18\n\x10parent_namespace\x18\x02 \x01(\t\x12\x32\n\x06parent\x18\x03 \x01(\x0b\x32\".tideflow.api.v1.WorkflowExecution\x12!\n\x19parent_initiated_event_id\x18\x04 \x01(\x03\x12\x1b\n\x13parent_home_cluster\x18\x05 \x01(\t\x12\x17\n\x0fonly_if_started\x18\x06 \x01(\x08\",\n\x1aStartChildWorkflowResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xff\x02\n\x18RecordChildClosedRequest\x12\x18\n\x10parent_namespace\x18\x01 \x01(\t\x12\x32\n\x06parent\x18\x02 \x01(\x0b\x32\".tideflow.api.v1.WorkflowExecution\x12\x17\n\x0f\x63hild_namespace\x18\x03 \x01(\t\x12\x31\n\x05\x63hild\x18\x04 \x01(\x0b\x32\".tideflow.api.v1.WorkflowExecution\x12$\n\x1c\x63hild_first_execution_run_id\x18\x05 \x01(\t\x12!\n\x19parent_initiated_event_id\x18\x06 \x01(\x03\x12\x17\n\x0ftransfer_action\x18\x07 \x01(\t\x12\x0e\n\x06ref_id\x18\x08 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x03\x12\x12\n\ncreated_at\x18\n \x01(\x03\x12\x32\n\x0b\x63lose_event\x18\x0b \x01(\x0b\x32\x1d.tideflow.api.v1.HistoryEvent\"\x1b\n\x19RecordChildClosedResponse2\xeb\x01\n\x0e\x43lusterService\x12m\n\x12StartChildWorkflow\x12*.tideflow.api.v1.StartChildWorkflowRequest\x1a+.tideflow.api.v1.StartChildWorkflowResponse\x12j\n\x11RecordChildClosed\x12).tideflow.api.v1.RecordChildClosedRequest\x1a*.tideflow.api.v1.RecordChildClosedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tideflow.api.v1.cluster_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTCHILDWORKFLOWREQUEST']._serialized_start=143
-  _globals['_STARTCHILDWORKFLOWREQUEST']._serialized_end=366
-  _globals['_STARTCHILDWORKFLOWRESPONSE']._serialized_start=368
-  _globals['_STARTCHILDWORKFLOWRESPONSE']._serialized_end=412
-  _globals['_RECORDCHILDCLOSEDREQUEST']._serialized_start=415
-  _globals['_RECORDCHILDCLOSEDREQUEST']._serialized_end=798
-  _globals['_RECORDCHILDCLOSEDRESPONSE']._serialized_start=800
-  _globals['_RECORDCHILDCLOSEDRESPONSE']._serialized_end=827
-  _globals['_CLUSTERSERVICE']._serialized_start=830
-  _globals['_CLUSTERSERVICE']._serialized_end=1065
+  _globals['_STARTCHILDWORKFLOWREQUEST']._serialized_end=391
+  _globals['_STARTCHILDWORKFLOWRESPONSE']._serialized_start=393
+  _globals['_STARTCHILDWORKFLOWRESPONSE']._serialized_end=437
+  _globals['_RECORDCHILDCLOSEDREQUEST']._serialized_start=440
+  _globals['_RECORDCHILDCLOSEDREQUEST']._serialized_end=823
+  _globals['_RECORDCHILDCLOSEDRESPONSE']._serialized_start=825
+  _globals['_RECORDCHILDCLOSEDRESPONSE']._serialized_end=852
+  _globals['_CLUSTERSERVICE']._serialized_start=855
+  _globals['_CLUSTERSERVICE']._serialized_end=1090
 # @@protoc_insertion_point(module_scope)

@@ -10,18 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartChildWorkflowRequest(_message.Message):
-    __slots__ = ("start", "parent_namespace", "parent", "parent_initiated_event_id", "parent_home_cluster")
+    __slots__ = ("start", "parent_namespace", "parent", "parent_initiated_event_id", "parent_home_cluster", "only_if_started")
     START_FIELD_NUMBER: _ClassVar[int]
     PARENT_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     PARENT_INITIATED_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_HOME_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    ONLY_IF_STARTED_FIELD_NUMBER: _ClassVar[int]
     start: _service_pb2.StartWorkflowRequest
     parent_namespace: str
     parent: _common_pb2.WorkflowExecution
     parent_initiated_event_id: int
     parent_home_cluster: str
-    def __init__(self, start: _Optional[_Union[_service_pb2.StartWorkflowRequest, _Mapping]] = ..., parent_namespace: _Optional[str] = ..., parent: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., parent_initiated_event_id: _Optional[int] = ..., parent_home_cluster: _Optional[str] = ...) -> None: ...
+    only_if_started: bool
+    def __init__(self, start: _Optional[_Union[_service_pb2.StartWorkflowRequest, _Mapping]] = ..., parent_namespace: _Optional[str] = ..., parent: _Optional[_Union[_common_pb2.WorkflowExecution, _Mapping]] = ..., parent_initiated_event_id: _Optional[int] = ..., parent_home_cluster: _Optional[str] = ..., only_if_started: _Optional[bool] = ...) -> None: ...
 
 class StartChildWorkflowResponse(_message.Message):
     __slots__ = ("run_id",)
