@@ -151,7 +151,10 @@ class Inbox:
             received_at=now_micros(),
             attempts=0,
         )
-        seq = self._trace("InboxStored", entry)
+        # The home it was addressed to: a child's request may be stored before this
+        # site holds its replica (server/_remote_children.py; Replication.tla
+        # AddressChild).
+        seq = self._trace("InboxStored", entry, home=home)
         await self._store.replication.put_inbox(entry)
         self._tracer.outcome(seq, "ok")
         self.changed.set()

@@ -11,6 +11,7 @@ through the edge's inbox.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,10 +19,20 @@ from typing import Any
 
 import pytest
 from helpers import ET, Processes, bounded, eventually, of_type
-from helpers_sites import SitePair, edge_started, history_of, wait_linked
+from helpers_sites import (
+    SitePair,
+    edge_started,
+    history_of,
+    same_history,
+    site_status,
+    wait_linked,
+)
+from helpers_tla import load_tla_module
 
 from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus, workflow
 from tideflow.worker_sdk.exceptions import ChildWorkflowError
+
+rt = load_tla_module("replication_trace_to_tla")
 
 
 @workflow.defn
@@ -161,7 +172,16 @@ async def test_start_delivered_twice_and_close_while_the_link_is_down(sites: Sit
     assert len(runs) == 1
 
 
-async def test_cancel_and_parent_close_reach_a_child_homed_elsewhere(sites: SitePair) -> None:
+@pytest.mark.tla
+@pytest.mark.usefixtures("trace_dir")
+async def test_cancel_and_parent_close_reach_a_child_homed_elsewhere(
+    sites: SitePair, trace_dir: Path, jar: Path, tmp_path: Path
+) -> None:
+    """A cancel and the parent-close policy reach children homed at the cloud through
+    the edge's inbox; in trace mode, every run's replication log is a behaviour of
+    Replication.tla (AddressChild: a child's request stored before the edge holds its
+    replica), and a copy whose request names no home, stored before the replica, is
+    rejected."""
     cloud, edge = await sites.start_linked()
     tq = f"children-{uuid.uuid4()}"
     cloud_worker, edge_worker = _workers(cloud, edge, tq)
@@ -173,12 +193,48 @@ async def test_cancel_and_parent_close_reach_a_child_homed_elsewhere(sites: Site
             lambda: _is(cloud, terminated, WorkflowExecutionStatus.TERMINATED),
             "the parent-close policy terminated the child at the cloud",
         )
+        for child in (cancelled, terminated):
+            run_id = (await cloud.get_workflow_handle(child).describe()).run_id
+            await eventually(await same_history(cloud, edge, child, run_id), "the replica")
+        await eventually(lambda: _inbox_empty(edge), "the edge's inbox retired")
     assert await _status(cloud, cancelled) == WorkflowExecutionStatus.CANCELED
     handle = cloud.get_workflow_handle(cancelled)
     events = (await handle.fetch_history()).events
     assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)) == 1
     events = (await cloud.get_workflow_handle(terminated).fetch_history()).events
     assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED)) == 1
+    await _validate_traces(trace_dir, jar, tmp_path, terminated)
+
+
+async def _inbox_empty(client: Client) -> bool:
+    return (await site_status(client)).inbox_depth == 0
+
+
+async def _validate_traces(trace_dir: Path, jar: Path, tmp_path: Path, child_id: str) -> None:
+    """Every run's replication log accepted; the child's terminate, stored by the
+    edge naming the cloud, accepted also when moved before the edge held a replica,
+    and rejected there without the home it names."""
+    runs = rt.by_run(rt.load_lines(trace_dir))
+    sites_seen = {"cloud", "edge1"}
+    models = [
+        rt.write_model(steps, run, tmp_path / f"run-{n}", sites_seen)
+        for n, (run, steps) in enumerate(runs.items())
+    ]
+    [child] = [steps for run, steps in runs.items() if f"/{child_id}/" in run]
+    stored = next(s for s in child if s["action"] == "InboxStored" and s.get("kind") == "terminate")
+    assert stored["site"] == "edge1" and stored["home"] == "cloud"
+    early = [child[0], stored, *(s for s in child[1:] if s is not stored)]
+    nameless = {**stored, "home": ""}
+    corrupted = [child[0], nameless, *(s for s in child[1:] if s is not stored)]
+    for name, steps in (("early", early), ("nameless", corrupted)):
+        models.append(rt.write_model(steps, f"{name}/{child_id}", tmp_path / name, sites_seen))
+    verdicts = await asyncio.to_thread(rt.check_all, models, jar=jar)
+    for model, verdict in zip(models[:-1], verdicts, strict=False):
+        assert verdict.status == "accepted", (model.run, verdict.line, verdict.reason)
+    assert verdicts[-1].status == "rejected", verdicts[-1].output[-2000:]
+    assert verdicts[-1].line == 2, (verdicts[-1].line, verdicts[-1].reason)
+    reason = " ".join(verdicts[-1].reason.split())
+    assert "a request stored for a run the site has no replica of" in reason, reason
 
 
 async def test_a_parent_closed_before_hearing_its_child_started_still_ends_it(

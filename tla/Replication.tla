@@ -65,6 +65,7 @@ ASSUME InitialHome \in Clusters /\ MaxHandoffs \in Nat /\ NetCapacity \in Nat \ 
 ASSUME Signals \cap (Cancels \cup Terminates) = {} /\ Cancels \cap Terminates = {}
 
 Requests == Signals \cup Cancels \cup Terminates
+CancelsAndTerminates == Cancels \cup Terminates
 
 VARIABLES
     hist,      \* cluster -> its replica of the run's history (history_events)
@@ -345,6 +346,22 @@ SendSignal(s, c) ==
     /\ inbox' = [inbox EXCEPT ![c] = Receive(c, s)]
     /\ UNCHANGED <<hist, net, linkUp, handoffs>>
 
+(* A workflow at c addresses a child it started homed at another site      *)
+(* (server/_remote_children.py, RunGateway._at_home with the child's home):*)
+(* its parent-close policy, a cancel or a signal enters c's inbox even     *)
+(* before c holds a replica of the child, whose home the start's answer    *)
+(* named (the run's InitialHome).  The inbox forwards it once a replica    *)
+(* exists.  ChildRequests: the requests sent that way, none by default     *)
+(* (a model names them: CONSTANT ChildRequests <- ...).                    *)
+ChildRequests == {}
+
+AddressChild(s, c) ==
+    /\ s \in ChildRequests
+    /\ hist[c] = <<>> /\ c # InitialHome
+    /\ sent' = sent \cup {s}
+    /\ inbox' = [inbox EXCEPT ![c] = @ \cup {s}]
+    /\ UNCHANGED <<hist, net, linkUp, handoffs>>
+
 LinkFails ==
     /\ linkUp
     /\ linkUp' = FALSE
@@ -364,6 +381,7 @@ Next ==
           \/ CompleteRun(c)
           \/ Takeover(c)
           \/ \E s \in Requests : ApplyRequest(c, s) \/ ForwardSignal(c, s) \/ SendSignal(s, c)
+          \/ \E s \in Requests : AddressChild(s, c)
           \/ \E t \in Clusters : Handoff(c, t) \/ ShipEvents(c, t)
     \/ DeliverSomeEvents
     \/ DeliverSomeSignal

@@ -27,7 +27,9 @@
 (*     Terminates come from the log, a cancel retired once the replica      *)
 (*     shows CANCEL_REQUESTED or the run closed, a terminate once closed;  *)
 (*     the inbox removal of DeliverEvents): stored only at a site that is  *)
-(*     not home, forwarded to the home its replica named when the site    *)
+(*     not home (without a replica only for a child's request naming the   *)
+(*     child's first home: AddressChild), forwarded to the home its        *)
+(*     replica named when the site                                         *)
 (*     decided (the line records that replica's length), retired only      *)
 (*     once its replica shows the signal applied, or buffered by the home  *)
 (*     (the state it got with a batch: a signal taken during a workflow    *)
@@ -117,7 +119,8 @@ Why(t) ==
             IF ~IsHome(c) THEN <<"a take-over by", c, "whose replica names", HomeIn(h)>>
             ELSE <<>>
       [] t.act = "InboxStored" ->
-            IF h = <<>> THEN <<"a request stored for a run the site has no replica of">>
+            IF h = <<>> /\ (t.home # InitialHome \/ c = InitialHome)
+            THEN <<"a request stored for a run the site has no replica of">>
             ELSE IF IsHome(c) THEN <<"the home stored a request in its inbox">>
             ELSE <<>>
       [] t.act = "InboxForwarded" ->

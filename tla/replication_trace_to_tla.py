@@ -155,6 +155,7 @@ class Entry:
     state: bool = False
     buffered: tuple[str, ...] = ()
     kind: str = ""  # an inbox step's request kind: signal, cancel, terminate
+    home: str = ""  # InboxStored: the home the request was addressed to
 
     def tla(self) -> str:
         start = self.events[0]["id"] if self.events else 0
@@ -165,6 +166,7 @@ class Entry:
                 ("site", tla_str(self.site)),
                 ("peer", tla_str(self.peer)),
                 ("sid", tla_str(self.sid)),
+                ("home", tla_str(self.home)),
                 ("basis", tla_int(self.basis)),
                 ("state", tla_bool(self.state)),
                 ("buffered", tla_set(tla_str(b) for b in self.buffered)),
@@ -201,7 +203,17 @@ def entries_of(ordered: Sequence[Mapping[str, Any]]) -> tuple[str, list[Entry]]:
             raise TraceError(f"step {number}: unknown request kind {kind!r}")
         out.append(
             Entry(
-                number, raw["action"], raw["site"], peer, sid, events, basis, state, buffered, kind
+                number,
+                raw["action"],
+                raw["site"],
+                peer,
+                sid,
+                events,
+                basis,
+                state,
+                buffered,
+                kind,
+                str(raw.get("home", "")),
             )
         )
     return str(ordered[0]["site"]), out
