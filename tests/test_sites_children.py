@@ -62,6 +62,21 @@ class Parent:
 
 
 @workflow.defn
+class StartsTakenId:
+    """Starts a child homed at the cloud whose id a running cloud run holds."""
+
+    @workflow.run
+    async def run(self, child_id: str) -> str:
+        try:
+            await workflow.start_child_workflow(
+                Child.run, args=["z", True], id=child_id, home="cloud"
+            )
+        except ChildWorkflowError:
+            return "taken"
+        return "started"
+
+
+@workflow.defn
 class WaitsForChild:
     @workflow.run
     async def run(self) -> str:
@@ -101,7 +116,10 @@ async def sites(procs: Processes, pg_url: str, tmp_path: Path) -> AsyncIterator[
 def _workers(cloud: Client, edge: Client, tq: str) -> tuple[Worker, Worker]:
     return (
         Worker(cloud, task_queue=tq, workflows=[Child]),
-        Worker(edge, task_queue=tq, workflows=[Parent, WaitsForChild, Abandoning]),
+        # Child too: the edge runs one of its own while the link is down.
+        Worker(
+            edge, task_queue=tq, workflows=[Parent, StartsTakenId, WaitsForChild, Abandoning, Child]
+        ),
     )
 
 
@@ -119,6 +137,18 @@ async def test_a_child_homed_at_the_cloud_answers_its_edge_parent(sites: SitePai
     async with cloud_worker, edge_worker:
         parent = await edge.start_workflow(Parent.run, "x", id=f"p-{tq}", task_queue=tq)
         assert await bounded(parent.result()) == f"parent:child:x:child-p-{tq}"
+        # A child id a running cloud run holds: START_CHILD_WORKFLOW_EXECUTION_FAILED.
+        holder = await cloud.start_workflow(
+            Child.run, args=["h", True], id=f"h-{tq}", task_queue=tq
+        )
+        taken = await edge.execute_workflow(
+            StartsTakenId.run, f"h-{tq}", id=f"t-{tq}", task_queue=tq
+        )
+        assert taken == "taken"
+        failed = await history_of(edge, f"t-{tq}", "")
+        assert len(of_type(failed, ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED)) == 1
+        await holder.signal(Child.release)
+        assert await bounded(holder.result()) == f"child:h:h-{tq}"
     child = await cloud.get_workflow_handle(f"child-p-{tq}").describe()
     assert child.home_cluster == "cloud"
     assert child.status == WorkflowExecutionStatus.COMPLETED
@@ -162,6 +192,11 @@ async def test_start_delivered_twice_and_close_while_the_link_is_down(sites: Sit
         await sites.edge.kill()
         await sites.edge.start()
         assert await _status(edge, parent.id) == WorkflowExecutionStatus.RUNNING
+        # The parent waits; the edge's other runs do not.
+        alone = await edge.execute_workflow(
+            Child.run, args=["e", False], id=f"e-{tq}", task_queue=tq
+        )
+        assert alone == f"child:e:e-{tq}"
         sites.proxy.restore()
         await wait_linked(cloud, edge)
         assert await bounded(parent.result()) == f"parent:child:y:{child_id}"
