@@ -15,7 +15,7 @@
 (* than per-request fairness.                                              *)
 (*                                                                         *)
 (* The model size: clients send (and retry, to any cluster, online or not) *)
-(* at most MaxRequests distinct request ids in one behaviour.             *)
+(* at most MaxRequests distinct request ids in one behaviour (LiveNext).  *)
 (***************************************************************************)
 EXTENDS Replication
 
@@ -23,23 +23,11 @@ CONSTANT MaxRequests  \* distinct request ids clients send in one behaviour
 
 ASSUME MaxRequests \in Nat
 
-(* server/_frontend.py (SendSignal): a new request id only while fewer     *)
-(* than MaxRequests were sent; a retry of a sent one any time.             *)
-ClientSend(s, c) == (s \in sent \/ Cardinality(sent) < MaxRequests) /\ SendSignal(s, c)
-
-(* Replication's Next with ClientSend for SendSignal (the same when        *)
-(* MaxRequests >= Cardinality(Requests)).                                  *)
-LiveNext ==
-    \/ \E c \in Clusters :
-          \/ CompleteRun(c)
-          \/ Takeover(c)
-          \/ \E s \in Requests : ApplyRequest(c, s) \/ ForwardSignal(c, s) \/ ClientSend(s, c)
-          \/ \E t \in Clusters : Handoff(c, t) \/ ShipEvents(c, t)
-    \/ DeliverSomeEvents
-    \/ DeliverSomeSignal
-    \/ LoseSomeMessage
-    \/ LinkFails
-    \/ LinkRecovers
+(* Replication's Next, clients sending (server/_frontend.py, SendSignal) at *)
+(* most MaxRequests distinct request ids in a behaviour; a retry of a sent  *)
+(* one, to either cluster, any time.  Every other step is Next's, whatever  *)
+(* Next grows to.                                                           *)
+LiveNext == Next /\ Cardinality(sent') <= MaxRequests
 
 -----------------------------------------------------------------------------
 (* Fairness: the steps that make progress, and the code that takes them.   *)
