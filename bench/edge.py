@@ -4,7 +4,9 @@ the wire, and the added latency of a signal sent through the cloud to an edge ru
 1. Starts an edge (``start-dev --cluster-name edge1 --upstream``, SQLite) whose cloud
    is not running: the edge is offline. ``--runs`` runs are started at the edge and
    ``--events`` signals sent to them there (no worker: each signal is one event), so
-   that many events wait for the cloud.
+   that many events wait for the cloud. With ``--offline-s N`` the edge stays offline
+   at least N seconds from its start (its redial backoff at its cap, as after an
+   outage of that length) before the cloud is started.
 2. Starts the cloud (``start-dev``, SQLite or ``--db-url``) and measures the time until
    the edge's redial reaches it (backoff up to 2 s) and until the cloud holds every
    event (``SiteService.DescribeSite``: events pulled), hence events/s shipped once the
@@ -15,7 +17,7 @@ the wire, and the added latency of a signal sent through the cloud to an edge ru
 
 Prints one JSON line.
 
-    python bench/edge.py --events 10000 --runs 20 --signals 200
+    python bench/edge.py --events 10000 --runs 20 --signals 200 --offline-s 60
 """
 
 from __future__ import annotations
@@ -124,12 +126,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         f"127.0.0.1:{cloud_port}",
     )
     procs = [edge_proc]
+    offline_from = time.perf_counter()
     try:
         await _listening(edge_proc)
         edge = await Client.connect(f"127.0.0.1:{edge_port}")
         prefix = uuid.uuid4().hex[:8]
         ids = await _load_offline(edge, args.runs, args.events, prefix)
         total = args.events + 2 * args.runs  # each run: started, its first task scheduled
+        await asyncio.sleep(max(0.0, args.offline_s - (time.perf_counter() - offline_from)))
+        offline_s = time.perf_counter() - offline_from
         cloud_proc = _server(cloud_url, cloud_port, "--cluster-name", "cloud")
         procs.append(cloud_proc)
         await _listening(cloud_proc)
@@ -139,6 +144,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "bench": "edge",
             "events": total,
             "runs": args.runs,
+            "offline_s": round(offline_s, 1),
             "link_up_s": round(linked, 3),
             "catch_up_s": round(seconds, 3),
             "events_per_s_after_link_up": round(total / (seconds - linked), 1),
@@ -157,4 +163,7 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--signals", type=int, default=200, help="latency samples")
     parser.add_argument("--db-url", default=None, help="the cloud's database (default SQLite)")
+    parser.add_argument(
+        "--offline-s", type=float, default=0.0, help="keep the edge offline this long first"
+    )
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

@@ -369,6 +369,20 @@ class Matching:
 
     # ------------------------------------------------ placement across sites
 
+    def advertised(self) -> list[tuple[str, str, WorkerSite]]:
+        """(namespace, task queue, worker) of every activity worker of this site seen
+        polling in the last ``POLLER_TTL_S``: what this site's record advertises to
+        the other sites (server/_remote_tasks.py)."""
+        horizon = time.time() - POLLER_TTL_S
+        found = []
+        for (namespace, task_queue, kind), queue in self._queues.items():
+            if kind != TaskKind.ACTIVITY:
+                continue
+            for identity, worker in queue.workers.items():
+                if queue.seen.get(identity, 0.0) >= horizon:
+                    found.append((namespace, task_queue, worker))
+        return found
+
     def offerable(self) -> list[TaskRow]:
         """Activity tasks of runs homed here, waiting, that no worker seen polling
         their queue here in the last ``POLLER_TTL_S`` meets: another site's workers

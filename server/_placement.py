@@ -14,7 +14,8 @@ this module says admits it, and among several waiting pollers to the best ranked
 
 A task no connected worker admits waits in the backlog (``Matching.waiting_reason``
 says why, for describe); one no worker of its run's home admits is also offered to the
-linked sites' workers (server/_remote_tasks.py), the home still recording it. Where a
+linked sites whose advertised workers could meet it (server/_remote_tasks.py), the
+home still recording it. Where a
 task ran is recorded from the poll that took it, by the server: the site and tier on
 ActivityTaskStarted.
 """

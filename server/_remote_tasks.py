@@ -27,6 +27,14 @@ the task waits at its home (for ``auto``, a worker of the home that meets it tak
 it). The offers are re-sent from scratch on each link (``reset``): the peer drops what
 the home offered on an earlier link. What no link or crash may lose is in the home's
 store; the peer's copy is only a pointer to it.
+
+A task is offered only to a peer whose advertised workers could meet it: each site
+publishes in its record of the shared metadata (server/_metadata_sync.py,
+``sites[<site>]``, field ``workers@<node>``) the queues its activity workers polled
+in the last five minutes and what each offered (tier, labels, memory, cores); the
+home reads the peer's record as the metadata exchange brought it. A peer whose record
+advertises no workers at all (a site of an older version, or one whose record has
+not arrived yet) is offered every such task, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -51,6 +60,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._matching import Matching, RemoteTaskRow
+from ._metadata_sync import MetadataSync
 from ._placement import PlacementPolicy, WorkerSite, decode
 from ._site_link import Handler, LinkDown, SiteLink, message_of
 from ._task_responses import decode_token
@@ -63,6 +73,9 @@ log = logging.getLogger("tideflow.server.sites")
 _OFFER_RESCAN_S = 1.0
 # A peer that refused offers is offered everything again after this long.
 _REFUSED_OFFER_PAUSE_S = 10.0
+# Most (queue, capabilities) entries a site record advertises (bounded like any input).
+_MAX_ADVERTISED = 256
+_WORKERS_FIELD = "workers"
 
 ActivityAnswer = (
     service_pb2.RespondActivityTaskCompletedRequest
@@ -98,6 +111,10 @@ def _remote(task: TaskRow) -> rp.RemoteTask:
         attempt=task.attempt,
         placement=task.placement,
     )
+
+
+def _queue_of(task: TaskRow) -> tuple[str, str]:
+    return task.key.namespace, task.task_queue
 
 
 def _row(task: rp.RemoteTask, home: str = "") -> TaskRow:
@@ -137,12 +154,54 @@ class RemoteTasks:
         self._wakeups: set[asyncio.Event] = set()
         # What each link's peer holds of the tasks offered here, by task key.
         self._offered: dict[SiteLink, dict[str, TaskRow]] = {}
+        # Offerable tasks each link's peer advertises no worker for, by task key.
+        self._declined: dict[SiteLink, set[str]] = {}
+        # The shared metadata: this site's advertised workers, the peers' (once open).
+        self._metadata: MetadataSync | None = None
         matching.on_waiting = self._task_waiting
         self.handlers: dict[str, Handler] = {
             "offer": self._serve_offer,
             "start_remote": self._serve_start,
             "activity_response": self._serve_answer,
         }
+
+    def use_metadata(self, sync: MetadataSync) -> None:
+        """Advertise this site's workers in its site record and read the peers'."""
+        self._metadata = sync
+
+    async def _advertise(self) -> None:
+        """Publish what this node's activity workers offer, per queue (written only
+        when it changed; each node of the site its own field)."""
+        if self._metadata is None:
+            return
+        entries = sorted(
+            {
+                (namespace, task_queue, w.tier, tuple(sorted(w.labels)), w.memory_mb, w.cores)
+                for namespace, task_queue, w in self._matching.advertised()
+            }
+        )[:_MAX_ADVERTISED]
+        node = self._metadata.metadata.node_id
+        field = f"{_WORKERS_FIELD}@{node}" if node else _WORKERS_FIELD
+        advertised = [
+            [ns, tq, tier, list(labels), mem, cores] for ns, tq, tier, labels, mem, cores in entries
+        ]
+        await self._metadata.publish_site(**{field: advertised})
+
+    def _peer_workers(self, peer: str) -> dict[tuple[str, str], list[WorkerSite]] | None:
+        """The workers ``peer`` advertises, by (namespace, task queue); None if its
+        record advertises none (offer it everything)."""
+        if self._metadata is None:
+            return None
+        record: dict[str, Any] = self._metadata.metadata.get("sites", peer) or {}
+        fields = [v for k, v in record.items() if k.split("@")[0] == _WORKERS_FIELD]
+        if not fields:
+            return None
+        found: dict[tuple[str, str], list[WorkerSite]] = {}
+        for entries in fields:
+            for namespace, task_queue, tier, labels, memory_mb, cores in entries or []:
+                worker = WorkerSite("", peer, int(tier), frozenset(labels), memory_mb, cores)
+                found.setdefault((namespace, task_queue), []).append(worker)
+        return found
 
     def _task_waiting(self) -> None:
         for wakeup in self._wakeups:
@@ -159,7 +218,8 @@ class RemoteTasks:
         try:
             while True:
                 wakeup.clear()
-                current = {task.task_key: task for task in self._matching.offerable()}
+                await self._advertise()
+                current = self._meeting(link)
                 new = [task for k, task in current.items() if k not in offered]
                 gone = [task for k, task in offered.items() if k not in current]
                 if first or new or gone:
@@ -183,6 +243,22 @@ class RemoteTasks:
         finally:
             self._wakeups.discard(wakeup)
             self._offered.pop(link, None)
+            self._declined.pop(link, None)
+
+    def _meeting(self, link: SiteLink) -> dict[str, TaskRow]:
+        """The offerable tasks some worker ``link.peer`` advertises could meet, by
+        task key (the others noted for describe)."""
+        workers = self._peer_workers(link.peer)
+        meeting: dict[str, TaskRow] = {}
+        declined = self._declined[link] = set()
+        for task in self._matching.offerable():
+            placement = decode(task.placement)
+            candidates = [] if workers is None else workers.get(_queue_of(task), [])
+            if workers is None or placement is None or any(map(placement.admits, candidates)):
+                meeting[task.task_key] = task
+            else:
+                declined.add(task.task_key)
+        return meeting
 
     def withdraw(self, namespace: str, tasks: list[tuple[str, str]]) -> None:
         """Tasks of a run handed to another site (``(task queue, task key)``): no
@@ -309,6 +385,13 @@ class RemoteTasks:
             )
             if peers:
                 pending.waiting_reason += f"; offered to site {', '.join(peers)}"
+            declined = sorted(
+                link.peer for link, keys in self._declined.items() if act.task_key in keys
+            )
+            if declined:
+                pending.waiting_reason += (
+                    f"; not offered to site {', '.join(declined)}: no worker it advertises meets it"
+                )
 
     # ------------------------------------------------------------ at the peer
 

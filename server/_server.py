@@ -424,6 +424,7 @@ class TideflowServer:
         )
         service.metadata = await self._open_metadata(store, scheduler)
         sites.metadata = MetadataExchange(service.metadata)
+        remote_tasks.use_metadata(service.metadata)
         add_to_server(service, server)
         self._open_temporal_door(service, store, tokens, server)
         internal = MatchingServicer(routes, self.node_credential, dispatch.accept, engine, polls)

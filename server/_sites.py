@@ -51,6 +51,7 @@ from ._remote_tasks import RemoteTasks
 from ._replication import Replicator, hint_loop, takes_over
 from ._replication_trace import ReplicationTracer
 from ._site_link import CallRefused, Handler, LinkDown, SiteLink, message_of
+from ._tls_probe import refused_handshake
 
 log = logging.getLogger("tideflow.server.sites")
 
@@ -277,7 +278,7 @@ class Sites:
                     )
                     call.cancel()
                 await reader
-                self._link_failed(reason or await _status_of(call))
+                self._link_failed(reason or await self._why_closed(await _status_of(call)))
                 return False
             if hello.site == self.name:
                 self._link_failed(f"the upstream is also named {self.name!r}: not linking")
@@ -290,13 +291,24 @@ class Sites:
             await reader
             return True
         except grpc.aio.AioRpcError as error:
-            self._link_failed(f"{error.code().name}: {error.details()}")
+            self._link_failed(await self._why_closed(f"{error.code().name}: {error.details()}"))
             return False
         except OSError as error:
             self._link_failed(str(error))
             return False
         finally:
             await channel.close(None)
+
+    async def _why_closed(self, reason: str) -> str:
+        """A TLS upstream that refused this edge's certificate reads as unavailable
+        ("Socket closed") under TLS 1.3: asked directly, it tells
+        (server/_tls_probe.py). A refused TCP connection needs no asking."""
+        upper = reason.upper()
+        if self._tls is None or not upper.startswith("UNAVAILABLE"):
+            return reason
+        if "CONNECTION REFUSED" in upper:
+            return reason
+        return await refused_handshake(self.upstream, self._tls) or reason
 
     def _link_failed(self, reason: str) -> None:
         """Keep why the upstream refused or could not be reached, for ``site status``;
@@ -514,8 +526,8 @@ async def _until_down(link: SiteLink, work: Awaitable[None]) -> None:
 
 def _refusal(reason: str) -> bool:
     """Whether a failed dial's reason is the upstream refusing (as opposed to not being
-    reachable). Under TLS 1.3 a cloud refusing a missing client certificate only
-    closes the socket: that looks unreachable."""
+    reachable). A TLS upstream refusing this edge's certificate only closes the
+    socket under TLS 1.3: ``_why_closed`` tells that apart first."""
     upper = reason.upper()
     return any(mark in upper for mark in _REFUSAL_MARKS)
 

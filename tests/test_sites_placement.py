@@ -141,11 +141,13 @@ def _heartbeat_at(client: Client, workflow_id: str) -> Callable[[], Awaitable[bo
     return check
 
 
-def _offered(client: Client, workflow_id: str) -> Callable[[], Awaitable[bool]]:
+def _waiting(client: Client, workflow_id: str, reason: str) -> Callable[[], Awaitable[bool]]:
+    """A check: describe says the run's pending activity waits for ``reason``."""
+
     async def check() -> bool:
         description = await client.get_workflow_handle(workflow_id).describe()
         pending = description.raw.pending_activities
-        return bool(pending) and "offered to site cloud" in pending[0].waiting_reason
+        return bool(pending) and reason in pending[0].waiting_reason
 
     return check
 
@@ -210,12 +212,22 @@ async def _only_cloud_workers_meet_it(cloud: Client, edge: Client) -> None:
             Placed.run, args=["edge", []], id=f"e-{tq}", task_queue=tq
         )
         assert await from_cloud.result() == "edge1"
-        # A task no worker meets waits at its home; describe says it is offered.
+        # A task no worker meets waits at its home, offered only to a site whose
+        # advertised workers could meet it: none has a TPU, and the cloud's record
+        # (shared metadata) advertises its worker's GPU and vision labels.
         nobody = await edge.start_workflow(
             Placed.run, args=["auto", ["tpu"]], id=f"n-{tq}", task_queue=tq
         )
-        await eventually(_offered(edge, nobody.id), "describe: offered to the cloud")
+        declined = "; not offered to site cloud: no worker it advertises meets it"
+        await eventually(_waiting(edge, nobody.id, declined), "describe: not offered")
+        reason = (await edge.get_workflow_handle(nobody.id).describe()).raw
+        assert "; offered to site" not in reason.pending_activities[0].waiting_reason
         await nobody.terminate()
+        # One a cloud worker meets (a GPU, no worker for it at the edge) is offered.
+        offered = await edge.start_workflow(
+            Placed.run, args=["cloud", ["gpu"]], id=f"o-{tq}", task_queue=tq
+        )
+        assert await offered.result() == "cloud"
     # The same completion again, as a worker retrying a lost reply would: the home
     # refuses it (the attempt is closed) and records nothing more.
     again = service_pb2.RespondActivityTaskCompletedRequest(

@@ -38,7 +38,7 @@ CLOUD_NAME = "cloud.tideflow.test"
 @dataclass(frozen=True)
 class SitePki:
     """PEM files: the sites' CA, the cloud's certificate, an edge's client
-    certificate, and a CA that signed neither."""
+    certificate, a CA that signed neither, and a client certificate it signed."""
 
     ca: Path
     cloud_cert: Path
@@ -46,6 +46,8 @@ class SitePki:
     edge_cert: Path
     edge_key: Path
     other_ca: Path
+    stranger_cert: Path
+    stranger_key: Path
 
     def cloud_tls(self) -> TLSConfig:
         """How a test client reaches the cloud."""
@@ -60,12 +62,13 @@ class SitePki:
             CLOUD_NAME,
         )
 
-    def client_cert(self) -> tuple[str, ...]:
+    def client_cert(self, *, stranger: bool = False) -> tuple[str, ...]:
+        """An edge's flags for its client certificate (``stranger``: the other CA's)."""
         return (
             "--upstream-tls-cert",
-            str(self.edge_cert),
+            str(self.stranger_cert if stranger else self.edge_cert),
             "--upstream-tls-key",
-            str(self.edge_key),
+            str(self.stranger_key if stranger else self.edge_key),
         )
 
 
@@ -75,13 +78,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SitePki:
     ca = make_ca("tideflow sites CA")
     cloud = issue(ca, "cloud", server=True, names=[x509.DNSName(CLOUD_NAME)])
     edge = issue(ca, "edge1", server=False)
+    other_ca = make_ca("some other CA")
+    stranger = issue(other_ca, "edge4", server=False)
     files = {
         "ca": ca[0].cert,
         "cloud_cert": cloud.cert,
         "cloud_key": cloud.key,
         "edge_cert": edge.cert,
         "edge_key": edge.key,
-        "other_ca": make_ca("some other CA")[0].cert,
+        "other_ca": other_ca[0].cert,
+        "stranger_cert": stranger.cert,
+        "stranger_key": stranger.key,
     }
     for name, data in files.items():
         (folder / f"{name}.pem").write_bytes(data)
@@ -226,16 +233,36 @@ async def test_an_mtls_cloud_links_only_an_edge_with_a_certificate_and_a_key(
     edge = await sites.edge("edge1", *pki.dial(), *pki.client_cert(), *key)
     bare = await sites.edge("edge2", *pki.dial(), *key)
     keyless = await sites.edge("edge3", *pki.dial(), *pki.client_cert())
+    stranger = await sites.edge("edge4", *pki.dial(), *pki.client_cert(stranger=True), *key)
     async with AsyncExitStack() as stack:
         at_edge = await _connected(stack, edge.address)
         at_bare = await _connected(stack, bare.address)
         at_keyless = await _connected(stack, keyless.address)
+        at_stranger = await _connected(stack, stranger.address)
         await eventually(lambda: linked(at_edge, "cloud"), "edge1 linked over mTLS")
-        # Without a client certificate the cloud ends the handshake.
-        await eventually(_refused(at_bare, "UNAVAILABLE"), "edge2 refused")
+        # Without a client certificate, or with another CA's, the cloud ends the
+        # connection after a TLS 1.3 handshake the edge saw complete: gRPC says only
+        # "Socket closed", the edge's own probe tells it was refused.
+        await eventually(_refused(at_bare, "requires a client certificate"), "edge2 refused")
+        await eventually(
+            _refused(at_stranger, "did not accept this edge's client certificate"),
+            "edge4 refused",
+        )
         # With one but no API key the cloud's auth refuses the link.
         await eventually(_refused(at_keyless, "UNAUTHENTICATED"), "edge3 refused")
         await _runs_on_its_own(at_bare)
+        # Refused, not unreachable: the backoff grows past the 2 s cap of an
+        # unreachable cloud, and the log says so once.
+        for at_refused, refused in ((at_bare, bare), (at_stranger, stranger)):
+            await eventually(_failed_dials(at_refused, 6), "a sixth failed dial")
+            assert (await site_status(at_refused)).upstream_backoff_s > 2.0
+            said = [ln for ln in refused.proc.err.read_text().splitlines() if "cannot link" in ln]
+            assert len(said) == 1, said
+            assert "TLS handshake" in said[0], said
+            assert "(refused; redialled with backoff up to 60 s)" in said[0], said
+        code, out, err = await site_cli("site", "status", "--address", bare.address)
+        assert code == 0, err
+        assert "upstream link down: the upstream refused the TLS handshake" in out, out
         # The cloud's own status, asked by the CLI over mTLS with the admin key.
         code, out, err = await site_cli(
             *("site", "status", "--address", sites.cloud.address, "-o", "json"),
