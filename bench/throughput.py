@@ -185,11 +185,14 @@ async def _measure(
     count: int,
     concurrency: int,
     roles: Roles | None = None,
+    eager_start: bool = False,
 ) -> dict[str, object]:
     """Run ``count`` workflows of ``shape``, workflow ``i`` through client ``i`` (mod
     the clients, so the load spreads over the nodes). With ``roles``, also the CPU
     milliseconds each role (all its processes) spent per activity: a figure that,
-    unlike the rates, hardly moves with other load on the machine."""
+    unlike the rates, hardly moves with other load on the machine. ``eager_start``:
+    started with ``request_eager_start`` (the clients' own workers take the first
+    workflow task from the start)."""
     latencies: list[float] = []
     limiter = asyncio.Semaphore(concurrency)
     prefix = uuid.uuid4().hex[:8]
@@ -199,7 +202,7 @@ async def _measure(
         async with limiter:
             t0 = time.perf_counter()
             handle = await clients[i % len(clients)].start_workflow(
-                shape, i, id=f"{prefix}-{i}", task_queue=TASK_QUEUE
+                shape, i, id=f"{prefix}-{i}", task_queue=TASK_QUEUE, request_eager_start=eager_start
             )
             result = await handle.result()
             latencies.append(time.perf_counter() - t0)
@@ -408,10 +411,22 @@ async def _measure_shapes(
     await _measure(clients, OneActivity, 5, 5)
     # One at a time: the latency of a single workflow on an idle system.
     serial = await _measure(clients, OneActivity, min(args.workflows, 50), 1, roles)
+    # The same with eager workflow start: a worker in this process, on the first
+    # client, takes each run's first workflow task from its start (no poll, one commit
+    # fewer); the "client" CPU then includes that worker's.
+    in_process = Worker(
+        clients[0], task_queue=TASK_QUEUE, workflows=[OneActivity], activities=[step]
+    )
+    async with in_process:
+        await _measure(clients[:1], OneActivity, 5, 1, eager_start=True)
+        serial_eager = await _measure(
+            clients[:1], OneActivity, min(args.workflows, 50), 1, roles, eager_start=True
+        )
     one = await _measure(clients, OneActivity, args.workflows, args.concurrency, roles)
     ten = await _measure(clients, TenActivities, args.workflows, args.concurrency, roles)
     result: dict[str, object] = {
         "one_activity_serial": serial,
+        "one_activity_serial_eager_start": serial_eager,
         "one_activity": one,
         "ten_activities": ten,
     }

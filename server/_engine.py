@@ -480,7 +480,7 @@ class HistoryEngine:
                 write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
             raise
         except CurrentExecutionConflictError:
-            self._tracer.outcome(m, committed=False)
+            self._tracer.never_started(m)
             return None
         except ConditionFailedError:
             # The run id is new, so no other writer can have written its rows: the
