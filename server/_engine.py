@@ -14,8 +14,8 @@ server/_run_start.py (a run's first transition), _workflow_tasks.py, _commands.p
 firing) and _cross_run.py (transfers to and from other runs); _task_responses.py shapes
 what a poll hands a worker.
 
-TLA+ actions implemented here (tla/EngineCore.tla): the commit and the decision to
-start of ``StartRun`` (id reuse and conflict policies), ``RecordWorkflowTaskStarted``,
+TLA+ actions implemented here (tla/EngineCore.tla): the commit of ``StartRun`` and
+``StartRunEagerly`` (the decision to start: _start_policies.py), ``RecordWorkflowTaskStarted``,
 ``CompleteWorkflowTask``, ``FailWorkflowTask``, ``RecordActivityStarted``,
 ``CompleteActivity``, ``FailActivity``, ``RecordHeartbeat``, ``ActivityCanceledValid`` +
 ``ActivityCanceled``, ``SignalIsNew`` + ``Signal``, ``RequestCancelValid`` +
