@@ -127,6 +127,9 @@ async def declined_runs(client: Client, server_address: str, queue: str) -> Decl
         workflows=[OneStep],
         activities=[add_one],
         max_concurrent_workflow_tasks=1,
+        # No sticky queue: a task that finds the one slot taken is not parked there
+        # until the sticky schedule-to-start timeout.
+        max_cached_workflows=0,
         interceptors=[hold],
     ):
         holder = await client.start_workflow(
