@@ -102,6 +102,12 @@ _ROWS: list[_Row] = [
         lambda d: float(d["lat1_p50_ms"]),
         False,
     ),
+    (
+        "1-step, one at a time, eager workflow start: start-to-result p50 ms",
+        lambda t: float(t["one_activity_serial_eager_start"]["p50_ms"]),
+        lambda d: float(d["lat1_p50_ms"]),
+        False,
+    ),
 ]
 
 

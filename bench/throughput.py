@@ -53,6 +53,8 @@ from tideflow.worker_sdk import Client, Worker, activity, workflow
 TASK_QUEUE = "bench"
 # How long nodes may take to start and to spread the shards between them.
 _START_TIMEOUT_S = 60.0
+# Workflows run before the ones measured in the eager-start phase (code paths loaded).
+_WARM_UP = 10
 
 
 @activity.defn
@@ -401,6 +403,41 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
     }
 
 
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return round(statistics.median(ordered) * 1000, 2), round(p99 * 1000, 2)
+
+
+async def _serial_eager_start(client: Client, count: int) -> dict[str, object]:
+    """One-activity workflows one at a time with eager workflow start: a worker in this
+    process, on ``client``, takes each run's first workflow task from its start (no
+    poll, one commit fewer). Alternated with plain starts through the same client,
+    workflow by workflow, so that the machine's changing load falls on both alike:
+    ``plain_*`` are those (the worker processes' pollers and this one compete for
+    their first tasks)."""
+    latencies: dict[bool, list[float]] = {False: [], True: []}
+    prefix = uuid.uuid4().hex[:8]
+    worker = Worker(client, task_queue=TASK_QUEUE, workflows=[OneActivity], activities=[step])
+    async with worker:
+        for i in range(2 * count + _WARM_UP):
+            eager = i % 2 == 1
+            t0 = time.perf_counter()
+            handle = await client.start_workflow(
+                OneActivity, i, id=f"{prefix}-{i}", task_queue=TASK_QUEUE, request_eager_start=eager
+            )
+            if await handle.result() != i + 1:
+                raise AssertionError(f"workflow {prefix}-{i} returned a wrong result")
+            if i >= _WARM_UP:
+                latencies[eager].append(time.perf_counter() - t0)
+    p50, p99 = _percentiles(latencies[True])
+    plain_p50, plain_p99 = _percentiles(latencies[False])
+    result: dict[str, object] = {"workflows": count, "p50_ms": p50, "p99_ms": p99}
+    result.update(plain_p50_ms=plain_p50, plain_p99_ms=plain_p99)
+    return result
+
+
 async def _measure_shapes(
     clients: Sequence[Client], args: argparse.Namespace, roles: Roles
 ) -> dict[str, object]:
@@ -408,10 +445,12 @@ async def _measure_shapes(
     await _measure(clients, OneActivity, 5, 5)
     # One at a time: the latency of a single workflow on an idle system.
     serial = await _measure(clients, OneActivity, min(args.workflows, 50), 1, roles)
+    serial_eager = await _serial_eager_start(clients[0], min(args.workflows, 50))
     one = await _measure(clients, OneActivity, args.workflows, args.concurrency, roles)
     ten = await _measure(clients, TenActivities, args.workflows, args.concurrency, roles)
     result: dict[str, object] = {
         "one_activity_serial": serial,
+        "one_activity_serial_eager_start": serial_eager,
         "one_activity": one,
         "ten_activities": ten,
     }

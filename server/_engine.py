@@ -14,8 +14,8 @@ server/_run_start.py (a run's first transition), _workflow_tasks.py, _commands.p
 firing) and _cross_run.py (transfers to and from other runs); _task_responses.py shapes
 what a poll hands a worker.
 
-TLA+ actions implemented here (tla/EngineCore.tla): the commit and the decision to
-start of ``StartRun`` (id reuse and conflict policies), ``RecordWorkflowTaskStarted``,
+TLA+ actions implemented here (tla/EngineCore.tla): the commit of ``StartRun`` and
+``StartRunEagerly`` (the decision to start: _start_policies.py), ``RecordWorkflowTaskStarted``,
 ``CompleteWorkflowTask``, ``FailWorkflowTask``, ``RecordActivityStarted``,
 ``CompleteActivity``, ``FailActivity``, ``RecordHeartbeat``, ``ActivityCanceledValid`` +
 ``ActivityCanceled``, ``SignalIsNew`` + ``Signal``, ``RequestCancelValid`` +
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,8 +37,6 @@ from tideflow.api.v1 import command_pb2, common_pb2, history_pb2, service_pb2, s
 from tideflow.api.v1.common_pb2 import (
     Failure,
     TaskQueueKind,
-    WorkflowIdConflictPolicy,
-    WorkflowIdReusePolicy,
 )
 from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType, WorkflowTaskCompletedMetadata
@@ -56,7 +53,15 @@ from tideflow.history import (
     TimerRow,
 )
 
-from . import _activities, _cross_run, _run_start, _task_responses, _timeouts, _workflow_tasks
+from . import (
+    _activities,
+    _cross_run,
+    _run_start,
+    _start_policies,
+    _task_responses,
+    _timeouts,
+    _workflow_tasks,
+)
 from ._config import Clock, ServerConfig
 from ._dispatcher import Dispatcher as Dispatcher  # where tests and the server import it
 from ._errors import (
@@ -64,7 +69,6 @@ from ._errors import (
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
-    WorkflowAlreadyStartedError,
     WorkflowNotFoundError,
 )
 from ._history_pages import HistoryPager
@@ -90,13 +94,6 @@ _MAX_CONFLICT_RETRIES = 20
 _MAX_REMEMBERED_SIGNAL_IDS = 10_000
 # Longest history kept in memory per cached run.
 _MAX_CACHED_EVENTS = 2_000
-
-
-class _Decide(enum.Enum):
-    """A start's verdict on the workflow id's current run besides "answer with it" or
-    "start a new run": it changed meanwhile (closed, or replaced), so look again."""
-
-    AGAIN = enum.auto()
 
 
 class HistoryEngine:
@@ -392,79 +389,52 @@ class HistoryEngine:
         parent_initiated_event_id: int = 0,
     ) -> tuple[str, bool]:
         """Start a run; returns (run_id, started). A retried request finds its run."""
+        run_id, started, _ = await self._start(req, parent, parent_initiated_event_id)
+        return run_id, started
+
+    async def start_workflow_eagerly(
+        self, req: service_pb2.StartWorkflowRequest
+    ) -> tuple[str, bool, service_pb2.PollWorkflowTaskResponse | None]:
+        """``start_workflow`` for a client whose worker takes the first workflow task
+        (``request_eager_execution``): a new run's first task is started in the start's
+        own commit and returned; None when it was dispatched instead."""
+        run_id, started, wft = await self._start(req, None, 0)
+        if wft is None:
+            return run_id, started, None
+        key = RunKey(namespace=req.namespace, workflow_id=req.workflow_id, run_id=run_id)
+        return run_id, started, await self._workflow_task(key, wft)
+
+    async def _start(
+        self,
+        req: service_pb2.StartWorkflowRequest,
+        parent: state_pb2.MutableState | None,
+        parent_initiated_event_id: int,
+    ) -> tuple[str, bool, state_pb2.WorkflowTaskInfo | None]:
         if self._shards is not None:
             self._shards.check(req.namespace, req.workflow_id)
         request_id = req.request_id or str(uuid.uuid4())
+        # A plain start tries the new run first, without reading the id's current run:
+        # a new id (the usual case) costs no read; a taken one fails the insert and
+        # is decided from the current run as ever. Signal-with-start usually meets a
+        # running run, so it reads first.
+        optimistic = not req.signal_name
         for _ in range(_MAX_CONFLICT_RETRIES):
-            current = await self._store.get_current(req.namespace, req.workflow_id)
+            current = None
+            if not optimistic:
+                current = await self._store.get_current(req.namespace, req.workflow_id)
+            optimistic = False
             if current is not None:
-                existing = await self._existing_run(req, current, request_id)
-                if existing is _Decide.AGAIN:
+                existing = await _start_policies.existing_run(self, req, current, request_id)
+                if existing is _start_policies.AGAIN:
                     continue
                 if existing is not None:
-                    return existing, False
-            run_id = await self._commit_start(
+                    return existing, False, None
+            started = await self._commit_start(
                 req, current, request_id, parent, parent_initiated_event_id
             )
-            if run_id is not None:
-                return run_id, True
+            if started is not None:
+                return started[0], True, started[1]
         raise UnavailableError(f"workflow id {req.workflow_id!r} is contended; try again")
-
-    async def _existing_run(
-        self, req: service_pb2.StartWorkflowRequest, current: CurrentRecord, request_id: str
-    ) -> str | _Decide | None:
-        """What a start does about the workflow id's current run: the run id to answer
-        with, AGAIN if that run changed meanwhile, or None to start a new run. Raises
-        WorkflowAlreadyStartedError when the policies refuse a new run."""
-        if current.start_request_id == request_id:
-            return current.run_id
-        if current.status == WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
-            return await self._on_running(req, current, request_id)
-        problem = _run_start.reuse_refused(req.workflow_id_reuse_policy, current.status)
-        if problem:
-            raise WorkflowAlreadyStartedError(
-                f"workflow id {req.workflow_id!r} was used by run {current.run_id} and {problem}",
-                run_id=current.run_id,
-                workflow_id=req.workflow_id,
-            )
-        return None
-
-    async def _on_running(
-        self, req: service_pb2.StartWorkflowRequest, current: CurrentRecord, request_id: str
-    ) -> str | _Decide:
-        running = RunKey(
-            namespace=req.namespace, workflow_id=req.workflow_id, run_id=current.run_id
-        )
-        if req.signal_name:
-            # Signal-with-start on a running id: just the signal.
-            try:
-                await self.signal(
-                    running,
-                    req.signal_name,
-                    req.signal_input if req.HasField("signal_input") else None,
-                    req.identity,
-                    request_id,
-                    None,
-                )
-            except FailedPreconditionError:
-                return _Decide.AGAIN  # it closed meanwhile: start a new run
-            return current.run_id
-        conflict = req.workflow_id_conflict_policy
-        if conflict == WorkflowIdConflictPolicy.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING:
-            return current.run_id
-        if (
-            conflict == WorkflowIdConflictPolicy.WORKFLOW_ID_CONFLICT_POLICY_TERMINATE_EXISTING
-            or req.workflow_id_reuse_policy
-            == WorkflowIdReusePolicy.WORKFLOW_ID_REUSE_POLICY_TERMINATE_IF_RUNNING
-        ):
-            with contextlib.suppress(FailedPreconditionError):
-                await self.terminate(running, "replaced by a new start", None, req.identity)
-            return _Decide.AGAIN  # decide again on the now closed run
-        raise WorkflowAlreadyStartedError(
-            f"workflow id {req.workflow_id!r} is already running as run {current.run_id}",
-            run_id=current.run_id,
-            workflow_id=req.workflow_id,
-        )
 
     async def _commit_start(
         self,
@@ -473,10 +443,11 @@ class HistoryEngine:
         request_id: str,
         parent: state_pb2.MutableState | None,
         parent_initiated_event_id: int,
-    ) -> str | None:
-        """Commit a new run as the workflow id's current one; its run id, or None if
-        another start or close changed the current run meanwhile, or the commit is in
-        doubt (the caller decides again in both cases)."""
+    ) -> tuple[str, state_pb2.WorkflowTaskInfo | None] | None:
+        """Commit a new run as the workflow id's current one; its run id and its first
+        workflow task if started eagerly, or None if another start or close changed the
+        current run meanwhile, or the commit is in doubt (the caller decides again in
+        both cases)."""
         run_id = str(uuid.uuid4())
         m = _run_start.new_run(
             req,
@@ -492,6 +463,10 @@ class HistoryEngine:
         else:
             m.current = CurrentWrite.REPLACE
             m.replaces_run_id = current.run_id
+        wft = None
+        if req.request_eager_execution and parent is None and not req.signal_name:
+            m.trace.update(eager_wft=True)
+            wft = _workflow_tasks.start_eagerly(m, False, req.task_queue.name, req.identity)
         self._tracer.write_ahead("StartRun", m)
         rseq = self.replication_tracer.home_step("StartRun", m)
         lease = self._lease_of(run_key_of(m.ms))
@@ -505,7 +480,7 @@ class HistoryEngine:
                 write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
             raise
         except CurrentExecutionConflictError:
-            self._tracer.outcome(m, committed=False)
+            self._tracer.never_started(m)
             return None
         except ConditionFailedError:
             # The run id is new, so no other writer can have written its rows: the
@@ -521,7 +496,7 @@ class HistoryEngine:
         run = CachedRun(state=m.ms, db_version=1, events=list(m.events))
         self._cache_if_held(run_key_of(m.ms), run, lease)
         self._after_commit(run, m, "StartRun")
-        return run_id
+        return run_id, wft
 
     # -------------------------------------------------------- workflow tasks
 

@@ -329,7 +329,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         if request.home_cluster and self._sites is None:
             raise InvalidArgumentError("home_cluster: this server is not a site")
         try:
-            run_id, started = await self._engine.start_workflow(request)
+            run_id, started, eager = await self._engine.start_workflow_eagerly(request)
         except NotHomeError as error:
             # Signal-with-start on a replica: the signal waits for the run's home.
             signal = service_pb2.SignalWorkflowRequest(
@@ -344,7 +344,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             key = await self._engine.resolve_run_id(request.namespace, request.workflow_id, "")
             await self._redirect(replication_pb2.ForwardedRequest(signal=signal), key, error)
             return service_pb2.StartWorkflowResponse(run_id=key.run_id, started=False)
-        return service_pb2.StartWorkflowResponse(run_id=run_id, started=started)
+        response = service_pb2.StartWorkflowResponse(run_id=run_id, started=started)
+        if eager is not None:
+            self._started_eagerly(TaskKind.WORKFLOW, eager)
+            await self._sealed(eager)
+            response.eager_workflow_task.CopyFrom(eager)
+        return response
 
     @_rpc
     async def GetHistory(
@@ -387,9 +392,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             if request.wait_new_event and ms.status == common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 await self._engine.wait_for_change(key, 1 << 62, max(0.0, wait_s))
                 ms = await self._engine.state_of(key)
-            if ms.status != common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING:
-                events = await self._engine.read_events(key, ms.completion_event_id, 1)
-                response.history.events.extend(e for e in events if e.event_type in CLOSE_EVENTS)
+            if ms.status != common_pb2.WORKFLOW_EXECUTION_STATUS_RUNNING and ms.completion_event_id:
+                # From the cached run when it holds the event (the close just committed
+                # here): the result wait answers without a store read.
+                close = await self._engine.event(key, ms.completion_event_id)
+                if close.event_type in CLOSE_EVENTS:
+                    response.history.events.append(close)
             return response
         if (
             request.wait_new_event

@@ -257,6 +257,13 @@ class Tracer:
         for mutation in (m, *m.side_runs):
             self._append(self._path(mutation), line)
 
+    def never_started(self, m: Mutation) -> None:
+        """A new run whose StartRun the store refused (its workflow id has a current
+        run: a start that tried without reading it first). The run never existed and
+        its run id is never used again: its trace, that one line, goes."""
+        if self._dir is not None:
+            self._path(m).unlink(missing_ok=True)
+
     def _line(self, action: str, m: Mutation) -> dict[str, Any]:
         return {
             "format": FORMAT,

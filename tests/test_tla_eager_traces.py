@@ -8,6 +8,10 @@ second one scheduled when the worker had no free slot, a signal arriving during 
 workflow task whose completion then takes the next one (``return_new_workflow_task``,
 ``CompleteWorkflowTaskWith(.., returnNew)``), and a worker SIGKILLed with
 an eager activity in hand (start-to-close timeout, attempt 2 on another worker).
+Eager workflow start (helpers_eager_start.py, ``StartRunEagerly``): a run whose first
+workflow task started in the start's commit, and a starter SIGKILLed holding the task
+(it times out and is retried through matching). (A declined eager start is a plain
+start, whose traces the other suites validate.)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from helpers_eager import (
     quick,
     signal_during_first_task,
 )
+from helpers_eager_start import eager_run, kill_eager_starter
 from helpers_tla import assert_accepted, trace_of, validate
 
 from tideflow.server import TideflowServer
@@ -74,6 +79,14 @@ async def _worker_runs(client: Client) -> list[str]:
     return [signalled.id, retried.id, slots.id]
 
 
+def _assert_engine_behaviours(jar: Path, tmp_path: Path, trace_dir: Path, ids: list[str]) -> None:
+    """TLC accepts the trace of each of the runs ``ids`` (workflow ids)."""
+    traces = [trace_of(trace_dir, workflow_id) for workflow_id in ids]
+    verdicts = validate(jar, tmp_path, [(trace, None) for trace in traces])
+    for verdict, trace in zip(verdicts, traces, strict=True):
+        assert_accepted(verdict, trace)
+
+
 async def test_eager_activity_traces_are_engine_behaviours(
     jar: Path,
     trace_dir: Path,
@@ -87,7 +100,17 @@ async def test_eager_activity_traces_are_engine_behaviours(
     ids += await _worker_runs(client)
     killed = await kill_worker_with_eager_activity(tmp_path, server.address, client, procs)
     ids.append(killed.handle.id)
-    traces = [trace_of(trace_dir, workflow_id) for workflow_id in ids]
-    verdicts = validate(jar, tmp_path, [(trace, None) for trace in traces])
-    for verdict, trace in zip(verdicts, traces, strict=True):
-        assert_accepted(verdict, trace)
+    _assert_engine_behaviours(jar, tmp_path, trace_dir, ids)
+
+
+async def test_eager_start_traces_are_engine_behaviours(
+    jar: Path,
+    trace_dir: Path,
+    tmp_path: Path,
+    server: TideflowServer,
+    client: Client,
+    procs: Processes,
+) -> None:
+    ids = [(await eager_run(client, new_id("tla-eager-start"))).id]
+    ids.append((await kill_eager_starter(tmp_path, server.address, client, procs)).workflow_id)
+    _assert_engine_behaviours(jar, tmp_path, trace_dir, ids)

@@ -780,6 +780,14 @@ StartRunWith(attempt, runTimeout, signalRid, hasParent) ==
     IN ScheduleWorkflowTask(m3, 1)
 StartRun == StartRunWith(1, FALSE, "", FALSE)
 
+(* engine.start_workflow_eagerly: a client whose worker has a free slot asks*)
+(* (request_eager_execution) for the new run's first workflow task, started *)
+(* in the start's own commit (_workflow_tasks.start_eagerly: no task row;   *)
+(* its WORKFLOW_TASK_TIMEOUT timer armed, so a worker that dies holding it  *)
+(* is timed out and the task retried like any other).                      *)
+StartRunEagerly(attempt, runTimeout, signalRid, hasParent, eagerWft) ==
+    StartEagerly(StartRunWith(attempt, runTimeout, signalRid, hasParent), FALSE, eagerWft)
+
 -----------------------------------------------------------------------------
 (* Reading a history                                                       *)
 

@@ -123,7 +123,8 @@ Guard(t) ==
 
 (* Only evaluated when Guard(t) holds.                                     *)
 Mut(t) ==
-    CASE t.action = "StartRun" -> StartRunWith(t.attempt, t.runTimeout, t.rid, t.hasParent)
+    CASE t.action = "StartRun" -> StartRunEagerly(t.attempt, t.runTimeout, t.rid, t.hasParent,
+                                                 t.eagerWft)
       [] t.action = "RecordWorkflowTaskStarted" -> RecordWorkflowTaskStarted(ms, t.task)
       [] t.action = "RecordActivityStarted" -> RecordActivityStarted(ms, t.task)
       [] t.action = "CompleteWorkflowTask" ->

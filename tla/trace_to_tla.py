@@ -477,6 +477,11 @@ def _line(number: int, raw: Mapping[str, Any]) -> str:
     elif action == "StartRun":
         events = raw["events"]
         types = [e["type"] for e in events]
+        # eager workflow start: the first workflow task started in the same commit
+        eager = bool(args.get("eager_wft", False))
+        fields["eagerWft"] = tla_bool(eager)
+        if eager and types[-1:] == ["WORKFLOW_TASK_STARTED"]:
+            types = types[:-1]
         if types == [
             "WORKFLOW_EXECUTION_STARTED",
             "WORKFLOW_EXECUTION_SIGNALED",

@@ -33,6 +33,7 @@ from tideflow.api.v1 import common_pb2, service_pb2
 
 from . import activity as activity_mod
 from ._activity_worker import ActivityWorker, EagerWorkflowTasks
+from ._eager_start import EagerStartTarget
 from ._local_activity_worker import LocalActivityConfig
 from ._poller import Slots, WorkerContext
 from ._workflow_worker import EagerActivities, WorkflowWorker
@@ -128,13 +129,13 @@ class Worker:
                 interceptors=interceptors,
                 take_next_workflow_tasks=not disable_eager_workflow_tasks,
             )
+        offer = bool(workflows) and workflow_pollers > 0 and not disable_eager_workflow_tasks
+        types = frozenset(workflow_defs)
+        self._eager_start = _eager_start_target(client, self._workflow_slots, types, offer)
         if activities:
             eager = EagerWorkflowTasks(
-                slots=self._workflow_slots,
-                sticky_queue=sticky_queue,
-                workflow_types=frozenset(workflow_defs),
+                slots=self._workflow_slots, sticky_queue=sticky_queue, workflow_types=types
             )
-            offer = bool(workflows) and workflow_pollers > 0 and not disable_eager_workflow_tasks
             self._activities = ActivityWorker(
                 context,
                 activities=activity_defs,
@@ -190,6 +191,10 @@ class Worker:
             return
         if self.metrics is not None and self.metrics_port is not None:
             self._metrics_server, self.metrics_port = serve_metrics(self.metrics, self.metrics_port)
+        if self._eager_start is not None:
+            # At once, so a start right after this call can already be eager (a task
+            # handed over before the workflow role polls waits for it in the slots).
+            self._eager_start.starts.register(self.task_queue, self._eager_start)
         self._supervisor = asyncio.create_task(
             self._supervise(), name=f"tideflow worker {self.task_queue}"
         )
@@ -221,6 +226,8 @@ class Worker:
                 await self._shutdown_requested.wait()
                 await self._drain()
         finally:
+            if self._eager_start is not None:
+                self._eager_start.starts.unregister(self.task_queue, self._eager_start)
             self._release_executor()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
@@ -250,6 +257,15 @@ class Worker:
         # An activity that completed meanwhile may have handed over a workflow task
         # whose slot it reserved before the shutdown.
         await self._workflow_slots.idle()
+
+
+def _eager_start_target(
+    client: Client, slots: Slots[_WorkflowTask], types: frozenset[str], offer: bool
+) -> EagerStartTarget | None:
+    """Where the eagerly started workflow tasks of ``client``'s starts go
+    (worker_sdk/_eager_start.py): this worker's workflow role, when workflow tasks may
+    reach it other than by its polls (``offer``: as with an activity's completion)."""
+    return EagerStartTarget(slots, types, client.eager_starts) if offer else None
 
 
 def _sticky_queue(task_queue: str, caches_runs: bool) -> str:
