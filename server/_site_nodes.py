@@ -89,6 +89,10 @@ class SiteNodes:
         self._elsewhere: dict[str, LinkElsewhere] = {}
         self.announce_now = asyncio.Event()
 
+    def join(self, shards: ShardController, router: Router, credential: NodeCredential) -> None:
+        """Serve with the other nodes on this database (until then: alone)."""
+        self._shards, self._router, self._credential = shards, router, credential
+
     # ------------------------------------------------------------ calls to a run's owner
 
     async def at_owner(
@@ -134,7 +138,9 @@ class SiteNodes:
         reply = await handler(call)
         return cluster_pb2.SiteCallResponse(body=reply.SerializeToString())
 
-    async def _invoke(self, node: Peer, call: cluster_pb2.SiteCallRequest) -> bytes:
+    async def _invoke(
+        self, node: Peer, call: cluster_pb2.SiteCallRequest, timeout: float = _CALL_TIMEOUT_S
+    ) -> bytes:
         assert self._router is not None and self._credential is not None
         call.from_node = self._router.node_id
         metadata = (*await self._credential.metadata(), (FORWARDED_HEADER, self._router.node_id))
@@ -143,12 +149,21 @@ class SiteNodes:
             _SITE_CALL,
             call,
             cluster_pb2.SiteCallResponse,
-            timeout=_CALL_TIMEOUT_S,
+            timeout=timeout,
             metadata=metadata,
         )
         return bytes(reply.body)
 
+    def owned(self) -> frozenset[int]:
+        """The shards this node holds now (none known: a server alone)."""
+        return frozenset() if self._shards is None else frozenset(self._shards.owned())
+
     # ------------------------------------------------------------ links held by other nodes
+
+    def here(self) -> str:
+        """This node, as ``site status`` names the node holding a link ("" alone)."""
+        shards = self._shards
+        return "" if shards is None else f"node {shards.node_id} ({shards.address})"
 
     def link_node(self, peer: str) -> Peer | None:
         """The other node of this site that announced a link to ``peer`` (None: no
@@ -162,6 +177,9 @@ class SiteNodes:
     def linked_elsewhere(self) -> dict[str, Peer]:
         """peer site -> the other node holding a link to it, by the announcements."""
         return {peer: node for peer in list(self._elsewhere) if (node := self.link_node(peer))}
+
+    def name(self, node: Peer) -> str:
+        return f"node {node.node_id} ({node.address})"
 
     async def over_link(
         self, link: SiteLink | None, peer: str, method: str, message: Message, reply_type: type[M]
@@ -199,7 +217,8 @@ class SiteNodes:
         call = cluster_pb2.SiteCallRequest(method="hint", body=hint.SerializeToString())
         for node in nodes.values():
             with contextlib.suppress(Exception):
-                await self._invoke(node, call)
+                # Short: a node that does not answer must not hold up this node's hints.
+                await self._invoke(node, call, timeout=_ANNOUNCE_S)
 
     async def _hinted(self, call: cluster_pb2.SiteCallRequest) -> Message:
         hint = rp.RunsChanged.FromString(call.body)
@@ -234,9 +253,10 @@ class SiteNodes:
                     body=wrappers_pb2.StringValue(value=" ".join(sorted(held))).SerializeToString(),
                 )
                 for node in self._shards.peers():
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(_ANNOUNCE_S):
-                            await self._invoke(node, call)
+                    try:
+                        await self._invoke(node, call, timeout=_ANNOUNCE_S)
+                    except Exception as error:  # told again in a moment
+                        log.debug("announcing links to node %s: %s", node.node_id, error)
                 held_before = held
             self.announce_now.clear()
             with contextlib.suppress(TimeoutError):

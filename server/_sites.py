@@ -130,6 +130,7 @@ class Sites:
         self._changed: asyncio.Queue[RunKey] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._untaken: set[RunKey] = set()  # take-overs that failed, tried again
+        self._owned_seen: frozenset[int] = frozenset()  # shards held at the last look
         self.handlers: dict[str, Handler] = {
             "hello": self._hello,
             "runs": self.replicator.serve_runs,
@@ -164,9 +165,7 @@ class Sites:
     ) -> SiteNodes:
         """Act as one site with the other nodes on this store: a run's writes on the
         owner of its shard, links announced (server/_site_nodes.py)."""
-        handlers = self.nodes.handlers
-        self.nodes = SiteNodes(shards, router, credential, self.links)
-        self.nodes.handlers = handlers
+        self.nodes.join(shards, router, credential)
         self.inbox.owns = shards.owns
         return self.nodes
 
@@ -205,6 +204,7 @@ class Sites:
     async def run(self) -> None:
         """The site's loops: hints to peers, the upstream link (an edge), and the
         take-over of runs handed here while this site was down."""
+        self._owned_seen = self.nodes.owned()  # the pass below covers these
         async with asyncio.TaskGroup() as group:
             group.create_task(hint_loop(self.links, self._changed, self.nodes.relay_hint))
             group.create_task(self.nodes.announce_loop())
@@ -220,6 +220,12 @@ class Sites:
             self.inbox.changed.clear()
             for key in list(self._untaken):
                 await self._take_over(key)
+            owned = self.nodes.owned()
+            if owned - self._owned_seen:
+                # Shards taken from a node that died: the runs it left untaken (a
+                # SIGKILL between applying a HANDOFF and taking the run over) are ours.
+                await self._take_over_pending()
+            self._owned_seen = owned
             if not self.links():
                 with contextlib.suppress(Exception):
                     await self.inbox.flush(None)
@@ -389,7 +395,7 @@ class Sites:
             raise LinkDown(f"a site must have a name other than {self.name!r}")
         if link.role == "edge" and not link.peer:
             link.peer = hello.site
-            task = asyncio.create_task(self._attach(link, ""))
+            task = asyncio.create_task(self._attach(link, self.nodes.here()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return rp.SiteHello(site=self.name)
@@ -585,7 +591,7 @@ class Sites:
                 events_behind=events,
                 events_pulled=stats.events_pulled,
                 requests_forwarded=stats.requests_forwarded,
-                address=peer.address if node is None else f"node {node.node_id} ({node.address})",
+                address=peer.address if node is None else self.nodes.name(node),
             )
             link = self.link_to(name)
             if link is not None:

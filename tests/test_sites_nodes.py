@@ -96,6 +96,17 @@ def _closed(client: Client, wid: str, rid: str) -> Callable[[], Awaitable[bool]]
     return check
 
 
+def _link_held_by(cloud: Client, node: str) -> Callable[[], Awaitable[bool]]:
+    """The cloud node ``cloud`` names ``node`` as the one holding the edge's link."""
+
+    async def check() -> bool:
+        status = await site_status(cloud)
+        held = [p for p in status.peers if p.site == "edge1" and p.connected]
+        return bool(held) and held[0].address.startswith(f"node {node} (")
+
+    return check
+
+
 def _linked_to(edge: Client, address: str) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return await _link_address(edge) == address
@@ -181,6 +192,9 @@ async def test_a_site_of_two_nodes_acts_as_one(site: Site, store: HistoryStore) 
         # the owner of each run's shard.
         for wid in cloud_ids:
             await _signal(edge, wid, runs[wid], "from-edge", f"{wid}-edge")
+        # The other node knows which node holds the link (its site status says so).
+        bystander = clouds[next(n for n in clouds if n != holder)]
+        await wait(_link_held_by(bystander, holder), f"the link shown held by {holder}")
         await site.nodes[holder].kill()
         survivor_name = next(n for n in clouds if n != holder)
         survivor = clouds[survivor_name]
@@ -210,6 +224,7 @@ async def test_a_site_of_two_nodes_acts_as_one(site: Site, store: HistoryStore) 
     for client in (edge, survivor):
         status = await wait(functools.partial(_drained, client), "inboxes drained")
         assert status.replication_alarms == 0
+    assert await _link_held_by(survivor, survivor_name)()
 
 
 async def _drained(client: Client) -> DescribeSiteResponse | None:
