@@ -404,7 +404,7 @@ class TideflowServer:
         # so placement's default home is right; its link state is the sites'.
         self.placement.links = sites
         remote_tasks = RemoteTasks(engine, matching, self.placement, tokens, sites.link_to)
-        sites.use_remote_tasks(remote_tasks)
+        sites.use_remote_tasks(remote_tasks, routes)
         polls.remote_start = remote_tasks.start
         self._on_clock_jump = (timers.reread, scheduler.wake)
         self._memory_sources = (engine, matching, timers, transfers, polls, sites, dispatch)

@@ -138,6 +138,37 @@ class SiteNodes:
         reply = await handler(call)
         return cluster_pb2.SiteCallResponse(body=reply.SerializeToString())
 
+    async def at_node(
+        self, node: Peer, method: str, peer: str, message: Message, reply_type: type[M]
+    ) -> M:
+        """``method`` served by ``node`` (this node: here), with ``message``."""
+        call = cluster_pb2.SiteCallRequest(
+            method=method, peer=peer, body=message.SerializeToString()
+        )
+        if self._router is None or node.node_id == self._router.node_id:
+            reply = await self.handlers[method](call)
+            assert isinstance(reply, reply_type)
+            return reply
+        return reply_type.FromString(await self._invoke(node, call))
+
+    async def at_every_other_node(
+        self, method: str, peer: str, message: Message, reply_type: type[M]
+    ) -> list[M]:
+        """``method`` served by every other live node; the replies of those that
+        answered in time (a node down or slow is left out: the caller tries again)."""
+        if self._shards is None:
+            return []
+        call = cluster_pb2.SiteCallRequest(
+            method=method, peer=peer, body=message.SerializeToString()
+        )
+        replies = []
+        for node in self._shards.peers():
+            try:
+                replies.append(reply_type.FromString(await self._invoke(node, call, _ANNOUNCE_S)))
+            except Exception as error:  # told again on the caller's next round
+                log.debug("site call %s on node %s: %s", method, node.node_id, error)
+        return replies
+
     async def _invoke(
         self, node: Peer, call: cluster_pb2.SiteCallRequest, timeout: float = _CALL_TIMEOUT_S
     ) -> bytes:

@@ -47,6 +47,7 @@ from ._errors import (
 )
 from ._handoff import handoff, take_over
 from ._inbox import Inbox, apply_request, forwarded_run
+from ._matching_routes import MatchingRoutes
 from ._metadata_link import MetadataExchange
 from ._peers import NodeCredential
 from ._remote_tasks import RemoteTasks
@@ -169,10 +170,12 @@ class Sites:
         self.inbox.owns = shards.owns
         return self.nodes
 
-    def use_remote_tasks(self, remote_tasks: RemoteTasks) -> None:
-        """Offer tasks to the peers and serve theirs, on every link from now on."""
+    def use_remote_tasks(self, remote_tasks: RemoteTasks, routes: MatchingRoutes) -> None:
+        """Offer tasks to the peers and serve theirs, on every link from now on, for
+        the queues of every node of this site."""
         self.remote_tasks = remote_tasks
         self.handlers.update(remote_tasks.handlers)
+        remote_tasks.join_nodes(self.nodes, routes)
 
     # ------------------------------------------------------------ wiring
 

@@ -13,6 +13,7 @@ every signal and cancel applied once, nothing forked.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,13 +22,15 @@ from pathlib import Path
 
 import pytest
 from helpers import ET, Processes, ServerProcess, of_type
-from helpers_cluster import split, start_node, wait, workflow_ids
+from helpers_cluster import CONDITION_TIMEOUT_S, split, start_node, wait, workflow_ids
 from helpers_sites import TcpProxy, history_of, same_history, site_status
 from test_sites import Collector, _signal
+from test_sites_placement import RAN, Placed, _cloud_worker, _edge_activity_worker, _started
 
+from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.api.v1.replication_pb2 import DescribeSiteResponse
-from tideflow.history import HistoryStore
+from tideflow.history import HistoryStore, TaskKind, queue_shard_of
 from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus
 
 pytestmark = pytest.mark.postgres
@@ -230,3 +233,46 @@ async def test_a_site_of_two_nodes_acts_as_one(site: Site, store: HistoryStore) 
 async def _drained(client: Client) -> DescribeSiteResponse | None:
     status = await site_status(client)
     return status if status.inbox_depth == 0 else None
+
+
+def _queue_served_by(owners: dict[int, str], node: str, tag: str, shards: int) -> str:
+    """A task queue name whose activity queue ``node`` serves (``owners``)."""
+    for i in range(10_000):
+        name = f"{tag}-{i}"
+        if owners.get(queue_shard_of("default", name, TaskKind.ACTIVITY, shards)) == node:
+            return name
+    raise AssertionError(f"no queue served by {node}")
+
+
+async def test_tasks_are_offered_across_the_nodes_of_a_site(
+    site: Site, store: HistoryStore
+) -> None:
+    """Placement between the edge and a queue served by the cloud node that does not
+    hold the link: its tasks are offered over the link, the edge's offers reach its
+    pollers, and every start and outcome is recorded by the run's home."""
+    owners = await wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
+    edge = await Client.connect(site.edge.address)
+    holder = site.node_behind(await wait(lambda: _link_address(edge), "the edge linked"))
+    other = next(n for n in site.nodes if n != holder)
+    tq = _queue_served_by(owners, other, f"placed-{uuid.uuid4().hex[:8]}", store.shard_count)
+    cloud = await Client.connect(",".join(node.address for node in site.nodes.values()))
+    async with (
+        _cloud_worker(cloud, tq),
+        Worker(edge, task_queue=tq, workflows=[Placed]),
+        _edge_activity_worker(edge, tq),
+    ):
+        # A cloud run's task placed at the edge, waiting at the node serving its queue.
+        from_cloud = await cloud.start_workflow(
+            Placed.run, args=["edge", []], id=f"e-{tq}", task_queue=tq
+        )
+        # An edge run's task placed at the cloud, held by the node serving its queue.
+        from_edge = await edge.start_workflow(
+            Placed.run, args=["cloud", []], id=f"c-{tq}", task_queue=tq
+        )
+        assert await asyncio.wait_for(from_cloud.result(), CONDITION_TIMEOUT_S) == "edge1"
+        assert await asyncio.wait_for(from_edge.result(), CONDITION_TIMEOUT_S) == "cloud"
+    cloud_events = await history_of(cloud, from_cloud.id, "")
+    assert _started(cloud_events) == [("edge1", common_pb2.EXECUTION_SITE_EDGE, "edge-worker")]
+    edge_events = await history_of(edge, from_edge.id, "")
+    assert _started(edge_events) == [("cloud", common_pb2.EXECUTION_SITE_CLOUD, "cloud-worker")]
+    assert RAN.count(("edge1", from_cloud.id)) == 1 and RAN.count(("cloud", from_edge.id)) == 1
