@@ -107,7 +107,6 @@ class Sites:
         # links to one at a time and dials the next when a dial fails.
         self._upstreams = config.upstream_nodes
         self._upstream_at = 0
-        self.linked_to = ""  # the upstream node the link is up with ("" while down)
         # An API key (or JWT) with the admin role on every namespace of an upstream
         # whose auth is on, sent on the link's stream.
         key = config.upstream_api_key
@@ -360,12 +359,8 @@ class Sites:
                 return False
             link.peer = hello.site
             self.upstream_error = ""
-            self.linked_to = address
-            try:
-                await self._attach(link, address)
-                await reader
-            finally:
-                self.linked_to = ""
+            await self._attach(link, address)
+            await reader
             return True
         except grpc.aio.AioRpcError as error:
             self._link_failed(f"{error.code().name}: {error.details()}")
