@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import ET, Processes, ServerProcess, of_type
 from helpers_cluster import CONDITION_TIMEOUT_S, split, start_node, wait, workflow_ids
-from helpers_sites import TcpProxy, history_of, same_history, site_status
+from helpers_sites import TcpProxy, handed, history_of, same_history, site_status
 from test_sites import Collector, _signal
 from test_sites_placement import RAN, Placed, _cloud_worker, _edge_activity_worker, _started
 
@@ -244,12 +244,13 @@ def _queue_served_by(owners: dict[int, str], node: str, tag: str, shards: int) -
     raise AssertionError(f"no queue served by {node}")
 
 
-async def test_tasks_are_offered_across_the_nodes_of_a_site(
+async def test_placement_and_handoff_across_the_nodes_of_a_site(
     site: Site, store: HistoryStore
 ) -> None:
     """Placement between the edge and a queue served by the cloud node that does not
     hold the link: its tasks are offered over the link, the edge's offers reach its
-    pollers, and every start and outcome is recorded by the run's home."""
+    pollers, and every start and outcome is recorded by the run's home. Then a handoff
+    asked of that node moves an edge run on its shard to the cloud."""
     owners = await wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
     edge = await Client.connect(site.edge.address)
     holder = site.node_behind(await wait(lambda: _link_address(edge), "the edge linked"))
@@ -276,3 +277,39 @@ async def test_tasks_are_offered_across_the_nodes_of_a_site(
     edge_events = await history_of(edge, from_edge.id, "")
     assert _started(edge_events) == [("cloud", common_pb2.EXECUTION_SITE_CLOUD, "cloud-worker")]
     assert RAN.count(("edge1", from_cloud.id)) == 1 and RAN.count(("cloud", from_edge.id)) == 1
+    await _handed_to_the_cloud(site, owners, store.shard_count, other)
+
+
+async def _handed_to_the_cloud(site: Site, owners: dict[int, str], shards: int, other: str) -> None:
+    """An edge run on the shard of the node not holding the link, handed to the cloud
+    through that node: the handoff travels over the other node's link, the HANDOFF is
+    applied and the run taken over by the shard's owner, which runs it on."""
+    edge = await Client.connect(site.edge.address)
+    via = await Client.connect(site.nodes[other].address)
+    tq = f"handed-{uuid.uuid4().hex[:8]}"
+    (wid,) = workflow_ids(owners, other, 1, tq, shards)
+    async with (
+        Worker(edge, task_queue=tq, workflows=[Collector]),
+        Worker(via, task_queue=tq, workflows=[Collector]),
+    ):
+        started = await edge.start_workflow(Collector.run, 2, id=wid, task_queue=tq)
+        rid = started.run_id or ""
+        assert await _signal(edge, wid, rid, "a", f"{wid}-a") is False  # applied at home
+        await wait(await same_history(edge, via, wid, rid), "the cloud's replica")
+        await wait(handed(via.get_workflow_handle(wid, run_id=rid), "cloud"), "handed")
+        await wait(_homed(via, wid, rid, "cloud"), "the cloud took the run over")
+        await _signal(via, wid, rid, "b", f"{wid}-b")
+        assert await asyncio.wait_for(started.result(), CONDITION_TIMEOUT_S) == ["a", "b"]
+        await wait(await same_history(via, edge, wid, rid), "the edge's replica")
+    events = await history_of(via, wid, rid)
+    assert _signals_once(events, [f"{wid}-a", f"{wid}-b"])
+    assert len(of_type(events, ET.EVENT_TYPE_WORKFLOW_EXECUTION_HANDOFF)) == 1
+    assert events[-1].event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+
+
+def _homed(client: Client, wid: str, rid: str, home: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        description = await client.get_workflow_handle(wid, run_id=rid).describe()
+        return bool(description.home_cluster == home)
+
+    return check
