@@ -118,7 +118,9 @@ def render_table(status: replication_pb2.DescribeSiteResponse) -> str:
             (
                 peer.site,
                 peer.role,
-                "up" if peer.connected else "down",
+                ("up" + (f" via {peer.address}" if peer.address else ""))
+                if peer.connected
+                else "down",
                 str(peer.runs_behind),
                 str(peer.events_behind),
                 synced,

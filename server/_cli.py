@@ -218,9 +218,11 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upstream",
         default="",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,HOST:PORT...]",
         help="make this server an edge site of the cloud at HOST:PORT: it dials the cloud "
-        "(reconnecting with backoff) and replicates with it; it runs without it too",
+        "(reconnecting with backoff) and replicates with it; it runs without it too. "
+        "A cloud of several nodes: their addresses, comma-separated (it links to one at a "
+        "time and dials the next when one cannot be reached)",
     )
     parser.add_argument(
         "--upstream-api-key",

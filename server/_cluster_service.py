@@ -27,6 +27,7 @@ from ._engine import HistoryEngine
 from ._errors import ServiceError, UnavailableError, abort_with_detail
 from ._peers import NodeCredential, require_node
 from ._run_gateway import child_close_task, child_of, parent_of
+from ._site_nodes import SiteNodes
 
 log = logging.getLogger("tideflow.server.cluster")
 
@@ -65,6 +66,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
     def __init__(self, engine: HistoryEngine, credential: NodeCredential) -> None:
         self._engine = engine
         self.credential = credential
+        # The site's calls between its nodes (server/_site_nodes.py), once it exists.
+        self.site_nodes: SiteNodes | None = None
 
     @_internal
     async def StartChildWorkflow(
@@ -91,3 +94,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServiceServicer):
             parent, "RecordChildClosed", lambda m: record_child_closed(m, task, child, close)
         )
         return cluster_pb2.RecordChildClosedResponse()
+
+    @_internal
+    async def SiteCall(
+        self, request: cluster_pb2.SiteCallRequest, context: _Context
+    ) -> cluster_pb2.SiteCallResponse:
+        if self.site_nodes is None:
+            raise UnavailableError("this node is not serving its site yet")
+        return await self.site_nodes.serve(request)

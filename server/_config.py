@@ -84,7 +84,8 @@ class ServerConfig:
     # started here, and where a task ran when its worker polled here (README
     # "Placement"). A lone server is a cloud with no edges.
     cluster_name: str = "cloud"
-    # An edge's upstream site (HOST:PORT) it dials and replicates with; "": none.
+    # An edge's upstream site (HOST:PORT) it dials and replicates with; "": none. A site
+    # of several nodes: their addresses separated by commas (``upstream_nodes``).
     upstream: str = ""
     # The credential an edge presents to an upstream whose auth is on.
     upstream_api_key: str = ""
@@ -99,6 +100,11 @@ class ServerConfig:
     # The tier of workers attached here that do not state theirs: "cloud" or "edge"
     # (an edge, one with an upstream, unless set).
     site_tier: str = "cloud"
+
+    @property
+    def upstream_nodes(self) -> list[str]:
+        """The addresses of the upstream site's nodes (``h1:p1,h2:p2``; "" for none)."""
+        return [part.strip() for part in self.upstream.split(",")] if self.upstream else []
 
     def __post_init__(self) -> None:
         if not 0 < self.history_page_bytes < self.grpc_max_message_bytes:
@@ -119,6 +125,10 @@ class ServerConfig:
             raise ValueError("cluster_name must not be empty")
         if self.upstream_tls is not None and not self.upstream:
             raise ValueError("upstream_tls needs upstream")
+        if self.upstream and not all(self.upstream_nodes):
+            raise ValueError(
+                f"upstream {self.upstream!r}: expected HOST:PORT, or several separated by commas"
+            )
         if self.site_tier not in ("cloud", "edge"):
             raise ValueError("site_tier must be 'cloud' or 'edge'")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tideflow.api.v1 import replication_pb2 as rp
 from tideflow.api.v1 import state_pb2
@@ -25,7 +25,7 @@ from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.history import HistoryStore, InboxEntry, RunKey, home_of, now_micros
 
 from ._engine import HistoryEngine
-from ._errors import FailedPreconditionError, NotFoundError, NotHomeError
+from ._errors import FailedPreconditionError, NotFoundError, NotHomeError, UnavailableError
 from ._replication import PeerStats
 from ._replication_trace import ReplicationTracer
 from ._site_link import LinkDown, SiteLink, message_of
@@ -51,7 +51,8 @@ def _inner(request: rp.ForwardedRequest) -> object:
     return getattr(request, which)
 
 
-def _run_key(request: rp.ForwardedRequest) -> RunKey:
+def forwarded_run(request: rp.ForwardedRequest) -> RunKey:
+    """The run a forwarded request acts on."""
     inner = _inner(request)
     execution = inner.workflow_execution  # type: ignore[attr-defined]
     return RunKey(
@@ -67,7 +68,7 @@ async def apply_request(
     """Apply a forwarded request at the run's home (``DeliverSignal`` + the engine's
     ``ApplySignal``): "applied" (now or before), "closed", "not_found" or "not_home"."""
     try:
-        key = _run_key(request)
+        key = forwarded_run(request)
         key = await engine.resolve_run_id(key.namespace, key.workflow_id, key.run_id)
         which = request.WhichOneof("request")
         if which == "signal":
@@ -126,6 +127,14 @@ class Inbox:
         self._tracer = tracer or ReplicationTracer(None, "")
         self.changed = asyncio.Event()
         self._sent: dict[tuple[str, str, int], float] = {}
+        # A site of several nodes (server/_site_nodes.py): where a request is applied
+        # at its home (the owner of the run's shard), and whether this node holds a
+        # run's shard (its engine reads and caches the run; other runs are read from
+        # the store).
+        self.apply_at_home: Callable[[rp.ForwardedRequest], Awaitable[rp.ForwardedResponse]] = (
+            lambda request: apply_request(engine, request)
+        )
+        self.owns: Callable[[RunKey], bool] = lambda key: True
 
     def sent_remembered(self) -> int:
         """Entries forwarded and not retired yet (each is forgotten when retired)."""
@@ -186,9 +195,10 @@ class Inbox:
             key = RunKey(
                 namespace=entry.namespace, workflow_id=entry.workflow_id, run_id=entry.run_id
             )
-            try:
-                ms = await self._engine.state_of(key)
-            except NotFoundError:
+            if link is None and not self.owns(key):
+                continue  # the node holding the run's shard looks after it
+            ms = await self._replica(key)
+            if ms is None:
                 continue  # no replica yet: kept until there is one
             if _shows(entry.kind, entry.request_id, ms):
                 await self._retire(entry)
@@ -198,7 +208,7 @@ class Inbox:
             if home == self._site:
                 # A handoff made this site the home: apply it here.
                 request = rp.ForwardedRequest.FromString(entry.request)
-                outcome = (await apply_request(self._engine, request)).outcome
+                outcome = (await self.apply_at_home(request)).outcome
                 if outcome in ("applied", "closed", "not_found"):
                     await self._retire(entry)
                 continue
@@ -208,6 +218,19 @@ class Inbox:
             if sent is not None and loop.time() - sent < _RESEND_AFTER_S:
                 continue
             await self._forward(link, entry, basis=ms.next_event_id - 1)
+
+    async def _replica(self, key: RunKey) -> state_pb2.MutableState | None:
+        """The run's state here: the engine's while this node holds its shard, else
+        as stored (another node of this site writes it)."""
+        if self.owns(key):
+            try:
+                return await self._engine.state_of(key)
+            except NotFoundError:
+                return None
+            except UnavailableError:
+                pass  # the shard moved meanwhile
+        record = await self._store.get_execution(key)
+        return None if record is None else state_pb2.MutableState.FromString(record.state)
 
     async def _forward(self, link: SiteLink, entry: InboxEntry, *, basis: int = 0) -> str:
         """Hand ``entry`` to the home over ``link``; ``basis``: the events of the
@@ -246,4 +269,4 @@ class Inbox:
 
     async def serve_forwarded(self, link: SiteLink, body: bytes) -> rp.ForwardedResponse:
         """A peer forwards a request it holds for a run homed (it thinks) here."""
-        return await apply_request(self._engine, message_of(body, rp.ForwardedRequest))
+        return await self.apply_at_home(message_of(body, rp.ForwardedRequest))

@@ -43,12 +43,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
+from tideflow.api.v1 import cluster_pb2, service_pb2, state_pb2
 from tideflow.api.v1 import replication_pb2 as rp
-from tideflow.api.v1 import service_pb2, state_pb2
 from tideflow.history import RunKey, TaskKind, TaskRow
 
 from ._engine import HistoryEngine
@@ -60,13 +61,17 @@ from ._errors import (
     UnavailableError,
 )
 from ._matching import Matching, RemoteTaskRow
+from ._matching_routes import MatchingRoutes
 from ._metadata_sync import MetadataSync
+from ._peers import Peer
 from ._placement import PlacementPolicy, WorkerSite, decode
 from ._site_link import Handler, LinkDown, SiteLink, message_of
+from ._site_nodes import SiteNodes
 from ._task_responses import decode_token
 from ._task_tokens import TaskTokenSigner
 
 log = logging.getLogger("tideflow.server.sites")
+M = TypeVar("M", bound=Message)
 
 # How often a link's offers are brought up to date without being woken (a worker of
 # the home that stopped polling makes its tasks offerable without any new task).
@@ -164,6 +169,23 @@ class RemoteTasks:
             "start_remote": self._serve_start,
             "activity_response": self._serve_answer,
         }
+        # The other nodes of this site (server/_site_nodes.py): their queues' tasks are
+        # offered over this node's link, and the peer's offers go to the nodes serving
+        # their queues.
+        self._nodes: SiteNodes | None = None
+        self._routes: MatchingRoutes | None = None
+
+    def join_nodes(self, nodes: SiteNodes, routes: MatchingRoutes) -> None:
+        """Offer and serve the tasks of every node's queues, whichever holds a link."""
+        self._nodes, self._routes = nodes, routes
+        nodes.handlers.update(
+            {
+                "offerable": self._node_offerable,
+                "start_remote": self._node_start,
+                "activity_response": self._node_answer,
+                "offer": self._node_offer,
+            }
+        )
 
     def use_metadata(self, sync: MetadataSync) -> None:
         """Advertise this site's workers in its site record and read the peers'."""
@@ -219,7 +241,7 @@ class RemoteTasks:
             while True:
                 wakeup.clear()
                 await self._advertise()
-                current = self._meeting(link)
+                current = self._meeting(link, await self._offerable())
                 new = [task for k, task in current.items() if k not in offered]
                 gone = [task for k, task in offered.items() if k not in current]
                 if first or new or gone:
@@ -245,13 +267,13 @@ class RemoteTasks:
             self._offered.pop(link, None)
             self._declined.pop(link, None)
 
-    def _meeting(self, link: SiteLink) -> dict[str, TaskRow]:
-        """The offerable tasks some worker ``link.peer`` advertises could meet, by
+    def _meeting(self, link: SiteLink, offerable: list[TaskRow]) -> dict[str, TaskRow]:
+        """The ``offerable`` tasks some worker ``link.peer`` advertises could meet, by
         task key (the others noted for describe)."""
         workers = self._peer_workers(link.peer)
         meeting: dict[str, TaskRow] = {}
         declined = self._declined[link] = set()
-        for task in self._matching.offerable():
+        for task in offerable:
             placement = decode(task.placement)
             candidates = [] if workers is None else workers.get(_queue_of(task), [])
             if workers is None or placement is None or any(map(placement.admits, candidates)):
@@ -259,6 +281,21 @@ class RemoteTasks:
             else:
                 declined.add(task.task_key)
         return meeting
+
+    async def _offerable(self) -> list[TaskRow]:
+        """The offerable tasks of this node's queues and of the other nodes' (a node
+        that does not answer now has its tasks offered on a later round)."""
+        found = self._matching.offerable()
+        if self._nodes is not None:
+            asked = rp.OfferTasksRequest()
+            for reply in await self._nodes.at_every_other_node(
+                "offerable", "", asked, rp.OfferTasksRequest
+            ):
+                found.extend(_row(task) for task in reply.tasks)
+        return found
+
+    async def _node_offerable(self, call: cluster_pb2.SiteCallRequest) -> rp.OfferTasksRequest:
+        return rp.OfferTasksRequest(tasks=[_remote(t) for t in self._matching.offerable()])
 
     def withdraw(self, namespace: str, tasks: list[tuple[str, str]]) -> None:
         """Tasks of a run handed to another site (``(task queue, task key)``): no
@@ -281,8 +318,35 @@ class RemoteTasks:
         return True
 
     async def _serve_start(self, link: SiteLink, body: bytes) -> rp.StartRemoteTaskResponse:
-        """A peer's worker took a task homed here: record it started by that worker."""
+        """A peer's worker took a task homed here: record it started by that worker
+        (on the node serving the task's queue)."""
         request = message_of(body, rp.StartRemoteTaskRequest)
+        wanted = _row(request.task)
+        owner = self._queue_node(wanted)
+        if owner is None or self._nodes is None:
+            return await self._start_here(request, link)
+        reply = await self._nodes.at_node(
+            owner, "start_remote", link.peer, request, rp.StartRemoteTaskResponse
+        )
+        if not reply.started:  # offered to that peer again
+            self._offered.get(link, {}).pop(wanted.task_key, None)
+            self._task_waiting()
+        return reply
+
+    async def _node_start(self, call: cluster_pb2.SiteCallRequest) -> rp.StartRemoteTaskResponse:
+        return await self._start_here(rp.StartRemoteTaskRequest.FromString(call.body), None)
+
+    def _queue_node(self, task: TaskRow) -> Peer | None:
+        """The other node serving ``task``'s queue (None: this node, or not known)."""
+        routes = self._routes
+        if routes is None:
+            return None
+        owner = routes.queue_owner(task.key.namespace, task.task_queue, TaskKind.ACTIVITY)
+        return None if owner is None or routes.is_here(owner) else owner
+
+    async def _start_here(
+        self, request: rp.StartRemoteTaskRequest, link: SiteLink | None
+    ) -> rp.StartRemoteTaskResponse:
         worker = self._policy.worker(request.identity, request.worker)
         wanted = _row(request.task)
         task = self._matching.take(wanted.key.namespace, wanted.task_queue, wanted.task_key)
@@ -295,7 +359,7 @@ class RemoteTasks:
             self._not_started(link, task)
             return rp.StartRemoteTaskResponse(started=False)
         try:
-            response = await self._engine.record_activity_started(task, worker)
+            response = await self._record_started(task, worker)
         except BaseException:
             self._not_started(link, task)
             raise
@@ -305,25 +369,67 @@ class RemoteTasks:
         response.task_token = await self._tokens.seal(response.task_token)
         return rp.StartRemoteTaskResponse(started=True, task=response)
 
-    def _not_started(self, link: SiteLink, task: TaskRow) -> None:
+    async def _record_started(
+        self, task: TaskRow, worker: WorkerSite
+    ) -> service_pb2.PollActivityTaskResponse | None:
+        """The run's owner records ``task`` started (this node, or the node holding the
+        run's shard); None if stale. UnavailableError if no owner could do it now."""
+        routes = self._routes
+        if routes is None or routes.owns_run(task.key):
+            return await self._engine.record_activity_started(task, worker)
+        started = await routes.record_started(task, worker.identity, worker.to_proto())
+        if started is None:
+            raise UnavailableError(f"no owner of {task.key} could record it started now")
+        response = started.response
+        assert response is None or isinstance(response, service_pb2.PollActivityTaskResponse)
+        return response
+
+    def _not_started(self, link: SiteLink | None, task: TaskRow) -> None:
         """A task a peer's poller took was not started: it waits here again, and is
         offered to that peer again (its poller dropped it)."""
         self._matching.give_back(task)
-        self._offered.get(link, {}).pop(task.task_key, None)
+        if link is not None:
+            self._offered.get(link, {}).pop(task.task_key, None)
         self._task_waiting()
 
     async def _serve_answer(self, link: SiteLink, body: bytes) -> rp.ForwardedActivityReply:
         """A worker's answer to a task of a run homed here, forwarded by the site it
-        ran at, or by the run's former home (``former_home``: the token is plain)."""
+        ran at, or by the run's former home (``former_home``: the token is plain);
+        applied by the node holding the run's shard."""
         request = message_of(body, rp.ForwardedActivityResponse)
+        if self._nodes is None:
+            return await self._answer_here(request)
+        try:
+            token = await self._token_of(request)
+        except ServiceError as error:
+            return rp.ForwardedActivityReply(code=error.code.value[0], message=error.message)
+        key = RunKey(namespace=token.namespace, workflow_id=token.workflow_id, run_id=token.run_id)
+        return await self._nodes.at_owner(
+            key, "activity_response", link.peer, request, rp.ForwardedActivityReply
+        )
+
+    async def _node_answer(self, call: cluster_pb2.SiteCallRequest) -> rp.ForwardedActivityReply:
+        return await self._answer_here(rp.ForwardedActivityResponse.FromString(call.body))
+
+    async def _token_of(self, request: rp.ForwardedActivityResponse) -> state_pb2.TaskToken:
+        which = request.WhichOneof("request")
+        if which is None:
+            raise InvalidArgumentError("an empty activity response")
+        answer: ActivityAnswer = getattr(request, which)
+        former = request.former_home
+        opened = answer.task_token if former else await self._tokens.open(answer.task_token)
+        return decode_token(opened, activity=True)
+
+    async def _answer_here(
+        self, request: rp.ForwardedActivityResponse
+    ) -> rp.ForwardedActivityReply:
         which = request.WhichOneof("request")
         if which is None:
             raise LinkDown("an empty activity response")
         answer: ActivityAnswer = getattr(request, which)
         former = request.former_home
         try:
-            opened = answer.task_token if former else await self._tokens.open(answer.task_token)
-            token = decode_token(opened, activity=True)
+            token = await self._token_of(request)
             if token.home_site:
                 raise InvalidArgumentError("a forwarded task token names yet another site")
             try:
@@ -396,14 +502,43 @@ class RemoteTasks:
     # ------------------------------------------------------------ at the peer
 
     async def _serve_offer(self, link: SiteLink, body: bytes) -> rp.OfferTasksResponse:
-        """Tasks the peer offers to this site's workers (held in the matching)."""
+        """Tasks the peer offers to this site's workers, held in the matching of the
+        node serving each task's queue (a reset and the withdrawals go to every node)."""
         request = message_of(body, rp.OfferTasksRequest)
+        if self._nodes is None:
+            return self._hold_offer(link.peer, request)
+        elsewhere: dict[str, tuple[Peer, rp.OfferTasksRequest]] = {}
+        here = rp.OfferTasksRequest(withdrawn=request.withdrawn, reset=request.reset)
+        for task in request.tasks:
+            owner = self._queue_node(_row(task))
+            if owner is None:
+                here.tasks.append(task)
+                continue
+            _, part = elsewhere.setdefault(owner.node_id, (owner, rp.OfferTasksRequest()))
+            part.tasks.append(task)
+        if request.reset or request.withdrawn:
+            for node in self._routes.shards.peers() if self._routes and self._routes.shards else []:
+                elsewhere.setdefault(node.node_id, (node, rp.OfferTasksRequest()))
+        for node, part in elsewhere.values():
+            part.withdrawn.extend(request.withdrawn)
+            part.reset = request.reset
+            try:
+                await self._nodes.at_node(node, "offer", link.peer, part, rp.OfferTasksResponse)
+            except Exception as error:  # held here instead: this node's pollers get them
+                log.info("offers for node %s held here: %s", node.node_id, error)
+                here.tasks.extend(part.tasks)
+        return self._hold_offer(link.peer, here)
+
+    async def _node_offer(self, call: cluster_pb2.SiteCallRequest) -> rp.OfferTasksResponse:
+        return self._hold_offer(call.peer, rp.OfferTasksRequest.FromString(call.body))
+
+    def _hold_offer(self, peer: str, request: rp.OfferTasksRequest) -> rp.OfferTasksResponse:
         if request.reset:
-            self._matching.drop_remote(link.peer)
+            self._matching.drop_remote(peer)
         for task in request.withdrawn:
             row = _row(task)
             self._matching.take(row.key.namespace, row.task_queue, row.task_key, remote=True)
-        self._matching.add_many([_row(task, link.peer) for task in request.tasks])
+        self._matching.add_many([_row(task, peer) for task in request.tasks])
         return rp.OfferTasksResponse()
 
     async def start(
@@ -412,18 +547,17 @@ class RemoteTasks:
         """A poller here took a task another site offered: have its home record it
         started. None if it is no longer waiting there, or the link is down (the home
         offers it again on the next link)."""
-        link = self._link_to(task.home)
-        if link is None:
-            return None
         request = rp.StartRemoteTaskRequest(
             task=_remote(task), identity=worker.identity, worker=worker.to_proto()
         )
         try:
-            reply = await link.call("start_remote", request, rp.StartRemoteTaskResponse)
-        except LinkDown as error:
+            reply = await self._call_home(
+                task.home, "start_remote", request, rp.StartRemoteTaskResponse
+            )
+        except Exception as error:  # the link, or the node holding it, went away
             log.info("task %s not started at %s: %s", task.task_key, task.home, error)
             return None
-        if not reply.started:
+        if reply is None or not reply.started:
             return None
         response = reply.task
         key = task.key
@@ -450,9 +584,6 @@ class RemoteTasks:
         is down (the worker retries); the home's refusal (a stale or repeated answer:
         NOT_FOUND) is the worker's."""
         home = moved_to or token.home_site
-        link = self._link_to(home)
-        if link is None:
-            raise UnavailableError(f"the task's run is homed at site {home!r}, not reachable now")
         request = rp.ForwardedActivityResponse()
         field = getattr(request, _ANSWER_FIELDS[type(answer)])
         field.CopyFrom(answer)
@@ -474,9 +605,23 @@ class RemoteTasks:
             field.eager_workflow_task_queue = ""
             field.sticky_task_queue = ""
         try:
-            reply = await link.call("activity_response", request, rp.ForwardedActivityReply)
-        except LinkDown as error:
+            reply = await self._call_home(
+                home, "activity_response", request, rp.ForwardedActivityReply
+            )
+        except Exception as error:  # the link, or the node holding it, went away
             raise UnavailableError(f"site {home!r}: {error}") from None
+        if reply is None:
+            raise UnavailableError(f"the task's run is homed at site {home!r}, not reachable now")
         if reply.code:
             raise HomeAnsweredError(reply.code, reply.message)
         return reply
+
+    async def _call_home(
+        self, home: str, method: str, request: Message, reply_type: type[M]
+    ) -> M | None:
+        """``method`` at site ``home`` over this node's link, or the one another node
+        of this site holds; None if no node holds one."""
+        link = self._link_to(home)
+        if self._nodes is None:
+            return None if link is None else await link.call(method, request, reply_type)
+        return await self._nodes.over_link(link, home, method, request, reply_type)

@@ -78,6 +78,11 @@ class Replicator:
         self._sync_interval_s = sync_interval_s
         self._tracer = tracer or ReplicationTracer(None, "")
         self.stats: dict[str, PeerStats] = {}
+        # Who applies a pulled batch: here, or the owner of the run's shard on a site
+        # of several nodes (server/_site_nodes.py).
+        self.apply: Callable[
+            [RunKey, str, rp.ReadEventsResponse], Awaitable[tuple[ReplicaVerdict, str]]
+        ] = self.apply_batch
 
     def peer_stats(self, peer: str) -> PeerStats:
         return self.stats.setdefault(peer, PeerStats())
@@ -169,7 +174,8 @@ class Replicator:
 
     async def pull_run(self, link: SiteLink, key: RunKey) -> None:
         """Pull ``key``'s events this site lacks from the peer, batch by batch, each
-        applied (or refused) in its own transaction."""
+        applied (or refused) in its own transaction, by the owner of the run's shard
+        (``apply``: this node, or another node of a site of several)."""
         replication = self._store.replication
         stats = self.peer_stats(link.peer)
         while True:
@@ -180,25 +186,7 @@ class Replicator:
             batch = await link.call("events", request, rp.ReadEventsResponse)
             if not batch.events:
                 return
-            state = batch.state if batch.HasField("state") else None
-            seq = self._tracer.ahead(
-                "ApplyBatch",
-                key,
-                peer=link.peer,
-                events=self._tracer.events(batch.events),
-                state=state is not None,
-                buffered=[] if state is None else buffered_signals(state),
-            )
-            verdict, detail = await replication.append_replicated(
-                key,
-                batch.events,
-                None if state is None else state.SerializeToString(),
-                local=self._site,
-                peer=link.peer,
-                home_last_event_id=batch.last_event_id,
-                now=now_micros(),
-            )
-            self._tracer.outcome(seq, verdict.value)
+            verdict, detail = await self.apply(key, link.peer, batch)
             if verdict is ReplicaVerdict.MISMATCH:
                 stats.alarms += 1
                 log.error("replication alarm: run %s from %s: %s", key, link.peer, detail)
@@ -206,13 +194,46 @@ class Replicator:
             if verdict is not ReplicaVerdict.APPLIED:
                 return  # a gap (pulled again next pass) or nothing new
             stats.events_pulled += sum(1 for e in batch.events if e.event_id > have)
-            await self._applied(key, state)
             if batch.events[-1].event_id >= batch.last_event_id:
                 return
 
+    async def apply_batch(
+        self, key: RunKey, peer: str, batch: rp.ReadEventsResponse
+    ) -> tuple[ReplicaVerdict, str]:
+        """Apply a batch of ``key`` pulled from ``peer`` (on the node holding the run's
+        shard), and tell ``applied`` if it was."""
+        state = batch.state if batch.HasField("state") else None
+        seq = self._tracer.ahead(
+            "ApplyBatch",
+            key,
+            peer=peer,
+            events=self._tracer.events(batch.events),
+            state=state is not None,
+            buffered=[] if state is None else buffered_signals(state),
+        )
+        verdict, detail = await self._store.replication.append_replicated(
+            key,
+            batch.events,
+            None if state is None else state.SerializeToString(),
+            local=self._site,
+            peer=peer,
+            home_last_event_id=batch.last_event_id,
+            now=now_micros(),
+        )
+        self._tracer.outcome(seq, verdict.value)
+        if verdict is ReplicaVerdict.APPLIED:
+            await self._applied(key, state)
+        return verdict, detail
 
-async def hint_loop(links: Callable[[], list[SiteLink]], changed: asyncio.Queue[RunKey]) -> None:
-    """Tell the peers which runs changed here (coalesced), so they pull at once."""
+
+async def hint_loop(
+    links: Callable[[], list[SiteLink]],
+    changed: asyncio.Queue[RunKey],
+    relay: Callable[[rp.RunsChanged], Awaitable[None]] | None = None,
+) -> None:
+    """Tell the peers which runs changed here (coalesced), so they pull at once: over
+    this node's links, and through ``relay`` to the other nodes of this site that hold
+    links."""
     while True:
         first = await changed.get()
         keys = {first}
@@ -224,6 +245,8 @@ async def hint_loop(links: Callable[[], list[SiteLink]], changed: asyncio.Queue[
                 await link.call("changed", hint, rp.RunsChanged)
             except LinkDown:
                 continue  # the next full pass finds what the hint said
+        if relay is not None:
+            await relay(hint)
 
 
 def takes_over(ms: MutableState, site: str) -> bool:

@@ -400,12 +400,12 @@ class TideflowServer:
         polls = TaskQueueService(engine, matching, self.config, tokens, routes, self.metrics)
         router = self._route_between_nodes(shards, engine, server)
         scheduler = hooks.scheduler = self._scheduler(store, engine)
-        sites = self.sites = self._site(store, engine, dispatch, server)
+        sites = self.sites = self._site(store, engine, dispatch, server, router)
         # Every task dispatched here belongs to a run homed here (only the home writes),
         # so placement's default home is right; its link state is the sites'.
         self.placement.links = sites
         remote_tasks = RemoteTasks(engine, matching, self.placement, tokens, sites.link_to)
-        sites.use_remote_tasks(remote_tasks)
+        sites.use_remote_tasks(remote_tasks, routes)
         polls.remote_start = remote_tasks.start
         self._on_clock_jump = (timers.reread, scheduler.wake)
         self._memory_sources = (engine, matching, timers, transfers, polls, sites, dispatch)
@@ -510,10 +510,15 @@ class TideflowServer:
         engine: HistoryEngine,
         dispatch: _Dispatch,
         server: grpc.aio.Server,
+        router: Router,
     ) -> Sites:
         """This server as a site (server/_sites.py): told of every commit, serving the
-        SiteService on the same port."""
+        SiteService on the same port, one site with the other nodes on its database
+        (server/_site_nodes.py)."""
         sites = Sites(store, engine, self.config)
+        assert self.node_credential is not None
+        nodes = sites.join_nodes(self.shards, router, self.node_credential)
+        self._cluster_service.site_nodes = nodes
         dispatch.on_commit = sites.committed
         engine.redirect_to_home = sites.redirect
         # Children homed at the other site (server/_remote_children.py).
@@ -629,7 +634,8 @@ class TideflowServer:
             unbounded_call_s=self.config.long_poll_timeout_s + 10.0,
         )
         engine.gateway = RunGateway(engine, router, self.node_credential)
-        add_to_server(ClusterService(engine, self.node_credential), server, CLUSTER_SERVICE)
+        self._cluster_service = ClusterService(engine, self.node_credential)
+        add_to_server(self._cluster_service, server, CLUSTER_SERVICE)
         return router
 
     def _listen(self) -> grpc.aio.Server:

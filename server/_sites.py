@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import wrappers_pb2
+from google.protobuf.message import Message
 
+from tideflow.api.v1 import cluster_pb2, replication_pb2_grpc, service_pb2, state_pb2
 from tideflow.api.v1 import replication_pb2 as rp
-from tideflow.api.v1 import replication_pb2_grpc, service_pb2, state_pb2
-from tideflow.history import HistoryStore, RunKey, StoreError, home_of, now_micros
+from tideflow.history import HistoryStore, ReplicaVerdict, RunKey, StoreError, home_of, now_micros
 
 from ._audit import AuditEntry, note_principal
 from ._auth import ANY_NAMESPACE, AuthGate
@@ -45,18 +46,24 @@ from ._errors import (
     abort_with_detail,
 )
 from ._handoff import handoff, take_over
-from ._inbox import Inbox
+from ._inbox import Inbox, apply_request, forwarded_run
+from ._matching_routes import MatchingRoutes
 from ._metadata_link import MetadataExchange
+from ._peers import NodeCredential
 from ._remote_tasks import RemoteTasks
 from ._replication import Replicator, hint_loop, takes_over
 from ._replication_trace import ReplicationTracer
+from ._routing import Router
+from ._shards import ShardController
 from ._site_link import CallRefused, Handler, LinkDown, SiteLink, message_of
+from ._site_nodes import SiteNodes, run_of
 from ._tls_probe import refused_handshake
 
 log = logging.getLogger("tideflow.server.sites")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 _RECONNECT_INITIAL_S = 0.1
 # The backoff's cap while the upstream is unreachable or the link was lost (a network
 # outage: the link must come back soon after the network does)...
@@ -97,6 +104,10 @@ class Sites:
     def __init__(self, store: HistoryStore, engine: HistoryEngine, config: ServerConfig) -> None:
         self.name = config.cluster_name
         self.upstream = config.upstream
+        # Several nodes of the upstream site may be named (``h1:p1,h2:p2``): the edge
+        # links to one at a time and dials the next when a dial fails.
+        self._upstreams = config.upstream_nodes
+        self._upstream_at = 0
         # An API key (or JWT) with the admin role on every namespace of an upstream
         # whose auth is on, sent on the link's stream.
         key = config.upstream_api_key
@@ -120,6 +131,7 @@ class Sites:
         self._changed: asyncio.Queue[RunKey] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._untaken: set[RunKey] = set()  # take-overs that failed, tried again
+        self._owned_seen: frozenset[int] = frozenset()  # shards held at the last look
         self.handlers: dict[str, Handler] = {
             "hello": self._hello,
             "runs": self.replicator.serve_runs,
@@ -135,11 +147,35 @@ class Sites:
         self.metadata: MetadataExchange | None = None
         # Placement across sites (server/_remote_tasks.py), once matching exists.
         self.remote_tasks: RemoteTasks | None = None
+        # The other nodes of this site (server/_site_nodes.py); alone until joined.
+        self.nodes = SiteNodes(None, None, None, self.links)
+        self.nodes.handlers.update(
+            {
+                "apply": self._node_apply,
+                "forward": self._node_forward,
+                "take_over": self._node_take_over,
+                "start": self._node_start,
+                "handoff": self._node_handoff,
+            }
+        )
+        self.replicator.apply = self._apply_at_owner
+        self.inbox.apply_at_home = self._forward_at_owner
 
-    def use_remote_tasks(self, remote_tasks: RemoteTasks) -> None:
-        """Offer tasks to the peers and serve theirs, on every link from now on."""
+    def join_nodes(
+        self, shards: ShardController, router: Router, credential: NodeCredential
+    ) -> SiteNodes:
+        """Act as one site with the other nodes on this store: a run's writes on the
+        owner of its shard, links announced (server/_site_nodes.py)."""
+        self.nodes.join(shards, router, credential)
+        self.inbox.owns = shards.owns
+        return self.nodes
+
+    def use_remote_tasks(self, remote_tasks: RemoteTasks, routes: MatchingRoutes) -> None:
+        """Offer tasks to the peers and serve theirs, on every link from now on, for
+        the queues of every node of this site."""
         self.remote_tasks = remote_tasks
         self.handlers.update(remote_tasks.handlers)
+        remote_tasks.join_nodes(self.nodes, routes)
 
     # ------------------------------------------------------------ wiring
 
@@ -171,8 +207,10 @@ class Sites:
     async def run(self) -> None:
         """The site's loops: hints to peers, the upstream link (an edge), and the
         take-over of runs handed here while this site was down."""
+        self._owned_seen = self.nodes.owned()  # the pass below covers these
         async with asyncio.TaskGroup() as group:
-            group.create_task(hint_loop(self.links, self._changed))
+            group.create_task(hint_loop(self.links, self._changed, self.nodes.relay_hint))
+            group.create_task(self.nodes.announce_loop())
             group.create_task(self._inbox_loop())
             if self.upstream:
                 group.create_task(self._dial_loop())
@@ -185,6 +223,12 @@ class Sites:
             self.inbox.changed.clear()
             for key in list(self._untaken):
                 await self._take_over(key)
+            owned = self.nodes.owned()
+            if owned - self._owned_seen:
+                # Shards taken from a node that died: the runs it left untaken (a
+                # SIGKILL between applying a HANDOFF and taking the run over) are ours.
+                await self._take_over_pending()
+            self._owned_seen = owned
             if not self.links():
                 with contextlib.suppress(Exception):
                     await self.inbox.flush(None)
@@ -215,7 +259,7 @@ class Sites:
 
     async def _take_over(self, key: RunKey) -> None:
         try:
-            await take_over(self._engine, key)
+            await self.nodes.at_owner(key, "take_over", "", rp.RunRef(), rp.RunRef)
         except Exception:  # the inbox loop tries again
             log.exception("taking over run %s failed", key)
             self._untaken.add(key)
@@ -223,36 +267,65 @@ class Sites:
         self._untaken.discard(key)
         log.info("site %s took over run %s", self.name, key)
 
+    # ------------------------------------------------------------ on the run's owner
+
+    async def _apply_at_owner(
+        self, key: RunKey, peer: str, batch: rp.ReadEventsResponse
+    ) -> tuple[ReplicaVerdict, str]:
+        reply = await self.nodes.at_owner(key, "apply", peer, batch, rp.ForwardedResponse)
+        return ReplicaVerdict(reply.outcome), reply.detail
+
+    async def _node_apply(self, call: cluster_pb2.SiteCallRequest) -> rp.ForwardedResponse:
+        batch = rp.ReadEventsResponse.FromString(call.body)
+        key = run_of(call)
+        verdict, detail = await self.replicator.apply_batch(key, call.peer, batch)
+        return rp.ForwardedResponse(outcome=verdict.value, detail=detail)
+
+    async def _forward_at_owner(self, request: rp.ForwardedRequest) -> rp.ForwardedResponse:
+        key = forwarded_run(request)
+        return await self.nodes.at_owner(key, "forward", "", request, rp.ForwardedResponse)
+
+    async def _node_forward(self, call: cluster_pb2.SiteCallRequest) -> rp.ForwardedResponse:
+        return await apply_request(self._engine, rp.ForwardedRequest.FromString(call.body))
+
+    async def _node_take_over(self, call: cluster_pb2.SiteCallRequest) -> rp.RunRef:
+        await take_over(self._engine, run_of(call))
+        return rp.RunRef()
+
     # ------------------------------------------------------------ links
 
     async def _dial_loop(self) -> None:
         """Keep a link to the upstream, redialled with exponential backoff (capped
         higher while the upstream refuses than while it is unreachable)."""
         while True:
+            address = self._upstreams[self._upstream_at % len(self._upstreams)]
             try:
-                linked = await self._dial_once()
+                linked = await self._dial_once(address)
             except Exception:  # a defect must not end the site's link for good
-                log.exception("link to upstream %s failed", self.upstream)
+                log.exception("link to upstream %s failed", address)
                 linked = False
             if linked:
                 self.upstream_failures = 0
                 self.upstream_backoff_s = _RECONNECT_INITIAL_S
             else:
+                # The next node of the upstream site, if it has several.
+                self._upstream_at += 1
                 self.upstream_failures += 1
                 cap = _REFUSED_MAX_S if _refusal(self.upstream_error) else _RECONNECT_MAX_S
                 self.upstream_backoff_s = min(self.upstream_backoff_s * 2, cap)
             await asyncio.sleep(self.upstream_backoff_s * random.uniform(0.5, 1.0))
 
-    def _open_channel(self) -> grpc.aio.Channel:
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
         tls = self._tls
         if tls is None:
-            return grpc.aio.insecure_channel(self.upstream, options=_CHANNEL_OPTIONS)
+            return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         options = [*_CHANNEL_OPTIONS, *tls.channel_options()]
-        return grpc.aio.secure_channel(self.upstream, tls.credentials(), options=options)
+        return grpc.aio.secure_channel(address, tls.credentials(), options=options)
 
-    async def _dial_once(self) -> bool:
-        """One link to the upstream, for as long as it lasts; whether it came up."""
-        channel = self._open_channel()
+    async def _dial_once(self, address: str) -> bool:
+        """One link to the upstream node at ``address``, for as long as it lasts;
+        whether it came up."""
+        channel = self._open_channel(address)
         try:
             stub = replication_pb2_grpc.SiteServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Link(metadata=self._credentials)
@@ -287,7 +360,7 @@ class Sites:
                 return False
             link.peer = hello.site
             self.upstream_error = ""
-            await self._attach(link, self.upstream)
+            await self._attach(link, address)
             await reader
             return True
         except grpc.aio.AioRpcError as error:
@@ -332,7 +405,7 @@ class Sites:
             raise LinkDown(f"a site must have a name other than {self.name!r}")
         if link.role == "edge" and not link.peer:
             link.peer = hello.site
-            task = asyncio.create_task(self._attach(link, ""))
+            task = asyncio.create_task(self._attach(link, self.nodes.here()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return rp.SiteHello(site=self.name)
@@ -346,6 +419,7 @@ class Sites:
         peer = self._peers.setdefault(link.peer, _Peer(link.role))
         peer.role, peer.address, peer.connected_at = link.role, address, now_micros()
         log.info("site %s: link to %s (%s) up", self.name, link.peer, link.role)
+        self.nodes.announce_now.set()
         companions = [
             asyncio.create_task(_until_down(link, self.replicator.pull_loop(link))),
             asyncio.create_task(_until_down(link, self.inbox.forward_loop(link))),
@@ -363,6 +437,7 @@ class Sites:
             await asyncio.gather(*companions, return_exceptions=True)
             if self._links.get(link.peer) is link:
                 del self._links[link.peer]
+            self.nodes.announce_now.set()
             log.info("site %s: link to %s down", self.name, link.peer)
 
     async def serve_link(
@@ -387,18 +462,25 @@ class Sites:
     ) -> service_pb2.StartWorkflowResponse:
         """A start naming another site as the run's home, sent to it over the link."""
         home = request.home_cluster
-        link = self.link_to(home)
-        if link is None:
-            raise UnavailableError(
-                f"home_cluster {home!r}: no link to that site now (this site is {self.name!r})"
-            )
-        try:
-            reply = await link.call("start", request, rp.ForwardedResponse)
-        except LinkDown as error:
-            raise UnavailableError(f"home_cluster {home!r}: {error}") from None
+        what = f"home_cluster {home!r}"
+        reply = await self._call_site(home, "start", request, rp.ForwardedResponse, what)
         if reply.outcome != "applied":
             raise UnavailableError(f"home_cluster {home!r}: {reply.detail}")
         return service_pb2.StartWorkflowResponse(run_id=reply.run_id, started=reply.started)
+
+    async def _call_site(
+        self, site: str, method: str, message: Message, reply_type: type[M], what: str
+    ) -> M:
+        """``method`` on ``site`` over the link this node, or another node of this
+        site, holds; UNAVAILABLE (``what`` says for what) while none is up."""
+        try:
+            link = self.link_to(site)
+            reply = await self.nodes.over_link(link, site, method, message, reply_type)
+        except Exception as error:  # the link, or the node holding it, went away
+            raise UnavailableError(f"{what}: {error}") from None
+        if reply is None:
+            raise UnavailableError(f"{what}: no link to it now (this site is {self.name!r})")
+        return reply
 
     async def _serve_metadata(self, link: SiteLink, body: bytes) -> wrappers_pb2.BytesValue:
         if self.metadata is None:
@@ -407,6 +489,12 @@ class Sites:
 
     async def _serve_start(self, link: SiteLink, body: bytes) -> rp.ForwardedResponse:
         request = message_of(body, service_pb2.StartWorkflowRequest)
+        key = RunKey(namespace=request.namespace, workflow_id=request.workflow_id, run_id="")
+        return await self.nodes.at_owner(key, "start", link.peer, request, rp.ForwardedResponse)
+
+    async def _node_start(self, call: cluster_pb2.SiteCallRequest) -> rp.ForwardedResponse:
+        """A start homed here that a peer sent, on the owner of the run's shard."""
+        request = service_pb2.StartWorkflowRequest.FromString(call.body)
         if request.home_cluster != self.name:
             return rp.ForwardedResponse(outcome="not_home", detail=f"this is {self.name!r}")
         request.home_cluster = ""
@@ -438,8 +526,16 @@ class Sites:
     # ------------------------------------------------------------ handoff, status
 
     async def handoff(self, request: rp.HandoffWorkflowRequest) -> rp.HandoffWorkflowResponse:
-        """Hand a run to ``to_cluster``: here if this site is its home, else at its
-        home over the link."""
+        """Hand a run to ``to_cluster`` (on the node holding the run's shard)."""
+        key = RunKey(
+            namespace=request.namespace, workflow_id=request.execution.workflow_id, run_id=""
+        )
+        return await self.nodes.at_owner(key, "handoff", "", request, rp.HandoffWorkflowResponse)
+
+    async def _node_handoff(self, call: cluster_pb2.SiteCallRequest) -> rp.HandoffWorkflowResponse:
+        """A handoff: here if this site is the run's home, else at its home over the
+        link (this node's, or the one another node holds)."""
+        request = rp.HandoffWorkflowRequest.FromString(call.body)
         execution = request.execution
         key = await self._engine.resolve_run_id(
             request.namespace, execution.workflow_id, execution.run_id
@@ -447,20 +543,22 @@ class Sites:
         ms = await self._engine.state_of(key)
         home = home_of(ms, self.name)
         if home != self.name:
-            link = self.link_to(home)
-            if link is None:
-                raise UnavailableError(f"run {key} is homed at {home!r}, not reachable now")
             forwarded = rp.HandoffWorkflowRequest()
             forwarded.CopyFrom(request)
             forwarded.execution.run_id = key.run_id
-            try:
-                return await link.call("handoff", forwarded, rp.HandoffWorkflowResponse)
-            except LinkDown as error:
-                raise UnavailableError(f"handoff at {home!r}: {error}") from None
+            what = f"run {key} is homed at {home!r}"
+            return await self._call_site(
+                home, "handoff", forwarded, rp.HandoffWorkflowResponse, what
+            )
         target = request.to_cluster
         # Sites linked with since this start, or whose runs are replicated here (a
         # restarted edge whose cloud is unreachable still knows it).
-        known = {self.name, *self._peers, *await self._store.replication.lag_by_peer()}
+        known = {
+            self.name,
+            *self._peers,
+            *self.nodes.linked_elsewhere(),
+            *await self._store.replication.lag_by_peer(),
+        }
         if target not in known:
             raise InvalidArgumentError(
                 f"to_cluster {target!r}: unknown site (known: {', '.join(sorted(known))})"
@@ -487,19 +585,23 @@ class Sites:
         response.replication_alarms, recent = await replication.alarms()
         response.recent_alarms.extend(recent)
         lag = await replication.lag_by_peer()
-        for name in sorted(set(self._peers) | set(lag)):
+        # Links other nodes of this site hold (server/_site_nodes.py): the site is
+        # linked, through that node.
+        elsewhere = self.nodes.linked_elsewhere()
+        for name in sorted(set(self._peers) | set(lag) | set(elsewhere)):
             peer = self._peers.get(name, _Peer(role="edge"))
             stats = self.replicator.peer_stats(name)
             runs, events, synced = lag.get(name, (0, 0, 0))
+            node = None if self.link_to(name) is not None else elsewhere.get(name)
             entry = response.peers.add(
                 site=name,
                 role=peer.role,
-                connected=self.link_to(name) is not None,
+                connected=self.link_to(name) is not None or node is not None,
                 runs_behind=runs,
                 events_behind=events,
                 events_pulled=stats.events_pulled,
                 requests_forwarded=stats.requests_forwarded,
-                address=peer.address,
+                address=peer.address if node is None else self.nodes.name(node),
             )
             link = self.link_to(name)
             if link is not None:

@@ -60,3 +60,27 @@ class RecordChildClosedRequest(_message.Message):
 class RecordChildClosedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SiteCallRequest(_message.Message):
+    __slots__ = ("method", "peer", "namespace", "workflow_id", "run_id", "body", "from_node")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    peer: str
+    namespace: str
+    workflow_id: str
+    run_id: str
+    body: bytes
+    from_node: str
+    def __init__(self, method: _Optional[str] = ..., peer: _Optional[str] = ..., namespace: _Optional[str] = ..., workflow_id: _Optional[str] = ..., run_id: _Optional[str] = ..., body: _Optional[bytes] = ..., from_node: _Optional[str] = ...) -> None: ...
+
+class SiteCallResponse(_message.Message):
+    __slots__ = ("body",)
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    def __init__(self, body: _Optional[bytes] = ...) -> None: ...

@@ -45,6 +45,11 @@ class ClusterServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.RecordChildClosedRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.RecordChildClosedResponse.FromString,
                 _registered_method=True)
+        self.SiteCall = channel.unary_unary(
+                '/tideflow.api.v1.ClusterService/SiteCall',
+                request_serializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.SiteCallRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.SiteCallResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -66,6 +71,16 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SiteCall(self, request, context):
+        """A site's call handed to the node of this site that can serve it
+        (server/_site_nodes.py): the owner of a run's shard (a replicated batch to apply,
+        a request forwarded by another site, a take-over), or a node holding a link to
+        another site (a change hint for it, a call over that link).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +93,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.RecordChildClosed,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.RecordChildClosedRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.RecordChildClosedResponse.SerializeToString,
+            ),
+            'SiteCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.SiteCall,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.SiteCallRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_cluster__pb2.SiteCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +154,33 @@ class ClusterService:
             '/tideflow.api.v1.ClusterService/RecordChildClosed',
             tideflow_dot_api_dot_v1_dot_cluster__pb2.RecordChildClosedRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_cluster__pb2.RecordChildClosedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SiteCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.ClusterService/SiteCall',
+            tideflow_dot_api_dot_v1_dot_cluster__pb2.SiteCallRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_cluster__pb2.SiteCallResponse.FromString,
             options,
             channel_credentials,
             insecure,
