@@ -295,6 +295,9 @@ class RemoteTasks:
         return found
 
     async def _node_offerable(self, call: cluster_pb2.SiteCallRequest) -> rp.OfferTasksRequest:
+        # The link's node asks every round: a node without a link advertises its own
+        # workers here, so the peer sees every node's (it reads their union).
+        await self._advertise()
         return rp.OfferTasksRequest(tasks=[_remote(t) for t in self._matching.offerable()])
 
     def withdraw(self, namespace: str, tasks: list[tuple[str, str]]) -> None:
