@@ -22,6 +22,7 @@ by the store's runner like the rest of the store's statements.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ INITIAL_RANGE_ID = 1
 _SHARD_COUNT = "shard_count"
 
 
+# Every call about a run asks for its shard several times (routing, the shard check,
+# the fence); the hash is pure, so busy runs' shards are remembered.
+@functools.lru_cache(maxsize=1 << 16)
 def shard_of(namespace: str, workflow_id: str, shard_count: int) -> int:
     """The shard (0 .. shard_count - 1) of every run of ``workflow_id``.
 
