@@ -58,12 +58,22 @@ class SQLiteRunner:
         self._writer = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tideflow-sqlite-w"
         )
+        # Used by the writer thread only (``_write_sync``).
+        self._write_conn: Connection | None = None
         self._readers = concurrent.futures.ThreadPoolExecutor(
             4, thread_name_prefix="tideflow-sqlite-r"
         )
 
     def _write_sync(self, fn: Callable[[Connection], T]) -> T:
-        with self._engine.begin() as conn:
+        # The writer thread keeps its connection: a pool checkout and check-in (with
+        # its reset) per transaction cost more than a small batch's statements. One
+        # that an error invalidated is replaced.
+        conn = self._write_conn
+        if conn is None or conn.invalidated or conn.closed:
+            if conn is not None:
+                conn.close()
+            conn = self._write_conn = self._engine.connect()
+        with conn.begin():
             return fn(conn)
 
     def _read_sync(self, fn: Callable[[Connection], T]) -> T:
@@ -85,4 +95,7 @@ class SQLiteRunner:
     def _shutdown(self) -> None:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        if self._write_conn is not None:  # the writer thread has ended: no race
+            self._write_conn.close()
+            self._write_conn = None
         self._engine.dispose()

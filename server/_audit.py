@@ -122,8 +122,11 @@ class AuditEntry:
 
 
 def begin(rpc: str, request: Any, context: Any) -> AuditEntry | None:
-    """The audit entry of an RPC about to be served; None for reads."""
-    return AuditEntry(rpc, request, context) if rpc in MUTATING else None
+    """The audit entry of an RPC about to be served; None for reads, and while nobody
+    reads the audit log (its level above INFO: no line would be written)."""
+    if rpc not in MUTATING or not log.isEnabledFor(logging.INFO):
+        return None
+    return AuditEntry(rpc, request, context)
 
 
 def _request_fields(request: Any, token: state_pb2.TaskToken | None) -> dict[str, str]:

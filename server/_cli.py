@@ -410,6 +410,10 @@ async def _serve(args: argparse.Namespace, url: str) -> None:
         else:
             where = f"--db {args.db}: cannot open the SQLite database"
         raise StartError(f"{where}: {_one_line(error)}") from None
+    # What start-up built (modules, the schema, the gRPC stubs) lives as long as the
+    # process: moved out of the collector's generations, the older generations' passes
+    # walk only what serving allocates.
+    gc.freeze()
     # Tests and scripts wait for this exact line on stdout to know the port.
     print(f"tideflow server listening on {server.address}", flush=True)
     if server.ui_port is not None:

@@ -104,9 +104,13 @@ def _rpc(
     its audit line (server/_audit.py) whatever its outcome. A call about one run is
     served where the run's shard is held (server/_routing.py)."""
 
+    name = method.__name__
+    skip = _CHECKED_BY_HANDLER.get(name, _NONE)
+    routed = name in ROUTED_RPCS
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: _Context) -> Resp:
-        audit = begin_audit(method.__name__, request, context)
+        audit = begin_audit(name, request, context)
 
         def audited(outcome: grpc.StatusCode, response: Any = None) -> None:
             # Written before the status is sent: once a caller sees the outcome, the
@@ -119,14 +123,14 @@ def _rpc(
             if gate is not None:
                 principal = await gate.authenticate(context.invocation_metadata())
                 note_principal(principal.name)
-            self._validator.check(request, skip=_CHECKED_BY_HANDLER.get(method.__name__, _NONE))
+            self._validator.check(request, skip=skip)
             if gate is not None:
-                namespace = await self._namespace_of(method.__name__, request)
-                gate.authorize(principal, method.__name__, namespace)
-            if self._router is not None and method.__name__ in ROUTED_RPCS:
+                namespace = await self._namespace_of(name, request)
+                gate.authorize(principal, name, namespace)
+            if self._router is not None and routed:
                 local = functools.partial(method, self, request, context)
                 response: Resp = await self._router.serve(
-                    method.__name__, request, context, local, self._open_token
+                    name, request, context, local, self._open_token
                 )
             else:
                 response = await method(self, request, context)

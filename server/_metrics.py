@@ -183,10 +183,14 @@ class RpcMetricsInterceptor(UnaryServerInterceptor):
     """Counts and times every unary RPC by service, method and status code."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
+        super().__init__()
         self._metrics = metrics
 
     def wrap(self, service: str, method: str, behavior: Behavior) -> Behavior:
         metrics = self._metrics
+        # The labelled children by status name: ``labels()`` looks them up under a lock
+        # on every call, and a method meets only a few codes.
+        children: dict[str, tuple[Any, Any]] = {}
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
@@ -200,9 +204,14 @@ class RpcMetricsInterceptor(UnaryServerInterceptor):
                 raise
             finally:
                 name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                metrics.rpc_requests.labels(service, method, name).inc()
-                elapsed = time.perf_counter() - started
-                metrics.rpc_latency.labels(service, method, name).observe(elapsed)
+                pair = children.get(name)
+                if pair is None:
+                    pair = children[name] = (
+                        metrics.rpc_requests.labels(service, method, name),
+                        metrics.rpc_latency.labels(service, method, name),
+                    )
+                pair[0].inc()
+                pair[1].observe(time.perf_counter() - started)
 
         return observed
 

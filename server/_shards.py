@@ -39,6 +39,7 @@ from tideflow.history import (
     ShardRecord,
     StoreError,
     now_micros,
+    shard_of,
 )
 
 from ._errors import UnavailableError
@@ -118,8 +119,8 @@ class ShardController:
 
     def check(self, namespace: str, workflow_id: str) -> None:
         """Raise ShardNotOwnedError unless this node serves ``workflow_id``'s runs."""
-        key = RunKey(namespace=namespace, workflow_id=workflow_id, run_id="")
-        shard = self._store.shard_of(key)
+        # Asked on every load of a run: the hash straight, without a RunKey built.
+        shard = shard_of(namespace, workflow_id, self._store.shard_count)
         if self._store.holds(shard):
             return
         raise ShardNotOwnedError(

@@ -181,7 +181,8 @@ class Sites:
 
     def committed(self, key: RunKey) -> None:
         """The engine committed a transition of ``key``: hint the peers."""
-        self._changed.put_nowait(key)
+        if self._links:  # none yet: the hint would go to nobody (a link's pass catches up)
+            self._changed.put_nowait(key)
 
     def memory_held(self) -> dict[str, int]:
         return {

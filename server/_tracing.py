@@ -28,6 +28,7 @@ def tracing_interceptor(tracer_provider: Any) -> grpc.aio.ServerInterceptor:
 
 class _TracingInterceptor(UnaryServerInterceptor):
     def __init__(self, tracer: Any) -> None:
+        super().__init__()
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._tracer = tracer

@@ -27,6 +27,7 @@ instead of refusing the request and leaving no trace in history.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -140,13 +141,13 @@ class RequestValidator:
         if depth > _MAX_MESSAGE_DEPTH:
             raise InvalidArgumentError(f"{path} nests deeper than {_MAX_MESSAGE_DEPTH} messages")
         for field, value in message.ListFields():
-            if field.name in skip:
+            field_name, is_map, repeated, limit = _facts_of(field)
+            if field_name in skip:
                 continue
-            name = f"{path}.{field.name}" if path else field.name
-            if _is_map(field):
+            name = f"{path}.{field_name}" if path else field_name
+            if is_map:
                 self._map(field, value, name, depth)
-            elif field.is_repeated:
-                limit = _MAX_REPEATED.get(field.name)
+            elif repeated:
                 if limit is not None and len(value) > limit:
                     raise InvalidArgumentError(f"{name} has more than {limit} items")
                 for index, item in enumerate(value):
@@ -288,6 +289,13 @@ def check_retry_policy(name: str, policy: common_pb2.RetryPolicy) -> None:
         raise InvalidArgumentError(name + problem.removeprefix("retry_policy"))
 
 
+@functools.cache
+def _facts_of(field: FieldDescriptor) -> tuple[str, bool, bool, int | None]:
+    """A field's name, whether it is a map, whether it is repeated, and its item limit
+    (``_MAX_REPEATED``): read from the descriptor once per field, not per request."""
+    return field.name, _is_map(field), field.is_repeated, _MAX_REPEATED.get(field.name)
+
+
 def _is_map(field: FieldDescriptor) -> bool:
     entry = field.message_type
     return field.is_repeated and entry is not None and bool(entry.GetOptions().map_entry)
@@ -303,10 +311,17 @@ def check_command_attributes(index: int, command: command_pb2.Command) -> None:
     refused types the API does not define)."""
     if command.command_type == command_pb2.COMMAND_TYPE_UNSPECIFIED:
         raise InvalidArgumentError(f"commands[{index}].command_type is unspecified")
-    type_name = command_pb2.CommandType.Name(command.command_type)
-    expected = type_name.removeprefix("COMMAND_TYPE_").lower() + "_command_attributes"
+    type_name, expected = _attributes_of_type(command.command_type)
     which = command.WhichOneof("attributes")
     if which is not None and which != expected:
         raise InvalidArgumentError(
             f"commands[{index}] is a {type_name} but carries {which}, not {expected}"
         )
+
+
+@functools.cache
+def _attributes_of_type(command_type: int) -> tuple[str, str]:
+    """A command type's name and the name of its attributes field (every completion
+    checks each command: worked out once per type)."""
+    type_name = command_pb2.CommandType.Name(command_type)
+    return type_name, type_name.removeprefix("COMMAND_TYPE_").lower() + "_command_attributes"

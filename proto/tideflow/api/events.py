@@ -75,6 +75,25 @@ def micros_to_timestamp(micros: int) -> Timestamp:
     return ts
 
 
+# How make_event sets an attribute: assigned, copied (a message) or extended (repeated).
+_SCALAR, _MESSAGE, _REPEATED = 0, 1, 2
+# (event type, attribute name) -> one of the above: the descriptor lookups cost more
+# than setting the value, and every transition builds a few events.
+_FIELD_KINDS: dict[tuple[int, str], int] = {}
+
+
+def _field_kind(attrs: Message, event_type: int, key: str) -> int:
+    kind = _FIELD_KINDS.get((event_type, key))
+    if kind is None:
+        field = attrs.DESCRIPTOR.fields_by_name[key]  # KeyError: no such attribute
+        if field.is_repeated:
+            kind = _REPEATED
+        else:
+            kind = _SCALAR if field.message_type is None else _MESSAGE
+        _FIELD_KINDS[(event_type, key)] = kind
+    return kind
+
+
 def make_event(event_type: int, event_time_micros: int, **attributes: Any) -> HistoryEvent:
     """Build an event (without an id) whose attributes are set from keyword arguments."""
     event = HistoryEvent(event_type=event_type)  # type: ignore[arg-type]
@@ -84,13 +103,13 @@ def make_event(event_type: int, event_time_micros: int, **attributes: Any) -> Hi
     for key, value in attributes.items():
         if value is None:
             continue
-        field = attrs.DESCRIPTOR.fields_by_name[key]
-        if field.message_type is not None and not field.is_repeated:
-            getattr(attrs, key).CopyFrom(value)
-        elif field.is_repeated:
-            getattr(attrs, key).extend(value)
-        else:
+        kind = _field_kind(attrs, event_type, key)
+        if kind == _SCALAR:
             setattr(attrs, key, value)
+        elif kind == _MESSAGE:
+            getattr(attrs, key).CopyFrom(value)
+        else:
+            getattr(attrs, key).extend(value)
     return event
 
 
