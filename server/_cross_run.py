@@ -25,7 +25,12 @@ from tideflow.api.v1.common_pb2 import WorkflowExecutionStatus as WS
 from tideflow.api.v1.history_pb2 import EventType, ParentClosePolicy
 from tideflow.history import HistoryStore, RunKey, TaskRow, TransferAction
 
-from ._errors import FailedPreconditionError, NotFoundError, WorkflowAlreadyStartedError
+from ._errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    UnknownSiteError,
+    WorkflowAlreadyStartedError,
+)
 from ._mutation import Mutation
 
 if TYPE_CHECKING:
@@ -115,7 +120,8 @@ async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow
         run_id = await engine.gateway.start_child(
             req, parent, task.ref_id, home=initiated.home_cluster
         )
-    except WorkflowAlreadyStartedError as exc:
+    except (WorkflowAlreadyStartedError, UnknownSiteError) as exc:
+        # Its id in use, or a home no site is named (server/_sites.py unknown_site).
         failure_cause = str(exc)
         run_id = ""
     else:
@@ -129,10 +135,15 @@ async def _start_child(engine: HistoryEngine, store: HistoryStore, task: TaskRow
 
 async def _started_elsewhere_before_close(engine: HistoryEngine, task: TaskRow) -> bool:
     """The parent closed before its child's start was recorded. A child homed at
-    another site may have been started by a delivery whose answer the link lost:
-    ask its home (starting nothing) and, if it runs, record it, which applies the
-    parent's close policy to it (``_late_child_started``); True if so. Otherwise the
-    child would run on at its home, orphaned."""
+    another site may have been started by a call whose answer never came, or be
+    started yet by one still in flight there (C slow past the call's timeout on a
+    link that stays up): no answer from C, not even "not started", is definite. So
+    the row sends the start itself, closed parent or not, and goes only once it
+    hears: the run of its request id (one run however many deliveries) is recorded,
+    which applies the parent's close policy to it (``_late_child_started``); an id
+    that another run holds leaves nothing of this request running. True once
+    recorded (tla/RemoteChild.tla ``SendStart``; "probe_after_close" is the mutant
+    that asked, starting nothing). Otherwise the child would run on, orphaned."""
     parent = await engine.state_of(task.key)
     child = parent.pending_children.get(task.ref_id)
     remote = engine.gateway.remote_children
@@ -142,11 +153,10 @@ async def _started_elsewhere_before_close(engine: HistoryEngine, task: TaskRow) 
         await engine.event(task.key, task.ref_id)
     ).start_child_workflow_execution_initiated_event_attributes
     req = _child_start_request(parent, initiated, task.ref_id)
-    run_id = await engine.gateway.start_child(
-        req, parent, task.ref_id, home=child.home_cluster, only_if_started=True
-    )
-    if not run_id:
-        return False
+    try:
+        run_id = await engine.gateway.start_child(req, parent, task.ref_id, home=child.home_cluster)
+    except (WorkflowAlreadyStartedError, UnknownSiteError):
+        run_id = ""
     await engine.update(
         task.key, "RecordChildStarted", lambda m: record_child_started(m, task, run_id, None)
     )

@@ -78,6 +78,11 @@ class InvalidArgumentError(ServiceError):
     kind = Kind.ERROR_KIND_INVALID_ARGUMENT
 
 
+class UnknownSiteError(InvalidArgumentError):
+    """A run's home names no site this site knows (server/_sites.py
+    ``Sites.unknown_site``): a child's start fails with it, not retried."""
+
+
 class NotFoundError(ServiceError):
     """``resource`` (and its ids, when known) says what was not found."""
 

@@ -33,6 +33,11 @@ class MetadataExchange:
         self._sync = sync
         self._interval_s = interval_s
 
+    def sites(self) -> set[str]:
+        """The sites whose records the document holds (every site that ever linked
+        with this one, or with its peers, publishes one)."""
+        return set(self._sync.metadata.snapshot()["sites"])
+
     async def serve(self, link: SiteLink, body: bytes) -> wrappers_pb2.BytesValue:
         """The ``metadata`` call: the update the caller lacks, given its state vector."""
         state_vector = message_of(body, wrappers_pb2.BytesValue).value

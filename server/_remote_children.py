@@ -14,6 +14,18 @@ deletes the row in the same transaction; a second answer finds the child recorde
 changes nothing. While the link is down the call fails at once and the row waits
 (``LinkPendingError``: retried, not a slot held), so nothing else waits for it.
 
+A row of a run on any node of a site of several nodes calls over the link whichever
+node holds it (``SiteNodes.over_link``, server/_site_nodes.py); the serving site
+applies the start and the close on the owner of the child's, or the parent's, shard
+(``RunGateway``, routed like any run-keyed call), whichever node holds its link.
+
+A parent that closes before it heard its child's start keeps the row, and the row
+sends the start itself: a call that got no answer (lost with the link, or C slower
+than the call's 60 s timeout on a link that stays up) may have started the child or
+may start it yet, so no answer, not even "not started", is definite. The run it
+hears of, started by then or by this call, gets the parent's close policy
+(server/_cross_run.py ``_started_elsewhere_before_close``; tla/RemoteChild.tla).
+
 The child's home keeps where its parent lives (``MutableState.parent_home_cluster``).
 Its close writes the usual CHILD_CLOSED transfer row in its own outbox; that row's
 action sends the close over the link (``child_closed``) and is deleted only once the
@@ -29,7 +41,7 @@ parent run and event, exactly once like a client's request to a replica.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
@@ -43,6 +55,7 @@ from ._errors import (
     LinkPendingError,
     NotFoundError,
     NotHomeError,
+    UnknownSiteError,
     WorkflowAlreadyStartedError,
 )
 from ._run_gateway import child_close_task, child_of, parent_of
@@ -50,6 +63,7 @@ from ._site_link import Handler, LinkDown, SiteLink, message_of
 
 if TYPE_CHECKING:
     from ._engine import HistoryEngine
+    from ._site_nodes import SiteNodes
 
 log = logging.getLogger("tideflow.server.sites")
 
@@ -69,10 +83,15 @@ class RemoteChildren:
         engine: HistoryEngine,
         site: str,
         link_to: Callable[[str], SiteLink | None],
+        nodes: SiteNodes,
+        unknown_site: Callable[[str], Awaitable[str]],
     ) -> None:
         self._engine = engine
         self.site = site
         self._link_to = link_to
+        self._nodes = nodes
+        # Why a home is refused ("" if not): server/_sites.py ``Sites.unknown_site``.
+        self._unknown_site = unknown_site
         self.handlers: dict[str, Handler] = {
             "start_child": self._serve_start,
             "child_closed": self._serve_closed,
@@ -83,19 +102,33 @@ class RemoteChildren:
         return bool(home) and home != self.site
 
     async def _call(self, home: str, method: str, request: Message) -> rp.ForwardedResponse:
-        link = self._link_to(home)
-        if link is None:
-            raise LinkPendingError(f"no link to site {home!r} now: {method} waits for it")
+        """``method`` at ``home`` over the link this node holds, or the one another node
+        of this site holds (``SiteNodes.over_link``): the rows of runs on any node's
+        shards reach the peer. LinkPendingError while no node holds one, or the call
+        failed on the way (the row is tried again)."""
         try:
-            return await link.call(method, request, rp.ForwardedResponse)
+            reply = await self._nodes.over_link(
+                self._link_to(home), home, method, request, rp.ForwardedResponse
+            )
         except LinkDown as error:
             raise LinkPendingError(f"{method} at site {home!r}: {error}") from None
+        except Exception as error:  # the node holding the link died, or dropped it
+            log.info("%s at site %s over another node's link: %s", method, home, error)
+            raise LinkPendingError(f"{method} at site {home!r}: {error}") from None
+        if reply is None:
+            raise LinkPendingError(f"no link to site {home!r} now: {method} waits for it")
+        return reply
 
     async def start(self, home: str, request: cluster_pb2.StartChildWorkflowRequest) -> str:
         """Start the child at ``home``; its run id (the run of this request id if it
-        was started before; with ``only_if_started``, that run or "").
+        was started before; with ``only_if_started``, which this site no longer
+        sends, that run or "").
         WorkflowAlreadyStartedError if its id is taken there; LinkPendingError while
-        the link is down (the transfer row waits)."""
+        the link is down (the transfer row waits). UnknownSiteError if this site
+        knows of no site ``home`` (the parent records the start as failed)."""
+        refusal = await self._unknown_site(home)
+        if refusal:
+            raise UnknownSiteError(f"home {refusal}")
         request.parent_home_cluster = self.site
         reply = await self._call(home, "start_child", request)
         if reply.outcome == NOT_STARTED:
@@ -121,7 +154,7 @@ class RemoteChildren:
         """The peer's parent starts a child homed here."""
         request = message_of(body, cluster_pb2.StartChildWorkflowRequest)
         request.parent_home_cluster = request.parent_home_cluster or link.peer
-        if request.only_if_started:
+        if request.only_if_started:  # a peer of an earlier version asking
             return await self._started_before(request.start)
         try:
             run_id = await self._engine.gateway.start_child(

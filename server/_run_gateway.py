@@ -84,13 +84,10 @@ class RunGateway:
         parent: state_pb2.MutableState,
         initiated_event_id: int,
         home: str = "",
-        *,
-        only_if_started: bool = False,
     ) -> str:
         """Start a child run of ``parent`` (homed at site ``home``, default this one);
         its run id (an earlier attempt's, on a retry). WorkflowAlreadyStartedError if
-        its id is taken. ``only_if_started`` (a child homed elsewhere): start nothing,
-        the run an earlier delivery started or ""."""
+        its id is taken."""
 
         async def local() -> cluster_pb2.StartChildWorkflowResponse:
             run_id, _ = await self._engine.start_workflow(
@@ -106,7 +103,6 @@ class RunGateway:
             ),
             parent_initiated_event_id=initiated_event_id,
             parent_home_cluster=parent.home_cluster,
-            only_if_started=only_if_started,
         )
         remote = self.remote_children
         if remote is not None and remote.elsewhere(home):

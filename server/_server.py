@@ -522,7 +522,9 @@ class TideflowServer:
         dispatch.on_commit = sites.committed
         engine.redirect_to_home = sites.redirect
         # Children homed at the other site (server/_remote_children.py).
-        children = RemoteChildren(engine, sites.name, sites.link_to)
+        children = RemoteChildren(
+            engine, sites.name, sites.link_to, sites.nodes, sites.unknown_site
+        )
         sites.handlers.update(children.handlers)
         engine.gateway.remote_children = children
         gate = gate_for(self.auth, store.api_keys, self.node_credential)

@@ -463,6 +463,9 @@ class Sites:
     ) -> service_pb2.StartWorkflowResponse:
         """A start naming another site as the run's home, sent to it over the link."""
         home = request.home_cluster
+        refusal = await self.unknown_site(home)
+        if refusal:
+            raise InvalidArgumentError(f"home_cluster {refusal}")
         what = f"home_cluster {home!r}"
         reply = await self._call_site(home, "start", request, rp.ForwardedResponse, what)
         if reply.outcome != "applied":
@@ -482,6 +485,34 @@ class Sites:
         if reply is None:
             raise UnavailableError(f"{what}: no link to it now (this site is {self.name!r})")
         return reply
+
+    async def known_sites(self) -> set[str]:
+        """This site, the sites linked with since this start (by any node of this
+        site), those whose runs are replicated here (a restarted edge whose cloud is
+        unreachable still knows it) and those of the shared metadata document (every
+        site that ever linked, directly or through its peer, publishes its record)."""
+        known = {
+            self.name,
+            *self._peers,
+            *self.nodes.linked_elsewhere(),
+            *await self._store.replication.lag_by_peer(),
+        }
+        if self.metadata is not None:
+            known |= self.metadata.sites()
+        return known
+
+    async def unknown_site(self, site: str) -> str:
+        """Why ``site``, named a run's home, is refused ("" if it is not): a name
+        this site does not know (``known_sites``). Only a site that can tell: one
+        whose metadata is open and that knows another site, or has no upstream. An
+        edge that never reached its upstream does not know the upstream's name (it
+        has only an address), so it refuses nothing and the start waits for a link."""
+        known = await self.known_sites()
+        if site in known or self.metadata is None:
+            return ""
+        if self.upstream and known == {self.name}:
+            return ""
+        return f"{site!r}: unknown site (known: {', '.join(sorted(known))})"
 
     async def _serve_metadata(self, link: SiteLink, body: bytes) -> wrappers_pb2.BytesValue:
         if self.metadata is None:
@@ -552,14 +583,7 @@ class Sites:
                 home, "handoff", forwarded, rp.HandoffWorkflowResponse, what
             )
         target = request.to_cluster
-        # Sites linked with since this start, or whose runs are replicated here (a
-        # restarted edge whose cloud is unreachable still knows it).
-        known = {
-            self.name,
-            *self._peers,
-            *self.nodes.linked_elsewhere(),
-            *await self._store.replication.lag_by_peer(),
-        }
+        known = await self.known_sites()
         if target not in known:
             raise InvalidArgumentError(
                 f"to_cluster {target!r}: unknown site (known: {', '.join(sorted(known))})"

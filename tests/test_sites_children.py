@@ -12,6 +12,7 @@ through the edge's inbox.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from helpers_sites import (
 from helpers_tla import load_tla_module
 
 from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus, workflow
-from tideflow.worker_sdk.exceptions import ChildWorkflowError
+from tideflow.worker_sdk.exceptions import ChildWorkflowError, InvalidArgumentError
 
 rt = load_tla_module("replication_trace_to_tla")
 
@@ -63,14 +64,13 @@ class Parent:
 
 @workflow.defn
 class StartsTakenId:
-    """Starts a child homed at the cloud whose id a running cloud run holds."""
+    """Starts a child homed at the cloud whose id a running cloud run holds (or
+    homed at a site no one knows)."""
 
     @workflow.run
-    async def run(self, child_id: str) -> str:
+    async def run(self, child_id: str, home: str) -> str:
         try:
-            await workflow.start_child_workflow(
-                Child.run, args=["z", True], id=child_id, home="cloud"
-            )
+            await workflow.start_child_workflow(Child.run, args=["z", True], id=child_id, home=home)
         except ChildWorkflowError:
             return "taken"
         return "started"
@@ -142,11 +142,27 @@ async def test_a_child_homed_at_the_cloud_answers_its_edge_parent(sites: SitePai
             Child.run, args=["h", True], id=f"h-{tq}", task_queue=tq
         )
         taken = await edge.execute_workflow(
-            StartsTakenId.run, f"h-{tq}", id=f"t-{tq}", task_queue=tq
+            StartsTakenId.run, args=[f"h-{tq}", "cloud"], id=f"t-{tq}", task_queue=tq
         )
         assert taken == "taken"
         failed = await history_of(edge, f"t-{tq}", "")
         assert len(of_type(failed, ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED)) == 1
+        # A home no site knows (the edge knows the cloud, linked): refused at once,
+        # a client's start with INVALID_ARGUMENT, a child's as a failed start.
+        with pytest.raises(InvalidArgumentError, match="'nowhere': unknown site"):
+            await edge.start_workflow(
+                Child.run, args=["n", False], id=f"n-{tq}", task_queue=tq, home="nowhere"
+            )
+        nowhere = await edge.execute_workflow(
+            StartsTakenId.run, args=[f"n-{tq}", "nowhere"], id=f"u-{tq}", task_queue=tq
+        )
+        assert nowhere == "taken"
+        (refused,) = of_type(
+            await history_of(edge, f"u-{tq}", ""),
+            ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
+        )
+        cause = refused.start_child_workflow_execution_failed_event_attributes.cause
+        assert "'nowhere': unknown site" in cause, cause
         await holder.signal(Child.release)
         assert await bounded(holder.result()) == f"child:h:h-{tq}"
     child = await cloud.get_workflow_handle(f"child-p-{tq}").describe()
@@ -275,29 +291,42 @@ async def _validate_traces(trace_dir: Path, jar: Path, tmp_path: Path, child_id:
 async def test_a_parent_closed_before_hearing_its_child_started_still_ends_it(
     sites: SitePair,
 ) -> None:
-    """The cloud starts the child but its answer is lost with the link; the parent is
-    terminated at the edge meanwhile. When the link is back, the edge asks the cloud
-    (starting nothing) whether that start happened, records the child and applies the
-    close policy: the child is terminated, not left running orphaned."""
+    """The cloud starts a child but its answer is lost with the link; the parent is
+    terminated at the edge meanwhile. A second parent initiates its child while the
+    link is down (its start never sent) and is terminated too. When the link is
+    back, each parent's START_CHILD row sends the start again (no answer, not even
+    "not started", is definite: a call still in flight may start the child later),
+    records the run it hears of and applies the close policy: both children end
+    terminated, one run each, none left running orphaned."""
     cloud, edge = await sites.start_linked()
     tq = f"children-{uuid.uuid4()}"
-    child_id = f"child-w-{tq}"
+    child_id, unsent_id = f"child-w-{tq}", f"child-u-{tq}"
     cloud_worker, edge_worker = _workers(cloud, edge, tq)
     async with cloud_worker, edge_worker:
         sites.proxy.hold_replies()
         parent = await edge.start_workflow(WaitsForChild.run, id=f"w-{tq}", task_queue=tq)
         await eventually(lambda: _status(cloud, child_id), "the child started at the cloud")
         sites.proxy.cut()
+        unsent = await edge.start_workflow(WaitsForChild.run, id=f"u-{tq}", task_queue=tq)
+        await eventually(lambda: _initiated(edge, unsent.id), "the second child initiated")
         await parent.terminate("closed before its child's start was recorded")
+        await unsent.terminate("closed before its child's start was sent")
         sites.proxy.restore()
-        await eventually(
-            lambda: _is(cloud, child_id, WorkflowExecutionStatus.TERMINATED),
-            "the parent-close policy terminated the child at the cloud",
-        )
-    runs = [r async for r in cloud.list_workflows(f"WorkflowId = '{child_id}'")]
-    assert len(runs) == 1
-    events = await history_of(edge, parent.id, parent.run_id or "")
-    assert not of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)
+        for child in (child_id, unsent_id):
+            await eventually(
+                functools.partial(_is, cloud, child, WorkflowExecutionStatus.TERMINATED),
+                f"the parent-close policy terminated {child} at the cloud",
+            )
+    for child, closed in ((child_id, parent), (unsent_id, unsent)):
+        runs = [r async for r in cloud.list_workflows(f"WorkflowId = '{child}'")]
+        assert len(runs) == 1, child
+        events = await history_of(edge, closed.id, closed.run_id or "")
+        assert not of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)
+
+
+async def _initiated(client: Client, workflow_id: str) -> bool:
+    events = await history_of(client, workflow_id, "")
+    return bool(of_type(events, ET.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED))
 
 
 async def _is(client: Client, workflow_id: str, status: WorkflowExecutionStatus) -> bool:

@@ -31,7 +31,7 @@ from tideflow.api.v1 import common_pb2
 from tideflow.api.v1.history_pb2 import HistoryEvent
 from tideflow.api.v1.replication_pb2 import DescribeSiteResponse
 from tideflow.history import HistoryStore, TaskKind, queue_shard_of
-from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus
+from tideflow.worker_sdk import Client, Worker, WorkflowExecutionStatus, workflow
 
 pytestmark = pytest.mark.postgres
 
@@ -40,6 +40,26 @@ EDGE_RUNS = 6  # homed at the edge, half on each cloud node's shards
 CLOUD_RUNS = 4  # homed at the cloud, half on each node's shards
 SIGNALS_PER_RUN = 2
 CANCELLED_EVERY = 3
+
+
+@workflow.defn
+class Kid:
+    @workflow.run
+    async def run(self, value: str) -> str:
+        return f"kid:{value}"
+
+
+@workflow.defn
+class ParentOfKid:
+    """Runs a child homed at ``home`` with the id ``kid_id`` (a shard chosen by the
+    test)."""
+
+    @workflow.run
+    async def run(self, kid_id: str, home: str) -> str:
+        result: str = await workflow.execute_child_workflow(
+            Kid.run, args=[home], id=kid_id, home=home
+        )
+        return f"parent:{result}"
 
 
 @dataclass
@@ -313,3 +333,49 @@ def _homed(client: Client, wid: str, rid: str, home: str) -> Callable[[], Awaita
         return bool(description.home_cluster == home)
 
     return check
+
+
+async def test_children_homed_across_the_site_from_the_node_without_the_link(
+    site: Site, store: HistoryStore
+) -> None:
+    """A cloud parent on the shard of the node not holding the link starts a child
+    homed at the edge: its START_CHILD row calls over the other node's link, and the
+    child's close comes back to the parent's node. An edge parent's child homed at
+    the cloud on that node's shard: started by its owner, its CHILD_CLOSED row sent
+    over the other node's link."""
+    owners = await wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
+    edge = await Client.connect(site.edge.address)
+    holder = site.node_behind(await wait(lambda: _link_address(edge), "the edge linked"))
+    other = next(n for n in site.nodes if n != holder)
+    via = await Client.connect(site.nodes[other].address)
+    await wait(_link_held_by(via, holder), f"{other} told that {holder} holds the link")
+    tq = f"kids-{uuid.uuid4().hex[:8]}"
+    cloud_parent, cloud_kid = workflow_ids(owners, other, 2, tq, store.shard_count)
+    polling = await Client.connect(",".join(node.address for node in site.nodes.values()))
+    async with (
+        Worker(edge, task_queue=tq, workflows=[ParentOfKid, Kid]),
+        Worker(polling, task_queue=tq, workflows=[ParentOfKid, Kid]),
+    ):
+        from_cloud = await via.start_workflow(
+            ParentOfKid.run, args=[f"edge-kid-{tq}", "edge1"], id=cloud_parent, task_queue=tq
+        )
+        from_edge = await edge.start_workflow(
+            ParentOfKid.run, args=[cloud_kid, "cloud"], id=f"edge-parent-{tq}", task_queue=tq
+        )
+        assert await asyncio.wait_for(from_cloud.result(), CONDITION_TIMEOUT_S) == (
+            "parent:kid:edge1"
+        )
+        assert await asyncio.wait_for(from_edge.result(), CONDITION_TIMEOUT_S) == (
+            "parent:kid:cloud"
+        )
+    homes = ((via, from_cloud, edge, f"edge-kid-{tq}"), (edge, from_edge, via, cloud_kid))
+    for parent_home, parent, kid_home, kid in homes:
+        described = await kid_home.get_workflow_handle(kid).describe()
+        assert described.status == WorkflowExecutionStatus.COMPLETED, kid
+        events = await history_of(parent_home, parent.id, parent.run_id or "")
+        (started,) = of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED)
+        execution = started.child_workflow_execution_started_event_attributes.workflow_execution
+        assert execution.run_id == described.run_id
+        assert len(of_type(events, ET.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED)) == 1
+    assert (await edge.get_workflow_handle(f"edge-kid-{tq}").describe()).home_cluster == "edge1"
+    assert (await via.get_workflow_handle(cloud_kid).describe()).home_cluster == "cloud"

@@ -21,20 +21,26 @@
 (* The parent may close before it heard that its child started (it is    *)
 (* terminated, or times out).  Its close policy (TERMINATE here) reaches   *)
 (* a child it knows through P's inbox (server/_inbox.py, Replication.tla). *)
-(* A start whose answer the link lost may have started the child: the row  *)
-(* then asks C, starting nothing (``only_if_started``), and a child found  *)
-(* is recorded, which applies the policy (_cross_run._late_child_started): *)
-(* without that question the child would run on, orphaned.                 *)
+(* A start whose answer never came may have started the child, or may     *)
+(* still start it: a call that gets no answer on a link that stays up      *)
+(* times out (60 s) while its request may still be served at C, and its    *)
+(* answer come, later (CallTimesOut).  So no answer, and no "not started"  *)
+(* answer either, is definite: the row keeps sending the start itself,     *)
+(* closed parent or not, until it hears the run (its request id: one run), *)
+(* which it records, applying the close policy to it                      *)
+(* (_cross_run._late_child_started).  Asking C whether it started the      *)
+(* child, starting nothing (mutant "probe_after_close", the design before) *)
+(* lets a start still in flight start it after the answer "no": orphaned.  *)
 (*                                                                         *)
 (* The link goes down and up.  Messages are reordered (the network is a    *)
 (* set) and duplicated (a delivered message stays in it); they are lost    *)
 (* when the link fails (the stream they travel on breaks).  A call is      *)
-(* outstanding until its answer or the link's failure (SiteLink.call); a   *)
-(* call that never gets an answer on a link that stays up (its 60 s        *)
-(* timeout) and a handler still running at C after its stream broke are    *)
-(* not modelled.  A SIGKILL of either site loses only what is in memory:   *)
-(* rows, runs and inbox entries are durable, so a crash is a link failure  *)
-(* and a replay of the rows, which these actions already allow.            *)
+(* outstanding until its answer, its timeout or the link's failure         *)
+(* (SiteLink.call); a handler still running at C after its stream broke    *)
+(* is a message served late, as after a timeout.  A SIGKILL of either site *)
+(* loses only what is in memory: rows, runs and inbox entries are durable, *)
+(* so a crash is a link failure and a replay of the rows, which these      *)
+(* actions already allow.                                                  *)
 (*                                                                         *)
 (* `Mutant` switches deliberately broken variants on (tla/manifest.csv).   *)
 (***************************************************************************)
@@ -93,21 +99,30 @@ Init ==
 (* P: the START_CHILD row's action (_cross_run._start_child ->             *)
 (* RunGateway.start_child -> RemoteChildren.start), one call at a time.    *)
 (* While the link is down it fails at once and the row waits               *)
-(* (LinkPendingError).  Once the parent closed with its child unrecorded   *)
-(* it asks instead (_started_elsewhere_before_close); mutant               *)
+(* (LinkPendingError).  A closed parent's row sends the start all the      *)
+(* same (_started_elsewhere_before_close).  Mutant                         *)
 (* "drop_start_row_on_parent_close" deletes the row then, as the local     *)
-(* case does.                                                              *)
+(* case does; mutant "probe_after_close" asks, starting nothing, and takes *)
+(* "not started" for an answer.                                            *)
 SendStart ==
     /\ startRow = "idle" /\ linkUp
-    /\ IF ~parentClosed
-       THEN /\ startRow' = "calling"
-            /\ net' = net \cup {Msg("start", 0)}
-       ELSE IF Mutant = "drop_start_row_on_parent_close"
+    /\ IF parentClosed /\ Mutant = "drop_start_row_on_parent_close"
        THEN /\ startRow' = "none"
             /\ UNCHANGED net
        ELSE /\ startRow' = "calling"
-            /\ net' = net \cup {Msg("probe", 0)}
+            /\ net' = net \cup {IF parentClosed /\ Mutant = "probe_after_close"
+                                THEN Msg("probe", 0) ELSE Msg("start", 0)}
     /\ UNCHANGED <<parent, parentClosed, inboxTerm, runs, closeRows, linkUp>>
+
+(* P: the call gets no answer in time on a link that stays up (its         *)
+(* request, and its answer, may still be on their way: they stay in net).  *)
+(* The row is tried again.  Mutant "drop_row_on_missing_answer": a closed  *)
+(* parent's row is deleted instead.                                        *)
+CallTimesOut ==
+    /\ linkUp /\ startRow = "calling"
+    /\ startRow' = IF parentClosed /\ Mutant = "drop_row_on_missing_answer" THEN "none"
+                   ELSE "idle"
+    /\ UNCHANGED <<parent, parentClosed, inboxTerm, runs, closeRows, net, linkUp>>
 
 (* C: RemoteChildren._serve_start.  Mutant "no_start_dedup": every start   *)
 (* makes a new run (a request id that changes per attempt).                *)
@@ -121,7 +136,8 @@ ServeStart ==
             /\ net' = net \cup {Msg("started", Len(runs) + 1)}
     /\ UNCHANGED <<parent, parentClosed, startRow, inboxTerm, closeRows, linkUp>>
 
-(* C: RemoteChildren._started_before: the run of the request id, if any.   *)
+(* C: RemoteChildren._started_before: the run of the request id, if any    *)
+(* (asked by mutant "probe_after_close"; C still answers a peer that asks).*)
 ServeProbe ==
     /\ linkUp /\ Msg("probe", 0) \in net
     /\ net' = net \cup {IF runs # <<>> THEN Msg("started", 1) ELSE Msg("not_started", 0)}
@@ -234,7 +250,7 @@ DeliverAck == \E m \in net : AckClose(m)
 SendAnyClose == \E r \in 1..MaxRuns : SendClose(r)
 
 Next ==
-    \/ SendStart \/ ServeStart \/ ServeProbe \/ DeliverStarted
+    \/ SendStart \/ CallTimesOut \/ ServeStart \/ ServeProbe \/ DeliverStarted
     \/ SendAnyClose \/ DeliverClosed \/ DeliverAck
     \/ ParentCloses \/ ForwardTerminate \/ ApplyTerminate \/ RetireTerminate
     \/ \E r \in 1..MaxRuns : ChildCloses(r)
@@ -244,7 +260,8 @@ Next ==
 (* What needs the link is strongly fair (it may fail between any two      *)
 (* steps), one condition per kind of step; retiring is weakly fair.        *)
 (* Nothing is fair about the child's own close (it may wait for ever), the *)
-(* parent's close, or the link itself: the properties assume []<>linkUp.   *)
+(* parent's close, a call's timeout, or the link itself: the properties    *)
+(* assume []<>linkUp.                                                      *)
 Spec ==
     /\ Init /\ [][Next]_vars
     /\ SF_vars(SendStart) /\ SF_vars(ServeStart) /\ SF_vars(ServeProbe)
@@ -266,15 +283,19 @@ ParentRecordsOnce ==
     /\ Count("CHILD_CLOSED") <= 1
     /\ Has("CHILD_CLOSED") => Has("CHILD_STARTED") /\ Pos("CHILD_STARTED") < Pos("CHILD_CLOSED")
 
-(* With the link up infinitely often: a child's close reaches its running  *)
-(* parent; a closed parent leaves no child running (its close policy finds *)
-(* every child, started before or after it closed); the outboxes and the   *)
-(* inbox empty.                                                            *)
+(* With the link up infinitely often (and the start's calls timing out     *)
+(* only finitely often): a child's close reaches its running parent; a     *)
+(* closed parent leaves no child running (its close policy finds every     *)
+(* child, started before or after it closed); the outboxes and the inbox   *)
+(* empty.                                                                  *)
 ParentLearnsOutcome ==
     []<>linkUp =>
         ((runs # <<>> /\ runs[1] = "closed") ~> (Has("CHILD_CLOSED") \/ parentClosed))
+(* The row's calls may time out, but not for ever: C, slow for a while,    *)
+(* answers in time again (else no start is ever known to be done).         *)
+TimeoutsEnd == ~[]<><<CallTimesOut>>_vars
 NoOrphanChild ==
-    []<>linkUp => (parentClosed ~> (startRow = "none" /\ AllRunsClosed))
+    ([]<>linkUp /\ TimeoutsEnd) => (parentClosed ~> (startRow = "none" /\ AllRunsClosed))
 Drained ==
-    []<>linkUp => <>[](startRow = "none" /\ closeRows = {} /\ ~inboxTerm)
+    ([]<>linkUp /\ TimeoutsEnd) => <>[](startRow = "none" /\ closeRows = {} /\ ~inboxTerm)
 =============================================================================
