@@ -8,7 +8,8 @@ through the node not holding the link; the cloud's own runs, on both nodes' shar
 are replicated to the edge and signalled from it. Then the node holding the link is
 SIGKILLed: the edge links to the other node, which takes the dead node's shards over,
 and everything converges: every replica equals its home's history event for event,
-every signal and cancel applied once, nothing forked.
+every signal and cancel applied once, nothing forked. Children homed across the
+sites start and report from the node not holding the link, both ways.
 """
 
 from __future__ import annotations
