@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -80,7 +80,7 @@ _OFFER_RESCAN_S = 1.0
 _REFUSED_OFFER_PAUSE_S = 10.0
 # Most (queue, capabilities) entries a site record advertises (bounded like any input).
 _MAX_ADVERTISED = 256
-_WORKERS_FIELD = "workers"
+_WORKERS = "workers"
 
 ActivityAnswer = (
     service_pb2.RespondActivityTaskCompletedRequest
@@ -192,8 +192,8 @@ class RemoteTasks:
         self._metadata = sync
 
     async def _advertise(self) -> None:
-        """Publish what this node's activity workers offer, per queue (written only
-        when it changed; each node of the site its own field)."""
+        """Publish what this node's activity workers offer, per queue, as this node's
+        entry of the ``workers`` collection (written only when it changed)."""
         if self._metadata is None:
             return
         entries = sorted(
@@ -202,24 +202,22 @@ class RemoteTasks:
                 for namespace, task_queue, w in self._matching.advertised()
             }
         )[:_MAX_ADVERTISED]
-        node = self._metadata.metadata.node_id
-        field = f"{_WORKERS_FIELD}@{node}" if node else _WORKERS_FIELD
+        document = self._metadata.metadata
+        key = f"{document.site}@{document.node_id or 'node'}"
         advertised = [
             [ns, tq, tier, list(labels), mem, cores] for ns, tq, tier, labels, mem, cores in entries
         ]
-        await self._metadata.publish_site(**{field: advertised})
+        if document.get(_WORKERS, key) != advertised:
+            await document.put(_WORKERS, key, advertised)
 
-    def _peer_workers(self, peer: str) -> dict[tuple[str, str], list[WorkerSite]] | None:
-        """The workers ``peer`` advertises, by (namespace, task queue); None if its
-        record advertises none (offer it everything)."""
-        if self._metadata is None:
-            return None
-        record: dict[str, Any] = self._metadata.metadata.get("sites", peer) or {}
-        fields = [v for k, v in record.items() if k.split("@")[0] == _WORKERS_FIELD]
-        if not fields:
-            return None
+    def _peer_workers(self, peer: str) -> dict[tuple[str, str], list[WorkerSite]]:
+        """The workers ``peer``'s nodes advertise, by (namespace, task queue)."""
         found: dict[tuple[str, str], list[WorkerSite]] = {}
-        for entries in fields:
+        if self._metadata is None:
+            return found
+        for key, entries in self._metadata.metadata.snapshot()[_WORKERS].items():
+            if key.partition("@")[0] != peer:
+                continue
             for namespace, task_queue, tier, labels, memory_mb, cores in entries or []:
                 worker = WorkerSite("", peer, int(tier), frozenset(labels), memory_mb, cores)
                 found.setdefault((namespace, task_queue), []).append(worker)
@@ -269,14 +267,15 @@ class RemoteTasks:
 
     def _meeting(self, link: SiteLink, offerable: list[TaskRow]) -> dict[str, TaskRow]:
         """The ``offerable`` tasks some worker ``link.peer`` advertises could meet, by
-        task key (the others noted for describe)."""
+        task key (the others noted for describe). A queue the peer advertises no worker
+        for is offered: its record may lag behind a worker that just started polling."""
         workers = self._peer_workers(link.peer)
         meeting: dict[str, TaskRow] = {}
         declined = self._declined[link] = set()
         for task in offerable:
             placement = decode(task.placement)
-            candidates = [] if workers is None else workers.get(_queue_of(task), [])
-            if workers is None or placement is None or any(map(placement.admits, candidates)):
+            candidates = workers.get(_queue_of(task))
+            if placement is None or not candidates or any(map(placement.admits, candidates)):
                 meeting[task.task_key] = task
             else:
                 declined.add(task.task_key)

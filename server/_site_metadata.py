@@ -48,7 +48,10 @@ from pycrdt import Doc, Map
 from tideflow.history import HistoryStore, SiteMetadataRecord
 
 #: The collections of the document.
-COLLECTIONS = ("schedules", "namespaces", "search_attributes", "sites")
+# ``workers``: what each node's activity workers offer, keyed ``<site>@<node>`` (one
+# entry per node: the nodes of one site share its slot of a ``sites`` record, so a
+# field there written by two nodes would be lost to Yrs' client-id rule).
+COLLECTIONS = ("schedules", "namespaces", "search_attributes", "sites", "workers")
 DOC_NAME = "shared"
 _SEP = "\x1f"
 # Yrs client ids are unsigned; JavaScript peers read them as doubles: stay below 2**53.
