@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -94,6 +96,10 @@ class SQLiteRunner:
         # How long this process waited for the file's write lock and held it (the
         # lock is shared with every other process on the file: cluster nodes).
         self.lock_times = WriteLockTimes()
+        # Taken around each write transaction by every process on the file (next to
+        # it, like SQLite's -wal and -shm files; released by the kernel if the process
+        # dies).
+        self._turn = os.open(f"{path}-writer", os.O_RDWR | os.O_CREAT, 0o644)
         self._writer = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tideflow-sqlite-w"
         )
@@ -114,12 +120,19 @@ class SQLiteRunner:
             conn = self._write_conn = self._engine.connect()
         asked = time.perf_counter()
         granted: float | None = None
+        # The queue in front of SQLite's lock: a process waiting here blocks in the
+        # kernel and is woken when the holder lets go, where SQLite's busy handler
+        # polls with sleeps growing to 100 ms (measured: waits of up to 440 ms between
+        # two nodes' transactions of a few ms). SQLite's own lock still decides;
+        # a writer that does not take this one is waited for by busy_timeout.
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
         try:
             with conn.begin():
                 self._begin_immediate(conn)
                 granted = time.perf_counter()
                 return fn(conn)
         finally:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
             self.lock_times.add(asked, granted, time.perf_counter())
 
     @staticmethod
@@ -165,3 +178,4 @@ class SQLiteRunner:
             self._write_conn.close()
             self._write_conn = None
         self._engine.dispose()
+        os.close(self._turn)
