@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 
 log = logging.getLogger("tideflow.history")
+#: Write transactions after which a closing runner logs its write-lock times.
+_LOCK_LOG_MIN_TRANSACTIONS = 100
 
 
 @dataclass(slots=True)
@@ -171,7 +173,10 @@ class SQLiteRunner:
         await loop.run_in_executor(None, self._shutdown)
 
     def _shutdown(self) -> None:
-        log.info("sqlite write lock: %s", self.lock_times)
+        # Only after serving: a refused start or a one-off command writes a handful
+        # of transactions, and its error must stay the one line on stderr.
+        if self.lock_times.transactions >= _LOCK_LOG_MIN_TRANSACTIONS:
+            log.info("sqlite write lock: %s", self.lock_times)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         if self._write_conn is not None:  # the writer thread has ended: no race
