@@ -299,7 +299,7 @@ def _spawn_server(
     setup: Setup, index: int, db_url: str, port: int, sqlite_synchronous: str | None = None
 ) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "tideflow.cli", "server", setup.command, "--db-url", db_url]
-    if sqlite_synchronous and setup.nodes is None and db_url.startswith("sqlite"):
+    if sqlite_synchronous and db_url.startswith("sqlite"):
         argv += ["--sqlite-synchronous", sqlite_synchronous]
     argv += ["--port", str(port), "--ip", "127.0.0.1"]
     argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]

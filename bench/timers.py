@@ -16,7 +16,13 @@ of them sleep before it), waits for all of them to finish, and prints one JSON l
 - ``peak_timer_rows_in_memory``: the most timer rows the server's timer queue held at
   once (the line the server logs when it stops), against its limit.
 
+With ``--nodes N`` the server is N ``tideflow server start`` nodes on the one database
+(a SQLite file too): each fires the timers of the shards it holds, so the fires spread
+over N processes; the client and the workers connect to every node, and the
+``fire_committed_lateness_ms`` / ``peak_timer_rows_in_memory`` figures are per node.
+
     python bench/timers.py --workflows 10000
+    python bench/timers.py --workflows 10000 --nodes 2
     python bench/timers.py --workflows 2000 --db-url postgresql://postgres@127.0.0.1/bench
 """
 
@@ -38,6 +44,7 @@ import uuid
 from pathlib import Path
 
 from tideflow.api.v1.history_pb2 import EventType, HistoryEvent
+from tideflow.history import HistoryStore, now_micros
 from tideflow.worker_sdk import Client, Worker, workflow
 
 TASK_QUEUE = "bench-timers"
@@ -155,24 +162,62 @@ def _committed_from_log(log_path: Path) -> dict[str, float] | None:
     return {"p50_ms": float(p50), "p99_ms": float(p99), "max_ms": float(most), "fires": int(fires)}
 
 
+def _spawn_server(
+    args: argparse.Namespace, db_url: str, index: int, log_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``start-dev``, or node ``index`` of ``--nodes``; its address once it listens."""
+    port = _free_port()
+    command = [sys.executable, "-m", "tideflow.cli", "server"]
+    if args.nodes is None:
+        command += ["start-dev", "--db-url", db_url, "--no-ui"]
+    else:
+        command += ["start", "--db-url", db_url, "--auth", "off"]
+        command += ["--node-id", f"bench-node-{index}"]
+    # INFO: the timer queue's stop line reports the peak of rows it held.
+    command += ["--port", str(port), "--log-level", "INFO"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, env=env)
+    assert server.stdout is not None
+    line = server.stdout.readline().decode()
+    if "listening" not in line:
+        raise RuntimeError(f"server did not start: {line!r}")
+    return server, f"127.0.0.1:{port}"
+
+
+async def _shards_spread(db_url: str, nodes: int) -> None:
+    """Wait until each of the ``nodes`` nodes holds shards and no shard is free (a node
+    that joined later gets its share a moment after it started)."""
+    store = await HistoryStore.open(db_url)
+    try:
+        for _ in range(600):
+            now = now_micros()
+            held = [r.owner for r in await store.read_shards() if not r.free_at(now)]
+            if len(held) == store.shard_count and len(set(held)) == nodes:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the shards did not spread over {nodes} nodes")
+    finally:
+        await store.close()
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="tideflow-bench-"))
     db_url = args.db_url or f"sqlite:///{tmp / 'bench.db'}"
-    port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    server_log = tmp / "server.log"
-    command = [sys.executable, "-m", "tideflow.cli", "server", "start-dev", "--db-url", db_url]
-    # INFO: the timer queue's stop line reports the peak of rows it held.
-    command += ["--port", str(port), "--log-level", "INFO", "--no-ui"]
-    with server_log.open("wb") as log_file:
-        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, env=env)
+    logs = [tmp / f"server-{i + 1}.log" for i in range(args.nodes or 1)]
+    servers: list[subprocess.Popen[bytes]] = []
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline().decode()
-        if "listening" not in line:
-            raise RuntimeError(f"server did not start: {line!r}")
-        address = f"127.0.0.1:{port}"
+        addresses = []
+        # One after the other: the first node initialises the database.
+        for index, log_path in enumerate(logs):
+            server, address = _spawn_server(args, db_url, index + 1, log_path)
+            servers.append(server)
+            addresses.append(address)
+        if args.nodes is not None:
+            await _shards_spread(db_url, args.nodes)
+        address = ",".join(addresses)
         for _ in range(args.workers):
             workers.append(
                 subprocess.Popen([sys.executable, __file__, "--worker", address], env=env)
@@ -181,24 +226,28 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         result = await _run(client, args)
         await client.close()
     finally:
-        for proc in workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        # Workers first: the servers' stop lines are the fire figures.
+        for group, grace_s in ((workers, 10), (servers, 30)):
+            for proc in group:
+                proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    per_node = args.nodes is not None
     return {
         "store": "sqlite" if db_url.startswith("sqlite") else db_url.split(":")[0],
+        "server": "start-dev" if args.nodes is None else "start",
+        "nodes": args.nodes or 1,
         "workers": args.workers,
         **result,
-        "peak_timer_rows_in_memory": _peak_from_log(server_log),
-        "fire_committed_lateness_ms": _committed_from_log(server_log),
+        "peak_timer_rows_in_memory": [_peak_from_log(p) for p in logs]
+        if per_node
+        else _peak_from_log(logs[0]),
+        "fire_committed_lateness_ms": [_committed_from_log(p) for p in logs]
+        if per_node
+        else _committed_from_log(logs[0]),
     }
 
 
@@ -214,6 +263,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--concurrency", type=int, default=100, help="starts in flight at once")
     parser.add_argument("--db-url", default=None)
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="run N `tideflow server start` nodes on the database instead of start-dev",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.worker:

@@ -369,7 +369,9 @@ def check_fence_txn(
     nothing: CockroachDB does not even take ``FOR SHARE`` locks at SERIALIZABLE unless
     told to (``enable_shared_locking_for_serializable``), and leaving the clause out
     keeps PostgreSQL at SERIALIZABLE on exactly the statements CockroachDB runs. SQLite
-    has one writer at a time and ignores the clause anyway.
+    has one writer at a time, across every process on the file, and ignores the clause
+    anyway: its write transactions take the file's write lock at BEGIN IMMEDIATE
+    (``history/_sqlite.py``), before this read, so W and A are strictly serial.
 
     Returns the range ids read (shard -> range id): trace mode logs them with each
     committed write, as the store's own account of the fence (tla/TraceShardLease.tla)."""
@@ -379,7 +381,8 @@ def check_fence_txn(
     if conn.dialect.name == "sqlite":
         # Straight on the sqlite3 cursor, as the batch's writes are
         # (history/_batch_write.py): SQLAlchemy's execution path cost more than the
-        # read. SQLite has one writer at a time, so no lock clause either way.
+        # read. SQLite has one writer at a time (this transaction holds the file's
+        # write lock since its BEGIN IMMEDIATE), so no lock clause either way.
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             marks = ",".join("?" * len(shards))

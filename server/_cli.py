@@ -100,12 +100,7 @@ def _add_start_dev(server_sub: Any) -> None:
         f"(default: {_DEFAULT_DB_WAIT_S:g})",
     )
     dev.add_argument("--log-level", default="INFO")
-    dev.add_argument(
-        "--sqlite-synchronous",
-        default="NORMAL",
-        choices=["NORMAL", "FULL"],
-        help="NORMAL survives process crashes; FULL also survives power loss",
-    )
+    _add_sqlite_synchronous(dev)
     dev.add_argument(
         "--ui-port",
         type=int,
@@ -121,12 +116,25 @@ def _add_start_dev(server_sub: Any) -> None:
     add_auth_arguments(dev, default_mode=AuthMode.OFF)
 
 
+def _add_sqlite_synchronous(parser: Any) -> None:
+    parser.add_argument(
+        "--sqlite-synchronous",
+        default="NORMAL",
+        choices=["NORMAL", "FULL"],
+        help="NORMAL survives process crashes; FULL also survives power loss",
+    )
+
+
 def _add_start(server_sub: Any) -> None:
     node = server_sub.add_parser(
-        "start", help="start one node of a cluster on a shared PostgreSQL database"
+        "start",
+        help="start one node of a cluster on a shared database (PostgreSQL, or one "
+        "SQLite file for the nodes of one machine)",
     )
     node.add_argument(
-        "--db-url", required=True, help="the cluster's database, e.g. postgresql://host/db"
+        "--db-url",
+        required=True,
+        help="the cluster's database, e.g. postgresql://host/db or sqlite:///path.db",
     )
     node.add_argument("--port", type=int, default=7233)
     node.add_argument("--ip", default="127.0.0.1")
@@ -158,6 +166,7 @@ def _add_start(server_sub: Any) -> None:
         help="seconds to wait for an unreachable database at start (default 60)",
     )
     node.add_argument("--log-level", default="INFO")
+    _add_sqlite_synchronous(node)
     node.add_argument(
         "--ui-port", type=int, default=None, help="serve the web UI and HTTP API on this port"
     )
@@ -374,6 +383,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         config=ServerConfig(
             shard_count=args.shards,
             lease_s=args.lease_seconds,
+            sqlite_synchronous=args.sqlite_synchronous,
             store_start_timeout_s=args.db_wait,
             **_site_config(args),
         ),

@@ -112,14 +112,19 @@ def workflow_ids(
 
 
 @contextlib.asynccontextmanager
-async def workers(*nodes: ServerProcess) -> AsyncIterator[dict[str, Client]]:
-    """A client and a worker per node; the workers stop at the end (a dead node's
-    worker is abandoned after a short wait)."""
+async def workers(
+    *nodes: ServerProcess, more_workflows: Sequence[type] = ()
+) -> AsyncIterator[dict[str, Client]]:
+    """A client and a worker per node (``Pause`` and ``more_workflows``); the workers
+    stop at the end (a dead node's worker is abandoned after a short wait)."""
     clients = {n.name: await Client.connect(n.address) for n in nodes}
     # A worker gets tasks of every node's runs through its own node (task queues are
     # served across nodes), and its reports reach the run's owner (forwarding).
     polling = [await Client.connect(n.address) for n in nodes]
-    running = [Worker(c, task_queue=QUEUE, workflows=[Pause], activities=[double]) for c in polling]
+    running = [
+        Worker(c, task_queue=QUEUE, workflows=[Pause, *more_workflows], activities=[double])
+        for c in polling
+    ]
     for w in running:
         w.start()
     try:
@@ -167,3 +172,24 @@ async def sleeping(client: Client, workflow_ids: Sequence[str]) -> bool:
         if not any(e.event_type == ET.EVENT_TYPE_TIMER_STARTED for e in history.events):
             return False
     return True
+
+
+async def wait_for_steals(trace_dir: Path, thief: str, victim: str, shards: set[int]) -> None:
+    """Wait until node ``thief`` traced acquiring exactly ``shards`` from ``victim``
+    (a trace line follows its acquire's commit: waited for, not read at once); each was
+    stolen once the lease had expired by the thief's clock, and bumped the range id
+    (the fence's token) by one."""
+
+    def stolen() -> dict[int, Any]:
+        return {
+            e["shard"]: e
+            for e in lease_trace(trace_dir, thief)
+            if e["action"] == "AcquireShard" and e["previous_owner"] == victim and e["range"]
+        }
+
+    await wait(lambda: set(stolen()) >= shards, f"{thief}'s steals in its trace")
+    steals = stolen()
+    assert set(steals) == shards, (sorted(steals), sorted(shards))
+    for steal in steals.values():
+        assert steal["stolen"] and steal["now"] > steal["expires_at"], steal
+        assert steal["range"] == steal["read_range"] + 1, steal

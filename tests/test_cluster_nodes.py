@@ -30,7 +30,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import PG_SERIALIZABLE, serializable_url
@@ -44,6 +43,7 @@ from helpers_cluster import (
     start_node,
     start_sleeping,
     wait,
+    wait_for_steals,
     workers,
     workflow_ids,
 )
@@ -201,22 +201,8 @@ async def test_sigkilled_node_shards_are_served_within_the_lease(
         print(f"takeover after SIGKILL: {takeover_s:.2f} s (lease {LEASE_S} s)")
         # Each of node-a's shards was stolen by node-b once its lease had expired by
         # node-b's clock, and the steal bumped the range id (the fence's token).
-        # (A trace line follows its acquire's commit: waited for, not read at once.)
         dead = {shard for shard, owner in owners.items() if owner == "node-a"}
-
-        def stolen() -> dict[int, Any]:
-            return {
-                e["shard"]: e
-                for e in lease_trace(trace_dir, b.name)
-                if e["action"] == "AcquireShard" and e["previous_owner"] == "node-a" and e["range"]
-            }
-
-        await wait(lambda: set(stolen()) >= dead, "node-b's steals in its trace")
-        steals = stolen()
-        assert set(steals) == dead, (sorted(steals), sorted(dead))
-        for steal in steals.values():
-            assert steal["stolen"] and steal["now"] > steal["expires_at"], steal
-            assert steal["range"] == steal["read_range"] + 1, steal
+        await wait_for_steals(trace_dir, b.name, "node-a", dead)
         for n, workflow_id in enumerate(doomed):
             assert await result(clients["node-b"], workflow_id) == f"{n}:{n * 4}"
             await check_history(clients["node-b"], workflow_id)
