@@ -104,6 +104,9 @@ class Runner(Protocol):
 
 
 class DirectTransactions(Protocol):
+    #: The one-round-trip batch function, once installed (``_pg_commit_function``).
+    batch_function: str | None
+
     async def transaction(self, fn: Callable[[Any], Awaitable[T]], *, implicit: bool = False) -> T:
         """Run ``fn`` on the driver's own connection in one transaction: an explicit
         one, or (``implicit``) the one of the single statement ``fn`` runs."""
