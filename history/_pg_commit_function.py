@@ -245,13 +245,16 @@ async def commit_batch_once(
             *_columns(rows.new_timers, _TIMER_COLUMNS),
         )
     except asyncpg.PostgresError as exc:
-        raise _refusal(exc, rows) from exc
+        refusal = _refusal(exc, rows)
+        if refusal is None:
+            raise
+        raise refusal from exc
     shards, range_ids = found
     return cluster.fence_verdict(tokens, dict(zip(shards or (), range_ids or (), strict=True)))
 
 
-def _refusal(exc: Any, rows: BatchRows) -> BaseException:
-    """The store's error for a check the function failed; other errors unchanged."""
+def _refusal(exc: Any, rows: BatchRows) -> Exception | None:
+    """The store's error for a check the function failed; None for other errors."""
     code = getattr(exc, "sqlstate", None)
     if code == _FENCE_REFUSED:
         shard, held, actual = (int(part) for part in str(exc.detail).split())
@@ -260,7 +263,7 @@ def _refusal(exc: Any, rows: BatchRows) -> BaseException:
         return stale_error(rows)
     if code == _REPLACED:
         return replaced_error(rows.currents[int(exc.detail)][1])
-    return exc  # type: ignore[no-any-return]
+    return None
 
 
 async def write_batch_direct(
