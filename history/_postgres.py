@@ -52,8 +52,10 @@ MAX_CONNECTIONS_ENV = "TIDEFLOW_DB_MAX_CONNECTIONS"
 #: Without it: a pool of 10 (10 more on demand) and the group commit's 4 direct lanes.
 _DEFAULT_POOL = (10, 10)
 _DEFAULT_LANES = 4
-# What asyncpg says when a connection is still running a statement (sent nothing).
-_BUSY = "another operation is in progress"
+# What asyncpg says, before sending anything, on a connection still running a statement
+# ("another operation is in progress", or "cannot switch to state ...; another operation
+# (N) is in progress" from its protocol).
+_BUSY = "another operation"
 COCKROACH_EXTRA = 'pip install "tideflow[cockroachdb]"'
 
 
@@ -209,7 +211,7 @@ class DirectConnections:
         try:
             try:
                 result = await fn(conn)
-            except asyncpg.InterfaceError as exc:
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
                 if not implicit or _BUSY not in str(exc):
                     raise
                 # An idle connection left mid-operation: asyncpg refused the statement
