@@ -104,8 +104,12 @@ class Runner(Protocol):
 
 
 class DirectTransactions(Protocol):
-    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run ``fn`` on the driver's own connection in one transaction."""
+    #: The one-round-trip batch function, once installed (``_pg_commit_function``).
+    batch_function: str | None
+
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]], *, implicit: bool = False) -> T:
+        """Run ``fn`` on the driver's own connection in one transaction: an explicit
+        one, or (``implicit``) the one of the single statement ``fn`` runs."""
         ...
 
 
@@ -315,12 +319,15 @@ class GuardedRunner:
     async def write(self, fn: Callable[[Connection], T]) -> T:
         return await self._rerun_conflicts(lambda: _guarded(self._inner.write(fn)))
 
-    async def write_direct(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def write_direct(self, fn: Callable[[Any], Awaitable[T]], *, implicit: bool = False) -> T:
         """``write`` of an async function of the driver's own connection, on a runner
-        with ``direct`` connections (PostgreSQL's asyncpg: ``_postgres.py``)."""
+        with ``direct`` connections (PostgreSQL's asyncpg: ``_postgres.py``);
+        ``implicit``: ``fn`` runs one statement, outside an explicit transaction."""
         direct = self.direct
         assert direct is not None
-        return await self._rerun_conflicts(lambda: _guarded(direct.transaction(fn)))
+        return await self._rerun_conflicts(
+            lambda: _guarded(direct.transaction(fn, implicit=implicit))
+        )
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await retrying(

@@ -52,6 +52,10 @@ MAX_CONNECTIONS_ENV = "TIDEFLOW_DB_MAX_CONNECTIONS"
 #: Without it: a pool of 10 (10 more on demand) and the group commit's 4 direct lanes.
 _DEFAULT_POOL = (10, 10)
 _DEFAULT_LANES = 4
+# What asyncpg says, before sending anything, on a connection still running a statement
+# ("another operation is in progress", or "cannot switch to state ...; another operation
+# (N) is in progress" from its protocol).
+_BUSY = "another operation"
 COCKROACH_EXTRA = 'pip install "tideflow[cockroachdb]"'
 
 
@@ -188,18 +192,35 @@ class DirectConnections:
         self._dsn = target.url.set(drivername="postgresql").render_as_string(False)
         self._keep = keep
         self._begin = "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        # A statement outside an explicit transaction runs at the session's default.
+        self._settings = {"default_transaction_isolation": "serializable"}
         if target.isolation != SERIALIZABLE:
             self._begin = "BEGIN"  # the database's default: READ COMMITTED
+            self._settings = {}
         self._idle: list[Any] = []
+        # The one-round-trip batch function, once installed (_pg_commit_function.py).
+        self.batch_function: str | None = None
 
-    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]], *, implicit: bool = False) -> T:
         """Run ``fn`` on a connection in one transaction: committed if it returns,
-        rolled back if it raises. A constraint violation is raised as SQLAlchemy's
-        ``IntegrityError`` (what the store maps to a race); other errors as asyncpg's."""
-        conn = await self._begun()
+        rolled back if it raises. ``implicit``: ``fn`` runs a single statement, no
+        BEGIN or COMMIT around it (its implicit transaction commits it). A constraint
+        violation is raised as SQLAlchemy's ``IntegrityError`` (what the store maps to
+        a race); other errors as asyncpg's."""
+        conn = await (self._taken() if implicit else self._begun())
         try:
-            result = await fn(conn)
-            await conn.execute("COMMIT")
+            try:
+                result = await fn(conn)
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                if not implicit or _BUSY not in str(exc):
+                    raise
+                # An idle connection left mid-operation: asyncpg refused the statement
+                # before sending it, so a fresh connection takes its place.
+                conn.terminate()
+                conn = await self._connect()
+                result = await fn(conn)
+            if not implicit:
+                await conn.execute("COMMIT")
         except BaseException as exc:
             await self._settle(conn, exc)
             if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
@@ -222,13 +243,28 @@ class DirectConnections:
                 conn.terminate()
                 break
             return conn
-        conn = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_S)
+        conn = await self._connect()
         try:
             await conn.execute(self._begin)
         except BaseException:
             conn.terminate()
             raise
         return conn
+
+    async def _taken(self) -> Any:
+        """An idle (or new) connection, nothing begun on it. One the database closed
+        while idle is dropped here if asyncpg read the goodbye; if not, the statement
+        meets a closed connection and the write is in doubt (the store retries it)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+        return await self._connect()
+
+    async def _connect(self) -> Any:
+        return await asyncpg.connect(
+            self._dsn, timeout=_CONNECT_TIMEOUT_S, server_settings=self._settings
+        )
 
     async def _settle(self, conn: Any, failure: BaseException) -> None:
         """After a failure: roll back and keep the connection, or drop it if it broke

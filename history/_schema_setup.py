@@ -11,6 +11,7 @@ import functools
 import logging
 
 from . import _cluster as cluster
+from . import _pg_commit_function as pg_commit_function
 from . import _schema as s
 from ._dialects import Runner, is_created_meanwhile
 
@@ -30,12 +31,15 @@ async def create_schema(runner: Runner) -> None:
     for attempt in range(_SCHEMA_ATTEMPTS):
         try:
             await runner.write(lambda conn: s.metadata.create_all(conn))
-            return
+            break
         except Exception as exc:
             if attempt == _SCHEMA_ATTEMPTS - 1 or not is_created_meanwhile(exc):
                 raise
             log.info("another node created part of the schema meanwhile; looking again")
             await asyncio.sleep(_SCHEMA_RETRY_S * (attempt + 1))
+    if runner.name == "postgresql" and getattr(runner, "direct", None) is not None:
+        # The one-round-trip batch commit (CockroachDB keeps BEGIN ... COMMIT).
+        await pg_commit_function.install(runner)
 
 
 async def upgrade_columns(runner: Runner, shard_count: int) -> None:

@@ -48,7 +48,7 @@ from ._errors import (
     ShardOwnershipLostError,
     StoreUnavailableError,
 )
-from ._pg_batch import apply_batch_direct
+from ._pg_commit_function import write_batch_direct
 from ._records import (
     CurrentRecord,
     ExecutionRecord,
@@ -423,9 +423,7 @@ class HistoryStore:
         async def attempt() -> dict[int, int]:
             try:
                 if self._runner.direct is not None:
-                    return await self._runner.write_direct(
-                        lambda conn: apply_batch_direct(conn, rows, tokens, fence)
-                    )
+                    return await write_batch_direct(self._runner, rows, tokens, fence)
                 return await self._runner.write(lambda conn: apply_batch(conn, rows, tokens, fence))
             except IntegrityError as exc:
                 raise Rejected(_integrity_error(exc, transitions)) from exc

@@ -43,8 +43,8 @@ from tideflow.history import (
     ShardOwnershipLostError,
     shard_of,
 )
+from tideflow.history import _pg_commit_function as pg_commit_function
 from tideflow.history import _schema as schema
-from tideflow.history import _store as store_module
 from tideflow.history._dialects import GuardedRunner, open_runner
 from tideflow.history._pg_batch import apply_batch_direct
 from tideflow.worker_sdk import Client
@@ -291,7 +291,7 @@ def after_fence_read(
         async def watched(conn: Any, *args: Any) -> dict[int, int]:
             return await direct(_FenceReadThen(conn, listener), *args)
 
-        monkeypatch.setattr(store_module, "apply_batch_direct", watched)
+        monkeypatch.setattr(pg_commit_function, "apply_batch_direct", watched)
 
     yield arm
     for listener in listeners:
@@ -319,6 +319,10 @@ async def test_a_write_racing_a_takeover_is_ordered_before_it_or_refused(
     aborts A (40001), the store runs it again, and the fence refuses it."""
     shard = 3
     a = await HistoryStore.open(serializable)
+    # BEGIN ... COMMIT (CockroachDB's shape): the interlude needs a point between the
+    # fence read and the commit on the client's side, which one call has not.
+    assert a._runner.direct is not None
+    a._runner.direct.batch_function = None
     try:
         range_a = await a.acquire_shard(await a.read_shard(shard), "node-a", -1)  # lapses
         assert range_a is not None

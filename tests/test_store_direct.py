@@ -30,10 +30,11 @@ from tideflow.history import (
     CurrentWrite,
     HistoryStore,
     RunKey,
+    ShardOwnershipLostError,
 )
-from tideflow.history import _store as store_module
+from tideflow.history import _pg_commit_function as pg_commit_function
 from tideflow.history._dialects import open_runner
-from tideflow.history._pg_batch import apply_batch_direct
+from tideflow.history._pg_commit_function import FUNCTION_NAME
 from tideflow.history._postgres import DirectConnections
 
 pytestmark = pytest.mark.postgres
@@ -46,10 +47,21 @@ def url(request: pytest.FixtureRequest, pg_url: str) -> str:
     return serializable_url(pg_url) if request.param == "serializable" else pg_url
 
 
+@pytest.fixture(params=["one-statement", "begin-commit"])
+def shape(request: pytest.FixtureRequest) -> str:
+    """How a batch is committed: one call of the batch function (PostgreSQL's path),
+    or BEGIN, statements, COMMIT (CockroachDB's, and batches with visibility rows)."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def store(url: str) -> AsyncIterator[HistoryStore]:
+async def store(url: str, shape: str) -> AsyncIterator[HistoryStore]:
     opened = await HistoryStore.open(url)
-    assert opened._runner.direct is not None  # the direct path is the one under test
+    direct = opened._runner.direct
+    assert isinstance(direct, DirectConnections)  # the direct path is the one under test
+    assert direct.batch_function == FUNCTION_NAME
+    if shape == "begin-commit":
+        direct.batch_function = None
     try:
         yield opened
     finally:
@@ -77,23 +89,38 @@ def _around_batch(
 ) -> list[int]:
     """Run ``before``/``after`` (once) around the next direct batch write, with its
     connection; returns the list of backends the batch writes ran on."""
-    direct = apply_batch_direct
     pids: list[int] = []
 
-    async def wrapped(conn: Any, *args: Any) -> dict[int, int]:
-        nonlocal before, after
-        pids.append(conn.get_server_pid())
-        if before is not None:
-            hook, before = before, None
-            await hook(conn)
-        result = await direct(conn, *args)
-        if after is not None:
-            hook, after = after, None
-            await hook(conn)
-        return result
+    def wrapping(direct: Callable[..., Awaitable[dict[int, int]]]) -> Any:
+        async def wrapped(conn: Any, *args: Any) -> dict[int, int]:
+            nonlocal before, after
+            pids.append(conn.get_server_pid())
+            if before is not None:
+                hook, before = before, None
+                await hook(conn)
+            result = await direct(conn, *args)
+            if after is not None:
+                hook, after = after, None
+                await hook(conn)
+            return result
 
-    monkeypatch.setattr(store_module, "apply_batch_direct", wrapped)
+        return wrapped
+
+    for name in ("apply_batch_direct", "commit_batch_once"):
+        monkeypatch.setattr(pg_commit_function, name, wrapping(getattr(pg_commit_function, name)))
     return pids
+
+
+def _second_step(key: RunKey, **extra: Any) -> Any:
+    """The run's second transition: it consumes task 1 and adds task 2."""
+    return transition(
+        key,
+        version=1,
+        first_event_id=2,
+        done_task_keys=[task(key, 1).task_key],
+        new_tasks=[task(key, 2)],
+        **extra,
+    )
 
 
 async def _events_of(store: HistoryStore, key: RunKey) -> list[int]:
@@ -153,6 +180,7 @@ async def test_a_batch_whose_connection_is_killed_midway_commits_once_on_retry(
     assert record is not None and record.db_version == 2
 
 
+@pytest.mark.parametrize("shape", ["begin-commit"])  # the one-statement shape: below
 async def test_a_connection_killed_before_commit_is_in_doubt_and_retried(
     store: HistoryStore, admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,19 +192,102 @@ async def test_a_connection_killed_before_commit_is_in_doubt_and_retried(
 
     # Every row of the transaction was written; its COMMIT meets a dead connection.
     pids = _around_batch(monkeypatch, after=kill)
-    await store.apply(
-        transition(
-            key,
-            version=1,
-            first_event_id=2,
-            done_task_keys=[task(key, 1).task_key],
-            new_tasks=[task(key, 2)],
-        )
-    )
+    await store.apply(_second_step(key))
     assert store.writes_in_doubt.is_set()
     assert len(pids) == 2
     assert await _events_of(store, key) == [1, 2]
     assert [t.ref_id for t in await store.list_tasks()] == [2]
+
+
+@pytest.mark.parametrize("shape", ["one-statement"])
+async def test_a_connection_killed_inside_the_batch_statement_is_in_doubt_and_retried(
+    store: HistoryStore, admin: Any, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch function ran its first statements (new runs, fence, deletes) and waits
+    on a row lock at the version-checked update when its backend is killed: nothing
+    of it commits, the write is in doubt, and the retry commits it once."""
+    key = run_key("killed-inside", "r1")
+    await store.apply(create(key, new_tasks=[task(key, 1)]))
+    other = run_key("killed-inside-new", "r1")
+    locker = await asyncpg.connect(pg_url)
+    killed = asyncio.Event()
+    killers: list[asyncio.Future[None]] = []
+
+    async def kill_while_waiting(conn: Any) -> None:
+        pid = conn.get_server_pid()
+
+        async def killer() -> None:
+            waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+            while True:  # until the statement waits on the row lock
+                if await admin.fetchval(waiting, pid):
+                    break
+                await asyncio.sleep(0.01)
+            await _kill(admin, pid)
+            killed.set()
+            await locker.execute("ROLLBACK")
+
+        killers.append(asyncio.ensure_future(killer()))
+
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute(
+            "SELECT 1 FROM executions WHERE workflow_id = $1 FOR UPDATE", key.workflow_id
+        )
+        pids = _around_batch(monkeypatch, before=kill_while_waiting)
+        await store.apply(
+            transition(key, version=1, first_event_id=2, done_task_keys=[task(key, 1).task_key]),
+            create(other),
+        )
+    finally:
+        await locker.close()
+    assert killed.is_set() and store.writes_in_doubt.is_set()
+    assert len(pids) == 2 and pids[0] != pids[1]
+    assert await _events_of(store, key) == [1, 2]
+    assert await _events_of(store, other) == [1]
+    assert await store.count_rows("tasks") == 0
+
+
+async def test_a_batch_refused_by_the_fence_writes_nothing(store: HistoryStore) -> None:
+    key = run_key("fenced", "r1")
+    await store.apply(create(key, new_tasks=[task(key, 1)]))
+    shard = store.shard_of(key)
+    store.hold_shard(shard, 7)  # the store's row says otherwise (no row: range id 1)
+    with pytest.raises(ShardOwnershipLostError, match="refused by the fence"):
+        await store.apply(_second_step(key, new_timers=[timer(key, 2, 10)]))
+    assert await _events_of(store, key) == [1]
+    assert [t.ref_id for t in await store.list_tasks()] == [1]
+    assert await store.count_rows("timers") == 0
+    record = await store.get_execution(key)
+    assert record is not None and record.db_version == 1
+
+
+async def test_the_batch_function_is_installed_on_a_database_without_it(
+    pg_url: str, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from before the function (or from before its current definition):
+    opening the store creates it, and batches go through it."""
+    first = await HistoryStore.open(pg_url)
+    await first.close()
+    await admin.execute(f"DROP FUNCTION {FUNCTION_NAME}")
+    store = await HistoryStore.open(pg_url)
+    try:
+        assert await admin.fetchval(
+            "SELECT count(*) FROM pg_proc WHERE proname = $1", FUNCTION_NAME
+        )
+        calls: list[int] = []
+        once = pg_commit_function.commit_batch_once
+
+        async def counted(conn: Any, *args: Any) -> dict[int, int]:
+            calls.append(conn.get_server_pid())
+            return await once(conn, *args)
+
+        monkeypatch.setattr(pg_commit_function, "commit_batch_once", counted)
+        key = run_key(f"installed-{uuid.uuid4().hex[:6]}", "r1")
+        await store.apply(create(key))
+        assert len(calls) == 1
+        assert await _events_of(store, key) == [1]
+    finally:
+        await store.close()
 
 
 class _LosesTheAnswer:
@@ -187,8 +298,16 @@ class _LosesTheAnswer:
         self._inner = inner
         self.armed = False
 
-    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        result: T = await self._inner.transaction(fn)
+    @property
+    def batch_function(self) -> str | None:
+        return self._inner.batch_function  # type: ignore[no-any-return]
+
+    @batch_function.setter
+    def batch_function(self, name: str | None) -> None:
+        self._inner.batch_function = name
+
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]], *, implicit: bool = False) -> T:
+        result: T = await self._inner.transaction(fn, implicit=implicit)
         if self.armed:
             self.armed = False
             raise ConnectionResetError(104, "connection reset before the commit was answered")
@@ -215,18 +334,28 @@ async def test_a_lost_commit_answer_is_in_doubt_and_meets_its_own_commit(url: st
 
 
 async def test_idle_connections_killed_between_writes_are_replaced(
-    store: HistoryStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+    store: HistoryStore, admin: Any, monkeypatch: pytest.MonkeyPatch, shape: str
 ) -> None:
     """A database restart closes every idle connection; no pre-ping, yet no write
     fails and none is in doubt: a closed connection is dropped when taken, and one
-    whose BEGIN fails is replaced before anything was written."""
+    whose BEGIN fails is replaced before anything was written. The one-statement
+    shape sends no BEGIN: a connection asyncpg has not yet seen closed would make its
+    write in doubt (retried safely), so there the writes wait until asyncpg read the
+    database's goodbye on every killed connection."""
     keys = [run_key(f"idle-{n}", "r1") for n in range(4)]
     for key in keys:
         await store.apply(create(key))
     pids = _around_batch(monkeypatch)
     await store.apply(transition(keys[0], version=1, first_event_id=2))
+    direct = store._runner.direct
+    assert isinstance(direct, DirectConnections)
+    idle = list(direct._idle)
     for pid in set(pids):
         await _kill(admin, pid)
+    while shape == "one-statement":
+        if all(conn.is_closed() for conn in idle if conn.get_server_pid() in pids):
+            break
+        await asyncio.sleep(0.01)
     for n, key in enumerate(keys):
         version = 2 if n == 0 else 1
         await store.apply(transition(key, version=version, first_event_id=version + 1))
