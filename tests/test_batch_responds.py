@@ -6,6 +6,8 @@
   would serve it); a forged token, a token used twice in the batch (one wins), a token
   of a closed run and an empty item each get their own status (with its typed
   detail), and fail nothing else;
+- with auth on, the batch needs the worker role on its namespace and each item what
+  its own RPC needs (authorization on its token's namespace);
 - a worker SIGKILLed after the server applied its batch but before it dispatched the
   answers (an eagerly started workflow task among them): the lost task times out and
   is retried by another worker; every activity ran once, every completion was
@@ -25,6 +27,7 @@ from helpers import ET, Processes, ServerProcess, assert_well_formed, bounded, e
 from procs.batch_worker import FANOUT
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, service_pb2_grpc
+from tideflow.server import AuthConfig, AuthMode, TideflowServer
 from tideflow.worker_sdk import Client
 from tideflow.worker_sdk.exceptions import error_detail
 
@@ -196,3 +199,53 @@ async def test_worker_killed_after_its_batch_was_applied(
     assert_well_formed(events)
     assert sorted(ledger.read_text().split()) == sorted(str(i) for i in range(FANOUT))
     assert len(of_type(events, ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)) == FANOUT
+
+
+async def test_each_item_is_authorized_on_its_tokens_namespace(store_url: str) -> None:
+    """With auth on, the batch needs the worker role on its namespace, and each item
+    what its own RPC needs: a worker of NS only holding a token of OTHER_NS gets
+    PERMISSION_DENIED for that item, and its own item commits."""
+    async with TideflowServer(store_url, port=0, auth=AuthConfig(mode=AuthMode.API_KEY)) as server:
+        keys = server.store.api_keys
+        _, root = await keys.create("root", ["*:admin"])
+        _, worker = await keys.create("worker", [f"{NS}:worker"])
+        admin = (("authorization", f"Bearer {root}"),)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+            as_admin = _Authorized(stub, admin)
+            await stub.RegisterNamespace(
+                service_pb2.RegisterNamespaceRequest(namespace=OTHER_NS), metadata=admin
+            )
+            mine, mine_id = await _workflow_task(as_admin)  # type: ignore[arg-type]
+            theirs, _ = await _workflow_task(as_admin, OTHER_NS)  # type: ignore[arg-type]
+            completed = service_pb2.RespondWorkflowTaskCompletedRequest
+            items = [
+                service_pb2.RespondTaskItem(workflow_task_completed=completed(task_token=t))
+                for t in (mine, theirs)
+            ]
+            batch = service_pb2.RespondTasksCompletedRequest(namespace=NS, items=items)
+            response = await stub.RespondTasksCompleted(
+                batch, metadata=(("authorization", f"Bearer {worker}"),)
+            )
+            codes = [_CODE_NAMES[r.status_code] for r in response.results]
+            assert codes == ["OK", "PERMISSION_DENIED"], response
+            assert "may not call RespondWorkflowTaskCompleted" in response.results[1].status_message
+            history = await stub.GetHistory(
+                service_pb2.GetHistoryRequest(
+                    namespace=NS, execution=common_pb2.WorkflowExecution(workflow_id=mine_id)
+                ),
+                metadata=admin,
+            )
+            completions = of_type(history.history.events, ET.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+            assert len(completions) == 1
+
+
+class _Authorized:
+    """A stub whose calls carry ``metadata`` (for the helpers above)."""
+
+    def __init__(self, stub: service_pb2_grpc.WorkflowServiceStub, metadata: object) -> None:
+        self._stub, self._metadata = stub, metadata
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._stub, name)
+        return lambda request, **kw: method(request, metadata=self._metadata, **kw)
