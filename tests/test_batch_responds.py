@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from helpers import ET, Processes, ServerProcess, assert_well_formed, bounded, events_of, of_type
-from procs.batch_worker import FANOUT
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, service_pb2_grpc
 from tideflow.server import AuthConfig, AuthMode, TideflowServer
@@ -34,6 +33,8 @@ from tideflow.worker_sdk.exceptions import error_detail
 BATCH_WORKER = Path(__file__).parent / "procs" / "batch_worker.py"
 NS = "default"
 OTHER_NS = "batch-other"
+# Activities of the killed worker's run, completed together (procs/batch_worker.py).
+FANOUT = 6
 QUEUE = common_pb2.TaskQueue(name="batch-q")
 
 
@@ -176,15 +177,15 @@ async def test_worker_killed_after_its_batch_was_applied(
     queue, ledger = f"batch-kill-{uuid.uuid4().hex[:8]}", tmp_path / "ledger"
     ledger.touch()
 
-    def worker(name: str, mode: str) -> list[str]:
-        return [sys.executable, str(BATCH_WORKER), server.address, queue, str(ledger), mode]
+    def worker(mode: str) -> list[str]:
+        return [sys.executable, str(BATCH_WORKER), server.address, queue, str(FANOUT), mode]
 
-    killed = procs.spawn("worker-1", worker("worker-1", "hang-after-batch"))
+    killed = procs.spawn("worker-1", worker("hang-after-batch"))
     await procs.wait_for_line(killed, "worker ready")
     async with await Client.connect(server.address) as client:
         handle = await client.start_workflow(
             "Fanout",
-            str(ledger),
+            {"ledger": str(ledger), "fanout": FANOUT},
             id=f"fanout-{uuid.uuid4()}",
             task_queue=queue,
             task_timeout=timedelta(seconds=1),
@@ -192,7 +193,7 @@ async def test_worker_killed_after_its_batch_was_applied(
         line = await procs.wait_for_line(killed, "batch answered ")
         assert int(line.split()[-1]) == FANOUT - 1
         await procs.sigkill(killed)
-        survivor = procs.spawn("worker-2", worker("worker-2", "plain"))
+        survivor = procs.spawn("worker-2", worker("plain"))
         await procs.wait_for_line(survivor, "worker ready")
         assert await bounded(handle.result()) == sum(range(FANOUT))
         events = await events_of(handle)

@@ -1,10 +1,10 @@
 """A worker in its own process whose activity completions go in one batch, for
 tests/test_batch_responds.py.
 
-    python tests/procs/batch_worker.py HOST:PORT TASK_QUEUE LEDGER MODE
+    python tests/procs/batch_worker.py HOST:PORT TASK_QUEUE FANOUT MODE
 
-``Fanout`` runs ``FANOUT`` activities ``step`` at once; each execution appends its key
-to LEDGER (the test counts executions). MODE:
+``Fanout`` runs its input's ``fanout`` activities ``step`` at once; each execution appends its key
+to its input's ``ledger`` file (the test counts executions). MODE:
 
 - ``hang-after-batch``: the first completion's call waits until the other completions
   queued behind it, so they go in one RespondTasksCompleted; once the server answered
@@ -25,8 +25,6 @@ from typing import Any
 
 from tideflow.worker_sdk import Client, Worker, activity, workflow
 
-FANOUT = 6
-
 
 @activity.defn
 def step(job: dict[str, Any]) -> int:
@@ -38,23 +36,23 @@ def step(job: dict[str, Any]) -> int:
 @workflow.defn
 class Fanout:
     @workflow.run
-    async def run(self, ledger: str) -> int:
+    async def run(self, job: dict[str, Any]) -> int:
         results = await asyncio.gather(
             *(
                 workflow.execute_activity(
                     step,
-                    {"ledger": ledger, "key": str(i)},
+                    {"ledger": job["ledger"], "key": str(i)},
                     start_to_close_timeout=timedelta(seconds=2),
                 )
-                for i in range(FANOUT)
+                for i in range(job["fanout"])
             )
         )
         return sum(results)
 
 
-def _hold_first_completion(client: Client) -> None:
+def _hold_first_completion(client: Client, fanout: int) -> None:
     """Instrument the client (test-side): the first completion's call waits until the
-    other FANOUT - 1 completions were handed to the batcher; the batch's answer is
+    other ``fanout - 1`` completions were handed to the batcher; the batch's answer is
     announced, then the process hangs."""
     batcher = client.completions
     sent: list[Any] = []
@@ -63,7 +61,7 @@ def _hold_first_completion(client: Client) -> None:
 
     async def counting_send(request: Any) -> Any:
         sent.append(request)
-        if len(sent) >= FANOUT:
+        if len(sent) >= fanout:
             all_handed.set()
         return await send(request)
 
@@ -84,16 +82,16 @@ def _hold_first_completion(client: Client) -> None:
     client.call = held_call  # type: ignore[method-assign]
 
 
-async def main(address: str, queue: str, mode: str) -> None:
+async def main(address: str, queue: str, fanout: int, mode: str) -> None:
     client = await Client.connect(address)
     if mode == "hang-after-batch":
-        _hold_first_completion(client)
+        _hold_first_completion(client, fanout)
     worker = Worker(
         client,
         task_queue=queue,
         workflows=[Fanout],
         activities=[step],
-        max_concurrent_activities=FANOUT,
+        max_concurrent_activities=fanout,
         sticky_queue_schedule_to_start_timeout=timedelta(milliseconds=300),
     )
     async with worker:
@@ -102,4 +100,4 @@ async def main(address: str, queue: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[4]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
