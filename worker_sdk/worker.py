@@ -100,8 +100,7 @@ class Worker:
     ) -> None:
         if not workflows and not activities:
             raise ValueError("a worker needs at least one workflow or activity")
-        self.task_queue = task_queue
-        self.identity = identity or client.identity
+        self.task_queue, self.identity = task_queue, identity or client.identity
         workflow_defs = _workflow_definitions(workflows)
         activity_defs = _activity_definitions(activities)
         self._graceful = graceful_shutdown_timeout.total_seconds()
