@@ -118,7 +118,11 @@ class CompletionBatcher:
 
     async def _send_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         try:
-            if len(batch) == 1 or not self.enabled:
+            if len(batch) == 1:  # sent here, so the next ones still wait for it
+                ((alone, future),) = batch
+                _resolve(future, await self.send_alone(alone))
+                return
+            if not self.enabled:
                 for _, future in batch:
                     _resolve(future, _SEND_ALONE)
                 return
