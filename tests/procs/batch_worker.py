@@ -53,7 +53,7 @@ class Fanout:
 
 def _hold_first_completion(client: Client, fanout: int) -> None:
     """Instrument the client (test-side): the first completion's call waits until the
-    other ``fanout - 1`` completions were handed to the batcher; the batch's answer is
+    other ``fanout - 1`` activity completions were handed to the batcher; the batch's answer is
     announced, then the process hangs."""
     batcher = client.completions
     sent: list[Any] = []
@@ -61,7 +61,8 @@ def _hold_first_completion(client: Client, fanout: int) -> None:
     send = batcher.send
 
     async def counting_send(request: Any) -> Any:
-        sent.append(request)
+        if type(request).__name__ == "RespondActivityTaskCompletedRequest":
+            sent.append(request)
         if len(sent) >= fanout:
             all_handed.set()
         return await send(request)
