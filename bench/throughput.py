@@ -13,6 +13,7 @@ configurations one after the other and ends with a Markdown table of them.
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench
     python bench/throughput.py --workflows 200 --local-activities
     python bench/throughput.py --no-eager    # workers poll for every task
+    python bench/throughput.py --no-batch    # every task completion its own RPC
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench --nodes 2
     python bench/throughput.py --db-url postgresql://postgres@127.0.0.1/bench --table dev,1,2,3
 
@@ -119,7 +120,7 @@ STEPS: dict[type, int] = {
 }
 
 
-async def run_worker(addresses: str, eager: bool = True) -> None:
+async def run_worker(addresses: str, eager: bool = True, batch: bool = True) -> None:
     client = await Client.connect(addresses)
     worker = Worker(
         client,
@@ -130,6 +131,7 @@ async def run_worker(addresses: str, eager: bool = True) -> None:
         activity_pollers=4,
         disable_eager_activity_execution=not eager,
         disable_eager_workflow_tasks=not eager,
+        batch_completions=batch,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -382,6 +384,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
             for i in range(workers_count):
                 argv = [sys.executable, __file__, "--worker", _rotated(addresses, i)]
                 argv += ["--no-eager"] if args.no_eager else []
+                argv += ["--no-batch"] if args.no_batch else []
                 workers.append(subprocess.Popen(argv, env=env))
             clients = [await Client.connect(_rotated(addresses, i)) for i in range(len(addresses))]
             roles = Roles([s.pid for s in servers], [w.pid for w in workers])
@@ -399,6 +402,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         "concurrency": args.concurrency,
         "sqlite_synchronous": args.sqlite_synchronous or "NORMAL (server default)",
         "eager": not args.no_eager,
+        "batch_completions": not args.no_batch,
         **result,
     }
 
@@ -536,11 +540,16 @@ if __name__ == "__main__":
         help="workers without eager execution: every activity and workflow task "
         "through matching and a poll (what eager execution saves)",
     )
+    parser.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="workers send each task completion as its own RPC (what batching saves)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.nodes is not None and parsed.nodes < 1:
         parser.error(f"--nodes {parsed.nodes}: must be 1 or more")
     if parsed.worker:
-        asyncio.run(run_worker(parsed.worker, eager=not parsed.no_eager))
+        asyncio.run(run_worker(parsed.worker, eager=not parsed.no_eager, batch=not parsed.no_batch))
     else:
         asyncio.run(main(parsed))

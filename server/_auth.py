@@ -98,6 +98,8 @@ RPC_ACCESS: Mapping[str, Access] = {
     "RespondActivityTaskFailed": Access.WORK,
     "RespondActivityTaskCanceled": Access.WORK,
     "RecordActivityHeartbeat": Access.WORK,
+    # Its items are authorized one by one as well, each on its task token's namespace.
+    "RespondTasksCompleted": Access.WORK,
     "RespondQueryTaskCompleted": Access.WORK,
     "ShutdownWorker": Access.WORK,
     "RegisterNamespace": Access.ADMIN,

@@ -36,6 +36,7 @@ from tideflow.history import (
 from ._audit import begin as begin_audit
 from ._audit import note_principal, note_token
 from ._auth import NAMESPACE_FREE_RPCS, TOKEN_RPCS, AuthGate
+from ._batch_responds import ITEMS_FIELD, TaskBatches, authenticated
 from ._cluster_info import describe_cluster
 from ._config import ServerConfig
 from ._engine import HistoryEngine, decode_token
@@ -89,7 +90,10 @@ _OUTAGE_LOG_INTERVAL_S = 10.0
 _NONE: frozenset[str] = frozenset()
 # Request fields an RPC checks itself: a workflow task's commands out of bounds fail the
 # task (recorded in history) instead of the request.
-_CHECKED_BY_HANDLER = {"RespondWorkflowTaskCompleted": frozenset({"commands"})}
+_CHECKED_BY_HANDLER = {
+    "RespondWorkflowTaskCompleted": frozenset({"commands"}),
+    "RespondTasksCompleted": frozenset({ITEMS_FIELD}),  # each item is checked as its RPC
+}
 # "-" + an RFC 3339 time with microseconds, as schedules suffix their runs' ids.
 _SCHEDULE_SUFFIX_LENGTH = 32
 
@@ -121,7 +125,7 @@ def _rpc(
         try:
             gate: AuthGate | None = self._auth
             if gate is not None:
-                principal = await gate.authenticate(context.invocation_metadata())
+                principal = await authenticated(gate, context)
                 note_principal(principal.name)
             self._validator.check(request, skip=skip)
             if gate is not None:
@@ -208,6 +212,7 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
         # During an outage every request fails alike: one line per interval, not each.
         self._outage_log = RateLimitedLog(log, _OUTAGE_LOG_INTERVAL_S, now_s=log_clock)
         self._pager = engine.pager  # its continuation tokens are sealed (_history_pages)
+        self._batches = TaskBatches(self)  # RespondTasksCompleted, by the handlers here
 
     # ------------------------------------------------------------ validation
 
@@ -696,6 +701,12 @@ class WorkflowService(service_pb2_grpc.WorkflowServiceServicer):
             await self._at_home(token, request, error.home)
         self._answered(token)
         return service_pb2.RespondActivityTaskFailedResponse()
+
+    @_rpc
+    async def RespondTasksCompleted(
+        self, request: service_pb2.RespondTasksCompletedRequest, context: _Context
+    ) -> service_pb2.RespondTasksCompletedResponse:
+        return await self._batches.serve(request, context)
 
     @_rpc
     async def RecordActivityHeartbeat(

@@ -45,6 +45,9 @@ WORK = {
     "RecordActivityHeartbeat",
     "RespondQueryTaskCompleted",
     "ShutdownWorker",
+    # The batch's own gate; its items are each authorized as their own RPC
+    # (tests/test_batch_responds.py).
+    "RespondTasksCompleted",
 }
 ADMIN = {"RegisterNamespace", "CreateSchedule", "PatchSchedule", "DeleteSchedule"}
 # Cluster-wide (no namespace): the admin role on every namespace ("*:admin") only.
@@ -183,6 +186,7 @@ def _requests(workflow_token: bytes, activity_token: bytes) -> dict[str, Callabl
         "RecordActivityHeartbeat": lambda: sp.RecordActivityHeartbeatRequest(
             task_token=activity_token
         ),
+        "RespondTasksCompleted": lambda: sp.RespondTasksCompletedRequest(namespace=NS),
         "ListWorkflowExecutions": lambda: sp.ListWorkflowExecutionsRequest(namespace=NS),
         "CountWorkflowExecutions": lambda: sp.CountWorkflowExecutionsRequest(namespace=NS),
         "CreateSchedule": lambda: sp.CreateScheduleRequest(namespace=NS, schedule_id="s1"),

@@ -58,6 +58,7 @@ class ActivityWorker:
         interceptors: Sequence[WorkerInterceptor] = (),
     ) -> None:
         self._client = context.client
+        self._respond = context.respond
         self._interceptors = tuple(reversed(interceptors))
         self._task_queue = task_queue = context.task_queue
         self._identity = context.identity
@@ -194,7 +195,7 @@ class ActivityWorker:
             completed.eager_workflow_task_queue = self._task_queue
             completed.sticky_task_queue = eager.sticky_queue
         try:
-            response = await client.call(client.service.RespondActivityTaskCompleted, completed)
+            response = await self._respond(completed)
         except BaseException:
             if eager is not None and reserved:
                 eager.slots.release()
@@ -221,7 +222,7 @@ class ActivityWorker:
             request.last_heartbeat_details.CopyFrom(
                 converter.to_payloads(list(heartbeater.last_details))
             )
-        await client.call(client.service.RespondActivityTaskFailed, request)
+        await self._respond(request)
 
     async def _report_cancelled(
         self, task: service_pb2.PollActivityTaskResponse, heartbeater: _Heartbeater

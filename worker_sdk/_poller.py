@@ -58,6 +58,16 @@ class WorkerContext:
 
     # The worker's Prometheus metrics (worker_sdk/metrics.py); None: not measured.
     metrics: WorkerMetrics | None = None
+    # Task completions go through the client's batcher (worker_sdk/_completions.py);
+    # False: each is its own RPC.
+    batch_completions: bool = True
+
+    async def respond(self, request: Any) -> Any:
+        """Send a task completion (a RespondWorkflowTaskCompleted, RespondActivity-
+        TaskCompleted or RespondActivityTaskFailed request); its response."""
+        if self.batch_completions:
+            return await self.client.completions.send(request)
+        return await self.client.completions.send_alone(request)
 
     def long_poll(
         self, method: Callable[..., Awaitable[R]], request_type: Callable[..., Any]

@@ -70,6 +70,7 @@ class WorkflowWorker:
         take_next_workflow_tasks: bool = True,
     ) -> None:
         self._client = context.client
+        self._respond = context.respond
         self._task_queue = task_queue = context.task_queue
         self._metrics = context.metrics
         self._identity = context.identity
@@ -358,10 +359,9 @@ class WorkflowWorker:
         request.commands.extend(commands)
         if stays_cached:
             request.sticky_attributes.CopyFrom(self._sticky_attributes)
-        client = self._client
         try:
-            response: service_pb2.RespondWorkflowTaskCompletedResponse = await client.call(
-                client.service.RespondWorkflowTaskCompleted, request
+            response: service_pb2.RespondWorkflowTaskCompletedResponse = await self._respond(
+                request
             )
         except BaseException:
             self._release(reserved, take_next)

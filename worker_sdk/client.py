@@ -29,6 +29,7 @@ from tideflow.api.search_attributes import (
 from tideflow.api.v1 import common_pb2, replication_pb2_grpc, service_pb2, service_pb2_grpc
 
 from . import exceptions as exc
+from ._completions import CompletionBatcher
 from ._credentials import CredentialInterceptor, credential_metadata
 from ._eager_start import EagerStarts
 from ._failover import FailoverService, split_targets
@@ -223,6 +224,8 @@ class Client:
         self._intercepted: ClientCallHandler | None = handler if self.interceptors else None
         # The workers built on this client that take eagerly started workflow tasks.
         self.eager_starts = EagerStarts()
+        # The workers' task completions, batched while one is in flight (_completions).
+        self.completions = CompletionBatcher(self)
 
     @staticmethod
     async def connect(

@@ -577,6 +577,46 @@ class RespondActivityTaskFailedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RespondTasksCompletedRequest(_message.Message):
+    __slots__ = ("namespace", "items")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    items: _containers.RepeatedCompositeFieldContainer[RespondTaskItem]
+    def __init__(self, namespace: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RespondTaskItem, _Mapping]]] = ...) -> None: ...
+
+class RespondTaskItem(_message.Message):
+    __slots__ = ("workflow_task_completed", "activity_task_completed", "activity_task_failed")
+    WORKFLOW_TASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_TASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_TASK_FAILED_FIELD_NUMBER: _ClassVar[int]
+    workflow_task_completed: RespondWorkflowTaskCompletedRequest
+    activity_task_completed: RespondActivityTaskCompletedRequest
+    activity_task_failed: RespondActivityTaskFailedRequest
+    def __init__(self, workflow_task_completed: _Optional[_Union[RespondWorkflowTaskCompletedRequest, _Mapping]] = ..., activity_task_completed: _Optional[_Union[RespondActivityTaskCompletedRequest, _Mapping]] = ..., activity_task_failed: _Optional[_Union[RespondActivityTaskFailedRequest, _Mapping]] = ...) -> None: ...
+
+class RespondTasksCompletedResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RespondTaskResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RespondTaskResult, _Mapping]]] = ...) -> None: ...
+
+class RespondTaskResult(_message.Message):
+    __slots__ = ("workflow_task_completed", "activity_task_completed", "activity_task_failed", "status_code", "status_message", "status_details")
+    WORKFLOW_TASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_TASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_TASK_FAILED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    workflow_task_completed: RespondWorkflowTaskCompletedResponse
+    activity_task_completed: RespondActivityTaskCompletedResponse
+    activity_task_failed: RespondActivityTaskFailedResponse
+    status_code: int
+    status_message: str
+    status_details: bytes
+    def __init__(self, workflow_task_completed: _Optional[_Union[RespondWorkflowTaskCompletedResponse, _Mapping]] = ..., activity_task_completed: _Optional[_Union[RespondActivityTaskCompletedResponse, _Mapping]] = ..., activity_task_failed: _Optional[_Union[RespondActivityTaskFailedResponse, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., status_details: _Optional[bytes] = ...) -> None: ...
+
 class RecordActivityHeartbeatRequest(_message.Message):
     __slots__ = ("task_token", "details", "identity")
     TASK_TOKEN_FIELD_NUMBER: _ClassVar[int]

@@ -130,6 +130,11 @@ class WorkflowServiceStub:
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatRequest.SerializeToString,
                 response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatResponse.FromString,
                 _registered_method=True)
+        self.RespondTasksCompleted = channel.unary_unary(
+                '/tideflow.api.v1.WorkflowService/RespondTasksCompleted',
+                request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondTasksCompletedRequest.SerializeToString,
+                response_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondTasksCompletedResponse.FromString,
+                _registered_method=True)
         self.ListWorkflowExecutions = channel.unary_unary(
                 '/tideflow.api.v1.WorkflowService/ListWorkflowExecutions',
                 request_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.ListWorkflowExecutionsRequest.SerializeToString,
@@ -299,6 +304,17 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RespondTasksCompleted(self, request, context):
+        """tideflow's own: several task completions in one call (the worker SDK batches those
+        that arrive while its previous call is in flight). Each item is served as its own
+        RPC would serve it (validation, token, authorization, routing), concurrently, and
+        answered in order with that RPC's response or its own status: one bad item never
+        fails the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkflowExecutions(self, request, context):
         """Visibility: list and count runs with a query (the language: server/_visibility.py).
         """
@@ -456,6 +472,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RecordActivityHeartbeat,
                     request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatRequest.FromString,
                     response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatResponse.SerializeToString,
+            ),
+            'RespondTasksCompleted': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondTasksCompleted,
+                    request_deserializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondTasksCompletedRequest.FromString,
+                    response_serializer=tideflow_dot_api_dot_v1_dot_service__pb2.RespondTasksCompletedResponse.SerializeToString,
             ),
             'ListWorkflowExecutions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkflowExecutions,
@@ -1016,6 +1037,33 @@ class WorkflowService:
             '/tideflow.api.v1.WorkflowService/RecordActivityHeartbeat',
             tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatRequest.SerializeToString,
             tideflow_dot_api_dot_v1_dot_service__pb2.RecordActivityHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondTasksCompleted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tideflow.api.v1.WorkflowService/RespondTasksCompleted',
+            tideflow_dot_api_dot_v1_dot_service__pb2.RespondTasksCompletedRequest.SerializeToString,
+            tideflow_dot_api_dot_v1_dot_service__pb2.RespondTasksCompletedResponse.FromString,
             options,
             channel_credentials,
             insecure,
