@@ -215,7 +215,7 @@ class RemoteTasks:
         found: dict[tuple[str, str], list[WorkerSite]] = {}
         if self._metadata is None:
             return found
-        for key, entries in self._metadata.metadata.snapshot()[_WORKERS].items():
+        for key, entries in self._metadata.metadata.entries(_WORKERS).items():
             if key.partition("@")[0] != peer:
                 continue
             for namespace, task_queue, tier, labels, memory_mb, cores in entries or []:

@@ -162,32 +162,39 @@ class SiteMetadata:
 
     # ---------------------------------------------------------------- reads
 
-    def _slots(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        found: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for collection, root in self._maps.items():
-            for slot_key, raw in root.items():
-                key = slot_key.rpartition(_SEP)[0]
-                found.setdefault((collection, key), []).append(json.loads(raw))
+    def _slots(self, collection: str) -> dict[str, list[dict[str, Any]]]:
+        """One collection's slots, by entry key."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for slot_key, raw in self._maps[collection].items():
+            found.setdefault(slot_key.rpartition(_SEP)[0], []).append(json.loads(raw))
         return found
 
     def _observe_all(self) -> None:
         """Move the clock past every slot: a write made now wins over all of them."""
-        for slots in self._slots().values():
-            for slot in slots:
-                self._clock.observe(_stamp(slot))
+        for collection in COLLECTIONS:
+            for slots in self._slots(collection).values():
+                for slot in slots:
+                    self._clock.observe(_stamp(slot))
+
+    def entries(self, collection: str) -> dict[str, Any]:
+        """One collection's live entries (deleted ones left out): key -> value. Reads
+        that collection only (the offer loops ask for theirs every round)."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown metadata collection {collection!r}")
+        view: dict[str, Any] = {}
+        for key, slots in self._slots(collection).items():
+            winner = max(slots, key=_slot_order)
+            if winner["value"] is not None:
+                view[key] = winner["value"]
+        return view
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Every collection's live entries (deleted ones left out): key -> value."""
-        view: dict[str, dict[str, Any]] = {name: {} for name in COLLECTIONS}
-        for (collection, key), slots in self._slots().items():
-            winner = max(slots, key=_slot_order)
-            if winner["value"] is not None:
-                view[collection][key] = winner["value"]
-        return view
+        return {name: self.entries(name) for name in COLLECTIONS}
 
     def get(self, collection: str, key: str) -> Any:
         _check_name(collection, key)
-        return self.snapshot()[collection].get(key)
+        return self.entries(collection).get(key)
 
     # --------------------------------------------------------------- writes
 
