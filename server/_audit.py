@@ -98,7 +98,10 @@ class AuditEntry:
     def __init__(self, rpc: str, request: Any, context: Any) -> None:
         self._rpc = rpc
         self._request = request
-        self._context = context
+        # Read now, while the call is surely live: the line is written when the RPC
+        # ends, which may be after the caller cancelled it, and gRPC's peer() of a
+        # cancelled call reads freed memory (a server died of it with SIGSEGV).
+        self._peer = _peer_fields(context)
         _token.set(None)
         _principal.set(None)
         _forwarded_to.set(None)
@@ -117,7 +120,7 @@ class AuditEntry:
         fields.update(_request_fields(self._request, _token.get()))
         if response is not None:
             fields.update(_response_fields(response))
-        fields.update(_peer_fields(self._context))
+        fields.update(self._peer)
         log.info(_logfmt(fields), extra={"audit": fields})
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import faulthandler
 import gc
 import ipaddress
 import logging
@@ -207,6 +208,9 @@ def main(args: argparse.Namespace) -> int:
         # transition's CPU (bench/fire_cost.py: 235 -> 154 us per fire at 10,000). A
         # transition's garbage is freed by reference counting; only cycles wait longer.
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        # A crash inside a C extension (the gRPC core, a database driver) would end the
+        # process with nothing but a signal number: print every thread's Python stack.
+        faulthandler.enable(all_threads=True)
         asyncio.run(_serve(args, url))
     except (StartError, ValueError, OSError) as error:
         # Bad flags or an unusable address/database: one line, not a traceback.

@@ -16,8 +16,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from helpers import ET, Processes, ServerProcess, assert_well_formed, bounded, e
 
 from tideflow.api.v1 import command_pb2, common_pb2, service_pb2, service_pb2_grpc
 from tideflow.server import AuthConfig, AuthMode, TideflowServer
+from tideflow.server._audit import AuditEntry
+from tideflow.server._batch_responds import ItemContext
 from tideflow.worker_sdk import Client
 from tideflow.worker_sdk.exceptions import error_detail
 
@@ -250,3 +255,76 @@ class _Authorized:
     def __getattr__(self, name: str) -> object:
         method = getattr(self._stub, name)
         return lambda request, **kw: method(request, metadata=self._metadata, **kw)
+
+
+class _EndingCall:
+    """A servicer context that answers until the call ends, then fails every read:
+    gRPC's peer() of a cancelled call reads freed memory (a server died of a SIGSEGV
+    there), so nothing may ask the call once an item outlives it."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def _live(self) -> None:
+        if self.ended:
+            raise AssertionError("the call was read after it ended")
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        self._live()
+        return (("x-test", "1"),)
+
+    def peer(self) -> str:
+        self._live()
+        return "ipv4:127.0.0.1:4242"
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        self._live()
+        return {"x509_common_name": [b"worker-cert"]}
+
+    def time_remaining(self) -> float:
+        self._live()
+        return 30.0
+
+
+@contextlib.contextmanager
+def _captured_audit() -> Iterator[list[dict[str, str]]]:
+    """The audit lines written meanwhile, as their fields."""
+    lines: list[dict[str, str]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.__dict__["audit"])
+
+    audit_log = logging.getLogger("tideflow.audit")
+    handler, level = Capture(), audit_log.level
+    audit_log.addHandler(handler)
+    audit_log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        audit_log.removeHandler(handler)
+        audit_log.setLevel(level)
+
+
+def test_an_item_and_its_audit_line_never_read_the_call_after_it_ended() -> None:
+    call = _EndingCall()
+    item = ItemContext(call, None)  # type: ignore[arg-type]
+    request = service_pb2.RespondActivityTaskCompletedRequest()
+    with _captured_audit():  # the entry is begun only while someone reads the log
+        entry = AuditEntry("RespondActivityTaskCompleted", request, item)
+    call.ended = True
+    assert item.peer() == "ipv4:127.0.0.1:4242"
+    assert item.invocation_metadata() == (("x-test", "1"),)
+    assert item.auth_context() == {"x509_common_name": [b"worker-cert"]}
+    remaining = item.time_remaining()
+    assert remaining is not None and 0 < remaining <= 30.0
+    with _captured_audit() as lines:
+        entry.done("CANCELLED", None)
+    assert lines == [
+        {
+            "rpc": "RespondActivityTaskCompleted",
+            "outcome": "CANCELLED",
+            "peer": "ipv4:127.0.0.1:4242",
+            "client_cert": "worker-cert",
+        }
+    ]

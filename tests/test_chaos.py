@@ -176,9 +176,12 @@ async def test_chaos(
             task_queue=task_queue,
             task_timeout=timedelta(seconds=2),
         )
-        for n, after in enumerate((None, ledger.executed(wf, "slow"), chaos_over.wait())):
+        # Callables, not coroutines made up front: a run that fails early must not
+        # leave a never-awaited coroutine behind (an error at teardown).
+        waits = (None, lambda: ledger.executed(wf, "slow"), chaos_over.wait)
+        for n, after in enumerate(waits):
             if after is not None:
-                await after
+                await after()
             await send_signal(handle, f"{wf}#{n}", f"{wf}-signal-{n}")
             tally.signals_sent += 1
         await handle.result()

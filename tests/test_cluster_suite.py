@@ -113,9 +113,12 @@ async def test_three_nodes_under_load_lose_nothing(
         handles[wf] = handle = await client.start_workflow(
             "ChaosWorkflow", job, id=wf, task_queue=task_queue, task_timeout=timedelta(seconds=2)
         )
-        for n, after in enumerate((None, ledger.executed(wf, "slow"), kills_over.wait())):
+        # Callables, not coroutines made up front: a run that fails early must not
+        # leave a never-awaited coroutine behind (an error at teardown).
+        waits = (None, lambda: ledger.executed(wf, "slow"), kills_over.wait)
+        for n, after in enumerate(waits):
             if after is not None:
-                await after
+                await after()
             await send_signal(handle, f"{wf}#{n}", f"{wf}-signal-{n}")
             tally.signals_sent += 1
 

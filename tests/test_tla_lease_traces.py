@@ -227,10 +227,16 @@ async def test_three_node_cluster_leases_are_shard_lease_behaviours(
     acts = Counter(
         (e["node"], e["action"], e.get("ok", True), e.get("stolen", False)) for e in lines
     )
-    assert acts["node-a", "FencedWrite", True, False] >= 1
-    assert acts["node-a", "RenewLease", False, False] >= 1
-    assert acts["node-c", "ReleaseShard", True, False] >= 1
-    assert sum(n for (node, act, _, stolen), n in acts.items() if stolen) >= 2
+    # What the scenario guarantees whatever the scheduling: the zombie's write was
+    # fenced, leases were renewed, node-c released what it held when SIGTERMed, and
+    # node-a's and node-b's shards were stolen. Whether node-a also tries a renewal of a
+    # shard it lost depends on whether its renewal pass or its fenced timer write runs
+    # first after SIGCONT (a fenced write drops the shard before the pass): either
+    # order is a ShardLease behaviour, and either is checked below when it happens.
+    assert acts["node-a", "FencedWrite", True, False] >= 1, acts
+    assert sum(n for (_, act, ok, _), n in acts.items() if act == "RenewLease" and ok), acts
+    assert any(node == "node-c" and act == "ReleaseShard" for node, act, _, _ in acts), acts
+    assert sum(n for (node, act, _, stolen), n in acts.items() if stolen) >= 2, acts
 
     # The real shards and the corrupted copies, in one pool of two TLC runs.
     merged = lt.by_shard(lines)

@@ -288,7 +288,9 @@ FLAVOURS: dict[str, tuple[list[type], list[Any]]] = {
 
 async def _run(args: argparse.Namespace) -> None:
     workflows, activities = FLAVOURS[args.flavour]
-    client = await Client.connect(args.address, identity=args.identity)
+    # A worker restarted by a chaos test may meet a server that is itself restarting
+    # or recovering on a loaded machine: wait for it as a deployed worker would.
+    client = await Client.connect(args.address, identity=args.identity, connect_timeout=60)
     worker = Worker(
         client,
         task_queue=args.task_queue,
