@@ -29,6 +29,10 @@ SIGNALS = 3
 STEPS = ("first", "slow", "child")
 
 
+#: Runs whose trail a failure's message carries.
+STUCK_REPORTED = 3
+
+
 @dataclass
 class Tally:
     """What the run did and what the checks found."""
@@ -40,6 +44,10 @@ class Tally:
     lost: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
     extra_executions: int = 0
+    # What the first runs that did not complete got to (their last events, their
+    # child's, their stored rows): part of the failure's message, since a CI log may
+    # keep only the short summary.
+    stuck: list[str] = field(default_factory=list)
 
 
 class Ledger:
@@ -270,13 +278,16 @@ async def verify(
             # What the stuck run and its child got to: the first thing to read when
             # this fails.
             child = client.get_workflow_handle(f"{wf}-child")
-            print(f"{wf} (not completed): {event_trail(await history_of(handle))}")
+            report = [f"{wf} (not completed): {event_trail(await history_of(handle))}"]
             try:
-                print(f"{wf}-child: {event_trail(await history_of(child))}")
+                report.append(f"{wf}-child: {event_trail(await history_of(child))}")
             except Exception as e:  # the child may never have been started
-                print(f"{wf}-child: {e!r}")
+                report.append(f"{wf}-child: {e!r}")
             if store_url:
-                print(await stored_rows(store_url, (wf, f"{wf}-child")))
+                report.append(await stored_rows(store_url, (wf, f"{wf}-child")))
+            print("\n".join(report))
+            if len(tally.stuck) < STUCK_REPORTED:
+                tally.stuck.append("\n".join(report))
             continue
         result = await handle.result()
         if result != expected_result(wf, values[wf]):

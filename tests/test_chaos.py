@@ -247,7 +247,8 @@ async def test_chaos(
         f"elapsed={time.monotonic() - began:.0f}s"
     )
     print(summary)
-    assert not tally.lost, f"{summary}\nlost: {tally.lost[:20]}"
+    stuck = "\n".join(tally.stuck)
+    assert not tally.lost, f"{summary}\nlost: {tally.lost[:20]}\n{stuck}"
     assert not tally.duplicated, f"{summary}\nduplicated: {tally.duplicated[:20]}"
     # The run really was chaotic: every planned kill happened (the driver stops early
     # only if the work finished first, which the progress targets rule out).

@@ -179,6 +179,7 @@ async def test_three_nodes_under_load_lose_nothing(
         f"elapsed={time.monotonic() - began:.0f}s"
     )
     print(summary)
-    assert not tally.lost, f"{summary}\nlost: {tally.lost[:20]}"
+    stuck = "\n".join(tally.stuck)
+    assert not tally.lost, f"{summary}\nlost: {tally.lost[:20]}\n{stuck}"
     assert not tally.duplicated, f"{summary}\nduplicated: {tally.duplicated[:20]}"
     assert tally.server_kills == sum(action != "join" for action, _ in steps), summary
