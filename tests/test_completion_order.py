@@ -2,7 +2,7 @@
 
 The server serves requests in the order they arrive, so a poller's next long poll or
 a client's result wait sent ahead of a workflow task's completion delays that
-completion by its handling (bench/README.md, "One workflow, start to result"). Two
+completion by its handling (bench/README.md, "The path measured again"). Two
 places hand a task to a handler task and then go on sending: a poller that got a
 task (it polls again) and an eager start (its caller waits for the result next).
 Both let the handler run to its first suspension point first: its completion RPC,

@@ -33,8 +33,8 @@ async def let_started_task_send() -> None:
     completion's RPC, which is then sent before whatever the caller sends next (a
     poller's next long poll, a client's result wait). The server serves a
     connection's requests in the order they arrive, and handling a long poll or a
-    result wait first delays the completion behind it: 0.3 to 0.5 ms on the path of
-    one workflow (bench/README.md, "One workflow, start to result")."""
+    result wait first delayed the completion behind it by 0.2 to 0.5 ms
+    (bench/README.md, "The path measured again on both stores")."""
     await asyncio.sleep(0)
 
 
