@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 from tideflow.api.v1 import common_pb2, service_pb2
 
 from . import exceptions as exc
+from ._eager_start import let_started_task_send
 from .client import Client
 from .codec import PayloadCodecError
 from .metrics import WorkerMetrics
@@ -262,6 +263,9 @@ class PollLoop(Generic[T]):
                 self._slots.release()
                 continue
             self._start(task)
+            # The other pollers of the queue are still polling: this one's next poll
+            # can follow the task's completion.
+            await let_started_task_send()
 
     def _start(self, task: T) -> None:
         """Run a task whose slot is taken; the slot is released when it ends."""
