@@ -279,7 +279,8 @@ class TaskQueueService:
         failed, the poller went away) is routed on, never left here."""
         assert self._routes is not None
         if not self._routes.owns_run(task.key):
-            self._matching.local_fallback([task])  # dropped there: the new owner has it
+            # This node lost the run's shard since: its new owner hands the row over
+            # from the store (routing it again here would only bounce it between polls).
             return None
         try:
             return await self._record_started(task, identity, worker)

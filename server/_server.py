@@ -116,7 +116,9 @@ class _Dispatch(Dispatcher):
         for task in tasks:
             if self._routes.serves(task.key.namespace, task.task_queue, task.kind):
                 here.append(task)
-            elif not self._matching.offer_local(task):
+            elif not (self._routes.owns_run(task.key) and self._matching.offer_local(task)):
+                # (A run this node lost goes to the forwarder, which drops it: the
+                # run's new owner hands the row over from the store.)
                 elsewhere.append(task)
         self.accept(here)
         if elsewhere:
