@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -298,7 +299,12 @@ async def _database(db_url: str | None) -> AsyncIterator[str]:
 
 
 def _spawn_server(
-    setup: Setup, index: int, db_url: str, port: int, sqlite_synchronous: str | None = None
+    setup: Setup,
+    index: int,
+    db_url: str,
+    port: int,
+    sqlite_synchronous: str | None = None,
+    metrics_port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "tideflow.cli", "server", setup.command, "--db-url", db_url]
     if sqlite_synchronous and db_url.startswith("sqlite"):
@@ -307,6 +313,8 @@ def _spawn_server(
     argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]
     if setup.nodes is not None:
         argv += ["--node-id", f"bench-node-{index}", "--auth", "off"]
+    if metrics_port is not None:
+        argv += ["--metrics-port", str(metrics_port)]
     else:
         argv.append("--no-ui")  # start-dev's web UI: not measured, and its port may be taken
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -346,6 +354,31 @@ async def _balanced(db_url: str, node_ids: Sequence[str]) -> None:
         await store.close()
 
 
+def _matching_counts(metrics_ports: Sequence[int]) -> dict[str, float]:
+    """Where the tasks went over the whole run, summed over the nodes (their /metrics):
+    tasks dispatched by kind of match (sync, backlog, local: on the run's own node for
+    another node's queue) and the RPCs served by method (a call forwarded to another
+    node counts on both: against one node, the excess is the hops)."""
+    counts: dict[str, float] = {}
+    wanted = {
+        "tideflow_task_dispatch_total": "match",
+        "tideflow_rpc_requests_total": "method",
+    }
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        for line in text.splitlines():
+            name, _, rest = line.partition("{")
+            label = wanted.get(name)
+            if label is None or "} " not in rest:
+                continue
+            labels, _, value = rest.rpartition("} ")
+            found = dict(part.split("=", 1) for part in labels.split(","))
+            key = found.get(label, "").strip('"')
+            counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
@@ -369,13 +402,21 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         )
         ports = [_free_port() for _ in range(setup.processes)]
         addresses = [f"127.0.0.1:{port}" for port in ports]
+        metrics_ports = [_free_port() if args.matching_counts else None for _ in ports]
         servers: list[subprocess.Popen[bytes]] = []
         workers: list[subprocess.Popen[bytes]] = []
         try:
             # One after the other: the first node initialises the database.
             for index, port in enumerate(ports):
                 servers.append(
-                    _spawn_server(setup, index + 1, db_url, port, args.sqlite_synchronous)
+                    _spawn_server(
+                        setup,
+                        index + 1,
+                        db_url,
+                        port,
+                        args.sqlite_synchronous,
+                        metrics_ports[index],
+                    )
                 )
                 await asyncio.wait_for(_listening(servers[-1]), _START_TIMEOUT_S)
             if setup.nodes is not None:
@@ -389,6 +430,10 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
             clients = [await Client.connect(_rotated(addresses, i)) for i in range(len(addresses))]
             roles = Roles([s.pid for s in servers], [w.pid for w in workers])
             result = await _measure_shapes(clients, args, roles)
+            if args.matching_counts:
+                result["matching"] = await asyncio.to_thread(
+                    _matching_counts, [p for p in metrics_ports if p is not None]
+                )
             for client in clients:
                 await client.close()
         finally:
@@ -544,6 +589,11 @@ if __name__ == "__main__":
         "--no-batch",
         action="store_true",
         help="workers send each task completion as its own RPC (what batching saves)",
+    )
+    parser.add_argument(
+        "--matching-counts",
+        action="store_true",
+        help="report where the tasks went (the nodes' dispatch and internal RPC counters)",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()

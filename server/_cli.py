@@ -66,6 +66,7 @@ EXIT_USAGE = 2
 #: The web UI's port in ``start-dev`` (Temporal's dev server uses the same).
 DEFAULT_UI_PORT = 8233
 _DEFAULT_DB_WAIT_S = ServerConfig().store_start_timeout_s
+_DEFAULT_LOCAL_POLL_S = ServerConfig().local_poll_s
 #: The server process's young-generation GC threshold (Python's default: 700).
 GC_YOUNG_THRESHOLD = 10_000
 #: The site name of a server started without ``--cluster-name``.
@@ -159,6 +160,14 @@ def _add_start(server_sub: Any) -> None:
         type=float,
         default=DEFAULT_LEASE_S,
         help=f"shard lease; a dead node's shards move after it (default {DEFAULT_LEASE_S})",
+    )
+    node.add_argument(
+        "--local-poll-seconds",
+        type=float,
+        default=_DEFAULT_LOCAL_POLL_S,
+        help="a poll for a queue another node serves waits this long for a task "
+        "committed here before it is forwarded to the queue's node "
+        f"(default {_DEFAULT_LOCAL_POLL_S})",
     )
     node.add_argument(
         "--db-wait",
@@ -277,6 +286,8 @@ def _check_node_flags(args: argparse.Namespace) -> None:
         raise StartError(f"--shards {args.shards}: must be at least 1")
     if not args.lease_seconds > 0:
         raise StartError(f"--lease-seconds {args.lease_seconds}: must be positive")
+    if not args.local_poll_seconds > 0:
+        raise StartError(f"--local-poll-seconds {args.local_poll_seconds}: must be positive")
     if args.advertise is not None:
         host, sep, port = args.advertise.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -387,6 +398,7 @@ def _server_of(args: argparse.Namespace, url: str) -> TideflowServer:
         config=ServerConfig(
             shard_count=args.shards,
             lease_s=args.lease_seconds,
+            local_poll_s=args.local_poll_seconds,
             sqlite_synchronous=args.sqlite_synchronous,
             store_start_timeout_s=args.db_wait,
             **_site_config(args),

@@ -58,6 +58,11 @@ class ServerConfig:
     max_concurrent_polls: int = 50_000
     # How long a poll waits for a task before returning an empty response.
     long_poll_timeout_s: float = 60.0
+    # Cluster nodes: a poll reaching a node that does not serve its queue waits this
+    # long in the node's local partition (a task the node commits for the queue is
+    # started here, with no hop) before it is forwarded to the queue's owner for as
+    # long again, to drain its backlog; skipped while the owner reported a backlog.
+    local_poll_s: float = 1.0
     default_workflow_task_timeout_s: float = 10.0
     max_workflow_task_timeout_s: float = 120.0
     # Runs whose mutable state stays cached on this node.
@@ -113,6 +118,8 @@ class ServerConfig:
         # attributes, signal input); it must fit one message on its own.
         if 8 * self.max_payload_bytes > self.grpc_max_message_bytes:
             raise ValueError("max_payload_bytes must be at most 1/8 of grpc_max_message_bytes")
+        if not self.local_poll_s > 0:
+            raise ValueError("local_poll_s must be positive")
         if self.max_concurrent_polls < 1:
             raise ValueError("max_concurrent_polls must be at least 1")
         if not self.store_start_timeout_s >= 0:  # also refuses NaN

@@ -86,6 +86,11 @@ class _TaskQueue:
 
 #: How long a poller stays listed after its last poll (Temporal keeps five minutes).
 POLLER_TTL_S = 300.0
+#: How long after this node last committed a task for another node's queue polls here
+#: still wait in its local partition (``Matching.wants_local``).
+LOCAL_DEMAND_S = 10.0
+# Queues remembered for that before the stale ones are forgotten.
+_MAX_DEMAND = 1024
 
 
 class QueueMovedError(UnavailableError):
@@ -119,6 +124,16 @@ class Matching:
         # Told when an activity task with a placement starts waiting here (the sites
         # may offer it to another site's workers: server/_remote_tasks.py).
         self.on_waiting: Callable[[], None] | None = None
+        # Local partitions: polls parked on this node for queues another node serves,
+        # waiting for a task this node commits (``offer_local``). They hold pollers
+        # only, never tasks: a task handed to one that cannot be started goes back
+        # through ``local_fallback`` (the dispatcher's ``route``: another local poll,
+        # or the queue's owner), so nothing is stranded here.
+        self._local: dict[_QueueId, deque[_Poller]] = {}
+        # When this node last committed a task for each queue another node serves
+        # (monotonic clock): only those queues' polls wait in a local partition here.
+        self._local_demand: dict[_QueueId, float] = {}
+        self.local_fallback: Callable[[list[TaskRow]], None] = lambda tasks: None
 
     def _queue(self, qid: _QueueId) -> _TaskQueue:
         queue = self._queues.get(qid)
@@ -251,6 +266,83 @@ class Matching:
                 future.cancel()
                 with contextlib.suppress(ValueError):
                     queue.pollers.remove(poller)
+
+    # ------------------------------------------------ local partitions
+
+    def offer_local(self, task: TaskRow) -> bool:
+        """Hand a task this node committed (it owns the run) for a queue another node
+        serves to a poll parked here for that queue: the task is started in this
+        node's own store, with no ``AddTasks`` to the queue's owner and no
+        ``RecordTaskStarted`` back. False if no parked poll here may take it (the row
+        goes to the queue's owner, whose backlog every node's polls reach)."""
+        qid = (task.key.namespace, task.task_queue, task.kind)
+        now = time.monotonic()
+        if len(self._local_demand) >= _MAX_DEMAND and qid not in self._local_demand:
+            horizon = now - LOCAL_DEMAND_S
+            self._local_demand = {q: t for q, t in self._local_demand.items() if t >= horizon}
+        self._local_demand[qid] = now
+        pollers = self._local.get(qid)
+        if not pollers:
+            return False
+        for poller in list(pollers):
+            if poller.future.done():
+                pollers.remove(poller)
+            elif _admits(task, poller.worker):
+                pollers.remove(poller)
+                poller.future.set_result(task)
+                if self._metrics is not None:
+                    self._metrics.task_dispatched_local(task.kind)
+                return True
+        return False
+
+    def wants_local(self, namespace: str, task_queue: str, kind: TaskKind) -> bool:
+        """Whether this node committed a task for the queue (another node's) in the
+        last ``LOCAL_DEMAND_S``: a poll here waits in the local partition only then
+        (elsewhere it would only delay the owner's backlog)."""
+        at = self._local_demand.get((namespace, task_queue, kind))
+        return at is not None and time.monotonic() - at < LOCAL_DEMAND_S
+
+    async def poll_local(
+        self,
+        namespace: str,
+        task_queue: str,
+        kind: TaskKind,
+        timeout: float,
+        worker: WorkerSite | None = None,
+    ) -> TaskRow | None:
+        """Park a poll in this node's local partition of a queue another node serves
+        for up to ``timeout`` seconds: a task this node commits for the queue meanwhile
+        (``offer_local``), or None."""
+        qid = (namespace, task_queue, kind)
+        pollers = self._local.setdefault(qid, deque())
+        future: asyncio.Future[Dispatchable] = asyncio.get_running_loop().create_future()
+        poller = _Poller(future, worker)
+        pollers.append(poller)
+        if self._metrics is not None:
+            self._metrics.local_polls.inc()
+        task: Dispatchable | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                task = await asyncio.shield(future)
+        except TimeoutError:
+            # A task may have been handed over in the same instant the deadline hit.
+            task = future.result() if future.done() and not future.cancelled() else None
+        except asyncio.CancelledError:
+            # The poller went away after a task was handed to it: route the task on.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.local_fallback([future.result()])  # type: ignore[list-item]
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.local_polls.dec()
+            if not future.done():
+                future.cancel()
+                with contextlib.suppress(ValueError):
+                    pollers.remove(poller)
+            if not pollers and self._local.get(qid) is pollers:
+                del self._local[qid]
+        assert task is None or isinstance(task, TaskRow)
+        return task
 
     def give_back(self, task: TaskRow) -> None:
         """A polled task could not be delivered (store hiccup): dispatch it again."""
@@ -462,6 +554,8 @@ class Matching:
             "matching_queries": sum(len(q.queries) for q in queues),
             "matching_pollers": sum(len(q.pollers) for q in queues),
             "matching_retired_queues": len(self._retired),
+            "matching_local_pollers": sum(len(p) for p in self._local.values()),
+            "matching_local_demand": len(self._local_demand),
         }
 
     def backlog_size(self, namespace: str, task_queue: str, kind: TaskKind) -> int:

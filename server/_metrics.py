@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -72,8 +72,16 @@ class ServerMetrics:
         )
         self.dispatched = Counter(
             "tideflow_task_dispatch",
-            "tasks handed to matching: straight to a waiting poller (sync) or backlogged",
+            "tasks handed to matching: straight to a waiting poller (sync), backlogged, "
+            "or to a poll parked on the committing node for another node's queue (local)",
             ["kind", "match"],
+            registry=r,
+        )
+        # Polls parked in this node's local partitions of queues other nodes serve
+        # (server/_matching.py ``poll_local``): what local dispatch can reach now.
+        self.local_polls = Gauge(
+            "tideflow_local_polls_parked",
+            "polls parked on this node for queues another node serves",
             registry=r,
         )
         self.timer_lateness = Histogram(
@@ -102,6 +110,13 @@ class ServerMetrics:
         name = _KIND_NAMES.get(kind)
         if name is not None:
             self.dispatched.labels(name, "sync" if sync else "backlog").inc()
+
+    def task_dispatched_local(self, kind: TaskKind) -> None:
+        """A task this node committed went to a poll parked here for a queue another
+        node serves (no AddTasks, no RecordTaskStarted)."""
+        name = _KIND_NAMES.get(kind)
+        if name is not None:
+            self.dispatched.labels(name, "local").inc()
 
     def task_started(self, kind: TaskKind, response: Any) -> None:
         """A poll got a started task: its schedule-to-start latency (the response's

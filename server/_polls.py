@@ -60,6 +60,9 @@ PollResponse = TypeVar(
 _REROUTE_DELAY_S = 0.2
 # How long a non-poll task-queue request looks for the queue's owner at most.
 _ROUTE_TIMEOUT_S = 10.0
+# Trailing metadata of a forwarded poll's answer: the tasks still waiting in the
+# queue's backlog on its owner (the forwarding node skips its local partition then).
+_BACKLOG_KEY = "x-tideflow-backlog"
 _QUEUE_TYPES = {
     service_pb2.TASK_QUEUE_TYPE_UNSPECIFIED: TaskKind.WORKFLOW,
     service_pb2.TASK_QUEUE_TYPE_WORKFLOW: TaskKind.WORKFLOW,
@@ -116,6 +119,10 @@ class TaskQueueService:
         self._tokens = tokens
         self._routes = routes
         self._node_id = routes.node_id if routes is not None else ""
+        # (namespace, queue, kind) -> tasks its owner (another node) reported waiting
+        # in the queue's backlog after the last forwarded poll: while some wait, polls
+        # here go to the owner at once instead of parking in the local partition.
+        self._owner_backlog: dict[tuple[str, str, TaskKind], int] = {}
         # Queries held here until a worker answers them, by query id.
         self._queries: dict[str, QueryTask] = {}
         self._parked_polls = 0
@@ -165,7 +172,10 @@ class TaskQueueService:
         rpc = "PollWorkflowTask" if kind == TaskKind.WORKFLOW else "PollActivityTask"
 
         async def here() -> PollResponse:
-            return await self._poll_here(request, kind, deadline, empty)
+            return await self._poll_here(request, kind, deadline, empty, context)
+
+        async def local(timeout: float) -> PollResponse | None:
+            return cast(PollResponse | None, await self._poll_local(request, kind, timeout))
 
         try:
             return await self._at_queue_owner(
@@ -177,6 +187,7 @@ class TaskQueueService:
                 deadline,
                 here,
                 rpc,
+                local,
             )
         except TimeoutError:
             return empty()
@@ -187,32 +198,106 @@ class TaskQueueService:
         """Who polls: what the worker advertised, completed with this site's defaults."""
         return self._matching.policy.worker(identity, advertised)
 
+    def _poller_site(self, request: Any, kind: TaskKind) -> WorkerSite | None:
+        if kind != TaskKind.ACTIVITY:
+            return None
+        advertised = request.worker if request.HasField("worker") else None
+        return self.worker_site(request.identity, advertised)
+
     async def _poll_here(
-        self, request: Any, kind: TaskKind, deadline: float, empty: type[PollResponse]
+        self,
+        request: Any,
+        kind: TaskKind,
+        deadline: float,
+        empty: type[PollResponse],
+        context: _Context,
     ) -> PollResponse:
         loop = asyncio.get_running_loop()
-        worker = None
-        if kind == TaskKind.ACTIVITY:
-            advertised = request.worker if request.HasField("worker") else None
-            worker = self.worker_site(request.identity, advertised)
+        worker = self._poller_site(request, kind)
+        queue = request.task_queue.name
+        response: Any = empty()
         while (remaining := deadline - loop.time()) > 0:
-            queue = request.task_queue.name
             task = await self._parked_poll(
                 request.namespace, queue, kind, remaining, request.identity, worker
             )
             if task is None:
                 break
             if isinstance(task, QueryTask):
-                response: Any = await self._query_task(task)
+                answer: Any = await self._query_task(task)
             else:
-                response = await self._start(task, request.identity, worker)
-                if response is not None and self._metrics is not None:
-                    self._metrics.task_started(kind, response)
+                answer = await self._start(task, request.identity, worker)
+                if answer is not None and self._metrics is not None:
+                    self._metrics.task_started(kind, answer)
+            if answer is not None:
+                if answer.task_token:
+                    answer.task_token = await self._tokens.seal(answer.task_token)
+                response = answer
+                break
+        if is_forwarded(context.invocation_metadata()):
+            # What still waits here: the forwarding node skips its local partition
+            # while the backlog has tasks, so they are not left to this node's pollers.
+            waiting = self._matching.backlog_size(request.namespace, queue, kind)
+            context.set_trailing_metadata(((_BACKLOG_KEY, str(waiting)),))
+        return response  # type: ignore[no-any-return]
+
+    async def _poll_local(
+        self, request: Any, kind: TaskKind, timeout: float
+    ) -> service_pb2.PollWorkflowTaskResponse | service_pb2.PollActivityTaskResponse | None:
+        """A poll for a queue another node serves, parked in this node's local
+        partition of the queue for up to ``timeout``: a task this node committed for
+        the queue meanwhile, started here (this node owns its run); None if none came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        worker = self._poller_site(request, kind)
+        while (remaining := deadline - loop.time()) > 0:
+            task = await self._parked_poll(
+                request.namespace,
+                request.task_queue.name,
+                kind,
+                remaining,
+                request.identity,
+                worker,
+                local=True,
+            )
+            if task is None:
+                return None
+            assert isinstance(task, TaskRow)  # local partitions hold no queries
+            response = await self._start_local(task, request.identity, worker)
             if response is not None:
-                if response.task_token:
-                    response.task_token = await self._tokens.seal(response.task_token)
-                return response  # type: ignore[no-any-return]
-        return empty()
+                if self._metrics is not None:
+                    self._metrics.task_started(kind, response)
+                response.task_token = await self._tokens.seal(response.task_token)
+                return response
+        return None
+
+    async def _start_local(
+        self, task: TaskRow, identity: str, worker: WorkerSite | None
+    ) -> service_pb2.PollWorkflowTaskResponse | service_pb2.PollActivityTaskResponse | None:
+        """Record a locally dispatched task started in this node's store (tla/History.tla
+        ``RecordWorkflowTaskStartedA`` / ``RecordActivityStartedA``, as on the queue's
+        owner); None if it is stale. A task not started (the run moved, the store
+        failed, the poller went away) is routed on, never left here."""
+        assert self._routes is not None
+        if not self._routes.owns_run(task.key):
+            # This node lost the run's shard since: its new owner hands the row over
+            # from the store (routing it again here would only bounce it between polls).
+            return None
+        try:
+            return await self._record_started(task, identity, worker)
+        except (StoreError, ServiceError, asyncio.CancelledError):
+            # As in _start: a start that did commit finds the routed row stale.
+            self._matching.local_fallback([task])
+            raise
+
+    async def _record_started(
+        self, task: TaskRow, identity: str, worker: WorkerSite | None
+    ) -> service_pb2.PollWorkflowTaskResponse | service_pb2.PollActivityTaskResponse | None:
+        """The task recorded started by this node's engine (it owns the run)."""
+        if task.kind == TaskKind.WORKFLOW:
+            return await self._engine.record_workflow_task_started(task, identity)
+        return await self._engine.record_activity_started(
+            task, worker or self.worker_site(identity, None)
+        )
 
     async def _parked_poll(
         self,
@@ -222,9 +307,12 @@ class TaskQueueService:
         timeout: float,
         identity: str,
         worker: WorkerSite | None,
+        *,
+        local: bool = False,
     ) -> Dispatchable | None:
-        """``Matching.poll`` within ``max_concurrent_polls``: past it, a clear
-        RESOURCE_EXHAUSTED (clients retry it with backoff) rather than an unbounded pile."""
+        """``Matching.poll`` (``poll_local`` if ``local``) within
+        ``max_concurrent_polls``: past it, a clear RESOURCE_EXHAUSTED (clients retry it
+        with backoff) rather than an unbounded pile."""
         if self._parked_polls >= self._config.max_concurrent_polls:
             raise PollLimitError(
                 f"{self._parked_polls} long polls are waiting on this server, its limit "
@@ -232,6 +320,8 @@ class TaskQueueService:
             )
         self._parked_polls += 1
         try:
+            if local:
+                return await self._matching.poll_local(namespace, task_queue, kind, timeout, worker)
             return await self._matching.poll(
                 namespace, task_queue, kind, timeout, identity=identity, worker=worker
             )
@@ -275,11 +365,7 @@ class TaskQueueService:
                 return None
             return started.response
         try:
-            if task.kind == TaskKind.WORKFLOW:
-                return await self._engine.record_workflow_task_started(task, identity)
-            return await self._engine.record_activity_started(
-                task, worker or self.worker_site(identity, None)
-            )
+            return await self._record_started(task, identity, worker)
         except (StoreError, ServiceError, asyncio.CancelledError):
             # Not delivered. A poller that goes away (worker shutdown) cancels this
             # handler; the task must not vanish with it, or nothing would dispatch it
@@ -300,12 +386,18 @@ class TaskQueueService:
         deadline: float,
         here: Callable[[], Awaitable[R]],
         rpc: str,
+        local: Callable[[float], Awaitable[R | None]] | None = None,
     ) -> R:
         """``here()`` if this node serves the queue, else the request forwarded to the
         node that does, routed again while the queue moves; TimeoutError past
-        ``deadline`` (the loop's clock)."""
+        ``deadline`` (the loop's clock). A poll (``local``) waits in this node's local
+        partition of the queue first, then is forwarded for as long (the owner's
+        backlog), in turns, unless the owner reported a backlog last time."""
         loop = asyncio.get_running_loop()
         forwarded = is_forwarded(context.invocation_metadata())
+        qid = (namespace, task_queue, kind)
+        turn = self._config.local_poll_s
+        local_turn = local is not None
         while (remaining := deadline - loop.time()) > 0:
             routes = self._routes
             owner = (
@@ -322,13 +414,33 @@ class TaskQueueService:
                 # Never forwarded twice: the first node routes the request again.
                 raise QueueMovedError(f"node {self._node_id} does not serve {task_queue!r}")
             assert routes is not None
+            if (
+                owner is not None
+                and local_turn
+                and not self._owner_backlog.get(qid)
+                and self._matching.wants_local(*qid)
+            ):
+                assert local is not None
+                local_turn = False
+                answer = await local(min(remaining, turn))
+                if answer is not None:
+                    return answer
+                if (remaining := deadline - loop.time()) <= 0:
+                    break
+                continue  # the turn ended: the owner is asked next (its backlog)
             if owner is not None:
                 # A long poll is forwarded for at most a lease at a time: a node that
                 # hangs (paused, not dead) holds the poll only that long, and a queue that
                 # moved meanwhile is found by the next hop.
                 hop = min(remaining, self._hop_s) if rpc.startswith("Poll") else remaining
+                if local is not None and self._matching.wants_local(*qid):
+                    # Back to the local partition after a turn at the owner.
+                    hop = min(hop, turn)
+                    local_turn = True
                 try:
-                    response = await self._forward(owner, rpc, request, context, hop)
+                    response = await self._forward(
+                        owner, rpc, request, context, hop, qid if local is not None else None
+                    )
                 except _Reroute:
                     pass
                 except TimeoutError:
@@ -343,14 +455,29 @@ class TaskQueueService:
         raise TimeoutError
 
     async def _forward(
-        self, owner: Peer, rpc: str, request: Any, context: _Context, timeout: float
+        self,
+        owner: Peer,
+        rpc: str,
+        request: Any,
+        context: _Context,
+        timeout: float,
+        qid: tuple[str, str, TaskKind] | None = None,
     ) -> Any:
-        """``request`` sent to ``owner`` as the caller's own, marked forwarded."""
+        """``request`` sent to ``owner`` as the caller's own, marked forwarded; for a
+        poll (``qid``), the backlog the owner reports is noted (``_owner_backlog``)."""
         assert self._routes is not None
         method = getattr(self._routes.frontend_stub(owner), rpc)
         metadata = forwarding_metadata(context.invocation_metadata(), self._node_id)
         try:
-            return await method(request, timeout=timeout, metadata=metadata)
+            call = method(request, timeout=timeout, metadata=metadata)
+            response = await call
+            if qid is not None:
+                trailer = dict(await call.trailing_metadata() or ())
+                waiting = str(trailer.get(_BACKLOG_KEY, "0"))
+                self._owner_backlog[qid] = int(waiting) if waiting.isdigit() else 0
+                if not self._owner_backlog[qid]:
+                    del self._owner_backlog[qid]
+            return response
         except grpc.aio.AioRpcError as exc:
             # UNAVAILABLE: the node does not serve the queue (any more), or is down;
             # CANCELLED: it stopped while the call waited (our own caller going away

@@ -108,13 +108,17 @@ class _Dispatch(Dispatcher):
         self.route([t for t in tasks if t.kind != TaskKind.TRANSFER])
 
     def route(self, tasks: list[TaskRow]) -> None:
-        """Hand task rows to their queues' nodes: this one, or another (forwarded)."""
+        """Hand task rows to their queues' nodes: this one, or another (forwarded),
+        unless a poll parked here for the other node's queue takes the row (local
+        dispatch: this node owns the run, so it starts the task itself)."""
         here = []
         elsewhere = []
         for task in tasks:
             if self._routes.serves(task.key.namespace, task.task_queue, task.kind):
                 here.append(task)
-            else:
+            elif not (self._routes.owns_run(task.key) and self._matching.offer_local(task)):
+                # (A run this node lost goes to the forwarder, which drops it: the
+                # run's new owner hands the row over from the store.)
                 elsewhere.append(task)
         self.accept(here)
         if elsewhere:
@@ -381,6 +385,7 @@ class TideflowServer:
         timers = self._timer_queue(store)
         transfers = TransferProcessor(store, owns)
         dispatch = _Dispatch(matching, timers, transfers, routes)
+        matching.local_fallback = dispatch.route
         hooks = _ShardHooks(store, matching, dispatch, transfers, timers)
         server = self._listen()
         shards = self._shard_controller(store, hooks)

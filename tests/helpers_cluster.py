@@ -20,7 +20,14 @@ from typing import Any
 
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually
 
-from tideflow.history import HistoryStore, ShardRecord, now_micros, shard_of
+from tideflow.history import (
+    HistoryStore,
+    ShardRecord,
+    TaskKind,
+    now_micros,
+    queue_shard_of,
+    shard_of,
+)
 from tideflow.worker_sdk import Client, RetryPolicy, Worker, activity, workflow
 
 QUEUE = "cluster-nodes"
@@ -89,6 +96,17 @@ async def split(store: HistoryStore, *names: str) -> dict[int, str] | None:
     if all(0 < count[n] <= share for n in names):
         return found
     return None
+
+
+def queue_served_by(owners: dict[int, str], node: str, tag: str, shard_count: int = SHARDS) -> str:
+    """A task queue name (``tag-<i>``) whose workflow and activity queues are both
+    served by ``node`` in ``owners``."""
+    for i in range(100_000):
+        name = f"{tag}-{i}"
+        kinds = (TaskKind.WORKFLOW, TaskKind.ACTIVITY)
+        if all(owners[queue_shard_of("default", name, int(k), shard_count)] == node for k in kinds):
+            return name
+    raise AssertionError(f"no queue on {node}")
 
 
 def workflow_ids(

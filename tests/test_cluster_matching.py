@@ -28,9 +28,10 @@ from typing import Any
 
 import pytest
 from helpers import ET, Processes, ServerProcess, assert_gap_free, eventually, new_id
+from helpers_cluster import queue_served_by
 
 from tideflow.api.v1 import common_pb2, service_pb2
-from tideflow.history import HistoryStore, TaskKind, now_micros, queue_shard_of, shard_of
+from tideflow.history import HistoryStore, now_micros, shard_of
 from tideflow.worker_sdk import (
     Client,
     RetryPolicy,
@@ -166,16 +167,6 @@ async def _balanced(store: HistoryStore, names: Sequence[str]) -> dict[int, str]
     return None
 
 
-def _queue_served_by(owners: dict[int, str], node: str, tag: str) -> str:
-    """A task queue name whose workflow and activity queues are both served by ``node``."""
-    for i in range(100_000):
-        name = f"{tag}-{i}"
-        kinds = (TaskKind.WORKFLOW, TaskKind.ACTIVITY)
-        if all(owners[queue_shard_of("default", name, int(k), 16)] == node for k in kinds):
-            return name
-    raise AssertionError(f"no queue on {node}")
-
-
 def _ids_owned_by(owners: dict[int, str], node: str, count: int) -> list[str]:
     ids: list[str] = []
     while len(ids) < count:
@@ -208,7 +199,7 @@ async def test_a_worker_polling_one_node_gets_the_tasks_and_queries_of_runs_on_t
     a, nodes = cluster["node-a"], list(cluster.values())
     # The queue's node is B: a poll at A is forwarded to B, which records the tasks of
     # C's runs started on C.
-    queue = _queue_served_by(owners, "node-b", "spread")
+    queue = queue_served_by(owners, "node-b", "spread")
     ids = _ids_owned_by(owners, "node-b", 3) + _ids_owned_by(owners, "node-c", 3)
     first_events = FirstEvents()
     async with _client(a, nodes) as client, _worker(client, queue, interceptors=[first_events]):
@@ -256,7 +247,7 @@ async def test_a_backlog_survives_the_death_of_the_node_that_held_it(
     owners = await _owners(store)
     m = cluster["node-c"]
     a = cluster["node-a"]
-    queue = _queue_served_by(owners, "node-c", "backlog")
+    queue = queue_served_by(owners, "node-c", "backlog")
     ids = [new_id("backlog") for _ in range(12)]  # runs on every node's shards
     async with _client(a, list(cluster.values())) as client:
         for n, workflow_id in enumerate(ids):
@@ -288,7 +279,7 @@ async def test_polls_through_another_node_survive_the_queue_node_stopping(
 ) -> None:
     owners = await _owners(store)
     m, a = cluster["node-b"], cluster["node-a"]
-    queue = _queue_served_by(owners, "node-b", "moving")
+    queue = queue_served_by(owners, "node-b", "moving")
     survivors = [cluster["node-a"], cluster["node-c"]]
     async with _client(a, list(cluster.values())) as client, _worker(client, queue):
         ids = []
