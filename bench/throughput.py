@@ -305,6 +305,7 @@ def _spawn_server(
     port: int,
     sqlite_synchronous: str | None = None,
     metrics_port: int | None = None,
+    local_poll_s: float = 0.0,
 ) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "tideflow.cli", "server", setup.command, "--db-url", db_url]
     if sqlite_synchronous and db_url.startswith("sqlite"):
@@ -313,6 +314,7 @@ def _spawn_server(
     argv += ["--log-level", os.environ.get("TIDEFLOW_BENCH_LOG", "WARNING")]
     if setup.nodes is not None:
         argv += ["--node-id", f"bench-node-{index}", "--auth", "off"]
+        argv += ["--local-poll-seconds", str(local_poll_s)]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
     else:
@@ -416,6 +418,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
                         port,
                         args.sqlite_synchronous,
                         metrics_ports[index],
+                        args.local_poll_seconds,
                     )
                 )
                 await asyncio.wait_for(_listening(servers[-1]), _START_TIMEOUT_S)
@@ -448,6 +451,7 @@ async def run_setup(setup: Setup, args: argparse.Namespace) -> dict[str, object]
         "sqlite_synchronous": args.sqlite_synchronous or "NORMAL (server default)",
         "eager": not args.no_eager,
         "batch_completions": not args.no_batch,
+        "local_poll_seconds": args.local_poll_seconds if setup.nodes is not None else None,
         **result,
     }
 
@@ -589,6 +593,13 @@ if __name__ == "__main__":
         "--no-batch",
         action="store_true",
         help="workers send each task completion as its own RPC (what batching saves)",
+    )
+    parser.add_argument(
+        "--local-poll-seconds",
+        type=float,
+        default=0.0,
+        help="nodes (--nodes, --table): local dispatch's turn, passed to every node "
+        "(default 0: off, the server's default)",
     )
     parser.add_argument(
         "--matching-counts",

@@ -165,9 +165,9 @@ def _add_start(server_sub: Any) -> None:
         "--local-poll-seconds",
         type=float,
         default=_DEFAULT_LOCAL_POLL_S,
-        help="a poll for a queue another node serves waits this long for a task "
-        "committed here before it is forwarded to the queue's node "
-        f"(default {_DEFAULT_LOCAL_POLL_S})",
+        help="local dispatch: a poll for a queue another node serves waits this long "
+        "for a task committed here before it is forwarded to the queue's node, in "
+        f"turns (default {_DEFAULT_LOCAL_POLL_S:g}: off, forwarded at once)",
     )
     node.add_argument(
         "--db-wait",
@@ -286,8 +286,10 @@ def _check_node_flags(args: argparse.Namespace) -> None:
         raise StartError(f"--shards {args.shards}: must be at least 1")
     if not args.lease_seconds > 0:
         raise StartError(f"--lease-seconds {args.lease_seconds}: must be positive")
-    if not args.local_poll_seconds > 0:
-        raise StartError(f"--local-poll-seconds {args.local_poll_seconds}: must be positive")
+    if not args.local_poll_seconds >= 0:
+        raise StartError(
+            f"--local-poll-seconds {args.local_poll_seconds}: must be 0 (off) or positive"
+        )
     if args.advertise is not None:
         host, sep, port = args.advertise.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -62,7 +62,11 @@ class ServerConfig:
     # long in the node's local partition (a task the node commits for the queue is
     # started here, with no hop) before it is forwarded to the queue's owner for as
     # long again, to drain its backlog; skipped while the owner reported a backlog.
-    local_poll_s: float = 1.0
+    # 0 (the default): no local partitions, every such poll is forwarded at once. Off
+    # by default: it cuts a two-node cluster's server CPU per activity on PostgreSQL
+    # by a quarter, not on SQLite, and a task queued on the owner may wait up to a
+    # turn while the pollers are on local turns (bench/README.md, docs/cluster.md).
+    local_poll_s: float = 0.0
     default_workflow_task_timeout_s: float = 10.0
     max_workflow_task_timeout_s: float = 120.0
     # Runs whose mutable state stays cached on this node.
@@ -118,8 +122,8 @@ class ServerConfig:
         # attributes, signal input); it must fit one message on its own.
         if 8 * self.max_payload_bytes > self.grpc_max_message_bytes:
             raise ValueError("max_payload_bytes must be at most 1/8 of grpc_max_message_bytes")
-        if not self.local_poll_s > 0:
-            raise ValueError("local_poll_s must be positive")
+        if not self.local_poll_s >= 0:  # also refuses NaN
+            raise ValueError("local_poll_s must be 0 (off) or positive")
         if self.max_concurrent_polls < 1:
             raise ValueError("max_concurrent_polls must be at least 1")
         if not self.store_start_timeout_s >= 0:  # also refuses NaN

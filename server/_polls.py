@@ -397,6 +397,8 @@ class TaskQueueService:
         forwarded = is_forwarded(context.invocation_metadata())
         qid = (namespace, task_queue, kind)
         turn = self._config.local_poll_s
+        if turn <= 0:
+            local = None  # local dispatch off: forwarded at once
         local_turn = local is not None
         while (remaining := deadline - loop.time()) > 0:
             routes = self._routes

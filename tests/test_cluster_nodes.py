@@ -243,6 +243,8 @@ async def test_a_conflicting_shard_count_is_refused(tmp_path: Path) -> None:
     [
         (["--shards", "0"], "--shards 0: must be at least 1"),
         (["--lease-seconds", "0"], "--lease-seconds 0.0: must be positive"),
+        (["--local-poll-seconds", "-1"], "--local-poll-seconds -1.0: must be 0 (off) or positive"),
+        (["--local-poll-seconds", "nan"], "--local-poll-seconds nan: must be 0 (off) or positive"),
         (["--advertise", "nohost"], "--advertise 'nohost': expected HOST:PORT"),
         (["--advertise", "h:99999"], "--advertise 'h:99999': expected HOST:PORT"),
     ],
