@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tideflow.api.v1 import state_pb2
-from tideflow.history import RunKey, TimerRow
+from tideflow.history import RunKey, TaskRow, TimerRow
 
 from . import _timeouts
 from ._home import check_home
@@ -64,13 +64,7 @@ async def fire_page(
                 alone.append(index)
             else:
                 held.append((index, *computed))
-        results = await asyncio.gather(
-            *(
-                engine._commit(m.key, run, m, _action(timers[index]), bulk=True)
-                for index, run, m in held
-            ),
-            return_exceptions=True,
-        )
+        results = await _commit_all(engine, held, timers)
     finally:
         for _, run, _ in held:
             run.lock.release()
@@ -133,6 +127,64 @@ async def _compute(
         pass  # alone, where the error (or the refusal) is met again and reported
     run.lock.release()
     return None
+
+
+async def _commit_all(
+    engine: HistoryEngine, held: list[_Held], timers: Sequence[TimerRow]
+) -> list[bool | BaseException]:
+    """Commit the page's transitions: each submitted to the store as ``bulk`` (its own
+    transition and version check, in shared transactions), all awaited together, the
+    cache updated as ``HistoryEngine._commit`` does, and the committed ones' rows
+    handed over in one batch. Per transition: True, False (another writer changed
+    the run first: the cache entry is dropped), or the error its write ended with."""
+    submitted = [engine._submit(run, m, _action(timers[i]), bulk=True) for i, run, m in held]
+    writes = [write for write, _, _ in submitted]
+    try:
+        if writes:
+            await asyncio.wait(writes)  # no task per commit; cancelling leaves them be
+    except asyncio.CancelledError:
+        for (_, run, m), write in zip(held, writes, strict=True):
+            engine._abandon(run, m, write)
+        raise
+    results: list[bool | BaseException] = []
+    landed: list[tuple[CachedRun, Mutation]] = []
+    for (_, run, m), (write, rseq, lease) in zip(held, submitted, strict=True):
+        error = write.exception()
+        if error is None:
+            engine._landed(run, m, rseq, lease)
+            landed.append((run, m))
+            results.append(True)
+            continue
+        try:
+            results.append(engine._not_committed(run, m, error))
+        except BaseException as raised:
+            results.append(raised)
+    _hand_over(engine, landed)
+    return results
+
+
+def _hand_over(engine: HistoryEngine, landed: list[tuple[CachedRun, Mutation]]) -> None:
+    """``HistoryEngine._after_commit`` for many commits: their waiters woken, and their
+    rows handed to matching and the timer queue in one call each."""
+    tasks: list[TaskRow] = []
+    new_timers: list[TimerRow] = []
+    dropped: list[str] = []
+    for run, m in landed:
+        old = run.changed
+        run.changed = asyncio.Event()
+        old.set()
+        tasks.extend(m.new_tasks)
+        new_timers.extend(m.new_timers)
+        dropped.extend(m.done_timer_keys)
+    dispatcher = engine._dispatcher
+    if tasks:
+        dispatcher.add_tasks(tasks)
+    if new_timers:
+        dispatcher.add_timers(new_timers)
+    if dropped:
+        dispatcher.drop_timers(dropped)
+    for _, m in landed:
+        dispatcher.committed(m.key)
 
 
 def _action(timer: TimerRow) -> str:
