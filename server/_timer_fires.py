@@ -137,18 +137,28 @@ async def _commit_all(
     cache updated as ``HistoryEngine._commit`` does, and the committed ones' rows
     handed over in one batch. Per transition: True, False (another writer changed
     the run first: the cache entry is dropped), or the error its write ended with."""
-    submitted = [engine._submit(run, m, _action(timers[i]), bulk=True) for i, run, m in held]
-    writes = [write for write, _, _ in submitted]
+    submitted: list[tuple[asyncio.Future[None], int, int | None] | Exception] = []
+    for index, run, m in held:
+        try:
+            submitted.append(engine._submit(run, m, _action(timers[index]), bulk=True))
+        except Exception as exc:  # refused at once (a shard lost meanwhile, the store closed)
+            submitted.append(exc)
+    writes = [s[0] for s in submitted if not isinstance(s, Exception)]
     try:
         if writes:
             await asyncio.wait(writes)  # no task per commit; cancelling leaves them be
     except asyncio.CancelledError:
-        for (_, run, m), write in zip(held, writes, strict=True):
-            engine._abandon(run, m, write)
+        for (_, run, m), sub in zip(held, submitted, strict=True):
+            if not isinstance(sub, Exception):
+                engine._abandon(run, m, sub[0])
         raise
     results: list[bool | BaseException] = []
     landed: list[tuple[CachedRun, Mutation]] = []
-    for (_, run, m), (write, rseq, lease) in zip(held, submitted, strict=True):
+    for (_, run, m), sub in zip(held, submitted, strict=True):
+        if isinstance(sub, Exception):
+            results.append(sub)  # as ``HistoryEngine._commit`` raises it
+            continue
+        write, rseq, lease = sub
         error = write.exception()
         if error is None:
             engine._landed(run, m, rseq, lease)

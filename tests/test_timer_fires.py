@@ -12,10 +12,11 @@ its own commit; each timer is then found fired, not fired again). A run whose lo
 another transition holds is fired alone, after it. A run another writer changed
 behind the engine's cache (another node fired its timer first) fails its version
 check in the page's transaction; the other runs' fires still commit, and that one is
-found fired. A process SIGKILLed in the middle of a page's transaction, or right
-after it committed (tests/timer_fires_child.py, a real process), loses no timer and
-fires none twice: the rows left are fired by the next process, as a restarted
-server's queue would.
+found fired. A page the store refuses at submission (the node's fence no longer
+holds the shards) reports each fire's error and writes nothing. A process SIGKILLed
+in the middle of a page's transaction, or right after it committed
+(tests/timer_fires_child.py, a real process), loses no timer and fires none twice:
+the rows left are fired by the next process, as a restarted server's queue would.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sqlalchemy import Connection
 from tideflow.api.v1.history_pb2 import EventType
 from tideflow.history import (
     HistoryStore,
+    ShardOwnershipLostError,
     StoreUnavailableError,
     TaskKind,
     TaskRow,
@@ -217,6 +219,23 @@ async def test_a_lost_race_in_a_page_costs_the_other_runs_nothing(store_url: str
         assert store.stats["transitions"] - before == _RUNS - 1
         fired = sorted(t.key.workflow_id for t in rows.tasks)
         assert fired == sorted(t.key.workflow_id for t in timers if t is not raced)
+
+
+async def test_a_page_refused_at_submission_reports_each_fire_and_writes_nothing(
+    store_url: str,
+) -> None:
+    async with _engine(store_url) as (engine, rows, _):
+        timers = await _sleepers(engine, rows, _RUNS)
+        # The node's fence holds no shard any more (this engine has no shard
+        # controller to refuse the fires earlier): each submission is refused.
+        engine._store.enable_fencing()
+        outcomes = await engine.fire_timers(timers)
+        assert all(isinstance(o, ShardOwnershipLostError) for o in outcomes), outcomes
+        assert rows.tasks == []
+    async with _engine(store_url) as (engine, rows, _):  # the shards' next owner
+        assert len(await engine._store.timers_due_before(2**62)) == _RUNS
+        assert await engine.fire_timers(timers) == [None] * _RUNS
+        await _fired_once_each(engine._store, timers)
 
 
 async def _run_child(store_url: str, page: int, transaction: int, when: str) -> None:
