@@ -62,6 +62,9 @@ def shard_of(namespace: str, workflow_id: str, shard_count: int) -> int:
     return int.from_bytes(digest, "big") % shard_count
 
 
+# Cached: every task row written asks, and a server has few queues (the hash was a
+# few percent of a timer fire's CPU).
+@functools.lru_cache(maxsize=4096)
 def queue_shard_of(namespace: str, task_queue: str, kind: int, shard_count: int) -> int:
     """The shard whose owner serves task queue ``task_queue`` of kind ``kind`` (its
     matching owner: server/_matching_routes.py).

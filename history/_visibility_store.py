@@ -71,6 +71,9 @@ from ._records import ExecutionSummary, RunKey
 
 log = logging.getLogger("tideflow.history.visibility")
 
+# Plain ints: an enum wrapper's attribute lookup per event cost more than the loop.
+_STARTED = int(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED)
+_UPSERTED = int(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES)
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 MAX_SEARCH_ATTRIBUTES = 100
@@ -202,7 +205,7 @@ def visibility_rows(batch: Sequence[tuple[RunKey, Sequence[HistoryEvent]]]) -> V
         names: dict[str, dict[str, Any] | None] = {}
         for event in events:
             et = event.event_type
-            if et == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            if et == _STARTED:
                 a = event.workflow_execution_started_event_attributes
                 if a.HasField("memo") and a.memo.fields:
                     rows.memos.append(
@@ -215,7 +218,7 @@ def visibility_rows(batch: Sequence[tuple[RunKey, Sequence[HistoryEvent]]]) -> V
                     )
                 if a.HasField("search_attributes"):
                     _collect_attributes(key, a.search_attributes, names)
-            elif et == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            elif et == _UPSERTED:
                 upserted = event.upsert_workflow_search_attributes_event_attributes
                 _collect_attributes(key, upserted.search_attributes, names)
         if names:

@@ -248,45 +248,68 @@ class HistoryEngine:
         """Commit ``m`` (and the runs it creates) and update the cache; False if
         another writer changed the run first (the cache entry is dropped). ``bulk``:
         one of many submitted at once (``HistoryStore.submit``)."""
+        write, rseq, lease = self._submit(run, m, action, bulk=bulk)
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            self._abandon(run, m, write)
+            raise
+        except BaseException as exc:
+            return self._not_committed(run, m, exc)
+        self._landed(run, m, rseq, lease)
+        self._after_commit(run, m, action)
+        return True
+
+    def _submit(
+        self, run: CachedRun, m: Mutation, action: str, *, bulk: bool
+    ) -> tuple[asyncio.Future[None], int, int | None]:
+        """Hand ``m`` to the store: its write, its replication trace sequence, and the
+        range id its shard is held with now if it creates runs (they are cached only
+        if the shard is still held so once it committed)."""
         together = [x.to_transition(0, start_request_id=x.ms.start_request_id) for x in m.side_runs]
         # Trace mode logs ahead of the commit, then its outcome: a crash between
         # the two leaves a transition marked "may have happened", never one
         # missing from the log.
         self._tracer.write_ahead(action, m)
         rseq = self.replication_tracer.home_step(action, m)
-        # Awaited shielded: a caller going away (a worker gone mid-call) withdraws a
-        # commit no store writer has taken (a poll that went away starts nothing),
-        # unless it creates task rows: those always go on.
-        lease = self._lease_of(key)
+        lease = self._lease_of(m.key) if m.side_runs else None
         write = self._store.submit(m.to_transition(run.db_version), *together, bulk=bulk)
-        try:
-            await asyncio.shield(write)
-        except (ConditionFailedError, CurrentExecutionConflictError):
-            log.debug("run %s changed under us; reloading", key)
+        return write, rseq, lease
+
+    def _abandon(self, run: CachedRun, m: Mutation, write: asyncio.Future[None]) -> None:
+        """The committer went away (cancelled) with ``m``'s write submitted. A commit no
+        store writer has taken is withdrawn (a poll that went away starts nothing),
+        unless it creates task rows: those always go on.
+
+        Never trust the cache again (trace mode: the line written ahead stays
+        unconfirmed). Rows handed over while the commit is in flight would be judged
+        against a state that does not show them yet, found stale and deleted, and the
+        work committed a moment later lost (a transfer row without its pending child,
+        a workflow task's timeout fired before its start landed: the chaos suite). So
+        they go when the commit ends."""
+        self._forget(m.key, run)
+        if m.new_tasks or not self._store.withdraw(write):
+            write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
+
+    def _not_committed(self, run: CachedRun, m: Mutation, error: BaseException) -> bool:
+        """``m``'s write ended in ``error``: False if another writer changed the run
+        first (the cache entry is dropped); else ``error`` is raised."""
+        self._forget(m.key, run)
+        if isinstance(error, ConditionFailedError | CurrentExecutionConflictError):
+            log.debug("run %s changed under us; reloading", m.key)
             self._tracer.outcome(m, committed=False)
-            self._forget(key, run)
             return False
-        except asyncio.CancelledError:
-            # Never trust the cache again (trace mode: the line written ahead stays
-            # unconfirmed). Rows handed over while the commit is in flight would be
-            # judged against a state that does not show them yet, found stale and
-            # deleted, and the work committed a moment later lost (a transfer row
-            # without its pending child, a workflow task's timeout fired before its
-            # start landed: the chaos suite). So they go when the commit ends.
-            self._forget(key, run)
-            if m.new_tasks or not self._store.withdraw(write):
-                write.add_done_callback(lambda done: self._dispatch_if_committed(done, m))
-            raise
-        except BaseException:
-            # The store failed the write (an outage, a lost connection): it is over,
-            # but it may have committed. Its task and timer rows would then reach
-            # matching and the timer queue only after a restart or a refill, so
-            # hand them over anyway: both are validated against the run's state
-            # when started or fired, and ones that did not commit are dropped as
-            # stale there.
-            self._forget(key, run)
-            self._dispatch_rows(m)
-            raise
+        # The store failed the write (an outage, a lost connection): it is over, but
+        # it may have committed. Its task and timer rows would then reach matching
+        # and the timer queue only after a restart or a refill, so hand them over
+        # anyway: both are validated against the run's state when started or fired,
+        # and ones that did not commit are dropped as stale there.
+        self._dispatch_rows(m)
+        raise error
+
+    def _landed(self, run: CachedRun, m: Mutation, rseq: int, lease: int | None) -> None:
+        """``m`` committed: the cache follows (the rows are handed over by the caller,
+        ``_after_commit``). ``lease``: the shard's range id when it was submitted."""
         self._tracer.outcome(m, committed=True)
         self.replication_tracer.outcome(rseq, "ok")
         for side in m.side_runs:
@@ -300,8 +323,6 @@ class HistoryEngine:
             run.events.extend(m.events)
             if len(run.events) > _MAX_CACHED_EVENTS:
                 run.events = None
-        self._after_commit(run, m, action)
-        return True
 
     def _dispatch_rows(self, m: Mutation) -> None:
         if m.new_tasks:

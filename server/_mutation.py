@@ -32,6 +32,11 @@ from tideflow.history import (
 )
 
 ET = EventType
+# Plain ints for the hot paths (every fire schedules a workflow task): an enum
+# wrapper's attribute lookup costs a Python call each time.
+_RUNNING = int(WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING)
+_STICKY = int(TaskQueueKind.TASK_QUEUE_KIND_STICKY)
+_WFT_SCHEDULED = int(ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED)
 _ACTIVITY_OUTCOMES = {
     ET.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
     ET.EVENT_TYPE_ACTIVITY_TASK_FAILED,
@@ -218,10 +223,7 @@ class Mutation:
         one of them completes, so a workflow stuck on a bug does not grow its history.
         """
         ms = self.ms
-        if (
-            ms.HasField("workflow_task")
-            or ms.status != WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
-        ):
+        if ms.HasField("workflow_task") or ms.status != _RUNNING:
             return
         wft = ms.workflow_task
         wft.attempt = attempt
@@ -234,7 +236,7 @@ class Mutation:
         wft.scheduled_time.FromMicroseconds(self.now)
         if attempt == 1:
             event = self.append(
-                ET.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+                _WFT_SCHEDULED,
                 task_queue=ms.task_queue,
                 start_to_close_timeout=ms.workflow_task_timeout,
                 attempt=1,
@@ -253,7 +255,7 @@ class Mutation:
                 0 if wft.transient else wft.scheduled_event_id,
                 attempt,
             )
-            if wft.task_queue.kind == TaskQueueKind.TASK_QUEUE_KIND_STICKY:
+            if wft.task_queue.kind == _STICKY:
                 timeout = ms.sticky_schedule_to_start_timeout.ToMicroseconds()
                 wft.timer_keys.append(
                     self.add_timer(

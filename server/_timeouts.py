@@ -29,12 +29,15 @@ from ._config import ServerConfig
 from ._mutation import Mutation
 
 ET = EventType
+# Plain ints: an enum wrapper's attribute lookup costs a Python call per fire.
+_RUNNING = int(WS.WORKFLOW_EXECUTION_STATUS_RUNNING)
+_TIMER_FIRED = int(ET.EVENT_TYPE_TIMER_FIRED)
 
 
 def fire(m: Mutation, timer: TimerRow, config: ServerConfig) -> bool:
     """The transition of a due timer; False if it is stale (nothing to commit)."""
     ms = m.ms
-    if ms.status != WS.WORKFLOW_EXECUTION_STATUS_RUNNING:
+    if ms.status != _RUNNING:
         return False
     m.trace["timer"] = timer
     handler = _HANDLERS.get(timer.kind)
@@ -63,7 +66,7 @@ def _user_timer_fired(m: Mutation, timer: TimerRow, config: ServerConfig) -> boo
     for timer_id, timer_info in ms.pending_timers.items():
         if timer_info.started_event_id == timer.ref_id:
             m.append_or_buffer(
-                ET.EVENT_TYPE_TIMER_FIRED,
+                _TIMER_FIRED,
                 timer_id=timer_id,
                 started_event_id=timer_info.started_event_id,
             )

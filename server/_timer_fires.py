@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tideflow.api.v1 import state_pb2
-from tideflow.history import RunKey, TimerRow
+from tideflow.history import RunKey, TaskRow, TimerRow
 
 from . import _timeouts
 from ._home import check_home
@@ -64,13 +64,7 @@ async def fire_page(
                 alone.append(index)
             else:
                 held.append((index, *computed))
-        results = await asyncio.gather(
-            *(
-                engine._commit(m.key, run, m, _action(timers[index]), bulk=True)
-                for index, run, m in held
-            ),
-            return_exceptions=True,
-        )
+        results = await _commit_all(engine, held, timers)
     finally:
         for _, run, _ in held:
             run.lock.release()
@@ -133,6 +127,74 @@ async def _compute(
         pass  # alone, where the error (or the refusal) is met again and reported
     run.lock.release()
     return None
+
+
+async def _commit_all(
+    engine: HistoryEngine, held: list[_Held], timers: Sequence[TimerRow]
+) -> list[bool | BaseException]:
+    """Commit the page's transitions: each submitted to the store as ``bulk`` (its own
+    transition and version check, in shared transactions), all awaited together, the
+    cache updated as ``HistoryEngine._commit`` does, and the committed ones' rows
+    handed over in one batch. Per transition: True, False (another writer changed
+    the run first: the cache entry is dropped), or the error its write ended with."""
+    submitted: list[tuple[asyncio.Future[None], int, int | None] | Exception] = []
+    for index, run, m in held:
+        try:
+            submitted.append(engine._submit(run, m, _action(timers[index]), bulk=True))
+        except Exception as exc:  # refused at once (a shard lost meanwhile, the store closed)
+            submitted.append(exc)
+    writes = [s[0] for s in submitted if not isinstance(s, Exception)]
+    try:
+        if writes:
+            await asyncio.wait(writes)  # no task per commit; cancelling leaves them be
+    except asyncio.CancelledError:
+        for (_, run, m), sub in zip(held, submitted, strict=True):
+            if not isinstance(sub, Exception):
+                engine._abandon(run, m, sub[0])
+        raise
+    results: list[bool | BaseException] = []
+    landed: list[tuple[CachedRun, Mutation]] = []
+    for (_, run, m), sub in zip(held, submitted, strict=True):
+        if isinstance(sub, Exception):
+            results.append(sub)  # as ``HistoryEngine._commit`` raises it
+            continue
+        write, rseq, lease = sub
+        error = write.exception()
+        if error is None:
+            engine._landed(run, m, rseq, lease)
+            landed.append((run, m))
+            results.append(True)
+            continue
+        try:
+            results.append(engine._not_committed(run, m, error))
+        except BaseException as raised:
+            results.append(raised)
+    _hand_over(engine, landed)
+    return results
+
+
+def _hand_over(engine: HistoryEngine, landed: list[tuple[CachedRun, Mutation]]) -> None:
+    """``HistoryEngine._after_commit`` for many commits: their waiters woken, and their
+    rows handed to matching and the timer queue in one call each."""
+    tasks: list[TaskRow] = []
+    new_timers: list[TimerRow] = []
+    dropped: list[str] = []
+    for run, m in landed:
+        old = run.changed
+        run.changed = asyncio.Event()
+        old.set()
+        tasks.extend(m.new_tasks)
+        new_timers.extend(m.new_timers)
+        dropped.extend(m.done_timer_keys)
+    dispatcher = engine._dispatcher
+    if tasks:
+        dispatcher.add_tasks(tasks)
+    if new_timers:
+        dispatcher.add_timers(new_timers)
+    if dropped:
+        dispatcher.drop_timers(dropped)
+    for _, m in landed:
+        dispatcher.committed(m.key)
 
 
 def _action(timer: TimerRow) -> str:

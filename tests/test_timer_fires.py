@@ -9,17 +9,29 @@ nothing twice. Faults in the middle of a page's transaction: the database gone
 before the commit (nothing written, each timer's fire reports the error and fires once
 when tried again), and the commit landed but its answer lost (the store's retry meets
 its own commit; each timer is then found fired, not fired again). A run whose lock
-another transition holds is fired alone, after it.
+another transition holds is fired alone, after it. A run another writer changed
+behind the engine's cache (another node fired its timer first) fails its version
+check in the page's transaction; the other runs' fires still commit, and that one is
+found fired. A page the store refuses at submission (the node's fence no longer
+holds the shards) reports each fire's error and writes nothing. A process SIGKILLed
+in the middle of a page's transaction, or right after it committed
+(tests/timer_fires_child.py, a real process), loses no timer and fires none twice:
+the rows left are fired by the next process, as a restarted server's queue would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from helpers import eventually
 from helpers_store import RunnerWrapper
 from raw_workflow import start_request, start_timer
@@ -28,6 +40,7 @@ from sqlalchemy import Connection
 from tideflow.api.v1.history_pb2 import EventType
 from tideflow.history import (
     HistoryStore,
+    ShardOwnershipLostError,
     StoreUnavailableError,
     TaskKind,
     TaskRow,
@@ -42,6 +55,8 @@ T = TypeVar("T")
 ET = EventType
 _RUNS = 24
 _HOUR = timedelta(hours=1)
+_CHILD = Path(__file__).with_name("timer_fires_child.py")
+_CHILD_TIMEOUT_S = 120
 
 
 class _Faults(RunnerWrapper):
@@ -183,4 +198,83 @@ async def test_a_run_busy_with_another_transition_is_fired_after_it(store_url: s
         assert not page.done()
         busy.lock.release()
         assert await page == [None] * 4
+        await _fired_once_each(engine._store, timers)
+
+
+async def test_a_lost_race_in_a_page_costs_the_other_runs_nothing(store_url: str) -> None:
+    async with _engine(store_url) as (engine, rows, _):
+        store = engine._store
+        timers = await _sleepers(engine, rows, _RUNS)
+        # Another node's engine fires one of the timers first, behind this engine's
+        # cache: this engine's fire of it fails its version check in the page's
+        # transaction, which then commits each fire alone.
+        raced = timers[5]
+        other = HistoryEngine(store, _WorkflowTasks(), SystemClock(), ServerConfig())
+        assert await other.fire_timers([raced]) == [None]
+        before = store.stats["transitions"]
+        assert await engine.fire_timers(timers) == [None] * _RUNS
+        await _fired_once_each(store, timers)
+        # The others committed (and reached matching) once each; the raced one was
+        # recomputed on the run read back, found fired, and dropped.
+        assert store.stats["transitions"] - before == _RUNS - 1
+        fired = sorted(t.key.workflow_id for t in rows.tasks)
+        assert fired == sorted(t.key.workflow_id for t in timers if t is not raced)
+
+
+async def test_a_page_refused_at_submission_reports_each_fire_and_writes_nothing(
+    store_url: str,
+) -> None:
+    async with _engine(store_url) as (engine, rows, _):
+        timers = await _sleepers(engine, rows, _RUNS)
+        # The node's fence holds no shard any more (this engine has no shard
+        # controller to refuse the fires earlier): each submission is refused.
+        engine._store.enable_fencing()
+        outcomes = await engine.fire_timers(timers)
+        assert all(isinstance(o, ShardOwnershipLostError) for o in outcomes), outcomes
+        assert rows.tasks == []
+    async with _engine(store_url) as (engine, rows, _):  # the shards' next owner
+        assert len(await engine._store.timers_due_before(2**62)) == _RUNS
+        assert await engine.fire_timers(timers) == [None] * _RUNS
+        await _fired_once_each(engine._store, timers)
+
+
+async def _run_child(store_url: str, page: int, transaction: int, when: str) -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(_CHILD),
+        store_url,
+        str(page),
+        str(transaction),
+        when,
+        env={**os.environ, "PYTHONPATH": str(_CHILD.parent)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(_CHILD_TIMEOUT_S):
+            out, err = await child.communicate()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.returncode == -signal.SIGKILL, (child.returncode, out, err)
+
+
+@pytest.mark.parametrize("when", ["before-commit", "after-commit"])
+async def test_a_sigkill_mid_page_loses_no_timer_and_fires_none_twice(
+    store_url: str, when: str
+) -> None:
+    page = _RUNS // 3
+    async with _engine(store_url) as (engine, rows, _):
+        timers = await _sleepers(engine, rows, _RUNS)
+    await _run_child(store_url, page, 2, when)  # dies in the second page's transaction
+    async with _engine(store_url) as (engine, rows, _):
+        left = await engine._store.timers_due_before(2**62)
+        # The first page committed; the second only if the kill came after its commit;
+        # the third was never tried.
+        assert len(left) == _RUNS - page * (2 if when == "after-commit" else 1)
+        # What the restarted queue does: fire the rows left (and, as a queue that
+        # read rows twice would, the fired ones too: found stale).
+        assert await engine.fire_timers(left) == [None] * len(left)
+        assert await engine.fire_timers(timers) == [None] * _RUNS
         await _fired_once_each(engine._store, timers)
