@@ -55,6 +55,9 @@ def _bounds(busy_runs: int = 0) -> dict[str, int]:
         "matching_queries": 0,
         "matching_pollers": 8,  # the worker's parked polls
         "matching_retired_queues": 0,
+        # One node serves every queue: no local partitions (server/_matching.py).
+        "matching_local_pollers": 0,
+        "matching_local_demand": 0,
         "timer_rows_held": 0,  # the runs' workflow task timeouts left with their tasks
         # Dropped rows' entries until compacted.
         "timer_heap_entries": max(_TIMER_ROWS + DEAD_ENTRIES_KEPT, 2 * _TIMER_ROWS),
