@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 from helpers_store import T0, RunnerWrapper, create, run_key, task, timer
@@ -149,6 +150,12 @@ def test_database_errors_are_classified() -> None:
         assert type(conflict) is TransactionConflictError
         assert isinstance(conflict, RetryableStoreError)
     assert isinstance(store_error_of(OverflowError("int too big")), InvalidValueError)
+    # asyncpg still taking in a terminated connection's goodbye when the COMMIT came:
+    # nothing was sent, the connection is lost (a write's outcome in doubt).
+    busy = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    assert isinstance(store_error_of(busy), StoreUnavailableError)
     # A unique violation is the caller's to interpret; unknown failures stay as they are.
     assert store_error_of(IntegrityError("INSERT", {}, _PgError("dup", "23505"))) is None
     assert store_error_of(wrapped("syntax error", "42601")) is None
