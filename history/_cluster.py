@@ -28,8 +28,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, delete, insert, inspect, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from . import _schema as s
+from ._dialects import is_lock_not_available
 from ._errors import ClusterConfigError, ShardOwnershipLostError
 
 #: Shards of a database initialised without ``--shards``.
@@ -237,6 +239,17 @@ def read_shard_txn(conn: Connection, shard: int) -> ShardRecord:
     return ShardRecord(shard, row.owner, row.range_id, row.lease_expires_at)
 
 
+#: How long an acquisition waits for another transaction's lock on the shard row.
+ACQUIRE_LOCK_TIMEOUT_MS = 1000
+
+
+def not_acquired(exc: BaseException) -> bool:
+    """Whether ``acquire_shard_txn`` failed without taking the shard, the others
+    having the row: another node created it first (the primary key), or a
+    transaction on it held its lock past ``ACQUIRE_LOCK_TIMEOUT_MS``."""
+    return isinstance(exc, IntegrityError) or is_lock_not_available(exc)
+
+
 def acquire_shard_txn(
     conn: Connection, read: ShardRecord, node_id: str, now: int, expires_at: int
 ) -> int | None:
@@ -246,6 +259,13 @@ def acquire_shard_txn(
     the same node) is taken back at once; the bump fences the old incarnation."""
     new_range = read.range_id + 1
     t = s.shards
+    if conn.dialect.name in ("postgresql", "cockroachdb"):
+        # Never wait long on the row: a node paused (SIGSTOP, a hung VM) inside a
+        # transaction on it (its release, say) holds its lock for as long as it is
+        # paused, and this node's lease pass, renewals included, would wait with it
+        # (test_cluster_nodes' zombie stalled on it). Given up, the shard is not free
+        # now; the next pass tries again.
+        conn.execute(text(f"SET LOCAL lock_timeout = '{ACQUIRE_LOCK_TIMEOUT_MS}ms'"))
     if not read.exists:
         # The first acquisition: the primary key plays the compare-and-set (the
         # store runs this INSERT alone in its transaction and maps IntegrityError to

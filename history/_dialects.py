@@ -69,6 +69,7 @@ _CONFLICT_ATTEMPTS = 12
 # connection lost around a commit it is in doubt: the store marks its writes in doubt,
 # and a retry finds its own commit as a race (the version guard and the unique keys).
 _UNAVAILABLE_CLASSES = ("08", "53")
+_LOCK_NOT_AVAILABLE = "55P03"
 _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "57P05", "40003"}
 # Classes that mean a value of the statement is at fault: data exception (22xxx: out of
 # range, too long for its column, a NUL byte in text) and program limit exceeded
@@ -157,6 +158,12 @@ def _sqlstates(chain: list[BaseException]) -> list[str]:
         if isinstance(code, str):
             codes.append(code)
     return codes
+
+
+def is_lock_not_available(exc: BaseException) -> bool:
+    """True if a statement gave up waiting for a row lock (PostgreSQL's and
+    CockroachDB's ``lock_timeout``: SQLSTATE 55P03)."""
+    return _LOCK_NOT_AVAILABLE in _sqlstates(_chain(exc))
 
 
 def is_unavailable(exc: BaseException) -> bool:

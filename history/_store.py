@@ -488,15 +488,18 @@ class HistoryStore:
         return await self._runner.read(lambda conn: cluster.read_shards_txn(conn, count))
 
     async def acquire_shard(self, read: ShardRecord, node_id: str, lease_us: int) -> int | None:
-        """Compare-and-set the shard to ``node_id`` if it is still as ``read`` and
-        free (ShardLease.tla ``AcquireShard``); the new range id, or None."""
+        """Compare-and-set the shard to ``node_id`` if it is still as ``read`` and free
+        (ShardLease.tla ``AcquireShard``); the new range id, or None (also if another
+        node created the row, or a paused node's transaction holds it past the wait)."""
         now = now_micros()
         try:
             return await self._runner.write(
                 lambda conn: cluster.acquire_shard_txn(conn, read, node_id, now, now + lease_us)
             )
-        except IntegrityError:
-            return None  # another node created the row first
+        except Exception as exc:
+            if cluster.not_acquired(exc):
+                return None
+            raise
 
     async def renew_shard(self, shard: int, range_id: int, lease_us: int) -> None:
         """Extend the lease (ShardLease.tla ``RenewLease``); ShardOwnershipLostError

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers_store import T0, create, task
-from sqlalchemy import Connection, MetaData, Table, insert
+from sqlalchemy import Connection, MetaData, Table, insert, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tideflow.history import (
     ClusterConfigError,
@@ -302,3 +303,23 @@ async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None
         await store.close()
     again = await HistoryStore.open(store_url)  # nothing left to upgrade
     await again.close()
+
+
+async def test_an_acquisition_does_not_wait_on_a_paused_nodes_transaction(pg_url: str) -> None:
+    """A node paused (SIGSTOP) inside a transaction on a shard row (its release, say)
+    holds the row's lock while paused: an acquisition gives up after its lock wait
+    (``lock_timeout``), and the shard is taken once the lock is gone. Before, the
+    acquirer's whole lease pass, renewals included, waited with it."""
+    store = await HistoryStore.open(pg_url)
+    engine = create_async_engine(pg_url.replace("postgresql://", "postgresql+asyncpg://", 1))
+    try:
+        assert await store.acquire_shard(await store.read_shard(2), "z", LAPSED_US) is not None
+        row = await store.read_shard(2)
+        async with engine.connect() as paused:
+            await paused.execute(text("SELECT shard_id FROM shards WHERE shard_id = 2 FOR UPDATE"))
+            assert await asyncio.wait_for(store.acquire_shard(row, "node-b", LEASE_US), 30) is None
+            await paused.rollback()
+        assert await store.acquire_shard(row, "node-b", LEASE_US) == row.range_id + 1
+    finally:
+        await engine.dispose()
+        await store.close()
