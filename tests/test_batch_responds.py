@@ -16,15 +16,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from helpers import ET, Processes, ServerProcess, assert_well_formed, bounded, events_of, of_type
 
@@ -286,40 +285,22 @@ class _EndingCall:
         return 30.0
 
 
-@contextlib.contextmanager
-def _captured_audit() -> Iterator[list[dict[str, str]]]:
-    """The audit lines written meanwhile, as their fields."""
-    lines: list[dict[str, str]] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.__dict__["audit"])
-
-    audit_log = logging.getLogger("tideflow.audit")
-    handler, level = Capture(), audit_log.level
-    audit_log.addHandler(handler)
-    audit_log.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        audit_log.removeHandler(handler)
-        audit_log.setLevel(level)
-
-
-def test_an_item_and_its_audit_line_never_read_the_call_after_it_ended() -> None:
+def test_an_item_and_its_audit_line_never_read_the_call_after_it_ended(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     call = _EndingCall()
     item = ItemContext(call, None)  # type: ignore[arg-type]
+    caplog.set_level(logging.INFO, logger="tideflow.audit")
     request = service_pb2.RespondActivityTaskCompletedRequest()
-    with _captured_audit():  # the entry is begun only while someone reads the log
-        entry = AuditEntry("RespondActivityTaskCompleted", request, item)
+    entry = AuditEntry("RespondActivityTaskCompleted", request, item)
     call.ended = True
     assert item.peer() == "ipv4:127.0.0.1:4242"
     assert item.invocation_metadata() == (("x-test", "1"),)
     assert item.auth_context() == {"x509_common_name": [b"worker-cert"]}
     remaining = item.time_remaining()
     assert remaining is not None and 0 < remaining <= 30.0
-    with _captured_audit() as lines:
-        entry.done("CANCELLED", None)
+    entry.done("CANCELLED", None)
+    lines = [r.__dict__["audit"] for r in caplog.records if r.name == "tideflow.audit"]
     assert lines == [
         {
             "rpc": "RespondActivityTaskCompleted",
