@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tideflow.api.v1 import state_pb2
-from tideflow.history import RunKey, TaskRow, TimerRow
+from tideflow.history import RunKey, TimerRow
 
 from . import _timeouts
 from ._home import check_home
@@ -169,32 +169,8 @@ async def _commit_all(
             results.append(engine._not_committed(run, m, error))
         except BaseException as raised:
             results.append(raised)
-    _hand_over(engine, landed)
+    engine._after_commits(landed)
     return results
-
-
-def _hand_over(engine: HistoryEngine, landed: list[tuple[CachedRun, Mutation]]) -> None:
-    """``HistoryEngine._after_commit`` for many commits: their waiters woken, and their
-    rows handed to matching and the timer queue in one call each."""
-    tasks: list[TaskRow] = []
-    new_timers: list[TimerRow] = []
-    dropped: list[str] = []
-    for run, m in landed:
-        old = run.changed
-        run.changed = asyncio.Event()
-        old.set()
-        tasks.extend(m.new_tasks)
-        new_timers.extend(m.new_timers)
-        dropped.extend(m.done_timer_keys)
-    dispatcher = engine._dispatcher
-    if tasks:
-        dispatcher.add_tasks(tasks)
-    if new_timers:
-        dispatcher.add_timers(new_timers)
-    if dropped:
-        dispatcher.drop_timers(dropped)
-    for _, m in landed:
-        dispatcher.committed(m.key)
 
 
 def _action(timer: TimerRow) -> str:
