@@ -28,7 +28,7 @@ from tideflow.api.search_attributes import (
     parse_rfc3339,
 )
 
-from ._cluster import SHARD_MEMO_SIZE, MemberRecord, ShardRecord, queue_shard_of, shard_of
+from ._cluster import MemberRecord, ShardRecord, queue_shard_of, shard_of
 from ._errors import (
     ClusterConfigError,
     ConditionFailedError,
@@ -97,7 +97,6 @@ __all__ = [
     "CLOSE_EVENTS",
     "COMMAND_EVENTS",
     "COMPARE_OPS",
-    "SHARD_MEMO_SIZE",
     "ClusterConfigError",
     "Compare",
     "ConditionFailedError",

@@ -18,7 +18,7 @@ import pytest
 from helpers import bounded, eventually, new_id, running_server
 
 from tideflow.api.v1.history_pb2 import EventType
-from tideflow.history import SHARD_MEMO_SIZE
+from tideflow.history import shard_of
 from tideflow.server import ServerConfig, TideflowServer
 from tideflow.server._timers import DEAD_ENTRIES_KEPT
 from tideflow.worker_sdk import Client, Worker, WorkflowHandle, workflow
@@ -26,6 +26,8 @@ from tideflow.worker_sdk import Client, Worker, WorkflowHandle, workflow
 _RUNS = 120
 _CACHE = 8
 _TIMER_ROWS = 16
+# history's runs' shard memo (``SHARD_MEMO_SIZE``).
+_SHARD_MEMO = shard_of.cache_info().maxsize or 0
 
 
 @workflow.defn
@@ -51,7 +53,7 @@ def _bounds(busy_runs: int = 0) -> dict[str, int]:
     return {
         "engine_cached_runs": _CACHE + busy_runs,
         # Process-wide: other tests' runs may be remembered too.
-        "run_shard_memo": SHARD_MEMO_SIZE,
+        "run_shard_memo": _SHARD_MEMO,
         "matching_queues": 2,  # the task queue and the worker's sticky queue
         "matching_backlog_tasks": 0,
         "matching_queued_keys": 0,
@@ -94,7 +96,7 @@ def test_no_per_run_memo_outgrows_the_default_state_cache() -> None:
     """The runs' shard memo (history's ``shard_of``) remembers fewer runs than the
     engine caches by default: at 65,536 it kept growing, about 220 bytes a run, long
     after the state cache was full (bench/memory.py)."""
-    assert ServerConfig().state_cache_size > SHARD_MEMO_SIZE
+    assert 0 < _SHARD_MEMO < ServerConfig().state_cache_size
 
 
 @pytest.mark.timeout(240)
