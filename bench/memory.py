@@ -18,6 +18,13 @@ line, by traceback and by live object type (bench/tracediff.py):
 
     .venv/bin/python bench/memory.py --runs 12000 --trace /tmp/memtrace --state-cache-size 1000
 
+``--probe DIR`` is the same without tracemalloc (bench/_memory_probe.py): after each
+quarter the server's resident memory by allocator (glibc malloc in use and free but
+kept, SQLite's share of it, pymalloc's arenas, the mappings), and at the end its RSS
+after ``malloc_trim(0)``:
+
+    .venv/bin/python bench/memory.py --runs 100000 --probe /tmp/memprobe
+
 The worker caches at most ``max_cached_workflows`` instances (1,000 by default) and
 replays the others when their signal comes; its RSS is printed too.
 """
@@ -36,7 +43,7 @@ import uuid
 from pathlib import Path
 
 from throughput import Setup, _database, _free_port, _listening, _spawn_server, _stop
-from tracediff import snapshot_diff
+from tracediff import memory_quarters, snapshot_diff
 
 from tideflow.worker_sdk import Client, Worker, workflow
 from tideflow.worker_sdk.task_queues import describe_task_queue
@@ -110,15 +117,18 @@ def _spawn_traced_server(
     argv += [str(args.state_cache_size), "server", "start-dev", "--db-url", db_url, "--no-ui"]
     argv += ["--port", str(port), "--ip", "127.0.0.1", "--log-level", "WARNING"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.probe:
+        env["TIDEFLOW_TRACE_FRAMES"] = "0"
     return subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
 
 
-async def _snapshot(args: argparse.Namespace, pid: int, n: int) -> None:
-    """Ask the traced server for snapshot ``n`` and wait until it is written."""
+async def _snapshot(args: argparse.Namespace, pid: int, n: int | None) -> None:
+    """Ask the traced server for snapshot ``n`` (None: its allocators' figures, then
+    after ``malloc_trim``) and wait until it is written."""
     if not args.trace:
         return
-    os.kill(pid, signal.SIGUSR1)
-    done = Path(args.trace) / f"objects-{n}.json"
+    os.kill(pid, signal.SIGUSR1 if n is not None else signal.SIGUSR2)
+    done = Path(args.trace) / (f"objects-{n}.json" if n is not None else "memory-trim.json")
     while True:
         if done.exists():
             return
@@ -160,6 +170,7 @@ async def main(args: argparse.Namespace) -> None:
                     }
                 )
                 await _snapshot(args, server.pid, step + 1)
+            await _snapshot(args, server.pid, None)
             elapsed = time.perf_counter() - started
             # Still served: one run released and its result read back.
             handle = client.get_workflow_handle(f"{prefix}-0")
@@ -184,7 +195,9 @@ async def main(args: argparse.Namespace) -> None:
         flush=True,
     )
     if args.trace:
-        print(snapshot_diff(Path(args.trace), 1, 4), flush=True)
+        print(memory_quarters(Path(args.trace), 4), flush=True)
+        if not args.probe:
+            print(snapshot_diff(Path(args.trace), 1, 4), flush=True)
 
 
 if __name__ == "__main__":
@@ -200,6 +213,13 @@ if __name__ == "__main__":
         "and print the top growths between the first and the last quarter",
     )
     parser.add_argument(
+        "--probe",
+        default=None,
+        metavar="DIR",
+        help="as --trace, without tracemalloc: only the allocators' figures (malloc, "
+        "SQLite, pymalloc, mappings) after each quarter, at the server's own speed",
+    )
+    parser.add_argument(
         "--state-cache-size",
         type=int,
         default=10_000,
@@ -207,6 +227,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parsed = parser.parse_args()
+    parsed.trace = parsed.trace or parsed.probe
     if parsed.worker:
         asyncio.run(run_worker(parsed.worker))
     else:

@@ -30,5 +30,28 @@ def snapshot_diff(folder: Path, first: int, last: int, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def memory_quarters(folder: Path, last: int) -> str:
+    """The allocators' figures (bench/_memory_probe.py) after each quarter, a column
+    each, and the RSS after ``malloc_trim(0)`` at the end."""
+    samples = [json.loads((folder / f"memory-{n}.json").read_text()) for n in range(last + 1)]
+    trimmed = folder / "memory-trim.json"
+    if trimmed.exists():
+        samples.append(json.loads(trimmed.read_text()))
+    rows: dict[str, list[str]] = {}
+    for i, sample in enumerate(samples):
+        flat = dict(sample)
+        for group in ("pymalloc", "smaps_rss_mib"):
+            part = flat.pop(group, {})
+            flat.update({f"{group}: {k}": v for k, v in part.items()})
+        for key, value in flat.items():
+            rows.setdefault(key, [""] * len(samples))[i] = str(value)
+    lines = [
+        "-- resident memory by allocator (MiB) per quarter"
+        + (", then trimmed" if trimmed.exists() else "")
+    ]
+    lines += [f"{key:60s} " + " ".join(f"{v:>8s}" for v in values) for key, values in rows.items()]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(snapshot_diff(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

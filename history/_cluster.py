@@ -47,9 +47,16 @@ INITIAL_RANGE_ID = 1
 _SHARD_COUNT = "shard_count"
 
 
-# Every call about a run asks for its shard several times (routing, the shard check,
-# the fence); the hash is pure, so busy runs' shards are remembered.
-@functools.lru_cache(maxsize=1 << 16)
+#: Runs whose shard ``shard_of`` remembers. Every call about a run asks for its shard
+#: several times (routing, the shard check, the fence), within the call: the runs in
+#: flight need remembering, not every run seen. Kept below the engine's default state
+#: cache (10,000 runs): at 65,536 this memo was the one per-run structure past it,
+#: about 220 bytes a run (key tuple, LRU link, the workflow id) up to 14 MB, filling
+#: until the 65,536th run (bench/README.md, Memory).
+SHARD_MEMO_SIZE = 8192
+
+
+@functools.lru_cache(maxsize=SHARD_MEMO_SIZE)
 def shard_of(namespace: str, workflow_id: str, shard_count: int) -> int:
     """The shard (0 .. shard_count - 1) of every run of ``workflow_id``.
 

@@ -50,6 +50,7 @@ from tideflow.history import (
     StoreError,
     TaskRow,
     TimerRow,
+    shard_of,
 )
 
 from . import (
@@ -154,7 +155,9 @@ class HistoryEngine(CommitMachinery):
         return run
 
     def memory_held(self) -> dict[str, int]:
-        return {"engine_cached_runs": len(self._cache)}
+        # (The shard memo is process-wide: history's ``shard_of``, SHARD_MEMO_SIZE.)
+        memo = shard_of.cache_info().currsize
+        return {"engine_cached_runs": len(self._cache), "run_shard_memo": memo}
 
     def evict_shard(self, shard: int) -> None:
         """The node lost ``shard``: forget its cached runs (their state may be stale

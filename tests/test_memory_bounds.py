@@ -18,6 +18,7 @@ import pytest
 from helpers import bounded, eventually, new_id, running_server
 
 from tideflow.api.v1.history_pb2 import EventType
+from tideflow.history import shard_of
 from tideflow.server import ServerConfig, TideflowServer
 from tideflow.server._timers import DEAD_ENTRIES_KEPT
 from tideflow.worker_sdk import Client, Worker, WorkflowHandle, workflow
@@ -25,6 +26,8 @@ from tideflow.worker_sdk import Client, Worker, WorkflowHandle, workflow
 _RUNS = 120
 _CACHE = 8
 _TIMER_ROWS = 16
+# history's runs' shard memo (``SHARD_MEMO_SIZE``).
+_SHARD_MEMO = shard_of.cache_info().maxsize or 0
 
 
 @workflow.defn
@@ -49,6 +52,8 @@ def _bounds(busy_runs: int = 0) -> dict[str, int]:
     watches). Every structure the server reports must be listed here."""
     return {
         "engine_cached_runs": _CACHE + busy_runs,
+        # Process-wide: other tests' runs may be remembered too.
+        "run_shard_memo": _SHARD_MEMO,
         "matching_queues": 2,  # the task queue and the worker's sticky queue
         "matching_backlog_tasks": 0,
         "matching_queued_keys": 0,
@@ -85,6 +90,13 @@ async def _idle(handle: WorkflowHandle[str]) -> bool:
     """The run's first workflow task completed: it waits for its signal."""
     events = (await handle.fetch_history()).events
     return EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in [e.event_type for e in events]
+
+
+def test_no_per_run_memo_outgrows_the_default_state_cache() -> None:
+    """The runs' shard memo (history's ``shard_of``) remembers fewer runs than the
+    engine caches by default: at 65,536 it kept growing, about 220 bytes a run, long
+    after the state cache was full (bench/memory.py)."""
+    assert 0 < _SHARD_MEMO < ServerConfig().state_cache_size
 
 
 @pytest.mark.timeout(240)
