@@ -9,6 +9,7 @@ worker connected to both with node A first (its current address).
 - A SIGKILLed owner: B's runs hold their activities (heartbeats reached B) when B is
   killed; the completions named B fail there, go to A, which takes B's shards over,
   and every run completes exactly once.
+- An owner's address matches the client's whichever way it is spelled.
 
 Leases are 2 s. The activities wait on an event the test sets, not on time; the
 nodes' counters, not timings, show where the calls went.
@@ -29,6 +30,7 @@ from test_cluster_local_dispatch import _Node
 
 from tideflow.history import HistoryStore
 from tideflow.worker_sdk import Client, Worker, activity, workflow
+from tideflow.worker_sdk._failover import FailoverService, normalise_address
 
 LEASE_S = 2.0
 RUNS = 4
@@ -172,3 +174,15 @@ async def test_a_sigkilled_owners_completions_fall_back_to_the_survivor(
         await starter.close()
     finally:
         await store.close()
+
+
+def test_an_owner_is_one_of_the_addresses_however_it_is_spelled() -> None:
+    assert normalise_address("LOCALHOST:7233") == normalise_address("127.0.0.1:7233")
+    assert normalise_address("[::1]:7233") == "127.0.0.1:7233"
+    assert normalise_address(" Node-1.example:7233") == "node-1.example:7233"
+    service = FailoverService(["127.0.0.1:1", "node-b:2"], [])
+    assert service.owner_index("localhost:1") == 0
+    assert service.owner_index("NODE-B:2") == 1
+    assert service.owner_index("node-b:3") is None
+    assert service.owner_index("") is None
+    assert service.to("elsewhere:1") is service  # not connected to it: the current node
