@@ -107,6 +107,7 @@ class HistoryEngine(CommitMachinery):
         # The node's shard ownership: runs of shards it does not hold are refused
         # (UNAVAILABLE naming the owner). None: every run is served (tests, tools).
         self._shards = shards
+        self.address = shards.address if shards else ""  # named to workers as runs' owner
         # Where transfers act on other runs: here, or on the node that owns the other
         # run's shard (the server wires its router in, server/_run_gateway.py).
         self.gateway = RunGateway(self)
@@ -411,7 +412,7 @@ class HistoryEngine(CommitMachinery):
         first, last = _task_responses.history_range_of(wft, ms, only_new_events=only_new_events)
         unstored = _task_responses.unstored_events(ms, wft)
         events, token = await self._first_page(key, first, last, unstored)
-        return _task_responses.workflow_task(ms, wft, events, token)
+        return _task_responses.workflow_task(ms, wft, events, token, self.address)
 
     async def query_task(
         self, key: RunKey, query_id: str, query: service_pb2.WorkflowQuery
@@ -510,7 +511,8 @@ class HistoryEngine(CommitMachinery):
             )
             attrs = events[0].activity_task_scheduled_event_attributes
             run.scheduled_activities[scheduled_event_id] = attrs
-        return _task_responses.activity_task(ms, ms.pending_activities[scheduled_event_id], attrs)
+        pending = ms.pending_activities[scheduled_event_id]
+        return _task_responses.activity_task(ms, pending, attrs, self.address)
 
     async def complete_activity(
         self,

@@ -69,10 +69,14 @@ def workflow_task(
     wft: state_pb2.WorkflowTaskInfo,
     events: list[history_pb2.HistoryEvent],
     next_page_token: bytes,
+    run_owner: str = "",
 ) -> service_pb2.PollWorkflowTaskResponse:
     """A started workflow task with the first page of its history: ``events`` (see
-    ``history_range_of``, then ``unstored_events``) and the token for the rest."""
+    ``history_range_of``, then ``unstored_events``) and the token for the rest.
+    ``run_owner``: the advertised address of the node that owns the run (this one),
+    where the worker sends the task's completion (docs/cluster.md)."""
     response = service_pb2.PollWorkflowTaskResponse(
+        run_owner=run_owner,
         next_page_token=next_page_token,
         task_token=token(
             ms,
@@ -176,9 +180,12 @@ def activity_task(
     ms: state_pb2.MutableState,
     info: state_pb2.ActivityInfo,
     attrs: history_pb2.ActivityTaskScheduledEventAttributes,
+    run_owner: str = "",
 ) -> service_pb2.PollActivityTaskResponse:
-    """The started attempt of an activity (``attrs``: its scheduled event's)."""
+    """The started attempt of an activity (``attrs``: its scheduled event's;
+    ``run_owner`` as for ``workflow_task``)."""
     resp = service_pb2.PollActivityTaskResponse(
+        run_owner=run_owner,
         task_token=token(
             ms,
             info.scheduled_event_id,

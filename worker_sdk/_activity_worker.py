@@ -195,7 +195,7 @@ class ActivityWorker:
             completed.eager_workflow_task_queue = self._task_queue
             completed.sticky_task_queue = eager.sticky_queue
         try:
-            response = await self._respond(completed)
+            response = await self._respond(completed, task.run_owner)
         except BaseException:
             if eager is not None and reserved:
                 eager.slots.release()
@@ -222,7 +222,7 @@ class ActivityWorker:
             request.last_heartbeat_details.CopyFrom(
                 converter.to_payloads(list(heartbeater.last_details))
             )
-        await self._respond(request)
+        await self._respond(request, task.run_owner)
 
     async def _report_cancelled(
         self, task: service_pb2.PollActivityTaskResponse, heartbeater: _Heartbeater
@@ -235,7 +235,8 @@ class ActivityWorker:
             request.details.CopyFrom(
                 client.data_converter.to_payloads(list(heartbeater.last_details))
             )
-        await client.call(client.service.RespondActivityTaskCanceled, request)
+        service = client.service_for(task.run_owner)
+        await client.call(service.RespondActivityTaskCanceled, request)
 
 
 def _activity_info(
@@ -337,7 +338,9 @@ class _Heartbeater:
                 continue
             try:
                 response = await client.call(
-                    client.service.RecordActivityHeartbeat, request, retry=False
+                    client.service_for(self._task.run_owner).RecordActivityHeartbeat,
+                    request,
+                    retry=False,
                 )
             except exc.NotFoundError:
                 # The attempt is over for the server (run closed, timed out, retried

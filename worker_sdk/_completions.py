@@ -63,64 +63,84 @@ class _SendAlone:
 _SEND_ALONE = _SendAlone()
 
 
+class _Lane:
+    """The completions bound for one node (or for the client's current address)."""
+
+    __slots__ = ("in_flight", "queue", "run_owner")
+
+    def __init__(self, run_owner: str) -> None:
+        self.run_owner = run_owner  # a run_owner naming the node ("": current address)
+        self.in_flight = False
+        self.queue: list[tuple[Any, asyncio.Future[Any]]] = []
+
+
 class CompletionBatcher:
-    """One client's completions (module docstring): ``send`` one, get its response."""
+    """One client's completions (module docstring): ``send`` one, get its response.
+
+    A client connected to several nodes sends each completion to the node that owns
+    its task's run (``run_owner``, worker_sdk/_failover.py); each node has its own
+    lane (in-flight call and queue), so a batch holds one node's completions only."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._in_flight = False
-        self._queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._lanes: dict[int | None, _Lane] = {}
         self._batches: set[asyncio.Task[None]] = set()
         # False once the server answered UNIMPLEMENTED (a server older than the RPC).
         self.enabled = True
 
-    async def send(self, request: Any) -> Any:
+    async def send(self, request: Any, run_owner: str = "") -> Any:
         """The response of the completion ``request`` (a RespondWorkflowTaskCompleted,
-        RespondActivityTaskCompleted or RespondActivityTaskFailed request), or the SDK
-        exception of its status, as ``Client.call`` would give."""
-        if self._in_flight and self.enabled:
+        RespondActivityTaskCompleted or RespondActivityTaskFailed request) of a task
+        whose run ``run_owner`` owns, or the SDK exception of its status, as
+        ``Client.call`` would give."""
+        node = self._client.node_of(run_owner)
+        lane = self._lanes.get(node)
+        if lane is None:
+            lane = self._lanes[node] = _Lane(run_owner if node is not None else "")
+        if lane.in_flight and self.enabled:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queue.append((request, future))
+            lane.queue.append((request, future))
             answer = await future
             if answer is not _SEND_ALONE:
                 return answer
-            return await self.send_alone(request)
-        self._in_flight = True
+            return await self.send_alone(request, run_owner)
+        lane.in_flight = True
         try:
-            return await self.send_alone(request)
+            return await self.send_alone(request, run_owner)
         finally:
-            self._next_batch()
+            self._next_batch(lane)
 
-    async def send_alone(self, request: Any) -> Any:
+    async def send_alone(self, request: Any, run_owner: str = "") -> Any:
         """``request`` as its own RPC, never batched."""
         client = self._client
-        return await client.call(getattr(client.service, _KIND_OF[type(request)][0]), request)
+        service = client.service_for(run_owner)
+        return await client.call(getattr(service, _KIND_OF[type(request)][0]), request)
 
-    def _next_batch(self) -> None:
-        """Send what queued up while the last call was in flight, or go idle."""
+    def _next_batch(self, lane: _Lane) -> None:
+        """Send what queued up while the lane's last call was in flight, or go idle."""
         batch: list[tuple[Any, asyncio.Future[Any]]] = []
         size = 0
-        while self._queue and len(batch) < MAX_ITEMS:
-            request, future = self._queue[0]
+        while lane.queue and len(batch) < MAX_ITEMS:
+            request, future = lane.queue[0]
             if future.done():  # its sender was cancelled: it is not sent
-                self._queue.pop(0)
+                lane.queue.pop(0)
                 continue
             size += request.ByteSize()
             if batch and size > MAX_BATCH_BYTES:
                 break
-            batch.append(self._queue.pop(0))
+            batch.append(lane.queue.pop(0))
         if not batch:
-            self._in_flight = False
+            lane.in_flight = False
             return
-        task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+        task = asyncio.get_running_loop().create_task(self._send_batch(lane, batch))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    async def _send_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    async def _send_batch(self, lane: _Lane, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         try:
             if len(batch) == 1:  # sent here, so the next ones still wait for it
                 ((alone, future),) = batch
-                _resolve(future, await self.send_alone(alone))
+                _resolve(future, await self.send_alone(alone, lane.run_owner))
                 return
             if not self.enabled:
                 for _, future in batch:
@@ -130,8 +150,9 @@ class CompletionBatcher:
             for item, _ in batch:
                 getattr(request.items.add(), _KIND_OF[type(item)][1]).CopyFrom(item)
             client = self._client
+            service = client.service_for(lane.run_owner)
             try:
-                response = await client.call(client.service.RespondTasksCompleted, request)
+                response = await client.call(service.RespondTasksCompleted, request)
             except exc.RPCError as error:
                 if error.status == grpc.StatusCode.UNIMPLEMENTED.name:
                     self.enabled = False
@@ -149,7 +170,7 @@ class CompletionBatcher:
             for _, future in batch:
                 _resolve(future, error)
         finally:
-            self._next_batch()
+            self._next_batch(lane)
 
 
 def _resolve(future: asyncio.Future[Any], answer: Any) -> None:

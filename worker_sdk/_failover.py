@@ -8,16 +8,38 @@ away) moves the client to the next address in the list, round robin, and
 token, so it acts once). Concurrent calls that fail on the same address move the
 client once, not once each. The client stays on an address while it answers: no
 load spreading, no probing of the others.
+
+A task's completion and heartbeats go to the node that owns the task's run instead,
+when the server named it (``run_owner`` of the task: issue 13) and it is one of the
+client's addresses (``to``): any other node would forward them there, an extra hop
+and the CPU of two calls. An owner that answers UNAVAILABLE (down, or going away) is
+skipped for ``OWNER_DOWN_S``: the call's retry, and the completions after it, go to
+the current address as above, whose node forwards them to the run's new owner.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from tideflow.api.v1 import service_pb2_grpc
+
+# How long a run owner that answered UNAVAILABLE is passed over for the current address.
+OWNER_DOWN_S = 5.0
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def normalise_address(address: str) -> str:
+    """``host:port`` compared as the same node whichever way it is spelled: host in
+    lower case, IPv6 brackets dropped, the loopback names as one."""
+    host, _, port = address.strip().rpartition(":")
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK:
+        host = "127.0.0.1"
+    return f"{host}:{port}"
 
 
 def split_targets(target: str) -> list[str]:
@@ -39,10 +61,35 @@ class FailoverService:
             for channel in channels
         ]
         self._current = 0
+        self._index = {normalise_address(a): i for i, a in enumerate(self.addresses)}
+        # Index of an owner that answered UNAVAILABLE -> until when it is passed over.
+        self._down_until: dict[int, float] = {}
 
     @property
     def current_address(self) -> str:
         return self.addresses[self._current]
+
+    def owner_index(self, owner: str) -> int | None:
+        """Which of the addresses ``owner`` (a task's ``run_owner``) is, if any."""
+        return self._index.get(normalise_address(owner)) if owner else None
+
+    def to(self, owner: str) -> Any:
+        """A stub-like service whose calls go to the node ``owner`` if it is one of
+        the addresses and not passed over, else to the current address."""
+        index = self.owner_index(owner)
+        return self if index is None else _OwnerService(self, index)
+
+    async def call_at(self, index: int, name: str, request: Any, **kwargs: Any) -> Any:
+        """Call ``name`` on the node at ``index`` (a run's owner): on the current
+        address (failing over) if that is the node or it is passed over."""
+        if index == self._current or self._down_until.get(index, 0.0) > time.monotonic():
+            return await self.call(name, request, **kwargs)
+        try:
+            return await getattr(self._stubs[index], name)(request, **kwargs)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                self._down_until[index] = time.monotonic() + OWNER_DOWN_S
+            raise
 
     def __getattr__(self, name: str) -> _FailoverMethod:
         if name.startswith("_"):
@@ -69,3 +116,28 @@ class _FailoverMethod:
 
     async def __call__(self, request: Any, **kwargs: Any) -> Any:
         return await self._service.call(self._name, request, **kwargs)
+
+
+class _OwnerService:
+    """``FailoverService.to(owner)``: its methods call the owner's node."""
+
+    def __init__(self, service: FailoverService, index: int) -> None:
+        self._service = service
+        self._index = index
+
+    def __getattr__(self, name: str) -> _OwnerMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _OwnerMethod(self._service, self._index, name)
+
+
+class _OwnerMethod:
+    """One RPC of an ``_OwnerService``, called like a stub's method."""
+
+    def __init__(self, service: FailoverService, index: int, name: str) -> None:
+        self._service = service
+        self._index = index
+        self._name = name
+
+    async def __call__(self, request: Any, **kwargs: Any) -> Any:
+        return await self._service.call_at(self._index, self._name, request, **kwargs)

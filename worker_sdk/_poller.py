@@ -63,12 +63,13 @@ class WorkerContext:
     # False: each is its own RPC.
     batch_completions: bool = True
 
-    async def respond(self, request: Any) -> Any:
+    async def respond(self, request: Any, run_owner: str = "") -> Any:
         """Send a task completion (a RespondWorkflowTaskCompleted, RespondActivity-
-        TaskCompleted or RespondActivityTaskFailed request); its response."""
+        TaskCompleted or RespondActivityTaskFailed request) to ``run_owner``, the node
+        that owns the task's run, if the client is connected to it; its response."""
         if self.batch_completions:
-            return await self.client.completions.send(request)
-        return await self.client.completions.send_alone(request)
+            return await self.client.completions.send(request, run_owner)
+        return await self.client.completions.send_alone(request, run_owner)
 
     def long_poll(
         self, method: Callable[..., Awaitable[R]], request_type: Callable[..., Any]

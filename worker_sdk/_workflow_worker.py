@@ -361,7 +361,7 @@ class WorkflowWorker:
             request.sticky_attributes.CopyFrom(self._sticky_attributes)
         try:
             response: service_pb2.RespondWorkflowTaskCompletedResponse = await self._respond(
-                request
+                request, task.run_owner
             )
         except BaseException:
             self._release(reserved, take_next)
@@ -503,7 +503,8 @@ class WorkflowWorker:
             identity=self._identity,
         )
         request.failure.CopyFrom(client.data_converter.to_failure(error))
-        await client.call(client.service.RespondWorkflowTaskFailed, request)
+        service = client.service_for(task.run_owner)
+        await client.call(service.RespondWorkflowTaskFailed, request)
 
 
 def _send_as_they_are(task: service_pb2.PollWorkflowTaskResponse, commands: list[Command]) -> None:

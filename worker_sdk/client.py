@@ -227,6 +227,19 @@ class Client:
         # The workers' task completions, batched while one is in flight (_completions).
         self.completions = CompletionBatcher(self)
 
+    def service_for(self, run_owner: str) -> Any:
+        """The service a task's completion or heartbeat goes through: the node that
+        owns the task's run (its ``run_owner``) when that is one of this client's
+        addresses, else ``service`` (worker_sdk/_failover.py)."""
+        service = self.service
+        return service.to(run_owner) if isinstance(service, FailoverService) else service
+
+    def node_of(self, run_owner: str) -> int | None:
+        """Which of this client's addresses ``run_owner`` is (None: not one of them,
+        or the client has one address)."""
+        service = self.service
+        return service.owner_index(run_owner) if isinstance(service, FailoverService) else None
+
     @staticmethod
     async def connect(
         target: str,

@@ -60,12 +60,12 @@ def _hold_first_completion(client: Client, fanout: int) -> None:
     all_handed = asyncio.Event()
     send = batcher.send
 
-    async def counting_send(request: Any) -> Any:
+    async def counting_send(request: Any, run_owner: str = "") -> Any:
         if type(request).__name__ == "RespondActivityTaskCompletedRequest":
             sent.append(request)
         if len(sent) >= fanout:
             all_handed.set()
-        return await send(request)
+        return await send(request, run_owner)
 
     batcher.send = counting_send  # type: ignore[method-assign]
     call = client.call
