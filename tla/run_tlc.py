@@ -160,7 +160,7 @@ def names_property(row: Row, output: str) -> bool:
     return cfg_properties((TLA_DIR / row.cfg).read_text()) == [row.property]
 
 
-def run_row(jar: Path, row: Row) -> Outcome:
+def run_row(jar: Path, row: Row, timeout: float = 600) -> Outcome:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tlc-meta-") as metadir:
         proc = subprocess.run(
@@ -168,7 +168,7 @@ def run_row(jar: Path, row: Row) -> Outcome:
             cwd=TLA_DIR,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=timeout,
         )
     seconds = time.monotonic() - started
     out = proc.stdout + proc.stderr
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", dest="jobs", type=int, default=2, help="TLC processes at once")
     parser.add_argument("--list", action="store_true", help="print the rows and stop")
     parser.add_argument("--full", action="store_true", help="also the rows marked run=full")
+    parser.add_argument(
+        "--timeout", type=float, default=600, help="seconds one row may take (default 600)"
+    )
     parser.add_argument("-v", dest="verbose", action="store_true", help="print failed output")
     args = parser.parse_args(argv)
 
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # pole then runs beside the many small rows instead of alone after them.
     by_cost = sorted(rows, key=lambda r: -(r.states or 0))
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for outcome in pool.map(lambda r: run_row(jar, r), by_cost):
+        for outcome in pool.map(lambda r: run_row(jar, r, args.timeout), by_cost):
             mark = "ok  " if outcome.ok else "FAIL"
             print(f"{mark} {outcome.row.name:40} {outcome.seconds:6.1f}s  {outcome.detail}")
             if not outcome.ok:
