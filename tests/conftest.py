@@ -26,11 +26,14 @@ SQLite: a fresh database file under the test's ``tmp_path``.
 
 PostgreSQL (127.0.0.1:5432, user ``postgres``, trust auth): each test gets its own
 database, so tests never see each other's rows and need no cleanup. The session
-creates one empty database ``tideflow_test_<hex8>`` that serves as the template;
-each test gets a clone (``CREATE DATABASE ... TEMPLATE``), made in the background a
-few tests ahead and dropped in the background after the test (the session waits for
-all of it at its end, when the template is dropped too). Every drop uses ``WITH (FORCE)``,
-so a leaked connection cannot make cleanup fail.
+creates two template databases: ``tideflow_test_<hex8>``, empty, for ``pg_url``
+(the server's first open creates the schema, as on a new install: the multi-node
+suites race that), and ``tideflow_test_<hex8>_t`` with the schema's tables made and
+no rows, for ``store_url`` (a test marked ``empty_database`` gets an empty one:
+it makes an old schema itself); each test gets a clone (``CREATE DATABASE ... TEMPLATE``),
+made in the background a few tests ahead and dropped in the background after the test
+(the session waits for all of it at its end, when the templates are dropped too).
+Every drop uses ``WITH (FORCE)``, so a leaked connection cannot make cleanup fail.
 
 If PostgreSQL is unreachable, its tests are skipped, except with ``CI=true``,
 where they fail: CI must never pass by silently skipping a database (for the same
@@ -47,7 +50,7 @@ import itertools
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,9 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from helpers import Processes, ServerProcess, new_id, running_server
 
-from tideflow.history import HistoryStore
+from tideflow.history import HistoryStore, StoreUnavailableError
+from tideflow.history._dialects import GuardedRunner, open_runner
+from tideflow.history._schema_setup import create_schema
 from tideflow.server import TideflowServer
 from tideflow.worker_sdk import Client
 
@@ -116,7 +121,10 @@ class _PgAdmin:
         self._background: list[Future[None]] = []
 
     def run(self, *statements: str) -> None:
-        self._now.submit(asyncio.run, _admin(*statements)).result()
+        self.call(_admin(*statements))
+
+    def call(self, work: Coroutine[Any, Any, None]) -> None:
+        self._now.submit(asyncio.run, work).result()
 
     def run_later(self, statement: str) -> Future[None]:
         """Run ``statement`` in the background, after those submitted before it."""
@@ -131,12 +139,24 @@ class _PgAdmin:
         return [error for job in self._background if (error := job.exception()) is not None]
 
 
-class _PgTemplate:
-    """The session's template database, created on first use."""
+async def _create_tables(url: str) -> None:
+    """The schema's tables (and PostgreSQL's batch commit function), as a first open
+    creates them; no rows (no shard count: a clone still takes any ``--shards``)."""
+    runner = open_runner(url)
+    try:
+        await create_schema(GuardedRunner(runner, {"conflict_retries": 0}))
+    finally:
+        await runner.close()
 
-    def __init__(self) -> None:
-        self.name = f"tideflow_test_{uuid.uuid4().hex[:8]}"
-        self.admin = _PgAdmin()
+
+class _PgTemplate:
+    """The session's template database, created on first use: empty, or (``tables``)
+    with the schema's tables made."""
+
+    def __init__(self, admin: _PgAdmin, *, tables: bool = False) -> None:
+        self.name = f"tideflow_test_{uuid.uuid4().hex[:8]}{'_t' if tables else ''}"
+        self.tables = tables
+        self.admin = admin
         self.error: str | None = None
         self.created = False
         self._clones = itertools.count(1)
@@ -147,7 +167,9 @@ class _PgTemplate:
             return
         try:
             self.admin.run(f"CREATE DATABASE {self.name}")
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            if self.tables:
+                self.admin.call(_create_tables(f"{PG_SERVER}/{self.name}"))
+        except (OSError, asyncpg.PostgresError, TimeoutError, StoreUnavailableError) as exc:
             self.error = f"PostgreSQL at {PG_SERVER} is unreachable: {exc!r}"
         else:
             self.created = True
@@ -170,30 +192,53 @@ class _PgTemplate:
         self.admin.run_later(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
+class _PgTemplates:
+    """The empty template (``pg_url``) and the one with tables (``store_url``)."""
+
+    def __init__(self) -> None:
+        self.admin = _PgAdmin()
+        self.empty = _PgTemplate(self.admin)
+        self.with_tables = _PgTemplate(self.admin, tables=True)
+
+
 @pytest.fixture(scope="session")
-def _pg_template() -> Iterator[_PgTemplate]:
-    template = _PgTemplate()
-    yield template
-    if template.created:
-        template.drop_all()
-    failed = template.admin.close()
+def _pg_templates() -> Iterator[_PgTemplates]:
+    templates = _PgTemplates()
+    yield templates
+    for template in (templates.empty, templates.with_tables):
+        if template.created:
+            template.drop_all()
+    failed = templates.admin.close()
     if failed:
         pytest.fail(f"{len(failed)} test database statement(s) failed: {failed[0]!r}")
 
 
-@pytest.fixture
-def pg_url(_pg_template: _PgTemplate) -> Iterator[str]:
-    """URL of a fresh, empty PostgreSQL database for this test only."""
+def _clone_of(template: _PgTemplate) -> Iterator[str]:
     if "postgres" not in _selected_databases():
         pytest.skip("PostgreSQL not selected (TIDEFLOW_TEST_DB)")
-    _pg_template.create()
-    if _pg_template.error is not None:
+    template.create()
+    if template.error is not None:
         if _ci():
-            pytest.fail(f"{_pg_template.error} (CI=true: PostgreSQL tests must run)")
-        pytest.skip(_pg_template.error)
-    name = _pg_template.take_clone()
+            pytest.fail(f"{template.error} (CI=true: PostgreSQL tests must run)")
+        pytest.skip(template.error)
+    name = template.take_clone()
     yield f"{PG_SERVER}/{name}"
-    _pg_template.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    template.admin.run_later(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(_pg_templates: _PgTemplates) -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database for this test only: its first open
+    creates the schema (the multi-node suites race it)."""
+    yield from _clone_of(_pg_templates.empty)
+
+
+@pytest.fixture
+def _pg_url_with_tables(_pg_templates: _PgTemplates) -> Iterator[str]:
+    """A fresh PostgreSQL database with the schema's tables and no rows: what
+    ``store_url`` hands out (creating the tables took a PostgreSQL test's server
+    about a second of its start on two loaded cores)."""
+    yield from _clone_of(_pg_templates.with_tables)
 
 
 def _store_url_params() -> list[Any]:
@@ -211,10 +256,12 @@ def serializable_url(url: str) -> str:
 @pytest.fixture(params=_store_url_params())
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     """A fresh database URL, once per selected database (PostgreSQL at SERIALIZABLE
-    only for tests marked ``serializable``)."""
+    only for tests marked ``serializable``). A PostgreSQL database has the schema's
+    tables already, unless the test is marked ``empty_database``."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'history.db'}"
-    url = str(request.getfixturevalue("pg_url"))
+    empty = request.node.get_closest_marker("empty_database") is not None
+    url = str(request.getfixturevalue("pg_url" if empty else "_pg_url_with_tables"))
     return serializable_url(url) if request.param == PG_SERIALIZABLE else url
 
 

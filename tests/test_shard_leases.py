@@ -239,6 +239,7 @@ async def test_membership_rows(nodes: tuple[HistoryStore, HistoryStore]) -> None
     assert [m.node_id for m in await a.list_members()] == ["node-b"]
 
 
+@pytest.mark.empty_database
 async def test_a_database_from_before_shards_is_upgraded(store_url: str) -> None:
     # tasks, timers and schedules as they were before shards: no shard_id (nor
     # queue_shard) column.
