@@ -317,7 +317,7 @@ def _spawn_server(
         argv += ["--local-poll-seconds", str(local_poll_s)]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
-    else:
+    elif setup.nodes is None:
         argv.append("--no-ui")  # start-dev's web UI: not measured, and its port may be taken
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
