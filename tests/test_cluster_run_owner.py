@@ -127,53 +127,57 @@ async def _check(client: Client, ids: list[str]) -> None:
         assert types[ET.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED] == 1
 
 
-async def test_completions_and_heartbeats_go_to_the_node_that_owns_the_run(
-    procs: Processes, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _b_runs_holding(
+    procs: Processes, tmp_path: Path, prefix: str, *, starter_at_b: bool
+) -> AsyncIterator[tuple[_Node, _Node, HistoryStore, list[str], Client]]:
+    """Two nodes split the shards; RUNS runs of node B started (through B or A) and
+    holding their activities, heartbeats sent, with the worker (connected "A,B")
+    running: the nodes, the store, the runs' ids and the starter's client."""
     global _release
     _release = asyncio.Event()
     a, b, store = await _cluster(procs, tmp_path)
     try:
         owners = await wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
-        ids = workflow_ids(owners, "node-b", RUNS, "owned-by-b")
-        starter = await Client.connect(b.process.address)
+        ids = workflow_ids(owners, "node-b", RUNS, prefix)
+        starter = await Client.connect((b if starter_at_b else a).process.address)
         async with _worker(a, b):
             await _start_held(starter, ids, b)
-            _release.set()
-            await _check(starter, ids)
+            yield a, b, store, ids, starter
         await starter.close()
-        # The worker polled A only (its current address), yet A served no call about
-        # a task: B named itself in each task, and the worker called B.
-        assert await a.sample("tideflow_rpc_requests_total", method="PollWorkflowTask") > 0
-        assert await _task_calls(a) == 0
-        assert await _task_calls(b) >= 3 * RUNS  # heartbeats, activities, workflow tasks
     finally:
         await store.close()
+
+
+async def test_completions_and_heartbeats_go_to_the_node_that_owns_the_run(
+    procs: Processes, tmp_path: Path
+) -> None:
+    async with _b_runs_holding(procs, tmp_path, "owned-by-b", starter_at_b=True) as held_runs:
+        a, b, _, ids, starter = held_runs
+        assert _release is not None
+        _release.set()
+        await _check(starter, ids)
+    # The worker polled A only (its current address), yet A served no call about a
+    # task: B named itself in each task, and the worker called B.
+    assert await a.sample("tideflow_rpc_requests_total", method="PollWorkflowTask") > 0
+    assert await _task_calls(a) == 0
+    assert await _task_calls(b) >= 3 * RUNS  # heartbeats, activities, workflow tasks
 
 
 async def test_a_sigkilled_owners_completions_fall_back_to_the_survivor(
     procs: Processes, tmp_path: Path
 ) -> None:
-    global _release
-    _release = asyncio.Event()
-    a, b, store = await _cluster(procs, tmp_path)
-    try:
-        owners = await wait(lambda: split(store, "node-a", "node-b"), "a balanced split")
-        ids = workflow_ids(owners, "node-b", RUNS, "doomed")
-        starter = await Client.connect(a.process.address)
-        async with _worker(a, b):
-            await _start_held(starter, ids, b)
-            before = await _task_calls(a)
-            await b.process.kill()
-            # The held activities' completions are named B: B refuses the
-            # connection, and they go to A, which serves them once it holds B's shards.
-            _release.set()
-            await wait(lambda: split(store, "node-a"), "node-a to take over")
-            await _check(starter, ids)
-            assert await _task_calls(a) > before
-        await starter.close()
-    finally:
-        await store.close()
+    async with _b_runs_holding(procs, tmp_path, "doomed", starter_at_b=False) as held_runs:
+        a, b, store, ids, starter = held_runs
+        before = await _task_calls(a)
+        await b.process.kill()
+        # The held activities' completions are named B: B refuses the connection,
+        # and they go to A, which serves them once it holds B's shards.
+        assert _release is not None
+        _release.set()
+        await wait(lambda: split(store, "node-a"), "node-a to take over")
+        await _check(starter, ids)
+        assert await _task_calls(a) > before
 
 
 def test_an_owner_is_one_of_the_addresses_however_it_is_spelled() -> None:
