@@ -105,9 +105,9 @@ def _pymalloc() -> dict[str, float]:
         with _stderr_to(out.name):
             sys._debugmallocstats()
         text = Path(out.name).read_text()
-    found = {}
+    found: dict[str, float] = {}
     for key, pattern in (
-        ("arenas_mib", r"# arenas allocated current\s*=\s*([\d,]+)"),
+        ("arenas", r"# arenas allocated current\s*=\s*([\d,]+)"),
         ("in_blocks_mib", r"# bytes in allocated blocks\s*=\s*([\d,]+)"),
         ("free_blocks_mib", r"# bytes in available blocks\s*=\s*([\d,]+)"),
         ("arena_bytes_mib", r"Total\s*=\s*([\d,]+)"),
@@ -115,9 +115,7 @@ def _pymalloc() -> dict[str, float]:
         match = re.search(pattern, text)
         if match:
             value = int(match.group(1).replace(",", ""))
-            found[key] = value if key == "arenas_mib" else _mib(value)
-    if "arenas_mib" in found:
-        found["arenas"] = found.pop("arenas_mib")
+            found[key] = _mib(value) if key.endswith("_mib") else value
     return found
 
 

@@ -376,8 +376,7 @@ class HistoryEngine(CommitMachinery):
             # own first attempt. Deciding again finds this request's run as the
             # current one. (Trace mode: the line written ahead stays unconfirmed, as
             # for any commit in doubt.) Its first task is handed over as in _commit.
-            self._dispatcher.add_tasks(m.new_tasks)
-            self._dispatcher.add_timers(m.new_timers)
+            self._dispatch_rows(m)
             return None
         self._tracer.outcome(m, committed=True)
         self.replication_tracer.outcome(rseq, "ok")

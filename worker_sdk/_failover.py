@@ -19,8 +19,9 @@ the current address as above, whose node forwards them to the run's new owner.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -91,10 +92,10 @@ class FailoverService:
                 self._down_until[index] = time.monotonic() + OWNER_DOWN_S
             raise
 
-    def __getattr__(self, name: str) -> _FailoverMethod:
+    def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _FailoverMethod(self, name)
+        return _Method(self.call, name)
 
     async def call(self, name: str, request: Any, **kwargs: Any) -> Any:
         index = self._current
@@ -107,37 +108,25 @@ class FailoverService:
             raise
 
 
-class _FailoverMethod:
-    """One RPC of a ``FailoverService``, called like a stub's method."""
+class _Method:
+    """One RPC, called like a stub's method: ``call(name, request, ...)`` of the service
+    it came from (``FailoverService.call``, or ``call_at`` one node)."""
 
-    def __init__(self, service: FailoverService, name: str) -> None:
-        self._service = service
+    def __init__(self, call: Callable[..., Awaitable[Any]], name: str) -> None:
+        self._call = call
         self._name = name
 
     async def __call__(self, request: Any, **kwargs: Any) -> Any:
-        return await self._service.call(self._name, request, **kwargs)
+        return await self._call(self._name, request, **kwargs)
 
 
 class _OwnerService:
     """``FailoverService.to(owner)``: its methods call the owner's node."""
 
     def __init__(self, service: FailoverService, index: int) -> None:
-        self._service = service
-        self._index = index
+        self._call_there = functools.partial(service.call_at, index)
 
-    def __getattr__(self, name: str) -> _OwnerMethod:
+    def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _OwnerMethod(self._service, self._index, name)
-
-
-class _OwnerMethod:
-    """One RPC of an ``_OwnerService``, called like a stub's method."""
-
-    def __init__(self, service: FailoverService, index: int, name: str) -> None:
-        self._service = service
-        self._index = index
-        self._name = name
-
-    async def __call__(self, request: Any, **kwargs: Any) -> Any:
-        return await self._service.call_at(self._index, self._name, request, **kwargs)
+        return _Method(self._call_there, name)
